@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Load generator for any OpenAI-compatible server (Tollgate, llama.cpp's server, vLLM, ...).
+
+Runs a fixed number of streamed chat requests at each concurrency level and prints, per level:
+aggregate output tokens/s, time to first token p50/p99, inter-token latency p50/p99, request
+latency p50/p99, errors, and the server's peak RSS when --pid names a local process.
+Token counts come from the server's `usage` (stream_options.include_usage); when a server does
+not send usage, content chunks are counted instead.
+
+    bench/load.py --base-url http://127.0.0.1:8080/v1 --api-key KEY --model smollm2-135m \
+        --levels 1,4,8,16 --requests 32 --max-tokens 128 --json out.json --svg out.svg
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import threading
+import time
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe the water cycle to a child.",
+    "Give me advice for learning to cook.",
+    "What makes a good friend?",
+    "Tell me about the history of maps.",
+    "Describe a walk through a forest in autumn.",
+    "Explain why the sky is blue.",
+]
+
+
+def pct(values, q):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS of a process (and its children are ignored) every 50 ms."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            time.sleep(0.05)
+
+
+async def one_request(client, args, i, unique):
+    prompt = PROMPTS[i % len(PROMPTS)]
+    if unique:
+        prompt = f"[{i}] {prompt}"
+    body = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    start = time.perf_counter()
+    token_times = []
+    usage = None
+    async with client.stream("POST", "/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"].get("message"))
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    token_times.append(time.perf_counter())
+    end = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage else len(token_times)
+    ttft = (token_times[0] - start) if token_times else end - start
+    itl = [b - a for a, b in zip(token_times, token_times[1:])]
+    return {"tokens": tokens, "ttft": ttft, "itl": itl, "latency": end - start}
+
+
+async def run_level(args, concurrency):
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=600, limits=limits) as client:
+        queue = list(range(args.requests))
+        results, errors = [], []
+
+        async def worker():
+            while queue:
+                i = queue.pop(0)
+                try:
+                    results.append(await one_request(client, args, i, args.unique_prompts))
+                except Exception as e:  # noqa: BLE001 - every failure is counted
+                    errors.append(str(e))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    itl = [x for r in results for x in r["itl"]]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_per_s": tokens / wall if wall > 0 else 0.0,
+        "ttft_p50_ms": pct([r["ttft"] for r in results], 0.5) * 1e3,
+        "ttft_p99_ms": pct([r["ttft"] for r in results], 0.99) * 1e3,
+        "itl_p50_ms": pct(itl, 0.5) * 1e3,
+        "itl_p99_ms": pct(itl, 0.99) * 1e3,
+        "latency_p50_s": pct([r["latency"] for r in results], 0.5),
+        "latency_p99_s": pct([r["latency"] for r in results], 0.99),
+    }
+
+
+def svg_plot(rows, label):
+    """A minimal SVG bar chart of aggregate tok/s per concurrency level."""
+    w, h, pad = 480, 300, 50
+    top = max(r["output_tok_per_s"] for r in rows) or 1
+    bar_w = (w - 2 * pad) / max(len(rows), 1) * 0.6
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+             f'<text x="{w/2}" y="20" text-anchor="middle">{label}: output tokens/s by concurrency</text>']
+    for i, r in enumerate(rows):
+        x = pad + i * (w - 2 * pad) / len(rows)
+        bh = (h - 2 * pad) * r["output_tok_per_s"] / top
+        parts.append(f'<rect x="{x:.0f}" y="{h - pad - bh:.0f}" width="{bar_w:.0f}" height="{bh:.0f}" fill="#4a7bd0"/>')
+        parts.append(f'<text x="{x + bar_w/2:.0f}" y="{h - pad - bh - 4:.0f}" text-anchor="middle">{r["output_tok_per_s"]:.0f}</text>')
+        parts.append(f'<text x="{x + bar_w/2:.0f}" y="{h - pad + 16:.0f}" text-anchor="middle">c={r["concurrency"]}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--api-key", default="")
+    p.add_argument("--model", required=True)
+    p.add_argument("--levels", default="1,4,8,16")
+    p.add_argument("--requests", type=int, default=32, help="requests per level")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (llama.cpp/vLLM extension)")
+    p.add_argument("--unique-prompts", action="store_true", help="make every prompt unique (no prompt cache hits)")
+    p.add_argument("--pid", type=int, help="server process to sample peak RSS from")
+    p.add_argument("--label", default="server")
+    p.add_argument("--json")
+    p.add_argument("--svg")
+    args = p.parse_args()
+
+    rows = []
+    for level in [int(x) for x in args.levels.split(",")]:
+        sampler = RssSampler(args.pid) if args.pid else None
+        if sampler:
+            sampler.start()
+        row = asyncio.run(run_level(args, level))
+        if sampler:
+            sampler.stop.set()
+            sampler.join()
+            row["peak_rss_mb"] = sampler.peak / 2**20
+        rows.append(row)
+        rss = f" rss_peak={row['peak_rss_mb']:.0f}MB" if "peak_rss_mb" in row else ""
+        print(
+            f"{args.label} c={level:<3} tok/s={row['output_tok_per_s']:7.1f} "
+            f"ttft p50/p99={row['ttft_p50_ms']:7.0f}/{row['ttft_p99_ms']:7.0f} ms "
+            f"itl p50/p99={row['itl_p50_ms']:6.1f}/{row['itl_p99_ms']:6.1f} ms "
+            f"latency p50/p99={row['latency_p50_s']:6.2f}/{row['latency_p99_s']:6.2f} s "
+            f"errors={row['errors']}{rss}",
+            flush=True,
+        )
+        for e in row["error_samples"]:
+            print(f"  error: {e}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"label": args.label, "args": vars(args), "levels": rows}, f, indent=2)
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(svg_plot(rows, args.label))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+//! The seam between the gateway and whatever runs a model.
+//!
+//! The gateway never touches candle: it reaches a model through [`Backend`]. The `tollgate`
+//! binary implements it for the in-process engine; a later HTTP backend implements it for
+//! workers and other OpenAI-compatible servers. A backend validates what only it can know
+//! (token counts against the context) and reports real token usage.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+/// One chat message, already flattened to text (content parts joined by the gateway).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `developer`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template (generation prompt added).
+    Chat(Vec<ChatMessage>),
+    /// Raw text for `/v1/completions`, tokenized as is.
+    Text(String),
+}
+
+/// Sampling controls for one sequence. Ranges were validated by the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// Upper bound of generated tokens; `None` means "up to the end of the context".
+    pub max_tokens: Option<u32>,
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 means disabled.
+    pub top_k: u32,
+    pub seed: Option<u64>,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// 1.0 means disabled.
+    pub repetition_penalty: f32,
+    /// Stop strings; never emitted, matched across token boundaries.
+    pub stop: Vec<String>,
+    /// `Some(k)`: return the chosen token's logprob and the `k` most likely alternatives.
+    pub logprobs: Option<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: None,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty: 1.0,
+            stop: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+/// One generation request: a single sequence (the gateway fans out `n > 1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The gateway's request id (UUID v7), for logs.
+    pub request_id: String,
+    /// Model id as the client named it.
+    pub model: String,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+}
+
+/// Log probability of one token, with its text and bytes as OpenAI reports them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// The chosen token's log probability and the top alternatives at that position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogprobEntry {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+    /// The client went away (never sent to a client; used for metering).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts of one sequence, from the model's own tokenizer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// What a backend streams back for one sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GenerateEvent {
+    /// The prompt was accepted; sent once, before any text.
+    Started { prompt_tokens: u32 },
+    /// New text (possibly empty when only logprobs advance) and one logprob entry per token.
+    Delta {
+        text: String,
+        logprobs: Vec<LogprobEntry>,
+    },
+    /// The last event of a successful sequence.
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
+}
+
+/// Errors a backend reports; the gateway maps each to an OpenAI-shaped response.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// The request is invalid for this model (e.g. prompt plus `max_tokens` beyond the context).
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// The backend's queue is full; the client should retry after the given seconds.
+    #[error("the model is overloaded, retry after {retry_after_secs}s")]
+    Overloaded { retry_after_secs: u64 },
+    /// The backend is down or failed; the detail goes to logs only.
+    #[error("backend failure: {0}")]
+    Internal(String),
+}
+
+/// A stream of events for one sequence. Dropping it cancels the sequence at once.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, BackendError>> + Send>>;
+
+/// Static facts about a served model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub id: String,
+    pub context_length: u32,
+    /// Unix seconds when the model was loaded (for `created` in `/v1/models`).
+    pub created: u64,
+    pub owned_by: String,
+}
+
+/// Live load, for routing and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_cache_used_bytes: u64,
+    pub kv_cache_capacity_bytes: u64,
+}
+
+/// Something that can run a model.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    fn info(&self) -> ModelInfo;
+
+    /// Starts one sequence. Errors known before generation (validation, overload) are returned
+    /// here; later failures arrive as an `Err` item in the stream.
+    async fn generate(&self, request: GenerateRequest) -> Result<EventStream, BackendError>;
+
+    fn load(&self) -> LoadReport {
+        LoadReport::default()
+    }
+}

@@ -1,0 +1,212 @@
+//! Chat templates: the Jinja template a model ships (GGUF `tokenizer.chat_template` or
+//! `tokenizer_config.json`), rendered with minijinja the way Hugging Face renders it:
+//! Python string methods (`.strip()`, `.startswith()`, ...), `raise_exception`,
+//! `strftime_now`, `tojson`, trimmed blocks, and `add_generation_prompt`.
+//!
+//! It turns messages into prompt text; tokenizing that text is the tokenizer's job.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::{context, Environment, ErrorKind};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// ChatML, for models that ship no template.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; a syntax error is an [`Error::Template`] naming the problem.
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
+        let mut env = Environment::new();
+        // Hugging Face renders with trim_blocks and lstrip_blocks.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        });
+        env.add_function("strftime_now", |format: String| strftime_now(&format));
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Template(format!("cannot compile the chat template: {e}")))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.unwrap_or_default(),
+            eos_token: eos_token.unwrap_or_default(),
+        })
+    }
+
+    /// The ChatML template.
+    pub fn chatml() -> Result<Self> {
+        Self::new(CHATML, None, Some("<|im_end|>".into()))
+    }
+
+    /// Renders `(role, content)` messages; with `add_generation_prompt` the text ends where the
+    /// assistant's answer begins.
+    pub fn render(&self, messages: &[(String, String)], add_generation_prompt: bool) -> Result<String> {
+        let messages: Vec<Message<'_>> = messages
+            .iter()
+            .map(|(role, content)| Message { role, content })
+            .collect();
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| match e.kind() {
+                // raise_exception: the template's own words, e.g. "roles must alternate".
+                ErrorKind::InvalidOperation => Error::Template(e.detail().unwrap_or("template error").to_string()),
+                _ => Error::Template(format!("cannot render the chat template: {e}")),
+            })
+    }
+}
+
+/// `strftime_now(format)` for templates that print today's date (Llama 3.1 does).
+fn strftime_now(format: &str) -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    strftime(secs, format)
+}
+
+/// A small strftime over UTC for the specifiers chat templates use.
+fn strftime(unix_secs: u64, format: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January", "February", "March", "April", "May", "June", "July", "August", "September",
+        "October", "November", "December",
+    ];
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('B') => out.push_str(month_name),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn msgs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect()
+    }
+
+    #[test]
+    fn renders_the_dev_models_template_exactly() {
+        let path = crate::dev_model::require_dev_model().unwrap();
+        let mut f = std::fs::File::open(path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let tok = crate::tokenizer::ModelTokenizer::from_gguf(&content).unwrap();
+        let t = ChatTemplate::new(tok.chat_template().unwrap(), None, None).unwrap();
+        let conversation = msgs(&[
+            ("system", "You are a helpful assistant."),
+            ("user", "What is the capital of France?"),
+        ]);
+        assert_eq!(
+            t.render(&conversation, true).unwrap(),
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // Without a system message the template adds its own; without the generation prompt
+        // the text ends after the last message.
+        assert_eq!(
+            t.render(&msgs(&[("user", "Hi")]), false).unwrap(),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn python_string_methods_and_specials_work() {
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}{{ m['content'].strip().upper() }}|{{ m.role | tojson }}{% endfor %}{{ eos_token }}",
+            Some("<s>".into()),
+            Some("</s>".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&msgs(&[("user", "  hi  ")]), false).unwrap(),
+            "<s>HI|\"user\"</s>"
+        );
+    }
+
+    #[test]
+    fn raise_exception_and_bad_syntax_are_errors() {
+        let t = ChatTemplate::new(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let err = t.render(&msgs(&[("assistant", "x")]), true).unwrap_err();
+        assert!(matches!(&err, Error::Template(m) if m.contains("roles must alternate")), "{err}");
+        assert!(matches!(ChatTemplate::new("{% for %}", None, None), Err(Error::Template(_))));
+    }
+
+    #[test]
+    fn strftime_formats_dates() {
+        // 2024-07-23 12:34:56 UTC
+        assert_eq!(strftime(1_721_738_096, "%d %b %Y %H:%M:%S"), "23 Jul 2024 12:34:56");
+        assert_eq!(strftime(0, "%Y-%m-%d %B"), "1970-01-01 January");
+        let chatml = ChatTemplate::chatml().unwrap();
+        assert!(chatml.render(&msgs(&[("user", "a")]), true).unwrap().ends_with("<|im_start|>assistant\n"));
+    }
+}

@@ -1,0 +1,33 @@
+//! Where the development model (SmolLM2-135M-Instruct Q4_1 GGUF) lives, for tests and benches.
+//!
+//! `scripts/fetch-model.sh` puts it in `models/`; `TOLLGATE_TEST_MODEL` overrides the path.
+//! Tests that need it fail (never skip) when it is absent, saying how to fetch it.
+
+use std::path::PathBuf;
+
+/// File name of the development model inside `models/`.
+pub const DEV_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Path of the development model: `$TOLLGATE_TEST_MODEL`, else `<repo>/models/<file>`.
+pub fn dev_model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOLLGATE_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models")
+        .join(DEV_MODEL_FILE)
+}
+
+/// Like [`dev_model_path`], but an error telling how to fetch the model when it is missing.
+pub fn require_dev_model() -> crate::Result<PathBuf> {
+    let path = dev_model_path();
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(crate::Error::Config(format!(
+            "development model not found at {}; run `scripts/fetch-model.sh` first",
+            path.display()
+        )))
+    }
+}

@@ -1,0 +1,548 @@
+//! The continuous-batching engine: one thread per loaded model that owns the model and runs
+//! every step as one ragged forward pass over all running sequences.
+//!
+//! Requests arrive through a bounded queue (a full queue is an immediate [`Error::QueueFull`]),
+//! each with its own reply channel. Every step the scheduler
+//! 1. drops sequences whose client went away (their KV memory is freed in the same step),
+//! 2. admits waiting sequences while the KV-cache budget allows (a sequence reserves the KV
+//!    memory of its prompt plus its `max_tokens`, so a running sequence never runs out),
+//! 3. builds one batch: one decode token per generating sequence, then prompt chunks of the
+//!    prefilling sequences up to the step's token budget (chunked prefill: a long prompt cannot
+//!    stall everyone's decode),
+//! 4. samples, detokenizes, matches stop strings and streams the deltas back.
+//!
+//! It does not tokenize prompts (callers do that off the async threads) and knows nothing of
+//! HTTP or billing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::detokenize::StreamDecoder;
+use crate::model::{KvCache, LlamaModel, SeqStep};
+use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::stop::StopMatcher;
+use crate::tokenizer::ModelTokenizer;
+use crate::{Error, Result};
+
+/// Limits of one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Requests that may wait for admission; beyond this, submission fails at once.
+    pub max_queue: usize,
+    /// Tokens one forward pass may process (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// KV-cache memory all running sequences may reserve together.
+    pub kv_cache_bytes: usize,
+    /// Upper bound of sequences running at once.
+    pub max_running: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_queue: 64,
+            max_batch_tokens: 512,
+            kv_cache_bytes: 1 << 30,
+            max_running: 32,
+        }
+    }
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt_ids: Vec<u32>,
+    /// Tokens to generate at most; already checked against the context.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+/// Log probability of one token, resolved to its text and bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// The chosen token's logprob and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogprobInfo {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end token or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+/// What the engine sends back for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// New text (may be empty when held back by a stop-string prefix) for one or more tokens.
+    Delta {
+        text: String,
+        logprobs: Vec<LogprobInfo>,
+    },
+    /// The last event of a sequence.
+    Finished {
+        reason: StopReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The sequence failed; nothing follows.
+    Failed { message: String },
+}
+
+/// Live counters of an engine, readable from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub kv_used_bytes: AtomicU64,
+    pub kv_reserved_bytes: AtomicU64,
+    pub last_batch_size: AtomicU64,
+    pub prefill_tokens_total: AtomicU64,
+    pub decode_tokens_total: AtomicU64,
+    pub steps_total: AtomicU64,
+}
+
+struct Submission {
+    request: GenRequest,
+    reply: UnboundedSender<GenEvent>,
+}
+
+/// A handle to a running engine; cheap to clone. The thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct Engine {
+    queue: SyncSender<Submission>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+    context_length: usize,
+    kv_bytes_per_token: usize,
+}
+
+impl Engine {
+    /// Moves the model onto a new engine thread.
+    pub fn start(
+        model: LlamaModel,
+        tokenizer: Arc<ModelTokenizer>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let (queue, incoming) = std::sync::mpsc::sync_channel(config.max_queue.max(1));
+        let stats = Arc::new(EngineStats::default());
+        let context_length = model.config().context_length;
+        let kv_bytes_per_token = model.kv_bytes_per_token();
+        let worker = Worker {
+            model,
+            tokenizer,
+            config: config.clone(),
+            incoming,
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            reserved_bytes: 0,
+        };
+        std::thread::Builder::new()
+            .name("tollgate-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| Error::Config(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            queue,
+            stats,
+            config,
+            context_length,
+            kv_bytes_per_token,
+        })
+    }
+
+    /// Queues a sequence. Fails at once when the queue is full or a request can never fit.
+    /// Dropping the returned receiver cancels the sequence.
+    pub fn submit(&self, request: GenRequest) -> Result<UnboundedReceiver<GenEvent>> {
+        let total = request.prompt_ids.len() + request.max_tokens;
+        if request.prompt_ids.is_empty() {
+            return Err(Error::InvalidParam {
+                param: "prompt",
+                message: "the prompt is empty".into(),
+            });
+        }
+        if total > self.context_length {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: request.prompt_ids.len(),
+                max_tokens: request.max_tokens,
+                context_length: self.context_length,
+            });
+        }
+        if total * self.kv_bytes_per_token > self.config.kv_cache_bytes {
+            return Err(Error::InvalidParam {
+                param: "max_tokens",
+                message: format!(
+                    "prompt of {} tokens plus max_tokens {} needs {} bytes of KV cache, more than this model's budget of {} bytes",
+                    request.prompt_ids.len(),
+                    request.max_tokens,
+                    total * self.kv_bytes_per_token,
+                    self.config.kv_cache_bytes
+                ),
+            });
+        }
+        request.sampling.validate()?;
+        let (reply, events) = unbounded_channel();
+        match self.queue.try_send(Submission { request, reply }) {
+            Ok(()) => {
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                Ok(events)
+            }
+            Err(TrySendError::Full(_)) => Err(Error::QueueFull {
+                capacity: self.config.max_queue,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(Error::EngineStopped),
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+}
+
+/// A sequence admitted to the running set.
+struct Sequence {
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Sampled tokens; the last one is not yet in the cache.
+    generated: Vec<u32>,
+    max_tokens: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: StopMatcher,
+    logprobs: bool,
+    reply: UnboundedSender<GenEvent>,
+    reserved_bytes: usize,
+}
+
+enum Outcome {
+    Continue,
+    Finished(StopReason),
+}
+
+struct Worker {
+    model: LlamaModel,
+    tokenizer: Arc<ModelTokenizer>,
+    config: EngineConfig,
+    incoming: Receiver<Submission>,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Submission>,
+    running: Vec<Sequence>,
+    reserved_bytes: usize,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if !self.receive() {
+                return;
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.publish_stats();
+            if self.running.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "engine step failed; failing the running sequences");
+                for seq in self.running.drain(..) {
+                    let _ = seq.reply.send(GenEvent::Failed {
+                        message: e.to_string(),
+                    });
+                }
+                self.reserved_bytes = 0;
+            }
+        }
+    }
+
+    /// Moves queued submissions into `waiting`; blocks while there is nothing to do.
+    /// Returns false when every handle is gone and no work is left.
+    fn receive(&mut self) -> bool {
+        let idle = self.running.is_empty() && self.waiting.is_empty();
+        if idle {
+            // Wake periodically so a sender that is gone is noticed without spinning.
+            loop {
+                match self.incoming.recv_timeout(Duration::from_millis(500)) {
+                    Ok(sub) => {
+                        self.waiting.push_back(sub);
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return false,
+                }
+            }
+        }
+        while let Ok(sub) = self.incoming.try_recv() {
+            self.waiting.push_back(sub);
+        }
+        true
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.running.len();
+        let mut freed = 0;
+        self.running.retain(|seq| {
+            let keep = !seq.reply.is_closed();
+            if !keep {
+                freed += seq.reserved_bytes;
+            }
+            keep
+        });
+        self.reserved_bytes -= freed;
+        if before != self.running.len() {
+            tracing::debug!(
+                cancelled = before - self.running.len(),
+                "dropped sequences whose client went away"
+            );
+        }
+        let dropped_waiting = self.waiting.len();
+        self.waiting.retain(|sub| !sub.reply.is_closed());
+        let gone = dropped_waiting - self.waiting.len();
+        if gone > 0 {
+            self.stats.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn admit(&mut self) {
+        let per_token = self.model.kv_bytes_per_token();
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need = (front.request.prompt_ids.len() + front.request.max_tokens) * per_token;
+            if self.reserved_bytes + need > self.config.kv_cache_bytes {
+                break;
+            }
+            let Some(sub) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            let GenRequest {
+                prompt_ids,
+                max_tokens,
+                sampling,
+                stop,
+            } = sub.request;
+            let logprobs = sampling.logprobs.is_some();
+            let sampler = Sampler::new(sampling, &prompt_ids);
+            self.reserved_bytes += need;
+            self.running.push(Sequence {
+                prefilled: 0,
+                generated: Vec::new(),
+                max_tokens,
+                cache: self.model.new_cache(),
+                sampler,
+                decoder: StreamDecoder::new(self.tokenizer.clone()),
+                stop: StopMatcher::new(stop),
+                logprobs,
+                reply: sub.reply,
+                reserved_bytes: need,
+                prompt: prompt_ids,
+            });
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.running.store(self.running.len() as u64, Ordering::Relaxed);
+        s.kv_reserved_bytes
+            .store(self.reserved_bytes as u64, Ordering::Relaxed);
+        let used: usize = self.running.iter().map(|q| q.cache.bytes()).sum();
+        s.kv_used_bytes.store(used as u64, Ordering::Relaxed);
+    }
+
+    /// One forward pass over the running sequences, then sampling and streaming.
+    fn step(&mut self) -> Result<()> {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        // Decode tokens first (one each), then prompt chunks in admission order.
+        let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq index, start, len) of input
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.prefilled == seq.prompt.len() && budget > 0 {
+                plan.push((i, 0, 1));
+                budget -= 1;
+            }
+        }
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.prefilled < seq.prompt.len() && budget > 0 {
+                let len = (seq.prompt.len() - seq.prefilled).min(budget);
+                plan.push((i, seq.prefilled, len));
+                budget -= len;
+            }
+        }
+        plan.sort_by_key(|p| p.0);
+
+        let mut prefill_tokens = 0usize;
+        let mut decode_tokens = 0usize;
+        let mut wants = Vec::with_capacity(plan.len());
+        {
+            // Borrow each planned sequence's cache mutably, once, in index order.
+            let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(plan.len());
+            let mut plan_iter = plan.iter().peekable();
+            for (i, seq) in self.running.iter_mut().enumerate() {
+                let Some(&&(pi, start, len)) = plan_iter.peek() else {
+                    break;
+                };
+                if pi != i {
+                    continue;
+                }
+                plan_iter.next();
+                let (tokens, want): (&[u32], bool) = if seq.prefilled < seq.prompt.len() {
+                    prefill_tokens += len;
+                    let end = start + len;
+                    (&seq.prompt[start..end], end == seq.prompt.len())
+                } else {
+                    decode_tokens += 1;
+                    let n = seq.generated.len();
+                    (&seq.generated[n - 1..n], true)
+                };
+                wants.push((i, want, if seq.prefilled < seq.prompt.len() { len } else { 0 }));
+                steps.push(SeqStep {
+                    tokens,
+                    cache: &mut seq.cache,
+                    want_logits: want,
+                });
+            }
+            let logits = self.model.forward(&mut steps)?;
+            drop(steps);
+            self.stats
+                .last_batch_size
+                .store(wants.len() as u64, Ordering::Relaxed);
+            self.stats
+                .prefill_tokens_total
+                .fetch_add(prefill_tokens as u64, Ordering::Relaxed);
+            self.stats
+                .decode_tokens_total
+                .fetch_add(decode_tokens as u64, Ordering::Relaxed);
+            self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
+
+            let mut logits = logits.into_iter();
+            let mut finished: Vec<(usize, Outcome)> = Vec::new();
+            for &(i, want, prefill_len) in &wants {
+                self.running[i].prefilled += prefill_len;
+                if !want {
+                    continue;
+                }
+                let Some(mut row) = logits.next() else {
+                    return Err(Error::Weights(
+                        "the forward pass returned fewer logit rows than requested".into(),
+                    ));
+                };
+                let outcome = self.advance(i, &mut row)?;
+                finished.push((i, outcome));
+            }
+            // Remove finished sequences, highest index first so indices stay valid.
+            finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+            for (i, outcome) in finished {
+                if let Outcome::Finished(reason) = outcome {
+                    // `remove`, not `swap_remove`: admission order is the prefill order.
+                    let seq = self.running.remove(i);
+                    self.reserved_bytes -= seq.reserved_bytes;
+                    let _ = seq.reply.send(GenEvent::Finished {
+                        reason,
+                        prompt_tokens: seq.prompt.len(),
+                        completion_tokens: seq.generated.len(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of sequence `i` from `logits` and streams its text.
+    fn advance(&mut self, i: usize, logits: &mut [f32]) -> Result<Outcome> {
+        let context = self.model.config().context_length;
+        let tokenizer = self.tokenizer.clone();
+        let seq = &mut self.running[i];
+        let sampled: Sampled = seq.sampler.sample(logits);
+        let token = sampled.token;
+        seq.generated.push(token);
+        let logprobs = if seq.logprobs {
+            vec![LogprobInfo {
+                chosen: resolve(&tokenizer, token, sampled.logprob),
+                top: sampled
+                    .top
+                    .iter()
+                    .map(|&(t, lp)| resolve(&tokenizer, t, lp))
+                    .collect(),
+            }]
+        } else {
+            Vec::new()
+        };
+        if tokenizer.stop_token_ids().contains(&token) {
+            // The end token itself is counted (the model produced it) but never shown.
+            let rest = seq.decoder.finish()?;
+            let tail = seq.stop.push(&rest);
+            let mut text = tail.emit;
+            if !tail.stopped {
+                text.push_str(&seq.stop.finish());
+            }
+            send(seq, text, logprobs);
+            return Ok(Outcome::Finished(StopReason::Stop));
+        }
+        let piece = seq.decoder.push(token)?;
+        let outcome = seq.stop.push(&piece);
+        if outcome.stopped {
+            send(seq, outcome.emit, logprobs);
+            return Ok(Outcome::Finished(StopReason::Stop));
+        }
+        let mut text = outcome.emit;
+        let at_limit = seq.generated.len() >= seq.max_tokens
+            || seq.prompt.len() + seq.generated.len() >= context;
+        if at_limit {
+            let rest = seq.decoder.finish()?;
+            let tail = seq.stop.push(&rest);
+            text.push_str(&tail.emit);
+            if tail.stopped {
+                send(seq, text, logprobs);
+                return Ok(Outcome::Finished(StopReason::Stop));
+            }
+            text.push_str(&seq.stop.finish());
+            send(seq, text, logprobs);
+            return Ok(Outcome::Finished(StopReason::Length));
+        }
+        send(seq, text, logprobs);
+        Ok(Outcome::Continue)
+    }
+}
+
+fn send(seq: &Sequence, text: String, logprobs: Vec<LogprobInfo>) {
+    if text.is_empty() && logprobs.is_empty() {
+        return;
+    }
+    // A closed channel means the client went away; the next step drops the sequence.
+    let _ = seq.reply.send(GenEvent::Delta { text, logprobs });
+}
+
+fn resolve(tokenizer: &ModelTokenizer, token: u32, logprob: f32) -> TokenLogprob {
+    TokenLogprob {
+        token: tokenizer.token_text(token),
+        bytes: tokenizer.token_bytes(token),
+        logprob,
+    }
+}
+

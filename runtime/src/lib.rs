@@ -1,0 +1,20 @@
+//! Tollgate's model runtime: loads Llama-family models (GGUF or safetensors) with candle, builds
+//! their tokenizer and chat template from the model itself, samples tokens, and runs the
+//! continuous-batching engine that the gateway talks to.
+//!
+//! It knows nothing of HTTP, customers or billing; the `tollgate` binary adapts it to the
+//! gateway's backend trait.
+
+pub mod chat_template;
+pub mod detokenize;
+pub mod dev_model;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod loader;
+pub mod model;
+pub mod sampling;
+pub mod stop;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

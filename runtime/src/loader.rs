@@ -1,0 +1,240 @@
+//! Finding a model's files and loading them: a local GGUF file, a local safetensors directory,
+//! or either of them from a Hugging Face Hub repo (downloaded once into the Hub cache, with a
+//! progress bar).
+//!
+//! Produces a [`LoadedModel`]: weights on the device in the chosen form, the tokenizer and the
+//! chat template, all read from the model itself. Every error names the model.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Repo, RepoType};
+
+use crate::chat_template::ChatTemplate;
+use crate::device::parse_device;
+use crate::model::{LlamaModel, WeightForm};
+use crate::tokenizer::ModelTokenizer;
+use crate::{Error, Result};
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A `.gguf` file, or a directory with `config.json`, `tokenizer.json`,
+    /// `tokenizer_config.json` and `*.safetensors`.
+    Path(PathBuf),
+    /// A Hub repo: `file` names a GGUF file in it; without `file` the repo is a safetensors one.
+    Hub {
+        repo: String,
+        revision: String,
+        file: Option<String>,
+    },
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub weights: WeightForm,
+    /// Limit the context below what the model declares.
+    pub context_length: Option<usize>,
+}
+
+/// A model ready to serve.
+pub struct LoadedModel {
+    pub id: String,
+    pub model: LlamaModel,
+    pub tokenizer: Arc<ModelTokenizer>,
+    pub template: ChatTemplate,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("id", &self.id)
+            .field("weights", &self.model.weight_form())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads model `id` from `source`. Errors are wrapped with the model id.
+pub fn load(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<LoadedModel> {
+    load_inner(id, source, options).map_err(|e| match e {
+        Error::Config(m) => Error::Config(format!("model `{id}`: {m}")),
+        other => Error::Config(format!("model `{id}`: {other}")),
+    })
+}
+
+fn load_inner(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<LoadedModel> {
+    let device = parse_device(&options.device)?;
+    let local = resolve(source)?;
+    let (model, tokenizer) = if local.is_dir() {
+        let model =
+            LlamaModel::from_safetensors(&local, &device, options.weights, options.context_length)?;
+        (model, ModelTokenizer::from_dir(&local)?)
+    } else {
+        let mut file = std::fs::File::open(&local).map_err(|source| Error::Io {
+            path: local.clone(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::Gguf {
+            path: local.clone(),
+            message: e.to_string(),
+        })?;
+        let tokenizer = ModelTokenizer::from_gguf(&content)?;
+        let model = LlamaModel::from_gguf(
+            &content,
+            &mut file,
+            &device,
+            options.weights,
+            options.context_length,
+        )?;
+        (model, tokenizer)
+    };
+    let bos = tokenizer.bos_token().map(|(_, t)| t);
+    let eos = tokenizer.eos_token().map(|(_, t)| t);
+    let template = match tokenizer.chat_template() {
+        Some(src) => ChatTemplate::new(src, bos, eos)?,
+        None => {
+            tracing::warn!(model = id, "the model has no chat template; using ChatML");
+            ChatTemplate::chatml()?
+        }
+    };
+    Ok(LoadedModel {
+        id: id.to_string(),
+        model,
+        tokenizer: Arc::new(tokenizer),
+        template,
+    })
+}
+
+/// Turns a source into a local path, downloading from the Hub when needed.
+pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
+    match source {
+        ModelSource::Path(path) => {
+            if path.exists() {
+                Ok(path.clone())
+            } else {
+                Err(Error::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no such file or directory (for the development model, run scripts/fetch-model.sh)",
+                    ),
+                })
+            }
+        }
+        ModelSource::Hub {
+            repo,
+            revision,
+            file,
+        } => {
+            // `from_env` honours HF_HOME (cache) and HF_ENDPOINT (mirror); HF_TOKEN for gated repos.
+            let mut builder = ApiBuilder::from_env().with_progress(true);
+            if let Ok(token) = std::env::var("HF_TOKEN") {
+                builder = builder.with_token(Some(token));
+            }
+            hub_fetch(builder, repo, revision, file.as_deref())
+        }
+    }
+}
+
+fn hub_fetch(
+    builder: ApiBuilder,
+    repo: &str,
+    revision: &str,
+    file: Option<&str>,
+) -> Result<PathBuf> {
+    let hub_err = |message: String| Error::Hub {
+        repo: repo.to_string(),
+        message,
+    };
+    let api = builder
+        .build()
+        .map_err(|e| hub_err(format!("cannot set up the Hub client: {e}")))?;
+    let handle = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
+    let get = |name: &str| -> Result<PathBuf> {
+        tracing::info!(repo, revision, file = name, "fetching from the Hugging Face Hub");
+        handle.get(name).map_err(|e| {
+            hub_err(format!(
+                "cannot fetch `{name}` at revision `{revision}`: {e} (offline? set HF_HUB_OFFLINE=1 to use only the local cache, or point `source` at a local path)"
+            ))
+        })
+    };
+    if let Some(file) = file {
+        return get(file);
+    }
+    // A safetensors repo: configuration, tokenizer and (possibly sharded) weights.
+    let config = get("config.json")?;
+    get("tokenizer.json")?;
+    get("tokenizer_config.json")?;
+    match get("model.safetensors.index.json") {
+        Ok(index) => {
+            for shard in shard_names(&index)? {
+                get(&shard)?;
+            }
+        }
+        Err(_) => {
+            get("model.safetensors")?;
+        }
+    }
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| hub_err("the Hub cache returned a path without a parent".into()))
+}
+
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", index.display())))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Config(format!("{} has no weight_map", index.display())))?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_path_names_the_file() {
+        let err = resolve(&ModelSource::Path("/nonexistent/model.gguf".into())).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/nonexistent/model.gguf"), "{msg}");
+    }
+
+    #[test]
+    fn offline_hub_fails_with_the_repo_name() {
+        // A closed local port stands in for an unreachable Hub: the test never touches the network.
+        let cache = std::env::temp_dir().join(format!("tollgate-hub-{}", std::process::id()));
+        let builder = ApiBuilder::new()
+            .with_endpoint("http://127.0.0.1:9".into())
+            .with_cache_dir(cache)
+            .with_retries(0)
+            .with_progress(false);
+        let repo = "HuggingFaceTB/SmolLM2-135M-Instruct";
+        let err = hub_fetch(builder, repo, "main", Some("model.gguf")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("HuggingFaceTB/SmolLM2-135M-Instruct"), "{msg}");
+        assert!(msg.contains("model.gguf"), "{msg}");
+    }
+}

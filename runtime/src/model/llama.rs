@@ -1,0 +1,248 @@
+//! The Llama forward pass over a ragged batch.
+//!
+//! All tokens of a step (a decode token per generating sequence, prompt chunks of prefilling
+//! ones) form one `(tokens, hidden)` activation, so every projection is one matmul. RoPE is
+//! applied once with each token's own position. Attention then runs per sequence against its
+//! own cache, grouped-query style without copying KV heads: the query heads that share a KV head
+//! are stacked as rows of one matmul.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ops::{rms_norm, silu, softmax_last_dim};
+use candle_nn::rotary_emb::{rope, rope_i};
+
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::{LlamaConfig, WeightForm};
+use crate::{Error, Result};
+
+/// One transformer block.
+#[derive(Debug)]
+pub(crate) struct Block {
+    pub attn_norm: Tensor,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub ffn_norm: Tensor,
+    pub w_gate: Linear,
+    pub w_up: Linear,
+    pub w_down: Linear,
+}
+
+/// A loaded Llama-architecture model.
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub(crate) config: LlamaConfig,
+    /// `(vocab, hidden)` f32 lookup table.
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Linear,
+    /// `(context, head_dim / 2)` RoPE tables.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) device: Device,
+    pub(crate) form: WeightForm,
+    pub(crate) kv_dtype: DType,
+}
+
+/// One sequence's part of a step.
+pub struct SeqStep<'a> {
+    /// Tokens to append at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Return logits for the last of `tokens`.
+    pub want_logits: bool,
+}
+
+/// RoPE tables for positions `0..context`.
+pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.context_length, 1))?;
+    let freqs = positions.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+impl LlamaModel {
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The resolved weight form (never `Auto` on CUDA; `Auto` on CPU means Q8_0 + f32).
+    pub fn weight_form(&self) -> WeightForm {
+        self.form
+    }
+
+    /// An empty cache for a new sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.config.n_layers,
+            self.config.n_kv_heads,
+            self.config.head_dim,
+            self.kv_dtype,
+            self.device.clone(),
+        )
+    }
+
+    /// KV-cache bytes one token takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.config.n_layers
+            * self.config.n_kv_heads
+            * self.config.head_dim
+            * self.kv_dtype.size_in_bytes()
+    }
+
+    /// Runs one step. Returns the logits (f32, on the CPU) of the last token of every entry
+    /// with `want_logits`, in batch order.
+    pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.config;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        for step in batch.iter_mut() {
+            let start = step.cache.len();
+            if step.tokens.is_empty() {
+                return Err(Error::Weights("a sequence step has no tokens".into()));
+            }
+            if start + step.tokens.len() > cfg.context_length {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: start,
+                    max_tokens: step.tokens.len(),
+                    context_length: cfg.context_length,
+                });
+            }
+            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::Tokenizer(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
+            }
+            step.cache.reserve(step.tokens.len())?;
+            spans.push((ids.len(), step.tokens.len()));
+            ids.extend_from_slice(step.tokens);
+            positions.extend((start..start + step.tokens.len()).map(|p| p as u32));
+        }
+        let total = ids.len();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let positions = Tensor::from_vec(positions, total, &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
+            let attn = self.attention(layer, block, &h, &cos, &sin, batch, &spans)?;
+            x = (x + block.wo.forward(&attn)?)?;
+            let h = rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?;
+            let gate = silu(&block.w_gate.forward(&h)?)?;
+            let up = block.w_up.forward(&h)?;
+            x = (x + block.w_down.forward(&(gate * up)?)?)?;
+        }
+        for (step, &(_, len)) in batch.iter_mut().zip(&spans) {
+            step.cache.advance(len);
+        }
+        let rows: Vec<u32> = batch
+            .iter()
+            .zip(&spans)
+            .filter(|(step, _)| step.want_logits)
+            .map(|(_, &(start, len))| (start + len - 1) as u32)
+            .collect();
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = rows.len();
+        let last = x.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
+        let last = rms_norm(&last, &self.norm, cfg.rms_eps as f32)?;
+        let logits = self.lm_head.forward(&last)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
+    /// Self-attention of one layer for every sequence of the step; returns `(tokens, hidden)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        block: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batch: &mut [SeqStep<'_>],
+        spans: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let total = h.dim(0)?;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let group = nh / nkv;
+        let rotate = |t: Tensor, heads: usize| -> Result<Tensor> {
+            // (tokens, heads*hd) -> (1, heads, tokens, hd), rotated at each token's position.
+            let t = t
+                .reshape((total, heads, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?;
+            let r = if cfg.rope_interleaved {
+                rope_i(&t, cos, sin)?
+            } else {
+                rope(&t, cos, sin)?
+            };
+            Ok(r.squeeze(0)?)
+        };
+        let q = rotate(block.wq.forward(h)?, nh)?;
+        let k = rotate(block.wk.forward(h)?, nkv)?;
+        let v = block
+            .wv
+            .forward(h)?
+            .reshape((total, nkv, hd))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outputs = Vec::with_capacity(batch.len());
+        for (step, &(start, len)) in batch.iter_mut().zip(spans) {
+            let ks = k.narrow(1, start, len)?.contiguous()?;
+            let vs = v.narrow(1, start, len)?.contiguous()?;
+            let (keys, values) = step.cache.append(layer, &ks, &vs)?;
+            let keys = keys.to_dtype(DType::F32)?;
+            let values = values.to_dtype(DType::F32)?;
+            let past = keys.dim(1)? - len;
+            // Query heads sharing a KV head become rows of one matmul: (nkv, group*len, hd).
+            let qs = q
+                .narrow(1, start, len)?
+                .contiguous()?
+                .reshape((nkv, group * len, hd))?;
+            let mut att = (qs.matmul(&keys.t()?)? * scale)?;
+            if len > 1 {
+                att = att.broadcast_add(&causal_mask(group, len, past, &self.device)?)?;
+            }
+            let att = softmax_last_dim(&att)?;
+            let y = att.matmul(&values)?.reshape((nh, len, hd))?;
+            outputs.push(y);
+        }
+        let y = Tensor::cat(&outputs, 1)?;
+        Ok(y.transpose(0, 1)?.reshape((total, nh * hd))?)
+    }
+}
+
+/// `(group*len, past+len)` additive mask: row `g*len + i` is query `i`, which sees keys up to
+/// `past + i`.
+fn causal_mask(group: usize, len: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let width = past + len;
+    let mut mask = Vec::with_capacity(group * len * width);
+    for _ in 0..group {
+        for i in 0..len {
+            mask.extend((0..width).map(|j| if j <= past + i { 0f32 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Ok(Tensor::from_vec(mask, (group * len, width), device)?)
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: fetches the model, sets up the Python test
+# environment, checks formatting and lints, builds, runs the Rust tests (unit, real-model,
+# HTTP with async-openai) and the Python OpenAI SDK tests against the real server.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "fetch the development model"
+scripts/fetch-model.sh
+step "python test environment"
+scripts/setup-python.sh
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --release --workspace --all-targets -- -D warnings
+step "cargo build"
+cargo build --release --workspace --bins
+step "cargo test"
+cargo test --release --workspace
+step "python SDK tests"
+TOLLGATE_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tollgate" \
+    "${TOLLGATE_VENV:-$ROOT/.venv}/bin/python" -m pytest tests/python -q -p no:cacheprovider

@@ -1,0 +1,187 @@
+//! End to end with the real model: `tollgate::serve` on an ephemeral port, driven by the
+//! `async-openai` crate exactly as an application would use it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use async_openai::config::OpenAIConfig;
+use async_openai::types::{
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessageArgs,
+    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
+    CreateChatCompletionRequest, CreateChatCompletionRequestArgs, FinishReason,
+};
+use async_openai::Client;
+use futures::StreamExt;
+
+const KEY: &str = "sk-test-rust";
+const MODEL: &str = "smollm2-135m";
+
+/// One server for the whole test binary, on its own thread and runtime, so every test (each
+/// with its own tokio runtime) can reach it.
+fn server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        tollgate_runtime::dev_model::require_dev_model().expect("dev model");
+        std::env::set_var("TOLLGATE_API_KEYS", KEY);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let config = tollgate_gateway::config::Config::load(&root.join("models.toml")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                tollgate::serve(listener, config, None, std::future::pending())
+                    .await
+                    .unwrap();
+            });
+        });
+        rx.recv().unwrap()
+    })
+}
+
+fn client() -> Client<OpenAIConfig> {
+    let addr = server();
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{addr}/v1"))
+            .with_api_key(KEY),
+    )
+}
+
+fn france() -> Vec<ChatCompletionRequestMessage> {
+    vec![
+        ChatCompletionRequestSystemMessageArgs::default()
+            .content("You are a helpful assistant.")
+            .build()
+            .unwrap()
+            .into(),
+        ChatCompletionRequestUserMessageArgs::default()
+            .content("What is the capital of France?")
+            .build()
+            .unwrap()
+            .into(),
+    ]
+}
+
+fn user(text: &str) -> Vec<ChatCompletionRequestMessage> {
+    vec![ChatCompletionRequestUserMessageArgs::default()
+        .content(text)
+        .build()
+        .unwrap()
+        .into()]
+}
+
+fn greedy(messages: Vec<ChatCompletionRequestMessage>, max_tokens: u32) -> CreateChatCompletionRequest {
+    CreateChatCompletionRequestArgs::default()
+        .model(MODEL)
+        .messages(messages)
+        .temperature(0.0)
+        .max_completion_tokens(max_tokens)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn greedy_chat_answers_paris_and_stops_at_the_end_token() {
+    let r = client().chat().create(greedy(france(), 32)).await.unwrap();
+    let choice = &r.choices[0];
+    let text = choice.message.content.clone().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
+    let usage = r.usage.unwrap();
+    assert!(usage.completion_tokens < 32);
+    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+}
+
+#[tokio::test]
+async fn streamed_text_equals_non_streamed_and_ends_with_usage() {
+    let c = client();
+    let full = c.chat().create(greedy(france(), 24)).await.unwrap();
+    let mut req = greedy(france(), 24);
+    req.stream = Some(true);
+    req.stream_options = Some(ChatCompletionStreamOptions {
+        include_usage: true,
+    });
+    let mut stream = c.chat().create_stream(req).await.unwrap();
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    let mut first_role = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        if let Some(u) = chunk.usage {
+            assert!(chunk.choices.is_empty());
+            usage = Some(u);
+        }
+        for choice in chunk.choices {
+            if first_role.is_none() {
+                first_role = Some(choice.delta.role);
+            }
+            text.push_str(choice.delta.content.as_deref().unwrap_or(""));
+            if choice.finish_reason.is_some() {
+                finish = choice.finish_reason;
+            }
+        }
+    }
+    assert!(matches!(first_role, Some(Some(_))), "first delta carries the role");
+    assert_eq!(Some(text), full.choices[0].message.content);
+    assert_eq!(finish, full.choices[0].finish_reason);
+    assert_eq!(usage.unwrap().completion_tokens, full.usage.unwrap().completion_tokens);
+}
+
+/// Continuous batching must not change results: a greedy answer alone equals the same request
+/// answered among eight others.
+#[tokio::test]
+async fn greedy_output_is_the_same_alone_and_in_a_batch() {
+    let c = client();
+    let prompt = "Name three colours of the rainbow.";
+    let alone = c.chat().create(greedy(user(prompt), 24)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        let text = if i == 4 {
+            prompt.to_string()
+        } else {
+            format!("Tell me a fact about the number {i}.")
+        };
+        tasks.push(tokio::spawn(async move {
+            c.chat().create(greedy(user(&text), 24)).await.unwrap()
+        }));
+    }
+    let results: Vec<_> = futures::future::join_all(tasks).await;
+    let batched = results[4].as_ref().unwrap();
+    assert_eq!(
+        batched.choices[0].message.content,
+        alone.choices[0].message.content
+    );
+}
+
+#[tokio::test]
+async fn unknown_model_and_bad_key_are_openai_errors() {
+    let addr = server();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    let r = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth("wrong")
+        .json(&serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+}

@@ -1,0 +1,84 @@
+"""Starts the real `tollgate serve` (release binary, real SmolLM2 model) on an ephemeral port
+for the OpenAI Python SDK tests, and stops it with SIGTERM afterwards."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "sk-test-python"
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, addr: str, log: list):
+        self.proc = proc
+        self.addr = addr
+        self.base_url = f"http://{addr}/v1"
+        self.log = log
+
+
+def start_server(extra_env=None) -> Server:
+    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
+    if not Path(binary).exists():
+        raise RuntimeError(f"{binary} not found: build with `cargo build --release` first")
+    env = dict(os.environ, TOLLGATE_API_KEYS=API_KEY, RUST_LOG="info")
+    env.update(extra_env or {})
+    proc = subprocess.Popen(
+        [binary, "serve", "--config", str(ROOT / "models.toml"), "--listen", "127.0.0.1:0"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list = []
+    found = threading.Event()
+    addr_box = {}
+
+    def pump():
+        for line in proc.stderr:
+            log.append(line)
+            m = re.search(r"listening on (\S+)", line) or re.search(r"addr=(\S+)", line)
+            if m and not found.is_set():
+                addr_box["addr"] = m.group(1).strip('"')
+                found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not found.wait(timeout=180):
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(log[-40:]))
+    return Server(proc, addr_box["addr"], log)
+
+
+def stop_server(server: Server) -> int:
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        return server.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = start_server()
+    yield srv
+    code = stop_server(srv)
+    assert code == 0, "server exited with %s:\n%s" % (code, "".join(srv.log[-40:]))
+
+
+@pytest.fixture(scope="session")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model() -> str:
+    return "smollm2-135m"

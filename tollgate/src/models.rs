@@ -1,0 +1,95 @@
+//! From `models.toml` entries to running backends: loads every `local` model onto its device
+//! and starts its engine. (HTTP backends arrive with the scale-out work.)
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tollgate_gateway::backend::Backend;
+use tollgate_gateway::config::{BackendConfig, Config, LocalBackendConfig, ModelConfig, ModelSource};
+use tollgate_runtime::engine::EngineConfig;
+use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};
+use tollgate_runtime::model::WeightForm;
+
+use crate::local::LocalBackend;
+
+/// The runtime's view of a model source.
+pub fn runtime_source(source: &ModelSource) -> loader::ModelSource {
+    match source {
+        ModelSource::Path(path) => loader::ModelSource::Path(path.clone()),
+        ModelSource::Hub {
+            repo,
+            revision,
+            file,
+        } => loader::ModelSource::Hub {
+            repo: repo.clone(),
+            revision: revision.clone(),
+            file: file.clone(),
+        },
+    }
+}
+
+/// Loads one local model (blocking: reads and converts the weights).
+pub fn load_local(
+    model: &ModelConfig,
+    local: &LocalBackendConfig,
+    weights_override: Option<WeightForm>,
+) -> anyhow::Result<LoadedModel> {
+    let weights = match weights_override {
+        Some(w) => w,
+        None => local
+            .weights
+            .parse::<WeightForm>()
+            .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?,
+    };
+    let options = LoadOptions {
+        device: local.device.clone(),
+        weights,
+        context_length: model.context_length.map(|c| c as usize),
+    };
+    let started = std::time::Instant::now();
+    let loaded = loader::load(&model.id, &runtime_source(&model.source), &options)?;
+    tracing::info!(
+        model = %model.id,
+        device = %local.device,
+        weights = ?loaded.model.weight_form(),
+        context_length = loaded.model.config().context_length,
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(loaded)
+}
+
+pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
+    EngineConfig {
+        max_queue: local.max_queue,
+        max_batch_tokens: local.max_batch_tokens,
+        kv_cache_bytes: local.kv_cache_bytes,
+        ..EngineConfig::default()
+    }
+}
+
+/// Starts a backend for every model in the catalogue.
+pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn Backend>>> {
+    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    for model in config.models.values() {
+        match &model.backend {
+            BackendConfig::Local(local) => {
+                let (m, l) = (model.clone(), local.clone());
+                let loaded = tokio::task::spawn_blocking(move || load_local(&m, &l, None))
+                    .await
+                    .context("model loading task failed")??;
+                let backend =
+                    LocalBackend::start(loaded, engine_config(local), model.owned_by.clone())?;
+                backends.insert(model.id.clone(), Arc::new(backend));
+            }
+            BackendConfig::Http(_) => {
+                anyhow::bail!(
+                    "model `{}`: http backends are not supported yet; use a local backend",
+                    model.id
+                );
+            }
+        }
+    }
+    Ok(backends)
+}
