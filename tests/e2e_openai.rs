@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 use async_openai::config::OpenAIConfig;
 use async_openai::types::{
     ChatCompletionRequestMessage, ChatCompletionRequestSystemMessageArgs,
-    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
-    CreateChatCompletionRequest, CreateChatCompletionRequestArgs, FinishReason,
+    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions, CreateChatCompletionRequest,
+    CreateChatCompletionRequestArgs, FinishReason,
 };
 use async_openai::Client;
 use futures::StreamExt;
@@ -73,7 +73,10 @@ fn user(text: &str) -> Vec<ChatCompletionRequestMessage> {
         .into()]
 }
 
-fn greedy(messages: Vec<ChatCompletionRequestMessage>, max_tokens: u32) -> CreateChatCompletionRequest {
+fn greedy(
+    messages: Vec<ChatCompletionRequestMessage>,
+    max_tokens: u32,
+) -> CreateChatCompletionRequest {
     CreateChatCompletionRequestArgs::default()
         .model(MODEL)
         .messages(messages)
@@ -92,7 +95,10 @@ async fn greedy_chat_answers_paris_and_stops_at_the_end_token() {
     assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
     let usage = r.usage.unwrap();
     assert!(usage.completion_tokens < 32);
-    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
 }
 
 #[tokio::test]
@@ -125,10 +131,16 @@ async fn streamed_text_equals_non_streamed_and_ends_with_usage() {
             }
         }
     }
-    assert!(matches!(first_role, Some(Some(_))), "first delta carries the role");
+    assert!(
+        matches!(first_role, Some(Some(_))),
+        "first delta carries the role"
+    );
     assert_eq!(Some(text), full.choices[0].message.content);
     assert_eq!(finish, full.choices[0].finish_reason);
-    assert_eq!(usage.unwrap().completion_tokens, full.usage.unwrap().completion_tokens);
+    assert_eq!(
+        usage.unwrap().completion_tokens,
+        full.usage.unwrap().completion_tokens
+    );
 }
 
 /// Continuous batching must not change results: a greedy answer alone equals the same request
@@ -165,7 +177,9 @@ async fn unknown_model_and_bad_key_are_openai_errors() {
     let r = http
         .post(format!("http://{addr}/v1/chat/completions"))
         .bearer_auth(KEY)
-        .json(&serde_json::json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}))
+        .json(
+            &serde_json::json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+        )
         .send()
         .await
         .unwrap();

@@ -131,10 +131,7 @@ pub enum GenerateEvent {
         logprobs: Vec<LogprobEntry>,
     },
     /// The last event of a successful sequence.
-    Finished {
-        reason: FinishReason,
-        usage: Usage,
-    },
+    Finished { reason: FinishReason, usage: Usage },
 }
 
 /// Errors a backend reports; the gateway maps each to an OpenAI-shaped response.

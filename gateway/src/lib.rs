@@ -1,1 +1,194 @@
+//! Tollgate's OpenAI-compatible gateway: HTTP API, validation, authentication, metrics and
+//! graceful shutdown. It reaches models only through [`backend::Backend`] and never touches
+//! candle; the `tollgate` binary supplies the backends.
+//!
+//! [`app`] builds the router from an [`AppState`]; [`run`] serves it on a listener until a
+//! shutdown signal, then drains in-flight requests.
 
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+mod routes;
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::auth::AuthConfig;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Per-request id (UUID v7), set by the request-id middleware and sent as `x-request-id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The model a response was for, set by handlers for the metrics middleware.
+#[derive(Debug, Clone)]
+pub struct ModelLabel(pub String);
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub backends: Arc<HashMap<String, Arc<dyn Backend>>>,
+    pub auth: AuthConfig,
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        backends: HashMap<String, Arc<dyn Backend>>,
+        auth: AuthConfig,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            config: Arc::new(config),
+            backends: Arc::new(backends),
+            auth,
+            metrics: Metrics::new()?,
+        })
+    }
+}
+
+/// The body limit in force, for error messages (one process serves one configuration).
+static BODY_LIMIT: AtomicUsize = AtomicUsize::new(0);
+
+pub(crate) fn body_limit() -> usize {
+    BODY_LIMIT.load(Ordering::Relaxed)
+}
+
+/// The router: `/v1` (authenticated), `/health`, `/metrics`.
+pub fn app(state: AppState) -> Router {
+    let limit = state.config.server.max_body_bytes;
+    BODY_LIMIT.store(limit, Ordering::Relaxed);
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{id}", get(routes::get_model))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let mut r = ApiError::invalid(
+        format!("method {method} is not allowed on {}", uri.path()),
+        None,
+    )
+    .into_response();
+    *r.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    r
+}
+
+/// Gives every request a UUID v7 and every response its `x-request-id`.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = uuid::Uuid::now_v7().to_string();
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+/// Request counts and durations by route template, model and status, plus a log line.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().clone();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let model = response
+        .extensions()
+        .get::<ModelLabel>()
+        .map(|m| m.0.as_str())
+        .filter(|m| state.backends.contains_key(*m))
+        .unwrap_or("none")
+        .to_string();
+    let status = response.status();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), model.as_str(), status.as_str()])
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[route.as_str(), model.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(%method, %route, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    response
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish
+/// for at most the configured shutdown timeout.
+///
+/// Shutdown phases: (1) the signal resolves and the listener closes; (2) open connections and
+/// streams drain; (3) after the timeout whatever is left is dropped (which cancels its
+/// generation) and this returns.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let timeout = state.config.server.shutdown_timeout;
+    tracing::info!("listening on {addr}");
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+    });
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        result = &mut server => return Ok(result??),
+        _ = signalled_rx => {}
+    }
+    match tokio::time::timeout(timeout, &mut server).await {
+        Ok(result) => result??,
+        Err(_) => {
+            tracing::warn!(
+                seconds = timeout.as_secs(),
+                "shutdown timeout: dropping in-flight requests"
+            );
+            server.abort();
+        }
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}

@@ -42,9 +42,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot compile the chat template: {e}")))?;
@@ -62,7 +65,11 @@ impl ChatTemplate {
 
     /// Renders `(role, content)` messages; with `add_generation_prompt` the text ends where the
     /// assistant's answer begins.
-    pub fn render(&self, messages: &[(String, String)], add_generation_prompt: bool) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[(String, String)],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let messages: Vec<Message<'_>> = messages
             .iter()
             .map(|(role, content)| Message { role, content })
@@ -80,7 +87,9 @@ impl ChatTemplate {
             })
             .map_err(|e| match e.kind() {
                 // raise_exception: the template's own words, e.g. "roles must alternate".
-                ErrorKind::InvalidOperation => Error::Template(e.detail().unwrap_or("template error").to_string()),
+                ErrorKind::InvalidOperation => {
+                    Error::Template(e.detail().unwrap_or("template error").to_string())
+                }
                 _ => Error::Template(format!("cannot render the chat template: {e}")),
             })
     }
@@ -98,8 +107,18 @@ fn strftime_now(format: &str) -> String {
 /// A small strftime over UTC for the specifiers chat templates use.
 fn strftime(unix_secs: u64, format: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let days = (unix_secs / 86_400) as i64;
     let rem = unix_secs % 86_400;
@@ -148,7 +167,9 @@ mod tests {
     use super::*;
 
     fn msgs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect()
+        list.iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect()
     }
 
     #[test]
@@ -197,16 +218,28 @@ mod tests {
         )
         .unwrap();
         let err = t.render(&msgs(&[("assistant", "x")]), true).unwrap_err();
-        assert!(matches!(&err, Error::Template(m) if m.contains("roles must alternate")), "{err}");
-        assert!(matches!(ChatTemplate::new("{% for %}", None, None), Err(Error::Template(_))));
+        assert!(
+            matches!(&err, Error::Template(m) if m.contains("roles must alternate")),
+            "{err}"
+        );
+        assert!(matches!(
+            ChatTemplate::new("{% for %}", None, None),
+            Err(Error::Template(_))
+        ));
     }
 
     #[test]
     fn strftime_formats_dates() {
         // 2024-07-23 12:34:56 UTC
-        assert_eq!(strftime(1_721_738_096, "%d %b %Y %H:%M:%S"), "23 Jul 2024 12:34:56");
+        assert_eq!(
+            strftime(1_721_738_096, "%d %b %Y %H:%M:%S"),
+            "23 Jul 2024 12:34:56"
+        );
         assert_eq!(strftime(0, "%Y-%m-%d %B"), "1970-01-01 January");
         let chatml = ChatTemplate::chatml().unwrap();
-        assert!(chatml.render(&msgs(&[("user", "a")]), true).unwrap().ends_with("<|im_start|>assistant\n"));
+        assert!(chatml
+            .render(&msgs(&[("user", "a")]), true)
+            .unwrap()
+            .ends_with("<|im_start|>assistant\n"));
     }
 }

@@ -13,7 +13,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
     let ordinal = match spec {
         "cuda" => Some(0),
-        _ => spec.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+        _ => spec
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
     };
     let Some(ordinal) = ordinal else {
         return Err(Error::Device(spec.to_string()));

@@ -369,7 +369,8 @@ impl Worker {
 
     fn publish_stats(&self) {
         let s = &self.stats;
-        s.running.store(self.running.len() as u64, Ordering::Relaxed);
+        s.running
+            .store(self.running.len() as u64, Ordering::Relaxed);
         s.kv_reserved_bytes
             .store(self.reserved_bytes as u64, Ordering::Relaxed);
         let used: usize = self.running.iter().map(|q| q.cache.bytes()).sum();
@@ -420,7 +421,15 @@ impl Worker {
                     let n = seq.generated.len();
                     (&seq.generated[n - 1..n], true)
                 };
-                wants.push((i, want, if seq.prefilled < seq.prompt.len() { len } else { 0 }));
+                wants.push((
+                    i,
+                    want,
+                    if seq.prefilled < seq.prompt.len() {
+                        len
+                    } else {
+                        0
+                    },
+                ));
                 steps.push(SeqStep {
                     tokens,
                     cache: &mut seq.cache,
@@ -545,4 +554,3 @@ fn resolve(tokenizer: &ModelTokenizer, token: u32, logprob: f32) -> TokenLogprob
         logprob,
     }
 }
-

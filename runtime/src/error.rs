@@ -41,7 +41,10 @@ pub enum Error {
         context_length: usize,
     },
     #[error("invalid sampling parameter `{param}`: {message}")]
-    InvalidParam { param: &'static str, message: String },
+    InvalidParam {
+        param: &'static str,
+        message: String,
+    },
     #[error("engine queue is full ({capacity} requests waiting)")]
     QueueFull { capacity: usize },
     #[error("engine has stopped")]

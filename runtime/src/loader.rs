@@ -160,7 +160,12 @@ fn hub_fetch(
         revision.to_string(),
     ));
     let get = |name: &str| -> Result<PathBuf> {
-        tracing::info!(repo, revision, file = name, "fetching from the Hugging Face Hub");
+        tracing::info!(
+            repo,
+            revision,
+            file = name,
+            "fetching from the Hugging Face Hub"
+        );
         handle.get(name).map_err(|e| {
             hub_err(format!(
                 "cannot fetch `{name}` at revision `{revision}`: {e} (offline? set HF_HUB_OFFLINE=1 to use only the local cache, or point `source` at a local path)"

@@ -50,9 +50,13 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 impl SamplingParams {
     /// Checks ranges as OpenAI does; the message names the value.
     pub fn validate(&self) -> Result<()> {
-        let bad = |param: &'static str, message: String| Err(Error::InvalidParam { param, message });
+        let bad =
+            |param: &'static str, message: String| Err(Error::InvalidParam { param, message });
         if !(0.0..=2.0).contains(&self.temperature) {
-            return bad("temperature", format!("{} is not between 0 and 2", self.temperature));
+            return bad(
+                "temperature",
+                format!("{} is not between 0 and 2", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("{} is not in (0, 1]", self.top_p));
@@ -73,7 +77,10 @@ impl SamplingParams {
         }
         if let Some(k) = self.logprobs {
             if k > MAX_TOP_LOGPROBS {
-                return bad("top_logprobs", format!("{k} is more than {MAX_TOP_LOGPROBS}"));
+                return bad(
+                    "top_logprobs",
+                    format!("{k} is more than {MAX_TOP_LOGPROBS}"),
+                );
             }
         }
         Ok(())
@@ -137,7 +144,9 @@ impl Sampler {
         } else {
             self.draw(logits)
         };
-        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - lse);
+        let logprob = logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - lse);
         let top = match self.params.logprobs {
             Some(k) if k > 0 => top_k_indices(logits, k, &mut self.order)
                 .iter()
@@ -149,7 +158,11 @@ impl Sampler {
         if self.params.repetition_penalty != 1.0 {
             self.seen.insert(token, ());
         }
-        Sampled { token, logprob, top }
+        Sampled {
+            token,
+            logprob,
+            top,
+        }
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -195,11 +208,16 @@ impl Sampler {
             return argmax(logits);
         }
         self.probs.clear();
-        self.probs.extend(candidates.iter().map(|&i| ((logits[i as usize] - max) * inv_t).exp()));
+        self.probs.extend(
+            candidates
+                .iter()
+                .map(|&i| ((logits[i as usize] - max) * inv_t).exp()),
+        );
         let mut order: Vec<usize> = (0..candidates.len()).collect();
         let mut total: f32 = self.probs.iter().sum();
         if self.params.top_p < 1.0 {
-            order.sort_unstable_by(|&a, &b| self.probs[b].total_cmp(&self.probs[a]).then(a.cmp(&b)));
+            order
+                .sort_unstable_by(|&a, &b| self.probs[b].total_cmp(&self.probs[a]).then(a.cmp(&b)));
             let mut cumulative = 0.0;
             let mut keep = 0;
             for &i in &order {
@@ -220,7 +238,9 @@ impl Sampler {
             }
         }
         // Rounding left a sliver: the last candidate takes it.
-        order.last().map_or_else(|| argmax(logits), |&i| candidates[i])
+        order
+            .last()
+            .map_or_else(|| argmax(logits), |&i| candidates[i])
     }
 }
 
@@ -337,11 +357,17 @@ mod tests {
         }
         for i in 0..3 {
             let f = counts[i] as f32 / n as f32;
-            assert!((f - expected[i]).abs() < 0.02, "token {i}: {f} vs {}", expected[i]);
+            assert!(
+                (f - expected[i]).abs() < 0.02,
+                "token {i}: {f} vs {}",
+                expected[i]
+            );
         }
         // A low temperature sharpens the distribution towards the best token.
         let mut s = Sampler::new(params(0.2, 11), &[]);
-        let best = (0..2000).filter(|_| s.sample(&mut small.to_vec()).token == 2).count();
+        let best = (0..2000)
+            .filter(|_| s.sample(&mut small.to_vec()).token == 2)
+            .count();
         assert!(best > 1900, "{best}");
     }
 
@@ -392,7 +418,10 @@ mod tests {
         assert_eq!(out.top[0].0, out.token);
         assert!((out.top[0].1 - out.logprob).abs() < 1e-6);
         assert!(out.top.windows(2).all(|w| w[0].1 >= w[1].1));
-        let total: f32 = logits().iter().map(|l| (l - log_sum_exp(&logits())).exp()).sum();
+        let total: f32 = logits()
+            .iter()
+            .map(|l| (l - log_sum_exp(&logits())).exp())
+            .sum();
         assert!((total - 1.0).abs() < 1e-5);
         assert!(out.logprob < 0.0);
     }

@@ -46,7 +46,12 @@ impl StopMatcher {
         }
         self.held.push_str(text);
         // The earliest full match wins.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let emit = self.held[..at].to_string();
             self.held.clear();
@@ -105,7 +110,12 @@ mod tests {
 
     /// The reference: cut the whole text at the earliest occurrence of any stop string.
     fn truncate(stops: &[&str], text: &str) -> (String, bool) {
-        match stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s)).min() {
+        match stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s))
+            .min()
+        {
             Some(at) => (text[..at].to_string(), true),
             None => (text.to_string(), false),
         }
@@ -113,10 +123,22 @@ mod tests {
 
     #[test]
     fn matches_across_pieces_and_never_emits_the_stop() {
-        assert_eq!(stream(&["Paris"], &["The capital is Pa", "ri", "s.", " Yes"]), ("The capital is ".into(), true));
-        assert_eq!(stream(&["aab"], &["a", "a", "a", "b", "c"]), ("a".into(), true));
-        assert_eq!(stream(&["xyz"], &["ab", "xy", "q"]), ("abxyq".into(), false));
-        assert_eq!(stream(&["END", "ST"], &["a S", "TOP END"]), ("a ".into(), true));
+        assert_eq!(
+            stream(&["Paris"], &["The capital is Pa", "ri", "s.", " Yes"]),
+            ("The capital is ".into(), true)
+        );
+        assert_eq!(
+            stream(&["aab"], &["a", "a", "a", "b", "c"]),
+            ("a".into(), true)
+        );
+        assert_eq!(
+            stream(&["xyz"], &["ab", "xy", "q"]),
+            ("abxyq".into(), false)
+        );
+        assert_eq!(
+            stream(&["END", "ST"], &["a S", "TOP END"]),
+            ("a ".into(), true)
+        );
         assert_eq!(stream(&[], &["a", "b"]), ("ab".into(), false));
         assert_eq!(stream(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
     }
@@ -135,9 +157,15 @@ mod tests {
         let stop_sets: [&[&str]; 4] = [&["ab"], &["aab", "b a"], &["東\n", "éé"], &["a", "xyz"]];
         for case in 0..3000 {
             let len = rng.random_range(0..30);
-            let text: String = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect();
+            let text: String = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
             let chars: Vec<(usize, char)> = text.char_indices().collect();
-            let mut cuts: Vec<usize> = chars.iter().map(|(i, _)| *i).filter(|_| rng.random_bool(0.4)).collect();
+            let mut cuts: Vec<usize> = chars
+                .iter()
+                .map(|(i, _)| *i)
+                .filter(|_| rng.random_bool(0.4))
+                .collect();
             cuts.push(text.len());
             let mut pieces = Vec::new();
             let mut prev = 0;
@@ -148,7 +176,11 @@ mod tests {
                 }
             }
             let stops = stop_sets[case % stop_sets.len()];
-            assert_eq!(stream(stops, &pieces), truncate(stops, &text), "text {text:?} pieces {pieces:?}");
+            assert_eq!(
+                stream(stops, &pieces),
+                truncate(stops, &text),
+                "text {text:?} pieces {pieces:?}"
+            );
         }
     }
 }

@@ -66,7 +66,11 @@ fn build_pre_tokenizer(kind: PreTokenizer) -> Result<PreTokenizerWrapper> {
                 false,
             )
             .map_err(|e| Error::Tokenizer(format!("invalid pre-tokenizer regex: {e}")))?;
-            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into()
         }
     })
 }
@@ -209,8 +213,10 @@ impl ModelTokenizer {
             .map_err(|e| Error::Tokenizer(format!("cannot add special tokens: {e}")))?;
 
         let name = |id: u32| tokens.get(id as usize).cloned();
-        let bos = meta_u32(content, "tokenizer.ggml.bos_token_id").and_then(|id| Some((id, name(id)?)));
-        let eos = meta_u32(content, "tokenizer.ggml.eos_token_id").and_then(|id| Some((id, name(id)?)));
+        let bos =
+            meta_u32(content, "tokenizer.ggml.bos_token_id").and_then(|id| Some((id, name(id)?)));
+        let eos =
+            meta_u32(content, "tokenizer.ggml.eos_token_id").and_then(|id| Some((id, name(id)?)));
         let mut stop_ids: Vec<u32> = ["eos", "eot", "eom"]
             .iter()
             .filter_map(|k| meta_u32(content, &format!("tokenizer.ggml.{k}_token_id")))
@@ -321,7 +327,8 @@ impl ModelTokenizer {
         let token_bytes = (0..vocab as u32)
             .map(|id| {
                 let piece = inner.id_to_token(id).unwrap_or_default();
-                let mapped: Option<Vec<u8>> = piece.chars().map(|c| table.get(&c).copied()).collect();
+                let mapped: Option<Vec<u8>> =
+                    piece.chars().map(|c| table.get(&c).copied()).collect();
                 // Tokens outside the byte-level alphabet (added tokens) are their own UTF-8.
                 mapped.unwrap_or_else(|| piece.into_bytes())
             })
@@ -485,7 +492,10 @@ mod tests {
         .unwrap();
         let d = ModelTokenizer::from_dir(&dir).unwrap();
         let text = "Hello, world! How are you?";
-        assert_eq!(d.encode(text, false).unwrap(), t.encode(text, false).unwrap());
+        assert_eq!(
+            d.encode(text, false).unwrap(),
+            t.encode(text, false).unwrap()
+        );
         assert_eq!(d.eos_token(), Some((2, "<|im_end|>".into())));
         assert_eq!(d.stop_token_ids(), &[2]);
         assert_eq!(d.chat_template(), Some("{{ messages[0]['content'] }}"));
@@ -495,6 +505,9 @@ mod tests {
     #[test]
     fn unknown_pre_tokenizer_is_an_error() {
         assert!(pre_tokenizer_for("no-such-pre").is_none());
-        assert_eq!(pre_tokenizer_for("smollm"), Some(PreTokenizer::DigitsThenGpt2));
+        assert_eq!(
+            pre_tokenizer_for("smollm"),
+            Some(PreTokenizer::DigitsThenGpt2)
+        );
     }
 }

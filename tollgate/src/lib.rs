@@ -24,6 +24,6 @@ pub async fn serve(
     }
     let backends = models::start_backends(&config).await?;
     let auth = tollgate_gateway::auth::AuthConfig::from_env();
-    let state = tollgate_gateway::AppState::new(config, backends, auth);
+    let state = tollgate_gateway::AppState::new(config, backends, auth)?;
     tollgate_gateway::run(listener, state, shutdown).await
 }

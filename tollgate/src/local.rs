@@ -75,7 +75,11 @@ impl LocalBackend {
                     .iter()
                     .map(|m| {
                         // Templates know `system`; OpenAI's `developer` role means the same.
-                        let role = if m.role == "developer" { "system" } else { &m.role };
+                        let role = if m.role == "developer" {
+                            "system"
+                        } else {
+                            &m.role
+                        };
                         (role.to_string(), m.content.clone())
                     })
                     .collect();
@@ -139,12 +143,11 @@ impl Backend for LocalBackend {
         let tokenizer = self.tokenizer.clone();
         let template = self.template.clone();
         let prompt = request.prompt;
-        let prompt_ids = tokio::task::spawn_blocking(move || {
-            Self::tokenize(&tokenizer, &template, &prompt)
-        })
-        .await
-        .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
-        .map_err(backend_error)?;
+        let prompt_ids =
+            tokio::task::spawn_blocking(move || Self::tokenize(&tokenizer, &template, &prompt))
+                .await
+                .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
+                .map_err(backend_error)?;
 
         let context = self.engine.context_length();
         let prompt_tokens = prompt_ids.len();

@@ -7,7 +7,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "OpenAI-compatible inference gateway with a candle Llama runtime")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "OpenAI-compatible inference gateway with a candle Llama runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tollgate_gateway::backend::Backend;
-use tollgate_gateway::config::{BackendConfig, Config, LocalBackendConfig, ModelConfig, ModelSource};
+use tollgate_gateway::config::{
+    BackendConfig, Config, LocalBackendConfig, ModelConfig, ModelSource,
+};
 use tollgate_runtime::engine::EngineConfig;
 use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};
 use tollgate_runtime::model::WeightForm;

@@ -22,7 +22,13 @@ pub struct KvCache {
 const INITIAL_CAPACITY: usize = 64;
 
 impl KvCache {
-    pub(crate) fn new(n_layers: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: Device) -> Self {
+    pub(crate) fn new(
+        n_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
         Self {
             layers: (0..n_layers).map(|_| None).collect(),
             len: 0,
@@ -67,8 +73,16 @@ impl KvCache {
             capacity *= 2;
         }
         for layer in self.layers.iter_mut() {
-            let k = Tensor::zeros((self.kv_heads, capacity, self.head_dim), self.dtype, &self.device)?;
-            let v = Tensor::zeros((self.kv_heads, capacity, self.head_dim), self.dtype, &self.device)?;
+            let k = Tensor::zeros(
+                (self.kv_heads, capacity, self.head_dim),
+                self.dtype,
+                &self.device,
+            )?;
+            let v = Tensor::zeros(
+                (self.kv_heads, capacity, self.head_dim),
+                self.dtype,
+                &self.device,
+            )?;
             if let Some((old_k, old_v)) = layer.as_ref() {
                 if self.len > 0 {
                     k.slice_set(&old_k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
@@ -84,14 +98,24 @@ impl KvCache {
     /// Writes `(kv_heads, t, head_dim)` keys and values of layer `layer` at the current end and
     /// returns the whole history `(kv_heads, len + t, head_dim)` of that layer. The length
     /// advances once all layers are written ([`KvCache::advance`]).
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let t = k.dim(1)?;
         let Some(Some((ck, cv))) = self.layers.get(layer) else {
-            return Err(crate::Error::Weights(format!("KV cache has no layer {layer}")));
+            return Err(crate::Error::Weights(format!(
+                "KV cache has no layer {layer}"
+            )));
         };
         ck.slice_set(&k.to_dtype(self.dtype)?, 1, self.len)?;
         cv.slice_set(&v.to_dtype(self.dtype)?, 1, self.len)?;
-        Ok((ck.narrow(1, 0, self.len + t)?, cv.narrow(1, 0, self.len + t)?))
+        Ok((
+            ck.narrow(1, 0, self.len + t)?,
+            cv.narrow(1, 0, self.len + t)?,
+        ))
     }
 
     pub(crate) fn advance(&mut self, t: usize) {

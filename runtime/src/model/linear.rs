@@ -28,7 +28,10 @@ fn q8_0(dense_f32: &Tensor) -> Result<Option<QMatMul>> {
     if cols % GgmlDType::Q8_0.block_size() != 0 {
         return Ok(None);
     }
-    Ok(Some(QMatMul::from_qtensor(QTensor::quantize(dense_f32, GgmlDType::Q8_0)?)?))
+    Ok(Some(QMatMul::from_qtensor(QTensor::quantize(
+        dense_f32,
+        GgmlDType::Q8_0,
+    )?)?))
 }
 
 impl Linear {
@@ -36,14 +39,17 @@ impl Linear {
     pub(crate) fn from_qtensor(q: QTensor, form: WeightForm, device: &Device) -> Result<Self> {
         Ok(match form {
             WeightForm::Native => Self::Quant(QMatMul::from_qtensor(q)?),
-            WeightForm::Q8_0 if q.dtype() == GgmlDType::Q8_0 => Self::Quant(QMatMul::from_qtensor(q)?),
+            WeightForm::Q8_0 if q.dtype() == GgmlDType::Q8_0 => {
+                Self::Quant(QMatMul::from_qtensor(q)?)
+            }
             _ => Self::from_dense(q.dequantize(device)?, form, device)?,
         })
     }
 
     /// From a dense tensor (safetensors, or a dequantized GGUF tensor).
     pub(crate) fn from_dense(w: Tensor, form: WeightForm, device: &Device) -> Result<Self> {
-        let dense = |dtype: DType| -> Result<Self> { Ok(Self::Dense(w.to_dtype(dtype)?.contiguous()?)) };
+        let dense =
+            |dtype: DType| -> Result<Self> { Ok(Self::Dense(w.to_dtype(dtype)?.contiguous()?)) };
         match form {
             WeightForm::Native => Ok(Self::Dense(w.contiguous()?)),
             WeightForm::F32 => dense(DType::F32),

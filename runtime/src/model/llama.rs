@@ -241,7 +241,13 @@ fn causal_mask(group: usize, len: usize, past: usize, device: &Device) -> Result
     let mut mask = Vec::with_capacity(group * len * width);
     for _ in 0..group {
         for i in 0..len {
-            mask.extend((0..width).map(|j| if j <= past + i { 0f32 } else { f32::NEG_INFINITY }));
+            mask.extend((0..width).map(|j| {
+                if j <= past + i {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
         }
     }
     Ok(Tensor::from_vec(mask, (group * len, width), device)?)

@@ -54,16 +54,20 @@ impl LlamaModel {
             v.to_u32()
                 .map(|n| n as usize)
                 .or_else(|_| v.to_u64().map(|n| n as usize))
-                .map_err(|_| Error::Metadata { key: key.to_string() })
+                .map_err(|_| Error::Metadata {
+                    key: key.to_string(),
+                })
         };
-        let float = |key: &str| -> Option<f32> { content.metadata.get(key).and_then(|v| v.to_f32().ok()) };
+        let float =
+            |key: &str| -> Option<f32> { content.metadata.get(key).and_then(|v| v.to_f32().ok()) };
         let hidden_size = num("llama.embedding_length")?;
         let n_heads = num("llama.attention.head_count")?;
         let n_kv_heads = num("llama.attention.head_count_kv").unwrap_or(n_heads);
         let head_dim = num("llama.rope.dimension_count").unwrap_or(hidden_size / n_heads.max(1));
-        let embd_info = content.tensor_infos.get("token_embd.weight").ok_or_else(|| {
-            Error::Weights("tensor `token_embd.weight` is missing".into())
-        })?;
+        let embd_info = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::Weights("tensor `token_embd.weight` is missing".into()))?;
         let vocab_size = num("llama.vocab_size").unwrap_or(embd_info.shape.dims()[0]);
         let model_context = num("llama.context_length")?;
         let config = LlamaConfig {
@@ -173,7 +177,9 @@ impl LlamaModel {
             }
         }
         let n_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+        let head_dim = hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
         let config = LlamaConfig {
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
@@ -184,8 +190,9 @@ impl LlamaModel {
             ffn_size: hf.intermediate_size,
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             rms_eps: hf.rms_norm_eps.unwrap_or(1e-5),
-            context_length: context_override
-                .map_or(hf.max_position_embeddings, |c| c.min(hf.max_position_embeddings)),
+            context_length: context_override.map_or(hf.max_position_embeddings, |c| {
+                c.min(hf.max_position_embeddings)
+            }),
             rope_interleaved: false,
         };
         validate(&config)?;
@@ -302,7 +309,12 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .map(|m| m.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str())
+                    .map(|f| dir.join(f))
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files.dedup();

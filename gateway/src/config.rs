@@ -1,0 +1,376 @@
+//! `models.toml`: the catalogue of models clients may call, and server limits.
+//!
+//! Two phases: raw serde structs that reject unknown keys (a typo is an error naming the key),
+//! then validated structs with defaults filled in, relative paths resolved against the file's
+//! directory and prices parsed as exact decimals. Secrets never live here (only the names of
+//! environment variables that hold them).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+/// Errors loading the catalogue.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("model `{model}`: {message}")]
+    Model { model: String, message: String },
+    #[error("no models configured: add a [models.\"<id>\"] table")]
+    NoModels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_body_bytes: Option<usize>,
+    max_n: Option<u32>,
+    shutdown_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    source: RawSource,
+    backend: RawBackend,
+    context_length: Option<u32>,
+    owned_by: Option<String>,
+    price: Option<RawPrice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    path: Option<PathBuf>,
+    hf_repo: Option<String>,
+    revision: Option<String>,
+    file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawBackend {
+    Local {
+        device: Option<String>,
+        weights: Option<String>,
+        max_queue: Option<usize>,
+        max_batch_tokens: Option<usize>,
+        kv_cache_bytes: Option<usize>,
+    },
+    Http {
+        urls: Vec<String>,
+        api_key_env: Option<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input_per_mtok: String,
+    output_per_mtok: String,
+}
+
+/// The validated catalogue.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// By model id.
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Largest `n` accepted.
+    pub max_n: u32,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            max_n: 8,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub id: String,
+    pub source: ModelSource,
+    pub backend: BackendConfig,
+    /// Limit of the context below the model's own.
+    pub context_length: Option<u32>,
+    pub owned_by: String,
+    pub price: Price,
+}
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A `.gguf` file or a safetensors directory (resolved against the config's directory).
+    Path(PathBuf),
+    Hub {
+        repo: String,
+        revision: String,
+        file: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendConfig {
+    Local(LocalBackendConfig),
+    Http(HttpBackendConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBackendConfig {
+    pub device: String,
+    pub weights: String,
+    pub max_queue: usize,
+    pub max_batch_tokens: usize,
+    pub kv_cache_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpBackendConfig {
+    pub urls: Vec<String>,
+    pub api_key_env: Option<String>,
+}
+
+/// USD per million tokens, exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Price {
+    pub input_per_mtok: Decimal,
+    pub output_per_mtok: Decimal,
+}
+
+impl Config {
+    /// Reads and validates a catalogue file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml_str(&text, base).map_err(|e| match e {
+            ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses a catalogue; relative paths are resolved against `base_dir`.
+    pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if raw.models.is_empty() {
+            return Err(ConfigError::NoModels);
+        }
+        let defaults = ServerConfig::default();
+        let server = ServerConfig {
+            max_body_bytes: raw.server.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_n: raw.server.max_n.unwrap_or(defaults.max_n).max(1),
+            shutdown_timeout: raw
+                .server
+                .shutdown_timeout_secs
+                .map_or(defaults.shutdown_timeout, Duration::from_secs),
+        };
+        let mut models = BTreeMap::new();
+        for (id, m) in raw.models {
+            let model = validate_model(&id, m, base_dir)?;
+            models.insert(id, model);
+        }
+        Ok(Self { server, models })
+    }
+}
+
+fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig, ConfigError> {
+    let err = |message: String| ConfigError::Model {
+        model: id.to_string(),
+        message,
+    };
+    if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err(
+            "model ids must be non-empty and contain no spaces".into()
+        ));
+    }
+    let source = match (m.source.path, m.source.hf_repo) {
+        (Some(path), None) => {
+            if m.source.revision.is_some() || m.source.file.is_some() {
+                return Err(err(
+                    "source.revision and source.file go with source.hf_repo, not source.path"
+                        .into(),
+                ));
+            }
+            ModelSource::Path(if path.is_absolute() {
+                path
+            } else {
+                base_dir.join(path)
+            })
+        }
+        (None, Some(repo)) => ModelSource::Hub {
+            repo,
+            revision: m.source.revision.unwrap_or_else(|| "main".into()),
+            file: m.source.file,
+        },
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "source has both `path` and `hf_repo`; choose one".into()
+            ))
+        }
+        (None, None) => return Err(err("source needs `path` or `hf_repo`".into())),
+    };
+    let backend = match m.backend {
+        RawBackend::Local {
+            device,
+            weights,
+            max_queue,
+            max_batch_tokens,
+            kv_cache_bytes,
+        } => BackendConfig::Local(LocalBackendConfig {
+            device: device.unwrap_or_else(|| "cpu".into()),
+            weights: weights.unwrap_or_else(|| "auto".into()),
+            max_queue: max_queue.unwrap_or(64).max(1),
+            max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
+            kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
+        }),
+        RawBackend::Http { urls, api_key_env } => {
+            if urls.is_empty() {
+                return Err(err("backend.urls is empty".into()));
+            }
+            BackendConfig::Http(HttpBackendConfig { urls, api_key_env })
+        }
+    };
+    let price = match m.price {
+        None => Price::default(),
+        Some(p) => {
+            let parse = |key: &str, v: &str| -> Result<Decimal, ConfigError> {
+                let d = Decimal::from_str(v.trim())
+                    .map_err(|e| err(format!("price.{key} `{v}` is not a decimal number: {e}")))?;
+                if d.is_sign_negative() {
+                    return Err(err(format!("price.{key} `{v}` is negative")));
+                }
+                Ok(d)
+            };
+            Price {
+                input_per_mtok: parse("input_per_mtok", &p.input_per_mtok)?,
+                output_per_mtok: parse("output_per_mtok", &p.output_per_mtok)?,
+            }
+        }
+    };
+    Ok(ModelConfig {
+        id: id.to_string(),
+        source,
+        backend,
+        context_length: m.context_length,
+        owned_by: m.owned_by.unwrap_or_else(|| "tollgate".into()),
+        price,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [server]
+        max_n = 4
+        [models."smollm2-135m"]
+        source = { path = "models/x.gguf" }
+        backend = { type = "local", weights = "q8_0" }
+        price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }
+        [models.remote]
+        source = { hf_repo = "org/repo", file = "m.gguf" }
+        backend = { type = "http", urls = ["http://w1:8081"] }
+    "#;
+
+    #[test]
+    fn parses_and_fills_defaults() {
+        let c = Config::from_toml_str(GOOD, Path::new("/etc/tollgate")).unwrap();
+        assert_eq!(c.server.max_n, 4);
+        let m = &c.models["smollm2-135m"];
+        assert_eq!(
+            m.source,
+            ModelSource::Path("/etc/tollgate/models/x.gguf".into())
+        );
+        let BackendConfig::Local(local) = &m.backend else {
+            panic!("local")
+        };
+        assert_eq!(local.device, "cpu");
+        assert_eq!(local.weights, "q8_0");
+        assert_eq!(m.price.input_per_mtok, Decimal::from_str("0.05").unwrap());
+        let r = &c.models["remote"];
+        assert_eq!(
+            r.source,
+            ModelSource::Hub {
+                repo: "org/repo".into(),
+                revision: "main".into(),
+                file: Some("m.gguf".into())
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let bad = GOOD.replace("max_n = 4", "max_m = 4");
+        let e = Config::from_toml_str(&bad, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_m"), "{e}");
+        let bad = GOOD.replace("weights = \"q8_0\"", "wieghts = \"q8_0\"");
+        let e = Config::from_toml_str(&bad, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wieghts"), "{e}");
+    }
+
+    #[test]
+    fn rejects_float_prices_and_bad_sources() {
+        let bad = GOOD.replace("\"0.05\"", "0.05");
+        assert!(Config::from_toml_str(&bad, Path::new(".")).is_err());
+        let bad = GOOD.replace("\"0.05\"", "\"cheap\"");
+        let e = Config::from_toml_str(&bad, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smollm2-135m") && e.contains("cheap"), "{e}");
+        let bad = GOOD.replace("source = { path = \"models/x.gguf\" }", "source = { }");
+        let e = Config::from_toml_str(&bad, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `path` or `hf_repo`"), "{e}");
+        assert!(matches!(
+            Config::from_toml_str("", Path::new(".")),
+            Err(ConfigError::NoModels)
+        ));
+    }
+
+    #[test]
+    fn the_repo_catalogue_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(c.models.contains_key("smollm2-135m"));
+    }
+}

@@ -1,0 +1,174 @@
+//! The gateway's error type and how each error looks to a client: OpenAI's
+//! `{"error":{"message","type","param","code"}}` with OpenAI's status codes. 5xx bodies stay
+//! generic; their detail goes to the logs only.
+//!
+//! Also [`ApiJson`], a JSON extractor whose every rejection (malformed JSON, wrong types, body
+//! too large, wrong content type) is an [`ApiError`].
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::backend::BackendError;
+
+/// Everything a request can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("{0}")]
+    InvalidApiKey(String),
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    ModelNotFound(String),
+    #[error("unknown route {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the model is overloaded; retry after {retry_after_secs} seconds")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<&'static str>>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: param.into().map(str::to_string),
+        }
+    }
+
+    /// HTTP status, OpenAI `type`, `code`.
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        match self {
+            Self::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Self::InvalidApiKey(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            Self::ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            Self::RouteNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("unknown_url"),
+            ),
+            Self::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            Self::Overloaded { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("overloaded"),
+            ),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The JSON body (also used for SSE error events).
+    pub fn body(&self) -> serde_json::Value {
+        let (_, kind, code) = self.parts();
+        let (message, param) = match self {
+            Self::InvalidRequest { message, param } => (message.clone(), param.clone()),
+            Self::ModelNotFound(_) => (self.to_string(), Some("model".to_string())),
+            Self::Internal(detail) => {
+                tracing::error!(detail = %detail, "internal error");
+                (
+                    "the server had an error while processing your request".to_string(),
+                    None,
+                )
+            }
+            other => (other.to_string(), None),
+        };
+        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::InvalidRequest { message, param } => {
+                Self::InvalidRequest { message, param }
+            }
+            BackendError::Overloaded { retry_after_secs } => Self::Overloaded { retry_after_secs },
+            BackendError::Internal(detail) => Self::Internal(detail),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let Self::Overloaded { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}
+
+/// A JSON body whose rejections are OpenAI-shaped errors, with `param` naming the field when
+/// the problem is a field's type.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+        if !is_json {
+            return Err(ApiError::invalid(
+                "expected a JSON body with `Content-Type: application/json`",
+                None,
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    limit: crate::body_limit(),
+                }
+            } else {
+                ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
+            }
+        })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize(de) {
+            Ok(value) => Ok(Self(value)),
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let message = if inner.is_syntax() || inner.is_eof() {
+                    format!("we could not parse the JSON body of your request: {inner}")
+                } else if path == "." {
+                    format!("invalid request body: {inner}")
+                } else {
+                    format!("invalid value for `{path}`: {inner}")
+                };
+                let param = (path != ".").then_some(path);
+                Err(ApiError::InvalidRequest { message, param })
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Prometheus metrics (DESIGN.md §7): names carry the `tollgate_` prefix and their unit; labels
+//! are bounded (configured model ids, route templates, status codes), never raw ids or paths.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::{
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, Opts, Registry, TextEncoder,
+};
+
+use crate::backend::Backend;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+const TOKEN_LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28,
+];
+
+/// The gateway's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: CounterVec,
+    pub request_duration: HistogramVec,
+    pub time_to_first_token: HistogramVec,
+    pub time_per_output_token: HistogramVec,
+    pub input_tokens: CounterVec,
+    pub output_tokens: CounterVec,
+    queue_depth: GaugeVec,
+    running: GaugeVec,
+    kv_used: GaugeVec,
+    kv_capacity: GaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<CounterVec, prometheus::Error> {
+                let c = CounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram = |name: &str,
+                         help: &str,
+                         labels: &[&str],
+                         buckets: &[f64]|
+         -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
+            let g = GaugeVec::new(Opts::new(name, help), &["model"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(Self {
+            requests: counter(
+                "tollgate_requests_total",
+                "HTTP requests by route, model and status.",
+                &["route", "model", "status"],
+            )?,
+            request_duration: histogram(
+                "tollgate_request_duration_seconds",
+                "Time to the response headers (non-streamed: the whole answer).",
+                &["route", "model"],
+                LATENCY_BUCKETS,
+            )?,
+            time_to_first_token: histogram(
+                "tollgate_time_to_first_token_seconds",
+                "From the request to the first generated token.",
+                &["model"],
+                LATENCY_BUCKETS,
+            )?,
+            time_per_output_token: histogram(
+                "tollgate_time_per_output_token_seconds",
+                "Mean time between output tokens of one sequence after the first.",
+                &["model"],
+                TOKEN_LATENCY_BUCKETS,
+            )?,
+            input_tokens: counter(
+                "tollgate_input_tokens_total",
+                "Prompt tokens processed.",
+                &["model"],
+            )?,
+            output_tokens: counter(
+                "tollgate_output_tokens_total",
+                "Tokens generated.",
+                &["model"],
+            )?,
+            queue_depth: gauge("tollgate_queue_depth", "Requests waiting for the engine.")?,
+            running: gauge("tollgate_running_sequences", "Sequences being generated.")?,
+            kv_used: gauge("tollgate_kv_cache_used_bytes", "KV-cache memory in use.")?,
+            kv_capacity: gauge(
+                "tollgate_kv_cache_capacity_bytes",
+                "KV-cache memory budget.",
+            )?,
+            registry,
+        })
+    }
+
+    /// Prometheus text, with load gauges read from the backends now.
+    pub fn render(&self, backends: &HashMap<String, Arc<dyn Backend>>) -> String {
+        for (model, backend) in backends {
+            let load = backend.load();
+            self.queue_depth
+                .with_label_values(&[model])
+                .set(f64::from(load.waiting));
+            self.running
+                .with_label_values(&[model])
+                .set(f64::from(load.running));
+            self.kv_used
+                .with_label_values(&[model])
+                .set(load.kv_cache_used_bytes as f64);
+            self.kv_capacity
+                .with_label_values(&[model])
+                .set(load.kv_cache_capacity_bytes as f64);
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

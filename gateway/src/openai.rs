@@ -1,0 +1,434 @@
+//! OpenAI request bodies and their validation into backend requests.
+//!
+//! Unknown fields are ignored (SDKs send fields we do not use); known fields are range-checked
+//! with messages that name the value. Responses are built in `routes`.
+
+use serde::Deserialize;
+
+use crate::backend::{ChatMessage, GenerateRequest, Prompt, SamplingParams};
+use crate::error::ApiError;
+
+/// A string or a list of strings (`stop`, `prompt`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonParams {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub n: Option<u32>,
+    pub stop: Option<OneOrMany>,
+    pub seed: Option<i64>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub user: Option<String>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// vLLM-style extras.
+    pub top_k: Option<u32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<MessageIn>,
+    pub max_completion_tokens: Option<u32>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// A prompt: text, a list of texts, or token ids (refused).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptIn {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptIn,
+    pub logprobs: Option<u32>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+    pub best_of: Option<u32>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// What a validated request asks for.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub model: String,
+    /// One request per choice, in choice order (`prompt index * n + i`).
+    pub choices: Vec<GenerateRequest>,
+    /// Choices per prompt.
+    pub n: u32,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: Option<u32>,
+}
+
+pub const MAX_STOP: usize = 4;
+
+fn range(
+    param: &'static str,
+    v: Option<f32>,
+    lo: f32,
+    hi: f32,
+    default: f32,
+) -> Result<f32, ApiError> {
+    let Some(v) = v else { return Ok(default) };
+    if !v.is_finite() || v < lo {
+        return Err(ApiError::invalid(
+            format!("{v} is less than the minimum of {lo} - '{param}'"),
+            param,
+        ));
+    }
+    if v > hi {
+        return Err(ApiError::invalid(
+            format!("{v} is greater than the maximum of {hi} - '{param}'"),
+            param,
+        ));
+    }
+    Ok(v)
+}
+
+fn sampling(
+    common: &CommonParams,
+    max_tokens: Option<u32>,
+    logprobs: Option<u32>,
+) -> Result<SamplingParams, ApiError> {
+    let temperature = range("temperature", common.temperature, 0.0, 2.0, 1.0)?;
+    let top_p = range("top_p", common.top_p, 0.0, 1.0, 1.0)?;
+    if top_p == 0.0 {
+        return Err(ApiError::invalid(
+            "top_p must be greater than 0 - 'top_p'",
+            "top_p",
+        ));
+    }
+    let frequency_penalty = range(
+        "frequency_penalty",
+        common.frequency_penalty,
+        -2.0,
+        2.0,
+        0.0,
+    )?;
+    let presence_penalty = range("presence_penalty", common.presence_penalty, -2.0, 2.0, 0.0)?;
+    let repetition_penalty = range(
+        "repetition_penalty",
+        common.repetition_penalty,
+        0.01,
+        10.0,
+        1.0,
+    )?;
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            "max_tokens must be at least 1 - 'max_tokens'",
+            "max_tokens",
+        ));
+    }
+    let stop: Vec<String> = common
+        .stop
+        .clone()
+        .map(OneOrMany::into_vec)
+        .unwrap_or_default();
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            format!(
+                "{} stop sequences were given; at most {MAX_STOP} are allowed - 'stop'",
+                stop.len()
+            ),
+            "stop",
+        ));
+    }
+    Ok(SamplingParams {
+        max_tokens,
+        temperature,
+        top_p,
+        top_k: common.top_k.unwrap_or(0),
+        seed: common.seed.map(|s| s as u64),
+        frequency_penalty,
+        presence_penalty,
+        repetition_penalty,
+        stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        logprobs,
+    })
+}
+
+fn choices_n(common: &CommonParams, max_n: u32) -> Result<u32, ApiError> {
+    let n = common.n.unwrap_or(1);
+    if n < 1 {
+        return Err(ApiError::invalid(
+            format!("{n} is less than the minimum of 1 - 'n'"),
+            "n",
+        ));
+    }
+    if n > max_n {
+        return Err(ApiError::invalid(
+            format!("{n} is greater than the maximum of {max_n} - 'n'"),
+            "n",
+        ));
+    }
+    Ok(n)
+}
+
+fn fan_out(
+    model: &str,
+    request_id: &str,
+    prompts: Vec<Prompt>,
+    n: u32,
+    params: SamplingParams,
+) -> Vec<GenerateRequest> {
+    let mut out = Vec::with_capacity(prompts.len() * n as usize);
+    for prompt in prompts {
+        for i in 0..n {
+            let mut params = params.clone();
+            // Each choice samples on its own; seeded choices stay reproducible.
+            params.seed = params.seed.map(|s| s.wrapping_add(u64::from(i)));
+            out.push(GenerateRequest {
+                request_id: request_id.to_string(),
+                model: model.to_string(),
+                prompt: prompt.clone(),
+                params,
+            });
+        }
+    }
+    out
+}
+
+impl ChatRequest {
+    pub fn plan(self, request_id: &str, max_n: u32) -> Result<Plan, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "[] is too short - 'messages'",
+                "messages",
+            ));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant"
+            ) {
+                return Err(ApiError::InvalidRequest {
+                    message: format!(
+                        "role `{}` is not supported (use system, developer, user or assistant) - 'messages.[{i}].role'",
+                        m.role
+                    ),
+                    param: Some(format!("messages.[{i}].role")),
+                });
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t,
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        if part.kind != "text" {
+                            return Err(ApiError::InvalidRequest {
+                                message: format!("content parts of type `{}` are not supported by this model; only `text`", part.kind),
+                                param: Some(format!("messages.[{i}].content")),
+                            });
+                        }
+                        text.push_str(part.text.as_deref().unwrap_or(""));
+                    }
+                    text
+                }
+            };
+            messages.push(ChatMessage {
+                role: m.role,
+                content,
+            });
+        }
+        let max_tokens = self.max_completion_tokens.or(self.common.max_tokens);
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs requires logprobs to be true - 'top_logprobs'",
+                    "top_logprobs",
+                ))
+            }
+            (true, Some(k)) if k > 20 => {
+                return Err(ApiError::invalid(
+                    format!("{k} is greater than the maximum of 20 - 'top_logprobs'"),
+                    "top_logprobs",
+                ))
+            }
+            (true, k) => Some(k.unwrap_or(0)),
+            (false, None) => None,
+        };
+        let params = sampling(&self.common, max_tokens, logprobs)?;
+        let n = choices_n(&self.common, max_n)?;
+        let stream = self.common.stream.unwrap_or(false);
+        Ok(Plan {
+            choices: fan_out(
+                &self.model,
+                request_id,
+                vec![Prompt::Chat(messages)],
+                n,
+                params,
+            ),
+            model: self.model,
+            n,
+            stream,
+            include_usage: stream && self.common.stream_options.is_some_and(|o| o.include_usage),
+            logprobs,
+        })
+    }
+}
+
+impl CompletionRequest {
+    pub fn plan(self, request_id: &str, max_n: u32) -> Result<Plan, ApiError> {
+        let prompts = match self.prompt {
+            PromptIn::Text(t) => vec![t],
+            PromptIn::Texts(v) if !v.is_empty() => v,
+            PromptIn::Texts(_) => {
+                return Err(ApiError::invalid("[] is too short - 'prompt'", "prompt"))
+            }
+            PromptIn::Tokens(_) | PromptIn::TokenLists(_) => {
+                return Err(ApiError::invalid(
+                    "prompts of token ids are not supported; send text",
+                    "prompt",
+                ))
+            }
+        };
+        if prompts.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "the prompt is empty - 'prompt'",
+                "prompt",
+            ));
+        }
+        if self.echo == Some(true) {
+            return Err(ApiError::invalid("echo is not supported", "echo"));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid("suffix is not supported", "suffix"));
+        }
+        if self.best_of.is_some_and(|b| b > 1) {
+            return Err(ApiError::invalid("best_of is not supported", "best_of"));
+        }
+        if let Some(k) = self.logprobs {
+            if k > 5 {
+                return Err(ApiError::invalid(
+                    format!("{k} is greater than the maximum of 5 - 'logprobs'"),
+                    "logprobs",
+                ));
+            }
+        }
+        let params = sampling(
+            &self.common,
+            Some(self.common.max_tokens.unwrap_or(16)),
+            self.logprobs,
+        )?;
+        let n = choices_n(&self.common, max_n)?;
+        let stream = self.common.stream.unwrap_or(false);
+        let prompts = prompts.into_iter().map(Prompt::Text).collect();
+        Ok(Plan {
+            choices: fan_out(&self.model, request_id, prompts, n, params),
+            model: self.model,
+            n,
+            stream,
+            include_usage: stream && self.common.stream_options.is_some_and(|o| o.include_usage),
+            logprobs: self.logprobs,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn chat(body: serde_json::Value) -> Result<Plan, ApiError> {
+        serde_json::from_value::<ChatRequest>(body)
+            .unwrap()
+            .plan("id", 8)
+    }
+
+    #[test]
+    fn validates_ranges_with_named_params() {
+        let base =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let mut b = base.clone();
+        b["temperature"] = 3.5.into();
+        let e = chat(b).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::InvalidRequest { param: Some(p), message } if p == "temperature" && message.contains("3.5")),
+            "{e:?}"
+        );
+        let mut b = base.clone();
+        b["n"] = 9.into();
+        assert!(chat(b).is_err());
+        let mut b = base.clone();
+        b["stop"] = serde_json::json!(["a", "b", "c", "d", "e"]);
+        assert!(chat(b).is_err());
+        let mut b = base.clone();
+        b["messages"] = serde_json::json!([]);
+        assert!(chat(b).is_err());
+        let mut b = base.clone();
+        b["top_logprobs"] = 2.into();
+        assert!(chat(b).is_err());
+        let mut b = base;
+        b["messages"] = serde_json::json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]);
+        b["n"] = 2.into();
+        b["seed"] = 5.into();
+        let plan = chat(b).unwrap();
+        assert_eq!(plan.choices.len(), 2);
+        assert_eq!(plan.choices[1].params.seed, Some(6));
+        assert_eq!(
+            plan.choices[0].prompt,
+            Prompt::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: "ab".into()
+            }])
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! Numerical checks of Tollgate's own Llama forward pass (`tollgate_runtime::model`) on the
+//! development model (SmolLM2-135M-Instruct Q4_1):
+//!
+//! * equivalence with candle-transformers' `quantized_llama` (same quantized kernels),
+//! * a ragged batch equals its sequences run alone,
+//! * chunked prefill equals one prefill,
+//! * the other weight forms pick the same greedy tokens,
+//! * F32-weight decode steps equal a prefill of the same tokens at long context,
+//! * a truncated GGUF is an error, not a panic.
+//!
+//! These tests fail (never skip) when the dev model is missing: run `scripts/fetch-model.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use tollgate_runtime::dev_model::require_dev_model;
+use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep, WeightForm};
+
+/// Vocabulary size of the dev model.
+const VOCAB: usize = 49152;
+
+/// Max abs logit difference allowed where Tollgate and candle-transformers' quantized_llama run
+/// the same kernels on the same shapes: every prefill, and decode steps at short context. Both
+/// use `Native` weights (the same Q4_1 x Q8_1 kernels) and candle's f32 RoPE, softmax, RMS norm
+/// and gemm, and the results are bit-identical on the dev machine (observed max |diff| = 0 for
+/// prefills of 1/7/33/130 tokens and for all decode steps up to a KV length of 132). The bound
+/// leaves room for a platform whose kernels order sums differently (~1e-5 on logits of O(10)).
+const REFERENCE_TOL: f32 = 1e-4;
+
+/// Max abs logit difference allowed between the two implementations' *decode* steps at long
+/// context. From a KV length of ~107 (quantized_llama: contiguous concatenated KV) or 128
+/// (Tollgate: KV narrowed out of a larger buffer) the decode-step attention matmuls round
+/// differently from the prefill ones (presumably candle's gemm choosing another blocking for
+/// those shapes/strides), a difference of a few ulps; the next layer's
+/// Q8_1 re-quantization of activations turns that into whole quantization steps and 30 layers
+/// amplify it. Observed, Native weights, KV lengths 101..170: each implementation's decode
+/// logits differ from *its own* prefill of the same tokens by up to 1.02 (max softmax
+/// probability difference 6.5e-3, argmax always equal), and Tollgate's decode differs from
+/// quantized_llama's decode by up to 1.02 likewise (0.55, 0.61, 0.77 at KV lengths 133..135
+/// in this test, with one argmax flip on a near-tie: reference margin 8.3e-3), while both
+/// implementations' prefills of the same tokens stay bit-identical. With F32 weights (no
+/// activation quantization) Tollgate's decode equals its prefill within 5.2e-5
+/// ([`f32_decode_matches_prefill_at_long_context`]), so this is kernel noise, not a bug.
+const QUANT_NOISE_TOL: f32 = 3.0;
+
+/// Max softmax-probability difference allowed together with [`QUANT_NOISE_TOL`] (observed
+/// 1.25e-2 in this test, 6.5e-3 for decode vs prefill).
+const QUANT_NOISE_PROB_TOL: f32 = 5e-2;
+
+/// Max abs logit difference allowed between the same sequence run alone and inside a ragged
+/// batch / in prefill chunks. Observed: 0 (bit-identical) for both on the dev machine: each row
+/// of a quantized matmul is computed independently, and the attention of a sequence only
+/// sees its own rows.
+const BATCH_TOL: f32 = 1e-4;
+
+/// Max abs logit difference allowed between F32-weight decode steps and an F32-weight prefill
+/// of the same tokens at KV lengths 131..135. Observed: 5.2e-5 (KV lengths 101..170).
+const F32_DECODE_TOL: f32 = 5e-4;
+
+fn model_path() -> PathBuf {
+    require_dev_model().expect("dev model (run scripts/fetch-model.sh)")
+}
+
+fn open(path: &Path) -> (Content, BufReader<File>) {
+    let mut file = BufReader::new(File::open(path).unwrap());
+    let content = Content::read(&mut file).unwrap();
+    (content, file)
+}
+
+fn load(form: WeightForm) -> LlamaModel {
+    let (content, mut file) = open(&model_path());
+    LlamaModel::from_gguf(&content, &mut file, &Device::Cpu, form, None).unwrap()
+}
+
+/// A fresh candle-transformers model (its KV cache lives inside it).
+fn reference() -> ModelWeights {
+    let (content, mut file) = open(&model_path());
+    ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap()
+}
+
+/// `len` fixed token ids: `<|im_start|>` (1), then a deterministic spread over 3..49000.
+fn prompt(len: usize, seed: u32) -> Vec<u32> {
+    let mut ids = vec![1u32];
+    ids.extend((1..len as u32).map(|i| 3 + (i * 7919 + seed * 104_729 + 17) % (49_000 - 3)));
+    ids
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Runs one sequence step alone and returns its last-token logits.
+fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+    let mut out = model
+        .forward(&mut [SeqStep {
+            tokens,
+            cache,
+            want_logits: true,
+        }])
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    let logits = out.pop().unwrap();
+    assert_eq!(logits.len(), VOCAB);
+    assert!(logits.iter().all(|x| x.is_finite()), "non-finite logits");
+    logits
+}
+
+/// Last-token logits of the reference model for `tokens` at `index_pos`.
+fn reference_step(model: &mut ModelWeights, tokens: &[u32], index_pos: usize) -> Vec<f32> {
+    let input = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&input, index_pos).unwrap();
+    let mut rows = logits.to_vec2::<f32>().unwrap();
+    assert_eq!(rows.len(), 1);
+    rows.pop().unwrap()
+}
+
+/// Greedy continuation of `prompt` for `steps` tokens.
+fn greedy(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut cache = model.new_cache();
+    let mut logits = step(model, &mut cache, prompt);
+    let mut out = Vec::with_capacity(steps);
+    for i in 0..steps {
+        let next = argmax(&logits);
+        out.push(next);
+        if i + 1 < steps {
+            logits = step(model, &mut cache, &[next]);
+        }
+    }
+    out
+}
+
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = v.iter().map(|x| (x - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.iter().map(|x| x / sum).collect()
+}
+
+#[test]
+fn matches_candle_quantized_llama() {
+    let ours = load(WeightForm::Native);
+    let (mut worst_exact, mut worst_noisy) = (0f32, 0f32);
+    for len in [1usize, 7, 33, 130] {
+        let mut tokens = prompt(len, 0);
+        let mut theirs = reference();
+        let mut cache = ours.new_cache();
+        let mut a = step(&ours, &mut cache, &tokens);
+        let mut b = reference_step(&mut theirs, &tokens, 0);
+        for decode in 0..=5 {
+            let what = format!("prompt of {len} tokens, step {decode}");
+            let d = max_abs_diff(&a, &b);
+            println!("{what}: max |diff| = {d:e}");
+            if decode == 0 || d < REFERENCE_TOL {
+                assert!(
+                    d < REFERENCE_TOL,
+                    "{what}: max |diff| {d} >= {REFERENCE_TOL}"
+                );
+                assert_eq!(argmax(&a), argmax(&b), "{what}: argmax differs");
+                worst_exact = worst_exact.max(d);
+            } else {
+                // Long-context decode: kernel noise amplified by activation quantization (see
+                // QUANT_NOISE_TOL), bounded loosely. The argmax may then flip only on a near-tie:
+                // our pick must be within the noise of the reference's best logit.
+                let p = softmax_diff(&a, &b);
+                let (ours_pick, their_pick) = (argmax(&a) as usize, argmax(&b) as usize);
+                let margin = b[their_pick] - b[ours_pick];
+                println!("{what}: max |prob diff| = {p:e}, argmax {ours_pick} vs {their_pick} (reference margin {margin:e})");
+                assert!(
+                    d < QUANT_NOISE_TOL,
+                    "{what}: max |diff| {d} >= {QUANT_NOISE_TOL}"
+                );
+                assert!(p < QUANT_NOISE_PROB_TOL, "{what}: max |prob diff| {p}");
+                assert!(margin <= 2.0 * d, "{what}: argmax {ours_pick} vs {their_pick}, not a near-tie (margin {margin}, noise {d})");
+                worst_noisy = worst_noisy.max(d);
+            }
+            if decode == 5 {
+                break;
+            }
+            let next = argmax(&b);
+            let pos = tokens.len();
+            assert_eq!(cache.len(), pos);
+            tokens.push(next);
+            a = step(&ours, &mut cache, &[next]);
+            b = reference_step(&mut theirs, &[next], pos);
+        }
+        assert_eq!(cache.len(), len + 5);
+    }
+    println!("max |diff| vs quantized_llama: {worst_exact:e} (same kernel paths), {worst_noisy:e} (long-context decode)");
+}
+
+fn softmax_diff(a: &[f32], b: &[f32]) -> f32 {
+    max_abs_diff(&softmax(a), &softmax(b))
+}
+
+/// The decode path at long context, checked tightly where no activation quantization amplifies
+/// rounding: F32 weights, a 130-token prompt, 5 decode steps, each against a fresh prefill.
+#[test]
+fn f32_decode_matches_prefill_at_long_context() {
+    let model = load(WeightForm::F32);
+    let mut tokens = prompt(130, 6);
+    let mut cache = model.new_cache();
+    let mut logits = step(&model, &mut cache, &tokens);
+    let mut worst = 0f32;
+    for _ in 0..5 {
+        let next = argmax(&logits);
+        tokens.push(next);
+        logits = step(&model, &mut cache, &[next]);
+        let full = step(&model, &mut model.new_cache(), &tokens);
+        let d = max_abs_diff(&logits, &full);
+        println!(
+            "F32, KV length {}: decode vs prefill max |diff| = {d:e}",
+            tokens.len()
+        );
+        assert!(
+            d < F32_DECODE_TOL,
+            "KV length {}: decode vs prefill max |diff| {d} >= {F32_DECODE_TOL}",
+            tokens.len()
+        );
+        assert_eq!(argmax(&logits), argmax(&full));
+        worst = worst.max(d);
+    }
+    println!("F32 decode vs prefill worst max |diff|: {worst:e}");
+}
+
+#[test]
+fn ragged_batch_matches_sequences_alone() {
+    let model = load(WeightForm::Native);
+    let a_prompt = prompt(20, 1);
+    let b_prompt = prompt(5, 2);
+    let c_prompt = prompt(12, 3);
+    let (b_next, c_next) = (4242u32, 31_337u32);
+
+    // Alone.
+    let a_alone = step(&model, &mut model.new_cache(), &a_prompt);
+    let mut b_cache = model.new_cache();
+    step(&model, &mut b_cache, &b_prompt);
+    let b_alone = step(&model, &mut b_cache, &[b_next]);
+    let mut c_cache = model.new_cache();
+    step(&model, &mut c_cache, &c_prompt);
+    let c_alone = step(&model, &mut c_cache, &[c_next]);
+
+    // Together: B and C prefilled earlier (each on its own), then one ragged step in which A
+    // prefills 20 tokens while B decodes at position 5 and C at position 12.
+    let mut a_cache = model.new_cache();
+    let mut b_cache = model.new_cache();
+    let mut c_cache = model.new_cache();
+    step(&model, &mut b_cache, &b_prompt);
+    step(&model, &mut c_cache, &c_prompt);
+    let out = model
+        .forward(&mut [
+            SeqStep {
+                tokens: &a_prompt,
+                cache: &mut a_cache,
+                want_logits: true,
+            },
+            SeqStep {
+                tokens: &[b_next],
+                cache: &mut b_cache,
+                want_logits: true,
+            },
+            SeqStep {
+                tokens: &[c_next],
+                cache: &mut c_cache,
+                want_logits: true,
+            },
+        ])
+        .unwrap();
+    assert_eq!(out.len(), 3);
+    assert_eq!((a_cache.len(), b_cache.len(), c_cache.len()), (20, 6, 13));
+    for (name, batched, alone) in [
+        ("A", &out[0], &a_alone),
+        ("B", &out[1], &b_alone),
+        ("C", &out[2], &c_alone),
+    ] {
+        let d = max_abs_diff(batched, alone);
+        println!("ragged batch, sequence {name}: max |diff| = {d:e}");
+        assert!(
+            d < BATCH_TOL,
+            "sequence {name}: batched vs alone max |diff| {d} >= {BATCH_TOL}"
+        );
+        assert_eq!(
+            argmax(batched),
+            argmax(alone),
+            "sequence {name}: argmax differs"
+        );
+    }
+}
+
+#[test]
+fn chunked_prefill_matches_single_prefill() {
+    let model = load(WeightForm::Native);
+    let tokens = prompt(40, 4);
+    let whole = step(&model, &mut model.new_cache(), &tokens);
+
+    let mut cache = model.new_cache();
+    for (range, last) in [(0..16, false), (16..32, false), (32..40, true)] {
+        let out = model
+            .forward(&mut [SeqStep {
+                tokens: &tokens[range.clone()],
+                cache: &mut cache,
+                want_logits: last,
+            }])
+            .unwrap();
+        assert_eq!(cache.len(), range.end);
+        if !last {
+            assert!(out.is_empty(), "logits returned without want_logits");
+            continue;
+        }
+        assert_eq!(out.len(), 1);
+        let d = max_abs_diff(&out[0], &whole);
+        println!("chunked prefill 16+16+8 vs 40: max |diff| = {d:e}");
+        assert!(
+            d < BATCH_TOL,
+            "chunked vs single prefill max |diff| {d} >= {BATCH_TOL}"
+        );
+        assert_eq!(argmax(&out[0]), argmax(&whole));
+    }
+    assert_eq!(cache.len(), 40);
+}
+
+#[test]
+fn weight_forms_agree_on_greedy_tokens() {
+    // 20 tokens: with `Auto` the prefill (20 rows >= 12) takes the dense f32 path and the
+    // decode steps (1 row) the Q8_0 path, so both halves of the dual form are exercised.
+    let tokens = prompt(20, 5);
+    let native = greedy(&load(WeightForm::Native), &tokens, 5);
+    let auto = greedy(&load(WeightForm::Auto), &tokens, 5);
+    let f32 = greedy(&load(WeightForm::F32), &tokens, 5);
+    println!("greedy tokens: native {native:?}, auto {auto:?}, f32 {f32:?}");
+    assert_eq!(auto, native, "Auto vs Native greedy tokens");
+    assert_eq!(f32, native, "F32 vs Native greedy tokens");
+}
+
+#[test]
+fn truncated_gguf_is_an_error() {
+    let mut head = vec![0u8; 1 << 20];
+    File::open(model_path())
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    let path = std::env::temp_dir().join(format!("tollgate-truncated-{}.gguf", std::process::id()));
+    File::create(&path).unwrap().write_all(&head).unwrap();
+
+    let result = std::panic::catch_unwind(|| -> Result<LlamaModel, String> {
+        let mut file = BufReader::new(File::open(&path).map_err(|e| e.to_string())?);
+        let content = Content::read(&mut file).map_err(|e| format!("Content::read: {e}"))?;
+        LlamaModel::from_gguf(&content, &mut file, &Device::Cpu, WeightForm::Native, None)
+            .map_err(|e| format!("from_gguf: {e}"))
+    });
+    std::fs::remove_file(&path).unwrap();
+    let result = result.expect("loading a truncated GGUF panicked");
+    let err = result.expect_err("a 1 MB prefix of the GGUF loaded as a model");
+    println!("truncated GGUF: {err}");
+}
