@@ -429,9 +429,9 @@ mod tests {
     #[test]
     fn nan_and_infinite_logits_do_not_panic() {
         let mut s = Sampler::new(params(1.0, 5), &[]);
-        let t = s.sample(&mut vec![f32::NAN, 1.0, f32::NEG_INFINITY]).token;
+        let t = s.sample(&mut [f32::NAN, 1.0, f32::NEG_INFINITY]).token;
         assert_eq!(t, 1);
-        let t = s.sample(&mut vec![f32::NAN, f32::NAN]).token;
+        let t = s.sample(&mut [f32::NAN, f32::NAN]).token;
         assert!(t < 2);
     }
 

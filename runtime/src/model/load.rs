@@ -257,13 +257,13 @@ fn resolve_form(form: WeightForm, device: &Device) -> WeightForm {
 
 fn validate(c: &LlamaConfig) -> Result<()> {
     let bad = |m: String| Err(Error::Config(m));
-    if c.n_heads == 0 || c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+    if c.n_heads == 0 || c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) {
         return bad(format!(
             "{} attention heads cannot share {} KV heads",
             c.n_heads, c.n_kv_heads
         ));
     }
-    if c.head_dim == 0 || c.head_dim % 2 != 0 || c.n_heads * c.head_dim != c.hidden_size {
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) || c.n_heads * c.head_dim != c.hidden_size {
         return bad(format!(
             "head dim {} with {} heads does not match hidden size {}",
             c.head_dim, c.n_heads, c.hidden_size
