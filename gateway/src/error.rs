@@ -129,7 +129,31 @@ impl IntoResponse for ApiError {
 /// the problem is a field's type.
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+/// A request body type. serde cannot tell where an error is inside a `#[serde(flatten)]`ed
+/// part, so a body with one re-reads that part on its own to name the field.
+pub trait RequestBody: DeserializeOwned {
+    /// Deserializes the flattened part of `body` alone, with path tracking.
+    fn check_flattened(_body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
+        Ok(())
+    }
+}
+
+/// `(message, param)` of a body that failed to deserialize.
+fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> (String, Option<String>) {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let message = if inner.is_syntax() || inner.is_eof() {
+        format!("we could not parse the JSON body of your request: {inner}")
+    } else if path == "." {
+        format!("invalid request body: {inner}")
+    } else {
+        format!("invalid value for `{path}`: {inner}")
+    };
+    let param = (path != ".").then_some(path);
+    (message, param)
+}
+
+impl<T: RequestBody, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -157,16 +181,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         match serde_path_to_error::deserialize(de) {
             Ok(value) => Ok(Self(value)),
             Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let message = if inner.is_syntax() || inner.is_eof() {
-                    format!("we could not parse the JSON body of your request: {inner}")
-                } else if path == "." {
-                    format!("invalid request body: {inner}")
-                } else {
-                    format!("invalid value for `{path}`: {inner}")
+                let located = e.path().to_string() != "." || e.inner().is_syntax();
+                let e = match T::check_flattened(&bytes) {
+                    Err(flattened) if !located => flattened,
+                    _ => e,
                 };
-                let param = (path != ".").then_some(path);
+                let (message, param) = describe(e);
                 Err(ApiError::InvalidRequest { message, param })
             }
         }

@@ -6,7 +6,7 @@
 use serde::Deserialize;
 
 use crate::backend::{ChatMessage, GenerateRequest, Prompt, SamplingParams};
-use crate::error::ApiError;
+use crate::error::{ApiError, RequestBody};
 
 /// A string or a list of strings (`stop`, `prompt`).
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +101,25 @@ pub struct CompletionRequest {
     pub best_of: Option<u32>,
     #[serde(flatten)]
     pub common: CommonParams,
+}
+
+fn check_common(body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
+    serde_path_to_error::deserialize::<_, CommonParams>(&mut serde_json::Deserializer::from_slice(
+        body,
+    ))
+    .map(drop)
+}
+
+impl RequestBody for ChatRequest {
+    fn check_flattened(body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
+        check_common(body)
+    }
+}
+
+impl RequestBody for CompletionRequest {
+    fn check_flattened(body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
+        check_common(body)
+    }
 }
 
 /// What a validated request asks for.

@@ -1,0 +1,507 @@
+//! The gateway's HTTP contract, driven over real sockets against a scripted backend: error
+//! statuses and shapes, the exact SSE sequence, mid-stream failures, cancellation on
+//! disconnect, and graceful shutdown. (The real model is exercised by the workspace's
+//! end-to-end tests; here every backend behaviour can be forced.)
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tollgate_gateway::auth::AuthConfig;
+use tollgate_gateway::backend::{
+    Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, ModelInfo,
+    Prompt, Usage,
+};
+use tollgate_gateway::config::Config;
+use tollgate_gateway::AppState;
+
+const KEY: &str = "test-key";
+const MODEL: &str = "fake";
+
+/// Behaviour is chosen by the last message's text.
+#[derive(Default)]
+struct FakeBackend {
+    /// Streams started and streams dropped (a dropped stream is a cancelled sequence).
+    started: AtomicUsize,
+    dropped: AtomicUsize,
+}
+
+struct DropCounter(Arc<FakeBackend>);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn last_text(prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Chat(messages) => messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+        Prompt::Text(text) => text.clone(),
+    }
+}
+
+struct Shared(Arc<FakeBackend>);
+
+#[async_trait::async_trait]
+impl Backend for Shared {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            id: MODEL.into(),
+            context_length: 64,
+            created: 1_700_000_000,
+            owned_by: "tests".into(),
+        }
+    }
+
+    async fn generate(&self, request: GenerateRequest) -> Result<EventStream, BackendError> {
+        let text = last_text(&request.prompt);
+        if text == "overload" {
+            return Err(BackendError::Overloaded {
+                retry_after_secs: 2,
+            });
+        }
+        if request.params.max_tokens.unwrap_or(0) > 60 {
+            return Err(BackendError::InvalidRequest {
+                message: "prompt plus max_tokens exceeds the context of 64 tokens".into(),
+                param: Some("max_tokens".into()),
+            });
+        }
+        let backend = self.0.clone();
+        backend.started.fetch_add(1, Ordering::SeqCst);
+        let guard = DropCounter(backend);
+        let stream = async_stream::stream! {
+            let _guard = guard;
+            yield Ok(GenerateEvent::Started { prompt_tokens: 3 });
+            match text.as_str() {
+                "fail-mid" => {
+                    yield Ok(GenerateEvent::Delta { text: "partial".into(), logprobs: vec![] });
+                    yield Err(BackendError::Internal("device lost".into()));
+                }
+                "endless" => loop {
+                    yield Ok(GenerateEvent::Delta { text: "x".into(), logprobs: vec![] });
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                },
+                "slow" => {
+                    for _ in 0..5 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        yield Ok(GenerateEvent::Delta { text: "s".into(), logprobs: vec![] });
+                    }
+                    yield Ok(GenerateEvent::Finished {
+                        reason: FinishReason::Stop,
+                        usage: Usage { prompt_tokens: 3, completion_tokens: 5 },
+                    });
+                }
+                _ => {
+                    yield Ok(GenerateEvent::Delta { text: "Hello".into(), logprobs: vec![] });
+                    yield Ok(GenerateEvent::Delta { text: " world".into(), logprobs: vec![] });
+                    yield Ok(GenerateEvent::Finished {
+                        reason: FinishReason::Stop,
+                        usage: Usage { prompt_tokens: 3, completion_tokens: 2 },
+                    });
+                }
+            }
+        };
+        Ok(Box::pin(stream))
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    backend: Arc<FakeBackend>,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// The catalogue entry of the fake model (its backend is replaced by [`FakeBackend`]).
+const FAKE_MODEL: &str = r#"
+[models.fake]
+source = { path = "unused.gguf" }
+backend = { type = "http", urls = ["http://127.0.0.1:9"] }
+"#;
+
+async fn start(server: &str) -> Server {
+    let config = Config::from_toml_str(&format!("{server}{FAKE_MODEL}"), Path::new(".")).unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    backends.insert(MODEL.into(), Arc::new(Shared(backend.clone())));
+    let state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let done = tokio::spawn(tollgate_gateway::run(listener, state, async move {
+        let _ = rx.await;
+    }));
+    Server {
+        addr,
+        backend,
+        shutdown: Some(tx),
+        done,
+    }
+}
+
+async fn default_server() -> Server {
+    start("[server]\nmax_n = 2\nmax_body_bytes = 4096\nshutdown_timeout_secs = 5\n").await
+}
+
+fn chat(content: &str) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
+}
+
+async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .bearer_auth(KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Asserts an OpenAI-shaped error and returns its `error` object.
+async fn expect_error(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "errors are JSON"
+    );
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].clone();
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(error["type"].is_string());
+    error
+}
+
+#[tokio::test]
+async fn non_streamed_chat_has_openai_shape() {
+    let s = default_server().await;
+    let r = post(s.addr, "/v1/chat/completions", &chat("hi")).await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], MODEL);
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello world");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    );
+}
+
+/// Splits an SSE body into its `data:` payloads.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn stream_is_role_deltas_finish_usage_done() {
+    let s = default_server().await;
+    let mut body = chat("hi");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_data(&r.text().await.unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Hello world");
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .collect();
+    assert_eq!(finishes.len(), 1, "exactly one chunk has finish_reason");
+    assert_eq!(finishes[0]["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["total_tokens"], 5);
+    // Without include_usage there is no usage chunk.
+    body["stream_options"] = json!(null);
+    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let events = sse_data(&r.text().await.unwrap());
+    assert!(events.iter().all(|e| !e.contains("\"usage\":{")));
+}
+
+#[tokio::test]
+async fn mid_stream_failure_is_an_error_event_before_done() {
+    let s = default_server().await;
+    let mut body = chat("fail-mid");
+    body["stream"] = json!(true);
+    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status(), 200);
+    let events = sse_data(&r.text().await.unwrap());
+    let n = events.len();
+    assert_eq!(events[n - 1], "[DONE]");
+    let error: Value = serde_json::from_str(&events[n - 2]).unwrap();
+    assert_eq!(error["error"]["type"], "server_error");
+    assert!(
+        !error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("device lost"),
+        "internal details stay in the logs"
+    );
+    assert!(events.iter().any(|e| e.contains("partial")));
+}
+
+#[tokio::test]
+async fn non_streamed_failure_is_500() {
+    let s = default_server().await;
+    let r = post(s.addr, "/v1/chat/completions", &chat("fail-mid")).await;
+    let error = expect_error(r, 500).await;
+    assert_eq!(error["type"], "server_error");
+}
+
+#[tokio::test]
+async fn overload_is_503_with_retry_after() {
+    let s = default_server().await;
+    let r = post(s.addr, "/v1/chat/completions", &chat("overload")).await;
+    assert_eq!(r.headers()["retry-after"], "2");
+    expect_error(r, 503).await;
+}
+
+#[tokio::test]
+async fn validation_errors_name_the_parameter() {
+    let s = default_server().await;
+    let cases = [
+        (json!({"temperature": 2.5}), "temperature"),
+        (json!({"top_p": 1.5}), "top_p"),
+        (json!({"frequency_penalty": -3}), "frequency_penalty"),
+        (json!({"presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"n": 3}), "n"),
+        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"temperature": "hot"}), "temperature"),
+        (json!({"top_logprobs": 3}), "top_logprobs"),
+        (json!({"max_tokens": 100}), "max_tokens"),
+        (json!({"messages": []}), "messages"),
+        (
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            "messages",
+        ),
+    ];
+    for (overrides, param) in cases {
+        let mut body = chat("hi");
+        for (k, v) in overrides.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = post(s.addr, "/v1/chat/completions", &body).await;
+        let error = expect_error(r, 400).await;
+        assert_eq!(error["type"], "invalid_request_error", "{param}");
+        assert!(
+            error["param"].as_str().unwrap_or("").starts_with(param),
+            "{param}: {error}"
+        );
+    }
+    assert_eq!(
+        s.backend.started.load(Ordering::SeqCst),
+        0,
+        "nothing reached the model"
+    );
+}
+
+#[tokio::test]
+async fn malformed_json_unknown_model_auth_and_size() {
+    let s = default_server().await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", s.addr);
+    let r = client
+        .post(&url)
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400).await;
+
+    let mut body = chat("hi");
+    body["model"] = json!("nope");
+    let error = expect_error(post(s.addr, "/v1/chat/completions", &body).await, 404).await;
+    assert_eq!(error["code"], "model_not_found");
+
+    for auth in [None, Some("wrong")] {
+        let mut req = client.post(&url).json(&chat("hi"));
+        if let Some(key) = auth {
+            req = req.bearer_auth(key);
+        }
+        let error = expect_error(req.send().await.unwrap(), 401).await;
+        assert_eq!(error["code"], "invalid_api_key");
+    }
+
+    let big = chat(&"x".repeat(10_000));
+    let error = expect_error(post(s.addr, "/v1/chat/completions", &big).await, 413).await;
+    assert!(error["message"].as_str().unwrap().contains("4096"));
+
+    let r = client
+        .get(format!("http://{}/v1/nowhere", s.addr))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 404).await;
+}
+
+#[tokio::test]
+async fn models_health_and_metrics() {
+    let s = default_server().await;
+    let client = reqwest::Client::new();
+    let models: Value = client
+        .get(format!("http://{}/v1/models", s.addr))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MODEL);
+    let one = client
+        .get(format!("http://{}/v1/models/{MODEL}", s.addr))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    let missing = client
+        .get(format!("http://{}/v1/models/nope", s.addr))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    expect_error(missing, 404).await;
+    let health = client
+        .get(format!("http://{}/health", s.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    post(s.addr, "/v1/chat/completions", &chat("hi")).await;
+    let metrics = client
+        .get(format!("http://{}/metrics", s.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "tollgate_requests_total",
+        "tollgate_request_duration_seconds",
+        "tollgate_time_to_first_token_seconds",
+        "tollgate_input_tokens_total",
+        "tollgate_output_tokens_total",
+        "tollgate_queue_depth",
+        "tollgate_running_sequences",
+    ] {
+        assert!(metrics.contains(name), "{name} missing");
+    }
+    assert!(metrics.contains("tollgate_output_tokens_total{model=\"fake\"} 2"));
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_sequence() {
+    let s = default_server().await;
+    let mut body = chat("endless");
+    body["stream"] = json!(true);
+    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let mut stream = r.bytes_stream();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    assert_eq!(s.backend.dropped.load(Ordering::SeqCst), 0);
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.backend.dropped.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backend stream was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The server keeps serving.
+    let r = post(s.addr, "/v1/chat/completions", &chat("hi")).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_streams_finish() {
+    let mut s = default_server().await;
+    let mut body = chat("slow");
+    body["stream"] = json!(true);
+    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status(), 200);
+    s.shutdown.take().unwrap().send(()).unwrap();
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(
+        sse_data(&text)
+            .iter()
+            .filter(|e| e.contains("\"content\":\"s\""))
+            .count(),
+        5
+    );
+    s.done.await.unwrap().unwrap();
+    // New connections are refused once the server is down.
+    assert!(reqwest::Client::new()
+        .get(format!("http://{}/health", s.addr))
+        .send()
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn shutdown_timeout_drops_endless_streams() {
+    let mut s = start("[server]\nshutdown_timeout_secs = 1\n").await;
+    let mut body = chat("endless");
+    body["stream"] = json!(true);
+    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    s.shutdown.take().unwrap().send(()).unwrap();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), s.done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    drop(r);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.backend.dropped.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
