@@ -42,15 +42,24 @@ fn projections() -> anyhow::Result<()> {
     let forms: Vec<(&str, Box<dyn Module>)> = vec![
         (
             "q4_1",
-            Box::new(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_1)?)?),
+            Box::new(QMatMul::from_qtensor(QTensor::quantize(
+                &w,
+                GgmlDType::Q4_1,
+            )?)?),
         ),
         (
             "q4_0",
-            Box::new(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_0)?)?),
+            Box::new(QMatMul::from_qtensor(QTensor::quantize(
+                &w,
+                GgmlDType::Q4_0,
+            )?)?),
         ),
         (
             "q8_0",
-            Box::new(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?),
+            Box::new(QMatMul::from_qtensor(QTensor::quantize(
+                &w,
+                GgmlDType::Q8_0,
+            )?)?),
         ),
         ("f32", Box::new(Dense(w.t()?.contiguous()?.t()?))),
         ("f16", Box::new(Dense(w.to_dtype(DType::F16)?))),
