@@ -1,13 +1,14 @@
 //! Linear layers in the weight form chosen at load time, and their matmuls.
 //!
-//! candle's quantized CPU kernels are fast for a few rows but do not get faster with more rows,
-//! while dense f32/f16 matmuls do. The `Dual` form keeps both a Q8_0 and an f32 copy and picks
-//! per call by the number of rows: decode steps with a few sequences use Q8_0, prefill and large
-//! batches use f32.
+//! Q8_0 weights on a CPU with AVX2 run Tollgate's own int8 kernel ([`super::q8`]); elsewhere
+//! candle's quantized matmul. Quantized kernels win for a few rows, dense f32 gemm for many, so
+//! the `Dual` form keeps both a Q8_0 and an f32 copy and picks per call by the number of rows:
+//! decode steps use Q8_0, prefill and large batches f32.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::q8::{Q8Matrix, BLOCK};
 use super::WeightForm;
 use crate::Result;
 
@@ -18,29 +19,57 @@ pub(crate) const DENSE_FROM_ROWS: usize = 12;
 /// A weight matrix `(out, in)` applied to activations `(rows, in)`.
 #[derive(Debug)]
 pub(crate) enum Linear {
-    Quant(QMatMul),
+    Quant(Quantized),
     Dense(Tensor),
-    Dual { quant: QMatMul, dense: Tensor },
+    Dual { quant: Quantized, dense: Tensor },
 }
 
-fn q8_0(dense_f32: &Tensor) -> Result<Option<QMatMul>> {
-    let cols = dense_f32.dim(1)?;
-    if cols % GgmlDType::Q8_0.block_size() != 0 {
+/// A quantized weight matrix and the kernel that runs it.
+#[derive(Debug)]
+pub(crate) enum Quantized {
+    /// candle's kernels: any GGML type, any device.
+    Candle(QMatMul),
+    /// Tollgate's int8 kernel (CPU with AVX2).
+    Int8(Q8Matrix),
+}
+
+impl Quantized {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Candle(q) => q.forward(x)?,
+            Self::Int8(m) => {
+                let (rows, _) = x.dims2()?;
+                let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let y = m.matmul(&data, rows);
+                Tensor::from_vec(y, (rows, m.out_features()), x.device())?
+            }
+        })
+    }
+}
+
+/// Q8_0 weights from f32 `(out, in)`: Tollgate's kernel where it applies, else candle's.
+/// `None` when `in` is not a multiple of the block size.
+fn q8_0(dense_f32: &Tensor) -> Result<Option<Quantized>> {
+    let (out, cols) = dense_f32.dims2()?;
+    if cols % BLOCK != 0 || cols % GgmlDType::Q8_0.block_size() != 0 {
         return Ok(None);
     }
-    Ok(Some(QMatMul::from_qtensor(QTensor::quantize(
-        dense_f32,
-        GgmlDType::Q8_0,
-    )?)?))
+    if dense_f32.device().is_cpu() && Q8Matrix::is_fast_for(cols) {
+        let data = dense_f32.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        return Ok(Some(Quantized::Int8(Q8Matrix::quantize(&data, out, cols))));
+    }
+    Ok(Some(Quantized::Candle(QMatMul::from_qtensor(
+        QTensor::quantize(dense_f32, GgmlDType::Q8_0)?,
+    )?)))
 }
 
 impl Linear {
     /// From a GGUF tensor.
     pub(crate) fn from_qtensor(q: QTensor, form: WeightForm, device: &Device) -> Result<Self> {
         Ok(match form {
-            WeightForm::Native => Self::Quant(QMatMul::from_qtensor(q)?),
-            WeightForm::Q8_0 if q.dtype() == GgmlDType::Q8_0 => {
-                Self::Quant(QMatMul::from_qtensor(q)?)
+            WeightForm::Native => Self::Quant(Quantized::Candle(QMatMul::from_qtensor(q)?)),
+            WeightForm::Q8_0 if q.dtype() == GgmlDType::Q8_0 && !device.is_cpu() => {
+                Self::Quant(Quantized::Candle(QMatMul::from_qtensor(q)?))
             }
             _ => Self::from_dense(q.dequantize(device)?, form, device)?,
         })

@@ -10,6 +10,7 @@ mod kv_cache;
 mod linear;
 mod llama;
 mod load;
+mod q8;
 
 use std::str::FromStr;
 

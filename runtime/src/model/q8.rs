@@ -1,0 +1,350 @@
+//! Tollgate's own int8 matmul for CPU decode and small batches.
+//!
+//! candle's quantized CPU matmul runs one `vec_dot` per (activation row, weight row) and stays
+//! at ≈ 13–25 GFLOP/s whatever the number of rows (FACTS.md). This kernel keeps weights as
+//! Q8_0-style blocks (32 int8 values and one f32 scale), quantizes the activations the same
+//! way, and computes tiles of up to [`ROW_TILE`] activation rows against each weight row, so a
+//! weight block is loaded once per tile instead of once per row, with int8 dot products
+//! (AVX-512 VNNI where present, AVX2 otherwise). Output features are split across threads.
+//!
+//! Numerics: the same as candle's Q8_0 × Q8_0 path (block scales `amax / 127`, round to
+//! nearest), except that scales are kept in f32 instead of f16.
+
+use rayon::prelude::*;
+
+/// Values per quantization block.
+pub(crate) const BLOCK: usize = 32;
+/// Activation rows computed together against one weight row.
+const ROW_TILE: usize = 4;
+/// Output features per parallel work item.
+const FEATURES_PER_TASK: usize = 64;
+
+/// A weight matrix `(out, in)` in int8 blocks.
+#[derive(Debug)]
+pub(crate) struct Q8Matrix {
+    out: usize,
+    inp: usize,
+    /// `out * inp` quantized values, row-major.
+    qs: Vec<i8>,
+    /// `out * inp / BLOCK` scales.
+    scales: Vec<f32>,
+}
+
+/// Activations `(rows, in)` quantized per block.
+struct Q8Rows {
+    qs: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+/// Quantizes one block: returns its scale and writes 32 values.
+fn quantize_block(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (q, v) in out.iter_mut().zip(x) {
+        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+fn quantize_rows(x: &[f32], rows: usize, inp: usize) -> Q8Rows {
+    let nb = inp / BLOCK;
+    let mut qs = vec![0i8; rows * inp];
+    let mut scales = vec![0f32; rows * nb];
+    for ((xb, qb), d) in x
+        .chunks_exact(BLOCK)
+        .zip(qs.chunks_exact_mut(BLOCK))
+        .zip(scales.iter_mut())
+    {
+        *d = quantize_block(xb, qb);
+    }
+    Q8Rows { qs, scales }
+}
+
+/// Which dot-product implementation this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Scalar,
+}
+
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx2")
+        {
+            return Isa::Vnni;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+impl Q8Matrix {
+    /// Whether the fast kernel applies to a `(out, inp)` matrix on this CPU: `inp` must be a
+    /// multiple of the block size. (Without AVX2 a portable loop runs; it is correct but
+    /// slower than candle's kernels, so callers keep candle there.)
+    pub(crate) fn is_fast_for(inp: usize) -> bool {
+        inp.is_multiple_of(BLOCK) && isa() != Isa::Scalar
+    }
+
+    /// Quantizes row-major f32 weights `(out, inp)`.
+    pub(crate) fn quantize(w: &[f32], out: usize, inp: usize) -> Self {
+        debug_assert_eq!(w.len(), out * inp);
+        let q = quantize_rows(w, out, inp);
+        Self {
+            out,
+            inp,
+            qs: q.qs,
+            scales: q.scales,
+        }
+    }
+
+    pub(crate) fn out_features(&self) -> usize {
+        self.out
+    }
+
+    /// `x (rows, inp)` → `(rows, out)`, row-major.
+    pub(crate) fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (out, inp) = (self.out, self.inp);
+        debug_assert_eq!(x.len(), rows * inp);
+        let xq = quantize_rows(x, rows, inp);
+        let isa = isa();
+        // Computed feature-major (`(out, rows)`) so threads own disjoint chunks, then
+        // transposed.
+        let mut by_feature = vec![0f32; out * rows];
+        by_feature
+            .par_chunks_mut(FEATURES_PER_TASK * rows)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let first = task * FEATURES_PER_TASK;
+                for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
+                    self.row_dots(isa, first + k, &xq, rows, dst);
+                }
+            });
+        if rows == 1 {
+            return by_feature;
+        }
+        let mut y = vec![0f32; rows * out];
+        for (j, col) in by_feature.chunks_exact(rows).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                y[r * out + j] = *v;
+            }
+        }
+        y
+    }
+
+    /// Dot products of weight row `j` with every activation row, into `dst[r]`.
+    fn row_dots(&self, isa: Isa, j: usize, xq: &Q8Rows, rows: usize, dst: &mut [f32]) {
+        let (inp, nb) = (self.inp, self.inp / BLOCK);
+        let w = &self.qs[j * inp..(j + 1) * inp];
+        let wd = &self.scales[j * nb..(j + 1) * nb];
+        let mut r = 0;
+        while r < rows {
+            let tile = (rows - r).min(ROW_TILE);
+            let xs = &xq.qs[r * inp..(r + tile) * inp];
+            let xd = &xq.scales[r * nb..(r + tile) * nb];
+            let out = &mut dst[r..r + tile];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa()` checked the CPU features; slices are `tile * inp` long with
+                // `inp` a multiple of BLOCK.
+                Isa::Vnni => unsafe { x86::tile_vnni(w, wd, xs, xd, inp, tile, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx2 => unsafe { x86::tile_avx2(w, wd, xs, xd, inp, tile, out) },
+                Isa::Scalar => tile_scalar(w, wd, xs, xd, inp, tile, out),
+            }
+            r += tile;
+        }
+    }
+}
+
+fn tile_scalar(
+    w: &[i8],
+    wd: &[f32],
+    xs: &[i8],
+    xd: &[f32],
+    inp: usize,
+    tile: usize,
+    out: &mut [f32],
+) {
+    let nb = inp / BLOCK;
+    for (t, o) in out.iter_mut().enumerate().take(tile) {
+        let x = &xs[t * inp..(t + 1) * inp];
+        let d = &xd[t * nb..(t + 1) * nb];
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let s: i32 = w[b * BLOCK..(b + 1) * BLOCK]
+                .iter()
+                .zip(&x[b * BLOCK..(b + 1) * BLOCK])
+                .map(|(&a, &c)| i32::from(a) * i32::from(c))
+                .sum();
+            acc += s as f32 * wd[b] * d[b];
+        }
+        *o = acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, ROW_TILE};
+
+    /// Horizontal sum of 8 f32 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `tile` activation rows against one weight row, int8 dot products by VNNI.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA, AVX-512 VNNI and VL; `w` is `inp` long, `xs` is `tile * inp`,
+    /// `wd` is `inp / BLOCK`, `xd` is `tile * inp / BLOCK`, `out` is `tile`, `tile <= ROW_TILE`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile_vnni(
+        w: &[i8],
+        wd: &[f32],
+        xs: &[i8],
+        xd: &[f32],
+        inp: usize,
+        tile: usize,
+        out: &mut [f32],
+    ) {
+        let nb = inp / BLOCK;
+        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
+        for b in 0..nb {
+            // SAFETY: in bounds by the function's contract; unaligned loads.
+            let wv = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * BLOCK).cast()) };
+            // u8 |w| times i8 x·sign(w) is w·x, which VNNI's unsigned×signed product needs.
+            let aw = _mm256_sign_epi8(wv, wv);
+            let d = wd[b];
+            for t in 0..tile {
+                // SAFETY: as above.
+                let xv = unsafe { _mm256_loadu_si256(xs.as_ptr().add(t * inp + b * BLOCK).cast()) };
+                let sx = _mm256_sign_epi8(xv, wv);
+                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+                let scale = _mm256_set1_ps(d * xd[t * nb + b]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+            }
+        }
+        for t in 0..tile {
+            out[t] = hsum(acc[t]);
+        }
+    }
+
+    /// As [`tile_vnni`] with AVX2 only: the u8×i8 products are summed in i16 pairs (no
+    /// saturation: |w|, |x| ≤ 127) and then in i32.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the slice contract of [`tile_vnni`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(
+        w: &[i8],
+        wd: &[f32],
+        xs: &[i8],
+        xd: &[f32],
+        inp: usize,
+        tile: usize,
+        out: &mut [f32],
+    ) {
+        let nb = inp / BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
+        for b in 0..nb {
+            // SAFETY: in bounds by the function's contract; unaligned loads.
+            let wv = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * BLOCK).cast()) };
+            let aw = _mm256_sign_epi8(wv, wv);
+            let d = wd[b];
+            for t in 0..tile {
+                // SAFETY: as above.
+                let xv = unsafe { _mm256_loadu_si256(xs.as_ptr().add(t * inp + b * BLOCK).cast()) };
+                let sx = _mm256_sign_epi8(xv, wv);
+                let pairs = _mm256_maddubs_epi16(aw, sx);
+                let dot = _mm256_madd_epi16(pairs, ones);
+                let scale = _mm256_set1_ps(d * xd[t * nb + b]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+            }
+        }
+        for t in 0..tile {
+            out[t] = hsum(acc[t]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every implementation this CPU has gives the same result as the portable loop, for row
+    /// counts that exercise full and partial tiles, and the result is close to the f32
+    /// product.
+    #[test]
+    fn kernels_agree_with_the_portable_loop_and_f32() {
+        let (out, inp) = (130, 96);
+        let w = pseudo_random(out * inp, 1);
+        let m = Q8Matrix::quantize(&w, out, inp);
+        for rows in [1, 3, 4, 5, 9] {
+            let x = pseudo_random(rows * inp, rows as u32 + 7);
+            let y = m.matmul(&x, rows);
+            let xq = quantize_rows(&x, rows, inp);
+            for r in 0..rows {
+                for j in 0..out {
+                    let mut scalar = [0f32];
+                    tile_scalar(
+                        &m.qs[j * inp..(j + 1) * inp],
+                        &m.scales[j * 3..(j + 1) * 3],
+                        &xq.qs[r * inp..(r + 1) * inp],
+                        &xq.scales[r * 3..(r + 1) * 3],
+                        inp,
+                        1,
+                        &mut scalar,
+                    );
+                    let got = y[r * out + j];
+                    assert!(
+                        (got - scalar[0]).abs() <= 1e-4 * scalar[0].abs().max(1.0),
+                        "rows {rows} r {r} j {j}: {got} vs {}",
+                        scalar[0]
+                    );
+                    let exact: f32 = (0..inp).map(|k| w[j * inp + k] * x[r * inp + k]).sum();
+                    // Two 8-bit quantizations: error well under 2% of the row norms' product.
+                    assert!((got - exact).abs() < 0.1, "{got} vs exact {exact}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_blocks_quantize_to_zero() {
+        let mut q = [1i8; BLOCK];
+        assert_eq!(quantize_block(&[0.0; BLOCK], &mut q), 0.0);
+        assert!(q.iter().all(|&v| v == 0));
+    }
+}
