@@ -32,9 +32,14 @@ fn server() -> SocketAddr {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                tollgate::serve(listener, config, None, std::future::pending())
-                    .await
-                    .unwrap();
+                tollgate::serve(
+                    listener,
+                    config,
+                    tollgate::Metering::default(),
+                    std::future::pending(),
+                )
+                .await
+                .unwrap();
             });
         });
         rx.recv().unwrap()

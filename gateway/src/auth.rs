@@ -1,80 +1,274 @@
-//! Client authentication: `Authorization: Bearer <key>` checked against the configured keys.
+//! Client authentication: `Authorization: Bearer <key>` → the calling customer and key.
 //!
-//! Keys are kept only as SHA-256 digests and looked up by digest, so the comparison never walks
-//! the secret byte by byte. (Customers and their keys in a database come with billing.)
+//! Keys are stored only as SHA-256 digests and looked up by digest, so no comparison ever walks
+//! a secret; the stored digest is then compared in constant time. Two sources:
+//! - static keys from `TOLLGATE_API_KEYS` (the built-in `default` customer), and
+//! - keys issued through the admin API, looked up in the database on every request, so a
+//!   revocation takes effect at once. If the database is unreachable, a key seen before is
+//!   served from its last successful lookup (the gateway keeps serving during an outage).
+//!
+//! The middleware also puts the `x-ratelimit-*` headers on every authenticated response.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use rand::RngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::limits::{BucketStatus, Limits};
+use crate::store::{now_micros, ApiKey, Customer, Store};
 use crate::AppState;
 
-/// The keys clients may use.
-#[derive(Debug, Clone, Default)]
-pub struct AuthConfig {
-    digests: Arc<HashSet<[u8; 32]>>,
+/// The customer static keys belong to.
+pub const DEFAULT_CUSTOMER: &str = "default";
+
+/// Who is calling: resolved from the API key by the middleware, read by handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub customer_id: String,
+    pub key_id: String,
+    /// Models the key may use; `None` = all.
+    pub models: Option<Vec<String>>,
+    pub limits: Limits,
+    /// Monthly budget in nano-USD; `None` = unlimited.
+    pub budget_nano_usd: Option<i64>,
 }
 
-fn digest(key: &str) -> [u8; 32] {
+impl Caller {
+    fn new(key: &ApiKey, customer: &Customer) -> Self {
+        Self {
+            customer_id: customer.id.clone(),
+            key_id: key.id.clone(),
+            models: key.models.clone(),
+            limits: Limits {
+                key_id: key.id.clone(),
+                customer_id: customer.id.clone(),
+                key_rpm: key.rpm,
+                key_tpm: key.tpm,
+                customer_rpm: customer.rpm,
+                customer_tpm: customer.tpm,
+            },
+            budget_nano_usd: customer.budget_nano_usd,
+        }
+    }
+
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == model))
+    }
+}
+
+/// SHA-256 of a secret.
+pub fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new secret key (`tg-` + 256 random bits in hex) and its id (`key_` + 64 random bits).
+pub fn new_key() -> (String, String) {
+    let mut secret = [0u8; 32];
+    let mut id = [0u8; 8];
+    rand::rng().fill_bytes(&mut secret);
+    rand::rng().fill_bytes(&mut id);
+    (format!("key_{}", hex(&id)), format!("tg-{}", hex(&secret)))
+}
+
+/// The keys clients may use and where to look them up.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Static keys: digest → key id.
+    statics: Arc<HashMap<[u8; 32], String>>,
+    /// Last successful database lookups, for outages.
+    last_known: Arc<Mutex<HashMap<[u8; 32], Caller>>>,
 }
 
 impl AuthConfig {
     pub fn from_keys<I: IntoIterator<Item = S>, S: AsRef<str>>(keys: I) -> Self {
-        let digests = keys
+        let statics = keys
             .into_iter()
             .map(|k| k.as_ref().trim().to_string())
             .filter(|k| !k.is_empty())
-            .map(|k| digest(&k))
+            .map(|k| {
+                let d = digest(&k);
+                // A stable id that does not reveal the key.
+                (d, format!("key_static_{}", &hex(&d)[..12]))
+            })
             .collect();
         Self {
-            digests: Arc::new(digests),
+            statics: Arc::new(statics),
+            last_known: Arc::default(),
         }
     }
 
     /// `TOLLGATE_API_KEYS=key1,key2`: static keys of the built-in `default` customer.
     pub fn from_env() -> Self {
         let keys = std::env::var("TOLLGATE_API_KEYS").unwrap_or_default();
-        let auth = Self::from_keys(keys.split(','));
-        if auth.digests.is_empty() {
-            tracing::warn!(
-                "TOLLGATE_API_KEYS is empty: every API request will be refused with 401"
-            );
-        }
-        auth
+        Self::from_keys(keys.split(','))
     }
 
-    pub fn check(&self, key: &str) -> bool {
-        self.digests.contains(&digest(key))
+    pub fn has_static_keys(&self) -> bool {
+        !self.statics.is_empty()
+    }
+
+    /// Resolves a presented key to its caller.
+    pub async fn resolve(&self, store: Option<&Store>, key: &str) -> Result<Caller, ApiError> {
+        let d = digest(key);
+        if let Some(key_id) = self.statics.get(&d) {
+            let customer = match store {
+                Some(s) => s.customer(DEFAULT_CUSTOMER).await.ok(),
+                None => None,
+            };
+            return Ok(Caller {
+                customer_id: DEFAULT_CUSTOMER.into(),
+                key_id: key_id.clone(),
+                models: None,
+                limits: Limits {
+                    key_id: key_id.clone(),
+                    customer_id: DEFAULT_CUSTOMER.into(),
+                    customer_rpm: customer.as_ref().and_then(|c| c.rpm),
+                    customer_tpm: customer.as_ref().and_then(|c| c.tpm),
+                    ..Limits::default()
+                },
+                budget_nano_usd: customer.and_then(|c| c.budget_nano_usd),
+            });
+        }
+        let Some(store) = store else {
+            return Err(ApiError::InvalidApiKey("incorrect API key provided".into()));
+        };
+        let hash = hex(&d);
+        match store.find_key(&hash).await {
+            Ok(Some((k, stored, customer))) => {
+                if !bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) {
+                    return Err(ApiError::InvalidApiKey("incorrect API key provided".into()));
+                }
+                if k.revoked_at.is_some() {
+                    self.forget(&d);
+                    return Err(ApiError::InvalidApiKey(
+                        "this API key has been revoked".into(),
+                    ));
+                }
+                if k.expires_at.is_some_and(|t| t <= now_micros()) {
+                    self.forget(&d);
+                    return Err(ApiError::InvalidApiKey("this API key has expired".into()));
+                }
+                let caller = Caller::new(&k, &customer);
+                self.last_known
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(d, caller.clone());
+                Ok(caller)
+            }
+            Ok(None) => Err(ApiError::InvalidApiKey("incorrect API key provided".into())),
+            Err(e) => {
+                let known = self
+                    .last_known
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&d)
+                    .cloned();
+                match known {
+                    Some(caller) => {
+                        tracing::warn!("key lookup failed, serving from the last lookup: {e}");
+                        Ok(caller)
+                    }
+                    None => Err(ApiError::Unavailable(
+                        "the API key cannot be verified right now; retry shortly".into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    fn forget(&self, d: &[u8; 32]) {
+        self.last_known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(d);
     }
 }
 
-/// Middleware for the `/v1` routes.
-pub async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let key = header.and_then(|h| {
-        h.strip_prefix("Bearer ")
-            .or_else(|| h.strip_prefix("bearer "))
-    });
-    match key {
-        None => ApiError::InvalidApiKey(
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let h = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    h.strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
+/// OpenAI's reset format: `1s`, `6m0s`, `20ms`.
+fn reset_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64().ceil() as u64;
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{}s", secs / 60, secs % 60)
+    }
+}
+
+fn put_rate_headers(headers: &mut HeaderMap, kind: &str, status: &BucketStatus) {
+    let mut put = |name: String, value: String| {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.insert(n, v);
+        }
+    };
+    put(
+        format!("x-ratelimit-limit-{kind}"),
+        status.limit.to_string(),
+    );
+    put(
+        format!("x-ratelimit-remaining-{kind}"),
+        status.remaining.to_string(),
+    );
+    put(
+        format!("x-ratelimit-reset-{kind}"),
+        reset_text(status.reset),
+    );
+}
+
+/// Middleware for the `/v1` routes: resolves the caller, then adds the rate-limit headers.
+pub async fn require_key(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(key) = bearer(request.headers()) else {
+        return ApiError::InvalidApiKey(
             "you didn't provide an API key: send `Authorization: Bearer <key>`".into(),
         )
-        .into_response(),
-        Some(key) if !state.auth.check(key.trim()) => {
-            ApiError::InvalidApiKey("incorrect API key provided".into()).into_response()
-        }
-        Some(_) => next.run(request).await,
+        .into_response();
+    };
+    let caller = match state.auth.resolve(state.store.as_ref(), key).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    request.extensions_mut().insert(caller.clone());
+    let mut response = next.run(request).await;
+    let status = state.limiter.status(&caller.limits);
+    if let Some(s) = status.requests {
+        put_rate_headers(response.headers_mut(), "requests", &s);
     }
+    if let Some(s) = status.tokens {
+        put_rate_headers(response.headers_mut(), "tokens", &s);
+    }
+    response
 }
 
 #[cfg(test)]
@@ -82,10 +276,33 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
 mod tests {
     use super::*;
 
-    #[test]
-    fn checks_keys_by_digest() {
+    #[tokio::test]
+    async fn static_keys_resolve_to_the_default_customer() {
         let a = AuthConfig::from_keys(["k1", " k2 ", ""]);
-        assert!(a.check("k1") && a.check("k2"));
-        assert!(!a.check("") && !a.check("k3"));
+        let c = a.resolve(None, "k1").await.unwrap();
+        assert_eq!(c.customer_id, DEFAULT_CUSTOMER);
+        assert!(c.key_id.starts_with("key_static_"));
+        assert!(a.resolve(None, "k2").await.is_ok());
+        assert!(matches!(
+            a.resolve(None, "k3").await,
+            Err(ApiError::InvalidApiKey(_))
+        ));
+        assert!(a.resolve(None, "").await.is_err());
+    }
+
+    #[test]
+    fn new_keys_are_long_and_distinct() {
+        let (id1, k1) = new_key();
+        let (id2, k2) = new_key();
+        assert_ne!(k1, k2);
+        assert_ne!(id1, id2);
+        assert_eq!(k1.len(), 3 + 64);
+    }
+
+    #[test]
+    fn reset_format_matches_openai() {
+        assert_eq!(reset_text(Duration::from_millis(20)), "20ms");
+        assert_eq!(reset_text(Duration::from_millis(1500)), "2s");
+        assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
     }
 }

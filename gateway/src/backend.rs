@@ -125,10 +125,13 @@ pub struct Usage {
 pub enum GenerateEvent {
     /// The prompt was accepted; sent once, before any text.
     Started { prompt_tokens: u32 },
-    /// New text (possibly empty when only logprobs advance) and one logprob entry per token.
+    /// New text (possibly empty while held back by a stop-string prefix) and one logprob
+    /// entry per token. `completion_tokens` counts the tokens generated so far, so a client
+    /// that goes away is billed exactly for what the model produced.
     Delta {
         text: String,
         logprobs: Vec<LogprobEntry>,
+        completion_tokens: u32,
     },
     /// The last event of a successful sequence.
     Finished { reason: FinishReason, usage: Usage },
@@ -173,14 +176,33 @@ pub struct LoadReport {
     pub kv_cache_capacity_bytes: u64,
 }
 
+/// Starts a prepared sequence.
+pub type Start = Box<dyn FnOnce() -> Result<EventStream, BackendError> + Send>;
+
+/// A sequence whose prompt is tokenized and checked but not yet started, so the gateway can
+/// reserve rate limits and budget from its real token counts before any work is queued.
+pub struct Prepared {
+    pub prompt_tokens: u32,
+    /// The most tokens it may generate: its `max_tokens`, or the rest of the context.
+    pub max_tokens: u32,
+    pub start: Start,
+}
+
 /// Something that can run a model.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
     fn info(&self) -> ModelInfo;
 
-    /// Starts one sequence. Errors known before generation (validation, overload) are returned
-    /// here; later failures arrive as an `Err` item in the stream.
-    async fn generate(&self, request: GenerateRequest) -> Result<EventStream, BackendError>;
+    /// Tokenizes and validates one sequence. Errors known before generation (validation) are
+    /// returned here; `start` can still fail with an overload; later failures arrive as an
+    /// `Err` item in the stream.
+    async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError>;
+
+    /// Prepares and starts one sequence.
+    async fn generate(&self, request: GenerateRequest) -> Result<EventStream, BackendError> {
+        let prepared = self.prepare(request).await?;
+        (prepared.start)()
+    }
 
     fn load(&self) -> LoadReport {
         LoadReport::default()

@@ -32,6 +32,34 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("the model is overloaded; retry after {retry_after_secs} seconds")]
     Overloaded { retry_after_secs: u64 },
+    /// The key may not use this model.
+    #[error("this API key is not allowed to use the model `{0}`")]
+    ModelNotAllowed(String),
+    /// A per-minute limit (`unit` is `requests` or `tokens`).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        unit: &'static str,
+        retry_after_secs: u64,
+    },
+    /// The customer's budget for the period is used up.
+    #[error("{message}")]
+    InsufficientQuota {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// A dependency (the database) is unreachable and the request cannot be served safely.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Admin API: the object exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// Admin API: no such object.
+    #[error("{0}")]
+    NotFound(String),
+    /// Admin API: missing or wrong admin token.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,6 +102,41 @@ impl ApiError {
                 Some("overloaded"),
             ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            Self::ModelNotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                Some("model_not_allowed"),
+            ),
+            Self::RateLimited { unit, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                unit,
+                Some("rate_limit_exceeded"),
+            ),
+            Self::InsufficientQuota { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("insufficient_quota"),
+            ),
+            Self::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("service_unavailable"),
+            ),
+            Self::Conflict(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("conflict"),
+            ),
+            Self::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("not_found"),
+            ),
+            Self::Forbidden(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_admin_token"),
+            ),
         }
     }
 
@@ -86,7 +149,9 @@ impl ApiError {
         let (_, kind, code) = self.parts();
         let (message, param) = match self {
             Self::InvalidRequest { message, param } => (message.clone(), param.clone()),
-            Self::ModelNotFound(_) => (self.to_string(), Some("model".to_string())),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => {
+                (self.to_string(), Some("model".to_string()))
+            }
             Self::Internal(detail) => {
                 tracing::error!(detail = %detail, "internal error");
                 (
@@ -97,6 +162,46 @@ impl ApiError {
             other => (other.to_string(), None),
         };
         json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::Conflict(m) => Self::Conflict(m),
+            StoreError::NotFound(m) => Self::NotFound(m),
+            StoreError::Invalid(m) => Self::InvalidRequest {
+                message: m,
+                param: None,
+            },
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::limits::Refusal> for ApiError {
+    fn from(r: crate::limits::Refusal) -> Self {
+        use crate::limits::Refusal;
+        let secs = |d: std::time::Duration| d.as_secs_f64().ceil().max(1.0) as u64;
+        match r {
+            Refusal::Rate {
+                message,
+                unit,
+                retry_after,
+            } => Self::RateLimited {
+                message,
+                unit,
+                retry_after_secs: secs(retry_after),
+            },
+            Refusal::Quota {
+                message,
+                retry_after,
+            } => Self::InsufficientQuota {
+                message,
+                retry_after_secs: secs(retry_after),
+            },
+        }
     }
 }
 
@@ -116,7 +221,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = (status, axum::Json(self.body())).into_response();
-        if let Self::Overloaded { retry_after_secs } = self {
+        if let Self::Overloaded { retry_after_secs }
+        | Self::RateLimited {
+            retry_after_secs, ..
+        }
+        | Self::InsufficientQuota {
+            retry_after_secs, ..
+        } = self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

@@ -5,13 +5,20 @@
 //! [`app`] builds the router from an [`AppState`]; [`run`] serves it on a listener until a
 //! shutdown signal, then drains in-flight requests.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod billing;
 pub mod config;
 pub mod error;
+pub mod ledger;
+pub mod limits;
 pub mod metrics;
+pub mod money;
 pub mod openai;
 mod routes;
+pub mod store;
+mod usage_api;
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
@@ -30,7 +37,10 @@ use crate::auth::AuthConfig;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::ledger::{Ledger, LedgerGauges};
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Per-request id (UUID v7), set by the request-id middleware and sent as `x-request-id`.
 #[derive(Debug, Clone)]
@@ -47,6 +57,12 @@ pub struct AppState {
     pub backends: Arc<HashMap<String, Arc<dyn Backend>>>,
     pub auth: AuthConfig,
     pub metrics: Metrics,
+    /// Customers, keys and the ledger; `None` runs without metering (static keys only).
+    pub store: Option<Store>,
+    pub ledger: Option<Ledger>,
+    pub limiter: Limiter,
+    /// `TOLLGATE_ADMIN_TOKEN`; the admin API is off without it.
+    pub admin_token: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -60,7 +76,32 @@ impl AppState {
             backends: Arc::new(backends),
             auth,
             metrics: Metrics::new()?,
+            store: None,
+            ledger: None,
+            limiter: Limiter::default(),
+            admin_token: None,
         })
+    }
+
+    /// Meters every request into `store`, through a ledger spooled at `spool_path`.
+    pub fn with_billing(
+        mut self,
+        store: Store,
+        spool_path: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let gauges = LedgerGauges {
+            pending: self.metrics.ledger_pending.clone(),
+            spooled: self.metrics.ledger_spooled.clone(),
+        };
+        self.ledger = Some(Ledger::start(store.clone(), spool_path, gauges)?);
+        self.store = Some(store);
+        Ok(self)
+    }
+
+    /// Enables the admin API with this bearer token (ignored when empty).
+    pub fn with_admin_token(mut self, token: Option<String>) -> Self {
+        self.admin_token = token.filter(|t| !t.is_empty()).map(Arc::from);
+        self
     }
 }
 
@@ -80,12 +121,20 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{id}", get(routes::get_model))
+        .route(
+            "/v1/organization/usage/completions",
+            get(usage_api::completions_usage),
+        )
+        .route("/v1/organization/costs", get(usage_api::costs))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
         ));
-    Router::new()
-        .merge(v1)
+    let mut router = Router::new().merge(v1);
+    if state.admin_token.is_some() {
+        router = router.merge(admin::router(state.clone()));
+    }
+    router
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .fallback(not_found)

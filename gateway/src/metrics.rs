@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::backend::Backend;
@@ -31,6 +32,10 @@ pub struct Metrics {
     running: GaugeVec,
     kv_used: GaugeVec,
     kv_capacity: GaugeVec,
+    pub ledger_pending: IntGauge,
+    pub ledger_spooled: IntGauge,
+    /// Time the metering path (limits, reservation, durable ledger write) adds to a request.
+    pub metering_duration: HistogramVec,
 }
 
 impl Metrics {
@@ -99,6 +104,28 @@ impl Metrics {
             kv_capacity: gauge(
                 "tollgate_kv_cache_capacity_bytes",
                 "KV-cache memory budget.",
+            )?,
+            ledger_pending: {
+                let g = IntGauge::new(
+                    "tollgate_ledger_pending_records",
+                    "Usage records accepted but not yet in the database.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            ledger_spooled: {
+                let g = IntGauge::new(
+                    "tollgate_ledger_spooled_records",
+                    "Usage records in the local spool file.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            metering_duration: histogram(
+                "tollgate_metering_duration_seconds",
+                "Time the metering path adds to a request, by phase (admit: key lookup excluded, limits and reservations; record: durable ledger write).",
+                &["phase"],
+                TOKEN_LATENCY_BUCKETS,
             )?,
             registry,
         })

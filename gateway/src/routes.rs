@@ -16,9 +16,14 @@ use axum::{Extension, Json};
 use futures::stream::{select_all, StreamExt};
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::backend::{Backend, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage};
+use crate::config::Price;
 use crate::error::{ApiError, ApiJson};
+use crate::limits::{BudgetHold, TokenHold};
+use crate::money::cost_nano_usd;
 use crate::openai::{ChatRequest, CompletionRequest, Plan};
+use crate::store::{now_micros, UsageRecord};
 use crate::{AppState, ModelLabel, RequestId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,58 +39,153 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Accounts one request exactly once: on completion, failure or disconnect.
+/// Accounts one request exactly once, whether it completed, failed, or the client went away
+/// (dropping the response drops the backend streams, which cancels them): metrics, the
+/// settlement of its rate-limit and budget reservations, and its usage record.
 struct Completion {
     state: AppState,
+    caller: Caller,
     model: String,
+    endpoint: &'static str,
+    stream: bool,
+    price: Price,
     request_id: String,
     started: Instant,
+    started_at: i64,
     first_token: Option<Instant>,
     /// Prompt tokens per distinct prompt, counted once.
     prompt_tokens: u32,
-    completion_tokens: u32,
+    /// Tokens generated so far, per choice.
+    generated: Vec<u32>,
+    finish: Option<FinishReason>,
     outcome: &'static str,
+    tokens_hold: Option<TokenHold>,
+    budget_hold: Option<BudgetHold>,
+    /// The record was written (or the request never reached a model).
+    settled: bool,
 }
 
 impl Completion {
-    fn new(state: &AppState, model: &str, request_id: &str) -> Self {
-        Self {
-            state: state.clone(),
-            model: model.to_string(),
-            request_id: request_id.to_string(),
-            started: Instant::now(),
-            first_token: None,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            outcome: "cancelled",
-        }
+    fn completion_tokens(&self) -> u32 {
+        self.generated.iter().sum()
     }
 
     fn finish(&mut self, outcome: &'static str) {
         self.outcome = outcome;
     }
 
-    fn on_text(&mut self) {
+    fn on_delta(&mut self, choice: usize, completion_tokens: u32) {
         self.first_token.get_or_insert_with(Instant::now);
+        self.generated[choice] = self.generated[choice].max(completion_tokens);
+    }
+
+    fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
+        self.generated[choice] = usage.completion_tokens;
+        if choice == 0 || self.finish.is_none() {
+            self.finish = Some(reason);
+        }
+    }
+
+    /// Settles the reservations and builds the usage record, once.
+    fn settle(&mut self) -> Option<UsageRecord> {
+        if self.settled {
+            return None;
+        }
+        self.settled = true;
+        let input = u64::from(self.prompt_tokens);
+        let output = u64::from(self.completion_tokens());
+        // Failures are on us: recorded, never charged.
+        let cost = if self.outcome == "failed" {
+            0
+        } else {
+            cost_nano_usd(&self.price, input, output)
+        };
+        let limiter = &self.state.limiter;
+        if let Some(hold) = &self.tokens_hold {
+            limiter.settle_tokens(hold, (input + output) as i64);
+        }
+        match &self.budget_hold {
+            Some(hold) => limiter.settle_budget(hold, cost),
+            None => limiter.note_spent(&self.caller.customer_id, self.started_at, cost),
+        }
+        self.state.ledger.as_ref()?;
+        let finish_reason = match self.outcome {
+            "cancelled" => Some("cancelled".to_string()),
+            _ => self.finish.map(|f| f.as_str().to_string()),
+        };
+        Some(UsageRecord {
+            id: self.request_id.clone(),
+            customer_id: self.caller.customer_id.clone(),
+            key_id: self.caller.key_id.clone(),
+            model: self.model.clone(),
+            endpoint: self.endpoint.to_string(),
+            stream: self.stream,
+            status: self.outcome.to_string(),
+            finish_reason,
+            input_tokens: input as i64,
+            output_tokens: output as i64,
+            started_at: self.started_at,
+            finished_at: now_micros(),
+            ttft_ms: self
+                .first_token
+                .map(|f| (f - self.started).as_millis() as i64),
+            input_price_per_mtok: self.price.input_per_mtok.to_string(),
+            output_price_per_mtok: self.price.output_per_mtok.to_string(),
+            cost_nano_usd: cost,
+        })
+    }
+
+    /// Writes the record durably before the client sees the end of the response.
+    async fn commit(&mut self, outcome: &'static str) {
+        self.finish(outcome);
+        if let Some(record) = self.settle() {
+            if let Some(ledger) = &self.state.ledger {
+                let t = Instant::now();
+                ledger.record(record).await;
+                self.state
+                    .metrics
+                    .metering_duration
+                    .with_label_values(&["record"])
+                    .observe(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    /// The request never reached a model (it could not be started): give the reservations
+    /// back and write no record.
+    fn abandon(&mut self) {
+        self.settled = true;
+        if let Some(hold) = &self.tokens_hold {
+            self.state.limiter.settle_tokens(hold, 0);
+        }
+        if let Some(hold) = &self.budget_hold {
+            self.state.limiter.settle_budget(hold, 0);
+        }
     }
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
+        if let Some(record) = self.settle() {
+            if let Some(ledger) = &self.state.ledger {
+                ledger.record_nowait(record);
+            }
+        }
         let m = &self.state.metrics;
         let model = [self.model.as_str()];
+        let completion_tokens = self.completion_tokens();
         m.input_tokens
             .with_label_values(&model)
             .inc_by(f64::from(self.prompt_tokens));
         m.output_tokens
             .with_label_values(&model)
-            .inc_by(f64::from(self.completion_tokens));
+            .inc_by(f64::from(completion_tokens));
         if let Some(first) = self.first_token {
             m.time_to_first_token
                 .with_label_values(&model)
                 .observe((first - self.started).as_secs_f64());
-            if self.completion_tokens > 1 {
-                let per = first.elapsed().as_secs_f64() / f64::from(self.completion_tokens - 1);
+            if completion_tokens > 1 {
+                let per = first.elapsed().as_secs_f64() / f64::from(completion_tokens - 1);
                 m.time_per_output_token
                     .with_label_values(&model)
                     .observe(per);
@@ -93,10 +193,11 @@ impl Drop for Completion {
         }
         tracing::info!(
             request_id = %self.request_id,
+            customer_id = %self.caller.customer_id,
             model = %self.model,
             outcome = self.outcome,
             prompt_tokens = self.prompt_tokens,
-            completion_tokens = self.completion_tokens,
+            completion_tokens,
             ttft_ms = self.first_token.map(|f| (f - self.started).as_millis() as u64),
             duration_ms = self.started.elapsed().as_millis() as u64,
             "completion finished"
@@ -112,42 +213,133 @@ fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiErr
         .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))
 }
 
-/// Starts every choice's sequence; any failure cancels the ones already started.
-async fn start(backend: &Arc<dyn Backend>, plan: &Plan) -> Result<Vec<EventStream>, ApiError> {
-    let mut streams = Vec::with_capacity(plan.choices.len());
-    for request in &plan.choices {
-        streams.push(backend.generate(request.clone()).await?);
-    }
-    Ok(streams)
-}
-
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let plan = request.plan(&id.0, state.config.server.max_n)?;
-    respond(state, id, plan, Kind::Chat).await
+    respond(state, id, caller, plan, Kind::Chat).await
 }
 
 pub async fn completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let plan = request.plan(&id.0, state.config.server.max_n)?;
-    respond(state, id, plan, Kind::Text).await
+    respond(state, id, caller, plan, Kind::Text).await
+}
+
+/// Admission: key may use the model, request rate, then (with real token counts) the token
+/// rate and the budget, each reserved for the request's maximum.
+async fn admit(
+    state: &AppState,
+    caller: &Caller,
+    prompt_tokens: u32,
+    max_output: u64,
+    price: &Price,
+) -> Result<(Option<TokenHold>, Option<BudgetHold>), ApiError> {
+    let limiter = &state.limiter;
+    let tokens =
+        limiter.reserve_tokens(&caller.limits, i64::from(prompt_tokens) + max_output as i64)?;
+    let budget = match caller.budget_nano_usd {
+        None => None,
+        Some(budget) => {
+            let max_cost = cost_nano_usd(price, u64::from(prompt_tokens), max_output);
+            let reserved = limiter
+                .reserve_budget(state.store.as_ref(), &caller.customer_id, budget, max_cost)
+                .await;
+            match reserved {
+                Ok(Ok(hold)) => Some(hold),
+                Ok(Err(refusal)) => {
+                    limiter.settle_tokens(&tokens, 0);
+                    return Err(refusal.into());
+                }
+                Err(e) => {
+                    limiter.settle_tokens(&tokens, 0);
+                    tracing::error!("budget lookup failed: {e}");
+                    return Err(ApiError::Unavailable(
+                        "the budget cannot be checked right now; retry shortly".into(),
+                    ));
+                }
+            }
+        }
+    };
+    Ok((Some(tokens), budget))
 }
 
 async fn respond(
     state: AppState,
     id: RequestId,
+    caller: Caller,
     plan: Plan,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let backend = backend_for(&state, &plan.model)?;
-    let streams = start(&backend, &plan).await?;
-    let completion = Completion::new(&state, &plan.model, &id.0);
+    if !caller.may_use(&plan.model) {
+        return Err(ApiError::ModelNotAllowed(plan.model.clone()));
+    }
+    let t = Instant::now();
+    state.limiter.admit_request(&caller.limits)?;
+    let mut admit_time = t.elapsed();
+    let mut prepared = Vec::with_capacity(plan.choices.len());
+    for request in &plan.choices {
+        prepared.push(backend.prepare(request.clone()).await?);
+    }
+    let price = state
+        .config
+        .models
+        .get(&plan.model)
+        .map(|m| m.price)
+        .unwrap_or_default();
+    // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
+    let n = plan.n.max(1) as usize;
+    let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
+    let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
+    let t = Instant::now();
+    let (tokens_hold, budget_hold) =
+        admit(&state, &caller, prompt_tokens, max_output, &price).await?;
+    admit_time += t.elapsed();
+    state
+        .metrics
+        .metering_duration
+        .with_label_values(&["admit"])
+        .observe(admit_time.as_secs_f64());
+    let mut completion = Completion {
+        state: state.clone(),
+        caller,
+        model: plan.model.clone(),
+        endpoint: match kind {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Text => "/v1/completions",
+        },
+        stream: plan.stream,
+        price,
+        request_id: id.0.clone(),
+        started: Instant::now(),
+        started_at: now_micros(),
+        first_token: None,
+        prompt_tokens,
+        generated: vec![0; prepared.len()],
+        finish: None,
+        outcome: "cancelled",
+        tokens_hold,
+        budget_hold,
+        settled: false,
+    };
+    let mut streams = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        match (p.start)() {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                completion.abandon();
+                return Err(e.into());
+            }
+        }
+    }
     let label = ModelLabel(plan.model.clone());
     let mut response = if plan.stream {
         stream_response(streams, plan, kind, id, completion).into_response()
@@ -187,31 +379,29 @@ async fn collect(
         let r = &mut results[i];
         match event {
             Ok(GenerateEvent::Started { prompt_tokens }) => r.usage.prompt_tokens = prompt_tokens,
-            Ok(GenerateEvent::Delta { text, logprobs }) => {
-                completion.on_text();
+            Ok(GenerateEvent::Delta {
+                text,
+                logprobs,
+                completion_tokens,
+            }) => {
+                completion.on_delta(i, completion_tokens);
                 r.text.push_str(&text);
                 r.logprobs.extend(logprobs);
             }
             Ok(GenerateEvent::Finished { reason, usage }) => {
                 r.finish = Some(reason);
                 r.usage = usage;
-                completion.completion_tokens += usage.completion_tokens;
+                completion.on_finished(i, reason, usage);
             }
             Err(e) => {
-                completion.finish("failed");
+                completion.commit("failed").await;
                 return Err(e.into());
             }
         }
     }
-    let n = plan.n as usize;
-    let prompt_tokens: u32 = results
-        .iter()
-        .step_by(n.max(1))
-        .map(|r| r.usage.prompt_tokens)
-        .sum();
-    completion.prompt_tokens = prompt_tokens;
-    completion.finish("completed");
-    let completion_tokens = completion.completion_tokens;
+    let prompt_tokens = completion.prompt_tokens;
+    let completion_tokens = completion.completion_tokens();
+    completion.commit("completed").await;
     let created = now_secs();
     let choices: Vec<Value> = results
         .into_iter()
@@ -336,14 +526,16 @@ fn stream_response(
                 })));
             }
         }
-        let mut prompt_tokens = vec![0u32; n_choices];
         let mut text_offsets = vec![0usize; n_choices];
         let mut merged = select_all(streams.into_iter().enumerate().map(|(i, s)| s.map(move |e| (i, e))));
         while let Some((index, event)) = merged.next().await {
             match event {
-                Ok(GenerateEvent::Started { prompt_tokens: p }) => prompt_tokens[index] = p,
-                Ok(GenerateEvent::Delta { text, logprobs }) => {
-                    completion.on_text();
+                Ok(GenerateEvent::Started { .. }) => {}
+                Ok(GenerateEvent::Delta { text, logprobs, completion_tokens }) => {
+                    completion.on_delta(index, completion_tokens);
+                    if text.is_empty() && logprobs.is_empty() {
+                        continue;
+                    }
                     let choice = match kind {
                         Kind::Chat => json!({
                             "index": index, "delta": {"content": text},
@@ -359,7 +551,7 @@ fn stream_response(
                     yield data(&chunk(choice));
                 }
                 Ok(GenerateEvent::Finished { reason, usage }) => {
-                    completion.completion_tokens += usage.completion_tokens;
+                    completion.on_finished(index, reason, usage);
                     let choice = match kind {
                         Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}),
                         Kind::Text => json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()}),
@@ -367,19 +559,17 @@ fn stream_response(
                     yield data(&chunk(choice));
                 }
                 Err(e) => {
-                    completion.finish("failed");
+                    completion.commit("failed").await;
                     yield data(&ApiError::from(e).body());
                     yield Ok(Event::default().data("[DONE]"));
                     return;
                 }
             }
         }
-        let n = plan.n as usize;
-        completion.prompt_tokens = prompt_tokens.iter().step_by(n.max(1)).sum();
-        completion.finish("completed");
+        completion.commit("completed").await;
         if include_usage {
             let p = completion.prompt_tokens;
-            let c = completion.completion_tokens;
+            let c = completion.completion_tokens();
             yield data(&json!({
                 "id": response_id, "object": object, "created": created,
                 "model": plan.model, "system_fingerprint": null, "choices": [],

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tollgate_gateway::auth::AuthConfig;
 use tollgate_gateway::backend::{
     Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, ModelInfo,
-    Prompt, Usage,
+    Prepared, Prompt, Start, Usage,
 };
 use tollgate_gateway::config::Config;
 use tollgate_gateway::AppState;
@@ -65,13 +65,8 @@ impl Backend for Shared {
         }
     }
 
-    async fn generate(&self, request: GenerateRequest) -> Result<EventStream, BackendError> {
+    async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
         let text = last_text(&request.prompt);
-        if text == "overload" {
-            return Err(BackendError::Overloaded {
-                retry_after_secs: 2,
-            });
-        }
         if request.params.max_tokens.unwrap_or(0) > 60 {
             return Err(BackendError::InvalidRequest {
                 message: "prompt plus max_tokens exceeds the context of 64 tokens".into(),
@@ -79,42 +74,70 @@ impl Backend for Shared {
             });
         }
         let backend = self.0.clone();
-        backend.started.fetch_add(1, Ordering::SeqCst);
-        let guard = DropCounter(backend);
-        let stream = async_stream::stream! {
-            let _guard = guard;
-            yield Ok(GenerateEvent::Started { prompt_tokens: 3 });
-            match text.as_str() {
-                "fail-mid" => {
-                    yield Ok(GenerateEvent::Delta { text: "partial".into(), logprobs: vec![] });
-                    yield Err(BackendError::Internal("device lost".into()));
-                }
-                "endless" => loop {
-                    yield Ok(GenerateEvent::Delta { text: "x".into(), logprobs: vec![] });
+        let start: Start = Box::new(move || {
+            if text == "overload" {
+                return Err(BackendError::Overloaded {
+                    retry_after_secs: 2,
+                });
+            }
+            backend.started.fetch_add(1, Ordering::SeqCst);
+            Ok(script(text, DropCounter(backend)))
+        });
+        Ok(Prepared {
+            prompt_tokens: 3,
+            max_tokens: request.params.max_tokens.unwrap_or(61),
+            start,
+        })
+    }
+}
+
+fn delta(text: &str, completion_tokens: u32) -> Result<GenerateEvent, BackendError> {
+    Ok(GenerateEvent::Delta {
+        text: text.into(),
+        logprobs: vec![],
+        completion_tokens,
+    })
+}
+
+/// The events of one sequence, chosen by the prompt's last text.
+fn script(text: String, guard: DropCounter) -> EventStream {
+    let stream = async_stream::stream! {
+        let _guard = guard;
+        yield Ok(GenerateEvent::Started { prompt_tokens: 3 });
+        match text.as_str() {
+            "fail-mid" => {
+                yield delta("partial", 1);
+                yield Err(BackendError::Internal("device lost".into()));
+            }
+            "endless" => {
+                let mut n = 0;
+                loop {
+                    n += 1;
+                    yield delta("x", n);
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                },
-                "slow" => {
-                    for _ in 0..5 {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        yield Ok(GenerateEvent::Delta { text: "s".into(), logprobs: vec![] });
-                    }
-                    yield Ok(GenerateEvent::Finished {
-                        reason: FinishReason::Stop,
-                        usage: Usage { prompt_tokens: 3, completion_tokens: 5 },
-                    });
-                }
-                _ => {
-                    yield Ok(GenerateEvent::Delta { text: "Hello".into(), logprobs: vec![] });
-                    yield Ok(GenerateEvent::Delta { text: " world".into(), logprobs: vec![] });
-                    yield Ok(GenerateEvent::Finished {
-                        reason: FinishReason::Stop,
-                        usage: Usage { prompt_tokens: 3, completion_tokens: 2 },
-                    });
                 }
             }
-        };
-        Ok(Box::pin(stream))
-    }
+            "slow" => {
+                for n in 1..=5 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    yield delta("s", n);
+                }
+                yield Ok(GenerateEvent::Finished {
+                    reason: FinishReason::Stop,
+                    usage: Usage { prompt_tokens: 3, completion_tokens: 5 },
+                });
+            }
+            _ => {
+                yield delta("Hello", 1);
+                yield delta(" world", 2);
+                yield Ok(GenerateEvent::Finished {
+                    reason: FinishReason::Stop,
+                    usage: Usage { prompt_tokens: 3, completion_tokens: 2 },
+                });
+            }
+        }
+    };
+    Box::pin(stream)
 }
 
 struct Server {

@@ -90,10 +90,13 @@ pub enum StopReason {
 /// What the engine sends back for one sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
-    /// New text (may be empty when held back by a stop-string prefix) for one or more tokens.
+    /// New text for one or more tokens; empty while text is held back by a stop-string
+    /// prefix. Sent for every sampled token, so `completion_tokens` (tokens generated so far,
+    /// this one included) is exact when a client goes away mid-sequence.
     Delta {
         text: String,
         logprobs: Vec<LogprobInfo>,
+        completion_tokens: usize,
     },
     /// The last event of a sequence.
     Finished {
@@ -540,11 +543,12 @@ impl Worker {
 }
 
 fn send(seq: &Sequence, text: String, logprobs: Vec<LogprobInfo>) {
-    if text.is_empty() && logprobs.is_empty() {
-        return;
-    }
     // A closed channel means the client went away; the next step drops the sequence.
-    let _ = seq.reply.send(GenEvent::Delta { text, logprobs });
+    let _ = seq.reply.send(GenEvent::Delta {
+        text,
+        logprobs,
+        completion_tokens: seq.generated.len(),
+    });
 }
 
 fn resolve(tokenizer: &ModelTokenizer, token: u32, logprob: f32) -> TokenLogprob {

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,14 +25,21 @@ class Server:
         self.log = log
 
 
-def start_server(extra_env=None) -> Server:
+def start_server(extra_env=None, extra_args=None) -> Server:
+    """Starts a server; unless `extra_args` names a `--database`, its ledger is a fresh SQLite
+    file in a temporary directory."""
+    extra_args = list(extra_args or [])
+    if "--database" not in extra_args and "--no-database" not in extra_args:
+        tmp = tempfile.mkdtemp(prefix="tollgate-test-")
+        extra_args += ["--database", os.path.join(tmp, "ledger.db")]
     binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
     if not Path(binary).exists():
         raise RuntimeError(f"{binary} not found: build with `cargo build --release` first")
     env = dict(os.environ, TOLLGATE_API_KEYS=API_KEY, RUST_LOG="info")
     env.update(extra_env or {})
     proc = subprocess.Popen(
-        [binary, "serve", "--config", str(ROOT / "models.toml"), "--listen", "127.0.0.1:0"],
+        [binary, "serve", "--config", str(ROOT / "models.toml"), "--listen", "127.0.0.1:0"]
+        + extra_args,
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -3,27 +3,103 @@
 //!
 //! `main.rs` only parses the command line; tests call [`serve`] on an ephemeral port.
 
+pub mod billing_cli;
 pub mod generate;
 pub mod local;
 pub mod models;
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tollgate_gateway::auth::DEFAULT_CUSTOMER;
+use tollgate_gateway::store::Store;
 
 use tollgate_gateway::config::Config;
 
+/// Where usage is metered.
+#[derive(Debug, Clone, Default)]
+pub struct Metering {
+    /// Ledger database URL (`sqlite://…`, a file path, or `postgres://…`); `None` serves
+    /// without metering (static keys only).
+    pub database: Option<String>,
+    /// The local append-only spool; defaults to the SQLite file's path + `.spool`, or
+    /// `tollgate-ledger.spool` in the working directory for PostgreSQL.
+    pub spool: Option<PathBuf>,
+    /// `TOLLGATE_ADMIN_TOKEN`: enables the admin API.
+    pub admin_token: Option<String>,
+}
+
+/// The spool path for a database URL when none is given.
+pub fn default_spool(database: &str) -> PathBuf {
+    let url = tollgate_gateway::store::normalize_url(database);
+    match url.strip_prefix("sqlite://") {
+        Some(rest) => {
+            let file = rest.split('?').next().unwrap_or(rest);
+            if file.is_empty() || file.contains(":memory:") {
+                PathBuf::from("tollgate-ledger.spool")
+            } else {
+                PathBuf::from(format!("{file}.spool"))
+            }
+        }
+        None => PathBuf::from("tollgate-ledger.spool"),
+    }
+}
+
 /// Loads every model, then serves the gateway on `listener` until `shutdown` resolves and the
-/// in-flight requests have drained.
+/// in-flight requests have drained; then writes the ledger's pending records.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
-    database: Option<String>,
+    metering: Metering,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if let Some(url) = database {
-        tracing::warn!(url = %url, "--database is accepted, but the usage ledger is not built yet: nothing is recorded");
-    }
+    let store = match &metering.database {
+        Some(url) => {
+            let store = Store::connect(url)
+                .await
+                .with_context(|| format!("cannot open the ledger database {url}"))?;
+            store
+                .ensure_customer(DEFAULT_CUSTOMER, "Default customer (static keys)")
+                .await?;
+            Some(store)
+        }
+        None => None,
+    };
     let backends = models::start_backends(&config).await?;
     let auth = tollgate_gateway::auth::AuthConfig::from_env();
-    let state = tollgate_gateway::AppState::new(config, backends, auth)?;
-    tollgate_gateway::run(listener, state, shutdown).await
+    let mut state = tollgate_gateway::AppState::new(config, backends, auth)?
+        .with_admin_token(metering.admin_token.clone());
+    if let (Some(store), Some(url)) = (store, &metering.database) {
+        let spool = metering.spool.clone().unwrap_or_else(|| default_spool(url));
+        tracing::info!(database = %redact(url), spool = %spool.display(), "metering usage");
+        state = state.with_billing(store, &spool)?;
+    } else {
+        tracing::warn!("no --database: requests are served but not metered");
+    }
+    let ledger = state.ledger.clone();
+    let store = state.store.clone();
+    let result = tollgate_gateway::run(listener, state, shutdown).await;
+    if let Some(ledger) = ledger {
+        ledger.close(Duration::from_secs(10)).await;
+    }
+    if let Some(store) = store {
+        store.close().await;
+    }
+    result
+}
+
+/// A database URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }

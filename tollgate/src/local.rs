@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tollgate_gateway::backend::{
     Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, LoadReport,
-    LogprobEntry, ModelInfo, Prompt, TokenLogprob, Usage,
+    LogprobEntry, ModelInfo, Prepared, Prompt, TokenLogprob, Usage,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::engine::{Engine, GenEvent, GenRequest, StopReason};
@@ -139,7 +140,7 @@ impl Backend for LocalBackend {
         self.info.clone()
     }
 
-    async fn generate(&self, request: GenerateRequest) -> Result<EventStream, BackendError> {
+    async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
         let tokenizer = self.tokenizer.clone();
         let template = self.template.clone();
         let prompt = request.prompt;
@@ -164,48 +165,25 @@ impl Backend for LocalBackend {
             Some(m) => m as usize,
             None => context - prompt_tokens,
         };
-        let receiver = self
-            .engine
-            .submit(GenRequest {
-                prompt_ids,
-                max_tokens,
-                sampling: sampling_params(&request.params),
-                stop: request.params.stop.clone(),
-            })
-            .map_err(backend_error)?;
-        let started = futures::stream::once(async move {
-            Ok(GenerateEvent::Started {
-                prompt_tokens: prompt_tokens as u32,
-            })
-        });
-        let events = UnboundedReceiverStream::new(receiver).map(|event| match event {
-            GenEvent::Delta { text, logprobs } => Ok(GenerateEvent::Delta {
-                text,
-                logprobs: logprobs
-                    .into_iter()
-                    .map(|l| LogprobEntry {
-                        chosen: logprob(l.chosen),
-                        top: l.top.into_iter().map(logprob).collect(),
-                    })
-                    .collect(),
-            }),
-            GenEvent::Finished {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            } => Ok(GenerateEvent::Finished {
-                reason: match reason {
-                    StopReason::Stop => FinishReason::Stop,
-                    StopReason::Length => FinishReason::Length,
-                },
-                usage: Usage {
-                    prompt_tokens: prompt_tokens as u32,
-                    completion_tokens: completion_tokens as u32,
-                },
-            }),
-            GenEvent::Failed { message } => Err(BackendError::Internal(message)),
-        });
-        Ok(Box::pin(started.chain(events)))
+        let engine = self.engine.clone();
+        let sampling = sampling_params(&request.params);
+        let stop = request.params.stop.clone();
+        let start = move || -> Result<EventStream, BackendError> {
+            let receiver = engine
+                .submit(GenRequest {
+                    prompt_ids,
+                    max_tokens,
+                    sampling,
+                    stop,
+                })
+                .map_err(backend_error)?;
+            Ok(events(receiver, prompt_tokens))
+        };
+        Ok(Prepared {
+            prompt_tokens: prompt_tokens as u32,
+            max_tokens: max_tokens as u32,
+            start: Box::new(start),
+        })
     }
 
     fn load(&self) -> LoadReport {
@@ -217,4 +195,46 @@ impl Backend for LocalBackend {
             kv_cache_capacity_bytes: self.engine.config().kv_cache_bytes as u64,
         }
     }
+}
+
+/// The engine's events for one sequence as backend events, after a `Started`.
+fn events(receiver: UnboundedReceiver<GenEvent>, prompt_tokens: usize) -> EventStream {
+    let started = futures::stream::once(async move {
+        Ok(GenerateEvent::Started {
+            prompt_tokens: prompt_tokens as u32,
+        })
+    });
+    let events = UnboundedReceiverStream::new(receiver).map(|event| match event {
+        GenEvent::Delta {
+            text,
+            logprobs,
+            completion_tokens,
+        } => Ok(GenerateEvent::Delta {
+            text,
+            logprobs: logprobs
+                .into_iter()
+                .map(|l| LogprobEntry {
+                    chosen: logprob(l.chosen),
+                    top: l.top.into_iter().map(logprob).collect(),
+                })
+                .collect(),
+            completion_tokens: completion_tokens as u32,
+        }),
+        GenEvent::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        } => Ok(GenerateEvent::Finished {
+            reason: match reason {
+                StopReason::Stop => FinishReason::Stop,
+                StopReason::Length => FinishReason::Length,
+            },
+            usage: Usage {
+                prompt_tokens: prompt_tokens as u32,
+                completion_tokens: completion_tokens as u32,
+            },
+        }),
+        GenEvent::Failed { message } => Err(BackendError::Internal(message)),
+    });
+    Box::pin(started.chain(events))
 }

@@ -27,10 +27,27 @@ enum Command {
         /// Address to listen on (`127.0.0.1:0` picks a free port and logs it).
         #[arg(long, default_value = "127.0.0.1:8080", env = "TOLLGATE_LISTEN")]
         listen: String,
-        /// Usage ledger database URL (`sqlite://file` or `postgres://...`).
-        #[arg(long, env = "DATABASE_URL")]
-        database: Option<String>,
+        /// Usage ledger database: a SQLite file (created when missing), `sqlite://file`, or
+        /// `postgres://...`.
+        #[arg(long, env = "DATABASE_URL", default_value = "tollgate.db")]
+        database: String,
+        /// Serve without a database: static keys only, nothing metered.
+        #[arg(long, conflicts_with = "spool")]
+        no_database: bool,
+        /// The ledger's local append-only spool (default: next to the SQLite file, or
+        /// `tollgate-ledger.spool` for PostgreSQL).
+        #[arg(long, env = "TOLLGATE_SPOOL")]
+        spool: Option<PathBuf>,
     },
+    /// Manage customers in the database.
+    #[command(subcommand)]
+    Customers(tollgate::billing_cli::CustomersCommand),
+    /// Manage API keys in the database.
+    #[command(subcommand)]
+    Keys(tollgate::billing_cli::KeysCommand),
+    /// Read usage: exports for billing jobs, aggregates, invoices.
+    #[command(subcommand)]
+    Usage(tollgate::billing_cli::UsageCommand),
     /// Generate text for one prompt and print it as it streams, then the speed.
     Generate(tollgate::generate::GenerateArgs),
 }
@@ -55,24 +72,41 @@ fn main() -> anyhow::Result<()> {
             config,
             listen,
             database,
+            no_database,
+            spool,
         } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(serve(config, listen, database))
+            let metering = tollgate::Metering {
+                database: (!no_database).then_some(database),
+                spool,
+                admin_token: std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
+            };
+            async_runtime()?.block_on(serve(config, listen, metering))
         }
         Command::Generate(args) => tollgate::generate::run(args),
+        Command::Customers(cmd) => async_runtime()?.block_on(tollgate::billing_cli::customers(cmd)),
+        Command::Keys(cmd) => async_runtime()?.block_on(tollgate::billing_cli::keys(cmd)),
+        Command::Usage(cmd) => async_runtime()?.block_on(tollgate::billing_cli::usage(cmd)),
     }
 }
 
-async fn serve(config: PathBuf, listen: String, database: Option<String>) -> anyhow::Result<()> {
+fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn serve(
+    config: PathBuf,
+    listen: String,
+    metering: tollgate::Metering,
+) -> anyhow::Result<()> {
     let config = tollgate_gateway::config::Config::load(&config)
         .with_context(|| format!("cannot load {}", config.display()))?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tollgate::serve(listener, config, database, shutdown_signal()).await
+    tollgate::serve(listener, config, metering, shutdown_signal()).await
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

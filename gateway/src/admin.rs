@@ -1,0 +1,527 @@
+//! The operators' API (DESIGN.md §5): customers, keys, usage aggregates, the record cursor and
+//! invoices, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
+//! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use subtle::ConstantTimeEq;
+
+use crate::auth::{bearer, digest, hex, new_key};
+use crate::billing::{self, parse_time, rfc3339};
+use crate::error::ApiError;
+use crate::limits::month_bounds;
+use crate::money::{format_usd, parse_usd};
+use crate::store::{now_micros, ApiKey, Customer, CustomerFields, NewKey, Store, UsageFilter};
+use crate::AppState;
+
+/// Records per page of `/admin/v1/usage/records` unless `limit` says otherwise.
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 10_000;
+
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/admin/v1/customers",
+            get(list_customers).post(create_customer),
+        )
+        .route(
+            "/admin/v1/customers/{id}",
+            get(get_customer).patch(update_customer),
+        )
+        .route(
+            "/admin/v1/customers/{id}/keys",
+            get(list_keys).post(create_key),
+        )
+        .route("/admin/v1/keys/{key_id}", delete(revoke_key))
+        .route("/admin/v1/usage", get(usage))
+        .route("/admin/v1/usage/records", get(usage_records))
+        .route("/admin/v1/invoices/{customer_id}", get(invoice))
+        .route_layer(middleware::from_fn_with_state(state, require_admin))
+}
+
+/// Compares the bearer token with the admin token in constant time (over their digests, so
+/// the length does not leak either).
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.admin_token.as_deref() else {
+        return ApiError::Forbidden("the admin API is disabled".into()).into_response();
+    };
+    let presented = bearer(request.headers()).unwrap_or_default();
+    if presented.is_empty() {
+        return ApiError::Forbidden(
+            "missing admin token: send `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`".into(),
+        )
+        .into_response();
+    }
+    if !bool::from(digest(presented).ct_eq(&digest(expected))) {
+        return ApiError::Forbidden("invalid admin token".into()).into_response();
+    }
+    next.run(request).await
+}
+
+fn store(state: &AppState) -> Result<&Store, ApiError> {
+    state
+        .store
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))
+}
+
+/// A JSON object body; anything else is a 400 naming the problem.
+fn object(
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Map<String, Value>, ApiError> {
+    match body {
+        Ok(Json(Value::Object(map))) => Ok(map),
+        Ok(_) => Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        )),
+        Err(e) => Err(ApiError::invalid(
+            format!("invalid JSON body: {}", e.body_text()),
+            None,
+        )),
+    }
+}
+
+fn reject_unknown(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    match map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::InvalidRequest {
+            message: format!(
+                "unknown field `{k}`; expected one of {}",
+                allowed.join(", ")
+            ),
+            param: Some(k.clone()),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn invalid_field(field: &str, message: String) -> ApiError {
+    ApiError::InvalidRequest {
+        message,
+        param: Some(field.to_string()),
+    }
+}
+
+fn string_field(map: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(invalid_field(
+            field,
+            format!("`{field}` must be a string, got {v}"),
+        )),
+    }
+}
+
+/// Absent → `None`; `null` → `Some(None)`; a positive integer → `Some(Some(n))`.
+fn limit_field(map: &Map<String, Value>, field: &str) -> Result<Option<Option<i64>>, ApiError> {
+    match map.get(field) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(v) => match v.as_i64() {
+            Some(n) if n > 0 => Ok(Some(Some(n))),
+            _ => Err(invalid_field(
+                field,
+                format!("`{field}` must be a positive integer or null, got {v}"),
+            )),
+        },
+    }
+}
+
+/// `budget_usd`: a decimal string or a number (`"25.50"`, `25.5`), or `null` for none.
+fn budget_field(map: &Map<String, Value>) -> Result<Option<Option<i64>>, ApiError> {
+    let text = match map.get("budget_usd") {
+        None => return Ok(None),
+        Some(Value::Null) => return Ok(Some(None)),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(v) => {
+            return Err(invalid_field(
+                "budget_usd",
+                format!("`budget_usd` must be a decimal string or a number, got {v}"),
+            ))
+        }
+    };
+    parse_usd(&text)
+        .map(|n| Some(Some(n)))
+        .map_err(|e| invalid_field("budget_usd", format!("budget_usd: {e}")))
+}
+
+fn period_field(map: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    match string_field(map, "budget_period")? {
+        None => Ok(None),
+        Some(p) if p == "monthly" => Ok(Some(p)),
+        Some(p) => Err(invalid_field(
+            "budget_period",
+            format!("budget_period `{p}` is not supported; use \"monthly\" (UTC calendar months)"),
+        )),
+    }
+}
+
+fn customer_fields(map: &Map<String, Value>) -> Result<CustomerFields, ApiError> {
+    let name = string_field(map, "name")?;
+    if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(invalid_field("name", "`name` must not be empty".into()));
+    }
+    Ok(CustomerFields {
+        name,
+        budget_nano_usd: budget_field(map)?,
+        budget_period: period_field(map)?,
+        rpm: limit_field(map, "rpm")?,
+        tpm: limit_field(map, "tpm")?,
+    })
+}
+
+/// Ids are what operators and billing systems join on: short, printable, no spaces.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+pub fn customer_json(c: &Customer) -> Value {
+    json!({
+        "object": "customer",
+        "id": c.id,
+        "name": c.name,
+        "budget_usd": c.budget_nano_usd.map(format_usd),
+        "budget_period": c.budget_period,
+        "rpm": c.rpm,
+        "tpm": c.tpm,
+        "created_at": rfc3339(c.created_at),
+    })
+}
+
+pub fn key_json(k: &ApiKey) -> Value {
+    json!({
+        "object": "api_key",
+        "id": k.id,
+        "customer_id": k.customer_id,
+        "name": k.name,
+        "key_prefix": k.key_prefix,
+        "models": k.models,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "expires_at": k.expires_at.map(rfc3339),
+        "revoked_at": k.revoked_at.map(rfc3339),
+        "created_at": rfc3339(k.created_at),
+    })
+}
+
+fn list(data: Vec<Value>) -> Json<Value> {
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn create_customer(
+    State(state): State<AppState>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let map = object(body)?;
+    reject_unknown(
+        &map,
+        &["id", "name", "budget_usd", "budget_period", "rpm", "tpm"],
+    )?;
+    let id =
+        string_field(&map, "id")?.ok_or_else(|| invalid_field("id", "`id` is required".into()))?;
+    if !valid_id(&id) {
+        return Err(invalid_field(
+            "id",
+            format!("`{id}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`"),
+        ));
+    }
+    let mut fields = customer_fields(&map)?;
+    fields.name.get_or_insert_with(|| id.clone());
+    let customer = store(&state)?.create_customer(&id, fields).await?;
+    Ok((StatusCode::CREATED, Json(customer_json(&customer))).into_response())
+}
+
+async fn list_customers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let customers = store(&state)?.list_customers().await?;
+    Ok(list(customers.iter().map(customer_json).collect()))
+}
+
+async fn get_customer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = store(&state)?;
+    let customer = store.customer(&id).await?;
+    let (start, _) = month_bounds(now_micros());
+    let spent = store.spent_since(&id, start).await?;
+    let mut body = customer_json(&customer);
+    body["spent_usd_this_period"] = json!(format_usd(spent));
+    Ok(Json(body))
+}
+
+async fn update_customer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let map = object(body)?;
+    reject_unknown(&map, &["name", "budget_usd", "budget_period", "rpm", "tpm"])?;
+    let fields = customer_fields(&map)?;
+    let customer = store(&state)?.update_customer(&id, fields).await?;
+    Ok(Json(customer_json(&customer)))
+}
+
+/// `expires_at`: RFC 3339 or Unix seconds; must be in the future.
+fn expiry_field(map: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
+    let micros = match map.get("expires_at") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => {
+            parse_time(s).map_err(|e| invalid_field("expires_at", format!("expires_at: {e}")))?
+        }
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(secs) => secs.saturating_mul(1_000_000),
+            None => {
+                return Err(invalid_field(
+                    "expires_at",
+                    format!("expires_at {n} is not whole Unix seconds"),
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(invalid_field(
+                "expires_at",
+                format!("expires_at must be an RFC 3339 time or Unix seconds, got {v}"),
+            ))
+        }
+    };
+    if micros <= now_micros() {
+        return Err(invalid_field(
+            "expires_at",
+            format!("expires_at {} is in the past", rfc3339(micros)),
+        ));
+    }
+    Ok(Some(micros))
+}
+
+fn models_field(
+    state: &AppState,
+    map: &Map<String, Value>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    let models = match map.get("models") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    invalid_field(
+                        "models",
+                        format!("`models` must be a list of model ids, got {v}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(v) => {
+            return Err(invalid_field(
+                "models",
+                format!("`models` must be a list of model ids, got {v}"),
+            ))
+        }
+    };
+    if let Some(unknown) = models
+        .iter()
+        .find(|m| !state.config.models.contains_key(*m))
+    {
+        return Err(invalid_field(
+            "models",
+            format!("unknown model `{unknown}` in `models`"),
+        ));
+    }
+    Ok(Some(models))
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let map = object(body)?;
+    reject_unknown(&map, &["name", "models", "rpm", "tpm", "expires_at"])?;
+    let new = NewKey {
+        name: string_field(&map, "name")?.unwrap_or_default(),
+        models: models_field(&state, &map)?,
+        rpm: limit_field(&map, "rpm")?.flatten(),
+        tpm: limit_field(&map, "tpm")?.flatten(),
+        expires_at: expiry_field(&map)?,
+    };
+    let (created, secret) = issue_key(store(&state)?, &customer_id, new).await?;
+    let mut body = key_json(&created);
+    body["key"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Creates a key for a customer: returns it and its secret, which is never stored (only its
+/// SHA-256) and cannot be shown again.
+pub async fn issue_key(
+    store: &Store,
+    customer_id: &str,
+    new: NewKey,
+) -> Result<(ApiKey, String), crate::store::StoreError> {
+    let (id, secret) = new_key();
+    let prefix: String = secret.chars().take(9).collect();
+    let key = store
+        .create_key(customer_id, &id, &hex(&digest(&secret)), &prefix, new)
+        .await?;
+    Ok((key, secret))
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let keys = store(&state)?.list_keys(&customer_id).await?;
+    Ok(list(keys.iter().map(key_json).collect()))
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    Path(key_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = store(&state)?.revoke_key(&key_id).await?;
+    Ok(Json(key_json(&key)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    start: Option<String>,
+    end: Option<String>,
+    customer_id: Option<String>,
+    model: Option<String>,
+    group_by: Option<String>,
+    format: Option<String>,
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
+}
+
+/// `start` defaults to the start of the current UTC month, `end` to now.
+fn time_range(start: Option<&str>, end: Option<&str>) -> Result<(i64, i64), ApiError> {
+    let now = now_micros();
+    let start = match start {
+        Some(s) => parse_time(s).map_err(|e| invalid_field("start", format!("start: {e}")))?,
+        None => month_bounds(now).0,
+    };
+    let end = match end {
+        Some(s) => parse_time(s).map_err(|e| invalid_field("end", format!("end: {e}")))?,
+        None => now + 1,
+    };
+    if end <= start {
+        return Err(invalid_field(
+            "end",
+            format!("end {} is not after start {}", rfc3339(end), rfc3339(start)),
+        ));
+    }
+    Ok((start, end))
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let (start, end) = time_range(q.start.as_deref(), q.end.as_deref())?;
+    let groups = billing::parse_group_by(q.group_by.as_deref().unwrap_or(""))
+        .map_err(|e| invalid_field("group_by", e))?;
+    let filter = UsageFilter {
+        start,
+        end,
+        customer_id: q.customer_id,
+        model: q.model,
+    };
+    let rows = store(&state)?.aggregate(&filter, &groups, None).await?;
+    let columns = billing::usage_columns(&groups);
+    match q.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(json!({
+            "object": "list",
+            "start": rfc3339(start),
+            "end": rfc3339(end),
+            "data": rows.iter().map(|r| billing::usage_row_json(r, &columns)).collect::<Vec<_>>(),
+        }))
+        .into_response()),
+        "csv" => {
+            let text = billing::usage_csv(&rows, &columns)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response())
+        }
+        other => Err(invalid_field(
+            "format",
+            format!("format `{other}` is not supported; use json or csv"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordsQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Parses an export cursor (opaque to clients; a ledger sequence number here).
+pub fn parse_cursor(text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|c| *c >= 0)
+        .ok_or_else(|| format!("`{text}` is not a cursor returned by this API"))
+}
+
+async fn usage_records(
+    State(state): State<AppState>,
+    q: Result<Query<RecordsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let after = match q.after.as_deref() {
+        None | Some("") => 0,
+        Some(c) => parse_cursor(c).map_err(|e| invalid_field("after", e))?,
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(invalid_field(
+            "limit",
+            format!("limit {limit} must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    let (records, last) = store(&state)?.records_after(after, limit).await?;
+    let has_more = records.len() as i64 == limit;
+    Ok(Json(json!({
+        "object": "list",
+        "data": records.iter().map(billing::record_json).collect::<Vec<_>>(),
+        "next_cursor": last.map(|c| c.to_string()),
+        "has_more": has_more,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceQuery {
+    period: Option<String>,
+}
+
+async fn invoice(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+    q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let period = q.period.unwrap_or_else(billing::current_period);
+    billing::parse_period(&period).map_err(|e| invalid_field("period", e))?;
+    Ok(Json(
+        billing::invoice(store(&state)?, &customer_id, &period).await?,
+    ))
+}

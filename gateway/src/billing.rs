@@ -1,0 +1,294 @@
+//! Reading the ledger for billing: aggregates, invoices and record exports, shaped once here and
+//! shared by the admin API and the CLI (`tollgate usage ...`), so both print the same columns.
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use serde_json::{json, Value};
+
+use crate::limits::month_bounds;
+use crate::money::format_usd;
+use crate::store::{GroupBy, Store, StoreError, StoreResult, UsageFilter, UsageRecord, UsageRow};
+
+/// Microseconds → RFC 3339 in UTC with microseconds (`2026-11-23T10:26:37.123456Z`).
+pub fn rfc3339(micros: i64) -> String {
+    Utc.timestamp_micros(micros)
+        .single()
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true))
+        .unwrap_or_else(|| micros.to_string())
+}
+
+/// RFC 3339 (or a bare `YYYY-MM-DD`, meaning its UTC midnight) → microseconds.
+pub fn parse_time(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_micros());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc().timestamp_micros());
+        }
+    }
+    Err(format!(
+        "`{text}` is not an RFC 3339 time (e.g. 2026-11-01T00:00:00Z) or a date (2026-11-01)"
+    ))
+}
+
+/// `YYYY-MM` → the month's `[start, end)` in microseconds.
+pub fn parse_period(text: &str) -> Result<(i64, i64), String> {
+    let bad = || format!("`{text}` is not a month of the form YYYY-MM");
+    let (y, m) = text.trim().split_once('-').ok_or_else(bad)?;
+    let (y, m): (i32, u32) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    let start = Utc
+        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .ok_or_else(bad)?;
+    Ok(month_bounds(start.timestamp_micros()))
+}
+
+/// The current UTC month as `YYYY-MM`.
+pub fn current_period() -> String {
+    Utc::now().format("%Y-%m").to_string()
+}
+
+/// `customer,model,key,day` → group columns. Unknown names are an error naming them.
+pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
+    let mut groups = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let g = match name {
+            "customer" | "customer_id" => GroupBy::Customer,
+            "model" => GroupBy::Model,
+            "key" | "key_id" => GroupBy::Key,
+            "day" => GroupBy::Day,
+            other => {
+                return Err(format!(
+                    "cannot group by `{other}`; use customer, model, key or day"
+                ))
+            }
+        };
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    Ok(groups)
+}
+
+/// Column names of an aggregate grouped by `groups`, in output order.
+pub fn usage_columns(groups: &[GroupBy]) -> Vec<&'static str> {
+    let mut cols: Vec<&'static str> = groups
+        .iter()
+        .filter_map(|g| match g {
+            GroupBy::Customer => Some("customer_id"),
+            GroupBy::Model => Some("model"),
+            GroupBy::Key => Some("key_id"),
+            GroupBy::Day => Some("day"),
+            GroupBy::Prices => None,
+        })
+        .collect();
+    cols.extend(["requests", "input_tokens", "output_tokens", "cost_usd"]);
+    cols
+}
+
+fn usage_cell(row: &UsageRow, column: &str) -> String {
+    match column {
+        "customer_id" => row.customer_id.clone().unwrap_or_default(),
+        "model" => row.model.clone().unwrap_or_default(),
+        "key_id" => row.key_id.clone().unwrap_or_default(),
+        "day" => row
+            .bucket_start
+            .and_then(|m| Utc.timestamp_micros(m).single())
+            .map(|t| t.format("%Y-%m-%d").to_string())
+            .unwrap_or_default(),
+        "requests" => row.requests.to_string(),
+        "input_tokens" => row.input_tokens.to_string(),
+        "output_tokens" => row.output_tokens.to_string(),
+        "cost_usd" => format_usd(row.cost_nano_usd),
+        _ => String::new(),
+    }
+}
+
+/// One aggregate row as JSON: group columns as strings, counts as numbers, money as a string.
+pub fn usage_row_json(row: &UsageRow, columns: &[&str]) -> Value {
+    let mut obj = serde_json::Map::new();
+    for &c in columns {
+        let v = match c {
+            "requests" => json!(row.requests),
+            "input_tokens" => json!(row.input_tokens),
+            "output_tokens" => json!(row.output_tokens),
+            _ => json!(usage_cell(row, c)),
+        };
+        obj.insert(c.to_string(), v);
+    }
+    Value::Object(obj)
+}
+
+/// An aggregate as CSV with a header line.
+pub fn usage_csv(rows: &[UsageRow], columns: &[&str]) -> Result<String, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(columns)?;
+    for row in rows {
+        w.write_record(columns.iter().map(|c| usage_cell(row, c)))?;
+    }
+    let bytes = w.into_inner().map_err(|e| e.into_error())?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Columns of an exported record, in order (DESIGN.md §6).
+pub const RECORD_COLUMNS: [&str; 16] = [
+    "id",
+    "customer_id",
+    "key_id",
+    "model",
+    "endpoint",
+    "stream",
+    "status",
+    "finish_reason",
+    "input_tokens",
+    "output_tokens",
+    "started_at",
+    "finished_at",
+    "ttft_ms",
+    "input_price_per_mtok",
+    "output_price_per_mtok",
+    "cost_usd",
+];
+
+/// A record as exported: times in RFC 3339, money as a decimal string.
+pub fn record_json(r: &UsageRecord) -> Value {
+    json!({
+        "id": r.id,
+        "customer_id": r.customer_id,
+        "key_id": r.key_id,
+        "model": r.model,
+        "endpoint": r.endpoint,
+        "stream": r.stream,
+        "status": r.status,
+        "finish_reason": r.finish_reason,
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "started_at": rfc3339(r.started_at),
+        "finished_at": rfc3339(r.finished_at),
+        "ttft_ms": r.ttft_ms,
+        "input_price_per_mtok": r.input_price_per_mtok,
+        "output_price_per_mtok": r.output_price_per_mtok,
+        "cost_usd": format_usd(r.cost_nano_usd),
+    })
+}
+
+/// A record as a CSV row in [`RECORD_COLUMNS`] order.
+pub fn record_cells(r: &UsageRecord) -> Vec<String> {
+    vec![
+        r.id.clone(),
+        r.customer_id.clone(),
+        r.key_id.clone(),
+        r.model.clone(),
+        r.endpoint.clone(),
+        r.stream.to_string(),
+        r.status.clone(),
+        r.finish_reason.clone().unwrap_or_default(),
+        r.input_tokens.to_string(),
+        r.output_tokens.to_string(),
+        rfc3339(r.started_at),
+        rfc3339(r.finished_at),
+        r.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
+        r.input_price_per_mtok.clone(),
+        r.output_price_per_mtok.clone(),
+        format_usd(r.cost_nano_usd),
+    ]
+}
+
+/// A customer's invoice for a month: one line per model and unit prices; the total is the sum
+/// of the lines in integer nano-USD, and each line the sum of its records.
+pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreResult<Value> {
+    let (start, end) = parse_period(period).map_err(StoreError::Invalid)?;
+    let customer = store.customer(customer_id).await?;
+    let filter = UsageFilter {
+        start,
+        end,
+        customer_id: Some(customer.id.clone()),
+        model: None,
+    };
+    let rows = store
+        .aggregate(&filter, &[GroupBy::Model, GroupBy::Prices], None)
+        .await?;
+    let total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+    let lines: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "model": r.model,
+                "requests": r.requests,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "input_price_per_mtok": r.input_price_per_mtok,
+                "output_price_per_mtok": r.output_price_per_mtok,
+                "amount_usd": format_usd(r.cost_nano_usd),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "object": "invoice",
+        "customer_id": customer.id,
+        "period": period.trim(),
+        "period_start": rfc3339(start),
+        "period_end": rfc3339(end),
+        "currency": "usd",
+        "line_items": lines,
+        "total_usd": format_usd(total),
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_periods_parse() {
+        assert_eq!(parse_time("1970-01-02").unwrap(), 86_400_000_000);
+        assert_eq!(parse_time("1970-01-01T00:00:01Z").unwrap(), 1_000_000);
+        assert_eq!(parse_time("1970-01-01T01:00:01+01:00").unwrap(), 1_000_000);
+        assert!(parse_time("yesterday").unwrap_err().contains("yesterday"));
+        let (s, e) = parse_period("2026-02").unwrap();
+        assert_eq!(rfc3339(s), "2026-02-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(e), "2026-03-01T00:00:00.000000Z");
+        let (_, e) = parse_period("2026-12").unwrap();
+        assert_eq!(rfc3339(e), "2027-01-01T00:00:00.000000Z");
+        assert!(parse_period("2026-13").is_err());
+        assert!(parse_period("2026").is_err());
+    }
+
+    #[test]
+    fn group_by_names_and_columns() {
+        let g = parse_group_by("model, day,model").unwrap();
+        assert_eq!(g, vec![GroupBy::Model, GroupBy::Day]);
+        assert_eq!(
+            usage_columns(&g),
+            [
+                "model",
+                "day",
+                "requests",
+                "input_tokens",
+                "output_tokens",
+                "cost_usd"
+            ]
+        );
+        assert!(parse_group_by("project").unwrap_err().contains("project"));
+    }
+
+    #[test]
+    fn csv_has_header_and_exact_money() {
+        let row = UsageRow {
+            model: Some("m,1".into()),
+            requests: 2,
+            input_tokens: 10,
+            output_tokens: 5,
+            cost_nano_usd: 1250,
+            ..UsageRow::default()
+        };
+        let cols = usage_columns(&[GroupBy::Model]);
+        let text = usage_csv(&[row], &cols).unwrap();
+        assert_eq!(
+            text,
+            "model,requests,input_tokens,output_tokens,cost_usd\n\"m,1\",2,10,5,0.000001250\n"
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! The usage ledger writer: every record is written exactly once, off the request path, and
+//! survives a crash or a database outage.
+//!
+//! Records flow through two stages, so the request path never waits for the database:
+//! 1. the spool thread appends a batch of records (whatever arrived while the previous batch was
+//!    synced: group commit) to the local spool file and `fdatasync`s it — only then are the
+//!    requests waiting on [`Ledger::record`] released, so a response that completed has its
+//!    record on disk;
+//! 2. the database task inserts spooled records in batches (idempotent on the record id); once
+//!    every spooled line is in the database, the spool is truncated;
+//! 3. while the database is unreachable, records stay pending (and spooled) and the database
+//!    task retries with backoff; the gateway keeps serving.
+//!
+//! At start the spool is replayed (a gateway killed with records not yet in the database loses
+//! nothing); replays are harmless because inserts skip ids already present. A torn last line
+//! (killed mid-append, never acknowledged) is ignored.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{Store, UsageRecord};
+
+/// Largest batch written at once.
+const MAX_BATCH: usize = 1000;
+/// Retry delays while the database is unreachable.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+enum Msg {
+    Record {
+        record: Box<UsageRecord>,
+        durable: Option<oneshot::Sender<()>>,
+    },
+    /// Shutdown: write what is pending, then stop.
+    Stop,
+}
+
+/// Gauges the writer keeps current.
+#[derive(Clone)]
+pub struct LedgerGauges {
+    /// Records accepted but not yet in the database.
+    pub pending: IntGauge,
+    /// Records in the spool file.
+    pub spooled: IntGauge,
+}
+
+/// A handle to the writer; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::UnboundedSender<Msg>,
+    writer: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+/// The append-only spool file.
+struct Spool {
+    path: PathBuf,
+    file: File,
+    /// Lines in the file.
+    lines: usize,
+    /// How many of them the database task has written (the file is truncated when all are).
+    written: usize,
+}
+
+impl Spool {
+    /// Opens the spool, returning the records it holds from an earlier run.
+    fn open(path: &Path) -> std::io::Result<(Self, Vec<UsageRecord>)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut records = Vec::new();
+        if path.exists() {
+            let reader = BufReader::new(File::open(path)?);
+            for (n, line) in reader.lines().enumerate() {
+                let line = line?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<UsageRecord>(&line) {
+                    Ok(r) => records.push(r),
+                    // Only the last line can be torn (a crash mid-append); it was never
+                    // acknowledged.
+                    Err(e) => tracing::warn!(
+                        spool = %path.display(),
+                        line = n + 1,
+                        "skipping an unreadable spool line: {e}"
+                    ),
+                }
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let lines = records.len();
+        // Rewrite cleanly so a torn tail does not glue onto the next append.
+        let mut spool = Self {
+            path: path.to_path_buf(),
+            file,
+            lines,
+            written: 0,
+        };
+        spool.rewrite(&records)?;
+        Ok((spool, records))
+    }
+
+    fn rewrite(&mut self, records: &[UsageRecord]) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("spool.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            for r in records {
+                serde_json::to_writer(&mut f, r)?;
+                f.write_all(b"\n")?;
+            }
+            f.sync_data()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.lines = records.len();
+        Ok(())
+    }
+
+    fn append(&mut self, records: &[UsageRecord]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(records.len() * 512);
+        for r in records {
+            serde_json::to_writer(&mut buf, r)?;
+            buf.push(b'\n');
+        }
+        self.file.write_all(&buf)?;
+        self.file.sync_data()?;
+        self.lines += records.len();
+        Ok(())
+    }
+
+    /// Notes that `n` more spooled records are in the database; truncates the file once all
+    /// of them are.
+    fn written(&mut self, n: usize) -> std::io::Result<()> {
+        self.written += n;
+        if self.written >= self.lines && self.lines > 0 {
+            self.file.set_len(0)?;
+            self.file.sync_data()?;
+            self.lines = 0;
+            self.written = 0;
+        }
+        Ok(())
+    }
+}
+
+impl Ledger {
+    /// Opens the spool at `spool_path`, replays it, and starts the writer.
+    pub fn start(store: Store, spool_path: &Path, gauges: LedgerGauges) -> anyhow::Result<Self> {
+        let (spool, replay) = Spool::open(spool_path).map_err(|e| {
+            anyhow::anyhow!("cannot open the ledger spool {}: {e}", spool_path.display())
+        })?;
+        if !replay.is_empty() {
+            tracing::info!(records = replay.len(), spool = %spool_path.display(), "replaying spooled usage records");
+        }
+        let spool = Arc::new(Mutex::new(spool));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (db_tx, db_rx) = mpsc::unbounded_channel();
+        let spooler = {
+            let spool = spool.clone();
+            let gauges = gauges.clone();
+            std::thread::Builder::new()
+                .name("ledger-spool".into())
+                .spawn(move || spool_loop(rx, &spool, &db_tx, &gauges))?
+        };
+        let writer = DbWriter {
+            store,
+            spool,
+            pending: replay.into_iter().map(|r| (r, true)).collect(),
+            gauges,
+        };
+        let handle = tokio::spawn(async move {
+            writer.run(db_rx).await;
+            let _ = spooler.join();
+        });
+        Ok(Self {
+            tx,
+            writer: Arc::new(tokio::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Hands a record to the ledger and waits until it is durable (spooled and synced).
+    pub async fn record(&self, record: UsageRecord) {
+        let (done, durable) = oneshot::channel();
+        let msg = Msg::Record {
+            record: Box::new(record),
+            durable: Some(done),
+        };
+        if self.tx.send(msg).is_err() {
+            tracing::error!("usage ledger is closed: a record was not written");
+            return;
+        }
+        let _ = durable.await;
+    }
+
+    /// Hands a record to the ledger without waiting (for paths that cannot wait, such as a
+    /// client that went away).
+    pub fn record_nowait(&self, record: UsageRecord) {
+        let msg = Msg::Record {
+            record: Box::new(record),
+            durable: None,
+        };
+        if self.tx.send(msg).is_err() {
+            tracing::error!("usage ledger is closed: a record was not written");
+        }
+    }
+
+    /// Stops accepting records and writes what is pending, for at most `timeout`; whatever is
+    /// left stays in the spool for the next start.
+    pub async fn close(&self, timeout: Duration) {
+        let _ = self.tx.send(Msg::Stop);
+        let handle = self.writer.lock().await.take();
+        if let Some(handle) = handle {
+            if tokio::time::timeout(timeout, handle).await.is_err() {
+                tracing::warn!("usage ledger: records still pending at shutdown stay in the spool");
+            }
+        }
+    }
+}
+
+fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
+    spool
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The spool thread: appends and syncs batches, releases their waiters, hands the records on.
+fn spool_loop(
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    spool: &Mutex<Spool>,
+    db: &mpsc::UnboundedSender<Option<Vec<(UsageRecord, bool)>>>,
+    gauges: &LedgerGauges,
+) {
+    let mut stopping = false;
+    while !stopping {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut records = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        for m in batch {
+            match m {
+                Msg::Record { record, durable } => {
+                    records.push(*record);
+                    waiters.extend(durable);
+                }
+                Msg::Stop => stopping = true,
+            }
+        }
+        if !records.is_empty() {
+            let mut s = lock(spool);
+            let spooled = match s.append(&records) {
+                Ok(()) => true,
+                Err(e) => {
+                    // Without the spool the database write is the only copy; it is still tried.
+                    tracing::error!("usage ledger spool append failed: {e}");
+                    false
+                }
+            };
+            gauges.spooled.set(s.lines as i64);
+            drop(s);
+            for w in waiters {
+                let _ = w.send(());
+            }
+            let _ = db.send(Some(records.into_iter().map(|r| (r, spooled)).collect()));
+        }
+    }
+    let _ = db.send(None);
+}
+
+/// The database task: inserts spooled records, retrying while the database is down.
+struct DbWriter {
+    store: Store,
+    spool: Arc<Mutex<Spool>>,
+    /// Records not yet known to be in the database, in spool order, each with whether it is
+    /// in the spool file.
+    pending: Vec<(UsageRecord, bool)>,
+    gauges: LedgerGauges,
+}
+
+impl DbWriter {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Option<Vec<(UsageRecord, bool)>>>) {
+        let mut delay = RETRY_MIN;
+        let mut stopping = false;
+        let mut failing = false;
+        self.gauges.pending.set(self.pending.len() as i64);
+        if !self.pending.is_empty() {
+            failing = !self.flush().await;
+        }
+        while !stopping {
+            let received = if failing {
+                // Retry after a delay unless new records arrive first.
+                tokio::select! {
+                    r = rx.recv() => r,
+                    () = tokio::time::sleep(delay) => {
+                        failing = !self.flush().await;
+                        delay = if failing { (delay * 2).min(RETRY_MAX) } else { RETRY_MIN };
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            match received {
+                Some(Some(records)) => self.pending.extend(records),
+                Some(None) | None => stopping = true,
+            }
+            while let Ok(more) = rx.try_recv() {
+                match more {
+                    Some(records) => self.pending.extend(records),
+                    None => stopping = true,
+                }
+            }
+            self.gauges.pending.set(self.pending.len() as i64);
+            if !failing || stopping {
+                failing = !self.flush().await;
+                if !failing {
+                    delay = RETRY_MIN;
+                }
+            }
+        }
+        if failing && !self.pending.is_empty() {
+            tracing::warn!(
+                records = self.pending.len(),
+                "usage ledger: database unreachable at shutdown; records stay in the spool"
+            );
+        }
+    }
+
+    /// Writes pending records; true when none are left.
+    async fn flush(&mut self) -> bool {
+        while !self.pending.is_empty() {
+            let n = self.pending.len().min(MAX_BATCH);
+            let batch: Vec<UsageRecord> =
+                self.pending[..n].iter().map(|(r, _)| r.clone()).collect();
+            match self.store.insert_records(&batch).await {
+                Ok(inserted) => {
+                    tracing::debug!(records = n, inserted, "usage records written");
+                    let spooled = self.pending.drain(..n).filter(|(_, s)| *s).count();
+                    self.gauges.pending.set(self.pending.len() as i64);
+                    let mut s = lock(&self.spool);
+                    if let Err(e) = s.written(spooled) {
+                        tracing::error!("usage ledger spool truncate failed: {e}");
+                    }
+                    self.gauges.spooled.set(s.lines as i64);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        records = self.pending.len(),
+                        "usage ledger: database write failed, records stay spooled: {e}"
+                    );
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,493 @@
+//! Rate limits (requests and tokens per minute, per key and per customer) and budgets (per
+//! customer and UTC month), held in this process.
+//!
+//! Rate limits are token buckets that refill continuously (a limit of N per minute holds N and
+//! refills N/60 per second). A request takes one request and reserves its maximum tokens
+//! (prompt + `max_tokens`) up front; when it ends, the unused part of the token reservation is
+//! given back.
+//!
+//! Budgets: a request reserves its maximum cost before it runs and settles on its actual cost
+//! after. A request is refused when spent + reserved + its own maximum would pass the budget,
+//! so concurrent requests can never overshoot (each one's actual cost is at most what it
+//! reserved). The month's spending is read from the ledger the first time a customer is seen in
+//! a month and then kept current in memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{Datelike, TimeZone, Utc};
+
+use crate::store::{Store, StoreResult};
+
+/// Per-minute limits that apply to one request (key and customer levels).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub key_id: String,
+    pub customer_id: String,
+    pub key_rpm: Option<i64>,
+    pub key_tpm: Option<i64>,
+    pub customer_rpm: Option<i64>,
+    pub customer_tpm: Option<i64>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// A per-minute limit; retry after the given time.
+    Rate {
+        message: String,
+        /// `requests` or `tokens`.
+        unit: &'static str,
+        retry_after: Duration,
+    },
+    /// The customer's budget for the period; retry when the period resets.
+    Quota {
+        message: String,
+        retry_after: Duration,
+    },
+}
+
+/// What the `x-ratelimit-*` headers report: the tightest limit of each kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateStatus {
+    pub requests: Option<BucketStatus>,
+    pub tokens: Option<BucketStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketStatus {
+    pub limit: i64,
+    pub remaining: i64,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Requests,
+    Tokens,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    limit: f64,
+    level: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, limit: i64, now: Instant) {
+        let limit = limit as f64;
+        if (limit - self.limit).abs() > f64::EPSILON {
+            // The limit changed: keep what was used.
+            let used = self.limit - self.level;
+            self.limit = limit;
+            self.level = (limit - used).max(0.0);
+        }
+        let secs = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.level = (self.level + secs * self.limit / 60.0).min(self.limit);
+        self.updated = now;
+    }
+
+    fn time_until(&self, amount: f64) -> Duration {
+        if self.level >= amount || self.limit <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((amount - self.level) * 60.0 / self.limit)
+    }
+
+    fn status(&self) -> BucketStatus {
+        BucketStatus {
+            limit: self.limit as i64,
+            remaining: self.level.floor().max(0.0) as i64,
+            reset: self.time_until(self.limit),
+        }
+    }
+}
+
+/// Start of the UTC month containing `micros`, and of the next one.
+pub fn month_bounds(micros: i64) -> (i64, i64) {
+    let now = Utc
+        .timestamp_micros(micros)
+        .single()
+        .unwrap_or_else(Utc::now);
+    let start = Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now);
+    let (y, m) = if now.month() == 12 {
+        (now.year() + 1, 1)
+    } else {
+        (now.year(), now.month() + 1)
+    };
+    let next = Utc
+        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now);
+    (start.timestamp_micros(), next.timestamp_micros())
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    period_start: i64,
+    spent: i64,
+    reserved: i64,
+}
+
+/// A budget reservation to settle when the request ends.
+#[derive(Debug, Clone)]
+pub struct BudgetHold {
+    customer_id: String,
+    period_start: i64,
+    amount: i64,
+}
+
+/// Token reservation to settle when the request ends.
+#[derive(Debug, Clone)]
+pub struct TokenHold {
+    limits: Limits,
+    tokens: i64,
+}
+
+/// Shared limiter state for one gateway process.
+#[derive(Clone, Default)]
+pub struct Limiter {
+    buckets: Arc<Mutex<HashMap<(String, Kind), Bucket>>>,
+    budgets: Arc<Mutex<HashMap<String, BudgetState>>>,
+}
+
+fn scopes(limits: &Limits, kind: Kind) -> Vec<(String, i64, &'static str)> {
+    let (key, customer) = match kind {
+        Kind::Requests => (limits.key_rpm, limits.customer_rpm),
+        Kind::Tokens => (limits.key_tpm, limits.customer_tpm),
+    };
+    let mut out = Vec::new();
+    if let Some(l) = key {
+        out.push((format!("key:{}", limits.key_id), l, "key"));
+    }
+    if let Some(l) = customer {
+        out.push((format!("customer:{}", limits.customer_id), l, "customer"));
+    }
+    out
+}
+
+impl Limiter {
+    fn take(&self, limits: &Limits, kind: Kind, amount: i64) -> Result<(), Refusal> {
+        let now = Instant::now();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let scopes = scopes(limits, kind);
+        let unit = match kind {
+            Kind::Requests => "requests",
+            Kind::Tokens => "tokens",
+        };
+        for (scope, limit, level_name) in &scopes {
+            let b = buckets.entry((scope.clone(), kind)).or_insert(Bucket {
+                limit: *limit as f64,
+                level: *limit as f64,
+                updated: now,
+            });
+            b.refill(*limit, now);
+            if amount > *limit {
+                return Err(Refusal::Rate {
+                    message: format!(
+                        "this request needs {amount} {unit}, more than the {level_name} limit of {limit} {unit} per minute; lower max_tokens or the prompt"
+                    ),
+                    unit,
+                    retry_after: Duration::from_secs(60),
+                });
+            }
+            if b.level < amount as f64 {
+                let wait = b.time_until(amount as f64);
+                return Err(Refusal::Rate {
+                    message: format!(
+                        "rate limit reached: {level_name} limit of {limit} {unit} per minute; retry in {:.1}s",
+                        wait.as_secs_f64()
+                    ),
+                    unit,
+                    retry_after: wait,
+                });
+            }
+        }
+        for (scope, _, _) in &scopes {
+            if let Some(b) = buckets.get_mut(&(scope.clone(), kind)) {
+                b.level -= amount as f64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one request from the request buckets.
+    pub fn admit_request(&self, limits: &Limits) -> Result<(), Refusal> {
+        self.take(limits, Kind::Requests, 1)
+    }
+
+    /// Reserves `tokens` from the token buckets.
+    pub fn reserve_tokens(&self, limits: &Limits, tokens: i64) -> Result<TokenHold, Refusal> {
+        self.take(limits, Kind::Tokens, tokens)?;
+        Ok(TokenHold {
+            limits: limits.clone(),
+            tokens,
+        })
+    }
+
+    /// Gives back the unused part of a token reservation.
+    pub fn settle_tokens(&self, hold: &TokenHold, used: i64) {
+        let unused = (hold.tokens - used).max(0) as f64;
+        if unused == 0.0 {
+            return;
+        }
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (scope, _, _) in scopes(&hold.limits, Kind::Tokens) {
+            if let Some(b) = buckets.get_mut(&(scope, Kind::Tokens)) {
+                b.level = (b.level + unused).min(b.limit);
+            }
+        }
+    }
+
+    /// The tightest request and token limits for the headers.
+    pub fn status(&self, limits: &Limits) -> RateStatus {
+        let now = Instant::now();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut tightest = |kind: Kind| -> Option<BucketStatus> {
+            let mut best: Option<BucketStatus> = None;
+            for (scope, limit, _) in scopes(limits, kind) {
+                let b = buckets.entry((scope, kind)).or_insert(Bucket {
+                    limit: limit as f64,
+                    level: limit as f64,
+                    updated: now,
+                });
+                b.refill(limit, now);
+                let s = b.status();
+                if best.is_none_or(|x| s.remaining < x.remaining) {
+                    best = Some(s);
+                }
+            }
+            best
+        };
+        RateStatus {
+            requests: tightest(Kind::Requests),
+            tokens: tightest(Kind::Tokens),
+        }
+    }
+
+    /// Reserves `amount` nano-USD of a customer's monthly `budget`.
+    pub async fn reserve_budget(
+        &self,
+        store: Option<&Store>,
+        customer_id: &str,
+        budget: i64,
+        amount: i64,
+    ) -> StoreResult<Result<BudgetHold, Refusal>> {
+        let now = Utc::now().timestamp_micros();
+        let (period_start, next) = month_bounds(now);
+        let known = {
+            let budgets = self
+                .budgets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            budgets
+                .get(customer_id)
+                .is_some_and(|b| b.period_start == period_start)
+        };
+        if !known {
+            let spent = match store {
+                Some(s) => s.spent_since(customer_id, period_start).await?,
+                None => 0,
+            };
+            let mut budgets = self
+                .budgets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = budgets.entry(customer_id.to_string());
+            let state = entry.or_insert(BudgetState {
+                period_start,
+                spent,
+                reserved: 0,
+            });
+            if state.period_start != period_start {
+                *state = BudgetState {
+                    period_start,
+                    spent,
+                    reserved: 0,
+                };
+            }
+        }
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(state) = budgets.get_mut(customer_id) else {
+            return Ok(Ok(BudgetHold {
+                customer_id: customer_id.to_string(),
+                period_start,
+                amount: 0,
+            }));
+        };
+        if state.spent + state.reserved + amount > budget {
+            let retry_after = Duration::from_micros((next - now).max(0) as u64);
+            return Ok(Err(Refusal::Quota {
+                message: format!(
+                    "you exceeded your current quota: this request may cost up to {} USD, and {} USD of the {} USD monthly budget is spent or reserved",
+                    crate::money::format_usd(amount),
+                    crate::money::format_usd(state.spent + state.reserved),
+                    crate::money::format_usd(budget),
+                ),
+                retry_after,
+            }));
+        }
+        state.reserved += amount;
+        Ok(Ok(BudgetHold {
+            customer_id: customer_id.to_string(),
+            period_start,
+            amount,
+        }))
+    }
+
+    /// Replaces a budget reservation by the actual cost.
+    pub fn settle_budget(&self, hold: &BudgetHold, actual: i64) {
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(state) = budgets.get_mut(&hold.customer_id) {
+            if state.period_start == hold.period_start {
+                state.reserved -= hold.amount;
+                state.spent += actual;
+            }
+        }
+    }
+
+    /// Records spending that had no reservation (customers without a budget), so a budget
+    /// set later in the month starts from the right figure.
+    pub fn note_spent(&self, customer_id: &str, started_at: i64, actual: i64) {
+        let (period_start, _) = month_bounds(started_at);
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(state) = budgets.get_mut(customer_id) {
+            if state.period_start == period_start {
+                state.spent += actual;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn limits(rpm: Option<i64>, tpm: Option<i64>) -> Limits {
+        Limits {
+            key_id: "k".into(),
+            customer_id: "c".into(),
+            key_rpm: rpm,
+            key_tpm: None,
+            customer_rpm: None,
+            customer_tpm: tpm,
+        }
+    }
+
+    #[test]
+    fn request_bucket_refuses_past_the_limit() {
+        let l = Limiter::default();
+        let lim = limits(Some(3), None);
+        for _ in 0..3 {
+            l.admit_request(&lim).unwrap();
+        }
+        match l.admit_request(&lim) {
+            Err(Refusal::Rate { retry_after, .. }) => {
+                // One request refills in 20 s at 3/min.
+                assert!(
+                    retry_after > Duration::from_secs(19) && retry_after <= Duration::from_secs(20)
+                );
+            }
+            other => panic!("expected a rate refusal, got {other:?}"),
+        }
+        let s = l.status(&lim);
+        assert_eq!(s.requests.unwrap().limit, 3);
+        assert_eq!(s.requests.unwrap().remaining, 0);
+        assert!(s.tokens.is_none());
+    }
+
+    #[test]
+    fn token_reservations_are_settled_back() {
+        let l = Limiter::default();
+        let lim = limits(None, Some(1000));
+        let hold = l.reserve_tokens(&lim, 800).unwrap();
+        assert!(l.reserve_tokens(&lim, 300).is_err());
+        l.settle_tokens(&hold, 100);
+        let s = l.status(&lim).tokens.unwrap();
+        assert!((899..=901).contains(&s.remaining), "{s:?}");
+        assert!(l.reserve_tokens(&lim, 300).is_ok());
+        // More than the whole limit can never pass.
+        assert!(matches!(
+            l.reserve_tokens(&lim, 1001),
+            Err(Refusal::Rate { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn budget_never_overshoots_with_reservations() {
+        let l = Limiter::default();
+        let h1 = l
+            .reserve_budget(None, "c", 1000, 600)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            l.reserve_budget(None, "c", 1000, 600).await.unwrap(),
+            Err(Refusal::Quota { .. })
+        ));
+        l.settle_budget(&h1, 100);
+        let h2 = l
+            .reserve_budget(None, "c", 1000, 600)
+            .await
+            .unwrap()
+            .unwrap();
+        l.settle_budget(&h2, 600);
+        // 700 spent: 300 left.
+        assert!(l
+            .reserve_budget(None, "c", 1000, 301)
+            .await
+            .unwrap()
+            .is_err());
+        assert!(l
+            .reserve_budget(None, "c", 1000, 300)
+            .await
+            .unwrap()
+            .is_ok());
+    }
+
+    #[test]
+    fn months_are_utc_calendar_months() {
+        let t = Utc
+            .with_ymd_and_hms(2026, 12, 31, 23, 59, 59)
+            .unwrap()
+            .timestamp_micros();
+        let (s, n) = month_bounds(t);
+        assert_eq!(
+            s,
+            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp_micros()
+        );
+        assert_eq!(
+            n,
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp_micros()
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! Exact money: prices are decimals (USD per million tokens), amounts are integer nano-USD.
+//!
+//! A request's cost is computed once, from its token counts and the unit prices in force, and
+//! rounded once to the nano-dollar (half away from zero). Every total is a sum of those integers,
+//! so an invoice equals the sum of its records to the last unit.
+
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use crate::config::Price;
+
+/// Nano-USD per USD.
+const NANOS_PER_USD: i64 = 1_000_000_000;
+
+/// Cost in nano-USD of `input` and `output` tokens at `price` (USD per million tokens).
+pub fn cost_nano_usd(price: &Price, input: u64, output: u64) -> i64 {
+    // USD per million tokens × 1000 = nano-USD per token.
+    let thousand = Decimal::from(1000);
+    let exact = Decimal::from(input) * price.input_per_mtok * thousand
+        + Decimal::from(output) * price.output_per_mtok * thousand;
+    exact
+        .round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero)
+        .to_i64()
+        .unwrap_or(i64::MAX)
+}
+
+/// `1250` → `"0.000001250"`: USD with nine decimals, as the admin API shows money.
+pub fn format_usd(nano: i64) -> String {
+    let sign = if nano < 0 { "-" } else { "" };
+    let abs = nano.unsigned_abs();
+    let per = NANOS_PER_USD.unsigned_abs();
+    format!("{sign}{}.{:09}", abs / per, abs % per)
+}
+
+/// A USD amount (decimal string or number) → nano-USD. Errors name the problem.
+pub fn parse_usd(text: &str) -> Result<i64, String> {
+    let d: Decimal = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a decimal amount of USD"))?;
+    if d.is_sign_negative() {
+        return Err(format!("`{text}` is negative"));
+    }
+    if d.scale() > 9 {
+        return Err(format!("`{text}` has more than 9 decimal places"));
+    }
+    (d * Decimal::from(NANOS_PER_USD))
+        .to_i64()
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// nano-USD as an `f64` of USD, only for response shapes that require a JSON number (the
+/// OpenAI costs API); totals are always computed in integers first.
+pub fn usd_f64(nano: i64) -> f64 {
+    Decimal::new(nano, 9).to_f64().unwrap_or(0.0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn price(i: &str, o: &str) -> Price {
+        Price {
+            input_per_mtok: i.parse().unwrap(),
+            output_per_mtok: o.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn costs_are_exact_nanos() {
+        let p = price("0.05", "0.10");
+        // 1 input token at $0.05/M = 50 nano-USD; 1 output token = 100.
+        assert_eq!(cost_nano_usd(&p, 1, 0), 50);
+        assert_eq!(cost_nano_usd(&p, 10, 7), 500 + 700);
+        assert_eq!(cost_nano_usd(&p, 1_000_000, 1_000_000), 150_000_000);
+        // Sub-nano unit prices round once per request, half away from zero.
+        let tiny = price("0.0005", "0.0015");
+        assert_eq!(cost_nano_usd(&tiny, 1, 0), 1); // 0.5 → 1
+        assert_eq!(cost_nano_usd(&tiny, 3, 1), 3); // 1.5 + 1.5 = 3
+        assert_eq!(cost_nano_usd(&price("0", "0"), 5, 5), 0);
+    }
+
+    #[test]
+    fn formats_and_parses_usd() {
+        assert_eq!(format_usd(1250), "0.000001250");
+        assert_eq!(format_usd(12_000_000_001), "12.000000001");
+        assert_eq!(format_usd(0), "0.000000000");
+        assert_eq!(parse_usd("12.5").unwrap(), 12_500_000_000);
+        assert_eq!(parse_usd("0.000000001").unwrap(), 1);
+        assert!(parse_usd("-1").is_err());
+        assert!(parse_usd("0.0000000001").is_err());
+        assert!(parse_usd("ten").is_err());
+        assert_eq!(parse_usd(&format_usd(987_654_321)).unwrap(), 987_654_321);
+    }
+}

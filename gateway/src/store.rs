@@ -1,0 +1,719 @@
+//! The database behind customers, API keys and the usage ledger: SQLite (a file, no setup) or
+//! PostgreSQL, chosen by the URL, through one set of queries (sqlx's `Any` driver).
+//!
+//! Portable on purpose: times are Unix microseconds (`BIGINT`), money is integer nano-USD,
+//! booleans are 0/1, placeholders are `$N`. Each backend has its own migrations
+//! (`migrations/sqlite`, `migrations/postgres`).
+//!
+//! Ledger order: records get an increasing `seq` that export cursors follow. On PostgreSQL
+//! several gateways insert concurrently, so an insert transaction takes an advisory lock first:
+//! `seq` values then become visible in order and a cursor never skips a record committed late.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+
+/// Advisory lock id serializing ledger inserts on PostgreSQL.
+const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
+/// Rows per multi-row insert (17 parameters each; well under both databases' limits).
+const INSERT_CHUNK: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+/// Now, in Unix microseconds.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// A customer: who pays. Limits are optional (`None` = unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    pub name: String,
+    pub budget_nano_usd: Option<i64>,
+    pub budget_period: String,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub created_at: i64,
+}
+
+/// An API key without its secret (only the SHA-256 of the secret is stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub customer_id: String,
+    pub name: String,
+    /// The first characters of the secret, to recognise it in lists.
+    pub key_prefix: String,
+    /// Models the key may use; `None` = all.
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+}
+
+/// Fields of a new or patched customer.
+#[derive(Debug, Clone, Default)]
+pub struct CustomerFields {
+    pub name: Option<String>,
+    /// `Some(None)` clears the budget.
+    pub budget_nano_usd: Option<Option<i64>>,
+    pub budget_period: Option<String>,
+    pub rpm: Option<Option<i64>>,
+    pub tpm: Option<Option<i64>>,
+}
+
+/// Fields of a new key.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub name: String,
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub expires_at: Option<i64>,
+}
+
+/// One request's usage, as written to the ledger (DESIGN.md §6). Times in Unix microseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub id: String,
+    pub customer_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub endpoint: String,
+    pub stream: bool,
+    /// `completed`, `cancelled` or `failed`.
+    pub status: String,
+    pub finish_reason: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub ttft_ms: Option<i64>,
+    pub input_price_per_mtok: String,
+    pub output_price_per_mtok: String,
+    pub cost_nano_usd: i64,
+}
+
+/// Columns usage can be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Customer,
+    Model,
+    Key,
+    /// UTC day (`started_at` truncated to the day).
+    Day,
+    /// The unit prices applied (for invoice line items).
+    Prices,
+}
+
+/// Which records an aggregate covers: `started_at` in `[start, end)`.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub start: i64,
+    pub end: i64,
+    pub customer_id: Option<String>,
+    pub model: Option<String>,
+}
+
+/// One row of an aggregate; group columns not asked for are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageRow {
+    pub customer_id: Option<String>,
+    pub model: Option<String>,
+    pub key_id: Option<String>,
+    /// With `GroupBy::Day`: the day's start; with buckets: the bucket's start (micros).
+    pub bucket_start: Option<i64>,
+    pub input_price_per_mtok: Option<String>,
+    pub output_price_per_mtok: Option<String>,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_nano_usd: i64,
+}
+
+/// A connection pool to the ledger database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    kind: DbKind,
+}
+
+/// `sqlite://…`, `postgres://…`, or a bare file path (SQLite, created when missing).
+pub fn normalize_url(url: &str) -> String {
+    if url.contains("://") || url.starts_with("sqlite:") {
+        url.to_string()
+    } else {
+        format!("sqlite://{url}?mode=rwc")
+    }
+}
+
+const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
+    finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
+    input_price_per_mtok, output_price_per_mtok, cost_nano_usd";
+const KEY_COLUMNS: &str =
+    "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, revoked_at, created_at";
+const CUSTOMER_COLUMNS: &str = "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at";
+
+fn customer(row: &AnyRow) -> StoreResult<Customer> {
+    Ok(Customer {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        budget_nano_usd: row.try_get("budget_nano_usd")?,
+        budget_period: row.try_get("budget_period")?,
+        rpm: row.try_get("rpm")?,
+        tpm: row.try_get("tpm")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
+    let models: Option<String> = row.try_get("models")?;
+    let models = match models {
+        Some(json) => Some(
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Invalid(format!("stored key models `{json}`: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        customer_id: row.try_get("customer_id")?,
+        name: row.try_get("name")?,
+        key_prefix: row.try_get("key_prefix")?,
+        models,
+        rpm: row.try_get("rpm")?,
+        tpm: row.try_get("tpm")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
+    Ok(UsageRecord {
+        id: row.try_get("id")?,
+        customer_id: row.try_get("customer_id")?,
+        key_id: row.try_get("key_id")?,
+        model: row.try_get("model")?,
+        endpoint: row.try_get("endpoint")?,
+        stream: row.try_get::<i64, _>("stream")? != 0,
+        status: row.try_get("status")?,
+        finish_reason: row.try_get("finish_reason")?,
+        input_tokens: row.try_get("input_tokens")?,
+        output_tokens: row.try_get("output_tokens")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        ttft_ms: row.try_get("ttft_ms")?,
+        input_price_per_mtok: row.try_get("input_price_per_mtok")?,
+        output_price_per_mtok: row.try_get("output_price_per_mtok")?,
+        cost_nano_usd: row.try_get("cost_nano_usd")?,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl Store {
+    /// Connects (creating a SQLite file when missing) and applies the migrations.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let url = normalize_url(url);
+        let kind = if url.starts_with("sqlite:") {
+            DbKind::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            DbKind::Postgres
+        } else {
+            return Err(StoreError::Invalid(format!(
+                "unsupported database URL `{url}`: use sqlite://PATH, a file path, or postgres://…"
+            )));
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(if kind == DbKind::Sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(5));
+        let options = if kind == DbKind::Sqlite {
+            options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+        } else {
+            options
+        };
+        let pool = options.connect(&url).await?;
+        match kind {
+            DbKind::Sqlite => sqlx::migrate!("migrations/sqlite").run(&pool).await?,
+            DbKind::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
+        }
+        Ok(Self { pool, kind })
+    }
+
+    pub fn kind(&self) -> DbKind {
+        self.kind
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- customers -------------------------------------------------------------------------
+
+    pub async fn create_customer(&self, id: &str, fields: CustomerFields) -> StoreResult<Customer> {
+        let c = Customer {
+            id: id.to_string(),
+            name: fields.name.unwrap_or_else(|| id.to_string()),
+            budget_nano_usd: fields.budget_nano_usd.flatten(),
+            budget_period: fields.budget_period.unwrap_or_else(|| "monthly".into()),
+            rpm: fields.rpm.flatten(),
+            tpm: fields.tpm.flatten(),
+            created_at: now_micros(),
+        };
+        let result = sqlx::query(&format!(
+            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(c.budget_nano_usd)
+        .bind(&c.budget_period)
+        .bind(c.rpm)
+        .bind(c.tpm)
+        .bind(c.created_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(c),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
+                "customer `{id}` already exists"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates the customer unless it exists (for the built-in `default` customer).
+    pub async fn ensure_customer(&self, id: &str, name: &str) -> StoreResult<()> {
+        match self
+            .create_customer(
+                id,
+                CustomerFields {
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list_customers(&self) -> StoreResult<Vec<Customer>> {
+        sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(customer)
+        .collect()
+    }
+
+    pub async fn customer(&self, id: &str) -> StoreResult<Customer> {
+        let row = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => customer(&row),
+            None => Err(StoreError::NotFound(format!("no customer `{id}`"))),
+        }
+    }
+
+    pub async fn update_customer(&self, id: &str, fields: CustomerFields) -> StoreResult<Customer> {
+        let mut c = self.customer(id).await?;
+        if let Some(name) = fields.name {
+            c.name = name;
+        }
+        if let Some(budget) = fields.budget_nano_usd {
+            c.budget_nano_usd = budget;
+        }
+        if let Some(period) = fields.budget_period {
+            c.budget_period = period;
+        }
+        if let Some(rpm) = fields.rpm {
+            c.rpm = rpm;
+        }
+        if let Some(tpm) = fields.tpm {
+            c.tpm = tpm;
+        }
+        sqlx::query(
+            "UPDATE customers SET name = $2, budget_nano_usd = $3, budget_period = $4, \
+             rpm = $5, tpm = $6 WHERE id = $1",
+        )
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(c.budget_nano_usd)
+        .bind(&c.budget_period)
+        .bind(c.rpm)
+        .bind(c.tpm)
+        .execute(&self.pool)
+        .await?;
+        Ok(c)
+    }
+
+    // ---- keys ------------------------------------------------------------------------------
+
+    /// Stores a key given the SHA-256 hex of its secret.
+    pub async fn create_key(
+        &self,
+        customer_id: &str,
+        key_id: &str,
+        key_hash: &str,
+        key_prefix: &str,
+        new: NewKey,
+    ) -> StoreResult<ApiKey> {
+        self.customer(customer_id).await?;
+        let key = ApiKey {
+            id: key_id.to_string(),
+            customer_id: customer_id.to_string(),
+            name: new.name,
+            key_prefix: key_prefix.to_string(),
+            models: new.models,
+            rpm: new.rpm,
+            tpm: new.tpm,
+            expires_at: new.expires_at,
+            revoked_at: None,
+            created_at: now_micros(),
+        };
+        let models = match &key.models {
+            Some(m) => {
+                Some(serde_json::to_string(m).map_err(|e| StoreError::Invalid(e.to_string()))?)
+            }
+            None => None,
+        };
+        sqlx::query(
+            "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
+             expires_at, revoked_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)",
+        )
+        .bind(&key.id)
+        .bind(&key.customer_id)
+        .bind(&key.name)
+        .bind(key_hash)
+        .bind(&key.key_prefix)
+        .bind(models)
+        .bind(key.rpm)
+        .bind(key.tpm)
+        .bind(key.expires_at)
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(key)
+    }
+
+    pub async fn list_keys(&self, customer_id: &str) -> StoreResult<Vec<ApiKey>> {
+        self.customer(customer_id).await?;
+        sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE customer_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(api_key)
+        .collect()
+    }
+
+    /// Revokes a key; revoking twice keeps the first time. Returns the key.
+    pub async fn revoke_key(&self, key_id: &str) -> StoreResult<ApiKey> {
+        sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+            .bind(key_id)
+            .bind(now_micros())
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => api_key(&row),
+            None => Err(StoreError::NotFound(format!("no key `{key_id}`"))),
+        }
+    }
+
+    /// The key whose secret hashes to `key_hash`, with its stored hash, and its customer.
+    pub async fn find_key(
+        &self,
+        key_hash: &str,
+    ) -> StoreResult<Option<(ApiKey, String, Customer)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, key_hash FROM api_keys WHERE key_hash = $1"
+        ))
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let key = api_key(&row)?;
+        let stored: String = row.try_get("key_hash")?;
+        let customer = self.customer(&key.customer_id).await?;
+        Ok(Some((key, stored, customer)))
+    }
+
+    // ---- ledger ----------------------------------------------------------------------------
+
+    /// Inserts records, skipping ids already present. Returns how many were new.
+    pub async fn insert_records(&self, records: &[UsageRecord]) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        if self.kind == DbKind::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(LEDGER_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut inserted = 0;
+        for chunk in records.chunks(INSERT_CHUNK) {
+            let mut sql = format!("INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES ");
+            for i in 0..chunk.len() {
+                let base = i * 16;
+                let params: Vec<String> = (1..=16).map(|k| format!("${}", base + k)).collect();
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                sql.push_str(&params.join(", "));
+                sql.push(')');
+            }
+            sql.push_str(" ON CONFLICT (id) DO NOTHING");
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(&r.id)
+                    .bind(&r.customer_id)
+                    .bind(&r.key_id)
+                    .bind(&r.model)
+                    .bind(&r.endpoint)
+                    .bind(i64::from(r.stream))
+                    .bind(&r.status)
+                    .bind(&r.finish_reason)
+                    .bind(r.input_tokens)
+                    .bind(r.output_tokens)
+                    .bind(r.started_at)
+                    .bind(r.finished_at)
+                    .bind(r.ttft_ms)
+                    .bind(&r.input_price_per_mtok)
+                    .bind(&r.output_price_per_mtok)
+                    .bind(r.cost_nano_usd);
+            }
+            inserted += q.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Cost of a customer's records started at or after `since`.
+    pub async fn spent_since(&self, customer_id: &str, since: i64) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) AS spent FROM usage_records \
+             WHERE customer_id = $1 AND started_at >= $2",
+        )
+        .bind(customer_id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("spent")?)
+    }
+
+    /// Records after `cursor` (a `seq`) in ledger order, and the cursor to continue from.
+    pub async fn records_after(
+        &self,
+        cursor: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<UsageRecord>, Option<i64>)> {
+        let rows = sqlx::query(&format!(
+            "SELECT seq, {RECORD_COLUMNS} FROM usage_records WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = match rows.last() {
+            Some(row) => Some(row.try_get::<i64, _>("seq")?),
+            None => None,
+        };
+        let records = rows.iter().map(record).collect::<StoreResult<Vec<_>>>()?;
+        Ok((records, last))
+    }
+
+    /// Records started in `[start, end)` after `cursor`, in ledger order (for time-range
+    /// exports, read page by page).
+    pub async fn records_between(
+        &self,
+        start: i64,
+        end: i64,
+        cursor: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<UsageRecord>, Option<i64>)> {
+        let rows = sqlx::query(&format!(
+            "SELECT seq, {RECORD_COLUMNS} FROM usage_records \
+             WHERE started_at >= $1 AND started_at < $2 AND seq > $3 ORDER BY seq LIMIT $4"
+        ))
+        .bind(start)
+        .bind(end)
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = match rows.last() {
+            Some(row) => Some(row.try_get::<i64, _>("seq")?),
+            None => None,
+        };
+        let records = rows.iter().map(record).collect::<StoreResult<Vec<_>>>()?;
+        Ok((records, last))
+    }
+
+    /// Aggregates usage in `filter`, grouped by `group` and optionally by fixed-width time
+    /// buckets `(origin, width)` in microseconds.
+    pub async fn aggregate(
+        &self,
+        filter: &UsageFilter,
+        group: &[GroupBy],
+        buckets: Option<(i64, i64)>,
+    ) -> StoreResult<Vec<UsageRow>> {
+        const DAY: i64 = 86_400_000_000;
+        let mut cols: Vec<String> = Vec::new();
+        for g in group {
+            match g {
+                GroupBy::Customer => cols.push("customer_id".into()),
+                GroupBy::Model => cols.push("model".into()),
+                GroupBy::Key => cols.push("key_id".into()),
+                GroupBy::Day => cols.push(format!("(started_at / {DAY}) * {DAY} AS bucket_start")),
+                GroupBy::Prices => {
+                    cols.push("input_price_per_mtok".into());
+                    cols.push("output_price_per_mtok".into());
+                }
+            }
+        }
+        if let Some((origin, width)) = buckets {
+            if width <= 0 {
+                return Err(StoreError::Invalid("bucket width must be positive".into()));
+            }
+            cols.push(format!(
+                "((started_at - {origin}) / {width}) * {width} + {origin} AS bucket_start"
+            ));
+        }
+        let group_exprs: Vec<String> = cols
+            .iter()
+            .map(|c| match c.split_once(" AS ") {
+                Some((expr, _)) => expr.to_string(),
+                None => c.clone(),
+            })
+            .collect();
+        let mut sql = String::from("SELECT ");
+        for c in &cols {
+            sql.push_str(c);
+            sql.push_str(", ");
+        }
+        sql.push_str(
+            "CAST(COUNT(*) AS BIGINT) AS requests, \
+             CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
+             CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
+             CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd \
+             FROM usage_records WHERE started_at >= $1 AND started_at < $2",
+        );
+        let mut next = 3;
+        if filter.customer_id.is_some() {
+            sql.push_str(&format!(" AND customer_id = ${next}"));
+            next += 1;
+        }
+        if filter.model.is_some() {
+            sql.push_str(&format!(" AND model = ${next}"));
+        }
+        if !group_exprs.is_empty() {
+            let list = group_exprs.join(", ");
+            sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
+        }
+        let mut q = sqlx::query(&sql).bind(filter.start).bind(filter.end);
+        if let Some(c) = &filter.customer_id {
+            q = q.bind(c);
+        }
+        if let Some(m) = &filter.model {
+            q = q.bind(m);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let has = |g: GroupBy| group.contains(&g);
+        rows.iter()
+            .map(|row| {
+                let requests: i64 = row.try_get("requests")?;
+                Ok(UsageRow {
+                    customer_id: if has(GroupBy::Customer) {
+                        row.try_get("customer_id")?
+                    } else {
+                        None
+                    },
+                    model: if has(GroupBy::Model) {
+                        row.try_get("model")?
+                    } else {
+                        None
+                    },
+                    key_id: if has(GroupBy::Key) {
+                        row.try_get("key_id")?
+                    } else {
+                        None
+                    },
+                    bucket_start: if has(GroupBy::Day) || buckets.is_some() {
+                        row.try_get("bucket_start")?
+                    } else {
+                        None
+                    },
+                    input_price_per_mtok: if has(GroupBy::Prices) {
+                        row.try_get("input_price_per_mtok")?
+                    } else {
+                        None
+                    },
+                    output_price_per_mtok: if has(GroupBy::Prices) {
+                        row.try_get("output_price_per_mtok")?
+                    } else {
+                        None
+                    },
+                    requests,
+                    // SUM over no rows is NULL.
+                    input_tokens: row.try_get::<Option<i64>, _>("input_tokens")?.unwrap_or(0),
+                    output_tokens: row.try_get::<Option<i64>, _>("output_tokens")?.unwrap_or(0),
+                    cost_nano_usd: row.try_get::<Option<i64>, _>("cost_nano_usd")?.unwrap_or(0),
+                })
+            })
+            .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))
+            .collect()
+    }
+}

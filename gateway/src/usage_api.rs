@@ -1,0 +1,315 @@
+//! The customer's own usage in OpenAI's Usage and Costs API shapes:
+//! `GET /v1/organization/usage/completions` and `GET /v1/organization/costs`, always scoped to
+//! the calling key's customer.
+
+use axum::extract::{Query, State};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::money::usd_f64;
+use crate::store::{now_micros, GroupBy, UsageFilter, UsageRow};
+use crate::AppState;
+
+const MICROS: i64 = 1_000_000;
+
+#[derive(Debug, Deserialize)]
+pub struct UsageQuery {
+    start_time: Option<i64>,
+    end_time: Option<i64>,
+    bucket_width: Option<String>,
+    /// Comma-separated (`group_by=model,api_key_id`).
+    group_by: Option<String>,
+    limit: Option<i64>,
+    page: Option<String>,
+}
+
+fn invalid(param: &str, message: String) -> ApiError {
+    ApiError::InvalidRequest {
+        message,
+        param: Some(param.to_string()),
+    }
+}
+
+/// Bucket width in seconds, and (default, max) bucket counts per page, as OpenAI documents them.
+fn width(name: &str, costs: bool) -> Result<(i64, i64, i64), ApiError> {
+    match name {
+        "1d" => Ok((86_400, 7, if costs { 180 } else { 31 })),
+        "1h" if !costs => Ok((3_600, 24, 168)),
+        "1m" if !costs => Ok((60, 60, 1_440)),
+        other => Err(invalid(
+            "bucket_width",
+            format!(
+                "bucket_width `{other}` is not supported; use {}",
+                if costs { "1d" } else { "1m, 1h or 1d" }
+            ),
+        )),
+    }
+}
+
+/// The page of buckets `[first, last)` (Unix seconds) this request covers, and the next page.
+struct Window {
+    start: i64,
+    end: i64,
+    width: i64,
+    next_page: Option<i64>,
+}
+
+fn window(
+    start_time: Option<i64>,
+    end_time: Option<i64>,
+    width_secs: i64,
+    limits: (i64, i64),
+    limit: Option<i64>,
+    page: Option<&str>,
+) -> Result<Window, ApiError> {
+    let start = start_time.ok_or_else(|| {
+        invalid(
+            "start_time",
+            "`start_time` (Unix seconds, inclusive) is required".into(),
+        )
+    })?;
+    if start < 0 {
+        return Err(invalid(
+            "start_time",
+            format!("start_time {start} is negative"),
+        ));
+    }
+    let end = end_time.unwrap_or(now_micros() / MICROS + 1);
+    if end <= start {
+        return Err(invalid(
+            "end_time",
+            format!("end_time {end} is not after start_time {start}"),
+        ));
+    }
+    let (default, max) = limits;
+    let limit = limit.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(invalid(
+            "limit",
+            format!("limit {limit} must be between 1 and {max}"),
+        ));
+    }
+    // The page token is the start of the page's first bucket, on the grid of `start`.
+    let first = match page {
+        None | Some("") => start,
+        Some(p) => p
+            .parse::<i64>()
+            .ok()
+            .filter(|p| *p >= start && *p < end && (p - start) % width_secs == 0)
+            .ok_or_else(|| invalid("page", format!("`{p}` is not a page token of this query")))?,
+    };
+    let page_end = first.saturating_add(limit.saturating_mul(width_secs));
+    Ok(Window {
+        start: first,
+        end: page_end.min(end),
+        width: width_secs,
+        next_page: (page_end < end).then_some(page_end),
+    })
+}
+
+fn group_by(text: Option<&str>, allowed: &[&str]) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for g in text
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        if !allowed.contains(&g) {
+            return Err(invalid(
+                "group_by",
+                format!("cannot group by `{g}`; use {}", allowed.join(" or ")),
+            ));
+        }
+        out.push(g.to_string());
+    }
+    Ok(out)
+}
+
+/// Rows grouped into the window's buckets, every bucket present (empty ones too).
+async fn bucketed(
+    state: &AppState,
+    caller: &Caller,
+    w: &Window,
+    groups: &[GroupBy],
+) -> Result<Vec<(i64, Vec<UsageRow>)>, ApiError> {
+    let store = state.store.as_ref().ok_or_else(|| {
+        ApiError::Unavailable("usage is not recorded: this gateway runs without a database".into())
+    })?;
+    let filter = UsageFilter {
+        start: w.start * MICROS,
+        end: w.end * MICROS,
+        customer_id: Some(caller.customer_id.clone()),
+        model: None,
+    };
+    let rows = store
+        .aggregate(&filter, groups, Some((w.start * MICROS, w.width * MICROS)))
+        .await?;
+    let mut buckets = Vec::new();
+    let mut t = w.start;
+    while t < w.end {
+        let here: Vec<UsageRow> = rows
+            .iter()
+            .filter(|r| r.bucket_start == Some(t * MICROS))
+            .cloned()
+            .collect();
+        buckets.push((t, here));
+        t += w.width;
+    }
+    Ok(buckets)
+}
+
+fn page(data: Vec<Value>, next: Option<i64>) -> Json<Value> {
+    Json(json!({
+        "object": "page",
+        "data": data,
+        "has_more": next.is_some(),
+        "next_page": next.map(|n| n.to_string()),
+    }))
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
+}
+
+pub async fn completions_usage(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let (secs, default, max) = width(q.bucket_width.as_deref().unwrap_or("1d"), false)?;
+    let w = window(
+        q.start_time,
+        q.end_time,
+        secs,
+        (default, max),
+        q.limit,
+        q.page.as_deref(),
+    )?;
+    let names = group_by(q.group_by.as_deref(), &["model", "api_key_id"])?;
+    let groups: Vec<GroupBy> = names
+        .iter()
+        .map(|g| {
+            if g == "model" {
+                GroupBy::Model
+            } else {
+                GroupBy::Key
+            }
+        })
+        .collect();
+    let buckets = bucketed(&state, &caller, &w, &groups).await?;
+    let data = buckets
+        .into_iter()
+        .map(|(t, rows)| {
+            let results: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    json!({
+                        "object": "organization.usage.completions.result",
+                        "input_tokens": r.input_tokens,
+                        "output_tokens": r.output_tokens,
+                        "input_cached_tokens": 0,
+                        "input_audio_tokens": 0,
+                        "output_audio_tokens": 0,
+                        "num_model_requests": r.requests,
+                        "project_id": null,
+                        "user_id": null,
+                        "api_key_id": r.key_id,
+                        "model": r.model,
+                        "batch": null,
+                    })
+                })
+                .collect();
+            json!({
+                "object": "bucket",
+                "start_time": t,
+                "end_time": t + w.width,
+                "results": results,
+            })
+        })
+        .collect();
+    Ok(page(data, w.next_page))
+}
+
+pub async fn costs(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let (secs, default, max) = width(q.bucket_width.as_deref().unwrap_or("1d"), true)?;
+    let w = window(
+        q.start_time,
+        q.end_time,
+        secs,
+        (default, max),
+        q.limit,
+        q.page.as_deref(),
+    )?;
+    // Line items are models (with their prices, one price per model at a time).
+    let names = group_by(q.group_by.as_deref(), &["line_item", "project_id"])?;
+    let by_line = names.iter().any(|g| g == "line_item");
+    let groups: &[GroupBy] = if by_line { &[GroupBy::Model] } else { &[] };
+    let buckets = bucketed(&state, &caller, &w, groups).await?;
+    let data = buckets
+        .into_iter()
+        .map(|(t, rows)| {
+            let results: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    json!({
+                        "object": "organization.costs.result",
+                        "amount": {"value": usd_f64(r.cost_nano_usd), "currency": "usd"},
+                        "line_item": r.model,
+                        "project_id": null,
+                    })
+                })
+                .collect();
+            json!({
+                "object": "bucket",
+                "start_time": t,
+                "end_time": t + w.width,
+                "results": results,
+            })
+        })
+        .collect();
+    Ok(page(data, w.next_page))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_page_on_the_start_grid() {
+        let w = window(Some(0), Some(10 * 86_400), 86_400, (7, 31), None, None).unwrap();
+        assert_eq!(
+            (w.start, w.end, w.next_page),
+            (0, 7 * 86_400, Some(7 * 86_400))
+        );
+        let w = window(
+            Some(0),
+            Some(10 * 86_400),
+            86_400,
+            (7, 31),
+            None,
+            Some("604800"),
+        )
+        .unwrap();
+        assert_eq!(
+            (w.start, w.end, w.next_page),
+            (7 * 86_400, 10 * 86_400, None)
+        );
+        assert!(window(Some(0), Some(10), 86_400, (7, 31), None, Some("5")).is_err());
+        assert!(window(None, Some(10), 86_400, (7, 31), None, None).is_err());
+        assert!(window(Some(0), Some(10), 86_400, (7, 31), Some(32), None).is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! `tollgate customers|keys|usage`: the admin API's operations against the database directly,
+//! for operators and billing jobs (cron). Output is JSON (or CSV/JSONL for exports) on stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use tollgate_gateway::admin::{customer_json, issue_key, key_json, valid_id};
+use tollgate_gateway::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
+use tollgate_gateway::money::parse_usd;
+use tollgate_gateway::store::{CustomerFields, NewKey, Store, UsageFilter};
+
+enum Out {
+    Csv(Box<csv::Writer<Box<dyn Write>>>),
+    Jsonl(Box<dyn Write>),
+}
+
+/// Records read per database round trip while exporting.
+const EXPORT_PAGE: i64 = 5_000;
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// Ledger database URL (`sqlite://file`, a file path, or `postgres://...`).
+    #[arg(long, env = "DATABASE_URL", default_value = "tollgate.db")]
+    pub database: String,
+}
+
+impl DbArgs {
+    async fn open(&self) -> anyhow::Result<Store> {
+        Store::connect(&self.database)
+            .await
+            .with_context(|| format!("cannot open the database {}", crate::redact(&self.database)))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CustomersCommand {
+    /// Create a customer.
+    Create {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Monthly budget in USD (decimal), e.g. 25.00.
+        #[arg(long)]
+        budget_usd: Option<String>,
+        /// Requests per minute for the whole customer.
+        #[arg(long)]
+        rpm: Option<i64>,
+        /// Tokens per minute for the whole customer.
+        #[arg(long)]
+        tpm: Option<i64>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List customers.
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show a customer.
+    Get {
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Change a customer; `none` clears a budget or limit.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        budget_usd: Option<String>,
+        #[arg(long)]
+        rpm: Option<String>,
+        #[arg(long)]
+        tpm: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Issue a key; its secret is printed once and never stored.
+    Create {
+        customer_id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Models the key may use (comma-separated); all when absent.
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        #[arg(long)]
+        rpm: Option<i64>,
+        #[arg(long)]
+        tpm: Option<i64>,
+        /// RFC 3339 time or date after which the key stops working.
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List a customer's keys (without secrets).
+    List {
+        customer_id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Revoke a key at once.
+    Revoke {
+        key_id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Export raw usage records, for a time range or incrementally from a saved cursor.
+    ///
+    /// With `--cursor-file`, only records after the saved cursor are written and the cursor is
+    /// advanced after the output is complete, so a cron job can run this repeatedly without
+    /// gaps or duplicates.
+    Export {
+        /// Records started at or after this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        from: Option<String>,
+        /// Records started before this time.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Cursor state file (created when missing).
+        #[arg(long)]
+        cursor_file: Option<PathBuf>,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Aggregate usage (as `GET /admin/v1/usage`).
+    Report {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        customer_id: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Comma-separated: customer, model, key, day.
+        #[arg(long, default_value = "")]
+        group_by: String,
+        #[arg(long, value_enum, default_value = "json")]
+        format: ReportFormat,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// A customer's invoice for a month (as `GET /admin/v1/invoices/{id}`).
+    Invoice {
+        customer_id: String,
+        /// YYYY-MM; the current month when absent.
+        #[arg(long)]
+        period: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+fn print(value: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn limit_arg(text: Option<&str>, name: &str) -> anyhow::Result<Option<Option<i64>>> {
+    match text {
+        None => Ok(None),
+        Some("none" | "null") => Ok(Some(None)),
+        Some(t) => match t.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(Some(Some(n))),
+            _ => bail!("--{name} must be a positive integer or `none`, got `{t}`"),
+        },
+    }
+}
+
+fn budget_arg(text: Option<&str>) -> anyhow::Result<Option<Option<i64>>> {
+    match text {
+        None => Ok(None),
+        Some("none" | "null") => Ok(Some(None)),
+        Some(t) => Ok(Some(Some(
+            parse_usd(t).map_err(|e| anyhow::anyhow!("--budget-usd: {e}"))?,
+        ))),
+    }
+}
+
+pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
+    match cmd {
+        CustomersCommand::Create {
+            id,
+            name,
+            budget_usd,
+            rpm,
+            tpm,
+            db,
+        } => {
+            if !valid_id(&id) {
+                bail!(
+                    "`{id}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`"
+                );
+            }
+            let positive = |v: Option<i64>, n: &str| match v {
+                Some(x) if x <= 0 => bail!("--{n} must be positive"),
+                _ => Ok(v),
+            };
+            let fields = CustomerFields {
+                name: Some(name.unwrap_or_else(|| id.clone())),
+                budget_nano_usd: budget_arg(budget_usd.as_deref())?,
+                budget_period: None,
+                rpm: Some(positive(rpm, "rpm")?),
+                tpm: Some(positive(tpm, "tpm")?),
+            };
+            let c = db.open().await?.create_customer(&id, fields).await?;
+            print(&customer_json(&c))
+        }
+        CustomersCommand::List { db } => {
+            let list = db.open().await?.list_customers().await?;
+            print(
+                &json!({"object": "list", "data": list.iter().map(customer_json).collect::<Vec<_>>()}),
+            )
+        }
+        CustomersCommand::Get { id, db } => {
+            print(&customer_json(&db.open().await?.customer(&id).await?))
+        }
+        CustomersCommand::Update {
+            id,
+            name,
+            budget_usd,
+            rpm,
+            tpm,
+            db,
+        } => {
+            let fields = CustomerFields {
+                name,
+                budget_nano_usd: budget_arg(budget_usd.as_deref())?,
+                budget_period: None,
+                rpm: limit_arg(rpm.as_deref(), "rpm")?,
+                tpm: limit_arg(tpm.as_deref(), "tpm")?,
+            };
+            let c = db.open().await?.update_customer(&id, fields).await?;
+            print(&customer_json(&c))
+        }
+    }
+}
+
+pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create {
+            customer_id,
+            name,
+            models,
+            rpm,
+            tpm,
+            expires_at,
+            db,
+        } => {
+            let expires_at = match expires_at {
+                Some(t) => Some(parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?),
+                None => None,
+            };
+            let new = NewKey {
+                name,
+                models,
+                rpm,
+                tpm,
+                expires_at,
+            };
+            let (key, secret) = issue_key(&db.open().await?, &customer_id, new).await?;
+            let mut body = key_json(&key);
+            body["key"] = json!(secret);
+            print(&body)
+        }
+        KeysCommand::List { customer_id, db } => {
+            let keys = db.open().await?.list_keys(&customer_id).await?;
+            print(&json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
+        }
+        KeysCommand::Revoke { key_id, db } => {
+            print(&key_json(&db.open().await?.revoke_key(&key_id).await?))
+        }
+    }
+}
+
+fn time_arg(text: Option<&str>, name: &str, default: i64) -> anyhow::Result<i64> {
+    match text {
+        Some(t) => parse_time(t).map_err(|e| anyhow::anyhow!("--{name}: {e}")),
+        None => Ok(default),
+    }
+}
+
+fn read_cursor(path: &Path) -> anyhow::Result<i64> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Ok(0),
+        Ok(text) => tollgate_gateway::admin::parse_cursor(&text)
+            .map_err(|e| anyhow::anyhow!("cursor file {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Replaces the cursor file atomically (write, sync, rename).
+fn write_cursor(path: &Path, cursor: i64) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        writeln!(f, "{cursor}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
+    match cmd {
+        UsageCommand::Export {
+            from,
+            to,
+            format,
+            cursor_file,
+            output,
+            db,
+        } => {
+            let start = time_arg(from.as_deref(), "from", i64::MIN)?;
+            let end = time_arg(to.as_deref(), "to", i64::MAX)?;
+            let store = db.open().await?;
+            let mut cursor = match &cursor_file {
+                Some(p) => read_cursor(p)?,
+                None => 0,
+            };
+            let sink: Box<dyn Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let mut out = match format {
+                ExportFormat::Csv => {
+                    let mut w = csv::Writer::from_writer(sink);
+                    w.write_record(RECORD_COLUMNS)?;
+                    Out::Csv(Box::new(w))
+                }
+                ExportFormat::Jsonl => Out::Jsonl(sink),
+            };
+            let mut count = 0usize;
+            loop {
+                let (records, last) = store
+                    .records_between(start, end, cursor, EXPORT_PAGE)
+                    .await?;
+                for r in &records {
+                    match &mut out {
+                        Out::Csv(w) => w.write_record(record_cells(r))?,
+                        Out::Jsonl(w) => {
+                            serde_json::to_writer(&mut *w, &record_json(r))?;
+                            w.write_all(b"\n")?;
+                        }
+                    }
+                }
+                count += records.len();
+                match last {
+                    Some(c) => cursor = c,
+                    None => break,
+                }
+                if (records.len() as i64) < EXPORT_PAGE {
+                    break;
+                }
+            }
+            let mut sink = match out {
+                Out::Csv(w) => w.into_inner().map_err(|e| e.into_error())?,
+                Out::Jsonl(w) => w,
+            };
+            sink.flush()?;
+            drop(sink);
+            if let Some(p) = &output {
+                std::fs::File::open(p)?.sync_all()?;
+            }
+            // Only after the output is complete: a crash before this re-exports, never skips.
+            if let Some(p) = &cursor_file {
+                write_cursor(p, cursor)?;
+            }
+            eprintln!("exported {count} records; cursor {cursor}");
+            Ok(())
+        }
+        UsageCommand::Report {
+            from,
+            to,
+            customer_id,
+            model,
+            group_by,
+            format,
+            db,
+        } => {
+            let now = tollgate_gateway::store::now_micros();
+            let start = time_arg(
+                from.as_deref(),
+                "from",
+                tollgate_gateway::limits::month_bounds(now).0,
+            )?;
+            let end = time_arg(to.as_deref(), "to", now + 1)?;
+            let groups = billing::parse_group_by(&group_by)
+                .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?;
+            let filter = UsageFilter {
+                start,
+                end,
+                customer_id,
+                model,
+            };
+            let rows = db.open().await?.aggregate(&filter, &groups, None).await?;
+            let columns = billing::usage_columns(&groups);
+            match format {
+                ReportFormat::Json => print(&json!({
+                    "object": "list",
+                    "start": billing::rfc3339(start),
+                    "end": billing::rfc3339(end),
+                    "data": rows.iter().map(|r| billing::usage_row_json(r, &columns)).collect::<Vec<_>>(),
+                })),
+                ReportFormat::Csv => {
+                    print!("{}", billing::usage_csv(&rows, &columns)?);
+                    Ok(())
+                }
+            }
+        }
+        UsageCommand::Invoice {
+            customer_id,
+            period,
+            db,
+        } => {
+            let period = period.unwrap_or_else(billing::current_period);
+            print(&billing::invoice(&db.open().await?, &customer_id, &period).await?)
+        }
+    }
+}
