@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: fetches the model, sets up the Python test
 # environment, checks formatting and lints, builds, runs the Rust tests (unit, real-model,
-# HTTP with async-openai) and the Python OpenAI SDK tests against the real server.
+# HTTP with async-openai), the ledger store on a real PostgreSQL, and the Python OpenAI SDK
+# tests (API, billing, PostgreSQL outage) against the real server.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -21,6 +22,11 @@ step "cargo build"
 cargo build --release --workspace --bins
 step "cargo test"
 cargo test --release --workspace
+step "PostgreSQL for the ledger tests (Debian's server, throwaway cluster)"
+PG_URL="$(scripts/postgres.sh reset)"
+trap 'scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
+step "cargo test: ledger store on PostgreSQL"
+TOLLGATE_TEST_POSTGRES_URL="$PG_URL" cargo test --release -p tollgate-gateway --test store -- --ignored
 step "python SDK tests"
-TOLLGATE_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tollgate" \
+TOLLGATE_TEST_POSTGRES=1 TOLLGATE_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tollgate" \
     "${TOLLGATE_VENV:-$ROOT/.venv}/bin/python" -m pytest tests/python -q -p no:cacheprovider

@@ -282,6 +282,13 @@ impl Store {
         self.kind
     }
 
+    /// Runs one statement as is (maintenance and tests).
+    #[doc(hidden)]
+    pub async fn execute_raw(&self, sql: &str) -> StoreResult<()> {
+        sqlx::query(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

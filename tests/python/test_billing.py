@@ -1,0 +1,443 @@
+"""Customers, keys, metering and billing against the real server and model, with the official
+OpenAI SDK as the client: what clients see in `usage` is exactly what the ledger holds."""
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from conftest import API_KEY, ROOT, start_server, stop_server
+
+ADMIN = "admin-test-token"
+MODEL = "smollm2-135m"
+# models.toml prices smollm2-135m at 0.05 / 0.10 USD per million tokens: 50 and 100 nano-USD.
+IN_NANO, OUT_NANO = 50, 100
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def ask(text):
+    return [SYSTEM, {"role": "user", "content": text}]
+
+
+def nano(usd: str) -> int:
+    whole, _, frac = usd.partition(".")
+    return int(whole) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+class Admin:
+    def __init__(self, server):
+        self.http = httpx.Client(
+            base_url=f"http://{server.addr}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60
+        )
+
+    def call(self, method, path, expect=200, **kw):
+        r = self.http.request(method, path, **kw)
+        assert r.status_code == expect, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+
+    def customer(self, cid, **fields):
+        return self.call("POST", "/admin/v1/customers", 201, json={"id": cid, "name": cid, **fields})
+
+    def key(self, cid, **fields):
+        return self.call("POST", f"/admin/v1/customers/{cid}/keys", 201, json={"name": "k", **fields})
+
+    def records(self):
+        out, cursor = [], None
+        while True:
+            params = {"limit": 500}
+            if cursor:
+                params["after"] = cursor
+            page = self.call("GET", "/admin/v1/usage/records", params=params)
+            out += page["data"]
+            if not page["data"]:
+                return out
+            cursor = page["next_cursor"]
+
+    def wait_for(self, ids, timeout=30):
+        """The records of these request ids, once all are in the database."""
+        deadline = time.time() + timeout
+        while True:
+            by_id = {r["id"]: r for r in self.records()}
+            if all(i in by_id for i in ids):
+                return by_id
+            if time.time() > deadline:
+                missing = [i for i in ids if i not in by_id]
+                raise AssertionError(f"records never arrived: {missing}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def billing():
+    tmp = tempfile.mkdtemp(prefix="tollgate-billing-")
+    db = os.path.join(tmp, "ledger.db")
+    srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--database", db])
+    srv.db = db
+    yield srv
+    code = stop_server(srv)
+    assert code == 0, "server exited with %s:\n%s" % (code, "".join(srv.log[-40:]))
+
+
+def sdk(server, key):
+    return OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
+
+
+def chat(client, text, max_tokens=12, stream=False, **kw):
+    """One chat request; returns (request id, usage seen by the client, content chunks)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask(text), max_tokens=max_tokens, temperature=0, stream=stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}), **kw
+    )
+    rid = raw.headers["x-request-id"]
+    if not stream:
+        r = raw.parse()
+        return rid, (r.usage.prompt_tokens, r.usage.completion_tokens), None
+    usage, chunks = None, 0
+    for chunk in raw.parse():
+        if chunk.usage:
+            usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+    return rid, usage, chunks
+
+
+def cancelled_stream(client, text, after=3):
+    """Streams, reads `after` content chunks, then hangs up. Returns (request id, chunks)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask(text), max_tokens=200, temperature=0, stream=True
+    )
+    rid = raw.headers["x-request-id"]
+    stream = raw.parse()
+    seen = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            seen += 1
+            if seen == after:
+                break
+    stream.close()
+    return rid, seen
+
+
+def test_client_usage_equals_ledger_per_customer(billing):
+    admin = Admin(billing)
+    admin.customer("sum-a")
+    admin.customer("sum-b")
+    keys = {c: admin.key(c)["key"] for c in ("sum-a", "sum-b")}
+    seen = {}  # request id -> (customer, prompt tokens, completion tokens)
+    cancelled = {}  # request id -> (customer, content chunks received)
+    lock = threading.Lock()
+
+    def work(customer, i):
+        client = sdk(billing, keys[customer])
+        rid, usage, _ = chat(client, f"Name a colour. ({i})", stream=i % 2 == 0)
+        with lock:
+            seen[rid] = (customer, *usage)
+
+    for customer in keys:
+        client = sdk(billing, keys[customer])
+        for i, stream in enumerate([False, True, False, True]):
+            rid, usage, _ = chat(client, f"Say hello number {i}.", stream=stream)
+            seen[rid] = (customer, *usage)
+        raw = client.completions.with_raw_response.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0
+        )
+        r = raw.parse()
+        seen[raw.headers["x-request-id"]] = (customer, r.usage.prompt_tokens, r.usage.completion_tokens)
+        rid, usage, _ = chat(client, "Pick a number.", max_tokens=6, n=2, stream=False)
+        seen[rid] = (customer, *usage)
+        rid, chunks = cancelled_stream(client, "Write a long story about a dragon.")
+        cancelled[rid] = (customer, chunks)
+    threads = [threading.Thread(target=work, args=(c, i)) for i in range(4) for c in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    records = admin.wait_for(list(seen) + list(cancelled))
+    for rid, (customer, prompt, completion) in seen.items():
+        r = records[rid]
+        assert (r["customer_id"], r["input_tokens"], r["output_tokens"]) == (customer, prompt, completion)
+        assert r["status"] == "completed"
+        assert nano(r["cost_usd"]) == prompt * IN_NANO + completion * OUT_NANO
+    for rid, (customer, chunks) in cancelled.items():
+        r = records[rid]
+        assert r["customer_id"] == customer and r["status"] == "cancelled"
+        assert r["stream"] is True
+        # Billed for what the engine generated before it stopped: at least what was received,
+        # never the whole max_tokens.
+        assert chunks <= r["output_tokens"] < 200
+        assert nano(r["cost_usd"]) == r["input_tokens"] * IN_NANO + r["output_tokens"] * OUT_NANO
+
+    # Aggregates per customer equal the sum of what the clients saw (plus the cancelled tails).
+    rows = admin.call("GET", "/admin/v1/usage", params={"group_by": "customer"})["data"]
+    by_customer = {row["customer_id"]: row for row in rows}
+    for customer in keys:
+        mine = [v for v in seen.values() if v[0] == customer]
+        tails = [records[rid] for rid, v in cancelled.items() if v[0] == customer]
+        row = by_customer[customer]
+        assert row["requests"] == len(mine) + len(tails)
+        assert row["input_tokens"] == sum(v[1] for v in mine) + sum(t["input_tokens"] for t in tails)
+        assert row["output_tokens"] == sum(v[2] for v in mine) + sum(t["output_tokens"] for t in tails)
+        mine_records = [r for r in records.values() if r["customer_id"] == customer]
+        assert nano(row["cost_usd"]) == sum(nano(r["cost_usd"]) for r in mine_records)
+        invoice = admin.call("GET", f"/admin/v1/invoices/{customer}")
+        assert nano(invoice["total_usd"]) == sum(nano(li["amount_usd"]) for li in invoice["line_items"])
+        assert nano(invoice["total_usd"]) == nano(row["cost_usd"])
+    csv_text = admin.call("GET", "/admin/v1/usage", params={"group_by": "customer,model,day", "format": "csv"})
+    assert csv_text.splitlines()[0] == "customer_id,model,day,requests,input_tokens,output_tokens,cost_usd"
+
+
+def test_admin_api_and_key_rules(billing):
+    admin = Admin(billing)
+    no_token = httpx.get(f"http://{billing.addr}/admin/v1/customers")
+    assert no_token.status_code == 401
+    wrong = httpx.get(f"http://{billing.addr}/admin/v1/customers", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_admin_token"
+    c = admin.customer("rules", budget_usd="12.5", rpm=1000)
+    assert c["budget_usd"] == "12.500000000" and c["rpm"] == 1000
+    dup = admin.http.post("/admin/v1/customers", json={"id": "rules", "name": "again"})
+    assert dup.status_code == 409
+    bad = admin.http.post("/admin/v1/customers", json={"id": "bad-budget", "budget_usd": "lots"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "budget_usd"
+    patched = admin.call("PATCH", "/admin/v1/customers/rules", json={"budget_usd": None, "tpm": 50000})
+    assert patched["budget_usd"] is None and patched["tpm"] == 50000 and patched["rpm"] == 1000
+
+    created = admin.key("rules", models=[MODEL])
+    assert created["key"].startswith("tg-") and len(created["key"]) >= 3 + 32
+    listed = admin.call("GET", "/admin/v1/customers/rules/keys")["data"]
+    assert [k["id"] for k in listed] == [created["id"]]
+    assert "key" not in listed[0] and created["key"] not in json.dumps(listed)
+    client = sdk(billing, created["key"])
+    chat(client, "Hi", max_tokens=2)
+    past = admin.http.post("/admin/v1/customers/rules/keys", json={"expires_at": "2001-01-01T00:00:00Z"})
+    assert past.status_code == 400 and past.json()["error"]["param"] == "expires_at"
+
+    admin.call("DELETE", f"/admin/v1/keys/{created['id']}")
+    with pytest.raises(openai.AuthenticationError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
+    assert "revoked" in e.value.message
+    assert admin.http.delete("/admin/v1/keys/key_nope").status_code == 404
+
+
+def test_model_allow_list_is_enforced(billing):
+    admin = Admin(billing)
+    admin.customer("allow")
+    key = admin.key("allow", models=[MODEL])
+    # models.toml serves one model, so the refusal is shown with a key allowed none.
+    empty = admin.key("allow", models=[])
+    ok = sdk(billing, key["key"]).chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
+    assert ok.usage.completion_tokens >= 1
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        sdk(billing, empty["key"]).chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
+    assert e.value.code == "model_not_allowed"
+
+
+def test_rate_limits_answer_429_with_headers(billing):
+    admin = Admin(billing)
+    admin.customer("rl")
+    key = admin.key("rl", rpm=2)["key"]
+    http = httpx.Client(base_url=billing.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    body = {"model": MODEL, "messages": ask("Hi"), "max_tokens": 2}
+    statuses = []
+    for _ in range(3):
+        r = http.post("/chat/completions", json=body)
+        statuses.append(r.status_code)
+        assert r.headers["x-ratelimit-limit-requests"] == "2"
+        assert "x-ratelimit-remaining-requests" in r.headers
+        assert "x-ratelimit-reset-requests" in r.headers
+    assert statuses == [200, 200, 429]
+    err = r.json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests"
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_budget_holds_under_concurrency(billing):
+    admin = Admin(billing)
+    # A prompt of ~27 tokens and max_tokens 32 reserve at most 27*50 + 32*100 ≈ 4,550 nano-USD:
+    # a budget of 20,000 nano-USD admits about four at a time.
+    budget = 20_000
+    admin.customer("budget", budget_usd="0.000020000")
+    key = admin.key("budget")["key"]
+    results, lock = [], threading.Lock()
+    barrier = threading.Barrier(20)
+
+    def one(i):
+        http = httpx.Client(base_url=billing.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        barrier.wait()
+        r = http.post(
+            "/chat/completions",
+            json={"model": MODEL, "messages": ask(f"Count to five ({i})."), "max_tokens": 32, "temperature": 0},
+        )
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(ok) + len(refused) == 20, [r.status_code for r in results]
+    assert ok and refused
+    for r in refused:
+        assert r.json()["error"]["code"] == "insufficient_quota"
+        assert "retry-after" in r.headers
+    records = admin.wait_for([r.headers["x-request-id"] for r in ok])
+    spent = sum(nano(rec["cost_usd"]) for rec in records.values() if rec["customer_id"] == "budget")
+    # Every admitted request reserved its maximum cost first, so the spend cannot pass the budget.
+    assert spent <= budget, f"spent {spent} nano-USD of a {budget} budget"
+    customer = admin.call("GET", "/admin/v1/customers/budget")
+    assert nano(customer["spent_usd_this_period"]) == spent
+
+
+def test_customers_only_see_their_own_usage(billing):
+    admin = Admin(billing)
+    keys = {}
+    for c in ("iso-a", "iso-b"):
+        admin.customer(c)
+        keys[c] = admin.key(c)["key"]
+    ids = []
+    for c, n in (("iso-a", 2), ("iso-b", 3)):
+        for i in range(n):
+            ids.append(chat(sdk(billing, keys[c]), f"Hello {i}", max_tokens=4)[0])
+    records = admin.wait_for(ids)
+    day = int(time.time()) // 86400 * 86400
+    for c in keys:
+        http = httpx.Client(base_url=billing.base_url, headers={"Authorization": f"Bearer {keys[c]}"})
+        page = http.get(
+            "/organization/usage/completions",
+            params={"start_time": day, "bucket_width": "1d", "group_by": "model,api_key_id"},
+        ).json()
+        results = [res for bucket in page["data"] for res in bucket["results"]]
+        own_key_ids = {k["id"] for k in admin.call("GET", f"/admin/v1/customers/{c}/keys")["data"]}
+        assert results and {res["api_key_id"] for res in results} <= own_key_ids
+        mine = [r for r in records.values() if r["customer_id"] == c]
+        assert sum(res["num_model_requests"] for res in results) == len(mine)
+        assert sum(res["input_tokens"] for res in results) == sum(r["input_tokens"] for r in mine)
+        assert sum(res["output_tokens"] for res in results) == sum(r["output_tokens"] for r in mine)
+        costs = http.get("/organization/costs", params={"start_time": day}).json()
+        total = sum(res["amount"]["value"] for b in costs["data"] for res in b["results"])
+        assert total == pytest.approx(sum(nano(r["cost_usd"]) for r in mine) / 1e9, abs=1e-12)
+        # The admin API is not reachable with a customer key.
+        assert http.get(f"http://{billing.addr}/admin/v1/customers").status_code == 401
+
+
+def tollgate(*args, **kw):
+    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
+    return subprocess.run([binary, *args], capture_output=True, text=True, check=True, **kw)
+
+
+def test_cli_keys_and_incremental_export(billing):
+    db = ["--database", billing.db]
+    made = json.loads(tollgate("customers", "create", "cli-co", "--budget-usd", "5", *db).stdout)
+    assert made["budget_usd"] == "5.000000000"
+    key = json.loads(tollgate("keys", "create", "cli-co", "--name", "cron", *db).stdout)["key"]
+    client = sdk(billing, key)
+    first = [chat(client, f"One {i}", max_tokens=3)[0] for i in range(2)]
+    admin = Admin(billing)
+    admin.wait_for(first)
+    cursor = Path(tempfile.mkdtemp()) / "cursor"
+    out1 = tollgate("usage", "export", "--cursor-file", str(cursor), "--format", "jsonl", *db).stdout
+    second = [chat(client, f"Two {i}", max_tokens=3)[0] for i in range(3)]
+    admin.wait_for(second)
+    out2 = tollgate("usage", "export", "--cursor-file", str(cursor), "--format", "jsonl", *db).stdout
+    out3 = tollgate("usage", "export", "--cursor-file", str(cursor), "--format", "jsonl", *db).stdout
+    ids1 = [json.loads(line)["id"] for line in out1.splitlines()]
+    ids2 = [json.loads(line)["id"] for line in out2.splitlines()]
+    assert set(first) <= set(ids1) and set(second) == set(ids2), "second run has exactly the new records"
+    assert out3 == ""
+    everything = [r["id"] for r in admin.records()]
+    assert ids1 + ids2 == everything, "no gaps, no duplicates, ledger order"
+    csv_out = tollgate("usage", "export", "--format", "csv", *db).stdout.splitlines()
+    assert csv_out[0].startswith("id,customer_id,key_id,model,endpoint,stream,status")
+    assert len(csv_out) == 1 + len(everything)
+    invoice = json.loads(tollgate("usage", "invoice", "cli-co", *db).stdout)
+    assert nano(invoice["total_usd"]) == sum(nano(li["amount_usd"]) for li in invoice["line_items"]) > 0
+    tollgate("keys", "revoke", json.loads(tollgate("keys", "list", "cli-co", *db).stdout)["data"][0]["id"], *db)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
+
+
+def test_kill9_after_responses_loses_no_record():
+    tmp = tempfile.mkdtemp(prefix="tollgate-kill-")
+    args = ["--database", os.path.join(tmp, "ledger.db")]
+    srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    client = sdk(srv, API_KEY)
+    ids = []
+    for i in range(8):
+        ids.append(chat(client, f"Quick {i}", max_tokens=4, stream=i % 2 == 1)[0])
+    srv.proc.kill()  # SIGKILL right after the last response completed
+    srv.proc.wait()
+    srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    try:
+        records = Admin(srv).wait_for(ids, timeout=15)
+        ledger_ids = [r["id"] for r in Admin(srv).records()]
+        assert sorted(ledger_ids) == sorted(set(ledger_ids)), "no record twice"
+        assert set(ids) <= set(records)
+    finally:
+        assert stop_server(srv) == 0
+
+
+def pg(cmd):
+    return subprocess.run(
+        [str(ROOT / "scripts" / "postgres.sh"), cmd], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def metric(server, name):
+    text = httpx.get(f"http://{server.addr}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {name}")
+
+
+@pytest.mark.skipif(
+    not os.environ.get("TOLLGATE_TEST_POSTGRES"),
+    reason="needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)",
+)
+def test_postgres_outage_mid_load_loses_and_doubles_nothing():
+    url = pg("reset")
+    srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--database", url])
+    try:
+        admin = Admin(srv)
+        admin.customer("pg-co")
+        key = admin.key("pg-co")["key"]
+        client = sdk(srv, key)
+        ids, errors = [], []
+        chat(client, "warm up", max_tokens=2)  # the key is looked up once while the database is up
+
+        def load(n, tag):
+            for i in range(n):
+                try:
+                    ids.append(chat(client, f"{tag} {i}", max_tokens=4, stream=i % 2 == 0)[0])
+                except Exception as e:  # noqa: BLE001 - every failure is reported below
+                    errors.append(repr(e))
+
+        load(5, "before")
+        pg("stop")
+        load(10, "during")
+        assert metric(srv, "tollgate_ledger_spooled_records") > 0
+        pg("start")
+        load(5, "after")
+        assert not errors, errors
+        deadline = time.time() + 30
+        while metric(srv, "tollgate_ledger_pending_records") > 0:
+            assert time.time() < deadline, "spooled records never reached PostgreSQL"
+            time.sleep(0.2)
+        ledger_ids = [r["id"] for r in admin.records()]
+        assert len(ledger_ids) == len(set(ledger_ids))
+        assert set(ids) <= set(ledger_ids)
+        assert len(ledger_ids) == len(ids) + 1  # plus the warm-up
+    finally:
+        pg("start")
+        assert stop_server(srv) == 0
