@@ -21,7 +21,7 @@ fn record(id: &str, customer: &str, model: &str, started_at: i64, cost: i64) -> 
         key_id: format!("key_{customer}"),
         model: model.into(),
         endpoint: "/v1/chat/completions".into(),
-        stream: id.len() % 2 == 0,
+        stream: id.len().is_multiple_of(2),
         status: "completed".into(),
         finish_reason: Some("stop".into()),
         input_tokens: 10,
