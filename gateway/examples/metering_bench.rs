@@ -1,0 +1,184 @@
+//! Benchmark of the metering path, without a model: ledger throughput and the latency metering
+//! adds to a request.
+//!
+//!     cargo run --release -p tollgate-gateway --example metering_bench -- [DATABASE_URL]
+//!
+//! DATABASE_URL defaults to a temporary SQLite file; pass `$(scripts/postgres.sh reset)` for
+//! PostgreSQL. Prints:
+//! - ledger throughput: records/s from 64 concurrent producers through [`Ledger::record`]
+//!   (spool append + fdatasync, then batched inserts) until all are in the database, and raw
+//!   batched inserts (`Store::insert_records`, 500 per batch);
+//! - metering latency per request, p50/p99 over sequential requests: key lookup in the
+//!   database, rate limits, budget reservation and settlement, and the durable record (the
+//!   path a request takes besides the model), each phase and in total.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+use tollgate_gateway::auth::{digest, hex, AuthConfig};
+use tollgate_gateway::ledger::{Ledger, LedgerGauges};
+use tollgate_gateway::limits::Limiter;
+use tollgate_gateway::store::{now_micros, CustomerFields, NewKey, Store, UsageRecord};
+
+const THROUGHPUT_RECORDS: usize = 20_000;
+const PRODUCERS: usize = 64;
+const LATENCY_REQUESTS: usize = 2_000;
+
+fn record(id: String, started_at: i64) -> UsageRecord {
+    UsageRecord {
+        id,
+        customer_id: "bench".into(),
+        key_id: "key_bench".into(),
+        model: "smollm2-135m".into(),
+        endpoint: "/v1/chat/completions".into(),
+        stream: true,
+        status: "completed".into(),
+        finish_reason: Some("stop".into()),
+        input_tokens: 27,
+        output_tokens: 64,
+        started_at,
+        finished_at: started_at + 900_000,
+        ttft_ms: Some(40),
+        input_price_per_mtok: "0.05".into(),
+        output_price_per_mtok: "0.10".into(),
+        cost_nano_usd: 7_750,
+    }
+}
+
+fn pct(sorted: &[Duration], q: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| tmp.path().join("bench.db").display().to_string());
+    let store = Store::connect(&url).await?;
+    println!("database: {:?}", store.kind());
+    store
+        .create_customer(
+            "bench",
+            CustomerFields {
+                name: Some("bench".into()),
+                budget_nano_usd: Some(Some(i64::MAX / 4)),
+                rpm: Some(Some(1_000_000)),
+                tpm: Some(Some(1_000_000_000)),
+                ..CustomerFields::default()
+            },
+        )
+        .await?;
+    let secret = "tg-bench-secret";
+    store
+        .create_key(
+            "bench",
+            "key_bench",
+            &hex(&digest(secret)),
+            "tg-bench",
+            NewKey::default(),
+        )
+        .await?;
+    let gauges = LedgerGauges {
+        pending: IntGauge::new("pending", "pending")?,
+        spooled: IntGauge::new("spooled", "spooled")?,
+    };
+    let ledger = Ledger::start(
+        store.clone(),
+        &tmp.path().join("bench.spool"),
+        gauges.clone(),
+    )?;
+
+    // Throughput through the ledger.
+    let run = uuid_prefix();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let ledger = ledger.clone();
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (p..THROUGHPUT_RECORDS).step_by(PRODUCERS) {
+                ledger
+                    .record(record(format!("{run}-t{i}"), now_micros()))
+                    .await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let durable = t.elapsed();
+    while gauges.pending.get() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stored = t.elapsed();
+    println!(
+        "ledger: {THROUGHPUT_RECORDS} records from {PRODUCERS} producers: durable (spooled) at {:.0} records/s, in the database at {:.0} records/s",
+        THROUGHPUT_RECORDS as f64 / durable.as_secs_f64(),
+        THROUGHPUT_RECORDS as f64 / stored.as_secs_f64()
+    );
+    let batch: Vec<UsageRecord> = (0..THROUGHPUT_RECORDS)
+        .map(|i| record(format!("{run}-b{i}"), now_micros()))
+        .collect();
+    let t = Instant::now();
+    for chunk in batch.chunks(500) {
+        store.insert_records(chunk).await?;
+    }
+    println!(
+        "store: batched inserts of 500: {:.0} records/s",
+        THROUGHPUT_RECORDS as f64 / t.elapsed().as_secs_f64()
+    );
+
+    // Latency of the metering path per request.
+    let auth = AuthConfig::default();
+    let limiter = Limiter::default();
+    let (mut lookup, mut limits, mut recording, mut total) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..LATENCY_REQUESTS {
+        let t0 = Instant::now();
+        let caller = auth.resolve(Some(&store), secret).await.expect("key");
+        let t1 = Instant::now();
+        limiter.admit_request(&caller.limits).expect("rpm");
+        let tokens = limiter
+            .reserve_tokens(&caller.limits, 27 + 64)
+            .expect("tpm");
+        let budget = limiter
+            .reserve_budget(Some(&store), &caller.customer_id, i64::MAX / 4, 7_750)
+            .await?
+            .expect("budget");
+        limiter.settle_tokens(&tokens, 91);
+        limiter.settle_budget(&budget, 7_750);
+        let t2 = Instant::now();
+        ledger
+            .record(record(format!("{run}-l{i}"), now_micros()))
+            .await;
+        let t3 = Instant::now();
+        lookup.push(t1 - t0);
+        limits.push(t2 - t1);
+        recording.push(t3 - t2);
+        total.push(t3 - t0);
+    }
+    for (name, v) in [
+        ("key lookup", &mut lookup),
+        ("limits+budget", &mut limits),
+        ("durable record", &mut recording),
+        ("metering total", &mut total),
+    ] {
+        v.sort();
+        println!(
+            "{name:>15}: p50 {:.3} ms  p99 {:.3} ms",
+            pct(v, 0.5),
+            pct(v, 0.99)
+        );
+    }
+    ledger.close(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// A per-run prefix, so runs against the same database do not collide.
+fn uuid_prefix() -> String {
+    format!("bench{}", now_micros())
+}
