@@ -2,6 +2,7 @@
 //! invoices, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -71,20 +72,21 @@ fn store(state: &AppState) -> Result<&Store, ApiError> {
         .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))
 }
 
-/// A JSON object body; anything else is a 400 naming the problem.
-fn object(
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
-) -> Result<Map<String, Value>, ApiError> {
-    match body {
-        Ok(Json(Value::Object(map))) => Ok(map),
+/// A JSON object body (whatever the `Content-Type`, so `curl -d` works); anything else is a
+/// 400 naming the problem.
+fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let text = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    match serde_json::from_slice::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::invalid(
             "the request body must be a JSON object",
             None,
         )),
-        Err(e) => Err(ApiError::invalid(
-            format!("invalid JSON body: {}", e.body_text()),
-            None,
-        )),
+        Err(e) => Err(ApiError::invalid(format!("invalid JSON body: {e}"), None)),
     }
 }
 
@@ -219,11 +221,8 @@ fn list(data: Vec<Value>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-async fn create_customer(
-    State(state): State<AppState>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
-) -> Result<Response, ApiError> {
-    let map = object(body)?;
+async fn create_customer(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let map = object(&body)?;
     reject_unknown(
         &map,
         &["id", "name", "budget_usd", "budget_period", "rpm", "tpm"],
@@ -263,9 +262,9 @@ async fn get_customer(
 async fn update_customer(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let map = object(body)?;
+    let map = object(&body)?;
     reject_unknown(&map, &["name", "budget_usd", "budget_period", "rpm", "tpm"])?;
     let fields = customer_fields(&map)?;
     let customer = store(&state)?.update_customer(&id, fields).await?;
@@ -343,9 +342,9 @@ fn models_field(
 async fn create_key(
     State(state): State<AppState>,
     Path(customer_id): Path<String>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let map = object(body)?;
+    let map = object(&body)?;
     reject_unknown(&map, &["name", "models", "rpm", "tpm", "expires_at"])?;
     let new = NewKey {
         name: string_field(&map, "name")?.unwrap_or_default(),
