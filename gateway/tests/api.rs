@@ -21,6 +21,7 @@ use tollgate_gateway::backend::{
     Prepared, Prompt, Start, Usage,
 };
 use tollgate_gateway::config::Config;
+use tollgate_gateway::store::{Store, UsageRecord};
 use tollgate_gateway::AppState;
 
 const KEY: &str = "test-key";
@@ -152,14 +153,24 @@ const FAKE_MODEL: &str = r#"
 [models.fake]
 source = { path = "unused.gguf" }
 backend = { type = "http", urls = ["http://127.0.0.1:9"] }
+price = { input_per_mtok = "1", output_per_mtok = "2" }
 "#;
 
 async fn start(server: &str) -> Server {
+    start_with(server, None).await
+}
+
+/// A server metering into `store` (spool at `spool`).
+async fn start_with(server: &str, billing: Option<(Store, &Path)>) -> Server {
     let config = Config::from_toml_str(&format!("{server}{FAKE_MODEL}"), Path::new(".")).unwrap();
     let backend = Arc::new(FakeBackend::default());
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     backends.insert(MODEL.into(), Arc::new(Shared(backend.clone())));
-    let state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
+    let mut state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
+    if let Some((store, spool)) = billing {
+        store.ensure_customer("default", "Default").await.unwrap();
+        state = state.with_billing(store, spool).unwrap();
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
@@ -529,4 +540,103 @@ async fn shutdown_timeout_drops_endless_streams() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until the ledger holds `n` records, and returns them.
+async fn ledger(store: &Store, n: usize) -> Vec<UsageRecord> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (records, _) = store.records_after(0, 100).await.unwrap();
+        if records.len() >= n {
+            return records;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} records",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(dir.path().join("l.db").to_str().unwrap())
+        .await
+        .unwrap();
+    let spool = dir.path().join("l.spool");
+    let s = start_with(
+        "[server]\nshutdown_timeout_secs = 5\n",
+        Some((store.clone(), &spool)),
+    )
+    .await;
+    // Completed: 3 prompt + 2 output tokens at 1 and 2 USD per million = 7,000 nano-USD.
+    let ok = post(s.addr, "/v1/chat/completions", &chat("hi")).await;
+    assert_eq!(ok.status(), 200);
+    let ok_id = ok.headers()["x-request-id"].to_str().unwrap().to_string();
+    // Failed after one token: recorded, not charged.
+    let failed = post(s.addr, "/v1/chat/completions", &chat("fail-mid")).await;
+    assert_eq!(failed.status(), 500);
+    let failed_id = failed.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    // Never started (overloaded): no record.
+    let overloaded = post(s.addr, "/v1/chat/completions", &chat("overload")).await;
+    assert_eq!(overloaded.status(), 503);
+    // Cancelled mid-stream: billed for the tokens generated before the engine stopped.
+    let mut body = chat("endless");
+    body["stream"] = json!(true);
+    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let cancelled_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut stream = r.bytes_stream();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+
+    let records = ledger(&store, 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        store.records_after(0, 100).await.unwrap().0.len(),
+        3,
+        "exactly three records"
+    );
+    let by_id = |id: &str| records.iter().find(|r| r.id == id).unwrap().clone();
+    let ok = by_id(&ok_id);
+    assert_eq!(
+        (
+            ok.status.as_str(),
+            ok.input_tokens,
+            ok.output_tokens,
+            ok.cost_nano_usd
+        ),
+        ("completed", 3, 2, 7_000)
+    );
+    assert_eq!(ok.finish_reason.as_deref(), Some("stop"));
+    assert_eq!((ok.customer_id.as_str(), ok.stream), ("default", false));
+    assert_eq!(
+        (
+            ok.input_price_per_mtok.as_str(),
+            ok.output_price_per_mtok.as_str()
+        ),
+        ("1", "2")
+    );
+    let failed = by_id(&failed_id);
+    assert_eq!(
+        (
+            failed.status.as_str(),
+            failed.output_tokens,
+            failed.cost_nano_usd
+        ),
+        ("failed", 1, 0)
+    );
+    let cancelled = by_id(&cancelled_id);
+    assert_eq!(cancelled.status, "cancelled");
+    assert!(cancelled.stream && cancelled.output_tokens >= 1);
+    assert_eq!(
+        cancelled.cost_nano_usd,
+        3_000 + 2_000 * cancelled.output_tokens
+    );
 }
