@@ -407,7 +407,8 @@ def metric(server, name):
 )
 def test_postgres_outage_mid_load_loses_and_doubles_nothing():
     url = pg("reset")
-    srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--database", url])
+    spool = os.path.join(tempfile.mkdtemp(prefix="tollgate-pg-"), "ledger.spool")
+    srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--database", url, "--spool", spool])
     try:
         admin = Admin(srv)
         admin.customer("pg-co")
