@@ -219,12 +219,25 @@ def test_admin_api_and_key_rules(billing):
     chat(client, "Hi", max_tokens=2)
     past = admin.http.post("/admin/v1/customers/rules/keys", json={"expires_at": "2001-01-01T00:00:00Z"})
     assert past.status_code == 400 and past.json()["error"]["param"] == "expires_at"
+    soon = admin.key("rules", expires_at=int(time.time()) + 2)
+    expiring = sdk(billing, soon["key"])
+    chat(expiring, "Hi", max_tokens=2)
+    time.sleep(max(0.0, soon_deadline(soon) - time.time()) + 0.2)
+    with pytest.raises(openai.AuthenticationError) as e:
+        expiring.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
+    assert "expired" in e.value.message
 
     admin.call("DELETE", f"/admin/v1/keys/{created['id']}")
     with pytest.raises(openai.AuthenticationError) as e:
         client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
     assert "revoked" in e.value.message
     assert admin.http.delete("/admin/v1/keys/key_nope").status_code == 404
+
+
+def soon_deadline(key):
+    from datetime import datetime
+
+    return datetime.fromisoformat(key["expires_at"].replace("Z", "+00:00")).timestamp()
 
 
 def test_model_allow_list_is_enforced(billing):
