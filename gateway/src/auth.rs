@@ -39,6 +39,8 @@ pub struct Caller {
     pub limits: Limits,
     /// Monthly budget in nano-USD; `None` = unlimited.
     pub budget_nano_usd: Option<i64>,
+    /// When the key stops working (Unix micros), also while served from the last lookup.
+    pub expires_at: Option<i64>,
 }
 
 impl Caller {
@@ -56,6 +58,7 @@ impl Caller {
                 customer_tpm: customer.tpm,
             },
             budget_nano_usd: customer.budget_nano_usd,
+            expires_at: key.expires_at,
         }
     }
 
@@ -141,6 +144,7 @@ impl AuthConfig {
                     ..Limits::default()
                 },
                 budget_nano_usd: customer.and_then(|c| c.budget_nano_usd),
+                expires_at: None,
             });
         }
         let Some(store) = store else {
@@ -178,6 +182,9 @@ impl AuthConfig {
                     .get(&d)
                     .cloned();
                 match known {
+                    Some(caller) if caller.expires_at.is_some_and(|t| t <= now_micros()) => {
+                        Err(ApiError::InvalidApiKey("this API key has expired".into()))
+                    }
                     Some(caller) => {
                         tracing::warn!("key lookup failed, serving from the last lookup: {e}");
                         Ok(caller)

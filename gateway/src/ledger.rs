@@ -54,6 +54,11 @@ pub struct LedgerGauges {
 #[derive(Clone)]
 pub struct Ledger {
     tx: mpsc::UnboundedSender<Msg>,
+    /// For records that arrive after [`Ledger::close`]: appended directly, replayed at the
+    /// next start.
+    spool: Arc<Mutex<Spool>>,
+    /// Held for the process's life: one spool per process.
+    _lock: Arc<File>,
     writer: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -128,8 +133,16 @@ impl Spool {
             serde_json::to_writer(&mut buf, r)?;
             buf.push(b'\n');
         }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
+        let before = self.file.metadata()?.len();
+        if let Err(e) = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data())
+        {
+            // Never leave a torn line for the next append to glue onto.
+            let _ = self.file.set_len(before);
+            return Err(e);
+        }
         self.lines += records.len();
         Ok(())
     }
@@ -151,6 +164,7 @@ impl Spool {
 impl Ledger {
     /// Opens the spool at `spool_path`, replays it, and starts the writer.
     pub fn start(store: Store, spool_path: &Path, gauges: LedgerGauges) -> anyhow::Result<Self> {
+        let lock = lock_spool(spool_path)?;
         let (spool, replay) = Spool::open(spool_path).map_err(|e| {
             anyhow::anyhow!("cannot open the ledger spool {}: {e}", spool_path.display())
         })?;
@@ -169,7 +183,7 @@ impl Ledger {
         };
         let writer = DbWriter {
             store,
-            spool,
+            spool: spool.clone(),
             pending: replay.into_iter().map(|r| (r, true)).collect(),
             gauges,
         };
@@ -179,8 +193,23 @@ impl Ledger {
         });
         Ok(Self {
             tx,
+            spool,
+            _lock: Arc::new(lock),
             writer: Arc::new(tokio::sync::Mutex::new(Some(handle))),
         })
+    }
+
+    /// After `close`: the spool thread is gone, so append here (replayed at the next start).
+    fn append_late(&self, record: UsageRecord) {
+        let mut s = lock(&self.spool);
+        match s.append(std::slice::from_ref(&record)) {
+            Ok(()) => {
+                tracing::warn!(id = %record.id, "usage record arrived after the ledger closed: spooled for the next start")
+            }
+            Err(e) => {
+                tracing::error!(id = %record.id, "usage ledger is closed and the spool failed: record lost: {e}")
+            }
+        }
     }
 
     /// Hands a record to the ledger and waits until it is durable (spooled and synced).
@@ -190,8 +219,8 @@ impl Ledger {
             record: Box::new(record),
             durable: Some(done),
         };
-        if self.tx.send(msg).is_err() {
-            tracing::error!("usage ledger is closed: a record was not written");
+        if let Err(mpsc::error::SendError(Msg::Record { record, .. })) = self.tx.send(msg) {
+            self.append_late(*record);
             return;
         }
         let _ = durable.await;
@@ -204,8 +233,8 @@ impl Ledger {
             record: Box::new(record),
             durable: None,
         };
-        if self.tx.send(msg).is_err() {
-            tracing::error!("usage ledger is closed: a record was not written");
+        if let Err(mpsc::error::SendError(Msg::Record { record, .. })) = self.tx.send(msg) {
+            self.append_late(*record);
         }
     }
 
@@ -247,15 +276,21 @@ fn spool_loop(
                 Err(_) => break,
             }
         }
+        if batch.iter().any(|m| matches!(m, Msg::Stop)) {
+            // Refuse new records (senders then append to the spool themselves) and take what
+            // is already queued.
+            stopping = true;
+            rx.close();
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+            }
+        }
         let mut records = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
         for m in batch {
-            match m {
-                Msg::Record { record, durable } => {
-                    records.push(*record);
-                    waiters.extend(durable);
-                }
-                Msg::Stop => stopping = true,
+            if let Msg::Record { record, durable } = m {
+                records.push(*record);
+                waiters.extend(durable);
             }
         }
         if !records.is_empty() {
@@ -279,6 +314,32 @@ fn spool_loop(
     let _ = db.send(None);
 }
 
+/// Takes an exclusive lock next to the spool, so two processes never share one spool (one
+/// would truncate the other's records).
+fn lock_spool(spool_path: &Path) -> anyhow::Result<File> {
+    if let Some(dir) = spool_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    let path = spool_path.with_extension("spool.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "the ledger spool {} is in use by another process; give each gateway its own --spool",
+            spool_path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::anyhow!("cannot lock {}: {e}", path.display()))
+        }
+    }
+}
+
 /// The database task: inserts spooled records, retrying while the database is down.
 struct DbWriter {
     store: Store,
@@ -293,24 +354,29 @@ impl DbWriter {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Option<Vec<(UsageRecord, bool)>>>) {
         let mut delay = RETRY_MIN;
         let mut stopping = false;
-        let mut failing = false;
+        // While the database fails: when to try again (new records do not postpone it).
+        let mut retry_at: Option<tokio::time::Instant> = None;
         self.gauges.pending.set(self.pending.len() as i64);
-        if !self.pending.is_empty() {
-            failing = !self.flush().await;
-        }
-        while !stopping {
-            let received = if failing {
-                // Retry after a delay unless new records arrive first.
-                tokio::select! {
-                    r = rx.recv() => r,
-                    () = tokio::time::sleep(delay) => {
-                        failing = !self.flush().await;
-                        delay = if failing { (delay * 2).min(RETRY_MAX) } else { RETRY_MIN };
-                        continue;
-                    }
+        loop {
+            let due = retry_at.is_none_or(|t| tokio::time::Instant::now() >= t);
+            if (due || stopping) && !self.pending.is_empty() {
+                if self.flush().await {
+                    retry_at = None;
+                    delay = RETRY_MIN;
+                } else {
+                    retry_at = Some(tokio::time::Instant::now() + delay);
+                    delay = (delay * 2).min(RETRY_MAX);
                 }
-            } else {
-                rx.recv().await
+            }
+            if stopping {
+                break;
+            }
+            let received = match retry_at {
+                Some(t) => tokio::select! {
+                    r = rx.recv() => r,
+                    () = tokio::time::sleep_until(t) => continue,
+                },
+                None => rx.recv().await,
             };
             match received {
                 Some(Some(records)) => self.pending.extend(records),
@@ -323,14 +389,8 @@ impl DbWriter {
                 }
             }
             self.gauges.pending.set(self.pending.len() as i64);
-            if !failing || stopping {
-                failing = !self.flush().await;
-                if !failing {
-                    delay = RETRY_MIN;
-                }
-            }
         }
-        if failing && !self.pending.is_empty() {
+        if !self.pending.is_empty() {
             tracing::warn!(
                 records = self.pending.len(),
                 "usage ledger: database unreachable at shutdown; records stay in the spool"

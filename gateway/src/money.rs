@@ -44,8 +44,8 @@ pub fn parse_usd(text: &str) -> Result<i64, String> {
     if d.scale() > 9 {
         return Err(format!("`{text}` has more than 9 decimal places"));
     }
-    (d * Decimal::from(NANOS_PER_USD))
-        .to_i64()
+    d.checked_mul(Decimal::from(NANOS_PER_USD))
+        .and_then(|n| n.to_i64())
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 

@@ -260,7 +260,7 @@ impl Store {
             options.after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                          PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
                     )
                     .await?;

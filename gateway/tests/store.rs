@@ -301,6 +301,7 @@ async fn spool_is_replayed_at_start_idempotently() {
         .unwrap();
     let ledger = Ledger::start(store.clone(), &spool, gauges()).unwrap();
     ledger.close(Duration::from_secs(10)).await;
+    drop(ledger);
     let (records, _) = store.records_after(0, 100).await.unwrap();
     let mut ids: Vec<String> = records.into_iter().map(|r| r.id).collect();
     ids.sort();
@@ -350,6 +351,27 @@ async fn records_wait_in_the_spool_while_the_database_is_down() {
     ledger.close(Duration::from_secs(10)).await;
     assert_eq!(store.records_after(0, 100).await.unwrap().0.len(), 5);
     assert_eq!(std::fs::metadata(&spool).unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn one_spool_per_process_and_late_records_wait_in_it() {
+    let (dir, store) = sqlite().await;
+    let spool = dir.path().join("ledger.spool");
+    let ledger = Ledger::start(store.clone(), &spool, gauges()).unwrap();
+    let second = Ledger::start(store.clone(), &spool, gauges());
+    assert!(second
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("in use by another process"));
+    ledger.close(Duration::from_secs(10)).await;
+    // A request that finishes after shutdown began still leaves its record, in the spool.
+    ledger.record(record("late", "acme", "m1", 1, 1)).await;
+    drop(ledger);
+    assert!(store.records_after(0, 10).await.unwrap().0.is_empty());
+    let again = Ledger::start(store.clone(), &spool, gauges()).unwrap();
+    again.close(Duration::from_secs(10)).await;
+    assert_eq!(store.records_after(0, 10).await.unwrap().0[0].id, "late");
 }
 
 async fn sqlx_exec(store: &Store, sql: &str) {

@@ -280,9 +280,18 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             db,
         } => {
             let expires_at = match expires_at {
-                Some(t) => Some(parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?),
+                Some(t) => {
+                    let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
+                    if at <= tollgate_gateway::store::now_micros() {
+                        bail!("--expires-at {t} is in the past");
+                    }
+                    Some(at)
+                }
                 None => None,
             };
+            if rpm.is_some_and(|v| v <= 0) || tpm.is_some_and(|v| v <= 0) {
+                bail!("--rpm and --tpm must be positive");
+            }
             let new = NewKey {
                 name,
                 models,
@@ -345,6 +354,12 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             output,
             db,
         } => {
+            if cursor_file.is_some() && (from.is_some() || to.is_some()) {
+                // A record started inside a past window can be written after the cursor
+                // passed it (a long stream, an outage); cursor exports follow the ledger order
+                // alone so they never skip one.
+                bail!("--cursor-file exports everything after the cursor; it cannot be combined with --from/--to");
+            }
             let start = time_arg(from.as_deref(), "from", i64::MIN)?;
             let end = time_arg(to.as_deref(), "to", i64::MAX)?;
             let store = db.open().await?;
