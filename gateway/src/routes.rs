@@ -53,8 +53,13 @@ struct Completion {
     started: Instant,
     started_at: i64,
     first_token: Option<Instant>,
-    /// Prompt tokens per distinct prompt, counted once.
-    prompt_tokens: u32,
+    /// Prompt tokens of each choice as prepared (exact for local models, an upper bound for
+    /// upstreams until they report usage).
+    prompts: Vec<u32>,
+    /// Prompt tokens each choice's backend reported when it finished.
+    prompts_reported: Vec<Option<u32>>,
+    /// Choices per distinct prompt (`n`): a prompt is counted once for its `n` choices.
+    per_prompt: usize,
     /// Tokens generated so far, per choice.
     generated: Vec<u32>,
     finish: Option<FinishReason>,
@@ -70,6 +75,22 @@ impl Completion {
         self.generated.iter().sum()
     }
 
+    /// Prompt tokens, once per distinct prompt: as the backend reported them, else as prepared.
+    fn prompt_tokens(&self) -> u32 {
+        self.prompts
+            .chunks(self.per_prompt.max(1))
+            .zip(self.prompts_reported.chunks(self.per_prompt.max(1)))
+            .map(|(prepared, reported)| {
+                reported
+                    .iter()
+                    .flatten()
+                    .next()
+                    .copied()
+                    .unwrap_or(prepared[0])
+            })
+            .sum()
+    }
+
     fn finish(&mut self, outcome: &'static str) {
         self.outcome = outcome;
     }
@@ -81,6 +102,7 @@ impl Completion {
 
     fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
         self.generated[choice] = usage.completion_tokens;
+        self.prompts_reported[choice] = Some(usage.prompt_tokens);
         if choice == 0 || self.finish.is_none() {
             self.finish = Some(reason);
         }
@@ -92,7 +114,7 @@ impl Completion {
             return None;
         }
         self.settled = true;
-        let input = u64::from(self.prompt_tokens);
+        let input = u64::from(self.prompt_tokens());
         let output = u64::from(self.completion_tokens());
         // Failures are on us: recorded, never charged.
         let cost = if self.outcome == "failed" {
@@ -176,7 +198,7 @@ impl Drop for Completion {
         let completion_tokens = self.completion_tokens();
         m.input_tokens
             .with_label_values(&model)
-            .inc_by(f64::from(self.prompt_tokens));
+            .inc_by(f64::from(self.prompt_tokens()));
         m.output_tokens
             .with_label_values(&model)
             .inc_by(f64::from(completion_tokens));
@@ -196,7 +218,7 @@ impl Drop for Completion {
             customer_id = %self.caller.customer_id,
             model = %self.model,
             outcome = self.outcome,
-            prompt_tokens = self.prompt_tokens,
+            prompt_tokens = self.prompt_tokens(),
             completion_tokens,
             ttft_ms = self.first_token.map(|f| (f - self.started).as_millis() as u64),
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -322,7 +344,9 @@ async fn respond(
         started: Instant::now(),
         started_at: now_micros(),
         first_token: None,
-        prompt_tokens,
+        prompts: prepared.iter().map(|p| p.prompt_tokens).collect(),
+        prompts_reported: vec![None; prepared.len()],
+        per_prompt: n,
         generated: vec![0; prepared.len()],
         finish: None,
         outcome: "cancelled",
@@ -399,7 +423,14 @@ async fn collect(
             }
         }
     }
-    let prompt_tokens = completion.prompt_tokens;
+    if results.iter().any(|r| r.finish.is_none()) {
+        // A backend stream that ends without finishing (its engine went away) is a failure.
+        completion.commit("failed").await;
+        return Err(ApiError::Internal(
+            "the model stopped before finishing".into(),
+        ));
+    }
+    let prompt_tokens = completion.prompt_tokens();
     let completion_tokens = completion.completion_tokens();
     completion.commit("completed").await;
     let created = now_secs();
@@ -527,6 +558,7 @@ fn stream_response(
             }
         }
         let mut text_offsets = vec![0usize; n_choices];
+        let mut finished = vec![false; n_choices];
         let mut merged = select_all(streams.into_iter().enumerate().map(|(i, s)| s.map(move |e| (i, e))));
         while let Some((index, event)) = merged.next().await {
             match event {
@@ -552,6 +584,7 @@ fn stream_response(
                 }
                 Ok(GenerateEvent::Finished { reason, usage }) => {
                     completion.on_finished(index, reason, usage);
+                    finished[index] = true;
                     let choice = match kind {
                         Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}),
                         Kind::Text => json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()}),
@@ -566,9 +599,15 @@ fn stream_response(
                 }
             }
         }
+        if finished.iter().any(|f| !f) {
+            completion.commit("failed").await;
+            yield data(&ApiError::Internal("the model stopped before finishing".into()).body());
+            yield Ok(Event::default().data("[DONE]"));
+            return;
+        }
         completion.commit("completed").await;
         if include_usage {
-            let p = completion.prompt_tokens;
+            let p = completion.prompt_tokens();
             let c = completion.completion_tokens();
             yield data(&json!({
                 "id": response_id, "object": object, "created": created,
@@ -599,8 +638,25 @@ pub async fn get_model(
     Ok(Json(model_json(&backend.info())))
 }
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness and load: the server answers only once its models are loaded, and reports each
+/// model's running and waiting sequences and KV-cache use (gateways route on it).
+pub async fn health(State(state): State<AppState>) -> Json<Value> {
+    let mut models: Vec<Value> = state
+        .backends
+        .iter()
+        .map(|(id, b)| {
+            let l = b.load();
+            json!({
+                "id": id,
+                "running": l.running,
+                "waiting": l.waiting,
+                "kv_cache_used_bytes": l.kv_cache_used_bytes,
+                "kv_cache_capacity_bytes": l.kv_cache_capacity_bytes,
+            })
+        })
+        .collect();
+    models.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Json(json!({"status": "ok", "models": models}))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
