@@ -18,6 +18,7 @@ pub mod money;
 pub mod openai;
 mod routes;
 pub mod store;
+pub mod upstream;
 mod usage_api;
 
 use std::collections::HashMap;

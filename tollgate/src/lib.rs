@@ -90,6 +90,41 @@ pub async fn serve(
     result
 }
 
+/// `tollgate worker`: one local model's engine behind the OpenAI API, for gateways to route
+/// to. Clients (gateways) authenticate with the shared internal `token`; nothing is metered
+/// here (the gateway meters what the worker reports).
+pub async fn worker(
+    listener: tokio::net::TcpListener,
+    mut config: Config,
+    model: &str,
+    device: Option<String>,
+    token: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Some(mut entry) = config.models.remove(model) else {
+        let known: Vec<&String> = config.models.keys().collect();
+        anyhow::bail!("no model `{model}` in the catalogue (it has {known:?})");
+    };
+    match &mut entry.backend {
+        tollgate_gateway::config::BackendConfig::Local(local) => {
+            if let Some(d) = device {
+                local.device = d;
+            }
+        }
+        tollgate_gateway::config::BackendConfig::Http(_) => {
+            anyhow::bail!("model `{model}` is an http backend; a worker serves a local model")
+        }
+    }
+    if token.is_empty() {
+        anyhow::bail!("set TOLLGATE_WORKER_TOKEN: the token gateways present to this worker");
+    }
+    config.models = std::iter::once((model.to_string(), entry)).collect();
+    let backends = models::start_backends(&config).await?;
+    let auth = tollgate_gateway::auth::AuthConfig::from_keys([token]);
+    let state = tollgate_gateway::AppState::new(config, backends, auth)?;
+    tollgate_gateway::run(listener, state, shutdown).await
+}
+
 /// A database URL without its password, for logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -39,6 +39,19 @@ enum Command {
         #[arg(long, env = "TOLLGATE_SPOOL")]
         spool: Option<PathBuf>,
     },
+    /// Serve one local model's engine for gateways (`backend = { type = "http", urls = [...] }`).
+    Worker {
+        /// The model id in the catalogue (a `local` backend).
+        #[arg(long)]
+        model: String,
+        /// Override the catalogue's device (`cpu`, `cuda:N`).
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, default_value = "models.toml", env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8081", env = "TOLLGATE_LISTEN")]
+        listen: String,
+    },
     /// Manage customers in the database.
     #[command(subcommand)]
     Customers(tollgate::billing_cli::CustomersCommand),
@@ -83,6 +96,20 @@ fn main() -> anyhow::Result<()> {
             async_runtime()?.block_on(serve(config, listen, metering))
         }
         Command::Generate(args) => tollgate::generate::run(args),
+        Command::Worker {
+            model,
+            device,
+            config,
+            listen,
+        } => async_runtime()?.block_on(async move {
+            let config = tollgate_gateway::config::Config::load(&config)
+                .with_context(|| format!("cannot load {}", config.display()))?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let token = std::env::var("TOLLGATE_WORKER_TOKEN").unwrap_or_default();
+            tollgate::worker(listener, config, &model, device, &token, shutdown_signal()).await
+        }),
         Command::Customers(cmd) => async_runtime()?.block_on(tollgate::billing_cli::customers(cmd)),
         Command::Keys(cmd) => async_runtime()?.block_on(tollgate::billing_cli::keys(cmd)),
         Command::Usage(cmd) => async_runtime()?.block_on(tollgate::billing_cli::usage(cmd)),

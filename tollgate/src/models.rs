@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tollgate_gateway::backend::Backend;
+use tollgate_gateway::backend::{Backend, ModelInfo};
 use tollgate_gateway::config::{
     BackendConfig, Config, LocalBackendConfig, ModelConfig, ModelSource,
 };
+use tollgate_gateway::upstream::UpstreamPool;
 use tollgate_runtime::engine::EngineConfig;
 use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};
 use tollgate_runtime::model::WeightForm;
@@ -71,6 +72,10 @@ pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
     }
 }
 
+/// The context assumed for an upstream model whose `context_length` is not configured (the
+/// upstream enforces its own; this only bounds reservations).
+const DEFAULT_UPSTREAM_CONTEXT: u32 = 8192;
+
 /// Starts a backend for every model in the catalogue.
 pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn Backend>>> {
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
@@ -85,11 +90,24 @@ pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, A
                     LocalBackend::start(loaded, engine_config(local), model.owned_by.clone())?;
                 backends.insert(model.id.clone(), Arc::new(backend));
             }
-            BackendConfig::Http(_) => {
-                anyhow::bail!(
-                    "model `{}`: http backends are not supported yet; use a local backend",
-                    model.id
-                );
+            BackendConfig::Http(http) => {
+                let api_key = match &http.api_key_env {
+                    Some(var) => Some(std::env::var(var).with_context(|| {
+                        format!("model `{}`: api_key_env `{var}` is not set", model.id)
+                    })?),
+                    None => None,
+                };
+                let info = ModelInfo {
+                    id: model.id.clone(),
+                    context_length: model.context_length.unwrap_or(DEFAULT_UPSTREAM_CONTEXT),
+                    created: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    owned_by: model.owned_by.clone(),
+                };
+                let pool = UpstreamPool::new(info, model.id.clone(), &http.urls, api_key)
+                    .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
+                backends.insert(model.id.clone(), Arc::new(pool));
             }
         }
     }

@@ -1,0 +1,438 @@
+//! Backends over HTTP: a pool of Tollgate workers or of any OpenAI-compatible server (vLLM,
+//! TGI, llama.cpp's server), spoken to with the OpenAI streaming API.
+//!
+//! Routing: each request goes to the healthy member with the fewest requests in flight. A
+//! background task probes every member's `/health`; a member that fails a request before its
+//! first token, or a probe, is ejected and readmitted when a probe succeeds again. A request
+//! that fails before its first token is retried on another member; once text has streamed,
+//! a failure ends the response with an error event and the tokens seen so far are billed.
+//!
+//! Token counts come from the upstream's `usage` (`stream_options.include_usage`); until it
+//! arrives (or if a server never sends it), each content chunk counts as one token.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::backend::{
+    Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, ModelInfo,
+    Prepared, Prompt, Start, Usage,
+};
+
+/// How often members are probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connecting and receiving the response head; generation itself has no deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One upstream server.
+#[derive(Debug)]
+struct Member {
+    /// Base URL without a trailing `/v1`.
+    base: String,
+    in_flight: AtomicU32,
+    healthy: AtomicBool,
+}
+
+/// A model served by a pool of OpenAI-compatible servers.
+pub struct UpstreamPool {
+    info: ModelInfo,
+    /// The model name sent upstream.
+    upstream_model: String,
+    api_key: Option<String>,
+    client: reqwest::Client,
+    members: Arc<Vec<Arc<Member>>>,
+    next: AtomicUsize,
+    prober: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UpstreamPool {
+    fn drop(&mut self) {
+        self.prober.abort();
+    }
+}
+
+/// `http://host:port/v1/` → `http://host:port`.
+fn base_url(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    url.strip_suffix("/v1").unwrap_or(url).to_string()
+}
+
+impl UpstreamPool {
+    /// Starts probing `urls` in the background (must run inside a tokio runtime).
+    pub fn new(
+        info: ModelInfo,
+        upstream_model: String,
+        urls: &[String],
+        api_key: Option<String>,
+    ) -> Result<Self, BackendError> {
+        if urls.is_empty() {
+            return Err(BackendError::Internal(format!(
+                "model `{}`: an http backend needs at least one URL",
+                info.id
+            )));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        let members: Arc<Vec<Arc<Member>>> = Arc::new(
+            urls.iter()
+                .map(|u| {
+                    Arc::new(Member {
+                        base: base_url(u),
+                        in_flight: AtomicU32::new(0),
+                        // Optimistic until the first probe says otherwise.
+                        healthy: AtomicBool::new(true),
+                    })
+                })
+                .collect(),
+        );
+        let prober = tokio::spawn(probe(client.clone(), members.clone(), api_key.clone()));
+        Ok(Self {
+            info,
+            upstream_model,
+            api_key,
+            client,
+            members,
+            next: AtomicUsize::new(0),
+            prober,
+        })
+    }
+
+    /// Members to try, best first: healthy ones by requests in flight (ties rotate), then
+    /// the ejected ones as a last resort.
+    fn candidates(&self) -> Vec<Arc<Member>> {
+        let n = self.members.len();
+        let offset = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<Arc<Member>> = (0..n)
+            .map(|i| self.members[(i + offset) % n].clone())
+            .collect();
+        order.sort_by_key(|m| {
+            (
+                !m.healthy.load(Ordering::Relaxed),
+                m.in_flight.load(Ordering::Relaxed),
+            )
+        });
+        order
+    }
+}
+
+/// Probes every member's `/health` forever, ejecting and readmitting them.
+async fn probe(client: reqwest::Client, members: Arc<Vec<Arc<Member>>>, api_key: Option<String>) {
+    loop {
+        for m in members.iter() {
+            let mut req = client
+                .get(format!("{}/health", m.base))
+                .timeout(PROBE_TIMEOUT);
+            if let Some(k) = &api_key {
+                req = req.bearer_auth(k);
+            }
+            let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
+            let was = m.healthy.swap(ok, Ordering::Relaxed);
+            if was != ok {
+                if ok {
+                    tracing::info!(upstream = %m.base, "upstream healthy again: readmitted");
+                } else {
+                    tracing::warn!(upstream = %m.base, "upstream failed its health check: ejected");
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// Releases a member's in-flight slot when the stream ends or is dropped.
+struct InFlight(Arc<Member>);
+
+impl InFlight {
+    fn new(m: Arc<Member>) -> Self {
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(m)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An upper bound of the prompt's tokens without the upstream's tokenizer: every token of a
+/// byte-level BPE covers at least one byte, plus a few template tokens per message.
+fn prompt_bound(prompt: &Prompt) -> u32 {
+    let n = match prompt {
+        Prompt::Chat(messages) => {
+            messages
+                .iter()
+                .map(|m| m.content.len() + m.role.len() + 8)
+                .sum::<usize>()
+                + 8
+        }
+        Prompt::Text(text) => text.len() + 2,
+    };
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The OpenAI request body for one sequence.
+fn request_body(model: &str, request: &GenerateRequest) -> (String, Value) {
+    let p = &request.params;
+    let mut body = json!({
+        "model": model,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+    });
+    let path = match &request.prompt {
+        Prompt::Chat(messages) => {
+            body["messages"] = json!(messages
+                .iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect::<Vec<_>>());
+            "/v1/chat/completions"
+        }
+        Prompt::Text(text) => {
+            body["prompt"] = json!(text);
+            "/v1/completions"
+        }
+    };
+    if let Some(m) = p.max_tokens {
+        body["max_tokens"] = json!(m);
+    }
+    if let Some(s) = p.seed {
+        body["seed"] = json!(s);
+    }
+    if !p.stop.is_empty() {
+        body["stop"] = json!(p.stop);
+    }
+    if p.frequency_penalty != 0.0 {
+        body["frequency_penalty"] = json!(p.frequency_penalty);
+    }
+    if p.presence_penalty != 0.0 {
+        body["presence_penalty"] = json!(p.presence_penalty);
+    }
+    if p.top_k > 0 {
+        body["top_k"] = json!(p.top_k);
+    }
+    if p.repetition_penalty != 1.0 {
+        body["repetition_penalty"] = json!(p.repetition_penalty);
+    }
+    (path.to_string(), body)
+}
+
+/// What one upstream attempt ended with before its first event.
+enum Attempt {
+    Stream(reqwest::Response),
+    /// Try another member.
+    Retry(String),
+    /// Final: the request itself was refused (4xx other than 429).
+    Refused(BackendError),
+}
+
+async fn attempt(
+    client: &reqwest::Client,
+    member: &Member,
+    api_key: Option<&str>,
+    path: &str,
+    body: &Value,
+) -> Attempt {
+    let mut req = client.post(format!("{}{path}", member.base)).json(body);
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let response = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            member.healthy.store(false, Ordering::Relaxed);
+            return Attempt::Retry(format!("{}: {e}", member.base));
+        }
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Attempt::Stream(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    if status.is_server_error() || status.as_u16() == 429 {
+        if status.is_server_error() && status.as_u16() != 503 {
+            member.healthy.store(false, Ordering::Relaxed);
+        }
+        return Attempt::Retry(format!("{}: {status}: {message}", member.base));
+    }
+    Attempt::Refused(BackendError::InvalidRequest {
+        message: format!("the upstream refused the request ({status}): {message}"),
+        param: None,
+    })
+}
+
+fn finish_reason(text: &str) -> FinishReason {
+    match text {
+        "length" => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
+}
+
+/// Streams one sequence from the best member, retrying on others until the first event.
+fn run(
+    client: reqwest::Client,
+    candidates: Vec<Arc<Member>>,
+    api_key: Option<String>,
+    path: String,
+    body: Value,
+    prompt_estimate: u32,
+) -> EventStream {
+    let stream = async_stream::stream! {
+        let mut errors = Vec::new();
+        let mut overloaded = 0;
+        for member in candidates {
+            let slot = InFlight::new(member.clone());
+            let response = match attempt(&client, &member, api_key.as_deref(), &path, &body).await {
+                Attempt::Stream(r) => r,
+                Attempt::Retry(e) => {
+                    tracing::warn!("upstream attempt failed, trying another: {e}");
+                    if e.contains("429") || e.contains("503") {
+                        overloaded += 1;
+                    }
+                    errors.push(e);
+                    continue;
+                }
+                Attempt::Refused(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+            let mut events = response.bytes_stream().eventsource();
+            let mut started = false;
+            let mut chunks = 0u32;
+            let mut finish = None;
+            let mut usage: Option<Usage> = None;
+            let mut failure = None;
+            while let Some(event) = events.next().await {
+                let data = match event {
+                    Ok(e) => e.data,
+                    Err(e) => {
+                        failure = Some(format!("{}: stream broken: {e}", member.base));
+                        break;
+                    }
+                };
+                if data.trim() == "[DONE]" {
+                    break;
+                }
+                let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+                    failure = Some(format!("{}: unreadable event `{data}`", member.base));
+                    break;
+                };
+                if let Some(message) = chunk["error"]["message"].as_str() {
+                    failure = Some(format!("{}: {message}", member.base));
+                    break;
+                }
+                if !started {
+                    started = true;
+                    yield Ok(GenerateEvent::Started { prompt_tokens: prompt_estimate });
+                }
+                if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+                    usage = Some(Usage {
+                        prompt_tokens: u["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+                        completion_tokens: u["completion_tokens"].as_u64().unwrap_or(0) as u32,
+                    });
+                }
+                let Some(choice) = chunk["choices"].get(0) else { continue };
+                let text = choice["delta"]["content"]
+                    .as_str()
+                    .or_else(|| choice["text"].as_str())
+                    .unwrap_or("");
+                if !text.is_empty() {
+                    chunks += 1;
+                    yield Ok(GenerateEvent::Delta {
+                        text: text.to_string(),
+                        logprobs: Vec::new(),
+                        completion_tokens: chunks,
+                    });
+                }
+                if let Some(f) = choice["finish_reason"].as_str() {
+                    finish = Some(finish_reason(f));
+                }
+            }
+            if failure.is_none() && finish.is_none() {
+                failure = Some(format!("{}: the stream ended without a finish reason", member.base));
+            }
+            match failure {
+                Some(e) if !started => {
+                    // Nothing reached the client: another member may still serve it.
+                    member.healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!("upstream failed before its first token, trying another: {e}");
+                    errors.push(e);
+                    drop(slot);
+                    continue;
+                }
+                Some(e) => {
+                    yield Err(BackendError::Internal(e));
+                    return;
+                }
+                None => {}
+            }
+            let usage = usage.unwrap_or(Usage { prompt_tokens: prompt_estimate, completion_tokens: chunks });
+            yield Ok(GenerateEvent::Finished { reason: finish.unwrap_or(FinishReason::Stop), usage });
+            drop(slot);
+            return;
+        }
+        if overloaded > 0 && overloaded == errors.len() {
+            yield Err(BackendError::Overloaded { retry_after_secs: 1 });
+        } else {
+            yield Err(BackendError::Internal(format!("every upstream failed: {}", errors.join("; "))));
+        }
+    };
+    Box::pin(stream)
+}
+
+#[async_trait::async_trait]
+impl Backend for UpstreamPool {
+    fn info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
+        let estimate = prompt_bound(&request.prompt);
+        let context = self.info.context_length;
+        let max_tokens = request
+            .params
+            .max_tokens
+            .unwrap_or_else(|| context.saturating_sub(estimate.min(context)));
+        let (path, body) = request_body(&self.upstream_model, &request);
+        let client = self.client.clone();
+        let candidates = self.candidates();
+        let api_key = self.api_key.clone();
+        let start: Start =
+            Box::new(move || Ok(run(client, candidates, api_key, path, body, estimate)));
+        Ok(Prepared {
+            prompt_tokens: estimate,
+            max_tokens,
+            start,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_lose_their_v1() {
+        assert_eq!(base_url("http://w1:8081/v1/"), "http://w1:8081");
+        assert_eq!(base_url("http://w1:8081"), "http://w1:8081");
+    }
+
+    #[test]
+    fn prompt_bound_is_at_least_the_bytes() {
+        let p = Prompt::Text("héllo".into());
+        assert!(prompt_bound(&p) >= 6);
+    }
+}

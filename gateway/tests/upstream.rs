@@ -1,0 +1,220 @@
+//! The gateway in front of OpenAI-compatible upstreams over real sockets: failover before the
+//! first token, usage taken from the upstream, mid-stream failures as error events, upstream
+//! refusals passed through.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tollgate_gateway::auth::AuthConfig;
+use tollgate_gateway::backend::{Backend, ModelInfo};
+use tollgate_gateway::config::Config;
+use tollgate_gateway::upstream::UpstreamPool;
+use tollgate_gateway::AppState;
+
+const KEY: &str = "k";
+
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Good,
+    /// 500 on every request.
+    Broken,
+    /// One chunk, then the connection ends without a finish.
+    DiesMidStream,
+    /// 400 with an OpenAI error.
+    Refuses,
+}
+
+#[derive(Clone)]
+struct Fake {
+    behaviour: Behaviour,
+    hits: Arc<AtomicUsize>,
+}
+
+fn sse(events: &[Value], done: bool) -> String {
+    let mut out: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    if done {
+        out.push_str("data: [DONE]\n\n");
+    }
+    out
+}
+
+async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> Response {
+    fake.hits.fetch_add(1, Ordering::SeqCst);
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+    let delta = |text: &str| json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+    let body = match fake.behaviour {
+        Behaviour::Broken => return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        Behaviour::Refuses => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"message": "context length exceeded", "type": "invalid_request_error"}})),
+            )
+                .into_response()
+        }
+        Behaviour::DiesMidStream => sse(&[delta("Hel")], false),
+        Behaviour::Good => sse(
+            &[
+                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+                delta("Hello"),
+                delta(" world"),
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+                json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}),
+            ],
+            true,
+        ),
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+async fn upstream(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/chat/completions", post(chat))
+        .with_state(Fake {
+            behaviour,
+            hits: hits.clone(),
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/v1"), hits)
+}
+
+async fn gateway(urls: Vec<String>) -> SocketAddr {
+    let config = Config::from_toml_str(
+        r#"
+[models.up]
+source = { path = "unused.gguf" }
+backend = { type = "http", urls = ["http://unused"] }
+"#,
+        Path::new("."),
+    )
+    .unwrap();
+    let info = ModelInfo {
+        id: "up".into(),
+        context_length: 4096,
+        created: 0,
+        owned_by: "tests".into(),
+    };
+    let pool = UpstreamPool::new(info, "up".into(), &urls, None).unwrap();
+    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    backends.insert("up".into(), Arc::new(pool));
+    let state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tollgate_gateway::run(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    addr
+}
+
+async fn ask(addr: SocketAddr, stream: bool) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(
+            &json!({"model": "up", "stream": stream, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn fails_over_before_the_first_token_and_bills_upstream_usage() {
+    let (broken, broken_hits) = upstream(Behaviour::Broken).await;
+    let (dies, _) = upstream(Behaviour::DiesMidStream).await;
+    let (good, good_hits) = upstream(Behaviour::Good).await;
+    // A port nobody listens on, a 500, and one that dies: each is tried at most until the
+    // good one answers; the client never sees them.
+    let dead = "http://127.0.0.1:9/v1".to_string();
+    let addr = gateway(vec![dead, broken, good]).await;
+    for _ in 0..6 {
+        let r = ask(addr, false).await;
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["choices"][0]["message"]["content"], "Hello world");
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+        );
+    }
+    assert_eq!(good_hits.load(Ordering::SeqCst), 6);
+    // Once ejected, the broken member is not tried first again.
+    assert!(
+        broken_hits.load(Ordering::SeqCst) <= 2,
+        "{}",
+        broken_hits.load(Ordering::SeqCst)
+    );
+    let r = ask(addr, true).await;
+    let text = r.text().await.unwrap();
+    assert!(text.contains("\"Hello\"") && text.contains("\"prompt_tokens\":5"));
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    drop(dies);
+}
+
+#[tokio::test]
+async fn a_failure_after_text_is_an_error_event() {
+    let (dies, _) = upstream(Behaviour::DiesMidStream).await;
+    let addr = gateway(vec![dies]).await;
+    let text = ask(addr, true).await.text().await.unwrap();
+    assert!(text.contains("\"Hel\""), "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+}
+
+#[tokio::test]
+async fn upstream_refusals_are_client_errors_and_not_retried() {
+    let (refuses, hits) = upstream(Behaviour::Refuses).await;
+    let (good, good_hits) = upstream(Behaviour::Good).await;
+    let addr = gateway(vec![refuses, good]).await;
+    let mut refused = 0;
+    for _ in 0..4 {
+        let r = ask(addr, false).await;
+        if r.status() == 400 {
+            let body: Value = r.json().await.unwrap();
+            assert!(body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("context length exceeded"));
+            refused += 1;
+        } else {
+            assert_eq!(r.status(), 200);
+        }
+    }
+    assert_eq!(refused, hits.load(Ordering::SeqCst));
+    assert_eq!(
+        refused + good_hits.load(Ordering::SeqCst),
+        4,
+        "no retries after a 400"
+    );
+    assert!(refused > 0);
+}
+
+#[tokio::test]
+async fn all_members_down_is_a_server_error() {
+    let addr = gateway(vec!["http://127.0.0.1:9".into()]).await;
+    let r = ask(addr, false).await;
+    assert_eq!(r.status(), 500);
+}
