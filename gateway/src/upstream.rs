@@ -334,7 +334,14 @@ fn run(
                     failure = Some(format!("{}: {message}", member.base));
                     break;
                 }
-                if !started {
+                // Started once the upstream produced something (a role-only first chunk does
+                // not count: until text arrives the request can still move elsewhere).
+                let choice = chunk["choices"].get(0);
+                let text = choice
+                    .and_then(|c| c["delta"]["content"].as_str().or_else(|| c["text"].as_str()))
+                    .unwrap_or("");
+                let finished_here = choice.is_some_and(|c| c["finish_reason"].is_string());
+                if !started && (!text.is_empty() || finished_here) {
                     started = true;
                     yield Ok(GenerateEvent::Started { prompt_tokens: prompt_estimate });
                 }
@@ -344,11 +351,7 @@ fn run(
                         completion_tokens: u["completion_tokens"].as_u64().unwrap_or(0) as u32,
                     });
                 }
-                let Some(choice) = chunk["choices"].get(0) else { continue };
-                let text = choice["delta"]["content"]
-                    .as_str()
-                    .or_else(|| choice["text"].as_str())
-                    .unwrap_or("");
+                let Some(choice) = choice else { continue };
                 if !text.is_empty() {
                     chunks += 1;
                     yield Ok(GenerateEvent::Delta {

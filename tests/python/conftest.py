@@ -38,7 +38,8 @@ def start_server(extra_env=None, extra_args=None) -> Server:
     env = dict(os.environ, TOLLGATE_API_KEYS=API_KEY, RUST_LOG="info")
     env.update(extra_env or {})
     proc = subprocess.Popen(
-        [binary, "serve", "--config", str(ROOT / "models.toml"), "--listen", "127.0.0.1:0"]
+        [binary, "serve", "--listen", "127.0.0.1:0"]
+        + ([] if "--config" in extra_args else ["--config", str(ROOT / "models.toml")])
         + extra_args,
         cwd=ROOT,
         env=env,
