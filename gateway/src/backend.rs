@@ -6,6 +6,8 @@
 //! (token counts against the context) and reports real token usage.
 
 use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -186,6 +188,9 @@ pub struct Prepared {
     /// The most tokens it may generate: its `max_tokens`, or the rest of the context.
     pub max_tokens: u32,
     pub start: Start,
+    /// Tokens generated so far, kept current by the backend as they are produced (also those
+    /// not yet read from the stream), so a client that goes away is billed for all of them.
+    pub progress: Option<Arc<AtomicUsize>>,
 }
 
 /// Something that can run a model.

@@ -6,6 +6,7 @@
 //! client went away (dropping the response drops the backend streams, which cancels them).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -60,8 +61,10 @@ struct Completion {
     prompts_reported: Vec<Option<u32>>,
     /// Choices per distinct prompt (`n`): a prompt is counted once for its `n` choices.
     per_prompt: usize,
-    /// Tokens generated so far, per choice.
+    /// Tokens generated so far, per choice, as read from the streams.
     generated: Vec<u32>,
+    /// The backends' own counts, ahead of what was read when a client goes away.
+    progress: Vec<Option<Arc<AtomicUsize>>>,
     finish: Option<FinishReason>,
     outcome: &'static str,
     tokens_hold: Option<TokenHold>,
@@ -72,7 +75,14 @@ struct Completion {
 
 impl Completion {
     fn completion_tokens(&self) -> u32 {
-        self.generated.iter().sum()
+        self.generated
+            .iter()
+            .zip(&self.progress)
+            .map(|(&read, p)| {
+                let produced = p.as_ref().map_or(0, |p| p.load(Ordering::Relaxed));
+                read.max(u32::try_from(produced).unwrap_or(u32::MAX))
+            })
+            .sum()
     }
 
     /// Prompt tokens, once per distinct prompt: as the backend reported them, else as prepared.
@@ -346,6 +356,7 @@ async fn respond(
         first_token: None,
         prompts: prepared.iter().map(|p| p.prompt_tokens).collect(),
         prompts_reported: vec![None; prepared.len()],
+        progress: prepared.iter().map(|p| p.progress.clone()).collect(),
         per_prompt: n,
         generated: vec![0; prepared.len()],
         finish: None,

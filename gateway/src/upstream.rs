@@ -419,6 +419,7 @@ impl Backend for UpstreamPool {
             prompt_tokens: estimate,
             max_tokens,
             start,
+            progress: None,
         })
     }
 }

@@ -88,6 +88,7 @@ impl Backend for Shared {
             prompt_tokens: 3,
             max_tokens: request.params.max_tokens.unwrap_or(61),
             start,
+            progress: None,
         })
     }
 }

@@ -15,7 +15,7 @@
 //! HTTP or billing.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +61,9 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Kept equal to the number of tokens generated so far, as they are sampled (also those
+    /// the caller has not read yet), so a caller that goes away can bill exactly.
+    pub progress: Option<Arc<AtomicUsize>>,
 }
 
 /// Log probability of one token, resolved to its text and bytes.
@@ -241,6 +244,7 @@ struct Sequence {
     logprobs: bool,
     reply: UnboundedSender<GenEvent>,
     reserved_bytes: usize,
+    progress: Option<Arc<AtomicUsize>>,
 }
 
 enum Outcome {
@@ -350,6 +354,7 @@ impl Worker {
                 max_tokens,
                 sampling,
                 stop,
+                progress,
             } = sub.request;
             let logprobs = sampling.logprobs.is_some();
             let sampler = Sampler::new(sampling, &prompt_ids);
@@ -366,6 +371,7 @@ impl Worker {
                 reply: sub.reply,
                 reserved_bytes: need,
                 prompt: prompt_ids,
+                progress,
             });
         }
     }
@@ -543,6 +549,9 @@ impl Worker {
 }
 
 fn send(seq: &Sequence, text: String, logprobs: Vec<LogprobInfo>) {
+    if let Some(p) = &seq.progress {
+        p.store(seq.generated.len(), Ordering::Relaxed);
+    }
     // A closed channel means the client went away; the next step drops the sequence.
     let _ = seq.reply.send(GenEvent::Delta {
         text,

@@ -90,6 +90,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ..SamplingParams::default()
         },
         stop: Vec::new(),
+        progress: None,
     })?;
 
     let started = Instant::now();

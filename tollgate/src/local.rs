@@ -3,7 +3,7 @@
 //!
 //! Prompt rendering and tokenization run on the blocking pool, off the async threads.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -168,6 +168,8 @@ impl Backend for LocalBackend {
         let engine = self.engine.clone();
         let sampling = sampling_params(&request.params);
         let stop = request.params.stop.clone();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let engine_progress = progress.clone();
         let start = move || -> Result<EventStream, BackendError> {
             let receiver = engine
                 .submit(GenRequest {
@@ -175,6 +177,7 @@ impl Backend for LocalBackend {
                     max_tokens,
                     sampling,
                     stop,
+                    progress: Some(engine_progress),
                 })
                 .map_err(backend_error)?;
             Ok(events(receiver, prompt_tokens))
@@ -183,6 +186,7 @@ impl Backend for LocalBackend {
             prompt_tokens: prompt_tokens as u32,
             max_tokens: max_tokens as u32,
             start: Box::new(start),
+            progress: Some(progress),
         })
     }
 
