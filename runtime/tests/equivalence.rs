@@ -4,7 +4,8 @@
 //! * equivalence with candle-transformers' `quantized_llama` (same quantized kernels),
 //! * a ragged batch equals its sequences run alone,
 //! * chunked prefill equals one prefill,
-//! * the other weight forms pick the same greedy tokens,
+//! * the other weight forms pick the same greedy tokens (Q8_0 and Auto run the host forward
+//!   pass, whose ragged batches and chunked prefills are checked too),
 //! * F32-weight decode steps equal a prefill of the same tokens at long context,
 //! * a truncated GGUF is an error, not a panic.
 //!
@@ -246,7 +247,17 @@ fn f32_decode_matches_prefill_at_long_context() {
 
 #[test]
 fn ragged_batch_matches_sequences_alone() {
-    let model = load(WeightForm::Native);
+    ragged_batch_matches_sequences_alone_in(WeightForm::Native);
+}
+
+/// Q8_0 runs the host forward pass (own attention over the host KV cache, int8 kernel).
+#[test]
+fn ragged_batch_matches_sequences_alone_on_the_host_path() {
+    ragged_batch_matches_sequences_alone_in(WeightForm::Q8_0);
+}
+
+fn ragged_batch_matches_sequences_alone_in(form: WeightForm) {
+    let model = load(form);
     let a_prompt = prompt(20, 1);
     let b_prompt = prompt(5, 2);
     let c_prompt = prompt(12, 3);
@@ -295,7 +306,7 @@ fn ragged_batch_matches_sequences_alone() {
         ("C", &out[2], &c_alone),
     ] {
         let d = max_abs_diff(batched, alone);
-        println!("ragged batch, sequence {name}: max |diff| = {d:e}");
+        println!("{form}: ragged batch, sequence {name}: max |diff| = {d:e}");
         assert!(
             d < BATCH_TOL,
             "sequence {name}: batched vs alone max |diff| {d} >= {BATCH_TOL}"
@@ -310,7 +321,16 @@ fn ragged_batch_matches_sequences_alone() {
 
 #[test]
 fn chunked_prefill_matches_single_prefill() {
-    let model = load(WeightForm::Native);
+    chunked_prefill_matches_single_prefill_in(WeightForm::Native);
+}
+
+#[test]
+fn chunked_prefill_matches_single_prefill_on_the_host_path() {
+    chunked_prefill_matches_single_prefill_in(WeightForm::Q8_0);
+}
+
+fn chunked_prefill_matches_single_prefill_in(form: WeightForm) {
+    let model = load(form);
     let tokens = prompt(40, 4);
     let whole = step(&model, &mut model.new_cache(), &tokens);
 
@@ -330,7 +350,7 @@ fn chunked_prefill_matches_single_prefill() {
         }
         assert_eq!(out.len(), 1);
         let d = max_abs_diff(&out[0], &whole);
-        println!("chunked prefill 16+16+8 vs 40: max |diff| = {d:e}");
+        println!("{form}: chunked prefill 16+16+8 vs 40: max |diff| = {d:e}");
         assert!(
             d < BATCH_TOL,
             "chunked vs single prefill max |diff| {d} >= {BATCH_TOL}"
@@ -348,8 +368,10 @@ fn weight_forms_agree_on_greedy_tokens() {
     let native = greedy(&load(WeightForm::Native), &tokens, 5);
     let auto = greedy(&load(WeightForm::Auto), &tokens, 5);
     let f32 = greedy(&load(WeightForm::F32), &tokens, 5);
-    println!("greedy tokens: native {native:?}, auto {auto:?}, f32 {f32:?}");
+    let q8 = greedy(&load(WeightForm::Q8_0), &tokens, 5);
+    println!("greedy tokens: native {native:?}, auto {auto:?}, f32 {f32:?}, q8_0 {q8:?}");
     assert_eq!(auto, native, "Auto vs Native greedy tokens");
+    assert_eq!(q8, native, "Q8_0 vs Native greedy tokens");
     assert_eq!(f32, native, "F32 vs Native greedy tokens");
 }
 
