@@ -1,41 +1,65 @@
-//! The KV cache of one sequence: per layer, keys and values laid out `(kv_heads, capacity,
-//! head_dim)`, written in place and grown by doubling, so appending a token never copies the
-//! whole history.
+//! The KV cache of one sequence.
+//!
+//! Two stores: on the CPU forward path ([`super::host`]) keys and values are plain `f32`
+//! buffers per layer, token-major `(len, kv_heads * head_dim)`, so appending a token is one
+//! copy of its projection and the buffers grow by doubling (amortized, never per token). On
+//! other devices they are tensors `(kv_heads, capacity, head_dim)`, written in place and grown
+//! by doubling, so appending a token never copies the whole history either.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Cached keys and values of one sequence.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    store: Store,
     len: usize,
-    capacity: usize,
     kv_heads: usize,
     head_dim: usize,
     dtype: DType,
     device: Device,
 }
 
+#[derive(Debug)]
+enum Store {
+    /// Per layer `(keys, values)`, each `len * kv_heads * head_dim` f32, token-major.
+    Host(Vec<(Vec<f32>, Vec<f32>)>),
+    /// Per layer `(keys, values)` tensors `(kv_heads, capacity, head_dim)`.
+    Device {
+        layers: Vec<Option<(Tensor, Tensor)>>,
+        capacity: usize,
+    },
+}
+
 /// First allocation, in tokens.
 const INITIAL_CAPACITY: usize = 64;
 
 impl KvCache {
+    /// A cache in tensors of `dtype` on `device`, or (`host`) in `f32` buffers for the CPU
+    /// forward path.
     pub(crate) fn new(
         n_layers: usize,
         kv_heads: usize,
         head_dim: usize,
         dtype: DType,
         device: Device,
+        host: bool,
     ) -> Self {
+        let store = if host {
+            Store::Host((0..n_layers).map(|_| (Vec::new(), Vec::new())).collect())
+        } else {
+            Store::Device {
+                layers: (0..n_layers).map(|_| None).collect(),
+                capacity: 0,
+            }
+        };
         Self {
-            layers: (0..n_layers).map(|_| None).collect(),
+            store,
             len: 0,
-            capacity: 0,
             kv_heads,
             head_dim,
-            dtype,
+            dtype: if host { DType::F32 } else { dtype },
             device,
         }
     }
@@ -51,38 +75,59 @@ impl KvCache {
 
     /// Bytes allocated for this sequence.
     pub fn bytes(&self) -> usize {
-        let live = self.layers.iter().filter(|l| l.is_some()).count();
-        2 * live * self.capacity * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        match &self.store {
+            Store::Host(layers) => layers
+                .iter()
+                .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<f32>())
+                .sum(),
+            Store::Device { layers, capacity } => {
+                let live = layers.iter().filter(|l| l.is_some()).count();
+                2 * live * capacity * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+            }
+        }
     }
 
     /// Forgets everything (keeps no memory).
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        match &mut self.store {
+            Store::Host(layers) => layers.iter_mut().for_each(|(k, v)| {
+                *k = Vec::new();
+                *v = Vec::new();
+            }),
+            Store::Device { layers, capacity } => {
+                layers.iter_mut().for_each(|l| *l = None);
+                *capacity = 0;
+            }
+        }
         self.len = 0;
-        self.capacity = 0;
     }
 
     /// Makes room for `extra` more tokens in every layer.
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
         let need = self.len + extra;
-        if need <= self.capacity {
+        let width = self.kv_heads * self.head_dim;
+        let (layers, capacity) = match &mut self.store {
+            Store::Host(layers) => {
+                for (k, v) in layers.iter_mut() {
+                    // `Vec::reserve` at least doubles, so growth stays amortized.
+                    k.reserve((need * width).saturating_sub(k.len()));
+                    v.reserve((need * width).saturating_sub(v.len()));
+                }
+                return Ok(());
+            }
+            Store::Device { layers, capacity } => (layers, capacity),
+        };
+        if need <= *capacity {
             return Ok(());
         }
-        let mut capacity = self.capacity.max(INITIAL_CAPACITY);
-        while capacity < need {
-            capacity *= 2;
+        let mut new_capacity = (*capacity).max(INITIAL_CAPACITY);
+        while new_capacity < need {
+            new_capacity *= 2;
         }
-        for layer in self.layers.iter_mut() {
-            let k = Tensor::zeros(
-                (self.kv_heads, capacity, self.head_dim),
-                self.dtype,
-                &self.device,
-            )?;
-            let v = Tensor::zeros(
-                (self.kv_heads, capacity, self.head_dim),
-                self.dtype,
-                &self.device,
-            )?;
+        for layer in layers.iter_mut() {
+            let shape = (self.kv_heads, new_capacity, self.head_dim);
+            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
             if let Some((old_k, old_v)) = layer.as_ref() {
                 if self.len > 0 {
                     k.slice_set(&old_k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
@@ -91,13 +136,13 @@ impl KvCache {
             }
             *layer = Some((k, v));
         }
-        self.capacity = capacity;
+        *capacity = new_capacity;
         Ok(())
     }
 
     /// Writes `(kv_heads, t, head_dim)` keys and values of layer `layer` at the current end and
     /// returns the whole history `(kv_heads, len + t, head_dim)` of that layer. The length
-    /// advances once all layers are written ([`KvCache::advance`]).
+    /// advances once all layers are written ([`KvCache::advance`]). Device store only.
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -105,10 +150,13 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let t = k.dim(1)?;
-        let Some(Some((ck, cv))) = self.layers.get(layer) else {
-            return Err(crate::Error::Weights(format!(
-                "KV cache has no layer {layer}"
-            )));
+        let Store::Device { layers, .. } = &self.store else {
+            return Err(Error::Weights(
+                "tensor append on a host KV cache (forward path mismatch)".into(),
+            ));
+        };
+        let Some(Some((ck, cv))) = layers.get(layer) else {
+            return Err(Error::Weights(format!("KV cache has no layer {layer}")));
         };
         ck.slice_set(&k.to_dtype(self.dtype)?, 1, self.len)?;
         cv.slice_set(&v.to_dtype(self.dtype)?, 1, self.len)?;
@@ -116,6 +164,40 @@ impl KvCache {
             ck.narrow(1, 0, self.len + t)?,
             cv.narrow(1, 0, self.len + t)?,
         ))
+    }
+
+    /// Host store: appends token-major keys and values `(t, kv_heads * head_dim)` to layer
+    /// `layer` at the current end.
+    pub(crate) fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let width = self.kv_heads * self.head_dim;
+        let len = self.len;
+        let Store::Host(layers) = &mut self.store else {
+            return Err(Error::Weights(
+                "host append on a device KV cache (forward path mismatch)".into(),
+            ));
+        };
+        let Some((ck, cv)) = layers.get_mut(layer) else {
+            return Err(Error::Weights(format!("KV cache has no layer {layer}")));
+        };
+        // A failed step may have left a partial append behind: drop it.
+        ck.truncate(len * width);
+        cv.truncate(len * width);
+        ck.extend_from_slice(k);
+        cv.extend_from_slice(v);
+        Ok(())
+    }
+
+    /// Host store: keys and values of layer `layer` written so far, token-major.
+    pub(crate) fn host_layer(&self, layer: usize) -> Result<(&[f32], &[f32])> {
+        match &self.store {
+            Store::Host(layers) => layers
+                .get(layer)
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .ok_or_else(|| Error::Weights(format!("KV cache has no layer {layer}"))),
+            Store::Device { .. } => Err(Error::Weights(
+                "host read of a device KV cache (forward path mismatch)".into(),
+            )),
+        }
     }
 
     pub(crate) fn advance(&mut self, t: usize) {

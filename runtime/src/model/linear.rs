@@ -8,9 +8,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::q8::{Q8Matrix, BLOCK};
+use super::q8::{matmul_many, Q8Matrix, BLOCK};
 use super::WeightForm;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Rows at and above which the `Dual` form uses its dense copy. Measured on the dev machine
 /// (FACTS.md): Q8_0 leads at 1–4 rows, f32 overtakes by 16.
@@ -112,6 +112,61 @@ impl Linear {
                 }
             }
         })
+    }
+}
+
+impl Linear {
+    /// The int8 matrix this layer runs for `rows` activation rows, if it runs Tollgate's
+    /// kernel for them.
+    fn int8_for(&self, rows: usize) -> Option<&Q8Matrix> {
+        match self {
+            Self::Quant(Quantized::Int8(m)) => Some(m),
+            Self::Dual {
+                quant: Quantized::Int8(m),
+                ..
+            } if rows < DENSE_FROM_ROWS => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Whether [`Linear::forward_host`] suits this layer: CPU weights (the host path hands
+    /// activations over as CPU buffers).
+    pub(crate) fn is_host(&self) -> bool {
+        match self {
+            Self::Quant(Quantized::Int8(_)) => true,
+            Self::Quant(Quantized::Candle(_)) => false,
+            Self::Dense(w) | Self::Dual { dense: w, .. } => w.device().is_cpu(),
+        }
+    }
+
+    /// Host buffers: `x (rows, in)` f32 → `(rows, out)` f32, row-major. The int8 kernel runs
+    /// directly on the buffers; other forms go through a CPU tensor.
+    pub(crate) fn forward_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        if let Some(m) = self.int8_for(rows) {
+            return Ok(m.matmul(x, rows));
+        }
+        let cols = x.len() / rows.max(1);
+        let t = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
+        Ok(self.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// [`Linear::forward_host`] of several layers on the same input (Q/K/V, gate/up): one
+    /// activation quantization and one parallel dispatch when all run the int8 kernel.
+    pub(crate) fn forward_host_many<const N: usize>(
+        layers: [&Linear; N],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<[Vec<f32>; N]> {
+        let int8: Option<Vec<&Q8Matrix>> = layers.iter().map(|l| l.int8_for(rows)).collect();
+        let outs = match int8 {
+            Some(mats) => matmul_many(&mats, x, rows),
+            None => layers
+                .iter()
+                .map(|l| l.forward_host(x, rows))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        outs.try_into()
+            .map_err(|_| Error::Weights("fused projection lost an output".into()))
     }
 }
 

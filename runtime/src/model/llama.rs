@@ -91,6 +91,7 @@ impl LlamaModel {
             self.config.head_dim,
             self.kv_dtype,
             self.device.clone(),
+            self.uses_host_path(),
         )
     }
 
@@ -135,6 +136,10 @@ impl LlamaModel {
         let total = ids.len();
         if total == 0 {
             return Ok(Vec::new());
+        }
+        if self.uses_host_path() {
+            let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+            return self.forward_host(batch, &ids, &positions, &spans);
         }
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let positions = Tensor::from_vec(positions, total, &self.device)?;

@@ -3,9 +3,11 @@
 //! matmul runs once over all the step's tokens (that is what makes batching pay); attention runs
 //! per sequence over its own cache.
 //!
-//! Submodules: `linear` (weight forms and their matmuls), `kv_cache`, `llama` (the forward
-//! pass), `load` (GGUF and safetensors).
+//! Submodules: `linear` (weight forms and their matmuls), `q8` (the int8 kernel), `kv_cache`,
+//! `llama` (the forward pass, candle ops), `host` (the CPU forward pass on plain buffers),
+//! `load` (GGUF and safetensors).
 
+mod host;
 mod kv_cache;
 mod linear;
 mod llama;

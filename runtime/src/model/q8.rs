@@ -61,6 +61,49 @@ fn quantize_rows(x: &[f32], rows: usize, inp: usize) -> Q8Rows {
     Q8Rows { qs, scales }
 }
 
+/// `x (rows, inp)` times several matrices of the same `inp` (a fused Q/K/V or gate/up
+/// projection): the activations are quantized once and every matrix's output features are
+/// split across threads in one parallel dispatch. Returns one `(rows, out_i)` row-major
+/// output per matrix.
+pub(crate) fn matmul_many(mats: &[&Q8Matrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    let Some(inp) = mats.first().map(|m| m.inp) else {
+        return Vec::new();
+    };
+    debug_assert!(mats.iter().all(|m| m.inp == inp));
+    debug_assert_eq!(x.len(), rows * inp);
+    let xq = quantize_rows(x, rows, inp);
+    let isa = isa();
+    // Computed feature-major (`(out, rows)`) so threads own disjoint chunks, then transposed.
+    let mut by_feature: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.out * rows]).collect();
+    let mut tasks: Vec<(&Q8Matrix, usize, &mut [f32])> = Vec::new();
+    for (m, buf) in mats.iter().zip(by_feature.iter_mut()) {
+        for (task, chunk) in buf.chunks_mut(FEATURES_PER_TASK * rows).enumerate() {
+            tasks.push((m, task * FEATURES_PER_TASK, chunk));
+        }
+    }
+    tasks.into_par_iter().for_each(|(m, first, chunk)| {
+        for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
+            m.row_dots(isa, first + k, &xq, rows, dst);
+        }
+    });
+    if rows == 1 {
+        return by_feature;
+    }
+    by_feature
+        .iter()
+        .zip(mats)
+        .map(|(f, m)| {
+            let mut y = vec![0f32; rows * m.out];
+            for (j, col) in f.chunks_exact(rows).enumerate() {
+                for (r, v) in col.iter().enumerate() {
+                    y[r * m.out + j] = *v;
+                }
+            }
+            y
+        })
+        .collect()
+}
+
 /// Which dot-product implementation this CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
@@ -114,32 +157,7 @@ impl Q8Matrix {
 
     /// `x (rows, inp)` → `(rows, out)`, row-major.
     pub(crate) fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let (out, inp) = (self.out, self.inp);
-        debug_assert_eq!(x.len(), rows * inp);
-        let xq = quantize_rows(x, rows, inp);
-        let isa = isa();
-        // Computed feature-major (`(out, rows)`) so threads own disjoint chunks, then
-        // transposed.
-        let mut by_feature = vec![0f32; out * rows];
-        by_feature
-            .par_chunks_mut(FEATURES_PER_TASK * rows)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * FEATURES_PER_TASK;
-                for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
-                    self.row_dots(isa, first + k, &xq, rows, dst);
-                }
-            });
-        if rows == 1 {
-            return by_feature;
-        }
-        let mut y = vec![0f32; rows * out];
-        for (j, col) in by_feature.chunks_exact(rows).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * out + j] = *v;
-            }
-        }
-        y
+        matmul_many(&[self], x, rows).pop().unwrap_or_default()
     }
 
     /// Dot products of weight row `j` with every activation row, into `dst[r]`.
