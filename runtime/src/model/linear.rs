@@ -116,20 +116,19 @@ impl Linear {
 }
 
 impl Linear {
-    /// The int8 matrix this layer runs for `rows` activation rows, if it runs Tollgate's
-    /// kernel for them.
-    fn int8_for(&self, rows: usize) -> Option<&Q8Matrix> {
+    /// The int8 matrix, unless `dense` asks a `Dual` layer for its dense copy.
+    fn int8_unless(&self, dense: bool) -> Option<&Q8Matrix> {
         match self {
             Self::Quant(Quantized::Int8(m)) => Some(m),
             Self::Dual {
                 quant: Quantized::Int8(m),
                 ..
-            } if rows < DENSE_FROM_ROWS => Some(m),
+            } if !dense => Some(m),
             _ => None,
         }
     }
 
-    /// Whether [`Linear::forward_host`] suits this layer: CPU weights (the host path hands
+    /// Whether [`Linear::forward_host_as`] suits this layer: CPU weights (the host path hands
     /// activations over as CPU buffers).
     pub(crate) fn is_host(&self) -> bool {
         match self {
@@ -140,29 +139,36 @@ impl Linear {
     }
 
     /// Host buffers: `x (rows, in)` f32 → `(rows, out)` f32, row-major. The int8 kernel runs
-    /// directly on the buffers; other forms go through a CPU tensor.
-    pub(crate) fn forward_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        if let Some(m) = self.int8_for(rows) {
+    /// directly on the buffers; other forms go through a CPU tensor. `dense` picks a `Dual`
+    /// layer's copy (the caller decides, so a row's arithmetic does not depend on how many
+    /// other rows share the step).
+    pub(crate) fn forward_host_as(&self, x: &[f32], rows: usize, dense: bool) -> Result<Vec<f32>> {
+        if let Some(m) = self.int8_unless(dense) {
             return Ok(m.matmul(x, rows));
         }
         let cols = x.len() / rows.max(1);
         let t = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
-        Ok(self.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+        let out = match self {
+            Self::Dual { dense: w, .. } => dense_forward(w, &t)?,
+            other => other.forward(&t)?,
+        };
+        Ok(out.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// [`Linear::forward_host`] of several layers on the same input (Q/K/V, gate/up): one
+    /// [`Linear::forward_host_as`] of several layers on the same input (Q/K/V, gate/up): one
     /// activation quantization and one parallel dispatch when all run the int8 kernel.
-    pub(crate) fn forward_host_many<const N: usize>(
+    pub(crate) fn forward_host_many_as<const N: usize>(
         layers: [&Linear; N],
         x: &[f32],
         rows: usize,
+        dense: bool,
     ) -> Result<[Vec<f32>; N]> {
-        let int8: Option<Vec<&Q8Matrix>> = layers.iter().map(|l| l.int8_for(rows)).collect();
+        let int8: Option<Vec<&Q8Matrix>> = layers.iter().map(|l| l.int8_unless(dense)).collect();
         let outs = match int8 {
             Some(mats) => matmul_many(&mats, x, rows),
             None => layers
                 .iter()
-                .map(|l| l.forward_host(x, rows))
+                .map(|l| l.forward_host_as(x, rows, dense))
                 .collect::<Result<Vec<_>>>()?,
         };
         outs.try_into()
