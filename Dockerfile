@@ -1,18 +1,35 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build of the `tollgate` binary. CPU image by default:
 #   docker build -t tollgate .
+# CUDA image (candle's CUDA backend; kernels for CUDA_COMPUTE_CAP, default 90 = H100/H200; the
+# host needs an NVIDIA driver >= 580 and the NVIDIA container toolkit, `docker run --gpus all`):
+#   docker build -t tollgate:cuda \
+#     --build-arg RUST_IMAGE=nvidia/cuda:13.0.2-devel-ubuntu24.04 \
+#     --build-arg RUNTIME_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04 \
+#     --build-arg CARGO_FEATURES=cuda --build-arg CUDA_COMPUTE_CAP=90 .
 # Models are not baked in: mount them at /models (see models.toml and the README).
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
+# The rust image has cargo; a CUDA devel image gets a minimal stable toolchain here.
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
+RUN if ! command -v cargo >/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends ca-certificates curl gcc g++ libc6-dev \
+        && rm -rf /var/lib/apt/lists/* \
+        && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --no-modify-path; \
+    fi
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY runtime runtime
 COPY gateway gateway
 COPY tollgate tollgate
 ARG CARGO_FEATURES=""
+# Only read by the CUDA build (candle's kernels); there is no GPU to detect while building.
+ARG CUDA_COMPUTE_CAP=90
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin tollgate ${CARGO_FEATURES:+--features $CARGO_FEATURES} \
