@@ -26,7 +26,7 @@ step "PostgreSQL for the ledger tests (Debian's server, throwaway cluster)"
 PG_URL="$(scripts/postgres.sh reset)"
 trap 'scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
 step "cargo test: ledger store on PostgreSQL"
-TOLLGATE_TEST_POSTGRES_URL="$PG_URL" cargo test --release -p tollgate-gateway --test store -- --ignored
+TOLLGATE_TEST_POSTGRES_URL="$PG_URL" cargo test --release -p tollgate-gateway --features postgres-tests --test store_postgres
 step "python SDK tests"
 TOLLGATE_TEST_POSTGRES=1 TOLLGATE_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tollgate" \
     "${TOLLGATE_VENV:-$ROOT/.venv}/bin/python" -m pytest tests/python -q -p no:cacheprovider

@@ -401,7 +401,8 @@ struct UsageQuery {
     format: Option<String>,
 }
 
-fn query<T: serde::de::DeserializeOwned>(
+/// A query string, or a 400 naming what is wrong with it.
+pub(crate) fn query<T: serde::de::DeserializeOwned>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, ApiError> {
     q.map(|Query(q)| q)

@@ -567,19 +567,8 @@ impl Store {
         cursor: i64,
         limit: i64,
     ) -> StoreResult<(Vec<UsageRecord>, Option<i64>)> {
-        let rows = sqlx::query(&format!(
-            "SELECT seq, {RECORD_COLUMNS} FROM usage_records WHERE seq > $1 ORDER BY seq LIMIT $2"
-        ))
-        .bind(cursor)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let last = match rows.last() {
-            Some(row) => Some(row.try_get::<i64, _>("seq")?),
-            None => None,
-        };
-        let records = rows.iter().map(record).collect::<StoreResult<Vec<_>>>()?;
-        Ok((records, last))
+        self.records_between(i64::MIN, i64::MAX, cursor, limit)
+            .await
     }
 
     /// Records started in `[start, end)` after `cursor`, in ledger order (for time-range

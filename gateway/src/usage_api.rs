@@ -7,6 +7,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::admin::query;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::money::usd_f64;
@@ -162,20 +163,45 @@ async fn bucketed(
     Ok(buckets)
 }
 
-fn page(data: Vec<Value>, next: Option<i64>) -> Json<Value> {
-    Json(json!({
-        "object": "page",
-        "data": data,
-        "has_more": next.is_some(),
-        "next_page": next.map(|n| n.to_string()),
-    }))
+/// The window a query asks for: its bucket width (`1d` by default) and page.
+fn query_window(q: &UsageQuery, costs: bool) -> Result<Window, ApiError> {
+    let (secs, default, max) = width(q.bucket_width.as_deref().unwrap_or("1d"), costs)?;
+    window(
+        q.start_time,
+        q.end_time,
+        secs,
+        (default, max),
+        q.limit,
+        q.page.as_deref(),
+    )
 }
 
-fn query<T: serde::de::DeserializeOwned>(
-    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    q.map(|Query(q)| q)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
+/// The page of buckets in OpenAI's shape, each row of a bucket rendered by `result`.
+async fn bucket_page(
+    state: &AppState,
+    caller: &Caller,
+    w: &Window,
+    groups: &[GroupBy],
+    result: impl Fn(&UsageRow) -> Value,
+) -> Result<Json<Value>, ApiError> {
+    let data: Vec<Value> = bucketed(state, caller, w, groups)
+        .await?
+        .into_iter()
+        .map(|(t, rows)| {
+            json!({
+                "object": "bucket",
+                "start_time": t,
+                "end_time": t + w.width,
+                "results": rows.iter().map(&result).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "page",
+        "data": data,
+        "has_more": w.next_page.is_some(),
+        "next_page": w.next_page.map(|n| n.to_string()),
+    })))
 }
 
 pub async fn completions_usage(
@@ -184,17 +210,8 @@ pub async fn completions_usage(
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
-    let (secs, default, max) = width(q.bucket_width.as_deref().unwrap_or("1d"), false)?;
-    let w = window(
-        q.start_time,
-        q.end_time,
-        secs,
-        (default, max),
-        q.limit,
-        q.page.as_deref(),
-    )?;
-    let names = group_by(q.group_by.as_deref(), &["model", "api_key_id"])?;
-    let groups: Vec<GroupBy> = names
+    let w = query_window(&q, false)?;
+    let groups: Vec<GroupBy> = group_by(q.group_by.as_deref(), &["model", "api_key_id"])?
         .iter()
         .map(|g| {
             if g == "model" {
@@ -204,38 +221,23 @@ pub async fn completions_usage(
             }
         })
         .collect();
-    let buckets = bucketed(&state, &caller, &w, &groups).await?;
-    let data = buckets
-        .into_iter()
-        .map(|(t, rows)| {
-            let results: Vec<Value> = rows
-                .iter()
-                .map(|r| {
-                    json!({
-                        "object": "organization.usage.completions.result",
-                        "input_tokens": r.input_tokens,
-                        "output_tokens": r.output_tokens,
-                        "input_cached_tokens": 0,
-                        "input_audio_tokens": 0,
-                        "output_audio_tokens": 0,
-                        "num_model_requests": r.requests,
-                        "project_id": null,
-                        "user_id": null,
-                        "api_key_id": r.key_id,
-                        "model": r.model,
-                        "batch": null,
-                    })
-                })
-                .collect();
-            json!({
-                "object": "bucket",
-                "start_time": t,
-                "end_time": t + w.width,
-                "results": results,
-            })
+    bucket_page(&state, &caller, &w, &groups, |r| {
+        json!({
+            "object": "organization.usage.completions.result",
+            "input_tokens": r.input_tokens,
+            "output_tokens": r.output_tokens,
+            "input_cached_tokens": 0,
+            "input_audio_tokens": 0,
+            "output_audio_tokens": 0,
+            "num_model_requests": r.requests,
+            "project_id": null,
+            "user_id": null,
+            "api_key_id": r.key_id,
+            "model": r.model,
+            "batch": null,
         })
-        .collect();
-    Ok(page(data, w.next_page))
+    })
+    .await
 }
 
 pub async fn costs(
@@ -244,45 +246,24 @@ pub async fn costs(
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
-    let (secs, default, max) = width(q.bucket_width.as_deref().unwrap_or("1d"), true)?;
-    let w = window(
-        q.start_time,
-        q.end_time,
-        secs,
-        (default, max),
-        q.limit,
-        q.page.as_deref(),
-    )?;
+    let w = query_window(&q, true)?;
     // Line items are models (with their prices, one price per model at a time).
     let names = group_by(q.group_by.as_deref(), &["line_item", "project_id"])?;
-    let by_line = names.iter().any(|g| g == "line_item");
-    let groups: &[GroupBy] = if by_line { &[GroupBy::Model] } else { &[] };
-    let buckets = bucketed(&state, &caller, &w, groups).await?;
-    let data = buckets
-        .into_iter()
-        .map(|(t, rows)| {
-            let results: Vec<Value> = rows
-                .iter()
-                .map(|r| {
-                    json!({
-                        "object": "organization.costs.result",
-                        "amount": {"value": usd_f64(r.cost_nano_usd), "currency": "usd"},
-                        "line_item": r.model,
-                        "project_id": null,
-                    })
-                })
-                .collect();
-            json!({
-                "object": "bucket",
-                "start_time": t,
-                "end_time": t + w.width,
-                "results": results,
-            })
+    let groups: &[GroupBy] = if names.iter().any(|g| g == "line_item") {
+        &[GroupBy::Model]
+    } else {
+        &[]
+    };
+    bucket_page(&state, &caller, &w, groups, |r| {
+        json!({
+            "object": "organization.costs.result",
+            "amount": {"value": usd_f64(r.cost_nano_usd), "currency": "usd"},
+            "line_item": r.model,
+            "project_id": null,
         })
-        .collect();
-    Ok(page(data, w.next_page))
+    })
+    .await
 }
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

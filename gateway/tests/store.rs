@@ -1,6 +1,4 @@
-//! The ledger database and writer against real databases: SQLite (a temporary file) always,
-//! PostgreSQL when `TOLLGATE_TEST_POSTGRES_URL` names an empty database (`scripts/test.sh`
-//! starts one and runs the ignored tests with it).
+//! The ledger database and writer against a real SQLite file (PostgreSQL: `store_postgres.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,223 +6,17 @@ use std::time::Duration;
 
 use prometheus::IntGauge;
 use tollgate_gateway::ledger::{Ledger, LedgerGauges};
-use tollgate_gateway::store::{
-    CustomerFields, GroupBy, NewKey, Store, StoreError, UsageFilter, UsageRecord,
-};
+use tollgate_gateway::store::Store;
 
-const DAY: i64 = 86_400_000_000;
-
-fn record(id: &str, customer: &str, model: &str, started_at: i64, cost: i64) -> UsageRecord {
-    UsageRecord {
-        id: id.into(),
-        customer_id: customer.into(),
-        key_id: format!("key_{customer}"),
-        model: model.into(),
-        endpoint: "/v1/chat/completions".into(),
-        stream: id.len().is_multiple_of(2),
-        status: "completed".into(),
-        finish_reason: Some("stop".into()),
-        input_tokens: 10,
-        output_tokens: 5,
-        started_at,
-        finished_at: started_at + 1_000,
-        ttft_ms: Some(7),
-        input_price_per_mtok: "0.05".into(),
-        output_price_per_mtok: "0.10".into(),
-        cost_nano_usd: cost,
-    }
-}
+#[path = "common/store_contract.rs"]
+mod contract;
+use contract::{exercise, record};
 
 fn gauges() -> LedgerGauges {
     LedgerGauges {
         pending: IntGauge::new("p", "p").unwrap(),
         spooled: IntGauge::new("s", "s").unwrap(),
     }
-}
-
-/// Everything the gateway and the CLI ask of a store, on an empty database.
-async fn exercise(store: &Store) {
-    // Customers.
-    let fields = CustomerFields {
-        name: Some("Acme".into()),
-        budget_nano_usd: Some(Some(5_000)),
-        rpm: Some(Some(60)),
-        ..CustomerFields::default()
-    };
-    let acme = store.create_customer("acme", fields.clone()).await.unwrap();
-    assert_eq!(acme.budget_nano_usd, Some(5_000));
-    assert_eq!(acme.budget_period, "monthly");
-    assert!(matches!(
-        store.create_customer("acme", fields).await,
-        Err(StoreError::Conflict(_))
-    ));
-    store.ensure_customer("beta", "Beta").await.unwrap();
-    store.ensure_customer("beta", "ignored").await.unwrap();
-    let patched = store
-        .update_customer(
-            "acme",
-            CustomerFields {
-                budget_nano_usd: Some(None),
-                tpm: Some(Some(1_000)),
-                ..CustomerFields::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (patched.budget_nano_usd, patched.rpm, patched.tpm),
-        (None, Some(60), Some(1_000))
-    );
-    let ids: Vec<String> = store
-        .list_customers()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    assert_eq!(ids, ["acme", "beta"]);
-    assert!(matches!(
-        store.customer("nobody").await,
-        Err(StoreError::NotFound(_))
-    ));
-
-    // Keys.
-    let new = NewKey {
-        name: "prod".into(),
-        models: Some(vec!["m1".into()]),
-        rpm: Some(5),
-        ..NewKey::default()
-    };
-    store
-        .create_key("acme", "key_a", "hash_a", "tg-aaaaaa", new)
-        .await
-        .unwrap();
-    assert!(store
-        .create_key("nobody", "key_x", "hash_x", "tg-x", NewKey::default())
-        .await
-        .is_err());
-    let (key, stored, customer) = store.find_key("hash_a").await.unwrap().unwrap();
-    assert_eq!(
-        (key.id.as_str(), stored.as_str(), customer.id.as_str()),
-        ("key_a", "hash_a", "acme")
-    );
-    assert_eq!(key.models, Some(vec!["m1".to_string()]));
-    assert!(store.find_key("hash_b").await.unwrap().is_none());
-    let revoked = store.revoke_key("key_a").await.unwrap();
-    let again = store.revoke_key("key_a").await.unwrap();
-    assert!(revoked.revoked_at.is_some());
-    assert_eq!(
-        revoked.revoked_at, again.revoked_at,
-        "the first revocation time stays"
-    );
-    assert_eq!(store.list_keys("acme").await.unwrap().len(), 1);
-
-    // Ledger: inserts are idempotent on the id and keep their order.
-    let t0 = 20_000 * DAY;
-    let batch: Vec<UsageRecord> = (0..450)
-        .map(|i| {
-            let customer = if i % 3 == 0 { "beta" } else { "acme" };
-            let model = if i % 2 == 0 { "m1" } else { "m2" };
-            record(
-                &format!("r{i:04}"),
-                customer,
-                model,
-                t0 + i * DAY / 100,
-                1_000 + i,
-            )
-        })
-        .collect();
-    assert_eq!(store.insert_records(&batch).await.unwrap(), 450);
-    assert_eq!(store.insert_records(&batch[100..300]).await.unwrap(), 0);
-    let mut cursor = 0;
-    let mut seen = Vec::new();
-    loop {
-        let (page, next) = store.records_after(cursor, 100).await.unwrap();
-        seen.extend(page.into_iter().map(|r| r.id));
-        match next {
-            Some(c) => cursor = c,
-            None => break,
-        }
-    }
-    let expected: Vec<String> = batch.iter().map(|r| r.id.clone()).collect();
-    assert_eq!(
-        seen, expected,
-        "the cursor walks every record once, in order"
-    );
-    let (round, _) = store.records_after(0, 1).await.unwrap();
-    assert_eq!(round[0], batch[0], "a record reads back as written");
-
-    // Aggregates equal the sums of their records.
-    let all = UsageFilter {
-        start: t0,
-        end: t0 + 10 * DAY,
-        ..UsageFilter::default()
-    };
-    let rows = store
-        .aggregate(&all, &[GroupBy::Customer, GroupBy::Model], None)
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 4);
-    for row in &rows {
-        let mine: Vec<&UsageRecord> = batch
-            .iter()
-            .filter(|r| Some(&r.customer_id) == row.customer_id.as_ref())
-            .filter(|r| Some(&r.model) == row.model.as_ref())
-            .collect();
-        assert_eq!(row.requests, mine.len() as i64);
-        assert_eq!(row.input_tokens, 10 * mine.len() as i64);
-        assert_eq!(
-            row.cost_nano_usd,
-            mine.iter().map(|r| r.cost_nano_usd).sum::<i64>()
-        );
-    }
-    let days = store.aggregate(&all, &[GroupBy::Day], None).await.unwrap();
-    assert_eq!(days.len(), 5, "450 records 1/100 day apart span 5 days");
-    assert_eq!(days[0].bucket_start, Some(t0));
-    assert_eq!(days.iter().map(|d| d.requests).sum::<i64>(), 450);
-    let invoice = store
-        .aggregate(
-            &UsageFilter {
-                customer_id: Some("beta".into()),
-                model: Some("m1".into()),
-                ..all.clone()
-            },
-            &[GroupBy::Model, GroupBy::Prices],
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(invoice.len(), 1);
-    assert_eq!(invoice[0].input_price_per_mtok.as_deref(), Some("0.05"));
-    assert_eq!(
-        invoice[0].requests,
-        batch
-            .iter()
-            .filter(|r| r.customer_id == "beta" && r.model == "m1")
-            .count() as i64
-    );
-    let hours = store
-        .aggregate(&all, &[GroupBy::Key], Some((t0, DAY / 24)))
-        .await
-        .unwrap();
-    assert_eq!(hours.iter().map(|h| h.requests).sum::<i64>(), 450);
-    assert!(hours
-        .iter()
-        .all(|h| (h.bucket_start.unwrap() - t0) % (DAY / 24) == 0));
-    let spent = store.spent_since("acme", t0 + 2 * DAY).await.unwrap();
-    assert_eq!(
-        spent,
-        batch
-            .iter()
-            .filter(|r| r.customer_id == "acme" && r.started_at >= t0 + 2 * DAY)
-            .map(|r| r.cost_nano_usd)
-            .sum::<i64>()
-    );
-    let (between, _) = store
-        .records_between(t0 + DAY, t0 + 2 * DAY, 0, 1_000)
-        .await
-        .unwrap();
-    assert_eq!(between.len(), 100);
 }
 
 async fn sqlite() -> (tempfile::TempDir, Store) {
@@ -238,15 +30,6 @@ async fn sqlite() -> (tempfile::TempDir, Store) {
 #[tokio::test]
 async fn sqlite_store_contract() {
     let (_dir, store) = sqlite().await;
-    exercise(&store).await;
-}
-
-#[tokio::test]
-#[ignore = "needs TOLLGATE_TEST_POSTGRES_URL (an empty database); scripts/test.sh provides it"]
-async fn postgres_store_contract() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = Store::connect(&url).await.unwrap();
     exercise(&store).await;
 }
 
