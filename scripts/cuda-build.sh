@@ -80,5 +80,12 @@ cargo build --release -p tollgate --bin tollgate --features cuda "$@"
 
 TARGET_DIR="${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}"
-echo "==> built $TARGET_DIR/release/tollgate (CUDA, sm_$CUDA_COMPUTE_CAP)"
+BIN="$TARGET_DIR/release/tollgate"
+# Load it once with every symbol bound up front (LD_BIND_NOW): the CUDA libraries from the
+# wheels and the stub standing in for the driver's libcuda.so.1 must resolve all of them.
+RUN_STUBS="$CACHE/run-stubs"
+mkdir -p "$RUN_STUBS"
+ln -sf "$STUBS/libcuda.so" "$RUN_STUBS/libcuda.so.1"
+LD_BIND_NOW=1 LD_LIBRARY_PATH="$RUN_STUBS:$CUDA/lib" "$BIN" --version
+echo "==> built $BIN (CUDA, sm_$CUDA_COMPUTE_CAP)"
 echo "==> elapsed: $((SECONDS - START)) s"

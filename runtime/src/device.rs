@@ -18,20 +18,26 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             .and_then(|n| n.parse::<usize>().ok()),
     };
     let Some(ordinal) = ordinal else {
-        return Err(Error::Device(spec.to_string()));
+        return Err(Error::Device(format!(
+            "`{spec}` is not a device: use `cpu` or `cuda:N`"
+        )));
     };
     cuda_device(spec, ordinal)
 }
 
 #[cfg(feature = "cuda")]
 fn cuda_device(spec: &str, ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("{spec}: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| {
+        Error::Device(format!(
+            "`{spec}` cannot be opened: {e} (is a GPU visible to this process, with an NVIDIA driver >= 580 for CUDA 13?)"
+        ))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(spec: &str, _ordinal: usize) -> Result<Device> {
     Err(Error::Device(format!(
-        "{spec}: this binary was built without CUDA; rebuild with `--features cuda`"
+        "`{spec}`: this binary was built without CUDA; rebuild with `--features cuda` (scripts/cuda-build.sh)"
     )))
 }
 

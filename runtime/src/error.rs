@@ -26,7 +26,7 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("unsupported device `{0}` (use `cpu`, or `cuda:N` with a build that has the `cuda` feature)")]
+    #[error("device {0}")]
     Device(String),
     #[error("Hugging Face Hub, repo `{repo}`: {message}")]
     Hub { repo: String, message: String },
