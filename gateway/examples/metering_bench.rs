@@ -20,7 +20,7 @@ use prometheus::IntGauge;
 use tollgate_gateway::auth::{digest, hex, AuthConfig};
 use tollgate_gateway::ledger::{Ledger, LedgerGauges};
 use tollgate_gateway::limits::Limiter;
-use tollgate_gateway::store::{now_micros, CustomerFields, NewKey, Store, UsageRecord};
+use tollgate_gateway::store::{now_micros, CustomerFields, DbKind, NewKey, Store, UsageRecord};
 
 const THROUGHPUT_RECORDS: usize = 20_000;
 const PRODUCERS: usize = 64;
@@ -134,27 +134,31 @@ async fn main() -> anyhow::Result<()> {
 
     // Latency of the metering path per request.
     let auth = AuthConfig::default();
-    let limiter = Limiter::default();
+    // On PostgreSQL the limits and budgets are the ones replicas share, kept in the database.
+    let limiter = match store.kind() {
+        DbKind::Postgres => Limiter::shared(store.clone()),
+        DbKind::Sqlite => Limiter::default(),
+    };
     let (mut lookup, mut limits, mut recording, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..LATENCY_REQUESTS {
         let t0 = Instant::now();
         let caller = auth.resolve(Some(&store), secret).await.expect("key");
         let t1 = Instant::now();
-        limiter.admit_request(&caller.limits).expect("rpm");
+        let id = format!("{run}-l{i}");
+        limiter.admit_request(&caller.limits).await.expect("rpm");
         let tokens = limiter
             .reserve_tokens(&caller.limits, 27 + 64)
+            .await
             .expect("tpm");
         let budget = limiter
-            .reserve_budget(Some(&store), &caller.customer_id, i64::MAX / 4, 7_750)
+            .reserve_budget(Some(&store), &id, &caller.customer_id, i64::MAX / 4, 7_750)
             .await?
             .expect("budget");
         limiter.settle_tokens(&tokens, 91);
         limiter.settle_budget(&budget, 7_750);
         let t2 = Instant::now();
-        ledger
-            .record(record(format!("{run}-l{i}"), now_micros()))
-            .await;
+        ledger.record(record(id, now_micros())).await;
         let t3 = Instant::now();
         lookup.push(t1 - t0);
         limits.push(t2 - t1);

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod money;
 pub mod openai;
 mod routes;
+pub mod shared_limits;
 pub mod store;
 pub mod upstream;
 mod usage_api;
@@ -84,7 +85,8 @@ impl AppState {
         })
     }
 
-    /// Meters every request into `store`, through a ledger spooled at `spool_path`.
+    /// Meters every request into `store`, through a ledger spooled at `spool_path`. On
+    /// PostgreSQL the rate limits and budgets are shared with every replica on that database.
     pub fn with_billing(
         mut self,
         store: Store,
@@ -95,6 +97,10 @@ impl AppState {
             spooled: self.metrics.ledger_spooled.clone(),
         };
         self.ledger = Some(Ledger::start(store.clone(), spool_path, gauges)?);
+        if store.kind() == crate::store::DbKind::Postgres {
+            // Replicas share the database: limits and budgets are kept there, exact across them.
+            self.limiter = Limiter::shared(store.clone());
+        }
         self.store = Some(store);
         Ok(self)
     }

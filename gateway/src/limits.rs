@@ -1,5 +1,7 @@
 //! Rate limits (requests and tokens per minute, per key and per customer) and budgets (per
-//! customer and UTC month), held in this process.
+//! customer and UTC month): held in this process, or, when replicas share a PostgreSQL
+//! database, kept there (`shared_limits`) and exact across replicas. While that database cannot
+//! be reached, each replica enforces them on its own (degraded: up to N× across N replicas).
 //!
 //! Rate limits are token buckets that refill continuously (a limit of N per minute holds N and
 //! refills N/60 per second). A request takes one request and reserves its maximum tokens
@@ -18,7 +20,15 @@ use std::time::{Duration, Instant};
 
 use chrono::{Datelike, TimeZone, Utc};
 
+use crate::shared_limits::{self, RateOutcome, RateTake};
 use crate::store::{Store, StoreResult};
+
+/// Runs database follow-ups of a settlement in the background (settlements happen in `Drop`).
+fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(task);
+    }
+}
 
 /// Per-minute limits that apply to one request (key and customer levels).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -141,6 +151,9 @@ pub struct BudgetHold {
     customer_id: String,
     period_start: i64,
     amount: i64,
+    /// Held in the shared database under this id (the request id); the usage record's arrival
+    /// in the ledger releases it.
+    shared: Option<String>,
 }
 
 /// Token reservation to settle when the request ends.
@@ -148,13 +161,19 @@ pub struct BudgetHold {
 pub struct TokenHold {
     limits: Limits,
     tokens: i64,
+    /// Taken from the shared database's buckets.
+    shared: bool,
 }
 
-/// Shared limiter state for one gateway process.
+/// Limiter state: in this process, or shared by every replica through the database.
 #[derive(Clone, Default)]
 pub struct Limiter {
+    /// The buckets; with a shared store, a mirror of the database's last answer (for headers)
+    /// and the fallback while the database is unreachable.
     buckets: Arc<Mutex<HashMap<(String, Kind), Bucket>>>,
     budgets: Arc<Mutex<HashMap<String, BudgetState>>>,
+    /// PostgreSQL shared with the other replicas (see `shared_limits`).
+    shared: Option<Store>,
 }
 
 fn scopes(limits: &Limits, kind: Kind) -> Vec<(String, i64, &'static str)> {
@@ -172,18 +191,78 @@ fn scopes(limits: &Limits, kind: Kind) -> Vec<(String, i64, &'static str)> {
     out
 }
 
+impl Kind {
+    fn unit(self) -> &'static str {
+        match self {
+            Kind::Requests => "requests",
+            Kind::Tokens => "tokens",
+        }
+    }
+}
+
+fn rate_refusal(level_name: &str, limit: i64, kind: Kind, wait: Duration) -> Refusal {
+    let unit = kind.unit();
+    Refusal::Rate {
+        message: format!(
+            "rate limit reached: {level_name} limit of {limit} {unit} per minute; retry in {:.1}s",
+            wait.as_secs_f64()
+        ),
+        unit,
+        retry_after: wait,
+    }
+}
+
+/// A request bigger than a whole bucket can never pass.
+fn check_fits(
+    scopes: &[(String, i64, &'static str)],
+    kind: Kind,
+    amount: i64,
+) -> Result<(), Refusal> {
+    let unit = kind.unit();
+    for (_, limit, level_name) in scopes {
+        if amount > *limit {
+            return Err(Refusal::Rate {
+                message: format!(
+                    "this request needs {amount} {unit}, more than the {level_name} limit of {limit} {unit} per minute; lower max_tokens or the prompt"
+                ),
+                unit,
+                retry_after: Duration::from_secs(60),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Logs a database failure of the shared limits (at most every few seconds) before falling
+/// back to this process's own accounting.
+fn warn_fallback(e: &sqlx::Error) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+        *last = Some(Instant::now());
+        tracing::warn!("shared limits unavailable ({e}); enforcing them in this replica alone until the database answers");
+    }
+}
+
 impl Limiter {
-    fn take(&self, limits: &Limits, kind: Kind, amount: i64) -> Result<(), Refusal> {
+    /// Limits and budgets kept in `store` (PostgreSQL), shared with every replica using it.
+    pub fn shared(store: Store) -> Self {
+        Self {
+            shared: Some(store),
+            ..Self::default()
+        }
+    }
+
+    fn take_local(&self, limits: &Limits, kind: Kind, amount: i64) -> Result<(), Refusal> {
         let now = Instant::now();
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let scopes = scopes(limits, kind);
-        let unit = match kind {
-            Kind::Requests => "requests",
-            Kind::Tokens => "tokens",
-        };
+        check_fits(&scopes, kind, amount)?;
         for (scope, limit, level_name) in &scopes {
             let b = buckets.entry((scope.clone(), kind)).or_insert(Bucket {
                 limit: *limit as f64,
@@ -191,25 +270,13 @@ impl Limiter {
                 updated: now,
             });
             b.refill(*limit, now);
-            if amount > *limit {
-                return Err(Refusal::Rate {
-                    message: format!(
-                        "this request needs {amount} {unit}, more than the {level_name} limit of {limit} {unit} per minute; lower max_tokens or the prompt"
-                    ),
-                    unit,
-                    retry_after: Duration::from_secs(60),
-                });
-            }
             if b.level < amount as f64 {
-                let wait = b.time_until(amount as f64);
-                return Err(Refusal::Rate {
-                    message: format!(
-                        "rate limit reached: {level_name} limit of {limit} {unit} per minute; retry in {:.1}s",
-                        wait.as_secs_f64()
-                    ),
-                    unit,
-                    retry_after: wait,
-                });
+                return Err(rate_refusal(
+                    level_name,
+                    *limit,
+                    kind,
+                    b.time_until(amount as f64),
+                ));
             }
         }
         for (scope, _, _) in &scopes {
@@ -220,37 +287,114 @@ impl Limiter {
         Ok(())
     }
 
+    /// Takes from the shared buckets; `Ok(false)` when the database could not be asked.
+    async fn take_shared(
+        &self,
+        store: &Store,
+        limits: &Limits,
+        kind: Kind,
+        amount: i64,
+    ) -> Result<bool, Refusal> {
+        let scopes = scopes(limits, kind);
+        if scopes.is_empty() {
+            return Ok(true);
+        }
+        check_fits(&scopes, kind, amount)?;
+        let takes: Vec<RateTake> = scopes
+            .iter()
+            .map(|(scope, limit, _)| RateTake {
+                scope: scope.clone(),
+                kind: kind.unit(),
+                limit: *limit,
+                amount,
+            })
+            .collect();
+        match shared_limits::take(store.pool(), &takes).await {
+            Ok(RateOutcome::Taken(levels)) => {
+                let now = Instant::now();
+                let mut buckets = self
+                    .buckets
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for ((scope, limit, _), level) in scopes.iter().zip(levels) {
+                    buckets.insert(
+                        (scope.clone(), kind),
+                        Bucket {
+                            limit: *limit as f64,
+                            level: level.remaining() as f64,
+                            updated: now,
+                        },
+                    );
+                }
+                Ok(true)
+            }
+            Ok(RateOutcome::Refused { index, wait_us }) => {
+                let (_, limit, level_name) = &scopes[index];
+                let wait = Duration::from_micros(wait_us.max(0) as u64);
+                Err(rate_refusal(level_name, *limit, kind, wait))
+            }
+            Err(e) => {
+                warn_fallback(&e);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn take(&self, limits: &Limits, kind: Kind, amount: i64) -> Result<bool, Refusal> {
+        if let Some(store) = &self.shared {
+            if self.take_shared(store, limits, kind, amount).await? {
+                return Ok(true);
+            }
+        }
+        self.take_local(limits, kind, amount)?;
+        Ok(false)
+    }
+
     /// Takes one request from the request buckets.
-    pub fn admit_request(&self, limits: &Limits) -> Result<(), Refusal> {
-        self.take(limits, Kind::Requests, 1)
+    pub async fn admit_request(&self, limits: &Limits) -> Result<(), Refusal> {
+        self.take(limits, Kind::Requests, 1).await.map(|_| ())
     }
 
     /// Reserves `tokens` from the token buckets.
-    pub fn reserve_tokens(&self, limits: &Limits, tokens: i64) -> Result<TokenHold, Refusal> {
-        self.take(limits, Kind::Tokens, tokens)?;
+    pub async fn reserve_tokens(&self, limits: &Limits, tokens: i64) -> Result<TokenHold, Refusal> {
+        let shared = self.take(limits, Kind::Tokens, tokens).await?;
         Ok(TokenHold {
             limits: limits.clone(),
             tokens,
+            shared,
         })
     }
 
     /// Gives back the unused part of a token reservation.
     pub fn settle_tokens(&self, hold: &TokenHold, used: i64) {
-        let unused = (hold.tokens - used).max(0) as f64;
-        if unused == 0.0 {
+        let unused = (hold.tokens - used).max(0);
+        if unused == 0 {
             return;
         }
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (scope, _, _) in scopes(&hold.limits, Kind::Tokens) {
-            if let Some(b) = buckets.get_mut(&(scope, Kind::Tokens)) {
-                b.level = (b.level + unused).min(b.limit);
+        let scopes = scopes(&hold.limits, Kind::Tokens);
+        {
+            let mut buckets = self
+                .buckets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (scope, _, _) in &scopes {
+                if let Some(b) = buckets.get_mut(&(scope.clone(), Kind::Tokens)) {
+                    b.level = (b.level + unused as f64).min(b.limit);
+                }
             }
         }
+        if let (true, Some(store)) = (hold.shared, &self.shared) {
+            let store = store.clone();
+            spawn(async move {
+                for (scope, limit, _) in scopes {
+                    let r = shared_limits::give_back(store.pool(), &scope, "tokens", limit, unused);
+                    if let Err(e) = r.await {
+                        tracing::warn!("cannot give {unused} unused tokens back to {scope}: {e}");
+                    }
+                }
+            });
+        }
     }
-
     /// The tightest request and token limits for the headers.
     pub fn status(&self, limits: &Limits) -> RateStatus {
         let now = Instant::now();
@@ -284,12 +428,62 @@ impl Limiter {
     pub async fn reserve_budget(
         &self,
         store: Option<&Store>,
+        hold_id: &str,
         customer_id: &str,
         budget: i64,
         amount: i64,
     ) -> StoreResult<Result<BudgetHold, Refusal>> {
         let now = Utc::now().timestamp_micros();
         let (period_start, next) = month_bounds(now);
+        let quota = |committed: i64| {
+            Refusal::Quota {
+            message: format!(
+                "you exceeded your current quota: this request may cost up to {} USD, and {} USD of the {} USD monthly budget is spent or reserved",
+                crate::money::format_usd(amount),
+                crate::money::format_usd(committed),
+                crate::money::format_usd(budget),
+            ),
+            retry_after: Duration::from_micros((next - now).max(0) as u64),
+        }
+        };
+        if let Some(shared) = &self.shared {
+            let checked = shared_limits::hold_budget(
+                shared.pool(),
+                hold_id,
+                customer_id,
+                period_start,
+                budget,
+                amount,
+            )
+            .await;
+            match checked {
+                Ok(check) => {
+                    // This replica's view, for when the database cannot be asked.
+                    let committed = check.committed_before + if check.held { amount } else { 0 };
+                    self.budgets
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(
+                            customer_id.to_string(),
+                            BudgetState {
+                                period_start,
+                                spent: committed,
+                                reserved: 0,
+                            },
+                        );
+                    if !check.held {
+                        return Ok(Err(quota(check.committed_before)));
+                    }
+                    return Ok(Ok(BudgetHold {
+                        customer_id: customer_id.to_string(),
+                        period_start,
+                        amount,
+                        shared: Some(hold_id.to_string()),
+                    }));
+                }
+                Err(e) => warn_fallback(&e),
+            }
+        }
         let known = {
             let budgets = self
                 .budgets
@@ -331,30 +525,27 @@ impl Limiter {
                 customer_id: customer_id.to_string(),
                 period_start,
                 amount: 0,
+                shared: None,
             }));
         };
         if state.spent + state.reserved + amount > budget {
-            let retry_after = Duration::from_micros((next - now).max(0) as u64);
-            return Ok(Err(Refusal::Quota {
-                message: format!(
-                    "you exceeded your current quota: this request may cost up to {} USD, and {} USD of the {} USD monthly budget is spent or reserved",
-                    crate::money::format_usd(amount),
-                    crate::money::format_usd(state.spent + state.reserved),
-                    crate::money::format_usd(budget),
-                ),
-                retry_after,
-            }));
+            return Ok(Err(quota(state.spent + state.reserved)));
         }
         state.reserved += amount;
         Ok(Ok(BudgetHold {
             customer_id: customer_id.to_string(),
             period_start,
             amount,
+            shared: None,
         }))
     }
 
-    /// Replaces a budget reservation by the actual cost.
+    /// Replaces a budget reservation by the actual cost. A shared hold is released by its
+    /// usage record reaching the ledger instead.
     pub fn settle_budget(&self, hold: &BudgetHold, actual: i64) {
+        if hold.shared.is_some() {
+            return;
+        }
         let mut budgets = self
             .budgets
             .lock()
@@ -364,6 +555,24 @@ impl Limiter {
                 state.reserved -= hold.amount;
                 state.spent += actual;
             }
+        }
+    }
+
+    /// Gives a reservation back whole: its request never reached a model, so no usage record
+    /// will follow.
+    pub fn release_budget(&self, hold: &BudgetHold) {
+        match (&hold.shared, &self.shared) {
+            (Some(id), Some(store)) => {
+                let (store, id) = (store.clone(), id.clone());
+                spawn(async move {
+                    if let Err(e) = shared_limits::release_hold(store.pool(), &id).await {
+                        tracing::warn!(
+                            "cannot release budget hold {id} (it expires by itself): {e}"
+                        );
+                    }
+                });
+            }
+            _ => self.settle_budget(hold, 0),
         }
     }
 
@@ -399,14 +608,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn request_bucket_refuses_past_the_limit() {
+    #[tokio::test]
+    async fn request_bucket_refuses_past_the_limit() {
         let l = Limiter::default();
         let lim = limits(Some(3), None);
         for _ in 0..3 {
-            l.admit_request(&lim).unwrap();
+            l.admit_request(&lim).await.unwrap();
         }
-        match l.admit_request(&lim) {
+        match l.admit_request(&lim).await {
             Err(Refusal::Rate { retry_after, .. }) => {
                 // One request refills in 20 s at 3/min.
                 assert!(
@@ -421,19 +630,19 @@ mod tests {
         assert!(s.tokens.is_none());
     }
 
-    #[test]
-    fn token_reservations_are_settled_back() {
+    #[tokio::test]
+    async fn token_reservations_are_settled_back() {
         let l = Limiter::default();
         let lim = limits(None, Some(1000));
-        let hold = l.reserve_tokens(&lim, 800).unwrap();
-        assert!(l.reserve_tokens(&lim, 300).is_err());
+        let hold = l.reserve_tokens(&lim, 800).await.unwrap();
+        assert!(l.reserve_tokens(&lim, 300).await.is_err());
         l.settle_tokens(&hold, 100);
         let s = l.status(&lim).tokens.unwrap();
         assert!((899..=901).contains(&s.remaining), "{s:?}");
-        assert!(l.reserve_tokens(&lim, 300).is_ok());
+        assert!(l.reserve_tokens(&lim, 300).await.is_ok());
         // More than the whole limit can never pass.
         assert!(matches!(
-            l.reserve_tokens(&lim, 1001),
+            l.reserve_tokens(&lim, 1001).await,
             Err(Refusal::Rate { .. })
         ));
     }
@@ -442,29 +651,29 @@ mod tests {
     async fn budget_never_overshoots_with_reservations() {
         let l = Limiter::default();
         let h1 = l
-            .reserve_budget(None, "c", 1000, 600)
+            .reserve_budget(None, "r", "c", 1000, 600)
             .await
             .unwrap()
             .unwrap();
         assert!(matches!(
-            l.reserve_budget(None, "c", 1000, 600).await.unwrap(),
+            l.reserve_budget(None, "r", "c", 1000, 600).await.unwrap(),
             Err(Refusal::Quota { .. })
         ));
         l.settle_budget(&h1, 100);
         let h2 = l
-            .reserve_budget(None, "c", 1000, 600)
+            .reserve_budget(None, "r", "c", 1000, 600)
             .await
             .unwrap()
             .unwrap();
         l.settle_budget(&h2, 600);
         // 700 spent: 300 left.
         assert!(l
-            .reserve_budget(None, "c", 1000, 301)
+            .reserve_budget(None, "r", "c", 1000, 301)
             .await
             .unwrap()
             .is_err());
         assert!(l
-            .reserve_budget(None, "c", 1000, 300)
+            .reserve_budget(None, "r", "c", 1000, 300)
             .await
             .unwrap()
             .is_ok());

@@ -191,7 +191,7 @@ impl Completion {
             self.state.limiter.settle_tokens(hold, 0);
         }
         if let Some(hold) = &self.budget_hold {
-            self.state.limiter.settle_budget(hold, 0);
+            self.state.limiter.release_budget(hold);
         }
     }
 }
@@ -269,20 +269,28 @@ pub async fn completions(
 /// rate and the budget, each reserved for the request's maximum.
 async fn admit(
     state: &AppState,
+    request_id: &str,
     caller: &Caller,
     prompt_tokens: u32,
     max_output: u64,
     price: &Price,
 ) -> Result<(Option<TokenHold>, Option<BudgetHold>), ApiError> {
     let limiter = &state.limiter;
-    let tokens =
-        limiter.reserve_tokens(&caller.limits, i64::from(prompt_tokens) + max_output as i64)?;
+    let tokens = limiter
+        .reserve_tokens(&caller.limits, i64::from(prompt_tokens) + max_output as i64)
+        .await?;
     let budget = match caller.budget_nano_usd {
         None => None,
         Some(budget) => {
             let max_cost = cost_nano_usd(price, u64::from(prompt_tokens), max_output);
             let reserved = limiter
-                .reserve_budget(state.store.as_ref(), &caller.customer_id, budget, max_cost)
+                .reserve_budget(
+                    state.store.as_ref(),
+                    request_id,
+                    &caller.customer_id,
+                    budget,
+                    max_cost,
+                )
                 .await;
             match reserved {
                 Ok(Ok(hold)) => Some(hold),
@@ -315,7 +323,7 @@ async fn respond(
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
     }
     let t = Instant::now();
-    state.limiter.admit_request(&caller.limits)?;
+    state.limiter.admit_request(&caller.limits).await?;
     let mut admit_time = t.elapsed();
     let mut prepared = Vec::with_capacity(plan.choices.len());
     for request in &plan.choices {
@@ -333,7 +341,7 @@ async fn respond(
     let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
     let t = Instant::now();
     let (tokens_hold, budget_hold) =
-        admit(&state, &caller, prompt_tokens, max_output, &price).await?;
+        admit(&state, &id.0, &caller, prompt_tokens, max_output, &price).await?;
     admit_time += t.elapsed();
     state
         .metrics

@@ -282,6 +282,10 @@ impl Store {
         self.kind
     }
 
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Runs one statement as is (maintenance and tests).
     #[doc(hidden)]
     pub async fn execute_raw(&self, sql: &str) -> StoreResult<()> {
@@ -508,7 +512,10 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        let postgres = self.kind == DbKind::Postgres;
         let mut inserted = 0;
+        // (customer, started_at, cost) of the rows this batch added, for the shared budgets.
+        let mut added: Vec<(String, i64, i64)> = Vec::new();
         for chunk in records.chunks(INSERT_CHUNK) {
             let mut sql = format!("INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES ");
             for i in 0..chunk.len() {
@@ -522,6 +529,9 @@ impl Store {
                 sql.push(')');
             }
             sql.push_str(" ON CONFLICT (id) DO NOTHING");
+            if postgres {
+                sql.push_str(" RETURNING customer_id, started_at, cost_nano_usd");
+            }
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
@@ -542,7 +552,22 @@ impl Store {
                     .bind(&r.output_price_per_mtok)
                     .bind(r.cost_nano_usd);
             }
-            inserted += q.execute(&mut *tx).await?.rows_affected();
+            if postgres {
+                for row in q.fetch_all(&mut *tx).await? {
+                    added.push((
+                        row.try_get("customer_id")?,
+                        row.try_get("started_at")?,
+                        row.try_get("cost_nano_usd")?,
+                    ));
+                    inserted += 1;
+                }
+            } else {
+                inserted += q.execute(&mut *tx).await?.rows_affected();
+            }
+        }
+        if postgres {
+            let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+            crate::shared_limits::settle_in_ledger(&mut tx, &added, &ids).await?;
         }
         tx.commit().await?;
         Ok(inserted)
