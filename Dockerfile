@@ -8,6 +8,7 @@
 #     --build-arg RUNTIME_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04 \
 #     --build-arg CARGO_FEATURES=cuda --build-arg CUDA_COMPUTE_CAP=90 .
 # Models are not baked in: mount them at /models (see models.toml and the README).
+# Kubernetes manifests and the operator guide: deploy/kubernetes/, deploy/README.md.
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
