@@ -204,3 +204,30 @@ async fn unknown_model_and_bad_key_are_openai_errors() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_api_key");
 }
+
+/// The engine's work shows in `/metrics`: forward passes, prefilled and decoded tokens.
+#[tokio::test]
+async fn engine_metrics_count_prefill_and_decode() {
+    let r = client().chat().create(greedy(france(), 8)).await.unwrap();
+    let usage = r.usage.unwrap();
+    let text = reqwest::get(format!("http://{}/metrics", server()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        let prefix = format!("{name}{{model=\"{MODEL}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    // Other tests share the server, so at least this request's work.
+    assert!(value("tollgate_prefill_tokens_total") >= u64::from(usage.prompt_tokens));
+    // The first token comes from the prefill pass; each later one from a decode step.
+    assert!(value("tollgate_decode_tokens_total") >= u64::from(usage.completion_tokens) - 1);
+    assert!(value("tollgate_engine_steps_total") >= u64::from(usage.completion_tokens));
+    assert!(text.contains("tollgate_batch_size{model=\"smollm2-135m\"}"));
+}

@@ -151,6 +151,10 @@ pub enum BackendError {
     /// The backend's queue is full; the client should retry after the given seconds.
     #[error("the model is overloaded, retry after {retry_after_secs}s")]
     Overloaded { retry_after_secs: u64 },
+    /// No server behind the backend could take the request (all down or failing); the
+    /// detail goes to logs only.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
     /// The backend is down or failed; the detail goes to logs only.
     #[error("backend failure: {0}")]
     Internal(String),
@@ -176,6 +180,16 @@ pub struct LoadReport {
     pub waiting: u32,
     pub kv_cache_used_bytes: u64,
     pub kv_cache_capacity_bytes: u64,
+    /// Sequences in the engine's last forward pass.
+    #[serde(default)]
+    pub batch_size: u32,
+    /// Forward passes, prompt tokens prefilled and tokens decoded since start.
+    #[serde(default)]
+    pub steps_total: u64,
+    #[serde(default)]
+    pub prefill_tokens_total: u64,
+    #[serde(default)]
+    pub decode_tokens_total: u64,
 }
 
 /// Starts a prepared sequence.
@@ -211,5 +225,10 @@ pub trait Backend: Send + Sync + 'static {
 
     fn load(&self) -> LoadReport {
         LoadReport::default()
+    }
+
+    /// For backends that route to other servers: each server and whether it is in rotation.
+    fn members(&self) -> Vec<(String, bool)> {
+        Vec::new()
     }
 }

@@ -50,7 +50,7 @@ struct RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
-    source: RawSource,
+    source: Option<RawSource>,
     backend: RawBackend,
     context_length: Option<u32>,
     owned_by: Option<String>,
@@ -120,7 +120,8 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub id: String,
-    pub source: ModelSource,
+    /// Where the weights come from; `None` only for http backends (the upstream has them).
+    pub source: Option<ModelSource>,
     pub backend: BackendConfig,
     /// Limit of the context below the model's own.
     pub context_length: Option<u32>,
@@ -206,6 +207,31 @@ impl Config {
     }
 }
 
+fn validate_source(source: RawSource, base_dir: &Path) -> Result<ModelSource, String> {
+    match (source.path, source.hf_repo) {
+        (Some(path), None) => {
+            if source.revision.is_some() || source.file.is_some() {
+                return Err(
+                    "source.revision and source.file go with source.hf_repo, not source.path"
+                        .into(),
+                );
+            }
+            Ok(ModelSource::Path(if path.is_absolute() {
+                path
+            } else {
+                base_dir.join(path)
+            }))
+        }
+        (None, Some(repo)) => Ok(ModelSource::Hub {
+            repo,
+            revision: source.revision.unwrap_or_else(|| "main".into()),
+            file: source.file,
+        }),
+        (Some(_), Some(_)) => Err("source has both `path` and `hf_repo`; choose one".into()),
+        (None, None) => Err("source needs `path` or `hf_repo`".into()),
+    }
+}
+
 fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig, ConfigError> {
     let err = |message: String| ConfigError::Model {
         model: id.to_string(),
@@ -216,31 +242,15 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
             "model ids must be non-empty and contain no spaces".into()
         ));
     }
-    let source = match (m.source.path, m.source.hf_repo) {
-        (Some(path), None) => {
-            if m.source.revision.is_some() || m.source.file.is_some() {
-                return Err(err(
-                    "source.revision and source.file go with source.hf_repo, not source.path"
-                        .into(),
-                ));
-            }
-            ModelSource::Path(if path.is_absolute() {
-                path
-            } else {
-                base_dir.join(path)
-            })
-        }
-        (None, Some(repo)) => ModelSource::Hub {
-            repo,
-            revision: m.source.revision.unwrap_or_else(|| "main".into()),
-            file: m.source.file,
-        },
-        (Some(_), Some(_)) => {
+    let source = match m.source {
+        Some(source) => Some(validate_source(source, base_dir).map_err(err)?),
+        None if matches!(m.backend, RawBackend::Http { .. }) => None,
+        None => {
             return Err(err(
-                "source has both `path` and `hf_repo`; choose one".into()
+                "source is missing: a local backend needs `source = { path = ... }` or `{ hf_repo = ... }`"
+                    .into(),
             ))
         }
-        (None, None) => return Err(err("source needs `path` or `hf_repo`".into())),
     };
     let backend = match m.backend {
         RawBackend::Local {
@@ -314,7 +324,7 @@ mod tests {
         let m = &c.models["smollm2-135m"];
         assert_eq!(
             m.source,
-            ModelSource::Path("/etc/tollgate/models/x.gguf".into())
+            Some(ModelSource::Path("/etc/tollgate/models/x.gguf".into()))
         );
         let BackendConfig::Local(local) = &m.backend else {
             panic!("local")
@@ -325,11 +335,11 @@ mod tests {
         let r = &c.models["remote"];
         assert_eq!(
             r.source,
-            ModelSource::Hub {
+            Some(ModelSource::Hub {
                 repo: "org/repo".into(),
                 revision: "main".into(),
                 file: Some("m.gguf".into())
-            }
+            })
         );
     }
 
@@ -345,6 +355,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("wieghts"), "{e}");
+    }
+
+    #[test]
+    fn only_http_backends_may_leave_out_the_source() {
+        let http = r#"
+            [models.remote]
+            backend = { type = "http", urls = ["http://w1:8081"] }
+        "#;
+        let c = Config::from_toml_str(http, Path::new("/")).unwrap();
+        assert_eq!(c.models["remote"].source, None);
+        let local = r#"
+            [models.here]
+            backend = { type = "local" }
+        "#;
+        let e = Config::from_toml_str(local, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("here") && e.contains("source is missing"), "{e}");
     }
 
     #[test]

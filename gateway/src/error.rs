@@ -213,6 +213,12 @@ impl From<BackendError> for ApiError {
             }
             BackendError::Overloaded { retry_after_secs } => Self::Overloaded { retry_after_secs },
             BackendError::Internal(detail) => Self::Internal(detail),
+            BackendError::Unavailable(detail) => {
+                tracing::error!("{detail}");
+                Self::Unavailable(
+                    "no server of this model is available right now; retry shortly".into(),
+                )
+            }
         }
     }
 }

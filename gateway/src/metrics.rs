@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::backend::Backend;
@@ -32,6 +32,11 @@ pub struct Metrics {
     running: GaugeVec,
     kv_used: GaugeVec,
     kv_capacity: GaugeVec,
+    batch_size: GaugeVec,
+    engine_steps: IntCounterVec,
+    prefill_tokens: IntCounterVec,
+    decode_tokens: IntCounterVec,
+    backend_healthy: GaugeVec,
     pub ledger_pending: IntGauge,
     pub ledger_spooled: IntGauge,
     /// Time the metering path (limits, reservation, durable ledger write) adds to a request.
@@ -58,6 +63,11 @@ impl Metrics {
             )?;
             registry.register(Box::new(h.clone()))?;
             Ok(h)
+        };
+        let int_counter = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["model"])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
         };
         let gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
             let g = GaugeVec::new(Opts::new(name, help), &["model"])?;
@@ -105,6 +115,33 @@ impl Metrics {
                 "tollgate_kv_cache_capacity_bytes",
                 "KV-cache memory budget.",
             )?,
+            batch_size: gauge(
+                "tollgate_batch_size",
+                "Sequences in the engine's last forward pass (decode and prefill together).",
+            )?,
+            engine_steps: int_counter(
+                "tollgate_engine_steps_total",
+                "Forward passes of the engine (batch size on average: decode tokens / steps).",
+            )?,
+            prefill_tokens: int_counter(
+                "tollgate_prefill_tokens_total",
+                "Prompt tokens run through the model (prefill).",
+            )?,
+            decode_tokens: int_counter(
+                "tollgate_decode_tokens_total",
+                "Tokens decoded by the engine, one per running sequence per step.",
+            )?,
+            backend_healthy: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tollgate_backend_healthy",
+                        "1 when an upstream server of a model is in rotation, 0 when ejected.",
+                    ),
+                    &["model", "backend"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             ledger_pending: {
                 let g = IntGauge::new(
                     "tollgate_ledger_pending_records",
@@ -147,6 +184,23 @@ impl Metrics {
             self.kv_capacity
                 .with_label_values(&[model])
                 .set(load.kv_cache_capacity_bytes as f64);
+            self.batch_size
+                .with_label_values(&[model])
+                .set(f64::from(load.batch_size));
+            for (counter, total) in [
+                (&self.engine_steps, load.steps_total),
+                (&self.prefill_tokens, load.prefill_tokens_total),
+                (&self.decode_tokens, load.decode_tokens_total),
+            ] {
+                // The engine keeps the totals; the counters catch up at each scrape.
+                let c = counter.with_label_values(&[model]);
+                c.inc_by(total.saturating_sub(c.get()));
+            }
+            for (member, healthy) in backend.members() {
+                self.backend_healthy
+                    .with_label_values(&[model, &member])
+                    .set(if healthy { 1.0 } else { 0.0 });
+            }
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

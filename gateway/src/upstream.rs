@@ -390,7 +390,7 @@ fn run(
         if overloaded > 0 && overloaded == errors.len() {
             yield Err(BackendError::Overloaded { retry_after_secs: 1 });
         } else {
-            yield Err(BackendError::Internal(format!("every upstream failed: {}", errors.join("; "))));
+            yield Err(BackendError::Unavailable(format!("every upstream failed: {}", errors.join("; "))));
         }
     };
     Box::pin(stream)
@@ -400,6 +400,13 @@ fn run(
 impl Backend for UpstreamPool {
     fn info(&self) -> ModelInfo {
         self.info.clone()
+    }
+
+    fn members(&self) -> Vec<(String, bool)> {
+        self.members
+            .iter()
+            .map(|m| (m.base.clone(), m.healthy.load(Ordering::Relaxed)))
+            .collect()
     }
 
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {

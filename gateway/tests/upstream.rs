@@ -101,7 +101,6 @@ async fn gateway(urls: Vec<String>) -> SocketAddr {
     let config = Config::from_toml_str(
         r#"
 [models.up]
-source = { path = "unused.gguf" }
 backend = { type = "http", urls = ["http://unused"] }
 "#,
         Path::new("."),
@@ -213,8 +212,20 @@ async fn upstream_refusals_are_client_errors_and_not_retried() {
 }
 
 #[tokio::test]
-async fn all_members_down_is_a_server_error() {
+async fn all_members_down_is_unavailable_and_shows_in_the_metrics() {
     let addr = gateway(vec!["http://127.0.0.1:9".into()]).await;
     let r = ask(addr, false).await;
-    assert_eq!(r.status(), 500);
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable");
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_backend_healthy{backend=\"http://127.0.0.1:9\",model=\"up\"} 0"),
+        "{metrics}"
+    );
 }

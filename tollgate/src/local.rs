@@ -197,6 +197,10 @@ impl Backend for LocalBackend {
             waiting: s.waiting.load(Ordering::Relaxed) as u32,
             kv_cache_used_bytes: s.kv_used_bytes.load(Ordering::Relaxed),
             kv_cache_capacity_bytes: self.engine.config().kv_cache_bytes as u64,
+            batch_size: s.last_batch_size.load(Ordering::Relaxed) as u32,
+            steps_total: s.steps_total.load(Ordering::Relaxed),
+            prefill_tokens_total: s.prefill_tokens_total.load(Ordering::Relaxed),
+            decode_tokens_total: s.decode_tokens_total.load(Ordering::Relaxed),
         }
     }
 }

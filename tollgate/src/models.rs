@@ -50,8 +50,11 @@ pub fn load_local(
         weights,
         context_length: model.context_length.map(|c| c as usize),
     };
+    let Some(source) = &model.source else {
+        anyhow::bail!("model `{}`: a local backend needs a `source`", model.id);
+    };
     let started = std::time::Instant::now();
-    let loaded = loader::load(&model.id, &runtime_source(&model.source), &options)?;
+    let loaded = loader::load(&model.id, &runtime_source(source), &options)?;
     tracing::info!(
         model = %model.id,
         device = %local.device,
