@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::limits::{BucketStatus, Limits};
-use crate::store::{now_micros, ApiKey, Customer, Store};
+use crate::store::{now_micros, ApiKey, Customer, Store, StoreError};
 use crate::AppState;
 
 /// The customer static keys belong to.
@@ -94,6 +94,8 @@ pub struct AuthConfig {
     statics: Arc<HashMap<[u8; 32], String>>,
     /// Last successful database lookups, for outages.
     last_known: Arc<Mutex<HashMap<[u8; 32], Caller>>>,
+    /// The `default` customer (limits and budget of the static keys) as last read.
+    last_default: Arc<Mutex<Option<crate::store::Customer>>>,
 }
 
 impl AuthConfig {
@@ -111,6 +113,7 @@ impl AuthConfig {
         Self {
             statics: Arc::new(statics),
             last_known: Arc::default(),
+            last_default: Arc::default(),
         }
     }
 
@@ -129,7 +132,21 @@ impl AuthConfig {
         let d = digest(key);
         if let Some(key_id) = self.statics.get(&d) {
             let customer = match store {
-                Some(s) => s.customer(DEFAULT_CUSTOMER).await.ok(),
+                Some(s) => {
+                    let found = s.customer(DEFAULT_CUSTOMER).await;
+                    let mut last = self
+                        .last_default
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match found {
+                        Ok(c) => *last = Some(c),
+                        // Not created yet: no limits.
+                        Err(StoreError::NotFound(_)) => *last = None,
+                        // Unreachable: the limits as last read.
+                        Err(_) => {}
+                    }
+                    last.clone()
+                }
                 None => None,
             };
             return Ok(Caller {

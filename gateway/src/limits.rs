@@ -309,7 +309,12 @@ impl Limiter {
                 amount,
             })
             .collect();
-        match shared_limits::take(store.pool(), &takes).await {
+        if store.is_down() {
+            return Ok(false);
+        }
+        let taken = shared_limits::take(store.pool(), &takes).await;
+        store.observe(&taken);
+        match taken {
             Ok(RateOutcome::Taken(levels)) => {
                 let now = Instant::now();
                 let mut buckets = self
@@ -446,7 +451,7 @@ impl Limiter {
             retry_after: Duration::from_micros((next - now).max(0) as u64),
         }
         };
-        if let Some(shared) = &self.shared {
+        if let Some(shared) = self.shared.as_ref().filter(|s| !s.is_down()) {
             let checked = shared_limits::hold_budget(
                 shared.pool(),
                 hold_id,
@@ -456,6 +461,7 @@ impl Limiter {
                 amount,
             )
             .await;
+            shared.observe(&checked);
             match checked {
                 Ok(check) => {
                     // This replica's view, for when the database cannot be asked.

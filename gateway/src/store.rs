@@ -9,6 +9,8 @@
 //! several gateways insert concurrently, so an insert transaction takes an advisory lock first:
 //! `seq` values then become visible in order and a cursor never skips a record committed late.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,8 @@ pub enum StoreError {
     Invalid(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("database unreachable moments ago; not asked again yet")]
+    Down,
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -161,6 +165,27 @@ pub struct UsageRow {
 pub struct Store {
     pool: AnyPool,
     kind: DbKind,
+    /// Until when (Unix micros) request-path lookups skip the database after it could not be
+    /// reached, so requests are served from caches at once instead of each waiting for a
+    /// connection; the first lookup after that probes it again.
+    down_until: Arc<AtomicI64>,
+}
+
+/// How long request-path lookups skip a database that could not be reached.
+const DOWN_FOR_MICROS: i64 = 1_000_000;
+/// Longest a probe of a down database may take before another one starts (above the pool's
+/// acquire timeout).
+const PROBE_MICROS: i64 = 10_000_000;
+
+/// Errors that mean the database cannot be reached (as opposed to a failing statement).
+fn is_unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+    )
 }
 
 /// `sqlite://…`, `postgres://…`, or a bare file path (SQLite, created when missing).
@@ -275,7 +300,69 @@ impl Store {
             DbKind::Sqlite => sqlx::migrate!("migrations/sqlite").run(&pool).await?,
             DbKind::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
         }
-        Ok(Self { pool, kind })
+        Ok(Self {
+            pool,
+            kind,
+            down_until: Arc::default(),
+        })
+    }
+
+    /// Whether request-path lookups should skip the database for now (see `down_until`).
+    /// Once the pause is over, a background probe asks the database; requests keep skipping
+    /// it until the probe gets an answer, so none of them waits on a dead database.
+    pub fn is_down(&self) -> bool {
+        let until = self.down_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        let now = now_micros();
+        if now < until {
+            return true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        // One caller starts the probe; a probe that hangs is replaced after PROBE_MICROS.
+        if self
+            .down_until
+            .compare_exchange(
+                until,
+                now + PROBE_MICROS,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            let store = self.clone();
+            runtime.spawn(async move {
+                let answer = sqlx::query("SELECT 1").execute(&store.pool).await;
+                store.observe(&answer);
+                if answer.is_ok() {
+                    tracing::info!("the database answers again");
+                }
+            });
+        }
+        true
+    }
+
+    /// Notes the outcome of a request-path call: an unreachable database is skipped for a
+    /// moment; any answer means it is back.
+    pub(crate) fn observe<T>(&self, result: &Result<T, sqlx::Error>) {
+        match result {
+            Ok(_) => {
+                if self.down_until.load(Ordering::Relaxed) != 0 {
+                    self.down_until.store(0, Ordering::Relaxed);
+                }
+            }
+            Err(e) => self.observe_error(e),
+        }
+    }
+
+    fn observe_error(&self, e: &sqlx::Error) {
+        if is_unreachable(e) {
+            self.down_until
+                .store(now_micros() + DOWN_FOR_MICROS, Ordering::Relaxed);
+        }
     }
 
     pub fn kind(&self) -> DbKind {
@@ -358,13 +445,20 @@ impl Store {
         .collect()
     }
 
+    /// One customer. On the request path: fails at once while the database is considered
+    /// down.
     pub async fn customer(&self, id: &str) -> StoreResult<Customer> {
+        if self.is_down() {
+            return Err(StoreError::Down);
+        }
         let row = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?;
+        .await;
+        self.observe(&row);
+        let row = row?;
         match row {
             Some(row) => customer(&row),
             None => Err(StoreError::NotFound(format!("no customer `{id}`"))),
@@ -484,16 +578,22 @@ impl Store {
     }
 
     /// The key whose secret hashes to `key_hash`, with its stored hash, and its customer.
+    /// On the request path: fails at once while the database is considered down.
     pub async fn find_key(
         &self,
         key_hash: &str,
     ) -> StoreResult<Option<(ApiKey, String, Customer)>> {
+        if self.is_down() {
+            return Err(StoreError::Down);
+        }
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS}, key_hash FROM api_keys WHERE key_hash = $1"
         ))
         .bind(key_hash)
         .fetch_optional(&self.pool)
-        .await?;
+        .await;
+        self.observe(&row);
+        let row = row?;
         let Some(row) = row else { return Ok(None) };
         let key = api_key(&row)?;
         let stored: String = row.try_get("key_hash")?;
@@ -582,7 +682,9 @@ impl Store {
         .bind(customer_id)
         .bind(since)
         .fetch_one(&self.pool)
-        .await?;
+        .await;
+        self.observe(&row);
+        let row = row?;
         Ok(row.try_get("spent")?)
     }
 
