@@ -1,14 +1,15 @@
 //! Linear layers in the weight form chosen at load time, and their matmuls.
 //!
-//! Q8_0 weights on a CPU with AVX2 run Tollgate's own int8 kernel ([`super::q8`]); elsewhere
-//! candle's quantized matmul. Quantized kernels win for a few rows, dense f32 gemm for many, so
-//! the `Dual` form keeps both a Q8_0 and an f32 copy and picks per call by the number of rows:
-//! decode steps use Q8_0, prefill and large batches f32.
+//! Q8_0 weights on a CPU with AVX2 run Tollgate's own int8 kernel ([`super::q8`]), the `auto`
+//! form its block-code kernel ([`super::codes`]: Q4_0/Q4_1 kept as stored, other weights as
+//! 7-bit codes); elsewhere candle's quantized matmul. The `Dual` form keeps the codes and an
+//! f32 copy: decode steps and batches run the codes, long prompt chunks f32 gemm.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::q8::{matmul_many, Q8Matrix, BLOCK};
+use super::codes::{self, CodeMatrix};
+use super::q8::{self, Q8Matrix, BLOCK};
 use super::WeightForm;
 use crate::{Error, Result};
 
@@ -31,17 +32,30 @@ pub(crate) enum Quantized {
     Candle(QMatMul),
     /// Tollgate's int8 kernel (CPU with AVX2).
     Int8(Q8Matrix),
+    /// Tollgate's block-code kernel (CPU with AVX2).
+    Codes(CodeMatrix),
+}
+
+/// A host kernel's matrix, borrowed.
+#[derive(Clone, Copy)]
+enum HostMatrix<'a> {
+    Int8(&'a Q8Matrix),
+    Codes(&'a CodeMatrix),
 }
 
 impl Quantized {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Candle(q) => q.forward(x)?,
-            Self::Int8(m) => {
+            Self::Int8(_) | Self::Codes(_) => {
                 let (rows, _) = x.dims2()?;
                 let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let y = m.matmul(&data, rows);
-                Tensor::from_vec(y, (rows, m.out_features()), x.device())?
+                let (y, out) = match self {
+                    Self::Int8(m) => (m.matmul(&data, rows), m.out_features()),
+                    Self::Codes(m) => (m.matmul(&data, rows), m.out_features()),
+                    Self::Candle(_) => unreachable!("matched above"),
+                };
+                Tensor::from_vec(y, (rows, out), x.device())?
             }
         })
     }
@@ -63,11 +77,43 @@ fn q8_0(dense_f32: &Tensor) -> Result<Option<Quantized>> {
     )?)))
 }
 
+/// The `auto` form's pair on the CPU: block codes (or f32 alone where the kernel does not
+/// apply) and the f32 copy.
+fn dual(codes: Option<CodeMatrix>, dense_f32: Tensor) -> Result<Linear> {
+    let dense = dense_f32.to_dtype(DType::F32)?.contiguous()?;
+    let (out, cols) = dense.dims2()?;
+    let codes = match codes {
+        Some(c) => Some(c),
+        None if CodeMatrix::is_fast_for(cols) => {
+            let data = dense.flatten_all()?.to_vec1::<f32>()?;
+            Some(CodeMatrix::quantize(&data, out, cols))
+        }
+        None => None,
+    };
+    Ok(match codes {
+        Some(c) => Linear::Dual {
+            quant: Quantized::Codes(c),
+            dense,
+        },
+        None => match q8_0(&dense)? {
+            Some(quant) => Linear::Dual { quant, dense },
+            None => Linear::Dense(dense),
+        },
+    })
+}
+
 impl Linear {
     /// From a GGUF tensor.
     pub(crate) fn from_qtensor(q: QTensor, form: WeightForm, device: &Device) -> Result<Self> {
         Ok(match form {
             WeightForm::Native => Self::Quant(Quantized::Candle(QMatMul::from_qtensor(q)?)),
+            WeightForm::Auto if device.is_cpu() => {
+                let codes = match CodeMatrix::from_q4(&q)? {
+                    Some(c) if CodeMatrix::is_fast_for(c.in_features()) => Some(c),
+                    _ => None,
+                };
+                dual(codes, q.dequantize(device)?)?
+            }
             WeightForm::Q8_0 if q.dtype() == GgmlDType::Q8_0 && !device.is_cpu() => {
                 Self::Quant(Quantized::Candle(QMatMul::from_qtensor(q)?))
             }
@@ -88,13 +134,7 @@ impl Linear {
                 Some(q) => Ok(Self::Quant(q)),
                 None => dense(DType::F32),
             },
-            WeightForm::Auto if device.is_cpu() => {
-                let w = w.to_dtype(DType::F32)?.contiguous()?;
-                Ok(match q8_0(&w)? {
-                    Some(quant) => Self::Dual { quant, dense: w },
-                    None => Self::Dense(w),
-                })
-            }
+            WeightForm::Auto if device.is_cpu() => dual(None, w),
             WeightForm::Auto => dense(DType::F16),
         }
     }
@@ -116,15 +156,17 @@ impl Linear {
 }
 
 impl Linear {
-    /// The int8 matrix, unless `dense` asks a `Dual` layer for its dense copy.
-    fn int8_unless(&self, dense: bool) -> Option<&Q8Matrix> {
-        match self {
-            Self::Quant(Quantized::Int8(m)) => Some(m),
-            Self::Dual {
-                quant: Quantized::Int8(m),
-                ..
-            } if !dense => Some(m),
-            _ => None,
+    /// The host kernel's matrix, unless `dense` asks a `Dual` layer for its dense copy.
+    fn host_unless(&self, dense: bool) -> Option<HostMatrix<'_>> {
+        let quant = match self {
+            Self::Quant(q) => q,
+            Self::Dual { quant, .. } if !dense => quant,
+            _ => return None,
+        };
+        match quant {
+            Quantized::Int8(m) => Some(HostMatrix::Int8(m)),
+            Quantized::Codes(m) => Some(HostMatrix::Codes(m)),
+            Quantized::Candle(_) => None,
         }
     }
 
@@ -132,7 +174,7 @@ impl Linear {
     /// activations over as CPU buffers).
     pub(crate) fn is_host(&self) -> bool {
         match self {
-            Self::Quant(Quantized::Int8(_)) => true,
+            Self::Quant(Quantized::Int8(_) | Quantized::Codes(_)) => true,
             Self::Quant(Quantized::Candle(_)) => false,
             Self::Dense(w) | Self::Dual { dense: w, .. } => w.device().is_cpu(),
         }
@@ -143,8 +185,10 @@ impl Linear {
     /// layer's copy (the caller decides, so a row's arithmetic does not depend on how many
     /// other rows share the step).
     pub(crate) fn forward_host_as(&self, x: &[f32], rows: usize, dense: bool) -> Result<Vec<f32>> {
-        if let Some(m) = self.int8_unless(dense) {
-            return Ok(m.matmul(x, rows));
+        match self.host_unless(dense) {
+            Some(HostMatrix::Int8(m)) => return Ok(m.matmul(x, rows)),
+            Some(HostMatrix::Codes(m)) => return Ok(m.matmul(x, rows)),
+            None => {}
         }
         let cols = x.len() / rows.max(1);
         let t = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
@@ -156,17 +200,34 @@ impl Linear {
     }
 
     /// [`Linear::forward_host_as`] of several layers on the same input (Q/K/V, gate/up): one
-    /// activation quantization and one parallel dispatch when all run the int8 kernel.
+    /// activation quantization and one parallel dispatch when all run the same host kernel.
     pub(crate) fn forward_host_many_as<const N: usize>(
         layers: [&Linear; N],
         x: &[f32],
         rows: usize,
         dense: bool,
     ) -> Result<[Vec<f32>; N]> {
-        let int8: Option<Vec<&Q8Matrix>> = layers.iter().map(|l| l.int8_unless(dense)).collect();
-        let outs = match int8 {
-            Some(mats) => matmul_many(&mats, x, rows),
-            None => layers
+        let host: Option<Vec<HostMatrix>> = layers.iter().map(|l| l.host_unless(dense)).collect();
+        let int8: Option<Vec<&Q8Matrix>> = host
+            .iter()
+            .flatten()
+            .map(|m| match m {
+                HostMatrix::Int8(m) => Some(*m),
+                HostMatrix::Codes(_) => None,
+            })
+            .collect();
+        let codes: Option<Vec<&CodeMatrix>> = host
+            .iter()
+            .flatten()
+            .map(|m| match m {
+                HostMatrix::Codes(m) => Some(*m),
+                HostMatrix::Int8(_) => None,
+            })
+            .collect();
+        let outs = match (host.is_some(), int8, codes) {
+            (true, Some(mats), _) => q8::matmul_many(&mats, x, rows),
+            (true, _, Some(mats)) => codes::matmul_many(&mats, x, rows),
+            _ => layers
                 .iter()
                 .map(|l| l.forward_host_as(x, rows, dense))
                 .collect::<Result<Vec<_>>>()?,

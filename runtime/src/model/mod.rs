@@ -3,10 +3,11 @@
 //! matmul runs once over all the step's tokens (that is what makes batching pay); attention runs
 //! per sequence over its own cache.
 //!
-//! Submodules: `linear` (weight forms and their matmuls), `q8` (the int8 kernel), `kv_cache`,
+//! Submodules: `linear` (weight forms and their matmuls), `q8` (the int8 kernel), `codes` (the block-code kernel of `auto`), `kv_cache`,
 //! `llama` (the forward pass, candle ops), `host` (the CPU forward pass on plain buffers),
 //! `load` (GGUF and safetensors).
 
+mod codes;
 mod host;
 mod kv_cache;
 mod linear;
@@ -24,7 +25,8 @@ use crate::Error;
 /// The form weights take on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightForm {
-    /// CPU: Q8_0 for steps with few rows and f32 for steps with many (prefill, large batches).
+    /// CPU: block codes (Q4_0/Q4_1 kept as stored, others 7-bit) for decode and batches, and
+    /// f32 for long prompt chunks.
     /// CUDA: f16.
     Auto,
     /// Keep the file's own form (its quantization, or its dtype for safetensors).
