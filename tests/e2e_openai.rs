@@ -205,7 +205,7 @@ async fn unknown_model_and_bad_key_are_openai_errors() {
     assert_eq!(body["error"]["code"], "invalid_api_key");
 }
 
-/// The engine's work shows in `/metrics`: forward passes, prefilled and decoded tokens.
+/// The engine's work shows in `/metrics`: forward passes, prefilled, cached and decoded tokens.
 #[tokio::test]
 async fn engine_metrics_count_prefill_and_decode() {
     let r = client().chat().create(greedy(france(), 8)).await.unwrap();
@@ -224,8 +224,12 @@ async fn engine_metrics_count_prefill_and_decode() {
             .parse()
             .unwrap()
     };
-    // Other tests share the server, so at least this request's work.
-    assert!(value("tollgate_prefill_tokens_total") >= u64::from(usage.prompt_tokens));
+    // Other tests share the server, so at least this request's work (its prompt prefilled,
+    // or partly taken from the prefix cache).
+    assert!(
+        value("tollgate_prefill_tokens_total") + value("tollgate_prefix_cache_hit_tokens_total")
+            >= u64::from(usage.prompt_tokens)
+    );
     // The first token comes from the prefill pass; each later one from a decode step.
     assert!(value("tollgate_decode_tokens_total") >= u64::from(usage.completion_tokens) - 1);
     assert!(value("tollgate_engine_steps_total") >= u64::from(usage.completion_tokens));

@@ -190,6 +190,11 @@ pub struct LoadReport {
     pub prefill_tokens_total: u64,
     #[serde(default)]
     pub decode_tokens_total: u64,
+    /// KV memory the prefix cache holds, and prompt tokens it saved from prefill since start.
+    #[serde(default)]
+    pub prefix_cache_bytes: u64,
+    #[serde(default)]
+    pub prefix_hit_tokens_total: u64,
 }
 
 /// Starts a prepared sequence.

@@ -36,6 +36,8 @@ pub struct Metrics {
     engine_steps: IntCounterVec,
     prefill_tokens: IntCounterVec,
     decode_tokens: IntCounterVec,
+    prefix_cache: GaugeVec,
+    prefix_hits: IntCounterVec,
     backend_healthy: GaugeVec,
     pub ledger_pending: IntGauge,
     pub ledger_spooled: IntGauge,
@@ -131,6 +133,14 @@ impl Metrics {
                 "tollgate_decode_tokens_total",
                 "Tokens decoded by the engine, one per running sequence per step.",
             )?,
+            prefix_cache: gauge(
+                "tollgate_prefix_cache_bytes",
+                "KV memory the prefix cache holds for finished prompts.",
+            )?,
+            prefix_hits: int_counter(
+                "tollgate_prefix_cache_hit_tokens_total",
+                "Prompt tokens taken from the prefix cache instead of being prefilled.",
+            )?,
             backend_healthy: {
                 let g = GaugeVec::new(
                     Opts::new(
@@ -187,10 +197,14 @@ impl Metrics {
             self.batch_size
                 .with_label_values(&[model])
                 .set(f64::from(load.batch_size));
+            self.prefix_cache
+                .with_label_values(&[model])
+                .set(load.prefix_cache_bytes as f64);
             for (counter, total) in [
                 (&self.engine_steps, load.steps_total),
                 (&self.prefill_tokens, load.prefill_tokens_total),
                 (&self.decode_tokens, load.decode_tokens_total),
+                (&self.prefix_hits, load.prefix_hit_tokens_total),
             ] {
                 // The engine keeps the totals; the counters catch up at each scrape.
                 let c = counter.with_label_values(&[model]);

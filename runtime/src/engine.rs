@@ -5,7 +5,9 @@
 //! each with its own reply channel. Every step the scheduler
 //! 1. drops sequences whose client went away (their KV memory is freed in the same step),
 //! 2. admits waiting sequences while the KV-cache budget allows (a sequence reserves the KV
-//!    memory of its prompt plus its `max_tokens`, so a running sequence never runs out),
+//!    memory of its prompt plus its `max_tokens`, so a running sequence never runs out); a
+//!    prompt that shares a prefix with a recently finished one starts from a copy of that
+//!    prompt's KV (the prefix cache, bounded in bytes) instead of prefilling it again,
 //! 3. builds one batch: one decode token per generating sequence, then prompt chunks of the
 //!    prefilling sequences up to the step's token budget (chunked prefill: a long prompt cannot
 //!    stall everyone's decode),
@@ -40,6 +42,8 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// Upper bound of sequences running at once.
     pub max_running: usize,
+    /// KV memory the prefix cache may keep for finished prompts (0 turns it off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +53,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             kv_cache_bytes: 1 << 30,
             max_running: 32,
+            prefix_cache_bytes: 128 << 20,
         }
     }
 }
@@ -122,6 +127,10 @@ pub struct EngineStats {
     pub prefill_tokens_total: AtomicU64,
     pub decode_tokens_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// KV memory held by the prefix cache.
+    pub prefix_cache_bytes: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of being prefilled.
+    pub prefix_hit_tokens_total: AtomicU64,
 }
 
 struct Submission {
@@ -159,6 +168,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             reserved_bytes: 0,
+            prefixes: PrefixCache::new(config.prefix_cache_bytes),
         };
         std::thread::Builder::new()
             .name("tollgate-engine".into())
@@ -261,6 +271,79 @@ struct Worker {
     waiting: VecDeque<Submission>,
     running: Vec<Sequence>,
     reserved_bytes: usize,
+    prefixes: PrefixCache,
+}
+
+/// Prompt tokens that must be left to prefill when a prompt starts from a cached prefix:
+/// prefill chunks of two or more tokens run the dense copy of `auto` weights and decode steps
+/// the block codes ([`crate::model`]), so leaving at least two keeps every prompt token on the
+/// same arithmetic whether its prefix was cached or not.
+const PREFIX_SUFFIX_MIN: usize = 2;
+/// Shortest prefix worth copying.
+const PREFIX_MIN: usize = 4;
+/// Most prompts kept (lookups compare against each).
+const PREFIX_ENTRIES: usize = 64;
+
+/// Prompts of finished sequences with their KV, most recently used first, bounded in bytes.
+struct PrefixCache {
+    entries: VecDeque<(Vec<u32>, KvCache)>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl PrefixCache {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// Keeps `cache` (holding exactly `prompt`'s KV), evicting the least recently used.
+    fn insert(&mut self, prompt: Vec<u32>, cache: KvCache) {
+        let size = cache.bytes();
+        if size > self.max_bytes {
+            return;
+        }
+        if let Some(i) = self.entries.iter().position(|(p, _)| *p == prompt) {
+            if let Some((_, old)) = self.entries.remove(i) {
+                self.bytes -= old.bytes();
+            }
+        }
+        self.bytes += size;
+        self.entries.push_front((prompt, cache));
+        while self.bytes > self.max_bytes || self.entries.len() > PREFIX_ENTRIES {
+            match self.entries.pop_back() {
+                Some((_, old)) => self.bytes -= old.bytes(),
+                None => break,
+            }
+        }
+    }
+
+    /// A new cache with the longest cached prefix of `prompt`, leaving at least
+    /// [`PREFIX_SUFFIX_MIN`] tokens to prefill.
+    fn lookup(&mut self, prompt: &[u32]) -> Result<Option<KvCache>> {
+        let limit = prompt.len().saturating_sub(PREFIX_SUFFIX_MIN);
+        let best = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| {
+                let shared = p.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                (i, shared.min(limit))
+            })
+            .max_by_key(|&(i, len)| (len, std::cmp::Reverse(i)));
+        let Some((i, len)) = best.filter(|&(_, len)| len >= PREFIX_MIN) else {
+            return Ok(None);
+        };
+        let Some(entry) = self.entries.remove(i) else {
+            return Ok(None);
+        };
+        let copy = entry.1.copy_prefix(len);
+        self.entries.push_front(entry);
+        copy.map(Some)
+    }
 }
 
 impl Worker {
@@ -284,6 +367,8 @@ impl Worker {
                 }
                 self.reserved_bytes = 0;
             }
+            // Again after the step, so finished sequences show before the engine idles.
+            self.publish_stats();
         }
     }
 
@@ -359,11 +444,24 @@ impl Worker {
             let logprobs = sampling.logprobs.is_some();
             let sampler = Sampler::new(sampling, &prompt_ids);
             self.reserved_bytes += need;
+            let cache = match self.prefixes.lookup(&prompt_ids) {
+                Ok(Some(cache)) => {
+                    self.stats
+                        .prefix_hit_tokens_total
+                        .fetch_add(cache.len() as u64, Ordering::Relaxed);
+                    cache
+                }
+                Ok(None) => self.model.new_cache(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "prefix cache copy failed; prefilling in full");
+                    self.model.new_cache()
+                }
+            };
             self.running.push(Sequence {
-                prefilled: 0,
+                prefilled: cache.len(),
                 generated: Vec::new(),
                 max_tokens,
-                cache: self.model.new_cache(),
+                cache,
                 sampler,
                 decoder: StreamDecoder::new(self.tokenizer.clone()),
                 stop: StopMatcher::new(stop),
@@ -384,11 +482,14 @@ impl Worker {
             .store(self.reserved_bytes as u64, Ordering::Relaxed);
         let used: usize = self.running.iter().map(|q| q.cache.bytes()).sum();
         s.kv_used_bytes.store(used as u64, Ordering::Relaxed);
+        s.prefix_cache_bytes
+            .store(self.prefixes.bytes as u64, Ordering::Relaxed);
     }
 
     /// One forward pass over the running sequences, then sampling and streaming.
     fn step(&mut self) -> Result<()> {
         let mut budget = self.config.max_batch_tokens.max(1);
+        let strict_chunks = budget > PREFIX_SUFFIX_MIN;
         // Decode tokens first (one each), then prompt chunks in admission order.
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq index, start, len) of input
         for (i, seq) in self.running.iter().enumerate() {
@@ -398,8 +499,19 @@ impl Worker {
             }
         }
         for (i, seq) in self.running.iter().enumerate() {
-            if seq.prefilled < seq.prompt.len() && budget > 0 {
-                let len = (seq.prompt.len() - seq.prefilled).min(budget);
+            let left = seq.prompt.len() - seq.prefilled;
+            if left > 0 && budget > 0 {
+                let mut len = left.min(budget);
+                if strict_chunks {
+                    // A one-token chunk of a longer prompt would run the decode arithmetic
+                    // (see PREFIX_SUFFIX_MIN): never leave one behind nor run one now.
+                    if left - len == 1 {
+                        len -= 1;
+                    }
+                    if len == 0 || (len == 1 && left > 1) {
+                        continue;
+                    }
+                }
                 plan.push((i, seq.prefilled, len));
                 budget -= len;
             }
@@ -480,6 +592,18 @@ impl Worker {
                     // `remove`, not `swap_remove`: admission order is the prefill order.
                     let seq = self.running.remove(i);
                     self.reserved_bytes -= seq.reserved_bytes;
+                    if self.prefixes.max_bytes > 0 {
+                        match seq.cache.copy_prefix(seq.prompt.len()) {
+                            Ok(cache) => {
+                                self.prefixes.insert(seq.prompt.clone(), cache);
+                                // Before `Finished` goes out, so a caller sees it at once.
+                                self.stats
+                                    .prefix_cache_bytes
+                                    .store(self.prefixes.bytes as u64, Ordering::Relaxed);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "prefix cache copy failed"),
+                        }
+                    }
                     let _ = seq.reply.send(GenEvent::Finished {
                         reason,
                         prompt_tokens: seq.prompt.len(),

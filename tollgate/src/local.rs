@@ -201,6 +201,8 @@ impl Backend for LocalBackend {
             steps_total: s.steps_total.load(Ordering::Relaxed),
             prefill_tokens_total: s.prefill_tokens_total.load(Ordering::Relaxed),
             decode_tokens_total: s.decode_tokens_total.load(Ordering::Relaxed),
+            prefix_cache_bytes: s.prefix_cache_bytes.load(Ordering::Relaxed),
+            prefix_hit_tokens_total: s.prefix_hit_tokens_total.load(Ordering::Relaxed),
         }
     }
 }

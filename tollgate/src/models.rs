@@ -71,6 +71,8 @@ pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
         max_queue: local.max_queue,
         max_batch_tokens: local.max_batch_tokens,
         kv_cache_bytes: local.kv_cache_bytes,
+        // Finished prompts' KV kept for reuse: an eighth of the KV budget.
+        prefix_cache_bytes: local.kv_cache_bytes / 8,
         ..EngineConfig::default()
     }
 }

@@ -203,4 +203,44 @@ impl KvCache {
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }
+
+    /// A new cache holding a copy of this one's first `len` tokens (all of them when `len`
+    /// is larger), sized to them.
+    pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
+        let len = len.min(self.len);
+        let width = self.kv_heads * self.head_dim;
+        let store = match &self.store {
+            Store::Host(layers) => Store::Host(
+                layers
+                    .iter()
+                    .map(|(k, v)| (k[..len * width].to_vec(), v[..len * width].to_vec()))
+                    .collect(),
+            ),
+            Store::Device { layers, .. } => {
+                let mut copy = Vec::with_capacity(layers.len());
+                for layer in layers {
+                    copy.push(match layer {
+                        Some((k, v)) if len > 0 => Some((
+                            k.narrow(1, 0, len)?.contiguous()?,
+                            v.narrow(1, 0, len)?.contiguous()?,
+                        )),
+                        _ => None,
+                    });
+                }
+                let capacity = if len > 0 { len } else { 0 };
+                Store::Device {
+                    layers: copy,
+                    capacity,
+                }
+            }
+        };
+        Ok(KvCache {
+            store,
+            len,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
 }

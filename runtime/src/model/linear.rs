@@ -13,9 +13,11 @@ use super::q8::{self, Q8Matrix, BLOCK};
 use super::WeightForm;
 use crate::{Error, Result};
 
-/// Rows at and above which the `Dual` form uses its dense copy. Measured on the dev machine
-/// (FACTS.md): Q8_0 leads at 1–4 rows, f32 overtakes by 16.
-pub(crate) const DENSE_FROM_ROWS: usize = 12;
+/// Rows of one sequence's step at and above which the `Dual` form uses its dense copy: every
+/// prompt chunk (the engine never runs a one-token chunk of a longer prompt), while decode
+/// steps run the codes. So a prompt token's arithmetic never depends on how its prompt was
+/// chunked or whether its prefix came from the prefix cache.
+pub(crate) const DENSE_FROM_ROWS: usize = 2;
 
 /// A weight matrix `(out, in)` applied to activations `(rows, in)`.
 #[derive(Debug)]
