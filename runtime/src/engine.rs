@@ -274,11 +274,10 @@ struct Worker {
     prefixes: PrefixCache,
 }
 
-/// Prompt tokens that must be left to prefill when a prompt starts from a cached prefix:
-/// prefill chunks of two or more tokens run the dense copy of `auto` weights and decode steps
-/// the block codes ([`crate::model`]), so leaving at least two keeps every prompt token on the
-/// same arithmetic whether its prefix was cached or not.
-const PREFIX_SUFFIX_MIN: usize = 2;
+/// Prompt tokens left to prefill when a prompt starts from a cached prefix (the last one's
+/// logits are needed). Every row of a step runs the same arithmetic however prompts are
+/// chunked, so a cached prefix gives the same output as prefilling it.
+const PREFIX_SUFFIX_MIN: usize = 1;
 /// Shortest prefix worth copying.
 const PREFIX_MIN: usize = 4;
 /// Most prompts kept (lookups compare against each).
@@ -489,7 +488,6 @@ impl Worker {
     /// One forward pass over the running sequences, then sampling and streaming.
     fn step(&mut self) -> Result<()> {
         let mut budget = self.config.max_batch_tokens.max(1);
-        let strict_chunks = budget > PREFIX_SUFFIX_MIN;
         // Decode tokens first (one each), then prompt chunks in admission order.
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq index, start, len) of input
         for (i, seq) in self.running.iter().enumerate() {
@@ -501,17 +499,7 @@ impl Worker {
         for (i, seq) in self.running.iter().enumerate() {
             let left = seq.prompt.len() - seq.prefilled;
             if left > 0 && budget > 0 {
-                let mut len = left.min(budget);
-                if strict_chunks {
-                    // A one-token chunk of a longer prompt would run the decode arithmetic
-                    // (see PREFIX_SUFFIX_MIN): never leave one behind nor run one now.
-                    if left - len == 1 {
-                        len -= 1;
-                    }
-                    if len == 0 || (len == 1 && left > 1) {
-                        continue;
-                    }
-                }
+                let len = left.min(budget);
                 plan.push((i, seq.prefilled, len));
                 budget -= len;
             }

@@ -273,15 +273,12 @@ fn host_path_matches_candle_quantized_llama_on_q8_0_weights() {
     println!("host path vs quantized_llama (Q8_0 weights): worst max |diff| {worst:e}");
 }
 
-/// The `Auto` form (block-code kernel on the file's own Q4_1 codes for decode steps and short
-/// chunks, f32 for long prompt chunks, the Q8_0 embedding re-quantized to 7-bit codes for the
-/// output projection) against quantized_llama on the file's weights, as
+/// The `Auto` form (block-code kernel on the file's own Q4_1 codes, the Q8_0 output
+/// projection on the int8 kernel) against quantized_llama on the file's weights, as
 /// [`host_path_matches_candle_quantized_llama_on_q8_0_weights`]. Both quantize activations
-/// to 8 bits per block of 32 for the Q4_1 matmuls; they differ in rounding (f32 vs f16
-/// scales), in the output projection's 7-bit codes, and where Tollgate's long chunks run
-/// f32. Observed on the dev machine: up to 1.52 (max probability difference 4.9e-2, argmax
-/// equal except two near-ties), within [`HOST_REFERENCE_TOL`]; an offset term scaled by 0.98
-/// in the kernel gives 15.
+/// to 8 bits per block of 32; they differ in rounding (f32 vs f16 scales). Observed on the
+/// dev machine: up to 1.08 (argmax equal except near-ties), within [`HOST_REFERENCE_TOL`];
+/// an offset term scaled by 0.98 in the block-code kernel gives 15.
 #[test]
 fn auto_matches_candle_quantized_llama_on_the_file_weights() {
     let worst = host_path_matches(WeightForm::Auto, reference);
@@ -504,8 +501,8 @@ fn chunked_prefill_matches_single_prefill_in(form: WeightForm) {
 
 #[test]
 fn weight_forms_agree_on_greedy_tokens() {
-    // 20 tokens: with `Auto` the prefill (20 rows >= 12) takes the dense f32 path and the
-    // decode steps (1 row) the Q8_0 path, so both halves of the dual form are exercised.
+    // 20 tokens: `Auto` runs its block codes (the file's Q4_1) and the int8 kernel (the Q8_0
+    // output projection) for prefill and decode alike.
     let tokens = prompt(20, 5);
     let native = greedy(&load(WeightForm::Native), &tokens, 5);
     let auto = greedy(&load(WeightForm::Auto), &tokens, 5);

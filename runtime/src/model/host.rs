@@ -1,21 +1,21 @@
-//! The CPU forward pass on plain `f32` buffers, for the weight forms that run Tollgate's int8
-//! kernel (Q8_0, and Auto on CPU).
+//! The CPU forward pass on plain `f32` buffers, for the weight forms that run Tollgate's own
+//! kernels (Q8_0: int8; Auto on CPU: block codes).
 //!
 //! candle spends more time per small op (allocation, dispatch, layout checks; every f32
 //! matmul even re-reads `/proc/cpuinfo` to count threads) than decoding a 135M model spends in
 //! arithmetic, so this path does RMSNorm, RoPE, attention over the host KV cache, SwiGLU and
 //! the residual adds itself, in reused buffers. Projections go through
-//! [`Linear::forward_host_as`]: the int8 kernel, or for the rows of long prompt chunks (Auto)
-//! candle's f32 gemm, chosen per sequence so batching never changes a sequence's arithmetic.
-//! Q/K/V and gate/up run as one fused matmul each.
+//! [`Linear::forward_host`]; every row runs the same kernel whatever else shares the step, so
+//! batching never changes a sequence's arithmetic. Q/K/V and gate/up run as one fused matmul
+//! each.
 //!
-//! It does not own the matmul kernels ([`super::q8`]), loading, or the candle path
+//! It does not own the matmul kernels ([`super::q8`], [`super::codes`]), loading, or the candle path
 //! ([`super::llama`]) used on other devices and for other weight forms.
 
 use candle_core::{Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
-use super::linear::{Linear, DENSE_FROM_ROWS};
+use super::linear::Linear;
 use super::llama::{LlamaModel, SeqStep};
 use crate::{Error, Result};
 
@@ -42,64 +42,6 @@ impl<'a> HostView<'a> {
                 "host path: a weight tensor is not on the CPU".into(),
             )),
         }
-    }
-}
-
-/// The rows of a step split by the copy of the weights they use (see [`LlamaModel::forward_host`]).
-struct RowSplit {
-    /// `Some(dense)` when every row uses the same copy.
-    uniform: Option<bool>,
-    dense_rows: Vec<usize>,
-    int8_rows: Vec<usize>,
-}
-
-impl RowSplit {
-    fn new(dense: &[bool]) -> Self {
-        let uniform = match dense.first() {
-            Some(&d) if dense.iter().all(|&x| x == d) => Some(d),
-            Some(_) => None,
-            None => Some(false),
-        };
-        let (dense_rows, int8_rows) = (0..dense.len()).partition(|&r| dense[r]);
-        Self {
-            uniform,
-            dense_rows,
-            int8_rows,
-        }
-    }
-
-    /// Runs `f(x_rows, rows, dense)` on each group of rows of `x` and puts the outputs back
-    /// in row order.
-    fn run<const N: usize>(
-        &self,
-        x: &[f32],
-        f: impl Fn(&[f32], usize, bool) -> Result<[Vec<f32>; N]>,
-    ) -> Result<[Vec<f32>; N]> {
-        let total = self.dense_rows.len() + self.int8_rows.len();
-        if let Some(dense) = self.uniform {
-            return f(x, total, dense);
-        }
-        let width = x.len() / total;
-        let gather = |rows: &[usize]| -> Vec<f32> {
-            rows.iter()
-                .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
-                .collect()
-        };
-        let a = f(&gather(&self.dense_rows), self.dense_rows.len(), true)?;
-        let b = f(&gather(&self.int8_rows), self.int8_rows.len(), false)?;
-        let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-        for i in 0..N {
-            let w = a[i].len() / self.dense_rows.len();
-            let mut merged = vec![0f32; total * w];
-            for (k, &r) in self.dense_rows.iter().enumerate() {
-                merged[r * w..(r + 1) * w].copy_from_slice(&a[i][k * w..(k + 1) * w]);
-            }
-            for (k, &r) in self.int8_rows.iter().enumerate() {
-                merged[r * w..(r + 1) * w].copy_from_slice(&b[i][k * w..(k + 1) * w]);
-            }
-            out[i] = merged;
-        }
-        Ok(out)
     }
 }
 
@@ -161,24 +103,13 @@ impl LlamaModel {
             .flat_map(|(s, &(_, len))| std::iter::repeat_n(s, len))
             .collect();
 
-        // Which copy of a `Dual` (Auto) layer each row uses is decided per sequence: rows of a
-        // long prompt chunk take the dense copy, the rest the int8 one. A sequence's arithmetic
-        // then does not depend on what else shares the step, so greedy output is the same
-        // alone and in a batch.
-        let dense: Vec<bool> = spans
-            .iter()
-            .flat_map(|&(_, len)| std::iter::repeat_n(len >= DENSE_FROM_ROWS, len))
-            .collect();
-        let rows = RowSplit::new(&dense);
-
         let mut h = vec![0f32; total * hidden];
         let mut att = vec![0f32; total * q_dim];
         for (layer, block) in self.blocks.iter().enumerate() {
             let attn_norm = HostView::new(&block.attn_norm)?;
             rms_norm(&x, attn_norm.slice()?, eps, &mut h);
-            let [mut q, mut k, v] = rows.run(&h, |x, n, dense| {
-                Linear::forward_host_many_as([&block.wq, &block.wk, &block.wv], x, n, dense)
-            })?;
+            let [mut q, mut k, v] =
+                Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &h, total)?;
             rope.apply(&mut q, nh, hd, positions);
             rope.apply(&mut k, nkv, hd, positions);
             for (step, &(start, len)) in batch.iter_mut().zip(spans) {
@@ -218,19 +149,14 @@ impl LlamaModel {
                     .enumerate()
                     .for_each(task);
             }
-            let [o] = rows.run(&att, |x, n, dense| {
-                Ok([block.wo.forward_host_as(x, n, dense)?])
-            })?;
+            let o = block.wo.forward_host(&att, total)?;
             add_assign(&mut x, &o);
             let ffn_norm = HostView::new(&block.ffn_norm)?;
             rms_norm(&x, ffn_norm.slice()?, eps, &mut h);
-            let [mut gate, up] = rows.run(&h, |x, n, dense| {
-                Linear::forward_host_many_as([&block.w_gate, &block.w_up], x, n, dense)
-            })?;
+            let [mut gate, up] =
+                Linear::forward_host_many([&block.w_gate, &block.w_up], &h, total)?;
             silu_mul(&mut gate, &up);
-            let [down] = rows.run(&gate, |x, n, dense| {
-                Ok([block.w_down.forward_host_as(x, n, dense)?])
-            })?;
+            let down = block.w_down.forward_host(&gate, total)?;
             add_assign(&mut x, &down);
         }
         for (step, &(_, len)) in batch.iter_mut().zip(spans) {
@@ -253,8 +179,8 @@ impl LlamaModel {
         let norm = HostView::new(&self.norm)?;
         let mut normed = vec![0f32; last.len()];
         rms_norm(&last, norm.slice()?, eps, &mut normed);
-        // One logits row per sequence: always the int8 copy, whatever the batch size.
-        let logits = self.lm_head.forward_host_as(&normed, wanted.len(), false)?;
+        // One logits row per sequence.
+        let logits = self.lm_head.forward_host(&normed, wanted.len())?;
         let vocab = logits.len() / wanted.len();
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }

@@ -2,8 +2,8 @@
 //!
 //! Q8_0 weights on a CPU with AVX2 run Tollgate's own int8 kernel ([`super::q8`]), the `auto`
 //! form its block-code kernel ([`super::codes`]: Q4_0/Q4_1 kept as stored, other weights as
-//! 7-bit codes); elsewhere candle's quantized matmul. The `Dual` form keeps the codes and an
-//! f32 copy: decode steps and batches run the codes, long prompt chunks f32 gemm.
+//! 7-bit codes, Q8_0 tensors on the int8 kernel), which outruns f32 gemm from one row to whole prompt chunks (so every row of
+//! every step runs the same arithmetic); elsewhere candle's quantized matmul.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -13,18 +13,11 @@ use super::q8::{self, Q8Matrix, BLOCK};
 use super::WeightForm;
 use crate::{Error, Result};
 
-/// Rows of one sequence's step at and above which the `Dual` form uses its dense copy: every
-/// prompt chunk (the engine never runs a one-token chunk of a longer prompt), while decode
-/// steps run the codes. So a prompt token's arithmetic never depends on how its prompt was
-/// chunked or whether its prefix came from the prefix cache.
-pub(crate) const DENSE_FROM_ROWS: usize = 2;
-
 /// A weight matrix `(out, in)` applied to activations `(rows, in)`.
 #[derive(Debug)]
 pub(crate) enum Linear {
     Quant(Quantized),
     Dense(Tensor),
-    Dual { quant: Quantized, dense: Tensor },
 }
 
 /// A quantized weight matrix and the kernel that runs it.
@@ -79,28 +72,20 @@ fn q8_0(dense_f32: &Tensor) -> Result<Option<Quantized>> {
     )?)))
 }
 
-/// The `auto` form's pair on the CPU: block codes (or f32 alone where the kernel does not
-/// apply) and the f32 copy.
-fn dual(codes: Option<CodeMatrix>, dense_f32: Tensor) -> Result<Linear> {
-    let dense = dense_f32.to_dtype(DType::F32)?.contiguous()?;
-    let (out, cols) = dense.dims2()?;
-    let codes = match codes {
-        Some(c) => Some(c),
-        None if CodeMatrix::is_fast_for(cols) => {
-            let data = dense.flatten_all()?.to_vec1::<f32>()?;
-            Some(CodeMatrix::quantize(&data, out, cols))
-        }
-        None => None,
-    };
-    Ok(match codes {
-        Some(c) => Linear::Dual {
-            quant: Quantized::Codes(c),
-            dense,
-        },
-        None => match q8_0(&dense)? {
-            Some(quant) => Linear::Dual { quant, dense },
-            None => Linear::Dense(dense),
-        },
+/// The `auto` form of dense weights on the CPU: 7-bit block codes, else Q8_0, else f32 where
+/// no kernel applies.
+fn auto_cpu(w: Tensor) -> Result<Linear> {
+    let (out, cols) = w.dims2()?;
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    if CodeMatrix::is_fast_for(cols) {
+        let data = w.flatten_all()?.to_vec1::<f32>()?;
+        return Ok(Linear::Quant(Quantized::Codes(CodeMatrix::quantize(
+            &data, out, cols,
+        ))));
+    }
+    Ok(match q8_0(&w)? {
+        Some(quant) => Linear::Quant(quant),
+        None => Linear::Dense(w),
     })
 }
 
@@ -114,7 +99,19 @@ impl Linear {
                     Some(c) if CodeMatrix::is_fast_for(c.in_features()) => Some(c),
                     _ => None,
                 };
-                dual(codes, q.dequantize(device)?)?
+                match codes {
+                    Some(c) => Self::Quant(Quantized::Codes(c)),
+                    // Q8_0 (often the embedding and output projection) keeps its 8-bit values
+                    // on the int8 kernel rather than losing a bit to 7-bit codes.
+                    None if q.dtype() == GgmlDType::Q8_0 => {
+                        let w = q.dequantize(device)?;
+                        match q8_0(&w)? {
+                            Some(quant) => Self::Quant(quant),
+                            None => auto_cpu(w)?,
+                        }
+                    }
+                    None => auto_cpu(q.dequantize(device)?)?,
+                }
             }
             WeightForm::Q8_0 if q.dtype() == GgmlDType::Q8_0 && !device.is_cpu() => {
                 Self::Quant(Quantized::Candle(QMatMul::from_qtensor(q)?))
@@ -136,7 +133,7 @@ impl Linear {
                 Some(q) => Ok(Self::Quant(q)),
                 None => dense(DType::F32),
             },
-            WeightForm::Auto if device.is_cpu() => dual(None, w),
+            WeightForm::Auto if device.is_cpu() => auto_cpu(w),
             WeightForm::Auto => dense(DType::F16),
         }
     }
@@ -146,92 +143,71 @@ impl Linear {
         Ok(match self {
             Self::Quant(q) => q.forward(x)?,
             Self::Dense(w) => dense_forward(w, x)?,
-            Self::Dual { quant, dense } => {
-                if x.dim(0)? >= DENSE_FROM_ROWS {
-                    dense_forward(dense, x)?
-                } else {
-                    quant.forward(x)?
-                }
-            }
         })
     }
 }
 
 impl Linear {
-    /// The host kernel's matrix, unless `dense` asks a `Dual` layer for its dense copy.
-    fn host_unless(&self, dense: bool) -> Option<HostMatrix<'_>> {
-        let quant = match self {
-            Self::Quant(q) => q,
-            Self::Dual { quant, .. } if !dense => quant,
-            _ => return None,
-        };
-        match quant {
-            Quantized::Int8(m) => Some(HostMatrix::Int8(m)),
-            Quantized::Codes(m) => Some(HostMatrix::Codes(m)),
-            Quantized::Candle(_) => None,
+    /// The host kernel's matrix, if this layer runs one.
+    fn host_matrix(&self) -> Option<HostMatrix<'_>> {
+        match self {
+            Self::Quant(Quantized::Int8(m)) => Some(HostMatrix::Int8(m)),
+            Self::Quant(Quantized::Codes(m)) => Some(HostMatrix::Codes(m)),
+            _ => None,
         }
     }
 
-    /// Whether [`Linear::forward_host_as`] suits this layer: CPU weights (the host path hands
+    /// Whether [`Linear::forward_host`] suits this layer: CPU weights (the host path hands
     /// activations over as CPU buffers).
     pub(crate) fn is_host(&self) -> bool {
         match self {
             Self::Quant(Quantized::Int8(_) | Quantized::Codes(_)) => true,
             Self::Quant(Quantized::Candle(_)) => false,
-            Self::Dense(w) | Self::Dual { dense: w, .. } => w.device().is_cpu(),
+            Self::Dense(w) => w.device().is_cpu(),
         }
     }
 
-    /// Host buffers: `x (rows, in)` f32 → `(rows, out)` f32, row-major. The int8 kernel runs
-    /// directly on the buffers; other forms go through a CPU tensor. `dense` picks a `Dual`
-    /// layer's copy (the caller decides, so a row's arithmetic does not depend on how many
-    /// other rows share the step).
-    pub(crate) fn forward_host_as(&self, x: &[f32], rows: usize, dense: bool) -> Result<Vec<f32>> {
-        match self.host_unless(dense) {
+    /// Host buffers: `x (rows, in)` f32 → `(rows, out)` f32, row-major. The host kernels run
+    /// directly on the buffers; other forms go through a CPU tensor.
+    pub(crate) fn forward_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        match self.host_matrix() {
             Some(HostMatrix::Int8(m)) => return Ok(m.matmul(x, rows)),
             Some(HostMatrix::Codes(m)) => return Ok(m.matmul(x, rows)),
             None => {}
         }
         let cols = x.len() / rows.max(1);
         let t = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
-        let out = match self {
-            Self::Dual { dense: w, .. } => dense_forward(w, &t)?,
-            other => other.forward(&t)?,
-        };
-        Ok(out.flatten_all()?.to_vec1::<f32>()?)
+        Ok(self.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// [`Linear::forward_host_as`] of several layers on the same input (Q/K/V, gate/up): one
+    /// [`Linear::forward_host`] of several layers on the same input (Q/K/V, gate/up): one
     /// activation quantization and one parallel dispatch when all run the same host kernel.
-    pub(crate) fn forward_host_many_as<const N: usize>(
+    pub(crate) fn forward_host_many<const N: usize>(
         layers: [&Linear; N],
         x: &[f32],
         rows: usize,
-        dense: bool,
     ) -> Result<[Vec<f32>; N]> {
-        let host: Option<Vec<HostMatrix>> = layers.iter().map(|l| l.host_unless(dense)).collect();
-        let int8: Option<Vec<&Q8Matrix>> = host
+        let matrices: Vec<Option<HostMatrix>> = layers.iter().map(|l| l.host_matrix()).collect();
+        let int8: Option<Vec<&Q8Matrix>> = matrices
             .iter()
-            .flatten()
             .map(|m| match m {
-                HostMatrix::Int8(m) => Some(*m),
-                HostMatrix::Codes(_) => None,
+                Some(HostMatrix::Int8(m)) => Some(*m),
+                _ => None,
             })
             .collect();
-        let codes: Option<Vec<&CodeMatrix>> = host
+        let codes: Option<Vec<&CodeMatrix>> = matrices
             .iter()
-            .flatten()
             .map(|m| match m {
-                HostMatrix::Codes(m) => Some(*m),
-                HostMatrix::Int8(_) => None,
+                Some(HostMatrix::Codes(m)) => Some(*m),
+                _ => None,
             })
             .collect();
-        let outs = match (host.is_some(), int8, codes) {
-            (true, Some(mats), _) => q8::matmul_many(&mats, x, rows),
-            (true, _, Some(mats)) => codes::matmul_many(&mats, x, rows),
+        let outs = match (int8, codes) {
+            (Some(mats), _) => q8::matmul_many(&mats, x, rows),
+            (_, Some(mats)) => codes::matmul_many(&mats, x, rows),
             _ => layers
                 .iter()
-                .map(|l| l.forward_host_as(x, rows, dense))
+                .map(|l| l.forward_host(x, rows))
                 .collect::<Result<Vec<_>>>()?,
         };
         outs.try_into()

@@ -78,7 +78,7 @@ impl LlamaModel {
         &self.device
     }
 
-    /// The resolved weight form (never `Auto` on CUDA; `Auto` on CPU means block codes + f32).
+    /// The resolved weight form (never `Auto` on CUDA; `Auto` on CPU means block codes).
     pub fn weight_form(&self) -> WeightForm {
         self.form
     }

@@ -247,7 +247,7 @@ impl LlamaModel {
     }
 }
 
-/// `Auto` stays `Auto` on CPU (the dual block-code/f32 form) and means f16 elsewhere.
+/// `Auto` stays `Auto` on CPU (block codes) and means f16 elsewhere.
 fn resolve_form(form: WeightForm, device: &Device) -> WeightForm {
     match form {
         WeightForm::Auto if !device.is_cpu() => WeightForm::F16,

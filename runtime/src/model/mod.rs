@@ -25,9 +25,8 @@ use crate::Error;
 /// The form weights take on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightForm {
-    /// CPU: block codes (Q4_0/Q4_1 kept as stored, others 7-bit) for decode and batches, and
-    /// f32 for long prompt chunks.
-    /// CUDA: f16.
+    /// CPU: Tollgate's kernels on the file's own values where it can (Q4_0/Q4_1 block codes,
+    /// Q8_0 int8), other weights as 7-bit block codes. CUDA: f16.
     Auto,
     /// Keep the file's own form (its quantization, or its dtype for safetensors).
     Native,
