@@ -448,19 +448,8 @@ mod x86 {
 mod tests {
     use candle_core::{Device, Tensor};
 
+    use super::super::pseudo_random;
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// `y = x·wᵀ` in f64.
     fn exact(w: &[f32], x: &[f32], out: usize, inp: usize) -> Vec<f32> {

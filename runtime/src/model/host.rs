@@ -441,19 +441,8 @@ mod simd {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pseudo_random;
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn exp_is_close_to_std() {

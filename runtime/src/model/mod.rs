@@ -22,6 +22,21 @@ pub use llama::{LlamaModel, SeqStep};
 
 use crate::Error;
 
+/// `n` pseudo-random values in `[-1, 1)` (xorshift), the same for the same seed: test data
+/// for the kernels.
+#[cfg(test)]
+fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// The form weights take on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightForm {

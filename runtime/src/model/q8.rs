@@ -307,19 +307,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pseudo_random;
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Every implementation this CPU has gives the same result as the portable loop, for row
     /// counts that exercise full and partial tiles, and the result is close to the f32
