@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let ledger = Ledger::start(
         store.clone(),
         &tmp.path().join("bench.spool"),
+        tollgate_gateway::ledger::SpoolSync::default(),
         gauges.clone(),
     )?;
 

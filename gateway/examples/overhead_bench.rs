@@ -580,16 +580,88 @@ fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Sum and count of the gateway's durable-record waits.
-fn record_wait(text: &str) -> (f64, f64) {
-    let get = |suffix: &str| {
-        metric(
-            text,
-            &format!("tollgate_metering_duration_seconds_{suffix}{{phase=\"record\"}}"),
-        )
-        .unwrap_or(0.0)
-    };
-    (get("sum"), get("count"))
+/// The metering phases the gateway times (`tollgate_metering_duration_seconds{phase}`).
+const PHASES: [&str; 3] = ["auth", "admit", "record"];
+
+/// One phase's histogram as scraped: sum, count, and cumulative bucket counts by upper bound.
+#[derive(Debug, Clone, Default)]
+struct PhaseHistogram {
+    sum: f64,
+    count: f64,
+    buckets: Vec<(f64, f64)>,
+}
+
+impl PhaseHistogram {
+    fn scrape(text: &str, phase: &str) -> Self {
+        let name = "tollgate_metering_duration_seconds";
+        let get = |suffix: &str| {
+            metric(text, &format!("{name}_{suffix}{{phase=\"{phase}\"}}")).unwrap_or(0.0)
+        };
+        let prefix = format!("{name}_bucket{{");
+        let buckets = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .filter(|l| l.contains(&format!("phase=\"{phase}\"")))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect();
+        Self {
+            sum: get("sum"),
+            count: get("count"),
+            buckets,
+        }
+    }
+
+    /// What was observed between two scrapes.
+    fn since(&self, before: &Self) -> Self {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|&(le, n)| {
+                let old = before
+                    .buckets
+                    .iter()
+                    .find(|b| b.0 == le)
+                    .map_or(0.0, |b| b.1);
+                (le, n - old)
+            })
+            .collect();
+        Self {
+            sum: self.sum - before.sum,
+            count: self.count - before.count,
+            buckets,
+        }
+    }
+
+    fn mean_ms(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count * 1e3)
+    }
+
+    /// The upper bound of the bucket holding the `q` quantile, in milliseconds.
+    fn quantile_bound_ms(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= q * self.count)
+            .map(|(le, _)| le * 1e3)
+    }
+}
+
+/// Every phase's histogram from one scrape of `/metrics`.
+fn phases(text: &str) -> Vec<PhaseHistogram> {
+    PHASES
+        .iter()
+        .map(|p| PhaseHistogram::scrape(text, p))
+        .collect()
 }
 
 // ---- CPU accounting -------------------------------------------------------------------------
@@ -757,8 +829,9 @@ struct Run {
     /// How late the pacer sent its latest request (the load generator falling behind).
     pacer_late_max: Duration,
     cpu: CpuUse,
-    /// Mean wait for the durable ledger write, per request that waited (gateway runs only).
-    record_wait: Option<Duration>,
+    /// The metering phases' histograms over the run, in [`PHASES`] order (gateway runs
+    /// with metering only).
+    phases: Vec<PhaseHistogram>,
 }
 
 impl Run {
@@ -788,6 +861,11 @@ impl Run {
         self.latencies.last().map(|d| d.as_secs_f64() * 1e3)
     }
 
+    /// Mean wait for the durable ledger write, per request that waited.
+    fn record_wait_ms(&self) -> Option<f64> {
+        self.phases.get(2)?.mean_ms()
+    }
+
     fn gateway_cpu_us_per_request(&self) -> Option<f64> {
         let cpu = self.cpu.gateway?;
         (self.sent > 0).then(|| cpu * 1e6 / self.sent as f64)
@@ -811,7 +889,13 @@ impl Run {
             "others_cpu_pct": self.cpu.others_pct,
             "steal_cpu_pct": self.cpu.steal_pct,
             "bench_cpu_pct": self.cpu.bench_pct,
-            "record_wait_mean_ms": self.record_wait.map(|d| d.as_secs_f64() * 1e3),
+            "record_wait_mean_ms": self.record_wait_ms(),
+            "metering_phases": PHASES.iter().zip(&self.phases).map(|(name, h)| json!({
+                "phase": name,
+                "count": h.count,
+                "mean_ms": h.mean_ms(),
+                "p99_bucket_bound_ms": h.quantile_bound_ms(0.99),
+            })).collect::<Vec<_>>(),
         })
     }
 }
@@ -925,7 +1009,7 @@ impl Bench {
                 self.gateway_errors += warm.error_count();
             }
         }
-        let waits_before = record_wait(&self.gateway.metrics(&self.client).await?);
+        let phases_before = phases(&self.gateway.metrics(&self.client).await?);
         let before = CpuSnapshot::take(self.gateway.pid());
         let mut run = run_load(&self.client, &target, rate, self.opts.duration).await?;
         let after = CpuSnapshot::take(self.gateway.pid());
@@ -936,14 +1020,12 @@ impl Bench {
             self.gateway_errors += run.error_count();
             self.upstream_via_gateway +=
                 self.counters.chat.load(Ordering::Relaxed) - upstream_before;
-            let waits_after = record_wait(&self.gateway.metrics(&self.client).await?);
-            let (sum, count) = (
-                waits_after.0 - waits_before.0,
-                waits_after.1 - waits_before.1,
-            );
-            if count > 0.0 {
-                run.record_wait = Some(Duration::from_secs_f64(sum / count));
-            }
+            let phases_after = phases(&self.gateway.metrics(&self.client).await?);
+            run.phases = phases_after
+                .iter()
+                .zip(&phases_before)
+                .map(|(a, b)| a.since(b))
+                .collect();
         }
         if let Some(dir) = &self.opts.raw {
             let path = dir.join(format!(
@@ -1128,7 +1210,7 @@ fn table(points: &[RatePoint]) -> String {
                     cell(r.max_ms(), 3),
                     (if r.sustained() { "yes" } else { "NO" }).to_string(),
                     gateway_cpu,
-                    cell(r.record_wait.map(|d| d.as_secs_f64() * 1e3), 3),
+                    cell(r.record_wait_ms(), 3),
                     cell(r.cpu.others_pct, 0),
                     cell(r.cpu.steal_pct, 0),
                 ],
@@ -1151,6 +1233,23 @@ fn table(points: &[RatePoint]) -> String {
                 added(0.999),
             ],
         );
+    }
+    if points.iter().any(|p| !p.gateway.phases.is_empty()) {
+        out.push_str(
+            "\nmetering phases through the gateway (mean ms / the bucket bound under which 99% fall):\n",
+        );
+        for p in points.iter().filter(|p| !p.gateway.phases.is_empty()) {
+            let _ = write!(out, "{:>7.0}", p.gateway.rate);
+            for (name, h) in PHASES.iter().zip(&p.gateway.phases) {
+                let _ = write!(
+                    out,
+                    "  {name} {} / p99 ≤ {}",
+                    cell(h.mean_ms(), 3),
+                    cell(h.quantile_bound_ms(0.99), 3)
+                );
+            }
+            out.push('\n');
+        }
     }
     out
 }

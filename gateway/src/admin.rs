@@ -268,6 +268,7 @@ async fn update_customer(
     reject_unknown(&map, &["name", "budget_usd", "budget_period", "rpm", "tpm"])?;
     let fields = customer_fields(&map)?;
     let customer = store(&state)?.update_customer(&id, fields).await?;
+    state.auth.forget_customer(&id);
     Ok(Json(customer_json(&customer)))
 }
 
@@ -387,6 +388,7 @@ async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let key = store(&state)?.revoke_key(&key_id).await?;
+    state.auth.forget_key(&key_id);
     Ok(Json(key_json(&key)))
 }
 

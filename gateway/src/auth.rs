@@ -3,15 +3,19 @@
 //! Keys are stored only as SHA-256 digests and looked up by digest, so no comparison ever walks
 //! a secret; the stored digest is then compared in constant time. Two sources:
 //! - static keys from `TOLLGATE_API_KEYS` (the built-in `default` customer), and
-//! - keys issued through the admin API, looked up in the database on every request, so a
-//!   revocation takes effect at once. If the database is unreachable, a key seen before is
-//!   served from its last successful lookup (the gateway keeps serving during an outage).
+//! - keys issued through the admin API, looked up in the database. A lookup is reused for
+//!   [`KEY_FRESH`], so a busy key costs the database two lookups a second per replica rather
+//!   than one per request; a key revoked (or a customer changed) through this process is
+//!   forgotten at once, and one revoked through another replica or the CLI is refused within
+//!   [`KEY_FRESH`]. If the database is unreachable, a key seen before is served from its last
+//!   successful lookup (the gateway keeps serving during an outage).
 //!
 //! The middleware also puts the `x-ratelimit-*` headers on every authenticated response.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
@@ -28,6 +32,30 @@ use crate::AppState;
 
 /// The customer static keys belong to.
 pub const DEFAULT_CUSTOMER: &str = "default";
+
+/// How long a database lookup of a key or of the `default` customer is reused. Revocations and
+/// limit changes made elsewhere (another replica, the CLI) take effect within this time.
+pub const KEY_FRESH: Duration = Duration::from_millis(500);
+
+/// A database lookup and when it was made.
+#[derive(Debug, Clone)]
+struct Looked<T> {
+    value: T,
+    at: Instant,
+}
+
+impl<T> Looked<T> {
+    fn new(value: T) -> Self {
+        Self {
+            value,
+            at: Instant::now(),
+        }
+    }
+
+    fn fresh(&self) -> bool {
+        self.at.elapsed() < KEY_FRESH
+    }
+}
 
 /// Who is calling: resolved from the API key by the middleware, read by handlers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,10 +120,14 @@ pub fn new_key() -> (String, String) {
 pub struct AuthConfig {
     /// Static keys: digest → key id.
     statics: Arc<HashMap<[u8; 32], String>>,
-    /// Last successful database lookups, for outages.
-    last_known: Arc<Mutex<HashMap<[u8; 32], Caller>>>,
-    /// The `default` customer (limits and budget of the static keys) as last read.
-    last_default: Arc<Mutex<Option<crate::store::Customer>>>,
+    /// Last successful database lookups: reused while fresh, and during outages.
+    last_known: Arc<Mutex<HashMap<[u8; 32], Looked<Caller>>>>,
+    /// The `default` customer (limits and budget of the static keys) as last read; `None`
+    /// inside when it does not exist.
+    last_default: Arc<Mutex<Option<Looked<Option<Customer>>>>>,
+    /// Bumped by every `forget_*`: a lookup that started before one is not kept (it may have
+    /// read the key before its revocation).
+    generation: Arc<AtomicU64>,
 }
 
 impl AuthConfig {
@@ -114,6 +146,7 @@ impl AuthConfig {
             statics: Arc::new(statics),
             last_known: Arc::default(),
             last_default: Arc::default(),
+            generation: Arc::default(),
         }
     }
 
@@ -132,21 +165,7 @@ impl AuthConfig {
         let d = digest(key);
         if let Some(key_id) = self.statics.get(&d) {
             let customer = match store {
-                Some(s) => {
-                    let found = s.customer(DEFAULT_CUSTOMER).await;
-                    let mut last = self
-                        .last_default
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    match found {
-                        Ok(c) => *last = Some(c),
-                        // Not created yet: no limits.
-                        Err(StoreError::NotFound(_)) => *last = None,
-                        // Unreachable: the limits as last read.
-                        Err(_) => {}
-                    }
-                    last.clone()
-                }
+                Some(s) => self.default_customer(s).await,
                 None => None,
             };
             return Ok(Caller {
@@ -167,7 +186,12 @@ impl AuthConfig {
         let Some(store) = store else {
             return Err(ApiError::InvalidApiKey("incorrect API key provided".into()));
         };
+        let known = lock(&self.last_known).get(&d).cloned();
+        if let Some(known) = known.as_ref().filter(|k| k.fresh()) {
+            return unexpired(known.value.clone());
+        }
         let hash = hex(&d);
+        let generation = self.generation.load(Ordering::Acquire);
         match store.find_key(&hash).await {
             Ok(Some((k, stored, customer))) => {
                 if !bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) {
@@ -179,47 +203,90 @@ impl AuthConfig {
                         "this API key has been revoked".into(),
                     ));
                 }
-                if k.expires_at.is_some_and(|t| t <= now_micros()) {
-                    self.forget(&d);
-                    return Err(ApiError::InvalidApiKey("this API key has expired".into()));
-                }
                 let caller = Caller::new(&k, &customer);
-                self.last_known
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(d, caller.clone());
-                Ok(caller)
-            }
-            Ok(None) => Err(ApiError::InvalidApiKey("incorrect API key provided".into())),
-            Err(e) => {
-                let known = self
-                    .last_known
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(&d)
-                    .cloned();
-                match known {
-                    Some(caller) if caller.expires_at.is_some_and(|t| t <= now_micros()) => {
-                        Err(ApiError::InvalidApiKey("this API key has expired".into()))
-                    }
-                    Some(caller) => {
-                        tracing::warn!("key lookup failed, serving from the last lookup: {e}");
-                        Ok(caller)
-                    }
-                    None => Err(ApiError::Unavailable(
-                        "the API key cannot be verified right now; retry shortly".into(),
-                    )),
+                let mut known = lock(&self.last_known);
+                if self.generation.load(Ordering::Acquire) == generation {
+                    known.insert(d, Looked::new(caller.clone()));
                 }
+                drop(known);
+                unexpired(caller)
             }
+            Ok(None) => {
+                self.forget(&d);
+                Err(ApiError::InvalidApiKey("incorrect API key provided".into()))
+            }
+            Err(e) => match known {
+                Some(known) => {
+                    tracing::warn!("key lookup failed, serving from the last lookup: {e}");
+                    unexpired(known.value)
+                }
+                None => Err(ApiError::Unavailable(
+                    "the API key cannot be verified right now; retry shortly".into(),
+                )),
+            },
+        }
+    }
+
+    /// The `default` customer, looked up at most every [`KEY_FRESH`]; while the database is
+    /// unreachable, as last read.
+    async fn default_customer(&self, store: &Store) -> Option<Customer> {
+        if let Some(known) = lock(&self.last_default).as_ref().filter(|k| k.fresh()) {
+            return known.value.clone();
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let found = match store.customer(DEFAULT_CUSTOMER).await {
+            Ok(c) => Some(c),
+            // Not created yet: no limits.
+            Err(StoreError::NotFound(_)) => None,
+            // Unreachable: the limits as last read.
+            Err(_) => {
+                return lock(&self.last_default)
+                    .as_ref()
+                    .and_then(|k| k.value.clone())
+            }
+        };
+        let mut last = lock(&self.last_default);
+        if self.generation.load(Ordering::Acquire) == generation {
+            *last = Some(Looked::new(found.clone()));
+        }
+        found
+    }
+
+    /// Forgets the lookups of key `key_id` (revoked through this process: refused at once).
+    pub fn forget_key(&self, key_id: &str) {
+        let mut known = lock(&self.last_known);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        known.retain(|_, k| k.value.key_id != key_id);
+    }
+
+    /// Forgets the lookups of `customer_id`'s keys (its limits or budget changed).
+    pub fn forget_customer(&self, customer_id: &str) {
+        let mut known = lock(&self.last_known);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        known.retain(|_, k| k.value.customer_id != customer_id);
+        drop(known);
+        if customer_id == DEFAULT_CUSTOMER {
+            *lock(&self.last_default) = None;
         }
     }
 
     fn forget(&self, d: &[u8; 32]) {
-        self.last_known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(d);
+        lock(&self.last_known).remove(d);
     }
+}
+
+/// The caller, unless its key has expired (checked on every request, also when the lookup is
+/// reused).
+fn unexpired(caller: Caller) -> Result<Caller, ApiError> {
+    if caller.expires_at.is_some_and(|t| t <= now_micros()) {
+        return Err(ApiError::InvalidApiKey("this API key has expired".into()));
+    }
+    Ok(caller)
+}
+
+/// Short sections over plain maps, never held across an `.await`.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The bearer token of a request, if any.
@@ -279,7 +346,14 @@ pub async fn require_key(
         )
         .into_response();
     };
-    let caller = match state.auth.resolve(state.store.as_ref(), key).await {
+    let t = std::time::Instant::now();
+    let caller = state.auth.resolve(state.store.as_ref(), key).await;
+    state
+        .metrics
+        .metering_duration
+        .with_label_values(&["auth"])
+        .observe(t.elapsed().as_secs_f64());
+    let caller = match caller {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };

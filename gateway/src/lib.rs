@@ -85,18 +85,20 @@ impl AppState {
         })
     }
 
-    /// Meters every request into `store`, through a ledger spooled at `spool_path`. On
+    /// Meters every request into `store`, through a ledger spooled at `spool_path` and synced
+    /// as `sync` says. On
     /// PostgreSQL the rate limits and budgets are shared with every replica on that database.
     pub fn with_billing(
         mut self,
         store: Store,
         spool_path: &std::path::Path,
+        sync: crate::ledger::SpoolSync,
     ) -> anyhow::Result<Self> {
         let gauges = LedgerGauges {
             pending: self.metrics.ledger_pending.clone(),
             spooled: self.metrics.ledger_spooled.clone(),
         };
-        self.ledger = Some(Ledger::start(store.clone(), spool_path, gauges)?);
+        self.ledger = Some(Ledger::start(store.clone(), spool_path, sync, gauges)?);
         if store.kind() == crate::store::DbKind::Postgres {
             // Replicas share the database: limits and budgets are kept there, exact across them.
             self.limiter = Limiter::shared(store.clone());

@@ -17,6 +17,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 const TOKEN_LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28,
 ];
+/// The metering path is meant to cost tens of microseconds.
+const METERING_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+];
 
 /// The gateway's metrics.
 #[derive(Clone)]
@@ -170,9 +174,9 @@ impl Metrics {
             },
             metering_duration: histogram(
                 "tollgate_metering_duration_seconds",
-                "Time the metering path adds to a request, by phase (admit: key lookup excluded, limits and reservations; record: durable ledger write).",
+                "Time the metering path adds to a request, by phase (auth: key lookup; admit: limits and reservations; record: durable ledger write).",
                 &["phase"],
-                TOKEN_LATENCY_BUCKETS,
+                METERING_BUCKETS,
             )?,
             registry,
         })

@@ -170,7 +170,9 @@ async fn start_with(server: &str, billing: Option<(Store, &Path)>) -> Server {
     let mut state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
     if let Some((store, spool)) = billing {
         store.ensure_customer("default", "Default").await.unwrap();
-        state = state.with_billing(store, spool).unwrap();
+        state = state
+            .with_billing(store, spool, tollgate_gateway::ledger::SpoolSync::default())
+            .unwrap();
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

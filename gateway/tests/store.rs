@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use tollgate_gateway::ledger::{Ledger, LedgerGauges};
+use tollgate_gateway::ledger::{Ledger, LedgerGauges, SpoolSync};
 use tollgate_gateway::store::Store;
 
 #[path = "common/store_contract.rs"]
@@ -18,6 +18,13 @@ fn gauges() -> LedgerGauges {
         spooled: IntGauge::new("s", "s").unwrap(),
     }
 }
+
+/// Both durability modes: synced before each response, and written before it and synced on a
+/// timer.
+const MODES: [SpoolSync; 2] = [
+    SpoolSync::Always,
+    SpoolSync::Every(Duration::from_millis(10)),
+];
 
 async fn sqlite() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
@@ -35,9 +42,15 @@ async fn sqlite_store_contract() {
 
 #[tokio::test]
 async fn ledger_writes_each_record_once_and_empties_its_spool() {
+    for sync in MODES {
+        writes_each_record_once(sync).await;
+    }
+}
+
+async fn writes_each_record_once(sync: SpoolSync) {
     let (dir, store) = sqlite().await;
     let spool = dir.path().join("ledger.spool");
-    let ledger = Ledger::start(store.clone(), &spool, gauges()).unwrap();
+    let ledger = Ledger::start(store.clone(), &spool, sync, gauges()).unwrap();
     let mut tasks = Vec::new();
     for i in 0..200 {
         let ledger = ledger.clone();
@@ -55,11 +68,11 @@ async fn ledger_writes_each_record_once_and_empties_its_spool() {
     }
     ledger.close(Duration::from_secs(10)).await;
     let (records, _) = store.records_after(0, 1_000).await.unwrap();
-    assert_eq!(records.len(), 200);
+    assert_eq!(records.len(), 200, "{sync:?}");
     assert_eq!(
         std::fs::metadata(&spool).unwrap().len(),
         0,
-        "spool truncated"
+        "spool truncated ({sync:?})"
     );
 }
 
@@ -82,7 +95,7 @@ async fn spool_is_replayed_at_start_idempotently() {
         .insert_records(&[record("s1", "acme", "m1", 1, 10)])
         .await
         .unwrap();
-    let ledger = Ledger::start(store.clone(), &spool, gauges()).unwrap();
+    let ledger = Ledger::start(store.clone(), &spool, SpoolSync::default(), gauges()).unwrap();
     ledger.close(Duration::from_secs(10)).await;
     drop(ledger);
     let (records, _) = store.records_after(0, 100).await.unwrap();
@@ -92,13 +105,19 @@ async fn spool_is_replayed_at_start_idempotently() {
     assert_eq!(std::fs::metadata(&spool).unwrap().len(), 0);
     // A second replay of the same spool adds nothing.
     std::fs::write(&spool, &text).unwrap();
-    let ledger = Ledger::start(store.clone(), &spool, gauges()).unwrap();
+    let ledger = Ledger::start(store.clone(), &spool, SpoolSync::Always, gauges()).unwrap();
     ledger.close(Duration::from_secs(10)).await;
     assert_eq!(store.records_after(0, 100).await.unwrap().0.len(), 3);
 }
 
 #[tokio::test]
 async fn records_wait_in_the_spool_while_the_database_is_down() {
+    for sync in MODES {
+        wait_in_the_spool(sync).await;
+    }
+}
+
+async fn wait_in_the_spool(sync: SpoolSync) {
     let (dir, store) = sqlite().await;
     let spool = dir.path().join("ledger.spool");
     let g = gauges();
@@ -108,16 +127,24 @@ async fn records_wait_in_the_spool_while_the_database_is_down() {
         "ALTER TABLE usage_records RENAME TO usage_records_away",
     )
     .await;
-    let ledger = Ledger::start(store.clone(), &spool, g.clone()).unwrap();
+    let ledger = Ledger::start(store.clone(), &spool, sync, g.clone()).unwrap();
     for i in 0..5 {
         ledger
             .record(record(&format!("d{i}"), "acme", "m1", i, 1))
             .await;
     }
-    // Acknowledged records are on disk although the database refused them.
+    // Acknowledged records are in the spool file although the database refused them.
     let lines = std::fs::read_to_string(&spool).unwrap().lines().count();
-    assert_eq!(lines, 5);
-    assert_eq!(g.spooled.get(), 5);
+    assert_eq!(lines, 5, "{sync:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while g.spooled.get() != 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spooled gauge {}",
+            g.spooled.get()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     sqlx_exec(
         &store,
         "ALTER TABLE usage_records_away RENAME TO usage_records",
@@ -138,10 +165,16 @@ async fn records_wait_in_the_spool_while_the_database_is_down() {
 
 #[tokio::test]
 async fn one_spool_per_process_and_late_records_wait_in_it() {
+    for sync in MODES {
+        late_records_wait(sync).await;
+    }
+}
+
+async fn late_records_wait(sync: SpoolSync) {
     let (dir, store) = sqlite().await;
     let spool = dir.path().join("ledger.spool");
-    let ledger = Ledger::start(store.clone(), &spool, gauges()).unwrap();
-    let second = Ledger::start(store.clone(), &spool, gauges());
+    let ledger = Ledger::start(store.clone(), &spool, sync, gauges()).unwrap();
+    let second = Ledger::start(store.clone(), &spool, sync, gauges());
     assert!(second
         .err()
         .unwrap()
@@ -152,11 +185,59 @@ async fn one_spool_per_process_and_late_records_wait_in_it() {
     ledger.record(record("late", "acme", "m1", 1, 1)).await;
     drop(ledger);
     assert!(store.records_after(0, 10).await.unwrap().0.is_empty());
-    let again = Ledger::start(store.clone(), &spool, gauges()).unwrap();
+    let again = Ledger::start(store.clone(), &spool, sync, gauges()).unwrap();
     again.close(Duration::from_secs(10)).await;
     assert_eq!(store.records_after(0, 10).await.unwrap().0[0].id, "late");
 }
 
 async fn sqlx_exec(store: &Store, sql: &str) {
     store.execute_raw(sql).await.unwrap();
+}
+
+/// A key's lookup is reused for `KEY_FRESH`: a revocation made elsewhere (another replica, the
+/// CLI) is seen within it, one made through this process (`forget_key`) at once, and a change
+/// of the customer's limits through this process (`forget_customer`) at once too.
+#[tokio::test]
+async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_fresh() {
+    use tollgate_gateway::auth::{digest, hex, AuthConfig, KEY_FRESH};
+    use tollgate_gateway::store::{CustomerFields, NewKey};
+
+    let (_dir, store) = sqlite().await;
+    store
+        .create_customer("acme", CustomerFields::default())
+        .await
+        .unwrap();
+    let auth = AuthConfig::default();
+    for (id, secret) in [("key_a", "tg-a"), ("key_b", "tg-b")] {
+        store
+            .create_key("acme", id, &hex(&digest(secret)), "tg-", NewKey::default())
+            .await
+            .unwrap();
+        assert_eq!(auth.resolve(Some(&store), secret).await.unwrap().key_id, id);
+    }
+
+    // Revoked behind this process's back: served from the lookup for at most KEY_FRESH.
+    store.revoke_key("key_a").await.unwrap();
+    assert!(
+        auth.resolve(Some(&store), "tg-a").await.is_ok(),
+        "lookup reused"
+    );
+    tokio::time::sleep(KEY_FRESH).await;
+    let refused = auth.resolve(Some(&store), "tg-a").await.unwrap_err();
+    assert!(refused.to_string().contains("revoked"), "{refused}");
+
+    // A customer's limits changed through this process: the next request sees them.
+    let fields = CustomerFields {
+        rpm: Some(Some(7)),
+        ..CustomerFields::default()
+    };
+    store.update_customer("acme", fields).await.unwrap();
+    auth.forget_customer("acme");
+    let caller = auth.resolve(Some(&store), "tg-b").await.unwrap();
+    assert_eq!(caller.limits.customer_rpm, Some(7));
+
+    // Revoked through this process: refused at once.
+    store.revoke_key("key_b").await.unwrap();
+    auth.forget_key("key_b");
+    assert!(auth.resolve(Some(&store), "tg-b").await.is_err());
 }

@@ -27,6 +27,8 @@ pub struct Metering {
     /// The local append-only spool; defaults to the SQLite file's path + `.spool`, or
     /// `tollgate-ledger.spool` in the working directory for PostgreSQL.
     pub spool: Option<PathBuf>,
+    /// When spooled records reach the disk (`--spool-sync`).
+    pub spool_sync: tollgate_gateway::ledger::SpoolSync,
     /// `TOLLGATE_ADMIN_TOKEN`: enables the admin API.
     pub admin_token: Option<String>,
 }
@@ -73,8 +75,8 @@ pub async fn serve(
         .with_admin_token(metering.admin_token.clone());
     if let (Some(store), Some(url)) = (store, &metering.database) {
         let spool = metering.spool.clone().unwrap_or_else(|| default_spool(url));
-        tracing::info!(database = %redact(url), spool = %spool.display(), "metering usage");
-        state = state.with_billing(store, &spool)?;
+        tracing::info!(database = %redact(url), spool = %spool.display(), sync = ?metering.spool_sync, "metering usage");
+        state = state.with_billing(store, &spool, metering.spool_sync)?;
     } else {
         tracing::warn!("no --database: requests are served but not metered");
     }

@@ -38,6 +38,13 @@ enum Command {
         /// `tollgate-ledger.spool` for PostgreSQL).
         #[arg(long, env = "TOLLGATE_SPOOL")]
         spool: Option<PathBuf>,
+        /// When a usage record must reach the disk: `always` = every response waits for its
+        /// record's fdatasync (survives power loss); an interval such as `10ms` = every response
+        /// waits for its record's write to the spool (survives a crash of this process) and
+        /// the spool is fdatasynced at that interval (a crash of the machine can lose the
+        /// records of the last interval).
+        #[arg(long, env = "TOLLGATE_SPOOL_SYNC", default_value = "10ms")]
+        spool_sync: tollgate_gateway::ledger::SpoolSync,
     },
     /// Serve one local model's engine for gateways (`backend = { type = "http", urls = [...] }`).
     Worker {
@@ -87,10 +94,12 @@ fn main() -> anyhow::Result<()> {
             database,
             no_database,
             spool,
+            spool_sync,
         } => {
             let metering = tollgate::Metering {
                 database: (!no_database).then_some(database),
                 spool,
+                spool_sync,
                 admin_token: std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
             };
             async_runtime()?.block_on(serve(config, listen, metering))
