@@ -219,6 +219,65 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
 /// Shutdown phases: (1) the signal resolves and the listener closes; (2) open connections and
 /// streams drain; (3) after the timeout whatever is left is dropped (which cancels its
 /// generation) and this returns.
+/// Runs `loading` (loading models: seconds to minutes) while answering on `listener`, so that
+/// probes and clients get an answer instead of a connection that hangs: `GET /health` is 503
+/// `{"status":"loading"}`, anything else a 503 OpenAI error with `Retry-After`. Then hands the
+/// same socket back for [`run`]; connections that arrive in between wait in its backlog.
+/// Returns `None` when `shutdown` resolves first.
+pub async fn answer_while_loading<T>(
+    listener: tokio::net::TcpListener,
+    loading: impl Future<Output = anyhow::Result<T>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, T)>> {
+    let socket = listener.into_std()?;
+    let answering = tokio::net::TcpListener::from_std(socket.try_clone()?)?;
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = Router::new()
+        .route(
+            "/health",
+            get(|| async {
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({"status": "loading"})),
+                )
+            }),
+        )
+        .fallback(|| async {
+            let mut response =
+                ApiError::Unavailable("the models are still loading; retry shortly".into())
+                    .into_response();
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from(LOADING_RETRY_AFTER_SECS),
+            );
+            response
+        });
+    let server = tokio::spawn(
+        axum::serve(answering, app)
+            .with_graceful_shutdown(async move {
+                let _ = loaded_rx.await;
+            })
+            .into_future(),
+    );
+    tracing::info!(
+        "loading; {} answers 503 until the models are ready",
+        socket.local_addr()?
+    );
+    let result = tokio::select! {
+        r = loading => Some(r),
+        () = shutdown => None,
+    };
+    let _ = loaded_tx.send(());
+    server.await??;
+    match result {
+        Some(loaded) => Ok(Some((tokio::net::TcpListener::from_std(socket)?, loaded?))),
+        None => Ok(None),
+    }
+}
+
+/// `Retry-After` while the models load.
+const LOADING_RETRY_AFTER_SECS: u64 = 5;
+
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,

@@ -42,6 +42,17 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl StoreError {
+    /// The database could not be reached (as opposed to refusing or failing the statement).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Db(e) => is_unreachable(e),
+            Self::Down => true,
+            _ => false,
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -643,3 +643,66 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
         3_000 + 2_000 * cancelled.output_tokens
     );
 }
+
+/// While the models load, the port answers 503 (`/health` says `loading`, the API an OpenAI
+/// error with `Retry-After`); then the same socket is handed over for serving.
+#[tokio::test]
+async fn answers_503_while_loading_then_hands_over_the_socket() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (finish, loaded) = oneshot::channel::<u32>();
+    let task = tokio::spawn(tollgate_gateway::answer_while_loading(
+        listener,
+        async { Ok(loaded.await?) },
+        std::future::pending(),
+    ));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "loading");
+    let r = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
+
+    finish.send(7).unwrap();
+    let (listener, loaded) = task.await.unwrap().unwrap().expect("loaded");
+    assert_eq!(loaded, 7);
+    assert_eq!(listener.local_addr().unwrap(), addr);
+    let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ready" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let r = client
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ready");
+}
+
+/// A shutdown signal during loading ends it without serving.
+#[tokio::test]
+async fn shutdown_while_loading_returns_none() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let loaded = tollgate_gateway::answer_while_loading(
+        listener,
+        std::future::pending::<anyhow::Result<()>>(),
+        async {},
+    )
+    .await
+    .unwrap();
+    assert!(loaded.is_none());
+}

@@ -1,6 +1,6 @@
 """Two gateway replicas on one PostgreSQL, each with the real model: rate limits and budgets
 are shared and exact across them (not twice the limit), and a key revoked through one replica
-is refused by the other within a second.
+is refused by the other within a second."""
 
 import os
 import tempfile

@@ -652,3 +652,56 @@ def test_restarting_a_gateway_loses_no_record(cluster):
     print(f"\nrestart: {len(outcomes)} requests, {len(load.outcomes)} through the other gateway")
     check_ledger(cluster, cid, outcomes)
     print(f"[{time.time() - t0:.1f}s] ledger checked")
+
+
+def test_a_gateway_started_during_a_postgres_outage_comes_up_when_it_returns(cluster):
+    """A gateway (re)started while PostgreSQL is down does not exit: its port answers 503
+    (`/health` says loading, the API an OpenAI error with Retry-After) while it keeps trying,
+    and it serves once the database is back."""
+    cluster.ensure_up()
+    key = cluster.customer_key("scale-late")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log: list = []
+    proc = None
+
+    def health():
+        try:
+            return httpx.get(f"{base}/health", timeout=5).status_code
+        except httpx.HTTPError:
+            return None
+
+    pg("stop")
+    try:
+        env = dict(os.environ, TOLLGATE_WORKER_TOKEN=WORKER_TOKEN, TOLLGATE_ADMIN_TOKEN=ADMIN,
+                   RUST_LOG="info")
+        proc = subprocess.Popen(
+            [binary(), "serve", "--listen", f"127.0.0.1:{port}", "--config", cluster.config,
+             "--database", cluster.database, "--spool", os.path.join(cluster.tmp, "late.spool")],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+
+        def pump():
+            for line in proc.stderr:
+                log.append(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        wait_until(lambda: health() == 503, 60, "the port to answer 503 while loading")
+        wait_until(lambda: any("cannot reach the ledger database" in line for line in log), 60,
+                   "a failed attempt to reach the database")
+        r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": MODEL, "messages": ask("Hi")}, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert proc.poll() is None, "".join(log[-30:])
+        pg("start")
+        wait_until(lambda: health() == 200, 120, "the gateway to come up once PostgreSQL is back")
+        client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=4,
+                                               temperature=0)
+        assert reply.usage.completion_tokens > 0
+    finally:
+        pg("start")
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, "".join(log[-30:])

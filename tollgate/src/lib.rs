@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::FutureExt;
 use tollgate_gateway::auth::DEFAULT_CUSTOMER;
 use tollgate_gateway::store::Store;
 
@@ -57,19 +58,27 @@ pub async fn serve(
     metering: Metering,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = match &metering.database {
-        Some(url) => {
-            let store = Store::connect(url)
-                .await
-                .with_context(|| format!("cannot open the ledger database {url}"))?;
-            store
-                .ensure_customer(DEFAULT_CUSTOMER, "Default customer (static keys)")
-                .await?;
-            Some(store)
-        }
-        None => None,
+    let shutdown = shutdown.shared();
+    // The port answers 503 while the database is reached and the models load.
+    let loading = async {
+        let store = match &metering.database {
+            Some(url) => {
+                let store = connect(url).await?;
+                store
+                    .ensure_customer(DEFAULT_CUSTOMER, "Default customer (static keys)")
+                    .await?;
+                Some(store)
+            }
+            None => None,
+        };
+        Ok((store, models::start_backends(&config).await?))
     };
-    let backends = models::start_backends(&config).await?;
+    let Some((listener, (store, backends))) =
+        tollgate_gateway::answer_while_loading(listener, loading, shutdown.clone()).await?
+    else {
+        tracing::info!("shut down while loading");
+        return Ok(());
+    };
     let auth = tollgate_gateway::auth::AuthConfig::from_env();
     let mut state = tollgate_gateway::AppState::new(config, backends, auth)?
         .with_admin_token(metering.admin_token.clone());
@@ -90,6 +99,30 @@ pub async fn serve(
         store.close().await;
     }
     result
+}
+
+/// Opens the ledger database. A database that cannot be reached (PostgreSQL down, or not up
+/// yet in a fresh deployment) is tried again with backoff, so a gateway started during an
+/// outage comes up when the database does instead of exiting; other errors end the start.
+async fn connect(url: &str) -> anyhow::Result<Store> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match Store::connect(url).await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(
+                    database = %redact(url),
+                    "cannot reach the ledger database, trying again in {delay:?}: {e}"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot open the ledger database {}", redact(url)))
+            }
+        }
+    }
 }
 
 /// `tollgate worker`: one local model's engine behind the OpenAI API, for gateways to route
@@ -121,7 +154,14 @@ pub async fn worker(
         anyhow::bail!("set TOLLGATE_WORKER_TOKEN: the token gateways present to this worker");
     }
     config.models = std::iter::once((model.to_string(), entry)).collect();
-    let backends = models::start_backends(&config).await?;
+    let shutdown = shutdown.shared();
+    let loading = models::start_backends(&config);
+    let Some((listener, backends)) =
+        tollgate_gateway::answer_while_loading(listener, loading, shutdown.clone()).await?
+    else {
+        tracing::info!("shut down while loading");
+        return Ok(());
+    };
     let auth = tollgate_gateway::auth::AuthConfig::from_keys([token]);
     let state = tollgate_gateway::AppState::new(config, backends, auth)?;
     tollgate_gateway::run(listener, state, shutdown).await
