@@ -79,6 +79,8 @@ enum RawBackend {
     Http {
         urls: Vec<String>,
         api_key_env: Option<String>,
+        /// `static` (default) or `dns`.
+        discover: Option<String>,
     },
 }
 
@@ -160,6 +162,8 @@ pub struct LocalBackendConfig {
 pub struct HttpBackendConfig {
     pub urls: Vec<String>,
     pub api_key_env: Option<String>,
+    /// How the pool's members are found from `urls`.
+    pub discover: crate::upstream::Discovery,
 }
 
 /// USD per million tokens, exact.
@@ -266,11 +270,28 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
             max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
             kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
         }),
-        RawBackend::Http { urls, api_key_env } => {
+        RawBackend::Http {
+            urls,
+            api_key_env,
+            discover,
+        } => {
             if urls.is_empty() {
                 return Err(err("backend.urls is empty".into()));
             }
-            BackendConfig::Http(HttpBackendConfig { urls, api_key_env })
+            let discover = match discover.as_deref() {
+                None | Some("static") => crate::upstream::Discovery::Static,
+                Some("dns") => crate::upstream::Discovery::Dns,
+                Some(other) => {
+                    return Err(err(format!(
+                        "backend.discover `{other}` is neither `static` nor `dns`"
+                    )))
+                }
+            };
+            BackendConfig::Http(HttpBackendConfig {
+                urls,
+                api_key_env,
+                discover,
+            })
         }
     };
     let price = match m.price {
@@ -373,6 +394,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("here") && e.contains("source is missing"), "{e}");
+    }
+
+    #[test]
+    fn http_discovery_is_static_unless_dns() {
+        let discovery = |extra: &str| {
+            let toml = format!(
+                "[models.remote]\nbackend = {{ type = \"http\", urls = [\"http://w:8081\"]{extra} }}"
+            );
+            Config::from_toml_str(&toml, Path::new("/")).map(|c| {
+                match &c.models["remote"].backend {
+                    BackendConfig::Http(h) => h.discover,
+                    BackendConfig::Local(_) => unreachable!(),
+                }
+            })
+        };
+        use crate::upstream::Discovery;
+        assert_eq!(discovery("").unwrap(), Discovery::Static);
+        assert_eq!(
+            discovery(", discover = \"static\"").unwrap(),
+            Discovery::Static
+        );
+        assert_eq!(discovery(", discover = \"dns\"").unwrap(), Discovery::Dns);
+        let e = discovery(", discover = \"consul\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("remote") && e.contains("`consul`"), "{e}");
     }
 
     #[test]

@@ -286,11 +286,13 @@ impl<T: RequestBody, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 None,
             ));
         }
+        let limit = req
+            .extensions()
+            .get::<crate::BodyLimit>()
+            .map_or(0, |l| l.0);
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge {
-                    limit: crate::body_limit(),
-                }
+                ApiError::PayloadTooLarge { limit }
             } else {
                 ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
             }

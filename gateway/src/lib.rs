@@ -24,7 +24,6 @@ mod usage_api;
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -114,17 +113,13 @@ impl AppState {
     }
 }
 
-/// The body limit in force, for error messages (one process serves one configuration).
-static BODY_LIMIT: AtomicUsize = AtomicUsize::new(0);
-
-pub(crate) fn body_limit() -> usize {
-    BODY_LIMIT.load(Ordering::Relaxed)
-}
+/// The body limit in force, in every request's extensions, for the 413 message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimit(pub usize);
 
 /// The router: `/v1` (authenticated), `/health`, `/metrics`.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.server.max_body_bytes;
-    BODY_LIMIT.store(limit, Ordering::Relaxed);
     let v1 = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
@@ -149,6 +144,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(BodyLimit(limit)))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(middleware::from_fn(request_id))
         .with_state(state)

@@ -184,6 +184,8 @@ impl Metrics {
 
     /// Prometheus text, with load gauges read from the backends now.
     pub fn render(&self, backends: &HashMap<String, Arc<dyn Backend>>) -> String {
+        // Members come and go with DNS discovery: only the current ones are shown.
+        self.backend_healthy.reset();
         for (model, backend) in backends {
             let load = backend.load();
             self.queue_depth

@@ -7,11 +7,18 @@
 //! that fails before its first token is retried on another member; once text has streamed,
 //! a failure ends the response with an error event and the tokens seen so far are billed.
 //!
+//! Members are the configured URLs, or with [`Discovery::Dns`] every address their host names
+//! resolve to, resolved again before each probe round: a Kubernetes headless Service lists its
+//! Ready pods, so workers can be scaled without touching the gateway.
+//!
 //! Token counts come from the upstream's `usage` (`stream_options.include_usage`); until it
 //! arrives (or if a server never sends it), each content chunk counts as one token.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use eventsource_stream::Eventsource;
@@ -29,13 +36,57 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting and receiving the response head; generation itself has no deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a pool finds its members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Discovery {
+    /// The configured URLs, one member each.
+    #[default]
+    Static,
+    /// Every address each URL's host name resolves to, resolved again every probe round.
+    Dns,
+}
+
 /// One upstream server.
 #[derive(Debug)]
 struct Member {
     /// Base URL without a trailing `/v1`.
     base: String,
+    /// The configured URL it came from (an index into the pool's URLs).
+    origin: usize,
     in_flight: AtomicU32,
     healthy: AtomicBool,
+}
+
+impl Member {
+    fn new(base: String, origin: usize, healthy: bool) -> Arc<Self> {
+        Arc::new(Self {
+            base,
+            origin,
+            in_flight: AtomicU32::new(0),
+            healthy: AtomicBool::new(healthy),
+        })
+    }
+}
+
+/// The current members; replaced whole when discovery finds a change.
+#[derive(Debug, Default)]
+struct MemberSet(RwLock<Arc<Vec<Arc<Member>>>>);
+
+impl MemberSet {
+    fn current(&self) -> Arc<Vec<Arc<Member>>> {
+        // A short section that only clones an `Arc`; never held across an `.await`.
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, members: Vec<Arc<Member>>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(members);
+    }
 }
 
 /// A model served by a pool of OpenAI-compatible servers.
@@ -45,7 +96,7 @@ pub struct UpstreamPool {
     upstream_model: String,
     api_key: Option<String>,
     client: reqwest::Client,
-    members: Arc<Vec<Arc<Member>>>,
+    members: Arc<MemberSet>,
     next: AtomicUsize,
     prober: tokio::task::JoinHandle<()>,
 }
@@ -63,12 +114,14 @@ fn base_url(url: &str) -> String {
 }
 
 impl UpstreamPool {
-    /// Starts probing `urls` in the background (must run inside a tokio runtime).
+    /// Starts probing `urls` (and with [`Discovery::Dns`] resolving them) in the background;
+    /// must run inside a tokio runtime.
     pub fn new(
         info: ModelInfo,
         upstream_model: String,
         urls: &[String],
         api_key: Option<String>,
+        discovery: Discovery,
     ) -> Result<Self, BackendError> {
         if urls.is_empty() {
             return Err(BackendError::Internal(format!(
@@ -80,19 +133,41 @@ impl UpstreamPool {
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| BackendError::Internal(e.to_string()))?;
-        let members: Arc<Vec<Arc<Member>>> = Arc::new(
-            urls.iter()
+        let members = Arc::new(MemberSet::default());
+        let urls: Vec<String> = urls.iter().map(|u| base_url(u)).collect();
+        let parsed = match discovery {
+            Discovery::Static => {
+                // Optimistic until the first probe says otherwise.
+                members.replace(
+                    urls.iter()
+                        .enumerate()
+                        .map(|(i, u)| Member::new(u.clone(), i, true))
+                        .collect(),
+                );
+                Vec::new()
+            }
+            Discovery::Dns => urls
+                .iter()
                 .map(|u| {
-                    Arc::new(Member {
-                        base: base_url(u),
-                        in_flight: AtomicU32::new(0),
-                        // Optimistic until the first probe says otherwise.
-                        healthy: AtomicBool::new(true),
-                    })
+                    let url = reqwest::Url::parse(u).map_err(|e| {
+                        BackendError::Internal(format!("model `{}`: URL `{u}`: {e}", info.id))
+                    })?;
+                    if url.host_str().is_none() || url.port_or_known_default().is_none() {
+                        return Err(BackendError::Internal(format!(
+                            "model `{}`: URL `{u}` has no host and port to resolve",
+                            info.id
+                        )));
+                    }
+                    Ok(url)
                 })
-                .collect(),
-        );
-        let prober = tokio::spawn(probe(client.clone(), members.clone(), api_key.clone()));
+                .collect::<Result<_, _>>()?,
+        };
+        let prober = tokio::spawn(probe(
+            client.clone(),
+            members.clone(),
+            parsed,
+            api_key.clone(),
+        ));
         Ok(Self {
             info,
             upstream_model,
@@ -107,11 +182,14 @@ impl UpstreamPool {
     /// Members to try, best first: healthy ones by requests in flight (ties rotate), then
     /// the ejected ones as a last resort.
     fn candidates(&self) -> Vec<Arc<Member>> {
-        let n = self.members.len();
+        let members = self.members.current();
+        let n = members.len();
+        if n == 0 {
+            return Vec::new();
+        }
         let offset = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<Arc<Member>> = (0..n)
-            .map(|i| self.members[(i + offset) % n].clone())
-            .collect();
+        let mut order: Vec<Arc<Member>> =
+            (0..n).map(|i| members[(i + offset) % n].clone()).collect();
         order.sort_by_key(|m| {
             (
                 !m.healthy.load(Ordering::Relaxed),
@@ -122,10 +200,99 @@ impl UpstreamPool {
     }
 }
 
-/// Probes every member's `/health` forever, ejecting and readmitting them.
-async fn probe(client: reqwest::Client, members: Arc<Vec<Arc<Member>>>, api_key: Option<String>) {
+/// The addresses a host name resolves to.
+async fn lookup(host: String, port: u16) -> std::io::Result<Vec<IpAddr>> {
+    Ok(tokio::net::lookup_host((host.as_str(), port))
+        .await?
+        .map(|a| a.ip())
+        .collect())
+}
+
+/// Resolves every URL with `resolve` and replaces the members with one per address, keeping
+/// the members (their health and requests in flight) of addresses seen before. A URL that
+/// fails to resolve keeps its members until it resolves again; one that resolves to nothing
+/// (no Ready pod behind a headless Service) has none. `failing` (one flag per URL) keeps the
+/// log to one line when a URL starts failing and one when it resolves again.
+async fn discover<F, Fut>(
+    members: &MemberSet,
+    urls: &[reqwest::Url],
+    failing: &mut [bool],
+    resolve: F,
+) where
+    F: Fn(String, u16) -> Fut,
+    Fut: Future<Output = std::io::Result<Vec<IpAddr>>>,
+{
+    let old = members.current();
+    let by_base: HashMap<&str, &Arc<Member>> = old.iter().map(|m| (m.base.as_str(), m)).collect();
+    let mut next: Vec<Arc<Member>> = Vec::new();
+    for (origin, url) in urls.iter().enumerate() {
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            continue;
+        };
+        let failed = failing.get_mut(origin);
+        let ips = match resolve(host.trim_matches(['[', ']']).to_string(), port).await {
+            Ok(ips) => {
+                if let Some(f) = failed.filter(|f| **f) {
+                    *f = false;
+                    tracing::info!(url = %url, "the upstream's host resolves again");
+                }
+                ips
+            }
+            Err(e) => {
+                if let Some(f) = failed.filter(|f| !**f) {
+                    *f = true;
+                    tracing::warn!(url = %url, "cannot resolve the upstream's host, keeping its members: {e}");
+                }
+                next.extend(old.iter().filter(|m| m.origin == origin).cloned());
+                continue;
+            }
+        };
+        for ip in ips {
+            let mut member_url = url.clone();
+            if member_url.set_ip_host(ip).is_err() {
+                continue;
+            }
+            let base = base_url(member_url.as_str());
+            if next.iter().any(|m| m.base == base) {
+                continue;
+            }
+            match by_base.get(base.as_str()) {
+                Some(m) => next.push(Arc::clone(m)),
+                None => {
+                    tracing::info!(upstream = %base, from = %url, "upstream discovered");
+                    // Probed right after discovery before it is preferred.
+                    next.push(Member::new(base, origin, false));
+                }
+            }
+        }
+    }
+    for m in old
+        .iter()
+        .filter(|m| !next.iter().any(|n| n.base == m.base))
+    {
+        tracing::info!(upstream = %m.base, "upstream no longer resolves: removed");
+    }
+    let changed =
+        next.len() != old.len() || next.iter().zip(old.iter()).any(|(a, b)| !Arc::ptr_eq(a, b));
+    if changed {
+        members.replace(next);
+    }
+}
+
+/// Probes every member's `/health` forever, ejecting and readmitting them; with DNS
+/// discovery (`urls` not empty), resolves the members again before each round.
+async fn probe(
+    client: reqwest::Client,
+    members: Arc<MemberSet>,
+    urls: Vec<reqwest::Url>,
+    api_key: Option<String>,
+) {
+    let mut failing = vec![false; urls.len()];
     loop {
-        for m in members.iter() {
+        if !urls.is_empty() {
+            discover(&members, &urls, &mut failing, lookup).await;
+        }
+        for m in members.current().iter() {
             let mut req = client
                 .get(format!("{}/health", m.base))
                 .timeout(PROBE_TIMEOUT);
@@ -404,6 +571,7 @@ impl Backend for UpstreamPool {
 
     fn members(&self) -> Vec<(String, bool)> {
         self.members
+            .current()
             .iter()
             .map(|m| (m.base.clone(), m.healthy.load(Ordering::Relaxed)))
             .collect()
@@ -432,6 +600,7 @@ impl Backend for UpstreamPool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -439,6 +608,54 @@ mod tests {
     fn base_urls_lose_their_v1() {
         assert_eq!(base_url("http://w1:8081/v1/"), "http://w1:8081");
         assert_eq!(base_url("http://w1:8081"), "http://w1:8081");
+    }
+
+    #[tokio::test]
+    async fn dns_discovery_tracks_the_addresses_and_keeps_known_members() {
+        let set = MemberSet::default();
+        let urls = [reqwest::Url::parse("http://workers.ns:8081").unwrap()];
+        let mut failing = [false];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let bases = |set: &MemberSet| -> Vec<String> {
+            set.current().iter().map(|m| m.base.clone()).collect()
+        };
+        discover(&set, &urls, &mut failing, |host, port| async move {
+            assert_eq!((host.as_str(), port), ("workers.ns", 8081));
+            Ok(vec![ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.1")])
+        })
+        .await;
+        assert_eq!(
+            bases(&set),
+            ["http://10.0.0.1:8081", "http://10.0.0.2:8081"]
+        );
+        assert!(set
+            .current()
+            .iter()
+            .all(|m| !m.healthy.load(Ordering::Relaxed)));
+        let kept = set.current()[1].clone();
+        kept.in_flight.store(3, Ordering::Relaxed);
+
+        // A pod went away, another came: the one still there is the same member.
+        discover(&set, &urls, &mut failing, |_, _| async {
+            Ok(vec![ip("10.0.0.2"), ip("fd00::3")])
+        })
+        .await;
+        assert_eq!(
+            bases(&set),
+            ["http://10.0.0.2:8081", "http://[fd00::3]:8081"]
+        );
+        assert!(Arc::ptr_eq(&set.current()[0], &kept));
+
+        // A failed lookup keeps what was there; an empty answer leaves no member.
+        discover(&set, &urls, &mut failing, |_, _| async {
+            Err(std::io::Error::other("no DNS"))
+        })
+        .await;
+        assert_eq!(set.current().len(), 2);
+        assert_eq!(failing, [true]);
+        discover(&set, &urls, &mut failing, |_, _| async { Ok(Vec::new()) }).await;
+        assert!(set.current().is_empty());
+        assert_eq!(failing, [false]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -20,7 +21,7 @@ use serde_json::{json, Value};
 use tollgate_gateway::auth::AuthConfig;
 use tollgate_gateway::backend::{Backend, ModelInfo};
 use tollgate_gateway::config::Config;
-use tollgate_gateway::upstream::UpstreamPool;
+use tollgate_gateway::upstream::{Discovery, UpstreamPool};
 use tollgate_gateway::AppState;
 
 const KEY: &str = "k";
@@ -98,6 +99,10 @@ async fn upstream(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
 }
 
 async fn gateway(urls: Vec<String>) -> SocketAddr {
+    gateway_with(urls, Discovery::Static).await
+}
+
+async fn gateway_with(urls: Vec<String>, discovery: Discovery) -> SocketAddr {
     let config = Config::from_toml_str(
         r#"
 [models.up]
@@ -112,7 +117,7 @@ backend = { type = "http", urls = ["http://unused"] }
         created: 0,
         owned_by: "tests".into(),
     };
-    let pool = UpstreamPool::new(info, "up".into(), &urls, None).unwrap();
+    let pool = UpstreamPool::new(info, "up".into(), &urls, None, discovery).unwrap();
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     backends.insert("up".into(), Arc::new(pool));
     let state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
@@ -228,4 +233,39 @@ async fn all_members_down_is_unavailable_and_shows_in_the_metrics() {
         metrics.contains("tollgate_backend_healthy{backend=\"http://127.0.0.1:9\",model=\"up\"} 0"),
         "{metrics}"
     );
+}
+
+/// With DNS discovery the members are the addresses the host name resolves to (`localhost`
+/// here, served on 127.0.0.1), found by the background task before requests are routed.
+#[tokio::test]
+async fn dns_discovery_routes_to_the_resolved_addresses() {
+    let (good, hits) = upstream(Behaviour::Good).await;
+    let by_name = good.replace("127.0.0.1", "localhost");
+    let addr = gateway_with(vec![by_name], Discovery::Dns).await;
+    let metrics = || async {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let port = good
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/v1")
+        .to_string();
+    let member = format!("backend=\"http://127.0.0.1:{port}\"");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !metrics().await.lines().any(|l| {
+        l.starts_with("tollgate_backend_healthy") && l.contains(&member) && l.ends_with(" 1")
+    }) {
+        assert!(std::time::Instant::now() < deadline, "{}", metrics().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(ask(addr, false).await.status(), 200);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
 }

@@ -110,8 +110,9 @@ pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, A
                         .map_or(0, |d| d.as_secs()),
                     owned_by: model.owned_by.clone(),
                 };
-                let pool = UpstreamPool::new(info, model.id.clone(), &http.urls, api_key)
-                    .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
+                let pool =
+                    UpstreamPool::new(info, model.id.clone(), &http.urls, api_key, http.discover)
+                        .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
                 backends.insert(model.id.clone(), Arc::new(pool));
             }
         }
