@@ -1058,6 +1058,20 @@ impl Bench {
         Ok(RatePoint { direct, gateway })
     }
 
+    /// Measures `rate` for the search and keeps the point: whether the gateway sustained it,
+    /// or `None` when the direct path did not (then the load generator or the upstream is the
+    /// limit, not the gateway).
+    async fn probe(
+        &mut self,
+        rate: f64,
+        points: &mut Vec<RatePoint>,
+    ) -> anyhow::Result<Option<bool>> {
+        let p = self.rate_point(rate).await?;
+        let outcome = p.direct.sustained().then(|| p.gateway.sustained());
+        points.push(p);
+        Ok(outcome)
+    }
+
     /// One request on each path, checked in full.
     async fn check(&self) -> anyhow::Result<()> {
         for (name, target) in [("upstream", &self.direct), ("gateway", &self.via)] {
@@ -1349,17 +1363,14 @@ async fn bench(opts: Options) -> anyhow::Result<()> {
             if rate > opts.max_rate {
                 break;
             }
-            let p = b.rate_point(rate).await?;
-            let (gateway_ok, direct_ok) = (p.gateway.sustained(), p.direct.sustained());
-            points.push(p);
-            if !direct_ok {
-                break;
+            match b.probe(rate, &mut points).await? {
+                None => break,
+                Some(false) => {
+                    bad = Some(rate);
+                    break;
+                }
+                Some(true) => good = rate,
             }
-            if !gateway_ok {
-                bad = Some(rate);
-                break;
-            }
-            good = rate;
         }
         // ...then halve the gap between the last good and the first bad rate.
         if let Some(mut bad) = bad {
@@ -1368,16 +1379,10 @@ async fn bench(opts: Options) -> anyhow::Result<()> {
                 if rate <= good || rate >= bad {
                     break;
                 }
-                let p = b.rate_point(rate).await?;
-                let (gateway_ok, direct_ok) = (p.gateway.sustained(), p.direct.sustained());
-                points.push(p);
-                if !direct_ok {
-                    break;
-                }
-                if gateway_ok {
-                    good = rate;
-                } else {
-                    bad = rate;
+                match b.probe(rate, &mut points).await? {
+                    None => break,
+                    Some(true) => good = rate,
+                    Some(false) => bad = rate,
                 }
             }
         }

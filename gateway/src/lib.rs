@@ -57,7 +57,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub backends: Arc<HashMap<String, Arc<dyn Backend>>>,
     pub auth: AuthConfig,
-    pub metrics: Metrics,
+    /// Behind an `Arc`: the state is cloned several times per request, the metrics are many
+    /// handles.
+    pub metrics: Arc<Metrics>,
     /// Customers, keys and the ledger; `None` runs without metering (static keys only).
     pub store: Option<Store>,
     pub ledger: Option<Ledger>,
@@ -76,7 +78,7 @@ impl AppState {
             config: Arc::new(config),
             backends: Arc::new(backends),
             auth,
-            metrics: Metrics::new()?,
+            metrics: Arc::new(Metrics::new()?),
             store: None,
             ledger: None,
             limiter: Limiter::default(),
