@@ -4,15 +4,17 @@
 //! a secret; the stored digest is then compared in constant time. Two sources:
 //! - static keys from `TOLLGATE_API_KEYS` (the built-in `default` customer), and
 //! - keys issued through the admin API, looked up in the database. A lookup is reused for
-//!   [`KEY_FRESH`], so a busy key costs the database two lookups a second per replica rather
-//!   than one per request; a key revoked (or a customer changed) through this process is
+//!   [`KEY_FRESH`]; after that, until [`KEY_MAX_AGE`], the next request is still served from it
+//!   while one background lookup refreshes it, and beyond that a request waits for a new
+//!   lookup. So a busy key costs the database a few lookups a second per replica, none of them
+//!   on a request's path; a key revoked (or a customer changed) through this process is
 //!   forgotten at once, and one revoked through another replica or the CLI is refused within
-//!   [`KEY_FRESH`]. If the database is unreachable, a key seen before is served from its last
+//!   [`KEY_MAX_AGE`] (under a second). If the database is unreachable, a key seen before is served from its last
 //!   successful lookup (the gateway keeps serving during an outage).
 //!
 //! The middleware also puts the `x-ratelimit-*` headers on every authenticated response.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,9 +35,11 @@ use crate::AppState;
 /// The customer static keys belong to.
 pub const DEFAULT_CUSTOMER: &str = "default";
 
-/// How long a database lookup of a key or of the `default` customer is reused. Revocations and
-/// limit changes made elsewhere (another replica, the CLI) take effect within this time.
-pub const KEY_FRESH: Duration = Duration::from_millis(500);
+/// How long a database lookup of a key or of the `default` customer is reused as is.
+pub const KEY_FRESH: Duration = Duration::from_millis(400);
+/// How long a lookup may serve requests while a background lookup refreshes it. Revocations
+/// and limit changes made elsewhere (another replica, the CLI) take effect within this time.
+pub const KEY_MAX_AGE: Duration = Duration::from_millis(900);
 
 /// A database lookup and when it was made.
 #[derive(Debug, Clone)]
@@ -54,6 +58,10 @@ impl<T> Looked<T> {
 
     fn fresh(&self) -> bool {
         self.at.elapsed() < KEY_FRESH
+    }
+
+    fn usable(&self) -> bool {
+        self.at.elapsed() < KEY_MAX_AGE
     }
 }
 
@@ -128,6 +136,8 @@ pub struct AuthConfig {
     /// Bumped by every `forget_*`: a lookup that started before one is not kept (it may have
     /// read the key before its revocation).
     generation: Arc<AtomicU64>,
+    /// Keys being refreshed in the background (one lookup at a time per key).
+    refreshing: Arc<Mutex<HashSet<[u8; 32]>>>,
 }
 
 impl AuthConfig {
@@ -147,6 +157,7 @@ impl AuthConfig {
             last_known: Arc::default(),
             last_default: Arc::default(),
             generation: Arc::default(),
+            refreshing: Arc::default(),
         }
     }
 
@@ -187,9 +198,39 @@ impl AuthConfig {
             return Err(ApiError::InvalidApiKey("incorrect API key provided".into()));
         };
         let known = lock(&self.last_known).get(&d).cloned();
-        if let Some(known) = known.as_ref().filter(|k| k.fresh()) {
-            return unexpired(known.value.clone());
+        match &known {
+            Some(k) if k.fresh() => return unexpired(k.value.clone()),
+            Some(k) if k.usable() => {
+                self.refresh_in_background(store, d);
+                return unexpired(k.value.clone());
+            }
+            _ => {}
         }
+        self.look_up(store, d, known).await
+    }
+
+    /// Starts one background lookup of key `d`, unless one is running.
+    fn refresh_in_background(&self, store: &Store, d: [u8; 32]) {
+        if !lock(&self.refreshing).insert(d) {
+            return;
+        }
+        let (this, store) = (self.clone(), store.clone());
+        tokio::spawn(async move {
+            let known = lock(&this.last_known).get(&d).cloned();
+            // Its outcome reaches requests through `last_known` (or its removal).
+            let _ = this.look_up(&store, d, known).await;
+            lock(&this.refreshing).remove(&d);
+        });
+    }
+
+    /// Looks key `d` up in the database and keeps the answer; `known` is the last lookup, served
+    /// if the database cannot be reached.
+    async fn look_up(
+        &self,
+        store: &Store,
+        d: [u8; 32],
+        known: Option<Looked<Caller>>,
+    ) -> Result<Caller, ApiError> {
         let hash = hex(&d);
         let generation = self.generation.load(Ordering::Acquire);
         match store.find_key(&hash).await {

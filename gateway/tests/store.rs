@@ -194,12 +194,13 @@ async fn sqlx_exec(store: &Store, sql: &str) {
     store.execute_raw(sql).await.unwrap();
 }
 
-/// A key's lookup is reused for `KEY_FRESH`: a revocation made elsewhere (another replica, the
-/// CLI) is seen within it, one made through this process (`forget_key`) at once, and a change
-/// of the customer's limits through this process (`forget_customer`) at once too.
+/// A key's lookup is reused for `KEY_FRESH`, then served while a background lookup refreshes
+/// it, and never past `KEY_MAX_AGE`: a revocation made elsewhere (another replica, the CLI) is
+/// seen within that, one made through this process (`forget_key`) at once, and a change of the
+/// customer's limits through this process (`forget_customer`) at once too.
 #[tokio::test]
-async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_fresh() {
-    use tollgate_gateway::auth::{digest, hex, AuthConfig, KEY_FRESH};
+async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age() {
+    use tollgate_gateway::auth::{digest, hex, AuthConfig, KEY_FRESH, KEY_MAX_AGE};
     use tollgate_gateway::store::{CustomerFields, NewKey};
 
     let (_dir, store) = sqlite().await;
@@ -208,7 +209,7 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_fresh() 
         .await
         .unwrap();
     let auth = AuthConfig::default();
-    for (id, secret) in [("key_a", "tg-a"), ("key_b", "tg-b")] {
+    for (id, secret) in [("key_a", "tg-a"), ("key_b", "tg-b"), ("key_c", "tg-c")] {
         store
             .create_key("acme", id, &hex(&digest(secret)), "tg-", NewKey::default())
             .await
@@ -216,14 +217,31 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_fresh() 
         assert_eq!(auth.resolve(Some(&store), secret).await.unwrap().key_id, id);
     }
 
-    // Revoked behind this process's back: served from the lookup for at most KEY_FRESH.
+    // Revoked behind this process's back: served from the lookup while it is fresh, then once
+    // more while a background lookup runs, which then refuses it.
     store.revoke_key("key_a").await.unwrap();
+    store.revoke_key("key_c").await.unwrap();
     assert!(
         auth.resolve(Some(&store), "tg-a").await.is_ok(),
         "lookup reused"
     );
     tokio::time::sleep(KEY_FRESH).await;
-    let refused = auth.resolve(Some(&store), "tg-a").await.unwrap_err();
+    assert!(
+        auth.resolve(Some(&store), "tg-a").await.is_ok(),
+        "stale, refreshing"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        match auth.resolve(Some(&store), "tg-a").await {
+            Err(e) => break e,
+            Ok(_) => assert!(std::time::Instant::now() < deadline, "never refused"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(refused.to_string().contains("revoked"), "{refused}");
+    // Past KEY_MAX_AGE a lookup is not served at all: the request waits for a new one.
+    tokio::time::sleep(KEY_MAX_AGE).await;
+    let refused = auth.resolve(Some(&store), "tg-c").await.unwrap_err();
     assert!(refused.to_string().contains("revoked"), "{refused}");
 
     // A customer's limits changed through this process: the next request sees them.

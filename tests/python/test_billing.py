@@ -376,7 +376,7 @@ def test_cli_keys_and_incremental_export(billing):
     invoice = json.loads(tollgate("usage", "invoice", "cli-co", *db).stdout)
     assert nano(invoice["total_usd"]) == sum(nano(li["amount_usd"]) for li in invoice["line_items"]) > 0
     tollgate("keys", "revoke", json.loads(tollgate("keys", "list", "cli-co", *db).stdout)["data"][0]["id"], *db)
-    time.sleep(1.0)  # the running gateway sees a revocation made elsewhere within KEY_FRESH (0.5 s)
+    time.sleep(1.0)  # the running gateway sees a revocation made elsewhere within KEY_MAX_AGE (0.9 s)
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
 

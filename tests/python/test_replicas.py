@@ -140,8 +140,8 @@ def test_key_revoked_on_one_replica_is_refused_by_the_other(replicas):
     # Refused at once by the replica that revoked it.
     r = post_chat(b, created["key"])
     assert r.status_code == 401, r.text
-    # The other replica reuses a key's lookup for at most half a second (KEY_FRESH), so a
-    # second after the revocation it refuses the key too.
+    # The other replica serves a key from its last lookup for at most 0.9 s (KEY_MAX_AGE), so
+    # a second after the revocation it refuses the key too.
     time.sleep(1.0)
     r = post_chat(a, created["key"])
     assert r.status_code == 401, r.text
