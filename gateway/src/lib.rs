@@ -32,6 +32,7 @@ use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 
 use crate::auth::AuthConfig;
@@ -285,6 +286,13 @@ pub async fn run(
     let timeout = state.config.server.shutdown_timeout;
     tracing::info!("listening on {addr}");
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    // Streamed responses are many small writes: without TCP_NODELAY, Nagle's algorithm holds
+    // each event back until the client's delayed ACK (about 40 ms) whenever one is unacked.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = signalled_tx.send(());
