@@ -12,8 +12,9 @@
 //!      the kernel then holds: it survives a crash of the gateway process) and a syncer thread
 //!      `fdatasync`s the spool at that interval, so only a crash of the whole machine can lose
 //!      the records of the last interval. This keeps the disk's flush latency off responses;
-//! 2. the database task inserts spooled records in batches (idempotent on the record id); once
-//!    every spooled line is in the database, the spool is truncated;
+//! 2. the database task inserts spooled records in batches (idempotent on the record id), at
+//!    most every [`WRITE_EVERY`]; once every spooled line is in the database, an empty spool
+//!    file replaces the full one;
 //! 3. while the database is unreachable, records stay pending (and spooled) and the database
 //!    task retries with backoff; the gateway keeps serving.
 //!
@@ -110,7 +111,6 @@ pub struct Ledger {
     spool: Arc<Mutex<Spool>>,
     /// Held for the process's life: one spool per process.
     _lock: Arc<File>,
-    sync: SpoolSync,
     /// With [`SpoolSync::Every`]: what the syncer thread flushes.
     syncer: Option<Arc<Syncer>>,
     writer: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
@@ -182,19 +182,14 @@ impl Spool {
         Ok(())
     }
 
-    /// Appends and syncs.
+    /// Appends `records` and syncs.
     fn append(&mut self, records: &[UsageRecord]) -> std::io::Result<()> {
-        self.append_with(records, true)
-    }
-
-    /// Appends `records`, with `sync` also `fdatasync`s.
-    fn append_with(&mut self, records: &[UsageRecord], sync: bool) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(records.len() * 512);
         for r in records {
             serde_json::to_writer(&mut buf, r)?;
             buf.push(b'\n');
         }
-        self.append_bytes(&buf, records.len(), sync)
+        self.append_bytes(&buf, records.len(), true)
     }
 
     /// Appends `lines` serialized lines.
@@ -344,7 +339,6 @@ impl Ledger {
             tx,
             spool,
             _lock: Arc::new(lock),
-            sync,
             syncer,
             writer: Arc::new(tokio::sync::Mutex::new(Some(handle))),
         })
@@ -447,11 +441,6 @@ impl Ledger {
         if let Some(syncer) = &self.syncer {
             syncer.sync();
         }
-    }
-
-    /// When spooled records reach the disk.
-    pub fn sync(&self) -> SpoolSync {
-        self.sync
     }
 }
 
