@@ -25,7 +25,7 @@ mod usage_api;
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
@@ -120,10 +120,39 @@ impl AppState {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BodyLimit(pub usize);
 
-/// The router: `/v1` (authenticated), `/health`, `/metrics`.
+/// The router: `/v1` (authenticated), `/health`, `/metrics`, and `/admin` with an admin token.
 pub fn app(state: AppState) -> Router {
-    let limit = state.config.server.max_body_bytes;
-    let v1 = Router::new()
+    let router = v1(&state).merge(operator_routes(&state));
+    finish(router, state)
+}
+
+/// The public router when the operator endpoints have a listener of their own: `/v1` and
+/// `/health`.
+pub fn public_app(state: AppState) -> Router {
+    let router = v1(&state).route("/health", get(routes::health));
+    finish(router, state)
+}
+
+/// The operators' router: `/admin` (with an admin token), `/metrics` and `/health`.
+pub fn operator_app(state: AppState) -> Router {
+    let router = operator_routes(&state);
+    finish(router, state)
+}
+
+/// `/admin` (with an admin token), `/metrics` and `/health`.
+fn operator_routes(state: &AppState) -> Router<AppState> {
+    let mut router = Router::new()
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics));
+    if state.admin_token.is_some() {
+        router = router.merge(admin::router(state.clone()));
+    }
+    router
+}
+
+/// The OpenAI API, behind the key check.
+fn v1(state: &AppState) -> Router<AppState> {
+    Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::list_models))
@@ -136,14 +165,13 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
-        ));
-    let mut router = Router::new().merge(v1);
-    if state.admin_token.is_some() {
-        router = router.merge(admin::router(state.clone()));
-    }
+        ))
+}
+
+/// Fallbacks, body limit, metrics and request ids around `router`.
+fn finish(router: Router<AppState>, state: AppState) -> Router {
+    let limit = state.config.server.max_body_bytes;
     router
-        .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -277,15 +305,41 @@ pub async fn answer_while_loading<T>(
 /// `Retry-After` while the models load.
 const LOADING_RETRY_AFTER_SECS: u64 = 5;
 
+/// Serves [`app`] on `listener` until `shutdown` resolves, then drains in-flight requests for
+/// up to the configured shutdown timeout.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_split(listener, None, state, shutdown).await
+}
+
+/// [`run`], with the operator endpoints (`/admin`, `/metrics`) on `operator` instead of the
+/// public listener when it is given (`--admin-listen`: keep them off the public network).
+pub async fn run_split(
+    listener: tokio::net::TcpListener,
+    operator: Option<tokio::net::TcpListener>,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let timeout = state.config.server.shutdown_timeout;
-    tracing::info!("listening on {addr}");
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (public, operator_server) = match operator {
+        Some(operator) => {
+            tracing::info!("admin API and metrics on {}", operator.local_addr()?);
+            let server = axum::serve(operator, operator_app(state.clone())).with_graceful_shutdown(
+                async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                },
+            );
+            (public_app(state), Some(tokio::spawn(server.into_future())))
+        }
+        None => (app(state), None),
+    };
+    tracing::info!("listening on {addr}");
     // Streamed responses are many small writes: without TCP_NODELAY, Nagle's algorithm holds
     // each event back until the client's delayed ACK (about 40 ms) whenever one is unacked.
     let listener = listener.tap_io(|tcp| {
@@ -293,16 +347,36 @@ pub async fn run(
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
     });
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let server = axum::serve(listener, public).with_graceful_shutdown(async move {
         shutdown.await;
+        let _ = stop_tx.send(true);
         let _ = signalled_tx.send(());
     });
     let mut server = tokio::spawn(server.into_future());
+    let result = drain(&mut server, signalled_rx, timeout).await;
+    if let Some(operator_server) = operator_server {
+        // Its requests are short; whatever is left when the public side is done is dropped.
+        if tokio::time::timeout(Duration::from_secs(1), operator_server)
+            .await
+            .is_err()
+        {
+            tracing::debug!("operator endpoints: requests dropped at shutdown");
+        }
+    }
+    result
+}
+
+/// Waits for `server` to stop by itself, or after the shutdown signal for up to `timeout`.
+async fn drain(
+    server: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+    signalled_rx: tokio::sync::oneshot::Receiver<()>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     tokio::select! {
-        result = &mut server => return Ok(result??),
+        result = &mut *server => return Ok(result??),
         _ = signalled_rx => {}
     }
-    match tokio::time::timeout(timeout, &mut server).await {
+    match tokio::time::timeout(timeout, &mut *server).await {
         Ok(result) => result??,
         Err(_) => {
             tracing::warn!(

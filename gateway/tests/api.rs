@@ -706,3 +706,91 @@ async fn shutdown_while_loading_returns_none() {
     .unwrap();
     assert!(loaded.is_none());
 }
+
+/// With a listener of their own, the admin API and the metrics leave the public port; both
+/// ports answer `/health`, and both stop on the shutdown signal.
+#[tokio::test]
+async fn operator_endpoints_can_have_their_own_port() {
+    let config = Config::from_toml_str(
+        &format!("[server]\nshutdown_timeout_secs = 5\n{FAKE_MODEL}"),
+        Path::new("."),
+    )
+    .unwrap();
+    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    backends.insert(
+        MODEL.into(),
+        Arc::new(Shared(Arc::new(FakeBackend::default()))),
+    );
+    let state = AppState::new(config, backends, AuthConfig::from_keys([KEY]))
+        .unwrap()
+        .with_admin_token(Some("admin-secret".into()));
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let operator = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (public_addr, operator_addr) =
+        (public.local_addr().unwrap(), operator.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(tollgate_gateway::run_split(
+        public,
+        Some(operator),
+        state,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let client = reqwest::Client::new();
+    let get = |addr: SocketAddr, path: &'static str| {
+        client
+            .get(format!("http://{addr}{path}"))
+            .bearer_auth("admin-secret")
+            .send()
+    };
+    assert_eq!(get(public_addr, "/metrics").await.unwrap().status(), 404);
+    assert_eq!(
+        get(public_addr, "/admin/v1/customers")
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(get(public_addr, "/health").await.unwrap().status(), 200);
+    assert_eq!(
+        post(public_addr, "/v1/chat/completions", &chat("hi"))
+            .await
+            .status(),
+        200
+    );
+    let metrics = get(operator_addr, "/metrics").await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics
+        .text()
+        .await
+        .unwrap()
+        .contains("tollgate_requests_total"));
+    assert_eq!(get(operator_addr, "/health").await.unwrap().status(), 200);
+    // The admin API is there (without a database it says so), and not the OpenAI API.
+    assert_ne!(
+        get(operator_addr, "/admin/v1/customers")
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        post(operator_addr, "/v1/chat/completions", &chat("hi"))
+            .await
+            .status(),
+        404
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("both servers stop")
+        .unwrap()
+        .unwrap();
+    assert!(client
+        .get(format!("http://{operator_addr}/health"))
+        .send()
+        .await
+        .is_err());
+}

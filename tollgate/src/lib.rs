@@ -58,6 +58,18 @@ pub async fn serve(
     metering: Metering,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_split(listener, None, config, metering, shutdown).await
+}
+
+/// [`serve`], with the admin API and metrics on `operator` (not on the public listener) when
+/// it is given.
+pub async fn serve_split(
+    listener: tokio::net::TcpListener,
+    operator: Option<tokio::net::TcpListener>,
+    config: Config,
+    metering: Metering,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let shutdown = shutdown.shared();
     // The port answers 503 while the database is reached and the models load.
     let loading = async {
@@ -91,7 +103,7 @@ pub async fn serve(
     }
     let ledger = state.ledger.clone();
     let store = state.store.clone();
-    let result = tollgate_gateway::run(listener, state, shutdown).await;
+    let result = tollgate_gateway::run_split(listener, operator, state, shutdown).await;
     if let Some(ledger) = ledger {
         ledger.close(Duration::from_secs(10)).await;
     }

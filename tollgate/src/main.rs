@@ -45,6 +45,10 @@ enum Command {
         /// records of the last interval).
         #[arg(long, env = "TOLLGATE_SPOOL_SYNC", default_value = "10ms")]
         spool_sync: tollgate_gateway::ledger::SpoolSync,
+        /// Serve the admin API and /metrics on this address only (not on --listen), to keep
+        /// them off the public network.
+        #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
+        admin_listen: Option<String>,
     },
     /// Serve one local model's engine for gateways (`backend = { type = "http", urls = [...] }`).
     Worker {
@@ -95,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             no_database,
             spool,
             spool_sync,
+            admin_listen,
         } => {
             let metering = tollgate::Metering {
                 database: (!no_database).then_some(database),
@@ -102,7 +107,7 @@ fn main() -> anyhow::Result<()> {
                 spool_sync,
                 admin_token: std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
             };
-            async_runtime()?.block_on(serve(config, listen, metering))
+            async_runtime()?.block_on(serve(config, listen, admin_listen, metering))
         }
         Command::Generate(args) => tollgate::generate::run(args),
         Command::Worker {
@@ -135,6 +140,7 @@ fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn serve(
     config: PathBuf,
     listen: String,
+    admin_listen: Option<String>,
     metering: tollgate::Metering,
 ) -> anyhow::Result<()> {
     let config = tollgate_gateway::config::Config::load(&config)
@@ -142,7 +148,15 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tollgate::serve(listener, config, metering, shutdown_signal()).await
+    let operator = match admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?,
+        ),
+        None => None,
+    };
+    tollgate::serve_split(listener, operator, config, metering, shutdown_signal()).await
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
