@@ -15,7 +15,7 @@
 //! The middleware also puts the `x-ratelimit-*` headers on every authenticated response.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,8 @@ pub struct AuthConfig {
     generation: Arc<AtomicU64>,
     /// Keys being refreshed in the background (one lookup at a time per key).
     refreshing: Arc<Mutex<HashSet<[u8; 32]>>>,
+    /// The `default` customer is being refreshed in the background.
+    refreshing_default: Arc<AtomicBool>,
 }
 
 impl AuthConfig {
@@ -158,6 +160,7 @@ impl AuthConfig {
             last_default: Arc::default(),
             generation: Arc::default(),
             refreshing: Arc::default(),
+            refreshing_default: Arc::default(),
         }
     }
 
@@ -268,12 +271,31 @@ impl AuthConfig {
         }
     }
 
-    /// The `default` customer, looked up at most every [`KEY_FRESH`]; while the database is
+    /// The `default` customer, as keys are: reused for [`KEY_FRESH`], then served while a
+    /// background lookup refreshes it, never past [`KEY_MAX_AGE`]; while the database is
     /// unreachable, as last read.
     async fn default_customer(&self, store: &Store) -> Option<Customer> {
-        if let Some(known) = lock(&self.last_default).as_ref().filter(|k| k.fresh()) {
-            return known.value.clone();
+        let known = lock(&self.last_default).clone();
+        match known {
+            Some(k) if k.fresh() => return k.value,
+            Some(k) if k.usable() => {
+                // Served as read while one background lookup refreshes it.
+                if !self.refreshing_default.swap(true, Ordering::AcqRel) {
+                    let (this, store) = (self.clone(), store.clone());
+                    tokio::spawn(async move {
+                        this.look_up_default(&store).await;
+                        this.refreshing_default.store(false, Ordering::Release);
+                    });
+                }
+                return k.value;
+            }
+            _ => {}
         }
+        self.look_up_default(store).await
+    }
+
+    /// Reads the `default` customer and keeps it; as last read if the database cannot answer.
+    async fn look_up_default(&self, store: &Store) -> Option<Customer> {
         let generation = self.generation.load(Ordering::Acquire);
         let found = match store.customer(DEFAULT_CUSTOMER).await {
             Ok(c) => Some(c),
