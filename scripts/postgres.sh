@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # A real, throwaway PostgreSQL server for the tests: Debian's packaged binaries (installed with
 # apt-get when absent), a cluster in .postgres/ run as the postgres user, trust auth on
-# 127.0.0.1:${TOLLGATE_PG_PORT:-54329} only, unix socket inside the data directory, fsync on.
+# 127.0.0.1 only, unix socket inside the data directory, fsync on. The port is
+# $TOLLGATE_PG_PORT when set, else a free port picked when the cluster first starts and kept in
+# the data directory (a stop and a start within one test run keep the URL), picked anew when
+# another program has taken it meanwhile: two runs on one host never collide.
 #
 #   scripts/postgres.sh start   install, initdb and start as needed; prints the URL
 #   scripts/postgres.sh stop    fast shutdown (nothing to do when it is not running)
@@ -14,9 +17,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR_OVERRIDE="${TOLLGATE_PG_DIR:+$(realpath -m "$TOLLGATE_PG_DIR")}"
-PORT="${TOLLGATE_PG_PORT:-54329}"
 DB=tollgate
-URL="postgres://postgres@127.0.0.1:$PORT/$DB"
 cd /  # the postgres user may not be allowed into the caller's working directory
 
 say() { echo "postgres.sh: $*" >&2; }
@@ -61,6 +62,29 @@ cluster_bin() {
 }
 
 running() { as_pg "$BIN/pg_ctl" status -D "$PGDATA" >/dev/null 2>&1; }
+
+# Whether nothing listens on 127.0.0.1:$1.
+port_free() {
+    python3 -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+
+# Sets PORT: the running server's, else TOLLGATE_PG_PORT, else the one kept in PGDATA while it
+# is free, else a new free one (kept for the next start).
+choose_port() {
+    local kept="$PGDATA/tollgate-port"
+    if running; then
+        PORT="$(sed -n 4p "$PGDATA/postmaster.pid")"
+    elif [[ -n "${TOLLGATE_PG_PORT:-}" ]]; then
+        PORT="$TOLLGATE_PG_PORT"
+    elif [[ -f "$kept" ]] && port_free "$(cat "$kept")"; then
+        PORT="$(cat "$kept")"
+    else
+        PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    fi
+    echo "$PORT" >"$kept"
+}
+
+url() { echo "postgres://postgres@127.0.0.1:$PORT/$DB"; }
 psql_() { "$BIN/psql" -X -v ON_ERROR_STOP=1 -q "postgres://postgres@127.0.0.1:$PORT/postgres" "$@"; }
 
 start() {
@@ -89,12 +113,11 @@ local all all              trust
 host  all all 127.0.0.1/32 trust
 EOF
     fi
+    choose_port
     if running; then
-        local port
-        port="$(sed -n 4p "$PGDATA/postmaster.pid")"
-        [[ "$port" == "$PORT" ]] ||
-            die "the server in $PGDATA is running on port $port, not $PORT; stop it first"
-        say "already running: $PGDATA"
+        [[ -z "${TOLLGATE_PG_PORT:-}" || "$PORT" == "$TOLLGATE_PG_PORT" ]] ||
+            die "the server in $PGDATA is running on port $PORT, not $TOLLGATE_PG_PORT; stop it first"
+        say "already running: $PGDATA on port $PORT"
     else
         say "starting the server in $PGDATA on 127.0.0.1:$PORT (log: $PGDATA/server.log)"
         as_pg "$BIN/pg_ctl" start -w -D "$PGDATA" -l "$PGDATA/server.log" -o "-p $PORT" >&2 || {
@@ -127,9 +150,15 @@ reset() {  # WITH (FORCE), PostgreSQL 13+: also ends open connections
 
 case "${1:-}" in
     start | stop | reset) ((EUID == 0)) || die "$1 needs root (apt-get, and runuser to the postgres user)" ;;&
-    start) start; echo "$URL" ;;
+    start) start; url ;;
     stop) stop ;;
-    reset) reset; echo "$URL" ;;
-    url) echo "$URL" ;;
+    reset) reset; url ;;
+    url)
+        data_dir
+        [[ -f "$PGDATA/PG_VERSION" ]] || die "no cluster in $PGDATA yet: run start first"
+        cluster_bin
+        choose_port
+        url
+        ;;
     *) die "usage: scripts/postgres.sh start|stop|url|reset" ;;
 esac

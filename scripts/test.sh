@@ -22,6 +22,21 @@ step "cargo build"
 cargo build --release --workspace --bins
 step "cargo test"
 cargo test --release --workspace
+
+# The kernel unit tests run every SIMD path this CPU has against the portable loops whatever
+# is selected; the model-level checks above ran the widest path. Run them again on each
+# narrower path this CPU can force (TOLLGATE_CPU_KERNELS), so every path is exercised end to end
+# wherever the CPU allows it: on an AVX-512 machine avx2 and scalar, on an AVX2 one scalar.
+cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
+has() { for f in "$@"; do [[ " $cpu_flags " == *" $f "* ]] || return 1; done; }
+narrower=(scalar)
+if has avx512f avx512bw avx512vl avx512_vnni avx2 fma; then
+    narrower=(avx2 scalar)
+fi
+for kernels in "${narrower[@]}"; do
+    step "cargo test: the model checks on the $kernels kernels (TOLLGATE_CPU_KERNELS=$kernels)"
+    TOLLGATE_CPU_KERNELS="$kernels" cargo test --release -p tollgate-runtime --test equivalence --test engine
+done
 step "PostgreSQL for the ledger tests (Debian's server, throwaway cluster)"
 PG_URL="$(scripts/postgres.sh reset)"
 trap 'scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT

@@ -16,13 +16,20 @@
 //! sum a whole block in 16 bits (8 × 2 × 15 × 127 < 2^15) before widening. Tiles of up to
 //! [`ROW_TILE`] activation rows share every code load, and panels are split across threads.
 //!
+//! With AVX-512 VNNI one 512-bit load holds a whole group of the panel (4 codes of each of the
+//! 16 features) and one `vpdpbusd` per row adds the four u8×i8 products of every feature
+//! straight into 32-bit lanes.
+//!
 //! Every activation row goes through the same operations in the same order whatever tile it
-//! falls in, so a row's result does not depend on the other rows of the call.
+//! falls in, so a row's result does not depend on the other rows of the call; the integer dot
+//! products are exact on every path and the float operations are the same, so the portable,
+//! AVX2 and AVX-512 paths agree bit for bit.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::cpu::CpuKernels;
 use crate::{Error, Result};
 
 /// Inputs per quantization block.
@@ -89,30 +96,31 @@ fn quantize_rows(x: &[f32]) -> Q8Rows {
     rows
 }
 
-/// Whether this CPU runs the fast kernel (AVX2 and FMA).
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `x (rows, inp)` times several matrices of the same `inp` (a fused Q/K/V or gate/up
 /// projection): the activations are quantized once and every matrix's panels are split
 /// across threads in one parallel dispatch. Returns one `(rows, out_i)` row-major output per
 /// matrix.
 pub(crate) fn matmul_many(mats: &[&CodeMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    matmul_many_on(CpuKernels::selected(), mats, x, rows)
+}
+
+/// [`matmul_many`] on the given kernel path (which the CPU must have).
+fn matmul_many_on(
+    kernels: CpuKernels,
+    mats: &[&CodeMatrix],
+    x: &[f32],
+    rows: usize,
+) -> Vec<Vec<f32>> {
+    assert!(
+        kernels.is_available(),
+        "{kernels} kernels on a CPU without them"
+    );
     let Some(inp) = mats.first().map(|m| m.inp) else {
         return Vec::new();
     };
     debug_assert!(mats.iter().all(|m| m.inp == inp));
     debug_assert_eq!(x.len(), rows * inp);
     let xq = quantize_rows(x);
-    let fast = has_avx2();
     // Computed panel-major (`(panels, rows, PANEL)`) so threads own disjoint chunks; for one
     // row that is already the row-major output.
     let mut by_panel: Vec<Vec<f32>> = mats
@@ -127,7 +135,7 @@ pub(crate) fn matmul_many(mats: &[&CodeMatrix], x: &[f32], rows: usize) -> Vec<V
     }
     tasks.into_par_iter().for_each(|(m, first, chunk)| {
         for (k, dst) in chunk.chunks_exact_mut(rows * PANEL).enumerate() {
-            m.panel_rows(fast, first + k, &xq, rows, dst);
+            m.panel_rows(kernels, first + k, &xq, rows, dst);
         }
     });
     by_panel
@@ -152,10 +160,11 @@ pub(crate) fn matmul_many(mats: &[&CodeMatrix], x: &[f32], rows: usize) -> Vec<V
 }
 
 impl CodeMatrix {
-    /// Whether the kernel applies to a matrix with `inp` inputs on this CPU (without AVX2 a
-    /// portable loop would run, slower than candle's kernels, so callers keep candle there).
+    /// Whether the kernel applies to a matrix with `inp` inputs on the selected kernel path
+    /// (on the scalar path a portable loop would run, slower than candle's kernels, so callers
+    /// keep candle there).
     pub(crate) fn is_fast_for(inp: usize) -> bool {
-        inp.is_multiple_of(BLOCK) && has_avx2()
+        inp.is_multiple_of(BLOCK) && CpuKernels::selected().has_avx2()
     }
 
     /// An empty matrix of `out × inp` (zero codes) to fill block by block.
@@ -269,7 +278,7 @@ impl CodeMatrix {
     }
 
     /// Panel `p` against every activation row, into `dst (rows, PANEL)`.
-    fn panel_rows(&self, fast: bool, p: usize, xq: &Q8Rows, rows: usize, dst: &mut [f32]) {
+    fn panel_rows(&self, kernels: CpuKernels, p: usize, xq: &Q8Rows, rows: usize, dst: &mut [f32]) {
         let (inp, nb) = (self.inp, self.inp / BLOCK);
         let panel = Panel {
             codes: &self.codes[p * nb * PANEL_BLOCK..(p + 1) * nb * PANEL_BLOCK],
@@ -296,10 +305,11 @@ impl CodeMatrix {
                     }
                 };
             }
-            match (fast, self.small) {
-                (true, true) => run!(tile_fast, true),
-                (true, false) => run!(tile_fast, false),
-                (false, _) => run!(tile_portable, false),
+            match (kernels, self.small) {
+                (CpuKernels::Avx512, _) => run!(tile_avx512, false),
+                (CpuKernels::Avx2, true) => run!(tile_avx2, true),
+                (CpuKernels::Avx2, false) => run!(tile_avx2, false),
+                (CpuKernels::Scalar, _) => run!(tile_portable, false),
             }
             r += tile;
         }
@@ -354,20 +364,38 @@ fn tile_portable<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, 
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn tile_fast<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
+/// Asserts the slice lengths a SIMD tile kernel reads.
+fn check_tile<const TILE: usize>(panel: &Panel, x: &Tile, out: &[f32]) {
     let nb = panel.blocks;
     assert!(x.qs.len() >= TILE * nb * BLOCK && x.d.len() >= TILE * nb);
     assert!(x.sums.len() >= TILE * nb && out.len() >= TILE * PANEL);
     assert!(panel.codes.len() >= nb * PANEL_BLOCK);
     assert!(panel.d.len() >= nb * PANEL && panel.m.len() >= nb * PANEL);
-    // SAFETY: only chosen when `has_avx2()` found AVX2 and FMA; the slice lengths the kernel
-    // reads are checked above.
+}
+
+#[cfg(target_arch = "x86_64")]
+fn tile_avx2<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
+    check_tile::<TILE>(panel, x, out);
+    // SAFETY: `matmul_many_on` asserted that the CPU has the AVX2 path; the slice lengths the
+    // kernel reads are checked above.
     unsafe { x86::tile_avx2::<TILE, SMALL>(panel, x, out) }
 }
 
+#[cfg(target_arch = "x86_64")]
+fn tile_avx512<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
+    check_tile::<TILE>(panel, x, out);
+    // SAFETY: `matmul_many_on` asserted that the CPU has the AVX-512 path; the slice lengths the
+    // kernel reads are checked above.
+    unsafe { x86::tile_avx512::<TILE>(panel, x, out) }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
-fn tile_fast<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
+fn tile_avx2<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
+    tile_portable::<TILE, SMALL>(panel, x, out)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn tile_avx512<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
     tile_portable::<TILE, SMALL>(panel, x, out)
 }
 
@@ -442,6 +470,54 @@ mod x86 {
             }
         }
     }
+
+    /// [`super::tile_portable`] with AVX-512 VNNI: per block and group, one 64-byte load holds
+    /// 4 codes of each of the panel's 16 features, and one `vpdpbusd` per row adds the four
+    /// u8 code × i8 activation products of every feature into its 32-bit lane.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, VL and VNNI, AVX2 and FMA; the slice contract of
+    /// [`tile_avx2`].
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile_avx512<const TILE: usize>(panel: &Panel, x: &Tile, out: &mut [f32]) {
+        let (nb, inp) = (panel.blocks, panel.blocks * BLOCK);
+        let mut acc = [_mm512_setzero_ps(); TILE];
+        for b in 0..nb {
+            // SAFETY (all loads and stores below): in bounds by the function's contract;
+            // unaligned.
+            let codes = unsafe { panel.codes.as_ptr().add(b * PANEL_BLOCK) };
+            let mut dot = [_mm512_setzero_si512(); TILE];
+            for g in 0..GROUPS {
+                let cv = unsafe { _mm512_loadu_si512(codes.add(g * PANEL * GROUP).cast()) };
+                for (t, dot) in dot.iter_mut().enumerate() {
+                    let xg = unsafe {
+                        std::ptr::read_unaligned(
+                            x.qs.as_ptr()
+                                .add(t * inp + b * BLOCK + g * GROUP)
+                                .cast::<i32>(),
+                        )
+                    };
+                    *dot = _mm512_dpbusd_epi32(*dot, cv, _mm512_set1_epi32(xg));
+                }
+            }
+            let d = unsafe { _mm512_loadu_ps(panel.d.as_ptr().add(b * PANEL)) };
+            let m = unsafe { _mm512_loadu_ps(panel.m.as_ptr().add(b * PANEL)) };
+            for (t, (acc, &dot)) in acc.iter_mut().zip(&dot).enumerate() {
+                let (dx, sx) = unsafe {
+                    (
+                        *x.d.get_unchecked(t * nb + b),
+                        *x.sums.get_unchecked(t * nb + b),
+                    )
+                };
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sx), *acc);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(t * PANEL), *acc) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -469,24 +545,31 @@ mod tests {
     /// and partial tiles and a partial last panel; a row's result does not depend on the other
     /// rows of the call; and its rms error against the f32 product is under `tolerance`.
     fn check(m: &CodeMatrix, w: &[f32], tolerance: f32) {
+        for kernels in CpuKernels::available() {
+            println!("block-code kernels: {kernels}");
+            check_on(kernels, m, w, tolerance);
+        }
+    }
+
+    fn check_on(kernels: CpuKernels, m: &CodeMatrix, w: &[f32], tolerance: f32) {
         let (out, inp) = (m.out, m.inp);
         let x9 = pseudo_random(9 * inp, 7);
         let alone: Vec<Vec<f32>> = (0..9)
-            .map(|r| m.matmul(&x9[r * inp..(r + 1) * inp], 1))
+            .map(|r| matmul_many_on(kernels, &[m], &x9[r * inp..(r + 1) * inp], 1).remove(0))
             .collect();
         for rows in [1, 3, 4, 5, 9] {
             let x = &x9[..rows * inp];
-            let y = m.matmul(x, rows);
+            let y = matmul_many_on(kernels, &[m], x, rows).remove(0);
             let xq = quantize_rows(x);
             for p in 0..m.panels() {
                 let mut reference = vec![0f32; rows * PANEL];
-                m.panel_rows(false, p, &xq, rows, &mut reference);
+                m.panel_rows(CpuKernels::Scalar, p, &xq, rows, &mut reference);
                 let width = PANEL.min(out - p * PANEL);
                 for r in 0..rows {
                     assert_eq!(
                         &y[r * out + p * PANEL..][..width],
                         &reference[r * PANEL..][..width],
-                        "rows {rows} row {r} panel {p}"
+                        "{kernels}: rows {rows} row {r} panel {p}"
                     );
                 }
             }
@@ -507,7 +590,10 @@ mod tests {
 
     #[test]
     fn seven_bit_codes_match_the_portable_loop_and_f32() {
-        assert!(CodeMatrix::is_fast_for(96) || !has_avx2());
+        assert_eq!(
+            CodeMatrix::is_fast_for(96),
+            CpuKernels::selected().has_avx2()
+        );
         let (out, inp) = (130, 96);
         let w = pseudo_random(out * inp, 1);
         let m = CodeMatrix::quantize(&w, out, inp);

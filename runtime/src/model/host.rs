@@ -280,23 +280,33 @@ mod simd {
     /// Lanes of the independent accumulators.
     const LANES: usize = 8;
 
+    use super::super::cpu::CpuKernels;
+
+    /// `fn name(args)` runs `imp` on the selected kernel path; `fn on(kernels, args)` on a
+    /// given one (the tests run each path this CPU has). The AVX2 build is the same Rust code
+    /// (Rust never fuses or reorders float operations), so the paths agree bit for bit.
     macro_rules! dispatch {
-        ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident;) => {
+        ($(#[$m:meta])* fn $name:ident / $on:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident;) => {
             $(#[$m])*
             pub(crate) fn $name($($arg: $ty),*) -> $ret {
+                $on(CpuKernels::selected(), $($arg),*)
+            }
+
+            $(#[$m])*
+            pub(crate) fn $on(kernels: CpuKernels, $($arg: $ty),*) -> $ret {
                 #[cfg(target_arch = "x86_64")]
                 {
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
+                    if kernels.has_avx2() {
+                        assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
                         #[target_feature(enable = "avx2,fma")]
                         fn fast($($arg: $ty),*) -> $ret {
                             $imp($($arg),*)
                         }
-                        // SAFETY: the CPU has AVX2 and FMA (checked above).
+                        // SAFETY: the CPU has AVX2 and FMA (asserted above).
                         return unsafe { fast($($arg),*) };
                     }
                 }
+                let _ = kernels;
                 $imp($($arg),*)
             }
         };
@@ -305,21 +315,21 @@ mod simd {
     dispatch! {
         /// `Σ a[i]·b[i]`.
         #[cfg(test)]
-        fn dot(a: &[f32], b: &[f32]) -> f32 = dot_imp;
+        fn dot / dot_on(a: &[f32], b: &[f32]) -> f32 = dot_imp;
     }
     dispatch! {
         /// `Σ x[i]²`.
-        fn sum_squares(x: &[f32]) -> f32 = sum_squares_imp;
+        fn sum_squares / sum_squares_on(x: &[f32]) -> f32 = sum_squares_imp;
     }
     dispatch! {
         /// `x[i] = exp(x[i] - max)` in place; returns the sum.
         #[cfg(test)]
-        fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 = exp_sub_sum_imp;
+        fn exp_sub_sum / exp_sub_sum_on(x: &mut [f32], max: f32) -> f32 = exp_sub_sum_imp;
     }
     dispatch! {
         /// See [`super::AttnShape::attend_group`]; `scores` is `group * visible` scratch.
         #[allow(clippy::too_many_arguments)]
-        fn attend_group(
+        fn attend_group / attend_group_on(
             shape: super::AttnShape,
             q: &[f32],
             keys: &[f32],
@@ -455,6 +465,62 @@ mod tests {
             );
         }
         assert!(simd::exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    /// Every kernel path this CPU has gives the portable build's results bit for bit.
+    #[test]
+    fn vector_helpers_agree_on_every_kernel_path() {
+        use super::super::cpu::CpuKernels;
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
+        for kernels in CpuKernels::available() {
+            for n in [1, 7, 8, 64, 67] {
+                let a = pseudo_random(n, 1);
+                let b = pseudo_random(n, 2);
+                let bits = |x: f32| x.to_bits();
+                assert_eq!(
+                    bits(simd::dot_on(kernels, &a, &b)),
+                    bits(simd::dot_on(CpuKernels::Scalar, &a, &b)),
+                    "{kernels}: dot of {n}"
+                );
+                assert_eq!(
+                    bits(simd::sum_squares_on(kernels, &a)),
+                    bits(simd::sum_squares_on(CpuKernels::Scalar, &a)),
+                    "{kernels}: sum_squares of {n}"
+                );
+                let (mut e1, mut e2) = (a.clone(), a.clone());
+                let s1 = simd::exp_sub_sum_on(kernels, &mut e1, 0.5);
+                let s2 = simd::exp_sub_sum_on(CpuKernels::Scalar, &mut e2, 0.5);
+                assert_eq!(
+                    (bits(s1), &e1),
+                    (bits(s2), &e2),
+                    "{kernels}: exp_sub_sum of {n}"
+                );
+                // One KV head's group of query heads over `n` cached positions.
+                let q = pseudo_random(2 * 16, 3);
+                let (keys, values) = (pseudo_random(n * 2 * 16, 4), pseudo_random(n * 2 * 16, 5));
+                let mut outs = Vec::new();
+                for k in [kernels, CpuKernels::Scalar] {
+                    let (mut scores, mut out) = (vec![0f32; 2 * n], vec![0f32; 2 * 16]);
+                    simd::attend_group_on(
+                        k,
+                        shape,
+                        &q,
+                        &keys,
+                        &values,
+                        1,
+                        n,
+                        &mut scores,
+                        &mut out,
+                    );
+                    outs.push(out);
+                }
+                assert_eq!(outs[0], outs[1], "{kernels}: attend_group over {n}");
+            }
+        }
     }
 
     #[test]

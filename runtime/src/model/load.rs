@@ -35,6 +35,7 @@ impl LlamaModel {
         form: WeightForm,
         context_override: Option<usize>,
     ) -> Result<Self> {
+        check_cpu_kernels(device)?;
         let md = |key: &str| {
             content.metadata.get(key).ok_or_else(|| Error::Metadata {
                 key: key.to_string(),
@@ -150,6 +151,7 @@ impl LlamaModel {
         form: WeightForm,
         context_override: Option<usize>,
     ) -> Result<Self> {
+        check_cpu_kernels(device)?;
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
             path: config_path.clone(),
@@ -331,4 +333,14 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         "no model.safetensors or model.safetensors.index.json in {}",
         dir.display()
     )))
+}
+
+/// Refuses a `TOLLGATE_CPU_KERNELS` setting this CPU cannot run before any kernel runs, and
+/// says which path the CPU kernels take.
+fn check_cpu_kernels(device: &Device) -> Result<()> {
+    let kernels = super::CpuKernels::from_env()?;
+    if device.is_cpu() {
+        tracing::info!(%kernels, detected = %super::CpuKernels::detected(), "CPU kernels");
+    }
+    Ok(())
 }

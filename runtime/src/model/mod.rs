@@ -3,11 +3,12 @@
 //! matmul runs once over all the step's tokens (that is what makes batching pay); attention runs
 //! per sequence over its own cache.
 //!
-//! Submodules: `linear` (weight forms and their matmuls), `q8` (the int8 kernel), `codes` (the block-code kernel of `auto`), `kv_cache`,
+//! Submodules: `cpu` (which SIMD path the kernels run), `linear` (weight forms and their matmuls), `q8` (the int8 kernel), `codes` (the block-code kernel of `auto`), `kv_cache`,
 //! `llama` (the forward pass, candle ops), `host` (the CPU forward pass on plain buffers),
 //! `load` (GGUF and safetensors).
 
 mod codes;
+pub mod cpu;
 mod host;
 mod kv_cache;
 mod linear;
@@ -17,6 +18,7 @@ mod q8;
 
 use std::str::FromStr;
 
+pub use cpu::CpuKernels;
 pub use kv_cache::KvCache;
 pub use llama::{LlamaModel, SeqStep};
 

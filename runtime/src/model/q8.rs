@@ -5,12 +5,17 @@
 //! Q8_0-style blocks (32 int8 values and one f32 scale), quantizes the activations the same
 //! way, and computes tiles of up to [`ROW_TILE`] activation rows against each weight row, so a
 //! weight block is loaded once per tile instead of once per row, with int8 dot products
-//! (AVX-512 VNNI where present, AVX2 otherwise). Output features are split across threads.
+//! (AVX-512 VNNI where present, AVX2 otherwise; see [`super::cpu`]). Output features are split
+//! across threads.
 //!
 //! Numerics: the same as candle's Q8_0 × Q8_0 path (block scales `amax / 127`, round to
-//! nearest), except that scales are kept in f32 instead of f16.
+//! nearest), except that scales are kept in f32 instead of f16. Every path sums the same
+//! integer products into the same 8 lanes and adds the lanes in the same order, so all paths
+//! give bit-identical results.
 
 use rayon::prelude::*;
+
+use super::cpu::CpuKernels;
 
 /// Values per quantization block.
 pub(crate) const BLOCK: usize = 32;
@@ -66,13 +71,26 @@ fn quantize_rows(x: &[f32], rows: usize, inp: usize) -> Q8Rows {
 /// split across threads in one parallel dispatch. Returns one `(rows, out_i)` row-major
 /// output per matrix.
 pub(crate) fn matmul_many(mats: &[&Q8Matrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    matmul_many_on(CpuKernels::selected(), mats, x, rows)
+}
+
+/// [`matmul_many`] on the given kernel path (which the CPU must have).
+fn matmul_many_on(
+    kernels: CpuKernels,
+    mats: &[&Q8Matrix],
+    x: &[f32],
+    rows: usize,
+) -> Vec<Vec<f32>> {
+    assert!(
+        kernels.is_available(),
+        "{kernels} kernels on a CPU without them"
+    );
     let Some(inp) = mats.first().map(|m| m.inp) else {
         return Vec::new();
     };
     debug_assert!(mats.iter().all(|m| m.inp == inp));
     debug_assert_eq!(x.len(), rows * inp);
     let xq = quantize_rows(x, rows, inp);
-    let isa = isa();
     // Computed feature-major (`(out, rows)`) so threads own disjoint chunks, then transposed.
     let mut by_feature: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.out * rows]).collect();
     let mut tasks: Vec<(&Q8Matrix, usize, &mut [f32])> = Vec::new();
@@ -83,7 +101,7 @@ pub(crate) fn matmul_many(mats: &[&Q8Matrix], x: &[f32], rows: usize) -> Vec<Vec
     }
     tasks.into_par_iter().for_each(|(m, first, chunk)| {
         for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
-            m.row_dots(isa, first + k, &xq, rows, dst);
+            m.row_dots(kernels, first + k, &xq, rows, dst);
         }
     });
     if rows == 1 {
@@ -104,39 +122,13 @@ pub(crate) fn matmul_many(mats: &[&Q8Matrix], x: &[f32], rows: usize) -> Vec<Vec
         .collect()
 }
 
-/// Which dot-product implementation this CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Scalar,
-}
-
-fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx2")
-        {
-            return Isa::Vnni;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Isa::Avx2;
-        }
-    }
-    Isa::Scalar
-}
-
 impl Q8Matrix {
     /// Whether the fast kernel applies to a `(out, inp)` matrix on this CPU: `inp` must be a
-    /// multiple of the block size. (Without AVX2 a portable loop runs; it is correct but
-    /// slower than candle's kernels, so callers keep candle there.)
+    /// multiple of the block size, and the selected kernels SIMD. (On the scalar path a
+    /// portable loop would run; it is correct but slower than candle's kernels, so callers
+    /// keep candle there.)
     pub(crate) fn is_fast_for(inp: usize) -> bool {
-        inp.is_multiple_of(BLOCK) && isa() != Isa::Scalar
+        inp.is_multiple_of(BLOCK) && CpuKernels::selected().has_avx2()
     }
 
     /// Quantizes row-major f32 weights `(out, inp)`.
@@ -161,7 +153,7 @@ impl Q8Matrix {
     }
 
     /// Dot products of weight row `j` with every activation row, into `dst[r]`.
-    fn row_dots(&self, isa: Isa, j: usize, xq: &Q8Rows, rows: usize, dst: &mut [f32]) {
+    fn row_dots(&self, kernels: CpuKernels, j: usize, xq: &Q8Rows, rows: usize, dst: &mut [f32]) {
         let (inp, nb) = (self.inp, self.inp / BLOCK);
         let w = &self.qs[j * inp..(j + 1) * inp];
         let wd = &self.scales[j * nb..(j + 1) * nb];
@@ -171,21 +163,27 @@ impl Q8Matrix {
             let xs = &xq.qs[r * inp..(r + tile) * inp];
             let xd = &xq.scales[r * nb..(r + tile) * nb];
             let out = &mut dst[r..r + tile];
-            match isa {
+            match kernels {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `isa()` checked the CPU features; slices are `tile * inp` long with
-                // `inp` a multiple of BLOCK.
-                Isa::Vnni => unsafe { x86::tile_vnni(w, wd, xs, xd, inp, tile, out) },
+                // SAFETY: the CPU has the path's features (asserted by `matmul_many_on`); slices are
+                // `tile * inp` long with `inp` a multiple of BLOCK.
+                CpuKernels::Avx512 => unsafe { x86::tile_vnni(w, wd, xs, xd, inp, tile, out) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2 => unsafe { x86::tile_avx2(w, wd, xs, xd, inp, tile, out) },
-                Isa::Scalar => tile_scalar(w, wd, xs, xd, inp, tile, out),
+                CpuKernels::Avx2 => unsafe { x86::tile_avx2(w, wd, xs, xd, inp, tile, out) },
+                _ => tile_scalar(w, wd, xs, xd, inp, tile, out),
             }
             r += tile;
         }
     }
 }
 
+/// Lanes of the SIMD accumulators, which the portable loop mirrors.
+const LANES: usize = 8;
+
+/// The portable loop, with the SIMD paths' arithmetic: lane `l` of a block sums the integer
+/// products `4l..4l+4`, is scaled and accumulated with a fused multiply-add, and the lanes are
+/// added pairwise at the end as the SIMD horizontal sum does.
 fn tile_scalar(
     w: &[i8],
     wd: &[f32],
@@ -199,17 +197,28 @@ fn tile_scalar(
     for (t, o) in out.iter_mut().enumerate().take(tile) {
         let x = &xs[t * inp..(t + 1) * inp];
         let d = &xd[t * nb..(t + 1) * nb];
-        let mut acc = 0f32;
+        let mut acc = [0f32; LANES];
         for b in 0..nb {
-            let s: i32 = w[b * BLOCK..(b + 1) * BLOCK]
-                .iter()
-                .zip(&x[b * BLOCK..(b + 1) * BLOCK])
-                .map(|(&a, &c)| i32::from(a) * i32::from(c))
-                .sum();
-            acc += s as f32 * wd[b] * d[b];
+            let scale = wd[b] * d[b];
+            let wb = w[b * BLOCK..(b + 1) * BLOCK].chunks_exact(BLOCK / LANES);
+            let xb = x[b * BLOCK..(b + 1) * BLOCK].chunks_exact(BLOCK / LANES);
+            for ((a, wl), xl) in acc.iter_mut().zip(wb).zip(xb) {
+                let s: i32 = wl
+                    .iter()
+                    .zip(xl)
+                    .map(|(&p, &q)| i32::from(p) * i32::from(q))
+                    .sum();
+                *a = (s as f32).mul_add(scale, *a);
+            }
         }
-        *o = acc;
+        *o = hsum_lanes(&acc);
     }
+}
+
+/// `Σ v` in the order of the SIMD horizontal sum: halves, then pairs, then the last two.
+fn hsum_lanes(v: &[f32; LANES]) -> f32 {
+    let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -310,39 +319,42 @@ mod tests {
     use super::super::pseudo_random;
     use super::*;
 
-    /// Every implementation this CPU has gives the same result as the portable loop, for row
-    /// counts that exercise full and partial tiles, and the result is close to the f32
-    /// product.
+    /// Every kernel path this CPU has gives bit for bit the portable loop's result, for row
+    /// counts that exercise full and partial tiles, and the result is close to the f32 product.
     #[test]
     fn kernels_agree_with_the_portable_loop_and_f32() {
         let (out, inp) = (130, 96);
         let w = pseudo_random(out * inp, 1);
         let m = Q8Matrix::quantize(&w, out, inp);
-        for rows in [1, 3, 4, 5, 9] {
-            let x = pseudo_random(rows * inp, rows as u32 + 7);
-            let y = m.matmul(&x, rows);
-            let xq = quantize_rows(&x, rows, inp);
-            for r in 0..rows {
-                for j in 0..out {
-                    let mut scalar = [0f32];
-                    tile_scalar(
-                        &m.qs[j * inp..(j + 1) * inp],
-                        &m.scales[j * 3..(j + 1) * 3],
-                        &xq.qs[r * inp..(r + 1) * inp],
-                        &xq.scales[r * 3..(r + 1) * 3],
-                        inp,
-                        1,
-                        &mut scalar,
-                    );
-                    let got = y[r * out + j];
-                    assert!(
-                        (got - scalar[0]).abs() <= 1e-4 * scalar[0].abs().max(1.0),
-                        "rows {rows} r {r} j {j}: {got} vs {}",
-                        scalar[0]
-                    );
-                    let exact: f32 = (0..inp).map(|k| w[j * inp + k] * x[r * inp + k]).sum();
-                    // Two 8-bit quantizations: error well under 2% of the row norms' product.
-                    assert!((got - exact).abs() < 0.1, "{got} vs exact {exact}");
+        for kernels in CpuKernels::available() {
+            println!("q8 kernels: {kernels}");
+            for rows in [1, 3, 4, 5, 9] {
+                let x = pseudo_random(rows * inp, rows as u32 + 7);
+                let y = matmul_many_on(kernels, &[&m], &x, rows).pop().unwrap();
+                let xq = quantize_rows(&x, rows, inp);
+                for r in 0..rows {
+                    for j in 0..out {
+                        let mut scalar = [0f32];
+                        tile_scalar(
+                            &m.qs[j * inp..(j + 1) * inp],
+                            &m.scales[j * 3..(j + 1) * 3],
+                            &xq.qs[r * inp..(r + 1) * inp],
+                            &xq.scales[r * 3..(r + 1) * 3],
+                            inp,
+                            1,
+                            &mut scalar,
+                        );
+                        let got = y[r * out + j];
+                        assert_eq!(
+                            got.to_bits(),
+                            scalar[0].to_bits(),
+                            "{kernels}: rows {rows} r {r} j {j}: {got} vs {}",
+                            scalar[0]
+                        );
+                        let exact: f32 = (0..inp).map(|k| w[j * inp + k] * x[r * inp + k]).sum();
+                        // Two 8-bit quantizations: error well under 2% of the row norms' product.
+                        assert!((got - exact).abs() < 0.1, "{got} vs exact {exact}");
+                    }
                 }
             }
         }
