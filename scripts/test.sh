@@ -12,6 +12,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "fetch the development model"
 scripts/fetch-model.sh
+step "fetch llama.cpp's tokenizer test vocabularies"
+scripts/fetch-vocabs.sh
 step "python test environment"
 scripts/setup-python.sh
 step "cargo fmt --check"

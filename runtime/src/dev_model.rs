@@ -1,7 +1,8 @@
 //! Where the development model (SmolLM2-135M-Instruct Q4_1 GGUF) lives, for tests and benches.
 //!
 //! `scripts/fetch-model.sh` puts it in `models/`; `TOLLGATE_TEST_MODEL` overrides the path.
-//! Tests that need it fail (never skip) when it is absent, saying how to fetch it.
+//! Tests that need it fail (never skip) when it is absent, saying how to fetch it. The same holds
+//! for llama.cpp's tokenizer test vocabularies (`scripts/fetch-vocabs.sh`).
 
 use std::path::PathBuf;
 
@@ -27,6 +28,33 @@ pub fn require_dev_model() -> crate::Result<PathBuf> {
     } else {
         Err(crate::Error::Config(format!(
             "development model not found at {}; run `scripts/fetch-model.sh` first",
+            path.display()
+        )))
+    }
+}
+
+/// Directory of llama.cpp's tokenizer test vocabularies (`ggml-vocab-NAME.gguf` with their
+/// `.gguf.inp`/`.gguf.out` vectors): `$TOLLGATE_VOCAB_DIR`, else
+/// `${XDG_CACHE_HOME:-~/.cache}/tollgate/llama-vocabs`, where `scripts/fetch-vocabs.sh` puts them.
+pub fn llama_vocab_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOLLGATE_VOCAB_DIR") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("tollgate").join("llama-vocabs")
+}
+
+/// Path of `ggml-vocab-{name}.gguf`, or an error telling how to fetch it when it is missing.
+pub fn require_llama_vocab(name: &str) -> crate::Result<PathBuf> {
+    let path = llama_vocab_dir().join(format!("ggml-vocab-{name}.gguf"));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(crate::Error::Config(format!(
+            "llama.cpp vocabulary not found at {}; run `scripts/fetch-vocabs.sh` first",
             path.display()
         )))
     }

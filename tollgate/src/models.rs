@@ -54,7 +54,23 @@ pub fn load_local(
         anyhow::bail!("model `{}`: a local backend needs a `source`", model.id);
     };
     let started = std::time::Instant::now();
-    let loaded = loader::load(&model.id, &runtime_source(source), &options)?;
+    let mut loaded = loader::load(&model.id, &runtime_source(source), &options)?;
+    // A model declaring more positions (Llama 3.1: 128k) than one sequence's KV fits in the
+    // budget serves the context that fits; longer requests are refused, never admitted.
+    let declared = loaded.model.config().context_length;
+    let served = loaded
+        .model
+        .fit_kv_budget(local.kv_cache_bytes)
+        .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
+    if served < declared {
+        tracing::warn!(
+            model = %model.id,
+            declared,
+            served,
+            kv_cache_bytes = local.kv_cache_bytes,
+            "the KV budget holds fewer tokens than the model's context; serving the shorter context"
+        );
+    }
     tracing::info!(
         model = %model.id,
         device = %local.device,

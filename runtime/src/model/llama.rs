@@ -12,6 +12,7 @@ use candle_nn::rotary_emb::{rope, rope_i};
 
 use super::kv_cache::KvCache;
 use super::linear::Linear;
+use super::rope::rope_tables;
 use super::{LlamaConfig, WeightForm};
 use crate::{Error, Result};
 
@@ -55,20 +56,6 @@ pub struct SeqStep<'a> {
     pub want_logits: bool,
 }
 
-/// RoPE tables for positions `0..context`.
-pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((cfg.context_length, 1))?;
-    let freqs = positions.broadcast_mul(&inv_freq)?;
-    Ok((freqs.cos()?, freqs.sin()?))
-}
-
 impl LlamaModel {
     pub fn config(&self) -> &LlamaConfig {
         &self.config
@@ -93,6 +80,36 @@ impl LlamaModel {
             self.device.clone(),
             self.uses_host_path(),
         )
+    }
+
+    /// Lowers the context to `tokens` (nothing when it is already that short) and rebuilds the
+    /// RoPE tables for it. A model declaring 128k positions serves only as many as its KV budget
+    /// holds: the context it reports is then one a single request can actually use.
+    pub fn limit_context(&mut self, tokens: usize) -> Result<()> {
+        if tokens == 0 {
+            return Err(Error::Config("cannot limit the context to 0 tokens".into()));
+        }
+        if tokens < self.config.context_length {
+            self.config.context_length = tokens;
+            let (cos, sin) = rope_tables(&self.config, &self.device)?;
+            self.cos = cos;
+            self.sin = sin;
+        }
+        Ok(())
+    }
+
+    /// Limits the context to the tokens one sequence's KV cache can hold within `bytes` (the
+    /// engine's KV budget) and returns the context served.
+    pub fn fit_kv_budget(&mut self, bytes: usize) -> Result<usize> {
+        let per_token = self.kv_bytes_per_token().max(1);
+        let fits = bytes / per_token;
+        if fits == 0 {
+            return Err(Error::Config(format!(
+                "a KV budget of {bytes} bytes holds no token (one takes {per_token} bytes)"
+            )));
+        }
+        self.limit_context(fits)?;
+        Ok(self.config.context_length)
     }
 
     /// KV-cache bytes one token takes.

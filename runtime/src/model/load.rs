@@ -14,8 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::linear::Linear;
-use super::llama::{rope_tables, Block, LlamaModel};
-use super::{LlamaConfig, WeightForm};
+use super::llama::{Block, LlamaModel};
+use super::rope::rope_tables;
+use super::{LlamaConfig, RopeScaling, WeightForm};
 use crate::{Error, Result};
 
 fn kv_dtype(device: &Device) -> DType {
@@ -71,6 +72,8 @@ impl LlamaModel {
             .ok_or_else(|| Error::Weights("tensor `token_embd.weight` is missing".into()))?;
         let vocab_size = num("llama.vocab_size").unwrap_or(embd_info.shape.dims()[0]);
         let model_context = num("llama.context_length")?;
+        let rope_theta = float("llama.rope.freq_base").unwrap_or(10_000.0);
+        let rope_scaling = gguf_rope_scaling(content, reader, head_dim)?;
         let config = LlamaConfig {
             vocab_size,
             hidden_size,
@@ -79,10 +82,11 @@ impl LlamaModel {
             n_kv_heads,
             head_dim,
             ffn_size: num("llama.feed_forward_length")?,
-            rope_theta: float("llama.rope.freq_base").unwrap_or(10_000.0),
+            rope_theta,
             rms_eps: f64::from(float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5)),
             context_length: context_override.map_or(model_context, |c| c.min(model_context)),
             rope_interleaved: true,
+            rope_scaling,
         };
         validate(&config)?;
 
@@ -170,18 +174,13 @@ impl LlamaModel {
                 .unwrap_or_else(|| "unknown".into());
             return Err(Error::UnsupportedArchitecture(name));
         }
-        if let Some(scaling) = &hf.rope_scaling {
-            if !scaling.is_null() {
-                return Err(Error::Config(format!(
-                    "{}: rope_scaling {scaling} is not supported yet",
-                    config_path.display()
-                )));
-            }
-        }
         let n_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         let head_dim = hf
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+        let rope_theta = hf.rope_theta.unwrap_or(10_000.0);
+        let rope_scaling = RopeScaling::from_hf(hf.rope_scaling.as_ref(), head_dim, rope_theta)
+            .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
         let config = LlamaConfig {
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
@@ -190,12 +189,13 @@ impl LlamaModel {
             n_kv_heads,
             head_dim,
             ffn_size: hf.intermediate_size,
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rms_eps: hf.rms_norm_eps.unwrap_or(1e-5),
             context_length: context_override.map_or(hf.max_position_embeddings, |c| {
                 c.min(hf.max_position_embeddings)
             }),
             rope_interleaved: false,
+            rope_scaling,
         };
         validate(&config)?;
         let files = safetensors_files(dir)?;
@@ -247,6 +247,44 @@ impl LlamaModel {
             kv_dtype: kv_dtype(device),
         })
     }
+}
+
+/// The RoPE scaling a GGUF file declares: `llama.rope.scaling.type` (`none` or `linear`, with
+/// `llama.rope.scaling.factor`; older files: `llama.rope.scale_linear`) and the per-pair
+/// frequency divisors of the tensor `rope_freqs.weight` (Llama 3.1+ conversions).
+fn gguf_rope_scaling<R: Read + Seek>(
+    content: &Content,
+    reader: &mut R,
+    head_dim: usize,
+) -> Result<RopeScaling> {
+    let md = |key: &str| content.metadata.get(key);
+    let scaling_type = match md("llama.rope.scaling.type") {
+        Some(v) => Some(v.to_string().map_err(|_| Error::Metadata {
+            key: "llama.rope.scaling.type".into(),
+        })?),
+        None => None,
+    };
+    let factor = md("llama.rope.scaling.factor")
+        .or_else(|| md("llama.rope.scale_linear"))
+        .map(|v| {
+            v.to_f32().map_err(|_| Error::Metadata {
+                key: "llama.rope.scaling.factor".into(),
+            })
+        })
+        .transpose()?;
+    let divisors = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let t = content
+            .tensor(reader, "rope_freqs.weight", &Device::Cpu)
+            .map_err(|e| Error::Weights(format!("tensor `rope_freqs.weight`: {e}")))?;
+        Some(
+            t.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        )
+    } else {
+        None
+    };
+    RopeScaling::from_gguf(scaling_type.map(String::as_str), factor, divisors, head_dim)
 }
 
 /// `Auto` stays `Auto` on CPU (block codes) and means f16 elsewhere.

@@ -5,7 +5,7 @@
 //!
 //! Submodules: `cpu` (which SIMD path the kernels run), `linear` (weight forms and their matmuls), `q8` (the int8 kernel), `codes` (the block-code kernel of `auto`), `kv_cache`,
 //! `llama` (the forward pass, candle ops), `host` (the CPU forward pass on plain buffers),
-//! `load` (GGUF and safetensors).
+//! `load` (GGUF and safetensors), `rope` (RoPE frequencies, their scaling and tables).
 
 mod codes;
 pub mod cpu;
@@ -15,12 +15,14 @@ mod linear;
 mod llama;
 mod load;
 mod q8;
+mod rope;
 
 use std::str::FromStr;
 
 pub use cpu::CpuKernels;
 pub use kv_cache::KvCache;
 pub use llama::{LlamaModel, SeqStep};
+pub use rope::{Llama3Scaling, RopeScaling};
 
 use crate::Error;
 
@@ -102,4 +104,6 @@ pub struct LlamaConfig {
     pub context_length: usize,
     /// GGUF permutes Q/K for interleaved RoPE; Hugging Face weights use the half-split form.
     pub rope_interleaved: bool,
+    /// Context-extension scaling of the RoPE frequencies (Llama 3.1's, linear).
+    pub rope_scaling: RopeScaling,
 }
