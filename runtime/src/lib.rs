@@ -14,6 +14,7 @@ pub mod error;
 pub mod loader;
 pub mod model;
 pub mod sampling;
+mod spm;
 pub mod stop;
 pub mod tokenizer;
 

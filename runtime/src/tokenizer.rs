@@ -87,6 +87,9 @@ pub struct ModelTokenizer {
     /// Raw bytes of every token id (byte-level mapping undone), for logprobs and streaming.
     token_bytes: Vec<Vec<u8>>,
     special: Vec<bool>,
+    /// SentencePiece with `add_space_prefix`: [`Self::decode`] drops the space the prefix put
+    /// before the first token, as llama.cpp's detokenizer does.
+    strip_space_prefix: bool,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -148,36 +151,16 @@ fn byte_level_decoder_table() -> HashMap<char, u8> {
 }
 
 impl ModelTokenizer {
-    /// Builds the tokenizer from a GGUF file's metadata.
+    /// Builds the tokenizer from a GGUF file's metadata: byte-level BPE (`tokenizer.ggml.model`
+    /// `gpt2`) or SentencePiece (`llama`, see [`crate::spm`]).
     pub fn from_gguf(content: &Content) -> Result<Self> {
         let model = meta(content, "tokenizer.ggml.model")?
             .to_string()
             .map_err(|_| Error::Metadata {
                 key: "tokenizer.ggml.model".into(),
-            })?;
-        if model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "unsupported GGUF tokenizer model `{model}` (supported: gpt2 byte-level BPE); use the safetensors form with tokenizer.json"
-            )));
-        }
-        let pre = content
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| "default".to_string());
-        let pre_kind = pre_tokenizer_for(&pre).ok_or_else(|| {
-            Error::Tokenizer(format!(
-                "unknown pre-tokenizer `{pre}` in tokenizer.ggml.pre (known: default, gpt2, smollm, starcoder, llama-bpe, llama3, qwen2)"
-            ))
-        })?;
+            })?
+            .clone();
         let tokens = string_list(content, "tokenizer.ggml.tokens")?;
-        let merges = string_list(content, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(Error::Tokenizer(format!("malformed merge `{m}`"))),
-            })
-            .collect::<Result<Vec<_>>>()?;
         let token_types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
@@ -189,18 +172,37 @@ impl ModelTokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| Error::Tokenizer(format!("cannot build BPE: {e}")))?;
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(build_pre_tokenizer(pre_kind)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let (mut inner, space_prefix) = match model.as_str() {
+            "gpt2" => (Self::byte_level_bpe(content, &tokens)?, None),
+            "llama" => {
+                let bad = || Error::Metadata {
+                    key: "tokenizer.ggml.scores".into(),
+                };
+                let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")?
+                    .to_vec()
+                    .map_err(|_| bad())?
+                    .iter()
+                    .map(|v| v.to_f32().map_err(|_| bad()))
+                    .collect::<Result<_>>()?;
+                // llama.cpp's default for SentencePiece vocabularies is to add the prefix.
+                let add_space_prefix = content
+                    .metadata
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(|v| v.to_bool().ok())
+                    .unwrap_or(true);
+                let unk = meta_u32(content, "tokenizer.ggml.unknown_token_id")
+                    .and_then(|id| tokens.get(id as usize))
+                    .map(String::as_str);
+                let inner =
+                    crate::spm::tokenizer(&tokens, &scores, &token_types, unk, add_space_prefix)?;
+                (inner, Some(add_space_prefix))
+            }
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "unsupported GGUF tokenizer model `{other}` (supported: gpt2 byte-level BPE, llama SentencePiece); use the safetensors form with tokenizer.json"
+                )))
+            }
+        };
         // Control (3) and user-defined (4) tokens are matched whole in text, never split.
         let specials: Vec<AddedToken> = tokens
             .iter()
@@ -211,7 +213,64 @@ impl ModelTokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| Error::Tokenizer(format!("cannot add special tokens: {e}")))?;
+        let mut tokenizer = Self::gguf_special_tokens(content, inner, &tokens, &token_types)?;
+        if let Some(prefix) = space_prefix {
+            tokenizer.token_bytes = tokens
+                .iter()
+                .zip(&token_types)
+                .map(|(t, &ty)| crate::spm::token_bytes(t, ty))
+                .collect();
+            tokenizer.strip_space_prefix = prefix;
+        }
+        Ok(tokenizer)
+    }
 
+    /// The byte-level BPE of a `gpt2` GGUF vocabulary with the pre-tokenizer its
+    /// `tokenizer.ggml.pre` names.
+    fn byte_level_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer> {
+        let pre = content
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "default".to_string());
+        let pre_kind = pre_tokenizer_for(&pre).ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "unknown pre-tokenizer `{pre}` in tokenizer.ggml.pre (known: default, gpt2, smollm, starcoder, llama-bpe, llama3, qwen2)"
+            ))
+        })?;
+        let merges = string_list(content, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok((a.to_string(), b.to_string())),
+                None => Err(Error::Tokenizer(format!("malformed merge `{m}`"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        // llama.cpp takes a pre-token that is itself a token whole, without merging, for
+        // these (as Llama 3's tokenizer.json does with `ignore_merges`).
+        let ignore_merges = matches!(pre.as_str(), "llama3" | "llama-v3" | "llama-bpe");
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignore_merges)
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("cannot build BPE: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(build_pre_tokenizer(pre_kind)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        Ok(inner)
+    }
+
+    /// BOS, EOS, stop tokens, `add_bos` and the chat template of a GGUF file.
+    fn gguf_special_tokens(
+        content: &Content,
+        inner: Tokenizer,
+        tokens: &[String],
+        token_types: &[i32],
+    ) -> Result<Self> {
         let name = |id: u32| tokens.get(id as usize).cloned();
         let bos =
             meta_u32(content, "tokenizer.ggml.bos_token_id").and_then(|id| Some((id, name(id)?)));
@@ -342,6 +401,7 @@ impl ModelTokenizer {
             chat_template,
             token_bytes,
             special,
+            strip_space_prefix: false,
         })
     }
 
@@ -363,7 +423,11 @@ impl ModelTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let bytes = self.decode_bytes(ids, skip_special_tokens);
+        let mut bytes = self.decode_bytes(ids, skip_special_tokens);
+        let first_is_text = ids.first().is_some_and(|&id| !self.is_special(id));
+        if self.strip_space_prefix && first_is_text && bytes.first() == Some(&b' ') {
+            bytes.remove(0);
+        }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
