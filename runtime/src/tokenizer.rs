@@ -26,6 +26,9 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2: like Llama 3 but numbers are single digits.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// End-of-turn tokens of the model families, stop tokens whenever a vocabulary has them.
+const FAMILY_STOP_TOKENS: [&str; 4] = ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>"];
+
 /// How a GGUF `tokenizer.ggml.pre` value pre-tokenizes text. Byte-level throughout, never with
 /// a prefix space (the model's text is taken as it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,6 +283,18 @@ impl ModelTokenizer {
             .iter()
             .filter_map(|k| meta_u32(content, &format!("tokenizer.ggml.{k}_token_id")))
             .collect();
+        // The families' end-of-turn tokens, which GGUF files do not always name in metadata
+        // (Llama 3: <|eot_id|> ends a turn, <|eom_id|> a tool call; ChatML <|im_end|>; Phi-3
+        // <|end|>), when the vocabulary has them as control tokens.
+        stop_ids.extend(
+            tokens
+                .iter()
+                .zip(token_types)
+                .enumerate()
+                .filter_map(|(id, (t, &ty))| {
+                    (ty == 3 && FAMILY_STOP_TOKENS.contains(&t.as_str())).then_some(id as u32)
+                }),
+        );
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let add_bos = content

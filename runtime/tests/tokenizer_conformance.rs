@@ -116,3 +116,26 @@ fn unsupported_pre_tokenizers_are_refused_by_name() {
         assert!(err.contains(&format!("`{pre}`")), "{name}: {err}");
     }
 }
+
+/// Stop tokens come from the family: Llama 3 ends a turn with <|eot_id|> whatever the file's
+/// metadata names (its EOS here is <|end_of_text|>); Phi-3 with <|end|>; Llama 2 with </s>.
+/// (llama.cpp's llama-bpe vocabulary is Llama 3.0's: its id 128008, Llama 3.1's <|eom_id|>, is
+/// still a reserved token, so the <|eom_id|> rule is not exercised by these files.)
+#[test]
+fn stop_tokens_come_from_the_family() {
+    let stops = |name: &str| -> Vec<String> {
+        let (tokenizer, _) = tokenizer(name);
+        tokenizer
+            .stop_token_ids()
+            .iter()
+            .map(|&id| tokenizer.inner().id_to_token(id).unwrap())
+            .collect()
+    };
+    assert_eq!(stops("llama-bpe"), ["<|end_of_text|>", "<|eot_id|>"]);
+    assert!(
+        stops("phi-3").iter().any(|s| s == "<|end|>"),
+        "{:?}",
+        stops("phi-3")
+    );
+    assert_eq!(stops("llama-spm"), ["</s>"]);
+}
