@@ -4,7 +4,9 @@
 # which vendors llama.cpp. The sdist (77 MB) is downloaded once into the cache, its SHA-256
 # checked, and only the vocabulary files are extracted, into
 # ${XDG_CACHE_HOME:-~/.cache}/tollgate/llama-vocabs/ (override: TOLLGATE_VOCAB_DIR). Prints that
-# directory. Does nothing when the files are already there.
+# directory. Its chat templates (models/templates/*.jinja, the families' published templates) go
+# to .../tollgate/llama-templates/ (override: TOLLGATE_TEMPLATE_DIR). Does nothing when the files
+# are already there.
 set -euo pipefail
 
 VERSION="0.3.36"
@@ -12,14 +14,15 @@ SDIST="llama_cpp_python-$VERSION.tar.gz"
 SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/tollgate"
 DEST="${TOLLGATE_VOCAB_DIR:-$CACHE/llama-vocabs}"
+TEMPLATES="${TOLLGATE_TEMPLATE_DIR:-$CACHE/llama-templates}"
 STAMP="$DEST/.from-$SDIST"
 
-if [[ -f "$STAMP" ]]; then
+if [[ -f "$STAMP" && -f "$TEMPLATES/.from-$SDIST" ]]; then
     echo "$DEST"
     exit 0
 fi
 
-mkdir -p "$CACHE" "$DEST"
+mkdir -p "$CACHE" "$DEST" "$TEMPLATES"
 check() { echo "$SHA256  $1" | sha256sum --check --status; }
 if [[ ! -f "$CACHE/$SDIST" ]] || ! check "$CACHE/$SDIST"; then
     TMP="$(mktemp -d)"
@@ -38,5 +41,7 @@ if [[ ! -f "$CACHE/$SDIST" ]] || ! check "$CACHE/$SDIST"; then
 fi
 tar -xzf "$CACHE/$SDIST" -C "$DEST" --strip-components=4 --wildcards \
     "llama_cpp_python-$VERSION/vendor/llama.cpp/models/ggml-vocab-*"
-touch "$STAMP"
+tar -xzf "$CACHE/$SDIST" -C "$TEMPLATES" --strip-components=5 --wildcards \
+    "llama_cpp_python-$VERSION/vendor/llama.cpp/models/templates/*.jinja"
+touch "$STAMP" "$TEMPLATES/.from-$SDIST"
 echo "$DEST"

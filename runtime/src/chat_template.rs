@@ -49,6 +49,7 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", |format: String| strftime_now(&format));
+        env.add_filter("tojson", python_tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot compile the chat template: {e}")))?;
         Ok(Self {
@@ -92,6 +93,194 @@ impl ChatTemplate {
                 }
                 _ => Error::Template(format!("cannot render the chat template: {e}")),
             })
+    }
+}
+
+impl ChatTemplate {
+    /// Renders with a whole Jinja context (`messages` with tool calls, `tools`,
+    /// `add_generation_prompt`, `date_string`, ...) given as JSON, plus `bos_token` and
+    /// `eos_token` unless the context sets them.
+    pub fn render_context(&self, context: &serde_json::Value) -> Result<String> {
+        let mut ctx = match context {
+            serde_json::Value::Object(map) => map.clone(),
+            other => {
+                return Err(Error::Template(format!(
+                    "a template context is a JSON object, not {other}"
+                )))
+            }
+        };
+        ctx.entry("bos_token")
+            .or_insert_with(|| self.bos_token.clone().into());
+        ctx.entry("eos_token")
+            .or_insert_with(|| self.eos_token.clone().into());
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        template
+            .render(minijinja::Value::from_serialize(&ctx))
+            .map_err(|e| match e.kind() {
+                ErrorKind::InvalidOperation => {
+                    Error::Template(e.detail().unwrap_or("template error").to_string())
+                }
+                _ => Error::Template(format!("cannot render the chat template: {e}")),
+            })
+    }
+}
+
+/// `tojson` as Hugging Face defines it for chat templates: Python's `json.dumps` with
+/// `ensure_ascii=False` (keys in their given order, `", "` and `": "` separators, or newlines
+/// and `indent` spaces, no HTML escaping), where minijinja's own filter escapes `<>&'` and
+/// drops the spaces.
+fn python_tojson(
+    value: &minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let style = JsonStyle {
+        indent,
+        sort_keys: sort_keys.unwrap_or(false),
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+    };
+    let mut out = String::new();
+    style.write(value, 0, &mut out)?;
+    Ok(out)
+}
+
+struct JsonStyle {
+    indent: Option<usize>,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+impl JsonStyle {
+    fn write(
+        &self,
+        value: &minijinja::Value,
+        level: usize,
+        out: &mut String,
+    ) -> std::result::Result<(), minijinja::Error> {
+        use minijinja::value::ValueKind;
+        match value.kind() {
+            ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+            ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+            ValueKind::Number => {
+                if let Ok(i) = i128::try_from(value.clone()) {
+                    out.push_str(&i.to_string());
+                } else {
+                    let f = f64::try_from(value.clone())?;
+                    out.push_str(&python_float(f));
+                }
+            }
+            ValueKind::String => self.write_str(value.as_str().unwrap_or_default(), out),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<minijinja::Value> = value.try_iter()?.collect();
+                self.write_container('[', ']', items.len(), level, out, |i, out| {
+                    self.write(&items[i], level + 1, out)
+                })?;
+            }
+            ValueKind::Map => {
+                let mut keys: Vec<minijinja::Value> = value.try_iter()?.collect();
+                if self.sort_keys {
+                    keys.sort();
+                }
+                self.write_container('{', '}', keys.len(), level, out, |i, out| {
+                    let key = &keys[i];
+                    match key.as_str() {
+                        Some(k) => self.write_str(k, out),
+                        None => self.write_str(&key.to_string(), out),
+                    }
+                    out.push_str(": ");
+                    self.write(&value.get_item(key)?, level + 1, out)
+                })?;
+            }
+            _ => self.write_str(&value.to_string(), out),
+        }
+        Ok(())
+    }
+
+    fn write_container(
+        &self,
+        open: char,
+        close: char,
+        len: usize,
+        level: usize,
+        out: &mut String,
+        mut item: impl FnMut(usize, &mut String) -> std::result::Result<(), minijinja::Error>,
+    ) -> std::result::Result<(), minijinja::Error> {
+        out.push(open);
+        if len == 0 {
+            out.push(close);
+            return Ok(());
+        }
+        for i in 0..len {
+            match self.indent {
+                Some(n) => {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push('\n');
+                    out.push_str(&" ".repeat(n * (level + 1)));
+                }
+                None if i > 0 => out.push_str(", "),
+                None => {}
+            }
+            item(i, out)?;
+        }
+        if let Some(n) = self.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+        out.push(close);
+        Ok(())
+    }
+
+    fn write_str(&self, s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{08}' => out.push_str("\\b"),
+                '\u{0c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && !c.is_ascii()) => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// Python's `repr` of a float for the values JSON carries (`1.0`, `0.5`, `1e+20`).
+fn python_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    let s = format!("{f:?}");
+    match s.split_once('e') {
+        // Python writes the exponent with a sign and at least two digits.
+        Some((mantissa, exp)) => {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+        None => s,
     }
 }
 
