@@ -67,7 +67,7 @@ const GREEDY_STEPS: usize = 8;
 /// some sums (Tollgate's grouped-query attention stacks the 4 query heads of a KV head as rows
 /// of one matmul where candle repeats the KV head; GGUF's interleaved RoPE pairs other elements
 /// than the half-split one, so q·k sums run in another order) and how the divisors are rounded
-/// (llama.cpp's converter computes them in f64, candle blends frequencies in f32). Logits here
+/// (this test computes the GGUF's in f64, candle blends frequencies in f32). Logits here
 /// spread over several units (standard deviation about 4). Observed on the dev machine over the
 /// 8448-token prompt (17 chunks) and 8 greedy steps: 2.6e-5 (safetensors) and 2.7e-5 (GGUF);
 /// the same weights without the scaling differ by 13.3 and pick other greedy tokens. The bound
@@ -164,8 +164,9 @@ fn config_json(vocab_size: usize, scaled: bool) -> serde_json::Value {
     c
 }
 
-/// The divisors llama.cpp's converter stores as `rope_freqs.weight` for Llama 3.1's scaling
-/// (f32 frequencies, the band arithmetic in f64).
+/// The divisors llama.cpp's converter stores as `rope_freqs.weight` for Llama 3.1's scaling,
+/// written here from its formula (f32 frequencies as the converter takes them; the band
+/// arithmetic, which the converter runs on f32 tensors, in f64).
 fn llama_cpp_rope_freqs() -> Vec<f32> {
     let low_wavelen = ORIGINAL_CONTEXT as f64 / LOW_FREQ_FACTOR;
     let high_wavelen = ORIGINAL_CONTEXT as f64 / HIGH_FREQ_FACTOR;
