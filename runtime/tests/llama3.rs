@@ -640,3 +640,33 @@ fn a_128k_context_fits_the_kv_budget_and_longer_requests_are_refused() {
         "{completion:?}"
     );
 }
+
+/// Max abs logit difference allowed for the CPU host path (`Auto`: 7-bit block codes of the
+/// f32 weights; `Q8_0`) against candle's f32 `llama`: quantization noise, not rounding.
+/// Observed: 0.81 (`Auto`) and 0.48 (`Q8_0`) with identical greedy tokens; the same host path
+/// without the scaling differs by 13.3 (checked to exceed the bound, with other greedy tokens).
+const HOST_PATH_TOL: f32 = 2.0;
+
+/// The host forward pass (the CPU default) reads the same scaled RoPE tables: greedy tokens
+/// identical, logits within quantization noise; without `rope_freqs.weight` it fails.
+#[test]
+fn host_path_applies_the_scaling_too() {
+    let built = build();
+    let prompt = prompt(built);
+    let reference = reference_trace(built, &prompt);
+    for form in [WeightForm::Auto, WeightForm::Q8_0] {
+        let model = load_gguf(&built.gguf, form);
+        let (greedy, worst) = compare(&model, &prompt, reference);
+        eprintln!("gguf {form}: max |logit diff| {worst:.3e}");
+        assert!(worst <= HOST_PATH_TOL, "{form}: {worst} > {HOST_PATH_TOL}");
+        assert_eq!(greedy, reference.greedy, "{form}: greedy tokens");
+    }
+    let unscaled = load_gguf(&built.gguf_unscaled, WeightForm::Auto);
+    let (greedy, worst) = compare(&unscaled, &prompt, reference);
+    eprintln!("gguf auto without rope_freqs: max |logit diff| {worst:.3e}");
+    assert!(
+        worst > HOST_PATH_TOL,
+        "unscaled auto: {worst} <= {HOST_PATH_TOL}"
+    );
+    assert_ne!(greedy, reference.greedy);
+}
