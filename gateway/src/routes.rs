@@ -398,8 +398,48 @@ async fn respond(
 struct ChoiceResult {
     text: String,
     logprobs: Vec<LogprobEntry>,
+    /// Calls by index: id, name, arguments text.
+    tool_calls: Vec<(String, String, String)>,
     finish: Option<FinishReason>,
     usage: Usage,
+}
+
+impl ChoiceResult {
+    /// Adds one streamed part of call `index`.
+    fn on_tool_call(&mut self, index: u32, id: Option<String>, name: Option<String>, args: &str) {
+        let index = index as usize;
+        while self.tool_calls.len() <= index {
+            self.tool_calls.push(Default::default());
+        }
+        let call = &mut self.tool_calls[index];
+        if let Some(id) = id {
+            call.0 = id;
+        }
+        if let Some(name) = name {
+            call.1 = name;
+        }
+        call.2.push_str(args);
+    }
+
+    /// The assistant message in OpenAI's shape: content is null when the answer is calls only.
+    fn message(&self) -> Value {
+        if self.tool_calls.is_empty() {
+            return json!({"role": "assistant", "content": self.text, "refusal": null});
+        }
+        let content = if self.text.trim().is_empty() {
+            Value::Null
+        } else {
+            Value::String(self.text.clone())
+        };
+        let calls: Vec<Value> = self
+            .tool_calls
+            .iter()
+            .map(|(id, name, arguments)| {
+                json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+            })
+            .collect();
+        json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls})
+    }
 }
 
 async fn collect(
@@ -431,6 +471,12 @@ async fn collect(
                 r.text.push_str(&text);
                 r.logprobs.extend(logprobs);
             }
+            Ok(GenerateEvent::ToolCallDelta {
+                index,
+                id,
+                name,
+                arguments,
+            }) => r.on_tool_call(index, id, name, &arguments),
             Ok(GenerateEvent::Finished { reason, usage }) => {
                 r.finish = Some(reason);
                 r.usage = usage;
@@ -461,7 +507,7 @@ async fn collect(
             match kind {
                 Kind::Chat => json!({
                     "index": index,
-                    "message": {"role": "assistant", "content": r.text, "refusal": null},
+                    "message": r.message(),
                     "logprobs": plan.logprobs.map(|_| chat_logprobs(&r.logprobs)),
                     "finish_reason": finish,
                 }),
@@ -600,6 +646,20 @@ fn stream_response(
                         }
                     };
                     yield data(&chunk(choice));
+                }
+                Ok(GenerateEvent::ToolCallDelta { index: call, id, name, arguments }) => {
+                    let mut part = json!({"index": call, "function": {"arguments": arguments}});
+                    if let Some(id) = id {
+                        part["id"] = json!(id);
+                        part["type"] = json!("function");
+                    }
+                    if let Some(name) = name {
+                        part["function"]["name"] = json!(name);
+                    }
+                    yield data(&chunk(json!({
+                        "index": index, "delta": {"tool_calls": [part]},
+                        "logprobs": null, "finish_reason": null,
+                    })));
                 }
                 Ok(GenerateEvent::Finished { reason, usage }) => {
                     completion.on_finished(index, reason, usage);

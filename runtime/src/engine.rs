@@ -11,7 +11,8 @@
 //! 3. builds one batch: one decode token per generating sequence, then prompt chunks of the
 //!    prefilling sequences up to the step's token budget (chunked prefill: a long prompt cannot
 //!    stall everyone's decode),
-//! 4. samples, detokenizes, matches stop strings and streams the deltas back.
+//! 4. samples (only among the tokens a sequence's grammar allows, when it has one),
+//!    detokenizes, matches stop strings and streams the deltas back.
 //!
 //! It does not tokenize prompts (callers do that off the async threads) and knows nothing of
 //! HTTP or billing.
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::constraint::Constraint;
 use crate::detokenize::StreamDecoder;
 use crate::model::{KvCache, LlamaModel, SeqStep};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
@@ -69,6 +71,35 @@ pub struct GenRequest {
     /// Kept equal to the number of tokens generated so far, as they are sampled (also those
     /// the caller has not read yet), so a caller that goes away can bill exactly.
     pub progress: Option<Arc<AtomicUsize>>,
+    /// The grammar the output must follow, if any.
+    pub constraint: Option<GenConstraint>,
+}
+
+/// Compiles the grammar that takes over once a trigger appears: given the text the model wrote
+/// between the start of the token where the trigger begins and the trigger, it returns a
+/// constraint that accepts those tokens and everything the output may still be.
+pub type LateGrammar = Arc<dyn Fn(&str) -> Result<Constraint> + Send + Sync>;
+
+/// How a sequence's output is constrained.
+#[derive(Clone)]
+pub enum GenConstraint {
+    /// From the first generated token (JSON outputs, a forced tool call).
+    Now(Box<Constraint>),
+    /// Free text until the output contains `trigger` (a tool-call marker the model chose to
+    /// write); from then on the grammar `then` builds (the call itself).
+    AfterTrigger { trigger: String, then: LateGrammar },
+}
+
+impl std::fmt::Debug for GenConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Now(c) => f.debug_tuple("Now").field(c).finish(),
+            Self::AfterTrigger { trigger, .. } => f
+                .debug_struct("AfterTrigger")
+                .field("trigger", trigger)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// Log probability of one token, resolved to its text and bytes.
@@ -255,11 +286,14 @@ struct Sequence {
     reply: UnboundedSender<GenEvent>,
     reserved_bytes: usize,
     progress: Option<Arc<AtomicUsize>>,
+    constraint: Option<GenConstraint>,
 }
 
 enum Outcome {
     Continue,
     Finished(StopReason),
+    /// This sequence alone failed (its grammar); the others go on.
+    Failed(String),
 }
 
 struct Worker {
@@ -439,6 +473,7 @@ impl Worker {
                 sampling,
                 stop,
                 progress,
+                constraint,
             } = sub.request;
             let logprobs = sampling.logprobs.is_some();
             let sampler = Sampler::new(sampling, &prompt_ids);
@@ -469,6 +504,7 @@ impl Worker {
                 reserved_bytes: need,
                 prompt: prompt_ids,
                 progress,
+                constraint,
             });
         }
     }
@@ -576,6 +612,12 @@ impl Worker {
             // Remove finished sequences, highest index first so indices stay valid.
             finished.sort_by_key(|f| std::cmp::Reverse(f.0));
             for (i, outcome) in finished {
+                if let Outcome::Failed(message) = outcome {
+                    let seq = self.running.remove(i);
+                    self.reserved_bytes -= seq.reserved_bytes;
+                    let _ = seq.reply.send(GenEvent::Failed { message });
+                    continue;
+                }
                 if let Outcome::Finished(reason) = outcome {
                     // `remove`, not `swap_remove`: admission order is the prefill order.
                     let seq = self.running.remove(i);
@@ -603,14 +645,53 @@ impl Worker {
         Ok(())
     }
 
-    /// Samples the next token of sequence `i` from `logits` and streams its text.
+    /// Samples the next token of sequence `i` from `logits` and streams its text. A grammar
+    /// failure fails this sequence only.
     fn advance(&mut self, i: usize, logits: &mut [f32]) -> Result<Outcome> {
+        match self.advance_inner(i, logits) {
+            Err(Error::Grammar(message)) => {
+                tracing::warn!(error = %message, "constrained sequence failed");
+                Ok(Outcome::Failed(format!("structured output: {message}")))
+            }
+            other => other,
+        }
+    }
+
+    fn advance_inner(&mut self, i: usize, logits: &mut [f32]) -> Result<Outcome> {
         let context = self.model.config().context_length;
         let tokenizer = self.tokenizer.clone();
         let seq = &mut self.running[i];
+        if let Some(GenConstraint::Now(c)) = &mut seq.constraint {
+            c.mask(logits)?;
+        }
         let sampled: Sampled = seq.sampler.sample(logits);
         let token = sampled.token;
         seq.generated.push(token);
+        let mut grammar_done = false;
+        match &mut seq.constraint {
+            Some(GenConstraint::Now(c)) if !tokenizer.stop_token_ids().contains(&token) => {
+                c.commit(token)?;
+                grammar_done = c.is_finished();
+            }
+            Some(GenConstraint::Now(_)) => {}
+            Some(GenConstraint::AfterTrigger { trigger, then }) => {
+                match start_late(&tokenizer, &seq.generated, trigger, then) {
+                    Ok(None) => {}
+                    Ok(Some(c)) => {
+                        grammar_done = c.is_finished();
+                        seq.constraint = Some(GenConstraint::Now(Box::new(c)));
+                    }
+                    // The tokens that carried the marker already left the grammar (the model
+                    // wrote something else right after it): the output stays free text, and
+                    // the caller's parser returns it as text.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "late grammar did not accept the output so far");
+                        seq.constraint = None;
+                    }
+                }
+            }
+            None => {}
+        }
         let logprobs = if seq.logprobs {
             vec![LogprobInfo {
                 chosen: resolve(&tokenizer, token, sampled.logprob),
@@ -643,7 +724,7 @@ impl Worker {
         let mut text = outcome.emit;
         let at_limit = seq.generated.len() >= seq.max_tokens
             || seq.prompt.len() + seq.generated.len() >= context;
-        if at_limit {
+        if at_limit || grammar_done {
             let rest = seq.decoder.finish()?;
             let tail = seq.stop.push(&rest);
             text.push_str(&tail.emit);
@@ -653,11 +734,54 @@ impl Worker {
             }
             text.push_str(&seq.stop.finish());
             send(seq, text, logprobs);
-            return Ok(Outcome::Finished(StopReason::Length));
+            // A complete grammar is a natural end, even on the last allowed token.
+            let reason = if grammar_done {
+                StopReason::Stop
+            } else {
+                StopReason::Length
+            };
+            return Ok(Outcome::Finished(reason));
         }
         send(seq, text, logprobs);
         Ok(Outcome::Continue)
     }
+}
+
+/// When the generated text contains `trigger`, the grammar that takes over from there: built
+/// from the text between the start of the token where the trigger begins and the trigger, and
+/// advanced through the tokens from that one on. `None` while the trigger has not appeared.
+fn start_late(
+    tokenizer: &ModelTokenizer,
+    generated: &[u32],
+    trigger: &str,
+    then: &LateGrammar,
+) -> Result<Option<Constraint>> {
+    let bytes = tokenizer.decode_bytes(generated, false);
+    let Some(at) = find(&bytes, trigger.as_bytes()) else {
+        return Ok(None);
+    };
+    // The token where the trigger begins, and where that token begins.
+    let (mut first, mut start) = (0, 0);
+    for (k, &t) in generated.iter().enumerate() {
+        let len = tokenizer.token_bytes(t).len();
+        if start + len > at {
+            first = k;
+            break;
+        }
+        start += len;
+    }
+    let before = String::from_utf8_lossy(&bytes[start..at]);
+    let mut c = then(&before)?;
+    c.commit_all(&generated[first..])?;
+    Ok(Some(c))
+}
+
+/// The first position of `needle` in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || haystack.len() < needle.len() {
+        return None;
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn send(seq: &Sequence, text: String, logprobs: Vec<LogprobInfo>) {

@@ -6,6 +6,7 @@
 //! gateway's backend trait.
 
 pub mod chat_template;
+pub mod constraint;
 pub mod detokenize;
 pub mod dev_model;
 pub mod device;
@@ -16,5 +17,6 @@ pub mod model;
 pub mod sampling;
 pub mod stop;
 pub mod tokenizer;
+pub mod tools;
 
 pub use error::{Error, Result};

@@ -1,18 +1,25 @@
 //! The engine on the development model: a prompt that shares a prefix with a finished one
-//! starts from the prefix cache, and its greedy output is the same as without the cache.
+//! starts from the prefix cache, and its greedy output is the same as without the cache; a
+//! constrained sequence and an unconstrained one batched together each produce what they
+//! produce alone, and the constrained one is valid JSON for its schema.
 //!
 //! Fails (never skips) when the dev model is missing: run `scripts/fetch-model.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
 use tollgate_runtime::dev_model::require_dev_model;
-use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
+
+use tollgate_runtime::constraint::{ConstraintCompiler, Grammar};
+use tollgate_runtime::engine::{Engine, EngineConfig, GenConstraint, GenEvent, GenRequest};
 use tollgate_runtime::loader::{load, LoadOptions, ModelSource};
 use tollgate_runtime::model::WeightForm;
 use tollgate_runtime::sampling::SamplingParams;
 
-fn engine(prefix_cache_bytes: usize) -> (Engine, tollgate_runtime::tokenizer::ModelTokenizer) {
+type Tokenizer = Arc<tollgate_runtime::tokenizer::ModelTokenizer>;
+
+fn engine(prefix_cache_bytes: usize) -> (Engine, Tokenizer) {
     let source = ModelSource::Path(require_dev_model().expect("run scripts/fetch-model.sh"));
     let options = LoadOptions {
         device: "cpu".into(),
@@ -20,7 +27,7 @@ fn engine(prefix_cache_bytes: usize) -> (Engine, tollgate_runtime::tokenizer::Mo
         context_length: Some(2048),
     };
     let loaded = load("dev", &source, &options).unwrap();
-    let tokenizer = (*loaded.tokenizer).clone();
+    let tokenizer = loaded.tokenizer.clone();
     let config = EngineConfig {
         prefix_cache_bytes,
         ..EngineConfig::default()
@@ -31,20 +38,22 @@ fn engine(prefix_cache_bytes: usize) -> (Engine, tollgate_runtime::tokenizer::Mo
     )
 }
 
-/// Greedy text of `prompt_ids`, `max_tokens` at most.
-fn generate(engine: &Engine, prompt_ids: &[u32], max_tokens: usize) -> String {
-    let mut events = engine
-        .submit(GenRequest {
-            prompt_ids: prompt_ids.to_vec(),
-            max_tokens,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            stop: Vec::new(),
-            progress: None,
-        })
-        .unwrap();
+fn request(prompt_ids: &[u32], max_tokens: usize, constraint: Option<GenConstraint>) -> GenRequest {
+    GenRequest {
+        prompt_ids: prompt_ids.to_vec(),
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        stop: Vec::new(),
+        progress: None,
+        constraint,
+    }
+}
+
+/// Collects one sequence's text.
+fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<GenEvent>) -> String {
     let mut text = String::new();
     while let Some(event) = events.blocking_recv() {
         match event {
@@ -54,6 +63,77 @@ fn generate(engine: &Engine, prompt_ids: &[u32], max_tokens: usize) -> String {
         }
     }
     panic!("the engine stopped without finishing the sequence");
+}
+
+/// Greedy text of `prompt_ids`, `max_tokens` at most.
+fn generate(engine: &Engine, prompt_ids: &[u32], max_tokens: usize) -> String {
+    collect(
+        engine
+            .submit(request(prompt_ids, max_tokens, None))
+            .unwrap(),
+    )
+}
+
+fn chat(tokenizer: &Tokenizer, question: &str) -> Vec<u32> {
+    let text = format!(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    );
+    tokenizer.encode(&text, false).unwrap()
+}
+
+#[test]
+fn constrained_and_unconstrained_sequences_batched_keep_their_alone_outputs() {
+    let (engine, tokenizer) = engine(0);
+    let compiler = ConstraintCompiler::new(tokenizer.clone(), 49152).unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": false,
+    });
+    let grammar = Grammar::JsonSchema {
+        schema: schema.clone(),
+        param: "schema".into(),
+    };
+    let constrained = || {
+        Some(GenConstraint::Now(Box::new(
+            compiler.compile(&grammar).unwrap(),
+        )))
+    };
+    let person = chat(&tokenizer, "Describe a baker from Lyon.");
+    let france = chat(&tokenizer, "What is the capital of France?");
+
+    let json_alone = collect(engine.submit(request(&person, 60, constrained())).unwrap());
+    let free_alone = generate(&engine, &france, 30);
+    let free_on_person = generate(&engine, &person, 30);
+    let value: serde_json::Value = serde_json::from_str(&json_alone).unwrap();
+    assert!(
+        value["name"].is_string() && value["age"].is_u64(),
+        "{json_alone}"
+    );
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&free_on_person).is_err(),
+        "unconstrained, the model does not write this JSON: {free_on_person}"
+    );
+
+    // Submitted together, they share every step's batch.
+    let receivers: Vec<_> = (0..6)
+        .map(|i| {
+            let r = if i % 2 == 0 {
+                request(&person, 60, constrained())
+            } else {
+                request(&france, 30, None)
+            };
+            engine.submit(r).unwrap()
+        })
+        .collect();
+    for (i, events) in receivers.into_iter().enumerate() {
+        let want = if i % 2 == 0 { &json_alone } else { &free_alone };
+        assert_eq!(&collect(events), want, "sequence {i}");
+    }
 }
 
 #[test]
