@@ -45,6 +45,7 @@ struct RawServer {
     max_body_bytes: Option<usize>,
     max_n: Option<u32>,
     shutdown_timeout_secs: Option<u64>,
+    response_retention_days: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +108,8 @@ pub struct ServerConfig {
     pub max_n: u32,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// How long stored Responses API objects are kept.
+    pub response_retention: Duration,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +118,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             max_n: 8,
             shutdown_timeout: Duration::from_secs(30),
+            response_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -201,6 +205,12 @@ impl Config {
                 .server
                 .shutdown_timeout_secs
                 .map_or(defaults.shutdown_timeout, Duration::from_secs),
+            response_retention: raw
+                .server
+                .response_retention_days
+                .map_or(defaults.response_retention, |d| {
+                    Duration::from_secs(u64::from(d) * 86_400)
+                }),
         };
         let mut models = BTreeMap::new();
         for (id, m) in raw.models {

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod money;
 pub mod openai;
+mod responses;
 mod routes;
 pub mod shared_limits;
 pub mod store;
@@ -155,6 +156,15 @@ fn v1(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{id}", get(routes::get_model))
         .route(

@@ -33,7 +33,7 @@ enum Kind {
     Text,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -43,7 +43,7 @@ fn now_secs() -> u64 {
 /// Accounts one request exactly once, whether it completed, failed, or the client went away
 /// (dropping the response drops the backend streams, which cancels them): metrics, the
 /// settlement of its rate-limit and budget reservations, and its usage record.
-struct Completion {
+pub(crate) struct Completion {
     state: AppState,
     caller: Caller,
     model: String,
@@ -74,7 +74,7 @@ struct Completion {
 }
 
 impl Completion {
-    fn completion_tokens(&self) -> u32 {
+    pub(crate) fn completion_tokens(&self) -> u32 {
         self.generated
             .iter()
             .zip(&self.progress)
@@ -86,7 +86,7 @@ impl Completion {
     }
 
     /// Prompt tokens, once per distinct prompt: as the backend reported them, else as prepared.
-    fn prompt_tokens(&self) -> u32 {
+    pub(crate) fn prompt_tokens(&self) -> u32 {
         self.prompts
             .chunks(self.per_prompt.max(1))
             .zip(self.prompts_reported.chunks(self.per_prompt.max(1)))
@@ -105,12 +105,12 @@ impl Completion {
         self.outcome = outcome;
     }
 
-    fn on_delta(&mut self, choice: usize, completion_tokens: u32) {
+    pub(crate) fn on_delta(&mut self, choice: usize, completion_tokens: u32) {
         self.first_token.get_or_insert_with(Instant::now);
         self.generated[choice] = self.generated[choice].max(completion_tokens);
     }
 
-    fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
+    pub(crate) fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
         self.generated[choice] = usage.completion_tokens;
         self.prompts_reported[choice] = Some(usage.prompt_tokens);
         if choice == 0 || self.finish.is_none() {
@@ -168,7 +168,7 @@ impl Completion {
     }
 
     /// Writes the record durably before the client sees the end of the response.
-    async fn commit(&mut self, outcome: &'static str) {
+    pub(crate) async fn commit(&mut self, outcome: &'static str) {
         self.finish(outcome);
         if let Some(record) = self.settle() {
             if let Some(ledger) = &self.state.ledger {
@@ -237,7 +237,7 @@ impl Drop for Completion {
     }
 }
 
-fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
+pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
     state
         .backends
         .get(model)
@@ -311,14 +311,24 @@ async fn admit(
     Ok((Some(tokens), budget))
 }
 
-async fn respond(
-    state: AppState,
-    id: RequestId,
+/// A request admitted and started: its backend streams (one per choice) and the guard that
+/// accounts it.
+pub(crate) struct Started {
+    pub streams: Vec<EventStream>,
+    pub completion: Completion,
+}
+
+/// Checks the key may use the model, admits the request against its rate limits and budget
+/// (with the prompts' real token counts), and starts every choice. Every billed endpoint
+/// goes through here and its [`Completion`].
+pub(crate) async fn start(
+    state: &AppState,
+    id: &RequestId,
     caller: Caller,
-    plan: Plan,
-    kind: Kind,
-) -> Result<Response, ApiError> {
-    let backend = backend_for(&state, &plan.model)?;
+    plan: &Plan,
+    endpoint: &'static str,
+) -> Result<Started, ApiError> {
+    let backend = backend_for(state, &plan.model)?;
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
     }
@@ -341,7 +351,7 @@ async fn respond(
     let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
     let t = Instant::now();
     let (tokens_hold, budget_hold) =
-        admit(&state, &id.0, &caller, prompt_tokens, max_output, &price).await?;
+        admit(state, &id.0, &caller, prompt_tokens, max_output, &price).await?;
     admit_time += t.elapsed();
     state
         .metrics
@@ -352,10 +362,7 @@ async fn respond(
         state: state.clone(),
         caller,
         model: plan.model.clone(),
-        endpoint: match kind {
-            Kind::Chat => "/v1/chat/completions",
-            Kind::Text => "/v1/completions",
-        },
+        endpoint,
         stream: plan.stream,
         price,
         request_id: id.0.clone(),
@@ -383,6 +390,27 @@ async fn respond(
             }
         }
     }
+    Ok(Started {
+        streams,
+        completion,
+    })
+}
+
+async fn respond(
+    state: AppState,
+    id: RequestId,
+    caller: Caller,
+    plan: Plan,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let endpoint = match kind {
+        Kind::Chat => "/v1/chat/completions",
+        Kind::Text => "/v1/completions",
+    };
+    let Started {
+        streams,
+        completion,
+    } = start(&state, &id, caller, &plan, endpoint).await?;
     let label = ModelLabel(plan.model.clone());
     let mut response = if plan.stream {
         stream_response(streams, plan, kind, id, completion).into_response()
