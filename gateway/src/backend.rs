@@ -163,6 +163,10 @@ pub struct GenerateRequest {
     /// Functions the model may call (chat only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<ToolsRequest>,
+    /// The customer, for backends that share a model fairly between customers; set by the
+    /// gateway after authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
 }
 
 /// Log probability of one token, with its text and bytes as OpenAI reports them.

@@ -56,6 +56,7 @@ struct RawModel {
     context_length: Option<u32>,
     owned_by: Option<String>,
     price: Option<RawPrice>,
+    max_sequences_per_customer: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +134,8 @@ pub struct ModelConfig {
     pub context_length: Option<u32>,
     pub owned_by: String,
     pub price: Price,
+    /// Sequences one customer may have in flight on this model (429 beyond).
+    pub max_sequences_per_customer: Option<u32>,
 }
 
 /// Where a model's files are.
@@ -328,6 +331,10 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
         context_length: m.context_length,
         owned_by: m.owned_by.unwrap_or_else(|| "tollgate".into()),
         price,
+        max_sequences_per_customer: match m.max_sequences_per_customer {
+            Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
+            other => other,
+        },
     })
 }
 

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod billing;
+pub mod concurrency;
 pub mod config;
 pub mod error;
 pub mod ledger;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub limiter: Limiter,
     /// `TOLLGATE_ADMIN_TOKEN`; the admin API is off without it.
     pub admin_token: Option<Arc<str>>,
+    /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
+    pub inflight: Arc<concurrency::InFlight>,
 }
 
 impl AppState {
@@ -85,6 +88,7 @@ impl AppState {
             ledger: None,
             limiter: Limiter::default(),
             admin_token: None,
+            inflight: Arc::default(),
         })
     }
 

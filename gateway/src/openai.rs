@@ -350,6 +350,7 @@ fn fan_out(
                 params,
                 response_format: output.response_format.clone(),
                 tools: output.tools.clone(),
+                customer: None,
             });
         }
     }

@@ -71,6 +71,8 @@ pub(crate) struct Completion {
     budget_hold: Option<BudgetHold>,
     /// The record was written (or the request never reached a model).
     settled: bool,
+    /// The customer's concurrency slots on this model, held until the request ends.
+    _slots: Option<crate::concurrency::Slots>,
 }
 
 impl Completion {
@@ -332,12 +334,28 @@ pub(crate) async fn start(
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
     }
+    let cap = state
+        .config
+        .models
+        .get(&plan.model)
+        .and_then(|m| m.max_sequences_per_customer);
+    let slots = match cap {
+        Some(limit) => Some(state.inflight.acquire(
+            &caller.customer_id,
+            &plan.model,
+            plan.choices.len(),
+            limit,
+        )?),
+        None => None,
+    };
     let t = Instant::now();
     state.limiter.admit_request(&caller.limits).await?;
     let mut admit_time = t.elapsed();
     let mut prepared = Vec::with_capacity(plan.choices.len());
     for request in &plan.choices {
-        prepared.push(backend.prepare(request.clone()).await?);
+        let mut request = request.clone();
+        request.customer = Some(caller.customer_id.clone());
+        prepared.push(backend.prepare(request).await?);
     }
     let price = state
         .config
@@ -379,6 +397,7 @@ pub(crate) async fn start(
         tokens_hold,
         budget_hold,
         settled: false,
+        _slots: slots,
     };
     let mut streams = Vec::with_capacity(prepared.len());
     for p in prepared {

@@ -4,11 +4,16 @@
 //! Requests arrive through a bounded queue (a full queue is an immediate [`Error::QueueFull`]),
 //! each with its own reply channel. Every step the scheduler
 //! 1. drops sequences whose client went away (their KV memory is freed in the same step),
-//! 2. admits waiting sequences while the KV-cache budget allows (a sequence reserves the KV
+//! 2. admits waiting sequences in weighted-fair order between tenants (customers; [`crate::fair`])
+//!    while the KV-cache budget allows (a sequence reserves the KV
 //!    memory of its prompt plus its `max_tokens`, so a running sequence never runs out); a
 //!    prompt that shares a prefix with a recently finished one starts from a copy of that
 //!    prompt's KV (the prefix cache, bounded in bytes) instead of prefilling it again,
-//! 3. builds one batch: one decode token per generating sequence, then prompt chunks of the
+//!    Beyond `max_running`, only a tenant below its fair share of the batch is admitted, so a
+//!    burst from one customer cannot make another wait for a free slot,
+//! 3. builds one batch of at most `max_running` sequences, each tenant getting its weighted
+//!    max-min fair share (a lone tenant gets every slot; a tenant over its share takes turns):
+//!    one decode token per generating sequence, then prompt chunks of the
 //!    prefilling sequences up to the step's token budget (chunked prefill: a long prompt cannot
 //!    stall everyone's decode),
 //! 4. samples (only among the tokens a sequence's grammar allows, when it has one),
@@ -27,6 +32,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::constraint::Constraint;
 use crate::detokenize::StreamDecoder;
+use crate::fair::{shares, FairQueue, Tenant};
 use crate::model::{KvCache, LlamaModel, SeqStep};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
@@ -73,6 +79,17 @@ pub struct GenRequest {
     pub progress: Option<Arc<AtomicUsize>>,
     /// The grammar the output must follow, if any.
     pub constraint: Option<GenConstraint>,
+    /// Who asked (the customer) and their scheduling weight; `None` shares one anonymous
+    /// tenant.
+    pub tenant: Option<Tenancy>,
+}
+
+/// A request's tenant for fair scheduling.
+#[derive(Debug, Clone)]
+pub struct Tenancy {
+    pub name: Tenant,
+    /// Relative share of the engine when tenants compete (1 = equal).
+    pub weight: u32,
 }
 
 /// Compiles the grammar that takes over once a trigger appears: given the text the model wrote
@@ -196,8 +213,9 @@ impl Engine {
             config: config.clone(),
             incoming,
             stats: stats.clone(),
-            waiting: VecDeque::new(),
+            waiting: FairQueue::new(),
             running: Vec::new(),
+            steps: 0,
             reserved_bytes: 0,
             prefixes: PrefixCache::new(config.prefix_cache_bytes),
         };
@@ -287,6 +305,11 @@ struct Sequence {
     reserved_bytes: usize,
     progress: Option<Arc<AtomicUsize>>,
     constraint: Option<GenConstraint>,
+    tenant: Tenant,
+    weight: u32,
+    /// The last step this sequence ran in (the least recent goes first when its tenant is
+    /// over its share of the batch).
+    last_step: u64,
 }
 
 enum Outcome {
@@ -302,8 +325,10 @@ struct Worker {
     config: EngineConfig,
     incoming: Receiver<Submission>,
     stats: Arc<EngineStats>,
-    waiting: VecDeque<Submission>,
+    waiting: FairQueue<Submission>,
     running: Vec<Sequence>,
+    /// Steps run so far.
+    steps: u64,
     reserved_bytes: usize,
     prefixes: PrefixCache,
 }
@@ -414,7 +439,7 @@ impl Worker {
             loop {
                 match self.incoming.recv_timeout(Duration::from_millis(500)) {
                     Ok(sub) => {
-                        self.waiting.push_back(sub);
+                        self.enqueue(sub);
                         break;
                     }
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -423,7 +448,7 @@ impl Worker {
             }
         }
         while let Ok(sub) = self.incoming.try_recv() {
-            self.waiting.push_back(sub);
+            self.enqueue(sub);
         }
         true
     }
@@ -445,27 +470,50 @@ impl Worker {
                 "dropped sequences whose client went away"
             );
         }
-        let dropped_waiting = self.waiting.len();
-        self.waiting.retain(|sub| !sub.reply.is_closed());
-        let gone = dropped_waiting - self.waiting.len();
+        let gone = self.waiting.retain(|sub| !sub.reply.is_closed());
         if gone > 0 {
             self.stats.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
         }
     }
 
+    /// Queues a submission under its tenant, costed by the tokens it may take.
+    fn enqueue(&mut self, sub: Submission) {
+        let (tenant, weight) = tenancy(&sub.request);
+        let cost = (sub.request.prompt_ids.len() + sub.request.max_tokens) as f64;
+        self.waiting.push(tenant, weight, cost, sub);
+    }
+
+    /// Whether `tenant` may be admitted while the batch is full: it has fewer running
+    /// sequences than its fair share of the batch, and the running set stays bounded.
+    fn under_share(&self, tenant: &Tenant, weight: u32) -> bool {
+        if self.running.len() >= 2 * self.config.max_running {
+            return false;
+        }
+        let demand = tenant_demand(&self.running, Some((tenant, weight)));
+        let slots = shares(&demand, self.config.max_running);
+        demand
+            .iter()
+            .zip(&slots)
+            .any(|((t, _, running), &slot)| t == tenant && *running <= slot)
+    }
+
     fn admit(&mut self) {
         let per_token = self.model.kv_bytes_per_token();
-        while self.running.len() < self.config.max_running {
-            let Some(front) = self.waiting.front() else {
-                break;
-            };
+        while let Some((tenant, front)) = self.waiting.peek() {
+            if self.running.len() >= self.config.max_running {
+                let (_, weight) = tenancy(&front.request);
+                if !self.under_share(&tenant.clone(), weight) {
+                    break;
+                }
+            }
             let need = (front.request.prompt_ids.len() + front.request.max_tokens) * per_token;
             if self.reserved_bytes + need > self.config.kv_cache_bytes {
                 break;
             }
-            let Some(sub) = self.waiting.pop_front() else {
+            let Some((tenant, sub)) = self.waiting.pop() else {
                 break;
             };
+            let weight = tenancy(&sub.request).1;
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             let GenRequest {
                 prompt_ids,
@@ -474,6 +522,7 @@ impl Worker {
                 stop,
                 progress,
                 constraint,
+                tenant: _,
             } = sub.request;
             let logprobs = sampling.logprobs.is_some();
             let sampler = Sampler::new(sampling, &prompt_ids);
@@ -505,6 +554,9 @@ impl Worker {
                 prompt: prompt_ids,
                 progress,
                 constraint,
+                tenant,
+                weight,
+                last_step: 0,
             });
         }
     }
@@ -521,12 +573,39 @@ impl Worker {
             .store(self.prefixes.bytes as u64, Ordering::Relaxed);
     }
 
+    /// Which running sequences take part in this step: all of them while they fit the
+    /// batch; else each tenant's fair share, its least recently run sequences first.
+    fn choose(&self) -> Vec<bool> {
+        let n = self.running.len();
+        if n <= self.config.max_running {
+            return vec![true; n];
+        }
+        let demand = tenant_demand(&self.running, None);
+        let slots = shares(&demand, self.config.max_running);
+        let mut chosen = vec![false; n];
+        for ((tenant, _, _), &slot) in demand.iter().zip(&slots) {
+            let mut mine: Vec<usize> = (0..n)
+                .filter(|&i| &self.running[i].tenant == tenant)
+                .collect();
+            mine.sort_by_key(|&i| (self.running[i].last_step, i));
+            for &i in mine.iter().take(slot) {
+                chosen[i] = true;
+            }
+        }
+        chosen
+    }
+
     /// One forward pass over the running sequences, then sampling and streaming.
     fn step(&mut self) -> Result<()> {
         let mut budget = self.config.max_batch_tokens.max(1);
+        self.steps += 1;
+        let chosen = self.choose();
         // Decode tokens first (one each), then prompt chunks in admission order.
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq index, start, len) of input
         for (i, seq) in self.running.iter().enumerate() {
+            if !chosen[i] {
+                continue;
+            }
             if seq.prefilled == seq.prompt.len() && budget > 0 {
                 plan.push((i, 0, 1));
                 budget -= 1;
@@ -534,13 +613,16 @@ impl Worker {
         }
         for (i, seq) in self.running.iter().enumerate() {
             let left = seq.prompt.len() - seq.prefilled;
-            if left > 0 && budget > 0 {
+            if chosen[i] && left > 0 && budget > 0 {
                 let len = left.min(budget);
                 plan.push((i, seq.prefilled, len));
                 budget -= len;
             }
         }
         plan.sort_by_key(|p| p.0);
+        for &(i, _, _) in &plan {
+            self.running[i].last_step = self.steps;
+        }
 
         let mut prefill_tokens = 0usize;
         let mut decode_tokens = 0usize;
@@ -745,6 +827,28 @@ impl Worker {
         send(seq, text, logprobs);
         Ok(Outcome::Continue)
     }
+}
+
+/// A request's tenant and weight (requests without one share the anonymous tenant).
+fn tenancy(request: &GenRequest) -> (Tenant, u32) {
+    match &request.tenant {
+        Some(t) => (t.name.clone(), t.weight.max(1)),
+        None => (Tenant::from(""), 1),
+    }
+}
+
+/// `(tenant, weight, running sequences)` of the running set, in first-seen order, with
+/// `extra` counted as one more sequence of its tenant.
+fn tenant_demand(running: &[Sequence], extra: Option<(&Tenant, u32)>) -> Vec<(Tenant, u32, usize)> {
+    let mut demand: Vec<(Tenant, u32, usize)> = Vec::new();
+    let entries = running.iter().map(|s| (&s.tenant, s.weight)).chain(extra);
+    for (tenant, weight) in entries {
+        match demand.iter_mut().find(|(t, _, _)| t == tenant) {
+            Some(entry) => entry.2 += 1,
+            None => demand.push((tenant.clone(), weight, 1)),
+        }
+    }
+    demand
 }
 
 /// When the generated text contains `trigger`, the grammar that takes over from there: built

@@ -12,6 +12,7 @@ pub mod dev_model;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod fair;
 pub mod loader;
 pub mod model;
 pub mod sampling;

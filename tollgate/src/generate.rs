@@ -86,6 +86,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop: Vec::new(),
         progress: None,
         constraint: None,
+        tenant: None,
     })?;
 
     let started = Instant::now();

@@ -21,7 +21,7 @@ use tollgate_gateway::backend::{
 };
 use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::constraint::{check_schema, ConstraintCompiler, Grammar};
-use tollgate_runtime::engine::{Engine, GenConstraint, GenEvent, GenRequest, StopReason};
+use tollgate_runtime::engine::{Engine, GenConstraint, GenEvent, GenRequest, StopReason, Tenancy};
 use tollgate_runtime::loader::LoadedModel;
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::tokenizer::ModelTokenizer;
@@ -320,6 +320,11 @@ impl Backend for LocalBackend {
         .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
         .map_err(backend_error)?;
         let constraint = self.constraint(&request).map_err(backend_error)?;
+        // Customers share the engine fairly (weighted fair queueing between them).
+        let tenant = request.customer.as_ref().map(|c| Tenancy {
+            name: Arc::from(c.as_str()),
+            weight: 1,
+        });
         let shape = Shape {
             parse_calls: request.tools.is_some(),
             named: matches!(
@@ -357,6 +362,7 @@ impl Backend for LocalBackend {
                     stop,
                     progress: Some(engine_progress),
                     constraint,
+                    tenant,
                 })
                 .map_err(backend_error)?;
             Ok(events(receiver, prompt_tokens, shape))
