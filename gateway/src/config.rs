@@ -46,6 +46,8 @@ struct RawServer {
     max_n: Option<u32>,
     shutdown_timeout_secs: Option<u64>,
     response_retention_days: Option<u32>,
+    header_read_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +113,11 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// How long stored Responses API objects are kept.
     pub response_retention: Duration,
+    /// A connection must send a whole request head within this long of being ready for one
+    /// (new or idle keep-alive connections alike), else it is closed.
+    pub header_read_timeout: Duration,
+    /// Connections open at once per listener; beyond, new ones are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +127,8 @@ impl Default for ServerConfig {
             max_n: 8,
             shutdown_timeout: Duration::from_secs(30),
             response_retention: Duration::from_secs(30 * 86_400),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 2048,
         }
     }
 }
@@ -214,6 +223,17 @@ impl Config {
                 .map_or(defaults.response_retention, |d| {
                     Duration::from_secs(u64::from(d) * 86_400)
                 }),
+            header_read_timeout: raw
+                .server
+                .header_read_timeout_secs
+                .map_or(defaults.header_read_timeout, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+            max_connections: raw
+                .server
+                .max_connections
+                .unwrap_or(defaults.max_connections)
+                .max(1),
         };
         let mut models = BTreeMap::new();
         for (id, m) in raw.models {
