@@ -9,6 +9,11 @@ not send usage, content chunks are counted instead.
 
     bench/load.py --base-url http://127.0.0.1:8080/v1 --api-key KEY --model smollm2-135m \
         --levels 1,4,8,16 --requests 32 --max-tokens 128 --json out.json --svg out.svg
+
+Tenant fairness (two customers' keys; A keeps 32 streams open, B sends short requests):
+
+    bench/load.py --base-url ... --model smollm2-135m --two-tenants --api-key-a KA --api-key-b KB \
+        [--a-streams 32] [--b-tokens 16] [--duration 40]
 """
 
 import argparse
@@ -140,6 +145,71 @@ async def run_level(args, concurrency):
     }
 
 
+async def two_tenants(args, with_a, with_b):
+    """Customer A keeps `--a-streams` streams of `--max-tokens` open for `--duration` seconds
+    while customer B sends `--b-tokens`-token requests one at a time; returns A's aggregate
+    tok/s and B's TTFTs."""
+    def client(key):
+        return httpx.AsyncClient(base_url=args.base_url, headers={"Authorization": f"Bearer {key}"},
+                                 timeout=600, limits=httpx.Limits(max_connections=args.a_streams + 4))
+
+    stop_at = time.perf_counter() + args.duration
+    a_tokens, b_ttft, errors = [0], [], []
+
+    async def a_stream(c, i):
+        while time.perf_counter() < stop_at:
+            try:
+                r = await one_request(c, args, i, False)
+                a_tokens[0] += r["tokens"]
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
+
+    async def b_loop(c):
+        b_args = argparse.Namespace(**{**vars(args), "max_tokens": args.b_tokens})
+        i = 0
+        while time.perf_counter() < stop_at:
+            try:
+                b_ttft.append((await one_request(c, b_args, i, True))["ttft"])
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
+            i += 1
+
+    async with client(args.api_key_a) as ca, client(args.api_key_b) as cb:
+        start = time.perf_counter()
+        tasks = []
+        if with_a:
+            tasks += [a_stream(ca, i) for i in range(args.a_streams)]
+        if with_b:
+            tasks.append(b_loop(cb))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    return {
+        "a_tok_per_s": a_tokens[0] / wall if with_a else None,
+        "b_requests": len(b_ttft),
+        "b_ttft_p50_ms": pct(b_ttft, 0.5) * 1e3,
+        "b_ttft_p99_ms": pct(b_ttft, 0.99) * 1e3,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
+
+
+def run_two_tenants(args):
+    b_alone = asyncio.run(two_tenants(args, with_a=False, with_b=True))
+    a_alone = asyncio.run(two_tenants(args, with_a=True, with_b=False))
+    both = asyncio.run(two_tenants(args, with_a=True, with_b=True))
+    print(f"{args.label} B alone: TTFT p50/p99 {b_alone['b_ttft_p50_ms']:.0f}/{b_alone['b_ttft_p99_ms']:.0f} ms "
+          f"({b_alone['b_requests']} requests)")
+    print(f"{args.label} A alone ({args.a_streams} streams): {a_alone['a_tok_per_s']:.1f} tok/s")
+    print(f"{args.label} A + B: A {both['a_tok_per_s']:.1f} tok/s "
+          f"({both['a_tok_per_s'] / a_alone['a_tok_per_s']:.2f} of alone), "
+          f"B TTFT p50/p99 {both['b_ttft_p50_ms']:.0f}/{both['b_ttft_p99_ms']:.0f} ms "
+          f"({both['b_ttft_p99_ms'] / b_alone['b_ttft_p99_ms']:.2f}x its p99 alone, {both['b_requests']} requests), "
+          f"errors {both['errors'] + a_alone['errors'] + b_alone['errors']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"label": args.label, "b_alone": b_alone, "a_alone": a_alone, "both": both}, f, indent=2)
+
+
 def svg_plot(rows, label):
     """A minimal SVG bar chart of aggregate tok/s per concurrency level."""
     w, h, pad = 480, 300, 50
@@ -172,7 +242,21 @@ def main():
     p.add_argument("--label", default="server")
     p.add_argument("--json")
     p.add_argument("--svg")
+    p.add_argument("--two-tenants", action="store_true",
+                   help="tenant fairness: customer A (--api-key-a) keeps --a-streams streams open while "
+                        "customer B (--api-key-b) sends --b-tokens-token requests one at a time; B alone, "
+                        "A alone, then both, each for --duration seconds")
+    p.add_argument("--api-key-a")
+    p.add_argument("--api-key-b")
+    p.add_argument("--a-streams", type=int, default=32)
+    p.add_argument("--b-tokens", type=int, default=16)
+    p.add_argument("--duration", type=float, default=40.0)
     args = p.parse_args()
+    if args.two_tenants:
+        if not (args.api_key_a and args.api_key_b):
+            p.error("--two-tenants needs --api-key-a and --api-key-b (keys of two customers)")
+        run_two_tenants(args)
+        return
 
     rows = []
     for level in [int(x) for x in args.levels.split(",")]:

@@ -235,3 +235,83 @@ async fn engine_metrics_count_prefill_and_decode() {
     assert!(value("tollgate_engine_steps_total") >= u64::from(usage.completion_tokens));
     assert!(text.contains("tollgate_batch_size{model=\"smollm2-135m\"}"));
 }
+
+/// `response_format` with a JSON Schema and a forced tool call through async-openai's types:
+/// the content parses against the schema, the call names the tool and its arguments validate.
+#[tokio::test]
+async fn json_schema_and_tool_calls_through_async_openai() {
+    use async_openai::types::{
+        ChatCompletionNamedToolChoice, ChatCompletionTool, ChatCompletionToolChoiceOption,
+        ChatCompletionToolType, FunctionName, FunctionObject, ResponseFormat,
+        ResponseFormatJsonSchema,
+    };
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "country": {"enum": ["France", "Italy", "Spain"]},
+        },
+        "required": ["city", "country"],
+        "additionalProperties": false,
+    });
+    let request = CreateChatCompletionRequestArgs::default()
+        .model(MODEL)
+        .messages(france())
+        .temperature(0.0)
+        .max_tokens(40u32)
+        .response_format(ResponseFormat::JsonSchema {
+            json_schema: ResponseFormatJsonSchema {
+                name: "place".into(),
+                description: None,
+                schema: Some(schema),
+                strict: Some(true),
+            },
+        })
+        .build()
+        .unwrap();
+    let response = client().chat().create(request).await.unwrap();
+    let content = response.choices[0].message.content.clone().unwrap();
+    let value: serde_json::Value = serde_json::from_str(&content).unwrap();
+    assert!(value["city"].is_string(), "{content}");
+    assert!(["France", "Italy", "Spain"].contains(&value["country"].as_str().unwrap()));
+
+    let tool = ChatCompletionTool {
+        r#type: ChatCompletionToolType::Function,
+        function: FunctionObject {
+            name: "get_weather".into(),
+            description: Some("Get the current weather in a city".into()),
+            parameters: Some(serde_json::json!({
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 30}},
+                "required": ["city"],
+                "additionalProperties": false,
+            })),
+            strict: None,
+        },
+    };
+    let request = CreateChatCompletionRequestArgs::default()
+        .model(MODEL)
+        .messages(user("What is the weather in Paris?"))
+        .temperature(0.0)
+        .max_tokens(60u32)
+        .tools(vec![tool])
+        .tool_choice(ChatCompletionToolChoiceOption::Named(
+            ChatCompletionNamedToolChoice {
+                r#type: ChatCompletionToolType::Function,
+                function: FunctionName {
+                    name: "get_weather".into(),
+                },
+            },
+        ))
+        .build()
+        .unwrap();
+    let response = client().chat().create(request).await.unwrap();
+    let message = &response.choices[0].message;
+    let calls = message.tool_calls.clone().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].function.name, "get_weather");
+    assert!(calls[0].id.starts_with("call_"));
+    let args: serde_json::Value = serde_json::from_str(&calls[0].function.arguments).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+    assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Stop));
+}

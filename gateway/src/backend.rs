@@ -15,9 +15,90 @@ use serde::{Deserialize, Serialize};
 /// One chat message, already flattened to text (content parts joined by the gateway).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `developer`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
     pub content: String,
+    /// The calls an assistant message made (earlier turns of a function-calling loop).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For `tool` messages: the call this is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A function call made by the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// `call_…`.
+    pub id: String,
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
+}
+
+/// What the output must be (`response_format`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    #[default]
+    Text,
+    /// Exactly one JSON object.
+    JsonObject,
+    /// JSON valid against `schema`.
+    JsonSchema {
+        name: String,
+        schema: serde_json::Value,
+        #[serde(default)]
+        strict: bool,
+    },
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments object.
+    pub parameters: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// Never call; the tools are not shown to the model.
+    None,
+    /// The model chooses between prose and calls.
+    #[default]
+    Auto,
+    /// At least one call, nothing else.
+    Required,
+    /// A call of this function, nothing else.
+    Function(String),
+}
+
+/// The tools offered with a chat request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolsRequest {
+    pub tools: Vec<ToolDef>,
+    pub choice: ToolChoice,
+    /// Whether several calls may come in one answer.
+    pub parallel: bool,
 }
 
 /// What to generate from.
@@ -76,6 +157,16 @@ pub struct GenerateRequest {
     pub model: String,
     pub prompt: Prompt,
     pub params: SamplingParams,
+    /// What the output must be; enforced by the backend (or refused).
+    #[serde(default)]
+    pub response_format: ResponseFormat,
+    /// Functions the model may call (chat only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<ToolsRequest>,
+    /// The customer, for backends that share a model fairly between customers; set by the
+    /// gateway after authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
 }
 
 /// Log probability of one token, with its text and bytes as OpenAI reports them.
@@ -101,6 +192,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the end of the context.
     Length,
+    /// The model chose to call functions.
+    ToolCalls,
     /// The client went away (never sent to a client; used for metering).
     Cancelled,
 }
@@ -110,6 +203,7 @@ impl FinishReason {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
             Self::Cancelled => "cancelled",
         }
     }
@@ -134,6 +228,15 @@ pub enum GenerateEvent {
         text: String,
         logprobs: Vec<LogprobEntry>,
         completion_tokens: u32,
+    },
+    /// Part of a function call, as OpenAI streams them: the first part of call `index` carries
+    /// its `id` and `name`, later parts more `arguments` text. Tokens are counted by the
+    /// `Delta` events.
+    ToolCallDelta {
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: String,
     },
     /// The last event of a successful sequence.
     Finished { reason: FinishReason, usage: Usage },

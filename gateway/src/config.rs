@@ -45,6 +45,9 @@ struct RawServer {
     max_body_bytes: Option<usize>,
     max_n: Option<u32>,
     shutdown_timeout_secs: Option<u64>,
+    response_retention_days: Option<u32>,
+    header_read_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +58,7 @@ struct RawModel {
     context_length: Option<u32>,
     owned_by: Option<String>,
     price: Option<RawPrice>,
+    max_sequences_per_customer: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +111,13 @@ pub struct ServerConfig {
     pub max_n: u32,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// How long stored Responses API objects are kept.
+    pub response_retention: Duration,
+    /// A connection must send a whole request head within this long of being ready for one
+    /// (new or idle keep-alive connections alike), else it is closed.
+    pub header_read_timeout: Duration,
+    /// Connections open at once per listener; beyond, new ones are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +126,9 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             max_n: 8,
             shutdown_timeout: Duration::from_secs(30),
+            response_retention: Duration::from_secs(30 * 86_400),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 2048,
         }
     }
 }
@@ -129,6 +143,8 @@ pub struct ModelConfig {
     pub context_length: Option<u32>,
     pub owned_by: String,
     pub price: Price,
+    /// Sequences one customer may have in flight on this model (429 beyond).
+    pub max_sequences_per_customer: Option<u32>,
 }
 
 /// Where a model's files are.
@@ -201,6 +217,23 @@ impl Config {
                 .server
                 .shutdown_timeout_secs
                 .map_or(defaults.shutdown_timeout, Duration::from_secs),
+            response_retention: raw
+                .server
+                .response_retention_days
+                .map_or(defaults.response_retention, |d| {
+                    Duration::from_secs(u64::from(d) * 86_400)
+                }),
+            header_read_timeout: raw
+                .server
+                .header_read_timeout_secs
+                .map_or(defaults.header_read_timeout, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+            max_connections: raw
+                .server
+                .max_connections
+                .unwrap_or(defaults.max_connections)
+                .max(1),
         };
         let mut models = BTreeMap::new();
         for (id, m) in raw.models {
@@ -318,6 +351,10 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
         context_length: m.context_length,
         owned_by: m.owned_by.unwrap_or_else(|| "tollgate".into()),
         price,
+        max_sequences_per_customer: match m.max_sequences_per_customer {
+            Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
+            other => other,
+        },
     })
 }
 

@@ -9,13 +9,16 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod billing;
+pub mod concurrency;
 pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod money;
 pub mod openai;
+mod responses;
 mod routes;
 pub mod shared_limits;
 pub mod store;
@@ -32,7 +35,6 @@ use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 
 use crate::auth::AuthConfig;
@@ -67,6 +69,8 @@ pub struct AppState {
     pub limiter: Limiter,
     /// `TOLLGATE_ADMIN_TOKEN`; the admin API is off without it.
     pub admin_token: Option<Arc<str>>,
+    /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
+    pub inflight: Arc<concurrency::InFlight>,
 }
 
 impl AppState {
@@ -84,6 +88,7 @@ impl AppState {
             ledger: None,
             limiter: Limiter::default(),
             admin_token: None,
+            inflight: Arc::default(),
         })
     }
 
@@ -155,6 +160,15 @@ fn v1(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{id}", get(routes::get_model))
         .route(
@@ -327,32 +341,41 @@ pub async fn run_split(
     let timeout = state.config.server.shutdown_timeout;
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let limits = listener::ConnLimits {
+        header_read_timeout: state.config.server.header_read_timeout,
+        max_connections: state.config.server.max_connections,
+    };
+    let refused = state.metrics.connections_refused.clone();
     let (public, operator_server) = match operator {
         Some(operator) => {
             tracing::info!("admin API and metrics on {}", operator.local_addr()?);
-            let server = axum::serve(operator, operator_app(state.clone())).with_graceful_shutdown(
+            let refused = refused.clone();
+            let server = listener::serve(
+                operator,
+                operator_app(state.clone()),
+                limits,
+                move || refused.inc(),
                 async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                 },
             );
-            (public_app(state), Some(tokio::spawn(server.into_future())))
+            (public_app(state), Some(tokio::spawn(server)))
         }
         None => (app(state), None),
     };
     tracing::info!("listening on {addr}");
-    // Streamed responses are many small writes: without TCP_NODELAY, Nagle's algorithm holds
-    // each event back until the client's delayed ACK (about 40 ms) whenever one is unacked.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    let server = axum::serve(listener, public).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-        let _ = signalled_tx.send(());
-    });
-    let mut server = tokio::spawn(server.into_future());
+    let server = listener::serve(
+        listener,
+        public,
+        limits,
+        move || refused.inc(),
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+            let _ = signalled_tx.send(());
+        },
+    );
+    let mut server = tokio::spawn(server);
     let result = drain(&mut server, signalled_rx, timeout).await;
     if let Some(operator_server) = operator_server {
         // Its requests are short; whatever is left when the public side is done is dropped.

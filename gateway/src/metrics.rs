@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::backend::Backend;
@@ -45,6 +45,8 @@ pub struct Metrics {
     backend_healthy: GaugeVec,
     pub ledger_pending: IntGauge,
     pub ledger_spooled: IntGauge,
+    /// Connections closed at once because the listener was at its connection limit.
+    pub connections_refused: IntCounter,
     /// Time the metering path (limits, reservation, durable ledger write) adds to a request.
     pub metering_duration: HistogramVec,
 }
@@ -171,6 +173,14 @@ impl Metrics {
                 )?;
                 registry.register(Box::new(g.clone()))?;
                 g
+            },
+            connections_refused: {
+                let c = IntCounter::new(
+                    "tollgate_connections_refused_total",
+                    "Connections closed at once because the listener had max_connections open.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
             },
             metering_duration: histogram(
                 "tollgate_metering_duration_seconds",

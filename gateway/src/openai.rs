@@ -1,11 +1,16 @@
 //! OpenAI request bodies and their validation into backend requests.
 //!
 //! Unknown fields are ignored (SDKs send fields we do not use); known fields are range-checked
-//! with messages that name the value. Responses are built in `routes`.
+//! with messages that name the value, and a known field the server cannot honour is refused.
+//! `response_format` and `tools` are validated here and enforced by the backend (constrained
+//! decoding in the engine, or the upstream). Responses are built in `routes`.
 
 use serde::Deserialize;
 
-use crate::backend::{ChatMessage, GenerateRequest, Prompt, SamplingParams};
+use crate::backend::{
+    ChatMessage, GenerateRequest, Prompt, ResponseFormat, SamplingParams, ToolCall, ToolChoice,
+    ToolDef, ToolsRequest,
+};
 use crate::error::{ApiError, RequestBody};
 
 /// A string or a list of strings (`stop`, `prompt`).
@@ -68,6 +73,75 @@ pub enum MessageContent {
 pub struct MessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
+    /// Assistant messages: the calls the model made.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// Tool messages: the call answered.
+    pub tool_call_id: Option<String>,
+}
+
+/// `function` inside a tool call or a tool definition.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionCallIn {
+    pub name: String,
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCallIn {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionDefIn {
+    pub name: String,
+    pub description: Option<String>,
+    pub parameters: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolIn {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDefIn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedToolChoice {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: NamedFunction,
+}
+
+/// `"none" | "auto" | "required" | {"type": "function", "function": {"name"}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoiceIn {
+    Mode(String),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaIn {
+    pub name: String,
+    pub description: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseFormatIn {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaIn>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +151,13 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<u32>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
+    pub response_format: Option<ResponseFormatIn>,
+    pub tools: Option<Vec<ToolIn>>,
+    pub tool_choice: Option<ToolChoiceIn>,
+    pub parallel_tool_calls: Option<bool>,
+    /// The deprecated forms of `tools` / `tool_choice`: refused, not ignored.
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
@@ -99,6 +180,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<u32>,
+    /// vLLM-style structured output for completions.
+    pub response_format: Option<ResponseFormatIn>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
@@ -239,12 +322,20 @@ fn choices_n(common: &CommonParams, max_n: u32) -> Result<u32, ApiError> {
     Ok(n)
 }
 
+/// What a request asks of the output besides sampling.
+#[derive(Debug, Clone, Default)]
+struct OutputSpec {
+    response_format: ResponseFormat,
+    tools: Option<ToolsRequest>,
+}
+
 fn fan_out(
     model: &str,
     request_id: &str,
     prompts: Vec<Prompt>,
     n: u32,
     params: SamplingParams,
+    output: OutputSpec,
 ) -> Vec<GenerateRequest> {
     let mut out = Vec::with_capacity(prompts.len() * n as usize);
     for prompt in prompts {
@@ -257,56 +348,288 @@ fn fan_out(
                 model: model.to_string(),
                 prompt: prompt.clone(),
                 params,
+                response_format: output.response_format.clone(),
+                tools: output.tools.clone(),
+                customer: None,
             });
         }
     }
     out
 }
 
-impl ChatRequest {
-    pub fn plan(self, request_id: &str, max_n: u32) -> Result<Plan, ApiError> {
-        if self.messages.is_empty() {
-            return Err(ApiError::invalid(
-                "[] is too short - 'messages'",
-                "messages",
+/// Message content as text (only `text` parts are supported).
+fn content_text(content: Option<MessageContent>, i: usize) -> Result<String, ApiError> {
+    Ok(match content {
+        None => String::new(),
+        Some(MessageContent::Text(t)) => t,
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                if part.kind != "text" {
+                    return Err(ApiError::InvalidRequest {
+                        message: format!(
+                            "content parts of type `{}` are not supported by this model; only `text`",
+                            part.kind
+                        ),
+                        param: Some(format!("messages.[{i}].content")),
+                    });
+                }
+                text.push_str(part.text.as_deref().unwrap_or(""));
+            }
+            text
+        }
+    })
+}
+
+fn invalid_at(param: String, message: String) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!("{message} - '{param}'"),
+        param: Some(param),
+    }
+}
+
+/// Validates the conversation: roles, tool calls of assistant messages, and that every tool
+/// message answers a call made earlier.
+fn chat_messages(input: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    if input.is_empty() {
+        return Err(ApiError::invalid(
+            "[] is too short - 'messages'",
+            "messages",
+        ));
+    }
+    let mut messages = Vec::with_capacity(input.len());
+    let mut call_ids: Vec<String> = Vec::new();
+    for (i, m) in input.into_iter().enumerate() {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "developer" | "user" | "assistant" | "tool"
+        ) {
+            return Err(invalid_at(
+                format!("messages.[{i}].role"),
+                format!(
+                    "role `{}` is not supported (use system, developer, user, assistant or tool)",
+                    m.role
+                ),
             ));
         }
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for (i, m) in self.messages.into_iter().enumerate() {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "developer" | "user" | "assistant"
-            ) {
-                return Err(ApiError::InvalidRequest {
-                    message: format!(
-                        "role `{}` is not supported (use system, developer, user or assistant) - 'messages.[{i}].role'",
-                        m.role
-                    ),
-                    param: Some(format!("messages.[{i}].role")),
+        let content = content_text(m.content, i)?;
+        let mut tool_calls = Vec::new();
+        if let Some(calls) = m.tool_calls {
+            if m.role != "assistant" {
+                return Err(invalid_at(
+                    format!("messages.[{i}].tool_calls"),
+                    "only assistant messages carry tool_calls".into(),
+                ));
+            }
+            for (k, c) in calls.into_iter().enumerate() {
+                if c.kind != "function" {
+                    return Err(invalid_at(
+                        format!("messages.[{i}].tool_calls.[{k}].type"),
+                        format!(
+                            "tool call type `{}` is not supported; only `function`",
+                            c.kind
+                        ),
+                    ));
+                }
+                call_ids.push(c.id.clone());
+                tool_calls.push(ToolCall {
+                    id: c.id,
+                    name: c.function.name,
+                    arguments: c.function.arguments,
                 });
             }
-            let content = match m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t,
-                Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
-                    for part in parts {
-                        if part.kind != "text" {
-                            return Err(ApiError::InvalidRequest {
-                                message: format!("content parts of type `{}` are not supported by this model; only `text`", part.kind),
-                                param: Some(format!("messages.[{i}].content")),
-                            });
-                        }
-                        text.push_str(part.text.as_deref().unwrap_or(""));
-                    }
-                    text
-                }
-            };
-            messages.push(ChatMessage {
-                role: m.role,
-                content,
-            });
         }
+        let tool_call_id = match (m.role.as_str(), m.tool_call_id) {
+            ("tool", None) => {
+                return Err(invalid_at(
+                    format!("messages.[{i}].tool_call_id"),
+                    "a tool message needs the tool_call_id of the call it answers".into(),
+                ))
+            }
+            ("tool", Some(id)) if !call_ids.contains(&id) => {
+                return Err(invalid_at(
+                    format!("messages.[{i}].tool_call_id"),
+                    format!("no earlier assistant message made a tool call with id `{id}`"),
+                ))
+            }
+            (_, id) => id,
+        };
+        messages.push(ChatMessage {
+            role: m.role,
+            content,
+            tool_calls,
+            tool_call_id,
+        });
+    }
+    Ok(messages)
+}
+
+/// A function name OpenAI accepts: `^[a-zA-Z0-9_-]{1,64}$`.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn response_format(input: Option<ResponseFormatIn>) -> Result<ResponseFormat, ApiError> {
+    let Some(f) = input else {
+        return Ok(ResponseFormat::Text);
+    };
+    match f.kind.as_str() {
+        "text" => Ok(ResponseFormat::Text),
+        "json_object" => Ok(ResponseFormat::JsonObject),
+        "json_schema" => {
+            let Some(js) = f.json_schema else {
+                return Err(ApiError::invalid(
+                    "`json_schema` is required when the type is json_schema - 'response_format.json_schema'",
+                    "response_format.json_schema",
+                ));
+            };
+            if !valid_name(&js.name) {
+                return Err(ApiError::invalid(
+                    format!("`{}` is not a valid schema name (1-64 of a-z, A-Z, 0-9, _ and -) - 'response_format.json_schema.name'", js.name),
+                    "response_format.json_schema.name",
+                ));
+            }
+            let schema = js.schema.unwrap_or_else(|| serde_json::json!({}));
+            if !schema.is_object() {
+                return Err(ApiError::invalid(
+                    "the schema must be a JSON object - 'response_format.json_schema.schema'",
+                    "response_format.json_schema.schema",
+                ));
+            }
+            Ok(ResponseFormat::JsonSchema {
+                name: js.name,
+                schema,
+                strict: js.strict.unwrap_or(false),
+            })
+        }
+        other => Err(ApiError::invalid(
+            format!("`{other}` is not a valid response format (text, json_object, json_schema) - 'response_format.type'"),
+            "response_format.type",
+        )),
+    }
+}
+
+fn tools_request(
+    tools: Option<Vec<ToolIn>>,
+    choice: Option<ToolChoiceIn>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolsRequest>, ApiError> {
+    let Some(tools) = tools.filter(|t| !t.is_empty()) else {
+        if choice.is_some() {
+            return Err(ApiError::invalid(
+                "tool_choice is only allowed when tools are specified - 'tool_choice'",
+                "tool_choice",
+            ));
+        }
+        return Ok(None);
+    };
+    let mut defs: Vec<ToolDef> = Vec::with_capacity(tools.len());
+    for (i, t) in tools.into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(invalid_at(
+                format!("tools.[{i}].type"),
+                format!("tool type `{}` is not supported; only `function`", t.kind),
+            ));
+        }
+        let name = t.function.name;
+        if !valid_name(&name) {
+            return Err(invalid_at(
+                format!("tools.[{i}].function.name"),
+                format!("`{name}` is not a valid function name (1-64 of a-z, A-Z, 0-9, _ and -)"),
+            ));
+        }
+        if defs.iter().any(|d| d.name == name) {
+            return Err(invalid_at(
+                format!("tools.[{i}].function.name"),
+                format!("the function name `{name}` is given twice"),
+            ));
+        }
+        let parameters = t
+            .function
+            .parameters
+            .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+        if !parameters.is_object() {
+            return Err(invalid_at(
+                format!("tools.[{i}].function.parameters"),
+                "parameters must be a JSON Schema object".into(),
+            ));
+        }
+        defs.push(ToolDef {
+            name,
+            description: t.function.description,
+            parameters,
+            strict: t.function.strict,
+        });
+    }
+    let choice = match choice {
+        None => ToolChoice::Auto,
+        Some(ToolChoiceIn::Mode(m)) => match m.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::invalid(
+                    format!("`{other}` is not a valid tool_choice (none, auto, required or a named function) - 'tool_choice'"),
+                    "tool_choice",
+                ))
+            }
+        },
+        Some(ToolChoiceIn::Named(n)) => {
+            if n.kind != "function" {
+                return Err(ApiError::invalid(
+                    format!("tool_choice type `{}` is not supported; only `function` - 'tool_choice.type'", n.kind),
+                    "tool_choice.type",
+                ));
+            }
+            if !defs.iter().any(|d| d.name == n.function.name) {
+                return Err(ApiError::invalid(
+                    format!("tool_choice names the function `{}`, which is not in tools - 'tool_choice.function.name'", n.function.name),
+                    "tool_choice.function.name",
+                ));
+            }
+            ToolChoice::Function(n.function.name)
+        }
+    };
+    Ok(Some(ToolsRequest {
+        tools: defs,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+impl ChatRequest {
+    pub fn plan(self, request_id: &str, max_n: u32) -> Result<Plan, ApiError> {
+        if self.functions.is_some() || self.function_call.is_some() {
+            let param = if self.functions.is_some() {
+                "functions"
+            } else {
+                "function_call"
+            };
+            return Err(ApiError::invalid(
+                format!("`{param}` is deprecated and not supported; use `tools` and `tool_choice` - '{param}'"),
+                param,
+            ));
+        }
+        let messages = chat_messages(self.messages)?;
+        let response_format = response_format(self.response_format)?;
+        let tools = tools_request(self.tools, self.tool_choice, self.parallel_tool_calls)?;
+        if tools.as_ref().is_some_and(|t| t.choice != ToolChoice::None)
+            && response_format != ResponseFormat::Text
+        {
+            return Err(ApiError::invalid(
+                "`response_format` cannot be combined with `tools` unless `tool_choice` is \"none\" - 'response_format'",
+                "response_format",
+            ));
+        }
+        // With `none` the model is not shown the tools at all.
+        let tools = tools.filter(|t| t.choice != ToolChoice::None);
+        let output = OutputSpec {
+            response_format,
+            tools,
+        };
         let max_tokens = self.max_completion_tokens.or(self.common.max_tokens);
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, Some(_)) => {
@@ -334,6 +657,7 @@ impl ChatRequest {
                 vec![Prompt::Chat(messages)],
                 n,
                 params,
+                output,
             ),
             model: self.model,
             n,
@@ -390,8 +714,12 @@ impl CompletionRequest {
         let n = choices_n(&self.common, max_n)?;
         let stream = self.common.stream.unwrap_or(false);
         let prompts = prompts.into_iter().map(Prompt::Text).collect();
+        let output = OutputSpec {
+            response_format: response_format(self.response_format)?,
+            tools: None,
+        };
         Ok(Plan {
-            choices: fan_out(&self.model, request_id, prompts, n, params),
+            choices: fan_out(&self.model, request_id, prompts, n, params, output),
             model: self.model,
             n,
             stream,
@@ -444,10 +772,7 @@ mod tests {
         assert_eq!(plan.choices[1].params.seed, Some(6));
         assert_eq!(
             plan.choices[0].prompt,
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "ab".into()
-            }])
+            Prompt::Chat(vec![ChatMessage::new("user", "ab")])
         );
     }
 }

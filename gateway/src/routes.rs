@@ -33,7 +33,7 @@ enum Kind {
     Text,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -43,7 +43,7 @@ fn now_secs() -> u64 {
 /// Accounts one request exactly once, whether it completed, failed, or the client went away
 /// (dropping the response drops the backend streams, which cancels them): metrics, the
 /// settlement of its rate-limit and budget reservations, and its usage record.
-struct Completion {
+pub(crate) struct Completion {
     state: AppState,
     caller: Caller,
     model: String,
@@ -71,10 +71,12 @@ struct Completion {
     budget_hold: Option<BudgetHold>,
     /// The record was written (or the request never reached a model).
     settled: bool,
+    /// The customer's concurrency slots on this model, held until the request ends.
+    _slots: Option<crate::concurrency::Slots>,
 }
 
 impl Completion {
-    fn completion_tokens(&self) -> u32 {
+    pub(crate) fn completion_tokens(&self) -> u32 {
         self.generated
             .iter()
             .zip(&self.progress)
@@ -86,7 +88,7 @@ impl Completion {
     }
 
     /// Prompt tokens, once per distinct prompt: as the backend reported them, else as prepared.
-    fn prompt_tokens(&self) -> u32 {
+    pub(crate) fn prompt_tokens(&self) -> u32 {
         self.prompts
             .chunks(self.per_prompt.max(1))
             .zip(self.prompts_reported.chunks(self.per_prompt.max(1)))
@@ -105,12 +107,12 @@ impl Completion {
         self.outcome = outcome;
     }
 
-    fn on_delta(&mut self, choice: usize, completion_tokens: u32) {
+    pub(crate) fn on_delta(&mut self, choice: usize, completion_tokens: u32) {
         self.first_token.get_or_insert_with(Instant::now);
         self.generated[choice] = self.generated[choice].max(completion_tokens);
     }
 
-    fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
+    pub(crate) fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
         self.generated[choice] = usage.completion_tokens;
         self.prompts_reported[choice] = Some(usage.prompt_tokens);
         if choice == 0 || self.finish.is_none() {
@@ -168,7 +170,7 @@ impl Completion {
     }
 
     /// Writes the record durably before the client sees the end of the response.
-    async fn commit(&mut self, outcome: &'static str) {
+    pub(crate) async fn commit(&mut self, outcome: &'static str) {
         self.finish(outcome);
         if let Some(record) = self.settle() {
             if let Some(ledger) = &self.state.ledger {
@@ -237,7 +239,7 @@ impl Drop for Completion {
     }
 }
 
-fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
+pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
     state
         .backends
         .get(model)
@@ -311,23 +313,49 @@ async fn admit(
     Ok((Some(tokens), budget))
 }
 
-async fn respond(
-    state: AppState,
-    id: RequestId,
+/// A request admitted and started: its backend streams (one per choice) and the guard that
+/// accounts it.
+pub(crate) struct Started {
+    pub streams: Vec<EventStream>,
+    pub completion: Completion,
+}
+
+/// Checks the key may use the model, admits the request against its rate limits and budget
+/// (with the prompts' real token counts), and starts every choice. Every billed endpoint
+/// goes through here and its [`Completion`].
+pub(crate) async fn start(
+    state: &AppState,
+    id: &RequestId,
     caller: Caller,
-    plan: Plan,
-    kind: Kind,
-) -> Result<Response, ApiError> {
-    let backend = backend_for(&state, &plan.model)?;
+    plan: &Plan,
+    endpoint: &'static str,
+) -> Result<Started, ApiError> {
+    let backend = backend_for(state, &plan.model)?;
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
     }
+    let cap = state
+        .config
+        .models
+        .get(&plan.model)
+        .and_then(|m| m.max_sequences_per_customer);
+    let slots = match cap {
+        Some(limit) => Some(state.inflight.acquire(
+            &caller.customer_id,
+            &plan.model,
+            plan.choices.len(),
+            limit,
+        )?),
+        None => None,
+    };
     let t = Instant::now();
     state.limiter.admit_request(&caller.limits).await?;
     let mut admit_time = t.elapsed();
     let mut prepared = Vec::with_capacity(plan.choices.len());
     for request in &plan.choices {
-        prepared.push(backend.prepare(request.clone()).await?);
+        let mut request = request.clone();
+        request.customer = Some(caller.customer_id.clone());
+        prepared.push(backend.prepare(request).await?);
     }
     let price = state
         .config
@@ -341,7 +369,7 @@ async fn respond(
     let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
     let t = Instant::now();
     let (tokens_hold, budget_hold) =
-        admit(&state, &id.0, &caller, prompt_tokens, max_output, &price).await?;
+        admit(state, &id.0, &caller, prompt_tokens, max_output, &price).await?;
     admit_time += t.elapsed();
     state
         .metrics
@@ -352,10 +380,7 @@ async fn respond(
         state: state.clone(),
         caller,
         model: plan.model.clone(),
-        endpoint: match kind {
-            Kind::Chat => "/v1/chat/completions",
-            Kind::Text => "/v1/completions",
-        },
+        endpoint,
         stream: plan.stream,
         price,
         request_id: id.0.clone(),
@@ -372,6 +397,7 @@ async fn respond(
         tokens_hold,
         budget_hold,
         settled: false,
+        _slots: slots,
     };
     let mut streams = Vec::with_capacity(prepared.len());
     for p in prepared {
@@ -383,6 +409,27 @@ async fn respond(
             }
         }
     }
+    Ok(Started {
+        streams,
+        completion,
+    })
+}
+
+async fn respond(
+    state: AppState,
+    id: RequestId,
+    caller: Caller,
+    plan: Plan,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let endpoint = match kind {
+        Kind::Chat => "/v1/chat/completions",
+        Kind::Text => "/v1/completions",
+    };
+    let Started {
+        streams,
+        completion,
+    } = start(&state, &id, caller, &plan, endpoint).await?;
     let label = ModelLabel(plan.model.clone());
     let mut response = if plan.stream {
         stream_response(streams, plan, kind, id, completion).into_response()
@@ -398,8 +445,48 @@ async fn respond(
 struct ChoiceResult {
     text: String,
     logprobs: Vec<LogprobEntry>,
+    /// Calls by index: id, name, arguments text.
+    tool_calls: Vec<(String, String, String)>,
     finish: Option<FinishReason>,
     usage: Usage,
+}
+
+impl ChoiceResult {
+    /// Adds one streamed part of call `index`.
+    fn on_tool_call(&mut self, index: u32, id: Option<String>, name: Option<String>, args: &str) {
+        let index = index as usize;
+        while self.tool_calls.len() <= index {
+            self.tool_calls.push(Default::default());
+        }
+        let call = &mut self.tool_calls[index];
+        if let Some(id) = id {
+            call.0 = id;
+        }
+        if let Some(name) = name {
+            call.1 = name;
+        }
+        call.2.push_str(args);
+    }
+
+    /// The assistant message in OpenAI's shape: content is null when the answer is calls only.
+    fn message(&self) -> Value {
+        if self.tool_calls.is_empty() {
+            return json!({"role": "assistant", "content": self.text, "refusal": null});
+        }
+        let content = if self.text.trim().is_empty() {
+            Value::Null
+        } else {
+            Value::String(self.text.clone())
+        };
+        let calls: Vec<Value> = self
+            .tool_calls
+            .iter()
+            .map(|(id, name, arguments)| {
+                json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+            })
+            .collect();
+        json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls})
+    }
 }
 
 async fn collect(
@@ -431,6 +518,12 @@ async fn collect(
                 r.text.push_str(&text);
                 r.logprobs.extend(logprobs);
             }
+            Ok(GenerateEvent::ToolCallDelta {
+                index,
+                id,
+                name,
+                arguments,
+            }) => r.on_tool_call(index, id, name, &arguments),
             Ok(GenerateEvent::Finished { reason, usage }) => {
                 r.finish = Some(reason);
                 r.usage = usage;
@@ -461,7 +554,7 @@ async fn collect(
             match kind {
                 Kind::Chat => json!({
                     "index": index,
-                    "message": {"role": "assistant", "content": r.text, "refusal": null},
+                    "message": r.message(),
                     "logprobs": plan.logprobs.map(|_| chat_logprobs(&r.logprobs)),
                     "finish_reason": finish,
                 }),
@@ -600,6 +693,20 @@ fn stream_response(
                         }
                     };
                     yield data(&chunk(choice));
+                }
+                Ok(GenerateEvent::ToolCallDelta { index: call, id, name, arguments }) => {
+                    let mut part = json!({"index": call, "function": {"arguments": arguments}});
+                    if let Some(id) = id {
+                        part["id"] = json!(id);
+                        part["type"] = json!("function");
+                    }
+                    if let Some(name) = name {
+                        part["function"]["name"] = json!(name);
+                    }
+                    yield data(&chunk(json!({
+                        "index": index, "delta": {"tool_calls": [part]},
+                        "logprobs": null, "finish_reason": null,
+                    })));
                 }
                 Ok(GenerateEvent::Finished { reason, usage }) => {
                     completion.on_finished(index, reason, usage);

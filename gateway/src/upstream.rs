@@ -26,8 +26,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::backend::{
-    Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, ModelInfo,
-    Prepared, Prompt, Start, Usage,
+    Backend, BackendError, ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest,
+    LogprobEntry, ModelInfo, Prepared, Prompt, ResponseFormat, Start, TokenLogprob, ToolChoice,
+    Usage,
 };
 
 /// How often members are probed.
@@ -345,6 +346,86 @@ fn prompt_bound(prompt: &Prompt) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// One message in OpenAI's shape.
+fn message_json(m: &ChatMessage) -> Value {
+    let mut v = json!({"role": m.role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        v["tool_calls"] = json!(m
+            .tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect::<Vec<_>>());
+        if m.content.is_empty() {
+            v["content"] = Value::Null;
+        }
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = json!(id);
+    }
+    v
+}
+
+/// Logprob entries of one chunk, from the chat (`logprobs.content`) or the legacy
+/// (`logprobs.tokens` / `token_logprobs` / `top_logprobs`) shape.
+fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
+    let lp = &choice["logprobs"];
+    let token = |v: &Value| TokenLogprob {
+        token: v["token"].as_str().unwrap_or_default().to_string(),
+        logprob: v["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+        bytes: v["bytes"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .filter_map(|x| x.as_u64().and_then(|x| u8::try_from(x).ok()))
+                    .collect()
+            })
+            .unwrap_or_else(|| v["token"].as_str().unwrap_or_default().as_bytes().to_vec()),
+    };
+    if let Some(content) = lp["content"].as_array() {
+        return content
+            .iter()
+            .map(|e| LogprobEntry {
+                chosen: token(e),
+                top: e["top_logprobs"]
+                    .as_array()
+                    .map(|t| t.iter().map(token).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+    }
+    let (Some(tokens), Some(values)) = (lp["tokens"].as_array(), lp["token_logprobs"].as_array())
+    else {
+        return Vec::new();
+    };
+    tokens
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, (t, v))| {
+            let text = t.as_str().unwrap_or_default();
+            LogprobEntry {
+                chosen: TokenLogprob {
+                    token: text.to_string(),
+                    logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                    bytes: text.as_bytes().to_vec(),
+                },
+                top: lp["top_logprobs"][i]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| TokenLogprob {
+                                token: k.clone(),
+                                logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                                bytes: k.as_bytes().to_vec(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
 /// The OpenAI request body for one sequence.
 fn request_body(model: &str, request: &GenerateRequest) -> (String, Value) {
     let p = &request.params;
@@ -357,17 +438,60 @@ fn request_body(model: &str, request: &GenerateRequest) -> (String, Value) {
     });
     let path = match &request.prompt {
         Prompt::Chat(messages) => {
-            body["messages"] = json!(messages
-                .iter()
-                .map(|m| json!({"role": m.role, "content": m.content}))
-                .collect::<Vec<_>>());
+            body["messages"] = json!(messages.iter().map(message_json).collect::<Vec<_>>());
+            if let Some(t) = &request.tools {
+                body["tools"] = json!(t
+                    .tools
+                    .iter()
+                    .map(|d| {
+                        let mut f = json!({"name": d.name, "parameters": d.parameters});
+                        if let Some(desc) = &d.description {
+                            f["description"] = json!(desc);
+                        }
+                        if let Some(strict) = d.strict {
+                            f["strict"] = json!(strict);
+                        }
+                        json!({"type": "function", "function": f})
+                    })
+                    .collect::<Vec<_>>());
+                body["tool_choice"] = match &t.choice {
+                    ToolChoice::None => json!("none"),
+                    ToolChoice::Auto => json!("auto"),
+                    ToolChoice::Required => json!("required"),
+                    ToolChoice::Function(name) => {
+                        json!({"type": "function", "function": {"name": name}})
+                    }
+                };
+                body["parallel_tool_calls"] = json!(t.parallel);
+            }
+            if let Some(k) = p.logprobs {
+                body["logprobs"] = json!(true);
+                body["top_logprobs"] = json!(k);
+            }
             "/v1/chat/completions"
         }
         Prompt::Text(text) => {
             body["prompt"] = json!(text);
+            if let Some(k) = p.logprobs {
+                body["logprobs"] = json!(k);
+            }
             "/v1/completions"
         }
     };
+    match &request.response_format {
+        ResponseFormat::Text => {}
+        ResponseFormat::JsonObject => body["response_format"] = json!({"type": "json_object"}),
+        ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => {
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": strict},
+            })
+        }
+    }
     if let Some(m) = p.max_tokens {
         body["max_tokens"] = json!(m);
     }
@@ -424,8 +548,12 @@ async fn attempt(
         return Attempt::Stream(response);
     }
     let text = response.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&text)
-        .ok()
+    let error = serde_json::from_str::<Value>(&text).ok();
+    let param = error
+        .as_ref()
+        .and_then(|v| v["error"]["param"].as_str().map(str::to_string));
+    let message = error
+        .as_ref()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or(text);
     if status.is_server_error() || status.as_u16() == 429 {
@@ -434,15 +562,17 @@ async fn attempt(
         }
         return Attempt::Retry(format!("{}: {status}: {message}", member.base));
     }
+    // The upstream's own `param` locates the field in the same request body.
     Attempt::Refused(BackendError::InvalidRequest {
         message: format!("the upstream refused the request ({status}): {message}"),
-        param: None,
+        param,
     })
 }
 
 fn finish_reason(text: &str) -> FinishReason {
     match text {
         "length" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
         _ => FinishReason::Stop,
     }
 }
@@ -508,7 +638,11 @@ fn run(
                     .and_then(|c| c["delta"]["content"].as_str().or_else(|| c["text"].as_str()))
                     .unwrap_or("");
                 let finished_here = choice.is_some_and(|c| c["finish_reason"].is_string());
-                if !started && (!text.is_empty() || finished_here) {
+                let calls = choice
+                    .and_then(|c| c["delta"]["tool_calls"].as_array())
+                    .cloned()
+                    .unwrap_or_default();
+                if !started && (!text.is_empty() || finished_here || !calls.is_empty()) {
                     started = true;
                     yield Ok(GenerateEvent::Started { prompt_tokens: prompt_estimate });
                 }
@@ -519,12 +653,21 @@ fn run(
                     });
                 }
                 let Some(choice) = choice else { continue };
-                if !text.is_empty() {
+                let logprobs = chunk_logprobs(choice);
+                if !text.is_empty() || !logprobs.is_empty() || !calls.is_empty() {
                     chunks += 1;
                     yield Ok(GenerateEvent::Delta {
                         text: text.to_string(),
-                        logprobs: Vec::new(),
+                        logprobs,
                         completion_tokens: chunks,
+                    });
+                }
+                for call in &calls {
+                    yield Ok(GenerateEvent::ToolCallDelta {
+                        index: call["index"].as_u64().and_then(|i| u32::try_from(i).ok()).unwrap_or(0),
+                        id: call["id"].as_str().map(str::to_string),
+                        name: call["function"]["name"].as_str().map(str::to_string),
+                        arguments: call["function"]["arguments"].as_str().unwrap_or_default().to_string(),
                     });
                 }
                 if let Some(f) = choice["finish_reason"].as_str() {

@@ -26,6 +26,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template renders `tools` and writes calls as `<tool_call>` (Hermes, Qwen 2.5 and
+    /// the like); other templates get the tools through [`crate::tools::tools_prompt`].
+    native_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -56,7 +59,36 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
+            native_tools: source.contains("tools") && source.contains(crate::tools::CALL_OPEN),
         })
+    }
+
+    /// Whether the template itself renders tools and tool calls in the `<tool_call>` format.
+    pub fn renders_tools(&self) -> bool {
+        self.native_tools
+    }
+
+    /// Renders messages given as JSON objects in Hugging Face's shape (`role`, `content`,
+    /// `tool_calls`, `tool_call_id`), with `tools` (OpenAI function definitions) when given.
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages,
+                tools => tools,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(template_error)
     }
 
     /// The ChatML template.
@@ -86,13 +118,17 @@ impl ChatTemplate {
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
-            .map_err(|e| match e.kind() {
-                // raise_exception: the template's own words, e.g. "roles must alternate".
-                ErrorKind::InvalidOperation => {
-                    Error::Template(e.detail().unwrap_or("template error").to_string())
-                }
-                _ => Error::Template(format!("cannot render the chat template: {e}")),
-            })
+            .map_err(template_error)
+    }
+}
+
+fn template_error(e: minijinja::Error) -> Error {
+    match e.kind() {
+        // raise_exception: the template's own words, e.g. "roles must alternate".
+        ErrorKind::InvalidOperation => {
+            Error::Template(e.detail().unwrap_or("template error").to_string())
+        }
+        _ => Error::Template(format!("cannot render the chat template: {e}")),
     }
 }
 

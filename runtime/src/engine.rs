@@ -4,14 +4,20 @@
 //! Requests arrive through a bounded queue (a full queue is an immediate [`Error::QueueFull`]),
 //! each with its own reply channel. Every step the scheduler
 //! 1. drops sequences whose client went away (their KV memory is freed in the same step),
-//! 2. admits waiting sequences while the KV-cache budget allows (a sequence reserves the KV
+//! 2. admits waiting sequences in weighted-fair order between tenants (customers; [`crate::fair`])
+//!    while the KV-cache budget allows (a sequence reserves the KV
 //!    memory of its prompt plus its `max_tokens`, so a running sequence never runs out); a
 //!    prompt that shares a prefix with a recently finished one starts from a copy of that
 //!    prompt's KV (the prefix cache, bounded in bytes) instead of prefilling it again,
-//! 3. builds one batch: one decode token per generating sequence, then prompt chunks of the
+//!    Beyond `max_running`, only a tenant below its fair share of the batch is admitted, so a
+//!    burst from one customer cannot make another wait for a free slot,
+//! 3. builds one batch of at most `max_running` sequences, each tenant getting its weighted
+//!    max-min fair share (a lone tenant gets every slot; a tenant over its share takes turns):
+//!    one decode token per generating sequence, then prompt chunks of the
 //!    prefilling sequences up to the step's token budget (chunked prefill: a long prompt cannot
 //!    stall everyone's decode),
-//! 4. samples, detokenizes, matches stop strings and streams the deltas back.
+//! 4. samples (only among the tokens a sequence's grammar allows, when it has one),
+//!    detokenizes, matches stop strings and streams the deltas back.
 //!
 //! It does not tokenize prompts (callers do that off the async threads) and knows nothing of
 //! HTTP or billing.
@@ -24,7 +30,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::constraint::Constraint;
 use crate::detokenize::StreamDecoder;
+use crate::fair::{shares, FairQueue, Tenant};
 use crate::model::{KvCache, LlamaModel, SeqStep};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
@@ -69,6 +77,46 @@ pub struct GenRequest {
     /// Kept equal to the number of tokens generated so far, as they are sampled (also those
     /// the caller has not read yet), so a caller that goes away can bill exactly.
     pub progress: Option<Arc<AtomicUsize>>,
+    /// The grammar the output must follow, if any.
+    pub constraint: Option<GenConstraint>,
+    /// Who asked (the customer) and their scheduling weight; `None` shares one anonymous
+    /// tenant.
+    pub tenant: Option<Tenancy>,
+}
+
+/// A request's tenant for fair scheduling.
+#[derive(Debug, Clone)]
+pub struct Tenancy {
+    pub name: Tenant,
+    /// Relative share of the engine when tenants compete (1 = equal).
+    pub weight: u32,
+}
+
+/// Compiles the grammar that takes over once a trigger appears: given the text the model wrote
+/// between the start of the token where the trigger begins and the trigger, it returns a
+/// constraint that accepts those tokens and everything the output may still be.
+pub type LateGrammar = Arc<dyn Fn(&str) -> Result<Constraint> + Send + Sync>;
+
+/// How a sequence's output is constrained.
+#[derive(Clone)]
+pub enum GenConstraint {
+    /// From the first generated token (JSON outputs, a forced tool call).
+    Now(Box<Constraint>),
+    /// Free text until the output contains `trigger` (a tool-call marker the model chose to
+    /// write); from then on the grammar `then` builds (the call itself).
+    AfterTrigger { trigger: String, then: LateGrammar },
+}
+
+impl std::fmt::Debug for GenConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Now(c) => f.debug_tuple("Now").field(c).finish(),
+            Self::AfterTrigger { trigger, .. } => f
+                .debug_struct("AfterTrigger")
+                .field("trigger", trigger)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// Log probability of one token, resolved to its text and bytes.
@@ -165,8 +213,9 @@ impl Engine {
             config: config.clone(),
             incoming,
             stats: stats.clone(),
-            waiting: VecDeque::new(),
+            waiting: FairQueue::new(),
             running: Vec::new(),
+            steps: 0,
             reserved_bytes: 0,
             prefixes: PrefixCache::new(config.prefix_cache_bytes),
         };
@@ -255,11 +304,19 @@ struct Sequence {
     reply: UnboundedSender<GenEvent>,
     reserved_bytes: usize,
     progress: Option<Arc<AtomicUsize>>,
+    constraint: Option<GenConstraint>,
+    tenant: Tenant,
+    weight: u32,
+    /// The last step this sequence ran in (the least recent goes first when its tenant is
+    /// over its share of the batch).
+    last_step: u64,
 }
 
 enum Outcome {
     Continue,
     Finished(StopReason),
+    /// This sequence alone failed (its grammar); the others go on.
+    Failed(String),
 }
 
 struct Worker {
@@ -268,8 +325,10 @@ struct Worker {
     config: EngineConfig,
     incoming: Receiver<Submission>,
     stats: Arc<EngineStats>,
-    waiting: VecDeque<Submission>,
+    waiting: FairQueue<Submission>,
     running: Vec<Sequence>,
+    /// Steps run so far.
+    steps: u64,
     reserved_bytes: usize,
     prefixes: PrefixCache,
 }
@@ -380,7 +439,7 @@ impl Worker {
             loop {
                 match self.incoming.recv_timeout(Duration::from_millis(500)) {
                     Ok(sub) => {
-                        self.waiting.push_back(sub);
+                        self.enqueue(sub);
                         break;
                     }
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -389,7 +448,7 @@ impl Worker {
             }
         }
         while let Ok(sub) = self.incoming.try_recv() {
-            self.waiting.push_back(sub);
+            self.enqueue(sub);
         }
         true
     }
@@ -411,27 +470,50 @@ impl Worker {
                 "dropped sequences whose client went away"
             );
         }
-        let dropped_waiting = self.waiting.len();
-        self.waiting.retain(|sub| !sub.reply.is_closed());
-        let gone = dropped_waiting - self.waiting.len();
+        let gone = self.waiting.retain(|sub| !sub.reply.is_closed());
         if gone > 0 {
             self.stats.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
         }
     }
 
+    /// Queues a submission under its tenant, costed by the tokens it may take.
+    fn enqueue(&mut self, sub: Submission) {
+        let (tenant, weight) = tenancy(&sub.request);
+        let cost = (sub.request.prompt_ids.len() + sub.request.max_tokens) as f64;
+        self.waiting.push(tenant, weight, cost, sub);
+    }
+
+    /// Whether `tenant` may be admitted while the batch is full: it has fewer running
+    /// sequences than its fair share of the batch, and the running set stays bounded.
+    fn under_share(&self, tenant: &Tenant, weight: u32) -> bool {
+        if self.running.len() >= 2 * self.config.max_running {
+            return false;
+        }
+        let demand = tenant_demand(&self.running, Some((tenant, weight)));
+        let slots = shares(&demand, self.config.max_running);
+        demand
+            .iter()
+            .zip(&slots)
+            .any(|((t, _, running), &slot)| t == tenant && *running <= slot)
+    }
+
     fn admit(&mut self) {
         let per_token = self.model.kv_bytes_per_token();
-        while self.running.len() < self.config.max_running {
-            let Some(front) = self.waiting.front() else {
-                break;
-            };
+        while let Some((tenant, front)) = self.waiting.peek() {
+            if self.running.len() >= self.config.max_running {
+                let (_, weight) = tenancy(&front.request);
+                if !self.under_share(&tenant.clone(), weight) {
+                    break;
+                }
+            }
             let need = (front.request.prompt_ids.len() + front.request.max_tokens) * per_token;
             if self.reserved_bytes + need > self.config.kv_cache_bytes {
                 break;
             }
-            let Some(sub) = self.waiting.pop_front() else {
+            let Some((tenant, sub)) = self.waiting.pop() else {
                 break;
             };
+            let weight = tenancy(&sub.request).1;
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             let GenRequest {
                 prompt_ids,
@@ -439,6 +521,8 @@ impl Worker {
                 sampling,
                 stop,
                 progress,
+                constraint,
+                tenant: _,
             } = sub.request;
             let logprobs = sampling.logprobs.is_some();
             let sampler = Sampler::new(sampling, &prompt_ids);
@@ -469,6 +553,10 @@ impl Worker {
                 reserved_bytes: need,
                 prompt: prompt_ids,
                 progress,
+                constraint,
+                tenant,
+                weight,
+                last_step: 0,
             });
         }
     }
@@ -485,12 +573,39 @@ impl Worker {
             .store(self.prefixes.bytes as u64, Ordering::Relaxed);
     }
 
+    /// Which running sequences take part in this step: all of them while they fit the
+    /// batch; else each tenant's fair share, its least recently run sequences first.
+    fn choose(&self) -> Vec<bool> {
+        let n = self.running.len();
+        if n <= self.config.max_running {
+            return vec![true; n];
+        }
+        let demand = tenant_demand(&self.running, None);
+        let slots = shares(&demand, self.config.max_running);
+        let mut chosen = vec![false; n];
+        for ((tenant, _, _), &slot) in demand.iter().zip(&slots) {
+            let mut mine: Vec<usize> = (0..n)
+                .filter(|&i| &self.running[i].tenant == tenant)
+                .collect();
+            mine.sort_by_key(|&i| (self.running[i].last_step, i));
+            for &i in mine.iter().take(slot) {
+                chosen[i] = true;
+            }
+        }
+        chosen
+    }
+
     /// One forward pass over the running sequences, then sampling and streaming.
     fn step(&mut self) -> Result<()> {
         let mut budget = self.config.max_batch_tokens.max(1);
+        self.steps += 1;
+        let chosen = self.choose();
         // Decode tokens first (one each), then prompt chunks in admission order.
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq index, start, len) of input
         for (i, seq) in self.running.iter().enumerate() {
+            if !chosen[i] {
+                continue;
+            }
             if seq.prefilled == seq.prompt.len() && budget > 0 {
                 plan.push((i, 0, 1));
                 budget -= 1;
@@ -498,13 +613,16 @@ impl Worker {
         }
         for (i, seq) in self.running.iter().enumerate() {
             let left = seq.prompt.len() - seq.prefilled;
-            if left > 0 && budget > 0 {
+            if chosen[i] && left > 0 && budget > 0 {
                 let len = left.min(budget);
                 plan.push((i, seq.prefilled, len));
                 budget -= len;
             }
         }
         plan.sort_by_key(|p| p.0);
+        for &(i, _, _) in &plan {
+            self.running[i].last_step = self.steps;
+        }
 
         let mut prefill_tokens = 0usize;
         let mut decode_tokens = 0usize;
@@ -576,6 +694,12 @@ impl Worker {
             // Remove finished sequences, highest index first so indices stay valid.
             finished.sort_by_key(|f| std::cmp::Reverse(f.0));
             for (i, outcome) in finished {
+                if let Outcome::Failed(message) = outcome {
+                    let seq = self.running.remove(i);
+                    self.reserved_bytes -= seq.reserved_bytes;
+                    let _ = seq.reply.send(GenEvent::Failed { message });
+                    continue;
+                }
                 if let Outcome::Finished(reason) = outcome {
                     // `remove`, not `swap_remove`: admission order is the prefill order.
                     let seq = self.running.remove(i);
@@ -603,14 +727,53 @@ impl Worker {
         Ok(())
     }
 
-    /// Samples the next token of sequence `i` from `logits` and streams its text.
+    /// Samples the next token of sequence `i` from `logits` and streams its text. A grammar
+    /// failure fails this sequence only.
     fn advance(&mut self, i: usize, logits: &mut [f32]) -> Result<Outcome> {
+        match self.advance_inner(i, logits) {
+            Err(Error::Grammar(message)) => {
+                tracing::warn!(error = %message, "constrained sequence failed");
+                Ok(Outcome::Failed(format!("structured output: {message}")))
+            }
+            other => other,
+        }
+    }
+
+    fn advance_inner(&mut self, i: usize, logits: &mut [f32]) -> Result<Outcome> {
         let context = self.model.config().context_length;
         let tokenizer = self.tokenizer.clone();
         let seq = &mut self.running[i];
+        if let Some(GenConstraint::Now(c)) = &mut seq.constraint {
+            c.mask(logits)?;
+        }
         let sampled: Sampled = seq.sampler.sample(logits);
         let token = sampled.token;
         seq.generated.push(token);
+        let mut grammar_done = false;
+        match &mut seq.constraint {
+            Some(GenConstraint::Now(c)) if !tokenizer.stop_token_ids().contains(&token) => {
+                c.commit(token)?;
+                grammar_done = c.is_finished();
+            }
+            Some(GenConstraint::Now(_)) => {}
+            Some(GenConstraint::AfterTrigger { trigger, then }) => {
+                match start_late(&tokenizer, &seq.generated, trigger, then) {
+                    Ok(None) => {}
+                    Ok(Some(c)) => {
+                        grammar_done = c.is_finished();
+                        seq.constraint = Some(GenConstraint::Now(Box::new(c)));
+                    }
+                    // The tokens that carried the marker already left the grammar (the model
+                    // wrote something else right after it): the output stays free text, and
+                    // the caller's parser returns it as text.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "late grammar did not accept the output so far");
+                        seq.constraint = None;
+                    }
+                }
+            }
+            None => {}
+        }
         let logprobs = if seq.logprobs {
             vec![LogprobInfo {
                 chosen: resolve(&tokenizer, token, sampled.logprob),
@@ -643,7 +806,7 @@ impl Worker {
         let mut text = outcome.emit;
         let at_limit = seq.generated.len() >= seq.max_tokens
             || seq.prompt.len() + seq.generated.len() >= context;
-        if at_limit {
+        if at_limit || grammar_done {
             let rest = seq.decoder.finish()?;
             let tail = seq.stop.push(&rest);
             text.push_str(&tail.emit);
@@ -653,11 +816,76 @@ impl Worker {
             }
             text.push_str(&seq.stop.finish());
             send(seq, text, logprobs);
-            return Ok(Outcome::Finished(StopReason::Length));
+            // A complete grammar is a natural end, even on the last allowed token.
+            let reason = if grammar_done {
+                StopReason::Stop
+            } else {
+                StopReason::Length
+            };
+            return Ok(Outcome::Finished(reason));
         }
         send(seq, text, logprobs);
         Ok(Outcome::Continue)
     }
+}
+
+/// A request's tenant and weight (requests without one share the anonymous tenant).
+fn tenancy(request: &GenRequest) -> (Tenant, u32) {
+    match &request.tenant {
+        Some(t) => (t.name.clone(), t.weight.max(1)),
+        None => (Tenant::from(""), 1),
+    }
+}
+
+/// `(tenant, weight, running sequences)` of the running set, in first-seen order, with
+/// `extra` counted as one more sequence of its tenant.
+fn tenant_demand(running: &[Sequence], extra: Option<(&Tenant, u32)>) -> Vec<(Tenant, u32, usize)> {
+    let mut demand: Vec<(Tenant, u32, usize)> = Vec::new();
+    let entries = running.iter().map(|s| (&s.tenant, s.weight)).chain(extra);
+    for (tenant, weight) in entries {
+        match demand.iter_mut().find(|(t, _, _)| t == tenant) {
+            Some(entry) => entry.2 += 1,
+            None => demand.push((tenant.clone(), weight, 1)),
+        }
+    }
+    demand
+}
+
+/// When the generated text contains `trigger`, the grammar that takes over from there: built
+/// from the text between the start of the token where the trigger begins and the trigger, and
+/// advanced through the tokens from that one on. `None` while the trigger has not appeared.
+fn start_late(
+    tokenizer: &ModelTokenizer,
+    generated: &[u32],
+    trigger: &str,
+    then: &LateGrammar,
+) -> Result<Option<Constraint>> {
+    let bytes = tokenizer.decode_bytes(generated, false);
+    let Some(at) = find(&bytes, trigger.as_bytes()) else {
+        return Ok(None);
+    };
+    // The token where the trigger begins, and where that token begins.
+    let (mut first, mut start) = (0, 0);
+    for (k, &t) in generated.iter().enumerate() {
+        let len = tokenizer.token_bytes(t).len();
+        if start + len > at {
+            first = k;
+            break;
+        }
+        start += len;
+    }
+    let before = String::from_utf8_lossy(&bytes[start..at]);
+    let mut c = then(&before)?;
+    c.commit_all(&generated[first..])?;
+    Ok(Some(c))
+}
+
+/// The first position of `needle` in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || haystack.len() < needle.len() {
+        return None;
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn send(seq: &Sequence, text: String, logprobs: Vec<LogprobInfo>) {

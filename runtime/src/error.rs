@@ -45,6 +45,12 @@ pub enum Error {
         param: &'static str,
         message: String,
     },
+    /// A response format or tool set that cannot be enforced (`param` locates it).
+    #[error("{message}")]
+    Constraint { param: String, message: String },
+    /// A grammar failed while generating.
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[error("engine queue is full ({capacity} requests waiting)")]
     QueueFull { capacity: usize },
     #[error("engine has stopped")]

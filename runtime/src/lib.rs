@@ -6,16 +6,19 @@
 //! gateway's backend trait.
 
 pub mod chat_template;
+pub mod constraint;
 pub mod detokenize;
 pub mod dev_model;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod fair;
 pub mod loader;
 pub mod model;
 pub mod sampling;
 mod spm;
 pub mod stop;
 pub mod tokenizer;
+pub mod tools;
 
 pub use error::{Error, Result};

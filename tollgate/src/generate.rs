@@ -67,15 +67,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: system.clone(),
-            });
+            messages.push(ChatMessage::new("system", system.clone()));
         }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        });
+        messages.push(ChatMessage::new("user", args.prompt.clone()));
         Prompt::Chat(messages)
     };
     let prompt_ids = LocalBackend::tokenize(&loaded.tokenizer, &loaded.template, &prompt)?;
@@ -91,6 +85,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         stop: Vec::new(),
         progress: None,
+        constraint: None,
+        tenant: None,
     })?;
 
     let started = Instant::now();

@@ -1,24 +1,31 @@
 //! The in-process backend: adapts the runtime's engine to the gateway's [`Backend`] trait, so
 //! `tollgate serve` has no HTTP hop between gateway and model.
 //!
-//! Prompt rendering and tokenization run on the blocking pool, off the async threads.
+//! Prompt rendering, tokenization and grammar compilation run on the blocking pool, off the
+//! async threads. Structured outputs become the engine's constraints; tool calls are shown to
+//! the model (by its own template, or the fallback prompt of [`tollgate_runtime::tools`]),
+//! constrained while written, and parsed back into OpenAI-shaped call events.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tollgate_gateway::backend::{
-    Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, LoadReport,
-    LogprobEntry, ModelInfo, Prepared, Prompt, TokenLogprob, Usage,
+    Backend, BackendError, ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest,
+    LoadReport, LogprobEntry, ModelInfo, Prepared, Prompt, ResponseFormat, TokenLogprob,
+    ToolChoice, ToolsRequest, Usage,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
-use tollgate_runtime::engine::{Engine, GenEvent, GenRequest, StopReason};
+use tollgate_runtime::constraint::{check_schema, ConstraintCompiler, Grammar};
+use tollgate_runtime::engine::{Engine, GenConstraint, GenEvent, GenRequest, StopReason, Tenancy};
 use tollgate_runtime::loader::LoadedModel;
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::tokenizer::ModelTokenizer;
+use tollgate_runtime::tools::{self, CallMode, CallParser, Piece, ToolSpec};
 use tollgate_runtime::Error as RuntimeError;
 
 /// A model served by an engine in this process.
@@ -27,6 +34,7 @@ pub struct LocalBackend {
     engine: Engine,
     tokenizer: Arc<ModelTokenizer>,
     template: Arc<ChatTemplate>,
+    compiler: Arc<ConstraintCompiler>,
 }
 
 impl LocalBackend {
@@ -42,6 +50,10 @@ impl LocalBackend {
             template,
         } = loaded;
         let context_length = model.config().context_length;
+        let compiler = Arc::new(ConstraintCompiler::new(
+            tokenizer.clone(),
+            model.config().vocab_size,
+        )?);
         let engine = Engine::start(model, tokenizer.clone(), config)?;
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -57,6 +69,7 @@ impl LocalBackend {
             engine,
             tokenizer,
             template: Arc::new(template),
+            compiler,
         })
     }
 
@@ -70,26 +83,177 @@ impl LocalBackend {
         template: &ChatTemplate,
         prompt: &Prompt,
     ) -> Result<Vec<u32>, RuntimeError> {
+        Self::tokenize_with_tools(tokenizer, template, prompt, None)
+    }
+
+    /// As [`Self::tokenize`], showing `tools` to the model: through its own template when it
+    /// renders them, else with the fallback prompt in the system message.
+    fn tokenize_with_tools(
+        tokenizer: &ModelTokenizer,
+        template: &ChatTemplate,
+        prompt: &Prompt,
+        tools: Option<&ToolsRequest>,
+    ) -> Result<Vec<u32>, RuntimeError> {
         match prompt {
             Prompt::Chat(messages) => {
-                let messages: Vec<(String, String)> = messages
-                    .iter()
-                    .map(|m| {
-                        // Templates know `system`; OpenAI's `developer` role means the same.
-                        let role = if m.role == "developer" {
-                            "system"
-                        } else {
-                            &m.role
-                        };
-                        (role.to_string(), m.content.clone())
-                    })
-                    .collect();
-                let text = template.render(&messages, true)?;
+                let native = template.renders_tools();
+                let mut rendered: Vec<Value> = Vec::with_capacity(messages.len() + 1);
+                for m in messages {
+                    // Templates know `system`; OpenAI's `developer` role means the same.
+                    let role = if m.role == "developer" {
+                        "system"
+                    } else {
+                        &m.role
+                    };
+                    let message = if native {
+                        native_message(role, m)
+                    } else {
+                        fallback_message(role, m, &mut rendered)
+                    };
+                    rendered.push(message);
+                }
+                rendered.retain(|m| !m.is_null());
+                let tools_json = tools.map(|t| {
+                    json!(t
+                        .tools
+                        .iter()
+                        .map(|d| json!({"type": "function", "function": {
+                            "name": d.name,
+                            "description": d.description.clone().unwrap_or_default(),
+                            "parameters": d.parameters,
+                        }}))
+                        .collect::<Vec<_>>())
+                });
+                if let (Some(t), false) = (tools, native) {
+                    let prompt = tools::tools_prompt(&tool_specs(t));
+                    match rendered.first_mut() {
+                        Some(first) if first["role"] == "system" => {
+                            let content = first["content"].as_str().unwrap_or_default();
+                            first["content"] = json!(format!("{content}\n\n{prompt}"));
+                        }
+                        _ => rendered.insert(0, json!({"role": "system", "content": prompt})),
+                    }
+                }
+                let tools_arg = if native { tools_json.as_ref() } else { None };
+                let text = template.render_json(&rendered, tools_arg, true)?;
                 tokenizer.encode(&text, false)
             }
             Prompt::Text(text) => tokenizer.encode(text, true),
         }
     }
+
+    /// The grammar a request's output must follow, compiled for this model; schema and
+    /// grammar errors are 400s naming the field.
+    fn constraint(&self, request: &GenerateRequest) -> Result<Option<GenConstraint>, RuntimeError> {
+        let compiler = &self.compiler;
+        match (&request.response_format, &request.tools) {
+            (ResponseFormat::JsonObject, _) => Ok(Some(GenConstraint::Now(Box::new(
+                compiler.compile(&Grammar::JsonObject)?,
+            )))),
+            (ResponseFormat::JsonSchema { schema, .. }, _) => {
+                let grammar = Grammar::JsonSchema {
+                    schema: schema.clone(),
+                    param: "response_format.json_schema.schema".into(),
+                };
+                Ok(Some(GenConstraint::Now(Box::new(
+                    compiler.compile(&grammar)?,
+                ))))
+            }
+            (ResponseFormat::Text, Some(t)) => {
+                for (i, d) in t.tools.iter().enumerate() {
+                    check_schema(&d.parameters, &format!("tools.[{i}].function.parameters"))?;
+                }
+                let specs = tool_specs(t);
+                let forced = |mode: &CallMode| {
+                    compiler.compile(&Grammar::Lark(tools::forced_grammar(
+                        compiler, &specs, mode, t.parallel,
+                    )))
+                };
+                match &t.choice {
+                    ToolChoice::None => Ok(None),
+                    ToolChoice::Required => Ok(Some(GenConstraint::Now(Box::new(forced(
+                        &CallMode::Required,
+                    )?)))),
+                    ToolChoice::Function(name) => Ok(Some(GenConstraint::Now(Box::new(forced(
+                        &CallMode::Named(name.clone()),
+                    )?)))),
+                    ToolChoice::Auto => {
+                        // Compiled once now so a bad schema is refused before any work.
+                        forced(&CallMode::Required)?;
+                        let compiler = compiler.clone();
+                        let parallel = t.parallel;
+                        Ok(Some(GenConstraint::AfterTrigger {
+                            trigger: tools::CALL_OPEN.to_string(),
+                            then: Arc::new(move |before: &str| {
+                                compiler.compile(&Grammar::Lark(tools::late_grammar(
+                                    &compiler, &specs, parallel, before,
+                                )))
+                            }),
+                        }))
+                    }
+                }
+            }
+            (ResponseFormat::Text, None) => Ok(None),
+        }
+    }
+}
+
+fn tool_specs(t: &ToolsRequest) -> Vec<ToolSpec> {
+    t.tools
+        .iter()
+        .map(|d| ToolSpec {
+            name: d.name.clone(),
+            description: d.description.clone(),
+            parameters: d.parameters.clone(),
+        })
+        .collect()
+}
+
+/// A message for a template that renders tools itself (Hugging Face's shape: arguments as
+/// objects).
+fn native_message(role: &str, m: &ChatMessage) -> Value {
+    let mut v = json!({"role": role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        v["tool_calls"] = json!(m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let arguments: Value = serde_json::from_str(&c.arguments)
+                    .unwrap_or_else(|_| Value::String(c.arguments.clone()));
+                json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+            })
+            .collect::<Vec<_>>());
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = json!(id);
+    }
+    v
+}
+
+/// A message for a template without tool support: calls written into the assistant's text as
+/// the model writes them, results as `<tool_response>` in a user turn (consecutive results
+/// share one turn, so templates that want alternating roles accept them). Returns `null` when
+/// the message was merged into the previous one.
+fn fallback_message(role: &str, m: &ChatMessage, so_far: &mut [Value]) -> Value {
+    if role == "tool" {
+        let response = tools::render_result(&m.content);
+        if let Some(prev) = so_far.iter_mut().rev().find(|v| !v.is_null()) {
+            let prev_text = prev["content"].as_str().unwrap_or_default().to_string();
+            if prev["role"] == "user" && prev_text.ends_with("</tool_response>") {
+                prev["content"] = json!(format!("{prev_text}\n{response}"));
+                return Value::Null;
+            }
+        }
+        return json!({"role": "user", "content": response});
+    }
+    let mut content = m.content.clone();
+    for c in &m.tool_calls {
+        if !content.is_empty() {
+            content.push('\n');
+        }
+        content.push_str(&tools::render_call(&c.name, &c.arguments));
+    }
+    json!({"role": role, "content": content})
 }
 
 fn sampling_params(p: &tollgate_gateway::backend::SamplingParams) -> SamplingParams {
@@ -119,6 +283,10 @@ fn backend_error(e: RuntimeError) -> BackendError {
             message: e.to_string(),
             param: Some("messages".into()),
         },
+        RuntimeError::Constraint { param, message } => BackendError::InvalidRequest {
+            message,
+            param: Some(param),
+        },
         RuntimeError::QueueFull { .. } => BackendError::Overloaded {
             retry_after_secs: 1,
         },
@@ -143,12 +311,27 @@ impl Backend for LocalBackend {
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
         let tokenizer = self.tokenizer.clone();
         let template = self.template.clone();
-        let prompt = request.prompt;
-        let prompt_ids =
-            tokio::task::spawn_blocking(move || Self::tokenize(&tokenizer, &template, &prompt))
-                .await
-                .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
-                .map_err(backend_error)?;
+        let prompt = request.prompt.clone();
+        let tools = request.tools.clone();
+        let prompt_ids = tokio::task::spawn_blocking(move || {
+            Self::tokenize_with_tools(&tokenizer, &template, &prompt, tools.as_ref())
+        })
+        .await
+        .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
+        .map_err(backend_error)?;
+        let constraint = self.constraint(&request).map_err(backend_error)?;
+        // Customers share the engine fairly (weighted fair queueing between them).
+        let tenant = request.customer.as_ref().map(|c| Tenancy {
+            name: Arc::from(c.as_str()),
+            weight: 1,
+        });
+        let shape = Shape {
+            parse_calls: request.tools.is_some(),
+            named: matches!(
+                request.tools.as_ref().map(|t| &t.choice),
+                Some(ToolChoice::Function(_))
+            ),
+        };
 
         let context = self.engine.context_length();
         let prompt_tokens = prompt_ids.len();
@@ -178,9 +361,11 @@ impl Backend for LocalBackend {
                     sampling,
                     stop,
                     progress: Some(engine_progress),
+                    constraint,
+                    tenant,
                 })
                 .map_err(backend_error)?;
-            Ok(events(receiver, prompt_tokens))
+            Ok(events(receiver, prompt_tokens, shape))
         };
         Ok(Prepared {
             prompt_tokens: prompt_tokens as u32,
@@ -207,44 +392,176 @@ impl Backend for LocalBackend {
     }
 }
 
+/// How engine output becomes backend events for one request.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// Tools were offered: `<tool_call>` blocks become call events.
+    parse_calls: bool,
+    /// One named function was forced (OpenAI then answers `finish_reason: "stop"`).
+    named: bool,
+}
+
+/// Turns engine deltas into content deltas and call events.
+struct Shaper {
+    shape: Shape,
+    parser: CallParser,
+    calls: u32,
+}
+
+impl Shaper {
+    fn new(shape: Shape) -> Self {
+        Self {
+            shape,
+            parser: CallParser::new(),
+            calls: 0,
+        }
+    }
+
+    /// One engine delta: at least one `Delta` (it carries the token count), with the text
+    /// that is content, and a call event for each call completed by it.
+    fn delta(
+        &mut self,
+        text: String,
+        logprobs: Vec<LogprobEntry>,
+        completion_tokens: u32,
+    ) -> Vec<GenerateEvent> {
+        if !self.shape.parse_calls {
+            return vec![GenerateEvent::Delta {
+                text,
+                logprobs,
+                completion_tokens,
+            }];
+        }
+        let pieces = self.parser.push(&text);
+        self.pieces(pieces, logprobs, completion_tokens)
+    }
+
+    fn pieces(
+        &mut self,
+        pieces: Vec<Piece>,
+        logprobs: Vec<LogprobEntry>,
+        completion_tokens: u32,
+    ) -> Vec<GenerateEvent> {
+        let mut out = Vec::new();
+        let mut text = String::new();
+        let mut logprobs = Some(logprobs);
+        for piece in pieces {
+            match piece {
+                // Blank lines between calls are not content.
+                Piece::Text(t) if self.calls > 0 && t.trim().is_empty() => {}
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Call { name, arguments } => {
+                    out.push(GenerateEvent::Delta {
+                        text: std::mem::take(&mut text),
+                        logprobs: logprobs.take().unwrap_or_default(),
+                        completion_tokens,
+                    });
+                    // As OpenAI streams a call: id and name first, then the arguments.
+                    out.push(GenerateEvent::ToolCallDelta {
+                        index: self.calls,
+                        id: Some(call_id()),
+                        name: Some(name),
+                        arguments: String::new(),
+                    });
+                    out.push(GenerateEvent::ToolCallDelta {
+                        index: self.calls,
+                        id: None,
+                        name: None,
+                        arguments,
+                    });
+                    self.calls += 1;
+                }
+            }
+        }
+        if !text.is_empty() || out.is_empty() {
+            out.push(GenerateEvent::Delta {
+                text,
+                logprobs: logprobs.take().unwrap_or_default(),
+                completion_tokens,
+            });
+        }
+        out
+    }
+
+    /// The end: what the parser held back, then `Finished`.
+    fn finished(&mut self, reason: FinishReason, usage: Usage) -> Vec<GenerateEvent> {
+        let mut out = Vec::new();
+        if self.shape.parse_calls {
+            let rest = self.parser.finish();
+            if !rest.is_empty() {
+                out = self.pieces(rest, Vec::new(), usage.completion_tokens);
+            }
+        }
+        let reason = if self.calls > 0 && !self.shape.named && reason == FinishReason::Stop {
+            FinishReason::ToolCalls
+        } else {
+            reason
+        };
+        out.push(GenerateEvent::Finished { reason, usage });
+        out
+    }
+}
+
+/// A call id as OpenAI writes them: `call_` and 24 letters and digits.
+fn call_id() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("call_{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
+}
+
 /// The engine's events for one sequence as backend events, after a `Started`.
-fn events(receiver: UnboundedReceiver<GenEvent>, prompt_tokens: usize) -> EventStream {
+fn events(
+    receiver: UnboundedReceiver<GenEvent>,
+    prompt_tokens: usize,
+    shape: Shape,
+) -> EventStream {
     let started = futures::stream::once(async move {
         Ok(GenerateEvent::Started {
             prompt_tokens: prompt_tokens as u32,
         })
     });
-    let events = UnboundedReceiverStream::new(receiver).map(|event| match event {
-        GenEvent::Delta {
-            text,
-            logprobs,
-            completion_tokens,
-        } => Ok(GenerateEvent::Delta {
-            text,
-            logprobs: logprobs
+    let mut shaper = Shaper::new(shape);
+    let events = UnboundedReceiverStream::new(receiver).flat_map(move |event| {
+        let out: Vec<Result<GenerateEvent, BackendError>> = match event {
+            GenEvent::Delta {
+                text,
+                logprobs,
+                completion_tokens,
+            } => shaper
+                .delta(
+                    text,
+                    logprobs
+                        .into_iter()
+                        .map(|l| LogprobEntry {
+                            chosen: logprob(l.chosen),
+                            top: l.top.into_iter().map(logprob).collect(),
+                        })
+                        .collect(),
+                    completion_tokens as u32,
+                )
                 .into_iter()
-                .map(|l| LogprobEntry {
-                    chosen: logprob(l.chosen),
-                    top: l.top.into_iter().map(logprob).collect(),
-                })
+                .map(Ok)
                 .collect(),
-            completion_tokens: completion_tokens as u32,
-        }),
-        GenEvent::Finished {
-            reason,
-            prompt_tokens,
-            completion_tokens,
-        } => Ok(GenerateEvent::Finished {
-            reason: match reason {
-                StopReason::Stop => FinishReason::Stop,
-                StopReason::Length => FinishReason::Length,
-            },
-            usage: Usage {
-                prompt_tokens: prompt_tokens as u32,
-                completion_tokens: completion_tokens as u32,
-            },
-        }),
-        GenEvent::Failed { message } => Err(BackendError::Internal(message)),
+            GenEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => shaper
+                .finished(
+                    match reason {
+                        StopReason::Stop => FinishReason::Stop,
+                        StopReason::Length => FinishReason::Length,
+                    },
+                    Usage {
+                        prompt_tokens: prompt_tokens as u32,
+                        completion_tokens: completion_tokens as u32,
+                    },
+                )
+                .into_iter()
+                .map(Ok)
+                .collect(),
+            GenEvent::Failed { message } => vec![Err(BackendError::Internal(message))],
+        };
+        futures::stream::iter(out)
     });
     Box::pin(started.chain(events))
 }

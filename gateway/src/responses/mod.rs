@@ -1,0 +1,431 @@
+//! The OpenAI Responses API: `POST /v1/responses` (streamed or not), `GET` and `DELETE
+//! /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`.
+//!
+//! A response runs as the chat request its input translates to (`request`), through the same
+//! admission, backends and [`crate::routes::Completion`] accounting as chat completions: one
+//! usage record per response (`endpoint = "/v1/responses"`), the same exactness and
+//! cancellation rules. Its output and events come from one fold (`output`); with `store` (the
+//! default when the server has a database) the response and the conversation it answered are
+//! kept for the customer (`store`), so `previous_response_id` can continue it.
+//!
+//! Modules: `request` (bodies, items, translation), `output` (response object and events),
+//! `store` (persistence).
+
+mod output;
+mod request;
+mod store;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use self::output::{Builder, Echo, Status};
+use self::request::{in_response_terms, CreateResponse, Item};
+use crate::auth::Caller;
+use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
+use crate::error::{ApiError, ApiJson};
+use crate::routes::{now_secs, start, Completion, Started};
+use crate::store::now_micros;
+use crate::{AppState, ModelLabel, RequestId};
+
+/// What a finished response leaves to store.
+struct ToStore {
+    customer_id: String,
+    conversation: Vec<Item>,
+    retention: Duration,
+}
+
+/// `POST /v1/responses`.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<CreateResponse>,
+) -> Result<Response, ApiError> {
+    let store = match (body.store, &state.store) {
+        (Some(true), None) => {
+            return Err(ApiError::InvalidRequest {
+                message: "store is not available: this server runs without a database - 'store'"
+                    .into(),
+                param: Some("store".into()),
+            })
+        }
+        (requested, Some(_)) => requested.unwrap_or(true),
+        (_, None) => false,
+    };
+    let mut history: Vec<Item> = Vec::new();
+    if let Some(previous) = &body.previous_response_id {
+        let not_found = || ApiError::InvalidRequest {
+            message: format!(
+                "Previous response with id '{previous}' not found. - 'previous_response_id'"
+            ),
+            param: Some("previous_response_id".into()),
+        };
+        let Some(db) = &state.store else {
+            return Err(not_found());
+        };
+        let stored = db
+            .get_response(previous, &caller.customer_id, now_micros())
+            .await?
+            .ok_or_else(not_found)?;
+        history = stored.input_items;
+        history.extend(output_items(&stored.response));
+    }
+    let (plan, input) = body.plan(&history, &id.0, state.config.server.max_n)?;
+    let tools = plan.choices.first().and_then(|c| c.tools.clone());
+    let echo = Echo {
+        id: format!("resp_{}", id.0.replace('-', "")),
+        created_at: now_secs(),
+        model: plan.model.clone(),
+        instructions: body.instructions.clone(),
+        max_output_tokens: body.max_output_tokens,
+        temperature: body.temperature.unwrap_or(1.0),
+        top_p: body.top_p.unwrap_or(1.0),
+        tools: json!(body.tools.clone().unwrap_or_default()),
+        tool_choice: match tools.as_ref().map(|t| &t.choice) {
+            None => json!("auto"),
+            Some(ToolChoice::None) => json!("none"),
+            Some(ToolChoice::Auto) => json!("auto"),
+            Some(ToolChoice::Required) => json!("required"),
+            Some(ToolChoice::Function(name)) => json!({"type": "function", "name": name}),
+        },
+        parallel_tool_calls: body.parallel_tool_calls.unwrap_or(true),
+        text_format: body
+            .text
+            .as_ref()
+            .and_then(|t| t.format.clone())
+            .unwrap_or_else(|| json!({"type": "text"})),
+        previous_response_id: body.previous_response_id.clone(),
+        store,
+        metadata: json!(body.metadata.clone().unwrap_or_default()),
+        user: body.user.clone(),
+    };
+    let customer_id = caller.customer_id.clone();
+    let Started {
+        mut streams,
+        completion,
+    } = start(&state, &id, caller, &plan, "/v1/responses")
+        .await
+        .map_err(in_response_terms)?;
+    let stream = streams
+        .pop()
+        .ok_or_else(|| ApiError::Internal("no backend stream".into()))?;
+    let mut conversation = history;
+    conversation.extend(input);
+    let keep = store.then(|| ToStore {
+        customer_id,
+        conversation,
+        retention: state.config.server.response_retention,
+    });
+    let label = ModelLabel(plan.model.clone());
+    let mut response = if plan.stream {
+        streamed(state, stream, Builder::new(echo), completion, keep).into_response()
+    } else {
+        Json(collected(state, stream, Builder::new(echo), completion, keep).await?).into_response()
+    };
+    response.extensions_mut().insert(label);
+    Ok(response)
+}
+
+/// The conversation items a stored response's output adds.
+fn output_items(response: &Value) -> Vec<Item> {
+    let mut items = Vec::new();
+    for o in response["output"].as_array().into_iter().flatten() {
+        match o["type"].as_str() {
+            Some("message") => items.push(Item::Message {
+                role: "assistant".into(),
+                text: o["content"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["text"].as_str())
+                    .collect(),
+            }),
+            Some("function_call") => items.push(Item::FunctionCall {
+                call_id: o["call_id"].as_str().unwrap_or_default().into(),
+                name: o["name"].as_str().unwrap_or_default().into(),
+                arguments: o["arguments"].as_str().unwrap_or_default().into(),
+            }),
+            _ => {}
+        }
+    }
+    items
+}
+
+/// Feeds one backend event to the fold and the accounting; `Some(status)` once it ends.
+fn step(
+    event: Result<GenerateEvent, crate::backend::BackendError>,
+    builder: &mut Builder,
+    completion: &mut Completion,
+    events: &mut Vec<(String, Value)>,
+) -> Option<Status> {
+    match event {
+        Ok(GenerateEvent::Started { .. }) => None,
+        Ok(GenerateEvent::Delta {
+            text,
+            completion_tokens,
+            ..
+        }) => {
+            completion.on_delta(0, completion_tokens);
+            events.extend(builder.on_text(&text));
+            None
+        }
+        Ok(GenerateEvent::ToolCallDelta {
+            index,
+            id,
+            name,
+            arguments,
+        }) => {
+            events.extend(builder.on_call(index, id, name, &arguments));
+            None
+        }
+        Ok(GenerateEvent::Finished { reason, usage }) => {
+            completion.on_finished(0, reason, usage);
+            Some(match reason {
+                FinishReason::Length => Status::Incomplete,
+                _ => Status::Completed,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "response failed");
+            Some(Status::Failed(
+                "the model failed while generating this response".into(),
+            ))
+        }
+    }
+}
+
+/// Stores a finished response (a database error is logged: the client has its answer).
+async fn keep(state: &AppState, id: &str, keep: Option<ToStore>, builder: &Builder) {
+    let (Some(keep), Some(db)) = (keep, &state.store) else {
+        return;
+    };
+    // The conversation up to this response's input; its output is in the response object and
+    // is appended when a continuation reads it back (`output_items`).
+    let conversation = keep.conversation;
+    let now = now_micros();
+    let expires = now + i64::try_from(keep.retention.as_micros()).unwrap_or(i64::MAX / 2);
+    if let Err(e) = db
+        .put_response(
+            id,
+            &keep.customer_id,
+            now,
+            expires,
+            &conversation,
+            &builder.response(),
+        )
+        .await
+    {
+        tracing::error!(response_id = id, error = %e, "cannot store the response");
+    }
+}
+
+async fn collected(
+    state: AppState,
+    mut stream: EventStream,
+    mut builder: Builder,
+    mut completion: Completion,
+    to_store: Option<ToStore>,
+) -> Result<Value, ApiError> {
+    let mut events = Vec::new();
+    let mut status = None;
+    while let Some(event) = stream.next().await {
+        if let Some(s) = step(event, &mut builder, &mut completion, &mut events) {
+            status = Some(s);
+            break;
+        }
+    }
+    let status =
+        status.unwrap_or_else(|| Status::Failed("the model stopped before finishing".into()));
+    let outcome = if matches!(status, Status::Failed(_)) {
+        "failed"
+    } else {
+        "completed"
+    };
+    let usage = crate::backend::Usage {
+        prompt_tokens: completion.prompt_tokens(),
+        completion_tokens: completion.completion_tokens(),
+    };
+    completion.commit(outcome).await;
+    if let Status::Failed(message) = &status {
+        return Err(ApiError::Internal(message.clone()));
+    }
+    builder.finish(status, Some(usage));
+    let id = builder.response()["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    keep(&state, &id, to_store, &builder).await;
+    Ok(builder.response())
+}
+
+fn sse((kind, body): (String, Value)) -> Result<Event, Infallible> {
+    Ok(Event::default().event(kind).data(body.to_string()))
+}
+
+fn streamed(
+    state: AppState,
+    mut stream: EventStream,
+    mut builder: Builder,
+    mut completion: Completion,
+    to_store: Option<ToStore>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let body = async_stream::stream! {
+        for e in builder.start() {
+            yield sse(e);
+        }
+        let mut status = None;
+        while let Some(event) = stream.next().await {
+            let mut events = Vec::new();
+            let end = step(event, &mut builder, &mut completion, &mut events);
+            for e in events {
+                yield sse(e);
+            }
+            if end.is_some() {
+                status = end;
+                break;
+            }
+        }
+        let status = status.unwrap_or_else(|| Status::Failed("the model stopped before finishing".into()));
+        let outcome = if matches!(status, Status::Failed(_)) { "failed" } else { "completed" };
+        let usage = crate::backend::Usage {
+            prompt_tokens: completion.prompt_tokens(),
+            completion_tokens: completion.completion_tokens(),
+        };
+        completion.commit(outcome).await;
+        for e in builder.finish(status, Some(usage)) {
+            yield sse(e);
+        }
+        let id = builder.response()["id"].as_str().unwrap_or_default().to_string();
+        keep(&state, &id, to_store, &builder).await;
+    };
+    Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("Response with id '{id}' not found."))
+}
+
+fn database(state: &AppState, id: &str) -> Result<crate::store::Store, ApiError> {
+    state.store.clone().ok_or_else(|| not_found(id))
+}
+
+/// `GET /v1/responses/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let stored = database(&state, &id)?
+        .get_response(&id, &caller.customer_id, now_micros())
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(stored.response))
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !database(&state, &id)?
+        .delete_response(&id, &caller.customer_id)
+        .await?
+    {
+        return Err(not_found(&id));
+    }
+    Ok(Json(
+        json!({"id": id, "object": "response", "deleted": true}),
+    ))
+}
+
+/// An input item in the API's shape, with an id derived from its response and position.
+fn item_json(response_id: &str, index: usize, item: &Item) -> Value {
+    let short = response_id.trim_start_matches("resp_");
+    match item {
+        Item::Message { role, text } => {
+            let kind = if role == "assistant" {
+                "output_text"
+            } else {
+                "input_text"
+            };
+            json!({"id": format!("msg_{short}i{index:04}"), "type": "message", "role": role,
+                   "status": "completed", "content": [{"type": kind, "text": text}]})
+        }
+        Item::FunctionCall {
+            call_id,
+            name,
+            arguments,
+        } => json!({"id": format!("fc_{short}i{index:04}"), "type": "function_call",
+                    "call_id": call_id, "name": name, "arguments": arguments, "status": "completed"}),
+        Item::FunctionCallOutput { call_id, output } => {
+            json!({"id": format!("fco_{short}i{index:04}"), "type": "function_call_output",
+                   "call_id": call_id, "output": output, "status": "completed"})
+        }
+    }
+}
+
+/// `GET /v1/responses/{id}/input_items?limit=&order=asc|desc&after=`.
+pub async fn input_items(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let stored = database(&state, &id)?
+        .get_response(&id, &caller.customer_id, now_micros())
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let limit = match query.get("limit") {
+        None => 20,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => {
+                return Err(ApiError::InvalidRequest {
+                    message: format!("limit must be between 1 and 100, not {l} - 'limit'"),
+                    param: Some("limit".into()),
+                })
+            }
+        },
+    };
+    let mut items: Vec<Value> = stored
+        .input_items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| item_json(&id, i, item))
+        .collect();
+    match query.get("order").map(String::as_str) {
+        None | Some("desc") => items.reverse(),
+        Some("asc") => {}
+        Some(other) => {
+            return Err(ApiError::InvalidRequest {
+                message: format!("order must be asc or desc, not {other} - 'order'"),
+                param: Some("order".into()),
+            })
+        }
+    }
+    if let Some(after) = query.get("after") {
+        let at = items
+            .iter()
+            .position(|i| i["id"].as_str() == Some(after.as_str()))
+            .map_or(items.len(), |p| p + 1);
+        items.drain(..at);
+    }
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    Ok(Json(json!({
+        "object": "list",
+        "data": items,
+        "first_id": items.first().map(|i| i["id"].clone()),
+        "last_id": items.last().map(|i| i["id"].clone()),
+        "has_more": has_more,
+    })))
+}

@@ -1,0 +1,199 @@
+//! The cost of constrained decoding on this machine: total decode tok/s of the engine with
+//! 1 and 8 sequences generating JSON under a schema, against the same engine generating free
+//! text, and the time to compute one token mask (p50/p99/max) along those JSON outputs.
+//!
+//! `cargo run --release -p tollgate-runtime --example structured [-- [--rounds N] [path/to/model.gguf]]`
+//!
+//! Both kinds of sequence sample at temperature 1 with fixed seeds and generate
+//! [`MAX_TOKENS`] tokens unless they end first; tok/s counts the tokens each produced.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tollgate_runtime::constraint::{ConstraintCompiler, Grammar};
+use tollgate_runtime::dev_model::require_dev_model;
+use tollgate_runtime::engine::{Engine, EngineConfig, GenConstraint, GenEvent, GenRequest};
+use tollgate_runtime::loader::{load, LoadOptions, ModelSource};
+use tollgate_runtime::model::WeightForm;
+use tollgate_runtime::sampling::SamplingParams;
+
+const MAX_TOKENS: usize = 128;
+
+/// A schema whose documents are long enough to fill [`MAX_TOKENS`]: many bounded strings.
+fn schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 40},
+            "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+            "genre": {"enum": ["drama", "comedy", "thriller", "documentary"]},
+            "scenes": {
+                "type": "array",
+                "minItems": 30,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "place": {"type": "string", "maxLength": 24},
+                        "minutes": {"type": "integer", "minimum": 1, "maximum": 60}
+                    },
+                    "required": ["place", "minutes"],
+                    "additionalProperties": false
+                }
+            }
+        },
+        "required": ["title", "year", "genre", "scenes"],
+        "additionalProperties": false
+    })
+}
+
+struct Run {
+    tokens: usize,
+    seconds: f64,
+    outputs: Vec<Vec<u32>>,
+}
+
+/// `batch` sequences submitted together; returns the tokens they produced and the wall time.
+fn run(
+    engine: &Engine,
+    tokenizer: &tollgate_runtime::tokenizer::ModelTokenizer,
+    prompt: &[u32],
+    batch: usize,
+    constraint: impl Fn() -> anyhow::Result<Option<GenConstraint>>,
+) -> anyhow::Result<Run> {
+    let started = Instant::now();
+    let mut receivers = Vec::new();
+    for i in 0..batch {
+        receivers.push(engine.submit(GenRequest {
+            prompt_ids: prompt.to_vec(),
+            max_tokens: MAX_TOKENS,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed: Some(i as u64 + 1),
+                ..SamplingParams::default()
+            },
+            stop: Vec::new(),
+            progress: None,
+            constraint: constraint()?,
+            tenant: None,
+        })?);
+    }
+    let mut tokens = 0;
+    let mut outputs = Vec::new();
+    for mut r in receivers {
+        let mut text = String::new();
+        while let Some(event) = r.blocking_recv() {
+            match event {
+                GenEvent::Delta { text: t, .. } => text.push_str(&t),
+                GenEvent::Finished {
+                    completion_tokens, ..
+                } => {
+                    tokens += completion_tokens;
+                    break;
+                }
+                GenEvent::Failed { message } => anyhow::bail!("generation failed: {message}"),
+            }
+        }
+        outputs.push(tokenizer.encode(&text, false)?);
+    }
+    Ok(Run {
+        tokens,
+        seconds: started.elapsed().as_secs_f64(),
+        outputs,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut rounds = 2;
+    let mut path: Option<PathBuf> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
+            other => path = Some(PathBuf::from(other)),
+        }
+    }
+    let path = match path {
+        Some(p) => p,
+        None => require_dev_model()?,
+    };
+    let loaded = load(
+        "bench",
+        &ModelSource::Path(path),
+        &LoadOptions {
+            device: "cpu".into(),
+            weights: WeightForm::Auto,
+            context_length: Some(2048),
+        },
+    )?;
+    let vocab = loaded.model.config().vocab_size;
+    let tokenizer = loaded.tokenizer.clone();
+    let compiler = Arc::new(ConstraintCompiler::new(tokenizer.clone(), vocab)?);
+    let config = EngineConfig {
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(loaded.model, tokenizer.clone(), config)?;
+    let prompt = tokenizer.encode(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nDescribe a long film, scene by scene.<|im_end|>\n<|im_start|>assistant\n",
+        false,
+    )?;
+    let grammar = Grammar::JsonSchema {
+        schema: schema(),
+        param: "schema".into(),
+    };
+    let mut mask_times: Vec<f64> = Vec::new();
+    for round in 1..=rounds {
+        for batch in [1usize, 8] {
+            let free = run(&engine, &tokenizer, &prompt, batch, || Ok(None))?;
+            let json = run(&engine, &tokenizer, &prompt, batch, || {
+                Ok(Some(GenConstraint::Now(Box::new(
+                    compiler.compile(&grammar)?,
+                ))))
+            })?;
+            let (f, j) = (
+                free.tokens as f64 / free.seconds,
+                json.tokens as f64 / json.seconds,
+            );
+            println!(
+                "round {round}, batch {batch}: unconstrained {f:.1} tok/s ({} tokens), constrained {j:.1} tok/s ({} tokens), ratio {:.3}",
+                free.tokens,
+                json.tokens,
+                j / f
+            );
+            // Mask times along the JSON outputs (re-tokenized: the same text, maybe split
+            // differently, which the grammar accepts as well).
+            for output in &json.outputs {
+                let mut c = compiler.compile(&grammar)?;
+                let mut logits = vec![0f32; vocab];
+                for &t in output {
+                    let started = Instant::now();
+                    c.mask(&mut logits)?;
+                    mask_times.push(started.elapsed().as_secs_f64() * 1e3);
+                    if c.commit(t).is_err() || c.is_finished() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    mask_times.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "token mask ({} masks, vocabulary {vocab}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        mask_times.len(),
+        percentile(&mask_times, 0.5),
+        percentile(&mask_times, 0.99),
+        mask_times.last().copied().unwrap_or(0.0)
+    );
+    Ok(())
+}

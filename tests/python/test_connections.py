@@ -1,0 +1,120 @@
+"""Connection abuse on the real server: request heads that never finish or trickle in, idle
+keep-alive connections, and more connections than the listener allows."""
+
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import httpx
+
+from conftest import API_KEY, ROOT, start_server, stop_server
+
+MODEL = "smollm2-135m"
+
+
+def config(tmp, extra):
+    path = os.path.join(tmp, "models.toml")
+    with open(path, "w") as f:
+        f.write(
+            "[server]\n" + extra +
+            f'[models."{MODEL}"]\n'
+            f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
+            'backend = { type = "local", device = "cpu" }\n'
+        )
+    return path
+
+
+def closed_within(sock, seconds):
+    """Whether the server closes `sock` within `seconds` (reads until EOF or reset)."""
+    sock.settimeout(seconds)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_slow_and_idle_connections_are_closed_at_the_header_timeout():
+    tmp = tempfile.mkdtemp(prefix="tollgate-conn-")
+    srv = start_server(extra_args=["--config", config(tmp, "header_read_timeout_secs = 2\n")])
+    host, port = srv.addr.rsplit(":", 1)
+    try:
+        client = httpx.Client(base_url=srv.base_url, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert client.get("/models").status_code == 200
+        stalled, trickling, idle = [], [], []
+        for _ in range(10):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            stalled.append(s)
+        for _ in range(10):
+            trickling.append(socket.create_connection((host, int(port))))
+        for _ in range(5):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle.append(s)
+        stop = threading.Event()
+
+        def trickle():
+            line = 0
+            while not stop.is_set():
+                for s in trickling:
+                    try:
+                        s.sendall(b"X-Slow-%d: 1\r\n" % line if line else b"GET /health HTTP/1.1\r\n")
+                    except OSError:
+                        pass
+                line += 1
+                stop.wait(0.5)
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        # Normal requests are served while the slow connections are open.
+        for _ in range(5):
+            assert client.get("/models").status_code == 200
+        started = time.monotonic()
+        results = [closed_within(s, 8) for s in stalled + trickling]
+        stop.set()
+        waited = time.monotonic() - started
+        assert all(results), f"{results.count(False)} of 20 slow connections still open after {waited:.1f}s"
+        # The idle keep-alive connections got their answer, then were closed too.
+        for s in idle:
+            s.settimeout(8)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            assert closed_within(s, 8)
+        assert client.get("/models").status_code == 200
+    finally:
+        assert stop_server(srv) == 0
+
+
+def test_connections_beyond_the_limit_are_refused_at_once():
+    tmp = tempfile.mkdtemp(prefix="tollgate-conn-")
+    srv = start_server(extra_args=["--config", config(tmp, "max_connections = 8\nheader_read_timeout_secs = 3\n")])
+    host, port = srv.addr.rsplit(":", 1)
+    try:
+        held = [socket.create_connection((host, int(port))) for _ in range(8)]
+        time.sleep(0.3)  # let the server accept them
+        extra = [socket.create_connection((host, int(port))) for _ in range(4)]
+        assert all(closed_within(s, 2) for s in extra), "connections past the limit were kept open"
+        for s in held:
+            s.close()
+        # Once the held ones are gone, requests are served again.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.get(f"http://{srv.addr}/health", timeout=5)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not serve again after the flood"
+            time.sleep(0.1)
+        metrics = httpx.get(f"http://{srv.addr}/metrics").text
+        refused = [l for l in metrics.splitlines() if l.startswith("tollgate_connections_refused_total ")]
+        assert refused and float(refused[0].split()[1]) >= 4
+    finally:
+        assert stop_server(srv) == 0
