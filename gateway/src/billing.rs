@@ -117,6 +117,12 @@ pub fn usage_row_json(row: &UsageRow, columns: &[&str]) -> Value {
         };
         obj.insert(c.to_string(), v);
     }
+    // Of `input_tokens`, those served from a prefix cache (JSON only: the CSV columns are
+    // the documented ones).
+    obj.insert(
+        "input_cached_tokens".to_string(),
+        json!(row.cached_input_tokens),
+    );
     Value::Object(obj)
 }
 
@@ -132,7 +138,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[&str]) -> Result<String, csv::Err
 }
 
 /// Columns of an exported record, in order (DESIGN.md §6).
-pub const RECORD_COLUMNS: [&str; 16] = [
+pub const RECORD_COLUMNS: [&str; 20] = [
     "id",
     "customer_id",
     "key_id",
@@ -149,6 +155,10 @@ pub const RECORD_COLUMNS: [&str; 16] = [
     "input_price_per_mtok",
     "output_price_per_mtok",
     "cost_usd",
+    "cached_input_tokens",
+    "cached_input_price_per_mtok",
+    "cached_input_cost_usd",
+    "usage_source",
 ];
 
 /// A record as exported: times in RFC 3339, money as a decimal string.
@@ -170,7 +180,19 @@ pub fn record_json(r: &UsageRecord) -> Value {
         "input_price_per_mtok": r.input_price_per_mtok,
         "output_price_per_mtok": r.output_price_per_mtok,
         "cost_usd": format_usd(r.cost_nano_usd),
+        "cached_input_tokens": r.cached_input_tokens,
+        "cached_input_price_per_mtok": cached_price(r),
+        "cached_input_cost_usd": format_usd(r.cached_cost_nano_usd),
+        "usage_source": r.usage_source,
     })
+}
+
+/// The unit price a record's cached prompt tokens were charged (the input price on records
+/// older than cached pricing).
+fn cached_price(r: &UsageRecord) -> String {
+    r.cached_input_price_per_mtok
+        .clone()
+        .unwrap_or_else(|| r.input_price_per_mtok.clone())
 }
 
 /// A record as a CSV row in [`RECORD_COLUMNS`] order.
@@ -192,11 +214,18 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         r.input_price_per_mtok.clone(),
         r.output_price_per_mtok.clone(),
         format_usd(r.cost_nano_usd),
+        r.cached_input_tokens.to_string(),
+        cached_price(r),
+        format_usd(r.cached_cost_nano_usd),
+        r.usage_source.clone().unwrap_or_default(),
     ]
 }
 
-/// A customer's invoice for a month: one line per model and unit prices; the total is the sum
-/// of the lines in integer nano-USD, and each line the sum of its records.
+/// A customer's invoice for a month: one line per model and unit prices (fresh input and
+/// output), and beside it a `cached_input` line for the prompt tokens served from a prefix
+/// cache; the total is the sum of the lines in integer nano-USD. A line's amount is the sum of
+/// its records' parts: each record's cached part (`cached_input_cost_usd`, rounded alone) on
+/// the cached line, the rest of its cost on the other, so the two add up to the records.
 pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreResult<Value> {
     let (start, end) = parse_period(period).map_err(StoreError::Invalid)?;
     let customer = store.customer(customer_id).await?;
@@ -210,20 +239,32 @@ pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreRes
         .aggregate(&filter, &[GroupBy::Model, GroupBy::Prices], None)
         .await?;
     let total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
-    let lines: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
+    let mut lines: Vec<Value> = Vec::new();
+    for r in &rows {
+        lines.push(json!({
+            "kind": "tokens",
+            "model": r.model,
+            "requests": r.requests,
+            "input_tokens": r.input_tokens - r.cached_input_tokens,
+            "output_tokens": r.output_tokens,
+            "input_price_per_mtok": r.input_price_per_mtok,
+            "output_price_per_mtok": r.output_price_per_mtok,
+            "amount_usd": format_usd(r.cost_nano_usd - r.cached_cost_nano_usd),
+        }));
+        if r.cached_input_tokens > 0 {
+            lines.push(json!({
+                "kind": "cached_input",
                 "model": r.model,
                 "requests": r.requests,
-                "input_tokens": r.input_tokens,
-                "output_tokens": r.output_tokens,
-                "input_price_per_mtok": r.input_price_per_mtok,
-                "output_price_per_mtok": r.output_price_per_mtok,
-                "amount_usd": format_usd(r.cost_nano_usd),
-            })
-        })
-        .collect();
+                "cached_input_tokens": r.cached_input_tokens,
+                "cached_input_price_per_mtok": r
+                    .cached_input_price_per_mtok
+                    .as_ref()
+                    .or(r.input_price_per_mtok.as_ref()),
+                "amount_usd": format_usd(r.cached_cost_nano_usd),
+            }));
+        }
+    }
     Ok(json!({
         "object": "invoice",
         "customer_id": customer.id,

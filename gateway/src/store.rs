@@ -19,7 +19,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
-/// Rows per multi-row insert on PostgreSQL (16 parameters each; well under its limit).
+/// Rows per multi-row insert on PostgreSQL (20 parameters each; well under its limit).
 const INSERT_CHUNK: usize = 200;
 /// Rows per multi-row insert on SQLite: binding a parameter looks its name up by a linear
 /// search (`sqlite3_bind_parameter_name`), so a statement's binding cost grows with the square
@@ -117,7 +117,7 @@ pub struct NewKey {
 }
 
 /// One request's usage, as written to the ledger (DESIGN.md §6). Times in Unix microseconds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub id: String,
     pub customer_id: String,
@@ -136,6 +136,20 @@ pub struct UsageRecord {
     pub input_price_per_mtok: String,
     pub output_price_per_mtok: String,
     pub cost_nano_usd: i64,
+    /// Of `input_tokens`, those served from a prefix cache.
+    #[serde(default)]
+    pub cached_input_tokens: i64,
+    /// The unit price of cached prompt tokens (`None` on records older than it: the input
+    /// price).
+    #[serde(default)]
+    pub cached_input_price_per_mtok: Option<String>,
+    /// The part of `cost_nano_usd` that is cached prompt tokens (rounded alone).
+    #[serde(default)]
+    pub cached_cost_nano_usd: i64,
+    /// Where the token counts came from: `engine`, `upstream`, or `observed` (an upstream
+    /// reported fewer output tokens than the gateway saw, or none).
+    #[serde(default)]
+    pub usage_source: Option<String>,
 }
 
 /// Columns usage can be grouped by.
@@ -169,10 +183,15 @@ pub struct UsageRow {
     pub bucket_start: Option<i64>,
     pub input_price_per_mtok: Option<String>,
     pub output_price_per_mtok: Option<String>,
+    pub cached_input_price_per_mtok: Option<String>,
     pub requests: i64,
     pub input_tokens: i64,
+    /// Of `input_tokens`, those served from a prefix cache.
+    pub cached_input_tokens: i64,
     pub output_tokens: i64,
     pub cost_nano_usd: i64,
+    /// Of `cost_nano_usd`, the cached prompt tokens' part.
+    pub cached_cost_nano_usd: i64,
 }
 
 /// A connection pool to the ledger database.
@@ -214,7 +233,10 @@ pub fn normalize_url(url: &str) -> String {
 
 const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
-    input_price_per_mtok, output_price_per_mtok, cost_nano_usd";
+    input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
+    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source";
+/// Columns of [`RECORD_COLUMNS`], one bound parameter each.
+const RECORD_PARAMS: usize = 20;
 const KEY_COLUMNS: &str =
     "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, revoked_at, created_at";
 const CUSTOMER_COLUMNS: &str = "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at";
@@ -272,6 +294,10 @@ fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         input_price_per_mtok: row.try_get("input_price_per_mtok")?,
         output_price_per_mtok: row.try_get("output_price_per_mtok")?,
         cost_nano_usd: row.try_get("cost_nano_usd")?,
+        cached_input_tokens: row.try_get("cached_input_tokens")?,
+        cached_input_price_per_mtok: row.try_get("cached_input_price_per_mtok")?,
+        cached_cost_nano_usd: row.try_get("cached_cost_nano_usd")?,
+        usage_source: row.try_get("usage_source")?,
     })
 }
 
@@ -639,8 +665,10 @@ impl Store {
         for chunk in records.chunks(chunk_rows) {
             let mut sql = format!("INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES ");
             for i in 0..chunk.len() {
-                let base = i * 16;
-                let params: Vec<String> = (1..=16).map(|k| format!("${}", base + k)).collect();
+                let base = i * RECORD_PARAMS;
+                let params: Vec<String> = (1..=RECORD_PARAMS)
+                    .map(|k| format!("${}", base + k))
+                    .collect();
                 if i > 0 {
                     sql.push_str(", ");
                 }
@@ -670,7 +698,11 @@ impl Store {
                     .bind(r.ttft_ms)
                     .bind(&r.input_price_per_mtok)
                     .bind(&r.output_price_per_mtok)
-                    .bind(r.cost_nano_usd);
+                    .bind(r.cost_nano_usd)
+                    .bind(r.cached_input_tokens)
+                    .bind(&r.cached_input_price_per_mtok)
+                    .bind(r.cached_cost_nano_usd)
+                    .bind(&r.usage_source);
             }
             if postgres {
                 for row in q.fetch_all(&mut *tx).await? {
@@ -764,6 +796,7 @@ impl Store {
                 GroupBy::Prices => {
                     cols.push("input_price_per_mtok".into());
                     cols.push("output_price_per_mtok".into());
+                    cols.push("cached_input_price_per_mtok".into());
                 }
             }
         }
@@ -791,7 +824,9 @@ impl Store {
             "CAST(COUNT(*) AS BIGINT) AS requests, \
              CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
              CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
-             CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd \
+             CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd, \
+             CAST(SUM(cached_input_tokens) AS BIGINT) AS cached_input_tokens, \
+             CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd \
              FROM usage_records WHERE started_at >= $1 AND started_at < $2",
         );
         let mut next = 3;
@@ -849,11 +884,22 @@ impl Store {
                     } else {
                         None
                     },
+                    cached_input_price_per_mtok: if has(GroupBy::Prices) {
+                        row.try_get("cached_input_price_per_mtok")?
+                    } else {
+                        None
+                    },
                     requests,
                     // SUM over no rows is NULL.
                     input_tokens: row.try_get::<Option<i64>, _>("input_tokens")?.unwrap_or(0),
                     output_tokens: row.try_get::<Option<i64>, _>("output_tokens")?.unwrap_or(0),
                     cost_nano_usd: row.try_get::<Option<i64>, _>("cost_nano_usd")?.unwrap_or(0),
+                    cached_input_tokens: row
+                        .try_get::<Option<i64>, _>("cached_input_tokens")?
+                        .unwrap_or(0),
+                    cached_cost_nano_usd: row
+                        .try_get::<Option<i64>, _>("cached_cost_nano_usd")?
+                        .unwrap_or(0),
                 })
             })
             .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))

@@ -226,7 +226,7 @@ pub async fn completions_usage(
             "object": "organization.usage.completions.result",
             "input_tokens": r.input_tokens,
             "output_tokens": r.output_tokens,
-            "input_cached_tokens": 0,
+            "input_cached_tokens": r.cached_input_tokens,
             "input_audio_tokens": 0,
             "output_audio_tokens": 0,
             "num_model_requests": r.requests,

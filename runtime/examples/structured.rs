@@ -76,6 +76,7 @@ fn run(
             stop: Vec::new(),
             progress: None,
             constraint: constraint()?,
+            cached: None,
         })?);
     }
     let mut tokens = 0;

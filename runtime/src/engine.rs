@@ -73,6 +73,9 @@ pub struct GenRequest {
     pub progress: Option<Arc<AtomicUsize>>,
     /// The grammar the output must follow, if any.
     pub constraint: Option<GenConstraint>,
+    /// Set at admission to the prompt tokens taken from the prefix cache (also reported in
+    /// `Finished`), so a caller that goes away can bill them at the cached price.
+    pub cached: Option<Arc<AtomicUsize>>,
 }
 
 /// Compiles the grammar that takes over once a trigger appears: given the text the model wrote
@@ -142,6 +145,8 @@ pub enum GenEvent {
         reason: StopReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens taken from the prefix cache instead of being prefilled.
+        cached_tokens: usize,
     },
     /// The sequence failed; nothing follows.
     Failed { message: String },
@@ -275,6 +280,8 @@ struct Sequence {
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Prompt tokens that came from the prefix cache.
+    cached: usize,
     /// Sampled tokens; the last one is not yet in the cache.
     generated: Vec<u32>,
     max_tokens: usize,
@@ -474,6 +481,7 @@ impl Worker {
                 stop,
                 progress,
                 constraint,
+                cached,
             } = sub.request;
             let logprobs = sampling.logprobs.is_some();
             let sampler = Sampler::new(sampling, &prompt_ids);
@@ -491,8 +499,12 @@ impl Worker {
                     self.model.new_cache()
                 }
             };
+            if let Some(c) = &cached {
+                c.store(cache.len(), Ordering::Relaxed);
+            }
             self.running.push(Sequence {
                 prefilled: cache.len(),
+                cached: cache.len(),
                 generated: Vec::new(),
                 max_tokens,
                 cache,
@@ -638,6 +650,7 @@ impl Worker {
                         reason,
                         prompt_tokens: seq.prompt.len(),
                         completion_tokens: seq.generated.len(),
+                        cached_tokens: seq.cached,
                     });
                 }
             }

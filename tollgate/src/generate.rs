@@ -86,6 +86,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop: Vec::new(),
         progress: None,
         constraint: None,
+        cached: None,
     })?;
 
     let started = Instant::now();
@@ -102,6 +103,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => {
                 let total = started.elapsed();
                 let ttft = first_token.unwrap_or(total);

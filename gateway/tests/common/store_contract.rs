@@ -27,6 +27,7 @@ pub fn record(id: &str, customer: &str, model: &str, started_at: i64, cost: i64)
         input_price_per_mtok: "0.05".into(),
         output_price_per_mtok: "0.10".into(),
         cost_nano_usd: cost,
+        ..UsageRecord::default()
     }
 }
 
@@ -113,13 +114,20 @@ pub async fn exercise(store: &Store) {
         .map(|i| {
             let customer = if i % 3 == 0 { "beta" } else { "acme" };
             let model = if i % 2 == 0 { "m1" } else { "m2" };
-            record(
+            let mut r = record(
                 &format!("r{i:04}"),
                 customer,
                 model,
                 t0 + i * DAY / 100,
                 1_000 + i,
-            )
+            );
+            // Cached prompt tokens, their price and part of the cost, and the counts' source
+            // read back and add up like the other columns.
+            r.cached_input_tokens = i % 5;
+            r.cached_input_price_per_mtok = Some("0.02".into());
+            r.cached_cost_nano_usd = 20 * (i % 5);
+            r.usage_source = Some(if i % 7 == 0 { "observed" } else { "engine" }.into());
+            r
         })
         .collect();
     assert_eq!(store.insert_records(&batch).await.unwrap(), 450);
@@ -165,6 +173,14 @@ pub async fn exercise(store: &Store) {
             row.cost_nano_usd,
             mine.iter().map(|r| r.cost_nano_usd).sum::<i64>()
         );
+        assert_eq!(
+            row.cached_input_tokens,
+            mine.iter().map(|r| r.cached_input_tokens).sum::<i64>()
+        );
+        assert_eq!(
+            row.cached_cost_nano_usd,
+            mine.iter().map(|r| r.cached_cost_nano_usd).sum::<i64>()
+        );
     }
     let days = store.aggregate(&all, &[GroupBy::Day], None).await.unwrap();
     assert_eq!(days.len(), 5, "450 records 1/100 day apart span 5 days");
@@ -184,6 +200,10 @@ pub async fn exercise(store: &Store) {
         .unwrap();
     assert_eq!(invoice.len(), 1);
     assert_eq!(invoice[0].input_price_per_mtok.as_deref(), Some("0.05"));
+    assert_eq!(
+        invoice[0].cached_input_price_per_mtok.as_deref(),
+        Some("0.02")
+    );
     assert_eq!(
         invoice[0].requests,
         batch
