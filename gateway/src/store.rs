@@ -222,12 +222,24 @@ fn is_unreachable(e: &sqlx::Error) -> bool {
     )
 }
 
-/// `sqlite://…`, `postgres://…`, or a bare file path (SQLite, created when missing).
+/// `sqlite://…`, `postgres://…`, or a bare file path. A SQLite file is created when missing,
+/// whichever way it is named, unless the URL chooses its own `mode` (or is in memory).
 pub fn normalize_url(url: &str) -> String {
-    if url.contains("://") || url.starts_with("sqlite:") {
+    if !url.starts_with("sqlite:") {
+        return if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("sqlite://{url}?mode=rwc")
+        };
+    }
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let has_mode = query.split('&').any(|p| p.starts_with("mode="));
+    if has_mode || path.contains(":memory:") {
         url.to_string()
+    } else if query.is_empty() {
+        format!("{path}?mode=rwc")
     } else {
-        format!("sqlite://{url}?mode=rwc")
+        format!("{path}?{query}&mode=rwc")
     }
 }
 
