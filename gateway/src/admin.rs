@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::limits::month_bounds;
 use crate::money::{format_usd, parse_usd};
 use crate::store::{now_micros, ApiKey, Customer, CustomerFields, NewKey, Store, UsageFilter};
+use crate::tags::Tags;
 use crate::AppState;
 
 /// Records per page of `/admin/v1/usage/records` unless `limit` says otherwise.
@@ -39,7 +40,10 @@ pub fn router(state: AppState) -> Router<AppState> {
             "/admin/v1/customers/{id}/keys",
             get(list_keys).post(create_key),
         )
-        .route("/admin/v1/keys/{key_id}", delete(revoke_key))
+        .route(
+            "/admin/v1/keys/{key_id}",
+            delete(revoke_key).patch(update_key),
+        )
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/usage/records", get(usage_records))
         .route("/admin/v1/invoices/{customer_id}", get(invoice))
@@ -214,7 +218,24 @@ pub fn key_json(k: &ApiKey) -> Value {
         "expires_at": k.expires_at.map(rfc3339),
         "revoked_at": k.revoked_at.map(rfc3339),
         "created_at": rfc3339(k.created_at),
+        "tags": k.tags,
     })
+}
+
+/// `tags`: a JSON object of string pairs within the limits of request `metadata`.
+fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, ApiError> {
+    let tags: Tags = match map.get("tags") {
+        None => return Ok(None),
+        Some(Value::Null) => Tags::new(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+            invalid_field(
+                "tags",
+                format!("`tags` must be an object of string values, got {v}"),
+            )
+        })?,
+    };
+    crate::tags::check(&tags, "tags").map_err(|e| invalid_field(&e.param, e.message))?;
+    Ok(Some(tags))
 }
 
 fn list(data: Vec<Value>) -> Json<Value> {
@@ -346,13 +367,17 @@ async fn create_key(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let map = object(&body)?;
-    reject_unknown(&map, &["name", "models", "rpm", "tpm", "expires_at"])?;
+    reject_unknown(
+        &map,
+        &["name", "models", "rpm", "tpm", "expires_at", "tags"],
+    )?;
     let new = NewKey {
         name: string_field(&map, "name")?.unwrap_or_default(),
         models: models_field(&state, &map)?,
         rpm: limit_field(&map, "rpm")?.flatten(),
         tpm: limit_field(&map, "tpm")?.flatten(),
         expires_at: expiry_field(&map)?,
+        tags: tags_field(&map)?.unwrap_or_default(),
     };
     let (created, secret) = issue_key(store(&state)?, &customer_id, new).await?;
     let mut body = key_json(&created);
@@ -383,6 +408,26 @@ async fn list_keys(
     Ok(list(keys.iter().map(key_json).collect()))
 }
 
+/// `PATCH /admin/v1/keys/{key_id}` `{"tags": {...}}`: replaces the key's default tags (`null`
+/// or `{}` clears them). Requests made with the key see them within the key cache's lifetime.
+async fn update_key(
+    State(state): State<AppState>,
+    Path(key_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let map = object(&body)?;
+    reject_unknown(&map, &["tags"])?;
+    let Some(tags) = tags_field(&map)? else {
+        return Err(invalid_field(
+            "tags",
+            "nothing to change: give `tags`".into(),
+        ));
+    };
+    let key = store(&state)?.set_key_tags(&key_id, &tags).await?;
+    state.auth.forget_key(&key_id);
+    Ok(Json(key_json(&key)))
+}
+
 async fn revoke_key(
     State(state): State<AppState>,
     Path(key_id): Path<String>,
@@ -399,8 +444,16 @@ struct UsageQuery {
     end: Option<String>,
     customer_id: Option<String>,
     model: Option<String>,
+    /// `key:value`: only records with this tag.
+    tag: Option<String>,
     group_by: Option<String>,
     format: Option<String>,
+}
+
+/// The `tag` query parameter.
+fn tag_filter(tag: Option<&str>) -> Result<Option<(String, String)>, ApiError> {
+    tag.map(|t| billing::parse_tag_filter(t).map_err(|e| invalid_field("tag", e)))
+        .transpose()
 }
 
 /// A query string, or a 400 naming what is wrong with it.
@@ -444,6 +497,7 @@ async fn usage(
         end,
         customer_id: q.customer_id,
         model: q.model,
+        tag: tag_filter(q.tag.as_deref())?,
     };
     let rows = store(&state)?.aggregate(&filter, &groups, None).await?;
     let columns = billing::usage_columns(&groups);
@@ -513,6 +567,10 @@ async fn usage_records(
 #[serde(deny_unknown_fields)]
 struct InvoiceQuery {
     period: Option<String>,
+    /// `key:value`: only records with this tag.
+    tag: Option<String>,
+    /// `tag:KEY`: lines split by the value of this tag.
+    group_by: Option<String>,
 }
 
 async fn invoice(
@@ -523,7 +581,20 @@ async fn invoice(
     let q = query(q)?;
     let period = q.period.unwrap_or_else(billing::current_period);
     billing::parse_period(&period).map_err(|e| invalid_field("period", e))?;
+    let group_tag = match q.group_by.as_deref() {
+        None | Some("") => None,
+        Some(g) => match g.strip_prefix("tag:") {
+            Some(key) if !key.is_empty() => Some(key.to_string()),
+            _ => {
+                return Err(invalid_field(
+                    "group_by",
+                    format!("invoices group by `tag:KEY` only, not `{g}`"),
+                ))
+            }
+        },
+    };
+    let tag = tag_filter(q.tag.as_deref())?;
     Ok(Json(
-        billing::invoice(store(&state)?, &customer_id, &period).await?,
+        billing::invoice_for(store(&state)?, &customer_id, &period, tag, group_tag).await?,
     ))
 }

@@ -77,6 +77,8 @@ pub struct Caller {
     pub budget_nano_usd: Option<i64>,
     /// When the key stops working (Unix micros), also while served from the last lookup.
     pub expires_at: Option<i64>,
+    /// The key's default cost-allocation tags, merged into each of its records.
+    pub key_tags: Arc<crate::tags::Tags>,
 }
 
 impl Caller {
@@ -95,6 +97,7 @@ impl Caller {
             },
             budget_nano_usd: customer.budget_nano_usd,
             expires_at: key.expires_at,
+            key_tags: Arc::new(key.tags.clone()),
         }
     }
 
@@ -195,6 +198,7 @@ impl AuthConfig {
                 },
                 budget_nano_usd: customer.and_then(|c| c.budget_nano_usd),
                 expires_at: None,
+                key_tags: Arc::default(),
             });
         }
         let Some(store) = store else {

@@ -19,6 +19,7 @@ pub mod openai;
 mod routes;
 pub mod shared_limits;
 pub mod store;
+pub mod tags;
 pub mod upstream;
 mod usage_api;
 

@@ -27,6 +27,7 @@ use crate::limits::{BudgetHold, TokenHold};
 use crate::money::{cached_part_nano_usd, cost_with_cached_nano_usd, max_cost_nano_usd};
 use crate::openai::{ChatRequest, CompletionRequest, Plan};
 use crate::store::{now_micros, UsageRecord};
+use crate::tags::Tags;
 use crate::{AppState, ModelLabel, RequestId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,8 @@ struct Completion {
     cached: Vec<Option<Arc<AtomicUsize>>>,
     /// Where each finished choice's counts came from.
     sources: Vec<Option<UsageSource>>,
+    /// Cost-allocation tags for the record (request and key, merged).
+    tags: Tags,
     finish: Option<FinishReason>,
     outcome: &'static str,
     tokens_hold: Option<TokenHold>,
@@ -247,6 +250,7 @@ impl Completion {
             cached_input_price_per_mtok: Some(self.price.cached_input_per_mtok.to_string()),
             cached_cost_nano_usd: cached_cost,
             usage_source: Some(self.usage_source().as_str().to_string()),
+            tags: std::mem::take(&mut self.tags),
         })
     }
 
@@ -334,8 +338,9 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    let tags = request.common.tags()?;
     let plan = request.plan(&id.0, state.config.server.max_n)?;
-    respond(state, id, caller, plan, Kind::Chat).await
+    respond_tagged(state, id, caller, plan, Kind::Chat, tags).await
 }
 
 pub async fn completions(
@@ -344,8 +349,9 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let tags = request.common.tags()?;
     let plan = request.plan(&id.0, state.config.server.max_n)?;
-    respond(state, id, caller, plan, Kind::Text).await
+    respond_tagged(state, id, caller, plan, Kind::Text, tags).await
 }
 
 /// Admission: key may use the model, request rate, then (with real token counts) the token
@@ -394,6 +400,8 @@ async fn admit(
     Ok((Some(tokens), budget))
 }
 
+/// Runs a request whose record carries no tags of its own (the key's default tags still apply).
+#[allow(dead_code, reason = "the entry point for routes without request tags")]
 async fn respond(
     state: AppState,
     id: RequestId,
@@ -401,6 +409,19 @@ async fn respond(
     plan: Plan,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    respond_tagged(state, id, caller, plan, kind, Tags::new()).await
+}
+
+/// Runs a request; its record carries `tags` merged with the key's default tags.
+async fn respond_tagged(
+    state: AppState,
+    id: RequestId,
+    caller: Caller,
+    plan: Plan,
+    kind: Kind,
+    tags: Tags,
+) -> Result<Response, ApiError> {
+    let tags = crate::tags::merged(tags, &caller.key_tags);
     let backend = backend_for(&state, &plan.model)?;
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
@@ -451,6 +472,7 @@ async fn respond(
         cached_reported: vec![None; prepared.len()],
         cached: prepared.iter().map(|p| p.cached.clone()).collect(),
         sources: vec![None; prepared.len()],
+        tags,
         per_prompt: n,
         generated: vec![0; prepared.len()],
         finish: None,

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
+use crate::tags::{self, Tags};
+
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
 /// Rows per multi-row insert on PostgreSQL (20 parameters each; well under its limit).
@@ -93,6 +95,9 @@ pub struct ApiKey {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub created_at: i64,
+    /// Default cost-allocation tags of the key's records.
+    #[serde(default)]
+    pub tags: Tags,
 }
 
 /// Fields of a new or patched customer.
@@ -114,6 +119,7 @@ pub struct NewKey {
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
     pub expires_at: Option<i64>,
+    pub tags: Tags,
 }
 
 /// One request's usage, as written to the ledger (DESIGN.md §6). Times in Unix microseconds.
@@ -150,11 +156,16 @@ pub struct UsageRecord {
     /// reported fewer output tokens than the gateway saw, or none).
     #[serde(default)]
     pub usage_source: Option<String>,
+    /// Cost-allocation tags: the request's `metadata` and `user` with its key's default tags.
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    pub tags: Tags,
 }
 
 /// Columns usage can be grouped by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBy {
+    /// The value of one tag (`tag:project`); records without it form their own group.
+    Tag(String),
     Customer,
     Model,
     Key,
@@ -171,6 +182,8 @@ pub struct UsageFilter {
     pub end: i64,
     pub customer_id: Option<String>,
     pub model: Option<String>,
+    /// Only records whose tag `.0` has the value `.1`.
+    pub tag: Option<(String, String)>,
 }
 
 /// One row of an aggregate; group columns not asked for are `None`.
@@ -181,6 +194,8 @@ pub struct UsageRow {
     pub key_id: Option<String>,
     /// With `GroupBy::Day`: the day's start; with buckets: the bucket's start (micros).
     pub bucket_start: Option<i64>,
+    /// With `GroupBy::Tag`: the tag's value (`None`: records without the tag).
+    pub tag_value: Option<String>,
     pub input_price_per_mtok: Option<String>,
     pub output_price_per_mtok: Option<String>,
     pub cached_input_price_per_mtok: Option<String>,
@@ -246,11 +261,11 @@ pub fn normalize_url(url: &str) -> String {
 const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
-    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source";
+    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags";
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 20;
-const KEY_COLUMNS: &str =
-    "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, revoked_at, created_at";
+const RECORD_PARAMS: usize = 21;
+const KEY_COLUMNS: &str = "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, \
+    revoked_at, created_at, tags";
 const CUSTOMER_COLUMNS: &str = "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at";
 
 fn customer(row: &AnyRow) -> StoreResult<Customer> {
@@ -285,6 +300,7 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
         created_at: row.try_get("created_at")?,
+        tags: stored_tags(row)?,
     })
 }
 
@@ -310,7 +326,13 @@ fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         cached_input_price_per_mtok: row.try_get("cached_input_price_per_mtok")?,
         cached_cost_nano_usd: row.try_get("cached_cost_nano_usd")?,
         usage_source: row.try_get("usage_source")?,
+        tags: stored_tags(row)?,
     })
+}
+
+fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {
+    let text: Option<String> = row.try_get("tags")?;
+    tags::from_json(text.as_deref()).map_err(StoreError::Invalid)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -573,6 +595,7 @@ impl Store {
             expires_at: new.expires_at,
             revoked_at: None,
             created_at: now_micros(),
+            tags: new.tags,
         };
         let models = match &key.models {
             Some(m) => {
@@ -582,8 +605,8 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
-             expires_at, revoked_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)",
+             expires_at, revoked_at, created_at, tags) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11)",
         )
         .bind(&key.id)
         .bind(&key.customer_id)
@@ -595,9 +618,32 @@ impl Store {
         .bind(key.tpm)
         .bind(key.expires_at)
         .bind(key.created_at)
+        .bind(tags::to_json(&key.tags))
         .execute(&self.pool)
         .await?;
         Ok(key)
+    }
+
+    /// Replaces a key's default tags. Returns the key.
+    pub async fn set_key_tags(&self, key_id: &str, tags: &Tags) -> StoreResult<ApiKey> {
+        sqlx::query("UPDATE api_keys SET tags = $2 WHERE id = $1")
+            .bind(key_id)
+            .bind(tags::to_json(tags))
+            .execute(&self.pool)
+            .await?;
+        self.key(key_id).await
+    }
+
+    /// One key by id.
+    pub async fn key(&self, key_id: &str) -> StoreResult<ApiKey> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => api_key(&row),
+            None => Err(StoreError::NotFound(format!("no key `{key_id}`"))),
+        }
     }
 
     pub async fn list_keys(&self, customer_id: &str) -> StoreResult<Vec<ApiKey>> {
@@ -714,7 +760,8 @@ impl Store {
                     .bind(r.cached_input_tokens)
                     .bind(&r.cached_input_price_per_mtok)
                     .bind(r.cached_cost_nano_usd)
-                    .bind(&r.usage_source);
+                    .bind(&r.usage_source)
+                    .bind(tags::to_json(&r.tags));
             }
             if postgres {
                 for row in q.fetch_all(&mut *tx).await? {
@@ -799,8 +846,16 @@ impl Store {
     ) -> StoreResult<Vec<UsageRow>> {
         const DAY: i64 = 86_400_000_000;
         let mut cols: Vec<String> = Vec::new();
+        // Parameters after start and end: the grouped tag's path, then the filters.
+        let mut next = 3;
+        let mut tag_group = None;
         for g in group {
             match g {
+                GroupBy::Tag(key) => {
+                    cols.push(format!("{} AS tag_value", tags::sql_value(self.kind, next)));
+                    tag_group = Some(key.clone());
+                    next += 1;
+                }
                 GroupBy::Customer => cols.push("customer_id".into()),
                 GroupBy::Model => cols.push("model".into()),
                 GroupBy::Key => cols.push("key_id".into()),
@@ -822,7 +877,9 @@ impl Store {
         }
         let group_exprs: Vec<String> = cols
             .iter()
-            .map(|c| match c.split_once(" AS ") {
+            .map(|c| match c.rsplit_once(" AS ") {
+                // By its alias: the expression holds a parameter.
+                Some((_, "tag_value")) => "tag_value".to_string(),
                 Some((expr, _)) => expr.to_string(),
                 None => c.clone(),
             })
@@ -841,27 +898,41 @@ impl Store {
              CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd \
              FROM usage_records WHERE started_at >= $1 AND started_at < $2",
         );
-        let mut next = 3;
         if filter.customer_id.is_some() {
             sql.push_str(&format!(" AND customer_id = ${next}"));
             next += 1;
         }
         if filter.model.is_some() {
             sql.push_str(&format!(" AND model = ${next}"));
+            next += 1;
+        }
+        if filter.tag.is_some() {
+            sql.push_str(&format!(
+                " AND {} = ${}",
+                tags::sql_value(self.kind, next),
+                next + 1
+            ));
         }
         if !group_exprs.is_empty() {
             let list = group_exprs.join(", ");
             sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
         }
         let mut q = sqlx::query(&sql).bind(filter.start).bind(filter.end);
+        if let Some(path) = tag_group {
+            q = q.bind(path);
+        }
         if let Some(c) = &filter.customer_id {
             q = q.bind(c);
         }
         if let Some(m) = &filter.model {
             q = q.bind(m);
         }
+        if let Some((key, value)) = &filter.tag {
+            q = q.bind(key.clone()).bind(value);
+        }
         let rows = q.fetch_all(&self.pool).await?;
         let has = |g: GroupBy| group.contains(&g);
+        let has_tag = group.iter().any(|g| matches!(g, GroupBy::Tag(_)));
         rows.iter()
             .map(|row| {
                 let requests: i64 = row.try_get("requests")?;
@@ -883,6 +954,11 @@ impl Store {
                     },
                     bucket_start: if has(GroupBy::Day) || buckets.is_some() {
                         row.try_get("bucket_start")?
+                    } else {
+                        None
+                    },
+                    tag_value: if has_tag {
+                        row.try_get("tag_value")?
                     } else {
                         None
                     },

@@ -145,6 +145,7 @@ async fn bucketed(
         end: w.end * MICROS,
         customer_id: Some(caller.customer_id.clone()),
         model: None,
+        tag: None,
     };
     let rows = store
         .aggregate(&filter, groups, Some((w.start * MICROS, w.width * MICROS)))

@@ -223,8 +223,7 @@ async fn an_upstream_never_bills_fewer_output_tokens_than_streamed_by() {
                 let last = text
                     .lines()
                     .filter_map(|l| l.strip_prefix("data: "))
-                    .filter(|d| *d != "[DONE]")
-                    .last()
+                    .rfind(|d| *d != "[DONE]")
                     .unwrap()
                     .to_string();
                 serde_json::from_str::<Value>(&last).unwrap()["usage"].clone()

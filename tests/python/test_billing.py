@@ -671,3 +671,108 @@ def test_cached_prompt_tokens_of_an_upstream_are_priced_by_the_gateway():
             assert stop_server(srv) == 0
         worker.terminate()
         worker.wait(timeout=60)
+
+
+# ---- cost-allocation tags --------------------------------------------------------------------
+
+
+def test_tags_from_metadata_user_and_key_defaults(billing):
+    admin = Admin(billing)
+    admin.customer("tag-co")
+    key_a = admin.key("tag-co", tags={"team": "ml", "project": "ops"})
+    key_b = admin.key("tag-co")
+    a, b = sdk(billing, key_a["key"]), sdk(billing, key_b["key"])
+    expected = {}  # request id -> tags the record must carry
+
+    raw = a.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask("Hi"), max_tokens=3, temperature=0,
+        metadata={"project": "alpha", "env": "prod"}, user="u-1",
+    )
+    # The key's defaults win over the request's metadata (project), the rest is merged.
+    expected[raw.headers["x-request-id"]] = {"team": "ml", "project": "ops", "env": "prod", "user": "u-1"}
+    for i, stream in enumerate([False, True]):
+        rid, _, _ = chat(b, f"Colour {i}", max_tokens=3, stream=stream, metadata={"project": "alpha"}, user="u-2")
+        expected[rid] = {"project": "alpha", "user": "u-2"}
+    raw = b.completions.with_raw_response.create(
+        model=MODEL, prompt="Bread is", max_tokens=3, temperature=0, user="u-3",
+        extra_body={"metadata": {"project": "beta"}},
+    )
+    expected[raw.headers["x-request-id"]] = {"project": "beta", "user": "u-3"}
+    rid, _, _ = chat(b, "No tags", max_tokens=2)
+    expected[rid] = {}
+
+    # Limits: 16 pairs, keys up to 64 and values up to 512 characters; a 400 names the field.
+    bad = [
+        ({f"k{i}": "v" for i in range(17)}, "metadata"),
+        ({"k" * 65: "v"}, "metadata"),
+        ({"k": "v" * 513}, "metadata.k"),
+    ]
+    for metadata, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            b.chat.completions.create(model=MODEL, messages=ask("x"), max_tokens=2, metadata=metadata)
+        assert e.value.param == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        b.chat.completions.create(model=MODEL, messages=ask("x"), max_tokens=2, metadata={"k": 5})
+    assert e.value.param.startswith("metadata"), e.value.body
+    ok = {f"k{i}": "v" * 512 for i in range(16)}
+    rid = b.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask("x"), max_tokens=2, metadata=ok
+    ).headers["x-request-id"]
+    expected[rid] = ok
+
+    records = admin.wait_for(list(expected))
+    for rid, tags in expected.items():
+        assert records[rid]["tags"] == tags, records[rid]
+    mine = [r for r in admin.records() if r["customer_id"] == "tag-co"]
+    assert len(mine) == len(expected), "refused requests leave no record"
+
+    # Reports group and filter by a tag; every figure adds up to the records.
+    rows = admin.call("GET", "/admin/v1/usage", params={"customer_id": "tag-co", "group_by": "tag:project"})["data"]
+    by_project = {row["tag:project"]: row for row in rows}
+    projects = {r["tags"].get("project") for r in mine}
+    assert set(by_project) == projects
+    for project, row in by_project.items():
+        theirs = [r for r in mine if r["tags"].get("project") == project]
+        assert row["requests"] == len(theirs)
+        assert nano(row["cost_usd"]) == sum(nano(r["cost_usd"]) for r in theirs)
+    alpha = admin.call("GET", "/admin/v1/usage", params={"customer_id": "tag-co", "tag": "project:alpha"})["data"][0]
+    assert alpha["requests"] == 2
+    csv_text = admin.call(
+        "GET", "/admin/v1/usage", params={"customer_id": "tag-co", "group_by": "tag:user", "format": "csv"}
+    )
+    assert csv_text.splitlines()[0] == "tag:user,requests,input_tokens,output_tokens,cost_usd"
+
+    invoice = admin.call("GET", "/admin/v1/invoices/tag-co", params={"group_by": "tag:project"})
+    assert nano(invoice["total_usd"]) == sum(nano(r["cost_usd"]) for r in mine)
+    assert nano(invoice["total_usd"]) == sum(nano(li["amount_usd"]) for li in invoice["line_items"])
+    assert {li["tag"]["value"] for li in invoice["line_items"]} == projects
+    beta = admin.call("GET", "/admin/v1/invoices/tag-co", params={"tag": "project:beta"})
+    assert nano(beta["total_usd"]) == sum(nano(r["cost_usd"]) for r in mine if r["tags"].get("project") == "beta")
+    admin.call("GET", "/admin/v1/invoices/tag-co", 400, params={"group_by": "model"})
+    admin.call("GET", "/admin/v1/usage", 400, params={"tag": "nocolon"})
+
+    # Key defaults change through the admin API (and the CLI), seen within the key cache's life.
+    patched = admin.call("PATCH", f"/admin/v1/keys/{key_b['id']}", json={"tags": {"team": "web"}})
+    assert patched["tags"] == {"team": "web"}
+    admin.call("PATCH", f"/admin/v1/keys/{key_b['id']}", 400, json={"tags": {"k": "v" * 513}})
+    time.sleep(1.0)
+    rid, _, _ = chat(b, "After patch", max_tokens=2, user="u-9")
+    assert admin.wait_for([rid])[rid]["tags"] == {"team": "web", "user": "u-9"}
+    db = ["--database", billing.db]
+    tagged = json.loads(tollgate("keys", "tag", key_b["id"], "--tag", "team=data", "--tag", "cost=centre=7", *db).stdout)
+    assert tagged["tags"] == {"team": "data", "cost": "centre=7"}
+    made = json.loads(tollgate("keys", "create", "tag-co", "--name", "cli", "--tag", "project=gamma", *db).stdout)
+    assert made["tags"] == {"project": "gamma"}
+
+    # Exports carry the tags and filter on one.
+    out = tollgate("usage", "export", "--format", "jsonl", "--tag", "project:alpha", *db).stdout
+    exported = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["id"] for r in exported) == sorted(
+        rid for rid, t in expected.items() if t.get("project") == "alpha"
+    )
+    report = json.loads(
+        tollgate("usage", "report", "--customer-id", "tag-co", "--group-by", "tag:project", *db).stdout
+    )
+    assert {row["tag:project"] for row in report["data"]} == projects
+    inv = json.loads(tollgate("usage", "invoice", "tag-co", "--tag", "project:beta", *db).stdout)
+    assert inv["total_usd"] == beta["total_usd"]

@@ -98,6 +98,17 @@ pub enum KeysCommand {
         /// RFC 3339 time or date after which the key stops working.
         #[arg(long)]
         expires_at: Option<String>,
+        /// A default cost-allocation tag of the key's records, `key=value` (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Replace a key's default tags (`--tag key=value`, repeatable; none clears them).
+    Tag {
+        key_id: String,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -146,6 +157,9 @@ pub enum UsageCommand {
         /// Cursor state file (created when missing).
         #[arg(long)]
         cursor_file: Option<PathBuf>,
+        /// Only records with this tag (`key:value`); the cursor still passes the others.
+        #[arg(long)]
+        tag: Option<String>,
         /// Write here instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -162,7 +176,10 @@ pub enum UsageCommand {
         customer_id: Option<String>,
         #[arg(long)]
         model: Option<String>,
-        /// Comma-separated: customer, model, key, day.
+        /// Only records with this tag (`key:value`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Comma-separated: customer, model, key, day, tag:KEY.
         #[arg(long, default_value = "")]
         group_by: String,
         #[arg(long, value_enum, default_value = "json")]
@@ -176,6 +193,12 @@ pub enum UsageCommand {
         /// YYYY-MM; the current month when absent.
         #[arg(long)]
         period: Option<String>,
+        /// Only records with this tag (`key:value`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// `tag:KEY`: lines split by the value of this tag.
+        #[arg(long)]
+        group_by: Option<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -277,8 +300,10 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             rpm,
             tpm,
             expires_at,
+            tags,
             db,
         } => {
+            let tags = tags_arg(&tags)?;
             let expires_at = match expires_at {
                 Some(t) => {
                     let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
@@ -298,6 +323,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 rpm,
                 tpm,
                 expires_at,
+                tags,
             };
             let (key, secret) = issue_key(&db.open().await?, &customer_id, new).await?;
             let mut body = key_json(&key);
@@ -308,10 +334,34 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let keys = db.open().await?.list_keys(&customer_id).await?;
             print(&json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
         }
+        KeysCommand::Tag { key_id, tags, db } => {
+            let tags = tags_arg(&tags)?;
+            print(&key_json(
+                &db.open().await?.set_key_tags(&key_id, &tags).await?,
+            ))
+        }
         KeysCommand::Revoke { key_id, db } => {
             print(&key_json(&db.open().await?.revoke_key(&key_id).await?))
         }
     }
+}
+
+/// `--tag key=value` arguments → tags within the limits of request `metadata`.
+fn tags_arg(args: &[String]) -> anyhow::Result<tollgate_gateway::tags::Tags> {
+    let mut tags = tollgate_gateway::tags::Tags::new();
+    for a in args {
+        let (k, v) =
+            tollgate_gateway::tags::parse_pair(a).map_err(|e| anyhow::anyhow!("--tag: {e}"))?;
+        tags.insert(k, v);
+    }
+    tollgate_gateway::tags::check(&tags, "tags")
+        .map_err(|e| anyhow::anyhow!("--tag: {}", e.message))?;
+    Ok(tags)
+}
+
+fn tag_arg(text: Option<&str>) -> anyhow::Result<Option<(String, String)>> {
+    text.map(|t| billing::parse_tag_filter(t).map_err(|e| anyhow::anyhow!("--tag: {e}")))
+        .transpose()
 }
 
 fn time_arg(text: Option<&str>, name: &str, default: i64) -> anyhow::Result<i64> {
@@ -351,9 +401,11 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             to,
             format,
             cursor_file,
+            tag,
             output,
             db,
         } => {
+            let tag = tag_arg(tag.as_deref())?;
             if cursor_file.is_some() && (from.is_some() || to.is_some()) {
                 // A record started inside a past window can be written after the cursor
                 // passed it (a long stream, an outage); cursor exports follow the ledger order
@@ -387,7 +439,11 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                 let (records, last) = store
                     .records_between(start, end, cursor, EXPORT_PAGE)
                     .await?;
-                for r in &records {
+                let wanted = records
+                    .iter()
+                    .filter(|r| tag.as_ref().is_none_or(|(k, v)| r.tags.get(k) == Some(v)));
+                for r in wanted {
+                    count += 1;
                     match &mut out {
                         Out::Csv(w) => w.write_record(record_cells(r))?,
                         Out::Jsonl(w) => {
@@ -396,7 +452,6 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                         }
                     }
                 }
-                count += records.len();
                 match last {
                     Some(c) => cursor = c,
                     None => break,
@@ -426,6 +481,7 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             to,
             customer_id,
             model,
+            tag,
             group_by,
             format,
             db,
@@ -444,6 +500,7 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                 end,
                 customer_id,
                 model,
+                tag: tag_arg(tag.as_deref())?,
             };
             let rows = db.open().await?.aggregate(&filter, &groups, None).await?;
             let columns = billing::usage_columns(&groups);
@@ -463,10 +520,23 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
         UsageCommand::Invoice {
             customer_id,
             period,
+            tag,
+            group_by,
             db,
         } => {
             let period = period.unwrap_or_else(billing::current_period);
-            print(&billing::invoice(&db.open().await?, &customer_id, &period).await?)
+            let group_tag = match group_by.as_deref() {
+                None => None,
+                Some(g) => match g.strip_prefix("tag:") {
+                    Some(k) if !k.is_empty() => Some(k.to_string()),
+                    _ => bail!("--group-by: invoices group by `tag:KEY` only, not `{g}`"),
+                },
+            };
+            let tag = tag_arg(tag.as_deref())?;
+            print(
+                &billing::invoice_for(&db.open().await?, &customer_id, &period, tag, group_tag)
+                    .await?,
+            )
         }
     }
 }

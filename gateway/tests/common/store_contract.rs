@@ -127,6 +127,11 @@ pub async fn exercise(store: &Store) {
             r.cached_input_price_per_mtok = Some("0.02".into());
             r.cached_cost_nano_usd = 20 * (i % 5);
             r.usage_source = Some(if i % 7 == 0 { "observed" } else { "engine" }.into());
+            // Tags: a project on most, a quote in a key, none on every tenth.
+            if i % 10 != 0 {
+                r.tags.insert("project".into(), format!("p{}", i % 3));
+                r.tags.insert("we\"ird key".into(), "x".into());
+            }
             r
         })
         .collect();
@@ -211,6 +216,49 @@ pub async fn exercise(store: &Store) {
             .filter(|r| r.customer_id == "beta" && r.model == "m1")
             .count() as i64
     );
+    // By tag: one group per value and one for records without it; a filter picks one value.
+    let by_tag = store
+        .aggregate(&all, &[GroupBy::Tag("project".into())], None)
+        .await
+        .unwrap();
+    let mut expected_tags: std::collections::BTreeMap<Option<String>, (i64, i64)> =
+        Default::default();
+    for r in &batch {
+        let e = expected_tags
+            .entry(r.tags.get("project").cloned())
+            .or_default();
+        e.0 += 1;
+        e.1 += r.cost_nano_usd;
+    }
+    let got: std::collections::BTreeMap<Option<String>, (i64, i64)> = by_tag
+        .iter()
+        .map(|row| (row.tag_value.clone(), (row.requests, row.cost_nano_usd)))
+        .collect();
+    assert_eq!(got, expected_tags);
+    let p1 = store
+        .aggregate(
+            &UsageFilter {
+                tag: Some(("project".into(), "p1".into())),
+                ..all.clone()
+            },
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(p1[0].requests, expected_tags[&Some("p1".to_string())].0);
+    let weird = store
+        .aggregate(
+            &UsageFilter {
+                tag: Some(("we\"ird key".into(), "x".into())),
+                ..all.clone()
+            },
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(weird[0].requests, 450 - 45);
     let hours = store
         .aggregate(&all, &[GroupBy::Key], Some((t0, DAY / 24)))
         .await
