@@ -11,6 +11,7 @@ pub mod backend;
 pub mod billing;
 pub mod config;
 pub mod error;
+pub mod export_formats;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

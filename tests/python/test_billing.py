@@ -776,3 +776,88 @@ def test_tags_from_metadata_user_and_key_defaults(billing):
     assert {row["tag:project"] for row in report["data"]} == projects
     inv = json.loads(tollgate("usage", "invoice", "tag-co", "--tag", "project:beta", *db).stdout)
     assert inv["total_usd"] == beta["total_usd"]
+
+
+# ---- exports billing systems ingest ----------------------------------------------------------
+
+CLOUDEVENT_NAME = __import__("re").compile(r"^[a-z0-9]{1,20}$")
+
+
+def check_cloudevent(e):
+    """The CloudEvents 1.0 JSON format's rules (spec.md, json-format.md): required context
+    attributes, their types, attribute names, and JSON data for application/json."""
+    from datetime import datetime
+    from urllib.parse import urlparse
+
+    for attr in ("specversion", "id", "source", "type"):
+        assert isinstance(e.get(attr), str) and e[attr], f"required attribute {attr}: {e}"
+    assert e["specversion"] == "1.0"
+    urlparse(e["source"])  # a URI-reference
+    assert all(CLOUDEVENT_NAME.match(k) for k in e if k != "data"), sorted(e)
+    assert isinstance(e["subject"], str) and e["subject"]
+    datetime.fromisoformat(e["time"].replace("Z", "+00:00"))
+    assert e["datacontenttype"] == "application/json" and isinstance(e["data"], dict)
+
+
+def check_stripe_event(e, customer_key="stripe_customer_id"):
+    """Stripe's `POST /v1/billing/meter_events` body: event_name (<= 100), identifier
+    (<= 5000, unique), timestamp (Unix seconds, within the past 35 days), payload of strings
+    holding the customer mapping key."""
+    assert set(e) == {"event_name", "identifier", "timestamp", "payload"}, e
+    assert 0 < len(e["event_name"]) <= 100 and 0 < len(e["identifier"]) <= 5000
+    assert isinstance(e["timestamp"], int) and time.time() - 35 * 86400 < e["timestamp"] <= time.time() + 300
+    assert all(isinstance(v, str) for v in e["payload"].values()), e["payload"]
+    assert e["payload"][customer_key]
+    for kind in ("input_tokens", "cached_input_tokens", "output_tokens"):
+        assert e["payload"][kind].isdigit()
+
+
+def test_exports_as_cloudevents_and_stripe_meter_events(billing):
+    admin = Admin(billing)
+    admin.customer("exp-co")
+    client = sdk(billing, admin.key("exp-co")["key"])
+    db = ["--database", billing.db]
+    cursor = Path(tempfile.mkdtemp()) / "cursor"
+    first = [chat(client, f"Export {i}", max_tokens=3, metadata={"project": "x"})[0] for i in range(2)]
+    admin.wait_for(first)
+    out1 = tollgate("usage", "export", "--format", "cloudevents", "--cursor-file", str(cursor), *db).stdout
+    second = [chat(client, f"Export again {i}", max_tokens=3)[0] for i in range(2)]
+    records = admin.wait_for(second + first)
+    out2 = tollgate("usage", "export", "--format", "cloudevents", "--cursor-file", str(cursor), *db).stdout
+    events1 = [json.loads(line) for line in out1.splitlines()]
+    events2 = [json.loads(line) for line in out2.splitlines()]
+    assert set(first) <= {e["id"] for e in events1}
+    assert {e["id"] for e in events2} == set(second), "incremental: only the new records"
+    for e in events1 + events2:
+        check_cloudevent(e)
+    for rid in first + second:
+        e = next(e for e in events1 + events2 if e["id"] == rid)
+        r = records[rid]
+        assert e["subject"] == "exp-co"
+        assert (e["data"]["input_tokens"], e["data"]["output_tokens"]) == (r["input_tokens"], r["output_tokens"])
+        assert e["data"]["cost_usd"] == r["cost_usd"] and e["data"]["tags"] == r["tags"]
+
+    # Stripe: Tollgate customers mapped to Stripe's; an unmapped customer stops the export.
+    mapping = Path(tempfile.mkdtemp()) / "customers.json"
+    mapping.write_text(json.dumps({"exp-co": "cus_EXP"}))
+    out = tollgate(
+        "usage", "export", "--format", "stripe", "--tag", "project:x", "--stripe-customer-map", str(mapping), *db
+    ).stdout
+    stripe = [json.loads(line) for line in out.splitlines()]
+    assert sorted(e["identifier"] for e in stripe) == sorted(first)
+    for e in stripe:
+        check_stripe_event(e)
+        r = records[e["identifier"]]
+        assert e["event_name"] == "tollgate_usage" and e["payload"]["stripe_customer_id"] == "cus_EXP"
+        assert int(e["payload"]["output_tokens"]) == r["output_tokens"]
+        assert int(e["payload"]["input_tokens"]) + int(e["payload"]["cached_input_tokens"]) == r["input_tokens"]
+    admin.customer("exp-unmapped")
+    admin.wait_for([chat(sdk(billing, admin.key("exp-unmapped")["key"]), "Unmapped", max_tokens=2)[0]])
+    stripe_cursor = Path(tempfile.mkdtemp()) / "cursor"
+    failed = subprocess.run(
+        [os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate")), "usage", "export",
+         "--format", "stripe", "--stripe-customer-map", str(mapping), "--cursor-file", str(stripe_cursor), *db],
+        capture_output=True, text=True,
+    )
+    assert failed.returncode != 0 and "has no Stripe customer" in failed.stderr
+    assert not stripe_cursor.exists(), "a failed export does not advance its cursor"

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tollgate_gateway::admin::{customer_json, issue_key, key_json, valid_id};
 use tollgate_gateway::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
+use tollgate_gateway::export_formats::{self, StripeMapping};
 use tollgate_gateway::money::parse_usd;
 use tollgate_gateway::store::{CustomerFields, NewKey, Store, UsageFilter};
 
@@ -130,6 +131,10 @@ pub enum KeysCommand {
 pub enum ExportFormat {
     Csv,
     Jsonl,
+    /// One CloudEvents 1.0 JSON event per line (`id` = record id, `subject` = customer).
+    Cloudevents,
+    /// One Stripe billing meter event per line (`identifier` = record id).
+    Stripe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -160,6 +165,18 @@ pub enum UsageCommand {
         /// Only records with this tag (`key:value`); the cursor still passes the others.
         #[arg(long)]
         tag: Option<String>,
+        /// `--format stripe`: the meter events' `event_name`.
+        #[arg(long, default_value = tollgate_gateway::export_formats::STRIPE_EVENT_NAME)]
+        stripe_event_name: String,
+        /// `--format stripe`: the payload key holding the customer (the meter's
+        /// `customer_mapping.event_payload_key`).
+        #[arg(long, default_value = tollgate_gateway::export_formats::STRIPE_CUSTOMER_KEY)]
+        stripe_customer_key: String,
+        /// `--format stripe`: a JSON object mapping Tollgate customer ids to Stripe customer ids;
+        /// a record of a customer not in it stops the export (the cursor is not advanced).
+        /// Without it, Tollgate customer ids are sent as they are.
+        #[arg(long)]
+        stripe_customer_map: Option<PathBuf>,
         /// Write here instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -402,10 +419,23 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             format,
             cursor_file,
             tag,
+            stripe_event_name,
+            stripe_customer_key,
+            stripe_customer_map,
             output,
             db,
         } => {
             let tag = tag_arg(tag.as_deref())?;
+            let mut stripe = StripeMapping::new();
+            stripe.event_name = stripe_event_name;
+            stripe.customer_key = stripe_customer_key;
+            if let Some(p) = &stripe_customer_map {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                stripe.customers = serde_json::from_str(&text).with_context(|| {
+                    format!("{}: not a JSON object of customer ids", p.display())
+                })?;
+            }
             if cursor_file.is_some() && (from.is_some() || to.is_some()) {
                 // A record started inside a past window can be written after the cursor
                 // passed it (a long stream, an outage); cursor exports follow the ledger order
@@ -432,7 +462,9 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                     w.write_record(RECORD_COLUMNS)?;
                     Out::Csv(Box::new(w))
                 }
-                ExportFormat::Jsonl => Out::Jsonl(sink),
+                ExportFormat::Jsonl | ExportFormat::Cloudevents | ExportFormat::Stripe => {
+                    Out::Jsonl(sink)
+                }
             };
             let mut count = 0usize;
             loop {
@@ -447,7 +479,15 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                     match &mut out {
                         Out::Csv(w) => w.write_record(record_cells(r))?,
                         Out::Jsonl(w) => {
-                            serde_json::to_writer(&mut *w, &record_json(r))?;
+                            let line = match format {
+                                ExportFormat::Cloudevents => export_formats::cloudevent(r),
+                                ExportFormat::Stripe => {
+                                    export_formats::stripe_meter_event(r, &stripe)
+                                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                                }
+                                _ => record_json(r),
+                            };
+                            serde_json::to_writer(&mut *w, &line)?;
                             w.write_all(b"\n")?;
                         }
                     }
