@@ -219,7 +219,27 @@ pub fn key_json(k: &ApiKey) -> Value {
         "revoked_at": k.revoked_at.map(rfc3339),
         "created_at": rfc3339(k.created_at),
         "tags": k.tags,
+        "budget_usd": k.budget_nano_usd.map(format_usd),
     })
+}
+
+/// `budget_usd`: a decimal USD string or number (`null` clears it); `None` when absent.
+fn key_budget_field(map: &Map<String, Value>) -> Result<Option<Option<i64>>, ApiError> {
+    let parsed = |t: &str| {
+        parse_usd(t)
+            .map(|n| Some(Some(n)))
+            .map_err(|e| invalid_field("budget_usd", format!("budget_usd: {e}")))
+    };
+    match map.get("budget_usd") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(t)) => parsed(t),
+        Some(Value::Number(n)) => parsed(&n.to_string()),
+        Some(v) => Err(invalid_field(
+            "budget_usd",
+            format!("budget_usd must be a decimal amount of USD, got {v}"),
+        )),
+    }
 }
 
 /// `tags`: a JSON object of string pairs within the limits of request `metadata`.
@@ -369,7 +389,15 @@ async fn create_key(
     let map = object(&body)?;
     reject_unknown(
         &map,
-        &["name", "models", "rpm", "tpm", "expires_at", "tags"],
+        &[
+            "name",
+            "models",
+            "rpm",
+            "tpm",
+            "expires_at",
+            "tags",
+            "budget_usd",
+        ],
     )?;
     let new = NewKey {
         name: string_field(&map, "name")?.unwrap_or_default(),
@@ -378,6 +406,7 @@ async fn create_key(
         tpm: limit_field(&map, "tpm")?.flatten(),
         expires_at: expiry_field(&map)?,
         tags: tags_field(&map)?.unwrap_or_default(),
+        budget_nano_usd: key_budget_field(&map)?.flatten(),
     };
     let (created, secret) = issue_key(store(&state)?, &customer_id, new).await?;
     let mut body = key_json(&created);
@@ -416,14 +445,23 @@ async fn update_key(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
-    reject_unknown(&map, &["tags"])?;
-    let Some(tags) = tags_field(&map)? else {
+    reject_unknown(&map, &["tags", "budget_usd"])?;
+    let tags = tags_field(&map)?;
+    let budget = key_budget_field(&map)?;
+    if tags.is_none() && budget.is_none() {
         return Err(invalid_field(
             "tags",
-            "nothing to change: give `tags`".into(),
+            "nothing to change: give `tags` or `budget_usd`".into(),
         ));
-    };
-    let key = store(&state)?.set_key_tags(&key_id, &tags).await?;
+    }
+    let store = store(&state)?;
+    let mut key = store.key(&key_id).await?;
+    if let Some(tags) = tags {
+        key = store.set_key_tags(&key_id, &tags).await?;
+    }
+    if let Some(budget) = budget {
+        key = store.set_key_budget(&key_id, budget).await?;
+    }
     state.auth.forget_key(&key_id);
     Ok(Json(key_json(&key)))
 }

@@ -218,10 +218,13 @@ impl Completion {
         if let Some(hold) = &self.tokens_hold {
             limiter.settle_tokens(hold, (input + output) as i64);
         }
-        match &self.budget_hold {
-            Some(hold) => limiter.settle_budget(hold, cost),
-            None => limiter.note_spent(&self.caller.customer_id, self.started_at, cost),
-        }
+        limiter.settle_spend(
+            self.budget_hold.as_ref(),
+            &self.caller.customer_id,
+            &self.caller.key_id,
+            self.started_at,
+            cost,
+        );
         self.state.ledger.as_ref()?;
         let finish_reason = match self.outcome {
             "cancelled" => Some("cancelled".to_string()),
@@ -368,21 +371,21 @@ async fn admit(
     let tokens = limiter
         .reserve_tokens(&caller.limits, i64::from(prompt_tokens) + max_output as i64)
         .await?;
-    let budget = match caller.budget_nano_usd {
-        None => None,
-        Some(budget) => {
+    let budget = match (caller.budget_nano_usd, caller.key_budget_nano_usd) {
+        (None, None) => None,
+        (customer_budget, key_budget) => {
             let max_cost = max_cost_nano_usd(price, u64::from(prompt_tokens), max_output);
             let reserved = limiter
-                .reserve_budget(
+                .reserve_budgets(
                     state.store.as_ref(),
                     request_id,
-                    &caller.customer_id,
-                    budget,
+                    (&caller.customer_id, customer_budget),
+                    (&caller.key_id, key_budget),
                     max_cost,
                 )
                 .await;
             match reserved {
-                Ok(Ok(hold)) => Some(hold),
+                Ok(Ok(hold)) => hold,
                 Ok(Err(refusal)) => {
                     limiter.settle_tokens(&tokens, 0);
                     return Err(refusal.into());

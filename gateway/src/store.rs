@@ -98,6 +98,9 @@ pub struct ApiKey {
     /// Default cost-allocation tags of the key's records.
     #[serde(default)]
     pub tags: Tags,
+    /// The key's own monthly budget in nano-USD; `None` = only its customer's applies.
+    #[serde(default)]
+    pub budget_nano_usd: Option<i64>,
 }
 
 /// Fields of a new or patched customer.
@@ -120,6 +123,7 @@ pub struct NewKey {
     pub tpm: Option<i64>,
     pub expires_at: Option<i64>,
     pub tags: Tags,
+    pub budget_nano_usd: Option<i64>,
 }
 
 /// One request's usage, as written to the ledger (DESIGN.md §6). Times in Unix microseconds.
@@ -265,7 +269,7 @@ const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, 
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
 const RECORD_PARAMS: usize = 21;
 const KEY_COLUMNS: &str = "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, \
-    revoked_at, created_at, tags";
+    revoked_at, created_at, tags, budget_nano_usd";
 const CUSTOMER_COLUMNS: &str = "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at";
 
 fn customer(row: &AnyRow) -> StoreResult<Customer> {
@@ -301,6 +305,7 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
         revoked_at: row.try_get("revoked_at")?,
         created_at: row.try_get("created_at")?,
         tags: stored_tags(row)?,
+        budget_nano_usd: row.try_get("budget_nano_usd")?,
     })
 }
 
@@ -596,6 +601,7 @@ impl Store {
             revoked_at: None,
             created_at: now_micros(),
             tags: new.tags,
+            budget_nano_usd: new.budget_nano_usd,
         };
         let models = match &key.models {
             Some(m) => {
@@ -605,8 +611,8 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
-             expires_at, revoked_at, created_at, tags) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11)",
+             expires_at, revoked_at, created_at, tags, budget_nano_usd) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11, $12)",
         )
         .bind(&key.id)
         .bind(&key.customer_id)
@@ -619,6 +625,7 @@ impl Store {
         .bind(key.expires_at)
         .bind(key.created_at)
         .bind(tags::to_json(&key.tags))
+        .bind(key.budget_nano_usd)
         .execute(&self.pool)
         .await?;
         Ok(key)
@@ -629,6 +636,16 @@ impl Store {
         sqlx::query("UPDATE api_keys SET tags = $2 WHERE id = $1")
             .bind(key_id)
             .bind(tags::to_json(tags))
+            .execute(&self.pool)
+            .await?;
+        self.key(key_id).await
+    }
+
+    /// Sets or clears (`None`) a key's own monthly budget. Returns the key.
+    pub async fn set_key_budget(&self, key_id: &str, budget: Option<i64>) -> StoreResult<ApiKey> {
+        sqlx::query("UPDATE api_keys SET budget_nano_usd = $2 WHERE id = $1")
+            .bind(key_id)
+            .bind(budget)
             .execute(&self.pool)
             .await?;
         self.key(key_id).await
@@ -736,7 +753,7 @@ impl Store {
             }
             sql.push_str(" ON CONFLICT (id) DO NOTHING");
             if postgres {
-                sql.push_str(" RETURNING customer_id, started_at, cost_nano_usd");
+                sql.push_str(" RETURNING customer_id, key_id, started_at, cost_nano_usd");
             }
             let mut q = sqlx::query(&sql);
             for r in chunk {
@@ -765,11 +782,12 @@ impl Store {
             }
             if postgres {
                 for row in q.fetch_all(&mut *tx).await? {
-                    added.push((
-                        row.try_get("customer_id")?,
-                        row.try_get("started_at")?,
-                        row.try_get("cost_nano_usd")?,
-                    ));
+                    let started_at: i64 = row.try_get("started_at")?;
+                    let cost: i64 = row.try_get("cost_nano_usd")?;
+                    let key_id: String = row.try_get("key_id")?;
+                    added.push((row.try_get("customer_id")?, started_at, cost));
+                    // The key's own spend, for key budgets.
+                    added.push((crate::limits::key_scope(&key_id), started_at, cost));
                     inserted += 1;
                 }
             } else {
@@ -777,20 +795,34 @@ impl Store {
             }
         }
         if postgres {
-            let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+            // Each record's holds: its customer's (the record id) and its key's.
+            let key_holds: Vec<String> = records
+                .iter()
+                .map(|r| crate::limits::key_hold_id(&r.id))
+                .collect();
+            let ids: Vec<&str> = records
+                .iter()
+                .map(|r| r.id.as_str())
+                .chain(key_holds.iter().map(String::as_str))
+                .collect();
             crate::shared_limits::settle_in_ledger(&mut tx, &added, &ids).await?;
         }
         tx.commit().await?;
         Ok(inserted)
     }
 
-    /// Cost of a customer's records started at or after `since`.
+    /// Cost of a customer's records started at or after `since` (of a key's, for a budget
+    /// scope `key:<id>`).
     pub async fn spent_since(&self, customer_id: &str, since: i64) -> StoreResult<i64> {
-        let row = sqlx::query(
+        let (column, id) = match customer_id.strip_prefix("key:") {
+            Some(key_id) => ("key_id", key_id),
+            None => ("customer_id", customer_id),
+        };
+        let row = sqlx::query(&format!(
             "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) AS spent FROM usage_records \
-             WHERE customer_id = $1 AND started_at >= $2",
-        )
-        .bind(customer_id)
+             WHERE {column} = $1 AND started_at >= $2"
+        ))
+        .bind(id)
         .bind(since)
         .fetch_one(&self.pool)
         .await;

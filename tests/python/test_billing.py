@@ -861,3 +861,40 @@ def test_exports_as_cloudevents_and_stripe_meter_events(billing):
     )
     assert failed.returncode != 0 and "has no Stripe customer" in failed.stderr
     assert not stripe_cursor.exists(), "a failed export does not advance its cursor"
+
+
+# ---- per-key budgets -------------------------------------------------------------------------
+
+
+def test_a_key_budget_caps_that_key_alone(billing):
+    admin = Admin(billing)
+    admin.customer("kb-co", budget_usd="1")
+    capped = admin.key("kb-co", budget_usd="0.00001")  # 10,000 nano-USD
+    assert capped["budget_usd"] == "0.000010000"
+    free = admin.key("kb-co")
+    client = sdk(billing, capped["key"])
+    ids, refused = [], None
+    for i in range(20):
+        try:
+            ids.append(chat(client, f"Budget {i}", max_tokens=20)[0])
+        except openai.RateLimitError as e:
+            refused = e
+            break
+    assert refused is not None, "the key's budget never refused"
+    assert refused.code == "insufficient_quota" and f"budget of key {capped['id']}" in refused.message
+    records = admin.wait_for(ids)
+    spent = sum(nano(records[i]["cost_usd"]) for i in ids)
+    assert 0 < spent <= 10_000 and len(ids) >= 1
+    # The customer's other key is not capped by it.
+    chat(sdk(billing, free["key"]), "Still fine", max_tokens=3)
+    # Cleared through the admin API (seen within the key cache's life), set again by the CLI.
+    cleared = admin.call("PATCH", f"/admin/v1/keys/{capped['id']}", json={"budget_usd": None})
+    assert cleared["budget_usd"] is None
+    admin.call("PATCH", f"/admin/v1/keys/{capped['id']}", 400, json={"budget_usd": "-1"})
+    time.sleep(1.0)
+    chat(client, "Uncapped now", max_tokens=20)
+    out = json.loads(tollgate("keys", "budget", capped["id"], "--budget-usd", "0.000001", "--database", billing.db).stdout)
+    assert out["budget_usd"] == "0.000001000"
+    time.sleep(1.0)
+    with pytest.raises(openai.RateLimitError):
+        chat(client, "Capped again", max_tokens=20)

@@ -102,6 +102,17 @@ pub enum KeysCommand {
         /// A default cost-allocation tag of the key's records, `key=value` (repeatable).
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// The key's own monthly budget in USD (besides its customer's).
+        #[arg(long)]
+        budget_usd: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Set (`--budget-usd 5`) or clear (`--budget-usd none`) a key's own monthly budget.
+    Budget {
+        key_id: String,
+        #[arg(long)]
+        budget_usd: String,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -318,9 +329,11 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             tpm,
             expires_at,
             tags,
+            budget_usd,
             db,
         } => {
             let tags = tags_arg(&tags)?;
+            let budget_nano_usd = budget_arg(budget_usd.as_deref())?.flatten();
             let expires_at = match expires_at {
                 Some(t) => {
                     let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
@@ -341,6 +354,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 tpm,
                 expires_at,
                 tags,
+                budget_nano_usd,
             };
             let (key, secret) = issue_key(&db.open().await?, &customer_id, new).await?;
             let mut body = key_json(&key);
@@ -350,6 +364,16 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::List { customer_id, db } => {
             let keys = db.open().await?.list_keys(&customer_id).await?;
             print(&json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
+        }
+        KeysCommand::Budget {
+            key_id,
+            budget_usd,
+            db,
+        } => {
+            let budget = budget_arg(Some(&budget_usd))?.flatten();
+            print(&key_json(
+                &db.open().await?.set_key_budget(&key_id, budget).await?,
+            ))
         }
         KeysCommand::Tag { key_id, tags, db } => {
             let tags = tags_arg(&tags)?;
