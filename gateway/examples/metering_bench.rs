@@ -44,6 +44,7 @@ fn record(id: String, started_at: i64) -> UsageRecord {
         input_price_per_mtok: "0.05".into(),
         output_price_per_mtok: "0.10".into(),
         cost_nano_usd: 7_750,
+        ..UsageRecord::default()
     }
 }
 

@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::limits::month_bounds;
 use crate::money::{format_usd, parse_usd};
 use crate::store::{now_micros, ApiKey, Customer, CustomerFields, NewKey, Store, UsageFilter};
+use crate::tags::Tags;
 use crate::AppState;
 
 /// Records per page of `/admin/v1/usage/records` unless `limit` says otherwise.
@@ -39,7 +40,10 @@ pub fn router(state: AppState) -> Router<AppState> {
             "/admin/v1/customers/{id}/keys",
             get(list_keys).post(create_key),
         )
-        .route("/admin/v1/keys/{key_id}", delete(revoke_key))
+        .route(
+            "/admin/v1/keys/{key_id}",
+            delete(revoke_key).patch(update_key),
+        )
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/usage/records", get(usage_records))
         .route("/admin/v1/invoices/{customer_id}", get(invoice))
@@ -214,7 +218,44 @@ pub fn key_json(k: &ApiKey) -> Value {
         "expires_at": k.expires_at.map(rfc3339),
         "revoked_at": k.revoked_at.map(rfc3339),
         "created_at": rfc3339(k.created_at),
+        "tags": k.tags,
+        "budget_usd": k.budget_nano_usd.map(format_usd),
     })
+}
+
+/// `budget_usd`: a decimal USD string or number (`null` clears it); `None` when absent.
+fn key_budget_field(map: &Map<String, Value>) -> Result<Option<Option<i64>>, ApiError> {
+    let parsed = |t: &str| {
+        parse_usd(t)
+            .map(|n| Some(Some(n)))
+            .map_err(|e| invalid_field("budget_usd", format!("budget_usd: {e}")))
+    };
+    match map.get("budget_usd") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(t)) => parsed(t),
+        Some(Value::Number(n)) => parsed(&n.to_string()),
+        Some(v) => Err(invalid_field(
+            "budget_usd",
+            format!("budget_usd must be a decimal amount of USD, got {v}"),
+        )),
+    }
+}
+
+/// `tags`: a JSON object of string pairs within the limits of request `metadata`.
+fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, ApiError> {
+    let tags: Tags = match map.get("tags") {
+        None => return Ok(None),
+        Some(Value::Null) => Tags::new(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+            invalid_field(
+                "tags",
+                format!("`tags` must be an object of string values, got {v}"),
+            )
+        })?,
+    };
+    crate::tags::check(&tags, "tags").map_err(|e| invalid_field(&e.param, e.message))?;
+    Ok(Some(tags))
 }
 
 fn list(data: Vec<Value>) -> Json<Value> {
@@ -346,13 +387,26 @@ async fn create_key(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let map = object(&body)?;
-    reject_unknown(&map, &["name", "models", "rpm", "tpm", "expires_at"])?;
+    reject_unknown(
+        &map,
+        &[
+            "name",
+            "models",
+            "rpm",
+            "tpm",
+            "expires_at",
+            "tags",
+            "budget_usd",
+        ],
+    )?;
     let new = NewKey {
         name: string_field(&map, "name")?.unwrap_or_default(),
         models: models_field(&state, &map)?,
         rpm: limit_field(&map, "rpm")?.flatten(),
         tpm: limit_field(&map, "tpm")?.flatten(),
         expires_at: expiry_field(&map)?,
+        tags: tags_field(&map)?.unwrap_or_default(),
+        budget_nano_usd: key_budget_field(&map)?.flatten(),
     };
     let (created, secret) = issue_key(store(&state)?, &customer_id, new).await?;
     let mut body = key_json(&created);
@@ -383,6 +437,35 @@ async fn list_keys(
     Ok(list(keys.iter().map(key_json).collect()))
 }
 
+/// `PATCH /admin/v1/keys/{key_id}` `{"tags": {...}}`: replaces the key's default tags (`null`
+/// or `{}` clears them). Requests made with the key see them within the key cache's lifetime.
+async fn update_key(
+    State(state): State<AppState>,
+    Path(key_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let map = object(&body)?;
+    reject_unknown(&map, &["tags", "budget_usd"])?;
+    let tags = tags_field(&map)?;
+    let budget = key_budget_field(&map)?;
+    if tags.is_none() && budget.is_none() {
+        return Err(invalid_field(
+            "tags",
+            "nothing to change: give `tags` or `budget_usd`".into(),
+        ));
+    }
+    let store = store(&state)?;
+    let mut key = store.key(&key_id).await?;
+    if let Some(tags) = tags {
+        key = store.set_key_tags(&key_id, &tags).await?;
+    }
+    if let Some(budget) = budget {
+        key = store.set_key_budget(&key_id, budget).await?;
+    }
+    state.auth.forget_key(&key_id);
+    Ok(Json(key_json(&key)))
+}
+
 async fn revoke_key(
     State(state): State<AppState>,
     Path(key_id): Path<String>,
@@ -399,8 +482,16 @@ struct UsageQuery {
     end: Option<String>,
     customer_id: Option<String>,
     model: Option<String>,
+    /// `key:value`: only records with this tag.
+    tag: Option<String>,
     group_by: Option<String>,
     format: Option<String>,
+}
+
+/// The `tag` query parameter.
+fn tag_filter(tag: Option<&str>) -> Result<Option<(String, String)>, ApiError> {
+    tag.map(|t| billing::parse_tag_filter(t).map_err(|e| invalid_field("tag", e)))
+        .transpose()
 }
 
 /// A query string, or a 400 naming what is wrong with it.
@@ -444,6 +535,7 @@ async fn usage(
         end,
         customer_id: q.customer_id,
         model: q.model,
+        tag: tag_filter(q.tag.as_deref())?,
     };
     let rows = store(&state)?.aggregate(&filter, &groups, None).await?;
     let columns = billing::usage_columns(&groups);
@@ -513,6 +605,10 @@ async fn usage_records(
 #[serde(deny_unknown_fields)]
 struct InvoiceQuery {
     period: Option<String>,
+    /// `key:value`: only records with this tag.
+    tag: Option<String>,
+    /// `tag:KEY`: lines split by the value of this tag.
+    group_by: Option<String>,
 }
 
 async fn invoice(
@@ -523,7 +619,20 @@ async fn invoice(
     let q = query(q)?;
     let period = q.period.unwrap_or_else(billing::current_period);
     billing::parse_period(&period).map_err(|e| invalid_field("period", e))?;
+    let group_tag = match q.group_by.as_deref() {
+        None | Some("") => None,
+        Some(g) => match g.strip_prefix("tag:") {
+            Some(key) if !key.is_empty() => Some(key.to_string()),
+            _ => {
+                return Err(invalid_field(
+                    "group_by",
+                    format!("invoices group by `tag:KEY` only, not `{g}`"),
+                ))
+            }
+        },
+    };
+    let tag = tag_filter(q.tag.as_deref())?;
     Ok(Json(
-        billing::invoice(store(&state)?, &customer_id, &period).await?,
+        billing::invoice_for(store(&state)?, &customer_id, &period, tag, group_tag).await?,
     ))
 }

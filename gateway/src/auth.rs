@@ -77,6 +77,10 @@ pub struct Caller {
     pub budget_nano_usd: Option<i64>,
     /// When the key stops working (Unix micros), also while served from the last lookup.
     pub expires_at: Option<i64>,
+    /// The key's default cost-allocation tags, merged into each of its records.
+    pub key_tags: Arc<crate::tags::Tags>,
+    /// The key's own monthly budget in nano-USD; `None` = only the customer's applies.
+    pub key_budget_nano_usd: Option<i64>,
 }
 
 impl Caller {
@@ -95,6 +99,8 @@ impl Caller {
             },
             budget_nano_usd: customer.budget_nano_usd,
             expires_at: key.expires_at,
+            key_tags: Arc::new(key.tags.clone()),
+            key_budget_nano_usd: key.budget_nano_usd,
         }
     }
 
@@ -195,6 +201,8 @@ impl AuthConfig {
                 },
                 budget_nano_usd: customer.and_then(|c| c.budget_nano_usd),
                 expires_at: None,
+                key_tags: Arc::default(),
+                key_budget_nano_usd: None,
             });
         }
         let Some(store) = store else {

@@ -214,6 +214,38 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Of `prompt_tokens`, those served from a prefix cache (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`), billed at the cached input price.
+    #[serde(default)]
+    pub cached_tokens: u32,
+    /// Where these counts came from.
+    #[serde(default)]
+    pub source: UsageSource,
+}
+
+/// Where a sequence's token counts came from (noted on its usage record), ordered from most
+/// to least trusted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The model's own tokenizer, in this process or a Tollgate worker.
+    #[default]
+    Engine,
+    /// An upstream's `usage`, at least what the gateway observed.
+    Upstream,
+    /// The upstream's `usage` was missing or reported fewer output tokens than the gateway
+    /// saw stream by: the gateway's own count.
+    Observed,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Engine => "engine",
+            Self::Upstream => "upstream",
+            Self::Observed => "observed",
+        }
+    }
 }
 
 /// What a backend streams back for one sequence.
@@ -313,6 +345,10 @@ pub struct Prepared {
     /// Tokens generated so far, kept current by the backend as they are produced (also those
     /// not yet read from the stream), so a client that goes away is billed for all of them.
     pub progress: Option<Arc<AtomicUsize>>,
+    /// Prompt tokens served from the backend's prefix cache, set once the sequence is admitted
+    /// (before `Finished` reports them), so a client that goes away is billed them at the
+    /// cached price too.
+    pub cached: Option<Arc<AtomicUsize>>,
 }
 
 /// Something that can run a model.

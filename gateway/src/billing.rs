@@ -49,18 +49,28 @@ pub fn current_period() -> String {
     Utc::now().format("%Y-%m").to_string()
 }
 
-/// `customer,model,key,day` → group columns. Unknown names are an error naming them.
+/// `customer,model,key,day,tag:KEY` → group columns. Unknown names are an error naming them.
 pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
     let mut groups = Vec::new();
     for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let g = match name {
+            tag if tag.starts_with("tag:") => {
+                let key = &tag["tag:".len()..];
+                if key.is_empty() {
+                    return Err("`tag:` needs a tag key (`tag:project`)".into());
+                }
+                if groups.iter().any(|g| matches!(g, GroupBy::Tag(_))) {
+                    return Err("group by one tag at a time".into());
+                }
+                GroupBy::Tag(key.to_string())
+            }
             "customer" | "customer_id" => GroupBy::Customer,
             "model" => GroupBy::Model,
             "key" | "key_id" => GroupBy::Key,
             "day" => GroupBy::Day,
             other => {
                 return Err(format!(
-                    "cannot group by `{other}`; use customer, model, key or day"
+                    "cannot group by `{other}`; use customer, model, key, day or tag:KEY"
                 ))
             }
         };
@@ -71,19 +81,31 @@ pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
     Ok(groups)
 }
 
-/// Column names of an aggregate grouped by `groups`, in output order.
-pub fn usage_columns(groups: &[GroupBy]) -> Vec<&'static str> {
-    let mut cols: Vec<&'static str> = groups
+/// `key:value` (or `key=value`) → a tag filter. Errors name the text.
+pub fn parse_tag_filter(text: &str) -> Result<(String, String), String> {
+    crate::tags::parse_pair(text)
+        .map_err(|_| format!("`{text}` is not a tag filter of the form key:value"))
+}
+
+/// Column names of an aggregate grouped by `groups`, in output order (a tag's column is
+/// `tag:KEY`).
+pub fn usage_columns(groups: &[GroupBy]) -> Vec<String> {
+    let mut cols: Vec<String> = groups
         .iter()
         .filter_map(|g| match g {
-            GroupBy::Customer => Some("customer_id"),
-            GroupBy::Model => Some("model"),
-            GroupBy::Key => Some("key_id"),
-            GroupBy::Day => Some("day"),
+            GroupBy::Customer => Some("customer_id".to_string()),
+            GroupBy::Model => Some("model".to_string()),
+            GroupBy::Key => Some("key_id".to_string()),
+            GroupBy::Day => Some("day".to_string()),
+            GroupBy::Tag(key) => Some(format!("tag:{key}")),
             GroupBy::Prices => None,
         })
         .collect();
-    cols.extend(["requests", "input_tokens", "output_tokens", "cost_usd"]);
+    cols.extend(
+        ["requests", "input_tokens", "output_tokens", "cost_usd"]
+            .into_iter()
+            .map(String::from),
+    );
     cols
 }
 
@@ -101,27 +123,36 @@ fn usage_cell(row: &UsageRow, column: &str) -> String {
         "input_tokens" => row.input_tokens.to_string(),
         "output_tokens" => row.output_tokens.to_string(),
         "cost_usd" => format_usd(row.cost_nano_usd),
+        c if c.starts_with("tag:") => row.tag_value.clone().unwrap_or_default(),
         _ => String::new(),
     }
 }
 
 /// One aggregate row as JSON: group columns as strings, counts as numbers, money as a string.
-pub fn usage_row_json(row: &UsageRow, columns: &[&str]) -> Value {
+pub fn usage_row_json(row: &UsageRow, columns: &[String]) -> Value {
     let mut obj = serde_json::Map::new();
-    for &c in columns {
-        let v = match c {
+    for c in columns {
+        let v = match c.as_str() {
             "requests" => json!(row.requests),
             "input_tokens" => json!(row.input_tokens),
             "output_tokens" => json!(row.output_tokens),
+            // Records without the tag: null, not "".
+            t if t.starts_with("tag:") => json!(row.tag_value),
             _ => json!(usage_cell(row, c)),
         };
         obj.insert(c.to_string(), v);
     }
+    // Of `input_tokens`, those served from a prefix cache (JSON only: the CSV columns are
+    // the documented ones).
+    obj.insert(
+        "input_cached_tokens".to_string(),
+        json!(row.cached_input_tokens),
+    );
     Value::Object(obj)
 }
 
 /// An aggregate as CSV with a header line.
-pub fn usage_csv(rows: &[UsageRow], columns: &[&str]) -> Result<String, csv::Error> {
+pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::Error> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(columns)?;
     for row in rows {
@@ -132,7 +163,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[&str]) -> Result<String, csv::Err
 }
 
 /// Columns of an exported record, in order (DESIGN.md §6).
-pub const RECORD_COLUMNS: [&str; 16] = [
+pub const RECORD_COLUMNS: [&str; 21] = [
     "id",
     "customer_id",
     "key_id",
@@ -149,6 +180,11 @@ pub const RECORD_COLUMNS: [&str; 16] = [
     "input_price_per_mtok",
     "output_price_per_mtok",
     "cost_usd",
+    "cached_input_tokens",
+    "cached_input_price_per_mtok",
+    "cached_input_cost_usd",
+    "usage_source",
+    "tags",
 ];
 
 /// A record as exported: times in RFC 3339, money as a decimal string.
@@ -170,7 +206,20 @@ pub fn record_json(r: &UsageRecord) -> Value {
         "input_price_per_mtok": r.input_price_per_mtok,
         "output_price_per_mtok": r.output_price_per_mtok,
         "cost_usd": format_usd(r.cost_nano_usd),
+        "cached_input_tokens": r.cached_input_tokens,
+        "cached_input_price_per_mtok": cached_price(r),
+        "cached_input_cost_usd": format_usd(r.cached_cost_nano_usd),
+        "usage_source": r.usage_source,
+        "tags": r.tags,
     })
+}
+
+/// The unit price a record's cached prompt tokens were charged (the input price on records
+/// older than cached pricing).
+fn cached_price(r: &UsageRecord) -> String {
+    r.cached_input_price_per_mtok
+        .clone()
+        .unwrap_or_else(|| r.input_price_per_mtok.clone())
 }
 
 /// A record as a CSV row in [`RECORD_COLUMNS`] order.
@@ -192,12 +241,32 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         r.input_price_per_mtok.clone(),
         r.output_price_per_mtok.clone(),
         format_usd(r.cost_nano_usd),
+        r.cached_input_tokens.to_string(),
+        cached_price(r),
+        format_usd(r.cached_cost_nano_usd),
+        r.usage_source.clone().unwrap_or_default(),
+        crate::tags::to_json(&r.tags).unwrap_or_default(),
     ]
 }
 
-/// A customer's invoice for a month: one line per model and unit prices; the total is the sum
-/// of the lines in integer nano-USD, and each line the sum of its records.
+/// A customer's invoice for a month: one line per model and unit prices (fresh input and
+/// output), and beside it a `cached_input` line for the prompt tokens served from a prefix
+/// cache; the total is the sum of the lines in integer nano-USD. A line's amount is the sum of
+/// its records' parts: each record's cached part (`cached_input_cost_usd`, rounded alone) on
+/// the cached line, the rest of its cost on the other, so the two add up to the records.
 pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreResult<Value> {
+    invoice_for(store, customer_id, period, None, None).await
+}
+
+/// [`invoice`], only of the records tagged `tag` (key, value) when given, and with its lines
+/// split by the value of tag `group_tag` when given (each line then names it).
+pub async fn invoice_for(
+    store: &Store,
+    customer_id: &str,
+    period: &str,
+    tag: Option<(String, String)>,
+    group_tag: Option<String>,
+) -> StoreResult<Value> {
     let (start, end) = parse_period(period).map_err(StoreError::Invalid)?;
     let customer = store.customer(customer_id).await?;
     let filter = UsageFilter {
@@ -205,25 +274,46 @@ pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreRes
         end,
         customer_id: Some(customer.id.clone()),
         model: None,
+        tag: tag.clone(),
     };
-    let rows = store
-        .aggregate(&filter, &[GroupBy::Model, GroupBy::Prices], None)
-        .await?;
+    let mut groups = vec![GroupBy::Model, GroupBy::Prices];
+    if let Some(key) = &group_tag {
+        groups.insert(0, GroupBy::Tag(key.clone()));
+    }
+    let rows = store.aggregate(&filter, &groups, None).await?;
     let total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
-    let lines: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
+    let mut lines: Vec<Value> = Vec::new();
+    for r in &rows {
+        let tag_line = |mut line: Value| {
+            if let Some(key) = &group_tag {
+                line["tag"] = json!({"key": key, "value": r.tag_value});
+            }
+            line
+        };
+        lines.push(tag_line(json!({
+            "kind": "tokens",
+            "model": r.model,
+            "requests": r.requests,
+            "input_tokens": r.input_tokens - r.cached_input_tokens,
+            "output_tokens": r.output_tokens,
+            "input_price_per_mtok": r.input_price_per_mtok,
+            "output_price_per_mtok": r.output_price_per_mtok,
+            "amount_usd": format_usd(r.cost_nano_usd - r.cached_cost_nano_usd),
+        })));
+        if r.cached_input_tokens > 0 {
+            lines.push(tag_line(json!({
+                "kind": "cached_input",
                 "model": r.model,
                 "requests": r.requests,
-                "input_tokens": r.input_tokens,
-                "output_tokens": r.output_tokens,
-                "input_price_per_mtok": r.input_price_per_mtok,
-                "output_price_per_mtok": r.output_price_per_mtok,
-                "amount_usd": format_usd(r.cost_nano_usd),
-            })
-        })
-        .collect();
+                "cached_input_tokens": r.cached_input_tokens,
+                "cached_input_price_per_mtok": r
+                    .cached_input_price_per_mtok
+                    .as_ref()
+                    .or(r.input_price_per_mtok.as_ref()),
+                "amount_usd": format_usd(r.cached_cost_nano_usd),
+            })));
+        }
+    }
     Ok(json!({
         "object": "invoice",
         "customer_id": customer.id,
@@ -233,6 +323,7 @@ pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreRes
         "currency": "usd",
         "line_items": lines,
         "total_usd": format_usd(total),
+        "tag_filter": tag.map(|(k, v)| json!({"key": k, "value": v})),
     }))
 }
 
@@ -272,6 +363,15 @@ mod tests {
             ]
         );
         assert!(parse_group_by("project").unwrap_err().contains("project"));
+        let g = parse_group_by("tag:project,model").unwrap();
+        assert_eq!(g, vec![GroupBy::Tag("project".into()), GroupBy::Model]);
+        assert_eq!(usage_columns(&g)[0], "tag:project");
+        assert!(parse_group_by("tag:").is_err());
+        assert!(parse_group_by("tag:a,tag:b").is_err());
+        assert_eq!(
+            parse_tag_filter("project:alpha").unwrap(),
+            ("project".into(), "alpha".into())
+        );
     }
 
     #[test]

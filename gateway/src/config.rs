@@ -93,6 +93,8 @@ enum RawBackend {
 struct RawPrice {
     input_per_mtok: String,
     output_per_mtok: String,
+    /// Prompt tokens served from a prefix cache; the input price when absent.
+    cached_input_per_mtok: Option<String>,
 }
 
 /// The validated catalogue.
@@ -187,6 +189,8 @@ pub struct HttpBackendConfig {
 pub struct Price {
     pub input_per_mtok: Decimal,
     pub output_per_mtok: Decimal,
+    /// Prompt tokens served from a prefix cache (`input_per_mtok` unless configured).
+    pub cached_input_per_mtok: Decimal,
 }
 
 impl Config {
@@ -338,9 +342,14 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
                 }
                 Ok(d)
             };
+            let input_per_mtok = parse("input_per_mtok", &p.input_per_mtok)?;
             Price {
-                input_per_mtok: parse("input_per_mtok", &p.input_per_mtok)?,
+                input_per_mtok,
                 output_per_mtok: parse("output_per_mtok", &p.output_per_mtok)?,
+                cached_input_per_mtok: match &p.cached_input_per_mtok {
+                    Some(v) => parse("cached_input_per_mtok", v)?,
+                    None => input_per_mtok,
+                },
             }
         }
     };
@@ -390,6 +399,8 @@ mod tests {
         assert_eq!(local.device, "cpu");
         assert_eq!(local.weights, "q8_0");
         assert_eq!(m.price.input_per_mtok, Decimal::from_str("0.05").unwrap());
+        // No cached price: cached prompt tokens cost the input price.
+        assert_eq!(m.price.cached_input_per_mtok, m.price.input_per_mtok);
         let r = &c.models["remote"];
         assert_eq!(
             r.source,
@@ -398,6 +409,29 @@ mod tests {
                 revision: "main".into(),
                 file: Some("m.gguf".into())
             })
+        );
+    }
+
+    #[test]
+    fn cached_input_price_is_optional_exact_and_checked() {
+        let with = GOOD.replace(
+            "output_per_mtok = \"0.10\" }",
+            "output_per_mtok = \"0.10\", cached_input_per_mtok = \"0.0125\" }",
+        );
+        let c = Config::from_toml_str(&with, Path::new(".")).unwrap();
+        let p = c.models["smollm2-135m"].price;
+        assert_eq!(
+            p.cached_input_per_mtok,
+            Decimal::from_str("0.0125").unwrap()
+        );
+        assert_eq!(p.input_per_mtok, Decimal::from_str("0.05").unwrap());
+        let negative = with.replace("\"0.0125\"", "\"-1\"");
+        let e = Config::from_toml_str(&negative, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("price.cached_input_per_mtok `-1` is negative"),
+            "{e}"
         );
     }
 

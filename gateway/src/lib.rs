@@ -12,6 +12,7 @@ pub mod billing;
 pub mod concurrency;
 pub mod config;
 pub mod error;
+pub mod export_formats;
 pub mod ledger;
 pub mod limits;
 pub mod listener;
@@ -22,6 +23,7 @@ mod responses;
 mod routes;
 pub mod shared_limits;
 pub mod store;
+pub mod tags;
 pub mod upstream;
 mod usage_api;
 

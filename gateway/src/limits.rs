@@ -154,6 +154,19 @@ pub struct BudgetHold {
     /// Held in the shared database under this id (the request id); the usage record's arrival
     /// in the ledger releases it.
     shared: Option<String>,
+    /// The same request's hold on its key's own budget (scope [`key_scope`]).
+    key: Option<Box<BudgetHold>>,
+}
+
+/// The budget scope of a key's own monthly budget. Customer ids cannot hold `:`, so the
+/// scopes never meet.
+pub fn key_scope(key_id: &str) -> String {
+    format!("key:{key_id}")
+}
+
+/// The shared hold id of a request's key budget hold.
+pub fn key_hold_id(request_id: &str) -> String {
+    format!("{request_id}/key")
 }
 
 /// Token reservation to settle when the request ends.
@@ -438,12 +451,89 @@ impl Limiter {
         budget: i64,
         amount: i64,
     ) -> StoreResult<Result<BudgetHold, Refusal>> {
+        self.reserve_scope(
+            store,
+            hold_id,
+            customer_id,
+            "monthly budget",
+            budget,
+            amount,
+        )
+        .await
+    }
+
+    /// Reserves `amount` of the customer's budget (when it has one) and of the key's own
+    /// budget (when it has one), as one hold; `Ok(Ok(None))` when neither has a budget. A
+    /// refusal of the key's budget gives the customer's reservation back.
+    pub async fn reserve_budgets(
+        &self,
+        store: Option<&Store>,
+        request_id: &str,
+        customer: (&str, Option<i64>),
+        key: (&str, Option<i64>),
+        amount: i64,
+    ) -> StoreResult<Result<Option<BudgetHold>, Refusal>> {
+        let customer_hold = match customer.1 {
+            None => None,
+            Some(budget) => {
+                match self
+                    .reserve_budget(store, request_id, customer.0, budget, amount)
+                    .await?
+                {
+                    Ok(hold) => Some(hold),
+                    Err(refusal) => return Ok(Err(refusal)),
+                }
+            }
+        };
+        let Some(key_budget) = key.1 else {
+            return Ok(Ok(customer_hold));
+        };
+        let label = format!("monthly budget of key {}", key.0);
+        let key_hold = self
+            .reserve_scope(
+                store,
+                &key_hold_id(request_id),
+                &key_scope(key.0),
+                &label,
+                key_budget,
+                amount,
+            )
+            .await;
+        match (key_hold, customer_hold) {
+            (Ok(Ok(k)), Some(mut c)) => {
+                c.key = Some(Box::new(k));
+                Ok(Ok(Some(c)))
+            }
+            (Ok(Ok(k)), None) => Ok(Ok(Some(k))),
+            (other, customer_hold) => {
+                if let Some(c) = &customer_hold {
+                    self.release_budget(c);
+                }
+                match other {
+                    Ok(Err(refusal)) => Ok(Err(refusal)),
+                    Err(e) => Err(e),
+                    Ok(Ok(_)) => Ok(Ok(None)),
+                }
+            }
+        }
+    }
+
+    /// Reserves `amount` nano-USD of `scope`'s monthly `budget` (`label` names it in a refusal).
+    async fn reserve_scope(
+        &self,
+        store: Option<&Store>,
+        hold_id: &str,
+        customer_id: &str,
+        label: &str,
+        budget: i64,
+        amount: i64,
+    ) -> StoreResult<Result<BudgetHold, Refusal>> {
         let now = Utc::now().timestamp_micros();
         let (period_start, next) = month_bounds(now);
         let quota = |committed: i64| {
             Refusal::Quota {
             message: format!(
-                "you exceeded your current quota: this request may cost up to {} USD, and {} USD of the {} USD monthly budget is spent or reserved",
+                "you exceeded your current quota: this request may cost up to {} USD, and {} USD of the {} USD {label} is spent or reserved",
                 crate::money::format_usd(amount),
                 crate::money::format_usd(committed),
                 crate::money::format_usd(budget),
@@ -485,6 +575,7 @@ impl Limiter {
                         period_start,
                         amount,
                         shared: Some(hold_id.to_string()),
+                        key: None,
                     }));
                 }
                 Err(e) => warn_fallback(&e),
@@ -532,6 +623,7 @@ impl Limiter {
                 period_start,
                 amount: 0,
                 shared: None,
+                key: None,
             }));
         };
         if state.spent + state.reserved + amount > budget {
@@ -543,12 +635,16 @@ impl Limiter {
             period_start,
             amount,
             shared: None,
+            key: None,
         }))
     }
 
     /// Replaces a budget reservation by the actual cost. A shared hold is released by its
     /// usage record reaching the ledger instead.
     pub fn settle_budget(&self, hold: &BudgetHold, actual: i64) {
+        if let Some(key) = &hold.key {
+            self.settle_budget(key, actual);
+        }
         if hold.shared.is_some() {
             return;
         }
@@ -567,6 +663,9 @@ impl Limiter {
     /// Gives a reservation back whole: its request never reached a model, so no usage record
     /// will follow.
     pub fn release_budget(&self, hold: &BudgetHold) {
+        if let Some(key) = &hold.key {
+            self.release_budget(key);
+        }
         match (&hold.shared, &self.shared) {
             (Some(id), Some(store)) => {
                 let (store, id) = (store.clone(), id.clone());
@@ -578,7 +677,38 @@ impl Limiter {
                     }
                 });
             }
-            _ => self.settle_budget(hold, 0),
+            _ => {
+                let mut alone = hold.clone();
+                alone.key = None;
+                self.settle_budget(&alone, 0);
+            }
+        }
+    }
+
+    /// Settles a request's spending: its holds (customer and key) by the actual cost, and the
+    /// scopes it held nothing against noted, so a budget set later starts from the right
+    /// figure.
+    pub fn settle_spend(
+        &self,
+        hold: Option<&BudgetHold>,
+        customer_id: &str,
+        key_id: &str,
+        started_at: i64,
+        actual: i64,
+    ) {
+        let mut held = Vec::new();
+        let mut next = hold;
+        while let Some(h) = next {
+            held.push(h.customer_id.clone());
+            next = h.key.as_deref();
+        }
+        if let Some(h) = hold {
+            self.settle_budget(h, actual);
+        }
+        for scope in [customer_id.to_string(), key_scope(key_id)] {
+            if !held.contains(&scope) {
+                self.note_spent(&scope, started_at, actual);
+            }
         }
     }
 
@@ -651,6 +781,49 @@ mod tests {
             l.reserve_tokens(&lim, 1001).await,
             Err(Refusal::Rate { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn key_budgets_hold_beside_the_customer_budget() {
+        let l = Limiter::default();
+        let now = Utc::now().timestamp_micros();
+        // Customer budget 1000, key budget 500.
+        let both =
+            |amount| l.reserve_budgets(None, "r", ("c", Some(1000)), ("k", Some(500)), amount);
+        let h = both(400).await.unwrap().unwrap().unwrap();
+        // The key's 100 left refuses 200, naming the key's budget, and gives the customer's
+        // reservation back.
+        let Err(Refusal::Quota { message, .. }) = both(200).await.unwrap() else {
+            panic!("the key budget must refuse")
+        };
+        assert!(message.contains("monthly budget of key k"), "{message}");
+        // Another key of the customer still has the customer's 600.
+        let other = l
+            .reserve_budgets(None, "r2", ("c", Some(1000)), ("k2", None), 600)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        l.settle_spend(Some(&other), "c", "k2", now, 600);
+        // Settled at 350: the key has 150 left, the customer 1000 - 600 - 350 = 50.
+        l.settle_spend(Some(&h), "c", "k", now, 350);
+        let Err(Refusal::Quota { message, .. }) = both(60).await.unwrap() else {
+            panic!("the customer budget must refuse")
+        };
+        assert!(message.contains("USD monthly budget is"), "{message}");
+        assert!(both(50).await.unwrap().is_ok());
+        // A key budget alone (its customer has none).
+        let only = |amount| l.reserve_budgets(None, "r3", ("d", None), ("kd", Some(100)), amount);
+        let h = only(100).await.unwrap().unwrap().unwrap();
+        assert!(only(1).await.unwrap().is_err());
+        l.release_budget(&h);
+        assert!(only(100).await.unwrap().is_ok());
+        assert!(l
+            .reserve_budgets(None, "r4", ("e", None), ("ke", None), 5)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

@@ -12,12 +12,40 @@ use crate::config::Price;
 /// Nano-USD per USD.
 const NANOS_PER_USD: i64 = 1_000_000_000;
 
-/// Cost in nano-USD of `input` and `output` tokens at `price` (USD per million tokens).
+/// Cost in nano-USD of `input` fresh prompt tokens and `output` tokens at `price` (USD per
+/// million tokens).
 pub fn cost_nano_usd(price: &Price, input: u64, output: u64) -> i64 {
-    // USD per million tokens × 1000 = nano-USD per token.
-    let thousand = Decimal::from(1000);
-    let exact = Decimal::from(input) * price.input_per_mtok * thousand
-        + Decimal::from(output) * price.output_per_mtok * thousand;
+    cost_with_cached_nano_usd(price, input, 0, output)
+}
+
+/// Cost in nano-USD of a request whose `input` prompt tokens include `cached` served from a
+/// prefix cache: fresh × input price + cached × cached price + output × output price, rounded
+/// once. `cached` above `input` counts as `input` (a prompt cannot be more than cached).
+pub fn cost_with_cached_nano_usd(price: &Price, input: u64, cached: u64, output: u64) -> i64 {
+    let cached = cached.min(input);
+    round_nanos(
+        Decimal::from(input - cached) * price.input_per_mtok * NANOS_PER_MUSD
+            + Decimal::from(cached) * price.cached_input_per_mtok * NANOS_PER_MUSD
+            + Decimal::from(output) * price.output_per_mtok * NANOS_PER_MUSD,
+    )
+}
+
+/// The part of a request's cost that is its cached prompt tokens, rounded alone (an invoice's
+/// cached-input line is the sum of these; the rest of the record's cost is its other line).
+pub fn cached_part_nano_usd(price: &Price, input: u64, cached: u64) -> i64 {
+    round_nanos(Decimal::from(cached.min(input)) * price.cached_input_per_mtok * NANOS_PER_MUSD)
+}
+
+/// The most a request can cost before its cached tokens are known: every prompt token at the
+/// higher of the input and cached prices.
+pub fn max_cost_nano_usd(price: &Price, input: u64, output: u64) -> i64 {
+    cost_nano_usd(price, input, output).max(cost_with_cached_nano_usd(price, input, input, output))
+}
+
+/// USD per million tokens × 1000 = nano-USD per token.
+const NANOS_PER_MUSD: Decimal = Decimal::from_parts(1000, 0, 0, false, 0);
+
+fn round_nanos(exact: Decimal) -> i64 {
     exact
         .round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero)
         .to_i64()
@@ -64,7 +92,31 @@ mod tests {
         Price {
             input_per_mtok: i.parse().unwrap(),
             output_per_mtok: o.parse().unwrap(),
+            cached_input_per_mtok: i.parse().unwrap(),
         }
+    }
+
+    #[test]
+    fn cached_prompt_tokens_cost_the_cached_price() {
+        let mut p = price("0.05", "0.10");
+        p.cached_input_per_mtok = "0.0125".parse().unwrap();
+        // 10 prompt tokens of which 4 cached, 3 output: 6×50 + 4×12.5 + 3×100 = 650.
+        assert_eq!(cost_with_cached_nano_usd(&p, 10, 4, 3), 650);
+        assert_eq!(cached_part_nano_usd(&p, 10, 4), 50);
+        // Nothing cached: the plain cost.
+        assert_eq!(
+            cost_with_cached_nano_usd(&p, 10, 0, 3),
+            cost_nano_usd(&p, 10, 3)
+        );
+        // Cached beyond the prompt counts as the whole prompt.
+        assert_eq!(cost_with_cached_nano_usd(&p, 2, 9, 0), 25);
+        // Rounded once per request: 1 cached token = 12.5 → 13, but 2 = 25.
+        assert_eq!(cost_with_cached_nano_usd(&p, 1, 1, 0), 13);
+        assert_eq!(cost_with_cached_nano_usd(&p, 2, 2, 0), 25);
+        // The reservation covers either price.
+        assert_eq!(max_cost_nano_usd(&p, 10, 3), cost_nano_usd(&p, 10, 3));
+        p.cached_input_per_mtok = "0.5".parse().unwrap();
+        assert_eq!(max_cost_nano_usd(&p, 10, 3), 10 * 500 + 300);
     }
 
     #[test]

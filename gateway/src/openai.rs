@@ -48,6 +48,8 @@ pub struct CommonParams {
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub user: Option<String>,
+    /// OpenAI's `metadata`: string pairs stored on the usage record as tags.
+    pub metadata: Option<crate::tags::Tags>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// vLLM-style extras.
@@ -202,6 +204,18 @@ impl RequestBody for ChatRequest {
 impl RequestBody for CompletionRequest {
     fn check_flattened(body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
         check_common(body)
+    }
+}
+
+impl CommonParams {
+    /// The request's cost-allocation tags (`metadata` and `user`), or a 400 naming the field.
+    pub fn tags(&self) -> Result<crate::tags::Tags, ApiError> {
+        crate::tags::from_request(self.metadata.as_ref(), self.user.as_deref()).map_err(|e| {
+            ApiError::InvalidRequest {
+                message: e.message,
+                param: Some(e.param),
+            }
+        })
     }
 }
 

@@ -18,13 +18,16 @@ use futures::stream::{select_all, StreamExt};
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
-use crate::backend::{Backend, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage};
+use crate::backend::{
+    Backend, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage, UsageSource,
+};
 use crate::config::Price;
 use crate::error::{ApiError, ApiJson};
 use crate::limits::{BudgetHold, TokenHold};
-use crate::money::cost_nano_usd;
+use crate::money::{cached_part_nano_usd, cost_with_cached_nano_usd, max_cost_nano_usd};
 use crate::openai::{ChatRequest, CompletionRequest, Plan};
 use crate::store::{now_micros, UsageRecord};
+use crate::tags::Tags;
 use crate::{AppState, ModelLabel, RequestId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,14 @@ pub(crate) struct Completion {
     generated: Vec<u32>,
     /// The backends' own counts, ahead of what was read when a client goes away.
     progress: Vec<Option<Arc<AtomicUsize>>>,
+    /// Prompt tokens each choice's backend served from its prefix cache: as reported when it
+    /// finished, else as its counter says (a client that went away).
+    cached_reported: Vec<Option<u32>>,
+    cached: Vec<Option<Arc<AtomicUsize>>>,
+    /// Where each finished choice's counts came from.
+    sources: Vec<Option<UsageSource>>,
+    /// Cost-allocation tags for the record (request and key, merged).
+    tags: Tags,
     finish: Option<FinishReason>,
     outcome: &'static str,
     tokens_hold: Option<TokenHold>,
@@ -103,6 +114,58 @@ impl Completion {
             .sum()
     }
 
+    /// Prompt tokens served from a prefix cache, once per distinct prompt: the fewest any of
+    /// its choices reports (never more than the prompt), so no choice's discount is assumed
+    /// for another.
+    pub(crate) fn cached_tokens(&self) -> u32 {
+        let per = self.per_prompt.max(1);
+        let cached: Vec<u32> = self
+            .cached_reported
+            .iter()
+            .zip(&self.cached)
+            .map(|(reported, counter)| {
+                reported.unwrap_or_else(|| {
+                    counter.as_ref().map_or(0, |c| {
+                        u32::try_from(c.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
+                    })
+                })
+            })
+            .collect();
+        let prompts = self
+            .prompts
+            .chunks(per)
+            .zip(self.prompts_reported.chunks(per));
+        cached
+            .chunks(per)
+            .zip(prompts)
+            .map(|(group, (prepared, reported))| {
+                let prompt = reported
+                    .iter()
+                    .flatten()
+                    .next()
+                    .copied()
+                    .unwrap_or(prepared[0]);
+                group.iter().copied().min().unwrap_or(0).min(prompt)
+            })
+            .sum()
+    }
+
+    /// Where the counts came from, the least trusted of any choice: as a finished choice's
+    /// backend said; for one that did not finish, the engine's counter if it has one, else
+    /// what the gateway counted streaming by.
+    fn usage_source(&self) -> UsageSource {
+        self.sources
+            .iter()
+            .zip(&self.progress)
+            .map(|(source, progress)| match (source, progress) {
+                (Some(s), _) => *s,
+                (None, Some(_)) => UsageSource::Engine,
+                (None, None) => UsageSource::Observed,
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
     fn finish(&mut self, outcome: &'static str) {
         self.outcome = outcome;
     }
@@ -113,11 +176,26 @@ impl Completion {
     }
 
     pub(crate) fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
-        self.generated[choice] = usage.completion_tokens;
+        // Never below what was seen streaming by.
+        self.generated[choice] = self.generated[choice].max(usage.completion_tokens);
         self.prompts_reported[choice] = Some(usage.prompt_tokens);
+        self.cached_reported[choice] = Some(usage.cached_tokens);
+        self.sources[choice] = Some(usage.source);
         if choice == 0 || self.finish.is_none() {
             self.finish = Some(reason);
         }
+    }
+
+    /// `usage` as the client sees it: the same counts the record holds.
+    fn usage_json(&self) -> Value {
+        let p = self.prompt_tokens();
+        let c = self.completion_tokens();
+        json!({
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens().min(p)},
+        })
     }
 
     /// Settles the reservations and builds the usage record, once.
@@ -127,21 +205,28 @@ impl Completion {
         }
         self.settled = true;
         let input = u64::from(self.prompt_tokens());
+        let cached = u64::from(self.cached_tokens()).min(input);
         let output = u64::from(self.completion_tokens());
         // Failures are on us: recorded, never charged.
-        let cost = if self.outcome == "failed" {
-            0
+        let (cost, cached_cost) = if self.outcome == "failed" {
+            (0, 0)
         } else {
-            cost_nano_usd(&self.price, input, output)
+            (
+                cost_with_cached_nano_usd(&self.price, input, cached, output),
+                cached_part_nano_usd(&self.price, input, cached),
+            )
         };
         let limiter = &self.state.limiter;
         if let Some(hold) = &self.tokens_hold {
             limiter.settle_tokens(hold, (input + output) as i64);
         }
-        match &self.budget_hold {
-            Some(hold) => limiter.settle_budget(hold, cost),
-            None => limiter.note_spent(&self.caller.customer_id, self.started_at, cost),
-        }
+        limiter.settle_spend(
+            self.budget_hold.as_ref(),
+            &self.caller.customer_id,
+            &self.caller.key_id,
+            self.started_at,
+            cost,
+        );
         self.state.ledger.as_ref()?;
         let finish_reason = match self.outcome {
             "cancelled" => Some("cancelled".to_string()),
@@ -166,6 +251,11 @@ impl Completion {
             input_price_per_mtok: self.price.input_per_mtok.to_string(),
             output_price_per_mtok: self.price.output_per_mtok.to_string(),
             cost_nano_usd: cost,
+            cached_input_tokens: cached as i64,
+            cached_input_price_per_mtok: Some(self.price.cached_input_per_mtok.to_string()),
+            cached_cost_nano_usd: cached_cost,
+            usage_source: Some(self.usage_source().as_str().to_string()),
+            tags: std::mem::take(&mut self.tags),
         })
     }
 
@@ -253,8 +343,9 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    let tags = request.common.tags()?;
     let plan = request.plan(&id.0, state.config.server.max_n)?;
-    respond(state, id, caller, plan, Kind::Chat).await
+    respond_tagged(state, id, caller, plan, Kind::Chat, tags).await
 }
 
 pub async fn completions(
@@ -263,8 +354,9 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let tags = request.common.tags()?;
     let plan = request.plan(&id.0, state.config.server.max_n)?;
-    respond(state, id, caller, plan, Kind::Text).await
+    respond_tagged(state, id, caller, plan, Kind::Text, tags).await
 }
 
 /// Admission: key may use the model, request rate, then (with real token counts) the token
@@ -281,21 +373,21 @@ async fn admit(
     let tokens = limiter
         .reserve_tokens(&caller.limits, i64::from(prompt_tokens) + max_output as i64)
         .await?;
-    let budget = match caller.budget_nano_usd {
-        None => None,
-        Some(budget) => {
-            let max_cost = cost_nano_usd(price, u64::from(prompt_tokens), max_output);
+    let budget = match (caller.budget_nano_usd, caller.key_budget_nano_usd) {
+        (None, None) => None,
+        (customer_budget, key_budget) => {
+            let max_cost = max_cost_nano_usd(price, u64::from(prompt_tokens), max_output);
             let reserved = limiter
-                .reserve_budget(
+                .reserve_budgets(
                     state.store.as_ref(),
                     request_id,
-                    &caller.customer_id,
-                    budget,
+                    (&caller.customer_id, customer_budget),
+                    (&caller.key_id, key_budget),
                     max_cost,
                 )
                 .await;
             match reserved {
-                Ok(Ok(hold)) => Some(hold),
+                Ok(Ok(hold)) => hold,
                 Ok(Err(refusal)) => {
                     limiter.settle_tokens(&tokens, 0);
                     return Err(refusal.into());
@@ -320,16 +412,19 @@ pub(crate) struct Started {
     pub completion: Completion,
 }
 
-/// Checks the key may use the model, admits the request against its rate limits and budget
+/// Checks the key may use the model, admits the request against its rate limits and budgets
 /// (with the prompts' real token counts), and starts every choice. Every billed endpoint
-/// goes through here and its [`Completion`].
+/// goes through here and its [`Completion`]; the record carries `tags` merged with the key's
+/// default tags.
 pub(crate) async fn start(
     state: &AppState,
     id: &RequestId,
     caller: Caller,
     plan: &Plan,
     endpoint: &'static str,
+    tags: Tags,
 ) -> Result<Started, ApiError> {
+    let tags = crate::tags::merged(tags, &caller.key_tags);
     let backend = backend_for(state, &plan.model)?;
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
@@ -390,6 +485,10 @@ pub(crate) async fn start(
         prompts: prepared.iter().map(|p| p.prompt_tokens).collect(),
         prompts_reported: vec![None; prepared.len()],
         progress: prepared.iter().map(|p| p.progress.clone()).collect(),
+        cached_reported: vec![None; prepared.len()],
+        cached: prepared.iter().map(|p| p.cached.clone()).collect(),
+        sources: vec![None; prepared.len()],
+        tags,
         per_prompt: n,
         generated: vec![0; prepared.len()],
         finish: None,
@@ -415,12 +514,14 @@ pub(crate) async fn start(
     })
 }
 
-async fn respond(
+/// Runs a chat or text completion; its record carries `tags` merged with the key's.
+async fn respond_tagged(
     state: AppState,
     id: RequestId,
     caller: Caller,
     plan: Plan,
     kind: Kind,
+    tags: Tags,
 ) -> Result<Response, ApiError> {
     let endpoint = match kind {
         Kind::Chat => "/v1/chat/completions",
@@ -429,7 +530,7 @@ async fn respond(
     let Started {
         streams,
         completion,
-    } = start(&state, &id, caller, &plan, endpoint).await?;
+    } = start(&state, &id, caller, &plan, endpoint, tags).await?;
     let label = ModelLabel(plan.model.clone());
     let mut response = if plan.stream {
         stream_response(streams, plan, kind, id, completion).into_response()
@@ -542,8 +643,7 @@ async fn collect(
             "the model stopped before finishing".into(),
         ));
     }
-    let prompt_tokens = completion.prompt_tokens();
-    let completion_tokens = completion.completion_tokens();
+    let usage = completion.usage_json();
     completion.commit("completed").await;
     let created = now_secs();
     let choices: Vec<Value> = results
@@ -567,11 +667,6 @@ async fn collect(
             }
         })
         .collect();
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    });
     Ok(match kind {
         Kind::Chat => json!({
             "id": format!("chatcmpl-{}", id.0),
@@ -733,12 +828,10 @@ fn stream_response(
         }
         completion.commit("completed").await;
         if include_usage {
-            let p = completion.prompt_tokens();
-            let c = completion.completion_tokens();
             yield data(&json!({
                 "id": response_id, "object": object, "created": created,
                 "model": plan.model, "system_fingerprint": null, "choices": [],
-                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+                "usage": completion.usage_json(),
             }));
         }
         yield Ok(Event::default().data("[DONE]"));

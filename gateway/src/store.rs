@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
+use crate::tags::{self, Tags};
+
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
-/// Rows per multi-row insert on PostgreSQL (16 parameters each; well under its limit).
+/// Rows per multi-row insert on PostgreSQL (20 parameters each; well under its limit).
 const INSERT_CHUNK: usize = 200;
 /// Rows per multi-row insert on SQLite: binding a parameter looks its name up by a linear
 /// search (`sqlite3_bind_parameter_name`), so a statement's binding cost grows with the square
@@ -93,6 +95,12 @@ pub struct ApiKey {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub created_at: i64,
+    /// Default cost-allocation tags of the key's records.
+    #[serde(default)]
+    pub tags: Tags,
+    /// The key's own monthly budget in nano-USD; `None` = only its customer's applies.
+    #[serde(default)]
+    pub budget_nano_usd: Option<i64>,
 }
 
 /// Fields of a new or patched customer.
@@ -114,10 +122,12 @@ pub struct NewKey {
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
     pub expires_at: Option<i64>,
+    pub tags: Tags,
+    pub budget_nano_usd: Option<i64>,
 }
 
 /// One request's usage, as written to the ledger (DESIGN.md §6). Times in Unix microseconds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub id: String,
     pub customer_id: String,
@@ -136,11 +146,30 @@ pub struct UsageRecord {
     pub input_price_per_mtok: String,
     pub output_price_per_mtok: String,
     pub cost_nano_usd: i64,
+    /// Of `input_tokens`, those served from a prefix cache.
+    #[serde(default)]
+    pub cached_input_tokens: i64,
+    /// The unit price of cached prompt tokens (`None` on records older than it: the input
+    /// price).
+    #[serde(default)]
+    pub cached_input_price_per_mtok: Option<String>,
+    /// The part of `cost_nano_usd` that is cached prompt tokens (rounded alone).
+    #[serde(default)]
+    pub cached_cost_nano_usd: i64,
+    /// Where the token counts came from: `engine`, `upstream`, or `observed` (an upstream
+    /// reported fewer output tokens than the gateway saw, or none).
+    #[serde(default)]
+    pub usage_source: Option<String>,
+    /// Cost-allocation tags: the request's `metadata` and `user` with its key's default tags.
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    pub tags: Tags,
 }
 
 /// Columns usage can be grouped by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBy {
+    /// The value of one tag (`tag:project`); records without it form their own group.
+    Tag(String),
     Customer,
     Model,
     Key,
@@ -157,6 +186,8 @@ pub struct UsageFilter {
     pub end: i64,
     pub customer_id: Option<String>,
     pub model: Option<String>,
+    /// Only records whose tag `.0` has the value `.1`.
+    pub tag: Option<(String, String)>,
 }
 
 /// One row of an aggregate; group columns not asked for are `None`.
@@ -167,12 +198,19 @@ pub struct UsageRow {
     pub key_id: Option<String>,
     /// With `GroupBy::Day`: the day's start; with buckets: the bucket's start (micros).
     pub bucket_start: Option<i64>,
+    /// With `GroupBy::Tag`: the tag's value (`None`: records without the tag).
+    pub tag_value: Option<String>,
     pub input_price_per_mtok: Option<String>,
     pub output_price_per_mtok: Option<String>,
+    pub cached_input_price_per_mtok: Option<String>,
     pub requests: i64,
     pub input_tokens: i64,
+    /// Of `input_tokens`, those served from a prefix cache.
+    pub cached_input_tokens: i64,
     pub output_tokens: i64,
     pub cost_nano_usd: i64,
+    /// Of `cost_nano_usd`, the cached prompt tokens' part.
+    pub cached_cost_nano_usd: i64,
 }
 
 /// A connection pool to the ledger database.
@@ -203,20 +241,35 @@ fn is_unreachable(e: &sqlx::Error) -> bool {
     )
 }
 
-/// `sqlite://…`, `postgres://…`, or a bare file path (SQLite, created when missing).
+/// `sqlite://…`, `postgres://…`, or a bare file path. A SQLite file is created when missing,
+/// whichever way it is named, unless the URL chooses its own `mode` (or is in memory).
 pub fn normalize_url(url: &str) -> String {
-    if url.contains("://") || url.starts_with("sqlite:") {
+    if !url.starts_with("sqlite:") {
+        return if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("sqlite://{url}?mode=rwc")
+        };
+    }
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let has_mode = query.split('&').any(|p| p.starts_with("mode="));
+    if has_mode || path.contains(":memory:") {
         url.to_string()
+    } else if query.is_empty() {
+        format!("{path}?mode=rwc")
     } else {
-        format!("sqlite://{url}?mode=rwc")
+        format!("{path}?{query}&mode=rwc")
     }
 }
 
 const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
-    input_price_per_mtok, output_price_per_mtok, cost_nano_usd";
-const KEY_COLUMNS: &str =
-    "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, revoked_at, created_at";
+    input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
+    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags";
+/// Columns of [`RECORD_COLUMNS`], one bound parameter each.
+const RECORD_PARAMS: usize = 21;
+const KEY_COLUMNS: &str = "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, \
+    revoked_at, created_at, tags, budget_nano_usd";
 const CUSTOMER_COLUMNS: &str = "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at";
 
 fn customer(row: &AnyRow) -> StoreResult<Customer> {
@@ -251,6 +304,8 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
         created_at: row.try_get("created_at")?,
+        tags: stored_tags(row)?,
+        budget_nano_usd: row.try_get("budget_nano_usd")?,
     })
 }
 
@@ -272,7 +327,17 @@ fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         input_price_per_mtok: row.try_get("input_price_per_mtok")?,
         output_price_per_mtok: row.try_get("output_price_per_mtok")?,
         cost_nano_usd: row.try_get("cost_nano_usd")?,
+        cached_input_tokens: row.try_get("cached_input_tokens")?,
+        cached_input_price_per_mtok: row.try_get("cached_input_price_per_mtok")?,
+        cached_cost_nano_usd: row.try_get("cached_cost_nano_usd")?,
+        usage_source: row.try_get("usage_source")?,
+        tags: stored_tags(row)?,
     })
+}
+
+fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {
+    let text: Option<String> = row.try_get("tags")?;
+    tags::from_json(text.as_deref()).map_err(StoreError::Invalid)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -535,6 +600,8 @@ impl Store {
             expires_at: new.expires_at,
             revoked_at: None,
             created_at: now_micros(),
+            tags: new.tags,
+            budget_nano_usd: new.budget_nano_usd,
         };
         let models = match &key.models {
             Some(m) => {
@@ -544,8 +611,8 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
-             expires_at, revoked_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)",
+             expires_at, revoked_at, created_at, tags, budget_nano_usd) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11, $12)",
         )
         .bind(&key.id)
         .bind(&key.customer_id)
@@ -557,9 +624,43 @@ impl Store {
         .bind(key.tpm)
         .bind(key.expires_at)
         .bind(key.created_at)
+        .bind(tags::to_json(&key.tags))
+        .bind(key.budget_nano_usd)
         .execute(&self.pool)
         .await?;
         Ok(key)
+    }
+
+    /// Replaces a key's default tags. Returns the key.
+    pub async fn set_key_tags(&self, key_id: &str, tags: &Tags) -> StoreResult<ApiKey> {
+        sqlx::query("UPDATE api_keys SET tags = $2 WHERE id = $1")
+            .bind(key_id)
+            .bind(tags::to_json(tags))
+            .execute(&self.pool)
+            .await?;
+        self.key(key_id).await
+    }
+
+    /// Sets or clears (`None`) a key's own monthly budget. Returns the key.
+    pub async fn set_key_budget(&self, key_id: &str, budget: Option<i64>) -> StoreResult<ApiKey> {
+        sqlx::query("UPDATE api_keys SET budget_nano_usd = $2 WHERE id = $1")
+            .bind(key_id)
+            .bind(budget)
+            .execute(&self.pool)
+            .await?;
+        self.key(key_id).await
+    }
+
+    /// One key by id.
+    pub async fn key(&self, key_id: &str) -> StoreResult<ApiKey> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => api_key(&row),
+            None => Err(StoreError::NotFound(format!("no key `{key_id}`"))),
+        }
     }
 
     pub async fn list_keys(&self, customer_id: &str) -> StoreResult<Vec<ApiKey>> {
@@ -639,8 +740,10 @@ impl Store {
         for chunk in records.chunks(chunk_rows) {
             let mut sql = format!("INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES ");
             for i in 0..chunk.len() {
-                let base = i * 16;
-                let params: Vec<String> = (1..=16).map(|k| format!("${}", base + k)).collect();
+                let base = i * RECORD_PARAMS;
+                let params: Vec<String> = (1..=RECORD_PARAMS)
+                    .map(|k| format!("${}", base + k))
+                    .collect();
                 if i > 0 {
                     sql.push_str(", ");
                 }
@@ -650,7 +753,7 @@ impl Store {
             }
             sql.push_str(" ON CONFLICT (id) DO NOTHING");
             if postgres {
-                sql.push_str(" RETURNING customer_id, started_at, cost_nano_usd");
+                sql.push_str(" RETURNING customer_id, key_id, started_at, cost_nano_usd");
             }
             let mut q = sqlx::query(&sql);
             for r in chunk {
@@ -670,15 +773,21 @@ impl Store {
                     .bind(r.ttft_ms)
                     .bind(&r.input_price_per_mtok)
                     .bind(&r.output_price_per_mtok)
-                    .bind(r.cost_nano_usd);
+                    .bind(r.cost_nano_usd)
+                    .bind(r.cached_input_tokens)
+                    .bind(&r.cached_input_price_per_mtok)
+                    .bind(r.cached_cost_nano_usd)
+                    .bind(&r.usage_source)
+                    .bind(tags::to_json(&r.tags));
             }
             if postgres {
                 for row in q.fetch_all(&mut *tx).await? {
-                    added.push((
-                        row.try_get("customer_id")?,
-                        row.try_get("started_at")?,
-                        row.try_get("cost_nano_usd")?,
-                    ));
+                    let started_at: i64 = row.try_get("started_at")?;
+                    let cost: i64 = row.try_get("cost_nano_usd")?;
+                    let key_id: String = row.try_get("key_id")?;
+                    added.push((row.try_get("customer_id")?, started_at, cost));
+                    // The key's own spend, for key budgets.
+                    added.push((crate::limits::key_scope(&key_id), started_at, cost));
                     inserted += 1;
                 }
             } else {
@@ -686,20 +795,34 @@ impl Store {
             }
         }
         if postgres {
-            let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+            // Each record's holds: its customer's (the record id) and its key's.
+            let key_holds: Vec<String> = records
+                .iter()
+                .map(|r| crate::limits::key_hold_id(&r.id))
+                .collect();
+            let ids: Vec<&str> = records
+                .iter()
+                .map(|r| r.id.as_str())
+                .chain(key_holds.iter().map(String::as_str))
+                .collect();
             crate::shared_limits::settle_in_ledger(&mut tx, &added, &ids).await?;
         }
         tx.commit().await?;
         Ok(inserted)
     }
 
-    /// Cost of a customer's records started at or after `since`.
+    /// Cost of a customer's records started at or after `since` (of a key's, for a budget
+    /// scope `key:<id>`).
     pub async fn spent_since(&self, customer_id: &str, since: i64) -> StoreResult<i64> {
-        let row = sqlx::query(
+        let (column, id) = match customer_id.strip_prefix("key:") {
+            Some(key_id) => ("key_id", key_id),
+            None => ("customer_id", customer_id),
+        };
+        let row = sqlx::query(&format!(
             "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) AS spent FROM usage_records \
-             WHERE customer_id = $1 AND started_at >= $2",
-        )
-        .bind(customer_id)
+             WHERE {column} = $1 AND started_at >= $2"
+        ))
+        .bind(id)
         .bind(since)
         .fetch_one(&self.pool)
         .await;
@@ -755,8 +878,16 @@ impl Store {
     ) -> StoreResult<Vec<UsageRow>> {
         const DAY: i64 = 86_400_000_000;
         let mut cols: Vec<String> = Vec::new();
+        // Parameters after start and end: the grouped tag's path, then the filters.
+        let mut next = 3;
+        let mut tag_group = None;
         for g in group {
             match g {
+                GroupBy::Tag(key) => {
+                    cols.push(format!("{} AS tag_value", tags::sql_value(self.kind, next)));
+                    tag_group = Some(key.clone());
+                    next += 1;
+                }
                 GroupBy::Customer => cols.push("customer_id".into()),
                 GroupBy::Model => cols.push("model".into()),
                 GroupBy::Key => cols.push("key_id".into()),
@@ -764,6 +895,7 @@ impl Store {
                 GroupBy::Prices => {
                     cols.push("input_price_per_mtok".into());
                     cols.push("output_price_per_mtok".into());
+                    cols.push("cached_input_price_per_mtok".into());
                 }
             }
         }
@@ -777,7 +909,9 @@ impl Store {
         }
         let group_exprs: Vec<String> = cols
             .iter()
-            .map(|c| match c.split_once(" AS ") {
+            .map(|c| match c.rsplit_once(" AS ") {
+                // By its alias: the expression holds a parameter.
+                Some((_, "tag_value")) => "tag_value".to_string(),
                 Some((expr, _)) => expr.to_string(),
                 None => c.clone(),
             })
@@ -791,30 +925,46 @@ impl Store {
             "CAST(COUNT(*) AS BIGINT) AS requests, \
              CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
              CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
-             CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd \
+             CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd, \
+             CAST(SUM(cached_input_tokens) AS BIGINT) AS cached_input_tokens, \
+             CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd \
              FROM usage_records WHERE started_at >= $1 AND started_at < $2",
         );
-        let mut next = 3;
         if filter.customer_id.is_some() {
             sql.push_str(&format!(" AND customer_id = ${next}"));
             next += 1;
         }
         if filter.model.is_some() {
             sql.push_str(&format!(" AND model = ${next}"));
+            next += 1;
+        }
+        if filter.tag.is_some() {
+            sql.push_str(&format!(
+                " AND {} = ${}",
+                tags::sql_value(self.kind, next),
+                next + 1
+            ));
         }
         if !group_exprs.is_empty() {
             let list = group_exprs.join(", ");
             sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
         }
         let mut q = sqlx::query(&sql).bind(filter.start).bind(filter.end);
+        if let Some(path) = tag_group {
+            q = q.bind(path);
+        }
         if let Some(c) = &filter.customer_id {
             q = q.bind(c);
         }
         if let Some(m) = &filter.model {
             q = q.bind(m);
         }
+        if let Some((key, value)) = &filter.tag {
+            q = q.bind(key.clone()).bind(value);
+        }
         let rows = q.fetch_all(&self.pool).await?;
         let has = |g: GroupBy| group.contains(&g);
+        let has_tag = group.iter().any(|g| matches!(g, GroupBy::Tag(_)));
         rows.iter()
             .map(|row| {
                 let requests: i64 = row.try_get("requests")?;
@@ -839,6 +989,11 @@ impl Store {
                     } else {
                         None
                     },
+                    tag_value: if has_tag {
+                        row.try_get("tag_value")?
+                    } else {
+                        None
+                    },
                     input_price_per_mtok: if has(GroupBy::Prices) {
                         row.try_get("input_price_per_mtok")?
                     } else {
@@ -849,11 +1004,22 @@ impl Store {
                     } else {
                         None
                     },
+                    cached_input_price_per_mtok: if has(GroupBy::Prices) {
+                        row.try_get("cached_input_price_per_mtok")?
+                    } else {
+                        None
+                    },
                     requests,
                     // SUM over no rows is NULL.
                     input_tokens: row.try_get::<Option<i64>, _>("input_tokens")?.unwrap_or(0),
                     output_tokens: row.try_get::<Option<i64>, _>("output_tokens")?.unwrap_or(0),
                     cost_nano_usd: row.try_get::<Option<i64>, _>("cost_nano_usd")?.unwrap_or(0),
+                    cached_input_tokens: row
+                        .try_get::<Option<i64>, _>("cached_input_tokens")?
+                        .unwrap_or(0),
+                    cached_cost_nano_usd: row
+                        .try_get::<Option<i64>, _>("cached_cost_nano_usd")?
+                        .unwrap_or(0),
                 })
             })
             .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))

@@ -11,8 +11,10 @@
 //! resolve to, resolved again before each probe round: a Kubernetes headless Service lists its
 //! Ready pods, so workers can be scaled without touching the gateway.
 //!
-//! Token counts come from the upstream's `usage` (`stream_options.include_usage`); until it
-//! arrives (or if a server never sends it), each content chunk counts as one token.
+//! Token counts come from the upstream's `usage` (`stream_options.include_usage`), cached
+//! prompt tokens from its `prompt_tokens_details.cached_tokens`; output is never billed below
+//! what the gateway saw stream by (each content chunk at least one token), so an upstream that
+//! omits or zeroes `completion_tokens` cannot under-bill (the record then says `observed`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,7 +30,7 @@ use serde_json::{json, Value};
 use crate::backend::{
     Backend, BackendError, ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest,
     LogprobEntry, ModelInfo, Prepared, Prompt, ResponseFormat, Start, TokenLogprob, ToolChoice,
-    Usage,
+    Usage, UsageSource,
 };
 
 /// How often members are probed.
@@ -577,6 +579,38 @@ fn finish_reason(text: &str) -> FinishReason {
     }
 }
 
+/// A finished sequence's usage from the upstream's `usage` object (if it sent one), never
+/// below what the gateway observed: an output figure that is missing, not a number, or
+/// smaller than the content chunks seen (each at least one token) is replaced by that count,
+/// and the usage says so ([`UsageSource::Observed`]). A missing prompt figure is the
+/// gateway's upper bound of the prompt.
+fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, chunks: u32) -> Usage {
+    let number = |v: &Value| v.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    let Some(u) = usage else {
+        return Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: chunks,
+            cached_tokens: 0,
+            source: UsageSource::Observed,
+        };
+    };
+    let prompt_tokens = number(&u["prompt_tokens"]).unwrap_or(prompt_estimate);
+    let reported = number(&u["completion_tokens"]);
+    let (completion_tokens, source) = match reported {
+        Some(n) if n >= chunks => (n, UsageSource::Upstream),
+        _ => (chunks, UsageSource::Observed),
+    };
+    let cached_tokens = number(&u["prompt_tokens_details"]["cached_tokens"])
+        .unwrap_or(0)
+        .min(prompt_tokens);
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        source,
+    }
+}
+
 /// Streams one sequence from the best member, retrying on others until the first event.
 fn run(
     client: reqwest::Client,
@@ -610,7 +644,7 @@ fn run(
             let mut started = false;
             let mut chunks = 0u32;
             let mut finish = None;
-            let mut usage: Option<Usage> = None;
+            let mut usage: Option<Value> = None;
             let mut failure = None;
             while let Some(event) = events.next().await {
                 let data = match event {
@@ -647,10 +681,7 @@ fn run(
                     yield Ok(GenerateEvent::Started { prompt_tokens: prompt_estimate });
                 }
                 if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
-                    usage = Some(Usage {
-                        prompt_tokens: u["prompt_tokens"].as_u64().unwrap_or(0) as u32,
-                        completion_tokens: u["completion_tokens"].as_u64().unwrap_or(0) as u32,
-                    });
+                    usage = Some(u.clone());
                 }
                 let Some(choice) = choice else { continue };
                 let logprobs = chunk_logprobs(choice);
@@ -692,7 +723,7 @@ fn run(
                 }
                 None => {}
             }
-            let usage = usage.unwrap_or(Usage { prompt_tokens: prompt_estimate, completion_tokens: chunks });
+            let usage = settled_usage(usage.as_ref(), prompt_estimate, chunks);
             yield Ok(GenerateEvent::Finished { reason: finish.unwrap_or(FinishReason::Stop), usage });
             drop(slot);
             return;
@@ -738,6 +769,7 @@ impl Backend for UpstreamPool {
             max_tokens,
             start,
             progress: None,
+            cached: None,
         })
     }
 }
@@ -799,6 +831,54 @@ mod tests {
         discover(&set, &urls, &mut failing, |_, _| async { Ok(Vec::new()) }).await;
         assert!(set.current().is_empty());
         assert_eq!(failing, [false]);
+    }
+
+    #[test]
+    fn upstream_usage_never_bills_fewer_output_tokens_than_were_seen() {
+        // 7 content chunks streamed by; the prompt was estimated at 40 tokens.
+        let seen = 7;
+        let settle = |u: Option<Value>| settled_usage(u.as_ref(), 40, seen);
+        // No `usage` at all: the observed count and the prompt estimate.
+        let u = settle(None);
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+                u.source
+            ),
+            (40, 7, 0, UsageSource::Observed)
+        );
+        // `completion_tokens: null` and `0`: replaced by what was seen.
+        for bad in [json!(null), json!(0), json!("12"), json!(3)] {
+            let u = settle(Some(json!({"prompt_tokens": 12, "completion_tokens": bad})));
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.source),
+                (12, 7, UsageSource::Observed),
+                "completion_tokens {bad}"
+            );
+        }
+        // A figure at least the observed one is the upstream's (chunks may hold several
+        // tokens), with its cached prompt tokens.
+        let u = settle(Some(json!({
+            "prompt_tokens": 12, "completion_tokens": 9,
+            "prompt_tokens_details": {"cached_tokens": 8},
+        })));
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+                u.source
+            ),
+            (12, 9, 8, UsageSource::Upstream)
+        );
+        // Cached tokens are never more than the prompt.
+        let u = settle(Some(json!({
+            "prompt_tokens": 5, "completion_tokens": 9,
+            "prompt_tokens_details": {"cached_tokens": 50},
+        })));
+        assert_eq!(u.cached_tokens, 5);
     }
 
     #[test]

@@ -145,6 +145,7 @@ async fn bucketed(
         end: w.end * MICROS,
         customer_id: Some(caller.customer_id.clone()),
         model: None,
+        tag: None,
     };
     let rows = store
         .aggregate(&filter, groups, Some((w.start * MICROS, w.width * MICROS)))
@@ -226,7 +227,7 @@ pub async fn completions_usage(
             "object": "organization.usage.completions.result",
             "input_tokens": r.input_tokens,
             "output_tokens": r.output_tokens,
-            "input_cached_tokens": 0,
+            "input_cached_tokens": r.cached_input_tokens,
             "input_audio_tokens": 0,
             "output_audio_tokens": 0,
             "num_model_requests": r.requests,

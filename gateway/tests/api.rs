@@ -89,6 +89,7 @@ impl Backend for Shared {
             max_tokens: request.params.max_tokens.unwrap_or(61),
             start,
             progress: None,
+            cached: None,
         })
     }
 }
@@ -126,7 +127,7 @@ fn script(text: String, guard: DropCounter) -> EventStream {
                 }
                 yield Ok(GenerateEvent::Finished {
                     reason: FinishReason::Stop,
-                    usage: Usage { prompt_tokens: 3, completion_tokens: 5 },
+                    usage: Usage { prompt_tokens: 3, completion_tokens: 5, ..Default::default() },
                 });
             }
             _ => {
@@ -134,7 +135,7 @@ fn script(text: String, guard: DropCounter) -> EventStream {
                 yield delta(" world", 2);
                 yield Ok(GenerateEvent::Finished {
                     reason: FinishReason::Stop,
-                    usage: Usage { prompt_tokens: 3, completion_tokens: 2 },
+                    usage: Usage { prompt_tokens: 3, completion_tokens: 2, ..Default::default() },
                 });
             }
         }
@@ -237,7 +238,8 @@ async fn non_streamed_chat_has_openai_shape() {
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert_eq!(
         body["usage"],
-        json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+        json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+               "prompt_tokens_details": {"cached_tokens": 0}})
     );
 }
 

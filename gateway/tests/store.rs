@@ -41,6 +41,37 @@ async fn sqlite_store_contract() {
 }
 
 #[tokio::test]
+async fn a_missing_sqlite_file_is_created_however_it_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    for (url, file) in [
+        (path("bare.db"), path("bare.db")),
+        (format!("sqlite://{}", path("url.db")), path("url.db")),
+        (format!("sqlite:{}", path("short.db")), path("short.db")),
+        (
+            format!("sqlite://{}?cache=shared", path("query.db")),
+            path("query.db"),
+        ),
+    ] {
+        assert!(!std::path::Path::new(&file).exists());
+        let store = Store::connect(&url).await.unwrap();
+        store
+            .insert_records(&[record("r1", "c", "m", 1, 5)])
+            .await
+            .unwrap();
+        store.close().await;
+        assert!(std::path::Path::new(&file).exists(), "{url} created {file}");
+    }
+    // A URL that asks for an existing file keeps its mode.
+    let ro = format!("sqlite://{}?mode=ro", path("missing.db"));
+    assert!(Store::connect(&ro).await.is_err());
+    assert_eq!(
+        tollgate_gateway::store::normalize_url("sqlite::memory:"),
+        "sqlite::memory:"
+    );
+}
+
+#[tokio::test]
 async fn ledger_writes_each_record_once_and_empties_its_spool() {
     for sync in MODES {
         writes_each_record_once(sync).await;

@@ -192,6 +192,68 @@ async fn replicas_share_exact_limits_and_budgets() {
         .await
         .unwrap()
         .expect("the expired hold was cleared");
+
+    // A key's own budget: 20 concurrent requests of at most 100 against the key's 500, under
+    // a customer budget of 10,000, half on each replica: exactly 5 hold.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (l, store) = if i % 2 == 0 {
+            (a.clone(), a_store.clone())
+        } else {
+            (b.clone(), b_store.clone())
+        };
+        tasks.push(tokio::spawn(async move {
+            l.reserve_budgets(
+                Some(&store),
+                &format!("kreq-{i}"),
+                ("keyco", Some(10_000)),
+                ("key_keyco", Some(500)),
+                100,
+            )
+            .await
+            .unwrap()
+            .map(|hold| (i, hold))
+        }));
+    }
+    let mut key_holds = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(h) => key_holds.push(h),
+            Err(Refusal::Quota { message, .. }) => {
+                assert!(message.contains("budget of key key_keyco"), "{message}")
+            }
+            Err(other) => panic!("unexpected refusal {other:?}"),
+        }
+    }
+    assert_eq!(key_holds.len(), 5);
+    // Their records (at 40 each) release both holds: the key has 300 free, the customer all
+    // but 200.
+    let records: Vec<_> = key_holds
+        .iter()
+        .map(|(i, _)| contract::record(&format!("kreq-{i}"), "keyco", "m", now, 40))
+        .map(|mut r| {
+            r.key_id = "key_keyco".into();
+            r
+        })
+        .collect();
+    assert_eq!(b_store.insert_records(&records).await.unwrap(), 5);
+    let key_only = |l: &Limiter, store: Store, id: &str, amount| {
+        let (l, id) = (l.clone(), id.to_string());
+        async move {
+            l.reserve_budgets(
+                Some(&store),
+                &id,
+                ("keyco", Some(10_000)),
+                ("key_keyco", Some(500)),
+                amount,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert!(key_only(&a, a_store.clone(), "k-301", 301).await.is_err());
+    assert!(key_only(&a, a_store.clone(), "k-300", 300).await.is_ok());
+    assert!(key_only(&b, b_store.clone(), "k-1", 1).await.is_err());
     a_store.close().await;
     b_store.close().await;
 }

@@ -35,6 +35,8 @@ enum Behaviour {
     DiesMidStream,
     /// 400 with an OpenAI error.
     Refuses,
+    /// Three content chunks, then this `usage` object (JSON text), or none when empty.
+    Reports(&'static str),
 }
 
 #[derive(Clone)]
@@ -66,6 +68,19 @@ async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> Response {
                 .into_response()
         }
         Behaviour::DiesMidStream => sse(&[delta("Hel")], false),
+        Behaviour::Reports(usage) => {
+            let mut events = vec![
+                delta("Hel"),
+                delta("lo"),
+                delta(" world"),
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            ];
+            if !usage.is_empty() {
+                let usage: Value = serde_json::from_str(usage).unwrap();
+                events.push(json!({"choices": [], "usage": usage}));
+            }
+            sse(&events, true)
+        }
         Behaviour::Good => sse(
             &[
                 json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
@@ -161,7 +176,8 @@ async fn fails_over_before_the_first_token_and_bills_upstream_usage() {
         assert_eq!(body["choices"][0]["finish_reason"], "stop");
         assert_eq!(
             body["usage"],
-            json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+            json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
         );
     }
     assert_eq!(good_hits.load(Ordering::SeqCst), 6);
@@ -176,6 +192,56 @@ async fn fails_over_before_the_first_token_and_bills_upstream_usage() {
     assert!(text.contains("\"Hello\"") && text.contains("\"prompt_tokens\":5"));
     assert!(text.trim_end().ends_with("data: [DONE]"));
     drop(dies);
+}
+
+#[tokio::test]
+async fn an_upstream_never_bills_fewer_output_tokens_than_streamed_by() {
+    // Three content chunks each time; what the upstream says about them varies.
+    let cases = [
+        // No `usage` at all: the prompt as the gateway bounded it, three output tokens.
+        ("", None, 3, 0),
+        ("{\"prompt_tokens\": 6, \"completion_tokens\": null}", Some(6), 3, 0),
+        ("{\"prompt_tokens\": 6, \"completion_tokens\": 0}", Some(6), 3, 0),
+        ("{\"prompt_tokens\": 6, \"completion_tokens\": 1}", Some(6), 3, 0),
+        // A larger figure is the upstream's (a chunk may hold several tokens), and so are
+        // its cached prompt tokens.
+        (
+            "{\"prompt_tokens\": 6, \"completion_tokens\": 5, \"prompt_tokens_details\": {\"cached_tokens\": 4}}",
+            Some(6),
+            5,
+            4,
+        ),
+    ];
+    for (usage, prompt, completion, cached) in cases {
+        let (url, _) = upstream(Behaviour::Reports(usage)).await;
+        let addr = gateway(vec![url]).await;
+        for stream in [false, true] {
+            let r = ask(addr, stream).await;
+            assert_eq!(r.status(), 200);
+            let got: Value = if stream {
+                let text = r.text().await.unwrap();
+                let last = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .rfind(|d| *d != "[DONE]")
+                    .unwrap()
+                    .to_string();
+                serde_json::from_str::<Value>(&last).unwrap()["usage"].clone()
+            } else {
+                r.json::<Value>().await.unwrap()["usage"].clone()
+            };
+            assert_eq!(got["completion_tokens"], completion, "usage {usage}: {got}");
+            assert_eq!(
+                got["prompt_tokens_details"]["cached_tokens"], cached,
+                "usage {usage}: {got}"
+            );
+            match prompt {
+                Some(p) => assert_eq!(got["prompt_tokens"], p, "usage {usage}: {got}"),
+                // The gateway's upper bound of "hi" in a chat: at least its bytes.
+                None => assert!(got["prompt_tokens"].as_u64().unwrap() >= 2, "{got}"),
+            }
+        }
+    }
 }
 
 #[tokio::test]

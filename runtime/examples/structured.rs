@@ -77,6 +77,7 @@ fn run(
             progress: None,
             constraint: constraint()?,
             tenant: None,
+            cached: None,
         })?);
     }
     let mut tokens = 0;

@@ -82,6 +82,9 @@ pub struct GenRequest {
     /// Who asked (the customer) and their scheduling weight; `None` shares one anonymous
     /// tenant.
     pub tenant: Option<Tenancy>,
+    /// Set at admission to the prompt tokens taken from the prefix cache (also reported in
+    /// `Finished`), so a caller that goes away can bill them at the cached price.
+    pub cached: Option<Arc<AtomicUsize>>,
 }
 
 /// A request's tenant for fair scheduling.
@@ -159,6 +162,8 @@ pub enum GenEvent {
         reason: StopReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens taken from the prefix cache instead of being prefilled.
+        cached_tokens: usize,
     },
     /// The sequence failed; nothing follows.
     Failed { message: String },
@@ -293,6 +298,8 @@ struct Sequence {
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Prompt tokens that came from the prefix cache.
+    cached: usize,
     /// Sampled tokens; the last one is not yet in the cache.
     generated: Vec<u32>,
     max_tokens: usize,
@@ -523,6 +530,7 @@ impl Worker {
                 progress,
                 constraint,
                 tenant: _,
+                cached,
             } = sub.request;
             let logprobs = sampling.logprobs.is_some();
             let sampler = Sampler::new(sampling, &prompt_ids);
@@ -540,8 +548,12 @@ impl Worker {
                     self.model.new_cache()
                 }
             };
+            if let Some(c) = &cached {
+                c.store(cache.len(), Ordering::Relaxed);
+            }
             self.running.push(Sequence {
                 prefilled: cache.len(),
+                cached: cache.len(),
                 generated: Vec::new(),
                 max_tokens,
                 cache,
@@ -720,6 +732,7 @@ impl Worker {
                         reason,
                         prompt_tokens: seq.prompt.len(),
                         completion_tokens: seq.generated.len(),
+                        cached_tokens: seq.cached,
                     });
                 }
             }

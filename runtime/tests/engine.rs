@@ -6,7 +6,7 @@
 //! Fails (never skips) when the dev model is missing: run `scripts/fetch-model.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::sync::Arc;
 use tollgate_runtime::dev_model::require_dev_model;
@@ -50,6 +50,7 @@ fn request(prompt_ids: &[u32], max_tokens: usize, constraint: Option<GenConstrai
         progress: None,
         constraint,
         tenant: None,
+        cached: None,
     }
 }
 
@@ -243,4 +244,60 @@ fn a_burst_from_one_tenant_does_not_queue_another() {
         a_before_b, 0,
         "B waited for {a_before_b} of A's sequences: it was queued behind A's burst"
     );
+}
+
+/// Runs one sequence; returns (prompt tokens, cached tokens in `Finished`, the shared counter).
+fn cached_counts(engine: &Engine, prompt_ids: &[u32]) -> (usize, usize, usize) {
+    let counter = Arc::new(AtomicUsize::new(usize::MAX));
+    let mut req = request(prompt_ids, 4, None);
+    req.cached = Some(counter.clone());
+    let mut events = engine.submit(req).unwrap();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            GenEvent::Delta { .. } => {}
+            GenEvent::Finished {
+                prompt_tokens,
+                cached_tokens,
+                ..
+            } => {
+                return (
+                    prompt_tokens,
+                    cached_tokens,
+                    counter.load(Ordering::Relaxed),
+                )
+            }
+            GenEvent::Failed { message } => panic!("generation failed: {message}"),
+        }
+    }
+    panic!("the engine stopped without finishing the sequence");
+}
+
+#[test]
+fn each_sequence_reports_the_prompt_tokens_it_took_from_the_prefix_cache() {
+    let (cache_on, tokenizer) = engine(64 << 20);
+    let ids = |text: &str| tokenizer.encode(text, false).unwrap();
+    let first =
+        ids("<|im_start|>system\nYou count sheep carefully.<|im_end|>\n<|im_start|>user\nOne?");
+    let second =
+        ids("<|im_start|>system\nYou count sheep carefully.<|im_end|>\n<|im_start|>user\nTwo?");
+    let shared = first
+        .iter()
+        .zip(&second)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(shared >= 4, "the prompts share {shared} tokens");
+    // Cold: nothing cached; the counter is set at admission, to 0.
+    assert_eq!(cached_counts(&cache_on, &first), (first.len(), 0, 0));
+    // The shared prefix comes from the cache, and both reports say how much.
+    assert_eq!(
+        cached_counts(&cache_on, &second),
+        (second.len(), shared, shared)
+    );
+    // The same prompt again: all but its last token.
+    let n = first.len();
+    assert_eq!(cached_counts(&cache_on, &first), (n, n - 1, n - 1));
+    // With the cache off, never.
+    let (off, _) = engine(0);
+    assert_eq!(cached_counts(&off, &first), (n, 0, 0));
+    assert_eq!(cached_counts(&off, &first), (n, 0, 0));
 }

@@ -606,6 +606,7 @@ fn a_128k_context_fits_the_kv_budget_and_longer_requests_are_refused() {
         progress: None,
         constraint: None,
         tenant: None,
+        cached: None,
     };
 
     // Not fitted: the context says 128k, the budget refuses what it cannot hold.

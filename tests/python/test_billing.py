@@ -456,3 +456,445 @@ def test_postgres_outage_mid_load_loses_and_doubles_nothing():
     finally:
         pg("start")
         assert stop_server(srv) == 0
+
+
+# ---- cached prompt tokens --------------------------------------------------------------------
+
+# A catalogue pricing cached prompt tokens at 0.02 USD per million: 20 nano-USD each.
+CACHED_NANO = 20
+CACHED_PRICE = 'price = { input_per_mtok = "0.05", output_per_mtok = "0.10", cached_input_per_mtok = "0.02" }\n'
+LONG_SYSTEM = {
+    "role": "system",
+    "content": "You are a careful assistant for a bakery. You answer questions about bread, "
+    "flour, ovens and opening hours in one short sentence, politely and without lists.",
+}
+
+
+def cached_catalogue(tmp, backend):
+    path = os.path.join(tmp, "models.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'[models."{MODEL}"]\n'
+            f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
+            f"backend = {backend}\n" + CACHED_PRICE
+        )
+    return path
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cached_traffic(client):
+    """Requests that share LONG_SYSTEM: streamed, not streamed, n > 1, legacy completions and a
+    cancelled stream. Returns {request id: usage seen by the client or None if cancelled}."""
+    seen = {}
+
+    def ask_bakery(q, **kw):
+        return [LONG_SYSTEM, {"role": "user", "content": q}]
+
+    # Warm the prefix cache with the shared system prompt.
+    r = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask_bakery("When do you open?"), max_tokens=4, temperature=0
+    )
+    seen[r.headers["x-request-id"]] = r.parse().usage
+    for i, q in enumerate(["Do you sell rye bread?", "Is the oven hot?", "Which flour is best?"]):
+        stream = i % 2 == 1
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=ask_bakery(q), max_tokens=6, temperature=0, stream=stream,
+            **({"stream_options": {"include_usage": True}} if stream else {}),
+        )
+        rid = raw.headers["x-request-id"]
+        if stream:
+            usage = None
+            for chunk in raw.parse():
+                if chunk.usage:
+                    usage = chunk.usage
+            seen[rid] = usage
+        else:
+            seen[rid] = raw.parse().usage
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask_bakery("Name two breads."), max_tokens=5, temperature=0.7, n=2
+    )
+    seen[raw.headers["x-request-id"]] = raw.parse().usage
+    prompt = LONG_SYSTEM["content"] + " Question: what is sourdough?"
+    for _ in range(2):  # the second one finds the first's prompt in the cache
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+        seen[raw.headers["x-request-id"]] = raw.parse().usage
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask_bakery("Tell me a very long story about bread."), max_tokens=200,
+        temperature=0, stream=True,
+    )
+    rid = raw.headers["x-request-id"]
+    got = 0
+    stream = raw.parse()
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+            if got == 3:
+                break
+    stream.close()
+    seen[rid] = None
+    return seen
+
+
+def check_cached_billing(admin, customer, key, server, seen, *, cancelled_cached, source, cancelled_source):
+    """Every record of `seen` is the client's usage and costs fresh × input + cached × cached +
+    output × output to the nano-dollar; reports, the Usage API and the invoice add up to them."""
+    records = admin.wait_for(list(seen))
+    cached_total = 0
+    for rid, usage in seen.items():
+        r = records[rid]
+        cached = r["cached_input_tokens"]
+        if usage is None:
+            assert r["status"] == "cancelled"
+            if cancelled_cached:
+                assert cached > 0, r
+        else:
+            assert r["status"] == "completed"
+            assert (r["input_tokens"], r["output_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+            assert cached == usage.prompt_tokens_details.cached_tokens, (r, usage)
+        assert 0 <= cached <= r["input_tokens"]
+        assert r["cached_input_price_per_mtok"] == "0.02"
+        assert r["usage_source"] == (cancelled_source if usage is None else source), r
+        fresh = r["input_tokens"] - cached
+        assert nano(r["cost_usd"]) == fresh * IN_NANO + cached * CACHED_NANO + r["output_tokens"] * OUT_NANO, r
+        assert nano(r["cached_input_cost_usd"]) == cached * CACHED_NANO
+        cached_total += cached
+    completed = [u for u in seen.values() if u is not None]
+    # The shared system prompt came from the cache for most of them (the first only warmed it).
+    assert sum(1 for u in completed if u.prompt_tokens_details.cached_tokens > 0) >= len(completed) - 2
+    assert cached_total > 0
+    mine = [r for r in records.values() if r["customer_id"] == customer]
+    assert len(mine) == len(seen)
+
+    row = admin.call("GET", "/admin/v1/usage", params={"customer_id": customer, "group_by": "customer"})["data"][0]
+    assert row["input_cached_tokens"] == cached_total
+    assert nano(row["cost_usd"]) == sum(nano(r["cost_usd"]) for r in mine)
+
+    http = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    page = http.get(
+        "/organization/usage/completions", params={"start_time": int(time.time()) - 3600, "bucket_width": "1d"}
+    ).json()
+    results = [res for b in page["data"] for res in b["results"]]
+    assert sum(res["input_cached_tokens"] for res in results) == cached_total
+    assert sum(res["input_tokens"] for res in results) == sum(r["input_tokens"] for r in mine)
+
+    invoice = admin.call("GET", f"/admin/v1/invoices/{customer}")
+    lines = {li["kind"]: li for li in invoice["line_items"]}
+    assert lines["cached_input"]["cached_input_tokens"] == cached_total
+    assert lines["cached_input"]["cached_input_price_per_mtok"] == "0.02"
+    assert nano(lines["cached_input"]["amount_usd"]) == cached_total * CACHED_NANO
+    assert lines["tokens"]["input_tokens"] == sum(r["input_tokens"] for r in mine) - cached_total
+    assert nano(invoice["total_usd"]) == sum(nano(li["amount_usd"]) for li in invoice["line_items"])
+    assert nano(invoice["total_usd"]) == sum(nano(r["cost_usd"]) for r in mine)
+    print(
+        f"\n{customer}: {len(mine)} records, {sum(r['input_tokens'] for r in mine)} prompt tokens of which "
+        f"{cached_total} cached, total {invoice['total_usd']} USD "
+        f"(cached line {lines['cached_input']['amount_usd']})"
+    )
+
+
+def test_cached_prompt_tokens_are_reported_stored_and_priced():
+    tmp = tempfile.mkdtemp(prefix="tollgate-cached-")
+    config = cached_catalogue(tmp, '{ type = "local", device = "cpu" }')
+    srv = start_server(
+        {"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--config", config, "--database", os.path.join(tmp, "ledger.db")]
+    )
+    try:
+        admin = Admin(srv)
+        admin.customer("cache-co")
+        key = admin.key("cache-co")["key"]
+        seen = cached_traffic(sdk(srv, key))
+        check_cached_billing(
+            admin, "cache-co", key, srv, seen, cancelled_cached=True, source="engine", cancelled_source="engine"
+        )
+    finally:
+        assert stop_server(srv) == 0
+
+
+def test_cached_prompt_tokens_of_an_upstream_are_priced_by_the_gateway():
+    """Gateway -> `tollgate worker`: the worker reports `prompt_tokens_details.cached_tokens`,
+    the gateway prices them at its own catalogue's cached price."""
+    tmp = tempfile.mkdtemp(prefix="tollgate-cached-up-")
+    port = free_port()
+    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
+    env = dict(os.environ, TOLLGATE_WORKER_TOKEN="worker-token", RUST_LOG="info")
+    worker = subprocess.Popen(
+        [binary, "worker", "--model", MODEL, "--config", str(ROOT / "models.toml"), "--listen", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    srv = None
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": "Bearer worker-token"}).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and worker.poll() is None, "worker did not start"
+            time.sleep(0.2)
+        config = cached_catalogue(
+            tmp, f'{{ type = "http", urls = ["http://127.0.0.1:{port}"], api_key_env = "TOLLGATE_WORKER_TOKEN" }}'
+        )
+        srv = start_server(
+            {"TOLLGATE_ADMIN_TOKEN": ADMIN, "TOLLGATE_WORKER_TOKEN": "worker-token"},
+            ["--config", config, "--database", os.path.join(tmp, "ledger.db")],
+        )
+        admin = Admin(srv)
+        admin.customer("cache-up")
+        key = admin.key("cache-up")["key"]
+        # The gateway routes once a probe found the worker healthy (probed with the static key
+        # of the `default` customer, so cache-up's bill holds only the requests below).
+        deadline = time.time() + 30
+        while True:
+            try:
+                sdk(srv, API_KEY).chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=1)
+                break
+            except openai.APIStatusError:
+                assert time.time() < deadline
+                time.sleep(0.3)
+        seen = cached_traffic(sdk(srv, key))
+        # An upstream's cached count arrives with its usage at the end: a cancelled request's
+        # prompt is billed at the input price, its output as the gateway counted it.
+        check_cached_billing(
+            admin, "cache-up", key, srv, seen, cancelled_cached=False, source="upstream",
+            cancelled_source="observed",
+        )
+    finally:
+        if srv is not None:
+            assert stop_server(srv) == 0
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
+# ---- cost-allocation tags --------------------------------------------------------------------
+
+
+def test_tags_from_metadata_user_and_key_defaults(billing):
+    admin = Admin(billing)
+    admin.customer("tag-co")
+    key_a = admin.key("tag-co", tags={"team": "ml", "project": "ops"})
+    key_b = admin.key("tag-co")
+    a, b = sdk(billing, key_a["key"]), sdk(billing, key_b["key"])
+    expected = {}  # request id -> tags the record must carry
+
+    raw = a.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask("Hi"), max_tokens=3, temperature=0,
+        metadata={"project": "alpha", "env": "prod"}, user="u-1",
+    )
+    # The key's defaults win over the request's metadata (project), the rest is merged.
+    expected[raw.headers["x-request-id"]] = {"team": "ml", "project": "ops", "env": "prod", "user": "u-1"}
+    for i, stream in enumerate([False, True]):
+        rid, _, _ = chat(b, f"Colour {i}", max_tokens=3, stream=stream, metadata={"project": "alpha"}, user="u-2")
+        expected[rid] = {"project": "alpha", "user": "u-2"}
+    raw = b.completions.with_raw_response.create(
+        model=MODEL, prompt="Bread is", max_tokens=3, temperature=0, user="u-3",
+        extra_body={"metadata": {"project": "beta"}},
+    )
+    expected[raw.headers["x-request-id"]] = {"project": "beta", "user": "u-3"}
+    rid, _, _ = chat(b, "No tags", max_tokens=2)
+    expected[rid] = {}
+
+    # Limits: 16 pairs, keys up to 64 and values up to 512 characters; a 400 names the field.
+    bad = [
+        ({f"k{i}": "v" for i in range(17)}, "metadata"),
+        ({"k" * 65: "v"}, "metadata"),
+        ({"k": "v" * 513}, "metadata.k"),
+    ]
+    for metadata, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            b.chat.completions.create(model=MODEL, messages=ask("x"), max_tokens=2, metadata=metadata)
+        assert e.value.param == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        b.chat.completions.create(model=MODEL, messages=ask("x"), max_tokens=2, metadata={"k": 5})
+    assert e.value.param.startswith("metadata"), e.value.body
+    ok = {f"k{i}": "v" * 512 for i in range(16)}
+    rid = b.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask("x"), max_tokens=2, metadata=ok
+    ).headers["x-request-id"]
+    expected[rid] = ok
+
+    records = admin.wait_for(list(expected))
+    for rid, tags in expected.items():
+        assert records[rid]["tags"] == tags, records[rid]
+    mine = [r for r in admin.records() if r["customer_id"] == "tag-co"]
+    assert len(mine) == len(expected), "refused requests leave no record"
+
+    # Reports group and filter by a tag; every figure adds up to the records.
+    rows = admin.call("GET", "/admin/v1/usage", params={"customer_id": "tag-co", "group_by": "tag:project"})["data"]
+    by_project = {row["tag:project"]: row for row in rows}
+    projects = {r["tags"].get("project") for r in mine}
+    assert set(by_project) == projects
+    for project, row in by_project.items():
+        theirs = [r for r in mine if r["tags"].get("project") == project]
+        assert row["requests"] == len(theirs)
+        assert nano(row["cost_usd"]) == sum(nano(r["cost_usd"]) for r in theirs)
+    alpha = admin.call("GET", "/admin/v1/usage", params={"customer_id": "tag-co", "tag": "project:alpha"})["data"][0]
+    assert alpha["requests"] == 2
+    csv_text = admin.call(
+        "GET", "/admin/v1/usage", params={"customer_id": "tag-co", "group_by": "tag:user", "format": "csv"}
+    )
+    assert csv_text.splitlines()[0] == "tag:user,requests,input_tokens,output_tokens,cost_usd"
+
+    invoice = admin.call("GET", "/admin/v1/invoices/tag-co", params={"group_by": "tag:project"})
+    assert nano(invoice["total_usd"]) == sum(nano(r["cost_usd"]) for r in mine)
+    assert nano(invoice["total_usd"]) == sum(nano(li["amount_usd"]) for li in invoice["line_items"])
+    assert {li["tag"]["value"] for li in invoice["line_items"]} == projects
+    beta = admin.call("GET", "/admin/v1/invoices/tag-co", params={"tag": "project:beta"})
+    assert nano(beta["total_usd"]) == sum(nano(r["cost_usd"]) for r in mine if r["tags"].get("project") == "beta")
+    admin.call("GET", "/admin/v1/invoices/tag-co", 400, params={"group_by": "model"})
+    admin.call("GET", "/admin/v1/usage", 400, params={"tag": "nocolon"})
+
+    # Key defaults change through the admin API (and the CLI), seen within the key cache's life.
+    patched = admin.call("PATCH", f"/admin/v1/keys/{key_b['id']}", json={"tags": {"team": "web"}})
+    assert patched["tags"] == {"team": "web"}
+    admin.call("PATCH", f"/admin/v1/keys/{key_b['id']}", 400, json={"tags": {"k": "v" * 513}})
+    time.sleep(1.0)
+    rid, _, _ = chat(b, "After patch", max_tokens=2, user="u-9")
+    assert admin.wait_for([rid])[rid]["tags"] == {"team": "web", "user": "u-9"}
+    db = ["--database", billing.db]
+    tagged = json.loads(tollgate("keys", "tag", key_b["id"], "--tag", "team=data", "--tag", "cost=centre=7", *db).stdout)
+    assert tagged["tags"] == {"team": "data", "cost": "centre=7"}
+    made = json.loads(tollgate("keys", "create", "tag-co", "--name", "cli", "--tag", "project=gamma", *db).stdout)
+    assert made["tags"] == {"project": "gamma"}
+
+    # Exports carry the tags and filter on one.
+    out = tollgate("usage", "export", "--format", "jsonl", "--tag", "project:alpha", *db).stdout
+    exported = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["id"] for r in exported) == sorted(
+        rid for rid, t in expected.items() if t.get("project") == "alpha"
+    )
+    report = json.loads(
+        tollgate("usage", "report", "--customer-id", "tag-co", "--group-by", "tag:project", *db).stdout
+    )
+    assert {row["tag:project"] for row in report["data"]} == projects
+    inv = json.loads(tollgate("usage", "invoice", "tag-co", "--tag", "project:beta", *db).stdout)
+    assert inv["total_usd"] == beta["total_usd"]
+
+
+# ---- exports billing systems ingest ----------------------------------------------------------
+
+CLOUDEVENT_NAME = __import__("re").compile(r"^[a-z0-9]{1,20}$")
+
+
+def check_cloudevent(e):
+    """The CloudEvents 1.0 JSON format's rules (spec.md, json-format.md): required context
+    attributes, their types, attribute names, and JSON data for application/json."""
+    from datetime import datetime
+    from urllib.parse import urlparse
+
+    for attr in ("specversion", "id", "source", "type"):
+        assert isinstance(e.get(attr), str) and e[attr], f"required attribute {attr}: {e}"
+    assert e["specversion"] == "1.0"
+    urlparse(e["source"])  # a URI-reference
+    assert all(CLOUDEVENT_NAME.match(k) for k in e if k != "data"), sorted(e)
+    assert isinstance(e["subject"], str) and e["subject"]
+    datetime.fromisoformat(e["time"].replace("Z", "+00:00"))
+    assert e["datacontenttype"] == "application/json" and isinstance(e["data"], dict)
+
+
+def check_stripe_event(e, customer_key="stripe_customer_id"):
+    """Stripe's `POST /v1/billing/meter_events` body: event_name (<= 100), identifier
+    (<= 5000, unique), timestamp (Unix seconds, within the past 35 days), payload of strings
+    holding the customer mapping key."""
+    assert set(e) == {"event_name", "identifier", "timestamp", "payload"}, e
+    assert 0 < len(e["event_name"]) <= 100 and 0 < len(e["identifier"]) <= 5000
+    assert isinstance(e["timestamp"], int) and time.time() - 35 * 86400 < e["timestamp"] <= time.time() + 300
+    assert all(isinstance(v, str) for v in e["payload"].values()), e["payload"]
+    assert e["payload"][customer_key]
+    for kind in ("input_tokens", "cached_input_tokens", "output_tokens"):
+        assert e["payload"][kind].isdigit()
+
+
+def test_exports_as_cloudevents_and_stripe_meter_events(billing):
+    admin = Admin(billing)
+    admin.customer("exp-co")
+    client = sdk(billing, admin.key("exp-co")["key"])
+    db = ["--database", billing.db]
+    cursor = Path(tempfile.mkdtemp()) / "cursor"
+    first = [chat(client, f"Export {i}", max_tokens=3, metadata={"project": "x"})[0] for i in range(2)]
+    admin.wait_for(first)
+    out1 = tollgate("usage", "export", "--format", "cloudevents", "--cursor-file", str(cursor), *db).stdout
+    second = [chat(client, f"Export again {i}", max_tokens=3)[0] for i in range(2)]
+    records = admin.wait_for(second + first)
+    out2 = tollgate("usage", "export", "--format", "cloudevents", "--cursor-file", str(cursor), *db).stdout
+    events1 = [json.loads(line) for line in out1.splitlines()]
+    events2 = [json.loads(line) for line in out2.splitlines()]
+    assert set(first) <= {e["id"] for e in events1}
+    assert {e["id"] for e in events2} == set(second), "incremental: only the new records"
+    for e in events1 + events2:
+        check_cloudevent(e)
+    for rid in first + second:
+        e = next(e for e in events1 + events2 if e["id"] == rid)
+        r = records[rid]
+        assert e["subject"] == "exp-co"
+        assert (e["data"]["input_tokens"], e["data"]["output_tokens"]) == (r["input_tokens"], r["output_tokens"])
+        assert e["data"]["cost_usd"] == r["cost_usd"] and e["data"]["tags"] == r["tags"]
+
+    # Stripe: Tollgate customers mapped to Stripe's; an unmapped customer stops the export.
+    mapping = Path(tempfile.mkdtemp()) / "customers.json"
+    mapping.write_text(json.dumps({"exp-co": "cus_EXP"}))
+    out = tollgate(
+        "usage", "export", "--format", "stripe", "--tag", "project:x", "--stripe-customer-map", str(mapping), *db
+    ).stdout
+    stripe = [json.loads(line) for line in out.splitlines()]
+    assert sorted(e["identifier"] for e in stripe) == sorted(first)
+    for e in stripe:
+        check_stripe_event(e)
+        r = records[e["identifier"]]
+        assert e["event_name"] == "tollgate_usage" and e["payload"]["stripe_customer_id"] == "cus_EXP"
+        assert int(e["payload"]["output_tokens"]) == r["output_tokens"]
+        assert int(e["payload"]["input_tokens"]) + int(e["payload"]["cached_input_tokens"]) == r["input_tokens"]
+    admin.customer("exp-unmapped")
+    admin.wait_for([chat(sdk(billing, admin.key("exp-unmapped")["key"]), "Unmapped", max_tokens=2)[0]])
+    stripe_cursor = Path(tempfile.mkdtemp()) / "cursor"
+    failed = subprocess.run(
+        [os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate")), "usage", "export",
+         "--format", "stripe", "--stripe-customer-map", str(mapping), "--cursor-file", str(stripe_cursor), *db],
+        capture_output=True, text=True,
+    )
+    assert failed.returncode != 0 and "has no Stripe customer" in failed.stderr
+    assert not stripe_cursor.exists(), "a failed export does not advance its cursor"
+
+
+# ---- per-key budgets -------------------------------------------------------------------------
+
+
+def test_a_key_budget_caps_that_key_alone(billing):
+    admin = Admin(billing)
+    admin.customer("kb-co", budget_usd="1")
+    capped = admin.key("kb-co", budget_usd="0.00001")  # 10,000 nano-USD
+    assert capped["budget_usd"] == "0.000010000"
+    free = admin.key("kb-co")
+    client = sdk(billing, capped["key"])
+    ids, refused = [], None
+    for i in range(20):
+        try:
+            ids.append(chat(client, f"Budget {i}", max_tokens=20)[0])
+        except openai.RateLimitError as e:
+            refused = e
+            break
+    assert refused is not None, "the key's budget never refused"
+    assert refused.code == "insufficient_quota" and f"budget of key {capped['id']}" in refused.message
+    records = admin.wait_for(ids)
+    spent = sum(nano(records[i]["cost_usd"]) for i in ids)
+    assert 0 < spent <= 10_000 and len(ids) >= 1
+    # The customer's other key is not capped by it.
+    chat(sdk(billing, free["key"]), "Still fine", max_tokens=3)
+    # Cleared through the admin API (seen within the key cache's life), set again by the CLI.
+    cleared = admin.call("PATCH", f"/admin/v1/keys/{capped['id']}", json={"budget_usd": None})
+    assert cleared["budget_usd"] is None
+    admin.call("PATCH", f"/admin/v1/keys/{capped['id']}", 400, json={"budget_usd": "-1"})
+    time.sleep(1.0)
+    chat(client, "Uncapped now", max_tokens=20)
+    out = json.loads(tollgate("keys", "budget", capped["id"], "--budget-usd", "0.000001", "--database", billing.db).stdout)
+    assert out["budget_usd"] == "0.000001000"
+    time.sleep(1.0)
+    with pytest.raises(openai.RateLimitError):
+        chat(client, "Capped again", max_tokens=20)

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tollgate_gateway::admin::{customer_json, issue_key, key_json, valid_id};
 use tollgate_gateway::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
+use tollgate_gateway::export_formats::{self, StripeMapping};
 use tollgate_gateway::money::parse_usd;
 use tollgate_gateway::store::{CustomerFields, NewKey, Store, UsageFilter};
 
@@ -98,6 +99,28 @@ pub enum KeysCommand {
         /// RFC 3339 time or date after which the key stops working.
         #[arg(long)]
         expires_at: Option<String>,
+        /// A default cost-allocation tag of the key's records, `key=value` (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The key's own monthly budget in USD (besides its customer's).
+        #[arg(long)]
+        budget_usd: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Set (`--budget-usd 5`) or clear (`--budget-usd none`) a key's own monthly budget.
+    Budget {
+        key_id: String,
+        #[arg(long)]
+        budget_usd: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Replace a key's default tags (`--tag key=value`, repeatable; none clears them).
+    Tag {
+        key_id: String,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -119,6 +142,10 @@ pub enum KeysCommand {
 pub enum ExportFormat {
     Csv,
     Jsonl,
+    /// One CloudEvents 1.0 JSON event per line (`id` = record id, `subject` = customer).
+    Cloudevents,
+    /// One Stripe billing meter event per line (`identifier` = record id).
+    Stripe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -146,6 +173,21 @@ pub enum UsageCommand {
         /// Cursor state file (created when missing).
         #[arg(long)]
         cursor_file: Option<PathBuf>,
+        /// Only records with this tag (`key:value`); the cursor still passes the others.
+        #[arg(long)]
+        tag: Option<String>,
+        /// `--format stripe`: the meter events' `event_name`.
+        #[arg(long, default_value = tollgate_gateway::export_formats::STRIPE_EVENT_NAME)]
+        stripe_event_name: String,
+        /// `--format stripe`: the payload key holding the customer (the meter's
+        /// `customer_mapping.event_payload_key`).
+        #[arg(long, default_value = tollgate_gateway::export_formats::STRIPE_CUSTOMER_KEY)]
+        stripe_customer_key: String,
+        /// `--format stripe`: a JSON object mapping Tollgate customer ids to Stripe customer ids;
+        /// a record of a customer not in it stops the export (the cursor is not advanced).
+        /// Without it, Tollgate customer ids are sent as they are.
+        #[arg(long)]
+        stripe_customer_map: Option<PathBuf>,
         /// Write here instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -162,7 +204,10 @@ pub enum UsageCommand {
         customer_id: Option<String>,
         #[arg(long)]
         model: Option<String>,
-        /// Comma-separated: customer, model, key, day.
+        /// Only records with this tag (`key:value`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Comma-separated: customer, model, key, day, tag:KEY.
         #[arg(long, default_value = "")]
         group_by: String,
         #[arg(long, value_enum, default_value = "json")]
@@ -176,6 +221,12 @@ pub enum UsageCommand {
         /// YYYY-MM; the current month when absent.
         #[arg(long)]
         period: Option<String>,
+        /// Only records with this tag (`key:value`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// `tag:KEY`: lines split by the value of this tag.
+        #[arg(long)]
+        group_by: Option<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -277,8 +328,12 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             rpm,
             tpm,
             expires_at,
+            tags,
+            budget_usd,
             db,
         } => {
+            let tags = tags_arg(&tags)?;
+            let budget_nano_usd = budget_arg(budget_usd.as_deref())?.flatten();
             let expires_at = match expires_at {
                 Some(t) => {
                     let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
@@ -298,6 +353,8 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 rpm,
                 tpm,
                 expires_at,
+                tags,
+                budget_nano_usd,
             };
             let (key, secret) = issue_key(&db.open().await?, &customer_id, new).await?;
             let mut body = key_json(&key);
@@ -308,10 +365,44 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let keys = db.open().await?.list_keys(&customer_id).await?;
             print(&json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
         }
+        KeysCommand::Budget {
+            key_id,
+            budget_usd,
+            db,
+        } => {
+            let budget = budget_arg(Some(&budget_usd))?.flatten();
+            print(&key_json(
+                &db.open().await?.set_key_budget(&key_id, budget).await?,
+            ))
+        }
+        KeysCommand::Tag { key_id, tags, db } => {
+            let tags = tags_arg(&tags)?;
+            print(&key_json(
+                &db.open().await?.set_key_tags(&key_id, &tags).await?,
+            ))
+        }
         KeysCommand::Revoke { key_id, db } => {
             print(&key_json(&db.open().await?.revoke_key(&key_id).await?))
         }
     }
+}
+
+/// `--tag key=value` arguments → tags within the limits of request `metadata`.
+fn tags_arg(args: &[String]) -> anyhow::Result<tollgate_gateway::tags::Tags> {
+    let mut tags = tollgate_gateway::tags::Tags::new();
+    for a in args {
+        let (k, v) =
+            tollgate_gateway::tags::parse_pair(a).map_err(|e| anyhow::anyhow!("--tag: {e}"))?;
+        tags.insert(k, v);
+    }
+    tollgate_gateway::tags::check(&tags, "tags")
+        .map_err(|e| anyhow::anyhow!("--tag: {}", e.message))?;
+    Ok(tags)
+}
+
+fn tag_arg(text: Option<&str>) -> anyhow::Result<Option<(String, String)>> {
+    text.map(|t| billing::parse_tag_filter(t).map_err(|e| anyhow::anyhow!("--tag: {e}")))
+        .transpose()
 }
 
 fn time_arg(text: Option<&str>, name: &str, default: i64) -> anyhow::Result<i64> {
@@ -351,9 +442,24 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             to,
             format,
             cursor_file,
+            tag,
+            stripe_event_name,
+            stripe_customer_key,
+            stripe_customer_map,
             output,
             db,
         } => {
+            let tag = tag_arg(tag.as_deref())?;
+            let mut stripe = StripeMapping::new();
+            stripe.event_name = stripe_event_name;
+            stripe.customer_key = stripe_customer_key;
+            if let Some(p) = &stripe_customer_map {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                stripe.customers = serde_json::from_str(&text).with_context(|| {
+                    format!("{}: not a JSON object of customer ids", p.display())
+                })?;
+            }
             if cursor_file.is_some() && (from.is_some() || to.is_some()) {
                 // A record started inside a past window can be written after the cursor
                 // passed it (a long stream, an outage); cursor exports follow the ledger order
@@ -380,23 +486,36 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                     w.write_record(RECORD_COLUMNS)?;
                     Out::Csv(Box::new(w))
                 }
-                ExportFormat::Jsonl => Out::Jsonl(sink),
+                ExportFormat::Jsonl | ExportFormat::Cloudevents | ExportFormat::Stripe => {
+                    Out::Jsonl(sink)
+                }
             };
             let mut count = 0usize;
             loop {
                 let (records, last) = store
                     .records_between(start, end, cursor, EXPORT_PAGE)
                     .await?;
-                for r in &records {
+                let wanted = records
+                    .iter()
+                    .filter(|r| tag.as_ref().is_none_or(|(k, v)| r.tags.get(k) == Some(v)));
+                for r in wanted {
+                    count += 1;
                     match &mut out {
                         Out::Csv(w) => w.write_record(record_cells(r))?,
                         Out::Jsonl(w) => {
-                            serde_json::to_writer(&mut *w, &record_json(r))?;
+                            let line = match format {
+                                ExportFormat::Cloudevents => export_formats::cloudevent(r),
+                                ExportFormat::Stripe => {
+                                    export_formats::stripe_meter_event(r, &stripe)
+                                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                                }
+                                _ => record_json(r),
+                            };
+                            serde_json::to_writer(&mut *w, &line)?;
                             w.write_all(b"\n")?;
                         }
                     }
                 }
-                count += records.len();
                 match last {
                     Some(c) => cursor = c,
                     None => break,
@@ -426,6 +545,7 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             to,
             customer_id,
             model,
+            tag,
             group_by,
             format,
             db,
@@ -444,6 +564,7 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                 end,
                 customer_id,
                 model,
+                tag: tag_arg(tag.as_deref())?,
             };
             let rows = db.open().await?.aggregate(&filter, &groups, None).await?;
             let columns = billing::usage_columns(&groups);
@@ -463,10 +584,23 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
         UsageCommand::Invoice {
             customer_id,
             period,
+            tag,
+            group_by,
             db,
         } => {
             let period = period.unwrap_or_else(billing::current_period);
-            print(&billing::invoice(&db.open().await?, &customer_id, &period).await?)
+            let group_tag = match group_by.as_deref() {
+                None => None,
+                Some(g) => match g.strip_prefix("tag:") {
+                    Some(k) if !k.is_empty() => Some(k.to_string()),
+                    _ => bail!("--group-by: invoices group by `tag:KEY` only, not `{g}`"),
+                },
+            };
+            let tag = tag_arg(tag.as_deref())?;
+            print(
+                &billing::invoice_for(&db.open().await?, &customer_id, &period, tag, group_tag)
+                    .await?,
+            )
         }
     }
 }

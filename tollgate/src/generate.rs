@@ -87,6 +87,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         progress: None,
         constraint: None,
         tenant: None,
+        cached: None,
     })?;
 
     let started = Instant::now();
@@ -103,6 +104,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => {
                 let total = started.elapsed();
                 let ttft = first_token.unwrap_or(total);

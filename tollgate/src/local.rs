@@ -353,6 +353,8 @@ impl Backend for LocalBackend {
         let stop = request.params.stop.clone();
         let progress = Arc::new(AtomicUsize::new(0));
         let engine_progress = progress.clone();
+        let cached = Arc::new(AtomicUsize::new(0));
+        let engine_cached = cached.clone();
         let start = move || -> Result<EventStream, BackendError> {
             let receiver = engine
                 .submit(GenRequest {
@@ -363,6 +365,7 @@ impl Backend for LocalBackend {
                     progress: Some(engine_progress),
                     constraint,
                     tenant,
+                    cached: Some(engine_cached),
                 })
                 .map_err(backend_error)?;
             Ok(events(receiver, prompt_tokens, shape))
@@ -372,6 +375,7 @@ impl Backend for LocalBackend {
             max_tokens: max_tokens as u32,
             start: Box::new(start),
             progress: Some(progress),
+            cached: Some(cached),
         })
     }
 
@@ -545,6 +549,7 @@ fn events(
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => shaper
                 .finished(
                     match reason {
@@ -554,6 +559,8 @@ fn events(
                     Usage {
                         prompt_tokens: prompt_tokens as u32,
                         completion_tokens: completion_tokens as u32,
+                        cached_tokens: cached_tokens as u32,
+                        ..Usage::default()
                     },
                 )
                 .into_iter()

@@ -108,10 +108,23 @@ pub async fn create(
         user: body.user.clone(),
     };
     let customer_id = caller.customer_id.clone();
+    // Cost-allocation tags, as for chat completions: `metadata` pairs and `user`.
+    let metadata: crate::tags::Tags = body
+        .metadata
+        .iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+        .collect();
+    let tags = crate::tags::from_request(Some(&metadata), body.user.as_deref()).map_err(|e| {
+        ApiError::InvalidRequest {
+            message: e.message,
+            param: Some(e.param),
+        }
+    })?;
     let Started {
         mut streams,
         completion,
-    } = start(&state, &id, caller, &plan, "/v1/responses")
+    } = start(&state, &id, caller, &plan, "/v1/responses", tags)
         .await
         .map_err(in_response_terms)?;
     let stream = streams
@@ -252,6 +265,8 @@ async fn collected(
     let usage = crate::backend::Usage {
         prompt_tokens: completion.prompt_tokens(),
         completion_tokens: completion.completion_tokens(),
+        cached_tokens: completion.cached_tokens(),
+        ..Default::default()
     };
     completion.commit(outcome).await;
     if let Status::Failed(message) = &status {
@@ -298,6 +313,8 @@ fn streamed(
         let usage = crate::backend::Usage {
             prompt_tokens: completion.prompt_tokens(),
             completion_tokens: completion.completion_tokens(),
+            cached_tokens: completion.cached_tokens(),
+            ..Default::default()
         };
         completion.commit(outcome).await;
         for e in builder.finish(status, Some(usage)) {

@@ -315,7 +315,7 @@ impl Builder {
         let usage = self.usage.map(|u| {
             json!({
                 "input_tokens": u.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": u.cached_tokens},
                 "output_tokens": u.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": u.prompt_tokens + u.completion_tokens,
@@ -396,6 +396,7 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 5,
                 completion_tokens: 7,
+                ..Usage::default()
             }),
         ));
         let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();

@@ -27,6 +27,7 @@ pub fn record(id: &str, customer: &str, model: &str, started_at: i64, cost: i64)
         input_price_per_mtok: "0.05".into(),
         output_price_per_mtok: "0.10".into(),
         cost_nano_usd: cost,
+        ..UsageRecord::default()
     }
 }
 
@@ -113,13 +114,25 @@ pub async fn exercise(store: &Store) {
         .map(|i| {
             let customer = if i % 3 == 0 { "beta" } else { "acme" };
             let model = if i % 2 == 0 { "m1" } else { "m2" };
-            record(
+            let mut r = record(
                 &format!("r{i:04}"),
                 customer,
                 model,
                 t0 + i * DAY / 100,
                 1_000 + i,
-            )
+            );
+            // Cached prompt tokens, their price and part of the cost, and the counts' source
+            // read back and add up like the other columns.
+            r.cached_input_tokens = i % 5;
+            r.cached_input_price_per_mtok = Some("0.02".into());
+            r.cached_cost_nano_usd = 20 * (i % 5);
+            r.usage_source = Some(if i % 7 == 0 { "observed" } else { "engine" }.into());
+            // Tags: a project on most, a quote in a key, none on every tenth.
+            if i % 10 != 0 {
+                r.tags.insert("project".into(), format!("p{}", i % 3));
+                r.tags.insert("we\"ird key".into(), "x".into());
+            }
+            r
         })
         .collect();
     assert_eq!(store.insert_records(&batch).await.unwrap(), 450);
@@ -165,6 +178,14 @@ pub async fn exercise(store: &Store) {
             row.cost_nano_usd,
             mine.iter().map(|r| r.cost_nano_usd).sum::<i64>()
         );
+        assert_eq!(
+            row.cached_input_tokens,
+            mine.iter().map(|r| r.cached_input_tokens).sum::<i64>()
+        );
+        assert_eq!(
+            row.cached_cost_nano_usd,
+            mine.iter().map(|r| r.cached_cost_nano_usd).sum::<i64>()
+        );
     }
     let days = store.aggregate(&all, &[GroupBy::Day], None).await.unwrap();
     assert_eq!(days.len(), 5, "450 records 1/100 day apart span 5 days");
@@ -185,12 +206,59 @@ pub async fn exercise(store: &Store) {
     assert_eq!(invoice.len(), 1);
     assert_eq!(invoice[0].input_price_per_mtok.as_deref(), Some("0.05"));
     assert_eq!(
+        invoice[0].cached_input_price_per_mtok.as_deref(),
+        Some("0.02")
+    );
+    assert_eq!(
         invoice[0].requests,
         batch
             .iter()
             .filter(|r| r.customer_id == "beta" && r.model == "m1")
             .count() as i64
     );
+    // By tag: one group per value and one for records without it; a filter picks one value.
+    let by_tag = store
+        .aggregate(&all, &[GroupBy::Tag("project".into())], None)
+        .await
+        .unwrap();
+    let mut expected_tags: std::collections::BTreeMap<Option<String>, (i64, i64)> =
+        Default::default();
+    for r in &batch {
+        let e = expected_tags
+            .entry(r.tags.get("project").cloned())
+            .or_default();
+        e.0 += 1;
+        e.1 += r.cost_nano_usd;
+    }
+    let got: std::collections::BTreeMap<Option<String>, (i64, i64)> = by_tag
+        .iter()
+        .map(|row| (row.tag_value.clone(), (row.requests, row.cost_nano_usd)))
+        .collect();
+    assert_eq!(got, expected_tags);
+    let p1 = store
+        .aggregate(
+            &UsageFilter {
+                tag: Some(("project".into(), "p1".into())),
+                ..all.clone()
+            },
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(p1[0].requests, expected_tags[&Some("p1".to_string())].0);
+    let weird = store
+        .aggregate(
+            &UsageFilter {
+                tag: Some(("we\"ird key".into(), "x".into())),
+                ..all.clone()
+            },
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(weird[0].requests, 450 - 45);
     let hours = store
         .aggregate(&all, &[GroupBy::Key], Some((t0, DAY / 24)))
         .await
