@@ -163,6 +163,8 @@ def test_previous_response_id_continues_and_bills_the_history_as_input(client):
     assert second.previous_response_id == first.id
     # The first turn's input and output are part of the second prompt.
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    # The first turn's prompt is still in the prefix cache: reported as cached input.
+    assert 0 < second.usage.input_tokens_details.cached_tokens <= first.usage.input_tokens
     items = client.responses.input_items.list(second.id, order="asc")
     texts = [i.content[0].text for i in items.data if i.type == "message"]
     assert texts[0] == "My name is Ada. Remember it."
