@@ -1,4 +1,4 @@
-//! The operators' API (DESIGN.md §5): customers, keys, usage aggregates, the record cursor and
+//! The operators' API: customers, keys, usage aggregates, the record cursor and
 //! invoices, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
 

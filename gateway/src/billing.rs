@@ -162,7 +162,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::E
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Columns of an exported record, in order (DESIGN.md §6).
+/// Columns of an exported record, in order (the usage-record contract in the README).
 pub const RECORD_COLUMNS: [&str; 21] = [
     "id",
     "customer_id",

@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN.md §7): names carry the `tollgate_` prefix and their unit; labels
+//! Prometheus metrics: names carry the `tollgate_` prefix and their unit; labels
 //! are bounded (configured model ids, route templates, status codes), never raw ids or paths.
 
 use std::collections::HashMap;

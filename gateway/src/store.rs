@@ -126,7 +126,7 @@ pub struct NewKey {
     pub budget_nano_usd: Option<i64>,
 }
 
-/// One request's usage, as written to the ledger (DESIGN.md §6). Times in Unix microseconds.
+/// One request's usage, as written to the ledger. Times in Unix microseconds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub id: String,

@@ -78,7 +78,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     // candle's CPU thread pool spins at its barrier by default; on a small shared machine a
-    // spinning pool collapses as soon as another process wants the cores (FACTS.md), so park
+    // spinning pool collapses as soon as another process wants the cores (measured here), so park
     // instead unless the operator asked otherwise. Set before any thread exists.
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");

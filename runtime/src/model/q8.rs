@@ -1,7 +1,7 @@
 //! Tollgate's own int8 matmul for CPU decode and small batches.
 //!
 //! candle's quantized CPU matmul runs one `vec_dot` per (activation row, weight row) and stays
-//! at ≈ 13–25 GFLOP/s whatever the number of rows (FACTS.md). This kernel keeps weights as
+//! at ≈ 13–25 GFLOP/s whatever the number of rows (measured on the dev model). This kernel keeps weights as
 //! Q8_0-style blocks (32 int8 values and one f32 scale), quantizes the activations the same
 //! way, and computes tiles of up to [`ROW_TILE`] activation rows against each weight row, so a
 //! weight block is loaded once per tile instead of once per row, with int8 dot products
