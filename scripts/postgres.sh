@@ -63,9 +63,10 @@ cluster_bin() {
 
 running() { as_pg "$BIN/pg_ctl" status -D "$PGDATA" >/dev/null 2>&1; }
 
-# Whether nothing listens on 127.0.0.1:$1.
+# Whether nothing listens on 127.0.0.1:$1. SO_REUSEADDR as a server binds: connections of the
+# server we just stopped linger in TIME_WAIT on its port and must not make it look taken.
 port_free() {
-    python3 -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+    python3 -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
 }
 
 # Sets PORT: the running server's, else TOLLGATE_PG_PORT, else the one kept in PGDATA while it
