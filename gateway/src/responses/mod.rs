@@ -240,6 +240,29 @@ async fn keep(state: &AppState, id: &str, keep: Option<ToStore>, builder: &Build
     }
 }
 
+/// The end of a response: its status (a stream that ended without finishing failed), the
+/// usage it reports, and its usage record written through the accounting guard.
+async fn settle(
+    status: Option<Status>,
+    completion: &mut Completion,
+) -> (Status, crate::backend::Usage) {
+    let status =
+        status.unwrap_or_else(|| Status::Failed("the model stopped before finishing".into()));
+    let outcome = if matches!(status, Status::Failed(_)) {
+        "failed"
+    } else {
+        "completed"
+    };
+    let usage = crate::backend::Usage {
+        prompt_tokens: completion.prompt_tokens(),
+        completion_tokens: completion.completion_tokens(),
+        cached_tokens: completion.cached_tokens(),
+        ..Default::default()
+    };
+    completion.commit(outcome).await;
+    (status, usage)
+}
+
 async fn collected(
     state: AppState,
     mut stream: EventStream,
@@ -255,20 +278,7 @@ async fn collected(
             break;
         }
     }
-    let status =
-        status.unwrap_or_else(|| Status::Failed("the model stopped before finishing".into()));
-    let outcome = if matches!(status, Status::Failed(_)) {
-        "failed"
-    } else {
-        "completed"
-    };
-    let usage = crate::backend::Usage {
-        prompt_tokens: completion.prompt_tokens(),
-        completion_tokens: completion.completion_tokens(),
-        cached_tokens: completion.cached_tokens(),
-        ..Default::default()
-    };
-    completion.commit(outcome).await;
+    let (status, usage) = settle(status, &mut completion).await;
     if let Status::Failed(message) = &status {
         return Err(ApiError::Internal(message.clone()));
     }
@@ -308,15 +318,7 @@ fn streamed(
                 break;
             }
         }
-        let status = status.unwrap_or_else(|| Status::Failed("the model stopped before finishing".into()));
-        let outcome = if matches!(status, Status::Failed(_)) { "failed" } else { "completed" };
-        let usage = crate::backend::Usage {
-            prompt_tokens: completion.prompt_tokens(),
-            completion_tokens: completion.completion_tokens(),
-            cached_tokens: completion.cached_tokens(),
-            ..Default::default()
-        };
-        completion.commit(outcome).await;
+        let (status, usage) = settle(status, &mut completion).await;
         for e in builder.finish(status, Some(usage)) {
             yield sse(e);
         }
