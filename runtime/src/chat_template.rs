@@ -8,18 +8,11 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::{context, Environment, ErrorKind};
-use serde::Serialize;
 
 use crate::{Error, Result};
 
 /// ChatML, for models that ship no template.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-#[derive(Serialize)]
-struct Message<'a> {
-    role: &'a str,
-    content: &'a str,
-}
 
 /// A compiled chat template.
 pub struct ChatTemplate {
@@ -69,7 +62,8 @@ impl ChatTemplate {
     }
 
     /// Renders messages given as JSON objects in Hugging Face's shape (`role`, `content`,
-    /// `tool_calls`, `tool_call_id`), with `tools` (OpenAI function definitions) when given.
+    /// `tool_calls`, `tool_call_id`), with `tools` (OpenAI function definitions) when given;
+    /// without, `tools` is left undefined, as Hugging Face leaves it.
     pub fn render_json(
         &self,
         messages: &[serde_json::Value],
@@ -80,15 +74,17 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        template
-            .render(context! {
-                messages => messages,
-                tools => tools,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-            })
-            .map_err(template_error)
+        let base = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        };
+        let ctx = match tools {
+            Some(tools) => context! { tools => tools, ..base },
+            None => base,
+        };
+        template.render(ctx).map_err(template_error)
     }
 
     /// The ChatML template.
@@ -103,22 +99,11 @@ impl ChatTemplate {
         messages: &[(String, String)],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let messages: Vec<Message<'_>> = messages
+        let messages: Vec<serde_json::Value> = messages
             .iter()
-            .map(|(role, content)| Message { role, content })
+            .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
             .collect();
-        let template = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-            })
-            .map_err(template_error)
+        self.render_json(&messages, None, add_generation_prompt)
     }
 }
 
