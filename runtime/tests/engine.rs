@@ -20,6 +20,14 @@ use tollgate_runtime::sampling::SamplingParams;
 type Tokenizer = Arc<tollgate_runtime::tokenizer::ModelTokenizer>;
 
 fn engine(prefix_cache_bytes: usize) -> (Engine, Tokenizer) {
+    engine_with(EngineConfig {
+        prefix_cache_bytes,
+        ..EngineConfig::default()
+    })
+}
+
+/// The dev model on an engine with `config`.
+fn engine_with(config: EngineConfig) -> (Engine, Tokenizer) {
     let source = ModelSource::Path(require_dev_model().expect("run scripts/fetch-model.sh"));
     let options = LoadOptions {
         device: "cpu".into(),
@@ -28,10 +36,6 @@ fn engine(prefix_cache_bytes: usize) -> (Engine, Tokenizer) {
     };
     let loaded = load("dev", &source, &options).unwrap();
     let tokenizer = loaded.tokenizer.clone();
-    let config = EngineConfig {
-        prefix_cache_bytes,
-        ..EngineConfig::default()
-    };
     (
         Engine::start(loaded.model, loaded.tokenizer, config).unwrap(),
         tokenizer,
@@ -198,20 +202,11 @@ fn a_burst_from_one_tenant_does_not_queue_another() {
     use std::time::Instant;
     use tollgate_runtime::engine::Tenancy;
 
-    let source = ModelSource::Path(require_dev_model().expect("run scripts/fetch-model.sh"));
-    let options = LoadOptions {
-        device: "cpu".into(),
-        weights: WeightForm::Auto,
-        context_length: Some(2048),
-    };
-    let loaded = load("dev", &source, &options).unwrap();
-    let tokenizer = loaded.tokenizer.clone();
-    let config = EngineConfig {
+    let (engine, tokenizer) = engine_with(EngineConfig {
         max_running: 4,
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
-    };
-    let engine = Engine::start(loaded.model, loaded.tokenizer, config).unwrap();
+    });
     let prompt = chat(&tokenizer, "Tell me a long story about a dragon.");
     let submit = |tenant: &str, max_tokens: usize| {
         let mut r = request(&prompt, max_tokens, None);
