@@ -175,6 +175,12 @@ impl From<crate::store::StoreError> for ApiError {
                 message: m,
                 param: None,
             },
+            // A dropped connection or an unreachable database is worth a retry; the detail
+            // goes to the log, the client is told to come back.
+            other if other.is_unreachable() => {
+                tracing::error!(error = %other, "database unavailable");
+                Self::Unavailable("the database is unavailable right now; retry shortly".into())
+            }
             other => Self::Internal(other.to_string()),
         }
     }
@@ -238,6 +244,10 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        } else if let Self::Unavailable(_) = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
         response
     }

@@ -232,13 +232,16 @@ const PROBE_MICROS: i64 = 10_000_000;
 
 /// Errors that mean the database cannot be reached (as opposed to a failing statement).
 fn is_unreachable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
+    match e {
         sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-    )
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => true,
+        // PostgreSQL's class 57P: the server shut down (57P01, 57P02) or is still starting
+        // (57P03); the statement never ran.
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("57P")),
+        _ => false,
+    }
 }
 
 /// `sqlite://…`, `postgres://…`, or a bare file path. A SQLite file is created when missing,
@@ -360,7 +363,10 @@ impl Store {
         };
         let options = AnyPoolOptions::new()
             .max_connections(if kind == DbKind::Sqlite { 4 } else { 8 })
-            .acquire_timeout(Duration::from_secs(5));
+            .acquire_timeout(Duration::from_secs(5))
+            // A connection left over from before a database restart is found dead here, not
+            // by the statement that would use it.
+            .test_before_acquire(true);
         let options = if kind == DbKind::Sqlite {
             options.after_connect(|conn, _| {
                 Box::pin(async move {

@@ -250,12 +250,22 @@ class Cluster:
             base_url=f"http://{g.addr}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60
         )
 
+    def admin_post(self, http, path, body):
+        """POSTs as an operator's tool would: a 503 (the database restarting, its pool's old
+        connections being replaced) is retried after its Retry-After."""
+        for _ in range(5):
+            r = http.post(path, json=body)
+            if r.status_code != 503:
+                return r
+            time.sleep(float(r.headers.get("retry-after", "1")))
+        return r
+
     def customer_key(self, cid):
         with self.admin() as http:
-            r = http.post("/admin/v1/customers", json={"id": cid, "name": cid})
-            assert r.status_code == 201, r.text
-            r = http.post(f"/admin/v1/customers/{cid}/keys", json={"name": "scale"})
-            assert r.status_code == 201, r.text
+            r = self.admin_post(http, "/admin/v1/customers", {"id": cid, "name": cid})
+            assert r.status_code == 201, f"{r.text}\n{self.logs()}"
+            r = self.admin_post(http, f"/admin/v1/customers/{cid}/keys", {"name": "scale"})
+            assert r.status_code == 201, f"{r.text}\n{self.logs()}"
             return r.json()["key"]
 
     def records(self, cid):
