@@ -79,6 +79,8 @@ enum RawBackend {
         max_queue: Option<usize>,
         max_batch_tokens: Option<usize>,
         kv_cache_bytes: Option<usize>,
+        /// A Jinja file that replaces the model's own chat template.
+        chat_template: Option<PathBuf>,
     },
     Http {
         urls: Vec<String>,
@@ -174,6 +176,10 @@ pub struct LocalBackendConfig {
     pub max_queue: usize,
     pub max_batch_tokens: usize,
     pub kv_cache_bytes: usize,
+    /// A chat template file used instead of the one the model ships (resolved against the
+    /// config's directory), as vLLM's `--chat-template` and llama.cpp's
+    /// `--chat-template-file`.
+    pub chat_template: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,12 +306,14 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
             max_queue,
             max_batch_tokens,
             kv_cache_bytes,
+            chat_template,
         } => BackendConfig::Local(LocalBackendConfig {
             device: device.unwrap_or_else(|| "cpu".into()),
             weights: weights.unwrap_or_else(|| "auto".into()),
             max_queue: max_queue.unwrap_or(64).max(1),
             max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
             kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
+            chat_template: chat_template.map(|p| base_dir.join(p)),
         }),
         RawBackend::Http {
             urls,

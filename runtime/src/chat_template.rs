@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::{context, Environment, ErrorKind};
 
+use crate::tools::CallSyntax;
 use crate::{Error, Result};
 
 /// ChatML, for models that ship no template.
@@ -19,9 +20,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
-    /// The template renders `tools` and writes calls as `<tool_call>` (Hermes, Qwen 2.5 and
-    /// the like); other templates get the tools through [`crate::tools::tools_prompt`].
-    native_tools: bool,
+    /// The call syntax of a template that renders `tools` itself: `<tool_call>` (Hermes, Qwen
+    /// 2.5 and the like) or Llama 3.1+'s JSON with `parameters`. Other templates get the tools
+    /// through [`crate::tools::tools_prompt`], in the Hermes syntax.
+    native_tools: Option<CallSyntax>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -52,13 +54,18 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
-            native_tools: source.contains("tools") && source.contains(crate::tools::CALL_OPEN),
+            native_tools: native_tool_syntax(source),
         })
     }
 
-    /// Whether the template itself renders tools and tool calls in the `<tool_call>` format.
+    /// Whether the template itself renders tools and tool calls.
     pub fn renders_tools(&self) -> bool {
-        self.native_tools
+        self.native_tools.is_some()
+    }
+
+    /// How the model writes calls: its template's syntax, else the fallback prompt's.
+    pub fn call_syntax(&self) -> CallSyntax {
+        self.native_tools.unwrap_or(CallSyntax::Hermes)
     }
 
     /// Renders messages given as JSON objects in Hugging Face's shape (`role`, `content`,
@@ -104,6 +111,21 @@ impl ChatTemplate {
             .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
             .collect();
         self.render_json(&messages, None, add_generation_prompt)
+    }
+}
+
+/// The call syntax of a template that renders tools: Meta's Llama 3.1+ templates ask for
+/// `{"name": …, "parameters": …}` and take results in the `ipython` role; Hermes-style ones
+/// write `<tool_call>`.
+fn native_tool_syntax(source: &str) -> Option<CallSyntax> {
+    if !source.contains("tools") {
+        None
+    } else if source.contains(crate::tools::CALL_OPEN) {
+        Some(CallSyntax::Hermes)
+    } else if source.contains("\"parameters\"") && source.contains("ipython") {
+        Some(CallSyntax::Llama3Json)
+    } else {
+        None
     }
 }
 

@@ -105,18 +105,44 @@ pub type LateGrammar = Arc<dyn Fn(&str) -> Result<Constraint> + Send + Sync>;
 pub enum GenConstraint {
     /// From the first generated token (JSON outputs, a forced tool call).
     Now(Box<Constraint>),
-    /// Free text until the output contains `trigger` (a tool-call marker the model chose to
+    /// Free text until one of `triggers` appears (a tool-call marker the model chose to
     /// write); from then on the grammar `then` builds (the call itself).
-    AfterTrigger { trigger: String, then: LateGrammar },
+    AfterTrigger {
+        triggers: Vec<Trigger>,
+        then: LateGrammar,
+    },
+}
+
+/// Where a model starts a call in free text. Matched against the output's bytes, control
+/// tokens included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// The text, anywhere.
+    Anywhere(String),
+    /// The text as the first thing in the output after whitespace.
+    AtStart(String),
+}
+
+impl Trigger {
+    /// Where the trigger begins in `output`.
+    fn find(&self, output: &[u8]) -> Option<usize> {
+        match self {
+            Self::Anywhere(text) => find(output, text.as_bytes()),
+            Self::AtStart(text) => {
+                let at = output.iter().position(|b| !b.is_ascii_whitespace())?;
+                output[at..].starts_with(text.as_bytes()).then_some(at)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for GenConstraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Now(c) => f.debug_tuple("Now").field(c).finish(),
-            Self::AfterTrigger { trigger, .. } => f
+            Self::AfterTrigger { triggers, .. } => f
                 .debug_struct("AfterTrigger")
-                .field("trigger", trigger)
+                .field("triggers", triggers)
                 .finish_non_exhaustive(),
         }
     }
@@ -769,8 +795,8 @@ impl Worker {
                 grammar_done = c.is_finished();
             }
             Some(GenConstraint::Now(_)) => {}
-            Some(GenConstraint::AfterTrigger { trigger, then }) => {
-                match start_late(&tokenizer, &seq.generated, trigger, then) {
+            Some(GenConstraint::AfterTrigger { triggers, then }) => {
+                match start_late(&tokenizer, &seq.generated, triggers, then) {
                     Ok(None) => {}
                     Ok(Some(c)) => {
                         grammar_done = c.is_finished();
@@ -864,17 +890,18 @@ fn tenant_demand(running: &[Sequence], extra: Option<(&Tenant, u32)>) -> Vec<(Te
     demand
 }
 
-/// When the generated text contains `trigger`, the grammar that takes over from there: built
-/// from the text between the start of the token where the trigger begins and the trigger, and
+/// When the generated text shows one of `triggers` (the first, when several), the grammar
+/// that takes over from there: built from the text between the start of the token where the
+/// trigger begins and the trigger, and
 /// advanced through the tokens from that one on. `None` while the trigger has not appeared.
 fn start_late(
     tokenizer: &ModelTokenizer,
     generated: &[u32],
-    trigger: &str,
+    triggers: &[Trigger],
     then: &LateGrammar,
 ) -> Result<Option<Constraint>> {
     let bytes = tokenizer.decode_bytes(generated, false);
-    let Some(at) = find(&bytes, trigger.as_bytes()) else {
+    let Some(at) = triggers.iter().filter_map(|t| t.find(&bytes)).min() else {
         return Ok(None);
     };
     // The token where the trigger begins, and where that token begins.
@@ -918,5 +945,99 @@ fn resolve(tokenizer: &ModelTokenizer, token: u32, logprob: f32) -> TokenLogprob
         token: tokenizer.token_text(token),
         bytes: tokenizer.token_bytes(token),
         logprob,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::constraint::{ConstraintCompiler, Grammar};
+    use crate::tools::{self, CallSyntax, ToolSpec};
+
+    fn tokenizer() -> Arc<ModelTokenizer> {
+        let path = crate::dev_model::require_dev_model().unwrap();
+        let mut f = std::fs::File::open(path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        Arc::new(ModelTokenizer::from_gguf(&content).unwrap())
+    }
+
+    fn late(compiler: &Arc<ConstraintCompiler>, syntax: CallSyntax) -> LateGrammar {
+        let tools = vec![ToolSpec {
+            name: "get_weather".into(),
+            description: None,
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": false,
+            }),
+        }];
+        let compiler = compiler.clone();
+        Arc::new(move |before: &str| {
+            compiler.compile(&Grammar::Lark(tools::late_grammar(
+                &compiler, syntax, &tools, false, before,
+            )))
+        })
+    }
+
+    /// Feeds `rest` token by token into a late constraint; whether every token was allowed and
+    /// the grammar then ended.
+    fn completes(tokenizer: &ModelTokenizer, c: &mut Constraint, rest: &str) -> bool {
+        let ids = tokenizer.encode(rest, false).unwrap();
+        ids.iter().all(|&t| c.commit(t).is_ok()) && c.is_finished()
+    }
+
+    #[test]
+    fn late_constraints_start_where_each_syntax_starts_a_call() {
+        let tokenizer = tokenizer();
+        let compiler =
+            Arc::new(ConstraintCompiler::new(tokenizer.clone(), tokenizer.vocab_size()).unwrap());
+        let start = |syntax: CallSyntax, text: &str| {
+            let generated = tokenizer.encode(text, false).unwrap();
+            start_late(
+                &tokenizer,
+                &generated,
+                &syntax.triggers(),
+                &late(&compiler, syntax),
+            )
+            .unwrap()
+        };
+
+        // Hermes: the marker anywhere, prose before it included.
+        assert!(start(CallSyntax::Hermes, "Let me check the weather").is_none());
+        let mut c = start(
+            CallSyntax::Hermes,
+            "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"ci",
+        )
+        .unwrap();
+        assert!(completes(
+            &tokenizer,
+            &mut c,
+            "ty\": \"Paris\"}}\n</tool_call>"
+        ));
+
+        // Llama 3: a brace that opens the answer, leading whitespace allowed; not one later.
+        assert!(start(CallSyntax::Llama3Json, "It is {sunny} in Paris").is_none());
+        let mut c = start(
+            CallSyntax::Llama3Json,
+            " {\"name\": \"get_weather\", \"parameters\": {\"ci",
+        )
+        .unwrap();
+        assert!(completes(&tokenizer, &mut c, "ty\": \"Paris\"}}"));
+        // Once started, the call is held to the schema: Hermes' key is not allowed.
+        let mut c = start(CallSyntax::Llama3Json, "{\"name\": \"get_weather\", \"").unwrap();
+        assert!(!completes(
+            &tokenizer,
+            &mut c,
+            "arguments\": {\"city\": \"Paris\"}}"
+        ));
+        // A tool that was not offered can never be named.
+        let mut c = start(CallSyntax::Llama3Json, "{\"name\": \"").unwrap();
+        assert!(!completes(
+            &tokenizer,
+            &mut c,
+            "rm_rf\", \"parameters\": {}}"
+        ));
     }
 }

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+from pathlib import Path
 from typing import List, Literal, Optional
 
 import httpx
@@ -416,7 +417,7 @@ def test_function_calling_loop_streamed(api):
                                          temperature=0, max_tokens=100, stream=True,
                                          stream_options={"include_usage": True})
     calls, finish, content, usage = {}, None, "", None
-    saw_header_first = []
+    saw_header_first, fragments = [], {}
     for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
@@ -434,9 +435,16 @@ def test_function_calling_loop_streamed(api):
                 entry["name"] = part.function.name
             if part.function and part.function.arguments:
                 entry["arguments"] += part.function.arguments
+                fragments[part.index] = fragments.get(part.index, 0) + 1
         finish = choice.finish_reason or finish
     assert finish == "tool_calls"
     assert calls and all(saw_header_first)
+    # The arguments stream as the model writes them, not in one piece at the end.
+    assert all(fragments.get(i, 0) > 1 for i in calls), fragments
+    whole = api.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
+                                        temperature=0, max_tokens=100)
+    assert [(c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls] == [
+        (c["name"], c["arguments"]) for c in calls.values()]
     assert content == ""
     assert usage.completion_tokens > 5
     messages.append({"role": "assistant", "content": None, "tool_calls": [
@@ -494,3 +502,83 @@ def test_tool_and_json_tokens_are_billed_as_output(server):
         assert mine[0]["finish_reason"] == "tool_calls"
     finally:
         assert stop_server(srv) == 0
+
+
+# ---- the Llama 3.1+ call syntax --------------------------------------------------------------------
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tollgate"
+LLAMA31_TEMPLATE = (
+    Path(os.environ.get("TOLLGATE_TEMPLATE_DIR") or CACHE / "llama-templates")
+    / "meta-llama-Llama-3.1-8B-Instruct.jinja"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_api():
+    """The development model served with Meta's Llama 3.1 chat template (`backend.chat_template`):
+    the template renders the tools itself and asks for `{"name": ..., "parameters": ...}`, so
+    calls are constrained and parsed in that syntax. A Hermes-shaped call would not parse as
+    one, so every `tool_calls` below proves the Llama 3 path end to end."""
+    assert LLAMA31_TEMPLATE.exists(), f"{LLAMA31_TEMPLATE} missing: run scripts/fetch-vocabs.sh"
+    tmp = tempfile.mkdtemp(prefix="tollgate-llama3-template-")
+    config = os.path.join(tmp, "models.toml")
+    with open(config, "w") as f:
+        f.write(
+            f'[models."{MODEL}"]\n'
+            f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
+            f'backend = {{ type = "local", chat_template = "{LLAMA31_TEMPLATE}" }}\n'
+            'price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }\n'
+        )
+    srv = start_server(None, ["--config", config])
+    yield OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    assert stop_server(srv) == 0
+
+
+def test_llama3_syntax_forced_calls_loop_and_stream(llama3_api):
+    messages = list(ASK)
+    r = llama3_api.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                           tool_choice="required", temperature=0, max_tokens=100)
+    calls = r.choices[0].message.tool_calls
+    assert calls and len(calls) == 1, r.choices[0].message  # Meta's templates take one call per turn
+    check_call(calls[0], [WEATHER])
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    # The template wrote the tools into the prompt (with SmolLM's vocabulary its markup is text).
+    assert r.usage.prompt_tokens > 150
+
+    parts = list(llama3_api.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required", temperature=0,
+        max_tokens=100, stream=True))
+    deltas = [p for c in parts if c.choices for p in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert len([d for d in deltas if d.function.arguments]) > 1  # arguments stream in pieces
+    assert "".join(d.function.arguments or "" for d in deltas) == calls[0].function.arguments
+
+    # The loop: the template renders the assistant's call and the tool's answer itself.
+    messages.append(r.choices[0].message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": calls[0].id, "content": weather(calls[0].function.arguments)})
+    r = llama3_api.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                           tool_choice="none", temperature=0, max_tokens=40)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+    named = llama3_api.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], temperature=0.8, seed=3, max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    check_call(named.choices[0].message.tool_calls[0], [WEATHER])
+
+
+def test_llama3_syntax_auto_constrains_a_call_that_opens_the_answer(llama3_api):
+    calls = 0
+    for seed, q in enumerate(["What is the weather like in Paris today?", "Hello, who are you?",
+                              "Call get_weather for London in celsius.", "Is it sunny in Rome?"]):
+        r = llama3_api.chat.completions.create(model=MODEL, messages=[SYSTEM, {"role": "user", "content": q}],
+                                               tools=[WEATHER], temperature=0.7, seed=seed, max_tokens=100)
+        message = r.choices[0].message
+        for call in message.tool_calls or []:
+            check_call(call, [WEATHER])
+            calls += 1
+        if message.tool_calls:
+            assert r.choices[0].finish_reason == "tool_calls"
+        else:
+            # Prose never starts with a brace: an answer that opens with one is a call.
+            assert message.content and not message.content.lstrip().startswith("{")
+    print(f"\nllama 3 auto: {calls} of 4 answers were calls")

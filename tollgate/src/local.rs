@@ -25,7 +25,7 @@ use tollgate_runtime::engine::{Engine, GenConstraint, GenEvent, GenRequest, Stop
 use tollgate_runtime::loader::LoadedModel;
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::tokenizer::ModelTokenizer;
-use tollgate_runtime::tools::{self, CallMode, CallParser, Piece, ToolSpec};
+use tollgate_runtime::tools::{self, CallMode, CallParser, CallSyntax, Piece, ToolSpec};
 use tollgate_runtime::Error as RuntimeError;
 
 /// A model served by an engine in this process.
@@ -164,9 +164,10 @@ impl LocalBackend {
                     check_schema(&d.parameters, &format!("tools.[{i}].function.parameters"))?;
                 }
                 let specs = tool_specs(t);
+                let syntax = self.template.call_syntax();
                 let forced = |mode: &CallMode| {
                     compiler.compile(&Grammar::Lark(tools::forced_grammar(
-                        compiler, &specs, mode, t.parallel,
+                        compiler, syntax, &specs, mode, t.parallel,
                     )))
                 };
                 match &t.choice {
@@ -183,10 +184,10 @@ impl LocalBackend {
                         let compiler = compiler.clone();
                         let parallel = t.parallel;
                         Ok(Some(GenConstraint::AfterTrigger {
-                            trigger: tools::CALL_OPEN.to_string(),
+                            triggers: syntax.triggers(),
                             then: Arc::new(move |before: &str| {
                                 compiler.compile(&Grammar::Lark(tools::late_grammar(
-                                    &compiler, &specs, parallel, before,
+                                    &compiler, syntax, &specs, parallel, before,
                                 )))
                             }),
                         }))
@@ -326,7 +327,13 @@ impl Backend for LocalBackend {
             weight: 1,
         });
         let shape = Shape {
-            parse_calls: request.tools.is_some(),
+            // With `tool_choice: "none"` a call-like text is content, as OpenAI never answers
+            // a call then.
+            parse_calls: request
+                .tools
+                .as_ref()
+                .is_some_and(|t| t.choice != ToolChoice::None),
+            syntax: self.template.call_syntax(),
             named: matches!(
                 request.tools.as_ref().map(|t| &t.choice),
                 Some(ToolChoice::Function(_))
@@ -399,8 +406,10 @@ impl Backend for LocalBackend {
 /// How engine output becomes backend events for one request.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
-    /// Tools were offered: `<tool_call>` blocks become call events.
+    /// Tools were offered: calls become call events.
     parse_calls: bool,
+    /// How the model writes them.
+    syntax: CallSyntax,
     /// One named function was forced (OpenAI then answers `finish_reason: "stop"`).
     named: bool,
 }
@@ -409,6 +418,7 @@ struct Shape {
 struct Shaper {
     shape: Shape,
     parser: CallParser,
+    /// Calls begun so far (the next call's index).
     calls: u32,
 }
 
@@ -416,13 +426,14 @@ impl Shaper {
     fn new(shape: Shape) -> Self {
         Self {
             shape,
-            parser: CallParser::new(),
+            parser: CallParser::new(shape.syntax),
             calls: 0,
         }
     }
 
     /// One engine delta: at least one `Delta` (it carries the token count), with the text
-    /// that is content, and a call event for each call completed by it.
+    /// that is content, and the call events it carries: a call's id and name as soon as the
+    /// name is written, its arguments as they come.
     fn delta(
         &mut self,
         text: String,
@@ -454,7 +465,7 @@ impl Shaper {
                 // Blank lines between calls are not content.
                 Piece::Text(t) if self.calls > 0 && t.trim().is_empty() => {}
                 Piece::Text(t) => text.push_str(&t),
-                Piece::Call { name, arguments } => {
+                Piece::CallStart { name } => {
                     out.push(GenerateEvent::Delta {
                         text: std::mem::take(&mut text),
                         logprobs: logprobs.take().unwrap_or_default(),
@@ -467,17 +478,18 @@ impl Shaper {
                         name: Some(name),
                         arguments: String::new(),
                     });
-                    out.push(GenerateEvent::ToolCallDelta {
-                        index: self.calls,
-                        id: None,
-                        name: None,
-                        arguments,
-                    });
                     self.calls += 1;
                 }
+                Piece::Arguments(arguments) => out.push(GenerateEvent::ToolCallDelta {
+                    index: self.calls.saturating_sub(1),
+                    id: None,
+                    name: None,
+                    arguments,
+                }),
+                Piece::CallEnd => {}
             }
         }
-        if !text.is_empty() || out.is_empty() {
+        if !text.is_empty() || !out.iter().any(|e| matches!(e, GenerateEvent::Delta { .. })) {
             out.push(GenerateEvent::Delta {
                 text,
                 logprobs: logprobs.take().unwrap_or_default(),

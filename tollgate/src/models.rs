@@ -10,6 +10,7 @@ use tollgate_gateway::config::{
     BackendConfig, Config, LocalBackendConfig, ModelConfig, ModelSource,
 };
 use tollgate_gateway::upstream::UpstreamPool;
+use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::engine::EngineConfig;
 use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};
 use tollgate_runtime::model::WeightForm;
@@ -55,6 +56,19 @@ pub fn load_local(
     };
     let started = std::time::Instant::now();
     let mut loaded = loader::load(&model.id, &runtime_source(source), &options)?;
+    if let Some(path) = &local.chat_template {
+        let source = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "model `{}`: cannot read chat_template {}",
+                model.id,
+                path.display()
+            )
+        })?;
+        let bos = loaded.tokenizer.bos_token().map(|(_, t)| t);
+        let eos = loaded.tokenizer.eos_token().map(|(_, t)| t);
+        loaded.template = ChatTemplate::new(&source, bos, eos)
+            .with_context(|| format!("model `{}`: {}", model.id, path.display()))?;
+    }
     // A model declaring more positions (Llama 3.1: 128k) than one sequence's KV fits in the
     // budget serves the context that fits; longer requests are refused, never admitted.
     let declared = loaded.model.config().context_length;
