@@ -154,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         param: "schema".into(),
     };
     let mut mask_times: Vec<f64> = Vec::new();
+    let mut nodes_walked: Vec<f64> = Vec::new();
     for round in 1..=rounds {
         for batch in [1usize, 8] {
             let free = run(&engine, &tokenizer, &prompt, batch, || Ok(None))?;
@@ -181,6 +182,7 @@ fn main() -> anyhow::Result<()> {
                     let started = Instant::now();
                     c.mask(&mut logits)?;
                     mask_times.push(started.elapsed().as_secs_f64() * 1e3);
+                    nodes_walked.push(c.last_mask_nodes_walked() as f64);
                     if c.commit(t).is_err() || c.is_finished() {
                         break;
                     }
@@ -195,6 +197,13 @@ fn main() -> anyhow::Result<()> {
         percentile(&mask_times, 0.5),
         percentile(&mask_times, 0.99),
         mask_times.last().copied().unwrap_or(0.0)
+    );
+    nodes_walked.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "token-trie nodes walked per mask (machine-independent): p50 {:.0}, p99 {:.0}, mean {:.0}",
+        percentile(&nodes_walked, 0.5),
+        percentile(&nodes_walked, 0.99),
+        nodes_walked.iter().sum::<f64>() / nodes_walked.len().max(1) as f64
     );
     Ok(())
 }
