@@ -10,6 +10,18 @@ not send usage, content chunks are counted instead.
     bench/load.py --base-url http://127.0.0.1:8080/v1 --api-key KEY --model smollm2-135m \
         --levels 1,4,8,16 --requests 32 --max-tokens 128 --json out.json --svg out.svg
 
+Longer prompts: `--system-tokens N` puts one shared system prompt of about N tokens before
+every request (what a prefix cache serves), `--prompt-tokens N` makes each request's own
+prompt about N tokens long (a long context; unique per request). Per level the decode speed
+after the first token is reported as well (p50 over requests).
+
+A second server (`--peer-base-url`, `--peer-model`, `--peer-api-key`, `--peer-label`) runs the
+same levels, alternating with the first level by level, and the ratios are printed:
+
+    bench/load.py --base-url http://127.0.0.1:8080/v1 --model smollm2-135m --label tollgate \
+        --peer-base-url http://127.0.0.1:8081/v1 --peer-model smollm2 --peer-label llama.cpp \
+        --levels 1 --requests 4 --prompt-tokens 1000 --rounds 2 --svg long.svg
+
 Tenant fairness (two customers' keys; A keeps 32 streams open, B sends short requests):
 
     bench/load.py --base-url ... --model smollm2-135m --two-tenants --api-key-a KA --api-key-b KB \
@@ -66,13 +78,44 @@ class RssSampler(threading.Thread):
             time.sleep(0.05)
 
 
-async def one_request(client, args, i, unique):
+WORDS = (
+    "time year people way day man thing woman life child world school state family student group "
+    "country problem hand part place case week company system program question work government "
+    "number night point home water room mother area money story fact month lot right study book "
+    "eye job word business issue side kind head house service friend father power hour game line "
+    "end member law car city community name president team minute idea kid body information back "
+    "parent face others level office door health person art war history party result change "
+    "morning reason research girl guy moment air teacher force education river garden lamp"
+).split()
+
+
+def filler(tokens, seed):
+    """About `tokens` tokens of English words (one token each for common BPE vocabularies),
+    the same for the same seed."""
+    out, x = [], seed * 2654435761 % 2**32 or 1
+    for _ in range(tokens):
+        x = (x * 1103515245 + 12345) % 2**31
+        out.append(WORDS[x % len(WORDS)])
+    return " ".join(out)
+
+
+def messages(args, i, unique):
     prompt = PROMPTS[i % len(PROMPTS)]
-    if unique:
+    if args.prompt_tokens:
+        prompt = f"[{i}] {filler(args.prompt_tokens, i + 1)}\n\n{prompt}"
+    elif unique:
         prompt = f"[{i}] {prompt}"
+    out = [{"role": "user", "content": prompt}]
+    if args.system_tokens:
+        out.insert(0, {"role": "system", "content": "You are a helpful assistant. Background: "
+                       + filler(args.system_tokens, 0)})
+    return out
+
+
+async def one_request(client, args, i, unique):
     body = {
         "model": args.model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages(args, i, unique),
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "stream": True,
@@ -105,7 +148,9 @@ async def one_request(client, args, i, unique):
     tokens = usage["completion_tokens"] if usage else len(token_times)
     ttft = (token_times[0] - start) if token_times else end - start
     itl = [b - a for a, b in zip(token_times, token_times[1:])]
-    return {"tokens": tokens, "ttft": ttft, "itl": itl, "latency": end - start}
+    decode = (tokens - 1) / (end - token_times[0]) if len(token_times) > 1 and end > token_times[0] else None
+    return {"tokens": tokens, "ttft": ttft, "itl": itl, "latency": end - start, "decode": decode,
+            "prompt_tokens": usage["prompt_tokens"] if usage else None}
 
 
 async def run_level(args, concurrency):
@@ -128,7 +173,11 @@ async def run_level(args, concurrency):
         wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
     itl = [x for r in results for x in r["itl"]]
+    decode = [r["decode"] for r in results if r["decode"]]
+    prompt_tokens = [r["prompt_tokens"] for r in results if r["prompt_tokens"]]
     return {
+        "decode_tok_per_s_p50": pct(decode, 0.5),
+        "prompt_tokens_p50": pct(prompt_tokens, 0.5),
         "concurrency": concurrency,
         "requests": len(results),
         "errors": len(errors),
@@ -210,21 +259,41 @@ def run_two_tenants(args):
             json.dump({"label": args.label, "b_alone": b_alone, "a_alone": a_alone, "both": both}, f, indent=2)
 
 
-def svg_plot(rows, label):
-    """A minimal SVG bar chart of aggregate tok/s per concurrency level."""
-    w, h, pad = 480, 300, 50
-    top = max(r["output_tok_per_s"] for r in rows) or 1
-    bar_w = (w - 2 * pad) / max(len(rows), 1) * 0.6
+def svg_plot(series, title):
+    """A minimal SVG bar chart of aggregate tok/s per concurrency level, one bar per server."""
+    w, h, pad = 560, 320, 50
+    levels = sorted({r["concurrency"] for rows in series.values() for r in rows})
+    top = max((r["output_tok_per_s"] for rows in series.values() for r in rows), default=1) or 1
+    colors = ["#4a7bd0", "#d0874a", "#5aa05a"]
+    slot = (w - 2 * pad) / max(len(levels), 1)
+    bar_w = slot * 0.7 / max(len(series), 1)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-             f'<text x="{w/2}" y="20" text-anchor="middle">{label}: output tokens/s by concurrency</text>']
-    for i, r in enumerate(rows):
-        x = pad + i * (w - 2 * pad) / len(rows)
-        bh = (h - 2 * pad) * r["output_tok_per_s"] / top
-        parts.append(f'<rect x="{x:.0f}" y="{h - pad - bh:.0f}" width="{bar_w:.0f}" height="{bh:.0f}" fill="#4a7bd0"/>')
-        parts.append(f'<text x="{x + bar_w/2:.0f}" y="{h - pad - bh - 4:.0f}" text-anchor="middle">{r["output_tok_per_s"]:.0f}</text>')
-        parts.append(f'<text x="{x + bar_w/2:.0f}" y="{h - pad + 16:.0f}" text-anchor="middle">c={r["concurrency"]}</text>')
+             f'<text x="{w/2}" y="20" text-anchor="middle">{title}: output tokens/s by concurrency</text>']
+    for s_i, (label, rows) in enumerate(series.items()):
+        color = colors[s_i % len(colors)]
+        parts.append(f'<rect x="{pad + s_i * 120}" y="{h - 18}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{pad + s_i * 120 + 14}" y="{h - 9}">{label}</text>')
+        for r in rows:
+            i = levels.index(r["concurrency"])
+            x = pad + i * slot + s_i * bar_w
+            bh = (h - 2 * pad) * r["output_tok_per_s"] / top
+            parts.append(f'<rect x="{x:.0f}" y="{h - pad - bh:.0f}" width="{bar_w:.0f}" height="{bh:.0f}" fill="{color}"/>')
+            parts.append(f'<text x="{x + bar_w/2:.0f}" y="{h - pad - bh - 4:.0f}" text-anchor="middle">{r["output_tok_per_s"]:.0f}</text>')
+    for i, level in enumerate(levels):
+        parts.append(f'<text x="{pad + i * slot + slot * 0.35:.0f}" y="{h - pad + 16:.0f}" text-anchor="middle">c={level}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def median_row(rows):
+    """The per-level medians of several rounds' rows."""
+    keys = ["output_tok_per_s", "decode_tok_per_s_p50", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms"]
+    out = dict(rows[0])
+    for k in keys:
+        values = [r[k] for r in rows if r.get(k) == r.get(k)]  # drop NaN
+        out[k] = statistics.median(values) if values else float("nan")
+    out["rounds"] = len(rows)
+    return out
 
 
 def main():
@@ -242,6 +311,15 @@ def main():
     p.add_argument("--label", default="server")
     p.add_argument("--json")
     p.add_argument("--svg")
+    p.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of about N tokens")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="each request's own prompt about N tokens long")
+    p.add_argument("--rounds", type=int, default=1, help="run all levels this many times (medians reported)")
+    p.add_argument("--peer-base-url", help="a second server to run the same levels against")
+    p.add_argument("--peer-model")
+    p.add_argument("--peer-api-key")
+    p.add_argument("--peer-label", default="peer")
+    p.add_argument("--peer-pid", type=int)
+    p.add_argument("--title", help="the SVG chart's title")
     p.add_argument("--two-tenants", action="store_true",
                    help="tenant fairness: customer A (--api-key-a) keeps --a-streams streams open while "
                         "customer B (--api-key-b) sends --b-tokens-token requests one at a time; B alone, "
@@ -258,34 +336,54 @@ def main():
         run_two_tenants(args)
         return
 
-    rows = []
-    for level in [int(x) for x in args.levels.split(",")]:
-        sampler = RssSampler(args.pid) if args.pid else None
-        if sampler:
-            sampler.start()
-        row = asyncio.run(run_level(args, level))
-        if sampler:
-            sampler.stop.set()
-            sampler.join()
-            row["peak_rss_mb"] = sampler.peak / 2**20
-        rows.append(row)
-        rss = f" rss_peak={row['peak_rss_mb']:.0f}MB" if "peak_rss_mb" in row else ""
-        print(
-            f"{args.label} c={level:<3} tok/s={row['output_tok_per_s']:7.1f} "
-            f"ttft p50/p99={row['ttft_p50_ms']:7.0f}/{row['ttft_p99_ms']:7.0f} ms "
-            f"itl p50/p99={row['itl_p50_ms']:6.1f}/{row['itl_p99_ms']:6.1f} ms "
-            f"latency p50/p99={row['latency_p50_s']:6.2f}/{row['latency_p99_s']:6.2f} s "
-            f"errors={row['errors']}{rss}",
-            flush=True,
-        )
-        for e in row["error_samples"]:
-            print(f"  error: {e}", file=sys.stderr)
+    servers = [args]
+    if args.peer_base_url:
+        servers.append(argparse.Namespace(**{
+            **vars(args), "base_url": args.peer_base_url, "model": args.peer_model or args.model,
+            "api_key": args.peer_api_key if args.peer_api_key is not None else args.api_key,
+            "label": args.peer_label, "pid": args.peer_pid}))
+    rows = {s.label: {} for s in servers}
+    for rnd in range(args.rounds):
+        for level in [int(x) for x in args.levels.split(",")]:
+            for server in servers:  # level by level, alternating, so drift hits both
+                sampler = RssSampler(server.pid) if server.pid else None
+                if sampler:
+                    sampler.start()
+                row = asyncio.run(run_level(server, level))
+                if sampler:
+                    sampler.stop.set()
+                    sampler.join()
+                    row["peak_rss_mb"] = sampler.peak / 2**20
+                rows[server.label].setdefault(level, []).append(row)
+                rss = f" rss_peak={row['peak_rss_mb']:.0f}MB" if "peak_rss_mb" in row else ""
+                print(
+                    f"{server.label} round {rnd + 1} c={level:<3} tok/s={row['output_tok_per_s']:7.1f} "
+                    f"decode p50={row['decode_tok_per_s_p50']:6.1f} tok/s "
+                    f"ttft p50/p99={row['ttft_p50_ms']:7.0f}/{row['ttft_p99_ms']:7.0f} ms "
+                    f"itl p50/p99={row['itl_p50_ms']:6.1f}/{row['itl_p99_ms']:6.1f} ms "
+                    f"latency p50/p99={row['latency_p50_s']:6.2f}/{row['latency_p99_s']:6.2f} s "
+                    f"prompt={row['prompt_tokens_p50']:.0f} tok errors={row['errors']}{rss}",
+                    flush=True,
+                )
+                for e in row["error_samples"]:
+                    print(f"  error: {e}", file=sys.stderr)
+    medians = {label: [median_row(r) for r in by_level.values()] for label, by_level in rows.items()}
+    if len(servers) == 2:
+        ours, peer = medians[servers[0].label], medians[servers[1].label]
+        for a, b in zip(ours, peer):
+            print(f"c={a['concurrency']:<3} medians of {a['rounds']} rounds, {servers[0].label} / {servers[1].label}: "
+                  f"tok/s {a['output_tok_per_s']:.1f} / {b['output_tok_per_s']:.1f} "
+                  f"({a['output_tok_per_s'] / b['output_tok_per_s']:.2f}x), "
+                  f"decode {a['decode_tok_per_s_p50']:.1f} / {b['decode_tok_per_s_p50']:.1f} "
+                  f"({a['decode_tok_per_s_p50'] / b['decode_tok_per_s_p50']:.2f}x), "
+                  f"TTFT p50 {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} ms "
+                  f"({a['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"label": args.label, "args": vars(args), "levels": rows}, f, indent=2)
+            json.dump({"args": vars(args), "rounds": rows, "medians": medians}, f, indent=2)
     if args.svg:
         with open(args.svg, "w") as f:
-            f.write(svg_plot(rows, args.label))
+            f.write(svg_plot(medians, args.title or ", ".join(medians)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 //! ([`super::llama`]) used on other devices and for other weight forms.
 
 use candle_core::{Storage, StorageRef, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 use super::linear::Linear;
@@ -103,6 +104,22 @@ impl LlamaModel {
             .flat_map(|(s, &(_, len))| std::iter::repeat_n(s, len))
             .collect();
 
+        let shape = AttnShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
+        // Keys visible to each token: the cache before the step plus the step's tokens up to
+        // and including itself (the same in every layer).
+        let visible: Vec<usize> = (0..total)
+            .map(|t| {
+                let s = seq_of[t];
+                batch[s].cache.len() + (t - spans[s].0) + 1
+            })
+            .collect();
+        let plan = shape.plan(&visible);
+        let mut partials = vec![0f32; plan.splits.len() * plan.part_len];
+
         let mut h = vec![0f32; total * hidden];
         let mut att = vec![0f32; total * q_dim];
         for (layer, block) in self.blocks.iter().enumerate() {
@@ -116,39 +133,28 @@ impl LlamaModel {
                 let rows = start * kv_dim..(start + len) * kv_dim;
                 step.cache.append_host(layer, &k[rows.clone()], &v[rows])?;
             }
-            let kv: Vec<(&[f32], &[f32])> = batch
+            let kv: Vec<(&[f16], &[f16])> = batch
                 .iter()
                 .map(|s| s.cache.host_layer(layer))
                 .collect::<Result<_>>()?;
-            let shape = AttnShape {
-                n_heads: nh,
-                n_kv_heads: nkv,
-                head_dim: hd,
+            let task = |(i, part): (usize, &mut [f32])| {
+                let split = &plan.splits[i];
+                let (keys, values) = kv[seq_of[split.token]];
+                let q = &q[split.token * q_dim + split.kv_head * group_dim..][..group_dim];
+                shape.attend_partial(q, keys, values, split.kv_head, split.keys.clone(), part);
             };
-            let task = |(c, out): (usize, &mut [f32])| {
-                let (t, kv_head) = (c / nkv, c % nkv);
-                let s = seq_of[t];
-                let (start, len) = spans[s];
-                let (keys, values) = kv[s];
-                // Keys visible to this token: the cache before the step plus the step's
-                // tokens up to and including itself.
-                let visible = keys.len() / kv_dim - len + (t - start) + 1;
-                let q = &q[t * q_dim + kv_head * group_dim..][..group_dim];
-                shape.attend_group(q, keys, values, kv_head, visible, out);
-            };
-            let work: usize = spans
-                .iter()
-                .zip(&kv)
-                .map(|(&(_, len), (keys, _))| len * keys.len() / kv_dim)
-                .sum::<usize>()
-                * q_dim;
-            if work < PARALLEL_ATTENTION_WORK {
-                att.chunks_exact_mut(group_dim).enumerate().for_each(task);
+            if plan.work < PARALLEL_ATTENTION_WORK {
+                partials
+                    .chunks_exact_mut(plan.part_len)
+                    .enumerate()
+                    .for_each(task);
             } else {
-                att.par_chunks_exact_mut(group_dim)
+                partials
+                    .par_chunks_exact_mut(plan.part_len)
                     .enumerate()
                     .for_each(task);
             }
+            shape.merge(&plan, &partials, &mut att);
             let o = block.wo.forward_host(&att, total)?;
             add_assign(&mut x, &o);
             let ffn_norm = HostView::new(&block.ffn_norm)?;
@@ -255,23 +261,124 @@ pub(crate) struct AttnShape {
     pub head_dim: usize,
 }
 
+/// Keys a split covers at most: a token's attention over a longer context is cut into splits
+/// that run as separate tasks (their partial softmaxes merged afterwards), so a long context
+/// spreads over the threads even for one sequence. It depends on the token's own number of
+/// visible keys only, never on what else shares the step, so batching does not change a
+/// sequence's arithmetic.
+const SPLIT_KEYS: usize = 512;
+
+/// Keys widened to f32 and scored at a time inside a split (a chunk of keys or values stays
+/// in L1: 64 × 128 f32 = 32 KiB at the largest head size).
+const CHUNK_KEYS: usize = 64;
+
+/// One attention task: the query heads of `kv_head` at token `token` over keys `keys`.
+pub(crate) struct Split {
+    pub token: usize,
+    pub kv_head: usize,
+    pub keys: std::ops::Range<usize>,
+}
+
+/// The attention tasks of one step, the same in every layer.
+pub(crate) struct AttnPlan {
+    pub splits: Vec<Split>,
+    /// `f32`s of one split's partial result: per query head of the group its running max,
+    /// its sum of exponentials, and its unnormalized output.
+    pub part_len: usize,
+    /// Query-key products per layer (decides whether to use the thread pool).
+    pub work: usize,
+}
+
 impl AttnShape {
-    /// Softmax attention of the query heads that share KV head `kv_head`, `q (group *
-    /// head_dim)`, over the first `visible` tokens of token-major `keys`/`values` `(tokens,
-    /// n_kv_heads * head_dim)`, into `out (group * head_dim)`. Each key and value row is
-    /// read once for the whole group.
-    pub(crate) fn attend_group(
+    fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// The tasks for tokens that see `visible[t]` keys each: per token and KV head, one split
+    /// per [`SPLIT_KEYS`] keys, in token, head, key order.
+    pub(crate) fn plan(&self, visible: &[usize]) -> AttnPlan {
+        let mut splits = Vec::new();
+        for (token, &n) in visible.iter().enumerate() {
+            for kv_head in 0..self.n_kv_heads {
+                let mut from = 0;
+                while from < n {
+                    let to = (from + SPLIT_KEYS).min(n);
+                    splits.push(Split {
+                        token,
+                        kv_head,
+                        keys: from..to,
+                    });
+                    from = to;
+                }
+            }
+        }
+        AttnPlan {
+            splits,
+            part_len: self.group() * (self.head_dim + 2),
+            work: visible.iter().sum::<usize>() * self.n_heads * self.head_dim,
+        }
+    }
+
+    /// Partial softmax attention of the query heads that share KV head `kv_head`, `q (group *
+    /// head_dim)`, over keys `keys` of token-major `keys`/`values` `(tokens, n_kv_heads *
+    /// head_dim)`, into `part` ([`AttnPlan::part_len`]). Each key and value row is read once for
+    /// the whole group.
+    pub(crate) fn attend_partial(
         &self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[f16],
+        values: &[f16],
         kv_head: usize,
-        visible: usize,
-        out: &mut [f32],
+        range: std::ops::Range<usize>,
+        part: &mut [f32],
     ) {
-        let mut scores = vec![0f32; (self.n_heads / self.n_kv_heads) * visible];
-        simd::attend_group(*self, q, keys, values, kv_head, visible, &mut scores, out);
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize(CHUNK_KEYS * (self.head_dim + self.group()), 0.0);
+            simd::attend_partial(*self, q, keys, values, kv_head, range, &mut scratch, part);
+        });
     }
+
+    /// Merges each token and KV head's splits into `out (tokens, n_heads * head_dim)`, in
+    /// split order.
+    pub(crate) fn merge(&self, plan: &AttnPlan, partials: &[f32], out: &mut [f32]) {
+        let (group, hd) = (self.group(), self.head_dim);
+        let mut i = 0;
+        for (c, out) in out.chunks_exact_mut(group * hd).enumerate() {
+            let (token, kv_head) = (c / self.n_kv_heads, c % self.n_kv_heads);
+            let first = i;
+            while i < plan.splits.len()
+                && plan.splits[i].token == token
+                && plan.splits[i].kv_head == kv_head
+            {
+                i += 1;
+            }
+            let parts = &partials[first * plan.part_len..i * plan.part_len];
+            for g in 0..group {
+                let max = parts
+                    .chunks_exact(plan.part_len)
+                    .fold(f32::NEG_INFINITY, |m, p| m.max(p[g]));
+                let o = &mut out[g * hd..(g + 1) * hd];
+                o.fill(0.0);
+                let mut sum = 0.0;
+                for p in parts.chunks_exact(plan.part_len) {
+                    let w = simd::exp(p[g] - max);
+                    sum += w * p[group + g];
+                    let po = &p[2 * group + g * hd..2 * group + (g + 1) * hd];
+                    for (o, &v) in o.iter_mut().zip(po) {
+                        *o += w * v;
+                    }
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Widened keys or values of one chunk, and its scores: per attention thread.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Small vector helpers written so that LLVM vectorizes them (independent lane
@@ -279,6 +386,8 @@ impl AttnShape {
 mod simd {
     /// Lanes of the independent accumulators.
     const LANES: usize = 8;
+
+    use half::f16;
 
     use super::super::cpu::CpuKernels;
 
@@ -327,53 +436,135 @@ mod simd {
         fn exp_sub_sum / exp_sub_sum_on(x: &mut [f32], max: f32) -> f32 = exp_sub_sum_imp;
     }
     dispatch! {
-        /// See [`super::AttnShape::attend_group`]; `scores` is `group * visible` scratch.
+        /// See [`super::AttnShape::attend_partial`]; `scratch` holds a widened chunk and
+        /// its scores.
         #[allow(clippy::too_many_arguments)]
-        fn attend_group / attend_group_on(
+        fn attend_partial / attend_partial_on(
             shape: super::AttnShape,
             q: &[f32],
-            keys: &[f32],
-            values: &[f32],
+            keys: &[f16],
+            values: &[f16],
             kv_head: usize,
-            visible: usize,
-            scores: &mut [f32],
-            out: &mut [f32]
-        ) -> () = attend_group_imp;
+            range: std::ops::Range<usize>,
+            scratch: &mut [f32],
+            part: &mut [f32]
+        ) -> () = attend_partial_imp;
     }
 
+    /// Online softmax over the range in chunks: per query head a running max `m`, a sum of
+    /// exponentials `l` and an unnormalized output `o`, rescaled when the max grows.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn attend_group_imp(
+    fn attend_partial_imp(
         shape: super::AttnShape,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[f16],
+        values: &[f16],
         kv_head: usize,
-        visible: usize,
-        scores: &mut [f32],
-        out: &mut [f32],
+        range: std::ops::Range<usize>,
+        scratch: &mut [f32],
+        part: &mut [f32],
     ) {
         let hd = shape.head_dim;
         let group = shape.n_heads / shape.n_kv_heads;
         let stride = shape.n_kv_heads * hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let cols = kv_head * hd..(kv_head + 1) * hd;
-        for (j, k) in keys.chunks_exact(stride).take(visible).enumerate() {
-            let k = &k[cols.clone()];
-            for (g, qh) in q.chunks_exact(hd).enumerate() {
-                scores[g * visible + j] = dot_imp(qh, k) * scale;
+        let col = kv_head * hd;
+        let (rows, scores) = scratch.split_at_mut(super::CHUNK_KEYS * hd);
+        let (m, rest) = part.split_at_mut(group);
+        let (l, o) = rest.split_at_mut(group);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        o.fill(0.0);
+        let mut from = range.start;
+        while from < range.end {
+            let n = (range.end - from).min(super::CHUNK_KEYS);
+            let rows = &mut rows[..n * hd];
+            widen(&keys[from * stride..], stride, col, hd, n, rows);
+            for (j, k) in rows.chunks_exact(hd).enumerate() {
+                for (g, qh) in q.chunks_exact(hd).enumerate() {
+                    scores[g * super::CHUNK_KEYS + j] = dot_imp(qh, k) * scale;
+                }
+            }
+            for g in 0..group {
+                let s = &mut scores[g * super::CHUNK_KEYS..][..n];
+                let chunk_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let new_max = m[g].max(chunk_max);
+                let rescale = exp(m[g] - new_max);
+                l[g] = l[g] * rescale + exp_sub_sum_imp(s, new_max);
+                o[g * hd..(g + 1) * hd]
+                    .iter_mut()
+                    .for_each(|v| *v *= rescale);
+                m[g] = new_max;
+            }
+            widen(&values[from * stride..], stride, col, hd, n, rows);
+            for (j, v) in rows.chunks_exact(hd).enumerate() {
+                for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                    axpy_imp(og, scores[g * super::CHUNK_KEYS + j], v);
+                }
+            }
+            from += n;
+        }
+    }
+
+    /// `rows` rows of `src`, `stride` apart, `cols` wide from column `col`, widened to f32
+    /// into `dst` (packed). f16 → f32 is exact, so every path gives the same values; F16C
+    /// converts eight at a time where the CPU has it.
+    #[inline(always)]
+    fn widen(src: &[f16], stride: usize, col: usize, cols: usize, rows: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if CpuKernels::selected().has_avx2() {
+                // SAFETY: the selected path's CPU has F16C (the AVX2 paths require it).
+                unsafe { widen_f16c(src, stride, col, cols, rows, dst) };
+                return;
             }
         }
-        for s in scores.chunks_exact_mut(visible) {
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let inv = 1.0 / exp_sub_sum_imp(s, max);
-            s.iter_mut().for_each(|v| *v *= inv);
+        for (r, out) in dst.chunks_exact_mut(cols).take(rows).enumerate() {
+            let row = &src[r * stride + col..][..cols];
+            for (o, &h) in out.iter_mut().zip(row) {
+                *o = h.to_f32();
+            }
         }
-        out.fill(0.0);
-        for (j, v) in values.chunks_exact(stride).take(visible).enumerate() {
-            let v = &v[cols.clone()];
-            for (g, o) in out.chunks_exact_mut(hd).enumerate().take(group) {
-                axpy_imp(o, scores[g * visible + j], v);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn widen_for_test(
+        src: &[f16],
+        stride: usize,
+        col: usize,
+        cols: usize,
+        rows: usize,
+        dst: &mut [f32],
+    ) {
+        widen(src, stride, col, cols, rows, dst);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx,f16c")]
+    unsafe fn widen_f16c(
+        src: &[f16],
+        stride: usize,
+        col: usize,
+        cols: usize,
+        rows: usize,
+        dst: &mut [f32],
+    ) {
+        use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+        for (r, out) in dst.chunks_exact_mut(cols).take(rows).enumerate() {
+            let row = &src[r * stride + col..][..cols];
+            let mut ins = row.chunks_exact(8);
+            let mut outs = out.chunks_exact_mut(8);
+            for (i, o) in (&mut ins).zip(&mut outs) {
+                // SAFETY: `i` is 8 f16 (16 bytes) and `o` 8 f32, both in bounds; unaligned
+                // loads and stores.
+                unsafe {
+                    let h = _mm_loadu_si128(i.as_ptr().cast::<__m128i>());
+                    _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
+                }
+            }
+            for (o, &h) in outs.into_remainder().iter_mut().zip(ins.remainder()) {
+                *o = h.to_f32();
             }
         }
     }
@@ -501,24 +692,26 @@ mod tests {
                 );
                 // One KV head's group of query heads over `n` cached positions.
                 let q = pseudo_random(2 * 16, 3);
-                let (keys, values) = (pseudo_random(n * 2 * 16, 4), pseudo_random(n * 2 * 16, 5));
+                let keys = halves(&pseudo_random(n * 2 * 16, 4));
+                let values = halves(&pseudo_random(n * 2 * 16, 5));
                 let mut outs = Vec::new();
                 for k in [kernels, CpuKernels::Scalar] {
-                    let (mut scores, mut out) = (vec![0f32; 2 * n], vec![0f32; 2 * 16]);
-                    simd::attend_group_on(
+                    let mut scratch = vec![0f32; CHUNK_KEYS * (16 + 2)];
+                    let mut part = vec![0f32; 2 * (16 + 2)];
+                    simd::attend_partial_on(
                         k,
                         shape,
                         &q,
                         &keys,
                         &values,
                         1,
-                        n,
-                        &mut scores,
-                        &mut out,
+                        0..n,
+                        &mut scratch,
+                        &mut part,
                     );
-                    outs.push(out);
+                    outs.push(part);
                 }
-                assert_eq!(outs[0], outs[1], "{kernels}: attend_group over {n}");
+                assert_eq!(outs[0], outs[1], "{kernels}: attend_partial over {n}");
             }
         }
     }
@@ -607,7 +800,12 @@ mod tests {
         Ok(())
     }
 
-    /// Grouped-query attention of one head against a plain softmax(q·K/√d)·V.
+    fn halves(x: &[f32]) -> Vec<f16> {
+        x.iter().map(|&v| f16::from_f32(v)).collect()
+    }
+
+    /// Grouped-query attention against a plain softmax(q·K/√d)·V over the same f16 keys and
+    /// values, for contexts within one chunk, across chunks, and across splits (merged).
     #[test]
     fn attention_matches_plain_softmax() {
         let shape = AttnShape {
@@ -615,28 +813,43 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 16,
         };
-        let tokens = 37;
+        let tokens = SPLIT_KEYS * 2 + 77;
         let stride = 2 * 16;
-        let keys = pseudo_random(tokens * stride, 6);
-        let values = pseudo_random(tokens * stride, 7);
-        let q_all = pseudo_random(6 * 16, 8);
-        for (kvh, visible) in [(0, 1), (1, 20), (0, 37), (1, 9)] {
-            let mut out = vec![1f32; 3 * 16];
-            shape.attend_group(
-                &q_all[kvh * 48..(kvh + 1) * 48],
-                &keys,
-                &values,
-                kvh,
-                visible,
-                &mut out,
-            );
-            for g in 0..3 {
-                let head = kvh * 3 + g;
-                let q = &q_all[head * 16..(head + 1) * 16];
-                let scores: Vec<f32> = (0..visible)
+        let keys = halves(&pseudo_random(tokens * stride, 6));
+        let values = halves(&pseudo_random(tokens * stride, 7));
+        let (kf, vf): (Vec<f32>, Vec<f32>) = (
+            keys.iter().map(|h| h.to_f32()).collect(),
+            values.iter().map(|h| h.to_f32()).collect(),
+        );
+        // Four tokens, each seeing its own number of keys (one chunk, several, several
+        // splits); their queries for all heads.
+        let visible = [1, 20, CHUNK_KEYS * 3 + 5, tokens];
+        let q_all = pseudo_random(visible.len() * 6 * 16, 8);
+        let plan = shape.plan(&visible);
+        assert_eq!(
+            plan.splits.len(),
+            2 * (1 + 1 + 1 + 3),
+            "splits per token and head"
+        );
+        let mut partials = vec![0f32; plan.splits.len() * plan.part_len];
+        for (split, part) in plan
+            .splits
+            .iter()
+            .zip(partials.chunks_exact_mut(plan.part_len))
+        {
+            let q = &q_all[split.token * 96 + split.kv_head * 48..][..48];
+            shape.attend_partial(q, &keys, &values, split.kv_head, split.keys.clone(), part);
+        }
+        let mut out = vec![1f32; visible.len() * 96];
+        shape.merge(&plan, &partials, &mut out);
+        for (t, &n) in visible.iter().enumerate() {
+            for head in 0..6 {
+                let kvh = head / 3;
+                let q = &q_all[t * 96 + head * 16..][..16];
+                let scores: Vec<f32> = (0..n)
                     .map(|j| {
                         (0..16)
-                            .map(|i| q[i] * keys[j * stride + kvh * 16 + i])
+                            .map(|i| q[i] * kf[j * stride + kvh * 16 + i])
                             .sum::<f32>()
                             / 4.0
                     })
@@ -644,19 +857,36 @@ mod tests {
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f32 = e.iter().sum();
-                let want: Vec<f32> = (0..16)
-                    .map(|i| {
-                        (0..visible)
-                            .map(|j| e[j] / sum * values[j * stride + kvh * 16 + i])
-                            .sum()
-                    })
-                    .collect();
-                for (o, w) in out[g * 16..(g + 1) * 16].iter().zip(&want) {
+                let got = &out[t * 96 + head * 16..][..16];
+                for (i, o) in got.iter().enumerate() {
+                    let want: f32 = (0..n)
+                        .map(|j| e[j] / sum * vf[j * stride + kvh * 16 + i])
+                        .sum();
                     assert!(
-                        (o - w).abs() < 1e-5,
-                        "head {head} visible {visible}: {o} vs {w}"
+                        (o - want).abs() < 1e-5,
+                        "token {t} head {head} visible {n}: {o} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The F16C widening gives the portable conversion's values (f16 → f32 is exact).
+    #[test]
+    fn widening_is_exact_on_every_path() {
+        let src: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let rows = src.len() / 37;
+        let mut fast = vec![0f32; rows * 33];
+        simd::widen_for_test(&src, 37, 2, 33, rows, &mut fast);
+        for r in 0..rows {
+            for c in 0..33 {
+                let want = src[r * 37 + 2 + c].to_f32();
+                let got = fast[r * 33 + c];
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "{:#06x}",
+                    src[r * 37 + 2 + c].to_bits()
+                );
             }
         }
     }
