@@ -18,6 +18,7 @@ pub mod model;
 pub mod sampling;
 mod spm;
 pub mod stop;
+pub mod synth;
 pub mod tokenizer;
 pub mod tools;
 
