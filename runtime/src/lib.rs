@@ -13,6 +13,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fair;
+pub mod gguf;
 pub mod loader;
 pub mod model;
 pub mod sampling;
