@@ -3,6 +3,13 @@
 //! Python string methods (`.strip()`, `.startswith()`, ...), `raise_exception`,
 //! `strftime_now`, `tojson`, trimmed blocks, and `add_generation_prompt`.
 //!
+//! A template is a program from the model file, so it runs sandboxed: a budget of
+//! instructions ([`TEMPLATE_FUEL`]), a recursion limit and a bound on the text it writes
+//! ([`TEMPLATE_OUTPUT_BYTES`]). Every template is trial-rendered when it is loaded, and one that
+//! runs out of any of these on an ordinary conversation is refused then, not at request time.
+//! (Memory a template builds without writing it, such as a string doubled in a loop, is not
+//! bounded beyond what the instruction budget allows.)
+//!
 //! It turns messages into prompt text; tokenizing that text is the tokenizer's job.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,6 +18,14 @@ use minijinja::{context, Environment, ErrorKind};
 
 use crate::tools::CallSyntax;
 use crate::{Error, Result};
+
+/// Instructions one render may execute (a Llama 3.1 template with tools over a 200-message
+/// conversation takes well under a tenth of this).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Nesting (loops, macro calls, includes) one render may reach.
+const TEMPLATE_RECURSION: usize = 200;
+/// Bytes one render may write: far beyond any context a model serves.
+pub const TEMPLATE_OUTPUT_BYTES: usize = 32 << 20;
 
 /// ChatML, for models that ship no template.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -36,6 +51,8 @@ impl ChatTemplate {
     /// Compiles `source`; a syntax error is an [`Error::Template`] naming the problem.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         // Hugging Face renders with trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -50,12 +67,58 @@ impl ChatTemplate {
         env.add_filter("tojson", python_tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot compile the chat template: {e}")))?;
-        Ok(Self {
+        let template = Self {
             env,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
             native_tools: native_tool_syntax(source),
-        })
+        };
+        template.trial_render()?;
+        Ok(template)
+    }
+
+    /// Renders an ordinary conversation, with and without tools, and refuses the template if
+    /// it exhausts the sandbox's limits. Errors of the template's own (`raise_exception` for
+    /// a shape it does not accept, an undefined field) are left for request time.
+    fn trial_render(&self) -> Result<()> {
+        let messages = [
+            serde_json::json!({"role": "system", "content": "You are a helpful assistant."}),
+            serde_json::json!({"role": "user", "content": "What is the capital of France?"}),
+            serde_json::json!({"role": "assistant", "content": "The capital of France is Paris."}),
+            serde_json::json!({"role": "user", "content": "And of Italy?"}),
+        ];
+        let tools = serde_json::json!([{"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]},
+        }}]);
+        for tools in [None, Some(&tools)] {
+            match self.render_json(&messages, tools, true) {
+                Err(Error::Template(m)) if m.starts_with(SANDBOX) => {
+                    return Err(Error::Template(format!(
+                        "refused at load: rendering a four-message conversation{}: {m}",
+                        if tools.is_some() { " with a tool" } else { "" }
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders within the output bound.
+    fn render_value(&self, ctx: minijinja::Value) -> Result<String> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let mut out = BoundedOutput(Vec::new());
+        template
+            .render_captured_to(ctx, &mut out)
+            .map_err(template_error)?;
+        String::from_utf8(out.0)
+            .map_err(|_| Error::Template("the chat template wrote invalid UTF-8".into()))
     }
 
     /// Whether the template itself renders tools and tool calls.
@@ -77,10 +140,6 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let template = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
         let base = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -91,7 +150,7 @@ impl ChatTemplate {
             Some(tools) => context! { tools => tools, ..base },
             None => base,
         };
-        template.render(ctx).map_err(template_error)
+        self.render_value(ctx)
     }
 
     /// The ChatML template.
@@ -129,8 +188,39 @@ fn native_tool_syntax(source: &str) -> Option<CallSyntax> {
     }
 }
 
+/// How the errors of the sandbox's limits begin.
+const SANDBOX: &str = "sandbox limit:";
+
+/// Rendered text, refusing to grow past [`TEMPLATE_OUTPUT_BYTES`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_OUTPUT_BYTES {
+            return Err(std::io::Error::other("output bound"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn template_error(e: minijinja::Error) -> Error {
     match e.kind() {
+        ErrorKind::OutOfFuel => Error::Template(format!(
+            "{SANDBOX} the chat template ran past its budget of {TEMPLATE_FUEL} instructions"
+        )),
+        ErrorKind::WriteFailure => Error::Template(format!(
+            "{SANDBOX} the chat template wrote more than {TEMPLATE_OUTPUT_BYTES} bytes"
+        )),
+        ErrorKind::InvalidOperation if e.detail() == Some("recursion limit exceeded") => {
+            Error::Template(format!(
+                "{SANDBOX} the chat template nested deeper than {TEMPLATE_RECURSION} levels"
+            ))
+        }
         // raise_exception: the template's own words, e.g. "roles must alternate".
         ErrorKind::InvalidOperation => {
             Error::Template(e.detail().unwrap_or("template error").to_string())
@@ -156,18 +246,7 @@ impl ChatTemplate {
             .or_insert_with(|| self.bos_token.clone().into());
         ctx.entry("eos_token")
             .or_insert_with(|| self.eos_token.clone().into());
-        let template = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        template
-            .render(minijinja::Value::from_serialize(&ctx))
-            .map_err(|e| match e.kind() {
-                ErrorKind::InvalidOperation => {
-                    Error::Template(e.detail().unwrap_or("template error").to_string())
-                }
-                _ => Error::Template(format!("cannot render the chat template: {e}")),
-            })
+        self.render_value(minijinja::Value::from_serialize(&ctx))
     }
 }
 
@@ -458,6 +537,54 @@ mod tests {
             ChatTemplate::new("{% for %}", None, None),
             Err(Error::Template(_))
         ));
+    }
+
+    /// Templates that loop, nest or write without end are refused when they are loaded, with
+    /// an error naming the limit; ones within the limits load and render.
+    #[test]
+    fn runaway_templates_are_refused_at_load() {
+        let refused = |source: &str, limit: &str| {
+            let err = ChatTemplate::new(source, None, None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("refused at load"), "{source}: {err}");
+            assert!(err.contains(limit), "{source}: {err}");
+        };
+        // 10^10 iterations: the instruction budget ends it.
+        refused(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "instructions",
+        );
+        // A macro calling itself without end.
+        refused(
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "nested deeper",
+        );
+        // 100 MB of text from a few thousand instructions.
+        refused(
+            "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+            "bytes",
+        );
+        // Within the limits: 20,000 iterations and 2 MB of text are served.
+        let t = ChatTemplate::new(
+            "{% for i in range(20000) %}{{ 'y' * 100 }}{% endfor %}{{ messages[0]['content'] }}",
+            None,
+            None,
+        )
+        .unwrap();
+        let text = t.render(&msgs(&[("user", "end")]), true).unwrap();
+        assert_eq!(text.len(), 2_000_003);
+        // A template that only explodes on some input is caught at request time, as an
+        // error, never a hang.
+        let t = ChatTemplate::new(
+            "{% if messages | length > 4 %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}ok",
+            None,
+            None,
+        )
+        .unwrap();
+        let long = msgs(&[("user", "a"); 5]);
+        let err = t.render(&long, true).unwrap_err().to_string();
+        assert!(err.contains("instructions"), "{err}");
     }
 
     #[test]

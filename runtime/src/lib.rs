@@ -13,11 +13,13 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fair;
+pub mod gguf;
 pub mod loader;
 pub mod model;
 pub mod sampling;
 mod spm;
 pub mod stop;
+pub mod synth;
 pub mod tokenizer;
 pub mod tools;
 

@@ -8,12 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file;
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Repo, RepoType};
 
 use crate::chat_template::ChatTemplate;
 use crate::device::parse_device;
+use crate::gguf;
 use crate::model::{LlamaModel, WeightForm};
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Result};
@@ -79,14 +79,14 @@ fn load_inner(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<L
             path: local.clone(),
             source,
         })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::Gguf {
+        let content = gguf::read_content(&mut file).map_err(|message| Error::Gguf {
             path: local.clone(),
-            message: e.to_string(),
+            message,
         })?;
         let tokenizer = ModelTokenizer::from_gguf(&content)?;
-        let model = LlamaModel::from_gguf(
+        let model = LlamaModel::from_gguf_file(
             &content,
-            &mut file,
+            &file,
             &device,
             options.weights,
             options.context_length,

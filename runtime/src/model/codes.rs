@@ -219,23 +219,31 @@ impl CodeMatrix {
     /// The codes of a GGUF Q4_0 or Q4_1 tensor `(out, inp)` exactly as stored; `None` for
     /// other types.
     pub(crate) fn from_q4(q: &QTensor) -> Result<Option<Self>> {
-        let (block_bytes, has_min) = match q.dtype() {
+        let (out, inp) = q.shape().dims2()?;
+        Self::from_q4_bytes(q.dtype(), &q.data()?, out, inp)
+    }
+
+    /// [`CodeMatrix::from_q4`] from the tensor's bytes as the file stores them.
+    pub(crate) fn from_q4_bytes(
+        dtype: GgmlDType,
+        data: &[u8],
+        out: usize,
+        inp: usize,
+    ) -> Result<Option<Self>> {
+        let (block_bytes, has_min) = match dtype {
             GgmlDType::Q4_0 => (2 + BLOCK / 2, false),
             GgmlDType::Q4_1 => (4 + BLOCK / 2, true),
             _ => return Ok(None),
         };
-        let (out, inp) = q.shape().dims2()?;
         if !inp.is_multiple_of(BLOCK) {
             return Ok(None);
         }
-        let data = q.data()?;
         let nb = inp / BLOCK;
-        if data.len() != out * nb * block_bytes {
+        if Some(data.len()) != out.checked_mul(nb * block_bytes) {
             return Err(Error::Weights(format!(
-                "{:?} tensor ({out}, {inp}) holds {} bytes, expected {}",
-                q.dtype(),
+                "{dtype:?} tensor ({out}, {inp}) holds {} bytes, expected {}",
                 data.len(),
-                out * nb * block_bytes
+                out.saturating_mul(nb * block_bytes)
             )));
         }
         let half = |at: usize| f16::from_le_bytes([data[at], data[at + 1]]).to_f32();
@@ -258,6 +266,22 @@ impl CodeMatrix {
             mat.set_block(i / nb, i % nb, &codes, d, m);
         }
         Ok(Some(mat))
+    }
+
+    /// Weight row `j` (output feature `j`) as f32 `d·q + m`, into `out` (`inp` values): a
+    /// tied embedding's lookup. Exactly GGML's dequantization for Q4_0/Q4_1 codes.
+    pub(crate) fn row_into(&self, j: usize, out: &mut [f32]) {
+        let nb = self.inp / BLOCK;
+        let (p, c) = (j / PANEL, j % PANEL);
+        for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate().take(nb) {
+            let at = (p * nb + b) * PANEL + c;
+            let (d, m) = (self.d[at], self.m[at]);
+            let base = (p * nb + b) * PANEL_BLOCK;
+            for (k, v) in dst.iter_mut().enumerate() {
+                let q = self.codes[base + ((k / GROUP) * PANEL + c) * GROUP + k % GROUP];
+                *v = d * f32::from(q) + m;
+            }
+        }
     }
 
     pub(crate) fn out_features(&self) -> usize {
@@ -636,6 +660,12 @@ mod tests {
             }
             // Only the activations are quantized (measured 0.014).
             check(&m, &deq, 0.02);
+            // A tied embedding's rows are exactly GGML's dequantization.
+            let mut row = vec![0f32; inp];
+            for j in [0, 17, out - 1] {
+                m.row_into(j, &mut row);
+                assert_eq!(row, deq[j * inp..(j + 1) * inp], "{dtype:?} row {j}");
+            }
         }
         let q8 = QTensor::quantize(&t, GgmlDType::Q8_0)?;
         assert!(CodeMatrix::from_q4(&q8)?.is_none());

@@ -80,17 +80,9 @@ impl LlamaModel {
         let total = ids.len();
         let eps = cfg.rms_eps as f32;
 
-        let embed = HostView::new(&self.embed)?;
-        let embed = embed.slice()?;
-        let mut x = vec![0f32; total * hidden];
-        for (row, &id) in x.chunks_exact_mut(hidden).zip(ids) {
-            let id = id as usize;
-            let src = embed
-                .get(id * hidden..(id + 1) * hidden)
-                .ok_or_else(|| Error::Weights(format!("token {id} has no embedding row")))?;
-            row.copy_from_slice(src);
-        }
-        let (cos, sin) = (HostView::new(&self.cos)?, HostView::new(&self.sin)?);
+        let mut x = self.embed.rows_host(ids, hidden, &self.lm_head)?;
+        let (cos, sin) = self.rope_tables()?;
+        let (cos, sin) = (HostView::new(&cos)?, HostView::new(&sin)?);
         let rope = Rope {
             cos: cos.slice()?,
             sin: sin.slice()?,

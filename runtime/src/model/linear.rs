@@ -89,7 +89,95 @@ fn auto_cpu(w: Tensor) -> Result<Linear> {
     })
 }
 
+/// A GGUF tensor's bytes as a candle tensor (one copy, on the CPU; then moved to `device`).
+pub(crate) fn qtensor_from_bytes(
+    dtype: GgmlDType,
+    dims: &[usize],
+    data: &[u8],
+    device: &Device,
+) -> Result<QTensor> {
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        data,
+        dims.to_vec(),
+        device,
+    )?)
+}
+
 impl Linear {
+    /// From a GGUF tensor's bytes, `(out, inp)` of `dtype` (sizes checked by the caller). The
+    /// `auto` form on the CPU reads Q4_0/Q4_1 codes and Q8_0 values straight from the bytes,
+    /// with no intermediate copy.
+    pub(crate) fn from_gguf_bytes(
+        dtype: GgmlDType,
+        (out, inp): (usize, usize),
+        data: &[u8],
+        form: WeightForm,
+        device: &Device,
+    ) -> Result<Self> {
+        if form == WeightForm::Auto && device.is_cpu() {
+            if CodeMatrix::is_fast_for(inp) {
+                if let Some(c) = CodeMatrix::from_q4_bytes(dtype, data, out, inp)? {
+                    return Ok(Self::Quant(Quantized::Codes(c)));
+                }
+            }
+            // Q8_0 (often the embedding and output projection) keeps its 8-bit values on the
+            // int8 kernel rather than losing a bit to 7-bit codes.
+            if dtype == GgmlDType::Q8_0 && Q8Matrix::is_fast_for(inp) {
+                if let Some(m) = Q8Matrix::from_q8_0_bytes(data, out, inp)? {
+                    return Ok(Self::Quant(Quantized::Int8(m)));
+                }
+            }
+        }
+        Self::from_qtensor(
+            qtensor_from_bytes(dtype, &[out, inp], data, device)?,
+            form,
+            device,
+        )
+    }
+
+    /// Weight row `j` (the output feature `j`, `in` values) as f32, into `out`: a tied
+    /// embedding's lookup.
+    pub(crate) fn row_into(&self, j: usize, out: &mut [f32]) -> Result<()> {
+        let rows = match self {
+            Self::Quant(Quantized::Int8(m)) => m.out_features(),
+            Self::Quant(Quantized::Codes(m)) => m.out_features(),
+            Self::Quant(Quantized::Candle(QMatMul::QTensor(q))) => q.shape().dims2()?.0,
+            Self::Quant(Quantized::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)))
+            | Self::Dense(t) => t.dim(0)?,
+        };
+        if j >= rows {
+            return Err(Error::Weights(format!("token {j} has no embedding row")));
+        }
+        match self {
+            Self::Quant(Quantized::Int8(m)) => m.row_into(j, out),
+            Self::Quant(Quantized::Codes(m)) => m.row_into(j, out),
+            Self::Quant(Quantized::Candle(QMatMul::QTensor(q))) => {
+                let data = q.data()?;
+                let size = super::embed::row_bytes(q.dtype(), out.len());
+                let row = data
+                    .get(j * size..(j + 1) * size)
+                    .ok_or_else(|| Error::Weights(format!("token {j} has no embedding row")))?;
+                let t = qtensor_from_bytes(q.dtype(), &[1, out.len()], row, &Device::Cpu)?;
+                let v = t
+                    .dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                out.copy_from_slice(&v);
+            }
+            Self::Quant(Quantized::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)))
+            | Self::Dense(t) => {
+                let v = t
+                    .get(j)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?
+                    .to_vec1::<f32>()?;
+                out.copy_from_slice(&v);
+            }
+        }
+        Ok(())
+    }
+
     /// From a GGUF tensor.
     pub(crate) fn from_qtensor(q: QTensor, form: WeightForm, device: &Device) -> Result<Self> {
         Ok(match form {

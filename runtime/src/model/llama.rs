@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::{rms_norm, silu, softmax_last_dim};
 use candle_nn::rotary_emb::{rope, rope_i};
 
+use std::sync::OnceLock;
+
+use super::embed::Embedding;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::rope::rope_tables;
@@ -34,14 +37,14 @@ pub(crate) struct Block {
 #[derive(Debug)]
 pub struct LlamaModel {
     pub(crate) config: LlamaConfig,
-    /// `(vocab, hidden)` f32 lookup table.
-    pub(crate) embed: Tensor,
+    /// The token embedding (its own table, or the output projection's rows when tied).
+    pub(crate) embed: Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Linear,
-    /// `(context, head_dim / 2)` RoPE tables.
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
+    /// `(context, head_dim / 2)` RoPE cos and sin tables, built at the first step for the
+    /// context then served (a 128k declared context costs nothing until it is served).
+    pub(crate) rope: OnceLock<std::result::Result<(Tensor, Tensor), String>>,
     pub(crate) device: Device,
     pub(crate) form: WeightForm,
     pub(crate) kv_dtype: DType,
@@ -59,6 +62,19 @@ pub struct SeqStep<'a> {
 impl LlamaModel {
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// The RoPE `(cos, sin)` tables of the context served, built on first use.
+    pub(crate) fn rope_tables(&self) -> Result<(Tensor, Tensor)> {
+        self.rope
+            .get_or_init(|| rope_tables(&self.config, &self.device).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(Error::Weights)
+    }
+
+    /// Bytes of the embedding table held apart from the output projection (0 when tied).
+    pub fn embedding_bytes(&self) -> usize {
+        self.embed.own_bytes()
     }
 
     pub fn device(&self) -> &Device {
@@ -91,9 +107,7 @@ impl LlamaModel {
         }
         if tokens < self.config.context_length {
             self.config.context_length = tokens;
-            let (cos, sin) = rope_tables(&self.config, &self.device)?;
-            self.cos = cos;
-            self.sin = sin;
+            self.rope = OnceLock::new();
         }
         Ok(())
     }
@@ -164,11 +178,13 @@ impl LlamaModel {
             // waking the whole pool and then this thread (≈ 150 matmuls per step).
             return rayon::scope(|_| self.forward_host(batch, &ids, &positions, &spans));
         }
-        let ids = Tensor::from_vec(ids, total, &self.device)?;
         let positions = Tensor::from_vec(positions, total, &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let (cos, sin) = self.rope_tables()?;
+        let cos = cos.index_select(&positions, 0)?;
+        let sin = sin.index_select(&positions, 0)?;
+        let mut x = self
+            .embed
+            .rows(&ids, cfg.hidden_size, &self.lm_head, &self.device)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
             let attn = self.attention(layer, block, &h, &cos, &sin, batch, &spans)?;

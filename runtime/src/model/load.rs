@@ -5,19 +5,22 @@
 //! layout, so each source picks its RoPE variant instead of permuting weights. A missing
 //! tensor or key is an error naming it.
 
-use std::io::{Read, Seek};
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::linear::Linear;
+use super::embed::{packs, Embedding};
+use super::linear::{qtensor_from_bytes, Linear};
 use super::llama::{Block, LlamaModel};
-use super::rope::rope_tables;
 use super::{LlamaConfig, RopeScaling, WeightForm};
-use crate::{Error, Result};
+use crate::{gguf, Error, Result};
 
 fn kv_dtype(device: &Device) -> DType {
     if device.is_cpu() {
@@ -27,11 +30,167 @@ fn kv_dtype(device: &Device) -> DType {
     }
 }
 
+/// A tensor's bytes: mapped from the file (unmapped when dropped, so the pages leave the
+/// process as soon as the weights are converted) or read into memory.
+enum TensorBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for TensorBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m,
+            Self::Owned(v) => v,
+        }
+    }
+}
+
+/// Where the bytes of a GGUF file's tensors come from.
+trait TensorSource {
+    fn bytes(&mut self, range: Range<u64>) -> Result<TensorBytes>;
+    fn size(&mut self) -> Result<u64>;
+}
+
+/// Any reader: each tensor read into memory.
+struct ReadSource<'a, R>(&'a mut R);
+
+impl<R: Read + Seek> TensorSource for ReadSource<'_, R> {
+    fn bytes(&mut self, range: Range<u64>) -> Result<TensorBytes> {
+        let len = usize::try_from(range.end - range.start)
+            .map_err(|_| Error::Weights("a tensor is larger than memory".into()))?;
+        let mut buf = vec![0u8; len];
+        self.0
+            .seek(SeekFrom::Start(range.start))
+            .and_then(|_| self.0.read_exact(&mut buf))
+            .map_err(|e| Error::Weights(format!("reading tensor bytes {range:?}: {e}")))?;
+        Ok(TensorBytes::Owned(buf))
+    }
+
+    fn size(&mut self) -> Result<u64> {
+        self.0
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::Weights(format!("cannot size the GGUF file: {e}")))
+    }
+}
+
+/// A file: each tensor mapped on its own, read-only.
+struct MapSource<'a>(&'a std::fs::File);
+
+impl TensorSource for MapSource<'_> {
+    fn bytes(&mut self, range: Range<u64>) -> Result<TensorBytes> {
+        let len = usize::try_from(range.end - range.start)
+            .map_err(|_| Error::Weights("a tensor is larger than memory".into()))?;
+        if len == 0 {
+            return Ok(TensorBytes::Owned(Vec::new()));
+        }
+        // SAFETY: a read-only private mapping of a range checked to be inside the file. The
+        // file must not be truncated while the model loads (as for every mapped model file);
+        // the mapping lives only until this tensor is converted.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(range.start)
+                .len(len)
+                .populate()
+                .map(self.0)
+        }
+        .map_err(|e| Error::Weights(format!("cannot map tensor bytes {range:?}: {e}")))?;
+        Ok(TensorBytes::Mapped(map))
+    }
+
+    fn size(&mut self) -> Result<u64> {
+        Ok(self
+            .0
+            .metadata()
+            .map_err(|e| Error::Weights(format!("cannot size the GGUF file: {e}")))?
+            .len())
+    }
+}
+
+/// The tensors of a GGUF file, each checked against the shape the model expects before any
+/// byte of it is read.
+struct GgufTensors<'a, S> {
+    content: &'a Content,
+    source: S,
+    file_size: u64,
+}
+
+impl<S: TensorSource> GgufTensors<'_, S> {
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::Weights(format!("tensor `{name}` is missing")))
+    }
+
+    /// The dtype and bytes of `name`, which must have dimensions `dims` (outermost first).
+    fn bytes(&mut self, name: &str, dims: &[usize]) -> Result<(GgmlDType, TensorBytes)> {
+        let info = self.info(name)?;
+        if info.shape.dims() != dims {
+            return Err(Error::Weights(format!(
+                "tensor `{name}` has shape {:?}, the model's configuration needs {dims:?}",
+                info.shape.dims()
+            )));
+        }
+        let dtype = info.ggml_dtype;
+        let range = gguf::tensor_range(name, info, self.content.tensor_data_offset, self.file_size)
+            .map_err(Error::Weights)?;
+        Ok((dtype, self.source.bytes(range)?))
+    }
+
+    /// An f32 vector (norm weights, RoPE divisors).
+    fn vector(&mut self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
+        let (dtype, bytes) = self.bytes(name, &[len])?;
+        Ok(qtensor_from_bytes(dtype, &[len], &bytes, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .to_device(device)?)
+    }
+
+    /// A projection `(out, inp)` in the chosen form.
+    fn linear(
+        &mut self,
+        name: &str,
+        shape: (usize, usize),
+        form: WeightForm,
+        device: &Device,
+    ) -> Result<Linear> {
+        let (dtype, bytes) = self.bytes(name, &[shape.0, shape.1])?;
+        Linear::from_gguf_bytes(dtype, shape, &bytes, form, device)
+            .map_err(|e| Error::Weights(format!("tensor `{name}`: {e}")))
+    }
+}
+
 impl LlamaModel {
-    /// Loads a GGUF model (`general.architecture = "llama"`).
+    /// Loads a GGUF model (`general.architecture = "llama"`), reading each tensor from
+    /// `reader`.
     pub fn from_gguf<R: Read + Seek>(
         content: &Content,
         reader: &mut R,
+        device: &Device,
+        form: WeightForm,
+        context_override: Option<usize>,
+    ) -> Result<Self> {
+        Self::from_gguf_source(content, ReadSource(reader), device, form, context_override)
+    }
+
+    /// Loads a GGUF model from its file, mapping each tensor's bytes only while it is
+    /// converted: the weights are copied once, into the form they are served in, and the
+    /// file's pages are not kept in the process.
+    pub fn from_gguf_file(
+        content: &Content,
+        file: &std::fs::File,
+        device: &Device,
+        form: WeightForm,
+        context_override: Option<usize>,
+    ) -> Result<Self> {
+        Self::from_gguf_source(content, MapSource(file), device, form, context_override)
+    }
+
+    fn from_gguf_source<S: TensorSource>(
+        content: &Content,
+        mut source: S,
         device: &Device,
         form: WeightForm,
         context_override: Option<usize>,
@@ -70,10 +229,25 @@ impl LlamaModel {
             .tensor_infos
             .get("token_embd.weight")
             .ok_or_else(|| Error::Weights("tensor `token_embd.weight` is missing".into()))?;
-        let vocab_size = num("llama.vocab_size").unwrap_or(embd_info.shape.dims()[0]);
+        let vocab_size = match num("llama.vocab_size") {
+            Ok(v) => v,
+            Err(_) => match embd_info.shape.dims() {
+                [vocab, _] => *vocab,
+                dims => {
+                    return Err(Error::Weights(format!(
+                        "tensor `token_embd.weight` has shape {dims:?}, not (vocab, hidden)"
+                    )))
+                }
+            },
+        };
         let model_context = num("llama.context_length")?;
         let rope_theta = float("llama.rope.freq_base").unwrap_or(10_000.0);
-        let rope_scaling = gguf_rope_scaling(content, reader, head_dim)?;
+        let file_size = source.size()?;
+        let mut tensors = GgufTensors {
+            content,
+            source,
+            file_size,
+        };
         let config = LlamaConfig {
             vocab_size,
             hidden_size,
@@ -86,43 +260,66 @@ impl LlamaModel {
             rms_eps: f64::from(float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5)),
             context_length: context_override.map_or(model_context, |c| c.min(model_context)),
             rope_interleaved: true,
-            rope_scaling,
+            rope_scaling: RopeScaling::default(),
         };
         validate(&config)?;
-
-        let mut tensor = |name: &str| {
-            if !content.tensor_infos.contains_key(name) {
-                return Err(Error::Weights(format!("tensor `{name}` is missing")));
-            }
-            content
-                .tensor(reader, name, device)
-                .map_err(|e| Error::Weights(format!("tensor `{name}`: {e}")))
+        // Each block has 9 tensors: a count the file cannot back is refused before anything
+        // is sized by it.
+        if config.n_layers.saturating_mul(9) > content.tensor_infos.len() {
+            return Err(Error::Weights(format!(
+                "llama.block_count is {}, but the file has only {} tensors",
+                config.n_layers,
+                content.tensor_infos.len()
+            )));
+        }
+        let rope_scaling = gguf_rope_scaling(content, &mut tensors, head_dim)?;
+        let config = LlamaConfig {
+            rope_scaling,
+            ..config
         };
+        let (vocab, hidden, ffn) = (config.vocab_size, config.hidden_size, config.ffn_size);
+        let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
         let resolved = resolve_form(form, device);
-        let embed_q = tensor("token_embd.weight")?;
-        let embed = embed_q.dequantize(device)?;
-        let lm_head = if content.tensor_infos.contains_key("output.weight") {
-            Linear::from_qtensor(tensor("output.weight")?, resolved, device)?
+        // The largest tensors first, while little else is resident.
+        let tied = !content.tensor_infos.contains_key("output.weight");
+        let (lm_head, embed) = if tied {
+            // Tied embeddings: the embedding matrix is the output projection, and its rows
+            // are looked up there.
+            let head = tensors.linear("token_embd.weight", (vocab, hidden), resolved, device)?;
+            (head, Embedding::Tied)
         } else {
-            // Tied embeddings: the embedding matrix is the output projection.
-            Linear::from_qtensor(embed_q, resolved, device)?
+            let head = tensors.linear("output.weight", (vocab, hidden), resolved, device)?;
+            let (dtype, bytes) = tensors.bytes("token_embd.weight", &[vocab, hidden])?;
+            let embed = if device.is_cpu() && packs(dtype) {
+                Embedding::Packed {
+                    dtype,
+                    hidden,
+                    data: bytes.to_vec(),
+                }
+            } else {
+                Embedding::Dense(
+                    qtensor_from_bytes(dtype, &[vocab, hidden], &bytes, device)?
+                        .dequantize(device)?,
+                )
+            };
+            (head, embed)
         };
-        let norm = tensor("output_norm.weight")?.dequantize(device)?;
+        let norm = tensors.vector("output_norm.weight", hidden, device)?;
         let mut blocks = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
-            let mut linear = |name: &str| -> Result<Linear> {
-                Linear::from_qtensor(tensor(&format!("blk.{i}.{name}.weight"))?, resolved, device)
+            let mut linear = |name: &str, shape: (usize, usize)| -> Result<Linear> {
+                tensors.linear(&format!("blk.{i}.{name}.weight"), shape, resolved, device)
             };
-            let wq = linear("attn_q")?;
-            let wk = linear("attn_k")?;
-            let wv = linear("attn_v")?;
-            let wo = linear("attn_output")?;
-            let w_gate = linear("ffn_gate")?;
-            let w_up = linear("ffn_up")?;
-            let w_down = linear("ffn_down")?;
+            let wq = linear("attn_q", (q_dim, hidden))?;
+            let wk = linear("attn_k", (kv_dim, hidden))?;
+            let wv = linear("attn_v", (kv_dim, hidden))?;
+            let wo = linear("attn_output", (hidden, q_dim))?;
+            let w_gate = linear("ffn_gate", (ffn, hidden))?;
+            let w_up = linear("ffn_up", (ffn, hidden))?;
+            let w_down = linear("ffn_down", (hidden, ffn))?;
             blocks.push(Block {
-                attn_norm: tensor(&format!("blk.{i}.attn_norm.weight"))?.dequantize(device)?,
-                ffn_norm: tensor(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(device)?,
+                attn_norm: tensors.vector(&format!("blk.{i}.attn_norm.weight"), hidden, device)?,
+                ffn_norm: tensors.vector(&format!("blk.{i}.ffn_norm.weight"), hidden, device)?,
                 wq,
                 wk,
                 wv,
@@ -132,15 +329,13 @@ impl LlamaModel {
                 w_down,
             });
         }
-        let (cos, sin) = rope_tables(&config, device)?;
         Ok(Self {
             config,
             embed,
             blocks,
             norm,
             lm_head,
-            cos,
-            sin,
+            rope: OnceLock::new(),
             device: device.clone(),
             form: resolved,
             kv_dtype: kv_dtype(device),
@@ -233,15 +428,13 @@ impl LlamaModel {
                 w_down: linear("mlp.down_proj")?,
             });
         }
-        let (cos, sin) = rope_tables(&config, device)?;
         Ok(Self {
-            embed: embed.to_dtype(DType::F32)?,
+            embed: Embedding::Dense(embed.to_dtype(DType::F32)?),
             norm: f32_of("model.norm.weight")?,
             config,
             blocks,
             lm_head,
-            cos,
-            sin,
+            rope: OnceLock::new(),
             device: device.clone(),
             form: resolved,
             kv_dtype: kv_dtype(device),
@@ -252,9 +445,9 @@ impl LlamaModel {
 /// The RoPE scaling a GGUF file declares: `llama.rope.scaling.type` (`none` or `linear`, with
 /// `llama.rope.scaling.factor`; older files: `llama.rope.scale_linear`) and the per-pair
 /// frequency divisors of the tensor `rope_freqs.weight` (Llama 3.1+ conversions).
-fn gguf_rope_scaling<R: Read + Seek>(
+fn gguf_rope_scaling<S: TensorSource>(
     content: &Content,
-    reader: &mut R,
+    tensors: &mut GgufTensors<'_, S>,
     head_dim: usize,
 ) -> Result<RopeScaling> {
     let md = |key: &str| content.metadata.get(key);
@@ -273,12 +466,9 @@ fn gguf_rope_scaling<R: Read + Seek>(
         })
         .transpose()?;
     let divisors = if content.tensor_infos.contains_key("rope_freqs.weight") {
-        let t = content
-            .tensor(reader, "rope_freqs.weight", &Device::Cpu)
-            .map_err(|e| Error::Weights(format!("tensor `rope_freqs.weight`: {e}")))?;
         Some(
-            t.dequantize(&Device::Cpu)?
-                .flatten_all()?
+            tensors
+                .vector("rope_freqs.weight", head_dim / 2, &Device::Cpu)?
                 .to_vec1::<f32>()?,
         )
     } else {
@@ -303,7 +493,10 @@ fn validate(c: &LlamaConfig) -> Result<()> {
             c.n_heads, c.n_kv_heads
         ));
     }
-    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) || c.n_heads * c.head_dim != c.hidden_size {
+    if c.head_dim == 0
+        || !c.head_dim.is_multiple_of(2)
+        || c.n_heads.checked_mul(c.head_dim) != Some(c.hidden_size)
+    {
         return bad(format!(
             "head dim {} with {} heads does not match hidden size {}",
             c.head_dim, c.n_heads, c.hidden_size

@@ -9,6 +9,7 @@
 
 mod codes;
 pub mod cpu;
+mod embed;
 mod host;
 mod kv_cache;
 mod linear;

@@ -15,7 +15,10 @@
 
 use rayon::prelude::*;
 
+use half::f16;
+
 use super::cpu::CpuKernels;
+use crate::{Error, Result};
 
 /// Values per quantization block.
 pub(crate) const BLOCK: usize = 32;
@@ -140,6 +143,54 @@ impl Q8Matrix {
             inp,
             qs: q.qs,
             scales: q.scales,
+        }
+    }
+
+    /// A GGUF Q8_0 tensor `(out, inp)` as stored (blocks of an f16 scale and 32 int8 values):
+    /// the same values, with the scales widened to f32. `None` when `inp` is not a multiple
+    /// of the block size.
+    pub(crate) fn from_q8_0_bytes(data: &[u8], out: usize, inp: usize) -> Result<Option<Self>> {
+        const BLOCK_BYTES: usize = 2 + BLOCK;
+        if !inp.is_multiple_of(BLOCK) {
+            return Ok(None);
+        }
+        let blocks = out
+            .checked_mul(inp / BLOCK)
+            .filter(|b| b.checked_mul(BLOCK_BYTES) == Some(data.len()))
+            .ok_or_else(|| {
+                Error::Weights(format!(
+                    "Q8_0 tensor ({out}, {inp}) holds {} bytes, expected {}",
+                    data.len(),
+                    out.saturating_mul(inp / BLOCK).saturating_mul(BLOCK_BYTES)
+                ))
+            })?;
+        let mut qs = Vec::with_capacity(blocks * BLOCK);
+        let mut scales = Vec::with_capacity(blocks);
+        for block in data.chunks_exact(BLOCK_BYTES) {
+            scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
+            qs.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Ok(Some(Self {
+            out,
+            inp,
+            qs,
+            scales,
+        }))
+    }
+
+    /// Weight row `j` as f32 (`q · d`, GGML's dequantization), into `out` (`inp` values): a
+    /// tied embedding's lookup.
+    pub(crate) fn row_into(&self, j: usize, out: &mut [f32]) {
+        let nb = self.inp / BLOCK;
+        let qs = &self.qs[j * self.inp..(j + 1) * self.inp];
+        for ((dst, src), &d) in out
+            .chunks_exact_mut(BLOCK)
+            .zip(qs.chunks_exact(BLOCK))
+            .zip(&self.scales[j * nb..(j + 1) * nb])
+        {
+            for (v, &q) in dst.iter_mut().zip(src) {
+                *v = f32::from(q) * d;
+            }
         }
     }
 
@@ -358,6 +409,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A Q8_0 tensor keeps its stored values: its rows are candle's dequantization exactly,
+    /// and a wrong byte count is an error, not a panic.
+    #[test]
+    fn q8_0_tensors_are_read_exactly() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let (out, inp) = (40, 96);
+        let w = pseudo_random(out * inp, 5);
+        let t = Tensor::from_slice(&w, (out, inp), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let data = q.data().unwrap();
+        let m = Q8Matrix::from_q8_0_bytes(&data, out, inp).unwrap().unwrap();
+        let mut row = vec![0f32; inp];
+        for j in 0..out {
+            m.row_into(j, &mut row);
+            assert_eq!(row, deq[j * inp..(j + 1) * inp], "row {j}");
+        }
+        assert!(Q8Matrix::from_q8_0_bytes(&data[1..], out, inp).is_err());
+        assert!(Q8Matrix::from_q8_0_bytes(&data, usize::MAX, inp).is_err());
+        assert!(Q8Matrix::from_q8_0_bytes(&data, out, 33).unwrap().is_none());
     }
 
     #[test]
