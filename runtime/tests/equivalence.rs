@@ -41,9 +41,9 @@ const REFERENCE_TOL: f32 = 1e-4;
 /// next-token *distributions*, as llama.cpp's KL-divergence checks do, which does not depend on
 /// how one machine's kernels happen to round: the KL divergence `KL(P_reference ‖ P_ours)`
 /// (nats) averaged over a comparison's steps must stay under [`KL_MEAN_TOL`], no single step
-/// may exceed [`KL_MAX_TOL`], and our top-1 token must be the reference's, or a near-tie of
-/// it: a token whose reference logit is within [`TIE_MARGIN`] of the reference's best (noise
-/// may reorder near-ties, whether two or three tokens are involved).
+/// may exceed [`KL_MAX_TOL`], and the top-1 token must agree unless the reference's top two
+/// logits are within [`TOP2_MARGIN`] (a near-tie, which noise may swap; ours must then be the
+/// reference's second).
 ///
 /// Where the noise comes from: Tollgate keeps weight and activation block scales in f32 where
 /// candle rounds them to f16 (relative 5e-4 per block); decode-step attention matmuls round
@@ -56,9 +56,8 @@ const REFERENCE_TOL: f32 = 1e-4;
 ///
 /// Measured on an AVX-512 machine (Zen 4; prompts of 1/7/33/130 tokens, the prefill and 5
 /// decode steps each, 24 steps): the host path on Q8_0 weights vs quantized_llama on the same
-/// Q8_0 weights, mean KL 1.8e-2, worst step 5.0e-2 with an f32 KV cache and 6.6e-2 with the
-/// f16 one (the 2-token context, whose next-token distribution is flat; the mean did not
-/// move); `Auto` vs quantized_llama on the file's weights, mean 5.3e-3, worst
+/// Q8_0 weights, mean KL 1.8e-2, worst step 5.0e-2 (the 2-token context, whose next-token
+/// distribution is flat); `Auto` vs quantized_llama on the file's weights, mean 5.3e-3, worst
 /// 1.5e-2; quantized_llama against itself at long-context decode (same kernels, different
 /// gemm blocking) worst 6.3e-3. The defect of [`criterion_catches_a_rope_off_by_one`] (every
 /// decoded token rotated one position too far, the subtlest RoPE bug) gives a mean of 8.0e-2
@@ -70,11 +69,9 @@ const KL_MEAN_TOL: f64 = 0.04;
 /// Largest KL divergence of any single step (see [`KL_MEAN_TOL`]).
 const KL_MAX_TOL: f64 = 0.15;
 
-/// Reference logit gap from its best token under which our different top-1 counts as a
-/// near-tie (see [`KL_MEAN_TOL`]). Observed swaps with the reference's second at gaps of 8e-3
-/// to 8e-2, and (f16 KV cache) a pick of the reference's third at 0.10 where its top three were
-/// within 0.10.
-const TIE_MARGIN: f32 = 0.5;
+/// Reference top-two logit gap under which a swapped top-1 counts as a near-tie (see
+/// [`KL_MEAN_TOL`]). Observed swaps at gaps of 8e-3 to 8e-2.
+const TOP2_MARGIN: f32 = 0.5;
 
 /// Max abs logit difference allowed between the same sequence run alone and inside a ragged
 /// batch / in prefill chunks. Observed: 0 (bit-identical) for both on the dev machine: each row
@@ -350,16 +347,28 @@ fn kl_divergence(ours: &[f32], reference: &[f32]) -> f64 {
     p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum()
 }
 
+/// The reference's best and second-best tokens.
+fn top2(v: &[f32]) -> (usize, usize) {
+    let first = argmax(v) as usize;
+    let mut second = usize::from(first == 0);
+    for (i, &x) in v.iter().enumerate() {
+        if i != first && x > v[second] {
+            second = i;
+        }
+    }
+    (first, second)
+}
+
 /// The per-step part of the criterion of [`KL_MEAN_TOL`]: the KL divergence of `ours` from
-/// `reference` is under [`KL_MAX_TOL`] and our top-1 token is the reference's, or one whose
-/// reference logit is within [`TIE_MARGIN`] of the reference's best. Returns the KL divergence.
+/// `reference` is under [`KL_MAX_TOL`] and the top-1 tokens agree, or the reference's top two
+/// are within [`TOP2_MARGIN`] and ours is its second. Returns the KL divergence.
 fn assert_same_distribution(what: &str, ours: &[f32], reference: &[f32]) -> f64 {
     let kl = kl_divergence(ours, reference);
     let pick = argmax(ours) as usize;
-    let first = argmax(reference) as usize;
-    let gap = reference[first] - reference[pick];
+    let (first, second) = top2(reference);
+    let margin = reference[first] - reference[second];
     println!(
-        "{what}: KL {kl:.3e}, max |diff| {:.3e}, top-1 {pick} vs {first} (reference gap {gap:.3e})",
+        "{what}: KL {kl:.3e}, max |diff| {:.3e}, top-1 {pick} vs {first} (reference top-2 gap {margin:.3e})",
         max_abs_diff(ours, reference)
     );
     assert!(
@@ -367,8 +376,8 @@ fn assert_same_distribution(what: &str, ours: &[f32], reference: &[f32]) -> f64 
         "{what}: KL divergence {kl} >= {KL_MAX_TOL}"
     );
     assert!(
-        gap < TIE_MARGIN,
-        "{what}: top-1 {pick} vs the reference's {first}, whose logit is {gap} higher"
+        pick == first || (pick == second && margin < TOP2_MARGIN),
+        "{what}: top-1 {pick} vs the reference's {first} (its second {second}, gap {margin})"
     );
     kl
 }

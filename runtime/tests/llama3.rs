@@ -588,8 +588,7 @@ fn a_128k_context_fits_the_kv_budget_and_longer_requests_are_refused() {
     let model = load_gguf(&built.gguf, WeightForm::Auto);
     assert_eq!(model.config().context_length, CONTEXT);
     let per_token = model.kv_bytes_per_token();
-    // Keys and values, f16 on the CPU forward path.
-    assert_eq!(per_token, 2 * LAYERS * KV_HEADS * HEAD_DIM * 2);
+    assert_eq!(per_token, 2 * LAYERS * KV_HEADS * HEAD_DIM * 4);
     let budget = 1024 * per_token;
     let config = EngineConfig {
         kv_cache_bytes: budget,

@@ -13,7 +13,6 @@
 //! ([`super::llama`]) used on other devices and for other weight forms.
 
 use candle_core::{Storage, StorageRef, Tensor};
-use half::f16;
 use rayon::prelude::*;
 
 use super::linear::Linear;
@@ -125,7 +124,7 @@ impl LlamaModel {
                 let rows = start * kv_dim..(start + len) * kv_dim;
                 step.cache.append_host(layer, &k[rows.clone()], &v[rows])?;
             }
-            let kv: Vec<(&[f16], &[f16])> = batch
+            let kv: Vec<(&[f32], &[f32])> = batch
                 .iter()
                 .map(|s| s.cache.host_layer(layer))
                 .collect::<Result<_>>()?;
@@ -318,8 +317,8 @@ impl AttnShape {
     pub(crate) fn attend_partial(
         &self,
         q: &[f32],
-        keys: &[f16],
-        values: &[f16],
+        keys: &[f32],
+        values: &[f32],
         kv_head: usize,
         range: std::ops::Range<usize>,
         part: &mut [f32],
@@ -379,8 +378,6 @@ mod simd {
     /// Lanes of the independent accumulators.
     const LANES: usize = 8;
 
-    use half::f16;
-
     use super::super::cpu::CpuKernels;
 
     /// `fn name(args)` runs `imp` on the selected kernel path; `fn on(kernels, args)` on a
@@ -434,8 +431,8 @@ mod simd {
         fn attend_partial / attend_partial_on(
             shape: super::AttnShape,
             q: &[f32],
-            keys: &[f16],
-            values: &[f16],
+            keys: &[f32],
+            values: &[f32],
             kv_head: usize,
             range: std::ops::Range<usize>,
             scratch: &mut [f32],
@@ -450,8 +447,8 @@ mod simd {
     fn attend_partial_imp(
         shape: super::AttnShape,
         q: &[f32],
-        keys: &[f16],
-        values: &[f16],
+        keys: &[f32],
+        values: &[f32],
         kv_head: usize,
         range: std::ops::Range<usize>,
         scratch: &mut [f32],
@@ -499,65 +496,12 @@ mod simd {
         }
     }
 
-    /// `rows` rows of `src`, `stride` apart, `cols` wide from column `col`, widened to f32
-    /// into `dst` (packed). f16 → f32 is exact, so every path gives the same values; F16C
-    /// converts eight at a time where the CPU has it.
+    /// `rows` rows of `src`, `stride` apart, `cols` wide from column `col`, packed into `dst`
+    /// (a chunk of one KV head's keys or values, contiguous for the dot products).
     #[inline(always)]
-    fn widen(src: &[f16], stride: usize, col: usize, cols: usize, rows: usize, dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if CpuKernels::selected().has_avx2() {
-                // SAFETY: the selected path's CPU has F16C (the AVX2 paths require it).
-                unsafe { widen_f16c(src, stride, col, cols, rows, dst) };
-                return;
-            }
-        }
+    fn widen(src: &[f32], stride: usize, col: usize, cols: usize, rows: usize, dst: &mut [f32]) {
         for (r, out) in dst.chunks_exact_mut(cols).take(rows).enumerate() {
-            let row = &src[r * stride + col..][..cols];
-            for (o, &h) in out.iter_mut().zip(row) {
-                *o = h.to_f32();
-            }
-        }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn widen_for_test(
-        src: &[f16],
-        stride: usize,
-        col: usize,
-        cols: usize,
-        rows: usize,
-        dst: &mut [f32],
-    ) {
-        widen(src, stride, col, cols, rows, dst);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx,f16c")]
-    unsafe fn widen_f16c(
-        src: &[f16],
-        stride: usize,
-        col: usize,
-        cols: usize,
-        rows: usize,
-        dst: &mut [f32],
-    ) {
-        use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
-        for (r, out) in dst.chunks_exact_mut(cols).take(rows).enumerate() {
-            let row = &src[r * stride + col..][..cols];
-            let mut ins = row.chunks_exact(8);
-            let mut outs = out.chunks_exact_mut(8);
-            for (i, o) in (&mut ins).zip(&mut outs) {
-                // SAFETY: `i` is 8 f16 (16 bytes) and `o` 8 f32, both in bounds; unaligned
-                // loads and stores.
-                unsafe {
-                    let h = _mm_loadu_si128(i.as_ptr().cast::<__m128i>());
-                    _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
-                }
-            }
-            for (o, &h) in outs.into_remainder().iter_mut().zip(ins.remainder()) {
-                *o = h.to_f32();
-            }
+            out.copy_from_slice(&src[r * stride + col..][..cols]);
         }
     }
 
@@ -684,8 +628,8 @@ mod tests {
                 );
                 // One KV head's group of query heads over `n` cached positions.
                 let q = pseudo_random(2 * 16, 3);
-                let keys = halves(&pseudo_random(n * 2 * 16, 4));
-                let values = halves(&pseudo_random(n * 2 * 16, 5));
+                let keys = pseudo_random(n * 2 * 16, 4);
+                let values = pseudo_random(n * 2 * 16, 5);
                 let mut outs = Vec::new();
                 for k in [kernels, CpuKernels::Scalar] {
                     let mut scratch = vec![0f32; CHUNK_KEYS * (16 + 2)];
@@ -792,12 +736,7 @@ mod tests {
         Ok(())
     }
 
-    fn halves(x: &[f32]) -> Vec<f16> {
-        x.iter().map(|&v| f16::from_f32(v)).collect()
-    }
-
-    /// Grouped-query attention against a plain softmax(q·K/√d)·V over the same f16 keys and
-    /// values, for contexts within one chunk, across chunks, and across splits (merged).
+    /// Grouped-query attention against a plain softmax(q·K/√d)·V, for contexts within one chunk, across chunks, and across splits (merged).
     #[test]
     fn attention_matches_plain_softmax() {
         let shape = AttnShape {
@@ -807,12 +746,9 @@ mod tests {
         };
         let tokens = SPLIT_KEYS * 2 + 77;
         let stride = 2 * 16;
-        let keys = halves(&pseudo_random(tokens * stride, 6));
-        let values = halves(&pseudo_random(tokens * stride, 7));
-        let (kf, vf): (Vec<f32>, Vec<f32>) = (
-            keys.iter().map(|h| h.to_f32()).collect(),
-            values.iter().map(|h| h.to_f32()).collect(),
-        );
+        let keys = pseudo_random(tokens * stride, 6);
+        let values = pseudo_random(tokens * stride, 7);
+        let (kf, vf) = (&keys, &values);
         // Four tokens, each seeing its own number of keys (one chunk, several, several
         // splits); their queries for all heads.
         let visible = [1, 20, CHUNK_KEYS * 3 + 5, tokens];
@@ -859,26 +795,6 @@ mod tests {
                         "token {t} head {head} visible {n}: {o} vs {want}"
                     );
                 }
-            }
-        }
-    }
-
-    /// The F16C widening gives the portable conversion's values (f16 → f32 is exact).
-    #[test]
-    fn widening_is_exact_on_every_path() {
-        let src: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
-        let rows = src.len() / 37;
-        let mut fast = vec![0f32; rows * 33];
-        simd::widen_for_test(&src, 37, 2, 33, rows, &mut fast);
-        for r in 0..rows {
-            for c in 0..33 {
-                let want = src[r * 37 + 2 + c].to_f32();
-                let got = fast[r * 33 + c];
-                assert!(
-                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                    "{:#06x}",
-                    src[r * 37 + 2 + c].to_bits()
-                );
             }
         }
     }

@@ -1,17 +1,12 @@
 //! The KV cache of one sequence.
 //!
-//! Two stores: on the CPU forward path ([`super::host`]) keys and values are `f16` buffers
-//! per layer, token-major `(len, kv_heads * head_dim)`, so appending a token is one
-//! conversion of its projection and the buffers grow by doubling (amortized, never per token).
-//! Half precision halves what attention reads per step, which is what a long context costs
-//! (llama.cpp's default cache type is f16 as well); the f32 → f16 rounding is the only
-//! difference from an f32 cache, as f16 → f32 is exact. On
+//! Two stores: on the CPU forward path ([`super::host`]) keys and values are plain `f32`
+//! buffers per layer, token-major `(len, kv_heads * head_dim)`, so appending a token is one
+//! copy of its projection and the buffers grow by doubling (amortized, never per token). On
 //! other devices they are tensors `(kv_heads, capacity, head_dim)`, written in place and grown
 //! by doubling, so appending a token never copies the whole history either.
 
 use candle_core::{DType, Device, Tensor};
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use crate::{Error, Result};
 
@@ -28,8 +23,8 @@ pub struct KvCache {
 
 #[derive(Debug)]
 enum Store {
-    /// Per layer `(keys, values)`, each `len * kv_heads * head_dim` f16, token-major.
-    Host(Vec<(Vec<f16>, Vec<f16>)>),
+    /// Per layer `(keys, values)`, each `len * kv_heads * head_dim` f32, token-major.
+    Host(Vec<(Vec<f32>, Vec<f32>)>),
     /// Per layer `(keys, values)` tensors `(kv_heads, capacity, head_dim)`.
     Device {
         layers: Vec<Option<(Tensor, Tensor)>>,
@@ -41,7 +36,7 @@ enum Store {
 const INITIAL_CAPACITY: usize = 64;
 
 impl KvCache {
-    /// A cache in tensors of `dtype` on `device`, or (`host`) in `f16` buffers for the CPU
+    /// A cache in tensors of `dtype` on `device`, or (`host`) in `f32` buffers for the CPU
     /// forward path.
     pub(crate) fn new(
         n_layers: usize,
@@ -64,7 +59,7 @@ impl KvCache {
             len: 0,
             kv_heads,
             head_dim,
-            dtype: if host { DType::F16 } else { dtype },
+            dtype: if host { DType::F32 } else { dtype },
             device,
         }
     }
@@ -83,7 +78,7 @@ impl KvCache {
         match &self.store {
             Store::Host(layers) => layers
                 .iter()
-                .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<f16>())
+                .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<f32>())
                 .sum(),
             Store::Device { layers, capacity } => {
                 let live = layers.iter().filter(|l| l.is_some()).count();
@@ -172,8 +167,7 @@ impl KvCache {
     }
 
     /// Host store: appends token-major keys and values `(t, kv_heads * head_dim)` to layer
-    /// `layer` at the current end, rounded to f16 (to nearest, ties to even, with F16C where
-    /// the CPU has it: the same values either way).
+    /// `layer` at the current end.
     pub(crate) fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let width = self.kv_heads * self.head_dim;
         let len = self.len;
@@ -186,16 +180,15 @@ impl KvCache {
             return Err(Error::Weights(format!("KV cache has no layer {layer}")));
         };
         // A failed step may have left a partial append behind: drop it.
-        for (cache, new) in [(ck, k), (cv, v)] {
-            cache.truncate(len * width);
-            cache.resize(len * width + new.len(), f16::ZERO);
-            cache[len * width..].convert_from_f32_slice(new);
-        }
+        ck.truncate(len * width);
+        cv.truncate(len * width);
+        ck.extend_from_slice(k);
+        cv.extend_from_slice(v);
         Ok(())
     }
 
     /// Host store: keys and values of layer `layer` written so far, token-major.
-    pub(crate) fn host_layer(&self, layer: usize) -> Result<(&[f16], &[f16])> {
+    pub(crate) fn host_layer(&self, layer: usize) -> Result<(&[f32], &[f32])> {
         match &self.store {
             Store::Host(layers) => layers
                 .get(layer)

@@ -128,13 +128,10 @@ impl LlamaModel {
 
     /// KV-cache bytes one token takes.
     pub fn kv_bytes_per_token(&self) -> usize {
-        // The host path keeps its cache in f16 whatever the tensors' dtype.
-        let element = if self.uses_host_path() {
-            DType::F16.size_in_bytes()
-        } else {
-            self.kv_dtype.size_in_bytes()
-        };
-        2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * element
+        2 * self.config.n_layers
+            * self.config.n_kv_heads
+            * self.config.head_dim
+            * self.kv_dtype.size_in_bytes()
     }
 
     /// Runs one step. Returns the logits (f32, on the CPU) of the last token of every entry
