@@ -260,10 +260,35 @@ pub struct ApiJson<T>(pub T);
 /// A request body type. serde cannot tell where an error is inside a `#[serde(flatten)]`ed
 /// part, so a body with one re-reads that part on its own to name the field.
 pub trait RequestBody: DeserializeOwned {
+    /// The top-level fields the server reads. When not empty, any other field with a value
+    /// other than `null` is refused (400, `param` naming it), as OpenAI refuses an argument it
+    /// does not recognise: a field the server would not honour is never ignored silently.
+    const FIELDS: &'static [&'static str] = &[];
+
     /// Deserializes the flattened part of `body` alone, with path tracking.
     fn check_flattened(_body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
         Ok(())
     }
+}
+
+/// OpenAI arguments accepted when they ask for what the server does anyway.
+fn is_default_argument(field: &str, value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (field, value) {
+        ("store", Value::Bool(false)) => true,
+        ("service_tier", Value::String(tier)) => tier == "auto" || tier == "default",
+        ("modalities", Value::Array(m)) => m.iter().all(|x| x == "text"),
+        ("logit_bias", Value::Object(bias)) => bias.is_empty(),
+        _ => false,
+    }
+}
+
+/// The first top-level field of `bytes` outside `known` that asks for something.
+fn unrecognized(bytes: &[u8], known: &[&str]) -> Option<String> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes).ok()?;
+    map.into_iter()
+        .find(|(k, v)| !v.is_null() && !known.contains(&k.as_str()) && !is_default_argument(k, v))
+        .map(|(k, _)| k)
 }
 
 /// `(message, param)` of a body that failed to deserialize.
@@ -309,7 +334,15 @@ impl<T: RequestBody, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         })?;
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         match serde_path_to_error::deserialize(de) {
-            Ok(value) => Ok(Self(value)),
+            Ok(value) => match unrecognized(&bytes, T::FIELDS).filter(|_| !T::FIELDS.is_empty()) {
+                Some(field) => Err(ApiError::InvalidRequest {
+                    message: format!(
+                        "Unrecognized request argument supplied: {field} (this server does not support it)"
+                    ),
+                    param: Some(field),
+                }),
+                None => Ok(Self(value)),
+            },
             Err(e) => {
                 let located = e.path().to_string() != "." || e.inner().is_syntax();
                 let e = match T::check_flattened(&bytes) {

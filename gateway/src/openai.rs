@@ -195,13 +195,48 @@ fn check_common(body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json
     .map(drop)
 }
 
+/// The fields of [`CommonParams`].
+macro_rules! common_fields {
+    ($($extra:literal),* $(,)?) => {
+        &[
+            "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
+            "presence_penalty", "user", "metadata", "stream", "stream_options", "top_k",
+            "repetition_penalty", $($extra),*
+        ]
+    };
+}
+
 impl RequestBody for ChatRequest {
+    const FIELDS: &'static [&'static str] = common_fields!(
+        "model",
+        "messages",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+    );
+
     fn check_flattened(body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
         check_common(body)
     }
 }
 
 impl RequestBody for CompletionRequest {
+    const FIELDS: &'static [&'static str] = common_fields!(
+        "model",
+        "prompt",
+        "logprobs",
+        "echo",
+        "suffix",
+        "best_of",
+        "response_format",
+    );
+
     fn check_flattened(body: &[u8]) -> Result<(), serde_path_to_error::Error<serde_json::Error>> {
         check_common(body)
     }

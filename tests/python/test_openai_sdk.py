@@ -139,6 +139,27 @@ def test_errors(server, client, model):
     assert "context" in e.value.message
 
 
+def test_arguments_the_server_cannot_honour_are_refused(client, model):
+    """An argument the server does not implement is a 400 naming it, never ignored."""
+    for kwargs, param in [
+        ({"logit_bias": {"1000": 50}}, "logit_bias"),
+        ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"store": True}, "store"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=FRANCE, max_tokens=2, **kwargs)
+        assert e.value.param == param, kwargs
+        assert "Unrecognized request argument" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="Paris is", max_tokens=2, extra_body={"min_p": 0.1})
+    assert e.value.param == "min_p"
+    # Arguments that ask for what the server does anyway, and nulls, are accepted.
+    r = client.chat.completions.create(model=model, messages=FRANCE, max_tokens=2, store=False,
+                                       service_tier="auto", logit_bias={}, extra_body={"ignore_eos": None})
+    assert r.choices[0].message.content is not None
+
+
 def test_request_id_header(server, model):
     r = httpx.post(
         f"{server.base_url}/chat/completions",
