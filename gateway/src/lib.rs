@@ -6,6 +6,7 @@
 //! shutdown signal, then drains in-flight requests.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod billing;
