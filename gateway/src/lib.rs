@@ -49,9 +49,10 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Per-request id (UUID v7), set by the request-id middleware and sent as `x-request-id`.
+/// Per-request id (UUID v7), set by the request-id middleware and sent as `x-request-id`,
+/// with the moment the request reached the gateway (for the overhead histogram).
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub String, pub Instant);
 
 /// The model a response was for, set by handlers for the metrics middleware.
 #[derive(Debug, Clone)]
@@ -218,7 +219,9 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 /// Gives every request a UUID v7 and every response its `x-request-id`.
 async fn request_id(mut request: Request, next: Next) -> Response {
     let id = uuid::Uuid::now_v7().to_string();
-    request.extensions_mut().insert(RequestId(id.clone()));
+    request
+        .extensions_mut()
+        .insert(RequestId(id.clone(), Instant::now()));
     let mut response = next.run(request).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);

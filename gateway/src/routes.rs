@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -82,6 +82,8 @@ pub(crate) struct Completion {
     budget_hold: Option<BudgetHold>,
     /// The record was written (or the request never reached a model).
     settled: bool,
+    /// The gateway's own time on this request so far (see `tollgate_gateway_overhead_seconds`).
+    overhead: Duration,
     /// The customer's concurrency slots on this model, held until the request ends.
     _slots: Option<crate::concurrency::Slots>,
 }
@@ -266,11 +268,13 @@ impl Completion {
             if let Some(ledger) = &self.state.ledger {
                 let t = Instant::now();
                 ledger.record(record).await;
+                let took = t.elapsed();
+                self.overhead += took;
                 self.state
                     .metrics
                     .metering_duration
                     .with_label_values(&["record"])
-                    .observe(t.elapsed().as_secs_f64());
+                    .observe(took.as_secs_f64());
             }
         }
     }
@@ -298,6 +302,9 @@ impl Drop for Completion {
         let m = &self.state.metrics;
         let model = [self.model.as_str()];
         let completion_tokens = self.completion_tokens();
+        m.gateway_overhead
+            .with_label_values(&model)
+            .observe(self.overhead.as_secs_f64());
         m.input_tokens
             .with_label_values(&model)
             .inc_by(f64::from(self.prompt_tokens()));
@@ -447,11 +454,14 @@ pub(crate) async fn start(
     state.limiter.admit_request(&caller.limits).await?;
     let mut admit_time = t.elapsed();
     let mut prepared = Vec::with_capacity(plan.choices.len());
+    // The backend's own work (tokenizing, templating), left out of the gateway's overhead.
+    let t = Instant::now();
     for request in &plan.choices {
         let mut request = request.clone();
         request.customer = Some(caller.customer_id.clone());
         prepared.push(backend.prepare(request).await?);
     }
+    let backend_time = t.elapsed();
     let price = state
         .config
         .models
@@ -496,8 +506,10 @@ pub(crate) async fn start(
         tokens_hold,
         budget_hold,
         settled: false,
+        overhead: Duration::ZERO,
         _slots: slots,
     };
+    completion.overhead = id.1.elapsed().saturating_sub(backend_time);
     let mut streams = Vec::with_capacity(prepared.len());
     for p in prepared {
         match (p.start)() {
