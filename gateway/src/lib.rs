@@ -12,6 +12,7 @@ pub mod backend;
 pub mod billing;
 pub mod concurrency;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod export_formats;
 pub mod ledger;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
     pub inflight: Arc<concurrency::InFlight>,
+    /// Signed-in console sessions.
+    pub console: Arc<console::Sessions>,
 }
 
 impl AppState {
@@ -93,6 +96,7 @@ impl AppState {
             limiter: Limiter::default(),
             admin_token: None,
             inflight: Arc::default(),
+            console: Arc::default(),
         })
     }
 
@@ -154,7 +158,9 @@ fn operator_routes(state: &AppState) -> Router<AppState> {
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics));
     if state.admin_token.is_some() {
-        router = router.merge(admin::router(state.clone()));
+        router = router
+            .merge(admin::router(state.clone()))
+            .merge(console::router(state.clone()));
     }
     router
 }
