@@ -26,6 +26,7 @@ mod routes;
 pub mod shared_limits;
 pub mod store;
 pub mod tags;
+pub mod telemetry;
 pub mod upstream;
 mod usage_api;
 
@@ -243,7 +244,32 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = request.method().clone();
     let started = Instant::now();
-    let response = next.run(request).await;
+    let span = telemetry::span(|| {
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+            gen_ai.operation.name = tracing::field::Empty,
+            gen_ai.provider.name = "tollgate",
+            gen_ai.request.model = tracing::field::Empty,
+            gen_ai.request.max_tokens = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            tollgate.request_id = tracing::field::Empty,
+            tollgate.customer_id = tracing::field::Empty,
+        );
+        telemetry::accept_parent(&span, request.headers());
+        if let Some(id) = request.extensions().get::<RequestId>() {
+            span.record("tollgate.request_id", id.0.as_str());
+        }
+        span
+    });
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     let model = response
         .extensions()
         .get::<ModelLabel>()
@@ -252,6 +278,10 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .unwrap_or("none")
         .to_string();
     let status = response.status();
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     state
         .metrics
         .requests
