@@ -63,6 +63,20 @@ def text(browser, css):
     return browser.find_element(By.CSS_SELECTOR, css).text
 
 
+def wait(browser, condition, what):
+    """Waits (10 s at most) for `condition(browser)`: a form's submission or a click navigates
+    asynchronously."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    WebDriverWait(browser, 10, ignored_exceptions=ignored).until(lambda b: condition(b), message=what)
+
+
+def wait_url(browser, suffix):
+    wait(browser, lambda b: b.current_url.rstrip("/").endswith(suffix), f"never reached {suffix}")
+
+
 def fill(browser, form_css, **fields):
     from selenium.webdriver.common.by import By
 
@@ -82,10 +96,10 @@ def test_console_end_to_end(server, browser):
     browser.get(f"{base}/console")
     assert browser.current_url.endswith("/console/login")
     fill(browser, "form", token="wrong").submit()
-    assert "Wrong admin token" in browser.page_source
+    wait(browser, lambda b: "Wrong admin token" in b.page_source, "no refusal shown")
     shot(browser, "01-login")
     fill(browser, "form", token=ADMIN).submit()
-    assert browser.current_url.rstrip("/").endswith("/console"), browser.current_url
+    wait_url(browser, "/console")
     cookie = browser.get_cookie("tollgate_console")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie.get("expiry")
     assert not cookie["secure"], "plain HTTP without a proxy saying https"
@@ -94,7 +108,7 @@ def test_console_end_to_end(server, browser):
     # A customer and a key; the secret is shown once.
     browser.get(f"{base}/console/customers")
     fill(browser, "form.grid", id="web-co", name="Web Co", budget_usd="10", rpm="600").submit()
-    assert browser.current_url.endswith("/console/customers/web-co")
+    wait_url(browser, "/console/customers/web-co")
     fill(browser, "form.grid[action$='/keys']", name="browser-key")
     browser.find_element(By.ID, "create-key").click()
     secret = text(browser, "#secret")
@@ -156,7 +170,11 @@ def test_console_end_to_end(server, browser):
     # Revoke in the console: the next SDK call is a 401.
     browser.get(f"{base}/console/customers/web-co")
     browser.find_element(By.CSS_SELECTOR, f"#key-{key_id} button[name=revoke]").click()
-    assert text(browser, f"#key-{key_id} td.state").startswith("revoked")
+    wait(
+        browser,
+        lambda b: b.find_element(By.CSS_SELECTOR, f"#key-{key_id} td.state").text.startswith("revoked"),
+        "the key never showed as revoked",
+    )
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
@@ -169,7 +187,7 @@ def test_console_end_to_end(server, browser):
 
     # Sign out: back to the login page, and the old session is dead on the server too.
     browser.find_element(By.ID, "logout").click()
-    assert browser.current_url.endswith("/console/login")
+    wait_url(browser, "/console/login")
     browser.get(f"{base}/console/customers")
     assert browser.current_url.endswith("/console/login")
     refused = httpx.get(f"{base}/console/customers", cookies=jar)
