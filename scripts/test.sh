@@ -44,7 +44,9 @@ PG_URL="$(scripts/postgres.sh reset)"
 trap 'scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
 step "cargo test: ledger store on PostgreSQL"
 TOLLGATE_TEST_POSTGRES_URL="$PG_URL" cargo test --release -p tollgate-gateway --features postgres-tests --test store_postgres
-step "python SDK and chat template tests"
+step "headless Chromium for the console's browser test (Debian's packages)"
+scripts/chromium.sh >/dev/null
+step "python SDK, chat template and console tests"
 cargo build --release -p tollgate-runtime --example render_chat_template
 TOLLGATE_RENDER_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/render_chat_template" \
 TOLLGATE_TEST_POSTGRES=1 TOLLGATE_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tollgate" \

@@ -17,6 +17,7 @@
 use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
+use tollgate_gateway::audit::Actor;
 use tollgate_gateway::auth::{digest, hex, AuthConfig};
 use tollgate_gateway::ledger::{Ledger, LedgerGauges};
 use tollgate_gateway::limits::Limiter;
@@ -71,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
                 tpm: Some(Some(1_000_000_000)),
                 ..CustomerFields::default()
             },
+            &Actor::system(),
         )
         .await?;
     let secret = "tg-bench-secret";
@@ -81,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             &hex(&digest(secret)),
             "tg-bench",
             NewKey::default(),
+            &Actor::system(),
         )
         .await?;
     let gauges = LedgerGauges {

@@ -3,16 +3,17 @@
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 
+use crate::audit::Actor;
 use crate::auth::{bearer, digest, hex, new_key};
 use crate::billing::{self, parse_time, rfc3339};
 use crate::error::ApiError;
@@ -20,7 +21,7 @@ use crate::limits::month_bounds;
 use crate::money::{format_usd, parse_usd};
 use crate::store::{now_micros, ApiKey, Customer, CustomerFields, NewKey, Store, UsageFilter};
 use crate::tags::Tags;
-use crate::AppState;
+use crate::{AppState, RequestId};
 
 /// Records per page of `/admin/v1/usage/records` unless `limit` says otherwise.
 const DEFAULT_PAGE: i64 = 100;
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/usage/records", get(usage_records))
         .route("/admin/v1/invoices/{customer_id}", get(invoice))
+        .route("/admin/v1/audit", get(crate::audit::list))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -66,7 +68,21 @@ async fn require_admin(State(state): State<AppState>, request: Request, next: Ne
     if !bool::from(digest(presented).ct_eq(&digest(expected))) {
         return ApiError::Forbidden("invalid admin token".into()).into_response();
     }
+    let actor = Actor::admin_api(
+        remote_addr(&request),
+        request.extensions().get::<RequestId>().map(|r| r.0.clone()),
+    );
+    let mut request = request;
+    request.extensions_mut().insert(actor);
     next.run(request).await
+}
+
+/// The peer's address (as the listener accepted it), for the audit log.
+pub(crate) fn remote_addr(request: &Request) -> Option<String> {
+    request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.to_string())
 }
 
 fn store(state: &AppState) -> Result<&Store, ApiError> {
@@ -262,7 +278,11 @@ fn list(data: Vec<Value>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-async fn create_customer(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_customer(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let map = object(&body)?;
     reject_unknown(
         &map,
@@ -278,7 +298,7 @@ async fn create_customer(State(state): State<AppState>, body: Bytes) -> Result<R
     }
     let mut fields = customer_fields(&map)?;
     fields.name.get_or_insert_with(|| id.clone());
-    let customer = store(&state)?.create_customer(&id, fields).await?;
+    let customer = store(&state)?.create_customer(&id, fields, &actor).await?;
     Ok((StatusCode::CREATED, Json(customer_json(&customer))).into_response())
 }
 
@@ -302,13 +322,14 @@ async fn get_customer(
 
 async fn update_customer(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, &["name", "budget_usd", "budget_period", "rpm", "tpm"])?;
     let fields = customer_fields(&map)?;
-    let customer = store(&state)?.update_customer(&id, fields).await?;
+    let customer = store(&state)?.update_customer(&id, fields, &actor).await?;
     state.auth.forget_customer(&id);
     Ok(Json(customer_json(&customer)))
 }
@@ -383,6 +404,7 @@ fn models_field(
 
 async fn create_key(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(customer_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -408,7 +430,7 @@ async fn create_key(
         tags: tags_field(&map)?.unwrap_or_default(),
         budget_nano_usd: key_budget_field(&map)?.flatten(),
     };
-    let (created, secret) = issue_key(store(&state)?, &customer_id, new).await?;
+    let (created, secret) = issue_key(store(&state)?, &customer_id, new, &actor).await?;
     let mut body = key_json(&created);
     body["key"] = json!(secret);
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -420,11 +442,19 @@ pub async fn issue_key(
     store: &Store,
     customer_id: &str,
     new: NewKey,
+    actor: &Actor,
 ) -> Result<(ApiKey, String), crate::store::StoreError> {
     let (id, secret) = new_key();
     let prefix: String = secret.chars().take(9).collect();
     let key = store
-        .create_key(customer_id, &id, &hex(&digest(&secret)), &prefix, new)
+        .create_key(
+            customer_id,
+            &id,
+            &hex(&digest(&secret)),
+            &prefix,
+            new,
+            actor,
+        )
         .await?;
     Ok((key, secret))
 }
@@ -441,6 +471,7 @@ async fn list_keys(
 /// or `{}` clears them). Requests made with the key see them within the key cache's lifetime.
 async fn update_key(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(key_id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -457,10 +488,10 @@ async fn update_key(
     let store = store(&state)?;
     let mut key = store.key(&key_id).await?;
     if let Some(tags) = tags {
-        key = store.set_key_tags(&key_id, &tags).await?;
+        key = store.set_key_tags(&key_id, &tags, &actor).await?;
     }
     if let Some(budget) = budget {
-        key = store.set_key_budget(&key_id, budget).await?;
+        key = store.set_key_budget(&key_id, budget, &actor).await?;
     }
     state.auth.forget_key(&key_id);
     Ok(Json(key_json(&key)))
@@ -468,9 +499,10 @@ async fn update_key(
 
 async fn revoke_key(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = store(&state)?.revoke_key(&key_id).await?;
+    let key = store(&state)?.revoke_key(&key_id, &actor).await?;
     state.auth.forget_key(&key_id);
     Ok(Json(key_json(&key)))
 }

@@ -418,7 +418,9 @@ pub async fn require_key(
         .into_response();
     };
     let t = std::time::Instant::now();
-    let caller = state.auth.resolve(state.store.as_ref(), key).await;
+    let span = crate::telemetry::span(|| tracing::info_span!("gateway.auth"));
+    let caller =
+        tracing::Instrument::instrument(state.auth.resolve(state.store.as_ref(), key), span).await;
     state
         .metrics
         .metering_duration

@@ -6,11 +6,13 @@
 //! shutdown signal, then drains in-flight requests.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod billing;
 pub mod concurrency;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod export_formats;
 pub mod ledger;
@@ -24,6 +26,7 @@ mod routes;
 pub mod shared_limits;
 pub mod store;
 pub mod tags;
+pub mod telemetry;
 pub mod upstream;
 mod usage_api;
 
@@ -48,9 +51,10 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Per-request id (UUID v7), set by the request-id middleware and sent as `x-request-id`.
+/// Per-request id (UUID v7), set by the request-id middleware and sent as `x-request-id`,
+/// with the moment the request reached the gateway (for the overhead histogram).
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub String, pub Instant);
 
 /// The model a response was for, set by handlers for the metrics middleware.
 #[derive(Debug, Clone)]
@@ -73,6 +77,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
     pub inflight: Arc<concurrency::InFlight>,
+    /// Signed-in console sessions.
+    pub console: Arc<console::Sessions>,
 }
 
 impl AppState {
@@ -91,6 +97,7 @@ impl AppState {
             limiter: Limiter::default(),
             admin_token: None,
             inflight: Arc::default(),
+            console: Arc::default(),
         })
     }
 
@@ -152,7 +159,9 @@ fn operator_routes(state: &AppState) -> Router<AppState> {
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics));
     if state.admin_token.is_some() {
-        router = router.merge(admin::router(state.clone()));
+        router = router
+            .merge(admin::router(state.clone()))
+            .merge(console::router(state.clone()));
     }
     router
 }
@@ -217,7 +226,9 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 /// Gives every request a UUID v7 and every response its `x-request-id`.
 async fn request_id(mut request: Request, next: Next) -> Response {
     let id = uuid::Uuid::now_v7().to_string();
-    request.extensions_mut().insert(RequestId(id.clone()));
+    request
+        .extensions_mut()
+        .insert(RequestId(id.clone(), Instant::now()));
     let mut response = next.run(request).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
@@ -233,7 +244,32 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = request.method().clone();
     let started = Instant::now();
-    let response = next.run(request).await;
+    let span = telemetry::span(|| {
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+            gen_ai.operation.name = tracing::field::Empty,
+            gen_ai.provider.name = "tollgate",
+            gen_ai.request.model = tracing::field::Empty,
+            gen_ai.request.max_tokens = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            tollgate.request_id = tracing::field::Empty,
+            tollgate.customer_id = tracing::field::Empty,
+        );
+        telemetry::accept_parent(&span, request.headers());
+        if let Some(id) = request.extensions().get::<RequestId>() {
+            span.record("tollgate.request_id", id.0.as_str());
+        }
+        span
+    });
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     let model = response
         .extensions()
         .get::<ModelLabel>()
@@ -242,6 +278,10 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .unwrap_or("none")
         .to_string();
     let status = response.status();
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     state
         .metrics
         .requests

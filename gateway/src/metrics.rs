@@ -22,6 +22,13 @@ const METERING_BUCKETS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 ];
 
+/// The gateway's own share of a request: tens of microseconds when caches are warm,
+/// milliseconds when a key or a budget is looked up in the database.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0,
+];
+
 /// The gateway's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,6 +56,8 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     /// Time the metering path (limits, reservation, durable ledger write) adds to a request.
     pub metering_duration: HistogramVec,
+    /// Everything the gateway adds to a request outside its backend.
+    pub gateway_overhead: HistogramVec,
 }
 
 impl Metrics {
@@ -187,6 +196,12 @@ impl Metrics {
                 "Time the metering path adds to a request, by phase (auth: key lookup; admit: limits and reservations; record: durable ledger write).",
                 &["phase"],
                 METERING_BUCKETS,
+            )?,
+            gateway_overhead: histogram(
+                "tollgate_gateway_overhead_seconds",
+                "Time the gateway adds to a served request outside the backend: from arrival to the backend's start (parsing, validation, auth, limits, reservations; not the backend's tokenization), plus the durable ledger write before the end of the response.",
+                &["model"],
+                OVERHEAD_BUCKETS,
             )?,
             registry,
         })

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -82,6 +82,11 @@ pub(crate) struct Completion {
     budget_hold: Option<BudgetHold>,
     /// The record was written (or the request never reached a model).
     settled: bool,
+    /// The gateway's own time on this request so far (see `tollgate_gateway_overhead_seconds`).
+    overhead: Duration,
+    /// The request's server span, held until the request ends (a stream outlives its
+    /// handler), to record the usage on; `Span::none()` when traces are off.
+    server_span: tracing::Span,
     /// The customer's concurrency slots on this model, held until the request ends.
     _slots: Option<crate::concurrency::Slots>,
 }
@@ -266,11 +271,13 @@ impl Completion {
             if let Some(ledger) = &self.state.ledger {
                 let t = Instant::now();
                 ledger.record(record).await;
+                let took = t.elapsed();
+                self.overhead += took;
                 self.state
                     .metrics
                     .metering_duration
                     .with_label_values(&["record"])
-                    .observe(t.elapsed().as_secs_f64());
+                    .observe(took.as_secs_f64());
             }
         }
     }
@@ -298,6 +305,23 @@ impl Drop for Completion {
         let m = &self.state.metrics;
         let model = [self.model.as_str()];
         let completion_tokens = self.completion_tokens();
+        m.gateway_overhead
+            .with_label_values(&model)
+            .observe(self.overhead.as_secs_f64());
+        if !self.server_span.is_none() {
+            let span = &self.server_span;
+            // An exported span ends when it was last exited: a stream is read after its
+            // handler returned, so the request's span is entered once more now that it ends.
+            let _end = span.enter();
+            // As i64: OpenTelemetry's integer attributes are signed.
+            span.record("gen_ai.usage.input_tokens", i64::from(self.prompt_tokens()));
+            span.record("gen_ai.usage.output_tokens", i64::from(completion_tokens));
+            let reason = match self.outcome {
+                "cancelled" => "cancelled",
+                _ => self.finish.map_or("error", |f| f.as_str()),
+            };
+            span.record("gen_ai.response.finish_reasons", reason);
+        }
         m.input_tokens
             .with_label_values(&model)
             .inc_by(f64::from(self.prompt_tokens()));
@@ -443,15 +467,39 @@ pub(crate) async fn start(
         )?),
         None => None,
     };
+    // The request's server span (when traces are exported), for the GenAI attributes.
+    let server_span = if crate::telemetry::enabled() {
+        let span = tracing::Span::current();
+        let operation = if endpoint == "/v1/completions" {
+            "text_completion"
+        } else {
+            "chat"
+        };
+        span.record("gen_ai.operation.name", operation);
+        span.record("gen_ai.request.model", plan.model.as_str());
+        crate::telemetry::rename(&span, format!("{operation} {}", plan.model));
+        span.record("tollgate.customer_id", caller.customer_id.as_str());
+        if let Some(max) = plan.choices.first().and_then(|c| c.params.max_tokens) {
+            span.record("gen_ai.request.max_tokens", i64::from(max));
+        }
+        span
+    } else {
+        tracing::Span::none()
+    };
     let t = Instant::now();
-    state.limiter.admit_request(&caller.limits).await?;
+    let limits = crate::telemetry::span(|| tracing::info_span!("gateway.limits"));
+    tracing::Instrument::instrument(state.limiter.admit_request(&caller.limits), limits.clone())
+        .await?;
     let mut admit_time = t.elapsed();
     let mut prepared = Vec::with_capacity(plan.choices.len());
+    // The backend's own work (tokenizing, templating), left out of the gateway's overhead.
+    let t = Instant::now();
     for request in &plan.choices {
         let mut request = request.clone();
         request.customer = Some(caller.customer_id.clone());
         prepared.push(backend.prepare(request).await?);
     }
+    let backend_time = t.elapsed();
     let price = state
         .config
         .models
@@ -463,8 +511,11 @@ pub(crate) async fn start(
     let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
     let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
     let t = Instant::now();
-    let (tokens_hold, budget_hold) =
-        admit(state, &id.0, &caller, prompt_tokens, max_output, &price).await?;
+    let (tokens_hold, budget_hold) = tracing::Instrument::instrument(
+        admit(state, &id.0, &caller, prompt_tokens, max_output, &price),
+        limits,
+    )
+    .await?;
     admit_time += t.elapsed();
     state
         .metrics
@@ -496,8 +547,11 @@ pub(crate) async fn start(
         tokens_hold,
         budget_hold,
         settled: false,
+        overhead: Duration::ZERO,
+        server_span,
         _slots: slots,
     };
+    completion.overhead = id.1.elapsed().saturating_sub(backend_time);
     let mut streams = Vec::with_capacity(prepared.len());
     for p in prepared {
         match (p.start)() {

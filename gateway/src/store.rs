@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
+use crate::audit::{self, Action, Actor, Change};
+use crate::money::format_usd;
 use crate::tags::{self, Tags};
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
@@ -265,7 +267,8 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
-const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
+pub(crate) const RECORD_COLUMNS: &str =
+    "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
     cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags";
@@ -312,7 +315,7 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
     })
 }
 
-fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
+pub(crate) fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
         id: row.try_get("id")?,
         customer_id: row.try_get("customer_id")?,
@@ -345,6 +348,54 @@ fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// A customer's fields as the audit log shows them (money as decimal USD).
+fn audited_customer(c: &Customer) -> serde_json::Value {
+    serde_json::json!({
+        "name": c.name,
+        "budget_usd": c.budget_nano_usd.map(format_usd),
+        "budget_period": c.budget_period,
+        "rpm": c.rpm,
+        "tpm": c.tpm,
+    })
+}
+
+/// A key's fields as the audit log shows them: never its secret, its digest or its prefix.
+fn audited_key(k: &ApiKey) -> serde_json::Value {
+    serde_json::json!({
+        "customer_id": k.customer_id,
+        "name": k.name,
+        "models": k.models,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "expires_at": k.expires_at.map(crate::billing::rfc3339),
+        "revoked_at": k.revoked_at.map(crate::billing::rfc3339),
+        "tags": k.tags,
+        "budget_usd": k.budget_nano_usd.map(format_usd),
+    })
+}
+
+/// A change to an existing key.
+enum KeyChange<'a> {
+    Tags(&'a Tags),
+    Budget(Option<i64>),
+    Revoke,
+}
+
+/// One key by id, inside a transaction.
+async fn key_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    key_id: &str,
+) -> StoreResult<ApiKey> {
+    let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+        .bind(key_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match row {
+        Some(row) => api_key(&row),
+        None => Err(StoreError::NotFound(format!("no key `{key_id}`"))),
+    }
 }
 
 impl Store {
@@ -472,7 +523,12 @@ impl Store {
 
     // ---- customers -------------------------------------------------------------------------
 
-    pub async fn create_customer(&self, id: &str, fields: CustomerFields) -> StoreResult<Customer> {
+    pub async fn create_customer(
+        &self,
+        id: &str,
+        fields: CustomerFields,
+        actor: &Actor,
+    ) -> StoreResult<Customer> {
         let c = Customer {
             id: id.to_string(),
             name: fields.name.unwrap_or_else(|| id.to_string()),
@@ -482,6 +538,7 @@ impl Store {
             tpm: fields.tpm.flatten(),
             created_at: now_micros(),
         };
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(&format!(
             "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
         ))
@@ -492,29 +549,34 @@ impl Store {
         .bind(c.rpm)
         .bind(c.tpm)
         .bind(c.created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await;
         match result {
-            Ok(_) => Ok(c),
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
-                "customer `{id}` already exists"
-            ))),
-            Err(e) => Err(e.into()),
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!(
+                    "customer `{id}` already exists"
+                )))
+            }
+            Err(e) => return Err(e.into()),
         }
+        let change = Change {
+            action: Action::CustomerCreated,
+            target_id: c.id.clone(),
+            changes: audited_customer(&c),
+        };
+        audit::record(&mut tx, self.kind, actor, &change).await?;
+        tx.commit().await?;
+        Ok(c)
     }
 
     /// Creates the customer unless it exists (for the built-in `default` customer).
     pub async fn ensure_customer(&self, id: &str, name: &str) -> StoreResult<()> {
-        match self
-            .create_customer(
-                id,
-                CustomerFields {
-                    name: Some(name.to_string()),
-                    ..Default::default()
-                },
-            )
-            .await
-        {
+        let fields = CustomerFields {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        match self.create_customer(id, fields, &Actor::system()).await {
             Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -551,8 +613,24 @@ impl Store {
         }
     }
 
-    pub async fn update_customer(&self, id: &str, fields: CustomerFields) -> StoreResult<Customer> {
-        let mut c = self.customer(id).await?;
+    pub async fn update_customer(
+        &self,
+        id: &str,
+        fields: CustomerFields,
+        actor: &Actor,
+    ) -> StoreResult<Customer> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("no customer `{id}`")));
+        };
+        let before = customer(&row)?;
+        let mut c = before.clone();
         if let Some(name) = fields.name {
             c.name = name;
         }
@@ -578,8 +656,17 @@ impl Store {
         .bind(&c.budget_period)
         .bind(c.rpm)
         .bind(c.tpm)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if let Some(changes) = audit::diff(&audited_customer(&before), &audited_customer(&c)) {
+            let change = Change {
+                action: Action::CustomerUpdated,
+                target_id: c.id.clone(),
+                changes,
+            };
+            audit::record(&mut tx, self.kind, actor, &change).await?;
+        }
+        tx.commit().await?;
         Ok(c)
     }
 
@@ -593,6 +680,7 @@ impl Store {
         key_hash: &str,
         key_prefix: &str,
         new: NewKey,
+        actor: &Actor,
     ) -> StoreResult<ApiKey> {
         self.customer(customer_id).await?;
         let key = ApiKey {
@@ -615,6 +703,7 @@ impl Store {
             }
             None => None,
         };
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
              expires_at, revoked_at, created_at, tags, budget_nano_usd) \
@@ -632,29 +721,83 @@ impl Store {
         .bind(key.created_at)
         .bind(tags::to_json(&key.tags))
         .bind(key.budget_nano_usd)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        let change = Change {
+            action: Action::KeyCreated,
+            target_id: key.id.clone(),
+            changes: audited_key(&key),
+        };
+        audit::record(&mut tx, self.kind, actor, &change).await?;
+        tx.commit().await?;
         Ok(key)
     }
 
     /// Replaces a key's default tags. Returns the key.
-    pub async fn set_key_tags(&self, key_id: &str, tags: &Tags) -> StoreResult<ApiKey> {
-        sqlx::query("UPDATE api_keys SET tags = $2 WHERE id = $1")
-            .bind(key_id)
-            .bind(tags::to_json(tags))
-            .execute(&self.pool)
-            .await?;
-        self.key(key_id).await
+    pub async fn set_key_tags(
+        &self,
+        key_id: &str,
+        tags: &Tags,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        self.update_key(key_id, KeyChange::Tags(tags), actor).await
     }
 
     /// Sets or clears (`None`) a key's own monthly budget. Returns the key.
-    pub async fn set_key_budget(&self, key_id: &str, budget: Option<i64>) -> StoreResult<ApiKey> {
-        sqlx::query("UPDATE api_keys SET budget_nano_usd = $2 WHERE id = $1")
-            .bind(key_id)
-            .bind(budget)
-            .execute(&self.pool)
-            .await?;
-        self.key(key_id).await
+    pub async fn set_key_budget(
+        &self,
+        key_id: &str,
+        budget: Option<i64>,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        self.update_key(key_id, KeyChange::Budget(budget), actor)
+            .await
+    }
+
+    /// Makes `change` to the key in one transaction with its audit entry (when anything
+    /// changed). Returns the key as changed.
+    async fn update_key(
+        &self,
+        key_id: &str,
+        change: KeyChange<'_>,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        let mut tx = self.pool.begin().await?;
+        let before = key_in(&mut tx, key_id).await?;
+        let (statement, action) = match change {
+            KeyChange::Tags(tags) => (
+                sqlx::query("UPDATE api_keys SET tags = $2 WHERE id = $1")
+                    .bind(key_id)
+                    .bind(tags::to_json(tags)),
+                Action::KeyUpdated,
+            ),
+            KeyChange::Budget(budget) => (
+                sqlx::query("UPDATE api_keys SET budget_nano_usd = $2 WHERE id = $1")
+                    .bind(key_id)
+                    .bind(budget),
+                Action::KeyUpdated,
+            ),
+            KeyChange::Revoke => (
+                sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                )
+                .bind(key_id)
+                .bind(now_micros()),
+                Action::KeyRevoked,
+            ),
+        };
+        statement.execute(&mut *tx).await?;
+        let after = key_in(&mut tx, key_id).await?;
+        if let Some(changes) = audit::diff(&audited_key(&before), &audited_key(&after)) {
+            let entry = Change {
+                action,
+                target_id: key_id.to_string(),
+                changes,
+            };
+            audit::record(&mut tx, self.kind, actor, &entry).await?;
+        }
+        tx.commit().await?;
+        Ok(after)
     }
 
     /// One key by id.
@@ -682,21 +825,10 @@ impl Store {
         .collect()
     }
 
-    /// Revokes a key; revoking twice keeps the first time. Returns the key.
-    pub async fn revoke_key(&self, key_id: &str) -> StoreResult<ApiKey> {
-        sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
-            .bind(key_id)
-            .bind(now_micros())
-            .execute(&self.pool)
-            .await?;
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
-            .bind(key_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(row) => api_key(&row),
-            None => Err(StoreError::NotFound(format!("no key `{key_id}`"))),
-        }
+    /// Revokes a key; revoking twice keeps the first time (and audits only the first).
+    /// Returns the key.
+    pub async fn revoke_key(&self, key_id: &str, actor: &Actor) -> StoreResult<ApiKey> {
+        self.update_key(key_id, KeyChange::Revoke, actor).await
     }
 
     /// The key whose secret hashes to `key_hash`, with its stored hash, and its customer.

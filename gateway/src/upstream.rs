@@ -533,8 +533,12 @@ async fn attempt(
     api_key: Option<&str>,
     path: &str,
     body: &Value,
+    call: &tracing::Span,
 ) -> Attempt {
-    let mut req = client.post(format!("{}{path}", member.base)).json(body);
+    let mut req = client
+        .post(format!("{}{path}", member.base))
+        .json(body)
+        .headers(crate::telemetry::propagation_headers(call));
     if let Some(k) = api_key {
         req = req.bearer_auth(k);
     }
@@ -546,6 +550,7 @@ async fn attempt(
         }
     };
     let status = response.status();
+    call.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_success() {
         return Attempt::Stream(response);
     }
@@ -619,13 +624,26 @@ fn run(
     path: String,
     body: Value,
     prompt_estimate: u32,
+    parent: tracing::Span,
 ) -> EventStream {
     let stream = async_stream::stream! {
         let mut errors = Vec::new();
         let mut overloaded = 0;
         for member in candidates {
             let slot = InFlight::new(member.clone());
-            let response = match attempt(&client, &member, api_key.as_deref(), &path, &body).await {
+            // One client span per attempt, open while its stream is read; its context goes
+            // upstream as `traceparent`.
+            let call = crate::telemetry::span(|| {
+                tracing::info_span!(
+                    parent: &parent,
+                    "upstream.call",
+                    otel.name = "upstream call",
+                    otel.kind = "client",
+                    server.address = %member.base,
+                    http.response.status_code = tracing::field::Empty,
+                )
+            });
+            let response = match attempt(&client, &member, api_key.as_deref(), &path, &body, &call).await {
                 Attempt::Stream(r) => r,
                 Attempt::Retry(e) => {
                     tracing::warn!("upstream attempt failed, trying another: {e}");
@@ -762,8 +780,13 @@ impl Backend for UpstreamPool {
         let client = self.client.clone();
         let candidates = self.candidates();
         let api_key = self.api_key.clone();
-        let start: Start =
-            Box::new(move || Ok(run(client, candidates, api_key, path, body, estimate)));
+        // The request's span: the streams run after its handler has returned.
+        let parent = tracing::Span::current();
+        let start: Start = Box::new(move || {
+            Ok(run(
+                client, candidates, api_key, path, body, estimate, parent,
+            ))
+        });
         Ok(Prepared {
             prompt_tokens: estimate,
             max_tokens,

@@ -74,6 +74,10 @@ impl Backend for Shared {
                 param: Some("max_tokens".into()),
             });
         }
+        if text == "slow-prepare" {
+            // A backend that takes its time tokenizing: not the gateway's overhead.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let backend = self.0.clone();
         let start: Start = Box::new(move || {
             if text == "overload" {
@@ -472,6 +476,50 @@ async fn models_health_and_metrics() {
         assert!(metrics.contains(name), "{name} missing");
     }
     assert!(metrics.contains("tollgate_output_tokens_total{model=\"fake\"} 2"));
+}
+
+/// A Prometheus sample's value: `name` with exactly these labels.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{metrics}"))
+}
+
+/// The overhead histogram counts the gateway's time and not the backend's: a backend slow to
+/// prepare (300 ms) and one slow to generate (500 ms) leave it far below the request time.
+#[tokio::test]
+async fn gateway_overhead_leaves_out_the_backend() {
+    let s = default_server().await;
+    for text in ["slow-prepare", "slow"] {
+        let r = post(s.addr, "/v1/chat/completions", &chat(text)).await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    let metrics = reqwest::get(format!("http://{}/metrics", s.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = sample(
+        &metrics,
+        "tollgate_gateway_overhead_seconds_count{model=\"fake\"}",
+    );
+    let overhead = sample(
+        &metrics,
+        "tollgate_gateway_overhead_seconds_sum{model=\"fake\"}",
+    );
+    let total = sample(
+        &metrics,
+        "tollgate_request_duration_seconds_sum{model=\"fake\",route=\"/v1/chat/completions\"}",
+    );
+    assert_eq!(count, 2.0);
+    assert!(total >= 0.8, "the requests took {total}s");
+    assert!(
+        overhead > 0.0 && overhead < 0.1,
+        "overhead {overhead}s of {total}s"
+    );
 }
 
 #[tokio::test]

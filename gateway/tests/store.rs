@@ -231,18 +231,27 @@ async fn sqlx_exec(store: &Store, sql: &str) {
 /// customer's limits through this process (`forget_customer`) at once too.
 #[tokio::test]
 async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age() {
+    use tollgate_gateway::audit::Actor;
     use tollgate_gateway::auth::{digest, hex, AuthConfig, KEY_FRESH, KEY_MAX_AGE};
     use tollgate_gateway::store::{CustomerFields, NewKey};
+    let actor = Actor::system();
 
     let (_dir, store) = sqlite().await;
     store
-        .create_customer("acme", CustomerFields::default())
+        .create_customer("acme", CustomerFields::default(), &actor)
         .await
         .unwrap();
     let auth = AuthConfig::default();
     for (id, secret) in [("key_a", "tg-a"), ("key_b", "tg-b"), ("key_c", "tg-c")] {
         store
-            .create_key("acme", id, &hex(&digest(secret)), "tg-", NewKey::default())
+            .create_key(
+                "acme",
+                id,
+                &hex(&digest(secret)),
+                "tg-",
+                NewKey::default(),
+                &actor,
+            )
             .await
             .unwrap();
         assert_eq!(auth.resolve(Some(&store), secret).await.unwrap().key_id, id);
@@ -250,8 +259,8 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age(
 
     // Revoked behind this process's back: served from the lookup while it is fresh, then once
     // more while a background lookup runs, which then refuses it.
-    store.revoke_key("key_a").await.unwrap();
-    store.revoke_key("key_c").await.unwrap();
+    store.revoke_key("key_a", &actor).await.unwrap();
+    store.revoke_key("key_c", &actor).await.unwrap();
     assert!(
         auth.resolve(Some(&store), "tg-a").await.is_ok(),
         "lookup reused"
@@ -280,13 +289,13 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age(
         rpm: Some(Some(7)),
         ..CustomerFields::default()
     };
-    store.update_customer("acme", fields).await.unwrap();
+    store.update_customer("acme", fields, &actor).await.unwrap();
     auth.forget_customer("acme");
     let caller = auth.resolve(Some(&store), "tg-b").await.unwrap();
     assert_eq!(caller.limits.customer_rpm, Some(7));
 
     // Revoked through this process: refused at once.
-    store.revoke_key("key_b").await.unwrap();
+    store.revoke_key("key_b", &actor).await.unwrap();
     auth.forget_key("key_b");
     assert!(auth.resolve(Some(&store), "tg-b").await.is_err());
 }

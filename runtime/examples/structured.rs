@@ -86,6 +86,7 @@ fn run(
         let mut text = String::new();
         while let Some(event) = r.blocking_recv() {
             match event {
+                GenEvent::Admitted => {}
                 GenEvent::Delta { text: t, .. } => text.push_str(&t),
                 GenEvent::Finished {
                     completion_tokens, ..

@@ -175,6 +175,9 @@ pub enum StopReason {
 /// What the engine sends back for one sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// The sequence left the waiting queue and joined the running batch (its prefill starts);
+    /// sent once, before any `Delta`.
+    Admitted,
     /// New text for one or more tokens; empty while text is held back by a stop-string
     /// prefix. Sent for every sampled token, so `completion_tokens` (tokens generated so far,
     /// this one included) is exact when a client goes away mid-sequence.
@@ -548,6 +551,7 @@ impl Worker {
             };
             let weight = tenancy(&sub.request).1;
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            let _ = sub.reply.send(GenEvent::Admitted);
             let GenRequest {
                 prompt_ids,
                 max_tokens,

@@ -61,9 +61,17 @@ fn request(prompt_ids: &[u32], max_tokens: usize, constraint: Option<GenConstrai
 /// Collects one sequence's text.
 fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<GenEvent>) -> String {
     let mut text = String::new();
+    let mut admitted = false;
     while let Some(event) = events.blocking_recv() {
         match event {
-            GenEvent::Delta { text: t, .. } => text.push_str(&t),
+            GenEvent::Admitted => {
+                assert!(!admitted, "admitted twice");
+                admitted = true;
+            }
+            GenEvent::Delta { text: t, .. } => {
+                assert!(admitted, "a token before the sequence was admitted");
+                text.push_str(&t)
+            }
             GenEvent::Finished { .. } => return text,
             GenEvent::Failed { message } => panic!("generation failed: {message}"),
         }
@@ -249,7 +257,7 @@ fn cached_counts(engine: &Engine, prompt_ids: &[u32]) -> (usize, usize, usize) {
     let mut events = engine.submit(req).unwrap();
     while let Some(event) = events.blocking_recv() {
         match event {
-            GenEvent::Delta { .. } => {}
+            GenEvent::Admitted | GenEvent::Delta { .. } => {}
             GenEvent::Finished {
                 prompt_tokens,
                 cached_tokens,

@@ -635,7 +635,7 @@ fn a_128k_context_fits_the_kv_budget_and_longer_requests_are_refused() {
                 completion_tokens, ..
             } => completion = Some(completion_tokens),
             GenEvent::Failed { message } => panic!("generation failed: {message}"),
-            GenEvent::Delta { .. } => {}
+            GenEvent::Admitted | GenEvent::Delta { .. } => {}
         }
     }
     assert!(

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tollgate_gateway::admin::{customer_json, issue_key, key_json, valid_id};
+use tollgate_gateway::audit::Actor;
 use tollgate_gateway::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
 use tollgate_gateway::export_formats::{self, StripeMapping};
 use tollgate_gateway::money::parse_usd;
@@ -286,7 +287,11 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 rpm: Some(positive(rpm, "rpm")?),
                 tpm: Some(positive(tpm, "tpm")?),
             };
-            let c = db.open().await?.create_customer(&id, fields).await?;
+            let c = db
+                .open()
+                .await?
+                .create_customer(&id, fields, &Actor::cli_os_user())
+                .await?;
             print(&customer_json(&c))
         }
         CustomersCommand::List { db } => {
@@ -313,7 +318,11 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 rpm: limit_arg(rpm.as_deref(), "rpm")?,
                 tpm: limit_arg(tpm.as_deref(), "tpm")?,
             };
-            let c = db.open().await?.update_customer(&id, fields).await?;
+            let c = db
+                .open()
+                .await?
+                .update_customer(&id, fields, &Actor::cli_os_user())
+                .await?;
             print(&customer_json(&c))
         }
     }
@@ -356,7 +365,8 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 tags,
                 budget_nano_usd,
             };
-            let (key, secret) = issue_key(&db.open().await?, &customer_id, new).await?;
+            let store = db.open().await?;
+            let (key, secret) = issue_key(&store, &customer_id, new, &Actor::cli_os_user()).await?;
             let mut body = key_json(&key);
             body["key"] = json!(secret);
             print(&body)
@@ -372,18 +382,27 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         } => {
             let budget = budget_arg(Some(&budget_usd))?.flatten();
             print(&key_json(
-                &db.open().await?.set_key_budget(&key_id, budget).await?,
+                &db.open()
+                    .await?
+                    .set_key_budget(&key_id, budget, &Actor::cli_os_user())
+                    .await?,
             ))
         }
         KeysCommand::Tag { key_id, tags, db } => {
             let tags = tags_arg(&tags)?;
             print(&key_json(
-                &db.open().await?.set_key_tags(&key_id, &tags).await?,
+                &db.open()
+                    .await?
+                    .set_key_tags(&key_id, &tags, &Actor::cli_os_user())
+                    .await?,
             ))
         }
-        KeysCommand::Revoke { key_id, db } => {
-            print(&key_json(&db.open().await?.revoke_key(&key_id).await?))
-        }
+        KeysCommand::Revoke { key_id, db } => print(&key_json(
+            &db.open()
+                .await?
+                .revoke_key(&key_id, &Actor::cli_os_user())
+                .await?,
+        )),
     }
 }
 

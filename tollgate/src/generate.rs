@@ -95,6 +95,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     while let Some(event) = events.blocking_recv() {
         match event {
+            GenEvent::Admitted => {}
             GenEvent::Delta { text, .. } => {
                 first_token.get_or_insert_with(|| started.elapsed());
                 write!(stdout, "{text}")?;

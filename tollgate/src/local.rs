@@ -362,7 +362,11 @@ impl Backend for LocalBackend {
         let engine_progress = progress.clone();
         let cached = Arc::new(AtomicUsize::new(0));
         let engine_cached = cached.clone();
+        // The request's span: the phases' spans are its children (the stream is read after
+        // the handler has returned).
+        let parent = tracing::Span::current();
         let start = move || -> Result<EventStream, BackendError> {
+            let queue = phase(&parent, "queue");
             let receiver = engine
                 .submit(GenRequest {
                     prompt_ids,
@@ -375,7 +379,7 @@ impl Backend for LocalBackend {
                     cached: Some(engine_cached),
                 })
                 .map_err(backend_error)?;
-            Ok(events(receiver, prompt_tokens, shape))
+            Ok(events(receiver, prompt_tokens, shape, (parent, queue)))
         };
         Ok(Prepared {
             prompt_tokens: prompt_tokens as u32,
@@ -524,12 +528,52 @@ fn call_id() -> String {
     format!("call_{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
 }
 
-/// The engine's events for one sequence as backend events, after a `Started`.
+/// A span for one phase of a sequence (`queue`, `prefill`, `decode`) under the request's span,
+/// when traces are exported.
+fn phase(parent: &tracing::Span, name: &'static str) -> tracing::Span {
+    tollgate_gateway::telemetry::span(
+        || tracing::info_span!(parent: parent, "engine.phase", otel.name = name, gen_ai.phase = name),
+    )
+}
+
+/// The span of the phase a sequence is in, under the request's span: queue until admitted,
+/// prefill until the first token, decode until the end. Each ends when the next begins.
+struct Phases {
+    parent: tracing::Span,
+    /// Held for its drop, which ends the phase's span.
+    _open: tracing::Span,
+    decoding: bool,
+}
+
+impl Phases {
+    fn on(&mut self, event: &GenEvent) {
+        match event {
+            GenEvent::Admitted => self._open = phase(&self.parent, "prefill"),
+            GenEvent::Delta { .. } if !self.decoding => {
+                self.decoding = true;
+                self._open = phase(&self.parent, "decode");
+            }
+            GenEvent::Delta { .. } => {}
+            GenEvent::Finished { .. } | GenEvent::Failed { .. } => {
+                self._open = tracing::Span::none()
+            }
+        }
+    }
+}
+
+/// The engine's events for one sequence as backend events, after a `Started`; `phases` is the
+/// request's span and the queue phase's.
 fn events(
     receiver: UnboundedReceiver<GenEvent>,
     prompt_tokens: usize,
     shape: Shape,
+    phases: (tracing::Span, tracing::Span),
 ) -> EventStream {
+    let mut phases = Phases {
+        parent: phases.0,
+        _open: phases.1,
+        decoding: false,
+    };
     let started = futures::stream::once(async move {
         Ok(GenerateEvent::Started {
             prompt_tokens: prompt_tokens as u32,
@@ -537,7 +581,9 @@ fn events(
     });
     let mut shaper = Shaper::new(shape);
     let events = UnboundedReceiverStream::new(receiver).flat_map(move |event| {
+        phases.on(&event);
         let out: Vec<Result<GenerateEvent, BackendError>> = match event {
+            GenEvent::Admitted => Vec::new(),
             GenEvent::Delta {
                 text,
                 logprobs,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tracing_subscriber::prelude::*;
 
 #[derive(Parser)]
 #[command(
@@ -83,15 +84,22 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(filter);
+    // Before any async runtime: the OTLP exporter's client is a blocking one. Its guard flushes
+    // the last spans when dropped, after the runtime is gone.
+    let (traces, flush) = match tollgate_gateway::telemetry::from_env()
+        .context("cannot set up the OpenTelemetry exporter (OTEL_EXPORTER_OTLP_*)")?
+    {
+        Some((layer, guard)) => (Some(layer), Some(guard)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(log).with(traces).init();
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Serve {
             config,
             listen,
@@ -127,7 +135,9 @@ fn main() -> anyhow::Result<()> {
         Command::Customers(cmd) => async_runtime()?.block_on(tollgate::billing_cli::customers(cmd)),
         Command::Keys(cmd) => async_runtime()?.block_on(tollgate::billing_cli::keys(cmd)),
         Command::Usage(cmd) => async_runtime()?.block_on(tollgate::billing_cli::usage(cmd)),
-    }
+    };
+    drop(flush);
+    result
 }
 
 fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use tollgate_gateway::audit::Actor;
 use tollgate_gateway::store::{
     CustomerFields, GroupBy, NewKey, Store, StoreError, UsageFilter, UsageRecord,
 };
@@ -33,6 +34,7 @@ pub fn record(id: &str, customer: &str, model: &str, started_at: i64, cost: i64)
 
 /// Everything the gateway and the CLI ask of a store, on an empty database.
 pub async fn exercise(store: &Store) {
+    let actor = Actor::cli("contract");
     // Customers.
     let fields = CustomerFields {
         name: Some("Acme".into()),
@@ -40,11 +42,14 @@ pub async fn exercise(store: &Store) {
         rpm: Some(Some(60)),
         ..CustomerFields::default()
     };
-    let acme = store.create_customer("acme", fields.clone()).await.unwrap();
+    let acme = store
+        .create_customer("acme", fields.clone(), &actor)
+        .await
+        .unwrap();
     assert_eq!(acme.budget_nano_usd, Some(5_000));
     assert_eq!(acme.budget_period, "monthly");
     assert!(matches!(
-        store.create_customer("acme", fields).await,
+        store.create_customer("acme", fields, &actor).await,
         Err(StoreError::Conflict(_))
     ));
     store.ensure_customer("beta", "Beta").await.unwrap();
@@ -57,6 +62,7 @@ pub async fn exercise(store: &Store) {
                 tpm: Some(Some(1_000)),
                 ..CustomerFields::default()
             },
+            &actor,
         )
         .await
         .unwrap();
@@ -85,11 +91,18 @@ pub async fn exercise(store: &Store) {
         ..NewKey::default()
     };
     store
-        .create_key("acme", "key_a", "hash_a", "tg-aaaaaa", new)
+        .create_key("acme", "key_a", "hash_a", "tg-aaaaaa", new, &actor)
         .await
         .unwrap();
     assert!(store
-        .create_key("nobody", "key_x", "hash_x", "tg-x", NewKey::default())
+        .create_key(
+            "nobody",
+            "key_x",
+            "hash_x",
+            "tg-x",
+            NewKey::default(),
+            &actor,
+        )
         .await
         .is_err());
     let (key, stored, customer) = store.find_key("hash_a").await.unwrap().unwrap();
@@ -99,14 +112,60 @@ pub async fn exercise(store: &Store) {
     );
     assert_eq!(key.models, Some(vec!["m1".to_string()]));
     assert!(store.find_key("hash_b").await.unwrap().is_none());
-    let revoked = store.revoke_key("key_a").await.unwrap();
-    let again = store.revoke_key("key_a").await.unwrap();
+    let revoked = store.revoke_key("key_a", &actor).await.unwrap();
+    let again = store.revoke_key("key_a", &actor).await.unwrap();
     assert!(revoked.revoked_at.is_some());
     assert_eq!(
         revoked.revoked_at, again.revoked_at,
         "the first revocation time stays"
     );
     assert_eq!(store.list_keys("acme").await.unwrap().len(), 1);
+
+    // Audit: each change once, in order, by its actor; refused changes and a second
+    // revocation leave nothing; no digest or prefix of a secret.
+    let entries = store.audit_after(0, 100).await.unwrap();
+    let seen: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|e| (e.action.as_str(), e.target_id.as_str(), e.actor.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("customer.created", "acme", "cli user contract"),
+            ("customer.created", "beta", "tollgate"),
+            ("customer.updated", "acme", "cli user contract"),
+            ("key.created", "key_a", "cli user contract"),
+            ("key.revoked", "key_a", "cli user contract"),
+        ]
+    );
+    assert_eq!(
+        entries[2].changes,
+        serde_json::json!({
+            "budget_usd": {"from": "0.000005000", "to": null},
+            "tpm": {"from": null, "to": 1000},
+        })
+    );
+    assert_eq!(entries[3].changes["rpm"], 5);
+    assert_eq!(
+        entries[4].changes["revoked_at"]["from"],
+        serde_json::Value::Null
+    );
+    for e in &entries {
+        let text = e.json().to_string();
+        assert!(
+            !text.contains("hash_a") && !text.contains("tg-aaaaaa"),
+            "{text}"
+        );
+    }
+    let page = store.audit_after(entries[1].seq, 2).await.unwrap();
+    assert_eq!(page, entries[2..4]);
+    let newest = store.audit_before(None, 2).await.unwrap();
+    assert_eq!(
+        (newest[0].seq, newest[1].seq),
+        (entries[4].seq, entries[3].seq)
+    );
+    let older = store.audit_before(Some(entries[1].seq), 10).await.unwrap();
+    assert_eq!(older, entries[..1]);
 
     // Ledger: inserts are idempotent on the id and keep their order.
     let t0 = 20_000 * DAY;
