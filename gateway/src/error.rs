@@ -54,6 +54,12 @@ pub enum ApiError {
     /// Admin API: the object exists already.
     #[error("{0}")]
     Conflict(String),
+    /// An `Idempotency-Key` already used by this customer for another request body.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
+    /// An `Idempotency-Key` whose first request is still running; retry after a moment.
+    #[error("{0}")]
+    IdempotencyKeyInProgress(String),
     /// Admin API: no such object.
     #[error("{0}")]
     NotFound(String),
@@ -126,6 +132,16 @@ impl ApiError {
                 StatusCode::CONFLICT,
                 "invalid_request_error",
                 Some("conflict"),
+            ),
+            Self::IdempotencyKeyReused(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_reused"),
+            ),
+            Self::IdempotencyKeyInProgress(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_in_progress"),
             ),
             Self::NotFound(_) => (
                 StatusCode::NOT_FOUND,
@@ -248,6 +264,21 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+        }
+        // OpenAI's SDKs retry a 409 unless told otherwise: a key in progress is worth
+        // retrying (the retry gets the stored result), a key reused for another body is not.
+        match self {
+            Self::IdempotencyKeyInProgress(_) => {
+                let headers = response.headers_mut();
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+                headers.insert("x-should-retry", HeaderValue::from_static("true"));
+            }
+            Self::IdempotencyKeyReused(_) => {
+                response
+                    .headers_mut()
+                    .insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            _ => {}
         }
         response
     }

@@ -13,6 +13,7 @@ pub mod concurrency;
 pub mod config;
 pub mod error;
 pub mod export_formats;
+pub mod idempotency;
 pub mod ledger;
 pub mod limits;
 pub mod listener;
@@ -73,6 +74,9 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
     pub inflight: Arc<concurrency::InFlight>,
+    /// Work that outlives its request (idempotent requests run to completion without their
+    /// client); drained at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -91,6 +95,7 @@ impl AppState {
             limiter: Limiter::default(),
             admin_token: None,
             inflight: Arc::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -163,6 +168,11 @@ fn v1(state: &AppState) -> Router<AppState> {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/responses", post(responses::create))
+        // Inside the key check (set below): it needs the customer.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .route(
             "/v1/responses/{id}",
             get(responses::get).delete(responses::delete),
@@ -341,6 +351,7 @@ pub async fn run_split(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let timeout = state.config.server.shutdown_timeout;
+    let tasks = state.tasks.clone();
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let limits = listener::ConnLimits {
@@ -379,6 +390,11 @@ pub async fn run_split(
     );
     let mut server = tokio::spawn(server);
     let result = drain(&mut server, signalled_rx, timeout).await;
+    // (4) Requests detached from their clients (idempotent ones) finish, within the timeout.
+    tasks.close();
+    if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
+        tracing::warn!("shutdown timeout: dropping detached requests");
+    }
     if let Some(operator_server) = operator_server {
         // Its requests are short; whatever is left when the public side is done is dropped.
         if tokio::time::timeout(Duration::from_secs(1), operator_server)

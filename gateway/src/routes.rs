@@ -227,6 +227,9 @@ impl Completion {
             self.started_at,
             cost,
         );
+        if let Some(ticket) = &self.caller.idempotency {
+            ticket.settled(self.outcome);
+        }
         self.state.ledger.as_ref()?;
         let finish_reason = match self.outcome {
             "cancelled" => Some("cancelled".to_string()),
@@ -256,6 +259,7 @@ impl Completion {
             cached_cost_nano_usd: cached_cost,
             usage_source: Some(self.usage_source().as_str().to_string()),
             tags: std::mem::take(&mut self.tags),
+            idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
         })
     }
 
