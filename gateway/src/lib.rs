@@ -6,6 +6,7 @@
 //! shutdown signal, then drains in-flight requests.
 
 pub mod admin;
+pub mod alerts;
 pub mod auth;
 pub mod backend;
 pub mod billing;
@@ -77,6 +78,8 @@ pub struct AppState {
     /// Work that outlives its request (idempotent requests run to completion without their
     /// client); drained at shutdown.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Cancelled at the end of shutdown: stops background work (alert delivery).
+    pub background: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -96,6 +99,7 @@ impl AppState {
             admin_token: None,
             inflight: Arc::default(),
             tasks: tokio_util::task::TaskTracker::new(),
+            background: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -113,6 +117,9 @@ impl AppState {
             spooled: self.metrics.ledger_spooled.clone(),
         };
         self.ledger = Some(Ledger::start(store.clone(), spool_path, sync, gauges)?);
+        // Budget alerts: delivered from the outbox until shutdown.
+        let deliverer = alerts::Deliverer::new(store.clone(), alerts::DeliveryConfig::default())?;
+        tokio::spawn(deliverer.run(self.background.clone()));
         if store.kind() == crate::store::DbKind::Postgres {
             // Replicas share the database: limits and budgets are kept there, exact across them.
             self.limiter = Limiter::shared(store.clone());
@@ -352,6 +359,7 @@ pub async fn run_split(
     let addr = listener.local_addr()?;
     let timeout = state.config.server.shutdown_timeout;
     let tasks = state.tasks.clone();
+    let background = state.background.clone();
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let limits = listener::ConnLimits {
@@ -395,6 +403,8 @@ pub async fn run_split(
     if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
         tracing::warn!("shutdown timeout: dropping detached requests");
     }
+    // (5) Background work stops (undelivered alerts stay in the outbox for the next start).
+    background.cancel();
     if let Some(operator_server) = operator_server {
         // Its requests are short; whatever is left when the public side is done is dropped.
         if tokio::time::timeout(Duration::from_secs(1), operator_server)

@@ -819,6 +819,8 @@ impl Store {
                 .collect();
             crate::shared_limits::settle_in_ledger(&mut tx, &added, &ids).await?;
         }
+        // Budget alerts the spend crossed, in the same transaction (the outbox).
+        crate::alerts::outbox_in_ledger(&mut tx, records).await?;
         tx.commit().await?;
         Ok(inserted)
     }
