@@ -66,7 +66,7 @@ pub fn parse_thresholds(values: &[String]) -> Result<Vec<String>, String> {
 
 /// The thresholds `spent` has reached of `budget` (both nano-USD): those `t` with
 /// `spent >= ceil(t × budget)`. Exact: no floating point.
-pub fn crossed<'a>(thresholds: &'a [String], budget: i64, spent: i64) -> Vec<&'a str> {
+pub fn crossed(thresholds: &[String], budget: i64, spent: i64) -> Vec<&str> {
     if budget <= 0 {
         return Vec::new();
     }
