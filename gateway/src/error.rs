@@ -312,44 +312,70 @@ fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> (String, Option
     (message, param)
 }
 
+/// The body of a JSON request: refused unless its content type is JSON, within the body
+/// limit.
+async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+    if !is_json {
+        return Err(ApiError::invalid(
+            "expected a JSON body with `Content-Type: application/json`",
+            None,
+        ));
+    }
+    let limit = req
+        .extensions()
+        .get::<crate::BodyLimit>()
+        .map_or(0, |l| l.0);
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
+        }
+    })
+}
+
+/// `bytes` as a `T`, with `param` naming the field that does not fit.
+fn parse_json<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize(de) {
+        Ok(value) => Ok(value),
+        Err(e) => {
+            let located = e.path().to_string() != "." || e.inner().is_syntax();
+            let e = match T::check_flattened(bytes) {
+                Err(flattened) if !located => flattened,
+                _ => e,
+            };
+            let (message, param) = describe(e);
+            Err(ApiError::InvalidRequest { message, param })
+        }
+    }
+}
+
 impl<T: RequestBody, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
-        if !is_json {
-            return Err(ApiError::invalid(
-                "expected a JSON body with `Content-Type: application/json`",
-                None,
-            ));
-        }
-        let limit = req
-            .extensions()
-            .get::<crate::BodyLimit>()
-            .map_or(0, |l| l.0);
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
-            }
-        })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(de) {
-            Ok(value) => Ok(Self(value)),
-            Err(e) => {
-                let located = e.path().to_string() != "." || e.inner().is_syntax();
-                let e = match T::check_flattened(&bytes) {
-                    Err(flattened) if !located => flattened,
-                    _ => e,
-                };
-                let (message, param) = describe(e);
-                Err(ApiError::InvalidRequest { message, param })
-            }
-        }
+        let bytes = json_bytes(req, state).await?;
+        Ok(Self(parse_json(&bytes)?))
+    }
+}
+
+/// [`ApiJson`] that also keeps the body as a JSON value (for requests passed on as sent).
+pub struct ApiJsonValue<T>(pub T, pub serde_json::Value);
+
+impl<T: RequestBody, S: Send + Sync> FromRequest<S> for ApiJsonValue<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = json_bytes(req, state).await?;
+        let typed = parse_json(&bytes)?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), None))?;
+        Ok(Self(typed, value))
     }
 }
