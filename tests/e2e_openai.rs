@@ -315,3 +315,97 @@ async fn json_schema_and_tool_calls_through_async_openai() {
     assert!(args["city"].is_string(), "{args}");
     assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Stop));
 }
+
+/// The Responses API through async-openai's own types: a text response, and the same request
+/// streamed as typed events whose deltas add up to the same text and whose last event carries
+/// the same usage.
+#[tokio::test]
+async fn responses_api_through_async_openai_types() {
+    use async_openai::types::responses::{
+        Content, CreateResponseArgs, Input, OutputContent, ResponseEvent, Status,
+    };
+
+    let client = client();
+    let request = CreateResponseArgs::default()
+        .model(MODEL)
+        .instructions("You are a helpful assistant.")
+        .input(Input::Text("What is the capital of France?".into()))
+        .max_output_tokens(24u32)
+        .temperature(0.0)
+        .store(false)
+        .build()
+        .unwrap();
+    let response = client.responses().create(request.clone()).await.unwrap();
+    assert!(response.id.starts_with("resp_"), "{}", response.id);
+    assert_eq!(response.object, "response");
+    assert_eq!(response.model, MODEL);
+    assert!(matches!(
+        response.status,
+        Status::Completed | Status::Incomplete
+    ));
+    let text: String = response
+        .output
+        .iter()
+        .filter_map(|o| match o {
+            OutputContent::Message(m) => Some(m),
+            _ => None,
+        })
+        .flat_map(|m| &m.content)
+        .filter_map(|c| match c {
+            Content::OutputText(t) => Some(t.text.as_str()),
+            Content::Refusal(_) => None,
+        })
+        .collect();
+    assert!(text.contains("Paris"), "{text}");
+    let usage = response.usage.clone().unwrap();
+    assert!(usage.input_tokens > 5 && usage.output_tokens > 0);
+    assert_eq!(usage.total_tokens, usage.input_tokens + usage.output_tokens);
+
+    let mut events = client.responses().create_stream(request).await.unwrap();
+    let mut kinds = Vec::new();
+    let mut streamed = String::new();
+    let mut last_usage = None;
+    let mut sequence = Vec::new();
+    // Like OpenAI's, the stream has no `[DONE]`: it ends with its last event (async-openai
+    // 0.30 then reports the closed connection as an error, so a client stops at that event).
+    while let Some(event) = events.next().await {
+        if matches!(kinds.last(), Some(&"completed" | &"incomplete")) {
+            break;
+        }
+        let event = event.unwrap();
+        match &event {
+            ResponseEvent::ResponseCreated(e) => {
+                kinds.push("created");
+                sequence.push(e.sequence_number);
+            }
+            ResponseEvent::ResponseOutputTextDelta(e) => {
+                kinds.push("delta");
+                sequence.push(e.sequence_number);
+                streamed.push_str(&e.delta);
+            }
+            ResponseEvent::ResponseCompleted(e) => {
+                kinds.push("completed");
+                sequence.push(e.sequence_number);
+                last_usage = e.response.usage.clone();
+            }
+            ResponseEvent::ResponseIncomplete(e) => {
+                kinds.push("incomplete");
+                sequence.push(e.sequence_number);
+                last_usage = e.response.usage.clone();
+            }
+            _ => kinds.push("other"),
+        }
+    }
+    assert_eq!(kinds.first(), Some(&"created"));
+    assert!(matches!(kinds.last(), Some(&"completed" | &"incomplete")));
+    assert!(sequence.windows(2).all(|w| w[0] < w[1]), "{sequence:?}");
+    assert_eq!(
+        streamed, text,
+        "greedy: the stream says what the response said"
+    );
+    let last_usage = last_usage.unwrap();
+    assert_eq!(
+        (last_usage.input_tokens, last_usage.output_tokens),
+        (usage.input_tokens, usage.output_tokens)
+    );
+}

@@ -45,6 +45,11 @@ pub fn router(state: AppState) -> Router<AppState> {
             "/admin/v1/keys/{key_id}",
             delete(revoke_key).patch(update_key),
         )
+        .route(
+            "/admin/v1/customers/{id}/alerts",
+            get(get_alert_settings).put(put_alert_settings),
+        )
+        .route("/admin/v1/alerts", get(list_alerts))
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/usage/records", get(usage_records))
         .route("/admin/v1/invoices/{customer_id}", get(invoice))
@@ -332,6 +337,107 @@ async fn update_customer(
     let customer = store(&state)?.update_customer(&id, fields, &actor).await?;
     state.auth.forget_customer(&id);
     Ok(Json(customer_json(&customer)))
+}
+
+async fn get_alert_settings(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let settings = store(&state)?.alert_settings(&id).await?;
+    Ok(Json(crate::alerts::settings_json(&settings, None)))
+}
+
+/// `{"webhook_url": URL | null, "thresholds": [fractions], "rotate_secret": bool}`; the
+/// answer carries `webhook_secret` when one was made (shown once).
+async fn put_alert_settings(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let map = object(&body)?;
+    reject_unknown(&map, &["webhook_url", "thresholds", "rotate_secret"])?;
+    let webhook_url = match map.get("webhook_url") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::String(u)) => {
+            crate::alerts::check_webhook_url(u).map_err(|e| invalid_field("webhook_url", e))?;
+            Some(Some(u.clone()))
+        }
+        Some(v) => {
+            return Err(invalid_field(
+                "webhook_url",
+                format!("`webhook_url` must be a URL string or null, got {v}"),
+            ))
+        }
+    };
+    let thresholds = match map.get("thresholds") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => {
+            let texts = items
+                .iter()
+                .map(|v| match v {
+                    Value::Number(n) => Ok(n.to_string()),
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(invalid_field(
+                        "thresholds",
+                        format!("thresholds are fractions of the budget, got {other}"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            crate::alerts::parse_thresholds(&texts).map_err(|e| invalid_field("thresholds", e))?;
+            Some(texts)
+        }
+        Some(v) => {
+            return Err(invalid_field(
+                "thresholds",
+                format!("`thresholds` must be a list of fractions, got {v}"),
+            ))
+        }
+    };
+    let rotate_secret = match map.get("rotate_secret") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(invalid_field(
+                "rotate_secret",
+                format!("`rotate_secret` must be a boolean, got {v}"),
+            ))
+        }
+    };
+    let change = crate::alerts::SettingsChange {
+        webhook_url,
+        thresholds,
+        rotate_secret,
+    };
+    let (settings, secret) = crate::alerts::update_settings(store(&state)?, &id, change).await?;
+    Ok(Json(crate::alerts::settings_json(
+        &settings,
+        secret.as_deref(),
+    )))
+}
+
+/// `GET /admin/v1/alerts?customer_id=&limit=`: budget alerts, oldest first, with their
+/// delivery.
+async fn list_alerts(
+    State(state): State<AppState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match q.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(l) => match l.parse::<i64>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(invalid_field(
+                    "limit",
+                    format!("limit must be between 1 and {MAX_PAGE}, not {l}"),
+                ))
+            }
+        },
+    };
+    let alerts = store(&state)?
+        .list_alerts(q.get("customer_id").map(String::as_str), limit)
+        .await?;
+    Ok(list(alerts.iter().map(crate::alerts::alert_json).collect()))
 }
 
 /// `expires_at`: RFC 3339 or Unix seconds; must be in the future.

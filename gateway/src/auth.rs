@@ -81,6 +81,8 @@ pub struct Caller {
     pub key_tags: Arc<crate::tags::Tags>,
     /// The key's own monthly budget in nano-USD; `None` = only the customer's applies.
     pub key_budget_nano_usd: Option<i64>,
+    /// Set by the idempotency layer when the request carries an `Idempotency-Key` it runs.
+    pub idempotency: Option<crate::idempotency::Ticket>,
 }
 
 impl Caller {
@@ -101,6 +103,7 @@ impl Caller {
             expires_at: key.expires_at,
             key_tags: Arc::new(key.tags.clone()),
             key_budget_nano_usd: key.budget_nano_usd,
+            idempotency: None,
         }
     }
 
@@ -203,6 +206,7 @@ impl AuthConfig {
                 expires_at: None,
                 key_tags: Arc::default(),
                 key_budget_nano_usd: None,
+                idempotency: None,
             });
         }
         let Some(store) = store else {

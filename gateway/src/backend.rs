@@ -298,6 +298,23 @@ pub enum BackendError {
 /// A stream of events for one sequence. Dropping it cancels the sequence at once.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, BackendError>> + Send>>;
 
+/// One event of an upstream's own Responses API stream (`/v1/responses` passed through).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassthroughEvent {
+    /// Its `type` (`response.created`, `response.output_text.delta`, ...).
+    pub kind: String,
+    pub data: serde_json::Value,
+    /// Output tokens seen so far (counted as for chat streams).
+    pub output_tokens: u32,
+    /// On the last event (`response.completed`, `.incomplete` or `.failed`): the usage to
+    /// bill, from the upstream's and never below what was seen.
+    pub usage: Option<Usage>,
+}
+
+/// An upstream response's events, ending with its last one (or an error).
+pub type PassthroughStream =
+    Pin<Box<dyn Stream<Item = Result<PassthroughEvent, BackendError>> + Send>>;
+
 /// Static facts about a served model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -330,6 +347,13 @@ pub struct LoadReport {
     pub prefix_cache_bytes: u64,
     #[serde(default)]
     pub prefix_hit_tokens_total: u64,
+}
+
+/// Counts tokens of text with a model's tokenizer, for backends that do not report their own
+/// counts reliably (an upstream that omits `usage` or whose stream is cut). Supplied by the
+/// binary, which has the tokenizers; the gateway never loads one itself.
+pub trait TokenCounter: Send + Sync + 'static {
+    fn count(&self, text: &str) -> u32;
 }
 
 /// Starts a prepared sequence.
@@ -374,5 +398,24 @@ pub trait Backend: Send + Sync + 'static {
     /// For backends that route to other servers: each server and whether it is in rotation.
     fn members(&self) -> Vec<(String, bool)> {
         Vec::new()
+    }
+
+    /// Whether `/v1/responses` requests go to the server's own Responses API
+    /// ([`Backend::start_responses`]) rather than being translated to chat.
+    fn passes_responses_through(&self) -> bool {
+        false
+    }
+
+    /// Starts a Responses API request (`body` as the client sent it, the model name and
+    /// conversation already set by the gateway) on the server's own `/v1/responses`, streamed.
+    /// `prompt_estimate` stands in for input tokens the server does not report.
+    fn start_responses(
+        &self,
+        _body: serde_json::Value,
+        _prompt_estimate: u32,
+    ) -> Result<PassthroughStream, BackendError> {
+        Err(BackendError::Internal(
+            "this backend does not speak the Responses API".into(),
+        ))
     }
 }

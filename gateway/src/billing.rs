@@ -163,7 +163,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::E
 }
 
 /// Columns of an exported record, in order (the usage-record contract in the README).
-pub const RECORD_COLUMNS: [&str; 21] = [
+pub const RECORD_COLUMNS: [&str; 22] = [
     "id",
     "customer_id",
     "key_id",
@@ -185,6 +185,7 @@ pub const RECORD_COLUMNS: [&str; 21] = [
     "cached_input_cost_usd",
     "usage_source",
     "tags",
+    "idempotency_key",
 ];
 
 /// A record as exported: times in RFC 3339, money as a decimal string.
@@ -211,6 +212,7 @@ pub fn record_json(r: &UsageRecord) -> Value {
         "cached_input_cost_usd": format_usd(r.cached_cost_nano_usd),
         "usage_source": r.usage_source,
         "tags": r.tags,
+        "idempotency_key": r.idempotency_key,
     })
 }
 
@@ -246,6 +248,7 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         format_usd(r.cached_cost_nano_usd),
         r.usage_source.clone().unwrap_or_default(),
         crate::tags::to_json(&r.tags).unwrap_or_default(),
+        r.idempotency_key.clone().unwrap_or_default(),
     ]
 }
 

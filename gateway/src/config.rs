@@ -87,6 +87,8 @@ enum RawBackend {
         api_key_env: Option<String>,
         /// `static` (default) or `dns`.
         discover: Option<String>,
+        /// `translate` (default) or `passthrough`.
+        responses: Option<String>,
     },
 }
 
@@ -188,6 +190,18 @@ pub struct HttpBackendConfig {
     pub api_key_env: Option<String>,
     /// How the pool's members are found from `urls`.
     pub discover: crate::upstream::Discovery,
+    /// How `/v1/responses` reaches the upstream.
+    pub responses: ResponsesMode,
+}
+
+/// How an http model serves `/v1/responses`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ResponsesMode {
+    /// Translated to chat completions (any OpenAI-compatible upstream).
+    #[default]
+    Translate,
+    /// Sent to the upstream's own `/v1/responses` (it speaks the Responses API).
+    Passthrough,
 }
 
 /// USD per million tokens, exact.
@@ -319,6 +333,7 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
             urls,
             api_key_env,
             discover,
+            responses,
         } => {
             if urls.is_empty() {
                 return Err(err("backend.urls is empty".into()));
@@ -332,10 +347,20 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
                     )))
                 }
             };
+            let responses = match responses.as_deref() {
+                None | Some("translate") => ResponsesMode::Translate,
+                Some("passthrough") => ResponsesMode::Passthrough,
+                Some(other) => {
+                    return Err(err(format!(
+                        "backend.responses `{other}` is neither `translate` nor `passthrough`"
+                    )))
+                }
+            };
             BackendConfig::Http(HttpBackendConfig {
                 urls,
                 api_key_env,
                 discover,
+                responses,
             })
         }
     };
@@ -499,6 +524,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("remote") && e.contains("`consul`"), "{e}");
+    }
+
+    #[test]
+    fn http_responses_are_translated_unless_passed_through() {
+        let mode = |extra: &str| {
+            let toml = format!(
+                "[models.remote]\nbackend = {{ type = \"http\", urls = [\"http://w:8081\"]{extra} }}"
+            );
+            Config::from_toml_str(&toml, Path::new("/")).map(|c| {
+                match &c.models["remote"].backend {
+                    BackendConfig::Http(h) => h.responses,
+                    BackendConfig::Local(_) => unreachable!(),
+                }
+            })
+        };
+        assert_eq!(mode("").unwrap(), ResponsesMode::Translate);
+        assert_eq!(
+            mode(", responses = \"passthrough\"").unwrap(),
+            ResponsesMode::Passthrough
+        );
+        let e = mode(", responses = \"native\"").unwrap_err().to_string();
+        assert!(e.contains("remote") && e.contains("`native`"), "{e}");
     }
 
     #[test]

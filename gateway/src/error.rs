@@ -54,6 +54,12 @@ pub enum ApiError {
     /// Admin API: the object exists already.
     #[error("{0}")]
     Conflict(String),
+    /// An `Idempotency-Key` already used by this customer for another request body.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
+    /// An `Idempotency-Key` whose first request is still running; retry after a moment.
+    #[error("{0}")]
+    IdempotencyKeyInProgress(String),
     /// Admin API: no such object.
     #[error("{0}")]
     NotFound(String),
@@ -126,6 +132,16 @@ impl ApiError {
                 StatusCode::CONFLICT,
                 "invalid_request_error",
                 Some("conflict"),
+            ),
+            Self::IdempotencyKeyReused(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_reused"),
+            ),
+            Self::IdempotencyKeyInProgress(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_in_progress"),
             ),
             Self::NotFound(_) => (
                 StatusCode::NOT_FOUND,
@@ -249,6 +265,21 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
+        // OpenAI's SDKs retry a 409 unless told otherwise: a key in progress is worth
+        // retrying (the retry gets the stored result), a key reused for another body is not.
+        match self {
+            Self::IdempotencyKeyInProgress(_) => {
+                let headers = response.headers_mut();
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+                headers.insert("x-should-retry", HeaderValue::from_static("true"));
+            }
+            Self::IdempotencyKeyReused(_) => {
+                response
+                    .headers_mut()
+                    .insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            _ => {}
+        }
         response
     }
 }
@@ -306,52 +337,78 @@ fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> (String, Option
     (message, param)
 }
 
+/// The body of a JSON request: refused unless its content type is JSON, within the body
+/// limit.
+async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+    if !is_json {
+        return Err(ApiError::invalid(
+            "expected a JSON body with `Content-Type: application/json`",
+            None,
+        ));
+    }
+    let limit = req
+        .extensions()
+        .get::<crate::BodyLimit>()
+        .map_or(0, |l| l.0);
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
+        }
+    })
+}
+
+/// `bytes` as a `T`, with `param` naming the field that does not fit.
+fn parse_json<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize(de) {
+        Ok(value) => match unrecognized(bytes, T::FIELDS).filter(|_| !T::FIELDS.is_empty()) {
+            Some(field) => Err(ApiError::InvalidRequest {
+                message: format!(
+                    "Unrecognized request argument supplied: {field} (this server does not support it)"
+                ),
+                param: Some(field),
+            }),
+            None => Ok(value),
+        },
+        Err(e) => {
+            let located = e.path().to_string() != "." || e.inner().is_syntax();
+            let e = match T::check_flattened(bytes) {
+                Err(flattened) if !located => flattened,
+                _ => e,
+            };
+            let (message, param) = describe(e);
+            Err(ApiError::InvalidRequest { message, param })
+        }
+    }
+}
+
 impl<T: RequestBody, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
-        if !is_json {
-            return Err(ApiError::invalid(
-                "expected a JSON body with `Content-Type: application/json`",
-                None,
-            ));
-        }
-        let limit = req
-            .extensions()
-            .get::<crate::BodyLimit>()
-            .map_or(0, |l| l.0);
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
-            }
-        })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(de) {
-            Ok(value) => match unrecognized(&bytes, T::FIELDS).filter(|_| !T::FIELDS.is_empty()) {
-                Some(field) => Err(ApiError::InvalidRequest {
-                    message: format!(
-                        "Unrecognized request argument supplied: {field} (this server does not support it)"
-                    ),
-                    param: Some(field),
-                }),
-                None => Ok(Self(value)),
-            },
-            Err(e) => {
-                let located = e.path().to_string() != "." || e.inner().is_syntax();
-                let e = match T::check_flattened(&bytes) {
-                    Err(flattened) if !located => flattened,
-                    _ => e,
-                };
-                let (message, param) = describe(e);
-                Err(ApiError::InvalidRequest { message, param })
-            }
-        }
+        let bytes = json_bytes(req, state).await?;
+        Ok(Self(parse_json(&bytes)?))
+    }
+}
+
+/// [`ApiJson`] that also keeps the body as a JSON value (for requests passed on as sent).
+pub struct ApiJsonValue<T>(pub T, pub serde_json::Value);
+
+impl<T: RequestBody, S: Send + Sync> FromRequest<S> for ApiJsonValue<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = json_bytes(req, state).await?;
+        let typed = parse_json(&bytes)?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), None))?;
+        Ok(Self(typed, value))
     }
 }

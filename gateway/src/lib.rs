@@ -6,6 +6,7 @@
 //! shutdown signal, then drains in-flight requests.
 
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod backend;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod export_formats;
+pub mod idempotency;
 pub mod ledger;
 pub mod limits;
 pub mod listener;
@@ -79,6 +81,11 @@ pub struct AppState {
     pub inflight: Arc<concurrency::InFlight>,
     /// Signed-in console sessions.
     pub console: Arc<console::Sessions>,
+    /// Work that outlives its request (idempotent requests run to completion without their
+    /// client); drained at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Cancelled at the end of shutdown: stops background work (alert delivery).
+    pub background: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -98,6 +105,8 @@ impl AppState {
             admin_token: None,
             inflight: Arc::default(),
             console: Arc::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            background: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -115,6 +124,9 @@ impl AppState {
             spooled: self.metrics.ledger_spooled.clone(),
         };
         self.ledger = Some(Ledger::start(store.clone(), spool_path, sync, gauges)?);
+        // Budget alerts: delivered from the outbox until shutdown.
+        let deliverer = alerts::Deliverer::new(store.clone(), alerts::DeliveryConfig::default())?;
+        tokio::spawn(deliverer.run(self.background.clone()));
         if store.kind() == crate::store::DbKind::Postgres {
             // Replicas share the database: limits and budgets are kept there, exact across them.
             self.limiter = Limiter::shared(store.clone());
@@ -172,6 +184,11 @@ fn v1(state: &AppState) -> Router<AppState> {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/responses", post(responses::create))
+        // Inside the key check (set below): it needs the customer.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .route(
             "/v1/responses/{id}",
             get(responses::get).delete(responses::delete),
@@ -381,6 +398,8 @@ pub async fn run_split(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let timeout = state.config.server.shutdown_timeout;
+    let tasks = state.tasks.clone();
+    let background = state.background.clone();
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let limits = listener::ConnLimits {
@@ -419,6 +438,13 @@ pub async fn run_split(
     );
     let mut server = tokio::spawn(server);
     let result = drain(&mut server, signalled_rx, timeout).await;
+    // (4) Requests detached from their clients (idempotent ones) finish, within the timeout.
+    tasks.close();
+    if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
+        tracing::warn!("shutdown timeout: dropping detached requests");
+    }
+    // (5) Background work stops (undelivered alerts stay in the outbox for the next start).
+    background.cancel();
     if let Some(operator_server) = operator_server {
         // Its requests are short; whatever is left when the public side is done is dropped.
         if tokio::time::timeout(Duration::from_secs(1), operator_server)

@@ -232,6 +232,9 @@ impl Completion {
             self.started_at,
             cost,
         );
+        if let Some(ticket) = &self.caller.idempotency {
+            ticket.settled(self.outcome);
+        }
         self.state.ledger.as_ref()?;
         let finish_reason = match self.outcome {
             "cancelled" => Some("cancelled".to_string()),
@@ -261,6 +264,7 @@ impl Completion {
             cached_cost_nano_usd: cached_cost,
             usage_source: Some(self.usage_source().as_str().to_string()),
             tags: std::mem::take(&mut self.tags),
+            idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
         })
     }
 
@@ -565,6 +569,81 @@ pub(crate) async fn start(
     Ok(Started {
         streams,
         completion,
+    })
+}
+
+/// Admits one sequence that a backend runs outside the [`Backend`] streams (a Responses API
+/// request passed through to an upstream): the same checks, rate limits and budget
+/// reservation as [`start`], for `prompt_tokens` (an upper bound) and at most `max_output`
+/// tokens. The caller feeds the returned guard what streams by.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each needed once; a struct would only rename them"
+)]
+pub(crate) async fn start_passthrough(
+    state: &AppState,
+    id: &RequestId,
+    caller: Caller,
+    model: &str,
+    stream: bool,
+    prompt_tokens: u32,
+    max_output: u32,
+    endpoint: &'static str,
+    tags: Tags,
+) -> Result<Completion, ApiError> {
+    let tags = crate::tags::merged(tags, &caller.key_tags);
+    backend_for(state, model)?;
+    if !caller.may_use(model) {
+        return Err(ApiError::ModelNotAllowed(model.to_string()));
+    }
+    let config = state.config.models.get(model);
+    let slots = match config.and_then(|m| m.max_sequences_per_customer) {
+        Some(limit) => Some(
+            state
+                .inflight
+                .acquire(&caller.customer_id, model, 1, limit)?,
+        ),
+        None => None,
+    };
+    state.limiter.admit_request(&caller.limits).await?;
+    let price = config.map(|m| m.price).unwrap_or_default();
+    let (tokens_hold, budget_hold) = admit(
+        state,
+        &id.0,
+        &caller,
+        prompt_tokens,
+        u64::from(max_output),
+        &price,
+    )
+    .await?;
+    Ok(Completion {
+        state: state.clone(),
+        caller,
+        model: model.to_string(),
+        endpoint,
+        stream,
+        price,
+        request_id: id.0.clone(),
+        started: Instant::now(),
+        started_at: now_micros(),
+        first_token: None,
+        prompts: vec![prompt_tokens],
+        prompts_reported: vec![None],
+        progress: vec![None],
+        cached_reported: vec![None],
+        cached: vec![None],
+        sources: vec![None],
+        tags,
+        per_prompt: 1,
+        generated: vec![0],
+        finish: None,
+        outcome: "cancelled",
+        tokens_hold,
+        budget_hold,
+        settled: false,
+        _slots: slots,
+        overhead: Duration::ZERO,
+        server_span: tracing::Span::none(),
     })
 }
 

@@ -23,7 +23,7 @@ use crate::tags::{self, Tags};
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
-/// Rows per multi-row insert on PostgreSQL (20 parameters each; well under its limit).
+/// Rows per multi-row insert on PostgreSQL (22 parameters each; well under its limit).
 const INSERT_CHUNK: usize = 200;
 /// Rows per multi-row insert on SQLite: binding a parameter looks its name up by a linear
 /// search (`sqlite3_bind_parameter_name`), so a statement's binding cost grows with the square
@@ -165,6 +165,10 @@ pub struct UsageRecord {
     /// Cost-allocation tags: the request's `metadata` and `user` with its key's default tags.
     #[serde(default, skip_serializing_if = "Tags::is_empty")]
     pub tags: Tags,
+    /// The `Idempotency-Key` its request carried: a repeat of the request replays the stored
+    /// result and has no record of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Columns usage can be grouped by.
@@ -271,9 +275,9 @@ pub(crate) const RECORD_COLUMNS: &str =
     "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
-    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags";
+    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key";
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 21;
+const RECORD_PARAMS: usize = 22;
 const KEY_COLUMNS: &str = "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, \
     revoked_at, created_at, tags, budget_nano_usd";
 const CUSTOMER_COLUMNS: &str = "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at";
@@ -338,6 +342,7 @@ pub(crate) fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         cached_cost_nano_usd: row.try_get("cached_cost_nano_usd")?,
         usage_source: row.try_get("usage_source")?,
         tags: stored_tags(row)?,
+        idempotency_key: row.try_get("idempotency_key")?,
     })
 }
 
@@ -916,7 +921,8 @@ impl Store {
                     .bind(&r.cached_input_price_per_mtok)
                     .bind(r.cached_cost_nano_usd)
                     .bind(&r.usage_source)
-                    .bind(tags::to_json(&r.tags));
+                    .bind(tags::to_json(&r.tags))
+                    .bind(&r.idempotency_key);
             }
             if postgres {
                 for row in q.fetch_all(&mut *tx).await? {
@@ -945,6 +951,8 @@ impl Store {
                 .collect();
             crate::shared_limits::settle_in_ledger(&mut tx, &added, &ids).await?;
         }
+        // Budget alerts the spend crossed, in the same transaction (the outbox).
+        crate::alerts::outbox_in_ledger(&mut tx, records).await?;
         tx.commit().await?;
         Ok(inserted)
     }

@@ -41,6 +41,12 @@ async fn sqlite_store_contract() {
 }
 
 #[tokio::test]
+async fn sqlite_alerts_and_idempotency() {
+    let (_dir, store) = sqlite().await;
+    contract::alerts_and_idempotency(&store).await;
+}
+
+#[tokio::test]
 async fn a_missing_sqlite_file_is_created_however_it_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();

@@ -22,6 +22,14 @@ async fn postgres_store_contract() {
     contract::exercise(&store).await;
 }
 
+#[tokio::test]
+async fn postgres_alerts_and_idempotency() {
+    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
+        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
+    let store = fresh_database(&url, "tollgate_alerts_contract").await;
+    contract::alerts_and_idempotency(&store).await;
+}
+
 /// A second, empty database on the same server (the contract test wants its own).
 async fn fresh_database(url: &str, name: &str) -> Store {
     let admin = Store::connect(url).await.unwrap();

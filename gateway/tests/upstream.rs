@@ -37,6 +37,8 @@ enum Behaviour {
     Refuses,
     /// Three content chunks, then this `usage` object (JSON text), or none when empty.
     Reports(&'static str),
+    /// Three chunks of three words each, and no `usage`.
+    Words,
 }
 
 #[derive(Clone)]
@@ -81,6 +83,15 @@ async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> Response {
             }
             sse(&events, true)
         }
+        Behaviour::Words => sse(
+            &[
+                delta("one two three"),
+                delta(" four five six"),
+                delta(" seven eight nine"),
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            ],
+            true,
+        ),
         Behaviour::Good => sse(
             &[
                 json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
@@ -118,6 +129,25 @@ async fn gateway(urls: Vec<String>) -> SocketAddr {
 }
 
 async fn gateway_with(urls: Vec<String>, discovery: Discovery) -> SocketAddr {
+    gateway_counting(urls, discovery, None).await
+}
+
+/// A stand-in tokenizer: one token per word or punctuation run, like a word-level vocabulary.
+struct Words;
+
+impl tollgate_gateway::backend::TokenCounter for Words {
+    fn count(&self, text: &str) -> u32 {
+        text.split(|c: char| c.is_whitespace())
+            .filter(|w| !w.is_empty())
+            .count() as u32
+    }
+}
+
+async fn gateway_counting(
+    urls: Vec<String>,
+    discovery: Discovery,
+    counter: Option<Arc<dyn tollgate_gateway::backend::TokenCounter>>,
+) -> SocketAddr {
     let config = Config::from_toml_str(
         r#"
 [models.up]
@@ -132,7 +162,10 @@ backend = { type = "http", urls = ["http://unused"] }
         created: 0,
         owned_by: "tests".into(),
     };
-    let pool = UpstreamPool::new(info, "up".into(), &urls, None, discovery).unwrap();
+    let mut pool = UpstreamPool::new(info, "up".into(), &urls, None, discovery).unwrap();
+    if let Some(counter) = counter {
+        pool = pool.with_token_counter(counter);
+    }
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     backends.insert("up".into(), Arc::new(pool));
     let state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
@@ -242,6 +275,38 @@ async fn an_upstream_never_bills_fewer_output_tokens_than_streamed_by() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn with_the_models_tokenizer_what_streamed_by_is_counted_in_tokens() {
+    // Three chunks, "Hel", "lo", " world": three words by the stand-in tokenizer; a chunk
+    // without a whole word still counts one.
+    let cases = [
+        ("", 3),
+        ("{\"prompt_tokens\": 6, \"completion_tokens\": 0}", 3),
+        ("{\"prompt_tokens\": 6, \"completion_tokens\": 2}", 3),
+        // At least what was seen: the upstream's own figure.
+        ("{\"prompt_tokens\": 6, \"completion_tokens\": 4}", 4),
+    ];
+    for (usage, completion) in cases {
+        let (url, _) = upstream(Behaviour::Reports(usage)).await;
+        let addr = gateway_counting(vec![url], Discovery::Static, Some(Arc::new(Words))).await;
+        let got: Value = ask(addr, false).await.json().await.unwrap();
+        assert_eq!(
+            got["usage"]["completion_tokens"], completion,
+            "usage {usage}: {got}"
+        );
+    }
+    // Chunks of several words: the tokenizer's count, above the chunk count.
+    let (url, _) = upstream(Behaviour::Words).await;
+    let addr = gateway_counting(vec![url], Discovery::Static, Some(Arc::new(Words))).await;
+    let got: Value = ask(addr, false).await.json().await.unwrap();
+    assert_eq!(got["usage"]["completion_tokens"], 9, "{got}");
+    // Without a tokenizer the same stream is three chunks.
+    let (url, _) = upstream(Behaviour::Words).await;
+    let addr = gateway(vec![url]).await;
+    let got: Value = ask(addr, false).await.json().await.unwrap();
+    assert_eq!(got["usage"]["completion_tokens"], 3, "{got}");
 }
 
 #[tokio::test]

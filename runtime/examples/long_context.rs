@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             let (mut first, mut tokens) = (None, 0);
             while let Some(event) = r.blocking_recv() {
                 match event {
+                    GenEvent::Admitted => {}
                     GenEvent::Delta { .. } => {
                         first.get_or_insert_with(Instant::now);
                     }

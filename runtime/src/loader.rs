@@ -110,6 +110,25 @@ fn load_inner(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<L
     })
 }
 
+/// Only the tokenizer of the model at `source` (GGUF metadata, or `tokenizer.json` in a
+/// safetensors directory), without loading its weights: for counting the tokens of a model
+/// served elsewhere.
+pub fn load_tokenizer(source: &ModelSource) -> Result<ModelTokenizer> {
+    let local = resolve(source)?;
+    if local.is_dir() {
+        return ModelTokenizer::from_dir(&local);
+    }
+    let mut file = std::fs::File::open(&local).map_err(|source| Error::Io {
+        path: local.clone(),
+        source,
+    })?;
+    let content = gguf::read_content(&mut file).map_err(|message| Error::Gguf {
+        path: local.clone(),
+        message,
+    })?;
+    ModelTokenizer::from_gguf(&content)
+}
+
 /// Turns a source into a local path, downloading from the Hub when needed.
 pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
     match source {

@@ -132,7 +132,7 @@ fn generate(engine: &Engine, prompt: &[u32], max_tokens: usize) -> (usize, StopR
         .unwrap();
     while let Some(event) = events.blocking_recv() {
         match event {
-            GenEvent::Delta { .. } => {}
+            GenEvent::Admitted | GenEvent::Delta { .. } => {}
             GenEvent::Finished {
                 reason,
                 completion_tokens,

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tollgate_gateway::admin::{customer_json, issue_key, key_json, valid_id};
+use tollgate_gateway::alerts;
 use tollgate_gateway::audit::Actor;
 use tollgate_gateway::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
 use tollgate_gateway::export_formats::{self, StripeMapping};
@@ -78,6 +79,22 @@ pub enum CustomersCommand {
         rpm: Option<String>,
         #[arg(long)]
         tpm: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show or change a customer's budget alerts: the webhook they are delivered to (its
+    /// signing secret is printed once, when made) and the thresholds.
+    Alerts {
+        id: String,
+        /// The webhook URL; `none` removes it.
+        #[arg(long)]
+        webhook_url: Option<String>,
+        /// Fractions of the monthly budget (comma-separated), e.g. 0.5,0.8,1.
+        #[arg(long, value_delimiter = ',')]
+        thresholds: Option<Vec<String>>,
+        /// Make a new signing secret (printed once).
+        #[arg(long)]
+        rotate_secret: bool,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -324,6 +341,22 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 .update_customer(&id, fields, &Actor::cli_os_user())
                 .await?;
             print(&customer_json(&c))
+        }
+        CustomersCommand::Alerts {
+            id,
+            webhook_url,
+            thresholds,
+            rotate_secret,
+            db,
+        } => {
+            let store = db.open().await?;
+            let change = alerts::SettingsChange {
+                webhook_url: webhook_url.map(|u| (u != "none").then_some(u)),
+                thresholds,
+                rotate_secret,
+            };
+            let (settings, secret) = alerts::update_settings(&store, &id, change).await?;
+            print(&alerts::settings_json(&settings, secret.as_deref()))
         }
     }
 }

@@ -1,5 +1,6 @@
 //! From `models.toml` entries to running backends: loads every `local` model onto its device
-//! and starts its engine. (HTTP backends arrive with the scale-out work.)
+//! and starts its engine; an `http` model becomes a pool of upstreams, counting what they
+//! stream with the model's tokenizer when the entry has a `source`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,6 +108,19 @@ pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
     }
 }
 
+/// An upstream model's tokenizer, counting what it streams.
+struct Counter(Arc<tollgate_runtime::tokenizer::ModelTokenizer>);
+
+impl tollgate_gateway::backend::TokenCounter for Counter {
+    fn count(&self, text: &str) -> u32 {
+        // A text the tokenizer cannot encode counts as one token per byte: never fewer.
+        self.0.encode(text, false).map_or_else(
+            |_| u32::try_from(text.len()).unwrap_or(u32::MAX),
+            |ids| u32::try_from(ids.len()).unwrap_or(u32::MAX),
+        )
+    }
+}
+
 /// The context assumed for an upstream model whose `context_length` is not configured (the
 /// upstream enforces its own; this only bounds reservations).
 const DEFAULT_UPSTREAM_CONTEXT: u32 = 8192;
@@ -140,9 +154,21 @@ pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, A
                         .map_or(0, |d| d.as_secs()),
                     owned_by: model.owned_by.clone(),
                 };
-                let pool =
+                let mut pool =
                     UpstreamPool::new(info, model.id.clone(), &http.urls, api_key, http.discover)
-                        .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
+                        .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?
+                        .with_responses(http.responses);
+                if let Some(source) = &model.source {
+                    // With a source, what the upstream streams is counted in the model's own
+                    // tokens when its usage is missing or short.
+                    let source = runtime_source(source);
+                    let tokenizer =
+                        tokio::task::spawn_blocking(move || loader::load_tokenizer(&source))
+                            .await
+                            .context("tokenizer loading task failed")?
+                            .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
+                    pool = pool.with_token_counter(Arc::new(Counter(Arc::new(tokenizer))));
+                }
                 backends.insert(model.id.clone(), Arc::new(pool));
             }
         }

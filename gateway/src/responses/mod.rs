@@ -8,10 +8,15 @@
 //! default when the server has a database) the response and the conversation it answered are
 //! kept for the customer (`store`), so `previous_response_id` can continue it.
 //!
+//! Models whose upstream speaks the Responses API (`backend.responses = "passthrough"`) are
+//! served by `passthrough` instead: the request goes to the upstream as sent, billed and stored
+//! the same way.
+//!
 //! Modules: `request` (bodies, items, translation), `output` (response object and events),
-//! `store` (persistence).
+//! `store` (persistence), `passthrough` (upstreams with their own Responses API).
 
 mod output;
+mod passthrough;
 mod request;
 mod store;
 
@@ -30,7 +35,7 @@ use self::output::{Builder, Echo, Status};
 use self::request::{in_response_terms, CreateResponse, Item};
 use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
-use crate::error::{ApiError, ApiJson};
+use crate::error::ApiError;
 use crate::routes::{now_secs, start, Completion, Started};
 use crate::store::now_micros;
 use crate::{AppState, ModelLabel, RequestId};
@@ -47,7 +52,7 @@ pub async fn create(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
     Extension(caller): Extension<Caller>,
-    ApiJson(body): ApiJson<CreateResponse>,
+    crate::error::ApiJsonValue(body, raw): crate::error::ApiJsonValue<CreateResponse>,
 ) -> Result<Response, ApiError> {
     let store = match (body.store, &state.store) {
         (Some(true), None) => {
@@ -77,6 +82,14 @@ pub async fn create(
             .ok_or_else(not_found)?;
         history = stored.input_items;
         history.extend(output_items(&stored.response));
+    }
+    let tags = tags_of(&body)?;
+    let backend = crate::routes::backend_for(&state, &body.model)?;
+    if backend.passes_responses_through() {
+        return passthrough::create(
+            state, id, caller, backend, &body, &raw, history, store, tags,
+        )
+        .await;
     }
     let (plan, input) = body.plan(&history, &id.0, state.config.server.max_n)?;
     let tools = plan.choices.first().and_then(|c| c.tools.clone());
@@ -108,19 +121,6 @@ pub async fn create(
         user: body.user.clone(),
     };
     let customer_id = caller.customer_id.clone();
-    // Cost-allocation tags, as for chat completions: `metadata` pairs and `user`.
-    let metadata: crate::tags::Tags = body
-        .metadata
-        .iter()
-        .flatten()
-        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-        .collect();
-    let tags = crate::tags::from_request(Some(&metadata), body.user.as_deref()).map_err(|e| {
-        ApiError::InvalidRequest {
-            message: e.message,
-            param: Some(e.param),
-        }
-    })?;
     let Started {
         mut streams,
         completion,
@@ -145,6 +145,22 @@ pub async fn create(
     };
     response.extensions_mut().insert(label);
     Ok(response)
+}
+
+/// Cost-allocation tags, as for chat completions: `metadata` pairs and `user`.
+fn tags_of(body: &CreateResponse) -> Result<crate::tags::Tags, ApiError> {
+    let metadata: crate::tags::Tags = body
+        .metadata
+        .iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+        .collect();
+    crate::tags::from_request(Some(&metadata), body.user.as_deref()).map_err(|e| {
+        ApiError::InvalidRequest {
+            message: e.message,
+            param: Some(e.param),
+        }
+    })
 }
 
 /// The conversation items a stored response's output adds.

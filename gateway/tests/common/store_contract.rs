@@ -341,3 +341,166 @@ pub async fn exercise(store: &Store) {
         .unwrap();
     assert_eq!(between.len(), 100);
 }
+
+/// Budget alerts and idempotency keys, on an empty database: the outbox rows the ledger's
+/// insert adds (once per threshold and month, replays included), and the key claims.
+pub async fn alerts_and_idempotency(store: &Store) {
+    use tollgate_gateway::alerts::{self, SettingsChange};
+    use tollgate_gateway::idempotency::{Claim, ClaimArgs, Stored};
+
+    let fields = CustomerFields {
+        budget_nano_usd: Some(Some(1_000)),
+        ..CustomerFields::default()
+    };
+    store
+        .create_customer("alerted", fields, &Actor::cli("contract"))
+        .await
+        .unwrap();
+    let change = SettingsChange {
+        webhook_url: Some(Some("http://127.0.0.1:9/hook".into())),
+        thresholds: Some(vec!["0.5".into(), "0.9".into()]),
+        rotate_secret: false,
+    };
+    let (settings, secret) = alerts::update_settings(store, "alerted", change)
+        .await
+        .unwrap();
+    assert!(secret.unwrap().starts_with("whsec_"));
+    assert_eq!(settings.thresholds, ["0.5", "0.9"]);
+    let now = tollgate_gateway::store::now_micros();
+    let r = |i: usize, cost| record(&format!("alert-{i}"), "alerted", "m", now + i as i64, cost);
+    // 499 of 1000: nothing; 500: the half; replayed: nothing new; 950: the 0.9.
+    store.insert_records(&[r(0, 499)]).await.unwrap();
+    assert!(store
+        .list_alerts(Some("alerted"), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    store.insert_records(&[r(1, 1)]).await.unwrap();
+    store.insert_records(&[r(0, 499), r(1, 1)]).await.unwrap();
+    let listed = store.list_alerts(Some("alerted"), 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].threshold.as_str(),
+            listed[0].spent_nano_usd,
+            listed[0].status.as_str()
+        ),
+        ("0.5", 500, "pending")
+    );
+    store.insert_records(&[r(2, 450)]).await.unwrap();
+    let listed = store.list_alerts(Some("alerted"), 10).await.unwrap();
+    let thresholds: Vec<&str> = listed.iter().map(|a| a.threshold.as_str()).collect();
+    assert_eq!(thresholds, ["0.5", "0.9"]);
+    // A customer without a budget gets no alerts.
+    store
+        .create_customer(
+            "unbudgeted",
+            CustomerFields::default(),
+            &Actor::cli("contract"),
+        )
+        .await
+        .unwrap();
+    store
+        .insert_records(&[record("free-1", "unbudgeted", "m", now, 10_000)])
+        .await
+        .unwrap();
+    assert!(store
+        .list_alerts(Some("unbudgeted"), 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Idempotency keys: one runs, a repeat waits, another body is refused, a finished one
+    // replays, a released one runs again.
+    let args = |request_id: &'static str, hash: &'static str, now: i64| ClaimArgs {
+        customer_id: "alerted",
+        key: "k1",
+        request_hash: hash,
+        request_id,
+        now,
+        expires_at: now + 1_000_000,
+        lease_until: now + 100,
+    };
+    assert_eq!(
+        store
+            .claim_idempotency(&args("r1", "h", now))
+            .await
+            .unwrap(),
+        Claim::Run
+    );
+    assert_eq!(
+        store
+            .claim_idempotency(&args("r2", "h", now))
+            .await
+            .unwrap(),
+        Claim::InProgress
+    );
+    assert_eq!(
+        store
+            .claim_idempotency(&args("r2", "other", now))
+            .await
+            .unwrap(),
+        Claim::Mismatch
+    );
+    // A lease that ran out (its gateway died) is taken over.
+    assert_eq!(
+        store
+            .claim_idempotency(&args("r3", "h", now + 200))
+            .await
+            .unwrap(),
+        Claim::Run
+    );
+    let stored = Stored {
+        status: 200,
+        content_type: Some("application/json".into()),
+        body: "{\"ok\":true}".into(),
+        request_id: "r3".into(),
+    };
+    // The first holder cannot finish what it no longer holds.
+    store
+        .finish_idempotency("alerted", "k1", "r1", &stored)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .claim_idempotency(&args("r4", "h", now + 250))
+            .await
+            .unwrap(),
+        Claim::InProgress
+    );
+    store
+        .finish_idempotency("alerted", "k1", "r3", &stored)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .claim_idempotency(&args("r5", "h", now + 250))
+            .await
+            .unwrap(),
+        Claim::Replay(stored)
+    );
+    let k2 = |request_id: &'static str| ClaimArgs {
+        key: "k2",
+        ..args(request_id, "h", now)
+    };
+    assert_eq!(
+        store.claim_idempotency(&k2("r6")).await.unwrap(),
+        Claim::Run
+    );
+    store
+        .release_idempotency("alerted", "k2", "r6")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim_idempotency(&k2("r7")).await.unwrap(),
+        Claim::Run
+    );
+    // Past the window the key is forgotten.
+    assert_eq!(
+        store
+            .claim_idempotency(&args("r8", "other", now + 2_000_000))
+            .await
+            .unwrap(),
+        Claim::Run
+    );
+}

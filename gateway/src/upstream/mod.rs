@@ -13,8 +13,10 @@
 //!
 //! Token counts come from the upstream's `usage` (`stream_options.include_usage`), cached
 //! prompt tokens from its `prompt_tokens_details.cached_tokens`; output is never billed below
-//! what the gateway saw stream by (each content chunk at least one token), so an upstream that
-//! omits or zeroes `completion_tokens` cannot under-bill (the record then says `observed`).
+//! what the gateway saw stream by, so an upstream that omits or zeroes `completion_tokens`, or
+//! whose stream is cut, cannot under-bill (the record then says `observed`). What streamed by
+//! is counted with the model's tokenizer when the catalogue gives the model a `source` (each
+//! chunk's text and call arguments, at least one token per chunk), else one token per chunk.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,11 +29,14 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+mod responses;
+
 use crate::backend::{
     Backend, BackendError, ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest,
-    LogprobEntry, ModelInfo, Prepared, Prompt, ResponseFormat, Start, TokenLogprob, ToolChoice,
-    Usage, UsageSource,
+    LogprobEntry, ModelInfo, PassthroughStream, Prepared, Prompt, ResponseFormat, Start,
+    TokenCounter, TokenLogprob, ToolChoice, Usage, UsageSource,
 };
+use crate::config::ResponsesMode;
 
 /// How often members are probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -102,6 +107,10 @@ pub struct UpstreamPool {
     members: Arc<MemberSet>,
     next: AtomicUsize,
     prober: tokio::task::JoinHandle<()>,
+    /// The model's tokenizer, to count what streamed by.
+    counter: Option<Arc<dyn TokenCounter>>,
+    /// Whether `/v1/responses` goes to the upstream's own.
+    responses: ResponsesMode,
 }
 
 impl Drop for UpstreamPool {
@@ -179,7 +188,22 @@ impl UpstreamPool {
             members,
             next: AtomicUsize::new(0),
             prober,
+            counter: None,
+            responses: ResponsesMode::Translate,
         })
+    }
+
+    /// How `/v1/responses` reaches this pool.
+    pub fn with_responses(mut self, mode: ResponsesMode) -> Self {
+        self.responses = mode;
+        self
+    }
+
+    /// Counts what streams by with the model's tokenizer (instead of one token per chunk)
+    /// when the upstream's own figure is missing or lower.
+    pub fn with_token_counter(mut self, counter: Arc<dyn TokenCounter>) -> Self {
+        self.counter = Some(counter);
+        self
     }
 
     /// Members to try, best first: healthy ones by requests in flight (ties rotate), then
@@ -586,15 +610,16 @@ fn finish_reason(text: &str) -> FinishReason {
 
 /// A finished sequence's usage from the upstream's `usage` object (if it sent one), never
 /// below what the gateway observed: an output figure that is missing, not a number, or
-/// smaller than the content chunks seen (each at least one token) is replaced by that count,
+/// smaller than the output tokens seen streaming by (`observed`: counted with the model's
+/// tokenizer, or one per chunk) is replaced by that count,
 /// and the usage says so ([`UsageSource::Observed`]). A missing prompt figure is the
 /// gateway's upper bound of the prompt.
-fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, chunks: u32) -> Usage {
+fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, observed: u32) -> Usage {
     let number = |v: &Value| v.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
     let Some(u) = usage else {
         return Usage {
             prompt_tokens: prompt_estimate,
-            completion_tokens: chunks,
+            completion_tokens: observed,
             cached_tokens: 0,
             source: UsageSource::Observed,
         };
@@ -602,8 +627,8 @@ fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, chunks: u32) -> Us
     let prompt_tokens = number(&u["prompt_tokens"]).unwrap_or(prompt_estimate);
     let reported = number(&u["completion_tokens"]);
     let (completion_tokens, source) = match reported {
-        Some(n) if n >= chunks => (n, UsageSource::Upstream),
-        _ => (chunks, UsageSource::Observed),
+        Some(n) if n >= observed => (n, UsageSource::Upstream),
+        _ => (observed, UsageSource::Observed),
     };
     let cached_tokens = number(&u["prompt_tokens_details"]["cached_tokens"])
         .unwrap_or(0)
@@ -616,7 +641,16 @@ fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, chunks: u32) -> Us
     }
 }
 
+/// Tokens one chunk of output adds: counted with the tokenizer, at least one.
+fn tokens_of(counter: Option<&dyn TokenCounter>, text: &str) -> u32 {
+    match counter {
+        Some(c) if !text.is_empty() => c.count(text).max(1),
+        _ => 1,
+    }
+}
+
 /// Streams one sequence from the best member, retrying on others until the first event.
+#[allow(clippy::too_many_arguments)]
 fn run(
     client: reqwest::Client,
     candidates: Vec<Arc<Member>>,
@@ -625,7 +659,9 @@ fn run(
     body: Value,
     prompt_estimate: u32,
     parent: tracing::Span,
+    counter: Option<Arc<dyn TokenCounter>>,
 ) -> EventStream {
+    let count = move |text: &str| tokens_of(counter.as_deref(), text);
     let stream = async_stream::stream! {
         let mut errors = Vec::new();
         let mut overloaded = 0;
@@ -660,7 +696,8 @@ fn run(
             };
             let mut events = response.bytes_stream().eventsource();
             let mut started = false;
-            let mut chunks = 0u32;
+            // Output tokens seen streaming by (see `tokens_of`).
+            let mut observed = 0u32;
             let mut finish = None;
             let mut usage: Option<Value> = None;
             let mut failure = None;
@@ -704,11 +741,15 @@ fn run(
                 let Some(choice) = choice else { continue };
                 let logprobs = chunk_logprobs(choice);
                 if !text.is_empty() || !logprobs.is_empty() || !calls.is_empty() {
-                    chunks += 1;
+                    let arguments: String = calls
+                        .iter()
+                        .filter_map(|c| c["function"]["arguments"].as_str())
+                        .collect();
+                    observed = observed.saturating_add(count(&format!("{text}{arguments}")));
                     yield Ok(GenerateEvent::Delta {
                         text: text.to_string(),
                         logprobs,
-                        completion_tokens: chunks,
+                        completion_tokens: observed,
                     });
                 }
                 for call in &calls {
@@ -741,7 +782,7 @@ fn run(
                 }
                 None => {}
             }
-            let usage = settled_usage(usage.as_ref(), prompt_estimate, chunks);
+            let usage = settled_usage(usage.as_ref(), prompt_estimate, observed);
             yield Ok(GenerateEvent::Finished { reason: finish.unwrap_or(FinishReason::Stop), usage });
             drop(slot);
             return;
@@ -769,6 +810,27 @@ impl Backend for UpstreamPool {
             .collect()
     }
 
+    fn passes_responses_through(&self) -> bool {
+        self.responses == ResponsesMode::Passthrough
+    }
+
+    fn start_responses(
+        &self,
+        mut body: Value,
+        prompt_estimate: u32,
+    ) -> Result<PassthroughStream, BackendError> {
+        body["model"] = json!(self.upstream_model);
+        body["stream"] = json!(true);
+        Ok(responses::run(
+            self.client.clone(),
+            self.candidates(),
+            self.api_key.clone(),
+            body,
+            prompt_estimate,
+            self.counter.clone(),
+        ))
+    }
+
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
         let estimate = prompt_bound(&request.prompt);
         let context = self.info.context_length;
@@ -782,9 +844,10 @@ impl Backend for UpstreamPool {
         let api_key = self.api_key.clone();
         // The request's span: the streams run after its handler has returned.
         let parent = tracing::Span::current();
+        let counter = self.counter.clone();
         let start: Start = Box::new(move || {
             Ok(run(
-                client, candidates, api_key, path, body, estimate, parent,
+                client, candidates, api_key, path, body, estimate, parent, counter,
             ))
         });
         Ok(Prepared {

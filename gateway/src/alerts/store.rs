@@ -1,0 +1,320 @@
+//! The alert tables (migration 0012): customers' alert settings, and the `budget_alerts`
+//! outbox written by the ledger's insert transaction and drained by the deliverer.
+
+use std::collections::BTreeSet;
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use super::{crossed, payload, DEFAULT_THRESHOLDS};
+use crate::limits::month_bounds;
+use crate::store::{now_micros, Store, StoreError, StoreResult, UsageRecord};
+
+/// A customer's alert settings (the secret only when asked for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertSettings {
+    pub customer_id: String,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    /// Sorted fractions of the monthly budget, as decimal strings.
+    pub thresholds: Vec<String>,
+}
+
+/// One alert of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub id: String,
+    pub customer_id: String,
+    pub period_start: i64,
+    pub threshold: String,
+    pub budget_nano_usd: i64,
+    pub spent_nano_usd: i64,
+    pub created_at: i64,
+    pub payload: String,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// The customer's webhook at the time it was read (for delivery).
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+}
+
+const ALERT_COLUMNS: &str = "a.id, a.customer_id, a.period_start, a.threshold, \
+    a.budget_nano_usd, a.spent_nano_usd, a.created_at, a.payload, a.status, a.attempts, \
+    a.next_attempt_at, a.delivered_at, a.last_error, s.webhook_url, s.webhook_secret";
+
+fn alert(row: &AnyRow) -> StoreResult<Alert> {
+    Ok(Alert {
+        id: row.try_get("id")?,
+        customer_id: row.try_get("customer_id")?,
+        period_start: row.try_get("period_start")?,
+        threshold: row.try_get("threshold")?,
+        budget_nano_usd: row.try_get("budget_nano_usd")?,
+        spent_nano_usd: row.try_get("spent_nano_usd")?,
+        created_at: row.try_get("created_at")?,
+        payload: row.try_get("payload")?,
+        status: row.try_get("status")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        last_error: row.try_get("last_error")?,
+        webhook_url: row.try_get("webhook_url")?,
+        webhook_secret: row.try_get("webhook_secret")?,
+    })
+}
+
+fn thresholds_of(text: Option<String>) -> StoreResult<Vec<String>> {
+    match text {
+        None => Ok(DEFAULT_THRESHOLDS.iter().map(|s| s.to_string()).collect()),
+        Some(json) => serde_json::from_str(&json)
+            .map_err(|e| StoreError::Invalid(format!("stored alert thresholds `{json}`: {e}"))),
+    }
+}
+
+/// In the ledger's insert transaction: for each customer and month the records belong to, the
+/// spend so far against the customer's budget, and one outbox row per threshold newly reached.
+/// Replayed records are harmless: a threshold already in the outbox is skipped.
+pub async fn outbox_in_ledger(
+    conn: &mut AnyConnection,
+    records: &[UsageRecord],
+) -> Result<usize, sqlx::Error> {
+    let scopes: BTreeSet<(&str, i64)> = records
+        .iter()
+        .filter(|r| r.cost_nano_usd > 0)
+        .map(|r| (r.customer_id.as_str(), month_bounds(r.started_at).0))
+        .collect();
+    let mut created = 0;
+    for (customer_id, period_start) in scopes {
+        let row = sqlx::query(
+            "SELECT c.budget_nano_usd, s.thresholds, s.webhook_url FROM customers c \
+             LEFT JOIN alert_settings s ON s.customer_id = c.id WHERE c.id = $1",
+        )
+        .bind(customer_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else { continue };
+        let Some(budget) = row.try_get::<Option<i64>, _>("budget_nano_usd")? else {
+            continue;
+        };
+        let thresholds = match thresholds_of(row.try_get("thresholds")?) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(customer_id, "budget alerts skipped: {e}");
+                continue;
+            }
+        };
+        let has_webhook = row.try_get::<Option<String>, _>("webhook_url")?.is_some();
+        let (_, period_end) = month_bounds(period_start);
+        let spent: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) AS spent FROM usage_records \
+             WHERE customer_id = $1 AND started_at >= $2 AND started_at < $3",
+        )
+        .bind(customer_id)
+        .bind(period_start)
+        .bind(period_end)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("spent")?;
+        let reached = crossed(&thresholds, budget, spent);
+        if reached.is_empty() {
+            continue;
+        }
+        let fired: BTreeSet<String> = sqlx::query(
+            "SELECT threshold FROM budget_alerts WHERE customer_id = $1 AND period_start = $2",
+        )
+        .bind(customer_id)
+        .bind(period_start)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("threshold"))
+        .collect::<Result<_, _>>()?;
+        let now = now_micros();
+        for threshold in reached.into_iter().filter(|t| !fired.contains(*t)) {
+            let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+            let body = payload(
+                &id,
+                customer_id,
+                period_start,
+                threshold,
+                budget,
+                spent,
+                now,
+            )
+            .to_string();
+            let status = if has_webhook { "pending" } else { "no_webhook" };
+            let done = sqlx::query(
+                "INSERT INTO budget_alerts (id, customer_id, period_start, threshold, \
+                 budget_nano_usd, spent_nano_usd, created_at, payload, status, attempts, \
+                 next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $7) \
+                 ON CONFLICT (customer_id, period_start, threshold) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(customer_id)
+            .bind(period_start)
+            .bind(threshold)
+            .bind(budget)
+            .bind(spent)
+            .bind(now)
+            .bind(&body)
+            .bind(status)
+            .execute(&mut *conn)
+            .await?;
+            created += done.rows_affected() as usize;
+        }
+    }
+    Ok(created)
+}
+
+impl Store {
+    /// A customer's alert settings (defaults when it has none), secret included.
+    pub async fn alert_settings(&self, customer_id: &str) -> StoreResult<AlertSettings> {
+        self.customer(customer_id).await?;
+        let row = sqlx::query(
+            "SELECT webhook_url, webhook_secret, thresholds FROM alert_settings \
+             WHERE customer_id = $1",
+        )
+        .bind(customer_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            Some(row) => AlertSettings {
+                customer_id: customer_id.to_string(),
+                webhook_url: row.try_get("webhook_url")?,
+                webhook_secret: row.try_get("webhook_secret")?,
+                thresholds: thresholds_of(row.try_get("thresholds")?)?,
+            },
+            None => AlertSettings {
+                customer_id: customer_id.to_string(),
+                webhook_url: None,
+                webhook_secret: None,
+                thresholds: thresholds_of(None)?,
+            },
+        })
+    }
+
+    /// Replaces a customer's alert settings.
+    pub async fn set_alert_settings(&self, s: &AlertSettings) -> StoreResult<()> {
+        self.customer(&s.customer_id).await?;
+        let thresholds =
+            serde_json::to_string(&s.thresholds).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO alert_settings (customer_id, webhook_url, webhook_secret, thresholds, \
+             updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (customer_id) DO UPDATE SET webhook_url = $2, webhook_secret = $3, \
+             thresholds = $4, updated_at = $5",
+        )
+        .bind(&s.customer_id)
+        .bind(&s.webhook_url)
+        .bind(&s.webhook_secret)
+        .bind(thresholds)
+        .bind(now_micros())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Alerts, oldest first, optionally of one customer.
+    pub async fn list_alerts(
+        &self,
+        customer_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<Alert>> {
+        let filter = if customer_id.is_some() {
+            "WHERE a.customer_id = $2"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {ALERT_COLUMNS} FROM budget_alerts a \
+             LEFT JOIN alert_settings s ON s.customer_id = a.customer_id {filter} \
+             ORDER BY a.created_at, a.id LIMIT $1"
+        );
+        let mut q = sqlx::query(&sql).bind(limit);
+        if let Some(c) = customer_id {
+            q = q.bind(c);
+        }
+        q.fetch_all(self.pool()).await?.iter().map(alert).collect()
+    }
+
+    /// Pending alerts whose next attempt is due.
+    pub(crate) async fn due_alerts(&self, now: i64, limit: i64) -> StoreResult<Vec<Alert>> {
+        sqlx::query(&format!(
+            "SELECT {ALERT_COLUMNS} FROM budget_alerts a \
+             LEFT JOIN alert_settings s ON s.customer_id = a.customer_id \
+             WHERE a.status = 'pending' AND a.next_attempt_at <= $1 \
+             ORDER BY a.next_attempt_at LIMIT $2"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(alert)
+        .collect()
+    }
+
+    /// Takes `alert` for one attempt (until `lease`); false when another gateway took it.
+    pub(crate) async fn claim_alert(&self, alert: &Alert, lease: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE budget_alerts SET next_attempt_at = $3 \
+             WHERE id = $1 AND status = 'pending' AND next_attempt_at = $2",
+        )
+        .bind(&alert.id)
+        .bind(alert.next_attempt_at)
+        .bind(lease)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(crate) async fn alert_delivered(
+        &self,
+        id: &str,
+        attempts: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE budget_alerts SET status = 'delivered', attempts = $2, delivered_at = $3, \
+             last_error = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .bind(attempts)
+        .bind(now)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn alert_failed(
+        &self,
+        id: &str,
+        attempts: i64,
+        next_attempt_at: i64,
+        error: &str,
+        give_up: bool,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE budget_alerts SET attempts = $2, next_attempt_at = $3, last_error = $4, \
+             status = $5 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(attempts)
+        .bind(next_attempt_at)
+        .bind(error)
+        .bind(if give_up { "failed" } else { "pending" })
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn alert_without_webhook(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE budget_alerts SET status = 'no_webhook' WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
