@@ -102,7 +102,9 @@ def filler(tokens, seed):
 def messages(args, i, unique):
     prompt = PROMPTS[i % len(PROMPTS)]
     if args.prompt_tokens:
-        prompt = f"[{i}] {filler(args.prompt_tokens, i + 1)}\n\n{prompt}"
+        # Unique per request and per round: no prefix cache serves a long prompt twice.
+        n = i + 1 + 100_000 * getattr(args, "round", 0)
+        prompt = f"[{n}] {filler(args.prompt_tokens, n)}\n\n{prompt}"
     elif unique:
         prompt = f"[{i}] {prompt}"
     out = [{"role": "user", "content": prompt}]
@@ -346,6 +348,7 @@ def main():
     for rnd in range(args.rounds):
         for level in [int(x) for x in args.levels.split(",")]:
             for server in servers:  # level by level, alternating, so drift hits both
+                server.round = rnd
                 sampler = RssSampler(server.pid) if server.pid else None
                 if sampler:
                     sampler.start()
