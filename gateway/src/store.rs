@@ -449,6 +449,17 @@ impl Store {
         })
     }
 
+    /// A transaction that writes. SQLite's is begun IMMEDIATE: a deferred one that reads
+    /// first cannot take the write lock once another connection has written meanwhile (the
+    /// ledger's batch insert while an operator revokes a key): SQLite then fails at once with
+    /// SQLITE_BUSY, which `busy_timeout` does not wait out.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.kind {
+            DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            DbKind::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// Whether request-path lookups should skip the database for now (see `down_until`).
     /// Once the pause is over, a background probe asks the database; requests keep skipping
     /// it until the probe gets an answer, so none of them waits on a dead database.
@@ -543,7 +554,7 @@ impl Store {
             tpm: fields.tpm.flatten(),
             created_at: now_micros(),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let result = sqlx::query(&format!(
             "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
         ))
@@ -624,7 +635,7 @@ impl Store {
         fields: CustomerFields,
         actor: &Actor,
     ) -> StoreResult<Customer> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
         ))
@@ -708,7 +719,7 @@ impl Store {
             }
             None => None,
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
              expires_at, revoked_at, created_at, tags, budget_nano_usd) \
@@ -767,7 +778,7 @@ impl Store {
         change: KeyChange<'_>,
         actor: &Actor,
     ) -> StoreResult<ApiKey> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let before = key_in(&mut tx, key_id).await?;
         let (statement, action) = match change {
             KeyChange::Tags(tags) => (
@@ -864,7 +875,7 @@ impl Store {
 
     /// Inserts records, skipping ids already present. Returns how many were new.
     pub async fn insert_records(&self, records: &[UsageRecord]) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if self.kind == DbKind::Postgres {
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(LEDGER_LOCK)
