@@ -9,12 +9,17 @@ use std::path::PathBuf;
 /// File name of the development model inside `models/`.
 pub const DEV_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Path of the development model: `$TOLLGATE_TEST_MODEL`, else `<repo>/models/<file>`.
+/// Path of the development model: `$TOLLGATE_TEST_MODEL`, else `<repo>/models/<file>`, the
+/// repository found from `CARGO_MANIFEST_DIR` as cargo sets it when running the test or
+/// example (a build cache shared between clones keeps the compile-time value of the clone
+/// that built it), else as it was at compile time.
 pub fn dev_model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("TOLLGATE_TEST_MODEL") {
         return PathBuf::from(p);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("..")
         .join("models")
         .join(DEV_MODEL_FILE)
