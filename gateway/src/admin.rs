@@ -181,6 +181,7 @@ fn customer_fields(map: &Map<String, Value>) -> Result<CustomerFields, ApiError>
         budget_period: period_field(map)?,
         rpm: limit_field(map, "rpm")?,
         tpm: limit_field(map, "tpm")?,
+        max_concurrent_requests: limit_field(map, "max_concurrent_requests")?,
     })
 }
 
@@ -201,6 +202,7 @@ pub fn customer_json(c: &Customer) -> Value {
         "budget_period": c.budget_period,
         "rpm": c.rpm,
         "tpm": c.tpm,
+        "max_concurrent_requests": c.max_concurrent_requests,
         "created_at": rfc3339(c.created_at),
     })
 }
@@ -220,6 +222,7 @@ pub fn key_json(k: &ApiKey) -> Value {
         "created_at": rfc3339(k.created_at),
         "tags": k.tags,
         "budget_usd": k.budget_nano_usd.map(format_usd),
+        "max_concurrent_requests": k.max_concurrent_requests,
     })
 }
 
@@ -266,7 +269,15 @@ async fn create_customer(State(state): State<AppState>, body: Bytes) -> Result<R
     let map = object(&body)?;
     reject_unknown(
         &map,
-        &["id", "name", "budget_usd", "budget_period", "rpm", "tpm"],
+        &[
+            "id",
+            "name",
+            "budget_usd",
+            "budget_period",
+            "rpm",
+            "tpm",
+            "max_concurrent_requests",
+        ],
     )?;
     let id =
         string_field(&map, "id")?.ok_or_else(|| invalid_field("id", "`id` is required".into()))?;
@@ -306,7 +317,17 @@ async fn update_customer(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
-    reject_unknown(&map, &["name", "budget_usd", "budget_period", "rpm", "tpm"])?;
+    reject_unknown(
+        &map,
+        &[
+            "name",
+            "budget_usd",
+            "budget_period",
+            "rpm",
+            "tpm",
+            "max_concurrent_requests",
+        ],
+    )?;
     let fields = customer_fields(&map)?;
     let customer = store(&state)?.update_customer(&id, fields).await?;
     state.auth.forget_customer(&id);
@@ -397,6 +418,7 @@ async fn create_key(
             "expires_at",
             "tags",
             "budget_usd",
+            "max_concurrent_requests",
         ],
     )?;
     let new = NewKey {
@@ -407,6 +429,7 @@ async fn create_key(
         expires_at: expiry_field(&map)?,
         tags: tags_field(&map)?.unwrap_or_default(),
         budget_nano_usd: key_budget_field(&map)?.flatten(),
+        max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?.flatten(),
     };
     let (created, secret) = issue_key(store(&state)?, &customer_id, new).await?;
     let mut body = key_json(&created);

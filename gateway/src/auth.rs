@@ -81,6 +81,9 @@ pub struct Caller {
     pub key_tags: Arc<crate::tags::Tags>,
     /// The key's own monthly budget in nano-USD; `None` = only the customer's applies.
     pub key_budget_nano_usd: Option<i64>,
+    /// Caps on requests in flight at once: the key's, the customer's (`None` = no cap).
+    pub key_max_concurrent: Option<i64>,
+    pub customer_max_concurrent: Option<i64>,
 }
 
 impl Caller {
@@ -101,6 +104,18 @@ impl Caller {
             expires_at: key.expires_at,
             key_tags: Arc::new(key.tags.clone()),
             key_budget_nano_usd: key.budget_nano_usd,
+            key_max_concurrent: key.max_concurrent_requests,
+            customer_max_concurrent: customer.max_concurrent_requests,
+        }
+    }
+
+    /// What a request of this caller is counted against for concurrency.
+    pub fn request_caps(&self) -> crate::concurrency::RequestCaps<'_> {
+        crate::concurrency::RequestCaps {
+            customer: &self.customer_id,
+            customer_cap: self.customer_max_concurrent,
+            key: &self.key_id,
+            key_cap: self.key_max_concurrent,
         }
     }
 
@@ -199,10 +214,12 @@ impl AuthConfig {
                     customer_tpm: customer.as_ref().and_then(|c| c.tpm),
                     ..Limits::default()
                 },
-                budget_nano_usd: customer.and_then(|c| c.budget_nano_usd),
+                budget_nano_usd: customer.as_ref().and_then(|c| c.budget_nano_usd),
                 expires_at: None,
                 key_tags: Arc::default(),
                 key_budget_nano_usd: None,
+                key_max_concurrent: None,
+                customer_max_concurrent: customer.and_then(|c| c.max_concurrent_requests),
             });
         }
         let Some(store) = store else {

@@ -73,6 +73,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
     pub inflight: Arc<concurrency::InFlight>,
+    /// Requests in flight per customer and per key, for `max_concurrent_requests`.
+    pub inflight_requests: Arc<concurrency::InFlightRequests>,
 }
 
 impl AppState {
@@ -91,6 +93,7 @@ impl AppState {
             limiter: Limiter::default(),
             admin_token: None,
             inflight: Arc::default(),
+            inflight_requests: Arc::default(),
         })
     }
 

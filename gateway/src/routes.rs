@@ -84,6 +84,8 @@ pub(crate) struct Completion {
     settled: bool,
     /// The customer's concurrency slots on this model, held until the request ends.
     _slots: Option<crate::concurrency::Slots>,
+    /// The request's place under its key's and customer's `max_concurrent_requests`.
+    _request_slot: crate::concurrency::RequestSlot,
 }
 
 impl Completion {
@@ -429,6 +431,7 @@ pub(crate) async fn start(
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
     }
+    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
     let cap = state
         .config
         .models
@@ -497,6 +500,7 @@ pub(crate) async fn start(
         budget_hold,
         settled: false,
         _slots: slots,
+        _request_slot: request_slot,
     };
     let mut streams = Vec::with_capacity(prepared.len());
     for p in prepared {

@@ -52,6 +52,9 @@ pub enum CustomersCommand {
         /// Tokens per minute for the whole customer.
         #[arg(long)]
         tpm: Option<i64>,
+        /// Requests in flight at once across the customer's keys.
+        #[arg(long)]
+        max_concurrent_requests: Option<i64>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -77,6 +80,8 @@ pub enum CustomersCommand {
         rpm: Option<String>,
         #[arg(long)]
         tpm: Option<String>,
+        #[arg(long)]
+        max_concurrent_requests: Option<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -96,6 +101,9 @@ pub enum KeysCommand {
         rpm: Option<i64>,
         #[arg(long)]
         tpm: Option<i64>,
+        /// Requests in flight at once with this key.
+        #[arg(long)]
+        max_concurrent_requests: Option<i64>,
         /// RFC 3339 time or date after which the key stops working.
         #[arg(long)]
         expires_at: Option<String>,
@@ -268,6 +276,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             budget_usd,
             rpm,
             tpm,
+            max_concurrent_requests,
             db,
         } => {
             if !valid_id(&id) {
@@ -285,6 +294,10 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 budget_period: None,
                 rpm: Some(positive(rpm, "rpm")?),
                 tpm: Some(positive(tpm, "tpm")?),
+                max_concurrent_requests: Some(positive(
+                    max_concurrent_requests,
+                    "max-concurrent-requests",
+                )?),
             };
             let c = db.open().await?.create_customer(&id, fields).await?;
             print(&customer_json(&c))
@@ -304,6 +317,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             budget_usd,
             rpm,
             tpm,
+            max_concurrent_requests,
             db,
         } => {
             let fields = CustomerFields {
@@ -312,6 +326,10 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 budget_period: None,
                 rpm: limit_arg(rpm.as_deref(), "rpm")?,
                 tpm: limit_arg(tpm.as_deref(), "tpm")?,
+                max_concurrent_requests: limit_arg(
+                    max_concurrent_requests.as_deref(),
+                    "max-concurrent-requests",
+                )?,
             };
             let c = db.open().await?.update_customer(&id, fields).await?;
             print(&customer_json(&c))
@@ -330,6 +348,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             expires_at,
             tags,
             budget_usd,
+            max_concurrent_requests,
             db,
         } => {
             let tags = tags_arg(&tags)?;
@@ -344,8 +363,11 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            if rpm.is_some_and(|v| v <= 0) || tpm.is_some_and(|v| v <= 0) {
-                bail!("--rpm and --tpm must be positive");
+            if [rpm, tpm, max_concurrent_requests]
+                .iter()
+                .any(|v| v.is_some_and(|v| v <= 0))
+            {
+                bail!("--rpm, --tpm and --max-concurrent-requests must be positive");
             }
             let new = NewKey {
                 name,
@@ -355,6 +377,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 expires_at,
                 tags,
                 budget_nano_usd,
+                max_concurrent_requests,
             };
             let (key, secret) = issue_key(&db.open().await?, &customer_id, new).await?;
             let mut body = key_json(&key);
