@@ -11,9 +11,9 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use subtle::ConstantTimeEq;
 
-use crate::auth::{bearer, digest, hex, new_key};
+use crate::admin_tokens;
+use crate::auth::{digest, hex, new_key};
 use crate::billing::{self, parse_time, rfc3339};
 use crate::error::ApiError;
 use crate::limits::month_bounds;
@@ -47,26 +47,31 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/usage/records", get(usage_records))
         .route("/admin/v1/invoices/{customer_id}", get(invoice))
+        .route(
+            "/admin/v1/admin_tokens",
+            get(admin_tokens::list_handler).post(admin_tokens::create),
+        )
+        .route(
+            "/admin/v1/admin_tokens/{id}",
+            delete(admin_tokens::revoke_handler),
+        )
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
-/// Compares the bearer token with the admin token in constant time (over their digests, so
-/// the length does not leak either).
-async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = state.admin_token.as_deref() else {
-        return ApiError::Forbidden("the admin API is disabled".into()).into_response();
-    };
-    let presented = bearer(request.headers()).unwrap_or_default();
-    if presented.is_empty() {
-        return ApiError::Forbidden(
-            "missing admin token: send `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`".into(),
-        )
-        .into_response();
+/// Admits the bootstrap token or an issued admin token whose scopes cover the route
+/// (`admin_tokens::authorize`), and puts the caller's `AdminIdentity` in the extensions.
+async fn require_admin(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match admin_tokens::authorize(&state, admin_tokens::AdminRequest::of(&request)).await {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(refusal) => refusal,
     }
-    if !bool::from(digest(presented).ct_eq(&digest(expected))) {
-        return ApiError::Forbidden("invalid admin token".into()).into_response();
-    }
-    next.run(request).await
 }
 
 fn store(state: &AppState) -> Result<&Store, ApiError> {

@@ -6,6 +6,7 @@
 //! shutdown signal, then drains in-flight requests.
 
 pub mod admin;
+pub mod admin_tokens;
 pub mod auth;
 pub mod backend;
 pub mod billing;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub inflight: Arc<concurrency::InFlight>,
     /// Requests in flight per customer and per key, for `max_concurrent_requests`.
     pub inflight_requests: Arc<concurrency::InFlightRequests>,
+    /// Failed admin authentications per client address.
+    pub admin_failures: Arc<admin_tokens::FailedAuth>,
 }
 
 impl AppState {
@@ -94,6 +97,7 @@ impl AppState {
             admin_token: None,
             inflight: Arc::default(),
             inflight_requests: Arc::default(),
+            admin_failures: Arc::default(),
         })
     }
 

@@ -627,3 +627,51 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokensCommand {
+    /// Issue an admin token; its secret is printed once and never stored.
+    Create {
+        /// Comma-separated: usage:read, customers:write, keys:write, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List admin tokens (without secrets).
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Revoke an admin token at once.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+pub async fn admin_tokens(cmd: AdminTokensCommand) -> anyhow::Result<()> {
+    use tollgate_gateway::admin_tokens::{issue, list, parse_scopes, revoke, AdminToken};
+    match cmd {
+        AdminTokensCommand::Create { scopes, name, db } => {
+            let scopes = parse_scopes(scopes.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
+            let (token, secret) = issue(&db.open().await?, &name, &scopes).await?;
+            let mut body = token.json();
+            body["token"] = json!(secret);
+            print(&body)
+        }
+        AdminTokensCommand::List { db } => {
+            let tokens = list(&db.open().await?).await?;
+            print(
+                &json!({"object": "list", "data": tokens.iter().map(AdminToken::json).collect::<Vec<_>>()}),
+            )
+        }
+        AdminTokensCommand::Revoke { id, db } => {
+            print(&revoke(&db.open().await?, &id).await?.json())
+        }
+    }
+}
