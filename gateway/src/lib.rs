@@ -20,6 +20,7 @@ pub mod listener;
 pub mod metrics;
 pub mod money;
 pub mod openai;
+pub mod openapi;
 mod responses;
 mod routes;
 pub mod shared_limits;
@@ -143,7 +144,9 @@ pub fn app(state: AppState) -> Router {
 /// The public router when the operator endpoints have a listener of their own: `/v1` and
 /// `/health`.
 pub fn public_app(state: AppState) -> Router {
-    let router = v1(&state).route("/health", get(routes::health));
+    let router = v1(&state)
+        .route("/health", get(routes::health))
+        .route("/openapi.json", get(openapi::openapi_json));
     finish(router, state)
 }
 
@@ -157,7 +160,8 @@ pub fn operator_app(state: AppState) -> Router {
 fn operator_routes(state: &AppState) -> Router<AppState> {
     let mut router = Router::new()
         .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics));
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(openapi::openapi_json));
     if state.admin_token.is_some() {
         router = router.merge(admin::router(state.clone()));
     }

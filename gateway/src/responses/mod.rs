@@ -12,7 +12,7 @@
 //! `store` (persistence).
 
 mod output;
-mod request;
+pub(crate) mod request;
 mod store;
 
 use std::collections::HashMap;

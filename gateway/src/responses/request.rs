@@ -12,19 +12,24 @@ use crate::error::ApiError;
 use crate::openai::{ChatRequest, Plan};
 
 /// The request body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CreateResponse {
     pub model: String,
+    /// A string, or a list of input items (messages, function calls and their outputs).
     pub input: Option<Value>,
     pub instructions: Option<String>,
+    #[schema(minimum = 1)]
     pub max_output_tokens: Option<u32>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
     pub text: Option<TextConfig>,
     pub stream: Option<bool>,
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     pub metadata: Option<Map<String, Value>>,
     pub user: Option<String>,
     pub store: Option<bool>,
@@ -39,7 +44,7 @@ pub struct CreateResponse {
 
 impl crate::error::RequestBody for CreateResponse {}
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct TextConfig {
     pub format: Option<Value>,
 }
