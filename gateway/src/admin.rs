@@ -11,10 +11,10 @@ use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use subtle::ConstantTimeEq;
 
+use crate::admin_tokens;
 use crate::audit::Actor;
-use crate::auth::{bearer, digest, hex, new_key};
+use crate::auth::{digest, hex, new_key};
 use crate::billing::{self, parse_time, rfc3339};
 use crate::error::ApiError;
 use crate::limits::month_bounds;
@@ -54,32 +54,37 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/v1/usage/records", get(usage_records))
         .route("/admin/v1/invoices/{customer_id}", get(invoice))
         .route("/admin/v1/audit", get(crate::audit::list))
+        .route(
+            "/admin/v1/admin_tokens",
+            get(admin_tokens::list_handler).post(admin_tokens::create),
+        )
+        .route(
+            "/admin/v1/admin_tokens/{id}",
+            delete(admin_tokens::revoke_handler),
+        )
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
-/// Compares the bearer token with the admin token in constant time (over their digests, so
-/// the length does not leak either).
-async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = state.admin_token.as_deref() else {
-        return ApiError::Forbidden("the admin API is disabled".into()).into_response();
-    };
-    let presented = bearer(request.headers()).unwrap_or_default();
-    if presented.is_empty() {
-        return ApiError::Forbidden(
-            "missing admin token: send `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`".into(),
-        )
-        .into_response();
+/// Admits the bootstrap token or an issued admin token whose scopes cover the route
+/// (`admin_tokens::authorize`), and puts the caller's `AdminIdentity` in the extensions.
+async fn require_admin(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match admin_tokens::authorize(&state, admin_tokens::AdminRequest::of(&request)).await {
+        Ok(identity) => {
+            let actor = Actor::admin_api(
+                &identity.token_id,
+                remote_addr(&request),
+                request.extensions().get::<RequestId>().map(|r| r.0.clone()),
+            );
+            request.extensions_mut().insert(actor);
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(refusal) => refusal,
     }
-    if !bool::from(digest(presented).ct_eq(&digest(expected))) {
-        return ApiError::Forbidden("invalid admin token".into()).into_response();
-    }
-    let actor = Actor::admin_api(
-        remote_addr(&request),
-        request.extensions().get::<RequestId>().map(|r| r.0.clone()),
-    );
-    let mut request = request;
-    request.extensions_mut().insert(actor);
-    next.run(request).await
 }
 
 /// The peer's address (as the listener accepted it), for the audit log.
@@ -202,6 +207,7 @@ fn customer_fields(map: &Map<String, Value>) -> Result<CustomerFields, ApiError>
         budget_period: period_field(map)?,
         rpm: limit_field(map, "rpm")?,
         tpm: limit_field(map, "tpm")?,
+        max_concurrent_requests: limit_field(map, "max_concurrent_requests")?,
     })
 }
 
@@ -222,6 +228,7 @@ pub fn customer_json(c: &Customer) -> Value {
         "budget_period": c.budget_period,
         "rpm": c.rpm,
         "tpm": c.tpm,
+        "max_concurrent_requests": c.max_concurrent_requests,
         "created_at": rfc3339(c.created_at),
     })
 }
@@ -241,6 +248,7 @@ pub fn key_json(k: &ApiKey) -> Value {
         "created_at": rfc3339(k.created_at),
         "tags": k.tags,
         "budget_usd": k.budget_nano_usd.map(format_usd),
+        "max_concurrent_requests": k.max_concurrent_requests,
     })
 }
 
@@ -291,7 +299,15 @@ async fn create_customer(
     let map = object(&body)?;
     reject_unknown(
         &map,
-        &["id", "name", "budget_usd", "budget_period", "rpm", "tpm"],
+        &[
+            "id",
+            "name",
+            "budget_usd",
+            "budget_period",
+            "rpm",
+            "tpm",
+            "max_concurrent_requests",
+        ],
     )?;
     let id =
         string_field(&map, "id")?.ok_or_else(|| invalid_field("id", "`id` is required".into()))?;
@@ -332,7 +348,17 @@ async fn update_customer(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
-    reject_unknown(&map, &["name", "budget_usd", "budget_period", "rpm", "tpm"])?;
+    reject_unknown(
+        &map,
+        &[
+            "name",
+            "budget_usd",
+            "budget_period",
+            "rpm",
+            "tpm",
+            "max_concurrent_requests",
+        ],
+    )?;
     let fields = customer_fields(&map)?;
     let customer = store(&state)?.update_customer(&id, fields, &actor).await?;
     state.auth.forget_customer(&id);
@@ -351,6 +377,7 @@ async fn get_alert_settings(
 /// answer carries `webhook_secret` when one was made (shown once).
 async fn put_alert_settings(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -409,7 +436,8 @@ async fn put_alert_settings(
         thresholds,
         rotate_secret,
     };
-    let (settings, secret) = crate::alerts::update_settings(store(&state)?, &id, change).await?;
+    let (settings, secret) =
+        crate::alerts::update_settings(store(&state)?, &id, change, &actor).await?;
     Ok(Json(crate::alerts::settings_json(
         &settings,
         secret.as_deref(),
@@ -525,6 +553,7 @@ async fn create_key(
             "expires_at",
             "tags",
             "budget_usd",
+            "max_concurrent_requests",
         ],
     )?;
     let new = NewKey {
@@ -535,6 +564,7 @@ async fn create_key(
         expires_at: expiry_field(&map)?,
         tags: tags_field(&map)?.unwrap_or_default(),
         budget_nano_usd: key_budget_field(&map)?.flatten(),
+        max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?.flatten(),
     };
     let (created, secret) = issue_key(store(&state)?, &customer_id, new, &actor).await?;
     let mut body = key_json(&created);

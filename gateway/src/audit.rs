@@ -64,11 +64,16 @@ pub struct Actor {
 }
 
 impl Actor {
-    /// The admin API, called from `remote_addr`.
-    pub fn admin_api(remote_addr: Option<String>, request_id: Option<String>) -> Self {
+    /// The admin API, called with admin token `token_id` (`bootstrap` for
+    /// `TOLLGATE_ADMIN_TOKEN`) from `remote_addr`.
+    pub fn admin_api(
+        token_id: &str,
+        remote_addr: Option<String>,
+        request_id: Option<String>,
+    ) -> Self {
         Self {
             kind: ActorKind::AdminApi,
-            name: "admin token".into(),
+            name: format!("admin token {token_id}"),
             remote_addr,
             request_id,
         }
@@ -130,6 +135,9 @@ pub enum Action {
     KeyCreated,
     KeyUpdated,
     KeyRevoked,
+    AlertSettingsUpdated,
+    AdminTokenCreated,
+    AdminTokenRevoked,
 }
 
 impl Action {
@@ -140,13 +148,19 @@ impl Action {
             Self::KeyCreated => "key.created",
             Self::KeyUpdated => "key.updated",
             Self::KeyRevoked => "key.revoked",
+            Self::AlertSettingsUpdated => "alert_settings.updated",
+            Self::AdminTokenCreated => "admin_token.created",
+            Self::AdminTokenRevoked => "admin_token.revoked",
         }
     }
 
     fn target_type(self) -> &'static str {
         match self {
-            Self::CustomerCreated | Self::CustomerUpdated => "customer",
+            Self::CustomerCreated | Self::CustomerUpdated | Self::AlertSettingsUpdated => {
+                "customer"
+            }
             Self::KeyCreated | Self::KeyUpdated | Self::KeyRevoked => "key",
+            Self::AdminTokenCreated | Self::AdminTokenRevoked => "admin_token",
         }
     }
 }
@@ -353,10 +367,10 @@ mod tests {
 
     #[test]
     fn actors_name_the_door_and_never_a_token() {
-        let a = Actor::admin_api(Some("127.0.0.1:5".into()), None);
+        let a = Actor::admin_api("bootstrap", Some("127.0.0.1:5".into()), None);
         assert_eq!(
             (a.kind.as_str(), a.name.as_str()),
-            ("admin_api", "admin token")
+            ("admin_api", "admin token bootstrap")
         );
         assert_eq!(Actor::cli("alice").name, "cli user alice");
         assert_eq!(

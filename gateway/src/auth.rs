@@ -83,6 +83,9 @@ pub struct Caller {
     pub key_budget_nano_usd: Option<i64>,
     /// Set by the idempotency layer when the request carries an `Idempotency-Key` it runs.
     pub idempotency: Option<crate::idempotency::Ticket>,
+    /// Caps on requests in flight at once: the key's, the customer's (`None` = no cap).
+    pub key_max_concurrent: Option<i64>,
+    pub customer_max_concurrent: Option<i64>,
 }
 
 impl Caller {
@@ -104,6 +107,18 @@ impl Caller {
             key_tags: Arc::new(key.tags.clone()),
             key_budget_nano_usd: key.budget_nano_usd,
             idempotency: None,
+            key_max_concurrent: key.max_concurrent_requests,
+            customer_max_concurrent: customer.max_concurrent_requests,
+        }
+    }
+
+    /// What a request of this caller is counted against for concurrency.
+    pub fn request_caps(&self) -> crate::concurrency::RequestCaps<'_> {
+        crate::concurrency::RequestCaps {
+            customer: &self.customer_id,
+            customer_cap: self.customer_max_concurrent,
+            key: &self.key_id,
+            key_cap: self.key_max_concurrent,
         }
     }
 
@@ -202,11 +217,13 @@ impl AuthConfig {
                     customer_tpm: customer.as_ref().and_then(|c| c.tpm),
                     ..Limits::default()
                 },
-                budget_nano_usd: customer.and_then(|c| c.budget_nano_usd),
+                budget_nano_usd: customer.as_ref().and_then(|c| c.budget_nano_usd),
                 expires_at: None,
                 key_tags: Arc::default(),
                 key_budget_nano_usd: None,
                 idempotency: None,
+                key_max_concurrent: None,
+                customer_max_concurrent: customer.and_then(|c| c.max_concurrent_requests),
             });
         }
         let Some(store) = store else {

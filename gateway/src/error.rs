@@ -66,6 +66,9 @@ pub enum ApiError {
     /// Admin API: missing or wrong admin token.
     #[error("{0}")]
     Forbidden(String),
+    /// Admin API: the token is valid but its scopes do not cover the operation.
+    #[error("{0}")]
+    InsufficientScope(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -152,6 +155,11 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 Some("invalid_admin_token"),
+            ),
+            Self::InsufficientScope(_) => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                Some("insufficient_scope"),
             ),
         }
     }

@@ -6,6 +6,7 @@
 //! shutdown signal, then drains in-flight requests.
 
 pub mod admin;
+pub mod admin_tokens;
 pub mod alerts;
 pub mod audit;
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod listener;
 pub mod metrics;
 pub mod money;
 pub mod openai;
+pub mod openapi;
 mod responses;
 mod routes;
 pub mod shared_limits;
@@ -86,6 +88,10 @@ pub struct AppState {
     pub tasks: tokio_util::task::TaskTracker,
     /// Cancelled at the end of shutdown: stops background work (alert delivery).
     pub background: tokio_util::sync::CancellationToken,
+    /// Requests in flight per customer and per key, for `max_concurrent_requests`.
+    pub inflight_requests: Arc<concurrency::InFlightRequests>,
+    /// Failed admin authentications per client address.
+    pub admin_failures: Arc<admin_tokens::FailedAuth>,
 }
 
 impl AppState {
@@ -107,6 +113,8 @@ impl AppState {
             console: Arc::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             background: tokio_util::sync::CancellationToken::new(),
+            inflight_requests: Arc::default(),
+            admin_failures: Arc::default(),
         })
     }
 
@@ -155,7 +163,9 @@ pub fn app(state: AppState) -> Router {
 /// The public router when the operator endpoints have a listener of their own: `/v1` and
 /// `/health`.
 pub fn public_app(state: AppState) -> Router {
-    let router = v1(&state).route("/health", get(routes::health));
+    let router = v1(&state)
+        .route("/health", get(routes::health))
+        .route("/openapi.json", get(openapi::openapi_json));
     finish(router, state)
 }
 
@@ -169,7 +179,8 @@ pub fn operator_app(state: AppState) -> Router {
 fn operator_routes(state: &AppState) -> Router<AppState> {
     let mut router = Router::new()
         .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics));
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(openapi::openapi_json));
     if state.admin_token.is_some() {
         router = router
             .merge(admin::router(state.clone()))

@@ -80,7 +80,8 @@ pub async fn serve(
         }
         let service = TowerToHyperService::new(app.clone().map_request(
             move |req: hyper::Request<Incoming>| {
-                // The peer's address, for `ConnectInfo` (the audit log's remote address).
+                // The peer's address, for `ConnectInfo`: the audit log's remote address and
+                // the limit on failed admin logins per address.
                 let mut req = req.map(axum::body::Body::new);
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer));

@@ -6,6 +6,7 @@
 //! decoding in the engine, or the upstream). Responses are built in `routes`.
 
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use crate::backend::{
     ChatMessage, GenerateRequest, Prompt, ResponseFormat, SamplingParams, ToolCall, ToolChoice,
@@ -14,7 +15,7 @@ use crate::backend::{
 use crate::error::{ApiError, RequestBody};
 
 /// A string or a list of strings (`stop`, `prompt`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -30,49 +31,60 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// Sampling fields shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CommonParams {
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
+    #[schema(minimum = 1)]
     pub n: Option<u32>,
     pub stop: Option<OneOrMany>,
     pub seed: Option<i64>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
     pub user: Option<String>,
     /// OpenAI's `metadata`: string pairs stored on the usage record as tags.
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     pub metadata: Option<crate::tags::Tags>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// vLLM-style extras.
     pub top_k: Option<u32>,
+    #[schema(minimum = 0.01, maximum = 10)]
     pub repetition_penalty: Option<f32>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
+    /// Only `text` parts are supported.
     #[serde(rename = "type")]
+    #[schema(pattern = "^text$")]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct MessageIn {
+    #[schema(pattern = "^(system|developer|user|assistant|tool)$")]
     pub role: String,
     pub content: Option<MessageContent>,
     /// Assistant messages: the calls the model made.
@@ -82,21 +94,22 @@ pub struct MessageIn {
 }
 
 /// `function` inside a tool call or a tool definition.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct FunctionCallIn {
     pub name: String,
     pub arguments: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ToolCallIn {
     pub id: String,
     #[serde(rename = "type")]
+    #[schema(pattern = "^function$")]
     pub kind: String,
     pub function: FunctionCallIn,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct FunctionDefIn {
     pub name: String,
     pub description: Option<String>,
@@ -104,34 +117,36 @@ pub struct FunctionDefIn {
     pub strict: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ToolIn {
     #[serde(rename = "type")]
+    #[schema(pattern = "^function$")]
     pub kind: String,
     pub function: FunctionDefIn,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct NamedFunction {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct NamedToolChoice {
     #[serde(rename = "type")]
+    #[schema(pattern = "^function$")]
     pub kind: String,
     pub function: NamedFunction,
 }
 
 /// `"none" | "auto" | "required" | {"type": "function", "function": {"name"}}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum ToolChoiceIn {
     Mode(String),
     Named(NamedToolChoice),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct JsonSchemaIn {
     pub name: String,
     pub description: Option<String>,
@@ -139,33 +154,42 @@ pub struct JsonSchemaIn {
     pub strict: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ResponseFormatIn {
     #[serde(rename = "type")]
+    #[schema(pattern = "^(text|json_object|json_schema)$")]
     pub kind: String,
     pub json_schema: Option<JsonSchemaIn>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(as = CreateChatCompletionRequest)]
 pub struct ChatRequest {
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<MessageIn>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
     pub logprobs: Option<bool>,
+    /// Requires `logprobs: true`.
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
     pub response_format: Option<ResponseFormatIn>,
     pub tools: Option<Vec<ToolIn>>,
     pub tool_choice: Option<ToolChoiceIn>,
     pub parallel_tool_calls: Option<bool>,
-    /// The deprecated forms of `tools` / `tool_choice`: refused, not ignored.
+    /// The deprecated forms of `tools` / `tool_choice`: refused, not ignored (and not in the
+    /// OpenAPI document).
+    #[schema(ignore)]
     pub functions: Option<serde_json::Value>,
+    #[schema(ignore)]
     pub function_call: Option<serde_json::Value>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
 
 /// A prompt: text, a list of texts, or token ids (refused).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptIn {
     Text(String),
@@ -174,13 +198,19 @@ pub enum PromptIn {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(as = CreateCompletionRequest)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptIn,
+    #[schema(maximum = 5)]
     pub logprobs: Option<u32>,
+    /// Only `false` is supported.
     pub echo: Option<bool>,
+    /// Only an empty suffix is supported.
+    #[schema(max_length = 0)]
     pub suffix: Option<String>,
+    #[schema(minimum = 1, maximum = 1)]
     pub best_of: Option<u32>,
     /// vLLM-style structured output for completions.
     pub response_format: Option<ResponseFormatIn>,

@@ -89,6 +89,8 @@ pub(crate) struct Completion {
     server_span: tracing::Span,
     /// The customer's concurrency slots on this model, held until the request ends.
     _slots: Option<crate::concurrency::Slots>,
+    /// The request's place under its key's and customer's `max_concurrent_requests`.
+    _request_slot: crate::concurrency::RequestSlot,
 }
 
 impl Completion {
@@ -457,6 +459,7 @@ pub(crate) async fn start(
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
     }
+    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
     let cap = state
         .config
         .models
@@ -554,6 +557,7 @@ pub(crate) async fn start(
         overhead: Duration::ZERO,
         server_span,
         _slots: slots,
+        _request_slot: request_slot,
     };
     completion.overhead = id.1.elapsed().saturating_sub(backend_time);
     let mut streams = Vec::with_capacity(prepared.len());
@@ -596,6 +600,7 @@ pub(crate) async fn start_passthrough(
     if !caller.may_use(model) {
         return Err(ApiError::ModelNotAllowed(model.to_string()));
     }
+    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
     let config = state.config.models.get(model);
     let slots = match config.and_then(|m| m.max_sequences_per_customer) {
         Some(limit) => Some(
@@ -642,6 +647,7 @@ pub(crate) async fn start_passthrough(
         budget_hold,
         settled: false,
         _slots: slots,
+        _request_slot: request_slot,
         overhead: Duration::ZERO,
         server_span: tracing::Span::none(),
     })

@@ -80,6 +80,9 @@ pub struct Customer {
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
     pub created_at: i64,
+    /// Requests in flight at once across the customer's keys; `None` = no cap.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<i64>,
 }
 
 /// An API key without its secret (only the SHA-256 of the secret is stored).
@@ -103,6 +106,9 @@ pub struct ApiKey {
     /// The key's own monthly budget in nano-USD; `None` = only its customer's applies.
     #[serde(default)]
     pub budget_nano_usd: Option<i64>,
+    /// Requests in flight at once with this key; `None` = no cap of its own.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<i64>,
 }
 
 /// Fields of a new or patched customer.
@@ -114,6 +120,8 @@ pub struct CustomerFields {
     pub budget_period: Option<String>,
     pub rpm: Option<Option<i64>>,
     pub tpm: Option<Option<i64>>,
+    /// `Some(None)` clears the cap.
+    pub max_concurrent_requests: Option<Option<i64>>,
 }
 
 /// Fields of a new key.
@@ -126,6 +134,7 @@ pub struct NewKey {
     pub expires_at: Option<i64>,
     pub tags: Tags,
     pub budget_nano_usd: Option<i64>,
+    pub max_concurrent_requests: Option<i64>,
 }
 
 /// One request's usage, as written to the ledger. Times in Unix microseconds.
@@ -279,8 +288,9 @@ pub(crate) const RECORD_COLUMNS: &str =
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
 const RECORD_PARAMS: usize = 22;
 const KEY_COLUMNS: &str = "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, \
-    revoked_at, created_at, tags, budget_nano_usd";
-const CUSTOMER_COLUMNS: &str = "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at";
+    revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests";
+const CUSTOMER_COLUMNS: &str =
+    "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at, max_concurrent_requests";
 
 fn customer(row: &AnyRow) -> StoreResult<Customer> {
     Ok(Customer {
@@ -291,6 +301,7 @@ fn customer(row: &AnyRow) -> StoreResult<Customer> {
         rpm: row.try_get("rpm")?,
         tpm: row.try_get("tpm")?,
         created_at: row.try_get("created_at")?,
+        max_concurrent_requests: row.try_get("max_concurrent_requests")?,
     })
 }
 
@@ -316,6 +327,7 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
         created_at: row.try_get("created_at")?,
         tags: stored_tags(row)?,
         budget_nano_usd: row.try_get("budget_nano_usd")?,
+        max_concurrent_requests: row.try_get("max_concurrent_requests")?,
     })
 }
 
@@ -453,7 +465,9 @@ impl Store {
     /// first cannot take the write lock once another connection has written meanwhile (the
     /// ledger's batch insert while an operator revokes a key): SQLite then fails at once with
     /// SQLITE_BUSY, which `busy_timeout` does not wait out.
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub(crate) async fn write_tx(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.kind {
             DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             DbKind::Postgres => self.pool.begin().await,
@@ -553,10 +567,11 @@ impl Store {
             rpm: fields.rpm.flatten(),
             tpm: fields.tpm.flatten(),
             created_at: now_micros(),
+            max_concurrent_requests: fields.max_concurrent_requests.flatten(),
         };
         let mut tx = self.write_tx().await?;
         let result = sqlx::query(&format!(
-            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         ))
         .bind(&c.id)
         .bind(&c.name)
@@ -565,6 +580,7 @@ impl Store {
         .bind(c.rpm)
         .bind(c.tpm)
         .bind(c.created_at)
+        .bind(c.max_concurrent_requests)
         .execute(&mut *tx)
         .await;
         match result {
@@ -662,9 +678,12 @@ impl Store {
         if let Some(tpm) = fields.tpm {
             c.tpm = tpm;
         }
+        if let Some(cap) = fields.max_concurrent_requests {
+            c.max_concurrent_requests = cap;
+        }
         sqlx::query(
             "UPDATE customers SET name = $2, budget_nano_usd = $3, budget_period = $4, \
-             rpm = $5, tpm = $6 WHERE id = $1",
+             rpm = $5, tpm = $6, max_concurrent_requests = $7 WHERE id = $1",
         )
         .bind(&c.id)
         .bind(&c.name)
@@ -672,6 +691,7 @@ impl Store {
         .bind(&c.budget_period)
         .bind(c.rpm)
         .bind(c.tpm)
+        .bind(c.max_concurrent_requests)
         .execute(&mut *tx)
         .await?;
         if let Some(changes) = audit::diff(&audited_customer(&before), &audited_customer(&c)) {
@@ -712,6 +732,7 @@ impl Store {
             created_at: now_micros(),
             tags: new.tags,
             budget_nano_usd: new.budget_nano_usd,
+            max_concurrent_requests: new.max_concurrent_requests,
         };
         let models = match &key.models {
             Some(m) => {
@@ -722,8 +743,8 @@ impl Store {
         let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
-             expires_at, revoked_at, created_at, tags, budget_nano_usd) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11, $12)",
+             expires_at, revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11, $12, $13)",
         )
         .bind(&key.id)
         .bind(&key.customer_id)
@@ -737,6 +758,7 @@ impl Store {
         .bind(key.created_at)
         .bind(tags::to_json(&key.tags))
         .bind(key.budget_nano_usd)
+        .bind(key.max_concurrent_requests)
         .execute(&mut *tx)
         .await?;
         let change = Change {

@@ -90,7 +90,7 @@ def test_admin_api_and_cli_changes_are_audited_without_secrets(server):
     api, cli = ours[:4], ours[4:]
     for e in api:
         assert e["remote_addr"].startswith("127.0.0.1:"), e
-        assert e["actor"]["name"] == "admin token"
+        assert e["actor"]["name"] == "admin token bootstrap"
         assert len(e["request_id"]) == 36
     for e in cli:
         assert e["actor"]["name"] == "cli user auditor" and e["remote_addr"] is None, e

@@ -54,6 +54,9 @@ pub enum CustomersCommand {
         /// Tokens per minute for the whole customer.
         #[arg(long)]
         tpm: Option<i64>,
+        /// Requests in flight at once across the customer's keys.
+        #[arg(long)]
+        max_concurrent_requests: Option<i64>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -79,6 +82,8 @@ pub enum CustomersCommand {
         rpm: Option<String>,
         #[arg(long)]
         tpm: Option<String>,
+        #[arg(long)]
+        max_concurrent_requests: Option<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -114,6 +119,9 @@ pub enum KeysCommand {
         rpm: Option<i64>,
         #[arg(long)]
         tpm: Option<i64>,
+        /// Requests in flight at once with this key.
+        #[arg(long)]
+        max_concurrent_requests: Option<i64>,
         /// RFC 3339 time or date after which the key stops working.
         #[arg(long)]
         expires_at: Option<String>,
@@ -286,6 +294,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             budget_usd,
             rpm,
             tpm,
+            max_concurrent_requests,
             db,
         } => {
             if !valid_id(&id) {
@@ -303,6 +312,10 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 budget_period: None,
                 rpm: Some(positive(rpm, "rpm")?),
                 tpm: Some(positive(tpm, "tpm")?),
+                max_concurrent_requests: Some(positive(
+                    max_concurrent_requests,
+                    "max-concurrent-requests",
+                )?),
             };
             let c = db
                 .open()
@@ -326,6 +339,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             budget_usd,
             rpm,
             tpm,
+            max_concurrent_requests,
             db,
         } => {
             let fields = CustomerFields {
@@ -334,6 +348,10 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 budget_period: None,
                 rpm: limit_arg(rpm.as_deref(), "rpm")?,
                 tpm: limit_arg(tpm.as_deref(), "tpm")?,
+                max_concurrent_requests: limit_arg(
+                    max_concurrent_requests.as_deref(),
+                    "max-concurrent-requests",
+                )?,
             };
             let c = db
                 .open()
@@ -355,7 +373,8 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 thresholds,
                 rotate_secret,
             };
-            let (settings, secret) = alerts::update_settings(&store, &id, change).await?;
+            let (settings, secret) =
+                alerts::update_settings(&store, &id, change, &Actor::cli_os_user()).await?;
             print(&alerts::settings_json(&settings, secret.as_deref()))
         }
     }
@@ -372,6 +391,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             expires_at,
             tags,
             budget_usd,
+            max_concurrent_requests,
             db,
         } => {
             let tags = tags_arg(&tags)?;
@@ -386,8 +406,11 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            if rpm.is_some_and(|v| v <= 0) || tpm.is_some_and(|v| v <= 0) {
-                bail!("--rpm and --tpm must be positive");
+            if [rpm, tpm, max_concurrent_requests]
+                .iter()
+                .any(|v| v.is_some_and(|v| v <= 0))
+            {
+                bail!("--rpm, --tpm and --max-concurrent-requests must be positive");
             }
             let new = NewKey {
                 name,
@@ -397,6 +420,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 expires_at,
                 tags,
                 budget_nano_usd,
+                max_concurrent_requests,
             };
             let store = db.open().await?;
             let (key, secret) = issue_key(&store, &customer_id, new, &Actor::cli_os_user()).await?;
@@ -654,5 +678,56 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                     .await?,
             )
         }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokensCommand {
+    /// Issue an admin token; its secret is printed once and never stored.
+    Create {
+        /// Comma-separated: usage:read, customers:write, keys:write, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List admin tokens (without secrets).
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Revoke an admin token at once.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+pub async fn admin_tokens(cmd: AdminTokensCommand) -> anyhow::Result<()> {
+    use tollgate_gateway::admin_tokens::{issue, list, parse_scopes, revoke, AdminToken};
+    match cmd {
+        AdminTokensCommand::Create { scopes, name, db } => {
+            let scopes = parse_scopes(scopes.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
+            let (token, secret) =
+                issue(&db.open().await?, &name, &scopes, &Actor::cli_os_user()).await?;
+            let mut body = token.json();
+            body["token"] = json!(secret);
+            print(&body)
+        }
+        AdminTokensCommand::List { db } => {
+            let tokens = list(&db.open().await?).await?;
+            print(
+                &json!({"object": "list", "data": tokens.iter().map(AdminToken::json).collect::<Vec<_>>()}),
+            )
+        }
+        AdminTokensCommand::Revoke { id, db } => print(
+            &revoke(&db.open().await?, &id, &Actor::cli_os_user())
+                .await?
+                .json(),
+        ),
     }
 }

@@ -70,6 +70,9 @@ enum Command {
     /// Manage API keys in the database.
     #[command(subcommand)]
     Keys(tollgate::billing_cli::KeysCommand),
+    /// Scoped admin tokens (usage:read, customers:write, keys:write, admin).
+    #[command(subcommand)]
+    AdminTokens(tollgate::billing_cli::AdminTokensCommand),
     /// Read usage: exports for billing jobs, aggregates, invoices.
     #[command(subcommand)]
     Usage(tollgate::billing_cli::UsageCommand),
@@ -134,6 +137,9 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Customers(cmd) => async_runtime()?.block_on(tollgate::billing_cli::customers(cmd)),
         Command::Keys(cmd) => async_runtime()?.block_on(tollgate::billing_cli::keys(cmd)),
+        Command::AdminTokens(cmd) => {
+            async_runtime()?.block_on(tollgate::billing_cli::admin_tokens(cmd))
+        }
         Command::Usage(cmd) => async_runtime()?.block_on(tollgate::billing_cli::usage(cmd)),
     };
     drop(flush);

@@ -169,6 +169,7 @@ pub async fn update_settings(
     store: &Store,
     customer_id: &str,
     change: SettingsChange,
+    actor: &crate::audit::Actor,
 ) -> crate::store::StoreResult<(AlertSettings, Option<String>)> {
     let mut settings = store.alert_settings(customer_id).await?;
     if let Some(url) = change.webhook_url {
@@ -188,7 +189,9 @@ pub async fn update_settings(
         settings.webhook_secret = Some(secret.clone());
         fresh = Some(secret);
     }
-    store.set_alert_settings(&settings).await?;
+    store
+        .set_alert_settings(&settings, fresh.is_some(), actor)
+        .await?;
     Ok((settings, fresh))
 }
 

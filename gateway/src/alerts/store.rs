@@ -7,6 +7,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use super::{crossed, payload, DEFAULT_THRESHOLDS};
+use crate::audit::{self, Action, Actor, Change};
 use crate::limits::month_bounds;
 use crate::store::{now_micros, Store, StoreError, StoreResult, UsageRecord};
 
@@ -195,11 +196,18 @@ impl Store {
         })
     }
 
-    /// Replaces a customer's alert settings.
-    pub async fn set_alert_settings(&self, s: &AlertSettings) -> StoreResult<()> {
-        self.customer(&s.customer_id).await?;
+    /// Replaces a customer's alert settings, recording in the audit log what changed (a new
+    /// secret only as `webhook_secret_issued`, never its value).
+    pub async fn set_alert_settings(
+        &self,
+        s: &AlertSettings,
+        secret_issued: bool,
+        actor: &Actor,
+    ) -> StoreResult<()> {
+        let before = self.alert_settings(&s.customer_id).await?;
         let thresholds =
             serde_json::to_string(&s.thresholds).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO alert_settings (customer_id, webhook_url, webhook_secret, thresholds, \
              updated_at) VALUES ($1, $2, $3, $4, $5) \
@@ -211,8 +219,23 @@ impl Store {
         .bind(&s.webhook_secret)
         .bind(thresholds)
         .bind(now_micros())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        let audited = |s: &AlertSettings| serde_json::json!({"webhook_url": s.webhook_url, "thresholds": s.thresholds});
+        let mut changes =
+            audit::diff(&audited(&before), &audited(s)).unwrap_or_else(|| serde_json::json!({}));
+        if secret_issued {
+            changes["webhook_secret_issued"] = serde_json::json!(true);
+        }
+        if changes.as_object().is_some_and(|c| !c.is_empty()) {
+            let change = Change {
+                action: Action::AlertSettingsUpdated,
+                target_id: s.customer_id.clone(),
+                changes,
+            };
+            audit::record(&mut tx, self.kind(), actor, &change).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -402,6 +402,7 @@ pub(crate) async fn create_customer(
         budget_period: None,
         rpm: Some(limit(&fields, "rpm")?),
         tpm: Some(limit(&fields, "tpm")?),
+        max_concurrent_requests: None,
     };
     store(&state)?
         .create_customer(&id, new, &signed.actor)
@@ -421,6 +422,7 @@ pub(crate) async fn update_customer(
         budget_period: None,
         rpm: Some(limit(&fields, "rpm")?),
         tpm: Some(limit(&fields, "tpm")?),
+        max_concurrent_requests: None,
     };
     store(&state)?
         .update_customer(&id, change, &signed.actor)
@@ -556,6 +558,7 @@ pub(crate) async fn create_key(
         expires_at,
         tags: Default::default(),
         budget_nano_usd: budget(&fields)?,
+        max_concurrent_requests: None,
     };
     let (key, secret) = issue_key(store(&state)?, &customer_id, new, &signed.actor).await?;
     let page = customer_page(&state, &signed, &customer_id, Some((key.id, secret))).await?;

@@ -17,7 +17,7 @@
 
 mod output;
 mod passthrough;
-mod request;
+pub(crate) mod request;
 mod store;
 
 use std::collections::HashMap;

@@ -12,19 +12,24 @@ use crate::error::ApiError;
 use crate::openai::{ChatRequest, Plan};
 
 /// The request body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CreateResponse {
     pub model: String,
+    /// A string, or a list of input items (messages, function calls and their outputs).
     pub input: Option<Value>,
     pub instructions: Option<String>,
+    #[schema(minimum = 1)]
     pub max_output_tokens: Option<u32>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
     pub text: Option<TextConfig>,
     pub stream: Option<bool>,
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     pub metadata: Option<Map<String, Value>>,
     pub user: Option<String>,
     pub store: Option<bool>,
@@ -39,7 +44,7 @@ pub struct CreateResponse {
 
 impl crate::error::RequestBody for CreateResponse {}
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct TextConfig {
     pub format: Option<Value>,
 }
@@ -353,11 +358,15 @@ impl CreateResponse {
         if let Some(m) = self.max_output_tokens {
             chat["max_completion_tokens"] = json!(m);
         }
-        if let Some(t) = self.temperature {
-            chat["temperature"] = json!(t);
-        }
-        if let Some(p) = self.top_p {
-            chat["top_p"] = json!(p);
+        for (name, value) in [("temperature", self.temperature), ("top_p", self.top_p)] {
+            if let Some(v) = value {
+                // A number beyond f32's range arrives as an infinity, which JSON cannot carry
+                // on to the chat validation (it would become `null`, i.e. the default).
+                if !v.is_finite() {
+                    return Err(invalid(name.to_string(), format!("{name} is out of range")));
+                }
+                chat[name] = json!(v);
+            }
         }
         if let Some(tools) = &self.tools {
             let mut out = Vec::with_capacity(tools.len());
@@ -435,6 +444,25 @@ mod tests {
             "tool_choice.name"
         );
         assert_eq!(response_param("temperature"), "temperature");
+    }
+
+    /// Found by the Schemathesis run: `temperature: -6e307` overflowed f32 to -inf, went on as
+    /// `null` and was served at the default temperature (and echoed as `null`).
+    #[test]
+    fn out_of_range_sampling_numbers_are_refused() {
+        for (field, value) in [
+            ("temperature", -5.979740653169396e307),
+            ("temperature", 1e39),
+            ("top_p", 1e300),
+        ] {
+            let body: CreateResponse =
+                serde_json::from_value(json!({"model": "m", "input": "Hi", field: value})).unwrap();
+            let e = body.plan(&[], "r", 1).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::InvalidRequest { param: Some(p), .. } if p == field),
+                "{field}={value}: {e:?}"
+            );
+        }
     }
 
     #[test]

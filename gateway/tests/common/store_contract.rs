@@ -361,9 +361,10 @@ pub async fn alerts_and_idempotency(store: &Store) {
         thresholds: Some(vec!["0.5".into(), "0.9".into()]),
         rotate_secret: false,
     };
-    let (settings, secret) = alerts::update_settings(store, "alerted", change)
-        .await
-        .unwrap();
+    let (settings, secret) =
+        alerts::update_settings(store, "alerted", change, &Actor::cli("contract"))
+            .await
+            .unwrap();
     assert!(secret.unwrap().starts_with("whsec_"));
     assert_eq!(settings.thresholds, ["0.5", "0.9"]);
     let now = tollgate_gateway::store::now_micros();

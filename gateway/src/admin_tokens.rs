@@ -1,0 +1,580 @@
+//! Admin credentials and what each may do: scoped admin tokens issued through the admin API or
+//! the CLI (stored as SHA-256 digests, looked up by digest like client keys), the bootstrap
+//! `TOLLGATE_ADMIN_TOKEN` (scope `admin`), the scope each admin route needs, and the per-address
+//! limit on failed admin authentication.
+//!
+//! It owns the `admin_tokens` table and the admin middleware's decision; the admin routes
+//! themselves live in `admin`.
+//!
+//! Scopes: `usage:read` (usage reports, records, invoices: what a billing export job needs),
+//! `customers:write` (customers), `keys:write` (client keys), `admin` (everything, including
+//! admin tokens). A route not named below needs `admin`, so a new admin route is closed to
+//! narrower tokens until someone decides otherwise.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use rand::RngCore;
+use serde_json::{json, Value};
+use sqlx::Row;
+use subtle::ConstantTimeEq;
+
+use crate::audit::{self, Action, Actor, Change};
+use crate::auth::{bearer, digest, hex};
+use crate::billing::rfc3339;
+use crate::error::ApiError;
+use crate::store::{now_micros, Store, StoreError};
+use crate::AppState;
+
+/// What an admin credential may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    UsageRead,
+    CustomersWrite,
+    KeysWrite,
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [
+        Scope::UsageRead,
+        Scope::CustomersWrite,
+        Scope::KeysWrite,
+        Scope::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UsageRead => "usage:read",
+            Self::CustomersWrite => "customers:write",
+            Self::KeysWrite => "keys:write",
+            Self::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.as_str() == text.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown scope `{text}`; use {}",
+                    Self::ALL.map(Scope::as_str).join(", ")
+                )
+            })
+    }
+
+    /// The scope a request needs, from its method and route template.
+    pub fn required(method: &Method, route: &str) -> Self {
+        match (method, route) {
+            (
+                &Method::GET,
+                "/admin/v1/usage" | "/admin/v1/usage/records" | "/admin/v1/invoices/{customer_id}",
+            ) => Self::UsageRead,
+            (_, "/admin/v1/customers" | "/admin/v1/customers/{id}") => Self::CustomersWrite,
+            (_, "/admin/v1/customers/{id}/keys" | "/admin/v1/keys/{key_id}") => Self::KeysWrite,
+            _ => Self::Admin,
+        }
+    }
+}
+
+/// Parses a list of scopes (deduplicated, sorted); at least one.
+pub fn parse_scopes<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Vec<Scope>, String> {
+    let mut scopes = items
+        .into_iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(Scope::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    scopes.sort();
+    scopes.dedup();
+    if scopes.is_empty() {
+        return Err("at least one scope is needed".into());
+    }
+    Ok(scopes)
+}
+
+/// Who made an admin request: in the request's extensions for the handlers (and the audit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminIdentity {
+    /// The token's id, or `bootstrap` for `TOLLGATE_ADMIN_TOKEN`.
+    pub token_id: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// The id the bootstrap token is known by.
+pub const BOOTSTRAP_ID: &str = "bootstrap";
+
+impl AdminIdentity {
+    pub fn allows(&self, needed: Scope) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| *s == Scope::Admin || *s == needed)
+    }
+}
+
+/// An issued admin token, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub id: String,
+    pub name: String,
+    pub token_prefix: String,
+    pub scopes: Vec<Scope>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+impl AdminToken {
+    pub fn json(&self) -> Value {
+        json!({
+            "object": "admin_token",
+            "id": self.id,
+            "name": self.name,
+            "token_prefix": self.token_prefix,
+            "scopes": self.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "created_at": rfc3339(self.created_at),
+            "revoked_at": self.revoked_at.map(rfc3339),
+        })
+    }
+}
+
+const COLUMNS: &str = "id, name, token_prefix, scopes, created_at, revoked_at";
+
+fn row_token(row: &sqlx::any::AnyRow) -> Result<AdminToken, StoreError> {
+    let scopes: String = row.try_get("scopes")?;
+    Ok(AdminToken {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        token_prefix: row.try_get("token_prefix")?,
+        scopes: parse_scopes(scopes.split(',')).map_err(StoreError::Invalid)?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+/// Issues a token with these scopes: returns it and its secret, which is not stored (only its
+/// SHA-256) and cannot be shown again.
+pub async fn issue(
+    store: &Store,
+    name: &str,
+    scopes: &[Scope],
+    actor: &Actor,
+) -> Result<(AdminToken, String), StoreError> {
+    let mut secret = [0u8; 32];
+    let mut id = [0u8; 8];
+    rand::rng().fill_bytes(&mut secret);
+    rand::rng().fill_bytes(&mut id);
+    let secret = format!("tga-{}", hex(&secret));
+    let token = AdminToken {
+        id: format!("adm_{}", hex(&id)),
+        name: name.to_string(),
+        token_prefix: secret.chars().take(10).collect(),
+        scopes: scopes.to_vec(),
+        created_at: now_micros(),
+        revoked_at: None,
+    };
+    let scopes: Vec<&str> = token.scopes.iter().map(|s| s.as_str()).collect();
+    let mut tx = store.write_tx().await?;
+    sqlx::query(
+        "INSERT INTO admin_tokens (id, name, token_hash, token_prefix, scopes, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&token.id)
+    .bind(&token.name)
+    .bind(hex(&digest(&secret)))
+    .bind(&token.token_prefix)
+    .bind(scopes.join(","))
+    .bind(token.created_at)
+    .execute(&mut *tx)
+    .await?;
+    let change = Change {
+        action: Action::AdminTokenCreated,
+        target_id: token.id.clone(),
+        changes: json!({"name": token.name, "scopes": scopes}),
+    };
+    audit::record(&mut tx, store.kind(), actor, &change).await?;
+    tx.commit().await?;
+    Ok((token, secret))
+}
+
+pub async fn list(store: &Store) -> Result<Vec<AdminToken>, StoreError> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM admin_tokens ORDER BY created_at, id"
+    ))
+    .fetch_all(store.pool())
+    .await?
+    .iter()
+    .map(row_token)
+    .collect()
+}
+
+/// Revokes a token at once (its next request is refused).
+pub async fn revoke(store: &Store, id: &str, actor: &Actor) -> Result<AdminToken, StoreError> {
+    let mut tx = store.write_tx().await?;
+    let revoked =
+        sqlx::query("UPDATE admin_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+            .bind(id)
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?;
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM admin_tokens WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let token = match row {
+        Some(row) => row_token(&row)?,
+        None => return Err(StoreError::NotFound(format!("no admin token `{id}`"))),
+    };
+    if revoked.rows_affected() > 0 {
+        let change = Change {
+            action: Action::AdminTokenRevoked,
+            target_id: token.id.clone(),
+            changes: json!({"revoked_at": token.revoked_at}),
+        };
+        audit::record(&mut tx, store.kind(), actor, &change).await?;
+    }
+    tx.commit().await?;
+    Ok(token)
+}
+
+/// The live (unrevoked) token whose secret is `secret`, looked up by its digest.
+async fn find(store: &Store, secret: &str) -> Result<Option<AdminToken>, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM admin_tokens WHERE token_hash = $1 AND revoked_at IS NULL"
+    ))
+    .bind(hex(&digest(secret)))
+    .fetch_optional(store.pool())
+    .await?;
+    row.as_ref().map(row_token).transpose()
+}
+
+/// Failed admin authentications allowed per client address and window.
+pub const MAX_FAILURES: u32 = 10;
+/// The window: an address that failed [`MAX_FAILURES`] times is refused until its window ends.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at most; beyond it, expired windows are dropped first.
+const MAX_TRACKED: usize = 10_000;
+
+/// Failed admin authentications per client address, in fixed windows.
+#[derive(Debug, Default)]
+pub struct FailedAuth {
+    /// A std mutex: held for one map update, never across an `.await`.
+    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl FailedAuth {
+    /// `Err(seconds to wait)` while `ip` is over the limit.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        match windows.get(&ip) {
+            Some((start, n)) if *n >= MAX_FAILURES => {
+                let left = FAILURE_WINDOW.saturating_sub(now.saturating_duration_since(*start));
+                if left.is_zero() {
+                    Ok(())
+                } else {
+                    Err(left.as_secs().max(1))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if windows.len() >= MAX_TRACKED {
+            windows.retain(|_, (start, _)| now.saturating_duration_since(*start) < FAILURE_WINDOW);
+        }
+        let entry = windows.entry(ip).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+}
+
+/// What the admin middleware decides on, taken from the request.
+#[derive(Debug, Clone)]
+pub struct AdminRequest {
+    ip: Option<IpAddr>,
+    method: Method,
+    route: String,
+    presented: String,
+}
+
+impl AdminRequest {
+    pub fn of(request: &Request) -> Self {
+        Self {
+            ip: request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+            method: request.method().clone(),
+            route: request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or_else(String::new, |p| p.as_str().to_string()),
+            presented: bearer(request.headers()).unwrap_or_default().to_string(),
+        }
+    }
+}
+
+/// The admin middleware's decision: who is calling and whether they may do this. On refusal,
+/// the response to send (401 unknown token, 403 scope, 429 too many failures).
+pub async fn authorize(state: &AppState, request: AdminRequest) -> Result<AdminIdentity, Response> {
+    let AdminRequest {
+        ip,
+        method,
+        route,
+        presented,
+    } = request;
+    let now = Instant::now();
+    if let Some(ip) = ip {
+        if let Err(wait) = state.admin_failures.check(ip, now) {
+            return Err(too_many_failures(wait));
+        }
+    }
+    let identity = identify(state, &presented).await;
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            if let (Some(ip), ApiError::Forbidden(_)) = (ip, &refusal) {
+                state.admin_failures.record_failure(ip, now);
+            }
+            return Err(refusal.into_response());
+        }
+    };
+    let needed = Scope::required(&method, &route);
+    if !identity.allows(needed) {
+        return Err(ApiError::InsufficientScope(format!(
+            "admin token `{}` has scopes {}; {} {} needs `{}`",
+            identity.token_id,
+            identity
+                .scopes
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            method,
+            route,
+            needed.as_str()
+        ))
+        .into_response());
+    }
+    Ok(identity)
+}
+
+/// The bootstrap token (compared in constant time over digests) or an issued token.
+async fn identify(state: &AppState, presented: &str) -> Result<AdminIdentity, ApiError> {
+    if presented.is_empty() {
+        return Err(ApiError::Forbidden(
+            "missing admin token: send `Authorization: Bearer <admin token>`".into(),
+        ));
+    }
+    if let Some(expected) = state.admin_token.as_deref() {
+        if bool::from(digest(presented).ct_eq(&digest(expected))) {
+            return Ok(AdminIdentity {
+                token_id: BOOTSTRAP_ID.into(),
+                scopes: vec![Scope::Admin],
+            });
+        }
+    }
+    let Some(store) = state.store.as_ref() else {
+        return Err(ApiError::Forbidden("invalid admin token".into()));
+    };
+    match find(store, presented).await {
+        Ok(Some(token)) => Ok(AdminIdentity {
+            token_id: token.id,
+            scopes: token.scopes,
+        }),
+        Ok(None) => Err(ApiError::Forbidden("invalid admin token".into())),
+        Err(e) => {
+            tracing::error!("admin token lookup failed: {e}");
+            Err(ApiError::Unavailable(
+                "admin tokens cannot be checked right now; retry shortly".into(),
+            ))
+        }
+    }
+}
+
+fn too_many_failures(wait: u64) -> Response {
+    let mut r = ApiError::RateLimited {
+        message: format!(
+            "too many failed admin authentications from this address; retry in {wait} s"
+        ),
+        unit: "requests",
+        retry_after_secs: wait,
+    }
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+fn store(state: &AppState) -> Result<&Store, ApiError> {
+    state
+        .store
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))
+}
+
+/// `POST /admin/v1/admin_tokens` `{"name", "scopes": [...]}` → 201 with the secret, once.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let invalid = |param: &str, message: String| ApiError::InvalidRequest {
+        message,
+        param: Some(param.to_string()),
+    };
+    let map = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => map,
+        _ => {
+            return Err(ApiError::invalid(
+                "the request body must be a JSON object",
+                None,
+            ))
+        }
+    };
+    if let Some(k) = map
+        .keys()
+        .find(|k| !["name", "scopes"].contains(&k.as_str()))
+    {
+        return Err(invalid(
+            k,
+            format!("unknown field `{k}`; expected one of name, scopes"),
+        ));
+    }
+    let name = match map.get("name") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => return Err(invalid("name", format!("`name` must be a string, got {v}"))),
+    };
+    let scopes: Vec<&str> = match map.get("scopes") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| invalid("scopes", format!("`scopes` must be strings, got {v}")))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(invalid(
+                "scopes",
+                "`scopes` is required: a list of usage:read, customers:write, keys:write, admin"
+                    .into(),
+            ))
+        }
+    };
+    let scopes = parse_scopes(scopes).map_err(|e| invalid("scopes", e))?;
+    let (token, secret) = issue(store(&state)?, &name, &scopes, &actor).await?;
+    let mut body = token.json();
+    body["token"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `GET /admin/v1/admin_tokens`: without secrets.
+pub async fn list_handler(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let tokens = list(store(&state)?).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": tokens.iter().map(AdminToken::json).collect::<Vec<_>>(),
+    })))
+}
+
+/// `DELETE /admin/v1/admin_tokens/{id}`: revokes at once.
+pub async fn revoke_handler(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(revoke(store(&state)?, &id, &actor).await?.json()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_route_needs_its_scope_and_admin_covers_all() {
+        let usage = AdminIdentity {
+            token_id: "t".into(),
+            scopes: vec![Scope::UsageRead],
+        };
+        for route in [
+            "/admin/v1/usage",
+            "/admin/v1/usage/records",
+            "/admin/v1/invoices/{customer_id}",
+        ] {
+            assert!(
+                usage.allows(Scope::required(&Method::GET, route)),
+                "{route}"
+            );
+        }
+        for (method, route) in [
+            (Method::GET, "/admin/v1/customers"),
+            (Method::POST, "/admin/v1/customers"),
+            (Method::PATCH, "/admin/v1/customers/{id}"),
+            (Method::POST, "/admin/v1/customers/{id}/keys"),
+            (Method::DELETE, "/admin/v1/keys/{key_id}"),
+            (Method::POST, "/admin/v1/admin_tokens"),
+            (Method::GET, "/admin/v1/audit"),
+            (Method::GET, "/admin/v1/some-future-route"),
+        ] {
+            assert!(
+                !usage.allows(Scope::required(&method, route)),
+                "{method} {route}"
+            );
+        }
+        let keys = AdminIdentity {
+            token_id: "k".into(),
+            scopes: vec![Scope::KeysWrite],
+        };
+        assert!(keys.allows(Scope::required(&Method::DELETE, "/admin/v1/keys/{key_id}")));
+        assert!(!keys.allows(Scope::required(&Method::POST, "/admin/v1/customers")));
+        let admin = AdminIdentity {
+            token_id: BOOTSTRAP_ID.into(),
+            scopes: vec![Scope::Admin],
+        };
+        assert!(Scope::ALL.into_iter().all(|s| admin.allows(s)));
+    }
+
+    #[test]
+    fn scopes_parse_strictly() {
+        assert_eq!(
+            parse_scopes(["keys:write", "usage:read", "keys:write"]).unwrap(),
+            vec![Scope::UsageRead, Scope::KeysWrite]
+        );
+        assert!(parse_scopes(["usage:write"])
+            .unwrap_err()
+            .contains("usage:write"));
+        assert!(parse_scopes([]).is_err());
+    }
+
+    #[test]
+    fn failures_are_limited_per_address_for_a_window() {
+        let f = FailedAuth::default();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..MAX_FAILURES {
+            assert!(f.check(a, t0).is_ok());
+            f.record_failure(a, t0);
+        }
+        assert_eq!(f.check(a, t0), Err(60));
+        assert_eq!(f.check(a, t0 + Duration::from_secs(45)), Err(15));
+        // Another address is not affected.
+        assert!(f.check(b, t0).is_ok());
+        // The window ends.
+        assert!(f.check(a, t0 + FAILURE_WINDOW).is_ok());
+        f.record_failure(a, t0 + FAILURE_WINDOW);
+        assert!(f.check(a, t0 + FAILURE_WINDOW).is_ok());
+    }
+}
