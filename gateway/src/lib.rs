@@ -287,7 +287,6 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             gen_ai.request.max_tokens = tracing::field::Empty,
             gen_ai.usage.input_tokens = tracing::field::Empty,
             gen_ai.usage.output_tokens = tracing::field::Empty,
-            gen_ai.response.finish_reasons = tracing::field::Empty,
             tollgate.request_id = tracing::field::Empty,
             tollgate.customer_id = tracing::field::Empty,
         );

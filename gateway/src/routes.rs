@@ -326,7 +326,13 @@ impl Drop for Completion {
                 "cancelled" => "cancelled",
                 _ => self.finish.map_or("error", |f| f.as_str()),
             };
-            span.record("gen_ai.response.finish_reasons", reason);
+            // An array of strings, as the GenAI conventions define it (tracing fields are
+            // scalars, so it is set on the OpenTelemetry span directly).
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            span.set_attribute(
+                "gen_ai.response.finish_reasons",
+                opentelemetry::Value::Array(opentelemetry::Array::String(vec![reason.into()])),
+            );
         }
         m.input_tokens
             .with_label_values(&model)
@@ -474,25 +480,12 @@ pub(crate) async fn start(
         )?),
         None => None,
     };
-    // The request's server span (when traces are exported), for the GenAI attributes.
-    let server_span = if crate::telemetry::enabled() {
-        let span = tracing::Span::current();
-        let operation = if endpoint == "/v1/completions" {
-            "text_completion"
-        } else {
-            "chat"
-        };
-        span.record("gen_ai.operation.name", operation);
-        span.record("gen_ai.request.model", plan.model.as_str());
-        crate::telemetry::rename(&span, format!("{operation} {}", plan.model));
-        span.record("tollgate.customer_id", caller.customer_id.as_str());
-        if let Some(max) = plan.choices.first().and_then(|c| c.params.max_tokens) {
-            span.record("gen_ai.request.max_tokens", i64::from(max));
-        }
-        span
-    } else {
-        tracing::Span::none()
-    };
+    let server_span = server_span(
+        endpoint,
+        &plan.model,
+        &caller.customer_id,
+        plan.choices.first().and_then(|c| c.params.max_tokens),
+    );
     let t = Instant::now();
     let limits = crate::telemetry::span(|| tracing::info_span!("gateway.limits"));
     tracing::Instrument::instrument(state.limiter.admit_request(&caller.limits), limits.clone())
@@ -621,6 +614,7 @@ pub(crate) async fn start_passthrough(
         &price,
     )
     .await?;
+    let server_span = server_span(endpoint, model, &caller.customer_id, Some(max_output));
     Ok(Completion {
         state: state.clone(),
         caller,
@@ -649,8 +643,35 @@ pub(crate) async fn start_passthrough(
         _slots: slots,
         _request_slot: request_slot,
         overhead: Duration::ZERO,
-        server_span: tracing::Span::none(),
+        server_span,
     })
+}
+
+/// The request's server span (when traces are exported), named and given the GenAI request
+/// attributes; the guard records the usage and finish reasons on it when the request ends.
+fn server_span(
+    endpoint: &str,
+    model: &str,
+    customer_id: &str,
+    max_tokens: Option<u32>,
+) -> tracing::Span {
+    if !crate::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::Span::current();
+    let operation = if endpoint == "/v1/completions" {
+        "text_completion"
+    } else {
+        "chat"
+    };
+    span.record("gen_ai.operation.name", operation);
+    span.record("gen_ai.request.model", model);
+    crate::telemetry::rename(&span, format!("{operation} {model}"));
+    span.record("tollgate.customer_id", customer_id);
+    if let Some(max) = max_tokens {
+        span.record("gen_ai.request.max_tokens", i64::from(max));
+    }
+    span
 }
 
 /// Runs a chat or text completion; its record carries `tags` merged with the key's.

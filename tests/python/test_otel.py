@@ -87,6 +87,8 @@ class Receiver:
 
 def value(v):
     kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [value(x) for x in v.array_value.values]
     return getattr(v, kind) if kind else None
 
 
@@ -151,7 +153,7 @@ def test_local_requests_are_traced_with_genai_attributes_and_engine_phases(recei
             assert a["gen_ai.request.max_tokens"] == 8
             assert a["gen_ai.usage.input_tokens"] == usage.prompt_tokens
             assert a["gen_ai.usage.output_tokens"] == usage.completion_tokens
-            assert a["gen_ai.response.finish_reasons"] == finish
+            assert a["gen_ai.response.finish_reasons"] == [finish]
             assert a["http.response.status_code"] == 200 and a["http.route"] == "/v1/chat/completions"
             phases = [by_name(spans, n) for n in ("gateway.auth", "gateway.limits", "queue", "prefill", "decode")]
             for p in phases:
