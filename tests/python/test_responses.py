@@ -225,6 +225,12 @@ def test_unsupported_fields_are_refused(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(**body)
         assert e.value.body["param"] == param, (kwargs, e.value.body)
+    # An argument the server does not know is refused, not ignored; null stays accepted.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", max_output_tokens=5, extra_body={"prompt_cache_key": "k"})
+    assert e.value.body["param"] == "prompt_cache_key", e.value.body
+    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, extra_body={"prompt_cache_key": None})
+    assert r.status == "incomplete"
 
 
 def test_agents_sdk_runs_an_agent_with_a_function_tool(client):

@@ -42,7 +42,30 @@ pub struct CreateResponse {
     pub top_logprobs: Option<u32>,
 }
 
-impl crate::error::RequestBody for CreateResponse {}
+impl crate::error::RequestBody for CreateResponse {
+    const FIELDS: &'static [&'static str] = &[
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "text",
+        "stream",
+        "metadata",
+        "user",
+        "store",
+        "previous_response_id",
+        "background",
+        "reasoning",
+        "truncation",
+        "include",
+        "top_logprobs",
+    ];
+}
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct TextConfig {
