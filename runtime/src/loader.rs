@@ -70,10 +70,19 @@ pub fn load(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<Loa
 fn load_inner(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<LoadedModel> {
     let device = parse_device(&options.device)?;
     let local = resolve(source)?;
+    // The tokenizer (for a 128k vocabulary, most of a second of building tables) is built on
+    // its own thread while the weights load.
     let (model, tokenizer) = if local.is_dir() {
-        let model =
-            LlamaModel::from_safetensors(&local, &device, options.weights, options.context_length)?;
-        (model, ModelTokenizer::from_dir(&local)?)
+        std::thread::scope(|scope| {
+            let tokenizer = scope.spawn(|| ModelTokenizer::from_dir(&local));
+            let model = LlamaModel::from_safetensors(
+                &local,
+                &device,
+                options.weights,
+                options.context_length,
+            );
+            (model, join(tokenizer))
+        })
     } else {
         let mut file = std::fs::File::open(&local).map_err(|source| Error::Io {
             path: local.clone(),
@@ -83,16 +92,22 @@ fn load_inner(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<L
             path: local.clone(),
             message,
         })?;
-        let tokenizer = ModelTokenizer::from_gguf(&content)?;
-        let model = LlamaModel::from_gguf_file(
-            &content,
-            &file,
-            &device,
-            options.weights,
-            options.context_length,
-        )?;
-        (model, tokenizer)
+        std::thread::scope(|scope| {
+            let tokenizer = scope.spawn(|| ModelTokenizer::from_gguf(&content));
+            let model = LlamaModel::from_gguf_file(
+                &content,
+                &file,
+                &device,
+                options.weights,
+                options.context_length,
+            );
+            (model, join(tokenizer))
+        })
     };
+    // The tokenizer's error first: a vocabulary that cannot be served says so even when the
+    // weights are bad too (as when the tokenizer was built first).
+    let tokenizer = tokenizer?;
+    let model = model?;
     let bos = tokenizer.bos_token().map(|(_, t)| t);
     let eos = tokenizer.eos_token().map(|(_, t)| t);
     let template = match tokenizer.chat_template() {
@@ -108,6 +123,13 @@ fn load_inner(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<L
         tokenizer: Arc::new(tokenizer),
         template,
     })
+}
+
+/// The result of a scoped thread; its panic (there is none outside bugs) as an error.
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    handle
+        .join()
+        .unwrap_or_else(|_| Err(Error::Config("the tokenizer thread panicked".into())))
 }
 
 /// Only the tokenizer of the model at `source` (GGUF metadata, or `tokenizer.json` in a
