@@ -124,16 +124,48 @@ pub enum Trigger {
 }
 
 impl Trigger {
-    /// Where the trigger begins in `output`.
-    fn find(&self, output: &[u8]) -> Option<usize> {
+    /// Where the trigger begins in `output`, of which `output[..scanned]` was looked at before
+    /// (without a match). `Err(())` when it can no longer appear at all.
+    fn find(&self, output: &[u8], scanned: usize) -> std::result::Result<Option<usize>, ()> {
         match self {
-            Self::Anywhere(text) => find(output, text.as_bytes()),
+            Self::Anywhere(text) => {
+                let from = scanned.saturating_sub(text.len().saturating_sub(1));
+                Ok(find(&output[from..], text.as_bytes()).map(|at| from + at))
+            }
             Self::AtStart(text) => {
-                let at = output.iter().position(|b| !b.is_ascii_whitespace())?;
-                output[at..].starts_with(text.as_bytes()).then_some(at)
+                let Some(at) = output.iter().position(|b| !b.is_ascii_whitespace()) else {
+                    return Ok(None);
+                };
+                let (seen, text) = (&output[at..], text.as_bytes());
+                if seen.starts_with(text) {
+                    Ok(Some(at))
+                } else if text.starts_with(seen) {
+                    Ok(None)
+                } else {
+                    Err(())
+                }
             }
         }
     }
+}
+
+/// The output's bytes as far as a late grammar's triggers were looked for, so that each step
+/// scans only the bytes its token added rather than decoding the whole output again.
+#[derive(Debug, Default)]
+struct TriggerScan {
+    bytes: Vec<u8>,
+    /// `bytes[..ends[k]]` are the bytes of the first `k + 1` generated tokens.
+    ends: Vec<usize>,
+}
+
+/// What [`start_late`] found.
+enum Late {
+    /// No trigger yet.
+    Waiting,
+    /// No trigger can appear any more (the output began with something else): free text.
+    Never,
+    /// The grammar that takes over, advanced through the tokens so far.
+    Started(Box<Constraint>),
 }
 
 impl std::fmt::Debug for GenConstraint {
@@ -343,6 +375,8 @@ struct Sequence {
     constraint: Option<GenConstraint>,
     tenant: Tenant,
     weight: u32,
+    /// Where a late grammar's triggers were looked for.
+    scan: TriggerScan,
     /// The last step this sequence ran in (the least recent goes first when its tenant is
     /// over its share of the batch).
     last_step: u64,
@@ -598,6 +632,7 @@ impl Worker {
                 constraint,
                 tenant,
                 weight,
+                scan: TriggerScan::default(),
                 last_step: 0,
             });
         }
@@ -800,11 +835,12 @@ impl Worker {
             }
             Some(GenConstraint::Now(_)) => {}
             Some(GenConstraint::AfterTrigger { triggers, then }) => {
-                match start_late(&tokenizer, &seq.generated, triggers, then) {
-                    Ok(None) => {}
-                    Ok(Some(c)) => {
+                match start_late(&tokenizer, &mut seq.scan, &seq.generated, triggers, then) {
+                    Ok(Late::Waiting) => {}
+                    Ok(Late::Never) => seq.constraint = None,
+                    Ok(Late::Started(c)) => {
                         grammar_done = c.is_finished();
-                        seq.constraint = Some(GenConstraint::Now(Box::new(c)));
+                        seq.constraint = Some(GenConstraint::Now(c));
                     }
                     // The tokens that carried the marker already left the grammar (the model
                     // wrote something else right after it): the output stays free text, and
@@ -896,32 +932,39 @@ fn tenant_demand(running: &[Sequence], extra: Option<(&Tenant, u32)>) -> Vec<(Te
 
 /// When the generated text shows one of `triggers` (the first, when several), the grammar
 /// that takes over from there: built from the text between the start of the token where the
-/// trigger begins and the trigger, and
-/// advanced through the tokens from that one on. `None` while the trigger has not appeared.
+/// trigger begins and the trigger, and advanced through the tokens from that one on. `scan`
+/// holds what earlier calls saw of `generated`; only the tokens added since are scanned.
 fn start_late(
     tokenizer: &ModelTokenizer,
+    scan: &mut TriggerScan,
     generated: &[u32],
     triggers: &[Trigger],
     then: &LateGrammar,
-) -> Result<Option<Constraint>> {
-    let bytes = tokenizer.decode_bytes(generated, false);
-    let Some(at) = triggers.iter().filter_map(|t| t.find(&bytes)).min() else {
-        return Ok(None);
+) -> Result<Late> {
+    let scanned = scan.bytes.len();
+    for &t in &generated[scan.ends.len()..] {
+        scan.bytes.extend_from_slice(&tokenizer.token_bytes(t));
+        scan.ends.push(scan.bytes.len());
+    }
+    let mut at = None;
+    let mut possible = false;
+    for t in triggers {
+        match t.find(&scan.bytes, scanned) {
+            Ok(Some(found)) => at = Some(at.map_or(found, |a: usize| a.min(found))),
+            Ok(None) => possible = true,
+            Err(()) => {}
+        }
+    }
+    let Some(at) = at else {
+        return Ok(if possible { Late::Waiting } else { Late::Never });
     };
     // The token where the trigger begins, and where that token begins.
-    let (mut first, mut start) = (0, 0);
-    for (k, &t) in generated.iter().enumerate() {
-        let len = tokenizer.token_bytes(t).len();
-        if start + len > at {
-            first = k;
-            break;
-        }
-        start += len;
-    }
-    let before = String::from_utf8_lossy(&bytes[start..at]);
+    let first = scan.ends.iter().position(|&end| end > at).unwrap_or(0);
+    let start = first.checked_sub(1).map_or(0, |k| scan.ends[k]);
+    let before = String::from_utf8_lossy(&scan.bytes[start..at]);
     let mut c = then(&before)?;
     c.commit_all(&generated[first..])?;
-    Ok(Some(c))
+    Ok(Late::Started(Box::new(c)))
 }
 
 /// The first position of `needle` in `haystack`.
@@ -997,16 +1040,78 @@ mod tests {
         let tokenizer = tokenizer();
         let compiler =
             Arc::new(ConstraintCompiler::new(tokenizer.clone(), tokenizer.vocab_size()).unwrap());
+        // The output fed one token at a time, as the engine does: the grammar once a
+        // trigger appeared, `None` while none has (or none can any more).
         let start = |syntax: CallSyntax, text: &str| {
             let generated = tokenizer.encode(text, false).unwrap();
+            let mut scan = TriggerScan::default();
+            let mut found = None;
+            for k in 1..=generated.len() {
+                let then = late(&compiler, syntax);
+                match start_late(
+                    &tokenizer,
+                    &mut scan,
+                    &generated[..k],
+                    &syntax.triggers(),
+                    &then,
+                )
+                .unwrap()
+                {
+                    Late::Waiting => {}
+                    Late::Never => return None,
+                    Late::Started(c) => {
+                        // The rest of the output goes to the grammar, as in the engine.
+                        let mut c = *c;
+                        for &t in &generated[k..] {
+                            c.commit(t).unwrap();
+                        }
+                        found = Some(c);
+                        break;
+                    }
+                }
+            }
+            found
+        };
+        // A trigger that appears later than the first scanned tokens is found as well when
+        // the tokens arrive one at a time.
+        let generated = tokenizer
+            .encode("Let me check.\n<tool_call>\n{", false)
+            .unwrap();
+        let mut scan = TriggerScan::default();
+        let then = late(&compiler, CallSyntax::Hermes);
+        let triggers = CallSyntax::Hermes.triggers();
+        let steps: Vec<bool> = (1..=generated.len())
+            .map(|k| {
+                matches!(
+                    start_late(&tokenizer, &mut scan, &generated[..k], &triggers, &then).unwrap(),
+                    Late::Started(_)
+                )
+            })
+            .collect();
+        // Found once, at the token that completes the marker (the engine then switches to the
+        // grammar and scans no more).
+        assert_eq!(steps.iter().filter(|&&s| s).count(), 1, "{steps:?}");
+        let k = steps.iter().position(|&s| s).unwrap();
+        let text = tokenizer.decode(&generated[..=k], false).unwrap();
+        assert!(text.ends_with("<tool_call>"), "{text:?}");
+        let text = tokenizer.decode(&generated[..k], false).unwrap();
+        assert!(!text.contains("<tool_call>"), "{text:?}");
+        // Llama 3's trigger must open the answer: once the answer began with prose, it can
+        // never start, and the engine drops the late grammar.
+        let generated = tokenizer.encode("It is sunny", false).unwrap();
+        let mut scan = TriggerScan::default();
+        let then = late(&compiler, CallSyntax::Llama3Json);
+        assert!(matches!(
             start_late(
                 &tokenizer,
+                &mut scan,
                 &generated,
-                &syntax.triggers(),
-                &late(&compiler, syntax),
+                &CallSyntax::Llama3Json.triggers(),
+                &then
             )
-            .unwrap()
-        };
+            .unwrap(),
+            Late::Never
+        ));
 
         // Hermes: the marker anywhere, prose before it included.
         assert!(start(CallSyntax::Hermes, "Let me check the weather").is_none());
