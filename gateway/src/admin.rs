@@ -95,6 +95,16 @@ pub(crate) fn remote_addr(request: &Request) -> Option<String> {
         .map(|c| c.0.to_string())
 }
 
+/// The fields of a customer that the admin API sets (besides its `id`, set at creation).
+const CUSTOMER_FIELDS: &[&str] = &[
+    "name",
+    "budget_usd",
+    "budget_period",
+    "rpm",
+    "tpm",
+    "max_concurrent_requests",
+];
+
 fn store(state: &AppState) -> Result<&Store, ApiError> {
     state
         .store
@@ -297,18 +307,7 @@ async fn create_customer(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let map = object(&body)?;
-    reject_unknown(
-        &map,
-        &[
-            "id",
-            "name",
-            "budget_usd",
-            "budget_period",
-            "rpm",
-            "tpm",
-            "max_concurrent_requests",
-        ],
-    )?;
+    reject_unknown(&map, &[&["id"], CUSTOMER_FIELDS].concat())?;
     let id =
         string_field(&map, "id")?.ok_or_else(|| invalid_field("id", "`id` is required".into()))?;
     if !valid_id(&id) {
@@ -348,17 +347,7 @@ async fn update_customer(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
-    reject_unknown(
-        &map,
-        &[
-            "name",
-            "budget_usd",
-            "budget_period",
-            "rpm",
-            "tpm",
-            "max_concurrent_requests",
-        ],
-    )?;
+    reject_unknown(&map, CUSTOMER_FIELDS)?;
     let fields = customer_fields(&map)?;
     let customer = store(&state)?.update_customer(&id, fields, &actor).await?;
     state.auth.forget_customer(&id);
