@@ -24,10 +24,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use tollgate_runtime::dev_model::require_dev_model;
-use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep, WeightForm};
+use tollgate_runtime::model::{LlamaModel, SeqStep, WeightForm};
 
-/// Vocabulary size of the dev model.
-const VOCAB: usize = 49152;
+mod common;
+use common::{argmax, max_abs_diff, prompt, step};
 
 /// Max abs logit difference allowed where Tollgate and candle-transformers' quantized_llama run
 /// the same kernels on the same shapes: every prefill, and decode steps at short context. Both
@@ -102,47 +102,6 @@ fn load(form: WeightForm) -> LlamaModel {
 fn reference() -> ModelWeights {
     let (content, mut file) = open(&model_path());
     ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap()
-}
-
-/// `len` fixed token ids: `<|im_start|>` (1), then a deterministic spread over 3..49000.
-fn prompt(len: usize, seed: u32) -> Vec<u32> {
-    let mut ids = vec![1u32];
-    ids.extend((1..len as u32).map(|i| 3 + (i * 7919 + seed * 104_729 + 17) % (49_000 - 3)));
-    ids
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Runs one sequence step alone and returns its last-token logits.
-fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
-    let mut out = model
-        .forward(&mut [SeqStep {
-            tokens,
-            cache,
-            want_logits: true,
-        }])
-        .unwrap();
-    assert_eq!(out.len(), 1);
-    let logits = out.pop().unwrap();
-    assert_eq!(logits.len(), VOCAB);
-    assert!(logits.iter().all(|x| x.is_finite()), "non-finite logits");
-    logits
 }
 
 /// Last-token logits of the reference model for `tokens` at `index_pos`.

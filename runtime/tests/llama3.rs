@@ -40,6 +40,9 @@ use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::tokenizer::ModelTokenizer;
 use tollgate_runtime::Error;
 
+mod common;
+use common::{argmax, max_abs_diff};
+
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 1;
@@ -454,27 +457,6 @@ fn run(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>>
             model.forward(&mut batch).unwrap().remove(0)
         })
         .collect()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 {
-                (i, x)
-            } else {
-                best
-            }
-        })
-        .0 as u32
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Logits of a whole run: every chunk of the prompt, then `GREEDY_STEPS` greedy tokens.

@@ -28,7 +28,10 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 use tollgate_runtime::dev_model::require_dev_model;
 use tollgate_runtime::loader::{self, LoadOptions, LoadedModel, ModelSource};
-use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep, WeightForm};
+use tollgate_runtime::model::{LlamaModel, WeightForm};
+
+mod common;
+use common::{argmax, max_abs_diff, prompt, step};
 
 /// Max abs difference allowed between the last-position logits of the GGUF and the exported
 /// directory. Both hold the same f32 weights (the GGUF's Q4_1 blocks dequantized once), so only
@@ -228,47 +231,6 @@ fn export(gguf: &Path, dir: &Path, unpermute_qk: bool) {
         serde_json::to_string_pretty(&tokenizer_config).unwrap(),
     )
     .unwrap();
-}
-
-/// `len` fixed token ids: `<|im_start|>` (1), then a deterministic spread over 3..49000.
-fn prompt(len: usize, seed: u32) -> Vec<u32> {
-    let mut ids = vec![1u32];
-    ids.extend((1..len as u32).map(|i| 3 + (i * 7919 + seed * 104_729 + 17) % (49_000 - 3)));
-    ids
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Runs one sequence step alone and returns its last-token logits.
-fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
-    let mut out = model
-        .forward(&mut [SeqStep {
-            tokens,
-            cache,
-            want_logits: true,
-        }])
-        .unwrap();
-    assert_eq!(out.len(), 1);
-    let logits = out.pop().unwrap();
-    assert_eq!(logits.len(), model.config().vocab_size);
-    assert!(logits.iter().all(|x| x.is_finite()), "non-finite logits");
-    logits
 }
 
 /// Greedy decoding of `prompt` on both models side by side: each step's logits must agree

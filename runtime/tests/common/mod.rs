@@ -1,0 +1,50 @@
+//! Helpers shared by the model tests (each test crate uses a part of them).
+#![allow(
+    dead_code,
+    reason = "each test crate includes this module and uses only some helpers"
+)]
+
+use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep};
+
+/// `len` fixed token ids: `<|im_start|>` (1), then a deterministic spread over 3..49000.
+pub fn prompt(len: usize, seed: u32) -> Vec<u32> {
+    let mut ids = vec![1u32];
+    ids.extend((1..len as u32).map(|i| 3 + (i * 7919 + seed * 104_729 + 17) % (49_000 - 3)));
+    ids
+}
+
+/// The index of the largest value (the first, on a tie).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Runs one sequence step alone and returns its last-token logits (finite, one per token of
+/// the vocabulary).
+pub fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+    let mut out = model
+        .forward(&mut [SeqStep {
+            tokens,
+            cache,
+            want_logits: true,
+        }])
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    let logits = out.pop().unwrap();
+    assert_eq!(logits.len(), model.config().vocab_size);
+    assert!(logits.iter().all(|x| x.is_finite()), "non-finite logits");
+    logits
+}
