@@ -259,8 +259,8 @@ pub(crate) struct AttnShape {
 /// sequence's arithmetic.
 const SPLIT_KEYS: usize = 512;
 
-/// Keys widened to f32 and scored at a time inside a split (a chunk of keys or values stays
-/// in L1: 64 × 128 f32 = 32 KiB at the largest head size).
+/// Keys scored at a time inside a split (the chunk's scores stay in L1 and its keys are
+/// still there when their values are summed).
 const CHUNK_KEYS: usize = 64;
 
 /// One attention task: the query heads of `kv_head` at token `token` over keys `keys`.
@@ -325,7 +325,7 @@ impl AttnShape {
     ) {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            scratch.resize(CHUNK_KEYS * (self.head_dim + self.group()), 0.0);
+            scratch.resize(CHUNK_KEYS * self.group(), 0.0);
             simd::attend_partial(*self, q, keys, values, kv_head, range, &mut scratch, part);
         });
     }
@@ -368,7 +368,7 @@ impl AttnShape {
 }
 
 thread_local! {
-    /// Widened keys or values of one chunk, and its scores: per attention thread.
+    /// The scores of one chunk of keys: per attention thread.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -425,8 +425,8 @@ mod simd {
         fn exp_sub_sum / exp_sub_sum_on(x: &mut [f32], max: f32) -> f32 = exp_sub_sum_imp;
     }
     dispatch! {
-        /// See [`super::AttnShape::attend_partial`]; `scratch` holds a widened chunk and
-        /// its scores.
+        /// See [`super::AttnShape::attend_partial`]; `scratch` holds a chunk's scores
+        /// (`group * CHUNK_KEYS`).
         #[allow(clippy::too_many_arguments)]
         fn attend_partial / attend_partial_on(
             shape: super::AttnShape,
@@ -459,7 +459,7 @@ mod simd {
         let stride = shape.n_kv_heads * hd;
         let scale = 1.0 / (hd as f32).sqrt();
         let col = kv_head * hd;
-        let (rows, scores) = scratch.split_at_mut(super::CHUNK_KEYS * hd);
+        let scores = &mut scratch[..group * super::CHUNK_KEYS];
         let (m, rest) = part.split_at_mut(group);
         let (l, o) = rest.split_at_mut(group);
         m.fill(f32::NEG_INFINITY);
@@ -468,9 +468,10 @@ mod simd {
         let mut from = range.start;
         while from < range.end {
             let n = (range.end - from).min(super::CHUNK_KEYS);
-            let rows = &mut rows[..n * hd];
-            widen(&keys[from * stride..], stride, col, hd, n, rows);
-            for (j, k) in rows.chunks_exact(hd).enumerate() {
+            // Rows are read where they lie in the cache (one KV head's `hd` values of each
+            // token): copying them out first cost more than the products themselves.
+            for j in 0..n {
+                let k = &keys[(from + j) * stride + col..][..hd];
                 for (g, qh) in q.chunks_exact(hd).enumerate() {
                     scores[g * super::CHUNK_KEYS + j] = dot_imp(qh, k) * scale;
                 }
@@ -486,22 +487,13 @@ mod simd {
                     .for_each(|v| *v *= rescale);
                 m[g] = new_max;
             }
-            widen(&values[from * stride..], stride, col, hd, n, rows);
-            for (j, v) in rows.chunks_exact(hd).enumerate() {
+            for j in 0..n {
+                let v = &values[(from + j) * stride + col..][..hd];
                 for (g, og) in o.chunks_exact_mut(hd).enumerate() {
                     axpy_imp(og, scores[g * super::CHUNK_KEYS + j], v);
                 }
             }
             from += n;
-        }
-    }
-
-    /// `rows` rows of `src`, `stride` apart, `cols` wide from column `col`, packed into `dst`
-    /// (a chunk of one KV head's keys or values, contiguous for the dot products).
-    #[inline(always)]
-    fn widen(src: &[f32], stride: usize, col: usize, cols: usize, rows: usize, dst: &mut [f32]) {
-        for (r, out) in dst.chunks_exact_mut(cols).take(rows).enumerate() {
-            out.copy_from_slice(&src[r * stride + col..][..cols]);
         }
     }
 
