@@ -1,12 +1,13 @@
 //! Single-sequence speed at growing context: the time to prefill a prompt of N tokens and the
 //! decode tok/s after it, on the engine (no HTTP), for N = 300, 1000 and 4000.
 //!
-//! `cargo run --release -p tollgate-runtime --example long_context [-- [--rounds N] [--tokens 300,1000,4000] [model.gguf]]`
+//! `cargo run --release -p tollgate-runtime --example long_context [-- [--rounds N] [--tokens 300,1000,4000] [--kv-dtype f32|f16] [model.gguf]]`
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+use candle_core::DType;
 use tollgate_runtime::dev_model::require_dev_model;
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
 use tollgate_runtime::loader::{load, LoadOptions, ModelSource};
@@ -18,6 +19,7 @@ const DECODE_TOKENS: usize = 128;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut rounds, mut lengths, mut path) = (2, vec![300usize, 1000, 4000], None);
+    let mut kv_dtype = DType::F32;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -29,6 +31,13 @@ fn main() -> anyhow::Result<()> {
                     .split(',')
                     .map(str::parse)
                     .collect::<Result<_, _>>()?
+            }
+            "--kv-dtype" => {
+                kv_dtype = match it.next().map(String::as_str) {
+                    Some("f32") => DType::F32,
+                    Some("f16") => DType::F16,
+                    other => anyhow::bail!("--kv-dtype f32|f16, not {other:?}"),
+                }
             }
             other => path = Some(PathBuf::from(other)),
         }
@@ -48,8 +57,10 @@ fn main() -> anyhow::Result<()> {
         },
     )?;
     let tokenizer = loaded.tokenizer.clone();
+    let mut model = loaded.model;
+    model.set_kv_dtype(kv_dtype)?;
     let engine = Engine::start(
-        loaded.model,
+        model,
         tokenizer.clone(),
         EngineConfig {
             prefix_cache_bytes: 0,

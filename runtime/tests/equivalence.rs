@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use tollgate_runtime::dev_model::require_dev_model;
 use tollgate_runtime::model::{LlamaModel, SeqStep, WeightForm};
@@ -475,6 +475,43 @@ fn ragged_batch_matches_sequences_alone_in(form: WeightForm) {
             argmax(alone),
             "sequence {name}: argmax differs"
         );
+    }
+}
+
+/// The opt-in half-precision KV cache on the host path: a chunked prefill gives the whole
+/// prefill's logits bit for bit (rows are rounded as they are appended, whatever the
+/// chunking), the cache takes half the memory, and the next-token distribution stays within
+/// the reference criterion of the `f32` cache's.
+#[test]
+fn f16_kv_cache_on_the_host_path() {
+    let exact = load(WeightForm::Auto);
+    let mut model = load(WeightForm::Auto);
+    model.set_kv_dtype(DType::F16).unwrap();
+    assert_eq!(model.kv_bytes_per_token() * 2, exact.kv_bytes_per_token());
+    assert!(model.set_kv_dtype(DType::BF16).is_err());
+    let mut tokens = prompt(130, 11);
+    let mut cache = model.new_cache();
+    let mut exact_cache = exact.new_cache();
+    step(&model, &mut cache, &tokens[..64]);
+    let mut ours = step(&model, &mut cache, &tokens[64..]);
+    let whole = step(&model, &mut model.new_cache(), &tokens);
+    assert_eq!(ours, whole, "f16 KV: chunked prefill vs whole");
+    assert_eq!(cache.bytes() * 2, {
+        let mut c = exact.new_cache();
+        step(&exact, &mut c, &tokens[..64]);
+        step(&exact, &mut c, &tokens[64..]);
+        c.bytes()
+    });
+    let mut theirs = step(&exact, &mut exact_cache, &tokens);
+    for decode in 0..=5 {
+        assert_same_distribution(&format!("f16 KV, step {decode}"), &ours, &theirs);
+        if decode == 5 {
+            break;
+        }
+        let next = argmax(&theirs);
+        tokens.push(next);
+        ours = step(&model, &mut cache, &[next]);
+        theirs = step(&exact, &mut exact_cache, &[next]);
     }
 }
 

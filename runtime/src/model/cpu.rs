@@ -21,7 +21,7 @@ pub enum CpuKernels {
     /// Portable Rust; what a CPU without AVX2 runs (the weight forms then keep candle's own
     /// quantized kernels where Tollgate's would only run their portable loops).
     Scalar,
-    /// AVX2 and FMA (x86-64 since Haswell / Zen 1).
+    /// AVX2, FMA and F16C (x86-64 since Haswell / Zen 1).
     Avx2,
     /// AVX-512 F, BW, VL and VNNI on top of AVX2 (Ice Lake, Sapphire Rapids, Zen 4 and later).
     Avx512,
@@ -35,10 +35,11 @@ impl CpuKernels {
     fn needed(self) -> &'static [&'static str] {
         match self {
             Self::Scalar => &[],
-            Self::Avx2 => &["avx2", "fma"],
+            Self::Avx2 => &["avx2", "fma", "f16c"],
             Self::Avx512 => &[
                 "avx2",
                 "fma",
+                "f16c",
                 "avx512f",
                 "avx512bw",
                 "avx512vl",
@@ -108,7 +109,7 @@ impl CpuKernels {
         *SELECTED.get_or_init(|| Self::from_env().unwrap_or_else(|_| Self::detected()))
     }
 
-    /// Whether the path has AVX2 and FMA (both SIMD paths do).
+    /// Whether the path has AVX2, FMA and F16C (both SIMD paths do).
     pub(crate) fn has_avx2(self) -> bool {
         self >= Self::Avx2
     }
@@ -144,6 +145,7 @@ fn has_feature(name: &str) -> bool {
     match name {
         "avx2" => std::arch::is_x86_feature_detected!("avx2"),
         "fma" => std::arch::is_x86_feature_detected!("fma"),
+        "f16c" => std::arch::is_x86_feature_detected!("f16c"),
         "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
         "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
         "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),

@@ -15,6 +15,7 @@
 use candle_core::{Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
+use super::kv_cache::HostLayer;
 use super::linear::Linear;
 use super::llama::{LlamaModel, SeqStep};
 use crate::{Error, Result};
@@ -124,15 +125,15 @@ impl LlamaModel {
                 let rows = start * kv_dim..(start + len) * kv_dim;
                 step.cache.append_host(layer, &k[rows.clone()], &v[rows])?;
             }
-            let kv: Vec<(&[f32], &[f32])> = batch
+            let kv: Vec<HostLayer<'_>> = batch
                 .iter()
                 .map(|s| s.cache.host_layer(layer))
                 .collect::<Result<_>>()?;
             let task = |(i, part): (usize, &mut [f32])| {
                 let split = &plan.splits[i];
-                let (keys, values) = kv[seq_of[split.token]];
                 let q = &q[split.token * q_dim + split.kv_head * group_dim..][..group_dim];
-                shape.attend_partial(q, keys, values, split.kv_head, split.keys.clone(), part);
+                let kv = kv[seq_of[split.token]];
+                shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
             };
             if plan.work < PARALLEL_ATTENTION_WORK {
                 partials
@@ -259,8 +260,8 @@ pub(crate) struct AttnShape {
 /// sequence's arithmetic.
 const SPLIT_KEYS: usize = 512;
 
-/// Keys widened to f32 and scored at a time inside a split (a chunk of keys or values stays
-/// in L1: 64 × 128 f32 = 32 KiB at the largest head size).
+/// Keys scored at a time inside a split (the chunk's scores stay in L1 and its keys are
+/// still there when their values are summed).
 const CHUNK_KEYS: usize = 64;
 
 /// One attention task: the query heads of `kv_head` at token `token` over keys `keys`.
@@ -311,22 +312,36 @@ impl AttnShape {
     }
 
     /// Partial softmax attention of the query heads that share KV head `kv_head`, `q (group *
-    /// head_dim)`, over keys `keys` of token-major `keys`/`values` `(tokens, n_kv_heads *
-    /// head_dim)`, into `part` ([`AttnPlan::part_len`]). Each key and value row is read once for
-    /// the whole group.
+    /// head_dim)`, over keys `range` of a layer's token-major keys and values `(tokens,
+    /// n_kv_heads * head_dim)`, into `part` ([`AttnPlan::part_len`]). Each key row is read once
+    /// for the whole group; each head's output sums its chunk of value rows in registers.
+    /// Half-precision rows are widened exactly, so they give what `f32` rows holding the same
+    /// values give.
     pub(crate) fn attend_partial(
         &self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        kv: HostLayer<'_>,
         kv_head: usize,
         range: std::ops::Range<usize>,
         part: &mut [f32],
     ) {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            scratch.resize(CHUNK_KEYS * (self.head_dim + self.group()), 0.0);
-            simd::attend_partial(*self, q, keys, values, kv_head, range, &mut scratch, part);
+            let s = match kv {
+                HostLayer::F32(..) => CHUNK_KEYS * self.group(),
+                HostLayer::F16(..) => CHUNK_KEYS * (self.group() + 2 * self.head_dim),
+            };
+            scratch.resize(s, 0.0);
+            let s = &mut scratch[..];
+            match kv {
+                HostLayer::F32(k, v) => {
+                    simd::attend_partial(*self, q, k, v, kv_head, range, s, part)
+                }
+                HostLayer::F16(k, v) => {
+                    let kernels = super::cpu::CpuKernels::selected();
+                    simd::attend_partial_f16_on(kernels, *self, q, k, v, kv_head, range, s, part)
+                }
+            }
         });
     }
 
@@ -368,7 +383,7 @@ impl AttnShape {
 }
 
 thread_local! {
-    /// Widened keys or values of one chunk, and its scores: per attention thread.
+    /// The scores of one chunk of keys: per attention thread.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -425,8 +440,8 @@ mod simd {
         fn exp_sub_sum / exp_sub_sum_on(x: &mut [f32], max: f32) -> f32 = exp_sub_sum_imp;
     }
     dispatch! {
-        /// See [`super::AttnShape::attend_partial`]; `scratch` holds a widened chunk and
-        /// its scores.
+        /// See [`super::AttnShape::attend_partial`]; `scratch` holds a chunk's scores
+        /// (`group * CHUNK_KEYS`).
         #[allow(clippy::too_many_arguments)]
         fn attend_partial / attend_partial_on(
             shape: super::AttnShape,
@@ -439,9 +454,153 @@ mod simd {
             part: &mut [f32]
         ) -> () = attend_partial_imp;
     }
+    dispatch! {
+        /// One chunk of `n` keys of [`attend_partial`]: `keys`/`values` start at the chunk's
+        /// first row of the KV head, rows `stride` apart; `scores` holds `group *
+        /// CHUNK_KEYS`. Only the `_on` form is called (the half-precision path passes its
+        /// kernels on to it).
+        #[allow(clippy::too_many_arguments, dead_code)]
+        fn attend_chunk / attend_chunk_on(
+            shape: super::AttnShape,
+            q: &[f32],
+            keys: &[f32],
+            values: &[f32],
+            stride: usize,
+            n: usize,
+            scores: &mut [f32],
+            part: &mut [f32]
+        ) -> () = attend_chunk_imp;
+    }
+
+    /// [`attend_partial`] over half-precision keys and values (IEEE bits): each chunk's rows
+    /// of the KV head are widened exactly into `scratch` (after the scores: `group *
+    /// CHUNK_KEYS + 2 * CHUNK_KEYS * head_dim`) and attended as `f32` rows, so the result is
+    /// what `f32` rows holding the same values give, on every path.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend_partial_f16_on(
+        kernels: CpuKernels,
+        shape: super::AttnShape,
+        q: &[f32],
+        keys: &[u16],
+        values: &[u16],
+        kv_head: usize,
+        range: std::ops::Range<usize>,
+        scratch: &mut [f32],
+        part: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let group = shape.n_heads / shape.n_kv_heads;
+        let stride = shape.n_kv_heads * hd;
+        let col = kv_head * hd;
+        let (scores, rows) = scratch.split_at_mut(group * super::CHUNK_KEYS);
+        let (krows, vrows) = rows.split_at_mut(super::CHUNK_KEYS * hd);
+        start_partial(group, part);
+        let mut from = range.start;
+        while from < range.end {
+            let n = (range.end - from).min(super::CHUNK_KEYS);
+            let (k, v) = (&mut krows[..n * hd], &mut vrows[..n * hd]);
+            widen_f16_on(kernels, &keys[from * stride + col..], stride, hd, k);
+            widen_f16_on(kernels, &values[from * stride + col..], stride, hd, v);
+            attend_chunk_on(kernels, shape, q, k, v, hd, n, scores, part);
+            from += n;
+        }
+    }
+
+    /// Rows of `cols` half-precision values, `stride` apart in `src`, widened into `dst`
+    /// (`rows * cols`): with F16C's conversion where the path has it (part of both SIMD
+    /// paths), else [`f16_to_f32`]; both are exact.
+    pub(crate) fn widen_f16_on(
+        kernels: CpuKernels,
+        src: &[u16],
+        stride: usize,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if kernels.has_avx2() {
+                assert!(
+                    kernels.is_available(),
+                    "{kernels} kernels on a CPU without them"
+                );
+                for (r, out) in dst.chunks_exact_mut(cols).enumerate() {
+                    let row = &src[r * stride..][..cols];
+                    // SAFETY: the CPU has F16C (asserted above: both SIMD paths need it).
+                    unsafe { x86::widen_f16_row(row, out) };
+                }
+                return;
+            }
+        }
+        let _ = kernels;
+        for (r, out) in dst.chunks_exact_mut(cols).enumerate() {
+            let row = &src[r * stride..][..cols];
+            for (o, &h) in out.iter_mut().zip(row) {
+                *o = f16_to_f32(h);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// `out[i] = f16_to_f32(row[i])`, eight at a time with `vcvtph2ps`.
+        ///
+        /// # Safety
+        /// The CPU has F16C.
+        #[target_feature(enable = "avx,f16c")]
+        pub(super) unsafe fn widen_f16_row(row: &[u16], out: &mut [f32]) {
+            let n = row.len().min(out.len());
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: `i + 8 <= n` keeps both the 16-byte load and the 32-byte store in
+                // bounds; unaligned accesses are allowed.
+                unsafe {
+                    let h = _mm_loadu_si128(row.as_ptr().add(i).cast());
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+            for j in i..n {
+                out[j] = super::f16_to_f32(row[j]);
+            }
+        }
+    }
+
+    /// IEEE half-precision bits to `f32`, exactly: normal numbers rebias the exponent,
+    /// infinities and NaNs keep an all-ones one, subnormals are their 10-bit mantissa times
+    /// 2^-24 (exact in f32).
+    #[inline(always)]
+    pub(crate) fn f16_to_f32(h: u16) -> f32 {
+        let h = u32::from(h);
+        let sign = (h & 0x8000) << 16;
+        let em = h & 0x7fff;
+        // (127 - 15) << 23: the exponent bias difference.
+        let normal = (em << 13) + 0x3800_0000;
+        let inf_nan = normal + 0x3800_0000;
+        let subnormal = (em as f32 * (1.0 / 16_777_216.0)).to_bits();
+        let bits = if em >= 0x7c00 {
+            inf_nan
+        } else if em < 0x0400 {
+            subnormal
+        } else {
+            normal
+        };
+        f32::from_bits(bits | sign)
+    }
+
+    /// An empty partial result: per query head max `-inf`, sum 0, output 0.
+    #[inline(always)]
+    fn start_partial(group: usize, part: &mut [f32]) {
+        let (m, rest) = part.split_at_mut(group);
+        m.fill(f32::NEG_INFINITY);
+        rest.fill(0.0);
+    }
 
     /// Online softmax over the range in chunks: per query head a running max `m`, a sum of
-    /// exponentials `l` and an unnormalized output `o`, rescaled when the max grows.
+    /// exponentials `l` and an unnormalized output `o`, rescaled when the max grows. Rows are
+    /// read where they lie in the cache (one KV head's `hd` values of each token): copying
+    /// them out first cost more than the products themselves.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn attend_partial_imp(
@@ -457,51 +616,63 @@ mod simd {
         let hd = shape.head_dim;
         let group = shape.n_heads / shape.n_kv_heads;
         let stride = shape.n_kv_heads * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
         let col = kv_head * hd;
-        let (rows, scores) = scratch.split_at_mut(super::CHUNK_KEYS * hd);
-        let (m, rest) = part.split_at_mut(group);
-        let (l, o) = rest.split_at_mut(group);
-        m.fill(f32::NEG_INFINITY);
-        l.fill(0.0);
-        o.fill(0.0);
+        start_partial(group, part);
         let mut from = range.start;
         while from < range.end {
             let n = (range.end - from).min(super::CHUNK_KEYS);
-            let rows = &mut rows[..n * hd];
-            widen(&keys[from * stride..], stride, col, hd, n, rows);
-            for (j, k) in rows.chunks_exact(hd).enumerate() {
-                for (g, qh) in q.chunks_exact(hd).enumerate() {
-                    scores[g * super::CHUNK_KEYS + j] = dot_imp(qh, k) * scale;
-                }
-            }
-            for g in 0..group {
-                let s = &mut scores[g * super::CHUNK_KEYS..][..n];
-                let chunk_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let new_max = m[g].max(chunk_max);
-                let rescale = exp(m[g] - new_max);
-                l[g] = l[g] * rescale + exp_sub_sum_imp(s, new_max);
-                o[g * hd..(g + 1) * hd]
-                    .iter_mut()
-                    .for_each(|v| *v *= rescale);
-                m[g] = new_max;
-            }
-            widen(&values[from * stride..], stride, col, hd, n, rows);
-            for (j, v) in rows.chunks_exact(hd).enumerate() {
-                for (g, og) in o.chunks_exact_mut(hd).enumerate() {
-                    axpy_imp(og, scores[g * super::CHUNK_KEYS + j], v);
-                }
-            }
+            let at = from * stride + col;
+            attend_chunk_imp(
+                shape,
+                q,
+                &keys[at..],
+                &values[at..],
+                stride,
+                n,
+                scratch,
+                part,
+            );
             from += n;
         }
     }
 
-    /// `rows` rows of `src`, `stride` apart, `cols` wide from column `col`, packed into `dst`
-    /// (a chunk of one KV head's keys or values, contiguous for the dot products).
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn widen(src: &[f32], stride: usize, col: usize, cols: usize, rows: usize, dst: &mut [f32]) {
-        for (r, out) in dst.chunks_exact_mut(cols).take(rows).enumerate() {
-            out.copy_from_slice(&src[r * stride + col..][..cols]);
+    fn attend_chunk_imp(
+        shape: super::AttnShape,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        stride: usize,
+        n: usize,
+        scores: &mut [f32],
+        part: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let group = shape.n_heads / shape.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (m, rest) = part.split_at_mut(group);
+        let (l, o) = rest.split_at_mut(group);
+        for j in 0..n {
+            let k = &keys[j * stride..][..hd];
+            for (g, qh) in q.chunks_exact(hd).enumerate() {
+                scores[g * super::CHUNK_KEYS + j] = dot_imp(qh, k) * scale;
+            }
+        }
+        for g in 0..group {
+            let s = &mut scores[g * super::CHUNK_KEYS..][..n];
+            let chunk_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let new_max = m[g].max(chunk_max);
+            let rescale = exp(m[g] - new_max);
+            l[g] = l[g] * rescale + exp_sub_sum_imp(s, new_max);
+            o[g * hd..(g + 1) * hd]
+                .iter_mut()
+                .for_each(|v| *v *= rescale);
+            m[g] = new_max;
+        }
+        for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+            let w = &scores[g * super::CHUNK_KEYS..][..n];
+            weighted_sum(og, w, values, stride);
         }
     }
 
@@ -528,10 +699,34 @@ mod simd {
         dot_imp(x, x)
     }
 
+    /// Values summed in registers at a time by [`weighted_sum`] (4 AVX2 registers).
+    const SUM_BLOCK: usize = 32;
+
+    /// `o[i] += w[j] · rows[j·stride + i]` for each row `j` in order: per element the same
+    /// sequence of operations as one `o += w[j]·row` pass per row, but each [`SUM_BLOCK`] of
+    /// `o` stays in registers across the rows instead of going through memory once per row.
     #[inline(always)]
-    fn axpy_imp(y: &mut [f32], a: f32, x: &[f32]) {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o += a * v;
+    fn weighted_sum(o: &mut [f32], w: &[f32], rows: &[f32], stride: usize) {
+        let mut blocks = o.chunks_exact_mut(SUM_BLOCK);
+        let mut at = 0;
+        for block in &mut blocks {
+            let mut acc = [0f32; SUM_BLOCK];
+            acc.copy_from_slice(block);
+            for (j, &wj) in w.iter().enumerate() {
+                let row = &rows[j * stride + at..][..SUM_BLOCK];
+                for i in 0..SUM_BLOCK {
+                    acc[i] += wj * row[i];
+                }
+            }
+            block.copy_from_slice(&acc);
+            at += SUM_BLOCK;
+        }
+        let rest = blocks.into_remainder();
+        for (j, &wj) in w.iter().enumerate() {
+            let row = &rows[j * stride + at..][..rest.len()];
+            for (o, &v) in rest.iter_mut().zip(row) {
+                *o += wj * v;
+            }
         }
     }
 
@@ -632,7 +827,7 @@ mod tests {
                 let values = pseudo_random(n * 2 * 16, 5);
                 let mut outs = Vec::new();
                 for k in [kernels, CpuKernels::Scalar] {
-                    let mut scratch = vec![0f32; CHUNK_KEYS * (16 + 2)];
+                    let mut scratch = vec![0f32; CHUNK_KEYS * 2];
                     let mut part = vec![0f32; 2 * (16 + 2)];
                     simd::attend_partial_on(
                         k,
@@ -648,6 +843,171 @@ mod tests {
                     outs.push(part);
                 }
                 assert_eq!(outs[0], outs[1], "{kernels}: attend_partial over {n}");
+                // The same rows in half precision: every path agrees, and with `f32` rows
+                // holding the rounded values.
+                let half = |x: &[f32]| -> Vec<u16> {
+                    x.iter()
+                        .map(|&v| half::f16::from_f32(v).to_bits())
+                        .collect()
+                };
+                let (keys16, values16) = (half(&keys), half(&values));
+                let widened = |x: &[u16]| -> Vec<f32> {
+                    x.iter()
+                        .map(|&b| half::f16::from_bits(b).to_f32())
+                        .collect()
+                };
+                let (keys_w, values_w) = (widened(&keys16), widened(&values16));
+                let mut outs = Vec::new();
+                for k in [kernels, CpuKernels::Scalar] {
+                    let mut scratch = vec![0f32; CHUNK_KEYS * (2 + 2 * 16)];
+                    let mut part = vec![0f32; 2 * (16 + 2)];
+                    simd::attend_partial_f16_on(
+                        k,
+                        shape,
+                        &q,
+                        &keys16,
+                        &values16,
+                        1,
+                        0..n,
+                        &mut scratch,
+                        &mut part,
+                    );
+                    outs.push(part);
+                }
+                let mut scratch = vec![0f32; CHUNK_KEYS * 2];
+                let mut part = vec![0f32; 2 * (16 + 2)];
+                simd::attend_partial_on(
+                    CpuKernels::Scalar,
+                    shape,
+                    &q,
+                    &keys_w,
+                    &values_w,
+                    1,
+                    0..n,
+                    &mut scratch,
+                    &mut part,
+                );
+                assert_eq!(outs[0], outs[1], "{kernels}: f16 attend_partial over {n}");
+                assert_eq!(
+                    outs[0], part,
+                    "{kernels}: f16 attend_partial over {n} vs f32"
+                );
+            }
+        }
+    }
+
+    /// [`AttnShape::attend_partial`] written plainly (each key row scored for every head,
+    /// then each value row added to every head's output): the kernels reorder loops and
+    /// keep sums in registers, never the arithmetic, so they match it bit for bit.
+    #[allow(clippy::needless_range_loop)]
+    fn plain_partial(
+        shape: AttnShape,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        kv_head: usize,
+        range: std::ops::Range<usize>,
+    ) -> Vec<f32> {
+        use super::super::cpu::CpuKernels::Scalar;
+        let (hd, group) = (shape.head_dim, shape.group());
+        let stride = shape.n_kv_heads * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; group], vec![0f32; group]);
+        let mut o = vec![0f32; group * hd];
+        let mut from = range.start;
+        while from < range.end {
+            let n = (range.end - from).min(CHUNK_KEYS);
+            let row = |src: &[f32], j: usize| -> Vec<f32> {
+                src[(from + j) * stride + kv_head * hd..][..hd].to_vec()
+            };
+            let mut scores = vec![vec![0f32; n]; group];
+            for j in 0..n {
+                for g in 0..group {
+                    scores[g][j] = simd::dot_on(Scalar, &q[g * hd..][..hd], &row(keys, j)) * scale;
+                }
+            }
+            for g in 0..group {
+                let new_max = scores[g].iter().fold(m[g], |a, &v| a.max(v));
+                let rescale = simd::exp(m[g] - new_max);
+                l[g] = l[g] * rescale + simd::exp_sub_sum_on(Scalar, &mut scores[g], new_max);
+                o[g * hd..(g + 1) * hd]
+                    .iter_mut()
+                    .for_each(|v| *v *= rescale);
+                m[g] = new_max;
+            }
+            for j in 0..n {
+                let v = row(values, j);
+                for g in 0..group {
+                    for (o, &v) in o[g * hd..(g + 1) * hd].iter_mut().zip(&v) {
+                        *o += scores[g][j] * v;
+                    }
+                }
+            }
+            from += n;
+        }
+        [m, l, o].concat()
+    }
+
+    /// Every kernel path matches [`plain_partial`] bit for bit, at head sizes that do and do
+    /// not fill whole register blocks.
+    #[test]
+    fn attention_kernels_match_the_plain_loops_exactly() {
+        use super::super::cpu::CpuKernels;
+        for head_dim in [16, 40, 64] {
+            let shape = AttnShape {
+                n_heads: 6,
+                n_kv_heads: 2,
+                head_dim,
+            };
+            let n = CHUNK_KEYS * 2 + 9;
+            let q = pseudo_random(3 * head_dim, 11);
+            let keys = pseudo_random(n * 2 * head_dim, 12);
+            let values = pseudo_random(n * 2 * head_dim, 13);
+            for range in [0..n, 5..CHUNK_KEYS + 3, n - 1..n] {
+                let want = plain_partial(shape, &q, &keys, &values, 1, range.clone());
+                for kernels in CpuKernels::available() {
+                    let mut scratch = vec![0f32; CHUNK_KEYS * 3];
+                    let mut part = vec![0f32; 3 * (head_dim + 2)];
+                    simd::attend_partial_on(
+                        kernels,
+                        shape,
+                        &q,
+                        &keys,
+                        &values,
+                        1,
+                        range.clone(),
+                        &mut scratch,
+                        &mut part,
+                    );
+                    assert_eq!(part, want, "{kernels}: head_dim {head_dim}, keys {range:?}");
+                }
+            }
+        }
+    }
+
+    /// Every half-precision value widens as `half` widens it (NaNs stay NaN), on every path.
+    #[test]
+    fn f16_widening_is_exact() {
+        use super::super::cpu::CpuKernels;
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let want: Vec<f32> = all
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        let same = |got: f32, want: f32| {
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
+        };
+        for (&bits, &w) in all.iter().zip(&want) {
+            assert!(same(simd::f16_to_f32(bits), w), "{bits:#06x}");
+        }
+        for kernels in CpuKernels::available() {
+            // Rows of 13 (not a multiple of 8) from a stride of 16.
+            let mut got = vec![0f32; all.len() / 16 * 13];
+            simd::widen_f16_on(kernels, &all, 16, 13, &mut got);
+            for (r, row) in got.chunks_exact(13).enumerate() {
+                for (c, &g) in row.iter().enumerate() {
+                    assert!(same(g, want[r * 16 + c]), "{kernels}: {:#06x}", r * 16 + c);
+                }
             }
         }
     }
@@ -766,7 +1126,8 @@ mod tests {
             .zip(partials.chunks_exact_mut(plan.part_len))
         {
             let q = &q_all[split.token * 96 + split.kv_head * 48..][..48];
-            shape.attend_partial(q, &keys, &values, split.kv_head, split.keys.clone(), part);
+            let kv = HostLayer::F32(&keys, &values);
+            shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
         }
         let mut out = vec![1f32; visible.len() * 96];
         shape.merge(&plan, &partials, &mut out);

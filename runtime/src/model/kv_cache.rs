@@ -1,8 +1,10 @@
 //! The KV cache of one sequence.
 //!
 //! Two stores: on the CPU forward path ([`super::host`]) keys and values are plain `f32`
-//! buffers per layer, token-major `(len, kv_heads * head_dim)`, so appending a token is one
-//! copy of its projection and the buffers grow by doubling (amortized, never per token). On
+//! buffers per layer (or IEEE half-precision bits, when the model's KV dtype is `F16`: half
+//! the memory the attention reads per cached token), token-major `(len, kv_heads * head_dim)`,
+//! so appending a token is one copy of its projection and the buffers grow by doubling
+//! (amortized, never per token). On
 //! other devices they are tensors `(kv_heads, capacity, head_dim)`, written in place and grown
 //! by doubling, so appending a token never copies the whole history either.
 
@@ -25,6 +27,8 @@ pub struct KvCache {
 enum Store {
     /// Per layer `(keys, values)`, each `len * kv_heads * head_dim` f32, token-major.
     Host(Vec<(Vec<f32>, Vec<f32>)>),
+    /// As `Host`, in IEEE half-precision bits (rounded to nearest even when appended).
+    HostF16(Vec<(Vec<u16>, Vec<u16>)>),
     /// Per layer `(keys, values)` tensors `(kv_heads, capacity, head_dim)`.
     Device {
         layers: Vec<Option<(Tensor, Tensor)>>,
@@ -32,12 +36,20 @@ enum Store {
     },
 }
 
+/// One layer of a host store, borrowed: keys and values written so far, token-major.
+#[derive(Clone, Copy)]
+pub(crate) enum HostLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    /// IEEE half-precision bits.
+    F16(&'a [u16], &'a [u16]),
+}
+
 /// First allocation, in tokens.
 const INITIAL_CAPACITY: usize = 64;
 
 impl KvCache {
-    /// A cache in tensors of `dtype` on `device`, or (`host`) in `f32` buffers for the CPU
-    /// forward path.
+    /// A cache in tensors of `dtype` on `device`, or (`host`) in buffers for the CPU forward
+    /// path: half-precision ones when `dtype` is `F16`, else `f32`.
     pub(crate) fn new(
         n_layers: usize,
         kv_heads: usize,
@@ -46,7 +58,14 @@ impl KvCache {
         device: Device,
         host: bool,
     ) -> Self {
-        let store = if host {
+        let host_dtype = if dtype == DType::F16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let store = if host && host_dtype == DType::F16 {
+            Store::HostF16((0..n_layers).map(|_| (Vec::new(), Vec::new())).collect())
+        } else if host {
             Store::Host((0..n_layers).map(|_| (Vec::new(), Vec::new())).collect())
         } else {
             Store::Device {
@@ -59,7 +78,7 @@ impl KvCache {
             len: 0,
             kv_heads,
             head_dim,
-            dtype: if host { DType::F32 } else { dtype },
+            dtype: if host { host_dtype } else { dtype },
             device,
         }
     }
@@ -80,6 +99,10 @@ impl KvCache {
                 .iter()
                 .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<f32>())
                 .sum(),
+            Store::HostF16(layers) => layers
+                .iter()
+                .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<u16>())
+                .sum(),
             Store::Device { layers, capacity } => {
                 let live = layers.iter().filter(|l| l.is_some()).count();
                 2 * live * capacity * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
@@ -91,6 +114,10 @@ impl KvCache {
     pub fn clear(&mut self) {
         match &mut self.store {
             Store::Host(layers) => layers.iter_mut().for_each(|(k, v)| {
+                *k = Vec::new();
+                *v = Vec::new();
+            }),
+            Store::HostF16(layers) => layers.iter_mut().for_each(|(k, v)| {
                 *k = Vec::new();
                 *v = Vec::new();
             }),
@@ -110,6 +137,13 @@ impl KvCache {
             Store::Host(layers) => {
                 for (k, v) in layers.iter_mut() {
                     // `Vec::reserve` at least doubles, so growth stays amortized.
+                    k.reserve((need * width).saturating_sub(k.len()));
+                    v.reserve((need * width).saturating_sub(v.len()));
+                }
+                return Ok(());
+            }
+            Store::HostF16(layers) => {
+                for (k, v) in layers.iter_mut() {
                     k.reserve((need * width).saturating_sub(k.len()));
                     v.reserve((need * width).saturating_sub(v.len()));
                 }
@@ -171,29 +205,45 @@ impl KvCache {
     pub(crate) fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let width = self.kv_heads * self.head_dim;
         let len = self.len;
-        let Store::Host(layers) = &mut self.store else {
-            return Err(Error::Weights(
-                "host append on a device KV cache (forward path mismatch)".into(),
-            ));
-        };
-        let Some((ck, cv)) = layers.get_mut(layer) else {
-            return Err(Error::Weights(format!("KV cache has no layer {layer}")));
-        };
-        // A failed step may have left a partial append behind: drop it.
-        ck.truncate(len * width);
-        cv.truncate(len * width);
-        ck.extend_from_slice(k);
-        cv.extend_from_slice(v);
+        let no_layer = || Error::Weights(format!("KV cache has no layer {layer}"));
+        match &mut self.store {
+            Store::Host(layers) => {
+                let (ck, cv) = layers.get_mut(layer).ok_or_else(no_layer)?;
+                // A failed step may have left a partial append behind: drop it.
+                ck.truncate(len * width);
+                cv.truncate(len * width);
+                ck.extend_from_slice(k);
+                cv.extend_from_slice(v);
+            }
+            Store::HostF16(layers) => {
+                let (ck, cv) = layers.get_mut(layer).ok_or_else(no_layer)?;
+                ck.truncate(len * width);
+                cv.truncate(len * width);
+                // `half` rounds to nearest even, in hardware or not: the same bits everywhere.
+                ck.extend(k.iter().map(|&x| half::f16::from_f32(x).to_bits()));
+                cv.extend(v.iter().map(|&x| half::f16::from_f32(x).to_bits()));
+            }
+            Store::Device { .. } => {
+                return Err(Error::Weights(
+                    "host append on a device KV cache (forward path mismatch)".into(),
+                ))
+            }
+        }
         Ok(())
     }
 
     /// Host store: keys and values of layer `layer` written so far, token-major.
-    pub(crate) fn host_layer(&self, layer: usize) -> Result<(&[f32], &[f32])> {
+    pub(crate) fn host_layer(&self, layer: usize) -> Result<HostLayer<'_>> {
+        let no_layer = || Error::Weights(format!("KV cache has no layer {layer}"));
         match &self.store {
             Store::Host(layers) => layers
                 .get(layer)
-                .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                .ok_or_else(|| Error::Weights(format!("KV cache has no layer {layer}"))),
+                .map(|(k, v)| HostLayer::F32(k, v))
+                .ok_or_else(no_layer),
+            Store::HostF16(layers) => layers
+                .get(layer)
+                .map(|(k, v)| HostLayer::F16(k, v))
+                .ok_or_else(no_layer),
             Store::Device { .. } => Err(Error::Weights(
                 "host read of a device KV cache (forward path mismatch)".into(),
             )),
@@ -211,6 +261,12 @@ impl KvCache {
         let width = self.kv_heads * self.head_dim;
         let store = match &self.store {
             Store::Host(layers) => Store::Host(
+                layers
+                    .iter()
+                    .map(|(k, v)| (k[..len * width].to_vec(), v[..len * width].to_vec()))
+                    .collect(),
+            ),
+            Store::HostF16(layers) => Store::HostF16(
                 layers
                     .iter()
                     .map(|(k, v)| (k[..len * width].to_vec(), v[..len * width].to_vec()))

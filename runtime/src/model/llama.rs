@@ -86,6 +86,25 @@ impl LlamaModel {
         self.form
     }
 
+    /// The element type of new KV caches.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// Sets the element type of the KV caches made from now on: `F32` or `F16` (on the CPU
+    /// path half precision halves what attention reads per cached token, at the cost of
+    /// rounding keys and values, which can flip a near-tie in greedy output; `F32` stays the
+    /// CPU default so outputs match the reference).
+    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Err(Error::Config(format!(
+                "KV cache dtype {dtype:?}: only f32 and f16 are supported"
+            )));
+        }
+        self.kv_dtype = dtype;
+        Ok(())
+    }
+
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(
