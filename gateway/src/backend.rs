@@ -293,6 +293,11 @@ pub enum BackendError {
     /// The backend is down or failed; the detail goes to logs only.
     #[error("backend failure: {0}")]
     Internal(String),
+    /// The server behind the backend failed after it had begun answering (its connection
+    /// broke mid-stream), so the request could not move to another; the detail goes to logs
+    /// only.
+    #[error("upstream broke off: {0}")]
+    Broken(String),
 }
 
 /// A stream of events for one sequence. Dropping it cancels the sequence at once.

@@ -69,6 +69,9 @@ pub enum ApiError {
     /// Admin API: the token is valid but its scopes do not cover the operation.
     #[error("{0}")]
     InsufficientScope(String),
+    /// The model's server failed mid-answer (a worker that died); the detail goes to logs.
+    #[error("the model's server failed while answering; retry the request")]
+    BadGateway(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -111,6 +114,7 @@ impl ApiError {
                 Some("overloaded"),
             ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "server_error", None),
             Self::ModelNotAllowed(_) => (
                 StatusCode::FORBIDDEN,
                 "invalid_request_error",
@@ -243,6 +247,10 @@ impl From<BackendError> for ApiError {
             }
             BackendError::Overloaded { retry_after_secs } => Self::Overloaded { retry_after_secs },
             BackendError::Internal(detail) => Self::Internal(detail),
+            BackendError::Broken(detail) => {
+                tracing::error!("{detail}");
+                Self::BadGateway(detail)
+            }
             BackendError::Unavailable(detail) => {
                 tracing::error!("{detail}");
                 Self::Unavailable(

@@ -55,6 +55,9 @@ pub enum PublicErrors {
     /// A generic server error (details go to the server's log).
     #[response(status = 500)]
     Internal(ErrorResponse),
+    /// The model's server failed after it had begun answering (a worker that died).
+    #[response(status = 502)]
+    BadGateway(ErrorResponse),
     /// Overloaded or a dependency is down; with `Retry-After`.
     #[response(status = 503)]
     Unavailable(ErrorResponse),

@@ -777,7 +777,8 @@ fn run(
                     continue;
                 }
                 Some(e) => {
-                    yield Err(BackendError::Internal(e));
+                    member.healthy.store(false, Ordering::Relaxed);
+                    yield Err(BackendError::Broken(e));
                     return;
                 }
                 None => {}
