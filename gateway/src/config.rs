@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 use serde::Deserialize;
+use tollgate_metering::money::Price;
 
 /// Errors loading the catalogue.
 #[derive(Debug, thiserror::Error)]
@@ -202,15 +203,6 @@ pub enum ResponsesMode {
     Translate,
     /// Sent to the upstream's own `/v1/responses` (it speaks the Responses API).
     Passthrough,
-}
-
-/// USD per million tokens, exact.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Price {
-    pub input_per_mtok: Decimal,
-    pub output_per_mtok: Decimal,
-    /// Prompt tokens served from a prefix cache (`input_per_mtok` unless configured).
-    pub cached_input_per_mtok: Decimal,
 }
 
 impl Config {

@@ -21,14 +21,16 @@ use crate::auth::Caller;
 use crate::backend::{
     Backend, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage, UsageSource,
 };
-use crate::config::Price;
 use crate::error::{ApiError, ApiJson};
-use crate::limits::{BudgetHold, TokenHold};
-use crate::money::{cached_part_nano_usd, cost_with_cached_nano_usd, max_cost_nano_usd};
 use crate::openai::{ChatRequest, CompletionRequest, Plan};
-use crate::store::{now_micros, UsageRecord};
-use crate::tags::Tags;
 use crate::{AppState, ModelLabel, RequestId};
+use tollgate_metering::limits::{BudgetHold, TokenHold};
+use tollgate_metering::money::Price;
+use tollgate_metering::money::{
+    cached_part_nano_usd, cost_with_cached_nano_usd, max_cost_nano_usd,
+};
+use tollgate_metering::store::{now_micros, UsageRecord};
+use tollgate_metering::tags::Tags;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -454,7 +456,7 @@ pub(crate) async fn start(
     endpoint: &'static str,
     tags: Tags,
 ) -> Result<Started, ApiError> {
-    let tags = crate::tags::merged(tags, &caller.key_tags);
+    let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let backend = backend_for(state, &plan.model)?;
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
@@ -595,7 +597,7 @@ pub(crate) async fn start_passthrough(
     endpoint: &'static str,
     tags: Tags,
 ) -> Result<Completion, ApiError> {
-    let tags = crate::tags::merged(tags, &caller.key_tags);
+    let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     backend_for(state, model)?;
     if !caller.may_use(model) {
         return Err(ApiError::ModelNotAllowed(model.to_string()));

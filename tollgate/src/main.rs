@@ -45,7 +45,7 @@ enum Command {
         /// the spool is fdatasynced at that interval (a crash of the machine can lose the
         /// records of the last interval).
         #[arg(long, env = "TOLLGATE_SPOOL_SYNC", default_value = "10ms")]
-        spool_sync: tollgate_gateway::ledger::SpoolSync,
+        spool_sync: tollgate_metering::ledger::SpoolSync,
         /// Serve the admin API and /metrics on this address only (not on --listen), to keep
         /// them off the public network.
         #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
