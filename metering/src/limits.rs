@@ -825,25 +825,4 @@ mod tests {
             .unwrap()
             .is_ok());
     }
-
-    #[test]
-    fn months_are_utc_calendar_months() {
-        let t = Utc
-            .with_ymd_and_hms(2026, 12, 31, 23, 59, 59)
-            .unwrap()
-            .timestamp_micros();
-        let (s, n) = month_bounds(t);
-        assert_eq!(
-            s,
-            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
-                .unwrap()
-                .timestamp_micros()
-        );
-        assert_eq!(
-            n,
-            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0)
-                .unwrap()
-                .timestamp_micros()
-        );
-    }
 }
