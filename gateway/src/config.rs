@@ -190,7 +190,7 @@ pub struct HttpBackendConfig {
     pub urls: Vec<String>,
     pub api_key_env: Option<String>,
     /// How the pool's members are found from `urls`.
-    pub discover: crate::upstream::Discovery,
+    pub discover: crate::backend::upstream::Discovery,
     /// How `/v1/responses` reaches the upstream.
     pub responses: ResponsesMode,
 }
@@ -331,8 +331,8 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
                 return Err(err("backend.urls is empty".into()));
             }
             let discover = match discover.as_deref() {
-                None | Some("static") => crate::upstream::Discovery::Static,
-                Some("dns") => crate::upstream::Discovery::Dns,
+                None | Some("static") => crate::backend::upstream::Discovery::Static,
+                Some("dns") => crate::backend::upstream::Discovery::Dns,
                 Some(other) => {
                     return Err(err(format!(
                         "backend.discover `{other}` is neither `static` nor `dns`"
@@ -505,7 +505,7 @@ mod tests {
                 }
             })
         };
-        use crate::upstream::Discovery;
+        use crate::backend::upstream::Discovery;
         assert_eq!(discovery("").unwrap(), Discovery::Static);
         assert_eq!(
             discovery(", discover = \"static\"").unwrap(),

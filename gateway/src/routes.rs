@@ -477,7 +477,7 @@ pub(crate) async fn start(
         None => None,
     };
     // The request's server span (when traces are exported), for the GenAI attributes.
-    let server_span = if crate::telemetry::enabled() {
+    let server_span = if crate::server::telemetry::enabled() {
         let span = tracing::Span::current();
         let operation = if endpoint == "/v1/completions" {
             "text_completion"
@@ -486,7 +486,7 @@ pub(crate) async fn start(
         };
         span.record("gen_ai.operation.name", operation);
         span.record("gen_ai.request.model", plan.model.as_str());
-        crate::telemetry::rename(&span, format!("{operation} {}", plan.model));
+        crate::server::telemetry::rename(&span, format!("{operation} {}", plan.model));
         span.record("tollgate.customer_id", caller.customer_id.as_str());
         if let Some(max) = plan.choices.first().and_then(|c| c.params.max_tokens) {
             span.record("gen_ai.request.max_tokens", i64::from(max));
@@ -496,7 +496,7 @@ pub(crate) async fn start(
         tracing::Span::none()
     };
     let t = Instant::now();
-    let limits = crate::telemetry::span(|| tracing::info_span!("gateway.limits"));
+    let limits = crate::server::telemetry::span(|| tracing::info_span!("gateway.limits"));
     tracing::Instrument::instrument(state.limiter.admit_request(&caller.limits), limits.clone())
         .await?;
     let mut admit_time = t.elapsed();

@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         .with_filter(filter);
     // Before any async runtime: the OTLP exporter's client is a blocking one. Its guard flushes
     // the last spans when dropped, after the runtime is gone.
-    let (traces, flush) = match tollgate_gateway::telemetry::from_env()
+    let (traces, flush) = match tollgate_gateway::server::telemetry::from_env()
         .context("cannot set up the OpenTelemetry exporter (OTEL_EXPORTER_OTLP_*)")?
     {
         Some((layer, guard)) => (Some(layer), Some(guard)),

@@ -439,7 +439,7 @@ pub async fn require_key(
         .into_response();
     };
     let t = std::time::Instant::now();
-    let span = crate::telemetry::span(|| tracing::info_span!("gateway.auth"));
+    let span = crate::server::telemetry::span(|| tracing::info_span!("gateway.auth"));
     let caller =
         tracing::Instrument::instrument(state.auth.resolve(state.store.as_ref(), key), span).await;
     state
