@@ -25,6 +25,7 @@ RUN if ! command -v cargo >/dev/null; then \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY runtime runtime
+COPY metering metering
 COPY gateway gateway
 COPY tollgate tollgate
 ARG CARGO_FEATURES=""

@@ -17,11 +17,11 @@
 use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
-use tollgate_gateway::audit::Actor;
 use tollgate_gateway::auth::{digest, hex, AuthConfig};
-use tollgate_gateway::ledger::{Ledger, LedgerGauges};
-use tollgate_gateway::limits::Limiter;
-use tollgate_gateway::store::{now_micros, CustomerFields, DbKind, NewKey, Store, UsageRecord};
+use tollgate_metering::audit::Actor;
+use tollgate_metering::ledger::{Ledger, LedgerGauges};
+use tollgate_metering::limits::Limiter;
+use tollgate_metering::store::{now_micros, CustomerFields, DbKind, NewKey, Store, UsageRecord};
 
 const THROUGHPUT_RECORDS: usize = 20_000;
 const PRODUCERS: usize = 64;
@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
     let ledger = Ledger::start(
         store.clone(),
         &tmp.path().join("bench.spool"),
-        tollgate_gateway::ledger::SpoolSync::default(),
+        tollgate_metering::ledger::SpoolSync::default(),
         gauges.clone(),
     )?;
 

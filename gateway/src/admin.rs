@@ -13,15 +13,18 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::admin_tokens;
-use crate::audit::Actor;
 use crate::auth::{digest, hex, new_key};
-use crate::billing::{self, parse_time, rfc3339};
 use crate::error::ApiError;
-use crate::limits::month_bounds;
-use crate::money::{format_usd, parse_usd};
-use crate::store::{now_micros, ApiKey, Customer, CustomerFields, NewKey, Store, UsageFilter};
-use crate::tags::Tags;
 use crate::{AppState, RequestId};
+use tollgate_metering::audit::Actor;
+use tollgate_metering::billing::{self, parse_time};
+use tollgate_metering::money::{format_usd, parse_usd};
+use tollgate_metering::periods::month_bounds;
+use tollgate_metering::periods::rfc3339;
+use tollgate_metering::store::{
+    now_micros, ApiKey, Customer, CustomerFields, NewKey, Store, UsageFilter,
+};
+use tollgate_metering::tags::Tags;
 
 /// Records per page of `/admin/v1/usage/records` unless `limit` says otherwise.
 const DEFAULT_PAGE: i64 = 100;
@@ -293,7 +296,8 @@ fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, ApiError> {
             )
         })?,
     };
-    crate::tags::check(&tags, "tags").map_err(|e| invalid_field(&e.param, e.message))?;
+    tollgate_metering::tags::check(&tags, "tags")
+        .map_err(|e| invalid_field(&e.param, e.message))?;
     Ok(Some(tags))
 }
 
@@ -568,7 +572,7 @@ pub async fn issue_key(
     customer_id: &str,
     new: NewKey,
     actor: &Actor,
-) -> Result<(ApiKey, String), crate::store::StoreError> {
+) -> Result<(ApiKey, String), tollgate_metering::store::StoreError> {
     let (id, secret) = new_key();
     let prefix: String = secret.chars().take(9).collect();
     let key = store

@@ -25,12 +25,12 @@ use serde_json::{json, Value};
 use sqlx::Row;
 use subtle::ConstantTimeEq;
 
-use crate::audit::{self, Action, Actor, Change};
 use crate::auth::{bearer, digest, hex};
-use crate::billing::rfc3339;
 use crate::error::ApiError;
-use crate::store::{now_micros, Store, StoreError};
 use crate::AppState;
+use tollgate_metering::audit::{self, Action, Actor, Change};
+use tollgate_metering::periods::rfc3339;
+use tollgate_metering::store::{now_micros, Store, StoreError};
 
 /// What an admin credential may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

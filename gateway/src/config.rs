@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 use serde::Deserialize;
+use tollgate_metering::money::Price;
 
 /// Errors loading the catalogue.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +190,7 @@ pub struct HttpBackendConfig {
     pub urls: Vec<String>,
     pub api_key_env: Option<String>,
     /// How the pool's members are found from `urls`.
-    pub discover: crate::upstream::Discovery,
+    pub discover: crate::backend::upstream::Discovery,
     /// How `/v1/responses` reaches the upstream.
     pub responses: ResponsesMode,
 }
@@ -202,15 +203,6 @@ pub enum ResponsesMode {
     Translate,
     /// Sent to the upstream's own `/v1/responses` (it speaks the Responses API).
     Passthrough,
-}
-
-/// USD per million tokens, exact.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Price {
-    pub input_per_mtok: Decimal,
-    pub output_per_mtok: Decimal,
-    /// Prompt tokens served from a prefix cache (`input_per_mtok` unless configured).
-    pub cached_input_per_mtok: Decimal,
 }
 
 impl Config {
@@ -339,8 +331,8 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
                 return Err(err("backend.urls is empty".into()));
             }
             let discover = match discover.as_deref() {
-                None | Some("static") => crate::upstream::Discovery::Static,
-                Some("dns") => crate::upstream::Discovery::Dns,
+                None | Some("static") => crate::backend::upstream::Discovery::Static,
+                Some("dns") => crate::backend::upstream::Discovery::Dns,
                 Some(other) => {
                     return Err(err(format!(
                         "backend.discover `{other}` is neither `static` nor `dns`"
@@ -513,7 +505,7 @@ mod tests {
                 }
             })
         };
-        use crate::upstream::Discovery;
+        use crate::backend::upstream::Discovery;
         assert_eq!(discovery("").unwrap(), Discovery::Static);
         assert_eq!(
             discovery(", discover = \"static\"").unwrap(),

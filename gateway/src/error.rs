@@ -193,9 +193,9 @@ impl ApiError {
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        use crate::store::StoreError;
+impl From<tollgate_metering::store::StoreError> for ApiError {
+    fn from(e: tollgate_metering::store::StoreError) -> Self {
+        use tollgate_metering::store::StoreError;
         match e {
             StoreError::Conflict(m) => Self::Conflict(m),
             StoreError::NotFound(m) => Self::NotFound(m),
@@ -214,9 +214,9 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-impl From<crate::limits::Refusal> for ApiError {
-    fn from(r: crate::limits::Refusal) -> Self {
-        use crate::limits::Refusal;
+impl From<tollgate_metering::limits::Refusal> for ApiError {
+    fn from(r: tollgate_metering::limits::Refusal) -> Self {
+        use tollgate_metering::limits::Refusal;
         let secs = |d: std::time::Duration| d.as_secs_f64().ceil().max(1.0) as u64;
         match r {
             Refusal::Rate {

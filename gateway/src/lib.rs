@@ -11,27 +11,16 @@ pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod backend;
-pub mod billing;
 pub mod concurrency;
 pub mod config;
 pub mod console;
 pub mod error;
-pub mod export_formats;
 pub mod idempotency;
-pub mod ledger;
-pub mod limits;
-pub mod listener;
-pub mod metrics;
-pub mod money;
 pub mod openai;
 pub mod openapi;
 mod responses;
 mod routes;
-pub mod shared_limits;
-pub mod store;
-pub mod tags;
-pub mod telemetry;
-pub mod upstream;
+pub mod server;
 mod usage_api;
 
 use std::collections::HashMap;
@@ -50,10 +39,11 @@ use crate::auth::AuthConfig;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::ledger::{Ledger, LedgerGauges};
-use crate::limits::Limiter;
-use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::server::metrics::Metrics;
+use crate::server::{listener, telemetry};
+use tollgate_metering::ledger::{Ledger, LedgerGauges};
+use tollgate_metering::limits::Limiter;
+use tollgate_metering::store::Store;
 
 /// Per-request id (UUID v7), set by the request-id middleware and sent as `x-request-id`,
 /// with the moment the request reached the gateway (for the overhead histogram).
@@ -125,7 +115,7 @@ impl AppState {
         mut self,
         store: Store,
         spool_path: &std::path::Path,
-        sync: crate::ledger::SpoolSync,
+        sync: tollgate_metering::ledger::SpoolSync,
     ) -> anyhow::Result<Self> {
         let gauges = LedgerGauges {
             pending: self.metrics.ledger_pending.clone(),
@@ -135,7 +125,7 @@ impl AppState {
         // Budget alerts: delivered from the outbox until shutdown.
         let deliverer = alerts::Deliverer::new(store.clone(), alerts::DeliveryConfig::default())?;
         tokio::spawn(deliverer.run(self.background.clone()));
-        if store.kind() == crate::store::DbKind::Postgres {
+        if store.kind() == tollgate_metering::store::DbKind::Postgres {
             // Replicas share the database: limits and budgets are kept there, exact across them.
             self.limiter = Limiter::shared(store.clone());
         }

@@ -57,7 +57,7 @@ pub struct CommonParams {
     pub user: Option<String>,
     /// OpenAI's `metadata`: string pairs stored on the usage record as tags.
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
-    pub metadata: Option<crate::tags::Tags>,
+    pub metadata: Option<tollgate_metering::tags::Tags>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// vLLM-style extras.
@@ -274,13 +274,13 @@ impl RequestBody for CompletionRequest {
 
 impl CommonParams {
     /// The request's cost-allocation tags (`metadata` and `user`), or a 400 naming the field.
-    pub fn tags(&self) -> Result<crate::tags::Tags, ApiError> {
-        crate::tags::from_request(self.metadata.as_ref(), self.user.as_deref()).map_err(|e| {
-            ApiError::InvalidRequest {
+    pub fn tags(&self) -> Result<tollgate_metering::tags::Tags, ApiError> {
+        tollgate_metering::tags::from_request(self.metadata.as_ref(), self.user.as_deref()).map_err(
+            |e| ApiError::InvalidRequest {
                 message: e.message,
                 param: Some(e.param),
-            }
-        })
+            },
+        )
     }
 }
 

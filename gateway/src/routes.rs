@@ -21,14 +21,16 @@ use crate::auth::Caller;
 use crate::backend::{
     Backend, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage, UsageSource,
 };
-use crate::config::Price;
 use crate::error::{ApiError, ApiJson};
-use crate::limits::{BudgetHold, TokenHold};
-use crate::money::{cached_part_nano_usd, cost_with_cached_nano_usd, max_cost_nano_usd};
 use crate::openai::{ChatRequest, CompletionRequest, Plan};
-use crate::store::{now_micros, UsageRecord};
-use crate::tags::Tags;
 use crate::{AppState, ModelLabel, RequestId};
+use tollgate_metering::limits::{BudgetHold, TokenHold};
+use tollgate_metering::money::Price;
+use tollgate_metering::money::{
+    cached_part_nano_usd, cost_with_cached_nano_usd, max_cost_nano_usd,
+};
+use tollgate_metering::store::{now_micros, UsageRecord};
+use tollgate_metering::tags::Tags;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -460,7 +462,7 @@ pub(crate) async fn start(
     endpoint: &'static str,
     tags: Tags,
 ) -> Result<Started, ApiError> {
-    let tags = crate::tags::merged(tags, &caller.key_tags);
+    let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let backend = backend_for(state, &plan.model)?;
     if !caller.may_use(&plan.model) {
         return Err(ApiError::ModelNotAllowed(plan.model.clone()));
@@ -487,7 +489,7 @@ pub(crate) async fn start(
         plan.choices.first().and_then(|c| c.params.max_tokens),
     );
     let t = Instant::now();
-    let limits = crate::telemetry::span(|| tracing::info_span!("gateway.limits"));
+    let limits = crate::server::telemetry::span(|| tracing::info_span!("gateway.limits"));
     tracing::Instrument::instrument(state.limiter.admit_request(&caller.limits), limits.clone())
         .await?;
     let mut admit_time = t.elapsed();
@@ -588,7 +590,7 @@ pub(crate) async fn start_passthrough(
     endpoint: &'static str,
     tags: Tags,
 ) -> Result<Completion, ApiError> {
-    let tags = crate::tags::merged(tags, &caller.key_tags);
+    let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     backend_for(state, model)?;
     if !caller.may_use(model) {
         return Err(ApiError::ModelNotAllowed(model.to_string()));
@@ -655,7 +657,7 @@ fn server_span(
     customer_id: &str,
     max_tokens: Option<u32>,
 ) -> tracing::Span {
-    if !crate::telemetry::enabled() {
+    if !crate::server::telemetry::enabled() {
         return tracing::Span::none();
     }
     let span = tracing::Span::current();
@@ -666,7 +668,7 @@ fn server_span(
     };
     span.record("gen_ai.operation.name", operation);
     span.record("gen_ai.request.model", model);
-    crate::telemetry::rename(&span, format!("{operation} {model}"));
+    crate::server::telemetry::rename(&span, format!("{operation} {model}"));
     span.record("tollgate.customer_id", customer_id);
     if let Some(max) = max_tokens {
         span.record("gen_ai.request.max_tokens", i64::from(max));

@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use crate::admin::query;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::money::usd_f64;
-use crate::store::{now_micros, GroupBy, UsageFilter, UsageRow};
 use crate::AppState;
+use tollgate_metering::money::usd_f64;
+use tollgate_metering::store::{now_micros, GroupBy, UsageFilter, UsageRow};
 
 const MICROS: i64 = 1_000_000;
 

@@ -21,8 +21,8 @@ use tollgate_gateway::backend::{
     Prepared, Prompt, Start, Usage,
 };
 use tollgate_gateway::config::Config;
-use tollgate_gateway::store::{Store, UsageRecord};
 use tollgate_gateway::AppState;
+use tollgate_metering::store::{Store, UsageRecord};
 
 const KEY: &str = "test-key";
 const MODEL: &str = "fake";
@@ -176,7 +176,11 @@ async fn start_with(server: &str, billing: Option<(Store, &Path)>) -> Server {
     if let Some((store, spool)) = billing {
         store.ensure_customer("default", "Default").await.unwrap();
         state = state
-            .with_billing(store, spool, tollgate_gateway::ledger::SpoolSync::default())
+            .with_billing(
+                store,
+                spool,
+                tollgate_metering::ledger::SpoolSync::default(),
+            )
             .unwrap();
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use tollgate_gateway::ledger::{Ledger, LedgerGauges, SpoolSync};
-use tollgate_gateway::store::Store;
+use tollgate_metering::ledger::{Ledger, LedgerGauges, SpoolSync};
+use tollgate_metering::store::Store;
 
 #[path = "common/store_contract.rs"]
 mod contract;
@@ -72,7 +72,7 @@ async fn a_missing_sqlite_file_is_created_however_it_is_named() {
     let ro = format!("sqlite://{}?mode=ro", path("missing.db"));
     assert!(Store::connect(&ro).await.is_err());
     assert_eq!(
-        tollgate_gateway::store::normalize_url("sqlite::memory:"),
+        tollgate_metering::store::normalize_url("sqlite::memory:"),
         "sqlite::memory:"
     );
 }
@@ -237,9 +237,9 @@ async fn sqlx_exec(store: &Store, sql: &str) {
 /// customer's limits through this process (`forget_customer`) at once too.
 #[tokio::test]
 async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age() {
-    use tollgate_gateway::audit::Actor;
     use tollgate_gateway::auth::{digest, hex, AuthConfig, KEY_FRESH, KEY_MAX_AGE};
-    use tollgate_gateway::store::{CustomerFields, NewKey};
+    use tollgate_metering::audit::Actor;
+    use tollgate_metering::store::{CustomerFields, NewKey};
     let actor = Actor::system();
 
     let (_dir, store) = sqlite().await;

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use tollgate_gateway::limits::{Limiter, Limits, Refusal};
-use tollgate_gateway::store::Store;
+use tollgate_metering::limits::{Limiter, Limits, Refusal};
+use tollgate_metering::store::Store;
 
 #[path = "common/store_contract.rs"]
 mod contract;
@@ -147,7 +147,7 @@ async fn replicas_share_exact_limits_and_budgets() {
 
     // Records reaching the ledger release their holds and count their actual cost: 10 × 30
     // spent, so 700 are free again. A record written twice counts once.
-    let now = tollgate_gateway::store::now_micros();
+    let now = tollgate_metering::store::now_micros();
     let records: Vec<_> = holds
         .iter()
         .map(|(i, _)| contract::record(&format!("req-{i}"), "acme", "m", now, 30))

@@ -19,9 +19,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tollgate_gateway::auth::AuthConfig;
+use tollgate_gateway::backend::upstream::{Discovery, UpstreamPool};
 use tollgate_gateway::backend::{Backend, ModelInfo};
 use tollgate_gateway::config::Config;
-use tollgate_gateway::upstream::{Discovery, UpstreamPool};
 use tollgate_gateway::AppState;
 
 const KEY: &str = "k";

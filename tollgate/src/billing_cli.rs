@@ -9,11 +9,11 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tollgate_gateway::admin::{customer_json, issue_key, key_json, valid_id};
 use tollgate_gateway::alerts;
-use tollgate_gateway::audit::Actor;
-use tollgate_gateway::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
-use tollgate_gateway::export_formats::{self, StripeMapping};
-use tollgate_gateway::money::parse_usd;
-use tollgate_gateway::store::{CustomerFields, NewKey, Store, UsageFilter};
+use tollgate_metering::audit::Actor;
+use tollgate_metering::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
+use tollgate_metering::export_formats::{self, StripeMapping};
+use tollgate_metering::money::parse_usd;
+use tollgate_metering::store::{CustomerFields, NewKey, Store, UsageFilter};
 
 enum Out {
     Csv(Box<csv::Writer<Box<dyn Write>>>),
@@ -203,11 +203,11 @@ pub enum UsageCommand {
         #[arg(long)]
         tag: Option<String>,
         /// `--format stripe`: the meter events' `event_name`.
-        #[arg(long, default_value = tollgate_gateway::export_formats::STRIPE_EVENT_NAME)]
+        #[arg(long, default_value = tollgate_metering::export_formats::STRIPE_EVENT_NAME)]
         stripe_event_name: String,
         /// `--format stripe`: the payload key holding the customer (the meter's
         /// `customer_mapping.event_payload_key`).
-        #[arg(long, default_value = tollgate_gateway::export_formats::STRIPE_CUSTOMER_KEY)]
+        #[arg(long, default_value = tollgate_metering::export_formats::STRIPE_CUSTOMER_KEY)]
         stripe_customer_key: String,
         /// `--format stripe`: a JSON object mapping Tollgate customer ids to Stripe customer ids;
         /// a record of a customer not in it stops the export (the cursor is not advanced).
@@ -399,7 +399,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let expires_at = match expires_at {
                 Some(t) => {
                     let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
-                    if at <= tollgate_gateway::store::now_micros() {
+                    if at <= tollgate_metering::store::now_micros() {
                         bail!("--expires-at {t} is in the past");
                     }
                     Some(at)
@@ -464,14 +464,14 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
 }
 
 /// `--tag key=value` arguments → tags within the limits of request `metadata`.
-fn tags_arg(args: &[String]) -> anyhow::Result<tollgate_gateway::tags::Tags> {
-    let mut tags = tollgate_gateway::tags::Tags::new();
+fn tags_arg(args: &[String]) -> anyhow::Result<tollgate_metering::tags::Tags> {
+    let mut tags = tollgate_metering::tags::Tags::new();
     for a in args {
         let (k, v) =
-            tollgate_gateway::tags::parse_pair(a).map_err(|e| anyhow::anyhow!("--tag: {e}"))?;
+            tollgate_metering::tags::parse_pair(a).map_err(|e| anyhow::anyhow!("--tag: {e}"))?;
         tags.insert(k, v);
     }
-    tollgate_gateway::tags::check(&tags, "tags")
+    tollgate_metering::tags::check(&tags, "tags")
         .map_err(|e| anyhow::anyhow!("--tag: {}", e.message))?;
     Ok(tags)
 }
@@ -626,11 +626,11 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             format,
             db,
         } => {
-            let now = tollgate_gateway::store::now_micros();
+            let now = tollgate_metering::store::now_micros();
             let start = time_arg(
                 from.as_deref(),
                 "from",
-                tollgate_gateway::limits::month_bounds(now).0,
+                tollgate_metering::periods::month_bounds(now).0,
             )?;
             let end = time_arg(to.as_deref(), "to", now + 1)?;
             let groups = billing::parse_group_by(&group_by)
@@ -647,8 +647,8 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             match format {
                 ReportFormat::Json => print(&json!({
                     "object": "list",
-                    "start": billing::rfc3339(start),
-                    "end": billing::rfc3339(end),
+                    "start": tollgate_metering::periods::rfc3339(start),
+                    "end": tollgate_metering::periods::rfc3339(end),
                     "data": rows.iter().map(|r| billing::usage_row_json(r, &columns)).collect::<Vec<_>>(),
                 })),
                 ReportFormat::Csv => {

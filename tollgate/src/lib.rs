@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::FutureExt;
 use tollgate_gateway::auth::DEFAULT_CUSTOMER;
-use tollgate_gateway::store::Store;
+use tollgate_metering::store::Store;
 
 use tollgate_gateway::config::Config;
 
@@ -29,14 +29,14 @@ pub struct Metering {
     /// `tollgate-ledger.spool` in the working directory for PostgreSQL.
     pub spool: Option<PathBuf>,
     /// When spooled records reach the disk (`--spool-sync`).
-    pub spool_sync: tollgate_gateway::ledger::SpoolSync,
+    pub spool_sync: tollgate_metering::ledger::SpoolSync,
     /// `TOLLGATE_ADMIN_TOKEN`: enables the admin API.
     pub admin_token: Option<String>,
 }
 
 /// The spool path for a database URL when none is given.
 pub fn default_spool(database: &str) -> PathBuf {
-    let url = tollgate_gateway::store::normalize_url(database);
+    let url = tollgate_metering::store::normalize_url(database);
     match url.strip_prefix("sqlite://") {
         Some(rest) => {
             let file = rest.split('?').next().unwrap_or(rest);

@@ -531,7 +531,7 @@ fn call_id() -> String {
 /// A span for one phase of a sequence (`queue`, `prefill`, `decode`) under the request's span,
 /// when traces are exported.
 fn phase(parent: &tracing::Span, name: &'static str) -> tracing::Span {
-    tollgate_gateway::telemetry::span(
+    tollgate_gateway::server::telemetry::span(
         || tracing::info_span!(parent: parent, "engine.phase", otel.name = name, gen_ai.phase = name),
     )
 }

@@ -45,7 +45,7 @@ enum Command {
         /// the spool is fdatasynced at that interval (a crash of the machine can lose the
         /// records of the last interval).
         #[arg(long, env = "TOLLGATE_SPOOL_SYNC", default_value = "10ms")]
-        spool_sync: tollgate_gateway::ledger::SpoolSync,
+        spool_sync: tollgate_metering::ledger::SpoolSync,
         /// Serve the admin API and /metrics on this address only (not on --listen), to keep
         /// them off the public network.
         #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         .with_filter(filter);
     // Before any async runtime: the OTLP exporter's client is a blocking one. Its guard flushes
     // the last spans when dropped, after the runtime is gone.
-    let (traces, flush) = match tollgate_gateway::telemetry::from_env()
+    let (traces, flush) = match tollgate_gateway::server::telemetry::from_env()
         .context("cannot set up the OpenTelemetry exporter (OTEL_EXPORTER_OTLP_*)")?
     {
         Some((layer, guard)) => (Some(layer), Some(guard)),

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tollgate_gateway::backend::upstream::UpstreamPool;
 use tollgate_gateway::backend::{Backend, ModelInfo};
 use tollgate_gateway::config::{
     BackendConfig, Config, LocalBackendConfig, ModelConfig, ModelSource,
 };
-use tollgate_gateway::upstream::UpstreamPool;
 use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::engine::EngineConfig;
 use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};

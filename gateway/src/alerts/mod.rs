@@ -2,8 +2,8 @@
 //! 0.8 and 1.0), delivered as signed JSON events to the customer's webhook.
 //!
 //! At-least-once, from a transactional outbox (migration 0012): the ledger's insert
-//! transaction calls [`outbox_in_ledger`], which adds a `budget_alerts` row for every threshold
-//! the inserted records' spend crossed, so an alert exists exactly when the records that
+//! transaction calls `tollgate_metering::alerts::outbox_in_ledger`, which adds a
+//! `budget_alerts` row for every threshold the inserted records' spend crossed, so an alert exists exactly when the records that
 //! crossed it do (a gateway killed after the spend replays its spool and creates it then), and
 //! the table's unique key fires each threshold once per customer and month whatever replica
 //! wrote the records. The [`Deliverer`] (one per gateway) claims due rows, POSTs them, and
@@ -13,9 +13,8 @@
 //! where `<hex>` is HMAC-SHA256 with the customer's webhook secret over `"<t>.<body>"`; the
 //! event's `id` is also sent as `Tollgate-Event-Id` so receivers deduplicate.
 //!
-//! It owns thresholds, the event payload, the signature and delivery; the SQL is in `store`.
-
-mod store;
+//! It owns the thresholds' parsing, the signature and delivery; the SQL, the crossing rule and
+//! the event payload are in `tollgate_metering::alerts`.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -26,11 +25,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
-pub use self::store::{outbox_in_ledger, Alert, AlertSettings};
-use crate::store::{now_micros, Store};
-
-/// Thresholds when a customer has not chosen any.
-pub const DEFAULT_THRESHOLDS: [&str; 3] = ["0.5", "0.8", "1.0"];
+use tollgate_metering::alerts::{Alert, AlertSettings};
+use tollgate_metering::store::{now_micros, Store};
 
 /// Parses thresholds: 1 to 10 distinct fractions in (0, 1], returned sorted and normalized
 /// (`"0.50"` → `"0.5"`).
@@ -64,30 +60,6 @@ pub fn parse_thresholds(values: &[String]) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// The thresholds `spent` has reached of `budget` (both nano-USD): those `t` with
-/// `spent >= ceil(t × budget)`. Exact: no floating point.
-pub fn crossed(thresholds: &[String], budget: i64, spent: i64) -> Vec<&str> {
-    if budget <= 0 {
-        return Vec::new();
-    }
-    thresholds
-        .iter()
-        .filter(|t| {
-            Decimal::from_str(t)
-                .ok()
-                .and_then(|t| {
-                    (t * Decimal::from(budget))
-                        .ceil()
-                        .to_string()
-                        .parse::<i128>()
-                        .ok()
-                })
-                .is_some_and(|limit| i128::from(spent) >= limit)
-        })
-        .map(String::as_str)
-        .collect()
-}
-
 /// A new webhook secret: `whsec_` and 256 random bits in hex.
 pub fn new_secret() -> String {
     use rand::RngCore;
@@ -110,35 +82,6 @@ pub fn signature(secret: &str, timestamp: i64, body: &str) -> String {
         "t={timestamp},v1={}",
         crate::auth::hex(&mac.finalize().into_bytes())
     )
-}
-
-/// The event an alert delivers.
-pub fn payload(
-    id: &str,
-    customer_id: &str,
-    period_start: i64,
-    threshold: &str,
-    budget: i64,
-    spent: i64,
-    created_at: i64,
-) -> Value {
-    let period = chrono::DateTime::from_timestamp_micros(period_start)
-        .map(|t| t.format("%Y-%m").to_string())
-        .unwrap_or_default();
-    json!({
-        "id": id,
-        "object": "event",
-        "type": "budget.threshold_crossed",
-        "created": created_at / 1_000_000,
-        "data": {
-            "customer_id": customer_id,
-            "period": period,
-            "period_start": crate::billing::rfc3339(period_start),
-            "threshold": threshold,
-            "budget_usd": crate::money::format_usd(budget),
-            "spent_usd": crate::money::format_usd(spent),
-        },
-    })
 }
 
 /// A change of a customer's alert settings.
@@ -169,17 +112,18 @@ pub async fn update_settings(
     store: &Store,
     customer_id: &str,
     change: SettingsChange,
-    actor: &crate::audit::Actor,
-) -> crate::store::StoreResult<(AlertSettings, Option<String>)> {
+    actor: &tollgate_metering::audit::Actor,
+) -> tollgate_metering::store::StoreResult<(AlertSettings, Option<String>)> {
     let mut settings = store.alert_settings(customer_id).await?;
     if let Some(url) = change.webhook_url {
         if let Some(u) = &url {
-            check_webhook_url(u).map_err(crate::store::StoreError::Invalid)?;
+            check_webhook_url(u).map_err(tollgate_metering::store::StoreError::Invalid)?;
         }
         settings.webhook_url = url;
     }
     if let Some(t) = change.thresholds {
-        settings.thresholds = parse_thresholds(&t).map_err(crate::store::StoreError::Invalid)?;
+        settings.thresholds =
+            parse_thresholds(&t).map_err(tollgate_metering::store::StoreError::Invalid)?;
     }
     let mut fresh = None;
     if settings.webhook_url.is_none() {
@@ -216,15 +160,15 @@ pub fn alert_json(a: &Alert) -> Value {
         "object": "budget_alert",
         "id": a.id,
         "customer_id": a.customer_id,
-        "period_start": crate::billing::rfc3339(a.period_start),
+        "period_start": tollgate_metering::periods::rfc3339(a.period_start),
         "threshold": a.threshold,
-        "budget_usd": crate::money::format_usd(a.budget_nano_usd),
-        "spent_usd": crate::money::format_usd(a.spent_nano_usd),
-        "created_at": crate::billing::rfc3339(a.created_at),
+        "budget_usd": tollgate_metering::money::format_usd(a.budget_nano_usd),
+        "spent_usd": tollgate_metering::money::format_usd(a.spent_nano_usd),
+        "created_at": tollgate_metering::periods::rfc3339(a.created_at),
         "status": a.status,
         "attempts": a.attempts,
-        "next_attempt_at": (a.status == "pending").then(|| crate::billing::rfc3339(a.next_attempt_at)),
-        "delivered_at": a.delivered_at.map(crate::billing::rfc3339),
+        "next_attempt_at": (a.status == "pending").then(|| tollgate_metering::periods::rfc3339(a.next_attempt_at)),
+        "delivered_at": a.delivered_at.map(tollgate_metering::periods::rfc3339),
         "last_error": a.last_error,
         "event": serde_json::from_str::<Value>(&a.payload).unwrap_or(Value::Null),
     })
@@ -302,7 +246,7 @@ impl Deliverer {
     }
 
     /// One round: every due alert this gateway can claim, one attempt each.
-    pub async fn deliver_due(&self) -> crate::store::StoreResult<usize> {
+    pub async fn deliver_due(&self) -> tollgate_metering::store::StoreResult<usize> {
         let now = now_micros();
         let due = self.store.due_alerts(now, 50).await?;
         let mut delivered = 0;
@@ -391,18 +335,6 @@ mod tests {
         for bad in [&["0"][..], &["1.01"], &["-0.5"], &["half"], &[]] {
             assert!(parse_thresholds(&strings(bad)).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn crossing_is_exact_to_the_nano_dollar() {
-        let t = strings(&DEFAULT_THRESHOLDS);
-        // Budget 1001 nano-USD: half is 500.5, so 501 is needed.
-        assert!(crossed(&t, 1001, 500).is_empty());
-        assert_eq!(crossed(&t, 1001, 501), ["0.5"]);
-        assert_eq!(crossed(&t, 1001, 801), ["0.5", "0.8"]);
-        assert_eq!(crossed(&t, 1001, 1000), ["0.5", "0.8"]);
-        assert_eq!(crossed(&t, 1001, 1001), ["0.5", "0.8", "1.0"]);
-        assert!(crossed(&t, 0, 10).is_empty(), "no budget, no alert");
     }
 
     #[test]

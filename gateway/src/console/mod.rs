@@ -11,7 +11,6 @@
 
 mod chart;
 mod pages;
-mod queries;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -29,10 +28,10 @@ use rand::RngCore;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::audit::Actor;
 use crate::auth::{digest, hex};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
+use tollgate_metering::audit::Actor;
 
 /// The session cookie's name.
 const COOKIE: &str = "tollgate_console";

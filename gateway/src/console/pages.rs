@@ -13,16 +13,17 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::chart::{self, Bar};
-use super::queries::LogFilter;
 use super::{csrf_field, layout, raw, PageError, Signed};
 use crate::admin::{issue_key, valid_id};
-use crate::billing::{self, parse_time, rfc3339};
 use crate::config::BackendConfig;
 use crate::error::ApiError;
-use crate::limits::month_bounds;
-use crate::money::{format_usd, parse_usd};
-use crate::store::{now_micros, CustomerFields, GroupBy, NewKey, Store, UsageFilter};
 use crate::AppState;
+use tollgate_metering::billing::{self, parse_time};
+use tollgate_metering::console_queries::LogFilter;
+use tollgate_metering::money::{format_usd, parse_usd};
+use tollgate_metering::periods::month_bounds;
+use tollgate_metering::periods::rfc3339;
+use tollgate_metering::store::{now_micros, CustomerFields, GroupBy, NewKey, Store, UsageFilter};
 
 const HOUR: i64 = 3_600_000_000;
 const DAY: i64 = 24 * HOUR;
@@ -131,7 +132,7 @@ async fn totals(store: &Store, start: i64, end: i64) -> Result<Totals, PageError
         .filter(|(s, _)| s == "failed")
         .map(|(_, n)| n)
         .sum();
-    let sum = |f: fn(&crate::store::UsageRow) -> i64| rows.iter().map(f).sum::<i64>();
+    let sum = |f: fn(&tollgate_metering::store::UsageRow) -> i64| rows.iter().map(f).sum::<i64>();
     Ok(Totals {
         requests: sum(|r| r.requests),
         input: sum(|r| r.input_tokens),
@@ -144,12 +145,12 @@ async fn totals(store: &Store, start: i64, end: i64) -> Result<Totals, PageError
 
 /// Per-bucket values of `rows` over `count` buckets of `width` from `origin`.
 fn series(
-    rows: &[crate::store::UsageRow],
+    rows: &[tollgate_metering::store::UsageRow],
     origin: i64,
     width: i64,
     count: i64,
     label: impl Fn(i64) -> String,
-    value: impl Fn(&crate::store::UsageRow) -> f64,
+    value: impl Fn(&tollgate_metering::store::UsageRow) -> f64,
 ) -> Vec<Bar> {
     (0..count)
         .map(|i| {
@@ -274,7 +275,7 @@ pub(crate) async fn overview(
 
 fn usage_table<'a>(
     first: &str,
-    rows: impl Iterator<Item = (String, &'a crate::store::UsageRow)>,
+    rows: impl Iterator<Item = (String, &'a tollgate_metering::store::UsageRow)>,
 ) -> Markup {
     html! {
         table {

@@ -14,10 +14,9 @@
 //! - a request with a key runs to completion even when its client goes away, so that the
 //!   client's retry gets the whole answer instead of paying for a second one.
 //!
-//! It owns the layer and the table (`store`); what a request costs is still settled by the
-//! [`crate::routes::Completion`] guard, which reports its outcome through the [`Ticket`].
-
-mod store;
+//! It owns the layer (the table is `tollgate_metering::idempotency`); what a request costs is
+//! still settled by the [`crate::routes::Completion`] guard, which reports its outcome through
+//! the [`Ticket`].
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -30,11 +29,11 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-pub use self::store::{Claim, ClaimArgs, Stored};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::store::now_micros;
 use crate::{AppState, RequestId};
+use tollgate_metering::idempotency::{Claim, ClaimArgs, Stored};
+use tollgate_metering::store::now_micros;
 
 /// How long a key is remembered after its first request.
 pub const WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -248,7 +247,7 @@ async fn run(state: AppState, request: Request, next: Next) -> Result<Response, 
 
 /// A request running under a claimed key.
 struct Running {
-    db: crate::store::Store,
+    db: tollgate_metering::store::Store,
     customer_id: String,
     key: String,
     request_id: String,

@@ -6,7 +6,8 @@
 //! usage record per response (`endpoint = "/v1/responses"`), the same exactness and
 //! cancellation rules. Its output and events come from one fold (`output`); with `store` (the
 //! default when the server has a database) the response and the conversation it answered are
-//! kept for the customer (`store`), so `previous_response_id` can continue it.
+//! kept for the customer (`tollgate_metering::responses`), so `previous_response_id` can
+//! continue it.
 //!
 //! Models whose upstream speaks the Responses API (`backend.responses = "passthrough"`) are
 //! served by `passthrough` instead: the request goes to the upstream as sent, billed and stored
@@ -18,7 +19,6 @@
 mod output;
 mod passthrough;
 pub(crate) mod request;
-mod store;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,8 +37,8 @@ use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
 use crate::error::ApiError;
 use crate::routes::{now_secs, start, Completion, Started};
-use crate::store::now_micros;
 use crate::{AppState, ModelLabel, RequestId};
+use tollgate_metering::store::now_micros;
 
 /// What a finished response leaves to store.
 struct ToStore {
@@ -77,7 +77,7 @@ pub async fn create(
             return Err(not_found());
         };
         let stored = db
-            .get_response(previous, &caller.customer_id, now_micros())
+            .get_response::<Item>(previous, &caller.customer_id, now_micros())
             .await?
             .ok_or_else(not_found)?;
         history = stored.input_items;
@@ -148,14 +148,14 @@ pub async fn create(
 }
 
 /// Cost-allocation tags, as for chat completions: `metadata` pairs and `user`.
-fn tags_of(body: &CreateResponse) -> Result<crate::tags::Tags, ApiError> {
-    let metadata: crate::tags::Tags = body
+fn tags_of(body: &CreateResponse) -> Result<tollgate_metering::tags::Tags, ApiError> {
+    let metadata: tollgate_metering::tags::Tags = body
         .metadata
         .iter()
         .flatten()
         .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
         .collect();
-    crate::tags::from_request(Some(&metadata), body.user.as_deref()).map_err(|e| {
+    tollgate_metering::tags::from_request(Some(&metadata), body.user.as_deref()).map_err(|e| {
         ApiError::InvalidRequest {
             message: e.message,
             param: Some(e.param),
@@ -348,7 +348,7 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("Response with id '{id}' not found."))
 }
 
-fn database(state: &AppState, id: &str) -> Result<crate::store::Store, ApiError> {
+fn database(state: &AppState, id: &str) -> Result<tollgate_metering::store::Store, ApiError> {
     state.store.clone().ok_or_else(|| not_found(id))
 }
 
@@ -359,7 +359,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let stored = database(&state, &id)?
-        .get_response(&id, &caller.customer_id, now_micros())
+        .get_response::<Item>(&id, &caller.customer_id, now_micros())
         .await?
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(stored.response))
@@ -416,7 +416,7 @@ pub async fn input_items(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let stored = database(&state, &id)?
-        .get_response(&id, &caller.customer_id, now_micros())
+        .get_response::<Item>(&id, &caller.customer_id, now_micros())
         .await?
         .ok_or_else(|| not_found(&id))?;
     let limit = match query.get("limit") {

@@ -25,8 +25,8 @@ use crate::auth::Caller;
 use crate::backend::{Backend, FinishReason, PassthroughEvent, PassthroughStream};
 use crate::error::ApiError;
 use crate::routes::{start_passthrough, Completion};
-use crate::store::now_micros;
 use crate::{AppState, ModelLabel, RequestId};
+use tollgate_metering::store::now_micros;
 
 /// What the client's response says of itself, whatever the upstream said.
 struct Identity {
@@ -107,7 +107,7 @@ pub(super) async fn create(
     raw: &Value,
     history: Vec<Item>,
     store: bool,
-    tags: crate::tags::Tags,
+    tags: tollgate_metering::tags::Tags,
 ) -> Result<Response, ApiError> {
     if body.background == Some(true) {
         return Err(ApiError::InvalidRequest {

@@ -3,8 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use tollgate_gateway::audit::Actor;
-use tollgate_gateway::store::{
+use tollgate_metering::audit::Actor;
+use tollgate_metering::store::{
     CustomerFields, GroupBy, NewKey, Store, StoreError, UsageFilter, UsageRecord,
 };
 
@@ -346,7 +346,7 @@ pub async fn exercise(store: &Store) {
 /// insert adds (once per threshold and month, replays included), and the key claims.
 pub async fn alerts_and_idempotency(store: &Store) {
     use tollgate_gateway::alerts::{self, SettingsChange};
-    use tollgate_gateway::idempotency::{Claim, ClaimArgs, Stored};
+    use tollgate_metering::idempotency::{Claim, ClaimArgs, Stored};
 
     let fields = CustomerFields {
         budget_nano_usd: Some(Some(1_000)),
@@ -367,7 +367,7 @@ pub async fn alerts_and_idempotency(store: &Store) {
             .unwrap();
     assert!(secret.unwrap().starts_with("whsec_"));
     assert_eq!(settings.thresholds, ["0.5", "0.9"]);
-    let now = tollgate_gateway::store::now_micros();
+    let now = tollgate_metering::store::now_micros();
     let r = |i: usize, cost| record(&format!("alert-{i}"), "alerted", "m", now + i as i64, cost);
     // 499 of 1000: nothing; 500: the half; replayed: nothing new; 950: the 0.9.
     store.insert_records(&[r(0, 499)]).await.unwrap();

@@ -5,6 +5,8 @@
 //! workers and other OpenAI-compatible servers. A backend validates what only it can know
 //! (token counts against the context) and reports real token usage.
 
+pub mod upstream;
+
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;

@@ -18,9 +18,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{Datelike, TimeZone, Utc};
+use chrono::Utc;
 
-use crate::shared_limits::{self, RateOutcome, RateTake};
+use crate::periods::month_bounds;
+use crate::shared_limits::{self, key_hold_id, key_scope, RateOutcome, RateTake};
 use crate::store::{Store, StoreResult};
 
 /// Runs database follow-ups of a settlement in the background (settlements happen in `Drop`).
@@ -116,28 +117,6 @@ impl Bucket {
     }
 }
 
-/// Start of the UTC month containing `micros`, and of the next one.
-pub fn month_bounds(micros: i64) -> (i64, i64) {
-    let now = Utc
-        .timestamp_micros(micros)
-        .single()
-        .unwrap_or_else(Utc::now);
-    let start = Utc
-        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
-        .single()
-        .unwrap_or(now);
-    let (y, m) = if now.month() == 12 {
-        (now.year() + 1, 1)
-    } else {
-        (now.year(), now.month() + 1)
-    };
-    let next = Utc
-        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
-        .single()
-        .unwrap_or(now);
-    (start.timestamp_micros(), next.timestamp_micros())
-}
-
 #[derive(Debug)]
 struct BudgetState {
     period_start: i64,
@@ -156,17 +135,6 @@ pub struct BudgetHold {
     shared: Option<String>,
     /// The same request's hold on its key's own budget (scope [`key_scope`]).
     key: Option<Box<BudgetHold>>,
-}
-
-/// The budget scope of a key's own monthly budget. Customer ids cannot hold `:`, so the
-/// scopes never meet.
-pub fn key_scope(key_id: &str) -> String {
-    format!("key:{key_id}")
-}
-
-/// The shared hold id of a request's key budget hold.
-pub fn key_hold_id(request_id: &str) -> String {
-    format!("{request_id}/key")
 }
 
 /// Token reservation to settle when the request ends.
@@ -856,26 +824,5 @@ mod tests {
             .await
             .unwrap()
             .is_ok());
-    }
-
-    #[test]
-    fn months_are_utc_calendar_months() {
-        let t = Utc
-            .with_ymd_and_hms(2026, 12, 31, 23, 59, 59)
-            .unwrap()
-            .timestamp_micros();
-        let (s, n) = month_bounds(t);
-        assert_eq!(
-            s,
-            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
-                .unwrap()
-                .timestamp_micros()
-        );
-        assert_eq!(
-            n,
-            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0)
-                .unwrap()
-                .timestamp_micros()
-        );
     }
 }

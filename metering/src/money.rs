@@ -7,7 +7,14 @@
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
 
-use crate::config::Price;
+/// USD per million tokens, exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Price {
+    pub input_per_mtok: Decimal,
+    pub output_per_mtok: Decimal,
+    /// Prompt tokens served from a prefix cache (`input_per_mtok` unless configured).
+    pub cached_input_per_mtok: Decimal,
+}
 
 /// Nano-USD per USD.
 const NANOS_PER_USD: i64 = 1_000_000_000;

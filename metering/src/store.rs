@@ -280,8 +280,7 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
-pub(crate) const RECORD_COLUMNS: &str =
-    "id, customer_id, key_id, model, endpoint, stream, status, \
+pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
     cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key";
@@ -331,7 +330,7 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
     })
 }
 
-pub(crate) fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
+pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
         id: row.try_get("id")?,
         customer_id: row.try_get("customer_id")?,
@@ -386,8 +385,8 @@ fn audited_key(k: &ApiKey) -> serde_json::Value {
         "models": k.models,
         "rpm": k.rpm,
         "tpm": k.tpm,
-        "expires_at": k.expires_at.map(crate::billing::rfc3339),
-        "revoked_at": k.revoked_at.map(crate::billing::rfc3339),
+        "expires_at": k.expires_at.map(crate::periods::rfc3339),
+        "revoked_at": k.revoked_at.map(crate::periods::rfc3339),
         "tags": k.tags,
         "budget_usd": k.budget_nano_usd.map(format_usd),
     })
@@ -465,9 +464,7 @@ impl Store {
     /// first cannot take the write lock once another connection has written meanwhile (the
     /// ledger's batch insert while an operator revokes a key): SQLite then fails at once with
     /// SQLITE_BUSY, which `busy_timeout` does not wait out.
-    pub(crate) async fn write_tx(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.kind {
             DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             DbKind::Postgres => self.pool.begin().await,
@@ -514,7 +511,7 @@ impl Store {
 
     /// Notes the outcome of a request-path call: an unreachable database is skipped for a
     /// moment; any answer means it is back.
-    pub(crate) fn observe<T>(&self, result: &Result<T, sqlx::Error>) {
+    pub fn observe<T>(&self, result: &Result<T, sqlx::Error>) {
         match result {
             Ok(_) => {
                 if self.down_until.load(Ordering::Relaxed) != 0 {
@@ -536,7 +533,7 @@ impl Store {
         self.kind
     }
 
-    pub(crate) fn pool(&self) -> &AnyPool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
@@ -964,7 +961,7 @@ impl Store {
                     let key_id: String = row.try_get("key_id")?;
                     added.push((row.try_get("customer_id")?, started_at, cost));
                     // The key's own spend, for key budgets.
-                    added.push((crate::limits::key_scope(&key_id), started_at, cost));
+                    added.push((crate::shared_limits::key_scope(&key_id), started_at, cost));
                     inserted += 1;
                 }
             } else {
@@ -975,7 +972,7 @@ impl Store {
             // Each record's holds: its customer's (the record id) and its key's.
             let key_holds: Vec<String> = records
                 .iter()
-                .map(|r| crate::limits::key_hold_id(&r.id))
+                .map(|r| crate::shared_limits::key_hold_id(&r.id))
                 .collect();
             let ids: Vec<&str> = records
                 .iter()

@@ -1,20 +1,12 @@
 //! Reading the ledger for billing: aggregates, invoices and record exports, shaped once here and
 //! shared by the admin API and the CLI (`tollgate usage ...`), so both print the same columns.
 
-use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Value};
 
-use crate::limits::month_bounds;
 use crate::money::format_usd;
+use crate::periods::{month_bounds, rfc3339};
 use crate::store::{GroupBy, Store, StoreError, StoreResult, UsageFilter, UsageRecord, UsageRow};
-
-/// Microseconds → RFC 3339 in UTC with microseconds (`2026-11-23T10:26:37.123456Z`).
-pub fn rfc3339(micros: i64) -> String {
-    Utc.timestamp_micros(micros)
-        .single()
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true))
-        .unwrap_or_else(|| micros.to_string())
-}
 
 /// RFC 3339 (or a bare `YYYY-MM-DD`, meaning its UTC midnight) → microseconds.
 pub fn parse_time(text: &str) -> Result<i64, String> {

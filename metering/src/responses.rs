@@ -2,16 +2,18 @@
 //! customer that made it and kept until it expires (expired rows are purged as new ones are
 //! written, and never returned).
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::request::Item;
 use crate::store::{Store, StoreError, StoreResult};
 
-/// A stored response: the conversation it answered and the response object.
+/// A stored response: the conversation it answered (items of the gateway's Responses API
+/// type `I`, kept as JSON) and the response object.
 #[derive(Debug, Clone)]
-pub struct StoredResponse {
-    pub input_items: Vec<Item>,
+pub struct StoredResponse<I> {
+    pub input_items: Vec<I>,
     pub response: Value,
 }
 
@@ -21,13 +23,13 @@ fn encode<T: serde::Serialize>(v: &T) -> StoreResult<String> {
 
 impl Store {
     /// Stores (or replaces) a response, and purges expired ones.
-    pub(crate) async fn put_response(
+    pub async fn put_response<I: Serialize>(
         &self,
         id: &str,
         customer_id: &str,
         created_at: i64,
         expires_at: i64,
-        input_items: &[Item],
+        input_items: &[I],
         response: &Value,
     ) -> StoreResult<()> {
         sqlx::query("DELETE FROM responses WHERE expires_at <= $1")
@@ -54,12 +56,12 @@ impl Store {
     }
 
     /// The customer's unexpired response `id`.
-    pub(crate) async fn get_response(
+    pub async fn get_response<I: DeserializeOwned>(
         &self,
         id: &str,
         customer_id: &str,
         now: i64,
-    ) -> StoreResult<Option<StoredResponse>> {
+    ) -> StoreResult<Option<StoredResponse<I>>> {
         let row = sqlx::query(
             "SELECT input_items, response FROM responses \
              WHERE id = $1 AND customer_id = $2 AND expires_at > $3",
@@ -81,7 +83,7 @@ impl Store {
     }
 
     /// Deletes the customer's response `id`; whether there was one.
-    pub(crate) async fn delete_response(&self, id: &str, customer_id: &str) -> StoreResult<bool> {
+    pub async fn delete_response(&self, id: &str, customer_id: &str) -> StoreResult<bool> {
         let done = sqlx::query("DELETE FROM responses WHERE id = $1 AND customer_id = $2")
             .bind(id)
             .bind(customer_id)

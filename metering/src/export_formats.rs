@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::billing::rfc3339;
 use crate::money::format_usd;
+use crate::periods::rfc3339;
 use crate::store::UsageRecord;
 
 /// CloudEvents `type` of a usage record.

@@ -20,6 +20,17 @@ use std::collections::BTreeMap;
 
 use sqlx::{AnyConnection, AnyPool, Row};
 
+/// The budget scope of a key's own monthly budget. Customer ids cannot hold `:`, so the
+/// scopes never meet.
+pub fn key_scope(key_id: &str) -> String {
+    format!("key:{key_id}")
+}
+
+/// The shared hold id of a request's key budget hold.
+pub fn key_hold_id(request_id: &str) -> String {
+    format!("{request_id}/key")
+}
+
 /// The database's time in Unix microseconds (start of the current transaction).
 const NOW_US: &str = "CAST(EXTRACT(EPOCH FROM now()) * 1000000 AS BIGINT)";
 /// Every limit is per minute.
@@ -333,7 +344,7 @@ pub(crate) async fn settle_in_ledger(
 ) -> Result<(), sqlx::Error> {
     let mut spend: BTreeMap<(&str, i64), i64> = BTreeMap::new();
     for (customer, started_at, cost) in inserted {
-        let (period_start, _) = crate::limits::month_bounds(*started_at);
+        let (period_start, _) = crate::periods::month_bounds(*started_at);
         *spend.entry((customer.as_str(), period_start)).or_default() += cost;
     }
     let deltas: Vec<_> = spend

@@ -2,14 +2,72 @@
 //! outbox written by the ledger's insert transaction and drained by the deliverer.
 
 use std::collections::BTreeSet;
+use std::str::FromStr;
 
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{crossed, payload, DEFAULT_THRESHOLDS};
 use crate::audit::{self, Action, Actor, Change};
-use crate::limits::month_bounds;
+use crate::periods::month_bounds;
 use crate::store::{now_micros, Store, StoreError, StoreResult, UsageRecord};
+
+/// Thresholds when a customer has not chosen any.
+pub const DEFAULT_THRESHOLDS: [&str; 3] = ["0.5", "0.8", "1.0"];
+
+/// The thresholds `spent` has reached of `budget` (both nano-USD): those `t` with
+/// `spent >= ceil(t × budget)`. Exact: no floating point.
+pub fn crossed(thresholds: &[String], budget: i64, spent: i64) -> Vec<&str> {
+    if budget <= 0 {
+        return Vec::new();
+    }
+    thresholds
+        .iter()
+        .filter(|t| {
+            Decimal::from_str(t)
+                .ok()
+                .and_then(|t| {
+                    (t * Decimal::from(budget))
+                        .ceil()
+                        .to_string()
+                        .parse::<i128>()
+                        .ok()
+                })
+                .is_some_and(|limit| i128::from(spent) >= limit)
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+/// The event an alert delivers.
+pub fn payload(
+    id: &str,
+    customer_id: &str,
+    period_start: i64,
+    threshold: &str,
+    budget: i64,
+    spent: i64,
+    created_at: i64,
+) -> Value {
+    let period = chrono::DateTime::from_timestamp_micros(period_start)
+        .map(|t| t.format("%Y-%m").to_string())
+        .unwrap_or_default();
+    json!({
+        "id": id,
+        "object": "event",
+        "type": "budget.threshold_crossed",
+        "created": created_at / 1_000_000,
+        "data": {
+            "customer_id": customer_id,
+            "period": period,
+            "period_start": crate::periods::rfc3339(period_start),
+            "threshold": threshold,
+            "budget_usd": crate::money::format_usd(budget),
+            "spent_usd": crate::money::format_usd(spent),
+        },
+    })
+}
 
 /// A customer's alert settings (the secret only when asked for).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,7 +321,7 @@ impl Store {
     }
 
     /// Pending alerts whose next attempt is due.
-    pub(crate) async fn due_alerts(&self, now: i64, limit: i64) -> StoreResult<Vec<Alert>> {
+    pub async fn due_alerts(&self, now: i64, limit: i64) -> StoreResult<Vec<Alert>> {
         sqlx::query(&format!(
             "SELECT {ALERT_COLUMNS} FROM budget_alerts a \
              LEFT JOIN alert_settings s ON s.customer_id = a.customer_id \
@@ -280,7 +338,7 @@ impl Store {
     }
 
     /// Takes `alert` for one attempt (until `lease`); false when another gateway took it.
-    pub(crate) async fn claim_alert(&self, alert: &Alert, lease: i64) -> StoreResult<bool> {
+    pub async fn claim_alert(&self, alert: &Alert, lease: i64) -> StoreResult<bool> {
         let done = sqlx::query(
             "UPDATE budget_alerts SET next_attempt_at = $3 \
              WHERE id = $1 AND status = 'pending' AND next_attempt_at = $2",
@@ -293,12 +351,7 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    pub(crate) async fn alert_delivered(
-        &self,
-        id: &str,
-        attempts: i64,
-        now: i64,
-    ) -> StoreResult<()> {
+    pub async fn alert_delivered(&self, id: &str, attempts: i64, now: i64) -> StoreResult<()> {
         sqlx::query(
             "UPDATE budget_alerts SET status = 'delivered', attempts = $2, delivered_at = $3, \
              last_error = NULL WHERE id = $1",
@@ -311,7 +364,7 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) async fn alert_failed(
+    pub async fn alert_failed(
         &self,
         id: &str,
         attempts: i64,
@@ -333,11 +386,32 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) async fn alert_without_webhook(&self, id: &str) -> StoreResult<()> {
+    pub async fn alert_without_webhook(&self, id: &str) -> StoreResult<()> {
         sqlx::query("UPDATE budget_alerts SET status = 'no_webhook' WHERE id = $1")
             .bind(id)
             .execute(self.pool())
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn crossing_is_exact_to_the_nano_dollar() {
+        let t = strings(&DEFAULT_THRESHOLDS);
+        // Budget 1001 nano-USD: half is 500.5, so 501 is needed.
+        assert!(crossed(&t, 1001, 500).is_empty());
+        assert_eq!(crossed(&t, 1001, 501), ["0.5"]);
+        assert_eq!(crossed(&t, 1001, 801), ["0.5", "0.8"]);
+        assert_eq!(crossed(&t, 1001, 1000), ["0.5", "0.8"]);
+        assert_eq!(crossed(&t, 1001, 1001), ["0.5", "0.8", "1.0"]);
+        assert!(crossed(&t, 0, 10).is_empty(), "no budget, no alert");
     }
 }

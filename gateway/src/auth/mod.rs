@@ -28,9 +28,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
-use crate::limits::{BucketStatus, Limits};
-use crate::store::{now_micros, ApiKey, Customer, Store, StoreError};
 use crate::AppState;
+use tollgate_metering::limits::{BucketStatus, Limits};
+use tollgate_metering::store::{now_micros, ApiKey, Customer, Store, StoreError};
 
 /// The customer static keys belong to.
 pub const DEFAULT_CUSTOMER: &str = "default";
@@ -78,7 +78,7 @@ pub struct Caller {
     /// When the key stops working (Unix micros), also while served from the last lookup.
     pub expires_at: Option<i64>,
     /// The key's default cost-allocation tags, merged into each of its records.
-    pub key_tags: Arc<crate::tags::Tags>,
+    pub key_tags: Arc<tollgate_metering::tags::Tags>,
     /// The key's own monthly budget in nano-USD; `None` = only the customer's applies.
     pub key_budget_nano_usd: Option<i64>,
     /// Set by the idempotency layer when the request carries an `Idempotency-Key` it runs.
@@ -439,7 +439,7 @@ pub async fn require_key(
         .into_response();
     };
     let t = std::time::Instant::now();
-    let span = crate::telemetry::span(|| tracing::info_span!("gateway.auth"));
+    let span = crate::server::telemetry::span(|| tracing::info_span!("gateway.auth"));
     let caller =
         tracing::Instrument::instrument(state.auth.resolve(state.store.as_ref(), key), span).await;
     state

@@ -562,7 +562,7 @@ async fn attempt(
     let mut req = client
         .post(format!("{}{path}", member.base))
         .json(body)
-        .headers(crate::telemetry::propagation_headers(call));
+        .headers(crate::server::telemetry::propagation_headers(call));
     if let Some(k) = api_key {
         req = req.bearer_auth(k);
     }
@@ -669,7 +669,7 @@ fn run(
             let slot = InFlight::new(member.clone());
             // One client span per attempt, open while its stream is read; its context goes
             // upstream as `traceparent`.
-            let call = crate::telemetry::span(|| {
+            let call = crate::server::telemetry::span(|| {
                 tracing::info_span!(
                     parent: &parent,
                     "upstream.call",

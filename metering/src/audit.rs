@@ -1,0 +1,330 @@
+//! The audit log: who changed what among customers and keys, when, and from where. Every
+//! mutating [`Store`](crate::store::Store) method takes the [`Actor`] making the change and
+//! writes its [`Change`] in the same transaction as the change itself, so a change without its
+//! audit row cannot exist. Entries hold field values (limits, budgets, names, tags), never a
+//! secret: key secrets are not even passed to the store, only their digests, and those are left
+//! out of entries too.
+//!
+//! Owns the actor and action types and the entry rows; `GET /admin/v1/audit` (in the gateway)
+//! and the console read the same pages. It does not own authentication (the gateway's admin
+//! API and console) or the mutations (store.rs).
+
+use serde_json::{json, Map, Value};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::periods::rfc3339;
+use crate::store::{now_micros, DbKind, Store, StoreResult};
+
+/// Advisory lock id serializing audit inserts on PostgreSQL, so `seq` values become visible in
+/// order and a cursor never skips an entry committed late (as for the ledger).
+const AUDIT_LOCK: i64 = 0x746f_6c6c_6175_6474;
+
+/// Through which door a change came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActorKind {
+    /// `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN` on the admin API.
+    AdminApi,
+    /// A signed-in console session.
+    Console,
+    /// The `tollgate customers|keys` commands on the database host.
+    Cli,
+    /// The gateway itself (the built-in `default` customer at start).
+    System,
+}
+
+impl ActorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AdminApi => "admin_api",
+            Self::Console => "console",
+            Self::Cli => "cli",
+            Self::System => "system",
+        }
+    }
+}
+
+/// Who makes a change: the door, a name that tells sessions or users apart (never a token),
+/// and the peer's address when it came over the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub kind: ActorKind,
+    pub name: String,
+    pub remote_addr: Option<String>,
+    /// The request that made the change (`x-request-id`), when there was one.
+    pub request_id: Option<String>,
+}
+
+impl Actor {
+    /// The admin API, called with admin token `token_id` (`bootstrap` for
+    /// `TOLLGATE_ADMIN_TOKEN`) from `remote_addr`.
+    pub fn admin_api(
+        token_id: &str,
+        remote_addr: Option<String>,
+        request_id: Option<String>,
+    ) -> Self {
+        Self {
+            kind: ActorKind::AdminApi,
+            name: format!("admin token {token_id}"),
+            remote_addr,
+            request_id,
+        }
+    }
+
+    /// A console session, named by its public id (not its cookie).
+    pub fn console(session: &str, remote_addr: Option<String>, request_id: Option<String>) -> Self {
+        Self {
+            kind: ActorKind::Console,
+            name: format!("console session {session}"),
+            remote_addr,
+            request_id,
+        }
+    }
+
+    /// The CLI, run by the OS user `user`.
+    pub fn cli(user: &str) -> Self {
+        Self {
+            kind: ActorKind::Cli,
+            name: format!("cli user {user}"),
+            remote_addr: None,
+            request_id: None,
+        }
+    }
+
+    /// The CLI, run by the current OS user (`$USER`, else `$LOGNAME`, else the uid).
+    pub fn cli_os_user() -> Self {
+        let user = ["USER", "LOGNAME"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+            .or_else(uid)
+            .unwrap_or_else(|| "unknown".into());
+        Self::cli(&user)
+    }
+
+    pub fn system() -> Self {
+        Self {
+            kind: ActorKind::System,
+            name: "tollgate".into(),
+            remote_addr: None,
+            request_id: None,
+        }
+    }
+}
+
+/// The real uid from `/proc/self/status` (Linux), when no user variable is set (cron, systemd).
+fn uid() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    let uid = line.split_whitespace().nth(1)?;
+    Some(format!("uid {uid}"))
+}
+
+/// What was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    CustomerCreated,
+    CustomerUpdated,
+    KeyCreated,
+    KeyUpdated,
+    KeyRevoked,
+    AlertSettingsUpdated,
+    AdminTokenCreated,
+    AdminTokenRevoked,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CustomerCreated => "customer.created",
+            Self::CustomerUpdated => "customer.updated",
+            Self::KeyCreated => "key.created",
+            Self::KeyUpdated => "key.updated",
+            Self::KeyRevoked => "key.revoked",
+            Self::AlertSettingsUpdated => "alert_settings.updated",
+            Self::AdminTokenCreated => "admin_token.created",
+            Self::AdminTokenRevoked => "admin_token.revoked",
+        }
+    }
+
+    fn target_type(self) -> &'static str {
+        match self {
+            Self::CustomerCreated | Self::CustomerUpdated | Self::AlertSettingsUpdated => {
+                "customer"
+            }
+            Self::KeyCreated | Self::KeyUpdated | Self::KeyRevoked => "key",
+            Self::AdminTokenCreated | Self::AdminTokenRevoked => "admin_token",
+        }
+    }
+}
+
+/// One change, as the store hands it to [`record`]: for a creation the fields set, for an
+/// update `{"field": {"from": old, "to": new}}` for each field that changed.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub action: Action,
+    pub target_id: String,
+    pub changes: Value,
+}
+
+/// `{"field": {"from", "to"}}` for the fields whose values differ between `before` and `after`
+/// (two JSON objects with the same keys). `None` when nothing changed.
+pub fn diff(before: &Value, after: &Value) -> Option<Value> {
+    let (Value::Object(before), Value::Object(after)) = (before, after) else {
+        return None;
+    };
+    let changed: Map<String, Value> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            let old = before.get(k).cloned().unwrap_or(Value::Null);
+            (k.clone(), json!({"from": old, "to": v}))
+        })
+        .collect();
+    (!changed.is_empty()).then_some(Value::Object(changed))
+}
+
+/// Writes `change` by `actor` inside `tx`, the transaction that makes the change.
+pub async fn record(
+    tx: &mut Transaction<'static, Any>,
+    kind: DbKind,
+    actor: &Actor,
+    change: &Change,
+) -> StoreResult<()> {
+    if kind == DbKind::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(AUDIT_LOCK)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO audit_log (id, at, actor_kind, actor, remote_addr, request_id, action, \
+         target_type, target_id, changes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(format!("audit_{}", uuid::Uuid::now_v7().simple()))
+    .bind(now_micros())
+    .bind(actor.kind.as_str())
+    .bind(&actor.name)
+    .bind(&actor.remote_addr)
+    .bind(&actor.request_id)
+    .bind(change.action.as_str())
+    .bind(change.action.target_type())
+    .bind(&change.target_id)
+    .bind(change.changes.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// One audit entry as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The cursor position (ledger-style sequence number).
+    pub seq: i64,
+    pub id: String,
+    pub at: i64,
+    pub actor_kind: String,
+    pub actor: String,
+    pub remote_addr: Option<String>,
+    pub request_id: Option<String>,
+    pub action: String,
+    pub target_type: String,
+    pub target_id: String,
+    pub changes: Value,
+}
+
+impl Entry {
+    fn from_row(row: &AnyRow) -> StoreResult<Self> {
+        let changes: String = row.try_get("changes")?;
+        Ok(Self {
+            seq: row.try_get("seq")?,
+            id: row.try_get("id")?,
+            at: row.try_get("at")?,
+            actor_kind: row.try_get("actor_kind")?,
+            actor: row.try_get("actor")?,
+            remote_addr: row.try_get("remote_addr")?,
+            request_id: row.try_get("request_id")?,
+            action: row.try_get("action")?,
+            target_type: row.try_get("target_type")?,
+            target_id: row.try_get("target_id")?,
+            changes: serde_json::from_str(&changes).unwrap_or(Value::String(changes)),
+        })
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "object": "audit_entry",
+            "id": self.id,
+            "time": rfc3339(self.at),
+            "actor": {"type": self.actor_kind, "name": self.actor},
+            "remote_addr": self.remote_addr,
+            "request_id": self.request_id,
+            "action": self.action,
+            "target": {"type": self.target_type, "id": self.target_id},
+            "changes": self.changes,
+        })
+    }
+}
+
+const ENTRY_COLUMNS: &str = "seq, id, at, actor_kind, actor, remote_addr, request_id, action, \
+    target_type, target_id, changes";
+
+impl Store {
+    /// Entries after `cursor` (a `seq`), oldest first, for export jobs.
+    pub async fn audit_after(&self, cursor: i64, limit: i64) -> StoreResult<Vec<Entry>> {
+        sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(Entry::from_row)
+        .collect()
+    }
+
+    /// Entries before `cursor` (a `seq`; `None`: the newest), newest first, for the console.
+    pub async fn audit_before(&self, cursor: Option<i64>, limit: i64) -> StoreResult<Vec<Entry>> {
+        sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq < $1 ORDER BY seq DESC LIMIT $2"
+        ))
+        .bind(cursor.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(Entry::from_row)
+        .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_names_only_the_fields_that_changed() {
+        let before = json!({"name": "Acme", "rpm": 60, "tpm": null});
+        let after = json!({"name": "Acme", "rpm": 120, "tpm": 1000});
+        assert_eq!(
+            diff(&before, &after).unwrap(),
+            json!({"rpm": {"from": 60, "to": 120}, "tpm": {"from": null, "to": 1000}})
+        );
+        assert_eq!(diff(&before, &before), None);
+    }
+
+    #[test]
+    fn actors_name_the_door_and_never_a_token() {
+        let a = Actor::admin_api("bootstrap", Some("127.0.0.1:5".into()), None);
+        assert_eq!(
+            (a.kind.as_str(), a.name.as_str()),
+            ("admin_api", "admin token bootstrap")
+        );
+        assert_eq!(Actor::cli("alice").name, "cli user alice");
+        assert_eq!(
+            Actor::console("sess_1", None, None).kind.as_str(),
+            "console"
+        );
+    }
+}

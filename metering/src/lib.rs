@@ -1,0 +1,24 @@
+//! Tollgate's metering: what a request cost and who may spend more. Usage records and the
+//! repositories for customers and keys ([`store`], SQLite or PostgreSQL through sqlx `Any`,
+//! with the migrations), exact money ([`money`]), billing months ([`periods`]), the spooled
+//! ledger that writes records ([`ledger`]), rate limits and budgets ([`limits`],
+//! [`shared_limits`]), and the reports the admin API and CLI print ([`billing`],
+//! [`export_formats`]).
+//!
+//! It depends on no HTTP crate, so billing cannot reach for a request or a status code: its
+//! errors ([`store::StoreError`], [`limits::Refusal`]) are mapped to responses by the gateway.
+
+pub mod alerts;
+pub mod audit;
+pub mod billing;
+pub mod console_queries;
+pub mod export_formats;
+pub mod idempotency;
+pub mod ledger;
+pub mod limits;
+pub mod money;
+pub mod periods;
+pub mod responses;
+pub mod shared_limits;
+pub mod store;
+pub mod tags;
