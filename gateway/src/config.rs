@@ -80,6 +80,7 @@ enum RawBackend {
         max_queue: Option<usize>,
         max_batch_tokens: Option<usize>,
         kv_cache_bytes: Option<usize>,
+        kv_cache_dtype: Option<KvCacheDtype>,
         /// A Jinja file that replaces the model's own chat template.
         chat_template: Option<PathBuf>,
     },
@@ -172,6 +173,14 @@ pub enum BackendConfig {
     Http(HttpBackendConfig),
 }
 
+/// What a local model's KV cache holds keys and values as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    F32,
+    F16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalBackendConfig {
     pub device: String,
@@ -179,6 +188,8 @@ pub struct LocalBackendConfig {
     pub max_queue: usize,
     pub max_batch_tokens: usize,
     pub kv_cache_bytes: usize,
+    /// The KV cache's element type; `None` = the device's default (f32 on the CPU).
+    pub kv_cache_dtype: Option<KvCacheDtype>,
     /// A chat template file used instead of the one the model ships (resolved against the
     /// config's directory), as vLLM's `--chat-template` and llama.cpp's
     /// `--chat-template-file`.
@@ -312,6 +323,7 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
             max_queue,
             max_batch_tokens,
             kv_cache_bytes,
+            kv_cache_dtype,
             chat_template,
         } => BackendConfig::Local(LocalBackendConfig {
             device: device.unwrap_or_else(|| "cpu".into()),
@@ -319,6 +331,7 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
             max_queue: max_queue.unwrap_or(64).max(1),
             max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
             kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
+            kv_cache_dtype,
             chat_template: chat_template.map(|p| base_dir.join(p)),
         }),
         RawBackend::Http {
@@ -458,6 +471,27 @@ mod tests {
             e.contains("price.cached_input_per_mtok `-1` is negative"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn kv_cache_dtype_is_typed_at_validation() {
+        let half = GOOD.replace(
+            "weights = \"q8_0\"",
+            "weights = \"q8_0\", kv_cache_dtype = \"f16\"",
+        );
+        let c = Config::from_toml_str(&half, Path::new(".")).unwrap();
+        let BackendConfig::Local(local) = &c.models["smollm2-135m"].backend else {
+            panic!("local backend expected");
+        };
+        assert_eq!(local.kv_cache_dtype, Some(KvCacheDtype::F16));
+        let bad = GOOD.replace(
+            "weights = \"q8_0\"",
+            "weights = \"q8_0\", kv_cache_dtype = \"int4\"",
+        );
+        let e = Config::from_toml_str(&bad, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("int4"), "{e}");
     }
 
     #[test]

@@ -136,6 +136,7 @@ fn measure(path: &Path, form: WeightForm) -> anyhow::Result<()> {
             device: "cpu".into(),
             weights: form,
             context_length: None,
+            kv_cache_f16: false,
         },
     )?;
     let seconds = started.elapsed().as_secs_f64();

@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             device: "cpu".into(),
             weights: WeightForm::Auto,
             context_length: Some(longest + DECODE_TOKENS + 8),
+            kv_cache_f16: false,
         },
     )?;
     let tokenizer = loaded.tokenizer.clone();

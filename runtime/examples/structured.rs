@@ -136,6 +136,7 @@ fn main() -> anyhow::Result<()> {
             device: "cpu".into(),
             weights: WeightForm::Auto,
             context_length: Some(2048),
+            kv_cache_f16: false,
         },
     )?;
     let vocab = loaded.model.config().vocab_size;

@@ -33,6 +33,7 @@ fn engine_with(config: EngineConfig) -> (Engine, Tokenizer) {
         device: "cpu".into(),
         weights: WeightForm::Auto,
         context_length: Some(2048),
+        kv_cache_f16: false,
     };
     let loaded = load("dev", &source, &options).unwrap();
     let tokenizer = loaded.tokenizer.clone();

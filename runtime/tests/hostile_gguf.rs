@@ -318,6 +318,7 @@ fn load_bytes(path: &Path, bytes: &[u8], what: &str) -> Result<(), String> {
         device: "cpu".into(),
         weights: WeightForm::Auto,
         context_length: None,
+        kv_cache_f16: false,
     };
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
@@ -472,6 +473,7 @@ fn a_model_loads_within_its_file_size() {
             device: "cpu".into(),
             weights,
             context_length: None,
+            kv_cache_f16: false,
         };
         let base = LIVE.load(Ordering::Relaxed);
         PEAK.store(base, Ordering::Relaxed);

@@ -72,6 +72,7 @@ fn load(id: &str, path: &Path) -> LoadedModel {
         device: "cpu".into(),
         weights: WeightForm::F32,
         context_length: None,
+        kv_cache_f16: false,
     };
     loader::load(id, &ModelSource::Path(path.to_path_buf()), &options).unwrap()
 }

@@ -105,6 +105,7 @@ fn engine(bytes: &[u8], tag: &str) -> (Engine, TempFile) {
             device: "cpu".into(),
             weights: WeightForm::Auto,
             context_length: None,
+            kv_cache_f16: false,
         },
     )
     .unwrap();

@@ -9,7 +9,7 @@ use anyhow::Context;
 use tollgate_gateway::backend::upstream::UpstreamPool;
 use tollgate_gateway::backend::{Backend, ModelInfo};
 use tollgate_gateway::config::{
-    BackendConfig, Config, LocalBackendConfig, ModelConfig, ModelSource,
+    BackendConfig, Config, KvCacheDtype, LocalBackendConfig, ModelConfig, ModelSource,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::engine::EngineConfig;
@@ -51,6 +51,7 @@ pub fn load_local(
         device: local.device.clone(),
         weights,
         context_length: model.context_length.map(|c| c as usize),
+        kv_cache_f16: local.kv_cache_dtype == Some(KvCacheDtype::F16),
     };
     let Some(source) = &model.source else {
         anyhow::bail!("model `{}`: a local backend needs a `source`", model.id);
