@@ -80,13 +80,8 @@ enum Command {
     Generate(tollgate::generate::GenerateArgs),
 }
 
-/// mimalloc rather than the system allocator: glibc's per-thread arenas kept memory freed
-/// after load bursts (a 20-minute soak saw the gateway's RSS step up 4 MB when a worker died
-/// and stay there), which mimalloc returns.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
     // candle's CPU thread pool spins at its barrier by default; on a small shared machine a
     // spinning pool collapses as soon as another process wants the cores (measured here), so park
     // instead unless the operator asked otherwise. Set before any thread exists.
@@ -208,4 +203,19 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown signal received; draining in-flight requests");
+}
+
+/// glibc gives each thread that allocates under contention an arena of its own and keeps
+/// what they free: a soak saw the gateway's RSS step up by several MB at each burst (a worker
+/// dying, a thousand fast refusals) and stay there. Two arenas (what container images often
+/// set with `MALLOC_ARENA_MAX=2`) keep that flat for a server of a few threads; the variable,
+/// when set, still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes an allocator setting; called first thing in main.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }
