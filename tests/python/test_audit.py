@@ -118,6 +118,45 @@ def test_admin_api_and_cli_changes_are_audited_without_secrets(server):
         assert secret not in json.dumps(everything)
 
 
+def test_webhook_and_admin_token_changes_are_audited_without_secrets(server):
+    http = httpx.Client(base_url=f"http://{server.addr}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    assert http.post("/admin/v1/customers", json={"id": "hook-co"}).status_code == 201
+    r = http.put("/admin/v1/customers/hook-co/alerts",
+                 json={"webhook_url": "http://127.0.0.1:9/hook", "thresholds": ["0.5", "0.9"]})
+    assert r.status_code == 200, r.text
+    webhook_secret = r.json()["webhook_secret"]
+    r = http.put("/admin/v1/customers/hook-co/alerts", json={"thresholds": ["0.8"]})
+    assert r.status_code == 200 and "webhook_secret" not in r.json(), r.text
+    r = http.post("/admin/v1/admin_tokens", json={"name": "billing-export", "scopes": ["usage:read"]})
+    assert r.status_code == 201, r.text
+    token = r.json()
+    assert http.delete(f"/admin/v1/admin_tokens/{token['id']}").status_code == 200
+
+    entries = http.get("/admin/v1/audit", params={"limit": 1000}).json()["data"]
+    mine = [e for e in entries if e["target"]["id"] in ("hook-co", token["id"])]
+    assert [(e["action"], e["target"]["type"]) for e in mine] == [
+        ("customer.created", "customer"),
+        ("alert_settings.updated", "customer"),
+        ("alert_settings.updated", "customer"),
+        ("admin_token.created", "admin_token"),
+        ("admin_token.revoked", "admin_token"),
+    ], mine
+    assert mine[1]["changes"] == {
+        "webhook_url": {"from": None, "to": "http://127.0.0.1:9/hook"},
+        "thresholds": {"from": ["0.5", "0.8", "1.0"], "to": ["0.5", "0.9"]},
+        "webhook_secret_issued": True,
+    }, mine[1]
+    assert mine[2]["changes"] == {"thresholds": {"from": ["0.5", "0.9"], "to": ["0.8"]}}, mine[2]
+    assert mine[3]["changes"] == {"name": "billing-export", "scopes": ["usage:read"]}, mine[3]
+    assert all(e["actor"]["name"] == "admin token bootstrap" for e in mine)
+    with sqlite3.connect(server.db) as conn:
+        table = json.dumps(conn.execute("SELECT * FROM audit_log").fetchall())
+    for secret in (webhook_secret, token["token"]):
+        assert secret not in table
+        assert secret not in "".join(server.log)
+        assert secret not in json.dumps(entries)
+
+
 def test_audit_requires_the_admin_token_and_checks_its_parameters(server):
     base = f"http://{server.addr}/admin/v1/audit"
     assert httpx.get(base).status_code == 401
