@@ -115,7 +115,9 @@ pub(super) fn run(
                     continue;
                 }
                 Some(e) => {
-                    yield Err(BackendError::Internal(e));
+                    // As for chat streams: a member that broke off mid-answer is a 502.
+                    member.healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+                    yield Err(BackendError::Broken(e));
                     return;
                 }
                 None => return,
