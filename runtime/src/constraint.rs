@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 
@@ -265,10 +265,19 @@ impl ConstraintCompiler {
             .create_parser(top)
             .map_err(|e| Error::Constraint {
                 message: format!("{e} - '{param}'"),
-                param,
+                param: param.clone(),
             })?;
+        let mut matcher = Matcher::new(Ok(parser));
+        // The first mask costs the most (the lexer starts cold and the grammar's fixed prefix
+        // is forced): computed here, on the request's thread, rather than in an engine step
+        // that the whole batch waits for.
+        let first = matcher.compute_mask().map_err(|e| Error::Constraint {
+            message: format!("{e} - '{param}'"),
+            param,
+        })?;
         Ok(Constraint {
-            matcher: Matcher::new(Ok(parser)),
+            matcher,
+            first: Some(first),
         })
     }
 }
@@ -277,6 +286,8 @@ impl ConstraintCompiler {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// The mask of the state the constraint was compiled in, until the first token.
+    first: Option<SimpleVob>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -291,10 +302,13 @@ impl Constraint {
     /// Sets the logits of every token the grammar does not allow next to −∞. When the grammar
     /// is complete only the end tokens remain.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed = self
-            .matcher
-            .compute_mask()
-            .map_err(|e| Error::Grammar(e.to_string()))?;
+        let allowed = match self.first.take() {
+            Some(first) => first,
+            None => self
+                .matcher
+                .compute_mask()
+                .map_err(|e| Error::Grammar(e.to_string()))?,
+        };
         // 32 tokens per word: whole words allowed or forbidden are the common case.
         let words = allowed.as_slice();
         for (k, chunk) in logits.chunks_mut(32).enumerate() {
@@ -302,10 +316,17 @@ impl Constraint {
             if word == u32::MAX {
                 continue;
             }
+            if word == 0 {
+                chunk.fill(f32::NEG_INFINITY);
+                continue;
+            }
             for (bit, l) in chunk.iter_mut().enumerate() {
-                if word & (1 << bit) == 0 {
-                    *l = f32::NEG_INFINITY;
-                }
+                // Branch-free, so that mixed words (the common case inside strings) vectorize.
+                *l = if word >> bit & 1 == 1 {
+                    *l
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
         }
         Ok(())
@@ -313,6 +334,7 @@ impl Constraint {
 
     /// Advances the grammar by the chosen token.
     pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.first = None;
         self.matcher
             .consume_token(token)
             .map_err(|e| Error::Grammar(e.to_string()))
@@ -320,6 +342,7 @@ impl Constraint {
 
     /// Advances the grammar by tokens already generated (a constraint that starts late).
     pub fn commit_all(&mut self, tokens: &[u32]) -> Result<()> {
+        self.first = None;
         self.matcher
             .consume_tokens(tokens)
             .map_err(|e| Error::Grammar(e.to_string()))
