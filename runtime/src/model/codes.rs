@@ -16,6 +16,12 @@
 //! sum a whole block in 16 bits (8 × 2 × 15 × 127 < 2^15) before widening. Tiles of up to
 //! [`ROW_TILE`] activation rows share every code load, and panels are split across threads.
 //!
+//! 4-bit codes take half a byte each, paired as GGML pairs them (the low nibbles hold a
+//! block's first 16 codes, the high nibbles its last 16), so loading copies the file's bytes
+//! 4 at a time into the panel layout and the kernel unpacks one load into two groups with a
+//! mask and a shift. Scales and Q4_1's offsets stay the f16 values the file stores, Q4_0's
+//! offset `-8d` is computed where it is used: a Q4 matrix is exactly as large as its tensor.
+//!
 //! With AVX-512 VNNI one 512-bit load holds a whole group of the panel (4 codes of each of the
 //! 16 features) and one `vpdpbusd` per row adds the four u8×i8 products of every feature
 //! straight into 32-bit lanes.
@@ -40,8 +46,12 @@ const PANEL: usize = 16;
 const GROUP: usize = 4;
 /// Groups per block.
 const GROUPS: usize = BLOCK / GROUP;
-/// Code bytes of one block of one panel.
+/// Code bytes of one block of one panel (7-bit codes).
 const PANEL_BLOCK: usize = PANEL * BLOCK;
+/// Code bytes of one block of one panel (4-bit codes, two per byte).
+const PACKED_BLOCK: usize = PANEL_BLOCK / 2;
+/// Code bytes of one group of one panel.
+const PANEL_GROUP: usize = PANEL * GROUP;
 /// Activation rows computed together against each code load.
 const ROW_TILE: usize = 4;
 /// Panels per parallel work item.
@@ -54,13 +64,20 @@ const MAX_CODE: u8 = 127;
 pub(crate) struct CodeMatrix {
     out: usize,
     inp: usize,
-    /// Every code is at most 15 (4 bits), so a block's pair sums fit 16 bits.
+    /// Every code is at most 15 (4 bits): codes are packed two per byte, scales and offsets
+    /// are f16, and a block's pair sums fit 16 bits.
     small: bool,
-    /// `panels × blocks × GROUPS × PANEL × GROUP` codes; features past `out` are zero.
+    /// `panels × blocks × GROUPS × PANEL × GROUP` codes; features past `out` are zero. When
+    /// `small`, groups `g` and `g + GROUPS / 2` share bytes (low and high nibble).
     codes: Vec<u8>,
-    /// `panels × blocks × PANEL` scales and offsets.
+    /// 7-bit codes: `panels × blocks × PANEL` scales and offsets (empty when `small`).
     d: Vec<f32>,
     m: Vec<f32>,
+    /// 4-bit codes: per panel and block, `PANEL` scales, then `PANEL` offsets if `offsets`
+    /// (empty otherwise).
+    dm16: Vec<f16>,
+    /// Whether `dm16` holds offsets; without them a block's offset is `-8d` (Q4_0).
+    offsets: bool,
 }
 
 /// Activations `(rows, in)` quantized per block: codes, scales `dx` and `dx · Σ codes`.
@@ -167,21 +184,60 @@ impl CodeMatrix {
         inp.is_multiple_of(BLOCK) && CpuKernels::selected().has_avx2()
     }
 
-    /// An empty matrix of `out × inp` (zero codes) to fill block by block.
-    fn zeroed(out: usize, inp: usize, small: bool) -> Self {
+    /// An empty matrix of `out × inp` (zero codes) to fill block by block: 7-bit codes, or
+    /// 4-bit ones (`small`) with or without stored offsets.
+    fn zeroed(out: usize, inp: usize, small: bool, offsets: bool) -> Self {
         let (nb, panels) = (inp / BLOCK, out.div_ceil(PANEL));
+        let (scales, half_scales) = if small {
+            (0, panels * nb * Self::half_scales_per_block(offsets))
+        } else {
+            (panels * nb * PANEL, 0)
+        };
         Self {
             out,
             inp,
             small,
-            codes: vec![0; panels * nb * PANEL_BLOCK],
-            d: vec![0.0; panels * nb * PANEL],
-            m: vec![0.0; panels * nb * PANEL],
+            codes: vec![0; panels * nb * Self::block_bytes(small)],
+            d: vec![0.0; scales],
+            m: vec![0.0; scales],
+            dm16: vec![f16::ZERO; half_scales],
+            offsets,
         }
     }
 
-    /// Stores feature `j`'s block `b`: codes, scale and offset.
+    /// f16 values per panel and block of 4-bit codes.
+    fn half_scales_per_block(offsets: bool) -> usize {
+        if offsets {
+            2 * PANEL
+        } else {
+            PANEL
+        }
+    }
+
+    /// Code bytes of one block of one panel.
+    fn block_bytes(small: bool) -> usize {
+        if small {
+            PACKED_BLOCK
+        } else {
+            PANEL_BLOCK
+        }
+    }
+
+    /// Where code `k` of feature `c` of one panel's block is: byte offset in the block, and
+    /// the shift of its nibble when `small`.
+    fn code_at(small: bool, c: usize, k: usize) -> (usize, u32) {
+        let (g, lane) = (k / GROUP, c * GROUP + k % GROUP);
+        if small {
+            let pairs = GROUPS / 2;
+            ((g % pairs) * PANEL_GROUP + lane, 4 * (g / pairs) as u32)
+        } else {
+            (g * PANEL_GROUP + lane, 0)
+        }
+    }
+
+    /// Stores feature `j`'s block `b` of 7-bit codes: codes, scale and offset.
     fn set_block(&mut self, j: usize, b: usize, codes: &[u8; BLOCK], d: f32, m: f32) {
+        debug_assert!(!self.small);
         let nb = self.inp / BLOCK;
         let (p, c) = (j / PANEL, j % PANEL);
         let at = (p * nb + b) * PANEL + c;
@@ -189,14 +245,40 @@ impl CodeMatrix {
         self.m[at] = m;
         let base = (p * nb + b) * PANEL_BLOCK;
         for (k, &q) in codes.iter().enumerate() {
-            self.codes[base + ((k / GROUP) * PANEL + c) * GROUP + k % GROUP] = q;
+            self.codes[base + Self::code_at(false, c, k).0] = q;
         }
+    }
+
+    /// Feature `j`'s block `b`: codes, scale and offset.
+    fn block(&self, j: usize, b: usize) -> ([u8; BLOCK], f32, f32) {
+        let nb = self.inp / BLOCK;
+        let (p, c) = (j / PANEL, j % PANEL);
+        let (d, m) = if self.small {
+            let at = (p * nb + b) * Self::half_scales_per_block(self.offsets) + c;
+            let d = self.dm16[at].to_f32();
+            let m = if self.offsets {
+                self.dm16[at + PANEL].to_f32()
+            } else {
+                -8.0 * d
+            };
+            (d, m)
+        } else {
+            let at = (p * nb + b) * PANEL + c;
+            (self.d[at], self.m[at])
+        };
+        let base = (p * nb + b) * Self::block_bytes(self.small);
+        let mut codes = [0u8; BLOCK];
+        for (k, q) in codes.iter_mut().enumerate() {
+            let (at, shift) = Self::code_at(self.small, c, k);
+            *q = (self.codes[base + at] >> shift) & if self.small { 0x0f } else { 0xff };
+        }
+        (codes, d, m)
     }
 
     /// Quantizes row-major f32 weights `(out, inp)` to 7-bit codes per block.
     pub(crate) fn quantize(w: &[f32], out: usize, inp: usize) -> Self {
         debug_assert_eq!(w.len(), out * inp);
-        let mut mat = Self::zeroed(out, inp, false);
+        let mut mat = Self::zeroed(out, inp, false, true);
         let mut codes = [0u8; BLOCK];
         for (j, row) in w.chunks_exact(inp).enumerate() {
             for (b, xb) in row.chunks_exact(BLOCK).enumerate() {
@@ -246,24 +328,25 @@ impl CodeMatrix {
                 out.saturating_mul(nb * block_bytes)
             )));
         }
-        let half = |at: usize| f16::from_le_bytes([data[at], data[at + 1]]).to_f32();
-        let mut mat = Self::zeroed(out, inp, true);
-        let mut codes = [0u8; BLOCK];
+        let mut mat = Self::zeroed(out, inp, true, has_min);
+        let per_block = Self::half_scales_per_block(has_min);
         for (i, block) in data.chunks_exact(block_bytes).enumerate() {
-            let at = i * block_bytes;
-            let d = half(at);
-            let (m, qs) = if has_min {
-                (half(at + 2), &block[4..])
+            let (j, b) = (i / nb, i % nb);
+            let (p, c) = (j / PANEL, j % PANEL);
+            let at = (p * nb + b) * per_block + c;
+            mat.dm16[at] = f16::from_le_bytes([block[0], block[1]]);
+            let qs = if has_min {
+                mat.dm16[at + PANEL] = f16::from_le_bytes([block[2], block[3]]);
+                &block[4..]
             } else {
-                (-8.0 * d, &block[2..])
+                &block[2..]
             };
-            // GGML packs element `k` in the low nibble of byte `k` and element `k + 16` in
-            // its high nibble.
-            for (k, &byte) in qs.iter().enumerate() {
-                codes[k] = byte & 0x0f;
-                codes[k + BLOCK / 2] = byte >> 4;
+            // GGML packs code `k` in the low nibble of byte `k` and code `k + 16` in its high
+            // nibble: bytes `4g..4g + 4` are lane `c` of group pair `g` as they stand.
+            let base = (p * nb + b) * PACKED_BLOCK + c * GROUP;
+            for (g, four) in qs.chunks_exact(GROUP).enumerate() {
+                mat.codes[base + g * PANEL_GROUP..][..GROUP].copy_from_slice(four);
             }
-            mat.set_block(i / nb, i % nb, &codes, d, m);
         }
         Ok(Some(mat))
     }
@@ -272,13 +355,9 @@ impl CodeMatrix {
     /// tied embedding's lookup. Exactly GGML's dequantization for Q4_0/Q4_1 codes.
     pub(crate) fn row_into(&self, j: usize, out: &mut [f32]) {
         let nb = self.inp / BLOCK;
-        let (p, c) = (j / PANEL, j % PANEL);
         for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate().take(nb) {
-            let at = (p * nb + b) * PANEL + c;
-            let (d, m) = (self.d[at], self.m[at]);
-            let base = (p * nb + b) * PANEL_BLOCK;
-            for (k, v) in dst.iter_mut().enumerate() {
-                let q = self.codes[base + ((k / GROUP) * PANEL + c) * GROUP + k % GROUP];
+            let (codes, d, m) = self.block(j, b);
+            for (v, &q) in dst.iter_mut().zip(&codes) {
                 *v = d * f32::from(q) + m;
             }
         }
@@ -304,10 +383,19 @@ impl CodeMatrix {
     /// Panel `p` against every activation row, into `dst (rows, PANEL)`.
     fn panel_rows(&self, kernels: CpuKernels, p: usize, xq: &Q8Rows, rows: usize, dst: &mut [f32]) {
         let (inp, nb) = (self.inp, self.inp / BLOCK);
+        let bytes = nb * Self::block_bytes(self.small);
+        let scales = if self.small { 0 } else { nb * PANEL };
+        let half_scales = if self.small {
+            nb * Self::half_scales_per_block(self.offsets)
+        } else {
+            0
+        };
         let panel = Panel {
-            codes: &self.codes[p * nb * PANEL_BLOCK..(p + 1) * nb * PANEL_BLOCK],
-            d: &self.d[p * nb * PANEL..(p + 1) * nb * PANEL],
-            m: &self.m[p * nb * PANEL..(p + 1) * nb * PANEL],
+            codes: &self.codes[p * bytes..(p + 1) * bytes],
+            d: &self.d[p * scales..(p + 1) * scales],
+            m: &self.m[p * scales..(p + 1) * scales],
+            dm16: &self.dm16[p * half_scales..(p + 1) * half_scales],
+            offsets: self.offsets,
             blocks: nb,
         };
         let mut r = 0;
@@ -330,10 +418,12 @@ impl CodeMatrix {
                 };
             }
             match (kernels, self.small) {
-                (CpuKernels::Avx512, _) => run!(tile_avx512, false),
+                (CpuKernels::Avx512, true) => run!(tile_avx512, true),
+                (CpuKernels::Avx512, false) => run!(tile_avx512, false),
                 (CpuKernels::Avx2, true) => run!(tile_avx2, true),
                 (CpuKernels::Avx2, false) => run!(tile_avx2, false),
-                (CpuKernels::Scalar, _) => run!(tile_portable, false),
+                (CpuKernels::Scalar, true) => run!(tile_portable, true),
+                (CpuKernels::Scalar, false) => run!(tile_portable, false),
             }
             r += tile;
         }
@@ -343,9 +433,58 @@ impl CodeMatrix {
 /// One panel of a [`CodeMatrix`].
 struct Panel<'a> {
     codes: &'a [u8],
+    /// 7-bit codes' scales and offsets, `blocks × PANEL` each.
     d: &'a [f32],
     m: &'a [f32],
+    /// 4-bit codes' scales and, if `offsets`, offsets: per block `PANEL` of each.
+    dm16: &'a [f16],
+    offsets: bool,
     blocks: usize,
+}
+
+impl Panel<'_> {
+    /// Block `b`'s scales and offsets as f32.
+    fn scales<const SMALL: bool>(&self, b: usize) -> ([f32; PANEL], [f32; PANEL]) {
+        let (mut d, mut m) = ([0f32; PANEL], [0f32; PANEL]);
+        if SMALL {
+            let stride = self.half_scales();
+            let dm = &self.dm16[b * stride..(b + 1) * stride];
+            for c in 0..PANEL {
+                d[c] = dm[c].to_f32();
+                m[c] = if self.offsets {
+                    dm[PANEL + c].to_f32()
+                } else {
+                    -8.0 * d[c]
+                };
+            }
+        } else {
+            d.copy_from_slice(&self.d[b * PANEL..(b + 1) * PANEL]);
+            m.copy_from_slice(&self.m[b * PANEL..(b + 1) * PANEL]);
+        }
+        (d, m)
+    }
+
+    /// f16 values per block of 4-bit codes.
+    fn half_scales(&self) -> usize {
+        CodeMatrix::half_scales_per_block(self.offsets)
+    }
+
+    /// Group `g` of block `b`: `PANEL × GROUP` codes.
+    fn group<const SMALL: bool>(&self, b: usize, g: usize) -> [u8; PANEL_GROUP] {
+        let mut codes = [0u8; PANEL_GROUP];
+        if SMALL {
+            let pairs = GROUPS / 2;
+            let at = b * PACKED_BLOCK + (g % pairs) * PANEL_GROUP;
+            let shift = 4 * (g / pairs);
+            for (q, &byte) in codes.iter_mut().zip(&self.codes[at..at + PANEL_GROUP]) {
+                *q = (byte >> shift) & 0x0f;
+            }
+        } else {
+            let at = b * PANEL_BLOCK + g * PANEL_GROUP;
+            codes.copy_from_slice(&self.codes[at..at + PANEL_GROUP]);
+        }
+        codes
+    }
 }
 
 /// Up to [`ROW_TILE`] quantized activation rows.
@@ -362,14 +501,13 @@ fn tile_portable<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, 
     let (nb, inp) = (panel.blocks, panel.blocks * BLOCK);
     let mut acc = [[0f32; PANEL]; TILE];
     for b in 0..nb {
-        let codes = &panel.codes[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
-        let d = &panel.d[b * PANEL..(b + 1) * PANEL];
-        let m = &panel.m[b * PANEL..(b + 1) * PANEL];
+        let (d, m) = panel.scales::<SMALL>(b);
+        let groups: [[u8; PANEL_GROUP]; GROUPS] =
+            std::array::from_fn(|g| panel.group::<SMALL>(b, g));
         for (t, acc) in acc.iter_mut().enumerate() {
             let xb = &x.qs[t * inp + b * BLOCK..][..BLOCK];
             let mut dot = [0i32; PANEL];
-            for (g, xg) in xb.chunks_exact(GROUP).enumerate() {
-                let cg = &codes[g * PANEL * GROUP..(g + 1) * PANEL * GROUP];
+            for (xg, cg) in xb.chunks_exact(GROUP).zip(&groups) {
                 for (s, cc) in dot.iter_mut().zip(cg.chunks_exact(GROUP)) {
                     for (&xv, &cv) in xg.iter().zip(cc) {
                         *s += i32::from(xv) * i32::from(cv);
@@ -377,7 +515,7 @@ fn tile_portable<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, 
                 }
             }
             let (dx, sx) = (x.d[t * nb + b], x.sums[t * nb + b]);
-            for (((a, &s), &d), &m) in acc.iter_mut().zip(&dot).zip(d).zip(m) {
+            for (((a, &s), &d), &m) in acc.iter_mut().zip(&dot).zip(&d).zip(&m) {
                 *a = (s as f32).mul_add(d * dx, *a);
                 *a = m.mul_add(sx, *a);
             }
@@ -389,17 +527,22 @@ fn tile_portable<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, 
 }
 
 /// Asserts the slice lengths a SIMD tile kernel reads.
-fn check_tile<const TILE: usize>(panel: &Panel, x: &Tile, out: &[f32]) {
+fn check_tile<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &[f32]) {
     let nb = panel.blocks;
     assert!(x.qs.len() >= TILE * nb * BLOCK && x.d.len() >= TILE * nb);
     assert!(x.sums.len() >= TILE * nb && out.len() >= TILE * PANEL);
-    assert!(panel.codes.len() >= nb * PANEL_BLOCK);
-    assert!(panel.d.len() >= nb * PANEL && panel.m.len() >= nb * PANEL);
+    if SMALL {
+        assert!(panel.codes.len() >= nb * PACKED_BLOCK);
+        assert!(panel.dm16.len() >= nb * panel.half_scales());
+    } else {
+        assert!(panel.codes.len() >= nb * PANEL_BLOCK);
+        assert!(panel.d.len() >= nb * PANEL && panel.m.len() >= nb * PANEL);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 fn tile_avx2<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
-    check_tile::<TILE>(panel, x, out);
+    check_tile::<TILE, SMALL>(panel, x, out);
     // SAFETY: `matmul_many_on` asserted that the CPU has the AVX2 path; the slice lengths the
     // kernel reads are checked above.
     unsafe { x86::tile_avx2::<TILE, SMALL>(panel, x, out) }
@@ -407,10 +550,10 @@ fn tile_avx2<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out:
 
 #[cfg(target_arch = "x86_64")]
 fn tile_avx512<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, out: &mut [f32]) {
-    check_tile::<TILE>(panel, x, out);
+    check_tile::<TILE, SMALL>(panel, x, out);
     // SAFETY: `matmul_many_on` asserted that the CPU has the AVX-512 path; the slice lengths the
     // kernel reads are checked above.
-    unsafe { x86::tile_avx512::<TILE>(panel, x, out) }
+    unsafe { x86::tile_avx512::<TILE, SMALL>(panel, x, out) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -427,17 +570,18 @@ fn tile_avx512<const TILE: usize, const SMALL: bool>(panel: &Panel, x: &Tile, ou
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Panel, Tile, BLOCK, GROUP, GROUPS, PANEL, PANEL_BLOCK};
+    use super::{Panel, Tile, BLOCK, GROUP, GROUPS, PACKED_BLOCK, PANEL, PANEL_BLOCK, PANEL_GROUP};
 
     /// [`super::tile_portable`] with AVX2, one half-panel of 8 features at a time: per block
     /// and group, one 32-byte code load serves all `TILE` rows, each adding
     /// `vpmaddubsw(codes, broadcast 4 activation bytes)`, widened to 32 bits per group
-    /// (or, for 4-bit codes, once per block).
+    /// (or, for 4-bit codes, once per block). 4-bit codes come two groups per load: the low
+    /// nibbles, then the high ones.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; the panel holds `blocks` blocks and the tile `TILE` rows of
-    /// `blocks * BLOCK` values; `out` is `TILE * PANEL` long.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU has AVX2, FMA and F16C; the panel holds `blocks` blocks and the tile `TILE`
+    /// rows of `blocks * BLOCK` values; `out` is `TILE * PANEL` long.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_avx2<const TILE: usize, const SMALL: bool>(
         panel: &Panel,
         x: &Tile,
@@ -445,33 +589,66 @@ mod x86 {
     ) {
         let (nb, inp) = (panel.blocks, panel.blocks * BLOCK);
         let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0f);
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); TILE];
             for b in 0..nb {
                 // SAFETY (all loads and stores below): in bounds by the function's contract;
                 // unaligned.
-                let codes = unsafe { panel.codes.as_ptr().add(b * PANEL_BLOCK + half * 32) };
                 let mut dot = [_mm256_setzero_si256(); TILE];
-                for g in 0..GROUPS {
-                    let cv = unsafe { _mm256_loadu_si256(codes.add(g * 64).cast()) };
-                    for (t, dot) in dot.iter_mut().enumerate() {
-                        let xg = unsafe {
-                            std::ptr::read_unaligned(
-                                x.qs.as_ptr()
-                                    .add(t * inp + b * BLOCK + g * GROUP)
-                                    .cast::<i32>(),
-                            )
-                        };
-                        let pairs = _mm256_maddubs_epi16(cv, _mm256_set1_epi32(xg));
-                        *dot = if SMALL {
-                            _mm256_add_epi16(*dot, pairs)
-                        } else {
-                            _mm256_add_epi32(*dot, _mm256_madd_epi16(pairs, ones))
-                        };
-                    }
+                macro_rules! group {
+                    ($g:expr, $codes:expr) => {{
+                        let cv = $codes;
+                        for (t, dot) in dot.iter_mut().enumerate() {
+                            let xg = unsafe {
+                                std::ptr::read_unaligned(
+                                    x.qs.as_ptr()
+                                        .add(t * inp + b * BLOCK + $g * GROUP)
+                                        .cast::<i32>(),
+                                )
+                            };
+                            let pairs = _mm256_maddubs_epi16(cv, _mm256_set1_epi32(xg));
+                            *dot = if SMALL {
+                                _mm256_add_epi16(*dot, pairs)
+                            } else {
+                                _mm256_add_epi32(*dot, _mm256_madd_epi16(pairs, ones))
+                            };
+                        }
+                    }};
                 }
-                let d = unsafe { _mm256_loadu_ps(panel.d.as_ptr().add(b * PANEL + half * 8)) };
-                let m = unsafe { _mm256_loadu_ps(panel.m.as_ptr().add(b * PANEL + half * 8)) };
+                let (d, m) = if SMALL {
+                    let codes = unsafe { panel.codes.as_ptr().add(b * PACKED_BLOCK + half * 32) };
+                    for pair in 0..GROUPS / 2 {
+                        let pv =
+                            unsafe { _mm256_loadu_si256(codes.add(pair * PANEL_GROUP).cast()) };
+                        group!(pair, _mm256_and_si256(pv, low));
+                        group!(
+                            pair + GROUPS / 2,
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(pv), low)
+                        );
+                    }
+                    let dm = unsafe { panel.dm16.as_ptr().add(b * panel.half_scales() + half * 8) };
+                    let d = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(dm.cast())) };
+                    let m = if panel.offsets {
+                        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(dm.add(PANEL).cast())) }
+                    } else {
+                        _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                    };
+                    (d, m)
+                } else {
+                    let codes = unsafe { panel.codes.as_ptr().add(b * PANEL_BLOCK + half * 32) };
+                    for g in 0..GROUPS {
+                        group!(g, unsafe {
+                            _mm256_loadu_si256(codes.add(g * PANEL_GROUP).cast())
+                        });
+                    }
+                    unsafe {
+                        (
+                            _mm256_loadu_ps(panel.d.as_ptr().add(b * PANEL + half * 8)),
+                            _mm256_loadu_ps(panel.m.as_ptr().add(b * PANEL + half * 8)),
+                        )
+                    }
+                };
                 for (t, (acc, &dot)) in acc.iter_mut().zip(&dot).enumerate() {
                     let dot = if SMALL {
                         _mm256_madd_epi16(dot, ones)
@@ -496,36 +673,73 @@ mod x86 {
     }
 
     /// [`super::tile_portable`] with AVX-512 VNNI: per block and group, one 64-byte load holds
-    /// 4 codes of each of the panel's 16 features, and one `vpdpbusd` per row adds the four
-    /// u8 code × i8 activation products of every feature into its 32-bit lane.
+    /// 4 codes of each of the panel's 16 features (4-bit codes: two groups, low and high
+    /// nibbles), and one `vpdpbusd` per row adds the four u8 code × i8 activation products of
+    /// every feature into its 32-bit lane.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F, BW, VL and VNNI, AVX2 and FMA; the slice contract of
+    /// The CPU has AVX-512 F, BW, VL and VNNI, AVX2, FMA and F16C; the slice contract of
     /// [`tile_avx2`].
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn tile_avx512<const TILE: usize>(panel: &Panel, x: &Tile, out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile_avx512<const TILE: usize, const SMALL: bool>(
+        panel: &Panel,
+        x: &Tile,
+        out: &mut [f32],
+    ) {
         let (nb, inp) = (panel.blocks, panel.blocks * BLOCK);
+        let low = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); TILE];
         for b in 0..nb {
             // SAFETY (all loads and stores below): in bounds by the function's contract;
             // unaligned.
-            let codes = unsafe { panel.codes.as_ptr().add(b * PANEL_BLOCK) };
             let mut dot = [_mm512_setzero_si512(); TILE];
-            for g in 0..GROUPS {
-                let cv = unsafe { _mm512_loadu_si512(codes.add(g * PANEL * GROUP).cast()) };
-                for (t, dot) in dot.iter_mut().enumerate() {
-                    let xg = unsafe {
-                        std::ptr::read_unaligned(
-                            x.qs.as_ptr()
-                                .add(t * inp + b * BLOCK + g * GROUP)
-                                .cast::<i32>(),
-                        )
-                    };
-                    *dot = _mm512_dpbusd_epi32(*dot, cv, _mm512_set1_epi32(xg));
-                }
+            macro_rules! group {
+                ($g:expr, $codes:expr) => {{
+                    let cv = $codes;
+                    for (t, dot) in dot.iter_mut().enumerate() {
+                        let xg = unsafe {
+                            std::ptr::read_unaligned(
+                                x.qs.as_ptr()
+                                    .add(t * inp + b * BLOCK + $g * GROUP)
+                                    .cast::<i32>(),
+                            )
+                        };
+                        *dot = _mm512_dpbusd_epi32(*dot, cv, _mm512_set1_epi32(xg));
+                    }
+                }};
             }
-            let d = unsafe { _mm512_loadu_ps(panel.d.as_ptr().add(b * PANEL)) };
-            let m = unsafe { _mm512_loadu_ps(panel.m.as_ptr().add(b * PANEL)) };
+            let (d, m) = if SMALL {
+                let codes = unsafe { panel.codes.as_ptr().add(b * PACKED_BLOCK) };
+                for pair in 0..GROUPS / 2 {
+                    let pv = unsafe { _mm512_loadu_si512(codes.add(pair * PANEL_GROUP).cast()) };
+                    group!(pair, _mm512_and_si512(pv, low));
+                    group!(
+                        pair + GROUPS / 2,
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(pv), low)
+                    );
+                }
+                let dm = unsafe { panel.dm16.as_ptr().add(b * panel.half_scales()) };
+                let d = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(dm.cast())) };
+                let m = if panel.offsets {
+                    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(dm.add(PANEL).cast())) }
+                } else {
+                    _mm512_mul_ps(d, _mm512_set1_ps(-8.0))
+                };
+                (d, m)
+            } else {
+                let codes = unsafe { panel.codes.as_ptr().add(b * PANEL_BLOCK) };
+                for g in 0..GROUPS {
+                    group!(g, unsafe {
+                        _mm512_loadu_si512(codes.add(g * PANEL_GROUP).cast())
+                    });
+                }
+                unsafe {
+                    (
+                        _mm512_loadu_ps(panel.d.as_ptr().add(b * PANEL)),
+                        _mm512_loadu_ps(panel.m.as_ptr().add(b * PANEL)),
+                    )
+                }
+            };
             for (t, (acc, &dot)) in acc.iter_mut().zip(&dot).enumerate() {
                 let (dx, sx) = unsafe {
                     (
@@ -644,20 +858,25 @@ mod tests {
             // Reconstruct each weight from the packed codes and compare with candle.
             let nb = inp / BLOCK;
             for j in 0..out {
-                for k in 0..inp {
-                    let (p, c, b) = (j / PANEL, j % PANEL, k / BLOCK);
-                    let at = (p * nb + b) * PANEL + c;
-                    let code = m.codes[(p * nb + b) * PANEL_BLOCK
-                        + ((k % BLOCK / GROUP) * PANEL + c) * GROUP
-                        + k % GROUP];
-                    let got = f32::from(code) * m.d[at] + m.m[at];
-                    let want = deq[j * inp + k];
-                    assert!(
-                        (got - want).abs() < 1e-6,
-                        "{dtype:?} w[{j}][{k}] {got} vs {want}"
-                    );
+                for b in 0..nb {
+                    let (codes, d, offset) = m.block(j, b);
+                    for (k, &code) in codes.iter().enumerate() {
+                        let got = f32::from(code) * d + offset;
+                        let want = deq[j * inp + b * BLOCK + k];
+                        assert!(
+                            (got - want).abs() < 1e-6,
+                            "{dtype:?} w[{j}][{}] {got} vs {want}",
+                            b * BLOCK + k
+                        );
+                    }
                 }
             }
+            // Half a byte per weight and f16 scales (and Q4_1's offsets), as the file stores
+            // them.
+            let padded = out.div_ceil(PANEL) * PANEL;
+            assert_eq!(m.codes.len(), padded * inp / 2);
+            let halves = if dtype == GgmlDType::Q4_1 { 2 } else { 1 };
+            assert_eq!(m.dm16.len(), padded * (inp / BLOCK) * halves);
             // Only the activations are quantized (measured 0.014).
             check(&m, &deq, 0.02);
             // A tied embedding's rows are exactly GGML's dequantization.

@@ -14,6 +14,7 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::embed::{packs, Embedding};
@@ -48,29 +49,40 @@ impl std::ops::Deref for TensorBytes {
     }
 }
 
-/// Where the bytes of a GGUF file's tensors come from.
-trait TensorSource {
-    fn bytes(&mut self, range: Range<u64>) -> Result<TensorBytes>;
-    fn size(&mut self) -> Result<u64>;
+/// Where the bytes of a GGUF file's tensors come from; shared by the threads that convert
+/// the blocks.
+trait TensorSource: Sync {
+    fn bytes(&self, range: Range<u64>) -> Result<TensorBytes>;
+    fn size(&self) -> Result<u64>;
 }
 
-/// Any reader: each tensor read into memory.
-struct ReadSource<'a, R>(&'a mut R);
+/// Any reader: each tensor read into memory, one read at a time.
+struct ReadSource<'a, R>(std::sync::Mutex<&'a mut R>);
 
-impl<R: Read + Seek> TensorSource for ReadSource<'_, R> {
-    fn bytes(&mut self, range: Range<u64>) -> Result<TensorBytes> {
+impl<'a, R: Read + Seek> ReadSource<'a, R> {
+    fn reader(&self) -> std::sync::MutexGuard<'_, &'a mut R> {
+        // A panic while reading leaves only a seek position behind: every read seeks first.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<R: Read + Seek + Send> TensorSource for ReadSource<'_, R> {
+    fn bytes(&self, range: Range<u64>) -> Result<TensorBytes> {
         let len = usize::try_from(range.end - range.start)
             .map_err(|_| Error::Weights("a tensor is larger than memory".into()))?;
         let mut buf = vec![0u8; len];
-        self.0
+        let mut reader = self.reader();
+        reader
             .seek(SeekFrom::Start(range.start))
-            .and_then(|_| self.0.read_exact(&mut buf))
+            .and_then(|_| reader.read_exact(&mut buf))
             .map_err(|e| Error::Weights(format!("reading tensor bytes {range:?}: {e}")))?;
         Ok(TensorBytes::Owned(buf))
     }
 
-    fn size(&mut self) -> Result<u64> {
-        self.0
+    fn size(&self) -> Result<u64> {
+        self.reader()
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::Weights(format!("cannot size the GGUF file: {e}")))
     }
@@ -80,7 +92,7 @@ impl<R: Read + Seek> TensorSource for ReadSource<'_, R> {
 struct MapSource<'a>(&'a std::fs::File);
 
 impl TensorSource for MapSource<'_> {
-    fn bytes(&mut self, range: Range<u64>) -> Result<TensorBytes> {
+    fn bytes(&self, range: Range<u64>) -> Result<TensorBytes> {
         let len = usize::try_from(range.end - range.start)
             .map_err(|_| Error::Weights("a tensor is larger than memory".into()))?;
         if len == 0 {
@@ -100,7 +112,7 @@ impl TensorSource for MapSource<'_> {
         Ok(TensorBytes::Mapped(map))
     }
 
-    fn size(&mut self) -> Result<u64> {
+    fn size(&self) -> Result<u64> {
         Ok(self
             .0
             .metadata()
@@ -126,7 +138,7 @@ impl<S: TensorSource> GgufTensors<'_, S> {
     }
 
     /// The dtype and bytes of `name`, which must have dimensions `dims` (outermost first).
-    fn bytes(&mut self, name: &str, dims: &[usize]) -> Result<(GgmlDType, TensorBytes)> {
+    fn bytes(&self, name: &str, dims: &[usize]) -> Result<(GgmlDType, TensorBytes)> {
         let info = self.info(name)?;
         if info.shape.dims() != dims {
             return Err(Error::Weights(format!(
@@ -141,7 +153,7 @@ impl<S: TensorSource> GgufTensors<'_, S> {
     }
 
     /// An f32 vector (norm weights, RoPE divisors).
-    fn vector(&mut self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
+    fn vector(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
         let (dtype, bytes) = self.bytes(name, &[len])?;
         Ok(qtensor_from_bytes(dtype, &[len], &bytes, &Device::Cpu)?
             .dequantize(&Device::Cpu)?
@@ -150,7 +162,7 @@ impl<S: TensorSource> GgufTensors<'_, S> {
 
     /// A projection `(out, inp)` in the chosen form.
     fn linear(
-        &mut self,
+        &self,
         name: &str,
         shape: (usize, usize),
         form: WeightForm,
@@ -165,14 +177,15 @@ impl<S: TensorSource> GgufTensors<'_, S> {
 impl LlamaModel {
     /// Loads a GGUF model (`general.architecture = "llama"`), reading each tensor from
     /// `reader`.
-    pub fn from_gguf<R: Read + Seek>(
+    pub fn from_gguf<R: Read + Seek + Send>(
         content: &Content,
         reader: &mut R,
         device: &Device,
         form: WeightForm,
         context_override: Option<usize>,
     ) -> Result<Self> {
-        Self::from_gguf_source(content, ReadSource(reader), device, form, context_override)
+        let source = ReadSource(std::sync::Mutex::new(reader));
+        Self::from_gguf_source(content, source, device, form, context_override)
     }
 
     /// Loads a GGUF model from its file, mapping each tensor's bytes only while it is
@@ -190,7 +203,7 @@ impl LlamaModel {
 
     fn from_gguf_source<S: TensorSource>(
         content: &Content,
-        mut source: S,
+        source: S,
         device: &Device,
         form: WeightForm,
         context_override: Option<usize>,
@@ -243,7 +256,7 @@ impl LlamaModel {
         let model_context = num("llama.context_length")?;
         let rope_theta = float("llama.rope.freq_base").unwrap_or(10_000.0);
         let file_size = source.size()?;
-        let mut tensors = GgufTensors {
+        let tensors = GgufTensors {
             content,
             source,
             file_size,
@@ -272,7 +285,7 @@ impl LlamaModel {
                 content.tensor_infos.len()
             )));
         }
-        let rope_scaling = gguf_rope_scaling(content, &mut tensors, head_dim)?;
+        let rope_scaling = gguf_rope_scaling(content, &tensors, head_dim)?;
         let config = LlamaConfig {
             rope_scaling,
             ..config
@@ -280,14 +293,15 @@ impl LlamaModel {
         let (vocab, hidden, ffn) = (config.vocab_size, config.hidden_size, config.ffn_size);
         let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
         let resolved = resolve_form(form, device);
-        // The largest tensors first, while little else is resident.
         let tied = !content.tensor_infos.contains_key("output.weight");
-        let (lm_head, embed) = if tied {
-            // Tied embeddings: the embedding matrix is the output projection, and its rows
-            // are looked up there.
-            let head = tensors.linear("token_embd.weight", (vocab, hidden), resolved, device)?;
-            (head, Embedding::Tied)
-        } else {
+        let head_and_embedding = || -> Result<(Linear, Embedding)> {
+            if tied {
+                // Tied embeddings: the embedding matrix is the output projection, and its
+                // rows are looked up there.
+                let head =
+                    tensors.linear("token_embd.weight", (vocab, hidden), resolved, device)?;
+                return Ok((head, Embedding::Tied));
+            }
             let head = tensors.linear("output.weight", (vocab, hidden), resolved, device)?;
             let (dtype, bytes) = tensors.bytes("token_embd.weight", &[vocab, hidden])?;
             let embed = if device.is_cpu() && packs(dtype) {
@@ -302,33 +316,34 @@ impl LlamaModel {
                         .dequantize(device)?,
                 )
             };
-            (head, embed)
+            Ok((head, embed))
         };
+        // The largest tensor first, alone (converting it beside the blocks kept both its
+        // mapping and theirs resident: a higher peak, for no faster load).
+        let (lm_head, embed) = head_and_embedding()?;
         let norm = tensors.vector("output_norm.weight", hidden, device)?;
-        let mut blocks = Vec::with_capacity(config.n_layers);
-        for i in 0..config.n_layers {
-            let mut linear = |name: &str, shape: (usize, usize)| -> Result<Linear> {
+        // The blocks are converted on every core (a 1B model loads about twice as fast on
+        // two); each tensor is mapped only while it is converted.
+        let block = |i: usize| -> Result<Block> {
+            let linear = |name: &str, shape: (usize, usize)| -> Result<Linear> {
                 tensors.linear(&format!("blk.{i}.{name}.weight"), shape, resolved, device)
             };
-            let wq = linear("attn_q", (q_dim, hidden))?;
-            let wk = linear("attn_k", (kv_dim, hidden))?;
-            let wv = linear("attn_v", (kv_dim, hidden))?;
-            let wo = linear("attn_output", (hidden, q_dim))?;
-            let w_gate = linear("ffn_gate", (ffn, hidden))?;
-            let w_up = linear("ffn_up", (ffn, hidden))?;
-            let w_down = linear("ffn_down", (hidden, ffn))?;
-            blocks.push(Block {
+            Ok(Block {
                 attn_norm: tensors.vector(&format!("blk.{i}.attn_norm.weight"), hidden, device)?,
                 ffn_norm: tensors.vector(&format!("blk.{i}.ffn_norm.weight"), hidden, device)?,
-                wq,
-                wk,
-                wv,
-                wo,
-                w_gate,
-                w_up,
-                w_down,
-            });
-        }
+                wq: linear("attn_q", (q_dim, hidden))?,
+                wk: linear("attn_k", (kv_dim, hidden))?,
+                wv: linear("attn_v", (kv_dim, hidden))?,
+                wo: linear("attn_output", (hidden, q_dim))?,
+                w_gate: linear("ffn_gate", (ffn, hidden))?,
+                w_up: linear("ffn_up", (ffn, hidden))?,
+                w_down: linear("ffn_down", (hidden, ffn))?,
+            })
+        };
+        let blocks = (0..config.n_layers)
+            .into_par_iter()
+            .map(block)
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config,
             embed,
@@ -447,7 +462,7 @@ impl LlamaModel {
 /// frequency divisors of the tensor `rope_freqs.weight` (Llama 3.1+ conversions).
 fn gguf_rope_scaling<S: TensorSource>(
     content: &Content,
-    tensors: &mut GgufTensors<'_, S>,
+    tensors: &GgufTensors<'_, S>,
     head_dim: usize,
 ) -> Result<RopeScaling> {
     let md = |key: &str| content.metadata.get(key);
