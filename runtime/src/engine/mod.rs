@@ -1,0 +1,291 @@
+//! The continuous-batching engine: one thread per loaded model that owns the model and runs
+//! every step as one ragged forward pass over all running sequences.
+//!
+//! Requests arrive through a bounded queue (a full queue is an immediate [`Error::QueueFull`]),
+//! each with its own reply channel. Every step the scheduler
+//! 1. drops sequences whose client went away (their KV memory is freed in the same step),
+//! 2. admits waiting sequences in weighted-fair order between tenants (customers; [`crate::fair`])
+//!    while the KV-cache budget allows (a sequence reserves the KV
+//!    memory of its prompt plus its `max_tokens`, so a running sequence never runs out); a
+//!    prompt that shares a prefix with a recently finished one starts from a copy of that
+//!    prompt's KV (the prefix cache, bounded in bytes) instead of prefilling it again,
+//!    Beyond `max_running`, only a tenant below its fair share of the batch is admitted, so a
+//!    burst from one customer cannot make another wait for a free slot,
+//! 3. builds one batch of at most `max_running` sequences, each tenant getting its weighted
+//!    max-min fair share (a lone tenant gets every slot; a tenant over its share takes turns):
+//!    one decode token per generating sequence, then prompt chunks of the
+//!    prefilling sequences up to the step's token budget (chunked prefill: a long prompt cannot
+//!    stall everyone's decode),
+//! 4. samples (only among the tokens a sequence's grammar allows, when it has one),
+//!    detokenizes, matches stop strings and streams the deltas back.
+//!
+//! It does not tokenize prompts (callers do that off the async threads) and knows nothing of
+//! HTTP or billing.
+
+mod late;
+mod prefix_cache;
+mod worker;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+pub use self::late::Trigger;
+use self::worker::Worker;
+use crate::constraint::Constraint;
+use crate::fair::Tenant;
+use crate::model::LlamaModel;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::ModelTokenizer;
+use crate::{Error, Result};
+
+/// Limits of one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Requests that may wait for admission; beyond this, submission fails at once.
+    pub max_queue: usize,
+    /// Tokens one forward pass may process (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// KV-cache memory all running sequences may reserve together.
+    pub kv_cache_bytes: usize,
+    /// Upper bound of sequences running at once.
+    pub max_running: usize,
+    /// KV memory the prefix cache may keep for finished prompts (0 turns it off).
+    pub prefix_cache_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_queue: 64,
+            max_batch_tokens: 512,
+            kv_cache_bytes: 1 << 30,
+            max_running: 32,
+            prefix_cache_bytes: 128 << 20,
+        }
+    }
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt_ids: Vec<u32>,
+    /// Tokens to generate at most; already checked against the context.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Kept equal to the number of tokens generated so far, as they are sampled (also those
+    /// the caller has not read yet), so a caller that goes away can bill exactly.
+    pub progress: Option<Arc<AtomicUsize>>,
+    /// The grammar the output must follow, if any.
+    pub constraint: Option<GenConstraint>,
+    /// Who asked (the customer) and their scheduling weight; `None` shares one anonymous
+    /// tenant.
+    pub tenant: Option<Tenancy>,
+    /// Set at admission to the prompt tokens taken from the prefix cache (also reported in
+    /// `Finished`), so a caller that goes away can bill them at the cached price.
+    pub cached: Option<Arc<AtomicUsize>>,
+}
+
+/// A request's tenant for fair scheduling.
+#[derive(Debug, Clone)]
+pub struct Tenancy {
+    pub name: Tenant,
+    /// Relative share of the engine when tenants compete (1 = equal).
+    pub weight: u32,
+}
+
+/// Compiles the grammar that takes over once a trigger appears: given the text the model wrote
+/// between the start of the token where the trigger begins and the trigger, it returns a
+/// constraint that accepts those tokens and everything the output may still be.
+pub type LateGrammar = Arc<dyn Fn(&str) -> Result<Constraint> + Send + Sync>;
+
+/// How a sequence's output is constrained.
+#[derive(Clone)]
+pub enum GenConstraint {
+    /// From the first generated token (JSON outputs, a forced tool call).
+    Now(Box<Constraint>),
+    /// Free text until one of `triggers` appears (a tool-call marker the model chose to
+    /// write); from then on the grammar `then` builds (the call itself).
+    AfterTrigger {
+        triggers: Vec<Trigger>,
+        then: LateGrammar,
+    },
+}
+
+impl std::fmt::Debug for GenConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Now(c) => f.debug_tuple("Now").field(c).finish(),
+            Self::AfterTrigger { triggers, .. } => f
+                .debug_struct("AfterTrigger")
+                .field("triggers", triggers)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// Log probability of one token, resolved to its text and bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// The chosen token's logprob and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogprobInfo {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end token or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+/// What the engine sends back for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// The sequence left the waiting queue and joined the running batch (its prefill starts);
+    /// sent once, before any `Delta`.
+    Admitted,
+    /// New text for one or more tokens; empty while text is held back by a stop-string
+    /// prefix. Sent for every sampled token, so `completion_tokens` (tokens generated so far,
+    /// this one included) is exact when a client goes away mid-sequence.
+    Delta {
+        text: String,
+        logprobs: Vec<LogprobInfo>,
+        completion_tokens: usize,
+    },
+    /// The last event of a sequence.
+    Finished {
+        reason: StopReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        /// Prompt tokens taken from the prefix cache instead of being prefilled.
+        cached_tokens: usize,
+    },
+    /// The sequence failed; nothing follows.
+    Failed { message: String },
+}
+
+/// Live counters of an engine, readable from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub kv_used_bytes: AtomicU64,
+    pub kv_reserved_bytes: AtomicU64,
+    pub last_batch_size: AtomicU64,
+    pub prefill_tokens_total: AtomicU64,
+    pub decode_tokens_total: AtomicU64,
+    pub steps_total: AtomicU64,
+    /// KV memory held by the prefix cache.
+    pub prefix_cache_bytes: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of being prefilled.
+    pub prefix_hit_tokens_total: AtomicU64,
+}
+
+struct Submission {
+    request: GenRequest,
+    reply: UnboundedSender<GenEvent>,
+}
+
+/// A handle to a running engine; cheap to clone. The thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct Engine {
+    queue: SyncSender<Submission>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+    context_length: usize,
+    kv_bytes_per_token: usize,
+}
+
+impl Engine {
+    /// Moves the model onto a new engine thread.
+    pub fn start(
+        model: LlamaModel,
+        tokenizer: Arc<ModelTokenizer>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let (queue, incoming) = std::sync::mpsc::sync_channel(config.max_queue.max(1));
+        let stats = Arc::new(EngineStats::default());
+        let context_length = model.config().context_length;
+        let kv_bytes_per_token = model.kv_bytes_per_token();
+        let worker = Worker::new(model, tokenizer, config.clone(), incoming, stats.clone());
+        std::thread::Builder::new()
+            .name("tollgate-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| Error::Config(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            queue,
+            stats,
+            config,
+            context_length,
+            kv_bytes_per_token,
+        })
+    }
+
+    /// Queues a sequence. Fails at once when the queue is full or a request can never fit.
+    /// Dropping the returned receiver cancels the sequence.
+    pub fn submit(&self, request: GenRequest) -> Result<UnboundedReceiver<GenEvent>> {
+        let total = request.prompt_ids.len() + request.max_tokens;
+        if request.prompt_ids.is_empty() {
+            return Err(Error::InvalidParam {
+                param: "prompt",
+                message: "the prompt is empty".into(),
+            });
+        }
+        if total > self.context_length {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: request.prompt_ids.len(),
+                max_tokens: request.max_tokens,
+                context_length: self.context_length,
+            });
+        }
+        if total * self.kv_bytes_per_token > self.config.kv_cache_bytes {
+            return Err(Error::InvalidParam {
+                param: "max_tokens",
+                message: format!(
+                    "prompt of {} tokens plus max_tokens {} needs {} bytes of KV cache, more than this model's budget of {} bytes",
+                    request.prompt_ids.len(),
+                    request.max_tokens,
+                    total * self.kv_bytes_per_token,
+                    self.config.kv_cache_bytes
+                ),
+            });
+        }
+        request.sampling.validate()?;
+        let (reply, events) = unbounded_channel();
+        match self.queue.try_send(Submission { request, reply }) {
+            Ok(()) => {
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                Ok(events)
+            }
+            Err(TrySendError::Full(_)) => Err(Error::QueueFull {
+                capacity: self.config.max_queue,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(Error::EngineStopped),
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+}

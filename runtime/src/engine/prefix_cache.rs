@@ -1,0 +1,156 @@
+//! The prefix cache: the KV of recently finished prompts, so a prompt that starts the same
+//! way (a shared system prompt, a conversation's earlier turns) starts from a copy instead of
+//! prefilling it again.
+
+use std::collections::VecDeque;
+
+use crate::model::KvCache;
+use crate::Result;
+
+/// Prompt tokens left to prefill when a prompt starts from a cached prefix (the last one's
+/// logits are needed). Every row of a step runs the same arithmetic however prompts are
+/// chunked, so a cached prefix gives the same output as prefilling it.
+const PREFIX_SUFFIX_MIN: usize = 1;
+/// Shortest prefix worth copying.
+const PREFIX_MIN: usize = 4;
+/// Most prompts kept (lookups compare against each).
+const PREFIX_ENTRIES: usize = 64;
+
+/// Prompts of finished sequences with their KV, most recently used first, bounded in bytes.
+pub(super) struct PrefixCache {
+    entries: VecDeque<(Vec<u32>, KvCache)>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl PrefixCache {
+    pub(super) fn new(max_bytes: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// KV memory held.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether the cache keeps anything (a limit of 0 turns it off).
+    pub(super) fn is_enabled(&self) -> bool {
+        self.max_bytes > 0
+    }
+
+    /// Keeps `cache` (holding exactly `prompt`'s KV), evicting the least recently used.
+    pub(super) fn insert(&mut self, prompt: Vec<u32>, cache: KvCache) {
+        let size = cache.bytes();
+        if size > self.max_bytes {
+            return;
+        }
+        if let Some(i) = self.entries.iter().position(|(p, _)| *p == prompt) {
+            if let Some((_, old)) = self.entries.remove(i) {
+                self.bytes -= old.bytes();
+            }
+        }
+        self.bytes += size;
+        self.entries.push_front((prompt, cache));
+        while self.bytes > self.max_bytes || self.entries.len() > PREFIX_ENTRIES {
+            match self.entries.pop_back() {
+                Some((_, old)) => self.bytes -= old.bytes(),
+                None => break,
+            }
+        }
+    }
+
+    /// A new cache with the longest cached prefix of `prompt`, leaving at least
+    /// [`PREFIX_SUFFIX_MIN`] tokens to prefill.
+    pub(super) fn lookup(&mut self, prompt: &[u32]) -> Result<Option<KvCache>> {
+        let limit = prompt.len().saturating_sub(PREFIX_SUFFIX_MIN);
+        let best = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| {
+                let shared = p.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                (i, shared.min(limit))
+            })
+            .max_by_key(|&(i, len)| (len, std::cmp::Reverse(i)));
+        let Some((i, len)) = best.filter(|&(_, len)| len >= PREFIX_MIN) else {
+            return Ok(None);
+        };
+        let Some(entry) = self.entries.remove(i) else {
+            return Ok(None);
+        };
+        let copy = entry.1.copy_prefix(len);
+        self.entries.push_front(entry);
+        copy.map(Some)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    /// A one-layer host cache holding `prompt`, each token's key and value its id.
+    fn cache_of(prompt: &[u32]) -> KvCache {
+        let mut c = KvCache::new(1, 1, 2, DType::F32, Device::Cpu, true);
+        let kv: Vec<f32> = prompt.iter().flat_map(|&t| [t as f32; 2]).collect();
+        c.append_host(0, &kv, &kv).unwrap();
+        c.advance(prompt.len());
+        c
+    }
+
+    #[test]
+    fn the_longest_shared_prefix_is_copied_leaving_one_token_to_prefill() {
+        let mut cache = PrefixCache::new(1 << 20);
+        cache.insert(vec![1, 2, 3, 4, 5, 6], cache_of(&[1, 2, 3, 4, 5, 6]));
+        cache.insert(vec![1, 2, 3, 4, 9, 9, 9], cache_of(&[1, 2, 3, 4, 9, 9, 9]));
+        // Shares 5 tokens with the first entry, 4 with the second (the most recent).
+        let hit = cache.lookup(&[1, 2, 3, 4, 5, 7, 8]).unwrap().unwrap();
+        assert_eq!(hit.len(), 5);
+        let hit = cache.lookup(&[1, 2, 3, 4, 9, 7, 8]).unwrap().unwrap();
+        assert_eq!(hit.len(), 5);
+        // The whole prompt cached: its last token is still prefilled (its logits are needed).
+        let hit = cache.lookup(&[1, 2, 3, 4, 5, 6]).unwrap().unwrap();
+        assert_eq!(hit.len(), 5);
+        // The entries stay for later lookups.
+        assert_eq!(cache.entries.len(), 2);
+    }
+
+    #[test]
+    fn short_or_missing_prefixes_are_misses() {
+        let mut cache = PrefixCache::new(1 << 20);
+        cache.insert(vec![1, 2, 3, 4, 5, 6], cache_of(&[1, 2, 3, 4, 5, 6]));
+        // Three shared tokens are below PREFIX_MIN.
+        assert!(cache.lookup(&[1, 2, 3, 7, 7, 7]).unwrap().is_none());
+        assert!(cache.lookup(&[9, 9, 9, 9, 9]).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_byte_bound_evicts_the_least_recently_used() {
+        let one = cache_of(&[1, 2, 3, 4, 5]).bytes();
+        let mut cache = PrefixCache::new(2 * one);
+        cache.insert(vec![1, 2, 3, 4, 5], cache_of(&[1, 2, 3, 4, 5]));
+        cache.insert(vec![6, 7, 8, 9, 10], cache_of(&[6, 7, 8, 9, 10]));
+        // A lookup makes the first entry the most recently used ...
+        assert!(cache.lookup(&[1, 2, 3, 4, 5, 0]).unwrap().is_some());
+        // ... so the third insert evicts the second.
+        cache.insert(vec![11, 12, 13, 14, 15], cache_of(&[11, 12, 13, 14, 15]));
+        assert_eq!(cache.bytes(), 2 * one);
+        assert!(cache.lookup(&[6, 7, 8, 9, 10, 0]).unwrap().is_none());
+        assert!(cache.lookup(&[1, 2, 3, 4, 5, 0]).unwrap().is_some());
+        // Re-inserting a prompt replaces its entry rather than counting it twice.
+        cache.insert(vec![1, 2, 3, 4, 5], cache_of(&[1, 2, 3, 4, 5]));
+        assert_eq!(cache.bytes(), 2 * one);
+        // A cache larger than the bound is not kept; a bound of 0 keeps nothing.
+        let mut off = PrefixCache::new(0);
+        assert!(!off.is_enabled());
+        off.insert(vec![1, 2, 3, 4, 5], cache_of(&[1, 2, 3, 4, 5]));
+        assert_eq!(off.bytes(), 0);
+        assert!(off.lookup(&[1, 2, 3, 4, 5, 0]).unwrap().is_none());
+    }
+}
