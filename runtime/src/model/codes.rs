@@ -312,43 +312,87 @@ impl CodeMatrix {
         out: usize,
         inp: usize,
     ) -> Result<Option<Self>> {
-        let (block_bytes, has_min) = match dtype {
-            GgmlDType::Q4_0 => (2 + BLOCK / 2, false),
-            GgmlDType::Q4_1 => (4 + BLOCK / 2, true),
-            _ => return Ok(None),
-        };
-        if !inp.is_multiple_of(BLOCK) {
+        let Some(row_bytes) = Self::q4_row_bytes(dtype, inp) else {
             return Ok(None);
-        }
-        let nb = inp / BLOCK;
-        if Some(data.len()) != out.checked_mul(nb * block_bytes) {
+        };
+        if Some(data.len()) != out.checked_mul(row_bytes) {
             return Err(Error::Weights(format!(
                 "{dtype:?} tensor ({out}, {inp}) holds {} bytes, expected {}",
                 data.len(),
-                out.saturating_mul(nb * block_bytes)
+                out.saturating_mul(row_bytes)
             )));
         }
-        let mut mat = Self::zeroed(out, inp, true, has_min);
-        let per_block = Self::half_scales_per_block(has_min);
-        for (i, block) in data.chunks_exact(block_bytes).enumerate() {
-            let (j, b) = (i / nb, i % nb);
-            let (p, c) = (j / PANEL, j % PANEL);
-            let at = (p * nb + b) * per_block + c;
-            mat.dm16[at] = f16::from_le_bytes([block[0], block[1]]);
-            let qs = if has_min {
-                mat.dm16[at + PANEL] = f16::from_le_bytes([block[2], block[3]]);
-                &block[4..]
-            } else {
-                &block[2..]
-            };
-            // GGML packs code `k` in the low nibble of byte `k` and code `k + 16` in its high
-            // nibble: bytes `4g..4g + 4` are lane `c` of group pair `g` as they stand.
-            let base = (p * nb + b) * PACKED_BLOCK + c * GROUP;
-            for (g, four) in qs.chunks_exact(GROUP).enumerate() {
-                mat.codes[base + g * PANEL_GROUP..][..GROUP].copy_from_slice(four);
-            }
+        let mut mat = Self::zeroed(out, inp, true, dtype == GgmlDType::Q4_1);
+        mat.fill_q4_rows(0, data);
+        Ok(Some(mat))
+    }
+
+    /// [`CodeMatrix::from_q4`] reading the tensor's bytes a few panels of rows at a time:
+    /// `read(first_row, buf)` fills `buf` with whole rows as the file stores them. The file's
+    /// bytes never sit in memory beside the matrix (for a 128k-token output projection, that
+    /// was a transient 150 MB).
+    pub(crate) fn from_q4_reader(
+        dtype: GgmlDType,
+        out: usize,
+        inp: usize,
+        mut read: impl FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<Option<Self>> {
+        /// Panels of rows per read.
+        const PANELS_PER_READ: usize = 8;
+        let Some(row_bytes) = Self::q4_row_bytes(dtype, inp) else {
+            return Ok(None);
+        };
+        let mut mat = Self::zeroed(out, inp, true, dtype == GgmlDType::Q4_1);
+        let rows_per_read = PANEL * PANELS_PER_READ;
+        let mut buf = vec![0u8; rows_per_read.min(out) * row_bytes];
+        for first in (0..out).step_by(rows_per_read) {
+            let rows = rows_per_read.min(out - first);
+            let chunk = &mut buf[..rows * row_bytes];
+            read(first, chunk)?;
+            mat.fill_q4_rows(first, chunk);
         }
         Ok(Some(mat))
+    }
+
+    /// Bytes of one row of a Q4_0 or Q4_1 tensor with `inp` inputs; `None` for other types
+    /// and widths that are not whole blocks.
+    fn q4_row_bytes(dtype: GgmlDType, inp: usize) -> Option<usize> {
+        let block_bytes = match dtype {
+            GgmlDType::Q4_0 => 2 + BLOCK / 2,
+            GgmlDType::Q4_1 => 4 + BLOCK / 2,
+            _ => return None,
+        };
+        inp.is_multiple_of(BLOCK)
+            .then_some(inp / BLOCK * block_bytes)
+    }
+
+    /// Stores GGUF Q4 rows `first..` (whole rows, as the file stores them) in a matrix made
+    /// by `zeroed(.., true, offsets)`.
+    fn fill_q4_rows(&mut self, first: usize, data: &[u8]) {
+        let nb = self.inp / BLOCK;
+        let has_min = self.offsets;
+        let block_bytes = if has_min { 4 } else { 2 } + BLOCK / 2;
+        let per_block = Self::half_scales_per_block(has_min);
+        for (r, row) in data.chunks_exact(nb * block_bytes).enumerate() {
+            let j = first + r;
+            let (p, c) = (j / PANEL, j % PANEL);
+            for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+                let at = (p * nb + b) * per_block + c;
+                self.dm16[at] = f16::from_le_bytes([block[0], block[1]]);
+                let qs = if has_min {
+                    self.dm16[at + PANEL] = f16::from_le_bytes([block[2], block[3]]);
+                    &block[4..]
+                } else {
+                    &block[2..]
+                };
+                // GGML packs code `k` in the low nibble of byte `k` and code `k + 16` in its
+                // high nibble: bytes `4g..4g + 4` are lane `c` of group pair `g` as they stand.
+                let base = (p * nb + b) * PACKED_BLOCK + c * GROUP;
+                for (g, four) in qs.chunks_exact(GROUP).enumerate() {
+                    self.codes[base + g * PANEL_GROUP..][..GROUP].copy_from_slice(four);
+                }
+            }
+        }
     }
 
     /// Weight row `j` (output feature `j`) as f32 `d·q + m`, into `out` (`inp` values): a
@@ -844,7 +888,8 @@ mod tests {
     /// own dequantization of the same tensor, up to the activations' quantization.
     #[test]
     fn q4_codes_are_read_exactly() -> Result<()> {
-        let (out, inp) = (40, 128);
+        // More rows than one read takes (8 panels), and a partial last panel.
+        let (out, inp) = (140, 128);
         let w = pseudo_random(out * inp, 3);
         let t = Tensor::from_slice(&w, (out, inp), &Device::Cpu)?;
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
@@ -871,6 +916,15 @@ mod tests {
                     }
                 }
             }
+            // Read a few rows at a time (as the loader does from the file), the same matrix.
+            let data = q.data()?;
+            let row_bytes = data.len() / out;
+            let read = CodeMatrix::from_q4_reader(dtype, out, inp, |first, buf| {
+                buf.copy_from_slice(&data[first * row_bytes..][..buf.len()]);
+                Ok(())
+            })?
+            .expect("a Q4 tensor");
+            assert_eq!((&read.codes, &read.dm16), (&m.codes, &m.dm16));
             // Half a byte per weight and f16 scales (and Q4_1's offsets), as the file stores
             // them.
             let padded = out.div_ceil(PANEL) * PANEL;

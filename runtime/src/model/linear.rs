@@ -136,6 +136,23 @@ impl Linear {
         )
     }
 
+    /// From a GGUF tensor read a few rows at a time through `read(first_row, buf)`, for the
+    /// forms that take rows as they are stored (Q4_0/Q4_1 under `auto` on the CPU); `None`
+    /// for the others, which take the whole tensor ([`Linear::from_gguf_bytes`]).
+    pub(crate) fn from_gguf_reader(
+        dtype: GgmlDType,
+        (out, inp): (usize, usize),
+        form: WeightForm,
+        device: &Device,
+        read: impl FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<Option<Self>> {
+        if form != WeightForm::Auto || !device.is_cpu() || !CodeMatrix::is_fast_for(inp) {
+            return Ok(None);
+        }
+        Ok(CodeMatrix::from_q4_reader(dtype, out, inp, read)?
+            .map(|c| Self::Quant(Quantized::Codes(c))))
+    }
+
     /// Weight row `j` (the output feature `j`, `in` values) as f32, into `out`: a tied
     /// embedding's lookup.
     pub(crate) fn row_into(&self, j: usize, out: &mut [f32]) -> Result<()> {

@@ -53,6 +53,8 @@ impl std::ops::Deref for TensorBytes {
 /// the blocks.
 trait TensorSource: Sync {
     fn bytes(&self, range: Range<u64>) -> Result<TensorBytes>;
+    /// Fills `buf` from the file at `offset` (inside a tensor's checked range).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn size(&self) -> Result<u64>;
 }
 
@@ -79,6 +81,14 @@ impl<R: Read + Seek + Send> TensorSource for ReadSource<'_, R> {
             .and_then(|_| reader.read_exact(&mut buf))
             .map_err(|e| Error::Weights(format!("reading tensor bytes {range:?}: {e}")))?;
         Ok(TensorBytes::Owned(buf))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut reader = self.reader();
+        reader
+            .seek(SeekFrom::Start(offset))
+            .and_then(|_| reader.read_exact(buf))
+            .map_err(|e| Error::Weights(format!("reading tensor bytes at {offset}: {e}")))
     }
 
     fn size(&self) -> Result<u64> {
@@ -112,6 +122,13 @@ impl TensorSource for MapSource<'_> {
         Ok(TensorBytes::Mapped(map))
     }
 
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.0
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::Weights(format!("reading tensor bytes at {offset}: {e}")))
+    }
+
     fn size(&self) -> Result<u64> {
         Ok(self
             .0
@@ -137,8 +154,9 @@ impl<S: TensorSource> GgufTensors<'_, S> {
             .ok_or_else(|| Error::Weights(format!("tensor `{name}` is missing")))
     }
 
-    /// The dtype and bytes of `name`, which must have dimensions `dims` (outermost first).
-    fn bytes(&self, name: &str, dims: &[usize]) -> Result<(GgmlDType, TensorBytes)> {
+    /// The dtype and byte range of `name`, which must have dimensions `dims` (outermost
+    /// first).
+    fn range(&self, name: &str, dims: &[usize]) -> Result<(GgmlDType, Range<u64>)> {
         let info = self.info(name)?;
         if info.shape.dims() != dims {
             return Err(Error::Weights(format!(
@@ -146,9 +164,14 @@ impl<S: TensorSource> GgufTensors<'_, S> {
                 info.shape.dims()
             )));
         }
-        let dtype = info.ggml_dtype;
         let range = gguf::tensor_range(name, info, self.content.tensor_data_offset, self.file_size)
             .map_err(Error::Weights)?;
+        Ok((info.ggml_dtype, range))
+    }
+
+    /// The dtype and bytes of `name`, which must have dimensions `dims` (outermost first).
+    fn bytes(&self, name: &str, dims: &[usize]) -> Result<(GgmlDType, TensorBytes)> {
+        let (dtype, range) = self.range(name, dims)?;
         Ok((dtype, self.source.bytes(range)?))
     }
 
@@ -168,9 +191,21 @@ impl<S: TensorSource> GgufTensors<'_, S> {
         form: WeightForm,
         device: &Device,
     ) -> Result<Linear> {
-        let (dtype, bytes) = self.bytes(name, &[shape.0, shape.1])?;
-        Linear::from_gguf_bytes(dtype, shape, &bytes, form, device)
-            .map_err(|e| Error::Weights(format!("tensor `{name}`: {e}")))
+        let (dtype, range) = self.range(name, &[shape.0, shape.1])?;
+        let context = |e: Error| Error::Weights(format!("tensor `{name}`: {e}"));
+        // Rows straight from the file into the kernel's layout where the form allows.
+        let row_bytes = (range.end - range.start) / shape.0.max(1) as u64;
+        let read = |first_row: usize, buf: &mut [u8]| {
+            self.source
+                .read_at(range.start + first_row as u64 * row_bytes, buf)
+        };
+        if let Some(linear) =
+            Linear::from_gguf_reader(dtype, shape, form, device, read).map_err(context)?
+        {
+            return Ok(linear);
+        }
+        let bytes = self.source.bytes(range)?;
+        Linear::from_gguf_bytes(dtype, shape, &bytes, form, device).map_err(context)
     }
 }
 
