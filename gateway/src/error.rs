@@ -369,7 +369,7 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
     }
     let limit = req
         .extensions()
-        .get::<crate::BodyLimit>()
+        .get::<crate::server::middleware::BodyLimit>()
         .map_or(0, |l| l.0);
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {

@@ -7,7 +7,7 @@
 //!
 //! Owns the actor and action types and the entry rows; `GET /admin/v1/audit` (in the gateway)
 //! and the console read the same pages. It does not own authentication (the gateway's admin
-//! API and console) or the mutations (store.rs).
+//! API and console) or the mutations (store/).
 
 use serde_json::{json, Map, Value};
 use sqlx::any::AnyRow;

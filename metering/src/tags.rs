@@ -4,7 +4,7 @@
 //!
 //! Owns the limits (OpenAI's: at most 16 pairs, keys up to 64 and values up to 512
 //! characters), the merge order, and the SQL that reads one tag from a stored record. It does
-//! not parse requests (the gateway's openai.rs) or store anything (store.rs).
+//! not parse requests (the gateway's api/openai/) or store anything (store/).
 
 use std::collections::BTreeMap;
 

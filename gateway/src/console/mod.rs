@@ -5,12 +5,14 @@
 //! This module owns signing in and out and the guard in front of every screen: a session
 //! cookie (`HttpOnly`, `SameSite=Strict`, `Secure` behind a proxy that says it serves HTTPS,
 //! expiring), sessions kept in this process (logging out ends one at once), and a CSRF token per
-//! session checked on every form that changes state. The screens are in `pages.rs`, the
-//! charts in `chart.rs`. It changes customers and keys only through the store's audited methods,
+//! session checked on every form that changes state. The screens are in `pages.rs` (overview),
+//! `customers.rs` and `reports.rs`, the charts in `chart.rs`. It changes customers and keys only through the store's audited methods,
 //! as a console actor.
 
 mod chart;
+mod customers;
 mod pages;
+mod reports;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -119,19 +121,19 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/console", get(pages::overview))
         .route(
             "/console/customers",
-            get(pages::customers).post(pages::create_customer),
+            get(customers::customers).post(customers::create_customer),
         )
         .route(
             "/console/customers/{id}",
-            get(pages::customer).post(pages::update_customer),
+            get(customers::customer).post(customers::update_customer),
         )
-        .route("/console/customers/{id}/keys", post(pages::create_key))
-        .route("/console/keys/{key_id}/revoke", post(pages::revoke_key))
-        .route("/console/requests", get(pages::requests))
-        .route("/console/models", get(pages::models))
-        .route("/console/invoices", get(pages::invoices))
-        .route("/console/usage.csv", get(pages::usage_csv))
-        .route("/console/audit", get(pages::audit))
+        .route("/console/customers/{id}/keys", post(customers::create_key))
+        .route("/console/keys/{key_id}/revoke", post(customers::revoke_key))
+        .route("/console/requests", get(reports::requests))
+        .route("/console/models", get(reports::models))
+        .route("/console/invoices", get(reports::invoices))
+        .route("/console/usage.csv", get(reports::usage_csv))
+        .route("/console/audit", get(reports::audit))
         .route("/console/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(state, require_session));
     Router::new()
@@ -233,7 +235,7 @@ async fn require_session(State(state): State<AppState>, request: Request, next: 
     };
     let actor = Actor::console(
         &session.public_id,
-        crate::admin::remote_addr(&request),
+        crate::api::admin::remote_addr(&request),
         request.extensions().get::<RequestId>().map(|r| r.0.clone()),
     );
     let mut request = request;

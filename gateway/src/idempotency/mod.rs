@@ -15,7 +15,7 @@
 //!   client's retry gets the whole answer instead of paying for a second one.
 //!
 //! It owns the layer (the table is `tollgate_metering::idempotency`); what a request costs is
-//! still settled by the [`crate::routes::Completion`] guard, which reports its outcome through
+//! still settled by the [`crate::api::accounting::Completion`] guard, which reports its outcome through
 //! the [`Ticket`].
 
 use std::sync::{Arc, OnceLock};

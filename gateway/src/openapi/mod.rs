@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document of the public and admin APIs, served at `GET /openapi.json`.
 //!
 //! Generated with utoipa from the code's types: request bodies are the types the handlers
-//! deserialize ([`crate::openai::ChatRequest`], [`crate::openai::CompletionRequest`], the
+//! deserialize ([`crate::api::openai::ChatRequest`], [`crate::api::openai::CompletionRequest`], the
 //! Responses API's `CreateResponse`, the Usage API's query), responses and admin bodies are the
 //! typed shapes in [`schemas`] and [`admin_schemas`] (the handlers build theirs with `json!`).
 //! The operations are declared here, one `#[utoipa::path]` per route, rather than on the
@@ -103,8 +103,8 @@ mod paths {
     use super::admin;
     use super::schemas::*;
     use super::{AdminErrors, PublicErrors};
-    use crate::openai::{ChatRequest, CompletionRequest};
-    use crate::responses::request::CreateResponse;
+    use crate::api::openai::{ChatRequest, CompletionRequest};
+    use crate::api::responses::request::CreateResponse;
 
     /// Creates a chat completion (`stream: true`: `chat.completion.chunk` server-sent events
     /// ending with `data: [DONE]`).

@@ -1,7 +1,7 @@
 //! The response bodies of the public API, typed for the OpenAPI document: field for field what
 //! the handlers write (in OpenAI's shapes and under OpenAI's component names), so the document
 //! says what a client receives. The request bodies are the handlers' own types
-//! ([`crate::openai`], the Responses API's `CreateResponse`); these describe what they answer.
+//! ([`crate::api::openai`], the Responses API's `CreateResponse`); these describe what they answer.
 //! The `openapi` tests and the Schemathesis run check real responses against them.
 
 use std::collections::BTreeMap;

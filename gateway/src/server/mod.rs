@@ -1,7 +1,10 @@
-//! Serving: the accept loop and its connection limits (`listener`), the Prometheus metrics
-//! (`metrics`) and OpenTelemetry traces (`telemetry`). The router, its middleware and the
-//! run/shutdown phases are in the crate root.
+//! Serving: the accept loop and its connection limits (`listener`), the routers (`router`), the
+//! request-id and metrics middleware (`middleware`), running until shutdown and draining
+//! (`run`), the Prometheus metrics (`metrics`) and OpenTelemetry traces (`telemetry`).
 
 pub mod listener;
 pub mod metrics;
+pub(crate) mod middleware;
+pub(crate) mod router;
+pub(crate) mod run;
 pub mod telemetry;

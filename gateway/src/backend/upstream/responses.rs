@@ -3,8 +3,8 @@
 //! output deltas counted as they stream by, and the last event's `usage` settled against that
 //! count (never below it), the same rules as for chat streams.
 //!
-//! Like chat streams, a request that fails before its first event is retried on another member;
-//! after it, a failure ends the stream with an error.
+//! Like chat streams (the same [`super::failover`]), a request that fails before its first event
+//! is retried on another member; after it, a failure ends the stream with an error.
 
 use std::sync::Arc;
 
@@ -12,8 +12,10 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::{attempt, settled_usage, tokens_of, Attempt, InFlight, Member};
-use crate::backend::{BackendError, PassthroughEvent, PassthroughStream, TokenCounter, Usage};
+use super::chat::{settled_usage, tokens_of};
+use super::failover::{failover, Read};
+use super::Member;
+use crate::backend::{PassthroughEvent, PassthroughStream, TokenCounter, Usage};
 
 /// The events that end a response.
 pub(crate) fn is_terminal(kind: &str) -> bool {
@@ -45,22 +47,10 @@ pub(super) fn run(
     prompt_estimate: u32,
     counter: Option<Arc<dyn TokenCounter>>,
 ) -> PassthroughStream {
-    let stream = async_stream::stream! {
-        let mut errors = Vec::new();
-        for member in candidates {
-            let slot = InFlight::new(member.clone());
-            let response = match attempt(&client, &member, api_key.as_deref(), "/v1/responses", &body, &tracing::Span::current()).await {
-                Attempt::Stream(r) => r,
-                Attempt::Retry(e) => {
-                    tracing::warn!("upstream attempt failed, trying another: {e}");
-                    errors.push(e);
-                    continue;
-                }
-                Attempt::Refused(e) => {
-                    yield Err(e);
-                    return;
-                }
-            };
+    let read = move |member: &Member, response: reqwest::Response| {
+        let counter = counter.clone();
+        let base = member.base.clone();
+        async_stream::stream! {
             let mut events = response.bytes_stream().eventsource();
             let mut started = false;
             let mut observed = 0u32;
@@ -70,7 +60,7 @@ pub(super) fn run(
                 let event = match event {
                     Ok(e) => e,
                     Err(e) => {
-                        failure = Some(format!("{}: stream broken: {e}", member.base));
+                        failure = Some(format!("{base}: stream broken: {e}"));
                         break;
                     }
                 };
@@ -78,13 +68,13 @@ pub(super) fn run(
                     break;
                 }
                 let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
-                    failure = Some(format!("{}: unreadable event `{}`", member.base, event.data));
+                    failure = Some(format!("{base}: unreadable event `{}`", event.data));
                     break;
                 };
                 let kind = data["type"].as_str().map_or_else(|| event.event.clone(), str::to_string);
                 if kind == "error" {
                     let message = data["message"].as_str().or_else(|| data["error"]["message"].as_str());
-                    failure = Some(format!("{}: {}", member.base, message.unwrap_or("error event")));
+                    failure = Some(format!("{base}: {}", message.unwrap_or("error event")));
                     break;
                 }
                 if matches!(
@@ -97,35 +87,29 @@ pub(super) fn run(
                 let terminal = is_terminal(&kind);
                 let usage = terminal.then(|| settled(data["response"].get("usage"), prompt_estimate, observed));
                 started = true;
-                yield Ok(PassthroughEvent { kind, data, output_tokens: observed, usage });
+                yield Read::Event(PassthroughEvent { kind, data, output_tokens: observed, usage });
                 if terminal {
                     ended = true;
                     break;
                 }
             }
             if failure.is_none() && !ended {
-                failure = Some(format!("{}: the stream ended before the response did", member.base));
+                // As for chat streams: a member that breaks off mid-answer is a 502.
+                failure = Some(format!("{base}: the stream ended before the response did"));
             }
-            match failure {
-                Some(e) if !started => {
-                    member.healthy.store(false, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!("upstream failed before its first event, trying another: {e}");
-                    errors.push(e);
-                    drop(slot);
-                    continue;
-                }
-                Some(e) => {
-                    // As for chat streams: a member that broke off mid-answer is a 502.
-                    member.healthy.store(false, std::sync::atomic::Ordering::Relaxed);
-                    yield Err(BackendError::Broken(e));
-                    return;
-                }
-                None => return,
-            }
+            yield Read::End { started, failure };
         }
-        yield Err(BackendError::Unavailable(format!("every upstream failed: {}", errors.join("; "))));
     };
-    Box::pin(stream)
+    Box::pin(failover(
+        client,
+        candidates,
+        api_key,
+        "/v1/responses".to_string(),
+        body,
+        "event",
+        |_: &Member| tracing::Span::current(),
+        read,
+    ))
 }
 
 #[cfg(test)]

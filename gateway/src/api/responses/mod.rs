@@ -2,7 +2,7 @@
 //! /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`.
 //!
 //! A response runs as the chat request its input translates to (`request`), through the same
-//! admission, backends and [`crate::routes::Completion`] accounting as chat completions: one
+//! admission, backends and [`crate::api::accounting::Completion`] accounting as chat completions: one
 //! usage record per response (`endpoint = "/v1/responses"`), the same exactness and
 //! cancellation rules. Its output and events come from one fold (`output`); with `store` (the
 //! default when the server has a database) the response and the conversation it answered are
@@ -33,10 +33,12 @@ use serde_json::{json, Value};
 
 use self::output::{Builder, Echo, Status};
 use self::request::{in_response_terms, CreateResponse, Item};
+use crate::api::accounting::Completion;
+use crate::api::admission::{start, Started};
+use crate::api::completions::now_secs;
 use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
 use crate::error::ApiError;
-use crate::routes::{now_secs, start, Completion, Started};
 use crate::{AppState, ModelLabel, RequestId};
 use tollgate_metering::store::now_micros;
 
@@ -84,7 +86,7 @@ pub async fn create(
         history.extend(output_items(&stored.response));
     }
     let tags = tags_of(&body)?;
-    let backend = crate::routes::backend_for(&state, &body.model)?;
+    let backend = crate::api::admission::backend_for(&state, &body.model)?;
     if backend.passes_responses_through() {
         return passthrough::create(
             state, id, caller, backend, &body, &raw, history, store, tags,

@@ -21,10 +21,11 @@ use serde_json::{json, Map, Value};
 
 use super::request::{input_items, CreateResponse, Item};
 use super::ToStore;
+use crate::api::accounting::Completion;
+use crate::api::admission::start_passthrough;
 use crate::auth::Caller;
 use crate::backend::{Backend, FinishReason, PassthroughEvent, PassthroughStream};
 use crate::error::ApiError;
-use crate::routes::{start_passthrough, Completion};
 use crate::{AppState, ModelLabel, RequestId};
 use tollgate_metering::store::now_micros;
 

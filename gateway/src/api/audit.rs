@@ -27,14 +27,14 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = crate::admin::query(q)?;
+    let q = crate::api::admin::query(q)?;
     let param = |field: &str, message: String| ApiError::InvalidRequest {
         message,
         param: Some(field.to_string()),
     };
     let after = match q.after.as_deref() {
         None | Some("") => 0,
-        Some(c) => crate::admin::parse_cursor(c).map_err(|e| param("after", e))?,
+        Some(c) => crate::api::admin::parse_cursor(c).map_err(|e| param("after", e))?,
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {

@@ -8,8 +8,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::api::openai::{ChatRequest, Plan};
 use crate::error::ApiError;
-use crate::openai::{ChatRequest, Plan};
 
 /// The request body.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]

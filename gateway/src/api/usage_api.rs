@@ -7,7 +7,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::admin::query;
+use crate::api::admin::query;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::AppState;

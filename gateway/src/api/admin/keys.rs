@@ -1,0 +1,233 @@
+//! `/admin/v1/customers/{id}/keys` (issue, list) and `/admin/v1/keys/{key_id}` (update,
+//! revoke). A key's secret is shown once, when it is issued; only its digest is stored.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::{json, Map, Value};
+
+use super::{
+    invalid_field, key_json, limit_field, list, object, reject_unknown, store, string_field,
+};
+use crate::auth::{digest, hex, new_key};
+use crate::error::ApiError;
+use crate::AppState;
+use tollgate_metering::audit::Actor;
+use tollgate_metering::billing::parse_time;
+use tollgate_metering::money::parse_usd;
+use tollgate_metering::periods::rfc3339;
+use tollgate_metering::store::{now_micros, ApiKey, NewKey, Store};
+use tollgate_metering::tags::Tags;
+
+/// `budget_usd`: a decimal USD string or number (`null` clears it); `None` when absent.
+fn key_budget_field(map: &Map<String, Value>) -> Result<Option<Option<i64>>, ApiError> {
+    let parsed = |t: &str| {
+        parse_usd(t)
+            .map(|n| Some(Some(n)))
+            .map_err(|e| invalid_field("budget_usd", format!("budget_usd: {e}")))
+    };
+    match map.get("budget_usd") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(t)) => parsed(t),
+        Some(Value::Number(n)) => parsed(&n.to_string()),
+        Some(v) => Err(invalid_field(
+            "budget_usd",
+            format!("budget_usd must be a decimal amount of USD, got {v}"),
+        )),
+    }
+}
+
+/// `tags`: a JSON object of string pairs within the limits of request `metadata`.
+fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, ApiError> {
+    let tags: Tags = match map.get("tags") {
+        None => return Ok(None),
+        Some(Value::Null) => Tags::new(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+            invalid_field(
+                "tags",
+                format!("`tags` must be an object of string values, got {v}"),
+            )
+        })?,
+    };
+    tollgate_metering::tags::check(&tags, "tags")
+        .map_err(|e| invalid_field(&e.param, e.message))?;
+    Ok(Some(tags))
+}
+
+/// `expires_at`: RFC 3339 or Unix seconds; must be in the future.
+fn expiry_field(map: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
+    let micros = match map.get("expires_at") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => {
+            parse_time(s).map_err(|e| invalid_field("expires_at", format!("expires_at: {e}")))?
+        }
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(secs) => secs.saturating_mul(1_000_000),
+            None => {
+                return Err(invalid_field(
+                    "expires_at",
+                    format!("expires_at {n} is not whole Unix seconds"),
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(invalid_field(
+                "expires_at",
+                format!("expires_at must be an RFC 3339 time or Unix seconds, got {v}"),
+            ))
+        }
+    };
+    if micros <= now_micros() {
+        return Err(invalid_field(
+            "expires_at",
+            format!("expires_at {} is in the past", rfc3339(micros)),
+        ));
+    }
+    Ok(Some(micros))
+}
+
+fn models_field(
+    state: &AppState,
+    map: &Map<String, Value>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    let models = match map.get("models") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    invalid_field(
+                        "models",
+                        format!("`models` must be a list of model ids, got {v}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(v) => {
+            return Err(invalid_field(
+                "models",
+                format!("`models` must be a list of model ids, got {v}"),
+            ))
+        }
+    };
+    if let Some(unknown) = models
+        .iter()
+        .find(|m| !state.config.models.contains_key(*m))
+    {
+        return Err(invalid_field(
+            "models",
+            format!("unknown model `{unknown}` in `models`"),
+        ));
+    }
+    Ok(Some(models))
+}
+
+pub(super) async fn create_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(customer_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let map = object(&body)?;
+    reject_unknown(
+        &map,
+        &[
+            "name",
+            "models",
+            "rpm",
+            "tpm",
+            "expires_at",
+            "tags",
+            "budget_usd",
+            "max_concurrent_requests",
+        ],
+    )?;
+    let new = NewKey {
+        name: string_field(&map, "name")?.unwrap_or_default(),
+        models: models_field(&state, &map)?,
+        rpm: limit_field(&map, "rpm")?.flatten(),
+        tpm: limit_field(&map, "tpm")?.flatten(),
+        expires_at: expiry_field(&map)?,
+        tags: tags_field(&map)?.unwrap_or_default(),
+        budget_nano_usd: key_budget_field(&map)?.flatten(),
+        max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?.flatten(),
+    };
+    let (created, secret) = issue_key(store(&state)?, &customer_id, new, &actor).await?;
+    let mut body = key_json(&created);
+    body["key"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Creates a key for a customer: returns it and its secret, which is never stored (only its
+/// SHA-256) and cannot be shown again.
+pub async fn issue_key(
+    store: &Store,
+    customer_id: &str,
+    new: NewKey,
+    actor: &Actor,
+) -> Result<(ApiKey, String), tollgate_metering::store::StoreError> {
+    let (id, secret) = new_key();
+    let prefix: String = secret.chars().take(9).collect();
+    let key = store
+        .create_key(
+            customer_id,
+            &id,
+            &hex(&digest(&secret)),
+            &prefix,
+            new,
+            actor,
+        )
+        .await?;
+    Ok((key, secret))
+}
+
+pub(super) async fn list_keys(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let keys = store(&state)?.list_keys(&customer_id).await?;
+    Ok(list(keys.iter().map(key_json).collect()))
+}
+
+/// `PATCH /admin/v1/keys/{key_id}` `{"tags": {...}}`: replaces the key's default tags (`null`
+/// or `{}` clears them). Requests made with the key see them within the key cache's lifetime.
+pub(super) async fn update_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(key_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let map = object(&body)?;
+    reject_unknown(&map, &["tags", "budget_usd"])?;
+    let tags = tags_field(&map)?;
+    let budget = key_budget_field(&map)?;
+    if tags.is_none() && budget.is_none() {
+        return Err(invalid_field(
+            "tags",
+            "nothing to change: give `tags` or `budget_usd`".into(),
+        ));
+    }
+    let store = store(&state)?;
+    let mut key = store.key(&key_id).await?;
+    if let Some(tags) = tags {
+        key = store.set_key_tags(&key_id, &tags, &actor).await?;
+    }
+    if let Some(budget) = budget {
+        key = store.set_key_budget(&key_id, budget, &actor).await?;
+    }
+    state.auth.forget_key(&key_id);
+    Ok(Json(key_json(&key)))
+}
+
+pub(super) async fn revoke_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(key_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = store(&state)?.revoke_key(&key_id, &actor).await?;
+    state.auth.forget_key(&key_id);
+    Ok(Json(key_json(&key)))
+}

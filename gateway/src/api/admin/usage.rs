@@ -1,0 +1,170 @@
+//! `/admin/v1/usage` (aggregates, JSON or CSV), `/admin/v1/usage/records` (the record cursor
+//! export jobs follow) and `/admin/v1/invoices/{customer_id}`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{invalid_field, query, store, DEFAULT_PAGE, MAX_PAGE};
+use crate::error::ApiError;
+use crate::AppState;
+use tollgate_metering::billing::{self, parse_time};
+use tollgate_metering::periods::{month_bounds, rfc3339};
+use tollgate_metering::store::{now_micros, UsageFilter};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UsageQuery {
+    start: Option<String>,
+    end: Option<String>,
+    customer_id: Option<String>,
+    model: Option<String>,
+    /// `key:value`: only records with this tag.
+    tag: Option<String>,
+    group_by: Option<String>,
+    format: Option<String>,
+}
+
+/// The `tag` query parameter.
+fn tag_filter(tag: Option<&str>) -> Result<Option<(String, String)>, ApiError> {
+    tag.map(|t| billing::parse_tag_filter(t).map_err(|e| invalid_field("tag", e)))
+        .transpose()
+}
+
+/// `start` defaults to the start of the current UTC month, `end` to now.
+fn time_range(start: Option<&str>, end: Option<&str>) -> Result<(i64, i64), ApiError> {
+    let now = now_micros();
+    let start = match start {
+        Some(s) => parse_time(s).map_err(|e| invalid_field("start", format!("start: {e}")))?,
+        None => month_bounds(now).0,
+    };
+    let end = match end {
+        Some(s) => parse_time(s).map_err(|e| invalid_field("end", format!("end: {e}")))?,
+        None => now + 1,
+    };
+    if end <= start {
+        return Err(invalid_field(
+            "end",
+            format!("end {} is not after start {}", rfc3339(end), rfc3339(start)),
+        ));
+    }
+    Ok((start, end))
+}
+
+pub(super) async fn usage(
+    State(state): State<AppState>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let (start, end) = time_range(q.start.as_deref(), q.end.as_deref())?;
+    let groups = billing::parse_group_by(q.group_by.as_deref().unwrap_or(""))
+        .map_err(|e| invalid_field("group_by", e))?;
+    let filter = UsageFilter {
+        start,
+        end,
+        customer_id: q.customer_id,
+        model: q.model,
+        tag: tag_filter(q.tag.as_deref())?,
+    };
+    let rows = store(&state)?.aggregate(&filter, &groups, None).await?;
+    let columns = billing::usage_columns(&groups);
+    match q.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(json!({
+            "object": "list",
+            "start": rfc3339(start),
+            "end": rfc3339(end),
+            "data": rows.iter().map(|r| billing::usage_row_json(r, &columns)).collect::<Vec<_>>(),
+        }))
+        .into_response()),
+        "csv" => {
+            let text = billing::usage_csv(&rows, &columns)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response())
+        }
+        other => Err(invalid_field(
+            "format",
+            format!("format `{other}` is not supported; use json or csv"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RecordsQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Parses an export cursor (opaque to clients; a ledger sequence number here).
+pub fn parse_cursor(text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|c| *c >= 0)
+        .ok_or_else(|| format!("`{text}` is not a cursor returned by this API"))
+}
+
+pub(super) async fn usage_records(
+    State(state): State<AppState>,
+    q: Result<Query<RecordsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let after = match q.after.as_deref() {
+        None | Some("") => 0,
+        Some(c) => parse_cursor(c).map_err(|e| invalid_field("after", e))?,
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(invalid_field(
+            "limit",
+            format!("limit {limit} must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    let (records, last) = store(&state)?.records_after(after, limit).await?;
+    let has_more = records.len() as i64 == limit;
+    Ok(Json(json!({
+        "object": "list",
+        "data": records.iter().map(billing::record_json).collect::<Vec<_>>(),
+        "next_cursor": last.map(|c| c.to_string()),
+        "has_more": has_more,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InvoiceQuery {
+    period: Option<String>,
+    /// `key:value`: only records with this tag.
+    tag: Option<String>,
+    /// `tag:KEY`: lines split by the value of this tag.
+    group_by: Option<String>,
+}
+
+pub(super) async fn invoice(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+    q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let period = q.period.unwrap_or_else(billing::current_period);
+    billing::parse_period(&period).map_err(|e| invalid_field("period", e))?;
+    let group_tag = match q.group_by.as_deref() {
+        None | Some("") => None,
+        Some(g) => match g.strip_prefix("tag:") {
+            Some(key) if !key.is_empty() => Some(key.to_string()),
+            _ => {
+                return Err(invalid_field(
+                    "group_by",
+                    format!("invoices group by `tag:KEY` only, not `{g}`"),
+                ))
+            }
+        },
+    };
+    let tag = tag_filter(q.tag.as_deref())?;
+    Ok(Json(
+        billing::invoice_for(store(&state)?, &customer_id, &period, tag, group_tag).await?,
+    ))
+}

@@ -1,0 +1,306 @@
+//! Admission of a billed request: the key may use the model, concurrency slots
+//! (`crate::concurrency`), the request rate, then (with the prompts' real token counts from
+//! `Backend::prepare`) the token rate and the budget, each reserved for the request's maximum;
+//! then the backend streams start under a [`Completion`] guard. Every billed endpoint goes
+//! through [`start`] or [`start_passthrough`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::accounting::Completion;
+use crate::api::openai::Plan;
+use crate::auth::Caller;
+use crate::backend::{Backend, EventStream};
+use crate::error::ApiError;
+use crate::{AppState, RequestId};
+use tollgate_metering::limits::{BudgetHold, TokenHold};
+use tollgate_metering::money::{max_cost_nano_usd, Price};
+use tollgate_metering::store::now_micros;
+use tollgate_metering::tags::Tags;
+
+pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
+    state
+        .backends
+        .get(model)
+        .cloned()
+        .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))
+}
+
+/// Admission: key may use the model, request rate, then (with real token counts) the token
+/// rate and the budget, each reserved for the request's maximum.
+async fn admit(
+    state: &AppState,
+    request_id: &str,
+    caller: &Caller,
+    prompt_tokens: u32,
+    max_output: u64,
+    price: &Price,
+) -> Result<(Option<TokenHold>, Option<BudgetHold>), ApiError> {
+    let limiter = &state.limiter;
+    let tokens = limiter
+        .reserve_tokens(&caller.limits, i64::from(prompt_tokens) + max_output as i64)
+        .await?;
+    let budget = match (caller.budget_nano_usd, caller.key_budget_nano_usd) {
+        (None, None) => None,
+        (customer_budget, key_budget) => {
+            let max_cost = max_cost_nano_usd(price, u64::from(prompt_tokens), max_output);
+            let reserved = limiter
+                .reserve_budgets(
+                    state.store.as_ref(),
+                    request_id,
+                    (&caller.customer_id, customer_budget),
+                    (&caller.key_id, key_budget),
+                    max_cost,
+                )
+                .await;
+            match reserved {
+                Ok(Ok(hold)) => hold,
+                Ok(Err(refusal)) => {
+                    limiter.settle_tokens(&tokens, 0);
+                    return Err(refusal.into());
+                }
+                Err(e) => {
+                    limiter.settle_tokens(&tokens, 0);
+                    tracing::error!("budget lookup failed: {e}");
+                    return Err(ApiError::Unavailable(
+                        "the budget cannot be checked right now; retry shortly".into(),
+                    ));
+                }
+            }
+        }
+    };
+    Ok((Some(tokens), budget))
+}
+
+/// A request admitted and started: its backend streams (one per choice) and the guard that
+/// accounts it.
+pub(crate) struct Started {
+    pub streams: Vec<EventStream>,
+    pub completion: Completion,
+}
+
+/// Checks the key may use the model, admits the request against its rate limits and budgets
+/// (with the prompts' real token counts), and starts every choice. Every billed endpoint
+/// goes through here and its [`Completion`]; the record carries `tags` merged with the key's
+/// default tags.
+pub(crate) async fn start(
+    state: &AppState,
+    id: &RequestId,
+    caller: Caller,
+    plan: &Plan,
+    endpoint: &'static str,
+    tags: Tags,
+) -> Result<Started, ApiError> {
+    let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
+    let backend = backend_for(state, &plan.model)?;
+    if !caller.may_use(&plan.model) {
+        return Err(ApiError::ModelNotAllowed(plan.model.clone()));
+    }
+    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
+    let cap = state
+        .config
+        .models
+        .get(&plan.model)
+        .and_then(|m| m.max_sequences_per_customer);
+    let slots = match cap {
+        Some(limit) => Some(state.inflight.acquire(
+            &caller.customer_id,
+            &plan.model,
+            plan.choices.len(),
+            limit,
+        )?),
+        None => None,
+    };
+    let server_span = server_span(
+        endpoint,
+        &plan.model,
+        &caller.customer_id,
+        plan.choices.first().and_then(|c| c.params.max_tokens),
+    );
+    let t = Instant::now();
+    let limits = crate::server::telemetry::span(|| tracing::info_span!("gateway.limits"));
+    tracing::Instrument::instrument(state.limiter.admit_request(&caller.limits), limits.clone())
+        .await?;
+    let mut admit_time = t.elapsed();
+    let mut prepared = Vec::with_capacity(plan.choices.len());
+    // The backend's own work (tokenizing, templating), left out of the gateway's overhead.
+    let t = Instant::now();
+    for request in &plan.choices {
+        let mut request = request.clone();
+        request.customer = Some(caller.customer_id.clone());
+        prepared.push(backend.prepare(request).await?);
+    }
+    let backend_time = t.elapsed();
+    let price = state
+        .config
+        .models
+        .get(&plan.model)
+        .map(|m| m.price)
+        .unwrap_or_default();
+    // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
+    let n = plan.n.max(1) as usize;
+    let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
+    let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
+    let t = Instant::now();
+    let (tokens_hold, budget_hold) = tracing::Instrument::instrument(
+        admit(state, &id.0, &caller, prompt_tokens, max_output, &price),
+        limits,
+    )
+    .await?;
+    admit_time += t.elapsed();
+    state
+        .metrics
+        .metering_duration
+        .with_label_values(&["admit"])
+        .observe(admit_time.as_secs_f64());
+    let mut completion = Completion {
+        state: state.clone(),
+        caller,
+        model: plan.model.clone(),
+        endpoint,
+        stream: plan.stream,
+        price,
+        request_id: id.0.clone(),
+        started: Instant::now(),
+        started_at: now_micros(),
+        first_token: None,
+        prompts: prepared.iter().map(|p| p.prompt_tokens).collect(),
+        prompts_reported: vec![None; prepared.len()],
+        progress: prepared.iter().map(|p| p.progress.clone()).collect(),
+        cached_reported: vec![None; prepared.len()],
+        cached: prepared.iter().map(|p| p.cached.clone()).collect(),
+        sources: vec![None; prepared.len()],
+        tags,
+        per_prompt: n,
+        generated: vec![0; prepared.len()],
+        finish: None,
+        outcome: "cancelled",
+        tokens_hold,
+        budget_hold,
+        settled: false,
+        overhead: Duration::ZERO,
+        server_span,
+        _slots: slots,
+        _request_slot: request_slot,
+    };
+    completion.overhead = id.1.elapsed().saturating_sub(backend_time);
+    let mut streams = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        match (p.start)() {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                completion.abandon();
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(Started {
+        streams,
+        completion,
+    })
+}
+
+/// Admits one sequence that a backend runs outside the [`Backend`] streams (a Responses API
+/// request passed through to an upstream): the same checks, rate limits and budget
+/// reservation as [`start`], for `prompt_tokens` (an upper bound) and at most `max_output`
+/// tokens. The caller feeds the returned guard what streams by.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each needed once; a struct would only rename them"
+)]
+pub(crate) async fn start_passthrough(
+    state: &AppState,
+    id: &RequestId,
+    caller: Caller,
+    model: &str,
+    stream: bool,
+    prompt_tokens: u32,
+    max_output: u32,
+    endpoint: &'static str,
+    tags: Tags,
+) -> Result<Completion, ApiError> {
+    let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
+    backend_for(state, model)?;
+    if !caller.may_use(model) {
+        return Err(ApiError::ModelNotAllowed(model.to_string()));
+    }
+    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
+    let config = state.config.models.get(model);
+    let slots = match config.and_then(|m| m.max_sequences_per_customer) {
+        Some(limit) => Some(
+            state
+                .inflight
+                .acquire(&caller.customer_id, model, 1, limit)?,
+        ),
+        None => None,
+    };
+    state.limiter.admit_request(&caller.limits).await?;
+    let price = config.map(|m| m.price).unwrap_or_default();
+    let (tokens_hold, budget_hold) = admit(
+        state,
+        &id.0,
+        &caller,
+        prompt_tokens,
+        u64::from(max_output),
+        &price,
+    )
+    .await?;
+    let server_span = server_span(endpoint, model, &caller.customer_id, Some(max_output));
+    Ok(Completion {
+        state: state.clone(),
+        caller,
+        model: model.to_string(),
+        endpoint,
+        stream,
+        price,
+        request_id: id.0.clone(),
+        started: Instant::now(),
+        started_at: now_micros(),
+        first_token: None,
+        prompts: vec![prompt_tokens],
+        prompts_reported: vec![None],
+        progress: vec![None],
+        cached_reported: vec![None],
+        cached: vec![None],
+        sources: vec![None],
+        tags,
+        per_prompt: 1,
+        generated: vec![0],
+        finish: None,
+        outcome: "cancelled",
+        tokens_hold,
+        budget_hold,
+        settled: false,
+        _slots: slots,
+        _request_slot: request_slot,
+        overhead: Duration::ZERO,
+        server_span,
+    })
+}
+
+/// The request's server span (when traces are exported), named and given the GenAI request
+/// attributes; the guard records the usage and finish reasons on it when the request ends.
+fn server_span(
+    endpoint: &str,
+    model: &str,
+    customer_id: &str,
+    max_tokens: Option<u32>,
+) -> tracing::Span {
+    if !crate::server::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::Span::current();
+    let operation = if endpoint == "/v1/completions" {
+        "text_completion"
+    } else {
+        "chat"
+    };
+    span.record("gen_ai.operation.name", operation);
+    span.record("gen_ai.request.model", model);
+    crate::server::telemetry::rename(&span, format!("{operation} {model}"));
+    span.record("tollgate.customer_id", customer_id);
+    if let Some(max) = max_tokens {
+        span.record("gen_ai.request.max_tokens", i64::from(max));
+    }
+    span
+}

@@ -1,0 +1,27 @@
+//! `GET /v1/models` and `GET /v1/models/{id}`: the models this gateway serves.
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::api::admission::backend_for;
+use crate::error::ApiError;
+use crate::AppState;
+
+fn model_json(info: &crate::backend::ModelInfo) -> Value {
+    json!({"id": info.id, "object": "model", "created": info.created, "owned_by": info.owned_by})
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
+    let mut models: Vec<_> = state.backends.values().map(|b| b.info()).collect();
+    models.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(json!({"object": "list", "data": models.iter().map(model_json).collect::<Vec<_>>()}))
+}
+
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let backend = backend_for(&state, &id)?;
+    Ok(Json(model_json(&backend.info())))
+}

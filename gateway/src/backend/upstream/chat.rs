@@ -1,0 +1,367 @@
+//! One chat or text completion over an upstream: the request body it is sent as (tools,
+//! response_format, logprobs passed through), and the reading of its SSE chunks into the
+//! gateway's events, counting what streams by and settling the upstream's `usage` against
+//! that count. Retrying on another member is [`super::failover`]'s.
+
+use std::sync::Arc;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::failover::{failover, Read};
+use super::Member;
+use crate::backend::{
+    ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest, LogprobEntry, Prompt,
+    ResponseFormat, TokenCounter, TokenLogprob, ToolChoice, Usage, UsageSource,
+};
+
+/// An upper bound of the prompt's tokens without the upstream's tokenizer: every token of a
+/// byte-level BPE covers at least one byte, plus a few template tokens per message.
+pub(super) fn prompt_bound(prompt: &Prompt) -> u32 {
+    let n = match prompt {
+        Prompt::Chat(messages) => {
+            messages
+                .iter()
+                .map(|m| m.content.len() + m.role.len() + 8)
+                .sum::<usize>()
+                + 8
+        }
+        Prompt::Text(text) => text.len() + 2,
+    };
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// One message in OpenAI's shape.
+fn message_json(m: &ChatMessage) -> Value {
+    let mut v = json!({"role": m.role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        v["tool_calls"] = json!(m
+            .tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect::<Vec<_>>());
+        if m.content.is_empty() {
+            v["content"] = Value::Null;
+        }
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = json!(id);
+    }
+    v
+}
+
+/// Logprob entries of one chunk, from the chat (`logprobs.content`) or the legacy
+/// (`logprobs.tokens` / `token_logprobs` / `top_logprobs`) shape.
+fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
+    let lp = &choice["logprobs"];
+    let token = |v: &Value| TokenLogprob {
+        token: v["token"].as_str().unwrap_or_default().to_string(),
+        logprob: v["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+        bytes: v["bytes"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .filter_map(|x| x.as_u64().and_then(|x| u8::try_from(x).ok()))
+                    .collect()
+            })
+            .unwrap_or_else(|| v["token"].as_str().unwrap_or_default().as_bytes().to_vec()),
+    };
+    if let Some(content) = lp["content"].as_array() {
+        return content
+            .iter()
+            .map(|e| LogprobEntry {
+                chosen: token(e),
+                top: e["top_logprobs"]
+                    .as_array()
+                    .map(|t| t.iter().map(token).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+    }
+    let (Some(tokens), Some(values)) = (lp["tokens"].as_array(), lp["token_logprobs"].as_array())
+    else {
+        return Vec::new();
+    };
+    tokens
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, (t, v))| {
+            let text = t.as_str().unwrap_or_default();
+            LogprobEntry {
+                chosen: TokenLogprob {
+                    token: text.to_string(),
+                    logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                    bytes: text.as_bytes().to_vec(),
+                },
+                top: lp["top_logprobs"][i]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| TokenLogprob {
+                                token: k.clone(),
+                                logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                                bytes: k.as_bytes().to_vec(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// The OpenAI request body for one sequence.
+pub(super) fn request_body(model: &str, request: &GenerateRequest) -> (String, Value) {
+    let p = &request.params;
+    let mut body = json!({
+        "model": model,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+    });
+    let path = match &request.prompt {
+        Prompt::Chat(messages) => {
+            body["messages"] = json!(messages.iter().map(message_json).collect::<Vec<_>>());
+            if let Some(t) = &request.tools {
+                body["tools"] = json!(t
+                    .tools
+                    .iter()
+                    .map(|d| {
+                        let mut f = json!({"name": d.name, "parameters": d.parameters});
+                        if let Some(desc) = &d.description {
+                            f["description"] = json!(desc);
+                        }
+                        if let Some(strict) = d.strict {
+                            f["strict"] = json!(strict);
+                        }
+                        json!({"type": "function", "function": f})
+                    })
+                    .collect::<Vec<_>>());
+                body["tool_choice"] = match &t.choice {
+                    ToolChoice::None => json!("none"),
+                    ToolChoice::Auto => json!("auto"),
+                    ToolChoice::Required => json!("required"),
+                    ToolChoice::Function(name) => {
+                        json!({"type": "function", "function": {"name": name}})
+                    }
+                };
+                body["parallel_tool_calls"] = json!(t.parallel);
+            }
+            if let Some(k) = p.logprobs {
+                body["logprobs"] = json!(true);
+                body["top_logprobs"] = json!(k);
+            }
+            "/v1/chat/completions"
+        }
+        Prompt::Text(text) => {
+            body["prompt"] = json!(text);
+            if let Some(k) = p.logprobs {
+                body["logprobs"] = json!(k);
+            }
+            "/v1/completions"
+        }
+    };
+    match &request.response_format {
+        ResponseFormat::Text => {}
+        ResponseFormat::JsonObject => body["response_format"] = json!({"type": "json_object"}),
+        ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => {
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": strict},
+            })
+        }
+    }
+    if let Some(m) = p.max_tokens {
+        body["max_tokens"] = json!(m);
+    }
+    if let Some(s) = p.seed {
+        body["seed"] = json!(s);
+    }
+    if !p.stop.is_empty() {
+        body["stop"] = json!(p.stop);
+    }
+    if p.frequency_penalty != 0.0 {
+        body["frequency_penalty"] = json!(p.frequency_penalty);
+    }
+    if p.presence_penalty != 0.0 {
+        body["presence_penalty"] = json!(p.presence_penalty);
+    }
+    if p.top_k > 0 {
+        body["top_k"] = json!(p.top_k);
+    }
+    if p.repetition_penalty != 1.0 {
+        body["repetition_penalty"] = json!(p.repetition_penalty);
+    }
+    (path.to_string(), body)
+}
+
+fn finish_reason(text: &str) -> FinishReason {
+    match text {
+        "length" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
+        _ => FinishReason::Stop,
+    }
+}
+
+/// A finished sequence's usage from the upstream's `usage` object (if it sent one), never
+/// below what the gateway observed: an output figure that is missing, not a number, or
+/// smaller than the output tokens seen streaming by (`observed`: counted with the model's
+/// tokenizer, or one per chunk) is replaced by that count,
+/// and the usage says so ([`UsageSource::Observed`]). A missing prompt figure is the
+/// gateway's upper bound of the prompt.
+pub(super) fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, observed: u32) -> Usage {
+    let number = |v: &Value| v.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    let Some(u) = usage else {
+        return Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: observed,
+            cached_tokens: 0,
+            source: UsageSource::Observed,
+        };
+    };
+    let prompt_tokens = number(&u["prompt_tokens"]).unwrap_or(prompt_estimate);
+    let reported = number(&u["completion_tokens"]);
+    let (completion_tokens, source) = match reported {
+        Some(n) if n >= observed => (n, UsageSource::Upstream),
+        _ => (observed, UsageSource::Observed),
+    };
+    let cached_tokens = number(&u["prompt_tokens_details"]["cached_tokens"])
+        .unwrap_or(0)
+        .min(prompt_tokens);
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        source,
+    }
+}
+
+/// Tokens one chunk of output adds: counted with the tokenizer, at least one.
+pub(super) fn tokens_of(counter: Option<&dyn TokenCounter>, text: &str) -> u32 {
+    match counter {
+        Some(c) if !text.is_empty() => c.count(text).max(1),
+        _ => 1,
+    }
+}
+
+/// Streams one sequence from the best member, retrying on others until the first event.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    client: reqwest::Client,
+    candidates: Vec<Arc<Member>>,
+    api_key: Option<String>,
+    path: String,
+    body: Value,
+    prompt_estimate: u32,
+    parent: tracing::Span,
+    counter: Option<Arc<dyn TokenCounter>>,
+) -> EventStream {
+    // One client span per attempt.
+    let call_span = move |member: &Member| {
+        crate::server::telemetry::span(|| {
+            tracing::info_span!(
+                parent: &parent,
+                "upstream.call",
+                otel.name = "upstream call",
+                otel.kind = "client",
+                server.address = %member.base,
+                http.response.status_code = tracing::field::Empty,
+            )
+        })
+    };
+    let read = move |member: &Member, response: reqwest::Response| {
+        let counter = counter.clone();
+        let base = member.base.clone();
+        async_stream::stream! {
+            let count = |text: &str| tokens_of(counter.as_deref(), text);
+            let mut events = response.bytes_stream().eventsource();
+            let mut started = false;
+            // Output tokens seen streaming by (see `tokens_of`).
+            let mut observed = 0u32;
+            let mut finish = None;
+            let mut usage: Option<Value> = None;
+            let mut failure = None;
+            while let Some(event) = events.next().await {
+                let data = match event {
+                    Ok(e) => e.data,
+                    Err(e) => {
+                        failure = Some(format!("{base}: stream broken: {e}"));
+                        break;
+                    }
+                };
+                if data.trim() == "[DONE]" {
+                    break;
+                }
+                let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+                    failure = Some(format!("{base}: unreadable event `{data}`"));
+                    break;
+                };
+                if let Some(message) = chunk["error"]["message"].as_str() {
+                    failure = Some(format!("{base}: {message}"));
+                    break;
+                }
+                // Started once the upstream produced something (a role-only first chunk does
+                // not count: until text arrives the request can still move elsewhere).
+                let choice = chunk["choices"].get(0);
+                let text = choice
+                    .and_then(|c| c["delta"]["content"].as_str().or_else(|| c["text"].as_str()))
+                    .unwrap_or("");
+                let finished_here = choice.is_some_and(|c| c["finish_reason"].is_string());
+                let calls = choice
+                    .and_then(|c| c["delta"]["tool_calls"].as_array())
+                    .cloned()
+                    .unwrap_or_default();
+                if !started && (!text.is_empty() || finished_here || !calls.is_empty()) {
+                    started = true;
+                    yield Read::Event(GenerateEvent::Started { prompt_tokens: prompt_estimate });
+                }
+                if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+                    usage = Some(u.clone());
+                }
+                let Some(choice) = choice else { continue };
+                let logprobs = chunk_logprobs(choice);
+                if !text.is_empty() || !logprobs.is_empty() || !calls.is_empty() {
+                    let arguments: String = calls
+                        .iter()
+                        .filter_map(|c| c["function"]["arguments"].as_str())
+                        .collect();
+                    observed = observed.saturating_add(count(&format!("{text}{arguments}")));
+                    yield Read::Event(GenerateEvent::Delta {
+                        text: text.to_string(),
+                        logprobs,
+                        completion_tokens: observed,
+                    });
+                }
+                for call in &calls {
+                    yield Read::Event(GenerateEvent::ToolCallDelta {
+                        index: call["index"].as_u64().and_then(|i| u32::try_from(i).ok()).unwrap_or(0),
+                        id: call["id"].as_str().map(str::to_string),
+                        name: call["function"]["name"].as_str().map(str::to_string),
+                        arguments: call["function"]["arguments"].as_str().unwrap_or_default().to_string(),
+                    });
+                }
+                if let Some(f) = choice["finish_reason"].as_str() {
+                    finish = Some(finish_reason(f));
+                }
+            }
+            if failure.is_none() && finish.is_none() {
+                failure = Some(format!("{base}: the stream ended without a finish reason"));
+            }
+            if failure.is_none() {
+                let usage = settled_usage(usage.as_ref(), prompt_estimate, observed);
+                yield Read::Event(GenerateEvent::Finished { reason: finish.unwrap_or(FinishReason::Stop), usage });
+            }
+            yield Read::End { started, failure };
+        }
+    };
+    Box::pin(failover(
+        client, candidates, api_key, path, body, "token", call_span, read,
+    ))
+}

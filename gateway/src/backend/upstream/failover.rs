@@ -1,0 +1,184 @@
+//! Failover, shared by chat streams and Responses passthrough: the members are tried best
+//! first; one that refuses with a 5xx or 429, cannot be reached, or breaks off before its first
+//! output is skipped (and, but for a 503 or 429, marked down) and the next one tried. Once
+//! output has streamed, a failure ends the stream with [`BackendError::Broken`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+
+use super::Member;
+use crate::backend::BackendError;
+
+/// Releases a member's in-flight slot when the stream ends or is dropped.
+struct InFlight(Arc<Member>);
+
+impl InFlight {
+    fn new(m: Arc<Member>) -> Self {
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(m)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What one upstream attempt ended with before its first event.
+enum Attempt {
+    Stream(reqwest::Response),
+    /// Try another member.
+    Retry(String),
+    /// Final: the request itself was refused (4xx other than 429).
+    Refused(BackendError),
+}
+
+async fn attempt(
+    client: &reqwest::Client,
+    member: &Member,
+    api_key: Option<&str>,
+    path: &str,
+    body: &Value,
+    call: &tracing::Span,
+) -> Attempt {
+    let mut req = client
+        .post(format!("{}{path}", member.base))
+        .json(body)
+        .headers(crate::server::telemetry::propagation_headers(call));
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let response = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            member.healthy.store(false, Ordering::Relaxed);
+            return Attempt::Retry(format!("{}: {e}", member.base));
+        }
+    };
+    let status = response.status();
+    call.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_success() {
+        return Attempt::Stream(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    let error = serde_json::from_str::<Value>(&text).ok();
+    let param = error
+        .as_ref()
+        .and_then(|v| v["error"]["param"].as_str().map(str::to_string));
+    let message = error
+        .as_ref()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    if status.is_server_error() || status.as_u16() == 429 {
+        if status.is_server_error() && status.as_u16() != 503 {
+            member.healthy.store(false, Ordering::Relaxed);
+        }
+        return Attempt::Retry(format!("{}: {status}: {message}", member.base));
+    }
+    // The upstream's own `param` locates the field in the same request body.
+    Attempt::Refused(BackendError::InvalidRequest {
+        message: format!("the upstream refused the request ({status}): {message}"),
+        param,
+    })
+}
+
+/// What reading one member's answer yields: its events as they come, then how it ended.
+pub(super) enum Read<T> {
+    Event(T),
+    /// The answer is over: whether output reached the client (after that, trying another
+    /// member is no longer possible), and what went wrong if it did not end properly.
+    End {
+        started: bool,
+        failure: Option<String>,
+    },
+}
+
+/// Sends `body` to `path` on `candidates`, best first, relaying the events `read` makes of the
+/// first answer; an attempt that fails before its first output (`first` names it in the logs)
+/// moves on to the next member. When every member failed, the stream ends with
+/// [`BackendError::Overloaded`] if each of them was busy (429 or 503), else
+/// [`BackendError::Unavailable`]. `call_span` is the span an attempt runs in; its context goes
+/// upstream as `traceparent`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts and the two ways its kinds differ, each needed once"
+)]
+pub(super) fn failover<T, S>(
+    client: reqwest::Client,
+    candidates: Vec<Arc<Member>>,
+    api_key: Option<String>,
+    path: String,
+    body: Value,
+    first: &'static str,
+    call_span: impl Fn(&Member) -> tracing::Span + Send + 'static,
+    read: impl Fn(&Member, reqwest::Response) -> S + Send + 'static,
+) -> impl Stream<Item = Result<T, BackendError>> + Send + 'static
+where
+    T: Send + 'static,
+    S: Stream<Item = Read<T>> + Send + 'static,
+{
+    async_stream::stream! {
+        let mut errors = Vec::new();
+        let mut overloaded = 0;
+        for member in candidates {
+            let slot = InFlight::new(member.clone());
+            // Open while the answer is read.
+            let call = call_span(&member);
+            let response = match attempt(&client, &member, api_key.as_deref(), &path, &body, &call).await {
+                Attempt::Stream(r) => r,
+                Attempt::Retry(e) => {
+                    tracing::warn!("upstream attempt failed, trying another: {e}");
+                    if e.contains("429") || e.contains("503") {
+                        overloaded += 1;
+                    }
+                    errors.push(e);
+                    continue;
+                }
+                Attempt::Refused(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+            let mut answer = std::pin::pin!(read(&member, response));
+            // A reader always ends with `End`; one that did not is taken as a clean end.
+            let mut end = (true, None);
+            while let Some(step) = answer.next().await {
+                match step {
+                    Read::Event(event) => yield Ok(event),
+                    Read::End { started, failure } => {
+                        end = (started, failure);
+                        break;
+                    }
+                }
+            }
+            match end {
+                (false, Some(e)) => {
+                    // Nothing reached the client: another member may still serve it.
+                    member.healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!("upstream failed before its first {first}, trying another: {e}");
+                    errors.push(e);
+                    drop(slot);
+                    continue;
+                }
+                (true, Some(e)) => {
+                    member.healthy.store(false, Ordering::Relaxed);
+                    yield Err(BackendError::Broken(e));
+                    return;
+                }
+                (_, None) => {
+                    drop(slot);
+                    return;
+                }
+            }
+        }
+        if overloaded > 0 && overloaded == errors.len() {
+            yield Err(BackendError::Overloaded { retry_after_secs: 1 });
+        } else {
+            yield Err(BackendError::Unavailable(format!("every upstream failed: {}", errors.join("; "))));
+        }
+    }
+}

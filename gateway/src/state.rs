@@ -1,0 +1,101 @@
+//! The state every handler shares ([`AppState`]): configuration, backends, the store, ledger
+//! and limiter, and the bookkeeping of requests in flight. Built once at start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::api::admin_tokens;
+use crate::auth::AuthConfig;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::server::metrics::Metrics;
+use crate::{alerts, concurrency, console};
+use tollgate_metering::ledger::{Ledger, LedgerGauges};
+use tollgate_metering::limits::Limiter;
+use tollgate_metering::store::Store;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub backends: Arc<HashMap<String, Arc<dyn Backend>>>,
+    pub auth: AuthConfig,
+    /// Behind an `Arc`: the state is cloned several times per request, the metrics are many
+    /// handles.
+    pub metrics: Arc<Metrics>,
+    /// Customers, keys and the ledger; `None` runs without metering (static keys only).
+    pub store: Option<Store>,
+    pub ledger: Option<Ledger>,
+    pub limiter: Limiter,
+    /// `TOLLGATE_ADMIN_TOKEN`; the admin API is off without it.
+    pub admin_token: Option<Arc<str>>,
+    /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
+    pub inflight: Arc<concurrency::InFlight>,
+    /// Signed-in console sessions.
+    pub console: Arc<console::Sessions>,
+    /// Work that outlives its request (idempotent requests run to completion without their
+    /// client); drained at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Cancelled at the end of shutdown: stops background work (alert delivery).
+    pub background: tokio_util::sync::CancellationToken,
+    /// Requests in flight per customer and per key, for `max_concurrent_requests`.
+    pub inflight_requests: Arc<concurrency::InFlightRequests>,
+    /// Failed admin authentications per client address.
+    pub admin_failures: Arc<admin_tokens::FailedAuth>,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        backends: HashMap<String, Arc<dyn Backend>>,
+        auth: AuthConfig,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            config: Arc::new(config),
+            backends: Arc::new(backends),
+            auth,
+            metrics: Arc::new(Metrics::new()?),
+            store: None,
+            ledger: None,
+            limiter: Limiter::default(),
+            admin_token: None,
+            inflight: Arc::default(),
+            console: Arc::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            background: tokio_util::sync::CancellationToken::new(),
+            inflight_requests: Arc::default(),
+            admin_failures: Arc::default(),
+        })
+    }
+
+    /// Meters every request into `store`, through a ledger spooled at `spool_path` and synced
+    /// as `sync` says. On
+    /// PostgreSQL the rate limits and budgets are shared with every replica on that database.
+    pub fn with_billing(
+        mut self,
+        store: Store,
+        spool_path: &std::path::Path,
+        sync: tollgate_metering::ledger::SpoolSync,
+    ) -> anyhow::Result<Self> {
+        let gauges = LedgerGauges {
+            pending: self.metrics.ledger_pending.clone(),
+            spooled: self.metrics.ledger_spooled.clone(),
+        };
+        self.ledger = Some(Ledger::start(store.clone(), spool_path, sync, gauges)?);
+        // Budget alerts: delivered from the outbox until shutdown.
+        let deliverer = alerts::Deliverer::new(store.clone(), alerts::DeliveryConfig::default())?;
+        tokio::spawn(deliverer.run(self.background.clone()));
+        if store.kind() == tollgate_metering::store::DbKind::Postgres {
+            // Replicas share the database: limits and budgets are kept there, exact across them.
+            self.limiter = Limiter::shared(store.clone());
+        }
+        self.store = Some(store);
+        Ok(self)
+    }
+
+    /// Enables the admin API with this bearer token (ignored when empty).
+    pub fn with_admin_token(mut self, token: Option<String>) -> Self {
+        self.admin_token = token.filter(|t| !t.is_empty()).map(Arc::from);
+        self
+    }
+}

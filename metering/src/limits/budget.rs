@@ -1,0 +1,320 @@
+//! Budgets, per customer and per key: a request reserves its maximum cost before it runs and
+//! settles on its actual cost after (see the module above). Each scope's month of spending is
+//! read from the ledger once, then kept current in memory; on a shared database the
+//! reservation is kept there instead (`crate::shared_limits`).
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::{spawn, warn_fallback, Limiter, Refusal};
+use crate::periods::month_bounds;
+use crate::shared_limits::{self, key_hold_id, key_scope};
+use crate::store::{Store, StoreResult};
+
+#[derive(Debug)]
+pub(super) struct BudgetState {
+    period_start: i64,
+    spent: i64,
+    reserved: i64,
+}
+
+/// A budget reservation to settle when the request ends.
+#[derive(Debug, Clone)]
+pub struct BudgetHold {
+    customer_id: String,
+    period_start: i64,
+    amount: i64,
+    /// Held in the shared database under this id (the request id); the usage record's arrival
+    /// in the ledger releases it.
+    shared: Option<String>,
+    /// The same request's hold on its key's own budget (scope [`key_scope`]).
+    key: Option<Box<BudgetHold>>,
+}
+
+impl Limiter {
+    /// Reserves `amount` nano-USD of a customer's monthly `budget`.
+    pub async fn reserve_budget(
+        &self,
+        store: Option<&Store>,
+        hold_id: &str,
+        customer_id: &str,
+        budget: i64,
+        amount: i64,
+    ) -> StoreResult<Result<BudgetHold, Refusal>> {
+        self.reserve_scope(
+            store,
+            hold_id,
+            customer_id,
+            "monthly budget",
+            budget,
+            amount,
+        )
+        .await
+    }
+
+    /// Reserves `amount` of the customer's budget (when it has one) and of the key's own
+    /// budget (when it has one), as one hold; `Ok(Ok(None))` when neither has a budget. A
+    /// refusal of the key's budget gives the customer's reservation back.
+    pub async fn reserve_budgets(
+        &self,
+        store: Option<&Store>,
+        request_id: &str,
+        customer: (&str, Option<i64>),
+        key: (&str, Option<i64>),
+        amount: i64,
+    ) -> StoreResult<Result<Option<BudgetHold>, Refusal>> {
+        let customer_hold = match customer.1 {
+            None => None,
+            Some(budget) => {
+                match self
+                    .reserve_budget(store, request_id, customer.0, budget, amount)
+                    .await?
+                {
+                    Ok(hold) => Some(hold),
+                    Err(refusal) => return Ok(Err(refusal)),
+                }
+            }
+        };
+        let Some(key_budget) = key.1 else {
+            return Ok(Ok(customer_hold));
+        };
+        let label = format!("monthly budget of key {}", key.0);
+        let key_hold = self
+            .reserve_scope(
+                store,
+                &key_hold_id(request_id),
+                &key_scope(key.0),
+                &label,
+                key_budget,
+                amount,
+            )
+            .await;
+        match (key_hold, customer_hold) {
+            (Ok(Ok(k)), Some(mut c)) => {
+                c.key = Some(Box::new(k));
+                Ok(Ok(Some(c)))
+            }
+            (Ok(Ok(k)), None) => Ok(Ok(Some(k))),
+            (other, customer_hold) => {
+                if let Some(c) = &customer_hold {
+                    self.release_budget(c);
+                }
+                match other {
+                    Ok(Err(refusal)) => Ok(Err(refusal)),
+                    Err(e) => Err(e),
+                    Ok(Ok(_)) => Ok(Ok(None)),
+                }
+            }
+        }
+    }
+
+    /// Reserves `amount` nano-USD of `scope`'s monthly `budget` (`label` names it in a refusal).
+    async fn reserve_scope(
+        &self,
+        store: Option<&Store>,
+        hold_id: &str,
+        customer_id: &str,
+        label: &str,
+        budget: i64,
+        amount: i64,
+    ) -> StoreResult<Result<BudgetHold, Refusal>> {
+        let now = Utc::now().timestamp_micros();
+        let (period_start, next) = month_bounds(now);
+        let quota = |committed: i64| {
+            Refusal::Quota {
+            message: format!(
+                "you exceeded your current quota: this request may cost up to {} USD, and {} USD of the {} USD {label} is spent or reserved",
+                crate::money::format_usd(amount),
+                crate::money::format_usd(committed),
+                crate::money::format_usd(budget),
+            ),
+            retry_after: Duration::from_micros((next - now).max(0) as u64),
+        }
+        };
+        if let Some(shared) = self.shared.as_ref().filter(|s| !s.is_down()) {
+            let checked = shared_limits::hold_budget(
+                shared.pool(),
+                hold_id,
+                customer_id,
+                period_start,
+                budget,
+                amount,
+            )
+            .await;
+            shared.observe(&checked);
+            match checked {
+                Ok(check) => {
+                    // This replica's view, for when the database cannot be asked.
+                    let committed = check.committed_before + if check.held { amount } else { 0 };
+                    self.budgets
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(
+                            customer_id.to_string(),
+                            BudgetState {
+                                period_start,
+                                spent: committed,
+                                reserved: 0,
+                            },
+                        );
+                    if !check.held {
+                        return Ok(Err(quota(check.committed_before)));
+                    }
+                    return Ok(Ok(BudgetHold {
+                        customer_id: customer_id.to_string(),
+                        period_start,
+                        amount,
+                        shared: Some(hold_id.to_string()),
+                        key: None,
+                    }));
+                }
+                Err(e) => warn_fallback(&e),
+            }
+        }
+        let known = {
+            let budgets = self
+                .budgets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            budgets
+                .get(customer_id)
+                .is_some_and(|b| b.period_start == period_start)
+        };
+        if !known {
+            let spent = match store {
+                Some(s) => s.spent_since(customer_id, period_start).await?,
+                None => 0,
+            };
+            let mut budgets = self
+                .budgets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = budgets.entry(customer_id.to_string());
+            let state = entry.or_insert(BudgetState {
+                period_start,
+                spent,
+                reserved: 0,
+            });
+            if state.period_start != period_start {
+                *state = BudgetState {
+                    period_start,
+                    spent,
+                    reserved: 0,
+                };
+            }
+        }
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(state) = budgets.get_mut(customer_id) else {
+            return Ok(Ok(BudgetHold {
+                customer_id: customer_id.to_string(),
+                period_start,
+                amount: 0,
+                shared: None,
+                key: None,
+            }));
+        };
+        if state.spent + state.reserved + amount > budget {
+            return Ok(Err(quota(state.spent + state.reserved)));
+        }
+        state.reserved += amount;
+        Ok(Ok(BudgetHold {
+            customer_id: customer_id.to_string(),
+            period_start,
+            amount,
+            shared: None,
+            key: None,
+        }))
+    }
+
+    /// Replaces a budget reservation by the actual cost. A shared hold is released by its
+    /// usage record reaching the ledger instead.
+    pub fn settle_budget(&self, hold: &BudgetHold, actual: i64) {
+        if let Some(key) = &hold.key {
+            self.settle_budget(key, actual);
+        }
+        if hold.shared.is_some() {
+            return;
+        }
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(state) = budgets.get_mut(&hold.customer_id) {
+            if state.period_start == hold.period_start {
+                state.reserved -= hold.amount;
+                state.spent += actual;
+            }
+        }
+    }
+
+    /// Gives a reservation back whole: its request never reached a model, so no usage record
+    /// will follow.
+    pub fn release_budget(&self, hold: &BudgetHold) {
+        if let Some(key) = &hold.key {
+            self.release_budget(key);
+        }
+        match (&hold.shared, &self.shared) {
+            (Some(id), Some(store)) => {
+                let (store, id) = (store.clone(), id.clone());
+                spawn(async move {
+                    if let Err(e) = shared_limits::release_hold(store.pool(), &id).await {
+                        tracing::warn!(
+                            "cannot release budget hold {id} (it expires by itself): {e}"
+                        );
+                    }
+                });
+            }
+            _ => {
+                let mut alone = hold.clone();
+                alone.key = None;
+                self.settle_budget(&alone, 0);
+            }
+        }
+    }
+
+    /// Settles a request's spending: its holds (customer and key) by the actual cost, and the
+    /// scopes it held nothing against noted, so a budget set later starts from the right
+    /// figure.
+    pub fn settle_spend(
+        &self,
+        hold: Option<&BudgetHold>,
+        customer_id: &str,
+        key_id: &str,
+        started_at: i64,
+        actual: i64,
+    ) {
+        let mut held = Vec::new();
+        let mut next = hold;
+        while let Some(h) = next {
+            held.push(h.customer_id.clone());
+            next = h.key.as_deref();
+        }
+        if let Some(h) = hold {
+            self.settle_budget(h, actual);
+        }
+        for scope in [customer_id.to_string(), key_scope(key_id)] {
+            if !held.contains(&scope) {
+                self.note_spent(&scope, started_at, actual);
+            }
+        }
+    }
+
+    /// Records spending that had no reservation (customers without a budget), so a budget
+    /// set later in the month starts from the right figure.
+    pub fn note_spent(&self, customer_id: &str, started_at: i64, actual: i64) {
+        let (period_start, _) = month_bounds(started_at);
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(state) = budgets.get_mut(customer_id) {
+            if state.period_start == period_start {
+                state.spent += actual;
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Customers: who pays, with their budgets and limits. Every change is audited in its own
+//! transaction (`crate::audit`).
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{is_unique_violation, now_micros, Store, StoreError, StoreResult};
+use crate::audit::{self, Action, Actor, Change};
+use crate::money::format_usd;
+
+/// A customer: who pays. Limits are optional (`None` = unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    pub name: String,
+    pub budget_nano_usd: Option<i64>,
+    pub budget_period: String,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub created_at: i64,
+    /// Requests in flight at once across the customer's keys; `None` = no cap.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<i64>,
+}
+
+/// Fields of a new or patched customer.
+#[derive(Debug, Clone, Default)]
+pub struct CustomerFields {
+    pub name: Option<String>,
+    /// `Some(None)` clears the budget.
+    pub budget_nano_usd: Option<Option<i64>>,
+    pub budget_period: Option<String>,
+    pub rpm: Option<Option<i64>>,
+    pub tpm: Option<Option<i64>>,
+    /// `Some(None)` clears the cap.
+    pub max_concurrent_requests: Option<Option<i64>>,
+}
+
+const CUSTOMER_COLUMNS: &str =
+    "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at, max_concurrent_requests";
+
+fn customer(row: &AnyRow) -> StoreResult<Customer> {
+    Ok(Customer {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        budget_nano_usd: row.try_get("budget_nano_usd")?,
+        budget_period: row.try_get("budget_period")?,
+        rpm: row.try_get("rpm")?,
+        tpm: row.try_get("tpm")?,
+        created_at: row.try_get("created_at")?,
+        max_concurrent_requests: row.try_get("max_concurrent_requests")?,
+    })
+}
+
+/// A customer's fields as the audit log shows them (money as decimal USD).
+fn audited_customer(c: &Customer) -> serde_json::Value {
+    serde_json::json!({
+        "name": c.name,
+        "budget_usd": c.budget_nano_usd.map(format_usd),
+        "budget_period": c.budget_period,
+        "rpm": c.rpm,
+        "tpm": c.tpm,
+    })
+}
+
+impl Store {
+    pub async fn create_customer(
+        &self,
+        id: &str,
+        fields: CustomerFields,
+        actor: &Actor,
+    ) -> StoreResult<Customer> {
+        let c = Customer {
+            id: id.to_string(),
+            name: fields.name.unwrap_or_else(|| id.to_string()),
+            budget_nano_usd: fields.budget_nano_usd.flatten(),
+            budget_period: fields.budget_period.unwrap_or_else(|| "monthly".into()),
+            rpm: fields.rpm.flatten(),
+            tpm: fields.tpm.flatten(),
+            created_at: now_micros(),
+            max_concurrent_requests: fields.max_concurrent_requests.flatten(),
+        };
+        let mut tx = self.write_tx().await?;
+        let result = sqlx::query(&format!(
+            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(c.budget_nano_usd)
+        .bind(&c.budget_period)
+        .bind(c.rpm)
+        .bind(c.tpm)
+        .bind(c.created_at)
+        .bind(c.max_concurrent_requests)
+        .execute(&mut *tx)
+        .await;
+        match result {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!(
+                    "customer `{id}` already exists"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let change = Change {
+            action: Action::CustomerCreated,
+            target_id: c.id.clone(),
+            changes: audited_customer(&c),
+        };
+        audit::record(&mut tx, self.kind, actor, &change).await?;
+        tx.commit().await?;
+        Ok(c)
+    }
+
+    /// Creates the customer unless it exists (for the built-in `default` customer).
+    pub async fn ensure_customer(&self, id: &str, name: &str) -> StoreResult<()> {
+        let fields = CustomerFields {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        match self.create_customer(id, fields, &Actor::system()).await {
+            Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list_customers(&self) -> StoreResult<Vec<Customer>> {
+        sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(customer)
+        .collect()
+    }
+
+    /// One customer. On the request path: fails at once while the database is considered
+    /// down.
+    pub async fn customer(&self, id: &str) -> StoreResult<Customer> {
+        if self.is_down() {
+            return Err(StoreError::Down);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await;
+        self.observe(&row);
+        let row = row?;
+        match row {
+            Some(row) => customer(&row),
+            None => Err(StoreError::NotFound(format!("no customer `{id}`"))),
+        }
+    }
+
+    pub async fn update_customer(
+        &self,
+        id: &str,
+        fields: CustomerFields,
+        actor: &Actor,
+    ) -> StoreResult<Customer> {
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("no customer `{id}`")));
+        };
+        let before = customer(&row)?;
+        let mut c = before.clone();
+        if let Some(name) = fields.name {
+            c.name = name;
+        }
+        if let Some(budget) = fields.budget_nano_usd {
+            c.budget_nano_usd = budget;
+        }
+        if let Some(period) = fields.budget_period {
+            c.budget_period = period;
+        }
+        if let Some(rpm) = fields.rpm {
+            c.rpm = rpm;
+        }
+        if let Some(tpm) = fields.tpm {
+            c.tpm = tpm;
+        }
+        if let Some(cap) = fields.max_concurrent_requests {
+            c.max_concurrent_requests = cap;
+        }
+        sqlx::query(
+            "UPDATE customers SET name = $2, budget_nano_usd = $3, budget_period = $4, \
+             rpm = $5, tpm = $6, max_concurrent_requests = $7 WHERE id = $1",
+        )
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(c.budget_nano_usd)
+        .bind(&c.budget_period)
+        .bind(c.rpm)
+        .bind(c.tpm)
+        .bind(c.max_concurrent_requests)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(changes) = audit::diff(&audited_customer(&before), &audited_customer(&c)) {
+            let change = Change {
+                action: Action::CustomerUpdated,
+                target_id: c.id.clone(),
+                changes,
+            };
+            audit::record(&mut tx, self.kind, actor, &change).await?;
+        }
+        tx.commit().await?;
+        Ok(c)
+    }
+}

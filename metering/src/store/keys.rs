@@ -1,0 +1,303 @@
+//! API keys: a customer's keys, stored as the SHA-256 of their secret, with their models,
+//! limits, budgets and tags. Every change is audited in its own transaction (`crate::audit`).
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{now_micros, stored_tags, Customer, Store, StoreError, StoreResult};
+use crate::audit::{self, Action, Actor, Change};
+use crate::money::format_usd;
+use crate::tags::{self, Tags};
+
+/// An API key without its secret (only the SHA-256 of the secret is stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub customer_id: String,
+    pub name: String,
+    /// The first characters of the secret, to recognise it in lists.
+    pub key_prefix: String,
+    /// Models the key may use; `None` = all.
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+    /// Default cost-allocation tags of the key's records.
+    #[serde(default)]
+    pub tags: Tags,
+    /// The key's own monthly budget in nano-USD; `None` = only its customer's applies.
+    #[serde(default)]
+    pub budget_nano_usd: Option<i64>,
+    /// Requests in flight at once with this key; `None` = no cap of its own.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<i64>,
+}
+
+/// Fields of a new key.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub name: String,
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub tags: Tags,
+    pub budget_nano_usd: Option<i64>,
+    pub max_concurrent_requests: Option<i64>,
+}
+
+const KEY_COLUMNS: &str = "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, \
+    revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests";
+
+fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
+    let models: Option<String> = row.try_get("models")?;
+    let models = match models {
+        Some(json) => Some(
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Invalid(format!("stored key models `{json}`: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        customer_id: row.try_get("customer_id")?,
+        name: row.try_get("name")?,
+        key_prefix: row.try_get("key_prefix")?,
+        models,
+        rpm: row.try_get("rpm")?,
+        tpm: row.try_get("tpm")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        created_at: row.try_get("created_at")?,
+        tags: stored_tags(row)?,
+        budget_nano_usd: row.try_get("budget_nano_usd")?,
+        max_concurrent_requests: row.try_get("max_concurrent_requests")?,
+    })
+}
+
+/// A key's fields as the audit log shows them: never its secret, its digest or its prefix.
+fn audited_key(k: &ApiKey) -> serde_json::Value {
+    serde_json::json!({
+        "customer_id": k.customer_id,
+        "name": k.name,
+        "models": k.models,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "expires_at": k.expires_at.map(crate::periods::rfc3339),
+        "revoked_at": k.revoked_at.map(crate::periods::rfc3339),
+        "tags": k.tags,
+        "budget_usd": k.budget_nano_usd.map(format_usd),
+    })
+}
+
+/// A change to an existing key.
+enum KeyChange<'a> {
+    Tags(&'a Tags),
+    Budget(Option<i64>),
+    Revoke,
+}
+
+/// One key by id, inside a transaction.
+async fn key_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    key_id: &str,
+) -> StoreResult<ApiKey> {
+    let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+        .bind(key_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match row {
+        Some(row) => api_key(&row),
+        None => Err(StoreError::NotFound(format!("no key `{key_id}`"))),
+    }
+}
+
+impl Store {
+    /// Stores a key given the SHA-256 hex of its secret.
+    pub async fn create_key(
+        &self,
+        customer_id: &str,
+        key_id: &str,
+        key_hash: &str,
+        key_prefix: &str,
+        new: NewKey,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        self.customer(customer_id).await?;
+        let key = ApiKey {
+            id: key_id.to_string(),
+            customer_id: customer_id.to_string(),
+            name: new.name,
+            key_prefix: key_prefix.to_string(),
+            models: new.models,
+            rpm: new.rpm,
+            tpm: new.tpm,
+            expires_at: new.expires_at,
+            revoked_at: None,
+            created_at: now_micros(),
+            tags: new.tags,
+            budget_nano_usd: new.budget_nano_usd,
+            max_concurrent_requests: new.max_concurrent_requests,
+        };
+        let models = match &key.models {
+            Some(m) => {
+                Some(serde_json::to_string(m).map_err(|e| StoreError::Invalid(e.to_string()))?)
+            }
+            None => None,
+        };
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
+             expires_at, revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11, $12, $13)",
+        )
+        .bind(&key.id)
+        .bind(&key.customer_id)
+        .bind(&key.name)
+        .bind(key_hash)
+        .bind(&key.key_prefix)
+        .bind(models)
+        .bind(key.rpm)
+        .bind(key.tpm)
+        .bind(key.expires_at)
+        .bind(key.created_at)
+        .bind(tags::to_json(&key.tags))
+        .bind(key.budget_nano_usd)
+        .bind(key.max_concurrent_requests)
+        .execute(&mut *tx)
+        .await?;
+        let change = Change {
+            action: Action::KeyCreated,
+            target_id: key.id.clone(),
+            changes: audited_key(&key),
+        };
+        audit::record(&mut tx, self.kind, actor, &change).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    /// Replaces a key's default tags. Returns the key.
+    pub async fn set_key_tags(
+        &self,
+        key_id: &str,
+        tags: &Tags,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        self.update_key(key_id, KeyChange::Tags(tags), actor).await
+    }
+
+    /// Sets or clears (`None`) a key's own monthly budget. Returns the key.
+    pub async fn set_key_budget(
+        &self,
+        key_id: &str,
+        budget: Option<i64>,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        self.update_key(key_id, KeyChange::Budget(budget), actor)
+            .await
+    }
+
+    /// Makes `change` to the key in one transaction with its audit entry (when anything
+    /// changed). Returns the key as changed.
+    async fn update_key(
+        &self,
+        key_id: &str,
+        change: KeyChange<'_>,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        let mut tx = self.write_tx().await?;
+        let before = key_in(&mut tx, key_id).await?;
+        let (statement, action) = match change {
+            KeyChange::Tags(tags) => (
+                sqlx::query("UPDATE api_keys SET tags = $2 WHERE id = $1")
+                    .bind(key_id)
+                    .bind(tags::to_json(tags)),
+                Action::KeyUpdated,
+            ),
+            KeyChange::Budget(budget) => (
+                sqlx::query("UPDATE api_keys SET budget_nano_usd = $2 WHERE id = $1")
+                    .bind(key_id)
+                    .bind(budget),
+                Action::KeyUpdated,
+            ),
+            KeyChange::Revoke => (
+                sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                )
+                .bind(key_id)
+                .bind(now_micros()),
+                Action::KeyRevoked,
+            ),
+        };
+        statement.execute(&mut *tx).await?;
+        let after = key_in(&mut tx, key_id).await?;
+        if let Some(changes) = audit::diff(&audited_key(&before), &audited_key(&after)) {
+            let entry = Change {
+                action,
+                target_id: key_id.to_string(),
+                changes,
+            };
+            audit::record(&mut tx, self.kind, actor, &entry).await?;
+        }
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    /// One key by id.
+    pub async fn key(&self, key_id: &str) -> StoreResult<ApiKey> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => api_key(&row),
+            None => Err(StoreError::NotFound(format!("no key `{key_id}`"))),
+        }
+    }
+
+    pub async fn list_keys(&self, customer_id: &str) -> StoreResult<Vec<ApiKey>> {
+        self.customer(customer_id).await?;
+        sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE customer_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(api_key)
+        .collect()
+    }
+
+    /// Revokes a key; revoking twice keeps the first time (and audits only the first).
+    /// Returns the key.
+    pub async fn revoke_key(&self, key_id: &str, actor: &Actor) -> StoreResult<ApiKey> {
+        self.update_key(key_id, KeyChange::Revoke, actor).await
+    }
+
+    /// The key whose secret hashes to `key_hash`, with its stored hash, and its customer.
+    /// On the request path: fails at once while the database is considered down.
+    pub async fn find_key(
+        &self,
+        key_hash: &str,
+    ) -> StoreResult<Option<(ApiKey, String, Customer)>> {
+        if self.is_down() {
+            return Err(StoreError::Down);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, key_hash FROM api_keys WHERE key_hash = $1"
+        ))
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await;
+        self.observe(&row);
+        let row = row?;
+        let Some(row) = row else { return Ok(None) };
+        let key = api_key(&row)?;
+        let stored: String = row.try_get("key_hash")?;
+        let customer = self.customer(&key.customer_id).await?;
+        Ok(Some((key, stored, customer)))
+    }
+}

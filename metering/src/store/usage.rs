@@ -1,0 +1,459 @@
+//! The usage ledger's table: inserting records (idempotent on their id, in `seq` order, see the
+//! module above), reading them back in ledger order, spend since a moment, and the grouped
+//! aggregates that reports and the Usage API are built from.
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{stored_tags, DbKind, Store, StoreError, StoreResult};
+use crate::tags::{self, Tags};
+
+/// Advisory lock id serializing ledger inserts on PostgreSQL.
+const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
+/// Rows per multi-row insert on PostgreSQL (22 parameters each; well under its limit).
+const INSERT_CHUNK: usize = 200;
+
+/// Rows per multi-row insert on SQLite: binding a parameter looks its name up by a linear
+/// search (`sqlite3_bind_parameter_name`), so a statement's binding cost grows with the square
+/// of its parameters; at 200 rows it took a tenth of the gateway's CPU under load.
+const INSERT_CHUNK_SQLITE: usize = 16;
+
+/// One request's usage, as written to the ledger. Times in Unix microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub id: String,
+    pub customer_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub endpoint: String,
+    pub stream: bool,
+    /// `completed`, `cancelled` or `failed`.
+    pub status: String,
+    pub finish_reason: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub ttft_ms: Option<i64>,
+    pub input_price_per_mtok: String,
+    pub output_price_per_mtok: String,
+    pub cost_nano_usd: i64,
+    /// Of `input_tokens`, those served from a prefix cache.
+    #[serde(default)]
+    pub cached_input_tokens: i64,
+    /// The unit price of cached prompt tokens (`None` on records older than it: the input
+    /// price).
+    #[serde(default)]
+    pub cached_input_price_per_mtok: Option<String>,
+    /// The part of `cost_nano_usd` that is cached prompt tokens (rounded alone).
+    #[serde(default)]
+    pub cached_cost_nano_usd: i64,
+    /// Where the token counts came from: `engine`, `upstream`, or `observed` (an upstream
+    /// reported fewer output tokens than the gateway saw, or none).
+    #[serde(default)]
+    pub usage_source: Option<String>,
+    /// Cost-allocation tags: the request's `metadata` and `user` with its key's default tags.
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    pub tags: Tags,
+    /// The `Idempotency-Key` its request carried: a repeat of the request replays the stored
+    /// result and has no record of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// Columns usage can be grouped by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBy {
+    /// The value of one tag (`tag:project`); records without it form their own group.
+    Tag(String),
+    Customer,
+    Model,
+    Key,
+    /// UTC day (`started_at` truncated to the day).
+    Day,
+    /// The unit prices applied (for invoice line items).
+    Prices,
+}
+
+/// Which records an aggregate covers: `started_at` in `[start, end)`.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub start: i64,
+    pub end: i64,
+    pub customer_id: Option<String>,
+    pub model: Option<String>,
+    /// Only records whose tag `.0` has the value `.1`.
+    pub tag: Option<(String, String)>,
+}
+
+/// One row of an aggregate; group columns not asked for are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageRow {
+    pub customer_id: Option<String>,
+    pub model: Option<String>,
+    pub key_id: Option<String>,
+    /// With `GroupBy::Day`: the day's start; with buckets: the bucket's start (micros).
+    pub bucket_start: Option<i64>,
+    /// With `GroupBy::Tag`: the tag's value (`None`: records without the tag).
+    pub tag_value: Option<String>,
+    pub input_price_per_mtok: Option<String>,
+    pub output_price_per_mtok: Option<String>,
+    pub cached_input_price_per_mtok: Option<String>,
+    pub requests: i64,
+    pub input_tokens: i64,
+    /// Of `input_tokens`, those served from a prefix cache.
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_nano_usd: i64,
+    /// Of `cost_nano_usd`, the cached prompt tokens' part.
+    pub cached_cost_nano_usd: i64,
+}
+
+pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
+    finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
+    input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
+    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key";
+
+/// Columns of [`RECORD_COLUMNS`], one bound parameter each.
+const RECORD_PARAMS: usize = 22;
+
+pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
+    Ok(UsageRecord {
+        id: row.try_get("id")?,
+        customer_id: row.try_get("customer_id")?,
+        key_id: row.try_get("key_id")?,
+        model: row.try_get("model")?,
+        endpoint: row.try_get("endpoint")?,
+        stream: row.try_get::<i64, _>("stream")? != 0,
+        status: row.try_get("status")?,
+        finish_reason: row.try_get("finish_reason")?,
+        input_tokens: row.try_get("input_tokens")?,
+        output_tokens: row.try_get("output_tokens")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        ttft_ms: row.try_get("ttft_ms")?,
+        input_price_per_mtok: row.try_get("input_price_per_mtok")?,
+        output_price_per_mtok: row.try_get("output_price_per_mtok")?,
+        cost_nano_usd: row.try_get("cost_nano_usd")?,
+        cached_input_tokens: row.try_get("cached_input_tokens")?,
+        cached_input_price_per_mtok: row.try_get("cached_input_price_per_mtok")?,
+        cached_cost_nano_usd: row.try_get("cached_cost_nano_usd")?,
+        usage_source: row.try_get("usage_source")?,
+        tags: stored_tags(row)?,
+        idempotency_key: row.try_get("idempotency_key")?,
+    })
+}
+
+impl Store {
+    /// Inserts records, skipping ids already present. Returns how many were new.
+    pub async fn insert_records(&self, records: &[UsageRecord]) -> StoreResult<u64> {
+        let mut tx = self.write_tx().await?;
+        if self.kind == DbKind::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(LEDGER_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let postgres = self.kind == DbKind::Postgres;
+        let mut inserted = 0;
+        // (customer, started_at, cost) of the rows this batch added, for the shared budgets.
+        let mut added: Vec<(String, i64, i64)> = Vec::new();
+        let chunk_rows = if postgres {
+            INSERT_CHUNK
+        } else {
+            INSERT_CHUNK_SQLITE
+        };
+        for chunk in records.chunks(chunk_rows) {
+            let mut sql = format!("INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES ");
+            for i in 0..chunk.len() {
+                let base = i * RECORD_PARAMS;
+                let params: Vec<String> = (1..=RECORD_PARAMS)
+                    .map(|k| format!("${}", base + k))
+                    .collect();
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                sql.push_str(&params.join(", "));
+                sql.push(')');
+            }
+            sql.push_str(" ON CONFLICT (id) DO NOTHING");
+            if postgres {
+                sql.push_str(" RETURNING customer_id, key_id, started_at, cost_nano_usd");
+            }
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(&r.id)
+                    .bind(&r.customer_id)
+                    .bind(&r.key_id)
+                    .bind(&r.model)
+                    .bind(&r.endpoint)
+                    .bind(i64::from(r.stream))
+                    .bind(&r.status)
+                    .bind(&r.finish_reason)
+                    .bind(r.input_tokens)
+                    .bind(r.output_tokens)
+                    .bind(r.started_at)
+                    .bind(r.finished_at)
+                    .bind(r.ttft_ms)
+                    .bind(&r.input_price_per_mtok)
+                    .bind(&r.output_price_per_mtok)
+                    .bind(r.cost_nano_usd)
+                    .bind(r.cached_input_tokens)
+                    .bind(&r.cached_input_price_per_mtok)
+                    .bind(r.cached_cost_nano_usd)
+                    .bind(&r.usage_source)
+                    .bind(tags::to_json(&r.tags))
+                    .bind(&r.idempotency_key);
+            }
+            if postgres {
+                for row in q.fetch_all(&mut *tx).await? {
+                    let started_at: i64 = row.try_get("started_at")?;
+                    let cost: i64 = row.try_get("cost_nano_usd")?;
+                    let key_id: String = row.try_get("key_id")?;
+                    added.push((row.try_get("customer_id")?, started_at, cost));
+                    // The key's own spend, for key budgets.
+                    added.push((crate::shared_limits::key_scope(&key_id), started_at, cost));
+                    inserted += 1;
+                }
+            } else {
+                inserted += q.execute(&mut *tx).await?.rows_affected();
+            }
+        }
+        if postgres {
+            // Each record's holds: its customer's (the record id) and its key's.
+            let key_holds: Vec<String> = records
+                .iter()
+                .map(|r| crate::shared_limits::key_hold_id(&r.id))
+                .collect();
+            let ids: Vec<&str> = records
+                .iter()
+                .map(|r| r.id.as_str())
+                .chain(key_holds.iter().map(String::as_str))
+                .collect();
+            crate::shared_limits::settle_in_ledger(&mut tx, &added, &ids).await?;
+        }
+        // Budget alerts the spend crossed, in the same transaction (the outbox).
+        crate::alerts::outbox_in_ledger(&mut tx, records).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Cost of a customer's records started at or after `since` (of a key's, for a budget
+    /// scope `key:<id>`).
+    pub async fn spent_since(&self, customer_id: &str, since: i64) -> StoreResult<i64> {
+        let (column, id) = match customer_id.strip_prefix("key:") {
+            Some(key_id) => ("key_id", key_id),
+            None => ("customer_id", customer_id),
+        };
+        let row = sqlx::query(&format!(
+            "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) AS spent FROM usage_records \
+             WHERE {column} = $1 AND started_at >= $2"
+        ))
+        .bind(id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await;
+        self.observe(&row);
+        let row = row?;
+        Ok(row.try_get("spent")?)
+    }
+
+    /// Records after `cursor` (a `seq`) in ledger order, and the cursor to continue from.
+    pub async fn records_after(
+        &self,
+        cursor: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<UsageRecord>, Option<i64>)> {
+        self.records_between(i64::MIN, i64::MAX, cursor, limit)
+            .await
+    }
+
+    /// Records started in `[start, end)` after `cursor`, in ledger order (for time-range
+    /// exports, read page by page).
+    pub async fn records_between(
+        &self,
+        start: i64,
+        end: i64,
+        cursor: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<UsageRecord>, Option<i64>)> {
+        let rows = sqlx::query(&format!(
+            "SELECT seq, {RECORD_COLUMNS} FROM usage_records \
+             WHERE started_at >= $1 AND started_at < $2 AND seq > $3 ORDER BY seq LIMIT $4"
+        ))
+        .bind(start)
+        .bind(end)
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = match rows.last() {
+            Some(row) => Some(row.try_get::<i64, _>("seq")?),
+            None => None,
+        };
+        let records = rows.iter().map(record).collect::<StoreResult<Vec<_>>>()?;
+        Ok((records, last))
+    }
+
+    /// Aggregates usage in `filter`, grouped by `group` and optionally by fixed-width time
+    /// buckets `(origin, width)` in microseconds.
+    pub async fn aggregate(
+        &self,
+        filter: &UsageFilter,
+        group: &[GroupBy],
+        buckets: Option<(i64, i64)>,
+    ) -> StoreResult<Vec<UsageRow>> {
+        const DAY: i64 = 86_400_000_000;
+        let mut cols: Vec<String> = Vec::new();
+        // Parameters after start and end: the grouped tag's path, then the filters.
+        let mut next = 3;
+        let mut tag_group = None;
+        for g in group {
+            match g {
+                GroupBy::Tag(key) => {
+                    cols.push(format!("{} AS tag_value", tags::sql_value(self.kind, next)));
+                    tag_group = Some(key.clone());
+                    next += 1;
+                }
+                GroupBy::Customer => cols.push("customer_id".into()),
+                GroupBy::Model => cols.push("model".into()),
+                GroupBy::Key => cols.push("key_id".into()),
+                GroupBy::Day => cols.push(format!("(started_at / {DAY}) * {DAY} AS bucket_start")),
+                GroupBy::Prices => {
+                    cols.push("input_price_per_mtok".into());
+                    cols.push("output_price_per_mtok".into());
+                    cols.push("cached_input_price_per_mtok".into());
+                }
+            }
+        }
+        if let Some((origin, width)) = buckets {
+            if width <= 0 {
+                return Err(StoreError::Invalid("bucket width must be positive".into()));
+            }
+            cols.push(format!(
+                "((started_at - {origin}) / {width}) * {width} + {origin} AS bucket_start"
+            ));
+        }
+        let group_exprs: Vec<String> = cols
+            .iter()
+            .map(|c| match c.rsplit_once(" AS ") {
+                // By its alias: the expression holds a parameter.
+                Some((_, "tag_value")) => "tag_value".to_string(),
+                Some((expr, _)) => expr.to_string(),
+                None => c.clone(),
+            })
+            .collect();
+        let mut sql = String::from("SELECT ");
+        for c in &cols {
+            sql.push_str(c);
+            sql.push_str(", ");
+        }
+        sql.push_str(
+            "CAST(COUNT(*) AS BIGINT) AS requests, \
+             CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
+             CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
+             CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd, \
+             CAST(SUM(cached_input_tokens) AS BIGINT) AS cached_input_tokens, \
+             CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd \
+             FROM usage_records WHERE started_at >= $1 AND started_at < $2",
+        );
+        if filter.customer_id.is_some() {
+            sql.push_str(&format!(" AND customer_id = ${next}"));
+            next += 1;
+        }
+        if filter.model.is_some() {
+            sql.push_str(&format!(" AND model = ${next}"));
+            next += 1;
+        }
+        if filter.tag.is_some() {
+            sql.push_str(&format!(
+                " AND {} = ${}",
+                tags::sql_value(self.kind, next),
+                next + 1
+            ));
+        }
+        if !group_exprs.is_empty() {
+            let list = group_exprs.join(", ");
+            sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
+        }
+        let mut q = sqlx::query(&sql).bind(filter.start).bind(filter.end);
+        if let Some(path) = tag_group {
+            q = q.bind(path);
+        }
+        if let Some(c) = &filter.customer_id {
+            q = q.bind(c);
+        }
+        if let Some(m) = &filter.model {
+            q = q.bind(m);
+        }
+        if let Some((key, value)) = &filter.tag {
+            q = q.bind(key.clone()).bind(value);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let has = |g: GroupBy| group.contains(&g);
+        let has_tag = group.iter().any(|g| matches!(g, GroupBy::Tag(_)));
+        rows.iter()
+            .map(|row| {
+                let requests: i64 = row.try_get("requests")?;
+                Ok(UsageRow {
+                    customer_id: if has(GroupBy::Customer) {
+                        row.try_get("customer_id")?
+                    } else {
+                        None
+                    },
+                    model: if has(GroupBy::Model) {
+                        row.try_get("model")?
+                    } else {
+                        None
+                    },
+                    key_id: if has(GroupBy::Key) {
+                        row.try_get("key_id")?
+                    } else {
+                        None
+                    },
+                    bucket_start: if has(GroupBy::Day) || buckets.is_some() {
+                        row.try_get("bucket_start")?
+                    } else {
+                        None
+                    },
+                    tag_value: if has_tag {
+                        row.try_get("tag_value")?
+                    } else {
+                        None
+                    },
+                    input_price_per_mtok: if has(GroupBy::Prices) {
+                        row.try_get("input_price_per_mtok")?
+                    } else {
+                        None
+                    },
+                    output_price_per_mtok: if has(GroupBy::Prices) {
+                        row.try_get("output_price_per_mtok")?
+                    } else {
+                        None
+                    },
+                    cached_input_price_per_mtok: if has(GroupBy::Prices) {
+                        row.try_get("cached_input_price_per_mtok")?
+                    } else {
+                        None
+                    },
+                    requests,
+                    // SUM over no rows is NULL.
+                    input_tokens: row.try_get::<Option<i64>, _>("input_tokens")?.unwrap_or(0),
+                    output_tokens: row.try_get::<Option<i64>, _>("output_tokens")?.unwrap_or(0),
+                    cost_nano_usd: row.try_get::<Option<i64>, _>("cost_nano_usd")?.unwrap_or(0),
+                    cached_input_tokens: row
+                        .try_get::<Option<i64>, _>("cached_input_tokens")?
+                        .unwrap_or(0),
+                    cached_cost_nano_usd: row
+                        .try_get::<Option<i64>, _>("cached_cost_nano_usd")?
+                        .unwrap_or(0),
+                })
+            })
+            .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))
+            .collect()
+    }
+}
