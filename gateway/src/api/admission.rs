@@ -128,6 +128,7 @@ pub(crate) async fn start(
     for request in &plan.choices {
         let mut request = request.clone();
         request.customer = Some(caller.customer_id.clone());
+        request.scheduling_weight = Some(caller.scheduling_weight);
         prepared.push(backend.prepare(request).await?);
     }
     let backend_time = t.elapsed();

@@ -30,7 +30,9 @@ use subtle::ConstantTimeEq;
 use crate::error::ApiError;
 use crate::AppState;
 use tollgate_metering::limits::{BucketStatus, Limits};
-use tollgate_metering::store::{now_micros, ApiKey, Customer, Store, StoreError};
+use tollgate_metering::store::{
+    now_micros, ApiKey, Customer, Store, StoreError, MAX_SCHEDULING_WEIGHT,
+};
 
 /// The customer static keys belong to.
 pub const DEFAULT_CUSTOMER: &str = "default";
@@ -86,6 +88,13 @@ pub struct Caller {
     /// Caps on requests in flight at once: the key's, the customer's (`None` = no cap).
     pub key_max_concurrent: Option<i64>,
     pub customer_max_concurrent: Option<i64>,
+    /// The customer's share of an engine when customers compete (1 = equal).
+    pub scheduling_weight: u32,
+}
+
+/// A customer's scheduling weight as the engine takes it (the store keeps it in range).
+fn weight(customer: &Customer) -> u32 {
+    u32::try_from(customer.scheduling_weight.clamp(1, MAX_SCHEDULING_WEIGHT)).unwrap_or(1)
 }
 
 impl Caller {
@@ -109,6 +118,7 @@ impl Caller {
             idempotency: None,
             key_max_concurrent: key.max_concurrent_requests,
             customer_max_concurrent: customer.max_concurrent_requests,
+            scheduling_weight: weight(customer),
         }
     }
 
@@ -223,7 +233,8 @@ impl AuthConfig {
                 key_budget_nano_usd: None,
                 idempotency: None,
                 key_max_concurrent: None,
-                customer_max_concurrent: customer.and_then(|c| c.max_concurrent_requests),
+                customer_max_concurrent: customer.as_ref().and_then(|c| c.max_concurrent_requests),
+                scheduling_weight: customer.as_ref().map_or(1, weight),
             });
         }
         let Some(store) = store else {

@@ -169,6 +169,10 @@ pub struct GenerateRequest {
     /// gateway after authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer: Option<String>,
+    /// The customer's share of the model when customers compete (1 = equal); set with
+    /// `customer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling_weight: Option<u32>,
 }
 
 /// Log probability of one token, with its text and bytes as OpenAI reports them.

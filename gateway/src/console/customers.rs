@@ -86,6 +86,7 @@ pub(crate) async fn create_customer(
         rpm: Some(limit(&fields, "rpm")?),
         tpm: Some(limit(&fields, "tpm")?),
         max_concurrent_requests: None,
+        scheduling_weight: None,
     };
     store(&state)?
         .create_customer(&id, new, &signed.actor)
@@ -106,6 +107,7 @@ pub(crate) async fn update_customer(
         rpm: Some(limit(&fields, "rpm")?),
         tpm: Some(limit(&fields, "tpm")?),
         max_concurrent_requests: None,
+        scheduling_weight: None,
     };
     store(&state)?
         .update_customer(&id, change, &signed.actor)

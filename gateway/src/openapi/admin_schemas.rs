@@ -42,6 +42,10 @@ pub struct CreateCustomer {
     /// Requests in flight at once; beyond it, 429 with `Retry-After`.
     #[schema(minimum = 1)]
     pub max_concurrent_requests: Option<i64>,
+    /// The customer's share of each model's engine when customers compete (weighted fair
+    /// queueing; 1, the default, is an equal share).
+    #[schema(minimum = 1, maximum = 100)]
+    pub scheduling_weight: Option<i64>,
 }
 
 /// `PATCH /admin/v1/customers/{id}`: the fields to change (`null` clears a limit or budget).
@@ -59,6 +63,10 @@ pub struct UpdateCustomer {
     /// Requests in flight at once; beyond it, 429 with `Retry-After`.
     #[schema(minimum = 1)]
     pub max_concurrent_requests: Option<i64>,
+    /// The customer's share of each model's engine when customers compete (weighted fair
+    /// queueing; 1, the default, is an equal share).
+    #[schema(minimum = 1, maximum = 100)]
+    pub scheduling_weight: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -77,6 +85,7 @@ pub struct Customer {
     pub tpm: Option<i64>,
     #[schema(required)]
     pub max_concurrent_requests: Option<i64>,
+    pub scheduling_weight: i64,
     /// RFC 3339.
     pub created_at: String,
     /// `GET /admin/v1/customers/{id}` only.

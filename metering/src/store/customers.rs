@@ -22,7 +22,19 @@ pub struct Customer {
     /// Requests in flight at once across the customer's keys; `None` = no cap.
     #[serde(default)]
     pub max_concurrent_requests: Option<i64>,
+    /// The customer's share of a model's engine when customers compete for it (weighted
+    /// fair queueing; 1 = an equal share).
+    #[serde(default = "default_weight")]
+    pub scheduling_weight: i64,
 }
+
+fn default_weight() -> i64 {
+    1
+}
+
+/// The largest scheduling weight (a customer weighted so gets 100 times the share of one
+/// weighted 1).
+pub const MAX_SCHEDULING_WEIGHT: i64 = 100;
 
 /// Fields of a new or patched customer.
 #[derive(Debug, Clone, Default)]
@@ -35,10 +47,13 @@ pub struct CustomerFields {
     pub tpm: Option<Option<i64>>,
     /// `Some(None)` clears the cap.
     pub max_concurrent_requests: Option<Option<i64>>,
+    /// 1 to [`MAX_SCHEDULING_WEIGHT`] (checked by the caller).
+    pub scheduling_weight: Option<i64>,
 }
 
 const CUSTOMER_COLUMNS: &str =
-    "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at, max_concurrent_requests";
+    "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at, max_concurrent_requests, \
+     scheduling_weight";
 
 fn customer(row: &AnyRow) -> StoreResult<Customer> {
     Ok(Customer {
@@ -50,6 +65,7 @@ fn customer(row: &AnyRow) -> StoreResult<Customer> {
         tpm: row.try_get("tpm")?,
         created_at: row.try_get("created_at")?,
         max_concurrent_requests: row.try_get("max_concurrent_requests")?,
+        scheduling_weight: row.try_get("scheduling_weight")?,
     })
 }
 
@@ -61,6 +77,8 @@ fn audited_customer(c: &Customer) -> serde_json::Value {
         "budget_period": c.budget_period,
         "rpm": c.rpm,
         "tpm": c.tpm,
+        "max_concurrent_requests": c.max_concurrent_requests,
+        "scheduling_weight": c.scheduling_weight,
     })
 }
 
@@ -80,10 +98,11 @@ impl Store {
             tpm: fields.tpm.flatten(),
             created_at: now_micros(),
             max_concurrent_requests: fields.max_concurrent_requests.flatten(),
+            scheduling_weight: fields.scheduling_weight.unwrap_or(1),
         };
         let mut tx = self.write_tx().await?;
         let result = sqlx::query(&format!(
-            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ))
         .bind(&c.id)
         .bind(&c.name)
@@ -93,6 +112,7 @@ impl Store {
         .bind(c.tpm)
         .bind(c.created_at)
         .bind(c.max_concurrent_requests)
+        .bind(c.scheduling_weight)
         .execute(&mut *tx)
         .await;
         match result {
@@ -193,9 +213,13 @@ impl Store {
         if let Some(cap) = fields.max_concurrent_requests {
             c.max_concurrent_requests = cap;
         }
+        if let Some(weight) = fields.scheduling_weight {
+            c.scheduling_weight = weight;
+        }
         sqlx::query(
             "UPDATE customers SET name = $2, budget_nano_usd = $3, budget_period = $4, \
-             rpm = $5, tpm = $6, max_concurrent_requests = $7 WHERE id = $1",
+             rpm = $5, tpm = $6, max_concurrent_requests = $7, scheduling_weight = $8 \
+             WHERE id = $1",
         )
         .bind(&c.id)
         .bind(&c.name)
@@ -204,6 +228,7 @@ impl Store {
         .bind(c.rpm)
         .bind(c.tpm)
         .bind(c.max_concurrent_requests)
+        .bind(c.scheduling_weight)
         .execute(&mut *tx)
         .await?;
         if let Some(changes) = audit::diff(&audited_customer(&before), &audited_customer(&c)) {

@@ -25,7 +25,7 @@ mod customers;
 mod keys;
 mod usage;
 
-pub use customers::{Customer, CustomerFields};
+pub use customers::{Customer, CustomerFields, MAX_SCHEDULING_WEIGHT};
 pub use keys::{ApiKey, NewKey};
 pub use usage::{record, GroupBy, UsageFilter, UsageRecord, UsageRow, RECORD_COLUMNS};
 

@@ -203,6 +203,13 @@ impl Worker {
                 break;
             };
             let weight = tenancy(&sub.request).1;
+            tracing::debug!(
+                tenant = %tenant,
+                weight,
+                prompt_tokens = sub.request.prompt_ids.len(),
+                running = self.running.len(),
+                "admitted a sequence"
+            );
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = sub.reply.send(GenEvent::Admitted);
             let GenRequest {

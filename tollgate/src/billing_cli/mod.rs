@@ -12,7 +12,7 @@ use tollgate_gateway::api::admin::{customer_json, issue_key, key_json, valid_id}
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::parse_usd;
-use tollgate_metering::store::{CustomerFields, NewKey, Store};
+use tollgate_metering::store::{CustomerFields, NewKey, Store, MAX_SCHEDULING_WEIGHT};
 
 mod usage;
 
@@ -52,6 +52,9 @@ pub enum CustomersCommand {
         /// Requests in flight at once across the customer's keys.
         #[arg(long)]
         max_concurrent_requests: Option<i64>,
+        /// Share of each model's engine when customers compete (1 to 100; default 1).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
+        scheduling_weight: Option<i64>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -79,6 +82,8 @@ pub enum CustomersCommand {
         tpm: Option<String>,
         #[arg(long)]
         max_concurrent_requests: Option<String>,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
+        scheduling_weight: Option<i64>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -196,6 +201,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             rpm,
             tpm,
             max_concurrent_requests,
+            scheduling_weight,
             db,
         } => {
             if !valid_id(&id) {
@@ -217,6 +223,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                     max_concurrent_requests,
                     "max-concurrent-requests",
                 )?),
+                scheduling_weight,
             };
             let c = db
                 .open()
@@ -241,6 +248,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             rpm,
             tpm,
             max_concurrent_requests,
+            scheduling_weight,
             db,
         } => {
             let fields = CustomerFields {
@@ -253,6 +261,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                     max_concurrent_requests.as_deref(),
                     "max-concurrent-requests",
                 )?,
+                scheduling_weight,
             };
             let c = db
                 .open()

@@ -156,7 +156,7 @@ impl Backend for LocalBackend {
         // Customers share the engine fairly (weighted fair queueing between them).
         let tenant = request.customer.as_ref().map(|c| Tenancy {
             name: Arc::from(c.as_str()),
-            weight: 1,
+            weight: request.scheduling_weight.unwrap_or(1),
         });
         let shape = Shape {
             // With `tool_choice: "none"` a call-like text is content, as OpenAI never answers

@@ -17,7 +17,7 @@ use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::money::{format_usd, parse_usd};
 use tollgate_metering::periods::month_bounds;
-use tollgate_metering::store::{now_micros, CustomerFields};
+use tollgate_metering::store::{now_micros, CustomerFields, MAX_SCHEDULING_WEIGHT};
 
 /// The fields of a customer that the admin API sets (besides its `id`, set at creation).
 const CUSTOMER_FIELDS: &[&str] = &[
@@ -27,6 +27,7 @@ const CUSTOMER_FIELDS: &[&str] = &[
     "rpm",
     "tpm",
     "max_concurrent_requests",
+    "scheduling_weight",
 ];
 
 /// `budget_usd`: a decimal string or a number (`"25.50"`, `25.5`), or `null` for none.
@@ -71,7 +72,24 @@ fn customer_fields(map: &Map<String, Value>) -> Result<CustomerFields, ApiError>
         rpm: limit_field(map, "rpm")?,
         tpm: limit_field(map, "tpm")?,
         max_concurrent_requests: limit_field(map, "max_concurrent_requests")?,
+        scheduling_weight: weight_field(map)?,
     })
+}
+
+/// `scheduling_weight`: an integer from 1 to [`MAX_SCHEDULING_WEIGHT`].
+fn weight_field(map: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
+    let Some(v) = map.get("scheduling_weight") else {
+        return Ok(None);
+    };
+    match v.as_i64() {
+        Some(w) if (1..=MAX_SCHEDULING_WEIGHT).contains(&w) => Ok(Some(w)),
+        _ => Err(invalid_field(
+            "scheduling_weight",
+            format!(
+                "`scheduling_weight` must be an integer from 1 to {MAX_SCHEDULING_WEIGHT}, got {v}"
+            ),
+        )),
+    }
 }
 
 pub(super) async fn create_customer(

@@ -191,6 +191,7 @@ pub fn customer_json(c: &Customer) -> Value {
         "rpm": c.rpm,
         "tpm": c.tpm,
         "max_concurrent_requests": c.max_concurrent_requests,
+        "scheduling_weight": c.scheduling_weight,
         "created_at": rfc3339(c.created_at),
     })
 }

@@ -158,6 +158,7 @@ fn fan_out(
                 response_format: output.response_format.clone(),
                 tools: output.tools.clone(),
                 customer: None,
+                scheduling_weight: None,
             });
         }
     }
