@@ -5,7 +5,8 @@
 //! 7-bit codes, Q8_0 tensors on the int8 kernel), which outruns f32 gemm from one row to whole prompt chunks (so every row of
 //! every step runs the same arithmetic); elsewhere candle's quantized matmul.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::codes::{self, CodeMatrix};
@@ -104,6 +105,45 @@ pub(crate) fn qtensor_from_bytes(
     )?)
 }
 
+/// A GGUF tensor of `bytes` bytes read by `read` straight into candle's own storage (CPU), for
+/// the types served natively; `None` for the others. One copy, where going through the
+/// file's mapped bytes holds them beside candle's copy while it is made.
+fn qtensor_from_reader(
+    dtype: GgmlDType,
+    dims: &[usize],
+    bytes: usize,
+    read: impl FnOnce(&mut [u8]) -> Result<()>,
+) -> Result<Option<QTensor>> {
+    fn blocks<T: GgmlType + 'static>(
+        bytes: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Box<dyn QuantizedType>> {
+        let size = std::mem::size_of::<T>();
+        if !bytes.is_multiple_of(size) {
+            return Err(Error::Weights(format!(
+                "{bytes} bytes are not whole {:?} blocks",
+                T::DTYPE
+            )));
+        }
+        let mut v = vec![T::zeros(); bytes / size];
+        // SAFETY: `T` is one of GGML's block types or a float: `repr(C)` plain data with no
+        // padding, valid for every bit pattern (candle reads them from files the same way);
+        // the slice covers exactly the vector's initialized elements.
+        let raw = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), bytes) };
+        read(raw)?;
+        Ok(Box::new(v))
+    }
+    let storage = match dtype {
+        GgmlDType::Q4_0 => blocks::<BlockQ4_0>(bytes, read)?,
+        GgmlDType::Q4_1 => blocks::<BlockQ4_1>(bytes, read)?,
+        GgmlDType::Q8_0 => blocks::<BlockQ8_0>(bytes, read)?,
+        GgmlDType::F16 => blocks::<half::f16>(bytes, read)?,
+        GgmlDType::F32 => blocks::<f32>(bytes, read)?,
+        _ => return Ok(None),
+    };
+    Ok(Some(QTensor::new(QStorage::Cpu(storage), dims)?))
+}
+
 impl Linear {
     /// From a GGUF tensor's bytes, `(out, inp)` of `dtype` (sizes checked by the caller). The
     /// `auto` form on the CPU reads Q4_0/Q4_1 codes and Q8_0 values straight from the bytes,
@@ -136,21 +176,36 @@ impl Linear {
         )
     }
 
-    /// From a GGUF tensor read a few rows at a time through `read(first_row, buf)`, for the
-    /// forms that take rows as they are stored (Q4_0/Q4_1 under `auto` on the CPU); `None`
-    /// for the others, which take the whole tensor ([`Linear::from_gguf_bytes`]).
+    /// From a GGUF tensor of `bytes` bytes read from the file through `read(first_row, buf)`
+    /// (whole rows from `first_row` on) into the form's own memory, on the CPU: Q4_0/Q4_1
+    /// under `auto` a few rows at a time into the kernel's layout, `native` straight into
+    /// candle's storage. `None` for the others, which convert the whole tensor's bytes
+    /// ([`Linear::from_gguf_bytes`]).
     pub(crate) fn from_gguf_reader(
         dtype: GgmlDType,
         (out, inp): (usize, usize),
+        bytes: usize,
         form: WeightForm,
         device: &Device,
-        read: impl FnMut(usize, &mut [u8]) -> Result<()>,
+        mut read: impl FnMut(usize, &mut [u8]) -> Result<()>,
     ) -> Result<Option<Self>> {
-        if form != WeightForm::Auto || !device.is_cpu() || !CodeMatrix::is_fast_for(inp) {
+        if !device.is_cpu() {
             return Ok(None);
         }
-        Ok(CodeMatrix::from_q4_reader(dtype, out, inp, read)?
-            .map(|c| Self::Quant(Quantized::Codes(c))))
+        match form {
+            WeightForm::Auto if CodeMatrix::is_fast_for(inp) => {
+                Ok(CodeMatrix::from_q4_reader(dtype, out, inp, read)?
+                    .map(|c| Self::Quant(Quantized::Codes(c))))
+            }
+            WeightForm::Native => {
+                let q = qtensor_from_reader(dtype, &[out, inp], bytes, |buf| read(0, buf))?;
+                Ok(match q {
+                    Some(q) => Some(Self::Quant(Quantized::Candle(QMatMul::from_qtensor(q)?))),
+                    None => None,
+                })
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Weight row `j` (the output feature `j`, `in` values) as f32, into `out`: a tied

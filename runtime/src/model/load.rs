@@ -194,13 +194,15 @@ impl<S: TensorSource> GgufTensors<'_, S> {
         let (dtype, range) = self.range(name, &[shape.0, shape.1])?;
         let context = |e: Error| Error::Weights(format!("tensor `{name}`: {e}"));
         // Rows straight from the file into the kernel's layout where the form allows.
-        let row_bytes = (range.end - range.start) / shape.0.max(1) as u64;
+        let len = usize::try_from(range.end - range.start)
+            .map_err(|_| Error::Weights(format!("tensor `{name}` is larger than memory")))?;
+        let row_bytes = len as u64 / shape.0.max(1) as u64;
         let read = |first_row: usize, buf: &mut [u8]| {
             self.source
                 .read_at(range.start + first_row as u64 * row_bytes, buf)
         };
         if let Some(linear) =
-            Linear::from_gguf_reader(dtype, shape, form, device, read).map_err(context)?
+            Linear::from_gguf_reader(dtype, shape, len, form, device, read).map_err(context)?
         {
             return Ok(linear);
         }
