@@ -616,6 +616,16 @@ mod x86 {
 
     use super::{Panel, Tile, BLOCK, GROUP, GROUPS, PACKED_BLOCK, PANEL, PANEL_BLOCK, PANEL_GROUP};
 
+    /// The four activation codes at `at` as one `i32` (to broadcast against a code group).
+    ///
+    /// # Safety
+    /// `at + 4 <= x.qs.len()`.
+    #[inline(always)]
+    unsafe fn activations(x: &Tile, at: usize) -> i32 {
+        // SAFETY: in bounds by the contract; unaligned.
+        unsafe { std::ptr::read_unaligned(x.qs.as_ptr().add(at).cast::<i32>()) }
+    }
+
     /// [`super::tile_portable`] with AVX2, one half-panel of 8 features at a time: per block
     /// and group, one 32-byte code load serves all `TILE` rows, each adding
     /// `vpmaddubsw(codes, broadcast 4 activation bytes)`, widened to 32 bits per group
@@ -644,13 +654,7 @@ mod x86 {
                     ($g:expr, $codes:expr) => {{
                         let cv = $codes;
                         for (t, dot) in dot.iter_mut().enumerate() {
-                            let xg = unsafe {
-                                std::ptr::read_unaligned(
-                                    x.qs.as_ptr()
-                                        .add(t * inp + b * BLOCK + $g * GROUP)
-                                        .cast::<i32>(),
-                                )
-                            };
+                            let xg = unsafe { activations(x, t * inp + b * BLOCK + $g * GROUP) };
                             let pairs = _mm256_maddubs_epi16(cv, _mm256_set1_epi32(xg));
                             *dot = if SMALL {
                                 _mm256_add_epi16(*dot, pairs)
@@ -741,13 +745,7 @@ mod x86 {
                 ($g:expr, $codes:expr) => {{
                     let cv = $codes;
                     for (t, dot) in dot.iter_mut().enumerate() {
-                        let xg = unsafe {
-                            std::ptr::read_unaligned(
-                                x.qs.as_ptr()
-                                    .add(t * inp + b * BLOCK + $g * GROUP)
-                                    .cast::<i32>(),
-                            )
-                        };
+                        let xg = unsafe { activations(x, t * inp + b * BLOCK + $g * GROUP) };
                         *dot = _mm512_dpbusd_epi32(*dot, cv, _mm512_set1_epi32(xg));
                     }
                 }};
