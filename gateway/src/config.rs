@@ -91,6 +91,9 @@ enum RawBackend {
         discover: Option<String>,
         /// `translate` (default) or `passthrough`.
         responses: Option<String>,
+        /// Send each request's customer and scheduling weight to the members (only for
+        /// `tollgate worker`s, which trust them from their token's holder).
+        forward_customer: Option<bool>,
     },
 }
 
@@ -204,6 +207,10 @@ pub struct HttpBackendConfig {
     pub discover: crate::backend::upstream::Discovery,
     /// How `/v1/responses` reaches the upstream.
     pub responses: ResponsesMode,
+    /// Whether members get each request's customer and scheduling weight (headers
+    /// [`crate::backend::upstream::CUSTOMER_HEADER`] and
+    /// [`crate::backend::upstream::WEIGHT_HEADER`]): for pools of `tollgate worker`s.
+    pub forward_customer: bool,
 }
 
 /// How an http model serves `/v1/responses`.
@@ -339,6 +346,7 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
             api_key_env,
             discover,
             responses,
+            forward_customer,
         } => {
             if urls.is_empty() {
                 return Err(err("backend.urls is empty".into()));
@@ -366,6 +374,7 @@ fn validate_model(id: &str, m: RawModel, base_dir: &Path) -> Result<ModelConfig,
                 api_key_env,
                 discover,
                 responses,
+                forward_customer: forward_customer.unwrap_or(false),
             })
         }
     };

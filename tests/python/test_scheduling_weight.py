@@ -1,13 +1,18 @@
 """Per-customer scheduling weights (`scheduling_weight`, 1 to 100, default 1): set through the
 admin API and the CLI, validated with 400s naming the field, and carried with each request to
 the engine, which shares a model between competing customers in proportion to their weights
-(the weighted fair queueing itself is unit-tested in runtime/src/fair.rs)."""
+(the weighted fair queueing itself is unit-tested in runtime/src/fair.rs). A gateway whose
+http backend sets `forward_customer` sends each request's customer and weight to its
+`tollgate worker`s, which trust them only from the holder of their token."""
 
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import httpx
@@ -87,3 +92,95 @@ def test_each_request_reaches_the_engine_with_its_customers_weight(srv):
             break
         time.sleep(0.1)
     assert admitted and "weight=9" in admitted[0], admitted or srv.log[-20:]
+
+
+def plain_log(lines):
+    return [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines]
+
+
+def admitted_for(log, customer, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [line for line in plain_log(log) if "admitted a sequence" in line and f"tenant={customer} " in line]
+        if found:
+            return found
+        time.sleep(0.1)
+    return []
+
+
+def test_an_embedded_server_ignores_forwarded_customer_headers(srv):
+    r = srv.admin.post("/admin/v1/customers", json={"id": "honest-co", "scheduling_weight": 2})
+    key = srv.admin.post("/admin/v1/customers/honest-co/keys", json={"name": "k"}).json()["key"]
+    http = httpx.Client(base_url=f"http://{srv.addr}", timeout=120, headers={
+        "Authorization": f"Bearer {key}", "x-tollgate-customer": "forged-co", "x-tollgate-scheduling-weight": "100"})
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2,
+                                                "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200, r.text
+    mine = admitted_for(srv.log, "honest-co")
+    assert mine and "weight=2" in mine[0], mine
+    assert not admitted_for(srv.log, "forged-co", timeout=0.5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def routed():
+    """A gateway (with customers) whose model is served by a `tollgate worker` it forwards
+    customers to."""
+    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
+    port = free_port()
+    env = dict(os.environ, TOLLGATE_WORKER_TOKEN="wtok", RUST_LOG="info,tollgate_runtime::engine=debug")
+    worker = subprocess.Popen(
+        [binary, "worker", "--model", MODEL, "--config", str(ROOT / "models.toml"), "--listen", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ready, log = threading.Event(), []
+
+    def pump():
+        for line in worker.stderr:
+            log.append(line)
+            if "listening on" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout=180):
+        worker.kill()
+        raise RuntimeError("worker did not start:\n" + "".join(log[-40:]))
+    tmp = tempfile.mkdtemp(prefix="tollgate-forward-")
+    config = os.path.join(tmp, "models.toml")
+    with open(config, "w") as f:
+        f.write(
+            f'[models."{MODEL}"]\n'
+            f'backend = {{ type = "http", urls = ["http://127.0.0.1:{port}"], api_key_env = "TOLLGATE_WORKER_TOKEN", forward_customer = true }}\n'
+            'price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }\n'
+        )
+    gateway = start_server({"TOLLGATE_WORKER_TOKEN": "wtok", "TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--config", config])
+    gateway.admin = httpx.Client(base_url=f"http://{gateway.addr}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    gateway.worker_log, gateway.worker_port = log, port
+    yield gateway
+    assert stop_server(gateway) == 0
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=60)
+
+
+def test_a_gateway_forwards_each_requests_customer_and_weight_to_its_worker(routed):
+    r = routed.admin.post("/admin/v1/customers", json={"id": "fwd-co", "scheduling_weight": 5})
+    assert r.status_code == 201, r.text
+    key = routed.admin.post("/admin/v1/customers/fwd-co/keys", json={"name": "k"}).json()["key"]
+    # The gateway probes its members every second: retry until the worker is in rotation.
+    client = OpenAI(base_url=routed.base_url, api_key=key, max_retries=5, timeout=120)
+    client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    seen = admitted_for(routed.worker_log, "fwd-co")
+    assert seen and "weight=5" in seen[0], seen or plain_log(routed.worker_log[-20:])
+    # The worker checks what it is told, naming the header.
+    worker = httpx.Client(base_url=f"http://127.0.0.1:{routed.worker_port}", timeout=60,
+                          headers={"Authorization": "Bearer wtok"})
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    r = worker.post("/v1/chat/completions", json=body, headers={"x-tollgate-scheduling-weight": "0"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-tollgate-scheduling-weight", r.text
+    r = worker.post("/v1/chat/completions", json=body, headers={"x-tollgate-customer": "no spaces"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-tollgate-customer", r.text

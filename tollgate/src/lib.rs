@@ -174,7 +174,8 @@ pub async fn worker(
         tracing::info!("shut down while loading");
         return Ok(());
     };
-    let auth = tollgate_gateway::auth::AuthConfig::from_keys([token]);
+    // Gateways hold the token, and forward each request's customer (`forward_customer`).
+    let auth = tollgate_gateway::auth::AuthConfig::from_keys([token]).trusting_forwarded_customer();
     let state = tollgate_gateway::AppState::new(config, backends, auth)?;
     tollgate_gateway::run(listener, state, shutdown).await
 }

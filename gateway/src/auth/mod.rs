@@ -174,6 +174,9 @@ pub struct AuthConfig {
     refreshing: Arc<Mutex<HashSet<[u8; 32]>>>,
     /// The `default` customer is being refreshed in the background.
     refreshing_default: Arc<AtomicBool>,
+    /// A `tollgate worker`: callers (the gateways holding its token) name the customer each
+    /// request is for and its scheduling weight.
+    trusts_forwarded_customer: bool,
 }
 
 impl AuthConfig {
@@ -195,7 +198,15 @@ impl AuthConfig {
             generation: Arc::default(),
             refreshing: Arc::default(),
             refreshing_default: Arc::default(),
+            trusts_forwarded_customer: false,
         }
+    }
+
+    /// For a `tollgate worker`, whose only key is the token its gateways hold: each request's
+    /// customer and scheduling weight come from the headers the gateway forwards.
+    pub fn trusting_forwarded_customer(mut self) -> Self {
+        self.trusts_forwarded_customer = true;
+        self
     }
 
     /// `TOLLGATE_API_KEYS=key1,key2`: static keys of the built-in `default` customer.
@@ -393,6 +404,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The bearer token of a request, if any.
+/// A gateway's forwarded customer and weight, for the caller of a worker.
+fn forwarded_customer(caller: &mut Caller, headers: &HeaderMap) -> Result<(), ApiError> {
+    use crate::backend::upstream::{CUSTOMER_HEADER, WEIGHT_HEADER};
+    if let Some(v) = headers.get(CUSTOMER_HEADER) {
+        let id = v
+            .to_str()
+            .ok()
+            .filter(|id| crate::api::admin::valid_id(id))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("`{CUSTOMER_HEADER}` must be a customer id"),
+                    CUSTOMER_HEADER,
+                )
+            })?;
+        caller.customer_id = id.to_string();
+    }
+    if let Some(v) = headers.get(WEIGHT_HEADER) {
+        let weight = v
+            .to_str()
+            .ok()
+            .and_then(|w| w.parse::<u32>().ok())
+            .filter(|w| (1..=MAX_SCHEDULING_WEIGHT).contains(&i64::from(*w)))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!(
+                        "`{WEIGHT_HEADER}` must be an integer from 1 to {MAX_SCHEDULING_WEIGHT}"
+                    ),
+                    WEIGHT_HEADER,
+                )
+            })?;
+        caller.scheduling_weight = weight;
+    }
+    Ok(())
+}
+
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let h = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     h.strip_prefix("Bearer ")
@@ -458,10 +504,15 @@ pub async fn require_key(
         .metering_duration
         .with_label_values(&["auth"])
         .observe(t.elapsed().as_secs_f64());
-    let caller = match caller {
+    let mut caller = match caller {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    if state.auth.trusts_forwarded_customer {
+        if let Err(e) = forwarded_customer(&mut caller, request.headers()) {
+            return e.into_response();
+        }
+    }
     request.extensions_mut().insert(caller.clone());
     let mut response = next.run(request).await;
     let status = state.limiter.status(&caller.limits);

@@ -9,7 +9,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::failover::{failover, Read};
+use super::failover::{failover, Credentials, Read};
 use super::Member;
 use crate::backend::{
     ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest, LogprobEntry, Prompt,
@@ -256,7 +256,7 @@ pub(super) fn tokens_of(counter: Option<&dyn TokenCounter>, text: &str) -> u32 {
 pub(super) fn run(
     client: reqwest::Client,
     candidates: Vec<Arc<Member>>,
-    api_key: Option<String>,
+    credentials: Credentials,
     path: String,
     body: Value,
     prompt_estimate: u32,
@@ -362,6 +362,13 @@ pub(super) fn run(
         }
     };
     Box::pin(failover(
-        client, candidates, api_key, path, body, "token", call_span, read,
+        client,
+        candidates,
+        credentials,
+        path,
+        body,
+        "token",
+        call_span,
+        read,
     ))
 }

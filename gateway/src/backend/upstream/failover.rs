@@ -37,10 +37,17 @@ enum Attempt {
     Refused(BackendError),
 }
 
+/// What every attempt presents: the operator's key for the upstream, and the headers
+/// forwarded to it (a `tollgate worker`'s customer and weight).
+pub(super) struct Credentials {
+    pub api_key: Option<String>,
+    pub forwarded: Vec<(&'static str, String)>,
+}
+
 async fn attempt(
     client: &reqwest::Client,
     member: &Member,
-    api_key: Option<&str>,
+    credentials: &Credentials,
     path: &str,
     body: &Value,
     call: &tracing::Span,
@@ -49,8 +56,11 @@ async fn attempt(
         .post(format!("{}{path}", member.base))
         .json(body)
         .headers(crate::server::telemetry::propagation_headers(call));
-    if let Some(k) = api_key {
+    if let Some(k) = &credentials.api_key {
         req = req.bearer_auth(k);
+    }
+    for (name, value) in &credentials.forwarded {
+        req = req.header(*name, value);
     }
     let response = match req.send().await {
         Ok(r) => r,
@@ -110,7 +120,7 @@ pub(super) enum Read<T> {
 pub(super) fn failover<T, S>(
     client: reqwest::Client,
     candidates: Vec<Arc<Member>>,
-    api_key: Option<String>,
+    credentials: Credentials,
     path: String,
     body: Value,
     first: &'static str,
@@ -128,7 +138,7 @@ where
             let slot = InFlight::new(member.clone());
             // Open while the answer is read.
             let call = call_span(&member);
-            let response = match attempt(&client, &member, api_key.as_deref(), &path, &body, &call).await {
+            let response = match attempt(&client, &member, &credentials, &path, &body, &call).await {
                 Attempt::Stream(r) => r,
                 Attempt::Retry(e) => {
                     tracing::warn!("upstream attempt failed, trying another: {e}");

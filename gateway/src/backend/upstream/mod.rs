@@ -112,7 +112,15 @@ pub struct UpstreamPool {
     counter: Option<Arc<dyn TokenCounter>>,
     /// Whether `/v1/responses` goes to the upstream's own.
     responses: ResponsesMode,
+    /// Whether members get each request's customer and weight.
+    forward_customer: bool,
 }
+
+/// The customer a gateway forwards to a `tollgate worker` with each request (trusted only
+/// from the holder of the worker's token).
+pub const CUSTOMER_HEADER: &str = "x-tollgate-customer";
+/// That customer's scheduling weight.
+pub const WEIGHT_HEADER: &str = "x-tollgate-scheduling-weight";
 
 impl Drop for UpstreamPool {
     fn drop(&mut self) {
@@ -191,12 +199,20 @@ impl UpstreamPool {
             prober,
             counter: None,
             responses: ResponsesMode::Translate,
+            forward_customer: false,
         })
     }
 
     /// How `/v1/responses` reaches this pool.
     pub fn with_responses(mut self, mode: ResponsesMode) -> Self {
         self.responses = mode;
+        self
+    }
+
+    /// Sends each request's customer and scheduling weight to the members (for pools of
+    /// `tollgate worker`s, whose engines then share the model between the customers).
+    pub fn with_forwarded_customer(mut self, forward: bool) -> Self {
+        self.forward_customer = forward;
         self
     }
 
@@ -256,7 +272,10 @@ impl Backend for UpstreamPool {
         Ok(responses::run(
             self.client.clone(),
             self.candidates(),
-            self.api_key.clone(),
+            failover::Credentials {
+                api_key: self.api_key.clone(),
+                forwarded: Vec::new(),
+            },
             body,
             prompt_estimate,
             self.counter.clone(),
@@ -271,6 +290,16 @@ impl Backend for UpstreamPool {
             .max_tokens
             .unwrap_or_else(|| context.saturating_sub(estimate.min(context)));
         let (path, body) = chat::request_body(&self.upstream_model, &request);
+        let forwarded = match (&request.customer, self.forward_customer) {
+            (Some(customer), true) => vec![
+                (CUSTOMER_HEADER, customer.clone()),
+                (
+                    WEIGHT_HEADER,
+                    request.scheduling_weight.unwrap_or(1).to_string(),
+                ),
+            ],
+            _ => Vec::new(),
+        };
         let client = self.client.clone();
         let candidates = self.candidates();
         let api_key = self.api_key.clone();
@@ -279,7 +308,14 @@ impl Backend for UpstreamPool {
         let counter = self.counter.clone();
         let start: Start = Box::new(move || {
             Ok(chat::run(
-                client, candidates, api_key, path, body, estimate, parent, counter,
+                client,
+                candidates,
+                failover::Credentials { api_key, forwarded },
+                path,
+                body,
+                estimate,
+                parent,
+                counter,
             ))
         });
         Ok(Prepared {

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::chat::{settled_usage, tokens_of};
-use super::failover::{failover, Read};
+use super::failover::{failover, Credentials, Read};
 use super::Member;
 use crate::backend::{PassthroughEvent, PassthroughStream, TokenCounter, Usage};
 
@@ -42,7 +42,7 @@ fn settled(usage: Option<&Value>, prompt_estimate: u32, observed: u32) -> Usage 
 pub(super) fn run(
     client: reqwest::Client,
     candidates: Vec<Arc<Member>>,
-    api_key: Option<String>,
+    credentials: Credentials,
     body: Value,
     prompt_estimate: u32,
     counter: Option<Arc<dyn TokenCounter>>,
@@ -103,7 +103,7 @@ pub(super) fn run(
     Box::pin(failover(
         client,
         candidates,
-        api_key,
+        credentials,
         "/v1/responses".to_string(),
         body,
         "event",
