@@ -72,6 +72,17 @@ pub enum ApiError {
     /// The model's server failed mid-answer (a worker that died); the detail goes to logs.
     #[error("the model's server failed while answering; retry the request")]
     BadGateway(String),
+    /// The model's server refused this gateway's own credentials for it; the detail goes to
+    /// logs.
+    #[error("the model's server is misconfigured (it refused this gateway's credentials); the operator has been alerted in the logs")]
+    UpstreamCredentials(String),
+    /// The model's server refused the request with a client error, passed on with its status.
+    #[error("{message}")]
+    UpstreamRefused {
+        status: u16,
+        message: String,
+        param: Option<String>,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -115,6 +126,19 @@ impl ApiError {
             ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "server_error", None),
+            Self::UpstreamCredentials(_) => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                Some("upstream_credentials"),
+            ),
+            Self::UpstreamRefused { status, .. } => (
+                StatusCode::from_u16(*status)
+                    .ok()
+                    .filter(StatusCode::is_client_error)
+                    .unwrap_or(StatusCode::BAD_REQUEST),
+                "invalid_request_error",
+                None,
+            ),
             Self::ModelNotAllowed(_) => (
                 StatusCode::FORBIDDEN,
                 "invalid_request_error",
@@ -176,7 +200,8 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         let (_, kind, code) = self.parts();
         let (message, param) = match self {
-            Self::InvalidRequest { message, param } => (message.clone(), param.clone()),
+            Self::InvalidRequest { message, param }
+            | Self::UpstreamRefused { message, param, .. } => (message.clone(), param.clone()),
             Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => {
                 (self.to_string(), Some("model".to_string()))
             }
@@ -251,6 +276,21 @@ impl From<BackendError> for ApiError {
                 tracing::error!("{detail}");
                 Self::BadGateway(detail)
             }
+            BackendError::Credentials(detail) => {
+                tracing::error!(
+                    "{detail} (check the backend's api_key_env: the upstream refused the key)"
+                );
+                Self::UpstreamCredentials(detail)
+            }
+            BackendError::Refused {
+                status,
+                message,
+                param,
+            } => Self::UpstreamRefused {
+                status,
+                message,
+                param,
+            },
             BackendError::Unavailable(detail) => {
                 tracing::error!("{detail}");
                 Self::Unavailable(

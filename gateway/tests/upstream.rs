@@ -35,6 +35,8 @@ enum Behaviour {
     DiesMidStream,
     /// 400 with an OpenAI error.
     Refuses,
+    /// This status with an OpenAI error naming a secret of the upstream's.
+    Status(u16),
     /// Three content chunks, then this `usage` object (JSON text), or none when empty.
     Reports(&'static str),
     /// Three chunks of three words each, and no `usage`.
@@ -66,6 +68,13 @@ async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> Response {
             return (
                 StatusCode::BAD_REQUEST,
                 Json(json!({"error": {"message": "context length exceeded", "type": "invalid_request_error"}})),
+            )
+                .into_response()
+        }
+        Behaviour::Status(code) => {
+            return (
+                StatusCode::from_u16(code).unwrap(),
+                Json(json!({"error": {"message": "upstream secret: key sk-up-123 rejected", "param": "model"}})),
             )
                 .into_response()
         }
@@ -345,6 +354,35 @@ async fn upstream_refusals_are_client_errors_and_not_retried() {
         "no retries after a 400"
     );
     assert!(refused > 0);
+}
+
+#[tokio::test]
+async fn refused_credentials_are_a_502_that_keeps_the_upstreams_words_to_the_logs() {
+    for code in [401, 403] {
+        let (refuses, hits) = upstream(Behaviour::Status(code)).await;
+        let addr = gateway(vec![refuses]).await;
+        let r = ask(addr, false).await;
+        assert_eq!(r.status(), 502, "upstream {code}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "upstream_credentials", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("misconfigured"), "{message}");
+        assert!(!message.contains("sk-up-123"), "{message}");
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "not retried");
+    }
+}
+
+#[tokio::test]
+async fn other_client_errors_of_the_upstream_keep_their_status() {
+    for code in [404, 413, 422] {
+        let (refuses, _) = upstream(Behaviour::Status(code)).await;
+        let addr = gateway(vec![refuses]).await;
+        let r = ask(addr, false).await;
+        assert_eq!(r.status(), code);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["param"], "model", "{body}");
+    }
 }
 
 #[tokio::test]

@@ -304,6 +304,18 @@ pub enum BackendError {
     /// only.
     #[error("upstream broke off: {0}")]
     Broken(String),
+    /// The server behind the backend refused the operator's credentials for it (401/403):
+    /// the model is misconfigured, not the request; the detail goes to logs only.
+    #[error("upstream refused the credentials: {0}")]
+    Credentials(String),
+    /// The server behind the backend refused the request itself with a client error (a 4xx
+    /// other than 401, 403 and 429), which keeps its status.
+    #[error("{message}")]
+    Refused {
+        status: u16,
+        message: String,
+        param: Option<String>,
+    },
 }
 
 /// A stream of events for one sequence. Dropping it cancels the sequence at once.

@@ -89,8 +89,17 @@ async fn attempt(
         }
         return Attempt::Retry(format!("{}: {status}: {message}", member.base));
     }
+    if matches!(status.as_u16(), 401 | 403) {
+        // The operator's key for the upstream, not the client's request: every member shares
+        // it, so no retry; the upstream's words stay in the logs.
+        return Attempt::Refused(BackendError::Credentials(format!(
+            "{}: {status}: {message}",
+            member.base
+        )));
+    }
     // The upstream's own `param` locates the field in the same request body.
-    Attempt::Refused(BackendError::InvalidRequest {
+    Attempt::Refused(BackendError::Refused {
+        status: status.as_u16(),
         message: format!("the upstream refused the request ({status}): {message}"),
         param,
     })
