@@ -63,9 +63,10 @@ pub enum ApiError {
     /// Admin API: no such object.
     #[error("{0}")]
     NotFound(String),
-    /// Admin API: missing or wrong admin token.
+    /// Admin API: missing or wrong admin token (401; a valid token without the scope is
+    /// [`ApiError::InsufficientScope`], 403).
     #[error("{0}")]
-    Forbidden(String),
+    InvalidAdminToken(String),
     /// Admin API: the token is valid but its scopes do not cover the operation.
     #[error("{0}")]
     InsufficientScope(String),
@@ -179,7 +180,7 @@ impl ApiError {
                 "invalid_request_error",
                 Some("not_found"),
             ),
-            Self::Forbidden(_) => (
+            Self::InvalidAdminToken(_) => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 Some("invalid_admin_token"),

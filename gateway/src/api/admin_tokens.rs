@@ -342,7 +342,7 @@ pub async fn authorize(state: &AppState, request: AdminRequest) -> Result<AdminI
     let identity = match identity {
         Ok(identity) => identity,
         Err(refusal) => {
-            if let (Some(ip), ApiError::Forbidden(_)) = (ip, &refusal) {
+            if let (Some(ip), ApiError::InvalidAdminToken(_)) = (ip, &refusal) {
                 state.admin_failures.record_failure(ip, now);
             }
             return Err(refusal.into_response());
@@ -371,7 +371,7 @@ pub async fn authorize(state: &AppState, request: AdminRequest) -> Result<AdminI
 /// The bootstrap token (compared in constant time over digests) or an issued token.
 async fn identify(state: &AppState, presented: &str) -> Result<AdminIdentity, ApiError> {
     if presented.is_empty() {
-        return Err(ApiError::Forbidden(
+        return Err(ApiError::InvalidAdminToken(
             "missing admin token: send `Authorization: Bearer <admin token>`".into(),
         ));
     }
@@ -384,14 +384,14 @@ async fn identify(state: &AppState, presented: &str) -> Result<AdminIdentity, Ap
         }
     }
     let Some(store) = state.store.as_ref() else {
-        return Err(ApiError::Forbidden("invalid admin token".into()));
+        return Err(ApiError::InvalidAdminToken("invalid admin token".into()));
     };
     match find(store, presented).await {
         Ok(Some(token)) => Ok(AdminIdentity {
             token_id: token.id,
             scopes: token.scopes,
         }),
-        Ok(None) => Err(ApiError::Forbidden("invalid admin token".into())),
+        Ok(None) => Err(ApiError::InvalidAdminToken("invalid admin token".into())),
         Err(e) => {
             tracing::error!("admin token lookup failed: {e}");
             Err(ApiError::Unavailable(
