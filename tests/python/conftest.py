@@ -66,6 +66,31 @@ def start_server(extra_env=None, extra_args=None) -> Server:
     return Server(proc, addr_box["addr"], log)
 
 
+def start_worker(port: int, token: str, model: str = "smollm2-135m", rust_log: str = "info"):
+    """A `tollgate worker` serving `model` on `port` for gateways that present `token`, once it
+    listens; returns the process and its log lines (kept up to date)."""
+    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
+    env = dict(os.environ, TOLLGATE_WORKER_TOKEN=token, RUST_LOG=rust_log)
+    worker = subprocess.Popen(
+        [binary, "worker", "--model", model, "--config", str(ROOT / "models.toml"),
+         "--listen", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ready, log = threading.Event(), []
+
+    def pump():
+        for line in worker.stderr:
+            log.append(line)
+            if "listening on" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout=180):
+        worker.kill()
+        raise RuntimeError("worker did not start:\n" + "".join(log[-40:]))
+    return worker, log
+
+
 def stop_server(server: Server) -> int:
     server.proc.send_signal(signal.SIGTERM)
     try:

@@ -12,14 +12,13 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, start_server, stop_server
+from conftest import ROOT, start_server, start_worker, stop_server
 
 ADMIN = "weight-admin-token"
 MODEL = "smollm2-135m"
@@ -131,25 +130,8 @@ def free_port():
 def routed():
     """A gateway (with customers) whose model is served by a `tollgate worker` it forwards
     customers to."""
-    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
     port = free_port()
-    env = dict(os.environ, TOLLGATE_WORKER_TOKEN="wtok", RUST_LOG="info,tollgate_runtime::engine=debug")
-    worker = subprocess.Popen(
-        [binary, "worker", "--model", MODEL, "--config", str(ROOT / "models.toml"), "--listen", f"127.0.0.1:{port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    ready, log = threading.Event(), []
-
-    def pump():
-        for line in worker.stderr:
-            log.append(line)
-            if "listening on" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout=180):
-        worker.kill()
-        raise RuntimeError("worker did not start:\n" + "".join(log[-40:]))
+    worker, log = start_worker(port, "wtok", rust_log="info,tollgate_runtime::engine=debug")
     tmp = tempfile.mkdtemp(prefix="tollgate-forward-")
     config = os.path.join(tmp, "models.toml")
     with open(config, "w") as f:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from conftest import API_KEY, ROOT, start_server, stop_server
+from conftest import API_KEY, ROOT, start_server, start_worker, stop_server
 
 MODEL = "smollm2-135m"
 WORKER_TOKEN = "structured-worker-token"
@@ -35,32 +34,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def binary():
-    return os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
-
-
 @pytest.fixture(scope="module")
 def routed():
     """A gateway whose model is served by a `tollgate worker` over HTTP."""
     port = free_port()
-    env = dict(os.environ, TOLLGATE_WORKER_TOKEN=WORKER_TOKEN, RUST_LOG="info")
-    worker = subprocess.Popen(
-        [binary(), "worker", "--model", MODEL, "--config", str(ROOT / "models.toml"),
-         "--listen", f"127.0.0.1:{port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    ready, log = threading.Event(), []
-
-    def pump():
-        for line in worker.stderr:
-            log.append(line)
-            if "listening on" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout=180):
-        worker.kill()
-        raise RuntimeError("worker did not start:\n" + "".join(log[-40:]))
+    worker, _ = start_worker(port, WORKER_TOKEN)
     tmp = tempfile.mkdtemp(prefix="tollgate-structured-")
     config = os.path.join(tmp, "models.toml")
     with open(config, "w") as f:
