@@ -38,6 +38,8 @@ pub struct AppState {
     pub tasks: tokio_util::task::TaskTracker,
     /// Cancelled at the end of shutdown: stops background work (alert delivery).
     pub background: tokio_util::sync::CancellationToken,
+    /// That background work, waited for (within a bound) once cancelled.
+    pub background_tasks: tokio_util::task::TaskTracker,
     /// Requests in flight per customer and per key, for `max_concurrent_requests`.
     pub inflight_requests: Arc<concurrency::InFlightRequests>,
     /// Failed admin authentications per client address.
@@ -63,6 +65,7 @@ impl AppState {
             console: Arc::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             background: tokio_util::sync::CancellationToken::new(),
+            background_tasks: tokio_util::task::TaskTracker::new(),
             inflight_requests: Arc::default(),
             admin_failures: Arc::default(),
         })
@@ -84,7 +87,8 @@ impl AppState {
         self.ledger = Some(Ledger::start(store.clone(), spool_path, sync, gauges)?);
         // Budget alerts: delivered from the outbox until shutdown.
         let deliverer = alerts::Deliverer::new(store.clone(), alerts::DeliveryConfig::default())?;
-        tokio::spawn(deliverer.run(self.background.clone()));
+        self.background_tasks
+            .spawn(deliverer.run(self.background.clone()));
         if store.kind() == tollgate_metering::store::DbKind::Postgres {
             // Replicas share the database: limits and budgets are kept there, exact across them.
             self.limiter = Limiter::shared(store.clone());

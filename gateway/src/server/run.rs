@@ -100,6 +100,7 @@ pub async fn run_split(
     let timeout = state.config.server.shutdown_timeout;
     let tasks = state.tasks.clone();
     let background = state.background.clone();
+    let background_tasks = state.background_tasks.clone();
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let limits = listener::ConnLimits {
@@ -143,8 +144,17 @@ pub async fn run_split(
     if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
         tracing::warn!("shutdown timeout: dropping detached requests");
     }
-    // (5) Background work stops (undelivered alerts stay in the outbox for the next start).
+    // (5) Background work stops (undelivered alerts stay in the outbox for the next start),
+    // and is waited for: a delivery under way finishes (its HTTP call is bounded) rather than
+    // being cut off by the end of the process.
     background.cancel();
+    background_tasks.close();
+    if tokio::time::timeout(BACKGROUND_STOP, background_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: background work did not stop in time; dropped");
+    }
     if let Some(operator_server) = operator_server {
         // Its requests are short; whatever is left when the public side is done is dropped.
         if tokio::time::timeout(Duration::from_secs(1), operator_server)
@@ -156,6 +166,9 @@ pub async fn run_split(
     }
     result
 }
+
+/// How long stopped background work may take to finish at shutdown.
+const BACKGROUND_STOP: Duration = Duration::from_secs(5);
 
 /// Waits for `server` to stop by itself, or after the shutdown signal for up to `timeout`.
 async fn drain(
