@@ -145,9 +145,9 @@ fn qtensor_from_reader(
 }
 
 impl Linear {
-    /// From a GGUF tensor's bytes, `(out, inp)` of `dtype` (sizes checked by the caller). The
-    /// `auto` form on the CPU reads Q4_0/Q4_1 codes and Q8_0 values straight from the bytes,
-    /// with no intermediate copy.
+    /// From a GGUF tensor's bytes, `(out, inp)` of `dtype` (sizes checked by the caller), for
+    /// what [`Linear::from_gguf_reader`] does not take. The `auto` form on the CPU reads Q8_0
+    /// values straight from the bytes, with no intermediate copy.
     pub(crate) fn from_gguf_bytes(
         dtype: GgmlDType,
         (out, inp): (usize, usize),
@@ -156,11 +156,6 @@ impl Linear {
         device: &Device,
     ) -> Result<Self> {
         if form == WeightForm::Auto && device.is_cpu() {
-            if CodeMatrix::is_fast_for(inp) {
-                if let Some(c) = CodeMatrix::from_q4_bytes(dtype, data, out, inp)? {
-                    return Ok(Self::Quant(Quantized::Codes(c)));
-                }
-            }
             // Q8_0 (often the embedding and output projection) keeps its 8-bit values on the
             // int8 kernel rather than losing a bit to 7-bit codes.
             if dtype == GgmlDType::Q8_0 && Q8Matrix::is_fast_for(inp) {
