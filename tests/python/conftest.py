@@ -4,6 +4,7 @@ for the OpenAI Python SDK tests, and stops it with SIGTERM afterwards."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -64,6 +65,13 @@ def start_server(extra_env=None, extra_args=None) -> Server:
         proc.kill()
         raise RuntimeError("server did not start:\n" + "".join(log[-40:]))
     return Server(proc, addr_box["addr"], log)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_worker(port: int, token: str, model: str = "smollm2-135m", rust_log: str = "info"):

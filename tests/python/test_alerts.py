@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import threading
@@ -19,16 +18,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, start_server, stop_server
+from conftest import ROOT, free_port, start_server, stop_server
 
 ADMIN = "alerts-admin"
 MODEL = "smollm2-135m"
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:

@@ -15,7 +15,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import API_KEY, ROOT, start_server, stop_server
+from conftest import API_KEY, ROOT, free_port, start_server, stop_server
 
 ADMIN = "admin-test-token"
 MODEL = "smollm2-135m"
@@ -480,13 +480,6 @@ def cached_catalogue(tmp, backend):
         )
     return path
 
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cached_traffic(client):

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, start_server
+from conftest import ROOT, free_port, start_server
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TOLLGATE_TEST_POSTGRES"),
@@ -77,11 +76,6 @@ def wait_until(predicate, timeout, what):
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill(proc):

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, start_server, start_worker, stop_server
+from conftest import ROOT, free_port, start_server, start_worker, stop_server
 
 ADMIN = "weight-admin-token"
 MODEL = "smollm2-135m"
@@ -119,11 +118,6 @@ def test_an_embedded_server_ignores_forwarded_customer_headers(srv):
     assert mine and "weight=2" in mine[0], mine
     assert not admitted_for(srv.log, "forged-co", timeout=0.5)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

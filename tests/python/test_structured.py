@@ -8,7 +8,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -21,17 +20,12 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from conftest import API_KEY, ROOT, start_server, start_worker, stop_server
+from conftest import API_KEY, ROOT, free_port, start_server, start_worker, stop_server
 
 MODEL = "smollm2-135m"
 WORKER_TOKEN = "structured-worker-token"
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ upstream's usage."""
 
 import json
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -15,7 +14,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, start_server, stop_server
+from conftest import ROOT, free_port, start_server, stop_server
 
 ADMIN = "upstream-admin"
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,11 +22,6 @@ GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHUNKS = ["The quick brown fox", " jumps over the lazy dog", "."]
 CHUNK_TOKENS = 10
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Upstream:
