@@ -32,7 +32,9 @@ def _clamp(body: dict, field: str, top: int, default=None) -> None:
         return
     if isinstance(value, int) and value > top:
         body[field] = top
-    elif field not in body and default is not None:
+    elif value is None and default is not None:
+        # Absent and `null` both mean "no limit" to the server: a generation of the whole
+        # context, minutes long on this machine, which is not what the fuzzer is here to test.
         body[field] = default
 
 
