@@ -144,7 +144,7 @@ pub async fn worker(
     listener: tokio::net::TcpListener,
     mut config: Config,
     model: &str,
-    device: Option<String>,
+    device: Option<tollgate_gateway::config::DeviceSpec>,
     token: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {

@@ -58,7 +58,7 @@ enum Command {
         model: String,
         /// Override the catalogue's device (`cpu`, `cuda:N`).
         #[arg(long)]
-        device: Option<String>,
+        device: Option<tollgate_gateway::config::DeviceSpec>,
         #[arg(long, default_value = "models.toml", env = "TOLLGATE_CONFIG")]
         config: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8081", env = "TOLLGATE_LISTEN")]

@@ -9,7 +9,7 @@ use anyhow::Context;
 use tollgate_gateway::backend::upstream::UpstreamPool;
 use tollgate_gateway::backend::{Backend, ModelInfo};
 use tollgate_gateway::config::{
-    BackendConfig, Config, KvCacheDtype, LocalBackendConfig, ModelConfig, ModelSource,
+    self, BackendConfig, Config, KvCacheDtype, LocalBackendConfig, ModelConfig, ModelSource,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::engine::EngineConfig;
@@ -34,21 +34,27 @@ pub fn runtime_source(source: &ModelSource) -> loader::ModelSource {
     }
 }
 
+/// The runtime's form of the catalogue's weight form.
+fn runtime_weights(weights: config::WeightForm) -> WeightForm {
+    match weights {
+        config::WeightForm::Auto => WeightForm::Auto,
+        config::WeightForm::Native => WeightForm::Native,
+        config::WeightForm::Q8_0 => WeightForm::Q8_0,
+        config::WeightForm::F32 => WeightForm::F32,
+        config::WeightForm::F16 => WeightForm::F16,
+        config::WeightForm::Bf16 => WeightForm::Bf16,
+    }
+}
+
 /// Loads one local model (blocking: reads and converts the weights).
 pub fn load_local(
     model: &ModelConfig,
     local: &LocalBackendConfig,
     weights_override: Option<WeightForm>,
 ) -> anyhow::Result<LoadedModel> {
-    let weights = match weights_override {
-        Some(w) => w,
-        None => local
-            .weights
-            .parse::<WeightForm>()
-            .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?,
-    };
+    let weights = weights_override.unwrap_or_else(|| runtime_weights(local.weights));
     let options = LoadOptions {
-        device: local.device.clone(),
+        device: local.device.to_string(),
         weights,
         context_length: model.context_length.map(|c| c as usize),
         kv_cache_f16: local.kv_cache_dtype == Some(KvCacheDtype::F16),

@@ -1,0 +1,153 @@
+//! `models.toml`: the catalogue of models clients may call, and server limits.
+//!
+//! Two phases: raw serde structs that reject unknown keys (a typo is an error naming the key),
+//! then validated structs with defaults filled in, relative paths resolved against the file's
+//! directory and prices parsed as exact decimals. Secrets never live here (only the names of
+//! environment variables that hold them).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod models;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;
+
+use models::{validate_model, RawModel};
+pub use models::{
+    BackendConfig, DeviceSpec, HttpBackendConfig, KvCacheDtype, LocalBackendConfig, ModelConfig,
+    ModelSource, ResponsesMode, WeightForm,
+};
+
+/// Errors loading the catalogue.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("model `{model}`: {message}")]
+    Model { model: String, message: String },
+    #[error("no models configured: add a [models.\"<id>\"] table")]
+    NoModels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_body_bytes: Option<usize>,
+    max_n: Option<u32>,
+    shutdown_timeout_secs: Option<u64>,
+    response_retention_days: Option<u32>,
+    header_read_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+/// The validated catalogue.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// By model id.
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Largest `n` accepted.
+    pub max_n: u32,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_timeout: Duration,
+    /// How long stored Responses API objects are kept.
+    pub response_retention: Duration,
+    /// A connection must send a whole request head within this long of being ready for one
+    /// (new or idle keep-alive connections alike), else it is closed.
+    pub header_read_timeout: Duration,
+    /// Connections open at once per listener; beyond, new ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            max_n: 8,
+            shutdown_timeout: Duration::from_secs(30),
+            response_retention: Duration::from_secs(30 * 86_400),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 2048,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a catalogue file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml_str(&text, base).map_err(|e| match e {
+            ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses a catalogue; relative paths are resolved against `base_dir`.
+    pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if raw.models.is_empty() {
+            return Err(ConfigError::NoModels);
+        }
+        let defaults = ServerConfig::default();
+        let server = ServerConfig {
+            max_body_bytes: raw.server.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_n: raw.server.max_n.unwrap_or(defaults.max_n).max(1),
+            shutdown_timeout: raw
+                .server
+                .shutdown_timeout_secs
+                .map_or(defaults.shutdown_timeout, Duration::from_secs),
+            response_retention: raw
+                .server
+                .response_retention_days
+                .map_or(defaults.response_retention, |d| {
+                    Duration::from_secs(u64::from(d) * 86_400)
+                }),
+            header_read_timeout: raw
+                .server
+                .header_read_timeout_secs
+                .map_or(defaults.header_read_timeout, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+            max_connections: raw
+                .server
+                .max_connections
+                .unwrap_or(defaults.max_connections)
+                .max(1),
+        };
+        let mut models = BTreeMap::new();
+        for (id, m) in raw.models {
+            let model = validate_model(&id, m, base_dir)?;
+            models.insert(id, model);
+        }
+        Ok(Self { server, models })
+    }
+}

@@ -1,0 +1,341 @@
+//! The catalogue's models: where each one's files are, which backend serves it (a local
+//! engine or a pool of OpenAI-compatible upstreams) and its price, validated from the raw
+//! tables into types.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use tollgate_metering::money::Price;
+
+use super::ConfigError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawModel {
+    source: Option<RawSource>,
+    backend: RawBackend,
+    context_length: Option<u32>,
+    owned_by: Option<String>,
+    price: Option<RawPrice>,
+    max_sequences_per_customer: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    path: Option<PathBuf>,
+    hf_repo: Option<String>,
+    revision: Option<String>,
+    file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawBackend {
+    Local {
+        device: Option<String>,
+        weights: Option<WeightForm>,
+        max_queue: Option<usize>,
+        max_batch_tokens: Option<usize>,
+        kv_cache_bytes: Option<usize>,
+        kv_cache_dtype: Option<KvCacheDtype>,
+        /// A Jinja file that replaces the model's own chat template.
+        chat_template: Option<PathBuf>,
+    },
+    Http {
+        urls: Vec<String>,
+        api_key_env: Option<String>,
+        /// `static` (default) or `dns`.
+        discover: Option<String>,
+        /// `translate` (default) or `passthrough`.
+        responses: Option<String>,
+        /// Send each request's customer and scheduling weight to the members (only for
+        /// `tollgate worker`s, which trust them from their token's holder).
+        forward_customer: Option<bool>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input_per_mtok: String,
+    output_per_mtok: String,
+    /// Prompt tokens served from a prefix cache; the input price when absent.
+    cached_input_per_mtok: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub id: String,
+    /// Where the weights come from; `None` only for http backends (the upstream has them).
+    pub source: Option<ModelSource>,
+    pub backend: BackendConfig,
+    /// Limit of the context below the model's own.
+    pub context_length: Option<u32>,
+    pub owned_by: String,
+    pub price: Price,
+    /// Sequences one customer may have in flight on this model (429 beyond).
+    pub max_sequences_per_customer: Option<u32>,
+}
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A `.gguf` file or a safetensors directory (resolved against the config's directory).
+    Path(PathBuf),
+    Hub {
+        repo: String,
+        revision: String,
+        file: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendConfig {
+    Local(LocalBackendConfig),
+    Http(HttpBackendConfig),
+}
+
+/// What a local model's KV cache holds keys and values as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    F32,
+    F16,
+}
+
+/// The device a local model runs on: `cpu`, or `cuda:N` (`cuda` alone is `cuda:0`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("`{other}` is not a device: use `cpu` or `cuda:N`")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The form a local model's weights take on its device (the runtime's `WeightForm`, named in
+/// the catalogue).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightForm {
+    /// CPU: Tollgate's kernels on the file's own quantization where it can. CUDA: f16.
+    #[default]
+    Auto,
+    /// Keep the file's own form.
+    Native,
+    /// Re-quantize to Q8_0.
+    #[serde(rename = "q8_0", alias = "q8")]
+    Q8_0,
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBackendConfig {
+    pub device: DeviceSpec,
+    pub weights: WeightForm,
+    pub max_queue: usize,
+    pub max_batch_tokens: usize,
+    pub kv_cache_bytes: usize,
+    /// The KV cache's element type; `None` = the device's default (f32 on the CPU).
+    pub kv_cache_dtype: Option<KvCacheDtype>,
+    /// A chat template file used instead of the one the model ships (resolved against the
+    /// config's directory), as vLLM's `--chat-template` and llama.cpp's
+    /// `--chat-template-file`.
+    pub chat_template: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpBackendConfig {
+    pub urls: Vec<String>,
+    pub api_key_env: Option<String>,
+    /// How the pool's members are found from `urls`.
+    pub discover: crate::backend::upstream::Discovery,
+    /// How `/v1/responses` reaches the upstream.
+    pub responses: ResponsesMode,
+    /// Whether members get each request's customer and scheduling weight (headers
+    /// [`crate::backend::upstream::CUSTOMER_HEADER`] and
+    /// [`crate::backend::upstream::WEIGHT_HEADER`]): for pools of `tollgate worker`s.
+    pub forward_customer: bool,
+}
+
+/// How an http model serves `/v1/responses`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ResponsesMode {
+    /// Translated to chat completions (any OpenAI-compatible upstream).
+    #[default]
+    Translate,
+    /// Sent to the upstream's own `/v1/responses` (it speaks the Responses API).
+    Passthrough,
+}
+
+fn validate_source(source: RawSource, base_dir: &Path) -> Result<ModelSource, String> {
+    match (source.path, source.hf_repo) {
+        (Some(path), None) => {
+            if source.revision.is_some() || source.file.is_some() {
+                return Err(
+                    "source.revision and source.file go with source.hf_repo, not source.path"
+                        .into(),
+                );
+            }
+            Ok(ModelSource::Path(if path.is_absolute() {
+                path
+            } else {
+                base_dir.join(path)
+            }))
+        }
+        (None, Some(repo)) => Ok(ModelSource::Hub {
+            repo,
+            revision: source.revision.unwrap_or_else(|| "main".into()),
+            file: source.file,
+        }),
+        (Some(_), Some(_)) => Err("source has both `path` and `hf_repo`; choose one".into()),
+        (None, None) => Err("source needs `path` or `hf_repo`".into()),
+    }
+}
+
+pub(super) fn validate_model(
+    id: &str,
+    m: RawModel,
+    base_dir: &Path,
+) -> Result<ModelConfig, ConfigError> {
+    let err = |message: String| ConfigError::Model {
+        model: id.to_string(),
+        message,
+    };
+    if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err(
+            "model ids must be non-empty and contain no spaces".into()
+        ));
+    }
+    let source = match m.source {
+        Some(source) => Some(validate_source(source, base_dir).map_err(err)?),
+        None if matches!(m.backend, RawBackend::Http { .. }) => None,
+        None => {
+            return Err(err(
+                "source is missing: a local backend needs `source = { path = ... }` or `{ hf_repo = ... }`"
+                    .into(),
+            ))
+        }
+    };
+    let backend = match m.backend {
+        RawBackend::Local {
+            device,
+            weights,
+            max_queue,
+            max_batch_tokens,
+            kv_cache_bytes,
+            kv_cache_dtype,
+            chat_template,
+        } => BackendConfig::Local(LocalBackendConfig {
+            device: device
+                .map(|d| d.parse())
+                .transpose()
+                .map_err(|e| err(format!("backend.device: {e}")))?
+                .unwrap_or_default(),
+            weights: weights.unwrap_or_default(),
+            max_queue: max_queue.unwrap_or(64).max(1),
+            max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
+            kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
+            kv_cache_dtype,
+            chat_template: chat_template.map(|p| base_dir.join(p)),
+        }),
+        RawBackend::Http {
+            urls,
+            api_key_env,
+            discover,
+            responses,
+            forward_customer,
+        } => {
+            if urls.is_empty() {
+                return Err(err("backend.urls is empty".into()));
+            }
+            let discover = match discover.as_deref() {
+                None | Some("static") => crate::backend::upstream::Discovery::Static,
+                Some("dns") => crate::backend::upstream::Discovery::Dns,
+                Some(other) => {
+                    return Err(err(format!(
+                        "backend.discover `{other}` is neither `static` nor `dns`"
+                    )))
+                }
+            };
+            let responses = match responses.as_deref() {
+                None | Some("translate") => ResponsesMode::Translate,
+                Some("passthrough") => ResponsesMode::Passthrough,
+                Some(other) => {
+                    return Err(err(format!(
+                        "backend.responses `{other}` is neither `translate` nor `passthrough`"
+                    )))
+                }
+            };
+            BackendConfig::Http(HttpBackendConfig {
+                urls,
+                api_key_env,
+                discover,
+                responses,
+                forward_customer: forward_customer.unwrap_or(false),
+            })
+        }
+    };
+    let price = match m.price {
+        None => Price::default(),
+        Some(p) => {
+            let parse = |key: &str, v: &str| -> Result<Decimal, ConfigError> {
+                let d = Decimal::from_str(v.trim())
+                    .map_err(|e| err(format!("price.{key} `{v}` is not a decimal number: {e}")))?;
+                if d.is_sign_negative() {
+                    return Err(err(format!("price.{key} `{v}` is negative")));
+                }
+                Ok(d)
+            };
+            let input_per_mtok = parse("input_per_mtok", &p.input_per_mtok)?;
+            Price {
+                input_per_mtok,
+                output_per_mtok: parse("output_per_mtok", &p.output_per_mtok)?,
+                cached_input_per_mtok: match &p.cached_input_per_mtok {
+                    Some(v) => parse("cached_input_per_mtok", v)?,
+                    None => input_per_mtok,
+                },
+            }
+        }
+    };
+    Ok(ModelConfig {
+        id: id.to_string(),
+        source,
+        backend,
+        context_length: m.context_length,
+        owned_by: m.owned_by.unwrap_or_else(|| "tollgate".into()),
+        price,
+        max_sequences_per_customer: match m.max_sequences_per_customer {
+            Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
+            other => other,
+        },
+    })
+}

@@ -1,0 +1,225 @@
+//! The catalogue's validation: defaults, typos named, paths resolved, refusals.
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+
+use super::*;
+
+const GOOD: &str = r#"
+    [server]
+    max_n = 4
+    [models."smollm2-135m"]
+    source = { path = "models/x.gguf" }
+    backend = { type = "local", weights = "q8_0" }
+    price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }
+    [models.remote]
+    source = { hf_repo = "org/repo", file = "m.gguf" }
+    backend = { type = "http", urls = ["http://w1:8081"] }
+"#;
+
+#[test]
+fn parses_and_fills_defaults() {
+    let c = Config::from_toml_str(GOOD, Path::new("/etc/tollgate")).unwrap();
+    assert_eq!(c.server.max_n, 4);
+    let m = &c.models["smollm2-135m"];
+    assert_eq!(
+        m.source,
+        Some(ModelSource::Path("/etc/tollgate/models/x.gguf".into()))
+    );
+    let BackendConfig::Local(local) = &m.backend else {
+        panic!("local")
+    };
+    assert_eq!(local.device, DeviceSpec::Cpu);
+    assert_eq!(local.weights, WeightForm::Q8_0);
+    assert_eq!(m.price.input_per_mtok, Decimal::from_str("0.05").unwrap());
+    // No cached price: cached prompt tokens cost the input price.
+    assert_eq!(m.price.cached_input_per_mtok, m.price.input_per_mtok);
+    let r = &c.models["remote"];
+    assert_eq!(
+        r.source,
+        Some(ModelSource::Hub {
+            repo: "org/repo".into(),
+            revision: "main".into(),
+            file: Some("m.gguf".into())
+        })
+    );
+}
+
+#[test]
+fn cached_input_price_is_optional_exact_and_checked() {
+    let with = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\", cached_input_per_mtok = \"0.0125\" }",
+    );
+    let c = Config::from_toml_str(&with, Path::new(".")).unwrap();
+    let p = c.models["smollm2-135m"].price;
+    assert_eq!(
+        p.cached_input_per_mtok,
+        Decimal::from_str("0.0125").unwrap()
+    );
+    assert_eq!(p.input_per_mtok, Decimal::from_str("0.05").unwrap());
+    let negative = with.replace("\"0.0125\"", "\"-1\"");
+    let e = Config::from_toml_str(&negative, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("price.cached_input_per_mtok `-1` is negative"),
+        "{e}"
+    );
+}
+
+#[test]
+fn kv_cache_dtype_is_typed_at_validation() {
+    let half = GOOD.replace(
+        "weights = \"q8_0\"",
+        "weights = \"q8_0\", kv_cache_dtype = \"f16\"",
+    );
+    let c = Config::from_toml_str(&half, Path::new(".")).unwrap();
+    let BackendConfig::Local(local) = &c.models["smollm2-135m"].backend else {
+        panic!("local backend expected");
+    };
+    assert_eq!(local.kv_cache_dtype, Some(KvCacheDtype::F16));
+    let bad = GOOD.replace(
+        "weights = \"q8_0\"",
+        "weights = \"q8_0\", kv_cache_dtype = \"int4\"",
+    );
+    let e = Config::from_toml_str(&bad, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("int4"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let bad = GOOD.replace("max_n = 4", "max_m = 4");
+    let e = Config::from_toml_str(&bad, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("max_m"), "{e}");
+    let bad = GOOD.replace("weights = \"q8_0\"", "wieghts = \"q8_0\"");
+    let e = Config::from_toml_str(&bad, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wieghts"), "{e}");
+}
+
+#[test]
+fn only_http_backends_may_leave_out_the_source() {
+    let http = r#"
+        [models.remote]
+        backend = { type = "http", urls = ["http://w1:8081"] }
+    "#;
+    let c = Config::from_toml_str(http, Path::new("/")).unwrap();
+    assert_eq!(c.models["remote"].source, None);
+    let local = r#"
+        [models.here]
+        backend = { type = "local" }
+    "#;
+    let e = Config::from_toml_str(local, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("here") && e.contains("source is missing"), "{e}");
+}
+
+#[test]
+fn http_discovery_is_static_unless_dns() {
+    let discovery = |extra: &str| {
+        let toml = format!(
+            "[models.remote]\nbackend = {{ type = \"http\", urls = [\"http://w:8081\"]{extra} }}"
+        );
+        Config::from_toml_str(&toml, Path::new("/")).map(|c| match &c.models["remote"].backend {
+            BackendConfig::Http(h) => h.discover,
+            BackendConfig::Local(_) => unreachable!(),
+        })
+    };
+    use crate::backend::upstream::Discovery;
+    assert_eq!(discovery("").unwrap(), Discovery::Static);
+    assert_eq!(
+        discovery(", discover = \"static\"").unwrap(),
+        Discovery::Static
+    );
+    assert_eq!(discovery(", discover = \"dns\"").unwrap(), Discovery::Dns);
+    let e = discovery(", discover = \"consul\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("remote") && e.contains("`consul`"), "{e}");
+}
+
+#[test]
+fn http_responses_are_translated_unless_passed_through() {
+    let mode = |extra: &str| {
+        let toml = format!(
+            "[models.remote]\nbackend = {{ type = \"http\", urls = [\"http://w:8081\"]{extra} }}"
+        );
+        Config::from_toml_str(&toml, Path::new("/")).map(|c| match &c.models["remote"].backend {
+            BackendConfig::Http(h) => h.responses,
+            BackendConfig::Local(_) => unreachable!(),
+        })
+    };
+    assert_eq!(mode("").unwrap(), ResponsesMode::Translate);
+    assert_eq!(
+        mode(", responses = \"passthrough\"").unwrap(),
+        ResponsesMode::Passthrough
+    );
+    let e = mode(", responses = \"native\"").unwrap_err().to_string();
+    assert!(e.contains("remote") && e.contains("`native`"), "{e}");
+}
+
+#[test]
+fn rejects_float_prices_and_bad_sources() {
+    let bad = GOOD.replace("\"0.05\"", "0.05");
+    assert!(Config::from_toml_str(&bad, Path::new(".")).is_err());
+    let bad = GOOD.replace("\"0.05\"", "\"cheap\"");
+    let e = Config::from_toml_str(&bad, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("smollm2-135m") && e.contains("cheap"), "{e}");
+    let bad = GOOD.replace("source = { path = \"models/x.gguf\" }", "source = { }");
+    let e = Config::from_toml_str(&bad, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs `path` or `hf_repo`"), "{e}");
+    assert!(matches!(
+        Config::from_toml_str("", Path::new(".")),
+        Err(ConfigError::NoModels)
+    ));
+}
+
+#[test]
+fn the_repo_catalogue_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models.toml");
+    let c = Config::load(&path).unwrap();
+    assert!(c.models.contains_key("smollm2-135m"));
+}
+
+/// Device and weight form are parsed with the catalogue, so a misspelt one stops the server
+/// before any model loads, naming the value.
+#[test]
+fn device_and_weights_are_parsed_when_the_catalogue_is() {
+    let local = |backend: &str| {
+        let text = GOOD.replace(
+            "backend = { type = \"local\", weights = \"q8_0\" }",
+            &format!("backend = {{ type = \"local\", {backend} }}"),
+        );
+        Config::from_toml_str(&text, Path::new("/etc/tollgate")).map(|c| {
+            match &c.models["smollm2-135m"].backend {
+                BackendConfig::Local(l) => (l.device, l.weights),
+                BackendConfig::Http(_) => panic!("a local backend"),
+            }
+        })
+    };
+    assert_eq!(
+        local("device = \"cuda:1\", weights = \"native\"").unwrap(),
+        (DeviceSpec::Cuda(1), WeightForm::Native)
+    );
+    assert_eq!(
+        local("device = \"cuda\"").unwrap(),
+        (DeviceSpec::Cuda(0), WeightForm::Auto)
+    );
+    assert_eq!(local("weights = \"q8\"").unwrap().1, WeightForm::Q8_0);
+    assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+    let e = local("device = \"gpu\"").unwrap_err().to_string();
+    assert!(e.contains("`gpu` is not a device"), "{e}");
+    let e = local("weights = \"q5_k\"").unwrap_err().to_string();
+    assert!(e.contains("q5_k") && e.contains("native"), "{e}");
+}
