@@ -32,7 +32,7 @@ impl Drop for InFlight {
 enum Attempt {
     Stream(reqwest::Response),
     /// Try another member.
-    Retry(String),
+    Retry(Failed),
     /// Final: the request itself was refused (4xx other than 429).
     Refused(BackendError),
 }
@@ -42,6 +42,15 @@ enum Attempt {
 pub(super) struct Credentials {
     pub api_key: Option<String>,
     pub forwarded: Vec<(&'static str, String)>,
+}
+
+/// Why an attempt is retried on another member.
+struct Failed {
+    /// The member answered 429 or 503: busy, not broken (when every member is, the client
+    /// is told to come back rather than that the service is down).
+    busy: bool,
+    /// For the logs and the final error: the member and what it said.
+    message: String,
 }
 
 async fn attempt(
@@ -66,7 +75,10 @@ async fn attempt(
         Ok(r) => r,
         Err(e) => {
             member.healthy.store(false, Ordering::Relaxed);
-            return Attempt::Retry(format!("{}: {e}", member.base));
+            return Attempt::Retry(Failed {
+                busy: false,
+                message: format!("{}: {e}", member.base),
+            });
         }
     };
     let status = response.status();
@@ -83,11 +95,18 @@ async fn attempt(
         .as_ref()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or(text);
-    if status.is_server_error() || status.as_u16() == 429 {
-        if status.is_server_error() && status.as_u16() != 503 {
+    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        let busy = matches!(
+            status,
+            reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::SERVICE_UNAVAILABLE
+        );
+        if !busy {
             member.healthy.store(false, Ordering::Relaxed);
         }
-        return Attempt::Retry(format!("{}: {status}: {message}", member.base));
+        return Attempt::Retry(Failed {
+            busy,
+            message: format!("{}: {status}: {message}", member.base),
+        });
     }
     if matches!(status.as_u16(), 401 | 403) {
         // The operator's key for the upstream, not the client's request: every member shares
@@ -149,12 +168,10 @@ where
             let call = call_span(&member);
             let response = match attempt(&client, &member, &credentials, &path, &body, &call).await {
                 Attempt::Stream(r) => r,
-                Attempt::Retry(e) => {
-                    tracing::warn!("upstream attempt failed, trying another: {e}");
-                    if e.contains("429") || e.contains("503") {
-                        overloaded += 1;
-                    }
-                    errors.push(e);
+                Attempt::Retry(Failed { busy, message }) => {
+                    tracing::warn!("upstream attempt failed, trying another: {message}");
+                    overloaded += usize::from(busy);
+                    errors.push(message);
                     continue;
                 }
                 Attempt::Refused(e) => {
