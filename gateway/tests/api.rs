@@ -690,7 +690,7 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
         ("failed", 1, 0)
     );
     let cancelled = by_id(&cancelled_id);
-    assert_eq!(cancelled.status, "cancelled");
+    assert_eq!(cancelled.status.as_str(), "cancelled");
     assert!(cancelled.stream && cancelled.output_tokens >= 1);
     assert_eq!(
         cancelled.cost_nano_usd,

@@ -14,6 +14,7 @@ pub mod billing;
 pub mod console_queries;
 pub mod export_formats;
 pub mod idempotency;
+pub mod kinds;
 pub mod ledger;
 pub mod limits;
 pub mod money;

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::backend::{FinishReason, Usage, UsageSource};
 use crate::AppState;
+use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::limits::{BudgetHold, TokenHold};
 use tollgate_metering::money::Price;
 use tollgate_metering::money::{cached_part_nano_usd, cost_with_cached_nano_usd};
@@ -26,7 +27,7 @@ pub(crate) struct Completion {
     pub(super) state: AppState,
     pub(super) caller: Caller,
     pub(super) model: String,
-    pub(super) endpoint: &'static str,
+    pub(super) endpoint: Endpoint,
     pub(super) stream: bool,
     pub(super) price: Price,
     pub(super) request_id: String,
@@ -53,7 +54,7 @@ pub(crate) struct Completion {
     /// Cost-allocation tags for the record (request and key, merged).
     pub(super) tags: Tags,
     pub(super) finish: Option<FinishReason>,
-    pub(super) outcome: &'static str,
+    pub(super) outcome: Outcome,
     pub(super) tokens_hold: Option<TokenHold>,
     pub(super) budget_hold: Option<BudgetHold>,
     /// The record was written (or the request never reached a model).
@@ -149,7 +150,7 @@ impl Completion {
             .unwrap_or_default()
     }
 
-    fn finish(&mut self, outcome: &'static str) {
+    fn finish(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }
 
@@ -191,13 +192,13 @@ impl Completion {
         let cached = u64::from(self.cached_tokens()).min(input);
         let output = u64::from(self.completion_tokens());
         // Failures are on us: recorded, never charged.
-        let (cost, cached_cost) = if self.outcome == "failed" {
-            (0, 0)
-        } else {
+        let (cost, cached_cost) = if self.outcome.is_charged() {
             (
                 cost_with_cached_nano_usd(&self.price, input, cached, output),
                 cached_part_nano_usd(&self.price, input, cached),
             )
+        } else {
+            (0, 0)
         };
         let limiter = &self.state.limiter;
         if let Some(hold) = &self.tokens_hold {
@@ -215,7 +216,7 @@ impl Completion {
         }
         self.state.ledger.as_ref()?;
         let finish_reason = match self.outcome {
-            "cancelled" => Some("cancelled".to_string()),
+            Outcome::Cancelled => Some(Outcome::Cancelled.to_string()),
             _ => self.finish.map(|f| f.as_str().to_string()),
         };
         Some(UsageRecord {
@@ -223,9 +224,9 @@ impl Completion {
             customer_id: self.caller.customer_id.clone(),
             key_id: self.caller.key_id.clone(),
             model: self.model.clone(),
-            endpoint: self.endpoint.to_string(),
+            endpoint: self.endpoint,
             stream: self.stream,
-            status: self.outcome.to_string(),
+            status: self.outcome,
             finish_reason,
             input_tokens: input as i64,
             output_tokens: output as i64,
@@ -240,14 +241,14 @@ impl Completion {
             cached_input_tokens: cached as i64,
             cached_input_price_per_mtok: Some(self.price.cached_input_per_mtok.to_string()),
             cached_cost_nano_usd: cached_cost,
-            usage_source: Some(self.usage_source().as_str().to_string()),
+            usage_source: Some(self.usage_source()),
             tags: std::mem::take(&mut self.tags),
             idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
         })
     }
 
     /// Writes the record durably before the client sees the end of the response.
-    pub(crate) async fn commit(&mut self, outcome: &'static str) {
+    pub(crate) async fn commit(&mut self, outcome: Outcome) {
         self.finish(outcome);
         if let Some(record) = self.settle() {
             if let Some(ledger) = &self.state.ledger {
@@ -299,7 +300,7 @@ impl Drop for Completion {
             span.record("gen_ai.usage.input_tokens", i64::from(self.prompt_tokens()));
             span.record("gen_ai.usage.output_tokens", i64::from(completion_tokens));
             let reason = match self.outcome {
-                "cancelled" => "cancelled",
+                Outcome::Cancelled => Outcome::Cancelled.as_str(),
                 _ => self.finish.map_or("error", |f| f.as_str()),
             };
             // An array of strings, as the GenAI conventions define it (tracing fields are
@@ -331,7 +332,7 @@ impl Drop for Completion {
             request_id = %self.request_id,
             customer_id = %self.caller.customer_id,
             model = %self.model,
-            outcome = self.outcome,
+            outcome = self.outcome.as_str(),
             prompt_tokens = self.prompt_tokens(),
             completion_tokens,
             ttft_ms = self.first_token.map(|f| (f - self.started).as_millis() as u64),

@@ -13,6 +13,7 @@ use crate::auth::Caller;
 use crate::backend::{Backend, EventStream};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
+use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::limits::{BudgetHold, TokenHold};
 use tollgate_metering::money::{max_cost_nano_usd, Price};
 use tollgate_metering::store::now_micros;
@@ -88,7 +89,7 @@ pub(crate) async fn start(
     id: &RequestId,
     caller: Caller,
     plan: &Plan,
-    endpoint: &'static str,
+    endpoint: Endpoint,
     tags: Tags,
 ) -> Result<Started, ApiError> {
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
@@ -175,7 +176,7 @@ pub(crate) async fn start(
         per_prompt: n,
         generated: vec![0; prepared.len()],
         finish: None,
-        outcome: "cancelled",
+        outcome: Outcome::Cancelled,
         tokens_hold,
         budget_hold,
         settled: false,
@@ -217,7 +218,7 @@ pub(crate) async fn start_passthrough(
     stream: bool,
     prompt_tokens: u32,
     max_output: u32,
-    endpoint: &'static str,
+    endpoint: Endpoint,
     tags: Tags,
 ) -> Result<Completion, ApiError> {
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
@@ -268,7 +269,7 @@ pub(crate) async fn start_passthrough(
         per_prompt: 1,
         generated: vec![0],
         finish: None,
-        outcome: "cancelled",
+        outcome: Outcome::Cancelled,
         tokens_hold,
         budget_hold,
         settled: false,
@@ -282,7 +283,7 @@ pub(crate) async fn start_passthrough(
 /// The request's server span (when traces are exported), named and given the GenAI request
 /// attributes; the guard records the usage and finish reasons on it when the request ends.
 fn server_span(
-    endpoint: &str,
+    endpoint: Endpoint,
     model: &str,
     customer_id: &str,
     max_tokens: Option<u32>,
@@ -291,10 +292,9 @@ fn server_span(
         return tracing::Span::none();
     }
     let span = tracing::Span::current();
-    let operation = if endpoint == "/v1/completions" {
-        "text_completion"
-    } else {
-        "chat"
+    let operation = match endpoint {
+        Endpoint::Completions => "text_completion",
+        Endpoint::ChatCompletions | Endpoint::Responses => "chat",
     };
     span.record("gen_ai.operation.name", operation);
     span.record("gen_ai.request.model", model);

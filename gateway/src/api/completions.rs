@@ -22,6 +22,7 @@ use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage};
 use crate::error::{ApiError, ApiJson};
 use crate::{AppState, ModelLabel, RequestId};
+use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::tags::Tags;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +70,8 @@ async fn respond_tagged(
     tags: Tags,
 ) -> Result<Response, ApiError> {
     let endpoint = match kind {
-        Kind::Chat => "/v1/chat/completions",
-        Kind::Text => "/v1/completions",
+        Kind::Chat => Endpoint::ChatCompletions,
+        Kind::Text => Endpoint::Completions,
     };
     let Started {
         streams,
@@ -176,20 +177,20 @@ async fn collect(
                 completion.on_finished(i, reason, usage);
             }
             Err(e) => {
-                completion.commit("failed").await;
+                completion.commit(Outcome::Failed).await;
                 return Err(e.into());
             }
         }
     }
     if results.iter().any(|r| r.finish.is_none()) {
         // A backend stream that ends without finishing (its engine went away) is a failure.
-        completion.commit("failed").await;
+        completion.commit(Outcome::Failed).await;
         return Err(ApiError::Internal(
             "the model stopped before finishing".into(),
         ));
     }
     let usage = completion.usage_json();
-    completion.commit("completed").await;
+    completion.commit(Outcome::Completed).await;
     let created = now_secs();
     let choices: Vec<Value> = results
         .into_iter()
@@ -358,7 +359,7 @@ fn stream_response(
                     yield data(&chunk(choice));
                 }
                 Err(e) => {
-                    completion.commit("failed").await;
+                    completion.commit(Outcome::Failed).await;
                     yield data(&ApiError::from(e).body());
                     yield Ok(Event::default().data("[DONE]"));
                     return;
@@ -366,12 +367,12 @@ fn stream_response(
             }
         }
         if finished.iter().any(|f| !f) {
-            completion.commit("failed").await;
+            completion.commit(Outcome::Failed).await;
             yield data(&ApiError::Internal("the model stopped before finishing".into()).body());
             yield Ok(Event::default().data("[DONE]"));
             return;
         }
-        completion.commit("completed").await;
+        completion.commit(Outcome::Completed).await;
         if include_usage {
             yield data(&json!({
                 "id": response_id, "object": object, "created": created,

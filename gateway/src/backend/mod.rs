@@ -229,30 +229,8 @@ pub struct Usage {
     pub source: UsageSource,
 }
 
-/// Where a sequence's token counts came from (noted on its usage record), ordered from most
-/// to least trusted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UsageSource {
-    /// The model's own tokenizer, in this process or a Tollgate worker.
-    #[default]
-    Engine,
-    /// An upstream's `usage`, at least what the gateway observed.
-    Upstream,
-    /// The upstream's `usage` was missing or reported fewer output tokens than the gateway
-    /// saw stream by: the gateway's own count.
-    Observed,
-}
-
-impl UsageSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Engine => "engine",
-            Self::Upstream => "upstream",
-            Self::Observed => "observed",
-        }
-    }
-}
+/// Where a backend's counts came from, most trusted to least trusted (a record's field).
+pub use tollgate_metering::kinds::UsageSource;
 
 /// What a backend streams back for one sequence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

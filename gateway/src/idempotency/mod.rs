@@ -33,6 +33,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::idempotency::{Claim, ClaimArgs, Stored};
+use tollgate_metering::kinds::Outcome;
 use tollgate_metering::store::now_micros;
 
 /// How long a key is remembered after its first request.
@@ -50,7 +51,7 @@ const MAX_KEY_LEN: usize = 255;
 #[derive(Debug, Clone)]
 pub struct Ticket {
     pub key: String,
-    outcome: Arc<OnceLock<&'static str>>,
+    outcome: Arc<OnceLock<Outcome>>,
 }
 
 impl Ticket {
@@ -61,13 +62,13 @@ impl Ticket {
         }
     }
 
-    /// Called once by the accounting guard with `completed`, `cancelled` or `failed`.
-    pub(crate) fn settled(&self, outcome: &'static str) {
+    /// Called once by the accounting guard with how the request ended.
+    pub(crate) fn settled(&self, outcome: Outcome) {
         let _ = self.outcome.set(outcome);
     }
 
     fn completed(&self) -> bool {
-        self.outcome.get() == Some(&"completed")
+        self.outcome.get() == Some(&Outcome::Completed)
     }
 }
 
@@ -450,11 +451,11 @@ mod tests {
     fn only_a_completed_request_is_kept() {
         let t = Ticket::new("k".into());
         assert!(!t.completed());
-        t.settled("completed");
-        t.settled("failed");
+        t.settled(Outcome::Completed);
+        t.settled(Outcome::Failed);
         assert!(t.completed(), "the first outcome stands");
         let t = Ticket::new("k".into());
-        t.settled("cancelled");
+        t.settled(Outcome::Cancelled);
         assert!(!t.completed());
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use tollgate_metering::audit::Actor;
+use tollgate_metering::kinds::UsageSource;
 use tollgate_metering::store::{
     CustomerFields, GroupBy, NewKey, Store, StoreError, UsageFilter, UsageRecord,
 };
@@ -16,9 +17,9 @@ pub fn record(id: &str, customer: &str, model: &str, started_at: i64, cost: i64)
         customer_id: customer.into(),
         key_id: format!("key_{customer}"),
         model: model.into(),
-        endpoint: "/v1/chat/completions".into(),
+        endpoint: tollgate_metering::kinds::Endpoint::ChatCompletions,
         stream: id.len().is_multiple_of(2),
-        status: "completed".into(),
+        status: tollgate_metering::kinds::Outcome::Completed,
         finish_reason: Some("stop".into()),
         input_tokens: 10,
         output_tokens: 5,
@@ -47,7 +48,7 @@ pub async fn exercise(store: &Store) {
         .await
         .unwrap();
     assert_eq!(acme.budget_nano_usd, Some(5_000));
-    assert_eq!(acme.budget_period, "monthly");
+    assert_eq!(acme.budget_period.as_str(), "monthly");
     assert!(matches!(
         store.create_customer("acme", fields, &actor).await,
         Err(StoreError::Conflict(_))
@@ -185,7 +186,11 @@ pub async fn exercise(store: &Store) {
             r.cached_input_tokens = i % 5;
             r.cached_input_price_per_mtok = Some("0.02".into());
             r.cached_cost_nano_usd = 20 * (i % 5);
-            r.usage_source = Some(if i % 7 == 0 { "observed" } else { "engine" }.into());
+            r.usage_source = Some(if i % 7 == 0 {
+                UsageSource::Observed
+            } else {
+                UsageSource::Engine
+            });
             // Tags: a project on most, a quote in a key, none on every tenth.
             if i % 10 != 0 {
                 r.tags.insert("project".into(), format!("p{}", i % 3));

@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{is_unique_violation, now_micros, Store, StoreError, StoreResult};
+use super::{is_unique_violation, kind_column, now_micros, Store, StoreError, StoreResult};
 use crate::audit::{self, Action, Actor, Change};
+use crate::kinds::BudgetPeriod;
 use crate::money::format_usd;
 
 /// A customer: who pays. Limits are optional (`None` = unlimited).
@@ -15,7 +16,7 @@ pub struct Customer {
     pub id: String,
     pub name: String,
     pub budget_nano_usd: Option<i64>,
-    pub budget_period: String,
+    pub budget_period: BudgetPeriod,
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
     pub created_at: i64,
@@ -42,7 +43,7 @@ pub struct CustomerFields {
     pub name: Option<String>,
     /// `Some(None)` clears the budget.
     pub budget_nano_usd: Option<Option<i64>>,
-    pub budget_period: Option<String>,
+    pub budget_period: Option<BudgetPeriod>,
     pub rpm: Option<Option<i64>>,
     pub tpm: Option<Option<i64>>,
     /// `Some(None)` clears the cap.
@@ -60,7 +61,7 @@ fn customer(row: &AnyRow) -> StoreResult<Customer> {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
         budget_nano_usd: row.try_get("budget_nano_usd")?,
-        budget_period: row.try_get("budget_period")?,
+        budget_period: kind_column(row, "budget_period")?,
         rpm: row.try_get("rpm")?,
         tpm: row.try_get("tpm")?,
         created_at: row.try_get("created_at")?,
@@ -93,7 +94,7 @@ impl Store {
             id: id.to_string(),
             name: fields.name.unwrap_or_else(|| id.to_string()),
             budget_nano_usd: fields.budget_nano_usd.flatten(),
-            budget_period: fields.budget_period.unwrap_or_else(|| "monthly".into()),
+            budget_period: fields.budget_period.unwrap_or_default(),
             rpm: fields.rpm.flatten(),
             tpm: fields.tpm.flatten(),
             created_at: now_micros(),
@@ -107,7 +108,7 @@ impl Store {
         .bind(&c.id)
         .bind(&c.name)
         .bind(c.budget_nano_usd)
-        .bind(&c.budget_period)
+        .bind(c.budget_period.as_str())
         .bind(c.rpm)
         .bind(c.tpm)
         .bind(c.created_at)
@@ -224,7 +225,7 @@ impl Store {
         .bind(&c.id)
         .bind(&c.name)
         .bind(c.budget_nano_usd)
-        .bind(&c.budget_period)
+        .bind(c.budget_period.as_str())
         .bind(c.rpm)
         .bind(c.tpm)
         .bind(c.max_concurrent_requests)

@@ -126,6 +126,22 @@ fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {
     tags::from_json(text.as_deref()).map_err(StoreError::Invalid)
 }
 
+/// A column holding one of a closed vocabulary ([`crate::kinds`]); a value outside it is a
+/// decode error naming the column, never a default.
+fn kind_column<T>(row: &AnyRow, column: &str) -> StoreResult<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let text: String = row.try_get(column)?;
+    text.parse().map_err(|e| {
+        StoreError::Db(sqlx::Error::ColumnDecode {
+            index: column.to_string(),
+            source: Box::new(e),
+        })
+    })
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{stored_tags, DbKind, Store, StoreError, StoreResult};
+use super::{kind_column, stored_tags, DbKind, Store, StoreError, StoreResult};
+use crate::kinds::{Endpoint, Outcome, UsageSource};
 use crate::tags::{self, Tags};
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
@@ -27,10 +28,9 @@ pub struct UsageRecord {
     pub customer_id: String,
     pub key_id: String,
     pub model: String,
-    pub endpoint: String,
+    pub endpoint: Endpoint,
     pub stream: bool,
-    /// `completed`, `cancelled` or `failed`.
-    pub status: String,
+    pub status: Outcome,
     pub finish_reason: Option<String>,
     pub input_tokens: i64,
     pub output_tokens: i64,
@@ -53,7 +53,7 @@ pub struct UsageRecord {
     /// Where the token counts came from: `engine`, `upstream`, or `observed` (an upstream
     /// reported fewer output tokens than the gateway saw, or none).
     #[serde(default)]
-    pub usage_source: Option<String>,
+    pub usage_source: Option<UsageSource>,
     /// Cost-allocation tags: the request's `metadata` and `user` with its key's default tags.
     #[serde(default, skip_serializing_if = "Tags::is_empty")]
     pub tags: Tags,
@@ -125,9 +125,9 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         customer_id: row.try_get("customer_id")?,
         key_id: row.try_get("key_id")?,
         model: row.try_get("model")?,
-        endpoint: row.try_get("endpoint")?,
+        endpoint: kind_column(row, "endpoint")?,
         stream: row.try_get::<i64, _>("stream")? != 0,
-        status: row.try_get("status")?,
+        status: kind_column(row, "status")?,
         finish_reason: row.try_get("finish_reason")?,
         input_tokens: row.try_get("input_tokens")?,
         output_tokens: row.try_get("output_tokens")?,
@@ -140,7 +140,10 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         cached_input_tokens: row.try_get("cached_input_tokens")?,
         cached_input_price_per_mtok: row.try_get("cached_input_price_per_mtok")?,
         cached_cost_nano_usd: row.try_get("cached_cost_nano_usd")?,
-        usage_source: row.try_get("usage_source")?,
+        usage_source: row
+            .try_get::<Option<String>, _>("usage_source")?
+            .map(|_| kind_column(row, "usage_source"))
+            .transpose()?,
         tags: stored_tags(row)?,
         idempotency_key: row.try_get("idempotency_key")?,
     })
@@ -190,9 +193,9 @@ impl Store {
                     .bind(&r.customer_id)
                     .bind(&r.key_id)
                     .bind(&r.model)
-                    .bind(&r.endpoint)
+                    .bind(r.endpoint.as_str())
                     .bind(i64::from(r.stream))
-                    .bind(&r.status)
+                    .bind(r.status.as_str())
                     .bind(&r.finish_reason)
                     .bind(r.input_tokens)
                     .bind(r.output_tokens)
@@ -205,7 +208,7 @@ impl Store {
                     .bind(r.cached_input_tokens)
                     .bind(&r.cached_input_price_per_mtok)
                     .bind(r.cached_cost_nano_usd)
-                    .bind(&r.usage_source)
+                    .bind(r.usage_source.map(UsageSource::as_str))
                     .bind(tags::to_json(&r.tags))
                     .bind(&r.idempotency_key);
             }

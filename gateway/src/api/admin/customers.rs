@@ -15,6 +15,7 @@ use super::{
 use crate::error::ApiError;
 use crate::AppState;
 use tollgate_metering::audit::Actor;
+use tollgate_metering::kinds::BudgetPeriod;
 use tollgate_metering::money::{format_usd, parse_usd};
 use tollgate_metering::periods::month_bounds;
 use tollgate_metering::store::{now_micros, CustomerFields, MAX_SCHEDULING_WEIGHT};
@@ -49,11 +50,13 @@ fn budget_field(map: &Map<String, Value>) -> Result<Option<Option<i64>>, ApiErro
         .map_err(|e| invalid_field("budget_usd", format!("budget_usd: {e}")))
 }
 
-fn period_field(map: &Map<String, Value>) -> Result<Option<String>, ApiError> {
-    match string_field(map, "budget_period")? {
-        None => Ok(None),
-        Some(p) if p == "monthly" => Ok(Some(p)),
-        Some(p) => Err(invalid_field(
+fn period_field(map: &Map<String, Value>) -> Result<Option<BudgetPeriod>, ApiError> {
+    let Some(p) = string_field(map, "budget_period")? else {
+        return Ok(None);
+    };
+    match p.parse() {
+        Ok(period) => Ok(Some(period)),
+        Err(_) => Err(invalid_field(
             "budget_period",
             format!("budget_period `{p}` is not supported; use \"monthly\" (UTC calendar months)"),
         )),

@@ -40,6 +40,7 @@ use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
 use crate::error::ApiError;
 use crate::{AppState, ModelLabel, RequestId};
+use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::store::now_micros;
 
 /// What a finished response leaves to store.
@@ -126,7 +127,7 @@ pub async fn create(
     let Started {
         mut streams,
         completion,
-    } = start(&state, &id, caller, &plan, "/v1/responses", tags)
+    } = start(&state, &id, caller, &plan, Endpoint::Responses, tags)
         .await
         .map_err(in_response_terms)?;
     let stream = streams
@@ -267,9 +268,9 @@ async fn settle(
     let status =
         status.unwrap_or_else(|| Status::Failed("the model stopped before finishing".into()));
     let outcome = if matches!(status, Status::Failed(_)) {
-        "failed"
+        Outcome::Failed
     } else {
-        "completed"
+        Outcome::Completed
     };
     let usage = crate::backend::Usage {
         prompt_tokens: completion.prompt_tokens(),

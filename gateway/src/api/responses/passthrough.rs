@@ -27,6 +27,7 @@ use crate::auth::Caller;
 use crate::backend::{Backend, FinishReason, PassthroughEvent, PassthroughStream};
 use crate::error::ApiError;
 use crate::{AppState, ModelLabel, RequestId};
+use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::store::now_micros;
 
 /// What the client's response says of itself, whatever the upstream said.
@@ -132,7 +133,7 @@ pub(super) async fn create(
         stream_requested,
         prompt,
         max_output,
-        "/v1/responses",
+        Endpoint::Responses,
         tags,
     )
     .await?;
@@ -218,12 +219,12 @@ impl Relay {
             r["usage"] = Value::Object(u);
         }
         let outcome = if event.kind == "response.failed" {
-            "failed"
+            Outcome::Failed
         } else {
-            "completed"
+            Outcome::Completed
         };
         self.completion.commit(outcome).await;
-        if outcome == "completed" {
+        if outcome == Outcome::Completed {
             self.store(&event.data["response"]).await;
         }
         true
@@ -255,7 +256,7 @@ impl Relay {
             let mut event = match event {
                 Ok(e) => e,
                 Err(e) => {
-                    self.completion.commit("failed").await;
+                    self.completion.commit(Outcome::Failed).await;
                     return Err(e.into());
                 }
             };
@@ -269,7 +270,7 @@ impl Relay {
                 return Ok(event.data["response"].take());
             }
         }
-        self.completion.commit("failed").await;
+        self.completion.commit(Outcome::Failed).await;
         Err(ApiError::Internal(
             "the upstream stopped before the response ended".into(),
         ))
@@ -284,7 +285,7 @@ impl Relay {
                 let mut event = match event {
                     Ok(e) => e,
                     Err(e) => {
-                        self.completion.commit("failed").await;
+                        self.completion.commit(Outcome::Failed).await;
                         let error = ApiError::from(e).body();
                         yield Ok(Event::default().event("error").data(error.to_string()));
                         return;
@@ -296,7 +297,7 @@ impl Relay {
                     return;
                 }
             }
-            self.completion.commit("failed").await;
+            self.completion.commit(Outcome::Failed).await;
             let error = ApiError::Internal("the upstream stopped before the response ended".into()).body();
             yield Ok(Event::default().event("error").data(error.to_string()));
         };

@@ -1,0 +1,191 @@
+//! The closed vocabularies of a usage record and a customer's plan: how a request ended, which
+//! endpoint served it, where its token counts came from, and the period a budget covers.
+//!
+//! They are stored and exported as the strings their `as_str` names (unchanged from when they
+//! were plain strings), parsed once where they enter (a request, a database row, the admin API)
+//! and matched as types everywhere after, so a misspelt outcome is a compile error rather than
+//! a request that is silently charged.
+
+use serde::{Deserialize, Serialize};
+
+/// How a request ended: what decides whether it is charged.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantNames,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum Outcome {
+    /// The answer reached its end (a finish reason); charged.
+    #[default]
+    Completed,
+    /// The client went away before the end; charged for what the model produced.
+    Cancelled,
+    /// The server or a backend failed it; recorded, never charged.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    /// Whether its tokens are charged: failures are on us.
+    pub fn is_charged(self) -> bool {
+        self != Self::Failed
+    }
+}
+
+/// The public endpoint a request came in on, as its path.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+pub enum Endpoint {
+    #[default]
+    #[serde(rename = "/v1/chat/completions")]
+    #[strum(serialize = "/v1/chat/completions")]
+    ChatCompletions,
+    #[serde(rename = "/v1/completions")]
+    #[strum(serialize = "/v1/completions")]
+    Completions,
+    #[serde(rename = "/v1/responses")]
+    #[strum(serialize = "/v1/responses")]
+    Responses,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// Where a record's token counts came from, most trusted first (`max` of several is the least
+/// trusted).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum UsageSource {
+    /// The model's own tokenizer, in this process or a Tollgate worker.
+    #[default]
+    Engine,
+    /// An upstream's `usage`, at least what the gateway observed.
+    Upstream,
+    /// The upstream's `usage` was missing or reported fewer output tokens than the gateway
+    /// saw stream by: the gateway's own count.
+    Observed,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// The period a customer's budget covers.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantNames,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum BudgetPeriod {
+    /// UTC calendar months.
+    #[default]
+    Monthly,
+}
+
+impl BudgetPeriod {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored and exported strings are the ones records had when these were strings:
+    /// changing one would orphan every row written before.
+    #[test]
+    fn strings_are_the_stored_ones() {
+        for (o, s) in [
+            (Outcome::Completed, "completed"),
+            (Outcome::Cancelled, "cancelled"),
+            (Outcome::Failed, "failed"),
+        ] {
+            assert_eq!(o.as_str(), s);
+            assert_eq!(s.parse::<Outcome>().ok(), Some(o));
+            assert_eq!(serde_json::to_value(o).ok(), Some(serde_json::json!(s)));
+        }
+        for (e, s) in [
+            (Endpoint::ChatCompletions, "/v1/chat/completions"),
+            (Endpoint::Completions, "/v1/completions"),
+            (Endpoint::Responses, "/v1/responses"),
+        ] {
+            assert_eq!(e.as_str(), s);
+            assert_eq!(s.parse::<Endpoint>().ok(), Some(e));
+            assert_eq!(serde_json::to_value(e).ok(), Some(serde_json::json!(s)));
+        }
+        for (u, s) in [
+            (UsageSource::Engine, "engine"),
+            (UsageSource::Upstream, "upstream"),
+            (UsageSource::Observed, "observed"),
+        ] {
+            assert_eq!(u.as_str(), s);
+            assert_eq!(s.parse::<UsageSource>().ok(), Some(u));
+        }
+        assert_eq!(BudgetPeriod::Monthly.as_str(), "monthly");
+        assert!("weekly".parse::<BudgetPeriod>().is_err());
+        assert!("Failed".parse::<Outcome>().is_err());
+        assert!(Outcome::Cancelled.is_charged() && !Outcome::Failed.is_charged());
+        assert!(UsageSource::Observed > UsageSource::Engine);
+    }
+}
