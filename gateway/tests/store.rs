@@ -200,6 +200,78 @@ async fn wait_in_the_spool(sync: SpoolSync) {
     assert_eq!(std::fs::metadata(&spool).unwrap().len(), 0);
 }
 
+/// A long outage under load costs disk, not memory: past its bound the backlog is left in the
+/// spool and read back from it when the database returns, every record once; records arriving
+/// while it is read back are not lost either.
+#[tokio::test]
+async fn an_outage_keeps_a_bounded_backlog_in_memory_and_the_rest_in_the_spool() {
+    for sync in MODES {
+        bounded_backlog(sync).await;
+    }
+}
+
+async fn bounded_backlog(sync: SpoolSync) {
+    let (dir, store) = sqlite().await;
+    let spool = dir.path().join("ledger.spool");
+    let g = gauges();
+    sqlx_exec(
+        &store,
+        "ALTER TABLE usage_records RENAME TO usage_records_away",
+    )
+    .await;
+    let ledger = Ledger::start_bounded(store.clone(), &spool, sync, g.clone(), 10).unwrap();
+    let mut most = 0;
+    for i in 0..60 {
+        ledger
+            .record(record(&format!("b{i}"), "acme", "m1", i, 1))
+            .await;
+        tokio::task::yield_now().await;
+        most = most.max(ledger.backlog_in_memory());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while g.pending.get() != 60 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pending {}",
+            g.pending.get()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        most = most.max(ledger.backlog_in_memory());
+    }
+    assert!(most <= 11, "{most} records held in memory ({sync:?})");
+    assert_eq!(
+        ledger.backlog_in_memory(),
+        0,
+        "{sync:?}: all in the spool only"
+    );
+    assert_eq!(std::fs::read_to_string(&spool).unwrap().lines().count(), 60);
+    sqlx_exec(
+        &store,
+        "ALTER TABLE usage_records_away RENAME TO usage_records",
+    )
+    .await;
+    for i in 60..80 {
+        ledger
+            .record(record(&format!("b{i}"), "acme", "m1", i, 1))
+            .await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while g.pending.get() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records never reached the database ({} pending)",
+            g.pending.get()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back in memory once caught up.
+    ledger.record(record("after", "acme", "m1", 99, 1)).await;
+    ledger.close(Duration::from_secs(10)).await;
+    let (records, _) = store.records_after(0, 1_000).await.unwrap();
+    assert_eq!(records.len(), 81, "{sync:?}: each record once");
+    assert_eq!(std::fs::metadata(&spool).unwrap().len(), 0, "{sync:?}");
+}
+
 #[tokio::test]
 async fn one_spool_per_process_and_late_records_wait_in_it() {
     for sync in MODES {

@@ -16,7 +16,9 @@
 //!    most every [`WRITE_EVERY`]; once every spooled line is in the database, an empty spool
 //!    file replaces the full one;
 //! 3. while the database is unreachable, records stay pending (and spooled) and the database
-//!    task retries with backoff; the gateway keeps serving.
+//!    task retries with backoff; the gateway keeps serving. At most [`MAX_IN_MEMORY`] of them
+//!    are held in memory: beyond that, and for what a restart finds in the spool, the task
+//!    reads the records back from the spool file, in order, until it has caught up.
 //!
 //! At start the spool is replayed (a gateway killed with records not yet in the database loses
 //! nothing); replays are harmless because inserts skip ids already present. A torn last line
@@ -27,7 +29,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +50,10 @@ const MAX_BATCH: usize = 1000;
 /// writer lets a batch gather (one transaction, one commit sync, for everything that arrived
 /// meanwhile) instead of writing a few records per transaction at a high rate.
 const WRITE_EVERY: Duration = Duration::from_millis(50);
+/// Records not yet in the database that the database task keeps in memory; beyond it (a long
+/// outage under load) they are read back from the spool file when the database returns, so an
+/// outage costs disk, not memory.
+pub const MAX_IN_MEMORY: usize = 20_000;
 /// Retry delays while the database is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -91,11 +97,11 @@ enum Msg {
         record: Box<UsageRecord>,
         durable: Option<oneshot::Sender<()>>,
     },
-    /// Appended to the spool by the request itself ([`SpoolSync::Every`]); `spooled` is false
-    /// when the append failed.
+    /// Appended to the spool by the request itself ([`SpoolSync::Every`]); `spooled` is the
+    /// generation of the spool file that holds it, `None` when the append failed.
     Appended {
         record: Box<UsageRecord>,
-        spooled: bool,
+        spooled: Option<u64>,
     },
     /// Shutdown: write what is pending, then stop.
     Stop,
@@ -117,6 +123,8 @@ pub struct Ledger {
     /// For records that arrive after [`Ledger::close`]: appended directly, replayed at the
     /// next start.
     spool: Arc<Mutex<Spool>>,
+    /// Records the database task holds in memory, not yet in the database.
+    in_memory: Arc<AtomicUsize>,
     /// Held for the process's life: one spool per process.
     _lock: Arc<File>,
     /// With [`SpoolSync::Every`]: what the syncer thread flushes.
@@ -132,12 +140,26 @@ impl Ledger {
         sync: SpoolSync,
         gauges: LedgerGauges,
     ) -> anyhow::Result<Self> {
+        Self::start_bounded(store, spool_path, sync, gauges, MAX_IN_MEMORY)
+    }
+
+    /// [`Ledger::start`] holding at most `max_in_memory` records not yet in the database in
+    /// memory (those the spool does not have excepted): beyond it, the backlog is read back
+    /// from the spool file.
+    pub fn start_bounded(
+        store: Store,
+        spool_path: &Path,
+        sync: SpoolSync,
+        gauges: LedgerGauges,
+        max_in_memory: usize,
+    ) -> anyhow::Result<Self> {
         let lock = lock_spool(spool_path)?;
-        let (spool, replay) = Spool::open(spool_path).map_err(|e| {
+        let spool = Spool::open(spool_path).map_err(|e| {
             anyhow::anyhow!("cannot open the ledger spool {}: {e}", spool_path.display())
         })?;
-        if !replay.is_empty() {
-            tracing::info!(records = replay.len(), spool = %spool_path.display(), "replaying spooled usage records");
+        let replay = spool.lines;
+        if replay > 0 {
+            tracing::info!(records = replay, spool = %spool_path.display(), "replaying spooled usage records");
         }
         let spool = Arc::new(Mutex::new(spool));
         let syncer = match sync {
@@ -163,12 +185,15 @@ impl Ledger {
                 .name("ledger-spool".into())
                 .spawn(move || spool_loop(rx, &spool, &db_tx, &gauges))?
         };
-        let writer = DbWriter {
+        let in_memory = Arc::new(AtomicUsize::new(0));
+        let writer = DbWriter::new(
             store,
-            spool: spool.clone(),
-            pending: replay.into_iter().map(|r| (r, true)).collect(),
+            spool.clone(),
+            replay > 0,
+            max_in_memory,
+            in_memory.clone(),
             gauges,
-        };
+        );
         let handle = tokio::spawn(async move {
             writer.run(db_rx).await;
             let _ = spooler.join();
@@ -176,6 +201,7 @@ impl Ledger {
         Ok(Self {
             tx,
             spool,
+            in_memory,
             _lock: Arc::new(lock),
             syncer,
             writer: Arc::new(tokio::sync::Mutex::new(Some(handle))),
@@ -186,7 +212,7 @@ impl Ledger {
     fn append_late(&self, record: UsageRecord) {
         let mut s = lock(&self.spool);
         match s.append(std::slice::from_ref(&record)) {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::warn!(id = %record.id, "usage record arrived after the ledger closed: spooled for the next start")
             }
             Err(e) => {
@@ -226,14 +252,14 @@ impl Ledger {
             s.append_bytes(&line, 1, false)
         });
         let spooled = match spooled {
-            Ok(()) => {
+            Ok(generation) => {
                 syncer.dirty.store(true, Ordering::Release);
-                true
+                Some(generation)
             }
             Err(e) => {
                 // Without the spool the database write is the only copy; it is still tried.
                 tracing::error!(id = %record.id, "usage ledger spool append failed: {e}");
-                false
+                None
             }
         };
         let msg = Msg::Appended {
@@ -242,7 +268,7 @@ impl Ledger {
         };
         if let Err(mpsc::error::SendError(Msg::Appended { record, spooled })) = self.tx.send(msg) {
             // Closed: the spool already holds it for the next start.
-            if spooled {
+            if spooled.is_some() {
                 tracing::warn!(id = %record.id, "usage record arrived after the ledger closed: spooled for the next start");
             } else {
                 tracing::error!(id = %record.id, "usage ledger is closed and the spool failed: record lost");
@@ -264,6 +290,12 @@ impl Ledger {
         if let Err(mpsc::error::SendError(Msg::Record { record, .. })) = self.tx.send(msg) {
             self.append_late(*record);
         }
+    }
+
+    /// How many records not yet in the database are held in memory (at most the bound given
+    /// at start, but for records the spool could not take).
+    pub fn backlog_in_memory(&self) -> usize {
+        self.in_memory.load(Ordering::Relaxed)
     }
 
     /// Stops accepting records and writes what is pending, for at most `timeout`; whatever is

@@ -3,7 +3,7 @@
 //! [`super::SpoolSync::Every`], and the lock that keeps two processes off one spool.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::db_writer::Pending;
 use super::{LedgerGauges, Msg, MAX_BATCH};
 use crate::store::UsageRecord;
 
@@ -23,65 +24,103 @@ pub(super) struct Spool {
     pub(super) lines: usize,
     /// How many of them the database task has written (the file is truncated when all are).
     pub(super) written: usize,
+    /// Counts the files this spool has started: a record is tagged with the generation whose
+    /// file holds it, so the database task knows which file a line it is told of is in.
+    pub(super) generation: u64,
+}
+
+/// Lines read from a spool file: the records, where the next read starts, and how many lines
+/// were consumed (unreadable ones included).
+pub(super) struct Read {
+    pub(super) records: Vec<UsageRecord>,
+    pub(super) next: u64,
+    pub(super) lines: usize,
+}
+
+/// Reads up to `max` complete lines of the spool file at `path` from byte `offset`. A last
+/// line without its newline is being appended (or was torn by a crash) and is left for the
+/// next read.
+pub(super) fn read_lines(path: &Path, offset: u64, max: usize) -> std::io::Result<Read> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut reader = BufReader::new(file);
+    let mut read = Read {
+        records: Vec::new(),
+        next: offset,
+        lines: 0,
+    };
+    let mut line = Vec::new();
+    while read.lines < max {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        read.next += n as u64;
+        read.lines += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<UsageRecord>(&line) {
+            Ok(r) => read.records.push(r),
+            Err(e) => tracing::warn!(
+                spool = %path.display(),
+                offset = read.next - n as u64,
+                "skipping an unreadable spool line: {e}"
+            ),
+        }
+    }
+    Ok(read)
 }
 
 impl Spool {
-    /// Opens the spool, returning the records it holds from an earlier run.
-    pub(super) fn open(path: &Path) -> std::io::Result<(Self, Vec<UsageRecord>)> {
+    /// Opens the spool; the records an earlier run left in it stay there, for the database
+    /// task to read back (see [`read_lines`]) rather than all at once into memory.
+    pub(super) fn open(path: &Path) -> std::io::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let mut records = Vec::new();
-        if path.exists() {
-            let reader = BufReader::new(File::open(path)?);
-            for (n, line) in reader.lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<UsageRecord>(&line) {
-                    Ok(r) => records.push(r),
-                    // Only the last line can be torn (a crash mid-append); it was never
-                    // acknowledged.
-                    Err(e) => tracing::warn!(
-                        spool = %path.display(),
-                        line = n + 1,
-                        "skipping an unreadable spool line: {e}"
-                    ),
+        // Rewritten line by line, keeping the readable ones, so a torn tail (a crash
+        // mid-append, never acknowledged) does not glue onto the next append.
+        let tmp = path.with_extension("spool.tmp");
+        let mut lines = 0;
+        {
+            let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+            if path.exists() {
+                let reader = BufReader::new(File::open(path)?);
+                for (n, line) in reader.lines().enumerate() {
+                    let line = line?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_str::<serde::de::IgnoredAny>(&line) {
+                        Ok(_) => {
+                            out.write_all(line.as_bytes())?;
+                            out.write_all(b"\n")?;
+                            lines += 1;
+                        }
+                        Err(e) => tracing::warn!(
+                            spool = %path.display(),
+                            line = n + 1,
+                            "skipping an unreadable spool line: {e}"
+                        ),
+                    }
                 }
             }
+            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
         }
-        let file = Arc::new(OpenOptions::new().create(true).append(true).open(path)?);
-        let lines = records.len();
-        // Rewrite cleanly so a torn tail does not glue onto the next append.
-        let mut spool = Self {
+        std::fs::rename(&tmp, path)?;
+        Ok(Self {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(OpenOptions::new().append(true).open(path)?),
             lines,
             written: 0,
-        };
-        spool.rewrite(&records)?;
-        Ok((spool, records))
+            generation: 0,
+        })
     }
 
-    pub(super) fn rewrite(&mut self, records: &[UsageRecord]) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("spool.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            for r in records {
-                serde_json::to_writer(&mut f, r)?;
-                f.write_all(b"\n")?;
-            }
-            f.sync_data()?;
-        }
-        std::fs::rename(&tmp, &self.path)?;
-        self.file = Arc::new(OpenOptions::new().append(true).open(&self.path)?);
-        self.lines = records.len();
-        Ok(())
-    }
-
-    /// Appends `records` and syncs.
-    pub(super) fn append(&mut self, records: &[UsageRecord]) -> std::io::Result<()> {
+    /// Appends `records` and syncs; returns the generation of the file that holds them.
+    pub(super) fn append(&mut self, records: &[UsageRecord]) -> std::io::Result<u64> {
         let mut buf = Vec::with_capacity(records.len() * 512);
         for r in records {
             serde_json::to_writer(&mut buf, r)?;
@@ -90,13 +129,13 @@ impl Spool {
         self.append_bytes(&buf, records.len(), true)
     }
 
-    /// Appends `lines` serialized lines.
+    /// Appends `lines` serialized lines; returns the generation of the file that holds them.
     pub(super) fn append_bytes(
         &mut self,
         buf: &[u8],
         lines: usize,
         sync: bool,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
         let before = self.file.metadata()?.len();
         let written = (&*self.file).write_all(buf).and_then(|()| {
             if sync {
@@ -111,7 +150,7 @@ impl Spool {
             return Err(e);
         }
         self.lines += lines;
-        Ok(())
+        Ok(self.generation)
     }
 
     /// Notes that `n` more spooled records are in the database; once all of them are, starts
@@ -122,8 +161,26 @@ impl Spool {
         if self.written < self.lines || self.lines == 0 {
             return Ok(None);
         }
+        self.restart()
+    }
+
+    /// Starts an empty spool if the file ends at `offset` (everything in it was read back and
+    /// is in the database); `Ok(None)` when lines were appended since.
+    pub(super) fn restart_if_read_to(
+        &mut self,
+        offset: u64,
+    ) -> std::io::Result<Option<Option<Arc<File>>>> {
+        if self.file.metadata()?.len() != offset {
+            return Ok(None);
+        }
+        self.restart().map(Some)
+    }
+
+    /// Replaces the file with an empty one (see [`Spool::written`]).
+    fn restart(&mut self) -> std::io::Result<Option<Arc<File>>> {
         self.lines = 0;
         self.written = 0;
+        self.generation += 1;
         // A fresh empty file renamed over the spool: two quick directory operations, where
         // truncating in place took milliseconds with every append waiting on the lock. The old
         // file's blocks are freed when its last handle closes, outside the lock. Nothing is
@@ -199,7 +256,7 @@ pub(super) fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
 pub(super) fn spool_loop(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     spool: &Mutex<Spool>,
-    db: &mpsc::UnboundedSender<Option<Vec<(UsageRecord, bool)>>>,
+    db: &mpsc::UnboundedSender<Option<Vec<Pending>>>,
     gauges: &LedgerGauges,
 ) {
     let mut stopping = false;
@@ -243,11 +300,11 @@ pub(super) fn spool_loop(
         if !records.is_empty() {
             let mut s = lock(spool);
             let spooled = match s.append(&records) {
-                Ok(()) => true,
+                Ok(generation) => Some(generation),
                 Err(e) => {
                     // Without the spool the database write is the only copy; it is still tried.
                     tracing::error!("usage ledger spool append failed: {e}");
-                    false
+                    None
                 }
             };
             gauges.spooled.set(s.lines as i64);
