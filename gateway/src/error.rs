@@ -5,7 +5,8 @@
 //! Also [`ApiJson`], a JSON extractor whose every rejection (malformed JSON, wrong types, body
 //! too large, wrong content type) is an [`ApiError`].
 
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -408,17 +409,63 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
             None,
         ));
     }
-    let limit = req
-        .extensions()
-        .get::<crate::server::middleware::BodyLimit>()
-        .map_or(0, |l| l.0);
-    Bytes::from_request(req, state).await.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
+    ApiBytes::from_request(req, state).await.map(|b| b.0)
+}
+
+/// The raw body, within the body limit, its rejections OpenAI-shaped (413 past the limit).
+pub struct ApiBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<crate::server::middleware::BodyLimit>()
+            .map_or(0, |l| l.0);
+        Bytes::from_request(req, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge { limit }
+                } else {
+                    ApiError::invalid(format!("cannot read the request body: {rejection}"), None)
+                }
+            })
+    }
+}
+
+/// Path parameters, their rejections OpenAI-shaped (a segment that is not UTF-8 once
+/// percent-decoded is a 400 naming the parameter, not axum's plain text).
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                let param = match e.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key }
+                    | ErrorKind::ParseErrorAtKey { key, .. } => Some(key.clone()),
+                    _ => None,
+                };
+                Err(ApiError::InvalidRequest {
+                    message: format!("invalid path: {}", e.body_text()),
+                    param,
+                })
+            }
+            Err(other) => Err(ApiError::invalid(format!("invalid path: {other}"), None)),
         }
-    })
+    }
 }
 
 /// `bytes` as a `T`, with `param` naming the field that does not fit.

@@ -127,3 +127,33 @@ def test_failed_admin_authentication_is_limited_per_address(srv):
     # ... while other addresses are not affected.
     assert srv.boot.get("/admin/v1/customers").status_code == 200
     assert client(srv, ADMIN, local_address="127.0.0.3").get("/admin/v1/customers").status_code == 200
+
+
+def test_admin_extractor_rejections_are_openai_shaped(srv):
+    """What axum's extractors refuse before a handler runs (a path segment that is not UTF-8, a
+    body past the limit) comes back as an OpenAI-shaped error, never plain text; a value quoted
+    back in an error is cut short."""
+    boot = srv.boot
+    for method, path, param in [
+        ("GET", "/admin/v1/customers/%FF", "id"),
+        ("PATCH", "/admin/v1/customers/%FF", "id"),
+        ("GET", "/admin/v1/customers/%FF/keys", "id"),
+        ("DELETE", "/admin/v1/keys/%FF", "key_id"),
+        ("GET", "/admin/v1/invoices/%FF", "customer_id"),
+        ("GET", "/admin/v1/customers/%FF/alerts", "id"),
+        ("DELETE", "/admin/v1/admin_tokens/%FF", "id"),
+    ]:
+        r = boot.request(method, path, json={} if method == "PATCH" else None)
+        assert r.status_code == 400, f"{method} {path}: {r.status_code} {r.text}"
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == param, (path, err)
+    key = boot.post("/admin/v1/customers/default/keys", json={"name": "ext"}).json()["key"]
+    r = httpx.get(f"http://{srv.addr}/v1/models/%FF", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    big = {"id": "a" * (5 << 20)}
+    r = boot.post("/admin/v1/customers", json=big)
+    assert r.status_code == 413, r.status_code
+    assert r.json()["error"]["type"] == "invalid_request_error", r.text[:300]
+    r = boot.post("/admin/v1/customers", json={"id": "b" * 100_000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "id"
+    assert len(r.text) < 1_000, len(r.text)

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -26,7 +26,7 @@ use sqlx::Row;
 use subtle::ConstantTimeEq;
 
 use crate::auth::{bearer, digest, hex};
-use crate::error::ApiError;
+use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::audit::{self, Action, Actor, Change};
 use tollgate_metering::periods::rfc3339;
@@ -427,7 +427,7 @@ fn store(state: &AppState) -> Result<&Store, ApiError> {
 pub async fn create(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Response, ApiError> {
     let invalid = |param: &str, message: String| ApiError::InvalidRequest {
         message,
@@ -492,7 +492,7 @@ pub async fn list_handler(State(state): State<AppState>) -> Result<Json<Value>, 
 pub async fn revoke_handler(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(revoke(store(&state)?, &id, &actor).await?.json()))
 }

@@ -1,11 +1,11 @@
 //! `GET /v1/models` and `GET /v1/models/{id}`: the models this gateway serves.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
 use crate::api::admission::backend_for;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::AppState;
 
 fn model_json(info: &crate::backend::ModelInfo) -> Value {
@@ -20,7 +20,7 @@ pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
 
 pub async fn get_model(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let backend = backend_for(&state, &id)?;
     Ok(Json(model_json(&backend.info())))

@@ -1,8 +1,7 @@
 //! `/admin/v1/customers` (create, list, read, update) and the customers' budget alerts
 //! (`/admin/v1/customers/{id}/alerts`, `/admin/v1/alerts`).
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -12,7 +11,7 @@ use super::{
     customer_json, invalid_field, limit_field, list, object, reject_unknown, store, string_field,
     valid_id, DEFAULT_PAGE, MAX_PAGE,
 };
-use crate::error::ApiError;
+use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::kinds::BudgetPeriod;
@@ -98,7 +97,7 @@ fn weight_field(map: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
 pub(super) async fn create_customer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Response, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, &[&["id"], CUSTOMER_FIELDS].concat())?;
@@ -107,7 +106,10 @@ pub(super) async fn create_customer(
     if !valid_id(&id) {
         return Err(invalid_field(
             "id",
-            format!("`{id}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`"),
+            format!(
+                "`{}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`",
+                super::shown(&id)
+            ),
         ));
     }
     let mut fields = customer_fields(&map)?;
@@ -123,7 +125,7 @@ pub(super) async fn list_customers(State(state): State<AppState>) -> Result<Json
 
 pub(super) async fn get_customer(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let store = store(&state)?;
     let customer = store.customer(&id).await?;
@@ -137,8 +139,8 @@ pub(super) async fn get_customer(
 pub(super) async fn update_customer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
-    body: Bytes,
+    ApiPath(id): ApiPath<String>,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, CUSTOMER_FIELDS)?;
@@ -150,7 +152,7 @@ pub(super) async fn update_customer(
 
 pub(super) async fn get_alert_settings(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let settings = store(&state)?.alert_settings(&id).await?;
     Ok(Json(crate::alerts::settings_json(&settings, None)))
@@ -161,8 +163,8 @@ pub(super) async fn get_alert_settings(
 pub(super) async fn put_alert_settings(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
-    body: Bytes,
+    ApiPath(id): ApiPath<String>,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, &["webhook_url", "thresholds", "rotate_secret"])?;

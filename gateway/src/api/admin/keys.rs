@@ -1,8 +1,7 @@
 //! `/admin/v1/customers/{id}/keys` (issue, list) and `/admin/v1/keys/{key_id}` (update,
 //! revoke). A key's secret is shown once, when it is issued; only its digest is stored.
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -12,7 +11,7 @@ use super::{
     invalid_field, key_json, limit_field, list, object, reject_unknown, store, string_field,
 };
 use crate::auth::{digest, hex, new_key};
-use crate::error::ApiError;
+use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
@@ -128,8 +127,8 @@ fn models_field(
 pub(super) async fn create_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(customer_id): Path<String>,
-    body: Bytes,
+    ApiPath(customer_id): ApiPath<String>,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Response, ApiError> {
     let map = object(&body)?;
     reject_unknown(
@@ -186,7 +185,7 @@ pub async fn issue_key(
 
 pub(super) async fn list_keys(
     State(state): State<AppState>,
-    Path(customer_id): Path<String>,
+    ApiPath(customer_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let keys = store(&state)?.list_keys(&customer_id).await?;
     Ok(list(keys.iter().map(key_json).collect()))
@@ -197,8 +196,8 @@ pub(super) async fn list_keys(
 pub(super) async fn update_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(key_id): Path<String>,
-    body: Bytes,
+    ApiPath(key_id): ApiPath<String>,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, &["tags", "budget_usd"])?;
@@ -225,7 +224,7 @@ pub(super) async fn update_key(
 pub(super) async fn revoke_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Path(key_id): Path<String>,
+    ApiPath(key_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let key = store(&state)?.revoke_key(&key_id, &actor).await?;
     state.auth.forget_key(&key_id);

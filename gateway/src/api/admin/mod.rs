@@ -181,6 +181,15 @@ pub fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// A value quoted back in an error, cut to a readable length (a 3 MB id is not echoed).
+fn shown(value: &str) -> String {
+    const MAX: usize = 80;
+    match value.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.to_string(),
+    }
+}
+
 pub fn customer_json(c: &Customer) -> Value {
     json!({
         "object": "customer",

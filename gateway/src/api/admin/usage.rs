@@ -1,7 +1,7 @@
 //! `/admin/v1/usage` (aggregates, JSON or CSV), `/admin/v1/usage/records` (the record cursor
 //! export jobs follow) and `/admin/v1/invoices/{customer_id}`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{invalid_field, query, store, DEFAULT_PAGE, MAX_PAGE};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::billing::{self, parse_time};
 use tollgate_metering::periods::{month_bounds, rfc3339};
@@ -145,7 +145,7 @@ pub(super) struct InvoiceQuery {
 
 pub(super) async fn invoice(
     State(state): State<AppState>,
-    Path(customer_id): Path<String>,
+    ApiPath(customer_id): ApiPath<String>,
     q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -38,7 +38,7 @@ use crate::api::admission::{start, Started};
 use crate::api::completions::now_secs;
 use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::{AppState, ModelLabel, RequestId};
 use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::store::now_micros;
@@ -359,7 +359,7 @@ fn database(state: &AppState, id: &str) -> Result<tollgate_metering::store::Stor
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let stored = database(&state, &id)?
         .get_response::<Item>(&id, &caller.customer_id, now_micros())
@@ -372,7 +372,7 @@ pub async fn get(
 pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     if !database(&state, &id)?
         .delete_response(&id, &caller.customer_id)
@@ -415,7 +415,7 @@ fn item_json(response_id: &str, index: usize, item: &Item) -> Value {
 pub async fn input_items(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let stored = database(&state, &id)?
