@@ -309,7 +309,8 @@ async fn sqlx_exec(store: &Store, sql: &str) {
 /// customer's limits through this process (`forget_customer`) at once too.
 #[tokio::test]
 async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age() {
-    use tollgate_gateway::auth::{digest, hex, AuthConfig, KEY_FRESH, KEY_MAX_AGE};
+    use tollgate_gateway::auth::{digest, hex, AuthConfig, KeyCache, KEY_FRESH, KEY_MAX_AGE};
+    use tollgate_gateway::clock::Clock;
     use tollgate_metering::audit::Actor;
     use tollgate_metering::store::{CustomerFields, NewKey};
     let actor = Actor::system();
@@ -319,7 +320,12 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age(
         .create_customer("acme", CustomerFields::default(), &actor)
         .await
         .unwrap();
-    let auth = AuthConfig::default();
+    // Time moves only when the test says so.
+    let clock = Clock::manual();
+    let auth = AuthConfig::default().with_key_cache(KeyCache {
+        clock: clock.clone(),
+        ..KeyCache::default()
+    });
     for (id, secret) in [("key_a", "tg-a"), ("key_b", "tg-b"), ("key_c", "tg-c")] {
         store
             .create_key(
@@ -339,11 +345,12 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age(
     // more while a background lookup runs, which then refuses it.
     store.revoke_key("key_a", &actor).await.unwrap();
     store.revoke_key("key_c", &actor).await.unwrap();
+    clock.advance(KEY_FRESH - Duration::from_millis(1));
     assert!(
         auth.resolve(Some(&store), "tg-a").await.is_ok(),
         "lookup reused"
     );
-    tokio::time::sleep(KEY_FRESH).await;
+    clock.advance(Duration::from_millis(1));
     assert!(
         auth.resolve(Some(&store), "tg-a").await.is_ok(),
         "stale, refreshing"
@@ -357,8 +364,9 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(refused.to_string().contains("revoked"), "{refused}");
-    // Past KEY_MAX_AGE a lookup is not served at all: the request waits for a new one.
-    tokio::time::sleep(KEY_MAX_AGE).await;
+    // Past KEY_MAX_AGE a lookup is not served at all: the request waits for a new one (tg-c
+    // was looked up before the clock moved, and not since).
+    clock.advance(KEY_MAX_AGE - KEY_FRESH);
     let refused = auth.resolve(Some(&store), "tg-c").await.unwrap_err();
     assert!(refused.to_string().contains("revoked"), "{refused}");
 

@@ -27,6 +27,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::AppState;
 use tollgate_metering::limits::{BucketStatus, Limits};
@@ -43,6 +44,27 @@ pub const KEY_FRESH: Duration = Duration::from_millis(400);
 /// and limit changes made elsewhere (another replica, the CLI) take effect within this time.
 pub const KEY_MAX_AGE: Duration = Duration::from_millis(900);
 
+/// How long key lookups are reused, and the clock that measures it (see the module
+/// documentation); tests set a manual clock and advance it.
+#[derive(Debug, Clone)]
+pub struct KeyCache {
+    /// Reused as is.
+    pub fresh: Duration,
+    /// Served while a background lookup refreshes it; never beyond.
+    pub max_age: Duration,
+    pub clock: Clock,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        Self {
+            fresh: KEY_FRESH,
+            max_age: KEY_MAX_AGE,
+            clock: Clock::default(),
+        }
+    }
+}
+
 /// A database lookup and when it was made.
 #[derive(Debug, Clone)]
 struct Looked<T> {
@@ -51,19 +73,23 @@ struct Looked<T> {
 }
 
 impl<T> Looked<T> {
-    fn new(value: T) -> Self {
+    fn new(value: T, cache: &KeyCache) -> Self {
         Self {
             value,
-            at: Instant::now(),
+            at: cache.clock.now(),
         }
     }
 
-    fn fresh(&self) -> bool {
-        self.at.elapsed() < KEY_FRESH
+    fn age(&self, cache: &KeyCache) -> Duration {
+        cache.clock.now().saturating_duration_since(self.at)
     }
 
-    fn usable(&self) -> bool {
-        self.at.elapsed() < KEY_MAX_AGE
+    fn fresh(&self, cache: &KeyCache) -> bool {
+        self.age(cache) < cache.fresh
+    }
+
+    fn usable(&self, cache: &KeyCache) -> bool {
+        self.age(cache) < cache.max_age
     }
 }
 
@@ -177,6 +203,7 @@ pub struct AuthConfig {
     /// A `tollgate worker`: callers (the gateways holding its token) name the customer each
     /// request is for and its scheduling weight.
     trusts_forwarded_customer: bool,
+    cache: KeyCache,
 }
 
 impl AuthConfig {
@@ -199,7 +226,14 @@ impl AuthConfig {
             refreshing: Arc::default(),
             refreshing_default: Arc::default(),
             trusts_forwarded_customer: false,
+            cache: KeyCache::default(),
         }
+    }
+
+    /// Key lookups reused for other lifetimes, or measured by another clock.
+    pub fn with_key_cache(mut self, cache: KeyCache) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// For a `tollgate worker`, whose only key is the token its gateways hold: each request's
@@ -253,8 +287,8 @@ impl AuthConfig {
         };
         let known = lock(&self.last_known).get(&d).cloned();
         match &known {
-            Some(k) if k.fresh() => return unexpired(k.value.clone()),
-            Some(k) if k.usable() => {
+            Some(k) if k.fresh(&self.cache) => return unexpired(k.value.clone()),
+            Some(k) if k.usable(&self.cache) => {
                 self.refresh_in_background(store, d);
                 return unexpired(k.value.clone());
             }
@@ -301,7 +335,7 @@ impl AuthConfig {
                 let caller = Caller::new(&k, &customer);
                 let mut known = lock(&self.last_known);
                 if self.generation.load(Ordering::Acquire) == generation {
-                    known.insert(d, Looked::new(caller.clone()));
+                    known.insert(d, Looked::new(caller.clone(), &self.cache));
                 }
                 drop(known);
                 unexpired(caller)
@@ -328,8 +362,8 @@ impl AuthConfig {
     async fn default_customer(&self, store: &Store) -> Option<Customer> {
         let known = lock(&self.last_default).clone();
         match known {
-            Some(k) if k.fresh() => return k.value,
-            Some(k) if k.usable() => {
+            Some(k) if k.fresh(&self.cache) => return k.value,
+            Some(k) if k.usable(&self.cache) => {
                 // Served as read while one background lookup refreshes it.
                 if !self.refreshing_default.swap(true, Ordering::AcqRel) {
                     let (this, store) = (self.clone(), store.clone());
@@ -361,7 +395,7 @@ impl AuthConfig {
         };
         let mut last = lock(&self.last_default);
         if self.generation.load(Ordering::Acquire) == generation {
-            *last = Some(Looked::new(found.clone()));
+            *last = Some(Looked::new(found.clone(), &self.cache));
         }
         found
     }
