@@ -623,7 +623,7 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
         .await
         .unwrap();
     let spool = dir.path().join("l.spool");
-    let s = start_with(
+    let mut s = start_with(
         "[server]\nshutdown_timeout_secs = 5\n",
         Some((store.clone(), &spool)),
     )
@@ -653,13 +653,17 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
     }
     drop(stream);
 
-    let records = ledger(&store, 3).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        store.records_after(0, 100).await.unwrap().0.len(),
-        3,
-        "exactly three records"
-    );
+    ledger(&store, 3).await;
+    // A graceful shutdown writes every record still pending before it returns, so what the
+    // ledger holds after it is all there will ever be: no fourth record (the unstarted one).
+    s.shutdown.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), &mut s.done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (records, _) = store.records_after(0, 100).await.unwrap();
+    assert_eq!(records.len(), 3, "exactly three records");
     let by_id = |id: &str| records.iter().find(|r| r.id == id).unwrap().clone();
     let ok = by_id(&ok_id);
     assert_eq!(
