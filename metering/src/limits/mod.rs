@@ -18,6 +18,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The buckets' clock: tokio's, so tests pause and advance it instead of waiting for a refill.
+use tokio::time::Instant as BucketClock;
+
 use crate::shared_limits::{self, RateOutcome, RateTake};
 use crate::store::Store;
 
@@ -86,11 +89,11 @@ enum Kind {
 struct Bucket {
     limit: f64,
     level: f64,
-    updated: Instant,
+    updated: BucketClock,
 }
 
 impl Bucket {
-    fn refill(&mut self, limit: i64, now: Instant) {
+    fn refill(&mut self, limit: i64, now: BucketClock) {
         let limit = limit as f64;
         if (limit - self.limit).abs() > f64::EPSILON {
             // The limit changed: keep what was used.
@@ -219,7 +222,7 @@ impl Limiter {
     }
 
     fn take_local(&self, limits: &Limits, kind: Kind, amount: i64) -> Result<(), Refusal> {
-        let now = Instant::now();
+        let now = BucketClock::now();
         let mut buckets = self
             .buckets
             .lock()
@@ -279,7 +282,7 @@ impl Limiter {
         store.observe(&taken);
         match taken {
             Ok(RateOutcome::Taken(levels)) => {
-                let now = Instant::now();
+                let now = BucketClock::now();
                 let mut buckets = self
                     .buckets
                     .lock()
@@ -365,7 +368,7 @@ impl Limiter {
     }
     /// The tightest request and token limits for the headers.
     pub fn status(&self, limits: &Limits) -> RateStatus {
-        let now = Instant::now();
+        let now = BucketClock::now();
         let mut buckets = self
             .buckets
             .lock()
@@ -430,6 +433,36 @@ mod tests {
         assert_eq!(s.requests.unwrap().limit, 3);
         assert_eq!(s.requests.unwrap().remaining, 0);
         assert!(s.tokens.is_none());
+    }
+
+    /// Buckets refill at the limit per minute, continuously: measured on tokio's paused clock,
+    /// not by waiting.
+    #[tokio::test(start_paused = true)]
+    async fn buckets_refill_at_the_limit_per_minute() {
+        let l = Limiter::default();
+        let lim = limits(Some(3), None);
+        for _ in 0..3 {
+            l.admit_request(&lim).await.unwrap();
+        }
+        assert!(l.admit_request(&lim).await.is_err());
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert!(
+            l.admit_request(&lim).await.is_err(),
+            "19 s refill less than one"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        l.admit_request(&lim).await.unwrap();
+        assert!(
+            l.admit_request(&lim).await.is_err(),
+            "one, then empty again"
+        );
+        // Never past the limit, however long it rests.
+        tokio::time::advance(Duration::from_secs(3_600)).await;
+        assert_eq!(l.status(&lim).requests.unwrap().remaining, 3);
+        let tokens = limits(None, Some(600));
+        l.reserve_tokens(&tokens, 600).await.unwrap();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(l.status(&tokens).tokens.unwrap().remaining, 300);
     }
 
     #[tokio::test]
