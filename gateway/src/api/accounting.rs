@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
 use crate::auth::Caller;
 use crate::backend::{FinishReason, Usage, UsageSource};
+use crate::openapi::schemas::{CompletionUsage, PromptTokensDetails};
 use crate::AppState;
 use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::limits::{BudgetHold, TokenHold};
@@ -171,15 +170,17 @@ impl Completion {
     }
 
     /// `usage` as the client sees it: the same counts the record holds.
-    pub(crate) fn usage_json(&self) -> Value {
-        let p = self.prompt_tokens();
-        let c = self.completion_tokens();
-        json!({
-            "prompt_tokens": p,
-            "completion_tokens": c,
-            "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens().min(p)},
-        })
+    pub(crate) fn usage(&self) -> CompletionUsage {
+        let p = u64::from(self.prompt_tokens());
+        let c = u64::from(self.completion_tokens());
+        CompletionUsage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: p + c,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u64::from(self.cached_tokens()).min(p),
+            },
+        }
     }
 
     /// Settles the reservations and builds the usage record, once.

@@ -1,6 +1,6 @@
 //! The response bodies of the public API, typed for the OpenAPI document: field for field what
 //! the handlers write (in OpenAI's shapes and under OpenAI's component names), so the document
-//! says what a client receives. The request bodies are the handlers' own types
+//! says what a client receives. The completions handlers serialize these very types. The request bodies are the handlers' own types
 //! ([`crate::api::openai`], the Responses API's `CreateResponse`); these describe what they answer.
 //! The `openapi` tests and the Schemathesis run check real responses against them.
 
@@ -29,23 +29,15 @@ pub struct ErrorObject {
     pub code: Option<String>,
 }
 
-/// Why a choice stopped.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    Stop,
-    Length,
-    ToolCalls,
-    Cancelled,
-}
+pub use crate::backend::FinishReason;
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u64,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct CompletionUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -78,6 +70,8 @@ pub struct ChatCompletionResponseMessage {
     pub content: Option<String>,
     #[schema(required)]
     pub refusal: Option<String>,
+    /// Present only when the model called functions.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ChatCompletionMessageToolCall>>,
 }
 
@@ -131,8 +125,8 @@ pub struct CreateChatCompletionResponse {
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f64>,
-    pub top_logprobs: Vec<BTreeMap<String, f64>>,
-    pub text_offset: Vec<u64>,
+    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
