@@ -43,12 +43,13 @@ impl Gateway {
              CARGO_TARGET_DIR), or pass --binary",
             binary.display()
         );
+        // No `source`: with one, the gateway would load the model's tokenizer from it to count
+        // what streamed by; the upstream reports its usage, and the benchmark has no model.
         let config = dir.join("models.toml");
         std::fs::write(
             &config,
             format!(
                 "[models.\"{MODEL}\"]\n\
-                 source = {{ path = \"unused-by-http-models\" }}\n\
                  backend = {{ type = \"http\", urls = [\"http://{upstream}\"], api_key_env = \"{UPSTREAM_KEY_ENV}\" }}\n\
                  price = {{ input_per_mtok = \"0.15\", output_per_mtok = \"0.60\" }}\n"
             ),
