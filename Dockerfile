@@ -28,6 +28,11 @@ COPY runtime runtime
 COPY metering metering
 COPY gateway gateway
 COPY tollgate tollgate
+# Not built into the image, but workspace members (and testkit a dev-dependency of the gateway):
+# cargo loads every member's manifest.
+COPY testkit testkit
+COPY bench/Cargo.toml bench/Cargo.toml
+COPY bench/src bench/src
 ARG CARGO_FEATURES=""
 # Only read by the CUDA build (candle's kernels); there is no GPU to detect while building.
 ARG CUDA_COMPUTE_CAP=90

@@ -7,130 +7,52 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde_json::{json, Value};
 use tollgate_gateway::auth::AuthConfig;
 use tollgate_gateway::backend::upstream::{Discovery, UpstreamPool};
 use tollgate_gateway::backend::{Backend, ModelInfo};
 use tollgate_gateway::config::Config;
 use tollgate_gateway::AppState;
+use tollgate_testkit::{Behaviour, FakeUpstream, Reply};
 
 const KEY: &str = "k";
 
-#[derive(Clone, Copy)]
-enum Behaviour {
-    Good,
-    /// 500 on every request.
-    Broken,
-    /// One chunk, then the connection ends without a finish.
-    DiesMidStream,
-    /// 400 with an OpenAI error.
-    Refuses,
-    /// This status with an OpenAI error naming a secret of the upstream's.
-    Status(u16),
-    /// Three content chunks, then this `usage` object (JSON text), or none when empty.
-    Reports(&'static str),
-    /// Three chunks of three words each, and no `usage`.
-    Words,
+/// A streamed "Hello world" with the usage the upstream reports.
+fn good() -> Behaviour {
+    Behaviour::Answers(Reply::pieces(["Hello", " world"]).with_counted_usage(5))
 }
 
-#[derive(Clone)]
-struct Fake {
-    behaviour: Behaviour,
-    hits: Arc<AtomicUsize>,
+/// Three content chunks, then this `usage` object (JSON text), or none when empty.
+fn reports(usage: &str) -> Behaviour {
+    let usage = (!usage.is_empty()).then(|| serde_json::from_str(usage).unwrap());
+    Behaviour::Answers(
+        Reply::pieces(["Hel", "lo", " world"])
+            .without_role_chunk()
+            .with_usage(usage),
+    )
 }
 
-fn sse(events: &[Value], done: bool) -> String {
-    let mut out: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
-    if done {
-        out.push_str("data: [DONE]\n\n");
-    }
-    out
+/// Three chunks of three words each, and no `usage`.
+fn words() -> Behaviour {
+    Behaviour::Answers(
+        Reply::pieces(["one two three", " four five six", " seven eight nine"])
+            .without_role_chunk(),
+    )
 }
 
-async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> Response {
-    fake.hits.fetch_add(1, Ordering::SeqCst);
-    assert_eq!(body["stream"], true);
-    assert_eq!(body["stream_options"]["include_usage"], true);
-    let delta = |text: &str| json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
-    let body = match fake.behaviour {
-        Behaviour::Broken => return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
-        Behaviour::Refuses => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": {"message": "context length exceeded", "type": "invalid_request_error"}})),
-            )
-                .into_response()
-        }
-        Behaviour::Status(code) => {
-            return (
-                StatusCode::from_u16(code).unwrap(),
-                Json(json!({"error": {"message": "upstream secret: key sk-up-123 rejected", "param": "model"}})),
-            )
-                .into_response()
-        }
-        Behaviour::DiesMidStream => sse(&[delta("Hel")], false),
-        Behaviour::Reports(usage) => {
-            let mut events = vec![
-                delta("Hel"),
-                delta("lo"),
-                delta(" world"),
-                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
-            ];
-            if !usage.is_empty() {
-                let usage: Value = serde_json::from_str(usage).unwrap();
-                events.push(json!({"choices": [], "usage": usage}));
-            }
-            sse(&events, true)
-        }
-        Behaviour::Words => sse(
-            &[
-                delta("one two three"),
-                delta(" four five six"),
-                delta(" seven eight nine"),
-                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
-            ],
-            true,
-        ),
-        Behaviour::Good => sse(
-            &[
-                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
-                delta("Hello"),
-                delta(" world"),
-                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
-                json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}),
-            ],
-            true,
-        ),
-    };
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(Body::from(body))
-        .unwrap()
-}
-
-async fn upstream(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let app = Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/v1/chat/completions", post(chat))
-        .with_state(Fake {
-            behaviour,
-            hits: hits.clone(),
-        });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/v1"), hits)
+/// A fake upstream that refuses any request not streamed with usage (the gateway always asks
+/// for both): its base URL and its count of chat requests.
+async fn upstream(behaviour: Behaviour) -> (String, Arc<AtomicU64>) {
+    let up = FakeUpstream::new(behaviour)
+        .requiring_stream()
+        .spawn()
+        .await
+        .unwrap();
+    (up.v1_url(), up.hit_counter())
 }
 
 async fn gateway(urls: Vec<String>) -> SocketAddr {
@@ -205,7 +127,7 @@ async fn ask(addr: SocketAddr, stream: bool) -> reqwest::Response {
 async fn fails_over_before_the_first_token_and_bills_upstream_usage() {
     let (broken, broken_hits) = upstream(Behaviour::Broken).await;
     let (dies, _) = upstream(Behaviour::DiesMidStream).await;
-    let (good, good_hits) = upstream(Behaviour::Good).await;
+    let (good, good_hits) = upstream(good()).await;
     // A port nobody listens on, a 500, and one that dies: each is tried at most until the
     // good one answers; the client never sees them.
     let dead = "http://127.0.0.1:9/v1".to_string();
@@ -255,7 +177,7 @@ async fn an_upstream_never_bills_fewer_output_tokens_than_streamed_by() {
         ),
     ];
     for (usage, prompt, completion, cached) in cases {
-        let (url, _) = upstream(Behaviour::Reports(usage)).await;
+        let (url, _) = upstream(reports(usage)).await;
         let addr = gateway(vec![url]).await;
         for stream in [false, true] {
             let r = ask(addr, stream).await;
@@ -298,7 +220,7 @@ async fn with_the_models_tokenizer_what_streamed_by_is_counted_in_tokens() {
         ("{\"prompt_tokens\": 6, \"completion_tokens\": 4}", 4),
     ];
     for (usage, completion) in cases {
-        let (url, _) = upstream(Behaviour::Reports(usage)).await;
+        let (url, _) = upstream(reports(usage)).await;
         let addr = gateway_counting(vec![url], Discovery::Static, Some(Arc::new(Words))).await;
         let got: Value = ask(addr, false).await.json().await.unwrap();
         assert_eq!(
@@ -307,12 +229,12 @@ async fn with_the_models_tokenizer_what_streamed_by_is_counted_in_tokens() {
         );
     }
     // Chunks of several words: the tokenizer's count, above the chunk count.
-    let (url, _) = upstream(Behaviour::Words).await;
+    let (url, _) = upstream(words()).await;
     let addr = gateway_counting(vec![url], Discovery::Static, Some(Arc::new(Words))).await;
     let got: Value = ask(addr, false).await.json().await.unwrap();
     assert_eq!(got["usage"]["completion_tokens"], 9, "{got}");
     // Without a tokenizer the same stream is three chunks.
-    let (url, _) = upstream(Behaviour::Words).await;
+    let (url, _) = upstream(words()).await;
     let addr = gateway(vec![url]).await;
     let got: Value = ask(addr, false).await.json().await.unwrap();
     assert_eq!(got["usage"]["completion_tokens"], 3, "{got}");
@@ -331,7 +253,7 @@ async fn a_failure_after_text_is_an_error_event() {
 #[tokio::test]
 async fn upstream_refusals_are_client_errors_and_not_retried() {
     let (refuses, hits) = upstream(Behaviour::Refuses).await;
-    let (good, good_hits) = upstream(Behaviour::Good).await;
+    let (good, good_hits) = upstream(good()).await;
     let addr = gateway(vec![refuses, good]).await;
     let mut refused = 0;
     for _ in 0..4 {
@@ -408,7 +330,7 @@ async fn all_members_down_is_unavailable_and_shows_in_the_metrics() {
 /// here, served on 127.0.0.1), found by the background task before requests are routed.
 #[tokio::test]
 async fn dns_discovery_routes_to_the_resolved_addresses() {
-    let (good, hits) = upstream(Behaviour::Good).await;
+    let (good, hits) = upstream(good()).await;
     let by_name = good.replace("127.0.0.1", "localhost");
     let addr = gateway_with(vec![by_name], Discovery::Dns).await;
     let metrics = || async {

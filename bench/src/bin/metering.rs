@@ -1,7 +1,7 @@
-//! Benchmark of the metering path, without a model: ledger throughput and the latency metering
-//! adds to a request.
+//! Benchmark of the metering path, without a model or a gateway: ledger throughput and the
+//! latency metering adds to a request.
 //!
-//!     cargo run --release -p tollgate-gateway --example metering_bench -- [DATABASE_URL]
+//!     cargo run --release -p tollgate-bench --bin metering -- [DATABASE_URL]
 //!
 //! DATABASE_URL defaults to a temporary SQLite file; pass `$(scripts/postgres.sh reset)` for
 //! PostgreSQL. Prints:
@@ -12,10 +12,10 @@
 //!   database, rate limits, budget reservation and settlement, and the durable record (the
 //!   path a request takes besides the model), each phase and in total.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
-
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, Context};
+use clap::Parser;
 use prometheus::IntGauge;
 use tollgate_gateway::auth::{digest, hex, AuthConfig};
 use tollgate_metering::audit::Actor;
@@ -26,6 +26,16 @@ use tollgate_metering::store::{now_micros, CustomerFields, DbKind, NewKey, Store
 const THROUGHPUT_RECORDS: usize = 20_000;
 const PRODUCERS: usize = 64;
 const LATENCY_REQUESTS: usize = 2_000;
+
+/// metering: ledger throughput and the latency of the metering path, without a model
+#[derive(Parser)]
+#[command(name = "metering", version)]
+struct Args {
+    /// The ledger database (a SQLite path or a postgres:// URL; default: a temporary SQLite
+    /// file). Records are added with a per-run prefix, so a database can be reused.
+    #[arg(value_name = "DATABASE_URL")]
+    database: Option<String>,
+}
 
 fn record(id: String, started_at: i64) -> UsageRecord {
     UsageRecord {
@@ -49,16 +59,19 @@ fn record(id: String, started_at: i64) -> UsageRecord {
     }
 }
 
+/// The `q` quantile of sorted durations in milliseconds (the nearest of the ranks), 0 when
+/// there are none.
 fn pct(sorted: &[Duration], q: f64) -> f64 {
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i].as_secs_f64() * 1e3
+    let i = (sorted.len().saturating_sub(1) as f64 * q).round() as usize;
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     let tmp = tempfile::tempdir()?;
-    let url = std::env::args()
-        .nth(1)
+    let url = args
+        .database
         .unwrap_or_else(|| tmp.path().join("bench.db").display().to_string());
     let store = Store::connect(&url).await?;
     println!("database: {:?}", store.kind());
@@ -148,18 +161,24 @@ async fn main() -> anyhow::Result<()> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..LATENCY_REQUESTS {
         let t0 = Instant::now();
-        let caller = auth.resolve(Some(&store), secret).await.expect("key");
+        let caller = auth
+            .resolve(Some(&store), secret)
+            .await
+            .context("the key was not accepted")?;
         let t1 = Instant::now();
         let id = format!("{run}-l{i}");
-        limiter.admit_request(&caller.limits).await.expect("rpm");
+        limiter
+            .admit_request(&caller.limits)
+            .await
+            .map_err(|r| anyhow!("refused by the request rate limit: {r:?}"))?;
         let tokens = limiter
             .reserve_tokens(&caller.limits, 27 + 64)
             .await
-            .expect("tpm");
+            .map_err(|r| anyhow!("refused by the token rate limit: {r:?}"))?;
         let budget = limiter
             .reserve_budget(Some(&store), &id, &caller.customer_id, i64::MAX / 4, 7_750)
             .await?
-            .expect("budget");
+            .map_err(|r| anyhow!("refused by the budget: {r:?}"))?;
         limiter.settle_tokens(&tokens, 91);
         limiter.settle_budget(&budget, 7_750);
         let t2 = Instant::now();

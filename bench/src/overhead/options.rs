@@ -1,0 +1,149 @@
+//! The overhead benchmark's command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// overhead: the latency the Tollgate gateway adds in front of an OpenAI-compatible upstream
+#[derive(Debug, Clone, Parser)]
+#[command(name = "overhead", version)]
+pub struct Options {
+    /// Request rates per second, run in ascending order
+    #[arg(long, value_name = "R1,R2,...", value_delimiter = ',', value_parser = positive,
+          default_value = "250,500,1000,2000")]
+    pub rates: Vec<f64>,
+    /// Measured seconds per rate and path
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
+    pub duration: Duration,
+    /// Unmeasured seconds before each run
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "2")]
+    pub warmup: Duration,
+    /// Only the listed rates (default: keep raising the rate until it breaks)
+    #[arg(long)]
+    pub no_search: bool,
+    /// Rate multiplier while searching
+    #[arg(long, value_name = "FACTOR", value_parser = above_one, default_value = "1.25")]
+    pub step: f64,
+    /// Then halve the gap between the last good and the first bad rate N times
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub refine: u32,
+    /// Stop searching here
+    #[arg(long, value_name = "R", default_value_t = 50_000.0)]
+    pub max_rate: f64,
+    /// Streamed requests, timed to the end of the stream (default: non-streamed)
+    #[arg(long)]
+    pub stream: bool,
+    /// off: the gateway runs with --no-database and a static key
+    #[arg(long, value_enum, default_value_t = Metering::On)]
+    pub metering: Metering,
+    /// RUST_LOG for the gateway (info is its own default)
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub gateway_log: String,
+    /// Also write the results as JSON
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// The tollgate binary (default: the `tollgate` next to this benchmark's executable)
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// Where the temporary ledger and config go (default: the system temp dir)
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Also write every measured request as CSV, one file per run: scheduled send (ms from the
+    /// run's start), latency (ms), ok
+    #[arg(long, value_name = "DIR")]
+    pub raw: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Metering {
+    On,
+    Off,
+}
+
+impl Options {
+    /// The command line, with the rates in ascending order (the search starts from the last).
+    pub fn from_args() -> Self {
+        let mut o = Self::parse();
+        o.rates.sort_by(f64::total_cmp);
+        o
+    }
+
+    pub fn search(&self) -> bool {
+        !self.no_search
+    }
+
+    pub fn metering(&self) -> bool {
+        self.metering == Metering::On
+    }
+}
+
+fn number(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("a number, not `{text}`"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("a finite number, not `{text}`"))
+    }
+}
+
+fn positive(text: &str) -> Result<f64, String> {
+    let v = number(text)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err("must be positive".into())
+    }
+}
+
+fn above_one(text: &str) -> Result<f64, String> {
+    let v = number(text)?;
+    if v > 1.0 {
+        Ok(v)
+    } else {
+        Err("must be above 1".into())
+    }
+}
+
+fn seconds(text: &str) -> Result<Duration, String> {
+    let v = number(text)?;
+    if v >= 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err("seconds, zero or more".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let o = Options::try_parse_from(["overhead"]).unwrap();
+        assert_eq!(o.rates, [250.0, 500.0, 1000.0, 2000.0]);
+        assert_eq!(o.duration, Duration::from_secs(10));
+        assert_eq!(o.warmup, Duration::from_secs(2));
+        assert!(o.search() && o.metering() && !o.stream);
+        assert_eq!((o.step, o.refine, o.max_rate), (1.25, 2, 50_000.0));
+    }
+
+    #[test]
+    fn values_are_checked() {
+        let o =
+            Options::try_parse_from(["overhead", "--rates=500, 100", "--metering", "off"]).unwrap();
+        assert_eq!(o.rates, [500.0, 100.0]);
+        assert!(!o.metering());
+        for bad in [
+            &["overhead", "--rates", "0"][..],
+            &["overhead", "--step", "1"],
+            &["overhead", "--duration", "-1"],
+            &["overhead", "--metering", "maybe"],
+        ] {
+            assert!(Options::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+}
