@@ -360,3 +360,23 @@ async fn dns_discovery_routes_to_the_resolved_addresses() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
+
+/// Members that are all busy (429 or 503) make the request a 503 with `Retry-After` (come back
+/// soon); one member that is broken (another 5xx) among them makes it unavailable without
+/// one. Busy is read from the status, not the error's text.
+#[tokio::test]
+async fn busy_members_ask_the_client_to_retry_and_broken_ones_do_not() {
+    let (busy_a, _) = upstream(Behaviour::Status(429)).await;
+    let (busy_b, _) = upstream(Behaviour::Status(503)).await;
+    let r = ask(gateway(vec![busy_a.clone(), busy_b]).await, false).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+
+    let (broken, _) = upstream(Behaviour::Status(500)).await;
+    let r = ask(gateway(vec![busy_a, broken]).await, false).await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
+}
