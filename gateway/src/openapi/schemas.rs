@@ -125,7 +125,10 @@ pub struct CreateChatCompletionResponse {
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f64>,
+    /// Token → logprob, most likely first (an ordered map).
+    #[schema(value_type = Vec<BTreeMap<String, f64>>)]
     pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    #[schema(value_type = Vec<u64>)]
     pub text_offset: Vec<usize>,
 }
 
