@@ -385,3 +385,23 @@ async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age(
     auth.forget_key("key_b");
     assert!(auth.resolve(Some(&store), "tg-b").await.is_err());
 }
+
+/// Database work started in the background, even from a thread outside the runtime (a
+/// settlement in `Drop`), runs on the store's runtime, and closing the store waits for it
+/// instead of cutting it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_work_runs_from_any_thread_and_close_waits_for_it() {
+    let (_dir, store) = sqlite().await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, d) = (store.clone(), done.clone());
+    std::thread::spawn(move || {
+        s.spawn_background(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    })
+    .join()
+    .unwrap();
+    store.close().await;
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+}

@@ -302,8 +302,10 @@ impl AuthConfig {
         if !lock(&self.refreshing).insert(d) {
             return;
         }
-        let (this, store) = (self.clone(), store.clone());
-        tokio::spawn(async move {
+        let (this, tracked) = (self.clone(), store.clone());
+        // Tracked by the store, which waits for it before it closes.
+        store.spawn_background(async move {
+            let store = tracked;
             let known = lock(&this.last_known).get(&d).cloned();
             // Its outcome reaches requests through `last_known` (or its removal).
             let _ = this.look_up(&store, d, known).await;
@@ -366,9 +368,9 @@ impl AuthConfig {
             Some(k) if k.usable(&self.cache) => {
                 // Served as read while one background lookup refreshes it.
                 if !self.refreshing_default.swap(true, Ordering::AcqRel) {
-                    let (this, store) = (self.clone(), store.clone());
-                    tokio::spawn(async move {
-                        this.look_up_default(&store).await;
+                    let (this, tracked) = (self.clone(), store.clone());
+                    store.spawn_background(async move {
+                        this.look_up_default(&tracked).await;
                         this.refreshing_default.store(false, Ordering::Release);
                     });
                 }

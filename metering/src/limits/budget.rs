@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::{spawn, warn_fallback, Limiter, Refusal};
+use super::{warn_fallback, Limiter, Refusal};
 use crate::periods::month_bounds;
 use crate::shared_limits::{self, key_hold_id, key_scope};
 use crate::store::{Store, StoreResult};
@@ -259,8 +259,9 @@ impl Limiter {
         }
         match (&hold.shared, &self.shared) {
             (Some(id), Some(store)) => {
-                let (store, id) = (store.clone(), id.clone());
-                spawn(async move {
+                let (tracked, id) = (store.clone(), id.clone());
+                store.spawn_background(async move {
+                    let store = tracked;
                     if let Err(e) = shared_limits::release_hold(store.pool(), &id).await {
                         tracing::warn!(
                             "cannot release budget hold {id} (it expires by itself): {e}"

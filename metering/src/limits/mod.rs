@@ -29,13 +29,6 @@ mod budget;
 pub use budget::BudgetHold;
 use budget::BudgetState;
 
-/// Runs database follow-ups of a settlement in the background (settlements happen in `Drop`).
-fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) {
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn(task);
-    }
-}
-
 /// Per-minute limits that apply to one request (key and customer levels).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -355,8 +348,11 @@ impl Limiter {
             }
         }
         if let (true, Some(store)) = (hold.shared, &self.shared) {
-            let store = store.clone();
-            spawn(async move {
+            // A settlement can happen in `Drop`, on any thread: the store runs it on its own
+            // runtime and waits for it at shutdown.
+            let store2 = store.clone();
+            store.spawn_background(async move {
+                let store = store2;
                 for (scope, limit, _) in scopes {
                     let r = shared_limits::give_back(store.pool(), &scope, "tokens", limit, unused);
                     if let Err(e) = r.await {

@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -78,7 +79,15 @@ pub struct Store {
     /// reached, so requests are served from caches at once instead of each waiting for a
     /// connection; the first lookup after that probes it again.
     down_until: Arc<AtomicI64>,
+    /// Database work started in the background (the probe of a down database, the shared
+    /// limits' follow-ups of a settlement): run on the runtime the store was opened on, even
+    /// when started from a thread outside it, and waited for by [`Store::close`].
+    background: TaskTracker,
+    runtime: tokio::runtime::Handle,
 }
+
+/// How long [`Store::close`] waits for background work.
+const BACKGROUND_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long request-path lookups skip a database that could not be reached.
 const DOWN_FOR_MICROS: i64 = 1_000_000;
@@ -189,6 +198,8 @@ impl Store {
             pool,
             kind,
             down_until: Arc::default(),
+            background: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -215,9 +226,6 @@ impl Store {
         if now < until {
             return true;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return false;
-        };
         // One caller starts the probe; a probe that hangs is replaced after PROBE_MICROS.
         if self
             .down_until
@@ -230,7 +238,7 @@ impl Store {
             .is_ok()
         {
             let store = self.clone();
-            runtime.spawn(async move {
+            self.spawn_background(async move {
                 let answer = sqlx::query("SELECT 1").execute(&store.pool).await;
                 store.observe(&answer);
                 if answer.is_ok() {
@@ -276,7 +284,20 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `task` in the background, tracked: [`Store::close`] waits for it.
+    pub fn spawn_background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.background.spawn_on(task, &self.runtime);
+    }
+
+    /// Waits (for a few seconds at most) for the background work, then closes the pool.
     pub async fn close(&self) {
+        self.background.close();
+        if tokio::time::timeout(BACKGROUND_STOP, self.background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database work still running at shutdown was dropped");
+        }
         self.pool.close().await;
     }
 }
