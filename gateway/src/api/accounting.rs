@@ -203,7 +203,7 @@ impl Completion {
         };
         let limiter = &self.state.limiter;
         if let Some(hold) = &self.tokens_hold {
-            limiter.settle_tokens(hold, (input + output) as i64);
+            limiter.settle_tokens(hold, signed(input + output));
         }
         limiter.settle_spend(
             self.budget_hold.as_ref(),
@@ -229,17 +229,17 @@ impl Completion {
             stream: self.stream,
             status: self.outcome,
             finish_reason,
-            input_tokens: input as i64,
-            output_tokens: output as i64,
+            input_tokens: signed(input),
+            output_tokens: signed(output),
             started_at: self.started_at,
             finished_at: now_micros(),
             ttft_ms: self
                 .first_token
-                .map(|f| (f - self.started).as_millis() as i64),
+                .map(|f| i64::try_from((f - self.started).as_millis()).unwrap_or(i64::MAX)),
             input_price_per_mtok: self.price.input_per_mtok.to_string(),
             output_price_per_mtok: self.price.output_per_mtok.to_string(),
             cost_nano_usd: cost,
-            cached_input_tokens: cached as i64,
+            cached_input_tokens: signed(cached),
             cached_input_price_per_mtok: Some(self.price.cached_input_per_mtok.to_string()),
             cached_cost_nano_usd: cached_cost,
             usage_source: Some(self.usage_source()),
@@ -277,6 +277,11 @@ impl Completion {
             self.state.limiter.release_budget(hold);
         }
     }
+}
+
+/// A count as the ledger's signed columns hold it (saturating; no request comes near).
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Drop for Completion {

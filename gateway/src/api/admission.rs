@@ -39,7 +39,10 @@ async fn admit(
 ) -> Result<(Option<TokenHold>, Option<BudgetHold>), ApiError> {
     let limiter = &state.limiter;
     let tokens = limiter
-        .reserve_tokens(&caller.limits, i64::from(prompt_tokens) + max_output as i64)
+        .reserve_tokens(
+            &caller.limits,
+            i64::from(prompt_tokens).saturating_add(i64::try_from(max_output).unwrap_or(i64::MAX)),
+        )
         .await?;
     let budget = match (caller.budget_nano_usd, caller.key_budget_nano_usd) {
         (None, None) => None,

@@ -205,7 +205,7 @@ fn stream_response(
                     Kind::Text => {
                         let lp = plan.logprobs.map(|_| shapes::legacy_logprobs(&logprobs, text_offsets[index]));
                         text_offsets[index] += text.len();
-                        ChunkChoice::Text(CompletionChoice { index: index as u32, text, logprobs: lp, finish_reason: None })
+                        ChunkChoice::Text(CompletionChoice { index: choice_index(index), text, logprobs: lp, finish_reason: None })
                     }
                 },
                 Ok(Step::ToolCall { call, id, name, arguments }) => {
@@ -220,7 +220,7 @@ fn stream_response(
                 Ok(Step::Finished(reason)) => match kind {
                     Kind::Chat => chat(index, Delta::default(), None, Some(reason)),
                     Kind::Text => ChunkChoice::Text(CompletionChoice {
-                        index: index as u32, text: String::new(), logprobs: None, finish_reason: Some(reason),
+                        index: choice_index(index), text: String::new(), logprobs: None, finish_reason: Some(reason),
                     }),
                 },
                 Err(e) => {
@@ -245,6 +245,11 @@ fn stream_response(
         yield Ok(Event::default().data("[DONE]"));
     };
     Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+/// A choice's index as the legacy completion shape types it (`n` is capped far below).
+fn choice_index(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
 }
 
 /// A chunk's choice: chat or legacy text.
