@@ -210,14 +210,60 @@ fn finish_reason(text: &str) -> FinishReason {
     }
 }
 
-/// A finished sequence's usage from the upstream's `usage` object (if it sent one), never
-/// below what the gateway observed: an output figure that is missing, not a number, or
-/// smaller than the output tokens seen streaming by (`observed`: counted with the model's
-/// tokenizer, or one per chunk) is replaced by that count,
-/// and the usage says so ([`UsageSource::Observed`]). A missing prompt figure is the
-/// gateway's upper bound of the prompt.
-pub(super) fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, observed: u32) -> Usage {
-    let number = |v: &Value| v.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+/// An upstream's `usage` (chat's `prompt_tokens`/`completion_tokens`, or the Responses API's
+/// `input_tokens`/`output_tokens`), as far as it can be read: a figure that is missing or not
+/// a count is `None`, for the gateway's own count to stand in.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub(super) struct UpstreamUsage {
+    #[serde(default, alias = "input_tokens", deserialize_with = "count")]
+    prompt_tokens: Option<u32>,
+    #[serde(default, alias = "output_tokens", deserialize_with = "count")]
+    completion_tokens: Option<u32>,
+    #[serde(default, alias = "input_tokens_details", deserialize_with = "lenient")]
+    prompt_tokens_details: CachedDetails,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+struct CachedDetails {
+    #[serde(default, deserialize_with = "count")]
+    cached_tokens: Option<u32>,
+}
+
+/// A token count, or `None` for anything else (`null`, a string, a negative number).
+fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = <Value as serde::Deserialize>::deserialize(d)?;
+    Ok(v.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
+}
+
+/// `T`, or its default when the value is not one.
+fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned + Default,
+{
+    let v = <Value as serde::Deserialize>::deserialize(d)?;
+    Ok(serde_json::from_value(v).unwrap_or_default())
+}
+
+impl UpstreamUsage {
+    /// A `usage` object as the upstream sent it; `None` when it is not an object.
+    pub(super) fn read(v: &Value) -> Option<Self> {
+        v.is_object()
+            .then(|| serde_json::from_value(v.clone()).ok())
+            .flatten()
+    }
+}
+
+/// A finished sequence's usage from the upstream's `usage` (if it sent one), never below what
+/// the gateway observed: an output figure that is missing, not a number, or smaller than the
+/// output tokens seen streaming by (`observed`: counted with the model's tokenizer, or one
+/// per chunk) is replaced by that count, and the usage says so ([`UsageSource::Observed`]). A
+/// missing prompt figure is the gateway's upper bound of the prompt.
+pub(super) fn settled_usage(
+    usage: Option<UpstreamUsage>,
+    prompt_estimate: u32,
+    observed: u32,
+) -> Usage {
     let Some(u) = usage else {
         return Usage {
             prompt_tokens: prompt_estimate,
@@ -226,13 +272,14 @@ pub(super) fn settled_usage(usage: Option<&Value>, prompt_estimate: u32, observe
             source: UsageSource::Observed,
         };
     };
-    let prompt_tokens = number(&u["prompt_tokens"]).unwrap_or(prompt_estimate);
-    let reported = number(&u["completion_tokens"]);
-    let (completion_tokens, source) = match reported {
+    let prompt_tokens = u.prompt_tokens.unwrap_or(prompt_estimate);
+    let (completion_tokens, source) = match u.completion_tokens {
         Some(n) if n >= observed => (n, UsageSource::Upstream),
         _ => (observed, UsageSource::Observed),
     };
-    let cached_tokens = number(&u["prompt_tokens_details"]["cached_tokens"])
+    let cached_tokens = u
+        .prompt_tokens_details
+        .cached_tokens
         .unwrap_or(0)
         .min(prompt_tokens);
     Usage {
@@ -286,7 +333,7 @@ pub(super) fn run(
             // Output tokens seen streaming by (see `tokens_of`).
             let mut observed = 0u32;
             let mut finish = None;
-            let mut usage: Option<Value> = None;
+            let mut usage: Option<UpstreamUsage> = None;
             let mut failure = None;
             while let Some(event) = events.next().await {
                 let data = match event {
@@ -322,8 +369,8 @@ pub(super) fn run(
                     started = true;
                     yield Read::Event(GenerateEvent::Started { prompt_tokens: prompt_estimate });
                 }
-                if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
-                    usage = Some(u.clone());
+                if let Some(u) = chunk.get("usage").and_then(UpstreamUsage::read) {
+                    usage = Some(u);
                 }
                 let Some(choice) = choice else { continue };
                 let logprobs = chunk_logprobs(choice);
@@ -355,7 +402,7 @@ pub(super) fn run(
                 failure = Some(format!("{base}: the stream ended without a finish reason"));
             }
             if failure.is_none() {
-                let usage = settled_usage(usage.as_ref(), prompt_estimate, observed);
+                let usage = settled_usage(usage, prompt_estimate, observed);
                 yield Read::Event(GenerateEvent::Finished { reason: finish.unwrap_or(FinishReason::Stop), usage });
             }
             yield Read::End { started, failure };

@@ -333,7 +333,7 @@ impl Backend for UpstreamPool {
 mod tests {
     use std::net::IpAddr;
 
-    use super::chat::{prompt_bound, settled_usage};
+    use super::chat::{prompt_bound, settled_usage, UpstreamUsage};
     use super::health::discover;
     use super::*;
     use crate::backend::{Prompt, UsageSource};
@@ -396,7 +396,8 @@ mod tests {
     fn upstream_usage_never_bills_fewer_output_tokens_than_were_seen() {
         // 7 content chunks streamed by; the prompt was estimated at 40 tokens.
         let seen = 7;
-        let settle = |u: Option<Value>| settled_usage(u.as_ref(), 40, seen);
+        let settle =
+            |u: Option<Value>| settled_usage(u.as_ref().and_then(UpstreamUsage::read), 40, seen);
         // No `usage` at all: the observed count and the prompt estimate.
         let u = settle(None);
         assert_eq!(

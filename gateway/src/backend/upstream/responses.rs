@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::chat::{settled_usage, tokens_of};
+use super::chat::{settled_usage, tokens_of, UpstreamUsage};
 use super::failover::{failover, Credentials, Read};
 use super::Member;
 use crate::backend::{PassthroughEvent, PassthroughStream, TokenCounter, Usage};
@@ -28,14 +28,11 @@ pub(crate) fn is_terminal(kind: &str) -> bool {
 /// The usage to bill from a Responses API `usage` object (`input_tokens`, `output_tokens`,
 /// `input_tokens_details.cached_tokens`), never below `observed` output tokens.
 fn settled(usage: Option<&Value>, prompt_estimate: u32, observed: u32) -> Usage {
-    let as_chat = usage.filter(|u| u.is_object()).map(|u| {
-        json!({
-            "prompt_tokens": u["input_tokens"],
-            "completion_tokens": u["output_tokens"],
-            "prompt_tokens_details": {"cached_tokens": u["input_tokens_details"]["cached_tokens"]},
-        })
-    });
-    settled_usage(as_chat.as_ref(), prompt_estimate, observed)
+    settled_usage(
+        usage.and_then(UpstreamUsage::read),
+        prompt_estimate,
+        observed,
+    )
 }
 
 /// Streams one response from the best member, retrying on others until the first event.
@@ -116,6 +113,7 @@ pub(super) fn run(
 mod tests {
     use super::*;
     use crate::backend::UsageSource;
+    use serde_json::json;
 
     #[test]
     fn responses_usage_is_billed_never_below_what_streamed_by() {
