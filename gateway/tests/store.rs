@@ -158,12 +158,7 @@ async fn wait_in_the_spool(sync: SpoolSync) {
     let (dir, store) = sqlite().await;
     let spool = dir.path().join("ledger.spool");
     let g = gauges();
-    // A database that refuses writes: the ledger table is renamed away, then restored.
-    sqlx_exec(
-        &store,
-        "ALTER TABLE usage_records RENAME TO usage_records_away",
-    )
-    .await;
+    ledger_table(&store, false).await;
     let ledger = Ledger::start(store.clone(), &spool, sync, g.clone()).unwrap();
     for i in 0..5 {
         ledger
@@ -173,28 +168,9 @@ async fn wait_in_the_spool(sync: SpoolSync) {
     // Acknowledged records are in the spool file although the database refused them.
     let lines = std::fs::read_to_string(&spool).unwrap().lines().count();
     assert_eq!(lines, 5, "{sync:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while g.spooled.get() != 5 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "spooled gauge {}",
-            g.spooled.get()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    sqlx_exec(
-        &store,
-        "ALTER TABLE usage_records_away RENAME TO usage_records",
-    )
-    .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while g.pending.get() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "records never reached the database"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("5 spooled", || g.spooled.get() == 5).await;
+    ledger_table(&store, true).await;
+    wait_for("nothing pending", || g.pending.get() == 0).await;
     ledger.close(Duration::from_secs(10)).await;
     assert_eq!(store.records_after(0, 100).await.unwrap().0.len(), 5);
     assert_eq!(std::fs::metadata(&spool).unwrap().len(), 0);
@@ -214,11 +190,7 @@ async fn bounded_backlog(sync: SpoolSync) {
     let (dir, store) = sqlite().await;
     let spool = dir.path().join("ledger.spool");
     let g = gauges();
-    sqlx_exec(
-        &store,
-        "ALTER TABLE usage_records RENAME TO usage_records_away",
-    )
-    .await;
+    ledger_table(&store, false).await;
     let ledger = Ledger::start_bounded(store.clone(), &spool, sync, g.clone(), 10).unwrap();
     let mut most = 0;
     for i in 0..60 {
@@ -228,16 +200,11 @@ async fn bounded_backlog(sync: SpoolSync) {
         tokio::task::yield_now().await;
         most = most.max(ledger.backlog_in_memory());
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while g.pending.get() != 60 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pending {}",
-            g.pending.get()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    wait_for("60 pending", || {
         most = most.max(ledger.backlog_in_memory());
-    }
+        g.pending.get() == 60
+    })
+    .await;
     assert!(most <= 11, "{most} records held in memory ({sync:?})");
     assert_eq!(
         ledger.backlog_in_memory(),
@@ -245,25 +212,13 @@ async fn bounded_backlog(sync: SpoolSync) {
         "{sync:?}: all in the spool only"
     );
     assert_eq!(std::fs::read_to_string(&spool).unwrap().lines().count(), 60);
-    sqlx_exec(
-        &store,
-        "ALTER TABLE usage_records_away RENAME TO usage_records",
-    )
-    .await;
+    ledger_table(&store, true).await;
     for i in 60..80 {
         ledger
             .record(record(&format!("b{i}"), "acme", "m1", i, 1))
             .await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while g.pending.get() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "records never reached the database ({} pending)",
-            g.pending.get()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("nothing pending", || g.pending.get() == 0).await;
     // Back in memory once caught up.
     ledger.record(record("after", "acme", "m1", 99, 1)).await;
     ledger.close(Duration::from_secs(10)).await;
@@ -297,6 +252,25 @@ async fn late_records_wait(sync: SpoolSync) {
     let again = Ledger::start(store.clone(), &spool, sync, gauges()).unwrap();
     again.close(Duration::from_secs(10)).await;
     assert_eq!(store.records_after(0, 10).await.unwrap().0[0].id, "late");
+}
+
+/// Takes the ledger's table away (a database that refuses writes) or brings it back.
+async fn ledger_table(store: &Store, present: bool) {
+    let sql = if present {
+        "ALTER TABLE usage_records_away RENAME TO usage_records"
+    } else {
+        "ALTER TABLE usage_records RENAME TO usage_records_away"
+    };
+    sqlx_exec(store, sql).await;
+}
+
+/// Polls `done` until it holds, failing the test after 20 s.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn sqlx_exec(store: &Store, sql: &str) {
