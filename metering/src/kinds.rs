@@ -8,143 +8,100 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How a request ended: what decides whether it is charged.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum Outcome {
-    /// The answer reached its end (a finish reason); charged.
-    #[default]
-    Completed,
-    /// The client went away before the end; charged for what the model produced.
-    Cancelled,
-    /// The server or a backend failed it; recorded, never charged.
-    Failed,
+/// An enum of the vocabulary, with the traits every one of them has and `as_str`, the string
+/// it is stored and exported as.
+macro_rules! kind {
+    ($(#[$meta:meta])* pub enum $name:ident { $($body:tt)* }) => {
+        #[derive(
+            Debug,
+            Clone,
+            Copy,
+            Default,
+            PartialEq,
+            Eq,
+            PartialOrd,
+            Ord,
+            Hash,
+            Serialize,
+            Deserialize,
+            strum::EnumString,
+            strum::IntoStaticStr,
+            strum::Display,
+        )]
+        $(#[$meta])*
+        pub enum $name { $($body)* }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                self.into()
+            }
+        }
+    };
+}
+
+kind! {
+    /// How a request ended: what decides whether it is charged.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum Outcome {
+        /// The answer reached its end (a finish reason); charged.
+        #[default]
+        Completed,
+        /// The client went away before the end; charged for what the model produced.
+        Cancelled,
+        /// The server or a backend failed it; recorded, never charged.
+        Failed,
+    }
 }
 
 impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
     /// Whether its tokens are charged: failures are on us.
     pub fn is_charged(self) -> bool {
         self != Self::Failed
     }
 }
 
-/// The public endpoint a request came in on, as its path.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-)]
-pub enum Endpoint {
-    #[default]
-    #[serde(rename = "/v1/chat/completions")]
-    #[strum(serialize = "/v1/chat/completions")]
-    ChatCompletions,
-    #[serde(rename = "/v1/completions")]
-    #[strum(serialize = "/v1/completions")]
-    Completions,
-    #[serde(rename = "/v1/responses")]
-    #[strum(serialize = "/v1/responses")]
-    Responses,
-}
-
-impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+kind! {
+    /// The public endpoint a request came in on, as its path.
+    pub enum Endpoint {
+        #[default]
+        #[serde(rename = "/v1/chat/completions")]
+        #[strum(serialize = "/v1/chat/completions")]
+        ChatCompletions,
+        #[serde(rename = "/v1/completions")]
+        #[strum(serialize = "/v1/completions")]
+        Completions,
+        #[serde(rename = "/v1/responses")]
+        #[strum(serialize = "/v1/responses")]
+        Responses,
     }
 }
 
-/// Where a record's token counts came from, most trusted first (`max` of several is the least
-/// trusted).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum UsageSource {
-    /// The model's own tokenizer, in this process or a Tollgate worker.
-    #[default]
-    Engine,
-    /// An upstream's `usage`, at least what the gateway observed.
-    Upstream,
-    /// The upstream's `usage` was missing or reported fewer output tokens than the gateway
-    /// saw stream by: the gateway's own count.
-    Observed,
-}
-
-impl UsageSource {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+kind! {
+    /// Where a record's token counts came from, most trusted first (`max` of several is the
+    /// least trusted).
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum UsageSource {
+        /// The model's own tokenizer, in this process or a Tollgate worker.
+        #[default]
+        Engine,
+        /// An upstream's `usage`, at least what the gateway observed.
+        Upstream,
+        /// The upstream's `usage` was missing or reported fewer output tokens than the gateway
+        /// saw stream by: the gateway's own count.
+        Observed,
     }
 }
 
-/// The period a customer's budget covers.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum BudgetPeriod {
-    /// UTC calendar months.
-    #[default]
-    Monthly,
-}
-
-impl BudgetPeriod {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+kind! {
+    /// The period a customer's budget covers.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum BudgetPeriod {
+        /// UTC calendar months.
+        #[default]
+        Monthly,
     }
 }
 
