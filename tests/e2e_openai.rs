@@ -17,33 +17,36 @@ use futures::StreamExt;
 const KEY: &str = "sk-test-rust";
 const MODEL: &str = "smollm2-135m";
 
-/// One server for the whole test binary, on its own thread and runtime, so every test (each
-/// with its own tokio runtime) can reach it.
+/// One server for the whole test binary (see [`start_server`]).
 fn server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
-    *ADDR.get_or_init(|| {
-        tollgate_runtime::dev_model::require_dev_model().expect("dev model");
-        std::env::set_var("TOLLGATE_API_KEYS", KEY);
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let config = tollgate_gateway::config::Config::load(&root.join("models.toml")).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                tollgate::serve(
-                    listener,
-                    config,
-                    tollgate::Metering::default(),
-                    std::future::pending(),
-                )
-                .await
-                .unwrap();
-            });
+    *ADDR.get_or_init(start_server)
+}
+
+/// A server on its own thread and runtime, so every test (each with its own tokio runtime)
+/// can reach it.
+fn start_server() -> SocketAddr {
+    tollgate_runtime::dev_model::require_dev_model().expect("dev model");
+    std::env::set_var("TOLLGATE_API_KEYS", KEY);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let config = tollgate_gateway::config::Config::load(&root.join("models.toml")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            tollgate::serve(
+                listener,
+                config,
+                tollgate::Metering::default(),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
         });
-        rx.recv().unwrap()
-    })
+    });
+    rx.recv().unwrap()
 }
 
 fn client() -> Client<OpenAIConfig> {
@@ -205,12 +208,25 @@ async fn unknown_model_and_bad_key_are_openai_errors() {
     assert_eq!(body["error"]["code"], "invalid_api_key");
 }
 
-/// The engine's work shows in `/metrics`: forward passes, prefilled, cached and decoded tokens.
+/// The engine's work shows in `/metrics`, counted exactly: forward passes, prefilled, cached
+/// and decoded tokens (a server of its own, so no other test's work is in the counters).
 #[tokio::test]
 async fn engine_metrics_count_prefill_and_decode() {
-    let r = client().chat().create(greedy(france(), 8)).await.unwrap();
+    let addr = start_server();
+    let own = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{addr}/v1"))
+            .with_api_key(KEY),
+    );
+    // Ready once it lists the model.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while own.models().list().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "server never came up");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = own.chat().create(greedy(france(), 8)).await.unwrap();
     let usage = r.usage.unwrap();
-    let text = reqwest::get(format!("http://{}/metrics", server()))
+    let text = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
         .text()
@@ -224,15 +240,21 @@ async fn engine_metrics_count_prefill_and_decode() {
             .parse()
             .unwrap()
     };
-    // Other tests share the server, so at least this request's work (its prompt prefilled,
-    // or partly taken from the prefix cache).
-    assert!(
-        value("tollgate_prefill_tokens_total") + value("tollgate_prefix_cache_hit_tokens_total")
-            >= u64::from(usage.prompt_tokens)
+    let counters = [
+        "tollgate_prefill_tokens_total",
+        "tollgate_prefix_cache_hit_tokens_total",
+        "tollgate_decode_tokens_total",
+        "tollgate_engine_steps_total",
+    ]
+    .map(value);
+    let (prompt, completion) = (
+        u64::from(usage.prompt_tokens),
+        u64::from(usage.completion_tokens),
     );
-    // The first token comes from the prefill pass; each later one from a decode step.
-    assert!(value("tollgate_decode_tokens_total") >= u64::from(usage.completion_tokens) - 1);
-    assert!(value("tollgate_engine_steps_total") >= u64::from(usage.completion_tokens));
+    // The first request on a fresh server: the whole prompt prefilled in one pass, nothing
+    // from the prefix cache; the first token comes from the prefill pass, each later one
+    // from a decode step of its own.
+    assert_eq!(counters, [prompt, 0, completion - 1, completion], "{text}");
     assert!(text.contains("tollgate_batch_size{model=\"smollm2-135m\"}"));
 }
 
