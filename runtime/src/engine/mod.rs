@@ -22,6 +22,7 @@
 //! It does not tokenize prompts (callers do that off the async threads) and knows nothing of
 //! HTTP or billing.
 
+mod admission;
 mod late;
 mod prefix_cache;
 mod worker;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::admission::{admission, tenant_demand, Admission};
 use super::late::{start_late, Late, TriggerScan};
 use super::prefix_cache::PrefixCache;
 use super::{
@@ -528,62 +529,6 @@ fn tenancy(request: &GenRequest) -> (Tenant, u32) {
     }
 }
 
-/// Whether the front of the queue starts now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Admission {
-    Admit,
-    /// The batch is full and its tenant already has its fair share of it.
-    OverShare,
-    /// Its prompt and output would not fit in the KV cache's budget.
-    NoKvRoom,
-}
-
-/// The admission rule. A sequence of `candidate` (tenant, weight) starts when its prompt and
-/// output fit the KV budget (`(reserved, need, budget)` bytes) and either the batch has room
-/// (`max_running`) or its tenant runs fewer sequences than its weighted fair share of the
-/// batch, counting it (so a tenant that arrives at a full batch of another's still starts; the
-/// running set stays under twice `max_running`).
-fn admission<'a>(
-    running: impl Iterator<Item = (&'a Tenant, u32)> + Clone,
-    candidate: (&'a Tenant, u32),
-    max_running: usize,
-    (reserved, need, budget): (usize, usize, usize),
-) -> Admission {
-    let count = running.clone().count();
-    if count >= max_running {
-        if count >= 2 * max_running {
-            return Admission::OverShare;
-        }
-        let demand = tenant_demand(running.chain(std::iter::once(candidate)));
-        let slots = shares(&demand, max_running);
-        let under = demand
-            .iter()
-            .zip(&slots)
-            .any(|((t, _, n), &slot)| t == candidate.0 && *n <= slot);
-        if !under {
-            return Admission::OverShare;
-        }
-    }
-    if reserved + need > budget {
-        return Admission::NoKvRoom;
-    }
-    Admission::Admit
-}
-
-/// `(tenant, weight, running sequences)` of `entries`, in first-seen order.
-fn tenant_demand<'a>(
-    entries: impl Iterator<Item = (&'a Tenant, u32)>,
-) -> Vec<(Tenant, u32, usize)> {
-    let mut demand: Vec<(Tenant, u32, usize)> = Vec::new();
-    for (tenant, weight) in entries {
-        match demand.iter_mut().find(|(t, _, _)| t == tenant) {
-            Some(entry) => entry.2 += 1,
-            None => demand.push((tenant.clone(), weight, 1)),
-        }
-    }
-    demand
-}
-
 fn send(seq: &Sequence, text: String, logprobs: Vec<LogprobInfo>) {
     if let Some(p) = &seq.progress {
         p.store(seq.generated.len(), Ordering::Relaxed);
@@ -601,66 +546,5 @@ fn resolve(tokenizer: &ModelTokenizer, token: u32, logprob: f32) -> TokenLogprob
         token: tokenizer.token_text(token),
         bytes: tokenizer.token_bytes(token),
         logprob,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(name: &str) -> Tenant {
-        Tenant::from(name)
-    }
-
-    /// `n` running sequences of each `(tenant, weight, n)`.
-    fn running(v: &[(&Tenant, u32, usize)]) -> Vec<(Tenant, u32)> {
-        v.iter()
-            .flat_map(|&(tenant, w, n)| std::iter::repeat_n((tenant.clone(), w), n))
-            .collect()
-    }
-
-    fn admit(
-        r: &[(Tenant, u32)],
-        who: (&Tenant, u32),
-        max: usize,
-        kv: (usize, usize, usize),
-    ) -> Admission {
-        admission(r.iter().map(|(t, w)| (t, *w)), who, max, kv)
-    }
-
-    const ROOM: (usize, usize, usize) = (0, 10, 100);
-
-    #[test]
-    fn a_batch_with_room_admits_anyone_whose_kv_fits() {
-        let (a, b) = (t("a"), t("b"));
-        let r = running(&[(&a, 1, 3)]);
-        assert_eq!(admit(&r, (&b, 1), 4, ROOM), Admission::Admit);
-        assert_eq!(admit(&r, (&a, 1), 4, ROOM), Admission::Admit);
-        assert_eq!(admit(&r, (&a, 1), 4, (95, 10, 100)), Admission::NoKvRoom);
-        assert_eq!(admit(&[], (&a, 1), 4, (0, 100, 100)), Admission::Admit);
-    }
-
-    /// One tenant filling the batch cannot keep another out: the newcomer is under its fair
-    /// share and starts; the one that filled it waits.
-    #[test]
-    fn a_full_batch_admits_only_tenants_under_their_share() {
-        let (a, b) = (t("a"), t("b"));
-        let full_of_a = running(&[(&a, 1, 4)]);
-        assert_eq!(admit(&full_of_a, (&a, 1), 4, ROOM), Admission::OverShare);
-        assert_eq!(admit(&full_of_a, (&b, 1), 4, ROOM), Admission::Admit);
-        // Equal weights, 2 and 2 of 4 slots: neither is under its share any more.
-        let even = running(&[(&a, 1, 2), (&b, 1, 2)]);
-        assert_eq!(admit(&even, (&b, 1), 4, ROOM), Admission::OverShare);
-        // Weight 3 against 1: b's share of 4 is 3, so with 2 running it starts a third.
-        let weighted = running(&[(&a, 1, 2), (&b, 3, 2)]);
-        assert_eq!(admit(&weighted, (&b, 3), 4, ROOM), Admission::Admit);
-        assert_eq!(admit(&weighted, (&a, 1), 4, ROOM), Admission::OverShare);
-    }
-
-    #[test]
-    fn the_running_set_stays_under_twice_the_batch() {
-        let (a, b) = (t("a"), t("b"));
-        let r = running(&[(&a, 1, 8)]);
-        assert_eq!(admit(&r, (&b, 1), 4, ROOM), Admission::OverShare);
     }
 }
