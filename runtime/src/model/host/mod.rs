@@ -1,0 +1,393 @@
+//! The CPU forward pass on plain `f32` buffers, for the weight forms that run Tollgate's own
+//! kernels (Q8_0: int8; Auto on CPU: block codes).
+//!
+//! candle spends more time per small op (allocation, dispatch, layout checks; every f32
+//! matmul even re-reads `/proc/cpuinfo` to count threads) than decoding a 135M model spends in
+//! arithmetic, so this path does RMSNorm, RoPE, attention over the host KV cache, SwiGLU and
+//! the residual adds itself, in reused buffers. Projections go through
+//! [`Linear::forward_host`]; every row runs the same kernel whatever else shares the step, so
+//! batching never changes a sequence's arithmetic. Q/K/V and gate/up run as one fused matmul
+//! each.
+//!
+//! It does not own the matmul kernels ([`super::q8`], [`super::codes`]), loading, or the candle path
+//! ([`super::llama`]) used on other devices and for other weight forms.
+
+use candle_core::{Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+use super::kv_cache::HostLayer;
+use super::linear::Linear;
+use super::llama::{LlamaModel, SeqStep};
+use crate::{Error, Result};
+
+/// The `f32` contents of a contiguous CPU tensor, borrowed.
+struct HostView<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> HostView<'a> {
+    fn new(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Weights("host path: a weight tensor is not contiguous".into()))?;
+        Ok(Self { guard, start, end })
+    }
+
+    fn slice(&self) -> Result<&[f32]> {
+        match &*self.guard {
+            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.start..self.end]),
+            _ => Err(Error::Weights(
+                "host path: a weight tensor is not on the CPU".into(),
+            )),
+        }
+    }
+}
+
+/// Attention work (query-key products) below which one thread does a layer's attention.
+const PARALLEL_ATTENTION_WORK: usize = 1 << 15;
+
+impl LlamaModel {
+    /// Whether this model runs [`LlamaModel::forward_host`]: CPU, and every projection takes
+    /// host buffers.
+    pub(crate) fn uses_host_path(&self) -> bool {
+        self.device.is_cpu()
+            && matches!(self.form, super::WeightForm::Q8_0 | super::WeightForm::Auto)
+            && self.lm_head.is_host()
+            && self.blocks.iter().all(|b| {
+                [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]
+                    .iter()
+                    .all(|l| l.is_host())
+            })
+    }
+
+    /// One step on the host. `ids`/`positions` are the step's tokens in batch order and
+    /// `spans` each sequence's `(first row, rows)`; the caches have room for the tokens.
+    pub(crate) fn forward_host(
+        &self,
+        batch: &mut [SeqStep<'_>],
+        ids: &[u32],
+        positions: &[usize],
+        spans: &[(usize, usize)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.config;
+        let (hidden, nh, nkv, hd) = (cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        // The query heads sharing a KV head are adjacent: `group_dim` values per KV head.
+        let group_dim = q_dim / nkv;
+        let total = ids.len();
+        let eps = cfg.rms_eps as f32;
+
+        let mut x = self.embed.rows_host(ids, hidden, &self.lm_head)?;
+        let (cos, sin) = self.rope_tables()?;
+        let (cos, sin) = (HostView::new(&cos)?, HostView::new(&sin)?);
+        let rope = Rope {
+            cos: cos.slice()?,
+            sin: sin.slice()?,
+            half: hd / 2,
+            interleaved: cfg.rope_interleaved,
+        };
+        // Token `t` belongs to sequence `seq_of[t]`, at index `t - spans[seq].0` of its step.
+        let seq_of: Vec<usize> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(_, len))| std::iter::repeat_n(s, len))
+            .collect();
+
+        let shape = AttnShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
+        // Keys visible to each token: the cache before the step plus the step's tokens up to
+        // and including itself (the same in every layer).
+        let visible: Vec<usize> = (0..total)
+            .map(|t| {
+                let s = seq_of[t];
+                batch[s].cache.len() + (t - spans[s].0) + 1
+            })
+            .collect();
+        let plan = shape.plan(&visible);
+        let mut partials = vec![0f32; plan.splits.len() * plan.part_len];
+
+        let mut h = vec![0f32; total * hidden];
+        let mut att = vec![0f32; total * q_dim];
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let attn_norm = HostView::new(&block.attn_norm)?;
+            rms_norm(&x, attn_norm.slice()?, eps, &mut h);
+            let [mut q, mut k, v] =
+                Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &h, total)?;
+            rope.apply(&mut q, nh, hd, positions);
+            rope.apply(&mut k, nkv, hd, positions);
+            for (step, &(start, len)) in batch.iter_mut().zip(spans) {
+                let rows = start * kv_dim..(start + len) * kv_dim;
+                step.cache.append_host(layer, &k[rows.clone()], &v[rows])?;
+            }
+            let kv: Vec<HostLayer<'_>> = batch
+                .iter()
+                .map(|s| s.cache.host_layer(layer))
+                .collect::<Result<_>>()?;
+            let task = |(i, part): (usize, &mut [f32])| {
+                let split = &plan.splits[i];
+                let q = &q[split.token * q_dim + split.kv_head * group_dim..][..group_dim];
+                let kv = kv[seq_of[split.token]];
+                shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
+            };
+            if plan.work < PARALLEL_ATTENTION_WORK {
+                partials
+                    .chunks_exact_mut(plan.part_len)
+                    .enumerate()
+                    .for_each(task);
+            } else {
+                partials
+                    .par_chunks_exact_mut(plan.part_len)
+                    .enumerate()
+                    .for_each(task);
+            }
+            shape.merge(&plan, &partials, &mut att);
+            let o = block.wo.forward_host(&att, total)?;
+            add_assign(&mut x, &o);
+            let ffn_norm = HostView::new(&block.ffn_norm)?;
+            rms_norm(&x, ffn_norm.slice()?, eps, &mut h);
+            let [mut gate, up] =
+                Linear::forward_host_many([&block.w_gate, &block.w_up], &h, total)?;
+            silu_mul(&mut gate, &up);
+            let down = block.w_down.forward_host(&gate, total)?;
+            add_assign(&mut x, &down);
+        }
+        for (step, &(_, len)) in batch.iter_mut().zip(spans) {
+            step.cache.advance(len);
+        }
+
+        let wanted: Vec<usize> = batch
+            .iter()
+            .zip(spans)
+            .filter(|(step, _)| step.want_logits)
+            .map(|(_, &(start, len))| start + len - 1)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = Vec::with_capacity(wanted.len() * hidden);
+        for &t in &wanted {
+            last.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+        }
+        let norm = HostView::new(&self.norm)?;
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(&last, norm.slice()?, eps, &mut normed);
+        // One logits row per sequence.
+        let logits = self.lm_head.forward_host(&normed, wanted.len())?;
+        let vocab = logits.len() / wanted.len();
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// Row-wise RMSNorm of `x (rows, w.len())` into `out`, as candle's `rms_norm` (f32 sums).
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = w.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let sum2 = simd::sum_squares(xr);
+        let inv = 1.0 / (sum2 / dim as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `gate = silu(gate) * up`.
+pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + simd::exp(-*g)) * u;
+    }
+}
+
+/// RoPE tables `(context, half)` and the layout of rotated pairs.
+pub(crate) struct Rope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub half: usize,
+    /// Pairs `(2i, 2i+1)` (GGUF) rather than `(i, i + half)` (Hugging Face).
+    pub interleaved: bool,
+}
+
+impl Rope<'_> {
+    /// Rotates `x (tokens, heads * 2 * half)` in place, token `t` at `positions[t]`.
+    pub(crate) fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
+        let half = self.half;
+        for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
+            let cos = &self.cos[pos * half..(pos + 1) * half];
+            let sin = &self.sin[pos * half..(pos + 1) * half];
+            for head in row.chunks_exact_mut(head_dim) {
+                if self.interleaved {
+                    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                        let (a, b) = (pair[0], pair[1]);
+                        pair[0] = a * c - b * s;
+                        pair[1] = a * s + b * c;
+                    }
+                } else {
+                    let (lo, hi) = head.split_at_mut(half);
+                    for (((a, b), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
+                        let (x0, x1) = (*a, *b);
+                        *a = x0 * c - x1 * s;
+                        *b = x0 * s + x1 * c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Head counts of grouped-query attention.
+#[derive(Clone, Copy)]
+pub(crate) struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys a split covers at most: a token's attention over a longer context is cut into splits
+/// that run as separate tasks (their partial softmaxes merged afterwards), so a long context
+/// spreads over the threads even for one sequence. It depends on the token's own number of
+/// visible keys only, never on what else shares the step, so batching does not change a
+/// sequence's arithmetic.
+const SPLIT_KEYS: usize = 512;
+
+/// Keys scored at a time inside a split (the chunk's scores stay in L1 and its keys are
+/// still there when their values are summed).
+const CHUNK_KEYS: usize = 64;
+
+/// One attention task: the query heads of `kv_head` at token `token` over keys `keys`.
+pub(crate) struct Split {
+    pub token: usize,
+    pub kv_head: usize,
+    pub keys: std::ops::Range<usize>,
+}
+
+/// The attention tasks of one step, the same in every layer.
+pub(crate) struct AttnPlan {
+    pub splits: Vec<Split>,
+    /// `f32`s of one split's partial result: per query head of the group its running max,
+    /// its sum of exponentials, and its unnormalized output.
+    pub part_len: usize,
+    /// Query-key products per layer (decides whether to use the thread pool).
+    pub work: usize,
+}
+
+impl AttnShape {
+    fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// The tasks for tokens that see `visible[t]` keys each: per token and KV head, one split
+    /// per [`SPLIT_KEYS`] keys, in token, head, key order.
+    pub(crate) fn plan(&self, visible: &[usize]) -> AttnPlan {
+        let mut splits = Vec::new();
+        for (token, &n) in visible.iter().enumerate() {
+            for kv_head in 0..self.n_kv_heads {
+                let mut from = 0;
+                while from < n {
+                    let to = (from + SPLIT_KEYS).min(n);
+                    splits.push(Split {
+                        token,
+                        kv_head,
+                        keys: from..to,
+                    });
+                    from = to;
+                }
+            }
+        }
+        AttnPlan {
+            splits,
+            part_len: self.group() * (self.head_dim + 2),
+            work: visible.iter().sum::<usize>() * self.n_heads * self.head_dim,
+        }
+    }
+
+    /// Partial softmax attention of the query heads that share KV head `kv_head`, `q (group *
+    /// head_dim)`, over keys `range` of a layer's token-major keys and values `(tokens,
+    /// n_kv_heads * head_dim)`, into `part` ([`AttnPlan::part_len`]). Each key row is read once
+    /// for the whole group; each head's output sums its chunk of value rows in registers.
+    /// Half-precision rows are widened exactly, so they give what `f32` rows holding the same
+    /// values give.
+    pub(crate) fn attend_partial(
+        &self,
+        q: &[f32],
+        kv: HostLayer<'_>,
+        kv_head: usize,
+        range: std::ops::Range<usize>,
+        part: &mut [f32],
+    ) {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let s = match kv {
+                HostLayer::F32(..) => CHUNK_KEYS * self.group(),
+                HostLayer::F16(..) => CHUNK_KEYS * (self.group() + 2 * self.head_dim),
+            };
+            scratch.resize(s, 0.0);
+            let s = &mut scratch[..];
+            match kv {
+                HostLayer::F32(k, v) => {
+                    simd::attend_partial(*self, q, k, v, kv_head, range, s, part)
+                }
+                HostLayer::F16(k, v) => {
+                    let kernels = super::cpu::CpuKernels::selected();
+                    simd::attend_partial_f16_on(kernels, *self, q, k, v, kv_head, range, s, part)
+                }
+            }
+        });
+    }
+
+    /// Merges each token and KV head's splits into `out (tokens, n_heads * head_dim)`, in
+    /// split order.
+    pub(crate) fn merge(&self, plan: &AttnPlan, partials: &[f32], out: &mut [f32]) {
+        let (group, hd) = (self.group(), self.head_dim);
+        let mut i = 0;
+        for (c, out) in out.chunks_exact_mut(group * hd).enumerate() {
+            let (token, kv_head) = (c / self.n_kv_heads, c % self.n_kv_heads);
+            let first = i;
+            while i < plan.splits.len()
+                && plan.splits[i].token == token
+                && plan.splits[i].kv_head == kv_head
+            {
+                i += 1;
+            }
+            let parts = &partials[first * plan.part_len..i * plan.part_len];
+            for g in 0..group {
+                let max = parts
+                    .chunks_exact(plan.part_len)
+                    .fold(f32::NEG_INFINITY, |m, p| m.max(p[g]));
+                let o = &mut out[g * hd..(g + 1) * hd];
+                o.fill(0.0);
+                let mut sum = 0.0;
+                for p in parts.chunks_exact(plan.part_len) {
+                    let w = simd::exp(p[g] - max);
+                    sum += w * p[group + g];
+                    let po = &p[2 * group + g * hd..2 * group + (g + 1) * hd];
+                    for (o, &v) in o.iter_mut().zip(po) {
+                        *o += w * v;
+                    }
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The scores of one chunk of keys: per attention thread.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+mod simd;
+
+#[cfg(test)]
+mod tests;

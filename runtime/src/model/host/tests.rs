@@ -1,0 +1,387 @@
+//! The host path's vector helpers and attention against plain reference loops.
+
+use super::super::pseudo_random;
+use super::*;
+
+#[test]
+fn exp_is_close_to_std() {
+    for i in -8700..=8800 {
+        let x = i as f32 * 0.01;
+        let (got, want) = (simd::exp(x), x.exp());
+        assert!(
+            (got - want).abs() <= 4.0 * f32::EPSILON * want,
+            "exp({x}) = {got}, std {want}"
+        );
+    }
+    assert!(simd::exp(f32::NEG_INFINITY) < 1e-37);
+}
+
+/// Every kernel path this CPU has gives the portable build's results bit for bit.
+#[test]
+fn vector_helpers_agree_on_every_kernel_path() {
+    use super::super::cpu::CpuKernels;
+    let shape = AttnShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+    };
+    for kernels in CpuKernels::available() {
+        for n in [1, 7, 8, 64, 67] {
+            let a = pseudo_random(n, 1);
+            let b = pseudo_random(n, 2);
+            let bits = |x: f32| x.to_bits();
+            assert_eq!(
+                bits(simd::dot_on(kernels, &a, &b)),
+                bits(simd::dot_on(CpuKernels::Scalar, &a, &b)),
+                "{kernels}: dot of {n}"
+            );
+            assert_eq!(
+                bits(simd::sum_squares_on(kernels, &a)),
+                bits(simd::sum_squares_on(CpuKernels::Scalar, &a)),
+                "{kernels}: sum_squares of {n}"
+            );
+            let (mut e1, mut e2) = (a.clone(), a.clone());
+            let s1 = simd::exp_sub_sum_on(kernels, &mut e1, 0.5);
+            let s2 = simd::exp_sub_sum_on(CpuKernels::Scalar, &mut e2, 0.5);
+            assert_eq!(
+                (bits(s1), &e1),
+                (bits(s2), &e2),
+                "{kernels}: exp_sub_sum of {n}"
+            );
+            // One KV head's group of query heads over `n` cached positions.
+            let q = pseudo_random(2 * 16, 3);
+            let keys = pseudo_random(n * 2 * 16, 4);
+            let values = pseudo_random(n * 2 * 16, 5);
+            let mut outs = Vec::new();
+            for k in [kernels, CpuKernels::Scalar] {
+                let mut scratch = vec![0f32; CHUNK_KEYS * 2];
+                let mut part = vec![0f32; 2 * (16 + 2)];
+                simd::attend_partial_on(
+                    k,
+                    shape,
+                    &q,
+                    &keys,
+                    &values,
+                    1,
+                    0..n,
+                    &mut scratch,
+                    &mut part,
+                );
+                outs.push(part);
+            }
+            assert_eq!(outs[0], outs[1], "{kernels}: attend_partial over {n}");
+            // The same rows in half precision: every path agrees, and with `f32` rows
+            // holding the rounded values.
+            let half = |x: &[f32]| -> Vec<u16> {
+                x.iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect()
+            };
+            let (keys16, values16) = (half(&keys), half(&values));
+            let widened = |x: &[u16]| -> Vec<f32> {
+                x.iter()
+                    .map(|&b| half::f16::from_bits(b).to_f32())
+                    .collect()
+            };
+            let (keys_w, values_w) = (widened(&keys16), widened(&values16));
+            let mut outs = Vec::new();
+            for k in [kernels, CpuKernels::Scalar] {
+                let mut scratch = vec![0f32; CHUNK_KEYS * (2 + 2 * 16)];
+                let mut part = vec![0f32; 2 * (16 + 2)];
+                simd::attend_partial_f16_on(
+                    k,
+                    shape,
+                    &q,
+                    &keys16,
+                    &values16,
+                    1,
+                    0..n,
+                    &mut scratch,
+                    &mut part,
+                );
+                outs.push(part);
+            }
+            let mut scratch = vec![0f32; CHUNK_KEYS * 2];
+            let mut part = vec![0f32; 2 * (16 + 2)];
+            simd::attend_partial_on(
+                CpuKernels::Scalar,
+                shape,
+                &q,
+                &keys_w,
+                &values_w,
+                1,
+                0..n,
+                &mut scratch,
+                &mut part,
+            );
+            assert_eq!(outs[0], outs[1], "{kernels}: f16 attend_partial over {n}");
+            assert_eq!(
+                outs[0], part,
+                "{kernels}: f16 attend_partial over {n} vs f32"
+            );
+        }
+    }
+}
+
+/// [`AttnShape::attend_partial`] written plainly (each key row scored for every head,
+/// then each value row added to every head's output): the kernels reorder loops and
+/// keep sums in registers, never the arithmetic, so they match it bit for bit.
+#[allow(clippy::needless_range_loop)]
+fn plain_partial(
+    shape: AttnShape,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_head: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<f32> {
+    use super::super::cpu::CpuKernels::Scalar;
+    let (hd, group) = (shape.head_dim, shape.group());
+    let stride = shape.n_kv_heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (mut m, mut l) = (vec![f32::NEG_INFINITY; group], vec![0f32; group]);
+    let mut o = vec![0f32; group * hd];
+    let mut from = range.start;
+    while from < range.end {
+        let n = (range.end - from).min(CHUNK_KEYS);
+        let row = |src: &[f32], j: usize| -> Vec<f32> {
+            src[(from + j) * stride + kv_head * hd..][..hd].to_vec()
+        };
+        let mut scores = vec![vec![0f32; n]; group];
+        for j in 0..n {
+            for g in 0..group {
+                scores[g][j] = simd::dot_on(Scalar, &q[g * hd..][..hd], &row(keys, j)) * scale;
+            }
+        }
+        for g in 0..group {
+            let new_max = scores[g].iter().fold(m[g], |a, &v| a.max(v));
+            let rescale = simd::exp(m[g] - new_max);
+            l[g] = l[g] * rescale + simd::exp_sub_sum_on(Scalar, &mut scores[g], new_max);
+            o[g * hd..(g + 1) * hd]
+                .iter_mut()
+                .for_each(|v| *v *= rescale);
+            m[g] = new_max;
+        }
+        for j in 0..n {
+            let v = row(values, j);
+            for g in 0..group {
+                for (o, &v) in o[g * hd..(g + 1) * hd].iter_mut().zip(&v) {
+                    *o += scores[g][j] * v;
+                }
+            }
+        }
+        from += n;
+    }
+    [m, l, o].concat()
+}
+
+/// Every kernel path matches [`plain_partial`] bit for bit, at head sizes that do and do
+/// not fill whole register blocks.
+#[test]
+fn attention_kernels_match_the_plain_loops_exactly() {
+    use super::super::cpu::CpuKernels;
+    for head_dim in [16, 40, 64] {
+        let shape = AttnShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim,
+        };
+        let n = CHUNK_KEYS * 2 + 9;
+        let q = pseudo_random(3 * head_dim, 11);
+        let keys = pseudo_random(n * 2 * head_dim, 12);
+        let values = pseudo_random(n * 2 * head_dim, 13);
+        for range in [0..n, 5..CHUNK_KEYS + 3, n - 1..n] {
+            let want = plain_partial(shape, &q, &keys, &values, 1, range.clone());
+            for kernels in CpuKernels::available() {
+                let mut scratch = vec![0f32; CHUNK_KEYS * 3];
+                let mut part = vec![0f32; 3 * (head_dim + 2)];
+                simd::attend_partial_on(
+                    kernels,
+                    shape,
+                    &q,
+                    &keys,
+                    &values,
+                    1,
+                    range.clone(),
+                    &mut scratch,
+                    &mut part,
+                );
+                assert_eq!(part, want, "{kernels}: head_dim {head_dim}, keys {range:?}");
+            }
+        }
+    }
+}
+
+/// Every half-precision value widens as `half` widens it (NaNs stay NaN), on every path.
+#[test]
+fn f16_widening_is_exact() {
+    use super::super::cpu::CpuKernels;
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let want: Vec<f32> = all
+        .iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect();
+    let same =
+        |got: f32, want: f32| got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
+    for (&bits, &w) in all.iter().zip(&want) {
+        assert!(same(simd::f16_to_f32(bits), w), "{bits:#06x}");
+    }
+    for kernels in CpuKernels::available() {
+        // Rows of 13 (not a multiple of 8) from a stride of 16.
+        let mut got = vec![0f32; all.len() / 16 * 13];
+        simd::widen_f16_on(kernels, &all, 16, 13, &mut got);
+        for (r, row) in got.chunks_exact(13).enumerate() {
+            for (c, &g) in row.iter().enumerate() {
+                assert!(same(g, want[r * 16 + c]), "{kernels}: {:#06x}", r * 16 + c);
+            }
+        }
+    }
+}
+
+#[test]
+fn vector_helpers_match_plain_loops() {
+    for n in [1, 7, 8, 64, 67] {
+        let a = pseudo_random(n, 1);
+        let b = pseudo_random(n, 2);
+        let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((simd::dot(&a, &b) - dot).abs() < 1e-5);
+        let mut e = a.clone();
+        let max = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum = simd::exp_sub_sum(&mut e, max);
+        let want: Vec<f32> = a.iter().map(|v| (v - max).exp()).collect();
+        assert!((sum - want.iter().sum::<f32>()).abs() < 1e-5);
+        for (g, w) in e.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6);
+        }
+    }
+}
+
+/// RMSNorm, RoPE (both layouts) and SiLU·up against candle's ops on the same data.
+#[test]
+fn small_ops_match_candle() -> candle_core::Result<()> {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let (rows, heads, hd) = (3, 2, 8);
+    let dim = heads * hd;
+    let x = pseudo_random(rows * dim, 3);
+    let w = pseudo_random(dim, 4);
+    let mut out = vec![0f32; x.len()];
+    rms_norm(&x, &w, 1e-5, &mut out);
+    let xt = Tensor::from_slice(&x, (rows, dim), &dev)?;
+    let want = candle_nn::ops::rms_norm(&xt, &Tensor::from_slice(&w, dim, &dev)?, 1e-5)?;
+    let want = want.flatten_all()?.to_vec1::<f32>()?;
+    for (g, w) in out.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "rms_norm {g} vs {w}");
+    }
+
+    let positions = [0usize, 5, 2];
+    let half = hd / 2;
+    let cos: Vec<f32> = (0..8 * half).map(|i| (i as f32 * 0.37).cos()).collect();
+    let sin: Vec<f32> = (0..8 * half).map(|i| (i as f32 * 0.37).sin()).collect();
+    for interleaved in [true, false] {
+        let mut got = x.clone();
+        Rope {
+            cos: &cos,
+            sin: &sin,
+            half,
+            interleaved,
+        }
+        .apply(&mut got, heads, hd, &positions);
+        let pos = Tensor::from_slice(&[0u32, 5, 2], 3, &dev)?;
+        let c = Tensor::from_slice(&cos, (8, half), &dev)?.index_select(&pos, 0)?;
+        let s = Tensor::from_slice(&sin, (8, half), &dev)?.index_select(&pos, 0)?;
+        let t = xt
+            .reshape((rows, heads, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let r = if interleaved {
+            candle_nn::rotary_emb::rope_i(&t, &c, &s)?
+        } else {
+            candle_nn::rotary_emb::rope(&t, &c, &s)?
+        };
+        let want = r
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "rope {interleaved}: {g} vs {w}");
+        }
+    }
+
+    let mut gate = x.clone();
+    let up = pseudo_random(x.len(), 5);
+    silu_mul(&mut gate, &up);
+    let want = (candle_nn::ops::silu(&xt)? * Tensor::from_slice(&up, (rows, dim), &dev)?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    for (g, w) in gate.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "silu_mul {g} vs {w}");
+    }
+    Ok(())
+}
+
+/// Grouped-query attention against a plain softmax(q·K/√d)·V, for contexts within one chunk, across chunks, and across splits (merged).
+#[test]
+fn attention_matches_plain_softmax() {
+    let shape = AttnShape {
+        n_heads: 6,
+        n_kv_heads: 2,
+        head_dim: 16,
+    };
+    let tokens = SPLIT_KEYS * 2 + 77;
+    let stride = 2 * 16;
+    let keys = pseudo_random(tokens * stride, 6);
+    let values = pseudo_random(tokens * stride, 7);
+    let (kf, vf) = (&keys, &values);
+    // Four tokens, each seeing its own number of keys (one chunk, several, several
+    // splits); their queries for all heads.
+    let visible = [1, 20, CHUNK_KEYS * 3 + 5, tokens];
+    let q_all = pseudo_random(visible.len() * 6 * 16, 8);
+    let plan = shape.plan(&visible);
+    assert_eq!(
+        plan.splits.len(),
+        2 * (1 + 1 + 1 + 3),
+        "splits per token and head"
+    );
+    let mut partials = vec![0f32; plan.splits.len() * plan.part_len];
+    for (split, part) in plan
+        .splits
+        .iter()
+        .zip(partials.chunks_exact_mut(plan.part_len))
+    {
+        let q = &q_all[split.token * 96 + split.kv_head * 48..][..48];
+        let kv = HostLayer::F32(&keys, &values);
+        shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
+    }
+    let mut out = vec![1f32; visible.len() * 96];
+    shape.merge(&plan, &partials, &mut out);
+    for (t, &n) in visible.iter().enumerate() {
+        for head in 0..6 {
+            let kvh = head / 3;
+            let q = &q_all[t * 96 + head * 16..][..16];
+            let scores: Vec<f32> = (0..n)
+                .map(|j| {
+                    (0..16)
+                        .map(|i| q[i] * kf[j * stride + kvh * 16 + i])
+                        .sum::<f32>()
+                        / 4.0
+                })
+                .collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            let got = &out[t * 96 + head * 16..][..16];
+            for (i, o) in got.iter().enumerate() {
+                let want: f32 = (0..n)
+                    .map(|j| e[j] / sum * vf[j * stride + kvh * 16 + i])
+                    .sum();
+                assert!(
+                    (o - want).abs() < 1e-5,
+                    "token {t} head {head} visible {n}: {o} vs {want}"
+                );
+            }
+        }
+    }
+}
