@@ -41,9 +41,9 @@ const REFERENCE_TOL: f32 = 1e-4;
 /// next-token *distributions*, as llama.cpp's KL-divergence checks do, which does not depend on
 /// how one machine's kernels happen to round: the KL divergence `KL(P_reference ‖ P_ours)`
 /// (nats) averaged over a comparison's steps must stay under [`KL_MEAN_TOL`], no single step
-/// may exceed [`KL_MAX_TOL`], and the top-1 token must agree unless the reference's top two
-/// logits are within [`TOP2_MARGIN`] (a near-tie, which noise may swap; ours must then be the
-/// reference's second).
+/// may exceed [`KL_MAX_TOL`], and the top-1 token must agree unless the reference scores ours
+/// within [`NEAR_TIE_MARGIN`] of its own top-1 (a near-tie, which noise may swap: with three
+/// candidates within 0.05 of each other, ours may be the reference's third).
 ///
 /// Where the noise comes from: Tollgate keeps weight and activation block scales in f32 where
 /// candle rounds them to f16 (relative 5e-4 per block); decode-step attention matmuls round
@@ -69,9 +69,9 @@ const KL_MEAN_TOL: f64 = 0.04;
 /// Largest KL divergence of any single step (see [`KL_MEAN_TOL`]).
 const KL_MAX_TOL: f64 = 0.15;
 
-/// Reference top-two logit gap under which a swapped top-1 counts as a near-tie (see
-/// [`KL_MEAN_TOL`]). Observed swaps at gaps of 8e-3 to 8e-2.
-const TOP2_MARGIN: f32 = 0.5;
+/// Reference logit gap between its top-1 and ours under which a different top-1 counts as a
+/// near-tie (see [`KL_MEAN_TOL`]). Observed swaps at gaps of 8e-3 to 8e-2.
+const NEAR_TIE_MARGIN: f32 = 0.5;
 
 /// Max abs logit difference allowed between the same sequence run alone and inside a ragged
 /// batch / in prefill chunks. Observed: 0 (bit-identical) for both on the dev machine: each row
@@ -306,28 +306,16 @@ fn kl_divergence(ours: &[f32], reference: &[f32]) -> f64 {
     p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum()
 }
 
-/// The reference's best and second-best tokens.
-fn top2(v: &[f32]) -> (usize, usize) {
-    let first = argmax(v) as usize;
-    let mut second = usize::from(first == 0);
-    for (i, &x) in v.iter().enumerate() {
-        if i != first && x > v[second] {
-            second = i;
-        }
-    }
-    (first, second)
-}
-
 /// The per-step part of the criterion of [`KL_MEAN_TOL`]: the KL divergence of `ours` from
-/// `reference` is under [`KL_MAX_TOL`] and the top-1 tokens agree, or the reference's top two
-/// are within [`TOP2_MARGIN`] and ours is its second. Returns the KL divergence.
+/// `reference` is under [`KL_MAX_TOL`] and the top-1 tokens agree, or the reference
+/// scores ours within [`NEAR_TIE_MARGIN`] of its top-1. Returns the KL divergence.
 fn assert_same_distribution(what: &str, ours: &[f32], reference: &[f32]) -> f64 {
     let kl = kl_divergence(ours, reference);
     let pick = argmax(ours) as usize;
-    let (first, second) = top2(reference);
-    let margin = reference[first] - reference[second];
+    let first = argmax(reference) as usize;
+    let margin = reference[first] - reference[pick];
     println!(
-        "{what}: KL {kl:.3e}, max |diff| {:.3e}, top-1 {pick} vs {first} (reference top-2 gap {margin:.3e})",
+        "{what}: KL {kl:.3e}, max |diff| {:.3e}, top-1 {pick} vs {first} (the reference scores ours {margin:.3e} lower)",
         max_abs_diff(ours, reference)
     );
     assert!(
@@ -335,8 +323,8 @@ fn assert_same_distribution(what: &str, ours: &[f32], reference: &[f32]) -> f64 
         "{what}: KL divergence {kl} >= {KL_MAX_TOL}"
     );
     assert!(
-        pick == first || (pick == second && margin < TOP2_MARGIN),
-        "{what}: top-1 {pick} vs the reference's {first} (its second {second}, gap {margin})"
+        pick == first || margin < NEAR_TIE_MARGIN,
+        "{what}: top-1 {pick} vs the reference's {first} (which scores ours {margin} lower)"
     );
     kl
 }
@@ -506,7 +494,7 @@ fn f16_kv_cache_on_the_host_path() {
     // Rounding keys and values to f16 moves logits by up to about 1 here, so a close race for
     // the top token can go to the third as well as the second: the distribution must stay
     // within the same KL bounds, and the token we pick must be one the reference ranks within
-    // TOP2_MARGIN of its best (on the scalar path, step 4 picks the reference's third, 0.27
+    // NEAR_TIE_MARGIN of its best (on the scalar path, step 4 picks the reference's third, 0.27
     // behind).
     for decode in 0..=5 {
         let what = format!("f16 KV, step {decode}");
@@ -519,7 +507,7 @@ fn f16_kv_cache_on_the_host_path() {
             "{what}: KL divergence {kl} >= {KL_MAX_TOL}"
         );
         assert!(
-            behind < TOP2_MARGIN,
+            behind < NEAR_TIE_MARGIN,
             "{what}: our top-1 {pick} is {behind} behind the reference's {best}"
         );
         if decode == 5 {

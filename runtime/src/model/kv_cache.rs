@@ -2,9 +2,10 @@
 //!
 //! Two stores: on the CPU forward path ([`super::host`]) keys and values are plain `f32`
 //! buffers per layer (or IEEE half-precision bits, when the model's KV dtype is `F16`: half
-//! the memory the attention reads per cached token), token-major `(len, kv_heads * head_dim)`,
-//! so appending a token is one copy of its projection and the buffers grow by doubling
-//! (amortized, never per token). On
+//! the memory the attention reads per cached token). Values are token-major `(len, kv_heads *
+//! head_dim)`; keys are in blocks of [`KEY_BLOCK`] tokens, each `(kv_heads, head_dim,
+//! KEY_BLOCK)`, so the attention scores a block's keys with one vector lane per key and no
+//! horizontal sums. The buffers grow by doubling (amortized, never per token). On
 //! other devices they are tensors `(kv_heads, capacity, head_dim)`, written in place and grown
 //! by doubling, so appending a token never copies the whole history either.
 
@@ -25,10 +26,10 @@ pub struct KvCache {
 
 #[derive(Debug)]
 enum Store {
-    /// Per layer `(keys, values)`, each `len * kv_heads * head_dim` f32, token-major.
-    Host(Vec<(Vec<f32>, Vec<f32>)>),
+    /// Per layer, `f32`.
+    Host(Vec<HostKv<f32>>),
     /// As `Host`, in IEEE half-precision bits (rounded to nearest even when appended).
-    HostF16(Vec<(Vec<u16>, Vec<u16>)>),
+    HostF16(Vec<HostKv<u16>>),
     /// Per layer `(keys, values)` tensors `(kv_heads, capacity, head_dim)`.
     Device {
         layers: Vec<Option<(Tensor, Tensor)>>,
@@ -36,12 +37,117 @@ enum Store {
     },
 }
 
-/// One layer of a host store, borrowed: keys and values written so far, token-major.
+/// Tokens per key block of a host store.
+pub(crate) const KEY_BLOCK: usize = 16;
+
+/// One layer of a host store: per KV head, its keys and values in one contiguous run each,
+/// so a head's attention streams through memory.
+#[derive(Debug)]
+struct HostKv<T> {
+    heads: Vec<HeadKv<T>>,
+}
+
+/// One KV head of one layer: keys in blocks of [`KEY_BLOCK`] tokens, each `(head_dim,
+/// KEY_BLOCK)` (one vector lane per token; the slots of the last block past the length are
+/// unspecified), values token-major `(tokens, head_dim)`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct HeadKv<T> {
+    pub keys: Vec<T>,
+    pub values: Vec<T>,
+}
+
+/// An element of a host store, converted from the projections' `f32`.
+trait HostElem: Copy + Default {
+    fn from_f32(x: f32) -> Self;
+}
+
+impl HostElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl HostElem for u16 {
+    /// `half` rounds to nearest even, in hardware or not: the same bits everywhere.
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x).to_bits()
+    }
+}
+
+impl<T: HostElem> HostKv<T> {
+    fn new(kv_heads: usize) -> Self {
+        Self {
+            heads: (0..kv_heads).map(|_| HeadKv::default()).collect(),
+        }
+    }
+
+    /// Room for `tokens` tokens of `head_dim` values per head.
+    fn reserve(&mut self, tokens: usize, head_dim: usize) {
+        let keys = tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK * head_dim;
+        for h in &mut self.heads {
+            // `Vec::reserve` at least doubles, so growth stays amortized.
+            h.keys.reserve(keys.saturating_sub(h.keys.len()));
+            h.values
+                .reserve((tokens * head_dim).saturating_sub(h.values.len()));
+        }
+    }
+
+    /// Writes token-major `k` and `v` `(t, kv_heads * head_dim)` after the first `len`
+    /// tokens (anything past them, such as a failed step's partial append, is dropped).
+    fn append(&mut self, len: usize, head_dim: usize, k: &[f32], v: &[f32]) {
+        let width = self.heads.len() * head_dim;
+        let t = k.len() / width;
+        for (h, head) in self.heads.iter_mut().enumerate() {
+            head.values.truncate(len * head_dim);
+            head.keys.resize(
+                (len + t).div_ceil(KEY_BLOCK) * KEY_BLOCK * head_dim,
+                T::default(),
+            );
+            for (i, (kr, vr)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
+                let (kr, vr) = (
+                    &kr[h * head_dim..][..head_dim],
+                    &vr[h * head_dim..][..head_dim],
+                );
+                head.values.extend(vr.iter().map(|&x| T::from_f32(x)));
+                let (block, slot) = ((len + i) / KEY_BLOCK, (len + i) % KEY_BLOCK);
+                let at = block * KEY_BLOCK * head_dim + slot;
+                for (d, &x) in kr.iter().enumerate() {
+                    head.keys[at + d * KEY_BLOCK] = T::from_f32(x);
+                }
+            }
+        }
+    }
+
+    /// The first `len` tokens' keys and values, sized to them.
+    fn prefix(&self, len: usize, head_dim: usize) -> Self {
+        let heads = self
+            .heads
+            .iter()
+            .map(|h| HeadKv {
+                keys: h.keys[..len.div_ceil(KEY_BLOCK) * KEY_BLOCK * head_dim].to_vec(),
+                values: h.values[..len * head_dim].to_vec(),
+            })
+            .collect();
+        Self { heads }
+    }
+
+    fn bytes(&self) -> usize {
+        let elems: usize = self
+            .heads
+            .iter()
+            .map(|h| h.keys.capacity() + h.values.capacity())
+            .sum();
+        elems * std::mem::size_of::<T>()
+    }
+}
+
+/// One layer of a host store, borrowed: per KV head, keys in blocks and values token-major
+/// (see [`HeadKv`]).
 #[derive(Clone, Copy)]
 pub(crate) enum HostLayer<'a> {
-    F32(&'a [f32], &'a [f32]),
+    F32(&'a [HeadKv<f32>]),
     /// IEEE half-precision bits.
-    F16(&'a [u16], &'a [u16]),
+    F16(&'a [HeadKv<u16>]),
 }
 
 /// First allocation, in tokens.
@@ -64,9 +170,9 @@ impl KvCache {
             DType::F32
         };
         let store = if host && host_dtype == DType::F16 {
-            Store::HostF16((0..n_layers).map(|_| (Vec::new(), Vec::new())).collect())
+            Store::HostF16((0..n_layers).map(|_| HostKv::new(kv_heads)).collect())
         } else if host {
-            Store::Host((0..n_layers).map(|_| (Vec::new(), Vec::new())).collect())
+            Store::Host((0..n_layers).map(|_| HostKv::new(kv_heads)).collect())
         } else {
             Store::Device {
                 layers: (0..n_layers).map(|_| None).collect(),
@@ -95,14 +201,8 @@ impl KvCache {
     /// Bytes allocated for this sequence.
     pub fn bytes(&self) -> usize {
         match &self.store {
-            Store::Host(layers) => layers
-                .iter()
-                .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<f32>())
-                .sum(),
-            Store::HostF16(layers) => layers
-                .iter()
-                .map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<u16>())
-                .sum(),
+            Store::Host(layers) => layers.iter().map(HostKv::bytes).sum(),
+            Store::HostF16(layers) => layers.iter().map(HostKv::bytes).sum(),
             Store::Device { layers, capacity } => {
                 let live = layers.iter().filter(|l| l.is_some()).count();
                 2 * live * capacity * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
@@ -112,15 +212,10 @@ impl KvCache {
 
     /// Forgets everything (keeps no memory).
     pub fn clear(&mut self) {
+        let kv_heads = self.kv_heads;
         match &mut self.store {
-            Store::Host(layers) => layers.iter_mut().for_each(|(k, v)| {
-                *k = Vec::new();
-                *v = Vec::new();
-            }),
-            Store::HostF16(layers) => layers.iter_mut().for_each(|(k, v)| {
-                *k = Vec::new();
-                *v = Vec::new();
-            }),
+            Store::Host(layers) => layers.iter_mut().for_each(|l| *l = HostKv::new(kv_heads)),
+            Store::HostF16(layers) => layers.iter_mut().for_each(|l| *l = HostKv::new(kv_heads)),
             Store::Device { layers, capacity } => {
                 layers.iter_mut().for_each(|l| *l = None);
                 *capacity = 0;
@@ -131,22 +226,14 @@ impl KvCache {
 
     /// Makes room for `extra` more tokens in every layer.
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
-        let need = self.len + extra;
-        let width = self.kv_heads * self.head_dim;
+        let (need, hd) = (self.len + extra, self.head_dim);
         let (layers, capacity) = match &mut self.store {
             Store::Host(layers) => {
-                for (k, v) in layers.iter_mut() {
-                    // `Vec::reserve` at least doubles, so growth stays amortized.
-                    k.reserve((need * width).saturating_sub(k.len()));
-                    v.reserve((need * width).saturating_sub(v.len()));
-                }
+                layers.iter_mut().for_each(|l| l.reserve(need, hd));
                 return Ok(());
             }
             Store::HostF16(layers) => {
-                for (k, v) in layers.iter_mut() {
-                    k.reserve((need * width).saturating_sub(k.len()));
-                    v.reserve((need * width).saturating_sub(v.len()));
-                }
+                layers.iter_mut().for_each(|l| l.reserve(need, hd));
                 return Ok(());
             }
             Store::Device { layers, capacity } => (layers, capacity),
@@ -201,27 +288,22 @@ impl KvCache {
     }
 
     /// Host store: appends token-major keys and values `(t, kv_heads * head_dim)` to layer
-    /// `layer` at the current end.
+    /// `layer` at the current end (a failed step's partial append is dropped first).
     pub(crate) fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        let width = self.kv_heads * self.head_dim;
-        let len = self.len;
+        let (hd, len) = (self.head_dim, self.len);
         let no_layer = || Error::Weights(format!("KV cache has no layer {layer}"));
         match &mut self.store {
             Store::Host(layers) => {
-                let (ck, cv) = layers.get_mut(layer).ok_or_else(no_layer)?;
-                // A failed step may have left a partial append behind: drop it.
-                ck.truncate(len * width);
-                cv.truncate(len * width);
-                ck.extend_from_slice(k);
-                cv.extend_from_slice(v);
+                layers
+                    .get_mut(layer)
+                    .ok_or_else(no_layer)?
+                    .append(len, hd, k, v);
             }
             Store::HostF16(layers) => {
-                let (ck, cv) = layers.get_mut(layer).ok_or_else(no_layer)?;
-                ck.truncate(len * width);
-                cv.truncate(len * width);
-                // `half` rounds to nearest even, in hardware or not: the same bits everywhere.
-                ck.extend(k.iter().map(|&x| half::f16::from_f32(x).to_bits()));
-                cv.extend(v.iter().map(|&x| half::f16::from_f32(x).to_bits()));
+                layers
+                    .get_mut(layer)
+                    .ok_or_else(no_layer)?
+                    .append(len, hd, k, v);
             }
             Store::Device { .. } => {
                 return Err(Error::Weights(
@@ -232,17 +314,17 @@ impl KvCache {
         Ok(())
     }
 
-    /// Host store: keys and values of layer `layer` written so far, token-major.
+    /// Host store: keys (in blocks) and values (token-major) of layer `layer` written so far.
     pub(crate) fn host_layer(&self, layer: usize) -> Result<HostLayer<'_>> {
         let no_layer = || Error::Weights(format!("KV cache has no layer {layer}"));
         match &self.store {
             Store::Host(layers) => layers
                 .get(layer)
-                .map(|(k, v)| HostLayer::F32(k, v))
+                .map(|l| HostLayer::F32(&l.heads))
                 .ok_or_else(no_layer),
             Store::HostF16(layers) => layers
                 .get(layer)
-                .map(|(k, v)| HostLayer::F16(k, v))
+                .map(|l| HostLayer::F16(&l.heads))
                 .ok_or_else(no_layer),
             Store::Device { .. } => Err(Error::Weights(
                 "host read of a device KV cache (forward path mismatch)".into(),
@@ -257,21 +339,12 @@ impl KvCache {
     /// A new cache holding a copy of this one's first `len` tokens (all of them when `len`
     /// is larger), sized to them.
     pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
-        let len = len.min(self.len);
-        let width = self.kv_heads * self.head_dim;
+        let (len, hd) = (len.min(self.len), self.head_dim);
         let store = match &self.store {
-            Store::Host(layers) => Store::Host(
-                layers
-                    .iter()
-                    .map(|(k, v)| (k[..len * width].to_vec(), v[..len * width].to_vec()))
-                    .collect(),
-            ),
-            Store::HostF16(layers) => Store::HostF16(
-                layers
-                    .iter()
-                    .map(|(k, v)| (k[..len * width].to_vec(), v[..len * width].to_vec()))
-                    .collect(),
-            ),
+            Store::Host(layers) => Store::Host(layers.iter().map(|l| l.prefix(len, hd)).collect()),
+            Store::HostF16(layers) => {
+                Store::HostF16(layers.iter().map(|l| l.prefix(len, hd)).collect())
+            }
             Store::Device { layers, .. } => {
                 let mut copy = Vec::with_capacity(layers.len());
                 for layer in layers {

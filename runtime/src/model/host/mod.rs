@@ -15,7 +15,9 @@
 use candle_core::{Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
-use super::kv_cache::HostLayer;
+#[cfg(test)]
+use super::kv_cache::HeadKv;
+use super::kv_cache::{HostLayer, KEY_BLOCK};
 use super::linear::Linear;
 use super::llama::{LlamaModel, SeqStep};
 use crate::{Error, Result};
@@ -246,7 +248,7 @@ impl Rope<'_> {
 }
 
 /// Head counts of grouped-query attention.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
@@ -312,9 +314,10 @@ impl AttnShape {
     }
 
     /// Partial softmax attention of the query heads that share KV head `kv_head`, `q (group *
-    /// head_dim)`, over keys `range` of a layer's token-major keys and values `(tokens,
-    /// n_kv_heads * head_dim)`, into `part` ([`AttnPlan::part_len`]). Each key row is read once
-    /// for the whole group; each head's output sums its chunk of value rows in registers.
+    /// head_dim)`, over keys `range` of a layer's cache (keys in blocks of [`KEY_BLOCK`],
+    /// values token-major `(tokens, n_kv_heads * head_dim)`), into `part`
+    /// ([`AttnPlan::part_len`]). Each key block is read once for the whole group, one lane per
+    /// key; the group's outputs sum each chunk of value rows in registers.
     /// Half-precision rows are widened exactly, so they give what `f32` rows holding the same
     /// values give.
     pub(crate) fn attend_partial(
@@ -327,19 +330,16 @@ impl AttnShape {
     ) {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let s = match kv {
-                HostLayer::F32(..) => CHUNK_KEYS * self.group(),
-                HostLayer::F16(..) => CHUNK_KEYS * (self.group() + 2 * self.head_dim),
-            };
-            scratch.resize(s, 0.0);
+            scratch.resize(CHUNK_KEYS * self.group(), 0.0);
             let s = &mut scratch[..];
             match kv {
-                HostLayer::F32(k, v) => {
-                    simd::attend_partial(*self, q, k, v, kv_head, range, s, part)
+                HostLayer::F32(heads) => {
+                    let h = &heads[kv_head];
+                    simd::attend_partial(*self, q, &h.keys, &h.values, range, s, part)
                 }
-                HostLayer::F16(k, v) => {
-                    let kernels = super::cpu::CpuKernels::selected();
-                    simd::attend_partial_f16_on(kernels, *self, q, k, v, kv_head, range, s, part)
+                HostLayer::F16(heads) => {
+                    let h = &heads[kv_head];
+                    simd::attend_partial_f16(*self, q, &h.keys, &h.values, range, s, part)
                 }
             }
         });

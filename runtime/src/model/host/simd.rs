@@ -1,5 +1,5 @@
 //! Small vector helpers written so that LLVM vectorizes them (independent lane
-//! accumulators, no branches), compiled for AVX2 + FMA where the CPU has them.
+//! accumulators, no branches), compiled for AVX2 + FMA or AVX-512 where the CPU has them.
 
 /// Lanes of the independent accumulators.
 const LANES: usize = 8;
@@ -7,8 +7,9 @@ const LANES: usize = 8;
 use super::super::cpu::CpuKernels;
 
 /// `fn name(args)` runs `imp` on the selected kernel path; `fn on(kernels, args)` on a
-/// given one (the tests run each path this CPU has). The AVX2 build is the same Rust code
-/// (Rust never fuses or reorders float operations), so the paths agree bit for bit.
+/// given one (the tests run each path this CPU has). The AVX2 and AVX-512 builds are the
+/// same Rust code (Rust never fuses or reorders float operations), so the paths agree bit for
+/// bit.
 macro_rules! dispatch {
     ($(#[$m:meta])* fn $name:ident / $on:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident;) => {
         $(#[$m])*
@@ -20,6 +21,15 @@ macro_rules! dispatch {
         pub(crate) fn $on(kernels: CpuKernels, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                if kernels == CpuKernels::Avx512 {
+                    assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
+                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                    fn wide($($arg: $ty),*) -> $ret {
+                        $imp($($arg),*)
+                    }
+                    // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2 and FMA (asserted above).
+                    return unsafe { wide($($arg),*) };
+                }
                 if kernels.has_avx2() {
                     assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
                     #[target_feature(enable = "avx2,fma")]
@@ -51,42 +61,22 @@ dispatch! {
     fn exp_sub_sum / exp_sub_sum_on(x: &mut [f32], max: f32) -> f32 = exp_sub_sum_imp;
 }
 dispatch! {
-    /// See [`super::AttnShape::attend_partial`]; `scratch` holds a chunk's scores
-    /// (`group * CHUNK_KEYS`).
+    /// See [`super::AttnShape::attend_partial`]: one KV head's keys (in blocks) and values
+    /// (token-major) in `f32`; `scores` holds a chunk's scores (`group * CHUNK_KEYS`).
     #[allow(clippy::too_many_arguments)]
     fn attend_partial / attend_partial_on(
         shape: super::AttnShape,
         q: &[f32],
         keys: &[f32],
         values: &[f32],
-        kv_head: usize,
         range: std::ops::Range<usize>,
-        scratch: &mut [f32],
+        scores: &mut [f32],
         part: &mut [f32]
     ) -> () = attend_partial_imp;
 }
-dispatch! {
-    /// One chunk of `n` keys of [`attend_partial`]: `keys`/`values` start at the chunk's
-    /// first row of the KV head, rows `stride` apart; `scores` holds `group *
-    /// CHUNK_KEYS`. Only the `_on` form is called (the half-precision path passes its
-    /// kernels on to it).
-    #[allow(clippy::too_many_arguments, dead_code)]
-    fn attend_chunk / attend_chunk_on(
-        shape: super::AttnShape,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        stride: usize,
-        n: usize,
-        scores: &mut [f32],
-        part: &mut [f32]
-    ) -> () = attend_chunk_imp;
-}
-
-/// [`attend_partial`] over half-precision keys and values (IEEE bits): each chunk's rows
-/// of the KV head are widened exactly into `scratch` (after the scores: `group *
-/// CHUNK_KEYS + 2 * CHUNK_KEYS * head_dim`) and attended as `f32` rows, so the result is
-/// what `f32` rows holding the same values give, on every path.
+/// [`attend_partial`] over half-precision keys and values (IEEE bits), widened exactly as
+/// they are read (with F16C's conversion on both SIMD paths, else [`f16_to_f32`]): the result
+/// is what `f32` rows holding the same values give, on every path.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_partial_f16_on(
     kernels: CpuKernels,
@@ -94,87 +84,142 @@ pub(crate) fn attend_partial_f16_on(
     q: &[f32],
     keys: &[u16],
     values: &[u16],
-    kv_head: usize,
     range: std::ops::Range<usize>,
-    scratch: &mut [f32],
+    scores: &mut [f32],
     part: &mut [f32],
-) {
-    let hd = shape.head_dim;
-    let group = shape.n_heads / shape.n_kv_heads;
-    let stride = shape.n_kv_heads * hd;
-    let col = kv_head * hd;
-    let (scores, rows) = scratch.split_at_mut(group * super::CHUNK_KEYS);
-    let (krows, vrows) = rows.split_at_mut(super::CHUNK_KEYS * hd);
-    start_partial(group, part);
-    let mut from = range.start;
-    while from < range.end {
-        let n = (range.end - from).min(super::CHUNK_KEYS);
-        let (k, v) = (&mut krows[..n * hd], &mut vrows[..n * hd]);
-        widen_f16_on(kernels, &keys[from * stride + col..], stride, hd, k);
-        widen_f16_on(kernels, &values[from * stride + col..], stride, hd, v);
-        attend_chunk_on(kernels, shape, q, k, v, hd, n, scores, part);
-        from += n;
-    }
-}
-
-/// Rows of `cols` half-precision values, `stride` apart in `src`, widened into `dst`
-/// (`rows * cols`): with F16C's conversion where the path has it (part of both SIMD
-/// paths), else [`f16_to_f32`]; both are exact.
-pub(crate) fn widen_f16_on(
-    kernels: CpuKernels,
-    src: &[u16],
-    stride: usize,
-    cols: usize,
-    dst: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        use x86::F16c;
         if kernels.has_avx2() {
             assert!(
                 kernels.is_available(),
                 "{kernels} kernels on a CPU without them"
             );
-            for (r, out) in dst.chunks_exact_mut(cols).enumerate() {
-                let row = &src[r * stride..][..cols];
-                // SAFETY: the CPU has F16C (asserted above: both SIMD paths need it).
-                unsafe { x86::widen_f16_row(row, out) };
+            let (keys, values) = (F16c::cast(keys), F16c::cast(values));
+            if kernels == CpuKernels::Avx512 {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                fn wide(
+                    shape: super::AttnShape,
+                    q: &[f32],
+                    keys: &[F16c],
+                    values: &[F16c],
+                    range: std::ops::Range<usize>,
+                    scores: &mut [f32],
+                    part: &mut [f32],
+                ) {
+                    attend_partial_imp(shape, q, keys, values, range, scores, part)
+                }
+                // SAFETY: the CPU has these features (asserted above).
+                return unsafe { wide(shape, q, keys, values, range, scores, part) };
             }
-            return;
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn fast(
+                shape: super::AttnShape,
+                q: &[f32],
+                keys: &[F16c],
+                values: &[F16c],
+                range: std::ops::Range<usize>,
+                scores: &mut [f32],
+                part: &mut [f32],
+            ) {
+                attend_partial_imp(shape, q, keys, values, range, scores, part)
+            }
+            // SAFETY: the CPU has these features (asserted above).
+            return unsafe { fast(shape, q, keys, values, range, scores, part) };
         }
     }
     let _ = kernels;
-    for (r, out) in dst.chunks_exact_mut(cols).enumerate() {
-        let row = &src[r * stride..][..cols];
-        for (o, &h) in out.iter_mut().zip(row) {
-            *o = f16_to_f32(h);
-        }
-    }
+    attend_partial_imp(shape, q, keys, values, range, scores, part)
+}
+
+/// [`attend_partial_f16_on`] on the selected path.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_partial_f16(
+    shape: super::AttnShape,
+    q: &[f32],
+    keys: &[u16],
+    values: &[u16],
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    part: &mut [f32],
+) {
+    let kernels = CpuKernels::selected();
+    attend_partial_f16_on(kernels, shape, q, keys, values, range, scores, part)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `out[i] = f16_to_f32(row[i])`, eight at a time with `vcvtph2ps`.
-    ///
-    /// # Safety
-    /// The CPU has F16C.
-    #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn widen_f16_row(row: &[u16], out: &mut [f32]) {
-        let n = row.len().min(out.len());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: `i + 8 <= n` keeps both the 16-byte load and the 32-byte store in
-            // bounds; unaligned accesses are allowed.
-            unsafe {
-                let h = _mm_loadu_si128(row.as_ptr().add(i).cast());
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    /// Half-precision bits that only code compiled with F16C reads: they widen with
+    /// `vcvtph2ps`, exactly as [`super::f16_to_f32`].
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    pub(super) struct F16c(u16);
+
+    impl F16c {
+        pub(super) fn cast(bits: &[u16]) -> &[F16c] {
+            // SAFETY: `F16c` is a `repr(transparent)` `u16`: same size, alignment and
+            // validity.
+            unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
+        }
+    }
+
+    impl super::KvElem for F16c {
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            super::f16_to_f32(self.0)
+        }
+
+        #[inline(always)]
+        fn widen_n<const N: usize>(src: &[Self]) -> [f32; N] {
+            let src = &src[..N];
+            let mut out = [0f32; N];
+            let mut i = 0;
+            while i + 8 <= N {
+                // SAFETY: `i + 8 <= N` keeps the 16-byte load and the 32-byte store in
+                // bounds (unaligned accesses are allowed); only code compiled for F16C, on a
+                // CPU that has it, holds `F16c` values.
+                unsafe {
+                    let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                }
+                i += 8;
             }
-            i += 8;
+            for j in i..N {
+                out[j] = src[j].widen();
+            }
+            out
         }
-        for j in i..n {
-            out[j] = super::f16_to_f32(row[j]);
-        }
+    }
+}
+
+/// An element of the host KV cache, widened to `f32` exactly.
+pub(crate) trait KvElem: Copy {
+    fn widen(self) -> f32;
+
+    /// `N` consecutive elements widened.
+    #[inline(always)]
+    fn widen_n<const N: usize>(src: &[Self]) -> [f32; N] {
+        let src = &src[..N];
+        std::array::from_fn(|i| src[i].widen())
+    }
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for u16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f16_to_f32(self)
     }
 }
 
@@ -209,81 +254,152 @@ fn start_partial(group: usize, part: &mut [f32]) {
 }
 
 /// Online softmax over the range in chunks: per query head a running max `m`, a sum of
-/// exponentials `l` and an unnormalized output `o`, rescaled when the max grows. Rows are
-/// read where they lie in the cache (one KV head's `hd` values of each token): copying
-/// them out first cost more than the products themselves.
+/// exponentials `l` and an unnormalized output `o`, rescaled when the max grows. Keys and
+/// values are read (and widened) where they lie in the cache.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_partial_imp(
+fn attend_partial_imp<E: KvElem>(
     shape: super::AttnShape,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    kv_head: usize,
+    keys: &[E],
+    values: &[E],
     range: std::ops::Range<usize>,
-    scratch: &mut [f32],
-    part: &mut [f32],
-) {
-    let hd = shape.head_dim;
-    let group = shape.n_heads / shape.n_kv_heads;
-    let stride = shape.n_kv_heads * hd;
-    let col = kv_head * hd;
-    start_partial(group, part);
-    let mut from = range.start;
-    while from < range.end {
-        let n = (range.end - from).min(super::CHUNK_KEYS);
-        let at = from * stride + col;
-        attend_chunk_imp(
-            shape,
-            q,
-            &keys[at..],
-            &values[at..],
-            stride,
-            n,
-            scratch,
-            part,
-        );
-        from += n;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn attend_chunk_imp(
-    shape: super::AttnShape,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    n: usize,
     scores: &mut [f32],
     part: &mut [f32],
 ) {
     let hd = shape.head_dim;
     let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    start_partial(group, part);
     let (m, rest) = part.split_at_mut(group);
     let (l, o) = rest.split_at_mut(group);
-    for j in 0..n {
-        let k = &keys[j * stride..][..hd];
-        for (g, qh) in q.chunks_exact(hd).enumerate() {
-            scores[g * super::CHUNK_KEYS + j] = dot_imp(qh, k) * scale;
+    let mut from = range.start;
+    while from < range.end {
+        let n = (range.end - from).min(super::CHUNK_KEYS);
+        let mut h = 0;
+        while h < group {
+            let c = (group - h).min(HEADS_AT_ONCE);
+            let (q, s) = (&q[h * hd..], &mut scores[h * super::CHUNK_KEYS..]);
+            match c {
+                1 => score_keys::<E, 1>(q, hd, keys, from, n, scale, s),
+                2 => score_keys::<E, 2>(q, hd, keys, from, n, scale, s),
+                3 => score_keys::<E, 3>(q, hd, keys, from, n, scale, s),
+                _ => score_keys::<E, HEADS_AT_ONCE>(q, hd, keys, from, n, scale, s),
+            }
+            h += c;
         }
+        for g in 0..group {
+            let s = &mut scores[g * super::CHUNK_KEYS..][..n];
+            let chunk_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let new_max = m[g].max(chunk_max);
+            let rescale = exp(m[g] - new_max);
+            l[g] = l[g] * rescale + exp_sub_sum_imp(s, new_max);
+            o[g * hd..(g + 1) * hd]
+                .iter_mut()
+                .for_each(|v| *v *= rescale);
+            m[g] = new_max;
+        }
+        let rows = &values[from * hd..][..n * hd];
+        let mut h = 0;
+        while h < group {
+            let c = (group - h).min(HEADS_AT_ONCE);
+            let (o, w) = (&mut o[h * hd..], &scores[h * super::CHUNK_KEYS..]);
+            match c {
+                1 => sum_values::<E, 1, 32>(o, hd, w, rows, n),
+                2 => sum_values::<E, 2, 32>(o, hd, w, rows, n),
+                3 => sum_values::<E, 3, 32>(o, hd, w, rows, n),
+                _ => sum_values::<E, HEADS_AT_ONCE, 16>(o, hd, w, rows, n),
+            }
+            h += c;
+        }
+        from += n;
     }
-    for g in 0..group {
-        let s = &mut scores[g * super::CHUNK_KEYS..][..n];
-        let chunk_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        let new_max = m[g].max(chunk_max);
-        let rescale = exp(m[g] - new_max);
-        l[g] = l[g] * rescale + exp_sub_sum_imp(s, new_max);
-        o[g * hd..(g + 1) * hd]
-            .iter_mut()
-            .for_each(|v| *v *= rescale);
-        m[g] = new_max;
+}
+
+/// Query heads scored or summed together: their accumulators stay in registers.
+const HEADS_AT_ONCE: usize = 4;
+
+/// Scores of `G` query heads (`q`, `G * hd`) against keys `from..from + n` of one KV head's
+/// blocks: row `g` of `scores` (`CHUNK_KEYS` apart) gets `(Σ_d q_g[d]·k[d]) · scale` per key,
+/// summed in `d` order. A block's keys are one vector lane each, so no sum crosses lanes and
+/// the vector width never changes the arithmetic.
+#[inline(always)]
+fn score_keys<E: KvElem, const G: usize>(
+    q: &[f32],
+    hd: usize,
+    keys: &[E],
+    from: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    const B: usize = super::KEY_BLOCK;
+    let q: [&[f32]; G] = std::array::from_fn(|g| &q[g * hd..][..hd]);
+    let mut j = 0;
+    while j < n {
+        let (block, slot) = ((from + j) / B, (from + j) % B);
+        let take = (B - slot).min(n - j);
+        let block = &keys[block * B * hd..][..hd * B];
+        let mut acc = [[0f32; B]; G];
+        for (d, k) in block.chunks_exact(B).enumerate() {
+            let k: [f32; B] = E::widen_n(k);
+            for g in 0..G {
+                let qd = q[g][d];
+                for s in 0..B {
+                    acc[g][s] += qd * k[s];
+                }
+            }
+        }
+        for g in 0..G {
+            let row = &mut scores[g * super::CHUNK_KEYS + j..][..take];
+            for (out, &a) in row.iter_mut().zip(&acc[g][slot..]) {
+                *out = a * scale;
+            }
+        }
+        j += take;
     }
-    for (g, og) in o.chunks_exact_mut(hd).enumerate() {
-        let w = &scores[g * super::CHUNK_KEYS..][..n];
-        weighted_sum(og, w, values, stride);
+}
+
+/// `o_g[i] += w_g[j] · v_j[i]` for `G` heads (`o`, `G * hd`; weights `CHUNK_KEYS` apart)
+/// over `n` value rows of `hd`, in row order per element; `W` elements of every head stay
+/// in registers across the rows.
+#[inline(always)]
+fn sum_values<E: KvElem, const G: usize, const W: usize>(
+    o: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    rows: &[E],
+    n: usize,
+) {
+    let w: [&[f32]; G] = std::array::from_fn(|g| &w[g * super::CHUNK_KEYS..][..n]);
+    let mut at = 0;
+    while at + W <= hd {
+        let mut acc = [[0f32; W]; G];
+        for g in 0..G {
+            acc[g].copy_from_slice(&o[g * hd + at..][..W]);
+        }
+        for j in 0..n {
+            let row: [f32; W] = E::widen_n(&rows[j * hd + at..]);
+            for g in 0..G {
+                let wj = w[g][j];
+                for i in 0..W {
+                    acc[g][i] += wj * row[i];
+                }
+            }
+        }
+        for g in 0..G {
+            o[g * hd + at..][..W].copy_from_slice(&acc[g]);
+        }
+        at += W;
+    }
+    for g in 0..G {
+        let og = &mut o[g * hd + at..g * hd + hd];
+        for (j, &wj) in w[g].iter().enumerate() {
+            let row = &rows[j * hd + at..][..og.len()];
+            for (o, &v) in og.iter_mut().zip(row) {
+                *o += wj * v.widen();
+            }
+        }
     }
 }
 
@@ -308,37 +424,6 @@ fn dot_imp(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 fn sum_squares_imp(x: &[f32]) -> f32 {
     dot_imp(x, x)
-}
-
-/// Values summed in registers at a time by [`weighted_sum`] (4 AVX2 registers).
-const SUM_BLOCK: usize = 32;
-
-/// `o[i] += w[j] · rows[j·stride + i]` for each row `j` in order: per element the same
-/// sequence of operations as one `o += w[j]·row` pass per row, but each [`SUM_BLOCK`] of
-/// `o` stays in registers across the rows instead of going through memory once per row.
-#[inline(always)]
-fn weighted_sum(o: &mut [f32], w: &[f32], rows: &[f32], stride: usize) {
-    let mut blocks = o.chunks_exact_mut(SUM_BLOCK);
-    let mut at = 0;
-    for block in &mut blocks {
-        let mut acc = [0f32; SUM_BLOCK];
-        acc.copy_from_slice(block);
-        for (j, &wj) in w.iter().enumerate() {
-            let row = &rows[j * stride + at..][..SUM_BLOCK];
-            for i in 0..SUM_BLOCK {
-                acc[i] += wj * row[i];
-            }
-        }
-        block.copy_from_slice(&acc);
-        at += SUM_BLOCK;
-    }
-    let rest = blocks.into_remainder();
-    for (j, &wj) in w.iter().enumerate() {
-        let row = &rows[j * stride + at..][..rest.len()];
-        for (o, &v) in rest.iter_mut().zip(row) {
-            *o += wj * v;
-        }
-    }
 }
 
 #[inline(always)]

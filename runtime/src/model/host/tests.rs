@@ -20,11 +20,6 @@ fn exp_is_close_to_std() {
 #[test]
 fn vector_helpers_agree_on_every_kernel_path() {
     use super::super::cpu::CpuKernels;
-    let shape = AttnShape {
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-    };
     for kernels in CpuKernels::available() {
         for n in [1, 7, 8, 64, 67] {
             let a = pseudo_random(n, 1);
@@ -48,109 +43,63 @@ fn vector_helpers_agree_on_every_kernel_path() {
                 (bits(s2), &e2),
                 "{kernels}: exp_sub_sum of {n}"
             );
-            // One KV head's group of query heads over `n` cached positions.
-            let q = pseudo_random(2 * 16, 3);
-            let keys = pseudo_random(n * 2 * 16, 4);
-            let values = pseudo_random(n * 2 * 16, 5);
-            let mut outs = Vec::new();
-            for k in [kernels, CpuKernels::Scalar] {
-                let mut scratch = vec![0f32; CHUNK_KEYS * 2];
-                let mut part = vec![0f32; 2 * (16 + 2)];
-                simd::attend_partial_on(
-                    k,
-                    shape,
-                    &q,
-                    &keys,
-                    &values,
-                    1,
-                    0..n,
-                    &mut scratch,
-                    &mut part,
-                );
-                outs.push(part);
-            }
-            assert_eq!(outs[0], outs[1], "{kernels}: attend_partial over {n}");
-            // The same rows in half precision: every path agrees, and with `f32` rows
-            // holding the rounded values.
-            let half = |x: &[f32]| -> Vec<u16> {
-                x.iter()
-                    .map(|&v| half::f16::from_f32(v).to_bits())
-                    .collect()
-            };
-            let (keys16, values16) = (half(&keys), half(&values));
-            let widened = |x: &[u16]| -> Vec<f32> {
-                x.iter()
-                    .map(|&b| half::f16::from_bits(b).to_f32())
-                    .collect()
-            };
-            let (keys_w, values_w) = (widened(&keys16), widened(&values16));
-            let mut outs = Vec::new();
-            for k in [kernels, CpuKernels::Scalar] {
-                let mut scratch = vec![0f32; CHUNK_KEYS * (2 + 2 * 16)];
-                let mut part = vec![0f32; 2 * (16 + 2)];
-                simd::attend_partial_f16_on(
-                    k,
-                    shape,
-                    &q,
-                    &keys16,
-                    &values16,
-                    1,
-                    0..n,
-                    &mut scratch,
-                    &mut part,
-                );
-                outs.push(part);
-            }
-            let mut scratch = vec![0f32; CHUNK_KEYS * 2];
-            let mut part = vec![0f32; 2 * (16 + 2)];
-            simd::attend_partial_on(
-                CpuKernels::Scalar,
-                shape,
-                &q,
-                &keys_w,
-                &values_w,
-                1,
-                0..n,
-                &mut scratch,
-                &mut part,
-            );
-            assert_eq!(outs[0], outs[1], "{kernels}: f16 attend_partial over {n}");
-            assert_eq!(
-                outs[0], part,
-                "{kernels}: f16 attend_partial over {n} vs f32"
-            );
         }
     }
 }
 
-/// [`AttnShape::attend_partial`] written plainly (each key row scored for every head,
-/// then each value row added to every head's output): the kernels reorder loops and
-/// keep sums in registers, never the arithmetic, so they match it bit for bit.
+/// One KV head's keys `(tokens, hd)` in the cache's blocked layout (see [`HeadKv`]).
+fn blocked(keys: &[f32], hd: usize) -> Vec<f32> {
+    let tokens = keys.len() / hd;
+    let mut out = vec![0f32; tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd];
+    for (t, row) in keys.chunks_exact(hd).enumerate() {
+        let at = t / KEY_BLOCK * KEY_BLOCK * hd + t % KEY_BLOCK;
+        for (d, &x) in row.iter().enumerate() {
+            out[at + d * KEY_BLOCK] = x;
+        }
+    }
+    out
+}
+
+fn to_half(x: &[f32]) -> Vec<u16> {
+    x.iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect()
+}
+
+fn from_half(x: &[u16]) -> Vec<f32> {
+    x.iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect()
+}
+
+/// [`AttnShape::attend_partial`] written plainly over one KV head's token-major keys and
+/// values `(tokens, hd)` (each key scored for every head in `d` order, then each value row
+/// added to every head's output): the kernels reorder loops and keep sums in registers,
+/// never the arithmetic, so they match it bit for bit.
 #[allow(clippy::needless_range_loop)]
 fn plain_partial(
     shape: AttnShape,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    kv_head: usize,
     range: std::ops::Range<usize>,
 ) -> Vec<f32> {
     use super::super::cpu::CpuKernels::Scalar;
     let (hd, group) = (shape.head_dim, shape.group());
-    let stride = shape.n_kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let (mut m, mut l) = (vec![f32::NEG_INFINITY; group], vec![0f32; group]);
     let mut o = vec![0f32; group * hd];
     let mut from = range.start;
     while from < range.end {
         let n = (range.end - from).min(CHUNK_KEYS);
-        let row = |src: &[f32], j: usize| -> Vec<f32> {
-            src[(from + j) * stride + kv_head * hd..][..hd].to_vec()
-        };
+        let row = |src: &[f32], j: usize| -> Vec<f32> { src[(from + j) * hd..][..hd].to_vec() };
         let mut scores = vec![vec![0f32; n]; group];
         for j in 0..n {
+            let k = row(keys, j);
             for g in 0..group {
-                scores[g][j] = simd::dot_on(Scalar, &q[g * hd..][..hd], &row(keys, j)) * scale;
+                let qg = &q[g * hd..][..hd];
+                let dot = (0..hd).fold(0f32, |a, d| a + qg[d] * k[d]);
+                scores[g][j] = dot * scale;
             }
         }
         for g in 0..group {
@@ -175,66 +124,72 @@ fn plain_partial(
     [m, l, o].concat()
 }
 
-/// Every kernel path matches [`plain_partial`] bit for bit, at head sizes that do and do
-/// not fill whole register blocks.
+/// Every kernel path matches [`plain_partial`] bit for bit, in `f32` and in half precision
+/// (against `f32` rows holding the rounded values), at group sizes that fill the heads'
+/// registers and do not, head sizes that do and do not fill whole register blocks, and
+/// ranges that start and end inside a key block.
 #[test]
 fn attention_kernels_match_the_plain_loops_exactly() {
     use super::super::cpu::CpuKernels;
-    for head_dim in [16, 40, 64] {
+    for (n_heads, head_dim) in [(2, 16), (6, 40), (6, 64), (10, 64), (16, 24)] {
         let shape = AttnShape {
-            n_heads: 6,
+            n_heads,
             n_kv_heads: 2,
             head_dim,
         };
+        let group = shape.group();
         let n = CHUNK_KEYS * 2 + 9;
-        let q = pseudo_random(3 * head_dim, 11);
-        let keys = pseudo_random(n * 2 * head_dim, 12);
-        let values = pseudo_random(n * 2 * head_dim, 13);
-        for range in [0..n, 5..CHUNK_KEYS + 3, n - 1..n] {
-            let want = plain_partial(shape, &q, &keys, &values, 1, range.clone());
+        let q = pseudo_random(group * head_dim, 11);
+        let mut keys = pseudo_random(n * head_dim, 12);
+        // Some subnormal halves among the keys.
+        keys.iter_mut().step_by(7).for_each(|k| *k *= 1e-6);
+        let values = pseudo_random(n * head_dim, 13);
+        let (k16, v16) = (to_half(&keys), to_half(&values));
+        let (kb, kb16) = (blocked(&keys, head_dim), to_half(&blocked(&keys, head_dim)));
+        let (kw, vw) = (from_half(&k16), from_half(&v16));
+        for range in [0..n, 5..CHUNK_KEYS + 3, 17..18, n - 1..n] {
+            let want = plain_partial(shape, &q, &keys, &values, range.clone());
+            let want16 = plain_partial(shape, &q, &kw, &vw, range.clone());
             for kernels in CpuKernels::available() {
-                let mut scratch = vec![0f32; CHUNK_KEYS * 3];
-                let mut part = vec![0f32; 3 * (head_dim + 2)];
+                let mut scores = vec![0f32; CHUNK_KEYS * group];
+                let mut part = vec![0f32; group * (head_dim + 2)];
+                let r = range.clone();
                 simd::attend_partial_on(
                     kernels,
                     shape,
                     &q,
-                    &keys,
+                    &kb,
                     &values,
-                    1,
-                    range.clone(),
-                    &mut scratch,
+                    r,
+                    &mut scores,
                     &mut part,
                 );
-                assert_eq!(part, want, "{kernels}: head_dim {head_dim}, keys {range:?}");
+                assert_eq!(part, want, "{kernels}: {shape:?}, keys {range:?}");
+                let r = range.clone();
+                simd::attend_partial_f16_on(
+                    kernels,
+                    shape,
+                    &q,
+                    &kb16,
+                    &v16,
+                    r,
+                    &mut scores,
+                    &mut part,
+                );
+                assert_eq!(part, want16, "{kernels}: f16 {shape:?}, keys {range:?}");
             }
         }
     }
 }
 
-/// Every half-precision value widens as `half` widens it (NaNs stay NaN), on every path.
+/// Every half-precision value widens as `half` widens it (NaNs stay NaN).
 #[test]
 fn f16_widening_is_exact() {
-    use super::super::cpu::CpuKernels;
     let all: Vec<u16> = (0..=u16::MAX).collect();
-    let want: Vec<f32> = all
-        .iter()
-        .map(|&b| half::f16::from_bits(b).to_f32())
-        .collect();
     let same =
         |got: f32, want: f32| got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
-    for (&bits, &w) in all.iter().zip(&want) {
+    for (&bits, &w) in all.iter().zip(&from_half(&all)) {
         assert!(same(simd::f16_to_f32(bits), w), "{bits:#06x}");
-    }
-    for kernels in CpuKernels::available() {
-        // Rows of 13 (not a multiple of 8) from a stride of 16.
-        let mut got = vec![0f32; all.len() / 16 * 13];
-        simd::widen_f16_on(kernels, &all, 16, 13, &mut got);
-        for (r, row) in got.chunks_exact(13).enumerate() {
-            for (c, &g) in row.iter().enumerate() {
-                assert!(same(g, want[r * 16 + c]), "{kernels}: {:#06x}", r * 16 + c);
-            }
-        }
     }
 }
 
@@ -335,6 +290,20 @@ fn attention_matches_plain_softmax() {
     let keys = pseudo_random(tokens * stride, 6);
     let values = pseudo_random(tokens * stride, 7);
     let (kf, vf) = (&keys, &values);
+    // The cache's layout: per KV head, keys in blocks and values token-major.
+    let heads: Vec<HeadKv<f32>> = (0..2)
+        .map(|h| {
+            let of_head = |x: &[f32]| -> Vec<f32> {
+                x.chunks_exact(stride)
+                    .flat_map(|row| row[h * 16..][..16].to_vec())
+                    .collect()
+            };
+            HeadKv {
+                keys: blocked(&of_head(&keys), 16),
+                values: of_head(&values),
+            }
+        })
+        .collect();
     // Four tokens, each seeing its own number of keys (one chunk, several, several
     // splits); their queries for all heads.
     let visible = [1, 20, CHUNK_KEYS * 3 + 5, tokens];
@@ -352,8 +321,13 @@ fn attention_matches_plain_softmax() {
         .zip(partials.chunks_exact_mut(plan.part_len))
     {
         let q = &q_all[split.token * 96 + split.kv_head * 48..][..48];
-        let kv = HostLayer::F32(&keys, &values);
-        shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
+        shape.attend_partial(
+            q,
+            HostLayer::F32(&heads),
+            split.kv_head,
+            split.keys.clone(),
+            part,
+        );
     }
     let mut out = vec![1f32; visible.len() * 96];
     shape.merge(&plan, &partials, &mut out);
