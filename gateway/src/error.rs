@@ -367,7 +367,6 @@ fn is_default_argument(field: &str, value: &serde_json::Value) -> bool {
         ("store", Value::Bool(false)) => true,
         ("service_tier", Value::String(tier)) => tier == "auto" || tier == "default",
         ("modalities", Value::Array(m)) => m.iter().all(|x| x == "text"),
-        ("logit_bias", Value::Object(bias)) => bias.is_empty(),
         _ => false,
     }
 }

@@ -27,6 +27,9 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Number of alternatives to report with each token's logprob.
     pub logprobs: Option<usize>,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before anything else picks from
+    /// them (-100 bans a token, +100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -40,9 +43,13 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             repetition_penalty: 1.0,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
+
+/// Largest `logit_bias` magnitude (OpenAI's range).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 /// Most alternatives one token may report.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -73,6 +80,16 @@ impl SamplingParams {
             return bad(
                 "repetition_penalty",
                 format!("{} must be greater than 0", self.repetition_penalty),
+            );
+        }
+        if let Some(&(token, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+        {
+            return bad(
+                "logit_bias",
+                format!("the bias {b} of token {token} is not between -100 and 100"),
             );
         }
         if let Some(k) = self.logprobs {
@@ -167,6 +184,11 @@ impl Sampler {
 
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             for &t in self.seen.keys() {
                 if let Some(l) = logits.get_mut(t as usize) {
@@ -402,6 +424,25 @@ mod tests {
         );
         let picks: Vec<u32> = (0..4).map(|_| s.sample(&mut logits()).token).collect();
         assert_eq!(picks, vec![1, 5, 1, 5]);
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice_and_the_logprobs() {
+        // -100 bans the best token (1): the runner-up 5 (2.9) wins; +5 lifts 3 (-1.0) above all.
+        let ban = |bias| SamplingParams {
+            logit_bias: bias,
+            logprobs: Some(1),
+            ..params(0.0, 1)
+        };
+        let mut s = Sampler::new(ban(vec![(1, -100.0)]), &[]);
+        let picked = s.sample(&mut logits());
+        assert_eq!(picked.token, 5);
+        assert_eq!(picked.top[0].0, 5);
+        assert_eq!(run(ban(vec![(3, 5.0)]), 2), vec![3, 3]);
+        // An id past the logits (the backend refuses it first) changes nothing.
+        assert_eq!(run(ban(vec![(99, 100.0)]), 1), vec![1]);
+        assert!(ban(vec![(1, 100.5)]).validate().is_err());
+        assert!(ban(vec![(1, -100.0), (2, 100.0)]).validate().is_ok());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 """The official OpenAI Python SDK, unchanged, against the real server and the real model."""
 
 import concurrent.futures
+import os
+import pathlib
 import time
 
 import httpx
@@ -8,6 +10,8 @@ import openai
 import pytest
 
 from conftest import API_KEY
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 FRANCE = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -106,6 +110,40 @@ def test_logprobs(client, model):
         assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-4)
 
 
+def vocabulary():
+    """The development model's tokens, by id."""
+    import gguf
+
+    path = os.environ.get("TOLLGATE_TEST_MODEL") or ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+    return [bytes(field.parts[i]).decode() for i in field.data]
+
+
+def test_logit_bias(client, model):
+    """-100 bans a token, +100 forces it; the keys are token ids, checked against the vocabulary."""
+    base = dict(model=model, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True)
+    r = client.chat.completions.create(**base)
+    first = r.choices[0].logprobs.content[0]
+    assert first.token == "The", first.token
+    the = vocabulary().index("The")
+    banned = client.chat.completions.create(**base, logit_bias={str(the): -100})
+    assert banned.choices[0].logprobs.content[0].token != first.token
+    forced = client.chat.completions.create(**dict(base, max_tokens=3), logit_bias={"1000": 100})
+    tokens = [t.token for t in forced.choices[0].logprobs.content]
+    assert len(tokens) == 3 and len(set(tokens)) == 1, tokens
+    # Banning the end of turn runs to max_tokens.
+    end = vocabulary().index("<|im_end|>")
+    long = client.chat.completions.create(**dict(base, max_tokens=40), logit_bias={str(end): -100})
+    assert long.choices[0].finish_reason == "length"
+    assert long.usage.completion_tokens == 40
+    for bias, needle in [({"abc": 1}, "token id"), ({"5": 101}, "between -100 and 100"),
+                         ({"49152": 1}, "vocabulary"), ({str(i): 1 for i in range(301)}, "at most 300")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**base, logit_bias=bias)
+        assert e.value.param == "logit_bias", bias
+        assert needle in e.value.message, e.value.message
+
+
 def test_n_choices(client, model):
     r = client.chat.completions.create(
         model=model, messages=FRANCE, temperature=0.8, max_tokens=8, n=2, seed=7
@@ -142,7 +180,7 @@ def test_errors(server, client, model):
 def test_arguments_the_server_cannot_honour_are_refused(client, model):
     """An argument the server does not implement is a 400 naming it, never ignored."""
     for kwargs, param in [
-        ({"logit_bias": {"1000": 50}}, "logit_bias"),
+        ({"prediction": {"type": "content", "content": "Paris"}}, "prediction"),
         ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"store": True}, "store"),

@@ -131,6 +131,9 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// `Some(k)`: return the chosen token's logprob and the `k` most likely alternatives.
     pub logprobs: Option<u32>,
+    /// OpenAI's `logit_bias`: token id and bias in [-100, 100], by token id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -146,6 +149,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             stop: Vec::new(),
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }

@@ -37,6 +37,7 @@ pub struct LocalBackend {
     tokenizer: Arc<ModelTokenizer>,
     template: Arc<ChatTemplate>,
     compiler: Arc<ConstraintCompiler>,
+    vocab_size: usize,
 }
 
 impl LocalBackend {
@@ -52,6 +53,7 @@ impl LocalBackend {
             template,
         } = loaded;
         let context_length = model.config().context_length;
+        let vocab_size = model.config().vocab_size;
         let compiler = Arc::new(ConstraintCompiler::new(
             tokenizer.clone(),
             model.config().vocab_size,
@@ -72,6 +74,7 @@ impl LocalBackend {
             tokenizer,
             template: Arc::new(template),
             compiler,
+            vocab_size,
         })
     }
 
@@ -99,6 +102,7 @@ fn sampling_params(p: &tollgate_gateway::backend::SamplingParams) -> SamplingPar
         presence_penalty: p.presence_penalty,
         repetition_penalty: p.repetition_penalty,
         logprobs: p.logprobs.map(|k| k as usize),
+        logit_bias: p.logit_bias.clone(),
     }
 }
 
@@ -172,6 +176,20 @@ impl Backend for LocalBackend {
             ),
         };
 
+        if let Some(&(token, _)) = request
+            .params
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= self.vocab_size)
+        {
+            return Err(BackendError::InvalidRequest {
+                message: format!(
+                    "token {token} in 'logit_bias' is not in the vocabulary of model `{}` ({} tokens)",
+                    self.info.id, self.vocab_size
+                ),
+                param: Some("logit_bias".into()),
+            });
+        }
         let context = self.engine.context_length();
         let prompt_tokens = prompt_ids.len();
         if prompt_tokens >= context {

@@ -66,6 +66,8 @@ pub struct CommonParams {
     pub top_k: Option<u32>,
     #[schema(minimum = 0.01, maximum = 10)]
     pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -233,7 +235,7 @@ macro_rules! common_fields {
         &[
             "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
             "presence_penalty", "user", "metadata", "stream", "stream_options", "top_k",
-            "repetition_penalty", $($extra),*
+            "repetition_penalty", "logit_bias", $($extra),*
         ]
     };
 }

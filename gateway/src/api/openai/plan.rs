@@ -11,6 +11,7 @@ use crate::backend::{
     ToolDef, ToolsRequest,
 };
 use crate::error::ApiError;
+use std::collections::BTreeMap;
 
 /// What a validated request asks for.
 #[derive(Debug, Clone)]
@@ -98,6 +99,7 @@ fn sampling(
             "stop",
         ));
     }
+    let logit_bias = logit_bias(common.logit_bias.as_ref())?;
     Ok(SamplingParams {
         max_tokens,
         temperature,
@@ -109,7 +111,49 @@ fn sampling(
         repetition_penalty,
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         logprobs,
+        logit_bias,
     })
+}
+
+/// Most tokens one `logit_bias` may name (OpenAI's limit).
+const MAX_LOGIT_BIAS_TOKENS: usize = 300;
+
+/// `logit_bias` as `(token id, bias)`: keys must be token ids, biases within [-100, 100].
+fn logit_bias(bias: Option<&BTreeMap<String, f32>>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(bias) = bias else {
+        return Ok(Vec::new());
+    };
+    if bias.len() > MAX_LOGIT_BIAS_TOKENS {
+        return Err(ApiError::invalid(
+            format!(
+                "'logit_bias' names {} tokens; at most {MAX_LOGIT_BIAS_TOKENS} are allowed - 'logit_bias'",
+                bias.len()
+            ),
+            "logit_bias",
+        ));
+    }
+    bias.iter()
+        .map(|(k, &b)| {
+            let token: u32 = k.parse().map_err(|_| {
+                let shown: String = k.chars().take(40).collect();
+                ApiError::invalid(
+                    format!(
+                        "Invalid key in 'logit_bias': {shown:?} is not a token id - 'logit_bias'"
+                    ),
+                    "logit_bias",
+                )
+            })?;
+            if !(-100.0..=100.0).contains(&b) {
+                return Err(ApiError::invalid(
+                    format!(
+                        "the bias {b} of token {token} is not between -100 and 100 - 'logit_bias'"
+                    ),
+                    "logit_bias",
+                ));
+            }
+            Ok((token, b))
+        })
+        .collect()
 }
 
 fn choices_n(common: &CommonParams, max_n: u32) -> Result<u32, ApiError> {

@@ -199,6 +199,14 @@ pub(super) fn request_body(model: &str, request: &GenerateRequest) -> (String, V
     if p.repetition_penalty != 1.0 {
         body["repetition_penalty"] = json!(p.repetition_penalty);
     }
+    if !p.logit_bias.is_empty() {
+        let bias: serde_json::Map<String, Value> = p
+            .logit_bias
+            .iter()
+            .map(|(t, b)| (t.to_string(), json!(b)))
+            .collect();
+        body["logit_bias"] = Value::Object(bias);
+    }
     (path.to_string(), body)
 }
 
