@@ -125,6 +125,8 @@ async def one_request(client, args, i, unique):
     }
     if args.ignore_eos:
         body["ignore_eos"] = True
+    if args.ban_tokens:
+        body["logit_bias"] = {t.strip(): -100 for t in args.ban_tokens.split(",")}
     start = time.perf_counter()
     token_times = []
     usage = None
@@ -308,6 +310,9 @@ def main():
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (llama.cpp/vLLM extension)")
+    p.add_argument("--ban-tokens", default="",
+                   help="comma-separated token ids sent as logit_bias -100 (OpenAI's way to make both "
+                        "servers run to max_tokens: ban the end-of-turn tokens, e.g. 0,2 for SmolLM2)")
     p.add_argument("--unique-prompts", action="store_true", help="make every prompt unique (no prompt cache hits)")
     p.add_argument("--pid", type=int, help="server process to sample peak RSS from")
     p.add_argument("--label", default="server")

@@ -165,7 +165,8 @@ pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, A
                     UpstreamPool::new(info, model.id.clone(), &http.urls, api_key, http.discover)
                         .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?
                         .with_responses(http.responses)
-                        .with_forwarded_customer(http.forward_customer);
+                        .with_forwarded_customer(http.forward_customer)
+                        .with_routing(http.routing);
                 if let Some(source) = &model.source {
                     // With a source, what the upstream streams is counted in the model's own
                     // tokens when its usage is missing or short.

@@ -54,6 +54,8 @@ enum RawBackend {
         /// Send each request's customer and scheduling weight to the members (only for
         /// `tollgate worker`s, which trust them from their token's holder).
         forward_customer: Option<bool>,
+        /// `least_busy` (default) or `customer`.
+        routing: Option<String>,
     },
 }
 
@@ -184,6 +186,8 @@ pub struct HttpBackendConfig {
     /// [`crate::backend::upstream::CUSTOMER_HEADER`] and
     /// [`crate::backend::upstream::WEIGHT_HEADER`]): for pools of `tollgate worker`s.
     pub forward_customer: bool,
+    /// How a member is picked for each request.
+    pub routing: crate::backend::upstream::Routing,
 }
 
 /// How an http model serves `/v1/responses`.
@@ -273,6 +277,7 @@ pub(super) fn validate_model(
             discover,
             responses,
             forward_customer,
+            routing,
         } => {
             if urls.is_empty() {
                 return Err(err("backend.urls is empty".into()));
@@ -295,12 +300,22 @@ pub(super) fn validate_model(
                     )))
                 }
             };
+            let routing = match routing.as_deref() {
+                None | Some("least_busy") => crate::backend::upstream::Routing::LeastBusy,
+                Some("customer") => crate::backend::upstream::Routing::Customer,
+                Some(other) => {
+                    return Err(err(format!(
+                        "backend.routing `{other}` is neither `least_busy` nor `customer`"
+                    )))
+                }
+            };
             BackendConfig::Http(HttpBackendConfig {
                 urls,
                 api_key_env,
                 discover,
                 responses,
                 forward_customer: forward_customer.unwrap_or(false),
+                routing,
             })
         }
     };

@@ -223,3 +223,27 @@ fn device_and_weights_are_parsed_when_the_catalogue_is() {
     let e = local("weights = \"q5_k\"").unwrap_err().to_string();
     assert!(e.contains("q5_k") && e.contains("native"), "{e}");
 }
+
+#[test]
+fn an_http_pool_routes_least_busy_unless_told_by_customer() {
+    use crate::backend::upstream::Routing;
+    let pool = |extra: &str| {
+        Config::from_toml_str(
+            &format!(
+                "[models.up]\nbackend = {{ type = \"http\", urls = [\"http://w:8000\"]{extra} }}\n"
+            ),
+            Path::new("."),
+        )
+    };
+    let routing = |c: Config| match &c.models["up"].backend {
+        BackendConfig::Http(http) => http.routing,
+        BackendConfig::Local(_) => panic!("http backend expected"),
+    };
+    assert_eq!(routing(pool("").unwrap()), Routing::LeastBusy);
+    assert_eq!(
+        routing(pool(", routing = \"customer\"").unwrap()),
+        Routing::Customer
+    );
+    let e = pool(", routing = \"sticky\"").unwrap_err().to_string();
+    assert!(e.contains("backend.routing `sticky`"), "{e}");
+}

@@ -1,8 +1,12 @@
 //! Backends over HTTP: a pool of Tollgate workers or of any OpenAI-compatible server (vLLM,
 //! TGI, llama.cpp's server), spoken to with the OpenAI streaming API.
 //!
-//! Routing: each request goes to the healthy member with the fewest requests in flight. A
-//! background task probes every member's `/health`; a member that fails a request before its
+//! Routing: each request goes to the healthy member with the fewest requests in flight, or
+//! with [`Routing::Customer`] to its customer's own member (rendezvous hashing of customer and
+//! member, so every gateway replica picks the same one and a member's leaving moves only its
+//! own customers) unless that member carries more than its share of the load (consistent
+//! hashing with bounded loads): a customer's repeated system prompts and tools then meet the
+//! prefix cache that holds them. A background task probes every member's `/health`; a member that fails a request before its
 //! first token, or a probe, is ejected and readmitted when a probe succeeds again. A request
 //! that fails before its first token is retried on another member; once text has streamed,
 //! a failure ends the response with an error event and the tokens seen so far are billed.
@@ -54,6 +58,25 @@ pub enum Discovery {
     /// Every address each URL's host name resolves to, resolved again every probe round.
     Dns,
 }
+
+/// How a pool picks a member for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// The healthy member with the fewest requests in flight.
+    #[default]
+    LeastBusy,
+    /// The customer's own member while it carries fewer requests than [`LOAD_BOUND`] times
+    /// the average, or than [`LOAD_FLOOR`] (requests without a customer: least busy).
+    Customer,
+}
+
+/// How far above the average a customer's member may be loaded before its requests spill to
+/// the next member in the customer's order.
+const LOAD_BOUND: f64 = 1.25;
+
+/// Requests in flight a customer's member always takes: below a few concurrent requests a
+/// batch costs about the same, while a prefix cache miss costs a whole prefill.
+const LOAD_FLOOR: u32 = 4;
 
 /// One upstream server.
 #[derive(Debug)]
@@ -114,6 +137,7 @@ pub struct UpstreamPool {
     responses: ResponsesMode,
     /// Whether members get each request's customer and weight.
     forward_customer: bool,
+    routing: Routing,
 }
 
 /// The customer a gateway forwards to a `tollgate worker` with each request (trusted only
@@ -126,6 +150,20 @@ impl Drop for UpstreamPool {
     fn drop(&mut self) {
         self.prober.abort();
     }
+}
+
+/// A customer's score for a member (highest wins): SHA-256 of both, so it is the same in every
+/// gateway replica and release.
+fn affinity(customer: &str, member: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(customer.as_bytes())
+        .chain_update([0])
+        .chain_update(member.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// `http://host:port/v1/` → `http://host:port`.
@@ -200,6 +238,7 @@ impl UpstreamPool {
             counter: None,
             responses: ResponsesMode::Translate,
             forward_customer: false,
+            routing: Routing::LeastBusy,
         })
     }
 
@@ -216,6 +255,12 @@ impl UpstreamPool {
         self
     }
 
+    /// How members are picked.
+    pub fn with_routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
+    }
+
     /// Counts what streams by with the model's tokenizer (instead of one token per chunk)
     /// when the upstream's own figure is missing or lower.
     pub fn with_token_counter(mut self, counter: Arc<dyn TokenCounter>) -> Self {
@@ -224,8 +269,9 @@ impl UpstreamPool {
     }
 
     /// Members to try, best first: healthy ones by requests in flight (ties rotate), then
-    /// the ejected ones as a last resort.
-    fn candidates(&self) -> Vec<Arc<Member>> {
+    /// the ejected ones as a last resort. With [`Routing::Customer`], the healthy members
+    /// under the load bound come first, in the customer's own order.
+    fn candidates(&self, customer: Option<&str>) -> Vec<Arc<Member>> {
         let members = self.members.current();
         let n = members.len();
         if n == 0 {
@@ -234,12 +280,28 @@ impl UpstreamPool {
         let offset = self.next.fetch_add(1, Ordering::Relaxed);
         let mut order: Vec<Arc<Member>> =
             (0..n).map(|i| members[(i + offset) % n].clone()).collect();
-        order.sort_by_key(|m| {
-            (
-                !m.healthy.load(Ordering::Relaxed),
-                m.in_flight.load(Ordering::Relaxed),
-            )
-        });
+        let load = |m: &Member| m.in_flight.load(Ordering::Relaxed);
+        let healthy = |m: &Member| m.healthy.load(Ordering::Relaxed);
+        match (self.routing, customer) {
+            (Routing::Customer, Some(customer)) => {
+                let up: Vec<&Arc<Member>> = order.iter().filter(|m| healthy(m)).collect();
+                let total: u64 = up.iter().map(|m| u64::from(load(m))).sum();
+                // Room for this request included, so an idle pool always has room.
+                let bound = ((total + 1) as f64 * LOAD_BOUND / up.len().max(1) as f64)
+                    .ceil()
+                    .max(f64::from(LOAD_FLOOR));
+                order.sort_by_cached_key(|m| {
+                    let under = healthy(m) && f64::from(load(m)) < bound;
+                    let rank = if under {
+                        affinity(customer, &m.base)
+                    } else {
+                        0
+                    };
+                    (!healthy(m), !under, std::cmp::Reverse(rank), load(m))
+                });
+            }
+            _ => order.sort_by_key(|m| (!healthy(m), load(m))),
+        }
         order
     }
 }
@@ -271,7 +333,7 @@ impl Backend for UpstreamPool {
         body["stream"] = json!(true);
         Ok(responses::run(
             self.client.clone(),
-            self.candidates(),
+            self.candidates(None),
             failover::Credentials {
                 api_key: self.api_key.clone(),
                 forwarded: Vec::new(),
@@ -301,7 +363,7 @@ impl Backend for UpstreamPool {
             _ => Vec::new(),
         };
         let client = self.client.clone();
-        let candidates = self.candidates();
+        let candidates = self.candidates(request.customer.as_deref());
         let api_key = self.api_key.clone();
         // The request's span: the streams run after its handler has returned.
         let parent = tracing::Span::current();
@@ -337,6 +399,91 @@ mod tests {
     use super::health::discover;
     use super::*;
     use crate::backend::{Prompt, UsageSource};
+
+    /// A customer-routed pool over `n` members that nothing probes.
+    fn routed_pool(n: usize) -> UpstreamPool {
+        let info = ModelInfo {
+            id: "m".into(),
+            context_length: 4096,
+            created: 0,
+            owned_by: "tests".into(),
+        };
+        let urls: Vec<String> = (0..n).map(|i| format!("http://10.0.0.{i}:8000")).collect();
+        let pool = UpstreamPool::new(info, "m".into(), &urls, None, Discovery::Static)
+            .unwrap()
+            .with_routing(Routing::Customer);
+        pool.prober.abort();
+        pool
+    }
+
+    fn first(pool: &UpstreamPool, customer: &str) -> String {
+        pool.candidates(Some(customer))[0].base.clone()
+    }
+
+    #[tokio::test]
+    async fn customers_keep_their_member_until_it_is_loaded_or_gone() {
+        let pool = routed_pool(3);
+        let customers: Vec<String> = (0..300).map(|i| format!("cus_{i}")).collect();
+        let home: Vec<String> = customers.iter().map(|c| first(&pool, c)).collect();
+        // The same member every time, whatever the rotation; the customers spread over all.
+        for (c, h) in customers.iter().zip(&home).take(20) {
+            for _ in 0..4 {
+                assert_eq!(&first(&pool, c), h);
+            }
+        }
+        let members = pool.members.current();
+        for m in members.iter() {
+            let share = home.iter().filter(|h| **h == m.base).count();
+            assert!((60..=140).contains(&share), "{}: {share} of 300", m.base);
+        }
+        // A member takes up to 4 requests, and beyond that up to 1.25x the average (the new
+        // request counted); then the customer spills to the next member in its order.
+        let c = &customers[0];
+        let own = members.iter().find(|m| m.base == home[0]).unwrap();
+        let others: Vec<_> = members.iter().filter(|m| m.base != home[0]).collect();
+        own.in_flight.store(3, Ordering::Relaxed);
+        assert_eq!(first(&pool, c), home[0]);
+        own.in_flight.store(4, Ordering::Relaxed);
+        assert_ne!(first(&pool, c), home[0]);
+        others
+            .iter()
+            .for_each(|m| m.in_flight.store(10, Ordering::Relaxed));
+        own.in_flight.store(14, Ordering::Relaxed); // bound ceil(35 / 3 * 1.25) = 15
+        assert_eq!(first(&pool, c), home[0]);
+        own.in_flight.store(15, Ordering::Relaxed); // bound ceil(36 / 3 * 1.25) = 15
+        let spill = first(&pool, c);
+        assert_ne!(spill, home[0]);
+        // It spills to the next member in its own order, not to whichever is least busy.
+        others
+            .iter()
+            .find(|m| m.base != spill)
+            .unwrap()
+            .in_flight
+            .store(0, Ordering::Relaxed);
+        assert_eq!(first(&pool, c), spill);
+        members
+            .iter()
+            .for_each(|m| m.in_flight.store(0, Ordering::Relaxed));
+        // Ejected: the next member in the customer's order; back: home again.
+        own.healthy.store(false, Ordering::Relaxed);
+        assert_ne!(first(&pool, c), home[0]);
+        assert_eq!(pool.candidates(Some(c)).last().unwrap().base, home[0]);
+        own.healthy.store(true, Ordering::Relaxed);
+        assert_eq!(first(&pool, c), home[0]);
+        // A member that leaves moves only its own customers.
+        let gone = members[1].base.clone();
+        pool.members
+            .replace(members.iter().filter(|m| m.base != gone).cloned().collect());
+        for (c, h) in customers.iter().zip(&home) {
+            if *h != gone {
+                assert_eq!(&first(&pool, c), h, "{c} moved");
+            }
+        }
+        // Without a customer: the least busy member.
+        let members = pool.members.current();
+        members[0].in_flight.store(3, Ordering::Relaxed);
+        assert_eq!(pool.candidates(None)[0].base, members[1].base);
+    }
 
     #[test]
     fn base_urls_lose_their_v1() {
