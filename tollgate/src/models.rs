@@ -108,6 +108,9 @@ pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
     EngineConfig {
         max_queue: local.max_queue,
         max_batch_tokens: local.max_batch_tokens,
+        max_step_sequences: local
+            .max_step_sequences
+            .unwrap_or(EngineConfig::default().max_step_sequences),
         kv_cache_bytes: local.kv_cache_bytes,
         // Finished prompts' KV kept for reuse: an eighth of the KV budget.
         prefix_cache_bytes: local.kv_cache_bytes / 8,

@@ -39,6 +39,7 @@ enum RawBackend {
         weights: Option<WeightForm>,
         max_queue: Option<usize>,
         max_batch_tokens: Option<usize>,
+        max_step_sequences: Option<usize>,
         kv_cache_bytes: Option<usize>,
         kv_cache_dtype: Option<KvCacheDtype>,
         /// A Jinja file that replaces the model's own chat template.
@@ -165,6 +166,8 @@ pub struct LocalBackendConfig {
     pub weights: WeightForm,
     pub max_queue: usize,
     pub max_batch_tokens: usize,
+    /// Sequences one forward pass takes at most; `None`: the engine's whole batch.
+    pub max_step_sequences: Option<usize>,
     pub kv_cache_bytes: usize,
     /// The KV cache's element type; `None` = the device's default (f32 on the CPU).
     pub kv_cache_dtype: Option<KvCacheDtype>,
@@ -255,6 +258,7 @@ pub(super) fn validate_model(
             weights,
             max_queue,
             max_batch_tokens,
+            max_step_sequences,
             kv_cache_bytes,
             kv_cache_dtype,
             chat_template,
@@ -267,6 +271,7 @@ pub(super) fn validate_model(
             weights: weights.unwrap_or_default(),
             max_queue: max_queue.unwrap_or(64).max(1),
             max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
+            max_step_sequences: max_step_sequences.map(|n| n.max(1)),
             kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
             kv_cache_dtype,
             chat_template: chat_template.map(|p| base_dir.join(p)),

@@ -46,6 +46,28 @@ pub(super) fn admission<'a>(
     Admission::Admit
 }
 
+/// Which running sequences, given as `(tenant, weight, step last run)`, take part in the next
+/// forward pass of at most `cap` sequences: all of them while they fit; else each tenant's
+/// weighted fair share of `cap`, its least recently run sequences first (ties by position).
+pub(super) fn step_members(running: &[(&Tenant, u32, u64)], cap: usize) -> Vec<bool> {
+    let n = running.len();
+    let cap = cap.max(1);
+    if n <= cap {
+        return vec![true; n];
+    }
+    let demand = tenant_demand(running.iter().map(|&(t, w, _)| (t, w)));
+    let slots = shares(&demand, cap);
+    let mut chosen = vec![false; n];
+    for ((tenant, _, _), &slot) in demand.iter().zip(&slots) {
+        let mut mine: Vec<usize> = (0..n).filter(|&i| running[i].0 == tenant).collect();
+        mine.sort_by_key(|&i| (running[i].2, i));
+        for &i in mine.iter().take(slot) {
+            chosen[i] = true;
+        }
+    }
+    chosen
+}
+
 /// `(tenant, weight, running sequences)` of `entries`, in first-seen order.
 pub(super) fn tenant_demand<'a>(
     entries: impl Iterator<Item = (&'a Tenant, u32)>,
@@ -111,6 +133,34 @@ mod tests {
         let weighted = running(&[(&a, 1, 2), (&b, 3, 2)]);
         assert_eq!(admit(&weighted, (&b, 3), 4, ROOM), Admission::Admit);
         assert_eq!(admit(&weighted, (&a, 1), 4, ROOM), Admission::OverShare);
+    }
+
+    /// A step takes at most `cap` sequences: each tenant its share, least recently run
+    /// first, so every sequence runs in turn.
+    #[test]
+    fn a_step_takes_each_tenants_share_least_recently_run_first() {
+        let (a, b) = (t("a"), t("b"));
+        // Six of a (last run at steps 5, 1, 4, 2, 3, 6) and two of b.
+        let r = [
+            (&a, 1, 5),
+            (&a, 1, 1),
+            (&b, 1, 7),
+            (&a, 1, 4),
+            (&a, 1, 2),
+            (&b, 1, 7),
+            (&a, 1, 3),
+            (&a, 1, 6),
+        ];
+        assert_eq!(step_members(&r, 8), vec![true; 8]);
+        // Four slots: two each; a's two least recently run are at steps 1 and 2.
+        let four = step_members(&r, 4);
+        let picked: Vec<usize> = (0..8).filter(|&i| four[i]).collect();
+        assert_eq!(picked, vec![1, 2, 4, 5]);
+        // Six slots: b needs only two, a takes the other four.
+        assert_eq!(step_members(&r, 6).iter().filter(|&&c| c).count(), 6);
+        assert!(step_members(&r, 6)[2] && step_members(&r, 6)[5]);
+        // A cap of 0 still runs one sequence.
+        assert_eq!(step_members(&r, 0).iter().filter(|&&c| c).count(), 1);
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// Upper bound of sequences running at once.
     pub max_running: usize,
+    /// Sequences one forward pass takes at most (the others take turns, least recently run
+    /// first, by the tenants' fair shares): a shorter step delays another request's first
+    /// token less, a longer one makes more tokens per second.
+    pub max_step_sequences: usize,
     /// KV memory the prefix cache may keep for finished prompts (0 turns it off).
     pub prefix_cache_bytes: usize,
 }
@@ -64,6 +68,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             kv_cache_bytes: 1 << 30,
             max_running: 32,
+            max_step_sequences: 32,
             prefix_cache_bytes: 128 << 20,
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::admission::{admission, tenant_demand, Admission};
+use super::admission::{admission, step_members, Admission};
 use super::late::{start_late, Late, TriggerScan};
 use super::prefix_cache::PrefixCache;
 use super::{
@@ -16,7 +16,7 @@ use super::{
     Submission, TokenLogprob,
 };
 use crate::detokenize::StreamDecoder;
-use crate::fair::{shares, FairQueue, Tenant};
+use crate::fair::{FairQueue, Tenant};
 use crate::model::{KvCache, LlamaModel, SeqStep};
 use crate::sampling::{Sampled, Sampler};
 use crate::stop::StopMatcher;
@@ -264,25 +264,15 @@ impl Worker {
     }
 
     /// Which running sequences take part in this step: all of them while they fit the
-    /// batch; else each tenant's fair share, its least recently run sequences first.
+    /// step; else each tenant's fair share, its least recently run sequences first.
     fn choose(&self) -> Vec<bool> {
-        let n = self.running.len();
-        if n <= self.config.max_running {
-            return vec![true; n];
-        }
-        let demand = tenant_demand(self.running.iter().map(|s| (&s.tenant, s.weight)));
-        let slots = shares(&demand, self.config.max_running);
-        let mut chosen = vec![false; n];
-        for ((tenant, _, _), &slot) in demand.iter().zip(&slots) {
-            let mut mine: Vec<usize> = (0..n)
-                .filter(|&i| &self.running[i].tenant == tenant)
-                .collect();
-            mine.sort_by_key(|&i| (self.running[i].last_step, i));
-            for &i in mine.iter().take(slot) {
-                chosen[i] = true;
-            }
-        }
-        chosen
+        let running: Vec<(&Tenant, u32, u64)> = self
+            .running
+            .iter()
+            .map(|s| (&s.tenant, s.weight, s.last_step))
+            .collect();
+        let cap = self.config.max_running.min(self.config.max_step_sequences);
+        step_members(&running, cap)
     }
 
     /// One forward pass over the running sequences, then sampling and streaming.
