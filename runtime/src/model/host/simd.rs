@@ -9,9 +9,13 @@ use super::super::cpu::CpuKernels;
 /// `fn name(args)` runs `imp` on the selected kernel path; `fn on(kernels, args)` on a
 /// given one (the tests run each path this CPU has). The AVX2 and AVX-512 builds are the
 /// same Rust code (Rust never fuses or reorders float operations), so the paths agree bit for
-/// bit.
+/// bit. `= imp / simd_imp` runs `simd_imp` on the SIMD paths instead (both compiled with
+/// F16C), for code that may use F16C's conversions.
 macro_rules! dispatch {
     ($(#[$m:meta])* fn $name:ident / $on:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident;) => {
+        dispatch! { $(#[$m])* fn $name / $on($($arg: $ty),*) -> $ret = $imp / $imp; }
+    };
+    ($(#[$m:meta])* fn $name:ident / $on:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident / $simd:ident;) => {
         $(#[$m])*
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
             $on(CpuKernels::selected(), $($arg),*)
@@ -23,20 +27,22 @@ macro_rules! dispatch {
             {
                 if kernels == CpuKernels::Avx512 {
                     assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
-                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                    $(#[$m])*
+                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
                     fn wide($($arg: $ty),*) -> $ret {
-                        $imp($($arg),*)
+                        $simd($($arg),*)
                     }
-                    // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2 and FMA (asserted above).
+                    // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C (asserted above).
                     return unsafe { wide($($arg),*) };
                 }
                 if kernels.has_avx2() {
                     assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
-                    #[target_feature(enable = "avx2,fma")]
+                    $(#[$m])*
+                    #[target_feature(enable = "avx2,fma,f16c")]
                     fn fast($($arg: $ty),*) -> $ret {
-                        $imp($($arg),*)
+                        $simd($($arg),*)
                     }
-                    // SAFETY: the CPU has AVX2 and FMA (asserted above).
+                    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
                     return unsafe { fast($($arg),*) };
                 }
             }
@@ -74,70 +80,28 @@ dispatch! {
         part: &mut [f32]
     ) -> () = attend_partial_imp;
 }
-/// [`attend_partial`] over half-precision keys and values (IEEE bits), widened exactly as
-/// they are read (with F16C's conversion on both SIMD paths, else [`f16_to_f32`]): the result
-/// is what `f32` rows holding the same values give, on every path.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_partial_f16_on(
-    kernels: CpuKernels,
-    shape: super::AttnShape,
-    q: &[f32],
-    keys: &[u16],
-    values: &[u16],
-    range: std::ops::Range<usize>,
-    scores: &mut [f32],
-    part: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use x86::F16c;
-        if kernels.has_avx2() {
-            assert!(
-                kernels.is_available(),
-                "{kernels} kernels on a CPU without them"
-            );
-            let (keys, values) = (F16c::cast(keys), F16c::cast(values));
-            if kernels == CpuKernels::Avx512 {
-                #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-                fn wide(
-                    shape: super::AttnShape,
-                    q: &[f32],
-                    keys: &[F16c],
-                    values: &[F16c],
-                    range: std::ops::Range<usize>,
-                    scores: &mut [f32],
-                    part: &mut [f32],
-                ) {
-                    attend_partial_imp(shape, q, keys, values, range, scores, part)
-                }
-                // SAFETY: the CPU has these features (asserted above).
-                return unsafe { wide(shape, q, keys, values, range, scores, part) };
-            }
-            #[allow(clippy::too_many_arguments)]
-            #[target_feature(enable = "avx2,fma,f16c")]
-            fn fast(
-                shape: super::AttnShape,
-                q: &[f32],
-                keys: &[F16c],
-                values: &[F16c],
-                range: std::ops::Range<usize>,
-                scores: &mut [f32],
-                part: &mut [f32],
-            ) {
-                attend_partial_imp(shape, q, keys, values, range, scores, part)
-            }
-            // SAFETY: the CPU has these features (asserted above).
-            return unsafe { fast(shape, q, keys, values, range, scores, part) };
-        }
-    }
-    let _ = kernels;
-    attend_partial_imp(shape, q, keys, values, range, scores, part)
+dispatch! {
+    /// [`attend_partial`] over half-precision keys and values (IEEE bits), widened exactly
+    /// as they are read (with F16C's conversion on both SIMD paths, else [`f16_to_f32`]): the
+    /// result is what `f32` rows holding the same values give, on every path.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_partial_f16 / attend_partial_f16_on(
+        shape: super::AttnShape,
+        q: &[f32],
+        keys: &[u16],
+        values: &[u16],
+        range: std::ops::Range<usize>,
+        scores: &mut [f32],
+        part: &mut [f32]
+    ) -> () = attend_partial_imp / attend_partial_f16c;
 }
 
-/// [`attend_partial_f16_on`] on the selected path.
+/// [`attend_partial_imp`] over half-precision rows widened with F16C: only called from code
+/// compiled with it (the SIMD paths of [`attend_partial_f16_on`]).
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_partial_f16(
+#[inline(always)]
+fn attend_partial_f16c(
     shape: super::AttnShape,
     q: &[f32],
     keys: &[u16],
@@ -146,8 +110,8 @@ pub(crate) fn attend_partial_f16(
     scores: &mut [f32],
     part: &mut [f32],
 ) {
-    let kernels = CpuKernels::selected();
-    attend_partial_f16_on(kernels, shape, q, keys, values, range, scores, part)
+    let (keys, values) = (x86::F16c::cast(keys), x86::F16c::cast(values));
+    attend_partial_imp(shape, q, keys, values, range, scores, part)
 }
 
 #[cfg(target_arch = "x86_64")]
