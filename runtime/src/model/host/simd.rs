@@ -25,26 +25,24 @@ macro_rules! dispatch {
         pub(crate) fn $on(kernels: CpuKernels, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                if kernels == CpuKernels::Avx512 {
-                    assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
-                    $(#[$m])*
-                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-                    fn wide($($arg: $ty),*) -> $ret {
-                        $simd($($arg),*)
-                    }
-                    // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C (asserted above).
-                    return unsafe { wide($($arg),*) };
+                /// `$simd` compiled with `$features`, run when `$when`; the kernel path
+                /// needs every one of them, so `is_available` asserts the CPU has them.
+                macro_rules! path {
+                    ($when:expr, $features:literal) => {
+                        if $when {
+                            assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
+                            $(#[$m])*
+                            #[target_feature(enable = $features)]
+                            fn run($($arg: $ty),*) -> $ret {
+                                $simd($($arg),*)
+                            }
+                            // SAFETY: the CPU has the features (asserted above).
+                            return unsafe { run($($arg),*) };
+                        }
+                    };
                 }
-                if kernels.has_avx2() {
-                    assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
-                    $(#[$m])*
-                    #[target_feature(enable = "avx2,fma,f16c")]
-                    fn fast($($arg: $ty),*) -> $ret {
-                        $simd($($arg),*)
-                    }
-                    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
-                    return unsafe { fast($($arg),*) };
-                }
+                path!(kernels == CpuKernels::Avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
+                path!(kernels.has_avx2(), "avx2,fma,f16c");
             }
             let _ = kernels;
             $imp($($arg),*)
