@@ -241,6 +241,7 @@ async def two_tenants(args, with_a, with_b):
         "b_requests": len(b_ttft),
         "b_ttft_p50_ms": pct(b_ttft, 0.5) * 1e3,
         "b_ttft_p99_ms": pct(b_ttft, 0.99) * 1e3,
+        "b_ttft_ms": [round(t * 1e3, 1) for t in b_ttft],
         "errors": len(errors),
         "error_samples": errors[:3],
     }

@@ -75,30 +75,45 @@ impl<T> FairQueue<T> {
         self.len += 1;
     }
 
-    /// The tenant whose request goes next.
-    fn next_tenant(&self) -> Option<&Tenant> {
-        self.tenants
+    /// The tenants with waiting items, in the order they are served.
+    fn order(&self) -> Vec<&Tenant> {
+        let mut order: Vec<(&Tenant, f64)> = self
+            .tenants
             .iter()
             .filter(|(_, q)| !q.items.is_empty())
-            .min_by(|(a_name, a), (b_name, b)| {
-                a.vtime
-                    .total_cmp(&b.vtime)
-                    // Ties in a stable order (names), never hash order.
-                    .then_with(|| a_name.cmp(b_name))
-            })
-            .map(|(t, _)| t)
-    }
-
-    /// The next item and its tenant, without taking it.
-    pub fn peek(&self) -> Option<(&Tenant, &T)> {
-        let tenant = self.next_tenant()?;
-        let q = self.tenants.get(tenant)?;
-        q.items.front().map(|(_, item)| (tenant, item))
+            .map(|(t, q)| (t, q.vtime))
+            .collect();
+        // Ties in a stable order (names), never hash order.
+        order.sort_by(|(a, av), (b, bv)| av.total_cmp(bv).then_with(|| a.cmp(b)));
+        order.into_iter().map(|(t, _)| t).collect()
     }
 
     /// Takes the next item, advancing its tenant's virtual time.
     pub fn pop(&mut self) -> Option<(Tenant, T)> {
-        let tenant = self.next_tenant()?.clone();
+        self.pop_first(|_, _| Visit::Take)
+    }
+
+    /// Takes the first item, in the order tenants are served, that `visit` lets go. Each
+    /// tenant is offered its oldest item: [`Visit::Pass`] moves on to the next tenant (one
+    /// that may not start now, such as a tenant over its share of the batch, does not hold up
+    /// the others), [`Visit::Stop`] ends the search.
+    pub fn pop_first(
+        &mut self,
+        mut visit: impl FnMut(&Tenant, &T) -> Visit,
+    ) -> Option<(Tenant, T)> {
+        let mut chosen = None;
+        for tenant in self.order() {
+            let front = self.tenants.get(tenant)?.items.front()?;
+            match visit(tenant, &front.1) {
+                Visit::Take => {
+                    chosen = Some(tenant.clone());
+                    break;
+                }
+                Visit::Pass => continue,
+                Visit::Stop => return None,
+            }
+        }
+        let tenant = chosen?;
         let q = self.tenants.get_mut(&tenant)?;
         let (cost, item) = q.items.pop_front()?;
         self.clock = self.clock.max(q.vtime);
@@ -126,6 +141,14 @@ impl<T> FairQueue<T> {
         self.tenants
             .retain(|_, q| !q.items.is_empty() || q.vtime > clock);
     }
+}
+
+/// What [`FairQueue::pop_first`] does with a tenant's oldest item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    Take,
+    Pass,
+    Stop,
 }
 
 /// Batch slots per tenant for one step: `demand` is `(tenant, weight, running sequences)`;
@@ -222,19 +245,50 @@ mod tests {
     }
 
     #[test]
-    fn retain_and_peek() {
+    fn retain_then_pop() {
         let mut q = FairQueue::new();
         q.push(t("a"), 1, 1.0, 1);
         q.push(t("a"), 1, 1.0, 2);
         q.push(t("b"), 1, 1.0, 3);
         assert_eq!(q.retain(|&x| x != 1), 1);
         assert_eq!(q.len(), 2);
-        let next = q.peek().map(|(tenant, &item)| (tenant.to_string(), item));
+        let next = q.pop().map(|(tenant, item)| (tenant.to_string(), item));
         assert_eq!(next, Some(("a".to_string(), 2)));
-        q.pop();
         q.pop();
         assert!(q.is_empty());
         q.forget_idle();
+    }
+
+    #[test]
+    fn a_passed_tenant_keeps_its_place_and_a_stop_takes_nothing() {
+        let mut q = FairQueue::new();
+        for i in 0..3 {
+            q.push(t("a"), 1, 10.0, format!("a{i}"));
+        }
+        q.push(t("b"), 1, 10.0, "b0".to_string());
+        q.push(t("c"), 1, 10.0, "c0".to_string());
+        // A goes first ("a" < "b" at equal virtual times) but is passed over: B is taken.
+        let mut offered = Vec::new();
+        let taken = q.pop_first(|tenant, item| {
+            offered.push(item.clone());
+            if &**tenant == "a" {
+                Visit::Pass
+            } else {
+                Visit::Take
+            }
+        });
+        assert_eq!(
+            offered,
+            ["a0", "b0"],
+            "each tenant's oldest item, in serving order"
+        );
+        assert_eq!(taken.map(|(_, x)| x).as_deref(), Some("b0"));
+        // A stop at the first tenant takes nothing and moves nothing.
+        assert!(q.pop_first(|_, _| Visit::Stop).is_none());
+        assert_eq!(q.len(), 4);
+        // A, never served, is still first; C follows; B, served, comes last.
+        let order: Vec<String> = (0..3).filter_map(|_| q.pop().map(|(_, x)| x)).collect();
+        assert_eq!(order, ["a0", "c0", "a1"]);
     }
 
     #[test]

@@ -305,3 +305,62 @@ fn each_sequence_reports_the_prompt_tokens_it_took_from_the_prefix_cache() {
     assert_eq!(cached_counts(&off, &first), (n, 0, 0));
     assert_eq!(cached_counts(&off, &first), (n, 0, 0));
 }
+
+/// While customer A's sequences decode, customer B (nothing running) gets its first token from
+/// a pass of its own, run before one of the layers of A's step (the first, when B arrived
+/// between steps) instead of joining or waiting for the step, and its output is the one it has
+/// alone; a new request of A's, whose customer is already running, joins A's next step as
+/// before.
+#[test]
+fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
+    use tollgate_runtime::engine::Tenancy;
+
+    let (engine, tokenizer) = engine_with(EngineConfig {
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    });
+    let question = chat(&tokenizer, "What is the capital of France?");
+    let alone = generate(&engine, &question, 6);
+    assert_eq!(
+        engine
+            .stats()
+            .interleaved_steps_total
+            .load(Ordering::Relaxed),
+        0,
+        "an idle engine has no step to interleave with"
+    );
+    let story = chat(&tokenizer, "Tell me a long story about a dragon.");
+    let submit = |tenant: &str, prompt: &[u32], max_tokens: usize| {
+        let mut r = request(prompt, max_tokens, None);
+        r.tenant = Some(Tenancy {
+            name: Arc::from(tenant),
+            weight: 1,
+        });
+        engine.submit(r).unwrap()
+    };
+    let interleaved = || {
+        engine
+            .stats()
+            .interleaved_steps_total
+            .load(Ordering::Relaxed)
+    };
+    let a: Vec<_> = (0..8).map(|_| submit("a", &story, 400)).collect();
+    while engine.stats().decode_tokens_total.load(Ordering::Relaxed) < 8 {
+        std::thread::yield_now();
+    }
+    // A's own new request: its customer runs sequences, so it joins at a step boundary.
+    collect(submit("a", &question, 2));
+    assert_eq!(interleaved(), 0, "A's request was started between layers");
+    // B's requests, one at a time: each is started in a pass of its own.
+    let rounds = 6;
+    for _ in 0..rounds {
+        assert_eq!(collect(submit("b", &question, 6)), alone);
+    }
+    let started = interleaved();
+    println!("B's requests started between layers: {started} of {rounds}");
+    assert_eq!(
+        started, rounds,
+        "{started} of {rounds} of B's requests started between the layers of A's steps"
+    );
+    drop(a);
+}

@@ -343,6 +343,9 @@ pub struct LoadReport {
     /// Forward passes, prompt tokens prefilled and tokens decoded since start.
     #[serde(default)]
     pub steps_total: u64,
+    /// Of those, passes that started newcomers between the layers of another pass.
+    #[serde(default)]
+    pub interleaved_steps_total: u64,
     #[serde(default)]
     pub prefill_tokens_total: u64,
     #[serde(default)]

@@ -45,6 +45,7 @@ pub struct Metrics {
     kv_capacity: GaugeVec,
     batch_size: GaugeVec,
     engine_steps: IntCounterVec,
+    interleaved_steps: IntCounterVec,
     prefill_tokens: IntCounterVec,
     decode_tokens: IntCounterVec,
     prefix_cache: GaugeVec,
@@ -140,6 +141,11 @@ impl Metrics {
                 "tollgate_engine_steps_total",
                 "Forward passes of the engine (batch size on average: decode tokens / steps).",
             )?,
+            interleaved_steps: int_counter(
+                "tollgate_engine_interleaved_steps_total",
+                "Forward passes that started a newcomer (a customer with nothing running) between \
+                 the layers of another pass, so its first token did not wait for that pass.",
+            )?,
             prefill_tokens: int_counter(
                 "tollgate_prefill_tokens_total",
                 "Prompt tokens run through the model (prefill).",
@@ -233,6 +239,7 @@ impl Metrics {
                 .set(load.prefix_cache_bytes as f64);
             for (counter, total) in [
                 (&self.engine_steps, load.steps_total),
+                (&self.interleaved_steps, load.interleaved_steps_total),
                 (&self.prefill_tokens, load.prefill_tokens_total),
                 (&self.decode_tokens, load.decode_tokens_total),
                 (&self.prefix_hits, load.prefix_hit_tokens_total),

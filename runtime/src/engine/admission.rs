@@ -2,7 +2,7 @@
 //! tested without a model. A waiting sequence starts when its KV fits and, with the batch full,
 //! when its tenant runs fewer sequences than its weighted fair share.
 
-use crate::fair::{shares, Tenant};
+use crate::fair::{shares, Tenant, Visit};
 
 /// Whether the front of the queue starts now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +12,19 @@ pub(super) enum Admission {
     OverShare,
     /// Its prompt and output would not fit in the KV cache's budget.
     NoKvRoom,
+}
+
+impl Admission {
+    /// What the queue does with the request: a tenant over its share is passed over for the
+    /// next tenant, while a request whose KV does not fit stops admission (the smaller ones
+    /// behind it would otherwise take the memory it waits for, again and again).
+    pub(super) fn visit(self) -> Visit {
+        match self {
+            Self::Admit => Visit::Take,
+            Self::OverShare => Visit::Pass,
+            Self::NoKvRoom => Visit::Stop,
+        }
+    }
 }
 
 /// The admission rule. A sequence of `candidate` (tenant, weight) starts when its prompt and

@@ -10,7 +10,12 @@
 //!    prompt that shares a prefix with a recently finished one starts from a copy of that
 //!    prompt's KV (the prefix cache, bounded in bytes) instead of prefilling it again,
 //!    Beyond `max_running`, only a tenant below its fair share of the batch is admitted, so a
-//!    burst from one customer cannot make another wait for a free slot,
+//!    burst from one customer cannot make another wait for a free slot; a tenant over its share
+//!    is passed over, not waited for. A request whose customer has nothing running while others
+//!    do is started in a forward pass of its own before one of the layers of the step in
+//!    flight (the next step's first layer when it arrives between steps): its prompt is
+//!    prefilled and its first token sent after one layer of another customer's step, not the
+//!    whole step,
 //! 3. builds one batch of at most `max_running` sequences, each tenant getting its weighted
 //!    max-min fair share (a lone tenant gets every slot; a tenant over its share takes turns):
 //!    one decode token per generating sequence, then prompt chunks of the
@@ -194,6 +199,9 @@ pub struct EngineStats {
     pub prefill_tokens_total: AtomicU64,
     pub decode_tokens_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Steps (counted in `steps_total` too) that started newcomers between the layers of
+    /// another step, so their first tokens did not wait for it to end.
+    pub interleaved_steps_total: AtomicU64,
     /// KV memory held by the prefix cache.
     pub prefix_cache_bytes: AtomicU64,
     /// Prompt tokens taken from the prefix cache instead of being prefilled.

@@ -50,6 +50,9 @@ pub struct LlamaModel {
     pub(crate) kv_dtype: DType,
 }
 
+/// What [`LlamaModel::forward_between`] calls before each layer of a step.
+pub type BetweenLayers<'a> = dyn FnMut(&LlamaModel) -> Result<()> + Send + 'a;
+
 /// One sequence's part of a step.
 pub struct SeqStep<'a> {
     /// Tokens to append at positions `cache.len()..`.
@@ -156,6 +159,18 @@ impl LlamaModel {
     /// Runs one step. Returns the logits (f32, on the CPU) of the last token of every entry
     /// with `want_logits`, in batch order.
     pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_between(batch, &mut |_| Ok(()))
+    }
+
+    /// [`forward`](Self::forward), calling `between_layers` before each layer (the first
+    /// included). The call may run other steps of this model on other sequences (their caches are not in
+    /// `batch`): the engine starts a newcomer's prompt there instead of making it wait for
+    /// the whole step in flight. An error from it ends this step with that error.
+    pub fn forward_between(
+        &self,
+        batch: &mut [SeqStep<'_>],
+        between_layers: &mut BetweenLayers<'_>,
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -192,7 +207,9 @@ impl LlamaModel {
             // Run the whole step on a worker of rayon's pool: its parallel matmuls then start
             // on the current worker and wake at most the others, instead of every matmul
             // waking the whole pool and then this thread (≈ 150 matmuls per step).
-            return rayon::scope(|_| self.forward_host(batch, &ids, &positions, &spans));
+            return rayon::scope(|_| {
+                self.forward_host(batch, &ids, &positions, &spans, between_layers)
+            });
         }
         let positions = Tensor::from_vec(positions, total, &self.device)?;
         let (cos, sin) = self.rope_tables()?;
@@ -202,6 +219,7 @@ impl LlamaModel {
             .embed
             .rows(&ids, cfg.hidden_size, &self.lm_head, &self.device)?;
         for (layer, block) in self.blocks.iter().enumerate() {
+            between_layers(self)?;
             let h = rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
             let attn = self.attention(layer, block, &h, &cos, &sin, batch, &spans)?;
             x = (x + block.wo.forward(&attn)?)?;

@@ -22,7 +22,7 @@ use std::str::FromStr;
 
 pub use cpu::CpuKernels;
 pub use kv_cache::KvCache;
-pub use llama::{LlamaModel, SeqStep};
+pub use llama::{BetweenLayers, LlamaModel, SeqStep};
 pub use rope::{Llama3Scaling, RopeScaling};
 
 use crate::Error;

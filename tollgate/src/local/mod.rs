@@ -249,6 +249,7 @@ impl Backend for LocalBackend {
             kv_cache_capacity_bytes: self.engine.config().kv_cache_bytes as u64,
             batch_size: s.last_batch_size.load(Ordering::Relaxed) as u32,
             steps_total: s.steps_total.load(Ordering::Relaxed),
+            interleaved_steps_total: s.interleaved_steps_total.load(Ordering::Relaxed),
             prefill_tokens_total: s.prefill_tokens_total.load(Ordering::Relaxed),
             decode_tokens_total: s.decode_tokens_total.load(Ordering::Relaxed),
             prefix_cache_bytes: s.prefix_cache_bytes.load(Ordering::Relaxed),

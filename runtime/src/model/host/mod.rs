@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::kv_cache::HeadKv;
 use super::kv_cache::{HostLayer, KEY_BLOCK};
 use super::linear::Linear;
-use super::llama::{LlamaModel, SeqStep};
+use super::llama::{BetweenLayers, LlamaModel, SeqStep};
 use crate::{Error, Result};
 
 /// The `f32` contents of a contiguous CPU tensor, borrowed.
@@ -73,6 +73,7 @@ impl LlamaModel {
         ids: &[u32],
         positions: &[usize],
         spans: &[(usize, usize)],
+        between_layers: &mut BetweenLayers<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
         let (hidden, nh, nkv, hd) = (cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -117,6 +118,7 @@ impl LlamaModel {
         let mut h = vec![0f32; total * hidden];
         let mut att = vec![0f32; total * q_dim];
         for (layer, block) in self.blocks.iter().enumerate() {
+            between_layers(self)?;
             let attn_norm = HostView::new(&block.attn_norm)?;
             rms_norm(&x, attn_norm.slice()?, eps, &mut h);
             let [mut q, mut k, v] =
