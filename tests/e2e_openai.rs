@@ -245,6 +245,7 @@ async fn engine_metrics_count_prefill_and_decode() {
         "tollgate_prefix_cache_hit_tokens_total",
         "tollgate_decode_tokens_total",
         "tollgate_engine_steps_total",
+        "tollgate_engine_interleaved_steps_total",
     ]
     .map(value);
     let (prompt, completion) = (
@@ -253,8 +254,9 @@ async fn engine_metrics_count_prefill_and_decode() {
     );
     // The first request on a fresh server: the whole prompt prefilled in one pass, nothing
     // from the prefix cache; the first token comes from the prefill pass, each later one
-    // from a decode step of its own.
-    assert_eq!(counters, [prompt, 0, completion - 1, completion], "{text}");
+    // from a decode step of its own; with no other customer's step in flight, none started
+    // between layers.
+    assert_eq!(counters, [prompt, 0, completion - 1, completion, 0], "{text}");
     assert!(text.contains("tollgate_batch_size{model=\"smollm2-135m\"}"));
 }
 
