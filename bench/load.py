@@ -26,6 +26,15 @@ Tenant fairness (two customers' keys; A keeps 32 streams open, B sends short req
 
     bench/load.py --base-url ... --model smollm2-135m --two-tenants --api-key-a KA --api-key-b KB \
         [--a-streams 32] [--b-tokens 16] [--duration 40]
+
+Many customers, each with its own system prompt (what routing a pool by customer is for):
+every key in `--customer-keys` is one customer sending one request at a time for `--duration`
+seconds, each request its customer's system prompt of `--system-tokens` (300 unless given)
+and a short question; reported: tok/s, TTFT, and the share of prompt tokens the server says
+came from its cache (`usage.prompt_tokens_details.cached_tokens`):
+
+    bench/load.py --base-url ... --model smollm2-135m --customer-keys K1,K2,...,K16 \
+        [--system-tokens 300] [--max-tokens 16] [--duration 30]
 """
 
 import argparse
@@ -110,7 +119,7 @@ def messages(args, i, unique):
     out = [{"role": "user", "content": prompt}]
     if args.system_tokens:
         out.insert(0, {"role": "system", "content": "You are a helpful assistant. Background: "
-                       + filler(args.system_tokens, 0)})
+                       + filler(args.system_tokens, getattr(args, "system_seed", 0))})
     return out
 
 
@@ -153,8 +162,10 @@ async def one_request(client, args, i, unique):
     ttft = (token_times[0] - start) if token_times else end - start
     itl = [b - a for a, b in zip(token_times, token_times[1:])]
     decode = (tokens - 1) / (end - token_times[0]) if len(token_times) > 1 and end > token_times[0] else None
+    details = (usage or {}).get("prompt_tokens_details") or {}
     return {"tokens": tokens, "ttft": ttft, "itl": itl, "latency": end - start, "decode": decode,
-            "prompt_tokens": usage["prompt_tokens"] if usage else None}
+            "prompt_tokens": usage["prompt_tokens"] if usage else None,
+            "cached_tokens": details.get("cached_tokens") or 0}
 
 
 async def run_level(args, concurrency):
@@ -247,6 +258,58 @@ async def two_tenants(args, with_a, with_b):
     }
 
 
+async def customers(args, keys):
+    """Each key's customer sends requests one at a time for `--duration` seconds, each with its
+    own system prompt; returns the aggregate figures."""
+    stop_at = time.perf_counter() + args.duration
+    results, errors = [], []
+
+    async def customer(n, key):
+        mine = argparse.Namespace(**{**vars(args), "system_seed": n + 1})
+        async with httpx.AsyncClient(base_url=args.base_url, timeout=600,
+                                     headers={"Authorization": f"Bearer {key}"}) as c:
+            i = 0
+            while time.perf_counter() < stop_at:
+                try:
+                    results.append(await one_request(c, mine, i, True))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(str(e))
+                i += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(customer(n, k) for n, k in enumerate(keys)))
+    wall = time.perf_counter() - start
+    prompt = sum(r["prompt_tokens"] or 0 for r in results)
+    return {
+        "customers": len(keys),
+        "requests": len(results),
+        "output_tok_per_s": sum(r["tokens"] for r in results) / wall,
+        "ttft_p50_ms": pct([r["ttft"] for r in results], 0.5) * 1e3,
+        "ttft_p99_ms": pct([r["ttft"] for r in results], 0.99) * 1e3,
+        "prompt_tokens": prompt,
+        "cached_tokens": sum(r["cached_tokens"] for r in results),
+        "cached_share": sum(r["cached_tokens"] for r in results) / prompt if prompt else float("nan"),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
+
+
+def run_customers(args):
+    keys = [k.strip() for k in args.customer_keys.split(",") if k.strip()]
+    if not args.system_tokens:
+        args.system_tokens = 300
+    row = asyncio.run(customers(args, keys))
+    print(f"{args.label} {row['customers']} customers: {row['requests']} requests, "
+          f"tok/s {row['output_tok_per_s']:.1f}, TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms, "
+          f"prompt tokens from the cache {row['cached_tokens']} of {row['prompt_tokens']} "
+          f"({100 * row['cached_share']:.0f}%), errors {row['errors']}", flush=True)
+    for e in row["error_samples"]:
+        print(f"  error: {e}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"label": args.label, "customers": row}, f, indent=2)
+
+
 def run_two_tenants(args):
     b_alone = asyncio.run(two_tenants(args, with_a=False, with_b=True))
     a_alone = asyncio.run(two_tenants(args, with_a=True, with_b=False))
@@ -337,7 +400,12 @@ def main():
     p.add_argument("--a-streams", type=int, default=32)
     p.add_argument("--b-tokens", type=int, default=16)
     p.add_argument("--duration", type=float, default=40.0)
+    p.add_argument("--customer-keys", help="comma-separated keys, one customer each, each with its own "
+                   "system prompt, one request at a time for --duration seconds")
     args = p.parse_args()
+    if args.customer_keys:
+        run_customers(args)
+        return
     if args.two_tenants:
         if not (args.api_key_a and args.api_key_b):
             p.error("--two-tenants needs --api-key-a and --api-key-b (keys of two customers)")
