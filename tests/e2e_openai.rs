@@ -256,7 +256,11 @@ async fn engine_metrics_count_prefill_and_decode() {
     // from the prefix cache; the first token comes from the prefill pass, each later one
     // from a decode step of its own; with no other customer's step in flight, none started
     // between layers.
-    assert_eq!(counters, [prompt, 0, completion - 1, completion, 0], "{text}");
+    assert_eq!(
+        counters,
+        [prompt, 0, completion - 1, completion, 0],
+        "{text}"
+    );
     assert!(text.contains("tollgate_batch_size{model=\"smollm2-135m\"}"));
 }
 

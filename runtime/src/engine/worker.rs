@@ -60,14 +60,21 @@ enum Outcome {
 
 pub(super) struct Worker {
     model: LlamaModel,
+    desk: Desk,
+    running: Vec<Sequence>,
+    /// Steps run so far.
+    steps: u64,
+}
+
+/// What admission works with besides the model and the running set: the queues, the KV
+/// reservation and the prefix cache. Apart from `Worker` so a step in flight can admit
+/// ([`Intake`]) while its sequences' caches are borrowed.
+struct Desk {
     tokenizer: Arc<ModelTokenizer>,
     config: EngineConfig,
     incoming: Receiver<Submission>,
     stats: Arc<EngineStats>,
     waiting: FairQueue<Submission>,
-    running: Vec<Sequence>,
-    /// Steps run so far.
-    steps: u64,
     reserved_bytes: usize,
     prefixes: PrefixCache,
 }
@@ -83,15 +90,17 @@ impl Worker {
         let prefixes = PrefixCache::new(config.prefix_cache_bytes);
         Self {
             model,
-            tokenizer,
-            config,
-            incoming,
-            stats,
-            waiting: FairQueue::new(),
+            desk: Desk {
+                tokenizer,
+                config,
+                incoming,
+                stats,
+                waiting: FairQueue::new(),
+                reserved_bytes: 0,
+                prefixes,
+            },
             running: Vec::new(),
             steps: 0,
-            reserved_bytes: 0,
-            prefixes,
         }
     }
 
@@ -113,7 +122,7 @@ impl Worker {
                         message: e.to_string(),
                     });
                 }
-                self.reserved_bytes = 0;
+                self.desk.reserved_bytes = 0;
             }
             // Again after the step, so finished sequences show before the engine idles.
             self.publish_stats();
@@ -123,13 +132,13 @@ impl Worker {
     /// Moves queued submissions into `waiting`; blocks while there is nothing to do.
     /// Returns false when every handle is gone and no work is left.
     fn receive(&mut self) -> bool {
-        let idle = self.running.is_empty() && self.waiting.is_empty();
+        let idle = self.running.is_empty() && self.desk.waiting.is_empty();
         if idle {
             // Wake periodically so a sender that is gone is noticed without spinning.
             loop {
-                match self.incoming.recv_timeout(Duration::from_millis(500)) {
+                match self.desk.incoming.recv_timeout(Duration::from_millis(500)) {
                     Ok(sub) => {
-                        self.enqueue(sub);
+                        self.desk.enqueue(sub);
                         break;
                     }
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -137,8 +146,8 @@ impl Worker {
                 }
             }
         }
-        while let Ok(sub) = self.incoming.try_recv() {
-            self.enqueue(sub);
+        while let Ok(sub) = self.desk.incoming.try_recv() {
+            self.desk.enqueue(sub);
         }
         true
     }
@@ -153,77 +162,53 @@ impl Worker {
             }
             keep
         });
-        self.reserved_bytes -= freed;
+        self.desk.reserved_bytes -= freed;
         if before != self.running.len() {
             tracing::debug!(
                 cancelled = before - self.running.len(),
                 "dropped sequences whose client went away"
             );
         }
-        let gone = self.waiting.retain(|sub| !sub.reply.is_closed());
+        let gone = self.desk.waiting.retain(|sub| !sub.reply.is_closed());
         if gone > 0 {
-            self.stats.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
+            self.desk
+                .stats
+                .waiting
+                .fetch_sub(gone as u64, Ordering::Relaxed);
         }
     }
 
-    /// Queues a submission under its tenant, costed by the tokens it may take.
-    fn enqueue(&mut self, sub: Submission) {
-        enqueue(&mut self.waiting, sub);
-    }
-
     fn admit(&mut self) {
-        let per_token = self.model.kv_bytes_per_token();
-        loop {
-            let (running, config, reserved) = (&self.running, &self.config, self.reserved_bytes);
-            let picked = self.waiting.pop_first(|tenant, front| {
-                let len = front.request.prompt_ids.len();
-                if !running.is_empty()
-                    && starts_apart(
-                        running.iter().map(|s| &s.tenant),
-                        tenant,
-                        len,
-                        config.max_batch_tokens,
-                    )
-                {
-                    // The step about to run starts it before its first layer ([`Intake`]).
-                    return Visit::Pass;
-                }
-                admission(
-                    running.iter().map(|s| (&s.tenant, s.weight)),
-                    (tenant, tenancy(&front.request).1),
-                    config.max_running,
-                    (reserved, kv_need(front, per_token), config.kv_cache_bytes),
-                )
-                .visit()
-            });
-            let Some((tenant, sub)) = picked else {
-                break;
-            };
-            let need = kv_need(&sub, per_token);
-            self.reserved_bytes += need;
-            let seq = start_sequence(
-                sub,
-                tenant,
-                need,
-                &self.model,
-                &mut self.prefixes,
-                &self.stats,
-                &self.tokenizer,
-            );
+        let mut tenants: Vec<(Tenant, u32)> = self
+            .running
+            .iter()
+            .map(|s| (s.tenant.clone(), s.weight))
+            .collect();
+        let budget = self.desk.config.max_batch_tokens;
+        let before = tenants.clone();
+        // While sequences run, a request whose customer has none of them is left to the step
+        // about to run, which starts it before its first layer ([`Intake`]); with nothing
+        // running there is no step to wait for, and every request joins the first.
+        let joins = |tenant: &Tenant, sub: &Submission| {
+            before.is_empty()
+                || !starts_apart(&before, tenant, sub.request.prompt_ids.len(), budget)
+        };
+        while let Some(seq) = self.desk.admit_next(&self.model, &tenants, joins) {
+            tenants.push((seq.tenant.clone(), seq.weight));
             self.running.push(seq);
         }
     }
 
     fn publish_stats(&self) {
-        let s = &self.stats;
+        let s = &self.desk.stats;
         s.running
             .store(self.running.len() as u64, Ordering::Relaxed);
         s.kv_reserved_bytes
-            .store(self.reserved_bytes as u64, Ordering::Relaxed);
+            .store(self.desk.reserved_bytes as u64, Ordering::Relaxed);
         let used: usize = self.running.iter().map(|q| q.cache.bytes()).sum();
         s.kv_used_bytes.store(used as u64, Ordering::Relaxed);
         s.prefix_cache_bytes
-            .store(self.prefixes.bytes() as u64, Ordering::Relaxed);
+            .store(self.desk.prefixes.bytes() as u64, Ordering::Relaxed);
     }
 
     /// Which running sequences take part in this step: all of them while they fit the
@@ -234,7 +219,11 @@ impl Worker {
             .iter()
             .map(|s| (&s.tenant, s.weight, s.last_step))
             .collect();
-        let cap = self.config.max_running.min(self.config.max_step_sequences);
+        let cap = self
+            .desk
+            .config
+            .max_running
+            .min(self.desk.config.max_step_sequences);
         step_members(&running, cap)
     }
 
@@ -242,7 +231,7 @@ impl Worker {
     /// layers, a newcomer whose tenant has nothing running is started in a pass of its own
     /// ([`Intake`]).
     fn step(&mut self) -> Result<()> {
-        let mut budget = self.config.max_batch_tokens.max(1);
+        let mut budget = self.desk.config.max_batch_tokens.max(1);
         self.steps += 1;
         let chosen = self.choose();
         // Decode tokens first (one each), then prompt chunks in admission order.
@@ -271,25 +260,12 @@ impl Worker {
 
         let Worker {
             model,
-            tokenizer,
-            config,
-            incoming,
-            stats,
-            waiting,
+            desk,
             running,
             steps: step_number,
-            reserved_bytes,
-            prefixes,
         } = self;
-        let stats: &EngineStats = stats;
         let mut intake = Intake {
-            tokenizer,
-            config,
-            incoming,
-            stats,
-            waiting,
-            prefixes,
-            reserved_bytes,
+            desk,
             tenants: running
                 .iter()
                 .map(|s| (s.tenant.clone(), s.weight))
@@ -337,15 +313,11 @@ impl Worker {
         }
         let logits = model.forward_between(&mut steps, &mut |m| intake.between_layers(m));
         drop(steps);
-        let Intake {
-            started,
-            prefixes,
-            reserved_bytes,
-            ..
-        } = intake;
+        let Intake { desk, started, .. } = intake;
         // Newcomers started during the step go on with the others, even when it failed.
         running.extend(started);
         let logits = logits?;
+        let stats = &desk.stats;
         stats
             .last_batch_size
             .store(wants.len() as u64, Ordering::Relaxed);
@@ -370,7 +342,7 @@ impl Worker {
                     "the forward pass returned fewer logit rows than requested".into(),
                 ));
             };
-            let outcome = running[i].advance(tokenizer, context, &mut row)?;
+            let outcome = running[i].advance(&desk.tokenizer, context, &mut row)?;
             finished.push((i, outcome));
         }
         // Remove finished sequences, highest index first so indices stay valid.
@@ -379,7 +351,7 @@ impl Worker {
             if !matches!(outcome, Outcome::Continue) {
                 // `remove`, not `swap_remove`: admission order is the prefill order.
                 let seq = running.remove(i);
-                retire(seq, outcome, prefixes, stats, reserved_bytes);
+                desk.retire(seq, outcome);
             }
         }
         Ok(())
@@ -396,13 +368,7 @@ impl Worker {
 /// step's first layer instead of joining it. The step's own sequences pay for the newcomer's
 /// prefill, as they would if it joined them.
 struct Intake<'a> {
-    tokenizer: &'a Arc<ModelTokenizer>,
-    config: &'a EngineConfig,
-    incoming: &'a mut Receiver<Submission>,
-    stats: &'a EngineStats,
-    waiting: &'a mut FairQueue<Submission>,
-    prefixes: &'a mut PrefixCache,
-    reserved_bytes: &'a mut usize,
+    desk: &'a mut Desk,
     /// `(tenant, weight)` of every running sequence, those started here included.
     tenants: Vec<(Tenant, u32)>,
     /// Sequences started during the step, past their first token.
@@ -413,49 +379,25 @@ struct Intake<'a> {
 
 impl Intake<'_> {
     fn between_layers(&mut self, model: &LlamaModel) -> Result<()> {
-        while let Ok(sub) = self.incoming.try_recv() {
-            enqueue(self.waiting, sub);
+        let desk = &mut *self.desk;
+        while let Ok(sub) = desk.incoming.try_recv() {
+            desk.enqueue(sub);
         }
-        let per_token = model.kv_bytes_per_token();
-        let mut budget = self.config.max_batch_tokens;
+        let mut budget = desk.config.max_batch_tokens;
+        let mut counted = self.tenants.clone();
         let mut fresh: Vec<Sequence> = Vec::new();
         loop {
-            let (tenants, config, reserved) = (&self.tenants, self.config, *self.reserved_bytes);
-            let started = &fresh;
-            let picked = self.waiting.pop_first(|tenant, front| {
-                let len = front.request.prompt_ids.len();
-                // A closed one is dropped at the next step boundary.
-                if front.reply.is_closed()
-                    || !starts_apart(tenants.iter().map(|(t, _)| t), tenant, len, budget)
-                {
-                    return Visit::Pass;
-                }
-                admission(
-                    tenants
-                        .iter()
-                        .map(|(t, w)| (t, *w))
-                        .chain(started.iter().map(|s| (&s.tenant, s.weight))),
-                    (tenant, tenancy(&front.request).1),
-                    config.max_running,
-                    (reserved, kv_need(front, per_token), config.kv_cache_bytes),
-                )
-                .visit()
-            });
-            let Some((tenant, sub)) = picked else {
+            let running = &self.tenants;
+            // A closed one is dropped at the next step boundary.
+            let apart = |tenant: &Tenant, sub: &Submission| {
+                !sub.reply.is_closed()
+                    && starts_apart(running, tenant, sub.request.prompt_ids.len(), budget)
+            };
+            let Some(seq) = desk.admit_next(model, &counted, apart) else {
                 break;
             };
-            let need = kv_need(&sub, per_token);
-            budget -= sub.request.prompt_ids.len();
-            *self.reserved_bytes += need;
-            let seq = start_sequence(
-                sub,
-                tenant,
-                need,
-                model,
-                self.prefixes,
-                self.stats,
-                self.tokenizer,
-            );
+            budget -= seq.prompt.len();
+            counted.push((seq.tenant.clone(), seq.weight));
             fresh.push(seq);
         }
         if fresh.is_empty() {
@@ -481,7 +423,7 @@ impl Intake<'_> {
                 };
                 tracing::error!(error = %message, "a newcomer's prefill failed; failing it");
                 for seq in fresh {
-                    *self.reserved_bytes -= seq.reserved_bytes;
+                    desk.reserved_bytes -= seq.reserved_bytes;
                     let _ = seq.reply.send(GenEvent::Failed {
                         message: message.clone(),
                     });
@@ -494,23 +436,23 @@ impl Intake<'_> {
             prefill_tokens,
             "started newcomers between the layers of a step"
         );
-        self.stats
+        desk.stats
             .prefill_tokens_total
             .fetch_add(prefill_tokens as u64, Ordering::Relaxed);
-        self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
-        self.stats
+        desk.stats.steps_total.fetch_add(1, Ordering::Relaxed);
+        desk.stats
             .interleaved_steps_total
             .fetch_add(1, Ordering::Relaxed);
         let context = model.config().context_length;
         for (mut seq, mut row) in fresh.into_iter().zip(logits) {
             seq.prefilled = seq.prompt.len();
             seq.last_step = self.step;
-            match seq.advance(self.tokenizer, context, &mut row)? {
+            match seq.advance(&desk.tokenizer, context, &mut row)? {
                 Outcome::Continue => {
                     self.tenants.push((seq.tenant.clone(), seq.weight));
                     self.started.push(seq);
                 }
-                outcome => retire(seq, outcome, self.prefixes, self.stats, self.reserved_bytes),
+                outcome => desk.retire(seq, outcome),
             }
         }
         Ok(())
@@ -520,13 +462,13 @@ impl Intake<'_> {
 /// Whether a waiting request of `tenant` starts in a forward pass of its own during the step
 /// in flight ([`Intake`]) rather than joining a step: its tenant has none of the `running`
 /// sequences, and its prompt fits one pass's token `budget`.
-fn starts_apart<'a>(
-    mut running: impl Iterator<Item = &'a Tenant>,
+fn starts_apart(
+    running: &[(Tenant, u32)],
     tenant: &Tenant,
     prompt_len: usize,
     budget: usize,
 ) -> bool {
-    prompt_len <= budget && !running.any(|t| t == tenant)
+    prompt_len <= budget && !running.iter().any(|(t, _)| t == tenant)
 }
 
 /// The KV bytes a submission reserves: its prompt and `max_tokens`.
@@ -534,117 +476,141 @@ fn kv_need(sub: &Submission, per_token: usize) -> usize {
     (sub.request.prompt_ids.len() + sub.request.max_tokens) * per_token
 }
 
-/// Queues a submission under its tenant, costed by the tokens it may take.
-fn enqueue(waiting: &mut FairQueue<Submission>, sub: Submission) {
-    let (tenant, weight) = tenancy(&sub.request);
-    let cost = (sub.request.prompt_ids.len() + sub.request.max_tokens) as f64;
-    waiting.push(tenant, weight, cost, sub);
-}
-
-/// Starts an admitted submission (its KV, `need` bytes, already reserved): a copy of a cached
-/// prefix of its prompt when there is one, else an empty cache.
-fn start_sequence(
-    sub: Submission,
-    tenant: Tenant,
-    need: usize,
-    model: &LlamaModel,
-    prefixes: &mut PrefixCache,
-    stats: &EngineStats,
-    tokenizer: &Arc<ModelTokenizer>,
-) -> Sequence {
-    let weight = tenancy(&sub.request).1;
-    tracing::debug!(
-        tenant = %tenant,
-        weight,
-        prompt_tokens = sub.request.prompt_ids.len(),
-        "admitted a sequence"
-    );
-    stats.waiting.fetch_sub(1, Ordering::Relaxed);
-    let _ = sub.reply.send(GenEvent::Admitted);
-    let GenRequest {
-        prompt_ids,
-        max_tokens,
-        sampling,
-        stop,
-        progress,
-        constraint,
-        tenant: _,
-        cached,
-    } = sub.request;
-    let logprobs = sampling.logprobs.is_some();
-    let sampler = Sampler::new(sampling, &prompt_ids);
-    let cache = match prefixes.lookup(&prompt_ids) {
-        Ok(Some(cache)) => {
-            stats
-                .prefix_hit_tokens_total
-                .fetch_add(cache.len() as u64, Ordering::Relaxed);
-            cache
-        }
-        Ok(None) => model.new_cache(),
-        Err(e) => {
-            tracing::warn!(error = %e, "prefix cache copy failed; prefilling in full");
-            model.new_cache()
-        }
-    };
-    if let Some(c) = &cached {
-        c.store(cache.len(), Ordering::Relaxed);
+impl Desk {
+    /// Queues a submission under its tenant, costed by the tokens it may take.
+    fn enqueue(&mut self, sub: Submission) {
+        let (tenant, weight) = tenancy(&sub.request);
+        let cost = (sub.request.prompt_ids.len() + sub.request.max_tokens) as f64;
+        self.waiting.push(tenant, weight, cost, sub);
     }
-    Sequence {
-        prefilled: cache.len(),
-        cached: cache.len(),
-        generated: Vec::new(),
-        max_tokens,
-        cache,
-        sampler,
-        decoder: StreamDecoder::new(tokenizer.clone()),
-        stop: StopMatcher::new(stop),
-        logprobs,
-        reply: sub.reply,
-        reserved_bytes: need,
-        prompt: prompt_ids,
-        progress,
-        constraint,
-        tenant,
-        weight,
-        scan: TriggerScan::default(),
-        last_step: 0,
-    }
-}
 
-/// Ends a sequence that finished or failed: frees its KV reservation, keeps its prompt's KV
-/// in the prefix cache when it finished, and tells its caller.
-fn retire(
-    seq: Sequence,
-    outcome: Outcome,
-    prefixes: &mut PrefixCache,
-    stats: &EngineStats,
-    reserved_bytes: &mut usize,
-) {
-    *reserved_bytes -= seq.reserved_bytes;
-    match outcome {
-        Outcome::Continue => {}
-        Outcome::Failed(message) => {
-            let _ = seq.reply.send(GenEvent::Failed { message });
-        }
-        Outcome::Finished(reason) => {
-            if prefixes.is_enabled() {
-                match seq.cache.copy_prefix(seq.prompt.len()) {
-                    Ok(cache) => {
-                        prefixes.insert(seq.prompt.clone(), cache);
-                        // Before `Finished` goes out, so a caller sees it at once.
-                        stats
-                            .prefix_cache_bytes
-                            .store(prefixes.bytes() as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "prefix cache copy failed"),
-                }
+    /// Takes the first waiting submission, in fair order, that `eligible` lets start now and
+    /// the admission rule admits beside `running` (the `(tenant, weight)` of each running
+    /// sequence), reserves its KV and starts it.
+    fn admit_next(
+        &mut self,
+        model: &LlamaModel,
+        running: &[(Tenant, u32)],
+        eligible: impl Fn(&Tenant, &Submission) -> bool,
+    ) -> Option<Sequence> {
+        let per_token = model.kv_bytes_per_token();
+        let (config, reserved) = (&self.config, self.reserved_bytes);
+        let (tenant, sub) = self.waiting.pop_first(|tenant, sub| {
+            if !eligible(tenant, sub) {
+                return Visit::Pass;
             }
-            let _ = seq.reply.send(GenEvent::Finished {
-                reason,
-                prompt_tokens: seq.prompt.len(),
-                completion_tokens: seq.generated.len(),
-                cached_tokens: seq.cached,
-            });
+            admission(
+                running.iter().map(|(t, w)| (t, *w)),
+                (tenant, tenancy(&sub.request).1),
+                config.max_running,
+                (reserved, kv_need(sub, per_token), config.kv_cache_bytes),
+            )
+            .visit()
+        })?;
+        let need = kv_need(&sub, per_token);
+        self.reserved_bytes += need;
+        Some(self.start(sub, tenant, need, model))
+    }
+
+    /// Starts an admitted submission (its KV, `need` bytes, already reserved): a copy of a
+    /// cached prefix of its prompt when there is one, else an empty cache.
+    fn start(
+        &mut self,
+        sub: Submission,
+        tenant: Tenant,
+        need: usize,
+        model: &LlamaModel,
+    ) -> Sequence {
+        let (prefixes, stats, tokenizer) = (&mut self.prefixes, &self.stats, &self.tokenizer);
+        let weight = tenancy(&sub.request).1;
+        tracing::debug!(
+            tenant = %tenant,
+            weight,
+            prompt_tokens = sub.request.prompt_ids.len(),
+            "admitted a sequence"
+        );
+        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let _ = sub.reply.send(GenEvent::Admitted);
+        let GenRequest {
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop,
+            progress,
+            constraint,
+            tenant: _,
+            cached,
+        } = sub.request;
+        let logprobs = sampling.logprobs.is_some();
+        let sampler = Sampler::new(sampling, &prompt_ids);
+        let cache = match prefixes.lookup(&prompt_ids) {
+            Ok(Some(cache)) => {
+                stats
+                    .prefix_hit_tokens_total
+                    .fetch_add(cache.len() as u64, Ordering::Relaxed);
+                cache
+            }
+            Ok(None) => model.new_cache(),
+            Err(e) => {
+                tracing::warn!(error = %e, "prefix cache copy failed; prefilling in full");
+                model.new_cache()
+            }
+        };
+        if let Some(c) = &cached {
+            c.store(cache.len(), Ordering::Relaxed);
+        }
+        Sequence {
+            prefilled: cache.len(),
+            cached: cache.len(),
+            generated: Vec::new(),
+            max_tokens,
+            cache,
+            sampler,
+            decoder: StreamDecoder::new(tokenizer.clone()),
+            stop: StopMatcher::new(stop),
+            logprobs,
+            reply: sub.reply,
+            reserved_bytes: need,
+            prompt: prompt_ids,
+            progress,
+            constraint,
+            tenant,
+            weight,
+            scan: TriggerScan::default(),
+            last_step: 0,
+        }
+    }
+
+    /// Ends a sequence that finished or failed: frees its KV reservation, keeps its prompt's
+    /// KV in the prefix cache when it finished, and tells its caller.
+    fn retire(&mut self, seq: Sequence, outcome: Outcome) {
+        let (prefixes, stats) = (&mut self.prefixes, &self.stats);
+        self.reserved_bytes -= seq.reserved_bytes;
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Failed(message) => {
+                let _ = seq.reply.send(GenEvent::Failed { message });
+            }
+            Outcome::Finished(reason) => {
+                if prefixes.is_enabled() {
+                    match seq.cache.copy_prefix(seq.prompt.len()) {
+                        Ok(cache) => {
+                            prefixes.insert(seq.prompt.clone(), cache);
+                            // Before `Finished` goes out, so a caller sees it at once.
+                            stats
+                                .prefix_cache_bytes
+                                .store(prefixes.bytes() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "prefix cache copy failed"),
+                    }
+                }
+                let _ = seq.reply.send(GenEvent::Finished {
+                    reason,
+                    prompt_tokens: seq.prompt.len(),
+                    completion_tokens: seq.generated.len(),
+                    cached_tokens: seq.cached,
+                });
+            }
         }
     }
 }
