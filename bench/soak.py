@@ -246,6 +246,17 @@ def main():
         limited = admin.post("/admin/v1/customers/soak/keys", json={"name": "limited", "rpm": 1}).json()["key"]
 
         tally = Tally()
+        # The refusals the soak checks for, sent once for certain (the random mix below may
+        # draw the `bad` and `limited` kinds rarely in a short run on a slow machine): a bad
+        # request, and two back to back on the key allowed one request a minute.
+        probe = {"model": MODEL, "messages": [SYSTEM, {"role": "user", "content": "Hi"}], "max_tokens": 2}
+        r = httpx.post(f"{base}/v1/chat/completions", json=dict(probe, temperature=7),
+                       headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        tally.add("bad", r.status_code, r.headers.get("x-request-id"), r.text)
+        for _ in range(2):
+            r = httpx.post(f"{base}/v1/chat/completions", json=probe,
+                           headers={"Authorization": f"Bearer {limited}"}, timeout=120)
+            tally.add("limited", r.status_code, r.headers.get("x-request-id"), r.text)
         start = time.time()
         stop_at = start + args.duration
         threads = [threading.Thread(target=client_loop, args=(f"{base}/v1", key, limited, stop_at, tally,

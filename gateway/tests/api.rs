@@ -520,8 +520,10 @@ async fn gateway_overhead_leaves_out_the_backend() {
     );
     assert_eq!(count, 2.0);
     assert!(total >= 0.8, "the requests took {total}s");
+    // The fake backend spends 0.8 s in all (prepare 0.3 s, generation 0.5 s): the overhead
+    // leaves every bit of it out, whatever else the gateway's time was on a busy machine.
     assert!(
-        overhead > 0.0 && overhead < 0.1,
+        overhead > 0.0 && overhead < total - 0.75,
         "overhead {overhead}s of {total}s"
     );
 }

@@ -16,6 +16,10 @@ from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-python"
+# SmolLM2's end tokens (`<|endoftext|>` 0, `<|im_end|>` 2) banned with `logit_bias`: the request
+# then runs to exactly `max_tokens`, so a test that needs a request in flight makes it long by
+# construction instead of hoping the model talks long enough on this machine.
+NO_END = {"0": -100, "2": -100}
 
 
 class Server:

@@ -2,6 +2,7 @@
 OpenAI SDK as the client: what clients see in `usage` is exactly what the ledger holds."""
 
 import json
+import sqlite3
 import os
 import subprocess
 import tempfile
@@ -15,7 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import API_KEY, ROOT, free_port, start_server, stop_server
+from conftest import API_KEY, NO_END, ROOT, free_port, start_server, stop_server
 
 ADMIN = "admin-test-token"
 MODEL = "smollm2-135m"
@@ -111,8 +112,11 @@ def chat(client, text, max_tokens=12, stream=False, **kw):
 
 def cancelled_stream(client, text, after=3):
     """Streams, reads `after` content chunks, then hangs up. Returns (request id, chunks)."""
+    # 2,000 tokens with the end tokens banned: still generating when the client hangs up, on any
+    # machine (the hang-up is noticed within a step; the rest would take seconds at any speed).
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=ask(text), max_tokens=200, temperature=0, stream=True
+        model=MODEL, messages=ask(text), max_tokens=2000, temperature=0, stream=True,
+        logit_bias=NO_END,
     )
     rid = raw.headers["x-request-id"]
     stream = raw.parse()
@@ -173,7 +177,7 @@ def test_client_usage_equals_ledger_per_customer(billing):
         assert r["stream"] is True
         # Billed for what the engine generated before it stopped: at least what was received,
         # never the whole max_tokens.
-        assert chunks <= r["output_tokens"] < 200
+        assert chunks <= r["output_tokens"] < 2000
         assert nano(r["cost_usd"]) == r["input_tokens"] * IN_NANO + r["output_tokens"] * OUT_NANO
 
     # Aggregates per customer equal the sum of what the clients saw (plus the cancelled tails).
@@ -219,7 +223,9 @@ def test_admin_api_and_key_rules(billing):
     chat(client, "Hi", max_tokens=2)
     past = admin.http.post("/admin/v1/customers/rules/keys", json={"expires_at": "2001-01-01T00:00:00Z"})
     assert past.status_code == 400 and past.json()["error"]["param"] == "expires_at"
-    soon = admin.key("rules", expires_at=int(time.time()) + 2)
+    # Ten seconds of life: enough for the first request to be served on a slow machine; the sleep
+    # below waits out whatever is left of it.
+    soon = admin.key("rules", expires_at=int(time.time()) + 10)
     expiring = sdk(billing, soon["key"])
     chat(expiring, "Hi", max_tokens=2)
     time.sleep(max(0.0, soon_deadline(soon) - time.time()) + 0.2)
@@ -387,13 +393,25 @@ def test_kill9_after_responses_loses_no_record():
     srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
     client = sdk(srv, API_KEY)
     ids = []
-    for i in range(8):
+    for i in range(4):
         ids.append(chat(client, f"Quick {i}", max_tokens=4, stream=i % 2 == 1)[0])
-    srv.proc.kill()  # SIGKILL right after the last response completed
-    srv.proc.wait()
+    # The test holds the database's write lock for the last four, so their records cannot reach
+    # it before the kill, however fast the machine: they exist only in the spool, and the
+    # restart must replay them.
+    lock = sqlite3.connect(os.path.join(tmp, "ledger.db"), timeout=30, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(4, 8):
+            ids.append(chat(client, f"Quick {i}", max_tokens=4, stream=i % 2 == 1)[0])
+        srv.proc.kill()  # SIGKILL right after the last response completed
+        srv.proc.wait()
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
     srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
     try:
-        records = Admin(srv).wait_for(ids, timeout=15)
+        records = Admin(srv).wait_for(ids, timeout=30)
+        assert any("replaying spooled usage records" in line for line in srv.log), "".join(srv.log[-40:])
         ledger_ids = [r["id"] for r in Admin(srv).records()]
         assert sorted(ledger_ids) == sorted(set(ledger_ids)), "no record twice"
         assert set(ids) <= set(records)
@@ -519,8 +537,8 @@ def cached_traffic(client):
         raw = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
         seen[raw.headers["x-request-id"]] = raw.parse().usage
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=ask_bakery("Tell me a very long story about bread."), max_tokens=200,
-        temperature=0, stream=True,
+        model=MODEL, messages=ask_bakery("Tell me a very long story about bread."), max_tokens=2000,
+        temperature=0, stream=True, logit_bias=NO_END,
     )
     rid = raw.headers["x-request-id"]
     got = 0

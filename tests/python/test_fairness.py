@@ -8,7 +8,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import API_KEY, ROOT, start_server, stop_server
+from conftest import API_KEY, NO_END, ROOT, start_server, stop_server
 
 MODEL = "smollm2-135m"
 
@@ -27,9 +27,11 @@ def test_a_customer_over_its_sequence_cap_gets_429_and_others_are_served():
     try:
         client = OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=120)
         messages = [{"role": "user", "content": "Write a long story about a dragon."}]
-        # Two streams hold the customer's two slots while they are open.
-        streams = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=200,
-                                                  stream=True) for _ in range(2)]
+        # Two streams hold the customer's two slots while they are open: 4,000 tokens each with
+        # the end tokens banned, so neither can end before the third request, on any machine.
+        streams = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4000,
+                                                  temperature=0, logit_bias=NO_END, stream=True)
+                   for _ in range(2)]
         firsts = [next(iter(s)) for s in streams]
         assert all(f.choices for f in firsts)
         with pytest.raises(openai.RateLimitError) as e:
@@ -39,7 +41,7 @@ def test_a_customer_over_its_sequence_cap_gets_429_and_others_are_served():
             s.close()
         # Closing the streams gives the slots back once the server notices the client left.
         pause = threading.Event()
-        for _ in range(100):
+        for _ in range(300):  # a 30 s guard against a hang
             try:
                 r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, n=2)
                 assert len(r.choices) == 2

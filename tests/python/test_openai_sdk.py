@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY
+from conftest import API_KEY, NO_END
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -232,20 +232,33 @@ def test_concurrent_streams(client, model):
     assert all(0 < n <= 16 for n in results)
 
 
+def decoded_tokens(server):
+    """The engine's decode counter, summed over models."""
+    metrics = httpx.get(f"http://{server.addr}/metrics", timeout=10).text
+    return sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
+               if l.startswith("tollgate_decode_tokens_total{"))
+
+
 def test_disconnect_mid_stream_then_normal_request(server, client, model):
+    before = decoded_tokens(server)
+    # 4,000 tokens with the end tokens banned: far more than the engine makes before it notices
+    # the hang-up, whatever the machine's speed, so the count below tells a stop from a run to
+    # the end.
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "Write a very long essay about the sea."}],
         temperature=0,
-        max_tokens=400,
+        max_tokens=4000,
+        logit_bias=NO_END,
         stream=True,
     )
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()
-    # The engine stops generating for a client that went away: no sequence keeps running.
-    deadline = time.time() + 5
+    # The engine stops generating for a client that went away: no sequence keeps running, and it
+    # stopped well short of max_tokens. The deadline only guards against a hang.
+    deadline = time.time() + 60
     running = None
     while time.time() < deadline:
         metrics = httpx.get(f"http://{server.addr}/metrics", timeout=10).text
@@ -254,5 +267,7 @@ def test_disconnect_mid_stream_then_normal_request(server, client, model):
             break
         time.sleep(0.1)
     assert running and all(l.endswith(" 0") for l in running), running
+    decoded = decoded_tokens(server) - before
+    assert 3 <= decoded < 2000, f"the engine decoded {decoded} tokens for a stream abandoned after 3"
     r = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=16)
     assert "Paris" in r.choices[0].message.content

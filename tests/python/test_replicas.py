@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_server, stop_server
+from conftest import NO_END, start_server, stop_server
 from test_billing import ADMIN, IN_NANO, OUT_NANO, Admin, chat, nano, pg, sdk
 
 pytestmark = pytest.mark.skipif(
@@ -81,16 +81,28 @@ def test_token_rate_is_shared_across_replicas(replicas):
     assert r.status_code == 200, r.text
     prompt = r.json()["usage"]["prompt_tokens"]
     assert prompt > 60
-    # A request reserves prompt + max_tokens = 990 of the key's 1,000 tokens per minute, and
-    # keeps at least prompt + 1 of them: no second such request fits within the minute, on
-    # either replica (each replica alone would have a full bucket).
-    body = {"max_tokens": 990 - prompt, "stop": ["."]}
-    first = post_chat_json(a, limited, text, body)
-    assert first.status_code == 200, first.text
-    for srv in (b, a):
-        r = post_chat_json(srv, limited, text, body)
-        assert r.status_code == 429, r.text
-        assert r.json()["error"]["type"] == "tokens", r.text
+    # A request in flight holds its reservation of prompt + max_tokens = 990 of the key's 1,000
+    # tokens per minute: no second such request fits, on either replica (each replica alone
+    # would have a full bucket). The first streams with the end tokens banned, so it is still
+    # running while the others are tried, however fast or slow the machine (a first request
+    # that had finished would have given most of its reservation back).
+    body = {"max_tokens": 990 - prompt}
+    with httpx.stream(
+        "POST", f"http://{a.addr}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {limited}"},
+        json={"model": "smollm2-135m", "messages": [{"role": "user", "content": text}],
+              "temperature": 0, "stream": True, "logit_bias": NO_END, **body},
+        timeout=120,
+    ) as first:
+        assert first.status_code == 200, first.read()
+        lines = first.iter_lines()
+        next(line for line in lines if '"content"' in line)
+        for srv in (b, a):
+            r = post_chat_json(srv, limited, text, body)
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["type"] == "tokens", r.text
+        still = next(line for line in lines if line.startswith("data:"))
+        assert '"finish_reason":null' in still.replace(" ", ""), still
 
 
 def test_budget_is_shared_across_replicas(replicas):

@@ -3,6 +3,7 @@ OpenAI Agents SDK, unchanged, against the real server and model."""
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -200,9 +201,24 @@ def test_one_usage_record_per_response(srv, client):
     r = client.responses.create(model=MODEL, instructions=INSTRUCTIONS, input="Count to three.",
                                 temperature=0, max_output_tokens=20)
     rid = r.id.removeprefix("resp_")
-    records = admin(srv, "GET", "/usage/records?limit=1000")["data"]
-    mine = [x for x in records if x["id"].replace("-", "") == rid]
-    assert len(mine) == 1
+
+    def mine():
+        records = admin(srv, "GET", "/usage/records?limit=1000")["data"]
+        return [x for x in records if x["id"].replace("-", "") == rid]
+
+    # The ledger writes in batches off the request path: wait for the record (a hang guard
+    # only), then for nothing to be pending, and count again, so a second record would show.
+    deadline = time.time() + 30
+    while not mine() and time.time() < deadline:
+        time.sleep(0.1)
+    while time.time() < deadline:
+        metrics = httpx.get(f"http://{srv.addr}/metrics", timeout=10).text
+        pending = [l for l in metrics.splitlines() if l.startswith("tollgate_ledger_pending_records")]
+        if pending and all(float(l.rsplit(" ", 1)[1]) == 0 for l in pending):
+            break
+        time.sleep(0.1)
+    mine = mine()
+    assert len(mine) == 1, mine
     rec = mine[0]
     assert rec["endpoint"] == "/v1/responses"
     assert rec["input_tokens"] == r.usage.input_tokens

@@ -31,7 +31,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, free_port, start_server
+from conftest import NO_END, ROOT, free_port, start_server
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TOLLGATE_TEST_POSTGRES"),
@@ -185,7 +185,10 @@ class Cluster:
         self.config = os.path.join(tmp, "models.toml")
         urls = ", ".join(f'"http://{w.addr}"' for w in self.workers)
         with open(self.config, "w") as f:
+            # The drain after SIGTERM is bounded by a deadline far above what the in-flight streams
+            # need on a slow machine: the test checks that they finish, not how fast.
             f.write(
+                '[server]\nshutdown_timeout_secs = 300\n'
                 f'[models."{MODEL}"]\n'
                 f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
                 f'backend = {{ type = "http", urls = [{urls}], api_key_env = "TOLLGATE_WORKER_TOKEN" }}\n'
@@ -326,15 +329,18 @@ class Outcome:
     error: Optional[str] = None
     began: float = 0.0
     finished_at: float = 0.0
+    long: bool = False  # run to max_tokens with the end tokens banned
 
 
-def request(gateway, key, text, max_tokens, stream, on_started=None):
-    """One chat request through `gateway`; never raises: the outcome says what happened."""
+def request(gateway, key, text, max_tokens, stream, on_started=None, run_to_max=False):
+    """One chat request through `gateway`; never raises: the outcome says what happened.
+    `run_to_max` bans the end tokens, so the answer is exactly `max_tokens` long."""
     out = Outcome(gateway=gateway.name, stream=stream, began=time.time())
     try:
         raw = gateway.client(key).chat.completions.with_raw_response.create(
             model=MODEL, messages=ask(text), max_tokens=max_tokens, temperature=0, stream=stream,
             **({"stream_options": {"include_usage": True}} if stream else {}),
+            **({"logit_bias": NO_END} if run_to_max else {}),
         )
         out.rid = raw.headers.get("x-request-id")
         if stream:
@@ -497,9 +503,16 @@ def test_killing_a_worker_fails_only_requests_already_streaming(cluster):
     started = []
     loaded = []
 
+    # Streams long by construction: with the end tokens banned each of the first twelve runs to
+    # 256 tokens, hundreds of engine steps whatever the machine's speed, so the victim still holds
+    # the ones routed to it when the precondition below is seen (a 24-token answer ended before
+    # enough overlap on a machine twice as fast as the one this test was first tuned on). The six
+    # sent after the kill only have to not fail before streaming: short ones.
     def one(gateway, i):
-        o = request(gateway, key, "Write a short story about a lighthouse.", 24, True,
-                    on_started=lambda: started.append(i))
+        long = i < 12
+        o = request(gateway, key, "Write a short story about a lighthouse.", 256 if long else 24,
+                    True, on_started=lambda: started.append(i), run_to_max=long)
+        o.long = long
         with lock:
             loaded.append(o)
 
@@ -539,6 +552,7 @@ def test_killing_a_worker_fails_only_requests_already_streaming(cluster):
     for o in loaded:
         if o.ok:
             assert o.usage[1] >= o.chunks > 0, o
+            assert not o.long or o.usage[1] == 256, o
     outcomes += loaded
 
     # The survivor serves everything afterwards, through both gateways.
@@ -613,9 +627,11 @@ def test_restarting_a_gateway_loses_no_record(cluster):
         started = []
         inflight, lock = [], threading.Lock()
 
+        # Each stream runs to 128 tokens (end tokens banned), so all six are still in flight
+        # when the signal comes, whatever the machine's speed; the test checks that they were.
         def one(i):
-            o = request(gw, key, "Write a short story about a lighthouse.", 24, True,
-                        on_started=lambda: started.append(i))
+            o = request(gw, key, "Write a short story about a lighthouse.", 128, True,
+                        on_started=lambda: started.append(i), run_to_max=True)
             with lock:
                 inflight.append(o)
 
@@ -623,11 +639,13 @@ def test_restarting_a_gateway_loses_no_record(cluster):
         for t in threads:
             t.start()
         wait_until(lambda: len(started) == 6, 120, "every stream to start")
+        t_term = time.time()
         assert gw.stop(signal.SIGTERM) == 0, gw.log_text()[-3000:]
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=180)
         assert len(inflight) == 6
         assert all(o.ok for o in inflight), [o for o in inflight if not o.ok]
+        assert all(o.usage[1] == 128 and o.finished_at > t_term for o in inflight), inflight
         outcomes += inflight
         gw.start()
         outcomes += [request(gw, key, f"after sigterm {i}", 6, i % 2 == 0) for i in range(2)]
