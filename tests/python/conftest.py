@@ -128,3 +128,14 @@ def client(server) -> OpenAI:
 @pytest.fixture(scope="session")
 def model() -> str:
     return "smollm2-135m"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With TOLLGATE_REQUIRE_ALL=1 (scripts/test.sh sets it) a skipped test is a failure: the
+    README's test command runs every test, and a skip must never pass for a pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("TOLLGATE_REQUIRE_ALL") == "1":
+        report.outcome = "failed"
+        report.longrepr = f"skipped under TOLLGATE_REQUIRE_ALL=1: {report.longrepr}"
