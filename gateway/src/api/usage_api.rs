@@ -2,7 +2,7 @@
 //! `GET /v1/organization/usage/completions` and `GET /v1/organization/costs`, always scoped to
 //! the calling key's customer.
 
-use axum::extract::{Query, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -25,6 +25,35 @@ pub struct UsageQuery {
     group_by: Option<String>,
     limit: Option<i64>,
     page: Option<String>,
+}
+
+/// The parameters both routes understand. OpenAI's filters that Tollgate does not implement
+/// (`project_ids`, `user_ids`, `api_key_ids`, `models`, ...) are refused by name rather than
+/// ignored: an ignored filter would answer a different question than the one asked.
+const KNOWN: &[&str] = &[
+    "start_time",
+    "end_time",
+    "bucket_width",
+    "group_by",
+    "limit",
+    "page",
+];
+
+/// Refuses the first query parameter that is not in `KNOWN`, naming it.
+fn known_params(raw: Option<&str>) -> Result<(), ApiError> {
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split('=').next().unwrap_or(pair);
+        if !KNOWN.contains(&name) {
+            return Err(invalid(
+                name,
+                format!(
+                    "query parameter `{name}` is not supported; use {}",
+                    KNOWN.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(param: &str, message: String) -> ApiError {
@@ -208,8 +237,10 @@ async fn bucket_page(
 pub async fn completions_usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    RawQuery(raw): RawQuery,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    known_params(raw.as_deref())?;
     let q = query(q)?;
     let w = query_window(&q, false)?;
     let groups: Vec<GroupBy> = group_by(q.group_by.as_deref(), &["model", "api_key_id"])?
@@ -244,8 +275,10 @@ pub async fn completions_usage(
 pub async fn costs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    RawQuery(raw): RawQuery,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    known_params(raw.as_deref())?;
     let q = query(q)?;
     let w = query_window(&q, true)?;
     // Line items are models (with their prices, one price per model at a time).
@@ -293,5 +326,21 @@ mod tests {
         assert!(window(Some(0), Some(10), 86_400, (7, 31), None, Some("5")).is_err());
         assert!(window(None, Some(10), 86_400, (7, 31), None, None).is_err());
         assert!(window(Some(0), Some(10), 86_400, (7, 31), Some(32), None).is_err());
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused_by_name() {
+        assert!(known_params(None).is_ok());
+        assert!(known_params(Some("start_time=1&group_by=model,api_key_id")).is_ok());
+        for (raw, param) in [
+            ("start_time=1&project_ids=x", "project_ids"),
+            ("api_key_ids=k", "api_key_ids"),
+            ("user_ids", "user_ids"),
+        ] {
+            match known_params(Some(raw)) {
+                Err(ApiError::InvalidRequest { param: Some(p), .. }) => assert_eq!(p, param),
+                other => panic!("{raw}: {other:?}"),
+            }
+        }
     }
 }
