@@ -26,7 +26,7 @@ MODEL = "smollm2-135m"
 class Receiver:
     """An OTLP/HTTP trace receiver on 127.0.0.1: keeps every span it is sent."""
 
-    def __init__(self):
+    def __init__(self, port=0):
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
         spans, lock = [], threading.Lock()
@@ -66,7 +66,7 @@ class Receiver:
                 pass
 
         self.spans, self.lock = spans, lock
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.endpoint = f"http://127.0.0.1:{self.http.server_address[1]}"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
@@ -256,18 +256,29 @@ def test_traceparent_goes_upstream_and_the_worker_continues_the_trace(receiver):
 
 
 def test_nothing_is_exported_without_the_endpoint(receiver):
-    before = len(receiver.spans)
-    srv = start_server({"OTEL_EXPORTER_OTLP_ENDPOINT": ""})
+    # A receiver on OTLP/HTTP's default endpoint (127.0.0.1:4318), where an exporter left
+    # without an endpoint would send: that is where an export would show.
     try:
-        client = OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=120)
-        _, _, header = traceparent()
-        client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_headers={"traceparent": header}
-        )
+        default = Receiver(port=4318)
+    except OSError as e:
+        raise AssertionError(f"port 4318 is taken, so this test could not watch it: {e}")
+    before = len(receiver.spans)
+    try:
+        srv = start_server({"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+        try:
+            client = OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+            _, _, header = traceparent()
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                extra_headers={"traceparent": header}
+            )
+        finally:
+            # The process has exited when this returns: an exporter would have flushed by then.
+            assert stop_server(srv) == 0
+        assert len(default.spans) == 0
+        assert len(receiver.spans) == before
     finally:
-        assert stop_server(srv) == 0
-    time.sleep(0.5)
-    assert len(receiver.spans) == before
+        default.close()
 
 
 def _free_port():
