@@ -5,6 +5,7 @@
 pub mod listener;
 pub mod metrics;
 pub(crate) mod middleware;
+mod oversize;
 pub(crate) mod router;
 pub(crate) mod run;
 pub mod telemetry;
