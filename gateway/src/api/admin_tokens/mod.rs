@@ -12,10 +12,8 @@
 //! and the console). A route not named below needs `admin`, so a new admin route is closed to
 //! narrower tokens until someone decides otherwise.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -30,9 +28,9 @@ use crate::auth::{bearer, digest, hex};
 
 mod failures;
 
-pub use failures::{FailedAuth, FAILURE_WINDOW, MAX_FAILURES};
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
+pub use failures::{FailedAuth, FAILURE_WINDOW, MAX_FAILURES};
 use tollgate_metering::audit::{self, Action, Actor, Change};
 use tollgate_metering::periods::rfc3339;
 use tollgate_metering::store::{now_micros, Store, StoreError};
@@ -390,7 +388,10 @@ pub(crate) async fn still_valid(state: &AppState, token_id: &str) -> Result<bool
         .await
         .map_err(StoreError::from)?;
     Ok(match row {
-        Some(row) => row.try_get::<Option<i64>, _>("revoked_at").map_err(StoreError::from)?.is_none(),
+        Some(row) => row
+            .try_get::<Option<i64>, _>("revoked_at")
+            .map_err(StoreError::from)?
+            .is_none(),
         None => false,
     })
 }
