@@ -46,10 +46,8 @@ impl Export {
     fn line(&self, r: &UsageRecord) -> anyhow::Result<serde_json::Value> {
         Ok(match self.format {
             ExportFormat::Cloudevents => export_formats::cloudevent(r),
-            ExportFormat::Stripe => {
-                export_formats::stripe_meter_event(r, &self.stripe)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-            }
+            ExportFormat::Stripe => export_formats::stripe_meter_event(r, &self.stripe)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
             ExportFormat::Csv | ExportFormat::Jsonl => record_json(r),
         })
     }
@@ -155,7 +153,12 @@ impl Export {
                 if count == 0 {
                     std::fs::remove_file(&tmp)?;
                 } else {
-                    let name = format!("usage-{:016}-{:016}.{}", start + 1, cursor, self.extension());
+                    let name = format!(
+                        "usage-{:016}-{:016}.{}",
+                        start + 1,
+                        cursor,
+                        self.extension()
+                    );
                     finish(&tmp, &dir.join(name))?;
                 }
                 (count, cursor)
