@@ -73,7 +73,7 @@ impl Export {
             if header {
                 csv.write_record(RECORD_COLUMNS)?;
             }
-            Out::Csv(csv)
+            Out::Csv(Box::new(csv))
         } else {
             Out::Lines(w)
         };
@@ -175,7 +175,7 @@ impl Export {
 }
 
 enum Out<'a> {
-    Csv(csv::Writer<&'a mut dyn Write>),
+    Csv(Box<csv::Writer<&'a mut dyn Write>>),
     Lines(&'a mut dyn Write),
 }
 
