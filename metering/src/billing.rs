@@ -94,9 +94,15 @@ pub fn usage_columns(groups: &[GroupBy]) -> Vec<String> {
         })
         .collect();
     cols.extend(
-        ["requests", "input_tokens", "output_tokens", "cost_usd"]
-            .into_iter()
-            .map(String::from),
+        [
+            "requests",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+            "cached_input_tokens",
+        ]
+        .into_iter()
+        .map(String::from),
     );
     cols
 }
@@ -115,6 +121,7 @@ fn usage_cell(row: &UsageRow, column: &str) -> String {
         "input_tokens" => row.input_tokens.to_string(),
         "output_tokens" => row.output_tokens.to_string(),
         "cost_usd" => format_usd(row.cost_nano_usd),
+        "cached_input_tokens" => row.cached_input_tokens.to_string(),
         c if c.starts_with("tag:") => row.tag_value.clone().unwrap_or_default(),
         _ => String::new(),
     }
@@ -128,14 +135,15 @@ pub fn usage_row_json(row: &UsageRow, columns: &[String]) -> Value {
             "requests" => json!(row.requests),
             "input_tokens" => json!(row.input_tokens),
             "output_tokens" => json!(row.output_tokens),
+            "cached_input_tokens" => json!(row.cached_input_tokens),
             // Records without the tag: null, not "".
             t if t.starts_with("tag:") => json!(row.tag_value),
             _ => json!(usage_cell(row, c)),
         };
         obj.insert(c.to_string(), v);
     }
-    // Of `input_tokens`, those served from a prefix cache (JSON only: the CSV columns are
-    // the documented ones).
+    // The same count under the name it had before records and invoices set the one name
+    // (`cached_input_tokens`); deprecated, kept for the clients that read it.
     obj.insert(
         "input_cached_tokens".to_string(),
         json!(row.cached_input_tokens),
@@ -354,7 +362,8 @@ mod tests {
                 "requests",
                 "input_tokens",
                 "output_tokens",
-                "cost_usd"
+                "cost_usd",
+                "cached_input_tokens"
             ]
         );
         assert!(parse_group_by("project").unwrap_err().contains("project"));
@@ -377,13 +386,19 @@ mod tests {
             input_tokens: 10,
             output_tokens: 5,
             cost_nano_usd: 1250,
+            cached_input_tokens: 4,
             ..UsageRow::default()
         };
         let cols = usage_columns(&[GroupBy::Model]);
-        let text = usage_csv(&[row], &cols).unwrap();
+        let text = usage_csv(std::slice::from_ref(&row), &cols).unwrap();
         assert_eq!(
             text,
-            "model,requests,input_tokens,output_tokens,cost_usd\n\"m,1\",2,10,5,0.000001250\n"
+            "model,requests,input_tokens,output_tokens,cost_usd,cached_input_tokens\n\
+             \"m,1\",2,10,5,0.000001250,4\n"
         );
+        // One name for cached tokens in JSON too; the old one stays as a deprecated alias.
+        let json = usage_row_json(&row, &cols);
+        assert_eq!(json["cached_input_tokens"], 4);
+        assert_eq!(json["input_cached_tokens"], 4);
     }
 }

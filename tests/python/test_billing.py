@@ -196,7 +196,7 @@ def test_client_usage_equals_ledger_per_customer(billing):
         assert nano(invoice["total_usd"]) == sum(nano(li["amount_usd"]) for li in invoice["line_items"])
         assert nano(invoice["total_usd"]) == nano(row["cost_usd"])
     csv_text = admin.call("GET", "/admin/v1/usage", params={"group_by": "customer,model,day", "format": "csv"})
-    assert csv_text.splitlines()[0] == "customer_id,model,day,requests,input_tokens,output_tokens,cost_usd"
+    assert csv_text.splitlines()[0] == "customer_id,model,day,requests,input_tokens,output_tokens,cost_usd,cached_input_tokens"
 
 
 def test_admin_api_and_key_rules(billing):
@@ -751,7 +751,7 @@ def test_tags_from_metadata_user_and_key_defaults(billing):
     csv_text = admin.call(
         "GET", "/admin/v1/usage", params={"customer_id": "tag-co", "group_by": "tag:user", "format": "csv"}
     )
-    assert csv_text.splitlines()[0] == "tag:user,requests,input_tokens,output_tokens,cost_usd"
+    assert csv_text.splitlines()[0] == "tag:user,requests,input_tokens,output_tokens,cost_usd,cached_input_tokens"
 
     invoice = admin.call("GET", "/admin/v1/invoices/tag-co", params={"group_by": "tag:project"})
     assert nano(invoice["total_usd"]) == sum(nano(r["cost_usd"]) for r in mine)

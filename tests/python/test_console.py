@@ -155,7 +155,7 @@ def test_console_end_to_end(server, browser):
     jar = {"tollgate_console": cookie["value"]}
     csv = httpx.get(f"{base}/console/usage.csv", params={"group_by": "customer,model"}, cookies=jar)
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
-    assert csv.text.splitlines()[0] == "customer_id,model,requests,input_tokens,output_tokens,cost_usd"
+    assert csv.text.splitlines()[0] == "customer_id,model,requests,input_tokens,output_tokens,cost_usd,cached_input_tokens"
     assert any(line.startswith(f"web-co,{MODEL},1,") for line in csv.text.splitlines()), csv.text
 
     # A form without the session's CSRF token is refused, even with the cookie.

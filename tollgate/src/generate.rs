@@ -32,6 +32,7 @@ pub struct GenerateArgs {
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Sampling seed, for reproducible output.
     #[arg(long)]
     seed: Option<u64>,
     /// System message for chat prompts.

@@ -59,8 +59,10 @@ enum Command {
         /// Override the catalogue's device (`cpu`, `cuda:N`).
         #[arg(long)]
         device: Option<tollgate_gateway::config::DeviceSpec>,
+        /// The model catalogue.
         #[arg(long, default_value = "models.toml", env = "TOLLGATE_CONFIG")]
         config: PathBuf,
+        /// Address to listen on for gateways.
         #[arg(long, default_value = "127.0.0.1:8081", env = "TOLLGATE_LISTEN")]
         listen: String,
     },
@@ -70,7 +72,7 @@ enum Command {
     /// Manage API keys in the database.
     #[command(subcommand)]
     Keys(tollgate::billing_cli::KeysCommand),
-    /// Scoped admin tokens (usage:read, customers:write, keys:write, admin).
+    /// Scoped admin tokens (usage:read, customers:read, customers:write, keys:write, admin).
     #[command(subcommand)]
     AdminTokens(tollgate::billing_cli::AdminTokensCommand),
     /// Read usage: exports for billing jobs, aggregates, invoices.
@@ -90,8 +92,10 @@ fn main() -> anyhow::Result<()> {
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log redirected to a file or a collector stays plain text.
     let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter);
     // Before any async runtime: the OTLP exporter's client is a blocking one. Its guard flushes
     // the last spans when dropped, after the runtime is gone.
@@ -217,5 +221,39 @@ fn limit_malloc_arenas() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand, with the path of commands that leads to it.
+    fn arguments(command: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in command.get_arguments() {
+            out.push((path.to_string(), arg.clone()));
+        }
+        for sub in command.get_subcommands() {
+            arguments(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_option_and_argument_has_help() {
+        let mut all = Vec::new();
+        arguments(&Cli::command(), "tollgate", &mut all);
+        let silent: Vec<String> = all
+            .iter()
+            .filter(|(_, a)| {
+                !matches!(a.get_id().as_str(), "help" | "version") && a.get_help().is_none()
+            })
+            .map(|(path, a)| format!("{path} {}", a.get_id()))
+            .collect();
+        assert!(all.len() > 50, "the walk found the arguments");
+        assert!(
+            silent.is_empty(),
+            "arguments without help text: {silent:#?}"
+        );
     }
 }

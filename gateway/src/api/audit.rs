@@ -22,7 +22,8 @@ pub(crate) struct AuditQuery {
 }
 
 /// `GET /admin/v1/audit?after=&limit=`: entries oldest first after the cursor, with the cursor
-/// to continue from (`null` on an empty page: ask again later with the same cursor).
+/// to continue from (`null` on an empty page: ask again later with the same cursor) and
+/// whether more entries follow it now.
 pub(crate) async fn list(
     State(state): State<AppState>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
@@ -47,8 +48,10 @@ pub(crate) async fn list(
         .store
         .as_ref()
         .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))?;
-    let entries = store.audit_after(after, limit).await?;
-    let has_more = entries.len() as i64 == limit;
+    // One more than the page: whether another page follows.
+    let mut entries = store.audit_after(after, limit + 1).await?;
+    let has_more = entries.len() as i64 > limit;
+    entries.truncate(usize::try_from(limit).unwrap_or(0));
     Ok(Json(json!({
         "object": "list",
         "data": entries.iter().map(Entry::json).collect::<Vec<_>>(),

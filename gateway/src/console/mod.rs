@@ -30,6 +30,7 @@ use rand::RngCore;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use crate::api::admin_tokens::{self, AdminIdentity, Scope};
 use crate::auth::{digest, hex};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
@@ -52,6 +53,11 @@ pub struct Session {
     pub public_id: String,
     /// Sent back by every state-changing form.
     pub csrf: String,
+    /// The admin credential it signed in with: `bootstrap` or an issued token's id (a revoked
+    /// token's sessions end at their next request).
+    pub token_id: String,
+    /// What that credential may do (shown on every screen).
+    pub scopes: Vec<Scope>,
     expires: Instant,
 }
 
@@ -83,12 +89,14 @@ impl Sessions {
         }
     }
 
-    /// Starts a session; returns its cookie value and the session.
-    pub fn create(&self) -> (String, Session) {
+    /// Starts a session for `identity`; returns its cookie value and the session.
+    pub fn create(&self, identity: AdminIdentity) -> (String, Session) {
         let cookie = random_hex(32);
         let session = Session {
             public_id: format!("sess_{}", random_hex(6)),
             csrf: random_hex(32),
+            token_id: identity.token_id,
+            scopes: identity.scopes,
             expires: Instant::now() + self.ttl,
         };
         if let Ok(mut map) = self.by_digest.lock() {
@@ -224,6 +232,19 @@ pub(crate) struct Signed {
 /// token in its `csrf` field and come from our own origin.
 async fn require_session(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let session = cookie(request.headers()).and_then(|c| state.console.get(c));
+    let session = match session {
+        Some(s) => match admin_tokens::still_valid(&state, &s.token_id).await {
+            Ok(true) => Some(s),
+            Ok(false) => {
+                if let Some(c) = cookie(request.headers()) {
+                    state.console.end(c);
+                }
+                None
+            }
+            Err(e) => return PageError(e).into_response(),
+        },
+        None => None,
+    };
     let Some(session) = session else {
         if request.method() == Method::GET {
             return Redirect::to("/console/login").into_response();
@@ -299,7 +320,8 @@ fn login_markup(problem: Option<&str>) -> Markup {
     )
 }
 
-/// Checks the admin token (in constant time over digests), then starts a session.
+/// Checks the admin token (the bootstrap one, or an issued token whose scopes allow the
+/// console: `admin`), then starts a session.
 async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -308,9 +330,9 @@ async fn login(
     if cross_site(&headers) {
         return error_page(StatusCode::FORBIDDEN, "Cross-site sign-in refused.");
     }
-    let Some(expected) = state.admin_token.as_deref() else {
+    if state.admin_token.is_none() {
         return error_page(StatusCode::FORBIDDEN, "The console is disabled.");
-    };
+    }
     let Ok(Form(form)) = serde_urlencoded::from_bytes::<LoginForm>(&body).map(Form) else {
         return (
             StatusCode::BAD_REQUEST,
@@ -318,22 +340,49 @@ async fn login(
         )
             .into_response();
     };
-    if !bool::from(digest(form.token.trim()).ct_eq(&digest(expected))) {
-        tracing::warn!("console: sign-in with a wrong admin token");
-        return (
-            StatusCode::UNAUTHORIZED,
-            login_markup(Some("Wrong admin token.")),
-        )
-            .into_response();
+    let identity = match admin_tokens::identify(&state, form.token.trim()).await {
+        Ok(identity) => identity,
+        Err(ApiError::InvalidAdminToken(_)) => {
+            tracing::warn!("console: sign-in with a wrong admin token");
+            return (
+                StatusCode::UNAUTHORIZED,
+                login_markup(Some("Wrong admin token.")),
+            )
+                .into_response();
+        }
+        Err(e) => return PageError(e).into_response(),
+    };
+    if !identity.allows(CONSOLE_SCOPE) {
+        tracing::warn!(token = %identity.token_id, "console: sign-in with a token outside its scopes");
+        let problem = format!(
+            "Admin token {} has scopes {}; the console needs `{}` (it changes customers and keys \
+             and shows the audit log). Use the admin API with this token instead.",
+            identity.token_id,
+            scope_names(&identity.scopes),
+            CONSOLE_SCOPE.as_str()
+        );
+        return (StatusCode::FORBIDDEN, login_markup(Some(&problem))).into_response();
     }
-    let (cookie, session) = state.console.create();
-    tracing::info!(session = %session.public_id, "console: signed in");
+    let (cookie, session) = state.console.create(identity);
+    tracing::info!(session = %session.public_id, token = %session.token_id, "console: signed in");
     let mut response = Redirect::to("/console").into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
         set_cookie(&cookie, SESSION_TTL, over_https(&headers)),
     );
     response
+}
+
+/// What the console needs of an admin token: it changes customers and keys and shows the
+/// audit log, so only `admin` covers it.
+const CONSOLE_SCOPE: Scope = Scope::Admin;
+
+fn scope_names(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn logout(State(state): State<AppState>, request: Request) -> Response {
@@ -425,6 +474,9 @@ pub(crate) fn layout(signed: &Signed, title: &str, content: Markup) -> Markup {
                         a href=(href) class=@if label == title { "current" } { (label) }
                     }
                 }
+                span.identity title="The admin token this session signed in with, and its scopes" {
+                    "Signed in with " (signed.session.token_id) " (" (scope_names(&signed.session.scopes)) ")"
+                }
                 form.logout method="post" action="/console/logout" {
                     (csrf_field(signed))
                     button type="submit" id="logout" { "Sign out" }
@@ -453,17 +505,24 @@ pub(crate) fn raw(text: String) -> PreEscaped<String> {
 mod tests {
     use super::*;
 
+    fn bootstrap() -> AdminIdentity {
+        AdminIdentity {
+            token_id: admin_tokens::BOOTSTRAP_ID.into(),
+            scopes: vec![Scope::Admin],
+        }
+    }
+
     #[test]
     fn sessions_expire_and_end() {
         let sessions = Sessions::with_ttl(Duration::from_secs(60));
-        let (cookie, s) = sessions.create();
+        let (cookie, s) = sessions.create(bootstrap());
         assert_eq!(sessions.get(&cookie).unwrap().public_id, s.public_id);
         assert!(sessions.get("forged").is_none());
         sessions.end(&cookie);
         assert!(sessions.get(&cookie).is_none());
 
         let expired = Sessions::with_ttl(Duration::ZERO);
-        let (cookie, _) = expired.create();
+        let (cookie, _) = expired.create(bootstrap());
         assert!(
             expired.get(&cookie).is_none(),
             "a session past its time is refused"

@@ -128,10 +128,21 @@ pub struct CreateKey {
     pub max_concurrent_requests: Option<i64>,
 }
 
-/// `PATCH /admin/v1/keys/{key_id}`: at least one field.
+/// `PATCH /admin/v1/keys/{key_id}`: at least one field; `null` clears a limit, the model list
+/// (all models), the expiry or the budget.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
+    #[schema(min_length = 1)]
+    pub name: Option<String>,
+    pub models: Option<Vec<String>>,
+    #[schema(minimum = 1)]
+    pub rpm: Option<i64>,
+    #[schema(minimum = 1)]
+    pub tpm: Option<i64>,
+    #[schema(minimum = 1)]
+    pub max_concurrent_requests: Option<i64>,
+    pub expires_at: Option<Expiry>,
     pub tags: Option<BTreeMap<String, String>>,
     pub budget_usd: Option<UsdAmount>,
 }
@@ -181,7 +192,8 @@ pub struct ApiKeyList {
 
 /// `GET /admin/v1/usage`: one row per group, with the group's columns (`customer_id`,
 /// `model`, `key_id`, `day`, `tag:KEY`) and `requests`, `input_tokens`, `output_tokens`,
-/// `cost_usd`.
+/// `cost_usd`, `cached_input_tokens` (and `input_cached_tokens`, the same count under its
+/// deprecated name).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UsageReport {
     #[schema(pattern = "^list$")]
@@ -277,6 +289,9 @@ pub struct Invoice {
 pub enum AdminScope {
     #[serde(rename = "usage:read")]
     UsageRead,
+    /// Listing and reading customers (`customers:write` implies it).
+    #[serde(rename = "customers:read")]
+    CustomersRead,
     #[serde(rename = "customers:write")]
     CustomersWrite,
     #[serde(rename = "keys:write")]

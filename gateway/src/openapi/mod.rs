@@ -259,6 +259,13 @@ mod paths {
         security(("admin_token" = [])))]
     fn create_key() {}
 
+    /// A key (without its secret), with the customer it belongs to.
+    #[utoipa::path(get, path = "/admin/v1/keys/{key_id}", tag = "admin",
+        params(("key_id" = String, Path)),
+        responses((status = 200, body = admin::ApiKey), AdminErrors),
+        security(("admin_token" = [])))]
+    fn get_key() {}
+
     /// Revokes a key at once.
     #[utoipa::path(delete, path = "/admin/v1/keys/{key_id}", tag = "admin",
         params(("key_id" = String, Path)),
@@ -266,7 +273,7 @@ mod paths {
         security(("admin_token" = [])))]
     fn revoke_key() {}
 
-    /// Replaces a key's default tags or budget.
+    /// Changes a key's limits, models, expiry, default tags or budget (`null` clears one).
     #[utoipa::path(patch, path = "/admin/v1/keys/{key_id}", tag = "admin",
         params(("key_id" = String, Path)),
         request_body = admin::UpdateKey,
@@ -297,6 +304,12 @@ mod paths {
         params(
             ("after" = Option<String>, Query, description = "A `next_cursor`"),
             ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000),
+            ("customer_id" = Option<String>, Query, description = "Only this customer's records"),
+            ("key_id" = Option<String>, Query, description = "Only this key's records"),
+            ("model" = Option<String>, Query, description = "Only this model's records"),
+            ("status" = Option<String>, Query, description = "Only records that ended so: `completed`, `cancelled`, `failed`"),
+            ("start" = Option<String>, Query, description = "Records started at or after this time (RFC 3339 or a date)"),
+            ("end" = Option<String>, Query, description = "Records started before this time (RFC 3339 or a date)"),
         ),
         responses((status = 200, body = admin::UsageRecordPage), AdminErrors),
         security(("admin_token" = [])))]
@@ -420,6 +433,7 @@ impl Modify for Security {
         paths::update_customer,
         paths::list_keys,
         paths::create_key,
+        paths::get_key,
         paths::revoke_key,
         paths::update_key,
         paths::usage,

@@ -1,6 +1,7 @@
 //! The middleware around every route: a request id for each request (`x-request-id`), and
-//! request counts, durations and the server span by route template, model and status. Also the
-//! request extensions they and the handlers share.
+//! request counts, durations and the server span by route template, model and status (no span
+//! or log line for `/health` and `/metrics`). Also the request extensions they and the
+//! handlers share.
 
 use std::time::Instant;
 
@@ -50,7 +51,12 @@ pub(super) async fn observe(
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = request.method().clone();
     let started = Instant::now();
+    // Probes and scrapes arrive every few seconds: counted, but neither traced nor logged.
+    let quiet = is_probe(&route);
     let span = telemetry::span(|| {
+        if quiet {
+            return tracing::Span::none();
+        }
         let span = tracing::info_span!(
             "request",
             otel.name = %format!("{method} {route}"),
@@ -97,6 +103,13 @@ pub(super) async fn observe(
         .request_duration
         .with_label_values(&[route.as_str(), model.as_str()])
         .observe(started.elapsed().as_secs_f64());
-    tracing::debug!(%method, %route, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    if !quiet {
+        tracing::debug!(%method, %route, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    }
     response
+}
+
+/// Routes that health checks and metric scrapers call.
+pub(crate) fn is_probe(route: &str) -> bool {
+    matches!(route, "/health" | "/metrics")
 }

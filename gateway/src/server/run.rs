@@ -108,6 +108,21 @@ pub async fn run_split(
         max_connections: state.config.server.max_connections,
     };
     let refused = state.metrics.connections_refused.clone();
+    if state.admin_token.is_none() {
+        tracing::info!(
+            "admin API and console disabled (TOLLGATE_ADMIN_TOKEN is not set): /admin and /console answer 404"
+        );
+    }
+    if operator.is_none() {
+        tracing::warn!(
+            "/metrics{} on the public listener {addr}: use --admin-listen to keep them off the public network",
+            if state.admin_token.is_some() {
+                ", the admin API and the console are"
+            } else {
+                " is"
+            }
+        );
+    }
     let (public, operator_server) = match operator {
         Some(operator) => {
             tracing::info!("admin API and metrics on {}", operator.local_addr()?);

@@ -90,14 +90,64 @@ fn audited_key(k: &ApiKey) -> serde_json::Value {
         "revoked_at": k.revoked_at.map(crate::periods::rfc3339),
         "tags": k.tags,
         "budget_usd": k.budget_nano_usd.map(format_usd),
+        "max_concurrent_requests": k.max_concurrent_requests,
     })
 }
 
+/// Fields of an existing key to change: `None` leaves one as it is, `Some(None)` clears it
+/// (no limit of the key's own, all models, no expiry, no budget of its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFields {
+    pub name: Option<String>,
+    pub models: Option<Option<Vec<String>>>,
+    pub rpm: Option<Option<i64>>,
+    pub tpm: Option<Option<i64>>,
+    pub max_concurrent_requests: Option<Option<i64>>,
+    pub expires_at: Option<Option<i64>>,
+    pub tags: Option<Tags>,
+    pub budget_nano_usd: Option<Option<i64>>,
+}
+
+impl KeyFields {
+    /// Whether nothing would change.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn apply(self, key: &mut ApiKey) {
+        let Self {
+            name,
+            models,
+            rpm,
+            tpm,
+            max_concurrent_requests,
+            expires_at,
+            tags,
+            budget_nano_usd,
+        } = self;
+        key.name = name.unwrap_or(std::mem::take(&mut key.name));
+        key.models = models.unwrap_or(key.models.take());
+        key.rpm = rpm.unwrap_or(key.rpm);
+        key.tpm = tpm.unwrap_or(key.tpm);
+        key.max_concurrent_requests =
+            max_concurrent_requests.unwrap_or(key.max_concurrent_requests);
+        key.expires_at = expires_at.unwrap_or(key.expires_at);
+        key.tags = tags.unwrap_or(std::mem::take(&mut key.tags));
+        key.budget_nano_usd = budget_nano_usd.unwrap_or(key.budget_nano_usd);
+    }
+}
+
 /// A change to an existing key.
-enum KeyChange<'a> {
-    Tags(&'a Tags),
-    Budget(Option<i64>),
+enum KeyChange {
+    Fields(KeyFields),
     Revoke,
+}
+
+fn models_json(models: &Option<Vec<String>>) -> StoreResult<Option<String>> {
+    models
+        .as_ref()
+        .map(|m| serde_json::to_string(m).map_err(|e| StoreError::Invalid(e.to_string())))
+        .transpose()
 }
 
 /// One key by id, inside a transaction.
@@ -142,12 +192,7 @@ impl Store {
             budget_nano_usd: new.budget_nano_usd,
             max_concurrent_requests: new.max_concurrent_requests,
         };
-        let models = match &key.models {
-            Some(m) => {
-                Some(serde_json::to_string(m).map_err(|e| StoreError::Invalid(e.to_string()))?)
-            }
-            None => None,
-        };
+        let models = models_json(&key.models)?;
         let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
@@ -186,7 +231,12 @@ impl Store {
         tags: &Tags,
         actor: &Actor,
     ) -> StoreResult<ApiKey> {
-        self.update_key(key_id, KeyChange::Tags(tags), actor).await
+        let fields = KeyFields {
+            tags: Some(tags.clone()),
+            ..KeyFields::default()
+        };
+        self.update_key(key_id, KeyChange::Fields(fields), actor)
+            .await
     }
 
     /// Sets or clears (`None`) a key's own monthly budget. Returns the key.
@@ -196,7 +246,23 @@ impl Store {
         budget: Option<i64>,
         actor: &Actor,
     ) -> StoreResult<ApiKey> {
-        self.update_key(key_id, KeyChange::Budget(budget), actor)
+        let fields = KeyFields {
+            budget_nano_usd: Some(budget),
+            ..KeyFields::default()
+        };
+        self.update_key(key_id, KeyChange::Fields(fields), actor)
+            .await
+    }
+
+    /// Changes a key's fields (its limits, models, expiry, tags, budget) with one audit
+    /// entry. Returns the key.
+    pub async fn set_key_fields(
+        &self,
+        key_id: &str,
+        fields: KeyFields,
+        actor: &Actor,
+    ) -> StoreResult<ApiKey> {
+        self.update_key(key_id, KeyChange::Fields(fields), actor)
             .await
     }
 
@@ -205,34 +271,44 @@ impl Store {
     async fn update_key(
         &self,
         key_id: &str,
-        change: KeyChange<'_>,
+        change: KeyChange,
         actor: &Actor,
     ) -> StoreResult<ApiKey> {
         let mut tx = self.write_tx().await?;
         let before = key_in(&mut tx, key_id).await?;
-        let (statement, action) = match change {
-            KeyChange::Tags(tags) => (
-                sqlx::query("UPDATE api_keys SET tags = $2 WHERE id = $1")
-                    .bind(key_id)
-                    .bind(tags::to_json(tags)),
-                Action::KeyUpdated,
-            ),
-            KeyChange::Budget(budget) => (
-                sqlx::query("UPDATE api_keys SET budget_nano_usd = $2 WHERE id = $1")
-                    .bind(key_id)
-                    .bind(budget),
-                Action::KeyUpdated,
-            ),
-            KeyChange::Revoke => (
+        let action = match change {
+            KeyChange::Fields(fields) => {
+                let mut key = before.clone();
+                fields.apply(&mut key);
+                sqlx::query(
+                    "UPDATE api_keys SET name = $2, models = $3, rpm = $4, tpm = $5, \
+                     max_concurrent_requests = $6, expires_at = $7, tags = $8, \
+                     budget_nano_usd = $9 WHERE id = $1",
+                )
+                .bind(key_id)
+                .bind(&key.name)
+                .bind(models_json(&key.models)?)
+                .bind(key.rpm)
+                .bind(key.tpm)
+                .bind(key.max_concurrent_requests)
+                .bind(key.expires_at)
+                .bind(tags::to_json(&key.tags))
+                .bind(key.budget_nano_usd)
+                .execute(&mut *tx)
+                .await?;
+                Action::KeyUpdated
+            }
+            KeyChange::Revoke => {
                 sqlx::query(
                     "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
                 )
                 .bind(key_id)
-                .bind(now_micros()),
-                Action::KeyRevoked,
-            ),
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?;
+                Action::KeyRevoked
+            }
         };
-        statement.execute(&mut *tx).await?;
         let after = key_in(&mut tx, key_id).await?;
         if let Some(changes) = audit::diff(&audited_key(&before), &audited_key(&after)) {
             let entry = Change {

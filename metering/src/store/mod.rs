@@ -24,10 +24,12 @@ use crate::tags::{self, Tags};
 
 mod customers;
 mod keys;
+mod records;
 mod usage;
 
 pub use customers::{Customer, CustomerFields, MAX_SCHEDULING_WEIGHT};
-pub use keys::{ApiKey, NewKey};
+pub use keys::{ApiKey, KeyFields, NewKey};
+pub use records::{RecordFilter, RecordPage};
 pub use usage::{record, GroupBy, UsageFilter, UsageRecord, UsageRow, RECORD_COLUMNS};
 
 #[derive(Debug, thiserror::Error)]

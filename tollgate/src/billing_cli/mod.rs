@@ -1,6 +1,6 @@
 //! `tollgate customers|keys|usage`: the admin API's operations against the database directly,
 //! for operators and billing jobs (cron). Output is JSON (or CSV/JSONL for exports) on stdout.
-//! `usage` is in its own file.
+//! `usage` is in its own file, its exports in `export`.
 
 use std::io::Write;
 
@@ -11,9 +11,12 @@ use tollgate_gateway::alerts;
 use tollgate_gateway::api::admin::{customer_json, issue_key, key_json, valid_id};
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
-use tollgate_metering::money::parse_usd;
-use tollgate_metering::store::{CustomerFields, NewKey, Store, MAX_SCHEDULING_WEIGHT};
+use tollgate_metering::money::{format_usd, parse_usd};
+use tollgate_metering::store::{
+    now_micros, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
+};
 
+mod export;
 mod usage;
 
 pub use usage::{usage, UsageCommand};
@@ -37,7 +40,9 @@ impl DbArgs {
 pub enum CustomersCommand {
     /// Create a customer.
     Create {
+        /// The customer's id (1-64 letters, digits, `-`, `_`, `.`).
         id: String,
+        /// A display name (the id when absent).
         #[arg(long)]
         name: Option<String>,
         /// Monthly budget in USD (decimal), e.g. 25.00.
@@ -63,25 +68,33 @@ pub enum CustomersCommand {
         #[command(flatten)]
         db: DbArgs,
     },
-    /// Show a customer.
+    /// Show a customer, with its spend this month.
     Get {
+        /// The customer's id.
         id: String,
         #[command(flatten)]
         db: DbArgs,
     },
     /// Change a customer; `none` clears a budget or limit.
     Update {
+        /// The customer's id.
         id: String,
+        /// A new display name.
         #[arg(long)]
         name: Option<String>,
+        /// Monthly budget in USD (decimal), or `none`.
         #[arg(long)]
         budget_usd: Option<String>,
+        /// Requests per minute for the whole customer, or `none`.
         #[arg(long)]
         rpm: Option<String>,
+        /// Tokens per minute for the whole customer, or `none`.
         #[arg(long)]
         tpm: Option<String>,
+        /// Requests in flight at once across the customer's keys, or `none`.
         #[arg(long)]
         max_concurrent_requests: Option<String>,
+        /// Share of each model's engine when customers compete (1 to 100).
         #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
         scheduling_weight: Option<i64>,
         #[command(flatten)]
@@ -90,6 +103,7 @@ pub enum CustomersCommand {
     /// Show or change a customer's budget alerts: the webhook they are delivered to (its
     /// signing secret is printed once, when made) and the thresholds.
     Alerts {
+        /// The customer's id.
         id: String,
         /// The webhook URL; `none` removes it.
         #[arg(long)]
@@ -109,14 +123,18 @@ pub enum CustomersCommand {
 pub enum KeysCommand {
     /// Issue a key; its secret is printed once and never stored.
     Create {
+        /// The customer the key belongs to.
         customer_id: String,
+        /// A name to recognise the key by.
         #[arg(long, default_value = "")]
         name: String,
         /// Models the key may use (comma-separated); all when absent.
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
+        /// Requests per minute with this key.
         #[arg(long)]
         rpm: Option<i64>,
+        /// Tokens per minute with this key.
         #[arg(long)]
         tpm: Option<i64>,
         /// Requests in flight at once with this key.
@@ -136,7 +154,9 @@ pub enum KeysCommand {
     },
     /// Set (`--budget-usd 5`) or clear (`--budget-usd none`) a key's own monthly budget.
     Budget {
+        /// The key's id.
         key_id: String,
+        /// Monthly budget in USD (decimal), or `none`.
         #[arg(long)]
         budget_usd: String,
         #[command(flatten)]
@@ -144,20 +164,57 @@ pub enum KeysCommand {
     },
     /// Replace a key's default tags (`--tag key=value`, repeatable; none clears them).
     Tag {
+        /// The key's id.
         key_id: String,
+        /// A default tag, `key=value` (repeatable).
         #[arg(long = "tag")]
         tags: Vec<String>,
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Change a key's limits, models or expiry (`none` clears one), as
+    /// `PATCH /admin/v1/keys/{id}`. Requests see the change within the key cache's lifetime.
+    Update {
+        /// The key's id.
+        key_id: String,
+        /// A new name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Models the key may use (comma-separated), or `none` for all.
+        #[arg(long)]
+        models: Option<String>,
+        /// Requests per minute with this key, or `none`.
+        #[arg(long)]
+        rpm: Option<String>,
+        /// Tokens per minute with this key, or `none`.
+        #[arg(long)]
+        tpm: Option<String>,
+        /// Requests in flight at once with this key, or `none`.
+        #[arg(long)]
+        max_concurrent_requests: Option<String>,
+        /// RFC 3339 time or date after which the key stops working, or `none`.
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show a key (without its secret), with the customer it belongs to.
+    Get {
+        /// The key's id.
+        key_id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// List a customer's keys (without secrets).
     List {
+        /// The customer's id.
         customer_id: String,
         #[command(flatten)]
         db: DbArgs,
     },
     /// Revoke a key at once.
     Revoke {
+        /// The key's id.
         key_id: String,
         #[command(flatten)]
         db: DbArgs,
@@ -239,7 +296,13 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             )
         }
         CustomersCommand::Get { id, db } => {
-            print(&customer_json(&db.open().await?.customer(&id).await?))
+            // As `GET /admin/v1/customers/{id}`: with the spend of the current month.
+            let store = db.open().await?;
+            let customer = store.customer(&id).await?;
+            let (start, _) = tollgate_metering::periods::month_bounds(now_micros());
+            let mut body = customer_json(&customer);
+            body["spent_usd_this_period"] = json!(format_usd(store.spent_since(&id, start).await?));
+            print(&body)
         }
         CustomersCommand::Update {
             id,
@@ -338,6 +401,41 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             body["key"] = json!(secret);
             print(&body)
         }
+        KeysCommand::Update {
+            key_id,
+            name,
+            models,
+            rpm,
+            tpm,
+            max_concurrent_requests,
+            expires_at,
+            db,
+        } => {
+            let fields = KeyFields {
+                name,
+                models: models.map(|m| match m.as_str() {
+                    "none" | "null" => None,
+                    list => Some(list.split(',').map(|s| s.trim().to_string()).collect()),
+                }),
+                rpm: limit_arg(rpm.as_deref(), "rpm")?,
+                tpm: limit_arg(tpm.as_deref(), "tpm")?,
+                max_concurrent_requests: limit_arg(
+                    max_concurrent_requests.as_deref(),
+                    "max-concurrent-requests",
+                )?,
+                expires_at: expiry_arg(expires_at.as_deref())?,
+                ..KeyFields::default()
+            };
+            if fields.is_empty() {
+                bail!("nothing to change: give --name, --models, --rpm, --tpm, --max-concurrent-requests or --expires-at");
+            }
+            let store = db.open().await?;
+            let key = store
+                .set_key_fields(&key_id, fields, &Actor::cli_os_user())
+                .await?;
+            print(&key_json(&key))
+        }
+        KeysCommand::Get { key_id, db } => print(&key_json(&db.open().await?.key(&key_id).await?)),
         KeysCommand::List { customer_id, db } => {
             let keys = db.open().await?.list_keys(&customer_id).await?;
             print(&json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
@@ -373,6 +471,21 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `--expires-at TIME|none`: a future time, or `none` (never expires); absent: unchanged.
+fn expiry_arg(text: Option<&str>) -> anyhow::Result<Option<Option<i64>>> {
+    match text {
+        None => Ok(None),
+        Some("none" | "null") => Ok(Some(None)),
+        Some(t) => {
+            let at = parse_time(t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
+            if at <= now_micros() {
+                bail!("--expires-at {t} is in the past");
+            }
+            Ok(Some(Some(at)))
+        }
+    }
+}
+
 /// `--tag key=value` arguments → tags within the limits of request `metadata`.
 fn tags_arg(args: &[String]) -> anyhow::Result<tollgate_metering::tags::Tags> {
     let mut tags = tollgate_metering::tags::Tags::new();
@@ -390,9 +503,10 @@ fn tags_arg(args: &[String]) -> anyhow::Result<tollgate_metering::tags::Tags> {
 pub enum AdminTokensCommand {
     /// Issue an admin token; its secret is printed once and never stored.
     Create {
-        /// Comma-separated: usage:read, customers:write, keys:write, admin.
+        /// Comma-separated: usage:read, customers:read, customers:write, keys:write, admin.
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<String>,
+        /// A name to recognise the token by.
         #[arg(long, default_value = "")]
         name: String,
         #[command(flatten)]
@@ -405,6 +519,7 @@ pub enum AdminTokensCommand {
     },
     /// Revoke an admin token at once.
     Revoke {
+        /// The admin token's id (`adm_...`).
         id: String,
         #[command(flatten)]
         db: DbArgs,

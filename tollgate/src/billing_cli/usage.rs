@@ -1,25 +1,18 @@
 //! `tollgate usage`: reports (by customer, model, key, day), invoices, and incremental exports of
 //! the records (CSV, JSONL, Stripe meter events) that follow a cursor kept in a file.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use serde_json::json;
-use tollgate_metering::billing::{self, parse_time, record_cells, record_json, RECORD_COLUMNS};
-use tollgate_metering::export_formats::{self, StripeMapping};
-use tollgate_metering::store::UsageFilter;
+use tollgate_metering::billing::{self, parse_time};
+use tollgate_metering::export_formats::StripeMapping;
+use tollgate_metering::kinds::Outcome;
+use tollgate_metering::store::{RecordFilter, UsageFilter};
 
+use super::export::{self, Destination, Export};
 use super::{print, DbArgs};
-
-enum Out {
-    Csv(Box<csv::Writer<Box<dyn Write>>>),
-    Jsonl(Box<dyn Write>),
-}
-
-/// Records read per database round trip while exporting.
-const EXPORT_PAGE: i64 = 5_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -42,15 +35,30 @@ pub enum UsageCommand {
     /// Export raw usage records, for a time range or incrementally from a saved cursor.
     ///
     /// With `--cursor-file`, only records after the saved cursor are written and the cursor is
-    /// advanced after the output is complete, so a cron job can run this repeatedly without
-    /// gaps or duplicates.
+    /// advanced after the output is on disk, so a cron job can run this repeatedly without
+    /// gaps. With `--output-dir`, each run that finds records writes a new file named by the
+    /// cursor range it covers (`usage-FIRST-LAST.jsonl`): deliver each file, then delete it; a
+    /// failed delivery leaves it for the next run.
     Export {
         /// Records started at or after this time (RFC 3339 or YYYY-MM-DD).
-        #[arg(long)]
+        #[arg(long, visible_alias = "start")]
         from: Option<String>,
-        /// Records started before this time.
-        #[arg(long)]
+        /// Records started before this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, visible_alias = "end")]
         to: Option<String>,
+        /// Only this customer's records.
+        #[arg(long)]
+        customer_id: Option<String>,
+        /// Only this key's records.
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Only this model's records.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only records that ended so: completed, cancelled, failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// Output format.
         #[arg(long, value_enum, default_value = "jsonl")]
         format: ExportFormat,
         /// Cursor state file (created when missing).
@@ -71,20 +79,30 @@ pub enum UsageCommand {
         /// Without it, Tollgate customer ids are sent as they are.
         #[arg(long)]
         stripe_customer_map: Option<PathBuf>,
-        /// Write here instead of stdout.
-        #[arg(long, short)]
+        /// Write here instead of stdout: replaced by a one-off export, appended to (CSV header
+        /// once) with `--cursor-file`.
+        #[arg(long, short, conflicts_with = "output_dir")]
         output: Option<PathBuf>,
+        /// Write each run's records to a new file in this directory, named by the cursor range
+        /// it covers; a run with nothing new writes nothing.
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
         #[command(flatten)]
         db: DbArgs,
     },
     /// Aggregate usage (as `GET /admin/v1/usage`).
     Report {
+        /// Records started at or after this time (RFC 3339 or YYYY-MM-DD; default: the start
+        /// of this UTC month).
         #[arg(long)]
         from: Option<String>,
+        /// Records started before this time (default: now).
         #[arg(long)]
         to: Option<String>,
+        /// Only this customer's usage.
         #[arg(long)]
         customer_id: Option<String>,
+        /// Only this model's usage.
         #[arg(long)]
         model: Option<String>,
         /// Only records with this tag (`key:value`).
@@ -93,6 +111,7 @@ pub enum UsageCommand {
         /// Comma-separated: customer, model, key, day, tag:KEY.
         #[arg(long, default_value = "")]
         group_by: String,
+        /// Output format.
         #[arg(long, value_enum, default_value = "json")]
         format: ReportFormat,
         #[command(flatten)]
@@ -100,6 +119,7 @@ pub enum UsageCommand {
     },
     /// A customer's invoice for a month (as `GET /admin/v1/invoices/{id}`).
     Invoice {
+        /// The customer to invoice.
         customer_id: String,
         /// YYYY-MM; the current month when absent.
         #[arg(long)]
@@ -127,34 +147,15 @@ fn time_arg(text: Option<&str>, name: &str, default: i64) -> anyhow::Result<i64>
     }
 }
 
-fn read_cursor(path: &Path) -> anyhow::Result<i64> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if text.trim().is_empty() => Ok(0),
-        Ok(text) => tollgate_gateway::api::admin::parse_cursor(&text)
-            .map_err(|e| anyhow::anyhow!("cursor file {}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-/// Replaces the cursor file atomically (write, sync, rename).
-fn write_cursor(path: &Path, cursor: i64) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        writeln!(f, "{cursor}")?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
 pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
     match cmd {
         UsageCommand::Export {
             from,
             to,
+            customer_id,
+            key_id,
+            model,
+            status,
             format,
             cursor_file,
             tag,
@@ -162,9 +163,9 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             stripe_customer_key,
             stripe_customer_map,
             output,
+            output_dir,
             db,
         } => {
-            let tag = tag_arg(tag.as_deref())?;
             let mut stripe = StripeMapping::new();
             stripe.event_name = stripe_event_name;
             stripe.customer_key = stripe_customer_key;
@@ -175,83 +176,42 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                     format!("{}: not a JSON object of customer ids", p.display())
                 })?;
             }
-            if cursor_file.is_some() && (from.is_some() || to.is_some()) {
-                // A record started inside a past window can be written after the cursor
-                // passed it (a long stream, an outage); cursor exports follow the ledger order
-                // alone so they never skip one.
-                bail!("--cursor-file exports everything after the cursor; it cannot be combined with --from/--to");
-            }
-            let start = time_arg(from.as_deref(), "from", i64::MIN)?;
-            let end = time_arg(to.as_deref(), "to", i64::MAX)?;
-            let store = db.open().await?;
-            let mut cursor = match &cursor_file {
-                Some(p) => read_cursor(p)?,
-                None => 0,
+            let status = status
+                .map(|s| {
+                    s.parse::<Outcome>().map_err(|_| {
+                        anyhow::anyhow!("--status `{s}` is not a record status (e.g. completed, cancelled, failed)")
+                    })
+                })
+                .transpose()?;
+            let filter = RecordFilter {
+                customer_id,
+                key_id,
+                model,
+                status,
+                start: from
+                    .as_deref()
+                    .map(|t| time_arg(Some(t), "from", 0))
+                    .transpose()?,
+                end: to
+                    .as_deref()
+                    .map(|t| time_arg(Some(t), "to", 0))
+                    .transpose()?,
             };
-            let sink: Box<dyn Write> = match &output {
-                Some(p) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(p)
-                        .with_context(|| format!("cannot create {}", p.display()))?,
-                )),
-                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            export::check_cursor_window(cursor_file.is_some(), &filter)?;
+            let destination = match (output, output_dir) {
+                (Some(p), _) => Destination::File(p),
+                (None, Some(d)) => Destination::Dir(d),
+                (None, None) => Destination::Stdout,
             };
-            let mut out = match format {
-                ExportFormat::Csv => {
-                    let mut w = csv::Writer::from_writer(sink);
-                    w.write_record(RECORD_COLUMNS)?;
-                    Out::Csv(Box::new(w))
-                }
-                ExportFormat::Jsonl | ExportFormat::Cloudevents | ExportFormat::Stripe => {
-                    Out::Jsonl(sink)
-                }
+            let job = Export {
+                format,
+                filter,
+                tag: tag_arg(tag.as_deref())?,
+                stripe,
+                cursor_file,
+                destination,
             };
-            let mut count = 0usize;
-            loop {
-                let (records, last) = store
-                    .records_between(start, end, cursor, EXPORT_PAGE)
-                    .await?;
-                let wanted = records
-                    .iter()
-                    .filter(|r| tag.as_ref().is_none_or(|(k, v)| r.tags.get(k) == Some(v)));
-                for r in wanted {
-                    count += 1;
-                    match &mut out {
-                        Out::Csv(w) => w.write_record(record_cells(r))?,
-                        Out::Jsonl(w) => {
-                            let line = match format {
-                                ExportFormat::Cloudevents => export_formats::cloudevent(r),
-                                ExportFormat::Stripe => {
-                                    export_formats::stripe_meter_event(r, &stripe)
-                                        .map_err(|e| anyhow::anyhow!("{e}"))?
-                                }
-                                _ => record_json(r),
-                            };
-                            serde_json::to_writer(&mut *w, &line)?;
-                            w.write_all(b"\n")?;
-                        }
-                    }
-                }
-                match last {
-                    Some(c) => cursor = c,
-                    None => break,
-                }
-                if (records.len() as i64) < EXPORT_PAGE {
-                    break;
-                }
-            }
-            let mut sink = match out {
-                Out::Csv(w) => w.into_inner().map_err(|e| e.into_error())?,
-                Out::Jsonl(w) => w,
-            };
-            sink.flush()?;
-            drop(sink);
-            if let Some(p) = &output {
-                std::fs::File::open(p)?.sync_all()?;
-            }
-            // Only after the output is complete: a crash before this re-exports, never skips.
-            if let Some(p) = &cursor_file {
-                write_cursor(p, cursor)?;
-            }
+            let (count, cursor) = job.run(&db.open().await?).await?;
             eprintln!("exported {count} records; cursor {cursor}");
             Ok(())
         }

@@ -1,4 +1,4 @@
-//! `/admin/v1/customers/{id}/keys` (issue, list) and `/admin/v1/keys/{key_id}` (update,
+//! `/admin/v1/customers/{id}/keys` (issue, list) and `/admin/v1/keys/{key_id}` (read, update,
 //! revoke). A key's secret is shown once, when it is issued; only its digest is stored.
 
 use axum::extract::State;
@@ -17,7 +17,7 @@ use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::parse_usd;
 use tollgate_metering::periods::rfc3339;
-use tollgate_metering::store::{now_micros, ApiKey, NewKey, Store};
+use tollgate_metering::store::{now_micros, ApiKey, KeyFields, NewKey, Store};
 use tollgate_metering::tags::Tags;
 
 /// `budget_usd`: a decimal USD string or number (`null` clears it); `None` when absent.
@@ -191,8 +191,30 @@ pub(super) async fn list_keys(
     Ok(list(keys.iter().map(key_json).collect()))
 }
 
-/// `PATCH /admin/v1/keys/{key_id}` `{"tags": {...}}`: replaces the key's default tags (`null`
-/// or `{}` clears them). Requests made with the key see them within the key cache's lifetime.
+/// `GET /admin/v1/keys/{key_id}`: the key (without its secret), with the customer it belongs
+/// to.
+pub(super) async fn get_key(
+    State(state): State<AppState>,
+    ApiPath(key_id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(key_json(&store(&state)?.key(&key_id).await?)))
+}
+
+/// The fields `PATCH /admin/v1/keys/{key_id}` changes.
+const KEY_CHANGES: &[&str] = &[
+    "name",
+    "models",
+    "rpm",
+    "tpm",
+    "max_concurrent_requests",
+    "expires_at",
+    "tags",
+    "budget_usd",
+];
+
+/// `PATCH /admin/v1/keys/{key_id}`: changes the given fields (`null` clears a limit, the model
+/// list, the expiry or the budget; `{}` or `null` clears the tags). Requests made with the key
+/// see the change within the key cache's lifetime (at once on this gateway).
 pub(super) async fn update_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -200,23 +222,37 @@ pub(super) async fn update_key(
     ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let map = object(&body)?;
-    reject_unknown(&map, &["tags", "budget_usd"])?;
-    let tags = tags_field(&map)?;
-    let budget = key_budget_field(&map)?;
-    if tags.is_none() && budget.is_none() {
+    reject_unknown(&map, KEY_CHANGES)?;
+    let name = string_field(&map, "name")?;
+    if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(invalid_field("name", "`name` must not be empty".into()));
+    }
+    let fields = KeyFields {
+        name,
+        models: match map.get("models") {
+            None => None,
+            Some(Value::Null) => Some(None),
+            Some(_) => Some(models_field(&state, &map)?),
+        },
+        rpm: limit_field(&map, "rpm")?,
+        tpm: limit_field(&map, "tpm")?,
+        max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?,
+        expires_at: match map.get("expires_at") {
+            None => None,
+            Some(_) => Some(expiry_field(&map)?),
+        },
+        tags: tags_field(&map)?,
+        budget_nano_usd: key_budget_field(&map)?,
+    };
+    if fields.is_empty() {
         return Err(invalid_field(
             "tags",
-            "nothing to change: give `tags` or `budget_usd`".into(),
+            format!("nothing to change: give one of {}", KEY_CHANGES.join(", ")),
         ));
     }
-    let store = store(&state)?;
-    let mut key = store.key(&key_id).await?;
-    if let Some(tags) = tags {
-        key = store.set_key_tags(&key_id, &tags, &actor).await?;
-    }
-    if let Some(budget) = budget {
-        key = store.set_key_budget(&key_id, budget, &actor).await?;
-    }
+    let key = store(&state)?
+        .set_key_fields(&key_id, fields, &actor)
+        .await?;
     state.auth.forget_key(&key_id);
     Ok(Json(key_json(&key)))
 }

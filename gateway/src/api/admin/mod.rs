@@ -4,7 +4,7 @@
 
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
@@ -30,7 +30,7 @@ use customers::{
     put_alert_settings, update_customer,
 };
 pub use keys::issue_key;
-use keys::{create_key, list_keys, revoke_key, update_key};
+use keys::{create_key, get_key, list_keys, revoke_key, update_key};
 pub use usage::parse_cursor;
 use usage::{invoice, usage, usage_records};
 
@@ -50,7 +50,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route(
             "/admin/v1/keys/{key_id}",
-            delete(revoke_key).patch(update_key),
+            get(get_key).delete(revoke_key).patch(update_key),
         )
         .route(
             "/admin/v1/customers/{id}/alerts",
@@ -88,9 +88,71 @@ async fn require_admin(
             );
             request.extensions_mut().insert(actor);
             request.extensions_mut().insert(identity);
+            if let Err(e) = known_params(&request) {
+                return e.into_response();
+            }
             next.run(request).await
         }
         Err(refusal) => refusal,
+    }
+}
+
+/// The query parameters each admin route takes (by route template); a route not named takes
+/// none, so every admin route refuses a parameter it would ignore.
+fn route_params(route: &str) -> &'static [&'static str] {
+    match route {
+        "/admin/v1/usage" => &[
+            "start",
+            "end",
+            "customer_id",
+            "model",
+            "tag",
+            "group_by",
+            "format",
+        ],
+        "/admin/v1/usage/records" => &[
+            "after",
+            "limit",
+            "customer_id",
+            "key_id",
+            "model",
+            "status",
+            "start",
+            "end",
+        ],
+        "/admin/v1/invoices/{customer_id}" => &["period", "tag", "group_by"],
+        "/admin/v1/audit" => &["after", "limit"],
+        "/admin/v1/alerts" => &["customer_id", "limit"],
+        _ => &[],
+    }
+}
+
+/// A 400 naming the first query parameter the route does not take.
+fn known_params(request: &Request) -> Result<(), ApiError> {
+    let Some(raw) = request.uri().query() else {
+        return Ok(());
+    };
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("", |p| p.as_str());
+    let allowed = route_params(route);
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {e}"), None))?;
+    match pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some((k, _)) => Err(ApiError::InvalidRequest {
+            message: if allowed.is_empty() {
+                format!("unknown query parameter `{}`; {route} takes none", shown(k))
+            } else {
+                format!(
+                    "unknown query parameter `{}`; {route} takes {}",
+                    shown(k),
+                    allowed.join(", ")
+                )
+            },
+            param: Some(shown(k)),
+        }),
     }
 }
 

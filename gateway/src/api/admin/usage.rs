@@ -12,8 +12,9 @@ use super::{invalid_field, query, store, DEFAULT_PAGE, MAX_PAGE};
 use crate::error::{ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::billing::{self, parse_time};
+use tollgate_metering::kinds::Outcome;
 use tollgate_metering::periods::{month_bounds, rfc3339};
-use tollgate_metering::store::{now_micros, UsageFilter};
+use tollgate_metering::store::{now_micros, RecordFilter, UsageFilter};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +97,58 @@ pub(super) async fn usage(
 pub(super) struct RecordsQuery {
     after: Option<String>,
     limit: Option<i64>,
+    customer_id: Option<String>,
+    key_id: Option<String>,
+    model: Option<String>,
+    /// A record's outcome: `completed`, `cancelled`, `failed`.
+    status: Option<String>,
+    /// Records started at or after this time.
+    start: Option<String>,
+    /// Records started before this time.
+    end: Option<String>,
+}
+
+/// The filter of a records page: each given parameter narrows it (an empty one is a 400, not
+/// "no filter": a billing job that lost its customer id must not export everyone's records).
+fn record_filter(q: &RecordsQuery) -> Result<RecordFilter, ApiError> {
+    let text = |field: &str, value: &Option<String>| match value.as_deref() {
+        Some("") => Err(invalid_field(field, format!("`{field}` must not be empty"))),
+        v => Ok(v.map(str::to_string)),
+    };
+    let time = |field: &str, value: &Option<String>| {
+        text(field, value)?
+            .map(|t| parse_time(&t).map_err(|e| invalid_field(field, format!("{field}: {e}"))))
+            .transpose()
+    };
+    let status = text("status", &q.status)?
+        .map(|s| {
+            s.parse::<Outcome>().map_err(|_| {
+                invalid_field(
+                    "status",
+                    format!(
+                        "status `{s}` is not a record status (e.g. completed, cancelled, failed)"
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    let filter = RecordFilter {
+        customer_id: text("customer_id", &q.customer_id)?,
+        key_id: text("key_id", &q.key_id)?,
+        model: text("model", &q.model)?,
+        status,
+        start: time("start", &q.start)?,
+        end: time("end", &q.end)?,
+    };
+    if let (Some(start), Some(end)) = (filter.start, filter.end) {
+        if end <= start {
+            return Err(invalid_field(
+                "end",
+                format!("end {} is not after start {}", rfc3339(end), rfc3339(start)),
+            ));
+        }
+    }
+    Ok(filter)
 }
 
 /// Parses an export cursor (opaque to clients; a ledger sequence number here).
@@ -123,13 +176,13 @@ pub(super) async fn usage_records(
             format!("limit {limit} must be between 1 and {MAX_PAGE}"),
         ));
     }
-    let (records, last) = store(&state)?.records_after(after, limit).await?;
-    let has_more = records.len() as i64 == limit;
+    let filter = record_filter(&q)?;
+    let page = store(&state)?.records_page(&filter, after, limit).await?;
     Ok(Json(json!({
         "object": "list",
-        "data": records.iter().map(billing::record_json).collect::<Vec<_>>(),
-        "next_cursor": last.map(|c| c.to_string()),
-        "has_more": has_more,
+        "data": page.records.iter().map(billing::record_json).collect::<Vec<_>>(),
+        "next_cursor": page.last.map(|c| c.to_string()),
+        "has_more": page.has_more,
     })))
 }
 

@@ -7,14 +7,13 @@
 //! themselves live in `admin`.
 //!
 //! Scopes: `usage:read` (usage reports, records, invoices: what a billing export job needs),
-//! `customers:write` (customers), `keys:write` (client keys), `admin` (everything, including
-//! admin tokens). A route not named below needs `admin`, so a new admin route is closed to
+//! `customers:read` (listing and reading customers), `customers:write` (customers; implies
+//! `customers:read`), `keys:write` (client keys), `admin` (everything, including admin tokens
+//! and the console). A route not named below needs `admin`, so a new admin route is closed to
 //! narrower tokens until someone decides otherwise.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -26,8 +25,12 @@ use sqlx::Row;
 use subtle::ConstantTimeEq;
 
 use crate::auth::{bearer, digest, hex};
+
+mod failures;
+
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
+pub use failures::{FailedAuth, FAILURE_WINDOW, MAX_FAILURES};
 use tollgate_metering::audit::{self, Action, Actor, Change};
 use tollgate_metering::periods::rfc3339;
 use tollgate_metering::store::{now_micros, Store, StoreError};
@@ -36,14 +39,16 @@ use tollgate_metering::store::{now_micros, Store, StoreError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
     UsageRead,
+    CustomersRead,
     CustomersWrite,
     KeysWrite,
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [
+    pub const ALL: [Scope; 5] = [
         Scope::UsageRead,
+        Scope::CustomersRead,
         Scope::CustomersWrite,
         Scope::KeysWrite,
         Scope::Admin,
@@ -52,10 +57,18 @@ impl Scope {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::UsageRead => "usage:read",
+            Self::CustomersRead => "customers:read",
             Self::CustomersWrite => "customers:write",
             Self::KeysWrite => "keys:write",
             Self::Admin => "admin",
         }
+    }
+
+    /// Whether a credential with this scope may do what `needed` allows.
+    pub fn implies(self, needed: Scope) -> bool {
+        self == needed
+            || self == Self::Admin
+            || (self == Self::CustomersWrite && needed == Self::CustomersRead)
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -77,6 +90,9 @@ impl Scope {
                 &Method::GET,
                 "/admin/v1/usage" | "/admin/v1/usage/records" | "/admin/v1/invoices/{customer_id}",
             ) => Self::UsageRead,
+            (&Method::GET, "/admin/v1/customers" | "/admin/v1/customers/{id}") => {
+                Self::CustomersRead
+            }
             (_, "/admin/v1/customers" | "/admin/v1/customers/{id}") => Self::CustomersWrite,
             (_, "/admin/v1/customers/{id}/keys" | "/admin/v1/keys/{key_id}") => Self::KeysWrite,
             _ => Self::Admin,
@@ -112,9 +128,7 @@ pub const BOOTSTRAP_ID: &str = "bootstrap";
 
 impl AdminIdentity {
     pub fn allows(&self, needed: Scope) -> bool {
-        self.scopes
-            .iter()
-            .any(|s| *s == Scope::Admin || *s == needed)
+        self.scopes.iter().any(|s| s.implies(needed))
     }
 }
 
@@ -234,7 +248,7 @@ pub async fn revoke(store: &Store, id: &str, actor: &Actor) -> Result<AdminToken
         let change = Change {
             action: Action::AdminTokenRevoked,
             target_id: token.id.clone(),
-            changes: json!({"revoked_at": token.revoked_at}),
+            changes: json!({"revoked_at": token.revoked_at.map(rfc3339)}),
         };
         audit::record(&mut tx, store.kind(), actor, &change).await?;
     }
@@ -251,50 +265,6 @@ async fn find(store: &Store, secret: &str) -> Result<Option<AdminToken>, StoreEr
     .fetch_optional(store.pool())
     .await?;
     row.as_ref().map(row_token).transpose()
-}
-
-/// Failed admin authentications allowed per client address and window.
-pub const MAX_FAILURES: u32 = 10;
-/// The window: an address that failed [`MAX_FAILURES`] times is refused until its window ends.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses tracked at most; beyond it, expired windows are dropped first.
-const MAX_TRACKED: usize = 10_000;
-
-/// Failed admin authentications per client address, in fixed windows.
-#[derive(Debug, Default)]
-pub struct FailedAuth {
-    /// A std mutex: held for one map update, never across an `.await`.
-    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
-}
-
-impl FailedAuth {
-    /// `Err(seconds to wait)` while `ip` is over the limit.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
-        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        match windows.get(&ip) {
-            Some((start, n)) if *n >= MAX_FAILURES => {
-                let left = FAILURE_WINDOW.saturating_sub(now.saturating_duration_since(*start));
-                if left.is_zero() {
-                    Ok(())
-                } else {
-                    Err(left.as_secs().max(1))
-                }
-            }
-            _ => Ok(()),
-        }
-    }
-
-    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if windows.len() >= MAX_TRACKED {
-            windows.retain(|_, (start, _)| now.saturating_duration_since(*start) < FAILURE_WINDOW);
-        }
-        let entry = windows.entry(ip).or_insert((now, 0));
-        if now.saturating_duration_since(entry.0) >= FAILURE_WINDOW {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-    }
 }
 
 /// What the admin middleware decides on, taken from the request.
@@ -350,8 +320,13 @@ pub async fn authorize(state: &AppState, request: AdminRequest) -> Result<AdminI
     };
     let needed = Scope::required(&method, &route);
     if !identity.allows(needed) {
+        let implied = if needed == Scope::CustomersRead {
+            " (or `customers:write`)"
+        } else {
+            ""
+        };
         return Err(ApiError::InsufficientScope(format!(
-            "admin token `{}` has scopes {}; {} {} needs `{}`",
+            "admin token `{}` has scopes {}; {} {} needs `{}`{implied}",
             identity.token_id,
             identity
                 .scopes
@@ -369,7 +344,7 @@ pub async fn authorize(state: &AppState, request: AdminRequest) -> Result<AdminI
 }
 
 /// The bootstrap token (compared in constant time over digests) or an issued token.
-async fn identify(state: &AppState, presented: &str) -> Result<AdminIdentity, ApiError> {
+pub(crate) async fn identify(state: &AppState, presented: &str) -> Result<AdminIdentity, ApiError> {
     if presented.is_empty() {
         return Err(ApiError::InvalidAdminToken(
             "missing admin token: send `Authorization: Bearer <admin token>`".into(),
@@ -399,6 +374,26 @@ async fn identify(state: &AppState, presented: &str) -> Result<AdminIdentity, Ap
             ))
         }
     }
+}
+
+/// Whether the credential `token_id` still signs in: the bootstrap one while it is set, an
+/// issued one until it is revoked.
+pub(crate) async fn still_valid(state: &AppState, token_id: &str) -> Result<bool, ApiError> {
+    if token_id == BOOTSTRAP_ID {
+        return Ok(state.admin_token.is_some());
+    }
+    let row = sqlx::query("SELECT revoked_at FROM admin_tokens WHERE id = $1")
+        .bind(token_id)
+        .fetch_optional(store(state)?.pool())
+        .await
+        .map_err(StoreError::from)?;
+    Ok(match row {
+        Some(row) => row
+            .try_get::<Option<i64>, _>("revoked_at")
+            .map_err(StoreError::from)?
+            .is_none(),
+        None => false,
+    })
 }
 
 fn too_many_failures(wait: u64) -> Response {
@@ -467,8 +462,10 @@ pub async fn create(
         _ => {
             return Err(invalid(
                 "scopes",
-                "`scopes` is required: a list of usage:read, customers:write, keys:write, admin"
-                    .into(),
+                format!(
+                    "`scopes` is required: a list of {}",
+                    Scope::ALL.map(Scope::as_str).join(", ")
+                ),
             ))
         }
     };
@@ -556,25 +553,5 @@ mod tests {
             .unwrap_err()
             .contains("usage:write"));
         assert!(parse_scopes([]).is_err());
-    }
-
-    #[test]
-    fn failures_are_limited_per_address_for_a_window() {
-        let f = FailedAuth::default();
-        let a: IpAddr = "127.0.0.2".parse().unwrap();
-        let b: IpAddr = "127.0.0.3".parse().unwrap();
-        let t0 = Instant::now();
-        for _ in 0..MAX_FAILURES {
-            assert!(f.check(a, t0).is_ok());
-            f.record_failure(a, t0);
-        }
-        assert_eq!(f.check(a, t0), Err(60));
-        assert_eq!(f.check(a, t0 + Duration::from_secs(45)), Err(15));
-        // Another address is not affected.
-        assert!(f.check(b, t0).is_ok());
-        // The window ends.
-        assert!(f.check(a, t0 + FAILURE_WINDOW).is_ok());
-        f.record_failure(a, t0 + FAILURE_WINDOW);
-        assert!(f.check(a, t0 + FAILURE_WINDOW).is_ok());
     }
 }
