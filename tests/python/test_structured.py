@@ -435,13 +435,39 @@ def test_function_calling_loop_streamed(api):
     assert text.strip()
 
 
+def earlier_calls():
+    """Two earlier turns in which the assistant called `get_weather` and answered from its
+    result: an agent's conversation. Without them the 135M model never starts a call by itself
+    (0 of 80 sampled answers to weather questions did), so `auto` would only ever be tested on
+    prose."""
+    turns = []
+    for city, result, answer in [("Paris", '{"temp": 18, "sky": "sunny"}', "It is 18 degrees and sunny in Paris."),
+                                 ("Oslo", '{"temp": 3, "sky": "snow"}', "It is 3 degrees and snowing in Oslo.")]:
+        cid = f"call_{city.lower()}"
+        turns += [
+            {"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": cid, "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps({"city": city, "unit": "celsius"})}}]},
+            {"role": "tool", "tool_call_id": cid, "content": result},
+            {"role": "assistant", "content": answer},
+        ]
+    return turns
+
+
+# The 135M model, asked to call again, opens with `<tool_response>` as often as `<tool_call>`:
+# banning the token "response" (id 7639) leaves it the right tag. It still chooses between a call
+# and prose ("Hello, who are you?" is answered in prose).
+NOT_RESPONSE = {"7639": -100}
+
+
 def test_auto_lets_the_model_choose_and_constrains_a_call_it_starts(api):
     """With `auto` the model may answer in prose; when it writes a call, the call is valid."""
     outcomes = []
-    for seed, q in enumerate(["What is the weather like in Paris today?", "Hello, who are you?",
-                              "Call get_weather for London in celsius.", "Is it sunny in Rome?"]):
-        r = api.chat.completions.create(model=MODEL, messages=[SYSTEM, {"role": "user", "content": q}],
-                                        tools=[WEATHER], temperature=0.7, seed=seed, max_tokens=100)
+    for seed, q in enumerate(["What is the weather in London?", "Hello, who are you?",
+                              "What is the weather in Madrid?", "And in Rome?"]):
+        r = api.chat.completions.create(model=MODEL, messages=[SYSTEM, *earlier_calls(), {"role": "user", "content": q}],
+                                        tools=[WEATHER], temperature=0.7, seed=seed, max_tokens=100,
+                                        logit_bias=NOT_RESPONSE)
         message = r.choices[0].message
         for call in message.tool_calls or []:
             check_call(call, [WEATHER])
@@ -545,10 +571,13 @@ def test_llama3_syntax_forced_calls_loop_and_stream(llama3_api):
 
 
 def test_llama3_syntax_auto_constrains_a_call_that_opens_the_answer(llama3_api):
+    # With the earlier turns about half of the sampled answers to a weather question are calls
+    # (2 of 4 for each city on the machine this was written on): twelve tries, then prose.
     calls = 0
-    for seed, q in enumerate(["What is the weather like in Paris today?", "Hello, who are you?",
-                              "Call get_weather for London in celsius.", "Is it sunny in Rome?"]):
-        r = llama3_api.chat.completions.create(model=MODEL, messages=[SYSTEM, {"role": "user", "content": q}],
+    asks = [(q, seed) for q in ("What is the weather in London?", "What is the weather in Madrid?")
+            for seed in range(6)] + [("Hello, who are you?", 0), ("And in Rome?", 1)]
+    for q, seed in asks:
+        r = llama3_api.chat.completions.create(model=MODEL, messages=[SYSTEM, *earlier_calls(), {"role": "user", "content": q}],
                                                tools=[WEATHER], temperature=0.7, seed=seed, max_tokens=100)
         message = r.choices[0].message
         for call in message.tool_calls or []:
@@ -559,5 +588,5 @@ def test_llama3_syntax_auto_constrains_a_call_that_opens_the_answer(llama3_api):
         else:
             # Prose never starts with a brace: an answer that opens with one is a call.
             assert message.content and not message.content.lstrip().startswith("{")
-    print(f"\nllama 3 auto: {calls} of 4 answers were calls")
+    print(f"\nllama 3 auto: {calls} of {len(asks)} answers were calls")
     assert calls >= 1, "no answer was a call: the constraint on a call was never exercised"
