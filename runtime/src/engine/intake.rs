@@ -10,9 +10,11 @@
 //! The work added to a step is bounded: the intake looks for newcomers before at most
 //! [`EngineConfig::interleave_passes`](super::EngineConfig::interleave_passes) evenly spaced
 //! layers, each time starting every newcomer that arrived since in one batched pass, and the
-//! step's passes together prefill at most `max_batch_tokens` tokens (a budget per step, not
-//! per pass). A newcomer that does not fit waits for the next step's first layer. The step's
-//! own sequences pay for the newcomers' prefill, as they would if they joined them.
+//! step's passes together prefill at most what the step's own tokens leave of
+//! `max_batch_tokens` (a budget per step, not per pass): a step and its passes process no more
+//! tokens than one step could if the newcomers joined it. A newcomer that does not fit waits
+//! for the next step. The step's own sequences pay for the newcomers' prefill, as they would if
+//! they joined them.
 //!
 //! A newcomer's failure (its pass, its first token) fails that newcomer only: the step in
 //! flight and the other newcomers go on.
@@ -63,13 +65,16 @@ fn intake_point(layer: usize, layers: usize, passes: usize) -> bool {
 }
 
 impl<'a> Intake<'a> {
+    /// The intake of step number `step`, of `layers` layers, which feeds `own_tokens` tokens
+    /// of its own sequences.
     pub(super) fn new(
         desk: &'a mut Desk,
         tenants: Vec<(Tenant, u32)>,
         step: u64,
         layers: usize,
+        own_tokens: usize,
     ) -> Self {
-        let budget = desk.config.max_batch_tokens;
+        let budget = desk.config.max_batch_tokens.saturating_sub(own_tokens);
         Self {
             desk,
             tenants,

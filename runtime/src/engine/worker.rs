@@ -125,12 +125,18 @@ impl Worker {
             .map(|s| (s.tenant.clone(), s.weight))
             .collect();
         let config = &self.desk.config;
-        let (budget, interleave) = (config.max_batch_tokens, config.interleave_passes > 0);
+        let interleave = config.interleave_passes > 0;
+        // What a step's intake has at least once the step's decode tokens are counted (when
+        // the step's prompt chunks take more, a newcomer left to it waits a step or more).
+        let decoders = tenants
+            .len()
+            .min(config.max_running.min(config.max_step_sequences));
+        let budget = config.max_batch_tokens.saturating_sub(decoders);
         let before = tenants.clone();
         // While sequences run, a request whose customer has none of them is left to the step
-        // about to run, which starts it before its first layer ([`Intake`]); it keeps its place,
-        // so those behind it cannot take the KV it waits for. With nothing running there is no
-        // step to wait for, and every request joins the first.
+        // about to run, which starts it before one of its layers ([`Intake`]); it keeps its
+        // place, so those behind it cannot take the KV it waits for, nor join in its stead. With
+        // nothing running there is no step to wait for, and every request joins the first.
         let place = |tenant: &Tenant, _: &Submission, prefill: usize| {
             if interleave && !before.is_empty() && starts_apart(&before, tenant, prefill, budget) {
                 Place::Elsewhere
@@ -219,7 +225,8 @@ impl Worker {
             .map(|s| (s.tenant.clone(), s.weight))
             .collect();
         let layers = model.config().n_layers;
-        let mut intake = Intake::new(desk, tenants, *step_number, layers);
+        let own_tokens = plan.iter().map(|p| p.2).sum();
+        let mut intake = Intake::new(desk, tenants, *step_number, layers, own_tokens);
         // `(index, wants logits, prompt tokens fed)` of each sequence in the pass.
         let mut wants = Vec::with_capacity(plan.len());
         let (mut prefill_tokens, mut decode_tokens) = (0usize, 0usize);
