@@ -35,6 +35,14 @@ came from its cache (`usage.prompt_tokens_details.cached_tokens`):
 
     bench/load.py --base-url ... --model smollm2-135m --customer-keys K1,K2,...,K16 \
         [--system-tokens 300] [--max-tokens 16] [--duration 30]
+
+The same beside customer A holding `--a-streams` streams of `--a-tokens` tokens (its end tokens
+banned with `--ban-tokens`, so they run to length): add `--api-key-a`. Reported as well: A's
+inter-token latency p50/p99 and tok/s, and the total tok/s (bench/interleave.sh runs it against
+a gateway with and without newcomers started between layers):
+
+    bench/load.py --base-url ... --model smollm2-135m --customer-keys K1,...,K16 \
+        --api-key-a KA --a-streams 8 --a-tokens 128 --ban-tokens 0,2 [--duration 30]
 """
 
 import argparse
@@ -260,9 +268,18 @@ async def two_tenants(args, with_a, with_b):
 
 async def customers(args, keys):
     """Each key's customer sends requests one at a time for `--duration` seconds, each with its
-    own system prompt; returns the aggregate figures."""
+    own system prompt; with `--api-key-a`, customer A holds `--a-streams` streams meanwhile.
+    Returns the aggregate figures."""
     stop_at = time.perf_counter() + args.duration
-    results, errors = [], []
+    results, errors, a_results = [], [], []
+
+    async def a_stream(c, i):
+        a_args = argparse.Namespace(**{**vars(args), "max_tokens": args.a_tokens, "system_tokens": 0})
+        while time.perf_counter() < stop_at:
+            try:
+                a_results.append(await one_request(c, a_args, i, False))
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
 
     async def customer(n, key):
         mine = argparse.Namespace(**{**vars(args), "system_seed": n + 1})
@@ -276,11 +293,30 @@ async def customers(args, keys):
                     errors.append(str(e))
                 i += 1
 
+    async def with_a():
+        if not args.api_key_a:
+            return
+        async with httpx.AsyncClient(base_url=args.base_url, timeout=600,
+                                     headers={"Authorization": f"Bearer {args.api_key_a}"},
+                                     limits=httpx.Limits(max_connections=args.a_streams + 4)) as c:
+            await asyncio.gather(*(a_stream(c, i) for i in range(args.a_streams)))
+
     start = time.perf_counter()
-    await asyncio.gather(*(customer(n, k) for n, k in enumerate(keys)))
+    await asyncio.gather(with_a(), *(customer(n, k) for n, k in enumerate(keys)))
     wall = time.perf_counter() - start
     prompt = sum(r["prompt_tokens"] or 0 for r in results)
+    a_itl = [x for r in a_results for x in r["itl"]]
+    a_tokens = sum(r["tokens"] for r in a_results)
     return {
+        "wall_s": wall,
+        "a_streams": args.a_streams if args.api_key_a else 0,
+        "a_requests": len(a_results),
+        "a_tok_per_s": a_tokens / wall,
+        "a_itl_p50_ms": pct(a_itl, 0.5) * 1e3,
+        "a_itl_p99_ms": pct(a_itl, 0.99) * 1e3,
+        "a_itl_samples": len(a_itl),
+        "a_itl_ms": [round(x * 1e3, 2) for x in a_itl],
+        "total_tok_per_s": (a_tokens + sum(r["tokens"] for r in results)) / wall,
         "customers": len(keys),
         "requests": len(results),
         "output_tok_per_s": sum(r["tokens"] for r in results) / wall,
@@ -303,6 +339,10 @@ def run_customers(args):
           f"tok/s {row['output_tok_per_s']:.1f}, TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms, "
           f"prompt tokens from the cache {row['cached_tokens']} of {row['prompt_tokens']} "
           f"({100 * row['cached_share']:.0f}%), errors {row['errors']}", flush=True)
+    if args.api_key_a:
+        print(f"{args.label} A ({args.a_streams} streams): {row['a_tok_per_s']:.1f} tok/s, "
+              f"inter-token p50/p99 {row['a_itl_p50_ms']:.1f}/{row['a_itl_p99_ms']:.1f} ms; "
+              f"total {row['total_tok_per_s']:.1f} tok/s", flush=True)
     for e in row["error_samples"]:
         print(f"  error: {e}", file=sys.stderr)
     if args.json:
@@ -399,6 +439,8 @@ def main():
     p.add_argument("--api-key-b")
     p.add_argument("--a-streams", type=int, default=32)
     p.add_argument("--b-tokens", type=int, default=16)
+    p.add_argument("--a-tokens", type=int, default=128,
+                   help="with --customer-keys and --api-key-a: the length of A's streams")
     p.add_argument("--duration", type=float, default=40.0)
     p.add_argument("--customer-keys", help="comma-separated keys, one customer each, each with its own "
                    "system prompt, one request at a time for --duration seconds")

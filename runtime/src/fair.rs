@@ -134,12 +134,36 @@ impl<T> FairQueue<T> {
         dropped
     }
 
+    /// Tenants the queue keeps state for: those with waiting items and the idle ones not
+    /// forgotten yet ([`forget_idle`](Self::forget_idle)).
+    pub fn tenants(&self) -> usize {
+        self.tenants.len()
+    }
+
     /// Forgets idle tenants whose virtual time is behind the clock (they would be reset on
-    /// their next push anyway), so the map does not grow with every tenant ever seen.
-    pub fn forget_idle(&mut self) {
+    /// their next push anyway), and of the idle tenants still ahead of it keeps the `keep`
+    /// furthest ahead, so the map holds the tenants with waiting items plus at most `keep`
+    /// others, however many tenants were ever seen. A forgotten tenant that comes back starts
+    /// at the clock: it gains at most its last request's cost of credit, and those with the
+    /// least to gain are forgotten first.
+    pub fn forget_idle(&mut self, keep: usize) {
         let clock = self.clock;
         self.tenants
             .retain(|_, q| !q.items.is_empty() || q.vtime > clock);
+        let mut idle: Vec<(f64, Tenant)> = self
+            .tenants
+            .iter()
+            .filter(|(_, q)| q.items.is_empty())
+            .map(|(t, q)| (q.vtime, t.clone()))
+            .collect();
+        if idle.len() <= keep {
+            return;
+        }
+        // Furthest ahead first; ties by name, never hash order.
+        idle.sort_by(|(av, a), (bv, b)| bv.total_cmp(av).then_with(|| a.cmp(b)));
+        for (_, tenant) in &idle[keep..] {
+            self.tenants.remove(tenant);
+        }
     }
 }
 
@@ -256,7 +280,43 @@ mod tests {
         assert_eq!(next, Some(("a".to_string(), 2)));
         q.pop();
         assert!(q.is_empty());
-        q.forget_idle();
+        q.forget_idle(0);
+        assert_eq!(q.tenants(), 0);
+    }
+
+    /// 100,000 customers come, are served once and go, as the engine sees them: the queue
+    /// forgets them (the engine calls `forget_idle` at every step boundary), so its map, and
+    /// the work of choosing the next request, follows the customers with requests waiting,
+    /// not every customer ever seen.
+    #[test]
+    fn customers_that_came_and_went_are_forgotten() {
+        const KEEP: usize = 32;
+        let mut q = FairQueue::new();
+        let mut most = 0;
+        for i in 0..100_000u32 {
+            // A few arrive per step; one long-lived customer keeps a backlog.
+            q.push(t(&format!("c{i}")), 1, 50.0, i);
+            if i % 4 == 0 {
+                q.push(t("busy"), 1, 50.0, i);
+            }
+            if i % 2 == 1 {
+                while q.len() > 3 {
+                    q.pop();
+                }
+                q.forget_idle(KEEP);
+                assert!(
+                    q.tenants() <= KEEP + q.len(),
+                    "{} tenants kept",
+                    q.tenants()
+                );
+            }
+            most = most.max(q.tenants());
+        }
+        assert!(most <= KEEP + 6, "the queue kept {most} tenants");
+        // A forgotten customer that comes back is served like a new one.
+        while q.pop().is_some() {}
+        q.push(t("c7"), 1, 50.0, 7);
+        assert_eq!(q.pop().map(|(_, x)| x), Some(7));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use tollgate_runtime::dev_model::require_dev_model;
 
 use tollgate_runtime::constraint::{ConstraintCompiler, Grammar};
-use tollgate_runtime::engine::{Engine, EngineConfig, GenConstraint, GenEvent, GenRequest};
+use tollgate_runtime::engine::{
+    Engine, EngineConfig, GenConstraint, GenEvent, GenRequest, Tenancy,
+};
 use tollgate_runtime::loader::{load, LoadOptions, ModelSource};
 use tollgate_runtime::model::WeightForm;
 use tollgate_runtime::sampling::SamplingParams;
@@ -28,6 +30,12 @@ fn engine(prefix_cache_bytes: usize) -> (Engine, Tokenizer) {
 
 /// The dev model on an engine with `config`.
 fn engine_with(config: EngineConfig) -> (Engine, Tokenizer) {
+    let (engine, tokenizer, _) = engine_and_kv(config);
+    (engine, tokenizer)
+}
+
+/// [`engine_with`], and the model's KV bytes per token.
+fn engine_and_kv(config: EngineConfig) -> (Engine, Tokenizer, usize) {
     let source = ModelSource::Path(require_dev_model().expect("run scripts/fetch-model.sh"));
     let options = LoadOptions {
         device: "cpu".into(),
@@ -37,10 +45,35 @@ fn engine_with(config: EngineConfig) -> (Engine, Tokenizer) {
     };
     let loaded = load("dev", &source, &options).unwrap();
     let tokenizer = loaded.tokenizer.clone();
+    let per_token = loaded.model.kv_bytes_per_token();
     (
         Engine::start(loaded.model, loaded.tokenizer, config).unwrap(),
         tokenizer,
+        per_token,
     )
+}
+
+/// `request` of `tenant`; with `long`, the end tokens banned so it runs to `max_tokens`.
+fn tenant_request(
+    tokenizer: &Tokenizer,
+    tenant: &str,
+    prompt_ids: &[u32],
+    max_tokens: usize,
+    long: bool,
+) -> GenRequest {
+    let mut r = request(prompt_ids, max_tokens, None);
+    r.tenant = Some(Tenancy {
+        name: Arc::from(tenant),
+        weight: 1,
+    });
+    if long {
+        r.sampling.logit_bias = tokenizer
+            .stop_token_ids()
+            .iter()
+            .map(|&t| (t, -100.0))
+            .collect();
+    }
+    r
 }
 
 fn request(prompt_ids: &[u32], max_tokens: usize, constraint: Option<GenConstraint>) -> GenRequest {
@@ -209,8 +242,6 @@ fn shared_prefixes_come_from_the_cache_with_the_same_greedy_output() {
 #[test]
 fn a_burst_from_one_tenant_does_not_queue_another() {
     use std::time::Instant;
-    use tollgate_runtime::engine::Tenancy;
-
     let (engine, tokenizer) = engine_with(EngineConfig {
         max_running: 4,
         prefix_cache_bytes: 0,
@@ -313,8 +344,6 @@ fn each_sequence_reports_the_prompt_tokens_it_took_from_the_prefix_cache() {
 /// before.
 #[test]
 fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
-    use tollgate_runtime::engine::Tenancy;
-
     let (engine, tokenizer) = engine_with(EngineConfig {
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
@@ -330,12 +359,11 @@ fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
         "an idle engine has no step to interleave with"
     );
     let story = chat(&tokenizer, "Tell me a long story about a dragon.");
+    // A's streams run their 400 tokens (the end tokens banned): they are running whenever
+    // B's requests arrive.
     let submit = |tenant: &str, prompt: &[u32], max_tokens: usize| {
-        let mut r = request(prompt, max_tokens, None);
-        r.tenant = Some(Tenancy {
-            name: Arc::from(tenant),
-            weight: 1,
-        });
+        let long = tenant == "a" && max_tokens == 400;
+        let r = tenant_request(&tokenizer, tenant, prompt, max_tokens, long);
         engine.submit(r).unwrap()
     };
     let interleaved = || {
@@ -344,8 +372,17 @@ fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
             .interleaved_steps_total
             .load(Ordering::Relaxed)
     };
+    // A's eight streams with no newcomer: what they must write beside B's requests too.
+    let a_alone: Vec<String> = (0..8)
+        .map(|_| submit("a", &story, 400))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(collect)
+        .collect();
+    assert_eq!(interleaved(), 0, "A alone started between layers");
     let a: Vec<_> = (0..8).map(|_| submit("a", &story, 400)).collect();
-    while engine.stats().decode_tokens_total.load(Ordering::Relaxed) < 8 {
+    let decoded = engine.stats().decode_tokens_total.load(Ordering::Relaxed);
+    while engine.stats().decode_tokens_total.load(Ordering::Relaxed) < decoded + 8 {
         std::thread::yield_now();
     }
     // A's own new request: its customer runs sequences, so it joins at a step boundary.
@@ -362,5 +399,91 @@ fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
         started, rounds,
         "{started} of {rounds} of B's requests started between the layers of A's steps"
     );
-    drop(a);
+    // A's outputs are untouched by the passes run between the layers of its steps.
+    for (i, events) in a.into_iter().enumerate() {
+        assert_eq!(collect(events), a_alone[i], "A's stream {i}");
+    }
+}
+
+/// A newcomer is not starved by the KV budget: with the budget full of customer A's sequences
+/// and more of A's waiting, customer B (nothing running, so left to the intake between the
+/// layers of A's steps) takes the first KV that A's sequences free, before any of A's waiting
+/// requests: it is ahead of them in the fair order, and A's waiting requests, which join at
+/// step boundaries, may not take its place there.
+#[test]
+fn a_newcomer_takes_the_first_kv_freed_before_the_waiting_requests_of_a_running_customer() {
+    let config = EngineConfig {
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    };
+    let (probe, tokenizer, per_token) = engine_and_kv(config.clone());
+    drop(probe);
+    let story = chat(&tokenizer, "Tell me a long story about a dragon.");
+    // The budget holds two of A's long sequences: A's short one and a long one run, two more
+    // long ones wait, and B (as long) does not fit beside them.
+    let long = 300;
+    let budget = 2 * (story.len() + long) * per_token;
+    let (engine, _, _) = engine_and_kv(EngineConfig {
+        kv_cache_bytes: budget,
+        ..config
+    });
+    let submit = |tenant: &str, prompt: &[u32], max_tokens: usize| {
+        let r = tenant_request(&tokenizer, tenant, prompt, max_tokens, true);
+        engine.submit(r).unwrap()
+    };
+    let short = submit("a", &story, 8);
+    let running = submit("a", &story, long);
+    while engine.stats().running.load(Ordering::Relaxed) < 2 {
+        std::thread::yield_now();
+    }
+    let mut waiting: Vec<_> = (0..2).map(|_| submit("a", &story, long)).collect();
+    // B needs as much KV as one of A's long sequences: it fits once A's short one has freed
+    // its KV (8 steps), while A's long one still runs (300 steps); then B's reservation keeps
+    // A's waiting ones out until B ends.
+    let mut b = submit("b", &story, long);
+    loop {
+        match b.blocking_recv() {
+            Some(GenEvent::Delta { .. }) => break,
+            Some(GenEvent::Admitted) => {}
+            other => panic!("B: {other:?}"),
+        }
+    }
+    for (i, events) in waiting.iter_mut().enumerate() {
+        assert!(
+            events.try_recv().is_err(),
+            "A's waiting request {i} started before B"
+        );
+    }
+    assert!(!collect(short).is_empty());
+    drop((b, running, waiting));
+}
+
+/// Customers that came and went are forgotten by the engine's waiting queue: after 300
+/// distinct customers, it keeps state for the customers with requests waiting and at most
+/// `max_running` recently served ones, not for everyone ever seen.
+#[test]
+fn the_engine_forgets_customers_that_came_and_went() {
+    let (engine, tokenizer) = engine_with(EngineConfig {
+        prefix_cache_bytes: 0,
+        max_running: 8,
+        ..EngineConfig::default()
+    });
+    let question = chat(&tokenizer, "Hi?");
+    let mut most = 0;
+    for wave in 0..30 {
+        let events: Vec<_> = (0..10)
+            .map(|i| {
+                let name = format!("customer-{wave}-{i}");
+                let r = tenant_request(&tokenizer, &name, &question, 1, false);
+                engine.submit(r).unwrap()
+            })
+            .collect();
+        for e in events {
+            collect(e);
+        }
+        most = most.max(engine.stats().tenants_tracked.load(Ordering::Relaxed));
+    }
+    println!("customers tracked at most: {most} of 300 seen");
+    // 8 recently served, and at most the 10 of a wave waiting.
+    assert!(most <= 8 + 10, "the queue kept {most} customers of 300");
 }

@@ -12,10 +12,13 @@
 //!    Beyond `max_running`, only a tenant below its fair share of the batch is admitted, so a
 //!    burst from one customer cannot make another wait for a free slot; a tenant over its share
 //!    is passed over, not waited for. A request whose customer has nothing running while others
-//!    do is started in a forward pass of its own before one of the layers of the step in
-//!    flight (the next step's first layer when it arrives between steps): its prompt is
-//!    prefilled and its first token sent after one layer of another customer's step, not the
-//!    whole step,
+//!    do is started in a forward pass before one of the layers of the step in flight (the next
+//!    step's first layer when it arrives between steps), batched with the other newcomers
+//!    that arrived meanwhile: a step runs at most [`EngineConfig::interleave_passes`] such
+//!    passes, at evenly spaced layers, whose prompts together are at most one step's token
+//!    budget, so its prompt is prefilled and its first token sent after a fraction of another
+//!    customer's step, not the whole step, and the running sequences' steps grow by a bounded
+//!    amount,
 //! 3. builds one batch of at most `max_running` sequences, each tenant getting its weighted
 //!    max-min fair share (a lone tenant gets every slot; a tenant over its share takes turns):
 //!    one decode token per generating sequence, then prompt chunks of the
@@ -28,8 +31,13 @@
 //! HTTP or billing.
 
 mod admission;
+mod desk;
+mod intake;
 mod late;
 mod prefix_cache;
+mod sequence;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -64,7 +72,20 @@ pub struct EngineConfig {
     pub max_step_sequences: usize,
     /// KV memory the prefix cache may keep for finished prompts (0 turns it off).
     pub prefix_cache_bytes: usize,
+    /// Forward passes a step may run between its layers (at evenly spaced layers, the first
+    /// included) to start newcomers, requests whose customer has nothing running; each pass
+    /// takes every newcomer that arrived since the last one, and a step's passes together
+    /// prefill at most `max_batch_tokens` tokens. 0 turns interleaving off: newcomers join the
+    /// next step like anyone else. The default is 4, or [`INTERLEAVE_ENV`] when set.
+    pub interleave_passes: usize,
 }
+
+/// The environment variable that sets [`EngineConfig::interleave_passes`]'s default (e.g. `0`
+/// to compare a gateway without interleaving).
+pub const INTERLEAVE_ENV: &str = "TOLLGATE_INTERLEAVE_PASSES";
+
+/// Interleaved passes a step may run unless [`INTERLEAVE_ENV`] says otherwise.
+const INTERLEAVE_PASSES: usize = 4;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -75,6 +96,10 @@ impl Default for EngineConfig {
             max_running: 32,
             max_step_sequences: 32,
             prefix_cache_bytes: 128 << 20,
+            interleave_passes: std::env::var(INTERLEAVE_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(INTERLEAVE_PASSES),
         }
     }
 }
@@ -199,9 +224,12 @@ pub struct EngineStats {
     pub prefill_tokens_total: AtomicU64,
     pub decode_tokens_total: AtomicU64,
     pub steps_total: AtomicU64,
-    /// Steps (counted in `steps_total` too) that started newcomers between the layers of
-    /// another step, so their first tokens did not wait for it to end.
+    /// Forward passes (counted in `steps_total` too) that started newcomers between the
+    /// layers of another step, so their first tokens did not wait for it to end.
     pub interleaved_steps_total: AtomicU64,
+    /// Customers the waiting queue keeps state for (those with requests waiting and a bounded
+    /// number of recently served ones): it does not grow with every customer ever seen.
+    pub tenants_tracked: AtomicU64,
     /// KV memory held by the prefix cache.
     pub prefix_cache_bytes: AtomicU64,
     /// Prompt tokens taken from the prefix cache instead of being prefilled.

@@ -63,20 +63,30 @@ impl PrefixCache {
         }
     }
 
-    /// A new cache with the longest cached prefix of `prompt`, leaving at least
-    /// [`PREFIX_SUFFIX_MIN`] tokens to prefill.
-    pub(super) fn lookup(&mut self, prompt: &[u32]) -> Result<Option<KvCache>> {
+    /// The entry sharing the longest prefix with `prompt`, and how many tokens a lookup
+    /// takes from it (leaving at least [`PREFIX_SUFFIX_MIN`] to prefill).
+    fn best(&self, prompt: &[u32]) -> Option<(usize, usize)> {
         let limit = prompt.len().saturating_sub(PREFIX_SUFFIX_MIN);
-        let best = self
-            .entries
+        self.entries
             .iter()
             .enumerate()
             .map(|(i, (p, _))| {
                 let shared = p.iter().zip(prompt).take_while(|(a, b)| a == b).count();
                 (i, shared.min(limit))
             })
-            .max_by_key(|&(i, len)| (len, std::cmp::Reverse(i)));
-        let Some((i, len)) = best.filter(|&(_, len)| len >= PREFIX_MIN) else {
+            .max_by_key(|&(i, len)| (len, std::cmp::Reverse(i)))
+            .filter(|&(_, len)| len >= PREFIX_MIN)
+    }
+
+    /// Tokens of `prompt` a [`lookup`](Self::lookup) would take from the cache now.
+    pub(super) fn matched(&self, prompt: &[u32]) -> usize {
+        self.best(prompt).map_or(0, |(_, len)| len)
+    }
+
+    /// A new cache with the longest cached prefix of `prompt`, leaving at least
+    /// [`PREFIX_SUFFIX_MIN`] tokens to prefill.
+    pub(super) fn lookup(&mut self, prompt: &[u32]) -> Result<Option<KvCache>> {
+        let Some((i, len)) = self.best(prompt) else {
             return Ok(None);
         };
         let Some(entry) = self.entries.remove(i) else {
@@ -110,6 +120,7 @@ mod tests {
         cache.insert(vec![1, 2, 3, 4, 5, 6], cache_of(&[1, 2, 3, 4, 5, 6]));
         cache.insert(vec![1, 2, 3, 4, 9, 9, 9], cache_of(&[1, 2, 3, 4, 9, 9, 9]));
         // Shares 5 tokens with the first entry, 4 with the second (the most recent).
+        assert_eq!(cache.matched(&[1, 2, 3, 4, 5, 7, 8]), 5);
         let hit = cache.lookup(&[1, 2, 3, 4, 5, 7, 8]).unwrap().unwrap();
         assert_eq!(hit.len(), 5);
         let hit = cache.lookup(&[1, 2, 3, 4, 9, 7, 8]).unwrap().unwrap();
@@ -127,6 +138,7 @@ mod tests {
         cache.insert(vec![1, 2, 3, 4, 5, 6], cache_of(&[1, 2, 3, 4, 5, 6]));
         // Three shared tokens are below PREFIX_MIN.
         assert!(cache.lookup(&[1, 2, 3, 7, 7, 7]).unwrap().is_none());
+        assert_eq!(cache.matched(&[1, 2, 3, 7, 7, 7]), 0);
         assert!(cache.lookup(&[9, 9, 9, 9, 9]).unwrap().is_none());
     }
 

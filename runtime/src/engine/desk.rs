@@ -1,0 +1,266 @@
+//! What admission works with besides the model and the running set: the waiting queue (fair
+//! between customers), the KV reservation and the prefix cache. Apart from the worker so a step
+//! in flight can admit newcomers ([`super::intake`]) while its sequences' caches are borrowed.
+//! It does not run forward passes.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use super::admission::{admission, Admission};
+use super::late::TriggerScan;
+use super::prefix_cache::PrefixCache;
+use super::sequence::{Outcome, Sequence};
+use super::{EngineConfig, EngineStats, GenEvent, GenRequest, Submission};
+use crate::detokenize::StreamDecoder;
+use crate::fair::{FairQueue, Tenant, Visit};
+use crate::model::LlamaModel;
+use crate::sampling::Sampler;
+use crate::stop::StopMatcher;
+use crate::tokenizer::ModelTokenizer;
+
+pub(super) struct Desk {
+    pub(super) tokenizer: Arc<ModelTokenizer>,
+    pub(super) config: EngineConfig,
+    pub(super) incoming: Receiver<Submission>,
+    pub(super) stats: Arc<EngineStats>,
+    pub(super) waiting: FairQueue<Submission>,
+    pub(super) reserved_bytes: usize,
+    prefixes: PrefixCache,
+}
+
+/// Where a waiting request may start, as one admission point (a step's boundary, or between
+/// the layers of a step in flight) sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Place {
+    /// Here, when the admission rule admits it.
+    Here,
+    /// At the other admission point, which comes next: it keeps its place in the fair order,
+    /// so nothing behind it starts here first and takes the KV memory it needs (a newcomer
+    /// left to the next step's intake is not overtaken at the boundary again and again). Only
+    /// a request the rule passes over (its tenant over its share) lets the others go.
+    Elsewhere,
+    /// Not now: the next request in fair order is looked at.
+    Later,
+}
+
+/// What the queue does with a request at `place` that the rule judged `rule`.
+pub(super) fn visit(place: Place, rule: Admission) -> Visit {
+    match (place, rule) {
+        (Place::Later, _) | (Place::Elsewhere, Admission::OverShare) => Visit::Pass,
+        (Place::Elsewhere, _) => Visit::Stop,
+        (Place::Here, rule) => rule.visit(),
+    }
+}
+
+/// The KV bytes a submission reserves: its prompt and `max_tokens`.
+fn kv_need(sub: &Submission, per_token: usize) -> usize {
+    (sub.request.prompt_ids.len() + sub.request.max_tokens) * per_token
+}
+
+/// A request's tenant and weight (requests without one share the anonymous tenant).
+fn tenancy(request: &GenRequest) -> (Tenant, u32) {
+    match &request.tenant {
+        Some(t) => (t.name.clone(), t.weight.max(1)),
+        None => (Tenant::from(""), 1),
+    }
+}
+
+impl Desk {
+    pub(super) fn new(
+        tokenizer: Arc<ModelTokenizer>,
+        config: EngineConfig,
+        incoming: Receiver<Submission>,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        Self {
+            prefixes: PrefixCache::new(config.prefix_cache_bytes),
+            tokenizer,
+            config,
+            incoming,
+            stats,
+            waiting: FairQueue::new(),
+            reserved_bytes: 0,
+        }
+    }
+
+    /// Queues a submission under its tenant, costed by the tokens it may take.
+    pub(super) fn enqueue(&mut self, sub: Submission) {
+        let (tenant, weight) = tenancy(&sub.request);
+        let cost = (sub.request.prompt_ids.len() + sub.request.max_tokens) as f64;
+        self.waiting.push(tenant, weight, cost, sub);
+    }
+
+    /// Moves what arrived into the waiting queue, without blocking.
+    pub(super) fn receive_ready(&mut self) {
+        while let Ok(sub) = self.incoming.try_recv() {
+            self.enqueue(sub);
+        }
+    }
+
+    /// Takes the first waiting submission, in fair order, that may start here (`place`, given
+    /// its tenant and the prompt tokens it would prefill after the prefix cache) and that the
+    /// admission rule admits beside `running` (the `(tenant, weight)` of each running
+    /// sequence); reserves its KV and starts it.
+    pub(super) fn admit_next(
+        &mut self,
+        model: &LlamaModel,
+        running: &[(Tenant, u32)],
+        place: impl Fn(&Tenant, &Submission, usize) -> Place,
+    ) -> Option<Sequence> {
+        let per_token = model.kv_bytes_per_token();
+        let (config, reserved, prefixes) = (&self.config, self.reserved_bytes, &self.prefixes);
+        let (tenant, sub) = self.waiting.pop_first(|tenant, sub| {
+            let prompt = &sub.request.prompt_ids;
+            let at = place(tenant, sub, prompt.len() - prefixes.matched(prompt));
+            if at == Place::Later {
+                return Visit::Pass;
+            }
+            let rule = admission(
+                running.iter().map(|(t, w)| (t, *w)),
+                (tenant, tenancy(&sub.request).1),
+                config.max_running,
+                (reserved, kv_need(sub, per_token), config.kv_cache_bytes),
+            );
+            visit(at, rule)
+        })?;
+        let need = kv_need(&sub, per_token);
+        self.reserved_bytes += need;
+        Some(self.start(sub, tenant, need, model))
+    }
+
+    /// Forgets customers that have nothing waiting, but for the `max_running` most recently
+    /// served, so the queue's state follows the active customers only.
+    pub(super) fn forget_idle(&mut self) {
+        self.waiting.forget_idle(self.config.max_running);
+    }
+
+    /// KV memory the prefix cache holds.
+    pub(super) fn prefix_bytes(&self) -> usize {
+        self.prefixes.bytes()
+    }
+
+    /// Starts an admitted submission (its KV, `need` bytes, already reserved): a copy of a
+    /// cached prefix of its prompt when there is one, else an empty cache.
+    fn start(
+        &mut self,
+        sub: Submission,
+        tenant: Tenant,
+        need: usize,
+        model: &LlamaModel,
+    ) -> Sequence {
+        let (prefixes, stats, tokenizer) = (&mut self.prefixes, &self.stats, &self.tokenizer);
+        let weight = tenancy(&sub.request).1;
+        tracing::debug!(
+            tenant = %tenant,
+            weight,
+            prompt_tokens = sub.request.prompt_ids.len(),
+            "admitted a sequence"
+        );
+        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let _ = sub.reply.send(GenEvent::Admitted);
+        let GenRequest {
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop,
+            progress,
+            constraint,
+            tenant: _,
+            cached,
+        } = sub.request;
+        let logprobs = sampling.logprobs.is_some();
+        let sampler = Sampler::new(sampling, &prompt_ids);
+        let cache = match prefixes.lookup(&prompt_ids) {
+            Ok(Some(cache)) => {
+                stats
+                    .prefix_hit_tokens_total
+                    .fetch_add(cache.len() as u64, Ordering::Relaxed);
+                cache
+            }
+            Ok(None) => model.new_cache(),
+            Err(e) => {
+                tracing::warn!(error = %e, "prefix cache copy failed; prefilling in full");
+                model.new_cache()
+            }
+        };
+        if let Some(c) = &cached {
+            c.store(cache.len(), Ordering::Relaxed);
+        }
+        Sequence {
+            prefilled: cache.len(),
+            cached: cache.len(),
+            generated: Vec::new(),
+            max_tokens,
+            cache,
+            sampler,
+            decoder: StreamDecoder::new(tokenizer.clone()),
+            stop: StopMatcher::new(stop),
+            logprobs,
+            reply: sub.reply,
+            reserved_bytes: need,
+            prompt: prompt_ids,
+            progress,
+            constraint,
+            tenant,
+            weight,
+            scan: TriggerScan::default(),
+            last_step: 0,
+        }
+    }
+
+    /// Ends a sequence that finished or failed: frees its KV reservation, keeps its prompt's
+    /// KV in the prefix cache when it finished, and tells its caller.
+    pub(super) fn retire(&mut self, seq: Sequence, outcome: Outcome) {
+        let (prefixes, stats) = (&mut self.prefixes, &self.stats);
+        self.reserved_bytes -= seq.reserved_bytes;
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Failed(message) => {
+                let _ = seq.reply.send(GenEvent::Failed { message });
+            }
+            Outcome::Finished(reason) => {
+                if prefixes.is_enabled() {
+                    match seq.cache.copy_prefix(seq.prompt.len()) {
+                        Ok(cache) => {
+                            prefixes.insert(seq.prompt.clone(), cache);
+                            // Before `Finished` goes out, so a caller sees it at once.
+                            stats
+                                .prefix_cache_bytes
+                                .store(prefixes.bytes() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "prefix cache copy failed"),
+                    }
+                }
+                let _ = seq.reply.send(GenEvent::Finished {
+                    reason,
+                    prompt_tokens: seq.prompt.len(),
+                    completion_tokens: seq.generated.len(),
+                    cached_tokens: seq.cached,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request left to the other admission point keeps its place in the fair order: unless
+    /// the rule passes it over, nothing behind it is admitted here, so the KV it waits for is
+    /// not taken by those behind it, step after step.
+    #[test]
+    fn a_request_left_to_the_other_admission_point_keeps_its_place() {
+        use Admission::{Admit, NoKvRoom, OverShare};
+        assert_eq!(visit(Place::Here, Admit), Visit::Take);
+        assert_eq!(visit(Place::Here, OverShare), Visit::Pass);
+        assert_eq!(visit(Place::Here, NoKvRoom), Visit::Stop);
+        assert_eq!(visit(Place::Elsewhere, Admit), Visit::Stop);
+        assert_eq!(visit(Place::Elsewhere, NoKvRoom), Visit::Stop);
+        assert_eq!(visit(Place::Elsewhere, OverShare), Visit::Pass);
+        for rule in [Admit, OverShare, NoKvRoom] {
+            assert_eq!(visit(Place::Later, rule), Visit::Pass);
+        }
+    }
+}

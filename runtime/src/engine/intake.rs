@@ -1,0 +1,241 @@
+//! Newcomers started between the layers of a step in flight. A waiting request whose customer
+//! has nothing running, and whose prompt (after the prefix cache) fits a step's token budget
+//! ([`starts_apart`]), is admitted there, by the same rule and in the same fair order as at a
+//! step's boundary, its prompt prefilled in a forward pass beside the step and its first token
+//! sampled and sent. So a customer's first token waits for a fraction of another customer's
+//! step, not the whole step (at 32 sequences of this machine's development model a step takes
+//! about 75 ms, a layer under 3 ms); one that arrives between steps starts before the next
+//! step's first layer instead of joining it.
+//!
+//! The work added to a step is bounded: the intake looks for newcomers before at most
+//! [`EngineConfig::interleave_passes`](super::EngineConfig::interleave_passes) evenly spaced
+//! layers, each time starting every newcomer that arrived since in one batched pass, and the
+//! step's passes together prefill at most what the step's own tokens leave of
+//! `max_batch_tokens` (a budget per step, not per pass): a step and its passes process no more
+//! tokens than one step could if the newcomers joined it. A newcomer that does not fit waits
+//! for the next step. The step's own sequences pay for the newcomers' prefill, as they would if
+//! they joined them.
+//!
+//! A newcomer's failure (its pass, its first token) fails that newcomer only: the step in
+//! flight and the other newcomers go on.
+
+use std::sync::atomic::Ordering;
+
+use super::desk::{Desk, Place};
+use super::sequence::{Outcome, Sequence};
+use super::Submission;
+use crate::fair::Tenant;
+use crate::model::{LlamaModel, SeqStep};
+use crate::{Error, Result};
+
+/// What a step in flight needs to start newcomers before its layers.
+pub(super) struct Intake<'a> {
+    desk: &'a mut Desk,
+    /// `(tenant, weight)` of every running sequence, those started here included.
+    tenants: Vec<(Tenant, u32)>,
+    /// Sequences started during the step, past their first token.
+    started: Vec<Sequence>,
+    /// The step in flight.
+    step: u64,
+    /// Prompt tokens the step's newcomers may still prefill.
+    budget: usize,
+    /// Layers of the step already reached, and of the model.
+    layer: usize,
+    layers: usize,
+}
+
+/// Whether a waiting request of `tenant` starts in a forward pass beside a step ([`Intake`])
+/// rather than joining one: its tenant has none of the `running` sequences, and the `prefill`
+/// tokens its prompt needs (after the prefix cache) fit a step's token `budget`.
+pub(super) fn starts_apart(
+    running: &[(Tenant, u32)],
+    tenant: &Tenant,
+    prefill: usize,
+    budget: usize,
+) -> bool {
+    prefill <= budget && !running.iter().any(|(t, _)| t == tenant)
+}
+
+/// Whether the intake looks for newcomers before layer `layer` of `layers`: at `passes` evenly
+/// spaced layers, the first included (every layer when `passes` is at least `layers`; never
+/// when it is 0).
+fn intake_point(layer: usize, layers: usize, passes: usize) -> bool {
+    let layers = layers.max(1);
+    passes > 0 && (layer == 0 || layer * passes / layers != (layer - 1) * passes / layers)
+}
+
+impl<'a> Intake<'a> {
+    /// The intake of step number `step`, of `layers` layers, which feeds `own_tokens` tokens
+    /// of its own sequences.
+    pub(super) fn new(
+        desk: &'a mut Desk,
+        tenants: Vec<(Tenant, u32)>,
+        step: u64,
+        layers: usize,
+        own_tokens: usize,
+    ) -> Self {
+        let budget = desk.config.max_batch_tokens.saturating_sub(own_tokens);
+        Self {
+            desk,
+            tenants,
+            started: Vec::new(),
+            step,
+            budget,
+            layer: 0,
+            layers,
+        }
+    }
+
+    /// The desk back, and the sequences started during the step.
+    pub(super) fn finish(self) -> (&'a mut Desk, Vec<Sequence>) {
+        (self.desk, self.started)
+    }
+
+    /// Called before each layer of the step: at an intake point, starts the newcomers waiting.
+    /// Never fails the step.
+    pub(super) fn between_layers(&mut self, model: &LlamaModel) -> Result<()> {
+        let layer = self.layer;
+        self.layer += 1;
+        self.desk.receive_ready();
+        // The common case, before every layer of every step: nothing waits.
+        if self.desk.waiting.is_empty()
+            || self.budget == 0
+            || !intake_point(layer, self.layers, self.desk.config.interleave_passes)
+        {
+            return Ok(());
+        }
+        let fresh = self.admit(model);
+        if !fresh.is_empty() {
+            self.start(model, fresh);
+        }
+        Ok(())
+    }
+
+    /// Admits the newcomers that fit what is left of the step's budget, in fair order.
+    fn admit(&mut self, model: &LlamaModel) -> Vec<Sequence> {
+        let mut counted = self.tenants.clone();
+        let mut fresh: Vec<Sequence> = Vec::new();
+        loop {
+            let (running, budget) = (&self.tenants, self.budget);
+            let place = |tenant: &Tenant, sub: &Submission, prefill: usize| {
+                // A closed one is dropped at the next step boundary.
+                if !sub.reply.is_closed() && starts_apart(running, tenant, prefill, budget) {
+                    Place::Here
+                } else {
+                    Place::Later
+                }
+            };
+            let Some(seq) = self.desk.admit_next(model, &counted, place) else {
+                break;
+            };
+            self.budget = self.budget.saturating_sub(seq.prompt.len() - seq.prefilled);
+            counted.push((seq.tenant.clone(), seq.weight));
+            fresh.push(seq);
+        }
+        fresh
+    }
+
+    /// Prefills `fresh` in one pass and sends their first tokens. When the pass fails, each
+    /// is tried in a pass of its own (a failed pass leaves no trace in a cache), so a failure
+    /// fails only the newcomer it comes from.
+    fn start(&mut self, model: &LlamaModel, mut fresh: Vec<Sequence>) {
+        match prefill(model, &mut fresh) {
+            Ok(rows) => self.first_tokens(model, fresh, rows),
+            Err(e) if fresh.len() == 1 => self.fail(fresh, &e),
+            Err(e) => {
+                tracing::warn!(error = %e, newcomers = fresh.len(), "a batched prefill failed; retrying each newcomer alone");
+                for seq in fresh {
+                    let mut one = vec![seq];
+                    match prefill(model, &mut one) {
+                        Ok(rows) => self.first_tokens(model, one, rows),
+                        Err(e) => self.fail(one, &e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, fresh: Vec<Sequence>, error: &Error) {
+        tracing::error!(error = %error, "a newcomer's prefill failed; failing it");
+        for seq in fresh {
+            self.desk.retire(seq, Outcome::Failed(error.to_string()));
+        }
+    }
+
+    /// Samples and sends each prefilled newcomer's first token from its logits `rows`.
+    fn first_tokens(&mut self, model: &LlamaModel, fresh: Vec<Sequence>, rows: Vec<Vec<f32>>) {
+        let desk = &mut *self.desk;
+        let prefill_tokens: usize = fresh.iter().map(|s| s.prompt.len() - s.prefilled).sum();
+        tracing::debug!(
+            sequences = fresh.len(),
+            prefill_tokens,
+            "started newcomers between the layers of a step"
+        );
+        desk.stats
+            .prefill_tokens_total
+            .fetch_add(prefill_tokens as u64, Ordering::Relaxed);
+        desk.stats.steps_total.fetch_add(1, Ordering::Relaxed);
+        desk.stats
+            .interleaved_steps_total
+            .fetch_add(1, Ordering::Relaxed);
+        let context = model.config().context_length;
+        for (mut seq, mut row) in fresh.into_iter().zip(rows) {
+            seq.prefilled = seq.prompt.len();
+            seq.last_step = self.step;
+            match seq.advance(&desk.tokenizer, context, &mut row) {
+                Ok(Outcome::Continue) => {
+                    self.tenants.push((seq.tenant.clone(), seq.weight));
+                    self.started.push(seq);
+                }
+                Ok(outcome) => desk.retire(seq, outcome),
+                Err(e) => desk.retire(seq, Outcome::Failed(e.to_string())),
+            }
+        }
+    }
+}
+
+/// One forward pass over the newcomers' prompts; a row of logits for each.
+fn prefill(model: &LlamaModel, fresh: &mut [Sequence]) -> Result<Vec<Vec<f32>>> {
+    #[cfg(test)]
+    if fresh
+        .iter()
+        .any(|s| &*s.tenant == super::tests::FAILING_TENANT)
+    {
+        return Err(Error::Weights(
+            "injected failure of a newcomer's pass".into(),
+        ));
+    }
+    let mut steps: Vec<SeqStep<'_>> = fresh
+        .iter_mut()
+        .map(|s| SeqStep {
+            tokens: &s.prompt[s.prefilled..],
+            cache: &mut s.cache,
+            want_logits: true,
+        })
+        .collect();
+    let rows = model.forward(&mut steps)?;
+    if rows.len() != fresh.len() {
+        return Err(Error::Weights(
+            "the forward pass returned fewer logit rows than requested".into(),
+        ));
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intake_points_are_evenly_spaced_layers() {
+        let points = |layers: usize, passes: usize| -> Vec<usize> {
+            (0..layers)
+                .filter(|&l| intake_point(l, layers, passes))
+                .collect()
+        };
+        assert_eq!(points(30, 4), [0, 8, 15, 23]);
+        assert_eq!(points(30, 1), [0]);
+        assert_eq!(points(30, 0), Vec::<usize>::new());
+        assert_eq!(points(4, 9), [0, 1, 2, 3]);
+    }
+}

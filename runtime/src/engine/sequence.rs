@@ -1,0 +1,191 @@
+//! One running sequence: its prompt, KV cache and sampler, and what a step's logits do to it
+//! (sample, constrain, detokenize, match stop strings, stream). It does not decide when it
+//! runs.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::late::{start_late, Late, TriggerScan};
+use super::{GenConstraint, GenEvent, LogprobInfo, StopReason, TokenLogprob};
+use crate::detokenize::StreamDecoder;
+use crate::fair::Tenant;
+use crate::model::KvCache;
+use crate::sampling::{Sampled, Sampler};
+use crate::stop::StopMatcher;
+use crate::tokenizer::ModelTokenizer;
+use crate::{Error, Result};
+
+/// A sequence admitted to the running set.
+pub(super) struct Sequence {
+    pub(super) prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    pub(super) prefilled: usize,
+    /// Prompt tokens that came from the prefix cache.
+    pub(super) cached: usize,
+    /// Sampled tokens; the last one is not yet in the cache.
+    pub(super) generated: Vec<u32>,
+    pub(super) max_tokens: usize,
+    pub(super) cache: KvCache,
+    pub(super) sampler: Sampler,
+    pub(super) decoder: StreamDecoder,
+    pub(super) stop: StopMatcher,
+    pub(super) logprobs: bool,
+    pub(super) reply: UnboundedSender<GenEvent>,
+    pub(super) reserved_bytes: usize,
+    pub(super) progress: Option<Arc<AtomicUsize>>,
+    pub(super) constraint: Option<GenConstraint>,
+    pub(super) tenant: Tenant,
+    pub(super) weight: u32,
+    /// Where a late grammar's triggers were looked for.
+    pub(super) scan: TriggerScan,
+    /// The last step this sequence ran in (the least recent goes first when its tenant is
+    /// over its share of the batch).
+    pub(super) last_step: u64,
+}
+
+pub(super) enum Outcome {
+    Continue,
+    Finished(StopReason),
+    /// This sequence alone failed (its grammar); the others go on.
+    Failed(String),
+}
+
+impl Sequence {
+    /// Samples the next token from `logits` and streams its text. A grammar failure fails
+    /// this sequence only.
+    pub(super) fn advance(
+        &mut self,
+        tokenizer: &Arc<ModelTokenizer>,
+        context: usize,
+        logits: &mut [f32],
+    ) -> Result<Outcome> {
+        match self.advance_inner(tokenizer, context, logits) {
+            Err(Error::Grammar(message)) => {
+                tracing::warn!(error = %message, "constrained sequence failed");
+                Ok(Outcome::Failed(format!("structured output: {message}")))
+            }
+            other => other,
+        }
+    }
+
+    /// Moves the sequence's grammar past `token` (a late grammar starts when its trigger
+    /// appears); whether the grammar is complete.
+    fn follow_grammar(&mut self, tokenizer: &Arc<ModelTokenizer>, token: u32) -> Result<bool> {
+        let mut grammar_done = false;
+        match &mut self.constraint {
+            Some(GenConstraint::Now(c)) if !tokenizer.stop_token_ids().contains(&token) => {
+                c.commit(token)?;
+                grammar_done = c.is_finished();
+            }
+            Some(GenConstraint::Now(_)) => {}
+            Some(GenConstraint::AfterTrigger { triggers, then }) => {
+                match start_late(tokenizer, &mut self.scan, &self.generated, triggers, then) {
+                    Ok(Late::Waiting) => {}
+                    Ok(Late::Never) => self.constraint = None,
+                    Ok(Late::Started(c)) => {
+                        grammar_done = c.is_finished();
+                        self.constraint = Some(GenConstraint::Now(c));
+                    }
+                    // The tokens that carried the marker already left the grammar (the model
+                    // wrote something else right after it): the output stays free text, and
+                    // the caller's parser returns it as text.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "late grammar did not accept the output so far");
+                        self.constraint = None;
+                    }
+                }
+            }
+            None => {}
+        }
+        Ok(grammar_done)
+    }
+
+    fn advance_inner(
+        &mut self,
+        tokenizer: &Arc<ModelTokenizer>,
+        context: usize,
+        logits: &mut [f32],
+    ) -> Result<Outcome> {
+        if let Some(GenConstraint::Now(c)) = &mut self.constraint {
+            c.mask(logits)?;
+        }
+        let sampled: Sampled = self.sampler.sample(logits);
+        let token = sampled.token;
+        self.generated.push(token);
+        let grammar_done = self.follow_grammar(tokenizer, token)?;
+        let logprobs = if self.logprobs {
+            vec![LogprobInfo {
+                chosen: resolve(tokenizer, token, sampled.logprob),
+                top: sampled
+                    .top
+                    .iter()
+                    .map(|&(t, lp)| resolve(tokenizer, t, lp))
+                    .collect(),
+            }]
+        } else {
+            Vec::new()
+        };
+        if tokenizer.stop_token_ids().contains(&token) {
+            // The end token itself is counted (the model produced it) but never shown.
+            let rest = self.decoder.finish()?;
+            let tail = self.stop.push(&rest);
+            let mut text = tail.emit;
+            if !tail.stopped {
+                text.push_str(&self.stop.finish());
+            }
+            send(self, text, logprobs);
+            return Ok(Outcome::Finished(StopReason::Stop));
+        }
+        let piece = self.decoder.push(token)?;
+        let outcome = self.stop.push(&piece);
+        if outcome.stopped {
+            send(self, outcome.emit, logprobs);
+            return Ok(Outcome::Finished(StopReason::Stop));
+        }
+        let mut text = outcome.emit;
+        let at_limit = self.generated.len() >= self.max_tokens
+            || self.prompt.len() + self.generated.len() >= context;
+        if at_limit || grammar_done {
+            let rest = self.decoder.finish()?;
+            let tail = self.stop.push(&rest);
+            text.push_str(&tail.emit);
+            if tail.stopped {
+                send(self, text, logprobs);
+                return Ok(Outcome::Finished(StopReason::Stop));
+            }
+            text.push_str(&self.stop.finish());
+            send(self, text, logprobs);
+            // A complete grammar is a natural end, even on the last allowed token.
+            let reason = if grammar_done {
+                StopReason::Stop
+            } else {
+                StopReason::Length
+            };
+            return Ok(Outcome::Finished(reason));
+        }
+        send(self, text, logprobs);
+        Ok(Outcome::Continue)
+    }
+}
+
+fn send(seq: &Sequence, text: String, logprobs: Vec<LogprobInfo>) {
+    if let Some(p) = &seq.progress {
+        p.store(seq.generated.len(), Ordering::Relaxed);
+    }
+    // A closed channel means the client went away; the next step drops the sequence.
+    let _ = seq.reply.send(GenEvent::Delta {
+        text,
+        logprobs,
+        completion_tokens: seq.generated.len(),
+    });
+}
+
+fn resolve(tokenizer: &ModelTokenizer, token: u32, logprob: f32) -> TokenLogprob {
+    TokenLogprob {
+        token: tokenizer.token_text(token),
+        bytes: tokenizer.token_bytes(token),
+        logprob,
+    }
+}
