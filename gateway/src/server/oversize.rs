@@ -32,7 +32,11 @@ fn declared_length(request: &Request) -> Option<u64> {
 }
 
 /// Refuses a body declared past `limit` with 413, after reading it (within the caps).
-pub(crate) async fn refuse_declared_oversize(limit: usize, request: Request, next: Next) -> Response {
+pub(crate) async fn refuse_declared_oversize(
+    limit: usize,
+    request: Request,
+    next: Next,
+) -> Response {
     let limit_bytes = u64::try_from(limit).unwrap_or(u64::MAX);
     let Some(length) = declared_length(&request).filter(|n| *n > limit_bytes) else {
         return next.run(request).await;
