@@ -11,7 +11,7 @@ use sqlx::{AnyConnection, Row};
 
 use crate::audit::{self, Action, Actor, Change};
 use crate::periods::month_bounds;
-use crate::store::{now_micros, Store, StoreError, StoreResult, UsageRecord};
+use crate::store::{now_micros, Store, StoreError, StoreResult};
 
 /// Thresholds when a customer has not chosen any.
 pub const DEFAULT_THRESHOLDS: [&str; 3] = ["0.5", "0.8", "1.0"];
@@ -132,102 +132,200 @@ fn thresholds_of(text: Option<String>) -> StoreResult<Vec<String>> {
     }
 }
 
-/// In the ledger's insert transaction: for each customer and month the records belong to, the
-/// spend so far against the customer's budget, and one outbox row per threshold newly reached.
-/// Replayed records are harmless: a threshold already in the outbox is skipped.
+/// In the ledger's insert transaction, after the records and the month totals they added
+/// (`(scope, started_at, cost)`, scope a customer or `key:<id>`): for each customer and month
+/// the records cost something in, one outbox row per threshold newly reached by the month's
+/// total (one row read, whatever the month holds). Replayed records are harmless: a threshold
+/// already in the outbox is skipped.
+///
+/// The step runs in a savepoint: when it fails, it is undone alone, the records commit, and
+/// the month's `alerts_checked_nano_usd` stays behind its spend for [`Store::catch_up_alerts`]
+/// to retry. Errors only when the savepoint itself cannot be undone (the transaction is lost).
 pub async fn outbox_in_ledger(
     conn: &mut AnyConnection,
-    records: &[UsageRecord],
-) -> Result<usize, sqlx::Error> {
-    let scopes: BTreeSet<(&str, i64)> = records
+    added: &[(String, i64, i64)],
+) -> Result<(), sqlx::Error> {
+    let scopes: BTreeSet<(&str, i64)> = added
         .iter()
-        .filter(|r| r.cost_nano_usd > 0)
-        .map(|r| (r.customer_id.as_str(), month_bounds(r.started_at).0))
+        .filter(|(_, _, cost)| *cost > 0)
+        .map(|(scope, started_at, _)| (scope.as_str(), month_bounds(*started_at).0))
         .collect();
-    let mut created = 0;
-    for (customer_id, period_start) in scopes {
-        let row = sqlx::query(
-            "SELECT c.budget_nano_usd, s.thresholds, s.webhook_url FROM customers c \
-             LEFT JOIN alert_settings s ON s.customer_id = c.id WHERE c.id = $1",
-        )
-        .bind(customer_id)
-        .fetch_optional(&mut *conn)
+    if scopes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SAVEPOINT budget_alerts")
+        .execute(&mut *conn)
         .await?;
-        let Some(row) = row else { continue };
-        let Some(budget) = row.try_get::<Option<i64>, _>("budget_nano_usd")? else {
-            continue;
-        };
-        let thresholds = match thresholds_of(row.try_get("thresholds")?) {
-            Ok(t) => t,
+    let mut result = Ok(0);
+    for (scope, period_start) in &scopes {
+        match check_month(conn, scope, *period_start).await {
+            Ok(n) => result = result.map(|c| c + n),
             Err(e) => {
-                tracing::error!(customer_id, "budget alerts skipped: {e}");
-                continue;
+                result = Err(e);
+                break;
             }
-        };
-        let has_webhook = row.try_get::<Option<String>, _>("webhook_url")?.is_some();
-        let (_, period_end) = month_bounds(period_start);
-        let spent: i64 = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) AS spent FROM usage_records \
-             WHERE customer_id = $1 AND started_at >= $2 AND started_at < $3",
-        )
-        .bind(customer_id)
-        .bind(period_start)
-        .bind(period_end)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get("spent")?;
-        let reached = crossed(&thresholds, budget, spent);
-        if reached.is_empty() {
-            continue;
         }
-        let fired: BTreeSet<String> = sqlx::query(
-            "SELECT threshold FROM budget_alerts WHERE customer_id = $1 AND period_start = $2",
-        )
-        .bind(customer_id)
-        .bind(period_start)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<String, _>("threshold"))
-        .collect::<Result<_, _>>()?;
-        let now = now_micros();
-        for threshold in reached.into_iter().filter(|t| !fired.contains(*t)) {
-            let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
-            let body = payload(
-                &id,
-                customer_id,
-                period_start,
-                threshold,
-                budget,
-                spent,
-                now,
-            )
-            .to_string();
-            let status = if has_webhook { "pending" } else { "no_webhook" };
-            let done = sqlx::query(
-                "INSERT INTO budget_alerts (id, customer_id, period_start, threshold, \
-                 budget_nano_usd, spent_nano_usd, created_at, payload, status, attempts, \
-                 next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $7) \
-                 ON CONFLICT (customer_id, period_start, threshold) DO NOTHING",
-            )
-            .bind(&id)
-            .bind(customer_id)
-            .bind(period_start)
-            .bind(threshold)
-            .bind(budget)
-            .bind(spent)
-            .bind(now)
-            .bind(&body)
-            .bind(status)
-            .execute(&mut *conn)
-            .await?;
-            created += done.rows_affected() as usize;
+    }
+    match result {
+        Ok(_) => {
+            sqlx::query("RELEASE SAVEPOINT budget_alerts")
+                .execute(&mut *conn)
+                .await?;
         }
+        Err(e) => {
+            tracing::error!(
+                "budget alerts: the alert step failed; the records are kept and the alert is retried: {e}"
+            );
+            sqlx::query("ROLLBACK TO SAVEPOINT budget_alerts")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("RELEASE SAVEPOINT budget_alerts")
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks one month of one scope (`key:` scopes have no alerts: only marked checked) against
+/// its customer's budget, adds the alerts newly reached to the outbox and marks the month
+/// checked up to the spend it read. Returns how many alerts it added.
+async fn check_month(
+    conn: &mut AnyConnection,
+    scope: &str,
+    period_start: i64,
+) -> Result<usize, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT p.spent_nano_usd, c.budget_nano_usd, s.thresholds, s.webhook_url \
+         FROM customer_spend p LEFT JOIN customers c ON c.id = p.customer_id \
+         LEFT JOIN alert_settings s ON s.customer_id = p.customer_id \
+         WHERE p.customer_id = $1 AND p.period_start = $2",
+    )
+    .bind(scope)
+    .bind(period_start)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(0) };
+    let spent: i64 = row.try_get("spent_nano_usd")?;
+    let created = match row.try_get::<Option<i64>, _>("budget_nano_usd")? {
+        Some(budget) => match thresholds_of(row.try_get("thresholds")?) {
+            Ok(thresholds) => {
+                let has_webhook = row.try_get::<Option<String>, _>("webhook_url")?.is_some();
+                let month = Month {
+                    customer_id: scope,
+                    period_start,
+                    budget,
+                    spent,
+                };
+                add_alerts(conn, &month, &thresholds, has_webhook).await?
+            }
+            Err(e) => {
+                tracing::error!(customer_id = scope, "budget alerts skipped: {e}");
+                0
+            }
+        },
+        None => 0,
+    };
+    sqlx::query(
+        "UPDATE customer_spend SET alerts_checked_nano_usd = $3 \
+         WHERE customer_id = $1 AND period_start = $2 AND alerts_checked_nano_usd < $3",
+    )
+    .bind(scope)
+    .bind(period_start)
+    .bind(spent)
+    .execute(&mut *conn)
+    .await?;
+    Ok(created)
+}
+
+/// A customer's month as an alert sees it.
+struct Month<'a> {
+    customer_id: &'a str,
+    period_start: i64,
+    budget: i64,
+    spent: i64,
+}
+
+/// One outbox row per threshold of `thresholds` the month reached and has no alert for.
+async fn add_alerts(
+    conn: &mut AnyConnection,
+    m: &Month<'_>,
+    thresholds: &[String],
+    has_webhook: bool,
+) -> Result<usize, sqlx::Error> {
+    let reached = crossed(thresholds, m.budget, m.spent);
+    if reached.is_empty() {
+        return Ok(0);
+    }
+    let fired: BTreeSet<String> = sqlx::query(
+        "SELECT threshold FROM budget_alerts WHERE customer_id = $1 AND period_start = $2",
+    )
+    .bind(m.customer_id)
+    .bind(m.period_start)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| r.try_get::<String, _>("threshold"))
+    .collect::<Result<_, _>>()?;
+    let now = now_micros();
+    let mut created = 0;
+    for threshold in reached.into_iter().filter(|t| !fired.contains(*t)) {
+        let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+        let body = payload(
+            &id,
+            m.customer_id,
+            m.period_start,
+            threshold,
+            m.budget,
+            m.spent,
+            now,
+        )
+        .to_string();
+        let status = if has_webhook { "pending" } else { "no_webhook" };
+        let done = sqlx::query(
+            "INSERT INTO budget_alerts (id, customer_id, period_start, threshold, \
+             budget_nano_usd, spent_nano_usd, created_at, payload, status, attempts, \
+             next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $7) \
+             ON CONFLICT (customer_id, period_start, threshold) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(m.customer_id)
+        .bind(m.period_start)
+        .bind(threshold)
+        .bind(m.budget)
+        .bind(m.spent)
+        .bind(now)
+        .bind(&body)
+        .bind(status)
+        .execute(&mut *conn)
+        .await?;
+        created += done.rows_affected() as usize;
     }
     Ok(created)
 }
 
 impl Store {
+    /// Retries the alert step of months whose records committed without it (it failed in the
+    /// ledger's transaction): up to 100 of them, each in its own transaction. Returns how many
+    /// alerts it added. Cheap when nothing is behind (a partial index holds those months).
+    pub async fn catch_up_alerts(&self) -> StoreResult<usize> {
+        let behind = sqlx::query(
+            "SELECT customer_id, period_start FROM customer_spend \
+             WHERE alerts_checked_nano_usd < spent_nano_usd LIMIT 100",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut created = 0;
+        for row in &behind {
+            let scope: String = row.try_get("customer_id")?;
+            let period_start: i64 = row.try_get("period_start")?;
+            let mut tx = self.pool().begin().await?;
+            created += check_month(&mut tx, &scope, period_start).await?;
+            tx.commit().await?;
+        }
+        Ok(created)
+    }
+
     /// A customer's alert settings (defaults when it has none), secret included.
     pub async fn alert_settings(&self, customer_id: &str) -> StoreResult<AlertSettings> {
         self.customer(customer_id).await?;

@@ -128,15 +128,16 @@ impl Store {
         })
     }
 
-    /// Renews the lease of a key this request runs.
+    /// Renews the lease of a key this request runs; false when the request no longer holds it
+    /// (its lease ran out and another request took the key over, or it was released).
     pub async fn renew_idempotency(
         &self,
         customer_id: &str,
         key: &str,
         request_id: &str,
         lease_until: i64,
-    ) -> StoreResult<()> {
-        sqlx::query(
+    ) -> StoreResult<bool> {
+        let renewed = sqlx::query(
             "UPDATE idempotency_keys SET lease_until = $4 \
              WHERE customer_id = $1 AND idempotency_key = $2 AND request_id = $3 \
              AND state = 'running'",
@@ -147,20 +148,22 @@ impl Store {
         .bind(lease_until)
         .execute(self.pool())
         .await?;
-        Ok(())
+        Ok(renewed.rows_affected() == 1)
     }
 
-    /// Keeps the finished response of the request that runs `key`.
+    /// Keeps the finished response of the request that runs `key`; false when the request no
+    /// longer holds it (nothing is kept).
     pub async fn finish_idempotency(
         &self,
         customer_id: &str,
         key: &str,
         request_id: &str,
         response: &Stored,
-    ) -> StoreResult<()> {
-        sqlx::query(
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
             "UPDATE idempotency_keys SET state = 'done', status_code = $4, content_type = $5, \
-             body = $6 WHERE customer_id = $1 AND idempotency_key = $2 AND request_id = $3",
+             body = $6 WHERE customer_id = $1 AND idempotency_key = $2 AND request_id = $3 \
+             AND state = 'running'",
         )
         .bind(customer_id)
         .bind(key)
@@ -170,7 +173,7 @@ impl Store {
         .bind(&response.body)
         .execute(self.pool())
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Forgets `key` (its request failed or never reached a model), so a retry runs anew.

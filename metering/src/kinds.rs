@@ -51,13 +51,16 @@ kind! {
         Cancelled,
         /// The server or a backend failed it; recorded, never charged.
         Failed,
+        /// Another run of its `Idempotency-Key` was charged instead (this one lost its lease,
+        /// or reached the ledger second); recorded with its tokens, never charged.
+        Superseded,
     }
 }
 
 impl Outcome {
-    /// Whether its tokens are charged: failures are on us.
+    /// Whether its tokens are charged: failures are on us, and a key is charged once.
     pub fn is_charged(self) -> bool {
-        self != Self::Failed
+        matches!(self, Self::Completed | Self::Cancelled)
     }
 }
 
@@ -117,6 +120,7 @@ mod tests {
             (Outcome::Completed, "completed"),
             (Outcome::Cancelled, "cancelled"),
             (Outcome::Failed, "failed"),
+            (Outcome::Superseded, "superseded"),
         ] {
             assert_eq!(o.as_str(), s);
             assert_eq!(s.parse::<Outcome>().ok(), Some(o));
@@ -143,6 +147,7 @@ mod tests {
         assert!("weekly".parse::<BudgetPeriod>().is_err());
         assert!("Failed".parse::<Outcome>().is_err());
         assert!(Outcome::Cancelled.is_charged() && !Outcome::Failed.is_charged());
+        assert!(!Outcome::Superseded.is_charged());
         assert!(UsageSource::Observed > UsageSource::Engine);
     }
 }

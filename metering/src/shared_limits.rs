@@ -335,12 +335,11 @@ pub async fn release_hold(pool: &AnyPool, hold_id: &str) -> Result<(), sqlx::Err
     Ok(())
 }
 
-/// Part of the ledger's insert transaction: adds the newly inserted records' costs to
-/// `customer_spend` and drops the holds of every record in the batch (new or already there).
-pub(crate) async fn settle_in_ledger(
+/// Adds the cost of inserted records `(scope, started_at, cost)` to their month's
+/// `customer_spend` row (SQLite keeps the table for the month totals alone).
+pub(crate) async fn add_month_spend(
     conn: &mut AnyConnection,
     inserted: &[(String, i64, i64)],
-    ids: &[&str],
 ) -> Result<(), sqlx::Error> {
     let mut spend: BTreeMap<(&str, i64), i64> = BTreeMap::new();
     for (customer, started_at, cost) in inserted {
@@ -351,7 +350,17 @@ pub(crate) async fn settle_in_ledger(
         .into_iter()
         .map(|((c, p), cost)| (c.to_string(), p, cost, 0))
         .collect();
-    add_spend(conn, &deltas).await?;
+    add_spend(conn, &deltas).await
+}
+
+/// Part of the ledger's insert transaction: adds the newly inserted records' costs to
+/// `customer_spend` and drops the holds of every record in the batch (new or already there).
+pub(crate) async fn settle_in_ledger(
+    conn: &mut AnyConnection,
+    inserted: &[(String, i64, i64)],
+    ids: &[&str],
+) -> Result<(), sqlx::Error> {
+    add_month_spend(conn, inserted).await?;
     for chunk in ids.chunks(1000) {
         let params: Vec<String> = (1..=chunk.len()).map(|k| format!("${k}")).collect();
         drop_holds(conn, &format!("id IN ({})", params.join(", ")), chunk).await?;

@@ -4,6 +4,7 @@ and no second charge; another body under the same key is a 409; a repeat while t
 is a 409 to retry; the first request runs to completion even when its client hangs up."""
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import start_server, stop_server
+from conftest import ROOT, start_server, stop_server
 
 ADMIN = "idem-admin"
 MODEL = "smollm2-135m"
@@ -54,9 +55,10 @@ def raw(srv, key, path, body, idem=None, **kw):
     return httpx.post(f"{srv.base_url}{path}", json=body, headers=headers, timeout=120, **kw)
 
 
-def records(srv, customer):
-    """The customer's usage records in the database (after the ledger's write)."""
-    time.sleep(0.5)
+BARRIERS = set()  # ids of the requests `records` sends to know the ledger has caught up
+
+
+def all_records(srv, customer):
     out, cursor = [], None
     while True:
         params = {"limit": 1000, **({"after": cursor} if cursor else {})}
@@ -67,6 +69,33 @@ def records(srv, customer):
         cursor = page["next_cursor"]
 
 
+def records(srv, customer, keys):
+    """The customer's usage records in the database, every request finished before the call
+    included: a barrier request is sent last and waited for (the ledger writes a gateway's
+    records in the order they were made), instead of sleeping and hoping the writes are in."""
+    barrier = raw(srv, keys[customer], "/chat/completions",
+                  {"model": MODEL, "messages": MESSAGES, "max_tokens": 1})
+    assert barrier.status_code == 200, barrier.text
+    BARRIERS.add(barrier.headers["x-request-id"])
+    deadline = time.time() + 120
+    while True:
+        out = all_records(srv, customer)
+        if any(r["id"] == barrier.headers["x-request-id"] for r in out):
+            return [r for r in out if r["id"] not in BARRIERS]
+        assert time.time() < deadline, "the ledger never wrote the barrier request's record"
+        time.sleep(0.05)
+
+
+def end_tokens():
+    """Token ids that end a turn in the development model (banned to make a stream long)."""
+    import gguf
+
+    path = os.environ.get("TOLLGATE_TEST_MODEL") or ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+    vocabulary = [bytes(field.parts[i]).decode() for i in field.data]
+    return {str(vocabulary.index(t)): -100 for t in ("<|im_end|>", "<|endoftext|>")}
+
+
 def key():
     return f"test-{uuid.uuid4()}"
 
@@ -74,7 +103,7 @@ def key():
 def test_a_repeat_replays_the_first_answer_and_is_billed_once(srv, keys):
     client = sdk(srv, keys["idem-a"])
     k = key()
-    before = len(records(srv, "idem-a"))
+    before = len(records(srv, "idem-a", keys))
     first = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=None,
         extra_headers={"Idempotency-Key": k},
@@ -90,7 +119,7 @@ def test_a_repeat_replays_the_first_answer_and_is_billed_once(srv, keys):
     assert second.headers["x-request-id"] != first.headers["x-request-id"]
     a, b = first.parse(), second.parse()
     assert a.model_dump() == b.model_dump()
-    mine = records(srv, "idem-a")
+    mine = records(srv, "idem-a", keys)
     assert len(mine) == before + 1
     record = next(r for r in mine if r["id"] == first.headers["x-request-id"])
     assert record["idempotency_key"] == k
@@ -110,7 +139,7 @@ def test_a_streamed_repeat_replays_the_same_events(srv, keys):
     assert events(first)[-1] == "data: [DONE]"
     usage = json.loads(events(first)[-2][6:])["usage"]
     assert usage["completion_tokens"] > 0
-    ids = [r["id"] for r in records(srv, "idem-a") if r["idempotency_key"] == k]
+    ids = [r["id"] for r in records(srv, "idem-a", keys) if r["idempotency_key"] == k]
     assert ids == [first.headers["x-request-id"]]
 
 
@@ -128,7 +157,7 @@ def test_responses_and_completions_replay_too(srv, keys):
     c2 = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8,
                                    extra_headers={"Idempotency-Key": k2})
     assert c1.id == c2.id and c1.choices[0].text == c2.choices[0].text
-    mine = records(srv, "idem-a")
+    mine = records(srv, "idem-a", keys)
     assert len([r for r in mine if r["idempotency_key"] == k]) == 1
     assert len([r for r in mine if r["idempotency_key"] == k2]) == 1
     assert next(r for r in mine if r["idempotency_key"] == k)["endpoint"] == "/v1/responses"
@@ -166,25 +195,39 @@ def test_keys_are_per_customer(srv, keys):
 
 def test_a_repeat_while_running_is_a_409_to_retry_then_the_replay(srv, keys):
     k = key()
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 120, "stream": True, "temperature": 0,
-            "stream_options": {"include_usage": True}}
+    # Long by construction: the end of turn is banned, so it runs to max_tokens.
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}, "logit_bias": end_tokens()}
     first = {}
+    streaming = threading.Event()
 
     def run_first():
-        first["response"] = raw(srv, keys["idem-a"], "/chat/completions", body, idem=k)
+        headers = {"Authorization": f"Bearer {keys['idem-a']}", "Idempotency-Key": k}
+        with httpx.stream("POST", f"{srv.base_url}/chat/completions", json=body, headers=headers,
+                          timeout=120) as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if '"content"' in line:
+                    streaming.set()
+            first["events"] = [line for line in lines if line.startswith("data: ")]
 
     t = threading.Thread(target=run_first)
     t.start()
-    time.sleep(0.3)
+    # Not a guess at how long it takes to start: its first token has streamed.
+    assert streaming.wait(120), "the first request never streamed"
     busy = raw(srv, keys["idem-a"], "/chat/completions", body, idem=k)
     assert busy.status_code == 409, busy.text
     assert busy.json()["error"]["code"] == "idempotency_key_in_progress"
     assert busy.headers["retry-after"] == "1"
     assert busy.headers["x-should-retry"] == "true"
     t.join()
+    assert "events" in first, "the first request's stream did not complete"
+    assert first["events"][-1] == "data: [DONE]"
+    assert json.loads(first["events"][-2][6:])["usage"]["completion_tokens"] == 400
     again = raw(srv, keys["idem-a"], "/chat/completions", body, idem=k)
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
-    assert again.text == first["response"].text
+    assert [line for line in again.text.splitlines() if line.startswith("data: ")] == first["events"]
 
 
 def test_a_client_that_hangs_up_gets_the_whole_answer_on_retry_billed_once(srv, keys):
@@ -210,7 +253,7 @@ def test_a_client_that_hangs_up_gets_the_whole_answer_on_retry_billed_once(srv, 
     assert usage is not None and usage.completion_tokens > 1
     # The replay is the first request's stream: its id.
     assert chunks[0].id == f"chatcmpl-{first_id}"
-    mine = [r for r in records(srv, "idem-a") if r["idempotency_key"] == k]
+    mine = [r for r in records(srv, "idem-a", keys) if r["idempotency_key"] == k]
     assert len(mine) == 1 and mine[0]["status"] == "completed", mine
     assert mine[0]["output_tokens"] == usage.completion_tokens
 

@@ -11,6 +11,12 @@
 //! - metering latency per request, p50/p99 over sequential requests: key lookup in the
 //!   database, rate limits, budget reservation and settlement, and the durable record (the
 //!   path a request takes besides the model), each phase and in total.
+//!
+//! With `--month-records N` it measures instead what a budgeted customer's month costs the
+//! ledger: batched inserts (`Store::insert_records`, 1,000 per batch, the ledger's batch) for
+//! a customer with an empty month and one with N records already in the month (alternate
+//! rounds, after the fill, so both find the table as large), and
+//! their ratio (`--json PATH` writes the figures as JSON).
 
 use std::time::{Duration, Instant};
 
@@ -35,12 +41,23 @@ struct Args {
     /// file). Records are added with a per-run prefix, so a database can be reused.
     #[arg(value_name = "DATABASE_URL")]
     database: Option<String>,
+    /// Measure ledger inserts with this many records already in the month against an empty
+    /// month (and nothing else)
+    #[arg(long, value_name = "N")]
+    month_records: Option<usize>,
+    /// With --month-records: write the figures as JSON to this file
+    #[arg(long, value_name = "PATH")]
+    json: Option<std::path::PathBuf>,
 }
 
 fn record(id: String, started_at: i64) -> UsageRecord {
+    record_of("bench", id, started_at)
+}
+
+fn record_of(customer: &str, id: String, started_at: i64) -> UsageRecord {
     UsageRecord {
         id,
-        customer_id: "bench".into(),
+        customer_id: customer.into(),
         key_id: "key_bench".into(),
         model: "smollm2-135m".into(),
         endpoint: tollgate_metering::kinds::Endpoint::ChatCompletions,
@@ -75,6 +92,9 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| tmp.path().join("bench.db").display().to_string());
     let store = Store::connect(&url).await?;
     println!("database: {:?}", store.kind());
+    if let Some(n) = args.month_records {
+        return month(&store, n, args.json.as_deref()).await;
+    }
     store
         .create_customer(
             "bench",
@@ -209,4 +229,100 @@ async fn main() -> anyhow::Result<()> {
 /// A per-run prefix, so runs against the same database do not collide.
 fn uuid_prefix() -> String {
     format!("bench{}", now_micros())
+}
+
+/// Records per measured round, rounds per measure, records per batch.
+const MONTH_ROUND: usize = 10_000;
+const MONTH_ROUNDS: usize = 5;
+const MONTH_BATCH: usize = 1_000;
+
+/// Inserts `count` records of `customer` in batches; records per second.
+async fn insert_rate(
+    store: &Store,
+    customer: &str,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let now = now_micros();
+    let records: Vec<UsageRecord> = (0..count)
+        .map(|i| record_of(customer, format!("{prefix}-{i}"), now))
+        .collect();
+    let t = Instant::now();
+    for chunk in records.chunks(MONTH_BATCH) {
+        store.insert_records(chunk).await?;
+    }
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}
+
+fn median(rounds: &[f64]) -> f64 {
+    let mut sorted = rounds.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Ledger inserts for a budgeted customer with an empty month, then with `n` records already
+/// in the month.
+async fn month(store: &Store, n: usize, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let run = uuid_prefix();
+    let (empty, full) = (format!("{run}-empty"), format!("{run}-full"));
+    for id in [&empty, &full] {
+        store
+            .create_customer(
+                id,
+                CustomerFields {
+                    name: Some(id.clone()),
+                    // Budgeted, so every insert runs the budget alert step.
+                    budget_nano_usd: Some(Some(i64::MAX / 4)),
+                    ..CustomerFields::default()
+                },
+                &Actor::system(),
+            )
+            .await?;
+    }
+    // The month filled without the alert step in the way (the customer unbudgeted meanwhile).
+    store
+        .execute_raw(&format!(
+            "UPDATE customers SET budget_nano_usd = NULL WHERE id = '{full}'"
+        ))
+        .await?;
+    let t = Instant::now();
+    let fill = insert_rate(store, &full, &format!("{run}-fill"), n).await?;
+    println!(
+        "filled the month with {n} records in {:.1} s ({fill:.0} records/s)",
+        t.elapsed().as_secs_f64()
+    );
+    store
+        .execute_raw(&format!(
+            "UPDATE customers SET budget_nano_usd = {} WHERE id = '{full}'",
+            i64::MAX / 4
+        ))
+        .await?;
+    // Rounds alternate between the two customers, on the same table (day 1 of a month finds
+    // the earlier months' records there too), so what differs is the month alone.
+    let (mut empty_rounds, mut full_rounds) = (Vec::new(), Vec::new());
+    for r in 0..MONTH_ROUNDS {
+        empty_rounds.push(insert_rate(store, &empty, &format!("{run}-e{r}"), MONTH_ROUND).await?);
+        full_rounds.push(insert_rate(store, &full, &format!("{run}-f{r}"), MONTH_ROUND).await?);
+    }
+    let (empty_rate, full_rate) = (median(&empty_rounds), median(&full_rounds));
+    println!("empty month: {empty_rate:.0} records/s (rounds {empty_rounds:.0?})");
+    println!("month with {n} records: {full_rate:.0} records/s (rounds {full_rounds:.0?})");
+    let ratio = full_rate / empty_rate;
+    println!("ratio {ratio:.3}");
+    if let Some(path) = json {
+        let figures = serde_json::json!({
+            "benchmark": "metering --month-records",
+            "database": format!("{:?}", store.kind()),
+            "month_records": n,
+            "records_per_round": MONTH_ROUND,
+            "batch": MONTH_BATCH,
+            "empty_month_records_per_s": empty_rate,
+            "empty_month_rounds": empty_rounds,
+            "full_month_records_per_s": full_rate,
+            "full_month_rounds": full_rounds,
+            "ratio": ratio,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&figures)? + "\n")?;
+    }
+    Ok(())
 }

@@ -189,6 +189,10 @@ impl Completion {
             return None;
         }
         self.settled = true;
+        // A request that lost its Idempotency-Key to another is not charged: that one is.
+        if self.outcome.is_charged() && self.caller.idempotency.as_ref().is_some_and(|t| t.lost()) {
+            self.outcome = Outcome::Superseded;
+        }
         let input = u64::from(self.prompt_tokens());
         let cached = u64::from(self.cached_tokens()).min(input);
         let output = u64::from(self.completion_tokens());
@@ -251,6 +255,12 @@ impl Completion {
     /// Writes the record durably before the client sees the end of the response.
     pub(crate) async fn commit(&mut self, outcome: Outcome) {
         self.finish(outcome);
+        // Charged only while it still holds its Idempotency-Key (the lease is renewed here).
+        if let Some(ticket) = self.caller.idempotency.clone() {
+            if self.outcome.is_charged() && !ticket.still_held().await {
+                self.outcome = Outcome::Superseded;
+            }
+        }
         if let Some(record) = self.settle() {
             if let Some(ledger) = &self.state.ledger {
                 let t = Instant::now();

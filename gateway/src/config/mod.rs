@@ -57,6 +57,7 @@ struct RawServer {
     response_retention_days: Option<u32>,
     header_read_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
+    idempotency_lease_ms: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -82,6 +83,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Connections open at once per listener; beyond, new ones are closed at once.
     pub max_connections: usize,
+    /// How long a request running under an `Idempotency-Key` holds it without renewing
+    /// (renewed every third of it); a run that loses it stops and is not charged.
+    pub idempotency_lease: Duration,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +97,7 @@ impl Default for ServerConfig {
             response_retention: Duration::from_secs(30 * 86_400),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 2048,
+            idempotency_lease: Duration::from_secs(30),
         }
     }
 }
@@ -142,6 +147,12 @@ impl Config {
                 .max_connections
                 .unwrap_or(defaults.max_connections)
                 .max(1),
+            idempotency_lease: raw
+                .server
+                .idempotency_lease_ms
+                .map_or(defaults.idempotency_lease, |ms| {
+                    Duration::from_millis(ms.max(30))
+                }),
         };
         let mut models = BTreeMap::new();
         for (id, m) in raw.models {

@@ -12,11 +12,17 @@
 //! - a request that does not complete (refused, failed, or cut by a gateway that stopped) keeps
 //!   nothing: a repeat runs anew;
 //! - a request with a key runs to completion even when its client goes away, so that the
-//!   client's retry gets the whole answer instead of paying for a second one.
+//!   client's retry gets the whole answer instead of paying for a second one;
+//! - a key is charged once: a request that lost its lease to a retry stops, is recorded
+//!   `superseded` (not charged), and its client gets a 409 `idempotency_key_in_progress` (or
+//!   that error as the stream's last event), whose retry gets the other request's answer (see
+//!   [`lease`]).
 //!
 //! It owns the layer (the table is `tollgate_metering::idempotency`); what a request costs is
 //! still settled by the [`crate::api::accounting::Completion`] guard, which reports its outcome through
 //! the [`Ticket`].
+
+mod lease;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -38,9 +44,6 @@ use tollgate_metering::store::now_micros;
 
 /// How long a key is remembered after its first request.
 pub const WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// How long a running request's claim holds unless renewed, and how often it is renewed.
-const LEASE: Duration = Duration::from_secs(30);
-const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// The header, as OpenAI's and Stripe's clients send it.
 pub const HEADER: &str = "idempotency-key";
 /// Longest key accepted.
@@ -48,10 +51,21 @@ const MAX_KEY_LEN: usize = 255;
 
 /// A request that runs under an idempotency key: the key for its usage record, and the
 /// outcome its accounting settled with (only a completed request is kept for replay).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Ticket {
     pub key: String,
     outcome: Arc<OnceLock<Outcome>>,
+    lease: Option<Arc<lease::Lease>>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("key", &self.key)
+            .field("outcome", &self.outcome.get())
+            .field("lost", &self.lost())
+            .finish()
+    }
 }
 
 impl Ticket {
@@ -59,6 +73,20 @@ impl Ticket {
         Self {
             key,
             outcome: Arc::default(),
+            lease: None,
+        }
+    }
+
+    /// Whether the request has lost its key to another (it is then not charged).
+    pub(crate) fn lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.is_lost())
+    }
+
+    /// Renews the lease before the request is charged: false when it has lost its key.
+    pub(crate) async fn still_held(&self) -> bool {
+        match &self.lease {
+            Some(lease) => lease.renew().await,
+            None => true,
         }
     }
 
@@ -207,7 +235,7 @@ async fn run(state: AppState, request: Request, next: Next) -> Result<Response, 
             request_id: &request_id,
             now,
             expires_at: now + micros(WINDOW),
-            lease_until: now + micros(LEASE),
+            lease_until: now + micros(state.config.server.idempotency_lease),
         })
         .await?;
     match claim {
@@ -226,7 +254,15 @@ async fn run(state: AppState, request: Request, next: Next) -> Result<Response, 
             )))
         }
     }
-    let ticket = Ticket::new(key.clone());
+    let mut ticket = Ticket::new(key.clone());
+    ticket.lease = Some(Arc::new(lease::Lease::new(
+        db.clone(),
+        caller.customer_id.clone(),
+        key.clone(),
+        request_id.clone(),
+        state.config.server.idempotency_lease,
+        now,
+    )));
     caller.idempotency = Some(ticket.clone());
     parts.extensions.insert(caller.clone());
     let request = Request::from_parts(parts, Body::from(bytes));
@@ -257,30 +293,39 @@ struct Running {
 
 impl Running {
     /// Runs the request, hands its response to the client as it is produced, and keeps it
-    /// (or releases the key) at the end.
+    /// (or releases the key) at the end. A request that loses its lease stops there (its
+    /// response future or body is dropped, as when a client goes away without a key) and its
+    /// client gets an error in place of the end of the answer.
     async fn drive(
         self,
         response: impl std::future::Future<Output = Response>,
         head_tx: tokio::sync::oneshot::Sender<Response>,
     ) {
+        let Some(lease) = self.ticket.lease.clone() else {
+            return;
+        };
         let renew = {
-            let (db, customer, key, id) = (
-                self.db.clone(),
-                self.customer_id.clone(),
-                self.key.clone(),
-                self.request_id.clone(),
-            );
+            let lease = lease.clone();
             AbortOnDrop(tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
-                    let until = now_micros() + micros(LEASE);
-                    if let Err(e) = db.renew_idempotency(&customer, &key, &id, until).await {
-                        tracing::warn!(error = %e, "cannot renew an idempotency lease");
+                    tokio::time::sleep(lease.renew_every()).await;
+                    if !lease.renew().await {
+                        break;
                     }
                 }
             }))
         };
-        let response = response.await;
+        let response = tokio::select! {
+            r = response => Some(r),
+            () = lease.lost() => None,
+        };
+        // Lost before the head (a JSON answer is whole by then: its record says so).
+        let Some(response) = response.filter(|_| !self.ticket.lost()) else {
+            drop(renew);
+            let _ = head_tx.send(self.superseded().into_response());
+            self.release().await;
+            return;
+        };
         let (parts, body) = response.into_parts();
         let status = parts.status;
         let content_type = parts
@@ -300,7 +345,12 @@ impl Running {
         // The last frame is held back until the result is kept, so a client that repeats the
         // request as soon as it has the answer finds it stored, not still running.
         let mut held: Option<Bytes> = None;
-        while let Some(frame) = body.next().await {
+        loop {
+            let frame = tokio::select! {
+                frame = body.next() => frame,
+                () = lease.lost() => break,
+            };
+            let Some(frame) = frame else { break };
             match frame {
                 Ok(bytes) => {
                     kept.extend_from_slice(&bytes);
@@ -315,28 +365,80 @@ impl Running {
                 }
             }
         }
+        // Stops generating when the lease was lost (the guard then records the tokens so far).
+        drop(body);
         drop(renew);
-        let result = if status.is_success() && !broken && self.ticket.completed() {
+        let mut kept_it = false;
+        if !self.ticket.lost() && status.is_success() && !broken && self.ticket.completed() {
             let stored = Stored {
                 status: status.as_u16(),
-                content_type,
+                content_type: content_type.clone(),
                 body: String::from_utf8_lossy(&kept).into_owned(),
                 request_id: self.request_id.clone(),
             };
-            self.db
+            match self
+                .db
                 .finish_idempotency(&self.customer_id, &self.key, &self.request_id, &stored)
                 .await
+            {
+                Ok(true) => kept_it = true,
+                Ok(false) => {
+                    tracing::warn!(request_id = %self.request_id, "an idempotent request finished after another took its key over")
+                }
+                // The key stays `running` until its lease runs out; a repeat then runs anew.
+                Err(e) => {
+                    tracing::error!(request_id = %self.request_id, error = %e, "cannot keep an idempotent result");
+                    kept_it = true;
+                }
+            }
         } else {
-            self.db
-                .release_idempotency(&self.customer_id, &self.key, &self.request_id)
-                .await
-        };
-        if let Err(e) = result {
-            // The key stays `running` until its lease runs out; a repeat then runs anew.
-            tracing::error!(request_id = %self.request_id, error = %e, "cannot keep an idempotent result");
+            self.release().await;
         }
-        if let Some(last) = held {
+        let lost = self.ticket.lost() || (!kept_it && self.ticket.completed());
+        if lost {
+            let is_sse = content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("text/event-stream"));
+            send(&mut client, self.superseded_frame(is_sse)).await;
+        } else if let Some(last) = held {
             send(&mut client, last).await;
+        }
+    }
+
+    /// Forgets the key when this request still holds it, so a repeat runs anew.
+    async fn release(&self) {
+        if let Err(e) = self
+            .db
+            .release_idempotency(&self.customer_id, &self.key, &self.request_id)
+            .await
+        {
+            tracing::error!(request_id = %self.request_id, error = %e, "cannot release an idempotency key");
+        }
+    }
+
+    /// What the client of a request that lost its key gets.
+    fn superseded(&self) -> ApiError {
+        ApiError::IdempotencyKeyInProgress(format!(
+            "this request lost the Idempotency-Key `{}` to another request with it (its lease \
+             ran out): it was stopped and is not charged; retry to get the other request's result",
+            self.key
+        ))
+    }
+
+    /// The end of a response whose request lost its key, in place of its last frame: an error
+    /// event and `[DONE]` for a stream, the error's body otherwise.
+    fn superseded_frame(&self, is_sse: bool) -> Bytes {
+        let error = self.superseded();
+        let body = serde_json::json!({"error": {
+            "message": error.to_string(),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "idempotency_key_in_progress",
+        }});
+        if is_sse {
+            Bytes::from(format!("data: {body}\n\ndata: [DONE]\n\n"))
+        } else {
+            Bytes::from(body.to_string())
         }
     }
 }

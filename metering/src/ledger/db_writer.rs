@@ -40,7 +40,12 @@ pub(super) struct DbWriter {
     max_in_memory: usize,
     in_memory: Arc<AtomicUsize>,
     gauges: LedgerGauges,
+    /// When budget alerts whose step failed in an insert are next retried.
+    next_alert_retry: tokio::time::Instant,
 }
+
+/// How often months whose alert step failed are looked for (a partial index lookup).
+const ALERT_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl DbWriter {
     /// With `replay`, the spool holds records from an earlier run: the task starts by reading
@@ -61,6 +66,7 @@ impl DbWriter {
             max_in_memory,
             in_memory,
             gauges,
+            next_alert_retry: tokio::time::Instant::now(),
         }
     }
 
@@ -152,7 +158,14 @@ impl DbWriter {
 
     /// Writes what is pending, in memory then in the file; true when it has caught up.
     pub(super) async fn flush(&mut self) -> bool {
-        self.flush_memory().await && self.flush_file().await
+        let caught_up = self.flush_memory().await && self.flush_file().await;
+        if caught_up && tokio::time::Instant::now() >= self.next_alert_retry {
+            self.next_alert_retry = tokio::time::Instant::now() + ALERT_RETRY_EVERY;
+            if let Err(e) = self.store.catch_up_alerts().await {
+                tracing::warn!("budget alerts: retrying a failed alert step failed: {e}");
+            }
+        }
+        caught_up
     }
 
     async fn flush_memory(&mut self) -> bool {

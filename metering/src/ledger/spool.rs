@@ -27,6 +27,55 @@ pub(super) struct Spool {
     /// Counts the files this spool has started: a record is tagged with the generation whose
     /// file holds it, so the database task knows which file a line it is told of is in.
     pub(super) generation: u64,
+    /// The directory entry of the current file may not be on disk yet (its `fsync` after a
+    /// rename failed): it is synced before the next sync of a record.
+    dir_unsynced: bool,
+}
+
+/// The filesystem calls the spool's durability rests on, in one place so their order can be
+/// checked: a file created or renamed is only on disk once its directory is `fsync`ed (as
+/// SQLite and PostgreSQL do), so every rename is followed by a directory sync before a record
+/// relies on the new file. Tests record the calls of their own thread.
+mod fs_ops {
+    use std::fs::File;
+    use std::path::Path;
+
+    #[cfg(test)]
+    thread_local! {
+        pub(super) static CALLS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[cfg(test)]
+    fn note(call: String) {
+        CALLS.with(|c| c.borrow_mut().push(call));
+    }
+
+    #[cfg(not(test))]
+    fn note(_call: String) {}
+
+    use super::name_of as name;
+
+    pub(super) fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+        note(format!("rename {} {}", name(from), name(to)));
+        std::fs::rename(from, to)
+    }
+
+    /// `fdatasync` of a spool file's data.
+    pub(super) fn sync_data(file: &File, what: &str) -> std::io::Result<()> {
+        note(format!("fdatasync {what}"));
+        file.sync_data()
+    }
+
+    /// `fsync` of the directory holding `path`, so its entries (creations, renames) survive a
+    /// power loss.
+    pub(super) fn sync_dir(path: &Path) -> std::io::Result<()> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        note("fsync dir".to_string());
+        File::open(dir)?.sync_all()
+    }
 }
 
 /// Lines read from a spool file: the records, where the next read starts, and how many lines
@@ -107,15 +156,18 @@ impl Spool {
                     }
                 }
             }
-            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+            let out = out.into_inner().map_err(|e| e.into_error())?;
+            fs_ops::sync_data(&out, &name_of(&tmp))?;
         }
-        std::fs::rename(&tmp, path)?;
+        fs_ops::rename(&tmp, path)?;
+        fs_ops::sync_dir(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             file: Arc::new(OpenOptions::new().append(true).open(path)?),
             lines,
             written: 0,
             generation: 0,
+            dir_unsynced: false,
         })
     }
 
@@ -136,10 +188,14 @@ impl Spool {
         lines: usize,
         sync: bool,
     ) -> std::io::Result<u64> {
+        if sync {
+            // The records below are acknowledged as on disk: so must be the file's name.
+            self.sync_dir_if_needed()?;
+        }
         let before = self.file.metadata()?.len();
         let written = (&*self.file).write_all(buf).and_then(|()| {
             if sync {
-                self.file.sync_data()
+                fs_ops::sync_data(&self.file, &name_of(&self.path))
             } else {
                 Ok(())
             }
@@ -183,22 +239,28 @@ impl Spool {
         self.generation += 1;
         // A fresh empty file renamed over the spool: two quick directory operations, where
         // truncating in place took milliseconds with every append waiting on the lock. The old
-        // file's blocks are freed when its last handle closes, outside the lock. Nothing is
-        // synced: should the swap be lost in a crash, the replay re-inserts records the
-        // database already holds, which it skips.
+        // file's blocks are freed when its last handle closes, outside the lock. The directory
+        // is then synced: until it is, a power loss could bring back the old file (harmless:
+        // its records are in the database) and lose the new one with records appended to it
+        // since (not harmless), so no record is synced into the new file before that.
         let tmp = self.path.with_extension("spool.new");
         let fresh = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&tmp)
-            .and_then(|f| std::fs::rename(&tmp, &self.path).map(|()| f));
+            .and_then(|f| fs_ops::rename(&tmp, &self.path).map(|()| f));
         match fresh {
             Ok(f) => {
                 // Reopened in append mode, like the file it replaces.
                 drop(f);
                 let f = OpenOptions::new().append(true).open(&self.path)?;
-                Ok(Some(std::mem::replace(&mut self.file, Arc::new(f))))
+                let old = std::mem::replace(&mut self.file, Arc::new(f));
+                self.dir_unsynced = true;
+                if let Err(e) = self.sync_dir_if_needed() {
+                    tracing::error!("usage ledger: cannot sync the spool's directory (retried before the next record): {e}");
+                }
+                Ok(Some(old))
             }
             Err(e) => {
                 tracing::warn!("cannot start a new spool file ({e}); truncating in place");
@@ -208,6 +270,23 @@ impl Spool {
             }
         }
     }
+}
+
+impl Spool {
+    /// Syncs the spool's directory if a rename since the last sync is not known to be on disk.
+    fn sync_dir_if_needed(&mut self) -> std::io::Result<()> {
+        if self.dir_unsynced {
+            fs_ops::sync_dir(&self.path)?;
+            self.dir_unsynced = false;
+        }
+        Ok(())
+    }
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Flushes the spool for [`SpoolSync::Every`].
@@ -227,8 +306,16 @@ impl Syncer {
         let Some(spool) = self.spool.upgrade() else {
             return;
         };
-        let file = lock(&spool).file.clone();
-        if let Err(e) = file.sync_data() {
+        let file = {
+            let mut s = lock(&spool);
+            if let Err(e) = s.sync_dir_if_needed() {
+                self.dirty.store(true, Ordering::Release);
+                tracing::error!("usage ledger spool directory sync failed: {e}");
+                return;
+            }
+            s.file.clone()
+        };
+        if let Err(e) = fs_ops::sync_data(&file, "spool") {
             self.dirty.store(true, Ordering::Release);
             tracing::error!("usage ledger spool sync failed: {e}");
         }
@@ -341,5 +428,48 @@ pub(super) fn lock_spool(spool_path: &Path) -> anyhow::Result<File> {
         Err(std::fs::TryLockError::Error(e)) => {
             Err(anyhow::anyhow!("cannot lock {}: {e}", path.display()))
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> UsageRecord {
+        UsageRecord {
+            id: id.into(),
+            ..UsageRecord::default()
+        }
+    }
+
+    /// `--spool-sync always` promises a record is on disk when its response completes: the
+    /// file it is synced into must itself be on disk, so each rename that put a file in place
+    /// is followed by a sync of the directory before a record is synced into that file.
+    #[test]
+    fn a_renamed_spool_file_is_on_disk_before_a_record_is_synced_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.spool");
+        fs_ops::CALLS.with(|c| c.borrow_mut().clear());
+        let mut spool = Spool::open(&path).unwrap();
+        spool.append(&[record("a")]).unwrap();
+        // Everything in the database: a fresh file replaces this one.
+        assert!(spool.written(1).unwrap().is_some());
+        spool.append(&[record("b")]).unwrap();
+        let calls = fs_ops::CALLS.with(|c| c.take());
+        assert_eq!(
+            calls,
+            [
+                "fdatasync ledger.spool.tmp",
+                "rename ledger.spool.tmp ledger.spool",
+                "fsync dir",
+                "fdatasync ledger.spool",
+                "rename ledger.spool.new ledger.spool",
+                "fsync dir",
+                "fdatasync ledger.spool",
+            ]
+        );
+        let read = read_lines(&path, 0, 10).unwrap();
+        assert_eq!(read.records, [record("b")]);
     }
 }

@@ -149,8 +149,85 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     })
 }
 
+/// Charged records whose `Idempotency-Key` already has a charged record (in the ledger, or
+/// earlier in `records`) under another id, turned `superseded`: recorded with their tokens,
+/// charged nothing. The database's unique index on (customer, key) of charged records holds
+/// the rule; this keeps a second run's record from failing the batch (and the writer's retries)
+/// on it. Runs under the ledger's write lock, so no other batch inserts meanwhile.
+async fn supersede_repeats<'a>(
+    conn: &mut sqlx::AnyConnection,
+    records: &'a [UsageRecord],
+) -> Result<std::borrow::Cow<'a, [UsageRecord]>, sqlx::Error> {
+    use std::collections::HashMap;
+    let keyed: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r.status.is_charged())
+        .filter_map(|r| Some((r.customer_id.as_str(), r.idempotency_key.as_deref()?)))
+        .collect();
+    if keyed.is_empty() {
+        return Ok(std::borrow::Cow::Borrowed(records));
+    }
+    // (customer, key) -> the id of the record charged for it.
+    let mut charged: HashMap<(String, String), String> = HashMap::new();
+    for chunk in keyed.chunks(100) {
+        let pairs: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                format!(
+                    "(customer_id = ${} AND idempotency_key = ${})",
+                    2 * i + 1,
+                    2 * i + 2
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT id, customer_id, idempotency_key FROM usage_records \
+             WHERE ({}) AND idempotency_key IS NOT NULL AND status IN ('completed', 'cancelled')",
+            pairs.join(" OR ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (customer, key) in chunk {
+            q = q.bind(*customer).bind(*key);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            charged.insert(
+                (row.try_get("customer_id")?, row.try_get("idempotency_key")?),
+                row.try_get("id")?,
+            );
+        }
+    }
+    let mut out = records.to_vec();
+    for r in &mut out {
+        let Some(key) = r.idempotency_key.clone() else {
+            continue;
+        };
+        if !r.status.is_charged() {
+            continue;
+        }
+        let first = charged
+            .entry((r.customer_id.clone(), key))
+            .or_insert_with(|| r.id.clone());
+        if *first != r.id {
+            tracing::warn!(
+                request_id = %r.id,
+                charged_request_id = %first,
+                customer_id = %r.customer_id,
+                "a second charged record for one Idempotency-Key: recorded as superseded, not charged"
+            );
+            r.status = Outcome::Superseded;
+            r.cost_nano_usd = 0;
+            r.cached_cost_nano_usd = 0;
+        }
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
 impl Store {
     /// Inserts records, skipping ids already present. Returns how many were new.
+    ///
+    /// In one transaction (serialized: PostgreSQL's advisory lock, SQLite's write lock): the
+    /// records, a charged record of an `Idempotency-Key` that already has one turned
+    /// `superseded` (see [`supersede_repeats`]), the month totals per customer and key, and
+    /// the budget alert step, which reads those totals and cannot roll the records back.
     pub async fn insert_records(&self, records: &[UsageRecord]) -> StoreResult<u64> {
         let mut tx = self.write_tx().await?;
         if self.kind == DbKind::Postgres {
@@ -159,9 +236,11 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        let records = supersede_repeats(&mut tx, records).await?;
+        let records: &[UsageRecord] = &records;
         let postgres = self.kind == DbKind::Postgres;
         let mut inserted = 0;
-        // (customer, started_at, cost) of the rows this batch added, for the shared budgets.
+        // (scope, started_at, cost) of the rows this batch added: customer and key month totals.
         let mut added: Vec<(String, i64, i64)> = Vec::new();
         let chunk_rows = if postgres {
             INSERT_CHUNK
@@ -183,9 +262,7 @@ impl Store {
                 sql.push(')');
             }
             sql.push_str(" ON CONFLICT (id) DO NOTHING");
-            if postgres {
-                sql.push_str(" RETURNING customer_id, key_id, started_at, cost_nano_usd");
-            }
+            sql.push_str(" RETURNING customer_id, key_id, started_at, cost_nano_usd");
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
@@ -212,18 +289,14 @@ impl Store {
                     .bind(tags::to_json(&r.tags))
                     .bind(&r.idempotency_key);
             }
-            if postgres {
-                for row in q.fetch_all(&mut *tx).await? {
-                    let started_at: i64 = row.try_get("started_at")?;
-                    let cost: i64 = row.try_get("cost_nano_usd")?;
-                    let key_id: String = row.try_get("key_id")?;
-                    added.push((row.try_get("customer_id")?, started_at, cost));
-                    // The key's own spend, for key budgets.
-                    added.push((crate::shared_limits::key_scope(&key_id), started_at, cost));
-                    inserted += 1;
-                }
-            } else {
-                inserted += q.execute(&mut *tx).await?.rows_affected();
+            for row in q.fetch_all(&mut *tx).await? {
+                let started_at: i64 = row.try_get("started_at")?;
+                let cost: i64 = row.try_get("cost_nano_usd")?;
+                let key_id: String = row.try_get("key_id")?;
+                added.push((row.try_get("customer_id")?, started_at, cost));
+                // The key's own spend, for key budgets.
+                added.push((crate::shared_limits::key_scope(&key_id), started_at, cost));
+                inserted += 1;
             }
         }
         if postgres {
@@ -238,9 +311,12 @@ impl Store {
                 .chain(key_holds.iter().map(String::as_str))
                 .collect();
             crate::shared_limits::settle_in_ledger(&mut tx, &added, &ids).await?;
+        } else {
+            crate::shared_limits::add_month_spend(&mut tx, &added).await?;
         }
-        // Budget alerts the spend crossed, in the same transaction (the outbox).
-        crate::alerts::outbox_in_ledger(&mut tx, records).await?;
+        // Budget alerts the spend crossed, in the same transaction (the outbox); a failure
+        // there leaves the alert to be retried, never the records.
+        crate::alerts::outbox_in_ledger(&mut tx, &added).await?;
         tx.commit().await?;
         Ok(inserted)
     }
