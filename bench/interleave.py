@@ -2,7 +2,7 @@
 """Newcomers started between the layers of a step, on and off (issue 29, item 4).
 
 Starts `tollgate serve` twice on the repository's models.toml, once with newcomers started
-between layers (`TOLLGATE_INTERLEAVE_PASSES=4`, the default) and once without (`=0`: they join
+between layers (`backend.interleave_passes`, `--on-passes`, 4 by default) and once without (0: they join
 the next step), each with a throwaway database and customers made through the admin API. On
 each: 16 customers, each with its own 300-token system prompt, send one request at a time
 (16 tokens) while customer A holds 8 streams of 128 tokens (end tokens banned), for
@@ -67,17 +67,32 @@ def cpu_model():
     return platform.processor()
 
 
+def config_with_passes(passes, workdir):
+    """The repository's models.toml with `backend.interleave_passes = passes` (a negative
+    `passes`: the file as it is, for a binary that predates the setting)."""
+    path = os.path.join(ROOT, "models.toml")
+    if passes < 0:
+        return path
+    with open(path) as f:
+        text = f.read()
+    text = text.replace('source = { path = "models/', f'source = {{ path = "{ROOT}/models/')
+    text = text.replace('backend = { type = "local",', f'backend = {{ type = "local", interleave_passes = {passes},')
+    out = os.path.join(workdir, f"models-{passes}.toml")
+    with open(out, "w") as f:
+        f.write(text)
+    return out
+
+
 class Server:
     """`tollgate serve` on a free port with a throwaway database."""
 
     def __init__(self, binary, passes, workdir):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "TOLLGATE_ADMIN_TOKEN": ADMIN, "TOLLGATE_INTERLEAVE_PASSES": str(passes),
-               "RUST_LOG": "warn"}
+        env = {**os.environ, "TOLLGATE_ADMIN_TOKEN": ADMIN, "RUST_LOG": "warn"}
         self.log = open(os.path.join(workdir, f"serve-{passes}-{self.port}.log"), "w")
         self.proc = subprocess.Popen(
-            [binary, "serve", "--config", os.path.join(ROOT, "models.toml"),
+            [binary, "serve", "--config", config_with_passes(passes, workdir),
              "--listen", f"127.0.0.1:{self.port}", "--database", os.path.join(workdir, f"db-{passes}-{self.port}.sqlite")],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         for _ in range(600):
@@ -161,6 +176,9 @@ def main():
     p.add_argument("--two-tenants", action="store_true")
     p.add_argument("--two-tenants-duration", type=float, default=35.0)
     p.add_argument("--b-tokens", type=int, default=4)
+    p.add_argument("--on-passes", type=int, default=4,
+                   help="interleave_passes of the `on` server (the engine's default is 4; "
+                        "negative: models.toml as it is, for a binary that predates the setting)")
     p.add_argument("--modes", default="on,off",
                    help="which servers to run: on (4 interleaved passes a step), off (0); a binary "
                         "from before the setting existed runs as `on` whatever it is told")
@@ -177,7 +195,7 @@ def main():
     modes = [m.strip() for m in args.modes.split(",")]
     with tempfile.TemporaryDirectory() as work:
         for rnd in range(args.rounds):
-            for label, passes in (("on", 4), ("off", 0)):
+            for label, passes in (("on", args.on_passes), ("off", 0)):
                 if label not in modes:
                     continue
                 server = Server(args.bin, passes, work)

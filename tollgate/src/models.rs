@@ -111,6 +111,9 @@ pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
         max_step_sequences: local
             .max_step_sequences
             .unwrap_or(EngineConfig::default().max_step_sequences),
+        interleave_passes: local
+            .interleave_passes
+            .unwrap_or(EngineConfig::default().interleave_passes),
         kv_cache_bytes: local.kv_cache_bytes,
         // Finished prompts' KV kept for reuse: an eighth of the KV budget.
         prefix_cache_bytes: local.kv_cache_bytes / 8,

@@ -40,6 +40,7 @@ enum RawBackend {
         max_queue: Option<usize>,
         max_batch_tokens: Option<usize>,
         max_step_sequences: Option<usize>,
+        interleave_passes: Option<usize>,
         kv_cache_bytes: Option<usize>,
         kv_cache_dtype: Option<KvCacheDtype>,
         /// A Jinja file that replaces the model's own chat template.
@@ -168,6 +169,9 @@ pub struct LocalBackendConfig {
     pub max_batch_tokens: usize,
     /// Sequences one forward pass takes at most; `None`: the engine's whole batch.
     pub max_step_sequences: Option<usize>,
+    /// Passes a step may run between its layers to start newcomers (0: none, newcomers join
+    /// the next step); `None`: the engine's default.
+    pub interleave_passes: Option<usize>,
     pub kv_cache_bytes: usize,
     /// The KV cache's element type; `None` = the device's default (f32 on the CPU).
     pub kv_cache_dtype: Option<KvCacheDtype>,
@@ -259,6 +263,7 @@ pub(super) fn validate_model(
             max_queue,
             max_batch_tokens,
             max_step_sequences,
+            interleave_passes,
             kv_cache_bytes,
             kv_cache_dtype,
             chat_template,
@@ -272,6 +277,7 @@ pub(super) fn validate_model(
             max_queue: max_queue.unwrap_or(64).max(1),
             max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
             max_step_sequences: max_step_sequences.map(|n| n.max(1)),
+            interleave_passes,
             kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
             kv_cache_dtype,
             chat_template: chat_template.map(|p| base_dir.join(p)),

@@ -76,16 +76,14 @@ pub struct EngineConfig {
     /// included) to start newcomers, requests whose customer has nothing running; each pass
     /// takes every newcomer that arrived since the last one, and a step's passes together
     /// prefill at most `max_batch_tokens` tokens. 0 turns interleaving off: newcomers join the
-    /// next step like anyone else. The default is 4, or [`INTERLEAVE_ENV`] when set.
+    /// next step like anyone else. Set per model in models.toml
+    /// (`backend.interleave_passes`); the default is 4. On the many-customer workload
+    /// (bench/interleave.py, bench/results/interleave-2026-12-06-quiet-*.json) 4 passes kept
+    /// the running streams' inter-token p99 at 1.09x that without interleaving, for 0.93x its
+    /// total throughput; 2 and 1 passes cost less throughput but left that p99 at 3.5-3.8x in
+    /// most rounds (newcomers wait longer for a pass and arrive in bigger ones).
     pub interleave_passes: usize,
 }
-
-/// The environment variable that sets [`EngineConfig::interleave_passes`]'s default (e.g. `0`
-/// to compare a gateway without interleaving).
-pub const INTERLEAVE_ENV: &str = "TOLLGATE_INTERLEAVE_PASSES";
-
-/// Interleaved passes a step may run unless [`INTERLEAVE_ENV`] says otherwise.
-const INTERLEAVE_PASSES: usize = 4;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -96,10 +94,7 @@ impl Default for EngineConfig {
             max_running: 32,
             max_step_sequences: 32,
             prefix_cache_bytes: 128 << 20,
-            interleave_passes: std::env::var(INTERLEAVE_ENV)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(INTERLEAVE_PASSES),
+            interleave_passes: 4,
         }
     }
 }
