@@ -89,7 +89,7 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |request, next| {
-            super::oversize::refuse_declared_oversize(limit, request, next)
+            super::oversize::read_body_first(limit, request, next)
         }))
         .layer(axum::Extension(BodyLimit(limit)))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
