@@ -67,17 +67,20 @@ def cpu_model():
     return platform.processor()
 
 
-def config_with_passes(passes, workdir):
-    """The repository's models.toml with `backend.interleave_passes = passes` (a negative
-    `passes`: the file as it is, for a binary that predates the setting)."""
+def config_with_passes(passes, workdir, every=None):
+    """The repository's models.toml with `backend.interleave_passes = passes` (and
+    `interleave_every = every` when given; a negative `passes`: the file as it is, for a binary
+    that predates the setting)."""
     path = os.path.join(ROOT, "models.toml")
     if passes < 0:
         return path
     with open(path) as f:
         text = f.read()
     text = text.replace('source = { path = "models/', f'source = {{ path = "{ROOT}/models/')
-    text = text.replace('backend = { type = "local",', f'backend = {{ type = "local", interleave_passes = {passes},')
-    out = os.path.join(workdir, f"models-{passes}.toml")
+    every_field = f" interleave_every = {every}," if every is not None else ""
+    text = text.replace('backend = { type = "local",',
+                        f'backend = {{ type = "local", interleave_passes = {passes},{every_field}')
+    out = os.path.join(workdir, f"models-{passes}-{every}.toml")
     with open(out, "w") as f:
         f.write(text)
     return out
@@ -86,13 +89,13 @@ def config_with_passes(passes, workdir):
 class Server:
     """`tollgate serve` on a free port with a throwaway database."""
 
-    def __init__(self, binary, passes, workdir):
+    def __init__(self, binary, passes, workdir, every=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "TOLLGATE_ADMIN_TOKEN": ADMIN, "RUST_LOG": "warn"}
         self.log = open(os.path.join(workdir, f"serve-{passes}-{self.port}.log"), "w")
         self.proc = subprocess.Popen(
-            [binary, "serve", "--config", config_with_passes(passes, workdir),
+            [binary, "serve", "--config", config_with_passes(passes, workdir, every),
              "--listen", f"127.0.0.1:{self.port}", "--database", os.path.join(workdir, f"db-{passes}-{self.port}.sqlite")],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         for _ in range(600):
@@ -179,6 +182,8 @@ def main():
     p.add_argument("--on-passes", type=int, default=4,
                    help="interleave_passes of the `on` server (the engine's default is 4; "
                         "negative: models.toml as it is, for a binary that predates the setting)")
+    p.add_argument("--on-every", type=int, default=None,
+                   help="interleave_every of the `on` server (default: the engine's, 8)")
     p.add_argument("--modes", default="on,off",
                    help="which servers to run: on (4 interleaved passes a step), off (0); a binary "
                         "from before the setting existed runs as `on` whatever it is told")
@@ -198,9 +203,10 @@ def main():
             for label, passes in (("on", args.on_passes), ("off", 0)):
                 if label not in modes:
                     continue
-                server = Server(args.bin, passes, work)
+                server = Server(args.bin, passes, work, args.on_every if passes else None)
                 try:
                     run = {"round": rnd + 1, "interleave_passes": passes,
+                           "interleave_every": args.on_every if passes else None,
                            "many_customers": many_customers(server, args.duration)}
                     if args.two_tenants and passes and rnd == 0:
                         run["two_tenants"] = two_tenants(server, args.two_tenants_duration, args.b_tokens)

@@ -344,8 +344,22 @@ fn each_sequence_reports_the_prompt_tokens_it_took_from_the_prefix_cache() {
 /// before.
 #[test]
 fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
+    newcomers_beside_another_customers_steps(1, 6);
+}
+
+/// As above with passes rationed to one every 1,000 steps: B's first request starts in a pass,
+/// the others join A's steps, and every output is the same.
+#[test]
+fn rationed_passes_leave_later_newcomers_to_join_the_step() {
+    newcomers_beside_another_customers_steps(1_000, 1);
+}
+
+/// A holds eight long streams while B sends six requests one at a time, with a pass at most
+/// every `every` steps: `passes` of B's requests start in a pass of their own.
+fn newcomers_beside_another_customers_steps(every: u64, passes: u64) {
     let (engine, tokenizer) = engine_with(EngineConfig {
         prefix_cache_bytes: 0,
+        interleave_every: every,
         ..EngineConfig::default()
     });
     let question = chat(&tokenizer, "What is the capital of France?");
@@ -388,7 +402,8 @@ fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
     // A's own new request: its customer runs sequences, so it joins at a step boundary.
     collect(submit("a", &question, 2));
     assert_eq!(interleaved(), 0, "A's request was started between layers");
-    // B's requests, one at a time: each is started in a pass of its own.
+    // B's requests, one at a time: as many as the ration allows start in a pass of their
+    // own, the others join A's steps.
     let rounds = 6;
     for _ in 0..rounds {
         assert_eq!(collect(submit("b", &question, 6)), alone);
@@ -396,7 +411,7 @@ fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
     let started = interleaved();
     println!("B's requests started between layers: {started} of {rounds}");
     assert_eq!(
-        started, rounds,
+        started, passes,
         "{started} of {rounds} of B's requests started between the layers of A's steps"
     );
     // A's outputs are untouched by the passes run between the layers of its steps.

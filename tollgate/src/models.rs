@@ -114,6 +114,9 @@ pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
         interleave_passes: local
             .interleave_passes
             .unwrap_or(EngineConfig::default().interleave_passes),
+        interleave_every: local
+            .interleave_every
+            .unwrap_or(EngineConfig::default().interleave_every),
         kv_cache_bytes: local.kv_cache_bytes,
         // Finished prompts' KV kept for reuse: an eighth of the KV budget.
         prefix_cache_bytes: local.kv_cache_bytes / 8,

@@ -41,6 +41,7 @@ enum RawBackend {
         max_batch_tokens: Option<usize>,
         max_step_sequences: Option<usize>,
         interleave_passes: Option<usize>,
+        interleave_every: Option<u64>,
         kv_cache_bytes: Option<usize>,
         kv_cache_dtype: Option<KvCacheDtype>,
         /// A Jinja file that replaces the model's own chat template.
@@ -172,6 +173,9 @@ pub struct LocalBackendConfig {
     /// Passes a step may run between its layers to start newcomers (0: none, newcomers join
     /// the next step); `None`: the engine's default.
     pub interleave_passes: Option<usize>,
+    /// A step runs a pass for newcomers only when none of the `interleave_every - 1` steps
+    /// before it did; `None`: the engine's default.
+    pub interleave_every: Option<u64>,
     pub kv_cache_bytes: usize,
     /// The KV cache's element type; `None` = the device's default (f32 on the CPU).
     pub kv_cache_dtype: Option<KvCacheDtype>,
@@ -264,6 +268,7 @@ pub(super) fn validate_model(
             max_batch_tokens,
             max_step_sequences,
             interleave_passes,
+            interleave_every,
             kv_cache_bytes,
             kv_cache_dtype,
             chat_template,
@@ -278,6 +283,7 @@ pub(super) fn validate_model(
             max_batch_tokens: max_batch_tokens.unwrap_or(512).max(1),
             max_step_sequences: max_step_sequences.map(|n| n.max(1)),
             interleave_passes,
+            interleave_every: interleave_every.map(|n| n.max(1)),
             kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
             kv_cache_dtype,
             chat_template: chat_template.map(|p| base_dir.join(p)),

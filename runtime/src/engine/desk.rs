@@ -26,6 +26,8 @@ pub(super) struct Desk {
     pub(super) stats: Arc<EngineStats>,
     pub(super) waiting: FairQueue<Submission>,
     pub(super) reserved_bytes: usize,
+    /// The step that last ran a pass for newcomers ([`super::intake::Intake`]).
+    pub(super) last_pass: Option<u64>,
     prefixes: PrefixCache,
 }
 
@@ -81,7 +83,15 @@ impl Desk {
             stats,
             waiting: FairQueue::new(),
             reserved_bytes: 0,
+            last_pass: None,
         }
+    }
+
+    /// Whether step number `step` may run a pass for newcomers: interleaving is on, and no
+    /// pass ran in the `interleave_every - 1` steps before it (nor earlier in this one).
+    pub(super) fn pass_ready(&self, step: u64) -> bool {
+        self.config.interleave_passes > 0
+            && super::intake::pass_due(self.last_pass, step, self.config.interleave_every)
     }
 
     /// Queues a submission under its tenant, costed by the tokens it may take.

@@ -9,12 +9,15 @@
 //!
 //! The work added to a step is bounded: the intake looks for newcomers before at most
 //! [`EngineConfig::interleave_passes`](super::EngineConfig::interleave_passes) evenly spaced
-//! layers, each time starting every newcomer that arrived since in one batched pass, and the
-//! step's passes together prefill at most what the step's own tokens leave of
-//! `max_batch_tokens` (a budget per step, not per pass): a step and its passes process no more
-//! tokens than one step could if the newcomers joined it. A newcomer that does not fit waits
-//! for the next step. The step's own sequences pay for the newcomers' prefill, as they would if
-//! they joined them.
+//! layers, starting every newcomer that arrived since in one batched pass, and the pass
+//! prefills at most what the step's own tokens leave of `max_batch_tokens`: a step and its
+//! pass process no more tokens than one step could if the newcomers joined it. Passes are
+//! rationed: one at most every
+//! [`EngineConfig::interleave_every`](super::EngineConfig::interleave_every) steps, since each
+//! reads the weights a second time, which the running sequences pay for. A customer who comes
+//! while another's streams run gets a pass; when newcomers are many, most join the next step,
+//! where their prompts cost only their own tokens. A newcomer that does not fit, or finds no
+//! pass, waits for the next step.
 //!
 //! A newcomer's failure (its pass, its first token) fails that newcomer only: the step in
 //! flight and the other newcomers go on.
@@ -64,6 +67,12 @@ fn intake_point(layer: usize, layers: usize, passes: usize) -> bool {
     passes > 0 && (layer == 0 || layer * passes / layers != (layer - 1) * passes / layers)
 }
 
+/// Whether step number `step` may run a pass when the last one ran in step `last`: one pass at
+/// most every `every` steps (0 counts as 1).
+pub(super) fn pass_due(last: Option<u64>, step: u64, every: u64) -> bool {
+    last.is_none_or(|last| step >= last.saturating_add(every.max(1)))
+}
+
 impl<'a> Intake<'a> {
     /// The intake of step number `step`, of `layers` layers, which feeds `own_tokens` tokens
     /// of its own sequences.
@@ -101,11 +110,13 @@ impl<'a> Intake<'a> {
         if self.desk.waiting.is_empty()
             || self.budget == 0
             || !intake_point(layer, self.layers, self.desk.config.interleave_passes)
+            || !self.desk.pass_ready(self.step)
         {
             return Ok(());
         }
         let fresh = self.admit(model);
         if !fresh.is_empty() {
+            self.desk.last_pass = Some(self.step);
             self.start(model, fresh);
         }
         Ok(())
@@ -237,5 +248,21 @@ mod tests {
         assert_eq!(points(30, 1), [0]);
         assert_eq!(points(30, 0), Vec::<usize>::new());
         assert_eq!(points(4, 9), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn passes_are_rationed_to_one_every_n_steps() {
+        let due = |last, every| -> Vec<u64> {
+            (1..=20)
+                .filter(|&step| pass_due(last, step, every))
+                .collect()
+        };
+        // None yet: any step may.
+        assert_eq!(due(None, 8).len(), 20);
+        // The last in step 3: the next in step 11 at the earliest, none in step 3 again.
+        assert_eq!(due(Some(3), 8), (11..=20).collect::<Vec<_>>());
+        // Every step may when `every` is 1 (or 0), but a step only once.
+        assert_eq!(due(Some(3), 1), (4..=20).collect::<Vec<_>>());
+        assert_eq!(due(Some(3), 0), (4..=20).collect::<Vec<_>>());
     }
 }

@@ -14,9 +14,10 @@
 //!    is passed over, not waited for. A request whose customer has nothing running while others
 //!    do is started in a forward pass before one of the layers of the step in flight (the next
 //!    step's first layer when it arrives between steps), batched with the other newcomers
-//!    that arrived meanwhile: a step runs at most [`EngineConfig::interleave_passes`] such
-//!    passes, at evenly spaced layers, whose prompts together are at most one step's token
-//!    budget, so its prompt is prefilled and its first token sent after a fraction of another
+//!    that arrived meanwhile: one such pass at most every [`EngineConfig::interleave_every`]
+//!    steps (a pass reads the weights again; when newcomers are many, most join the next step),
+//!    at one of [`EngineConfig::interleave_passes`] evenly spaced layers, its prompts at most
+//!    what the step leaves of its token budget, so its prompt is prefilled and its first token sent after a fraction of another
 //!    customer's step, not the whole step, and the running sequences' steps grow by a bounded
 //!    amount,
 //! 3. builds one batch of at most `max_running` sequences, each tenant getting its weighted
@@ -72,17 +73,21 @@ pub struct EngineConfig {
     pub max_step_sequences: usize,
     /// KV memory the prefix cache may keep for finished prompts (0 turns it off).
     pub prefix_cache_bytes: usize,
-    /// Forward passes a step may run between its layers (at evenly spaced layers, the first
-    /// included) to start newcomers, requests whose customer has nothing running; each pass
-    /// takes every newcomer that arrived since the last one, and a step's passes together
-    /// prefill at most `max_batch_tokens` tokens. 0 turns interleaving off: newcomers join the
-    /// next step like anyone else. Set per model in models.toml
-    /// (`backend.interleave_passes`); the default is 4. On the many-customer workload
-    /// (bench/interleave.py, bench/results/interleave-2026-12-06-quiet-*.json) 4 passes kept
-    /// the running streams' inter-token p99 at 1.09x that without interleaving, for 0.93x its
-    /// total throughput; 2 and 1 passes cost less throughput but left that p99 at 3.5-3.8x in
-    /// most rounds (newcomers wait longer for a pass and arrive in bigger ones).
+    /// Points of a step (evenly spaced layers, the first included) where the intake looks for
+    /// newcomers, requests whose customer has nothing running, and starts those that arrived
+    /// in a forward pass of their own beside the step; a step's passes together prefill at
+    /// most `max_batch_tokens` tokens. 0 turns interleaving off: newcomers join the next step
+    /// like anyone else. Set per model in models.toml (`backend.interleave_passes`); the
+    /// default is 4.
     pub interleave_passes: usize,
+    /// How rare passes are: a step runs one only when none of the `interleave_every - 1`
+    /// steps before it did (1: every step may). A pass reads the weights a second time, which
+    /// the running sequences pay for; rationed, a newcomer who comes while others run alone
+    /// (one customer's streams) still starts at the next intake point, while when many
+    /// arrive most join the next step, the cheapest place for their prompts. Set per model in
+    /// models.toml (`backend.interleave_every`); the default is 8. Figures:
+    /// bench/results/interleave-*.json (`bench/interleave.py`).
+    pub interleave_every: u64,
 }
 
 impl Default for EngineConfig {
@@ -95,6 +100,7 @@ impl Default for EngineConfig {
             max_step_sequences: 32,
             prefix_cache_bytes: 128 << 20,
             interleave_passes: 4,
+            interleave_every: 8,
         }
     }
 }

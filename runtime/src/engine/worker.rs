@@ -125,7 +125,8 @@ impl Worker {
             .map(|s| (s.tenant.clone(), s.weight))
             .collect();
         let config = &self.desk.config;
-        let interleave = config.interleave_passes > 0;
+        // The next step may run a pass for newcomers (else they join it).
+        let interleave = self.desk.pass_ready(self.steps + 1);
         // What a step's intake has at least once the step's decode tokens are counted (when
         // the step's prompt chunks take more, a newcomer left to it waits a step or more).
         let decoders = tenants
