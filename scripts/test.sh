@@ -18,6 +18,8 @@ step "python test environment"
 scripts/setup-python.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
+step "the book (docs/): build it, check its links and README.md's"
+scripts/book.sh
 step "cargo clippy"
 cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo build"
