@@ -287,10 +287,23 @@ def main():
         print(f"[{time.time() - start:6.0f} s] killing the worker", flush=True)
         worker.kill()
         time.sleep(3)
+        answered_at_restart = len(tally.ok_ids)
         worker.start()
         print(f"[{time.time() - start:6.0f} s] worker restarted", flush=True)
-        worker_warm_at = min(time.time() + warmup, start + args.duration * 0.6)
-        time.sleep(max(0.0, worker_warm_at - time.time()))
+        # The worker's baseline: once it has served traffic since the restart (its caches
+        # filled), not a time after it, which a slow model load would eat; at the latest a
+        # little before PostgreSQL stops.
+        warm_after = 2 * args.clients
+        worker_warm_at = time.time() + warmup
+        latest = start + args.duration * 0.6
+        while time.time() < latest and (time.time() < worker_warm_at
+                                        or len(tally.ok_ids) - answered_at_restart < warm_after):
+            time.sleep(0.2)
+        served = len(tally.ok_ids) - answered_at_restart
+        figures["worker_rss_warm_after_requests"] = served
+        if served < warm_after:
+            print(f"[{time.time() - start:6.0f} s] worker baseline taken after only {served} requests "
+                  f"since its restart", flush=True)
         figures["worker_rss_warm_mb"] = rss_bytes(worker.proc.pid) / 1e6
         at(2 / 3)
         print(f"[{time.time() - start:6.0f} s] stopping PostgreSQL", flush=True)

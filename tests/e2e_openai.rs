@@ -152,12 +152,23 @@ async fn streamed_text_equals_non_streamed_and_ends_with_usage() {
 }
 
 /// Continuous batching must not change results: a greedy answer alone equals the same request
-/// answered among eight others.
+/// answered among eight others, beside a long stream (the end tokens banned) that is still
+/// running when they are done, so they are batched whatever the machine's speed.
 #[tokio::test]
 async fn greedy_output_is_the_same_alone_and_in_a_batch() {
     let c = client();
     let prompt = "Name three colours of the rainbow.";
     let alone = c.chat().create(greedy(user(prompt), 24)).await.unwrap();
+    let mut long = greedy(user("Tell me a long story."), 2000);
+    long.logit_bias = Some(
+        [("0", -100), ("2", -100)]
+            .into_iter()
+            .map(|(t, b)| (t.to_string(), serde_json::json!(b)))
+            .collect(),
+    );
+    let mut background = c.chat().create_stream(long).await.unwrap();
+    // Its first chunk: it runs.
+    background.next().await.unwrap().unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
         let c = c.clone();
@@ -176,6 +187,14 @@ async fn greedy_output_is_the_same_alone_and_in_a_batch() {
         batched.choices[0].message.content,
         alone.choices[0].message.content
     );
+    // Every chunk the background stream has sent so far: none ends it.
+    while let Some(Some(chunk)) = futures::FutureExt::now_or_never(background.next()) {
+        let chunk = chunk.unwrap();
+        assert!(
+            chunk.choices.iter().all(|c| c.finish_reason.is_none()),
+            "the background stream ended before the batch"
+        );
+    }
 }
 
 #[tokio::test]

@@ -167,7 +167,12 @@ fn constrained_and_unconstrained_sequences_batched_keep_their_alone_outputs() {
         "unconstrained, the model does not write this JSON: {free_on_person}"
     );
 
-    // Submitted together, they share every step's batch.
+    // Submitted together, they share every step's batch, beside a long stream (the end
+    // tokens banned) still running when they are done, so each is batched whatever the
+    // machine's speed.
+    let background = engine
+        .submit(tenant_request(&tokenizer, "bg", &france, 2000, true))
+        .unwrap();
     let receivers: Vec<_> = (0..6)
         .map(|i| {
             let r = if i % 2 == 0 {
@@ -181,6 +186,18 @@ fn constrained_and_unconstrained_sequences_batched_keep_their_alone_outputs() {
     for (i, events) in receivers.into_iter().enumerate() {
         let want = if i % 2 == 0 { &json_alone } else { &free_alone };
         assert_eq!(&collect(events), want, "sequence {i}");
+    }
+    still_running(background);
+}
+
+/// Asserts that the stream `events` has not ended yet (every event so far taken), then drops it,
+/// which cancels it.
+fn still_running(mut events: tokio::sync::mpsc::UnboundedReceiver<GenEvent>) {
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(event, GenEvent::Finished { .. } | GenEvent::Failed { .. }),
+            "the background stream ended before the batch: {event:?}"
+        );
     }
 }
 
@@ -241,44 +258,44 @@ fn shared_prefixes_come_from_the_cache_with_the_same_greedy_output() {
 /// beyond the full batch, still makes it wait for a free slot (4 finish first).
 #[test]
 fn a_burst_from_one_tenant_does_not_queue_another() {
-    use std::time::Instant;
     let (engine, tokenizer) = engine_with(EngineConfig {
         max_running: 4,
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
     });
     let prompt = chat(&tokenizer, "Tell me a long story about a dragon.");
+    // A's sequences run their 400 tokens (the end tokens banned), whatever the machine's
+    // speed: none can end before B's 4 tokens unless B queued behind them.
     let submit = |tenant: &str, max_tokens: usize| {
-        let mut r = request(&prompt, max_tokens, None);
-        r.tenant = Some(Tenancy {
-            name: Arc::from(tenant),
-            weight: 1,
-        });
-        // Greedy on one prompt: all of A's sequences write the same 48-token story.
+        let r = tenant_request(&tokenizer, tenant, &prompt, max_tokens, tenant == "a");
         engine.submit(r).unwrap()
     };
-    let a: Vec<_> = (0..8).map(|_| submit("a", 48)).collect();
+    let mut a: Vec<_> = (0..8).map(|_| submit("a", 400)).collect();
     // Wait until A fills the batch (the engine admits on its next loop).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while engine.stats().running.load(Ordering::Relaxed) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's burst never filled the batch"
+        );
         std::thread::yield_now();
     }
-    let b = submit("b", 4);
-    let finish_time = |events: tokio::sync::mpsc::UnboundedReceiver<GenEvent>| {
-        std::thread::spawn(move || {
-            collect(events);
-            Instant::now()
-        })
-    };
-    let a_done: Vec<_> = a.into_iter().map(finish_time).collect();
-    let b_done = finish_time(b).join().unwrap();
-    let mut a_times: Vec<Instant> = a_done.into_iter().map(|h| h.join().unwrap()).collect();
-    a_times.sort();
-    let a_before_b = a_times.iter().filter(|&&t| t < b_done).count();
+    collect(submit("b", 4));
+    // B is done: not one of A's sequences may have ended before it.
+    let mut a_before_b = 0;
+    for events in &mut a {
+        while let Ok(event) = events.try_recv() {
+            if matches!(event, GenEvent::Finished { .. } | GenEvent::Failed { .. }) {
+                a_before_b += 1;
+            }
+        }
+    }
     println!("A sequences finished before B: {a_before_b} of 8");
     assert_eq!(
         a_before_b, 0,
         "B waited for {a_before_b} of A's sequences: it was queued behind A's burst"
     );
+    // Dropping A's receivers cancels its streams.
 }
 
 /// Runs one sequence; returns (prompt tokens, cached tokens in `Finished`, the shared counter).

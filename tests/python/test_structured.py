@@ -20,7 +20,7 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from conftest import API_KEY, ROOT, free_port, start_server, start_worker, stop_server
+from conftest import API_KEY, NO_END, ROOT, free_port, start_server, start_worker, stop_server
 
 MODEL = "smollm2-135m"
 WORKER_TOKEN = "structured-worker-token"
@@ -244,9 +244,30 @@ def test_constrained_and_unconstrained_batched_keep_their_alone_outputs(api):
                 temperature=0, max_tokens=30)
     alone_c = api.chat.completions.create(**constrained).choices[0].message.content
     alone_f = api.chat.completions.create(**free).choices[0].message.content
+    # Beside a long stream (the end tokens banned) still running when they are done, so they
+    # are batched whatever the machine's speed. A thread reads it as it comes.
+    background = api.chat.completions.create(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Tell me a story."}],
+                                             temperature=0, max_tokens=2000, logit_bias=NO_END, stream=True)
+    flowing, ended = threading.Event(), threading.Event()
+
+    def read():
+        try:
+            for chunk in background:
+                flowing.set()
+                if any(c.finish_reason for c in chunk.choices):
+                    ended.set()
+        except Exception:  # the stream closed below
+            pass
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert flowing.wait(120), "the background stream never started"
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(api.chat.completions.create, **(constrained if i % 2 else free)) for i in range(6)]
         results = [f.result().choices[0].message.content for f in futures]
+    assert not ended.is_set(), "the background stream ended before the batch"
+    background.close()
+    reader.join(60)
     for i, text in enumerate(results):
         assert text == (alone_c if i % 2 else alone_f), (i, text)
 
