@@ -45,6 +45,7 @@ step "PostgreSQL for the ledger tests (Debian's server, throwaway cluster)"
 PG_URL="$(scripts/postgres.sh reset)"
 trap 'scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
 step "cargo test: ledger store on PostgreSQL"
+TOLLGATE_TEST_POSTGRES_URL="$PG_URL" cargo test --release -p tollgate-metering --features postgres-tests --test store_postgres --test migrations
 TOLLGATE_TEST_POSTGRES_URL="$PG_URL" cargo test --release -p tollgate-gateway --features postgres-tests --test store_postgres
 step "headless Chromium for the console's browser test (Debian's packages)"
 scripts/chromium.sh >/dev/null

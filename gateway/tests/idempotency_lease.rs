@@ -1,7 +1,8 @@
 //! One charge per Idempotency-Key, whatever happens to the first run (SQLite; the PostgreSQL
 //! cases are in `store_postgres.rs`): a run that lost its lease to a retry is stopped, recorded
-//! `superseded` and not charged, its client gets a clear error; and the ledger itself charges a
-//! key once. Also the budget alert step that fails without holding the records back.
+//! `superseded` and not charged, its client gets a clear error. That the ledger itself charges
+//! a key once, and the budget alert step that fails without holding the records back, are the
+//! store's (`metering/tests/store.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,8 +13,6 @@ use tollgate_metering::store::Store;
 
 #[path = "common/gateways.rs"]
 mod gateways;
-#[path = "common/ledger_rules.rs"]
-mod ledger_rules;
 
 use gateways::{assert_one_charge, chat, post_keyed, wait_records, GatedBackend, Gateway};
 
@@ -124,16 +123,4 @@ async fn a_streamed_first_run_that_lost_its_key_ends_with_an_error_and_is_not_ch
     );
     assert_one_charge(&wait_records(&store, "job-2", 2).await, 2);
     g.stop().await;
-}
-
-#[tokio::test]
-async fn the_sqlite_ledger_charges_a_key_once() {
-    let dir = tempfile::tempdir().unwrap();
-    ledger_rules::ledger_charges_a_key_once(&sqlite(&dir).await).await;
-}
-
-#[tokio::test]
-async fn on_sqlite_a_failing_alert_step_does_not_hold_the_records() {
-    let dir = tempfile::tempdir().unwrap();
-    ledger_rules::a_failing_alert_step_does_not_hold_the_records(&sqlite(&dir).await).await;
 }

@@ -2,8 +2,9 @@
 //! PostgreSQL, chosen by the URL, through one set of queries (sqlx's `Any` driver).
 //!
 //! Portable on purpose: times are Unix microseconds (`BIGINT`), money is integer nano-USD,
-//! booleans are 0/1, placeholders are `$N`. Each backend has its own migrations
-//! (`migrations/sqlite`, `migrations/postgres`).
+//! booleans are 0/1, placeholders are `$N`. The migrations both backends run alike are in
+//! `migrations/shared`, the ones written for one in `migrations/sqlite` and `migrations/postgres`
+//! (`migrations.rs`).
 //!
 //! Ledger order: records get an increasing `seq` that export cursors follow. On PostgreSQL
 //! several gateways insert concurrently, so an insert transaction takes an advisory lock first:
@@ -24,6 +25,7 @@ use crate::tags::{self, Tags};
 
 mod customers;
 mod keys;
+mod migrations;
 mod records;
 mod usage;
 
@@ -192,10 +194,7 @@ impl Store {
             options
         };
         let pool = options.connect(&url).await?;
-        match kind {
-            DbKind::Sqlite => sqlx::migrate!("migrations/sqlite").run(&pool).await?,
-            DbKind::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
-        }
+        migrations::run(&pool, kind).await?;
         Ok(Self {
             pool,
             kind,

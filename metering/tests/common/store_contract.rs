@@ -349,8 +349,12 @@ pub async fn exercise(store: &Store) {
 
 /// Budget alerts and idempotency keys, on an empty database: the outbox rows the ledger's
 /// insert adds (once per threshold and month, replays included), and the key claims.
+///
+/// The settings are written as the gateway's `alerts::update_settings` leaves them (a webhook,
+/// its secret, sorted thresholds); that the gateway does is its own test
+/// (`gateway/tests/common/alert_settings.rs`).
 pub async fn alerts_and_idempotency(store: &Store) {
-    use tollgate_gateway::alerts::{self, SettingsChange};
+    use tollgate_metering::alerts::AlertSettings;
     use tollgate_metering::idempotency::{Claim, ClaimArgs, Stored};
 
     let fields = CustomerFields {
@@ -361,17 +365,16 @@ pub async fn alerts_and_idempotency(store: &Store) {
         .create_customer("alerted", fields, &Actor::cli("contract"))
         .await
         .unwrap();
-    let change = SettingsChange {
-        webhook_url: Some(Some("http://127.0.0.1:9/hook".into())),
-        thresholds: Some(vec!["0.5".into(), "0.9".into()]),
-        rotate_secret: false,
+    let settings = AlertSettings {
+        customer_id: "alerted".into(),
+        webhook_url: Some("http://127.0.0.1:9/hook".into()),
+        webhook_secret: Some("whsec_contract".into()),
+        thresholds: vec!["0.5".into(), "0.9".into()],
     };
-    let (settings, secret) =
-        alerts::update_settings(store, "alerted", change, &Actor::cli("contract"))
-            .await
-            .unwrap();
-    assert!(secret.unwrap().starts_with("whsec_"));
-    assert_eq!(settings.thresholds, ["0.5", "0.9"]);
+    store
+        .set_alert_settings(&settings, true, &Actor::cli("contract"))
+        .await
+        .unwrap();
     let now = tollgate_metering::store::now_micros();
     let r = |i: usize, cost| record(&format!("alert-{i}"), "alerted", "m", now + i as i64, cost);
     // 499 of 1000: nothing; 500: the half; replayed: nothing new; 950: the 0.9.
