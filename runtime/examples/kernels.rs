@@ -115,28 +115,18 @@ impl Module for Dense {
     }
 }
 
+/// Reads a GGUF file's metadata, leaving the reader at its tensors.
+fn open(path: &std::path::Path) -> anyhow::Result<(Content, BufReader<File>)> {
+    let mut file = BufReader::new(File::open(path)?);
+    let content = Content::read(&mut file)?;
+    Ok((content, file))
+}
+
 fn decode(path: &std::path::Path, quick: bool) -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    let open = || -> anyhow::Result<(Content, BufReader<File>)> {
-        let mut file = BufReader::new(File::open(path)?);
-        let content = Content::read(&mut file)?;
-        Ok((content, file))
-    };
     if !quick {
-        let prompt: Vec<u32> = (100..116).collect();
-        let (content, mut file) = open()?;
-        let mut reference = ModelWeights::from_gguf(content, &mut file, &dev)?;
-        let input = Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?;
-        reference.forward(&input, 0)?;
-        let started = Instant::now();
-        for i in 0..DECODE_STEPS {
-            let input = Tensor::new(&[200u32 + i as u32], &dev)?.unsqueeze(0)?;
-            reference.forward(&input, prompt.len() + i)?;
-        }
-        let reference_tps = DECODE_STEPS as f64 / started.elapsed().as_secs_f64();
-        println!("quantized_llama native decode: {reference_tps:.1} tok/s");
+        reference_decode(path, &dev)?;
     }
-
     let forms: &[WeightForm] = if quick {
         &[WeightForm::Q8_0, WeightForm::Auto]
     } else {
@@ -148,55 +138,13 @@ fn decode(path: &std::path::Path, quick: bool) -> anyhow::Result<()> {
         ]
     };
     for &form in forms {
-        let (content, mut file) = open()?;
+        let (content, mut file) = open(path)?;
         let model = LlamaModel::from_gguf(&content, &mut file, &dev, form, None)?;
-        print!("tollgate {form:?} decode tok/s at KV length");
-        for context in CONTEXTS {
-            let prompt: Vec<u32> = (0..context as u32).map(|i| 100 + i % 1000).collect();
-            let mut cache = model.new_cache();
-            prefill(&model, &prompt, &mut cache)?;
-            let started = Instant::now();
-            for i in 0..DECODE_STEPS {
-                model.forward(&mut [SeqStep {
-                    tokens: &[200 + i as u32],
-                    cache: &mut cache,
-                    want_logits: true,
-                }])?;
-            }
-            let tps = DECODE_STEPS as f64 / started.elapsed().as_secs_f64();
-            print!("  {context}: {tps:.1}");
-        }
-        println!();
+        decode_at_contexts(&model, form)?;
         if form == WeightForm::Native {
             continue;
         }
-        // Continuous batching's steady state: B sequences, each 64 tokens in, one decode
-        // token each per step.
-        print!("tollgate {form:?} batched decode, total tok/s at batch");
-        for batch in BATCHES {
-            let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
-            for (s, cache) in caches.iter_mut().enumerate() {
-                let prompt: Vec<u32> = (0..64).map(|i| 100 + s as u32 * 64 + i).collect();
-                prefill(&model, &prompt, cache)?;
-            }
-            let tokens: Vec<[u32; 1]> = (0..batch).map(|s| [300 + s as u32]).collect();
-            let started = Instant::now();
-            for _ in 0..DECODE_STEPS {
-                let mut steps: Vec<SeqStep> = caches
-                    .iter_mut()
-                    .zip(&tokens)
-                    .map(|(cache, t)| SeqStep {
-                        tokens: t,
-                        cache,
-                        want_logits: true,
-                    })
-                    .collect();
-                model.forward(&mut steps)?;
-            }
-            let tps = (DECODE_STEPS * batch) as f64 / started.elapsed().as_secs_f64();
-            print!("  {batch}: {tps:.1}");
-        }
-        println!();
+        batched_decode(&model, form)?;
         let prompt: Vec<u32> = (0..PREFILL as u32).map(|i| 100 + i).collect();
         let mut cache = model.new_cache();
         let started = Instant::now();
@@ -204,6 +152,76 @@ fn decode(path: &std::path::Path, quick: bool) -> anyhow::Result<()> {
         let tps = PREFILL as f64 / started.elapsed().as_secs_f64();
         println!("tollgate {form:?} prefill of {PREFILL} tokens: {tps:.1} tok/s");
     }
+    Ok(())
+}
+
+/// Batch-1 decode tok/s of candle-transformers' `quantized_llama` with native weights.
+fn reference_decode(path: &std::path::Path, dev: &Device) -> anyhow::Result<()> {
+    let prompt: Vec<u32> = (100..116).collect();
+    let (content, mut file) = open(path)?;
+    let mut reference = ModelWeights::from_gguf(content, &mut file, dev)?;
+    let input = Tensor::new(prompt.as_slice(), dev)?.unsqueeze(0)?;
+    reference.forward(&input, 0)?;
+    let started = Instant::now();
+    for i in 0..DECODE_STEPS {
+        let input = Tensor::new(&[200u32 + i as u32], dev)?.unsqueeze(0)?;
+        reference.forward(&input, prompt.len() + i)?;
+    }
+    let reference_tps = DECODE_STEPS as f64 / started.elapsed().as_secs_f64();
+    println!("quantized_llama native decode: {reference_tps:.1} tok/s");
+    Ok(())
+}
+
+/// Batch-1 decode tok/s after each of [`CONTEXTS`] tokens.
+fn decode_at_contexts(model: &LlamaModel, form: WeightForm) -> anyhow::Result<()> {
+    print!("tollgate {form:?} decode tok/s at KV length");
+    for context in CONTEXTS {
+        let prompt: Vec<u32> = (0..context as u32).map(|i| 100 + i % 1000).collect();
+        let mut cache = model.new_cache();
+        prefill(model, &prompt, &mut cache)?;
+        let started = Instant::now();
+        for i in 0..DECODE_STEPS {
+            model.forward(&mut [SeqStep {
+                tokens: &[200 + i as u32],
+                cache: &mut cache,
+                want_logits: true,
+            }])?;
+        }
+        let tps = DECODE_STEPS as f64 / started.elapsed().as_secs_f64();
+        print!("  {context}: {tps:.1}");
+    }
+    println!();
+    Ok(())
+}
+
+/// Continuous batching's steady state: B sequences, each 64 tokens in, one decode token each
+/// per step; total tok/s for each of [`BATCHES`].
+fn batched_decode(model: &LlamaModel, form: WeightForm) -> anyhow::Result<()> {
+    print!("tollgate {form:?} batched decode, total tok/s at batch");
+    for batch in BATCHES {
+        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
+        for (s, cache) in caches.iter_mut().enumerate() {
+            let prompt: Vec<u32> = (0..64).map(|i| 100 + s as u32 * 64 + i).collect();
+            prefill(model, &prompt, cache)?;
+        }
+        let tokens: Vec<[u32; 1]> = (0..batch).map(|s| [300 + s as u32]).collect();
+        let started = Instant::now();
+        for _ in 0..DECODE_STEPS {
+            let mut steps: Vec<SeqStep> = caches
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(cache, t)| SeqStep {
+                    tokens: t,
+                    cache,
+                    want_logits: true,
+                })
+                .collect();
+            model.forward(&mut steps)?;
+        }
+        let tps = (DECODE_STEPS * batch) as f64 / started.elapsed().as_secs_f64();
+        print!("  {batch}: {tps:.1}");
+    }
+    println!();
     Ok(())
 }
 

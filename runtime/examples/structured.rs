@@ -115,7 +115,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn main() -> anyhow::Result<()> {
+/// The model named on the command line (or the dev model) and the rounds to run.
+fn parse_args() -> anyhow::Result<(PathBuf, usize)> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut rounds = 2;
     let mut path: Option<PathBuf> = None;
@@ -130,6 +131,78 @@ fn main() -> anyhow::Result<()> {
         Some(p) => p,
         None => require_dev_model()?,
     };
+    Ok((path, rounds))
+}
+
+/// Times measured along the constrained outputs, in milliseconds (nodes: a count).
+#[derive(Default)]
+struct MaskTimes {
+    masks: Vec<f64>,
+    nodes_walked: Vec<f64>,
+    compiles: Vec<f64>,
+}
+
+impl MaskTimes {
+    /// Compiles the grammar again for each output and masks along its tokens. (Re-tokenized:
+    /// the same text, maybe split differently, which the grammar accepts as well.)
+    fn measure(
+        &mut self,
+        compiler: &ConstraintCompiler,
+        grammar: &Grammar,
+        outputs: &[Vec<u32>],
+        vocab: usize,
+    ) -> anyhow::Result<()> {
+        for output in outputs {
+            let started = Instant::now();
+            let mut c = compiler.compile(grammar)?;
+            self.compiles.push(started.elapsed().as_secs_f64() * 1e3);
+            let mut logits = vec![0f32; vocab];
+            for &t in output {
+                let started = Instant::now();
+                c.mask(&mut logits)?;
+                self.masks.push(started.elapsed().as_secs_f64() * 1e3);
+                self.nodes_walked.push(c.last_mask_nodes_walked() as f64);
+                if c.commit(t).is_err() || c.is_finished() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn print(mut self, vocab: usize) {
+        let Self {
+            masks,
+            nodes_walked,
+            compiles,
+        } = &mut self;
+        masks.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "token mask ({} masks, vocabulary {vocab}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            masks.len(),
+            percentile(masks, 0.5),
+            percentile(masks, 0.99),
+            masks.last().copied().unwrap_or(0.0)
+        );
+        compiles.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "grammar compile, with the first mask ({} compiles, on the request's thread, not in an engine step): p50 {:.3} ms, max {:.3} ms",
+            compiles.len(),
+            percentile(compiles, 0.5),
+            compiles.last().copied().unwrap_or(0.0)
+        );
+        nodes_walked.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "token-trie nodes walked per mask (machine-independent): p50 {:.0}, p99 {:.0}, mean {:.0}",
+            percentile(nodes_walked, 0.5),
+            percentile(nodes_walked, 0.99),
+            nodes_walked.iter().sum::<f64>() / nodes_walked.len().max(1) as f64
+        );
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let (path, rounds) = parse_args()?;
     let loaded = load(
         "bench",
         &ModelSource::Path(path),
@@ -156,9 +229,7 @@ fn main() -> anyhow::Result<()> {
         schema: schema(),
         param: "schema".into(),
     };
-    let mut mask_times: Vec<f64> = Vec::new();
-    let mut nodes_walked: Vec<f64> = Vec::new();
-    let mut compile_times: Vec<f64> = Vec::new();
+    let mut times = MaskTimes::default();
     for round in 1..=rounds {
         for batch in [1usize, 8] {
             let free = run(&engine, &tokenizer, &prompt, batch, || Ok(None))?;
@@ -177,46 +248,9 @@ fn main() -> anyhow::Result<()> {
                 json.tokens,
                 j / f
             );
-            // Mask times along the JSON outputs (re-tokenized: the same text, maybe split
-            // differently, which the grammar accepts as well).
-            for output in &json.outputs {
-                let started = Instant::now();
-                let mut c = compiler.compile(&grammar)?;
-                compile_times.push(started.elapsed().as_secs_f64() * 1e3);
-                let mut logits = vec![0f32; vocab];
-                for &t in output {
-                    let started = Instant::now();
-                    c.mask(&mut logits)?;
-                    mask_times.push(started.elapsed().as_secs_f64() * 1e3);
-                    nodes_walked.push(c.last_mask_nodes_walked() as f64);
-                    if c.commit(t).is_err() || c.is_finished() {
-                        break;
-                    }
-                }
-            }
+            times.measure(&compiler, &grammar, &json.outputs, vocab)?;
         }
     }
-    mask_times.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "token mask ({} masks, vocabulary {vocab}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-        mask_times.len(),
-        percentile(&mask_times, 0.5),
-        percentile(&mask_times, 0.99),
-        mask_times.last().copied().unwrap_or(0.0)
-    );
-    compile_times.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "grammar compile, with the first mask ({} compiles, on the request's thread, not in an engine step): p50 {:.3} ms, max {:.3} ms",
-        compile_times.len(),
-        percentile(&compile_times, 0.5),
-        compile_times.last().copied().unwrap_or(0.0)
-    );
-    nodes_walked.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "token-trie nodes walked per mask (machine-independent): p50 {:.0}, p99 {:.0}, mean {:.0}",
-        percentile(&nodes_walked, 0.5),
-        percentile(&nodes_walked, 0.99),
-        nodes_walked.iter().sum::<f64>() / nodes_walked.len().max(1) as f64
-    );
+    times.print(vocab);
     Ok(())
 }

@@ -95,6 +95,27 @@ async fn main() -> anyhow::Result<()> {
     if let Some(n) = args.month_records {
         return month(&store, n, args.json.as_deref()).await;
     }
+    let secret = create_customer_and_key(&store).await?;
+    let gauges = LedgerGauges {
+        pending: IntGauge::new("pending", "pending")?,
+        spooled: IntGauge::new("spooled", "spooled")?,
+    };
+    let ledger = Ledger::start(
+        store.clone(),
+        &tmp.path().join("bench.spool"),
+        tollgate_metering::ledger::SpoolSync::default(),
+        gauges.clone(),
+    )?;
+    let run = uuid_prefix();
+    throughput(&store, &ledger, &gauges, &run).await?;
+    latency(&store, &ledger, secret, &run).await?;
+    ledger.close(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// The customer `bench` (limits and budget far above what the benchmark uses) and its key;
+/// the key's secret.
+async fn create_customer_and_key(store: &Store) -> anyhow::Result<&'static str> {
     store
         .create_customer(
             "bench",
@@ -119,24 +140,22 @@ async fn main() -> anyhow::Result<()> {
             &Actor::system(),
         )
         .await?;
-    let gauges = LedgerGauges {
-        pending: IntGauge::new("pending", "pending")?,
-        spooled: IntGauge::new("spooled", "spooled")?,
-    };
-    let ledger = Ledger::start(
-        store.clone(),
-        &tmp.path().join("bench.spool"),
-        tollgate_metering::ledger::SpoolSync::default(),
-        gauges.clone(),
-    )?;
+    Ok(secret)
+}
 
-    // Throughput through the ledger.
-    let run = uuid_prefix();
+/// Throughput through the ledger from [`PRODUCERS`] concurrent producers, then of raw batched
+/// inserts.
+async fn throughput(
+    store: &Store,
+    ledger: &Ledger,
+    gauges: &LedgerGauges,
+    run: &str,
+) -> anyhow::Result<()> {
     let t = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..PRODUCERS {
         let ledger = ledger.clone();
-        let run = run.clone();
+        let run = run.to_string();
         tasks.push(tokio::spawn(async move {
             for i in (p..THROUGHPUT_RECORDS).step_by(PRODUCERS) {
                 ledger
@@ -169,8 +188,11 @@ async fn main() -> anyhow::Result<()> {
         "store: batched inserts of 500: {:.0} records/s",
         THROUGHPUT_RECORDS as f64 / t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
 
-    // Latency of the metering path per request.
+/// Latency of the metering path per request: key lookup, limits and budget, durable record.
+async fn latency(store: &Store, ledger: &Ledger, secret: &str, run: &str) -> anyhow::Result<()> {
     let auth = AuthConfig::default();
     // On PostgreSQL the limits and budgets are the ones replicas share, kept in the database.
     let limiter = match store.kind() {
@@ -182,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..LATENCY_REQUESTS {
         let t0 = Instant::now();
         let caller = auth
-            .resolve(Some(&store), secret)
+            .resolve(Some(store), secret)
             .await
             .context("the key was not accepted")?;
         let t1 = Instant::now();
@@ -196,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(|r| anyhow!("refused by the token rate limit: {r:?}"))?;
         let budget = limiter
-            .reserve_budget(Some(&store), &id, &caller.customer_id, i64::MAX / 4, 7_750)
+            .reserve_budget(Some(store), &id, &caller.customer_id, i64::MAX / 4, 7_750)
             .await?
             .map_err(|r| anyhow!("refused by the budget: {r:?}"))?;
         limiter.settle_tokens(&tokens, 91);
@@ -222,7 +244,6 @@ async fn main() -> anyhow::Result<()> {
             pct(v, 0.99)
         );
     }
-    ledger.close(Duration::from_secs(30)).await;
     Ok(())
 }
 

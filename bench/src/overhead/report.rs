@@ -58,37 +58,36 @@ fn row(out: &mut String, cells: &[String]) {
     let _ = writeln!(out);
 }
 
+/// The table's two header rows: the columns and their units.
+const HEAD: [[&str; 15]; 2] = [
+    [
+        "rate/s",
+        "path",
+        "sent",
+        "ok",
+        "errors",
+        "achieved/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "max",
+        "sustained",
+        "gw CPU",
+        "ledger",
+        "others",
+        "steal",
+    ],
+    [
+        "", "", "", "", "", "", "ms", "ms", "ms", "ms", "", "µs/req", "wait ms", "CPU %", "CPU %",
+    ],
+];
+
 /// Both paths at every rate, the `added` rows, and the metering phases through the gateway.
 pub fn table(points: &[RatePoint]) -> String {
     let mut out = String::new();
-    let head = |cells: [&str; 15]| cells.map(str::to_string);
-    row(
-        &mut out,
-        &head([
-            "rate/s",
-            "path",
-            "sent",
-            "ok",
-            "errors",
-            "achieved/s",
-            "p50",
-            "p99",
-            "p99.9",
-            "max",
-            "sustained",
-            "gw CPU",
-            "ledger",
-            "others",
-            "steal",
-        ]),
-    );
-    row(
-        &mut out,
-        &head([
-            "", "", "", "", "", "", "ms", "ms", "ms", "ms", "", "µs/req", "wait ms", "CPU %",
-            "CPU %",
-        ]),
-    );
+    for head in HEAD {
+        row(&mut out, &head.map(str::to_string));
+    }
     for p in points {
         for (name, r) in [("direct", &p.direct), ("gateway", &p.gateway)] {
             let gateway_cpu = if name == "gateway" {
@@ -135,6 +134,12 @@ pub fn table(points: &[RatePoint]) -> String {
             ],
         );
     }
+    phases(&mut out, points);
+    out
+}
+
+/// The metering phases through the gateway at each rate that has them.
+fn phases(out: &mut String, points: &[RatePoint]) {
     if points.iter().any(|p| !p.gateway.phases.is_empty()) {
         out.push_str(
             "\nmetering phases through the gateway (mean ms / the bucket bound under which 99% fall):\n",
@@ -152,5 +157,4 @@ pub fn table(points: &[RatePoint]) -> String {
             out.push('\n');
         }
     }
-    out
 }

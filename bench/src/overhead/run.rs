@@ -1,7 +1,7 @@
 //! The benchmark: both paths at each rate, the search for the highest sustained rate, the
 //! ledger check, and the printed results.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use reqwest::header;
 use serde_json::{json, Value};
-use tollgate_testkit::{Behaviour, FakeUpstream};
+use tollgate_testkit::{Behaviour, FakeUpstream, Running};
 
 use super::cpu::{cpu_between, CpuSnapshot};
 use super::gateway::{phases, Gateway};
@@ -189,6 +189,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(b) => b.clone(),
         None => default_binary()?,
     };
+    // Dropped in reverse order: the gateway, then the upstream, then the directory.
     let tmp = match &opts.dir {
         Some(d) => tempfile::Builder::new()
             .prefix("overhead-bench-")
@@ -201,79 +202,112 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .with_api_key(UPSTREAM_KEY)
         .spawn_thread()
         .context("cannot start the upstream")?;
-    let mut gateway = Gateway::start(&opts, &binary, tmp.path(), upstream.addr)?;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(usize::MAX)
-        .pool_idle_timeout(Duration::from_secs(300))
-        .timeout(REQUEST_TIMEOUT)
-        .tcp_nodelay(true)
-        .build()?;
-    gateway.wait_ready(&client).await?;
-    let key = if opts.metering() {
-        gateway.issue_key(&client).await?
-    } else {
-        STATIC_KEY.to_string()
-    };
-    let body = request_body(opts.stream);
-    let direct = Arc::new(Target {
-        url: format!("{}/v1/chat/completions", upstream.base_url()),
-        auth: format!("Bearer {UPSTREAM_KEY}"),
-        body: body.clone(),
-        stream: opts.stream,
-    });
-    let via = Arc::new(Target {
-        url: format!("{}/v1/chat/completions", gateway.base),
-        auth: format!("Bearer {key}"),
-        body,
-        stream: opts.stream,
-    });
-    let mut b = Bench {
-        opts: opts.clone(),
-        client,
-        gateway,
-        direct,
-        via,
-        upstream_hits: upstream.hit_counter(),
-        gateway_sent: 0,
-        gateway_ok: 0,
-        gateway_errors: 0,
-        upstream_via_gateway: 0,
-    };
+    let mut b = Bench::start(&opts, &binary, tmp.path(), &upstream).await?;
     b.check().await?;
     b.gateway_sent += 1;
     b.gateway_ok += 1;
     b.upstream_via_gateway += 1;
 
-    let mode = if opts.stream {
-        "streamed"
-    } else {
-        "non-streamed"
-    };
-    let metering = if opts.metering() {
-        "metering on (SQLite ledger, database key lookups)"
-    } else {
-        "metering off (--no-database, static key)"
-    };
-    let header = format!(
-        "gateway overhead: {mode} chat completions ({} tokens), {metering}, gateway RUST_LOG={}, \
-         {} s per run after {} s warm-up, {} CPUs",
-        reply().pieces.len(),
-        opts.gateway_log,
-        opts.duration.as_secs_f64(),
-        opts.warmup.as_secs_f64(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-    );
+    let header = header(&opts);
     eprintln!("{header}");
     let load_before = loadavg();
     eprintln!("load average before: {load_before}");
-
-    let mut points = Vec::new();
-    for &rate in &opts.rates {
-        points.push(b.rate_point(rate).await?);
+    let points = b.sweep().await?;
+    let load_after = loadavg();
+    let metering = if opts.metering() {
+        Some(b.metering_check().await?)
+    } else {
+        None
+    };
+    let results = Results {
+        header,
+        load_before,
+        load_after,
+        best_gateway: best(&points, |p| &p.gateway),
+        best_direct: best(&points, |p| &p.direct),
+        points,
+        metering,
+    };
+    results.print();
+    if let Some(path) = &opts.json {
+        let out = results.to_json(&opts);
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let all_sustained = points.iter().all(|p| p.gateway.sustained());
-    if opts.search() && all_sustained {
-        // Up by `step` until the gateway breaks...
+    if results.metering.as_ref().is_some_and(|m| !m.ok) {
+        bail!("the ledger does not hold one record per gateway request");
+    }
+    Ok(())
+}
+
+impl Bench {
+    /// Starts `binary` in front of `upstream` (its files in `dir`), waits until it is ready
+    /// and issues the key the runs use.
+    async fn start(
+        opts: &Options,
+        binary: &Path,
+        dir: &Path,
+        upstream: &Running,
+    ) -> anyhow::Result<Self> {
+        let mut gateway = Gateway::start(opts, binary, dir, upstream.addr)?;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(usize::MAX)
+            .pool_idle_timeout(Duration::from_secs(300))
+            .timeout(REQUEST_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()?;
+        gateway.wait_ready(&client).await?;
+        let key = if opts.metering() {
+            gateway.issue_key(&client).await?
+        } else {
+            STATIC_KEY.to_string()
+        };
+        let body = request_body(opts.stream);
+        let direct = Arc::new(Target {
+            url: format!("{}/v1/chat/completions", upstream.base_url()),
+            auth: format!("Bearer {UPSTREAM_KEY}"),
+            body: body.clone(),
+            stream: opts.stream,
+        });
+        let via = Arc::new(Target {
+            url: format!("{}/v1/chat/completions", gateway.base),
+            auth: format!("Bearer {key}"),
+            body,
+            stream: opts.stream,
+        });
+        Ok(Self {
+            opts: opts.clone(),
+            client,
+            gateway,
+            direct,
+            via,
+            upstream_hits: upstream.hit_counter(),
+            gateway_sent: 0,
+            gateway_ok: 0,
+            gateway_errors: 0,
+            upstream_via_gateway: 0,
+        })
+    }
+
+    /// Every rate asked for, then (with the search on, and when the gateway sustained them
+    /// all) the search for the highest rate it sustains; the points in rate order.
+    async fn sweep(&mut self) -> anyhow::Result<Vec<RatePoint>> {
+        let mut points = Vec::new();
+        for &rate in &self.opts.rates.clone() {
+            points.push(self.rate_point(rate).await?);
+        }
+        let all_sustained = points.iter().all(|p| p.gateway.sustained());
+        if self.opts.search() && all_sustained {
+            self.search(&mut points).await?;
+            points.sort_by(|a, b| a.gateway.rate.total_cmp(&b.gateway.rate));
+        }
+        Ok(points)
+    }
+
+    /// Up by `step` from the last rate until the gateway breaks, then halves the gap between
+    /// the last good and the first bad rate.
+    async fn search(&mut self, points: &mut Vec<RatePoint>) -> anyhow::Result<()> {
+        let opts = self.opts.clone();
         let mut good = opts.rates.last().copied().unwrap_or(1000.0);
         let mut bad = None;
         loop {
@@ -285,7 +319,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             if rate > opts.max_rate {
                 break;
             }
-            match b.probe(rate, &mut points).await? {
+            match self.probe(rate, points).await? {
                 None => break,
                 Some(false) => {
                     bad = Some(rate);
@@ -294,109 +328,165 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 Some(true) => good = rate,
             }
         }
-        // ...then halve the gap between the last good and the first bad rate.
         if let Some(mut bad) = bad {
             for _ in 0..opts.refine {
                 let rate = ((good + bad) / 2.0 / 50.0).round() * 50.0;
                 if rate <= good || rate >= bad {
                     break;
                 }
-                match b.probe(rate, &mut points).await? {
+                match self.probe(rate, points).await? {
                     None => break,
                     Some(true) => good = rate,
                     Some(false) => bad = rate,
                 }
             }
         }
-        points.sort_by(|a, b| a.gateway.rate.total_cmp(&b.gateway.rate));
+        Ok(())
     }
-    let load_after = loadavg();
 
-    // Metering: one record per request the gateway answered.
-    let mut metering_json = Value::Null;
-    let mut metering_line = String::from("metering: off");
-    if opts.metering() {
-        b.gateway.wait_ledger(&b.client).await?;
-        let (records, completed) = b.gateway.count_records(&b.client).await?;
+    /// Metering: one record per request the gateway answered.
+    async fn metering_check(&mut self) -> anyhow::Result<MeteringCheck> {
+        self.gateway.wait_ledger(&self.client).await?;
+        let (records, completed) = self.gateway.count_records(&self.client).await?;
         // Without errors: one completed record per request. A request that failed or timed out
         // may have a record of another status, or none (refused before reaching the model).
-        let ok = if b.gateway_errors == 0 {
-            records == b.gateway_sent && completed == b.gateway_ok
+        let ok = if self.gateway_errors == 0 {
+            records == self.gateway_sent && completed == self.gateway_ok
         } else {
-            completed >= b.gateway_ok
+            completed >= self.gateway_ok
         };
-        metering_line = format!(
+        let line = format!(
             "metering: {records} usage records in the ledger ({completed} completed) for {} \
              requests sent through the gateway ({} answered 200, {} errors, warm-ups and the \
              initial check included); the upstream saw {} requests from the gateway: {}",
-            b.gateway_sent,
-            b.gateway_ok,
-            b.gateway_errors,
-            b.upstream_via_gateway,
+            self.gateway_sent,
+            self.gateway_ok,
+            self.gateway_errors,
+            self.upstream_via_gateway,
             if ok { "OK" } else { "MISMATCH" }
         );
-        metering_json = json!({
+        let json = json!({
             "records": records,
             "completed_records": completed,
-            "gateway_requests": b.gateway_sent,
-            "gateway_ok": b.gateway_ok,
-            "gateway_errors": b.gateway_errors,
-            "upstream_requests_via_gateway": b.upstream_via_gateway,
+            "gateway_requests": self.gateway_sent,
+            "gateway_ok": self.gateway_ok,
+            "gateway_errors": self.gateway_errors,
+            "upstream_requests_via_gateway": self.upstream_via_gateway,
             "ok": ok,
         });
+        Ok(MeteringCheck { ok, line, json })
+    }
+}
+
+/// Whether the ledger holds one record per request the gateway answered, as a line and as
+/// JSON.
+struct MeteringCheck {
+    ok: bool,
+    line: String,
+    json: Value,
+}
+
+/// What the benchmark prints and writes.
+struct Results {
+    header: String,
+    load_before: String,
+    load_after: String,
+    points: Vec<RatePoint>,
+    best_gateway: Option<f64>,
+    best_direct: Option<f64>,
+    /// `None` with metering off.
+    metering: Option<MeteringCheck>,
+}
+
+/// `streamed` or `non-streamed`.
+fn mode(opts: &Options) -> &'static str {
+    if opts.stream {
+        "streamed"
+    } else {
+        "non-streamed"
+    }
+}
+
+/// The line that says what was measured, and how.
+fn header(opts: &Options) -> String {
+    let metering = if opts.metering() {
+        "metering on (SQLite ledger, database key lookups)"
+    } else {
+        "metering off (--no-database, static key)"
+    };
+    format!(
+        "gateway overhead: {} chat completions ({} tokens), {metering}, gateway RUST_LOG={}, \
+         {} s per run after {} s warm-up, {} CPUs",
+        mode(opts),
+        reply().pieces.len(),
+        opts.gateway_log,
+        opts.duration.as_secs_f64(),
+        opts.warmup.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    )
+}
+
+/// The highest rate of the sustained run of points from the lowest rate up.
+fn best(points: &[RatePoint], f: fn(&RatePoint) -> &Run) -> Option<f64> {
+    points
+        .iter()
+        .map(f)
+        .take_while(|r| r.sustained())
+        .map(|r| r.rate)
+        .last()
+}
+
+impl Results {
+    fn print(&self) {
+        let points = &self.points;
+        println!("{}", self.header);
+        println!(
+            "load average before {}, after {}",
+            self.load_before, self.load_after
+        );
+        println!();
+        print!("{}", table(points));
+        println!();
+        println!(
+            "added = gateway − direct at each percentile. sustained = no errors and ≥ {:.0}% of the \
+             rate achieved. gw CPU = gateway process CPU per request; ledger wait = mean time a \
+             request waited for its durable ledger write; others = CPU used by other processes, \
+             steal = CPU the hypervisor took (100% = one core).",
+            SUSTAIN_SHARE * 100.0
+        );
+        let all_direct = points.iter().all(|p| p.direct.sustained());
+        let all_gateway = points.iter().all(|p| p.gateway.sustained());
+        let rate_text = |r: Option<f64>, all: bool| match r {
+            None => "none".to_string(),
+            Some(r) if all => format!("{r:.0}/s or more (the highest rate tried)"),
+            Some(r) => format!("{r:.0}/s"),
+        };
+        println!(
+            "highest rate sustained without errors: through the gateway {}; direct {}{}",
+            rate_text(self.best_gateway, all_gateway),
+            rate_text(self.best_direct, all_direct),
+            if all_direct {
+                ""
+            } else {
+                " (the direct path broke too: the load generator or the upstream is the limit there)"
+            }
+        );
+        match &self.metering {
+            Some(m) => println!("{}", m.line),
+            None => println!("metering: off"),
+        }
     }
 
-    let best = |f: fn(&RatePoint) -> &Run| {
-        points
-            .iter()
-            .map(f)
-            .take_while(|r| r.sustained())
-            .map(|r| r.rate)
-            .last()
-    };
-    let best_gateway = best(|p| &p.gateway);
-    let best_direct = best(|p| &p.direct);
-    println!("{header}");
-    println!("load average before {load_before}, after {load_after}");
-    println!();
-    print!("{}", table(&points));
-    println!();
-    println!(
-        "added = gateway − direct at each percentile. sustained = no errors and ≥ {:.0}% of the \
-         rate achieved. gw CPU = gateway process CPU per request; ledger wait = mean time a \
-         request waited for its durable ledger write; others = CPU used by other processes, \
-         steal = CPU the hypervisor took (100% = one core).",
-        SUSTAIN_SHARE * 100.0
-    );
-    let all_direct = points.iter().all(|p| p.direct.sustained());
-    let all_gateway = points.iter().all(|p| p.gateway.sustained());
-    let rate_text = |r: Option<f64>, all: bool| match r {
-        None => "none".to_string(),
-        Some(r) if all => format!("{r:.0}/s or more (the highest rate tried)"),
-        Some(r) => format!("{r:.0}/s"),
-    };
-    println!(
-        "highest rate sustained without errors: through the gateway {}; direct {}{}",
-        rate_text(best_gateway, all_gateway),
-        rate_text(best_direct, all_direct),
-        if all_direct {
-            ""
-        } else {
-            " (the direct path broke too: the load generator or the upstream is the limit there)"
-        }
-    );
-    println!("{metering_line}");
-
-    if let Some(path) = &opts.json {
-        let out = json!({
-            "mode": mode,
+    fn to_json(&self, opts: &Options) -> Value {
+        json!({
+            "mode": mode(opts),
             "metering": opts.metering(),
             "gateway_log": opts.gateway_log,
             "duration_secs": opts.duration.as_secs_f64(),
             "warmup_secs": opts.warmup.as_secs_f64(),
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-            "rates": points.iter().map(|p| json!({
+            "load_average_before": self.load_before,
+            "load_average_after": self.load_after,
+            "rates": self.points.iter().map(|p| json!({
                 "rate": p.gateway.rate,
                 "direct": p.direct.to_json(),
                 "gateway": p.gateway.to_json(),
@@ -404,17 +494,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 "added_p99_ms": diff(p.gateway.quantile_ms(0.99), p.direct.quantile_ms(0.99)),
                 "added_p999_ms": diff(p.gateway.quantile_ms(0.999), p.direct.quantile_ms(0.999)),
             })).collect::<Vec<_>>(),
-            "highest_sustained_gateway": best_gateway,
-            "highest_sustained_direct": best_direct,
-            "metering_check": metering_json,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+            "highest_sustained_gateway": self.best_gateway,
+            "highest_sustained_direct": self.best_direct,
+            "metering_check": self.metering.as_ref().map_or(Value::Null, |m| m.json.clone()),
+        })
     }
-    if metering_json["ok"] == false {
-        bail!("the ledger does not hold one record per gateway request");
-    }
-    Ok(())
 }
 
 /// The `tollgate` binary next to this benchmark's executable: both are built into the same

@@ -1,9 +1,11 @@
 //! Block codes against candle's dequantization and every kernel path against the portable one.
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::super::pseudo_random;
 use super::*;
+use crate::Result;
 
 /// `y = x·wᵀ` in f64.
 fn exact(w: &[f32], x: &[f32], out: usize, inp: usize) -> Vec<f32> {

@@ -52,7 +52,7 @@ pub(super) unsafe fn tile_avx2<const TILE: usize, const SMALL: bool>(
                     }
                 }};
             }
-            let (d, m) = if SMALL {
+            if SMALL {
                 let codes = unsafe { panel.codes.as_ptr().add(b * PACKED_BLOCK + half * 32) };
                 for pair in 0..GROUPS / 2 {
                     let pv = unsafe { _mm256_loadu_si256(codes.add(pair * PANEL_GROUP).cast()) };
@@ -62,14 +62,6 @@ pub(super) unsafe fn tile_avx2<const TILE: usize, const SMALL: bool>(
                         _mm256_and_si256(_mm256_srli_epi16::<4>(pv), low)
                     );
                 }
-                let dm = unsafe { panel.dm16.as_ptr().add(b * panel.half_scales() + half * 8) };
-                let d = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(dm.cast())) };
-                let m = if panel.offsets {
-                    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(dm.add(PANEL).cast())) }
-                } else {
-                    _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
-                };
-                (d, m)
             } else {
                 let codes = unsafe { panel.codes.as_ptr().add(b * PANEL_BLOCK + half * 32) };
                 for g in 0..GROUPS {
@@ -77,13 +69,8 @@ pub(super) unsafe fn tile_avx2<const TILE: usize, const SMALL: bool>(
                         _mm256_loadu_si256(codes.add(g * PANEL_GROUP).cast())
                     });
                 }
-                unsafe {
-                    (
-                        _mm256_loadu_ps(panel.d.as_ptr().add(b * PANEL + half * 8)),
-                        _mm256_loadu_ps(panel.m.as_ptr().add(b * PANEL + half * 8)),
-                    )
-                }
-            };
+            }
+            let (d, m) = unsafe { half_scales_avx2::<SMALL>(panel, b, half) };
             for (t, (acc, &dot)) in acc.iter_mut().zip(&dot).enumerate() {
                 let dot = if SMALL {
                     _mm256_madd_epi16(dot, ones)
@@ -103,6 +90,37 @@ pub(super) unsafe fn tile_avx2<const TILE: usize, const SMALL: bool>(
         }
         for (t, acc) in acc.iter().enumerate() {
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(t * PANEL + half * 8), *acc) };
+        }
+    }
+}
+
+/// The scales `d` and offsets `m` of block `b` of the 8 features of half-panel `half`.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; the panel holds block `b`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_scales_avx2<const SMALL: bool>(
+    panel: &Panel,
+    b: usize,
+    half: usize,
+) -> (__m256, __m256) {
+    // SAFETY (all loads below): in bounds by the function's contract; unaligned.
+    if SMALL {
+        let dm = unsafe { panel.dm16.as_ptr().add(b * panel.half_scales() + half * 8) };
+        let d = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(dm.cast())) };
+        let m = if panel.offsets {
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(dm.add(PANEL).cast())) }
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+        };
+        (d, m)
+    } else {
+        unsafe {
+            (
+                _mm256_loadu_ps(panel.d.as_ptr().add(b * PANEL + half * 8)),
+                _mm256_loadu_ps(panel.m.as_ptr().add(b * PANEL + half * 8)),
+            )
         }
     }
 }

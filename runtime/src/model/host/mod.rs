@@ -19,7 +19,8 @@ use rayon::prelude::*;
 use super::kv_cache::HeadKv;
 use super::kv_cache::{HostLayer, KEY_BLOCK};
 use super::linear::Linear;
-use super::llama::{BetweenLayers, LlamaModel, SeqStep};
+use super::llama::{BetweenLayers, Block, LlamaModel, SeqStep};
+use super::LlamaConfig;
 use crate::{Error, Result};
 
 /// The `f32` contents of a contiguous CPU tensor, borrowed.
@@ -76,95 +77,36 @@ impl LlamaModel {
         between_layers: &mut BetweenLayers<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
-        let (hidden, nh, nkv, hd) = (cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
-        // The query heads sharing a KV head are adjacent: `group_dim` values per KV head.
-        let group_dim = q_dim / nkv;
-        let total = ids.len();
-        let eps = cfg.rms_eps as f32;
-
-        let mut x = self.embed.rows_host(ids, hidden, &self.lm_head)?;
+        let mut x = self.embed.rows_host(ids, cfg.hidden_size, &self.lm_head)?;
         let (cos, sin) = self.rope_tables()?;
         let (cos, sin) = (HostView::new(&cos)?, HostView::new(&sin)?);
         let rope = Rope {
             cos: cos.slice()?,
             sin: sin.slice()?,
-            half: hd / 2,
+            half: cfg.head_dim / 2,
             interleaved: cfg.rope_interleaved,
         };
-        // Token `t` belongs to sequence `seq_of[t]`, at index `t - spans[seq].0` of its step.
-        let seq_of: Vec<usize> = spans
-            .iter()
-            .enumerate()
-            .flat_map(|(s, &(_, len))| std::iter::repeat_n(s, len))
-            .collect();
-
-        let shape = AttnShape {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-        };
-        // Keys visible to each token: the cache before the step plus the step's tokens up to
-        // and including itself (the same in every layer).
-        let visible: Vec<usize> = (0..total)
-            .map(|t| {
-                let s = seq_of[t];
-                batch[s].cache.len() + (t - spans[s].0) + 1
-            })
-            .collect();
-        let plan = shape.plan(&visible);
-        let mut partials = vec![0f32; plan.splits.len() * plan.part_len];
-
-        let mut h = vec![0f32; total * hidden];
-        let mut att = vec![0f32; total * q_dim];
+        let mut pass = HostPass::new(cfg, batch, ids.len(), positions, spans, rope);
         for (layer, block) in self.blocks.iter().enumerate() {
             between_layers(self)?;
-            let attn_norm = HostView::new(&block.attn_norm)?;
-            rms_norm(&x, attn_norm.slice()?, eps, &mut h);
-            let [mut q, mut k, v] =
-                Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &h, total)?;
-            rope.apply(&mut q, nh, hd, positions);
-            rope.apply(&mut k, nkv, hd, positions);
-            for (step, &(start, len)) in batch.iter_mut().zip(spans) {
-                let rows = start * kv_dim..(start + len) * kv_dim;
-                step.cache.append_host(layer, &k[rows.clone()], &v[rows])?;
-            }
-            let kv: Vec<HostLayer<'_>> = batch
-                .iter()
-                .map(|s| s.cache.host_layer(layer))
-                .collect::<Result<_>>()?;
-            let task = |(i, part): (usize, &mut [f32])| {
-                let split = &plan.splits[i];
-                let q = &q[split.token * q_dim + split.kv_head * group_dim..][..group_dim];
-                let kv = kv[seq_of[split.token]];
-                shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
-            };
-            if plan.work < PARALLEL_ATTENTION_WORK {
-                partials
-                    .chunks_exact_mut(plan.part_len)
-                    .enumerate()
-                    .for_each(task);
-            } else {
-                partials
-                    .par_chunks_exact_mut(plan.part_len)
-                    .enumerate()
-                    .for_each(task);
-            }
-            shape.merge(&plan, &partials, &mut att);
-            let o = block.wo.forward_host(&att, total)?;
-            add_assign(&mut x, &o);
-            let ffn_norm = HostView::new(&block.ffn_norm)?;
-            rms_norm(&x, ffn_norm.slice()?, eps, &mut h);
-            let [mut gate, up] =
-                Linear::forward_host_many([&block.w_gate, &block.w_up], &h, total)?;
-            silu_mul(&mut gate, &up);
-            let down = block.w_down.forward_host(&gate, total)?;
-            add_assign(&mut x, &down);
+            pass.attention(layer, block, batch, &mut x)?;
+            pass.feed_forward(block, &mut x)?;
         }
         for (step, &(_, len)) in batch.iter_mut().zip(spans) {
             step.cache.advance(len);
         }
+        self.logits_host(batch, spans, &x)
+    }
 
+    /// One logits row per sequence that wants them, from the last of its rows of `x (tokens,
+    /// hidden)`.
+    fn logits_host(
+        &self,
+        batch: &[SeqStep<'_>],
+        spans: &[(usize, usize)],
+        x: &[f32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.config.hidden_size;
         let wanted: Vec<usize> = batch
             .iter()
             .zip(spans)
@@ -180,11 +122,149 @@ impl LlamaModel {
         }
         let norm = HostView::new(&self.norm)?;
         let mut normed = vec![0f32; last.len()];
-        rms_norm(&last, norm.slice()?, eps, &mut normed);
+        rms_norm(
+            &last,
+            norm.slice()?,
+            self.config.rms_eps as f32,
+            &mut normed,
+        );
         // One logits row per sequence.
         let logits = self.lm_head.forward_host(&normed, wanted.len())?;
         let vocab = logits.len() / wanted.len();
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// What the layers of one host step share: the step's layout, its attention tasks and the
+/// buffers every layer reuses.
+struct HostPass<'a> {
+    rope: Rope<'a>,
+    positions: &'a [usize],
+    spans: &'a [(usize, usize)],
+    /// Token `t` belongs to sequence `seq_of[t]`, at index `t - spans[seq].0` of its step.
+    seq_of: Vec<usize>,
+    shape: AttnShape,
+    plan: AttnPlan,
+    eps: f32,
+    /// Tokens in the step.
+    total: usize,
+    /// Normed activations `(total, hidden)`.
+    h: Vec<f32>,
+    /// Attention output `(total, n_heads * head_dim)`.
+    att: Vec<f32>,
+    /// The attention splits' partial results.
+    partials: Vec<f32>,
+}
+
+impl<'a> HostPass<'a> {
+    fn new(
+        cfg: &LlamaConfig,
+        batch: &[SeqStep<'_>],
+        total: usize,
+        positions: &'a [usize],
+        spans: &'a [(usize, usize)],
+        rope: Rope<'a>,
+    ) -> Self {
+        let seq_of: Vec<usize> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(_, len))| std::iter::repeat_n(s, len))
+            .collect();
+        let shape = AttnShape {
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        // Keys visible to each token: the cache before the step plus the step's tokens up to
+        // and including itself (the same in every layer).
+        let visible: Vec<usize> = (0..total)
+            .map(|t| {
+                let s = seq_of[t];
+                batch[s].cache.len() + (t - spans[s].0) + 1
+            })
+            .collect();
+        let plan = shape.plan(&visible);
+        let partials = vec![0f32; plan.splits.len() * plan.part_len];
+        Self {
+            rope,
+            positions,
+            spans,
+            seq_of,
+            shape,
+            plan,
+            eps: cfg.rms_eps as f32,
+            total,
+            h: vec![0f32; total * cfg.hidden_size],
+            att: vec![0f32; total * cfg.n_heads * cfg.head_dim],
+            partials,
+        }
+    }
+
+    /// `x += wo · attention(rope(q), rope(k), v)` of layer `layer`, the step's keys and
+    /// values appended to each sequence's cache first.
+    fn attention(
+        &mut self,
+        layer: usize,
+        block: &Block,
+        batch: &mut [SeqStep<'_>],
+        x: &mut [f32],
+    ) -> Result<()> {
+        let AttnShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        } = self.shape;
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        // The query heads sharing a KV head are adjacent: `group_dim` values per KV head.
+        let group_dim = q_dim / nkv;
+        let attn_norm = HostView::new(&block.attn_norm)?;
+        rms_norm(x, attn_norm.slice()?, self.eps, &mut self.h);
+        let [mut q, mut k, v] =
+            Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &self.h, self.total)?;
+        self.rope.apply(&mut q, nh, hd, self.positions);
+        self.rope.apply(&mut k, nkv, hd, self.positions);
+        for (step, &(start, len)) in batch.iter_mut().zip(self.spans) {
+            let rows = start * kv_dim..(start + len) * kv_dim;
+            step.cache.append_host(layer, &k[rows.clone()], &v[rows])?;
+        }
+        let kv: Vec<HostLayer<'_>> = batch
+            .iter()
+            .map(|s| s.cache.host_layer(layer))
+            .collect::<Result<_>>()?;
+        let (plan, shape, seq_of) = (&self.plan, self.shape, &self.seq_of);
+        let task = |(i, part): (usize, &mut [f32])| {
+            let split = &plan.splits[i];
+            let q = &q[split.token * q_dim + split.kv_head * group_dim..][..group_dim];
+            let kv = kv[seq_of[split.token]];
+            shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
+        };
+        if plan.work < PARALLEL_ATTENTION_WORK {
+            self.partials
+                .chunks_exact_mut(plan.part_len)
+                .enumerate()
+                .for_each(task);
+        } else {
+            self.partials
+                .par_chunks_exact_mut(plan.part_len)
+                .enumerate()
+                .for_each(task);
+        }
+        shape.merge(plan, &self.partials, &mut self.att);
+        let o = block.wo.forward_host(&self.att, self.total)?;
+        add_assign(x, &o);
+        Ok(())
+    }
+
+    /// `x += w_down · (silu(w_gate · norm(x)) * w_up · norm(x))`.
+    fn feed_forward(&mut self, block: &Block, x: &mut [f32]) -> Result<()> {
+        let ffn_norm = HostView::new(&block.ffn_norm)?;
+        rms_norm(x, ffn_norm.slice()?, self.eps, &mut self.h);
+        let [mut gate, up] =
+            Linear::forward_host_many([&block.w_gate, &block.w_up], &self.h, self.total)?;
+        silu_mul(&mut gate, &up);
+        let down = block.w_down.forward_host(&gate, self.total)?;
+        add_assign(x, &down);
+        Ok(())
     }
 }
 
