@@ -1,6 +1,10 @@
 //! End to end with the real model: `tollgate::serve` on an ephemeral port, driven by the
 //! `async-openai` crate exactly as an application would use it.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;

@@ -42,7 +42,6 @@ fn cuda_device(spec: &str, _ordinal: usize) -> Result<Device> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

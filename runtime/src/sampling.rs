@@ -308,7 +308,6 @@ fn top_k_indices(logits: &[f32], k: usize, buf: &mut Vec<u32>) -> Vec<u32> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

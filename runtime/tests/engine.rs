@@ -4,7 +4,12 @@
 //! produce alone, and the constrained one is valid JSON for its schema.
 //!
 //! Fails (never skips) when the dev model is missing: run `scripts/fetch-model.sh`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -13,7 +13,11 @@
 //! * a truncated GGUF is an error, not a panic.
 //!
 //! These tests fail (never skip) when the dev model is missing: run `scripts/fetch-model.sh`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Write};

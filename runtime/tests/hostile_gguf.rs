@@ -6,7 +6,12 @@
 //! model (`loader::load`). None may panic; each load either succeeds or returns an error that
 //! names the model; and the bytes allocated during a load never exceed the file's size plus
 //! [`ALLOCATION_BOUND`], counted by this binary's global allocator.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};

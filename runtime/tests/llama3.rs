@@ -20,7 +20,12 @@
 //! a request longer than fits is refused at submission.
 //!
 //! Fails (never skips) when the vocabulary is missing: run `scripts/fetch-vocabs.sh`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::collections::HashMap;
 use std::io::Cursor;

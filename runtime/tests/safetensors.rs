@@ -15,7 +15,12 @@
 //! runtime must pick the half-split RoPE for it.
 //!
 //! These tests fail (never skip) when the dev model is missing: run `scripts/fetch-model.sh`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::collections::HashMap;
 use std::fs::File;

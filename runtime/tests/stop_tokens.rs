@@ -4,7 +4,12 @@
 //! metadata says nothing. Checked on a small Llama-shaped model built here, and in the engine:
 //! the token a random model picks greedily is declared the end-of-message token, and
 //! generation then stops right there.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::path::{Path, PathBuf};
 

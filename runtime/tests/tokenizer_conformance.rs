@@ -6,7 +6,12 @@
 //! of the vectors contains any). Decoding the ids must give the input back.
 //!
 //! Fails (never skips) when the files are missing: run `scripts/fetch-vocabs.sh`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::path::Path;
 

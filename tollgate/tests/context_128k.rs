@@ -4,7 +4,11 @@
 //!
 //! The model is built here (Llama-shaped, random weights, a byte vocabulary, so one byte of
 //! prompt is one token) and served by `tollgate::serve` on an ephemeral port.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::time::Duration;
 

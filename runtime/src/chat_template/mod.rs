@@ -253,7 +253,6 @@ impl ChatTemplate {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::python::strftime;
     use super::*;

@@ -99,7 +99,6 @@ impl PrefixCache {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use candle_core::{DType, Device};
 

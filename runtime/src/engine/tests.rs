@@ -1,7 +1,5 @@
 //! The engine on the development model with a failure injected into newcomers' passes (the
 //! hook exists only in this crate's unit tests).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 

@@ -167,7 +167,6 @@ impl Embedding {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use candle_core::quantized::QTensor;
 

@@ -248,7 +248,10 @@ impl LlamaModel {
     }
 
     /// Self-attention of one layer for every sequence of the step; returns `(tokens, hidden)`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the step's pieces a layer's attention reads; a struct would exist for this call only"
+    )]
     fn attention(
         &self,
         layer: usize,

@@ -198,8 +198,6 @@ pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor,
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     /// Llama 3.1's published scaling parameters.

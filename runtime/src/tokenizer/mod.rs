@@ -188,7 +188,6 @@ impl ModelTokenizer {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use candle_core::quantized::gguf_file::Content;
 

@@ -245,5 +245,4 @@ pub fn late_grammar(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests;

@@ -67,7 +67,10 @@ dispatch! {
 dispatch! {
     /// See [`super::AttnShape::attend_partial`]: one KV head's keys (in blocks) and values
     /// (token-major) in `f32`; `scores` holds a chunk's scores (`group * CHUNK_KEYS`).
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+    clippy::too_many_arguments,
+    reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
+)]
     fn attend_partial / attend_partial_on(
         shape: super::AttnShape,
         q: &[f32],
@@ -82,7 +85,10 @@ dispatch! {
     /// [`attend_partial`] over half-precision keys and values (IEEE bits), widened exactly
     /// as they are read (with F16C's conversion on both SIMD paths, else [`f16_to_f32`]): the
     /// result is what `f32` rows holding the same values give, on every path.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+    clippy::too_many_arguments,
+    reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
+)]
     fn attend_partial_f16 / attend_partial_f16_on(
         shape: super::AttnShape,
         q: &[f32],
@@ -97,7 +103,10 @@ dispatch! {
 /// [`attend_partial_imp`] over half-precision rows widened with F16C: only called from code
 /// compiled with it (the SIMD paths of [`attend_partial_f16_on`]).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
+)]
 #[inline(always)]
 fn attend_partial_f16c(
     shape: super::AttnShape,
@@ -218,7 +227,10 @@ fn start_partial(group: usize, part: &mut [f32]) {
 /// Online softmax over the range in chunks: per query head a running max `m`, a sum of
 /// exponentials `l` and an unnormalized output `o`, rescaled when the max grows. Keys and
 /// values are read (and widened) where they lie in the cache.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
+)]
 #[inline(always)]
 fn attend_partial_imp<E: KvElem>(
     shape: super::AttnShape,

@@ -76,7 +76,10 @@ fn from_half(x: &[u16]) -> Vec<f32> {
 /// values `(tokens, hd)` (each key scored for every head in `d` order, then each value row
 /// added to every head's output): the kernels reorder loops and keep sums in registers,
 /// never the arithmetic, so they match it bit for bit.
-#[allow(clippy::needless_range_loop)]
+#[allow(
+    clippy::needless_range_loop,
+    reason = "the reference is written index by index, as the formula reads"
+)]
 fn plain_partial(
     shape: AttnShape,
     q: &[f32],
