@@ -10,3 +10,4 @@
 //! `bench/soak.py`) drive a running `tollgate serve` with a model instead.
 
 pub mod overhead;
+pub mod provenance;

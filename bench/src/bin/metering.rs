@@ -342,6 +342,7 @@ async fn month(store: &Store, n: usize, json: Option<&std::path::Path>) -> anyho
             "full_month_records_per_s": full_rate,
             "full_month_rounds": full_rounds,
             "ratio": ratio,
+            "provenance": tollgate_bench::provenance::provenance(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&figures)? + "\n")?;
     }

@@ -497,6 +497,7 @@ impl Results {
             "highest_sustained_gateway": self.best_gateway,
             "highest_sustained_direct": self.best_direct,
             "metering_check": self.metering.as_ref().map_or(Value::Null, |m| m.json.clone()),
+            "provenance": crate::provenance::provenance(),
         })
     }
 }
