@@ -137,9 +137,10 @@ fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {
     tags::from_json(text.as_deref()).map_err(StoreError::Invalid)
 }
 
-/// A column holding one of a closed vocabulary ([`crate::kinds`]); a value outside it is a
-/// decode error naming the column, never a default.
-fn kind_column<T>(row: &AnyRow, column: &str) -> StoreResult<T>
+/// A text column holding one of a closed vocabulary ([`crate::kinds`]) or an exact decimal
+/// (a unit price); a value that does not parse is a decode error naming the column, never a
+/// default.
+pub(crate) fn kind_column<T>(row: &AnyRow, column: &str) -> StoreResult<T>
 where
     T: std::str::FromStr,
     T::Err: std::error::Error + Send + Sync + 'static,
