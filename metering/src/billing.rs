@@ -2,6 +2,7 @@
 //! shared by the admin API and the CLI (`tollgate usage ...`), so both print the same columns.
 
 use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::money::format_usd;
@@ -218,10 +219,9 @@ pub fn record_json(r: &UsageRecord) -> Value {
 
 /// The unit price a record's cached prompt tokens were charged (the input price on records
 /// older than cached pricing).
-fn cached_price(r: &UsageRecord) -> String {
+fn cached_price(r: &UsageRecord) -> Decimal {
     r.cached_input_price_per_mtok
-        .clone()
-        .unwrap_or_else(|| r.input_price_per_mtok.clone())
+        .unwrap_or(r.input_price_per_mtok)
 }
 
 /// A record as a CSV row in [`RECORD_COLUMNS`] order.
@@ -234,17 +234,17 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         r.endpoint.to_string(),
         r.stream.to_string(),
         r.status.to_string(),
-        r.finish_reason.clone().unwrap_or_default(),
+        r.finish_reason.map(|f| f.to_string()).unwrap_or_default(),
         r.input_tokens.to_string(),
         r.output_tokens.to_string(),
         rfc3339(r.started_at),
         rfc3339(r.finished_at),
         r.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
-        r.input_price_per_mtok.clone(),
-        r.output_price_per_mtok.clone(),
+        r.input_price_per_mtok.to_string(),
+        r.output_price_per_mtok.to_string(),
         format_usd(r.cost_nano_usd),
         r.cached_input_tokens.to_string(),
-        cached_price(r),
+        cached_price(r).to_string(),
         format_usd(r.cached_cost_nano_usd),
         r.usage_source.map(|s| s.to_string()).unwrap_or_default(),
         crate::tags::to_json(&r.tags).unwrap_or_default(),

@@ -154,6 +154,17 @@ where
     })
 }
 
+/// [`kind_column`] of a nullable column.
+pub(crate) fn optional_kind_column<T>(row: &AnyRow, column: &str) -> StoreResult<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    row.try_get::<Option<String>, _>(column)?
+        .map(|_| kind_column(row, column))
+        .transpose()
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
