@@ -335,6 +335,58 @@ pub async fn invoice_for(
 mod tests {
     use super::*;
 
+    /// Prices are exact decimals that keep the scale they were written with: a record exports
+    /// the strings it was stored as, in JSON and CSV alike (the cached price falling back to the
+    /// input price on records older than it), and a stored row parses back to the same.
+    #[test]
+    fn exported_prices_are_the_stored_strings() {
+        let price = |s: &str| s.parse::<Decimal>().unwrap();
+        let mut r = UsageRecord {
+            input_price_per_mtok: price("0.10"),
+            output_price_per_mtok: price("2.500"),
+            finish_reason: Some(crate::kinds::FinishReason::ToolCalls),
+            ..UsageRecord::default()
+        };
+        let j = record_json(&r);
+        assert_eq!(
+            (
+                &j["input_price_per_mtok"],
+                &j["output_price_per_mtok"],
+                &j["cached_input_price_per_mtok"],
+                &j["finish_reason"],
+            ),
+            (
+                &json!("0.10"),
+                &json!("2.500"),
+                &json!("0.10"),
+                &json!("tool_calls")
+            )
+        );
+        let cell = |r: &UsageRecord, name: &str| {
+            let i = RECORD_COLUMNS.iter().position(|c| *c == name).unwrap();
+            record_cells(r)[i].clone()
+        };
+        assert_eq!(
+            [
+                cell(&r, "input_price_per_mtok"),
+                cell(&r, "output_price_per_mtok"),
+                cell(&r, "cached_input_price_per_mtok"),
+                cell(&r, "finish_reason"),
+            ],
+            ["0.10", "2.500", "0.10", "tool_calls"]
+        );
+        r.cached_input_price_per_mtok = Some(price("0.0250"));
+        r.finish_reason = None;
+        assert_eq!(record_json(&r)["cached_input_price_per_mtok"], "0.0250");
+        assert_eq!(record_json(&r)["finish_reason"], Value::Null);
+        assert_eq!(cell(&r, "cached_input_price_per_mtok"), "0.0250");
+        assert_eq!(cell(&r, "finish_reason"), "");
+        // The spool's JSON form reads back as written.
+        let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.output_price_per_mtok.to_string(), "2.500");
+    }
+
     #[test]
     fn times_and_periods_parse() {
         assert_eq!(parse_time("1970-01-02").unwrap(), 86_400_000_000);
