@@ -677,14 +677,14 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
         ),
         ("completed", 3, 2, 7_000)
     );
-    assert_eq!(ok.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(ok.finish_reason.map(|f| f.as_str()), Some("stop"));
     assert_eq!((ok.customer_id.as_str(), ok.stream), ("default", false));
     assert_eq!(
         (
-            ok.input_price_per_mtok.as_str(),
-            ok.output_price_per_mtok.as_str()
+            ok.input_price_per_mtok.to_string(),
+            ok.output_price_per_mtok.to_string()
         ),
-        ("1", "2")
+        ("1".to_string(), "2".to_string())
     );
     let failed = by_id(&failed_id);
     assert_eq!(

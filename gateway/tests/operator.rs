@@ -185,8 +185,8 @@ fn record(
         output_tokens: 5,
         started_at,
         finished_at: started_at + 1_000,
-        input_price_per_mtok: "1".into(),
-        output_price_per_mtok: "2".into(),
+        input_price_per_mtok: "1".parse().unwrap(),
+        output_price_per_mtok: "2".parse().unwrap(),
         cost_nano_usd: 20_000,
         ..UsageRecord::default()
     }

@@ -10,8 +10,9 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use crate::audit::{self, Action, Actor, Change};
+use crate::kinds::AlertStatus;
 use crate::periods::month_bounds;
-use crate::store::{now_micros, Store, StoreError, StoreResult};
+use crate::store::{kind_column, now_micros, Store, StoreError, StoreResult};
 
 /// Thresholds when a customer has not chosen any.
 pub const DEFAULT_THRESHOLDS: [&str; 3] = ["0.5", "0.8", "1.0"];
@@ -90,7 +91,7 @@ pub struct Alert {
     pub spent_nano_usd: i64,
     pub created_at: i64,
     pub payload: String,
-    pub status: String,
+    pub status: AlertStatus,
     pub attempts: i64,
     pub next_attempt_at: i64,
     pub delivered_at: Option<i64>,
@@ -114,7 +115,7 @@ fn alert(row: &AnyRow) -> StoreResult<Alert> {
         spent_nano_usd: row.try_get("spent_nano_usd")?,
         created_at: row.try_get("created_at")?,
         payload: row.try_get("payload")?,
-        status: row.try_get("status")?,
+        status: kind_column(row, "status")?,
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         delivered_at: row.try_get("delivered_at")?,
@@ -281,7 +282,11 @@ async fn add_alerts(
             now,
         )
         .to_string();
-        let status = if has_webhook { "pending" } else { "no_webhook" };
+        let status = if has_webhook {
+            AlertStatus::Pending
+        } else {
+            AlertStatus::NoWebhook
+        };
         let done = sqlx::query(
             "INSERT INTO budget_alerts (id, customer_id, period_start, threshold, \
              budget_nano_usd, spent_nano_usd, created_at, payload, status, attempts, \
@@ -296,7 +301,7 @@ async fn add_alerts(
         .bind(m.spent)
         .bind(now)
         .bind(&body)
-        .bind(status)
+        .bind(status.as_str())
         .execute(&mut *conn)
         .await?;
         created += done.rows_affected() as usize;
@@ -478,7 +483,14 @@ impl Store {
         .bind(attempts)
         .bind(next_attempt_at)
         .bind(error)
-        .bind(if give_up { "failed" } else { "pending" })
+        .bind(
+            if give_up {
+                AlertStatus::Failed
+            } else {
+                AlertStatus::Pending
+            }
+            .as_str(),
+        )
         .execute(self.pool())
         .await?;
         Ok(())

@@ -2,6 +2,7 @@
 //! shared by the admin API and the CLI (`tollgate usage ...`), so both print the same columns.
 
 use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::money::format_usd;
@@ -218,10 +219,9 @@ pub fn record_json(r: &UsageRecord) -> Value {
 
 /// The unit price a record's cached prompt tokens were charged (the input price on records
 /// older than cached pricing).
-fn cached_price(r: &UsageRecord) -> String {
+fn cached_price(r: &UsageRecord) -> Decimal {
     r.cached_input_price_per_mtok
-        .clone()
-        .unwrap_or_else(|| r.input_price_per_mtok.clone())
+        .unwrap_or(r.input_price_per_mtok)
 }
 
 /// A record as a CSV row in [`RECORD_COLUMNS`] order.
@@ -234,17 +234,17 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         r.endpoint.to_string(),
         r.stream.to_string(),
         r.status.to_string(),
-        r.finish_reason.clone().unwrap_or_default(),
+        r.finish_reason.map(|f| f.to_string()).unwrap_or_default(),
         r.input_tokens.to_string(),
         r.output_tokens.to_string(),
         rfc3339(r.started_at),
         rfc3339(r.finished_at),
         r.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
-        r.input_price_per_mtok.clone(),
-        r.output_price_per_mtok.clone(),
+        r.input_price_per_mtok.to_string(),
+        r.output_price_per_mtok.to_string(),
         format_usd(r.cost_nano_usd),
         r.cached_input_tokens.to_string(),
-        cached_price(r),
+        cached_price(r).to_string(),
         format_usd(r.cached_cost_nano_usd),
         r.usage_source.map(|s| s.to_string()).unwrap_or_default(),
         crate::tags::to_json(&r.tags).unwrap_or_default(),
@@ -334,6 +334,58 @@ pub async fn invoice_for(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Prices are exact decimals that keep the scale they were written with: a record exports
+    /// the strings it was stored as, in JSON and CSV alike (the cached price falling back to the
+    /// input price on records older than it), and a stored row parses back to the same.
+    #[test]
+    fn exported_prices_are_the_stored_strings() {
+        let price = |s: &str| s.parse::<Decimal>().unwrap();
+        let mut r = UsageRecord {
+            input_price_per_mtok: price("0.10"),
+            output_price_per_mtok: price("2.500"),
+            finish_reason: Some(crate::kinds::FinishReason::ToolCalls),
+            ..UsageRecord::default()
+        };
+        let j = record_json(&r);
+        assert_eq!(
+            (
+                &j["input_price_per_mtok"],
+                &j["output_price_per_mtok"],
+                &j["cached_input_price_per_mtok"],
+                &j["finish_reason"],
+            ),
+            (
+                &json!("0.10"),
+                &json!("2.500"),
+                &json!("0.10"),
+                &json!("tool_calls")
+            )
+        );
+        let cell = |r: &UsageRecord, name: &str| {
+            let i = RECORD_COLUMNS.iter().position(|c| *c == name).unwrap();
+            record_cells(r)[i].clone()
+        };
+        assert_eq!(
+            [
+                cell(&r, "input_price_per_mtok"),
+                cell(&r, "output_price_per_mtok"),
+                cell(&r, "cached_input_price_per_mtok"),
+                cell(&r, "finish_reason"),
+            ],
+            ["0.10", "2.500", "0.10", "tool_calls"]
+        );
+        r.cached_input_price_per_mtok = Some(price("0.0250"));
+        r.finish_reason = None;
+        assert_eq!(record_json(&r)["cached_input_price_per_mtok"], "0.0250");
+        assert_eq!(record_json(&r)["finish_reason"], Value::Null);
+        assert_eq!(cell(&r, "cached_input_price_per_mtok"), "0.0250");
+        assert_eq!(cell(&r, "finish_reason"), "");
+        // The spool's JSON form reads back as written.
+        let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.output_price_per_mtok.to_string(), "2.500");
+    }
 
     #[test]
     fn times_and_periods_parse() {

@@ -3,7 +3,8 @@
 
 use sqlx::Row;
 
-use crate::store::{record, Store, StoreResult, UsageRecord, RECORD_COLUMNS};
+use crate::kinds::Outcome;
+use crate::store::{kind_column, record, Store, StoreResult, UsageRecord, RECORD_COLUMNS};
 
 /// Which records the request log shows (all given filters must hold).
 #[derive(Debug, Clone, Default)]
@@ -65,8 +66,8 @@ impl Store {
             .collect()
     }
 
-    /// Requests started in `[start, end)` by status (`completed`, `cancelled`, `failed`).
-    pub async fn status_counts(&self, start: i64, end: i64) -> StoreResult<Vec<(String, i64)>> {
+    /// Requests started in `[start, end)` by status.
+    pub async fn status_counts(&self, start: i64, end: i64) -> StoreResult<Vec<(Outcome, i64)>> {
         sqlx::query(
             "SELECT status, CAST(COUNT(*) AS BIGINT) AS n FROM usage_records \
              WHERE started_at >= $1 AND started_at < $2 GROUP BY status ORDER BY status",
@@ -76,7 +77,7 @@ impl Store {
         .fetch_all(self.pool())
         .await?
         .iter()
-        .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
+        .map(|row| Ok((kind_column(row, "status")?, row.try_get("n")?)))
         .collect()
     }
 }

@@ -5,7 +5,8 @@
 
 use sqlx::Row;
 
-use crate::store::{Store, StoreResult};
+use crate::kinds::IdempotencyState;
+use crate::store::{kind_column, Store, StoreResult};
 
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,9 +86,9 @@ impl Store {
         if hash != a.request_hash {
             return Ok(Claim::Mismatch);
         }
-        let state: String = row.try_get("state")?;
+        let state: IdempotencyState = kind_column(&row, "state")?;
         let holder: String = row.try_get("request_id")?;
-        if state == "done" {
+        if state == IdempotencyState::Done {
             let status: Option<i64> = row.try_get("status_code")?;
             return Ok(Claim::Replay(Stored {
                 status: status.and_then(|s| u16::try_from(s).ok()).unwrap_or(200),

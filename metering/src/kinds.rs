@@ -1,5 +1,7 @@
 //! The closed vocabularies of a usage record and a customer's plan: how a request ended, which
-//! endpoint served it, where its token counts came from, and the period a budget covers.
+//! endpoint served it, where its token counts came from, and the period a budget covers; and of
+//! what else is read back from the database: why a sequence stopped, where a budget alert or an
+//! idempotency key stands, and how a passed-through response ended.
 //!
 //! They are stored and exported as the strings their `as_str` names (unchanged from when they
 //! were plain strings), parsed once where they enter (a request, a database row, the admin API)
@@ -108,6 +110,96 @@ kind! {
     }
 }
 
+// ---- read back from the ledger and its neighbours (finish reasons, alert and idempotency
+// states, the end of a passed-through response) ----------------------------------------------
+
+kind! {
+    /// Why a sequence stopped.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub enum FinishReason {
+        /// End-of-sequence token or a stop string.
+        #[default]
+        Stop,
+        /// `max_tokens` or the end of the context.
+        Length,
+        /// The model chose to call functions.
+        ToolCalls,
+        /// The client went away (never sent to a client; used for metering).
+        Cancelled,
+    }
+}
+
+kind! {
+    /// Where a budget alert of the outbox stands.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum AlertStatus {
+        /// Waiting for its next delivery attempt.
+        #[default]
+        Pending,
+        /// The customer's webhook accepted it.
+        Delivered,
+        /// Every attempt failed; no more are made.
+        Failed,
+        /// The customer had no webhook: kept for the record, never sent.
+        NoWebhook,
+    }
+}
+
+kind! {
+    /// Where an `Idempotency-Key`'s first request stands.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum IdempotencyState {
+        /// Running under a lease its gateway renews.
+        #[default]
+        Running,
+        /// Finished: its response is kept to replay.
+        Done,
+    }
+}
+
+kind! {
+    /// How a response passed through from an upstream's own Responses API ended: its last
+    /// event is `response.` and this.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum ResponseEnd {
+        /// Ended normally: charged.
+        #[default]
+        Completed,
+        /// Stopped early (`max_output_tokens`): charged, finish reason `length`.
+        Incomplete,
+        /// The upstream failed it: recorded, never charged.
+        Failed,
+    }
+}
+
+impl ResponseEnd {
+    /// The end an event of type `kind` is, if it is one of the last events.
+    pub fn of_event(kind: &str) -> Option<Self> {
+        kind.strip_prefix("response.")?.parse().ok()
+    }
+
+    /// How the request ended, for its record.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Self::Completed | Self::Incomplete => Outcome::Completed,
+            Self::Failed => Outcome::Failed,
+        }
+    }
+
+    /// The finish reason its record carries.
+    pub fn finish_reason(self) -> FinishReason {
+        match self {
+            Self::Incomplete => FinishReason::Length,
+            Self::Completed | Self::Failed => FinishReason::Stop,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +235,50 @@ mod tests {
             assert_eq!(u.as_str(), s);
             assert_eq!(s.parse::<UsageSource>().ok(), Some(u));
         }
+        for (f, s) in [
+            (FinishReason::Stop, "stop"),
+            (FinishReason::Length, "length"),
+            (FinishReason::ToolCalls, "tool_calls"),
+            (FinishReason::Cancelled, "cancelled"),
+        ] {
+            assert_eq!(f.as_str(), s);
+            assert_eq!(s.parse::<FinishReason>().ok(), Some(f));
+            assert_eq!(serde_json::to_value(f).ok(), Some(serde_json::json!(s)));
+        }
+        for (a, s) in [
+            (AlertStatus::Pending, "pending"),
+            (AlertStatus::Delivered, "delivered"),
+            (AlertStatus::Failed, "failed"),
+            (AlertStatus::NoWebhook, "no_webhook"),
+        ] {
+            assert_eq!(a.as_str(), s);
+            assert_eq!(s.parse::<AlertStatus>().ok(), Some(a));
+            assert_eq!(serde_json::to_value(a).ok(), Some(serde_json::json!(s)));
+        }
+        for (i, s) in [
+            (IdempotencyState::Running, "running"),
+            (IdempotencyState::Done, "done"),
+        ] {
+            assert_eq!(i.as_str(), s);
+            assert_eq!(s.parse::<IdempotencyState>().ok(), Some(i));
+        }
+        for (kind, end) in [
+            ("response.completed", Some(ResponseEnd::Completed)),
+            ("response.incomplete", Some(ResponseEnd::Incomplete)),
+            ("response.failed", Some(ResponseEnd::Failed)),
+            ("response.created", None),
+            ("response.output_text.delta", None),
+            ("completed", None),
+        ] {
+            assert_eq!(ResponseEnd::of_event(kind), end, "{kind}");
+        }
+        assert_eq!(ResponseEnd::Failed.outcome(), Outcome::Failed);
+        assert_eq!(ResponseEnd::Incomplete.outcome(), Outcome::Completed);
+        assert_eq!(
+            ResponseEnd::Incomplete.finish_reason(),
+            FinishReason::Length
+        );
+        assert_eq!(ResponseEnd::Completed.finish_reason(), FinishReason::Stop);
         assert_eq!(BudgetPeriod::Monthly.as_str(), "monthly");
         assert!("weekly".parse::<BudgetPeriod>().is_err());
         assert!("Failed".parse::<Outcome>().is_err());

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use tollgate_metering::limits::{Limiter, Limits, Refusal};
+use tollgate_metering::limits::{BudgetError, Limiter, Limits, Refusal};
 use tollgate_metering::store::Store;
 
 #[path = "common/store_contract.rs"]
@@ -126,7 +126,7 @@ async fn replicas_share_exact_limits_and_budgets() {
         tasks.push(tokio::spawn(async move {
             l.reserve_budget(Some(&store), &format!("req-{i}"), "acme", 1000, 100)
                 .await
-                .unwrap()
+                .answered()
                 .map(|hold| (i, hold))
         }));
     }
@@ -142,7 +142,7 @@ async fn replicas_share_exact_limits_and_budgets() {
     assert!(b
         .reserve_budget(Some(&b_store), "one-more", "acme", 1000, 1)
         .await
-        .unwrap()
+        .answered()
         .is_err());
 
     // Records reaching the ledger release their holds and count their actual cost: 10 × 30
@@ -157,12 +157,12 @@ async fn replicas_share_exact_limits_and_budgets() {
     let h = b
         .reserve_budget(Some(&b_store), "after", "acme", 1000, 700)
         .await
-        .unwrap()
+        .answered()
         .expect("700 of 1,000 are free once the records are in");
     assert!(a
         .reserve_budget(Some(&a_store), "after-2", "acme", 1000, 1)
         .await
-        .unwrap()
+        .answered()
         .is_err());
     // A request that never reached a model gives its hold back whole.
     b.release_budget(&h);
@@ -171,7 +171,7 @@ async fn replicas_share_exact_limits_and_budgets() {
         match a
             .reserve_budget(Some(&a_store), "after-3", "acme", 1000, 700)
             .await
-            .unwrap()
+            .answered()
         {
             Ok(_) => break,
             Err(_) if Instant::now() < deadline => {
@@ -185,12 +185,12 @@ async fn replicas_share_exact_limits_and_budgets() {
     // refuse anyone.
     a.reserve_budget(Some(&a_store), "ghost-1", "ghost", 1000, 1000)
         .await
-        .unwrap()
+        .answered()
         .expect("the whole budget");
     assert!(b
         .reserve_budget(Some(&b_store), "ghost-2", "ghost", 1000, 1)
         .await
-        .unwrap()
+        .answered()
         .is_err());
     a_store
         .execute_raw("UPDATE budget_holds SET expires_at = 0 WHERE id = 'ghost-1'")
@@ -198,7 +198,7 @@ async fn replicas_share_exact_limits_and_budgets() {
         .unwrap();
     b.reserve_budget(Some(&b_store), "ghost-2", "ghost", 1000, 1000)
         .await
-        .unwrap()
+        .answered()
         .expect("the expired hold was cleared");
 
     // A key's own budget: 20 concurrent requests of at most 100 against the key's 500, under
@@ -219,7 +219,7 @@ async fn replicas_share_exact_limits_and_budgets() {
                 100,
             )
             .await
-            .unwrap()
+            .answered()
             .map(|hold| (i, hold))
         }));
     }
@@ -256,7 +256,7 @@ async fn replicas_share_exact_limits_and_budgets() {
                 amount,
             )
             .await
-            .unwrap()
+            .answered()
         }
     };
     assert!(key_only(&a, a_store.clone(), "k-301", 301).await.is_err());
@@ -283,4 +283,18 @@ async fn postgres_a_failing_alert_step_does_not_hold_the_records() {
         .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
     let store = fresh_database(&url, "tollgate_alert_failure").await;
     ledger_rules::a_failing_alert_step_does_not_hold_the_records(&store).await;
+}
+
+/// A budget's answer, the database having answered (a store error fails the test).
+trait Answered<T> {
+    fn answered(self) -> Result<T, Refusal>;
+}
+
+impl<T> Answered<T> for Result<T, BudgetError> {
+    fn answered(self) -> Result<T, Refusal> {
+        self.map_err(|e| match e {
+            BudgetError::Refused(r) => r,
+            BudgetError::Store(e) => panic!("the store failed: {e}"),
+        })
+    }
 }

@@ -26,7 +26,7 @@ use prometheus::IntGauge;
 use tollgate_gateway::auth::{digest, hex, AuthConfig};
 use tollgate_metering::audit::Actor;
 use tollgate_metering::ledger::{Ledger, LedgerGauges};
-use tollgate_metering::limits::Limiter;
+use tollgate_metering::limits::{BudgetError, Limiter};
 use tollgate_metering::store::{now_micros, CustomerFields, DbKind, NewKey, Store, UsageRecord};
 
 const THROUGHPUT_RECORDS: usize = 20_000;
@@ -63,14 +63,14 @@ fn record_of(customer: &str, id: String, started_at: i64) -> UsageRecord {
         endpoint: tollgate_metering::kinds::Endpoint::ChatCompletions,
         stream: true,
         status: tollgate_metering::kinds::Outcome::Completed,
-        finish_reason: Some("stop".into()),
+        finish_reason: Some(tollgate_metering::kinds::FinishReason::Stop),
         input_tokens: 27,
         output_tokens: 64,
         started_at,
         finished_at: started_at + 900_000,
         ttft_ms: Some(40),
-        input_price_per_mtok: "0.05".into(),
-        output_price_per_mtok: "0.10".into(),
+        input_price_per_mtok: rust_decimal::Decimal::new(5, 2),
+        output_price_per_mtok: rust_decimal::Decimal::new(10, 2),
         cost_nano_usd: 7_750,
         ..UsageRecord::default()
     }
@@ -219,8 +219,11 @@ async fn latency(store: &Store, ledger: &Ledger, secret: &str, run: &str) -> any
             .map_err(|r| anyhow!("refused by the token rate limit: {r:?}"))?;
         let budget = limiter
             .reserve_budget(Some(store), &id, &caller.customer_id, i64::MAX / 4, 7_750)
-            .await?
-            .map_err(|r| anyhow!("refused by the budget: {r:?}"))?;
+            .await
+            .map_err(|e| match e {
+                BudgetError::Refused(r) => anyhow!("refused by the budget: {r:?}"),
+                BudgetError::Store(e) => e.into(),
+            })?;
         limiter.settle_tokens(&tokens, 91);
         limiter.settle_budget(&budget, 7_750);
         let t2 = Instant::now();

@@ -167,7 +167,7 @@ pub fn alert_json(a: &Alert) -> Value {
         "created_at": tollgate_metering::periods::rfc3339(a.created_at),
         "status": a.status,
         "attempts": a.attempts,
-        "next_attempt_at": (a.status == "pending").then(|| tollgate_metering::periods::rfc3339(a.next_attempt_at)),
+        "next_attempt_at": (a.status == tollgate_metering::kinds::AlertStatus::Pending).then(|| tollgate_metering::periods::rfc3339(a.next_attempt_at)),
         "delivered_at": a.delivered_at.map(tollgate_metering::periods::rfc3339),
         "last_error": a.last_error,
         "event": serde_json::from_str::<Value>(&a.payload).unwrap_or(Value::Null),

@@ -1,8 +1,9 @@
 //! The accounting guard: [`Completion`] settles one request exactly once, whether its answer
 //! completed, failed, or the client went away (dropping the response drops the backend streams,
-//! which cancels them): metrics, the settlement of its rate-limit and budget reservations, and
-//! its usage record, counted from the backends' own progress counters. Admission, which builds
-//! the guard, is in [`super::admission`].
+//! which cancels them): the settlement of its rate-limit and budget reservations and its usage
+//! record, counted per choice ([`ChoiceTally`]) from the backends' own progress counters; then
+//! its metrics, span and log ([`Completion::observe`]). Admission, which builds the guard, is in
+//! [`super::admission`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::Caller;
 use crate::backend::{FinishReason, Usage, UsageSource};
+use crate::concurrency::{RequestSlot, Slots};
 use crate::openapi::schemas::{CompletionUsage, PromptTokensDetails};
 use crate::AppState;
 use tollgate_metering::kinds::{Endpoint, Outcome};
@@ -19,134 +21,205 @@ use tollgate_metering::money::{cached_part_nano_usd, cost_with_cached_nano_usd};
 use tollgate_metering::store::{now_micros, UsageRecord};
 use tollgate_metering::tags::Tags;
 
-/// Accounts one request exactly once, whether it completed, failed, or the client went away
-/// (dropping the response drops the backend streams, which cancels them): metrics, the
-/// settlement of its rate-limit and budget reservations, and its usage record.
-pub(crate) struct Completion {
-    pub(super) state: AppState,
-    pub(super) caller: Caller,
-    pub(super) model: String,
-    pub(super) endpoint: Endpoint,
-    pub(super) stream: bool,
-    pub(super) price: Price,
-    pub(super) request_id: String,
-    pub(super) started: Instant,
-    pub(super) started_at: i64,
-    pub(super) first_token: Option<Instant>,
-    /// Prompt tokens of each choice as prepared (exact for local models, an upper bound for
-    /// upstreams until they report usage).
-    pub(super) prompts: Vec<u32>,
-    /// Prompt tokens each choice's backend reported when it finished.
-    pub(super) prompts_reported: Vec<Option<u32>>,
-    /// Choices per distinct prompt (`n`): a prompt is counted once for its `n` choices.
-    pub(super) per_prompt: usize,
-    /// Tokens generated so far, per choice, as read from the streams.
-    pub(super) generated: Vec<u32>,
-    /// The backends' own counts, ahead of what was read when a client goes away.
-    pub(super) progress: Vec<Option<Arc<AtomicUsize>>>,
-    /// Prompt tokens each choice's backend served from its prefix cache: as reported when it
-    /// finished, else as its counter says (a client that went away).
-    pub(super) cached_reported: Vec<Option<u32>>,
-    pub(super) cached: Vec<Option<Arc<AtomicUsize>>>,
-    /// Where each finished choice's counts came from.
-    pub(super) sources: Vec<Option<UsageSource>>,
+/// What a request is billed as: set at admission, written on its record.
+pub(super) struct Charge {
+    pub request_id: String,
+    pub model: String,
+    pub endpoint: Endpoint,
+    pub stream: bool,
+    pub price: Price,
     /// Cost-allocation tags for the record (request and key, merged).
-    pub(super) tags: Tags,
-    pub(super) finish: Option<FinishReason>,
-    pub(super) outcome: Outcome,
-    pub(super) tokens_hold: Option<TokenHold>,
-    pub(super) budget_hold: Option<BudgetHold>,
-    /// The record was written (or the request never reached a model).
-    pub(super) settled: bool,
-    /// The gateway's own time on this request so far (see `tollgate_gateway_overhead_seconds`).
-    pub(super) overhead: Duration,
-    /// The request's server span, held until the request ends (a stream outlives its
-    /// handler), to record the usage on; `Span::none()` when traces are off.
-    pub(super) server_span: tracing::Span,
-    /// The customer's concurrency slots on this model, held until the request ends.
-    pub(super) _slots: Option<crate::concurrency::Slots>,
+    pub tags: Tags,
+}
+
+/// What an admitted request holds until it ends (a stream outlives its handler); the slots
+/// are only held, their drop frees them.
+pub(super) struct Holds {
+    pub tokens: Option<TokenHold>,
+    pub budget: Option<BudgetHold>,
+    /// The request's server span, to record the usage on; `Span::none()` when traces are off.
+    pub server_span: tracing::Span,
+    /// The customer's concurrency slots on this model.
+    pub _slots: Option<Slots>,
     /// The request's place under its key's and customer's `max_concurrent_requests`.
-    pub(super) _request_slot: crate::concurrency::RequestSlot,
+    pub _request_slot: RequestSlot,
+}
+
+/// What one choice (one backend sequence) has produced, as its guard counts it.
+pub(super) struct ChoiceTally {
+    /// Prompt tokens as prepared (exact for local models, an upper bound for upstreams until
+    /// they report usage).
+    prompt: u32,
+    /// Prompt tokens its backend reported when it finished.
+    prompt_reported: Option<u32>,
+    /// Tokens generated so far, as read from its stream.
+    generated: u32,
+    /// The backend's own count, ahead of what was read when a client goes away.
+    progress: Option<Arc<AtomicUsize>>,
+    /// Prompt tokens its backend served from its prefix cache, as reported when it finished.
+    cached_reported: Option<u32>,
+    /// The same, as its counter says (a client that went away).
+    cached: Option<Arc<AtomicUsize>>,
+    /// Where its counts came from, once it finished.
+    source: Option<UsageSource>,
+}
+
+impl ChoiceTally {
+    /// A choice of `prompt` tokens (as prepared) not started yet, with the backend's counters
+    /// of tokens produced and of prompt tokens served from a cache when it has them.
+    pub(super) fn new(
+        prompt: u32,
+        progress: Option<Arc<AtomicUsize>>,
+        cached: Option<Arc<AtomicUsize>>,
+    ) -> Self {
+        Self {
+            prompt,
+            prompt_reported: None,
+            generated: 0,
+            progress,
+            cached_reported: None,
+            cached,
+            source: None,
+        }
+    }
+
+    /// Tokens produced: what was read, or the backend's counter when it is ahead.
+    fn produced(&self) -> u32 {
+        let counted = self
+            .progress
+            .as_ref()
+            .map_or(0, |p| p.load(Ordering::Relaxed));
+        self.generated
+            .max(u32::try_from(counted).unwrap_or(u32::MAX))
+    }
+
+    /// Prompt tokens served from a prefix cache: as reported, else as its counter says.
+    fn cached_tokens(&self) -> u32 {
+        self.cached_reported.unwrap_or_else(|| {
+            self.cached.as_ref().map_or(0, |c| {
+                u32::try_from(c.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
+            })
+        })
+    }
+
+    /// Where its counts came from: as its backend said once it finished; before that, the
+    /// engine's counter if it has one, else what the gateway counted streaming by.
+    fn source(&self) -> UsageSource {
+        match (self.source, &self.progress) {
+            (Some(s), _) => s,
+            (None, Some(_)) => UsageSource::Engine,
+            (None, None) => UsageSource::Observed,
+        }
+    }
+}
+
+/// Prompt tokens of the choices of one prompt, counted once: as one of their backends reported
+/// them, else as prepared.
+fn prompt_of(group: &[ChoiceTally]) -> u32 {
+    group
+        .iter()
+        .find_map(|c| c.prompt_reported)
+        .unwrap_or_else(|| group.first().map_or(0, |c| c.prompt))
+}
+
+/// Accounts one request exactly once, whether it completed, failed, or the client went away
+/// (dropping the response drops the backend streams, which cancels them): the settlement of its
+/// rate-limit and budget reservations and its usage record, then its metrics, span and log.
+pub(crate) struct Completion {
+    state: AppState,
+    caller: Caller,
+    charge: Charge,
+    holds: Holds,
+    started: Instant,
+    started_at: i64,
+    first_token: Option<Instant>,
+    /// One per choice, `per_prompt` of them per distinct prompt.
+    choices: Vec<ChoiceTally>,
+    /// Choices per distinct prompt (`n`): a prompt is counted once for its `n` choices.
+    per_prompt: usize,
+    finish: Option<FinishReason>,
+    outcome: Outcome,
+    /// The record was written (or the request never reached a model).
+    settled: bool,
+    /// The gateway's own time on this request so far (see `tollgate_gateway_overhead_seconds`).
+    overhead: Duration,
 }
 
 impl Completion {
+    /// The guard of a request admitted with `holds`: its `choices`, `per_prompt` of them per
+    /// distinct prompt. The request's clock starts now; it ends `cancelled` unless committed.
+    pub(super) fn new(
+        state: &AppState,
+        caller: Caller,
+        charge: Charge,
+        holds: Holds,
+        choices: Vec<ChoiceTally>,
+        per_prompt: usize,
+    ) -> Self {
+        Self {
+            state: state.clone(),
+            caller,
+            charge,
+            holds,
+            started: Instant::now(),
+            started_at: now_micros(),
+            first_token: None,
+            choices,
+            per_prompt,
+            finish: None,
+            outcome: Outcome::Cancelled,
+            settled: false,
+            overhead: Duration::ZERO,
+        }
+    }
+
+    /// Adds to the gateway's own time on this request (see `tollgate_gateway_overhead_seconds`).
+    pub(super) fn add_overhead(&mut self, took: Duration) {
+        self.overhead += took;
+    }
+
     pub(crate) fn completion_tokens(&self) -> u32 {
-        self.generated
-            .iter()
-            .zip(&self.progress)
-            .map(|(&read, p)| {
-                let produced = p.as_ref().map_or(0, |p| p.load(Ordering::Relaxed));
-                read.max(u32::try_from(produced).unwrap_or(u32::MAX))
-            })
-            .sum()
+        self.choices.iter().map(ChoiceTally::produced).sum()
+    }
+
+    /// The choices of each distinct prompt.
+    fn prompts(&self) -> std::slice::Chunks<'_, ChoiceTally> {
+        self.choices.chunks(self.per_prompt.max(1))
     }
 
     /// Prompt tokens, once per distinct prompt: as the backend reported them, else as prepared.
     pub(crate) fn prompt_tokens(&self) -> u32 {
-        self.prompts
-            .chunks(self.per_prompt.max(1))
-            .zip(self.prompts_reported.chunks(self.per_prompt.max(1)))
-            .map(|(prepared, reported)| {
-                reported
-                    .iter()
-                    .flatten()
-                    .next()
-                    .copied()
-                    .unwrap_or(prepared[0])
-            })
-            .sum()
+        self.prompts().map(prompt_of).sum()
     }
 
     /// Prompt tokens served from a prefix cache, once per distinct prompt: the fewest any of
     /// its choices reports (never more than the prompt), so no choice's discount is assumed
     /// for another.
     pub(crate) fn cached_tokens(&self) -> u32 {
-        let per = self.per_prompt.max(1);
-        let cached: Vec<u32> = self
-            .cached_reported
-            .iter()
-            .zip(&self.cached)
-            .map(|(reported, counter)| {
-                reported.unwrap_or_else(|| {
-                    counter.as_ref().map_or(0, |c| {
-                        u32::try_from(c.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
-                    })
-                })
-            })
-            .collect();
-        let prompts = self
-            .prompts
-            .chunks(per)
-            .zip(self.prompts_reported.chunks(per));
-        cached
-            .chunks(per)
-            .zip(prompts)
-            .map(|(group, (prepared, reported))| {
-                let prompt = reported
-                    .iter()
-                    .flatten()
-                    .next()
-                    .copied()
-                    .unwrap_or(prepared[0]);
-                group.iter().copied().min().unwrap_or(0).min(prompt)
+        self.prompts()
+            .map(|group| {
+                let fewest = group.iter().map(ChoiceTally::cached_tokens).min();
+                fewest.unwrap_or(0).min(prompt_of(group))
             })
             .sum()
     }
 
-    /// Where the counts came from, the least trusted of any choice: as a finished choice's
-    /// backend said; for one that did not finish, the engine's counter if it has one, else
-    /// what the gateway counted streaming by.
+    /// Where the counts came from, the least trusted of any choice.
     fn usage_source(&self) -> UsageSource {
-        self.sources
+        self.choices
             .iter()
-            .zip(&self.progress)
-            .map(|(source, progress)| match (source, progress) {
-                (Some(s), _) => *s,
-                (None, Some(_)) => UsageSource::Engine,
-                (None, None) => UsageSource::Observed,
-            })
+            .map(ChoiceTally::source)
             .max()
             .unwrap_or_default()
+    }
+
+    /// The reason the record and the span carry: `cancelled` for a client that went away,
+    /// else the first choice's (or the first to finish).
+    fn finish_reason(&self) -> Option<FinishReason> {
+        match self.outcome {
+            Outcome::Cancelled => Some(FinishReason::Cancelled),
+            _ => self.finish,
+        }
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -155,15 +228,19 @@ impl Completion {
 
     pub(crate) fn on_delta(&mut self, choice: usize, completion_tokens: u32) {
         self.first_token.get_or_insert_with(Instant::now);
-        self.generated[choice] = self.generated[choice].max(completion_tokens);
+        if let Some(c) = self.choices.get_mut(choice) {
+            c.generated = c.generated.max(completion_tokens);
+        }
     }
 
     pub(crate) fn on_finished(&mut self, choice: usize, reason: FinishReason, usage: Usage) {
-        // Never below what was seen streaming by.
-        self.generated[choice] = self.generated[choice].max(usage.completion_tokens);
-        self.prompts_reported[choice] = Some(usage.prompt_tokens);
-        self.cached_reported[choice] = Some(usage.cached_tokens);
-        self.sources[choice] = Some(usage.source);
+        if let Some(c) = self.choices.get_mut(choice) {
+            // Never below what was seen streaming by.
+            c.generated = c.generated.max(usage.completion_tokens);
+            c.prompt_reported = Some(usage.prompt_tokens);
+            c.cached_reported = Some(usage.cached_tokens);
+            c.source = Some(usage.source);
+        }
         if choice == 0 || self.finish.is_none() {
             self.finish = Some(reason);
         }
@@ -196,21 +273,22 @@ impl Completion {
         let input = u64::from(self.prompt_tokens());
         let cached = u64::from(self.cached_tokens()).min(input);
         let output = u64::from(self.completion_tokens());
+        let price = &self.charge.price;
         // Failures are on us: recorded, never charged.
         let (cost, cached_cost) = if self.outcome.is_charged() {
             (
-                cost_with_cached_nano_usd(&self.price, input, cached, output),
-                cached_part_nano_usd(&self.price, input, cached),
+                cost_with_cached_nano_usd(price, input, cached, output),
+                cached_part_nano_usd(price, input, cached),
             )
         } else {
             (0, 0)
         };
         let limiter = &self.state.limiter;
-        if let Some(hold) = &self.tokens_hold {
+        if let Some(hold) = &self.holds.tokens {
             limiter.settle_tokens(hold, signed(input + output));
         }
         limiter.settle_spend(
-            self.budget_hold.as_ref(),
+            self.holds.budget.as_ref(),
             &self.caller.customer_id,
             &self.caller.key_id,
             self.started_at,
@@ -220,19 +298,15 @@ impl Completion {
             ticket.settled(self.outcome);
         }
         self.state.ledger.as_ref()?;
-        let finish_reason = match self.outcome {
-            Outcome::Cancelled => Some(Outcome::Cancelled.to_string()),
-            _ => self.finish.map(|f| f.as_str().to_string()),
-        };
         Some(UsageRecord {
-            id: self.request_id.clone(),
+            id: self.charge.request_id.clone(),
             customer_id: self.caller.customer_id.clone(),
             key_id: self.caller.key_id.clone(),
-            model: self.model.clone(),
-            endpoint: self.endpoint,
-            stream: self.stream,
+            model: self.charge.model.clone(),
+            endpoint: self.charge.endpoint,
+            stream: self.charge.stream,
             status: self.outcome,
-            finish_reason,
+            finish_reason: self.finish_reason(),
             input_tokens: signed(input),
             output_tokens: signed(output),
             started_at: self.started_at,
@@ -240,14 +314,14 @@ impl Completion {
             ttft_ms: self
                 .first_token
                 .map(|f| i64::try_from((f - self.started).as_millis()).unwrap_or(i64::MAX)),
-            input_price_per_mtok: self.price.input_per_mtok.to_string(),
-            output_price_per_mtok: self.price.output_per_mtok.to_string(),
+            input_price_per_mtok: price.input_per_mtok,
+            output_price_per_mtok: price.output_per_mtok,
             cost_nano_usd: cost,
             cached_input_tokens: signed(cached),
-            cached_input_price_per_mtok: Some(self.price.cached_input_per_mtok.to_string()),
+            cached_input_price_per_mtok: Some(price.cached_input_per_mtok),
             cached_cost_nano_usd: cached_cost,
             usage_source: Some(self.usage_source()),
-            tags: std::mem::take(&mut self.tags),
+            tags: std::mem::take(&mut self.charge.tags),
             idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
         })
     }
@@ -280,56 +354,34 @@ impl Completion {
     /// back and write no record.
     pub(crate) fn abandon(&mut self) {
         self.settled = true;
-        if let Some(hold) = &self.tokens_hold {
+        if let Some(hold) = &self.holds.tokens {
             self.state.limiter.settle_tokens(hold, 0);
         }
-        if let Some(hold) = &self.budget_hold {
+        if let Some(hold) = &self.holds.budget {
             self.state.limiter.release_budget(hold);
         }
     }
-}
 
-/// A count as the ledger's signed columns hold it (saturating; no request comes near).
-fn signed(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-impl Drop for Completion {
-    fn drop(&mut self) {
-        if let Some(record) = self.settle() {
-            if let Some(ledger) = &self.state.ledger {
-                ledger.record_nowait(record);
-            }
-        }
+    /// What the request's end shows outside the ledger: the model's token and latency
+    /// metrics, the usage and finish reason on the request's span, and the log line.
+    ///
+    /// Called from `Drop`, once, after the record is settled, rather than from `commit`: the
+    /// drop is the one point every request reaches exactly once (a client that goes away
+    /// never reaches `commit`), and it is the end of the response (a stream is dropped after
+    /// its last event was read), so the span ends and the per-token timing stops there, as
+    /// the client saw them, whichever way the request ended.
+    fn observe(&self) {
         let m = &self.state.metrics;
-        let model = [self.model.as_str()];
+        let model = [self.charge.model.as_str()];
+        let prompt_tokens = self.prompt_tokens();
         let completion_tokens = self.completion_tokens();
         m.gateway_overhead
             .with_label_values(&model)
             .observe(self.overhead.as_secs_f64());
-        if !self.server_span.is_none() {
-            let span = &self.server_span;
-            // An exported span ends when it was last exited: a stream is read after its
-            // handler returned, so the request's span is entered once more now that it ends.
-            let _end = span.enter();
-            // As i64: OpenTelemetry's integer attributes are signed.
-            span.record("gen_ai.usage.input_tokens", i64::from(self.prompt_tokens()));
-            span.record("gen_ai.usage.output_tokens", i64::from(completion_tokens));
-            let reason = match self.outcome {
-                Outcome::Cancelled => Outcome::Cancelled.as_str(),
-                _ => self.finish.map_or("error", |f| f.as_str()),
-            };
-            // An array of strings, as the GenAI conventions define it (tracing fields are
-            // scalars, so it is set on the OpenTelemetry span directly).
-            use tracing_opentelemetry::OpenTelemetrySpanExt;
-            span.set_attribute(
-                "gen_ai.response.finish_reasons",
-                opentelemetry::Value::Array(opentelemetry::Array::String(vec![reason.into()])),
-            );
-        }
+        self.end_span(prompt_tokens, completion_tokens);
         m.input_tokens
             .with_label_values(&model)
-            .inc_by(f64::from(self.prompt_tokens()));
+            .inc_by(f64::from(prompt_tokens));
         m.output_tokens
             .with_label_values(&model)
             .inc_by(f64::from(completion_tokens));
@@ -345,15 +397,88 @@ impl Drop for Completion {
             }
         }
         tracing::info!(
-            request_id = %self.request_id,
+            request_id = %self.charge.request_id,
             customer_id = %self.caller.customer_id,
-            model = %self.model,
+            model = %self.charge.model,
             outcome = self.outcome.as_str(),
-            prompt_tokens = self.prompt_tokens(),
+            prompt_tokens,
             completion_tokens,
             ttft_ms = self.first_token.map(|f| (f - self.started).as_millis() as u64),
             duration_ms = self.started.elapsed().as_millis() as u64,
             "completion finished"
         );
+    }
+
+    /// Records the usage and the finish reason on the request's server span (when traces are
+    /// exported).
+    fn end_span(&self, prompt_tokens: u32, completion_tokens: u32) {
+        let span = &self.holds.server_span;
+        if span.is_none() {
+            return;
+        }
+        // An exported span ends when it was last exited: a stream is read after its handler
+        // returned, so the request's span is entered once more now that it ends.
+        let _end = span.enter();
+        // As i64: OpenTelemetry's integer attributes are signed.
+        span.record("gen_ai.usage.input_tokens", i64::from(prompt_tokens));
+        span.record("gen_ai.usage.output_tokens", i64::from(completion_tokens));
+        let reason = self.finish_reason().map_or("error", FinishReason::as_str);
+        // An array of strings, as the GenAI conventions define it (tracing fields are
+        // scalars, so it is set on the OpenTelemetry span directly).
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        span.set_attribute(
+            "gen_ai.response.finish_reasons",
+            opentelemetry::Value::Array(opentelemetry::Array::String(vec![reason.into()])),
+        );
+    }
+}
+
+/// A count as the ledger's signed columns hold it (saturating; no request comes near).
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The guard's one duty on drop: the request is settled and its record written, exactly once
+/// (`settle` is a no-op after `commit` or `abandon`); then it is observed.
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(record) = self.settle() {
+            if let Some(ledger) = &self.state.ledger {
+                ledger.record_nowait(record);
+            }
+        }
+        self.observe();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_counts_once_as_a_choice_reported_it_else_as_prepared() {
+        let mut group = vec![
+            ChoiceTally::new(10, None, None),
+            ChoiceTally::new(10, None, None),
+        ];
+        assert_eq!(prompt_of(&group), 10);
+        group[1].prompt_reported = Some(12);
+        assert_eq!(prompt_of(&group), 12);
+        assert_eq!(prompt_of(&[]), 0);
+    }
+
+    #[test]
+    fn a_choice_counts_what_its_engine_produced_when_ahead_of_the_stream() {
+        let progress = Arc::new(AtomicUsize::new(7));
+        let mut c = ChoiceTally::new(3, Some(progress), None);
+        c.generated = 5;
+        assert_eq!((c.produced(), c.source()), (7, UsageSource::Engine));
+        c.generated = 9;
+        c.source = Some(UsageSource::Upstream);
+        assert_eq!((c.produced(), c.source()), (9, UsageSource::Upstream));
+        let mut o = ChoiceTally::new(3, None, Some(Arc::new(AtomicUsize::new(2))));
+        assert_eq!((o.source(), o.cached_tokens()), (UsageSource::Observed, 2));
+        o.cached_reported = Some(1);
+        assert_eq!(o.cached_tokens(), 1);
     }
 }

@@ -5,18 +5,18 @@
 //! through [`start`] or [`start_passthrough`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::api::accounting::Completion;
+use crate::api::accounting::{Charge, ChoiceTally, Completion, Holds};
 use crate::api::openai::Plan;
 use crate::auth::Caller;
 use crate::backend::{Backend, EventStream};
+use crate::concurrency::{RequestSlot, Slots};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
-use tollgate_metering::kinds::{Endpoint, Outcome};
-use tollgate_metering::limits::{BudgetHold, TokenHold};
+use tollgate_metering::kinds::Endpoint;
+use tollgate_metering::limits::{BudgetError, BudgetHold, TokenHold};
 use tollgate_metering::money::{max_cost_nano_usd, Price};
-use tollgate_metering::store::now_micros;
 use tollgate_metering::tags::Tags;
 
 pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
@@ -58,12 +58,12 @@ async fn admit(
                 )
                 .await;
             match reserved {
-                Ok(Ok(hold)) => hold,
-                Ok(Err(refusal)) => {
+                Ok(hold) => hold,
+                Err(BudgetError::Refused(refusal)) => {
                     limiter.settle_tokens(&tokens, 0);
                     return Err(refusal.into());
                 }
-                Err(e) => {
+                Err(BudgetError::Store(e)) => {
                     limiter.settle_tokens(&tokens, 0);
                     tracing::error!("budget lookup failed: {e}");
                     return Err(ApiError::Unavailable(
@@ -83,6 +83,58 @@ pub(crate) struct Started {
     pub completion: Completion,
 }
 
+/// What a request may hold before its prompts are counted.
+struct Entry {
+    backend: Arc<dyn Backend>,
+    slots: Option<Slots>,
+    request_slot: RequestSlot,
+}
+
+/// The checks every billed request passes first, in order: the model is served, the key may
+/// use it, the key's and customer's concurrent requests, and (when the model caps them) the
+/// customer's `sequences` concurrent sequences on it.
+fn enter(
+    state: &AppState,
+    caller: &Caller,
+    model: &str,
+    sequences: usize,
+) -> Result<Entry, ApiError> {
+    let backend = backend_for(state, model)?;
+    if !caller.may_use(model) {
+        return Err(ApiError::ModelNotAllowed(model.to_string()));
+    }
+    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
+    let cap = state
+        .config
+        .models
+        .get(model)
+        .and_then(|m| m.max_sequences_per_customer);
+    let slots = match cap {
+        Some(limit) => Some(state.inflight.acquire(
+            &caller.customer_id,
+            model,
+            sequences,
+            limit,
+        )?),
+        None => None,
+    };
+    Ok(Entry {
+        backend,
+        slots,
+        request_slot,
+    })
+}
+
+/// The model's configured price (zero when it has none).
+fn price_of(state: &AppState, model: &str) -> Price {
+    state
+        .config
+        .models
+        .get(model)
+        .map(|m| m.price)
+        .unwrap_or_default()
+}
+
 /// Checks the key may use the model, admits the request against its rate limits and budgets
 /// (with the prompts' real token counts), and starts every choice. Every billed endpoint
 /// goes through here and its [`Completion`]; the record carries `tags` merged with the key's
@@ -96,25 +148,7 @@ pub(crate) async fn start(
     tags: Tags,
 ) -> Result<Started, ApiError> {
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
-    let backend = backend_for(state, &plan.model)?;
-    if !caller.may_use(&plan.model) {
-        return Err(ApiError::ModelNotAllowed(plan.model.clone()));
-    }
-    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
-    let cap = state
-        .config
-        .models
-        .get(&plan.model)
-        .and_then(|m| m.max_sequences_per_customer);
-    let slots = match cap {
-        Some(limit) => Some(state.inflight.acquire(
-            &caller.customer_id,
-            &plan.model,
-            plan.choices.len(),
-            limit,
-        )?),
-        None => None,
-    };
+    let entry = enter(state, &caller, &plan.model, plan.choices.len())?;
     let server_span = server_span(
         endpoint,
         &plan.model,
@@ -133,15 +167,10 @@ pub(crate) async fn start(
         let mut request = request.clone();
         request.customer = Some(caller.customer_id.clone());
         request.scheduling_weight = Some(caller.scheduling_weight);
-        prepared.push(backend.prepare(request).await?);
+        prepared.push(entry.backend.prepare(request).await?);
     }
     let backend_time = t.elapsed();
-    let price = state
-        .config
-        .models
-        .get(&plan.model)
-        .map(|m| m.price)
-        .unwrap_or_default();
+    let price = price_of(state, &plan.model);
     // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
     let n = plan.n.max(1) as usize;
     let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
@@ -158,37 +187,27 @@ pub(crate) async fn start(
         .metering_duration
         .with_label_values(&["admit"])
         .observe(admit_time.as_secs_f64());
-    let mut completion = Completion {
-        state: state.clone(),
-        caller,
+    let choices = prepared
+        .iter()
+        .map(|p| ChoiceTally::new(p.prompt_tokens, p.progress.clone(), p.cached.clone()))
+        .collect();
+    let charge = Charge {
+        request_id: id.0.clone(),
         model: plan.model.clone(),
         endpoint,
         stream: plan.stream,
         price,
-        request_id: id.0.clone(),
-        started: Instant::now(),
-        started_at: now_micros(),
-        first_token: None,
-        prompts: prepared.iter().map(|p| p.prompt_tokens).collect(),
-        prompts_reported: vec![None; prepared.len()],
-        progress: prepared.iter().map(|p| p.progress.clone()).collect(),
-        cached_reported: vec![None; prepared.len()],
-        cached: prepared.iter().map(|p| p.cached.clone()).collect(),
-        sources: vec![None; prepared.len()],
         tags,
-        per_prompt: n,
-        generated: vec![0; prepared.len()],
-        finish: None,
-        outcome: Outcome::Cancelled,
-        tokens_hold,
-        budget_hold,
-        settled: false,
-        overhead: Duration::ZERO,
-        server_span,
-        _slots: slots,
-        _request_slot: request_slot,
     };
-    completion.overhead = id.1.elapsed().saturating_sub(backend_time);
+    let holds = Holds {
+        tokens: tokens_hold,
+        budget: budget_hold,
+        server_span,
+        _slots: entry.slots,
+        _request_slot: entry.request_slot,
+    };
+    let mut completion = Completion::new(state, caller, charge, holds, choices, n);
+    completion.add_overhead(id.1.elapsed().saturating_sub(backend_time));
     let mut streams = Vec::with_capacity(prepared.len());
     for p in prepared {
         match (p.start)() {
@@ -225,22 +244,9 @@ pub(crate) async fn start_passthrough(
     tags: Tags,
 ) -> Result<Completion, ApiError> {
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
-    backend_for(state, model)?;
-    if !caller.may_use(model) {
-        return Err(ApiError::ModelNotAllowed(model.to_string()));
-    }
-    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
-    let config = state.config.models.get(model);
-    let slots = match config.and_then(|m| m.max_sequences_per_customer) {
-        Some(limit) => Some(
-            state
-                .inflight
-                .acquire(&caller.customer_id, model, 1, limit)?,
-        ),
-        None => None,
-    };
+    let entry = enter(state, &caller, model, 1)?;
     state.limiter.admit_request(&caller.limits).await?;
-    let price = config.map(|m| m.price).unwrap_or_default();
+    let price = price_of(state, model);
     let (tokens_hold, budget_hold) = admit(
         state,
         &id.0,
@@ -251,36 +257,24 @@ pub(crate) async fn start_passthrough(
     )
     .await?;
     let server_span = server_span(endpoint, model, &caller.customer_id, Some(max_output));
-    Ok(Completion {
-        state: state.clone(),
-        caller,
+    let charge = Charge {
+        request_id: id.0.clone(),
         model: model.to_string(),
         endpoint,
         stream,
         price,
-        request_id: id.0.clone(),
-        started: Instant::now(),
-        started_at: now_micros(),
-        first_token: None,
-        prompts: vec![prompt_tokens],
-        prompts_reported: vec![None],
-        progress: vec![None],
-        cached_reported: vec![None],
-        cached: vec![None],
-        sources: vec![None],
         tags,
-        per_prompt: 1,
-        generated: vec![0],
-        finish: None,
-        outcome: Outcome::Cancelled,
-        tokens_hold,
-        budget_hold,
-        settled: false,
-        _slots: slots,
-        _request_slot: request_slot,
-        overhead: Duration::ZERO,
+    };
+    let holds = Holds {
+        tokens: tokens_hold,
+        budget: budget_hold,
         server_span,
-    })
+        _slots: entry.slots,
+        _request_slot: entry.request_slot,
+    };
+    // One sequence, whose progress the relay feeds the guard itself.
+    let choices = vec![ChoiceTally::new(prompt_tokens, None, None)];
+    Ok(Completion::new(state, caller, charge, holds, choices, 1))
 }
 
 /// The request's server span (when traces are exported), named and given the GenAI request

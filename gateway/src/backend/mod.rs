@@ -194,30 +194,8 @@ pub struct LogprobEntry {
     pub top: Vec<TokenLogprob>,
 }
 
-/// Why a sequence stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// End-of-sequence token or a stop string.
-    Stop,
-    /// `max_tokens` or the end of the context.
-    Length,
-    /// The model chose to call functions.
-    ToolCalls,
-    /// The client went away (never sent to a client; used for metering).
-    Cancelled,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-            Self::ToolCalls => "tool_calls",
-            Self::Cancelled => "cancelled",
-        }
-    }
-}
+/// Why a sequence stopped (the ledger's vocabulary: it is recorded as it is sent).
+pub use tollgate_metering::kinds::FinishReason;
 
 /// Token counts of one sequence, from the model's own tokenizer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -121,7 +121,7 @@ async fn totals(store: &Store, start: i64, end: i64) -> Result<Totals, PageError
         .status_counts(start, end)
         .await?
         .into_iter()
-        .filter(|(s, _)| s == "failed")
+        .filter(|(s, _)| *s == tollgate_metering::kinds::Outcome::Failed)
         .map(|(_, n)| n)
         .sum();
     let sum = |f: fn(&tollgate_metering::store::UsageRow) -> i64| rows.iter().map(f).sum::<i64>();

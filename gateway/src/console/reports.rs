@@ -111,7 +111,7 @@ pub(crate) async fn requests(
                         td { (r.key_id) }
                         td { (r.model) }
                         td class={"status " (r.status)} { (r.status) }
-                        td { (r.finish_reason.clone().unwrap_or_default()) }
+                        td { (r.finish_reason.map_or("", |f| f.as_str())) }
                         td { (r.input_tokens) }
                         td { (r.cached_input_tokens) }
                         td { (r.output_tokens) }

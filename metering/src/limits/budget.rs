@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::{warn_fallback, Limiter, Refusal};
+use super::{warn_fallback, BudgetError, Limiter, Refusal};
 use crate::periods::month_bounds;
 use crate::shared_limits::{self, key_hold_id, key_scope};
-use crate::store::{Store, StoreResult};
+use crate::store::Store;
 
 #[derive(Debug)]
 pub(super) struct BudgetState {
@@ -41,7 +41,7 @@ impl Limiter {
         customer_id: &str,
         budget: i64,
         amount: i64,
-    ) -> StoreResult<Result<BudgetHold, Refusal>> {
+    ) -> Result<BudgetHold, BudgetError> {
         self.reserve_scope(
             store,
             hold_id,
@@ -54,8 +54,9 @@ impl Limiter {
     }
 
     /// Reserves `amount` of the customer's budget (when it has one) and of the key's own
-    /// budget (when it has one), as one hold; `Ok(Ok(None))` when neither has a budget. A
-    /// refusal of the key's budget gives the customer's reservation back.
+    /// budget (when it has one), as one hold; `Ok(None)` when neither has a budget. A
+    /// refusal of the key's budget (or a failure to read it) gives the customer's reservation
+    /// back.
     pub async fn reserve_budgets(
         &self,
         store: Option<&Store>,
@@ -63,21 +64,16 @@ impl Limiter {
         customer: (&str, Option<i64>),
         key: (&str, Option<i64>),
         amount: i64,
-    ) -> StoreResult<Result<Option<BudgetHold>, Refusal>> {
+    ) -> Result<Option<BudgetHold>, BudgetError> {
         let customer_hold = match customer.1 {
             None => None,
-            Some(budget) => {
-                match self
-                    .reserve_budget(store, request_id, customer.0, budget, amount)
-                    .await?
-                {
-                    Ok(hold) => Some(hold),
-                    Err(refusal) => return Ok(Err(refusal)),
-                }
-            }
+            Some(budget) => Some(
+                self.reserve_budget(store, request_id, customer.0, budget, amount)
+                    .await?,
+            ),
         };
         let Some(key_budget) = key.1 else {
-            return Ok(Ok(customer_hold));
+            return Ok(customer_hold);
         };
         let label = format!("monthly budget of key {}", key.0);
         let key_hold = self
@@ -91,20 +87,16 @@ impl Limiter {
             )
             .await;
         match (key_hold, customer_hold) {
-            (Ok(Ok(k)), Some(mut c)) => {
+            (Ok(k), Some(mut c)) => {
                 c.key = Some(Box::new(k));
-                Ok(Ok(Some(c)))
+                Ok(Some(c))
             }
-            (Ok(Ok(k)), None) => Ok(Ok(Some(k))),
-            (other, customer_hold) => {
+            (Ok(k), None) => Ok(Some(k)),
+            (Err(e), customer_hold) => {
                 if let Some(c) = &customer_hold {
                     self.release_budget(c);
                 }
-                match other {
-                    Ok(Err(refusal)) => Ok(Err(refusal)),
-                    Err(e) => Err(e),
-                    Ok(Ok(_)) => Ok(Ok(None)),
-                }
+                Err(e)
             }
         }
     }
@@ -118,7 +110,7 @@ impl Limiter {
         label: &str,
         budget: i64,
         amount: i64,
-    ) -> StoreResult<Result<BudgetHold, Refusal>> {
+    ) -> Result<BudgetHold, BudgetError> {
         let now = Utc::now().timestamp_micros();
         let (period_start, next) = month_bounds(now);
         let quota = |committed: i64| {
@@ -159,15 +151,15 @@ impl Limiter {
                             },
                         );
                     if !check.held {
-                        return Ok(Err(quota(check.committed_before)));
+                        return Err(quota(check.committed_before).into());
                     }
-                    return Ok(Ok(BudgetHold {
+                    return Ok(BudgetHold {
                         customer_id: customer_id.to_string(),
                         period_start,
                         amount,
                         shared: Some(hold_id.to_string()),
                         key: None,
-                    }));
+                    });
                 }
                 Err(e) => warn_fallback(&e),
             }
@@ -209,25 +201,25 @@ impl Limiter {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(state) = budgets.get_mut(customer_id) else {
-            return Ok(Ok(BudgetHold {
+            return Ok(BudgetHold {
                 customer_id: customer_id.to_string(),
                 period_start,
                 amount: 0,
                 shared: None,
                 key: None,
-            }));
+            });
         };
         if state.spent + state.reserved + amount > budget {
-            return Ok(Err(quota(state.spent + state.reserved)));
+            return Err(quota(state.spent + state.reserved).into());
         }
         state.reserved += amount;
-        Ok(Ok(BudgetHold {
+        Ok(BudgetHold {
             customer_id: customer_id.to_string(),
             period_start,
             amount,
             shared: None,
             key: None,
-        }))
+        })
     }
 
     /// Replaces a budget reservation by the actual cost. A shared hold is released by its

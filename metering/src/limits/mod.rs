@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::time::Instant as BucketClock;
 
 use crate::shared_limits::{self, RateOutcome, RateTake};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 mod budget;
 
@@ -55,6 +55,22 @@ pub enum Refusal {
         message: String,
         retry_after: Duration,
     },
+}
+
+/// Why a budget could not be reserved: it refuses the request, or the ledger it is read from
+/// cannot be reached (then nobody knows whether it would).
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error("the budget refuses the request")]
+    Refused(Refusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<Refusal> for BudgetError {
+    fn from(r: Refusal) -> Self {
+        Self::Refused(r)
+    }
 }
 
 /// What the `x-ratelimit-*` headers report: the tightest limit of each kind.
@@ -485,10 +501,10 @@ mod tests {
         // Customer budget 1000, key budget 500.
         let both =
             |amount| l.reserve_budgets(None, "r", ("c", Some(1000)), ("k", Some(500)), amount);
-        let h = both(400).await.unwrap().unwrap().unwrap();
+        let h = both(400).await.unwrap().unwrap();
         // The key's 100 left refuses 200, naming the key's budget, and gives the customer's
         // reservation back.
-        let Err(Refusal::Quota { message, .. }) = both(200).await.unwrap() else {
+        let Err(BudgetError::Refused(Refusal::Quota { message, .. })) = both(200).await else {
             panic!("the key budget must refuse")
         };
         assert!(message.contains("monthly budget of key k"), "{message}");
@@ -497,26 +513,24 @@ mod tests {
             .reserve_budgets(None, "r2", ("c", Some(1000)), ("k2", None), 600)
             .await
             .unwrap()
-            .unwrap()
             .unwrap();
         l.settle_spend(Some(&other), "c", "k2", now, 600);
         // Settled at 350: the key has 150 left, the customer 1000 - 600 - 350 = 50.
         l.settle_spend(Some(&h), "c", "k", now, 350);
-        let Err(Refusal::Quota { message, .. }) = both(60).await.unwrap() else {
+        let Err(BudgetError::Refused(Refusal::Quota { message, .. })) = both(60).await else {
             panic!("the customer budget must refuse")
         };
         assert!(message.contains("USD monthly budget is"), "{message}");
-        assert!(both(50).await.unwrap().is_ok());
+        assert!(both(50).await.is_ok());
         // A key budget alone (its customer has none).
         let only = |amount| l.reserve_budgets(None, "r3", ("d", None), ("kd", Some(100)), amount);
-        let h = only(100).await.unwrap().unwrap().unwrap();
-        assert!(only(1).await.unwrap().is_err());
+        let h = only(100).await.unwrap().unwrap();
+        assert!(matches!(only(1).await, Err(BudgetError::Refused(_))));
         l.release_budget(&h);
-        assert!(only(100).await.unwrap().is_ok());
+        assert!(only(100).await.is_ok());
         assert!(l
             .reserve_budgets(None, "r4", ("e", None), ("ke", None), 5)
             .await
-            .unwrap()
             .unwrap()
             .is_none());
     }
@@ -524,32 +538,19 @@ mod tests {
     #[tokio::test]
     async fn budget_never_overshoots_with_reservations() {
         let l = Limiter::default();
-        let h1 = l
-            .reserve_budget(None, "r", "c", 1000, 600)
-            .await
-            .unwrap()
-            .unwrap();
+        let h1 = l.reserve_budget(None, "r", "c", 1000, 600).await.unwrap();
         assert!(matches!(
-            l.reserve_budget(None, "r", "c", 1000, 600).await.unwrap(),
-            Err(Refusal::Quota { .. })
+            l.reserve_budget(None, "r", "c", 1000, 600).await,
+            Err(BudgetError::Refused(Refusal::Quota { .. }))
         ));
         l.settle_budget(&h1, 100);
-        let h2 = l
-            .reserve_budget(None, "r", "c", 1000, 600)
-            .await
-            .unwrap()
-            .unwrap();
+        let h2 = l.reserve_budget(None, "r", "c", 1000, 600).await.unwrap();
         l.settle_budget(&h2, 600);
         // 700 spent: 300 left.
         assert!(l
             .reserve_budget(None, "r", "c", 1000, 301)
             .await
-            .unwrap()
-            .is_err());
-        assert!(l
-            .reserve_budget(None, "r", "c", 1000, 300)
-            .await
-            .unwrap()
-            .is_ok());
+            .is_err_and(|e| matches!(e, BudgetError::Refused(_))));
+        assert!(l.reserve_budget(None, "r", "c", 1000, 300).await.is_ok());
     }
 }

@@ -139,9 +139,10 @@ fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {
     tags::from_json(text.as_deref()).map_err(StoreError::Invalid)
 }
 
-/// A column holding one of a closed vocabulary ([`crate::kinds`]); a value outside it is a
-/// decode error naming the column, never a default.
-fn kind_column<T>(row: &AnyRow, column: &str) -> StoreResult<T>
+/// A text column holding one of a closed vocabulary ([`crate::kinds`]) or an exact decimal
+/// (a unit price); a value that does not parse is a decode error naming the column, never a
+/// default.
+pub(crate) fn kind_column<T>(row: &AnyRow, column: &str) -> StoreResult<T>
 where
     T: std::str::FromStr,
     T::Err: std::error::Error + Send + Sync + 'static,
@@ -153,6 +154,17 @@ where
             source: Box::new(e),
         })
     })
+}
+
+/// [`kind_column`] of a nullable column.
+pub(crate) fn optional_kind_column<T>(row: &AnyRow, column: &str) -> StoreResult<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    row.try_get::<Option<String>, _>(column)?
+        .map(|_| kind_column(row, column))
+        .transpose()
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

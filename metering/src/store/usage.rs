@@ -2,12 +2,15 @@
 //! module above), reading them back in ledger order, spend since a moment, and the grouped
 //! aggregates that reports and the Usage API are built from.
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{kind_column, stored_tags, DbKind, Store, StoreError, StoreResult};
-use crate::kinds::{Endpoint, Outcome, UsageSource};
+use super::{
+    kind_column, optional_kind_column, stored_tags, DbKind, Store, StoreError, StoreResult,
+};
+use crate::kinds::{Endpoint, FinishReason, Outcome, UsageSource};
 use crate::tags::{self, Tags};
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
@@ -31,14 +34,16 @@ pub struct UsageRecord {
     pub endpoint: Endpoint,
     pub stream: bool,
     pub status: Outcome,
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<FinishReason>,
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub started_at: i64,
     pub finished_at: i64,
     pub ttft_ms: Option<i64>,
-    pub input_price_per_mtok: String,
-    pub output_price_per_mtok: String,
+    /// The unit prices applied, exact (stored and exported as the decimal strings they were
+    /// configured as: `Decimal` keeps its scale, so `0.10` stays `0.10`).
+    pub input_price_per_mtok: Decimal,
+    pub output_price_per_mtok: Decimal,
     pub cost_nano_usd: i64,
     /// Of `input_tokens`, those served from a prefix cache.
     #[serde(default)]
@@ -46,7 +51,7 @@ pub struct UsageRecord {
     /// The unit price of cached prompt tokens (`None` on records older than it: the input
     /// price).
     #[serde(default)]
-    pub cached_input_price_per_mtok: Option<String>,
+    pub cached_input_price_per_mtok: Option<Decimal>,
     /// The part of `cost_nano_usd` that is cached prompt tokens (rounded alone).
     #[serde(default)]
     pub cached_cost_nano_usd: i64,
@@ -128,22 +133,19 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         endpoint: kind_column(row, "endpoint")?,
         stream: row.try_get::<i64, _>("stream")? != 0,
         status: kind_column(row, "status")?,
-        finish_reason: row.try_get("finish_reason")?,
+        finish_reason: optional_kind_column(row, "finish_reason")?,
         input_tokens: row.try_get("input_tokens")?,
         output_tokens: row.try_get("output_tokens")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         ttft_ms: row.try_get("ttft_ms")?,
-        input_price_per_mtok: row.try_get("input_price_per_mtok")?,
-        output_price_per_mtok: row.try_get("output_price_per_mtok")?,
+        input_price_per_mtok: kind_column(row, "input_price_per_mtok")?,
+        output_price_per_mtok: kind_column(row, "output_price_per_mtok")?,
         cost_nano_usd: row.try_get("cost_nano_usd")?,
         cached_input_tokens: row.try_get("cached_input_tokens")?,
-        cached_input_price_per_mtok: row.try_get("cached_input_price_per_mtok")?,
+        cached_input_price_per_mtok: optional_kind_column(row, "cached_input_price_per_mtok")?,
         cached_cost_nano_usd: row.try_get("cached_cost_nano_usd")?,
-        usage_source: row
-            .try_get::<Option<String>, _>("usage_source")?
-            .map(|_| kind_column(row, "usage_source"))
-            .transpose()?,
+        usage_source: optional_kind_column(row, "usage_source")?,
         tags: stored_tags(row)?,
         idempotency_key: row.try_get("idempotency_key")?,
     })
@@ -273,17 +275,17 @@ impl Store {
                     .bind(r.endpoint.as_str())
                     .bind(i64::from(r.stream))
                     .bind(r.status.as_str())
-                    .bind(&r.finish_reason)
+                    .bind(r.finish_reason.map(FinishReason::as_str))
                     .bind(r.input_tokens)
                     .bind(r.output_tokens)
                     .bind(r.started_at)
                     .bind(r.finished_at)
                     .bind(r.ttft_ms)
-                    .bind(&r.input_price_per_mtok)
-                    .bind(&r.output_price_per_mtok)
+                    .bind(r.input_price_per_mtok.to_string())
+                    .bind(r.output_price_per_mtok.to_string())
                     .bind(r.cost_nano_usd)
                     .bind(r.cached_input_tokens)
-                    .bind(&r.cached_input_price_per_mtok)
+                    .bind(r.cached_input_price_per_mtok.map(|p| p.to_string()))
                     .bind(r.cached_cost_nano_usd)
                     .bind(r.usage_source.map(UsageSource::as_str))
                     .bind(tags::to_json(&r.tags))

@@ -18,8 +18,8 @@ fn record(id: &str, customer: &str, key: Option<&str>, status: Outcome) -> Usage
         output_tokens: 2,
         started_at: now,
         finished_at: now,
-        input_price_per_mtok: "1".into(),
-        output_price_per_mtok: "2".into(),
+        input_price_per_mtok: "1".parse().unwrap(),
+        output_price_per_mtok: "2".parse().unwrap(),
         cost_nano_usd: if status.is_charged() { 7_000 } else { 0 },
         idempotency_key: key.map(str::to_string),
         ..UsageRecord::default()

@@ -20,14 +20,14 @@ pub fn record(id: &str, customer: &str, model: &str, started_at: i64, cost: i64)
         endpoint: tollgate_metering::kinds::Endpoint::ChatCompletions,
         stream: id.len().is_multiple_of(2),
         status: tollgate_metering::kinds::Outcome::Completed,
-        finish_reason: Some("stop".into()),
+        finish_reason: Some(tollgate_metering::kinds::FinishReason::Stop),
         input_tokens: 10,
         output_tokens: 5,
         started_at,
         finished_at: started_at + 1_000,
         ttft_ms: Some(7),
-        input_price_per_mtok: "0.05".into(),
-        output_price_per_mtok: "0.10".into(),
+        input_price_per_mtok: "0.05".parse().unwrap(),
+        output_price_per_mtok: "0.10".parse().unwrap(),
         cost_nano_usd: cost,
         ..UsageRecord::default()
     }
@@ -184,7 +184,7 @@ pub async fn exercise(store: &Store) {
             // Cached prompt tokens, their price and part of the cost, and the counts' source
             // read back and add up like the other columns.
             r.cached_input_tokens = i % 5;
-            r.cached_input_price_per_mtok = Some("0.02".into());
+            r.cached_input_price_per_mtok = Some("0.02".parse().unwrap());
             r.cached_cost_nano_usd = 20 * (i % 5);
             r.usage_source = Some(if i % 7 == 0 {
                 UsageSource::Observed

@@ -24,10 +24,10 @@ use super::ToStore;
 use crate::api::accounting::Completion;
 use crate::api::admission::start_passthrough;
 use crate::auth::Caller;
-use crate::backend::{Backend, FinishReason, PassthroughEvent, PassthroughStream};
+use crate::backend::{Backend, PassthroughEvent, PassthroughStream};
 use crate::error::ApiError;
 use crate::{AppState, ModelLabel, RequestId};
-use tollgate_metering::kinds::{Endpoint, Outcome};
+use tollgate_metering::kinds::{Endpoint, Outcome, ResponseEnd};
 use tollgate_metering::store::now_micros;
 
 /// What the client's response says of itself, whatever the upstream said.
@@ -188,19 +188,15 @@ struct Relay {
 }
 
 impl Relay {
-    /// Accounts one event and rewrites it for the client; true when it was the last.
-    async fn step(&mut self, event: &mut PassthroughEvent) -> bool {
+    /// Accounts one event and rewrites it for the client; how the response ended when it was
+    /// the last.
+    async fn step(&mut self, event: &mut PassthroughEvent) -> Option<ResponseEnd> {
         self.completion.on_delta(0, event.output_tokens);
         self.identity.apply(&mut event.data);
-        let Some(usage) = event.usage else {
-            return false;
+        let (Some(usage), Some(end)) = (event.usage, ResponseEnd::of_event(&event.kind)) else {
+            return None;
         };
-        let reason = if event.kind == "response.incomplete" {
-            FinishReason::Length
-        } else {
-            FinishReason::Stop
-        };
-        self.completion.on_finished(0, reason, usage);
+        self.completion.on_finished(0, end.finish_reason(), usage);
         // What the client reads is what is billed.
         if let Some(r) = event.data.get_mut("response").filter(|r| r.is_object()) {
             let (input, output) = (
@@ -218,16 +214,12 @@ impl Relay {
             u.insert("total_tokens".into(), json!(input + output));
             r["usage"] = Value::Object(u);
         }
-        let outcome = if event.kind == "response.failed" {
-            Outcome::Failed
-        } else {
-            Outcome::Completed
-        };
+        let outcome = end.outcome();
         self.completion.commit(outcome).await;
         if outcome == Outcome::Completed {
             self.store(&event.data["response"]).await;
         }
-        true
+        Some(end)
     }
 
     async fn store(&mut self, response: &Value) {
@@ -260,8 +252,8 @@ impl Relay {
                     return Err(e.into());
                 }
             };
-            if self.step(&mut event).await {
-                if event.kind == "response.failed" {
+            if let Some(end) = self.step(&mut event).await {
+                if end == ResponseEnd::Failed {
                     return Err(ApiError::Internal(format!(
                         "the upstream's response failed: {}",
                         event.data["response"]["error"]
@@ -291,7 +283,7 @@ impl Relay {
                         return;
                     }
                 };
-                let last = self.step(&mut event).await;
+                let last = self.step(&mut event).await.is_some();
                 yield Ok(Event::default().event(event.kind.clone()).data(event.data.to_string()));
                 if last {
                     return;

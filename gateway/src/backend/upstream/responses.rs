@@ -19,10 +19,7 @@ use crate::backend::{PassthroughEvent, PassthroughStream, TokenCounter, Usage};
 
 /// The events that end a response.
 pub(crate) fn is_terminal(kind: &str) -> bool {
-    matches!(
-        kind,
-        "response.completed" | "response.incomplete" | "response.failed"
-    )
+    tollgate_metering::kinds::ResponseEnd::of_event(kind).is_some()
 }
 
 /// The usage to bill from a Responses API `usage` object (`input_tokens`, `output_tokens`,
