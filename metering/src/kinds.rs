@@ -200,6 +200,37 @@ impl ResponseEnd {
     }
 }
 
+/// Whose monthly budget a spend counts against: a customer's, or one key's own. Stored (the
+/// `customer_id` column of `customer_spend`, and the scope of a shared budget hold) as the
+/// customer's id, or as `key:<id>` for a key; customer ids cannot hold `:`, so the two never
+/// meet. Formatted and parsed only where it meets the database ([`BudgetScope::stored`],
+/// [`BudgetScope::from_stored`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BudgetScope {
+    Customer(String),
+    Key(String),
+}
+
+impl BudgetScope {
+    const KEY_PREFIX: &'static str = "key:";
+
+    /// The form the database keeps.
+    pub fn stored(&self) -> String {
+        match self {
+            Self::Customer(id) => id.clone(),
+            Self::Key(id) => format!("{}{id}", Self::KEY_PREFIX),
+        }
+    }
+
+    /// A scope as the database keeps it.
+    pub fn from_stored(stored: &str) -> Self {
+        match stored.strip_prefix(Self::KEY_PREFIX) {
+            Some(key_id) => Self::Key(key_id.to_string()),
+            None => Self::Customer(stored.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +316,18 @@ mod tests {
         assert!(Outcome::Cancelled.is_charged() && !Outcome::Failed.is_charged());
         assert!(!Outcome::Superseded.is_charged());
         assert!(UsageSource::Observed > UsageSource::Engine);
+    }
+
+    /// A key's scope is stored as `key:<id>`, a customer's as its id: the rows of
+    /// `customer_spend` written before the enum read back as they were written.
+    #[test]
+    fn budget_scopes_are_stored_as_before() {
+        for (scope, s) in [
+            (BudgetScope::Customer("acme".into()), "acme"),
+            (BudgetScope::Key("key_01".into()), "key:key_01"),
+        ] {
+            assert_eq!(scope.stored(), s);
+            assert_eq!(BudgetScope::from_stored(s), scope);
+        }
     }
 }

@@ -11,6 +11,7 @@
 pub mod alerts;
 pub mod audit;
 pub mod billing;
+pub mod clock;
 pub mod console_queries;
 pub mod export_formats;
 pub mod idempotency;

@@ -20,12 +20,6 @@ use std::collections::BTreeMap;
 
 use sqlx::{AnyConnection, AnyPool, Row};
 
-/// The budget scope of a key's own monthly budget. Customer ids cannot hold `:`, so the
-/// scopes never meet.
-pub fn key_scope(key_id: &str) -> String {
-    format!("key:{key_id}")
-}
-
 /// The shared hold id of a request's key budget hold.
 pub fn key_hold_id(request_id: &str) -> String {
     format!("{request_id}/key")

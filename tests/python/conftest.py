@@ -71,6 +71,22 @@ def start_server(extra_env=None, extra_args=None) -> Server:
     return Server(proc, addr_box["addr"], log)
 
 
+def uncached_keys_config(directory) -> str:
+    """The repository's models.toml with the API key cache's lifetimes at 0 (`[server]`
+    `key_cache_fresh_ms`, `key_cache_max_age_ms`), written in `directory`; returns its path. Every
+    request then looks its key up, so a key changed or revoked elsewhere (another replica, the CLI)
+    is seen by the next request: nothing to wait out. The cache itself is tested in Rust, on a
+    manual clock (gateway/tests/store.rs)."""
+    text = (ROOT / "models.toml").read_text()
+    text = re.sub(r"(?m)^key_cache_\w+ *=.*\n", "", text)
+    text = text.replace("[server]\n", "[server]\nkey_cache_fresh_ms = 0\nkey_cache_max_age_ms = 0\n", 1)
+    text = text.replace('path = "models/', f'path = "{ROOT}/models/')
+    path = os.path.join(directory, "models.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:

@@ -91,7 +91,8 @@ pub async fn serve_split(
         tracing::info!("shut down while loading");
         return Ok(());
     };
-    let auth = tollgate_gateway::auth::AuthConfig::from_env();
+    let auth = tollgate_gateway::auth::AuthConfig::from_env()
+        .with_key_cache(tollgate_gateway::auth::KeyCache::of(&config.server));
     let mut state = tollgate_gateway::AppState::new(config, backends, auth)?
         .with_admin_token(metering.admin_token.clone());
     if let (Some(store), Some(url)) = (store, &metering.database) {

@@ -6,11 +6,12 @@
 //! - keys issued through the admin API, looked up in the database. A lookup is reused for
 //!   [`KEY_FRESH`]; after that, until [`KEY_MAX_AGE`], the next request is still served from it
 //!   while one background lookup refreshes it, and beyond that a request waits for a new
-//!   lookup. So a busy key costs the database a few lookups a second per replica, none of them
-//!   on a request's path; a key revoked (or a customer changed) through this process is
-//!   forgotten at once, and one revoked through another replica or the CLI is refused within
-//!   [`KEY_MAX_AGE`] (under a second). If the database is unreachable, a key seen before is served from its last
-//!   successful lookup (the gateway keeps serving during an outage).
+//!   lookup (both lifetimes are `[server]` settings, [`KeyCache::of`]). So a busy key costs the
+//!   database a few lookups a second per replica, none of them on a request's path; a key
+//!   revoked (or a customer changed) through this process is forgotten at once, and one revoked
+//!   through another replica or the CLI is refused within [`KEY_MAX_AGE`] (under a second). If
+//!   the database is unreachable, a key seen before is served from its last successful lookup
+//!   (the gateway keeps serving during an outage).
 //!
 //! The middleware also puts the `x-ratelimit-*` headers on every authenticated response.
 
@@ -38,14 +39,13 @@ use tollgate_metering::store::{
 /// The customer static keys belong to.
 pub const DEFAULT_CUSTOMER: &str = "default";
 
-/// How long a database lookup of a key or of the `default` customer is reused as is.
-pub const KEY_FRESH: Duration = Duration::from_millis(400);
-/// How long a lookup may serve requests while a background lookup refreshes it. Revocations
-/// and limit changes made elsewhere (another replica, the CLI) take effect within this time.
-pub const KEY_MAX_AGE: Duration = Duration::from_millis(900);
+/// The default lifetimes of key lookups: reused as is for [`KEY_FRESH`], served while a
+/// background lookup refreshes them until [`KEY_MAX_AGE`] (models.toml `[server]`
+/// `key_cache_fresh_ms`, `key_cache_max_age_ms`).
+pub use crate::config::{KEY_FRESH, KEY_MAX_AGE};
 
 /// How long key lookups are reused, and the clock that measures it (see the module
-/// documentation); tests set a manual clock and advance it.
+/// documentation); tests set a manual clock and advance it, or short lifetimes in models.toml.
 #[derive(Debug, Clone)]
 pub struct KeyCache {
     /// Reused as is.
@@ -60,6 +60,17 @@ impl Default for KeyCache {
         Self {
             fresh: KEY_FRESH,
             max_age: KEY_MAX_AGE,
+            clock: Clock::default(),
+        }
+    }
+}
+
+impl KeyCache {
+    /// The lifetimes `[server]` sets, on the system clock.
+    pub fn of(server: &crate::config::ServerConfig) -> Self {
+        Self {
+            fresh: server.key_fresh,
+            max_age: server.key_max_age,
             clock: Clock::default(),
         }
     }

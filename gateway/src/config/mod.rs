@@ -58,6 +58,8 @@ struct RawServer {
     header_read_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
     idempotency_lease_ms: Option<u64>,
+    key_cache_fresh_ms: Option<u64>,
+    key_cache_max_age_ms: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -86,7 +88,20 @@ pub struct ServerConfig {
     /// How long a request running under an `Idempotency-Key` holds it without renewing
     /// (renewed every third of it); a run that loses it stops and is not charged.
     pub idempotency_lease: Duration,
+    /// `key_cache_fresh_ms` (400 by default): how long a database lookup of an API key (or of
+    /// the `default` customer) is reused as is.
+    pub key_fresh: Duration,
+    /// `key_cache_max_age_ms` (900 by default, at least `key_cache_fresh_ms`): how long a lookup
+    /// may still serve requests while one background lookup refreshes it. A key revoked or
+    /// changed elsewhere (another replica, the CLI) is refused or seen within this; 0 looks a
+    /// key up on every request.
+    pub key_max_age: Duration,
 }
+
+/// The default of `key_cache_fresh_ms`.
+pub const KEY_FRESH: Duration = Duration::from_millis(400);
+/// The default of `key_cache_max_age_ms`.
+pub const KEY_MAX_AGE: Duration = Duration::from_millis(900);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -98,6 +113,8 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 2048,
             idempotency_lease: Duration::from_secs(30),
+            key_fresh: KEY_FRESH,
+            key_max_age: KEY_MAX_AGE,
         }
     }
 }
@@ -153,7 +170,22 @@ impl Config {
                 .map_or(defaults.idempotency_lease, |ms| {
                     Duration::from_millis(ms.max(30))
                 }),
+            key_fresh: raw
+                .server
+                .key_cache_fresh_ms
+                .map_or(defaults.key_fresh, Duration::from_millis),
+            key_max_age: raw
+                .server
+                .key_cache_max_age_ms
+                .map_or(defaults.key_max_age, Duration::from_millis),
         };
+        if server.key_fresh > server.key_max_age {
+            return Err(ConfigError::Parse(format!(
+                "[server] key_cache_fresh_ms ({}) exceeds key_cache_max_age_ms ({}): a lookup cannot be reused as is for longer than it may serve at all",
+                server.key_fresh.as_millis(),
+                server.key_max_age.as_millis()
+            )));
+        }
         let mut models = BTreeMap::new();
         for (id, m) in raw.models {
             let model = validate_model(&id, m, base_dir)?;

@@ -247,3 +247,29 @@ fn an_http_pool_routes_least_busy_unless_told_by_customer() {
     let e = pool(", routing = \"sticky\"").unwrap_err().to_string();
     assert!(e.contains("backend.routing `sticky`"), "{e}");
 }
+
+#[test]
+fn key_cache_lifetimes_are_server_settings() {
+    let c = Config::from_toml_str(GOOD, Path::new(".")).unwrap();
+    assert_eq!(
+        (c.server.key_fresh, c.server.key_max_age),
+        (Duration::from_millis(400), Duration::from_millis(900))
+    );
+    let set = GOOD.replace(
+        "max_n = 4",
+        "max_n = 4\nkey_cache_fresh_ms = 0\nkey_cache_max_age_ms = 0",
+    );
+    let c = Config::from_toml_str(&set, Path::new(".")).unwrap();
+    assert_eq!(
+        (c.server.key_fresh, c.server.key_max_age),
+        (Duration::ZERO, Duration::ZERO)
+    );
+    let longer_fresh = GOOD.replace("max_n = 4", "max_n = 4\nkey_cache_fresh_ms = 1000");
+    let e = Config::from_toml_str(&longer_fresh, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("key_cache_fresh_ms (1000) exceeds key_cache_max_age_ms (900)"),
+        "{e}"
+    );
+}

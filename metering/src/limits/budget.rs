@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
-
 use super::{warn_fallback, BudgetError, Limiter, Refusal};
+use crate::kinds::BudgetScope;
 use crate::periods::month_bounds;
-use crate::shared_limits::{self, key_hold_id, key_scope};
+use crate::shared_limits::{self, key_hold_id};
 use crate::store::Store;
 
 #[derive(Debug)]
@@ -22,13 +21,13 @@ pub(super) struct BudgetState {
 /// A budget reservation to settle when the request ends.
 #[derive(Debug, Clone)]
 pub struct BudgetHold {
-    customer_id: String,
+    scope: BudgetScope,
     period_start: i64,
     amount: i64,
     /// Held in the shared database under this id (the request id); the usage record's arrival
     /// in the ledger releases it.
     shared: Option<String>,
-    /// The same request's hold on its key's own budget (scope [`key_scope`]).
+    /// The same request's hold on its key's own budget ([`BudgetScope::Key`]).
     key: Option<Box<BudgetHold>>,
 }
 
@@ -45,7 +44,7 @@ impl Limiter {
         self.reserve_scope(
             store,
             hold_id,
-            customer_id,
+            &BudgetScope::Customer(customer_id.to_string()),
             "monthly budget",
             budget,
             amount,
@@ -80,7 +79,7 @@ impl Limiter {
             .reserve_scope(
                 store,
                 &key_hold_id(request_id),
-                &key_scope(key.0),
+                &BudgetScope::Key(key.0.to_string()),
                 &label,
                 key_budget,
                 amount,
@@ -106,12 +105,12 @@ impl Limiter {
         &self,
         store: Option<&Store>,
         hold_id: &str,
-        customer_id: &str,
+        scope: &BudgetScope,
         label: &str,
         budget: i64,
         amount: i64,
     ) -> Result<BudgetHold, BudgetError> {
-        let now = Utc::now().timestamp_micros();
+        let now = self.clock.now_micros();
         let (period_start, next) = month_bounds(now);
         let quota = |committed: i64| {
             Refusal::Quota {
@@ -128,7 +127,7 @@ impl Limiter {
             let checked = shared_limits::hold_budget(
                 shared.pool(),
                 hold_id,
-                customer_id,
+                &scope.stored(),
                 period_start,
                 budget,
                 amount,
@@ -143,7 +142,7 @@ impl Limiter {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .insert(
-                            customer_id.to_string(),
+                            scope.clone(),
                             BudgetState {
                                 period_start,
                                 spent: committed,
@@ -154,7 +153,7 @@ impl Limiter {
                         return Err(quota(check.committed_before).into());
                     }
                     return Ok(BudgetHold {
-                        customer_id: customer_id.to_string(),
+                        scope: scope.clone(),
                         period_start,
                         amount,
                         shared: Some(hold_id.to_string()),
@@ -170,19 +169,19 @@ impl Limiter {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             budgets
-                .get(customer_id)
+                .get(scope)
                 .is_some_and(|b| b.period_start == period_start)
         };
         if !known {
             let spent = match store {
-                Some(s) => s.spent_since(customer_id, period_start).await?,
+                Some(s) => s.scope_spent_since(scope, period_start).await?,
                 None => 0,
             };
             let mut budgets = self
                 .budgets
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let entry = budgets.entry(customer_id.to_string());
+            let entry = budgets.entry(scope.clone());
             let state = entry.or_insert(BudgetState {
                 period_start,
                 spent,
@@ -200,9 +199,9 @@ impl Limiter {
             .budgets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(state) = budgets.get_mut(customer_id) else {
+        let Some(state) = budgets.get_mut(scope) else {
             return Ok(BudgetHold {
-                customer_id: customer_id.to_string(),
+                scope: scope.clone(),
                 period_start,
                 amount: 0,
                 shared: None,
@@ -214,7 +213,7 @@ impl Limiter {
         }
         state.reserved += amount;
         Ok(BudgetHold {
-            customer_id: customer_id.to_string(),
+            scope: scope.clone(),
             period_start,
             amount,
             shared: None,
@@ -235,7 +234,7 @@ impl Limiter {
             .budgets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(state) = budgets.get_mut(&hold.customer_id) {
+        if let Some(state) = budgets.get_mut(&hold.scope) {
             if state.period_start == hold.period_start {
                 state.reserved -= hold.amount;
                 state.spent += actual;
@@ -283,28 +282,31 @@ impl Limiter {
         let mut held = Vec::new();
         let mut next = hold;
         while let Some(h) = next {
-            held.push(h.customer_id.clone());
+            held.push(h.scope.clone());
             next = h.key.as_deref();
         }
         if let Some(h) = hold {
             self.settle_budget(h, actual);
         }
-        for scope in [customer_id.to_string(), key_scope(key_id)] {
+        for scope in [
+            BudgetScope::Customer(customer_id.to_string()),
+            BudgetScope::Key(key_id.to_string()),
+        ] {
             if !held.contains(&scope) {
                 self.note_spent(&scope, started_at, actual);
             }
         }
     }
 
-    /// Records spending that had no reservation (customers without a budget), so a budget
-    /// set later in the month starts from the right figure.
-    pub fn note_spent(&self, customer_id: &str, started_at: i64, actual: i64) {
+    /// Records spending that had no reservation (scopes without a budget), so a budget set
+    /// later in the month starts from the right figure.
+    pub fn note_spent(&self, scope: &BudgetScope, started_at: i64, actual: i64) {
         let (period_start, _) = month_bounds(started_at);
         let mut budgets = self
             .budgets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(state) = budgets.get_mut(customer_id) {
+        if let Some(state) = budgets.get_mut(scope) {
             if state.period_start == period_start {
                 state.spent += actual;
             }

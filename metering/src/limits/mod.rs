@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 /// The buckets' clock: tokio's, so tests pause and advance it instead of waiting for a refill.
 use tokio::time::Instant as BucketClock;
 
+use crate::clock::Clock;
+use crate::kinds::BudgetScope;
 use crate::shared_limits::{self, RateOutcome, RateTake};
 use crate::store::{Store, StoreError};
 
@@ -146,9 +148,11 @@ pub struct Limiter {
     /// The buckets; with a shared store, a mirror of the database's last answer (for headers)
     /// and the fallback while the database is unreachable.
     buckets: Arc<Mutex<HashMap<(String, Kind), Bucket>>>,
-    budgets: Arc<Mutex<HashMap<String, BudgetState>>>,
+    budgets: Arc<Mutex<HashMap<BudgetScope, BudgetState>>>,
     /// PostgreSQL shared with the other replicas (see `shared_limits`).
     shared: Option<Store>,
+    /// Which budget month it is.
+    clock: Clock,
 }
 
 fn scopes(limits: &Limits, kind: Kind) -> Vec<(String, i64, &'static str)> {
@@ -228,6 +232,12 @@ impl Limiter {
             shared: Some(store),
             ..Self::default()
         }
+    }
+
+    /// Budgets whose month is read from `clock` (tests move it across a month's end).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn take_local(&self, limits: &Limits, kind: Kind, amount: i64) -> Result<(), Refusal> {
@@ -533,6 +543,55 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    /// A budget is per UTC month by the limiter's clock: a second before the month ends, the
+    /// spent budget refuses and says to retry in that second; once the clock crosses into the
+    /// next month the whole budget is there again, and a hold taken in the old month and settled
+    /// in the new one counts in neither.
+    #[tokio::test]
+    async fn a_budget_starts_again_when_the_clock_crosses_into_the_next_month() {
+        use chrono::TimeZone;
+        let last_second = Utc
+            .with_ymd_and_hms(2026, 11, 30, 23, 59, 59)
+            .unwrap()
+            .timestamp_micros();
+        let clock = crate::clock::Clock::manual_at(last_second);
+        let l = Limiter::default().with_clock(clock.clone());
+        let both = |id: &'static str, amount| {
+            l.reserve_budgets(None, id, ("c", Some(2000)), ("k", Some(800)), amount)
+        };
+        let spent = both("r1", 600).await.unwrap().unwrap();
+        l.settle_spend(Some(&spent), "c", "k", last_second, 600);
+        let late = both("r2", 200).await.unwrap().unwrap();
+        let Err(BudgetError::Refused(Refusal::Quota {
+            message,
+            retry_after,
+        })) = both("r3", 300).await
+        else {
+            panic!("the month's budget must refuse")
+        };
+        assert!(message.contains("monthly budget of key k"), "{message}");
+        assert_eq!(
+            retry_after,
+            Duration::from_secs(1),
+            "the month ends in a second"
+        );
+
+        clock.advance(Duration::from_secs(1));
+        // December: settling November's hold changes nothing now.
+        l.settle_spend(Some(&late), "c", "k", last_second, 200);
+        let december = both("r4", 800).await.unwrap().unwrap();
+        assert!(
+            matches!(both("r5", 1).await, Err(BudgetError::Refused(_))),
+            "the key's 800 is held"
+        );
+        l.release_budget(&december);
+        let customer = l
+            .reserve_budgets(None, "r6", ("c", Some(2000)), ("k2", None), 2000)
+            .await
+            .unwrap();
+        assert!(customer.is_some(), "the customer's whole 2000");
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use sqlx::Row;
 use super::{
     kind_column, optional_kind_column, stored_tags, DbKind, Store, StoreError, StoreResult,
 };
-use crate::kinds::{Endpoint, FinishReason, Outcome, UsageSource};
+use crate::kinds::{BudgetScope, Endpoint, FinishReason, Outcome, UsageSource};
 use crate::tags::{self, Tags};
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
@@ -297,7 +297,7 @@ impl Store {
                 let key_id: String = row.try_get("key_id")?;
                 added.push((row.try_get("customer_id")?, started_at, cost));
                 // The key's own spend, for key budgets.
-                added.push((crate::shared_limits::key_scope(&key_id), started_at, cost));
+                added.push((BudgetScope::Key(key_id).stored(), started_at, cost));
                 inserted += 1;
             }
         }
@@ -323,12 +323,17 @@ impl Store {
         Ok(inserted)
     }
 
-    /// Cost of a customer's records started at or after `since` (of a key's, for a budget
-    /// scope `key:<id>`).
+    /// Cost of a customer's records started at or after `since`.
     pub async fn spent_since(&self, customer_id: &str, since: i64) -> StoreResult<i64> {
-        let (column, id) = match customer_id.strip_prefix("key:") {
-            Some(key_id) => ("key_id", key_id),
-            None => ("customer_id", customer_id),
+        self.scope_spent_since(&BudgetScope::Customer(customer_id.to_string()), since)
+            .await
+    }
+
+    /// Cost of a budget scope's records (a customer's, or a key's) started at or after `since`.
+    pub async fn scope_spent_since(&self, scope: &BudgetScope, since: i64) -> StoreResult<i64> {
+        let (column, id) = match scope {
+            BudgetScope::Customer(id) => ("customer_id", id),
+            BudgetScope::Key(id) => ("key_id", id),
         };
         let row = sqlx::query(&format!(
             "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) AS spent FROM usage_records \
