@@ -94,6 +94,10 @@ fn weight_field(map: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/admin/v1/customers", tag = "admin",
+    request_body = crate::openapi::admin_schemas::CreateCustomer,
+    responses((status = 201, body = crate::openapi::admin_schemas::Customer), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn create_customer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -118,11 +122,19 @@ pub(super) async fn create_customer(
     Ok((StatusCode::CREATED, Json(customer_json(&customer))).into_response())
 }
 
+#[utoipa::path(get, path = "/admin/v1/customers", tag = "admin",
+    responses((status = 200, body = crate::openapi::admin_schemas::CustomerList), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn list_customers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let customers = store(&state)?.list_customers().await?;
     Ok(list(customers.iter().map(customer_json).collect()))
 }
 
+/// A customer with its spend in the current budget period.
+#[utoipa::path(get, path = "/admin/v1/customers/{id}", tag = "admin",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::Customer), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn get_customer(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -136,6 +148,11 @@ pub(super) async fn get_customer(
     Ok(Json(body))
 }
 
+#[utoipa::path(patch, path = "/admin/v1/customers/{id}", tag = "admin",
+    params(("id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::UpdateCustomer,
+    responses((status = 200, body = crate::openapi::admin_schemas::Customer), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn update_customer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -150,6 +167,11 @@ pub(super) async fn update_customer(
     Ok(Json(customer_json(&customer)))
 }
 
+/// A customer's budget-alert settings.
+#[utoipa::path(get, path = "/admin/v1/customers/{id}/alerts", tag = "admin",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::AlertSettings), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn get_alert_settings(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -158,8 +180,14 @@ pub(super) async fn get_alert_settings(
     Ok(Json(crate::alerts::settings_json(&settings, None)))
 }
 
-/// `{"webhook_url": URL | null, "thresholds": [fractions], "rotate_secret": bool}`; the
-/// answer carries `webhook_secret` when one was made (shown once).
+// `{"webhook_url": URL | null, "thresholds": [fractions], "rotate_secret": bool}`; the
+// answer carries `webhook_secret` when one was made (shown once).
+/// Sets the webhook and thresholds; a new signing secret is in this answer only.
+#[utoipa::path(put, path = "/admin/v1/customers/{id}/alerts", tag = "admin",
+    params(("id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::PutAlertSettings,
+    responses((status = 200, body = crate::openapi::admin_schemas::AlertSettings), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn put_alert_settings(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -229,8 +257,14 @@ pub(super) async fn put_alert_settings(
     )))
 }
 
-/// `GET /admin/v1/alerts?customer_id=&limit=`: budget alerts, oldest first, with their
-/// delivery.
+/// Budget alerts, oldest first, with their webhook delivery.
+#[utoipa::path(get, path = "/admin/v1/alerts", tag = "admin",
+    params(
+        ("customer_id" = Option<String>, Query),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000),
+    ),
+    responses((status = 200, body = crate::openapi::admin_schemas::BudgetAlertList), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn list_alerts(
     State(state): State<AppState>,
     Query(q): Query<std::collections::HashMap<String, String>>,

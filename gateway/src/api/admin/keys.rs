@@ -124,6 +124,12 @@ fn models_field(
     Ok(Some(models))
 }
 
+/// Issues a key; its secret is in this answer only.
+#[utoipa::path(post, path = "/admin/v1/customers/{id}/keys", tag = "admin",
+    params(("id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::CreateKey,
+    responses((status = 201, body = crate::openapi::admin_schemas::CreatedApiKey), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn create_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -183,6 +189,11 @@ pub async fn issue_key(
     Ok((key, secret))
 }
 
+/// A customer's keys, without their secrets.
+#[utoipa::path(get, path = "/admin/v1/customers/{id}/keys", tag = "admin",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::ApiKeyList), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn list_keys(
     State(state): State<AppState>,
     ApiPath(customer_id): ApiPath<String>,
@@ -191,8 +202,11 @@ pub(super) async fn list_keys(
     Ok(list(keys.iter().map(key_json).collect()))
 }
 
-/// `GET /admin/v1/keys/{key_id}`: the key (without its secret), with the customer it belongs
-/// to.
+/// A key (without its secret), with the customer it belongs to.
+#[utoipa::path(get, path = "/admin/v1/keys/{key_id}", tag = "admin",
+    params(("key_id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::ApiKey), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn get_key(
     State(state): State<AppState>,
     ApiPath(key_id): ApiPath<String>,
@@ -212,9 +226,15 @@ const KEY_CHANGES: &[&str] = &[
     "budget_usd",
 ];
 
-/// `PATCH /admin/v1/keys/{key_id}`: changes the given fields (`null` clears a limit, the model
-/// list, the expiry or the budget; `{}` or `null` clears the tags). Requests made with the key
-/// see the change within the key cache's lifetime (at once on this gateway).
+// Changes the given fields (`null` clears a limit, the model list, the expiry or the budget;
+// `{}` or `null` clears the tags). Requests made with the key see the change within the key
+// cache's lifetime (at once on this gateway).
+/// Changes a key's limits, models, expiry, default tags or budget (`null` clears one).
+#[utoipa::path(patch, path = "/admin/v1/keys/{key_id}", tag = "admin",
+    params(("key_id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::UpdateKey,
+    responses((status = 200, body = crate::openapi::admin_schemas::ApiKey), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn update_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -257,6 +277,11 @@ pub(super) async fn update_key(
     Ok(Json(key_json(&key)))
 }
 
+/// Revokes a key at once.
+#[utoipa::path(delete, path = "/admin/v1/keys/{key_id}", tag = "admin",
+    params(("key_id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::ApiKey), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn revoke_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
