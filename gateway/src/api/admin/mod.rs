@@ -1,6 +1,10 @@
 //! The operators' API: customers, keys, usage aggregates, the record cursor and
 //! invoices, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
+//!
+//! Its contract is written once: [`operations`] routes each operation with the scope it needs,
+//! the handler's `#[utoipa::path]` documents it, and customers and keys are shown through
+//! `tollgate_metering::views`, which the CLI and the audit log use too.
 
 use std::sync::Arc;
 
@@ -19,9 +23,7 @@ use crate::api::audit;
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::audit::Actor;
-use tollgate_metering::money::format_usd;
-use tollgate_metering::periods::rfc3339;
-use tollgate_metering::store::{ApiKey, Customer, Store};
+use tollgate_metering::store::Store;
 
 /// Records per page of `/admin/v1/usage/records` unless `limit` says otherwise.
 const DEFAULT_PAGE: i64 = 100;
@@ -380,41 +382,7 @@ fn shown(value: &str) -> String {
     }
 }
 
-pub fn customer_json(c: &Customer) -> Value {
-    json!({
-        "object": "customer",
-        "id": c.id,
-        "name": c.name,
-        "budget_usd": c.budget_nano_usd.map(format_usd),
-        "budget_period": c.budget_period,
-        "rpm": c.rpm,
-        "tpm": c.tpm,
-        "max_concurrent_requests": c.max_concurrent_requests,
-        "scheduling_weight": c.scheduling_weight,
-        "created_at": rfc3339(c.created_at),
-    })
-}
-
-pub fn key_json(k: &ApiKey) -> Value {
-    json!({
-        "object": "api_key",
-        "id": k.id,
-        "customer_id": k.customer_id,
-        "name": k.name,
-        "key_prefix": k.key_prefix,
-        "models": k.models,
-        "rpm": k.rpm,
-        "tpm": k.tpm,
-        "expires_at": k.expires_at.map(rfc3339),
-        "revoked_at": k.revoked_at.map(rfc3339),
-        "created_at": rfc3339(k.created_at),
-        "tags": k.tags,
-        "budget_usd": k.budget_nano_usd.map(format_usd),
-        "max_concurrent_requests": k.max_concurrent_requests,
-    })
-}
-
-fn list(data: Vec<Value>) -> Json<Value> {
+fn list(data: Vec<impl serde::Serialize>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
