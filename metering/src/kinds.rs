@@ -117,7 +117,7 @@ kind! {
     /// Why a sequence stopped.
     #[serde(rename_all = "snake_case")]
     #[strum(serialize_all = "snake_case")]
-    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[derive(utoipa::ToSchema)]
     pub enum FinishReason {
         /// End-of-sequence token or a stop string.
         #[default]

@@ -24,3 +24,4 @@ pub mod responses;
 pub mod shared_limits;
 pub mod store;
 pub mod tags;
+pub mod views;

@@ -21,9 +21,17 @@ pub(crate) struct AuditQuery {
     limit: Option<i64>,
 }
 
-/// `GET /admin/v1/audit?after=&limit=`: entries oldest first after the cursor, with the cursor
-/// to continue from (`null` on an empty page: ask again later with the same cursor) and
-/// whether more entries follow it now.
+// Entries oldest first after the cursor, with the cursor to continue from (`null` on an empty
+// page: ask again later with the same cursor) and whether more entries follow it now.
+/// The audit log of admin changes, oldest first, for export jobs that consume
+/// incrementally.
+#[utoipa::path(get, operation_id = "audit", path = "/admin/v1/audit", tag = "admin",
+    params(
+        ("after" = Option<String>, Query, description = "A `next_cursor`"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000),
+    ),
+    responses((status = 200, body = crate::openapi::admin_schemas::AuditPage), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,

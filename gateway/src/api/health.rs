@@ -7,8 +7,11 @@ use serde_json::{json, Value};
 
 use crate::AppState;
 
-/// Liveness and load: the server answers only once its models are loaded, and reports each
-/// model's running and waiting sequences and KV-cache use (gateways route on it).
+// Liveness and load: the server answers only once its models are loaded, and reports each
+// model's running and waiting sequences and KV-cache use (gateways route on it).
+/// Liveness and each model's load.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, body = crate::openapi::schemas::Health)))]
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let mut models: Vec<Value> = state
         .backends
@@ -28,6 +31,9 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"status": "ok", "models": models}))
 }
 
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(

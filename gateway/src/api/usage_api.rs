@@ -234,6 +234,18 @@ async fn bucket_page(
     })))
 }
 
+/// The caller's customer's token usage in time buckets (OpenAI's Usage API).
+#[utoipa::path(get, path = "/v1/organization/usage/completions", tag = "public",
+    params(
+        ("start_time" = i64, Query, minimum = 0, description = "Unix seconds, inclusive"),
+        ("end_time" = Option<i64>, Query, minimum = 0, description = "Unix seconds, exclusive"),
+        ("bucket_width" = Option<String>, Query, pattern = "^(1m|1h|1d)$"),
+        ("group_by" = Option<String>, Query, description = "Comma-separated: `model`, `api_key_id`"),
+        ("limit" = Option<i64>, Query, minimum = 1, description = "Buckets per page"),
+        ("page" = Option<String>, Query, description = "`next_page` of the previous page"),
+    ),
+    responses((status = 200, body = crate::openapi::schemas::UsageResponse), crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn completions_usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -272,6 +284,18 @@ pub async fn completions_usage(
     .await
 }
 
+/// The caller's customer's costs in daily buckets (OpenAI's Costs API).
+#[utoipa::path(get, path = "/v1/organization/costs", tag = "public",
+    params(
+        ("start_time" = i64, Query, minimum = 0, description = "Unix seconds, inclusive"),
+        ("end_time" = Option<i64>, Query, minimum = 0, description = "Unix seconds, exclusive"),
+        ("bucket_width" = Option<String>, Query, pattern = "^1d$"),
+        ("group_by" = Option<String>, Query, description = "`line_item`"),
+        ("limit" = Option<i64>, Query, minimum = 1, description = "Buckets per page"),
+        ("page" = Option<String>, Query, description = "`next_page` of the previous page"),
+    ),
+    responses((status = 200, body = crate::openapi::schemas::CostsResponse), crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn costs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -1,11 +1,14 @@
 //! The admin API's bodies, typed for the OpenAPI document. The admin handlers read their bodies
-//! field by field (so every error names its field) and write them with `json!`; these types
-//! say the same thing for clients and fuzzers, and the tests hold the two together.
+//! field by field (so every error names its field) and write most of them with `json!`; these
+//! types say the same thing for clients and fuzzers, and the tests hold the two together.
+//! Customers and keys are written and described by the same types,
+//! [`tollgate_metering::views`].
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::Value;
+use tollgate_metering::views::{CustomerView, KeyView};
 use utoipa::ToSchema;
 
 /// An amount of USD: a decimal string (`"25.50"`) or a number (`25.5`).
@@ -70,33 +73,10 @@ pub struct UpdateCustomer {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Customer {
-    #[schema(pattern = "^customer$")]
-    pub object: String,
-    pub id: String,
-    pub name: String,
-    #[schema(required)]
-    pub budget_usd: Option<String>,
-    #[schema(required)]
-    pub budget_period: Option<String>,
-    #[schema(required)]
-    pub rpm: Option<i64>,
-    #[schema(required)]
-    pub tpm: Option<i64>,
-    #[schema(required)]
-    pub max_concurrent_requests: Option<i64>,
-    pub scheduling_weight: i64,
-    /// RFC 3339.
-    pub created_at: String,
-    /// `GET /admin/v1/customers/{id}` only.
-    pub spent_usd_this_period: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
 pub struct CustomerList {
     #[schema(pattern = "^list$")]
     pub object: String,
-    pub data: Vec<Customer>,
+    pub data: Vec<CustomerView>,
 }
 
 /// RFC 3339 or Unix seconds.
@@ -148,46 +128,10 @@ pub struct UpdateKey {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ApiKey {
-    #[schema(pattern = "^api_key$")]
-    pub object: String,
-    pub id: String,
-    pub customer_id: String,
-    pub name: String,
-    pub key_prefix: String,
-    #[schema(required)]
-    pub models: Option<Vec<String>>,
-    #[schema(required)]
-    pub rpm: Option<i64>,
-    #[schema(required)]
-    pub tpm: Option<i64>,
-    #[schema(required)]
-    pub expires_at: Option<String>,
-    #[schema(required)]
-    pub revoked_at: Option<String>,
-    pub created_at: String,
-    pub tags: BTreeMap<String, String>,
-    #[schema(required)]
-    pub budget_usd: Option<String>,
-    #[schema(required)]
-    pub max_concurrent_requests: Option<i64>,
-}
-
-/// A new key: the secret is shown this once.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CreatedApiKey {
-    #[serde(flatten)]
-    pub key: ApiKey,
-    /// The secret to send as `Authorization: Bearer`.
-    #[serde(rename = "key")]
-    pub secret: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
 pub struct ApiKeyList {
     #[schema(pattern = "^list$")]
     pub object: String,
-    pub data: Vec<ApiKey>,
+    pub data: Vec<KeyView>,
 }
 
 /// `GET /admin/v1/usage`: one row per group, with the group's columns (`customer_id`,

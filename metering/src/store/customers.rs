@@ -8,7 +8,7 @@ use sqlx::Row;
 use super::{is_unique_violation, kind_column, now_micros, Store, StoreError, StoreResult};
 use crate::audit::{self, Action, Actor, Change};
 use crate::kinds::BudgetPeriod;
-use crate::money::format_usd;
+use crate::views::CustomerView;
 
 /// A customer: who pays. Limits are optional (`None` = unlimited).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,15 +72,7 @@ fn customer(row: &AnyRow) -> StoreResult<Customer> {
 
 /// A customer's fields as the audit log shows them (money as decimal USD).
 fn audited_customer(c: &Customer) -> serde_json::Value {
-    serde_json::json!({
-        "name": c.name,
-        "budget_usd": c.budget_nano_usd.map(format_usd),
-        "budget_period": c.budget_period,
-        "rpm": c.rpm,
-        "tpm": c.tpm,
-        "max_concurrent_requests": c.max_concurrent_requests,
-        "scheduling_weight": c.scheduling_weight,
-    })
+    CustomerView::from(c).audited()
 }
 
 impl Store {

@@ -7,8 +7,8 @@ use sqlx::Row;
 
 use super::{now_micros, stored_tags, Customer, Store, StoreError, StoreResult};
 use crate::audit::{self, Action, Actor, Change};
-use crate::money::format_usd;
 use crate::tags::{self, Tags};
+use crate::views::KeyView;
 
 /// An API key without its secret (only the SHA-256 of the secret is stored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,18 +80,7 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
 
 /// A key's fields as the audit log shows them: never its secret, its digest or its prefix.
 fn audited_key(k: &ApiKey) -> serde_json::Value {
-    serde_json::json!({
-        "customer_id": k.customer_id,
-        "name": k.name,
-        "models": k.models,
-        "rpm": k.rpm,
-        "tpm": k.tpm,
-        "expires_at": k.expires_at.map(crate::periods::rfc3339),
-        "revoked_at": k.revoked_at.map(crate::periods::rfc3339),
-        "tags": k.tags,
-        "budget_usd": k.budget_nano_usd.map(format_usd),
-        "max_concurrent_requests": k.max_concurrent_requests,
-    })
+    KeyView::from(k).audited()
 }
 
 /// Fields of an existing key to change: `None` leaves one as it is, `Some(None)` clears it

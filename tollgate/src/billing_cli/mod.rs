@@ -6,15 +6,16 @@ use std::io::Write;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde_json::json;
 use tollgate_gateway::alerts;
-use tollgate_gateway::api::admin::{customer_json, issue_key, key_json, valid_id};
+use tollgate_gateway::api::admin::{issue_key, valid_id};
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
-use tollgate_metering::money::{format_usd, parse_usd};
+use tollgate_metering::money::parse_usd;
 use tollgate_metering::store::{
     now_micros, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
 };
+use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
 mod export;
 mod usage;
@@ -221,7 +222,7 @@ pub enum KeysCommand {
     },
 }
 
-fn print(value: &Value) -> anyhow::Result<()> {
+fn print(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
@@ -287,12 +288,12 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 .await?
                 .create_customer(&id, fields, &Actor::cli_os_user())
                 .await?;
-            print(&customer_json(&c))
+            print(&CustomerView::from(&c))
         }
         CustomersCommand::List { db } => {
             let list = db.open().await?.list_customers().await?;
             print(
-                &json!({"object": "list", "data": list.iter().map(customer_json).collect::<Vec<_>>()}),
+                &json!({"object": "list", "data": list.iter().map(CustomerView::from).collect::<Vec<_>>()}),
             )
         }
         CustomersCommand::Get { id, db } => {
@@ -300,9 +301,8 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             let store = db.open().await?;
             let customer = store.customer(&id).await?;
             let (start, _) = tollgate_metering::periods::month_bounds(now_micros());
-            let mut body = customer_json(&customer);
-            body["spent_usd_this_period"] = json!(format_usd(store.spent_since(&id, start).await?));
-            print(&body)
+            let spent = store.spent_since(&id, start).await?;
+            print(&CustomerView::from(&customer).with_spend(spent))
         }
         CustomersCommand::Update {
             id,
@@ -331,7 +331,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
                 .await?
                 .update_customer(&id, fields, &Actor::cli_os_user())
                 .await?;
-            print(&customer_json(&c))
+            print(&CustomerView::from(&c))
         }
         CustomersCommand::Alerts {
             id,
@@ -397,9 +397,10 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             };
             let store = db.open().await?;
             let (key, secret) = issue_key(&store, &customer_id, new, &Actor::cli_os_user()).await?;
-            let mut body = key_json(&key);
-            body["key"] = json!(secret);
-            print(&body)
+            print(&CreatedKeyView {
+                key: KeyView::from(&key),
+                secret,
+            })
         }
         KeysCommand::Update {
             key_id,
@@ -433,12 +434,16 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let key = store
                 .set_key_fields(&key_id, fields, &Actor::cli_os_user())
                 .await?;
-            print(&key_json(&key))
+            print(&KeyView::from(&key))
         }
-        KeysCommand::Get { key_id, db } => print(&key_json(&db.open().await?.key(&key_id).await?)),
+        KeysCommand::Get { key_id, db } => {
+            print(&KeyView::from(&db.open().await?.key(&key_id).await?))
+        }
         KeysCommand::List { customer_id, db } => {
             let keys = db.open().await?.list_keys(&customer_id).await?;
-            print(&json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
+            print(
+                &json!({"object": "list", "data": keys.iter().map(KeyView::from).collect::<Vec<_>>()}),
+            )
         }
         KeysCommand::Budget {
             key_id,
@@ -446,7 +451,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             db,
         } => {
             let budget = budget_arg(Some(&budget_usd))?.flatten();
-            print(&key_json(
+            print(&KeyView::from(
                 &db.open()
                     .await?
                     .set_key_budget(&key_id, budget, &Actor::cli_os_user())
@@ -455,14 +460,14 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Tag { key_id, tags, db } => {
             let tags = tags_arg(&tags)?;
-            print(&key_json(
+            print(&KeyView::from(
                 &db.open()
                     .await?
                     .set_key_tags(&key_id, &tags, &Actor::cli_os_user())
                     .await?,
             ))
         }
-        KeysCommand::Revoke { key_id, db } => print(&key_json(
+        KeysCommand::Revoke { key_id, db } => print(&KeyView::from(
             &db.open()
                 .await?
                 .revoke_key(&key_id, &Actor::cli_os_user())

@@ -5,19 +5,20 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::{
-    customer_json, invalid_field, limit_field, list, object, reject_unknown, store, string_field,
-    valid_id, DEFAULT_PAGE, MAX_PAGE,
+    invalid_field, limit_field, list, object, reject_unknown, store, string_field, valid_id,
+    DEFAULT_PAGE, MAX_PAGE,
 };
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::kinds::BudgetPeriod;
-use tollgate_metering::money::{format_usd, parse_usd};
+use tollgate_metering::money::parse_usd;
 use tollgate_metering::periods::month_bounds;
 use tollgate_metering::store::{now_micros, CustomerFields, MAX_SCHEDULING_WEIGHT};
+use tollgate_metering::views::CustomerView;
 
 /// The fields of a customer that the admin API sets (besides its `id`, set at creation).
 const CUSTOMER_FIELDS: &[&str] = &[
@@ -94,6 +95,10 @@ fn weight_field(map: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/admin/v1/customers", tag = "admin",
+    request_body = crate::openapi::admin_schemas::CreateCustomer,
+    responses((status = 201, body = tollgate_metering::views::CustomerView), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn create_customer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -115,41 +120,57 @@ pub(super) async fn create_customer(
     let mut fields = customer_fields(&map)?;
     fields.name.get_or_insert_with(|| id.clone());
     let customer = store(&state)?.create_customer(&id, fields, &actor).await?;
-    Ok((StatusCode::CREATED, Json(customer_json(&customer))).into_response())
+    Ok((StatusCode::CREATED, Json(CustomerView::from(&customer))).into_response())
 }
 
+#[utoipa::path(get, path = "/admin/v1/customers", tag = "admin",
+    responses((status = 200, body = crate::openapi::admin_schemas::CustomerList), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn list_customers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let customers = store(&state)?.list_customers().await?;
-    Ok(list(customers.iter().map(customer_json).collect()))
+    Ok(list(customers.iter().map(CustomerView::from).collect()))
 }
 
+/// A customer with its spend in the current budget period.
+#[utoipa::path(get, path = "/admin/v1/customers/{id}", tag = "admin",
+    params(("id" = String, Path)),
+    responses((status = 200, body = tollgate_metering::views::CustomerView), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn get_customer(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CustomerView>, ApiError> {
     let store = store(&state)?;
     let customer = store.customer(&id).await?;
     let (start, _) = month_bounds(now_micros());
     let spent = store.spent_since(&id, start).await?;
-    let mut body = customer_json(&customer);
-    body["spent_usd_this_period"] = json!(format_usd(spent));
-    Ok(Json(body))
+    Ok(Json(CustomerView::from(&customer).with_spend(spent)))
 }
 
+#[utoipa::path(patch, path = "/admin/v1/customers/{id}", tag = "admin",
+    params(("id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::UpdateCustomer,
+    responses((status = 200, body = tollgate_metering::views::CustomerView), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn update_customer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     ApiPath(id): ApiPath<String>,
     ApiBytes(body): ApiBytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CustomerView>, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, CUSTOMER_FIELDS)?;
     let fields = customer_fields(&map)?;
     let customer = store(&state)?.update_customer(&id, fields, &actor).await?;
     state.auth.forget_customer(&id);
-    Ok(Json(customer_json(&customer)))
+    Ok(Json(CustomerView::from(&customer)))
 }
 
+/// A customer's budget-alert settings.
+#[utoipa::path(get, path = "/admin/v1/customers/{id}/alerts", tag = "admin",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::AlertSettings), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn get_alert_settings(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -158,8 +179,14 @@ pub(super) async fn get_alert_settings(
     Ok(Json(crate::alerts::settings_json(&settings, None)))
 }
 
-/// `{"webhook_url": URL | null, "thresholds": [fractions], "rotate_secret": bool}`; the
-/// answer carries `webhook_secret` when one was made (shown once).
+// `{"webhook_url": URL | null, "thresholds": [fractions], "rotate_secret": bool}`; the
+// answer carries `webhook_secret` when one was made (shown once).
+/// Sets the webhook and thresholds; a new signing secret is in this answer only.
+#[utoipa::path(put, path = "/admin/v1/customers/{id}/alerts", tag = "admin",
+    params(("id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::PutAlertSettings,
+    responses((status = 200, body = crate::openapi::admin_schemas::AlertSettings), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn put_alert_settings(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -229,8 +256,14 @@ pub(super) async fn put_alert_settings(
     )))
 }
 
-/// `GET /admin/v1/alerts?customer_id=&limit=`: budget alerts, oldest first, with their
-/// delivery.
+/// Budget alerts, oldest first, with their webhook delivery.
+#[utoipa::path(get, path = "/admin/v1/alerts", tag = "admin",
+    params(
+        ("customer_id" = Option<String>, Query),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000),
+    ),
+    responses((status = 200, body = crate::openapi::admin_schemas::BudgetAlertList), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn list_alerts(
     State(state): State<AppState>,
     Query(q): Query<std::collections::HashMap<String, String>>,

@@ -5,11 +5,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-use super::{
-    invalid_field, key_json, limit_field, list, object, reject_unknown, store, string_field,
-};
+use super::{invalid_field, limit_field, list, object, reject_unknown, store, string_field};
 use crate::auth::{digest, hex, new_key};
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
@@ -19,6 +17,7 @@ use tollgate_metering::money::parse_usd;
 use tollgate_metering::periods::rfc3339;
 use tollgate_metering::store::{now_micros, ApiKey, KeyFields, NewKey, Store};
 use tollgate_metering::tags::Tags;
+use tollgate_metering::views::{CreatedKeyView, KeyView};
 
 /// `budget_usd`: a decimal USD string or number (`null` clears it); `None` when absent.
 fn key_budget_field(map: &Map<String, Value>) -> Result<Option<Option<i64>>, ApiError> {
@@ -124,6 +123,12 @@ fn models_field(
     Ok(Some(models))
 }
 
+/// Issues a key; its secret is in this answer only.
+#[utoipa::path(post, path = "/admin/v1/customers/{id}/keys", tag = "admin",
+    params(("id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::CreateKey,
+    responses((status = 201, body = tollgate_metering::views::CreatedKeyView), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn create_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -155,8 +160,10 @@ pub(super) async fn create_key(
         max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?.flatten(),
     };
     let (created, secret) = issue_key(store(&state)?, &customer_id, new, &actor).await?;
-    let mut body = key_json(&created);
-    body["key"] = json!(secret);
+    let body = CreatedKeyView {
+        key: KeyView::from(&created),
+        secret,
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -183,21 +190,29 @@ pub async fn issue_key(
     Ok((key, secret))
 }
 
+/// A customer's keys, without their secrets.
+#[utoipa::path(get, path = "/admin/v1/customers/{id}/keys", tag = "admin",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::ApiKeyList), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn list_keys(
     State(state): State<AppState>,
     ApiPath(customer_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let keys = store(&state)?.list_keys(&customer_id).await?;
-    Ok(list(keys.iter().map(key_json).collect()))
+    Ok(list(keys.iter().map(KeyView::from).collect()))
 }
 
-/// `GET /admin/v1/keys/{key_id}`: the key (without its secret), with the customer it belongs
-/// to.
+/// A key (without its secret), with the customer it belongs to.
+#[utoipa::path(get, path = "/admin/v1/keys/{key_id}", tag = "admin",
+    params(("key_id" = String, Path)),
+    responses((status = 200, body = tollgate_metering::views::KeyView), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn get_key(
     State(state): State<AppState>,
     ApiPath(key_id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(key_json(&store(&state)?.key(&key_id).await?)))
+) -> Result<Json<KeyView>, ApiError> {
+    Ok(Json(KeyView::from(&store(&state)?.key(&key_id).await?)))
 }
 
 /// The fields `PATCH /admin/v1/keys/{key_id}` changes.
@@ -212,15 +227,21 @@ const KEY_CHANGES: &[&str] = &[
     "budget_usd",
 ];
 
-/// `PATCH /admin/v1/keys/{key_id}`: changes the given fields (`null` clears a limit, the model
-/// list, the expiry or the budget; `{}` or `null` clears the tags). Requests made with the key
-/// see the change within the key cache's lifetime (at once on this gateway).
+// Changes the given fields (`null` clears a limit, the model list, the expiry or the budget;
+// `{}` or `null` clears the tags). Requests made with the key see the change within the key
+// cache's lifetime (at once on this gateway).
+/// Changes a key's limits, models, expiry, default tags or budget (`null` clears one).
+#[utoipa::path(patch, path = "/admin/v1/keys/{key_id}", tag = "admin",
+    params(("key_id" = String, Path)),
+    request_body = crate::openapi::admin_schemas::UpdateKey,
+    responses((status = 200, body = tollgate_metering::views::KeyView), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn update_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     ApiPath(key_id): ApiPath<String>,
     ApiBytes(body): ApiBytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyView>, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, KEY_CHANGES)?;
     let name = string_field(&map, "name")?;
@@ -254,15 +275,20 @@ pub(super) async fn update_key(
         .set_key_fields(&key_id, fields, &actor)
         .await?;
     state.auth.forget_key(&key_id);
-    Ok(Json(key_json(&key)))
+    Ok(Json(KeyView::from(&key)))
 }
 
+/// Revokes a key at once.
+#[utoipa::path(delete, path = "/admin/v1/keys/{key_id}", tag = "admin",
+    params(("key_id" = String, Path)),
+    responses((status = 200, body = tollgate_metering::views::KeyView), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn revoke_key(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     ApiPath(key_id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyView>, ApiError> {
     let key = store(&state)?.revoke_key(&key_id, &actor).await?;
     state.auth.forget_key(&key_id);
-    Ok(Json(key_json(&key)))
+    Ok(Json(KeyView::from(&key)))
 }

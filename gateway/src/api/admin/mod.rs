@@ -1,21 +1,29 @@
 //! The operators' API: customers, keys, usage aggregates, the record cursor and
 //! invoices, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
+//!
+//! Its contract is written once: [`operations`] routes each operation with the scope it needs,
+//! the handler's `#[utoipa::path]` documents it, and customers and keys are shown through
+//! `tollgate_metering::views`, which the CLI and the audit log use too.
+
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::handler::Handler;
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
+use utoipa::OpenApi;
 
-use crate::api::admin_tokens;
+use crate::api::admin_tokens::{self, Scope};
+use crate::api::audit;
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::audit::Actor;
-use tollgate_metering::money::format_usd;
-use tollgate_metering::periods::rfc3339;
-use tollgate_metering::store::{ApiKey, Customer, Store};
+use tollgate_metering::store::Store;
 
 /// Records per page of `/admin/v1/usage/records` unless `limit` says otherwise.
 const DEFAULT_PAGE: i64 = 100;
@@ -34,52 +42,174 @@ use keys::{create_key, get_key, list_keys, revoke_key, update_key};
 pub use usage::parse_cursor;
 use usage::{invoice, usage, usage_records};
 
-pub fn router(state: AppState) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/admin/v1/customers",
-            get(list_customers).post(create_customer),
-        )
-        .route(
-            "/admin/v1/customers/{id}",
-            get(get_customer).patch(update_customer),
-        )
-        .route(
-            "/admin/v1/customers/{id}/keys",
-            get(list_keys).post(create_key),
-        )
-        .route(
-            "/admin/v1/keys/{key_id}",
-            get(get_key).delete(revoke_key).patch(update_key),
-        )
-        .route(
+/// The admin API, one line per operation: its method, path, handler and the scope it needs.
+/// The handlers' `#[utoipa::path]` document them ([`AdminApi`]); the tests hold the two
+/// together, both ways.
+fn operations() -> Operations {
+    use Scope::{Admin, CustomersRead, CustomersWrite, KeysWrite, UsageRead};
+    use Verb::{Delete, Get, Patch, Post, Put};
+    let customer = "/admin/v1/customers/{id}";
+    let key = "/admin/v1/keys/{key_id}";
+    Operations::default()
+        .op(Get, "/admin/v1/customers", list_customers, CustomersRead)
+        .op(Post, "/admin/v1/customers", create_customer, CustomersWrite)
+        .op(Get, customer, get_customer, CustomersRead)
+        .op(Patch, customer, update_customer, CustomersWrite)
+        .op(Get, "/admin/v1/customers/{id}/keys", list_keys, KeysWrite)
+        .op(Post, "/admin/v1/customers/{id}/keys", create_key, KeysWrite)
+        .op(Get, key, get_key, KeysWrite)
+        .op(Delete, key, revoke_key, KeysWrite)
+        .op(Patch, key, update_key, KeysWrite)
+        .op(
+            Get,
             "/admin/v1/customers/{id}/alerts",
-            get(get_alert_settings).put(put_alert_settings),
+            get_alert_settings,
+            Admin,
         )
-        .route("/admin/v1/alerts", get(list_alerts))
-        .route("/admin/v1/usage", get(usage))
-        .route("/admin/v1/usage/records", get(usage_records))
-        .route("/admin/v1/invoices/{customer_id}", get(invoice))
-        .route("/admin/v1/audit", get(crate::api::audit::list))
-        .route(
+        .op(
+            Put,
+            "/admin/v1/customers/{id}/alerts",
+            put_alert_settings,
+            Admin,
+        )
+        .op(Get, "/admin/v1/alerts", list_alerts, Admin)
+        .op(Get, "/admin/v1/usage", usage, UsageRead)
+        .op(Get, "/admin/v1/usage/records", usage_records, UsageRead)
+        .op(Get, "/admin/v1/invoices/{customer_id}", invoice, UsageRead)
+        .op(Get, "/admin/v1/audit", audit::list, Admin)
+        .op(
+            Get,
             "/admin/v1/admin_tokens",
-            get(admin_tokens::list_handler).post(admin_tokens::create),
+            admin_tokens::list_handler,
+            Admin,
         )
-        .route(
+        .op(Post, "/admin/v1/admin_tokens", admin_tokens::create, Admin)
+        .op(
+            Delete,
             "/admin/v1/admin_tokens/{id}",
-            delete(admin_tokens::revoke_handler),
+            admin_tokens::revoke_handler,
+            Admin,
         )
-        .route_layer(middleware::from_fn_with_state(state, require_admin))
+}
+
+/// The OpenAPI operations of [`operations`], from the handlers' own `#[utoipa::path]`.
+#[derive(OpenApi)]
+#[openapi(paths(
+    customers::list_customers,
+    customers::create_customer,
+    customers::get_customer,
+    customers::update_customer,
+    keys::list_keys,
+    keys::create_key,
+    keys::get_key,
+    keys::revoke_key,
+    keys::update_key,
+    usage::usage,
+    usage::usage_records,
+    usage::invoice,
+    admin_tokens::list_handler,
+    admin_tokens::create,
+    admin_tokens::revoke_handler,
+    customers::get_alert_settings,
+    customers::put_alert_settings,
+    customers::list_alerts,
+    audit::list,
+))]
+pub(crate) struct AdminApi;
+
+pub fn router(state: AppState) -> Router<AppState> {
+    let Operations { router, scopes } = operations();
+    router.route_layer(middleware::from_fn_with_state(
+        (state, Arc::new(scopes)),
+        require_admin,
+    ))
+}
+
+/// The methods the admin API routes.
+#[derive(Debug, Clone, Copy)]
+enum Verb {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl Verb {
+    fn method(self) -> Method {
+        match self {
+            Self::Get => Method::GET,
+            Self::Post => Method::POST,
+            Self::Put => Method::PUT,
+            Self::Patch => Method::PATCH,
+            Self::Delete => Method::DELETE,
+        }
+    }
+
+    fn filter(self) -> MethodFilter {
+        match self {
+            Self::Get => MethodFilter::GET,
+            Self::Post => MethodFilter::POST,
+            Self::Put => MethodFilter::PUT,
+            Self::Patch => MethodFilter::PATCH,
+            Self::Delete => MethodFilter::DELETE,
+        }
+    }
+}
+
+/// The admin router as it is built, with the scope each of its operations needs.
+#[derive(Default)]
+struct Operations {
+    router: Router<AppState>,
+    scopes: Scopes,
+}
+
+impl Operations {
+    fn op<H, T>(self, verb: Verb, path: &'static str, handler: H, scope: Scope) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let Self { router, mut scopes } = self;
+        scopes.0.push((verb.method(), path, scope));
+        Self {
+            router: router.route(path, on(verb.filter(), handler)),
+            scopes,
+        }
+    }
+}
+
+/// The scope each admin operation needs, by method and route template.
+#[derive(Debug, Default)]
+pub(crate) struct Scopes(Vec<(Method, &'static str, Scope)>);
+
+impl Scopes {
+    /// The scope `method` on `route` needs. A method the route does not serve (a 405, or `HEAD`)
+    /// needs what the route's writes need, and a route without writes, or not listed, `admin`:
+    /// so a new route is closed to narrower tokens until someone decides otherwise.
+    pub(crate) fn needed(&self, method: &Method, route: &str) -> Scope {
+        let on_route = || self.0.iter().filter(|(_, r, _)| *r == route);
+        match on_route().find(|(m, _, _)| m == method) {
+            Some((_, _, scope)) => *scope,
+            None => on_route()
+                .filter(|(m, _, _)| *m != Method::GET)
+                .map(|(_, _, scope)| *scope)
+                .max()
+                .unwrap_or(Scope::Admin),
+        }
+    }
 }
 
 /// Admits the bootstrap token or an issued admin token whose scopes cover the route
 /// (`admin_tokens::authorize`), and puts the caller's `AdminIdentity` in the extensions.
 async fn require_admin(
-    State(state): State<AppState>,
+    State((state, scopes)): State<(AppState, Arc<Scopes>)>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    match admin_tokens::authorize(&state, admin_tokens::AdminRequest::of(&request)).await {
+    let asked = admin_tokens::AdminRequest::of(&request);
+    let needed = scopes.needed(asked.method(), asked.route());
+    match admin_tokens::authorize(&state, asked, needed).await {
         Ok(identity) => {
             let actor = Actor::admin_api(
                 &identity.token_id,
@@ -252,41 +382,7 @@ fn shown(value: &str) -> String {
     }
 }
 
-pub fn customer_json(c: &Customer) -> Value {
-    json!({
-        "object": "customer",
-        "id": c.id,
-        "name": c.name,
-        "budget_usd": c.budget_nano_usd.map(format_usd),
-        "budget_period": c.budget_period,
-        "rpm": c.rpm,
-        "tpm": c.tpm,
-        "max_concurrent_requests": c.max_concurrent_requests,
-        "scheduling_weight": c.scheduling_weight,
-        "created_at": rfc3339(c.created_at),
-    })
-}
-
-pub fn key_json(k: &ApiKey) -> Value {
-    json!({
-        "object": "api_key",
-        "id": k.id,
-        "customer_id": k.customer_id,
-        "name": k.name,
-        "key_prefix": k.key_prefix,
-        "models": k.models,
-        "rpm": k.rpm,
-        "tpm": k.tpm,
-        "expires_at": k.expires_at.map(rfc3339),
-        "revoked_at": k.revoked_at.map(rfc3339),
-        "created_at": rfc3339(k.created_at),
-        "tags": k.tags,
-        "budget_usd": k.budget_nano_usd.map(format_usd),
-        "max_concurrent_requests": k.max_concurrent_requests,
-    })
-}
-
-fn list(data: Vec<Value>) -> Json<Value> {
+fn list(data: Vec<impl serde::Serialize>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -296,4 +392,107 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApiError> {
     q.map(|Query(q)| q)
         .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::api::admin_tokens::{AdminIdentity, BOOTSTRAP_ID};
+
+    fn required(method: &Method, route: &str) -> Scope {
+        operations().scopes.needed(method, route)
+    }
+
+    #[test]
+    fn each_route_needs_its_scope_and_admin_covers_all() {
+        let usage = AdminIdentity {
+            token_id: "t".into(),
+            scopes: vec![Scope::UsageRead],
+        };
+        for route in [
+            "/admin/v1/usage",
+            "/admin/v1/usage/records",
+            "/admin/v1/invoices/{customer_id}",
+        ] {
+            assert!(usage.allows(required(&Method::GET, route)), "{route}");
+        }
+        for (method, route) in [
+            (Method::GET, "/admin/v1/customers"),
+            (Method::POST, "/admin/v1/customers"),
+            (Method::PATCH, "/admin/v1/customers/{id}"),
+            (Method::POST, "/admin/v1/customers/{id}/keys"),
+            (Method::DELETE, "/admin/v1/keys/{key_id}"),
+            (Method::POST, "/admin/v1/admin_tokens"),
+            (Method::GET, "/admin/v1/audit"),
+            (Method::GET, "/admin/v1/some-future-route"),
+        ] {
+            assert!(!usage.allows(required(&method, route)), "{method} {route}");
+        }
+        let keys = AdminIdentity {
+            token_id: "k".into(),
+            scopes: vec![Scope::KeysWrite],
+        };
+        assert!(keys.allows(required(&Method::DELETE, "/admin/v1/keys/{key_id}")));
+        assert!(!keys.allows(required(&Method::POST, "/admin/v1/customers")));
+        let admin = AdminIdentity {
+            token_id: BOOTSTRAP_ID.into(),
+            scopes: vec![Scope::Admin],
+        };
+        assert!(Scope::ALL.into_iter().all(|s| admin.allows(s)));
+    }
+
+    /// A method a route does not serve needs what its writes need (or `admin`), as before the
+    /// scopes moved beside the routes.
+    #[test]
+    fn an_unserved_method_needs_the_routes_write_scope() {
+        for (method, route, scope) in [
+            (Method::HEAD, "/admin/v1/customers", Scope::CustomersWrite),
+            (
+                Method::DELETE,
+                "/admin/v1/customers/{id}",
+                Scope::CustomersWrite,
+            ),
+            (
+                Method::PUT,
+                "/admin/v1/customers/{id}/keys",
+                Scope::KeysWrite,
+            ),
+            (Method::POST, "/admin/v1/usage", Scope::Admin),
+            (
+                Method::HEAD,
+                "/admin/v1/invoices/{customer_id}",
+                Scope::Admin,
+            ),
+        ] {
+            assert_eq!(required(&method, route), scope, "{method} {route}");
+        }
+    }
+
+    /// Every admin operation is in the OpenAPI document, and every documented admin
+    /// operation is routed with a scope.
+    #[test]
+    fn every_operation_is_documented_and_every_documented_one_routed() {
+        let routed: std::collections::BTreeSet<(String, String)> = operations()
+            .scopes
+            .0
+            .iter()
+            .map(|(m, path, _)| (m.as_str().to_lowercase(), path.to_string()))
+            .collect();
+        let doc = serde_json::to_value(AdminApi::openapi()).unwrap();
+        let documented: std::collections::BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|m| (m.clone(), path.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(routed, documented);
+        assert_eq!(routed.len(), 19);
+    }
 }

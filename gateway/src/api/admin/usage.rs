@@ -55,6 +55,22 @@ fn time_range(start: Option<&str>, end: Option<&str>) -> Result<(i64, i64), ApiE
     Ok((start, end))
 }
 
+/// Usage aggregates, as JSON or CSV.
+#[utoipa::path(get, path = "/admin/v1/usage", tag = "admin",
+    params(
+        ("start" = Option<String>, Query, description = "RFC 3339 or a date; default: the start of this UTC month"),
+        ("end" = Option<String>, Query, description = "RFC 3339 or a date; default: now"),
+        ("customer_id" = Option<String>, Query),
+        ("model" = Option<String>, Query),
+        ("tag" = Option<String>, Query, description = "`key:value`"),
+        ("group_by" = Option<String>, Query, description = "Comma-separated: customer, model, key, day, tag:KEY"),
+        ("format" = Option<String>, Query, pattern = "^(json|csv)$"),
+    ),
+    responses(
+        (status = 200, description = "One row per group",
+         content((crate::openapi::admin_schemas::UsageReport = "application/json"), (String = "text/csv"))),
+        crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn usage(
     State(state): State<AppState>,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
@@ -160,6 +176,20 @@ pub fn parse_cursor(text: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("`{text}` is not a cursor returned by this API"))
 }
 
+/// Usage records in ledger order, for export jobs that consume incrementally.
+#[utoipa::path(get, path = "/admin/v1/usage/records", tag = "admin",
+    params(
+        ("after" = Option<String>, Query, description = "A `next_cursor`"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000),
+        ("customer_id" = Option<String>, Query, description = "Only this customer's records"),
+        ("key_id" = Option<String>, Query, description = "Only this key's records"),
+        ("model" = Option<String>, Query, description = "Only this model's records"),
+        ("status" = Option<String>, Query, description = "Only records that ended so: `completed`, `cancelled`, `failed`"),
+        ("start" = Option<String>, Query, description = "Records started at or after this time (RFC 3339 or a date)"),
+        ("end" = Option<String>, Query, description = "Records started before this time (RFC 3339 or a date)"),
+    ),
+    responses((status = 200, body = crate::openapi::admin_schemas::UsageRecordPage), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn usage_records(
     State(state): State<AppState>,
     q: Result<Query<RecordsQuery>, axum::extract::rejection::QueryRejection>,
@@ -196,6 +226,16 @@ pub(super) struct InvoiceQuery {
     group_by: Option<String>,
 }
 
+/// A customer's invoice for a month.
+#[utoipa::path(get, path = "/admin/v1/invoices/{customer_id}", tag = "admin",
+    params(
+        ("customer_id" = String, Path),
+        ("period" = Option<String>, Query, pattern = "^[0-9]{4}-[0-9]{2}$", description = "YYYY-MM; default: this month"),
+        ("tag" = Option<String>, Query, description = "`key:value`"),
+        ("group_by" = Option<String>, Query, description = "`tag:KEY`"),
+    ),
+    responses((status = 200, body = crate::openapi::admin_schemas::Invoice), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn invoice(
     State(state): State<AppState>,
     ApiPath(customer_id): ApiPath<String>,

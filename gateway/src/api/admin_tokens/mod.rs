@@ -1,7 +1,8 @@
 //! Admin credentials and what each may do: scoped admin tokens issued through the admin API or
 //! the CLI (stored as SHA-256 digests, looked up by digest like client keys), the bootstrap
-//! `TOLLGATE_ADMIN_TOKEN` (scope `admin`), the scope each admin route needs, and the per-address
-//! limit on failed admin authentication.
+//! `TOLLGATE_ADMIN_TOKEN` (scope `admin`), the admin middleware's check of a request against the
+//! scope its route needs (declared with the route, in `admin`), and the per-address limit on
+//! failed admin authentication.
 //!
 //! It owns the `admin_tokens` table and the admin middleware's decision; the admin routes
 //! themselves live in `admin`.
@@ -9,8 +10,8 @@
 //! Scopes: `usage:read` (usage reports, records, invoices: what a billing export job needs),
 //! `customers:read` (listing and reading customers), `customers:write` (customers; implies
 //! `customers:read`), `keys:write` (client keys), `admin` (everything, including admin tokens
-//! and the console). A route not named below needs `admin`, so a new admin route is closed to
-//! narrower tokens until someone decides otherwise.
+//! and the console). A route not declared with a narrower scope needs `admin`, so a new admin
+//! route is closed to narrower tokens until someone decides otherwise.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -81,22 +82,6 @@ impl Scope {
                     Self::ALL.map(Scope::as_str).join(", ")
                 )
             })
-    }
-
-    /// The scope a request needs, from its method and route template.
-    pub fn required(method: &Method, route: &str) -> Self {
-        match (method, route) {
-            (
-                &Method::GET,
-                "/admin/v1/usage" | "/admin/v1/usage/records" | "/admin/v1/invoices/{customer_id}",
-            ) => Self::UsageRead,
-            (&Method::GET, "/admin/v1/customers" | "/admin/v1/customers/{id}") => {
-                Self::CustomersRead
-            }
-            (_, "/admin/v1/customers" | "/admin/v1/customers/{id}") => Self::CustomersWrite,
-            (_, "/admin/v1/customers/{id}/keys" | "/admin/v1/keys/{key_id}") => Self::KeysWrite,
-            _ => Self::Admin,
-        }
     }
 }
 
@@ -291,11 +276,25 @@ impl AdminRequest {
             presented: bearer(request.headers()).unwrap_or_default().to_string(),
         }
     }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The route template (`/admin/v1/keys/{key_id}`).
+    pub fn route(&self) -> &str {
+        &self.route
+    }
 }
 
-/// The admin middleware's decision: who is calling and whether they may do this. On refusal,
-/// the response to send (401 unknown token, 403 scope, 429 too many failures).
-pub async fn authorize(state: &AppState, request: AdminRequest) -> Result<AdminIdentity, Response> {
+/// The admin middleware's decision: who is calling and whether they may do this, which needs
+/// `needed`. On refusal, the response to send (401 unknown token, 403 scope, 429 too many
+/// failures).
+pub async fn authorize(
+    state: &AppState,
+    request: AdminRequest,
+    needed: Scope,
+) -> Result<AdminIdentity, Response> {
     let AdminRequest {
         ip,
         method,
@@ -318,7 +317,6 @@ pub async fn authorize(state: &AppState, request: AdminRequest) -> Result<AdminI
             return Err(refusal.into_response());
         }
     };
-    let needed = Scope::required(&method, &route);
     if !identity.allows(needed) {
         let implied = if needed == Scope::CustomersRead {
             " (or `customers:write`)"
@@ -418,7 +416,12 @@ fn store(state: &AppState) -> Result<&Store, ApiError> {
         .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))
 }
 
-/// `POST /admin/v1/admin_tokens` `{"name", "scopes": [...]}` → 201 with the secret, once.
+// `{"name", "scopes": [...]}` → 201 with the secret, once.
+/// Issues a scoped admin token; its secret is in this answer only.
+#[utoipa::path(post, operation_id = "create_admin_token", path = "/admin/v1/admin_tokens", tag = "admin",
+    request_body = crate::openapi::admin_schemas::CreateAdminToken,
+    responses((status = 201, body = crate::openapi::admin_schemas::CreatedAdminToken), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -476,7 +479,10 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// `GET /admin/v1/admin_tokens`: without secrets.
+/// Admin tokens (scope `admin`), without their secrets.
+#[utoipa::path(get, operation_id = "list_admin_tokens", path = "/admin/v1/admin_tokens", tag = "admin",
+    responses((status = 200, body = crate::openapi::admin_schemas::AdminTokenList), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub async fn list_handler(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let tokens = list(store(&state)?).await?;
     Ok(Json(json!({
@@ -485,7 +491,11 @@ pub async fn list_handler(State(state): State<AppState>) -> Result<Json<Value>, 
     })))
 }
 
-/// `DELETE /admin/v1/admin_tokens/{id}`: revokes at once.
+/// Revokes an admin token at once.
+#[utoipa::path(delete, operation_id = "revoke_admin_token", path = "/admin/v1/admin_tokens/{id}", tag = "admin",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::admin_schemas::AdminToken), crate::openapi::AdminErrors),
+    security(("admin_token" = [])))]
 pub async fn revoke_handler(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -498,50 +508,6 @@ pub async fn revoke_handler(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_route_needs_its_scope_and_admin_covers_all() {
-        let usage = AdminIdentity {
-            token_id: "t".into(),
-            scopes: vec![Scope::UsageRead],
-        };
-        for route in [
-            "/admin/v1/usage",
-            "/admin/v1/usage/records",
-            "/admin/v1/invoices/{customer_id}",
-        ] {
-            assert!(
-                usage.allows(Scope::required(&Method::GET, route)),
-                "{route}"
-            );
-        }
-        for (method, route) in [
-            (Method::GET, "/admin/v1/customers"),
-            (Method::POST, "/admin/v1/customers"),
-            (Method::PATCH, "/admin/v1/customers/{id}"),
-            (Method::POST, "/admin/v1/customers/{id}/keys"),
-            (Method::DELETE, "/admin/v1/keys/{key_id}"),
-            (Method::POST, "/admin/v1/admin_tokens"),
-            (Method::GET, "/admin/v1/audit"),
-            (Method::GET, "/admin/v1/some-future-route"),
-        ] {
-            assert!(
-                !usage.allows(Scope::required(&method, route)),
-                "{method} {route}"
-            );
-        }
-        let keys = AdminIdentity {
-            token_id: "k".into(),
-            scopes: vec![Scope::KeysWrite],
-        };
-        assert!(keys.allows(Scope::required(&Method::DELETE, "/admin/v1/keys/{key_id}")));
-        assert!(!keys.allows(Scope::required(&Method::POST, "/admin/v1/customers")));
-        let admin = AdminIdentity {
-            token_id: BOOTSTRAP_ID.into(),
-            scopes: vec![Scope::Admin],
-        };
-        assert!(Scope::ALL.into_iter().all(|s| admin.allows(s)));
-    }
 
     #[test]
     fn scopes_parse_strictly() {

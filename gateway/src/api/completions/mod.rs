@@ -46,6 +46,15 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Creates a chat completion (`stream: true`: `chat.completion.chunk` server-sent events
+/// ending with `data: [DONE]`).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "public",
+    request_body = crate::api::openai::ChatRequest,
+    responses(
+        (status = 200, description = "The completion, or its event stream",
+         content((crate::openapi::schemas::CreateChatCompletionResponse = "application/json"), (crate::openapi::schemas::ServerSentEvent = "text/event-stream"))),
+        crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
@@ -57,6 +66,14 @@ pub async fn chat_completions(
     respond_tagged(state, id, caller, plan, Kind::Chat, tags).await
 }
 
+/// Creates a (legacy) text completion.
+#[utoipa::path(post, path = "/v1/completions", tag = "public",
+    request_body = crate::api::openai::CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its event stream",
+         content((crate::openapi::schemas::CreateCompletionResponse = "application/json"), (crate::openapi::schemas::ServerSentEvent = "text/event-stream"))),
+        crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,

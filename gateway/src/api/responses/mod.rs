@@ -50,7 +50,14 @@ struct ToStore {
     retention: Duration,
 }
 
-/// `POST /v1/responses`.
+/// Creates a model response (`stream: true`: typed `response.*` events).
+#[utoipa::path(post, operation_id = "create_response", path = "/v1/responses", tag = "public",
+    request_body = request::CreateResponse,
+    responses(
+        (status = 200, description = "The response, or its event stream",
+         content((crate::openapi::schemas::Response = "application/json"), (crate::openapi::schemas::ServerSentEvent = "text/event-stream"))),
+        crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
@@ -355,7 +362,11 @@ fn database(state: &AppState, id: &str) -> Result<tollgate_metering::store::Stor
     state.store.clone().ok_or_else(|| not_found(id))
 }
 
-/// `GET /v1/responses/{id}`.
+/// A stored response of the caller's customer.
+#[utoipa::path(get, operation_id = "get_response", path = "/v1/responses/{id}", tag = "public",
+    params(("id" = String, Path, description = "The response id (`resp_...`)")),
+    responses((status = 200, body = crate::openapi::schemas::Response), crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -368,7 +379,11 @@ pub async fn get(
     Ok(Json(stored.response))
 }
 
-/// `DELETE /v1/responses/{id}`.
+/// Deletes a stored response of the caller's customer.
+#[utoipa::path(delete, operation_id = "delete_response", path = "/v1/responses/{id}", tag = "public",
+    params(("id" = String, Path, description = "The response id (`resp_...`)")),
+    responses((status = 200, body = crate::openapi::schemas::DeletedResponse), crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -411,7 +426,16 @@ fn item_json(response_id: &str, index: usize, item: &Item) -> Value {
     }
 }
 
-/// `GET /v1/responses/{id}/input_items?limit=&order=asc|desc&after=`.
+/// The input items of a stored response, newest first unless `order=asc`.
+#[utoipa::path(get, path = "/v1/responses/{id}/input_items", tag = "public",
+    params(
+        ("id" = String, Path, description = "The response id (`resp_...`)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100),
+        ("order" = Option<String>, Query, pattern = "^(asc|desc)$"),
+        ("after" = Option<String>, Query, description = "An item id: list the items after it"),
+    ),
+    responses((status = 200, body = crate::openapi::schemas::ResponseItemList), crate::openapi::PublicErrors),
+    security(("api_key" = [])))]
 pub async fn input_items(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
