@@ -10,8 +10,10 @@
 //! The work added to a step is bounded: the intake looks for newcomers before at most
 //! [`EngineConfig::interleave_passes`](super::EngineConfig::interleave_passes) evenly spaced
 //! layers, starting every newcomer that arrived since in one batched pass, and the pass
-//! prefills at most what the step's own tokens leave of `max_batch_tokens`: a step and its
-//! pass process no more tokens than one step could if the newcomers joined it. Passes are
+//! prefills at most what the step's own tokens leave of `max_batch_tokens` ([`pass_budget`]),
+//! and no more than the step's own tokens (64 beside a short step): a step and its pass
+//! process no more tokens than one step could if the newcomers joined it, and a pass at most
+//! doubles a step. Passes are
 //! rationed: one at most every
 //! [`EngineConfig::interleave_every`](super::EngineConfig::interleave_every) steps, since each
 //! reads the weights a second time, which the running sequences pay for. A customer who comes
@@ -67,6 +69,20 @@ fn intake_point(layer: usize, layers: usize, passes: usize) -> bool {
     passes > 0 && (layer == 0 || layer * passes / layers != (layer - 1) * passes / layers)
 }
 
+/// Prompt tokens a pass may prefill beside a step feeding `own_tokens` of its own: what the
+/// step leaves of `max_batch_tokens`, and no more than the step's own tokens (or
+/// [`PASS_FLOOR_TOKENS`] for a short step), so a pass at most doubles the time the running
+/// sequences wait for their next token. A longer prompt joins the next step, in chunks.
+pub(super) fn pass_budget(max_batch_tokens: usize, own_tokens: usize) -> usize {
+    max_batch_tokens
+        .saturating_sub(own_tokens)
+        .min(own_tokens.max(PASS_FLOOR_TOKENS))
+}
+
+/// The tokens a pass may prefill beside however short a step: a short question in a chat
+/// template fits.
+const PASS_FLOOR_TOKENS: usize = 64;
+
 /// Whether step number `step` may run a pass when the last one ran in step `last`: one pass at
 /// most every `every` steps (0 counts as 1).
 pub(super) fn pass_due(last: Option<u64>, step: u64, every: u64) -> bool {
@@ -83,7 +99,7 @@ impl<'a> Intake<'a> {
         layers: usize,
         own_tokens: usize,
     ) -> Self {
-        let budget = desk.config.max_batch_tokens.saturating_sub(own_tokens);
+        let budget = pass_budget(desk.config.max_batch_tokens, own_tokens);
         Self {
             desk,
             tenants,
@@ -248,6 +264,14 @@ mod tests {
         assert_eq!(points(30, 1), [0]);
         assert_eq!(points(30, 0), Vec::<usize>::new());
         assert_eq!(points(4, 9), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_pass_prefills_at_most_its_steps_own_tokens() {
+        assert_eq!(pass_budget(512, 8), 64);
+        assert_eq!(pass_budget(512, 200), 200);
+        assert_eq!(pass_budget(512, 400), 112);
+        assert_eq!(pass_budget(512, 600), 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::admission::step_members;
 use super::desk::{Desk, Place};
-use super::intake::{starts_apart, Intake};
+use super::intake::{pass_budget, starts_apart, Intake};
 use super::sequence::{Outcome, Sequence};
 use super::{EngineConfig, EngineStats, GenEvent, Submission};
 use crate::fair::Tenant;
@@ -132,7 +132,7 @@ impl Worker {
         let decoders = tenants
             .len()
             .min(config.max_running.min(config.max_step_sequences));
-        let budget = config.max_batch_tokens.saturating_sub(decoders);
+        let budget = pass_budget(config.max_batch_tokens, decoders);
         let before = tenants.clone();
         // While sequences run, a request whose customer has none of them is left to the step
         // about to run, which starts it before one of its layers ([`Intake`]); it keeps its
