@@ -190,7 +190,6 @@ impl Drop for RequestSlot {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -3,7 +3,12 @@
 //! disconnect, and graceful shutdown. (The real model is exercised by the workspace's
 //! end-to-end tests; here every backend behaviour can be forced.)
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -4,7 +4,12 @@
 //! a key once, and the budget alert step that fails without holding the records back, are the
 //! store's (`metering/tests/store.rs`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::sync::Arc;
 

@@ -4,7 +4,12 @@
 //! and the console's sign-in with issued admin tokens. The backend is scripted; the ledger is a
 //! real SQLite database the tests write records into.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

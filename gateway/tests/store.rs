@@ -3,7 +3,12 @@
 //! `store_postgres.rs`). The store's own contract is tested next to it
 //! (`metering/tests/store.rs`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::time::Duration;
 

@@ -6,7 +6,12 @@
 //! limits and budgets replicas share, are tested next to the store
 //! (`metering/tests/store_postgres.rs`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::time::Duration;
 

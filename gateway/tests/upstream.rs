@@ -2,7 +2,12 @@
 //! first token, usage taken from the upstream, mid-stream failures as error events, upstream
 //! refusals passed through.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

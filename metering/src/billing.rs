@@ -331,7 +331,6 @@ pub async fn invoice_for(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

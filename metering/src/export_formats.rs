@@ -116,7 +116,6 @@ pub fn stripe_meter_event(r: &UsageRecord, mapping: &StripeMapping) -> Result<Va
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -91,7 +91,6 @@ pub fn usd_f64(nano: i64) -> f64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

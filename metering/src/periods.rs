@@ -35,7 +35,6 @@ pub fn month_bounds(micros: i64) -> (i64, i64) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

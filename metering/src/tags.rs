@@ -129,7 +129,6 @@ pub fn sql_value(kind: DbKind, param: usize) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

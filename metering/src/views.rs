@@ -161,7 +161,6 @@ fn without(view: &impl Serialize, fields: &[&str]) -> Value {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

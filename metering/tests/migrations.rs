@@ -5,7 +5,12 @@
 //! built with the `postgres-tests` feature and `TOLLGATE_TEST_POSTGRES_URL`, as in
 //! `store_postgres.rs`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use sqlx::{AnyConnection, Connection, Row};
 use tollgate_metering::audit::Actor;

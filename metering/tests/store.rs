@@ -1,7 +1,12 @@
 //! The ledger database and writer against a real SQLite file (PostgreSQL: `store_postgres.rs`):
 //! the store contract, the ledger's rules, its spool and its writer.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::time::Duration;
 

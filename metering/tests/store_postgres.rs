@@ -4,7 +4,12 @@
 //! `TOLLGATE_TEST_POSTGRES_URL` naming its empty database. Also the limits and budgets that
 //! replicas share through PostgreSQL.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an integration test crate: its helpers, outside `#[test]` fns, are not covered by clippy.toml's allow-*-in-tests"
+)]
 
 use std::time::{Duration, Instant};
 

@@ -323,7 +323,6 @@ pub async fn costs(
     .await
 }
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

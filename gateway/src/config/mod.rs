@@ -13,7 +13,6 @@ use serde::Deserialize;
 
 mod models;
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
 use models::{validate_model, RawModel};

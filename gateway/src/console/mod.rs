@@ -501,7 +501,6 @@ pub(crate) fn raw(text: String) -> PreEscaped<String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -483,7 +483,6 @@ fn replay(stored: Stored) -> Response {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use axum::http::HeaderMap;

@@ -158,7 +158,6 @@ pub fn propagation_headers(span: &Span) -> HeaderMap {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

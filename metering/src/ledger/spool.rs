@@ -432,7 +432,6 @@ pub(super) fn lock_spool(spool_path: &Path) -> anyhow::Result<File> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -395,7 +395,6 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::api::admin_tokens::{AdminIdentity, BOOTSTRAP_ID};

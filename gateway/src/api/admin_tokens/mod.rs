@@ -505,7 +505,6 @@ pub async fn revoke_handler(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

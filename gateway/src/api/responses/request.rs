@@ -451,7 +451,6 @@ impl CreateResponse {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

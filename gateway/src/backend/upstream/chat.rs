@@ -307,7 +307,10 @@ pub(super) fn tokens_of(counter: Option<&dyn TokenCounter>, text: &str) -> u32 {
 }
 
 /// Streams one sequence from the best member, retrying on others until the first event.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "what the stream's task takes over, each moved into it; a struct would exist for this call only"
+)]
 pub(super) fn run(
     client: reqwest::Client,
     candidates: Vec<Arc<Member>>,

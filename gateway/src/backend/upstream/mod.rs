@@ -391,7 +391,6 @@ impl Backend for UpstreamPool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use std::net::IpAddr;
 
