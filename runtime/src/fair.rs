@@ -97,29 +97,43 @@ impl<T> FairQueue<T> {
     /// tenant is offered its oldest item: [`Visit::Pass`] moves on to the next tenant (one
     /// that may not start now, such as a tenant over its share of the batch, does not hold up
     /// the others), [`Visit::Stop`] ends the search.
-    pub fn pop_first(
-        &mut self,
-        mut visit: impl FnMut(&Tenant, &T) -> Visit,
-    ) -> Option<(Tenant, T)> {
+    pub fn pop_first(&mut self, visit: impl FnMut(&Tenant, &T) -> Visit) -> Option<(Tenant, T)> {
+        match self.find_first(visit) {
+            Found::Taken(tenant, item) => Some((tenant, item)),
+            Found::Stopped | Found::None => None,
+        }
+    }
+
+    /// [`pop_first`](Self::pop_first), saying whether the search was stopped or found
+    /// nothing to take.
+    pub fn find_first(&mut self, mut visit: impl FnMut(&Tenant, &T) -> Visit) -> Found<T> {
         let mut chosen = None;
         for tenant in self.order() {
-            let front = self.tenants.get(tenant)?.items.front()?;
-            match visit(tenant, &front.1) {
+            let Some((_, front)) = self.tenants.get(tenant).and_then(|q| q.items.front()) else {
+                continue;
+            };
+            match visit(tenant, front) {
                 Visit::Take => {
                     chosen = Some(tenant.clone());
                     break;
                 }
                 Visit::Pass => continue,
-                Visit::Stop => return None,
+                Visit::Stop => return Found::Stopped,
             }
         }
-        let tenant = chosen?;
-        let q = self.tenants.get_mut(&tenant)?;
-        let (cost, item) = q.items.pop_front()?;
+        let Some(tenant) = chosen else {
+            return Found::None;
+        };
+        let Some(q) = self.tenants.get_mut(&tenant) else {
+            return Found::None;
+        };
+        let Some((cost, item)) = q.items.pop_front() else {
+            return Found::None;
+        };
         self.clock = self.clock.max(q.vtime);
         q.vtime += cost / q.weight;
         self.len -= 1;
-        Some((tenant, item))
+        Found::Taken(tenant, item)
     }
 
     /// Keeps the items `keep` approves; returns how many were dropped.
@@ -165,6 +179,16 @@ impl<T> FairQueue<T> {
             self.tenants.remove(tenant);
         }
     }
+}
+
+/// What [`FairQueue::find_first`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found<T> {
+    Taken(Tenant, T),
+    /// A visit said [`Visit::Stop`].
+    Stopped,
+    /// Every tenant was passed over, or nothing waits.
+    None,
 }
 
 /// What [`FairQueue::pop_first`] does with a tenant's oldest item.

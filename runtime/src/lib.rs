@@ -6,6 +6,7 @@
 //! gateway's backend trait.
 
 pub mod chat_template;
+pub mod classes;
 pub mod constraint;
 pub mod detokenize;
 pub mod dev_model;

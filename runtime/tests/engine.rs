@@ -18,7 +18,7 @@ use tollgate_runtime::dev_model::require_dev_model;
 
 use tollgate_runtime::constraint::{ConstraintCompiler, Grammar};
 use tollgate_runtime::engine::{
-    Engine, EngineConfig, GenConstraint, GenEvent, GenRequest, Tenancy,
+    Engine, EngineConfig, GenConstraint, GenEvent, GenRequest, ServiceClass, Tenancy,
 };
 use tollgate_runtime::loader::{load, LoadOptions, ModelSource};
 use tollgate_runtime::model::WeightForm;
@@ -70,6 +70,7 @@ fn tenant_request(
     r.tenant = Some(Tenancy {
         name: Arc::from(tenant),
         weight: 1,
+        class: ServiceClass::Default,
     });
     if long {
         r.sampling.logit_bias = tokenizer

@@ -1,8 +1,14 @@
 //! Who starts next: the admission rule of the engine's queue, on plain numbers so it is
 //! tested without a model. A waiting sequence starts when its KV fits and, with the batch full,
-//! when its tenant runs fewer sequences than its weighted fair share.
+//! when its tenant runs fewer sequences than its weighted fair share of the slots its class
+//! may use: those the higher classes leave ([`crate::classes`]).
 
+use crate::classes::ServiceClass;
 use crate::fair::{shares, Tenant, Visit};
+
+/// A running (or candidate) sequence as admission sees it: its tenant, the tenant's weight
+/// and its class.
+pub(super) type Member = (Tenant, u32, ServiceClass);
 
 /// Whether the front of the queue starts now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,14 +33,17 @@ impl Admission {
     }
 }
 
-/// The admission rule. A sequence of `candidate` (tenant, weight) starts when its prompt and
-/// output fit the KV budget (`(reserved, need, budget)` bytes) and either the batch has room
-/// (`max_running`) or its tenant runs fewer sequences than its weighted fair share of the
-/// batch, counting it (so a tenant that arrives at a full batch of another's still starts; the
-/// running set stays under twice `max_running`).
+/// The admission rule. A sequence of `candidate` (tenant, weight, class) starts when its
+/// prompt and output fit the KV budget (`(reserved, need, budget)` bytes) and either the batch
+/// has room (`max_running`) or its tenant runs fewer sequences of its class than its weighted
+/// fair share of the slots the higher classes leave to that class, counting it. So a tenant
+/// that arrives at a full batch of another's still starts, a higher class starts beside a
+/// batch full of lower ones (which it then crowds out of the steps, [`step_members`]), and a
+/// lower class waits while the higher ones fill the batch. The running set stays under twice
+/// `max_running`.
 pub(super) fn admission<'a>(
-    running: impl Iterator<Item = (&'a Tenant, u32)> + Clone,
-    candidate: (&'a Tenant, u32),
+    running: impl Iterator<Item = (&'a Tenant, u32, ServiceClass)> + Clone,
+    candidate: (&'a Tenant, u32, ServiceClass),
     max_running: usize,
     (reserved, need, budget): (usize, usize, usize),
 ) -> Admission {
@@ -43,8 +52,11 @@ pub(super) fn admission<'a>(
         if count >= 2 * max_running {
             return Admission::OverShare;
         }
-        let demand = tenant_demand(running.chain(std::iter::once(candidate)));
-        let slots = shares(&demand, max_running);
+        let class = candidate.2;
+        let higher = running.clone().filter(|m| m.2 < class).count();
+        let peers = running.filter(|m| m.2 == class).map(|(t, w, _)| (t, w));
+        let demand = tenant_demand(peers.chain(std::iter::once((candidate.0, candidate.1))));
+        let slots = shares(&demand, max_running.saturating_sub(higher));
         let under = demand
             .iter()
             .zip(&slots)
@@ -59,23 +71,39 @@ pub(super) fn admission<'a>(
     Admission::Admit
 }
 
-/// Which running sequences, given as `(tenant, weight, step last run)`, take part in the next
-/// forward pass of at most `cap` sequences: all of them while they fit; else each tenant's
-/// weighted fair share of `cap`, its least recently run sequences first (ties by position).
-pub(super) fn step_members(running: &[(&Tenant, u32, u64)], cap: usize) -> Vec<bool> {
+/// Which running sequences, given as `(tenant, weight, step last run, class)`, take part in
+/// the next forward pass of at most `cap` sequences: all of them while they fit; else the
+/// highest class first, as many of it as fit, then the next class in what is left, and so on;
+/// within a class each tenant's weighted fair share of the class's slots, its least recently
+/// run sequences first (ties by position). A sequence left out keeps its KV and runs again
+/// when slots are free.
+pub(super) fn step_members(running: &[(&Tenant, u32, u64, ServiceClass)], cap: usize) -> Vec<bool> {
     let n = running.len();
     let cap = cap.max(1);
     if n <= cap {
         return vec![true; n];
     }
-    let demand = tenant_demand(running.iter().map(|&(t, w, _)| (t, w)));
-    let slots = shares(&demand, cap);
     let mut chosen = vec![false; n];
-    for ((tenant, _, _), &slot) in demand.iter().zip(&slots) {
-        let mut mine: Vec<usize> = (0..n).filter(|&i| running[i].0 == tenant).collect();
-        mine.sort_by_key(|&i| (running[i].2, i));
-        for &i in mine.iter().take(slot) {
-            chosen[i] = true;
+    let mut left = cap;
+    for class in ServiceClass::ALL {
+        let members: Vec<usize> = (0..n).filter(|&i| running[i].3 == class).collect();
+        let take = members.len().min(left);
+        if take == 0 {
+            continue;
+        }
+        left -= take;
+        let demand = tenant_demand(members.iter().map(|&i| (running[i].0, running[i].1)));
+        let slots = shares(&demand, take);
+        for ((tenant, _, _), &slot) in demand.iter().zip(&slots) {
+            let mut mine: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| running[i].0 == tenant)
+                .collect();
+            mine.sort_by_key(|&i| (running[i].2, i));
+            for &i in mine.iter().take(slot) {
+                chosen[i] = true;
+            }
         }
     }
     chosen
@@ -98,25 +126,44 @@ pub(super) fn tenant_demand<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ServiceClass::{Batch, Default, Flex, Priority};
 
     fn t(name: &str) -> Tenant {
         Tenant::from(name)
     }
 
-    /// `n` running sequences of each `(tenant, weight, n)`.
-    fn running(v: &[(&Tenant, u32, usize)]) -> Vec<(Tenant, u32)> {
+    /// `n` running sequences of each `(tenant, weight, n)`, of the default class.
+    fn running(v: &[(&Tenant, u32, usize)]) -> Vec<Member> {
+        classed(
+            &v.iter()
+                .map(|&(t, w, n)| (t, w, n, Default))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// `n` running sequences of each `(tenant, weight, n, class)`.
+    fn classed(v: &[(&Tenant, u32, usize, ServiceClass)]) -> Vec<Member> {
         v.iter()
-            .flat_map(|&(tenant, w, n)| std::iter::repeat_n((tenant.clone(), w), n))
+            .flat_map(|&(tenant, w, n, c)| std::iter::repeat_n((tenant.clone(), w, c), n))
             .collect()
     }
 
     fn admit(
-        r: &[(Tenant, u32)],
+        r: &[Member],
         who: (&Tenant, u32),
         max: usize,
         kv: (usize, usize, usize),
     ) -> Admission {
-        admission(r.iter().map(|(t, w)| (t, *w)), who, max, kv)
+        admit_as(r, (who.0, who.1, Default), max, kv)
+    }
+
+    fn admit_as(
+        r: &[Member],
+        who: (&Tenant, u32, ServiceClass),
+        max: usize,
+        kv: (usize, usize, usize),
+    ) -> Admission {
+        admission(r.iter().map(|(t, w, c)| (t, *w, *c)), who, max, kv)
     }
 
     const ROOM: (usize, usize, usize) = (0, 10, 100);
@@ -155,14 +202,14 @@ mod tests {
         let (a, b) = (t("a"), t("b"));
         // Six of a (last run at steps 5, 1, 4, 2, 3, 6) and two of b.
         let r = [
-            (&a, 1, 5),
-            (&a, 1, 1),
-            (&b, 1, 7),
-            (&a, 1, 4),
-            (&a, 1, 2),
-            (&b, 1, 7),
-            (&a, 1, 3),
-            (&a, 1, 6),
+            (&a, 1, 5, Default),
+            (&a, 1, 1, Default),
+            (&b, 1, 7, Default),
+            (&a, 1, 4, Default),
+            (&a, 1, 2, Default),
+            (&b, 1, 7, Default),
+            (&a, 1, 3, Default),
+            (&a, 1, 6, Default),
         ];
         assert_eq!(step_members(&r, 8), vec![true; 8]);
         // Four slots: two each; a's two least recently run are at steps 1 and 2.
@@ -174,6 +221,87 @@ mod tests {
         assert!(step_members(&r, 6)[2] && step_members(&r, 6)[5]);
         // A cap of 0 still runs one sequence.
         assert_eq!(step_members(&r, 0).iter().filter(|&&c| c).count(), 1);
+    }
+
+    /// A higher class starts beside a batch full of a lower one; a lower class waits while
+    /// the higher ones fill it, and takes what they leave.
+    #[test]
+    fn a_higher_class_starts_beside_a_full_batch_and_a_lower_one_takes_what_is_left() {
+        let (p, f, d) = (t("p"), t("f"), t("d"));
+        let full_of_flex = classed(&[(&f, 1, 4, Flex)]);
+        assert_eq!(
+            admit_as(&full_of_flex, (&p, 1, Priority), 4, ROOM),
+            Admission::Admit
+        );
+        // The same tenant's priority request starts too: its flex sequences do not count
+        // against its priority share.
+        assert_eq!(
+            admit_as(&full_of_flex, (&f, 1, Priority), 4, ROOM),
+            Admission::Admit
+        );
+        assert_eq!(
+            admit_as(&full_of_flex, (&f, 1, Flex), 4, ROOM),
+            Admission::OverShare
+        );
+        // Priority fills the batch: default and flex wait, another priority tenant starts.
+        let full_of_priority = classed(&[(&p, 1, 4, Priority)]);
+        assert_eq!(
+            admit_as(&full_of_priority, (&d, 1, Default), 4, ROOM),
+            Admission::OverShare
+        );
+        assert_eq!(
+            admit_as(&full_of_priority, (&f, 1, Flex), 4, ROOM),
+            Admission::OverShare
+        );
+        assert_eq!(
+            admit_as(&full_of_priority, (&d, 1, Priority), 4, ROOM),
+            Admission::Admit
+        );
+        // Three priority leave one slot: a flex tenant with none running is under its share.
+        let mixed = classed(&[(&p, 1, 3, Priority), (&d, 1, 1, Default)]);
+        assert_eq!(
+            admit_as(&mixed, (&f, 1, Flex), 4, ROOM),
+            Admission::OverShare
+        );
+        let room = classed(&[(&p, 1, 3, Priority), (&f, 1, 1, Flex)]);
+        assert_eq!(
+            admit_as(&room, (&d, 1, Flex), 4, ROOM),
+            Admission::OverShare
+        );
+        assert_eq!(admit_as(&room, (&d, 1, Default), 4, ROOM), Admission::Admit);
+        // With the batch not full, any class starts (work-conserving).
+        assert_eq!(
+            admit_as(&classed(&[(&p, 1, 3, Priority)]), (&f, 1, Batch), 4, ROOM),
+            Admission::Admit
+        );
+    }
+
+    /// A step's slots go to the highest class first; a lower class runs in what is left,
+    /// and with no higher class it has them all.
+    #[test]
+    fn a_step_fills_from_the_highest_class_down() {
+        let (p, f, g) = (t("p"), t("f"), t("g"));
+        let r = [
+            (&f, 1, 1, Flex),
+            (&p, 1, 9, Priority),
+            (&g, 1, 2, Flex),
+            (&f, 1, 3, Flex),
+            (&p, 1, 9, Priority),
+            (&g, 1, 4, Flex),
+        ];
+        let picked = |cap| -> Vec<usize> {
+            let chosen = step_members(&r, cap);
+            (0..r.len()).filter(|&i| chosen[i]).collect()
+        };
+        // Two slots: both priority; the flex sequences wait with their KV.
+        assert_eq!(picked(2), vec![1, 4]);
+        // Four: priority, then one flex slot each for f and g, least recently run first.
+        assert_eq!(picked(4), vec![0, 1, 2, 4]);
+        assert_eq!(picked(6), vec![0, 1, 2, 3, 4, 5]);
+        // One slot: a priority sequence.
+        assert_eq!(picked(1), vec![1]);
+        let flex_only = [(&f, 1, 1, Flex), (&g, 1, 2, Flex), (&f, 1, 0, Flex)];
+        assert_eq!(step_members(&flex_only, 2), vec![false, true, true]);
     }
 
     #[test]

@@ -7,13 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use super::admission::{admission, Admission};
+use super::admission::{admission, Admission, Member};
 use super::late::TriggerScan;
 use super::prefix_cache::PrefixCache;
 use super::sequence::{Outcome, Sequence};
 use super::{EngineConfig, EngineStats, GenEvent, GenRequest, Submission};
+use crate::classes::{ClassQueues, ServiceClass};
 use crate::detokenize::StreamDecoder;
-use crate::fair::{FairQueue, Tenant, Visit};
+use crate::fair::{Tenant, Visit};
 use crate::model::LlamaModel;
 use crate::sampling::Sampler;
 use crate::stop::StopMatcher;
@@ -24,7 +25,7 @@ pub(super) struct Desk {
     pub(super) config: EngineConfig,
     pub(super) incoming: Receiver<Submission>,
     pub(super) stats: Arc<EngineStats>,
-    pub(super) waiting: FairQueue<Submission>,
+    pub(super) waiting: ClassQueues<Submission>,
     pub(super) reserved_bytes: usize,
     /// The step that last ran a pass for newcomers ([`super::intake::Intake`]).
     pub(super) last_pass: Option<u64>,
@@ -60,11 +61,12 @@ fn kv_need(sub: &Submission, per_token: usize) -> usize {
     (sub.request.prompt_ids.len() + sub.request.max_tokens) * per_token
 }
 
-/// A request's tenant and weight (requests without one share the anonymous tenant).
-fn tenancy(request: &GenRequest) -> (Tenant, u32) {
+/// A request's tenant, weight and class (requests without a tenant share the anonymous one,
+/// in the default class).
+pub(super) fn tenancy(request: &GenRequest) -> Member {
     match &request.tenant {
-        Some(t) => (t.name.clone(), t.weight.max(1)),
-        None => (Tenant::from(""), 1),
+        Some(t) => (t.name.clone(), t.weight.max(1), t.class),
+        None => (Tenant::from(""), 1, ServiceClass::Default),
     }
 }
 
@@ -81,7 +83,7 @@ impl Desk {
             config,
             incoming,
             stats,
-            waiting: FairQueue::new(),
+            waiting: ClassQueues::new(),
             reserved_bytes: 0,
             last_pass: None,
         }
@@ -96,9 +98,9 @@ impl Desk {
 
     /// Queues a submission under its tenant, costed by the tokens it may take.
     pub(super) fn enqueue(&mut self, sub: Submission) {
-        let (tenant, weight) = tenancy(&sub.request);
+        let (tenant, weight, class) = tenancy(&sub.request);
         let cost = (sub.request.prompt_ids.len() + sub.request.max_tokens) as f64;
-        self.waiting.push(tenant, weight, cost, sub);
+        self.waiting.push(class, tenant, weight, cost, sub);
     }
 
     /// Moves what arrived into the waiting queue, without blocking.
@@ -110,25 +112,25 @@ impl Desk {
 
     /// Takes the first waiting submission, in fair order, that may start here (`place`, given
     /// its tenant and the prompt tokens it would prefill after the prefix cache) and that the
-    /// admission rule admits beside `running` (the `(tenant, weight)` of each running
-    /// sequence); reserves its KV and starts it.
+    /// admission rule admits beside `running` (each running sequence's [`Member`]); reserves
+    /// its KV and starts it.
     pub(super) fn admit_next(
         &mut self,
         model: &LlamaModel,
-        running: &[(Tenant, u32)],
+        running: &[Member],
         place: impl Fn(&Tenant, &Submission, usize) -> Place,
     ) -> Option<Sequence> {
         let per_token = model.kv_bytes_per_token();
         let (config, reserved, prefixes) = (&self.config, self.reserved_bytes, &self.prefixes);
-        let (tenant, sub) = self.waiting.pop_first(|tenant, sub| {
+        let (_, tenant, sub) = self.waiting.pop_first(|class, tenant, sub| {
             let prompt = &sub.request.prompt_ids;
             let at = place(tenant, sub, prompt.len() - prefixes.matched(prompt));
             if at == Place::Later {
                 return Visit::Pass;
             }
             let rule = admission(
-                running.iter().map(|(t, w)| (t, *w)),
-                (tenant, tenancy(&sub.request).1),
+                running.iter().map(|(t, w, c)| (t, *w, *c)),
+                (tenant, tenancy(&sub.request).1, class),
                 config.max_running,
                 (reserved, kv_need(sub, per_token), config.kv_cache_bytes),
             );
@@ -160,7 +162,7 @@ impl Desk {
         model: &LlamaModel,
     ) -> Sequence {
         let (prefixes, stats, tokenizer) = (&mut self.prefixes, &self.stats, &self.tokenizer);
-        let weight = tenancy(&sub.request).1;
+        let (_, weight, class) = tenancy(&sub.request);
         tracing::debug!(
             tenant = %tenant,
             weight,
@@ -214,6 +216,7 @@ impl Desk {
             constraint,
             tenant,
             weight,
+            class,
             scan: TriggerScan::default(),
             last_step: 0,
         }

@@ -26,9 +26,11 @@
 
 use std::sync::atomic::Ordering;
 
-use super::desk::{Desk, Place};
+use super::admission::Member;
+use super::desk::{tenancy, Desk, Place};
 use super::sequence::{Outcome, Sequence};
 use super::Submission;
+use crate::classes::ServiceClass;
 use crate::fair::Tenant;
 use crate::model::{LlamaModel, SeqStep};
 use crate::{Error, Result};
@@ -36,8 +38,8 @@ use crate::{Error, Result};
 /// What a step in flight needs to start newcomers before its layers.
 pub(super) struct Intake<'a> {
     desk: &'a mut Desk,
-    /// `(tenant, weight)` of every running sequence, those started here included.
-    tenants: Vec<(Tenant, u32)>,
+    /// Every running sequence's [`Member`], those started here included.
+    tenants: Vec<Member>,
     /// Sequences started during the step, past their first token.
     started: Vec<Sequence>,
     /// The step in flight.
@@ -49,16 +51,17 @@ pub(super) struct Intake<'a> {
     layers: usize,
 }
 
-/// Whether a waiting request of `tenant` starts in a forward pass beside a step ([`Intake`])
-/// rather than joining one: its tenant has none of the `running` sequences, and the `prefill`
+/// Whether a waiting request of `tenant` in `class` starts in a forward pass beside a step
+/// ([`Intake`]) rather than joining one: its tenant has none of the `running` sequences, no
+/// running sequence is of a higher class (whose tokens a pass would delay), and the `prefill`
 /// tokens its prompt needs (after the prefix cache) fit a step's token `budget`.
 pub(super) fn starts_apart(
-    running: &[(Tenant, u32)],
-    tenant: &Tenant,
+    running: &[Member],
+    (tenant, class): (&Tenant, ServiceClass),
     prefill: usize,
     budget: usize,
 ) -> bool {
-    prefill <= budget && !running.iter().any(|(t, _)| t == tenant)
+    prefill <= budget && !running.iter().any(|(t, _, c)| t == tenant || *c < class)
 }
 
 /// Whether the intake looks for newcomers before layer `layer` of `layers`: at `passes` evenly
@@ -94,7 +97,7 @@ impl<'a> Intake<'a> {
     /// of its own sequences.
     pub(super) fn new(
         desk: &'a mut Desk,
-        tenants: Vec<(Tenant, u32)>,
+        tenants: Vec<Member>,
         step: u64,
         layers: usize,
         own_tokens: usize,
@@ -145,8 +148,10 @@ impl<'a> Intake<'a> {
         loop {
             let (running, budget) = (&self.tenants, self.budget);
             let place = |tenant: &Tenant, sub: &Submission, prefill: usize| {
+                let class = tenancy(&sub.request).2;
                 // A closed one is dropped at the next step boundary.
-                if !sub.reply.is_closed() && starts_apart(running, tenant, prefill, budget) {
+                if !sub.reply.is_closed() && starts_apart(running, (tenant, class), prefill, budget)
+                {
                     Place::Here
                 } else {
                     Place::Later
@@ -156,7 +161,7 @@ impl<'a> Intake<'a> {
                 break;
             };
             self.budget = self.budget.saturating_sub(seq.prompt.len() - seq.prefilled);
-            counted.push((seq.tenant.clone(), seq.weight));
+            counted.push(seq.member());
             fresh.push(seq);
         }
         fresh
@@ -211,7 +216,7 @@ impl<'a> Intake<'a> {
             seq.last_step = self.step;
             match seq.advance(&desk.tokenizer, context, &mut row) {
                 Ok(Outcome::Continue) => {
-                    self.tenants.push((seq.tenant.clone(), seq.weight));
+                    self.tenants.push(seq.member());
                     self.started.push(seq);
                 }
                 Ok(outcome) => desk.retire(seq, outcome),

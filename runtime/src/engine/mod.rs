@@ -49,6 +49,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 pub use self::late::Trigger;
 use self::worker::Worker;
+pub use crate::classes::ServiceClass;
 use crate::constraint::Constraint;
 use crate::fair::Tenant;
 use crate::model::LlamaModel;
@@ -126,12 +127,15 @@ pub struct GenRequest {
     pub cached: Option<Arc<AtomicUsize>>,
 }
 
-/// A request's tenant for fair scheduling.
+/// A request's tenant for fair scheduling, and its class of service.
 #[derive(Debug, Clone)]
 pub struct Tenancy {
     pub name: Tenant,
-    /// Relative share of the engine when tenants compete (1 = equal).
+    /// Relative share of the engine when tenants compete (1 = equal) within a class.
     pub weight: u32,
+    /// Which class the request is served in: a higher class goes first to admission and to a
+    /// step's slots ([`crate::classes`]).
+    pub class: ServiceClass,
 }
 
 /// Compiles the grammar that takes over once a trigger appears: given the text the model wrote

@@ -9,6 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::late::{start_late, Late, TriggerScan};
 use super::{GenConstraint, GenEvent, LogprobInfo, StopReason, TokenLogprob};
+use crate::classes::ServiceClass;
 use crate::detokenize::StreamDecoder;
 use crate::fair::Tenant;
 use crate::model::KvCache;
@@ -38,6 +39,7 @@ pub(super) struct Sequence {
     pub(super) constraint: Option<GenConstraint>,
     pub(super) tenant: Tenant,
     pub(super) weight: u32,
+    pub(super) class: ServiceClass,
     /// Where a late grammar's triggers were looked for.
     pub(super) scan: TriggerScan,
     /// The last step this sequence ran in (the least recent goes first when its tenant is
@@ -53,6 +55,11 @@ pub(super) enum Outcome {
 }
 
 impl Sequence {
+    /// The sequence as admission sees it ([`super::admission::Member`]).
+    pub(super) fn member(&self) -> super::admission::Member {
+        (self.tenant.clone(), self.weight, self.class)
+    }
+
     /// Samples the next token from `logits` and streams its text. A grammar failure fails
     /// this sequence only.
     pub(super) fn advance(

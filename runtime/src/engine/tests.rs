@@ -1,11 +1,11 @@
-//! The engine on the development model with a failure injected into newcomers' passes (the
-//! hook exists only in this crate's unit tests).
-use std::sync::atomic::Ordering;
+//! The engine on the development model: a failure injected into newcomers' passes (the hook
+//! exists only in this crate's unit tests), and classes of service sharing the steps.
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{Engine, EngineConfig, GenEvent, GenRequest, Tenancy};
+use super::{Engine, EngineConfig, GenEvent, GenRequest, ServiceClass, Tenancy};
 use crate::dev_model::require_dev_model;
 use crate::loader::{load, LoadOptions, ModelSource};
 use crate::model::WeightForm;
@@ -18,6 +18,15 @@ pub(super) const FAILING_TENANT: &str = "test:failing-pass";
 
 /// An engine on the development model, and its KV bytes per token.
 fn engine() -> (Engine, Arc<ModelTokenizer>, usize) {
+    engine_with(EngineConfig {
+        prefix_cache_bytes: 0,
+        interleave_passes: 4,
+        ..EngineConfig::default()
+    })
+}
+
+/// [`engine`] with `config`.
+fn engine_with(config: EngineConfig) -> (Engine, Arc<ModelTokenizer>, usize) {
     let source = ModelSource::Path(require_dev_model().expect("run scripts/fetch-model.sh"));
     let options = LoadOptions {
         device: "cpu".into(),
@@ -27,11 +36,6 @@ fn engine() -> (Engine, Arc<ModelTokenizer>, usize) {
     };
     let loaded = load("dev", &source, &options).unwrap();
     let per_token = loaded.model.kv_bytes_per_token();
-    let config = EngineConfig {
-        prefix_cache_bytes: 0,
-        interleave_passes: 4,
-        ..EngineConfig::default()
-    };
     let tokenizer = loaded.tokenizer.clone();
     let engine = Engine::start(loaded.model, loaded.tokenizer, config).unwrap();
     (engine, tokenizer, per_token)
@@ -71,6 +75,7 @@ fn request(
         tenant: Some(Tenancy {
             name: Arc::from(tenant),
             weight: 1,
+            class: ServiceClass::Default,
         }),
         cached: None,
     }
@@ -154,4 +159,110 @@ fn a_failing_newcomer_fails_alone() {
         reserved == 0 || reserved == need_r,
         "{reserved} bytes reserved after everything ended (R needs {need_r})"
     );
+}
+
+/// `request` in `class`, its tokens counted in `progress`.
+fn in_class(
+    mut request: GenRequest,
+    class: ServiceClass,
+    progress: &Arc<AtomicUsize>,
+) -> GenRequest {
+    if let Some(tenant) = &mut request.tenant {
+        tenant.class = class;
+    }
+    request.progress = Some(progress.clone());
+    request
+}
+
+/// Reads `events` until `n` more tokens came.
+fn read_tokens(events: &mut UnboundedReceiver<GenEvent>, n: usize) {
+    let mut seen = 0;
+    while seen < n {
+        match events.blocking_recv() {
+            Some(GenEvent::Delta { .. }) => seen += 1,
+            Some(GenEvent::Admitted) => {}
+            other => panic!("the stream ended early: {other:?}"),
+        }
+    }
+}
+
+/// A batch of two full of flex streams; two priority streams arrive. They start at once
+/// (beside the full batch) and take every step's slots: from their second token on, the flex
+/// streams make no token while priority runs, keep their KV, and when priority is gone go on
+/// to the very output they have alone.
+#[test]
+fn a_higher_class_takes_the_steps_and_a_paused_lower_one_goes_on_unchanged() {
+    let (engine, tokenizer, _) = engine_with(EngineConfig {
+        max_running: 2,
+        max_step_sequences: 2,
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    });
+    let story = |t: &str, max_tokens: usize| {
+        request(
+            &tokenizer,
+            t,
+            "Tell me a long story about a dragon.",
+            max_tokens,
+            true,
+        )
+    };
+    let unseen = Arc::new(AtomicUsize::new(0));
+    let flex_alone = outcome(
+        engine
+            .submit(in_class(story("f", 200), ServiceClass::Flex, &unseen))
+            .unwrap(),
+    )
+    .unwrap();
+
+    let counters: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let flex: Vec<_> = counters
+        .iter()
+        .map(|c| {
+            engine
+                .submit(in_class(story("f", 200), ServiceClass::Flex, c))
+                .unwrap()
+        })
+        .collect();
+    let made = || {
+        counters
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    };
+    while made().contains(&0) {
+        std::thread::yield_now();
+    }
+    // Priority streams of 1,000 tokens (the end banned): they run until dropped, whatever the
+    // machine's speed.
+    let mut priority: Vec<_> = (0..2)
+        .map(|_| {
+            let r = in_class(story("p", 1000), ServiceClass::Priority, &unseen);
+            engine.submit(r).unwrap()
+        })
+        .collect();
+    for events in &mut priority {
+        read_tokens(events, 2);
+    }
+    let paused_at = made();
+    assert!(
+        paused_at.iter().all(|&n| n < 200),
+        "the flex streams ended ({paused_at:?} tokens) before priority ran: it waited for them"
+    );
+    for events in &mut priority {
+        read_tokens(events, 16);
+    }
+    assert_eq!(
+        made(),
+        paused_at,
+        "flex made tokens while priority held the steps"
+    );
+    drop(priority);
+    for events in flex {
+        assert_eq!(
+            outcome(events).unwrap(),
+            flex_alone,
+            "a paused flex stream went on"
+        );
+    }
 }

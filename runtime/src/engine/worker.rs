@@ -8,11 +8,12 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::admission::step_members;
-use super::desk::{Desk, Place};
+use super::admission::{step_members, Member};
+use super::desk::{tenancy, Desk, Place};
 use super::intake::{pass_budget, starts_apart, Intake};
 use super::sequence::{Outcome, Sequence};
 use super::{EngineConfig, EngineStats, GenEvent, Submission};
+use crate::classes::ServiceClass;
 use crate::fair::Tenant;
 use crate::model::{LlamaModel, SeqStep};
 use crate::tokenizer::ModelTokenizer;
@@ -119,11 +120,7 @@ impl Worker {
         if self.desk.waiting.is_empty() {
             return;
         }
-        let mut tenants: Vec<(Tenant, u32)> = self
-            .running
-            .iter()
-            .map(|s| (s.tenant.clone(), s.weight))
-            .collect();
+        let mut tenants: Vec<Member> = self.running.iter().map(Sequence::member).collect();
         let config = &self.desk.config;
         // The next step may run a pass for newcomers (else they join it).
         let interleave = self.desk.pass_ready(self.steps + 1);
@@ -138,15 +135,19 @@ impl Worker {
         // about to run, which starts it before one of its layers ([`Intake`]); it keeps its
         // place, so those behind it cannot take the KV it waits for, nor join in its stead. With
         // nothing running there is no step to wait for, and every request joins the first.
-        let place = |tenant: &Tenant, _: &Submission, prefill: usize| {
-            if interleave && !before.is_empty() && starts_apart(&before, tenant, prefill, budget) {
+        let place = |tenant: &Tenant, sub: &Submission, prefill: usize| {
+            let class = tenancy(&sub.request).2;
+            if interleave
+                && !before.is_empty()
+                && starts_apart(&before, (tenant, class), prefill, budget)
+            {
                 Place::Elsewhere
             } else {
                 Place::Here
             }
         };
         while let Some(seq) = self.desk.admit_next(&self.model, &tenants, place) {
-            tenants.push((seq.tenant.clone(), seq.weight));
+            tenants.push(seq.member());
             self.running.push(seq);
         }
     }
@@ -166,12 +167,13 @@ impl Worker {
     }
 
     /// Which running sequences take part in this step: all of them while they fit the
-    /// step; else each tenant's fair share, its least recently run sequences first.
+    /// step; else the highest classes first and within a class each tenant's fair share, its
+    /// least recently run sequences first.
     fn choose(&self) -> Vec<bool> {
-        let running: Vec<(&Tenant, u32, u64)> = self
+        let running: Vec<(&Tenant, u32, u64, ServiceClass)> = self
             .running
             .iter()
-            .map(|s| (&s.tenant, s.weight, s.last_step))
+            .map(|s| (&s.tenant, s.weight, s.last_step, s.class))
             .collect();
         let cap = self
             .desk
@@ -182,8 +184,9 @@ impl Worker {
     }
 
     /// What each running sequence feeds this step, `(index, start, len)` of its input in
-    /// index order: decode tokens first (one each), then prompt chunks in admission order, up
-    /// to the step's token budget. Marks them as run in this step.
+    /// index order: decode tokens first (one each), then prompt chunks, the highest class
+    /// first and in admission order within a class, up to the step's token budget. Marks them
+    /// as run in this step.
     fn plan(&mut self) -> Vec<(usize, usize, usize)> {
         let mut budget = self.desk.config.max_batch_tokens.max(1);
         let chosen = self.choose();
@@ -194,7 +197,10 @@ impl Worker {
                 budget -= 1;
             }
         }
-        for (i, seq) in self.running.iter().enumerate() {
+        let mut prompts: Vec<usize> = (0..self.running.len()).collect();
+        prompts.sort_by_key(|&i| self.running[i].class);
+        for i in prompts {
+            let seq = &self.running[i];
             let left = seq.prompt.len() - seq.prefilled;
             if chosen[i] && left > 0 && budget > 0 {
                 let len = left.min(budget);
@@ -221,10 +227,7 @@ impl Worker {
             running,
             steps: step_number,
         } = self;
-        let tenants = running
-            .iter()
-            .map(|s| (s.tenant.clone(), s.weight))
-            .collect();
+        let tenants = running.iter().map(Sequence::member).collect();
         let layers = model.config().n_layers;
         let own_tokens = plan.iter().map(|p| p.2).sum();
         let mut intake = Intake::new(desk, tenants, *step_number, layers, own_tokens);

@@ -24,7 +24,7 @@ use tollgate_gateway::backend::{
 };
 use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::constraint::ConstraintCompiler;
-use tollgate_runtime::engine::{Engine, GenEvent, GenRequest, StopReason, Tenancy};
+use tollgate_runtime::engine::{Engine, GenEvent, GenRequest, ServiceClass, StopReason, Tenancy};
 use tollgate_runtime::loader::LoadedModel;
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::tokenizer::ModelTokenizer;
@@ -161,6 +161,7 @@ impl Backend for LocalBackend {
         let tenant = request.customer.as_ref().map(|c| Tenancy {
             name: Arc::from(c.as_str()),
             weight: request.scheduling_weight.unwrap_or(1),
+            class: ServiceClass::Default,
         });
         let shape = Shape {
             // With `tool_choice: "none"` a call-like text is content, as OpenAI never answers
