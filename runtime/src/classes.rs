@@ -81,6 +81,20 @@ impl<T> ClassQueues<T> {
         self.queues[class.index()].len()
     }
 
+    /// The highest class with items waiting.
+    pub fn top_class(&self) -> Option<ServiceClass> {
+        ServiceClass::ALL
+            .into_iter()
+            .find(|c| !self.queues[c.index()].is_empty())
+    }
+
+    /// The item served first if nothing is passed over: the first in fair order of the
+    /// highest class waiting.
+    pub fn front(&self) -> Option<(&Tenant, &T)> {
+        self.top_class()
+            .and_then(|c| self.queues[c.index()].front())
+    }
+
     /// Queues `item` of `tenant` in `class` (see [`FairQueue::push`]).
     pub fn push(&mut self, class: ServiceClass, tenant: Tenant, weight: u32, cost: f64, item: T) {
         self.queues[class.index()].push(tenant, weight, cost, item);

@@ -88,6 +88,13 @@ impl<T> FairQueue<T> {
         order.into_iter().map(|(t, _)| t).collect()
     }
 
+    /// The item [`pop`](Self::pop) would take, left in place.
+    pub fn front(&self) -> Option<(&Tenant, &T)> {
+        let tenant = *self.order().first()?;
+        let (_, item) = self.tenants.get(tenant)?.items.front()?;
+        Some((tenant, item))
+    }
+
     /// Takes the next item, advancing its tenant's virtual time.
     pub fn pop(&mut self) -> Option<(Tenant, T)> {
         self.pop_first(|_, _| Visit::Take)

@@ -29,6 +29,9 @@ pub(super) struct Desk {
     pub(super) reserved_bytes: usize,
     /// The step that last ran a pass for newcomers ([`super::intake::Intake`]).
     pub(super) last_pass: Option<u64>,
+    /// Sequences preempted for a higher class, without their cache, highest class first
+    /// ([`super::preempt`]).
+    pub(super) evicted: Vec<Sequence>,
     prefixes: PrefixCache,
 }
 
@@ -57,7 +60,7 @@ pub(super) fn visit(place: Place, rule: Admission) -> Visit {
 }
 
 /// The KV bytes a submission reserves: its prompt and `max_tokens`.
-fn kv_need(sub: &Submission, per_token: usize) -> usize {
+pub(super) fn kv_need(sub: &Submission, per_token: usize) -> usize {
     (sub.request.prompt_ids.len() + sub.request.max_tokens) * per_token
 }
 
@@ -86,6 +89,7 @@ impl Desk {
             waiting: ClassQueues::new(),
             reserved_bytes: 0,
             last_pass: None,
+            evicted: Vec::new(),
         }
     }
 
@@ -203,6 +207,7 @@ impl Desk {
             prefilled: cache.len(),
             cached: cache.len(),
             generated: Vec::new(),
+            kv_generated: 0,
             max_tokens,
             cache,
             sampler,
@@ -220,6 +225,35 @@ impl Desk {
             scan: TriggerScan::default(),
             last_step: 0,
         }
+    }
+
+    /// Takes a running sequence's cache and KV reservation away; it waits in `evicted` to
+    /// come back ([`readmit`](Self::readmit)).
+    pub(super) fn evict(&mut self, mut seq: Sequence) {
+        tracing::debug!(tenant = %seq.tenant, class = %seq.class, generated = seq.generated.len(), "preempted a sequence");
+        self.reserved_bytes -= seq.reserved_bytes;
+        seq.cache.clear();
+        seq.prefilled = 0;
+        seq.kv_generated = 0;
+        let at = self.evicted.partition_point(|s| s.class <= seq.class);
+        self.evicted.insert(at, seq);
+    }
+
+    /// Gives a preempted sequence its KV reservation back and a cache (a copy of a cached
+    /// prefix of its prompt when there is one); the steps feed it the rest of its prompt and
+    /// its sampled tokens again before it goes on.
+    pub(super) fn readmit(&mut self, mut seq: Sequence, model: &LlamaModel) -> Sequence {
+        self.reserved_bytes += seq.reserved_bytes;
+        seq.cache = match self.prefixes.lookup(&seq.prompt) {
+            Ok(Some(cache)) => cache,
+            Ok(None) => model.new_cache(),
+            Err(e) => {
+                tracing::warn!(error = %e, "prefix cache copy failed; prefilling in full");
+                model.new_cache()
+            }
+        };
+        seq.prefilled = seq.cache.len();
+        seq
     }
 
     /// Ends a sequence that finished or failed: frees its KV reservation, keeps its prompt's

@@ -35,6 +35,7 @@ mod admission;
 mod desk;
 mod intake;
 mod late;
+mod preempt;
 mod prefix_cache;
 mod sequence;
 #[cfg(test)]
@@ -239,6 +240,11 @@ pub struct EngineStats {
     pub prefix_cache_bytes: AtomicU64,
     /// Prompt tokens taken from the prefix cache instead of being prefilled.
     pub prefix_hit_tokens_total: AtomicU64,
+    /// Running sequences that gave their KV back to a higher class's request (each came
+    /// back later and went on where it stopped).
+    pub preemptions_total: AtomicU64,
+    /// Preempted sequences waiting to come back.
+    pub preempted: AtomicU64,
 }
 
 struct Submission {

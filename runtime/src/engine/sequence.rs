@@ -12,7 +12,7 @@ use super::{GenConstraint, GenEvent, LogprobInfo, StopReason, TokenLogprob};
 use crate::classes::ServiceClass;
 use crate::detokenize::StreamDecoder;
 use crate::fair::Tenant;
-use crate::model::KvCache;
+use crate::model::{KvCache, SeqStep};
 use crate::sampling::{Sampled, Sampler};
 use crate::stop::StopMatcher;
 use crate::tokenizer::ModelTokenizer;
@@ -27,6 +27,9 @@ pub(super) struct Sequence {
     pub(super) cached: usize,
     /// Sampled tokens; the last one is not yet in the cache.
     pub(super) generated: Vec<u32>,
+    /// Sampled tokens in the cache: all but the last while it decodes; fewer after a
+    /// preemption released its cache, until they are fed again ([`Feed::Replay`]).
+    pub(super) kv_generated: usize,
     pub(super) max_tokens: usize,
     pub(super) cache: KvCache,
     pub(super) sampler: Sampler,
@@ -47,6 +50,18 @@ pub(super) struct Sequence {
     pub(super) last_step: u64,
 }
 
+/// What a running sequence feeds a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Feed {
+    /// Its last sampled token, for the logits of the next.
+    Decode,
+    /// The next `len` tokens of its prompt.
+    Prompt(usize),
+    /// The next `len` of its sampled tokens, back into a cache a preemption released; no
+    /// logits (those tokens were sampled already).
+    Replay(usize),
+}
+
 pub(super) enum Outcome {
     Continue,
     Finished(StopReason),
@@ -58,6 +73,55 @@ impl Sequence {
     /// The sequence as admission sees it ([`super::admission::Member`]).
     pub(super) fn member(&self) -> super::admission::Member {
         (self.tenant.clone(), self.weight, self.class)
+    }
+
+    /// What the sequence feeds next, `budget` (at least 1) tokens at most: the rest of its
+    /// prompt, then the sampled tokens a preemption took out of its cache, then its last
+    /// sampled token.
+    pub(super) fn feed(&self, budget: usize) -> Feed {
+        let prompt_left = self.prompt.len() - self.prefilled;
+        if prompt_left > 0 {
+            return Feed::Prompt(prompt_left.min(budget.max(1)));
+        }
+        let replay_left = self.generated.len().saturating_sub(1 + self.kv_generated);
+        if replay_left > 0 {
+            return Feed::Replay(replay_left.min(budget.max(1)));
+        }
+        Feed::Decode
+    }
+
+    /// What `feed` puts into a step: its tokens, this sequence's cache, and whether the step
+    /// returns logits for them.
+    pub(super) fn step_input(&mut self, feed: Feed) -> SeqStep<'_> {
+        let (tokens, want_logits) = match feed {
+            Feed::Prompt(len) => {
+                let end = self.prefilled + len;
+                let last = end == self.prompt.len() && self.generated.is_empty();
+                (&self.prompt[self.prefilled..end], last)
+            }
+            Feed::Replay(len) => {
+                let start = self.kv_generated;
+                (&self.generated[start..start + len], false)
+            }
+            Feed::Decode => {
+                let n = self.generated.len();
+                (&self.generated[n.saturating_sub(1)..n], true)
+            }
+        };
+        SeqStep {
+            tokens,
+            cache: &mut self.cache,
+            want_logits,
+        }
+    }
+
+    /// Records that the step took `feed` into the cache.
+    pub(super) fn fed(&mut self, feed: Feed) {
+        match feed {
+            Feed::Prompt(len) => self.prefilled += len,
+            Feed::Replay(len) => self.kv_generated += len,
+            Feed::Decode => self.kv_generated = self.generated.len(),
+        }
     }
 
     /// Samples the next token from `logits` and streams its text. A grammar failure fails

@@ -266,3 +266,83 @@ fn a_higher_class_takes_the_steps_and_a_paused_lower_one_goes_on_unchanged() {
         );
     }
 }
+
+/// The KV memory fits a priority stream and one flex stream, and two flex streams run (one
+/// greedy, one sampled with a seed) when the priority stream arrives: it starts at once, the
+/// flex stream admitted last gives its KV back (a preemption), and when priority is gone that
+/// one comes back, is fed its prompt and its tokens again, and both flex streams end with the
+/// very output they have alone.
+#[test]
+fn a_preempted_sequence_comes_back_to_the_output_it_has_alone() {
+    // The dev model's KV bytes per token, from an engine of its own.
+    let (_, tokenizer, per_token) = engine();
+    let story = |t: &str, max_tokens: usize| {
+        request(
+            &tokenizer,
+            t,
+            "Tell me a long story about a dragon.",
+            max_tokens,
+            true,
+        )
+    };
+    let sampled = |mut r: GenRequest| {
+        r.sampling.temperature = 0.8;
+        r.sampling.seed = Some(7);
+        r
+    };
+    let need = |r: &GenRequest| (r.prompt_ids.len() + r.max_tokens) * per_token;
+    let (engine, _, _) = engine_with(EngineConfig {
+        kv_cache_bytes: need(&story("p", 1000)) + need(&story("f", 200)),
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    });
+    let unseen = Arc::new(AtomicUsize::new(0));
+    let flex = |r: GenRequest, counter: &Arc<AtomicUsize>| {
+        engine
+            .submit(in_class(r, ServiceClass::Flex, counter))
+            .unwrap()
+    };
+    let alone = [
+        outcome(flex(story("f", 200), &unseen)).unwrap(),
+        outcome(flex(sampled(story("f", 200)), &unseen)).unwrap(),
+    ];
+
+    let counters: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let streams = [
+        flex(story("f", 200), &counters[0]),
+        flex(sampled(story("f", 200)), &counters[1]),
+    ];
+    let made = || {
+        counters
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    };
+    while made().contains(&0) {
+        std::thread::yield_now();
+    }
+    // A priority stream of 1,000 tokens (the end banned): it runs until dropped.
+    let mut priority = engine
+        .submit(in_class(story("p", 1000), ServiceClass::Priority, &unseen))
+        .unwrap();
+    read_tokens(&mut priority, 2);
+    let preemptions = || engine.stats().preemptions_total.load(Ordering::Relaxed);
+    assert_eq!(preemptions(), 1, "one flex stream gave its KV back");
+    let at = made();
+    assert!(
+        at.iter().all(|&n| n < 200),
+        "the flex streams ended ({at:?} tokens) before priority started"
+    );
+    read_tokens(&mut priority, 16);
+    let later = made();
+    assert!(
+        at.iter().zip(&later).any(|(a, b)| a == b),
+        "both flex streams made tokens ({at:?} then {later:?}): none was preempted"
+    );
+    drop(priority);
+    for (i, events) in streams.into_iter().enumerate() {
+        assert_eq!(outcome(events).unwrap(), alone[i], "flex stream {i}");
+    }
+    assert_eq!(preemptions(), 1);
+    assert_eq!(engine.stats().preempted.load(Ordering::Relaxed), 0);
+}

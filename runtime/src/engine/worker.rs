@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::admission::{step_members, Member};
 use super::desk::{tenancy, Desk, Place};
 use super::intake::{pass_budget, starts_apart, Intake};
-use super::sequence::{Outcome, Sequence};
+use super::preempt;
+use super::sequence::{Feed, Outcome, Sequence};
 use super::{EngineConfig, EngineStats, GenEvent, Submission};
 use crate::classes::ServiceClass;
 use crate::fair::Tenant;
@@ -72,7 +73,8 @@ impl Worker {
     /// Moves queued submissions into `waiting`; blocks while there is nothing to do.
     /// Returns false when every handle is gone and no work is left.
     fn receive(&mut self) -> bool {
-        let idle = self.running.is_empty() && self.desk.waiting.is_empty();
+        let idle =
+            self.running.is_empty() && self.desk.waiting.is_empty() && self.desk.evicted.is_empty();
         if idle {
             // Wake periodically so a sender that is gone is noticed without spinning.
             loop {
@@ -107,6 +109,7 @@ impl Worker {
                 "dropped sequences whose client went away"
             );
         }
+        self.desk.evicted.retain(|seq| !seq.reply.is_closed());
         let gone = self.desk.waiting.retain(|sub| !sub.reply.is_closed());
         if gone > 0 {
             self.desk
@@ -116,7 +119,12 @@ impl Worker {
         }
     }
 
+    /// Admission at a step's boundary: preempts for a higher class that needs the room
+    /// ([`preempt`]), brings preempted sequences back when they fit, then admits waiting
+    /// requests.
     fn admit(&mut self) {
+        preempt::make_room(&mut self.desk, &mut self.running, &self.model);
+        preempt::resume(&mut self.desk, &mut self.running, &self.model);
         if self.desk.waiting.is_empty() {
             return;
         }
@@ -156,6 +164,8 @@ impl Worker {
         let s = &self.desk.stats;
         s.running
             .store(self.running.len() as u64, Ordering::Relaxed);
+        s.preempted
+            .store(self.desk.evicted.len() as u64, Ordering::Relaxed);
         s.kv_reserved_bytes
             .store(self.desk.reserved_bytes as u64, Ordering::Relaxed);
         let used: usize = self.running.iter().map(|q| q.cache.bytes()).sum();
@@ -183,33 +193,39 @@ impl Worker {
         step_members(&running, cap)
     }
 
-    /// What each running sequence feeds this step, `(index, start, len)` of its input in
-    /// index order: decode tokens first (one each), then prompt chunks, the highest class
-    /// first and in admission order within a class, up to the step's token budget. Marks them
-    /// as run in this step.
-    fn plan(&mut self) -> Vec<(usize, usize, usize)> {
+    /// What each running sequence feeds this step, `(index, feed)` in index order: decode
+    /// tokens first (one each), then chunks of prompts (and of sampled tokens a preemption
+    /// took out of a cache), the highest class first and in admission order within a class,
+    /// up to the step's token budget. Marks them as run in this step.
+    fn plan(&mut self) -> Vec<(usize, Feed)> {
         let mut budget = self.desk.config.max_batch_tokens.max(1);
         let chosen = self.choose();
-        let mut plan: Vec<(usize, usize, usize)> = Vec::new();
+        let mut plan: Vec<(usize, Feed)> = Vec::new();
+        let mut chunks: Vec<usize> = Vec::new();
         for (i, seq) in self.running.iter().enumerate() {
-            if chosen[i] && seq.prefilled == seq.prompt.len() && budget > 0 {
-                plan.push((i, 0, 1));
+            if !chosen[i] {
+                continue;
+            }
+            if seq.feed(1) != Feed::Decode {
+                chunks.push(i);
+            } else if budget > 0 {
+                plan.push((i, Feed::Decode));
                 budget -= 1;
             }
         }
-        let mut prompts: Vec<usize> = (0..self.running.len()).collect();
-        prompts.sort_by_key(|&i| self.running[i].class);
-        for i in prompts {
-            let seq = &self.running[i];
-            let left = seq.prompt.len() - seq.prefilled;
-            if chosen[i] && left > 0 && budget > 0 {
-                let len = left.min(budget);
-                plan.push((i, seq.prefilled, len));
+        chunks.sort_by_key(|&i| self.running[i].class);
+        for i in chunks {
+            if budget == 0 {
+                break;
+            }
+            let feed = self.running[i].feed(budget);
+            if let Feed::Prompt(len) | Feed::Replay(len) = feed {
+                plan.push((i, feed));
                 budget -= len;
             }
         }
         plan.sort_by_key(|p| p.0);
-        for &(i, _, _) in &plan {
+        for &(i, _) in &plan {
             self.running[i].last_step = self.steps;
         }
         plan
@@ -229,37 +245,35 @@ impl Worker {
         } = self;
         let tenants = running.iter().map(Sequence::member).collect();
         let layers = model.config().n_layers;
-        let own_tokens = plan.iter().map(|p| p.2).sum();
+        let own_tokens = plan
+            .iter()
+            .map(|p| match p.1 {
+                Feed::Prompt(len) | Feed::Replay(len) => len,
+                Feed::Decode => 1,
+            })
+            .sum();
         let mut intake = Intake::new(desk, tenants, *step_number, layers, own_tokens);
-        // `(index, wants logits, prompt tokens fed)` of each sequence in the pass.
+        // `(index, wants logits, what it fed)` of each sequence in the pass.
         let mut wants = Vec::with_capacity(plan.len());
         let (mut prefill_tokens, mut decode_tokens) = (0usize, 0usize);
         // Borrow each planned sequence's cache mutably, once, in index order.
         let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(plan.len());
         let mut plan_iter = plan.iter().peekable();
         for (i, seq) in running.iter_mut().enumerate() {
-            let Some(&&(pi, start, len)) = plan_iter.peek() else {
+            let Some(&&(pi, feed)) = plan_iter.peek() else {
                 break;
             };
             if pi != i {
                 continue;
             }
             plan_iter.next();
-            let (tokens, want, fed): (&[u32], bool, usize) = if seq.prefilled < seq.prompt.len() {
-                prefill_tokens += len;
-                let end = start + len;
-                (&seq.prompt[start..end], end == seq.prompt.len(), len)
-            } else {
-                decode_tokens += 1;
-                let n = seq.generated.len();
-                (&seq.generated[n - 1..n], true, 0)
-            };
-            wants.push((i, want, fed));
-            steps.push(SeqStep {
-                tokens,
-                cache: &mut seq.cache,
-                want_logits: want,
-            });
+            match feed {
+                Feed::Prompt(len) | Feed::Replay(len) => prefill_tokens += len,
+                Feed::Decode => decode_tokens += 1,
+            }
+            let input = seq.step_input(feed);
+            wants.push((i, input.want_logits, feed));
+            steps.push(input);
         }
         let logits = model.forward_between(&mut steps, &mut |m| intake.between_layers(m));
         drop(steps);
@@ -283,20 +297,20 @@ impl Worker {
 }
 
 /// Samples and streams the next token of each sequence of a step that `wants` logits (given
-/// as `(index, wants logits, prompt tokens fed)`), from the step's `logits`; retires those that
+/// as `(index, wants logits, what it fed)`), from the step's `logits`; retires those that
 /// ended.
 fn advance_all(
     model: &LlamaModel,
     desk: &mut Desk,
     running: &mut Vec<Sequence>,
-    wants: &[(usize, bool, usize)],
+    wants: &[(usize, bool, Feed)],
     logits: Vec<Vec<f32>>,
 ) -> Result<()> {
     let context = model.config().context_length;
     let mut logits = logits.into_iter();
     let mut finished: Vec<(usize, Outcome)> = Vec::new();
-    for &(i, want, fed) in wants {
-        running[i].prefilled += fed;
+    for &(i, want, feed) in wants {
+        running[i].fed(feed);
         if !want {
             continue;
         }
