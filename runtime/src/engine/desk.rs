@@ -208,6 +208,8 @@ impl Desk {
             cached: cache.len(),
             generated: Vec::new(),
             kv_generated: 0,
+            preemptions: 0,
+            decoded_since_resume: true,
             max_tokens,
             cache,
             sampler,
@@ -228,13 +230,20 @@ impl Desk {
     }
 
     /// Takes a running sequence's cache and KV reservation away; it waits in `evicted` to
-    /// come back ([`readmit`](Self::readmit)).
-    pub(super) fn evict(&mut self, mut seq: Sequence) {
+    /// come back ([`readmit`](Self::readmit)). Its KV goes to the prefix cache, which keeps it
+    /// while it has room, so coming back may cost a copy rather than a prefill.
+    pub(super) fn evict(&mut self, mut seq: Sequence, model: &LlamaModel) {
         tracing::debug!(tenant = %seq.tenant, class = %seq.class, generated = seq.generated.len(), "preempted a sequence");
         self.reserved_bytes -= seq.reserved_bytes;
-        seq.cache.clear();
+        let cache = std::mem::replace(&mut seq.cache, model.new_cache());
+        if self.prefixes.is_enabled() && !cache.is_empty() {
+            let held = seq.context(cache.len()).to_vec();
+            self.prefixes.insert(held, cache);
+        }
         seq.prefilled = 0;
         seq.kv_generated = 0;
+        seq.preemptions += 1;
+        seq.decoded_since_resume = false;
         let at = self.evicted.partition_point(|s| s.class <= seq.class);
         self.evicted.insert(at, seq);
     }
@@ -244,7 +253,11 @@ impl Desk {
     /// its sampled tokens again before it goes on.
     pub(super) fn readmit(&mut self, mut seq: Sequence, model: &LlamaModel) -> Sequence {
         self.reserved_bytes += seq.reserved_bytes;
-        seq.cache = match self.prefixes.lookup(&seq.prompt) {
+        // What its cache must hold to decode again: the prompt and all but the last sampled
+        // token.
+        let needed = seq.prompt.len() + seq.generated.len().saturating_sub(1);
+        let context = seq.context(needed).to_vec();
+        let cache = match self.prefixes.lookup(&context) {
             Ok(Some(cache)) => cache,
             Ok(None) => model.new_cache(),
             Err(e) => {
@@ -252,7 +265,9 @@ impl Desk {
                 model.new_cache()
             }
         };
-        seq.prefilled = seq.cache.len();
+        seq.prefilled = cache.len().min(seq.prompt.len());
+        seq.kv_generated = cache.len().saturating_sub(seq.prompt.len());
+        seq.cache = cache;
         seq
     }
 

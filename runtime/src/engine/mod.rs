@@ -90,6 +90,11 @@ pub struct EngineConfig {
     /// models.toml (`backend.interleave_every`); the default is 8. Figures:
     /// bench/results/interleave-*.json (`bench/interleave.py`).
     pub interleave_every: u64,
+    /// A test and benchmark setting: at every `preempt_every`-th step's boundary the
+    /// lowest-class running sequence admitted last is preempted (its cache released, to be fed
+    /// again when it comes back), whatever waits. 0 (the default): only when a higher class
+    /// needs the room ([`preempt`]).
+    pub preempt_every: u64,
 }
 
 impl Default for EngineConfig {
@@ -103,6 +108,7 @@ impl Default for EngineConfig {
             prefix_cache_bytes: 128 << 20,
             interleave_passes: 4,
             interleave_every: 8,
+            preempt_every: 0,
         }
     }
 }

@@ -65,13 +65,27 @@ pub(super) fn make_room(desk: &mut Desk, running: &mut Vec<Sequence>, model: &Ll
             break;
         };
         let seq = running.remove(victim);
-        desk.evict(seq);
+        desk.evict(seq, model);
         preempted += 1;
     }
     desk.stats
         .preemptions_total
         .fetch_add(preempted as u64, Ordering::Relaxed);
     preempted
+}
+
+/// Preempts a running sequence whatever waits: of those that decoded since they last came
+/// back (so each makes progress between its preemptions), the one preempted least often
+/// ([`EngineConfig::preempt_every`](super::EngineConfig::preempt_every)).
+pub(super) fn force(desk: &mut Desk, running: &mut Vec<Sequence>, model: &LlamaModel) {
+    let Some(victim) = (0..running.len())
+        .filter(|&i| running[i].decoded_since_resume)
+        .min_by_key(|&i| (running[i].preemptions, i))
+    else {
+        return;
+    };
+    desk.evict(running.remove(victim), model);
+    desk.stats.preemptions_total.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Brings preempted sequences back, the highest class first, while they fit and nothing of a

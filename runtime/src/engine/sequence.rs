@@ -30,6 +30,10 @@ pub(super) struct Sequence {
     /// Sampled tokens in the cache: all but the last while it decodes; fewer after a
     /// preemption released its cache, until they are fed again ([`Feed::Replay`]).
     pub(super) kv_generated: usize,
+    /// Times it was preempted, and whether it decoded since it last came back (a forced
+    /// preemption takes only such a sequence, so each one makes progress).
+    pub(super) preemptions: u32,
+    pub(super) decoded_since_resume: bool,
     pub(super) max_tokens: usize,
     pub(super) cache: KvCache,
     pub(super) sampler: Sampler,
@@ -73,6 +77,18 @@ impl Sequence {
     /// The sequence as admission sees it ([`super::admission::Member`]).
     pub(super) fn member(&self) -> super::admission::Member {
         (self.tenant.clone(), self.weight, self.class)
+    }
+
+    /// The first `len` tokens of its prompt followed by its sampled tokens (all of them when
+    /// `len` is longer).
+    pub(super) fn context(&self, len: usize) -> std::borrow::Cow<'_, [u32]> {
+        if len <= self.prompt.len() {
+            return std::borrow::Cow::Borrowed(&self.prompt[..len]);
+        }
+        let mut all = self.prompt.clone();
+        let sampled = (len - self.prompt.len()).min(self.generated.len());
+        all.extend_from_slice(&self.generated[..sampled]);
+        std::borrow::Cow::Owned(all)
     }
 
     /// What the sequence feeds next, `budget` (at least 1) tokens at most: the rest of its
@@ -120,7 +136,10 @@ impl Sequence {
         match feed {
             Feed::Prompt(len) => self.prefilled += len,
             Feed::Replay(len) => self.kv_generated += len,
-            Feed::Decode => self.kv_generated = self.generated.len(),
+            Feed::Decode => {
+                self.kv_generated = self.generated.len();
+                self.decoded_since_resume = true;
+            }
         }
     }
 

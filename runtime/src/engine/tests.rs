@@ -346,3 +346,57 @@ fn a_preempted_sequence_comes_back_to_the_output_it_has_alone() {
     assert_eq!(preemptions(), 1);
     assert_eq!(engine.stats().preempted.load(Ordering::Relaxed), 0);
 }
+
+/// With a preemption forced at every step, three streams (greedy, seeded sampling, a stop
+/// string) take turns losing their caches and being fed again, from the prefix cache (which
+/// keeps a preempted sequence's KV while it has room) and without it: each ends with the very
+/// output it has alone.
+#[test]
+fn preempted_at_every_step_each_stream_keeps_its_alone_output() {
+    for prefix_cache_bytes in [64 << 20, 0] {
+        let (engine, tokenizer, _) = engine_with(EngineConfig {
+            prefix_cache_bytes,
+            ..EngineConfig::default()
+        });
+        let (forced, _, _) = engine_with(EngineConfig {
+            prefix_cache_bytes,
+            preempt_every: 1,
+            ..EngineConfig::default()
+        });
+        let requests = || {
+            let story = |t: &str| {
+                request(
+                    &tokenizer,
+                    t,
+                    "Tell me a long story about a dragon.",
+                    48,
+                    true,
+                )
+            };
+            let mut sampled = story("s");
+            sampled.sampling.temperature = 0.8;
+            sampled.sampling.seed = Some(11);
+            let mut stopped = story("t");
+            stopped.stop = vec!["dragon".into()];
+            [story("g"), sampled, stopped]
+        };
+        let run = |engine: &Engine| -> Vec<String> {
+            let streams: Vec<_> = requests()
+                .into_iter()
+                .map(|r| engine.submit(r).unwrap())
+                .collect();
+            streams.into_iter().map(|e| outcome(e).unwrap()).collect()
+        };
+        let alone: Vec<String> = requests()
+            .into_iter()
+            .map(|r| outcome(engine.submit(r).unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            run(&forced),
+            alone,
+            "prefix cache of {prefix_cache_bytes} bytes"
+        );
+        let preemptions = forced.stats().preemptions_total.load(Ordering::Relaxed);
+        assert!(preemptions >= 20, "{preemptions} preemptions");
+    }
+}

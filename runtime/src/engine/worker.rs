@@ -123,6 +123,10 @@ impl Worker {
     /// ([`preempt`]), brings preempted sequences back when they fit, then admits waiting
     /// requests.
     fn admit(&mut self) {
+        let every = self.desk.config.preempt_every;
+        if every > 0 && self.steps.is_multiple_of(every) {
+            preempt::force(&mut self.desk, &mut self.running, &self.model);
+        }
         preempt::make_room(&mut self.desk, &mut self.running, &self.model);
         preempt::resume(&mut self.desk, &mut self.running, &self.model);
         if self.desk.waiting.is_empty() {
