@@ -27,7 +27,14 @@ use tollgate_gateway::backend::{
 };
 use tollgate_gateway::config::Config;
 use tollgate_gateway::AppState;
-use tollgate_metering::store::{Store, UsageRecord};
+use tollgate_metering::store::Store;
+
+#[path = "common/serve.rs"]
+mod serve;
+
+use serve::{
+    fake_model_info, serve, wait_records_where, with_default_billing, Serving, FAKE_MODEL,
+};
 
 const KEY: &str = "test-key";
 const MODEL: &str = "fake";
@@ -63,12 +70,7 @@ struct Shared(Arc<FakeBackend>);
 #[async_trait::async_trait]
 impl Backend for Shared {
     fn info(&self) -> ModelInfo {
-        ModelInfo {
-            id: MODEL.into(),
-            context_length: 64,
-            created: 1_700_000_000,
-            owned_by: "tests".into(),
-        }
+        fake_model_info()
     }
 
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
@@ -159,14 +161,6 @@ struct Server {
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// The catalogue entry of the fake model (its backend is replaced by [`FakeBackend`]).
-const FAKE_MODEL: &str = r#"
-[models.fake]
-source = { path = "unused.gguf" }
-backend = { type = "http", urls = ["http://127.0.0.1:9"] }
-price = { input_per_mtok = "1", output_per_mtok = "2" }
-"#;
-
 async fn start(server: &str) -> Server {
     start_with(server, None).await
 }
@@ -179,25 +173,17 @@ async fn start_with(server: &str, billing: Option<(Store, &Path)>) -> Server {
     backends.insert(MODEL.into(), Arc::new(Shared(backend.clone())));
     let mut state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
     if let Some((store, spool)) = billing {
-        store.ensure_customer("default", "Default").await.unwrap();
-        state = state
-            .with_billing(
-                store,
-                spool,
-                tollgate_metering::ledger::SpoolSync::default(),
-            )
-            .unwrap();
+        state = with_default_billing(state, store, spool).await;
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel();
-    let done = tokio::spawn(tollgate_gateway::run(listener, state, async move {
-        let _ = rx.await;
-    }));
+    let Serving {
+        addr,
+        shutdown,
+        done,
+    } = serve(state).await;
     Server {
         addr,
         backend,
-        shutdown: Some(tx),
+        shutdown,
         done,
     }
 }
@@ -208,6 +194,15 @@ async fn default_server() -> Server {
 
 fn chat(content: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
+}
+
+async fn get(addr: SocketAddr, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
@@ -420,44 +415,19 @@ async fn malformed_json_unknown_model_auth_and_size() {
     let error = expect_error(post(s.addr, "/v1/chat/completions", &big).await, 413).await;
     assert!(error["message"].as_str().unwrap().contains("4096"));
 
-    let r = client
-        .get(format!("http://{}/v1/nowhere", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    expect_error(r, 404).await;
+    expect_error(get(s.addr, "/v1/nowhere").await, 404).await;
 }
 
 #[tokio::test]
 async fn models_health_and_metrics() {
     let s = default_server().await;
     let client = reqwest::Client::new();
-    let models: Value = client
-        .get(format!("http://{}/v1/models", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get(s.addr, "/v1/models").await.json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
-    let one = client
-        .get(format!("http://{}/v1/models/{MODEL}", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let one = get(s.addr, &format!("/v1/models/{MODEL}")).await;
     assert_eq!(one.status(), 200);
-    let missing = client
-        .get(format!("http://{}/v1/models/nope", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    expect_error(missing, 404).await;
+    expect_error(get(s.addr, "/v1/models/nope").await, 404).await;
     let health = client
         .get(format!("http://{}/health", s.addr))
         .send()
@@ -606,23 +576,6 @@ async fn shutdown_timeout_drops_endless_streams() {
     }
 }
 
-/// Waits until the ledger holds `n` records, and returns them.
-async fn ledger(store: &Store, n: usize) -> Vec<UsageRecord> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (records, _) = store.records_after(0, 100).await.unwrap();
-        if records.len() >= n {
-            return records;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} records",
-            records.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
     let dir = tempfile::tempdir().unwrap();
@@ -660,7 +613,7 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
     }
     drop(stream);
 
-    ledger(&store, 3).await;
+    wait_records_where(&store, 3, |_| true).await;
     // A graceful shutdown writes every record still pending before it returns, so what the
     // ledger holds after it is all there will ever be: no fourth record (the unstarted one).
     s.shutdown.take().unwrap().send(()).unwrap();
