@@ -21,23 +21,34 @@ mod contract;
 
 #[tokio::test]
 async fn postgres_store_contract() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = Store::connect(&url).await.unwrap();
+    let store = Store::connect(&test_url()).await.unwrap();
     contract::exercise(&store).await;
 }
 
 #[tokio::test]
 async fn postgres_alerts_and_idempotency() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_alerts_contract").await;
+    let store = fresh_database("tollgate_alerts_contract").await;
     contract::alerts_and_idempotency(&store).await;
 }
 
-/// A second, empty database on the same server (the contract test wants its own).
-async fn fresh_database(url: &str, name: &str) -> Store {
-    let admin = Store::connect(url).await.unwrap();
+/// The database the run was given: `TOLLGATE_TEST_POSTGRES_URL`.
+fn test_url() -> String {
+    std::env::var("TOLLGATE_TEST_POSTGRES_URL")
+        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database")
+}
+
+/// The URL of the database `name` on the same server.
+fn database_url(name: &str) -> String {
+    let url = test_url();
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("URL ends with the database name");
+    format!("{base}/{name}")
+}
+
+/// A second, empty database on the same server (each test wants its own).
+async fn fresh_database(name: &str) -> Store {
+    let admin = Store::connect(&test_url()).await.unwrap();
     admin
         .execute_raw(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await
@@ -47,10 +58,7 @@ async fn fresh_database(url: &str, name: &str) -> Store {
         .await
         .unwrap();
     admin.close().await;
-    let (base, _) = url
-        .rsplit_once('/')
-        .expect("URL ends with the database name");
-    Store::connect(&format!("{base}/{name}")).await.unwrap()
+    Store::connect(&database_url(name)).await.unwrap()
 }
 
 fn key_limits(rpm: Option<i64>, tpm: Option<i64>) -> Limits {
@@ -68,11 +76,8 @@ fn key_limits(rpm: Option<i64>, tpm: Option<i64>) -> Limits {
 /// exact across them, not twice the limit.
 #[tokio::test]
 async fn replicas_share_exact_limits_and_budgets() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name a PostgreSQL database");
-    let a_store = fresh_database(&url, "tollgate_shared_limits").await;
-    let (base, _) = url.rsplit_once('/').unwrap();
-    let b_store = Store::connect(&format!("{base}/tollgate_shared_limits"))
+    let a_store = fresh_database("tollgate_shared_limits").await;
+    let b_store = Store::connect(&database_url("tollgate_shared_limits"))
         .await
         .unwrap();
     let (a, b) = (
@@ -276,17 +281,13 @@ mod ledger_rules;
 
 #[tokio::test]
 async fn postgres_ledger_charges_a_key_once() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_charge_once").await;
+    let store = fresh_database("tollgate_charge_once").await;
     ledger_rules::ledger_charges_a_key_once(&store).await;
 }
 
 #[tokio::test]
 async fn postgres_a_failing_alert_step_does_not_hold_the_records() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_alert_failure").await;
+    let store = fresh_database("tollgate_alert_failure").await;
     ledger_rules::a_failing_alert_step_does_not_hold_the_records(&store).await;
 }
 
