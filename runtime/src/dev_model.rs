@@ -2,9 +2,15 @@
 //!
 //! `scripts/fetch-model.sh` puts it in `models/`; `TOLLGATE_TEST_MODEL` overrides the path.
 //! Tests that need it fail (never skip) when it is absent, saying how to fetch it. The same holds
-//! for llama.cpp's tokenizer test vocabularies (`scripts/fetch-vocabs.sh`).
+//! for llama.cpp's tokenizer test vocabularies (`scripts/fetch-vocabs.sh`). It also loads the
+//! model and its tokenizer the way most tests want them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::loader::{load, load_tokenizer, LoadOptions, LoadedModel, ModelSource};
+use crate::model::WeightForm;
+use crate::tokenizer::ModelTokenizer;
 
 /// File name of the development model inside `models/`.
 pub const DEV_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -27,15 +33,22 @@ pub fn dev_model_path() -> PathBuf {
 
 /// Like [`dev_model_path`], but an error telling how to fetch the model when it is missing.
 pub fn require_dev_model() -> crate::Result<PathBuf> {
-    let path = dev_model_path();
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(crate::Error::Config(format!(
-            "development model not found at {}; run `scripts/fetch-model.sh` first",
-            path.display()
-        )))
-    }
+    required(dev_model_path(), "development model", "fetch-model.sh")
+}
+
+/// The development model on the CPU in its `auto` weight form, its context cut to
+/// `context_length`.
+pub fn load_dev_model(context_length: usize) -> crate::Result<LoadedModel> {
+    let options = LoadOptions {
+        context_length: Some(context_length),
+        ..LoadOptions::cpu(WeightForm::Auto)
+    };
+    load("dev", &ModelSource::Path(require_dev_model()?), &options)
+}
+
+/// The development model's tokenizer alone.
+pub fn dev_tokenizer() -> crate::Result<Arc<ModelTokenizer>> {
+    load_tokenizer(&ModelSource::Path(require_dev_model()?)).map(Arc::new)
 }
 
 /// Directory of llama.cpp's tokenizer test vocabularies (`ggml-vocab-NAME.gguf` with their
@@ -55,11 +68,17 @@ pub fn llama_vocab_dir() -> PathBuf {
 /// Path of `ggml-vocab-{name}.gguf`, or an error telling how to fetch it when it is missing.
 pub fn require_llama_vocab(name: &str) -> crate::Result<PathBuf> {
     let path = llama_vocab_dir().join(format!("ggml-vocab-{name}.gguf"));
+    required(path, "llama.cpp vocabulary", "fetch-vocabs.sh")
+}
+
+/// `path` when it is a file, else an error naming `what` is missing and the script that
+/// fetches it.
+fn required(path: PathBuf, what: &str, script: &str) -> crate::Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
         Err(crate::Error::Config(format!(
-            "llama.cpp vocabulary not found at {}; run `scripts/fetch-vocabs.sh` first",
+            "{what} not found at {}; run `scripts/{script}` first",
             path.display()
         )))
     }
