@@ -205,6 +205,13 @@ async fn get(addr: SocketAddr, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// A streamed chat completion of `content`.
+async fn post_streamed(addr: SocketAddr, content: &str) -> reqwest::Response {
+    let mut body = chat(content);
+    body["stream"] = json!(true);
+    post(addr, "/v1/chat/completions", &body).await
+}
+
 async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("http://{addr}{path}"))
@@ -308,9 +315,7 @@ async fn stream_is_role_deltas_finish_usage_done() {
 #[tokio::test]
 async fn mid_stream_failure_is_an_error_event_before_done() {
     let s = default_server().await;
-    let mut body = chat("fail-mid");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "fail-mid").await;
     assert_eq!(r.status(), 200);
     let events = sse_data(&r.text().await.unwrap());
     let n = events.len();
@@ -506,9 +511,7 @@ async fn gateway_overhead_leaves_out_the_backend() {
 #[tokio::test]
 async fn client_disconnect_cancels_the_sequence() {
     let s = default_server().await;
-    let mut body = chat("endless");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "endless").await;
     let mut stream = r.bytes_stream();
     for _ in 0..3 {
         stream.next().await.unwrap().unwrap();
@@ -531,9 +534,7 @@ async fn client_disconnect_cancels_the_sequence() {
 #[tokio::test]
 async fn shutdown_lets_in_flight_streams_finish() {
     let mut s = default_server().await;
-    let mut body = chat("slow");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "slow").await;
     assert_eq!(r.status(), 200);
     s.shutdown.take().unwrap().send(()).unwrap();
     let text = r.text().await.unwrap();
@@ -557,9 +558,7 @@ async fn shutdown_lets_in_flight_streams_finish() {
 #[tokio::test]
 async fn shutdown_timeout_drops_endless_streams() {
     let mut s = start("[server]\nshutdown_timeout_secs = 1\n").await;
-    let mut body = chat("endless");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "endless").await;
     s.shutdown.take().unwrap().send(()).unwrap();
     let started = tokio::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(10), s.done)
@@ -603,9 +602,7 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
     let overloaded = post(s.addr, "/v1/chat/completions", &chat("overload")).await;
     assert_eq!(overloaded.status(), 503);
     // Cancelled mid-stream: billed for the tokens generated before the engine stopped.
-    let mut body = chat("endless");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "endless").await;
     let cancelled_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut stream = r.bytes_stream();
     for _ in 0..3 {

@@ -630,6 +630,16 @@ async fn sign_in(s: &Server, token: &str) -> (u16, Option<String>, String) {
     (status, cookie, response.text().await.unwrap())
 }
 
+/// The console's customer list, asked for with the session `cookie`.
+async fn customers_page(s: &Server, cookie: &str) -> reqwest::Response {
+    s.http
+        .get(s.url("/console/customers"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn issued_admin_tokens_sign_in_to_the_console() {
     let s = Server::start().await;
@@ -644,13 +654,7 @@ async fn issued_admin_tokens_sign_in_to_the_console() {
     let (status, cookie, _) = sign_in(&s, admin["token"].as_str().unwrap()).await;
     assert_eq!(status, 303, "an issued admin token signs in");
     let cookie = cookie.unwrap();
-    let page = s
-        .http
-        .get(s.url("/console/customers"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let page = customers_page(&s, &cookie).await;
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     let id = admin["id"].as_str().unwrap();
@@ -685,12 +689,6 @@ async fn issued_admin_tokens_sign_in_to_the_console() {
         .call("DELETE", &format!("/admin/v1/admin_tokens/{id}"), None)
         .await;
     assert_eq!(status, 200);
-    let page = s
-        .http
-        .get(s.url("/console/customers"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let page = customers_page(&s, &cookie).await;
     assert_eq!(page.status(), 303, "back to the sign-in page");
 }
