@@ -675,11 +675,14 @@ async fn answers_503_while_loading_then_hands_over_the_socket() {
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let r = client
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .unwrap();
+    let health = || async {
+        client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = health().await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "loading");
     let r = client
@@ -699,11 +702,7 @@ async fn answers_503_while_loading_then_hands_over_the_socket() {
     assert_eq!(listener.local_addr().unwrap(), addr);
     let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ready" }));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let r = client
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .unwrap();
+    let r = health().await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "ready");
 }
