@@ -126,6 +126,16 @@ def customer_keys(srv, token, customers) -> dict:
     return out
 
 
+def run_concurrently(target, n):
+    """`target(i)` for each `i` in `range(n)`, each on a thread of its own, all started before
+    any is waited for."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
