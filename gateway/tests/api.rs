@@ -752,49 +752,36 @@ async fn operator_endpoints_can_have_their_own_port() {
         },
     ));
     let client = reqwest::Client::new();
-    let get = |addr: SocketAddr, path: &'static str| {
+    let admin_get = |addr: SocketAddr, path: &'static str| {
         client
             .get(format!("http://{addr}{path}"))
             .bearer_auth("admin-secret")
             .send()
     };
-    assert_eq!(get(public_addr, "/metrics").await.unwrap().status(), 404);
-    assert_eq!(
-        get(public_addr, "/admin/v1/customers")
+    let status = |addr: SocketAddr, path: &'static str| {
+        let response = admin_get(addr, path);
+        async move { response.await.unwrap().status() }
+    };
+    let chat_status = |addr: SocketAddr| async move {
+        post(addr, "/v1/chat/completions", &chat("hi"))
             .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(get(public_addr, "/health").await.unwrap().status(), 200);
-    assert_eq!(
-        post(public_addr, "/v1/chat/completions", &chat("hi"))
-            .await
-            .status(),
-        200
-    );
-    let metrics = get(operator_addr, "/metrics").await.unwrap();
+            .status()
+    };
+    assert_eq!(status(public_addr, "/metrics").await, 404);
+    assert_eq!(status(public_addr, "/admin/v1/customers").await, 404);
+    assert_eq!(status(public_addr, "/health").await, 200);
+    assert_eq!(chat_status(public_addr).await, 200);
+    let metrics = admin_get(operator_addr, "/metrics").await.unwrap();
     assert_eq!(metrics.status(), 200);
     assert!(metrics
         .text()
         .await
         .unwrap()
         .contains("tollgate_requests_total"));
-    assert_eq!(get(operator_addr, "/health").await.unwrap().status(), 200);
+    assert_eq!(status(operator_addr, "/health").await, 200);
     // The admin API is there (without a database it says so), and not the OpenAI API.
-    assert_ne!(
-        get(operator_addr, "/admin/v1/customers")
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        post(operator_addr, "/v1/chat/completions", &chat("hi"))
-            .await
-            .status(),
-        404
-    );
+    assert_ne!(status(operator_addr, "/admin/v1/customers").await, 404);
+    assert_eq!(chat_status(operator_addr).await, 404);
 
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), done)
