@@ -61,6 +61,22 @@ async fn fresh_database(name: &str) -> Store {
     Store::connect(&database_url(name)).await.unwrap()
 }
 
+/// What concurrent reservations got: their holds, and the messages of their quota refusals (any
+/// other refusal fails the test).
+async fn holds_and_quota_refusals<T>(
+    tasks: Vec<tokio::task::JoinHandle<Result<T, Refusal>>>,
+) -> (Vec<T>, Vec<String>) {
+    let (mut holds, mut refused) = (Vec::new(), Vec::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(h) => holds.push(h),
+            Err(Refusal::Quota { message, .. }) => refused.push(message),
+            Err(other) => panic!("unexpected refusal {other:?}"),
+        }
+    }
+    (holds, refused)
+}
+
 fn key_limits(rpm: Option<i64>, tpm: Option<i64>) -> Limits {
     Limits {
         key_id: "key_a".into(),
@@ -84,6 +100,14 @@ async fn replicas_share_exact_limits_and_budgets() {
         Limiter::shared(a_store.clone()),
         Limiter::shared(b_store.clone()),
     );
+    // Half the requests on each replica: its limiter and its store.
+    let replica = |first: bool| {
+        if first {
+            (a.clone(), a_store.clone())
+        } else {
+            (b.clone(), b_store.clone())
+        }
+    };
 
     // Requests: 7 per minute across both replicas, taken concurrently.
     let lim = key_limits(Some(7), None);
@@ -128,11 +152,7 @@ async fn replicas_share_exact_limits_and_budgets() {
     // Budgets: 40 concurrent requests of at most 100 against 1,000, half on each replica.
     let mut tasks = Vec::new();
     for i in 0..40 {
-        let (l, store) = if i % 2 == 0 {
-            (a.clone(), a_store.clone())
-        } else {
-            (b.clone(), b_store.clone())
-        };
+        let (l, store) = replica(i % 2 == 0);
         tasks.push(tokio::spawn(async move {
             l.reserve_budget(Some(&store), &format!("req-{i}"), "acme", 1000, 100)
                 .await
@@ -140,14 +160,7 @@ async fn replicas_share_exact_limits_and_budgets() {
                 .map(|hold| (i, hold))
         }));
     }
-    let mut holds = Vec::new();
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(h) => holds.push(h),
-            Err(Refusal::Quota { .. }) => {}
-            Err(other) => panic!("unexpected refusal {other:?}"),
-        }
-    }
+    let (holds, _) = holds_and_quota_refusals(tasks).await;
     assert_eq!(holds.len(), 10);
     assert!(b
         .reserve_budget(Some(&b_store), "one-more", "acme", 1000, 1)
@@ -215,11 +228,7 @@ async fn replicas_share_exact_limits_and_budgets() {
     // a customer budget of 10,000, half on each replica: exactly 5 hold.
     let mut tasks = Vec::new();
     for i in 0..20 {
-        let (l, store) = if i % 2 == 0 {
-            (a.clone(), a_store.clone())
-        } else {
-            (b.clone(), b_store.clone())
-        };
+        let (l, store) = replica(i % 2 == 0);
         tasks.push(tokio::spawn(async move {
             l.reserve_budgets(
                 Some(&store),
@@ -233,15 +242,9 @@ async fn replicas_share_exact_limits_and_budgets() {
             .map(|hold| (i, hold))
         }));
     }
-    let mut key_holds = Vec::new();
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(h) => key_holds.push(h),
-            Err(Refusal::Quota { message, .. }) => {
-                assert!(message.contains("budget of key key_keyco"), "{message}")
-            }
-            Err(other) => panic!("unexpected refusal {other:?}"),
-        }
+    let (key_holds, refused) = holds_and_quota_refusals(tasks).await;
+    for message in refused {
+        assert!(message.contains("budget of key key_keyco"), "{message}");
     }
     assert_eq!(key_holds.len(), 5);
     // Their records (at 40 each) release both holds: the key has 300 free, the customer all
