@@ -2,15 +2,11 @@
 //!
 //! `scripts/fetch-model.sh` puts it in `models/`; `TOLLGATE_TEST_MODEL` overrides the path.
 //! Tests that need it fail (never skip) when it is absent, saying how to fetch it. The same holds
-//! for llama.cpp's tokenizer test vocabularies (`scripts/fetch-vocabs.sh`). It also loads the
-//! model and its tokenizer the way most tests want them.
+//! for llama.cpp's tokenizer test vocabularies (`scripts/fetch-vocabs.sh`). It only finds files
+//! (the modules it serves import it, so it imports none of them); [`crate::loader::load_dev_model`]
+//! loads the model.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-
-use crate::loader::{load, load_tokenizer, LoadOptions, LoadedModel, ModelSource};
-use crate::model::WeightForm;
-use crate::tokenizer::ModelTokenizer;
 
 /// File name of the development model inside `models/`.
 pub const DEV_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -34,21 +30,6 @@ pub fn dev_model_path() -> PathBuf {
 /// Like [`dev_model_path`], but an error telling how to fetch the model when it is missing.
 pub fn require_dev_model() -> crate::Result<PathBuf> {
     required(dev_model_path(), "development model", "fetch-model.sh")
-}
-
-/// The development model on the CPU in its `auto` weight form, its context cut to
-/// `context_length`.
-pub fn load_dev_model(context_length: usize) -> crate::Result<LoadedModel> {
-    let options = LoadOptions {
-        context_length: Some(context_length),
-        ..LoadOptions::cpu(WeightForm::Auto)
-    };
-    load("dev", &ModelSource::Path(require_dev_model()?), &options)
-}
-
-/// The development model's tokenizer alone.
-pub fn dev_tokenizer() -> crate::Result<Arc<ModelTokenizer>> {
-    load_tokenizer(&ModelSource::Path(require_dev_model()?)).map(Arc::new)
 }
 
 /// Directory of llama.cpp's tokenizer test vocabularies (`ggml-vocab-NAME.gguf` with their

@@ -149,6 +149,17 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
         .unwrap_or_else(|_| Err(Error::Config("the tokenizer thread panicked".into())))
 }
 
+/// The development model ([`crate::dev_model`]) on the CPU in its `auto` weight form, its
+/// context cut to `context_length`: the engine tests' model.
+pub fn load_dev_model(context_length: usize) -> Result<LoadedModel> {
+    let options = LoadOptions {
+        context_length: Some(context_length),
+        ..LoadOptions::cpu(WeightForm::Auto)
+    };
+    let source = ModelSource::Path(crate::dev_model::require_dev_model()?);
+    load("dev", &source, &options)
+}
+
 /// Only the tokenizer of the model at `source` (GGUF metadata, or `tokenizer.json` in a
 /// safetensors directory), without loading its weights: for counting the tokens of a model
 /// served elsewhere.

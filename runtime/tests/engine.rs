@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::sync::Arc;
-use tollgate_runtime::dev_model::load_dev_model;
+use tollgate_runtime::loader::load_dev_model;
 
 use tollgate_runtime::constraint::{ConstraintCompiler, Grammar};
 use tollgate_runtime::engine::{

@@ -265,7 +265,7 @@ mod tests {
 
     #[test]
     fn renders_the_dev_models_template_exactly() {
-        let tok = crate::dev_model::dev_tokenizer().unwrap();
+        let tok = crate::tokenizer::dev_tokenizer();
         let t = ChatTemplate::new(tok.chat_template().unwrap(), None, None).unwrap();
         let conversation = msgs(&[
             ("system", "You are a helpful assistant."),

@@ -115,7 +115,7 @@ mod tests {
     use crate::tools::{self, CallSyntax, ToolSpec};
 
     fn tokenizer() -> Arc<ModelTokenizer> {
-        crate::dev_model::dev_tokenizer().unwrap()
+        crate::tokenizer::dev_tokenizer()
     }
 
     fn late(compiler: &Arc<ConstraintCompiler>, syntax: CallSyntax) -> LateGrammar {

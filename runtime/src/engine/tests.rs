@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{Engine, EngineConfig, GenEvent, GenRequest, Tenancy};
-use crate::dev_model::load_dev_model;
+use crate::loader::load_dev_model;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::ModelTokenizer;
 
