@@ -45,26 +45,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def cpu_flags():
+def cpuinfo(field):
+    """The value of the first `field` line of /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].split()
+                if line.startswith(field):
+                    return line.split(":", 1)[1]
     except OSError:
         pass
-    return []
+    return None
+
+
+def cpu_flags():
+    flags = cpuinfo("flags")
+    return flags.split() if flags is not None else []
 
 
 def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    model = cpuinfo("model name")
+    return model.strip() if model is not None else platform.processor()
 
 
 def config_with_passes(passes, workdir, every=None):

@@ -57,6 +57,16 @@ def parse_page(path, cache={}):
     return cache[path]
 
 
+def relative_links(path, links):
+    """The relative links among `links` (`(line, target)` pairs of the file at `path`): each one's
+    place for error messages (`path:line: target`), its parsed URL and its unquoted path."""
+    for line, target in links:
+        if is_external(target):
+            continue
+        url = urllib.parse.urlsplit(target)
+        yield f"{os.path.relpath(path)}:{line}: {target}", url, urllib.parse.unquote(url.path)
+
+
 def check_book(book):
     book = os.path.realpath(book)
     errors, count = [], 0
@@ -70,13 +80,8 @@ def check_book(book):
             start = folder
             if page.base is not None and page.base.startswith("/"):
                 start = os.path.join(book, page.base.lstrip("/"))
-            for line, target in page.links:
-                if is_external(target):
-                    continue
+            for where, url, rel in relative_links(path, page.links):
                 count += 1
-                where = f"{os.path.relpath(path)}:{line}: {target}"
-                url = urllib.parse.urlsplit(target)
-                rel = urllib.parse.unquote(url.path)
                 dest = os.path.normpath(os.path.join(start, rel)) if rel else path
                 if os.path.isdir(dest):
                     dest = os.path.join(dest, "index.html")
@@ -137,13 +142,8 @@ def check_markdown(path, book):
         m = REFERENCE.match(line) if after_blank else None
         if m:
             targets.append(m.group(1))
-        for target in targets:
-            if is_external(target):
-                continue
+        for where, url, rel in relative_links(path, [(number, t) for t in targets]):
             count += 1
-            where = f"{os.path.relpath(path)}:{number}: {target}"
-            url = urllib.parse.urlsplit(target)
-            rel = urllib.parse.unquote(url.path)
             dest = os.path.normpath(os.path.join(folder, rel)) if rel else os.path.realpath(path)
             if dest == book or dest.startswith(book + os.sep):
                 errors.append(f"{where}: points into the built book, which a clone does not have")

@@ -27,7 +27,14 @@ use tollgate_gateway::backend::{
 };
 use tollgate_gateway::config::Config;
 use tollgate_gateway::AppState;
-use tollgate_metering::store::{Store, UsageRecord};
+use tollgate_metering::store::Store;
+
+#[path = "common/serve.rs"]
+mod serve;
+
+use serve::{
+    fake_model_info, serve, wait_records_where, with_default_billing, Serving, FAKE_MODEL,
+};
 
 const KEY: &str = "test-key";
 const MODEL: &str = "fake";
@@ -63,12 +70,7 @@ struct Shared(Arc<FakeBackend>);
 #[async_trait::async_trait]
 impl Backend for Shared {
     fn info(&self) -> ModelInfo {
-        ModelInfo {
-            id: MODEL.into(),
-            context_length: 64,
-            created: 1_700_000_000,
-            owned_by: "tests".into(),
-        }
+        fake_model_info()
     }
 
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
@@ -159,14 +161,6 @@ struct Server {
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// The catalogue entry of the fake model (its backend is replaced by [`FakeBackend`]).
-const FAKE_MODEL: &str = r#"
-[models.fake]
-source = { path = "unused.gguf" }
-backend = { type = "http", urls = ["http://127.0.0.1:9"] }
-price = { input_per_mtok = "1", output_per_mtok = "2" }
-"#;
-
 async fn start(server: &str) -> Server {
     start_with(server, None).await
 }
@@ -179,25 +173,17 @@ async fn start_with(server: &str, billing: Option<(Store, &Path)>) -> Server {
     backends.insert(MODEL.into(), Arc::new(Shared(backend.clone())));
     let mut state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
     if let Some((store, spool)) = billing {
-        store.ensure_customer("default", "Default").await.unwrap();
-        state = state
-            .with_billing(
-                store,
-                spool,
-                tollgate_metering::ledger::SpoolSync::default(),
-            )
-            .unwrap();
+        state = with_default_billing(state, store, spool).await;
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel();
-    let done = tokio::spawn(tollgate_gateway::run(listener, state, async move {
-        let _ = rx.await;
-    }));
+    let Serving {
+        addr,
+        shutdown,
+        done,
+    } = serve(state).await;
     Server {
         addr,
         backend,
-        shutdown: Some(tx),
+        shutdown,
         done,
     }
 }
@@ -208,6 +194,22 @@ async fn default_server() -> Server {
 
 fn chat(content: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
+}
+
+async fn get(addr: SocketAddr, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A streamed chat completion of `content`.
+async fn post_streamed(addr: SocketAddr, content: &str) -> reqwest::Response {
+    let mut body = chat(content);
+    body["stream"] = json!(true);
+    post(addr, "/v1/chat/completions", &body).await
 }
 
 async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
@@ -313,9 +315,7 @@ async fn stream_is_role_deltas_finish_usage_done() {
 #[tokio::test]
 async fn mid_stream_failure_is_an_error_event_before_done() {
     let s = default_server().await;
-    let mut body = chat("fail-mid");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "fail-mid").await;
     assert_eq!(r.status(), 200);
     let events = sse_data(&r.text().await.unwrap());
     let n = events.len();
@@ -420,44 +420,19 @@ async fn malformed_json_unknown_model_auth_and_size() {
     let error = expect_error(post(s.addr, "/v1/chat/completions", &big).await, 413).await;
     assert!(error["message"].as_str().unwrap().contains("4096"));
 
-    let r = client
-        .get(format!("http://{}/v1/nowhere", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    expect_error(r, 404).await;
+    expect_error(get(s.addr, "/v1/nowhere").await, 404).await;
 }
 
 #[tokio::test]
 async fn models_health_and_metrics() {
     let s = default_server().await;
     let client = reqwest::Client::new();
-    let models: Value = client
-        .get(format!("http://{}/v1/models", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get(s.addr, "/v1/models").await.json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
-    let one = client
-        .get(format!("http://{}/v1/models/{MODEL}", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let one = get(s.addr, &format!("/v1/models/{MODEL}")).await;
     assert_eq!(one.status(), 200);
-    let missing = client
-        .get(format!("http://{}/v1/models/nope", s.addr))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    expect_error(missing, 404).await;
+    expect_error(get(s.addr, "/v1/models/nope").await, 404).await;
     let health = client
         .get(format!("http://{}/health", s.addr))
         .send()
@@ -536,9 +511,7 @@ async fn gateway_overhead_leaves_out_the_backend() {
 #[tokio::test]
 async fn client_disconnect_cancels_the_sequence() {
     let s = default_server().await;
-    let mut body = chat("endless");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "endless").await;
     let mut stream = r.bytes_stream();
     for _ in 0..3 {
         stream.next().await.unwrap().unwrap();
@@ -561,9 +534,7 @@ async fn client_disconnect_cancels_the_sequence() {
 #[tokio::test]
 async fn shutdown_lets_in_flight_streams_finish() {
     let mut s = default_server().await;
-    let mut body = chat("slow");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "slow").await;
     assert_eq!(r.status(), 200);
     s.shutdown.take().unwrap().send(()).unwrap();
     let text = r.text().await.unwrap();
@@ -587,9 +558,7 @@ async fn shutdown_lets_in_flight_streams_finish() {
 #[tokio::test]
 async fn shutdown_timeout_drops_endless_streams() {
     let mut s = start("[server]\nshutdown_timeout_secs = 1\n").await;
-    let mut body = chat("endless");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "endless").await;
     s.shutdown.take().unwrap().send(()).unwrap();
     let started = tokio::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(10), s.done)
@@ -603,23 +572,6 @@ async fn shutdown_timeout_drops_endless_streams() {
     while s.backend.dropped.load(Ordering::SeqCst) == 0 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until the ledger holds `n` records, and returns them.
-async fn ledger(store: &Store, n: usize) -> Vec<UsageRecord> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (records, _) = store.records_after(0, 100).await.unwrap();
-        if records.len() >= n {
-            return records;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} records",
-            records.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -650,9 +602,7 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
     let overloaded = post(s.addr, "/v1/chat/completions", &chat("overload")).await;
     assert_eq!(overloaded.status(), 503);
     // Cancelled mid-stream: billed for the tokens generated before the engine stopped.
-    let mut body = chat("endless");
-    body["stream"] = json!(true);
-    let r = post(s.addr, "/v1/chat/completions", &body).await;
+    let r = post_streamed(s.addr, "endless").await;
     let cancelled_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut stream = r.bytes_stream();
     for _ in 0..3 {
@@ -660,7 +610,7 @@ async fn ledger_records_completed_failed_and_cancelled_but_not_unstarted() {
     }
     drop(stream);
 
-    ledger(&store, 3).await;
+    wait_records_where(&store, 3, |_| true).await;
     // A graceful shutdown writes every record still pending before it returns, so what the
     // ledger holds after it is all there will ever be: no fourth record (the unstarted one).
     s.shutdown.take().unwrap().send(()).unwrap();
@@ -725,11 +675,14 @@ async fn answers_503_while_loading_then_hands_over_the_socket() {
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let r = client
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .unwrap();
+    let health = || async {
+        client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = health().await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "loading");
     let r = client
@@ -749,11 +702,7 @@ async fn answers_503_while_loading_then_hands_over_the_socket() {
     assert_eq!(listener.local_addr().unwrap(), addr);
     let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ready" }));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let r = client
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .unwrap();
+    let r = health().await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "ready");
 }
@@ -803,49 +752,36 @@ async fn operator_endpoints_can_have_their_own_port() {
         },
     ));
     let client = reqwest::Client::new();
-    let get = |addr: SocketAddr, path: &'static str| {
+    let admin_get = |addr: SocketAddr, path: &'static str| {
         client
             .get(format!("http://{addr}{path}"))
             .bearer_auth("admin-secret")
             .send()
     };
-    assert_eq!(get(public_addr, "/metrics").await.unwrap().status(), 404);
-    assert_eq!(
-        get(public_addr, "/admin/v1/customers")
+    let status = |addr: SocketAddr, path: &'static str| {
+        let response = admin_get(addr, path);
+        async move { response.await.unwrap().status() }
+    };
+    let chat_status = |addr: SocketAddr| async move {
+        post(addr, "/v1/chat/completions", &chat("hi"))
             .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(get(public_addr, "/health").await.unwrap().status(), 200);
-    assert_eq!(
-        post(public_addr, "/v1/chat/completions", &chat("hi"))
-            .await
-            .status(),
-        200
-    );
-    let metrics = get(operator_addr, "/metrics").await.unwrap();
+            .status()
+    };
+    assert_eq!(status(public_addr, "/metrics").await, 404);
+    assert_eq!(status(public_addr, "/admin/v1/customers").await, 404);
+    assert_eq!(status(public_addr, "/health").await, 200);
+    assert_eq!(chat_status(public_addr).await, 200);
+    let metrics = admin_get(operator_addr, "/metrics").await.unwrap();
     assert_eq!(metrics.status(), 200);
     assert!(metrics
         .text()
         .await
         .unwrap()
         .contains("tollgate_requests_total"));
-    assert_eq!(get(operator_addr, "/health").await.unwrap().status(), 200);
+    assert_eq!(status(operator_addr, "/health").await, 200);
     // The admin API is there (without a database it says so), and not the OpenAI API.
-    assert_ne!(
-        get(operator_addr, "/admin/v1/customers")
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        post(operator_addr, "/v1/chat/completions", &chat("hi"))
-            .await
-            .status(),
-        404
-    );
+    assert_ne!(status(operator_addr, "/admin/v1/customers").await, 404);
+    assert_eq!(chat_status(operator_addr).await, 404);
 
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), done)

@@ -18,6 +18,8 @@ use tollgate_metering::store::Store;
 
 #[path = "common/gateways.rs"]
 mod gateways;
+#[path = "common/serve.rs"]
+mod serve;
 
 use gateways::{assert_one_charge, chat, post_keyed, wait_records, GatedBackend, Gateway};
 
@@ -25,10 +27,15 @@ use gateways::{assert_one_charge, chat, post_keyed, wait_records, GatedBackend, 
 /// the test lapses it, as a gateway that stalled past its lease would find it.
 const LONG_LEASE: &str = "[server]\nidempotency_lease_ms = 3600000\nshutdown_timeout_secs = 30\n";
 
-async fn sqlite(dir: &tempfile::TempDir) -> Store {
-    Store::connect(dir.path().join("l.db").to_str().unwrap())
+/// A gateway with the long lease metering into SQLite in `dir`, in front of a gated backend.
+async fn sqlite_gateway(dir: &tempfile::TempDir) -> (Store, Arc<GatedBackend>, Gateway) {
+    let store = Store::connect(dir.path().join("l.db").to_str().unwrap())
         .await
-        .unwrap()
+        .unwrap();
+    let backend = Arc::new(GatedBackend::default());
+    let spool = dir.path().join("s");
+    let g = Gateway::start(LONG_LEASE, backend.clone(), store.clone(), &spool).await;
+    (store, backend, g)
 }
 
 async fn lapse_the_lease(store: &Store) {
@@ -52,15 +59,7 @@ async fn expect_superseded_error(response: reqwest::Response) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_run_that_stalls_past_its_lease_is_not_charged_when_the_retry_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let store = sqlite(&dir).await;
-    let backend = Arc::new(GatedBackend::default());
-    let g = Gateway::start(
-        LONG_LEASE,
-        backend.clone(),
-        store.clone(),
-        &dir.path().join("s"),
-    )
-    .await;
+    let (store, backend, g) = sqlite_gateway(&dir).await;
     let body = chat("hi", false);
     let first = tokio::spawn({
         let (addr, body) = (g.addr, body.clone());
@@ -96,15 +95,7 @@ async fn a_first_run_that_stalls_past_its_lease_is_not_charged_when_the_retry_co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_first_run_that_lost_its_key_ends_with_an_error_and_is_not_charged() {
     let dir = tempfile::tempdir().unwrap();
-    let store = sqlite(&dir).await;
-    let backend = Arc::new(GatedBackend::default());
-    let g = Gateway::start(
-        LONG_LEASE,
-        backend.clone(),
-        store.clone(),
-        &dir.path().join("s"),
-    )
-    .await;
+    let (store, backend, g) = sqlite_gateway(&dir).await;
     let body = chat("hi", true);
     let first = post_keyed(g.addr, &body, "job-2").await;
     assert_eq!(first.status(), 200);

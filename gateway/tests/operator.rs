@@ -28,6 +28,11 @@ use tollgate_gateway::AppState;
 use tollgate_metering::kinds::Outcome;
 use tollgate_metering::store::{now_micros, Store, UsageRecord};
 
+#[path = "common/serve.rs"]
+mod serve;
+
+use serve::serve;
+
 const ADMIN: &str = "operator-admin";
 
 const MODELS: &str = r#"
@@ -82,7 +87,8 @@ struct Server {
     store: Store,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
-    _stop: oneshot::Sender<()>,
+    /// Held: the server runs until the test drops it.
+    _stop: Option<oneshot::Sender<()>>,
 }
 
 impl Server {
@@ -104,22 +110,17 @@ impl Server {
             )
             .unwrap()
             .with_admin_token(Some(ADMIN.into()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(tollgate_gateway::run(listener, state, async move {
-            let _ = stopped.await;
-        }));
+        let serving = serve(state).await;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap();
         Self {
-            addr,
+            addr: serving.addr,
             store,
             http,
             _dir: dir,
-            _stop: stop,
+            _stop: serving.shutdown,
         }
     }
 
@@ -480,13 +481,9 @@ async fn a_key_can_be_read_and_changed_after_creation() {
 
     // The change is audited, its times in RFC 3339.
     let audit = s.get("/admin/v1/audit?limit=1000").await;
-    let change = audit["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["action"] == "key.updated" && e["changes"].get("expires_at").is_some())
-        .cloned()
-        .unwrap();
+    let change = find_row(&audit, |e| {
+        e["action"] == "key.updated" && e["changes"].get("expires_at").is_some()
+    });
     assert_eq!(
         change["changes"]["expires_at"]["to"],
         "2999-01-01T00:00:00.000000Z"
@@ -498,6 +495,12 @@ async fn a_key_can_be_read_and_changed_after_creation() {
 fn is_rfc3339(v: &Value) -> bool {
     v.as_str()
         .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok())
+}
+
+/// The first row of a list response's `data` that `pick` selects.
+fn find_row(list: &Value, pick: impl Fn(&Value) -> bool) -> Value {
+    let rows = list["data"].as_array().unwrap();
+    rows.iter().find(|r| pick(r)).cloned().unwrap()
 }
 
 #[tokio::test]
@@ -538,27 +541,20 @@ async fn customers_read_scope_and_rfc3339_in_admin_token_revocations() {
         .call_as(reader_secret, "GET", "/admin/v1/customers/acme/keys", None)
         .await;
     assert_eq!(status, 403);
+    // The customer list with a token of other scopes.
+    let list_with = |scopes: Value| {
+        let (s, issue) = (&s, &issue);
+        async move {
+            let token = issue(scopes).await;
+            let secret = token["token"].as_str().unwrap();
+            s.call_as(secret, "GET", "/admin/v1/customers", None).await
+        }
+    };
     // customers:write implies it.
-    let writer = issue(json!(["customers:write"])).await;
-    let (status, _) = s
-        .call_as(
-            writer["token"].as_str().unwrap(),
-            "GET",
-            "/admin/v1/customers",
-            None,
-        )
-        .await;
+    let (status, _) = list_with(json!(["customers:write"])).await;
     assert_eq!(status, 200);
     // usage:read does not.
-    let usage = issue(json!(["usage:read"])).await;
-    let (status, body) = s
-        .call_as(
-            usage["token"].as_str().unwrap(),
-            "GET",
-            "/admin/v1/customers",
-            None,
-        )
-        .await;
+    let (status, body) = list_with(json!(["usage:read"])).await;
     assert_eq!(status, 403);
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
@@ -573,13 +569,7 @@ async fn customers_read_scope_and_rfc3339_in_admin_token_revocations() {
         .await;
     assert_eq!(status, 200);
     let audit = s.get("/admin/v1/audit?limit=1000").await;
-    let revoked = audit["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["action"] == "admin_token.revoked")
-        .cloned()
-        .unwrap();
+    let revoked = find_row(&audit, |e| e["action"] == "admin_token.revoked");
     assert!(is_rfc3339(&revoked["changes"]["revoked_at"]), "{revoked}");
 }
 
@@ -588,13 +578,7 @@ async fn cached_tokens_have_one_name_and_a_csv_column() {
     let s = Server::start().await;
     four_records(&s.store).await;
     let report = s.get("/admin/v1/usage?group_by=customer").await;
-    let a = report["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["customer_id"] == "a")
-        .cloned()
-        .unwrap();
+    let a = find_row(&report, |r| r["customer_id"] == "a");
     assert_eq!(a["cached_input_tokens"], 12, "{a}");
     // The old name stays beside it, deprecated (tests/python/test_billing.py reads it).
     assert_eq!(a["input_cached_tokens"], 12, "{a}");
@@ -646,6 +630,16 @@ async fn sign_in(s: &Server, token: &str) -> (u16, Option<String>, String) {
     (status, cookie, response.text().await.unwrap())
 }
 
+/// The console's customer list, asked for with the session `cookie`.
+async fn customers_page(s: &Server, cookie: &str) -> reqwest::Response {
+    s.http
+        .get(s.url("/console/customers"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn issued_admin_tokens_sign_in_to_the_console() {
     let s = Server::start().await;
@@ -660,13 +654,7 @@ async fn issued_admin_tokens_sign_in_to_the_console() {
     let (status, cookie, _) = sign_in(&s, admin["token"].as_str().unwrap()).await;
     assert_eq!(status, 303, "an issued admin token signs in");
     let cookie = cookie.unwrap();
-    let page = s
-        .http
-        .get(s.url("/console/customers"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let page = customers_page(&s, &cookie).await;
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     let id = admin["id"].as_str().unwrap();
@@ -701,12 +689,6 @@ async fn issued_admin_tokens_sign_in_to_the_console() {
         .call("DELETE", &format!("/admin/v1/admin_tokens/{id}"), None)
         .await;
     assert_eq!(status, 200);
-    let page = s
-        .http
-        .get(s.url("/console/customers"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let page = customers_page(&s, &cookie).await;
     assert_eq!(page.status(), 303, "back to the sign-in page");
 }

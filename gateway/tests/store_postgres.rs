@@ -20,9 +20,15 @@ use tollgate_metering::store::Store;
 #[path = "common/alert_settings.rs"]
 mod alert_settings;
 
+/// The database the run was given: `TOLLGATE_TEST_POSTGRES_URL`.
+fn test_url() -> String {
+    std::env::var("TOLLGATE_TEST_POSTGRES_URL")
+        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database")
+}
+
 /// A second, empty database on the same server (each test wants its own).
-async fn fresh_database(url: &str, name: &str) -> Store {
-    let admin = Store::connect(url).await.unwrap();
+async fn fresh_database(name: &str) -> Store {
+    let admin = Store::connect(&test_url()).await.unwrap();
     for sql in [
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
         format!("CREATE DATABASE {name}"),
@@ -30,19 +36,19 @@ async fn fresh_database(url: &str, name: &str) -> Store {
         admin.execute_raw(&sql).await.unwrap();
     }
     admin.close().await;
-    Store::connect(&database_url(url, name)).await.unwrap()
+    Store::connect(&database_url(name)).await.unwrap()
 }
 
 #[tokio::test]
 async fn postgres_alert_settings() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_alert_settings").await;
+    let store = fresh_database("tollgate_alert_settings").await;
     alert_settings::issue_a_secret_and_keep_the_thresholds(&store).await;
 }
 
 #[path = "common/gateways.rs"]
 mod gateways;
+#[path = "common/serve.rs"]
+mod serve;
 /// `postgres://user@host:port/db` with `host:port` replaced.
 fn with_address(url: &str, addr: std::net::SocketAddr) -> (String, std::net::SocketAddr) {
     let (scheme, rest) = url.split_once("://").unwrap();
@@ -58,7 +64,9 @@ fn with_address(url: &str, addr: std::net::SocketAddr) -> (String, std::net::Soc
     (format!("{scheme}://{user}{addr}/{path}"), upstream)
 }
 
-fn database_url(url: &str, name: &str) -> String {
+/// The URL of the database `name` on the same server.
+fn database_url(name: &str) -> String {
+    let url = test_url();
     let (base, _) = url.rsplit_once('/').unwrap();
     format!("{base}/{name}")
 }
@@ -69,10 +77,8 @@ fn database_url(url: &str, name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_replica_cut_off_past_its_lease_stops_its_run_and_the_key_is_charged_once() {
     use gateways::*;
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_lease_cut").await;
-    let db_url = database_url(&url, "tollgate_lease_cut");
+    let store = fresh_database("tollgate_lease_cut").await;
+    let db_url = database_url("tollgate_lease_cut");
     let (_, upstream) = with_address(&db_url, "127.0.0.1:1".parse().unwrap());
     let proxy = Proxy::start(upstream).await;
     let (proxied, _) = with_address(&db_url, proxy.addr);
@@ -129,10 +135,8 @@ async fn postgres_a_replica_cut_off_past_its_lease_stops_its_run_and_the_key_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_the_same_key_on_two_replicas_at_once_runs_once() {
     use gateways::*;
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_lease_race").await;
-    let other = Store::connect(&database_url(&url, "tollgate_lease_race"))
+    let store = fresh_database("tollgate_lease_race").await;
+    let other = Store::connect(&database_url("tollgate_lease_race"))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -21,23 +21,34 @@ mod contract;
 
 #[tokio::test]
 async fn postgres_store_contract() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = Store::connect(&url).await.unwrap();
+    let store = Store::connect(&test_url()).await.unwrap();
     contract::exercise(&store).await;
 }
 
 #[tokio::test]
 async fn postgres_alerts_and_idempotency() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_alerts_contract").await;
+    let store = fresh_database("tollgate_alerts_contract").await;
     contract::alerts_and_idempotency(&store).await;
 }
 
-/// A second, empty database on the same server (the contract test wants its own).
-async fn fresh_database(url: &str, name: &str) -> Store {
-    let admin = Store::connect(url).await.unwrap();
+/// The database the run was given: `TOLLGATE_TEST_POSTGRES_URL`.
+fn test_url() -> String {
+    std::env::var("TOLLGATE_TEST_POSTGRES_URL")
+        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database")
+}
+
+/// The URL of the database `name` on the same server.
+fn database_url(name: &str) -> String {
+    let url = test_url();
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("URL ends with the database name");
+    format!("{base}/{name}")
+}
+
+/// A second, empty database on the same server (each test wants its own).
+async fn fresh_database(name: &str) -> Store {
+    let admin = Store::connect(&test_url()).await.unwrap();
     admin
         .execute_raw(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await
@@ -47,10 +58,23 @@ async fn fresh_database(url: &str, name: &str) -> Store {
         .await
         .unwrap();
     admin.close().await;
-    let (base, _) = url
-        .rsplit_once('/')
-        .expect("URL ends with the database name");
-    Store::connect(&format!("{base}/{name}")).await.unwrap()
+    Store::connect(&database_url(name)).await.unwrap()
+}
+
+/// What concurrent reservations got: their holds, and the messages of their quota refusals (any
+/// other refusal fails the test).
+async fn holds_and_quota_refusals<T>(
+    tasks: Vec<tokio::task::JoinHandle<Result<T, Refusal>>>,
+) -> (Vec<T>, Vec<String>) {
+    let (mut holds, mut refused) = (Vec::new(), Vec::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(h) => holds.push(h),
+            Err(Refusal::Quota { message, .. }) => refused.push(message),
+            Err(other) => panic!("unexpected refusal {other:?}"),
+        }
+    }
+    (holds, refused)
 }
 
 fn key_limits(rpm: Option<i64>, tpm: Option<i64>) -> Limits {
@@ -68,17 +92,22 @@ fn key_limits(rpm: Option<i64>, tpm: Option<i64>) -> Limits {
 /// exact across them, not twice the limit.
 #[tokio::test]
 async fn replicas_share_exact_limits_and_budgets() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name a PostgreSQL database");
-    let a_store = fresh_database(&url, "tollgate_shared_limits").await;
-    let (base, _) = url.rsplit_once('/').unwrap();
-    let b_store = Store::connect(&format!("{base}/tollgate_shared_limits"))
+    let a_store = fresh_database("tollgate_shared_limits").await;
+    let b_store = Store::connect(&database_url("tollgate_shared_limits"))
         .await
         .unwrap();
     let (a, b) = (
         Limiter::shared(a_store.clone()),
         Limiter::shared(b_store.clone()),
     );
+    // Half the requests on each replica: its limiter and its store.
+    let replica = |first: bool| {
+        if first {
+            (a.clone(), a_store.clone())
+        } else {
+            (b.clone(), b_store.clone())
+        }
+    };
 
     // Requests: 7 per minute across both replicas, taken concurrently.
     let lim = key_limits(Some(7), None);
@@ -123,11 +152,7 @@ async fn replicas_share_exact_limits_and_budgets() {
     // Budgets: 40 concurrent requests of at most 100 against 1,000, half on each replica.
     let mut tasks = Vec::new();
     for i in 0..40 {
-        let (l, store) = if i % 2 == 0 {
-            (a.clone(), a_store.clone())
-        } else {
-            (b.clone(), b_store.clone())
-        };
+        let (l, store) = replica(i % 2 == 0);
         tasks.push(tokio::spawn(async move {
             l.reserve_budget(Some(&store), &format!("req-{i}"), "acme", 1000, 100)
                 .await
@@ -135,14 +160,7 @@ async fn replicas_share_exact_limits_and_budgets() {
                 .map(|hold| (i, hold))
         }));
     }
-    let mut holds = Vec::new();
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(h) => holds.push(h),
-            Err(Refusal::Quota { .. }) => {}
-            Err(other) => panic!("unexpected refusal {other:?}"),
-        }
-    }
+    let (holds, _) = holds_and_quota_refusals(tasks).await;
     assert_eq!(holds.len(), 10);
     assert!(b
         .reserve_budget(Some(&b_store), "one-more", "acme", 1000, 1)
@@ -210,11 +228,7 @@ async fn replicas_share_exact_limits_and_budgets() {
     // a customer budget of 10,000, half on each replica: exactly 5 hold.
     let mut tasks = Vec::new();
     for i in 0..20 {
-        let (l, store) = if i % 2 == 0 {
-            (a.clone(), a_store.clone())
-        } else {
-            (b.clone(), b_store.clone())
-        };
+        let (l, store) = replica(i % 2 == 0);
         tasks.push(tokio::spawn(async move {
             l.reserve_budgets(
                 Some(&store),
@@ -228,15 +242,9 @@ async fn replicas_share_exact_limits_and_budgets() {
             .map(|hold| (i, hold))
         }));
     }
-    let mut key_holds = Vec::new();
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(h) => key_holds.push(h),
-            Err(Refusal::Quota { message, .. }) => {
-                assert!(message.contains("budget of key key_keyco"), "{message}")
-            }
-            Err(other) => panic!("unexpected refusal {other:?}"),
-        }
+    let (key_holds, refused) = holds_and_quota_refusals(tasks).await;
+    for message in refused {
+        assert!(message.contains("budget of key key_keyco"), "{message}");
     }
     assert_eq!(key_holds.len(), 5);
     // Their records (at 40 each) release both holds: the key has 300 free, the customer all
@@ -276,17 +284,13 @@ mod ledger_rules;
 
 #[tokio::test]
 async fn postgres_ledger_charges_a_key_once() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_charge_once").await;
+    let store = fresh_database("tollgate_charge_once").await;
     ledger_rules::ledger_charges_a_key_once(&store).await;
 }
 
 #[tokio::test]
 async fn postgres_a_failing_alert_step_does_not_hold_the_records() {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL must name an empty PostgreSQL database");
-    let store = fresh_database(&url, "tollgate_alert_failure").await;
+    let store = fresh_database("tollgate_alert_failure").await;
     ledger_rules::a_failing_alert_step_does_not_hold_the_records(&store).await;
 }
 

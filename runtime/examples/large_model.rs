@@ -132,12 +132,7 @@ fn measure(path: &Path, form: WeightForm) -> anyhow::Result<()> {
     let loaded = loader::load(
         "large",
         &ModelSource::Path(path.to_path_buf()),
-        &LoadOptions {
-            device: "cpu".into(),
-            weights: form,
-            context_length: None,
-            kv_cache_f16: false,
-        },
+        &LoadOptions::cpu(form),
     )?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = status_kb("VmHWM:")?;

@@ -71,10 +71,8 @@ fn main() -> anyhow::Result<()> {
         "bench",
         &ModelSource::Path(args.path.clone()),
         &LoadOptions {
-            device: "cpu".into(),
-            weights: WeightForm::Auto,
             context_length: Some(longest + DECODE_TOKENS + 8),
-            kv_cache_f16: false,
+            ..LoadOptions::cpu(WeightForm::Auto)
         },
     )?;
     let tokenizer = loaded.tokenizer.clone();
@@ -104,20 +102,15 @@ fn main() -> anyhow::Result<()> {
 fn measure(engine: &Engine, prompt: &[u32], round: usize) -> anyhow::Result<()> {
     let n = prompt.len();
     let started = Instant::now();
-    let mut r = engine.submit(GenRequest {
-        prompt_ids: prompt.to_vec(),
-        max_tokens: DECODE_TOKENS,
-        sampling: SamplingParams {
+    let mut r = engine.submit(GenRequest::new(
+        prompt.to_vec(),
+        DECODE_TOKENS,
+        SamplingParams {
             temperature: 1.0,
             seed: Some(round as u64),
             ..SamplingParams::default()
         },
-        stop: Vec::new(),
-        progress: None,
-        constraint: None,
-        tenant: None,
-        cached: None,
-    })?;
+    ))?;
     let (mut first, mut tokens) = (None, 0);
     while let Some(event) = r.blocking_recv() {
         match event {

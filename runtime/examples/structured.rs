@@ -67,18 +67,16 @@ fn run(
     let mut receivers = Vec::new();
     for i in 0..batch {
         receivers.push(engine.submit(GenRequest {
-            prompt_ids: prompt.to_vec(),
-            max_tokens: MAX_TOKENS,
-            sampling: SamplingParams {
-                temperature: 1.0,
-                seed: Some(i as u64 + 1),
-                ..SamplingParams::default()
-            },
-            stop: Vec::new(),
-            progress: None,
             constraint: constraint()?,
-            tenant: None,
-            cached: None,
+            ..GenRequest::new(
+                prompt.to_vec(),
+                MAX_TOKENS,
+                SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(i as u64 + 1),
+                    ..SamplingParams::default()
+                },
+            )
         })?);
     }
     let mut tokens = 0;
@@ -207,10 +205,8 @@ fn main() -> anyhow::Result<()> {
         "bench",
         &ModelSource::Path(path),
         &LoadOptions {
-            device: "cpu".into(),
-            weights: WeightForm::Auto,
             context_length: Some(2048),
-            kv_cache_f16: false,
+            ..LoadOptions::cpu(WeightForm::Auto)
         },
     )?;
     let vocab = loaded.model.config().vocab_size;

@@ -79,17 +79,11 @@ impl StreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn dev() -> Arc<ModelTokenizer> {
-        let path = crate::dev_model::require_dev_model().unwrap();
-        let mut f = std::fs::File::open(path).unwrap();
-        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-        Arc::new(ModelTokenizer::from_gguf(&content).unwrap())
-    }
+    use crate::tokenizer::dev_tokenizer;
 
     #[test]
     fn streamed_deltas_equal_the_full_decode() {
-        let tok = dev();
+        let tok = dev_tokenizer();
         for text in [
             "Hello, world! How are you?",
             "Emoji 🚀🎉 and CJK 東京都 and accents àéîõü and 한국어",
@@ -110,7 +104,7 @@ mod tests {
 
     #[test]
     fn multi_byte_characters_split_across_tokens_are_held_back() {
-        let tok = dev();
+        let tok = dev_tokenizer();
         // Single-byte tokens of "é" (0xC3 0xA9): the first alone must not produce text.
         let ids: Vec<u32> = "é"
             .bytes()

@@ -2,7 +2,9 @@
 //!
 //! `scripts/fetch-model.sh` puts it in `models/`; `TOLLGATE_TEST_MODEL` overrides the path.
 //! Tests that need it fail (never skip) when it is absent, saying how to fetch it. The same holds
-//! for llama.cpp's tokenizer test vocabularies (`scripts/fetch-vocabs.sh`).
+//! for llama.cpp's tokenizer test vocabularies (`scripts/fetch-vocabs.sh`). It only finds files
+//! (the modules it serves import it, so it imports none of them); [`crate::loader::load_dev_model`]
+//! loads the model.
 
 use std::path::PathBuf;
 
@@ -27,15 +29,7 @@ pub fn dev_model_path() -> PathBuf {
 
 /// Like [`dev_model_path`], but an error telling how to fetch the model when it is missing.
 pub fn require_dev_model() -> crate::Result<PathBuf> {
-    let path = dev_model_path();
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(crate::Error::Config(format!(
-            "development model not found at {}; run `scripts/fetch-model.sh` first",
-            path.display()
-        )))
-    }
+    required(dev_model_path(), "development model", "fetch-model.sh")
 }
 
 /// Directory of llama.cpp's tokenizer test vocabularies (`ggml-vocab-NAME.gguf` with their
@@ -55,11 +49,17 @@ pub fn llama_vocab_dir() -> PathBuf {
 /// Path of `ggml-vocab-{name}.gguf`, or an error telling how to fetch it when it is missing.
 pub fn require_llama_vocab(name: &str) -> crate::Result<PathBuf> {
     let path = llama_vocab_dir().join(format!("ggml-vocab-{name}.gguf"));
+    required(path, "llama.cpp vocabulary", "fetch-vocabs.sh")
+}
+
+/// `path` when it is a file, else an error naming `what` is missing and the script that
+/// fetches it.
+fn required(path: PathBuf, what: &str, script: &str) -> crate::Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
         Err(crate::Error::Config(format!(
-            "llama.cpp vocabulary not found at {}; run `scripts/fetch-vocabs.sh` first",
+            "{what} not found at {}; run `scripts/{script}` first",
             path.display()
         )))
     }

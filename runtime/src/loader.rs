@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::gguf_file;
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Repo, RepoType};
 
@@ -43,6 +44,19 @@ pub struct LoadOptions {
     /// Half-precision KV cache (`f16`) instead of the device's default: half the memory per
     /// cached token, and on the CPU half what attention reads per step.
     pub kv_cache_f16: bool,
+}
+
+impl LoadOptions {
+    /// On the CPU in weight form `weights`, with the model's own context and the device's
+    /// default KV cache.
+    pub fn cpu(weights: WeightForm) -> Self {
+        Self {
+            device: "cpu".into(),
+            weights,
+            context_length: None,
+            kv_cache_f16: false,
+        }
+    }
 }
 
 /// A model ready to serve.
@@ -87,14 +101,7 @@ fn load_inner(id: &str, source: &ModelSource, options: &LoadOptions) -> Result<L
             (model, join(tokenizer))
         })
     } else {
-        let mut file = std::fs::File::open(&local).map_err(|source| Error::Io {
-            path: local.clone(),
-            source,
-        })?;
-        let content = gguf::read_content(&mut file).map_err(|message| Error::Gguf {
-            path: local.clone(),
-            message,
-        })?;
+        let (file, content) = open_gguf(&local)?;
         std::thread::scope(|scope| {
             let tokenizer = scope.spawn(|| {
                 let tokenizer = ModelTokenizer::from_gguf(&content);
@@ -142,6 +149,17 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
         .unwrap_or_else(|_| Err(Error::Config("the tokenizer thread panicked".into())))
 }
 
+/// The development model ([`crate::dev_model`]) on the CPU in its `auto` weight form, its
+/// context cut to `context_length`: the engine tests' model.
+pub fn load_dev_model(context_length: usize) -> Result<LoadedModel> {
+    let options = LoadOptions {
+        context_length: Some(context_length),
+        ..LoadOptions::cpu(WeightForm::Auto)
+    };
+    let source = ModelSource::Path(crate::dev_model::require_dev_model()?);
+    load("dev", &source, &options)
+}
+
 /// Only the tokenizer of the model at `source` (GGUF metadata, or `tokenizer.json` in a
 /// safetensors directory), without loading its weights: for counting the tokens of a model
 /// served elsewhere.
@@ -150,15 +168,21 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<ModelTokenizer> {
     if local.is_dir() {
         return ModelTokenizer::from_dir(&local);
     }
-    let mut file = std::fs::File::open(&local).map_err(|source| Error::Io {
-        path: local.clone(),
+    let (_, content) = open_gguf(&local)?;
+    ModelTokenizer::from_gguf(&content)
+}
+
+/// A GGUF file opened and its header read (checked as untrusted input by [`gguf`]).
+fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
         source,
     })?;
     let content = gguf::read_content(&mut file).map_err(|message| Error::Gguf {
-        path: local.clone(),
+        path: path.to_path_buf(),
         message,
     })?;
-    ModelTokenizer::from_gguf(&content)
+    Ok((file, content))
 }
 
 /// Turns a source into a local path, downloading from the Hub when needed.

@@ -304,6 +304,13 @@ fn put_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
     }
 }
 
+/// `n` values in `[-1, 1)`, the same for the same seed: the draw [`Fill`] scales, as test data
+/// for kernels and models built in memory.
+pub fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.unit()).collect()
+}
+
 /// xorshift32 in `[-1, 1)`.
 struct Rng(u32);
 

@@ -14,14 +14,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::sync::Arc;
-use tollgate_runtime::dev_model::require_dev_model;
+use tollgate_runtime::loader::load_dev_model;
 
 use tollgate_runtime::constraint::{ConstraintCompiler, Grammar};
 use tollgate_runtime::engine::{
     Engine, EngineConfig, GenConstraint, GenEvent, GenRequest, ServiceClass, Tenancy,
 };
-use tollgate_runtime::loader::{load, LoadOptions, ModelSource};
-use tollgate_runtime::model::WeightForm;
 use tollgate_runtime::sampling::SamplingParams;
 
 type Tokenizer = Arc<tollgate_runtime::tokenizer::ModelTokenizer>;
@@ -41,14 +39,7 @@ fn engine_with(config: EngineConfig) -> (Engine, Tokenizer) {
 
 /// [`engine_with`], and the model's KV bytes per token.
 fn engine_and_kv(config: EngineConfig) -> (Engine, Tokenizer, usize) {
-    let source = ModelSource::Path(require_dev_model().expect("run scripts/fetch-model.sh"));
-    let options = LoadOptions {
-        device: "cpu".into(),
-        weights: WeightForm::Auto,
-        context_length: Some(2048),
-        kv_cache_f16: false,
-    };
-    let loaded = load("dev", &source, &options).unwrap();
+    let loaded = load_dev_model(2048).unwrap();
     let tokenizer = loaded.tokenizer.clone();
     let per_token = loaded.model.kv_bytes_per_token();
     (
@@ -84,17 +75,15 @@ fn tenant_request(
 
 fn request(prompt_ids: &[u32], max_tokens: usize, constraint: Option<GenConstraint>) -> GenRequest {
     GenRequest {
-        prompt_ids: prompt_ids.to_vec(),
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        stop: Vec::new(),
-        progress: None,
         constraint,
-        tenant: None,
-        cached: None,
+        ..GenRequest::new(
+            prompt_ids.to_vec(),
+            max_tokens,
+            SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+        )
     }
 }
 

@@ -210,36 +210,30 @@ fn fields(b: &[u8]) -> Vec<Field> {
             _ => unreachable!("the base file is well formed"),
         }
     }
-    for _ in 0..entries {
+    // A metadata entry and a tensor info both open with a name (its length, then its bytes)
+    // and a u32 field of `kind` (the value's type, the tensor's dimension count).
+    let name_then_u32 = |at: &mut usize, out: &mut Vec<Field>, kind: Kind| {
         out.push(Field {
-            at,
+            at: *at,
             width: 8,
             kind: Kind::Length,
         });
-        at += 8 + u64_at(at);
+        *at += 8 + u64_at(*at);
         out.push(Field {
-            at,
+            at: *at,
             width: 4,
-            kind: Kind::ValueType,
+            kind,
         });
-        let ty = u32_at(at);
-        at += 4;
+        let v = u32_at(*at);
+        *at += 4;
+        v
+    };
+    for _ in 0..entries {
+        let ty = name_then_u32(&mut at, &mut out, Kind::ValueType);
         value(b, ty, &mut at, &mut out);
     }
     for _ in 0..tensors {
-        out.push(Field {
-            at,
-            width: 8,
-            kind: Kind::Length,
-        });
-        at += 8 + u64_at(at);
-        out.push(Field {
-            at,
-            width: 4,
-            kind: Kind::Dims,
-        });
-        let dims = u32_at(at) as usize;
-        at += 4;
+        let dims = name_then_u32(&mut at, &mut out, Kind::Dims) as usize;
         for _ in 0..dims {
             out.push(Field {
                 at,
@@ -319,12 +313,7 @@ fn get(file: &[u8], field: Field) -> u64 {
 /// reported as a failure of the test with the mutation that caused them.
 fn load_bytes(path: &Path, bytes: &[u8], what: &str) -> Result<(), String> {
     std::fs::write(path, bytes).unwrap();
-    let options = LoadOptions {
-        device: "cpu".into(),
-        weights: WeightForm::Auto,
-        context_length: None,
-        kv_cache_f16: false,
-    };
+    let options = LoadOptions::cpu(WeightForm::Auto);
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let result = catch_unwind(AssertUnwindSafe(|| {
@@ -474,12 +463,7 @@ fn a_model_loads_within_its_file_size() {
     let path = dir.join("model.gguf");
     std::fs::write(&path, &bytes).unwrap();
     for weights in [WeightForm::Native, WeightForm::Auto] {
-        let options = LoadOptions {
-            device: "cpu".into(),
-            weights,
-            context_length: None,
-            kv_cache_f16: false,
-        };
+        let options = LoadOptions::cpu(weights);
         let base = LIVE.load(Ordering::Relaxed);
         PEAK.store(base, Ordering::Relaxed);
         let loaded = load("size", &ModelSource::Path(path.clone()), &options).unwrap();

@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::{self, Content, Value};
@@ -42,11 +42,12 @@ use tollgate_runtime::dev_model::require_llama_vocab;
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
 use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep, WeightForm};
 use tollgate_runtime::sampling::SamplingParams;
+use tollgate_runtime::synth::pseudo_random;
 use tollgate_runtime::tokenizer::ModelTokenizer;
 use tollgate_runtime::Error;
 
 mod common;
-use common::{argmax, max_abs_diff};
+use common::{argmax, max_abs_diff, transpose_head_rows, TempDir};
 
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
@@ -82,19 +83,6 @@ const GREEDY_STEPS: usize = 8;
 /// sits about 40x above the noise and four orders of magnitude below the defect.
 const LOGIT_TOL: f32 = 1e-3;
 
-/// Deterministic values in `[-1, 1)` (xorshift).
-fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn random(rows: usize, cols: usize, scale: f32, seed: u32) -> Tensor {
     let v: Vec<f32> = pseudo_random(rows * cols, seed)
         .into_iter()
@@ -122,25 +110,6 @@ struct Built {
     dir_unscaled: TempDir,
     gguf: Vec<u8>,
     gguf_unscaled: Vec<u8>,
-}
-
-/// Removes a directory when the test ends, passed or failed.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("tollgate-llama3-{}-{tag}", std::process::id()));
-        std::fs::remove_dir_all(&path).ok();
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
 }
 
 fn config_json(vocab_size: usize, scaled: bool) -> serde_json::Value {
@@ -199,15 +168,7 @@ fn llama_cpp_rope_freqs() -> Vec<f32> {
 /// Hugging Face Q/K rows (per head: first halves, then second halves) in GGUF's order (pairs
 /// interleaved), as llama.cpp's converter permutes them.
 fn to_gguf_rows(w: &Tensor, heads: usize) -> Tensor {
-    let (rows, cols) = w.dims2().unwrap();
-    w.reshape((heads, 2, rows / heads / 2, cols))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((rows, cols))
-        .unwrap()
+    transpose_head_rows(w, heads, 2)
 }
 
 fn write_gguf(built_vocab: &Content, weights: &HashMap<String, Tensor>, scaled: bool) -> Vec<u8> {
@@ -290,7 +251,7 @@ fn write_dir(
     vocab_size: usize,
     scaled: bool,
 ) -> TempDir {
-    let dir = TempDir::new(tag);
+    let dir = TempDir::new("llama3", tag);
     std::fs::write(
         dir.0.join("config.json"),
         serde_json::to_string_pretty(&config_json(vocab_size, scaled)).unwrap(),
@@ -582,18 +543,15 @@ fn a_128k_context_fits_the_kv_budget_and_longer_requests_are_refused() {
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
     };
-    let request = |prompt_len: usize, max_tokens: usize| GenRequest {
-        prompt_ids: vec![128_000; prompt_len],
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        stop: Vec::new(),
-        progress: None,
-        constraint: None,
-        tenant: None,
-        cached: None,
+    let request = |prompt_len: usize, max_tokens: usize| {
+        GenRequest::new(
+            vec![128_000; prompt_len],
+            max_tokens,
+            SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+        )
     };
 
     // Not fitted: the context says 128k, the budget refuses what it cannot hold.

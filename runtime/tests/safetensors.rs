@@ -28,7 +28,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use tollgate_runtime::dev_model::require_dev_model;
@@ -36,7 +36,7 @@ use tollgate_runtime::loader::{self, LoadOptions, LoadedModel, ModelSource};
 use tollgate_runtime::model::{LlamaModel, WeightForm};
 
 mod common;
-use common::{argmax, max_abs_diff, prompt, step};
+use common::{argmax, max_abs_diff, prompt, step, transpose_head_rows, TempDir};
 
 /// Max abs difference allowed between the last-position logits of the GGUF and the exported
 /// directory. Both hold the same f32 weights (the GGUF's Q4_1 blocks dequantized once), so only
@@ -49,65 +49,33 @@ const LOGIT_TOL: f32 = 1e-3;
 /// Greedy decode steps compared between the two sources.
 const GREEDY_STEPS: usize = 8;
 
-/// Removes the exported directory when the test ends, passed or failed.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("tollgate-safetensors-{}-{tag}", std::process::id()));
-        std::fs::remove_dir_all(&path).ok();
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
-
 fn gguf_path() -> PathBuf {
     require_dev_model().expect("dev model (run scripts/fetch-model.sh)")
 }
 
 fn load(id: &str, path: &Path) -> LoadedModel {
-    let options = LoadOptions {
-        device: "cpu".into(),
-        weights: WeightForm::F32,
-        context_length: None,
-        kv_cache_f16: false,
-    };
+    let options = LoadOptions::cpu(WeightForm::F32);
     loader::load(id, &ModelSource::Path(path.to_path_buf()), &options).unwrap()
 }
 
-fn meta_u32(content: &Content, key: &str) -> u32 {
+/// The GGUF metadata value under `key` (the test fails when it is missing).
+fn meta<'a>(content: &'a Content, key: &str) -> &'a Value {
     content
         .metadata
         .get(key)
         .unwrap_or_else(|| panic!("GGUF metadata `{key}` is missing"))
-        .to_u32()
-        .unwrap()
+}
+
+fn meta_u32(content: &Content, key: &str) -> u32 {
+    meta(content, key).to_u32().unwrap()
 }
 
 fn meta_f32(content: &Content, key: &str) -> f32 {
-    content
-        .metadata
-        .get(key)
-        .unwrap_or_else(|| panic!("GGUF metadata `{key}` is missing"))
-        .to_f32()
-        .unwrap()
+    meta(content, key).to_f32().unwrap()
 }
 
 fn meta_str(content: &Content, key: &str) -> String {
-    content
-        .metadata
-        .get(key)
-        .unwrap_or_else(|| panic!("GGUF metadata `{key}` is missing"))
-        .to_string()
-        .unwrap()
-        .clone()
+    meta(content, key).to_string().unwrap().clone()
 }
 
 /// The Hugging Face name of a GGUF tensor; `None` for a name the export does not know.
@@ -143,17 +111,10 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// rows of each head as pairs `(x[i], x[i + head_dim/2])` for interleaved RoPE; Hugging Face
 /// stores the first halves, then the second halves.
 fn unpermute(w: &Tensor, heads: usize) -> Tensor {
-    let (rows, cols) = w.dims2().unwrap();
+    let (rows, _) = w.dims2().unwrap();
     let head_dim = rows / heads;
     assert_eq!(heads * head_dim, rows, "{rows} rows for {heads} heads");
-    w.reshape((heads, head_dim / 2, 2, cols))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((rows, cols))
-        .unwrap()
+    transpose_head_rows(w, heads, head_dim / 2)
 }
 
 /// Writes the GGUF at `gguf` as a Hugging Face Llama directory in `dir`. With `unpermute_qk`
@@ -267,7 +228,7 @@ fn greedy_pair(a: &LlamaModel, b: &LlamaModel, prompt: &[u32]) -> (Vec<u32>, Vec
 fn safetensors_export_matches_gguf() {
     let started = Instant::now();
     let gguf = gguf_path();
-    let dir = TempDir::new("export");
+    let dir = TempDir::new("safetensors", "export");
     export(&gguf, &dir.0, true);
     println!("export: {:.1?}", started.elapsed());
 
@@ -393,25 +354,24 @@ fn safetensors_export_matches_gguf() {
 #[test]
 fn unpermuted_export_disagrees() {
     let gguf = gguf_path();
-    let dir = TempDir::new("permuted");
+    let dir = TempDir::new("safetensors", "permuted");
     export(&gguf, &dir.0, false);
     let from_gguf = load("gguf", &gguf);
     let from_dir = load("safetensors-permuted", &dir.0);
-    let one = prompt(1, 0);
-    let d1 = max_abs_diff(
-        &step(&from_gguf.model, &mut from_gguf.model.new_cache(), &one),
-        &step(&from_dir.model, &mut from_dir.model.new_cache(), &one),
-    );
+    // Both models' last logits after `tokens`, each from a fresh cache.
+    let diff = |tokens: &[u32]| {
+        max_abs_diff(
+            &step(&from_gguf.model, &mut from_gguf.model.new_cache(), tokens),
+            &step(&from_dir.model, &mut from_dir.model.new_cache(), tokens),
+        )
+    };
+    let d1 = diff(&prompt(1, 0));
     println!("Q/K left permuted, 1-token prompt: max |diff| = {d1:e}");
     assert!(
         d1 < LOGIT_TOL,
         "position 0 should not depend on the Q/K layout: {d1}"
     );
-    let tokens = prompt(33, 3);
-    let d = max_abs_diff(
-        &step(&from_gguf.model, &mut from_gguf.model.new_cache(), &tokens),
-        &step(&from_dir.model, &mut from_dir.model.new_cache(), &tokens),
-    );
+    let d = diff(&prompt(33, 3));
     println!("Q/K left permuted, 33-token prompt: max |diff| = {d:e}");
     assert!(
         d > 100.0 * LOGIT_TOL,

@@ -13,6 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tokio::sync::mpsc::UnboundedReceiver;
+
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest, StopReason};
@@ -106,36 +108,32 @@ fn engine(bytes: &[u8], tag: &str) -> (Engine, TempFile) {
     let loaded = load(
         "eom",
         &ModelSource::Path(Path::new(&file.0).to_path_buf()),
-        &LoadOptions {
-            device: "cpu".into(),
-            weights: WeightForm::Auto,
-            context_length: None,
-            kv_cache_f16: false,
-        },
+        &LoadOptions::cpu(WeightForm::Auto),
     )
     .unwrap();
     let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default()).unwrap();
     (engine, file)
 }
 
+/// Submits a greedy generation that reports each token's log-probability.
+fn submit_greedy(
+    engine: &Engine,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> UnboundedReceiver<GenEvent> {
+    let sampling = SamplingParams {
+        temperature: 0.0,
+        logprobs: Some(1),
+        ..SamplingParams::default()
+    };
+    engine
+        .submit(GenRequest::new(prompt.to_vec(), max_tokens, sampling))
+        .unwrap()
+}
+
 /// Greedy generation: the tokens' count and why it stopped.
 fn generate(engine: &Engine, prompt: &[u32], max_tokens: usize) -> (usize, StopReason) {
-    let mut events = engine
-        .submit(GenRequest {
-            prompt_ids: prompt.to_vec(),
-            max_tokens,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                logprobs: Some(1),
-                ..SamplingParams::default()
-            },
-            stop: Vec::new(),
-            progress: None,
-            constraint: None,
-            tenant: None,
-            cached: None,
-        })
-        .unwrap();
+    let mut events = submit_greedy(engine, prompt, max_tokens);
     while let Some(event) = events.blocking_recv() {
         match event {
             GenEvent::Admitted | GenEvent::Delta { .. } => {}
@@ -152,22 +150,7 @@ fn generate(engine: &Engine, prompt: &[u32], max_tokens: usize) -> (usize, StopR
 
 /// The first token the model picks greedily after `prompt`.
 fn first_token(engine: &Engine, prompt: &[u32]) -> u32 {
-    let mut events = engine
-        .submit(GenRequest {
-            prompt_ids: prompt.to_vec(),
-            max_tokens: 1,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                logprobs: Some(1),
-                ..SamplingParams::default()
-            },
-            stop: Vec::new(),
-            progress: None,
-            constraint: None,
-            tenant: None,
-            cached: None,
-        })
-        .unwrap();
+    let mut events = submit_greedy(engine, prompt, 1);
     while let Some(event) = events.blocking_recv() {
         if let GenEvent::Delta { logprobs, .. } = event {
             if let Some(first) = logprobs.first() {

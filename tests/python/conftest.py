@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -85,6 +86,54 @@ def uncached_keys_config(directory) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def write_config(prefix: str, text: str) -> str:
+    """`text` written as `models.toml` in a fresh temporary directory named from `prefix`;
+    returns its path."""
+    path = os.path.join(tempfile.mkdtemp(prefix=prefix), "models.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def routed_model(model: str, port: int, backend_extra: str = "") -> str:
+    """The catalogue entry of `model` served by the `tollgate worker` on `port`, which the
+    gateway reaches with the token in `TOLLGATE_WORKER_TOKEN`; `backend_extra` adds settings
+    to the backend table (`", forward_customer = true"`)."""
+    return (
+        f'[models."{model}"]\n'
+        f'backend = {{ type = "http", urls = ["http://127.0.0.1:{port}"], api_key_env = "TOLLGATE_WORKER_TOKEN"{backend_extra} }}\n'
+        'price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }\n'
+    )
+
+
+def admin_call(srv, token, method, path, body=None, params=None):
+    """`method` on the admin API (`/admin/v1{path}`) with the admin token `token`; asserts it
+    succeeded and returns its JSON."""
+    r = httpx.request(method, f"http://{srv.addr}/admin/v1{path}", json=body, params=params,
+                      headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code < 300, r.text
+    return r.json()
+
+
+def customer_keys(srv, token, customers) -> dict:
+    """Creates each of `customers` with one key through the admin API; returns each one's key."""
+    out = {}
+    for customer in customers:
+        admin_call(srv, token, "POST", "/customers", {"id": customer, "name": customer})
+        out[customer] = admin_call(srv, token, "POST", f"/customers/{customer}/keys", {"name": "k"})["key"]
+    return out
+
+
+def run_concurrently(target, n):
+    """`target(i)` for each `i` in `range(n)`, each on a thread of its own, all started before
+    any is waited for."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def free_port() -> int:

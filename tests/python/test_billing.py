@@ -16,7 +16,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import API_KEY, NO_END, ROOT, free_port, start_server, stop_server, uncached_keys_config
+from conftest import (API_KEY, NO_END, ROOT, free_port, run_concurrently, start_server, stop_server,
+                      uncached_keys_config)
 
 ADMIN = "admin-test-token"
 MODEL = "smollm2-135m"
@@ -300,11 +301,7 @@ def test_budget_holds_under_concurrency(billing):
         with lock:
             results.append(r)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(one, 20)
     ok = [r for r in results if r.status_code == 200]
     refused = [r for r in results if r.status_code == 429]
     assert len(ok) + len(refused) == 20, [r.status_code for r in results]

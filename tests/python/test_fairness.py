@@ -1,28 +1,24 @@
 """Per-customer caps on concurrent sequences (`max_sequences_per_customer`), through the SDK."""
 
-import os
-import tempfile
 import threading
 
 import openai
 import pytest
 from openai import OpenAI
 
-from conftest import API_KEY, NO_END, ROOT, start_server, stop_server
+from conftest import API_KEY, NO_END, ROOT, start_server, stop_server, write_config
 
 MODEL = "smollm2-135m"
 
 
 def test_a_customer_over_its_sequence_cap_gets_429_and_others_are_served():
-    tmp = tempfile.mkdtemp(prefix="tollgate-cap-")
-    config = os.path.join(tmp, "models.toml")
-    with open(config, "w") as f:
-        f.write(
-            f'[models."{MODEL}"]\n'
-            f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
-            'backend = { type = "local", device = "cpu" }\n'
-            "max_sequences_per_customer = 2\n"
-        )
+    config = write_config(
+        "tollgate-cap-",
+        f'[models."{MODEL}"]\n'
+        f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
+        'backend = { type = "local", device = "cpu" }\n'
+        "max_sequences_per_customer = 2\n",
+    )
     srv = start_server(extra_args=["--config", config])
     try:
         client = OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=120)

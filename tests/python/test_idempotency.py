@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, start_server, stop_server
+from conftest import ROOT, admin_call, customer_keys, start_server, stop_server
 
 ADMIN = "idem-admin"
 MODEL = "smollm2-135m"
@@ -29,19 +29,12 @@ def srv():
 
 
 def admin(srv, method, path, body=None, params=None):
-    r = httpx.request(method, f"http://{srv.addr}/admin/v1{path}", json=body, params=params,
-                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
-    assert r.status_code < 300, r.text
-    return r.json()
+    return admin_call(srv, ADMIN, method, path, body, params)
 
 
 @pytest.fixture(scope="module")
 def keys(srv):
-    out = {}
-    for customer in ("idem-a", "idem-b"):
-        admin(srv, "POST", "/customers", {"id": customer, "name": customer})
-        out[customer] = admin(srv, "POST", f"/customers/{customer}/keys", {"name": "k"})["key"]
-    return out
+    return customer_keys(srv, ADMIN, ("idem-a", "idem-b"))
 
 
 def sdk(srv, key):

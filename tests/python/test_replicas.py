@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import NO_END, start_server, stop_server, uncached_keys_config
+from conftest import NO_END, run_concurrently, start_server, stop_server, uncached_keys_config
 from test_billing import ADMIN, IN_NANO, OUT_NANO, Admin, chat, nano, pg, sdk
 
 pytestmark = pytest.mark.skipif(
@@ -125,11 +125,7 @@ def test_budget_is_shared_across_replicas(replicas):
         with lock:
             outcomes.append(result)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(one, 16)
     served = [o for o in outcomes if o[0] == "ok"]
     assert len(outcomes) == 16
     assert served and len(served) < 16, outcomes

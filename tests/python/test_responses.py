@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from conftest import API_KEY, start_server, stop_server
+from conftest import API_KEY, admin_call, customer_keys, start_server, stop_server
 
 MODEL = "smollm2-135m"
 INSTRUCTIONS = "You are a helpful assistant."
@@ -40,19 +40,12 @@ def srv():
 
 
 def admin(srv, method, path, body=None):
-    r = httpx.request(method, f"http://{srv.addr}/admin/v1{path}", json=body,
-                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
-    assert r.status_code < 300, r.text
-    return r.json()
+    return admin_call(srv, ADMIN, method, path, body)
 
 
 @pytest.fixture(scope="module")
 def keys(srv):
-    out = {}
-    for customer in ("resp-a", "resp-b"):
-        admin(srv, "POST", "/customers", {"id": customer, "name": customer})
-        out[customer] = admin(srv, "POST", f"/customers/{customer}/keys", {"name": "k"})["key"]
-    return out
+    return customer_keys(srv, ADMIN, ("resp-a", "resp-b"))
 
 
 @pytest.fixture(scope="module")

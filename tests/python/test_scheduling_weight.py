@@ -17,7 +17,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT, free_port, start_server, start_worker, stop_server
+from conftest import ROOT, free_port, routed_model, start_server, start_worker, stop_server, write_config
 
 ADMIN = "weight-admin-token"
 MODEL = "smollm2-135m"
@@ -129,14 +129,7 @@ def routed():
     customers to."""
     port = free_port()
     worker, log = start_worker(port, "wtok", rust_log="info,tollgate_runtime::engine=debug")
-    tmp = tempfile.mkdtemp(prefix="tollgate-forward-")
-    config = os.path.join(tmp, "models.toml")
-    with open(config, "w") as f:
-        f.write(
-            f'[models."{MODEL}"]\n'
-            f'backend = {{ type = "http", urls = ["http://127.0.0.1:{port}"], api_key_env = "TOLLGATE_WORKER_TOKEN", forward_customer = true }}\n'
-            'price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }\n'
-        )
+    config = write_config("tollgate-forward-", routed_model(MODEL, port, ", forward_customer = true"))
     gateway = start_server({"TOLLGATE_WORKER_TOKEN": "wtok", "TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--config", config])
     gateway.admin = httpx.Client(base_url=f"http://{gateway.addr}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     gateway.worker_log, gateway.worker_port = log, port

@@ -8,7 +8,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import List, Literal, Optional
@@ -20,7 +19,8 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from conftest import API_KEY, NO_END, ROOT, free_port, start_server, start_worker, stop_server
+from conftest import (API_KEY, NO_END, ROOT, free_port, routed_model, start_server, start_worker,
+                      stop_server, write_config)
 
 MODEL = "smollm2-135m"
 WORKER_TOKEN = "structured-worker-token"
@@ -33,14 +33,7 @@ def routed():
     """A gateway whose model is served by a `tollgate worker` over HTTP."""
     port = free_port()
     worker, _ = start_worker(port, WORKER_TOKEN)
-    tmp = tempfile.mkdtemp(prefix="tollgate-structured-")
-    config = os.path.join(tmp, "models.toml")
-    with open(config, "w") as f:
-        f.write(
-            f'[models."{MODEL}"]\n'
-            f'backend = {{ type = "http", urls = ["http://127.0.0.1:{port}"], api_key_env = "TOLLGATE_WORKER_TOKEN" }}\n'
-            'price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }\n'
-        )
+    config = write_config("tollgate-structured-", routed_model(MODEL, port))
     gateway = start_server({"TOLLGATE_WORKER_TOKEN": WORKER_TOKEN}, ["--config", config])
     # The gateway probes its members every second; wait until the worker is in rotation.
     c = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=3, timeout=120)
@@ -545,15 +538,13 @@ def llama3_api():
     calls are constrained and parsed in that syntax. A Hermes-shaped call would not parse as
     one, so every `tool_calls` below proves the Llama 3 path end to end."""
     assert LLAMA31_TEMPLATE.exists(), f"{LLAMA31_TEMPLATE} missing: run scripts/fetch-vocabs.sh"
-    tmp = tempfile.mkdtemp(prefix="tollgate-llama3-template-")
-    config = os.path.join(tmp, "models.toml")
-    with open(config, "w") as f:
-        f.write(
-            f'[models."{MODEL}"]\n'
-            f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
-            f'backend = {{ type = "local", chat_template = "{LLAMA31_TEMPLATE}" }}\n'
-            'price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }\n'
-        )
+    config = write_config(
+        "tollgate-llama3-template-",
+        f'[models."{MODEL}"]\n'
+        f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
+        f'backend = {{ type = "local", chat_template = "{LLAMA31_TEMPLATE}" }}\n'
+        'price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }\n',
+    )
     srv = start_server(None, ["--config", config])
     yield OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=120)
     assert stop_server(srv) == 0

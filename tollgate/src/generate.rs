@@ -76,20 +76,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt_ids = LocalBackend::tokenize(&loaded.tokenizer, &loaded.template, &prompt)?;
     let weights = loaded.model.weight_form();
     let engine = Engine::start(loaded.model, loaded.tokenizer, engine_config(local))?;
-    let mut events = engine.submit(GenRequest {
-        prompt_ids: prompt_ids.clone(),
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams {
+    let mut events = engine.submit(GenRequest::new(
+        prompt_ids.clone(),
+        args.max_tokens,
+        SamplingParams {
             temperature: args.temperature,
             seed: args.seed,
             ..SamplingParams::default()
         },
-        stop: Vec::new(),
-        progress: None,
-        constraint: None,
-        tenant: None,
-        cached: None,
-    })?;
+    ))?;
 
     let started = Instant::now();
     let mut first_token = None;

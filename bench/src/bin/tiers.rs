@@ -26,10 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use serde_json::json;
-use tollgate_runtime::dev_model::require_dev_model;
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest, ServiceClass, Tenancy};
-use tollgate_runtime::loader::{load, LoadOptions, ModelSource};
-use tollgate_runtime::model::WeightForm;
+use tollgate_runtime::loader::load_dev_model;
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::tokenizer::ModelTokenizer;
 
@@ -112,29 +110,23 @@ impl Bench {
             load.name
         );
         let prompt_ids = self.tokenizer.encode(&text, false)?;
-        Ok(GenRequest {
-            prompt_ids,
-            max_tokens: self.max_tokens,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                logit_bias: self
-                    .tokenizer
-                    .stop_token_ids()
-                    .iter()
-                    .map(|&t| (t, -100.0))
-                    .collect(),
-                ..SamplingParams::default()
-            },
-            stop: Vec::new(),
-            progress: None,
-            constraint: None,
-            tenant: Some(Tenancy {
-                name: Arc::from(load.name),
-                weight: 1,
-                class: load.class,
-            }),
-            cached: None,
-        })
+        let sampling = SamplingParams {
+            temperature: 0.0,
+            logit_bias: self
+                .tokenizer
+                .stop_token_ids()
+                .iter()
+                .map(|&t| (t, -100.0))
+                .collect(),
+            ..SamplingParams::default()
+        };
+        let mut request = GenRequest::new(prompt_ids, self.max_tokens, sampling);
+        request.tenant = Some(Tenancy {
+            name: Arc::from(load.name),
+            weight: 1,
+            class: load.class,
+        });
+        Ok(request)
     }
 
     /// One stream of `load` until `end`: request after request; the TTFT of each and the
@@ -207,14 +199,7 @@ impl Bench {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let source = ModelSource::Path(require_dev_model().context("run scripts/fetch-model.sh")?);
-    let options = LoadOptions {
-        device: "cpu".into(),
-        weights: WeightForm::Auto,
-        context_length: Some(2048),
-        kv_cache_f16: false,
-    };
-    let loaded = load("dev", &source, &options)?;
+    let loaded = load_dev_model(2048).context("run scripts/fetch-model.sh")?;
     let tokenizer = loaded.tokenizer.clone();
     let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default())?;
     let bench = Bench {

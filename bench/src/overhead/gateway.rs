@@ -117,30 +117,25 @@ impl Gateway {
     /// A customer and a key issued through the admin API: requests with it are looked up in
     /// the database and metered.
     pub async fn issue_key(&self, client: &reqwest::Client) -> anyhow::Result<String> {
-        let admin = format!("Bearer {ADMIN_TOKEN}");
-        let r = client
-            .post(format!("{}/admin/v1/customers", self.base))
-            .header(header::AUTHORIZATION, &admin)
-            .json(&json!({"id": CUSTOMER, "name": "Overhead benchmark"}))
-            .send()
+        // POST `body` to the admin API's `path`, for `what`: the successful response.
+        let admin_post = |path: String, body: Value, what: &'static str| async move {
+            let r = client
+                .post(format!("{}/admin/v1{path}", self.base))
+                .header(header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}"))
+                .json(&body)
+                .send()
+                .await?;
+            ensure!(r.status().is_success(), "{what}: {}", r.text().await?);
+            anyhow::Ok(r)
+        };
+        let customer = json!({"id": CUSTOMER, "name": "Overhead benchmark"});
+        admin_post("/customers".into(), customer, "creating the customer").await?;
+        let key = json!({"name": "overhead-bench"});
+        let path = format!("/customers/{CUSTOMER}/keys");
+        let body: Value = admin_post(path, key, "creating the key")
+            .await?
+            .json()
             .await?;
-        ensure!(
-            r.status().is_success(),
-            "creating the customer: {}",
-            r.text().await?
-        );
-        let r = client
-            .post(format!("{}/admin/v1/customers/{CUSTOMER}/keys", self.base))
-            .header(header::AUTHORIZATION, &admin)
-            .json(&json!({"name": "overhead-bench"}))
-            .send()
-            .await?;
-        ensure!(
-            r.status().is_success(),
-            "creating the key: {}",
-            r.text().await?
-        );
-        let body: Value = r.json().await?;
         body["key"]
             .as_str()
             .map(str::to_string)

@@ -91,20 +91,20 @@ fn number(text: &str) -> Result<f64, String> {
 }
 
 fn positive(text: &str) -> Result<f64, String> {
-    let v = number(text)?;
-    if v > 0.0 {
-        Ok(v)
-    } else {
-        Err("must be positive".into())
-    }
+    above(text, 0.0, "must be positive")
 }
 
 fn above_one(text: &str) -> Result<f64, String> {
+    above(text, 1.0, "must be above 1")
+}
+
+/// A number greater than `floor`, else `refusal`.
+fn above(text: &str, floor: f64, refusal: &str) -> Result<f64, String> {
     let v = number(text)?;
-    if v > 1.0 {
+    if v > floor {
         Ok(v)
     } else {
-        Err("must be above 1".into())
+        Err(refusal.into())
     }
 }
 

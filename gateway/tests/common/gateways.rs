@@ -22,15 +22,13 @@ use tollgate_gateway::config::Config;
 use tollgate_gateway::AppState;
 use tollgate_metering::store::{Store, UsageRecord};
 
+use crate::serve::{
+    fake_model_info, records_where, serve, wait_records_where, with_default_billing, Serving,
+    FAKE_MODEL,
+};
+
 pub const KEY: &str = "test-key";
 pub const MODEL: &str = "fake";
-
-const FAKE_MODEL: &str = r#"
-[models.fake]
-source = { path = "unused.gguf" }
-backend = { type = "http", urls = ["http://127.0.0.1:9"] }
-price = { input_per_mtok = "1", output_per_mtok = "2" }
-"#;
 
 /// Every sequence: 3 prompt tokens, then "Hello" and " world" (2 output tokens, 7,000
 /// nano-USD at the fake model's prices). The first sequence started waits between its two
@@ -86,12 +84,7 @@ impl Drop for Ended {
 #[async_trait::async_trait]
 impl Backend for Shared {
     fn info(&self) -> ModelInfo {
-        ModelInfo {
-            id: MODEL.into(),
-            context_length: 64,
-            created: 1_700_000_000,
-            owned_by: "tests".into(),
-        }
+        fake_model_info()
     }
 
     async fn prepare(&self, _request: GenerateRequest) -> Result<Prepared, BackendError> {
@@ -147,24 +140,16 @@ impl Gateway {
             Config::from_toml_str(&format!("{server}{FAKE_MODEL}"), Path::new(".")).unwrap();
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         backends.insert(MODEL.into(), Arc::new(Shared(backend)));
-        store.ensure_customer("default", "Default").await.unwrap();
-        let state = AppState::new(config, backends, AuthConfig::from_keys([KEY]))
-            .unwrap()
-            .with_billing(
-                store,
-                spool,
-                tollgate_metering::ledger::SpoolSync::default(),
-            )
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let done = tokio::spawn(tollgate_gateway::run(listener, state, async move {
-            let _ = rx.await;
-        }));
+        let state = AppState::new(config, backends, AuthConfig::from_keys([KEY])).unwrap();
+        let state = with_default_billing(state, store, spool).await;
+        let Serving {
+            addr,
+            shutdown,
+            done,
+        } = serve(state).await;
         Self {
             addr,
-            shutdown: Some(tx),
+            shutdown,
             done,
         }
     }
@@ -198,30 +183,18 @@ pub async fn post_keyed(addr: SocketAddr, body: &Value, key: &str) -> reqwest::R
         .unwrap()
 }
 
+fn of_key(key: &str) -> impl Fn(&UsageRecord) -> bool + '_ {
+    move |r| r.idempotency_key.as_deref() == Some(key)
+}
+
 /// The records of `key`, in ledger order.
 pub async fn records_of_key(store: &Store, key: &str) -> Vec<UsageRecord> {
-    let (records, _) = store.records_after(0, 10_000).await.unwrap();
-    records
-        .into_iter()
-        .filter(|r| r.idempotency_key.as_deref() == Some(key))
-        .collect()
+    records_where(store, of_key(key)).await
 }
 
 /// The records of `key` once there are `n` of them (the ledger writes in the background).
 pub async fn wait_records(store: &Store, key: &str, n: usize) -> Vec<UsageRecord> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let records = records_of_key(store, key).await;
-        if records.len() >= n {
-            return records;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} of {n} records: {records:#?}",
-            records.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_records_where(store, n, of_key(key)).await
 }
 
 /// Asserts one charged record and the others superseded (tokens kept, nothing charged).

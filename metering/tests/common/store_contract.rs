@@ -299,29 +299,17 @@ pub async fn exercise(store: &Store) {
         .map(|row| (row.tag_value.clone(), (row.requests, row.cost_nano_usd)))
         .collect();
     assert_eq!(got, expected_tags);
-    let p1 = store
-        .aggregate(
-            &UsageFilter {
-                tag: Some(("project".into(), "p1".into())),
-                ..all.clone()
-            },
-            &[],
-            None,
-        )
-        .await
-        .unwrap();
+    // The records carrying the tag `key` = `value`, in one row.
+    let tagged = |key: &str, value: &str| {
+        let filter = UsageFilter {
+            tag: Some((key.into(), value.into())),
+            ..all.clone()
+        };
+        async move { store.aggregate(&filter, &[], None).await.unwrap() }
+    };
+    let p1 = tagged("project", "p1").await;
     assert_eq!(p1[0].requests, expected_tags[&Some("p1".to_string())].0);
-    let weird = store
-        .aggregate(
-            &UsageFilter {
-                tag: Some(("we\"ird key".into(), "x".into())),
-                ..all.clone()
-            },
-            &[],
-            None,
-        )
-        .await
-        .unwrap();
+    let weird = tagged("we\"ird key", "x").await;
     assert_eq!(weird[0].requests, 450 - 45);
     let hours = store
         .aggregate(&all, &[GroupBy::Key], Some((t0, DAY / 24)))
@@ -430,35 +418,15 @@ pub async fn alerts_and_idempotency(store: &Store) {
         expires_at: now + 1_000_000,
         lease_until: now + 100,
     };
-    assert_eq!(
-        store
-            .claim_idempotency(&args("r1", "h", now))
-            .await
-            .unwrap(),
-        Claim::Run
-    );
-    assert_eq!(
-        store
-            .claim_idempotency(&args("r2", "h", now))
-            .await
-            .unwrap(),
-        Claim::InProgress
-    );
-    assert_eq!(
-        store
-            .claim_idempotency(&args("r2", "other", now))
-            .await
-            .unwrap(),
-        Claim::Mismatch
-    );
+    let claim = |request_id, hash, at| {
+        let args = args(request_id, hash, at);
+        async move { store.claim_idempotency(&args).await.unwrap() }
+    };
+    assert_eq!(claim("r1", "h", now).await, Claim::Run);
+    assert_eq!(claim("r2", "h", now).await, Claim::InProgress);
+    assert_eq!(claim("r2", "other", now).await, Claim::Mismatch);
     // A lease that ran out (its gateway died) is taken over.
-    assert_eq!(
-        store
-            .claim_idempotency(&args("r3", "h", now + 200))
-            .await
-            .unwrap(),
-        Claim::Run
-    );
+    assert_eq!(claim("r3", "h", now + 200).await, Claim::Run);
     let stored = Stored {
         status: 200,
         content_type: Some("application/json".into()),
@@ -470,24 +438,12 @@ pub async fn alerts_and_idempotency(store: &Store) {
         .finish_idempotency("alerted", "k1", "r1", &stored)
         .await
         .unwrap();
-    assert_eq!(
-        store
-            .claim_idempotency(&args("r4", "h", now + 250))
-            .await
-            .unwrap(),
-        Claim::InProgress
-    );
+    assert_eq!(claim("r4", "h", now + 250).await, Claim::InProgress);
     store
         .finish_idempotency("alerted", "k1", "r3", &stored)
         .await
         .unwrap();
-    assert_eq!(
-        store
-            .claim_idempotency(&args("r5", "h", now + 250))
-            .await
-            .unwrap(),
-        Claim::Replay(stored)
-    );
+    assert_eq!(claim("r5", "h", now + 250).await, Claim::Replay(stored));
     let k2 = |request_id: &'static str| ClaimArgs {
         key: "k2",
         ..args(request_id, "h", now)
@@ -505,11 +461,5 @@ pub async fn alerts_and_idempotency(store: &Store) {
         Claim::Run
     );
     // Past the window the key is forgotten.
-    assert_eq!(
-        store
-            .claim_idempotency(&args("r8", "other", now + 2_000_000))
-            .await
-            .unwrap(),
-        Claim::Run
-    );
+    assert_eq!(claim("r8", "other", now + 2_000_000).await, Claim::Run);
 }

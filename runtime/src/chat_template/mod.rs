@@ -265,10 +265,7 @@ mod tests {
 
     #[test]
     fn renders_the_dev_models_template_exactly() {
-        let path = crate::dev_model::require_dev_model().unwrap();
-        let mut f = std::fs::File::open(path).unwrap();
-        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-        let tok = crate::tokenizer::ModelTokenizer::from_gguf(&content).unwrap();
+        let tok = crate::tokenizer::dev_tokenizer();
         let t = ChatTemplate::new(tok.chat_template().unwrap(), None, None).unwrap();
         let conversation = msgs(&[
             ("system", "You are a helpful assistant."),

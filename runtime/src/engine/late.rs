@@ -115,10 +115,7 @@ mod tests {
     use crate::tools::{self, CallSyntax, ToolSpec};
 
     fn tokenizer() -> Arc<ModelTokenizer> {
-        let path = crate::dev_model::require_dev_model().unwrap();
-        let mut f = std::fs::File::open(path).unwrap();
-        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-        Arc::new(ModelTokenizer::from_gguf(&content).unwrap())
+        crate::tokenizer::dev_tokenizer()
     }
 
     fn late(compiler: &Arc<ConstraintCompiler>, syntax: CallSyntax) -> LateGrammar {

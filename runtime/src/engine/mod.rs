@@ -134,6 +134,23 @@ pub struct GenRequest {
     pub cached: Option<Arc<AtomicUsize>>,
 }
 
+impl GenRequest {
+    /// A request for `max_tokens` after `prompt_ids` sampled by `sampling`, with nothing else
+    /// asked: no stop strings, no grammar, the anonymous tenant and no counters to keep.
+    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            progress: None,
+            constraint: None,
+            tenant: None,
+            cached: None,
+        }
+    }
+}
+
 /// A request's tenant for fair scheduling, and its class of service.
 #[derive(Debug, Clone)]
 pub struct Tenancy {

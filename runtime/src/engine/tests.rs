@@ -6,9 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{Engine, EngineConfig, GenEvent, GenRequest, ServiceClass, Tenancy};
-use crate::dev_model::require_dev_model;
-use crate::loader::{load, LoadOptions, ModelSource};
-use crate::model::WeightForm;
+use crate::loader::load_dev_model;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::ModelTokenizer;
 
@@ -27,14 +25,7 @@ fn engine() -> (Engine, Arc<ModelTokenizer>, usize) {
 
 /// [`engine`] with `config`.
 fn engine_with(config: EngineConfig) -> (Engine, Arc<ModelTokenizer>, usize) {
-    let source = ModelSource::Path(require_dev_model().expect("run scripts/fetch-model.sh"));
-    let options = LoadOptions {
-        device: "cpu".into(),
-        weights: WeightForm::Auto,
-        context_length: Some(2048),
-        kv_cache_f16: false,
-    };
-    let loaded = load("dev", &source, &options).unwrap();
+    let loaded = load_dev_model(2048).unwrap();
     let per_token = loaded.model.kv_bytes_per_token();
     let tokenizer = loaded.tokenizer.clone();
     let engine = Engine::start(loaded.model, loaded.tokenizer, config).unwrap();
@@ -62,22 +53,20 @@ fn request(
         Vec::new()
     };
     GenRequest {
-        prompt_ids: tokenizer.encode(&text, false).unwrap(),
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            logit_bias,
-            ..SamplingParams::default()
-        },
-        stop: Vec::new(),
-        progress: None,
-        constraint: None,
         tenant: Some(Tenancy {
             name: Arc::from(tenant),
             weight: 1,
             class: ServiceClass::Default,
         }),
-        cached: None,
+        ..GenRequest::new(
+            tokenizer.encode(&text, false).unwrap(),
+            max_tokens,
+            SamplingParams {
+                temperature: 0.0,
+                logit_bias,
+                ..SamplingParams::default()
+            },
+        )
     }
 }
 

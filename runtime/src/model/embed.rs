@@ -10,7 +10,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 
-use super::linear::Linear;
+use super::linear::{row_bytes, Linear};
 use crate::{Error, Result};
 
 /// Where a model's embedding rows come from.
@@ -39,11 +39,6 @@ pub(crate) fn packs(dtype: GgmlDType) -> bool {
             | GgmlDType::Q4_1
             | GgmlDType::Q8_0
     )
-}
-
-/// Bytes of one row of `hidden` values in `dtype` (`hidden` a multiple of its block).
-pub(crate) fn row_bytes(dtype: GgmlDType, hidden: usize) -> usize {
-    hidden / dtype.block_size() * dtype.type_size()
 }
 
 /// GGML's dequantization of one row's bytes into `out`.
@@ -189,13 +184,7 @@ mod tests {
         ] {
             assert!(packs(dtype));
             let q = QTensor::quantize(&t, dtype).unwrap();
-            let want = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let want = super::super::dequantized(&q);
             let e = Embedding::Packed {
                 dtype,
                 hidden,

@@ -39,6 +39,22 @@ enum HostMatrix<'a> {
     Codes(&'a CodeMatrix),
 }
 
+impl<'a> HostMatrix<'a> {
+    fn int8(self) -> Option<&'a Q8Matrix> {
+        match self {
+            Self::Int8(m) => Some(m),
+            Self::Codes(_) => None,
+        }
+    }
+
+    fn codes(self) -> Option<&'a CodeMatrix> {
+        match self {
+            Self::Codes(m) => Some(m),
+            Self::Int8(_) => None,
+        }
+    }
+}
+
 impl Quantized {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -88,6 +104,12 @@ fn auto_cpu(w: Tensor) -> Result<Linear> {
         Some(quant) => Linear::Quant(quant),
         None => Linear::Dense(w),
     })
+}
+
+/// Bytes of one row of `hidden` values in `dtype` (`hidden` a multiple of its block): the
+/// stride of a GGUF matrix's rows, for the output projection's and the embedding's lookups.
+pub(crate) fn row_bytes(dtype: GgmlDType, hidden: usize) -> usize {
+    hidden / dtype.block_size() * dtype.type_size()
 }
 
 /// A GGUF tensor's bytes as a candle tensor (one copy, on the CPU; then moved to `device`).
@@ -221,7 +243,7 @@ impl Linear {
             Self::Quant(Quantized::Codes(m)) => m.row_into(j, out),
             Self::Quant(Quantized::Candle(QMatMul::QTensor(q))) => {
                 let data = q.data()?;
-                let size = super::embed::row_bytes(q.dtype(), out.len());
+                let size = row_bytes(q.dtype(), out.len());
                 let row = data
                     .get(j * size..(j + 1) * size)
                     .ok_or_else(|| Error::Weights(format!("token {j} has no embedding row")))?;
@@ -343,20 +365,8 @@ impl Linear {
         rows: usize,
     ) -> Result<[Vec<f32>; N]> {
         let matrices: Vec<Option<HostMatrix>> = layers.iter().map(|l| l.host_matrix()).collect();
-        let int8: Option<Vec<&Q8Matrix>> = matrices
-            .iter()
-            .map(|m| match m {
-                Some(HostMatrix::Int8(m)) => Some(*m),
-                _ => None,
-            })
-            .collect();
-        let codes: Option<Vec<&CodeMatrix>> = matrices
-            .iter()
-            .map(|m| match m {
-                Some(HostMatrix::Codes(m)) => Some(*m),
-                _ => None,
-            })
-            .collect();
+        let int8: Option<Vec<&Q8Matrix>> = matrices.iter().map(|&m| m?.int8()).collect();
+        let codes: Option<Vec<&CodeMatrix>> = matrices.iter().map(|&m| m?.codes()).collect();
         let outs = match (int8, codes) {
             (Some(mats), _) => q8::matmul_many(&mats, x, rows),
             (_, Some(mats)) => codes::matmul_many(&mats, x, rows),

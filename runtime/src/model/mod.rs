@@ -27,19 +27,16 @@ pub use rope::{Llama3Scaling, RopeScaling};
 
 use crate::Error;
 
-/// `n` pseudo-random values in `[-1, 1)` (xorshift), the same for the same seed: test data
-/// for the kernels.
+/// Test data for the kernels.
 #[cfg(test)]
-fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
+use crate::synth::pseudo_random;
+
+/// candle's own dequantization of `q`, row-major: what the kernels' readings of the same bytes
+/// are checked against.
+#[cfg(test)]
+fn dequantized(q: &candle_core::quantized::QTensor) -> Vec<f32> {
+    let t = q.dequantize(&candle_core::Device::Cpu).unwrap();
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// The form weights take on the device.

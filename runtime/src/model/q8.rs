@@ -421,13 +421,7 @@ mod tests {
         let w = pseudo_random(out * inp, 5);
         let t = Tensor::from_slice(&w, (out, inp), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
-        let deq = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let deq = super::super::dequantized(&q);
         let data = q.data().unwrap();
         let m = Q8Matrix::from_q8_0_bytes(&data, out, inp).unwrap().unwrap();
         let mut row = vec![0f32; inp];

@@ -187,23 +187,23 @@ impl ModelTokenizer {
     }
 }
 
+/// The development model's tokenizer, for the tests of the modules that use one.
+#[cfg(test)]
+pub(crate) fn dev_tokenizer() -> std::sync::Arc<ModelTokenizer> {
+    let path = crate::dev_model::require_dev_model().unwrap();
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    std::sync::Arc::new(ModelTokenizer::from_gguf(&content).unwrap())
+}
+
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::gguf_file::Content;
-
     use super::gguf::{pre_tokenizer_for, PreTokenizer};
     use super::*;
 
-    fn dev() -> ModelTokenizer {
-        let path = crate::dev_model::require_dev_model().unwrap();
-        let mut f = std::fs::File::open(path).unwrap();
-        let content = Content::read(&mut f).unwrap();
-        ModelTokenizer::from_gguf(&content).unwrap()
-    }
-
     #[test]
     fn round_trips_text() {
-        let t = dev();
+        let t = dev_tokenizer();
         for text in [
             "Hello, world! How are you?",
             "  leading spaces, tabs\tand\nnewlines  ",
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn hello_is_one_token_without_prefix_space() {
-        let t = dev();
+        let t = dev_tokenizer();
         let ids = t.encode("Hello", true).unwrap();
         assert_eq!(ids.len(), 1, "{ids:?}");
         assert_eq!(t.token_text(ids[0]), "Hello");
@@ -226,7 +226,7 @@ mod tests {
 
     #[test]
     fn special_tokens_and_digits() {
-        let t = dev();
+        let t = dev_tokenizer();
         assert_eq!(t.encode("<|im_start|>", false).unwrap(), vec![1]);
         assert_eq!(t.encode("<|im_end|>", false).unwrap(), vec![2]);
         assert_eq!(t.bos_token().unwrap().1, "<|im_start|>");
@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn from_dir_reads_tokenizer_json_and_config() {
-        let t = dev();
+        let t = dev_tokenizer();
         let dir = std::env::temp_dir().join(format!("tollgate-tok-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         t.inner().save(dir.join("tokenizer.json"), false).unwrap();

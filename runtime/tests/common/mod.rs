@@ -4,7 +4,31 @@
     reason = "each test crate includes this module and uses only some helpers"
 )]
 
+use std::path::PathBuf;
+
+use candle_core::Tensor;
 use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep};
+
+/// A fresh directory under the system's temporary one, removed when the test ends, passed or
+/// failed.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `tollgate-{test}-{pid}-{tag}`, emptied if a crashed run left it.
+    pub fn new(test: &str, tag: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("tollgate-{test}-{}-{tag}", std::process::id()));
+        std::fs::remove_dir_all(&path).ok();
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
 
 /// `len` fixed token ids: `<|im_start|>` (1), then a deterministic spread over 3..49000.
 pub fn prompt(len: usize, seed: u32) -> Vec<u32> {
@@ -47,4 +71,20 @@ pub fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32>
     assert_eq!(logits.len(), model.config().vocab_size);
     assert!(logits.iter().all(|x| x.is_finite()), "non-finite logits");
     logits
+}
+
+/// `w (rows, cols)` with each of the `heads` heads' rows seen as a grid of `a` rows of
+/// `rows / heads / a` and the grid transposed. With `a = 2` that is llama.cpp's permutation of
+/// Hugging Face's Q/K rows (per head: the first halves, then the second halves) into GGUF's
+/// interleaved pairs; with `a = head_dim / 2`, its inverse.
+pub fn transpose_head_rows(w: &Tensor, heads: usize, a: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((heads, a, rows / heads / a, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
 }
