@@ -5,9 +5,9 @@
 use futures::stream::{select_all, Stream, StreamExt};
 
 use crate::api::accounting::Completion;
+use crate::api::openai::CompletionUsage;
 use crate::backend::{BackendError, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage};
 use crate::error::ApiError;
-use crate::openapi::schemas::CompletionUsage;
 use tollgate_metering::kinds::Outcome;
 
 /// One choice's full result (kept for the non-streamed answer).

@@ -279,7 +279,7 @@ impl Relay {
                     Err(e) => {
                         self.completion.commit(Outcome::Failed).await;
                         let error = ApiError::from(e).body();
-                        yield Ok(Event::default().event("error").data(error.to_string()));
+                        yield Ok(Event::default().event("error").data(serde_json::to_string(&error).unwrap_or_default()));
                         return;
                     }
                 };
@@ -291,7 +291,7 @@ impl Relay {
             }
             self.completion.commit(Outcome::Failed).await;
             let error = ApiError::Internal("the upstream stopped before the response ended".into()).body();
-            yield Ok(Event::default().event("error").data(error.to_string()));
+            yield Ok(Event::default().event("error").data(serde_json::to_string(&error).unwrap_or_default()));
         };
         Sse::new(body).keep_alive(KeepAlive::default())
     }
