@@ -24,7 +24,9 @@ pub(super) struct ChoiceResult {
 impl ChoiceResult {
     /// Adds one streamed part of call `index`.
     fn on_tool_call(&mut self, index: u32, id: Option<String>, name: Option<String>, args: &str) {
-        let index = index as usize;
+        let Ok(index) = usize::try_from(index) else {
+            return;
+        };
         while self.tool_calls.len() <= index {
             self.tool_calls.push(Default::default());
         }

@@ -42,6 +42,7 @@ use self::wire::{
 use crate::api::accounting::Completion;
 use crate::api::admission::{start, Started};
 use crate::api::completions::now_secs;
+use crate::api::openai::Plan;
 use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
 use crate::error::{ApiError, ApiPath};
@@ -70,35 +71,8 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     crate::error::ApiJsonValue(body, raw): crate::error::ApiJsonValue<CreateResponse>,
 ) -> Result<Response, ApiError> {
-    let store = match (body.store, &state.store) {
-        (Some(true), None) => {
-            return Err(ApiError::InvalidRequest {
-                message: "store is not available: this server runs without a database - 'store'"
-                    .into(),
-                param: Some("store".into()),
-            })
-        }
-        (requested, Some(_)) => requested.unwrap_or(true),
-        (_, None) => false,
-    };
-    let mut history: Vec<Item> = Vec::new();
-    if let Some(previous) = &body.previous_response_id {
-        let not_found = || ApiError::InvalidRequest {
-            message: format!(
-                "Previous response with id '{previous}' not found. - 'previous_response_id'"
-            ),
-            param: Some("previous_response_id".into()),
-        };
-        let Some(db) = &state.store else {
-            return Err(not_found());
-        };
-        let stored = db
-            .get_response::<Item>(previous, &caller.customer_id, now_micros())
-            .await?
-            .ok_or_else(not_found)?;
-        history = stored.input_items;
-        history.extend(output_items(&stored.response));
-    }
+    let store = store_flag(&state, &body)?;
+    let history = history(&state, &body, &caller).await?;
     let tags = tags_of(&body)?;
     let backend = crate::api::admission::backend_for(&state, &body.model)?;
     if backend.passes_responses_through() {
@@ -108,8 +82,78 @@ pub async fn create(
         .await;
     }
     let (plan, input) = body.plan(&history, &id.0, state.config.server.max_n)?;
+    let echo = echo(&body, &plan, &id, store);
+    let customer_id = caller.customer_id.clone();
+    let Started {
+        mut streams,
+        completion,
+    } = start(&state, &id, caller, &plan, Endpoint::Responses, tags)
+        .await
+        .map_err(in_response_terms)?;
+    let stream = streams
+        .pop()
+        .ok_or_else(|| ApiError::Internal("no backend stream".into()))?;
+    let mut conversation = history;
+    conversation.extend(input);
+    let keep = store.then(|| ToStore {
+        customer_id,
+        conversation,
+        retention: state.config.server.response_retention,
+    });
+    let label = ModelLabel(plan.model.clone());
+    let mut response = if plan.stream {
+        streamed(state, stream, Builder::new(echo), completion, keep).into_response()
+    } else {
+        Json(collected(state, stream, Builder::new(echo), completion, keep).await?).into_response()
+    };
+    response.extensions_mut().insert(label);
+    Ok(response)
+}
+
+/// Whether to store the response: as asked, by default when the server has a database.
+fn store_flag(state: &AppState, body: &CreateResponse) -> Result<bool, ApiError> {
+    match (body.store, &state.store) {
+        (Some(true), None) => Err(ApiError::InvalidRequest {
+            message: "store is not available: this server runs without a database - 'store'".into(),
+            param: Some("store".into()),
+        }),
+        (requested, Some(_)) => Ok(requested.unwrap_or(true)),
+        (_, None) => Ok(false),
+    }
+}
+
+/// The conversation `previous_response_id` continues (empty without one): its input and its
+/// output.
+async fn history(
+    state: &AppState,
+    body: &CreateResponse,
+    caller: &Caller,
+) -> Result<Vec<Item>, ApiError> {
+    let Some(previous) = &body.previous_response_id else {
+        return Ok(Vec::new());
+    };
+    let not_found = || ApiError::InvalidRequest {
+        message: format!(
+            "Previous response with id '{previous}' not found. - 'previous_response_id'"
+        ),
+        param: Some("previous_response_id".into()),
+    };
+    let Some(db) = &state.store else {
+        return Err(not_found());
+    };
+    let stored = db
+        .get_response::<Item>(previous, &caller.customer_id, now_micros())
+        .await?
+        .ok_or_else(not_found)?;
+    let mut history = stored.input_items;
+    history.extend(output_items(&stored.response));
+    Ok(history)
+}
+
+/// What the response echoes of its request and plan.
+fn echo(body: &CreateResponse, plan: &Plan, id: &RequestId, store: bool) -> Echo {
     let tools = plan.choices.first().and_then(|c| c.tools.clone());
-    let echo = Echo {
+    Echo {
         id: format!("resp_{}", id.0.replace('-', "")),
         created_at: now_secs(),
         model: plan.model.clone(),
@@ -137,32 +181,7 @@ pub async fn create(
         store,
         metadata: body.metadata.clone().unwrap_or_default(),
         user: body.user.clone(),
-    };
-    let customer_id = caller.customer_id.clone();
-    let Started {
-        mut streams,
-        completion,
-    } = start(&state, &id, caller, &plan, Endpoint::Responses, tags)
-        .await
-        .map_err(in_response_terms)?;
-    let stream = streams
-        .pop()
-        .ok_or_else(|| ApiError::Internal("no backend stream".into()))?;
-    let mut conversation = history;
-    conversation.extend(input);
-    let keep = store.then(|| ToStore {
-        customer_id,
-        conversation,
-        retention: state.config.server.response_retention,
-    });
-    let label = ModelLabel(plan.model.clone());
-    let mut response = if plan.stream {
-        streamed(state, stream, Builder::new(echo), completion, keep).into_response()
-    } else {
-        Json(collected(state, stream, Builder::new(echo), completion, keep).await?).into_response()
-    };
-    response.extensions_mut().insert(label);
-    Ok(response)
+    }
 }
 
 /// Cost-allocation tags, as for chat completions: `metadata` pairs and `user`.

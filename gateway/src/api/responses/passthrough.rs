@@ -326,6 +326,6 @@ mod tests {
         assert_eq!(input[2], json!({"role": "user", "content": "and then?"}));
         // Without history the input is untouched.
         assert_eq!(upstream_body(&raw, &[])["input"], "and then?");
-        assert!(prompt_bound(&body) as usize >= "hihelloand then?".len());
+        assert!(usize::try_from(prompt_bound(&body)).unwrap() >= "hihelloand then?".len());
     }
 }
