@@ -34,25 +34,57 @@ pub struct CompletionsUsageResult {
     pub batch: Option<bool>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CompletionsUsageBucket {
-    #[schema(value_type = String, pattern = "^bucket$")]
-    pub object: &'static str,
-    pub start_time: i64,
-    pub end_time: i64,
-    pub results: Vec<CompletionsUsageResult>,
+/// A page of time buckets of `$result` rows, in OpenAI's shape: the type of the page, the
+/// type of its buckets (each API names its own), and how the page is made from the window's
+/// buckets (`buckets`).
+macro_rules! bucket_page {
+    ($(#[$doc:meta])* $page:ident of $bucket:ident of $result:ty) => {
+        #[derive(Debug, Serialize, ToSchema)]
+        pub struct $bucket {
+            #[schema(value_type = String, pattern = "^bucket$")]
+            pub object: &'static str,
+            pub start_time: i64,
+            pub end_time: i64,
+            pub results: Vec<$result>,
+        }
+
+        $(#[$doc])*
+        #[derive(Debug, Serialize, ToSchema)]
+        pub struct $page {
+            #[schema(value_type = String, pattern = "^page$")]
+            pub object: &'static str,
+            pub data: Vec<$bucket>,
+            pub has_more: bool,
+            #[schema(required)]
+            pub next_page: Option<String>,
+        }
+
+        impl $page {
+            fn new(buckets: Vec<(i64, i64, Vec<$result>)>, w: &Window) -> Self {
+                let data = buckets
+                    .into_iter()
+                    .map(|(start_time, end_time, results)| $bucket {
+                        object: "bucket",
+                        start_time,
+                        end_time,
+                        results,
+                    })
+                    .collect();
+                Self {
+                    object: "page",
+                    data,
+                    has_more: w.next_page.is_some(),
+                    next_page: w.next_page.map(|n| n.to_string()),
+                }
+            }
+        }
+    };
 }
 
-/// `GET /v1/organization/usage/completions`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct UsageResponse {
-    #[schema(value_type = String, pattern = "^page$")]
-    pub object: &'static str,
-    pub data: Vec<CompletionsUsageBucket>,
-    pub has_more: bool,
-    #[schema(required)]
-    pub next_page: Option<String>,
-}
+bucket_page!(
+    /// `GET /v1/organization/usage/completions`.
+    UsageResponse of CompletionsUsageBucket of CompletionsUsageResult
+);
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CostAmount {
@@ -70,25 +102,10 @@ pub struct CostsResult {
     pub project_id: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CostsBucket {
-    #[schema(value_type = String, pattern = "^bucket$")]
-    pub object: &'static str,
-    pub start_time: i64,
-    pub end_time: i64,
-    pub results: Vec<CostsResult>,
-}
-
-/// `GET /v1/organization/costs`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CostsResponse {
-    #[schema(value_type = String, pattern = "^page$")]
-    pub object: &'static str,
-    pub data: Vec<CostsBucket>,
-    pub has_more: bool,
-    #[schema(required)]
-    pub next_page: Option<String>,
-}
+bucket_page!(
+    /// `GET /v1/organization/costs`.
+    CostsResponse of CostsBucket of CostsResult
+);
 
 #[derive(Debug, Deserialize)]
 pub struct UsageQuery {
@@ -342,20 +359,7 @@ pub async fn completions_usage(
         batch: None,
     })
     .await?;
-    Ok(Json(UsageResponse {
-        object: "page",
-        data: data
-            .into_iter()
-            .map(|(start_time, end_time, results)| CompletionsUsageBucket {
-                object: "bucket",
-                start_time,
-                end_time,
-                results,
-            })
-            .collect(),
-        has_more: w.next_page.is_some(),
-        next_page: w.next_page.map(|n| n.to_string()),
-    }))
+    Ok(Json(UsageResponse::new(data, &w)))
 }
 
 /// The caller's customer's costs in daily buckets (OpenAI's Costs API).
@@ -396,20 +400,7 @@ pub async fn costs(
         project_id: None,
     })
     .await?;
-    Ok(Json(CostsResponse {
-        object: "page",
-        data: data
-            .into_iter()
-            .map(|(start_time, end_time, results)| CostsBucket {
-                object: "bucket",
-                start_time,
-                end_time,
-                results,
-            })
-            .collect(),
-        has_more: w.next_page.is_some(),
-        next_page: w.next_page.map(|n| n.to_string()),
-    }))
+    Ok(Json(CostsResponse::new(data, &w)))
 }
 #[cfg(test)]
 mod tests {

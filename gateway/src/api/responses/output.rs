@@ -247,6 +247,20 @@ impl Builder {
         events
     }
 
+    /// Closes the open item and opens `output` (`response.output_item.added`): its index and
+    /// the events.
+    fn open(&mut self, output: Output) -> (usize, Vec<StreamEvent>) {
+        let mut events = self.close();
+        self.outputs.push(output);
+        let output_index = self.outputs.len() - 1;
+        events.extend(self.item_event(
+            "response.output_item.added",
+            output_index,
+            ItemStatus::InProgress,
+        ));
+        (output_index, events)
+    }
+
     /// Generated text.
     pub fn on_text(&mut self, delta: &str) -> Vec<StreamEvent> {
         if delta.is_empty() {
@@ -257,19 +271,13 @@ impl Builder {
             self.outputs.last(),
             Some(Output::Message { done: false, .. })
         ) {
-            events.extend(self.close());
             let id = self.item_id("msg");
-            self.outputs.push(Output::Message {
+            let (output_index, added) = self.open(Output::Message {
                 id: id.clone(),
                 text: String::new(),
                 done: false,
             });
-            let output_index = self.outputs.len() - 1;
-            events.extend(self.item_event(
-                "response.output_item.added",
-                output_index,
-                ItemStatus::InProgress,
-            ));
+            events.extend(added);
             events.push(self.event(
                 "response.content_part.added",
                 EventBody::Part {
@@ -310,9 +318,8 @@ impl Builder {
         let mut events = Vec::new();
         let open_same = matches!(self.outputs.last(), Some(Output::Call { index: i, done: false, .. }) if *i == index);
         if !open_same {
-            events.extend(self.close());
             let id = self.item_id("fc");
-            self.outputs.push(Output::Call {
+            let (_, added) = self.open(Output::Call {
                 id,
                 index,
                 call_id: call_id.clone().unwrap_or_default(),
@@ -320,12 +327,7 @@ impl Builder {
                 arguments: String::new(),
                 done: false,
             });
-            let output_index = self.outputs.len() - 1;
-            events.extend(self.item_event(
-                "response.output_item.added",
-                output_index,
-                ItemStatus::InProgress,
-            ));
+            events.extend(added);
         }
         let output_index = self.outputs.len() - 1;
         let mut item_id = String::new();
