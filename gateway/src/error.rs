@@ -11,9 +11,29 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::backend::BackendError;
+
+/// `{"error": {...}}`: every error, whatever its status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorObject {
+    pub message: String,
+    /// `invalid_request_error`, `rate_limit_exceeded`, `insufficient_quota`, `server_error`, ...
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[schema(required)]
+    pub param: Option<String>,
+    #[schema(required)]
+    pub code: Option<&'static str>,
+}
 
 /// Everything a request can fail with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -199,7 +219,7 @@ impl ApiError {
     }
 
     /// The JSON body (also used for SSE error events).
-    pub fn body(&self) -> serde_json::Value {
+    pub fn body(&self) -> ErrorResponse {
         let (_, kind, code) = self.parts();
         let (message, param) = match self {
             Self::InvalidRequest { message, param }
@@ -216,7 +236,14 @@ impl ApiError {
             }
             other => (other.to_string(), None),
         };
-        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+        ErrorResponse {
+            error: ErrorObject {
+                message,
+                kind,
+                param,
+                code,
+            },
+        }
     }
 }
 

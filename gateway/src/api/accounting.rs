@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::api::openai::{CompletionUsage, PromptTokensDetails};
 use crate::auth::Caller;
 use crate::backend::{FinishReason, Usage, UsageSource};
 use crate::concurrency::{RequestSlot, Slots};
-use crate::openapi::schemas::{CompletionUsage, PromptTokensDetails};
 use crate::AppState;
 use tollgate_metering::kinds::{Endpoint, Outcome};
 use tollgate_metering::limits::{BudgetHold, TokenHold};

@@ -3,32 +3,53 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::AppState;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelLoad {
+    pub id: String,
+    pub running: u64,
+    pub waiting: u64,
+    pub kv_cache_used_bytes: u64,
+    pub kv_cache_capacity_bytes: u64,
+}
+
+/// `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(value_type = String)]
+    pub status: &'static str,
+    pub models: Vec<ModelLoad>,
+}
 
 // Liveness and load: the server answers only once its models are loaded, and reports each
 // model's running and waiting sequences and KV-cache use (gateways route on it).
 /// Liveness and each model's load.
 #[utoipa::path(get, path = "/health", tag = "operations",
-    responses((status = 200, body = crate::openapi::schemas::Health)))]
-pub async fn health(State(state): State<AppState>) -> Json<Value> {
-    let mut models: Vec<Value> = state
+    responses((status = 200, body = Health)))]
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
+    let mut models: Vec<ModelLoad> = state
         .backends
         .iter()
         .map(|(id, b)| {
             let l = b.load();
-            json!({
-                "id": id,
-                "running": l.running,
-                "waiting": l.waiting,
-                "kv_cache_used_bytes": l.kv_cache_used_bytes,
-                "kv_cache_capacity_bytes": l.kv_cache_capacity_bytes,
-            })
+            ModelLoad {
+                id: id.clone(),
+                running: l.running.into(),
+                waiting: l.waiting.into(),
+                kv_cache_used_bytes: l.kv_cache_used_bytes,
+                kv_cache_capacity_bytes: l.kv_cache_capacity_bytes,
+            }
         })
         .collect();
-    models.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    Json(json!({"status": "ok", "models": models}))
+    models.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(Health {
+        status: "ok",
+        models,
+    })
 }
 
 /// Prometheus metrics (text exposition format).

@@ -4,8 +4,8 @@
 
 use axum::extract::{Query, RawQuery, State};
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::api::admin::query;
 use crate::auth::Caller;
@@ -15,6 +15,97 @@ use tollgate_metering::money::usd_f64;
 use tollgate_metering::store::{now_micros, GroupBy, UsageFilter, UsageRow};
 
 const MICROS: i64 = 1_000_000;
+
+/// One group of a usage bucket (`organization.usage.completions.result`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionsUsageResult {
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub input_cached_tokens: i64,
+    pub input_audio_tokens: i64,
+    pub output_audio_tokens: i64,
+    pub num_model_requests: i64,
+    pub project_id: Option<String>,
+    pub user_id: Option<String>,
+    pub api_key_id: Option<String>,
+    pub model: Option<String>,
+    pub batch: Option<bool>,
+}
+
+/// A page of time buckets of `$result` rows, in OpenAI's shape: the type of the page, the
+/// type of its buckets (each API names its own), and how the page is made from the window's
+/// buckets (`buckets`).
+macro_rules! bucket_page {
+    ($(#[$doc:meta])* $page:ident of $bucket:ident of $result:ty) => {
+        #[derive(Debug, Serialize, ToSchema)]
+        pub struct $bucket {
+            #[schema(value_type = String, pattern = "^bucket$")]
+            pub object: &'static str,
+            pub start_time: i64,
+            pub end_time: i64,
+            pub results: Vec<$result>,
+        }
+
+        $(#[$doc])*
+        #[derive(Debug, Serialize, ToSchema)]
+        pub struct $page {
+            #[schema(value_type = String, pattern = "^page$")]
+            pub object: &'static str,
+            pub data: Vec<$bucket>,
+            pub has_more: bool,
+            #[schema(required)]
+            pub next_page: Option<String>,
+        }
+
+        impl $page {
+            fn new(buckets: Vec<(i64, i64, Vec<$result>)>, w: &Window) -> Self {
+                let data = buckets
+                    .into_iter()
+                    .map(|(start_time, end_time, results)| $bucket {
+                        object: "bucket",
+                        start_time,
+                        end_time,
+                        results,
+                    })
+                    .collect();
+                Self {
+                    object: "page",
+                    data,
+                    has_more: w.next_page.is_some(),
+                    next_page: w.next_page.map(|n| n.to_string()),
+                }
+            }
+        }
+    };
+}
+
+bucket_page!(
+    /// `GET /v1/organization/usage/completions`.
+    UsageResponse of CompletionsUsageBucket of CompletionsUsageResult
+);
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CostAmount {
+    pub value: f64,
+    #[schema(value_type = String)]
+    pub currency: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CostsResult {
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    pub amount: CostAmount,
+    pub line_item: Option<String>,
+    pub project_id: Option<String>,
+}
+
+bucket_page!(
+    /// `GET /v1/organization/costs`.
+    CostsResponse of CostsBucket of CostsResult
+);
 
 #[derive(Debug, Deserialize)]
 pub struct UsageQuery {
@@ -206,32 +297,20 @@ fn query_window(q: &UsageQuery, costs: bool) -> Result<Window, ApiError> {
     )
 }
 
-/// The page of buckets in OpenAI's shape, each row of a bucket rendered by `result`.
-async fn bucket_page(
+/// The window's buckets in time order: each bucket's start and end (Unix seconds) and its rows,
+/// rendered by `result`.
+async fn buckets<R>(
     state: &AppState,
     caller: &Caller,
     w: &Window,
     groups: &[GroupBy],
-    result: impl Fn(&UsageRow) -> Value,
-) -> Result<Json<Value>, ApiError> {
-    let data: Vec<Value> = bucketed(state, caller, w, groups)
+    result: impl Fn(&UsageRow) -> R,
+) -> Result<Vec<(i64, i64, Vec<R>)>, ApiError> {
+    Ok(bucketed(state, caller, w, groups)
         .await?
         .into_iter()
-        .map(|(t, rows)| {
-            json!({
-                "object": "bucket",
-                "start_time": t,
-                "end_time": t + w.width,
-                "results": rows.iter().map(&result).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    Ok(Json(json!({
-        "object": "page",
-        "data": data,
-        "has_more": w.next_page.is_some(),
-        "next_page": w.next_page.map(|n| n.to_string()),
-    })))
+        .map(|(t, rows)| (t, t + w.width, rows.iter().map(&result).collect()))
+        .collect())
 }
 
 /// The caller's customer's token usage in time buckets (OpenAI's Usage API).
@@ -244,14 +323,14 @@ async fn bucket_page(
         ("limit" = Option<i64>, Query, minimum = 1, description = "Buckets per page"),
         ("page" = Option<String>, Query, description = "`next_page` of the previous page"),
     ),
-    responses((status = 200, body = crate::openapi::schemas::UsageResponse), crate::openapi::PublicErrors),
+    responses((status = 200, body = UsageResponse), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn completions_usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UsageResponse>, ApiError> {
     known_params(raw.as_deref())?;
     let q = query(q)?;
     let w = query_window(&q, false)?;
@@ -265,23 +344,22 @@ pub async fn completions_usage(
             }
         })
         .collect();
-    bucket_page(&state, &caller, &w, &groups, |r| {
-        json!({
-            "object": "organization.usage.completions.result",
-            "input_tokens": r.input_tokens,
-            "output_tokens": r.output_tokens,
-            "input_cached_tokens": r.cached_input_tokens,
-            "input_audio_tokens": 0,
-            "output_audio_tokens": 0,
-            "num_model_requests": r.requests,
-            "project_id": null,
-            "user_id": null,
-            "api_key_id": r.key_id,
-            "model": r.model,
-            "batch": null,
-        })
+    let data = buckets(&state, &caller, &w, &groups, |r| CompletionsUsageResult {
+        object: "organization.usage.completions.result",
+        input_tokens: r.input_tokens,
+        output_tokens: r.output_tokens,
+        input_cached_tokens: r.cached_input_tokens,
+        input_audio_tokens: 0,
+        output_audio_tokens: 0,
+        num_model_requests: r.requests,
+        project_id: None,
+        user_id: None,
+        api_key_id: r.key_id.clone(),
+        model: r.model.clone(),
+        batch: None,
     })
-    .await
+    .await?;
+    Ok(Json(UsageResponse::new(data, &w)))
 }
 
 /// The caller's customer's costs in daily buckets (OpenAI's Costs API).
@@ -294,14 +372,14 @@ pub async fn completions_usage(
         ("limit" = Option<i64>, Query, minimum = 1, description = "Buckets per page"),
         ("page" = Option<String>, Query, description = "`next_page` of the previous page"),
     ),
-    responses((status = 200, body = crate::openapi::schemas::CostsResponse), crate::openapi::PublicErrors),
+    responses((status = 200, body = CostsResponse), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn costs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CostsResponse>, ApiError> {
     known_params(raw.as_deref())?;
     let q = query(q)?;
     let w = query_window(&q, true)?;
@@ -312,15 +390,17 @@ pub async fn costs(
     } else {
         &[]
     };
-    bucket_page(&state, &caller, &w, groups, |r| {
-        json!({
-            "object": "organization.costs.result",
-            "amount": {"value": usd_f64(r.cost_nano_usd), "currency": "usd"},
-            "line_item": r.model,
-            "project_id": null,
-        })
+    let data = buckets(&state, &caller, &w, groups, |r| CostsResult {
+        object: "organization.costs.result",
+        amount: CostAmount {
+            value: usd_f64(r.cost_nano_usd),
+            currency: "usd",
+        },
+        line_item: r.model.clone(),
+        project_id: None,
     })
-    .await
+    .await?;
+    Ok(Json(CostsResponse::new(data, &w)))
 }
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,18 @@ const WIDTH: f64 = 640.0;
 const HEIGHT: f64 = 160.0;
 const AXIS: f64 = 18.0;
 
+/// An integer count or amount as a drawn quantity (a bar's height, a percentage). `as` from an
+/// integer to f64 rounds beyond 2^53, which changes nothing a chart or a rounded percentage
+/// shows; it cannot wrap or fail (std has no checked form).
+pub fn drawn(n: i128) -> f64 {
+    n as f64
+}
+
+/// A bar's position or count (a few dozen at most) as a drawn quantity, exactly.
+fn slots(i: usize) -> f64 {
+    f64::from(u32::try_from(i).unwrap_or(u32::MAX))
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -26,7 +38,7 @@ fn escape(text: &str) -> String {
 /// draws the axis only.
 pub fn bars(title: &str, bars: &[Bar], format: impl Fn(f64) -> String) -> String {
     let max = bars.iter().map(|b| b.value).fold(0.0_f64, f64::max);
-    let n = bars.len().max(1) as f64;
+    let n = slots(bars.len().max(1));
     let slot = WIDTH / n;
     let plot = HEIGHT - AXIS;
     let mut svg = String::new();
@@ -49,7 +61,7 @@ pub fn bars(title: &str, bars: &[Bar], format: impl Fn(f64) -> String) -> String
         } else {
             0.0
         };
-        let x = i as f64 * slot + slot * 0.1;
+        let x = slots(i) * slot + slot * 0.1;
         let _ = write!(
             svg,
             r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" class="bar"><title>{}: {}</title></rect>"#,

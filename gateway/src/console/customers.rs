@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
-use maud::html;
+use maud::{html, Markup};
 
 use super::pages::{bad, budget, limit, opt, store, time, usd, Fields, PageResult};
 use super::{csrf_field, layout, PageError, Signed};
@@ -15,7 +15,7 @@ use crate::AppState;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::format_usd;
 use tollgate_metering::periods::month_bounds;
-use tollgate_metering::store::{now_micros, CustomerFields, NewKey};
+use tollgate_metering::store::{now_micros, ApiKey, CustomerFields, NewKey};
 
 pub(crate) async fn customers(
     State(state): State<AppState>,
@@ -41,7 +41,7 @@ pub(crate) async fn customers(
                             @match c.budget_nano_usd {
                                 Some(b) => {
                                     (usd(b))
-                                    @let pct = if b > 0 { (*spent as f64 / b as f64 * 100.0).min(999.0) } else { 100.0 };
+                                    @let pct = if b > 0 { (super::chart::drawn((*spent).into()) / super::chart::drawn(b.into()) * 100.0).min(999.0) } else { 100.0 };
                                     " " meter min="0" max="100" value=(format!("{pct:.0}")) {} " " (format!("{pct:.0}%"))
                                 }
                                 None => { "none" }
@@ -79,19 +79,26 @@ pub(crate) async fn create_customer(
             "`{id}` is not a valid id: 1-64 letters, digits, `-`, `_`, `.`"
         )));
     }
-    let new = CustomerFields {
-        name: Some(fields.get("name").unwrap_or(&id).to_string()),
-        budget_nano_usd: Some(budget(&fields)?),
-        budget_period: None,
-        rpm: Some(limit(&fields, "rpm")?),
-        tpm: Some(limit(&fields, "tpm")?),
-        max_concurrent_requests: None,
-        scheduling_weight: None,
-    };
+    let name = fields.get("name").unwrap_or(&id).to_string();
+    let new = settings(&fields, Some(name))?;
     store(&state)?
         .create_customer(&id, new, &signed.actor)
         .await?;
     Ok(Redirect::to(&format!("/console/customers/{id}")).into_response())
+}
+
+/// The settings the customer form sets: its name, budget and rate limits (a blank field
+/// clears its setting).
+fn settings(fields: &Fields, name: Option<String>) -> Result<CustomerFields, PageError> {
+    Ok(CustomerFields {
+        name,
+        budget_nano_usd: Some(budget(fields)?),
+        budget_period: None,
+        rpm: Some(limit(fields, "rpm")?),
+        tpm: Some(limit(fields, "tpm")?),
+        max_concurrent_requests: None,
+        scheduling_weight: None,
+    })
 }
 
 pub(crate) async fn update_customer(
@@ -100,15 +107,7 @@ pub(crate) async fn update_customer(
     Path(id): Path<String>,
     Form(fields): Form<Fields>,
 ) -> Result<Response, PageError> {
-    let change = CustomerFields {
-        name: fields.get("name").map(str::to_string),
-        budget_nano_usd: Some(budget(&fields)?),
-        budget_period: None,
-        rpm: Some(limit(&fields, "rpm")?),
-        tpm: Some(limit(&fields, "tpm")?),
-        max_concurrent_requests: None,
-        scheduling_weight: None,
-    };
+    let change = settings(&fields, fields.get("name").map(str::to_string))?;
     store(&state)?
         .update_customer(&id, change, &signed.actor)
         .await?;
@@ -136,7 +135,6 @@ async fn customer_page(
     let keys = store.list_keys(id).await?;
     let (period_start, _) = month_bounds(now_micros());
     let spent = store.spent_since(id, period_start).await?;
-    let now = now_micros();
     let field = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
     let content = html! {
         @if let Some((key_id, secret)) = &issued {
@@ -159,11 +157,23 @@ async fn customer_page(
             label { "TPM (blank: none) " input name="tpm" value=(field(c.tpm)); }
             button type="submit" id="save-customer" { "Save" }
         }
+        (keys_table(signed, &keys))
+        (new_key_form(state, signed, &c.id))
+        p { a href={"/console/requests?customer_id=" (c.id)} { "This customer's requests" } " · "
+            a href={"/console/invoices?customer_id=" (c.id)} { "Invoice" } }
+    };
+    Ok(layout(signed, &format!("Customer {}", c.id), content))
+}
+
+/// A customer's keys, each with its state and a revoke button while it is not revoked.
+fn keys_table(signed: &Signed, keys: &[ApiKey]) -> Markup {
+    let now = now_micros();
+    html! {
         h2 { "Keys" }
         table #keys {
             thead { tr { th { "Id" } th { "Name" } th { "Prefix" } th { "Models" } th { "RPM" } th { "TPM" } th { "Budget" } th { "Expires" } th { "State" } th {} } }
             tbody {
-                @for k in &keys {
+                @for k in keys {
                     @let live = k.revoked_at.is_none() && k.expires_at.is_none_or(|e| e > now);
                     tr id={"key-" (k.id)} {
                         td { (k.id) }
@@ -190,8 +200,14 @@ async fn customer_page(
                 }
             }
         }
+    }
+}
+
+/// The form that issues a key to customer `customer_id`.
+fn new_key_form(state: &AppState, signed: &Signed, customer_id: &str) -> Markup {
+    html! {
         h2 { "New key" }
-        form.grid method="post" action={"/console/customers/" (c.id) "/keys"} {
+        form.grid method="post" action={"/console/customers/" (customer_id) "/keys"} {
             (csrf_field(signed))
             label { "Name " input name="name" id="key-name"; }
             fieldset {
@@ -206,10 +222,7 @@ async fn customer_page(
             label { "Expires (date) " input name="expires_at" type="date"; }
             button type="submit" id="create-key" { "Create key" }
         }
-        p { a href={"/console/requests?customer_id=" (c.id)} { "This customer's requests" } " · "
-            a href={"/console/invoices?customer_id=" (c.id)} { "Invoice" } }
-    };
-    Ok(layout(signed, &format!("Customer {}", c.id), content))
+    }
 }
 
 pub(crate) async fn create_key(

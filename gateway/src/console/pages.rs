@@ -160,20 +160,9 @@ fn series(
         .collect()
 }
 
-pub(crate) async fn overview(
-    State(state): State<AppState>,
-    Extension(signed): Extension<Signed>,
-) -> PageResult {
-    let store = store(&state)?;
-    let now = now_micros();
-    let mut windows = Vec::new();
-    for (label, id, width) in [
-        ("Last hour", "1h", HOUR),
-        ("Last 24 hours", "24h", DAY),
-        ("Last 30 days", "30d", 30 * DAY),
-    ] {
-        windows.push((label, id, totals(store, now - width, now + 1).await?));
-    }
+/// The overview's charts: requests per hour over the last day, spend and tokens per day over
+/// the last 30 days.
+async fn charts(store: &Store, now: i64) -> Result<Markup, PageError> {
     // Hourly over the last day, daily over the last 30 days.
     let hour_origin = (now / HOUR - 23) * HOUR;
     let all = |start| UsageFilter {
@@ -201,25 +190,53 @@ pub(crate) async fn overview(
     let requests_chart = chart::bars(
         "Requests per hour, last 24 hours",
         &series(&hourly, hour_origin, HOUR, 24, hour_label, |r| {
-            r.requests as f64
+            chart::drawn(r.requests.into())
         }),
         |v| format!("{v:.0} requests"),
     );
     let spend_chart = chart::bars(
         "Spend per day, last 30 days",
         &series(&daily, day_origin, DAY, 30, day_label, |r| {
-            r.cost_nano_usd as f64 / 1e9
+            chart::drawn(r.cost_nano_usd.into()) / 1e9
         }),
         |v| format!("${v:.6}"),
     );
     let tokens_chart = chart::bars(
         "Tokens per day (input + output), last 30 days",
         &series(&daily, day_origin, DAY, 30, day_label, |r| {
-            (r.input_tokens + r.output_tokens) as f64
+            chart::drawn(i128::from(r.input_tokens) + i128::from(r.output_tokens))
         }),
         |v| format!("{v:.0} tokens"),
     );
-    let month = all(now - 30 * DAY);
+    Ok(html! {
+        section.charts {
+            figure { figcaption { "Requests per hour (24 h)" } (raw(requests_chart)) }
+            figure { figcaption { "Spend per day (30 days)" } (raw(spend_chart)) }
+            figure { figcaption { "Tokens per day (30 days)" } (raw(tokens_chart)) }
+        }
+    })
+}
+
+pub(crate) async fn overview(
+    State(state): State<AppState>,
+    Extension(signed): Extension<Signed>,
+) -> PageResult {
+    let store = store(&state)?;
+    let now = now_micros();
+    let mut windows = Vec::new();
+    for (label, id, width) in [
+        ("Last hour", "1h", HOUR),
+        ("Last 24 hours", "24h", DAY),
+        ("Last 30 days", "30d", 30 * DAY),
+    ] {
+        windows.push((label, id, totals(store, now - width, now + 1).await?));
+    }
+    let charts = charts(store, now).await?;
+    let month = UsageFilter {
+        start: now - 30 * DAY,
+        end: now + 1,
+        ..UsageFilter::default()
+    };
     let by_model = store.aggregate(&month, &[GroupBy::Model], None).await?;
     let by_customer = store.aggregate(&month, &[GroupBy::Customer], None).await?;
     let content = html! {
@@ -242,11 +259,7 @@ pub(crate) async fn overview(
                 }
             }
         }
-        section.charts {
-            figure { figcaption { "Requests per hour (24 h)" } (raw(requests_chart)) }
-            figure { figcaption { "Spend per day (30 days)" } (raw(spend_chart)) }
-            figure { figcaption { "Tokens per day (30 days)" } (raw(tokens_chart)) }
-        }
+        (charts)
         section.split {
             div {
                 h2 { "By model (30 days)" }
@@ -299,7 +312,7 @@ fn live_state(state: &AppState) -> Markup {
                         td {
                             @if load.kv_cache_capacity_bytes > 0 {
                                 (format!("{:.1}% of {} MiB",
-                                    load.kv_cache_used_bytes as f64 * 100.0 / load.kv_cache_capacity_bytes as f64,
+                                    chart::drawn(load.kv_cache_used_bytes.into()) * 100.0 / chart::drawn(load.kv_cache_capacity_bytes.into()),
                                     load.kv_cache_capacity_bytes / (1024 * 1024)))
                             } @else { "—" }
                         }

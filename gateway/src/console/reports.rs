@@ -62,7 +62,7 @@ pub(crate) async fn requests(
     };
     let records = store(&state)?.records_newest(&filter, before, PAGE).await?;
     let value = |v: &Option<String>| v.clone().unwrap_or_default();
-    let next = (records.len() as i64 == PAGE)
+    let next = (i64::try_from(records.len()) == Ok(PAGE))
         .then(|| records.last().map(|(seq, _)| *seq))
         .flatten();
     let next_link = next.map(|seq| {
@@ -295,7 +295,7 @@ pub(crate) async fn audit(
         None => None,
     };
     let entries = store(&state)?.audit_before(before, PAGE).await?;
-    let next = (entries.len() as i64 == PAGE)
+    let next = (i64::try_from(entries.len()) == Ok(PAGE))
         .then(|| entries.last().map(|e| e.seq))
         .flatten();
     let content = html! {

@@ -2,8 +2,9 @@
 //!
 //! Generated with utoipa from the code's types: request bodies are the types the handlers
 //! deserialize ([`crate::api::openai::ChatRequest`], [`crate::api::openai::CompletionRequest`], the
-//! Responses API's `CreateResponse`, the Usage API's query), responses and admin bodies are the
-//! typed shapes in [`schemas`] and [`admin_schemas`] (the handlers build theirs with `json!`).
+//! Responses API's `CreateResponse`, the Usage API's query), response bodies are the types the
+//! handlers serialize (next to each handler; [`crate::error::ErrorResponse`] for errors). The
+//! admin bodies the admin handlers read field by field are described in [`admin_schemas`].
 //! Each operation is declared on its handler, with `#[utoipa::path]`; this module gathers them
 //! (the admin ones through [`crate::api::admin::AdminApi`], next to the table that routes them
 //! with their scopes). The tests below check that every documented operation is routed (the
@@ -15,17 +16,30 @@
 //! `Response`, ...), and only the fields the server implements are described.
 
 pub mod admin_schemas;
-pub mod schemas;
 
 use std::sync::LazyLock;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{IntoResponses, Modify, OpenApi};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::api;
-use schemas::ErrorResponse;
+use crate::error::ErrorResponse;
+
+/// One server-sent event of a streamed answer (`stream: true`). For chat completions and
+/// completions, `data` is a `chat.completion.chunk` / `text_completion` object as JSON and the
+/// last event's `data` is `[DONE]`; for responses, `event` is the event type
+/// (`response.created`, `response.output_text.delta`, ... `response.completed`) and `data` the
+/// event object as JSON.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServerSentEvent {
+    pub event: Option<String>,
+    pub data: String,
+    pub id: Option<String>,
+    pub retry: Option<u64>,
+}
 
 /// The errors of the public API, in OpenAI's shape.
 #[derive(IntoResponses)]

@@ -5,9 +5,9 @@
 use futures::stream::{select_all, Stream, StreamExt};
 
 use crate::api::accounting::Completion;
+use crate::api::openai::CompletionUsage;
 use crate::backend::{BackendError, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage};
 use crate::error::ApiError;
-use crate::openapi::schemas::CompletionUsage;
 use tollgate_metering::kinds::Outcome;
 
 /// One choice's full result (kept for the non-streamed answer).
@@ -24,7 +24,9 @@ pub(super) struct ChoiceResult {
 impl ChoiceResult {
     /// Adds one streamed part of call `index`.
     fn on_tool_call(&mut self, index: u32, id: Option<String>, name: Option<String>, args: &str) {
-        let index = index as usize;
+        let Ok(index) = usize::try_from(index) else {
+            return;
+        };
         while self.tool_calls.len() <= index {
             self.tool_calls.push(Default::default());
         }

@@ -20,13 +20,13 @@ use futures::stream::StreamExt;
 
 use crate::api::accounting::Completion;
 use crate::api::admission::{start, Started};
-use crate::api::openai::{ChatRequest, CompletionRequest, Plan};
+use crate::api::openai::{
+    ChatCompletionChoice, ChatRequest, CompletionChoice, CompletionRequest,
+    CreateChatCompletionResponse, CreateCompletionResponse, Plan,
+};
 use crate::auth::Caller;
 use crate::backend::EventStream;
 use crate::error::{ApiError, ApiJson};
-use crate::openapi::schemas::{
-    ChatCompletionChoice, CompletionChoice, CreateChatCompletionResponse, CreateCompletionResponse,
-};
 use crate::{AppState, ModelLabel, RequestId};
 use fold::{merged, ChoiceResult, Fold, Step};
 use shapes::{ChatChunkChoice, Chunk, Delta, FunctionPart, ToolCallPart};
@@ -52,7 +52,7 @@ pub(crate) fn now_secs() -> u64 {
     request_body = crate::api::openai::ChatRequest,
     responses(
         (status = 200, description = "The completion, or its event stream",
-         content((crate::openapi::schemas::CreateChatCompletionResponse = "application/json"), (crate::openapi::schemas::ServerSentEvent = "text/event-stream"))),
+         content((crate::api::openai::CreateChatCompletionResponse = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))),
         crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn chat_completions(
@@ -71,7 +71,7 @@ pub async fn chat_completions(
     request_body = crate::api::openai::CompletionRequest,
     responses(
         (status = 200, description = "The completion, or its event stream",
-         content((crate::openapi::schemas::CreateCompletionResponse = "application/json"), (crate::openapi::schemas::ServerSentEvent = "text/event-stream"))),
+         content((crate::api::openai::CreateCompletionResponse = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))),
         crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn completions(

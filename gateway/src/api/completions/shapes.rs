@@ -1,15 +1,15 @@
-//! The answers in OpenAI's shapes, as typed values: the bodies are the OpenAPI document's own
-//! types ([`crate::openapi::schemas`]), the streamed chunks are defined here.
+//! The answers in OpenAI's shapes, as typed values: the bodies are the types of
+//! [`crate::api::openai`] (which `/openapi.json` describes), the streamed chunks are defined here.
 
 use serde::Serialize;
 use serde_json::Value;
 
 use super::fold::ChoiceResult;
-use crate::backend::{FinishReason, LogprobEntry, TokenLogprob};
-use crate::openapi::schemas::{
+use crate::api::openai::{
     ChatChoiceLogprobs, ChatCompletionMessageToolCall, ChatCompletionResponseMessage,
     ChatCompletionTokenLogprob, CompletionLogprobs, CompletionUsage, FunctionCall, TopLogprob,
 };
+use crate::backend::{FinishReason, LogprobEntry, TokenLogprob};
 
 fn top(t: &TokenLogprob) -> TopLogprob {
     TopLogprob {

@@ -5,15 +5,18 @@
 //! `response_format` and `tools` are validated here and enforced by the backend (constrained
 //! decoding in the engine, or the upstream). Responses are built in `completions`.
 //!
-//! This file holds the bodies as they deserialize; `plan` validates them into a [`Plan`].
+//! This file holds the bodies as they deserialize; `plan` validates them into a [`Plan`];
+//! `answers` holds the bodies the completions handlers answer with.
 
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, RequestBody};
 
+mod answers;
 mod plan;
 
+pub use answers::*;
 pub use plan::{Plan, MAX_STOP};
 
 /// A string or a list of strings (`stop`, `prompt`).

@@ -13,12 +13,14 @@
 //! served by `passthrough` instead: the request goes to the upstream as sent, billed and stored
 //! the same way.
 //!
-//! Modules: `request` (bodies, items, translation), `output` (response object and events),
-//! `store` (persistence), `passthrough` (upstreams with their own Responses API).
+//! Modules: `request` (bodies, items, translation), `wire` (the answers' types), `output`
+//! (the fold that builds the response object and its events), `passthrough` (upstreams with
+//! their own Responses API).
 
 mod output;
 mod passthrough;
 pub(crate) mod request;
+mod wire;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -33,9 +35,14 @@ use serde_json::{json, Value};
 
 use self::output::{Builder, Echo, Status};
 use self::request::{in_response_terms, CreateResponse, Item};
+use self::wire::{
+    DeletedResponse, InputContent, InputItem, ItemStatus, ResponseItemList, StreamEvent,
+    ToolChoiceEcho,
+};
 use crate::api::accounting::Completion;
 use crate::api::admission::{start, Started};
 use crate::api::completions::now_secs;
+use crate::api::openai::Plan;
 use crate::auth::Caller;
 use crate::backend::{EventStream, FinishReason, GenerateEvent, ToolChoice};
 use crate::error::{ApiError, ApiPath};
@@ -55,7 +62,7 @@ struct ToStore {
     request_body = request::CreateResponse,
     responses(
         (status = 200, description = "The response, or its event stream",
-         content((crate::openapi::schemas::Response = "application/json"), (crate::openapi::schemas::ServerSentEvent = "text/event-stream"))),
+         content((wire::Response = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))),
         crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn create(
@@ -64,35 +71,8 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     crate::error::ApiJsonValue(body, raw): crate::error::ApiJsonValue<CreateResponse>,
 ) -> Result<Response, ApiError> {
-    let store = match (body.store, &state.store) {
-        (Some(true), None) => {
-            return Err(ApiError::InvalidRequest {
-                message: "store is not available: this server runs without a database - 'store'"
-                    .into(),
-                param: Some("store".into()),
-            })
-        }
-        (requested, Some(_)) => requested.unwrap_or(true),
-        (_, None) => false,
-    };
-    let mut history: Vec<Item> = Vec::new();
-    if let Some(previous) = &body.previous_response_id {
-        let not_found = || ApiError::InvalidRequest {
-            message: format!(
-                "Previous response with id '{previous}' not found. - 'previous_response_id'"
-            ),
-            param: Some("previous_response_id".into()),
-        };
-        let Some(db) = &state.store else {
-            return Err(not_found());
-        };
-        let stored = db
-            .get_response::<Item>(previous, &caller.customer_id, now_micros())
-            .await?
-            .ok_or_else(not_found)?;
-        history = stored.input_items;
-        history.extend(output_items(&stored.response));
-    }
+    let store = store_flag(&state, &body)?;
+    let history = history(&state, &body, &caller).await?;
     let tags = tags_of(&body)?;
     let backend = crate::api::admission::backend_for(&state, &body.model)?;
     if backend.passes_responses_through() {
@@ -102,34 +82,7 @@ pub async fn create(
         .await;
     }
     let (plan, input) = body.plan(&history, &id.0, state.config.server.max_n)?;
-    let tools = plan.choices.first().and_then(|c| c.tools.clone());
-    let echo = Echo {
-        id: format!("resp_{}", id.0.replace('-', "")),
-        created_at: now_secs(),
-        model: plan.model.clone(),
-        instructions: body.instructions.clone(),
-        max_output_tokens: body.max_output_tokens,
-        temperature: body.temperature.unwrap_or(1.0),
-        top_p: body.top_p.unwrap_or(1.0),
-        tools: json!(body.tools.clone().unwrap_or_default()),
-        tool_choice: match tools.as_ref().map(|t| &t.choice) {
-            None => json!("auto"),
-            Some(ToolChoice::None) => json!("none"),
-            Some(ToolChoice::Auto) => json!("auto"),
-            Some(ToolChoice::Required) => json!("required"),
-            Some(ToolChoice::Function(name)) => json!({"type": "function", "name": name}),
-        },
-        parallel_tool_calls: body.parallel_tool_calls.unwrap_or(true),
-        text_format: body
-            .text
-            .as_ref()
-            .and_then(|t| t.format.clone())
-            .unwrap_or_else(|| json!({"type": "text"})),
-        previous_response_id: body.previous_response_id.clone(),
-        store,
-        metadata: json!(body.metadata.clone().unwrap_or_default()),
-        user: body.user.clone(),
-    };
+    let echo = echo(&body, &plan, &id, store);
     let customer_id = caller.customer_id.clone();
     let Started {
         mut streams,
@@ -155,6 +108,80 @@ pub async fn create(
     };
     response.extensions_mut().insert(label);
     Ok(response)
+}
+
+/// Whether to store the response: as asked, by default when the server has a database.
+fn store_flag(state: &AppState, body: &CreateResponse) -> Result<bool, ApiError> {
+    match (body.store, &state.store) {
+        (Some(true), None) => Err(ApiError::InvalidRequest {
+            message: "store is not available: this server runs without a database - 'store'".into(),
+            param: Some("store".into()),
+        }),
+        (requested, Some(_)) => Ok(requested.unwrap_or(true)),
+        (_, None) => Ok(false),
+    }
+}
+
+/// The conversation `previous_response_id` continues (empty without one): its input and its
+/// output.
+async fn history(
+    state: &AppState,
+    body: &CreateResponse,
+    caller: &Caller,
+) -> Result<Vec<Item>, ApiError> {
+    let Some(previous) = &body.previous_response_id else {
+        return Ok(Vec::new());
+    };
+    let not_found = || ApiError::InvalidRequest {
+        message: format!(
+            "Previous response with id '{previous}' not found. - 'previous_response_id'"
+        ),
+        param: Some("previous_response_id".into()),
+    };
+    let Some(db) = &state.store else {
+        return Err(not_found());
+    };
+    let stored = db
+        .get_response::<Item>(previous, &caller.customer_id, now_micros())
+        .await?
+        .ok_or_else(not_found)?;
+    let mut history = stored.input_items;
+    history.extend(output_items(&stored.response));
+    Ok(history)
+}
+
+/// What the response echoes of its request and plan.
+fn echo(body: &CreateResponse, plan: &Plan, id: &RequestId, store: bool) -> Echo {
+    let tools = plan.choices.first().and_then(|c| c.tools.clone());
+    Echo {
+        id: format!("resp_{}", id.0.replace('-', "")),
+        created_at: now_secs(),
+        model: plan.model.clone(),
+        instructions: body.instructions.clone(),
+        max_output_tokens: body.max_output_tokens,
+        temperature: body.temperature.unwrap_or(1.0),
+        top_p: body.top_p.unwrap_or(1.0),
+        tools: body.tools.clone().unwrap_or_default(),
+        tool_choice: match tools.as_ref().map(|t| &t.choice) {
+            None | Some(ToolChoice::Auto) => ToolChoiceEcho::Mode("auto".into()),
+            Some(ToolChoice::None) => ToolChoiceEcho::Mode("none".into()),
+            Some(ToolChoice::Required) => ToolChoiceEcho::Mode("required".into()),
+            Some(ToolChoice::Function(name)) => ToolChoiceEcho::Function {
+                kind: "function".into(),
+                name: name.clone(),
+            },
+        },
+        parallel_tool_calls: body.parallel_tool_calls.unwrap_or(true),
+        text_format: body
+            .text
+            .as_ref()
+            .and_then(|t| t.format.clone())
+            .unwrap_or_else(|| json!({"type": "text"})),
+        previous_response_id: body.previous_response_id.clone(),
+        store,
+        metadata: body.metadata.clone().unwrap_or_default(),
+        user: body.user.clone(),
+    }
 }
 
 /// Cost-allocation tags, as for chat completions: `metadata` pairs and `user`.
@@ -203,7 +230,7 @@ fn step(
     event: Result<GenerateEvent, crate::backend::BackendError>,
     builder: &mut Builder,
     completion: &mut Completion,
-    events: &mut Vec<(String, Value)>,
+    events: &mut Vec<StreamEvent>,
 ) -> Option<Status> {
     match event {
         Ok(GenerateEvent::Started { .. }) => None,
@@ -249,6 +276,13 @@ async fn keep(state: &AppState, id: &str, keep: Option<ToStore>, builder: &Build
     // The conversation up to this response's input; its output is in the response object and
     // is appended when a continuation reads it back (`output_items`).
     let conversation = keep.conversation;
+    let response = match serde_json::to_value(builder.response()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(response_id = id, error = %e, "cannot encode the response to store it");
+            return;
+        }
+    };
     let now = now_micros();
     let expires = now + i64::try_from(keep.retention.as_micros()).unwrap_or(i64::MAX / 2);
     if let Err(e) = db
@@ -258,7 +292,7 @@ async fn keep(state: &AppState, id: &str, keep: Option<ToStore>, builder: &Build
             now,
             expires,
             &conversation,
-            &builder.response(),
+            &response,
         )
         .await
     {
@@ -295,7 +329,7 @@ async fn collected(
     mut builder: Builder,
     mut completion: Completion,
     to_store: Option<ToStore>,
-) -> Result<Value, ApiError> {
+) -> Result<wire::Response, ApiError> {
     let mut events = Vec::new();
     let mut status = None;
     while let Some(event) = stream.next().await {
@@ -309,16 +343,14 @@ async fn collected(
         return Err(ApiError::Internal(message.clone()));
     }
     builder.finish(status, Some(usage));
-    let id = builder.response()["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = builder.id().to_string();
     keep(&state, &id, to_store, &builder).await;
     Ok(builder.response())
 }
 
-fn sse((kind, body): (String, Value)) -> Result<Event, Infallible> {
-    Ok(Event::default().event(kind).data(body.to_string()))
+fn sse(event: StreamEvent) -> Result<Event, Infallible> {
+    let data = serde_json::to_string(&event).unwrap_or_default();
+    Ok(Event::default().event(event.kind).data(data))
 }
 
 fn streamed(
@@ -348,7 +380,7 @@ fn streamed(
         for e in builder.finish(status, Some(usage)) {
             yield sse(e);
         }
-        let id = builder.response()["id"].as_str().unwrap_or_default().to_string();
+        let id = builder.id().to_string();
         keep(&state, &id, to_store, &builder).await;
     };
     Sse::new(body).keep_alive(KeepAlive::default())
@@ -365,7 +397,7 @@ fn database(state: &AppState, id: &str) -> Result<tollgate_metering::store::Stor
 /// A stored response of the caller's customer.
 #[utoipa::path(get, operation_id = "get_response", path = "/v1/responses/{id}", tag = "public",
     params(("id" = String, Path, description = "The response id (`resp_...`)")),
-    responses((status = 200, body = crate::openapi::schemas::Response), crate::openapi::PublicErrors),
+    responses((status = 200, body = wire::Response), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn get(
     State(state): State<AppState>,
@@ -382,47 +414,61 @@ pub async fn get(
 /// Deletes a stored response of the caller's customer.
 #[utoipa::path(delete, operation_id = "delete_response", path = "/v1/responses/{id}", tag = "public",
     params(("id" = String, Path, description = "The response id (`resp_...`)")),
-    responses((status = 200, body = crate::openapi::schemas::DeletedResponse), crate::openapi::PublicErrors),
+    responses((status = 200, body = wire::DeletedResponse), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeletedResponse>, ApiError> {
     if !database(&state, &id)?
         .delete_response(&id, &caller.customer_id)
         .await?
     {
         return Err(not_found(&id));
     }
-    Ok(Json(
-        json!({"id": id, "object": "response", "deleted": true}),
-    ))
+    Ok(Json(DeletedResponse {
+        id,
+        object: "response",
+        deleted: true,
+    }))
 }
 
 /// An input item in the API's shape, with an id derived from its response and position.
-fn item_json(response_id: &str, index: usize, item: &Item) -> Value {
+fn input_item(response_id: &str, index: usize, item: &Item) -> InputItem {
     let short = response_id.trim_start_matches("resp_");
+    let status = ItemStatus::Completed;
     match item {
-        Item::Message { role, text } => {
-            let kind = if role == "assistant" {
-                "output_text"
-            } else {
-                "input_text"
-            };
-            json!({"id": format!("msg_{short}i{index:04}"), "type": "message", "role": role,
-                   "status": "completed", "content": [{"type": kind, "text": text}]})
-        }
+        Item::Message { role, text } => InputItem::Message {
+            id: format!("msg_{short}i{index:04}"),
+            role: role.clone(),
+            status,
+            content: vec![InputContent {
+                kind: if role == "assistant" {
+                    "output_text"
+                } else {
+                    "input_text"
+                },
+                text: text.clone(),
+            }],
+        },
         Item::FunctionCall {
             call_id,
             name,
             arguments,
-        } => json!({"id": format!("fc_{short}i{index:04}"), "type": "function_call",
-                    "call_id": call_id, "name": name, "arguments": arguments, "status": "completed"}),
-        Item::FunctionCallOutput { call_id, output } => {
-            json!({"id": format!("fco_{short}i{index:04}"), "type": "function_call_output",
-                   "call_id": call_id, "output": output, "status": "completed"})
-        }
+        } => InputItem::FunctionCall {
+            id: format!("fc_{short}i{index:04}"),
+            call_id: call_id.clone(),
+            name: name.clone(),
+            arguments: arguments.clone(),
+            status,
+        },
+        Item::FunctionCallOutput { call_id, output } => InputItem::FunctionCallOutput {
+            id: format!("fco_{short}i{index:04}"),
+            call_id: call_id.clone(),
+            output: output.clone(),
+            status,
+        },
     }
 }
 
@@ -434,14 +480,14 @@ fn item_json(response_id: &str, index: usize, item: &Item) -> Value {
         ("order" = Option<String>, Query, pattern = "^(asc|desc)$"),
         ("after" = Option<String>, Query, description = "An item id: list the items after it"),
     ),
-    responses((status = 200, body = crate::openapi::schemas::ResponseItemList), crate::openapi::PublicErrors),
+    responses((status = 200, body = wire::ResponseItemList), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn input_items(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ResponseItemList>, ApiError> {
     let stored = database(&state, &id)?
         .get_response::<Item>(&id, &caller.customer_id, now_micros())
         .await?
@@ -458,11 +504,11 @@ pub async fn input_items(
             }
         },
     };
-    let mut items: Vec<Value> = stored
+    let mut items: Vec<InputItem> = stored
         .input_items
         .iter()
         .enumerate()
-        .map(|(i, item)| item_json(&id, i, item))
+        .map(|(i, item)| input_item(&id, i, item))
         .collect();
     match query.get("order").map(String::as_str) {
         None | Some("desc") => items.reverse(),
@@ -477,17 +523,17 @@ pub async fn input_items(
     if let Some(after) = query.get("after") {
         let at = items
             .iter()
-            .position(|i| i["id"].as_str() == Some(after.as_str()))
+            .position(|i| i.id() == after)
             .map_or(items.len(), |p| p + 1);
         items.drain(..at);
     }
     let has_more = items.len() > limit;
     items.truncate(limit);
-    Ok(Json(json!({
-        "object": "list",
-        "data": items,
-        "first_id": items.first().map(|i| i["id"].clone()),
-        "last_id": items.last().map(|i| i["id"].clone()),
-        "has_more": has_more,
-    })))
+    Ok(Json(ResponseItemList {
+        object: "list",
+        first_id: items.first().map(|i| i.id().to_string()),
+        last_id: items.last().map(|i| i.id().to_string()),
+        data: items,
+        has_more,
+    }))
 }

@@ -1,10 +1,15 @@
 //! The response object and its stream of typed events, built by one fold over the backend's
 //! events: the non-streamed response is the fold's final state, the streamed one is every
 //! event the fold emits on the way (`response.created` … `response.completed`), each with its
-//! `sequence_number`.
+//! `sequence_number`. The shapes are in `wire`.
 
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
 
+use super::wire::{
+    EventBody, IncompleteDetails, InputTokensDetails, ItemStatus, OutputItem, OutputText,
+    OutputTokensDetails, Reasoning, Response, ResponseError, ResponseStatus, ResponseTextConfig,
+    ResponseUsage, StreamEvent, ToolChoiceEcho,
+};
 use crate::backend::Usage;
 
 /// What the response echoes of its request.
@@ -17,13 +22,13 @@ pub struct Echo {
     pub max_output_tokens: Option<u32>,
     pub temperature: f32,
     pub top_p: f32,
-    pub tools: Value,
-    pub tool_choice: Value,
+    pub tools: Vec<Value>,
+    pub tool_choice: ToolChoiceEcho,
     pub parallel_tool_calls: bool,
     pub text_format: Value,
     pub previous_response_id: Option<String>,
     pub store: bool,
-    pub metadata: Value,
+    pub metadata: Map<String, Value>,
     pub user: Option<String>,
 }
 
@@ -38,12 +43,20 @@ pub enum Status {
 }
 
 impl Status {
-    fn as_str(&self) -> &'static str {
+    fn wire(&self) -> ResponseStatus {
         match self {
-            Self::InProgress => "in_progress",
-            Self::Completed => "completed",
-            Self::Incomplete => "incomplete",
-            Self::Failed(_) => "failed",
+            Self::InProgress => ResponseStatus::InProgress,
+            Self::Completed => ResponseStatus::Completed,
+            Self::Incomplete => ResponseStatus::Incomplete,
+            Self::Failed(_) => ResponseStatus::Failed,
+        }
+    }
+
+    /// The status of the items it closes.
+    fn of_items(&self) -> ItemStatus {
+        match self {
+            Self::Incomplete => ItemStatus::Incomplete,
+            _ => ItemStatus::Completed,
         }
     }
 }
@@ -66,17 +79,23 @@ enum Output {
 }
 
 impl Output {
-    fn json(&self, item_status: &str) -> Value {
+    /// The item as the API shows it: an open item is in progress and shows no content yet.
+    fn item(&self, item_status: ItemStatus) -> OutputItem {
         match self {
-            Self::Message { id, text, done } => {
-                let status = if *done { item_status } else { "in_progress" };
-                let content = if *done {
-                    json!([{"type": "output_text", "text": text, "annotations": [], "logprobs": []}])
+            Self::Message { id, text, done } => OutputItem::Message {
+                id: id.clone(),
+                status: if *done {
+                    item_status
                 } else {
-                    json!([])
-                };
-                json!({"type": "message", "id": id, "status": status, "role": "assistant", "content": content})
-            }
+                    ItemStatus::InProgress
+                },
+                role: "assistant".into(),
+                content: if *done {
+                    vec![OutputText::new(text.clone())]
+                } else {
+                    Vec::new()
+                },
+            },
             Self::Call {
                 id,
                 call_id,
@@ -84,12 +103,21 @@ impl Output {
                 arguments,
                 done,
                 ..
-            } => {
-                let status = if *done { item_status } else { "in_progress" };
-                let arguments = if *done { arguments.as_str() } else { "" };
-                json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
-                       "arguments": arguments, "status": status})
-            }
+            } => OutputItem::FunctionCall {
+                id: id.clone(),
+                call_id: call_id.clone(),
+                name: name.clone(),
+                arguments: if *done {
+                    arguments.clone()
+                } else {
+                    String::new()
+                },
+                status: if *done {
+                    item_status
+                } else {
+                    ItemStatus::InProgress
+                },
+            },
         }
     }
 }
@@ -115,11 +143,38 @@ impl Builder {
         }
     }
 
-    fn event(&mut self, kind: &str, mut body: Value) -> (String, Value) {
-        body["type"] = json!(kind);
-        body["sequence_number"] = json!(self.sequence);
+    /// The response's id.
+    pub fn id(&self) -> &str {
+        &self.echo.id
+    }
+
+    fn event(&mut self, kind: &'static str, body: EventBody) -> StreamEvent {
+        let event = StreamEvent {
+            body,
+            kind,
+            sequence_number: self.sequence,
+        };
         self.sequence += 1;
-        (kind.to_string(), body)
+        event
+    }
+
+    /// An event carrying the whole response in its current state.
+    fn response_event(&mut self, kind: &'static str) -> StreamEvent {
+        let response = Box::new(self.response());
+        self.event(kind, EventBody::Response { response })
+    }
+
+    /// An event carrying output item `output_index` in its current state.
+    fn item_event(
+        &mut self,
+        kind: &'static str,
+        output_index: usize,
+        status: ItemStatus,
+    ) -> Vec<StreamEvent> {
+        let Some(item) = self.outputs.get(output_index).map(|o| o.item(status)) else {
+            return Vec::new();
+        };
+        vec![self.event(kind, EventBody::Item { output_index, item })]
     }
 
     fn item_id(&self, prefix: &str) -> String {
@@ -131,21 +186,16 @@ impl Builder {
     }
 
     /// `response.created` and `response.in_progress`.
-    pub fn start(&mut self) -> Vec<(String, Value)> {
-        let r = self.response();
+    pub fn start(&mut self) -> Vec<StreamEvent> {
         vec![
-            self.event("response.created", json!({"response": r})),
-            self.event("response.in_progress", json!({"response": r})),
+            self.response_event("response.created"),
+            self.response_event("response.in_progress"),
         ]
     }
 
     /// Closes the open item, if any.
-    fn close(&mut self) -> Vec<(String, Value)> {
-        let index = self.outputs.len().saturating_sub(1);
-        let status = match self.status {
-            Status::Incomplete => "incomplete",
-            _ => "completed",
-        };
+    fn close(&mut self) -> Vec<StreamEvent> {
+        let output_index = self.outputs.len().saturating_sub(1);
         let Some(last) = self.outputs.last_mut() else {
             return Vec::new();
         };
@@ -154,16 +204,25 @@ impl Builder {
             Output::Message { done: true, .. } | Output::Call { done: true, .. } => {}
             Output::Message { id, text, done } => {
                 *done = true;
-                let (id, text) = (id.clone(), text.clone());
-                let part =
-                    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+                let (item_id, text) = (id.clone(), text.clone());
                 events.push(self.event(
                     "response.output_text.done",
-                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}),
+                    EventBody::TextDone {
+                        item_id: item_id.clone(),
+                        output_index,
+                        content_index: 0,
+                        text: text.clone(),
+                        logprobs: Vec::new(),
+                    },
                 ));
                 events.push(self.event(
                     "response.content_part.done",
-                    json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+                    EventBody::Part {
+                        item_id,
+                        output_index,
+                        content_index: 0,
+                        part: OutputText::new(text),
+                    },
                 ));
             }
             Output::Call {
@@ -174,24 +233,36 @@ impl Builder {
                 ..
             } => {
                 *done = true;
-                let (id, name, arguments) = (id.clone(), name.clone(), arguments.clone());
-                events.push(self.event(
-                    "response.function_call_arguments.done",
-                    json!({"item_id": id, "output_index": index, "name": name, "arguments": arguments}),
-                ));
+                let body = EventBody::ArgumentsDone {
+                    item_id: id.clone(),
+                    output_index,
+                    name: name.clone(),
+                    arguments: arguments.clone(),
+                };
+                events.push(self.event("response.function_call_arguments.done", body));
             }
         }
-        if let Some(item) = self.outputs.last().map(|o| o.json(status)) {
-            events.push(self.event(
-                "response.output_item.done",
-                json!({"output_index": index, "item": item}),
-            ));
-        }
+        let status = self.status.of_items();
+        events.extend(self.item_event("response.output_item.done", output_index, status));
         events
     }
 
+    /// Closes the open item and opens `output` (`response.output_item.added`): its index and
+    /// the events.
+    fn open(&mut self, output: Output) -> (usize, Vec<StreamEvent>) {
+        let mut events = self.close();
+        self.outputs.push(output);
+        let output_index = self.outputs.len() - 1;
+        events.extend(self.item_event(
+            "response.output_item.added",
+            output_index,
+            ItemStatus::InProgress,
+        ));
+        (output_index, events)
+    }
+
     /// Generated text.
-    pub fn on_text(&mut self, delta: &str) -> Vec<(String, Value)> {
+    pub fn on_text(&mut self, delta: &str) -> Vec<StreamEvent> {
         if delta.is_empty() {
             return Vec::new();
         }
@@ -200,26 +271,24 @@ impl Builder {
             self.outputs.last(),
             Some(Output::Message { done: false, .. })
         ) {
-            events.extend(self.close());
             let id = self.item_id("msg");
-            self.outputs.push(Output::Message {
+            let (output_index, added) = self.open(Output::Message {
                 id: id.clone(),
                 text: String::new(),
                 done: false,
             });
-            let index = self.outputs.len() - 1;
-            let item = self.outputs[index].json("in_progress");
-            events.push(self.event(
-                "response.output_item.added",
-                json!({"output_index": index, "item": item}),
-            ));
+            events.extend(added);
             events.push(self.event(
                 "response.content_part.added",
-                json!({"item_id": id, "output_index": index, "content_index": 0,
-                       "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+                EventBody::Part {
+                    item_id: id,
+                    output_index,
+                    content_index: 0,
+                    part: OutputText::new(String::new()),
+                },
             ));
         }
-        let index = self.outputs.len() - 1;
+        let output_index = self.outputs.len() - 1;
         let mut item_id = String::new();
         if let Some(Output::Message { id, text, .. }) = self.outputs.last_mut() {
             text.push_str(delta);
@@ -227,7 +296,13 @@ impl Builder {
         }
         events.push(self.event(
             "response.output_text.delta",
-            json!({"item_id": item_id, "output_index": index, "content_index": 0, "delta": delta, "logprobs": []}),
+            EventBody::TextDelta {
+                item_id,
+                output_index,
+                content_index: 0,
+                delta: delta.to_string(),
+                logprobs: Vec::new(),
+            },
         ));
         events
     }
@@ -239,13 +314,12 @@ impl Builder {
         call_id: Option<String>,
         name: Option<String>,
         arguments: &str,
-    ) -> Vec<(String, Value)> {
+    ) -> Vec<StreamEvent> {
         let mut events = Vec::new();
         let open_same = matches!(self.outputs.last(), Some(Output::Call { index: i, done: false, .. }) if *i == index);
         if !open_same {
-            events.extend(self.close());
             let id = self.item_id("fc");
-            self.outputs.push(Output::Call {
+            let (_, added) = self.open(Output::Call {
                 id,
                 index,
                 call_id: call_id.clone().unwrap_or_default(),
@@ -253,12 +327,7 @@ impl Builder {
                 arguments: String::new(),
                 done: false,
             });
-            let output_index = self.outputs.len() - 1;
-            let item = self.outputs[output_index].json("in_progress");
-            events.push(self.event(
-                "response.output_item.added",
-                json!({"output_index": output_index, "item": item}),
-            ));
+            events.extend(added);
         }
         let output_index = self.outputs.len() - 1;
         let mut item_id = String::new();
@@ -282,7 +351,11 @@ impl Builder {
         if !arguments.is_empty() {
             events.push(self.event(
                 "response.function_call_arguments.delta",
-                json!({"item_id": item_id, "output_index": output_index, "delta": arguments}),
+                EventBody::ArgumentsDelta {
+                    item_id,
+                    output_index,
+                    delta: arguments.to_string(),
+                },
             ));
         }
         events
@@ -290,7 +363,7 @@ impl Builder {
 
     /// The end: closes the open item and emits `response.completed`, `.incomplete` or
     /// `.failed` with the whole response.
-    pub fn finish(&mut self, status: Status, usage: Option<Usage>) -> Vec<(String, Value)> {
+    pub fn finish(&mut self, status: Status, usage: Option<Usage>) -> Vec<StreamEvent> {
         self.status = status;
         self.usage = usage;
         let mut events = self.close();
@@ -299,67 +372,76 @@ impl Builder {
             Status::Incomplete => "response.incomplete",
             Status::Failed(_) => "response.failed",
         };
-        let r = self.response();
-        events.push(self.event(kind, json!({"response": r})));
+        events.push(self.response_event(kind));
         events
     }
 
     /// The response object in its current state.
-    pub fn response(&self) -> Value {
+    pub fn response(&self) -> Response {
         let e = &self.echo;
-        let item_status = match self.status {
-            Status::Incomplete => "incomplete",
-            _ => "completed",
-        };
-        let output: Vec<Value> = self.outputs.iter().map(|o| o.json(item_status)).collect();
-        let usage = self.usage.map(|u| {
-            json!({
-                "input_tokens": u.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": u.cached_tokens},
-                "output_tokens": u.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": u.prompt_tokens + u.completion_tokens,
-            })
+        let item_status = self.status.of_items();
+        let usage = self.usage.map(|u| ResponseUsage {
+            input_tokens: u.prompt_tokens.into(),
+            input_tokens_details: InputTokensDetails {
+                cached_tokens: u.cached_tokens.into(),
+            },
+            output_tokens: u.completion_tokens.into(),
+            output_tokens_details: OutputTokensDetails {
+                reasoning_tokens: 0,
+            },
+            total_tokens: u64::from(u.prompt_tokens) + u64::from(u.completion_tokens),
         });
-        let (error, incomplete) = match &self.status {
+        let (error, incomplete_details) = match &self.status {
             Status::Failed(message) => (
-                json!({"code": "server_error", "message": message}),
-                Value::Null,
+                Some(ResponseError {
+                    code: "server_error".into(),
+                    message: message.clone(),
+                }),
+                None,
             ),
-            Status::Incomplete => (Value::Null, json!({"reason": "max_output_tokens"})),
-            _ => (Value::Null, Value::Null),
+            Status::Incomplete => (
+                None,
+                Some(IncompleteDetails {
+                    reason: "max_output_tokens".into(),
+                }),
+            ),
+            _ => (None, None),
         };
-        json!({
-            "id": e.id,
-            "object": "response",
-            "created_at": e.created_at,
-            "status": self.status.as_str(),
-            "background": false,
-            "error": error,
-            "incomplete_details": incomplete,
-            "instructions": e.instructions,
-            "max_output_tokens": e.max_output_tokens,
-            "model": e.model,
-            "output": output,
-            "parallel_tool_calls": e.parallel_tool_calls,
-            "previous_response_id": e.previous_response_id,
-            "reasoning": {"effort": null, "summary": null},
-            "store": e.store,
-            "temperature": e.temperature,
-            "text": {"format": e.text_format},
-            "tool_choice": e.tool_choice,
-            "tools": e.tools,
-            "top_p": e.top_p,
-            "truncation": "disabled",
-            "usage": usage,
-            "user": e.user,
-            "metadata": e.metadata,
-        })
+        Response {
+            id: e.id.clone(),
+            object: "response",
+            created_at: e.created_at,
+            status: self.status.wire(),
+            background: false,
+            error,
+            incomplete_details,
+            instructions: e.instructions.clone(),
+            max_output_tokens: e.max_output_tokens,
+            model: e.model.clone(),
+            output: self.outputs.iter().map(|o| o.item(item_status)).collect(),
+            parallel_tool_calls: e.parallel_tool_calls,
+            previous_response_id: e.previous_response_id.clone(),
+            reasoning: Reasoning::default(),
+            store: e.store,
+            temperature: f64::from(e.temperature),
+            text: ResponseTextConfig {
+                format: e.text_format.clone(),
+            },
+            tool_choice: e.tool_choice.clone(),
+            tools: e.tools.clone(),
+            top_p: f64::from(e.top_p),
+            truncation: "disabled",
+            usage,
+            user: e.user.clone(),
+            metadata: e.metadata.clone(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn echo() -> Echo {
@@ -371,13 +453,13 @@ mod tests {
             max_output_tokens: None,
             temperature: 1.0,
             top_p: 1.0,
-            tools: json!([]),
-            tool_choice: json!("auto"),
+            tools: Vec::new(),
+            tool_choice: ToolChoiceEcho::Mode("auto".into()),
             parallel_tool_calls: true,
             text_format: json!({"type": "text"}),
             previous_response_id: None,
             store: true,
-            metadata: json!({}),
+            metadata: Map::new(),
             user: None,
         }
     }
@@ -398,7 +480,7 @@ mod tests {
                 ..Usage::default()
             }),
         ));
-        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind).collect();
         assert_eq!(
             kinds,
             [
@@ -418,10 +500,13 @@ mod tests {
                 "response.completed",
             ]
         );
-        for (i, (_, e)) in events.iter().enumerate() {
-            assert_eq!(e["sequence_number"], json!(i));
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(
+                serde_json::to_value(e).unwrap()["sequence_number"],
+                json!(i)
+            );
         }
-        let r = b.response();
+        let r = serde_json::to_value(b.response()).unwrap();
         assert_eq!(r["output"][0]["content"][0]["text"], "Let me check.");
         assert_eq!(r["output"][1]["arguments"], "{\"a\":1}");
         assert_eq!(r["output"][1]["call_id"], "call_1");

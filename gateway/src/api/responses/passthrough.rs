@@ -279,7 +279,7 @@ impl Relay {
                     Err(e) => {
                         self.completion.commit(Outcome::Failed).await;
                         let error = ApiError::from(e).body();
-                        yield Ok(Event::default().event("error").data(error.to_string()));
+                        yield Ok(Event::default().event("error").data(serde_json::to_string(&error).unwrap_or_default()));
                         return;
                     }
                 };
@@ -291,7 +291,7 @@ impl Relay {
             }
             self.completion.commit(Outcome::Failed).await;
             let error = ApiError::Internal("the upstream stopped before the response ended".into()).body();
-            yield Ok(Event::default().event("error").data(error.to_string()));
+            yield Ok(Event::default().event("error").data(serde_json::to_string(&error).unwrap_or_default()));
         };
         Sse::new(body).keep_alive(KeepAlive::default())
     }
@@ -326,6 +326,6 @@ mod tests {
         assert_eq!(input[2], json!({"role": "user", "content": "and then?"}));
         // Without history the input is untouched.
         assert_eq!(upstream_body(&raw, &[])["input"], "and then?");
-        assert!(prompt_bound(&body) as usize >= "hihelloand then?".len());
+        assert!(usize::try_from(prompt_bound(&body)).unwrap() >= "hihelloand then?".len());
     }
 }

@@ -13,7 +13,8 @@ use super::failover::{failover, Credentials, Read};
 use super::Member;
 use crate::backend::{
     ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest, LogprobEntry, Prompt,
-    ResponseFormat, TokenCounter, TokenLogprob, ToolChoice, Usage, UsageSource,
+    ResponseFormat, SamplingParams, TokenCounter, TokenLogprob, ToolChoice, ToolsRequest, Usage,
+    UsageSource,
 };
 
 /// An upper bound of the prompt's tokens without the upstream's tokenizer: every token of a
@@ -51,13 +52,21 @@ fn message_json(m: &ChatMessage) -> Value {
     v
 }
 
+/// A logprob as the gateway keeps it (`f32`, as the engine computes them); anything but a
+/// number is minus infinity.
+fn logprob(v: &Value) -> f32 {
+    // `as` from f64 to f32 rounds to the nearest f32 (beyond its range, ±inf): the precision a
+    // logprob has anyway. No integer is involved, nothing wraps; std has no checked form.
+    v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32
+}
+
 /// Logprob entries of one chunk, from the chat (`logprobs.content`) or the legacy
 /// (`logprobs.tokens` / `token_logprobs` / `top_logprobs`) shape.
 fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
     let lp = &choice["logprobs"];
     let token = |v: &Value| TokenLogprob {
         token: v["token"].as_str().unwrap_or_default().to_string(),
-        logprob: v["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+        logprob: logprob(&v["logprob"]),
         bytes: v["bytes"]
             .as_array()
             .map(|b| {
@@ -92,7 +101,7 @@ fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
             LogprobEntry {
                 chosen: TokenLogprob {
                     token: text.to_string(),
-                    logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                    logprob: logprob(v),
                     bytes: text.as_bytes().to_vec(),
                 },
                 top: lp["top_logprobs"][i]
@@ -101,7 +110,7 @@ fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
                         m.iter()
                             .map(|(k, v)| TokenLogprob {
                                 token: k.clone(),
-                                logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                                logprob: logprob(v),
                                 bytes: k.as_bytes().to_vec(),
                             })
                             .collect()
@@ -126,29 +135,7 @@ pub(super) fn request_body(model: &str, request: &GenerateRequest) -> (String, V
         Prompt::Chat(messages) => {
             body["messages"] = json!(messages.iter().map(message_json).collect::<Vec<_>>());
             if let Some(t) = &request.tools {
-                body["tools"] = json!(t
-                    .tools
-                    .iter()
-                    .map(|d| {
-                        let mut f = json!({"name": d.name, "parameters": d.parameters});
-                        if let Some(desc) = &d.description {
-                            f["description"] = json!(desc);
-                        }
-                        if let Some(strict) = d.strict {
-                            f["strict"] = json!(strict);
-                        }
-                        json!({"type": "function", "function": f})
-                    })
-                    .collect::<Vec<_>>());
-                body["tool_choice"] = match &t.choice {
-                    ToolChoice::None => json!("none"),
-                    ToolChoice::Auto => json!("auto"),
-                    ToolChoice::Required => json!("required"),
-                    ToolChoice::Function(name) => {
-                        json!({"type": "function", "function": {"name": name}})
-                    }
-                };
-                body["parallel_tool_calls"] = json!(t.parallel);
+                tool_fields(&mut body, t);
             }
             if let Some(k) = p.logprobs {
                 body["logprobs"] = json!(true);
@@ -164,20 +151,58 @@ pub(super) fn request_body(model: &str, request: &GenerateRequest) -> (String, V
             "/v1/completions"
         }
     };
-    match &request.response_format {
-        ResponseFormat::Text => {}
-        ResponseFormat::JsonObject => body["response_format"] = json!({"type": "json_object"}),
+    if let Some(format) = response_format_json(&request.response_format) {
+        body["response_format"] = format;
+    }
+    sampling_fields(&mut body, p);
+    (path.to_string(), body)
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`.
+fn tool_fields(body: &mut Value, t: &ToolsRequest) {
+    body["tools"] = json!(t
+        .tools
+        .iter()
+        .map(|d| {
+            let mut f = json!({"name": d.name, "parameters": d.parameters});
+            if let Some(desc) = &d.description {
+                f["description"] = json!(desc);
+            }
+            if let Some(strict) = d.strict {
+                f["strict"] = json!(strict);
+            }
+            json!({"type": "function", "function": f})
+        })
+        .collect::<Vec<_>>());
+    body["tool_choice"] = match &t.choice {
+        ToolChoice::None => json!("none"),
+        ToolChoice::Auto => json!("auto"),
+        ToolChoice::Required => json!("required"),
+        ToolChoice::Function(name) => {
+            json!({"type": "function", "function": {"name": name}})
+        }
+    };
+    body["parallel_tool_calls"] = json!(t.parallel);
+}
+
+/// `response_format`, unless it is plain text.
+fn response_format_json(format: &ResponseFormat) -> Option<Value> {
+    match format {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(json!({"type": "json_object"})),
         ResponseFormat::JsonSchema {
             name,
             schema,
             strict,
-        } => {
-            body["response_format"] = json!({
-                "type": "json_schema",
-                "json_schema": {"name": name, "schema": schema, "strict": strict},
-            })
-        }
+        } => Some(json!({
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": strict},
+        })),
     }
+}
+
+/// The sampling settings that differ from OpenAI's defaults.
+fn sampling_fields(body: &mut Value, p: &SamplingParams) {
     if let Some(m) = p.max_tokens {
         body["max_tokens"] = json!(m);
     }
@@ -207,7 +232,6 @@ pub(super) fn request_body(model: &str, request: &GenerateRequest) -> (String, V
             .collect();
         body["logit_bias"] = Value::Object(bias);
     }
-    (path.to_string(), body)
 }
 
 fn finish_reason(text: &str) -> FinishReason {
@@ -306,6 +330,116 @@ pub(super) fn tokens_of(counter: Option<&dyn TokenCounter>, text: &str) -> u32 {
     }
 }
 
+/// What a chat or text completion's stream has shown so far, fed one chunk at a time.
+struct ChunkFold {
+    prompt_estimate: u32,
+    /// Whether output reached the client.
+    started: bool,
+    /// Output tokens seen streaming by (see `tokens_of`).
+    observed: u32,
+    finish: Option<FinishReason>,
+    usage: Option<UpstreamUsage>,
+}
+
+impl ChunkFold {
+    fn new(prompt_estimate: u32) -> Self {
+        Self {
+            prompt_estimate,
+            started: false,
+            observed: 0,
+            finish: None,
+            usage: None,
+        }
+    }
+
+    /// The events one chunk adds.
+    fn on_chunk(&mut self, chunk: &Value, count: &dyn Fn(&str) -> u32) -> Vec<GenerateEvent> {
+        let mut events = Vec::new();
+        // Started once the upstream produced something (a role-only first chunk does
+        // not count: until text arrives the request can still move elsewhere).
+        let choice = chunk["choices"].get(0);
+        let text = choice
+            .and_then(|c| {
+                c["delta"]["content"]
+                    .as_str()
+                    .or_else(|| c["text"].as_str())
+            })
+            .unwrap_or("");
+        let finished_here = choice.is_some_and(|c| c["finish_reason"].is_string());
+        let calls = choice
+            .and_then(|c| c["delta"]["tool_calls"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        if !self.started && (!text.is_empty() || finished_here || !calls.is_empty()) {
+            self.started = true;
+            events.push(GenerateEvent::Started {
+                prompt_tokens: self.prompt_estimate,
+            });
+        }
+        if let Some(u) = chunk.get("usage").and_then(UpstreamUsage::read) {
+            self.usage = Some(u);
+        }
+        let Some(choice) = choice else {
+            return events;
+        };
+        let logprobs = chunk_logprobs(choice);
+        if !text.is_empty() || !logprobs.is_empty() || !calls.is_empty() {
+            let arguments: String = calls
+                .iter()
+                .filter_map(|c| c["function"]["arguments"].as_str())
+                .collect();
+            self.observed = self
+                .observed
+                .saturating_add(count(&format!("{text}{arguments}")));
+            events.push(GenerateEvent::Delta {
+                text: text.to_string(),
+                logprobs,
+                completion_tokens: self.observed,
+            });
+        }
+        for call in &calls {
+            events.push(GenerateEvent::ToolCallDelta {
+                index: call["index"]
+                    .as_u64()
+                    .and_then(|i| u32::try_from(i).ok())
+                    .unwrap_or(0),
+                id: call["id"].as_str().map(str::to_string),
+                name: call["function"]["name"].as_str().map(str::to_string),
+                arguments: call["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            });
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            self.finish = Some(finish_reason(f));
+        }
+        events
+    }
+
+    /// The end of the stream (`failure` if reading it broke; a stream without a finish reason
+    /// failed too): the finish with the settled usage unless it failed, then the end.
+    fn end(self, failure: Option<String>, base: &str) -> Vec<Read<GenerateEvent>> {
+        let failure = match (failure, self.finish) {
+            (None, None) => Some(format!("{base}: the stream ended without a finish reason")),
+            (failure, _) => failure,
+        };
+        let mut reads = Vec::new();
+        if failure.is_none() {
+            let usage = settled_usage(self.usage, self.prompt_estimate, self.observed);
+            reads.push(Read::Event(GenerateEvent::Finished {
+                reason: self.finish.unwrap_or(FinishReason::Stop),
+                usage,
+            }));
+        }
+        reads.push(Read::End {
+            started: self.started,
+            failure,
+        });
+        reads
+    }
+}
+
 /// Streams one sequence from the best member, retrying on others until the first event.
 #[allow(
     clippy::too_many_arguments,
@@ -340,11 +474,7 @@ pub(super) fn run(
         async_stream::stream! {
             let count = |text: &str| tokens_of(counter.as_deref(), text);
             let mut events = response.bytes_stream().eventsource();
-            let mut started = false;
-            // Output tokens seen streaming by (see `tokens_of`).
-            let mut observed = 0u32;
-            let mut finish = None;
-            let mut usage: Option<UpstreamUsage> = None;
+            let mut fold = ChunkFold::new(prompt_estimate);
             let mut failure = None;
             while let Some(event) = events.next().await {
                 let data = match event {
@@ -365,58 +495,13 @@ pub(super) fn run(
                     failure = Some(format!("{base}: {message}"));
                     break;
                 }
-                // Started once the upstream produced something (a role-only first chunk does
-                // not count: until text arrives the request can still move elsewhere).
-                let choice = chunk["choices"].get(0);
-                let text = choice
-                    .and_then(|c| c["delta"]["content"].as_str().or_else(|| c["text"].as_str()))
-                    .unwrap_or("");
-                let finished_here = choice.is_some_and(|c| c["finish_reason"].is_string());
-                let calls = choice
-                    .and_then(|c| c["delta"]["tool_calls"].as_array())
-                    .cloned()
-                    .unwrap_or_default();
-                if !started && (!text.is_empty() || finished_here || !calls.is_empty()) {
-                    started = true;
-                    yield Read::Event(GenerateEvent::Started { prompt_tokens: prompt_estimate });
-                }
-                if let Some(u) = chunk.get("usage").and_then(UpstreamUsage::read) {
-                    usage = Some(u);
-                }
-                let Some(choice) = choice else { continue };
-                let logprobs = chunk_logprobs(choice);
-                if !text.is_empty() || !logprobs.is_empty() || !calls.is_empty() {
-                    let arguments: String = calls
-                        .iter()
-                        .filter_map(|c| c["function"]["arguments"].as_str())
-                        .collect();
-                    observed = observed.saturating_add(count(&format!("{text}{arguments}")));
-                    yield Read::Event(GenerateEvent::Delta {
-                        text: text.to_string(),
-                        logprobs,
-                        completion_tokens: observed,
-                    });
-                }
-                for call in &calls {
-                    yield Read::Event(GenerateEvent::ToolCallDelta {
-                        index: call["index"].as_u64().and_then(|i| u32::try_from(i).ok()).unwrap_or(0),
-                        id: call["id"].as_str().map(str::to_string),
-                        name: call["function"]["name"].as_str().map(str::to_string),
-                        arguments: call["function"]["arguments"].as_str().unwrap_or_default().to_string(),
-                    });
-                }
-                if let Some(f) = choice["finish_reason"].as_str() {
-                    finish = Some(finish_reason(f));
+                for e in fold.on_chunk(&chunk, &count) {
+                    yield Read::Event(e);
                 }
             }
-            if failure.is_none() && finish.is_none() {
-                failure = Some(format!("{base}: the stream ended without a finish reason"));
+            for r in fold.end(failure, &base) {
+                yield r;
             }
-            if failure.is_none() {
-                let usage = settled_usage(usage, prompt_estimate, observed);
-                yield Read::Event(GenerateEvent::Finished { reason: finish.unwrap_or(FinishReason::Stop), usage });
-            }
-            yield Read::End { started, failure };
         }
     };
     Box::pin(failover(

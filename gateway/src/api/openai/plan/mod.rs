@@ -105,7 +105,8 @@ fn sampling(
         temperature,
         top_p,
         top_k: common.top_k.unwrap_or(0),
-        seed: common.seed.map(|s| s as u64),
+        // A negative seed keeps its bits: a seed of its own, reproducible like any other.
+        seed: common.seed.map(i64::cast_unsigned),
         frequency_penalty,
         presence_penalty,
         repetition_penalty,
@@ -188,7 +189,7 @@ fn fan_out(
     params: SamplingParams,
     output: OutputSpec,
 ) -> Vec<GenerateRequest> {
-    let mut out = Vec::with_capacity(prompts.len() * n as usize);
+    let mut out = Vec::with_capacity(prompts.len() * usize::try_from(n).unwrap_or(1));
     for prompt in prompts {
         for i in 0..n {
             let mut params = params.clone();
@@ -380,43 +381,59 @@ fn tools_request(
     };
     let mut defs: Vec<ToolDef> = Vec::with_capacity(tools.len());
     for (i, t) in tools.into_iter().enumerate() {
-        if t.kind != "function" {
-            return Err(invalid_at(
-                format!("tools.[{i}].type"),
-                format!("tool type `{}` is not supported; only `function`", t.kind),
-            ));
-        }
-        let name = t.function.name;
-        if !valid_name(&name) {
-            return Err(invalid_at(
-                format!("tools.[{i}].function.name"),
-                format!("`{name}` is not a valid function name (1-64 of a-z, A-Z, 0-9, _ and -)"),
-            ));
-        }
-        if defs.iter().any(|d| d.name == name) {
-            return Err(invalid_at(
-                format!("tools.[{i}].function.name"),
-                format!("the function name `{name}` is given twice"),
-            ));
-        }
-        let parameters = t
-            .function
-            .parameters
-            .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
-        if !parameters.is_object() {
-            return Err(invalid_at(
-                format!("tools.[{i}].function.parameters"),
-                "parameters must be a JSON Schema object".into(),
-            ));
-        }
-        defs.push(ToolDef {
-            name,
-            description: t.function.description,
-            parameters,
-            strict: t.function.strict,
-        });
+        let def = tool_def(i, t, &defs)?;
+        defs.push(def);
     }
-    let choice = match choice {
+    let choice = tool_choice(choice, &defs)?;
+    Ok(Some(ToolsRequest {
+        tools: defs,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+/// Tool `i` of the request, checked against those before it.
+fn tool_def(i: usize, t: ToolIn, defs: &[ToolDef]) -> Result<ToolDef, ApiError> {
+    if t.kind != "function" {
+        return Err(invalid_at(
+            format!("tools.[{i}].type"),
+            format!("tool type `{}` is not supported; only `function`", t.kind),
+        ));
+    }
+    let name = t.function.name;
+    if !valid_name(&name) {
+        return Err(invalid_at(
+            format!("tools.[{i}].function.name"),
+            format!("`{name}` is not a valid function name (1-64 of a-z, A-Z, 0-9, _ and -)"),
+        ));
+    }
+    if defs.iter().any(|d| d.name == name) {
+        return Err(invalid_at(
+            format!("tools.[{i}].function.name"),
+            format!("the function name `{name}` is given twice"),
+        ));
+    }
+    let parameters = t
+        .function
+        .parameters
+        .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+    if !parameters.is_object() {
+        return Err(invalid_at(
+            format!("tools.[{i}].function.parameters"),
+            "parameters must be a JSON Schema object".into(),
+        ));
+    }
+    Ok(ToolDef {
+        name,
+        description: t.function.description,
+        parameters,
+        strict: t.function.strict,
+    })
+}
+
+/// `tool_choice`, checked against the tools.
+fn tool_choice(choice: Option<ToolChoiceIn>, defs: &[ToolDef]) -> Result<ToolChoice, ApiError> {
+    Ok(match choice {
         None => ToolChoice::Auto,
         Some(ToolChoiceIn::Mode(m)) => match m.as_str() {
             "none" => ToolChoice::None,
@@ -444,12 +461,7 @@ fn tools_request(
             }
             ToolChoice::Function(n.function.name)
         }
-    };
-    Ok(Some(ToolsRequest {
-        tools: defs,
-        choice,
-        parallel: parallel.unwrap_or(true),
-    }))
+    })
 }
 
 impl ChatRequest {
