@@ -10,14 +10,16 @@
 //! - saturated: one `default` tenant holding 2×`--streams` streams: the engine's tokens/s;
 //! - flex only: the same with a `flex` tenant;
 //! - mixed: a `priority` and a `flex` tenant holding `--streams` streams each, and a `default`
-//!   tenant sending one request at a time.
+//!   tenant sending one request at a time;
+//! - the mix again on an engine that preempts a sequence at every step (`preempt_every = 1`):
+//!   what preemption costs.
 //!
 //! Every request asks for `--max-tokens` tokens with the end tokens banned, so each is as
 //! long whatever the model writes. It prints the figures and the goals beside them
 //! (priority TTFT p99 ≤ 1.5× idle, default TTFT p99 ≤ 2× idle, total tokens/s in the mix ≥
 //! 0.9× saturated, flex taking ≥ 80% of what priority and default leave of the saturated
-//! rate, flex alone ≥ 0.95× default alone); `--json PATH` writes them with their
-//! provenance.
+//! rate, flex alone ≥ 0.95× default alone, the mix preempted at every step ≥ 0.85× the mix);
+//! `--json PATH` writes them with their provenance.
 
 use std::sync::Arc;
 use std::thread;
@@ -102,6 +104,17 @@ struct Bench {
 }
 
 impl Bench {
+    /// An engine with `config` on the development model.
+    fn start(config: EngineConfig, max_tokens: usize) -> anyhow::Result<Self> {
+        let loaded = load_dev_model(2048).context("run scripts/fetch-model.sh")?;
+        let tokenizer = loaded.tokenizer.clone();
+        Ok(Self {
+            engine: Engine::start(loaded.model, loaded.tokenizer, config)?,
+            tokenizer,
+            max_tokens,
+        })
+    }
+
     /// A request of `load`'s tenant, its question told apart by `n` (a shared system prompt,
     /// as a product's traffic has).
     fn request(&self, load: Load, n: usize) -> anyhow::Result<GenRequest> {
@@ -199,14 +212,7 @@ impl Bench {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let loaded = load_dev_model(2048).context("run scripts/fetch-model.sh")?;
-    let tokenizer = loaded.tokenizer.clone();
-    let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default())?;
-    let bench = Bench {
-        engine,
-        tokenizer,
-        max_tokens: args.max_tokens,
-    };
+    let bench = Bench::start(EngineConfig::default(), args.max_tokens)?;
     let (d, k) = (args.duration, args.streams);
     let load = |name, class, streams| Load {
         name,
@@ -226,14 +232,23 @@ fn main() -> anyhow::Result<()> {
         &[load("d", ServiceClass::Default, 2 * k)],
     )?;
     let flex_only = run("flex only", &[load("f", ServiceClass::Flex, 2 * k)])?;
-    let mixed = run(
-        "mixed",
-        &[
-            load("p", ServiceClass::Priority, k),
-            load("f", ServiceClass::Flex, k),
-            load("d", ServiceClass::Default, 1),
-        ],
+    let mix = [
+        load("p", ServiceClass::Priority, k),
+        load("f", ServiceClass::Flex, k),
+        load("d", ServiceClass::Default, 1),
+    ];
+    let mixed = run("mixed", &mix)?;
+    // The same mix with a preemption forced at every step, on an engine of its own.
+    let forced = Bench::start(
+        EngineConfig {
+            preempt_every: 1,
+            ..EngineConfig::default()
+        },
+        args.max_tokens,
     )?;
+    eprintln!("mixed, a preemption at every step ({d} s)...");
+    forced.phase(&[load("warm", ServiceClass::Default, 2)], 3)?;
+    let preempted = forced.phase(&mix, d)?;
 
     let p99 = |g: &Got| quantile(&g.ttft_ms, 0.99);
     let p50 = |g: &Got| quantile(&g.ttft_ms, 0.5);
@@ -247,6 +262,7 @@ fn main() -> anyhow::Result<()> {
         "flex_share_of_what_others_leave": mix_f.tokens as f64 / mixed.seconds
             / (saturated.tok_per_s() - (mix_p.tokens + mix_d.tokens) as f64 / mixed.seconds),
         "flex_only_over_default_only": flex_only.tok_per_s() / saturated.tok_per_s(),
+        "preempted_every_step_over_mixed": preempted.tok_per_s() / mixed.tok_per_s(),
     });
     let goals = [
         (
@@ -268,9 +284,21 @@ fn main() -> anyhow::Result<()> {
             false,
         ),
         (
+            "flex share of what others leave",
+            "flex_share_of_what_others_leave",
+            0.8,
+            false,
+        ),
+        (
             "flex only / default only tok/s",
             "flex_only_over_default_only",
             0.95,
+            false,
+        ),
+        (
+            "mixed, preempted every step / mixed",
+            "preempted_every_step_over_mixed",
+            0.85,
             false,
         ),
     ];
@@ -281,6 +309,7 @@ fn main() -> anyhow::Result<()> {
         ("saturated default", &saturated),
         ("flex only", &flex_only),
         ("mixed", &mixed),
+        ("mixed, preempted", &preempted),
     ] {
         let tenants: Vec<String> = phase
             .tenants
@@ -337,6 +366,7 @@ fn main() -> anyhow::Result<()> {
                 "saturated_default": phase_json(&saturated),
                 "flex_only": phase_json(&flex_only),
                 "mixed": phase_json(&mixed),
+                "mixed_preempted_every_step": phase_json(&preempted),
             },
             "ratios": ratios,
         });
