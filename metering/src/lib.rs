@@ -21,6 +21,7 @@ pub mod limits;
 pub mod money;
 pub mod periods;
 pub mod responses;
+pub mod secrets;
 pub mod shared_limits;
 pub mod store;
 pub mod tags;

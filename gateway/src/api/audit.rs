@@ -43,7 +43,7 @@ pub(crate) async fn list(
     };
     let after = match q.after.as_deref() {
         None | Some("") => 0,
-        Some(c) => crate::api::admin::parse_cursor(c).map_err(|e| param("after", e))?,
+        Some(c) => tollgate_metering::store::parse_cursor(c).map_err(|e| param("after", e))?,
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {

@@ -33,6 +33,14 @@ fn default_weight() -> i64 {
     1
 }
 
+/// Ids are what operators and billing systems join on: short, printable, no spaces.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// The largest scheduling weight (a customer weighted so gets 100 times the share of one
 /// weighted 1).
 pub const MAX_SCHEDULING_WEIGHT: i64 = 100;

@@ -7,6 +7,7 @@ use sqlx::Row;
 
 use super::{now_micros, stored_tags, Customer, Store, StoreError, StoreResult};
 use crate::audit::{self, Action, Actor, Change};
+use crate::secrets::{new_key, stored_digest};
 use crate::tags::{self, Tags};
 use crate::views::KeyView;
 
@@ -155,6 +156,23 @@ async fn key_in(
 }
 
 impl Store {
+    /// Issues a key for a customer: returns it and its secret, which is never stored (only its
+    /// SHA-256) and cannot be shown again.
+    pub async fn issue_key(
+        &self,
+        customer_id: &str,
+        new: NewKey,
+        actor: &Actor,
+    ) -> StoreResult<(ApiKey, String)> {
+        let (id, secret) = new_key();
+        let prefix: String = secret.chars().take(9).collect();
+        let hash = stored_digest(&secret);
+        let key = self
+            .create_key(customer_id, &id, &hash, &prefix, new, actor)
+            .await?;
+        Ok((key, secret))
+    }
+
     /// Stores a key given the SHA-256 hex of its secret.
     pub async fn create_key(
         &self,

@@ -11,7 +11,7 @@
 //! `seq` values then become visible in order and a cursor never skips a record committed late.
 //!
 //! This file connects and watches the database's health; the queries are by table: `customers`,
-//! `keys`, `usage` (the ledger).
+//! `keys`, `admin_tokens`, `usage` (the ledger).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -23,15 +23,16 @@ use sqlx::{AnyPool, Executor, Row};
 
 use crate::tags::{self, Tags};
 
+pub mod admin_tokens;
 mod customers;
 mod keys;
 mod migrations;
 mod records;
 mod usage;
 
-pub use customers::{Customer, CustomerFields, MAX_SCHEDULING_WEIGHT};
+pub use customers::{valid_id, Customer, CustomerFields, MAX_SCHEDULING_WEIGHT};
 pub use keys::{ApiKey, KeyFields, NewKey};
-pub use records::{RecordFilter, RecordPage};
+pub use records::{parse_cursor, RecordFilter, RecordPage};
 pub use usage::{record, GroupBy, UsageFilter, UsageRecord, UsageRow, RECORD_COLUMNS};
 
 #[derive(Debug, thiserror::Error)]

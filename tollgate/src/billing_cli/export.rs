@@ -213,7 +213,7 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 fn read_cursor(path: &Path) -> anyhow::Result<i64> {
     match std::fs::read_to_string(path) {
         Ok(text) if text.trim().is_empty() => Ok(0),
-        Ok(text) => tollgate_gateway::api::admin::parse_cursor(&text)
+        Ok(text) => tollgate_metering::store::parse_cursor(&text)
             .map_err(|e| anyhow::anyhow!("cursor file {}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),

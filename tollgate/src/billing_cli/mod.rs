@@ -7,13 +7,13 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tollgate_gateway::alerts;
-use tollgate_gateway::api::admin::{issue_key, valid_id};
+use tollgate_metering::alerts;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::parse_usd;
+use tollgate_metering::store::admin_tokens::{parse_scopes, AdminToken};
 use tollgate_metering::store::{
-    now_micros, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
+    now_micros, valid_id, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
 };
 use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
@@ -396,7 +396,9 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 max_concurrent_requests,
             };
             let store = db.open().await?;
-            let (key, secret) = issue_key(&store, &customer_id, new, &Actor::cli_os_user()).await?;
+            let (key, secret) = store
+                .issue_key(&customer_id, new, &Actor::cli_os_user())
+                .await?;
             print(&CreatedKeyView {
                 key: KeyView::from(&key),
                 secret,
@@ -532,25 +534,24 @@ pub enum AdminTokensCommand {
 }
 
 pub async fn admin_tokens(cmd: AdminTokensCommand) -> anyhow::Result<()> {
-    use tollgate_gateway::api::admin_tokens::{issue, list, parse_scopes, revoke, AdminToken};
     match cmd {
         AdminTokensCommand::Create { scopes, name, db } => {
             let scopes = parse_scopes(scopes.iter().map(String::as_str))
                 .map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
-            let (token, secret) =
-                issue(&db.open().await?, &name, &scopes, &Actor::cli_os_user()).await?;
-            let mut body = token.json();
-            body["token"] = json!(secret);
-            print(&body)
+            let (token, secret) = db
+                .open()
+                .await?
+                .issue_admin_token(&name, &scopes, &Actor::cli_os_user())
+                .await?;
+            print(&token.created_json(&secret))
         }
-        AdminTokensCommand::List { db } => {
-            let tokens = list(&db.open().await?).await?;
-            print(
-                &json!({"object": "list", "data": tokens.iter().map(AdminToken::json).collect::<Vec<_>>()}),
-            )
-        }
+        AdminTokensCommand::List { db } => print(&AdminToken::list_json(
+            &db.open().await?.admin_tokens().await?,
+        )),
         AdminTokensCommand::Revoke { id, db } => print(
-            &revoke(&db.open().await?, &id, &Actor::cli_os_user())
+            &db.open()
+                .await?
+                .revoke_admin_token(&id, &Actor::cli_os_user())
                 .await?
                 .json(),
         ),

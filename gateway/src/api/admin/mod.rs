@@ -37,9 +37,7 @@ use customers::{
     create_customer, get_alert_settings, get_customer, list_alerts, list_customers,
     put_alert_settings, update_customer,
 };
-pub use keys::issue_key;
 use keys::{create_key, get_key, list_keys, revoke_key, update_key};
-pub use usage::parse_cursor;
 use usage::{invoice, usage, usage_records};
 
 /// The admin API, one line per operation: its method, path, handler and the scope it needs.
@@ -365,12 +363,17 @@ fn limit_field(map: &Map<String, Value>, field: &str) -> Result<Option<Option<i6
     }
 }
 
-/// Ids are what operators and billing systems join on: short, printable, no spaces.
-pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+// The console and `api/audit.rs` still reach these rules through here; they are the store's.
+pub use tollgate_metering::store::{parse_cursor, valid_id};
+
+/// Issues a key (`Store::issue_key`); for the console.
+pub async fn issue_key(
+    store: &Store,
+    customer_id: &str,
+    new: tollgate_metering::store::NewKey,
+    actor: &Actor,
+) -> Result<(tollgate_metering::store::ApiKey, String), tollgate_metering::store::StoreError> {
+    store.issue_key(customer_id, new, actor).await
 }
 
 /// A value quoted back in an error, cut to a readable length (a 3 MB id is not echoed).

@@ -42,33 +42,13 @@ use crate::backend::{
     TokenCounter,
 };
 use crate::config::ResponsesMode;
+pub use crate::config::{Discovery, Routing};
 
 /// How often members are probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting and receiving the response head; generation itself has no deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How a pool finds its members.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Discovery {
-    /// The configured URLs, one member each.
-    #[default]
-    Static,
-    /// Every address each URL's host name resolves to, resolved again every probe round.
-    Dns,
-}
-
-/// How a pool picks a member for a request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Routing {
-    /// The healthy member with the fewest requests in flight.
-    #[default]
-    LeastBusy,
-    /// The customer's own member while it carries fewer requests than [`LOAD_BOUND`] times
-    /// the average, or than [`LOAD_FLOOR`] (requests without a customer: least busy).
-    Customer,
-}
 
 /// How far above the average a customer's member may be loaded before its requests spill to
 /// the next member in the customer's order.

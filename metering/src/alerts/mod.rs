@@ -1,5 +1,6 @@
 //! The alert tables (migration 0012): customers' alert settings, and the `budget_alerts`
-//! outbox written by the ledger's insert transaction and drained by the deliverer.
+//! outbox written by the ledger's insert transaction and drained by the deliverer; the
+//! settings' rules are in `settings.rs`.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -13,6 +14,12 @@ use crate::audit::{self, Action, Actor, Change};
 use crate::kinds::AlertStatus;
 use crate::periods::month_bounds;
 use crate::store::{kind_column, now_micros, Store, StoreError, StoreResult};
+
+mod settings;
+
+pub use settings::{
+    alert_json, check_webhook_url, parse_thresholds, settings_json, update_settings, SettingsChange,
+};
 
 /// Thresholds when a customer has not chosen any.
 pub const DEFAULT_THRESHOLDS: [&str; 3] = ["0.5", "0.8", "1.0"];
