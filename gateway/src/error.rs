@@ -467,6 +467,14 @@ where
     }
 }
 
+/// A query string, or a 400 naming what is wrong with it.
+pub(crate) fn query<T: serde::de::DeserializeOwned>(
+    q: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|axum::extract::Query(q)| q)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
+}
+
 /// `bytes` as a `T`, with `param` naming the field that does not fit.
 fn parse_json<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);

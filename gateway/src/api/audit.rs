@@ -36,7 +36,7 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = crate::api::admin::query(q)?;
+    let q = crate::error::query(q)?;
     let param = |field: &str, message: String| ApiError::InvalidRequest {
         message,
         param: Some(field.to_string()),

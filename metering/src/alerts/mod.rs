@@ -11,9 +11,9 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use crate::audit::{self, Action, Actor, Change};
+use crate::db::{kind_column, now_micros, Store, StoreError, StoreResult};
 use crate::kinds::AlertStatus;
 use crate::periods::month_bounds;
-use crate::store::{kind_column, now_micros, Store, StoreError, StoreResult};
 
 mod settings;
 

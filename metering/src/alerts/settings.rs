@@ -9,11 +9,11 @@ use serde_json::{json, Value};
 
 use super::{Alert, AlertSettings};
 use crate::audit::Actor;
+use crate::db::{Store, StoreError, StoreResult};
 use crate::kinds::AlertStatus;
 use crate::money::format_usd;
 use crate::periods::rfc3339;
 use crate::secrets::new_webhook_secret;
-use crate::store::{Store, StoreError, StoreResult};
 
 /// Parses thresholds: 1 to 10 distinct fractions in (0, 1], returned sorted and normalized
 /// (`"0.50"` → `"0.5"`).

@@ -13,13 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::spool::{lock, read_lines, Spool};
+use super::spool::{lock, read_lines, Pending, Spool};
 use super::{LedgerGauges, MAX_BATCH, RETRY_MAX, RETRY_MIN, WRITE_EVERY};
 use crate::store::{Store, UsageRecord};
-
-/// A record not yet known to be in the database, with the generation of the spool file that
-/// holds it (`None`: the spool could not take it, so memory is its only copy).
-pub(super) type Pending = (UsageRecord, Option<u64>);
 
 /// Where reading the spool file back has got to.
 #[derive(Debug, Default)]

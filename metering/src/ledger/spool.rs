@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::db_writer::Pending;
 use super::{LedgerGauges, Msg, MAX_BATCH};
 use crate::store::UsageRecord;
+
+/// A record not yet known to be in the database, with the generation of the spool file that
+/// holds it (`None`: the spool could not take it, so memory is its only copy).
+pub(super) type Pending = (UsageRecord, Option<u64>);
 
 /// The append-only spool file.
 pub(super) struct Spool {

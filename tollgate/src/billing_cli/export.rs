@@ -16,7 +16,15 @@ use tollgate_metering::billing::{record_cells, record_json, RECORD_COLUMNS};
 use tollgate_metering::export_formats::{self, StripeMapping};
 use tollgate_metering::store::{RecordFilter, Store, UsageRecord};
 
-use super::usage::ExportFormat;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Jsonl,
+    /// One CloudEvents 1.0 JSON event per line (`id` = record id, `subject` = customer).
+    Cloudevents,
+    /// One Stripe billing meter event per line (`identifier` = record id).
+    Stripe,
+}
 
 /// Records read per database round trip while exporting.
 const EXPORT_PAGE: i64 = 5_000;

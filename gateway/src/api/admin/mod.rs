@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware::{self, Next};
@@ -365,6 +365,8 @@ fn limit_field(map: &Map<String, Value>, field: &str) -> Result<Option<Option<i6
 
 // The console and `api/audit.rs` still reach these rules through here; they are the store's.
 pub use tollgate_metering::store::{parse_cursor, valid_id};
+// `api/usage_api.rs` still imports it from here; it is `crate::error`'s.
+pub(crate) use crate::error::query;
 
 /// Issues a key (`Store::issue_key`); for the console.
 pub async fn issue_key(
@@ -387,14 +389,6 @@ fn shown(value: &str) -> String {
 
 fn list(data: Vec<impl serde::Serialize>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
-}
-
-/// A query string, or a 400 naming what is wrong with it.
-pub(crate) fn query<T: serde::de::DeserializeOwned>(
-    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    q.map(|Query(q)| q)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
 }
 
 #[cfg(test)]
