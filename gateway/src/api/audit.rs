@@ -58,7 +58,7 @@ pub(crate) async fn list(
         .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))?;
     // One more than the page: whether another page follows.
     let mut entries = store.audit_after(after, limit + 1).await?;
-    let has_more = entries.len() as i64 > limit;
+    let has_more = i64::try_from(entries.len()).is_ok_and(|n| n > limit);
     entries.truncate(usize::try_from(limit).unwrap_or(0));
     Ok(Json(json!({
         "object": "list",

@@ -482,7 +482,8 @@ fn reset_text(d: Duration) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }
-    let secs = d.as_secs_f64().ceil() as u64;
+    // Whole seconds, rounded up.
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     if secs < 60 {
         format!("{secs}s")
     } else {

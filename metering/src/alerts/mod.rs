@@ -311,7 +311,7 @@ async fn add_alerts(
         .bind(status.as_str())
         .execute(&mut *conn)
         .await?;
-        created += done.rows_affected() as usize;
+        created += usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
     }
     Ok(created)
 }

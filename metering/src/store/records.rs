@@ -82,7 +82,7 @@ impl Store {
             .bind(limit.saturating_add(1))
             .fetch_all(self.pool())
             .await?;
-        let has_more = rows.len() as i64 > limit;
+        let has_more = i64::try_from(rows.len()).is_ok_and(|n| n > limit);
         rows.truncate(usize::try_from(limit).unwrap_or(0));
         let last = match rows.last() {
             Some(row) => Some(row.try_get::<i64, _>("seq")?),

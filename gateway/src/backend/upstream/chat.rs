@@ -57,6 +57,7 @@ fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
     let lp = &choice["logprobs"];
     let token = |v: &Value| TokenLogprob {
         token: v["token"].as_str().unwrap_or_default().to_string(),
+        // f32 is the precision log-probabilities are carried in.
         logprob: v["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
         bytes: v["bytes"]
             .as_array()
@@ -92,6 +93,7 @@ fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
             LogprobEntry {
                 chosen: TokenLogprob {
                     token: text.to_string(),
+                    // f32 is the precision log-probabilities are carried in.
                     logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
                     bytes: text.as_bytes().to_vec(),
                 },
@@ -101,6 +103,7 @@ fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
                         m.iter()
                             .map(|(k, v)| TokenLogprob {
                                 token: k.clone(),
+                                // f32 is the precision log-probabilities are carried in.
                                 logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
                                 bytes: k.as_bytes().to_vec(),
                             })

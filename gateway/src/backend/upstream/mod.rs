@@ -266,7 +266,8 @@ impl UpstreamPool {
             (Routing::Customer, Some(customer)) => {
                 let up: Vec<&Arc<Member>> = order.iter().filter(|m| healthy(m)).collect();
                 let total: u64 = up.iter().map(|m| u64::from(load(m))).sum();
-                // Room for this request included, so an idle pool always has room.
+                // Room for this request included, so an idle pool always has room. (Counts of
+                // requests in flight and of members are far below 2^53: exact as f64.)
                 let bound = ((total + 1) as f64 * LOAD_BOUND / up.len().max(1) as f64)
                     .ceil()
                     .max(f64::from(LOAD_FLOOR));
