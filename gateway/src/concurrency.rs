@@ -142,7 +142,7 @@ impl InFlightRequests {
         ] {
             let running = counts.get(subject).copied().unwrap_or(0);
             if let Some(cap) = cap {
-                if running as i64 >= cap {
+                if i64::try_from(running).is_ok_and(|r| r >= cap) {
                     return Err(refuse(what, running, cap));
                 }
             }

@@ -119,103 +119,67 @@ impl ApiError {
 
     /// HTTP status, OpenAI `type`, `code`.
     fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        let (kind, code) = self.kind_and_code();
+        (self.status(), kind, code)
+    }
+
+    /// The HTTP status of each error.
+    pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
-            Self::InvalidApiKey(_) => (
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-            ),
-            Self::ModelNotFound(_) => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("model_not_found"),
-            ),
-            Self::RouteNotFound { .. } => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("unknown_url"),
-            ),
-            Self::PayloadTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                Some("request_too_large"),
-            ),
-            Self::Overloaded { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("overloaded"),
-            ),
-            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
-            Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "server_error", None),
-            Self::UpstreamCredentials(_) => (
-                StatusCode::BAD_GATEWAY,
-                "server_error",
-                Some("upstream_credentials"),
-            ),
-            Self::UpstreamRefused { status, .. } => (
-                StatusCode::from_u16(*status)
-                    .ok()
-                    .filter(StatusCode::is_client_error)
-                    .unwrap_or(StatusCode::BAD_REQUEST),
-                "invalid_request_error",
-                None,
-            ),
-            Self::ModelNotAllowed(_) => (
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
-                Some("model_not_allowed"),
-            ),
-            Self::RateLimited { unit, .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                unit,
-                Some("rate_limit_exceeded"),
-            ),
-            Self::InsufficientQuota { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "insufficient_quota",
-                Some("insufficient_quota"),
-            ),
-            Self::Unavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("service_unavailable"),
-            ),
-            Self::Conflict(_) => (
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                Some("conflict"),
-            ),
-            Self::IdempotencyKeyReused(_) => (
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                Some("idempotency_key_reused"),
-            ),
-            Self::IdempotencyKeyInProgress(_) => (
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                Some("idempotency_key_in_progress"),
-            ),
-            Self::NotFound(_) => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("not_found"),
-            ),
-            Self::InvalidAdminToken(_) => (
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                Some("invalid_admin_token"),
-            ),
-            Self::InsufficientScope(_) => (
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
-                Some("insufficient_scope"),
-            ),
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamCredentials(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamRefused { status, .. } => StatusCode::from_u16(*status)
+                .ok()
+                .filter(StatusCode::is_client_error)
+                .unwrap_or(StatusCode::BAD_REQUEST),
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::InsufficientQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused(_) => StatusCode::CONFLICT,
+            Self::IdempotencyKeyInProgress(_) => StatusCode::CONFLICT,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::InvalidAdminToken(_) => StatusCode::UNAUTHORIZED,
+            Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
         }
     }
 
-    pub fn status(&self) -> StatusCode {
-        self.parts().0
+    /// OpenAI's `type` and `code` of each error.
+    fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            Self::InvalidRequest { .. } => ("invalid_request_error", None),
+            Self::InvalidApiKey(_) => ("invalid_request_error", Some("invalid_api_key")),
+            Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            Self::RouteNotFound { .. } => ("invalid_request_error", Some("unknown_url")),
+            Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            Self::Overloaded { .. } => ("server_error", Some("overloaded")),
+            Self::Internal(_) => ("server_error", None),
+            Self::BadGateway(_) => ("server_error", None),
+            Self::UpstreamCredentials(_) => ("server_error", Some("upstream_credentials")),
+            Self::UpstreamRefused { .. } => ("invalid_request_error", None),
+            Self::ModelNotAllowed(_) => ("invalid_request_error", Some("model_not_allowed")),
+            Self::RateLimited { unit, .. } => (unit, Some("rate_limit_exceeded")),
+            Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota")),
+            Self::Unavailable(_) => ("server_error", Some("service_unavailable")),
+            Self::Conflict(_) => ("invalid_request_error", Some("conflict")),
+            Self::IdempotencyKeyReused(_) => {
+                ("invalid_request_error", Some("idempotency_key_reused"))
+            }
+            Self::IdempotencyKeyInProgress(_) => {
+                ("invalid_request_error", Some("idempotency_key_in_progress"))
+            }
+            Self::NotFound(_) => ("invalid_request_error", Some("not_found")),
+            Self::InvalidAdminToken(_) => ("invalid_request_error", Some("invalid_admin_token")),
+            Self::InsufficientScope(_) => ("invalid_request_error", Some("insufficient_scope")),
+        }
     }
 
     /// The JSON body (also used for SSE error events).
@@ -271,7 +235,8 @@ impl From<tollgate_metering::store::StoreError> for ApiError {
 impl From<tollgate_metering::limits::Refusal> for ApiError {
     fn from(r: tollgate_metering::limits::Refusal) -> Self {
         use tollgate_metering::limits::Refusal;
-        let secs = |d: std::time::Duration| d.as_secs_f64().ceil().max(1.0) as u64;
+        // Whole seconds, rounded up, at least 1.
+        let secs = |d: std::time::Duration| (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1);
         match r {
             Refusal::Rate {
                 message,
@@ -492,6 +457,14 @@ where
             Err(other) => Err(ApiError::invalid(format!("invalid path: {other}"), None)),
         }
     }
+}
+
+/// A query string, or a 400 naming what is wrong with it.
+pub(crate) fn query<T: serde::de::DeserializeOwned>(
+    q: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|axum::extract::Query(q)| q)
+        .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
 }
 
 /// `bytes` as a `T`, with `param` naming the field that does not fit.

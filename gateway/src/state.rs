@@ -29,21 +29,35 @@ pub struct AppState {
     pub limiter: Limiter,
     /// `TOLLGATE_ADMIN_TOKEN`; the admin API is off without it.
     pub admin_token: Option<Arc<str>>,
-    /// Sequences in flight per customer and model, for `max_sequences_per_customer`.
-    pub inflight: Arc<concurrency::InFlight>,
+    /// Sequences and requests in flight, for the concurrency caps.
+    pub inflight: InFlightCounts,
     /// Signed-in console sessions.
     pub console: Arc<console::Sessions>,
     /// Work that outlives its request (idempotent requests run to completion without their
     /// client); drained at shutdown.
     pub tasks: tokio_util::task::TaskTracker,
-    /// Cancelled at the end of shutdown: stops background work (alert delivery).
-    pub background: tokio_util::sync::CancellationToken,
-    /// That background work, waited for (within a bound) once cancelled.
-    pub background_tasks: tokio_util::task::TaskTracker,
-    /// Requests in flight per customer and per key, for `max_concurrent_requests`.
-    pub inflight_requests: Arc<concurrency::InFlightRequests>,
+    /// Background work (alert delivery), stopped at the end of shutdown.
+    pub background: Background,
     /// Failed admin authentications per client address.
     pub admin_failures: Arc<admin_tokens::FailedAuth>,
+}
+
+/// What is in flight, for the concurrency caps.
+#[derive(Clone, Default)]
+pub struct InFlightCounts {
+    /// Sequences per customer and model, for `max_sequences_per_customer`.
+    pub sequences: Arc<concurrency::InFlight>,
+    /// Requests per customer and per key, for `max_concurrent_requests`.
+    pub requests: Arc<concurrency::InFlightRequests>,
+}
+
+/// Work that outlives requests and is stopped at the end of shutdown.
+#[derive(Clone, Default)]
+pub struct Background {
+    /// Cancelled at the end of shutdown: stops the work.
+    pub stop: tokio_util::sync::CancellationToken,
+    /// The work, waited for (within a bound) once cancelled.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -61,12 +75,10 @@ impl AppState {
             ledger: None,
             limiter: Limiter::default(),
             admin_token: None,
-            inflight: Arc::default(),
+            inflight: InFlightCounts::default(),
             console: Arc::default(),
             tasks: tokio_util::task::TaskTracker::new(),
-            background: tokio_util::sync::CancellationToken::new(),
-            background_tasks: tokio_util::task::TaskTracker::new(),
-            inflight_requests: Arc::default(),
+            background: Background::default(),
             admin_failures: Arc::default(),
         })
     }
@@ -87,8 +99,9 @@ impl AppState {
         self.ledger = Some(Ledger::start(store.clone(), spool_path, sync, gauges)?);
         // Budget alerts: delivered from the outbox until shutdown.
         let deliverer = alerts::Deliverer::new(store.clone(), alerts::DeliveryConfig::default())?;
-        self.background_tasks
-            .spawn(deliverer.run(self.background.clone()));
+        self.background
+            .tasks
+            .spawn(deliverer.run(self.background.stop.clone()));
         if store.kind() == tollgate_metering::store::DbKind::Postgres {
             // Replicas share the database: limits and budgets are kept there, exact across them.
             self.limiter = Limiter::shared(store.clone());

@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
+use crate::db::{now_micros, DbKind, Store, StoreResult};
 use crate::periods::rfc3339;
-use crate::store::{now_micros, DbKind, Store, StoreResult};
 
 /// Advisory lock id serializing audit inserts on PostgreSQL, so `seq` values become visible in
 /// order and a cursor never skips an entry committed late (as for the ledger).

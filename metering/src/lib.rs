@@ -8,11 +8,13 @@
 //! It depends on no HTTP crate, so billing cannot reach for a request or a status code: its
 //! errors ([`store::StoreError`], [`limits::Refusal`]) are mapped to responses by the gateway.
 
+pub mod accounts;
 pub mod alerts;
 pub mod audit;
 pub mod billing;
 pub mod clock;
 pub mod console_queries;
+pub mod db;
 pub mod export_formats;
 pub mod idempotency;
 pub mod kinds;
@@ -21,6 +23,7 @@ pub mod limits;
 pub mod money;
 pub mod periods;
 pub mod responses;
+pub mod secrets;
 pub mod shared_limits;
 pub mod store;
 pub mod tags;

@@ -58,7 +58,9 @@ impl RateLevel {
             return 0;
         }
         let free_us = (self.now_us + WINDOW_US - self.tat_us).clamp(0, WINDOW_US);
-        (i128::from(free_us) * i128::from(self.limit) / i128::from(WINDOW_US)) as i64
+        // At most `limit`, since `free_us` is at most the window.
+        i64::try_from(i128::from(free_us) * i128::from(self.limit) / i128::from(WINDOW_US))
+            .unwrap_or(self.limit)
     }
 }
 
@@ -76,7 +78,8 @@ fn span_us(limit: i64, amount: i64) -> i64 {
     if limit <= 0 {
         return WINDOW_US + 1;
     }
-    (i128::from(amount) * i128::from(WINDOW_US) / i128::from(limit)) as i64
+    i64::try_from(i128::from(amount) * i128::from(WINDOW_US) / i128::from(limit))
+        .unwrap_or(i64::MAX)
 }
 
 /// One conditional GCRA upsert; the bucket's state when it had room.

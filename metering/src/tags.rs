@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::store::DbKind;
+use crate::db::DbKind;
 
 /// Tags by key, in key order (so the stored JSON is canonical).
 pub type Tags = BTreeMap<String, String>;

@@ -12,10 +12,10 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use crate::accounts::{ApiKey, Customer};
 use crate::kinds::BudgetPeriod;
 use crate::money::format_usd;
 use crate::periods::rfc3339;
-use crate::store::{ApiKey, Customer};
 
 /// A customer, its limits and budget.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]

@@ -403,8 +403,8 @@ impl Completion {
             outcome = self.outcome.as_str(),
             prompt_tokens,
             completion_tokens,
-            ttft_ms = self.first_token.map(|f| (f - self.started).as_millis() as u64),
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            ttft_ms = self.first_token.map(|f| millis(f - self.started)),
+            duration_ms = millis(self.started.elapsed()),
             "completion finished"
         );
     }
@@ -449,6 +449,11 @@ impl Drop for Completion {
         }
         self.observe();
     }
+}
+
+/// Whole milliseconds of `d`, for the logs (saturating; no request lasts 2^64 ms).
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -103,14 +103,14 @@ fn enter(
     if !caller.may_use(model) {
         return Err(ApiError::ModelNotAllowed(model.to_string()));
     }
-    let request_slot = state.inflight_requests.acquire(caller.request_caps())?;
+    let request_slot = state.inflight.requests.acquire(caller.request_caps())?;
     let cap = state
         .config
         .models
         .get(model)
         .and_then(|m| m.max_sequences_per_customer);
     let slots = match cap {
-        Some(limit) => Some(state.inflight.acquire(
+        Some(limit) => Some(state.inflight.sequences.acquire(
             &caller.customer_id,
             model,
             sequences,

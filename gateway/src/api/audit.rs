@@ -36,14 +36,14 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = crate::api::admin::query(q)?;
+    let q = crate::error::query(q)?;
     let param = |field: &str, message: String| ApiError::InvalidRequest {
         message,
         param: Some(field.to_string()),
     };
     let after = match q.after.as_deref() {
         None | Some("") => 0,
-        Some(c) => crate::api::admin::parse_cursor(c).map_err(|e| param("after", e))?,
+        Some(c) => tollgate_metering::store::parse_cursor(c).map_err(|e| param("after", e))?,
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -58,7 +58,7 @@ pub(crate) async fn list(
         .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))?;
     // One more than the page: whether another page follows.
     let mut entries = store.audit_after(after, limit + 1).await?;
-    let has_more = entries.len() as i64 > limit;
+    let has_more = i64::try_from(entries.len()).is_ok_and(|n| n > limit);
     entries.truncate(usize::try_from(limit).unwrap_or(0));
     Ok(Json(json!({
         "object": "list",

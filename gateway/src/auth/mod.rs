@@ -24,8 +24,6 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::clock::Clock;
@@ -121,7 +119,7 @@ pub struct Caller {
     /// The key's own monthly budget in nano-USD; `None` = only the customer's applies.
     pub key_budget_nano_usd: Option<i64>,
     /// Set by the idempotency layer when the request carries an `Idempotency-Key` it runs.
-    pub idempotency: Option<crate::idempotency::Ticket>,
+    pub idempotency: Option<crate::idempotency::ticket::Ticket>,
     /// Caps on requests in flight at once: the key's, the customer's (`None` = no cap).
     pub key_max_concurrent: Option<i64>,
     pub customer_max_concurrent: Option<i64>,
@@ -176,23 +174,8 @@ impl Caller {
     }
 }
 
-/// SHA-256 of a secret.
-pub fn digest(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A new secret key (`tg-` + 256 random bits in hex) and its id (`key_` + 64 random bits).
-pub fn new_key() -> (String, String) {
-    let mut secret = [0u8; 32];
-    let mut id = [0u8; 8];
-    rand::rng().fill_bytes(&mut secret);
-    rand::rng().fill_bytes(&mut id);
-    (format!("key_{}", hex(&id)), format!("tg-{}", hex(&secret)))
-}
+// The console still imports these from here.
+pub use tollgate_metering::secrets::{digest, hex};
 
 /// The keys clients may use and where to look them up.
 #[derive(Debug, Clone, Default)]
@@ -458,7 +441,7 @@ fn forwarded_customer(caller: &mut Caller, headers: &HeaderMap) -> Result<(), Ap
         let id = v
             .to_str()
             .ok()
-            .filter(|id| crate::api::admin::valid_id(id))
+            .filter(|id| tollgate_metering::store::valid_id(id))
             .ok_or_else(|| {
                 ApiError::invalid(
                     format!("`{CUSTOMER_HEADER}` must be a customer id"),
@@ -499,7 +482,8 @@ fn reset_text(d: Duration) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }
-    let secs = d.as_secs_f64().ceil() as u64;
+    // Whole seconds, rounded up.
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     if secs < 60 {
         format!("{secs}s")
     } else {

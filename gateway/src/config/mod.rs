@@ -17,8 +17,8 @@ mod tests;
 
 use models::{validate_model, RawModel};
 pub use models::{
-    BackendConfig, DeviceSpec, HttpBackendConfig, KvCacheDtype, LocalBackendConfig, ModelConfig,
-    ModelSource, ResponsesMode, WeightForm,
+    BackendConfig, DeviceSpec, Discovery, HttpBackendConfig, KvCacheDtype, LocalBackendConfig,
+    ModelConfig, ModelSource, ResponsesMode, Routing, WeightForm,
 };
 
 /// Errors loading the catalogue.

@@ -190,7 +190,7 @@ pub struct HttpBackendConfig {
     pub urls: Vec<String>,
     pub api_key_env: Option<String>,
     /// How the pool's members are found from `urls`.
-    pub discover: crate::backend::upstream::Discovery,
+    pub discover: Discovery,
     /// How `/v1/responses` reaches the upstream.
     pub responses: ResponsesMode,
     /// Whether members get each request's customer and scheduling weight (headers
@@ -198,7 +198,29 @@ pub struct HttpBackendConfig {
     /// [`crate::backend::upstream::WEIGHT_HEADER`]): for pools of `tollgate worker`s.
     pub forward_customer: bool,
     /// How a member is picked for each request.
-    pub routing: crate::backend::upstream::Routing,
+    pub routing: Routing,
+}
+
+/// How a pool finds its members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Discovery {
+    /// The configured URLs, one member each.
+    #[default]
+    Static,
+    /// Every address each URL's host name resolves to, resolved again every probe round.
+    Dns,
+}
+
+/// How a pool picks a member for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// The healthy member with the fewest requests in flight.
+    #[default]
+    LeastBusy,
+    /// The customer's own member while it carries fewer requests than `LOAD_BOUND` times
+    /// the average, or than `LOAD_FLOOR` (`backend/upstream`; requests without a customer:
+    /// least busy).
+    Customer,
 }
 
 /// How an http model serves `/v1/responses`.
@@ -300,8 +322,8 @@ pub(super) fn validate_model(
                 return Err(err("backend.urls is empty".into()));
             }
             let discover = match discover.as_deref() {
-                None | Some("static") => crate::backend::upstream::Discovery::Static,
-                Some("dns") => crate::backend::upstream::Discovery::Dns,
+                None | Some("static") => Discovery::Static,
+                Some("dns") => Discovery::Dns,
                 Some(other) => {
                     return Err(err(format!(
                         "backend.discover `{other}` is neither `static` nor `dns`"
@@ -318,8 +340,8 @@ pub(super) fn validate_model(
                 }
             };
             let routing = match routing.as_deref() {
-                None | Some("least_busy") => crate::backend::upstream::Routing::LeastBusy,
-                Some("customer") => crate::backend::upstream::Routing::Customer,
+                None | Some("least_busy") => Routing::LeastBusy,
+                Some("customer") => Routing::Customer,
                 Some(other) => {
                     return Err(err(format!(
                         "backend.routing `{other}` is neither `least_busy` nor `customer`"

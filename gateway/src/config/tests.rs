@@ -132,7 +132,7 @@ fn http_discovery_is_static_unless_dns() {
             BackendConfig::Local(_) => unreachable!(),
         })
     };
-    use crate::backend::upstream::Discovery;
+    use crate::config::Discovery;
     assert_eq!(discovery("").unwrap(), Discovery::Static);
     assert_eq!(
         discovery(", discover = \"static\"").unwrap(),
@@ -226,7 +226,7 @@ fn device_and_weights_are_parsed_when_the_catalogue_is() {
 
 #[test]
 fn an_http_pool_routes_least_busy_unless_told_by_customer() {
-    use crate::backend::upstream::Routing;
+    use crate::config::Routing;
     let pool = |extra: &str| {
         Config::from_toml_str(
             &format!(

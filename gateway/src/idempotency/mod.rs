@@ -23,8 +23,11 @@
 //! the [`Ticket`].
 
 mod lease;
+pub mod ticket;
 
-use std::sync::{Arc, OnceLock};
+pub use ticket::Ticket;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -39,7 +42,6 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::idempotency::{Claim, ClaimArgs, Stored};
-use tollgate_metering::kinds::Outcome;
 use tollgate_metering::store::now_micros;
 
 /// How long a key is remembered after its first request.
@@ -48,65 +50,6 @@ pub const WINDOW: Duration = Duration::from_secs(24 * 3600);
 pub const HEADER: &str = "idempotency-key";
 /// Longest key accepted.
 const MAX_KEY_LEN: usize = 255;
-
-/// A request that runs under an idempotency key: the key for its usage record, and the
-/// outcome its accounting settled with (only a completed request is kept for replay).
-#[derive(Clone)]
-pub struct Ticket {
-    pub key: String,
-    outcome: Arc<OnceLock<Outcome>>,
-    lease: Option<Arc<lease::Lease>>,
-}
-
-impl std::fmt::Debug for Ticket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ticket")
-            .field("key", &self.key)
-            .field("outcome", &self.outcome.get())
-            .field("lost", &self.lost())
-            .finish()
-    }
-}
-
-impl Ticket {
-    fn new(key: String) -> Self {
-        Self {
-            key,
-            outcome: Arc::default(),
-            lease: None,
-        }
-    }
-
-    /// Whether the request has lost its key to another (it is then not charged).
-    pub(crate) fn lost(&self) -> bool {
-        self.lease.as_ref().is_some_and(|l| l.is_lost())
-    }
-
-    /// Renews the lease before the request is charged: false when it has lost its key.
-    pub(crate) async fn still_held(&self) -> bool {
-        match &self.lease {
-            Some(lease) => lease.renew().await,
-            None => true,
-        }
-    }
-
-    /// Called once by the accounting guard with how the request ended.
-    pub(crate) fn settled(&self, outcome: Outcome) {
-        let _ = self.outcome.set(outcome);
-    }
-
-    fn completed(&self) -> bool {
-        self.outcome.get() == Some(&Outcome::Completed)
-    }
-}
-
-impl PartialEq for Ticket {
-    fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
-    }
-}
-
-impl Eq for Ticket {}
 
 /// The key of a request, checked: `None` without the header.
 pub fn key_of(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
@@ -151,7 +94,7 @@ pub fn request_hash(method: &str, path: &str, body: &[u8]) -> String {
         }
         Err(_) => h.update(body),
     }
-    crate::auth::hex(&h.finalize())
+    tollgate_metering::secrets::hex(&h.finalize())
 }
 
 /// Compact JSON with object keys sorted.
@@ -486,6 +429,7 @@ fn replay(stored: Stored) -> Response {
 mod tests {
     use super::*;
     use axum::http::HeaderMap;
+    use tollgate_metering::kinds::Outcome;
 
     fn headers(value: &[u8]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -227,16 +227,16 @@ impl Metrics {
                 .set(f64::from(load.running));
             self.kv_used
                 .with_label_values(&[model])
-                .set(load.kv_cache_used_bytes as f64);
+                .set(bytes_gauge(load.kv_cache_used_bytes));
             self.kv_capacity
                 .with_label_values(&[model])
-                .set(load.kv_cache_capacity_bytes as f64);
+                .set(bytes_gauge(load.kv_cache_capacity_bytes));
             self.batch_size
                 .with_label_values(&[model])
                 .set(f64::from(load.batch_size));
             self.prefix_cache
                 .with_label_values(&[model])
-                .set(load.prefix_cache_bytes as f64);
+                .set(bytes_gauge(load.prefix_cache_bytes));
             for (counter, total) in [
                 (&self.engine_steps, load.steps_total),
                 (&self.interleaved_steps, load.interleaved_steps_total),
@@ -260,4 +260,9 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// A byte count as a gauge's `f64`: exact below 2^53 bytes (8 PiB), beyond any KV cache.
+fn bytes_gauge(bytes: u64) -> f64 {
+    bytes as f64
 }

@@ -104,7 +104,7 @@ pub(super) async fn observe(
         .with_label_values(&[route.as_str(), model.as_str()])
         .observe(started.elapsed().as_secs_f64());
     if !quiet {
-        tracing::debug!(%method, %route, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+        tracing::debug!(%method, %route, status = status.as_u16(), ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "request");
     }
     response
 }

@@ -100,7 +100,6 @@ pub async fn run_split(
     let timeout = state.config.server.shutdown_timeout;
     let tasks = state.tasks.clone();
     let background = state.background.clone();
-    let background_tasks = state.background_tasks.clone();
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let limits = listener::ConnLimits {
@@ -162,9 +161,9 @@ pub async fn run_split(
     // (5) Background work stops (undelivered alerts stay in the outbox for the next start),
     // and is waited for: a delivery under way finishes (its HTTP call is bounded) rather than
     // being cut off by the end of the process.
-    background.cancel();
-    background_tasks.close();
-    if tokio::time::timeout(BACKGROUND_STOP, background_tasks.wait())
+    background.stop.cancel();
+    background.tasks.close();
+    if tokio::time::timeout(BACKGROUND_STOP, background.tasks.wait())
         .await
         .is_err()
     {

@@ -1,8 +1,8 @@
-//! The alert settings the gateway writes through the store, on SQLite (`store.rs`) and
+//! The alert settings the admin API and the CLI write through the store, on SQLite (`store.rs`) and
 //! PostgreSQL (`store_postgres.rs`): a webhook gets a secret, thresholds are kept. The alerts
 //! they then make are the store's contract (`metering/tests/common/store_contract.rs`).
 
-use tollgate_gateway::alerts::{self, SettingsChange};
+use tollgate_metering::alerts::{self, SettingsChange};
 use tollgate_metering::audit::Actor;
 use tollgate_metering::store::{CustomerFields, Store};
 

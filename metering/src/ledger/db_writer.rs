@@ -13,13 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::spool::{lock, read_lines, Spool};
-use super::{LedgerGauges, MAX_BATCH, RETRY_MAX, RETRY_MIN, WRITE_EVERY};
+use super::spool::{lock, read_lines, Pending, Spool};
+use super::{gauge, LedgerGauges, MAX_BATCH, RETRY_MAX, RETRY_MIN, WRITE_EVERY};
 use crate::store::{Store, UsageRecord};
-
-/// A record not yet known to be in the database, with the generation of the spool file that
-/// holds it (`None`: the spool could not take it, so memory is its only copy).
-pub(super) type Pending = (UsageRecord, Option<u64>);
 
 /// Where reading the spool file back has got to.
 #[derive(Debug, Default)]
@@ -103,7 +99,7 @@ impl DbWriter {
         if let Some(f) = &self.from_file {
             pending += lock(&self.spool).lines.saturating_sub(f.lines);
         }
-        self.gauges.pending.set(pending as i64);
+        self.gauges.pending.set(gauge(pending));
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Option<Vec<Pending>>>) {
@@ -190,7 +186,7 @@ impl DbWriter {
                             None
                         })
                     };
-                    self.gauges.spooled.set(s.lines as i64);
+                    self.gauges.spooled.set(gauge(s.lines));
                     drop(s);
                     // Frees the old file's blocks, outside the lock.
                     drop(old);
@@ -225,7 +221,7 @@ impl DbWriter {
                 match s.restart_if_read_to(offset) {
                     Ok(Some(old)) => {
                         self.from_file = None;
-                        self.gauges.spooled.set(s.lines as i64);
+                        self.gauges.spooled.set(gauge(s.lines));
                         drop(s);
                         drop(old);
                         tracing::info!("usage ledger: the spooled backlog is in the database");

@@ -107,6 +107,11 @@ enum Msg {
     Stop,
 }
 
+/// A count of records as a gauge's value.
+fn gauge(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
 /// Gauges the writer keeps current.
 #[derive(Clone)]
 pub struct LedgerGauges {

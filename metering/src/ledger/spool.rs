@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::db_writer::Pending;
-use super::{LedgerGauges, Msg, MAX_BATCH};
+use super::{gauge, LedgerGauges, Msg, MAX_BATCH};
 use crate::store::UsageRecord;
+
+/// A record not yet known to be in the database, with the generation of the spool file that
+/// holds it (`None`: the spool could not take it, so memory is its only copy).
+pub(super) type Pending = (UsageRecord, Option<u64>);
 
 /// The append-only spool file.
 pub(super) struct Spool {
@@ -381,7 +384,7 @@ pub(super) fn spool_loop(
             }
         }
         if !appended.is_empty() {
-            gauges.spooled.set(lock(spool).lines as i64);
+            gauges.spooled.set(gauge(lock(spool).lines));
             let _ = db.send(Some(appended));
         }
         if !records.is_empty() {
@@ -394,7 +397,7 @@ pub(super) fn spool_loop(
                     None
                 }
             };
-            gauges.spooled.set(s.lines as i64);
+            gauges.spooled.set(gauge(s.lines));
             drop(s);
             for w in waiters {
                 let _ = w.send(());

@@ -112,16 +112,13 @@ impl Limiter {
     ) -> Result<BudgetHold, BudgetError> {
         let now = self.clock.now_micros();
         let (period_start, next) = month_bounds(now);
-        let quota = |committed: i64| {
-            Refusal::Quota {
-            message: format!(
-                "you exceeded your current quota: this request may cost up to {} USD, and {} USD of the {} USD {label} is spent or reserved",
-                crate::money::format_usd(amount),
-                crate::money::format_usd(committed),
-                crate::money::format_usd(budget),
-            ),
-            retry_after: Duration::from_micros((next - now).max(0) as u64),
-        }
+        let ask = Ask {
+            scope,
+            label,
+            budget,
+            amount,
+            period_start,
+            retry_after: Duration::from_micros(u64::try_from(next - now).unwrap_or(0)),
         };
         if let Some(shared) = self.shared.as_ref().filter(|s| !s.is_down()) {
             let checked = shared_limits::hold_budget(
@@ -135,34 +132,47 @@ impl Limiter {
             .await;
             shared.observe(&checked);
             match checked {
-                Ok(check) => {
-                    // This replica's view, for when the database cannot be asked.
-                    let committed = check.committed_before + if check.held { amount } else { 0 };
-                    self.budgets
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(
-                            scope.clone(),
-                            BudgetState {
-                                period_start,
-                                spent: committed,
-                                reserved: 0,
-                            },
-                        );
-                    if !check.held {
-                        return Err(quota(check.committed_before).into());
-                    }
-                    return Ok(BudgetHold {
-                        scope: scope.clone(),
-                        period_start,
-                        amount,
-                        shared: Some(hold_id.to_string()),
-                        key: None,
-                    });
-                }
+                Ok(check) => return self.held_in_shared(&ask, hold_id, &check),
                 Err(e) => warn_fallback(&e),
             }
         }
+        self.load_month(store, scope, period_start).await?;
+        self.reserve_here(&ask)
+    }
+
+    /// The shared database's answer to a reservation, also kept as this replica's view for
+    /// when the database cannot be asked.
+    fn held_in_shared(
+        &self,
+        ask: &Ask<'_>,
+        hold_id: &str,
+        check: &shared_limits::BudgetCheck,
+    ) -> Result<BudgetHold, BudgetError> {
+        let committed = check.committed_before + if check.held { ask.amount } else { 0 };
+        self.budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                ask.scope.clone(),
+                BudgetState {
+                    period_start: ask.period_start,
+                    spent: committed,
+                    reserved: 0,
+                },
+            );
+        if !check.held {
+            return Err(ask.refusal(check.committed_before).into());
+        }
+        Ok(ask.hold(ask.amount, Some(hold_id.to_string())))
+    }
+
+    /// Reads `scope`'s spending of the month from the ledger unless this replica knows it.
+    async fn load_month(
+        &self,
+        store: Option<&Store>,
+        scope: &BudgetScope,
+        period_start: i64,
+    ) -> Result<(), BudgetError> {
         let known = {
             let budgets = self
                 .budgets
@@ -172,53 +182,47 @@ impl Limiter {
                 .get(scope)
                 .is_some_and(|b| b.period_start == period_start)
         };
-        if !known {
-            let spent = match store {
-                Some(s) => s.scope_spent_since(scope, period_start).await?,
-                None => 0,
-            };
-            let mut budgets = self
-                .budgets
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let entry = budgets.entry(scope.clone());
-            let state = entry.or_insert(BudgetState {
-                period_start,
-                spent,
-                reserved: 0,
-            });
-            if state.period_start != period_start {
-                *state = BudgetState {
-                    period_start,
-                    spent,
-                    reserved: 0,
-                };
-            }
+        if known {
+            return Ok(());
         }
+        let spent = match store {
+            Some(s) => s.scope_spent_since(scope, period_start).await?,
+            None => 0,
+        };
         let mut budgets = self
             .budgets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(state) = budgets.get_mut(scope) else {
-            return Ok(BudgetHold {
-                scope: scope.clone(),
-                period_start,
-                amount: 0,
-                shared: None,
-                key: None,
-            });
-        };
-        if state.spent + state.reserved + amount > budget {
-            return Err(quota(state.spent + state.reserved).into());
-        }
-        state.reserved += amount;
-        Ok(BudgetHold {
-            scope: scope.clone(),
+        let entry = budgets.entry(scope.clone());
+        let state = entry.or_insert(BudgetState {
             period_start,
-            amount,
-            shared: None,
-            key: None,
-        })
+            spent,
+            reserved: 0,
+        });
+        if state.period_start != period_start {
+            *state = BudgetState {
+                period_start,
+                spent,
+                reserved: 0,
+            };
+        }
+        Ok(())
+    }
+
+    /// Reserves in this replica's view of the month.
+    fn reserve_here(&self, ask: &Ask<'_>) -> Result<BudgetHold, BudgetError> {
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(state) = budgets.get_mut(ask.scope) else {
+            return Ok(ask.hold(0, None));
+        };
+        if state.spent + state.reserved + ask.amount > ask.budget {
+            return Err(ask.refusal(state.spent + state.reserved).into());
+        }
+        state.reserved += ask.amount;
+        Ok(ask.hold(ask.amount, None))
     }
 
     /// Replaces a budget reservation by the actual cost. A shared hold is released by its
@@ -310,6 +314,45 @@ impl Limiter {
             if state.period_start == period_start {
                 state.spent += actual;
             }
+        }
+    }
+}
+
+/// One reservation asked of a scope's budget this month.
+struct Ask<'a> {
+    scope: &'a BudgetScope,
+    /// Names the budget in a refusal.
+    label: &'a str,
+    budget: i64,
+    amount: i64,
+    period_start: i64,
+    /// Until the month ends.
+    retry_after: Duration,
+}
+
+impl Ask<'_> {
+    /// The refusal when `committed` (spent or reserved) leaves no room for the amount.
+    fn refusal(&self, committed: i64) -> Refusal {
+        Refusal::Quota {
+            message: format!(
+                "you exceeded your current quota: this request may cost up to {} USD, and {} USD \
+                 of the {} USD {} is spent or reserved",
+                crate::money::format_usd(self.amount),
+                crate::money::format_usd(committed),
+                crate::money::format_usd(self.budget),
+                self.label,
+            ),
+            retry_after: self.retry_after,
+        }
+    }
+
+    fn hold(&self, amount: i64, shared: Option<String>) -> BudgetHold {
+        BudgetHold {
+            scope: self.scope.clone(),
+            period_start: self.period_start,
+            amount,
+            shared,
+            key: None,
         }
     }
 }

@@ -96,6 +96,17 @@ enum Kind {
     Tokens,
 }
 
+/// A count of requests or tokens as a bucket level: exact, since per-minute limits and the
+/// amounts taken stay far below 2^53.
+fn as_level(count: i64) -> f64 {
+    count as f64
+}
+
+/// A bucket level (within `[0, limit]`, an `i64` limit) back as a whole count.
+fn as_count(level: f64) -> i64 {
+    level as i64
+}
+
 #[derive(Debug)]
 struct Bucket {
     limit: f64,
@@ -105,7 +116,7 @@ struct Bucket {
 
 impl Bucket {
     fn refill(&mut self, limit: i64, now: BucketClock) {
-        let limit = limit as f64;
+        let limit = as_level(limit);
         if (limit - self.limit).abs() > f64::EPSILON {
             // The limit changed: keep what was used.
             let used = self.limit - self.level;
@@ -126,8 +137,8 @@ impl Bucket {
 
     fn status(&self) -> BucketStatus {
         BucketStatus {
-            limit: self.limit as i64,
-            remaining: self.level.floor().max(0.0) as i64,
+            limit: as_count(self.limit),
+            remaining: as_count(self.level.floor().max(0.0)),
             reset: self.time_until(self.limit),
         }
     }
@@ -250,23 +261,23 @@ impl Limiter {
         check_fits(&scopes, kind, amount)?;
         for (scope, limit, level_name) in &scopes {
             let b = buckets.entry((scope.clone(), kind)).or_insert(Bucket {
-                limit: *limit as f64,
-                level: *limit as f64,
+                limit: as_level(*limit),
+                level: as_level(*limit),
                 updated: now,
             });
             b.refill(*limit, now);
-            if b.level < amount as f64 {
+            if b.level < as_level(amount) {
                 return Err(rate_refusal(
                     level_name,
                     *limit,
                     kind,
-                    b.time_until(amount as f64),
+                    b.time_until(as_level(amount)),
                 ));
             }
         }
         for (scope, _, _) in &scopes {
             if let Some(b) = buckets.get_mut(&(scope.clone(), kind)) {
-                b.level -= amount as f64;
+                b.level -= as_level(amount);
             }
         }
         Ok(())
@@ -310,8 +321,8 @@ impl Limiter {
                     buckets.insert(
                         (scope.clone(), kind),
                         Bucket {
-                            limit: *limit as f64,
-                            level: level.remaining() as f64,
+                            limit: as_level(*limit),
+                            level: as_level(level.remaining()),
                             updated: now,
                         },
                     );
@@ -320,7 +331,7 @@ impl Limiter {
             }
             Ok(RateOutcome::Refused { index, wait_us }) => {
                 let (_, limit, level_name) = &scopes[index];
-                let wait = Duration::from_micros(wait_us.max(0) as u64);
+                let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
                 Err(rate_refusal(level_name, *limit, kind, wait))
             }
             Err(e) => {
@@ -369,7 +380,7 @@ impl Limiter {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for (scope, _, _) in &scopes {
                 if let Some(b) = buckets.get_mut(&(scope.clone(), Kind::Tokens)) {
-                    b.level = (b.level + unused as f64).min(b.limit);
+                    b.level = (b.level + as_level(unused)).min(b.limit);
                 }
             }
         }
@@ -399,8 +410,8 @@ impl Limiter {
             let mut best: Option<BucketStatus> = None;
             for (scope, limit, _) in scopes(limits, kind) {
                 let b = buckets.entry((scope, kind)).or_insert(Bucket {
-                    limit: limit as f64,
-                    level: limit as f64,
+                    limit: as_level(limit),
+                    level: as_level(limit),
                     updated: now,
                 });
                 b.refill(limit, now);

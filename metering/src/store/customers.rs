@@ -1,36 +1,21 @@
 //! Customers: who pays, with their budgets and limits. Every change is audited in its own
 //! transaction (`crate::audit`).
 
-use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{is_unique_violation, kind_column, now_micros, Store, StoreError, StoreResult};
+use crate::accounts::Customer;
 use crate::audit::{self, Action, Actor, Change};
 use crate::kinds::BudgetPeriod;
 use crate::views::CustomerView;
 
-/// A customer: who pays. Limits are optional (`None` = unlimited).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Customer {
-    pub id: String,
-    pub name: String,
-    pub budget_nano_usd: Option<i64>,
-    pub budget_period: BudgetPeriod,
-    pub rpm: Option<i64>,
-    pub tpm: Option<i64>,
-    pub created_at: i64,
-    /// Requests in flight at once across the customer's keys; `None` = no cap.
-    #[serde(default)]
-    pub max_concurrent_requests: Option<i64>,
-    /// The customer's share of a model's engine when customers compete for it (weighted
-    /// fair queueing; 1 = an equal share).
-    #[serde(default = "default_weight")]
-    pub scheduling_weight: i64,
-}
-
-fn default_weight() -> i64 {
-    1
+/// Ids are what operators and billing systems join on: short, printable, no spaces.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// The largest scheduling weight (a customer weighted so gets 100 times the share of one
@@ -122,7 +107,7 @@ impl Store {
             target_id: c.id.clone(),
             changes: audited_customer(&c),
         };
-        audit::record(&mut tx, self.kind, actor, &change).await?;
+        audit::record(&mut tx, self.kind(), actor, &change).await?;
         tx.commit().await?;
         Ok(c)
     }
@@ -143,7 +128,7 @@ impl Store {
         sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers ORDER BY id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?
         .iter()
         .map(customer)
@@ -160,7 +145,7 @@ impl Store {
             "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await;
         self.observe(&row);
         let row = row?;
@@ -230,7 +215,7 @@ impl Store {
                 target_id: c.id.clone(),
                 changes,
             };
-            audit::record(&mut tx, self.kind, actor, &change).await?;
+            audit::record(&mut tx, self.kind(), actor, &change).await?;
         }
         tx.commit().await?;
         Ok(c)

@@ -1,40 +1,15 @@
 //! API keys: a customer's keys, stored as the SHA-256 of their secret, with their models,
 //! limits, budgets and tags. Every change is audited in its own transaction (`crate::audit`).
 
-use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{now_micros, stored_tags, Customer, Store, StoreError, StoreResult};
+use crate::accounts::ApiKey;
 use crate::audit::{self, Action, Actor, Change};
+use crate::secrets::{new_key, stored_digest};
 use crate::tags::{self, Tags};
 use crate::views::KeyView;
-
-/// An API key without its secret (only the SHA-256 of the secret is stored).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiKey {
-    pub id: String,
-    pub customer_id: String,
-    pub name: String,
-    /// The first characters of the secret, to recognise it in lists.
-    pub key_prefix: String,
-    /// Models the key may use; `None` = all.
-    pub models: Option<Vec<String>>,
-    pub rpm: Option<i64>,
-    pub tpm: Option<i64>,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
-    pub created_at: i64,
-    /// Default cost-allocation tags of the key's records.
-    #[serde(default)]
-    pub tags: Tags,
-    /// The key's own monthly budget in nano-USD; `None` = only its customer's applies.
-    #[serde(default)]
-    pub budget_nano_usd: Option<i64>,
-    /// Requests in flight at once with this key; `None` = no cap of its own.
-    #[serde(default)]
-    pub max_concurrent_requests: Option<i64>,
-}
 
 /// Fields of a new key.
 #[derive(Debug, Clone, Default)]
@@ -155,6 +130,23 @@ async fn key_in(
 }
 
 impl Store {
+    /// Issues a key for a customer: returns it and its secret, which is never stored (only its
+    /// SHA-256) and cannot be shown again.
+    pub async fn issue_key(
+        &self,
+        customer_id: &str,
+        new: NewKey,
+        actor: &Actor,
+    ) -> StoreResult<(ApiKey, String)> {
+        let (id, secret) = new_key();
+        let prefix: String = secret.chars().take(9).collect();
+        let hash = stored_digest(&secret);
+        let key = self
+            .create_key(customer_id, &id, &hash, &prefix, new, actor)
+            .await?;
+        Ok((key, secret))
+    }
+
     /// Stores a key given the SHA-256 hex of its secret.
     pub async fn create_key(
         &self,
@@ -208,7 +200,7 @@ impl Store {
             target_id: key.id.clone(),
             changes: audited_key(&key),
         };
-        audit::record(&mut tx, self.kind, actor, &change).await?;
+        audit::record(&mut tx, self.kind(), actor, &change).await?;
         tx.commit().await?;
         Ok(key)
     }
@@ -305,7 +297,7 @@ impl Store {
                 target_id: key_id.to_string(),
                 changes,
             };
-            audit::record(&mut tx, self.kind, actor, &entry).await?;
+            audit::record(&mut tx, self.kind(), actor, &entry).await?;
         }
         tx.commit().await?;
         Ok(after)
@@ -315,7 +307,7 @@ impl Store {
     pub async fn key(&self, key_id: &str) -> StoreResult<ApiKey> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
             .bind(key_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await?;
         match row {
             Some(row) => api_key(&row),
@@ -329,7 +321,7 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE customer_id = $1 ORDER BY created_at, id"
         ))
         .bind(customer_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?
         .iter()
         .map(api_key)
@@ -355,7 +347,7 @@ impl Store {
             "SELECT {KEY_COLUMNS}, key_hash FROM api_keys WHERE key_hash = $1"
         ))
         .bind(key_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await;
         self.observe(&row);
         let row = row?;

@@ -9,6 +9,15 @@ use super::usage::{record, UsageRecord, RECORD_COLUMNS};
 use super::{Store, StoreResult};
 use crate::kinds::Outcome;
 
+/// Parses an export cursor (opaque to clients; a ledger sequence number here).
+pub fn parse_cursor(text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|c| *c >= 0)
+        .ok_or_else(|| format!("`{text}` is not a cursor returned by this API"))
+}
+
 /// Which records a page holds: all of these that are given (`started_at` in `[start, end)`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecordFilter {
@@ -73,7 +82,7 @@ impl Store {
             .bind(limit.saturating_add(1))
             .fetch_all(self.pool())
             .await?;
-        let has_more = rows.len() as i64 > limit;
+        let has_more = i64::try_from(rows.len()).is_ok_and(|n| n > limit);
         rows.truncate(usize::try_from(limit).unwrap_or(0));
         let last = match rows.last() {
             Some(row) => Some(row.try_get::<i64, _>("seq")?),

@@ -232,7 +232,7 @@ impl Store {
     /// the budget alert step, which reads those totals and cannot roll the records back.
     pub async fn insert_records(&self, records: &[UsageRecord]) -> StoreResult<u64> {
         let mut tx = self.write_tx().await?;
-        if self.kind == DbKind::Postgres {
+        if self.kind() == DbKind::Postgres {
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(LEDGER_LOCK)
                 .execute(&mut *tx)
@@ -240,7 +240,7 @@ impl Store {
         }
         let records = supersede_repeats(&mut tx, records).await?;
         let records: &[UsageRecord] = &records;
-        let postgres = self.kind == DbKind::Postgres;
+        let postgres = self.kind() == DbKind::Postgres;
         let mut inserted = 0;
         // (scope, started_at, cost) of the rows this batch added: customer and key month totals.
         let mut added: Vec<(String, i64, i64)> = Vec::new();
@@ -341,7 +341,7 @@ impl Store {
         ))
         .bind(id)
         .bind(since)
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await;
         self.observe(&row);
         let row = row?;
@@ -375,7 +375,7 @@ impl Store {
         .bind(end)
         .bind(cursor)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         let last = match rows.last() {
             Some(row) => Some(row.try_get::<i64, _>("seq")?),
@@ -401,7 +401,10 @@ impl Store {
         for g in group {
             match g {
                 GroupBy::Tag(key) => {
-                    cols.push(format!("{} AS tag_value", tags::sql_value(self.kind, next)));
+                    cols.push(format!(
+                        "{} AS tag_value",
+                        tags::sql_value(self.kind(), next)
+                    ));
                     tag_group = Some(key.clone());
                     next += 1;
                 }
@@ -458,7 +461,7 @@ impl Store {
         if filter.tag.is_some() {
             sql.push_str(&format!(
                 " AND {} = ${}",
-                tags::sql_value(self.kind, next),
+                tags::sql_value(self.kind(), next),
                 next + 1
             ));
         }
@@ -479,7 +482,7 @@ impl Store {
         if let Some((key, value)) = &filter.tag {
             q = q.bind(key.clone()).bind(value);
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = q.fetch_all(self.pool()).await?;
         let has = |g: GroupBy| group.contains(&g);
         let has_tag = group.iter().any(|g| matches!(g, GroupBy::Tag(_)));
         rows.iter()

@@ -16,7 +16,15 @@ use tollgate_metering::billing::{record_cells, record_json, RECORD_COLUMNS};
 use tollgate_metering::export_formats::{self, StripeMapping};
 use tollgate_metering::store::{RecordFilter, Store, UsageRecord};
 
-use super::usage::ExportFormat;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Jsonl,
+    /// One CloudEvents 1.0 JSON event per line (`id` = record id, `subject` = customer).
+    Cloudevents,
+    /// One Stripe billing meter event per line (`identifier` = record id).
+    Stripe,
+}
 
 /// Records read per database round trip while exporting.
 const EXPORT_PAGE: i64 = 5_000;
@@ -213,7 +221,7 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 fn read_cursor(path: &Path) -> anyhow::Result<i64> {
     match std::fs::read_to_string(path) {
         Ok(text) if text.trim().is_empty() => Ok(0),
-        Ok(text) => tollgate_gateway::api::admin::parse_cursor(&text)
+        Ok(text) => tollgate_metering::store::parse_cursor(&text)
             .map_err(|e| anyhow::anyhow!("cursor file {}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),

@@ -7,13 +7,13 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tollgate_gateway::alerts;
-use tollgate_gateway::api::admin::{issue_key, valid_id};
+use tollgate_metering::alerts;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::parse_usd;
+use tollgate_metering::store::admin_tokens::{parse_scopes, AdminToken};
 use tollgate_metering::store::{
-    now_micros, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
+    now_micros, valid_id, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
 };
 use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
@@ -40,30 +40,7 @@ impl DbArgs {
 #[derive(Debug, Subcommand)]
 pub enum CustomersCommand {
     /// Create a customer.
-    Create {
-        /// The customer's id (1-64 letters, digits, `-`, `_`, `.`).
-        id: String,
-        /// A display name (the id when absent).
-        #[arg(long)]
-        name: Option<String>,
-        /// Monthly budget in USD (decimal), e.g. 25.00.
-        #[arg(long)]
-        budget_usd: Option<String>,
-        /// Requests per minute for the whole customer.
-        #[arg(long)]
-        rpm: Option<i64>,
-        /// Tokens per minute for the whole customer.
-        #[arg(long)]
-        tpm: Option<i64>,
-        /// Requests in flight at once across the customer's keys.
-        #[arg(long)]
-        max_concurrent_requests: Option<i64>,
-        /// Share of each model's engine when customers compete (1 to 100; default 1).
-        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
-        scheduling_weight: Option<i64>,
-        #[command(flatten)]
-        db: DbArgs,
-    },
+    Create(CreateCustomer),
     /// List customers.
     List {
         #[command(flatten)]
@@ -77,30 +54,7 @@ pub enum CustomersCommand {
         db: DbArgs,
     },
     /// Change a customer; `none` clears a budget or limit.
-    Update {
-        /// The customer's id.
-        id: String,
-        /// A new display name.
-        #[arg(long)]
-        name: Option<String>,
-        /// Monthly budget in USD (decimal), or `none`.
-        #[arg(long)]
-        budget_usd: Option<String>,
-        /// Requests per minute for the whole customer, or `none`.
-        #[arg(long)]
-        rpm: Option<String>,
-        /// Tokens per minute for the whole customer, or `none`.
-        #[arg(long)]
-        tpm: Option<String>,
-        /// Requests in flight at once across the customer's keys, or `none`.
-        #[arg(long)]
-        max_concurrent_requests: Option<String>,
-        /// Share of each model's engine when customers compete (1 to 100).
-        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
-        scheduling_weight: Option<i64>,
-        #[command(flatten)]
-        db: DbArgs,
-    },
+    Update(UpdateCustomer),
     /// Show or change a customer's budget alerts: the webhook they are delivered to (its
     /// signing secret is printed once, when made) and the thresholds.
     Alerts {
@@ -120,39 +74,62 @@ pub enum CustomersCommand {
     },
 }
 
+#[derive(Debug, Args)]
+pub struct UpdateCustomer {
+    /// The customer's id.
+    id: String,
+    /// A new display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Monthly budget in USD (decimal), or `none`.
+    #[arg(long)]
+    budget_usd: Option<String>,
+    /// Requests per minute for the whole customer, or `none`.
+    #[arg(long)]
+    rpm: Option<String>,
+    /// Tokens per minute for the whole customer, or `none`.
+    #[arg(long)]
+    tpm: Option<String>,
+    /// Requests in flight at once across the customer's keys, or `none`.
+    #[arg(long)]
+    max_concurrent_requests: Option<String>,
+    /// Share of each model's engine when customers compete (1 to 100).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
+    scheduling_weight: Option<i64>,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateCustomer {
+    /// The customer's id (1-64 letters, digits, `-`, `_`, `.`).
+    id: String,
+    /// A display name (the id when absent).
+    #[arg(long)]
+    name: Option<String>,
+    /// Monthly budget in USD (decimal), e.g. 25.00.
+    #[arg(long)]
+    budget_usd: Option<String>,
+    /// Requests per minute for the whole customer.
+    #[arg(long)]
+    rpm: Option<i64>,
+    /// Tokens per minute for the whole customer.
+    #[arg(long)]
+    tpm: Option<i64>,
+    /// Requests in flight at once across the customer's keys.
+    #[arg(long)]
+    max_concurrent_requests: Option<i64>,
+    /// Share of each model's engine when customers compete (1 to 100; default 1).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
+    scheduling_weight: Option<i64>,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Issue a key; its secret is printed once and never stored.
-    Create {
-        /// The customer the key belongs to.
-        customer_id: String,
-        /// A name to recognise the key by.
-        #[arg(long, default_value = "")]
-        name: String,
-        /// Models the key may use (comma-separated); all when absent.
-        #[arg(long, value_delimiter = ',')]
-        models: Option<Vec<String>>,
-        /// Requests per minute with this key.
-        #[arg(long)]
-        rpm: Option<i64>,
-        /// Tokens per minute with this key.
-        #[arg(long)]
-        tpm: Option<i64>,
-        /// Requests in flight at once with this key.
-        #[arg(long)]
-        max_concurrent_requests: Option<i64>,
-        /// RFC 3339 time or date after which the key stops working.
-        #[arg(long)]
-        expires_at: Option<String>,
-        /// A default cost-allocation tag of the key's records, `key=value` (repeatable).
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        /// The key's own monthly budget in USD (besides its customer's).
-        #[arg(long)]
-        budget_usd: Option<String>,
-        #[command(flatten)]
-        db: DbArgs,
-    },
+    Create(CreateKey),
     /// Set (`--budget-usd 5`) or clear (`--budget-usd none`) a key's own monthly budget.
     Budget {
         /// The key's id.
@@ -175,30 +152,7 @@ pub enum KeysCommand {
     },
     /// Change a key's limits, models or expiry (`none` clears one), as
     /// `PATCH /admin/v1/keys/{id}`. Requests see the change within the key cache's lifetime.
-    Update {
-        /// The key's id.
-        key_id: String,
-        /// A new name.
-        #[arg(long)]
-        name: Option<String>,
-        /// Models the key may use (comma-separated), or `none` for all.
-        #[arg(long)]
-        models: Option<String>,
-        /// Requests per minute with this key, or `none`.
-        #[arg(long)]
-        rpm: Option<String>,
-        /// Tokens per minute with this key, or `none`.
-        #[arg(long)]
-        tpm: Option<String>,
-        /// Requests in flight at once with this key, or `none`.
-        #[arg(long)]
-        max_concurrent_requests: Option<String>,
-        /// RFC 3339 time or date after which the key stops working, or `none`.
-        #[arg(long)]
-        expires_at: Option<String>,
-        #[command(flatten)]
-        db: DbArgs,
-    },
+    Update(UpdateKey),
     /// Show a key (without its secret), with the customer it belongs to.
     Get {
         /// The key's id.
@@ -220,6 +174,64 @@ pub enum KeysCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateKey {
+    /// The key's id.
+    key_id: String,
+    /// A new name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Models the key may use (comma-separated), or `none` for all.
+    #[arg(long)]
+    models: Option<String>,
+    /// Requests per minute with this key, or `none`.
+    #[arg(long)]
+    rpm: Option<String>,
+    /// Tokens per minute with this key, or `none`.
+    #[arg(long)]
+    tpm: Option<String>,
+    /// Requests in flight at once with this key, or `none`.
+    #[arg(long)]
+    max_concurrent_requests: Option<String>,
+    /// RFC 3339 time or date after which the key stops working, or `none`.
+    #[arg(long)]
+    expires_at: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateKey {
+    /// The customer the key belongs to.
+    customer_id: String,
+    /// A name to recognise the key by.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Models the key may use (comma-separated); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    /// Requests per minute with this key.
+    #[arg(long)]
+    rpm: Option<i64>,
+    /// Tokens per minute with this key.
+    #[arg(long)]
+    tpm: Option<i64>,
+    /// Requests in flight at once with this key.
+    #[arg(long)]
+    max_concurrent_requests: Option<i64>,
+    /// RFC 3339 time or date after which the key stops working.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// A default cost-allocation tag of the key's records, `key=value` (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// The key's own monthly budget in USD (besides its customer's).
+    #[arg(long)]
+    budget_usd: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
 }
 
 fn print(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -252,44 +264,7 @@ fn budget_arg(text: Option<&str>) -> anyhow::Result<Option<Option<i64>>> {
 
 pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
     match cmd {
-        CustomersCommand::Create {
-            id,
-            name,
-            budget_usd,
-            rpm,
-            tpm,
-            max_concurrent_requests,
-            scheduling_weight,
-            db,
-        } => {
-            if !valid_id(&id) {
-                bail!(
-                    "`{id}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`"
-                );
-            }
-            let positive = |v: Option<i64>, n: &str| match v {
-                Some(x) if x <= 0 => bail!("--{n} must be positive"),
-                _ => Ok(v),
-            };
-            let fields = CustomerFields {
-                name: Some(name.unwrap_or_else(|| id.clone())),
-                budget_nano_usd: budget_arg(budget_usd.as_deref())?,
-                budget_period: None,
-                rpm: Some(positive(rpm, "rpm")?),
-                tpm: Some(positive(tpm, "tpm")?),
-                max_concurrent_requests: Some(positive(
-                    max_concurrent_requests,
-                    "max-concurrent-requests",
-                )?),
-                scheduling_weight,
-            };
-            let c = db
-                .open()
-                .await?
-                .create_customer(&id, fields, &Actor::cli_os_user())
-                .await?;
-            print(&CustomerView::from(&c))
-        }
+        CustomersCommand::Create(args) => create_customer(args).await,
         CustomersCommand::List { db } => {
             let list = db.open().await?.list_customers().await?;
             print(
@@ -304,35 +279,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             let spent = store.spent_since(&id, start).await?;
             print(&CustomerView::from(&customer).with_spend(spent))
         }
-        CustomersCommand::Update {
-            id,
-            name,
-            budget_usd,
-            rpm,
-            tpm,
-            max_concurrent_requests,
-            scheduling_weight,
-            db,
-        } => {
-            let fields = CustomerFields {
-                name,
-                budget_nano_usd: budget_arg(budget_usd.as_deref())?,
-                budget_period: None,
-                rpm: limit_arg(rpm.as_deref(), "rpm")?,
-                tpm: limit_arg(tpm.as_deref(), "tpm")?,
-                max_concurrent_requests: limit_arg(
-                    max_concurrent_requests.as_deref(),
-                    "max-concurrent-requests",
-                )?,
-                scheduling_weight,
-            };
-            let c = db
-                .open()
-                .await?
-                .update_customer(&id, fields, &Actor::cli_os_user())
-                .await?;
-            print(&CustomerView::from(&c))
-        }
+        CustomersCommand::Update(args) => update_customer(args).await,
         CustomersCommand::Alerts {
             id,
             webhook_url,
@@ -353,89 +300,79 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
     }
 }
 
+async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
+    let CreateCustomer {
+        id,
+        name,
+        budget_usd,
+        rpm,
+        tpm,
+        max_concurrent_requests,
+        scheduling_weight,
+        db,
+    } = args;
+    if !valid_id(&id) {
+        bail!("`{id}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`");
+    }
+    let positive = |v: Option<i64>, n: &str| match v {
+        Some(x) if x <= 0 => bail!("--{n} must be positive"),
+        _ => Ok(v),
+    };
+    let fields = CustomerFields {
+        name: Some(name.unwrap_or_else(|| id.clone())),
+        budget_nano_usd: budget_arg(budget_usd.as_deref())?,
+        budget_period: None,
+        rpm: Some(positive(rpm, "rpm")?),
+        tpm: Some(positive(tpm, "tpm")?),
+        max_concurrent_requests: Some(positive(
+            max_concurrent_requests,
+            "max-concurrent-requests",
+        )?),
+        scheduling_weight,
+    };
+    let c = db
+        .open()
+        .await?
+        .create_customer(&id, fields, &Actor::cli_os_user())
+        .await?;
+    print(&CustomerView::from(&c))
+}
+
+async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
+    let UpdateCustomer {
+        id,
+        name,
+        budget_usd,
+        rpm,
+        tpm,
+        max_concurrent_requests,
+        scheduling_weight,
+        db,
+    } = args;
+    let fields = CustomerFields {
+        name,
+        budget_nano_usd: budget_arg(budget_usd.as_deref())?,
+        budget_period: None,
+        rpm: limit_arg(rpm.as_deref(), "rpm")?,
+        tpm: limit_arg(tpm.as_deref(), "tpm")?,
+        max_concurrent_requests: limit_arg(
+            max_concurrent_requests.as_deref(),
+            "max-concurrent-requests",
+        )?,
+        scheduling_weight,
+    };
+    let c = db
+        .open()
+        .await?
+        .update_customer(&id, fields, &Actor::cli_os_user())
+        .await?;
+    print(&CustomerView::from(&c))
+}
+
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
-        KeysCommand::Create {
-            customer_id,
-            name,
-            models,
-            rpm,
-            tpm,
-            expires_at,
-            tags,
-            budget_usd,
-            max_concurrent_requests,
-            db,
-        } => {
-            let tags = tags_arg(&tags)?;
-            let budget_nano_usd = budget_arg(budget_usd.as_deref())?.flatten();
-            let expires_at = match expires_at {
-                Some(t) => {
-                    let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
-                    if at <= tollgate_metering::store::now_micros() {
-                        bail!("--expires-at {t} is in the past");
-                    }
-                    Some(at)
-                }
-                None => None,
-            };
-            if [rpm, tpm, max_concurrent_requests]
-                .iter()
-                .any(|v| v.is_some_and(|v| v <= 0))
-            {
-                bail!("--rpm, --tpm and --max-concurrent-requests must be positive");
-            }
-            let new = NewKey {
-                name,
-                models,
-                rpm,
-                tpm,
-                expires_at,
-                tags,
-                budget_nano_usd,
-                max_concurrent_requests,
-            };
-            let store = db.open().await?;
-            let (key, secret) = issue_key(&store, &customer_id, new, &Actor::cli_os_user()).await?;
-            print(&CreatedKeyView {
-                key: KeyView::from(&key),
-                secret,
-            })
-        }
-        KeysCommand::Update {
-            key_id,
-            name,
-            models,
-            rpm,
-            tpm,
-            max_concurrent_requests,
-            expires_at,
-            db,
-        } => {
-            let fields = KeyFields {
-                name,
-                models: models.map(|m| match m.as_str() {
-                    "none" | "null" => None,
-                    list => Some(list.split(',').map(|s| s.trim().to_string()).collect()),
-                }),
-                rpm: limit_arg(rpm.as_deref(), "rpm")?,
-                tpm: limit_arg(tpm.as_deref(), "tpm")?,
-                max_concurrent_requests: limit_arg(
-                    max_concurrent_requests.as_deref(),
-                    "max-concurrent-requests",
-                )?,
-                expires_at: expiry_arg(expires_at.as_deref())?,
-                ..KeyFields::default()
-            };
-            if fields.is_empty() {
-                bail!("nothing to change: give --name, --models, --rpm, --tpm, --max-concurrent-requests or --expires-at");
-            }
-            let store = db.open().await?;
-            let key = store
-                .set_key_fields(&key_id, fields, &Actor::cli_os_user())
-                .await?;
-            print(&KeyView::from(&key))
-        }
+        KeysCommand::Create(args) => create_key(args).await,
+        KeysCommand::Update(args) => update_key(args).await,
         KeysCommand::Get { key_id, db } => {
             print(&KeyView::from(&db.open().await?.key(&key_id).await?))
         }
@@ -474,6 +411,93 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 .await?,
         )),
     }
+}
+
+async fn create_key(args: CreateKey) -> anyhow::Result<()> {
+    let CreateKey {
+        customer_id,
+        name,
+        models,
+        rpm,
+        tpm,
+        expires_at,
+        tags,
+        budget_usd,
+        max_concurrent_requests,
+        db,
+    } = args;
+    let tags = tags_arg(&tags)?;
+    let budget_nano_usd = budget_arg(budget_usd.as_deref())?.flatten();
+    let expires_at = match expires_at {
+        Some(t) => {
+            let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
+            if at <= tollgate_metering::store::now_micros() {
+                bail!("--expires-at {t} is in the past");
+            }
+            Some(at)
+        }
+        None => None,
+    };
+    if [rpm, tpm, max_concurrent_requests]
+        .iter()
+        .any(|v| v.is_some_and(|v| v <= 0))
+    {
+        bail!("--rpm, --tpm and --max-concurrent-requests must be positive");
+    }
+    let new = NewKey {
+        name,
+        models,
+        rpm,
+        tpm,
+        expires_at,
+        tags,
+        budget_nano_usd,
+        max_concurrent_requests,
+    };
+    let store = db.open().await?;
+    let (key, secret) = store
+        .issue_key(&customer_id, new, &Actor::cli_os_user())
+        .await?;
+    print(&CreatedKeyView {
+        key: KeyView::from(&key),
+        secret,
+    })
+}
+
+async fn update_key(args: UpdateKey) -> anyhow::Result<()> {
+    let UpdateKey {
+        key_id,
+        name,
+        models,
+        rpm,
+        tpm,
+        max_concurrent_requests,
+        expires_at,
+        db,
+    } = args;
+    let fields = KeyFields {
+        name,
+        models: models.map(|m| match m.as_str() {
+            "none" | "null" => None,
+            list => Some(list.split(',').map(|s| s.trim().to_string()).collect()),
+        }),
+        rpm: limit_arg(rpm.as_deref(), "rpm")?,
+        tpm: limit_arg(tpm.as_deref(), "tpm")?,
+        max_concurrent_requests: limit_arg(
+            max_concurrent_requests.as_deref(),
+            "max-concurrent-requests",
+        )?,
+        expires_at: expiry_arg(expires_at.as_deref())?,
+        ..KeyFields::default()
+    };
+    if fields.is_empty() {
+        bail!("nothing to change: give --name, --models, --rpm, --tpm, --max-concurrent-requests or --expires-at");
+    }
+    let store = db.open().await?;
+    let key = store
+        .set_key_fields(&key_id, fields, &Actor::cli_os_user())
+        .await?;
+    print(&KeyView::from(&key))
 }
 
 /// `--expires-at TIME|none`: a future time, or `none` (never expires); absent: unchanged.
@@ -532,25 +556,24 @@ pub enum AdminTokensCommand {
 }
 
 pub async fn admin_tokens(cmd: AdminTokensCommand) -> anyhow::Result<()> {
-    use tollgate_gateway::api::admin_tokens::{issue, list, parse_scopes, revoke, AdminToken};
     match cmd {
         AdminTokensCommand::Create { scopes, name, db } => {
             let scopes = parse_scopes(scopes.iter().map(String::as_str))
                 .map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
-            let (token, secret) =
-                issue(&db.open().await?, &name, &scopes, &Actor::cli_os_user()).await?;
-            let mut body = token.json();
-            body["token"] = json!(secret);
-            print(&body)
+            let (token, secret) = db
+                .open()
+                .await?
+                .issue_admin_token(&name, &scopes, &Actor::cli_os_user())
+                .await?;
+            print(&token.created_json(&secret))
         }
-        AdminTokensCommand::List { db } => {
-            let tokens = list(&db.open().await?).await?;
-            print(
-                &json!({"object": "list", "data": tokens.iter().map(AdminToken::json).collect::<Vec<_>>()}),
-            )
-        }
+        AdminTokensCommand::List { db } => print(&AdminToken::list_json(
+            &db.open().await?.admin_tokens().await?,
+        )),
         AdminTokensCommand::Revoke { id, db } => print(
-            &revoke(&db.open().await?, &id, &Actor::cli_os_user())
+            &db.open()
+                .await?
+                .revoke_admin_token(&id, &Actor::cli_os_user())
                 .await?
                 .json(),
         ),

@@ -11,18 +11,8 @@ use tollgate_metering::export_formats::StripeMapping;
 use tollgate_metering::kinds::Outcome;
 use tollgate_metering::store::{RecordFilter, UsageFilter};
 
-use super::export::{self, Destination, Export};
+use super::export::{self, Destination, Export, ExportFormat};
 use super::{print, DbArgs};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    Csv,
-    Jsonl,
-    /// One CloudEvents 1.0 JSON event per line (`id` = record id, `subject` = customer).
-    Cloudevents,
-    /// One Stripe billing meter event per line (`identifier` = record id).
-    Stripe,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportFormat {

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
+use tollgate_metering::alerts;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::kinds::BudgetPeriod;
 use tollgate_metering::money::parse_usd;
@@ -176,7 +177,7 @@ pub(super) async fn get_alert_settings(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let settings = store(&state)?.alert_settings(&id).await?;
-    Ok(Json(crate::alerts::settings_json(&settings, None)))
+    Ok(Json(alerts::settings_json(&settings, None)))
 }
 
 // `{"webhook_url": URL | null, "thresholds": [fractions], "rotate_secret": bool}`; the
@@ -199,7 +200,7 @@ pub(super) async fn put_alert_settings(
         None => None,
         Some(Value::Null) => Some(None),
         Some(Value::String(u)) => {
-            crate::alerts::check_webhook_url(u).map_err(|e| invalid_field("webhook_url", e))?;
+            alerts::check_webhook_url(u).map_err(|e| invalid_field("webhook_url", e))?;
             Some(Some(u.clone()))
         }
         Some(v) => {
@@ -223,7 +224,7 @@ pub(super) async fn put_alert_settings(
                     )),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            crate::alerts::parse_thresholds(&texts).map_err(|e| invalid_field("thresholds", e))?;
+            alerts::parse_thresholds(&texts).map_err(|e| invalid_field("thresholds", e))?;
             Some(texts)
         }
         Some(v) => {
@@ -243,17 +244,13 @@ pub(super) async fn put_alert_settings(
             ))
         }
     };
-    let change = crate::alerts::SettingsChange {
+    let change = alerts::SettingsChange {
         webhook_url,
         thresholds,
         rotate_secret,
     };
-    let (settings, secret) =
-        crate::alerts::update_settings(store(&state)?, &id, change, &actor).await?;
-    Ok(Json(crate::alerts::settings_json(
-        &settings,
-        secret.as_deref(),
-    )))
+    let (settings, secret) = alerts::update_settings(store(&state)?, &id, change, &actor).await?;
+    Ok(Json(alerts::settings_json(&settings, secret.as_deref())))
 }
 
 /// Budget alerts, oldest first, with their webhook delivery.
@@ -283,5 +280,5 @@ pub(super) async fn list_alerts(
     let alerts = store(&state)?
         .list_alerts(q.get("customer_id").map(String::as_str), limit)
         .await?;
-    Ok(list(alerts.iter().map(crate::alerts::alert_json).collect()))
+    Ok(list(alerts.iter().map(alerts::alert_json).collect()))
 }

@@ -8,14 +8,13 @@ use axum::{Extension, Json};
 use serde_json::{Map, Value};
 
 use super::{invalid_field, limit_field, list, object, reject_unknown, store, string_field};
-use crate::auth::{digest, hex, new_key};
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::parse_usd;
 use tollgate_metering::periods::rfc3339;
-use tollgate_metering::store::{now_micros, ApiKey, KeyFields, NewKey, Store};
+use tollgate_metering::store::{now_micros, KeyFields, NewKey};
 use tollgate_metering::tags::Tags;
 use tollgate_metering::views::{CreatedKeyView, KeyView};
 
@@ -159,35 +158,12 @@ pub(super) async fn create_key(
         budget_nano_usd: key_budget_field(&map)?.flatten(),
         max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?.flatten(),
     };
-    let (created, secret) = issue_key(store(&state)?, &customer_id, new, &actor).await?;
+    let (created, secret) = store(&state)?.issue_key(&customer_id, new, &actor).await?;
     let body = CreatedKeyView {
         key: KeyView::from(&created),
         secret,
     };
     Ok((StatusCode::CREATED, Json(body)).into_response())
-}
-
-/// Creates a key for a customer: returns it and its secret, which is never stored (only its
-/// SHA-256) and cannot be shown again.
-pub async fn issue_key(
-    store: &Store,
-    customer_id: &str,
-    new: NewKey,
-    actor: &Actor,
-) -> Result<(ApiKey, String), tollgate_metering::store::StoreError> {
-    let (id, secret) = new_key();
-    let prefix: String = secret.chars().take(9).collect();
-    let key = store
-        .create_key(
-            customer_id,
-            &id,
-            &hex(&digest(&secret)),
-            &prefix,
-            new,
-            actor,
-        )
-        .await?;
-    Ok((key, secret))
 }
 
 /// A customer's keys, without their secrets.

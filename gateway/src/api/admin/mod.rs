@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware::{self, Next};
@@ -37,9 +37,7 @@ use customers::{
     create_customer, get_alert_settings, get_customer, list_alerts, list_customers,
     put_alert_settings, update_customer,
 };
-pub use keys::issue_key;
 use keys::{create_key, get_key, list_keys, revoke_key, update_key};
-pub use usage::parse_cursor;
 use usage::{invoice, usage, usage_records};
 
 /// The admin API, one line per operation: its method, path, handler and the scope it needs.
@@ -365,12 +363,19 @@ fn limit_field(map: &Map<String, Value>, field: &str) -> Result<Option<Option<i6
     }
 }
 
-/// Ids are what operators and billing systems join on: short, printable, no spaces.
-pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+// The console and `api/audit.rs` still reach these rules through here; they are the store's.
+pub use tollgate_metering::store::{parse_cursor, valid_id};
+// `api/usage_api.rs` still imports it from here; it is `crate::error`'s.
+pub(crate) use crate::error::query;
+
+/// Issues a key (`Store::issue_key`); for the console.
+pub async fn issue_key(
+    store: &Store,
+    customer_id: &str,
+    new: tollgate_metering::store::NewKey,
+    actor: &Actor,
+) -> Result<(tollgate_metering::store::ApiKey, String), tollgate_metering::store::StoreError> {
+    store.issue_key(customer_id, new, actor).await
 }
 
 /// A value quoted back in an error, cut to a readable length (a 3 MB id is not echoed).
@@ -384,14 +389,6 @@ fn shown(value: &str) -> String {
 
 fn list(data: Vec<impl serde::Serialize>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
-}
-
-/// A query string, or a 400 naming what is wrong with it.
-pub(crate) fn query<T: serde::de::DeserializeOwned>(
-    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    q.map(|Query(q)| q)
-        .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::AppState;
 use tollgate_metering::billing::{self, parse_time};
 use tollgate_metering::kinds::Outcome;
 use tollgate_metering::periods::{month_bounds, rfc3339};
-use tollgate_metering::store::{now_micros, RecordFilter, UsageFilter};
+use tollgate_metering::store::{now_micros, parse_cursor, RecordFilter, UsageFilter};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,15 +165,6 @@ fn record_filter(q: &RecordsQuery) -> Result<RecordFilter, ApiError> {
         }
     }
     Ok(filter)
-}
-
-/// Parses an export cursor (opaque to clients; a ledger sequence number here).
-pub fn parse_cursor(text: &str) -> Result<i64, String> {
-    text.trim()
-        .parse::<i64>()
-        .ok()
-        .filter(|c| *c >= 0)
-        .ok_or_else(|| format!("`{text}` is not a cursor returned by this API"))
 }
 
 /// Usage records in ledger order, for export jobs that consume incrementally.

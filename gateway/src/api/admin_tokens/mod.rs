@@ -1,11 +1,11 @@
 //! Admin credentials and what each may do: scoped admin tokens issued through the admin API or
-//! the CLI (stored as SHA-256 digests, looked up by digest like client keys), the bootstrap
+//! the CLI (kept by `tollgate_metering::store::admin_tokens`, looked up by digest), the bootstrap
 //! `TOLLGATE_ADMIN_TOKEN` (scope `admin`), the admin middleware's check of a request against the
 //! scope its route needs (declared with the route, in `admin`), and the per-address limit on
 //! failed admin authentication.
 //!
-//! It owns the `admin_tokens` table and the admin middleware's decision; the admin routes
-//! themselves live in `admin`.
+//! It owns the admin middleware's decision and the admin tokens' routes; the table, the scopes'
+//! vocabulary and the queries are the store's, and the other admin routes live in `admin`.
 //!
 //! Scopes: `usage:read` (usage reports, records, invoices: what a billing export job needs),
 //! `customers:read` (listing and reading customers), `customers:write` (customers; implies
@@ -20,85 +20,20 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use rand::RngCore;
-use serde_json::{json, Value};
-use sqlx::Row;
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 
-use crate::auth::{bearer, digest, hex};
+use crate::auth::bearer;
 
 mod failures;
 
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 pub use failures::{FailedAuth, FAILURE_WINDOW, MAX_FAILURES};
-use tollgate_metering::audit::{self, Action, Actor, Change};
-use tollgate_metering::periods::rfc3339;
-use tollgate_metering::store::{now_micros, Store, StoreError};
-
-/// What an admin credential may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    UsageRead,
-    CustomersRead,
-    CustomersWrite,
-    KeysWrite,
-    Admin,
-}
-
-impl Scope {
-    pub const ALL: [Scope; 5] = [
-        Scope::UsageRead,
-        Scope::CustomersRead,
-        Scope::CustomersWrite,
-        Scope::KeysWrite,
-        Scope::Admin,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::UsageRead => "usage:read",
-            Self::CustomersRead => "customers:read",
-            Self::CustomersWrite => "customers:write",
-            Self::KeysWrite => "keys:write",
-            Self::Admin => "admin",
-        }
-    }
-
-    /// Whether a credential with this scope may do what `needed` allows.
-    pub fn implies(self, needed: Scope) -> bool {
-        self == needed
-            || self == Self::Admin
-            || (self == Self::CustomersWrite && needed == Self::CustomersRead)
-    }
-
-    pub fn parse(text: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.as_str() == text.trim())
-            .ok_or_else(|| {
-                format!(
-                    "unknown scope `{text}`; use {}",
-                    Self::ALL.map(Scope::as_str).join(", ")
-                )
-            })
-    }
-}
-
-/// Parses a list of scopes (deduplicated, sorted); at least one.
-pub fn parse_scopes<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Vec<Scope>, String> {
-    let mut scopes = items
-        .into_iter()
-        .filter(|s| !s.trim().is_empty())
-        .map(Scope::parse)
-        .collect::<Result<Vec<_>, _>>()?;
-    scopes.sort();
-    scopes.dedup();
-    if scopes.is_empty() {
-        return Err("at least one scope is needed".into());
-    }
-    Ok(scopes)
-}
+use tollgate_metering::audit::Actor;
+use tollgate_metering::secrets::digest;
+pub use tollgate_metering::store::admin_tokens::{parse_scopes, AdminToken, Scope};
+use tollgate_metering::store::Store;
 
 /// Who made an admin request: in the request's extensions for the handlers (and the audit).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,141 +50,6 @@ impl AdminIdentity {
     pub fn allows(&self, needed: Scope) -> bool {
         self.scopes.iter().any(|s| s.implies(needed))
     }
-}
-
-/// An issued admin token, without its secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminToken {
-    pub id: String,
-    pub name: String,
-    pub token_prefix: String,
-    pub scopes: Vec<Scope>,
-    pub created_at: i64,
-    pub revoked_at: Option<i64>,
-}
-
-impl AdminToken {
-    pub fn json(&self) -> Value {
-        json!({
-            "object": "admin_token",
-            "id": self.id,
-            "name": self.name,
-            "token_prefix": self.token_prefix,
-            "scopes": self.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            "created_at": rfc3339(self.created_at),
-            "revoked_at": self.revoked_at.map(rfc3339),
-        })
-    }
-}
-
-const COLUMNS: &str = "id, name, token_prefix, scopes, created_at, revoked_at";
-
-fn row_token(row: &sqlx::any::AnyRow) -> Result<AdminToken, StoreError> {
-    let scopes: String = row.try_get("scopes")?;
-    Ok(AdminToken {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        token_prefix: row.try_get("token_prefix")?,
-        scopes: parse_scopes(scopes.split(',')).map_err(StoreError::Invalid)?,
-        created_at: row.try_get("created_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-    })
-}
-
-/// Issues a token with these scopes: returns it and its secret, which is not stored (only its
-/// SHA-256) and cannot be shown again.
-pub async fn issue(
-    store: &Store,
-    name: &str,
-    scopes: &[Scope],
-    actor: &Actor,
-) -> Result<(AdminToken, String), StoreError> {
-    let mut secret = [0u8; 32];
-    let mut id = [0u8; 8];
-    rand::rng().fill_bytes(&mut secret);
-    rand::rng().fill_bytes(&mut id);
-    let secret = format!("tga-{}", hex(&secret));
-    let token = AdminToken {
-        id: format!("adm_{}", hex(&id)),
-        name: name.to_string(),
-        token_prefix: secret.chars().take(10).collect(),
-        scopes: scopes.to_vec(),
-        created_at: now_micros(),
-        revoked_at: None,
-    };
-    let scopes: Vec<&str> = token.scopes.iter().map(|s| s.as_str()).collect();
-    let mut tx = store.write_tx().await?;
-    sqlx::query(
-        "INSERT INTO admin_tokens (id, name, token_hash, token_prefix, scopes, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&token.id)
-    .bind(&token.name)
-    .bind(hex(&digest(&secret)))
-    .bind(&token.token_prefix)
-    .bind(scopes.join(","))
-    .bind(token.created_at)
-    .execute(&mut *tx)
-    .await?;
-    let change = Change {
-        action: Action::AdminTokenCreated,
-        target_id: token.id.clone(),
-        changes: json!({"name": token.name, "scopes": scopes}),
-    };
-    audit::record(&mut tx, store.kind(), actor, &change).await?;
-    tx.commit().await?;
-    Ok((token, secret))
-}
-
-pub async fn list(store: &Store) -> Result<Vec<AdminToken>, StoreError> {
-    sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM admin_tokens ORDER BY created_at, id"
-    ))
-    .fetch_all(store.pool())
-    .await?
-    .iter()
-    .map(row_token)
-    .collect()
-}
-
-/// Revokes a token at once (its next request is refused).
-pub async fn revoke(store: &Store, id: &str, actor: &Actor) -> Result<AdminToken, StoreError> {
-    let mut tx = store.write_tx().await?;
-    let revoked =
-        sqlx::query("UPDATE admin_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
-            .bind(id)
-            .bind(now_micros())
-            .execute(&mut *tx)
-            .await?;
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM admin_tokens WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let token = match row {
-        Some(row) => row_token(&row)?,
-        None => return Err(StoreError::NotFound(format!("no admin token `{id}`"))),
-    };
-    if revoked.rows_affected() > 0 {
-        let change = Change {
-            action: Action::AdminTokenRevoked,
-            target_id: token.id.clone(),
-            changes: json!({"revoked_at": token.revoked_at.map(rfc3339)}),
-        };
-        audit::record(&mut tx, store.kind(), actor, &change).await?;
-    }
-    tx.commit().await?;
-    Ok(token)
-}
-
-/// The live (unrevoked) token whose secret is `secret`, looked up by its digest.
-async fn find(store: &Store, secret: &str) -> Result<Option<AdminToken>, StoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM admin_tokens WHERE token_hash = $1 AND revoked_at IS NULL"
-    ))
-    .bind(hex(&digest(secret)))
-    .fetch_optional(store.pool())
-    .await?;
-    row.as_ref().map(row_token).transpose()
 }
 
 /// What the admin middleware decides on, taken from the request.
@@ -359,7 +159,7 @@ pub(crate) async fn identify(state: &AppState, presented: &str) -> Result<AdminI
     let Some(store) = state.store.as_ref() else {
         return Err(ApiError::InvalidAdminToken("invalid admin token".into()));
     };
-    match find(store, presented).await {
+    match store.live_admin_token(presented).await {
         Ok(Some(token)) => Ok(AdminIdentity {
             token_id: token.id,
             scopes: token.scopes,
@@ -380,18 +180,7 @@ pub(crate) async fn still_valid(state: &AppState, token_id: &str) -> Result<bool
     if token_id == BOOTSTRAP_ID {
         return Ok(state.admin_token.is_some());
     }
-    let row = sqlx::query("SELECT revoked_at FROM admin_tokens WHERE id = $1")
-        .bind(token_id)
-        .fetch_optional(store(state)?.pool())
-        .await
-        .map_err(StoreError::from)?;
-    Ok(match row {
-        Some(row) => row
-            .try_get::<Option<i64>, _>("revoked_at")
-            .map_err(StoreError::from)?
-            .is_none(),
-        None => false,
-    })
+    Ok(store(state)?.admin_token_is_live(token_id).await?)
 }
 
 fn too_many_failures(wait: u64) -> Response {
@@ -473,10 +262,10 @@ pub async fn create(
         }
     };
     let scopes = parse_scopes(scopes).map_err(|e| invalid("scopes", e))?;
-    let (token, secret) = issue(store(&state)?, &name, &scopes, &actor).await?;
-    let mut body = token.json();
-    body["token"] = json!(secret);
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    let (token, secret) = store(&state)?
+        .issue_admin_token(&name, &scopes, &actor)
+        .await?;
+    Ok((StatusCode::CREATED, Json(token.created_json(&secret))).into_response())
 }
 
 /// Admin tokens (scope `admin`), without their secrets.
@@ -484,11 +273,8 @@ pub async fn create(
     responses((status = 200, body = crate::openapi::admin_schemas::AdminTokenList), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub async fn list_handler(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let tokens = list(store(&state)?).await?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": tokens.iter().map(AdminToken::json).collect::<Vec<_>>(),
-    })))
+    let tokens = store(&state)?.admin_tokens().await?;
+    Ok(Json(AdminToken::list_json(&tokens)))
 }
 
 /// Revokes an admin token at once.
@@ -501,22 +287,7 @@ pub async fn revoke_handler(
     Extension(actor): Extension<Actor>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(revoke(store(&state)?, &id, &actor).await?.json()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_parse_strictly() {
-        assert_eq!(
-            parse_scopes(["keys:write", "usage:read", "keys:write"]).unwrap(),
-            vec![Scope::UsageRead, Scope::KeysWrite]
-        );
-        assert!(parse_scopes(["usage:write"])
-            .unwrap_err()
-            .contains("usage:write"));
-        assert!(parse_scopes([]).is_err());
-    }
+    Ok(Json(
+        store(&state)?.revoke_admin_token(&id, &actor).await?.json(),
+    ))
 }

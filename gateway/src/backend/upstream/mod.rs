@@ -42,33 +42,13 @@ use crate::backend::{
     TokenCounter,
 };
 use crate::config::ResponsesMode;
+pub use crate::config::{Discovery, Routing};
 
 /// How often members are probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting and receiving the response head; generation itself has no deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How a pool finds its members.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Discovery {
-    /// The configured URLs, one member each.
-    #[default]
-    Static,
-    /// Every address each URL's host name resolves to, resolved again every probe round.
-    Dns,
-}
-
-/// How a pool picks a member for a request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Routing {
-    /// The healthy member with the fewest requests in flight.
-    #[default]
-    LeastBusy,
-    /// The customer's own member while it carries fewer requests than [`LOAD_BOUND`] times
-    /// the average, or than [`LOAD_FLOOR`] (requests without a customer: least busy).
-    Customer,
-}
 
 /// How far above the average a customer's member may be loaded before its requests spill to
 /// the next member in the customer's order.
@@ -286,7 +266,8 @@ impl UpstreamPool {
             (Routing::Customer, Some(customer)) => {
                 let up: Vec<&Arc<Member>> = order.iter().filter(|m| healthy(m)).collect();
                 let total: u64 = up.iter().map(|m| u64::from(load(m))).sum();
-                // Room for this request included, so an idle pool always has room.
+                // Room for this request included, so an idle pool always has room. (Counts of
+                // requests in flight and of members are far below 2^53: exact as f64.)
                 let bound = ((total + 1) as f64 * LOAD_BOUND / up.len().max(1) as f64)
                     .ceil()
                     .max(f64::from(LOAD_FLOOR));

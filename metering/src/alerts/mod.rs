@@ -1,5 +1,6 @@
 //! The alert tables (migration 0012): customers' alert settings, and the `budget_alerts`
-//! outbox written by the ledger's insert transaction and drained by the deliverer.
+//! outbox written by the ledger's insert transaction and drained by the deliverer; the
+//! settings' rules are in `settings.rs`.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -10,9 +11,15 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use crate::audit::{self, Action, Actor, Change};
+use crate::db::{kind_column, now_micros, Store, StoreError, StoreResult};
 use crate::kinds::AlertStatus;
 use crate::periods::month_bounds;
-use crate::store::{kind_column, now_micros, Store, StoreError, StoreResult};
+
+mod settings;
+
+pub use settings::{
+    alert_json, check_webhook_url, parse_thresholds, settings_json, update_settings, SettingsChange,
+};
 
 /// Thresholds when a customer has not chosen any.
 pub const DEFAULT_THRESHOLDS: [&str; 3] = ["0.5", "0.8", "1.0"];
@@ -304,7 +311,7 @@ async fn add_alerts(
         .bind(status.as_str())
         .execute(&mut *conn)
         .await?;
-        created += done.rows_affected() as usize;
+        created += usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
     }
     Ok(created)
 }

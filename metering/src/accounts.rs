@@ -1,0 +1,57 @@
+//! The customer and the API key as the store reads them back: plain records that the store's
+//! queries return, the views (`crate::views`) show and the gateway's auth caches. No queries:
+//! those are `crate::store`'s.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kinds::BudgetPeriod;
+use crate::tags::Tags;
+
+/// A customer: who pays. Limits are optional (`None` = unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    pub name: String,
+    pub budget_nano_usd: Option<i64>,
+    pub budget_period: BudgetPeriod,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub created_at: i64,
+    /// Requests in flight at once across the customer's keys; `None` = no cap.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<i64>,
+    /// The customer's share of a model's engine when customers compete for it (weighted
+    /// fair queueing; 1 = an equal share).
+    #[serde(default = "default_weight")]
+    pub scheduling_weight: i64,
+}
+
+fn default_weight() -> i64 {
+    1
+}
+
+/// An API key without its secret (only the SHA-256 of the secret is stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub customer_id: String,
+    pub name: String,
+    /// The first characters of the secret, to recognise it in lists.
+    pub key_prefix: String,
+    /// Models the key may use; `None` = all.
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+    /// Default cost-allocation tags of the key's records.
+    #[serde(default)]
+    pub tags: Tags,
+    /// The key's own monthly budget in nano-USD; `None` = only its customer's applies.
+    #[serde(default)]
+    pub budget_nano_usd: Option<i64>,
+    /// Requests in flight at once with this key; `None` = no cap of its own.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<i64>,
+}
