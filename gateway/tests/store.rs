@@ -37,9 +37,10 @@ async fn sqlite_alert_settings() {
 /// customer's limits through this process (`forget_customer`) at once too.
 #[tokio::test]
 async fn key_lookups_are_reused_briefly_and_revocations_seen_within_key_max_age() {
-    use tollgate_gateway::auth::{digest, hex, AuthConfig, KeyCache, KEY_FRESH, KEY_MAX_AGE};
+    use tollgate_gateway::auth::{AuthConfig, KeyCache, KEY_FRESH, KEY_MAX_AGE};
     use tollgate_gateway::clock::Clock;
     use tollgate_metering::audit::Actor;
+    use tollgate_metering::secrets::{digest, hex};
     use tollgate_metering::store::{CustomerFields, NewKey};
     let actor = Actor::system();
 

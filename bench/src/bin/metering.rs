@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use prometheus::IntGauge;
-use tollgate_gateway::auth::{digest, hex, AuthConfig};
+use tollgate_gateway::auth::AuthConfig;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::ledger::{Ledger, LedgerGauges};
 use tollgate_metering::limits::{BudgetError, Limiter};
+use tollgate_metering::secrets::{digest, hex};
 use tollgate_metering::store::{now_micros, CustomerFields, DbKind, NewKey, Store, UsageRecord};
 
 const THROUGHPUT_RECORDS: usize = 20_000;

@@ -7,8 +7,8 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api::admin::query;
 use crate::auth::Caller;
+use crate::error::query;
 use crate::error::ApiError;
 use crate::AppState;
 use tollgate_metering::money::usd_f64;

@@ -174,8 +174,7 @@ impl Caller {
     }
 }
 
-// The console still imports these from here.
-pub use tollgate_metering::secrets::{digest, hex};
+use tollgate_metering::secrets::{digest, hex};
 
 /// The keys clients may use and where to look them up.
 #[derive(Debug, Clone, Default)]

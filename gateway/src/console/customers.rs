@@ -10,11 +10,11 @@ use maud::{html, Markup};
 
 use super::pages::{bad, budget, limit, opt, store, time, usd, Fields, PageResult};
 use super::{csrf_field, layout, PageError, Signed};
-use crate::api::admin::{issue_key, valid_id};
 use crate::AppState;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::format_usd;
 use tollgate_metering::periods::month_bounds;
+use tollgate_metering::store::valid_id;
 use tollgate_metering::store::{now_micros, ApiKey, CustomerFields, NewKey};
 
 pub(crate) async fn customers(
@@ -258,7 +258,9 @@ pub(crate) async fn create_key(
         budget_nano_usd: budget(&fields)?,
         max_concurrent_requests: None,
     };
-    let (key, secret) = issue_key(store(&state)?, &customer_id, new, &signed.actor).await?;
+    let (key, secret) = store(&state)?
+        .issue_key(&customer_id, new, &signed.actor)
+        .await?;
     let page = customer_page(&state, &signed, &customer_id, Some((key.id, secret))).await?;
     Ok((StatusCode::CREATED, page).into_response())
 }

@@ -31,10 +31,10 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::api::admin_tokens::{self, AdminIdentity, Scope};
-use crate::auth::{digest, hex};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::audit::Actor;
+use tollgate_metering::secrets::{digest, hex};
 
 /// The session cookie's name.
 const COOKIE: &str = "tollgate_console";

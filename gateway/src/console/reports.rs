@@ -57,7 +57,7 @@ pub(crate) async fn requests(
         end: time_param(&q.end, "end")?,
     };
     let before = match nonblank(&q.before) {
-        Some(c) => Some(crate::api::admin::parse_cursor(&c).map_err(bad)?),
+        Some(c) => Some(tollgate_metering::store::parse_cursor(&c).map_err(bad)?),
         None => None,
     };
     let records = store(&state)?.records_newest(&filter, before, PAGE).await?;
@@ -291,7 +291,7 @@ pub(crate) async fn audit(
     Query(q): Query<AuditQuery>,
 ) -> PageResult {
     let before = match nonblank(&q.before) {
-        Some(c) => Some(crate::api::admin::parse_cursor(&c).map_err(bad)?),
+        Some(c) => Some(tollgate_metering::store::parse_cursor(&c).map_err(bad)?),
         None => None,
     };
     let entries = store(&state)?.audit_before(before, PAGE).await?;

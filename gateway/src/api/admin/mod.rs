@@ -363,20 +363,8 @@ fn limit_field(map: &Map<String, Value>, field: &str) -> Result<Option<Option<i6
     }
 }
 
-// The console and `api/audit.rs` still reach these rules through here; they are the store's.
-pub use tollgate_metering::store::{parse_cursor, valid_id};
-// `api/usage_api.rs` still imports it from here; it is `crate::error`'s.
-pub(crate) use crate::error::query;
-
-/// Issues a key (`Store::issue_key`); for the console.
-pub async fn issue_key(
-    store: &Store,
-    customer_id: &str,
-    new: tollgate_metering::store::NewKey,
-    actor: &Actor,
-) -> Result<(tollgate_metering::store::ApiKey, String), tollgate_metering::store::StoreError> {
-    store.issue_key(customer_id, new, actor).await
-}
+use crate::error::query;
+use tollgate_metering::store::valid_id;
 
 /// A value quoted back in an error, cut to a readable length (a 3 MB id is not echoed).
 fn shown(value: &str) -> String {
