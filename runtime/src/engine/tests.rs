@@ -163,6 +163,16 @@ fn in_class(
     request
 }
 
+/// `n` token counters, at 0.
+fn counters(n: usize) -> Vec<Arc<AtomicUsize>> {
+    (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect()
+}
+
+/// What each of `counters` says now.
+fn made(counters: &[Arc<AtomicUsize>]) -> Vec<usize> {
+    counters.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+}
+
 /// Reads `events` until `n` more tokens came.
 fn read_tokens(events: &mut UnboundedReceiver<GenEvent>, n: usize) {
     let mut seen = 0;
@@ -204,7 +214,7 @@ fn a_higher_class_takes_the_steps_and_a_paused_lower_one_goes_on_unchanged() {
     )
     .unwrap();
 
-    let counters: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let counters = counters(2);
     let flex: Vec<_> = counters
         .iter()
         .map(|c| {
@@ -213,12 +223,7 @@ fn a_higher_class_takes_the_steps_and_a_paused_lower_one_goes_on_unchanged() {
                 .unwrap()
         })
         .collect();
-    let made = || {
-        counters
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect::<Vec<_>>()
-    };
+    let made = || made(&counters);
     while made().contains(&0) {
         std::thread::yield_now();
     }
@@ -296,17 +301,12 @@ fn a_preempted_sequence_comes_back_to_the_output_it_has_alone() {
         outcome(flex(sampled(story("f", 200)), &unseen)).unwrap(),
     ];
 
-    let counters: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let counters = counters(2);
     let streams = [
         flex(story("f", 200), &counters[0]),
         flex(sampled(story("f", 200)), &counters[1]),
     ];
-    let made = || {
-        counters
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect::<Vec<_>>()
-    };
+    let made = || made(&counters);
     while made().contains(&0) {
         std::thread::yield_now();
     }
