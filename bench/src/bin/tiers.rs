@@ -250,67 +250,71 @@ fn main() -> anyhow::Result<()> {
     forced.phase(&[load("warm", ServiceClass::Default, 2)], 3)?;
     let preempted = forced.phase(&mix, d)?;
 
-    let p99 = |g: &Got| quantile(&g.ttft_ms, 0.99);
-    let p50 = |g: &Got| quantile(&g.ttft_ms, 0.5);
-    let idle_p = p99(idle_priority.got("p")?);
-    let idle_d = p99(idle_default.got("d")?);
+    let ratios = ratios(
+        &idle_priority,
+        &idle_default,
+        &saturated,
+        &flex_only,
+        &mixed,
+        &preempted,
+    )?;
+    let phases = [
+        ("idle_priority", "idle priority", &idle_priority),
+        ("idle_default", "idle default", &idle_default),
+        ("saturated_default", "saturated default", &saturated),
+        ("flex_only", "flex only", &flex_only),
+        ("mixed", "mixed", &mixed),
+        ("mixed_preempted_every_step", "mixed, preempted", &preempted),
+    ];
+    print_table(&phases);
+    print_goals(&ratios);
+    if let Some(path) = args.json {
+        let result = json!({
+            "provenance": tollgate_bench::provenance::provenance(),
+            "duration_s": d, "streams": k, "max_tokens": args.max_tokens,
+            "phases": phases.iter().map(|(key, _, p)| (key.to_string(), phase_json(p))).collect::<serde_json::Map<_, _>>(),
+            "ratios": ratios,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn p99(g: &Got) -> f64 {
+    quantile(&g.ttft_ms, 0.99)
+}
+
+fn p50(g: &Got) -> f64 {
+    quantile(&g.ttft_ms, 0.5)
+}
+
+/// The figures the goals are about.
+fn ratios(
+    idle_priority: &Phase,
+    idle_default: &Phase,
+    saturated: &Phase,
+    flex_only: &Phase,
+    mixed: &Phase,
+    preempted: &Phase,
+) -> anyhow::Result<serde_json::Value> {
     let (mix_p, mix_d, mix_f) = (mixed.got("p")?, mixed.got("d")?, mixed.got("f")?);
-    let ratios = json!({
-        "priority_ttft_p99_over_idle": p99(mix_p) / idle_p,
-        "default_ttft_p99_over_idle": p99(mix_d) / idle_d,
+    let per_s = |g: &Got| g.tokens as f64 / mixed.seconds;
+    Ok(json!({
+        "priority_ttft_p99_over_idle": p99(mix_p) / p99(idle_priority.got("p")?),
+        "default_ttft_p99_over_idle": p99(mix_d) / p99(idle_default.got("d")?),
         "mixed_total_over_saturated": mixed.tok_per_s() / saturated.tok_per_s(),
-        "flex_share_of_what_others_leave": mix_f.tokens as f64 / mixed.seconds
-            / (saturated.tok_per_s() - (mix_p.tokens + mix_d.tokens) as f64 / mixed.seconds),
+        "flex_share_of_what_others_leave":
+            per_s(mix_f) / (saturated.tok_per_s() - per_s(mix_p) - per_s(mix_d)),
         "flex_only_over_default_only": flex_only.tok_per_s() / saturated.tok_per_s(),
         "preempted_every_step_over_mixed": preempted.tok_per_s() / mixed.tok_per_s(),
-    });
-    let goals = [
-        (
-            "priority TTFT p99 / idle",
-            "priority_ttft_p99_over_idle",
-            1.5,
-            true,
-        ),
-        (
-            "default TTFT p99 / idle",
-            "default_ttft_p99_over_idle",
-            2.0,
-            true,
-        ),
-        (
-            "mixed tok/s / saturated",
-            "mixed_total_over_saturated",
-            0.9,
-            false,
-        ),
-        (
-            "flex share of what others leave",
-            "flex_share_of_what_others_leave",
-            0.8,
-            false,
-        ),
-        (
-            "flex only / default only tok/s",
-            "flex_only_over_default_only",
-            0.95,
-            false,
-        ),
-        (
-            "mixed, preempted every step / mixed",
-            "preempted_every_step_over_mixed",
-            0.85,
-            false,
-        ),
-    ];
+    }))
+}
+
+/// Each phase's rate, and each tenant's TTFT p50 / p99, requests and rate.
+fn print_table(phases: &[(&str, &str, &Phase)]) {
     println!("phase                 tok/s    TTFT p50 / p99 (ms) by tenant");
-    for (name, phase) in [
-        ("idle priority", &idle_priority),
-        ("idle default", &idle_default),
-        ("saturated default", &saturated),
-        ("flex only", &flex_only),
-        ("mixed", &mixed),
-        ("mixed, preempted", &preempted),
-    ] {
+    for (_, name, phase) in phases {
         let tenants: Vec<String> = phase
             .tenants
             .iter()
@@ -333,7 +337,50 @@ fn main() -> anyhow::Result<()> {
             tenants.join("; ")
         );
     }
-    for (label, key, bound, at_most) in goals {
+}
+
+/// The goals of issue 31 beside the figures: `(label, figure, bound, whether at most)`.
+const GOALS: [(&str, &str, f64, bool); 6] = [
+    (
+        "priority TTFT p99 / idle",
+        "priority_ttft_p99_over_idle",
+        1.5,
+        true,
+    ),
+    (
+        "default TTFT p99 / idle",
+        "default_ttft_p99_over_idle",
+        2.0,
+        true,
+    ),
+    (
+        "mixed tok/s / saturated",
+        "mixed_total_over_saturated",
+        0.9,
+        false,
+    ),
+    (
+        "flex share of what others leave",
+        "flex_share_of_what_others_leave",
+        0.8,
+        false,
+    ),
+    (
+        "flex only / default only tok/s",
+        "flex_only_over_default_only",
+        0.95,
+        false,
+    ),
+    (
+        "mixed, preempted every step / mixed",
+        "preempted_every_step_over_mixed",
+        0.85,
+        false,
+    ),
+];
+
+fn print_goals(ratios: &serde_json::Value) {
+    for (label, key, bound, at_most) in GOALS {
         let value = ratios[key].as_f64().unwrap_or(f64::NAN);
         let met = if at_most {
             value <= bound
@@ -346,32 +393,15 @@ fn main() -> anyhow::Result<()> {
             if met { "met" } else { "NOT met" }
         );
     }
-    if let Some(path) = args.json {
-        let phase_json = |p: &Phase| {
-            json!({
-                "tok_per_s": p.tok_per_s(),
-                "tenants": p.tenants.iter().map(|(l, g)| json!({
-                    "tenant": l.name, "class": l.class.as_str(), "streams": l.streams,
-                    "requests": g.ttft_ms.len(), "tokens": g.tokens,
-                    "ttft_p50_ms": p50(g), "ttft_p99_ms": p99(g),
-                })).collect::<Vec<_>>(),
-            })
-        };
-        let result = json!({
-            "provenance": tollgate_bench::provenance::provenance(),
-            "duration_s": d, "streams": k, "max_tokens": args.max_tokens,
-            "phases": {
-                "idle_priority": phase_json(&idle_priority),
-                "idle_default": phase_json(&idle_default),
-                "saturated_default": phase_json(&saturated),
-                "flex_only": phase_json(&flex_only),
-                "mixed": phase_json(&mixed),
-                "mixed_preempted_every_step": phase_json(&preempted),
-            },
-            "ratios": ratios,
-        });
-        std::fs::write(&path, serde_json::to_string_pretty(&result)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+}
+
+fn phase_json(p: &Phase) -> serde_json::Value {
+    json!({
+        "tok_per_s": p.tok_per_s(),
+        "tenants": p.tenants.iter().map(|(l, g)| json!({
+            "tenant": l.name, "class": l.class.as_str(), "streams": l.streams,
+            "requests": g.ttft_ms.len(), "tokens": g.tokens,
+            "ttft_p50_ms": p50(g), "ttft_p99_ms": p99(g),
+        })).collect::<Vec<_>>(),
+    })
 }
