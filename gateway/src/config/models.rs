@@ -282,7 +282,25 @@ pub(super) fn validate_model(
             ))
         }
     };
-    let backend = match m.backend {
+    let backend = validate_backend(m.backend, base_dir).map_err(err)?;
+    let price = m.price.map(validate_price).transpose().map_err(err)?;
+    Ok(ModelConfig {
+        id: id.to_string(),
+        source,
+        backend,
+        context_length: m.context_length,
+        owned_by: m.owned_by.unwrap_or_else(|| "tollgate".into()),
+        price: price.unwrap_or_default(),
+        max_sequences_per_customer: match m.max_sequences_per_customer {
+            Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
+            other => other,
+        },
+    })
+}
+
+/// A model's `backend` table, its defaults filled in (paths relative to `base_dir`).
+fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfig, String> {
+    Ok(match backend {
         RawBackend::Local {
             device,
             weights,
@@ -298,7 +316,7 @@ pub(super) fn validate_model(
             device: device
                 .map(|d| d.parse())
                 .transpose()
-                .map_err(|e| err(format!("backend.device: {e}")))?
+                .map_err(|e| format!("backend.device: {e}"))?
                 .unwrap_or_default(),
             weights: weights.unwrap_or_default(),
             max_queue: max_queue.unwrap_or(64).max(1),
@@ -319,77 +337,74 @@ pub(super) fn validate_model(
             routing,
         } => {
             if urls.is_empty() {
-                return Err(err("backend.urls is empty".into()));
+                return Err("backend.urls is empty".into());
             }
-            let discover = match discover.as_deref() {
-                None | Some("static") => Discovery::Static,
-                Some("dns") => Discovery::Dns,
-                Some(other) => {
-                    return Err(err(format!(
-                        "backend.discover `{other}` is neither `static` nor `dns`"
-                    )))
-                }
-            };
-            let responses = match responses.as_deref() {
-                None | Some("translate") => ResponsesMode::Translate,
-                Some("passthrough") => ResponsesMode::Passthrough,
-                Some(other) => {
-                    return Err(err(format!(
-                        "backend.responses `{other}` is neither `translate` nor `passthrough`"
-                    )))
-                }
-            };
-            let routing = match routing.as_deref() {
-                None | Some("least_busy") => Routing::LeastBusy,
-                Some("customer") => Routing::Customer,
-                Some(other) => {
-                    return Err(err(format!(
-                        "backend.routing `{other}` is neither `least_busy` nor `customer`"
-                    )))
-                }
-            };
             BackendConfig::Http(HttpBackendConfig {
                 urls,
                 api_key_env,
-                discover,
-                responses,
+                discover: choice(
+                    "discover",
+                    discover,
+                    &[("static", Discovery::Static), ("dns", Discovery::Dns)],
+                )?,
+                responses: choice(
+                    "responses",
+                    responses,
+                    &[
+                        ("translate", ResponsesMode::Translate),
+                        ("passthrough", ResponsesMode::Passthrough),
+                    ],
+                )?,
                 forward_customer: forward_customer.unwrap_or(false),
-                routing,
+                routing: choice(
+                    "routing",
+                    routing,
+                    &[
+                        ("least_busy", Routing::LeastBusy),
+                        ("customer", Routing::Customer),
+                    ],
+                )?,
             })
         }
+    })
+}
+
+/// `backend.{key}`: one of `options` by name, the first when unset.
+fn choice<T: Copy>(key: &str, value: Option<String>, options: &[(&str, T)]) -> Result<T, String> {
+    let Some(value) = value else {
+        return options
+            .first()
+            .map(|(_, v)| *v)
+            .ok_or_else(|| format!("backend.{key} has no choices"));
     };
-    let price = match m.price {
-        None => Price::default(),
-        Some(p) => {
-            let parse = |key: &str, v: &str| -> Result<Decimal, ConfigError> {
-                let d = Decimal::from_str(v.trim())
-                    .map_err(|e| err(format!("price.{key} `{v}` is not a decimal number: {e}")))?;
-                if d.is_sign_negative() {
-                    return Err(err(format!("price.{key} `{v}` is negative")));
-                }
-                Ok(d)
-            };
-            let input_per_mtok = parse("input_per_mtok", &p.input_per_mtok)?;
-            Price {
-                input_per_mtok,
-                output_per_mtok: parse("output_per_mtok", &p.output_per_mtok)?,
-                cached_input_per_mtok: match &p.cached_input_per_mtok {
-                    Some(v) => parse("cached_input_per_mtok", v)?,
-                    None => input_per_mtok,
-                },
-            }
+    options
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<String> = options.iter().map(|(n, _)| format!("`{n}`")).collect();
+            format!("backend.{key} `{value}` is neither {}", names.join(" nor "))
+        })
+}
+
+/// A model's `price` table: decimal strings, none negative; the cached input price is the
+/// input price unless set.
+fn validate_price(p: RawPrice) -> Result<Price, String> {
+    let parse = |key: &str, v: &str| -> Result<Decimal, String> {
+        let d = Decimal::from_str(v.trim())
+            .map_err(|e| format!("price.{key} `{v}` is not a decimal number: {e}"))?;
+        if d.is_sign_negative() {
+            return Err(format!("price.{key} `{v}` is negative"));
         }
+        Ok(d)
     };
-    Ok(ModelConfig {
-        id: id.to_string(),
-        source,
-        backend,
-        context_length: m.context_length,
-        owned_by: m.owned_by.unwrap_or_else(|| "tollgate".into()),
-        price,
-        max_sequences_per_customer: match m.max_sequences_per_customer {
-            Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
-            other => other,
+    let input_per_mtok = parse("input_per_mtok", &p.input_per_mtok)?;
+    Ok(Price {
+        input_per_mtok,
+        output_per_mtok: parse("output_per_mtok", &p.output_per_mtok)?,
+        cached_input_per_mtok: match &p.cached_input_per_mtok {
+            Some(v) => parse("cached_input_per_mtok", v)?,
+            None => input_per_mtok,
         },
     })
 }
