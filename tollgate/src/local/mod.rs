@@ -139,6 +139,63 @@ fn logprob(t: tollgate_runtime::engine::TokenLogprob) -> TokenLogprob {
     }
 }
 
+impl LocalBackend {
+    /// How the output is read back: tool calls parsed unless `tool_choice` is `none`, in the
+    /// template's call syntax.
+    fn shape(&self, request: &GenerateRequest) -> Shape {
+        Shape {
+            // With `tool_choice: "none"` a call-like text is content, as OpenAI never answers
+            // a call then.
+            parse_calls: request
+                .tools
+                .as_ref()
+                .is_some_and(|t| t.choice != ToolChoice::None),
+            syntax: self.template.call_syntax(),
+            named: matches!(
+                request.tools.as_ref().map(|t| &t.choice),
+                Some(ToolChoice::Function(_))
+            ),
+        }
+    }
+
+    /// Refuses `logit_bias` tokens outside the vocabulary and a prompt of `prompt_tokens` that
+    /// fills the context; the tokens the request may generate.
+    fn check_lengths(
+        &self,
+        request: &GenerateRequest,
+        prompt_tokens: usize,
+    ) -> Result<usize, BackendError> {
+        if let Some(&(token, _)) = request
+            .params
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= self.vocab_size)
+        {
+            return Err(BackendError::InvalidRequest {
+                message: format!(
+                    "token {token} in 'logit_bias' is not in the vocabulary of model `{}` ({} tokens)",
+                    self.info.id, self.vocab_size
+                ),
+                param: Some("logit_bias".into()),
+            });
+        }
+        let context = self.engine.context_length();
+        if prompt_tokens >= context {
+            return Err(BackendError::InvalidRequest {
+                message: format!(
+                    "the prompt is {prompt_tokens} tokens long, but model `{}` has a context of {context} tokens",
+                    self.info.id
+                ),
+                param: Some("messages".into()),
+            });
+        }
+        Ok(match request.params.max_tokens {
+            Some(m) => m as usize,
+            None => context - prompt_tokens,
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl Backend for LocalBackend {
     fn info(&self) -> ModelInfo {
@@ -163,49 +220,9 @@ impl Backend for LocalBackend {
             weight: request.scheduling_weight.unwrap_or(1),
             class: ServiceClass::Default,
         });
-        let shape = Shape {
-            // With `tool_choice: "none"` a call-like text is content, as OpenAI never answers
-            // a call then.
-            parse_calls: request
-                .tools
-                .as_ref()
-                .is_some_and(|t| t.choice != ToolChoice::None),
-            syntax: self.template.call_syntax(),
-            named: matches!(
-                request.tools.as_ref().map(|t| &t.choice),
-                Some(ToolChoice::Function(_))
-            ),
-        };
-
-        if let Some(&(token, _)) = request
-            .params
-            .logit_bias
-            .iter()
-            .find(|(t, _)| *t as usize >= self.vocab_size)
-        {
-            return Err(BackendError::InvalidRequest {
-                message: format!(
-                    "token {token} in 'logit_bias' is not in the vocabulary of model `{}` ({} tokens)",
-                    self.info.id, self.vocab_size
-                ),
-                param: Some("logit_bias".into()),
-            });
-        }
-        let context = self.engine.context_length();
+        let shape = self.shape(&request);
         let prompt_tokens = prompt_ids.len();
-        if prompt_tokens >= context {
-            return Err(BackendError::InvalidRequest {
-                message: format!(
-                    "the prompt is {prompt_tokens} tokens long, but model `{}` has a context of {context} tokens",
-                    self.info.id
-                ),
-                param: Some("messages".into()),
-            });
-        }
-        let max_tokens = match request.params.max_tokens {
-            Some(m) => m as usize,
-            None => context - prompt_tokens,
-        };
+        let max_tokens = self.check_lengths(&request, prompt_tokens)?;
         let engine = self.engine.clone();
         let sampling = sampling_params(&request.params);
         let stop = request.params.stop.clone();
