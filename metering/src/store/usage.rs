@@ -250,56 +250,7 @@ impl Store {
             INSERT_CHUNK_SQLITE
         };
         for chunk in records.chunks(chunk_rows) {
-            let mut sql = format!("INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES ");
-            for i in 0..chunk.len() {
-                let base = i * RECORD_PARAMS;
-                let params: Vec<String> = (1..=RECORD_PARAMS)
-                    .map(|k| format!("${}", base + k))
-                    .collect();
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push('(');
-                sql.push_str(&params.join(", "));
-                sql.push(')');
-            }
-            sql.push_str(" ON CONFLICT (id) DO NOTHING");
-            sql.push_str(" RETURNING customer_id, key_id, started_at, cost_nano_usd");
-            let mut q = sqlx::query(&sql);
-            for r in chunk {
-                q = q
-                    .bind(&r.id)
-                    .bind(&r.customer_id)
-                    .bind(&r.key_id)
-                    .bind(&r.model)
-                    .bind(r.endpoint.as_str())
-                    .bind(i64::from(r.stream))
-                    .bind(r.status.as_str())
-                    .bind(r.finish_reason.map(FinishReason::as_str))
-                    .bind(r.input_tokens)
-                    .bind(r.output_tokens)
-                    .bind(r.started_at)
-                    .bind(r.finished_at)
-                    .bind(r.ttft_ms)
-                    .bind(r.input_price_per_mtok.to_string())
-                    .bind(r.output_price_per_mtok.to_string())
-                    .bind(r.cost_nano_usd)
-                    .bind(r.cached_input_tokens)
-                    .bind(r.cached_input_price_per_mtok.map(|p| p.to_string()))
-                    .bind(r.cached_cost_nano_usd)
-                    .bind(r.usage_source.map(UsageSource::as_str))
-                    .bind(tags::to_json(&r.tags))
-                    .bind(&r.idempotency_key);
-            }
-            for row in q.fetch_all(&mut *tx).await? {
-                let started_at: i64 = row.try_get("started_at")?;
-                let cost: i64 = row.try_get("cost_nano_usd")?;
-                let key_id: String = row.try_get("key_id")?;
-                added.push((row.try_get("customer_id")?, started_at, cost));
-                // The key's own spend, for key budgets.
-                added.push((BudgetScope::Key(key_id).stored(), started_at, cost));
-                inserted += 1;
-            }
+            inserted += insert_chunk(&mut tx, chunk, &mut added).await?;
         }
         if postgres {
             // Each record's holds: its customer's (the record id) and its key's.
@@ -545,4 +496,66 @@ impl Store {
             .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))
             .collect()
     }
+}
+
+/// Inserts `chunk` in one statement, skipping ids already present; for each new row pushes
+/// `(scope, started_at, cost)` onto `added`, for its customer and for its key. Returns how
+/// many were new.
+async fn insert_chunk(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    chunk: &[UsageRecord],
+    added: &mut Vec<(String, i64, i64)>,
+) -> StoreResult<u64> {
+    let mut sql = format!("INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES ");
+    for i in 0..chunk.len() {
+        let base = i * RECORD_PARAMS;
+        let params: Vec<String> = (1..=RECORD_PARAMS)
+            .map(|k| format!("${}", base + k))
+            .collect();
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        sql.push_str(&params.join(", "));
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    sql.push_str(" RETURNING customer_id, key_id, started_at, cost_nano_usd");
+    let mut q = sqlx::query(&sql);
+    for r in chunk {
+        q = q
+            .bind(&r.id)
+            .bind(&r.customer_id)
+            .bind(&r.key_id)
+            .bind(&r.model)
+            .bind(r.endpoint.as_str())
+            .bind(i64::from(r.stream))
+            .bind(r.status.as_str())
+            .bind(r.finish_reason.map(FinishReason::as_str))
+            .bind(r.input_tokens)
+            .bind(r.output_tokens)
+            .bind(r.started_at)
+            .bind(r.finished_at)
+            .bind(r.ttft_ms)
+            .bind(r.input_price_per_mtok.to_string())
+            .bind(r.output_price_per_mtok.to_string())
+            .bind(r.cost_nano_usd)
+            .bind(r.cached_input_tokens)
+            .bind(r.cached_input_price_per_mtok.map(|p| p.to_string()))
+            .bind(r.cached_cost_nano_usd)
+            .bind(r.usage_source.map(UsageSource::as_str))
+            .bind(tags::to_json(&r.tags))
+            .bind(&r.idempotency_key);
+    }
+    let mut inserted = 0;
+    for row in q.fetch_all(&mut **tx).await? {
+        let started_at: i64 = row.try_get("started_at")?;
+        let cost: i64 = row.try_get("cost_nano_usd")?;
+        let key_id: String = row.try_get("key_id")?;
+        added.push((row.try_get("customer_id")?, started_at, cost));
+        // The key's own spend, for key budgets.
+        added.push((BudgetScope::Key(key_id).stored(), started_at, cost));
+        inserted += 1;
+    }
+    Ok(inserted)
 }
