@@ -434,65 +434,8 @@ impl Store {
             q = q.bind(key.clone()).bind(value);
         }
         let rows = q.fetch_all(self.pool()).await?;
-        let has = |g: GroupBy| group.contains(&g);
-        let has_tag = group.iter().any(|g| matches!(g, GroupBy::Tag(_)));
         rows.iter()
-            .map(|row| {
-                let requests: i64 = row.try_get("requests")?;
-                Ok(UsageRow {
-                    customer_id: if has(GroupBy::Customer) {
-                        row.try_get("customer_id")?
-                    } else {
-                        None
-                    },
-                    model: if has(GroupBy::Model) {
-                        row.try_get("model")?
-                    } else {
-                        None
-                    },
-                    key_id: if has(GroupBy::Key) {
-                        row.try_get("key_id")?
-                    } else {
-                        None
-                    },
-                    bucket_start: if has(GroupBy::Day) || buckets.is_some() {
-                        row.try_get("bucket_start")?
-                    } else {
-                        None
-                    },
-                    tag_value: if has_tag {
-                        row.try_get("tag_value")?
-                    } else {
-                        None
-                    },
-                    input_price_per_mtok: if has(GroupBy::Prices) {
-                        row.try_get("input_price_per_mtok")?
-                    } else {
-                        None
-                    },
-                    output_price_per_mtok: if has(GroupBy::Prices) {
-                        row.try_get("output_price_per_mtok")?
-                    } else {
-                        None
-                    },
-                    cached_input_price_per_mtok: if has(GroupBy::Prices) {
-                        row.try_get("cached_input_price_per_mtok")?
-                    } else {
-                        None
-                    },
-                    requests,
-                    // SUM over no rows is NULL.
-                    input_tokens: row.try_get::<Option<i64>, _>("input_tokens")?.unwrap_or(0),
-                    output_tokens: row.try_get::<Option<i64>, _>("output_tokens")?.unwrap_or(0),
-                    cost_nano_usd: row.try_get::<Option<i64>, _>("cost_nano_usd")?.unwrap_or(0),
-                    cached_input_tokens: row
-                        .try_get::<Option<i64>, _>("cached_input_tokens")?
-                        .unwrap_or(0),
-                    cached_cost_nano_usd: row
-                        .try_get::<Option<i64>, _>("cached_cost_nano_usd")?
-                        .unwrap_or(0),
-                })
-            })
+            .map(|row| usage_row(row, group, buckets.is_some()))
             .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))
             .collect()
     }
@@ -558,4 +501,39 @@ async fn insert_chunk(
         inserted += 1;
     }
     Ok(inserted)
+}
+
+/// One row of [`Store::aggregate`]: the grouped columns that `group` (and time `buckets`)
+/// asked for, and the sums (0 where SUM saw no rows).
+fn usage_row(row: &sqlx::any::AnyRow, group: &[GroupBy], buckets: bool) -> StoreResult<UsageRow> {
+    let has = |g: GroupBy| group.contains(&g);
+    let has_tag = group.iter().any(|g| matches!(g, GroupBy::Tag(_)));
+    // A grouped column when `grouped`, else none.
+    let column = |grouped: bool, name: &str| -> StoreResult<Option<String>> {
+        Ok(if grouped { row.try_get(name)? } else { None })
+    };
+    let sum =
+        |name: &str| -> StoreResult<i64> { Ok(row.try_get::<Option<i64>, _>(name)?.unwrap_or(0)) };
+    let prices = has(GroupBy::Prices);
+    Ok(UsageRow {
+        customer_id: column(has(GroupBy::Customer), "customer_id")?,
+        model: column(has(GroupBy::Model), "model")?,
+        key_id: column(has(GroupBy::Key), "key_id")?,
+        bucket_start: if has(GroupBy::Day) || buckets {
+            row.try_get("bucket_start")?
+        } else {
+            None
+        },
+        tag_value: column(has_tag, "tag_value")?,
+        input_price_per_mtok: column(prices, "input_price_per_mtok")?,
+        output_price_per_mtok: column(prices, "output_price_per_mtok")?,
+        cached_input_price_per_mtok: column(prices, "cached_input_price_per_mtok")?,
+        requests: row.try_get("requests")?,
+        // SUM over no rows is NULL.
+        input_tokens: sum("input_tokens")?,
+        output_tokens: sum("output_tokens")?,
+        cost_nano_usd: sum("cost_nano_usd")?,
+        cached_input_tokens: sum("cached_input_tokens")?,
+        cached_cost_nano_usd: sum("cached_cost_nano_usd")?,
+    })
 }
