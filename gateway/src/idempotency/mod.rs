@@ -181,21 +181,8 @@ async fn run(state: AppState, request: Request, next: Next) -> Result<Response, 
             lease_until: now + micros(state.config.server.idempotency_lease),
         })
         .await?;
-    match claim {
-        Claim::Run => {}
-        Claim::Replay(stored) => return Ok(replay(stored)),
-        Claim::Mismatch => {
-            return Err(ApiError::IdempotencyKeyReused(format!(
-                "the Idempotency-Key `{key}` was already used with a different request; use a \
-                 new key for a new request"
-            )))
-        }
-        Claim::InProgress => {
-            return Err(ApiError::IdempotencyKeyInProgress(format!(
-                "a request with the Idempotency-Key `{key}` is still running; retry shortly to \
-                 get its result"
-            )))
-        }
+    if let Some(answer) = answer_without_running(claim, &key)? {
+        return Ok(answer);
     }
     let mut ticket = Ticket::new(key.clone());
     ticket.lease = Some(Arc::new(lease::Lease::new(
@@ -223,6 +210,22 @@ async fn run(state: AppState, request: Request, next: Next) -> Result<Response, 
     head_rx
         .await
         .map_err(|_| ApiError::Internal("the idempotent request's task ended early".into()))
+}
+
+/// What a claim that does not let the request run answers: the kept response, or why not.
+fn answer_without_running(claim: Claim, key: &str) -> Result<Option<Response>, ApiError> {
+    match claim {
+        Claim::Run => Ok(None),
+        Claim::Replay(stored) => Ok(Some(replay(stored))),
+        Claim::Mismatch => Err(ApiError::IdempotencyKeyReused(format!(
+            "the Idempotency-Key `{key}` was already used with a different request; use a new \
+             key for a new request"
+        ))),
+        Claim::InProgress => Err(ApiError::IdempotencyKeyInProgress(format!(
+            "a request with the Idempotency-Key `{key}` is still running; retry shortly to get \
+             its result"
+        ))),
+    }
 }
 
 /// A request running under a claimed key.
