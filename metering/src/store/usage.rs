@@ -336,14 +336,13 @@ impl Store {
         Ok((records, last))
     }
 
-    /// Aggregates usage in `filter`, grouped by `group` and optionally by fixed-width time
-    /// buckets `(origin, width)` in microseconds.
-    pub async fn aggregate(
+    /// The selected columns `group` and time `buckets` ask for; the grouped tag's path when
+    /// there is one (parameter 3), and the next free parameter.
+    fn group_columns(
         &self,
-        filter: &UsageFilter,
         group: &[GroupBy],
         buckets: Option<(i64, i64)>,
-    ) -> StoreResult<Vec<UsageRow>> {
+    ) -> StoreResult<(Vec<String>, Option<String>, usize)> {
         const DAY: i64 = 86_400_000_000;
         let mut cols: Vec<String> = Vec::new();
         // Parameters after start and end: the grouped tag's path, then the filters.
@@ -378,6 +377,18 @@ impl Store {
                 "((started_at - {origin}) / {width}) * {width} + {origin} AS bucket_start"
             ));
         }
+        Ok((cols, tag_group, next))
+    }
+
+    /// Aggregates usage in `filter`, grouped by `group` and optionally by fixed-width time
+    /// buckets `(origin, width)` in microseconds.
+    pub async fn aggregate(
+        &self,
+        filter: &UsageFilter,
+        group: &[GroupBy],
+        buckets: Option<(i64, i64)>,
+    ) -> StoreResult<Vec<UsageRow>> {
+        let (cols, tag_group, mut next) = self.group_columns(group, buckets)?;
         let group_exprs: Vec<String> = cols
             .iter()
             .map(|c| match c.rsplit_once(" AS ") {
