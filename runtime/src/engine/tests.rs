@@ -70,6 +70,17 @@ fn request(
     }
 }
 
+/// A long story of `tenant`, `max_tokens` long (the end tokens banned).
+fn story(tokenizer: &ModelTokenizer, tenant: &str, max_tokens: usize) -> GenRequest {
+    request(
+        tokenizer,
+        tenant,
+        "Tell me a long story about a dragon.",
+        max_tokens,
+        true,
+    )
+}
+
 /// A sequence's text, or its failure.
 fn outcome(mut events: UnboundedReceiver<GenEvent>) -> Result<String, String> {
     let mut text = String::new();
@@ -90,15 +101,7 @@ fn outcome(mut events: UnboundedReceiver<GenEvent>) -> Result<String, String> {
 #[test]
 fn a_failing_newcomer_fails_alone() {
     let (engine, tokenizer, per_token) = engine();
-    let story = |t: &str| {
-        request(
-            &tokenizer,
-            t,
-            "Tell me a long story about a dragon.",
-            256,
-            true,
-        )
-    };
+    let story = |t: &str| story(&tokenizer, t, 256);
     let question = |t: &str| request(&tokenizer, t, "What is the capital of France?", 6, false);
     let a_alone: Vec<String> = (0..4)
         .map(|_| engine.submit(story("a")).unwrap())
@@ -197,15 +200,7 @@ fn a_higher_class_takes_the_steps_and_a_paused_lower_one_goes_on_unchanged() {
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
     });
-    let story = |t: &str, max_tokens: usize| {
-        request(
-            &tokenizer,
-            t,
-            "Tell me a long story about a dragon.",
-            max_tokens,
-            true,
-        )
-    };
+    let story = |t: &str, max_tokens: usize| story(&tokenizer, t, max_tokens);
     let unseen = Arc::new(AtomicUsize::new(0));
     let flex_alone = outcome(
         engine
@@ -270,15 +265,7 @@ fn a_higher_class_takes_the_steps_and_a_paused_lower_one_goes_on_unchanged() {
 fn a_preempted_sequence_comes_back_to_the_output_it_has_alone() {
     // The dev model's KV bytes per token, from an engine of its own.
     let (_, tokenizer, per_token) = engine();
-    let story = |t: &str, max_tokens: usize| {
-        request(
-            &tokenizer,
-            t,
-            "Tell me a long story about a dragon.",
-            max_tokens,
-            true,
-        )
-    };
+    let story = |t: &str, max_tokens: usize| story(&tokenizer, t, max_tokens);
     let sampled = |mut r: GenRequest| {
         r.sampling.temperature = 0.8;
         r.sampling.seed = Some(7);
@@ -353,15 +340,7 @@ fn preempted_at_every_step_each_stream_keeps_its_alone_output() {
             ..EngineConfig::default()
         });
         let requests = || {
-            let story = |t: &str| {
-                request(
-                    &tokenizer,
-                    t,
-                    "Tell me a long story about a dragon.",
-                    48,
-                    true,
-                )
-            };
+            let story = |t: &str| story(&tokenizer, t, 48);
             let mut sampled = story("s");
             sampled.sampling.temperature = 0.8;
             sampled.sampling.seed = Some(11);
