@@ -100,6 +100,24 @@ kind! {
 }
 
 kind! {
+    /// The class of service a request was served (and is billed) at, as OpenAI's
+    /// `service_tier` names it. Highest first: `priority` > `default` > `flex` > `batch`.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum ServiceTier {
+        /// Latency-sensitive work, ahead of every other class; sold at a premium.
+        Priority,
+        /// The class a request gets unless it or its key asks for another.
+        #[default]
+        Default,
+        /// Work that can wait for capacity the classes above leave; sold cheaper.
+        Flex,
+        /// The Batch API's lines and background work: the fleet's surplus.
+        Batch,
+    }
+}
+
+kind! {
     /// The period a customer's budget covers.
     #[serde(rename_all = "snake_case")]
     #[strum(serialize_all = "snake_case")]

@@ -7,6 +7,8 @@
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
 
+use crate::kinds::ServiceTier;
+
 /// USD per million tokens, exact.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Price {
@@ -14,6 +16,65 @@ pub struct Price {
     pub output_per_mtok: Decimal,
     /// Prompt tokens served from a prefix cache (`input_per_mtok` unless configured).
     pub cached_input_per_mtok: Decimal,
+}
+
+impl Price {
+    /// Every unit price multiplied by `factor`, exact (trailing zeros dropped; × 1 is the
+    /// price unchanged, as configured).
+    pub fn scaled(self, factor: Decimal) -> Price {
+        if factor == Decimal::ONE {
+            return self;
+        }
+        Price {
+            input_per_mtok: (self.input_per_mtok * factor).normalize(),
+            output_per_mtok: (self.output_per_mtok * factor).normalize(),
+            cached_input_per_mtok: (self.cached_input_per_mtok * factor).normalize(),
+        }
+    }
+}
+
+/// A model's prices per class of service: `None` where the model is not sold at that tier (a
+/// request for it is refused, never billed at another tier's price).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierPrices {
+    pub priority: Option<Price>,
+    pub default: Option<Price>,
+    pub flex: Option<Price>,
+    pub batch: Option<Price>,
+}
+
+impl TierPrices {
+    /// Every tier at `price` (a free model: every tier at zero).
+    pub fn uniform(price: Price) -> TierPrices {
+        TierPrices {
+            priority: Some(price),
+            default: Some(price),
+            flex: Some(price),
+            batch: Some(price),
+        }
+    }
+
+    /// The unit prices of `tier`, if the model is sold at it.
+    pub fn get(&self, tier: ServiceTier) -> Option<Price> {
+        match tier {
+            ServiceTier::Priority => self.priority,
+            ServiceTier::Default => self.default,
+            ServiceTier::Flex => self.flex,
+            ServiceTier::Batch => self.batch,
+        }
+    }
+
+    /// The tiers the model is sold at, highest first.
+    pub fn offered(&self) -> impl Iterator<Item = (ServiceTier, Price)> + '_ {
+        [
+            ServiceTier::Priority,
+            ServiceTier::Default,
+            ServiceTier::Flex,
+            ServiceTier::Batch,
+        ]
+        .into_iter()
+        .filter_map(|t| self.get(t).map(|p| (t, p)))
+    }
 }
 
 /// Nano-USD per USD.

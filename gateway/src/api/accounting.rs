@@ -14,7 +14,7 @@ use crate::auth::Caller;
 use crate::backend::{FinishReason, Usage, UsageSource};
 use crate::concurrency::{RequestSlot, Slots};
 use crate::AppState;
-use tollgate_metering::kinds::{Endpoint, Outcome};
+use tollgate_metering::kinds::{Endpoint, Outcome, ServiceTier};
 use tollgate_metering::limits::{BudgetHold, TokenHold};
 use tollgate_metering::money::Price;
 use tollgate_metering::money::{cached_part_nano_usd, cost_with_cached_nano_usd};
@@ -28,6 +28,8 @@ pub(super) struct Charge {
     pub endpoint: Endpoint,
     pub stream: bool,
     pub price: Price,
+    /// The class of service it is served and priced at.
+    pub service_tier: ServiceTier,
     /// Cost-allocation tags for the record (request and key, merged).
     pub tags: Tags,
 }
@@ -323,6 +325,7 @@ impl Completion {
             usage_source: Some(self.usage_source()),
             tags: std::mem::take(&mut self.charge.tags),
             idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
+            service_tier: self.charge.service_tier,
         })
     }
 

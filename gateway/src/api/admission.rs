@@ -14,7 +14,7 @@ use crate::backend::{Backend, EventStream};
 use crate::concurrency::{RequestSlot, Slots};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
-use tollgate_metering::kinds::Endpoint;
+use tollgate_metering::kinds::{Endpoint, ServiceTier};
 use tollgate_metering::limits::{BudgetError, BudgetHold, TokenHold};
 use tollgate_metering::money::{max_cost_nano_usd, Price};
 use tollgate_metering::tags::Tags;
@@ -125,14 +125,18 @@ fn enter(
     })
 }
 
-/// The model's configured price (zero when it has none).
-fn price_of(state: &AppState, model: &str) -> Price {
-    state
-        .config
-        .models
-        .get(model)
-        .map(|m| m.price)
-        .unwrap_or_default()
+/// The model's price at `tier` (zero when the model has none). A tier the model is not sold at
+/// is refused (400 naming `service_tier`), never billed at another tier's price.
+fn price_of(state: &AppState, model: &str, tier: ServiceTier) -> Result<Price, ApiError> {
+    let Some(m) = state.config.models.get(model) else {
+        return Ok(Price::default());
+    };
+    m.prices.get(tier).ok_or_else(|| {
+        ApiError::invalid(
+            format!("the model `{model}` is not offered at service_tier `{tier}`"),
+            "service_tier",
+        )
+    })
 }
 
 /// Checks the key may use the model, admits the request against its rate limits and budgets
@@ -170,7 +174,8 @@ pub(crate) async fn start(
         prepared.push(entry.backend.prepare(request).await?);
     }
     let backend_time = t.elapsed();
-    let price = price_of(state, &plan.model);
+    let service_tier = ServiceTier::Default;
+    let price = price_of(state, &plan.model, service_tier)?;
     // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
     let n = plan.n.max(1) as usize;
     let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
@@ -197,6 +202,7 @@ pub(crate) async fn start(
         endpoint,
         stream: plan.stream,
         price,
+        service_tier,
         tags,
     };
     let holds = Holds {
@@ -246,7 +252,8 @@ pub(crate) async fn start_passthrough(
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let entry = enter(state, &caller, model, 1)?;
     state.limiter.admit_request(&caller.limits).await?;
-    let price = price_of(state, model);
+    let service_tier = ServiceTier::Default;
+    let price = price_of(state, model, service_tier)?;
     let (tokens_hold, budget_hold) = admit(
         state,
         &id.0,
@@ -263,6 +270,7 @@ pub(crate) async fn start_passthrough(
         endpoint,
         stream,
         price,
+        service_tier,
         tags,
     };
     let holds = Holds {

@@ -7,7 +7,8 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 use serde::Deserialize;
-use tollgate_metering::money::Price;
+use tollgate_metering::kinds::ServiceTier;
+use tollgate_metering::money::{Price, TierPrices};
 
 use super::ConfigError;
 
@@ -19,6 +20,8 @@ pub(super) struct RawModel {
     context_length: Option<u32>,
     owned_by: Option<String>,
     price: Option<RawPrice>,
+    /// The classes of service the model is sold at (every one when absent).
+    service_tiers: Option<Vec<ServiceTier>>,
     max_sequences_per_customer: Option<u32>,
 }
 
@@ -69,6 +72,23 @@ struct RawPrice {
     output_per_mtok: String,
     /// Prompt tokens served from a prefix cache; the input price when absent.
     cached_input_per_mtok: Option<String>,
+    /// `flex`'s prices; half the default ones when absent.
+    flex: Option<RawTierPrice>,
+    /// `batch`'s prices; half the default ones when absent.
+    batch: Option<RawTierPrice>,
+    /// `priority`'s prices; the default ones × `priority_multiplier` when absent.
+    priority: Option<RawTierPrice>,
+    /// 1 when absent.
+    priority_multiplier: Option<String>,
+}
+
+/// One tier's unit prices (the same keys as the default ones).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTierPrice {
+    input_per_mtok: String,
+    output_per_mtok: String,
+    cached_input_per_mtok: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,7 +100,8 @@ pub struct ModelConfig {
     /// Limit of the context below the model's own.
     pub context_length: Option<u32>,
     pub owned_by: String,
-    pub price: Price,
+    /// Its unit prices per class of service; a tier without one is not sold.
+    pub prices: TierPrices,
     /// Sequences one customer may have in flight on this model (429 beyond).
     pub max_sequences_per_customer: Option<u32>,
 }
@@ -283,14 +304,21 @@ pub(super) fn validate_model(
         }
     };
     let backend = validate_backend(m.backend, base_dir).map_err(err)?;
-    let price = m.price.map(validate_price).transpose().map_err(err)?;
+    let prices = match m.price {
+        Some(p) => validate_prices(p).map_err(err)?,
+        None => TierPrices::uniform(Price::default()),
+    };
+    let prices = match m.service_tiers {
+        Some(tiers) => only_tiers(prices, &tiers).map_err(err)?,
+        None => prices,
+    };
     Ok(ModelConfig {
         id: id.to_string(),
         source,
         backend,
         context_length: m.context_length,
         owned_by: m.owned_by.unwrap_or_else(|| "tollgate".into()),
-        price: price.unwrap_or_default(),
+        prices,
         max_sequences_per_customer: match m.max_sequences_per_customer {
             Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
             other => other,
@@ -388,22 +416,80 @@ fn choice<T: Copy>(key: &str, value: Option<String>, options: &[(&str, T)]) -> R
 }
 
 /// A model's `price` table: decimal strings, none negative; the cached input price is the
-/// input price unless set.
-fn validate_price(p: RawPrice) -> Result<Price, String> {
-    let parse = |key: &str, v: &str| -> Result<Decimal, String> {
-        let d = Decimal::from_str(v.trim())
-            .map_err(|e| format!("price.{key} `{v}` is not a decimal number: {e}"))?;
-        if d.is_sign_negative() {
-            return Err(format!("price.{key} `{v}` is negative"));
-        }
-        Ok(d)
+/// input price unless set; `flex` and `batch` cost half the default prices and `priority` the
+/// default prices × `priority_multiplier` (1) unless set.
+fn validate_prices(p: RawPrice) -> Result<TierPrices, String> {
+    let default = validate_price(
+        "",
+        &p.input_per_mtok,
+        &p.output_per_mtok,
+        &p.cached_input_per_mtok,
+    )?;
+    let tier = |name: &str, raw: &Option<RawTierPrice>, otherwise: Price| match raw {
+        Some(t) => validate_price(
+            &format!("{name}."),
+            &t.input_per_mtok,
+            &t.output_per_mtok,
+            &t.cached_input_per_mtok,
+        ),
+        None => Ok(otherwise),
     };
-    let input_per_mtok = parse("input_per_mtok", &p.input_per_mtok)?;
+    let half = default.scaled(Decimal::new(5, 1));
+    let multiplier = match &p.priority_multiplier {
+        Some(v) => price_decimal("priority_multiplier", v)?,
+        None => Decimal::ONE,
+    };
+    Ok(TierPrices {
+        priority: Some(tier("priority", &p.priority, default.scaled(multiplier))?),
+        default: Some(default),
+        flex: Some(tier("flex", &p.flex, half)?),
+        batch: Some(tier("batch", &p.batch, half)?),
+    })
+}
+
+/// `prices` with only `tiers` sold.
+fn only_tiers(prices: TierPrices, tiers: &[ServiceTier]) -> Result<TierPrices, String> {
+    if tiers.is_empty() {
+        return Err("service_tiers is empty: a model must be sold at one tier at least".into());
+    }
+    let keep = |t: ServiceTier| {
+        if tiers.contains(&t) {
+            prices.get(t)
+        } else {
+            None
+        }
+    };
+    Ok(TierPrices {
+        priority: keep(ServiceTier::Priority),
+        default: keep(ServiceTier::Default),
+        flex: keep(ServiceTier::Flex),
+        batch: keep(ServiceTier::Batch),
+    })
+}
+
+/// `price.{prefix}{key}` as a decimal, not negative.
+fn price_decimal(key: &str, v: &str) -> Result<Decimal, String> {
+    let d = Decimal::from_str(v.trim())
+        .map_err(|e| format!("price.{key} `{v}` is not a decimal number: {e}"))?;
+    if d.is_sign_negative() {
+        return Err(format!("price.{key} `{v}` is negative"));
+    }
+    Ok(d)
+}
+
+/// One tier's unit prices under `price.{prefix}`.
+fn validate_price(
+    prefix: &str,
+    input: &str,
+    output: &str,
+    cached: &Option<String>,
+) -> Result<Price, String> {
+    let input_per_mtok = price_decimal(&format!("{prefix}input_per_mtok"), input)?;
     Ok(Price {
         input_per_mtok,
-        output_per_mtok: parse("output_per_mtok", &p.output_per_mtok)?,
-        cached_input_per_mtok: match &p.cached_input_per_mtok {
-            Some(v) => parse("cached_input_per_mtok", v)?,
+        output_per_mtok: price_decimal(&format!("{prefix}output_per_mtok"), output)?,
+        cached_input_per_mtok: match cached {
+            Some(v) => price_decimal(&format!("{prefix}cached_input_per_mtok"), v)?,
             None => input_per_mtok,
         },
     })

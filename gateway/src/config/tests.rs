@@ -2,6 +2,7 @@
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
+use tollgate_metering::kinds::ServiceTier;
 
 use super::*;
 
@@ -31,9 +32,10 @@ fn parses_and_fills_defaults() {
     };
     assert_eq!(local.device, DeviceSpec::Cpu);
     assert_eq!(local.weights, WeightForm::Q8_0);
-    assert_eq!(m.price.input_per_mtok, Decimal::from_str("0.05").unwrap());
+    let price = m.prices.get(ServiceTier::Default).unwrap();
+    assert_eq!(price.input_per_mtok, Decimal::from_str("0.05").unwrap());
     // No cached price: cached prompt tokens cost the input price.
-    assert_eq!(m.price.cached_input_per_mtok, m.price.input_per_mtok);
+    assert_eq!(price.cached_input_per_mtok, price.input_per_mtok);
     let r = &c.models["remote"];
     assert_eq!(
         r.source,
@@ -52,7 +54,10 @@ fn cached_input_price_is_optional_exact_and_checked() {
         "output_per_mtok = \"0.10\", cached_input_per_mtok = \"0.0125\" }",
     );
     let c = Config::from_toml_str(&with, Path::new(".")).unwrap();
-    let p = c.models["smollm2-135m"].price;
+    let p = c.models["smollm2-135m"]
+        .prices
+        .get(ServiceTier::Default)
+        .unwrap();
     assert_eq!(
         p.cached_input_per_mtok,
         Decimal::from_str("0.0125").unwrap()
@@ -66,6 +71,80 @@ fn cached_input_price_is_optional_exact_and_checked() {
         e.contains("price.cached_input_per_mtok `-1` is negative"),
         "{e}"
     );
+}
+
+#[test]
+fn tier_prices_default_to_half_and_the_multiplier_and_are_checked() {
+    let d = |v: &str| Decimal::from_str(v).unwrap();
+    let c = Config::from_toml_str(GOOD, Path::new(".")).unwrap();
+    let prices = c.models["smollm2-135m"].prices;
+    // Unset: flex and batch at half the default prices, priority at the default ones.
+    for tier in [ServiceTier::Flex, ServiceTier::Batch] {
+        let p = prices.get(tier).unwrap();
+        assert_eq!(
+            (p.input_per_mtok, p.output_per_mtok),
+            (d("0.025"), d("0.05"))
+        );
+        assert_eq!(p.cached_input_per_mtok, d("0.025"));
+    }
+    assert_eq!(
+        prices.get(ServiceTier::Priority),
+        prices.get(ServiceTier::Default)
+    );
+
+    let set = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\", priority_multiplier = \"1.5\", \
+         flex = { input_per_mtok = \"0.04\", output_per_mtok = \"0.08\" } }",
+    );
+    let prices = Config::from_toml_str(&set, Path::new(".")).unwrap().models["smollm2-135m"].prices;
+    let p = prices.get(ServiceTier::Priority).unwrap();
+    assert_eq!(
+        (p.input_per_mtok, p.output_per_mtok),
+        (d("0.075"), d("0.15"))
+    );
+    let f = prices.get(ServiceTier::Flex).unwrap();
+    assert_eq!(
+        (f.input_per_mtok, f.cached_input_per_mtok, f.output_per_mtok),
+        (d("0.04"), d("0.04"), d("0.08"))
+    );
+    assert_eq!(
+        prices.get(ServiceTier::Batch).unwrap().output_per_mtok,
+        d("0.05")
+    );
+
+    let bad = set.replace("\"0.08\"", "\"-0.08\"");
+    let e = Config::from_toml_str(&bad, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("price.flex.output_per_mtok `-0.08` is negative"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tier_left_out_of_service_tiers_has_no_price() {
+    let only = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\" }\nservice_tiers = [\"default\", \"batch\"]",
+    );
+    let prices =
+        Config::from_toml_str(&only, Path::new(".")).unwrap().models["smollm2-135m"].prices;
+    assert!(prices.get(ServiceTier::Default).is_some());
+    assert!(prices.get(ServiceTier::Batch).is_some());
+    assert_eq!(prices.get(ServiceTier::Flex), None);
+    assert_eq!(prices.get(ServiceTier::Priority), None);
+    let unknown = only.replace("\"batch\"]", "\"scale\"]");
+    assert!(Config::from_toml_str(&unknown, Path::new(".")).is_err());
+    let empty = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\" }\nservice_tiers = []",
+    );
+    let e = Config::from_toml_str(&empty, Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("service_tiers is empty"), "{e}");
 }
 
 #[test]

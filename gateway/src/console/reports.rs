@@ -141,19 +141,22 @@ pub(crate) async fn models(
 ) -> PageResult {
     let content = html! {
         table #models {
-            thead { tr { th { "Model" } th { "Backend" } th { "Context" } th { "Input / Mtok" } th { "Cached input / Mtok" } th { "Output / Mtok" } th { "Health" } th { "Running / waiting" } } }
+            thead { tr { th { "Model" } th { "Backend" } th { "Context" } th { "Tier" } th { "Input / Mtok" } th { "Cached input / Mtok" } th { "Output / Mtok" } th { "Health" } th { "Running / waiting" } } }
             tbody {
                 @for (id, m) in state.config.models.iter() {
                     @let backend = state.backends.get(id);
+                    @for (tier, price) in m.prices.offered() {
                     tr {
                         td { (id) }
                         td { (match &m.backend { BackendConfig::Local(l) => format!("local ({})", l.device), BackendConfig::Http(_) => "http".to_string() }) }
                         td { (m.context_length.map_or_else(|| "model's own".to_string(), |c| c.to_string())) }
-                        td { "$" (m.price.input_per_mtok) }
-                        td { "$" (m.price.cached_input_per_mtok) }
-                        td { "$" (m.price.output_per_mtok) }
+                        td { (tier.as_str()) }
+                        td { "$" (price.input_per_mtok) }
+                        td { "$" (price.cached_input_per_mtok) }
+                        td { "$" (price.output_per_mtok) }
                         td { @if let Some(b) = backend { (health(&b.members())) } @else { span.down { "not loaded" } } }
                         td { @if let Some(b) = backend { @let l = b.load(); (l.running) " / " (l.waiting) } }
+                    }
                     }
                 }
             }

@@ -10,7 +10,7 @@ use sqlx::Row;
 use super::{
     kind_column, optional_kind_column, stored_tags, DbKind, Store, StoreError, StoreResult,
 };
-use crate::kinds::{BudgetScope, Endpoint, FinishReason, Outcome, UsageSource};
+use crate::kinds::{BudgetScope, Endpoint, FinishReason, Outcome, ServiceTier, UsageSource};
 use crate::tags::{self, Tags};
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
@@ -66,6 +66,10 @@ pub struct UsageRecord {
     /// result and has no record of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The class of service it was served and priced at (`default` on records older than
+    /// tiers).
+    #[serde(default)]
+    pub service_tier: ServiceTier,
 }
 
 /// Columns usage can be grouped by.
@@ -119,10 +123,11 @@ pub struct UsageRow {
 pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
-    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key";
+    cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key, \
+    service_tier";
 
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 22;
+const RECORD_PARAMS: usize = 23;
 
 pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
@@ -148,6 +153,7 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         usage_source: optional_kind_column(row, "usage_source")?,
         tags: stored_tags(row)?,
         idempotency_key: row.try_get("idempotency_key")?,
+        service_tier: kind_column(row, "service_tier")?,
     })
 }
 
@@ -499,7 +505,8 @@ async fn insert_chunk(
             .bind(r.cached_cost_nano_usd)
             .bind(r.usage_source.map(UsageSource::as_str))
             .bind(tags::to_json(&r.tags))
-            .bind(&r.idempotency_key);
+            .bind(&r.idempotency_key)
+            .bind(r.service_tier.as_str());
     }
     let mut inserted = 0;
     for row in q.fetch_all(&mut **tx).await? {
