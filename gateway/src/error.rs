@@ -53,6 +53,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("the model is overloaded; retry after {retry_after_secs} seconds")]
     Overloaded { retry_after_secs: u64 },
+    /// The gateway serves `max_inflight_requests` already.
+    #[error("the server is at capacity; retry after {retry_after_secs} seconds")]
+    AtCapacity { retry_after_secs: u64 },
     /// The key may not use this model.
     #[error("this API key is not allowed to use the model `{0}`")]
     ModelNotAllowed(String),
@@ -131,7 +134,7 @@ impl ApiError {
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamCredentials(_) => StatusCode::BAD_GATEWAY,
@@ -160,7 +163,9 @@ impl ApiError {
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
-            Self::Overloaded { .. } => ("server_error", Some("overloaded")),
+            Self::Overloaded { .. } | Self::AtCapacity { .. } => {
+                ("server_error", Some("overloaded"))
+            }
             Self::Internal(_) => ("server_error", None),
             Self::BadGateway(_) => ("server_error", None),
             Self::UpstreamCredentials(_) => ("server_error", Some("upstream_credentials")),
@@ -300,6 +305,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Self::Overloaded { retry_after_secs }
+        | Self::AtCapacity { retry_after_secs }
         | Self::RateLimited {
             retry_after_secs, ..
         }

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from conftest import API_KEY, ROOT, start_server, stop_server
+from conftest import API_KEY, NO_END, ROOT, start_server, stop_server
 
 MODEL = "smollm2-135m"
 
@@ -120,4 +120,64 @@ def test_connections_beyond_the_limit_are_refused_at_once():
         refused = [l for l in metrics.splitlines() if l.startswith("tollgate_connections_refused_total ")]
         assert refused and float(refused[0].split()[1]) >= 4
     finally:
+        assert stop_server(srv) == 0
+
+
+def test_requests_beyond_max_inflight_are_shed_at_once_and_probes_still_answer():
+    tmp = tempfile.mkdtemp(prefix="tollgate-shed-")
+    srv = start_server(extra_args=["--config", config(tmp, "max_inflight_requests = 2\n")])
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count upwards."}],
+        # Runs to max_tokens: in flight by construction while the test looks.
+        "max_tokens": 4000,
+        "logit_bias": NO_END,
+        "stream": True,
+    }
+    client = httpx.Client(base_url=f"http://{srv.addr}", headers=headers, timeout=60)
+    try:
+        streams = []
+        for _ in range(2):
+            cm = client.stream("POST", "/v1/chat/completions", json=body)
+            r = cm.__enter__()
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(lines)  # the first event: the stream is running
+            # The iterator is kept: dropping it would close the stream.
+            streams.append((cm, lines))
+        # Both slots are held by streams: a third request is answered at once.
+        third = httpx.post(
+            f"http://{srv.addr}/v1/chat/completions",
+            headers=headers,
+            json={**body, "stream": False, "max_tokens": 1},
+            timeout=10,
+        )
+        assert third.status_code == 503, third.text
+        assert third.headers["retry-after"] == "1"
+        error = third.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "overloaded"), error
+        # Probes and scrapes are outside the API's slots.
+        assert httpx.get(f"http://{srv.addr}/health", timeout=10).status_code == 200
+        metrics = httpx.get(f"http://{srv.addr}/metrics", timeout=10).text
+        shed = [l for l in metrics.splitlines() if l.startswith("tollgate_requests_shed_total ")]
+        assert shed and float(shed[0].split()[1]) == 1, shed
+        # A stream that ends (the client went away) gives its slot back.
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)
+        deadline = time.monotonic() + 30
+        while True:
+            r = httpx.post(
+                f"http://{srv.addr}/v1/chat/completions",
+                headers=headers,
+                json={**body, "stream": False, "max_tokens": 1},
+                timeout=30,
+            )
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503, r.text
+            assert time.monotonic() < deadline, "the slots were not given back"
+            time.sleep(0.1)
+    finally:
+        client.close()
         assert stop_server(srv) == 0

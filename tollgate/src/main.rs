@@ -107,6 +107,9 @@ fn main() -> anyhow::Result<()> {
     };
     tracing_subscriber::registry().with(log).with(traces).init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve { .. } | Command::Worker { .. }) {
+        raise_open_file_limit();
+    }
     let result = match cli.command {
         Command::Serve {
             config,
@@ -214,6 +217,20 @@ async fn shutdown_signal() {
 /// dying, a thousand fast refusals) and stay there. Two arenas (what container images often
 /// set with `MALLOC_ARENA_MAX=2`) keep that flat for a server of a few threads; the variable,
 /// when set, still wins.
+/// Every connection is a file descriptor, and distributions start processes with a soft limit
+/// of 1,024 (a gateway under load once failed with "too many open files"): the soft limit is
+/// raised to the hard one where the OS allows, and the log says what it is.
+fn raise_open_file_limit() {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit > before => {
+            tracing::info!("open-file limit raised from {before} to {limit}");
+        }
+        Ok(limit) => tracing::info!("open-file limit: {limit}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit (now {before}): {e}"),
+    }
+}
+
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

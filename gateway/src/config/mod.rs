@@ -56,6 +56,7 @@ struct RawServer {
     response_retention_days: Option<u32>,
     header_read_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
+    max_inflight_requests: Option<usize>,
     idempotency_lease_ms: Option<u64>,
     key_cache_fresh_ms: Option<u64>,
     key_cache_max_age_ms: Option<u64>,
@@ -84,6 +85,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Connections open at once per listener; beyond, new ones are closed at once.
     pub max_connections: usize,
+    /// Requests of the OpenAI API served at once (streams until their end); beyond, 503 with
+    /// `Retry-After` at once. Below `max_connections` by default, so the gateway sheds load with
+    /// answers before it must close connections.
+    pub max_inflight_requests: usize,
     /// How long a request running under an `Idempotency-Key` holds it without renewing
     /// (renewed every third of it); a run that loses it stops and is not charged.
     pub idempotency_lease: Duration,
@@ -111,6 +116,7 @@ impl Default for ServerConfig {
             response_retention: Duration::from_secs(30 * 86_400),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 2048,
+            max_inflight_requests: 1792,
             idempotency_lease: Duration::from_secs(30),
             key_fresh: KEY_FRESH,
             key_max_age: KEY_MAX_AGE,
@@ -162,6 +168,11 @@ impl Config {
                 .server
                 .max_connections
                 .unwrap_or(defaults.max_connections)
+                .max(1),
+            max_inflight_requests: raw
+                .server
+                .max_inflight_requests
+                .unwrap_or(defaults.max_inflight_requests)
                 .max(1),
             idempotency_lease: raw
                 .server

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub ledger_spooled: IntGauge,
     /// Connections closed at once because the listener was at its connection limit.
     pub connections_refused: IntCounter,
+    /// API requests answered 503 at once because `max_inflight_requests` were in flight.
+    pub requests_shed: IntCounter,
     /// Time the metering path (limits, reservation, durable ledger write) adds to a request.
     pub metering_duration: HistogramVec,
     /// Everything the gateway adds to a request outside its backend.
@@ -193,6 +195,14 @@ impl Metrics {
                 let c = IntCounter::new(
                     "tollgate_connections_refused_total",
                     "Connections closed at once because the listener had max_connections open.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            requests_shed: {
+                let c = IntCounter::new(
+                    "tollgate_requests_shed_total",
+                    "API requests answered 503 at once because max_inflight_requests were in flight.",
                 )?;
                 registry.register(Box::new(c.clone()))?;
                 c

@@ -8,4 +8,5 @@ pub(crate) mod middleware;
 mod oversize;
 pub(crate) mod router;
 pub(crate) mod run;
+mod shed;
 pub mod telemetry;

@@ -12,6 +12,7 @@ use axum::Router;
 use crate::api::{admin, completions, health, models, responses, usage_api};
 use crate::error::ApiError;
 use crate::server::middleware::{observe, request_id, BodyLimit};
+use crate::server::shed::{self, Shed};
 use crate::{auth, console, idempotency, openapi, AppState};
 
 /// The router: `/v1` (authenticated), `/health`, `/metrics`, and `/admin` with an admin token.
@@ -78,6 +79,14 @@ fn v1(state: &AppState) -> Router<AppState> {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
+        ))
+        // Outside the key check: a shed request costs no lookup.
+        .route_layer(middleware::from_fn_with_state(
+            Shed::new(
+                state.config.server.max_inflight_requests,
+                state.metrics.requests_shed.clone(),
+            ),
+            shed::layer,
         ))
 }
 
