@@ -78,7 +78,7 @@ import time
 
 import httpx
 
-from compare import MIN_P99_REQUESTS, pct, report, row_line, summarize, svg_plot
+from compare import MIN_P99_REQUESTS, level_row, pct, report, row_line, summarize, svg_plot
 from provenance import provenance
 from workloads import PROMPTS, SHARES, WORKLOADS, filler, request
 
@@ -124,9 +124,9 @@ def messages(args, i, unique):
     return out
 
 
-def chat_body(args, msgs, max_tokens):
+def chat_body(args, model, msgs, max_tokens):
     body = {
-        "model": args.model,
+        "model": model,
         "messages": msgs,
         "max_tokens": max_tokens,
         "temperature": args.temperature,
@@ -184,7 +184,7 @@ async def stream_chat(client, body):
 
 async def one_request(client, args, i, unique):
     """One request of the tenant workloads, in their figures' units."""
-    r = await stream_chat(client, chat_body(args, messages(args, i, unique), args.max_tokens))
+    r = await stream_chat(client, chat_body(args, args.model, messages(args, i, unique), args.max_tokens))
     return {"tokens": r["completion_tokens"], "ttft": r["ttft_s"], "itl": [x / 1e3 for x in r["itl_ms"]],
             "latency": r["latency_s"], "decode": r["decode_tok_per_s"], "prompt_tokens": r["prompt_tokens"],
             "cached_tokens": r["cached_tokens"] or 0}
@@ -196,7 +196,7 @@ async def timed_request(client, server, args, key):
     msgs, file = request(args.workload, key, args.share_prompts, args.prompt_tokens, args.system_tokens,
                          args.file_lines, args.run_id)
     max_tokens = args.max_tokens or (len(file) // 3 + 128 if file else DEFAULT_MAX_TOKENS[args.workload])
-    body = chat_body(argparse.Namespace(**{**vars(args), "model": server["model"]}), msgs, max_tokens)
+    body = chat_body(args, server["model"], msgs, max_tokens)
     if args.prediction:
         body["prediction"] = {"type": "content", "content": file}
     record = {"server": key[0], "round": key[1], "level": key[2], "index": key[3], "error": None}
@@ -475,10 +475,9 @@ def run_levels(args):
                     run["peak_rss_mb"] = sampler.peak / 2**20
                 doc["runs"].append(run)
                 doc["requests"] += records
-                summary = summarize({**doc, "runs": [run]})
-                print(f"round {rnd} {row_line(server['label'], summary['rounds'][server['label']][level][0])}",
-                      flush=True)
-                for e in summary["rounds"][server["label"]][level][0]["error_samples"]:
+                row = {**level_row(records, wall, level), "peak_rss_mb": run.get("peak_rss_mb")}
+                print(f"round {rnd} {row_line(server['label'], row)}", flush=True)
+                for e in row["error_samples"]:
                     print(f"  error: {e}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
