@@ -481,8 +481,15 @@ def run_levels(args):
                     print(f"  error: {e}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+            f.write(result_text(doc))
     replot(doc, args.svg, args.title)
+
+
+def result_text(doc):
+    """A result as JSON: indented, but one line per request (a long run has many thousands)."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "requests"}, indent=1)
+    rows = ",\n".join(json.dumps(r, separators=(",", ":")) for r in doc["requests"])
+    return f'{head[:-2]},\n "requests": [\n{rows}\n ]\n}}\n'
 
 
 def replot(doc, svg, title=None):

@@ -48,11 +48,26 @@ def git_state(root=ROOT):
     return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
 
 
+def command_line(argv):
+    """The command line as a shell would take it, the values of options naming keys
+    (`--api-key`, `--customer-keys`, ...) left out: a result file is committed."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("KEY")
+        elif arg.startswith("--") and "key" in arg and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=KEY")
+        else:
+            out.append(arg)
+        hide = not hide and arg.startswith("--") and "key" in arg and "=" not in arg
+    return " ".join(shlex.quote(a) for a in out)
+
+
 def provenance(argv=None):
     """The fields every result file starts with."""
     commit, dirty = git_state()
     flags = cpu_flags()
-    return {"command": " ".join(shlex.quote(a) for a in (sys.argv if argv is None else argv)),
+    return {"command": command_line(sys.argv if argv is None else argv),
             "commit": commit, "dirty": dirty, "cpu": cpu_model(),
             "cpu_simd": {f: f in flags for f in SIMD_FLAGS}, "cpu_flags": flags,
             "nproc": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

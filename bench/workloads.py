@@ -2,9 +2,9 @@
 
 A request's key is (server, round, level, index), and a run has an id (`--run-id`). Its content (the question, the long prompt's
 words, the source file to edit) depends on (round, level, index) only, so both servers get the
-same work for the same request; its tag, the first line of the user message, names the server
-as well, so no prompt is ever sent twice in a run and no prefix cache serves one request from
-another. `share` says what a workload shares on purpose: "servers" (both servers get the same
+same work for the same request; its tag, at the start of the user message, names the run and
+the server as well, so no prompt is ever sent twice (in a run, or by two runs against the same
+server) and no prefix cache serves one request from another. `share` says what a workload shares on purpose: "servers" (both servers get the same
 prompt, tag included, for comparing outputs) or "all" (every level and round repeats the same
 prompts: a warm prefix cache). A system prompt (`--system-tokens`) is shared on purpose.
 

@@ -204,3 +204,18 @@ def test_replot_redraws_from_the_result_file_alone(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "c=2   tollgate / peer: tok/s 48.0 / 48.0 (1.00x)" in run.stdout
     assert svg.read_text().startswith("<svg") and ">c=2</text>" in svg.read_text()
+
+
+def test_the_result_file_is_json_with_one_line_per_request():
+    doc = {**doc_of([record(s, i) for s in (0, 1) for i in range(3)]), "command": "x"}
+    text = load.result_text(doc)
+    assert json.loads(text) == doc
+    assert sum(line.startswith('{"server":') for line in text.splitlines()) == 6
+
+
+def test_the_command_line_recorded_leaves_the_keys_out():
+    import provenance
+
+    line = provenance.command_line(["load.py", "--api-key", "sk-1", "--model", "m", "--peer-api-key=sk-2",
+                                    "--customer-keys", "k1,k2", "--label", "x"])
+    assert line == "load.py --api-key KEY --model m --peer-api-key=KEY --customer-keys KEY --label x"
