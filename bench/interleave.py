@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shlex
 import socket
 import statistics
 import subprocess
@@ -34,6 +32,7 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADMIN = "bench-admin-token"
@@ -43,28 +42,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpuinfo(field):
-    """The value of the first `field` line of /proc/cpuinfo, or None."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(field):
-                    return line.split(":", 1)[1]
-    except OSError:
-        pass
-    return None
-
-
-def cpu_flags():
-    flags = cpuinfo("flags")
-    return flags.split() if flags is not None else []
-
-
-def cpu_model():
-    model = cpuinfo("model name")
-    return model.strip() if model is not None else platform.processor()
 
 
 def config_with_passes(passes, workdir, every=None):
@@ -189,14 +166,7 @@ def main():
                         "from before the setting existed runs as `on` whatever it is told")
     p.add_argument("--note", default="", help="kept in the JSON (e.g. what else ran on the machine)")
     args = p.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
-    out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "commit": commit, "dirty": dirty,
-           "cpu": cpu_model(), "cpu_flags": cpu_flags(), "nproc": os.cpu_count(),
-           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": args.note,
-           "env": {k: os.environ[k] for k in ("TOLLGATE_CPU_KERNELS", "RAYON_NUM_THREADS") if k in os.environ},
-           "runs": {}}
+    out = {**provenance(), "note": args.note, "runs": {}}
     modes = [m.strip() for m in args.modes.split(",")]
     with tempfile.TemporaryDirectory() as work:
         for rnd in range(args.rounds):

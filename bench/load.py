@@ -3,24 +3,47 @@
 
 Runs a fixed number of streamed chat requests at each concurrency level and prints, per level:
 aggregate output tokens/s, time to first token p50/p99, inter-token latency p50/p99, request
-latency p50/p99, errors, and the server's peak RSS when --pid names a local process.
-Token counts come from the server's `usage` (stream_options.include_usage); when a server does
-not send usage, content chunks are counted instead.
+latency p50/p99, errors, the prompt tokens the server says came from its cache, and the
+server's peak RSS when --pid names a local process. A p99 needs at least 100 requests at a
+level (pooled over the rounds); with fewer it is reported as `n/a (N requests)`. Token counts
+come from the server's `usage` (stream_options.include_usage); when a server does not send
+usage, content chunks are counted instead.
 
     bench/load.py --base-url http://127.0.0.1:8080/v1 --api-key KEY --model smollm2-135m \
-        --levels 1,4,8,16 --requests 32 --max-tokens 128 --json out.json --svg out.svg
+        --levels 1,4,8,16 --requests 100 --json out.json --svg out.svg
 
-Longer prompts: `--system-tokens N` puts one shared system prompt of about N tokens before
-every request (what a prefix cache serves), `--prompt-tokens N` makes each request's own
-prompt about N tokens long (a long context; unique per request). Per level the decode speed
-after the first token is reported as well (p50 over requests).
+Workloads (`--workload`): `chat` (short questions, 128 tokens), `prose` (an original essay,
+512 tokens: nothing in the prompt to copy) and `code-edit` (a ~300-line Python module made
+from templates, to be returned whole with one function renamed; greedy, `max_tokens` enough for
+the whole file, end tokens not banned; `--prediction` sends the file as OpenAI's
+`prediction: {"type": "content", ...}`, and a server that refuses it is reported as errors).
+Every prompt is unique across levels, rounds and servers (its first line is a tag naming them);
+what a request asks (its question, file or words) depends on its round, level and index only, so
+both servers do the same work. `--share-prompts servers` gives both servers the very same
+prompts, `--share-prompts all` repeats the same prompts at every level and round (a warm prefix
+cache, on purpose). `--system-tokens N` puts one shared system prompt of about N tokens before
+every request (what a prefix cache serves), `--prompt-tokens N` makes each request's own prompt
+about N tokens long (a long context). Per level the decode speed after the first token is
+reported as well (p50 over requests).
 
-A second server (`--peer-base-url`, `--peer-model`, `--peer-api-key`, `--peer-label`) runs the
-same levels, alternating with the first level by level, and the ratios are printed:
+A second server (`--peer-url`, `--peer-model`, `--peer-api-key`, `--peer-label`) runs the same
+levels; in each round, level by level, the two take turns: round 1 (3, 5, ...) the first server
+goes first, round 2 (4, ...) the peer. Per level the ratios of the medians are printed, none
+where either side had errors, and the requests whose finish_reason or completion_tokens differ
+between the two are reported. Tollgate may run `--slots` sequences at once (its engine's
+`max_running`, 32); the peer's slots are read from its /props (llama.cpp's `total_slots`) or
+given with `--peer-slots` (start llama.cpp's server with `--parallel` as many), and a warning is
+printed when the two differ:
 
     bench/load.py --base-url http://127.0.0.1:8080/v1 --model smollm2-135m --label tollgate \
-        --peer-base-url http://127.0.0.1:8081/v1 --peer-model smollm2 --peer-label llama.cpp \
-        --levels 1 --requests 4 --prompt-tokens 1000 --rounds 2 --svg long.svg
+        --peer-url http://127.0.0.1:8081/v1 --peer-model smollm2 --peer-label llama.cpp \
+        --peer-settings "llama-server -t 2 --parallel 32 -c 262144" \
+        --levels 1 --requests 100 --prompt-tokens 1000 --rounds 2 --json r.json --svg long.svg
+
+`--json` writes the raw result: the command line, the commit (and whether the tree was dirty),
+the CPU and its SIMD flags, each server's models, slots, version and settings, and every
+request's figures; `bench/load.py --replot r.json --svg out.svg` prints the table and redraws
+the chart from that file alone.
 
 Tenant fairness (two customers' keys; A keeps 32 streams open, B sends short requests):
 
@@ -48,32 +71,20 @@ a gateway with and without newcomers started between layers):
 import argparse
 import asyncio
 import json
-import statistics
+import os
 import sys
 import threading
 import time
 
 import httpx
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works.",
-    "Describe the water cycle to a child.",
-    "Give me advice for learning to cook.",
-    "What makes a good friend?",
-    "Tell me about the history of maps.",
-    "Describe a walk through a forest in autumn.",
-    "Explain why the sky is blue.",
-]
+from compare import MIN_P99_REQUESTS, level_row, pct, report, row_line, summarize, svg_plot
+from provenance import provenance
+from workloads import PROMPTS, SHARES, WORKLOADS, filler, request
 
-
-def pct(values, q):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+# What Tollgate's engine runs at once (EngineConfig::max_running; not a setting, not reported).
+TOLLGATE_SLOTS = 32
+DEFAULT_MAX_TOKENS = {"chat": 128, "prose": 512}
 
 
 class RssSampler(threading.Thread):
@@ -95,28 +106,10 @@ class RssSampler(threading.Thread):
             time.sleep(0.05)
 
 
-WORDS = (
-    "time year people way day man thing woman life child world school state family student group "
-    "country problem hand part place case week company system program question work government "
-    "number night point home water room mother area money story fact month lot right study book "
-    "eye job word business issue side kind head house service friend father power hour game line "
-    "end member law car city community name president team minute idea kid body information back "
-    "parent face others level office door health person art war history party result change "
-    "morning reason research girl guy moment air teacher force education river garden lamp"
-).split()
-
-
-def filler(tokens, seed):
-    """About `tokens` tokens of English words (one token each for common BPE vocabularies),
-    the same for the same seed."""
-    out, x = [], seed * 2654435761 % 2**32 or 1
-    for _ in range(tokens):
-        x = (x * 1103515245 + 12345) % 2**31
-        out.append(WORDS[x % len(WORDS)])
-    return " ".join(out)
 
 
 def messages(args, i, unique):
+    """The tenant workloads' prompts (--two-tenants, --customer-keys)."""
     prompt = PROMPTS[i % len(PROMPTS)]
     if args.prompt_tokens:
         # Unique per request and per round: no prefix cache serves a long prompt twice.
@@ -131,11 +124,11 @@ def messages(args, i, unique):
     return out
 
 
-async def one_request(client, args, i, unique):
+def chat_body(args, model, msgs, max_tokens):
     body = {
-        "model": args.model,
-        "messages": messages(args, i, unique),
-        "max_tokens": args.max_tokens,
+        "model": model,
+        "messages": msgs,
+        "max_tokens": max_tokens,
         "temperature": args.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -144,13 +137,18 @@ async def one_request(client, args, i, unique):
         body["ignore_eos"] = True
     if args.ban_tokens:
         body["logit_bias"] = {t.strip(): -100 for t in args.ban_tokens.split(",")}
+    return body
+
+
+async def stream_chat(client, body):
+    """Sends one streamed chat request and returns its raw figures; raises on an HTTP error or
+    an error event in the stream."""
     start = time.perf_counter()
-    token_times = []
-    usage = None
+    token_times, usage, finish = [], None, None
     async with client.stream("POST", "/chat/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -165,56 +163,98 @@ async def one_request(client, args, i, unique):
             for choice in chunk.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
                     token_times.append(time.perf_counter())
+                finish = choice.get("finish_reason") or finish
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else len(token_times)
-    ttft = (token_times[0] - start) if token_times else end - start
-    itl = [b - a for a, b in zip(token_times, token_times[1:])]
-    decode = (tokens - 1) / (end - token_times[0]) if len(token_times) > 1 and end > token_times[0] else None
     details = (usage or {}).get("prompt_tokens_details") or {}
-    return {"tokens": tokens, "ttft": ttft, "itl": itl, "latency": end - start, "decode": decode,
-            "prompt_tokens": usage["prompt_tokens"] if usage else None,
-            "cached_tokens": details.get("cached_tokens") or 0}
+    first = token_times[0] if token_times else end
+    return {
+        "finish_reason": finish,
+        "completion_tokens": tokens,
+        "prompt_tokens": usage["prompt_tokens"] if usage else None,
+        # None where the server does not report it.
+        "cached_tokens": details.get("cached_tokens"),
+        "completion_tokens_details": (usage or {}).get("completion_tokens_details"),
+        "ttft_s": first - start,
+        "latency_s": end - start,
+        "decode_tok_per_s": (tokens - 1) / (end - first) if len(token_times) > 1 and end > first else None,
+        "itl_ms": [round((b - a) * 1e3, 3) for a, b in zip(token_times, token_times[1:])],
+    }
 
 
-async def run_level(args, concurrency):
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=600, limits=limits) as client:
-        queue = list(range(args.requests))
-        results, errors = [], []
+async def one_request(client, args, i, unique):
+    """One request of the tenant workloads, in their figures' units."""
+    r = await stream_chat(client, chat_body(args, args.model, messages(args, i, unique), args.max_tokens))
+    return {"tokens": r["completion_tokens"], "ttft": r["ttft_s"], "itl": [x / 1e3 for x in r["itl_ms"]],
+            "latency": r["latency_s"], "decode": r["decode_tok_per_s"], "prompt_tokens": r["prompt_tokens"],
+            "cached_tokens": r["cached_tokens"] or 0}
+
+
+async def timed_request(client, server, args, key):
+    """One request of the levels' workloads, by its key (server, round, level, index): its raw
+    figures, or the error that ended it."""
+    msgs, file = request(args.workload, key, args.share_prompts, args.prompt_tokens, args.system_tokens,
+                         args.file_lines, args.run_id)
+    max_tokens = args.max_tokens or (len(file) // 3 + 128 if file else DEFAULT_MAX_TOKENS[args.workload])
+    body = chat_body(args, server["model"], msgs, max_tokens)
+    if args.prediction:
+        body["prediction"] = {"type": "content", "content": file}
+    record = {"server": key[0], "round": key[1], "level": key[2], "index": key[3], "error": None}
+    try:
+        record.update(await stream_chat(client, body))
+    except Exception as e:  # noqa: BLE001 - every failure is counted and kept
+        record.update(error=str(e) or type(e).__name__, finish_reason=None, completion_tokens=None,
+                      prompt_tokens=None, cached_tokens=None, itl_ms=[])
+    return record
+
+
+async def run_level(server, args, rnd, level):
+    """`--requests` requests at `level` concurrency against one server: (records, wall seconds)."""
+    headers = {"Authorization": f"Bearer {server['api_key']}"} if server["api_key"] else {}
+    limits = httpx.Limits(max_connections=level + 4)
+    async with httpx.AsyncClient(base_url=server["base_url"], headers=headers, timeout=1800, limits=limits) as client:
+        queue, records = list(range(args.requests)), []
 
         async def worker():
             while queue:
                 i = queue.pop(0)
-                try:
-                    results.append(await one_request(client, args, i, args.unique_prompts))
-                except Exception as e:  # noqa: BLE001 - every failure is counted
-                    errors.append(str(e))
+                records.append(await timed_request(client, server, args, (server["index"], rnd, level, i)))
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(level)))
         wall = time.perf_counter() - start
-    tokens = sum(r["tokens"] for r in results)
-    itl = [x for r in results for x in r["itl"]]
-    decode = [r["decode"] for r in results if r["decode"]]
-    prompt_tokens = [r["prompt_tokens"] for r in results if r["prompt_tokens"]]
-    return {
-        "decode_tok_per_s_p50": pct(decode, 0.5),
-        "prompt_tokens_p50": pct(prompt_tokens, 0.5),
-        "concurrency": concurrency,
-        "requests": len(results),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "output_tokens": tokens,
-        "wall_s": wall,
-        "output_tok_per_s": tokens / wall if wall > 0 else 0.0,
-        "ttft_p50_ms": pct([r["ttft"] for r in results], 0.5) * 1e3,
-        "ttft_p99_ms": pct([r["ttft"] for r in results], 0.99) * 1e3,
-        "itl_p50_ms": pct(itl, 0.5) * 1e3,
-        "itl_p99_ms": pct(itl, 0.99) * 1e3,
-        "latency_p50_s": pct([r["latency"] for r in results], 0.5),
-        "latency_p99_s": pct([r["latency"] for r in results], 0.99),
-    }
+    return sorted(records, key=lambda r: r["index"]), wall
+
+
+def slots_of(told, props, told_from="told"):
+    """(slots, where from, warning or None): what a server may run at once, as read from its
+    /props (llama.cpp's `total_slots`) or as told (`told_from` says by what)."""
+    read = (props or {}).get("total_slots")
+    if read is not None and told is not None and read != told:
+        return read, "/props total_slots", f"told {told} slots, but its /props says {read}"
+    if read is not None:
+        return read, "/props total_slots", None
+    if told is not None:
+        return told, told_from, None
+    return None, "unknown", "slots unknown: pass --peer-slots (llama.cpp's --parallel)"
+
+
+def probe(server):
+    """What a server says about itself: its /models and, for llama.cpp's server, /props."""
+    headers = {"Authorization": f"Bearer {server['api_key']}"} if server["api_key"] else {}
+    out = {}
+    root = server["base_url"].rstrip("/").removesuffix("/v1")
+    for name, url in (("models", server["base_url"].rstrip("/") + "/models"), ("props", root + "/props")):
+        try:
+            r = httpx.get(url, headers=headers, timeout=10)
+            out[name] = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            out[name] = None
+    props = out["props"] or {}
+    out["props"] = {k: props[k] for k in ("total_slots", "build_info", "model_path") if k in props} or None
+    if "default_generation_settings" in props:
+        out["props"]["n_ctx"] = (props["default_generation_settings"] or {}).get("n_ctx")
+    return out
 
 
 async def two_tenants(args, with_a, with_b):
@@ -347,7 +387,7 @@ def run_customers(args):
         print(f"  error: {e}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"label": args.label, "customers": row}, f, indent=2)
+            json.dump({**provenance(), "label": args.label, "customers": row}, f, indent=2)
 
 
 def run_two_tenants(args):
@@ -364,72 +404,155 @@ def run_two_tenants(args):
           f"errors {both['errors'] + a_alone['errors'] + b_alone['errors']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"label": args.label, "b_alone": b_alone, "a_alone": a_alone, "both": both}, f, indent=2)
+            json.dump({**provenance(), "label": args.label, "b_alone": b_alone, "a_alone": a_alone, "both": both}, f, indent=2)
 
 
-def svg_plot(series, title):
-    """A minimal SVG bar chart of aggregate tok/s per concurrency level, one bar per server."""
-    w, h, pad = 560, 320, 50
-    levels = sorted({r["concurrency"] for rows in series.values() for r in rows})
-    top = max((r["output_tok_per_s"] for rows in series.values() for r in rows), default=1) or 1
-    colors = ["#4a7bd0", "#d0874a", "#5aa05a"]
-    slot = (w - 2 * pad) / max(len(levels), 1)
-    bar_w = slot * 0.7 / max(len(series), 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-             f'<text x="{w/2}" y="20" text-anchor="middle">{title}: output tokens/s by concurrency</text>']
-    for s_i, (label, rows) in enumerate(series.items()):
-        color = colors[s_i % len(colors)]
-        parts.append(f'<rect x="{pad + s_i * 120}" y="{h - 18}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{pad + s_i * 120 + 14}" y="{h - 9}">{label}</text>')
-        for r in rows:
-            i = levels.index(r["concurrency"])
-            x = pad + i * slot + s_i * bar_w
-            bh = (h - 2 * pad) * r["output_tok_per_s"] / top
-            parts.append(f'<rect x="{x:.0f}" y="{h - pad - bh:.0f}" width="{bar_w:.0f}" height="{bh:.0f}" fill="{color}"/>')
-            parts.append(f'<text x="{x + bar_w/2:.0f}" y="{h - pad - bh - 4:.0f}" text-anchor="middle">{r["output_tok_per_s"]:.0f}</text>')
-    for i, level in enumerate(levels):
-        parts.append(f'<text x="{pad + i * slot + slot * 0.35:.0f}" y="{h - pad + 16:.0f}" text-anchor="middle">c={level}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
 
 
-def median_row(rows):
-    """The per-level medians of several rounds' rows."""
-    keys = ["output_tok_per_s", "decode_tok_per_s_p50", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms"]
-    out = dict(rows[0])
-    for k in keys:
-        values = [r[k] for r in rows if r.get(k) == r.get(k)]  # drop NaN
-        out[k] = statistics.median(values) if values else float("nan")
-    out["rounds"] = len(rows)
-    return out
+def describe_servers(args):
+    """The servers of a levels run, with what they say about themselves and their slots; prints
+    the slots and a warning where the two servers may not run as many sequences at once."""
+    servers = [{"label": args.label, "base_url": args.base_url, "model": args.model, "api_key": args.api_key,
+                "pid": args.pid, "version": args.version, "settings": args.settings,
+                "slots_told": (args.slots, "--slots; Tollgate's engine: max_running")}]
+    if args.peer_base_url:
+        servers.append({"label": args.peer_label, "base_url": args.peer_base_url,
+                        "model": args.peer_model or args.model,
+                        "api_key": args.peer_api_key if args.peer_api_key is not None else args.api_key,
+                        "pid": args.peer_pid, "version": args.peer_version, "settings": args.peer_settings,
+                        "slots_told": (args.peer_slots, "--peer-slots")})
+    for i, s in enumerate(servers):
+        s["index"] = i
+        s.update(probe(s))
+        told, source = s.pop("slots_told")
+        s["slots"], s["slots_from"], warning = slots_of(told, s["props"], source)
+        if not s["version"] and s["props"]:
+            s["version"] = s["props"].get("build_info")
+        print(f"{s['label']}: {s['slots'] or 'unknown'} slots ({s['slots_from']}), version {s['version'] or 'not given'}, "
+              f"settings: {s['settings'] or 'not given'}", flush=True)
+        if warning:
+            print(f"warning: {s['label']}: {warning}", file=sys.stderr, flush=True)
+    if len(servers) == 2 and servers[0]["slots"] != servers[1]["slots"]:
+        print(f"warning: {servers[0]['label']} may run {servers[0]['slots']} sequences at once, "
+              f"{servers[1]['label']} {servers[1]['slots'] or 'unknown'}: give the peer as many (llama.cpp: --parallel "
+              f"{servers[0]['slots']})", file=sys.stderr, flush=True)
+    return servers
 
 
-def main():
+def turns(servers, rnd):
+    """The order the servers run a round's levels in: round 1, 3, ... (the 0-based index even)
+    the first server first; round 2, 4, ... the peer first."""
+    return list(servers) if rnd % 2 else list(servers)[::-1]
+
+
+def run_levels(args):
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.requests < MIN_P99_REQUESTS:
+        print(f"note: {args.requests} requests per level: the p99s need {MIN_P99_REQUESTS} "
+              "(over the rounds) and are reported as n/a below that", file=sys.stderr, flush=True)
+    servers = describe_servers(args)
+    doc = {**provenance(), "run_id": args.run_id, "workload": args.workload, "share_prompts": args.share_prompts,
+           "prediction": args.prediction, "levels": levels, "requests_per_level": args.requests,
+           "rounds_asked": args.rounds, "title": args.title,
+           "servers": [{k: v for k, v in s.items() if k != "api_key"} for s in servers],
+           "runs": [], "requests": []}
+    for rnd in range(1, args.rounds + 1):
+        order = turns(servers, rnd)
+        if len(servers) == 2:
+            print(f"round {rnd} of {args.rounds}: {order[0]['label']} first, then {order[1]['label']}, "
+                  "level by level", flush=True)
+        for level in levels:
+            for position, server in enumerate(order):
+                sampler = RssSampler(server["pid"]) if server["pid"] else None
+                if sampler:
+                    sampler.start()
+                records, wall = asyncio.run(run_level(server, args, rnd, level))
+                run = {"server": server["index"], "round": rnd, "level": level, "first": position == 0,
+                       "wall_s": wall}
+                if sampler:
+                    sampler.stop.set()
+                    sampler.join()
+                    run["peak_rss_mb"] = sampler.peak / 2**20
+                doc["runs"].append(run)
+                doc["requests"] += records
+                row = {**level_row(records, wall, level), "peak_rss_mb": run.get("peak_rss_mb")}
+                print(f"round {rnd} {row_line(server['label'], row)}", flush=True)
+                for e in row["error_samples"]:
+                    print(f"  error: {e}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(result_text(doc))
+    replot(doc, args.svg, args.title)
+
+
+def result_text(doc):
+    """A result as JSON: indented, but one line per request (a long run has many thousands)."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "requests"}, indent=1)
+    rows = ",\n".join(json.dumps(r, separators=(",", ":")) for r in doc["requests"])
+    return f'{head[:-2]},\n "requests": [\n{rows}\n ]\n}}\n'
+
+
+def replot(doc, svg, title=None):
+    """Prints a result's table and draws its chart, from the result alone."""
+    summary = summarize(doc)
+    for line in report(summary, [s["label"] for s in doc["servers"]]):
+        print(line, flush=True)
+    if svg:
+        with open(svg, "w") as f:
+            f.write(svg_plot(summary["medians"], title or doc.get("title") or ", ".join(summary["medians"])))
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", required=True)
+    p.add_argument("--base-url")
     p.add_argument("--api-key", default="")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model")
     p.add_argument("--levels", default="1,4,8,16")
-    p.add_argument("--requests", type=int, default=32, help="requests per level")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--requests", type=int, default=100, help="requests per level (a p99 needs 100)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="default: 128 (chat), 512 (prose), the file's length and more (code-edit)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (llama.cpp/vLLM extension)")
     p.add_argument("--ban-tokens", default="",
                    help="comma-separated token ids sent as logit_bias -100 (OpenAI's way to make both "
                         "servers run to max_tokens: ban the end-of-turn tokens, e.g. 0,2 for SmolLM2)")
-    p.add_argument("--unique-prompts", action="store_true", help="make every prompt unique (no prompt cache hits)")
+    p.add_argument("--workload", choices=WORKLOADS, default="chat")
+    p.add_argument("--share-prompts", choices=SHARES, default="none",
+                   help="what the prompts share on purpose: none (unique across levels, rounds and "
+                        "servers), servers (both servers get the same prompts), all (every level and "
+                        "round repeats them)")
+    p.add_argument("--run-id", default=os.urandom(2).hex(),
+                   help="4 hex digits in every prompt's tag, so that a run repeated against the same "
+                        "servers finds none of its prompts in their caches (default: random, recorded)")
+    p.add_argument("--file-lines", type=int, default=300, help="code-edit: lines of the file to edit")
+    p.add_argument("--prediction", action="store_true",
+                   help="code-edit: send the file as OpenAI's prediction (Predicted Outputs)")
+    p.add_argument("--unique-prompts", action="store_true",
+                   help="the tenant workloads: make every prompt unique (the levels' prompts always are)")
     p.add_argument("--pid", type=int, help="server process to sample peak RSS from")
     p.add_argument("--label", default="server")
-    p.add_argument("--json")
+    p.add_argument("--slots", type=int, default=TOLLGATE_SLOTS,
+                   help="sequences the first server may run at once (Tollgate's engine: 32)")
+    p.add_argument("--version", help="the first server's version, recorded in the result")
+    p.add_argument("--settings", help="how the first server was started, recorded in the result")
+    p.add_argument("--json", help="write the raw result here")
     p.add_argument("--svg")
+    p.add_argument("--replot", metavar="RESULT_JSON",
+                   help="print the table and draw --svg from a result file, without a server")
     p.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of about N tokens")
     p.add_argument("--prompt-tokens", type=int, default=0, help="each request's own prompt about N tokens long")
-    p.add_argument("--rounds", type=int, default=1, help="run all levels this many times (medians reported)")
-    p.add_argument("--peer-base-url", help="a second server to run the same levels against")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run all levels this many times (medians reported; the servers alternate going first)")
+    p.add_argument("--peer-url", "--peer-base-url", dest="peer_base_url",
+                   help="a second server to run the same levels against")
     p.add_argument("--peer-model")
     p.add_argument("--peer-api-key")
     p.add_argument("--peer-label", default="peer")
     p.add_argument("--peer-pid", type=int)
+    p.add_argument("--peer-slots", type=int,
+                   help="the peer's slots (llama.cpp's --parallel), when its /props does not say")
+    p.add_argument("--peer-version", help="the peer's version (default: llama.cpp's /props build_info)")
+    p.add_argument("--peer-settings", help="how the peer was started (its command line), recorded in the result")
     p.add_argument("--title", help="the SVG chart's title")
     p.add_argument("--two-tenants", action="store_true",
                    help="tenant fairness: customer A (--api-key-a) keeps --a-streams streams open while "
@@ -444,7 +567,24 @@ def main():
     p.add_argument("--duration", type=float, default=40.0)
     p.add_argument("--customer-keys", help="comma-separated keys, one customer each, each with its own "
                    "system prompt, one request at a time for --duration seconds")
+    return p
+
+
+def main():
+    p = parser()
     args = p.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            replot(json.load(f), args.svg, args.title)
+        return
+    if not (args.base_url and args.model):
+        p.error("--base-url and --model are required (or --replot RESULT_JSON)")
+    if args.prediction and args.workload != "code-edit":
+        p.error("--prediction sends the file of --workload code-edit")
+    if args.workload == "code-edit" and (args.ban_tokens or args.ignore_eos):
+        p.error("--workload code-edit lets the model end the file: no --ban-tokens or --ignore-eos")
+    if args.customer_keys or args.two_tenants:
+        args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS["chat"]
     if args.customer_keys:
         run_customers(args)
         return
@@ -453,56 +593,7 @@ def main():
             p.error("--two-tenants needs --api-key-a and --api-key-b (keys of two customers)")
         run_two_tenants(args)
         return
-
-    servers = [args]
-    if args.peer_base_url:
-        servers.append(argparse.Namespace(**{
-            **vars(args), "base_url": args.peer_base_url, "model": args.peer_model or args.model,
-            "api_key": args.peer_api_key if args.peer_api_key is not None else args.api_key,
-            "label": args.peer_label, "pid": args.peer_pid}))
-    rows = {s.label: {} for s in servers}
-    for rnd in range(args.rounds):
-        for level in [int(x) for x in args.levels.split(",")]:
-            for server in servers:  # level by level, alternating, so drift hits both
-                server.round = rnd
-                sampler = RssSampler(server.pid) if server.pid else None
-                if sampler:
-                    sampler.start()
-                row = asyncio.run(run_level(server, level))
-                if sampler:
-                    sampler.stop.set()
-                    sampler.join()
-                    row["peak_rss_mb"] = sampler.peak / 2**20
-                rows[server.label].setdefault(level, []).append(row)
-                rss = f" rss_peak={row['peak_rss_mb']:.0f}MB" if "peak_rss_mb" in row else ""
-                print(
-                    f"{server.label} round {rnd + 1} c={level:<3} tok/s={row['output_tok_per_s']:7.1f} "
-                    f"decode p50={row['decode_tok_per_s_p50']:6.1f} tok/s "
-                    f"ttft p50/p99={row['ttft_p50_ms']:7.0f}/{row['ttft_p99_ms']:7.0f} ms "
-                    f"itl p50/p99={row['itl_p50_ms']:6.1f}/{row['itl_p99_ms']:6.1f} ms "
-                    f"latency p50/p99={row['latency_p50_s']:6.2f}/{row['latency_p99_s']:6.2f} s "
-                    f"prompt={row['prompt_tokens_p50']:.0f} tok errors={row['errors']}{rss}",
-                    flush=True,
-                )
-                for e in row["error_samples"]:
-                    print(f"  error: {e}", file=sys.stderr)
-    medians = {label: [median_row(r) for r in by_level.values()] for label, by_level in rows.items()}
-    if len(servers) == 2:
-        ours, peer = medians[servers[0].label], medians[servers[1].label]
-        for a, b in zip(ours, peer):
-            print(f"c={a['concurrency']:<3} medians of {a['rounds']} rounds, {servers[0].label} / {servers[1].label}: "
-                  f"tok/s {a['output_tok_per_s']:.1f} / {b['output_tok_per_s']:.1f} "
-                  f"({a['output_tok_per_s'] / b['output_tok_per_s']:.2f}x), "
-                  f"decode {a['decode_tok_per_s_p50']:.1f} / {b['decode_tok_per_s_p50']:.1f} "
-                  f"({a['decode_tok_per_s_p50'] / b['decode_tok_per_s_p50']:.2f}x), "
-                  f"TTFT p50 {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} ms "
-                  f"({a['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rounds": rows, "medians": medians}, f, indent=2)
-    if args.svg:
-        with open(args.svg, "w") as f:
-            f.write(svg_plot(medians, args.title or ", ".join(medians)))
+    run_levels(args)
 
 
 if __name__ == "__main__":
