@@ -26,6 +26,10 @@ step "cargo build"
 cargo build --release --workspace --bins
 step "cargo test"
 cargo test --release --workspace
+step "benchmark smoke run: the overhead bench, a few seconds, no assertion on speed"
+# Keeps the benchmark from rotting: it must run, and its ledger check (one record per request
+# the gateway answered) must hold.
+cargo run --release -q -p tollgate-bench --bin overhead -- --rates 50 --duration 1 --warmup 0 --no-search >/dev/null
 
 # The kernel unit tests run every SIMD path this CPU has against the portable loops whatever
 # is selected; the model-level checks above ran the widest path. Run them again on each

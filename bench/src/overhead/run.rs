@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tollgate_testkit::{Behaviour, FakeUpstream, Running};
 
 use super::cpu::{cpu_between, CpuSnapshot};
-use super::gateway::{phases, Gateway};
+use super::gateway::{phases, Gateway, PhaseHistogram};
 use super::load::{request_body, run_load, Run, Target};
 use super::report::{diff, loadavg, ms, table, write_raw};
 use super::{reply, Options, REQUEST_TIMEOUT, SETTLE, STATIC_KEY, SUSTAIN_SHARE, UPSTREAM_KEY};
@@ -61,7 +61,9 @@ impl Bench {
                 self.gateway_errors += warm.error_count();
             }
         }
-        let phases_before = phases(&self.gateway.metrics(&self.client).await?);
+        // A scrape the gateway refuses (past its capacity) is an error of the run, which then
+        // is not sustained: the report says where the gateway broke and why.
+        let phases_before = self.scrape().await;
         let before = CpuSnapshot::take(self.gateway.pid());
         let mut run = run_load(&self.client, &target, rate, self.opts.duration).await?;
         let after = CpuSnapshot::take(self.gateway.pid());
@@ -72,12 +74,12 @@ impl Bench {
             self.gateway_errors += run.error_count();
             self.upstream_via_gateway +=
                 self.upstream_hits.load(Ordering::Relaxed) - upstream_before;
-            let phases_after = phases(&self.gateway.metrics(&self.client).await?);
-            run.phases = phases_after
-                .iter()
-                .zip(&phases_before)
-                .map(|(a, b)| a.since(b))
-                .collect();
+            match (phases_before, self.scrape().await) {
+                (Ok(before), Ok(after)) => {
+                    run.phases = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
+                }
+                (Err(e), _) | (_, Err(e)) => run.errors.push((e, 1)),
+            }
         }
         if let Some(dir) = &self.opts.raw {
             let path = dir.join(format!(
@@ -88,6 +90,14 @@ impl Bench {
             write_raw(&path, &run).with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(run)
+    }
+
+    /// The metering phases' histograms from one scrape of `/metrics`, or why there are none.
+    async fn scrape(&self) -> Result<Vec<PhaseHistogram>, String> {
+        match self.gateway.metrics(&self.client).await {
+            Ok(text) => Ok(phases(&text)),
+            Err(e) => Err(format!("scrape of /metrics failed: {e:#}")),
+        }
     }
 
     async fn rate_point(&mut self, rate: f64) -> anyhow::Result<RatePoint> {
@@ -174,6 +184,27 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// Where and why the gateway broke: the first rate it did not sustain, what it achieved there
+/// and its most frequent errors (503s it shed past its capacity, refused connections, timeouts,
+/// a refused scrape).
+fn broke_line(run: &Run) -> String {
+    let mut errors = run.errors.clone();
+    errors.sort_by_key(|e| std::cmp::Reverse(e.1));
+    let why: Vec<String> = errors
+        .iter()
+        .take(3)
+        .map(|(message, n)| format!("{n} × {message}"))
+        .collect();
+    format!(
+        "the gateway broke at {:.0}/s: {:.0}/s answered 200, {} errors{}{}",
+        run.rate,
+        run.achieved(),
+        run.error_count(),
+        if why.is_empty() { "" } else { ": " },
+        why.join("; ")
+    )
 }
 
 /// The token counts of a `usage` object, without the details the gateway adds
@@ -471,6 +502,9 @@ impl Results {
                 " (the direct path broke too: the load generator or the upstream is the limit there)"
             }
         );
+        if let Some(broke) = points.iter().find(|p| !p.gateway.sustained()) {
+            println!("{}", broke_line(&broke.gateway));
+        }
         match &self.metering {
             Some(m) => println!("{}", m.line),
             None => println!("metering: off"),
@@ -496,6 +530,7 @@ impl Results {
             })).collect::<Vec<_>>(),
             "highest_sustained_gateway": self.best_gateway,
             "highest_sustained_direct": self.best_direct,
+            "broke": self.points.iter().find(|p| !p.gateway.sustained()).map(|p| broke_line(&p.gateway)),
             "metering_check": self.metering.as_ref().map_or(Value::Null, |m| m.json.clone()),
             "provenance": crate::provenance::provenance(),
         })
