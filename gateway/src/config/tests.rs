@@ -3,6 +3,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 use tollgate_metering::kinds::ServiceTier;
+use tollgate_metering::money::TierPrices;
 
 use super::*;
 
@@ -17,6 +18,18 @@ const GOOD: &str = r#"
     source = { hf_repo = "org/repo", file = "m.gguf" }
     backend = { type = "http", urls = ["http://w1:8081"] }
 "#;
+
+/// Why the catalogue `toml` is refused.
+fn refused(toml: &str) -> String {
+    Config::from_toml_str(toml, Path::new("."))
+        .unwrap_err()
+        .to_string()
+}
+
+/// The prices of the local model of the catalogue `toml`.
+fn prices_of(toml: &str) -> TierPrices {
+    Config::from_toml_str(toml, Path::new(".")).unwrap().models["smollm2-135m"].prices
+}
 
 #[test]
 fn parses_and_fills_defaults() {
@@ -64,9 +77,7 @@ fn cached_input_price_is_optional_exact_and_checked() {
     );
     assert_eq!(p.input_per_mtok, Decimal::from_str("0.05").unwrap());
     let negative = with.replace("\"0.0125\"", "\"-1\"");
-    let e = Config::from_toml_str(&negative, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&negative);
     assert!(
         e.contains("price.cached_input_per_mtok `-1` is negative"),
         "{e}"
@@ -76,8 +87,7 @@ fn cached_input_price_is_optional_exact_and_checked() {
 #[test]
 fn tier_prices_default_to_half_and_the_multiplier_and_are_checked() {
     let d = |v: &str| Decimal::from_str(v).unwrap();
-    let c = Config::from_toml_str(GOOD, Path::new(".")).unwrap();
-    let prices = c.models["smollm2-135m"].prices;
+    let prices = prices_of(GOOD);
     // Unset: flex and batch at half the default prices, priority at the default ones.
     for tier in [ServiceTier::Flex, ServiceTier::Batch] {
         let p = prices.get(tier).unwrap();
@@ -97,7 +107,7 @@ fn tier_prices_default_to_half_and_the_multiplier_and_are_checked() {
         "output_per_mtok = \"0.10\", priority_multiplier = \"1.5\", \
          flex = { input_per_mtok = \"0.04\", output_per_mtok = \"0.08\" } }",
     );
-    let prices = Config::from_toml_str(&set, Path::new(".")).unwrap().models["smollm2-135m"].prices;
+    let prices = prices_of(&set);
     let p = prices.get(ServiceTier::Priority).unwrap();
     assert_eq!(
         (p.input_per_mtok, p.output_per_mtok),
@@ -114,9 +124,7 @@ fn tier_prices_default_to_half_and_the_multiplier_and_are_checked() {
     );
 
     let bad = set.replace("\"0.08\"", "\"-0.08\"");
-    let e = Config::from_toml_str(&bad, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&bad);
     assert!(
         e.contains("price.flex.output_per_mtok `-0.08` is negative"),
         "{e}"
@@ -129,8 +137,7 @@ fn a_tier_left_out_of_service_tiers_has_no_price() {
         "output_per_mtok = \"0.10\" }",
         "output_per_mtok = \"0.10\" }\nservice_tiers = [\"default\", \"batch\"]",
     );
-    let prices =
-        Config::from_toml_str(&only, Path::new(".")).unwrap().models["smollm2-135m"].prices;
+    let prices = prices_of(&only);
     assert!(prices.get(ServiceTier::Default).is_some());
     assert!(prices.get(ServiceTier::Batch).is_some());
     assert_eq!(prices.get(ServiceTier::Flex), None);
@@ -141,9 +148,7 @@ fn a_tier_left_out_of_service_tiers_has_no_price() {
         "output_per_mtok = \"0.10\" }",
         "output_per_mtok = \"0.10\" }\nservice_tiers = []",
     );
-    let e = Config::from_toml_str(&empty, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&empty);
     assert!(e.contains("service_tiers is empty"), "{e}");
 }
 
@@ -162,23 +167,17 @@ fn kv_cache_dtype_is_typed_at_validation() {
         "weights = \"q8_0\"",
         "weights = \"q8_0\", kv_cache_dtype = \"int4\"",
     );
-    let e = Config::from_toml_str(&bad, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&bad);
     assert!(e.contains("int4"), "{e}");
 }
 
 #[test]
 fn unknown_keys_are_named() {
     let bad = GOOD.replace("max_n = 4", "max_m = 4");
-    let e = Config::from_toml_str(&bad, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&bad);
     assert!(e.contains("max_m"), "{e}");
     let bad = GOOD.replace("weights = \"q8_0\"", "wieghts = \"q8_0\"");
-    let e = Config::from_toml_str(&bad, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&bad);
     assert!(e.contains("wieghts"), "{e}");
 }
 
@@ -249,14 +248,10 @@ fn rejects_float_prices_and_bad_sources() {
     let bad = GOOD.replace("\"0.05\"", "0.05");
     assert!(Config::from_toml_str(&bad, Path::new(".")).is_err());
     let bad = GOOD.replace("\"0.05\"", "\"cheap\"");
-    let e = Config::from_toml_str(&bad, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&bad);
     assert!(e.contains("smollm2-135m") && e.contains("cheap"), "{e}");
     let bad = GOOD.replace("source = { path = \"models/x.gguf\" }", "source = { }");
-    let e = Config::from_toml_str(&bad, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&bad);
     assert!(e.contains("needs `path` or `hf_repo`"), "{e}");
     assert!(matches!(
         Config::from_toml_str("", Path::new(".")),
@@ -344,9 +339,7 @@ fn key_cache_lifetimes_are_server_settings() {
         (Duration::ZERO, Duration::ZERO)
     );
     let longer_fresh = GOOD.replace("max_n = 4", "max_n = 4\nkey_cache_fresh_ms = 1000");
-    let e = Config::from_toml_str(&longer_fresh, Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = refused(&longer_fresh);
     assert!(
         e.contains("key_cache_fresh_ms (1000) exceeds key_cache_max_age_ms (900)"),
         "{e}"
