@@ -52,16 +52,21 @@ pub(super) struct Intake<'a> {
 }
 
 /// Whether a waiting request of `tenant` in `class` starts in a forward pass beside a step
-/// ([`Intake`]) rather than joining one: its tenant has none of the `running` sequences, no
-/// running sequence is of a higher class (whose tokens a pass would delay), and the `prefill`
-/// tokens its prompt needs (after the prefix cache) fit a step's token `budget`.
+/// ([`Intake`]) rather than joining one: its tenant has none of the `running` sequences, the
+/// `prefill` tokens its prompt needs (after the prefix cache) fit a step's token `budget`, and
+/// it is interactive (`priority` or `default`, sold with a first-token goal) or no running
+/// sequence is of a higher class (whose tokens a pass would delay for work that can wait).
 pub(super) fn starts_apart(
     running: &[Member],
     (tenant, class): (&Tenant, ServiceClass),
     prefill: usize,
     budget: usize,
 ) -> bool {
-    prefill <= budget && !running.iter().any(|(t, _, c)| t == tenant || *c < class)
+    let interactive = class <= ServiceClass::Default;
+    prefill <= budget
+        && !running
+            .iter()
+            .any(|(t, _, c)| t == tenant || (!interactive && *c < class))
 }
 
 /// Whether the intake looks for newcomers before layer `layer` of `layers`: at `passes` evenly
@@ -257,6 +262,32 @@ fn prefill(model: &LlamaModel, fresh: &mut [Sequence]) -> Result<Vec<Vec<f32>>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interactive_newcomers_start_apart_beside_higher_classes_and_flex_does_not() {
+        let (p, d, f, b) = (
+            Tenant::from("p"),
+            Tenant::from("d"),
+            Tenant::from("f"),
+            Tenant::from("b"),
+        );
+        let running: Vec<Member> = vec![
+            (p.clone(), 1, ServiceClass::Priority),
+            (f.clone(), 1, ServiceClass::Flex),
+        ];
+        let apart = |tenant: &Tenant, class| starts_apart(&running, (tenant, class), 30, 64);
+        assert!(apart(&d, ServiceClass::Default));
+        assert!(apart(&Tenant::from("p2"), ServiceClass::Priority));
+        // Work that can wait joins a step while a higher class runs.
+        assert!(!apart(&Tenant::from("f2"), ServiceClass::Flex));
+        assert!(!apart(&b, ServiceClass::Batch));
+        // Never a tenant with a sequence running, nor a prompt over the budget.
+        assert!(!apart(&p, ServiceClass::Priority));
+        assert!(!starts_apart(&running, (&d, ServiceClass::Default), 65, 64));
+        // With only its own class and lower ones running, flex starts apart as before.
+        let flex_only: Vec<Member> = vec![(f, 1, ServiceClass::Flex)];
+        assert!(starts_apart(&flex_only, (&b, ServiceClass::Flex), 30, 64));
+    }
 
     #[test]
     fn intake_points_are_evenly_spaced_layers() {
