@@ -695,6 +695,19 @@ async fn issued_admin_tokens_sign_in_to_the_console() {
     assert_eq!(page.status(), 303, "back to the sign-in page");
 }
 
+/// A GET on the public listener with client key `key`: the JSON body.
+async fn get_json(s: &Server, path: &str, key: &str) -> Value {
+    let response = s.http.get(s.url(path)).bearer_auth(key).send().await;
+    response.unwrap().json().await.unwrap()
+}
+
+/// Two string fields of each object.
+fn pairs<'a>(rows: &'a [Value], a: &str, b: &str) -> Vec<(&'a str, &'a str)> {
+    rows.iter()
+        .map(|r| (r[a].as_str().unwrap(), r[b].as_str().unwrap()))
+        .collect()
+}
+
 /// Records at two tiers: the invoice has a line per tier (and the reservation's line) adding up
 /// to its total; the usage report, the Usage API and the SLA report show the tiers; a
 /// reservation past the model's capacity is refused with 409, one of a model without a
@@ -702,10 +715,7 @@ async fn issued_admin_tokens_sign_in_to_the_console() {
 #[tokio::test]
 async fn tiers_reservations_and_service_levels_through_the_admin_api() {
     let s = Server::start().await;
-    let (status, _) = s
-        .call("POST", "/admin/v1/customers", Some(json!({"id": "rc"})))
-        .await;
-    assert_eq!(status, 201);
+    s.store.ensure_customer("rc", "RC").await.unwrap();
     let reserve = |model: &str, tpm: i64| json!({"model": model, "reserved_tokens_per_minute": tpm, "starts_at": "2026-11-01"});
     let path = "/admin/v1/customers/rc/reservations";
     let (status, held) = s.call("POST", path, Some(reserve("fake", 600))).await;
@@ -719,6 +729,25 @@ async fn tiers_reservations_and_service_levels_through_the_admin_api() {
     let (status, _) = s.call("POST", path, Some(reserve("nope", 1))).await;
     assert_eq!(status, 400);
     assert_eq!(s.get(path).await["data"].as_array().unwrap().len(), 1);
+    let (status, body) = s
+        .call(
+            "POST",
+            path,
+            Some(json!({"model": "fake", "reserved_tokens_per_minute": 1, "size": 2})),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["param"]),
+        (400, &json!("size")),
+        "{body}"
+    );
+    let doc = get_json(&s, "/openapi.json", "static-key").await;
+    let schema = &doc["components"]["schemas"]["CreateReservation"];
+    assert_eq!(
+        schema["required"],
+        json!(["model", "reserved_tokens_per_minute"]),
+        "{schema}"
+    );
     let id = held["id"].as_str().unwrap();
     assert_eq!(s.get(&format!("/admin/v1/reservations/{id}")).await, held);
 
@@ -752,17 +781,8 @@ async fn tiers_reservations_and_service_levels_through_the_admin_api() {
 
     let invoice = s.get("/admin/v1/invoices/rc?period=2026-11").await;
     let lines = invoice["line_items"].as_array().unwrap();
-    let tiers: Vec<(&str, &str)> = lines
-        .iter()
-        .map(|l| {
-            (
-                l["kind"].as_str().unwrap(),
-                l["service_tier"].as_str().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        tiers,
+        pairs(lines, "kind", "service_tier"),
         [
             ("tokens", "default"),
             ("tokens", "flex"),
@@ -780,19 +800,12 @@ async fn tiers_reservations_and_service_levels_through_the_admin_api() {
     let report = s
         .get("/admin/v1/usage?group_by=service_tier&customer_id=rc&start=2026-11-01&end=2026-12-01")
         .await;
-    let by_tier: Vec<(&str, &str)> = report["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["service_tier"].as_str().unwrap(),
-                r["cost_usd"].as_str().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        by_tier,
+        pairs(
+            report["data"].as_array().unwrap(),
+            "service_tier",
+            "cost_usd"
+        ),
         [
             ("default", "0.000020000"),
             ("flex", "0.000010000"),
@@ -801,19 +814,11 @@ async fn tiers_reservations_and_service_levels_through_the_admin_api() {
     );
 
     // The customer's own Usage API (the static key is the `default` customer's).
-    let usage: Value = s
-        .http
-        .get(s.url(&format!(
-            "/v1/organization/usage/completions?start_time={}&group_by=service_tier",
-            t0 / 1_000_000 - 3_600
-        )))
-        .bearer_auth("static-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage_path = format!(
+        "/v1/organization/usage/completions?start_time={}&group_by=service_tier",
+        t0 / 1_000_000 - 3_600
+    );
+    let usage = get_json(&s, &usage_path, "static-key").await;
     let mut served: Vec<&str> = usage["data"]
         .as_array()
         .unwrap()

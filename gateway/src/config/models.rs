@@ -151,8 +151,7 @@ impl ModelConfig {
             model: self.id.clone(),
             reserved_tokens_per_minute: tpm,
             price_per_ktpm_month: reserved.price_per_ktpm_month,
-            starts_at,
-            ends_at,
+            span: (starts_at, ends_at),
         };
         Ok((
             new,

@@ -15,6 +15,13 @@ use crate::AppState;
 use tollgate_metering::billing::{self, parse_time};
 use tollgate_metering::store::{now_micros, Reservation, SlaFilter};
 
+/// The reservation form's inputs: label, name and type.
+const RESERVATION_FIELDS: [(&str, &str, &str); 3] = [
+    ("Tokens per minute ", "reserved_tokens_per_minute", "number"),
+    ("From (date, blank: now) ", "starts_at", "date"),
+    ("Until (date, blank: until ended) ", "ends_at", "date"),
+];
+
 /// A customer's reservations and the form that adds one (only reservable models offered).
 pub(super) fn section(
     state: &AppState,
@@ -67,15 +74,17 @@ pub(super) fn section(
                 label { "Model " select name="model" {
                     @for m in &reservable { option value=(m) { (m) } }
                 } }
-                label { "Tokens per minute " input name="reserved_tokens_per_minute" inputmode="numeric" required; }
-                label { "From (date, blank: now) " input name="starts_at" type="date"; }
-                label { "Until (date, blank: until ended) " input name="ends_at" type="date"; }
+                @for (text, name, kind) in RESERVATION_FIELDS {
+                    label { (text) input name=(name) type=(kind) required[kind == "number"]; }
+                }
                 button type="submit" id="create-reservation" { "Reserve" }
             }
         }
     }
 }
 
+/// The customer page's reservation form: reserves through the admin API's rules, then shows
+/// the page again (an error page says why not: 409 when the model's capacity is taken).
 pub(crate) async fn create_reservation(
     State(state): State<AppState>,
     Extension(signed): Extension<Signed>,
@@ -94,6 +103,7 @@ pub(crate) async fn create_reservation(
     Ok(Redirect::to(&format!("/console/customers/{customer_id}")).into_response())
 }
 
+/// Ends a reservation now, from its row's button.
 pub(crate) async fn end_reservation(
     State(state): State<AppState>,
     Extension(signed): Extension<Signed>,

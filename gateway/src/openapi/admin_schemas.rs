@@ -226,19 +226,6 @@ pub struct InvoiceLine {
     pub days_in_month: Option<String>,
 }
 
-/// `POST /admin/v1/customers/{id}/reservations`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CreateReservation {
-    /// A model with `capacity_tpm` and `price.reserved_per_ktpm_month` in models.toml.
-    pub model: String,
-    #[schema(minimum = 1)]
-    pub reserved_tokens_per_minute: i64,
-    /// RFC 3339, a date, or Unix seconds; default: now.
-    pub starts_at: Option<Value>,
-    /// RFC 3339, a date, or Unix seconds; default: until ended.
-    pub ends_at: Option<Value>,
-}
-
 /// `GET /admin/v1/customers/{id}/reservations`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReservationList {

@@ -27,21 +27,36 @@ pub struct NewReservation {
     pub model: String,
     pub reserved_tokens_per_minute: i64,
     pub price_per_ktpm_month: Decimal,
-    pub starts_at: i64,
-    pub ends_at: Option<i64>,
+    /// From `.0` until `.1` (`None`: until ended), in microseconds.
+    pub span: (i64, Option<i64>),
 }
 
 fn reservation(row: &AnyRow) -> StoreResult<Reservation> {
+    let text = |c: &str| row.try_get::<String, _>(c);
+    let int = |c: &str| row.try_get::<i64, _>(c);
     Ok(Reservation {
-        id: row.try_get("id")?,
-        customer_id: row.try_get("customer_id")?,
-        model: row.try_get("model")?,
-        reserved_tokens_per_minute: row.try_get("reserved_tokens_per_minute")?,
+        id: text("id")?,
+        customer_id: text("customer_id")?,
+        model: text("model")?,
+        reserved_tokens_per_minute: int("reserved_tokens_per_minute")?,
         price_per_ktpm_month: kind_column(row, "price_per_ktpm_month")?,
-        starts_at: row.try_get("starts_at")?,
+        starts_at: int("starts_at")?,
         ends_at: row.try_get("ends_at")?,
-        created_at: row.try_get("created_at")?,
+        created_at: int("created_at")?,
     })
+}
+
+/// A write transaction that holds the reservations' lock (PostgreSQL's advisory lock; on
+/// SQLite the write transaction is the lock).
+async fn locked(store: &Store) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+    let mut tx = store.write_tx().await?;
+    if store.kind() == DbKind::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(RESERVATIONS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(tx)
 }
 
 /// The most tokens per minute `held` reserves at one moment of `[start, end)`. The sum only
@@ -75,25 +90,19 @@ impl Store {
                 new.reserved_tokens_per_minute
             )));
         }
-        if new.ends_at.is_some_and(|e| e <= new.starts_at) {
+        if new.span.1.is_some_and(|e| e <= new.span.0) {
             return Err(StoreError::Invalid(
                 "ends_at is not after starts_at".to_string(),
             ));
         }
         self.customer(&new.customer_id).await?;
-        let mut tx = self.write_tx().await?;
-        if self.kind() == DbKind::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(RESERVATIONS_LOCK)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let mut tx = locked(self).await?;
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM reservations WHERE model = $1 \
              AND (ends_at IS NULL OR ends_at > $2)"
         ))
         .bind(&new.model)
-        .bind(new.starts_at)
+        .bind(new.span.0)
         .fetch_all(&mut *tx)
         .await?;
         let held: Vec<Reservation> = rows
@@ -101,9 +110,9 @@ impl Store {
             .map(reservation)
             .collect::<StoreResult<Vec<_>>>()?
             .into_iter()
-            .filter(|r| r.overlaps(new.starts_at, new.ends_at))
+            .filter(|r| r.overlaps(new.span.0, new.span.1))
             .collect();
-        let peak = peak_tpm(&held, new.starts_at, new.ends_at);
+        let peak = peak_tpm(&held, new.span.0, new.span.1);
         if peak + new.reserved_tokens_per_minute > capacity_tpm {
             return Err(StoreError::Conflict(format!(
                 "model `{}` has {} of its {capacity_tpm} tokens per minute left to reserve \
@@ -119,8 +128,8 @@ impl Store {
             model: new.model.clone(),
             reserved_tokens_per_minute: new.reserved_tokens_per_minute,
             price_per_ktpm_month: new.price_per_ktpm_month,
-            starts_at: new.starts_at,
-            ends_at: new.ends_at,
+            starts_at: new.span.0,
+            ends_at: new.span.1,
             created_at: now_micros(),
         };
         sqlx::query(&format!(
@@ -204,13 +213,7 @@ impl Store {
         at: i64,
         actor: &Actor,
     ) -> StoreResult<Reservation> {
-        let mut tx = self.write_tx().await?;
-        if self.kind() == DbKind::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(RESERVATIONS_LOCK)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let mut tx = locked(self).await?;
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM reservations WHERE id = $1"))
             .bind(id)
             .fetch_optional(&mut *tx)

@@ -123,8 +123,7 @@ fn new_reservation(customer: &str, model: &str, tpm: i64, starts_at: i64) -> New
         model: model.into(),
         reserved_tokens_per_minute: tpm,
         price_per_ktpm_month: "12.50".parse().unwrap(),
-        starts_at,
-        ends_at: None,
+        span: (starts_at, None),
     }
 }
 
@@ -163,7 +162,7 @@ pub async fn reservations(store: &Store) {
         Err(StoreError::Conflict(_))
     ));
     let mut c = new_reservation("rsv", "m", 600, start + 20 * DAY);
-    c.ends_at = Some(start + 25 * DAY);
+    c.span.1 = Some(start + 25 * DAY);
     create(c).await.unwrap();
     assert!(matches!(
         create(new_reservation("nobody", "m", 1, end)).await,

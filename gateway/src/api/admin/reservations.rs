@@ -9,10 +9,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
 
-use super::{invalid_field, list, object, reject_unknown, store, string_field};
-use crate::error::{query, ApiBytes, ApiError, ApiPath};
+use super::{invalid_field, list, store};
+use crate::error::{query, ApiError, ApiJson, ApiPath, RequestBody};
 use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::{current_period, parse_period, parse_time};
@@ -20,21 +21,43 @@ use tollgate_metering::periods::rfc3339;
 use tollgate_metering::store::{now_micros, Reservation, SlaFilter, SlaRow};
 use tollgate_metering::views::ReservationView;
 
-/// `starts_at` / `ends_at`: RFC 3339 (or a date) or Unix seconds; `None` when absent or null.
-fn time_field(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_time(s)
-            .map(Some)
-            .map_err(|e| invalid_field(field, format!("{field}: {e}"))),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .map(|secs| Some(secs.saturating_mul(1_000_000)))
-            .ok_or_else(|| invalid_field(field, format!("{field} {n} is not whole Unix seconds"))),
-        Some(v) => Err(invalid_field(
-            field,
-            format!("{field} must be an RFC 3339 time or Unix seconds, got {v}"),
-        )),
+/// `POST /admin/v1/customers/{id}/reservations`: what the handler reads and the OpenAPI
+/// document shows.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateReservation {
+    /// A model with `capacity_tpm` and `price.reserved_per_ktpm_month` in models.toml.
+    model: String,
+    #[schema(minimum = 1)]
+    reserved_tokens_per_minute: i64,
+    /// RFC 3339, a date, or Unix seconds; default: now.
+    #[schema(value_type = Option<String>)]
+    starts_at: Option<Moment>,
+    /// RFC 3339, a date, or Unix seconds; default: until ended.
+    #[schema(value_type = Option<String>)]
+    ends_at: Option<Moment>,
+}
+
+impl RequestBody for CreateReservation {}
+
+/// A time as the admin API takes it: text (RFC 3339 or a date) or Unix seconds.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Moment {
+    Text(String),
+    Seconds(i64),
+}
+
+impl Moment {
+    /// In microseconds, or a 400 naming `field`.
+    fn micros(moment: Option<&Moment>, field: &str) -> Result<Option<i64>, ApiError> {
+        match moment {
+            None => Ok(None),
+            Some(Moment::Seconds(secs)) => Ok(Some(secs.saturating_mul(1_000_000))),
+            Some(Moment::Text(text)) => parse_time(text)
+                .map(Some)
+                .map_err(|e| invalid_field(field, format!("{field}: {e}"))),
+        }
     }
 }
 
@@ -67,48 +90,21 @@ pub(crate) async fn reserve(
 /// until `ends_at` (default: until ended).
 #[utoipa::path(post, path = "/admin/v1/customers/{id}/reservations", tag = "admin",
     params(("id" = String, Path)),
-    request_body = crate::openapi::admin_schemas::CreateReservation,
+    request_body = CreateReservation,
     responses((status = 201, body = tollgate_metering::views::ReservationView), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn create_reservation(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     ApiPath(customer_id): ApiPath<String>,
-    ApiBytes(body): ApiBytes,
+    ApiJson(body): ApiJson<CreateReservation>,
 ) -> Result<Response, ApiError> {
-    let map = object(&body)?;
-    reject_unknown(
-        &map,
-        &[
-            "model",
-            "reserved_tokens_per_minute",
-            "starts_at",
-            "ends_at",
-        ],
-    )?;
-    let model = string_field(&map, "model")?
-        .ok_or_else(|| invalid_field("model", "`model` is required".into()))?;
-    let tpm = match map.get("reserved_tokens_per_minute") {
-        Some(Value::Number(n)) => n.as_i64(),
-        _ => None,
-    }
-    .ok_or_else(|| {
-        invalid_field(
-            "reserved_tokens_per_minute",
-            "`reserved_tokens_per_minute` must be a positive whole number".into(),
-        )
-    })?;
-    let starts_at = time_field(&map, "starts_at")?;
-    let ends_at = time_field(&map, "ends_at")?;
-    let created = reserve(
-        &state,
-        &customer_id,
-        &model,
-        tpm,
-        (starts_at, ends_at),
-        &actor,
-    )
-    .await?;
+    let span = (
+        Moment::micros(body.starts_at.as_ref(), "starts_at")?,
+        Moment::micros(body.ends_at.as_ref(), "ends_at")?,
+    );
+    let tpm = body.reserved_tokens_per_minute;
+    let created = reserve(&state, &customer_id, &body.model, tpm, span, &actor).await?;
     Ok((StatusCode::CREATED, Json(ReservationView::from(&created))).into_response())
 }
 
