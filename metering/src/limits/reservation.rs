@@ -39,9 +39,10 @@ impl ReservationMeter {
     pub fn replace(&self, reservations: &[Reservation], at: i64) {
         let mut reserved: HashMap<(String, String), i64> = HashMap::new();
         for r in reservations.iter().filter(|r| r.active_at(at)) {
-            *reserved
+            let tpm = reserved
                 .entry((r.customer_id.clone(), r.model.clone()))
-                .or_default() += r.reserved_tokens_per_minute;
+                .or_default();
+            *tpm = tpm.saturating_add(r.reserved_tokens_per_minute);
         }
         let mut windows = self.lock();
         windows.retain(|k, _| reserved.contains_key(k));
@@ -62,7 +63,7 @@ impl ReservationMeter {
             w.minute = minute;
             w.used = 0;
         }
-        if tokens < 0 || w.used + tokens > w.reserved {
+        if tokens < 0 || w.used.saturating_add(tokens) > w.reserved {
             return false;
         }
         w.used += tokens;

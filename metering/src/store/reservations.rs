@@ -66,10 +66,9 @@ pub fn peak_tpm(held: &[Reservation], start: i64, end: Option<i64>) -> i64 {
     std::iter::once(start)
         .chain(held.iter().map(|r| r.starts_at).filter(|t| within(*t)))
         .map(|t| {
-            held.iter()
-                .filter(|r| r.active_at(t))
-                .map(|r| r.reserved_tokens_per_minute)
-                .sum::<i64>()
+            held.iter().filter(|r| r.active_at(t)).fold(0i64, |sum, r| {
+                sum.saturating_add(r.reserved_tokens_per_minute)
+            })
         })
         .max()
         .unwrap_or(0)
@@ -113,7 +112,7 @@ impl Store {
             .filter(|r| r.overlaps(new.span.0, new.span.1))
             .collect();
         let peak = peak_tpm(&held, new.span.0, new.span.1);
-        if peak + new.reserved_tokens_per_minute > capacity_tpm {
+        if peak.saturating_add(new.reserved_tokens_per_minute) > capacity_tpm {
             return Err(StoreError::Conflict(format!(
                 "model `{}` has {} of its {capacity_tpm} tokens per minute left to reserve \
                  over that span; {} asked",
