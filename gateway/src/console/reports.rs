@@ -109,8 +109,7 @@ pub(crate) async fn requests(
                         td.request-id { code { (r.id) } }
                         td { (r.customer_id) }
                         td { (r.key_id) }
-                        td { (r.model) }
-                        td.tier { (r.service_tier) }
+                        td { (r.model) } td.tier { (r.service_tier) }
                         td class={"status " (r.status)} { (r.status) }
                         td { (r.finish_reason.map_or("", |f| f.as_str())) }
                         td { (r.input_tokens) }
