@@ -1,7 +1,8 @@
-//! The customer and the API key as the store reads them back: plain records that the store's
+//! The customer, the API key and a reservation of capacity as the store reads them back: plain records that the store's
 //! queries return, the views (`crate::views`) show and the gateway's auth caches. No queries:
 //! those are `crate::store`'s.
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::BudgetPeriod;
@@ -54,4 +55,30 @@ pub struct ApiKey {
     /// Requests in flight at once with this key; `None` = no cap of its own.
     #[serde(default)]
     pub max_concurrent_requests: Option<i64>,
+}
+
+/// One reservation as stored. Times in Unix microseconds; `ends_at` `None`: open-ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: String,
+    pub customer_id: String,
+    pub model: String,
+    pub reserved_tokens_per_minute: i64,
+    /// USD per 1,000 tokens per minute per month, as sold (exact, its scale kept).
+    pub price_per_ktpm_month: Decimal,
+    pub starts_at: i64,
+    pub ends_at: Option<i64>,
+    pub created_at: i64,
+}
+
+impl Reservation {
+    /// Whether it holds capacity at `at`.
+    pub fn active_at(&self, at: i64) -> bool {
+        self.starts_at <= at && self.ends_at.is_none_or(|end| at < end)
+    }
+
+    /// Whether it holds capacity at some moment of `[start, end)` (`end` `None`: for ever).
+    pub(crate) fn overlaps(&self, start: i64, end: Option<i64>) -> bool {
+        self.ends_at.is_none_or(|e| e > start) && end.is_none_or(|e| self.starts_at < e)
+    }
 }

@@ -130,6 +130,8 @@ pub enum Action {
     AlertSettingsUpdated,
     AdminTokenCreated,
     AdminTokenRevoked,
+    ReservationCreated,
+    ReservationEnded,
 }
 
 impl Action {
@@ -143,6 +145,8 @@ impl Action {
             Self::AlertSettingsUpdated => "alert_settings.updated",
             Self::AdminTokenCreated => "admin_token.created",
             Self::AdminTokenRevoked => "admin_token.revoked",
+            Self::ReservationCreated => "reservation.created",
+            Self::ReservationEnded => "reservation.ended",
         }
     }
 
@@ -153,6 +157,7 @@ impl Action {
             }
             Self::KeyCreated | Self::KeyUpdated | Self::KeyRevoked => "key",
             Self::AdminTokenCreated | Self::AdminTokenRevoked => "admin_token",
+            Self::ReservationCreated | Self::ReservationEnded => "reservation",
         }
     }
 }

@@ -5,9 +5,12 @@ use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-use crate::money::format_usd;
+use crate::kinds::ServiceTier;
+use crate::money::{format_usd, reservation_nano_usd};
 use crate::periods::{month_bounds, rfc3339};
-use crate::store::{GroupBy, Store, StoreError, StoreResult, UsageFilter, UsageRecord, UsageRow};
+use crate::store::{
+    GroupBy, Reservation, Store, StoreError, StoreResult, UsageFilter, UsageRecord, UsageRow,
+};
 
 /// RFC 3339 (or a bare `YYYY-MM-DD`, meaning its UTC midnight) → microseconds.
 pub fn parse_time(text: &str) -> Result<i64, String> {
@@ -42,7 +45,7 @@ pub fn current_period() -> String {
     Utc::now().format("%Y-%m").to_string()
 }
 
-/// `customer,model,key,day,tag:KEY` → group columns. Unknown names are an error naming them.
+/// `customer,model,key,day,service_tier,tag:KEY` → group columns. Unknown names are an error naming them.
 pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
     let mut groups = Vec::new();
     for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -61,10 +64,11 @@ pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
             "model" => GroupBy::Model,
             "key" | "key_id" => GroupBy::Key,
             "day" => GroupBy::Day,
+            "service_tier" | "tier" => GroupBy::ServiceTier,
             other => {
                 return Err(format!(
-                    "cannot group by `{other}`; use customer, model, key, day or tag:KEY"
-                ))
+                "cannot group by `{other}`; use customer, model, key, day, service_tier or tag:KEY"
+            ))
             }
         };
         if !groups.contains(&g) {
@@ -90,6 +94,7 @@ pub fn usage_columns(groups: &[GroupBy]) -> Vec<String> {
             GroupBy::Model => Some("model".to_string()),
             GroupBy::Key => Some("key_id".to_string()),
             GroupBy::Day => Some("day".to_string()),
+            GroupBy::ServiceTier => Some("service_tier".to_string()),
             GroupBy::Tag(key) => Some(format!("tag:{key}")),
             GroupBy::Prices => None,
         })
@@ -113,6 +118,7 @@ fn usage_cell(row: &UsageRow, column: &str) -> String {
         "customer_id" => row.customer_id.clone().unwrap_or_default(),
         "model" => row.model.clone().unwrap_or_default(),
         "key_id" => row.key_id.clone().unwrap_or_default(),
+        "service_tier" => row.service_tier.map(|t| t.to_string()).unwrap_or_default(),
         "day" => row
             .bucket_start
             .and_then(|m| Utc.timestamp_micros(m).single())
@@ -164,7 +170,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::E
 }
 
 /// Columns of an exported record, in order (the usage-record contract in the README).
-pub const RECORD_COLUMNS: [&str; 22] = [
+pub const RECORD_COLUMNS: [&str; 23] = [
     "id",
     "customer_id",
     "key_id",
@@ -187,6 +193,7 @@ pub const RECORD_COLUMNS: [&str; 22] = [
     "usage_source",
     "tags",
     "idempotency_key",
+    "service_tier",
 ];
 
 /// A record as exported: times in RFC 3339, money as a decimal string.
@@ -214,6 +221,7 @@ pub fn record_json(r: &UsageRecord) -> Value {
         "usage_source": r.usage_source,
         "tags": r.tags,
         "idempotency_key": r.idempotency_key,
+        "service_tier": r.service_tier,
     })
 }
 
@@ -249,11 +257,12 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         r.usage_source.map(|s| s.to_string()).unwrap_or_default(),
         crate::tags::to_json(&r.tags).unwrap_or_default(),
         r.idempotency_key.clone().unwrap_or_default(),
+        r.service_tier.to_string(),
     ]
 }
 
-/// A customer's invoice for a month: one line per model and unit prices (fresh input and
-/// output), and beside it a `cached_input` line for the prompt tokens served from a prefix
+/// A customer's invoice for a month: one line per model, service tier and unit prices (fresh
+/// input and output), and beside it a `cached_input` line for the prompt tokens served from a prefix
 /// cache; the total is the sum of the lines in integer nano-USD. A line's amount is the sum of
 /// its records' parts: each record's cached part (`cached_input_cost_usd`, rounded alone) on
 /// the cached line, the rest of its cost on the other, so the two add up to the records.
@@ -279,12 +288,12 @@ pub async fn invoice_for(
         model: None,
         tag: tag.clone(),
     };
-    let mut groups = vec![GroupBy::Model, GroupBy::Prices];
+    let mut groups = vec![GroupBy::Model, GroupBy::ServiceTier, GroupBy::Prices];
     if let Some(key) = &group_tag {
         groups.insert(0, GroupBy::Tag(key.clone()));
     }
     let rows = store.aggregate(&filter, &groups, None).await?;
-    let total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+    let mut total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
     let mut lines: Vec<Value> = Vec::new();
     for r in &rows {
         let tag_line = |mut line: Value| {
@@ -296,6 +305,7 @@ pub async fn invoice_for(
         lines.push(tag_line(json!({
             "kind": "tokens",
             "model": r.model,
+            "service_tier": r.service_tier,
             "requests": r.requests,
             "input_tokens": r.input_tokens - r.cached_input_tokens,
             "output_tokens": r.output_tokens,
@@ -307,6 +317,7 @@ pub async fn invoice_for(
             lines.push(tag_line(json!({
                 "kind": "cached_input",
                 "model": r.model,
+                "service_tier": r.service_tier,
                 "requests": r.requests,
                 "cached_input_tokens": r.cached_input_tokens,
                 "cached_input_price_per_mtok": r
@@ -315,6 +326,15 @@ pub async fn invoice_for(
                     .or(r.input_price_per_mtok.as_ref()),
                 "amount_usd": format_usd(r.cached_cost_nano_usd),
             })));
+        }
+    }
+    // Reservations are the customer's, not a tag's: on the invoice unless it is one tag's.
+    if tag.is_none() {
+        let reserved = store.reservations_between(&customer.id, start, end).await?;
+        for r in &reserved {
+            let (line, amount) = reservation_line(r, start, end);
+            total += amount;
+            lines.push(line);
         }
     }
     Ok(json!({
@@ -328,6 +348,36 @@ pub async fn invoice_for(
         "total_usd": format_usd(total),
         "tag_filter": tag.map(|(k, v)| json!({"key": k, "value": v})),
     }))
+}
+
+/// A reservation's line on the invoice of the month `[start, end)`: the share of the month it
+/// was active × its TPM / 1000 × its price per 1,000 TPM per month, and that amount.
+pub fn reservation_line(r: &Reservation, start: i64, end: i64) -> (Value, i64) {
+    const DAY: i64 = 86_400_000_000;
+    let from = r.starts_at.max(start);
+    let to = r.ends_at.map_or(end, |e| e.min(end));
+    let active = (to - from).max(0);
+    let amount = reservation_nano_usd(
+        r.price_per_ktpm_month,
+        r.reserved_tokens_per_minute,
+        active,
+        end - start,
+    );
+    let days = |micros: i64| (Decimal::from(micros) / Decimal::from(DAY)).normalize();
+    let line = json!({
+        "kind": "reservation",
+        "reservation_id": r.id,
+        "model": r.model,
+        "service_tier": ServiceTier::Reserved,
+        "reserved_tokens_per_minute": r.reserved_tokens_per_minute,
+        "price_per_ktpm_month": r.price_per_ktpm_month,
+        "active_from": rfc3339(from),
+        "active_until": rfc3339(to.max(from)),
+        "days_active": days(active).to_string(),
+        "days_in_month": days(end - start).to_string(),
+        "amount_usd": format_usd(amount),
+    });
+    (line, amount)
 }
 
 #[cfg(test)]
@@ -384,6 +434,31 @@ mod tests {
         let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.output_price_per_mtok.to_string(), "2.500");
+    }
+
+    /// Every record export names the tier the record was served at: JSONL and CSV alike.
+    #[test]
+    fn exported_records_carry_their_service_tier() {
+        let r = UsageRecord {
+            service_tier: crate::kinds::ServiceTier::Priority,
+            ..UsageRecord::default()
+        };
+        assert_eq!(record_json(&r)["service_tier"], "priority");
+        let i = RECORD_COLUMNS
+            .iter()
+            .position(|c| *c == "service_tier")
+            .unwrap();
+        assert_eq!(record_cells(&r)[i], "priority");
+        assert_eq!(record_cells(&r).len(), RECORD_COLUMNS.len());
+        let row = UsageRow {
+            service_tier: Some(crate::kinds::ServiceTier::Flex),
+            requests: 1,
+            ..UsageRow::default()
+        };
+        let cols = usage_columns(&parse_group_by("service_tier").unwrap());
+        assert_eq!(cols[0], "service_tier");
+        assert_eq!(usage_row_json(&row, &cols)["service_tier"], "flex");
+        assert!(usage_csv(&[row], &cols).unwrap().contains("\nflex,1,"));
     }
 
     #[test]

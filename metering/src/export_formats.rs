@@ -4,11 +4,12 @@
 //! - [`cloudevent`]: a CloudEvents 1.0 structured-mode JSON event (OpenMeter, Lago, any
 //!   CloudEvents consumer). `id` is the record id, so a consumer that receives a record twice
 //!   (a re-run export) deduplicates it; `subject` is the customer; `data` holds the model, the
-//!   token kinds, the cost and the tags.
+//!   service tier, the token kinds, the cost and the tags.
 //! - [`stripe_meter_event`]: the body of Stripe's `POST /v1/billing/meter_events`: `event_name`,
 //!   `identifier` = the record id (Stripe deduplicates on it), `timestamp` in Unix seconds, and a
-//!   `payload` of strings holding the customer mapping and one value per token kind; each Stripe
-//!   meter reads its kind through its `value_settings.event_payload_key`.
+//!   `payload` of strings holding the customer mapping, the model, the service tier and one
+//!   value per token kind; each Stripe meter reads its kind through its
+//!   `value_settings.event_payload_key` (and may filter or group by `service_tier`).
 //!
 //! Owns only the shapes; reading the ledger and cursors belong to the callers.
 
@@ -44,6 +45,7 @@ pub fn cloudevent(r: &UsageRecord) -> Value {
             "customer_id": r.customer_id,
             "key_id": r.key_id,
             "model": r.model,
+            "service_tier": r.service_tier,
             "endpoint": r.endpoint,
             "status": r.status,
             "input_tokens": r.input_tokens,
@@ -107,6 +109,7 @@ pub fn stripe_meter_event(r: &UsageRecord, mapping: &StripeMapping) -> Result<Va
         payload.insert(key.into(), json!(value.to_string()));
     }
     payload.insert("model".into(), json!(r.model));
+    payload.insert("service_tier".into(), json!(r.service_tier));
     Ok(json!({
         "event_name": mapping.event_name,
         "identifier": r.id,
@@ -130,6 +133,7 @@ mod tests {
             output_tokens: 3,
             cost_nano_usd: 1_234,
             started_at: 1_700_000_000_123_456,
+            service_tier: crate::kinds::ServiceTier::Flex,
             ..UsageRecord::default()
         };
         r.tags.insert("project".into(), "alpha".into());
@@ -146,6 +150,7 @@ mod tests {
         assert_eq!(e["data"]["fresh_input_tokens"], 6);
         assert_eq!(e["data"]["cost_usd"], "0.000001234");
         assert_eq!(e["data"]["tags"]["project"], "alpha");
+        assert_eq!(e["data"]["service_tier"], "flex");
     }
 
     #[test]
@@ -157,6 +162,7 @@ mod tests {
         assert_eq!(e["payload"]["stripe_customer_id"], "acme");
         assert_eq!(e["payload"]["input_tokens"], "6");
         assert_eq!(e["payload"]["cached_input_tokens"], "4");
+        assert_eq!(e["payload"]["service_tier"], "flex");
         m.customers.insert("other".into(), "cus_1".into());
         assert!(stripe_meter_event(&record(), &m)
             .unwrap_err()

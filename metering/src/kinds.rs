@@ -114,6 +114,9 @@ kind! {
         Flex,
         /// The Batch API's lines and background work: the fleet's surplus.
         Batch,
+        /// Served within the customer's reservation on the model (engine class `priority`):
+        /// billed per month for the reservation, never per token (its records cost zero).
+        Reserved,
     }
 }
 
@@ -275,6 +278,17 @@ mod tests {
             assert_eq!(e.as_str(), s);
             assert_eq!(s.parse::<Endpoint>().ok(), Some(e));
             assert_eq!(serde_json::to_value(e).ok(), Some(serde_json::json!(s)));
+        }
+        for (t, s) in [
+            (ServiceTier::Priority, "priority"),
+            (ServiceTier::Default, "default"),
+            (ServiceTier::Flex, "flex"),
+            (ServiceTier::Batch, "batch"),
+            (ServiceTier::Reserved, "reserved"),
+        ] {
+            assert_eq!(t.as_str(), s);
+            assert_eq!(s.parse::<ServiceTier>().ok(), Some(t));
+            assert_eq!(serde_json::to_value(t).ok(), Some(serde_json::json!(s)));
         }
         for (u, s) in [
             (UsageSource::Engine, "engine"),

@@ -61,10 +61,13 @@ impl TierPrices {
             ServiceTier::Default => self.default,
             ServiceTier::Flex => self.flex,
             ServiceTier::Batch => self.batch,
+            // Paid for by the month's reservation line, not per token.
+            ServiceTier::Reserved => Some(Price::default()),
         }
     }
 
-    /// The tiers the model is sold at, highest first.
+    /// The tiers the model is sold at per token, highest first (`reserved` is sold by the
+    /// month, not here).
     pub fn offered(&self) -> impl Iterator<Item = (ServiceTier, Price)> + '_ {
         [
             ServiceTier::Priority,
@@ -108,6 +111,46 @@ pub fn cached_part_nano_usd(price: &Price, input: u64, cached: u64) -> i64 {
 /// higher of the input and cached prices.
 pub fn max_cost_nano_usd(price: &Price, input: u64, output: u64) -> i64 {
     cost_nano_usd(price, input, output).max(cost_with_cached_nano_usd(price, input, input, output))
+}
+
+/// What a reservation of `tpm` tokens per minute costs, at `price_per_ktpm_month` USD per
+/// 1,000 TPM per month, for `active` of a month `month` long (both in microseconds): price ×
+/// TPM / 1000 × active / month, in nano-USD rounded once, half away from zero, as every
+/// record is. Exact: computed as one fraction of integers (`active / month` reduced first).
+pub fn reservation_nano_usd(
+    price_per_ktpm_month: Decimal,
+    tpm: i64,
+    active: i64,
+    month: i64,
+) -> i64 {
+    if active <= 0 || month <= 0 || tpm <= 0 || price_per_ktpm_month.is_sign_negative() {
+        return 0;
+    }
+    let (active, month) = (i128::from(active.min(month)), i128::from(month));
+    let g = gcd(active, month);
+    let (active, month) = (active / g, month / g);
+    // price = mantissa / 10^scale; nano-USD per USD / 1000 TPM per kTPM = 10^6.
+    let numerator = price_per_ktpm_month
+        .mantissa()
+        .checked_mul(i128::from(tpm))
+        .and_then(|n| n.checked_mul(active))
+        .and_then(|n| n.checked_mul(1_000_000));
+    let denominator = 10i128
+        .checked_pow(price_per_ktpm_month.scale())
+        .and_then(|d| d.checked_mul(month));
+    let (Some(n), Some(d)) = (numerator, denominator) else {
+        return i64::MAX;
+    };
+    let (q, r) = (n / d, n % d);
+    let rounded = if 2 * r >= d { q + 1 } else { q };
+    i64::try_from(rounded).unwrap_or(i64::MAX)
+}
+
+fn gcd(mut a: i128, mut b: i128) -> i128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a.max(1)
 }
 
 /// USD per million tokens × 1000 = nano-USD per token.
@@ -184,6 +227,37 @@ mod tests {
         assert_eq!(max_cost_nano_usd(&p, 10, 3), cost_nano_usd(&p, 10, 3));
         p.cached_input_per_mtok = "0.5".parse().unwrap();
         assert_eq!(max_cost_nano_usd(&p, 10, 3), 10 * 500 + 300);
+    }
+
+    /// A reservation's month is prorated exactly and rounded once.
+    #[test]
+    fn reservations_prorate_exactly() {
+        let day = 86_400_000_000i64;
+        let price: Decimal = "12.50".parse().unwrap();
+        // A whole 30-day month of 10,000 TPM at $12.50 per 1,000 TPM: $125.
+        assert_eq!(
+            reservation_nano_usd(price, 10_000, 30 * day, 30 * day),
+            125_000_000_000
+        );
+        // 10 of 30 days: exactly a third ($41.666666666 and 2/3 nano → rounded up).
+        assert_eq!(
+            reservation_nano_usd(price, 10_000, 10 * day, 30 * day),
+            41_666_666_667
+        );
+        // 1 of 31 days of 1 TPM at $0.0000155: exactly half a nano-USD → 1 (away from zero),
+        // and at $0.000031 exactly one.
+        let half: Decimal = "0.0000155".parse().unwrap();
+        assert_eq!(reservation_nano_usd(half, 1, day, 31 * day), 1);
+        let one: Decimal = "0.000031".parse().unwrap();
+        assert_eq!(reservation_nano_usd(one, 1, day, 31 * day), 1);
+        assert_eq!(reservation_nano_usd(one, 1, day / 2, 31 * day), 1);
+        assert_eq!(reservation_nano_usd(one, 1, day / 3, 31 * day), 0);
+        assert_eq!(reservation_nano_usd(price, 10_000, 0, 30 * day), 0);
+        // Active beyond the month counts as the month.
+        assert_eq!(
+            reservation_nano_usd(price, 10_000, 40 * day, 30 * day),
+            125_000_000_000
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! How customers and keys are shown: one view each, serialized by the admin API, the CLI and
+//! How customers, keys and reservations are shown: one view each, serialized by the admin API, the CLI and
 //! the audit log alike (money as decimal USD strings, times as RFC 3339), and described by the
 //! same type in the OpenAPI document (`ToSchema`, named `Customer` and `ApiKey` there).
 //!
@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::accounts::{ApiKey, Customer};
+use crate::accounts::{ApiKey, Customer, Reservation};
 use crate::kinds::BudgetPeriod;
 use crate::money::format_usd;
 use crate::periods::rfc3339;
@@ -222,5 +222,47 @@ mod tests {
             text.ends_with(r#""max_concurrent_requests":4,"key":"tg-secret"}"#),
             "{text}"
         );
+    }
+}
+
+/// A reservation of capacity: a customer's tokens per minute on a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[schema(as = Reservation)]
+pub struct ReservationView {
+    #[schema(value_type = String, pattern = "^reservation$")]
+    pub object: &'static str,
+    pub id: String,
+    pub customer_id: String,
+    pub model: String,
+    pub reserved_tokens_per_minute: i64,
+    /// USD per 1,000 tokens per minute per month, as sold.
+    pub price_per_ktpm_month: String,
+    pub starts_at: String,
+    /// `null`: until ended.
+    #[schema(required)]
+    pub ends_at: Option<String>,
+    pub created_at: String,
+}
+
+impl From<&Reservation> for ReservationView {
+    fn from(r: &Reservation) -> Self {
+        Self {
+            object: "reservation",
+            id: r.id.clone(),
+            customer_id: r.customer_id.clone(),
+            model: r.model.clone(),
+            reserved_tokens_per_minute: r.reserved_tokens_per_minute,
+            price_per_ktpm_month: r.price_per_ktpm_month.to_string(),
+            starts_at: rfc3339(r.starts_at),
+            ends_at: r.ends_at.map(rfc3339),
+            created_at: rfc3339(r.created_at),
+        }
+    }
+}
+
+impl ReservationView {
+    /// The fields the audit log records of a new reservation.
+    pub fn audited(&self) -> Value {
+        without(self, &["object", "id", "created_at"])
     }
 }

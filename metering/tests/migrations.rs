@@ -14,6 +14,7 @@
 
 use sqlx::{AnyConnection, Connection, Row};
 use tollgate_metering::audit::Actor;
+use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::store::{CustomerFields, Store, StoreError};
 
 const SQLITE_BEFORE: &str = include_str!("fixtures/before_shared_migrations.sqlite.sql");
@@ -65,7 +66,27 @@ async fn applied(url: &str) -> Applied {
 async fn opens_unchanged(old: &str, fresh: &str, versions: usize) {
     let before = applied(old).await;
     assert_eq!(before.len(), versions);
+    // A record written before tiers existed (no `service_tier` column yet).
+    let mut conn = connect(old).await;
+    sqlx::query(
+        "INSERT INTO usage_records (id, customer_id, key_id, model, endpoint, stream, status, \
+         input_tokens, output_tokens, started_at, finished_at, input_price_per_mtok, \
+         output_price_per_mtok, cost_nano_usd) \
+         VALUES ('old-1', 'acme', 'key_old', 'm', '/v1/chat/completions', 0, 'completed', \
+         3, 4, 10, 20, '0.1', '0.2', 5)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
     let store = Store::connect(old).await.unwrap();
+    let (records, _) = store.records_after(0, 10).await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].id.as_str(), records[0].service_tier),
+        ("old-1", ServiceTier::Default),
+        "a record from before tiers reads back as served at `default`"
+    );
     let acme = store.customer("acme").await.unwrap();
     assert_eq!(
         (acme.name.as_str(), acme.budget_nano_usd),
@@ -93,7 +114,7 @@ async fn opens_unchanged(old: &str, fresh: &str, versions: usize) {
 }
 
 /// The migrations written after the fixtures were taken: applied to an old database on open.
-const SINCE_FIXTURES: [i64; 1] = [31];
+const SINCE_FIXTURES: [i64; 2] = [31, 33];
 
 /// The same check has teeth: a database that recorded another checksum for a shared
 /// migration is refused.

@@ -46,6 +46,33 @@ async fn sqlite_store_contract() {
     exercise(&store).await;
 }
 
+#[path = "common/money_contract.rs"]
+mod money;
+
+#[tokio::test]
+async fn sqlite_invoices_have_a_line_per_tier() {
+    let (_dir, store) = sqlite().await;
+    money::tiers_on_invoices(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_reservations_are_never_oversold() {
+    let (_dir, store) = sqlite().await;
+    money::reservations(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_concurrent_reservations_never_oversell() {
+    let (_dir, store) = sqlite().await;
+    money::concurrent_reservations_never_oversell(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_sla_report() {
+    let (_dir, store) = sqlite().await;
+    money::sla_report(&store).await;
+}
+
 #[tokio::test]
 async fn sqlite_alerts_and_idempotency() {
     let (_dir, store) = sqlite().await;

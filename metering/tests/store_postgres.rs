@@ -31,6 +31,33 @@ async fn postgres_alerts_and_idempotency() {
     contract::alerts_and_idempotency(&store).await;
 }
 
+#[path = "common/money_contract.rs"]
+mod money;
+
+#[tokio::test]
+async fn postgres_invoices_have_a_line_per_tier() {
+    let store = fresh_database("tollgate_tiers_contract").await;
+    money::tiers_on_invoices(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_reservations_are_never_oversold() {
+    let store = fresh_database("tollgate_reservations_contract").await;
+    money::reservations(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_concurrent_reservations_never_oversell() {
+    let store = fresh_database("tollgate_reservations_race").await;
+    money::concurrent_reservations_never_oversell(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_sla_report() {
+    let store = fresh_database("tollgate_sla_contract").await;
+    money::sla_report(&store).await;
+}
+
 /// The database the run was given: `TOLLGATE_TEST_POSTGRES_URL`.
 fn test_url() -> String {
     std::env::var("TOLLGATE_TEST_POSTGRES_URL")

@@ -171,3 +171,43 @@ def test_keys_update_and_get_and_customers_get_spend(ledger):
     customer = json.loads(tollgate("customers", "get", "a", *ledger.db).stdout)
     # Two records of 20,000 nano-USD this month (the fixture's records are minutes old).
     assert customer["spent_usd_this_period"] == "0.000040000", customer
+
+
+def test_reservations_from_the_command_line(ledger):
+    """`tollgate reservations`: a model's reservations never pass its capacity_tpm; a model
+    without one cannot be reserved; the invoice bills the month's share; the export shows the
+    records' tier."""
+    config = os.path.join(ledger.dir, "models.toml")
+    with open(config, "w") as f:
+        f.write(
+            '[models.big]\nsource = { path = "x.gguf" }\nbackend = { type = "http", urls = ["http://127.0.0.1:9"] }\n'
+            'price = { input_per_mtok = "1", output_per_mtok = "2", reserved_per_ktpm_month = "30" }\n'
+            "capacity_tpm = 1000\n"
+            '[models.small]\nsource = { path = "x.gguf" }\nbackend = { type = "http", urls = ["http://127.0.0.1:9"] }\n'
+        )
+
+    def reserve(model, tpm, *more, check=True):
+        return tollgate("reservations", "create", "a", "--model", model, "--tpm", str(tpm),
+                        "--starts-at", "2026-11-01", *more, "--config", config, *ledger.db, check=check)
+
+    made = json.loads(reserve("big", 600, "--ends-at", "2026-11-16").stdout)
+    assert made["object"] == "reservation" and made["price_per_ktpm_month"] == "30"
+    over = reserve("big", 401, check=False)
+    assert over.returncode != 0 and "400 of its 1000" in over.stderr, over.stderr
+    small = reserve("small", 1, check=False)
+    assert small.returncode != 0 and "cannot be reserved" in small.stderr, small.stderr
+    listed = json.loads(tollgate("reservations", "list", "--customer-id", "a", *ledger.db).stdout)
+    assert [r["id"] for r in listed["data"]] == [made["id"]]
+
+    invoice = json.loads(tollgate("usage", "invoice", "a", "--period", "2026-11", *ledger.db).stdout)
+    # 15 of November's 30 days of 600 TPM at $30 per 1,000 TPM-month: $9.
+    line = invoice["line_items"][0]
+    assert (line["kind"], line["service_tier"], line["amount_usd"]) == ("reservation", "reserved", "9.000000000")
+    assert invoice["total_usd"] == "9.000000000"
+
+    ended = json.loads(tollgate("reservations", "end", made["id"], *ledger.db).stdout)
+    assert ended["ends_at"] == made["ends_at"], "already over: its end stays"
+
+    ledger.add("r1", "a", "ka")
+    csv_out = ledger.export("--format", "csv").splitlines()
+    assert csv_out[0].endswith(",service_tier") and csv_out[1].endswith(",default"), csv_out

@@ -75,6 +75,9 @@ enum Command {
     /// Scoped admin tokens (usage:read, customers:read, customers:write, keys:write, admin).
     #[command(subcommand)]
     AdminTokens(tollgate::billing_cli::AdminTokensCommand),
+    /// Reserved capacity: a customer's tokens per minute on a model, billed per month.
+    #[command(subcommand)]
+    Reservations(tollgate::billing_cli::ReservationsCommand),
     /// Read usage: exports for billing jobs, aggregates, invoices.
     #[command(subcommand)]
     Usage(tollgate::billing_cli::UsageCommand),
@@ -149,6 +152,9 @@ fn main() -> anyhow::Result<()> {
             async_runtime()?.block_on(tollgate::billing_cli::admin_tokens(cmd))
         }
         Command::Usage(cmd) => async_runtime()?.block_on(tollgate::billing_cli::usage(cmd)),
+        Command::Reservations(cmd) => {
+            async_runtime()?.block_on(tollgate::billing_cli::reservations(cmd))
+        }
     };
     drop(flush);
     result

@@ -11,6 +11,7 @@ use crate::auth::Caller;
 use crate::error::query;
 use crate::error::ApiError;
 use crate::AppState;
+use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::money::usd_f64;
 use tollgate_metering::store::{now_micros, GroupBy, UsageFilter, UsageRow};
 
@@ -32,6 +33,9 @@ pub struct CompletionsUsageResult {
     pub api_key_id: Option<String>,
     pub model: Option<String>,
     pub batch: Option<bool>,
+    /// With `group_by=service_tier`: the tier the requests were served at.
+    #[schema(value_type = Option<String>)]
+    pub service_tier: Option<ServiceTier>,
 }
 
 /// A page of time buckets of `$result` rows, in OpenAI's shape: the type of the page, the
@@ -319,7 +323,7 @@ async fn buckets<R>(
         ("start_time" = i64, Query, minimum = 0, description = "Unix seconds, inclusive"),
         ("end_time" = Option<i64>, Query, minimum = 0, description = "Unix seconds, exclusive"),
         ("bucket_width" = Option<String>, Query, pattern = "^(1m|1h|1d)$"),
-        ("group_by" = Option<String>, Query, description = "Comma-separated: `model`, `api_key_id`"),
+        ("group_by" = Option<String>, Query, description = "Comma-separated: `model`, `api_key_id`, `service_tier`"),
         ("limit" = Option<i64>, Query, minimum = 1, description = "Buckets per page"),
         ("page" = Option<String>, Query, description = "`next_page` of the previous page"),
     ),
@@ -334,16 +338,17 @@ pub async fn completions_usage(
     known_params(raw.as_deref())?;
     let q = query(q)?;
     let w = query_window(&q, false)?;
-    let groups: Vec<GroupBy> = group_by(q.group_by.as_deref(), &["model", "api_key_id"])?
-        .iter()
-        .map(|g| {
-            if g == "model" {
-                GroupBy::Model
-            } else {
-                GroupBy::Key
-            }
-        })
-        .collect();
+    let groups: Vec<GroupBy> = group_by(
+        q.group_by.as_deref(),
+        &["model", "api_key_id", "service_tier"],
+    )?
+    .iter()
+    .map(|g| match g.as_str() {
+        "model" => GroupBy::Model,
+        "service_tier" => GroupBy::ServiceTier,
+        _ => GroupBy::Key,
+    })
+    .collect();
     let data = buckets(&state, &caller, &w, &groups, |r| CompletionsUsageResult {
         object: "organization.usage.completions.result",
         input_tokens: r.input_tokens,
@@ -357,6 +362,7 @@ pub async fn completions_usage(
         api_key_id: r.key_id.clone(),
         model: r.model.clone(),
         batch: None,
+        service_tier: r.service_tier,
     })
     .await?;
     Ok(Json(UsageResponse::new(data, &w)))

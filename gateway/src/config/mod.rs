@@ -18,7 +18,7 @@ mod tests;
 use models::{validate_model, RawModel};
 pub use models::{
     BackendConfig, DeviceSpec, Discovery, HttpBackendConfig, KvCacheDtype, LocalBackendConfig,
-    ModelConfig, ModelSource, ResponsesMode, Routing, WeightForm,
+    ModelConfig, ModelSource, ReservedCapacity, ResponsesMode, Routing, WeightForm,
 };
 
 /// Errors loading the catalogue.
@@ -60,6 +60,7 @@ struct RawServer {
     idempotency_lease_ms: Option<u64>,
     key_cache_fresh_ms: Option<u64>,
     key_cache_max_age_ms: Option<u64>,
+    priority_ttft_target_ms: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -100,6 +101,9 @@ pub struct ServerConfig {
     /// changed elsewhere (another replica, the CLI) is refused or seen within this; 0 looks a
     /// key up on every request.
     pub key_max_age: Duration,
+    /// `priority_ttft_target_ms` (1000 by default): the time to first token the SLA report
+    /// counts `priority` requests against.
+    pub priority_ttft_target_ms: u64,
 }
 
 /// The default of `key_cache_fresh_ms`.
@@ -120,6 +124,7 @@ impl Default for ServerConfig {
             idempotency_lease: Duration::from_secs(30),
             key_fresh: KEY_FRESH,
             key_max_age: KEY_MAX_AGE,
+            priority_ttft_target_ms: 1_000,
         }
     }
 }
@@ -188,6 +193,10 @@ impl Config {
                 .server
                 .key_cache_max_age_ms
                 .map_or(defaults.key_max_age, Duration::from_millis),
+            priority_ttft_target_ms: raw
+                .server
+                .priority_ttft_target_ms
+                .unwrap_or(defaults.priority_ttft_target_ms),
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

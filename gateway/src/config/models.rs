@@ -9,6 +9,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::money::{Price, TierPrices};
+use tollgate_metering::store::NewReservation;
 
 use super::ConfigError;
 
@@ -23,6 +24,9 @@ pub(super) struct RawModel {
     /// The classes of service the model is sold at (every one when absent).
     service_tiers: Option<Vec<ServiceTier>>,
     max_sequences_per_customer: Option<u32>,
+    /// Tokens per minute the model serves saturated (measured with the bench): what its
+    /// reservations may add up to. Absent: the model cannot be reserved.
+    capacity_tpm: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +84,8 @@ struct RawPrice {
     priority: Option<RawTierPrice>,
     /// 1 when absent.
     priority_multiplier: Option<String>,
+    /// USD per 1,000 reserved tokens per minute per month; absent: not sold reserved.
+    reserved_per_ktpm_month: Option<String>,
 }
 
 /// One tier's unit prices (the same keys as the default ones).
@@ -104,6 +110,61 @@ pub struct ModelConfig {
     pub prices: TierPrices,
     /// Sequences one customer may have in flight on this model (429 beyond).
     pub max_sequences_per_customer: Option<u32>,
+    /// Reserved capacity: what the model's reservations may add up to (tokens per minute)
+    /// and what 1,000 of them cost per month; `None` unless both are set.
+    pub reserved: Option<ReservedCapacity>,
+}
+
+impl ModelConfig {
+    /// A reservation of `tpm` tokens per minute of this model for `customer_id` over
+    /// `[starts_at, ends_at)`, at its reserved price, and the capacity the store checks it
+    /// against; or the field at fault and why (the model is not reservable, the numbers are
+    /// not). The admin API, the console and the CLI all reserve through it.
+    pub fn reservation(
+        &self,
+        customer_id: &str,
+        tpm: i64,
+        starts_at: i64,
+        ends_at: Option<i64>,
+    ) -> Result<(NewReservation, i64), (&'static str, String)> {
+        let Some(reserved) = self.reserved else {
+            return Err((
+                "model",
+                format!(
+                    "model `{}` cannot be reserved: models.toml gives it no capacity_tpm and \
+                     price.reserved_per_ktpm_month",
+                    self.id
+                ),
+            ));
+        };
+        if tpm <= 0 {
+            return Err((
+                "reserved_tokens_per_minute",
+                format!("reserved_tokens_per_minute {tpm} is not a positive whole number"),
+            ));
+        }
+        if ends_at.is_some_and(|e| e <= starts_at) {
+            return Err(("ends_at", "ends_at is not after starts_at".to_string()));
+        }
+        let new = NewReservation {
+            customer_id: customer_id.to_string(),
+            model: self.id.clone(),
+            reserved_tokens_per_minute: tpm,
+            price_per_ktpm_month: reserved.price_per_ktpm_month,
+            span: (starts_at, ends_at),
+        };
+        Ok((
+            new,
+            i64::try_from(reserved.capacity_tpm).unwrap_or(i64::MAX),
+        ))
+    }
+}
+
+/// A model's `capacity_tpm` and `price.reserved_per_ktpm_month`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservedCapacity {
+    pub capacity_tpm: u64,
+    pub price_per_ktpm_month: Decimal,
 }
 
 /// Where a model's files are.
@@ -304,6 +365,26 @@ pub(super) fn validate_model(
         }
     };
     let backend = validate_backend(m.backend, base_dir).map_err(err)?;
+    let reserved_price = match m
+        .price
+        .as_ref()
+        .and_then(|p| p.reserved_per_ktpm_month.as_ref())
+    {
+        Some(v) => Some(price_decimal("reserved_per_ktpm_month", v).map_err(err)?),
+        None => None,
+    };
+    let reserved = match (m.capacity_tpm, reserved_price) {
+        (Some(0), _) => return Err(err("capacity_tpm must be at least 1".into())),
+        (Some(capacity_tpm), Some(price_per_ktpm_month)) => Some(ReservedCapacity {
+            capacity_tpm,
+            price_per_ktpm_month,
+        }),
+        (None, Some(_)) => return Err(err(
+            "price.reserved_per_ktpm_month needs capacity_tpm (what reservations may add up to)"
+                .into(),
+        )),
+        (_, None) => None,
+    };
     let prices = match m.price {
         Some(p) => validate_prices(p).map_err(err)?,
         None => TierPrices::uniform(Price::default()),
@@ -323,6 +404,7 @@ pub(super) fn validate_model(
             Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
             other => other,
         },
+        reserved,
     })
 }
 
@@ -451,6 +533,13 @@ fn validate_prices(p: RawPrice) -> Result<TierPrices, String> {
 fn only_tiers(prices: TierPrices, tiers: &[ServiceTier]) -> Result<TierPrices, String> {
     if tiers.is_empty() {
         return Err("service_tiers is empty: a model must be sold at one tier at least".into());
+    }
+    if tiers.contains(&ServiceTier::Reserved) {
+        return Err(
+            "service_tiers lists `reserved`: reserved capacity is sold by reservation \
+             (capacity_tpm and price.reserved_per_ktpm_month), not per token"
+                .into(),
+        );
     }
     let keep = |t: ServiceTier| {
         if tiers.contains(&t) {

@@ -345,3 +345,44 @@ fn key_cache_lifetimes_are_server_settings() {
         "{e}"
     );
 }
+
+/// `capacity_tpm` and `price.reserved_per_ktpm_month` together make a model reservable; a
+/// price without a capacity is an error, a capacity alone sells nothing reserved; `reserved`
+/// is never a per-token tier; `priority_ttft_target_ms` defaults to a second.
+#[test]
+fn reserved_capacity_needs_a_capacity_and_a_price() {
+    let load = |text: &str| Config::from_toml_str(text, Path::new("."));
+    let config = load(GOOD).unwrap();
+    assert_eq!(config.models["smollm2-135m"].reserved, None);
+    assert_eq!(config.server.priority_ttft_target_ms, 1_000);
+    let priced = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\", reserved_per_ktpm_month = \"12.50\" }\ncapacity_tpm = 90000",
+    );
+    assert_eq!(
+        load(&priced).unwrap().models["smollm2-135m"].reserved,
+        Some(crate::config::ReservedCapacity {
+            capacity_tpm: 90_000,
+            price_per_ktpm_month: "12.50".parse().unwrap(),
+        })
+    );
+    let no_capacity = priced.replace("capacity_tpm = 90000", "");
+    let e = load(&no_capacity).unwrap_err().to_string();
+    assert!(e.contains("needs capacity_tpm"), "{e}");
+    let capacity_only = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\" }\ncapacity_tpm = 90000",
+    );
+    assert_eq!(
+        load(&capacity_only).unwrap().models["smollm2-135m"].reserved,
+        None
+    );
+    let listed = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\" }\nservice_tiers = [\"default\", \"reserved\"]",
+    );
+    let e = load(&listed).unwrap_err().to_string();
+    assert!(e.contains("lists `reserved`"), "{e}");
+    let target = GOOD.replace("max_n = 4", "max_n = 4\npriority_ttft_target_ms = 250");
+    assert_eq!(load(&target).unwrap().server.priority_ttft_target_ms, 250);
+}

@@ -133,6 +133,7 @@ async fn customer_page(
     let store = store(state)?;
     let c = store.customer(id).await?;
     let keys = store.list_keys(id).await?;
+    let held = store.reservations(Some(id), None).await?;
     let (period_start, _) = month_bounds(now_micros());
     let spent = store.spent_since(id, period_start).await?;
     let field = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
@@ -159,6 +160,7 @@ async fn customer_page(
         }
         (keys_table(signed, &keys))
         (new_key_form(state, signed, &c.id))
+        (super::reservations::section(state, signed, &c.id, &held))
         p { a href={"/console/requests?customer_id=" (c.id)} { "This customer's requests" } " · "
             a href={"/console/invoices?customer_id=" (c.id)} { "Invoice" } }
     };

@@ -13,6 +13,7 @@ mod chart;
 mod customers;
 mod pages;
 mod reports;
+mod reservations;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -137,6 +138,15 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route("/console/customers/{id}/keys", post(customers::create_key))
         .route("/console/keys/{key_id}/revoke", post(customers::revoke_key))
+        .route(
+            "/console/customers/{id}/reservations",
+            post(reservations::create_reservation),
+        )
+        .route(
+            "/console/reservations/{id}/end",
+            post(reservations::end_reservation),
+        )
+        .route("/console/sla", get(reservations::sla))
         .route("/console/requests", get(reports::requests))
         .route("/console/models", get(reports::models))
         .route("/console/invoices", get(reports::invoices))
@@ -455,12 +465,13 @@ fn page_shell(title: &str, body: Markup) -> Markup {
 
 /// A signed-in screen: navigation, the sign-out form, then `content`.
 pub(crate) fn layout(signed: &Signed, title: &str, content: Markup) -> Markup {
-    const NAV: [(&str, &str); 7] = [
+    const NAV: [(&str, &str); 8] = [
         ("/console", "Overview"),
         ("/console/customers", "Customers"),
         ("/console/requests", "Requests"),
         ("/console/models", "Models"),
         ("/console/invoices", "Invoices & exports"),
+        ("/console/sla", "Service levels"),
         ("/console/audit", "Audit log"),
         ("/metrics", "Metrics"),
     ];

@@ -101,7 +101,7 @@ pub(crate) async fn requests(
             button type="submit" { "Filter" }
         }
         table #requests {
-            thead { tr { th { "Started" } th { "Request id" } th { "Customer" } th { "Key" } th { "Model" } th { "Status" } th { "Finish" } th { "Input" } th { "Cached" } th { "Output" } th { "Cost" } th { "TTFT" } th { "Duration" } } }
+            thead { tr { th { "Started" } th { "Request id" } th { "Customer" } th { "Key" } th { "Model" } th { "Tier" } th { "Status" } th { "Finish" } th { "Input" } th { "Cached" } th { "Output" } th { "Cost" } th { "TTFT" } th { "Duration" } } }
             tbody {
                 @for (_, r) in &records {
                     tr.record {
@@ -109,7 +109,7 @@ pub(crate) async fn requests(
                         td.request-id { code { (r.id) } }
                         td { (r.customer_id) }
                         td { (r.key_id) }
-                        td { (r.model) }
+                        td { (r.model) } td.tier { (r.service_tier) }
                         td class={"status " (r.status)} { (r.status) }
                         td { (r.finish_reason.map_or("", |f| f.as_str())) }
                         td { (r.input_tokens) }
@@ -202,7 +202,7 @@ pub(crate) async fn invoices(
             label { "From " input name="start" value=(rfc3339(month_start).get(..10).unwrap_or_default()); }
             label { "To " input name="end" placeholder="now"; }
             label { "Group by " select name="group_by" {
-                @for g in ["customer,model", "customer,model,day", "customer,key", "model", "day"] {
+                @for g in ["customer,model", "customer,model,service_tier", "customer,model,day", "customer,key", "model", "service_tier", "day"] {
                     option value=(g) { (g) }
                 }
             } }
@@ -222,23 +222,27 @@ fn invoice_table(inv: &Value) -> Markup {
     let lines = inv["line_items"].as_array().unwrap_or(&empty);
     html! {
         table #invoice {
-            thead { tr { th { "Kind" } th { "Model" } th { "Requests" } th { "Tokens" } th { "Price / Mtok" } th { "Amount (USD)" } } }
+            thead { tr { th { "Kind" } th { "Model" } th { "Tier" } th { "Requests" } th { "Tokens" } th { "Price" } th { "Amount (USD)" } } }
             tbody {
                 @for l in lines {
                     @let cached = l["kind"] == "cached_input";
+                    @let reserved = l["kind"] == "reservation";
                     tr {
                         td { (text(&l["kind"])) }
                         td { (text(&l["model"])) }
+                        td.tier { (text(&l["service_tier"])) }
                         td { (text(&l["requests"])) }
                         td { @if cached { (text(&l["cached_input_tokens"])) " cached" }
+                             @else if reserved { (text(&l["reserved_tokens_per_minute"])) " TPM, " (text(&l["days_active"])) " of " (text(&l["days_in_month"])) " days" }
                              @else { (text(&l["input_tokens"])) " in / " (text(&l["output_tokens"])) " out" } }
-                        td { @if cached { (text(&l["cached_input_price_per_mtok"])) }
-                             @else { (text(&l["input_price_per_mtok"])) " / " (text(&l["output_price_per_mtok"])) } }
+                        td { @if cached { (text(&l["cached_input_price_per_mtok"])) " / Mtok" }
+                             @else if reserved { (text(&l["price_per_ktpm_month"])) " / kTPM-month" }
+                             @else { (text(&l["input_price_per_mtok"])) " / " (text(&l["output_price_per_mtok"])) " / Mtok" } }
                         td { (text(&l["amount_usd"])) }
                     }
                 }
             }
-            tfoot { tr { th colspan="5" { "Total " (text(&inv["period"])) } th #invoice-total { (text(&inv["total_usd"])) } } }
+            tfoot { tr { th colspan="6" { "Total " (text(&inv["period"])) } th #invoice-total { (text(&inv["total_usd"])) } } }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::Value;
-use tollgate_metering::views::{CustomerView, KeyView};
+use tollgate_metering::views::{CustomerView, KeyView, ReservationView};
 use utoipa::ToSchema;
 
 /// An amount of USD: a decimal string (`"25.50"`) or a number (`25.5`).
@@ -135,7 +135,7 @@ pub struct ApiKeyList {
 }
 
 /// `GET /admin/v1/usage`: one row per group, with the group's columns (`customer_id`,
-/// `model`, `key_id`, `day`, `tag:KEY`) and `requests`, `input_tokens`, `output_tokens`,
+/// `model`, `key_id`, `day`, `service_tier`, `tag:KEY`) and `requests`, `input_tokens`, `output_tokens`,
 /// `cost_usd`, `cached_input_tokens` (and `input_cached_tokens`, the same count under its
 /// deprecated name).
 #[derive(Debug, Serialize, ToSchema)]
@@ -174,6 +174,8 @@ pub struct UsageRecord {
     pub cached_input_cost_usd: String,
     pub usage_source: String,
     pub tags: BTreeMap<String, String>,
+    /// The class of service it was served and priced at.
+    pub service_tier: String,
 }
 
 /// `GET /admin/v1/usage/records`.
@@ -195,12 +197,15 @@ pub struct TagPair {
     pub value: Option<String>,
 }
 
-/// An invoice line: `kind` `tokens` (input and output tokens) or `cached_input`.
+/// An invoice line: `kind` `tokens` (input and output tokens), `cached_input`, or
+/// `reservation` (a month's share of reserved capacity).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct InvoiceLine {
     pub kind: String,
     pub model: String,
-    pub requests: i64,
+    /// The tier the line's requests were served at (`reserved` on reservation lines).
+    pub service_tier: String,
+    pub requests: Option<i64>,
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub cached_input_tokens: Option<i64>,
@@ -210,6 +215,59 @@ pub struct InvoiceLine {
     pub amount_usd: String,
     /// With `group_by=tag:KEY`.
     pub tag: Option<TagPair>,
+    /// Reservation lines: the reservation, its TPM and price, and the share of the month.
+    pub reservation_id: Option<String>,
+    pub reserved_tokens_per_minute: Option<i64>,
+    pub price_per_ktpm_month: Option<String>,
+    pub active_from: Option<String>,
+    pub active_until: Option<String>,
+    /// Decimal days (`"15"`, `"2.5"`).
+    pub days_active: Option<String>,
+    pub days_in_month: Option<String>,
+}
+
+/// `GET /admin/v1/customers/{id}/reservations`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReservationList {
+    #[schema(pattern = "^list$")]
+    pub object: String,
+    pub data: Vec<ReservationView>,
+}
+
+/// One customer's requests at one tier in the month.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SlaRow {
+    pub customer_id: String,
+    pub service_tier: String,
+    pub requests: i64,
+    pub failed: i64,
+    /// Share of requests not `failed`.
+    pub availability: f64,
+    /// Requests whose first token reached the client.
+    pub ttft_measured: i64,
+    /// Of those, the ones at or under `priority_ttft_target_ms`.
+    pub ttft_within_target: i64,
+    pub ttft_within_target_share: f64,
+    /// Upper bound of the histogram bucket holding the median TTFT.
+    #[schema(required)]
+    pub ttft_p50_ms: Option<i64>,
+    #[schema(required)]
+    pub ttft_p99_ms: Option<i64>,
+    #[schema(required)]
+    pub ttft_max_ms: Option<i64>,
+}
+
+/// `GET /admin/v1/sla`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SlaReport {
+    #[schema(pattern = "^sla_report$")]
+    pub object: String,
+    pub month: String,
+    pub start: String,
+    pub end: String,
+    pub priority_ttft_target_ms: u64,
+    pub ttft_percentiles: String,
+    pub data: Vec<SlaRow>,
 }
 
 /// `GET /admin/v1/invoices/{customer_id}`: `total_usd` is exactly the sum of the lines.

@@ -27,9 +27,11 @@ use crate::shared_limits::{self, RateOutcome, RateTake};
 use crate::store::{Store, StoreError};
 
 mod budget;
+mod reservation;
 
 pub use budget::BudgetHold;
 use budget::BudgetState;
+pub use reservation::ReservationMeter;
 
 /// Per-minute limits that apply to one request (key and customer levels).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

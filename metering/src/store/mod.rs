@@ -1,5 +1,6 @@
-//! The store's queries, by table: `customers`, `keys`, `admin_tokens`, `usage` (the ledger) and
-//! `records` (the ledger read page by page). The connection they run on, the error type and
+//! The store's queries, by table: `customers`, `keys`, `admin_tokens`, `usage` (the ledger),
+//! `records` (the ledger read page by page), `sla` (the ledger's service levels) and
+//! `reservations` (reserved capacity). The connection they run on, the error type and
 //! the column helpers are `crate::db`'s, re-exported here so that callers name one place.
 //!
 //! Ledger order: records get an increasing `seq` that export cursors follow. On PostgreSQL
@@ -15,6 +16,8 @@ pub mod admin_tokens;
 mod customers;
 mod keys;
 mod records;
+mod reservations;
+mod sla;
 mod usage;
 
 pub use crate::accounts::{ApiKey, Customer};
@@ -23,6 +26,8 @@ pub use crate::db::{normalize_url, now_micros, DbKind, Store, StoreError, StoreR
 pub use customers::{valid_id, CustomerFields, MAX_SCHEDULING_WEIGHT};
 pub use keys::{KeyFields, NewKey};
 pub use records::{parse_cursor, RecordFilter, RecordPage};
+pub use reservations::{peak_tpm, NewReservation, Reservation};
+pub use sla::{SlaFilter, SlaRow, TTFT_BUCKETS_MS};
 pub use usage::{record, GroupBy, UsageFilter, UsageRecord, UsageRow, RECORD_COLUMNS};
 
 fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {

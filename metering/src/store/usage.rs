@@ -84,6 +84,8 @@ pub enum GroupBy {
     Day,
     /// The unit prices applied (for invoice line items).
     Prices,
+    /// The class of service records were served and priced at.
+    ServiceTier,
 }
 
 /// Which records an aggregate covers: `started_at` in `[start, end)`.
@@ -107,6 +109,8 @@ pub struct UsageRow {
     pub bucket_start: Option<i64>,
     /// With `GroupBy::Tag`: the tag's value (`None`: records without the tag).
     pub tag_value: Option<String>,
+    /// With `GroupBy::ServiceTier`: the tier.
+    pub service_tier: Option<ServiceTier>,
     pub input_price_per_mtok: Option<String>,
     pub output_price_per_mtok: Option<String>,
     pub cached_input_price_per_mtok: Option<String>,
@@ -368,6 +372,7 @@ impl Store {
                 GroupBy::Model => cols.push("model".into()),
                 GroupBy::Key => cols.push("key_id".into()),
                 GroupBy::Day => cols.push(format!("(started_at / {DAY}) * {DAY} AS bucket_start")),
+                GroupBy::ServiceTier => cols.push("service_tier".into()),
                 GroupBy::Prices => {
                     cols.push("input_price_per_mtok".into());
                     cols.push("output_price_per_mtok".into());
@@ -543,6 +548,11 @@ fn usage_row(row: &sqlx::any::AnyRow, group: &[GroupBy], buckets: bool) -> Store
             None
         },
         tag_value: column(has_tag, "tag_value")?,
+        service_tier: if has(GroupBy::ServiceTier) {
+            Some(kind_column(row, "service_tier")?)
+        } else {
+            None
+        },
         input_price_per_mtok: column(prices, "input_price_per_mtok")?,
         output_price_per_mtok: column(prices, "output_price_per_mtok")?,
         cached_input_price_per_mtok: column(prices, "cached_input_price_per_mtok")?,

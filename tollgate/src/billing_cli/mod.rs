@@ -1,4 +1,4 @@
-//! `tollgate customers|keys|usage`: the admin API's operations against the database directly,
+//! `tollgate customers|keys|reservations|usage`: the admin API's operations against the database directly,
 //! for operators and billing jobs (cron). Output is JSON (or CSV/JSONL for exports) on stdout.
 //! `usage` is in its own file, its exports in `export`.
 
@@ -18,8 +18,10 @@ use tollgate_metering::store::{
 use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
 mod export;
+mod reservations;
 mod usage;
 
+pub use reservations::{reservations, ReservationsCommand};
 pub use usage::{usage, UsageCommand};
 
 #[derive(Debug, Args)]

@@ -48,7 +48,7 @@ pub enum UsageCommand {
         /// Only records with this tag (`key:value`).
         #[arg(long)]
         tag: Option<String>,
-        /// Comma-separated: customer, model, key, day, tag:KEY.
+        /// Comma-separated: customer, model, key, day, service_tier, tag:KEY.
         #[arg(long, default_value = "")]
         group_by: String,
         /// Output format.

@@ -1,5 +1,5 @@
-//! The operators' API: customers, keys, usage aggregates, the record cursor and
-//! invoices, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
+//! The operators' API: customers, keys, reservations, usage aggregates, the record cursor,
+//! invoices and the SLA report, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
 //!
 //! Its contract is written once: [`operations`] routes each operation with the scope it needs,
@@ -31,6 +31,7 @@ const MAX_PAGE: i64 = 10_000;
 
 mod customers;
 mod keys;
+mod reservations;
 mod usage;
 
 use customers::{
@@ -38,6 +39,8 @@ use customers::{
     put_alert_settings, update_customer,
 };
 use keys::{create_key, get_key, list_keys, revoke_key, update_key};
+pub(crate) use reservations::reserve;
+use reservations::{create_reservation, end_reservation, get_reservation, list_reservations, sla};
 use usage::{invoice, usage, usage_records};
 
 /// The admin API, one line per operation: its method, path, handler and the scope it needs.
@@ -48,6 +51,8 @@ fn operations() -> Operations {
     use Verb::{Delete, Get, Patch, Post, Put};
     let customer = "/admin/v1/customers/{id}";
     let key = "/admin/v1/keys/{key_id}";
+    let reservations = "/admin/v1/customers/{id}/reservations";
+    let reservation = "/admin/v1/reservations/{reservation_id}";
     Operations::default()
         .op(Get, "/admin/v1/customers", list_customers, CustomersRead)
         .op(Post, "/admin/v1/customers", create_customer, CustomersWrite)
@@ -71,6 +76,11 @@ fn operations() -> Operations {
             Admin,
         )
         .op(Get, "/admin/v1/alerts", list_alerts, Admin)
+        .op(Get, reservations, list_reservations, CustomersRead)
+        .op(Post, reservations, create_reservation, CustomersWrite)
+        .op(Get, reservation, get_reservation, CustomersRead)
+        .op(Delete, reservation, end_reservation, CustomersWrite)
+        .op(Get, "/admin/v1/sla", sla, UsageRead)
         .op(Get, "/admin/v1/usage", usage, UsageRead)
         .op(Get, "/admin/v1/usage/records", usage_records, UsageRead)
         .op(Get, "/admin/v1/invoices/{customer_id}", invoice, UsageRead)
@@ -112,6 +122,11 @@ fn operations() -> Operations {
     customers::put_alert_settings,
     customers::list_alerts,
     audit::list,
+    reservations::create_reservation,
+    reservations::list_reservations,
+    reservations::get_reservation,
+    reservations::end_reservation,
+    reservations::sla,
 ))]
 pub(crate) struct AdminApi;
 
@@ -251,6 +266,7 @@ fn route_params(route: &str) -> &'static [&'static str] {
         "/admin/v1/invoices/{customer_id}" => &["period", "tag", "group_by"],
         "/admin/v1/audit" => &["after", "limit"],
         "/admin/v1/alerts" => &["customer_id", "limit"],
+        "/admin/v1/sla" => &["month", "customer_id", "model"],
         _ => &[],
     }
 }
@@ -398,6 +414,7 @@ mod tests {
             "/admin/v1/usage",
             "/admin/v1/usage/records",
             "/admin/v1/invoices/{customer_id}",
+            "/admin/v1/sla",
         ] {
             assert!(usage.allows(required(&Method::GET, route)), "{route}");
         }
@@ -407,6 +424,8 @@ mod tests {
             (Method::PATCH, "/admin/v1/customers/{id}"),
             (Method::POST, "/admin/v1/customers/{id}/keys"),
             (Method::DELETE, "/admin/v1/keys/{key_id}"),
+            (Method::POST, "/admin/v1/customers/{id}/reservations"),
+            (Method::DELETE, "/admin/v1/reservations/{reservation_id}"),
             (Method::POST, "/admin/v1/admin_tokens"),
             (Method::GET, "/admin/v1/audit"),
             (Method::GET, "/admin/v1/some-future-route"),
@@ -477,6 +496,6 @@ mod tests {
             })
             .collect();
         assert_eq!(routed, documented);
-        assert_eq!(routed.len(), 19);
+        assert_eq!(routed.len(), 24);
     }
 }

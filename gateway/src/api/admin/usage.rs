@@ -63,7 +63,7 @@ fn time_range(start: Option<&str>, end: Option<&str>) -> Result<(i64, i64), ApiE
         ("customer_id" = Option<String>, Query),
         ("model" = Option<String>, Query),
         ("tag" = Option<String>, Query, description = "`key:value`"),
-        ("group_by" = Option<String>, Query, description = "Comma-separated: customer, model, key, day, tag:KEY"),
+        ("group_by" = Option<String>, Query, description = "Comma-separated: customer, model, key, day, service_tier, tag:KEY"),
         ("format" = Option<String>, Query, pattern = "^(json|csv)$"),
     ),
     responses(
