@@ -18,7 +18,7 @@ mod tests;
 use models::{validate_model, RawModel};
 pub use models::{
     BackendConfig, DeviceSpec, Discovery, HttpBackendConfig, KvCacheDtype, LocalBackendConfig,
-    ModelConfig, ModelSource, ResponsesMode, Routing, WeightForm,
+    ModelConfig, ModelSource, ResponsesMode, Routing, WeightForm, DEFAULT_FLEX_MAX_WAIT_SECS,
 };
 
 /// Errors loading the catalogue.
@@ -59,6 +59,7 @@ struct RawServer {
     idempotency_lease_ms: Option<u64>,
     key_cache_fresh_ms: Option<u64>,
     key_cache_max_age_ms: Option<u64>,
+    sse_keep_alive_secs: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -95,6 +96,20 @@ pub struct ServerConfig {
     /// changed elsewhere (another replica, the CLI) is refused or seen within this; 0 looks a
     /// key up on every request.
     pub key_max_age: Duration,
+    /// `sse_keep_alive_secs` (15 by default): a stream with nothing to send for this long (a
+    /// request queued, or paused while a higher class runs) gets an SSE comment line
+    /// (`: keep-alive`), so clients and proxies keep it open.
+    pub sse_keep_alive: Duration,
+}
+
+impl ServerConfig {
+    /// The keep-alive of every server-sent event stream: `: keep-alive` after
+    /// `sse_keep_alive` without an event.
+    pub fn keep_alive(&self) -> axum::response::sse::KeepAlive {
+        axum::response::sse::KeepAlive::new()
+            .interval(self.sse_keep_alive)
+            .text("keep-alive")
+    }
 }
 
 /// The default of `key_cache_fresh_ms`.
@@ -114,6 +129,7 @@ impl Default for ServerConfig {
             idempotency_lease: Duration::from_secs(30),
             key_fresh: KEY_FRESH,
             key_max_age: KEY_MAX_AGE,
+            sse_keep_alive: Duration::from_secs(15),
         }
     }
 }
@@ -177,6 +193,10 @@ impl Config {
                 .server
                 .key_cache_max_age_ms
                 .map_or(defaults.key_max_age, Duration::from_millis),
+            sse_keep_alive: raw
+                .server
+                .sse_keep_alive_secs
+                .map_or(defaults.sse_keep_alive, |s| Duration::from_secs(s.max(1))),
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

@@ -23,6 +23,8 @@ pub(super) struct RawModel {
     /// The classes of service the model is sold at (every one when absent).
     service_tiers: Option<Vec<ServiceTier>>,
     max_sequences_per_customer: Option<u32>,
+    /// Seconds a `flex` request may wait for the engine to admit it (600 when absent).
+    flex_max_wait_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +64,9 @@ enum RawBackend {
         forward_customer: Option<bool>,
         /// `least_busy` (default) or `customer`.
         routing: Option<String>,
+        /// Send `service_tier` (when not `default`) to upstreams (default true); false for an
+        /// upstream that refuses the field.
+        forward_service_tier: Option<bool>,
     },
 }
 
@@ -104,7 +109,13 @@ pub struct ModelConfig {
     pub prices: TierPrices,
     /// Sequences one customer may have in flight on this model (429 beyond).
     pub max_sequences_per_customer: Option<u32>,
+    /// How long a `flex` request may wait for the engine to admit it before it is refused
+    /// (429 `resource_unavailable`, never billed).
+    pub flex_max_wait: std::time::Duration,
 }
+
+/// `flex_max_wait_secs` when a model does not set it: what OpenAI's flex waits at most.
+pub const DEFAULT_FLEX_MAX_WAIT_SECS: u64 = 600;
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +231,9 @@ pub struct HttpBackendConfig {
     pub forward_customer: bool,
     /// How a member is picked for each request.
     pub routing: Routing,
+    /// Whether upstreams get the request's `service_tier` in the body (when not `default`;
+    /// workers that get the customer get it as a header instead).
+    pub forward_service_tier: bool,
 }
 
 /// How a pool finds its members.
@@ -323,6 +337,9 @@ pub(super) fn validate_model(
             Some(0) => return Err(err("max_sequences_per_customer must be at least 1".into())),
             other => other,
         },
+        flex_max_wait: std::time::Duration::from_secs(
+            m.flex_max_wait_secs.unwrap_or(DEFAULT_FLEX_MAX_WAIT_SECS),
+        ),
     })
 }
 
@@ -363,6 +380,7 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
             responses,
             forward_customer,
             routing,
+            forward_service_tier,
         } => {
             if urls.is_empty() {
                 return Err("backend.urls is empty".into());
@@ -392,6 +410,7 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
                         ("customer", Routing::Customer),
                     ],
                 )?,
+                forward_service_tier: forward_service_tier.unwrap_or(true),
             })
         }
     })

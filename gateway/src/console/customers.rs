@@ -98,6 +98,8 @@ fn settings(fields: &Fields, name: Option<String>) -> Result<CustomerFields, Pag
         tpm: Some(limit(fields, "tpm")?),
         max_concurrent_requests: None,
         scheduling_weight: None,
+        default_service_tier: None,
+        allow_priority: None,
     })
 }
 
@@ -257,6 +259,7 @@ pub(crate) async fn create_key(
         tags: Default::default(),
         budget_nano_usd: budget(&fields)?,
         max_concurrent_requests: None,
+        ..NewKey::default()
     };
     let (key, secret) = store(&state)?
         .issue_key(&customer_id, new, &signed.actor)

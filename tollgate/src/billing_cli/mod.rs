@@ -7,6 +7,7 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use tiers::TierArgs;
 use tollgate_metering::alerts;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
@@ -18,6 +19,7 @@ use tollgate_metering::store::{
 use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
 mod export;
+mod tiers;
 mod usage;
 
 pub use usage::{usage, UsageCommand};
@@ -97,6 +99,8 @@ pub struct UpdateCustomer {
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
     scheduling_weight: Option<i64>,
     #[command(flatten)]
+    tiers: TierArgs,
+    #[command(flatten)]
     db: DbArgs,
 }
 
@@ -122,6 +126,8 @@ pub struct CreateCustomer {
     /// Share of each model's engine when customers compete (1 to 100; default 1).
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
     scheduling_weight: Option<i64>,
+    #[command(flatten)]
+    tiers: TierArgs,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -199,6 +205,8 @@ pub struct UpdateKey {
     #[arg(long)]
     expires_at: Option<String>,
     #[command(flatten)]
+    tiers: TierArgs,
+    #[command(flatten)]
     db: DbArgs,
 }
 
@@ -230,6 +238,8 @@ pub struct CreateKey {
     /// The key's own monthly budget in USD (besides its customer's).
     #[arg(long)]
     budget_usd: Option<String>,
+    #[command(flatten)]
+    tiers: TierArgs,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -309,6 +319,7 @@ async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
         tpm,
         max_concurrent_requests,
         scheduling_weight,
+        tiers,
         db,
     } = args;
     if !valid_id(&id) {
@@ -329,6 +340,8 @@ async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
             "max-concurrent-requests",
         )?),
         scheduling_weight,
+        default_service_tier: tiers.default_tier()?,
+        allow_priority: tiers.allow_priority(),
     };
     let c = db
         .open()
@@ -347,6 +360,7 @@ async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
         tpm,
         max_concurrent_requests,
         scheduling_weight,
+        tiers,
         db,
     } = args;
     let fields = CustomerFields {
@@ -360,6 +374,8 @@ async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
             "max-concurrent-requests",
         )?,
         scheduling_weight,
+        default_service_tier: tiers.default_tier()?,
+        allow_priority: tiers.allow_priority(),
     };
     let c = db
         .open()
@@ -424,6 +440,7 @@ async fn create_key(args: CreateKey) -> anyhow::Result<()> {
         tags,
         budget_usd,
         max_concurrent_requests,
+        tiers,
         db,
     } = args;
     let tags = tags_arg(&tags)?;
@@ -453,6 +470,8 @@ async fn create_key(args: CreateKey) -> anyhow::Result<()> {
         tags,
         budget_nano_usd,
         max_concurrent_requests,
+        default_service_tier: tiers.default_tier()?.flatten(),
+        allow_priority: tiers.allow_priority(),
     };
     let store = db.open().await?;
     let (key, secret) = store
@@ -473,6 +492,7 @@ async fn update_key(args: UpdateKey) -> anyhow::Result<()> {
         tpm,
         max_concurrent_requests,
         expires_at,
+        tiers,
         db,
     } = args;
     let fields = KeyFields {
@@ -488,10 +508,12 @@ async fn update_key(args: UpdateKey) -> anyhow::Result<()> {
             "max-concurrent-requests",
         )?,
         expires_at: expiry_arg(expires_at.as_deref())?,
+        default_service_tier: tiers.default_tier()?,
+        allow_priority: tiers.allow_priority(),
         ..KeyFields::default()
     };
     if fields.is_empty() {
-        bail!("nothing to change: give --name, --models, --rpm, --tpm, --max-concurrent-requests or --expires-at");
+        bail!("nothing to change: give --name, --models, --rpm, --tpm, --max-concurrent-requests, --expires-at, --default-service-tier or --allow-priority");
     }
     let store = db.open().await?;
     let key = store

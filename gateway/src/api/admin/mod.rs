@@ -31,6 +31,7 @@ const MAX_PAGE: i64 = 10_000;
 
 mod customers;
 mod keys;
+mod tiers;
 mod usage;
 
 use customers::{

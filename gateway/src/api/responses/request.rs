@@ -40,6 +40,8 @@ pub struct CreateResponse {
     pub truncation: Option<String>,
     pub include: Option<Vec<String>>,
     pub top_logprobs: Option<u32>,
+    /// The class of service to run at; the response says the one that served it.
+    pub service_tier: Option<crate::api::openai::RequestedTier>,
 }
 
 impl crate::error::RequestBody for CreateResponse {
@@ -64,6 +66,7 @@ impl crate::error::RequestBody for CreateResponse {
         "truncation",
         "include",
         "top_logprobs",
+        "service_tier",
     ];
 }
 
@@ -377,6 +380,9 @@ impl CreateResponse {
         });
         if self.stream.unwrap_or(false) {
             chat["stream_options"] = json!({"include_usage": true});
+        }
+        if let Some(tier) = self.service_tier {
+            chat["service_tier"] = json!(tier);
         }
         if let Some(m) = self.max_output_tokens {
             chat["max_completion_tokens"] = json!(m);
