@@ -345,20 +345,14 @@ impl Completion {
         })
     }
 
-    /// The tier the record bills and its prices. An upstream may report serving another tier
-    /// than the one asked (`service_tier` in its answer): that tier is billed when the model
-    /// is sold at it, else the tier asked (never a tier without a price of its own).
+    /// The tier the record bills and its prices ([`billed`]).
     pub(crate) fn billed_tier(&self) -> (ServiceTier, Price) {
         let reported = self.choices.iter().find_map(|c| c.served_tier);
-        match (reported, self.charge.prices) {
-            (Some(tier), Some(prices)) if tier != self.charge.service_tier => {
-                match prices.get(tier) {
-                    Some(price) => (tier, price),
-                    None => (self.charge.service_tier, self.charge.price),
-                }
-            }
-            _ => (self.charge.service_tier, self.charge.price),
-        }
+        billed(
+            (self.charge.service_tier, self.charge.price),
+            reported,
+            self.charge.prices,
+        )
     }
 
     /// Writes the record durably before the client sees the end of the response.
@@ -502,6 +496,21 @@ impl Drop for Completion {
     }
 }
 
+/// The tier a request is billed at and its prices, from the tier `asked` (with its price), the
+/// tier its backend `reported` serving (an upstream's `service_tier`) and the model's `prices`:
+/// the reported tier when the model is sold at it, else the tier asked. A record never bills a
+/// tier at another tier's price, and a backend that reports nothing is billed what it was asked.
+fn billed(
+    asked: (ServiceTier, Price),
+    reported: Option<ServiceTier>,
+    prices: Option<TierPrices>,
+) -> (ServiceTier, Price) {
+    match (reported, prices) {
+        (Some(tier), Some(prices)) => prices.get(tier).map_or(asked, |price| (tier, price)),
+        _ => asked,
+    }
+}
+
 /// Whole milliseconds of `d`, for the logs (saturating; no request lasts 2^64 ms).
 fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -521,6 +530,38 @@ mod tests {
         group[1].prompt_reported = Some(12);
         assert_eq!(prompt_of(&group), 12);
         assert_eq!(prompt_of(&[]), 0);
+    }
+
+    #[test]
+    fn the_tier_billed_is_the_one_reported_when_priced_else_the_one_asked() {
+        let price = |n: i64| Price {
+            input_per_mtok: n.into(),
+            output_per_mtok: n.into(),
+            cached_input_per_mtok: n.into(),
+        };
+        let prices = TierPrices {
+            priority: Some(price(4)),
+            default: Some(price(2)),
+            flex: Some(price(1)),
+            batch: None,
+        };
+        let asked = (ServiceTier::Flex, price(1));
+        assert_eq!(billed(asked, None, Some(prices)), asked);
+        assert_eq!(
+            billed(asked, Some(ServiceTier::Default), Some(prices)),
+            (ServiceTier::Default, price(2))
+        );
+        assert_eq!(
+            billed(
+                (ServiceTier::Priority, price(4)),
+                Some(ServiceTier::Flex),
+                Some(prices)
+            ),
+            (ServiceTier::Flex, price(1))
+        );
+        // Not sold at the tier reported (or no catalogue entry): the tier asked, at its price.
+        assert_eq!(billed(asked, Some(ServiceTier::Batch), Some(prices)), asked);
+        assert_eq!(billed(asked, Some(ServiceTier::Default), None), asked);
     }
 
     #[test]
