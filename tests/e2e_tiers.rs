@@ -67,14 +67,11 @@ fn body(tier: &str, max_tokens: u32, stream: bool) -> Value {
     })
 }
 
+/// Sends a chat completion request (the answer's headers once they come).
 async fn post(addr: SocketAddr, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    let url = format!("http://{addr}/v1/chat/completions");
+    let request = reqwest::Client::new().post(url).bearer_auth(KEY).json(body);
+    request.send().await.unwrap()
 }
 
 /// A server-sent event stream read line by line.
@@ -159,12 +156,8 @@ async fn flex_not_admitted_within_its_wait_is_refused_with_429_and_retry_after()
     }
     let served = served.expect("flex was never served on an idle engine");
     assert_eq!(served["service_tier"], "flex");
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scraped = reqwest::get(format!("http://{addr}/metrics")).await;
+    let metrics = scraped.unwrap().text().await.unwrap();
     for line in [
         r#"tollgate_queue_wait_seconds_count{model="smollm2-135m",service_tier="flex"}"#,
         r#"tollgate_service_tier_time_to_first_token_seconds_count{model="smollm2-135m",service_tier="flex"}"#,

@@ -25,11 +25,10 @@ ASK = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def srv():
-    tmp = tempfile.mkdtemp(prefix="tollgate-tiers-")
-    db = os.path.join(tmp, "ledger.db")
+    db = os.path.join(tempfile.mkdtemp(prefix="tollgate-tiers-"), "ledger.db")
     s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--database", db])
-    s.db = db
-    s.admin = httpx.Client(base_url=f"http://{s.addr}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    s.db, auth = db, {"Authorization": f"Bearer {ADMIN}"}
+    s.admin = httpx.Client(base_url=f"http://{s.addr}", headers=auth, timeout=60)
     yield s
     assert stop_server(s) == 0
 
