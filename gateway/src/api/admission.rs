@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::api::accounting::{Charge, ChoiceTally, Completion, Holds};
 use crate::api::openai::{Plan, RequestedTier};
 use crate::auth::Caller;
-use crate::backend::{Backend, BackendError, EventStream};
+use crate::backend::{Backend, BackendError, EventStream, GenerateRequest, Prepared};
 use crate::concurrency::{RequestSlot, Slots};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
@@ -241,17 +241,9 @@ pub(crate) async fn start(
     tracing::Instrument::instrument(state.limiter.admit_request(&caller.limits), limits.clone())
         .await?;
     let mut admit_time = t.elapsed();
-    let mut prepared = Vec::with_capacity(plan.choices.len());
     // The backend's own work (tokenizing, templating), left out of the gateway's overhead.
     let t = Instant::now();
-    for request in &plan.choices {
-        let mut request = request.clone();
-        request.customer = Some(caller.customer_id.clone());
-        request.scheduling_weight = Some(caller.scheduling_weight);
-        request.service_tier = service_tier;
-        request.max_queue_wait = max_queue_wait(state, &plan.model, service_tier);
-        prepared.push(entry.backend.prepare(request).await?);
-    }
+    let prepared = prepare(state, &entry.backend, &caller, plan, service_tier).await?;
     let backend_time = t.elapsed();
     // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
     let n = plan.n.max(1) as usize;
@@ -292,28 +284,57 @@ pub(crate) async fn start(
     };
     let mut completion = Completion::new(state, caller, charge, holds, choices, n);
     completion.add_overhead(id.1.elapsed().saturating_sub(backend_time));
-    let mut streams = Vec::with_capacity(prepared.len());
-    for p in prepared {
-        match (p.start)() {
-            Ok(s) => streams.push(s),
-            Err(e) => {
-                completion.abandon();
-                return Err(e.into());
-            }
-        }
-    }
-    if service_tier == ServiceTier::Flex {
-        if let Err(e) = admitted(&mut streams).await {
+    match start_streams(prepared, service_tier).await {
+        Ok(streams) => Ok(Started {
+            streams,
+            completion,
+            service_tier,
+        }),
+        Err(e) => {
             // Never started: no record, the reservations given back.
             completion.abandon();
-            return Err(e.into());
+            Err(e.into())
         }
     }
-    Ok(Started {
-        streams,
-        completion,
-        service_tier,
-    })
+}
+
+/// Prepares every choice of `plan` on `backend` for `caller`, at `tier`.
+async fn prepare(
+    state: &AppState,
+    backend: &Arc<dyn Backend>,
+    caller: &Caller,
+    plan: &Plan,
+    tier: ServiceTier,
+) -> Result<Vec<Prepared>, BackendError> {
+    let max_wait = max_queue_wait(state, &plan.model, tier);
+    let mut prepared = Vec::with_capacity(plan.choices.len());
+    for request in &plan.choices {
+        let request = GenerateRequest {
+            customer: Some(caller.customer_id.clone()),
+            scheduling_weight: Some(caller.scheduling_weight),
+            service_tier: tier,
+            max_queue_wait: max_wait,
+            ..request.clone()
+        };
+        prepared.push(backend.prepare(request).await?);
+    }
+    Ok(prepared)
+}
+
+/// Starts every prepared sequence; a `flex` request's streams once the engine admitted them
+/// ([`admitted`]).
+async fn start_streams(
+    prepared: Vec<Prepared>,
+    tier: ServiceTier,
+) -> Result<Vec<EventStream>, BackendError> {
+    let mut streams = prepared
+        .into_iter()
+        .map(|p| (p.start)())
+        .collect::<Result<Vec<_>, _>>()?;
+    if tier == ServiceTier::Flex {
+        admitted(&mut streams).await?;
+    }
+    Ok(streams)
 }
 
 /// Admits one sequence that a backend runs outside the [`Backend`] streams (a Responses API

@@ -377,12 +377,10 @@ impl CreateResponse {
             "model": self.model,
             "messages": messages,
             "stream": self.stream.unwrap_or(false),
+            "service_tier": self.service_tier,
         });
         if self.stream.unwrap_or(false) {
             chat["stream_options"] = json!({"include_usage": true});
-        }
-        if let Some(tier) = self.service_tier {
-            chat["service_tier"] = json!(tier);
         }
         if let Some(m) = self.max_output_tokens {
             chat["max_completion_tokens"] = json!(m);
