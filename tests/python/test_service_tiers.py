@@ -5,8 +5,10 @@ models.toml's smollm2-135m). `priority` needs the customer's permission, which a
 `batch` (the Batch API's own) and OpenAI's `scale` are refused with 400s naming the field. A
 customer's or key's `default_service_tier` is what `auto` means."""
 
+import json
 import os
 import sqlite3
+import subprocess
 import tempfile
 import time
 from decimal import Decimal
@@ -16,7 +18,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import start_server, stop_server
+from conftest import ROOT, start_server, stop_server
 
 ADMIN = "tiers-admin-token"
 MODEL = "smollm2-135m"
@@ -165,3 +167,25 @@ def test_auto_is_the_keys_default_else_the_customers(srv):
     assert r.status_code == 400 and r.json()["error"]["param"] == "allow_priority", r.text
     r = srv.admin.patch("/admin/v1/customers/flexy", json={"default_service_tier": None})
     assert r.status_code == 200 and r.json()["default_service_tier"] is None
+
+
+def test_the_cli_sets_and_checks_the_tier_settings(srv):
+    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
+
+    def cli(*args):
+        return subprocess.run([binary, *args, "--database", srv.db], capture_output=True, text=True, timeout=60)
+
+    out = cli("customers", "create", "cli-tier", "--default-service-tier", "flex", "--allow-priority", "true")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert (shown["default_service_tier"], shown["allow_priority"]) == ("flex", True)
+    out = cli("keys", "create", "cli-tier", "--allow-priority", "false", "--default-service-tier", "default")
+    assert out.returncode == 0, out.stderr
+    key = json.loads(out.stdout)
+    assert (key["default_service_tier"], key["allow_priority"]) == ("default", False)
+    out = cli("keys", "update", key["id"], "--default-service-tier", "none")
+    assert out.returncode == 0 and json.loads(out.stdout)["default_service_tier"] is None, out.stderr
+    out = cli("customers", "update", "cli-tier", "--default-service-tier", "batch")
+    assert out.returncode != 0 and "--default-service-tier" in out.stderr
+    seen = srv.admin.get("/admin/v1/customers/cli-tier").json()
+    assert (seen["default_service_tier"], seen["allow_priority"]) == ("flex", True)
