@@ -18,6 +18,9 @@ use async_openai::types::{
 use async_openai::Client;
 use futures::StreamExt;
 
+#[path = "e2e_server.rs"]
+mod e2e_server;
+
 const KEY: &str = "sk-test-rust";
 const MODEL: &str = "smollm2-135m";
 
@@ -27,30 +30,13 @@ fn server() -> SocketAddr {
     *ADDR.get_or_init(start_server)
 }
 
-/// A server on its own thread and runtime, so every test (each with its own tokio runtime)
-/// can reach it.
+/// The server, with the repository's models.toml.
 fn start_server() -> SocketAddr {
     tollgate_runtime::dev_model::require_dev_model().expect("dev model");
     std::env::set_var("TOLLGATE_API_KEYS", KEY);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let config = tollgate_gateway::config::Config::load(&root.join("models.toml")).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            tollgate::serve(
-                listener,
-                config,
-                tollgate::Metering::default(),
-                std::future::pending(),
-            )
-            .await
-            .unwrap();
-        });
-    });
-    rx.recv().unwrap()
+    e2e_server::serve(config)
 }
 
 fn client() -> Client<OpenAIConfig> {

@@ -59,6 +59,17 @@ pub enum ApiError {
     /// The key may not use this model.
     #[error("this API key is not allowed to use the model `{0}`")]
     ModelNotAllowed(String),
+    /// The caller may not ask for this value of `param` (`service_tier: "priority"` without
+    /// the permission).
+    #[error("{message}")]
+    PermissionDenied {
+        message: String,
+        param: &'static str,
+    },
+    /// A `flex` request found no capacity within the model's `flex_max_wait_secs`: never
+    /// started, never billed; worth a retry later.
+    #[error("no capacity for service_tier `flex` right now; retry after {retry_after_secs} seconds or use service_tier `default`")]
+    ResourceUnavailable { retry_after_secs: u64 },
     /// A per-minute limit (`unit` is `requests` or `tokens`).
     #[error("{message}")]
     RateLimited {
@@ -143,6 +154,8 @@ impl ApiError {
                 .filter(StatusCode::is_client_error)
                 .unwrap_or(StatusCode::BAD_REQUEST),
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+            Self::ResourceUnavailable { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::InsufficientQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -171,6 +184,8 @@ impl ApiError {
             Self::UpstreamCredentials(_) => ("server_error", Some("upstream_credentials")),
             Self::UpstreamRefused { .. } => ("invalid_request_error", None),
             Self::ModelNotAllowed(_) => ("invalid_request_error", Some("model_not_allowed")),
+            Self::PermissionDenied { .. } => ("permission_error", Some("permission_denied")),
+            Self::ResourceUnavailable { .. } => ("server_error", Some("resource_unavailable")),
             Self::RateLimited { unit, .. } => (unit, Some("rate_limit_exceeded")),
             Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota")),
             Self::Unavailable(_) => ("server_error", Some("service_unavailable")),
@@ -195,6 +210,9 @@ impl ApiError {
             | Self::UpstreamRefused { message, param, .. } => (message.clone(), param.clone()),
             Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => {
                 (self.to_string(), Some("model".to_string()))
+            }
+            Self::PermissionDenied { message, param } => {
+                (message.clone(), Some((*param).to_string()))
             }
             Self::Internal(detail) => {
                 tracing::error!(detail = %detail, "internal error");
@@ -270,6 +288,9 @@ impl From<BackendError> for ApiError {
                 Self::InvalidRequest { message, param }
             }
             BackendError::Overloaded { retry_after_secs } => Self::Overloaded { retry_after_secs },
+            BackendError::NoCapacity { retry_after_secs } => {
+                Self::ResourceUnavailable { retry_after_secs }
+            }
             BackendError::Internal(detail) => Self::Internal(detail),
             BackendError::Broken(detail) => {
                 tracing::error!("{detail}");
@@ -306,6 +327,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Self::Overloaded { retry_after_secs }
         | Self::AtCapacity { retry_after_secs }
+        | Self::ResourceUnavailable { retry_after_secs }
         | Self::RateLimited {
             retry_after_secs, ..
         }
@@ -363,7 +385,6 @@ fn is_default_argument(field: &str, value: &serde_json::Value) -> bool {
     use serde_json::Value;
     match (field, value) {
         ("store", Value::Bool(false)) => true,
-        ("service_tier", Value::String(tier)) => tier == "auto" || tier == "default",
         ("modalities", Value::Array(m)) => m.iter().all(|x| x == "text"),
         _ => false,
     }

@@ -634,8 +634,13 @@ async fn sign_in(s: &Server, token: &str) -> (u16, Option<String>, String) {
 
 /// The console's customer list, asked for with the session `cookie`.
 async fn customers_page(s: &Server, cookie: &str) -> reqwest::Response {
+    console_page(s, "/console/customers", cookie).await
+}
+
+/// A console page, asked for with the session `cookie`.
+async fn console_page(s: &Server, path: &str, cookie: &str) -> reqwest::Response {
     s.http
-        .get(s.url("/console/customers"))
+        .get(s.url(path))
         .header("cookie", cookie)
         .send()
         .await
@@ -873,4 +878,33 @@ async fn tiers_reservations_and_service_levels_through_the_admin_api() {
     assert!(ended["ends_at"].is_string(), "{ended}");
     let now = json!({"model": "fake", "reserved_tokens_per_minute": 1000});
     assert_eq!(s.call("POST", path, Some(now)).await.0, 201);
+}
+
+#[tokio::test]
+async fn the_console_sets_a_customers_service_tier_settings() {
+    let s = Server::start().await;
+    let customer = Some(json!({"id": "tiered"}));
+    assert_eq!(s.call("POST", "/admin/v1/customers", customer).await.0, 201);
+    let (_, cookie, _) = sign_in(&s, ADMIN).await;
+    let cookie = cookie.unwrap();
+    let page = console_page(&s, "/console/customers/tiered", &cookie).await;
+    let page = page.text().await.unwrap();
+    assert!(page.contains(r#"name="default_service_tier""#), "{page}");
+    let csrf = page
+        .split(r#"name="csrf" value=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    let form = [
+        ("csrf", csrf),
+        ("name", "Tiered"),
+        ("default_service_tier", "flex"),
+        ("allow_priority", "on"),
+    ];
+    let saved = s.http.post(s.url("/console/customers/tiered"));
+    let saved = saved.header("cookie", &cookie).form(&form).send().await;
+    assert_eq!(saved.unwrap().status(), 303);
+    let (_, c) = s.call("GET", "/admin/v1/customers/tiered", None).await;
+    let settings = (&c["default_service_tier"], &c["allow_priority"]);
+    assert_eq!(settings, (&json!("flex"), &json!(true)));
 }

@@ -5,7 +5,7 @@
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::kinds::BudgetPeriod;
+use crate::kinds::{BudgetPeriod, ServiceTier};
 use crate::tags::Tags;
 
 /// A customer: who pays. Limits are optional (`None` = unlimited).
@@ -25,6 +25,13 @@ pub struct Customer {
     /// fair queueing; 1 = an equal share).
     #[serde(default = "default_weight")]
     pub scheduling_weight: i64,
+    /// The tier of a request that asks for `auto` (or nothing), unless its key has one;
+    /// `None`: `default`.
+    #[serde(default)]
+    pub default_service_tier: Option<ServiceTier>,
+    /// Whether its requests may ask for `priority`.
+    #[serde(default)]
+    pub allow_priority: bool,
 }
 
 fn default_weight() -> i64 {
@@ -55,6 +62,46 @@ pub struct ApiKey {
     /// Requests in flight at once with this key; `None` = no cap of its own.
     #[serde(default)]
     pub max_concurrent_requests: Option<i64>,
+    /// The tier of a request that asks for `auto` (or nothing); `None`: its customer's.
+    #[serde(default)]
+    pub default_service_tier: Option<ServiceTier>,
+    /// Whether the key may ask for `priority` when its customer may (`false` narrows the
+    /// customer's permission; `true` never widens it).
+    #[serde(default = "yes")]
+    pub allow_priority: bool,
+}
+
+/// A customer's or key's `default_service_tier` by name: `default`, `flex` or `priority`
+/// (`batch` is the Batch API's own class, never a default).
+pub fn parse_default_tier(text: &str) -> Result<ServiceTier, String> {
+    // `batch` is the Batch API's own, `reserved` a reservation's (never billed per token): a
+    // default of either would let every request of the key claim it.
+    match text.parse() {
+        Ok(tier @ (ServiceTier::Default | ServiceTier::Flex | ServiceTier::Priority)) => Ok(tier),
+        _ => Err(format!(
+            "`{text}` is not a default service tier: use `default`, `flex` or `priority`"
+        )),
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ApiKey {
+    /// Whether requests with this key may ask for `priority`: both the customer and the key
+    /// allow it.
+    pub fn may_ask_priority(&self, customer: &Customer) -> bool {
+        customer.allow_priority && self.allow_priority
+    }
+
+    /// The tier of a request with this key that asks for `auto`: the key's default, else its
+    /// customer's, else `default`.
+    pub fn auto_tier(&self, customer: &Customer) -> ServiceTier {
+        self.default_service_tier
+            .or(customer.default_service_tier)
+            .unwrap_or_default()
+    }
 }
 
 /// One reservation as stored. Times in Unix microseconds; `ends_at` `None`: open-ended.
@@ -80,5 +127,25 @@ impl Reservation {
     /// Whether it holds capacity at some moment of `[start, end)` (`end` `None`: for ever).
     pub(crate) fn overlaps(&self, start: i64, end: Option<i64>) -> bool {
         self.ends_at.is_none_or(|e| e > start) && end.is_none_or(|e| self.starts_at < e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_default_tier_is_one_a_request_may_ask_for() {
+        for (text, tier) in [
+            ("default", ServiceTier::Default),
+            ("flex", ServiceTier::Flex),
+            ("priority", ServiceTier::Priority),
+        ] {
+            assert_eq!(parse_default_tier(text), Ok(tier));
+        }
+        // A reservation's tier is never billed per token: as a default it would be free.
+        for text in ["batch", "reserved", "scale", ""] {
+            assert!(parse_default_tier(text).is_err(), "{text}");
+        }
     }
 }

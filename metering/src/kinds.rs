@@ -104,6 +104,7 @@ kind! {
     /// `service_tier` names it. Highest first: `priority` > `default` > `flex` > `batch`.
     #[serde(rename_all = "snake_case")]
     #[strum(serialize_all = "snake_case")]
+    #[derive(utoipa::ToSchema)]
     pub enum ServiceTier {
         /// Latency-sensitive work, ahead of every other class; sold at a premium.
         Priority,

@@ -13,7 +13,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::accounts::{ApiKey, Customer, Reservation};
-use crate::kinds::BudgetPeriod;
+use crate::kinds::{BudgetPeriod, ServiceTier};
 use crate::money::format_usd;
 use crate::periods::rfc3339;
 
@@ -36,6 +36,12 @@ pub struct CustomerView {
     #[schema(required)]
     pub max_concurrent_requests: Option<i64>,
     pub scheduling_weight: i64,
+    /// The tier of a request asking `service_tier: "auto"` (or nothing) unless its key has
+    /// one; `null`: `default`.
+    #[schema(required)]
+    pub default_service_tier: Option<ServiceTier>,
+    /// Whether its requests may ask for `service_tier: "priority"`.
+    pub allow_priority: bool,
     /// RFC 3339.
     pub created_at: String,
     /// `GET /admin/v1/customers/{id}` only.
@@ -55,6 +61,8 @@ impl From<&Customer> for CustomerView {
             tpm: c.tpm,
             max_concurrent_requests: c.max_concurrent_requests,
             scheduling_weight: c.scheduling_weight,
+            default_service_tier: c.default_service_tier,
+            allow_priority: c.allow_priority,
             created_at: rfc3339(c.created_at),
             spent_usd_this_period: None,
         }
@@ -107,6 +115,13 @@ pub struct KeyView {
     pub budget_usd: Option<String>,
     #[schema(required)]
     pub max_concurrent_requests: Option<i64>,
+    /// The tier of a request asking `service_tier: "auto"` (or nothing); `null`: the
+    /// customer's.
+    #[schema(required)]
+    pub default_service_tier: Option<ServiceTier>,
+    /// Whether the key may ask for `priority` when its customer may (it narrows, never
+    /// widens, the customer's permission).
+    pub allow_priority: bool,
 }
 
 impl From<&ApiKey> for KeyView {
@@ -126,6 +141,8 @@ impl From<&ApiKey> for KeyView {
             tags: k.tags.clone(),
             budget_usd: k.budget_nano_usd.map(format_usd),
             max_concurrent_requests: k.max_concurrent_requests,
+            default_service_tier: k.default_service_tier,
+            allow_priority: k.allow_priority,
         }
     }
 }
@@ -177,15 +194,17 @@ mod tests {
             created_at: 0,
             max_concurrent_requests: None,
             scheduling_weight: 2,
+            default_service_tier: Some(ServiceTier::Flex),
+            allow_priority: false,
         };
         let view = CustomerView::from(&c);
         assert_eq!(
             serde_json::to_string(&view).unwrap(),
-            r#"{"object":"customer","id":"acme","name":"Acme","budget_usd":"25.500000000","budget_period":"monthly","rpm":60,"tpm":null,"max_concurrent_requests":null,"scheduling_weight":2,"created_at":"1970-01-01T00:00:00.000000Z"}"#
+            r#"{"object":"customer","id":"acme","name":"Acme","budget_usd":"25.500000000","budget_period":"monthly","rpm":60,"tpm":null,"max_concurrent_requests":null,"scheduling_weight":2,"default_service_tier":"flex","allow_priority":false,"created_at":"1970-01-01T00:00:00.000000Z"}"#
         );
         assert_eq!(
             serde_json::to_string(&view.audited()).unwrap(),
-            r#"{"name":"Acme","budget_usd":"25.500000000","budget_period":"monthly","rpm":60,"tpm":null,"max_concurrent_requests":null,"scheduling_weight":2}"#
+            r#"{"name":"Acme","budget_usd":"25.500000000","budget_period":"monthly","rpm":60,"tpm":null,"max_concurrent_requests":null,"scheduling_weight":2,"default_service_tier":"flex","allow_priority":false}"#
         );
         let spent = serde_json::to_value(view.with_spend(1_000_000_000)).unwrap();
         assert_eq!(spent["spent_usd_this_period"], "1.000000000");
@@ -203,15 +222,17 @@ mod tests {
             tags: crate::tags::Tags::from([("team".into(), "a".into())]),
             budget_nano_usd: None,
             max_concurrent_requests: Some(4),
+            default_service_tier: None,
+            allow_priority: true,
         };
         let view = KeyView::from(&k);
         assert_eq!(
             serde_json::to_string(&view).unwrap(),
-            r#"{"object":"api_key","id":"key_1","customer_id":"acme","name":"ci","key_prefix":"tg-abc","models":["m"],"rpm":null,"tpm":1000,"expires_at":null,"revoked_at":"1970-01-01T00:00:00.000000Z","created_at":"1970-01-01T00:00:00.000000Z","tags":{"team":"a"},"budget_usd":null,"max_concurrent_requests":4}"#
+            r#"{"object":"api_key","id":"key_1","customer_id":"acme","name":"ci","key_prefix":"tg-abc","models":["m"],"rpm":null,"tpm":1000,"expires_at":null,"revoked_at":"1970-01-01T00:00:00.000000Z","created_at":"1970-01-01T00:00:00.000000Z","tags":{"team":"a"},"budget_usd":null,"max_concurrent_requests":4,"default_service_tier":null,"allow_priority":true}"#
         );
         assert_eq!(
             serde_json::to_string(&view.audited()).unwrap(),
-            r#"{"customer_id":"acme","name":"ci","models":["m"],"rpm":null,"tpm":1000,"expires_at":null,"revoked_at":"1970-01-01T00:00:00.000000Z","tags":{"team":"a"},"budget_usd":null,"max_concurrent_requests":4}"#
+            r#"{"customer_id":"acme","name":"ci","models":["m"],"rpm":null,"tpm":1000,"expires_at":null,"revoked_at":"1970-01-01T00:00:00.000000Z","tags":{"team":"a"},"budget_usd":null,"max_concurrent_requests":4,"default_service_tier":null,"allow_priority":true}"#
         );
         let created = CreatedKeyView {
             key: view,
@@ -219,7 +240,7 @@ mod tests {
         };
         let text = serde_json::to_string(&created).unwrap();
         assert!(
-            text.ends_with(r#""max_concurrent_requests":4,"key":"tg-secret"}"#),
+            text.ends_with(r#""allow_priority":true,"key":"tg-secret"}"#),
             "{text}"
         );
     }

@@ -16,8 +16,8 @@ use crate::concurrency::{RequestSlot, Slots};
 use crate::AppState;
 use tollgate_metering::kinds::{Endpoint, Outcome, ServiceTier};
 use tollgate_metering::limits::{BudgetHold, TokenHold};
-use tollgate_metering::money::Price;
 use tollgate_metering::money::{cached_part_nano_usd, cost_with_cached_nano_usd};
+use tollgate_metering::money::{Price, TierPrices};
 use tollgate_metering::store::{now_micros, UsageRecord};
 use tollgate_metering::tags::Tags;
 
@@ -28,8 +28,11 @@ pub(super) struct Charge {
     pub endpoint: Endpoint,
     pub stream: bool,
     pub price: Price,
-    /// The class of service it is served and priced at.
+    /// The class of service it is asked to run and priced at.
     pub service_tier: ServiceTier,
+    /// The model's prices per tier: an upstream that reports serving another tier the model
+    /// is sold at is billed that tier's prices ([`Completion::billed_tier`]).
+    pub prices: Option<TierPrices>,
     /// Cost-allocation tags for the record (request and key, merged).
     pub tags: Tags,
 }
@@ -64,6 +67,8 @@ pub(super) struct ChoiceTally {
     cached: Option<Arc<AtomicUsize>>,
     /// Where its counts came from, once it finished.
     source: Option<UsageSource>,
+    /// The tier its backend said it served at, once it finished.
+    served_tier: Option<ServiceTier>,
 }
 
 impl ChoiceTally {
@@ -82,6 +87,7 @@ impl ChoiceTally {
             cached_reported: None,
             cached,
             source: None,
+            served_tier: None,
         }
     }
 
@@ -135,6 +141,8 @@ pub(crate) struct Completion {
     started: Instant,
     started_at: i64,
     first_token: Option<Instant>,
+    /// When the backend started the first of its sequences (a local engine admitted it).
+    admitted: Option<Instant>,
     /// One per choice, `per_prompt` of them per distinct prompt.
     choices: Vec<ChoiceTally>,
     /// Choices per distinct prompt (`n`): a prompt is counted once for its `n` choices.
@@ -166,6 +174,7 @@ impl Completion {
             started: Instant::now(),
             started_at: now_micros(),
             first_token: None,
+            admitted: None,
             choices,
             per_prompt,
             finish: None,
@@ -228,6 +237,11 @@ impl Completion {
         self.outcome = outcome;
     }
 
+    /// A sequence started (`GenerateEvent::Started`): the end of its queue wait.
+    pub(crate) fn on_started(&mut self) {
+        self.admitted.get_or_insert_with(Instant::now);
+    }
+
     pub(crate) fn on_delta(&mut self, choice: usize, completion_tokens: u32) {
         self.first_token.get_or_insert_with(Instant::now);
         if let Some(c) = self.choices.get_mut(choice) {
@@ -242,6 +256,7 @@ impl Completion {
             c.prompt_reported = Some(usage.prompt_tokens);
             c.cached_reported = Some(usage.cached_tokens);
             c.source = Some(usage.source);
+            c.served_tier = usage.service_tier;
         }
         if choice == 0 || self.finish.is_none() {
             self.finish = Some(reason);
@@ -275,7 +290,8 @@ impl Completion {
         let input = u64::from(self.prompt_tokens());
         let cached = u64::from(self.cached_tokens()).min(input);
         let output = u64::from(self.completion_tokens());
-        let price = &self.charge.price;
+        let (service_tier, price) = self.billed_tier();
+        let price = &price;
         // Failures are on us: recorded, never charged.
         let (cost, cached_cost) = if self.outcome.is_charged() {
             (
@@ -325,8 +341,18 @@ impl Completion {
             usage_source: Some(self.usage_source()),
             tags: std::mem::take(&mut self.charge.tags),
             idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
-            service_tier: self.charge.service_tier,
+            service_tier,
         })
+    }
+
+    /// The tier the record bills and its prices ([`billed`]).
+    pub(crate) fn billed_tier(&self) -> (ServiceTier, Price) {
+        let reported = self.choices.iter().find_map(|c| c.served_tier);
+        billed(
+            (self.charge.service_tier, self.charge.price),
+            reported,
+            self.charge.prices,
+        )
     }
 
     /// Writes the record durably before the client sees the end of the response.
@@ -388,14 +414,30 @@ impl Completion {
         m.output_tokens
             .with_label_values(&model)
             .inc_by(f64::from(completion_tokens));
+        let tier = [self.charge.model.as_str(), self.billed_tier().0.as_str()];
+        if let Some(admitted) = self.admitted.or(self.first_token) {
+            m.tiers
+                .queue_wait
+                .with_label_values(&tier)
+                .observe((admitted - self.started).as_secs_f64());
+        }
         if let Some(first) = self.first_token {
+            let ttft = (first - self.started).as_secs_f64();
             m.time_to_first_token
                 .with_label_values(&model)
-                .observe((first - self.started).as_secs_f64());
+                .observe(ttft);
+            m.tiers
+                .time_to_first_token
+                .with_label_values(&tier)
+                .observe(ttft);
             if completion_tokens > 1 {
                 let per = first.elapsed().as_secs_f64() / f64::from(completion_tokens - 1);
                 m.time_per_output_token
                     .with_label_values(&model)
+                    .observe(per);
+                m.tiers
+                    .inter_token_latency
+                    .with_label_values(&tier)
                     .observe(per);
             }
         }
@@ -454,6 +496,21 @@ impl Drop for Completion {
     }
 }
 
+/// The tier a request is billed at and its prices, from the tier `asked` (with its price), the
+/// tier its backend `reported` serving (an upstream's `service_tier`) and the model's `prices`:
+/// the reported tier when the model is sold at it, else the tier asked. A record never bills a
+/// tier at another tier's price, and a backend that reports nothing is billed what it was asked.
+fn billed(
+    asked: (ServiceTier, Price),
+    reported: Option<ServiceTier>,
+    prices: Option<TierPrices>,
+) -> (ServiceTier, Price) {
+    match (reported, prices) {
+        (Some(tier), Some(prices)) => prices.get(tier).map_or(asked, |price| (tier, price)),
+        _ => asked,
+    }
+}
+
 /// Whole milliseconds of `d`, for the logs (saturating; no request lasts 2^64 ms).
 fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -473,6 +530,38 @@ mod tests {
         group[1].prompt_reported = Some(12);
         assert_eq!(prompt_of(&group), 12);
         assert_eq!(prompt_of(&[]), 0);
+    }
+
+    #[test]
+    fn the_tier_billed_is_the_one_reported_when_priced_else_the_one_asked() {
+        let price = |n: i64| Price {
+            input_per_mtok: n.into(),
+            output_per_mtok: n.into(),
+            cached_input_per_mtok: n.into(),
+        };
+        let prices = TierPrices {
+            priority: Some(price(4)),
+            default: Some(price(2)),
+            flex: Some(price(1)),
+            batch: None,
+        };
+        let asked = (ServiceTier::Flex, price(1));
+        assert_eq!(billed(asked, None, Some(prices)), asked);
+        assert_eq!(
+            billed(asked, Some(ServiceTier::Default), Some(prices)),
+            (ServiceTier::Default, price(2))
+        );
+        assert_eq!(
+            billed(
+                (ServiceTier::Priority, price(4)),
+                Some(ServiceTier::Flex),
+                Some(prices)
+            ),
+            (ServiceTier::Flex, price(1))
+        );
+        // Not sold at the tier reported (or no catalogue entry): the tier asked, at its price.
+        assert_eq!(billed(asked, Some(ServiceTier::Batch), Some(prices)), asked);
+        assert_eq!(billed(asked, Some(ServiceTier::Default), None), asked);
     }
 
     #[test]

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::api::accounting::{Charge, ChoiceTally, Completion, Holds};
-use crate::api::openai::Plan;
+use crate::api::openai::{Plan, RequestedTier};
 use crate::auth::Caller;
-use crate::backend::{Backend, EventStream};
+use crate::backend::{Backend, BackendError, EventStream, GenerateRequest, Prepared};
 use crate::concurrency::{RequestSlot, Slots};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::kinds::{Endpoint, ServiceTier};
 use tollgate_metering::limits::{BudgetError, BudgetHold, TokenHold};
-use tollgate_metering::money::{max_cost_nano_usd, Price};
+use tollgate_metering::money::{max_cost_nano_usd, Price, TierPrices};
 use tollgate_metering::tags::Tags;
 
 pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
@@ -81,6 +81,8 @@ async fn admit(
 pub(crate) struct Started {
     pub streams: Vec<EventStream>,
     pub completion: Completion,
+    /// The tier it was admitted at.
+    pub service_tier: ServiceTier,
 }
 
 /// What a request may hold before its prompts are counted.
@@ -139,6 +141,79 @@ fn price_of(state: &AppState, model: &str, tier: ServiceTier) -> Result<Price, A
     })
 }
 
+/// The tier a request runs at. `auto` (or nothing) is the caller's default tier (its key's,
+/// else its customer's, else `default`), falling back to `default` where that tier is not
+/// allowed the caller or not sold for the model: `auto` never refuses. `priority` asked for
+/// without the permission is refused (403 naming `service_tier`); a tier the model is not
+/// sold at is refused by [`price_of`].
+pub(crate) fn resolve_tier(
+    state: &AppState,
+    caller: &Caller,
+    model: &str,
+    asked: Option<RequestedTier>,
+) -> Result<ServiceTier, ApiError> {
+    Ok(match asked.unwrap_or(RequestedTier::Auto) {
+        RequestedTier::Auto => {
+            let tier = caller.auto_tier;
+            let allowed = tier != ServiceTier::Priority || caller.allow_priority;
+            let sold = state
+                .config
+                .models
+                .get(model)
+                .is_none_or(|m| m.prices.get(tier).is_some());
+            if allowed && sold {
+                tier
+            } else {
+                ServiceTier::Default
+            }
+        }
+        RequestedTier::Default => ServiceTier::Default,
+        RequestedTier::Flex => ServiceTier::Flex,
+        RequestedTier::Priority if caller.allow_priority => ServiceTier::Priority,
+        RequestedTier::Priority => {
+            return Err(ApiError::PermissionDenied {
+                message: "this API key may not use service_tier `priority`; ask the operator \
+                          to allow it, or use `auto`, `default` or `flex`"
+                    .into(),
+                param: "service_tier",
+            })
+        }
+    })
+}
+
+/// How long a request at `tier` may wait for the engine to admit it: `flex` for the model's
+/// `flex_max_wait_secs`, the others as long as it takes.
+fn max_queue_wait(state: &AppState, model: &str, tier: ServiceTier) -> Option<std::time::Duration> {
+    (tier == ServiceTier::Flex).then(|| {
+        state.config.models.get(model).map_or(
+            std::time::Duration::from_secs(crate::config::DEFAULT_FLEX_MAX_WAIT_SECS),
+            |m| m.flex_max_wait,
+        )
+    })
+}
+
+/// For a `flex` request: waits for each stream's first event (the engine admitted it, or
+/// could not within `flex_max_wait_secs`) before the response begins, so a refusal is a 429
+/// and not an error inside a stream that already said 200. The events read are put back.
+async fn admitted(streams: &mut [EventStream]) -> Result<(), BackendError> {
+    use futures::StreamExt;
+    for stream in streams.iter_mut() {
+        let rest = std::mem::replace(stream, Box::pin(futures::stream::empty()));
+        let mut rest = rest;
+        let first = rest.next().await;
+        if let Some(Err(e @ BackendError::NoCapacity { .. })) = first {
+            return Err(e);
+        }
+        *stream = Box::pin(futures::stream::iter(first).chain(rest));
+    }
+    Ok(())
+}
+
+/// The model's prices per tier, for billing the tier an upstream reports.
+fn tier_prices(state: &AppState, model: &str) -> Option<TierPrices> {
+    state.config.models.get(model).map(|m| m.prices)
+}
+
 /// Checks the key may use the model, admits the request against its rate limits and budgets
 /// (with the prompts' real token counts), and starts every choice. Every billed endpoint
 /// goes through here and its [`Completion`]; the record carries `tags` merged with the key's
@@ -153,6 +228,8 @@ pub(crate) async fn start(
 ) -> Result<Started, ApiError> {
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let entry = enter(state, &caller, &plan.model, plan.choices.len())?;
+    let service_tier = resolve_tier(state, &caller, &plan.model, plan.service_tier)?;
+    let price = price_of(state, &plan.model, service_tier)?;
     let server_span = server_span(
         endpoint,
         &plan.model,
@@ -164,18 +241,10 @@ pub(crate) async fn start(
     tracing::Instrument::instrument(state.limiter.admit_request(&caller.limits), limits.clone())
         .await?;
     let mut admit_time = t.elapsed();
-    let mut prepared = Vec::with_capacity(plan.choices.len());
     // The backend's own work (tokenizing, templating), left out of the gateway's overhead.
     let t = Instant::now();
-    for request in &plan.choices {
-        let mut request = request.clone();
-        request.customer = Some(caller.customer_id.clone());
-        request.scheduling_weight = Some(caller.scheduling_weight);
-        prepared.push(entry.backend.prepare(request).await?);
-    }
+    let prepared = prepare(state, &entry.backend, &caller, plan, service_tier).await?;
     let backend_time = t.elapsed();
-    let service_tier = ServiceTier::Default;
-    let price = price_of(state, &plan.model, service_tier)?;
     // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
     let n = plan.n.max(1) as usize;
     let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
@@ -203,6 +272,7 @@ pub(crate) async fn start(
         stream: plan.stream,
         price,
         service_tier,
+        prices: tier_prices(state, &plan.model),
         tags,
     };
     let holds = Holds {
@@ -214,20 +284,57 @@ pub(crate) async fn start(
     };
     let mut completion = Completion::new(state, caller, charge, holds, choices, n);
     completion.add_overhead(id.1.elapsed().saturating_sub(backend_time));
-    let mut streams = Vec::with_capacity(prepared.len());
-    for p in prepared {
-        match (p.start)() {
-            Ok(s) => streams.push(s),
-            Err(e) => {
-                completion.abandon();
-                return Err(e.into());
-            }
+    match start_streams(prepared, service_tier).await {
+        Ok(streams) => Ok(Started {
+            streams,
+            completion,
+            service_tier,
+        }),
+        Err(e) => {
+            // Never started: no record, the reservations given back.
+            completion.abandon();
+            Err(e.into())
         }
     }
-    Ok(Started {
-        streams,
-        completion,
-    })
+}
+
+/// Prepares every choice of `plan` on `backend` for `caller`, at `tier`.
+async fn prepare(
+    state: &AppState,
+    backend: &Arc<dyn Backend>,
+    caller: &Caller,
+    plan: &Plan,
+    tier: ServiceTier,
+) -> Result<Vec<Prepared>, BackendError> {
+    let max_wait = max_queue_wait(state, &plan.model, tier);
+    let mut prepared = Vec::with_capacity(plan.choices.len());
+    for request in &plan.choices {
+        let request = GenerateRequest {
+            customer: Some(caller.customer_id.clone()),
+            scheduling_weight: Some(caller.scheduling_weight),
+            service_tier: tier,
+            max_queue_wait: max_wait,
+            ..request.clone()
+        };
+        prepared.push(backend.prepare(request).await?);
+    }
+    Ok(prepared)
+}
+
+/// Starts every prepared sequence; a `flex` request's streams once the engine admitted them
+/// ([`admitted`]).
+async fn start_streams(
+    prepared: Vec<Prepared>,
+    tier: ServiceTier,
+) -> Result<Vec<EventStream>, BackendError> {
+    let mut streams = prepared
+        .into_iter()
+        .map(|p| (p.start)())
+        .collect::<Result<Vec<_>, _>>()?;
+    if tier == ServiceTier::Flex {
+        admitted(&mut streams).await?;
+    }
+    Ok(streams)
 }
 
 /// Admits one sequence that a backend runs outside the [`Backend`] streams (a Responses API
@@ -248,11 +355,11 @@ pub(crate) async fn start_passthrough(
     max_output: u32,
     endpoint: Endpoint,
     tags: Tags,
+    service_tier: ServiceTier,
 ) -> Result<Completion, ApiError> {
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let entry = enter(state, &caller, model, 1)?;
     state.limiter.admit_request(&caller.limits).await?;
-    let service_tier = ServiceTier::Default;
     let price = price_of(state, model, service_tier)?;
     let (tokens_hold, budget_hold) = admit(
         state,
@@ -271,6 +378,7 @@ pub(crate) async fn start_passthrough(
         stream,
         price,
         service_tier,
+        prices: tier_prices(state, model),
         tags,
     };
     let holds = Holds {

@@ -29,6 +29,7 @@ use subtle::ConstantTimeEq;
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::AppState;
+use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::limits::{BucketStatus, Limits};
 use tollgate_metering::store::{
     now_micros, ApiKey, Customer, Store, StoreError, MAX_SCHEDULING_WEIGHT,
@@ -125,6 +126,12 @@ pub struct Caller {
     pub customer_max_concurrent: Option<i64>,
     /// The customer's share of an engine when customers compete (1 = equal).
     pub scheduling_weight: u32,
+    /// The tier of a request asking `service_tier: "auto"` (or nothing): the key's default,
+    /// else the customer's, else `default`.
+    pub auto_tier: ServiceTier,
+    /// Whether the caller may ask for `priority` (the customer allows it and the key does not
+    /// narrow it).
+    pub allow_priority: bool,
 }
 
 /// A customer's scheduling weight as the engine takes it (the store keeps it in range).
@@ -154,6 +161,8 @@ impl Caller {
             key_max_concurrent: key.max_concurrent_requests,
             customer_max_concurrent: customer.max_concurrent_requests,
             scheduling_weight: weight(customer),
+            auto_tier: key.auto_tier(customer),
+            allow_priority: key.may_ask_priority(customer),
         }
     }
 
@@ -273,6 +282,12 @@ impl AuthConfig {
                 key_max_concurrent: None,
                 customer_max_concurrent: customer.as_ref().and_then(|c| c.max_concurrent_requests),
                 scheduling_weight: customer.as_ref().map_or(1, weight),
+                auto_tier: customer
+                    .as_ref()
+                    .and_then(|c| c.default_service_tier)
+                    .unwrap_or_default(),
+                // Without a database the static keys are the operator's own: every tier.
+                allow_priority: customer.as_ref().is_none_or(|c| c.allow_priority),
             });
         }
         let Some(store) = store else {
@@ -433,9 +448,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The bearer token of a request, if any.
-/// A gateway's forwarded customer and weight, for the caller of a worker.
+/// A gateway's forwarded customer, weight and service tier, for the caller of a worker: the
+/// gateway resolved and checked the tier, so the worker serves its requests at it (and at any
+/// tier the gateway asks for, `priority` included).
 fn forwarded_customer(caller: &mut Caller, headers: &HeaderMap) -> Result<(), ApiError> {
-    use crate::backend::upstream::{CUSTOMER_HEADER, WEIGHT_HEADER};
+    use crate::backend::upstream::{CUSTOMER_HEADER, TIER_HEADER, WEIGHT_HEADER};
+    caller.allow_priority = true;
+    if let Some(v) = headers.get(TIER_HEADER) {
+        caller.auto_tier = v
+            .to_str()
+            .ok()
+            .and_then(|t| t.parse::<ServiceTier>().ok())
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("`{TIER_HEADER}` must be a service tier"),
+                    TIER_HEADER,
+                )
+            })?;
+    }
     if let Some(v) = headers.get(CUSTOMER_HEADER) {
         let id = v
             .to_str()

@@ -177,6 +177,14 @@ pub struct GenerateRequest {
     /// `customer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduling_weight: Option<u32>,
+    /// The tier the gateway admitted the request at: the engine's class for it (set by the
+    /// gateway with `customer`).
+    #[serde(default)]
+    pub service_tier: ServiceTier,
+    /// How long a `flex` request may wait for the engine to admit it before it is refused
+    /// ([`BackendError::NoCapacity`]); `None`: as long as it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue_wait: Option<std::time::Duration>,
 }
 
 /// Log probability of one token, with its text and bytes as OpenAI reports them.
@@ -194,6 +202,9 @@ pub struct LogprobEntry {
     pub top: Vec<TokenLogprob>,
 }
 
+/// The class of service a request is served at (the ledger's vocabulary).
+pub use tollgate_metering::kinds::ServiceTier;
+
 /// Why a sequence stopped (the ledger's vocabulary: it is recorded as it is sent).
 pub use tollgate_metering::kinds::FinishReason;
 
@@ -209,6 +220,10 @@ pub struct Usage {
     /// Where these counts came from.
     #[serde(default)]
     pub source: UsageSource,
+    /// The tier the server says it served the sequence at (an upstream's `service_tier`);
+    /// `None` when it does not say (the engine serves the tier it was asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<ServiceTier>,
 }
 
 /// Where a backend's counts came from, most trusted to least trusted (a record's field).
@@ -252,6 +267,10 @@ pub enum BackendError {
     /// The backend's queue is full; the client should retry after the given seconds.
     #[error("the model is overloaded, retry after {retry_after_secs}s")]
     Overloaded { retry_after_secs: u64 },
+    /// A `flex` request was not admitted within the model's `flex_max_wait_secs` (it never
+    /// started); the client may retry after the given seconds.
+    #[error("no capacity for a flex request, retry after {retry_after_secs}s")]
+    NoCapacity { retry_after_secs: u64 },
     /// No server behind the backend could take the request (all down or failing); the
     /// detail goes to logs only.
     #[error("backend unavailable: {0}")]

@@ -19,6 +19,7 @@ use models::{validate_model, RawModel};
 pub use models::{
     BackendConfig, DeviceSpec, Discovery, HttpBackendConfig, KvCacheDtype, LocalBackendConfig,
     ModelConfig, ModelSource, ReservedCapacity, ResponsesMode, Routing, WeightForm,
+    DEFAULT_FLEX_MAX_WAIT_SECS,
 };
 
 /// Errors loading the catalogue.
@@ -61,6 +62,7 @@ struct RawServer {
     key_cache_fresh_ms: Option<u64>,
     key_cache_max_age_ms: Option<u64>,
     priority_ttft_target_ms: Option<u64>,
+    sse_keep_alive_secs: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -104,6 +106,20 @@ pub struct ServerConfig {
     /// `priority_ttft_target_ms` (1000 by default): the time to first token the SLA report
     /// counts `priority` requests against.
     pub priority_ttft_target_ms: u64,
+    /// `sse_keep_alive_secs` (15 by default): a stream with nothing to send for this long (a
+    /// request queued, or paused while a higher class runs) gets an SSE comment line
+    /// (`: keep-alive`), so clients and proxies keep it open.
+    pub sse_keep_alive: Duration,
+}
+
+impl ServerConfig {
+    /// The keep-alive of every server-sent event stream: `: keep-alive` after
+    /// `sse_keep_alive` without an event.
+    pub fn keep_alive(&self) -> axum::response::sse::KeepAlive {
+        axum::response::sse::KeepAlive::new()
+            .interval(self.sse_keep_alive)
+            .text("keep-alive")
+    }
 }
 
 /// The default of `key_cache_fresh_ms`.
@@ -125,6 +141,7 @@ impl Default for ServerConfig {
             key_fresh: KEY_FRESH,
             key_max_age: KEY_MAX_AGE,
             priority_ttft_target_ms: 1_000,
+            sse_keep_alive: Duration::from_secs(15),
         }
     }
 }
@@ -197,6 +214,10 @@ impl Config {
                 .server
                 .priority_ttft_target_ms
                 .unwrap_or(defaults.priority_ttft_target_ms),
+            sse_keep_alive: raw
+                .server
+                .sse_keep_alive_secs
+                .map_or(defaults.sse_keep_alive, |s| Duration::from_secs(s.max(1))),
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

@@ -27,6 +27,8 @@ pub(super) struct RawModel {
     /// Tokens per minute the model serves saturated (measured with the bench): what its
     /// reservations may add up to. Absent: the model cannot be reserved.
     capacity_tpm: Option<u64>,
+    /// Seconds a `flex` request may wait for the engine to admit it (600 when absent).
+    flex_max_wait_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +68,9 @@ enum RawBackend {
         forward_customer: Option<bool>,
         /// `least_busy` (default) or `customer`.
         routing: Option<String>,
+        /// Send `service_tier` (when not `default`) to upstreams (default true); false for an
+        /// upstream that refuses the field.
+        forward_service_tier: Option<bool>,
     },
 }
 
@@ -113,6 +118,9 @@ pub struct ModelConfig {
     /// Reserved capacity: what the model's reservations may add up to (tokens per minute)
     /// and what 1,000 of them cost per month; `None` unless both are set.
     pub reserved: Option<ReservedCapacity>,
+    /// How long a `flex` request may wait for the engine to admit it before it is refused
+    /// (429 `resource_unavailable`, never billed).
+    pub flex_max_wait: std::time::Duration,
 }
 
 impl ModelConfig {
@@ -166,6 +174,9 @@ pub struct ReservedCapacity {
     pub capacity_tpm: u64,
     pub price_per_ktpm_month: Decimal,
 }
+
+/// `flex_max_wait_secs` when a model does not set it: what OpenAI's flex waits at most.
+pub const DEFAULT_FLEX_MAX_WAIT_SECS: u64 = 600;
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,6 +292,9 @@ pub struct HttpBackendConfig {
     pub forward_customer: bool,
     /// How a member is picked for each request.
     pub routing: Routing,
+    /// Whether upstreams get the request's `service_tier` in the body (when not `default`;
+    /// workers that get the customer get it as a header instead).
+    pub forward_service_tier: bool,
 }
 
 /// How a pool finds its members.
@@ -405,6 +419,9 @@ pub(super) fn validate_model(
             other => other,
         },
         reserved,
+        flex_max_wait: std::time::Duration::from_secs(
+            m.flex_max_wait_secs.unwrap_or(DEFAULT_FLEX_MAX_WAIT_SECS),
+        ),
     })
 }
 
@@ -445,6 +462,7 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
             responses,
             forward_customer,
             routing,
+            forward_service_tier,
         } => {
             if urls.is_empty() {
                 return Err("backend.urls is empty".into());
@@ -474,6 +492,7 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
                         ("customer", Routing::Customer),
                     ],
                 )?,
+                forward_service_tier: forward_service_tier.unwrap_or(true),
             })
         }
     })

@@ -11,7 +11,9 @@ use maud::{html, Markup};
 use super::pages::{bad, budget, limit, opt, store, time, usd, Fields, PageResult};
 use super::{csrf_field, layout, PageError, Signed};
 use crate::AppState;
+use tollgate_metering::accounts::parse_default_tier;
 use tollgate_metering::billing::parse_time;
+use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::money::format_usd;
 use tollgate_metering::periods::month_bounds;
 use tollgate_metering::store::valid_id;
@@ -98,7 +100,40 @@ fn settings(fields: &Fields, name: Option<String>) -> Result<CustomerFields, Pag
         tpm: Some(limit(fields, "tpm")?),
         max_concurrent_requests: None,
         scheduling_weight: None,
+        default_service_tier: Some(default_tier(fields)?),
+        allow_priority: Some(fields.get("allow_priority").is_some()),
     })
+}
+
+/// The `default_service_tier` select: blank for none.
+fn default_tier(fields: &Fields) -> Result<Option<ServiceTier>, PageError> {
+    fields
+        .get("default_service_tier")
+        .map(parse_default_tier)
+        .transpose()
+        .map_err(bad)
+}
+
+/// The service-tier settings of a customer's or a key's form: the default tier and whether
+/// `priority` may be asked for.
+fn tier_inputs(tier: Option<ServiceTier>, allow_priority: bool, priority_label: &str) -> Markup {
+    let options = [
+        ("", "none"),
+        ("default", "default"),
+        ("flex", "flex"),
+        ("priority", "priority"),
+    ];
+    let current = tier.map_or("", ServiceTier::as_str);
+    html! {
+        label { "Default service tier "
+            select name="default_service_tier" {
+                @for (value, text) in options {
+                    option value=(value) selected[value == current] { (text) }
+                }
+            }
+        }
+        label.inline { input type="checkbox" name="allow_priority" value="on" checked[allow_priority]; " " (priority_label) }
+    }
 }
 
 pub(crate) async fn update_customer(
@@ -156,6 +191,7 @@ async fn customer_page(
             label { "Monthly budget (USD, blank: none) " input name="budget_usd" value=(c.budget_nano_usd.map(format_usd).unwrap_or_default()); }
             label { "RPM (blank: none) " input name="rpm" value=(field(c.rpm)); }
             label { "TPM (blank: none) " input name="tpm" value=(field(c.tpm)); }
+            (tier_inputs(c.default_service_tier, c.allow_priority, "May use service_tier priority"))
             button type="submit" id="save-customer" { "Save" }
         }
         (keys_table(signed, &keys))
@@ -173,7 +209,7 @@ fn keys_table(signed: &Signed, keys: &[ApiKey]) -> Markup {
     html! {
         h2 { "Keys" }
         table #keys {
-            thead { tr { th { "Id" } th { "Name" } th { "Prefix" } th { "Models" } th { "RPM" } th { "TPM" } th { "Budget" } th { "Expires" } th { "State" } th {} } }
+            thead { tr { th { "Id" } th { "Name" } th { "Prefix" } th { "Models" } th { "RPM" } th { "TPM" } th { "Budget" } th { "Tier" } th { "Priority" } th { "Expires" } th { "State" } th {} } }
             tbody {
                 @for k in keys {
                     @let live = k.revoked_at.is_none() && k.expires_at.is_none_or(|e| e > now);
@@ -185,6 +221,8 @@ fn keys_table(signed: &Signed, keys: &[ApiKey]) -> Markup {
                         td { (opt(k.rpm)) }
                         td { (opt(k.tpm)) }
                         td { (k.budget_nano_usd.map_or_else(|| "—".to_string(), usd)) }
+                        td { (k.default_service_tier.map_or("customer's", ServiceTier::as_str)) }
+                        td { (if k.allow_priority { "if the customer may" } else { "no" }) }
                         td { (k.expires_at.map(time).unwrap_or_else(|| "never".into())) }
                         td.state {
                             @if let Some(r) = k.revoked_at { "revoked " (time(r)) }
@@ -222,6 +260,7 @@ fn new_key_form(state: &AppState, signed: &Signed, customer_id: &str) -> Markup 
             label { "TPM " input name="tpm" inputmode="numeric"; }
             label { "Monthly budget (USD) " input name="budget_usd" inputmode="decimal"; }
             label { "Expires (date) " input name="expires_at" type="date"; }
+            (tier_inputs(None, true, "May use priority (when the customer may)"))
             button type="submit" id="create-key" { "Create key" }
         }
     }
@@ -259,6 +298,8 @@ pub(crate) async fn create_key(
         tags: Default::default(),
         budget_nano_usd: budget(&fields)?,
         max_concurrent_requests: None,
+        default_service_tier: default_tier(&fields)?,
+        allow_priority: Some(fields.get("allow_priority").is_some()),
     };
     let (key, secret) = store(&state)?
         .issue_key(&customer_id, new, &signed.actor)

@@ -49,6 +49,11 @@ pub struct CreateCustomer {
     /// queueing; 1, the default, is an equal share).
     #[schema(minimum = 1, maximum = 100)]
     pub scheduling_weight: Option<i64>,
+    /// The tier of requests that ask for `service_tier: "auto"` (or none); `null`
+    /// clears it.
+    pub default_service_tier: Option<DefaultServiceTier>,
+    /// Whether requests may ask for `service_tier: "priority"` (403 otherwise; false when created without it).
+    pub allow_priority: Option<bool>,
 }
 
 /// `PATCH /admin/v1/customers/{id}`: the fields to change (`null` clears a limit or budget).
@@ -70,6 +75,20 @@ pub struct UpdateCustomer {
     /// queueing; 1, the default, is an equal share).
     #[schema(minimum = 1, maximum = 100)]
     pub scheduling_weight: Option<i64>,
+    /// The tier of requests that ask for `service_tier: "auto"` (or none); `null`
+    /// clears it.
+    pub default_service_tier: Option<DefaultServiceTier>,
+    /// Whether requests may ask for `service_tier: "priority"` (403 otherwise; false when created without it).
+    pub allow_priority: Option<bool>,
+}
+
+/// A customer's or key's default service tier (`batch` is the Batch API's own).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultServiceTier {
+    Default,
+    Flex,
+    Priority,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -106,6 +125,11 @@ pub struct CreateKey {
     /// Requests in flight at once with this key; beyond it, 429 with `Retry-After`.
     #[schema(minimum = 1)]
     pub max_concurrent_requests: Option<i64>,
+    /// The tier of requests that ask for `service_tier: "auto"` (or none) (else the customer's); `null`
+    /// clears it.
+    pub default_service_tier: Option<DefaultServiceTier>,
+    /// Whether requests may ask for `service_tier: "priority"` (the key narrows its customer's permission, never widens it; true when created without it).
+    pub allow_priority: Option<bool>,
 }
 
 /// `PATCH /admin/v1/keys/{key_id}`: at least one field; `null` clears a limit, the model list
@@ -125,6 +149,11 @@ pub struct UpdateKey {
     pub expires_at: Option<Expiry>,
     pub tags: Option<BTreeMap<String, String>>,
     pub budget_usd: Option<UsdAmount>,
+    /// The tier of requests that ask for `service_tier: "auto"` (or none) (else the customer's); `null`
+    /// clears it.
+    pub default_service_tier: Option<DefaultServiceTier>,
+    /// Whether requests may ask for `service_tier: "priority"` (the key narrows its customer's permission, never widens it; true when created without it).
+    pub allow_priority: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

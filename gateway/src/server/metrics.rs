@@ -29,6 +29,16 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.25, 1.0,
 ];
 
+/// Latencies per class of service (labels `model` and `service_tier`, four tiers at most).
+#[derive(Clone)]
+pub struct TierLatencies {
+    /// From the request to the engine's admission of its (first) sequence; for an upstream,
+    /// which says nothing of its queue, to its first output.
+    pub queue_wait: HistogramVec,
+    pub time_to_first_token: HistogramVec,
+    pub inter_token_latency: HistogramVec,
+}
+
 /// The gateway's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -37,6 +47,9 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub time_to_first_token: HistogramVec,
     pub time_per_output_token: HistogramVec,
+    /// By model and `service_tier` (the tier served): the time to admission, to the first
+    /// token, and between tokens.
+    pub tiers: TierLatencies,
     pub input_tokens: CounterVec,
     pub output_tokens: CounterVec,
     queue_depth: GaugeVec,
@@ -118,6 +131,26 @@ impl Metrics {
                 &["model"],
                 TOKEN_LATENCY_BUCKETS,
             )?,
+            tiers: TierLatencies {
+                queue_wait: histogram(
+                    "tollgate_queue_wait_seconds",
+                    "From the request to its admission by a local engine (an upstream: to its first output), by the service tier served.",
+                    &["model", "service_tier"],
+                    LATENCY_BUCKETS,
+                )?,
+                time_to_first_token: histogram(
+                    "tollgate_service_tier_time_to_first_token_seconds",
+                    "From the request to the first generated token, by the service tier served.",
+                    &["model", "service_tier"],
+                    LATENCY_BUCKETS,
+                )?,
+                inter_token_latency: histogram(
+                    "tollgate_service_tier_inter_token_latency_seconds",
+                    "Mean time between output tokens of one request after the first, by the service tier served.",
+                    &["model", "service_tier"],
+                    TOKEN_LATENCY_BUCKETS,
+                )?,
+            },
             input_tokens: counter(
                 "tollgate_input_tokens_total",
                 "Prompt tokens processed.",

@@ -4,10 +4,13 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{is_unique_violation, kind_column, now_micros, Store, StoreError, StoreResult};
+use super::{
+    is_unique_violation, kind_column, now_micros, optional_kind_column, Store, StoreError,
+    StoreResult,
+};
 use crate::accounts::Customer;
 use crate::audit::{self, Action, Actor, Change};
-use crate::kinds::BudgetPeriod;
+use crate::kinds::{BudgetPeriod, ServiceTier};
 use crate::views::CustomerView;
 
 /// Ids are what operators and billing systems join on: short, printable, no spaces.
@@ -35,11 +38,14 @@ pub struct CustomerFields {
     pub max_concurrent_requests: Option<Option<i64>>,
     /// 1 to [`MAX_SCHEDULING_WEIGHT`] (checked by the caller).
     pub scheduling_weight: Option<i64>,
+    /// `Some(None)` clears it (requests asking `auto` get `default`).
+    pub default_service_tier: Option<Option<ServiceTier>>,
+    pub allow_priority: Option<bool>,
 }
 
 const CUSTOMER_COLUMNS: &str =
     "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at, max_concurrent_requests, \
-     scheduling_weight";
+     scheduling_weight, default_service_tier, allow_priority";
 
 fn customer(row: &AnyRow) -> StoreResult<Customer> {
     Ok(Customer {
@@ -52,6 +58,8 @@ fn customer(row: &AnyRow) -> StoreResult<Customer> {
         created_at: row.try_get("created_at")?,
         max_concurrent_requests: row.try_get("max_concurrent_requests")?,
         scheduling_weight: row.try_get("scheduling_weight")?,
+        default_service_tier: optional_kind_column(row, "default_service_tier")?,
+        allow_priority: row.try_get::<i64, _>("allow_priority")? != 0,
     })
 }
 
@@ -77,10 +85,12 @@ impl Store {
             created_at: now_micros(),
             max_concurrent_requests: fields.max_concurrent_requests.flatten(),
             scheduling_weight: fields.scheduling_weight.unwrap_or(1),
+            default_service_tier: fields.default_service_tier.flatten(),
+            allow_priority: fields.allow_priority.unwrap_or(false),
         };
         let mut tx = self.write_tx().await?;
         let result = sqlx::query(&format!(
-            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(&c.id)
         .bind(&c.name)
@@ -91,6 +101,8 @@ impl Store {
         .bind(c.created_at)
         .bind(c.max_concurrent_requests)
         .bind(c.scheduling_weight)
+        .bind(c.default_service_tier.map(ServiceTier::as_str))
+        .bind(i64::from(c.allow_priority))
         .execute(&mut *tx)
         .await;
         match result {
@@ -194,10 +206,16 @@ impl Store {
         if let Some(weight) = fields.scheduling_weight {
             c.scheduling_weight = weight;
         }
+        if let Some(tier) = fields.default_service_tier {
+            c.default_service_tier = tier;
+        }
+        if let Some(allow) = fields.allow_priority {
+            c.allow_priority = allow;
+        }
         sqlx::query(
             "UPDATE customers SET name = $2, budget_nano_usd = $3, budget_period = $4, \
-             rpm = $5, tpm = $6, max_concurrent_requests = $7, scheduling_weight = $8 \
-             WHERE id = $1",
+             rpm = $5, tpm = $6, max_concurrent_requests = $7, scheduling_weight = $8, \
+             default_service_tier = $9, allow_priority = $10 WHERE id = $1",
         )
         .bind(&c.id)
         .bind(&c.name)
@@ -207,6 +225,8 @@ impl Store {
         .bind(c.tpm)
         .bind(c.max_concurrent_requests)
         .bind(c.scheduling_weight)
+        .bind(c.default_service_tier.map(ServiceTier::as_str))
+        .bind(i64::from(c.allow_priority))
         .execute(&mut *tx)
         .await?;
         if let Some(changes) = audit::diff(&audited_customer(&before), &audited_customer(&c)) {

@@ -4,9 +4,12 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{now_micros, stored_tags, Customer, Store, StoreError, StoreResult};
+use super::{
+    now_micros, optional_kind_column, stored_tags, Customer, Store, StoreError, StoreResult,
+};
 use crate::accounts::ApiKey;
 use crate::audit::{self, Action, Actor, Change};
+use crate::kinds::ServiceTier;
 use crate::secrets::{new_key, stored_digest};
 use crate::tags::{self, Tags};
 use crate::views::KeyView;
@@ -22,10 +25,14 @@ pub struct NewKey {
     pub tags: Tags,
     pub budget_nano_usd: Option<i64>,
     pub max_concurrent_requests: Option<i64>,
+    pub default_service_tier: Option<ServiceTier>,
+    /// `None`: allowed (as far as the customer is).
+    pub allow_priority: Option<bool>,
 }
 
 const KEY_COLUMNS: &str = "id, customer_id, name, key_prefix, models, rpm, tpm, expires_at, \
-    revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests";
+    revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests, default_service_tier, \
+    allow_priority";
 
 fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
     let models: Option<String> = row.try_get("models")?;
@@ -50,6 +57,8 @@ fn api_key(row: &AnyRow) -> StoreResult<ApiKey> {
         tags: stored_tags(row)?,
         budget_nano_usd: row.try_get("budget_nano_usd")?,
         max_concurrent_requests: row.try_get("max_concurrent_requests")?,
+        default_service_tier: optional_kind_column(row, "default_service_tier")?,
+        allow_priority: row.try_get::<i64, _>("allow_priority")? != 0,
     })
 }
 
@@ -70,6 +79,8 @@ pub struct KeyFields {
     pub expires_at: Option<Option<i64>>,
     pub tags: Option<Tags>,
     pub budget_nano_usd: Option<Option<i64>>,
+    pub default_service_tier: Option<Option<ServiceTier>>,
+    pub allow_priority: Option<bool>,
 }
 
 impl KeyFields {
@@ -88,6 +99,8 @@ impl KeyFields {
             expires_at,
             tags,
             budget_nano_usd,
+            default_service_tier,
+            allow_priority,
         } = self;
         key.name = name.unwrap_or(std::mem::take(&mut key.name));
         key.models = models.unwrap_or(key.models.take());
@@ -98,6 +111,8 @@ impl KeyFields {
         key.expires_at = expires_at.unwrap_or(key.expires_at);
         key.tags = tags.unwrap_or(std::mem::take(&mut key.tags));
         key.budget_nano_usd = budget_nano_usd.unwrap_or(key.budget_nano_usd);
+        key.default_service_tier = default_service_tier.unwrap_or(key.default_service_tier);
+        key.allow_priority = allow_priority.unwrap_or(key.allow_priority);
     }
 }
 
@@ -172,13 +187,16 @@ impl Store {
             tags: new.tags,
             budget_nano_usd: new.budget_nano_usd,
             max_concurrent_requests: new.max_concurrent_requests,
+            default_service_tier: new.default_service_tier,
+            allow_priority: new.allow_priority.unwrap_or(true),
         };
         let models = models_json(&key.models)?;
         let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, customer_id, name, key_hash, key_prefix, models, rpm, tpm, \
-             expires_at, revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11, $12, $13)",
+             expires_at, revoked_at, created_at, tags, budget_nano_usd, max_concurrent_requests, \
+             default_service_tier, allow_priority) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&key.id)
         .bind(&key.customer_id)
@@ -193,6 +211,8 @@ impl Store {
         .bind(tags::to_json(&key.tags))
         .bind(key.budget_nano_usd)
         .bind(key.max_concurrent_requests)
+        .bind(key.default_service_tier.map(ServiceTier::as_str))
+        .bind(i64::from(key.allow_priority))
         .execute(&mut *tx)
         .await?;
         let change = Change {
@@ -264,7 +284,8 @@ impl Store {
                 sqlx::query(
                     "UPDATE api_keys SET name = $2, models = $3, rpm = $4, tpm = $5, \
                      max_concurrent_requests = $6, expires_at = $7, tags = $8, \
-                     budget_nano_usd = $9 WHERE id = $1",
+                     budget_nano_usd = $9, default_service_tier = $10, allow_priority = $11 \
+                     WHERE id = $1",
                 )
                 .bind(key_id)
                 .bind(&key.name)
@@ -275,6 +296,8 @@ impl Store {
                 .bind(key.expires_at)
                 .bind(tags::to_json(&key.tags))
                 .bind(key.budget_nano_usd)
+                .bind(key.default_service_tier.map(ServiceTier::as_str))
+                .bind(i64::from(key.allow_priority))
                 .execute(&mut *tx)
                 .await?;
                 Action::KeyUpdated

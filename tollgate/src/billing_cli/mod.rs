@@ -7,6 +7,7 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use tiers::TierArgs;
 use tollgate_metering::alerts;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
@@ -19,6 +20,7 @@ use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
 mod export;
 mod reservations;
+mod tiers;
 mod usage;
 
 pub use reservations::{reservations, ReservationsCommand};
@@ -99,6 +101,8 @@ pub struct UpdateCustomer {
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
     scheduling_weight: Option<i64>,
     #[command(flatten)]
+    tiers: TierArgs,
+    #[command(flatten)]
     db: DbArgs,
 }
 
@@ -124,6 +128,8 @@ pub struct CreateCustomer {
     /// Share of each model's engine when customers compete (1 to 100; default 1).
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
     scheduling_weight: Option<i64>,
+    #[command(flatten)]
+    tiers: TierArgs,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -201,6 +207,8 @@ pub struct UpdateKey {
     #[arg(long)]
     expires_at: Option<String>,
     #[command(flatten)]
+    tiers: TierArgs,
+    #[command(flatten)]
     db: DbArgs,
 }
 
@@ -232,6 +240,8 @@ pub struct CreateKey {
     /// The key's own monthly budget in USD (besides its customer's).
     #[arg(long)]
     budget_usd: Option<String>,
+    #[command(flatten)]
+    tiers: TierArgs,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -311,6 +321,7 @@ async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
         tpm,
         max_concurrent_requests,
         scheduling_weight,
+        tiers,
         db,
     } = args;
     if !valid_id(&id) {
@@ -331,6 +342,8 @@ async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
             "max-concurrent-requests",
         )?),
         scheduling_weight,
+        default_service_tier: tiers.default_tier()?,
+        allow_priority: tiers.allow_priority(),
     };
     let c = db
         .open()
@@ -349,6 +362,7 @@ async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
         tpm,
         max_concurrent_requests,
         scheduling_weight,
+        tiers,
         db,
     } = args;
     let fields = CustomerFields {
@@ -362,6 +376,8 @@ async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
             "max-concurrent-requests",
         )?,
         scheduling_weight,
+        default_service_tier: tiers.default_tier()?,
+        allow_priority: tiers.allow_priority(),
     };
     let c = db
         .open()
@@ -426,6 +442,7 @@ async fn create_key(args: CreateKey) -> anyhow::Result<()> {
         tags,
         budget_usd,
         max_concurrent_requests,
+        tiers,
         db,
     } = args;
     let tags = tags_arg(&tags)?;
@@ -455,6 +472,8 @@ async fn create_key(args: CreateKey) -> anyhow::Result<()> {
         tags,
         budget_nano_usd,
         max_concurrent_requests,
+        default_service_tier: tiers.default_tier()?.flatten(),
+        allow_priority: tiers.allow_priority(),
     };
     let store = db.open().await?;
     let (key, secret) = store
@@ -475,6 +494,7 @@ async fn update_key(args: UpdateKey) -> anyhow::Result<()> {
         tpm,
         max_concurrent_requests,
         expires_at,
+        tiers,
         db,
     } = args;
     let fields = KeyFields {
@@ -490,10 +510,12 @@ async fn update_key(args: UpdateKey) -> anyhow::Result<()> {
             "max-concurrent-requests",
         )?,
         expires_at: expiry_arg(expires_at.as_deref())?,
+        default_service_tier: tiers.default_tier()?,
+        allow_priority: tiers.allow_priority(),
         ..KeyFields::default()
     };
     if fields.is_empty() {
-        bail!("nothing to change: give --name, --models, --rpm, --tpm, --max-concurrent-requests or --expires-at");
+        bail!("nothing to change: give --name, --models, --rpm, --tpm, --max-concurrent-requests, --expires-at, --default-service-tier or --allow-priority");
     }
     let store = db.open().await?;
     let key = store

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tollgate_gateway::backend::{
     Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, LoadReport,
-    LogprobEntry, ModelInfo, Prepared, Prompt, TokenLogprob, ToolChoice, Usage,
+    LogprobEntry, ModelInfo, Prepared, Prompt, ServiceTier, TokenLogprob, ToolChoice, Usage,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
 use tollgate_runtime::constraint::ConstraintCompiler;
@@ -105,6 +105,20 @@ fn sampling_params(p: &tollgate_gateway::backend::SamplingParams) -> SamplingPar
         logit_bias: p.logit_bias.clone(),
     }
 }
+
+/// The engine's class for a request served at `tier`.
+fn class_of(tier: ServiceTier) -> ServiceClass {
+    match tier {
+        // A reservation's requests run at priority.
+        ServiceTier::Priority | ServiceTier::Reserved => ServiceClass::Priority,
+        ServiceTier::Default => ServiceClass::Default,
+        ServiceTier::Flex => ServiceClass::Flex,
+        ServiceTier::Batch => ServiceClass::Batch,
+    }
+}
+
+/// `Retry-After` of a `flex` request refused for want of capacity.
+const FLEX_RETRY_AFTER_SECS: u64 = 30;
 
 fn backend_error(e: RuntimeError) -> BackendError {
     match e {
@@ -218,8 +232,9 @@ impl Backend for LocalBackend {
         let tenant = request.customer.as_ref().map(|c| Tenancy {
             name: Arc::from(c.as_str()),
             weight: request.scheduling_weight.unwrap_or(1),
-            class: ServiceClass::Default,
+            class: class_of(request.service_tier),
         });
+        let max_wait = request.max_queue_wait;
         let shape = self.shape(&request);
         let prompt_tokens = prompt_ids.len();
         let max_tokens = self.check_lengths(&request, prompt_tokens)?;
@@ -247,7 +262,13 @@ impl Backend for LocalBackend {
                     cached: Some(engine_cached),
                 })
                 .map_err(backend_error)?;
-            Ok(events(receiver, prompt_tokens, shape, (parent, queue)))
+            Ok(events(
+                receiver,
+                max_wait,
+                prompt_tokens,
+                shape,
+                (parent, queue),
+            ))
         };
         Ok(Prepared {
             prompt_tokens: prompt_tokens as u32,
@@ -309,26 +330,67 @@ impl Phases {
     }
 }
 
-/// The engine's events for one sequence as backend events, after a `Started`; `phases` is the
-/// request's span and the queue phase's.
+/// The engine's first event for a sequence (its admission, or its failure), waited for at most
+/// `max_wait` when set: a sequence still queued then is withdrawn (dropping the receiver takes
+/// it out of the queue) and refused for want of capacity.
+async fn admission(
+    mut receiver: UnboundedReceiver<GenEvent>,
+    max_wait: Option<std::time::Duration>,
+) -> Result<(Option<GenEvent>, UnboundedReceiver<GenEvent>), BackendError> {
+    let first = match max_wait {
+        Some(wait) => tokio::time::timeout(wait, receiver.recv())
+            .await
+            .map_err(|_| BackendError::NoCapacity {
+                retry_after_secs: FLEX_RETRY_AFTER_SECS,
+            })?,
+        None => receiver.recv().await,
+    };
+    Ok((first, receiver))
+}
+
+/// The engine's events for one sequence as backend events, after a `Started` sent when the
+/// engine admits it (so the time to `Started` is its queue wait); `phases` is the request's span
+/// and the queue phase's.
 fn events(
     receiver: UnboundedReceiver<GenEvent>,
+    max_wait: Option<std::time::Duration>,
     prompt_tokens: usize,
     shape: Shape,
     phases: (tracing::Span, tracing::Span),
 ) -> EventStream {
-    let mut phases = Phases {
+    let phases = Phases {
         parent: phases.0,
         _open: phases.1,
         decoding: false,
     };
-    let started = futures::stream::once(async move {
-        Ok(GenerateEvent::Started {
-            prompt_tokens: prompt_tokens as u32,
-        })
-    });
+    // Taken by the one item the admission yields.
+    let mut phases = Some(phases);
+    let admitted = futures::stream::once(admission(receiver, max_wait));
+    Box::pin(
+        admitted.flat_map(move |admitted| match (admitted, phases.take()) {
+            (Err(e), _) => futures::stream::iter([Err(e)]).boxed(),
+            (Ok((first, rest)), Some(phases)) => {
+                let started = Ok(GenerateEvent::Started {
+                    prompt_tokens: prompt_tokens as u32,
+                });
+                let engine = futures::stream::iter(first).chain(UnboundedReceiverStream::new(rest));
+                futures::stream::iter([started])
+                    .chain(shaped(engine, shape, phases))
+                    .boxed()
+            }
+            (Ok(_), None) => futures::stream::empty().boxed(),
+        }),
+    )
+}
+
+/// The engine's events shaped into backend events (text, tool calls, the finish).
+fn shaped(
+    engine: impl futures::Stream<Item = GenEvent> + Send + 'static,
+    shape: Shape,
+    mut phases: Phases,
+) -> impl futures::Stream<Item = Result<GenerateEvent, BackendError>> + Send + 'static {
     let mut shaper = Shaper::new(shape);
-    let events = UnboundedReceiverStream::new(receiver).flat_map(move |event| {
+    engine.flat_map(move |event| {
         phases.on(&event);
         let out: Vec<Result<GenerateEvent, BackendError>> = match event {
             GenEvent::Admitted => Vec::new(),
@@ -375,6 +437,5 @@ fn events(
             GenEvent::Failed { message } => vec![Err(BackendError::Internal(message))],
         };
         futures::stream::iter(out)
-    });
-    Box::pin(started.chain(events))
+    })
 }

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{Map, Value};
 
+use super::tiers::{allow_priority_field, default_tier_field};
 use super::{
     invalid_field, limit_field, list, object, reject_unknown, store, string_field, valid_id,
     DEFAULT_PAGE, MAX_PAGE,
@@ -30,6 +31,8 @@ const CUSTOMER_FIELDS: &[&str] = &[
     "tpm",
     "max_concurrent_requests",
     "scheduling_weight",
+    "default_service_tier",
+    "allow_priority",
 ];
 
 /// `budget_usd`: a decimal string or a number (`"25.50"`, `25.5`), or `null` for none.
@@ -77,6 +80,8 @@ fn customer_fields(map: &Map<String, Value>) -> Result<CustomerFields, ApiError>
         tpm: limit_field(map, "tpm")?,
         max_concurrent_requests: limit_field(map, "max_concurrent_requests")?,
         scheduling_weight: weight_field(map)?,
+        default_service_tier: default_tier_field(map)?,
+        allow_priority: allow_priority_field(map)?,
     })
 }
 

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{Map, Value};
 
+use super::tiers::{allow_priority_field, default_tier_field, TIER_FIELDS};
 use super::{invalid_field, limit_field, list, object, reject_unknown, store, string_field};
 use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::AppState;
@@ -138,15 +139,19 @@ pub(super) async fn create_key(
     reject_unknown(
         &map,
         &[
-            "name",
-            "models",
-            "rpm",
-            "tpm",
-            "expires_at",
-            "tags",
-            "budget_usd",
-            "max_concurrent_requests",
-        ],
+            &[
+                "name",
+                "models",
+                "rpm",
+                "tpm",
+                "expires_at",
+                "tags",
+                "budget_usd",
+                "max_concurrent_requests",
+            ][..],
+            TIER_FIELDS,
+        ]
+        .concat(),
     )?;
     let new = NewKey {
         name: string_field(&map, "name")?.unwrap_or_default(),
@@ -157,6 +162,8 @@ pub(super) async fn create_key(
         tags: tags_field(&map)?.unwrap_or_default(),
         budget_nano_usd: key_budget_field(&map)?.flatten(),
         max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?.flatten(),
+        default_service_tier: default_tier_field(&map)?.flatten(),
+        allow_priority: allow_priority_field(&map)?,
     };
     let (created, secret) = store(&state)?.issue_key(&customer_id, new, &actor).await?;
     let body = CreatedKeyView {
@@ -201,6 +208,8 @@ const KEY_CHANGES: &[&str] = &[
     "expires_at",
     "tags",
     "budget_usd",
+    "default_service_tier",
+    "allow_priority",
 ];
 
 // Changes the given fields (`null` clears a limit, the model list, the expiry or the budget;
@@ -240,6 +249,8 @@ pub(super) async fn update_key(
         },
         tags: tags_field(&map)?,
         budget_nano_usd: key_budget_field(&map)?,
+        default_service_tier: default_tier_field(&map)?,
+        allow_priority: allow_priority_field(&map)?,
     };
     if fields.is_empty() {
         return Err(invalid_field(

@@ -32,6 +32,7 @@ const MAX_PAGE: i64 = 10_000;
 mod customers;
 mod keys;
 mod reservations;
+mod tiers;
 mod usage;
 
 use customers::{

@@ -9,6 +9,7 @@ use crate::api::openai::CompletionUsage;
 use crate::backend::{BackendError, EventStream, FinishReason, GenerateEvent, LogprobEntry, Usage};
 use crate::error::ApiError;
 use tollgate_metering::kinds::Outcome;
+use tollgate_metering::kinds::ServiceTier;
 
 /// One choice's full result (kept for the non-streamed answer).
 #[derive(Default)]
@@ -97,6 +98,7 @@ impl Fold {
         let choice = &mut self.choices[index];
         match event {
             Ok(GenerateEvent::Started { prompt_tokens }) => {
+                self.completion.on_started();
                 choice.usage.prompt_tokens = prompt_tokens;
                 Ok(Step::Quiet)
             }
@@ -163,6 +165,11 @@ impl Fold {
     /// `usage` as the client sees it: the counts the record holds.
     pub(super) fn usage(&self) -> CompletionUsage {
         self.completion.usage()
+    }
+
+    /// The tier that served the request (as billed).
+    pub(super) fn service_tier(&self) -> ServiceTier {
+        self.completion.billed_tier().0
     }
 
     pub(super) fn into_choices(self) -> Vec<ChoiceResult> {

@@ -30,7 +30,7 @@ use crate::error::{ApiError, ApiJson};
 use crate::{AppState, ModelLabel, RequestId};
 use fold::{merged, ChoiceResult, Fold, Step};
 use shapes::{ChatChunkChoice, Chunk, Delta, FunctionPart, ToolCallPart};
-use tollgate_metering::kinds::Endpoint;
+use tollgate_metering::kinds::{Endpoint, ServiceTier};
 use tollgate_metering::tags::Tags;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,10 +101,20 @@ async fn respond_tagged(
     let Started {
         streams,
         completion,
+        service_tier,
     } = start(&state, &id, caller, &plan, endpoint, tags).await?;
     let label = ModelLabel(plan.model.clone());
     let mut response = if plan.stream {
-        stream_response(streams, plan, kind, id, completion).into_response()
+        let keep_alive = state.config.server.keep_alive();
+        stream_response(
+            streams,
+            plan,
+            kind,
+            id,
+            (completion, service_tier),
+            keep_alive,
+        )
+        .into_response()
     } else {
         collect(streams, &plan, kind, &id, completion).await?
     };
@@ -127,6 +137,7 @@ async fn collect(
     }
     fold.end().await?;
     let usage = fold.usage();
+    let service_tier = fold.service_tier();
     let (created, results) = (now_secs(), fold.into_choices());
     let finish = |r: &ChoiceResult| r.finish;
     Ok(match kind {
@@ -136,6 +147,7 @@ async fn collect(
             created,
             model: plan.model.clone(),
             system_fingerprint: None,
+            service_tier,
             choices: (0..)
                 .zip(&results)
                 .map(|(index, r)| ChatCompletionChoice {
@@ -154,6 +166,7 @@ async fn collect(
             created,
             model: plan.model.clone(),
             system_fingerprint: None,
+            service_tier,
             choices: (0..)
                 .zip(&results)
                 .map(|(index, r)| CompletionChoice {
@@ -184,7 +197,8 @@ fn stream_response(
     plan: Plan,
     kind: Kind,
     id: RequestId,
-    completion: Completion,
+    (completion, service_tier): (Completion, ServiceTier),
+    keep_alive: KeepAlive,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let created = now_secs();
     let (object, prefix) = match kind {
@@ -197,7 +211,7 @@ fn stream_response(
         let usage_null = plan.include_usage.then_some(None);
         let chunk = |choice| Chunk {
             id: &response_id, object, created, model: &plan.model,
-            system_fingerprint: None, choices: vec![choice], usage: usage_null,
+            system_fingerprint: None, service_tier, choices: vec![choice], usage: usage_null,
         };
         let chat = |index, delta, logprobs, finish_reason| ChunkChoice::Chat(ChatChunkChoice {
             index, delta, logprobs, finish_reason,
@@ -256,12 +270,13 @@ fn stream_response(
         if plan.include_usage {
             yield data(&Chunk::<ChunkChoice> {
                 id: &response_id, object, created, model: &plan.model,
-                system_fingerprint: None, choices: vec![], usage: Some(Some(fold.usage())),
+                system_fingerprint: None, service_tier: fold.service_tier(), choices: vec![],
+                usage: Some(Some(fold.usage())),
             });
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    Sse::new(body).keep_alive(KeepAlive::default())
+    Sse::new(body).keep_alive(keep_alive)
 }
 
 /// A choice's index as the legacy completion shape types it (`n` is capped far below).

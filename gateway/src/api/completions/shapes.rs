@@ -9,7 +9,7 @@ use crate::api::openai::{
     ChatChoiceLogprobs, ChatCompletionMessageToolCall, ChatCompletionResponseMessage,
     ChatCompletionTokenLogprob, CompletionLogprobs, CompletionUsage, FunctionCall, TopLogprob,
 };
-use crate::backend::{FinishReason, LogprobEntry, TokenLogprob};
+use crate::backend::{FinishReason, LogprobEntry, ServiceTier, TokenLogprob};
 
 fn top(t: &TokenLogprob) -> TopLogprob {
     TopLogprob {
@@ -99,6 +99,9 @@ pub(super) struct Chunk<'a, C> {
     pub created: u64,
     pub model: &'a str,
     pub system_fingerprint: Option<String>,
+    /// The tier serving the request: the one it was admitted at, on every chunk (an upstream
+    /// that reports another is billed that one, shown by the last chunk with usage).
+    pub service_tier: ServiceTier,
     pub choices: Vec<C>,
     /// With `stream_options.include_usage`: `null` on every chunk but the last, which has
     /// no choices and the usage; absent otherwise.

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::backend::FinishReason;
+use crate::backend::{FinishReason, ServiceTier};
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
@@ -96,6 +96,8 @@ pub struct CreateChatCompletionResponse {
     pub system_fingerprint: Option<String>,
     pub choices: Vec<ChatCompletionChoice>,
     pub usage: CompletionUsage,
+    /// The class of service that served the request (and that it is billed at).
+    pub service_tier: ServiceTier,
 }
 
 /// Legacy completions logprobs: parallel arrays.
@@ -132,4 +134,6 @@ pub struct CreateCompletionResponse {
     pub system_fingerprint: Option<String>,
     pub choices: Vec<CompletionChoice>,
     pub usage: CompletionUsage,
+    /// The class of service that served the request (and that it is billed at).
+    pub service_tier: ServiceTier,
 }

@@ -36,6 +36,17 @@ impl OneOrMany {
     }
 }
 
+/// `service_tier` as a request asks for it (OpenAI's values): `auto` is the key's default
+/// tier, else its customer's, else `default`. `batch` is the Batch API's alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestedTier {
+    Auto,
+    Default,
+    Flex,
+    Priority,
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -71,6 +82,8 @@ pub struct CommonParams {
     pub repetition_penalty: Option<f32>,
     /// Token id (as a string) to a bias in [-100, 100] added to its logit.
     pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// The class of service to run at; the answer says the one that served it.
+    pub service_tier: Option<RequestedTier>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -238,7 +251,7 @@ macro_rules! common_fields {
         &[
             "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
             "presence_penalty", "user", "metadata", "stream", "stream_options", "top_k",
-            "repetition_penalty", "logit_bias", $($extra),*
+            "repetition_penalty", "logit_bias", "service_tier", $($extra),*
         ]
     };
 }

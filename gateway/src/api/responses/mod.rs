@@ -27,7 +27,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
@@ -82,14 +82,16 @@ pub async fn create(
         .await;
     }
     let (plan, input) = body.plan(&history, &id.0, state.config.server.max_n)?;
-    let echo = echo(&body, &plan, &id, store);
+    let mut echo = echo(&body, &plan, &id, store);
     let customer_id = caller.customer_id.clone();
     let Started {
         mut streams,
         completion,
+        service_tier,
     } = start(&state, &id, caller, &plan, Endpoint::Responses, tags)
         .await
         .map_err(in_response_terms)?;
+    echo.service_tier = service_tier;
     let stream = streams
         .pop()
         .ok_or_else(|| ApiError::Internal("no backend stream".into()))?;
@@ -181,6 +183,7 @@ fn echo(body: &CreateResponse, plan: &Plan, id: &RequestId, store: bool) -> Echo
         store,
         metadata: body.metadata.clone().unwrap_or_default(),
         user: body.user.clone(),
+        service_tier: crate::backend::ServiceTier::Default,
     }
 }
 
@@ -233,7 +236,10 @@ fn step(
     events: &mut Vec<StreamEvent>,
 ) -> Option<Status> {
     match event {
-        Ok(GenerateEvent::Started { .. }) => None,
+        Ok(GenerateEvent::Started { .. }) => {
+            completion.on_started();
+            None
+        }
         Ok(GenerateEvent::Delta {
             text,
             completion_tokens,
@@ -360,6 +366,7 @@ fn streamed(
     mut completion: Completion,
     to_store: Option<ToStore>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let keep_alive = state.config.server.keep_alive();
     let body = async_stream::stream! {
         for e in builder.start() {
             yield sse(e);
@@ -383,7 +390,7 @@ fn streamed(
         let id = builder.id().to_string();
         keep(&state, &id, to_store, &builder).await;
     };
-    Sse::new(body).keep_alive(KeepAlive::default())
+    Sse::new(body).keep_alive(keep_alive)
 }
 
 fn not_found(id: &str) -> ApiError {

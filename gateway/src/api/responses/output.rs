@@ -10,7 +10,7 @@ use super::wire::{
     OutputTokensDetails, Reasoning, Response, ResponseError, ResponseStatus, ResponseTextConfig,
     ResponseUsage, StreamEvent, ToolChoiceEcho,
 };
-use crate::backend::Usage;
+use crate::backend::{ServiceTier, Usage};
 
 /// What the response echoes of its request.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct Echo {
     pub store: bool,
     pub metadata: Map<String, Value>,
     pub user: Option<String>,
+    /// The tier the request was admitted at.
+    pub service_tier: ServiceTier,
 }
 
 /// How the response ended.
@@ -434,6 +436,7 @@ impl Builder {
             usage,
             user: e.user.clone(),
             metadata: e.metadata.clone(),
+            service_tier: e.service_tier,
         }
     }
 }
@@ -461,6 +464,7 @@ mod tests {
             store: true,
             metadata: Map::new(),
             user: None,
+            service_tier: ServiceTier::Default,
         }
     }
 

@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
@@ -22,12 +22,12 @@ use serde_json::{json, Map, Value};
 use super::request::{input_items, CreateResponse, Item};
 use super::ToStore;
 use crate::api::accounting::Completion;
-use crate::api::admission::start_passthrough;
+use crate::api::admission::{resolve_tier, start_passthrough};
 use crate::auth::Caller;
 use crate::backend::{Backend, PassthroughEvent, PassthroughStream};
 use crate::error::ApiError;
 use crate::{AppState, ModelLabel, RequestId};
-use tollgate_metering::kinds::{Endpoint, Outcome, ResponseEnd};
+use tollgate_metering::kinds::{Endpoint, Outcome, ResponseEnd, ServiceTier};
 use tollgate_metering::store::now_micros;
 
 /// What the client's response says of itself, whatever the upstream said.
@@ -117,7 +117,15 @@ pub(super) async fn create(
             param: Some("background".into()),
         });
     }
-    let upstream = upstream_body(raw, &history);
+    let service_tier = resolve_tier(&state, &caller, &body.model, body.service_tier)?;
+    let mut upstream = upstream_body(raw, &history);
+    // The tier resolved here (never `auto`), or none for `default`.
+    if let Some(b) = upstream.as_object_mut() {
+        b.remove("service_tier");
+        if service_tier != ServiceTier::Default {
+            b.insert("service_tier".into(), serde_json::json!(service_tier));
+        }
+    }
     let prompt = prompt_bound(&upstream);
     let context = backend.info().context_length;
     let max_output = body
@@ -135,6 +143,7 @@ pub(super) async fn create(
         max_output,
         Endpoint::Responses,
         tags,
+        service_tier,
     )
     .await?;
     let events = backend
@@ -272,6 +281,7 @@ impl Relay {
         mut self,
         mut events: PassthroughStream,
     ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+        let keep_alive = self.state.config.server.keep_alive();
         let body = async_stream::stream! {
             while let Some(event) = events.next().await {
                 let mut event = match event {
@@ -293,7 +303,7 @@ impl Relay {
             let error = ApiError::Internal("the upstream stopped before the response ended".into()).body();
             yield Ok(Event::default().event("error").data(serde_json::to_string(&error).unwrap_or_default()));
         };
-        Sse::new(body).keep_alive(KeepAlive::default())
+        Sse::new(body).keep_alive(keep_alive)
     }
 }
 

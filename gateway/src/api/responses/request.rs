@@ -40,6 +40,8 @@ pub struct CreateResponse {
     pub truncation: Option<String>,
     pub include: Option<Vec<String>>,
     pub top_logprobs: Option<u32>,
+    /// The class of service to run at; the response says the one that served it.
+    pub service_tier: Option<crate::api::openai::RequestedTier>,
 }
 
 impl crate::error::RequestBody for CreateResponse {
@@ -64,6 +66,7 @@ impl crate::error::RequestBody for CreateResponse {
         "truncation",
         "include",
         "top_logprobs",
+        "service_tier",
     ];
 }
 
@@ -374,6 +377,7 @@ impl CreateResponse {
             "model": self.model,
             "messages": messages,
             "stream": self.stream.unwrap_or(false),
+            "service_tier": self.service_tier,
         });
         if self.stream.unwrap_or(false) {
             chat["stream_options"] = json!({"include_usage": true});

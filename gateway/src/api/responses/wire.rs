@@ -159,6 +159,8 @@ pub struct Response {
     /// The request's `metadata`, as sent.
     #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub metadata: Map<String, Value>,
+    /// The class of service that served the response (and that it is billed at).
+    pub service_tier: crate::backend::ServiceTier,
 }
 
 /// One event of a streamed response: its fields, then `type` and `sequence_number`.

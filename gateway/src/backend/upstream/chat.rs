@@ -13,8 +13,8 @@ use super::failover::{failover, Credentials, Read};
 use super::Member;
 use crate::backend::{
     ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest, LogprobEntry, Prompt,
-    ResponseFormat, SamplingParams, TokenCounter, TokenLogprob, ToolChoice, ToolsRequest, Usage,
-    UsageSource,
+    ResponseFormat, SamplingParams, ServiceTier, TokenCounter, TokenLogprob, ToolChoice,
+    ToolsRequest, Usage, UsageSource,
 };
 
 /// An upper bound of the prompt's tokens without the upstream's tokenizer: every token of a
@@ -121,8 +121,13 @@ fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
         .collect()
 }
 
-/// The OpenAI request body for one sequence.
-pub(super) fn request_body(model: &str, request: &GenerateRequest) -> (String, Value) {
+/// The OpenAI request body for one sequence; with `send_tier`, its `service_tier` unless that
+/// is `default` (what an upstream serves when not told).
+pub(super) fn request_body(
+    model: &str,
+    request: &GenerateRequest,
+    send_tier: bool,
+) -> (String, Value) {
     let p = &request.params;
     let mut body = json!({
         "model": model,
@@ -153,6 +158,9 @@ pub(super) fn request_body(model: &str, request: &GenerateRequest) -> (String, V
     };
     if let Some(format) = response_format_json(&request.response_format) {
         body["response_format"] = format;
+    }
+    if send_tier && request.service_tier != ServiceTier::Default {
+        body["service_tier"] = json!(request.service_tier);
     }
     sampling_fields(&mut body, p);
     (path.to_string(), body)
@@ -302,6 +310,7 @@ pub(super) fn settled_usage(
             completion_tokens: observed,
             cached_tokens: 0,
             source: UsageSource::Observed,
+            service_tier: None,
         };
     };
     let prompt_tokens = u.prompt_tokens.unwrap_or(prompt_estimate);
@@ -319,6 +328,7 @@ pub(super) fn settled_usage(
         completion_tokens,
         cached_tokens,
         source,
+        service_tier: None,
     }
 }
 
@@ -339,6 +349,9 @@ struct ChunkFold {
     observed: u32,
     finish: Option<FinishReason>,
     usage: Option<UpstreamUsage>,
+    /// The tier the upstream says it served at (its chunks' `service_tier`, the last one
+    /// read), when it is one Tollgate knows.
+    service_tier: Option<ServiceTier>,
 }
 
 impl ChunkFold {
@@ -349,6 +362,7 @@ impl ChunkFold {
             observed: 0,
             finish: None,
             usage: None,
+            service_tier: None,
         }
     }
 
@@ -378,6 +392,9 @@ impl ChunkFold {
         }
         if let Some(u) = chunk.get("usage").and_then(UpstreamUsage::read) {
             self.usage = Some(u);
+        }
+        if let Some(tier) = chunk["service_tier"].as_str().and_then(|t| t.parse().ok()) {
+            self.service_tier = Some(tier);
         }
         let Some(choice) = choice else {
             return events;
@@ -426,7 +443,10 @@ impl ChunkFold {
         };
         let mut reads = Vec::new();
         if failure.is_none() {
-            let usage = settled_usage(self.usage, self.prompt_estimate, self.observed);
+            let usage = Usage {
+                service_tier: self.service_tier,
+                ..settled_usage(self.usage, self.prompt_estimate, self.observed)
+            };
             reads.push(Read::Event(GenerateEvent::Finished {
                 reason: self.finish.unwrap_or(FinishReason::Stop),
                 usage,
@@ -514,4 +534,64 @@ pub(super) fn run(
         call_span,
         read,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(tier: ServiceTier) -> GenerateRequest {
+        GenerateRequest {
+            request_id: "r".into(),
+            model: "m".into(),
+            prompt: Prompt::Text("hi".into()),
+            params: SamplingParams::default(),
+            response_format: ResponseFormat::default(),
+            tools: None,
+            customer: None,
+            scheduling_weight: None,
+            service_tier: tier,
+            max_queue_wait: None,
+        }
+    }
+
+    #[test]
+    fn the_tier_goes_in_the_body_unless_default_or_not_forwarded() {
+        let (_, flex) = request_body("up", &request(ServiceTier::Flex), true);
+        assert_eq!(flex["service_tier"], "flex");
+        let (_, default) = request_body("up", &request(ServiceTier::Default), true);
+        assert!(default.get("service_tier").is_none());
+        let (_, off) = request_body("up", &request(ServiceTier::Priority), false);
+        assert!(off.get("service_tier").is_none());
+    }
+
+    /// The usage the fold's end finishes with.
+    fn finish_usage(fold: ChunkFold) -> Option<Usage> {
+        fold.end(None, "up").into_iter().find_map(|r| match r {
+            Read::Event(GenerateEvent::Finished { usage, .. }) => Some(usage),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn the_tier_an_upstream_reports_is_on_the_finish() {
+        let count = |t: &str| u32::try_from(t.len()).unwrap_or(u32::MAX);
+        let mut fold = ChunkFold::new(3);
+        let chunk = json!({"service_tier": "default", "choices": [{"delta": {"content": "hi"}}]});
+        fold.on_chunk(&chunk, &count);
+        let last =
+            json!({"service_tier": "flex", "choices": [{"delta": {}, "finish_reason": "stop"}]});
+        fold.on_chunk(&last, &count);
+        let finished = finish_usage(fold);
+        assert_eq!(
+            finished.and_then(|u| u.service_tier),
+            Some(ServiceTier::Flex)
+        );
+        // An unknown or absent tier reports nothing.
+        let mut fold = ChunkFold::new(3);
+        let odd = json!({"service_tier": "scale", "choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]});
+        fold.on_chunk(&odd, &count);
+        let finished = finish_usage(fold);
+        assert_eq!(finished.map(|u| u.service_tier), Some(None));
+    }
 }

@@ -117,6 +117,8 @@ pub struct UpstreamPool {
     responses: ResponsesMode,
     /// Whether members get each request's customer and weight.
     forward_customer: bool,
+    /// Whether upstreams get each request's `service_tier` in its body.
+    forward_service_tier: bool,
     routing: Routing,
 }
 
@@ -125,6 +127,9 @@ pub struct UpstreamPool {
 pub const CUSTOMER_HEADER: &str = "x-tollgate-customer";
 /// That customer's scheduling weight.
 pub const WEIGHT_HEADER: &str = "x-tollgate-scheduling-weight";
+/// The service tier the gateway admitted the request at (`priority`, `default`, `flex`,
+/// `batch`): the worker's engine schedules it in that class.
+pub const TIER_HEADER: &str = "x-tollgate-service-tier";
 
 impl Drop for UpstreamPool {
     fn drop(&mut self) {
@@ -218,6 +223,7 @@ impl UpstreamPool {
             counter: None,
             responses: ResponsesMode::Translate,
             forward_customer: false,
+            forward_service_tier: true,
             routing: Routing::LeastBusy,
         })
     }
@@ -232,6 +238,13 @@ impl UpstreamPool {
     /// `tollgate worker`s, whose engines then share the model between the customers).
     pub fn with_forwarded_customer(mut self, forward: bool) -> Self {
         self.forward_customer = forward;
+        self
+    }
+
+    /// Whether upstreams get `service_tier` in the body (workers that get the customer get it
+    /// as a header whatever this says).
+    pub fn with_forwarded_service_tier(mut self, forward: bool) -> Self {
+        self.forward_service_tier = forward;
         self
     }
 
@@ -312,6 +325,11 @@ impl Backend for UpstreamPool {
     ) -> Result<PassthroughStream, BackendError> {
         body["model"] = json!(self.upstream_model);
         body["stream"] = json!(true);
+        if !self.forward_service_tier {
+            if let Some(b) = body.as_object_mut() {
+                b.remove("service_tier");
+            }
+        }
         Ok(responses::run(
             self.client.clone(),
             self.candidates(None),
@@ -332,7 +350,10 @@ impl Backend for UpstreamPool {
             .params
             .max_tokens
             .unwrap_or_else(|| context.saturating_sub(estimate.min(context)));
-        let (path, body) = chat::request_body(&self.upstream_model, &request);
+        // Workers get the tier as a header beside the customer (their engines schedule by
+        // it); other upstreams in the body, as OpenAI's `service_tier`.
+        let send_tier = self.forward_service_tier && !self.forward_customer;
+        let (path, body) = chat::request_body(&self.upstream_model, &request, send_tier);
         let forwarded = match (&request.customer, self.forward_customer) {
             (Some(customer), true) => vec![
                 (CUSTOMER_HEADER, customer.clone()),
@@ -340,6 +361,7 @@ impl Backend for UpstreamPool {
                     WEIGHT_HEADER,
                     request.scheduling_weight.unwrap_or(1).to_string(),
                 ),
+                (TIER_HEADER, request.service_tier.as_str().to_string()),
             ],
             _ => Vec::new(),
         };

@@ -79,7 +79,10 @@ pub(super) fn run(
                     observed = observed.saturating_add(tokens_of(counter.as_deref(), delta));
                 }
                 let terminal = is_terminal(&kind);
-                let usage = terminal.then(|| settled(data["response"].get("usage"), prompt_estimate, observed));
+                let usage = terminal.then(|| Usage {
+                    service_tier: data["response"]["service_tier"].as_str().and_then(|t| t.parse().ok()),
+                    ..settled(data["response"].get("usage"), prompt_estimate, observed)
+                });
                 started = true;
                 yield Read::Event(PassthroughEvent { kind, data, output_tokens: observed, usage });
                 if terminal {

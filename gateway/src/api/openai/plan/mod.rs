@@ -24,6 +24,8 @@ pub struct Plan {
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: Option<u32>,
+    /// The `service_tier` asked for (`None`: as `auto`).
+    pub service_tier: Option<super::RequestedTier>,
 }
 
 pub const MAX_STOP: usize = 4;
@@ -204,6 +206,8 @@ fn fan_out(
                 tools: output.tools.clone(),
                 customer: None,
                 scheduling_weight: None,
+                service_tier: Default::default(),
+                max_queue_wait: None,
             });
         }
     }
@@ -528,6 +532,7 @@ impl ChatRequest {
             stream,
             include_usage: stream && self.common.stream_options.is_some_and(|o| o.include_usage),
             logprobs,
+            service_tier: self.common.service_tier,
         })
     }
 }
@@ -589,6 +594,7 @@ impl CompletionRequest {
             stream,
             include_usage: stream && self.common.stream_options.is_some_and(|o| o.include_usage),
             logprobs: self.logprobs,
+            service_tier: self.common.service_tier,
         })
     }
 }
