@@ -297,6 +297,23 @@ impl LlamaModel {
             let keys = keys.to_dtype(DType::F32)?;
             let values = values.to_dtype(DType::F32)?;
             let past = keys.dim(1)? - len;
+            if len > 1 && self.device.is_cpu() {
+                // Token by token, each over exactly the keys it sees: the same matmul shapes
+                // (so the same sums in the same order) as when it is decoded alone. A batched
+                // row must give the decoded row's keys and logits bit for bit (a preempted
+                // sequence's tokens fed again, speculative drafts verified in one pass).
+                for i in 0..len {
+                    let seen = past + i + 1;
+                    let qs = q
+                        .narrow(1, start + i, 1)?
+                        .contiguous()?
+                        .reshape((nkv, group, hd))?;
+                    let (keys, values) = (keys.narrow(1, 0, seen)?, values.narrow(1, 0, seen)?);
+                    let att = softmax_last_dim(&(qs.matmul(&keys.t()?)? * scale)?)?;
+                    outputs.push(att.matmul(&values)?.reshape((nh, 1, hd))?);
+                }
+                continue;
+            }
             // Query heads sharing a KV head become rows of one matmul: (nkv, group*len, hd).
             let qs = q
                 .narrow(1, start, len)?
