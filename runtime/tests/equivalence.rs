@@ -264,12 +264,12 @@ fn host_path_matches(form: WeightForm, reference: fn() -> ModelWeights) -> f64 {
                     SeqStep {
                         tokens: c,
                         cache: &mut other,
-                        want_logits: true,
+                        logits: 1,
                     },
                     SeqStep {
                         tokens: chunk,
                         cache: &mut cache,
-                        want_logits: true,
+                        logits: 1,
                     },
                 ])
                 .unwrap();
@@ -448,17 +448,17 @@ fn ragged_batch_matches_sequences_alone_in(form: WeightForm) {
             SeqStep {
                 tokens: &a_prompt,
                 cache: &mut a_cache,
-                want_logits: true,
+                logits: 1,
             },
             SeqStep {
                 tokens: &[b_next],
                 cache: &mut b_cache,
-                want_logits: true,
+                logits: 1,
             },
             SeqStep {
                 tokens: &[c_next],
                 cache: &mut c_cache,
-                want_logits: true,
+                logits: 1,
             },
         ])
         .unwrap();
@@ -558,12 +558,12 @@ fn chunked_prefill_matches_single_prefill_in(form: WeightForm) {
             .forward(&mut [SeqStep {
                 tokens: &tokens[range.clone()],
                 cache: &mut cache,
-                want_logits: last,
+                logits: usize::from(last),
             }])
             .unwrap();
         assert_eq!(cache.len(), range.end);
         if !last {
-            assert!(out.is_empty(), "logits returned without want_logits");
+            assert!(out.is_empty(), "logits returned without asking");
             continue;
         }
         assert_eq!(out.len(), 1);

@@ -245,6 +245,7 @@ impl Backend for LocalBackend {
                     constraint,
                     tenant,
                     cached: Some(engine_cached),
+                    prediction: None,
                 })
                 .map_err(backend_error)?;
             Ok(events(receiver, prompt_tokens, shape, (parent, queue)))
@@ -356,6 +357,7 @@ fn events(
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                ..
             } => shaper
                 .finished(
                     match reason {
