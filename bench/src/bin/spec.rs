@@ -2,7 +2,7 @@
 //! gateway: tokens/s with drafts and without, on a request that copies a source file, on
 //! prose (nothing to copy), and on the copy with the output as its prediction.
 //!
-//!     cargo run --release -p tollgate-bench --bin spec -- [--rounds 3] [--max-tokens 256]
+//!     cargo run --release -p tollgate-bench --bin spec -- [--rounds 3] [--max-tokens 256] [--draft N]
 //!
 //! Two engines (speculation on, with the engine's default draft length, and off) run each
 //! workload in alternate order, `--rounds` times, one request at a time, greedy. Printed per
@@ -31,6 +31,9 @@ struct Args {
     /// Tokens each request generates at most (prose: exactly, the end tokens banned)
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
+    /// Longest draft (the engine's default when not given)
+    #[arg(long)]
+    draft: Option<usize>,
 }
 
 /// The file the copy workload asks for again (this benchmark's own source).
@@ -140,7 +143,10 @@ fn compare(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (on, tokenizer) = engine(EngineConfig::default().speculative_draft)?;
+    let draft = args
+        .draft
+        .unwrap_or(EngineConfig::default().speculative_draft);
+    let (on, tokenizer) = engine(draft)?;
     let (off, _) = engine(0)?;
     let chat = |user: &str, answer: &str| -> anyhow::Result<Vec<u32>> {
         let text = format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}");
@@ -166,7 +172,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     println!(
         "speculative decoding, one stream, draft up to {} tokens, {} rounds, load average {}",
-        EngineConfig::default().speculative_draft,
+        draft,
         args.rounds,
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
