@@ -238,11 +238,13 @@ impl Worker {
 
     /// Turns the decoding sequences of `plan` that have a draft into [`Feed::Draft`]s, within
     /// `budget` tokens, unless speculation is off or the step has more decoding sequences than
-    /// [`EngineConfig::speculative_max_batch`]. Returns the draft tokens added.
+    /// [`EngineConfig::speculative_max_batch`], or the model is not on the CPU (only the CPU
+    /// paths give a verified row the logits of the decoded one bit for bit). Returns the
+    /// draft tokens added.
     fn drafts(&mut self, plan: &mut [(usize, Feed)], budget: usize) -> usize {
         let config = &self.desk.config;
         let (max, context) = (config.speculative_draft, self.model.config().context_length);
-        if max == 0 || plan.len() > config.speculative_max_batch {
+        if max == 0 || plan.len() > config.speculative_max_batch || !self.model.device().is_cpu() {
             return 0;
         }
         let mut added = 0;
