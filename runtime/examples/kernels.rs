@@ -37,7 +37,7 @@ fn prefill(model: &LlamaModel, prompt: &[u32], cache: &mut KvCache) -> anyhow::R
         model.forward(&mut [SeqStep {
             tokens: chunk,
             cache: &mut *cache,
-            want_logits: true,
+            logits: 1,
         }])?;
     }
     Ok(())
@@ -184,7 +184,7 @@ fn decode_at_contexts(model: &LlamaModel, form: WeightForm) -> anyhow::Result<()
             model.forward(&mut [SeqStep {
                 tokens: &[200 + i as u32],
                 cache: &mut cache,
-                want_logits: true,
+                logits: 1,
             }])?;
         }
         let tps = DECODE_STEPS as f64 / started.elapsed().as_secs_f64();
@@ -213,7 +213,7 @@ fn batched_decode(model: &LlamaModel, form: WeightForm) -> anyhow::Result<()> {
                 .map(|(cache, t)| SeqStep {
                     tokens: t,
                     cache,
-                    want_logits: true,
+                    logits: 1,
                 })
                 .collect();
             model.forward(&mut steps)?;

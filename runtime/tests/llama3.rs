@@ -418,7 +418,7 @@ fn run(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>>
             let mut batch = [SeqStep {
                 tokens: chunk,
                 cache: &mut *cache,
-                want_logits: true,
+                logits: 1,
             }];
             model.forward(&mut batch).unwrap().remove(0)
         })

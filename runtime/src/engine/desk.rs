@@ -11,6 +11,7 @@ use super::admission::{admission, Admission, Member};
 use super::late::TriggerScan;
 use super::prefix_cache::PrefixCache;
 use super::sequence::{Outcome, Sequence};
+use super::speculate::Speculation;
 use super::{EngineConfig, EngineStats, GenEvent, GenRequest, Submission};
 use crate::classes::{ClassQueues, ServiceClass};
 use crate::detokenize::StreamDecoder;
@@ -184,6 +185,7 @@ impl Desk {
             constraint,
             tenant: _,
             cached,
+            prediction,
         } = sub.request;
         let logprobs = sampling.logprobs.is_some();
         let sampler = Sampler::new(sampling, &prompt_ids);
@@ -226,6 +228,8 @@ impl Desk {
             class,
             scan: TriggerScan::default(),
             last_step: 0,
+            spec: Speculation::new(prediction),
+            verify: Vec::new(),
         }
     }
 
@@ -299,6 +303,8 @@ impl Desk {
                     prompt_tokens: seq.prompt.len(),
                     completion_tokens: seq.generated.len(),
                     cached_tokens: seq.cached,
+                    accepted_prediction_tokens: seq.spec.accepted_prediction,
+                    rejected_prediction_tokens: seq.spec.rejected_prediction,
                 });
             }
         }

@@ -247,7 +247,7 @@ fn prefill(model: &LlamaModel, fresh: &mut [Sequence]) -> Result<Vec<Vec<f32>>> 
         .map(|s| SeqStep {
             tokens: &s.prompt[s.prefilled..],
             cache: &mut s.cache,
-            want_logits: true,
+            logits: 1,
         })
         .collect();
     let rows = model.forward(&mut steps)?;

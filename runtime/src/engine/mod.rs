@@ -24,9 +24,14 @@
 //!    max-min fair share (a lone tenant gets every slot; a tenant over its share takes turns):
 //!    one decode token per generating sequence, then prompt chunks of the
 //!    prefilling sequences up to the step's token budget (chunked prefill: a long prompt cannot
-//!    stall everyone's decode),
+//!    stall everyone's decode); while few sequences decode, each may add a draft of the tokens
+//!    it expects next (from its prediction or its own prompt and output, [`speculate`]),
+//!    whose positions the pass scores too, so one step can yield several tokens,
 //! 4. samples (only among the tokens a sequence's grammar allows, when it has one),
-//!    detokenizes, matches stop strings and streams the deltas back.
+//!    detokenizes, matches stop strings and streams the deltas back; a draft's positions are
+//!    sampled in order, each as if decoded alone, while the token sampled is the draft's
+//!    next (so the output is the one without drafts), and the rejected positions leave the
+//!    KV cache.
 //!
 //! It does not tokenize prompts (callers do that off the async threads) and knows nothing of
 //! HTTP or billing.
@@ -38,6 +43,7 @@ mod late;
 mod preempt;
 mod prefix_cache;
 mod sequence;
+mod speculate;
 #[cfg(test)]
 mod tests;
 mod worker;
@@ -95,6 +101,14 @@ pub struct EngineConfig {
     /// again when it comes back), whatever waits. 0 (the default): only when a higher class
     /// needs the room ([`preempt`]).
     pub preempt_every: u64,
+    /// Longest draft a decoding sequence verifies in one step (speculative decoding without a
+    /// draft model, [`speculate`]: from the request's prediction, else from its own prompt and
+    /// output); 0 turns speculation off. The output is the same either way.
+    pub speculative_draft: usize,
+    /// Decoding sequences in a step beyond which none drafts: with that many rows the pass is
+    /// already bound by arithmetic, not by reading the weights, and rejected draft positions
+    /// would cost the others.
+    pub speculative_max_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +123,8 @@ impl Default for EngineConfig {
             interleave_passes: 4,
             interleave_every: 8,
             preempt_every: 0,
+            speculative_draft: 8,
+            speculative_max_batch: 4,
         }
     }
 }
@@ -132,6 +148,10 @@ pub struct GenRequest {
     /// Set at admission to the prompt tokens taken from the prefix cache (also reported in
     /// `Finished`), so a caller that goes away can bill them at the cached price.
     pub cached: Option<Arc<AtomicUsize>>,
+    /// The output the caller expects, tokenized (OpenAI's Predicted Outputs): drafted where
+    /// the output follows it (found again where it leaves it). It never changes the output,
+    /// only how many steps it takes; `Finished` counts its tokens accepted and rejected.
+    pub prediction: Option<Vec<u32>>,
 }
 
 impl GenRequest {
@@ -147,6 +167,7 @@ impl GenRequest {
             constraint: None,
             tenant: None,
             cached: None,
+            prediction: None,
         }
     }
 }
@@ -237,6 +258,12 @@ pub enum GenEvent {
         completion_tokens: usize,
         /// Prompt tokens taken from the prefix cache instead of being prefilled.
         cached_tokens: usize,
+        /// Tokens of the request's prediction verified in a step and found to be the output
+        /// there (OpenAI's `accepted_prediction_tokens`), and verified and found not to be
+        /// (`rejected_prediction_tokens`: computed, then thrown away). Prediction tokens never
+        /// drafted (the output went elsewhere, or ended first) are in neither.
+        accepted_prediction_tokens: usize,
+        rejected_prediction_tokens: usize,
     },
     /// The sequence failed; nothing follows.
     Failed { message: String },
@@ -268,6 +295,10 @@ pub struct EngineStats {
     pub preemptions_total: AtomicU64,
     /// Preempted sequences waiting to come back.
     pub preempted: AtomicU64,
+    /// Draft tokens verified in steps (speculative decoding), and those of them that were the
+    /// output.
+    pub draft_tokens_total: AtomicU64,
+    pub accepted_draft_tokens_total: AtomicU64,
 }
 
 struct Submission {

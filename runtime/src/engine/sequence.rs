@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::late::{start_late, Late, TriggerScan};
+use super::speculate::Speculation;
 use super::{GenConstraint, GenEvent, LogprobInfo, StopReason, TokenLogprob};
 use crate::classes::ServiceClass;
 use crate::detokenize::StreamDecoder;
@@ -52,6 +53,10 @@ pub(super) struct Sequence {
     /// The last step this sequence ran in (the least recent goes first when its tenant is
     /// over its share of the batch).
     pub(super) last_step: u64,
+    /// Its drafts ([`super::speculate`]).
+    pub(super) spec: Speculation,
+    /// What a [`Feed::Draft`] step feeds: the last sampled token, then the draft.
+    pub(super) verify: Vec<u32>,
 }
 
 /// What a running sequence feeds a step.
@@ -64,6 +69,20 @@ pub(super) enum Feed {
     /// The next `len` of its sampled tokens, back into a cache a preemption released; no
     /// logits (those tokens were sampled already).
     Replay(usize),
+    /// Its last sampled token and the `n` tokens of its draft after it, for the logits of
+    /// each of those `n + 1` positions.
+    Draft(usize),
+}
+
+impl Feed {
+    /// Tokens it puts into the step.
+    pub(super) fn tokens(self) -> usize {
+        match self {
+            Self::Prompt(len) | Self::Replay(len) => len,
+            Self::Decode => 1,
+            Self::Draft(n) => 1 + n,
+        }
+    }
 }
 
 pub(super) enum Outcome {
@@ -109,25 +128,50 @@ impl Sequence {
     /// What `feed` puts into a step: its tokens, this sequence's cache, and whether the step
     /// returns logits for them.
     pub(super) fn step_input(&mut self, feed: Feed) -> SeqStep<'_> {
-        let (tokens, want_logits) = match feed {
+        let n = self.generated.len();
+        let (tokens, logits) = match feed {
             Feed::Prompt(len) => {
                 let end = self.prefilled + len;
                 let last = end == self.prompt.len() && self.generated.is_empty();
-                (&self.prompt[self.prefilled..end], last)
+                (&self.prompt[self.prefilled..end], usize::from(last))
             }
             Feed::Replay(len) => {
                 let start = self.kv_generated;
-                (&self.generated[start..start + len], false)
+                (&self.generated[start..start + len], 0)
             }
-            Feed::Decode => {
-                let n = self.generated.len();
-                (&self.generated[n.saturating_sub(1)..n], true)
+            Feed::Decode => (&self.generated[n.saturating_sub(1)..n], 1),
+            Feed::Draft(_) => {
+                self.verify.clear();
+                self.verify
+                    .extend_from_slice(&self.generated[n.saturating_sub(1)..n]);
+                self.verify.extend_from_slice(&self.spec.draft);
+                (&self.verify[..], self.verify.len())
             }
         };
         SeqStep {
             tokens,
             cache: &mut self.cache,
-            want_logits,
+            logits,
+        }
+    }
+
+    /// Proposes this decoding sequence's draft for the next step, at most `max` tokens and no
+    /// more than it may still generate within `context`; the feed that verifies it, or
+    /// [`Feed::Decode`] without one.
+    pub(super) fn draft(&mut self, max: usize, context: usize) -> Feed {
+        let used = self.prompt.len() + self.generated.len();
+        let room = (self.max_tokens.saturating_sub(self.generated.len()))
+            .min(context.saturating_sub(used))
+            .saturating_sub(1);
+        let max = max.min(room);
+        if max == 0 {
+            return Feed::Decode;
+        }
+        let all = self.context(used).into_owned();
+        self.spec.propose(&all, max);
+        match self.spec.draft.len() {
+            0 => Feed::Decode,
+            n => Feed::Draft(n),
         }
     }
 
@@ -136,11 +180,41 @@ impl Sequence {
         match feed {
             Feed::Prompt(len) => self.prefilled += len,
             Feed::Replay(len) => self.kv_generated += len,
-            Feed::Decode => {
+            Feed::Decode | Feed::Draft(_) => {
                 self.kv_generated = self.generated.len();
                 self.decoded_since_resume = true;
             }
         }
+    }
+
+    /// Samples a step's `rows` of logits in order (the positions of [`Feed::Decode`] or
+    /// [`Feed::Draft`], or a prompt's last), each as [`advance`](Self::advance) alone would,
+    /// going on to the next only while the token sampled is the draft's next: the output is
+    /// the one without a draft. The rejected draft positions leave the cache. `max_draft` is
+    /// the longest draft (for the next length).
+    pub(super) fn verify(
+        &mut self,
+        tokenizer: &Arc<ModelTokenizer>,
+        context: usize,
+        rows: &mut [Vec<f32>],
+        max_draft: usize,
+    ) -> Result<Outcome> {
+        let drafted = self.spec.draft.len();
+        let mut kept = 0;
+        let mut outcome = Outcome::Continue;
+        for row in rows.iter_mut() {
+            outcome = self.advance(tokenizer, context, row)?;
+            let follows = self.spec.draft.get(kept) == self.generated.last();
+            if !matches!(outcome, Outcome::Continue) || !follows {
+                break;
+            }
+            kept += 1;
+        }
+        let rejected = drafted - kept;
+        self.cache.truncate(self.cache.len() - rejected);
+        self.kv_generated += kept;
+        self.spec.verified(kept, max_draft);
+        Ok(outcome)
     }
 
     /// Samples the next token from `logits` and streams its text. A grammar failure fails
@@ -204,6 +278,7 @@ impl Sequence {
         let sampled: Sampled = self.sampler.sample(logits);
         let token = sampled.token;
         self.generated.push(token);
+        self.spec.follow(&self.generated);
         let grammar_done = self.follow_grammar(tokenizer, token)?;
         let logprobs = if self.logprobs {
             vec![LogprobInfo {

@@ -217,6 +217,7 @@ impl Worker {
                 budget -= 1;
             }
         }
+        budget -= self.drafts(&mut plan, budget);
         chunks.sort_by_key(|&i| self.running[i].class);
         for i in chunks {
             if budget == 0 {
@@ -235,6 +236,29 @@ impl Worker {
         plan
     }
 
+    /// Turns the decoding sequences of `plan` that have a draft into [`Feed::Draft`]s, within
+    /// `budget` tokens, unless speculation is off or the step has more decoding sequences than
+    /// [`EngineConfig::speculative_max_batch`], or the model is not on the CPU (only the CPU
+    /// paths give a verified row the logits of the decoded one bit for bit). Returns the
+    /// draft tokens added.
+    fn drafts(&mut self, plan: &mut [(usize, Feed)], budget: usize) -> usize {
+        let config = &self.desk.config;
+        let (max, context) = (config.speculative_draft, self.model.config().context_length);
+        if max == 0 || plan.len() > config.speculative_max_batch || !self.model.device().is_cpu() {
+            return 0;
+        }
+        let mut added = 0;
+        for (i, feed) in plan.iter_mut() {
+            let room = max.min(budget - added);
+            if room == 0 {
+                break;
+            }
+            *feed = self.running[*i].draft(room, context);
+            added += feed.tokens() - 1;
+        }
+        added
+    }
+
     /// One forward pass over the running sequences, then sampling and streaming. Between its
     /// layers, newcomers whose tenants have nothing running are started in passes of their own
     /// ([`Intake`]).
@@ -249,17 +273,11 @@ impl Worker {
         } = self;
         let tenants = running.iter().map(Sequence::member).collect();
         let layers = model.config().n_layers;
-        let own_tokens = plan
-            .iter()
-            .map(|p| match p.1 {
-                Feed::Prompt(len) | Feed::Replay(len) => len,
-                Feed::Decode => 1,
-            })
-            .sum();
+        let own_tokens = plan.iter().map(|p| p.1.tokens()).sum();
         let mut intake = Intake::new(desk, tenants, *step_number, layers, own_tokens);
-        // `(index, wants logits, what it fed)` of each sequence in the pass.
+        // `(index, logit rows, what it fed)` of each sequence in the pass.
         let mut wants = Vec::with_capacity(plan.len());
-        let (mut prefill_tokens, mut decode_tokens) = (0usize, 0usize);
+        let (mut prefill_tokens, mut decode_tokens, mut draft_tokens) = (0usize, 0usize, 0usize);
         // Borrow each planned sequence's cache mutably, once, in index order.
         let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(plan.len());
         let mut plan_iter = plan.iter().peekable();
@@ -274,9 +292,12 @@ impl Worker {
             match feed {
                 Feed::Prompt(len) | Feed::Replay(len) => prefill_tokens += len,
                 Feed::Decode => decode_tokens += 1,
+                Feed::Draft(n) => {
+                    (decode_tokens, draft_tokens) = (decode_tokens + 1, draft_tokens + n)
+                }
             }
             let input = seq.step_input(feed);
-            wants.push((i, input.want_logits, feed));
+            wants.push((i, input.logits, feed));
             steps.push(input);
         }
         let logits = model.forward_between(&mut steps, &mut |m| intake.between_layers(m));
@@ -295,37 +316,49 @@ impl Worker {
         stats
             .decode_tokens_total
             .fetch_add(decode_tokens as u64, Ordering::Relaxed);
+        stats
+            .draft_tokens_total
+            .fetch_add(draft_tokens as u64, Ordering::Relaxed);
         stats.steps_total.fetch_add(1, Ordering::Relaxed);
         advance_all(model, desk, running, &wants, logits)
     }
 }
 
-/// Samples and streams the next token of each sequence of a step that `wants` logits (given
-/// as `(index, wants logits, what it fed)`), from the step's `logits`; retires those that
-/// ended.
+/// Samples and streams the next token (or tokens, where a draft is verified) of each
+/// sequence of a step that wants logits (given as `(index, logit rows, what it fed)`), from
+/// the step's `logits`; retires those that ended.
 fn advance_all(
     model: &LlamaModel,
     desk: &mut Desk,
     running: &mut Vec<Sequence>,
-    wants: &[(usize, bool, Feed)],
+    wants: &[(usize, usize, Feed)],
     logits: Vec<Vec<f32>>,
 ) -> Result<()> {
     let context = model.config().context_length;
+    let max_draft = desk.config.speculative_draft;
     let mut logits = logits.into_iter();
     let mut finished: Vec<(usize, Outcome)> = Vec::new();
+    let mut accepted = 0;
     for &(i, want, feed) in wants {
         running[i].fed(feed);
-        if !want {
+        if want == 0 {
             continue;
         }
-        let Some(mut row) = logits.next() else {
+        let mut rows: Vec<Vec<f32>> = logits.by_ref().take(want).collect();
+        if rows.len() < want {
             return Err(Error::Weights(
                 "the forward pass returned fewer logit rows than requested".into(),
             ));
-        };
-        let outcome = running[i].advance(&desk.tokenizer, context, &mut row)?;
+        }
+        let seq = &mut running[i];
+        let before = seq.spec.accepted;
+        let outcome = seq.verify(&desk.tokenizer, context, &mut rows, max_draft)?;
+        accepted += seq.spec.accepted - before;
         finished.push((i, outcome));
     }
+    desk.stats
+        .accepted_draft_tokens_total
+        .fetch_add(accepted as u64, Ordering::Relaxed);
     // Remove finished sequences, highest index first so indices stay valid.
     finished.sort_by_key(|f| std::cmp::Reverse(f.0));
     for (i, outcome) in finished {

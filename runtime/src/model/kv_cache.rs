@@ -336,6 +336,12 @@ impl KvCache {
         self.len += t;
     }
 
+    /// Forgets every token after the first `len` (nothing when it holds fewer): a verified
+    /// draft's rejected positions. Their slots are written over by the next append.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// A new cache holding a copy of this one's first `len` tokens (all of them when `len`
     /// is larger), sized to them.
     pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {

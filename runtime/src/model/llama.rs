@@ -58,8 +58,9 @@ pub struct SeqStep<'a> {
     /// Tokens to append at positions `cache.len()..`.
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    /// Return logits for the last of `tokens`.
-    pub want_logits: bool,
+    /// Return logits for the last `logits` of `tokens` (0: none; 1: the next token's, as in
+    /// decode; more: also those of earlier positions, to verify a draft).
+    pub logits: usize,
 }
 
 impl LlamaModel {
@@ -156,8 +157,10 @@ impl LlamaModel {
             * self.kv_dtype.size_in_bytes()
     }
 
-    /// Runs one step. Returns the logits (f32, on the CPU) of the last token of every entry
-    /// with `want_logits`, in batch order.
+    /// Runs one step. Returns the logits (f32, on the CPU) of the last `logits` tokens of every
+    /// entry, in batch order and position order within an entry. A row is the same bit for bit
+    /// whatever else the step holds (on the CPU paths), so a token's logits do not depend on
+    /// being decoded alone or verified among others.
     pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         self.forward_between(batch, &mut |_| Ok(()))
     }
@@ -179,6 +182,13 @@ impl LlamaModel {
             let start = step.cache.len();
             if step.tokens.is_empty() {
                 return Err(Error::Weights("a sequence step has no tokens".into()));
+            }
+            if step.logits > step.tokens.len() {
+                return Err(Error::Weights(format!(
+                    "a sequence step asks for {} logit rows of {} tokens",
+                    step.logits,
+                    step.tokens.len()
+                )));
             }
             if start + step.tokens.len() > cfg.context_length {
                 return Err(Error::ContextOverflow {
@@ -231,12 +241,7 @@ impl LlamaModel {
         for (step, &(_, len)) in batch.iter_mut().zip(&spans) {
             step.cache.advance(len);
         }
-        let rows: Vec<u32> = batch
-            .iter()
-            .zip(&spans)
-            .filter(|(step, _)| step.want_logits)
-            .map(|(_, &(start, len))| (start + len - 1) as u32)
-            .collect();
+        let rows: Vec<u32> = logit_rows(batch, &spans).map(|t| t as u32).collect();
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -297,6 +302,23 @@ impl LlamaModel {
             let keys = keys.to_dtype(DType::F32)?;
             let values = values.to_dtype(DType::F32)?;
             let past = keys.dim(1)? - len;
+            if len > 1 && self.device.is_cpu() {
+                // Token by token, each over exactly the keys it sees: the same matmul shapes
+                // (so the same sums in the same order) as when it is decoded alone. A batched
+                // row must give the decoded row's keys and logits bit for bit (a preempted
+                // sequence's tokens fed again, speculative drafts verified in one pass).
+                for i in 0..len {
+                    let seen = past + i + 1;
+                    let qs = q
+                        .narrow(1, start + i, 1)?
+                        .contiguous()?
+                        .reshape((nkv, group, hd))?;
+                    let (keys, values) = (keys.narrow(1, 0, seen)?, values.narrow(1, 0, seen)?);
+                    let att = softmax_last_dim(&(qs.matmul(&keys.t()?)? * scale)?)?;
+                    outputs.push(att.matmul(&values)?.reshape((nh, 1, hd))?);
+                }
+                continue;
+            }
             // Query heads sharing a KV head become rows of one matmul: (nkv, group*len, hd).
             let qs = q
                 .narrow(1, start, len)?
@@ -313,6 +335,18 @@ impl LlamaModel {
         let y = Tensor::cat(&outputs, 1)?;
         Ok(y.transpose(0, 1)?.reshape((total, nh * hd))?)
     }
+}
+
+/// The rows of a step's `(tokens, hidden)` activations whose logits its entries want, in
+/// order: each entry's last `logits` of its span `(first row, rows)`.
+pub(crate) fn logit_rows<'a>(
+    batch: &'a [SeqStep<'_>],
+    spans: &'a [(usize, usize)],
+) -> impl Iterator<Item = usize> + 'a {
+    batch
+        .iter()
+        .zip(spans)
+        .flat_map(|(step, &(start, len))| start + len - step.logits..start + len)
 }
 
 /// `(group*len, past+len)` additive mask: row `g*len + i` is query `i`, which sees keys up to

@@ -63,7 +63,7 @@ pub fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32>
         .forward(&mut [SeqStep {
             tokens,
             cache,
-            want_logits: true,
+            logits: 1,
         }])
         .unwrap();
     assert_eq!(out.len(), 1);

@@ -260,6 +260,7 @@ impl Backend for LocalBackend {
                     constraint,
                     tenant,
                     cached: Some(engine_cached),
+                    prediction: None,
                 })
                 .map_err(backend_error)?;
             Ok(events(
@@ -418,6 +419,7 @@ fn shaped(
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                ..
             } => shaper
                 .finished(
                     match reason {

@@ -98,8 +98,8 @@ impl LlamaModel {
         self.logits_host(batch, spans, &x)
     }
 
-    /// One logits row per sequence that wants them, from the last of its rows of `x (tokens,
-    /// hidden)`.
+    /// The logits rows the sequences want ([`SeqStep::logits`]), from their rows of `x
+    /// (tokens, hidden)`.
     fn logits_host(
         &self,
         batch: &[SeqStep<'_>],
@@ -107,12 +107,7 @@ impl LlamaModel {
         x: &[f32],
     ) -> Result<Vec<Vec<f32>>> {
         let hidden = self.config.hidden_size;
-        let wanted: Vec<usize> = batch
-            .iter()
-            .zip(spans)
-            .filter(|(step, _)| step.want_logits)
-            .map(|(_, &(start, len))| start + len - 1)
-            .collect();
+        let wanted: Vec<usize> = super::llama::logit_rows(batch, spans).collect();
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
@@ -128,7 +123,7 @@ impl LlamaModel {
             self.config.rms_eps as f32,
             &mut normed,
         );
-        // One logits row per sequence.
+        // One logits row per wanted position.
         let logits = self.lm_head.forward_host(&normed, wanted.len())?;
         let vocab = logits.len() / wanted.len();
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
