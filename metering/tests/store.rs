@@ -16,6 +16,8 @@ use tollgate_metering::store::Store;
 
 #[path = "common/store_contract.rs"]
 mod contract;
+#[path = "common/files_contract.rs"]
+mod files_contract;
 use contract::{exercise, record};
 
 fn gauges() -> LedgerGauges {
@@ -44,6 +46,12 @@ async fn sqlite() -> (tempfile::TempDir, Store) {
 async fn sqlite_store_contract() {
     let (_dir, store) = sqlite().await;
     exercise(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_files() {
+    let (_dir, store) = sqlite().await;
+    files_contract::exercise(&store).await;
 }
 
 #[tokio::test]

@@ -60,6 +60,7 @@ struct RawServer {
     idempotency_lease_ms: Option<u64>,
     key_cache_fresh_ms: Option<u64>,
     key_cache_max_age_ms: Option<u64>,
+    files_quota_bytes: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -100,6 +101,9 @@ pub struct ServerConfig {
     /// changed elsewhere (another replica, the CLI) is refused or seen within this; 0 looks a
     /// key up on every request.
     pub key_max_age: Duration,
+    /// `files_quota_bytes` (10 GB by default): the bytes of unexpired files (Files API) each
+    /// customer may keep; an upload past it is refused.
+    pub files_quota_bytes: u64,
 }
 
 /// The default of `key_cache_fresh_ms`.
@@ -120,6 +124,7 @@ impl Default for ServerConfig {
             idempotency_lease: Duration::from_secs(30),
             key_fresh: KEY_FRESH,
             key_max_age: KEY_MAX_AGE,
+            files_quota_bytes: 10_000_000_000,
         }
     }
 }
@@ -188,6 +193,10 @@ impl Config {
                 .server
                 .key_cache_max_age_ms
                 .map_or(defaults.key_max_age, Duration::from_millis),
+            files_quota_bytes: raw
+                .server
+                .files_quota_bytes
+                .unwrap_or(defaults.files_quota_bytes),
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

@@ -1,5 +1,5 @@
-//! The store's queries, by table: `customers`, `keys`, `admin_tokens`, `usage` (the ledger) and
-//! `records` (the ledger read page by page). The connection they run on, the error type and
+//! The store's queries, by table: `customers`, `keys`, `admin_tokens`, `usage` (the ledger),
+//! `records` (the ledger read page by page) and `files` (the Files API's files). The connection they run on, the error type and
 //! the column helpers are `crate::db`'s, re-exported here so that callers name one place.
 //!
 //! Ledger order: records get an increasing `seq` that export cursors follow. On PostgreSQL
@@ -13,6 +13,7 @@ use crate::tags::{self, Tags};
 
 pub mod admin_tokens;
 mod customers;
+mod files;
 mod keys;
 mod records;
 mod usage;
@@ -21,6 +22,7 @@ pub use crate::accounts::{ApiKey, Customer};
 pub(crate) use crate::db::{is_unique_violation, kind_column, optional_kind_column};
 pub use crate::db::{normalize_url, now_micros, DbKind, Store, StoreError, StoreResult};
 pub use customers::{valid_id, CustomerFields, MAX_SCHEDULING_WEIGHT};
+pub use files::{FileQuery, FileRow, ListOrder, OverQuota};
 pub use keys::{KeyFields, NewKey};
 pub use records::{parse_cursor, RecordFilter, RecordPage};
 pub use usage::{record, GroupBy, UsageFilter, UsageRecord, UsageRow, RECORD_COLUMNS};
