@@ -14,6 +14,8 @@ use prometheus::IntGauge;
 use tollgate_metering::ledger::{Ledger, LedgerGauges, SpoolSync};
 use tollgate_metering::store::Store;
 
+#[path = "common/batches_contract.rs"]
+mod batches_contract;
 #[path = "common/store_contract.rs"]
 mod contract;
 #[path = "common/files_contract.rs"]
@@ -46,6 +48,12 @@ async fn sqlite() -> (tempfile::TempDir, Store) {
 async fn sqlite_store_contract() {
     let (_dir, store) = sqlite().await;
     exercise(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_batches() {
+    let (_dir, store) = sqlite().await;
+    batches_contract::exercise(&store).await;
 }
 
 #[tokio::test]
