@@ -32,6 +32,13 @@ pub struct BatchRow {
     pub failed: i64,
     pub created_at: i64,
     pub expires_at: i64,
+    pub times: BatchTimes,
+}
+
+/// When a batch reached each step of its lifecycle (Unix seconds; `None` until it does), as
+/// OpenAI's batch object has them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct BatchTimes {
     pub in_progress_at: Option<i64>,
     pub finalizing_at: Option<i64>,
     pub completed_at: Option<i64>,
@@ -39,6 +46,45 @@ pub struct BatchRow {
     pub expired_at: Option<i64>,
     pub cancelling_at: Option<i64>,
     pub cancelled_at: Option<i64>,
+}
+
+impl BatchRow {
+    /// A new batch of `customer_id`'s, `validating`, created at 0 with no window yet (see
+    /// [`BatchRow::window`]).
+    pub fn validating(
+        id: String,
+        customer_id: &str,
+        endpoint: Endpoint,
+        input_file_id: String,
+        metadata: Option<String>,
+    ) -> Self {
+        Self {
+            id,
+            customer_id: customer_id.into(),
+            endpoint,
+            input_file_id,
+            completion_window: String::new(),
+            status: BatchStatus::Validating,
+            metadata,
+            errors: None,
+            output_file_id: None,
+            error_file_id: None,
+            total: 0,
+            completed: 0,
+            failed: 0,
+            created_at: 0,
+            expires_at: 0,
+            times: BatchTimes::default(),
+        }
+    }
+
+    /// Created at `now`, due within `seconds` (`window` as the API names it).
+    pub fn window(mut self, window: &str, now: i64, seconds: i64) -> Self {
+        self.completion_window = window.into();
+        self.created_at = now;
+        self.expires_at = now + seconds;
+        self
+    }
 }
 
 /// A validated line of a batch's input file.
@@ -82,13 +128,15 @@ fn row(r: &AnyRow) -> StoreResult<BatchRow> {
         failed: r.try_get("failed")?,
         created_at: r.try_get("created_at")?,
         expires_at: r.try_get("expires_at")?,
-        in_progress_at: r.try_get("in_progress_at")?,
-        finalizing_at: r.try_get("finalizing_at")?,
-        completed_at: r.try_get("completed_at")?,
-        failed_at: r.try_get("failed_at")?,
-        expired_at: r.try_get("expired_at")?,
-        cancelling_at: r.try_get("cancelling_at")?,
-        cancelled_at: r.try_get("cancelled_at")?,
+        times: BatchTimes {
+            in_progress_at: r.try_get("in_progress_at")?,
+            finalizing_at: r.try_get("finalizing_at")?,
+            completed_at: r.try_get("completed_at")?,
+            failed_at: r.try_get("failed_at")?,
+            expired_at: r.try_get("expired_at")?,
+            cancelling_at: r.try_get("cancelling_at")?,
+            cancelled_at: r.try_get("cancelled_at")?,
+        },
     })
 }
 

@@ -22,7 +22,7 @@ mod usage;
 pub use crate::accounts::{ApiKey, Customer};
 pub(crate) use crate::db::{is_unique_violation, kind_column, optional_kind_column};
 pub use crate::db::{normalize_url, now_micros, DbKind, Store, StoreError, StoreResult};
-pub use batches::{BatchLine, BatchRow};
+pub use batches::{BatchLine, BatchRow, BatchTimes};
 pub use customers::{valid_id, CustomerFields, MAX_SCHEDULING_WEIGHT};
 pub use files::{FileQuery, FileRow, ListOrder, OverQuota};
 pub use keys::{KeyFields, NewKey};

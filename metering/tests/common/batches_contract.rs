@@ -7,30 +7,15 @@ use tollgate_metering::kinds::{BatchStatus, Endpoint};
 use tollgate_metering::store::{BatchLine, BatchRow, ListOrder, Store, StoreError};
 
 fn batch(id: &str, customer: &str) -> BatchRow {
-    BatchRow {
-        id: id.into(),
-        customer_id: customer.into(),
-        endpoint: Endpoint::ChatCompletions,
-        input_file_id: "file-1".into(),
-        completion_window: "24h".into(),
-        status: BatchStatus::Validating,
-        metadata: Some(r#"{"job":"nightly"}"#.into()),
-        errors: None,
-        output_file_id: None,
-        error_file_id: None,
-        total: 0,
-        completed: 0,
-        failed: 0,
-        created_at: 100,
-        expires_at: 100 + 86_400,
-        in_progress_at: None,
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-    }
+    let metadata = Some(r#"{"job":"nightly"}"#.to_string());
+    BatchRow::validating(
+        id.into(),
+        customer,
+        Endpoint::ChatCompletions,
+        "file-1".into(),
+        metadata,
+    )
+    .window("24h", 100, 86_400)
 }
 
 fn lines(n: i64) -> Vec<BatchLine> {
@@ -79,7 +64,7 @@ pub async fn exercise(store: &Store) {
         .unwrap());
     let started = store.batch("batch_1", "acme").await.unwrap().unwrap();
     assert_eq!(
-        (started.status, started.total, started.in_progress_at),
+        (started.status, started.total, started.times.in_progress_at),
         (BatchStatus::InProgress, 1_201, Some(110))
     );
     let stored = store.batch_lines("batch_1").await.unwrap();
@@ -108,7 +93,11 @@ pub async fn exercise(store: &Store) {
         .unwrap();
     let failed = store.batch("batch_2", "acme").await.unwrap().unwrap();
     assert_eq!(
-        (failed.status, failed.failed_at, failed.errors.as_deref()),
+        (
+            failed.status,
+            failed.times.failed_at,
+            failed.errors.as_deref()
+        ),
         (BatchStatus::Failed, Some(120), Some(r#"[{"line":3}]"#))
     );
     assert!(matches!(
@@ -129,8 +118,8 @@ pub async fn exercise(store: &Store) {
     assert_eq!(
         (
             cancelled.status,
-            cancelled.cancelling_at,
-            cancelled.cancelled_at
+            cancelled.times.cancelling_at,
+            cancelled.times.cancelled_at
         ),
         (BatchStatus::Cancelled, Some(130), Some(130))
     );

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
 use futures::StreamExt;
-use tollgate_metering::kinds::BatchStatus;
 use tollgate_metering::store::{BatchRow, ListOrder, Store};
 
 use crate::api::files::{storage, Paging};
@@ -74,33 +73,13 @@ pub(crate) async fn create(
                 "input_file_id",
             )
         })?;
-    let row = BatchRow {
-        id: format!("batch_{}", uuid::Uuid::now_v7().simple()),
-        customer_id: caller.customer_id.clone(),
-        endpoint: request.endpoint,
-        input_file_id: file.id,
-        completion_window: WINDOW.into(),
-        status: BatchStatus::Validating,
-        metadata: request
-            .metadata
-            .as_ref()
-            .map(|m| serde_json::Value::Object(m.clone()).to_string()),
-        errors: None,
-        output_file_id: None,
-        error_file_id: None,
-        total: 0,
-        completed: 0,
-        failed: 0,
-        created_at: now,
-        expires_at: now + WINDOW_SECONDS,
-        in_progress_at: None,
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-    };
+    let metadata = request
+        .metadata
+        .as_ref()
+        .map(|m| serde_json::Value::Object(m.clone()).to_string());
+    let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
+    let row = BatchRow::validating(id, &caller.customer_id, request.endpoint, file.id, metadata)
+        .window(WINDOW, now, WINDOW_SECONDS);
     store.insert_batch(&row).await?;
     let (task_state, task_row) = (state.clone(), row.clone());
     state.tasks.spawn(async move {
@@ -213,7 +192,7 @@ pub(crate) async fn list(
 /// Cancels one of the caller's batches: lines not started never run; the batch is
 /// `cancelling` while lines still run, then `cancelled`.
 #[utoipa::path(post, operation_id = "cancel_batch", path = "/v1/batches/{id}/cancel", tag = "public",
-    params(("id" = String, Path, description = "The batch id (`batch_...`)")),
+    params(("id" = String, Path, description = "The batch to cancel (`batch_...`)")),
     responses((status = 200, body = Batch), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub(crate) async fn cancel(
@@ -221,9 +200,10 @@ pub(crate) async fn cancel(
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Batch>, ApiError> {
+    let now = unix_now();
     let (store, _) = storage(&state)?;
     let row = store
-        .cancel_batch(&id, &caller.customer_id, unix_now())
+        .cancel_batch(&id, &caller.customer_id, now)
         .await?
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(Batch::from(&row)))

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use tollgate_metering::kinds::{BatchStatus, Endpoint};
-use tollgate_metering::store::BatchRow;
+use tollgate_metering::store::{BatchRow, BatchTimes};
 use utoipa::ToSchema;
 
 use super::validate::LineError;
@@ -61,14 +61,11 @@ pub struct Batch {
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
     pub created_at: i64,
-    pub in_progress_at: Option<i64>,
     pub expires_at: Option<i64>,
-    pub finalizing_at: Option<i64>,
-    pub completed_at: Option<i64>,
-    pub failed_at: Option<i64>,
-    pub expired_at: Option<i64>,
-    pub cancelling_at: Option<i64>,
-    pub cancelled_at: Option<i64>,
+    /// `in_progress_at`, `finalizing_at`, `completed_at`, `failed_at`, `expired_at`,
+    /// `cancelling_at`, `cancelled_at`.
+    #[serde(flatten)]
+    pub times: BatchTimes,
     pub request_counts: RequestCounts,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -94,14 +91,8 @@ impl From<&BatchRow> for Batch {
             output_file_id: b.output_file_id.clone(),
             error_file_id: b.error_file_id.clone(),
             created_at: b.created_at,
-            in_progress_at: b.in_progress_at,
             expires_at: Some(b.expires_at),
-            finalizing_at: b.finalizing_at,
-            completed_at: b.completed_at,
-            failed_at: b.failed_at,
-            expired_at: b.expired_at,
-            cancelling_at: b.cancelling_at,
-            cancelled_at: b.cancelled_at,
+            times: b.times.clone(),
             request_counts: RequestCounts {
                 total: b.total,
                 completed: b.completed,
