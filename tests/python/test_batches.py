@@ -1,8 +1,11 @@
 """The Batch API's objects with the official OpenAI SDK: create (validated line by line before it
-starts), retrieve, list and cancel, OpenAI's lifecycle and shapes; a batch is its customer's."""
+starts), retrieve, list and cancel, OpenAI's lifecycle and shapes; a batch is its customer's. On a
+SQLite ledger, and on PostgreSQL."""
 
 import io
 import json
+import os
+import tempfile
 import time
 
 import openai
@@ -10,6 +13,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import customer_keys, start_server, stop_server
+from test_billing import pg
 
 ADMIN = "batches-admin"
 MODEL = "smollm2-135m"
@@ -25,9 +29,17 @@ def jsonl(lines) -> io.BytesIO:
     return io.BytesIO(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
 
 
-@pytest.fixture(scope="module")
-def srv():
-    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN})
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def srv(request):
+    """A server on a SQLite ledger, then on PostgreSQL (TOLLGATE_TEST_POSTGRES=1)."""
+    args = []
+    if request.param == "postgres":
+        if not os.environ.get("TOLLGATE_TEST_POSTGRES"):
+            pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
+        tmp = tempfile.mkdtemp(prefix="tollgate-batches-")
+        args = ["--database", pg("reset"), "--spool", os.path.join(tmp, "ledger.spool"),
+                "--files-url", os.path.join(tmp, "files")]
+    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
     yield s
     assert stop_server(s) == 0, "".join(s.log[-40:])
 
