@@ -1,7 +1,8 @@
 """The Files API with the official OpenAI SDK: upload (JSONL, checked line by line), list, retrieve,
 content and delete; files are their customer's (another customer's key gets 404), count against
 the storage quota and expire; bytes in a local directory, and in an S3-compatible store (moto's
-server, a real HTTP S3 endpoint) with `--files-url s3://bucket/prefix`."""
+server, a real HTTP S3 endpoint) with `--files-url s3://bucket/prefix`. On a SQLite ledger, and on
+PostgreSQL."""
 
 import io
 import json
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -17,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import ROOT, customer_keys, free_port, start_server, stop_server, write_config
+from test_billing import pg
 
 ADMIN = "files-admin"
 # Small enough that a test can fill it: 3 files of LINES' size fit, a fourth does not.
@@ -43,9 +46,17 @@ def clients(srv, customers):
     return [OpenAI(base_url=srv.base_url, api_key=keys[c], max_retries=0, timeout=60) for c in customers]
 
 
-@pytest.fixture(scope="module")
-def srv():
-    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--config", quota_config()])
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def srv(request):
+    """A server on a SQLite ledger, then on PostgreSQL (TOLLGATE_TEST_POSTGRES=1)."""
+    args = ["--config", quota_config()]
+    if request.param == "postgres":
+        if not os.environ.get("TOLLGATE_TEST_POSTGRES"):
+            pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
+        tmp = tempfile.mkdtemp(prefix="tollgate-files-")
+        args += ["--database", pg("reset"), "--spool", os.path.join(tmp, "ledger.spool"),
+                 "--files-url", os.path.join(tmp, "files")]
+    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
     yield s
     assert stop_server(s) == 0, "".join(s.log[-40:])
 
