@@ -495,7 +495,7 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(
 }
 
 /// `bytes` as a `T`, with `param` naming the field that does not fit.
-fn parse_json<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize(de) {
         Ok(value) => match unrecognized(bytes, T::FIELDS).filter(|_| !T::FIELDS.is_empty()) {

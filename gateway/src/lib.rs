@@ -16,6 +16,7 @@ pub mod concurrency;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod files;
 pub mod idempotency;
 pub mod openapi;
 pub mod server;

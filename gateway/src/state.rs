@@ -8,6 +8,7 @@ use crate::api::admin_tokens;
 use crate::auth::AuthConfig;
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::files::FileStorage;
 use crate::server::metrics::Metrics;
 use crate::{alerts, concurrency, console};
 use tollgate_metering::ledger::{Ledger, LedgerGauges};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub background: Background,
     /// Failed admin authentications per client address.
     pub admin_failures: Arc<admin_tokens::FailedAuth>,
+    /// Where the Files API keeps file bytes; `None` without a ledger database.
+    pub files: Option<FileStorage>,
 }
 
 /// What is in flight, for the concurrency caps.
@@ -80,6 +83,7 @@ impl AppState {
             tasks: tokio_util::task::TaskTracker::new(),
             background: Background::default(),
             admin_failures: Arc::default(),
+            files: None,
         })
     }
 
@@ -108,6 +112,20 @@ impl AppState {
         }
         self.store = Some(store);
         Ok(self)
+    }
+
+    /// Keeps Files API bytes in `files` (needs [`AppState::with_billing`] first: the files'
+    /// rows are in the ledger database), and sweeps expired files every `sweep_every`.
+    pub fn with_files(mut self, files: FileStorage, sweep_every: std::time::Duration) -> Self {
+        if let Some(store) = &self.store {
+            self.background.tasks.spawn(files.clone().sweep(
+                store.clone(),
+                sweep_every,
+                self.background.stop.clone(),
+            ));
+            self.files = Some(files);
+        }
+        self
     }
 
     /// Enables the admin API with this bearer token (ignored when empty).

@@ -253,6 +253,31 @@ impl BudgetScope {
     }
 }
 
+kind! {
+    /// Where a batch of the Batch API is in its lifecycle (OpenAI's statuses).
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum BatchStatus {
+        /// Its input file's lines are being checked.
+        #[default]
+        Validating,
+        /// The input file was refused: `errors` names the lines.
+        Failed,
+        /// Its lines are queued or running.
+        InProgress,
+        /// Every line is done; the output and error files are being written.
+        Finalizing,
+        /// Done, with its output and error files.
+        Completed,
+        /// Not done within its completion window.
+        Expired,
+        /// Cancelled while lines were running: they finish, the rest never start.
+        Cancelling,
+        /// Cancelled, and no line runs any more.
+        Cancelled,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +386,25 @@ mod tests {
         ] {
             assert_eq!(scope.stored(), s);
             assert_eq!(BudgetScope::from_stored(s), scope);
+        }
+    }
+
+    /// The batch statuses are OpenAI's strings, stored as such.
+    #[test]
+    fn batch_statuses_are_openais() {
+        for (b, s) in [
+            (BatchStatus::Validating, "validating"),
+            (BatchStatus::Failed, "failed"),
+            (BatchStatus::InProgress, "in_progress"),
+            (BatchStatus::Finalizing, "finalizing"),
+            (BatchStatus::Completed, "completed"),
+            (BatchStatus::Expired, "expired"),
+            (BatchStatus::Cancelling, "cancelling"),
+            (BatchStatus::Cancelled, "cancelled"),
+        ] {
+            assert_eq!(b.as_str(), s);
+            assert_eq!(s.parse::<BatchStatus>().ok(), Some(b));
+            assert_eq!(serde_json::to_value(b).ok(), Some(serde_json::json!(s)));
         }
     }
 }

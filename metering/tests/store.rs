@@ -14,8 +14,12 @@ use prometheus::IntGauge;
 use tollgate_metering::ledger::{Ledger, LedgerGauges, SpoolSync};
 use tollgate_metering::store::Store;
 
+#[path = "common/batches_contract.rs"]
+mod batches_contract;
 #[path = "common/store_contract.rs"]
 mod contract;
+#[path = "common/files_contract.rs"]
+mod files_contract;
 use contract::{exercise, record};
 
 fn gauges() -> LedgerGauges {
@@ -71,6 +75,18 @@ async fn sqlite_concurrent_reservations_never_oversell() {
 async fn sqlite_sla_report() {
     let (_dir, store) = sqlite().await;
     money::sla_report(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_batches() {
+    let (_dir, store) = sqlite().await;
+    batches_contract::exercise(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_files() {
+    let (_dir, store) = sqlite().await;
+    files_contract::exercise(&store).await;
 }
 
 #[tokio::test]

@@ -16,13 +16,29 @@ use std::time::{Duration, Instant};
 use tollgate_metering::limits::{BudgetError, Limiter, Limits, Refusal};
 use tollgate_metering::store::Store;
 
+#[path = "common/batches_contract.rs"]
+mod batches_contract;
 #[path = "common/store_contract.rs"]
 mod contract;
+#[path = "common/files_contract.rs"]
+mod files_contract;
 
 #[tokio::test]
 async fn postgres_store_contract() {
     let store = Store::connect(&test_url()).await.unwrap();
     contract::exercise(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_batches() {
+    let store = fresh_database("tollgate_batches_contract").await;
+    batches_contract::exercise(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_files() {
+    let store = fresh_database("tollgate_files_contract").await;
+    files_contract::exercise(&store).await;
 }
 
 #[tokio::test]

@@ -30,23 +30,40 @@ pub struct Metering {
     pub spool: Option<PathBuf>,
     /// When spooled records reach the disk (`--spool-sync`).
     pub spool_sync: tollgate_metering::ledger::SpoolSync,
+    /// Where the Files API keeps bytes (`--files-url`: `s3://bucket/prefix` or a directory);
+    /// defaults to [`default_files_dir`].
+    pub files_url: Option<String>,
     /// `TOLLGATE_ADMIN_TOKEN`: enables the admin API.
     pub admin_token: Option<String>,
 }
 
+/// How often expired files are deleted.
+const FILE_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The spool path for a database URL when none is given.
 pub fn default_spool(database: &str) -> PathBuf {
+    beside_ledger(database, "spool", "tollgate-ledger.spool")
+}
+
+/// The directory of the Files API's bytes when no `--files-url` is given: next to the SQLite
+/// file, or `tollgate-files` in the working directory for PostgreSQL.
+pub fn default_files_dir(database: &str) -> PathBuf {
+    beside_ledger(database, "files", "tollgate-files")
+}
+
+/// The SQLite file's path + `.suffix`, or `fallback` (PostgreSQL, in-memory SQLite).
+fn beside_ledger(database: &str, suffix: &str, fallback: &str) -> PathBuf {
     let url = tollgate_metering::store::normalize_url(database);
     match url.strip_prefix("sqlite://") {
         Some(rest) => {
             let file = rest.split('?').next().unwrap_or(rest);
             if file.is_empty() || file.contains(":memory:") {
-                PathBuf::from("tollgate-ledger.spool")
+                PathBuf::from(fallback)
             } else {
-                PathBuf::from(format!("{file}.spool"))
+                PathBuf::from(format!("{file}.{suffix}"))
             }
         }
-        None => PathBuf::from("tollgate-ledger.spool"),
+        None => PathBuf::from(fallback),
     }
 }
 
@@ -99,6 +116,11 @@ pub async fn serve_split(
         let spool = metering.spool.clone().unwrap_or_else(|| default_spool(url));
         tracing::info!(database = %redact(url), spool = %spool.display(), sync = ?metering.spool_sync, "metering usage");
         state = state.with_billing(store, &spool, metering.spool_sync)?;
+        let files = match &metering.files_url {
+            Some(files_url) => tollgate_gateway::files::FileStorage::from_url(files_url)?,
+            None => tollgate_gateway::files::FileStorage::local(&default_files_dir(url))?,
+        };
+        state = state.with_files(files, FILE_SWEEP);
     } else {
         tracing::warn!("no --database: requests are served but not metered");
     }

@@ -46,6 +46,11 @@ enum Command {
         /// records of the last interval).
         #[arg(long, env = "TOLLGATE_SPOOL_SYNC", default_value = "10ms")]
         spool_sync: tollgate_metering::ledger::SpoolSync,
+        /// Where the Files API keeps file bytes: `s3://bucket/prefix` for an S3-compatible
+        /// store (the standard `AWS_*` variables: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...),
+        /// or a directory (default: next to the SQLite file, or `tollgate-files`).
+        #[arg(long, env = "TOLLGATE_FILES_URL", conflicts_with = "no_database")]
+        files_url: Option<String>,
         /// Serve the admin API and /metrics on this address only (not on --listen), to keep
         /// them off the public network.
         #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
@@ -121,12 +126,14 @@ fn main() -> anyhow::Result<()> {
             no_database,
             spool,
             spool_sync,
+            files_url,
             admin_listen,
         } => {
             let metering = tollgate::Metering {
                 database: (!no_database).then_some(database),
                 spool,
                 spool_sync,
+                files_url,
                 admin_token: std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
             };
             async_runtime()?.block_on(serve(config, listen, admin_listen, metering))

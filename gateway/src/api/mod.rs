@@ -1,5 +1,5 @@
 //! The HTTP endpoints, one file per request path: chat and text completions (`completions`),
-//! the Responses API (`responses/`), models (`models`), health and metrics (`health`), the
+//! the Responses API (`responses/`), the Files API (`files/`), the Batch API's objects (`batches/`), models (`models`), health and metrics (`health`), the
 //! customer's usage (`usage_api`), and the operators' admin API (`admin`, `admin_tokens`,
 //! `audit`). Request bodies and their validation into a plan are in `openai`; every billed
 //! request is admitted by `admission` and settled exactly once by the guard in `accounting`.
@@ -11,7 +11,9 @@ pub mod admin;
 pub mod admin_tokens;
 pub(crate) mod admission;
 pub(crate) mod audit;
+pub(crate) mod batches;
 pub(crate) mod completions;
+pub(crate) mod files;
 pub(crate) mod health;
 pub(crate) mod models;
 pub mod openai;

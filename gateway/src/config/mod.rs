@@ -63,6 +63,7 @@ struct RawServer {
     key_cache_max_age_ms: Option<u64>,
     priority_ttft_target_ms: Option<u64>,
     sse_keep_alive_secs: Option<u64>,
+    files_quota_bytes: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -110,6 +111,9 @@ pub struct ServerConfig {
     /// request queued, or paused while a higher class runs) gets an SSE comment line
     /// (`: keep-alive`), so clients and proxies keep it open.
     pub sse_keep_alive: Duration,
+    /// `files_quota_bytes` (10 GB by default): the bytes of unexpired files (Files API) each
+    /// customer may keep; an upload past it is refused.
+    pub files_quota_bytes: u64,
 }
 
 impl ServerConfig {
@@ -142,6 +146,7 @@ impl Default for ServerConfig {
             key_max_age: KEY_MAX_AGE,
             priority_ttft_target_ms: 1_000,
             sse_keep_alive: Duration::from_secs(15),
+            files_quota_bytes: 10_000_000_000,
         }
     }
 }
@@ -218,6 +223,10 @@ impl Config {
                 .server
                 .sse_keep_alive_secs
                 .map_or(defaults.sse_keep_alive, |s| Duration::from_secs(s.max(1))),
+            files_quota_bytes: raw
+                .server
+                .files_quota_bytes
+                .unwrap_or(defaults.files_quota_bytes),
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

@@ -8,6 +8,9 @@
 //!
 //! A body past the limit is read and dropped (up to `DRAIN_CAP` bytes and `DRAIN_TIME`), then
 //! refused with 413; past either cap the connection is cut as before.
+//!
+//! File uploads (`POST /v1/files`, up to 200 MB) are the exception: their handler streams the
+//! body to storage and enforces its own limits.
 
 use std::time::Duration;
 
@@ -56,6 +59,9 @@ async fn drain(body: Body) {
 /// request; refuses a larger one with 413 once it has been read.
 pub(crate) async fn read_body_first(limit: usize, request: Request, next: Next) -> Response {
     let limit_bytes = u64::try_from(limit).unwrap_or(u64::MAX);
+    if request.method() == axum::http::Method::POST && request.uri().path() == "/v1/files" {
+        return next.run(request).await;
+    }
     let declared = declared_length(&request);
     let (parts, body) = request.into_parts();
     if let Some(length) = declared.filter(|n| *n > limit_bytes) {

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::api::{admin, completions, health, models, responses, usage_api};
+use crate::api::{admin, batches, completions, files, health, models, responses, usage_api};
 use crate::error::ApiError;
 use crate::server::middleware::{observe, request_id, BodyLimit};
 use crate::server::shed::{self, Shed};
@@ -69,6 +69,18 @@ fn v1(state: &AppState) -> Router<AppState> {
             "/v1/responses/{id}/input_items",
             get(responses::input_items),
         )
+        .route(
+            "/v1/files",
+            // The upload streams its body (oversize.rs lets it through) within its own limits.
+            post(files::upload::create)
+                .layer(DefaultBodyLimit::disable())
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{id}", get(models::get_model))
         .route(

@@ -188,7 +188,7 @@ fn echo(body: &CreateResponse, plan: &Plan, id: &RequestId, store: bool) -> Echo
 }
 
 /// Cost-allocation tags, as for chat completions: `metadata` pairs and `user`.
-fn tags_of(body: &CreateResponse) -> Result<tollgate_metering::tags::Tags, ApiError> {
+pub(crate) fn tags_of(body: &CreateResponse) -> Result<tollgate_metering::tags::Tags, ApiError> {
     let metadata: tollgate_metering::tags::Tags = body
         .metadata
         .iter()
