@@ -12,7 +12,7 @@ use crate::files::FileStorage;
 use crate::server::metrics::Metrics;
 use crate::{alerts, concurrency, console};
 use tollgate_metering::ledger::{Ledger, LedgerGauges};
-use tollgate_metering::limits::Limiter;
+use tollgate_metering::limits::{Limiter, ReservationMeter};
 use tollgate_metering::store::Store;
 
 /// Shared by every handler.
@@ -43,7 +43,13 @@ pub struct AppState {
     pub admin_failures: Arc<admin_tokens::FailedAuth>,
     /// Where the Files API keeps file bytes; `None` without a ledger database.
     pub files: Option<FileStorage>,
+    /// The customers' reserved capacity and this minute's use of it (per process).
+    pub reservations: Arc<ReservationMeter>,
 }
+
+/// How often the reservations are read again from the database: a reservation made or ended
+/// through another replica or the CLI, or one that starts or ends, counts within this.
+pub const RESERVATIONS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What is in flight, for the concurrency caps.
 #[derive(Clone, Default)]
@@ -84,6 +90,7 @@ impl AppState {
             background: Background::default(),
             admin_failures: Arc::default(),
             files: None,
+            reservations: Arc::default(),
         })
     }
 
@@ -110,8 +117,20 @@ impl AppState {
             // Replicas share the database: limits and budgets are kept there, exact across them.
             self.limiter = Limiter::shared(store.clone());
         }
+        self.background.tasks.spawn(refresh_reservations(
+            store.clone(),
+            self.reservations.clone(),
+            self.background.stop.clone(),
+        ));
         self.store = Some(store);
         Ok(self)
+    }
+
+    /// Reads the reservations again now (after one was made or ended here).
+    pub async fn reload_reservations(&self) {
+        if let Some(store) = &self.store {
+            load_reservations(store, &self.reservations).await;
+        }
     }
 
     /// Keeps Files API bytes in `files` (needs [`AppState::with_billing`] first: the files'
@@ -132,5 +151,29 @@ impl AppState {
     pub fn with_admin_token(mut self, token: Option<String>) -> Self {
         self.admin_token = token.filter(|t| !t.is_empty()).map(Arc::from);
         self
+    }
+}
+
+/// The reservations active now, from `store` into `meter`, every [`RESERVATIONS_REFRESH`]
+/// until `stop`.
+async fn refresh_reservations(
+    store: Store,
+    meter: Arc<ReservationMeter>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        load_reservations(&store, &meter).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RESERVATIONS_REFRESH) => {}
+        }
+    }
+}
+
+/// One read of the reservations into `meter`; a failed read keeps the last ones (logged).
+async fn load_reservations(store: &Store, meter: &ReservationMeter) {
+    match store.reservations(None, None).await {
+        Ok(all) => meter.replace(&all, tollgate_metering::store::now_micros()),
+        Err(e) => tracing::warn!("cannot read the reservations: {e}"),
     }
 }

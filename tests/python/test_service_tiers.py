@@ -160,7 +160,8 @@ def test_auto_is_the_keys_default_else_the_customers(srv):
     assert k["default_service_tier"] == "priority" and k["allow_priority"] is True
     no_perm = OpenAI(base_url=f"http://{srv.addr}/v1", api_key=k["key"], max_retries=0, timeout=120)
     assert no_perm.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4).service_tier == "default"
-    for bad in ["batch", "scale", 1]:
+    # `reserved` is a reservation's own (not billed per token): never a default.
+    for bad in ["batch", "scale", "reserved", 1]:
         r = srv.admin.patch("/admin/v1/customers/flexy", json={"default_service_tier": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "default_service_tier", (bad, r.text)
     r = srv.admin.patch(f"/admin/v1/keys/{k['id']}", json={"allow_priority": "yes"})
@@ -189,3 +190,52 @@ def test_the_cli_sets_and_checks_the_tier_settings(srv):
     assert out.returncode != 0 and "--default-service-tier" in out.stderr
     seen = srv.admin.get("/admin/v1/customers/cli-tier").json()
     assert (seen["default_service_tier"], seen["allow_priority"]) == ("flex", True)
+
+
+def test_requests_within_a_reservation_run_reserved_and_beyond_it_at_the_tier_asked():
+    tmp = tempfile.mkdtemp(prefix="tollgate-reserved-")
+    config = os.path.join(tmp, "models.toml")
+    with open(config, "w") as f:
+        f.write(
+            f'[models."{MODEL}"]\n'
+            f'source = {{ path = "{ROOT}/models/SmolLM2-135M-Instruct.Q4_1.gguf" }}\n'
+            'backend = { type = "local", device = "cpu" }\n'
+            'capacity_tpm = 100000\n'
+            'price = { input_per_mtok = "0.05", output_per_mtok = "0.10", reserved_per_ktpm_month = "3" }\n'
+        )
+    db = os.path.join(tmp, "ledger.db")
+    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--database", db, "--config", config])
+    s.db = db
+    s.admin = httpx.Client(base_url=f"http://{s.addr}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    try:
+        assert s.admin.post("/admin/v1/customers", json={"id": "res-co"}).status_code == 201
+        client = key_for(s, "res-co")
+        # No reservation yet: the tier asked, billed per token.
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)
+        assert raw.parse().service_tier == "default"
+        r = s.admin.post(
+            "/admin/v1/customers/res-co/reservations",
+            json={"model": MODEL, "reserved_tokens_per_minute": 300},
+        )
+        assert r.status_code == 201, r.text
+        # A prompt of about 30 tokens and 8 more: within the 300 of any minute.
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=ASK, max_tokens=8, temperature=0)
+        assert raw.parse().service_tier == "reserved"
+        rec, tier = record(s, raw.headers["x-request-id"])
+        assert tier == "reserved" and Decimal(rec["cost_usd"]) == 0, rec
+        assert rec["output_tokens"] > 0
+        # One that may take 400 tokens cannot fit 300 a minute: run and billed at flex, as asked.
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=ASK, max_tokens=400, temperature=0, service_tier="flex"
+        )
+        assert raw.parse().service_tier == "flex"
+        rec, tier = record(s, raw.headers["x-request-id"])
+        assert tier == "flex" and Decimal(rec["cost_usd"]) > 0, rec
+        # Ended: per token again.
+        rid = r.json()["id"]
+        assert s.admin.delete(f"/admin/v1/reservations/{rid}").status_code == 200
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)
+        assert raw.parse().service_tier == "default"
+    finally:
+        s.admin.close()
+        assert stop_server(s) == 0

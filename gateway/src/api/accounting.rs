@@ -30,6 +30,9 @@ pub(super) struct Charge {
     pub price: Price,
     /// The class of service it is asked to run and priced at.
     pub service_tier: ServiceTier,
+    /// Tokens taken from the customer's reservation on the model (served at `reserved`), given
+    /// back as far as unused when the request settles.
+    pub reserved_tokens: Option<i64>,
     /// The model's prices per tier: an upstream that reports serving another tier the model
     /// is sold at is billed that tier's prices ([`Completion::billed_tier`]).
     pub prices: Option<TierPrices>,
@@ -305,6 +308,7 @@ impl Completion {
         if let Some(hold) = &self.holds.tokens {
             limiter.settle_tokens(hold, signed(input + output));
         }
+        self.settle_reservation(signed(input + output));
         limiter.settle_spend(
             self.holds.budget.as_ref(),
             &self.caller.customer_id,
@@ -383,11 +387,25 @@ impl Completion {
     /// back and write no record.
     pub(crate) fn abandon(&mut self) {
         self.settled = true;
+        self.settle_reservation(0);
         if let Some(hold) = &self.holds.tokens {
             self.state.limiter.settle_tokens(hold, 0);
         }
         if let Some(hold) = &self.holds.budget {
             self.state.limiter.release_budget(hold);
+        }
+    }
+
+    /// Gives back what the request took of its customer's reservation but did not use.
+    fn settle_reservation(&self, used: i64) {
+        if let Some(taken) = self.charge.reserved_tokens {
+            self.state.reservations.settle(
+                &self.caller.customer_id,
+                &self.charge.model,
+                taken,
+                used,
+                now_micros(),
+            );
         }
     }
 
@@ -500,12 +518,17 @@ impl Drop for Completion {
 /// tier its backend `reported` serving (an upstream's `service_tier`) and the model's `prices`:
 /// the reported tier when the model is sold at it, else the tier asked. A record never bills a
 /// tier at another tier's price, and a backend that reports nothing is billed what it was asked.
+/// Only this gateway grants a reservation: a request it admitted within one stays `reserved`
+/// whatever its backend says, and a backend's report of `reserved` (not billed per token) is
+/// never believed.
 fn billed(
     asked: (ServiceTier, Price),
     reported: Option<ServiceTier>,
     prices: Option<TierPrices>,
 ) -> (ServiceTier, Price) {
     match (reported, prices) {
+        _ if asked.0 == ServiceTier::Reserved => asked,
+        (Some(ServiceTier::Reserved), _) => asked,
         (Some(tier), Some(prices)) => prices.get(tier).map_or(asked, |price| (tier, price)),
         _ => asked,
     }
@@ -562,6 +585,17 @@ mod tests {
         // Not sold at the tier reported (or no catalogue entry): the tier asked, at its price.
         assert_eq!(billed(asked, Some(ServiceTier::Batch), Some(prices)), asked);
         assert_eq!(billed(asked, Some(ServiceTier::Default), None), asked);
+        // A reservation is this gateway's to grant: an upstream claiming one is billed the tier
+        // asked, and a request within one is not billed per token whatever is reported.
+        assert_eq!(
+            billed(asked, Some(ServiceTier::Reserved), Some(prices)),
+            asked
+        );
+        let reserved = (ServiceTier::Reserved, price(0));
+        assert_eq!(
+            billed(reserved, Some(ServiceTier::Priority), Some(prices)),
+            reserved
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::{AppState, RequestId};
 use tollgate_metering::kinds::{Endpoint, ServiceTier};
 use tollgate_metering::limits::{BudgetError, BudgetHold, TokenHold};
 use tollgate_metering::money::{max_cost_nano_usd, Price, TierPrices};
+use tollgate_metering::store::now_micros;
 use tollgate_metering::tags::Tags;
 
 pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
@@ -228,8 +229,15 @@ pub(crate) async fn start(
 ) -> Result<Started, ApiError> {
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let entry = enter(state, &caller, &plan.model, plan.choices.len())?;
-    let service_tier = resolve_tier(state, &caller, &plan.model, plan.service_tier)?;
-    let price = price_of(state, &plan.model, service_tier)?;
+    let asked_tier = resolve_tier(state, &caller, &plan.model, plan.service_tier)?;
+    let asked_price = price_of(state, &plan.model, asked_tier)?;
+    // A customer with a reservation on the model is prepared at it (priority in the engine);
+    // whether this request fits the minute's reserved tokens is known once its prompts are
+    // counted.
+    let reservable = state
+        .reservations
+        .reserved(&caller.customer_id, &plan.model)
+        > 0;
     let server_span = server_span(
         endpoint,
         &plan.model,
@@ -243,12 +251,36 @@ pub(crate) async fn start(
     let mut admit_time = t.elapsed();
     // The backend's own work (tokenizing, templating), left out of the gateway's overhead.
     let t = Instant::now();
-    let prepared = prepare(state, &entry.backend, &caller, plan, service_tier).await?;
-    let backend_time = t.elapsed();
+    let first_tier = if reservable {
+        ServiceTier::Reserved
+    } else {
+        asked_tier
+    };
+    let mut prepared = prepare(state, &entry.backend, &caller, plan, first_tier).await?;
     // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
     let n = plan.n.max(1) as usize;
     let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
     let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
+    let most =
+        i64::from(prompt_tokens).saturating_add(i64::try_from(max_output).unwrap_or(i64::MAX));
+    let reserved_tokens = (reservable
+        && state
+            .reservations
+            .take(&caller.customer_id, &plan.model, most, now_micros()))
+    .then_some(most);
+    let (service_tier, price) = match reserved_tokens {
+        Some(_) => (
+            ServiceTier::Reserved,
+            price_of(state, &plan.model, ServiceTier::Reserved)?,
+        ),
+        None if reservable => {
+            // Beyond the reservation: run and bill at the tier asked.
+            prepared = prepare(state, &entry.backend, &caller, plan, asked_tier).await?;
+            (asked_tier, asked_price)
+        }
+        None => (asked_tier, asked_price),
+    };
+    let backend_time = t.elapsed();
     let t = Instant::now();
     let (tokens_hold, budget_hold) = tracing::Instrument::instrument(
         admit(state, &id.0, &caller, prompt_tokens, max_output, &price),
@@ -272,6 +304,7 @@ pub(crate) async fn start(
         stream: plan.stream,
         price,
         service_tier,
+        reserved_tokens,
         prices: tier_prices(state, &plan.model),
         tags,
     };
@@ -378,6 +411,7 @@ pub(crate) async fn start_passthrough(
         stream,
         price,
         service_tier,
+        reserved_tokens: None,
         prices: tier_prices(state, model),
         tags,
     };

@@ -112,6 +112,7 @@ pub(crate) async fn end_reservation(
     let r = store(&state)?
         .end_reservation(&id, now_micros(), &signed.actor)
         .await?;
+    state.reload_reservations().await;
     Ok(Redirect::to(&format!("/console/customers/{}", r.customer_id)).into_response())
 }
 

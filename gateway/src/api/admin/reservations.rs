@@ -81,9 +81,11 @@ pub(crate) async fn reserve(
     let (new, capacity) = config
         .reservation(customer_id, tpm, span.0.unwrap_or_else(now_micros), span.1)
         .map_err(|(field, message)| invalid_field(field, message))?;
-    Ok(store(state)?
+    let created = store(state)?
         .create_reservation(&new, capacity, actor)
-        .await?)
+        .await?;
+    state.reload_reservations().await;
+    Ok(created)
 }
 
 /// Reserves tokens per minute of a model for a customer, from `starts_at` (default: now)
@@ -150,6 +152,7 @@ pub(super) async fn end_reservation(
     let r = store(&state)?
         .end_reservation(&id, now_micros(), &actor)
         .await?;
+    state.reload_reservations().await;
     Ok(Json(ReservationView::from(&r)))
 }
 

@@ -160,7 +160,12 @@ pub(super) fn request_body(
         body["response_format"] = format;
     }
     if send_tier && request.service_tier != ServiceTier::Default {
-        body["service_tier"] = json!(request.service_tier);
+        // A reservation's requests run at priority: `reserved` is no OpenAI tier.
+        let tier = match request.service_tier {
+            ServiceTier::Reserved => ServiceTier::Priority,
+            tier => tier,
+        };
+        body["service_tier"] = json!(tier);
     }
     sampling_fields(&mut body, p);
     (path.to_string(), body)
@@ -563,6 +568,8 @@ mod tests {
         assert!(default.get("service_tier").is_none());
         let (_, off) = request_body("up", &request(ServiceTier::Priority), false);
         assert!(off.get("service_tier").is_none());
+        let (_, reserved) = request_body("up", &request(ServiceTier::Reserved), true);
+        assert_eq!(reserved["service_tier"], "priority");
     }
 
     /// The usage the fold's end finishes with.
