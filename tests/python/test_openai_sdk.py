@@ -267,7 +267,11 @@ def test_disconnect_mid_stream_then_normal_request(server, client, model):
             break
         time.sleep(0.1)
     assert running and all(l.endswith(" 0") for l in running), running
+    # The counter counts decode rows (a sequence's place in a step), not tokens: with speculative
+    # decoding one row may give up to nine tokens, so a run to the end would take at least
+    # 4000 / 9 = 444 rows, and a stop shows as fewer than 400. The client read tokens past the
+    # first (the prompt's pass gives that one), so at least one row was decoded.
     decoded = decoded_tokens(server) - before
-    assert 3 <= decoded < 2000, f"the engine decoded {decoded} tokens for a stream abandoned after 3"
+    assert 1 <= decoded < 400, f"the engine decoded {decoded} rows for a stream abandoned after 3 chunks"
     r = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=16)
     assert "Paris" in r.choices[0].message.content
