@@ -42,8 +42,10 @@ pub enum ReservationsCommand {
     },
     /// List reservations (all, a customer's, or a model's).
     List {
+        /// Only this customer's reservations.
         #[arg(long)]
         customer_id: Option<String>,
+        /// Only reservations on this model.
         #[arg(long)]
         model: Option<String>,
         #[command(flatten)]
