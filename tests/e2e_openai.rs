@@ -274,7 +274,7 @@ async fn engine_metrics_count_prefill_and_decode() {
         "one prefill step, then one step per row: {text}"
     );
     assert!(
-        (completion - 1).div_ceil(9) <= decoded && decoded <= completion - 1,
+        (completion - 1).div_ceil(9) <= decoded && decoded < completion,
         "{decoded} decode rows for {completion} tokens: {text}"
     );
     assert!(text.contains("tollgate_batch_size{model=\"smollm2-135m\"}"));
