@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod models;
+mod prices;
 #[cfg(test)]
 mod tests;
 

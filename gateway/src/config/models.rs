@@ -11,6 +11,7 @@ use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::money::{Price, TierPrices};
 use tollgate_metering::store::NewReservation;
 
+use super::prices::{only_tiers, price_decimal, validate_prices, RawPrice};
 use super::ConfigError;
 
 #[derive(Debug, Deserialize)]
@@ -72,34 +73,6 @@ enum RawBackend {
         /// upstream that refuses the field.
         forward_service_tier: Option<bool>,
     },
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPrice {
-    input_per_mtok: String,
-    output_per_mtok: String,
-    /// Prompt tokens served from a prefix cache; the input price when absent.
-    cached_input_per_mtok: Option<String>,
-    /// `flex`'s prices; half the default ones when absent.
-    flex: Option<RawTierPrice>,
-    /// `batch`'s prices; half the default ones when absent.
-    batch: Option<RawTierPrice>,
-    /// `priority`'s prices; the default ones × `priority_multiplier` when absent.
-    priority: Option<RawTierPrice>,
-    /// 1 when absent.
-    priority_multiplier: Option<String>,
-    /// USD per 1,000 reserved tokens per minute per month; absent: not sold reserved.
-    reserved_per_ktpm_month: Option<String>,
-}
-
-/// One tier's unit prices (the same keys as the default ones).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTierPrice {
-    input_per_mtok: String,
-    output_per_mtok: String,
-    cached_input_per_mtok: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -514,91 +487,4 @@ fn choice<T: Copy>(key: &str, value: Option<String>, options: &[(&str, T)]) -> R
             let names: Vec<String> = options.iter().map(|(n, _)| format!("`{n}`")).collect();
             format!("backend.{key} `{value}` is neither {}", names.join(" nor "))
         })
-}
-
-/// A model's `price` table: decimal strings, none negative; the cached input price is the
-/// input price unless set; `flex` and `batch` cost half the default prices and `priority` the
-/// default prices × `priority_multiplier` (1) unless set.
-fn validate_prices(p: RawPrice) -> Result<TierPrices, String> {
-    let default = validate_price(
-        "",
-        &p.input_per_mtok,
-        &p.output_per_mtok,
-        &p.cached_input_per_mtok,
-    )?;
-    let tier = |name: &str, raw: &Option<RawTierPrice>, otherwise: Price| match raw {
-        Some(t) => validate_price(
-            &format!("{name}."),
-            &t.input_per_mtok,
-            &t.output_per_mtok,
-            &t.cached_input_per_mtok,
-        ),
-        None => Ok(otherwise),
-    };
-    let half = default.scaled(Decimal::new(5, 1));
-    let multiplier = match &p.priority_multiplier {
-        Some(v) => price_decimal("priority_multiplier", v)?,
-        None => Decimal::ONE,
-    };
-    Ok(TierPrices {
-        priority: Some(tier("priority", &p.priority, default.scaled(multiplier))?),
-        default: Some(default),
-        flex: Some(tier("flex", &p.flex, half)?),
-        batch: Some(tier("batch", &p.batch, half)?),
-    })
-}
-
-/// `prices` with only `tiers` sold.
-fn only_tiers(prices: TierPrices, tiers: &[ServiceTier]) -> Result<TierPrices, String> {
-    if tiers.is_empty() {
-        return Err("service_tiers is empty: a model must be sold at one tier at least".into());
-    }
-    if tiers.contains(&ServiceTier::Reserved) {
-        return Err(
-            "service_tiers lists `reserved`: reserved capacity is sold by reservation \
-             (capacity_tpm and price.reserved_per_ktpm_month), not per token"
-                .into(),
-        );
-    }
-    let keep = |t: ServiceTier| {
-        if tiers.contains(&t) {
-            prices.get(t)
-        } else {
-            None
-        }
-    };
-    Ok(TierPrices {
-        priority: keep(ServiceTier::Priority),
-        default: keep(ServiceTier::Default),
-        flex: keep(ServiceTier::Flex),
-        batch: keep(ServiceTier::Batch),
-    })
-}
-
-/// `price.{prefix}{key}` as a decimal, not negative.
-fn price_decimal(key: &str, v: &str) -> Result<Decimal, String> {
-    let d = Decimal::from_str(v.trim())
-        .map_err(|e| format!("price.{key} `{v}` is not a decimal number: {e}"))?;
-    if d.is_sign_negative() {
-        return Err(format!("price.{key} `{v}` is negative"));
-    }
-    Ok(d)
-}
-
-/// One tier's unit prices under `price.{prefix}`.
-fn validate_price(
-    prefix: &str,
-    input: &str,
-    output: &str,
-    cached: &Option<String>,
-) -> Result<Price, String> {
-    let input_per_mtok = price_decimal(&format!("{prefix}input_per_mtok"), input)?;
-    Ok(Price {
-        input_per_mtok,
-        output_per_mtok: price_decimal(&format!("{prefix}output_per_mtok"), output)?,
-        cached_input_per_mtok: match cached {
-            Some(v) => price_decimal(&format!("{prefix}cached_input_per_mtok"), v)?,
-            None => input_per_mtok,
-        },
-    })
 }

@@ -1,0 +1,124 @@
+//! A model's `price` table from models.toml: the default unit prices, each tier's (or the
+//! default rule for it), the tiers sold, and the reserved price, validated into types.
+
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use tollgate_metering::kinds::ServiceTier;
+use tollgate_metering::money::{Price, TierPrices};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrice {
+    pub(super) input_per_mtok: String,
+    pub(super) output_per_mtok: String,
+    /// Prompt tokens served from a prefix cache; the input price when absent.
+    pub(super) cached_input_per_mtok: Option<String>,
+    /// `flex`'s prices; half the default ones when absent.
+    pub(super) flex: Option<RawTierPrice>,
+    /// `batch`'s prices; half the default ones when absent.
+    pub(super) batch: Option<RawTierPrice>,
+    /// `priority`'s prices; the default ones × `priority_multiplier` when absent.
+    pub(super) priority: Option<RawTierPrice>,
+    /// 1 when absent.
+    pub(super) priority_multiplier: Option<String>,
+    /// USD per 1,000 reserved tokens per minute per month; absent: not sold reserved.
+    pub(super) reserved_per_ktpm_month: Option<String>,
+}
+
+/// One tier's unit prices (the same keys as the default ones).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTierPrice {
+    pub(super) input_per_mtok: String,
+    pub(super) output_per_mtok: String,
+    pub(super) cached_input_per_mtok: Option<String>,
+}
+
+/// A model's `price` table: decimal strings, none negative; the cached input price is the
+/// input price unless set; `flex` and `batch` cost half the default prices and `priority` the
+/// default prices × `priority_multiplier` (1) unless set.
+pub(super) fn validate_prices(p: RawPrice) -> Result<TierPrices, String> {
+    let default = validate_price(
+        "",
+        &p.input_per_mtok,
+        &p.output_per_mtok,
+        &p.cached_input_per_mtok,
+    )?;
+    let tier = |name: &str, raw: &Option<RawTierPrice>, otherwise: Price| match raw {
+        Some(t) => validate_price(
+            &format!("{name}."),
+            &t.input_per_mtok,
+            &t.output_per_mtok,
+            &t.cached_input_per_mtok,
+        ),
+        None => Ok(otherwise),
+    };
+    let half = default.scaled(Decimal::new(5, 1));
+    let multiplier = match &p.priority_multiplier {
+        Some(v) => price_decimal("priority_multiplier", v)?,
+        None => Decimal::ONE,
+    };
+    Ok(TierPrices {
+        priority: Some(tier("priority", &p.priority, default.scaled(multiplier))?),
+        default: Some(default),
+        flex: Some(tier("flex", &p.flex, half)?),
+        batch: Some(tier("batch", &p.batch, half)?),
+    })
+}
+
+/// `prices` with only `tiers` sold.
+pub(super) fn only_tiers(prices: TierPrices, tiers: &[ServiceTier]) -> Result<TierPrices, String> {
+    if tiers.is_empty() {
+        return Err("service_tiers is empty: a model must be sold at one tier at least".into());
+    }
+    if tiers.contains(&ServiceTier::Reserved) {
+        return Err(
+            "service_tiers lists `reserved`: reserved capacity is sold by reservation \
+             (capacity_tpm and price.reserved_per_ktpm_month), not per token"
+                .into(),
+        );
+    }
+    let keep = |t: ServiceTier| {
+        if tiers.contains(&t) {
+            prices.get(t)
+        } else {
+            None
+        }
+    };
+    Ok(TierPrices {
+        priority: keep(ServiceTier::Priority),
+        default: keep(ServiceTier::Default),
+        flex: keep(ServiceTier::Flex),
+        batch: keep(ServiceTier::Batch),
+    })
+}
+
+/// `price.{prefix}{key}` as a decimal, not negative.
+pub(super) fn price_decimal(key: &str, v: &str) -> Result<Decimal, String> {
+    let d = Decimal::from_str(v.trim())
+        .map_err(|e| format!("price.{key} `{v}` is not a decimal number: {e}"))?;
+    if d.is_sign_negative() {
+        return Err(format!("price.{key} `{v}` is negative"));
+    }
+    Ok(d)
+}
+
+/// One tier's unit prices under `price.{prefix}`.
+fn validate_price(
+    prefix: &str,
+    input: &str,
+    output: &str,
+    cached: &Option<String>,
+) -> Result<Price, String> {
+    let input_per_mtok = price_decimal(&format!("{prefix}input_per_mtok"), input)?;
+    Ok(Price {
+        input_per_mtok,
+        output_per_mtok: price_decimal(&format!("{prefix}output_per_mtok"), output)?,
+        cached_input_per_mtok: match cached {
+            Some(v) => price_decimal(&format!("{prefix}cached_input_per_mtok"), v)?,
+            None => input_per_mtok,
+        },
+    })
+}
