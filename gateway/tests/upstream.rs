@@ -385,3 +385,24 @@ async fn busy_members_ask_the_client_to_retry_and_broken_ones_do_not() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
 }
+
+/// A flex request that no member had capacity for (each answered 429 `resource_unavailable`,
+/// as a `tollgate worker` does past `flex_max_wait_secs`) is the same 429 for the client, with
+/// the longest `Retry-After` a member asked for; one member merely busy among them makes it
+/// the usual 503.
+#[tokio::test]
+async fn members_without_capacity_for_flex_make_a_429_resource_unavailable() {
+    let (none_a, _) = upstream(Behaviour::NoCapacity).await;
+    let (none_b, _) = upstream(Behaviour::NoCapacity).await;
+    let r = ask(gateway(vec![none_a.clone(), none_b]).await, false).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "7", "{:?}", r.headers());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "resource_unavailable", "{body}");
+
+    let (busy, _) = upstream(Behaviour::Status(503)).await;
+    let r = ask(gateway(vec![none_a, busy]).await, false).await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+}

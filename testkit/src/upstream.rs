@@ -40,6 +40,9 @@ pub enum Behaviour {
     /// This status with an OpenAI error whose message names a secret of the upstream's
     /// (`sk-up-123`), so a test can check the gateway does not pass it on to its client.
     Status(u16),
+    /// 429 `resource_unavailable` with `Retry-After: 7`: what a `tollgate worker` (and OpenAI)
+    /// answers a `flex` request it found no capacity for.
+    NoCapacity,
 }
 
 /// A successful answer: its text in pieces (one chunk each when streamed), and the usage the
@@ -279,6 +282,16 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             json!({"message": "upstream secret: key sk-up-123 rejected", "param": "model"}),
         ),
+        Behaviour::NoCapacity => {
+            let mut r = openai_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"message": "no capacity for flex", "type": "server_error",
+                       "code": "resource_unavailable"}),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("7"));
+            r
+        }
     }
 }
 

@@ -49,6 +49,9 @@ struct Failed {
     /// The member answered 429 or 503: busy, not broken (when every member is, the client
     /// is told to come back rather than that the service is down).
     busy: bool,
+    /// The member answered 429 `resource_unavailable` (a flex request it found no capacity
+    /// for) with this `Retry-After` (seconds; 1 when it gave none).
+    no_capacity: Option<u64>,
     /// For the logs and the final error: the member and what it said.
     message: String,
 }
@@ -77,6 +80,7 @@ async fn attempt(
             member.healthy.store(false, Ordering::Relaxed);
             return Attempt::Retry(Failed {
                 busy: false,
+                no_capacity: None,
                 message: format!("{}: {e}", member.base),
             });
         }
@@ -86,6 +90,10 @@ async fn attempt(
     if status.is_success() {
         return Attempt::Stream(response);
     }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     let text = response.text().await.unwrap_or_default();
     let error = serde_json::from_str::<Value>(&text).ok();
     let param = error
@@ -103,8 +111,14 @@ async fn attempt(
         if !busy {
             member.healthy.store(false, Ordering::Relaxed);
         }
+        let no_capacity = (status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            && error
+                .as_ref()
+                .is_some_and(|v| v["error"]["code"] == "resource_unavailable"))
+        .then(|| retry_after.unwrap_or(1));
         return Attempt::Retry(Failed {
             busy,
+            no_capacity,
             message: format!("{}: {status}: {message}", member.base),
         });
     }
@@ -138,8 +152,9 @@ pub(super) enum Read<T> {
 /// Sends `body` to `path` on `candidates`, best first, relaying the events `read` makes of the
 /// first answer; an attempt that fails before its first output (`first` names it in the logs)
 /// moves on to the next member. When every member failed, the stream ends with
-/// [`BackendError::Overloaded`] if each of them was busy (429 or 503), else
-/// [`BackendError::Unavailable`]. `call_span` is the span an attempt runs in; its context goes
+/// [`BackendError::NoCapacity`] if each of them had no capacity for a flex request (429
+/// `resource_unavailable`; the longest `Retry-After` of theirs), [`BackendError::Overloaded`]
+/// if each was busy (429 or 503), else [`BackendError::Unavailable`]. `call_span` is the span an attempt runs in; its context goes
 /// upstream as `traceparent`.
 #[expect(
     clippy::too_many_arguments,
@@ -162,15 +177,21 @@ where
     async_stream::stream! {
         let mut errors = Vec::new();
         let mut overloaded = 0;
+        // Members without capacity for flex, and the longest wait they asked for.
+        let (mut no_capacity, mut retry_after_secs) = (0, 1);
         for member in candidates {
             let slot = InFlight::new(member.clone());
             // Open while the answer is read.
             let call = call_span(&member);
             let response = match attempt(&client, &member, &credentials, &path, &body, &call).await {
                 Attempt::Stream(r) => r,
-                Attempt::Retry(Failed { busy, message }) => {
+                Attempt::Retry(Failed { busy, no_capacity: wait, message }) => {
                     tracing::warn!("upstream attempt failed, trying another: {message}");
                     overloaded += usize::from(busy);
+                    if let Some(wait) = wait {
+                        no_capacity += 1;
+                        retry_after_secs = retry_after_secs.max(wait);
+                    }
                     errors.push(message);
                     continue;
                 }
@@ -211,7 +232,9 @@ where
                 }
             }
         }
-        if overloaded > 0 && overloaded == errors.len() {
+        if no_capacity > 0 && no_capacity == errors.len() {
+            yield Err(BackendError::NoCapacity { retry_after_secs });
+        } else if overloaded > 0 && overloaded == errors.len() {
             yield Err(BackendError::Overloaded { retry_after_secs: 1 });
         } else {
             yield Err(BackendError::Unavailable(format!("every upstream failed: {}", errors.join("; "))));
