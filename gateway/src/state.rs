@@ -114,8 +114,10 @@ impl AppState {
             .tasks
             .spawn(deliverer.run(self.background.stop.clone()));
         if store.kind() == tollgate_metering::store::DbKind::Postgres {
-            // Replicas share the database: limits and budgets are kept there, exact across them.
+            // Replicas share the database: limits, budgets and the use of reservations are kept
+            // there, exact across them.
             self.limiter = Limiter::shared(store.clone());
+            self.reservations = Arc::new(ReservationMeter::shared(store.clone()));
         }
         self.background.tasks.spawn(refresh_reservations(
             store.clone(),

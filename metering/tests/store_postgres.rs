@@ -68,6 +68,52 @@ async fn postgres_concurrent_reservations_never_oversell() {
     money::concurrent_reservations_never_oversell(&store).await;
 }
 
+/// Two replicas on one database count one reservation together: what one took, the other
+/// cannot take again, and what one gives back the other can. (60 tokens per minute refill one
+/// token a second: the margins below outlast any pause of a slow machine by far.)
+#[tokio::test]
+async fn postgres_replicas_share_a_reservation() {
+    use tollgate_metering::limits::ReservationMeter;
+    let a = fresh_database("tollgate_reservation_meter").await;
+    let b = Store::connect(&database_url("tollgate_reservation_meter"))
+        .await
+        .unwrap();
+    let reservation = tollgate_metering::store::Reservation {
+        id: "rsv_1".into(),
+        customer_id: "acme".into(),
+        model: "m".into(),
+        reserved_tokens_per_minute: 60,
+        price_per_ktpm_month: rust_decimal::Decimal::ZERO,
+        starts_at: 0,
+        ends_at: None,
+        created_at: 0,
+    };
+    let now = tollgate_metering::store::now_micros();
+    let (meter_a, meter_b) = (
+        ReservationMeter::shared(a.clone()),
+        ReservationMeter::shared(b.clone()),
+    );
+    meter_a.replace(std::slice::from_ref(&reservation), now);
+    meter_b.replace(std::slice::from_ref(&reservation), now);
+    let taken = meter_a
+        .claim("acme", "m", 40, now)
+        .await
+        .expect("40 of 60 fit");
+    assert!(
+        meter_b.claim("acme", "m", 30, now).await.is_none(),
+        "40 taken on the other replica: 30 more do not fit in 60"
+    );
+    assert!(meter_b.claim("acme", "m", 20, now).await.is_some());
+    assert!(meter_b.claim("acme", "m", 30, now).await.is_none());
+    meter_a.release("acme", "m", taken, 5, now);
+    a.close().await; // waits for the release to reach the database
+    assert!(
+        meter_b.claim("acme", "m", 30, now).await.is_some(),
+        "35 unused tokens came back"
+    );
+    assert!(meter_b.claim("acme", "m", 30, now).await.is_none());
+}
+
 #[tokio::test]
 async fn postgres_sla_report() {
     let store = fresh_database("tollgate_sla_contract").await;

@@ -32,7 +32,7 @@ pub(super) struct Charge {
     pub service_tier: ServiceTier,
     /// Tokens taken from the customer's reservation on the model (served at `reserved`), given
     /// back as far as unused when the request settles.
-    pub reserved_tokens: Option<i64>,
+    pub reserved_tokens: Option<tollgate_metering::limits::Claim>,
     /// The model's prices per tier: an upstream that reports serving another tier the model
     /// is sold at is billed that tier's prices ([`Completion::billed_tier`]).
     pub prices: Option<TierPrices>,
@@ -398,11 +398,11 @@ impl Completion {
 
     /// Gives back what the request took of its customer's reservation but did not use.
     fn settle_reservation(&self, used: i64) {
-        if let Some(taken) = self.charge.reserved_tokens {
-            self.state.reservations.settle(
+        if let Some(claim) = self.charge.reserved_tokens {
+            self.state.reservations.release(
                 &self.caller.customer_id,
                 &self.charge.model,
-                taken,
+                claim,
                 used,
                 now_micros(),
             );

@@ -263,11 +263,14 @@ pub(crate) async fn start(
     let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
     let most =
         i64::from(prompt_tokens).saturating_add(i64::try_from(max_output).unwrap_or(i64::MAX));
-    let reserved_tokens = (reservable
-        && state
+    let reserved_tokens = if reservable {
+        state
             .reservations
-            .take(&caller.customer_id, &plan.model, most, now_micros()))
-    .then_some(most);
+            .claim(&caller.customer_id, &plan.model, most, now_micros())
+            .await
+    } else {
+        None
+    };
     let (service_tier, price) = match reserved_tokens {
         Some(_) => (
             ServiceTier::Reserved,

@@ -31,7 +31,7 @@ mod reservation;
 
 pub use budget::BudgetHold;
 use budget::BudgetState;
-pub use reservation::ReservationMeter;
+pub use reservation::{Claim, ReservationMeter};
 
 /// Per-minute limits that apply to one request (key and customer levels).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -227,7 +227,7 @@ fn check_fits(
 
 /// Logs a database failure of the shared limits (at most every few seconds) before falling
 /// back to this process's own accounting.
-fn warn_fallback(e: &sqlx::Error) {
+pub(crate) fn warn_fallback(e: &sqlx::Error) {
     static LAST: Mutex<Option<Instant>> = Mutex::new(None);
     let mut last = LAST
         .lock()

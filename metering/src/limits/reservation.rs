@@ -4,11 +4,18 @@
 //! not billed per token; one that does not takes nothing from the reservation and runs at the
 //! tier it asked for. The reservations come from the store (`Store::reservations`), replaced
 //! whole when they change; time is an input, so tests need no clock.
+//!
+//! Replicas on one PostgreSQL database share the count ([`ReservationMeter::shared`]): a
+//! reservation is then a bucket of the shared rate limits (`shared_limits`, scope
+//! `reservation:<customer>/<model>`), which holds the reserved tokens per minute in a minute
+//! that slides rather than starts at each UTC minute, exact across replicas. While the database
+//! cannot be asked, each replica counts alone, as the rate limits do.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::store::Reservation;
+use crate::shared_limits::{self, RateOutcome, RateTake};
+use crate::store::{Reservation, Store};
 
 const MINUTE_MICROS: i64 = 60_000_000;
 
@@ -27,11 +34,93 @@ struct Window {
 pub struct ReservationMeter {
     // A std Mutex: a lookup and an addition, never held across an await.
     windows: Mutex<HashMap<(String, String), Window>>,
+    /// PostgreSQL shared with the other replicas: the count is kept there.
+    shared: Option<Store>,
+}
+
+/// What a request took of a reservation, and where it was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub tokens: i64,
+    /// In the shared database (else in this process).
+    shared: bool,
+}
+
+/// The shared bucket of a customer's reservation on a model.
+fn scope(customer_id: &str, model: &str) -> String {
+    format!("reservation:{customer_id}/{model}")
 }
 
 impl ReservationMeter {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A meter whose count is kept in `store` (PostgreSQL), shared with every replica on it.
+    pub fn shared(store: Store) -> Self {
+        Self {
+            shared: Some(store),
+            ..Self::default()
+        }
+    }
+
+    /// Takes `tokens` of the customer's reservation on `model` at `at` when they all fit (in
+    /// the shared count when there is one and it answers, else in this process's).
+    pub async fn claim(
+        &self,
+        customer_id: &str,
+        model: &str,
+        tokens: i64,
+        at: i64,
+    ) -> Option<Claim> {
+        if let Some(store) = &self.shared {
+            let limit = self.reserved(customer_id, model);
+            if limit <= 0 || !(0..=limit).contains(&tokens) {
+                return None;
+            }
+            let take = RateTake {
+                scope: scope(customer_id, model),
+                kind: "tokens",
+                limit,
+                amount: tokens,
+            };
+            match shared_limits::take(store.pool(), &[take]).await {
+                Ok(RateOutcome::Taken(_)) => {
+                    return Some(Claim {
+                        tokens,
+                        shared: true,
+                    })
+                }
+                Ok(RateOutcome::Refused { .. }) => return None,
+                Err(e) => super::warn_fallback(&e),
+            }
+        }
+        self.take(customer_id, model, tokens, at).then_some(Claim {
+            tokens,
+            shared: false,
+        })
+    }
+
+    /// Gives back what `claim` took but the request did not use (`used` of it).
+    pub fn release(&self, customer_id: &str, model: &str, claim: Claim, used: i64, at: i64) {
+        let (Some(store), true) = (&self.shared, claim.shared) else {
+            self.settle(customer_id, model, claim.tokens, used, at);
+            return;
+        };
+        let unused = (claim.tokens - used).max(0);
+        let limit = self.reserved(customer_id, model);
+        if unused == 0 || limit <= 0 {
+            return;
+        }
+        let scope = scope(customer_id, model);
+        let pool = store.pool().clone();
+        // A release can happen in `Drop`, on any thread: the store runs it on its own runtime.
+        store.spawn_background(async move {
+            let r = shared_limits::give_back(&pool, &scope, "tokens", limit, unused).await;
+            if let Err(e) = r {
+                tracing::warn!("cannot give {unused} unused tokens back to {scope}: {e}");
+            }
+        });
     }
 
     /// Replaces the reservations with those active at `at` (micros) among `reservations`,
