@@ -43,7 +43,7 @@ if has avx512f avx512bw avx512vl avx512_vnni avx2 fma; then
 fi
 for kernels in "${narrower[@]}"; do
     step "cargo test: the model checks on the $kernels kernels (TOLLGATE_CPU_KERNELS=$kernels)"
-    TOLLGATE_CPU_KERNELS="$kernels" cargo test --release -p tollgate-runtime --test equivalence --test engine
+    TOLLGATE_CPU_KERNELS="$kernels" cargo test --release -p tollgate-runtime --test equivalence --test batching --test engine
 done
 step "PostgreSQL for the ledger tests (Debian's server, throwaway cluster)"
 PG_URL="$(scripts/postgres.sh reset)"

@@ -5,14 +5,13 @@
 //!   the host forward pass (`Q8_0`) with `quantized_llama` on the same weights re-quantized
 //!   to Q8_0, and of the `Auto` host path (block codes) with `quantized_llama` on the file's
 //!   weights,
-//! * a ragged batch equals its sequences run alone,
-//! * chunked prefill equals one prefill,
 //! * the other weight forms pick the same greedy tokens (Q8_0 and Auto run the host forward
-//!   pass, whose ragged batches and chunked prefills are checked too),
+//!   pass),
 //! * F32-weight decode steps equal a prefill of the same tokens at long context,
 //! * a truncated GGUF is an error, not a panic.
 //!
-//! These tests fail (never skip) when the dev model is missing: run `scripts/fetch-model.sh`.
+//! Ragged batches and chunked prefill are checked in `batching.rs`. These tests fail (never
+//! skip) when the dev model is missing: run `scripts/fetch-model.sh`.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -21,17 +20,15 @@
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Write};
-use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use tollgate_runtime::dev_model::require_dev_model;
 use tollgate_runtime::model::{LlamaModel, SeqStep, WeightForm};
 
 mod common;
-use common::{argmax, max_abs_diff, prompt, step};
+use common::{argmax, load, max_abs_diff, model_path, open, prompt, step};
 
 /// Max abs logit difference allowed where Tollgate and candle-transformers' quantized_llama run
 /// the same kernels on the same shapes: every prefill, and decode steps at short context. Both
@@ -77,30 +74,9 @@ const KL_MAX_TOL: f64 = 0.15;
 /// near-tie (see [`KL_MEAN_TOL`]). Observed swaps at gaps of 8e-3 to 8e-2.
 const NEAR_TIE_MARGIN: f32 = 0.5;
 
-/// Max abs logit difference allowed between the same sequence run alone and inside a ragged
-/// batch / in prefill chunks. Observed: 0 (bit-identical) for both on the dev machine: each row
-/// of a quantized matmul is computed independently, and the attention of a sequence only
-/// sees its own rows.
-const BATCH_TOL: f32 = 1e-4;
-
 /// Max abs logit difference allowed between F32-weight decode steps and an F32-weight prefill
 /// of the same tokens at KV lengths 131..135. Observed: 5.2e-5 (KV lengths 101..170).
 const F32_DECODE_TOL: f32 = 5e-4;
-
-fn model_path() -> PathBuf {
-    require_dev_model().expect("dev model (run scripts/fetch-model.sh)")
-}
-
-fn open(path: &Path) -> (Content, BufReader<File>) {
-    let mut file = BufReader::new(File::open(path).unwrap());
-    let content = Content::read(&mut file).unwrap();
-    (content, file)
-}
-
-fn load(form: WeightForm) -> LlamaModel {
-    let (content, mut file) = open(&model_path());
-    LlamaModel::from_gguf(&content, &mut file, &Device::Cpu, form, None).unwrap()
-}
 
 /// A fresh candle-transformers model (its KV cache lives inside it).
 fn reference() -> ModelWeights {
@@ -409,80 +385,6 @@ fn f32_decode_matches_prefill_at_long_context() {
     println!("F32 decode vs prefill worst max |diff|: {worst:e}");
 }
 
-#[test]
-fn ragged_batch_matches_sequences_alone() {
-    ragged_batch_matches_sequences_alone_in(WeightForm::Native);
-}
-
-/// Q8_0 runs the host forward pass (own attention over the host KV cache, int8 kernel).
-#[test]
-fn ragged_batch_matches_sequences_alone_on_the_host_path() {
-    ragged_batch_matches_sequences_alone_in(WeightForm::Q8_0);
-}
-
-fn ragged_batch_matches_sequences_alone_in(form: WeightForm) {
-    let model = load(form);
-    let a_prompt = prompt(20, 1);
-    let b_prompt = prompt(5, 2);
-    let c_prompt = prompt(12, 3);
-    let (b_next, c_next) = (4242u32, 31_337u32);
-
-    // Alone.
-    let a_alone = step(&model, &mut model.new_cache(), &a_prompt);
-    let mut b_cache = model.new_cache();
-    step(&model, &mut b_cache, &b_prompt);
-    let b_alone = step(&model, &mut b_cache, &[b_next]);
-    let mut c_cache = model.new_cache();
-    step(&model, &mut c_cache, &c_prompt);
-    let c_alone = step(&model, &mut c_cache, &[c_next]);
-
-    // Together: B and C prefilled earlier (each on its own), then one ragged step in which A
-    // prefills 20 tokens while B decodes at position 5 and C at position 12.
-    let mut a_cache = model.new_cache();
-    let mut b_cache = model.new_cache();
-    let mut c_cache = model.new_cache();
-    step(&model, &mut b_cache, &b_prompt);
-    step(&model, &mut c_cache, &c_prompt);
-    let out = model
-        .forward(&mut [
-            SeqStep {
-                tokens: &a_prompt,
-                cache: &mut a_cache,
-                logits: 1,
-            },
-            SeqStep {
-                tokens: &[b_next],
-                cache: &mut b_cache,
-                logits: 1,
-            },
-            SeqStep {
-                tokens: &[c_next],
-                cache: &mut c_cache,
-                logits: 1,
-            },
-        ])
-        .unwrap();
-    assert_eq!(out.len(), 3);
-    assert_eq!((a_cache.len(), b_cache.len(), c_cache.len()), (20, 6, 13));
-    for (name, batched, alone) in [
-        ("A", &out[0], &a_alone),
-        ("B", &out[1], &b_alone),
-        ("C", &out[2], &c_alone),
-    ] {
-        let d = max_abs_diff(batched, alone);
-        println!("{form}: ragged batch, sequence {name}: max |diff| = {d:e}");
-        assert!(
-            d < BATCH_TOL,
-            "sequence {name}: batched vs alone max |diff| {d} >= {BATCH_TOL}"
-        );
-        assert_eq!(
-            argmax(batched),
-            argmax(alone),
-            "sequence {name}: argmax differs"
-        );
-    }
-}
-
 /// The opt-in half-precision KV cache on the host path: a chunked prefill gives the whole
 /// prefill's logits bit for bit (rows are rounded as they are appended, whatever the
 /// chunking), the cache takes half the memory, and the next-token distribution stays within
@@ -535,47 +437,6 @@ fn f16_kv_cache_on_the_host_path() {
         ours = step(&model, &mut cache, &[next]);
         theirs = step(&exact, &mut exact_cache, &[next]);
     }
-}
-
-#[test]
-fn chunked_prefill_matches_single_prefill() {
-    chunked_prefill_matches_single_prefill_in(WeightForm::Native);
-}
-
-#[test]
-fn chunked_prefill_matches_single_prefill_on_the_host_path() {
-    chunked_prefill_matches_single_prefill_in(WeightForm::Q8_0);
-}
-
-fn chunked_prefill_matches_single_prefill_in(form: WeightForm) {
-    let model = load(form);
-    let tokens = prompt(40, 4);
-    let whole = step(&model, &mut model.new_cache(), &tokens);
-
-    let mut cache = model.new_cache();
-    for (range, last) in [(0..16, false), (16..32, false), (32..40, true)] {
-        let out = model
-            .forward(&mut [SeqStep {
-                tokens: &tokens[range.clone()],
-                cache: &mut cache,
-                logits: usize::from(last),
-            }])
-            .unwrap();
-        assert_eq!(cache.len(), range.end);
-        if !last {
-            assert!(out.is_empty(), "logits returned without asking");
-            continue;
-        }
-        assert_eq!(out.len(), 1);
-        let d = max_abs_diff(&out[0], &whole);
-        println!("{form}: chunked prefill 16+16+8 vs 40: max |diff| = {d:e}");
-        assert!(
-            d < BATCH_TOL,
-            "chunked vs single prefill max |diff| {d} >= {BATCH_TOL}"
-        );
-        assert_eq!(argmax(&out[0]), argmax(&whole));
-    }
-    assert_eq!(cache.len(), 40);
 }
 
 /// Every weight form follows Native's greedy path: teacher-forced along Native's greedy

@@ -4,10 +4,32 @@
     reason = "each test crate includes this module and uses only some helpers"
 )]
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
-use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{Device, Tensor};
+use tollgate_runtime::dev_model::require_dev_model;
+use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep, WeightForm};
+
+/// The development model's file; the test fails (never skips) without it.
+pub fn model_path() -> PathBuf {
+    require_dev_model().expect("dev model (run scripts/fetch-model.sh)")
+}
+
+/// A GGUF file's header, and the reader positioned after it.
+pub fn open(path: &Path) -> (Content, BufReader<File>) {
+    let mut file = BufReader::new(File::open(path).unwrap());
+    let content = Content::read(&mut file).unwrap();
+    (content, file)
+}
+
+/// The development model with its weights in `form`.
+pub fn load(form: WeightForm) -> LlamaModel {
+    let (content, mut file) = open(&model_path());
+    LlamaModel::from_gguf(&content, &mut file, &Device::Cpu, form, None).unwrap()
+}
 
 /// A fresh directory under the system's temporary one, removed when the test ends, passed or
 /// failed.
