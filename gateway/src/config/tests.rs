@@ -84,6 +84,38 @@ fn cached_input_price_is_optional_exact_and_checked() {
     );
 }
 
+/// Rejected prediction tokens cost the output price unless priced (OpenAI's rule), in each
+/// tier as its own output price; a price of their own is exact and checked.
+#[test]
+fn rejected_prediction_price_defaults_to_the_output_price_and_is_checked() {
+    let d = |v: &str| Decimal::from_str(v).unwrap();
+    let prices = prices_of(GOOD);
+    for (tier, output) in [(ServiceTier::Default, "0.10"), (ServiceTier::Flex, "0.05")] {
+        assert_eq!(
+            prices.get(tier).unwrap().rejected_prediction_per_mtok,
+            d(output)
+        );
+    }
+    let set = GOOD.replace(
+        "output_per_mtok = \"0.10\" }",
+        "output_per_mtok = \"0.10\", rejected_prediction_per_mtok = \"0.020\", \
+         flex = { input_per_mtok = \"0.04\", output_per_mtok = \"0.08\" } }",
+    );
+    let prices = prices_of(&set);
+    let p = prices.get(ServiceTier::Default).unwrap();
+    assert_eq!(p.rejected_prediction_per_mtok.to_string(), "0.020");
+    // Halved for batch with the rest; a tier table of its own without it: its output price.
+    let batch = prices.get(ServiceTier::Batch).unwrap();
+    assert_eq!(batch.rejected_prediction_per_mtok, d("0.01"));
+    let flex = prices.get(ServiceTier::Flex).unwrap();
+    assert_eq!(flex.rejected_prediction_per_mtok, d("0.08"));
+    let e = refused(&set.replace("\"0.020\"", "\"-2\""));
+    assert!(
+        e.contains("price.rejected_prediction_per_mtok `-2` is negative"),
+        "{e}"
+    );
+}
+
 #[test]
 fn tier_prices_default_to_half_and_the_multiplier_and_are_checked() {
     let d = |v: &str| Decimal::from_str(v).unwrap();

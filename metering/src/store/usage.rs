@@ -16,7 +16,7 @@ use crate::tags::{self, Tags};
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
 
-/// Rows per multi-row insert on PostgreSQL (22 parameters each; well under its limit).
+/// Rows per multi-row insert on PostgreSQL (27 parameters each; well under its limit).
 const INSERT_CHUNK: usize = 200;
 
 /// Rows per multi-row insert on SQLite: binding a parameter looks its name up by a linear
@@ -70,6 +70,28 @@ pub struct UsageRecord {
     /// tiers).
     #[serde(default)]
     pub service_tier: ServiceTier,
+    /// Its `prediction`'s tokens (OpenAI's Predicted Outputs); zero without one.
+    #[serde(default, skip_serializing_if = "PredictionTokens::is_none")]
+    pub prediction: PredictionTokens,
+}
+
+/// A record's Predicted Outputs: `accepted` tokens of the prediction are a part of
+/// `output_tokens` (charged as output); `rejected` ones were computed and thrown away, are not
+/// among them, and are charged beside them at `price_per_mtok`, their part of the cost being
+/// `cost_nano_usd` (rounded alone, like the cached part).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PredictionTokens {
+    pub accepted: i64,
+    pub rejected: i64,
+    /// `None` on records older than predictions (they have none).
+    pub price_per_mtok: Option<Decimal>,
+    pub cost_nano_usd: i64,
+}
+
+impl PredictionTokens {
+    fn is_none(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Columns usage can be grouped by.
@@ -122,16 +144,19 @@ pub struct UsageRow {
     pub cost_nano_usd: i64,
     /// Of `cost_nano_usd`, the cached prompt tokens' part.
     pub cached_cost_nano_usd: i64,
+    /// The records' prediction tokens (with `GroupBy::Prices`, the rejected ones' price).
+    pub prediction: PredictionTokens,
 }
 
 pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
     cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key, \
-    service_tier";
+    service_tier, accepted_prediction_tokens, rejected_prediction_tokens, \
+    rejected_prediction_price_per_mtok, rejected_prediction_cost_nano_usd";
 
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 23;
+const RECORD_PARAMS: usize = 27;
 
 pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
@@ -158,6 +183,12 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         tags: stored_tags(row)?,
         idempotency_key: row.try_get("idempotency_key")?,
         service_tier: kind_column(row, "service_tier")?,
+        prediction: PredictionTokens {
+            accepted: row.try_get("accepted_prediction_tokens")?,
+            rejected: row.try_get("rejected_prediction_tokens")?,
+            price_per_mtok: optional_kind_column(row, "rejected_prediction_price_per_mtok")?,
+            cost_nano_usd: row.try_get("rejected_prediction_cost_nano_usd")?,
+        },
     })
 }
 
@@ -377,6 +408,7 @@ impl Store {
                     cols.push("input_price_per_mtok".into());
                     cols.push("output_price_per_mtok".into());
                     cols.push("cached_input_price_per_mtok".into());
+                    cols.push("rejected_prediction_price_per_mtok".into());
                 }
             }
         }
@@ -420,7 +452,11 @@ impl Store {
              CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
              CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd, \
              CAST(SUM(cached_input_tokens) AS BIGINT) AS cached_input_tokens, \
-             CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd \
+             CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd, \
+             CAST(SUM(accepted_prediction_tokens) AS BIGINT) AS accepted_prediction_tokens, \
+             CAST(SUM(rejected_prediction_tokens) AS BIGINT) AS rejected_prediction_tokens, \
+             CAST(SUM(rejected_prediction_cost_nano_usd) AS BIGINT) \
+             AS rejected_prediction_cost_nano_usd \
              FROM usage_records WHERE started_at >= $1 AND started_at < $2",
         );
         if filter.customer_id.is_some() {
@@ -511,7 +547,11 @@ async fn insert_chunk(
             .bind(r.usage_source.map(UsageSource::as_str))
             .bind(tags::to_json(&r.tags))
             .bind(&r.idempotency_key)
-            .bind(r.service_tier.as_str());
+            .bind(r.service_tier.as_str())
+            .bind(r.prediction.accepted)
+            .bind(r.prediction.rejected)
+            .bind(r.prediction.price_per_mtok.map(|p| p.to_string()))
+            .bind(r.prediction.cost_nano_usd);
     }
     let mut inserted = 0;
     for row in q.fetch_all(&mut **tx).await? {
@@ -563,5 +603,15 @@ fn usage_row(row: &sqlx::any::AnyRow, group: &[GroupBy], buckets: bool) -> Store
         cost_nano_usd: sum("cost_nano_usd")?,
         cached_input_tokens: sum("cached_input_tokens")?,
         cached_cost_nano_usd: sum("cached_cost_nano_usd")?,
+        prediction: PredictionTokens {
+            accepted: sum("accepted_prediction_tokens")?,
+            rejected: sum("rejected_prediction_tokens")?,
+            price_per_mtok: if prices {
+                optional_kind_column(row, "rejected_prediction_price_per_mtok")?
+            } else {
+                None
+            },
+            cost_nano_usd: sum("rejected_prediction_cost_nano_usd")?,
+        },
     })
 }
