@@ -87,6 +87,11 @@ async fn opens_unchanged(old: &str, fresh: &str, versions: usize) {
         ("old-1", ServiceTier::Default),
         "a record from before tiers reads back as served at `default`"
     );
+    assert_eq!(
+        records[0].prediction,
+        Default::default(),
+        "a record from before predictions reads back with none"
+    );
     let acme = store.customer("acme").await.unwrap();
     assert_eq!(
         (acme.name.as_str(), acme.budget_nano_usd),
@@ -114,7 +119,7 @@ async fn opens_unchanged(old: &str, fresh: &str, versions: usize) {
 }
 
 /// The migrations written after the fixtures were taken: applied to an old database on open.
-const SINCE_FIXTURES: [i64; 5] = [31, 32, 33, 34, 35];
+const SINCE_FIXTURES: [i64; 6] = [31, 32, 33, 34, 35, 36];
 
 /// The same check has teeth: a database that recorded another checksum for a shared
 /// migration is refused.
