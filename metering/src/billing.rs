@@ -344,11 +344,7 @@ pub async fn invoice_for(
                 "service_tier": r.service_tier,
                 "requests": r.requests,
                 "rejected_prediction_tokens": r.prediction.rejected,
-                "rejected_prediction_price_per_mtok": r
-                    .prediction
-                    .price_per_mtok
-                    .map(|p| p.to_string())
-                    .or_else(|| r.output_price_per_mtok.clone()),
+                "rejected_prediction_price_per_mtok": r.prediction.price_per_mtok,
                 "amount_usd": format_usd(r.prediction.cost_nano_usd),
             })));
         }
@@ -491,19 +487,12 @@ mod tests {
             price_per_mtok: Some("1.250".parse().unwrap()),
             cost_nano_usd: 3_750,
         };
-        let j = record_json(&r);
-        assert_eq!(
-            [
-                &j["accepted_prediction_tokens"],
-                &j["rejected_prediction_tokens"],
-                &j["rejected_prediction_price_per_mtok"],
-                &j["rejected_prediction_cost_usd"],
-            ],
-            [&json!(7), &json!(3), &json!("1.250"), &json!("0.000003750")]
-        );
-        let cells = record_cells(&r);
-        assert_eq!(cells.len(), RECORD_COLUMNS.len());
-        assert_eq!(cells[23..], ["7", "3", "1.250", "0.000003750"]);
+        let (j, cells) = (record_json(&r), record_cells(&r));
+        let expected = ["7", "3", "1.250", "0.000003750"];
+        for (i, name) in RECORD_COLUMNS.iter().enumerate().skip(23) {
+            let json = j[name].as_str().map_or(j[name].to_string(), str::to_string);
+            assert_eq!([json.as_str(), &cells[i]], [expected[i - 23]; 2], "{name}");
+        }
         let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }

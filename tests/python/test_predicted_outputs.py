@@ -5,13 +5,13 @@ usage chunk), carried on the usage record, priced at `price.rejected_prediction_
 shown on the invoice and the exports; through a `tollgate worker` too; refused with a 400
 naming the field where it cannot be honoured."""
 
+import contextlib
 import csv
 import io
 import json
 import os
 import subprocess
 import tempfile
-import time
 
 import httpx
 import openai
@@ -191,31 +191,22 @@ def test_a_prediction_is_honoured_with_what_openai_refuses_beside_it(client):
 def test_a_prediction_goes_through_a_worker():
     """A gateway whose model is a pool of `tollgate worker`s (`forward_customer`: the
     prediction goes through by default) gets the worker's answer and counts."""
-    port = free_port()
-    worker, _ = start_worker(port, "worker-token")
-    srv = None
-    try:
+    with contextlib.ExitStack() as cleanup:
+        port = free_port()
+        worker, _ = start_worker(port, "worker-token")
+        cleanup.callback(worker.wait, timeout=60)
+        cleanup.callback(worker.terminate)
         config = write(routed_model(MODEL, port, ", forward_customer = true"))
         srv = start_server({"TOLLGATE_WORKER_TOKEN": "worker-token"}, ["--config", config])
+        cleanup.callback(lambda: stop_server(srv) == 0 or pytest.fail("the gateway exited badly"))
         client = OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0, timeout=120)
-        # The gateway routes once a probe found the worker healthy.
-        deadline = time.time() + 60
-        while True:
-            try:
-                plain, _ = create(client)
-                break
-            except openai.APIStatusError:
-                assert time.time() < deadline
-                time.sleep(0.3)
+        # The worker listens before the gateway starts, and a pool's members are in rotation
+        # until a probe says otherwise.
+        plain, _ = create(client)
         text = plain.choices[0].message.content
         same, _ = create(client, prediction={"type": "content", "content": text})
         assert same.choices[0].message.content == text
         assert counts(same)[0] > 0, same.usage
-    finally:
-        if srv is not None:
-            assert stop_server(srv) == 0
-        worker.terminate()
-        worker.wait(timeout=60)
 
 
 def test_predictions_it_cannot_honour_are_refused_naming_the_field(client):

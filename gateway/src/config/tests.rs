@@ -96,19 +96,16 @@ fn rejected_prediction_price_defaults_to_the_output_price_and_is_checked() {
             d(output)
         );
     }
-    let set = GOOD.replace(
-        "output_per_mtok = \"0.10\" }",
-        "output_per_mtok = \"0.10\", rejected_prediction_per_mtok = \"0.020\", \
-         flex = { input_per_mtok = \"0.04\", output_per_mtok = \"0.08\" } }",
-    );
+    // A price of its own is exact and halved for batch with the rest; a tier table of its
+    // own without one: that tier's output price.
+    let own = "rejected_prediction_per_mtok = \"0.020\", \
+               batch = { input_per_mtok = \"0.04\", output_per_mtok = \"0.08\" } }";
+    let set = GOOD.replace("\"0.10\" }", &format!("\"0.10\", {own}"));
     let prices = prices_of(&set);
-    let p = prices.get(ServiceTier::Default).unwrap();
-    assert_eq!(p.rejected_prediction_per_mtok.to_string(), "0.020");
-    // Halved for batch with the rest; a tier table of its own without it: its output price.
-    let batch = prices.get(ServiceTier::Batch).unwrap();
-    assert_eq!(batch.rejected_prediction_per_mtok, d("0.01"));
-    let flex = prices.get(ServiceTier::Flex).unwrap();
-    assert_eq!(flex.rejected_prediction_per_mtok, d("0.08"));
+    let rejected = |tier| prices.get(tier).unwrap().rejected_prediction_per_mtok;
+    assert_eq!(rejected(ServiceTier::Default).to_string(), "0.020");
+    assert_eq!(rejected(ServiceTier::Flex), d("0.01"));
+    assert_eq!(rejected(ServiceTier::Batch), d("0.08"));
     let e = refused(&set.replace("\"0.020\"", "\"-2\""));
     assert!(
         e.contains("price.rejected_prediction_per_mtok `-2` is negative"),

@@ -18,6 +18,7 @@ mod batches;
 mod customers;
 mod files;
 mod keys;
+mod prediction;
 mod records;
 mod reservations;
 mod sla;

@@ -13,6 +13,8 @@ use super::{
 use crate::kinds::{BudgetScope, Endpoint, FinishReason, Outcome, ServiceTier, UsageSource};
 use crate::tags::{self, Tags};
 
+pub use super::prediction::PredictionTokens;
+
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
 
@@ -73,25 +75,6 @@ pub struct UsageRecord {
     /// Its `prediction`'s tokens (OpenAI's Predicted Outputs); zero without one.
     #[serde(default, skip_serializing_if = "PredictionTokens::is_none")]
     pub prediction: PredictionTokens,
-}
-
-/// A record's Predicted Outputs: `accepted` tokens of the prediction are a part of
-/// `output_tokens` (charged as output); `rejected` ones were computed and thrown away, are not
-/// among them, and are charged beside them at `price_per_mtok`, their part of the cost being
-/// `cost_nano_usd` (rounded alone, like the cached part).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PredictionTokens {
-    pub accepted: i64,
-    pub rejected: i64,
-    /// `None` on records older than predictions (they have none).
-    pub price_per_mtok: Option<Decimal>,
-    pub cost_nano_usd: i64,
-}
-
-impl PredictionTokens {
-    fn is_none(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 /// Columns usage can be grouped by.
@@ -183,12 +166,7 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         tags: stored_tags(row)?,
         idempotency_key: row.try_get("idempotency_key")?,
         service_tier: kind_column(row, "service_tier")?,
-        prediction: PredictionTokens {
-            accepted: row.try_get("accepted_prediction_tokens")?,
-            rejected: row.try_get("rejected_prediction_tokens")?,
-            price_per_mtok: optional_kind_column(row, "rejected_prediction_price_per_mtok")?,
-            cost_nano_usd: row.try_get("rejected_prediction_cost_nano_usd")?,
-        },
+        prediction: PredictionTokens::read(row, None)?,
     })
 }
 
@@ -603,15 +581,6 @@ fn usage_row(row: &sqlx::any::AnyRow, group: &[GroupBy], buckets: bool) -> Store
         cost_nano_usd: sum("cost_nano_usd")?,
         cached_input_tokens: sum("cached_input_tokens")?,
         cached_cost_nano_usd: sum("cached_cost_nano_usd")?,
-        prediction: PredictionTokens {
-            accepted: sum("accepted_prediction_tokens")?,
-            rejected: sum("rejected_prediction_tokens")?,
-            price_per_mtok: if prices {
-                optional_kind_column(row, "rejected_prediction_price_per_mtok")?
-            } else {
-                None
-            },
-            cost_nano_usd: sum("rejected_prediction_cost_nano_usd")?,
-        },
+        prediction: PredictionTokens::read(row, Some(prices))?,
     })
 }
