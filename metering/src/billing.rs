@@ -337,17 +337,6 @@ pub async fn invoice_for(
                 r.cost_nano_usd - r.cached_cost_nano_usd - r.prediction.cost_nano_usd
             ),
         })));
-        if r.prediction.rejected > 0 {
-            lines.push(tag_line(json!({
-                "kind": "rejected_prediction",
-                "model": r.model,
-                "service_tier": r.service_tier,
-                "requests": r.requests,
-                "rejected_prediction_tokens": r.prediction.rejected,
-                "rejected_prediction_price_per_mtok": r.prediction.price_per_mtok,
-                "amount_usd": format_usd(r.prediction.cost_nano_usd),
-            })));
-        }
         if r.cached_input_tokens > 0 {
             lines.push(tag_line(json!({
                 "kind": "cached_input",
@@ -362,6 +351,7 @@ pub async fn invoice_for(
                 "amount_usd": format_usd(r.cached_cost_nano_usd),
             })));
         }
+        lines.extend(rejected_prediction_line(r).map(tag_line));
     }
     // Reservations are the customer's, not a tag's: on the invoice unless it is one tag's.
     if tag.is_none() {
@@ -383,6 +373,21 @@ pub async fn invoice_for(
         "total_usd": format_usd(total),
         "tag_filter": tag.map(|(k, v)| json!({"key": k, "value": v})),
     }))
+}
+
+/// The invoice line of an aggregate row's rejected prediction tokens (none without them).
+fn rejected_prediction_line(r: &UsageRow) -> Option<Value> {
+    (r.prediction.rejected > 0).then(|| {
+        json!({
+            "kind": "rejected_prediction",
+            "model": r.model,
+            "service_tier": r.service_tier,
+            "requests": r.requests,
+            "rejected_prediction_tokens": r.prediction.rejected,
+            "rejected_prediction_price_per_mtok": r.prediction.price_per_mtok,
+            "amount_usd": format_usd(r.prediction.cost_nano_usd),
+        })
+    })
 }
 
 /// A reservation's line on the invoice of the month `[start, end)`: the share of the month it
