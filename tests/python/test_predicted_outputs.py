@@ -64,9 +64,16 @@ def config() -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def stack():
-    db = os.path.join(tempfile.mkdtemp(prefix="tollgate-predict-db-"), "ledger.db")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request):
+    """The server on the catalogue above, its ledger in SQLite or in PostgreSQL."""
+    if request.param == "sqlite":
+        db = os.path.join(tempfile.mkdtemp(prefix="tollgate-predict-db-"), "ledger.db")
+    elif os.environ.get("TOLLGATE_TEST_POSTGRES"):
+        reset = [str(ROOT / "scripts" / "postgres.sh"), "reset"]
+        db = subprocess.run(reset, capture_output=True, text=True, check=True).stdout.strip()
+    else:
+        pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
     srv = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ["--config", config(), "--database", db])
     srv.db = db
     yield srv
