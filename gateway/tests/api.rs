@@ -254,7 +254,9 @@ async fn non_streamed_chat_has_openai_shape() {
     assert_eq!(
         body["usage"],
         json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
-               "prompt_tokens_details": {"cached_tokens": 0}})
+               "prompt_tokens_details": {"cached_tokens": 0},
+               "completion_tokens_details": {"accepted_prediction_tokens": 0,
+                                             "rejected_prediction_tokens": 0}})
     );
 }
 

@@ -146,7 +146,9 @@ async fn fails_over_before_the_first_token_and_bills_upstream_usage() {
         assert_eq!(
             body["usage"],
             json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
-                   "prompt_tokens_details": {"cached_tokens": 0}})
+                   "prompt_tokens_details": {"cached_tokens": 0},
+                   "completion_tokens_details": {"accepted_prediction_tokens": 0,
+                                                 "rejected_prediction_tokens": 0}})
         );
     }
     assert_eq!(good_hits.load(Ordering::SeqCst), 6);

@@ -170,7 +170,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::E
 }
 
 /// Columns of an exported record, in order (the usage-record contract in the README).
-pub const RECORD_COLUMNS: [&str; 23] = [
+pub const RECORD_COLUMNS: [&str; 27] = [
     "id",
     "customer_id",
     "key_id",
@@ -194,6 +194,10 @@ pub const RECORD_COLUMNS: [&str; 23] = [
     "tags",
     "idempotency_key",
     "service_tier",
+    "accepted_prediction_tokens",
+    "rejected_prediction_tokens",
+    "rejected_prediction_price_per_mtok",
+    "rejected_prediction_cost_usd",
 ];
 
 /// A record as exported: times in RFC 3339, money as a decimal string.
@@ -222,7 +226,19 @@ pub fn record_json(r: &UsageRecord) -> Value {
         "tags": r.tags,
         "idempotency_key": r.idempotency_key,
         "service_tier": r.service_tier,
+        "accepted_prediction_tokens": r.prediction.accepted,
+        "rejected_prediction_tokens": r.prediction.rejected,
+        "rejected_prediction_price_per_mtok": rejected_price(r),
+        "rejected_prediction_cost_usd": format_usd(r.prediction.cost_nano_usd),
     })
+}
+
+/// The unit price a record's rejected prediction tokens were charged (the output price on
+/// records older than predictions, which have none).
+fn rejected_price(r: &UsageRecord) -> Decimal {
+    r.prediction
+        .price_per_mtok
+        .unwrap_or(r.output_price_per_mtok)
 }
 
 /// The unit price a record's cached prompt tokens were charged (the input price on records
@@ -258,14 +274,20 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         crate::tags::to_json(&r.tags).unwrap_or_default(),
         r.idempotency_key.clone().unwrap_or_default(),
         r.service_tier.to_string(),
+        r.prediction.accepted.to_string(),
+        r.prediction.rejected.to_string(),
+        rejected_price(r).to_string(),
+        format_usd(r.prediction.cost_nano_usd),
     ]
 }
 
 /// A customer's invoice for a month: one line per model, service tier and unit prices (fresh
 /// input and output), and beside it a `cached_input` line for the prompt tokens served from a prefix
-/// cache; the total is the sum of the lines in integer nano-USD. A line's amount is the sum of
+/// cache and a `rejected_prediction` line for the tokens of predictions computed and thrown
+/// away; the total is the sum of the lines in integer nano-USD. A line's amount is the sum of
 /// its records' parts: each record's cached part (`cached_input_cost_usd`, rounded alone) on
-/// the cached line, the rest of its cost on the other, so the two add up to the records.
+/// the cached line, its rejected prediction part (`rejected_prediction_cost_usd`) on that
+/// line, the rest of its cost on the tokens line, so the lines add up to the records.
 pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreResult<Value> {
     invoice_for(store, customer_id, period, None, None).await
 }
@@ -311,7 +333,9 @@ pub async fn invoice_for(
             "output_tokens": r.output_tokens,
             "input_price_per_mtok": r.input_price_per_mtok,
             "output_price_per_mtok": r.output_price_per_mtok,
-            "amount_usd": format_usd(r.cost_nano_usd - r.cached_cost_nano_usd),
+            "amount_usd": format_usd(
+                r.cost_nano_usd - r.cached_cost_nano_usd - r.prediction.cost_nano_usd
+            ),
         })));
         if r.cached_input_tokens > 0 {
             lines.push(tag_line(json!({
@@ -327,6 +351,7 @@ pub async fn invoice_for(
                 "amount_usd": format_usd(r.cached_cost_nano_usd),
             })));
         }
+        lines.extend(rejected_prediction_line(r).map(tag_line));
     }
     // Reservations are the customer's, not a tag's: on the invoice unless it is one tag's.
     if tag.is_none() {
@@ -348,6 +373,21 @@ pub async fn invoice_for(
         "total_usd": format_usd(total),
         "tag_filter": tag.map(|(k, v)| json!({"key": k, "value": v})),
     }))
+}
+
+/// The invoice line of an aggregate row's rejected prediction tokens (none without them).
+fn rejected_prediction_line(r: &UsageRow) -> Option<Value> {
+    (r.prediction.rejected > 0).then(|| {
+        json!({
+            "kind": "rejected_prediction",
+            "model": r.model,
+            "service_tier": r.service_tier,
+            "requests": r.requests,
+            "rejected_prediction_tokens": r.prediction.rejected,
+            "rejected_prediction_price_per_mtok": r.prediction.price_per_mtok,
+            "amount_usd": format_usd(r.prediction.cost_nano_usd),
+        })
+    })
 }
 
 /// A reservation's line on the invoice of the month `[start, end)`: the share of the month it
@@ -434,6 +474,32 @@ mod tests {
         let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.output_price_per_mtok.to_string(), "2.500");
+    }
+
+    /// A record's prediction tokens, their unit price and their part of the cost are exported
+    /// in JSON and CSV alike (the output price on records older than predictions), and the
+    /// spool's form reads back.
+    #[test]
+    fn exported_records_carry_their_prediction_tokens() {
+        let mut r = UsageRecord {
+            output_price_per_mtok: "2.5".parse().unwrap(),
+            ..UsageRecord::default()
+        };
+        assert_eq!(record_json(&r)["rejected_prediction_price_per_mtok"], "2.5");
+        r.prediction = crate::store::PredictionTokens {
+            accepted: 7,
+            rejected: 3,
+            price_per_mtok: Some("1.250".parse().unwrap()),
+            cost_nano_usd: 3_750,
+        };
+        let (j, cells) = (record_json(&r), record_cells(&r));
+        let expected = ["7", "3", "1.250", "0.000003750"];
+        for (i, name) in RECORD_COLUMNS.iter().enumerate().skip(23) {
+            let json = j[name].as_str().map_or(j[name].to_string(), str::to_string);
+            assert_eq!([json.as_str(), &cells[i]], [expected[i - 23]; 2], "{name}");
+        }
+        let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
     }
 
     /// Every record export names the tier the record was served at: JSONL and CSV alike.

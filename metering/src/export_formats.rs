@@ -52,6 +52,8 @@ pub fn cloudevent(r: &UsageRecord) -> Value {
             "cached_input_tokens": r.cached_input_tokens,
             "fresh_input_tokens": r.input_tokens - r.cached_input_tokens,
             "output_tokens": r.output_tokens,
+            "accepted_prediction_tokens": r.prediction.accepted,
+            "rejected_prediction_tokens": r.prediction.rejected,
             "cost_usd": format_usd(r.cost_nano_usd),
             "cost_nano_usd": r.cost_nano_usd,
             "tags": r.tags,
@@ -103,6 +105,7 @@ pub fn stripe_meter_event(r: &UsageRecord, mapping: &StripeMapping) -> Result<Va
         ("input_tokens", r.input_tokens - r.cached_input_tokens),
         ("cached_input_tokens", r.cached_input_tokens),
         ("output_tokens", r.output_tokens),
+        ("rejected_prediction_tokens", r.prediction.rejected),
         ("cost_nano_usd", r.cost_nano_usd),
         ("requests", 1),
     ] {

@@ -16,6 +16,9 @@ pub struct Price {
     pub output_per_mtok: Decimal,
     /// Prompt tokens served from a prefix cache (`input_per_mtok` unless configured).
     pub cached_input_per_mtok: Decimal,
+    /// Tokens of a request's `prediction` verified and thrown away (OpenAI's
+    /// `rejected_prediction_tokens`; `output_per_mtok` unless configured, OpenAI's rule).
+    pub rejected_prediction_per_mtok: Decimal,
 }
 
 impl Price {
@@ -29,6 +32,7 @@ impl Price {
             input_per_mtok: (self.input_per_mtok * factor).normalize(),
             output_per_mtok: (self.output_per_mtok * factor).normalize(),
             cached_input_per_mtok: (self.cached_input_per_mtok * factor).normalize(),
+            rejected_prediction_per_mtok: (self.rejected_prediction_per_mtok * factor).normalize(),
         }
     }
 }
@@ -93,12 +97,31 @@ pub fn cost_nano_usd(price: &Price, input: u64, output: u64) -> i64 {
 /// prefix cache: fresh × input price + cached × cached price + output × output price, rounded
 /// once. `cached` above `input` counts as `input` (a prompt cannot be more than cached).
 pub fn cost_with_cached_nano_usd(price: &Price, input: u64, cached: u64, output: u64) -> i64 {
+    cost_with_prediction_nano_usd(price, (input, cached, output), 0)
+}
+
+/// Cost in nano-USD of a request as [`cost_with_cached_nano_usd`], with `rejected` tokens of
+/// its prediction besides (verified, thrown away, not among `output`) at the rejected
+/// prediction price: rounded once, the whole.
+pub fn cost_with_prediction_nano_usd(
+    price: &Price,
+    (input, cached, output): (u64, u64, u64),
+    rejected: u64,
+) -> i64 {
     let cached = cached.min(input);
     round_nanos(
-        Decimal::from(input - cached) * price.input_per_mtok * NANOS_PER_MUSD
-            + Decimal::from(cached) * price.cached_input_per_mtok * NANOS_PER_MUSD
-            + Decimal::from(output) * price.output_per_mtok * NANOS_PER_MUSD,
+        (Decimal::from(input - cached) * price.input_per_mtok
+            + Decimal::from(cached) * price.cached_input_per_mtok
+            + Decimal::from(output) * price.output_per_mtok
+            + Decimal::from(rejected) * price.rejected_prediction_per_mtok)
+            * NANOS_PER_MUSD,
     )
+}
+
+/// The part of a request's cost that is its rejected prediction tokens, rounded alone (an
+/// invoice's `rejected_prediction` line is the sum of these).
+pub fn rejected_prediction_part_nano_usd(price: &Price, rejected: u64) -> i64 {
+    round_nanos(Decimal::from(rejected) * price.rejected_prediction_per_mtok * NANOS_PER_MUSD)
 }
 
 /// The part of a request's cost that is its cached prompt tokens, rounded alone (an invoice's
@@ -203,7 +226,36 @@ mod tests {
             input_per_mtok: i.parse().unwrap(),
             output_per_mtok: o.parse().unwrap(),
             cached_input_per_mtok: i.parse().unwrap(),
+            rejected_prediction_per_mtok: o.parse().unwrap(),
         }
+    }
+
+    /// Rejected prediction tokens cost their own price beside the rest, the whole rounded
+    /// once; their part alone is rounded alone.
+    #[test]
+    fn rejected_prediction_tokens_cost_their_price_beside_the_output() {
+        let mut p = price("0.05", "0.10");
+        // 10 prompt tokens (4 cached at 0.0125), 3 output, 5 rejected at the output price:
+        // 6×50 + 4×12.5 + 3×100 + 5×100 = 1150.
+        p.cached_input_per_mtok = "0.0125".parse().unwrap();
+        assert_eq!(cost_with_prediction_nano_usd(&p, (10, 4, 3), 5), 1150);
+        assert_eq!(rejected_prediction_part_nano_usd(&p, 5), 500);
+        // None rejected: the cost without a prediction.
+        assert_eq!(
+            cost_with_prediction_nano_usd(&p, (10, 4, 3), 0),
+            cost_with_cached_nano_usd(&p, 10, 4, 3)
+        );
+        // A price of their own, rounded once with the rest: 3 × 0.0005 = 1.5 → 2 alone, and
+        // 1×100 + 3×0.5 = 101.5 → 102 whole.
+        p.rejected_prediction_per_mtok = "0.0005".parse().unwrap();
+        assert_eq!(rejected_prediction_part_nano_usd(&p, 3), 2);
+        assert_eq!(cost_with_prediction_nano_usd(&p, (0, 0, 1), 3), 102);
+        // Scaled with the other prices (a tier's half).
+        let half = p.scaled("0.5".parse().unwrap());
+        assert_eq!(
+            half.rejected_prediction_per_mtok,
+            "0.00025".parse().unwrap()
+        );
     }
 
     #[test]

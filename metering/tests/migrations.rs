@@ -87,6 +87,11 @@ async fn opens_unchanged(old: &str, fresh: &str, versions: usize) {
         ("old-1", ServiceTier::Default),
         "a record from before tiers reads back as served at `default`"
     );
+    assert_eq!(
+        records[0].prediction,
+        Default::default(),
+        "a record from before predictions reads back with none"
+    );
     let acme = store.customer("acme").await.unwrap();
     assert_eq!(
         (acme.name.as_str(), acme.budget_nano_usd),

@@ -180,7 +180,6 @@ def test_errors(server, client, model):
 def test_arguments_the_server_cannot_honour_are_refused(client, model):
     """An argument the server does not implement is a 400 naming it, never ignored."""
     for kwargs, param in [
-        ({"prediction": {"type": "content", "content": "Paris"}}, "prediction"),
         ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"store": True}, "store"),

@@ -176,6 +176,7 @@ pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, A
                         .with_responses(http.responses)
                         .with_forwarded_customer(http.forward_customer)
                         .with_forwarded_service_tier(http.forward_service_tier)
+                        .with_forwarded_prediction(http.forward_prediction)
                         .with_routing(http.routing);
                 if let Some(source) = &model.source {
                     // With a source, what the upstream streams is counted in the model's own

@@ -9,16 +9,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::openai::{CompletionUsage, PromptTokensDetails};
+use crate::api::openai::{CompletionTokensDetails, CompletionUsage, PromptTokensDetails};
 use crate::auth::Caller;
 use crate::backend::{FinishReason, Usage, UsageSource};
 use crate::concurrency::{RequestSlot, Slots};
 use crate::AppState;
 use tollgate_metering::kinds::{Endpoint, Outcome, ServiceTier};
 use tollgate_metering::limits::{BudgetHold, TokenHold};
-use tollgate_metering::money::{cached_part_nano_usd, cost_with_cached_nano_usd};
-use tollgate_metering::money::{Price, TierPrices};
-use tollgate_metering::store::{now_micros, UsageRecord};
+use tollgate_metering::money::{cached_part_nano_usd, cost_with_prediction_nano_usd};
+use tollgate_metering::money::{rejected_prediction_part_nano_usd, Price, TierPrices};
+use tollgate_metering::store::{now_micros, PredictionTokens, UsageRecord};
 use tollgate_metering::tags::Tags;
 
 /// What a request is billed as: set at admission, written on its record.
@@ -72,6 +72,9 @@ pub(super) struct ChoiceTally {
     source: Option<UsageSource>,
     /// The tier its backend said it served at, once it finished.
     served_tier: Option<ServiceTier>,
+    /// Its prediction's tokens accepted and rejected, as reported when it finished (none
+    /// for a client that went away: the engine counts them only at the end).
+    prediction: (u32, u32),
 }
 
 impl ChoiceTally {
@@ -91,6 +94,7 @@ impl ChoiceTally {
             cached,
             source: None,
             served_tier: None,
+            prediction: (0, 0),
         }
     }
 
@@ -260,22 +264,38 @@ impl Completion {
             c.cached_reported = Some(usage.cached_tokens);
             c.source = Some(usage.source);
             c.served_tier = usage.service_tier;
+            c.prediction = (
+                usage.accepted_prediction_tokens,
+                usage.rejected_prediction_tokens,
+            );
         }
         if choice == 0 || self.finish.is_none() {
             self.finish = Some(reason);
         }
     }
 
+    /// The prediction tokens of every choice, accepted and rejected.
+    fn prediction_tokens(&self) -> (u64, u64) {
+        self.choices.iter().fold((0, 0), |(a, r), c| {
+            (a + u64::from(c.prediction.0), r + u64::from(c.prediction.1))
+        })
+    }
+
     /// `usage` as the client sees it: the same counts the record holds.
     pub(crate) fn usage(&self) -> CompletionUsage {
         let p = u64::from(self.prompt_tokens());
         let c = u64::from(self.completion_tokens());
+        let (accepted, rejected) = self.prediction_tokens();
         CompletionUsage {
             prompt_tokens: p,
             completion_tokens: c,
             total_tokens: p + c,
             prompt_tokens_details: PromptTokensDetails {
                 cached_tokens: u64::from(self.cached_tokens()).min(p),
+            },
+            completion_tokens_details: CompletionTokensDetails {
+                accepted_prediction_tokens: accepted,
+                rejected_prediction_tokens: rejected,
             },
         }
     }
@@ -293,16 +313,18 @@ impl Completion {
         let input = u64::from(self.prompt_tokens());
         let cached = u64::from(self.cached_tokens()).min(input);
         let output = u64::from(self.completion_tokens());
+        let (accepted, rejected) = self.prediction_tokens();
         let (service_tier, price) = self.billed_tier();
         let price = &price;
         // Failures are on us: recorded, never charged.
-        let (cost, cached_cost) = if self.outcome.is_charged() {
+        let (cost, cached_cost, rejected_cost) = if self.outcome.is_charged() {
             (
-                cost_with_cached_nano_usd(price, input, cached, output),
+                cost_with_prediction_nano_usd(price, (input, cached, output), rejected),
                 cached_part_nano_usd(price, input, cached),
+                rejected_prediction_part_nano_usd(price, rejected),
             )
         } else {
-            (0, 0)
+            (0, 0, 0)
         };
         let limiter = &self.state.limiter;
         if let Some(hold) = &self.holds.tokens {
@@ -346,6 +368,12 @@ impl Completion {
             tags: std::mem::take(&mut self.charge.tags),
             idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
             service_tier,
+            prediction: PredictionTokens {
+                accepted: signed(accepted),
+                rejected: signed(rejected),
+                price_per_mtok: Some(price.rejected_prediction_per_mtok),
+                cost_nano_usd: rejected_cost,
+            },
         })
     }
 

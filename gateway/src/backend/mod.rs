@@ -185,6 +185,11 @@ pub struct GenerateRequest {
     /// ([`BackendError::NoCapacity`]); `None`: as long as it takes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_wait: Option<std::time::Duration>,
+    /// The output the client expects (OpenAI's Predicted Outputs, chat only): a draft the
+    /// backend verifies, which never changes the output; refused by a backend that cannot
+    /// take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<String>,
 }
 
 /// Log probability of one token, with its text and bytes as OpenAI reports them.
@@ -224,6 +229,14 @@ pub struct Usage {
     /// `None` when it does not say (the engine serves the tier it was asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_tier: Option<ServiceTier>,
+    /// Tokens of the request's prediction kept in the output (a part of `completion_tokens`)
+    /// and computed then thrown away (not a part of it): OpenAI's
+    /// `completion_tokens_details.accepted_prediction_tokens` and
+    /// `rejected_prediction_tokens`.
+    #[serde(default)]
+    pub accepted_prediction_tokens: u32,
+    #[serde(default)]
+    pub rejected_prediction_tokens: u32,
 }
 
 /// Where a backend's counts came from, most trusted to least trusted (a record's field).

@@ -72,6 +72,9 @@ enum RawBackend {
         /// Send `service_tier` (when not `default`) to upstreams (default true); false for an
         /// upstream that refuses the field.
         forward_service_tier: Option<bool>,
+        /// Send OpenAI's `prediction` to upstreams (default: `forward_customer`, true for
+        /// pools of `tollgate worker`s); when false a request with one is refused.
+        forward_prediction: Option<bool>,
     },
 }
 
@@ -268,6 +271,8 @@ pub struct HttpBackendConfig {
     /// Whether upstreams get the request's `service_tier` in the body (when not `default`;
     /// workers that get the customer get it as a header instead).
     pub forward_service_tier: bool,
+    /// Whether upstreams get a request's `prediction` (else it is refused for the model).
+    pub forward_prediction: bool,
 }
 
 /// How a pool finds its members.
@@ -436,6 +441,7 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
             forward_customer,
             routing,
             forward_service_tier,
+            forward_prediction,
         } => {
             if urls.is_empty() {
                 return Err("backend.urls is empty".into());
@@ -466,6 +472,7 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
                     ],
                 )?,
                 forward_service_tier: forward_service_tier.unwrap_or(true),
+                forward_prediction: forward_prediction.unwrap_or(forward_customer.unwrap_or(false)),
             })
         }
     })

@@ -15,6 +15,8 @@ pub(super) struct RawPrice {
     pub(super) output_per_mtok: String,
     /// Prompt tokens served from a prefix cache; the input price when absent.
     pub(super) cached_input_per_mtok: Option<String>,
+    /// Tokens of a `prediction` computed and thrown away; the output price when absent.
+    pub(super) rejected_prediction_per_mtok: Option<String>,
     /// `flex`'s prices; half the default ones when absent.
     pub(super) flex: Option<RawTierPrice>,
     /// `batch`'s prices; half the default ones when absent.
@@ -34,24 +36,23 @@ pub(super) struct RawTierPrice {
     pub(super) input_per_mtok: String,
     pub(super) output_per_mtok: String,
     pub(super) cached_input_per_mtok: Option<String>,
+    pub(super) rejected_prediction_per_mtok: Option<String>,
 }
 
 /// A model's `price` table: decimal strings, none negative; the cached input price is the
-/// input price unless set; `flex` and `batch` cost half the default prices and `priority` the
+/// input price and the rejected prediction price the output price unless set; `flex` and `batch` cost half the default prices and `priority` the
 /// default prices × `priority_multiplier` (1) unless set.
 pub(super) fn validate_prices(p: RawPrice) -> Result<TierPrices, String> {
     let default = validate_price(
         "",
-        &p.input_per_mtok,
-        &p.output_per_mtok,
-        &p.cached_input_per_mtok,
+        [&p.input_per_mtok, &p.output_per_mtok],
+        [&p.cached_input_per_mtok, &p.rejected_prediction_per_mtok],
     )?;
     let tier = |name: &str, raw: &Option<RawTierPrice>, otherwise: Price| match raw {
         Some(t) => validate_price(
             &format!("{name}."),
-            &t.input_per_mtok,
-            &t.output_per_mtok,
-            &t.cached_input_per_mtok,
+            [&t.input_per_mtok, &t.output_per_mtok],
+            [&t.cached_input_per_mtok, &t.rejected_prediction_per_mtok],
         ),
         None => Ok(otherwise),
     };
@@ -105,20 +106,27 @@ pub(super) fn price_decimal(key: &str, v: &str) -> Result<Decimal, String> {
     Ok(d)
 }
 
-/// One tier's unit prices under `price.{prefix}`.
+/// One tier's unit prices under `price.{prefix}`: input and output, then the cached input
+/// and rejected prediction prices (the input and output prices when absent).
 fn validate_price(
     prefix: &str,
-    input: &str,
-    output: &str,
-    cached: &Option<String>,
+    [input, output]: [&str; 2],
+    [cached, rejected]: [&Option<String>; 2],
 ) -> Result<Price, String> {
     let input_per_mtok = price_decimal(&format!("{prefix}input_per_mtok"), input)?;
+    let output_per_mtok = price_decimal(&format!("{prefix}output_per_mtok"), output)?;
+    let or = |key: &str, v: &Option<String>, otherwise: Decimal| match v {
+        Some(v) => price_decimal(&format!("{prefix}{key}"), v),
+        None => Ok(otherwise),
+    };
     Ok(Price {
         input_per_mtok,
-        output_per_mtok: price_decimal(&format!("{prefix}output_per_mtok"), output)?,
-        cached_input_per_mtok: match cached {
-            Some(v) => price_decimal(&format!("{prefix}cached_input_per_mtok"), v)?,
-            None => input_per_mtok,
-        },
+        output_per_mtok,
+        cached_input_per_mtok: or("cached_input_per_mtok", cached, input_per_mtok)?,
+        rejected_prediction_per_mtok: or(
+            "rejected_prediction_per_mtok",
+            rejected,
+            output_per_mtok,
+        )?,
     })
 }

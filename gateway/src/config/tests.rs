@@ -84,6 +84,35 @@ fn cached_input_price_is_optional_exact_and_checked() {
     );
 }
 
+/// Rejected prediction tokens cost the output price unless priced (OpenAI's rule), in each
+/// tier as its own output price; a price of their own is exact and checked.
+#[test]
+fn rejected_prediction_price_defaults_to_the_output_price_and_is_checked() {
+    let d = |v: &str| Decimal::from_str(v).unwrap();
+    let prices = prices_of(GOOD);
+    for (tier, output) in [(ServiceTier::Default, "0.10"), (ServiceTier::Flex, "0.05")] {
+        assert_eq!(
+            prices.get(tier).unwrap().rejected_prediction_per_mtok,
+            d(output)
+        );
+    }
+    // A price of its own is exact and halved for batch with the rest; a tier table of its
+    // own without one: that tier's output price.
+    let own = "rejected_prediction_per_mtok = \"0.020\", \
+               batch = { input_per_mtok = \"0.04\", output_per_mtok = \"0.08\" } }";
+    let set = GOOD.replace("\"0.10\" }", &format!("\"0.10\", {own}"));
+    let prices = prices_of(&set);
+    let rejected = |tier| prices.get(tier).unwrap().rejected_prediction_per_mtok;
+    assert_eq!(rejected(ServiceTier::Default).to_string(), "0.020");
+    assert_eq!(rejected(ServiceTier::Flex), d("0.01"));
+    assert_eq!(rejected(ServiceTier::Batch), d("0.08"));
+    let e = refused(&set.replace("\"0.020\"", "\"-2\""));
+    assert!(
+        e.contains("price.rejected_prediction_per_mtok `-2` is negative"),
+        "{e}"
+    );
+}
+
 #[test]
 fn tier_prices_default_to_half_and_the_multiplier_and_are_checked() {
     let d = |v: &str| Decimal::from_str(v).unwrap();

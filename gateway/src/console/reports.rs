@@ -227,6 +227,7 @@ fn invoice_table(inv: &Value) -> Markup {
                 @for l in lines {
                     @let cached = l["kind"] == "cached_input";
                     @let reserved = l["kind"] == "reservation";
+                    @let rejected = l["kind"] == "rejected_prediction";
                     tr {
                         td { (text(&l["kind"])) }
                         td { (text(&l["model"])) }
@@ -234,9 +235,11 @@ fn invoice_table(inv: &Value) -> Markup {
                         td { (text(&l["requests"])) }
                         td { @if cached { (text(&l["cached_input_tokens"])) " cached" }
                              @else if reserved { (text(&l["reserved_tokens_per_minute"])) " TPM, " (text(&l["days_active"])) " of " (text(&l["days_in_month"])) " days" }
+                             @else if rejected { (text(&l["rejected_prediction_tokens"])) " rejected prediction" }
                              @else { (text(&l["input_tokens"])) " in / " (text(&l["output_tokens"])) " out" } }
                         td { @if cached { (text(&l["cached_input_price_per_mtok"])) " / Mtok" }
                              @else if reserved { (text(&l["price_per_ktpm_month"])) " / kTPM-month" }
+                             @else if rejected { (text(&l["rejected_prediction_price_per_mtok"])) " / Mtok" }
                              @else { (text(&l["input_price_per_mtok"])) " / " (text(&l["output_price_per_mtok"])) " / Mtok" } }
                         td { (text(&l["amount_usd"])) }
                     }

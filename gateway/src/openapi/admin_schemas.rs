@@ -205,6 +205,13 @@ pub struct UsageRecord {
     pub tags: BTreeMap<String, String>,
     /// The class of service it was served and priced at.
     pub service_tier: String,
+    /// Tokens of its `prediction` kept in the output (a part of `output_tokens`).
+    pub accepted_prediction_tokens: i64,
+    /// Tokens of its `prediction` computed and thrown away (not a part of `output_tokens`),
+    /// charged at `rejected_prediction_price_per_mtok`; their part of `cost_usd`.
+    pub rejected_prediction_tokens: i64,
+    pub rejected_prediction_price_per_mtok: String,
+    pub rejected_prediction_cost_usd: String,
 }
 
 /// `GET /admin/v1/usage/records`.
@@ -226,8 +233,9 @@ pub struct TagPair {
     pub value: Option<String>,
 }
 
-/// An invoice line: `kind` `tokens` (input and output tokens), `cached_input`, or
-/// `reservation` (a month's share of reserved capacity).
+/// An invoice line: `kind` `tokens` (input and output tokens), `cached_input`,
+/// `rejected_prediction` (tokens of predictions computed and thrown away), or `reservation`
+/// (a month's share of reserved capacity).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct InvoiceLine {
     pub kind: String,
@@ -241,6 +249,8 @@ pub struct InvoiceLine {
     pub input_price_per_mtok: Option<String>,
     pub output_price_per_mtok: Option<String>,
     pub cached_input_price_per_mtok: Option<String>,
+    pub rejected_prediction_tokens: Option<i64>,
+    pub rejected_prediction_price_per_mtok: Option<String>,
     pub amount_usd: String,
     /// With `group_by=tag:KEY`.
     pub tag: Option<TagPair>,

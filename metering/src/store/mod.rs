@@ -18,6 +18,7 @@ mod batches;
 mod customers;
 mod files;
 mod keys;
+mod prediction;
 mod records;
 mod reservations;
 mod sla;
@@ -33,7 +34,9 @@ pub use keys::{KeyFields, NewKey};
 pub use records::{parse_cursor, RecordFilter, RecordPage};
 pub use reservations::{peak_tpm, NewReservation, Reservation};
 pub use sla::{SlaFilter, SlaRow, TTFT_BUCKETS_MS};
-pub use usage::{record, GroupBy, UsageFilter, UsageRecord, UsageRow, RECORD_COLUMNS};
+pub use usage::{
+    record, GroupBy, PredictionTokens, UsageFilter, UsageRecord, UsageRow, RECORD_COLUMNS,
+};
 
 fn stored_tags(row: &AnyRow) -> StoreResult<Tags> {
     let text: Option<String> = row.try_get("tags")?;

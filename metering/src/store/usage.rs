@@ -13,10 +13,12 @@ use super::{
 use crate::kinds::{BudgetScope, Endpoint, FinishReason, Outcome, ServiceTier, UsageSource};
 use crate::tags::{self, Tags};
 
+pub use super::prediction::PredictionTokens;
+
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
 
-/// Rows per multi-row insert on PostgreSQL (22 parameters each; well under its limit).
+/// Rows per multi-row insert on PostgreSQL (27 parameters each; well under its limit).
 const INSERT_CHUNK: usize = 200;
 
 /// Rows per multi-row insert on SQLite: binding a parameter looks its name up by a linear
@@ -70,6 +72,9 @@ pub struct UsageRecord {
     /// tiers).
     #[serde(default)]
     pub service_tier: ServiceTier,
+    /// Its `prediction`'s tokens (OpenAI's Predicted Outputs); zero without one.
+    #[serde(default, skip_serializing_if = "PredictionTokens::is_none")]
+    pub prediction: PredictionTokens,
 }
 
 /// Columns usage can be grouped by.
@@ -122,16 +127,19 @@ pub struct UsageRow {
     pub cost_nano_usd: i64,
     /// Of `cost_nano_usd`, the cached prompt tokens' part.
     pub cached_cost_nano_usd: i64,
+    /// The records' prediction tokens (with `GroupBy::Prices`, the rejected ones' price).
+    pub prediction: PredictionTokens,
 }
 
 pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
     cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key, \
-    service_tier";
+    service_tier, accepted_prediction_tokens, rejected_prediction_tokens, \
+    rejected_prediction_price_per_mtok, rejected_prediction_cost_nano_usd";
 
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 23;
+const RECORD_PARAMS: usize = 27;
 
 pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
@@ -158,6 +166,7 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         tags: stored_tags(row)?,
         idempotency_key: row.try_get("idempotency_key")?,
         service_tier: kind_column(row, "service_tier")?,
+        prediction: PredictionTokens::read(row, None)?,
     })
 }
 
@@ -377,6 +386,7 @@ impl Store {
                     cols.push("input_price_per_mtok".into());
                     cols.push("output_price_per_mtok".into());
                     cols.push("cached_input_price_per_mtok".into());
+                    cols.push("rejected_prediction_price_per_mtok".into());
                 }
             }
         }
@@ -420,7 +430,11 @@ impl Store {
              CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
              CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd, \
              CAST(SUM(cached_input_tokens) AS BIGINT) AS cached_input_tokens, \
-             CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd \
+             CAST(SUM(cached_cost_nano_usd) AS BIGINT) AS cached_cost_nano_usd, \
+             CAST(SUM(accepted_prediction_tokens) AS BIGINT) AS accepted_prediction_tokens, \
+             CAST(SUM(rejected_prediction_tokens) AS BIGINT) AS rejected_prediction_tokens, \
+             CAST(SUM(rejected_prediction_cost_nano_usd) AS BIGINT) \
+             AS rejected_prediction_cost_nano_usd \
              FROM usage_records WHERE started_at >= $1 AND started_at < $2",
         );
         if filter.customer_id.is_some() {
@@ -511,7 +525,11 @@ async fn insert_chunk(
             .bind(r.usage_source.map(UsageSource::as_str))
             .bind(tags::to_json(&r.tags))
             .bind(&r.idempotency_key)
-            .bind(r.service_tier.as_str());
+            .bind(r.service_tier.as_str())
+            .bind(r.prediction.accepted)
+            .bind(r.prediction.rejected)
+            .bind(r.prediction.price_per_mtok.map(|p| p.to_string()))
+            .bind(r.prediction.cost_nano_usd);
     }
     let mut inserted = 0;
     for row in q.fetch_all(&mut **tx).await? {
@@ -563,5 +581,6 @@ fn usage_row(row: &sqlx::any::AnyRow, group: &[GroupBy], buckets: bool) -> Store
         cost_nano_usd: sum("cost_nano_usd")?,
         cached_input_tokens: sum("cached_input_tokens")?,
         cached_cost_nano_usd: sum("cached_cost_nano_usd")?,
+        prediction: PredictionTokens::read(row, Some(prices))?,
     })
 }

@@ -186,6 +186,13 @@ pub async fn exercise(store: &Store) {
             r.cached_input_tokens = i % 5;
             r.cached_input_price_per_mtok = Some("0.02".parse().unwrap());
             r.cached_cost_nano_usd = 20 * (i % 5);
+            // So do a prediction's tokens, their price and their part of the cost.
+            r.prediction = tollgate_metering::store::PredictionTokens {
+                accepted: i % 4,
+                rejected: i % 6,
+                price_per_mtok: Some("0.30".parse().unwrap()),
+                cost_nano_usd: 300 * (i % 6),
+            };
             r.usage_source = Some(if i % 7 == 0 {
                 UsageSource::Observed
             } else {
@@ -250,6 +257,19 @@ pub async fn exercise(store: &Store) {
             row.cached_cost_nano_usd,
             mine.iter().map(|r| r.cached_cost_nano_usd).sum::<i64>()
         );
+        let sum = |f: fn(&UsageRecord) -> i64| mine.iter().map(|r| f(r)).sum::<i64>();
+        assert_eq!(
+            (
+                row.prediction.accepted,
+                row.prediction.rejected,
+                row.prediction.cost_nano_usd
+            ),
+            (
+                sum(|r| r.prediction.accepted),
+                sum(|r| r.prediction.rejected),
+                sum(|r| r.prediction.cost_nano_usd)
+            )
+        );
     }
     let days = store.aggregate(&all, &[GroupBy::Day], None).await.unwrap();
     assert_eq!(days.len(), 5, "450 records 1/100 day apart span 5 days");
@@ -272,6 +292,10 @@ pub async fn exercise(store: &Store) {
     assert_eq!(
         invoice[0].cached_input_price_per_mtok.as_deref(),
         Some("0.02")
+    );
+    assert_eq!(
+        invoice[0].prediction.price_per_mtok,
+        Some("0.30".parse().unwrap())
     );
     assert_eq!(
         invoice[0].requests,

@@ -221,8 +221,14 @@ impl Backend for LocalBackend {
         let template = self.template.clone();
         let prompt = request.prompt.clone();
         let tools = request.tools.clone();
-        let prompt_ids = tokio::task::spawn_blocking(move || {
-            Self::tokenize_with_tools(&tokenizer, &template, &prompt, tools.as_ref())
+        let predicted = request.prediction.clone();
+        // The prediction (OpenAI's Predicted Outputs) is a draft in the model's tokens.
+        let (prompt_ids, prediction) = tokio::task::spawn_blocking(move || {
+            let ids = Self::tokenize_with_tools(&tokenizer, &template, &prompt, tools.as_ref())?;
+            let prediction = predicted
+                .map(|text| tokenizer.encode(&text, false))
+                .transpose()?;
+            Ok::<_, RuntimeError>((ids, prediction))
         })
         .await
         .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
@@ -260,7 +266,7 @@ impl Backend for LocalBackend {
                     constraint,
                     tenant,
                     cached: Some(engine_cached),
-                    prediction: None,
+                    prediction,
                 })
                 .map_err(backend_error)?;
             Ok(events(
@@ -419,7 +425,8 @@ fn shaped(
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
-                ..
+                accepted_prediction_tokens,
+                rejected_prediction_tokens,
             } => shaper
                 .finished(
                     match reason {
@@ -430,6 +437,8 @@ fn shaped(
                         prompt_tokens: prompt_tokens as u32,
                         completion_tokens: completion_tokens as u32,
                         cached_tokens: cached_tokens as u32,
+                        accepted_prediction_tokens: accepted_prediction_tokens as u32,
+                        rejected_prediction_tokens: rejected_prediction_tokens as u32,
                         ..Usage::default()
                     },
                 )

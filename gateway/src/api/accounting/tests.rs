@@ -18,6 +18,7 @@ fn the_tier_billed_is_the_one_reported_when_priced_else_the_one_asked() {
         input_per_mtok: n.into(),
         output_per_mtok: n.into(),
         cached_input_per_mtok: n.into(),
+        rejected_prediction_per_mtok: n.into(),
     };
     let prices = TierPrices {
         priority: Some(price(4)),

@@ -15,12 +15,24 @@ pub struct PromptTokensDetails {
     pub cached_tokens: u64,
 }
 
+/// Tokens of the request's `prediction` (OpenAI's Predicted Outputs; 0 without one).
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct CompletionTokensDetails {
+    /// Predicted tokens that appeared in the answer: a part of `completion_tokens`.
+    pub accepted_prediction_tokens: u64,
+    /// Predicted tokens computed and thrown away: not a part of `completion_tokens` here,
+    /// but billed beside them (at the model's `price.rejected_prediction_per_mtok`, the
+    /// output price unless set).
+    pub rejected_prediction_tokens: u64,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct CompletionUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub prompt_tokens_details: PromptTokensDetails,
+    pub completion_tokens_details: CompletionTokensDetails,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

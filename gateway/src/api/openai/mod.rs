@@ -182,6 +182,19 @@ pub struct ResponseFormatIn {
     pub json_schema: Option<JsonSchemaIn>,
 }
 
+/// OpenAI's Predicted Outputs: text the answer is expected to repeat much of (a file being
+/// edited). Verified as a draft, it never changes the answer, only how fast it comes;
+/// `usage.completion_tokens_details` counts its tokens accepted and rejected.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct PredictionIn {
+    /// Only `content`.
+    #[serde(rename = "type")]
+    #[schema(pattern = "^content$")]
+    pub kind: String,
+    /// The predicted text, or text parts.
+    pub content: MessageContent,
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[schema(as = CreateChatCompletionRequest)]
 pub struct ChatRequest {
@@ -198,6 +211,7 @@ pub struct ChatRequest {
     pub tools: Option<Vec<ToolIn>>,
     pub tool_choice: Option<ToolChoiceIn>,
     pub parallel_tool_calls: Option<bool>,
+    pub prediction: Option<PredictionIn>,
     /// The deprecated forms of `tools` / `tool_choice`: refused, not ignored (and not in the
     /// OpenAPI document).
     #[schema(ignore)]
@@ -267,6 +281,7 @@ impl RequestBody for ChatRequest {
         "tools",
         "tool_choice",
         "parallel_tool_calls",
+        "prediction",
         "functions",
         "function_call",
     );

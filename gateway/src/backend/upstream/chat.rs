@@ -146,6 +146,9 @@ pub(super) fn request_body(
                 body["logprobs"] = json!(true);
                 body["top_logprobs"] = json!(k);
             }
+            if let Some(text) = &request.prediction {
+                body["prediction"] = json!({"type": "content", "content": text});
+            }
             "/v1/chat/completions"
         }
         Prompt::Text(text) => {
@@ -266,12 +269,23 @@ pub(super) struct UpstreamUsage {
     completion_tokens: Option<u32>,
     #[serde(default, alias = "input_tokens_details", deserialize_with = "lenient")]
     prompt_tokens_details: CachedDetails,
+    #[serde(default, deserialize_with = "lenient")]
+    completion_tokens_details: PredictionDetails,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 struct CachedDetails {
     #[serde(default, deserialize_with = "count")]
     cached_tokens: Option<u32>,
+}
+
+/// The prediction's tokens an upstream (a worker, or OpenAI) reports.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+struct PredictionDetails {
+    #[serde(default, deserialize_with = "count")]
+    accepted_prediction_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "count")]
+    rejected_prediction_tokens: Option<u32>,
 }
 
 /// A token count, or `None` for anything else (`null`, a string, a negative number).
@@ -313,9 +327,8 @@ pub(super) fn settled_usage(
         return Usage {
             prompt_tokens: prompt_estimate,
             completion_tokens: observed,
-            cached_tokens: 0,
             source: UsageSource::Observed,
-            service_tier: None,
+            ..Usage::default()
         };
     };
     let prompt_tokens = u.prompt_tokens.unwrap_or(prompt_estimate);
@@ -328,12 +341,15 @@ pub(super) fn settled_usage(
         .cached_tokens
         .unwrap_or(0)
         .min(prompt_tokens);
+    let d = u.completion_tokens_details;
     Usage {
         prompt_tokens,
         completion_tokens,
         cached_tokens,
         source,
         service_tier: None,
+        accepted_prediction_tokens: d.accepted_prediction_tokens.unwrap_or(0),
+        rejected_prediction_tokens: d.rejected_prediction_tokens.unwrap_or(0),
     }
 }
 

@@ -3,8 +3,8 @@
 //! `tool_choice`. Every refusal is a 400 that names the field.
 
 use super::{
-    ChatRequest, CommonParams, CompletionRequest, MessageContent, MessageIn, OneOrMany, PromptIn,
-    ResponseFormatIn, ToolChoiceIn, ToolIn,
+    ChatRequest, CommonParams, CompletionRequest, MessageContent, MessageIn, OneOrMany,
+    PredictionIn, PromptIn, ResponseFormatIn, ToolChoiceIn, ToolIn,
 };
 use crate::backend::{
     ChatMessage, GenerateRequest, Prompt, ResponseFormat, SamplingParams, ToolCall, ToolChoice,
@@ -184,6 +184,7 @@ fn choices_n(common: &CommonParams, max_n: u32) -> Result<u32, ApiError> {
 struct OutputSpec {
     response_format: ResponseFormat,
     tools: Option<ToolsRequest>,
+    prediction: Option<String>,
 }
 
 fn fan_out(
@@ -211,14 +212,16 @@ fn fan_out(
                 scheduling_weight: None,
                 service_tier: Default::default(),
                 max_queue_wait: None,
+                prediction: output.prediction.clone(),
             });
         }
     }
     out
 }
 
-/// Message content as text (only `text` parts are supported).
-fn content_text(content: Option<MessageContent>, i: usize) -> Result<String, ApiError> {
+/// Message content as text (only `text` parts are supported; `param` names the content in
+/// a refusal).
+fn content_text(content: Option<MessageContent>, param: &str) -> Result<String, ApiError> {
     Ok(match content {
         None => String::new(),
         Some(MessageContent::Text(t)) => t,
@@ -231,7 +234,7 @@ fn content_text(content: Option<MessageContent>, i: usize) -> Result<String, Api
                             "content parts of type `{}` are not supported by this model; only `text`",
                             part.kind
                         ),
-                        param: Some(format!("messages.[{i}].content")),
+                        param: Some(param.to_string()),
                     });
                 }
                 text.push_str(part.text.as_deref().unwrap_or(""));
@@ -272,7 +275,7 @@ fn chat_messages(input: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
                 ),
             ));
         }
-        let content = content_text(m.content, i)?;
+        let content = content_text(m.content, &format!("messages.[{i}].content"))?;
         let mut tool_calls = Vec::new();
         if let Some(calls) = m.tool_calls {
             if m.role != "assistant" {
@@ -372,6 +375,26 @@ fn response_format(input: Option<ResponseFormatIn>) -> Result<ResponseFormat, Ap
     }
 }
 
+/// `prediction` as the text the answer is expected to be: `{"type": "content", "content"}`
+/// with a text or text parts. It is honoured with every other argument (`n`, `logprobs`,
+/// penalties, `tools`, `response_format`, `max_completion_tokens`), where OpenAI refuses
+/// them: the engine verifies a draft position by sampling it as without the draft, so the
+/// answer cannot depend on it. An empty prediction is none.
+fn prediction(input: Option<PredictionIn>) -> Result<Option<String>, ApiError> {
+    let Some(p) = input else { return Ok(None) };
+    if p.kind != "content" {
+        return Err(ApiError::invalid(
+            format!(
+                "`{}` is not a valid prediction type (only `content`) - 'prediction.type'",
+                p.kind
+            ),
+            "prediction.type",
+        ));
+    }
+    let text = content_text(Some(p.content), "prediction.content")?;
+    Ok((!text.is_empty()).then_some(text))
+}
+
 impl ChatRequest {
     pub fn plan(self, request_id: &str, max_n: u32) -> Result<Plan, ApiError> {
         if self.functions.is_some() || self.function_call.is_some() {
@@ -401,6 +424,7 @@ impl ChatRequest {
         let output = OutputSpec {
             response_format,
             tools,
+            prediction: prediction(self.prediction)?,
         };
         let max_tokens = self.max_completion_tokens.or(self.common.max_tokens);
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
@@ -490,6 +514,7 @@ impl CompletionRequest {
         let output = OutputSpec {
             response_format: response_format(self.response_format)?,
             tools: None,
+            prediction: None,
         };
         Ok(Plan {
             choices: fan_out(&self.model, request_id, prompts, n, params, output),

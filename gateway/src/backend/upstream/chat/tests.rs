@@ -12,6 +12,7 @@ fn request(tier: ServiceTier) -> GenerateRequest {
         scheduling_weight: None,
         service_tier: tier,
         max_queue_wait: None,
+        prediction: None,
     }
 }
 
@@ -54,4 +55,34 @@ fn the_tier_an_upstream_reports_is_on_the_finish() {
     fold.on_chunk(&odd, &count);
     let finished = finish_usage(fold);
     assert_eq!(finished.map(|u| u.service_tier), Some(None));
+}
+
+/// A prediction goes upstream as OpenAI's `prediction`, and the upstream's counts of its
+/// tokens come back on the finish (none when it reports none, or reports them badly).
+#[test]
+fn a_prediction_goes_upstream_and_its_counts_come_back() {
+    let mut r = request(ServiceTier::Default);
+    r.prompt = Prompt::Chat(vec![crate::backend::ChatMessage::new("user", "hi")]);
+    let (_, plain) = request_body("up", &r, true);
+    assert!(plain.get("prediction").is_none());
+    r.prediction = Some("fn main() {}".into());
+    let (_, body) = request_body("up", &r, true);
+    assert_eq!(
+        body["prediction"],
+        json!({"type": "content", "content": "fn main() {}"})
+    );
+    let usage = |details: Value| {
+        let u = json!({"prompt_tokens": 5, "completion_tokens": 9, "completion_tokens_details": details});
+        settled_usage(UpstreamUsage::read(&u), 5, 9)
+    };
+    let u = usage(json!({"accepted_prediction_tokens": 6, "rejected_prediction_tokens": 2}));
+    assert_eq!(
+        (u.accepted_prediction_tokens, u.rejected_prediction_tokens),
+        (6, 2)
+    );
+    let u = usage(json!({"accepted_prediction_tokens": "six"}));
+    assert_eq!(
+        (u.accepted_prediction_tokens, u.rejected_prediction_tokens),
+        (0, 0)
+    );
 }
