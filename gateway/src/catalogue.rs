@@ -119,9 +119,9 @@ pub struct ReloadOutcome {
     pub removed: Vec<String>,
     /// Models whose serving changed (a new backend, the old one drains).
     pub replaced: Vec<String>,
-    /// Models whose price or other billing terms changed (same backend), applied to
+    /// Models whose price, limits, pinning or keep-alive changed (same backend): applied to
     /// requests admitted from now on.
-    pub repriced: Vec<String>,
+    pub updated: Vec<String>,
 }
 
 impl ReloadOutcome {
@@ -129,6 +129,6 @@ impl ReloadOutcome {
         self.added.is_empty()
             && self.removed.is_empty()
             && self.replaced.is_empty()
-            && self.repriced.is_empty()
+            && self.updated.is_empty()
     }
 }

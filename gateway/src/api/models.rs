@@ -42,7 +42,11 @@ impl From<crate::backend::ModelInfo> for Model {
     security(("api_key" = [])))]
 pub async fn list_models(State(state): State<AppState>) -> Json<ListModelsResponse> {
     let catalogue = state.catalogue.current();
-    let mut data: Vec<Model> = catalogue.backends.values().map(|b| b.info().into()).collect();
+    let mut data: Vec<Model> = catalogue
+        .backends
+        .values()
+        .map(|b| b.info().into())
+        .collect();
     data.sort_by(|a, b| a.id.cmp(&b.id));
     Json(ListModelsResponse {
         object: "list",

@@ -91,9 +91,11 @@ impl Residencies {
             self.loaded
                 .with_label_values(&[model])
                 .set(if loaded { 1.0 } else { 0.0 });
-            self.memory
-                .with_label_values(&[model])
-                .set(if loaded { bytes_gauge(r.memory_bytes) } else { 0.0 });
+            self.memory.with_label_values(&[model]).set(if loaded {
+                bytes_gauge(r.memory_bytes)
+            } else {
+                0.0
+            });
             // The loads since the last scrape, timed from the residency's recent list (a
             // scrape after more than `RECENT_LOADS` loads times only the latest).
             let loads = self.loads.with_label_values(&[model]);

@@ -88,7 +88,12 @@ fn operations() -> Operations {
         .op(Get, "/admin/v1/invoices/{customer_id}", invoice, UsageRead)
         .op(Get, "/admin/v1/audit", audit::list, Admin)
         .op(Get, "/admin/v1/models", models::list_models, Admin)
-        .op(Post, "/admin/v1/models/reload", models::reload_models, Admin)
+        .op(
+            Post,
+            "/admin/v1/models/reload",
+            models::reload_models,
+            Admin,
+        )
         .op(
             Get,
             "/admin/v1/admin_tokens",

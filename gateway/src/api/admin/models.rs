@@ -128,7 +128,7 @@ pub async fn reload(state: &AppState, actor: &Actor) -> Result<ReloadOutcome, Re
         added = ?outcome.added,
         removed = ?outcome.removed,
         replaced = ?outcome.replaced,
-        repriced = ?outcome.repriced,
+        updated = ?outcome.updated,
         "catalogue reloaded"
     );
     if let Some(store) = &state.store {
