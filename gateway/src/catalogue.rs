@@ -123,12 +123,3 @@ pub struct ReloadOutcome {
     /// requests admitted from now on.
     pub updated: Vec<String>,
 }
-
-impl ReloadOutcome {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty()
-            && self.removed.is_empty()
-            && self.replaced.is_empty()
-            && self.updated.is_empty()
-    }
-}

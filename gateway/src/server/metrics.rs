@@ -43,18 +43,28 @@ struct Residencies {
     unloads: IntCounterVec,
 }
 
+/// A gauge labelled by model, registered in `registry`.
+fn model_gauge(registry: &Registry, name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
+    let g = GaugeVec::new(Opts::new(name, help), &["model"])?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// A counter labelled by model, registered in `registry`.
+fn model_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), &["model"])?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 impl Residencies {
     fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
-            let g = GaugeVec::new(Opts::new(name, help), &["model"])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let counter = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), &["model"])?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let gauge = |name: &str, help: &str| model_gauge(registry, name, help);
+        let counter = |name: &str, help: &str| model_counter(registry, name, help);
         let load_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "tollgate_model_load_seconds",
@@ -182,16 +192,8 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
-        let int_counter = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), &["model"])?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
-            let g = GaugeVec::new(Opts::new(name, help), &["model"])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
+        let int_counter = |name: &str, help: &str| model_counter(&registry, name, help);
+        let gauge = |name: &str, help: &str| model_gauge(&registry, name, help);
         Ok(Self {
             requests: counter(
                 "tollgate_requests_total",

@@ -2,8 +2,23 @@ use super::*;
 
 const MB: u64 = 1 << 20;
 
-fn budget_of(capacity: u64) -> (Budget, Instant) {
-    (Budget::new(capacity), Instant::now())
+/// A budget of `capacity_mb` with an unpinned slot of each size (MiB), named `m0`, `m1`, ...
+fn budget(capacity_mb: u64, sizes_mb: &[u64]) -> (Budget, Vec<SlotId>, Instant) {
+    let now = Instant::now();
+    let mut b = Budget::new(capacity_mb * MB);
+    let ids = sizes_mb
+        .iter()
+        .enumerate()
+        .map(|(i, size)| b.add(&format!("m{i}"), size * MB, false, None, now))
+        .collect();
+    (b, ids, now)
+}
+
+/// Slot `id` pinned, or kept alive for `keep_alive`.
+fn set(b: &mut Budget, id: SlotId, pinned: bool, keep_alive: Option<Duration>) {
+    let s = b.slot_mut(id).unwrap();
+    s.pinned = pinned;
+    s.keep_alive = keep_alive;
 }
 
 /// `id` asks for a load and gets the plan.
@@ -23,9 +38,8 @@ fn state(b: &Budget, id: SlotId) -> ResidencyState {
 
 #[test]
 fn models_that_fit_load_side_by_side() {
-    let (mut b, now) = budget_of(300 * MB);
-    let x = b.add("x", 100 * MB, false, None, now);
-    let y = b.add("y", 150 * MB, false, None, now);
+    let (mut b, ids, now) = budget(300, &[100, 150]);
+    let (x, y) = (ids[0], ids[1]);
     load(&mut b, x, now);
     load(&mut b, y, now);
     assert_eq!(b.used(), 250 * MB);
@@ -35,10 +49,8 @@ fn models_that_fit_load_side_by_side() {
 
 #[test]
 fn the_least_recently_used_idle_model_makes_room() {
-    let (mut b, t0) = budget_of(250 * MB);
-    let x = b.add("x", 100 * MB, false, None, t0);
-    let y = b.add("y", 100 * MB, false, None, t0);
-    let z = b.add("z", 100 * MB, false, None, t0);
+    let (mut b, ids, t0) = budget(250, &[100, 100, 100]);
+    let (x, y, z) = (ids[0], ids[1], ids[2]);
     load(&mut b, x, t0);
     load(&mut b, y, t0 + Duration::from_secs(1));
     // x used last: y is the least recently used.
@@ -53,9 +65,8 @@ fn the_least_recently_used_idle_model_makes_room() {
 
 #[test]
 fn a_busy_model_drains_before_it_unloads_and_takes_no_new_request() {
-    let (mut b, now) = budget_of(100 * MB);
-    let x = b.add("x", 100 * MB, false, None, now);
-    let y = b.add("y", 100 * MB, false, None, now);
+    let (mut b, ids, now) = budget(100, &[100, 100]);
+    let (x, y) = (ids[0], ids[1]);
     load(&mut b, x, now);
     assert!(b.lease(x, now));
     assert_eq!(ask(&mut b, y), Plan::Wait { unload: vec![] });
@@ -70,10 +81,9 @@ fn a_busy_model_drains_before_it_unloads_and_takes_no_new_request() {
 
 #[test]
 fn pinned_models_are_never_unloaded() {
-    let (mut b, now) = budget_of(200 * MB);
-    let p = b.add("p", 100 * MB, true, Some(Duration::ZERO), now);
-    let x = b.add("x", 100 * MB, false, None, now);
-    let y = b.add("y", 100 * MB, false, None, now);
+    let (mut b, ids, now) = budget(200, &[100, 100, 100]);
+    let (p, x, y) = (ids[0], ids[1], ids[2]);
+    set(&mut b, p, true, Some(Duration::ZERO));
     b.start_loading(p);
     b.loaded(p, Some(1.0), now);
     load(&mut b, x, now);
@@ -84,10 +94,8 @@ fn pinned_models_are_never_unloaded() {
 
 #[test]
 fn models_take_turns_in_the_order_they_were_asked_for() {
-    let (mut b, now) = budget_of(100 * MB);
-    let x = b.add("x", 100 * MB, false, None, now);
-    let y = b.add("y", 100 * MB, false, None, now);
-    let z = b.add("z", 100 * MB, false, None, now);
+    let (mut b, ids, now) = budget(100, &[100, 100, 100]);
+    let (x, y, z) = (ids[0], ids[1], ids[2]);
     load(&mut b, x, now);
     assert!(b.lease(x, now));
     b.want(y);
@@ -105,9 +113,8 @@ fn models_take_turns_in_the_order_they_were_asked_for() {
 
 #[test]
 fn a_model_with_requests_waiting_for_it_is_not_taken_away() {
-    let (mut b, now) = budget_of(100 * MB);
-    let x = b.add("x", 100 * MB, false, None, now);
-    let y = b.add("y", 100 * MB, false, None, now);
+    let (mut b, ids, now) = budget(100, &[100, 100]);
+    let (x, y) = (ids[0], ids[1]);
     load(&mut b, x, now);
     b.slot_mut(x).unwrap().waiting = 1;
     assert_eq!(ask(&mut b, y), Plan::Wait { unload: vec![] });
@@ -118,9 +125,8 @@ fn a_model_with_requests_waiting_for_it_is_not_taken_away() {
 
 #[test]
 fn a_model_larger_than_the_budget_loads_alone() {
-    let (mut b, now) = budget_of(100 * MB);
-    let x = b.add("x", 50 * MB, false, None, now);
-    let big = b.add("big", 500 * MB, false, None, now);
+    let (mut b, ids, now) = budget(100, &[50, 500]);
+    let (x, big) = (ids[0], ids[1]);
     load(&mut b, x, now);
     assert_eq!(ask(&mut b, big), Plan::Load { unload: vec![x] });
     assert_eq!(b.used(), 500 * MB);
@@ -128,13 +134,14 @@ fn a_model_larger_than_the_budget_loads_alone() {
 
 #[test]
 fn keep_alive_unloads_idle_models_only() {
-    let (mut b, t0) = budget_of(1000 * MB);
-    let x = b.add("x", 100 * MB, false, Some(Duration::from_secs(60)), t0);
-    let y = b.add("y", 100 * MB, false, Some(Duration::from_secs(60)), t0);
-    let z = b.add("z", 100 * MB, false, None, t0);
-    load(&mut b, x, t0);
-    load(&mut b, y, t0);
-    load(&mut b, z, t0);
+    let (mut b, ids, t0) = budget(1000, &[100, 100, 100]);
+    let (x, y, z) = (ids[0], ids[1], ids[2]);
+    for id in [x, y] {
+        set(&mut b, id, false, Some(Duration::from_secs(60)));
+    }
+    for id in [x, y, z] {
+        load(&mut b, id, t0);
+    }
     assert!(b.lease(y, t0));
     assert!(b.expired(t0 + Duration::from_secs(59)).is_empty());
     assert_eq!(b.expired(t0 + Duration::from_secs(60)), vec![x]);
@@ -145,9 +152,8 @@ fn keep_alive_unloads_idle_models_only() {
 
 #[test]
 fn a_retired_model_finishes_its_requests_then_leaves_the_budget() {
-    let (mut b, now) = budget_of(1000 * MB);
-    let x = b.add("x", 100 * MB, false, None, now);
-    let y = b.add("y", 100 * MB, false, None, now);
+    let (mut b, ids, now) = budget(1000, &[100, 100]);
+    let (x, y) = (ids[0], ids[1]);
     load(&mut b, x, now);
     load(&mut b, y, now);
     assert!(b.lease(x, now));
@@ -162,8 +168,8 @@ fn a_retired_model_finishes_its_requests_then_leaves_the_budget() {
 
 #[test]
 fn a_failed_load_leaves_the_model_unloaded() {
-    let (mut b, now) = budget_of(100 * MB);
-    let x = b.add("x", 100 * MB, false, None, now);
+    let (mut b, ids, now) = budget(100, &[100]);
+    let x = ids[0];
     assert_eq!(ask(&mut b, x), Plan::Load { unload: vec![] });
     b.loaded(x, None, now);
     assert_eq!(state(&b, x), ResidencyState::Unloaded);

@@ -180,89 +180,86 @@ impl Residents {
         slot: SlotId,
         config: &(ModelConfig, LocalBackendConfig),
     ) -> Result<Lease, BackendError> {
-        let max_queue = config.1.max_queue;
         let mut waiter: Option<Waiter> = None;
         loop {
+            // Enabled before the state is read, so a change after the read wakes it.
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut load = None;
-            let unloaded = {
-                let mut inner = self.lock();
-                let now = Instant::now();
-                if inner.budget.lease(slot, now) {
-                    if let Some(engine) = inner.engines.get(&slot).cloned() {
-                        return Ok(Lease {
-                            residents: self.clone(),
-                            slot,
-                            engine,
-                        });
-                    }
-                }
-                let Some(s) = inner.budget.slot(slot) else {
-                    return Err(BackendError::Unavailable(
-                        "the model left the catalogue".into(),
-                    ));
-                };
-                if s.retired {
-                    return Err(BackendError::Unavailable(
-                        "the model left the catalogue".into(),
-                    ));
-                }
-                let failures = inner.failures.get(&slot).map_or(0, |f| f.0);
-                match &waiter {
-                    None => {
-                        if s.waiting >= max_queue as u64 {
-                            return Err(BackendError::Loading {
-                                retry_after_secs: LOADING_RETRY_AFTER_SECS,
-                            });
-                        }
-                        if let Some(s) = inner.budget.slot_mut(slot) {
-                            s.waiting += 1;
-                        }
-                        waiter = Some(Waiter {
-                            residents: self.clone(),
-                            slot,
-                            failures,
-                        });
-                    }
-                    Some(w) if w.failures != failures => {
-                        let error = inner.failures.get(&slot).map(|f| f.1.clone());
-                        return Err(BackendError::Internal(format!(
-                            "the model failed to load: {}",
-                            error.unwrap_or_default()
-                        )));
-                    }
-                    Some(_) => {}
-                }
-                let mut unloaded = Vec::new();
-                if inner
-                    .budget
-                    .slot(slot)
-                    .is_some_and(|s| s.state == ResidencyState::Unloaded)
-                {
-                    inner.budget.want(slot);
-                    let (plan_unload, go) = match inner.budget.plan(slot) {
-                        Plan::Load { unload } => (unload, true),
-                        Plan::Wait { unload } => (unload, false),
-                    };
-                    for id in plan_unload {
-                        unloaded.extend(inner.engines.remove(&id));
-                    }
-                    if go {
-                        load = Some(());
-                    }
-                }
-                unloaded
-            };
-            // Engines dropped outside the lock (their threads end once their work is done).
-            drop(unloaded);
-            if load.is_some() {
-                self.load(slot, config.0.clone(), config.1.clone()).await;
-                continue;
+            match self.step(slot, config.1.max_queue, &mut waiter)? {
+                Step::Leased(lease) => return Ok(lease),
+                Step::Load => self.load(slot, config.0.clone(), config.1.clone()).await,
+                Step::Wait => notified.await,
             }
-            notified.await;
         }
+    }
+
+    /// One look at `slot` for a request (`waiter` once it waits): a lease when loaded, else
+    /// the request waits (refused when `max_queue` wait already) and, first in line, plans a
+    /// load.
+    fn step(
+        self: &Arc<Self>,
+        slot: SlotId,
+        max_queue: usize,
+        waiter: &mut Option<Waiter>,
+    ) -> Result<Step, BackendError> {
+        let mut inner = self.lock();
+        if inner.budget.lease(slot, Instant::now()) {
+            if let Some(engine) = inner.engines.get(&slot).cloned() {
+                return Ok(Step::Leased(Lease {
+                    residents: self.clone(),
+                    slot,
+                    engine,
+                }));
+            }
+        }
+        let gone = || BackendError::Unavailable("the model left the catalogue".into());
+        let s = inner.budget.slot(slot).ok_or_else(gone)?;
+        if s.retired {
+            return Err(gone());
+        }
+        let (waiting, unloaded) = (s.waiting, s.state == ResidencyState::Unloaded);
+        let failures = inner.failures.get(&slot).cloned().unwrap_or_default();
+        match waiter {
+            None if waiting >= max_queue as u64 => {
+                return Err(BackendError::Loading {
+                    retry_after_secs: LOADING_RETRY_AFTER_SECS,
+                })
+            }
+            None => {
+                if let Some(s) = inner.budget.slot_mut(slot) {
+                    s.waiting += 1;
+                }
+                *waiter = Some(Waiter {
+                    residents: self.clone(),
+                    slot,
+                    failures: failures.0,
+                });
+            }
+            Some(w) if w.failures != failures.0 => {
+                return Err(BackendError::Internal(format!(
+                    "the model failed to load: {}",
+                    failures.1
+                )))
+            }
+            Some(_) => {}
+        }
+        if !unloaded {
+            return Ok(Step::Wait);
+        }
+        inner.budget.want(slot);
+        let (unload, step) = match inner.budget.plan(slot) {
+            Plan::Load { unload } => (unload, Step::Load),
+            Plan::Wait { unload } => (unload, Step::Wait),
+        };
+        let engines: Vec<Arc<LocalBackend>> = unload
+            .iter()
+            .filter_map(|id| inner.engines.remove(id))
+            .collect();
+        drop(inner);
+        // Dropped outside the lock (each engine's thread ends once its work is done).
+        drop(engines);
+        Ok(step)
     }
 
     /// A reload kept `model`'s serving but may have changed whether it is pinned and its
@@ -341,6 +338,13 @@ impl Residents {
             in_use: s.leases,
         }
     }
+}
+
+/// What a request does next for its lease.
+enum Step {
+    Leased(Lease),
+    Load,
+    Wait,
 }
 
 /// A request waiting for its model to load: counted against `max_queue` until it leaves.

@@ -25,21 +25,12 @@ pub struct CatalogueModel {
     /// `local` (an engine in this process) or `http` (upstreams or workers).
     #[schema(value_type = String, pattern = "^(local|http)$")]
     pub backend: &'static str,
-    /// `loaded` for an http model (its upstreams keep their own); for a local one,
-    /// `unloaded`, `loading`, `loaded` or `draining`.
-    pub state: ResidencyState,
-    pub pinned: bool,
     /// Seconds idle before it is unloaded; `null`: only to make room.
     pub keep_alive_secs: Option<u64>,
-    /// What it counts against `model_memory_bytes` (weights file plus KV reservation); 0
-    /// for an http model.
-    pub memory_bytes: u64,
-    /// Its last load's duration in seconds, if it loaded.
-    pub load_seconds: Option<f64>,
-    pub loads_total: u64,
-    pub unloads_total: u64,
-    /// Requests using it now.
-    pub in_use: u64,
+    /// A local model's place in the memory budget; an http model shows `loaded` and 0 bytes
+    /// (its upstreams keep their own).
+    #[serde(flatten)]
+    pub residency: Residency,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -82,14 +73,8 @@ pub(super) async fn list_models(State(state): State<AppState>) -> Json<Catalogue
                 id: m.id.clone(),
                 object: "catalogue.model",
                 backend: if local { "local" } else { "http" },
-                state: residency.state,
-                pinned: residency.pinned,
                 keep_alive_secs: m.keep_alive.map(|d| d.as_secs()),
-                memory_bytes: residency.memory_bytes,
-                load_seconds: residency.load_seconds,
-                loads_total: residency.loads_total,
-                unloads_total: residency.unloads_total,
-                in_use: residency.in_use,
+                residency,
             }
         })
         .collect();
