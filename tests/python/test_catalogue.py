@@ -35,6 +35,14 @@ def entry(model: str, input_price: str = "0.05") -> str:
     )
 
 
+def upstream(model: str, extra: str = "") -> str:
+    """An http model routed to a port nobody listens on (routes are not called here)."""
+    return (
+        f'[models."{model}"]\n'
+        f'backend = {{ type = "http", urls = ["http://127.0.0.1:9"]{", " + extra if extra else ""} }}\n'
+    )
+
+
 def catalogue(*entries: str) -> str:
     return f"[server]\nmodel_memory_bytes = {BUDGET}\n\n" + "\n".join(entries)
 
@@ -165,20 +173,32 @@ def test_reload_adds_removes_reprices_and_refuses_an_invalid_file(srv, client):
     assert sorted(m.id for m in client.models.list().data) == ["alpha", "gamma"]
     assert Decimal(record(srv, ask(client, "alpha"))["input_price_per_mtok"]) == Decimal("0.25")
 
+    # A valid file whose new backend cannot be built (its key's variable is unset): refused too.
+    with open(srv.config_path, "w") as f:
+        f.write(catalogue(entry("alpha"), upstream("routed", 'api_key_env = "TOLLGATE_NO_SUCH_VAR"')))
+    r = httpx.post(f"http://{srv.addr}/admin/v1/models/reload",
+                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    assert r.status_code == 400 and "TOLLGATE_NO_SUCH_VAR" in r.json()["error"]["message"], r.text
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "gamma"]
+
     entries = admin(srv, "GET", "/audit", params={"limit": 1000})["data"]
     reloads = [e for e in entries if e["action"] == "catalogue.reloaded"]
     assert len(reloads) == 1 and reloads[0]["changes"]["added"] == ["gamma"], reloads
 
 
 def test_sighup_reloads_and_an_invalid_file_is_logged(srv, client):
+    # delta is new; routed is an http model, as gateways routing to workers have.
     with open(srv.config_path, "w") as f:
-        f.write(catalogue(entry("alpha", input_price="0.25"), entry("gamma"), entry("delta")))
+        f.write(catalogue(entry("alpha", input_price="0.25"), entry("gamma"), entry("delta"),
+                          upstream("routed")))
     srv.proc.send_signal(signal.SIGHUP)
     deadline = time.time() + 120
     while "delta" not in [m.id for m in client.models.list().data]:
         assert time.time() < deadline, "SIGHUP never reloaded the catalogue"
         time.sleep(0.1)
     ask(client, "delta")
+    models = residency(srv)
+    assert models["routed"]["backend"] == "http" and models["delta"]["backend"] == "local", models
 
     with open(srv.config_path, "w") as f:
         f.write("this is not toml")
@@ -186,5 +206,5 @@ def test_sighup_reloads_and_an_invalid_file_is_logged(srv, client):
     while not any("SIGHUP: the catalogue is not reloaded" in line for line in srv.log):
         assert time.time() < deadline, "the refused reload was never logged"
         time.sleep(0.1)
-    assert sorted(m.id for m in client.models.list().data) == ["alpha", "delta", "gamma"]
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "delta", "gamma", "routed"]
     ask(client, "alpha")

@@ -188,7 +188,13 @@ impl Residents {
             notified.as_mut().enable();
             match self.step(slot, config.1.max_queue, &mut waiter)? {
                 Step::Leased(lease) => return Ok(lease),
-                Step::Load => self.load(slot, config.0.clone(), config.1.clone()).await,
+                Step::Load => {
+                    // On a task of its own: a request that goes away while the model loads
+                    // does not leave it half loaded.
+                    let (this, model, local) = (self.clone(), config.0.clone(), config.1.clone());
+                    tokio::spawn(async move { this.load(slot, model, local).await });
+                    notified.await;
+                }
                 Step::Wait => notified.await,
             }
         }
