@@ -3,14 +3,14 @@ use super::*;
 const MB: u64 = 1 << 20;
 
 /// A budget of `capacity_mb` with an unpinned slot of each size (MiB), named `m0`, `m1`, ...
-fn budget(capacity_mb: u64, sizes_mb: &[u64]) -> (Budget, Vec<SlotId>, Instant) {
+fn budget<const N: usize>(capacity_mb: u64, sizes_mb: [u64; N]) -> (Budget, [SlotId; N], Instant) {
     let now = Instant::now();
     let mut b = Budget::new(capacity_mb * MB);
-    let ids = sizes_mb
-        .iter()
-        .enumerate()
-        .map(|(i, size)| b.add(&format!("m{i}"), size * MB, false, None, now))
-        .collect();
+    let mut i = 0;
+    let ids = sizes_mb.map(|size| {
+        i += 1;
+        b.add(&format!("m{i}"), size * MB, false, None, now)
+    });
     (b, ids, now)
 }
 
@@ -38,8 +38,7 @@ fn state(b: &Budget, id: SlotId) -> ResidencyState {
 
 #[test]
 fn models_that_fit_load_side_by_side() {
-    let (mut b, ids, now) = budget(300, &[100, 150]);
-    let (x, y) = (ids[0], ids[1]);
+    let (mut b, [x, y], now) = budget(300, [100, 150]);
     load(&mut b, x, now);
     load(&mut b, y, now);
     assert_eq!(b.used(), 250 * MB);
@@ -49,8 +48,7 @@ fn models_that_fit_load_side_by_side() {
 
 #[test]
 fn the_least_recently_used_idle_model_makes_room() {
-    let (mut b, ids, t0) = budget(250, &[100, 100, 100]);
-    let (x, y, z) = (ids[0], ids[1], ids[2]);
+    let (mut b, [x, y, z], t0) = budget(250, [100, 100, 100]);
     load(&mut b, x, t0);
     load(&mut b, y, t0 + Duration::from_secs(1));
     // x used last: y is the least recently used.
@@ -65,8 +63,7 @@ fn the_least_recently_used_idle_model_makes_room() {
 
 #[test]
 fn a_busy_model_drains_before_it_unloads_and_takes_no_new_request() {
-    let (mut b, ids, now) = budget(100, &[100, 100]);
-    let (x, y) = (ids[0], ids[1]);
+    let (mut b, [x, y], now) = budget(100, [100, 100]);
     load(&mut b, x, now);
     assert!(b.lease(x, now));
     assert_eq!(ask(&mut b, y), Plan::Wait { unload: vec![] });
@@ -81,8 +78,7 @@ fn a_busy_model_drains_before_it_unloads_and_takes_no_new_request() {
 
 #[test]
 fn pinned_models_are_never_unloaded() {
-    let (mut b, ids, now) = budget(200, &[100, 100, 100]);
-    let (p, x, y) = (ids[0], ids[1], ids[2]);
+    let (mut b, [p, x, y], now) = budget(200, [100, 100, 100]);
     set(&mut b, p, true, Some(Duration::ZERO));
     b.start_loading(p);
     b.loaded(p, Some(1.0), now);
@@ -94,8 +90,7 @@ fn pinned_models_are_never_unloaded() {
 
 #[test]
 fn models_take_turns_in_the_order_they_were_asked_for() {
-    let (mut b, ids, now) = budget(100, &[100, 100, 100]);
-    let (x, y, z) = (ids[0], ids[1], ids[2]);
+    let (mut b, [x, y, z], now) = budget(100, [100, 100, 100]);
     load(&mut b, x, now);
     assert!(b.lease(x, now));
     b.want(y);
@@ -113,8 +108,7 @@ fn models_take_turns_in_the_order_they_were_asked_for() {
 
 #[test]
 fn a_model_with_requests_waiting_for_it_is_not_taken_away() {
-    let (mut b, ids, now) = budget(100, &[100, 100]);
-    let (x, y) = (ids[0], ids[1]);
+    let (mut b, [x, y], now) = budget(100, [100, 100]);
     load(&mut b, x, now);
     b.slot_mut(x).unwrap().waiting = 1;
     assert_eq!(ask(&mut b, y), Plan::Wait { unload: vec![] });
@@ -125,8 +119,7 @@ fn a_model_with_requests_waiting_for_it_is_not_taken_away() {
 
 #[test]
 fn a_model_larger_than_the_budget_loads_alone() {
-    let (mut b, ids, now) = budget(100, &[50, 500]);
-    let (x, big) = (ids[0], ids[1]);
+    let (mut b, [x, big], now) = budget(100, [50, 500]);
     load(&mut b, x, now);
     assert_eq!(ask(&mut b, big), Plan::Load { unload: vec![x] });
     assert_eq!(b.used(), 500 * MB);
@@ -134,8 +127,7 @@ fn a_model_larger_than_the_budget_loads_alone() {
 
 #[test]
 fn keep_alive_unloads_idle_models_only() {
-    let (mut b, ids, t0) = budget(1000, &[100, 100, 100]);
-    let (x, y, z) = (ids[0], ids[1], ids[2]);
+    let (mut b, [x, y, z], t0) = budget(1000, [100, 100, 100]);
     for id in [x, y] {
         set(&mut b, id, false, Some(Duration::from_secs(60)));
     }
@@ -152,8 +144,7 @@ fn keep_alive_unloads_idle_models_only() {
 
 #[test]
 fn a_retired_model_finishes_its_requests_then_leaves_the_budget() {
-    let (mut b, ids, now) = budget(1000, &[100, 100]);
-    let (x, y) = (ids[0], ids[1]);
+    let (mut b, [x, y], now) = budget(1000, [100, 100]);
     load(&mut b, x, now);
     load(&mut b, y, now);
     assert!(b.lease(x, now));
@@ -168,8 +159,7 @@ fn a_retired_model_finishes_its_requests_then_leaves_the_budget() {
 
 #[test]
 fn a_failed_load_leaves_the_model_unloaded() {
-    let (mut b, ids, now) = budget(100, &[100]);
-    let x = ids[0];
+    let (mut b, [x], now) = budget(100, [100]);
     assert_eq!(ask(&mut b, x), Plan::Load { unload: vec![] });
     b.loaded(x, None, now);
     assert_eq!(state(&b, x), ResidencyState::Unloaded);
