@@ -53,6 +53,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("the model is overloaded; retry after {retry_after_secs} seconds")]
     Overloaded { retry_after_secs: u64 },
+    /// The model is loading and its queue of waiting requests is full.
+    #[error("the model is loading; retry after {retry_after_secs} seconds")]
+    ModelLoading { retry_after_secs: u64 },
     /// The gateway serves `max_inflight_requests` already.
     #[error("the server is at capacity; retry after {retry_after_secs} seconds")]
     AtCapacity { retry_after_secs: u64 },
@@ -145,7 +148,9 @@ impl ApiError {
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded { .. } | Self::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::AtCapacity { .. } | Self::ModelLoading { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamCredentials(_) => StatusCode::BAD_GATEWAY,
@@ -179,6 +184,7 @@ impl ApiError {
             Self::Overloaded { .. } | Self::AtCapacity { .. } => {
                 ("server_error", Some("overloaded"))
             }
+            Self::ModelLoading { .. } => ("server_error", Some("model_loading")),
             Self::Internal(_) => ("server_error", None),
             Self::BadGateway(_) => ("server_error", None),
             Self::UpstreamCredentials(_) => ("server_error", Some("upstream_credentials")),
@@ -288,6 +294,7 @@ impl From<BackendError> for ApiError {
                 Self::InvalidRequest { message, param }
             }
             BackendError::Overloaded { retry_after_secs } => Self::Overloaded { retry_after_secs },
+            BackendError::Loading { retry_after_secs } => Self::ModelLoading { retry_after_secs },
             BackendError::NoCapacity { retry_after_secs } => {
                 Self::ResourceUnavailable { retry_after_secs }
             }
@@ -327,6 +334,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Self::Overloaded { retry_after_secs }
         | Self::AtCapacity { retry_after_secs }
+        | Self::ModelLoading { retry_after_secs }
         | Self::ResourceUnavailable { retry_after_secs }
         | Self::RateLimited {
             retry_after_secs, ..

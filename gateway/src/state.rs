@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::api::admin_tokens;
 use crate::auth::AuthConfig;
 use crate::backend::Backend;
+use crate::catalogue::Catalogue;
 use crate::config::Config;
 use crate::files::FileStorage;
 use crate::server::metrics::Metrics;
@@ -18,8 +19,12 @@ use tollgate_metering::store::Store;
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
+    /// The configuration read at start: its `[server]` settings hold until a restart; its
+    /// models are the catalogue at start only (read [`AppState::catalogue`] for the models in
+    /// force).
     pub config: Arc<Config>,
-    pub backends: Arc<HashMap<String, Arc<dyn Backend>>>,
+    /// The models in force, their prices and backends (replaced by a reload).
+    pub catalogue: Catalogue,
     pub auth: AuthConfig,
     /// Behind an `Arc`: the state is cloned several times per request, the metrics are many
     /// handles.
@@ -76,8 +81,8 @@ impl AppState {
         auth: AuthConfig,
     ) -> anyhow::Result<Self> {
         Ok(Self {
+            catalogue: Catalogue::new(config.models.clone(), backends),
             config: Arc::new(config),
-            backends: Arc::new(backends),
             auth,
             metrics: Arc::new(Metrics::new()?),
             store: None,

@@ -132,6 +132,8 @@ pub enum Action {
     AdminTokenRevoked,
     ReservationCreated,
     ReservationEnded,
+    /// The model catalogue (models.toml) read again by a running server.
+    CatalogueReloaded,
 }
 
 impl Action {
@@ -147,6 +149,7 @@ impl Action {
             Self::AdminTokenRevoked => "admin_token.revoked",
             Self::ReservationCreated => "reservation.created",
             Self::ReservationEnded => "reservation.ended",
+            Self::CatalogueReloaded => "catalogue.reloaded",
         }
     }
 
@@ -158,6 +161,7 @@ impl Action {
             Self::KeyCreated | Self::KeyUpdated | Self::KeyRevoked => "key",
             Self::AdminTokenCreated | Self::AdminTokenRevoked => "admin_token",
             Self::ReservationCreated | Self::ReservationEnded => "reservation",
+            Self::CatalogueReloaded => "catalogue",
         }
     }
 }
@@ -267,6 +271,17 @@ impl Entry {
             "target": {"type": self.target_type, "id": self.target_id},
             "changes": self.changes,
         })
+    }
+}
+
+impl Store {
+    /// Writes a change that touches no table of the store (a catalogue reload): the audit row
+    /// alone, in a transaction of its own.
+    pub async fn audit_only(&self, actor: &Actor, change: &Change) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        record(&mut tx, self.kind(), actor, change).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 

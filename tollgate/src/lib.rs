@@ -7,9 +7,12 @@ pub mod billing_cli;
 pub mod generate;
 pub mod local;
 pub mod models;
+pub mod reload;
+pub mod resident;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,6 +38,9 @@ pub struct Metering {
     pub files_url: Option<String>,
     /// `TOLLGATE_ADMIN_TOKEN`: enables the admin API.
     pub admin_token: Option<String>,
+    /// The models.toml the server was started from: read again on `SIGHUP` and
+    /// `POST /admin/v1/models/reload` (`None`: the catalogue cannot be reloaded).
+    pub catalogue: Option<PathBuf>,
 }
 
 /// How often expired files are deleted.
@@ -110,8 +116,19 @@ pub async fn serve_split(
     };
     let auth = tollgate_gateway::auth::AuthConfig::from_env()
         .with_key_cache(tollgate_gateway::auth::KeyCache::of(&config.server));
+    let models::Backends {
+        backends,
+        residents,
+    } = backends;
     let mut state = tollgate_gateway::AppState::new(config, backends, auth)?
         .with_admin_token(metering.admin_token.clone());
+    if let Some(path) = &metering.catalogue {
+        let reload = reload::FileReload {
+            path: path.clone(),
+            residents,
+        };
+        state.catalogue = state.catalogue.clone().with_reloader(Arc::new(reload));
+    }
     if let (Some(store), Some(url)) = (store, &metering.database) {
         let spool = metering.spool.clone().unwrap_or_else(|| default_spool(url));
         tracing::info!(database = %redact(url), spool = %spool.display(), sync = ?metering.spool_sync, "metering usage");
@@ -124,6 +141,7 @@ pub async fn serve_split(
     } else {
         tracing::warn!("no --database: requests are served but not metered");
     }
+    reload_on_sighup(&state);
     let ledger = state.ledger.clone();
     let store = state.store.clone();
     let result = tollgate_gateway::run_split(listener, operator, state, shutdown).await;
@@ -134,6 +152,40 @@ pub async fn serve_split(
         store.close().await;
     }
     result
+}
+
+/// Reloads the catalogue at each `SIGHUP` until shutdown (an invalid file is logged and the
+/// catalogue in force stays).
+fn reload_on_sighup(state: &tollgate_gateway::AppState) {
+    #[cfg(unix)]
+    {
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot listen for SIGHUP: {e}");
+                    return;
+                }
+            };
+        let (state, stop) = (state.clone(), state.background.stop.clone());
+        state.background.tasks.clone().spawn(async move {
+            let actor = tollgate_metering::audit::Actor {
+                name: "SIGHUP".into(),
+                ..tollgate_metering::audit::Actor::system()
+            };
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    got = hangups.recv() => if got.is_none() { return },
+                }
+                if let Err(e) = tollgate_gateway::api::admin::models::reload(&state, &actor).await {
+                    tracing::error!(
+                        "SIGHUP: the catalogue is not reloaded, the one in force stays: {e}"
+                    );
+                }
+            }
+        });
+    }
 }
 
 /// Opens the ledger database. A database that cannot be reached (PostgreSQL down, or not up
@@ -199,7 +251,7 @@ pub async fn worker(
     };
     // Gateways hold the token, and forward each request's customer (`forward_customer`).
     let auth = tollgate_gateway::auth::AuthConfig::from_keys([token]).trusting_forwarded_customer();
-    let state = tollgate_gateway::AppState::new(config, backends, auth)?;
+    let state = tollgate_gateway::AppState::new(config, backends.backends, auth)?;
     tollgate_gateway::run(listener, state, shutdown).await
 }
 

@@ -135,6 +135,7 @@ fn main() -> anyhow::Result<()> {
                 spool_sync,
                 files_url,
                 admin_token: std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
+                catalogue: Some(config.clone()),
             };
             async_runtime()?.block_on(serve(config, listen, admin_listen, metering))
         }

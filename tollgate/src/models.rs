@@ -1,5 +1,6 @@
-//! From `models.toml` entries to running backends: loads every `local` model onto its device
-//! and starts its engine; an `http` model becomes a pool of upstreams, counting what they
+//! From `models.toml` entries to running backends: a `local` model joins the memory budget
+//! (`crate::resident`), which loads it onto its device and starts its engine; an `http` model
+//! becomes a pool of upstreams, counting what they
 //! stream with the model's tokenizer when the entry has a `source`.
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};
 use tollgate_runtime::model::WeightForm;
 
 use crate::local::LocalBackend;
+use crate::resident::Residents;
 
 /// The runtime's view of a model source.
 pub fn runtime_source(source: &ModelSource) -> loader::ModelSource {
@@ -141,57 +143,89 @@ impl tollgate_gateway::backend::TokenCounter for Counter {
 /// upstream enforces its own; this only bounds reservations).
 const DEFAULT_UPSTREAM_CONTEXT: u32 = 8192;
 
-/// Starts a backend for every model in the catalogue.
-pub async fn start_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn Backend>>> {
+/// The backends of a catalogue, and the memory budget its local models share.
+pub struct Backends {
+    pub backends: HashMap<String, Arc<dyn Backend>>,
+    pub residents: Arc<Residents>,
+}
+
+/// Starts a backend for every model in the catalogue. Local models load before this returns
+/// when they are pinned, or while they fit in `[server] model_memory_bytes` (pinned first,
+/// then the others in the catalogue's order: with the default budget, every model that fits
+/// in the machine's memory, as before budgets existed); the rest load on their first request.
+pub async fn start_backends(config: &Config) -> anyhow::Result<Backends> {
+    let capacity = config
+        .server
+        .model_memory_bytes
+        .unwrap_or_else(crate::resident::default_budget);
+    tracing::info!(
+        model_memory_bytes = capacity,
+        "memory budget of the local models"
+    );
+    let residents = Residents::start(capacity, Arc::new(start_local));
+    let mut order: Vec<&ModelConfig> = config.models.values().collect();
+    order.sort_by_key(|m| !m.pinned);
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
-    for model in config.models.values() {
-        match &model.backend {
-            BackendConfig::Local(local) => {
-                let (m, l) = (model.clone(), local.clone());
-                let loaded = tokio::task::spawn_blocking(move || load_local(&m, &l, None))
-                    .await
-                    .context("model loading task failed")??;
-                let backend =
-                    LocalBackend::start(loaded, engine_config(local), model.owned_by.clone())?;
-                backends.insert(model.id.clone(), Arc::new(backend));
-            }
-            BackendConfig::Http(http) => {
-                let api_key = match &http.api_key_env {
-                    Some(var) => Some(std::env::var(var).with_context(|| {
-                        format!("model `{}`: api_key_env `{var}` is not set", model.id)
-                    })?),
-                    None => None,
-                };
-                let info = ModelInfo {
-                    id: model.id.clone(),
-                    context_length: model.context_length.unwrap_or(DEFAULT_UPSTREAM_CONTEXT),
-                    created: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                    owned_by: model.owned_by.clone(),
-                };
-                let mut pool =
-                    UpstreamPool::new(info, model.id.clone(), &http.urls, api_key, http.discover)
-                        .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?
-                        .with_responses(http.responses)
-                        .with_forwarded_customer(http.forward_customer)
-                        .with_forwarded_service_tier(http.forward_service_tier)
-                        .with_forwarded_prediction(http.forward_prediction)
-                        .with_routing(http.routing);
-                if let Some(source) = &model.source {
-                    // With a source, what the upstream streams is counted in the model's own
-                    // tokens when its usage is missing or short.
-                    let source = runtime_source(source);
-                    let tokenizer =
-                        tokio::task::spawn_blocking(move || loader::load_tokenizer(&source))
-                            .await
-                            .context("tokenizer loading task failed")?
-                            .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
-                    pool = pool.with_token_counter(Arc::new(Counter(Arc::new(tokenizer))));
-                }
-                backends.insert(model.id.clone(), Arc::new(pool));
-            }
-        }
+    for model in order {
+        let backend = build_backend(&residents, model, true).await?;
+        backends.insert(model.id.clone(), backend);
     }
-    Ok(backends)
+    Ok(Backends {
+        backends,
+        residents,
+    })
+}
+
+/// Loads a local model and starts its engine (blocking).
+fn start_local(model: &ModelConfig, local: &LocalBackendConfig) -> anyhow::Result<LocalBackend> {
+    let loaded = load_local(model, local, None)?;
+    LocalBackend::start(loaded, engine_config(local), model.owned_by.clone())
+}
+
+/// One model's backend: a local model in the budget of `residents` (loaded now when pinned,
+/// or at `start` when it fits), or a pool of upstreams.
+pub async fn build_backend(
+    residents: &Arc<Residents>,
+    model: &ModelConfig,
+    start: bool,
+) -> anyhow::Result<Arc<dyn Backend>> {
+    let info = ModelInfo {
+        id: model.id.clone(),
+        context_length: model.context_length.unwrap_or(DEFAULT_UPSTREAM_CONTEXT),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        owned_by: model.owned_by.clone(),
+    };
+    Ok(match &model.backend {
+        BackendConfig::Local(local) => residents.add(model, local, info, start).await?,
+        BackendConfig::Http(http) => {
+            let api_key = match &http.api_key_env {
+                Some(var) => Some(std::env::var(var).with_context(|| {
+                    format!("model `{}`: api_key_env `{var}` is not set", model.id)
+                })?),
+                None => None,
+            };
+            let mut pool =
+                UpstreamPool::new(info, model.id.clone(), &http.urls, api_key, http.discover)
+                    .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?
+                    .with_responses(http.responses)
+                    .with_forwarded_customer(http.forward_customer)
+                    .with_forwarded_service_tier(http.forward_service_tier)
+                    .with_forwarded_prediction(http.forward_prediction)
+                    .with_routing(http.routing);
+            if let Some(source) = &model.source {
+                // With a source, what the upstream streams is counted in the model's own
+                // tokens when its usage is missing or short.
+                let source = runtime_source(source);
+                let tokenizer =
+                    tokio::task::spawn_blocking(move || loader::load_tokenizer(&source))
+                        .await
+                        .context("tokenizer loading task failed")?
+                        .map_err(|e| anyhow::anyhow!("model `{}`: {e}", model.id))?;
+                pool = pool.with_token_counter(Arc::new(Counter(Arc::new(tokenizer))));
+            }
+            Arc::new(pool)
+        }
+    })
 }

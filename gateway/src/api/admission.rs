@@ -22,9 +22,8 @@ use tollgate_metering::tags::Tags;
 
 pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
     state
-        .backends
-        .get(model)
-        .cloned()
+        .catalogue
+        .backend(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))
 }
 
@@ -131,7 +130,7 @@ fn enter(
 /// The model's price at `tier` (zero when the model has none). A tier the model is not sold at
 /// is refused (400 naming `service_tier`), never billed at another tier's price.
 fn price_of(state: &AppState, model: &str, tier: ServiceTier) -> Result<Price, ApiError> {
-    let Some(m) = state.config.models.get(model) else {
+    let Some(m) = state.catalogue.model(model) else {
         return Ok(Price::default());
     };
     m.prices.get(tier).ok_or_else(|| {
@@ -158,9 +157,8 @@ pub(crate) fn resolve_tier(
             let tier = caller.auto_tier;
             let allowed = tier != ServiceTier::Priority || caller.allow_priority;
             let sold = state
-                .config
-                .models
-                .get(model)
+                .catalogue
+                .model(model)
                 .is_none_or(|m| m.prices.get(tier).is_some());
             if allowed && sold {
                 tier
@@ -186,7 +184,7 @@ pub(crate) fn resolve_tier(
 /// `flex_max_wait_secs`, the others as long as it takes.
 fn max_queue_wait(state: &AppState, model: &str, tier: ServiceTier) -> Option<std::time::Duration> {
     (tier == ServiceTier::Flex).then(|| {
-        state.config.models.get(model).map_or(
+        state.catalogue.model(model).map_or(
             std::time::Duration::from_secs(crate::config::DEFAULT_FLEX_MAX_WAIT_SECS),
             |m| m.flex_max_wait,
         )
@@ -212,7 +210,7 @@ async fn admitted(streams: &mut [EventStream]) -> Result<(), BackendError> {
 
 /// The model's prices per tier, for billing the tier an upstream reports.
 fn tier_prices(state: &AppState, model: &str) -> Option<TierPrices> {
-    state.config.models.get(model).map(|m| m.prices)
+    state.catalogue.model(model).map(|m| m.prices)
 }
 
 /// Checks the key may use the model, admits the request against its rate limits and budgets

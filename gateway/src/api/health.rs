@@ -32,6 +32,8 @@ pub struct Health {
     responses((status = 200, body = Health)))]
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
     let mut models: Vec<ModelLoad> = state
+        .catalogue
+        .current()
         .backends
         .iter()
         .map(|(id, b)| {
@@ -61,7 +63,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render(&state.backends),
+        state.metrics.render(&state.catalogue.current().backends),
     )
         .into_response()
 }

@@ -41,7 +41,12 @@ impl From<crate::backend::ModelInfo> for Model {
     responses((status = 200, body = ListModelsResponse), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn list_models(State(state): State<AppState>) -> Json<ListModelsResponse> {
-    let mut data: Vec<Model> = state.backends.values().map(|b| b.info().into()).collect();
+    let catalogue = state.catalogue.current();
+    let mut data: Vec<Model> = catalogue
+        .backends
+        .values()
+        .map(|b| b.info().into())
+        .collect();
     data.sort_by(|a, b| a.id.cmp(&b.id));
     Json(ListModelsResponse {
         object: "list",

@@ -280,6 +280,10 @@ pub enum BackendError {
     /// The backend's queue is full; the client should retry after the given seconds.
     #[error("the model is overloaded, retry after {retry_after_secs}s")]
     Overloaded { retry_after_secs: u64 },
+    /// The model is being loaded and as many requests as its queue holds already wait for
+    /// it; the client should retry after the given seconds.
+    #[error("the model is loading, retry after {retry_after_secs}s")]
+    Loading { retry_after_secs: u64 },
     /// A `flex` request was not admitted within the model's `flex_max_wait_secs` (it never
     /// started); the client may retry after the given seconds.
     #[error("no capacity for a flex request, retry after {retry_after_secs}s")]
@@ -367,6 +371,44 @@ pub struct LoadReport {
     pub prefix_hit_tokens_total: u64,
 }
 
+/// Whether a model that loads on demand is in memory now, what it takes there and how long
+/// its loads took (for `/metrics`, the console and `GET /admin/v1/models`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Residency {
+    /// `unloaded`, `loading`, `loaded` or `draining` (loaded, finishing its requests in
+    /// flight before it unloads).
+    pub state: ResidencyState,
+    /// Kept loaded whatever the memory budget (`pinned = true`).
+    pub pinned: bool,
+    /// What the model counts against `model_memory_bytes`: its weights file's size plus its
+    /// KV cache reservation (`kv_cache_bytes`).
+    pub memory_bytes: u64,
+    /// The last load's duration, if it ever loaded.
+    pub load_seconds: Option<f64>,
+    pub loads_total: u64,
+    pub unloads_total: u64,
+    /// The durations of the latest loads, oldest first (at most [`RECENT_LOADS`]), for the
+    /// load-time histogram to catch up at each scrape.
+    #[serde(skip)]
+    pub recent_load_seconds: Vec<f64>,
+    /// Requests using the loaded model now.
+    pub in_use: u64,
+}
+
+/// Load durations a [`Residency`] keeps.
+pub const RECENT_LOADS: usize = 64;
+
+/// Where a model that loads on demand stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ResidencyState {
+    #[default]
+    Unloaded,
+    Loading,
+    Loaded,
+    Draining,
+}
+
 /// Counts tokens of text with a model's tokenizer, for backends that do not report their own
 /// counts reliably (an upstream that omits `usage` or whose stream is cut). Supplied by the
 /// binary, which has the tokenizers; the gateway never loads one itself.
@@ -411,6 +453,12 @@ pub trait Backend: Send + Sync + 'static {
 
     fn load(&self) -> LoadReport {
         LoadReport::default()
+    }
+
+    /// For models loaded on demand within the memory budget: where the model stands; `None`
+    /// for backends always ready (upstreams).
+    fn residency(&self) -> Option<Residency> {
+        None
     }
 
     /// For backends that route to other servers: each server and whether it is in rotation.

@@ -65,6 +65,7 @@ struct RawServer {
     priority_ttft_target_ms: Option<u64>,
     sse_keep_alive_secs: Option<u64>,
     files_quota_bytes: Option<u64>,
+    model_memory_bytes: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -115,6 +116,10 @@ pub struct ServerConfig {
     /// `files_quota_bytes` (10 GB by default): the bytes of unexpired files (Files API) each
     /// customer may keep; an upload past it is refused.
     pub files_quota_bytes: u64,
+    /// `model_memory_bytes`: what the local models loaded at once may take (weights file plus
+    /// KV reservation each); `None`: the machine's available memory less a margin, measured
+    /// at start by the binary.
+    pub model_memory_bytes: Option<u64>,
 }
 
 impl ServerConfig {
@@ -148,6 +153,7 @@ impl Default for ServerConfig {
             priority_ttft_target_ms: 1_000,
             sse_keep_alive: Duration::from_secs(15),
             files_quota_bytes: 10_000_000_000,
+            model_memory_bytes: None,
         }
     }
 }
@@ -228,6 +234,7 @@ impl Config {
                 .server
                 .files_quota_bytes
                 .unwrap_or(defaults.files_quota_bytes),
+            model_memory_bytes: raw.server.model_memory_bytes,
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

@@ -30,6 +30,10 @@ pub(super) struct RawModel {
     capacity_tpm: Option<u64>,
     /// Seconds a `flex` request may wait for the engine to admit it (600 when absent).
     flex_max_wait_secs: Option<u64>,
+    /// A local model kept loaded whatever the memory budget (loaded at start).
+    pinned: Option<bool>,
+    /// A local model idle this long is unloaded (absent: only to make room).
+    keep_alive_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,9 +101,24 @@ pub struct ModelConfig {
     /// How long a `flex` request may wait for the engine to admit it before it is refused
     /// (429 `resource_unavailable`, never billed).
     pub flex_max_wait: std::time::Duration,
+    /// A local model loaded at start and never unloaded to make room (`pinned = true`).
+    pub pinned: bool,
+    /// A local model idle (no request using it) this long is unloaded (`keep_alive_secs`);
+    /// `None`: it stays loaded until the memory budget needs its room.
+    pub keep_alive: Option<std::time::Duration>,
 }
 
 impl ModelConfig {
+    /// Whether `self` and `other` are served alike (same files, backend and context), so a
+    /// reload from one to the other keeps the running backend; they may differ in price,
+    /// tiers, limits and residency settings.
+    pub fn same_serving(&self, other: &Self) -> bool {
+        self.source == other.source
+            && self.backend == other.backend
+            && self.context_length == other.context_length
+            && self.owned_by == other.owned_by
+    }
+
     /// A reservation of `tpm` tokens per minute of this model for `customer_id` over
     /// `[starts_at, ends_at)`, at its reserved price, and the capacity the store checks it
     /// against; or the field at fault and why (the model is not reservable, the numbers are
@@ -357,6 +376,13 @@ pub(super) fn validate_model(
         }
     };
     let backend = validate_backend(m.backend, base_dir).map_err(err)?;
+    if matches!(backend, BackendConfig::Http(_))
+        && (m.pinned.is_some() || m.keep_alive_secs.is_some())
+    {
+        return Err(err(
+            "pinned and keep_alive_secs apply to local models (an http backend's upstream keeps its own)".into(),
+        ));
+    }
     let reserved_price = match m
         .price
         .as_ref()
@@ -400,6 +426,8 @@ pub(super) fn validate_model(
         flex_max_wait: std::time::Duration::from_secs(
             m.flex_max_wait_secs.unwrap_or(DEFAULT_FLEX_MAX_WAIT_SECS),
         ),
+        pinned: m.pinned.unwrap_or(false),
+        keep_alive: m.keep_alive_secs.map(std::time::Duration::from_secs),
     })
 }
 

@@ -415,3 +415,43 @@ fn reserved_capacity_needs_a_capacity_and_a_price() {
     let target = GOOD.replace("max_n = 4", "max_n = 4\npriority_ttft_target_ms = 250");
     assert_eq!(load(&target).unwrap().server.priority_ttft_target_ms, 250);
 }
+
+#[test]
+fn memory_budget_pinning_and_keep_alive() {
+    let c = Config::from_toml_str(GOOD, Path::new(".")).unwrap();
+    assert_eq!(c.server.model_memory_bytes, None);
+    let m = &c.models["smollm2-135m"];
+    assert_eq!((m.pinned, m.keep_alive), (false, None));
+    let text = GOOD
+        .replace("max_n = 4", "max_n = 4\n    model_memory_bytes = 1000000")
+        .replace(
+            r#"weights = "q8_0" }"#,
+            r#"weights = "q8_0" }
+    pinned = true
+    keep_alive_secs = 300"#,
+        );
+    let c = Config::from_toml_str(&text, Path::new(".")).unwrap();
+    assert_eq!(c.server.model_memory_bytes, Some(1_000_000));
+    let m = &c.models["smollm2-135m"];
+    assert_eq!(
+        (m.pinned, m.keep_alive),
+        (true, Some(std::time::Duration::from_secs(300)))
+    );
+    // A price change keeps the serving; a new file does not.
+    let mut repriced = m.clone();
+    repriced.prices = TierPrices::uniform(tollgate_metering::money::Price::default());
+    assert!(m.same_serving(&repriced));
+    let mut moved = m.clone();
+    moved.source = Some(ModelSource::Path("other.gguf".into()));
+    assert!(!m.same_serving(&moved));
+    let http = GOOD.replace(
+        r#"urls = ["http://w1:8081"] }"#,
+        r#"urls = ["http://w1:8081"] }
+    keep_alive_secs = 5"#,
+    );
+    assert!(
+        refused(&http).contains("apply to local models"),
+        "{}",
+        refused(&http)
+    );
+}

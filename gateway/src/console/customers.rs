@@ -252,7 +252,7 @@ fn new_key_form(state: &AppState, signed: &Signed, customer_id: &str) -> Markup 
             label { "Name " input name="name" id="key-name"; }
             fieldset {
                 legend { "Models (none checked: all)" }
-                @for m in state.config.models.keys() {
+                @for m in state.catalogue.current().models.keys() {
                     label.inline { input type="checkbox" name="models" value=(m); " " (m) }
                 }
             }
@@ -275,7 +275,7 @@ pub(crate) async fn create_key(
     let models = fields.all("models");
     if let Some(unknown) = models
         .iter()
-        .find(|m| !state.config.models.contains_key(*m))
+        .find(|m| !state.catalogue.current().models.contains_key(*m))
     {
         return Err(bad(format!("unknown model `{unknown}`")));
     }

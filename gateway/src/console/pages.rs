@@ -295,7 +295,8 @@ fn usage_table<'a>(
 }
 
 fn live_state(state: &AppState) -> Markup {
-    let mut models: Vec<_> = state.backends.iter().collect();
+    let catalogue = state.catalogue.current();
+    let mut models: Vec<_> = catalogue.backends.iter().collect();
     models.sort_by(|a, b| a.0.cmp(b.0));
     html! {
         table #live {

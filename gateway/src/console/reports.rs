@@ -86,7 +86,7 @@ pub(crate) async fn requests(
             label { "Key " input name="key_id" value=(value(&q.key_id)); }
             label { "Model " select name="model" {
                 option value="" { "any" }
-                @for m in state.config.models.keys() {
+                @for m in state.catalogue.current().models.keys() {
                     option value=(m) selected[q.model.as_deref() == Some(m.as_str())] { (m) }
                 }
             } }
@@ -139,12 +139,13 @@ pub(crate) async fn models(
     State(state): State<AppState>,
     Extension(signed): Extension<Signed>,
 ) -> PageResult {
+    let catalogue = state.catalogue.current();
     let content = html! {
         table #models {
-            thead { tr { th { "Model" } th { "Backend" } th { "Context" } th { "Tier" } th { "Input / Mtok" } th { "Cached input / Mtok" } th { "Output / Mtok" } th { "Health" } th { "Running / waiting" } } }
+            thead { tr { th { "Model" } th { "Backend" } th { "Context" } th { "Tier" } th { "Input / Mtok" } th { "Cached input / Mtok" } th { "Output / Mtok" } th { "Health" } th { "Running / waiting" } th { "Memory" } } }
             tbody {
-                @for (id, m) in state.config.models.iter() {
-                    @let backend = state.backends.get(id);
+                @for (id, m) in catalogue.models.iter() {
+                    @let backend = catalogue.backends.get(id);
                     @for (tier, price) in m.prices.offered() {
                     tr {
                         td { (id) }
@@ -156,6 +157,7 @@ pub(crate) async fn models(
                         td { "$" (price.output_per_mtok) }
                         td { @if let Some(b) = backend { (health(&b.members())) } @else { span.down { "not loaded" } } }
                         td { @if let Some(b) = backend { @let l = b.load(); (l.running) " / " (l.waiting) } }
+                        td { @if let Some(r) = backend.and_then(|b| b.residency()) { (residency(&r)) } @else { "—" } }
                     }
                     }
                 }
@@ -163,6 +165,19 @@ pub(crate) async fn models(
         }
     };
     Ok(layout(&signed, "Models", content))
+}
+
+/// A model loaded on demand: where it stands, its memory and its last load's time.
+fn residency(r: &crate::backend::Residency) -> Markup {
+    let state = serde_json::to_value(r.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    html! {
+        (state) (if r.pinned { " (pinned)" } else { "" }) ", "
+        (r.memory_bytes / (1024 * 1024)) " MiB"
+        @if let Some(s) = r.load_seconds { ", loaded in " (format!("{s:.2}")) " s" }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

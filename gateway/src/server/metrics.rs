@@ -9,7 +9,7 @@ use prometheus::{
     IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ResidencyState};
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -28,6 +28,100 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 1.0,
 ];
+
+/// A model's cold load takes seconds (a 1B Q8_0 GGUF: about one) to minutes.
+const LOAD_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 180.0];
+
+/// Local models loaded on demand within the memory budget: which are loaded, their memory,
+/// their loads, unloads and load times (label `model`).
+#[derive(Clone)]
+struct Residencies {
+    loaded: GaugeVec,
+    memory: GaugeVec,
+    load_seconds: HistogramVec,
+    loads: IntCounterVec,
+    unloads: IntCounterVec,
+}
+
+/// A gauge labelled by model, registered in `registry`.
+fn model_gauge(registry: &Registry, name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
+    let g = GaugeVec::new(Opts::new(name, help), &["model"])?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// A counter labelled by model, registered in `registry`.
+fn model_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), &["model"])?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Residencies {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let gauge = |name: &str, help: &str| model_gauge(registry, name, help);
+        let counter = |name: &str, help: &str| model_counter(registry, name, help);
+        let load_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_model_load_seconds",
+                "Time to load a local model (read its weights, start its engine).",
+            )
+            .buckets(LOAD_BUCKETS.to_vec()),
+            &["model"],
+        )?;
+        registry.register(Box::new(load_seconds.clone()))?;
+        Ok(Self {
+            loaded: gauge(
+                "tollgate_model_loaded",
+                "1 when a local model is loaded (or draining), 0 when unloaded or loading.",
+            )?,
+            memory: gauge(
+                "tollgate_model_memory_bytes",
+                "What a loaded local model counts against model_memory_bytes: its weights file plus its KV cache reservation.",
+            )?,
+            load_seconds,
+            loads: counter("tollgate_model_loads_total", "Loads of a local model.")?,
+            unloads: counter("tollgate_model_unloads_total", "Unloads of a local model.")?,
+        })
+    }
+
+    /// Catches up with each model's residency; models no longer in the catalogue vanish.
+    fn render(&self, backends: &HashMap<String, Arc<dyn Backend>>) {
+        self.loaded.reset();
+        self.memory.reset();
+        for (model, backend) in backends {
+            let Some(r) = backend.residency() else {
+                continue;
+            };
+            let loaded = matches!(r.state, ResidencyState::Loaded | ResidencyState::Draining);
+            self.loaded
+                .with_label_values(&[model])
+                .set(if loaded { 1.0 } else { 0.0 });
+            self.memory.with_label_values(&[model]).set(if loaded {
+                bytes_gauge(r.memory_bytes)
+            } else {
+                0.0
+            });
+            // The loads since the last scrape, timed from the residency's recent list (a
+            // scrape after more than `RECENT_LOADS` loads times only the latest).
+            let loads = self.loads.with_label_values(&[model]);
+            let new = r.loads_total.saturating_sub(loads.get());
+            let recent = &r.recent_load_seconds;
+            let timed = usize::try_from(new).unwrap_or(usize::MAX).min(recent.len());
+            let h = self.load_seconds.with_label_values(&[model]);
+            for s in &recent[recent.len() - timed..] {
+                h.observe(*s);
+            }
+            loads.inc_by(new);
+            let unloads = self.unloads.with_label_values(&[model]);
+            unloads.inc_by(r.unloads_total.saturating_sub(unloads.get()));
+        }
+    }
+}
 
 /// Latencies per class of service (labels `model` and `service_tier`, four tiers at most).
 #[derive(Clone)]
@@ -74,6 +168,7 @@ pub struct Metrics {
     pub metering_duration: HistogramVec,
     /// Everything the gateway adds to a request outside its backend.
     pub gateway_overhead: HistogramVec,
+    residencies: Residencies,
 }
 
 impl Metrics {
@@ -97,16 +192,8 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
-        let int_counter = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), &["model"])?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
-            let g = GaugeVec::new(Opts::new(name, help), &["model"])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
+        let int_counter = |name: &str, help: &str| model_counter(&registry, name, help);
+        let gauge = |name: &str, help: &str| model_gauge(&registry, name, help);
         Ok(Self {
             requests: counter(
                 "tollgate_requests_total",
@@ -252,6 +339,7 @@ impl Metrics {
                 &["model"],
                 OVERHEAD_BUCKETS,
             )?,
+            residencies: Residencies::new(&registry)?,
             registry,
         })
     }
@@ -297,6 +385,7 @@ impl Metrics {
                     .set(if healthy { 1.0 } else { 0.0 });
             }
         }
+        self.residencies.render(backends);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");

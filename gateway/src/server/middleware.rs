@@ -85,7 +85,7 @@ pub(super) async fn observe(
         .extensions()
         .get::<ModelLabel>()
         .map(|m| m.0.as_str())
-        .filter(|m| state.backends.contains_key(*m))
+        .filter(|m| state.catalogue.current().models.contains_key(*m))
         .unwrap_or("none")
         .to_string();
     let status = response.status();

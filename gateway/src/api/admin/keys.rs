@@ -113,7 +113,7 @@ fn models_field(
     };
     if let Some(unknown) = models
         .iter()
-        .find(|m| !state.config.models.contains_key(*m))
+        .find(|m| !state.catalogue.current().models.contains_key(*m))
     {
         return Err(invalid_field(
             "models",

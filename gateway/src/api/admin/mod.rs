@@ -31,6 +31,7 @@ const MAX_PAGE: i64 = 10_000;
 
 mod customers;
 mod keys;
+pub mod models;
 mod reservations;
 mod tiers;
 mod usage;
@@ -86,6 +87,13 @@ fn operations() -> Operations {
         .op(Get, "/admin/v1/usage/records", usage_records, UsageRead)
         .op(Get, "/admin/v1/invoices/{customer_id}", invoice, UsageRead)
         .op(Get, "/admin/v1/audit", audit::list, Admin)
+        .op(Get, "/admin/v1/models", models::list_models, Admin)
+        .op(
+            Post,
+            "/admin/v1/models/reload",
+            models::reload_models,
+            Admin,
+        )
         .op(
             Get,
             "/admin/v1/admin_tokens",
@@ -128,6 +136,8 @@ fn operations() -> Operations {
     reservations::get_reservation,
     reservations::end_reservation,
     reservations::sla,
+    models::list_models,
+    models::reload_models,
 ))]
 pub(crate) struct AdminApi;
 
@@ -497,6 +507,6 @@ mod tests {
             })
             .collect();
         assert_eq!(routed, documented);
-        assert_eq!(routed.len(), 24);
+        assert_eq!(routed.len(), 26);
     }
 }
