@@ -346,6 +346,7 @@ impl Completion {
             tags: std::mem::take(&mut self.charge.tags),
             idempotency_key: self.caller.idempotency.as_ref().map(|t| t.key.clone()),
             service_tier,
+            batch_id: self.caller.batch_id.clone(),
         })
     }
 

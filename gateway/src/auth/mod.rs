@@ -132,6 +132,9 @@ pub struct Caller {
     /// Whether the caller may ask for `priority` (the customer allows it and the key does not
     /// narrow it).
     pub allow_priority: bool,
+    /// Set by the batch runner when the request is a line of this batch: it runs and is billed
+    /// at the `batch` tier, and its record names the batch.
+    pub batch_id: Option<String>,
 }
 
 /// A customer's scheduling weight as the engine takes it (the store keeps it in range).
@@ -163,6 +166,7 @@ impl Caller {
             scheduling_weight: weight(customer),
             auto_tier: key.auto_tier(customer),
             allow_priority: key.may_ask_priority(customer),
+            batch_id: None,
         }
     }
 
@@ -259,36 +263,7 @@ impl AuthConfig {
     pub async fn resolve(&self, store: Option<&Store>, key: &str) -> Result<Caller, ApiError> {
         let d = digest(key);
         if let Some(key_id) = self.statics.get(&d) {
-            let customer = match store {
-                Some(s) => self.default_customer(s).await,
-                None => None,
-            };
-            return Ok(Caller {
-                customer_id: DEFAULT_CUSTOMER.into(),
-                key_id: key_id.clone(),
-                models: None,
-                limits: Limits {
-                    key_id: key_id.clone(),
-                    customer_id: DEFAULT_CUSTOMER.into(),
-                    customer_rpm: customer.as_ref().and_then(|c| c.rpm),
-                    customer_tpm: customer.as_ref().and_then(|c| c.tpm),
-                    ..Limits::default()
-                },
-                budget_nano_usd: customer.as_ref().and_then(|c| c.budget_nano_usd),
-                expires_at: None,
-                key_tags: Arc::default(),
-                key_budget_nano_usd: None,
-                idempotency: None,
-                key_max_concurrent: None,
-                customer_max_concurrent: customer.as_ref().and_then(|c| c.max_concurrent_requests),
-                scheduling_weight: customer.as_ref().map_or(1, weight),
-                auto_tier: customer
-                    .as_ref()
-                    .and_then(|c| c.default_service_tier)
-                    .unwrap_or_default(),
-                // Without a database the static keys are the operator's own: every tier.
-                allow_priority: customer.as_ref().is_none_or(|c| c.allow_priority),
-            });
+            return Ok(self.static_caller(store, key_id).await);
         }
         let Some(store) = store else {
             return Err(ApiError::InvalidApiKey("incorrect API key provided".into()));
@@ -303,6 +278,66 @@ impl AuthConfig {
             _ => {}
         }
         self.look_up(store, d, known).await
+    }
+
+    /// The caller of key `key_id` as a request with that key would be now (the batch runner
+    /// runs a batch's lines as the key that created it): refused when the key was revoked or
+    /// expired since.
+    pub async fn caller_of_key(&self, store: &Store, key_id: &str) -> Result<Caller, ApiError> {
+        if self.statics.values().any(|k| k == key_id) {
+            return Ok(self.static_caller(Some(store), key_id).await);
+        }
+        let key = match store.key(key_id).await {
+            Ok(key) => key,
+            Err(StoreError::NotFound(_)) => {
+                return Err(ApiError::InvalidApiKey(
+                    "the batch's API key no longer exists".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if key.revoked_at.is_some() {
+            return Err(ApiError::InvalidApiKey(
+                "the batch's API key has been revoked".into(),
+            ));
+        }
+        let customer = store.customer(&key.customer_id).await?;
+        unexpired(Caller::new(&key, &customer))
+    }
+
+    /// The caller of static key `key_id`: the `default` customer's limits and budget.
+    async fn static_caller(&self, store: Option<&Store>, key_id: &str) -> Caller {
+        let customer = match store {
+            Some(s) => self.default_customer(s).await,
+            None => None,
+        };
+        Caller {
+            customer_id: DEFAULT_CUSTOMER.into(),
+            key_id: key_id.into(),
+            models: None,
+            limits: Limits {
+                key_id: key_id.into(),
+                customer_id: DEFAULT_CUSTOMER.into(),
+                customer_rpm: customer.as_ref().and_then(|c| c.rpm),
+                customer_tpm: customer.as_ref().and_then(|c| c.tpm),
+                ..Limits::default()
+            },
+            budget_nano_usd: customer.as_ref().and_then(|c| c.budget_nano_usd),
+            expires_at: None,
+            key_tags: Arc::default(),
+            key_budget_nano_usd: None,
+            idempotency: None,
+            key_max_concurrent: None,
+            customer_max_concurrent: customer.as_ref().and_then(|c| c.max_concurrent_requests),
+            scheduling_weight: customer.as_ref().map_or(1, weight),
+            auto_tier: customer
+                .as_ref()
+                .and_then(|c| c.default_service_tier)
+                .unwrap_or_default(),
+            // Without a database the static keys are the operator's own: every tier.
+            allow_priority: customer.as_ref().is_none_or(|c| c.allow_priority),
+            batch_id: None,
+        }
     }
 
     /// Starts one background lookup of key `d`, unless one is running.

@@ -65,6 +65,8 @@ struct RawServer {
     priority_ttft_target_ms: Option<u64>,
     sse_keep_alive_secs: Option<u64>,
     files_quota_bytes: Option<u64>,
+    batch_concurrency: Option<usize>,
+    batch_lease_secs: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -115,6 +117,13 @@ pub struct ServerConfig {
     /// `files_quota_bytes` (10 GB by default): the bytes of unexpired files (Files API) each
     /// customer may keep; an upload past it is refused.
     pub files_quota_bytes: u64,
+    /// `batch_concurrency` (32 by default, at least 1): lines of Batch API batches one replica
+    /// runs at once (they run in the engine's `batch` class, on what other classes leave).
+    pub batch_concurrency: usize,
+    /// `batch_lease_secs` (60 by default, at least 3): how long a replica's claim on a batch
+    /// line lasts unless renewed (it is, every third of it, while the line runs); a line whose
+    /// replica died is run again after this.
+    pub batch_lease: Duration,
 }
 
 impl ServerConfig {
@@ -148,6 +157,8 @@ impl Default for ServerConfig {
             priority_ttft_target_ms: 1_000,
             sse_keep_alive: Duration::from_secs(15),
             files_quota_bytes: 10_000_000_000,
+            batch_concurrency: 32,
+            batch_lease: Duration::from_secs(60),
         }
     }
 }
@@ -228,6 +239,14 @@ impl Config {
                 .server
                 .files_quota_bytes
                 .unwrap_or(defaults.files_quota_bytes),
+            batch_concurrency: raw
+                .server
+                .batch_concurrency
+                .map_or(defaults.batch_concurrency, |n| n.max(1)),
+            batch_lease: raw
+                .server
+                .batch_lease_secs
+                .map_or(defaults.batch_lease, |s| Duration::from_secs(s.max(3))),
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

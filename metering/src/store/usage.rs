@@ -70,6 +70,9 @@ pub struct UsageRecord {
     /// tiers).
     #[serde(default)]
     pub service_tier: ServiceTier,
+    /// The batch (Batch API) its request was a line of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 /// Columns usage can be grouped by.
@@ -128,10 +131,10 @@ pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stre
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
     cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key, \
-    service_tier";
+    service_tier, batch_id";
 
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 23;
+const RECORD_PARAMS: usize = 24;
 
 pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
@@ -158,6 +161,7 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         tags: stored_tags(row)?,
         idempotency_key: row.try_get("idempotency_key")?,
         service_tier: kind_column(row, "service_tier")?,
+        batch_id: row.try_get("batch_id")?,
     })
 }
 
@@ -511,7 +515,8 @@ async fn insert_chunk(
             .bind(r.usage_source.map(UsageSource::as_str))
             .bind(tags::to_json(&r.tags))
             .bind(&r.idempotency_key)
-            .bind(r.service_tier.as_str());
+            .bind(r.service_tier.as_str())
+            .bind(&r.batch_id);
     }
     let mut inserted = 0;
     for row in q.fetch_all(&mut **tx).await? {
