@@ -205,6 +205,8 @@ pub struct UsageRecord {
     pub tags: BTreeMap<String, String>,
     /// The class of service it was served and priced at.
     pub service_tier: String,
+    /// The batch (Batch API) its request was a line of; `null` otherwise.
+    pub batch_id: Option<String>,
 }
 
 /// `GET /admin/v1/usage/records`.
