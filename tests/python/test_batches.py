@@ -1,6 +1,6 @@
 """The Batch API's objects with the official OpenAI SDK: create (validated line by line before it
 starts), retrieve, list and cancel, OpenAI's lifecycle and shapes; a batch is its customer's. On a
-SQLite ledger, and on PostgreSQL."""
+SQLite ledger, and on PostgreSQL. Running lines and cancelling a batch that runs: test_batch_runs.py."""
 
 import io
 import json
@@ -60,7 +60,7 @@ def validated(client, batch_id):
     raise AssertionError(f"batch {batch_id} still validating")
 
 
-def test_a_valid_batch_starts_is_listed_and_cancelled(two):
+def test_a_valid_batch_starts_and_is_listed(two):
     a, b = two
     f = a.files.create(file=("in.jsonl", jsonl([line(f"r{i}") for i in range(3)])), purpose="batch")
     batch = a.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h",
@@ -69,17 +69,15 @@ def test_a_valid_batch_starts_is_listed_and_cancelled(two):
     assert batch.status == "validating" and batch.metadata == {"job": "nightly"}
     assert batch.expires_at == batch.created_at + 86400
     started = validated(a, batch.id)
-    assert started.status == "in_progress" and started.in_progress_at >= started.created_at
-    assert (started.request_counts.total, started.request_counts.completed, started.request_counts.failed) == (3, 0, 0)
+    # Its lines start running at once (test_batch_runs.py runs and cancels batches).
+    assert started.status in ("in_progress", "finalizing", "completed") and started.in_progress_at >= started.created_at
+    assert started.request_counts.total == 3
     assert started.errors is None
     assert batch.id in [x.id for x in a.batches.list()]
     assert batch.id not in [x.id for x in b.batches.list()]
     for call in (lambda: b.batches.retrieve(batch.id), lambda: b.batches.cancel(batch.id)):
         with pytest.raises(openai.NotFoundError):
             call()
-    cancelled = a.batches.cancel(batch.id)
-    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
-    assert a.batches.retrieve(batch.id).status == "cancelled"
 
 
 def test_every_refused_line_is_reported_with_its_number(two):
