@@ -2,11 +2,13 @@
 at the `batch` tier, its output (or error) appears once in the batch's files, and its usage record
 (tier `batch`, naming the batch) is written once; a cancelled batch finishes the lines in flight and
 bills only those; a batch that outruns its customer's budget fails its remaining lines with
-`insufficient_quota` and never spends past the budget. On a SQLite ledger, and on PostgreSQL."""
+`insufficient_quota` and never spends past the budget. On a SQLite ledger, and on PostgreSQL. A
+gateway killed mid-batch and restarted on its ledger loses no line and bills none twice."""
 
 import json
 import os
 import re
+import sqlite3
 import tempfile
 import time
 from decimal import Decimal
@@ -178,3 +180,50 @@ def test_a_batch_past_its_budget_fails_the_rest_with_insufficient_quota(srv):
         assert e["response"]["status_code"] == 429
     recs = records(srv, "runs-budget", len(out))
     assert sum(Decimal(r["cost_usd"]) for r in recs) <= Decimal(budget)
+
+
+def test_a_gateway_killed_mid_batch_loses_no_line_and_bills_none_twice():
+    """SIGKILL with lines in flight, then a restart on the same ledger: the lines it held run
+    again once their lease lapses; every line is in the output once and billed once."""
+    db = os.path.join(tempfile.mkdtemp(prefix="tollgate-batch-kill-"), "ledger.db")
+    path = config()
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("[server]\n", "[server]\nbatch_lease_secs = 3\n", 1))
+    args = ["--config", path, "--database", db]
+    first = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    try:
+        client = client_of(first, "runs-kill")
+        # Long lines (the end tokens banned), CONCURRENCY at a time: when the first ends, the
+        # next ones are running and most have not started.
+        ids = [f"k{i}" for i in range(10 * CONCURRENCY)]
+        batch_id = run_batch(client, [chat(i, max_tokens=64, logit_bias=NO_END) for i in ids]).id
+        end = time.time() + 600
+        while client.batches.retrieve(batch_id).request_counts.completed == 0:
+            assert time.time() < end, "no line ended"
+            time.sleep(0.05)
+    finally:
+        first.proc.kill()
+        first.proc.wait(timeout=60)
+    with sqlite3.connect(db) as conn:
+        ((held,),) = conn.execute("SELECT COUNT(*) FROM batch_lines WHERE state = 'running'").fetchall()
+    assert held > 0, "no line was in flight when the gateway was killed"
+    second = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    try:
+        key = client.api_key
+        client = OpenAI(base_url=second.base_url, api_key=key, max_retries=0, timeout=120)
+        batch = ended(client, batch_id)
+        assert batch.status == "completed", batch
+        assert batch.request_counts.total == batch.request_counts.completed == len(ids)
+        out = file_lines(client, batch.output_file_id)
+        assert sorted(o["custom_id"] for o in out) == sorted(ids)
+        assert batch.error_file_id is None
+        recs = records(second, "runs-kill", len(ids))
+        assert sorted(r["id"] for r in recs) == sorted(o["response"]["request_id"] for o in out)
+        assert all(r["batch_id"] == batch_id and r["service_tier"] == "batch" for r in recs)
+        with sqlite3.connect(db) as conn:
+            ((again,),) = conn.execute("SELECT COUNT(*) FROM batch_lines WHERE attempts > 1").fetchall()
+        assert again >= held, (again, held)
+    finally:
+        assert stop_server(second) == 0, "".join(second.log[-40:])
