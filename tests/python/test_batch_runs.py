@@ -17,9 +17,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import NO_END, ROOT, admin_call, start_server, stop_server
+from conftest import NO_END, ROOT, admin_call, ledger_args, start_server, stop_server, write_config
 from test_batches import CHAT, MODEL, jsonl, line, validated
-from test_billing import pg
 
 ADMIN = "batch-runs-admin"
 #: Lines one replica runs at once: few, so that a cancel finds lines not started yet.
@@ -31,22 +30,13 @@ def config() -> str:
     text = (ROOT / "models.toml").read_text()
     text = text.replace('path = "models/', f'path = "{ROOT}/models/')
     text = text.replace("[server]\n", f"[server]\nbatch_concurrency = {CONCURRENCY}\n", 1)
-    path = os.path.join(tempfile.mkdtemp(prefix="tollgate-batch-runs-"), "models.toml")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return write_config("tollgate-batch-runs-", text)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def srv(request):
     """A server on a SQLite ledger, then on PostgreSQL (TOLLGATE_TEST_POSTGRES=1)."""
-    args = ["--config", config()]
-    if request.param == "postgres":
-        if not os.environ.get("TOLLGATE_TEST_POSTGRES"):
-            pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
-        tmp = tempfile.mkdtemp(prefix="tollgate-batch-runs-")
-        args += ["--database", pg("reset"), "--spool", os.path.join(tmp, "ledger.spool"),
-                 "--files-url", os.path.join(tmp, "files")]
+    args = ["--config", config()] + ledger_args(request.param, "tollgate-batch-runs-")
     s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
     yield s
     assert stop_server(s) == 0, "".join(s.log[-40:])

@@ -4,16 +4,13 @@ SQLite ledger, and on PostgreSQL. Running lines and cancelling a batch that runs
 
 import io
 import json
-import os
-import tempfile
 import time
 
 import openai
 import pytest
 from openai import OpenAI
 
-from conftest import customer_keys, start_server, stop_server
-from test_billing import pg
+from conftest import customer_keys, ledger_args, start_server, stop_server
 
 ADMIN = "batches-admin"
 MODEL = "smollm2-135m"
@@ -32,14 +29,7 @@ def jsonl(lines) -> io.BytesIO:
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def srv(request):
     """A server on a SQLite ledger, then on PostgreSQL (TOLLGATE_TEST_POSTGRES=1)."""
-    args = []
-    if request.param == "postgres":
-        if not os.environ.get("TOLLGATE_TEST_POSTGRES"):
-            pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
-        tmp = tempfile.mkdtemp(prefix="tollgate-batches-")
-        args = ["--database", pg("reset"), "--spool", os.path.join(tmp, "ledger.spool"),
-                "--files-url", os.path.join(tmp, "files")]
-    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ledger_args(request.param, "tollgate-batches-"))
     yield s
     assert stop_server(s) == 0, "".join(s.log[-40:])
 
