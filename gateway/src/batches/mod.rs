@@ -72,6 +72,9 @@ impl Runner {
     /// One pass: expires lines past their window, ends the batches that are done, refreshes
     /// the metrics and claims lines for the free slots.
     async fn pass(&self) -> anyhow::Result<()> {
+        if !self.store.batches_under_way().await? {
+            return self.observe().await;
+        }
         let now = unix_now();
         self.store.expire_batch_lines(now).await?;
         for id in self.store.batches_to_end(now).await? {

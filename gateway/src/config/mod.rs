@@ -141,6 +141,16 @@ pub const KEY_FRESH: Duration = Duration::from_millis(400);
 /// The default of `key_cache_max_age_ms`.
 pub const KEY_MAX_AGE: Duration = Duration::from_millis(900);
 
+/// `batch_concurrency` (at least 1) and `batch_lease_secs` (at least 3), or their defaults.
+fn batch_settings(raw: &RawServer, defaults: &ServerConfig) -> (usize, Duration) {
+    (
+        raw.batch_concurrency
+            .map_or(defaults.batch_concurrency, |n| n.max(1)),
+        raw.batch_lease_secs
+            .map_or(defaults.batch_lease, |s| Duration::from_secs(s.max(3))),
+    )
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -184,6 +194,7 @@ impl Config {
             return Err(ConfigError::NoModels);
         }
         let defaults = ServerConfig::default();
+        let (batch_concurrency, batch_lease) = batch_settings(&raw.server, &defaults);
         let server = ServerConfig {
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             max_n: raw.server.max_n.unwrap_or(defaults.max_n).max(1),
@@ -239,14 +250,8 @@ impl Config {
                 .server
                 .files_quota_bytes
                 .unwrap_or(defaults.files_quota_bytes),
-            batch_concurrency: raw
-                .server
-                .batch_concurrency
-                .map_or(defaults.batch_concurrency, |n| n.max(1)),
-            batch_lease: raw
-                .server
-                .batch_lease_secs
-                .map_or(defaults.batch_lease, |s| Duration::from_secs(s.max(3))),
+            batch_concurrency,
+            batch_lease,
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

@@ -318,6 +318,18 @@ impl Store {
         Ok(Some(status))
     }
 
+    /// Whether any batch has lines to run or is to be ended (a runner with nothing to do
+    /// asks only this).
+    pub async fn batches_under_way(&self) -> StoreResult<bool> {
+        let any: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM batches WHERE status IN ('in_progress', 'finalizing', 'cancelling') \
+             LIMIT 1",
+        )
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(any.is_some())
+    }
+
     /// Batch `id`, whoever owns it (for the runner).
     pub async fn batch_by_id(&self, id: &str) -> StoreResult<Option<BatchRow>> {
         let r = sqlx::query(&format!("SELECT {COLUMNS} FROM batches WHERE id = $1"))

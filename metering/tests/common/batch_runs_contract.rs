@@ -31,7 +31,9 @@ async fn started(store: &Store, id: &str, n: i64) {
 }
 
 pub async fn exercise(store: &Store) {
+    assert!(!store.batches_under_way().await.unwrap());
     started(store, "batch_r1", 5).await;
+    assert!(store.batches_under_way().await.unwrap());
     // Claimed in order, under the lease, at most as many as asked.
     let first = store.claim_batch_lines(200, 260, 3).await.unwrap();
     let numbers: Vec<i64> = first.iter().map(|l| l.line).collect();
