@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde_json::{json, Value};
@@ -31,8 +32,23 @@ pub fn request_id(batch_id: &str, custom_id: &str) -> String {
         .to_string()
 }
 
+/// What running a line came to.
+pub enum Ran {
+    Done(LineResult),
+    /// Refused for now (the engines' queues full, a rate limit or a concurrency cap): nothing
+    /// ran and nothing was billed; it runs again later.
+    Later,
+}
+
+/// Whether a refusal is for now only: a 503, or a 429 other than the budget's.
+fn refused_for_now(status: StatusCode, code: Option<&str>) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE
+        || (status == StatusCode::TOO_MANY_REQUESTS
+            && matches!(code, Some("rate_limit_exceeded" | "resource_unavailable")))
+}
+
 /// Runs `line` to its result.
-pub async fn run(state: &AppState, store: &Store, line: &ClaimedLine) -> LineResult {
+pub async fn run(state: &AppState, store: &Store, line: &ClaimedLine) -> Ran {
     let request_id = request_id(&line.batch_id, &line.custom_id);
     let response = match answer(state, store, line, &request_id).await {
         Ok(r) => r,
@@ -47,6 +63,10 @@ pub async fn run(state: &AppState, store: &Store, line: &ClaimedLine) -> LineRes
             json!({"error": {"message": "the answer broke off", "type": "server_error", "code": "server_error"}})
         }
     };
+    let code = body.pointer("/error/code").and_then(Value::as_str);
+    if refused_for_now(status, code) {
+        return Ran::Later;
+    }
     let ok = status.is_success() && body.get("error").is_none();
     let error = (!ok).then(|| {
         let e = body.get("error");
@@ -67,7 +87,7 @@ pub async fn run(state: &AppState, store: &Store, line: &ClaimedLine) -> LineRes
         "response": {"status_code": status.as_u16(), "request_id": request_id, "body": body},
         "error": error,
     });
-    LineResult {
+    Ran::Done(LineResult {
         state: if ok {
             LineState::Completed
         } else {
@@ -75,7 +95,7 @@ pub async fn run(state: &AppState, store: &Store, line: &ClaimedLine) -> LineRes
         },
         result: result.to_string(),
         usage,
-    }
+    })
 }
 
 /// The endpoint's answer to the line, as the direct request's.
@@ -149,6 +169,20 @@ mod tests {
             uuid::Uuid::parse_str(&a).map(|u| u.get_version_num()),
             Ok(8)
         );
+    }
+
+    #[test]
+    fn only_a_refusal_for_now_runs_again() {
+        let (busy, limited) = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+        );
+        assert!(refused_for_now(busy, Some("overloaded")));
+        assert!(refused_for_now(limited, Some("rate_limit_exceeded")));
+        assert!(refused_for_now(limited, Some("resource_unavailable")));
+        assert!(!refused_for_now(limited, Some("insufficient_quota")));
+        assert!(!refused_for_now(StatusCode::BAD_REQUEST, None));
+        assert!(!refused_for_now(StatusCode::OK, None));
     }
 
     #[test]

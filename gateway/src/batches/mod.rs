@@ -7,7 +7,9 @@
 //! billed exactly as the direct request. A line's request id (its usage record's id) derives
 //! from its batch and `custom_id`, so a line run again after its replica died is billed once
 //! (the ledger ignores a second record of an id), and its result is stored once (only a line
-//! still `running` takes one). A batch whose lines are all done is ended: its output and error
+//! still `running` takes one). A line refused for now (the engines' queues full, a rate
+//! limit) ran nowhere and is billed nothing: it runs again a little later. A batch whose lines
+//! are all done is ended: its output and error
 //! files are written and it is `completed`, `expired` or `cancelled` ([`end`]).
 //!
 //! Lines run as tasks of [`AppState::tasks`]: at shutdown the runner stops claiming and the
@@ -26,6 +28,9 @@ use tollgate_metering::store::{ClaimedLine, Store};
 
 use crate::files::{unix_now, FileStorage};
 use crate::AppState;
+
+/// How long a line refused for now (queues full, a rate limit) waits before it runs again.
+const RETRY_AFTER_SECS: i64 = 2;
 
 /// How often the runner looks for work when there is none (a finished line wakes it at once).
 const POLL: Duration = Duration::from_millis(500);
@@ -140,15 +145,29 @@ async fn run_claimed(state: &AppState, store: &Store, claimed: &ClaimedLine, lea
     let renew_every = Duration::from_secs(u64::try_from(lease / 3).unwrap_or(1).max(1));
     let run = line::run(state, store, claimed);
     tokio::pin!(run);
-    let result = loop {
+    let ran = loop {
         tokio::select! {
-            result = &mut run => break result,
+            ran = &mut run => break ran,
             () = tokio::time::sleep(renew_every) => {
                 let until = unix_now() + lease;
                 if let Err(e) = store.renew_batch_line(&claimed.batch_id, claimed.line, until).await {
                     tracing::warn!(batch = %claimed.batch_id, line = claimed.line, "cannot renew the line's lease: {e}");
                 }
             }
+        }
+    };
+    let result = match ran {
+        line::Ran::Done(result) => result,
+        line::Ran::Later => {
+            // Still `running` under a short lease: claimed again once it lapses.
+            let until = unix_now() + RETRY_AFTER_SECS;
+            if let Err(e) = store
+                .renew_batch_line(&claimed.batch_id, claimed.line, until)
+                .await
+            {
+                tracing::warn!(batch = %claimed.batch_id, line = claimed.line, "cannot put the line back: {e}");
+            }
+            return;
         }
     };
     match store
