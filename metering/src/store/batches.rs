@@ -1,7 +1,8 @@
 //! The `batches` and `batch_lines` tables: the Batch API's batches (owner, endpoint, input
 //! file, lifecycle and its times, counts, validation errors) and their lines once validated.
 //! A batch moves `validating` → `in_progress` (its lines written) or `failed`; `cancel` moves
-//! it to `cancelling`, its queued lines to `cancelled`, and to `cancelled` once no line runs.
+//! its queued lines to `cancelled` and it to `cancelling` (a validating one to `cancelled`);
+//! running and ending it is `batch_runs`'.
 //! Times are Unix seconds.
 
 use sqlx::any::AnyRow;
