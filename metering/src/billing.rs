@@ -170,7 +170,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::E
 }
 
 /// Columns of an exported record, in order (the usage-record contract in the README).
-pub const RECORD_COLUMNS: [&str; 24] = [
+pub const RECORD_COLUMNS: [&str; 23] = [
     "id",
     "customer_id",
     "key_id",
@@ -194,7 +194,6 @@ pub const RECORD_COLUMNS: [&str; 24] = [
     "tags",
     "idempotency_key",
     "service_tier",
-    "batch_id",
 ];
 
 /// A record as exported: times in RFC 3339, money as a decimal string.
@@ -260,7 +259,6 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         crate::tags::to_json(&r.tags).unwrap_or_default(),
         r.idempotency_key.clone().unwrap_or_default(),
         r.service_tier.to_string(),
-        r.batch_id.clone().unwrap_or_default(),
     ]
 }
 
