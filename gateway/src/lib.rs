@@ -11,6 +11,7 @@ pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod batches;
 pub mod catalogue;
 pub mod clock;
 pub mod concurrency;

@@ -230,6 +230,7 @@ pub fn record_json(r: &UsageRecord) -> Value {
         "rejected_prediction_tokens": r.prediction.rejected,
         "rejected_prediction_price_per_mtok": rejected_price(r),
         "rejected_prediction_cost_usd": format_usd(r.prediction.cost_nano_usd),
+        "batch_id": r.batch_id,
     })
 }
 

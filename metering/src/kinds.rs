@@ -278,6 +278,26 @@ kind! {
     }
 }
 
+kind! {
+    /// Where one line of a batch is: `queued` until a runner claims it, `running` under the
+    /// claim's lease, then one of the ends.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum LineState {
+        #[default]
+        Queued,
+        Running,
+        /// It ran and its endpoint answered 2xx: in the output file.
+        Completed,
+        /// It ran and was refused or failed: in the error file.
+        Failed,
+        /// Not run within the batch's window: in the error file, unbilled.
+        Expired,
+        /// Not run: its batch was cancelled first.
+        Cancelled,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +410,21 @@ mod tests {
     }
 
     /// The batch statuses are OpenAI's strings, stored as such.
+    #[test]
+    fn line_states_are_the_stored_ones() {
+        for (l, s) in [
+            (LineState::Queued, "queued"),
+            (LineState::Running, "running"),
+            (LineState::Completed, "completed"),
+            (LineState::Failed, "failed"),
+            (LineState::Expired, "expired"),
+            (LineState::Cancelled, "cancelled"),
+        ] {
+            assert_eq!(l.as_str(), s);
+            assert_eq!(s.parse::<LineState>().ok(), Some(l));
+        }
+    }
+
     #[test]
     fn batch_statuses_are_openais() {
         for (b, s) in [

@@ -14,6 +14,8 @@ use prometheus::IntGauge;
 use tollgate_metering::ledger::{Ledger, LedgerGauges, SpoolSync};
 use tollgate_metering::store::Store;
 
+#[path = "common/batch_runs_contract.rs"]
+mod batch_runs_contract;
 #[path = "common/batches_contract.rs"]
 mod batches_contract;
 #[path = "common/store_contract.rs"]
@@ -81,6 +83,12 @@ async fn sqlite_sla_report() {
 async fn sqlite_batches() {
     let (_dir, store) = sqlite().await;
     batches_contract::exercise(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_batch_runs() {
+    let (_dir, store) = sqlite().await;
+    batch_runs_contract::exercise(&store).await;
 }
 
 #[tokio::test]

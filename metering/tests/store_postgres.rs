@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use tollgate_metering::limits::{BudgetError, Limiter, Limits, Refusal};
 use tollgate_metering::store::Store;
 
+#[path = "common/batch_runs_contract.rs"]
+mod batch_runs_contract;
 #[path = "common/batches_contract.rs"]
 mod batches_contract;
 #[path = "common/store_contract.rs"]
@@ -33,6 +35,12 @@ async fn postgres_store_contract() {
 async fn postgres_batches() {
     let store = fresh_database("tollgate_batches_contract").await;
     batches_contract::exercise(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_batch_runs() {
+    let store = fresh_database("tollgate_batch_runs_contract").await;
+    batch_runs_contract::exercise(&store).await;
 }
 
 #[tokio::test]

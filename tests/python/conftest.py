@@ -97,6 +97,21 @@ def write_config(prefix: str, text: str) -> str:
     return path
 
 
+def ledger_args(kind: str, prefix: str) -> list:
+    """Server arguments for a ledger of `kind`: none for `sqlite` (start_server's fresh file);
+    for `postgres` a reset database with the spool and the files in a fresh temporary directory
+    (skipped without TOLLGATE_TEST_POSTGRES=1)."""
+    if kind != "postgres":
+        return []
+    if not os.environ.get("TOLLGATE_TEST_POSTGRES"):
+        pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
+    from test_billing import pg
+
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    return ["--database", pg("reset"), "--spool", os.path.join(tmp, "ledger.spool"),
+            "--files-url", os.path.join(tmp, "files")]
+
+
 def routed_model(model: str, port: int, backend_extra: str = "") -> str:
     """The catalogue entry of `model` served by the `tollgate worker` on `port`, which the
     gateway reaches with the token in `TOLLGATE_WORKER_TOKEN`; `backend_extra` adds settings

@@ -1,19 +1,16 @@
 """The Batch API's objects with the official OpenAI SDK: create (validated line by line before it
 starts), retrieve, list and cancel, OpenAI's lifecycle and shapes; a batch is its customer's. On a
-SQLite ledger, and on PostgreSQL."""
+SQLite ledger, and on PostgreSQL. Running lines and cancelling a batch that runs: test_batch_runs.py."""
 
 import io
 import json
-import os
-import tempfile
 import time
 
 import openai
 import pytest
 from openai import OpenAI
 
-from conftest import customer_keys, start_server, stop_server
-from test_billing import pg
+from conftest import customer_keys, ledger_args, start_server, stop_server
 
 ADMIN = "batches-admin"
 MODEL = "smollm2-135m"
@@ -32,14 +29,7 @@ def jsonl(lines) -> io.BytesIO:
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def srv(request):
     """A server on a SQLite ledger, then on PostgreSQL (TOLLGATE_TEST_POSTGRES=1)."""
-    args = []
-    if request.param == "postgres":
-        if not os.environ.get("TOLLGATE_TEST_POSTGRES"):
-            pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
-        tmp = tempfile.mkdtemp(prefix="tollgate-batches-")
-        args = ["--database", pg("reset"), "--spool", os.path.join(tmp, "ledger.spool"),
-                "--files-url", os.path.join(tmp, "files")]
-    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, ledger_args(request.param, "tollgate-batches-"))
     yield s
     assert stop_server(s) == 0, "".join(s.log[-40:])
 
@@ -60,7 +50,7 @@ def validated(client, batch_id):
     raise AssertionError(f"batch {batch_id} still validating")
 
 
-def test_a_valid_batch_starts_is_listed_and_cancelled(two):
+def test_a_valid_batch_starts_and_is_listed(two):
     a, b = two
     f = a.files.create(file=("in.jsonl", jsonl([line(f"r{i}") for i in range(3)])), purpose="batch")
     batch = a.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h",
@@ -69,17 +59,15 @@ def test_a_valid_batch_starts_is_listed_and_cancelled(two):
     assert batch.status == "validating" and batch.metadata == {"job": "nightly"}
     assert batch.expires_at == batch.created_at + 86400
     started = validated(a, batch.id)
-    assert started.status == "in_progress" and started.in_progress_at >= started.created_at
-    assert (started.request_counts.total, started.request_counts.completed, started.request_counts.failed) == (3, 0, 0)
+    # Its lines start running at once (test_batch_runs.py runs and cancels batches).
+    assert started.status in ("in_progress", "finalizing", "completed") and started.in_progress_at >= started.created_at
+    assert started.request_counts.total == 3
     assert started.errors is None
     assert batch.id in [x.id for x in a.batches.list()]
     assert batch.id not in [x.id for x in b.batches.list()]
     for call in (lambda: b.batches.retrieve(batch.id), lambda: b.batches.cancel(batch.id)):
         with pytest.raises(openai.NotFoundError):
             call()
-    cancelled = a.batches.cancel(batch.id)
-    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
-    assert a.batches.retrieve(batch.id).status == "cancelled"
 
 
 def test_every_refused_line_is_reported_with_its_number(two):

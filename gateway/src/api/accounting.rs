@@ -374,6 +374,7 @@ impl Completion {
                 price_per_mtok: Some(price.rejected_prediction_per_mtok),
                 cost_nano_usd: rejected_cost,
             },
+            batch_id: self.caller.batch_id.clone(),
         })
     }
 

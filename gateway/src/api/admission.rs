@@ -129,7 +129,11 @@ fn enter(
 
 /// The model's price at `tier` (zero when the model has none). A tier the model is not sold at
 /// is refused (400 naming `service_tier`), never billed at another tier's price.
-fn price_of(state: &AppState, model: &str, tier: ServiceTier) -> Result<Price, ApiError> {
+pub(crate) fn price_of(
+    state: &AppState,
+    model: &str,
+    tier: ServiceTier,
+) -> Result<Price, ApiError> {
     let Some(m) = state.catalogue.model(model) else {
         return Ok(Price::default());
     };
@@ -145,13 +149,17 @@ fn price_of(state: &AppState, model: &str, tier: ServiceTier) -> Result<Price, A
 /// else its customer's, else `default`), falling back to `default` where that tier is not
 /// allowed the caller or not sold for the model: `auto` never refuses. `priority` asked for
 /// without the permission is refused (403 naming `service_tier`); a tier the model is not
-/// sold at is refused by [`price_of`].
+/// sold at is refused by [`price_of`]. A line of a batch runs at `batch`.
 pub(crate) fn resolve_tier(
     state: &AppState,
     caller: &Caller,
     model: &str,
     asked: Option<RequestedTier>,
 ) -> Result<ServiceTier, ApiError> {
+    if caller.batch_id.is_some() {
+        // A line of a batch runs and is billed at the batch tier, whatever its body asks.
+        return Ok(ServiceTier::Batch);
+    }
     Ok(match asked.unwrap_or(RequestedTier::Auto) {
         RequestedTier::Auto => {
             let tier = caller.auto_tier;

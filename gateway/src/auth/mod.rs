@@ -132,6 +132,9 @@ pub struct Caller {
     /// Whether the caller may ask for `priority` (the customer allows it and the key does not
     /// narrow it).
     pub allow_priority: bool,
+    /// Set by the batch runner when the request is a line of this batch: it runs and is billed
+    /// at the `batch` tier, and its record names the batch.
+    pub batch_id: Option<String>,
 }
 
 /// A customer's scheduling weight as the engine takes it (the store keeps it in range).
@@ -163,6 +166,7 @@ impl Caller {
             scheduling_weight: weight(customer),
             auto_tier: key.auto_tier(customer),
             allow_priority: key.may_ask_priority(customer),
+            batch_id: None,
         }
     }
 
@@ -182,6 +186,8 @@ impl Caller {
             .is_none_or(|m| m.iter().any(|x| x == model))
     }
 }
+
+mod by_id;
 
 use tollgate_metering::secrets::{digest, hex};
 
@@ -259,36 +265,7 @@ impl AuthConfig {
     pub async fn resolve(&self, store: Option<&Store>, key: &str) -> Result<Caller, ApiError> {
         let d = digest(key);
         if let Some(key_id) = self.statics.get(&d) {
-            let customer = match store {
-                Some(s) => self.default_customer(s).await,
-                None => None,
-            };
-            return Ok(Caller {
-                customer_id: DEFAULT_CUSTOMER.into(),
-                key_id: key_id.clone(),
-                models: None,
-                limits: Limits {
-                    key_id: key_id.clone(),
-                    customer_id: DEFAULT_CUSTOMER.into(),
-                    customer_rpm: customer.as_ref().and_then(|c| c.rpm),
-                    customer_tpm: customer.as_ref().and_then(|c| c.tpm),
-                    ..Limits::default()
-                },
-                budget_nano_usd: customer.as_ref().and_then(|c| c.budget_nano_usd),
-                expires_at: None,
-                key_tags: Arc::default(),
-                key_budget_nano_usd: None,
-                idempotency: None,
-                key_max_concurrent: None,
-                customer_max_concurrent: customer.as_ref().and_then(|c| c.max_concurrent_requests),
-                scheduling_weight: customer.as_ref().map_or(1, weight),
-                auto_tier: customer
-                    .as_ref()
-                    .and_then(|c| c.default_service_tier)
-                    .unwrap_or_default(),
-                // Without a database the static keys are the operator's own: every tier.
-                allow_priority: customer.as_ref().is_none_or(|c| c.allow_priority),
-            });
+            return Ok(self.static_caller(store, key_id).await);
         }
         let Some(store) = store else {
             return Err(ApiError::InvalidApiKey("incorrect API key provided".into()));

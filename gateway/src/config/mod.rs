@@ -66,6 +66,8 @@ struct RawServer {
     sse_keep_alive_secs: Option<u64>,
     files_quota_bytes: Option<u64>,
     model_memory_bytes: Option<u64>,
+    batch_concurrency: Option<usize>,
+    batch_lease_secs: Option<u64>,
 }
 
 /// The validated catalogue.
@@ -120,6 +122,13 @@ pub struct ServerConfig {
     /// KV reservation each); `None`: the machine's available memory less a margin, measured
     /// at start by the binary.
     pub model_memory_bytes: Option<u64>,
+    /// `batch_concurrency` (32 by default, at least 1): lines of Batch API batches one replica
+    /// runs at once (they run in the engine's `batch` class, on what other classes leave).
+    pub batch_concurrency: usize,
+    /// `batch_lease_secs` (60 by default, at least 3): how long a replica's claim on a batch
+    /// line lasts unless renewed (it is, every third of it, while the line runs); a line whose
+    /// replica died is run again after this.
+    pub batch_lease: Duration,
 }
 
 impl ServerConfig {
@@ -136,6 +145,16 @@ impl ServerConfig {
 pub const KEY_FRESH: Duration = Duration::from_millis(400);
 /// The default of `key_cache_max_age_ms`.
 pub const KEY_MAX_AGE: Duration = Duration::from_millis(900);
+
+/// `batch_concurrency` (at least 1) and `batch_lease_secs` (at least 3), or their defaults.
+fn batch_settings(raw: &RawServer, defaults: &ServerConfig) -> (usize, Duration) {
+    (
+        raw.batch_concurrency
+            .map_or(defaults.batch_concurrency, |n| n.max(1)),
+        raw.batch_lease_secs
+            .map_or(defaults.batch_lease, |s| Duration::from_secs(s.max(3))),
+    )
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -154,6 +173,8 @@ impl Default for ServerConfig {
             sse_keep_alive: Duration::from_secs(15),
             files_quota_bytes: 10_000_000_000,
             model_memory_bytes: None,
+            batch_concurrency: 32,
+            batch_lease: Duration::from_secs(60),
         }
     }
 }
@@ -179,6 +200,7 @@ impl Config {
             return Err(ConfigError::NoModels);
         }
         let defaults = ServerConfig::default();
+        let (batch_concurrency, batch_lease) = batch_settings(&raw.server, &defaults);
         let server = ServerConfig {
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             max_n: raw.server.max_n.unwrap_or(defaults.max_n).max(1),
@@ -235,6 +257,8 @@ impl Config {
                 .files_quota_bytes
                 .unwrap_or(defaults.files_quota_bytes),
             model_memory_bytes: raw.server.model_memory_bytes,
+            batch_concurrency,
+            batch_lease,
         };
         if server.key_fresh > server.key_max_age {
             return Err(ConfigError::Parse(format!(

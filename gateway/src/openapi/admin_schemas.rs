@@ -212,6 +212,8 @@ pub struct UsageRecord {
     pub rejected_prediction_tokens: i64,
     pub rejected_prediction_price_per_mtok: String,
     pub rejected_prediction_cost_usd: String,
+    /// The batch (Batch API) its request was a line of; `null` otherwise.
+    pub batch_id: Option<String>,
 }
 
 /// `GET /admin/v1/usage/records`.

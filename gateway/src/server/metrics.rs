@@ -158,6 +158,12 @@ pub struct Metrics {
     prefix_cache: GaugeVec,
     prefix_hits: IntCounterVec,
     backend_healthy: GaugeVec,
+    /// Lines of Batch API batches queued and running, every replica's (read from the ledger
+    /// database by the batch runner), by model and state.
+    pub batch_lines: GaugeVec,
+    /// Lines of batches this replica ran to an end, by model and state (`completed`,
+    /// `failed`).
+    pub batch_lines_finished: IntCounterVec,
     pub ledger_pending: IntGauge,
     pub ledger_spooled: IntGauge,
     /// Connections closed at once because the listener was at its connection limit.
@@ -294,6 +300,28 @@ impl Metrics {
                 )?;
                 registry.register(Box::new(g.clone()))?;
                 g
+            },
+            batch_lines: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tollgate_batch_lines",
+                        "Lines of Batch API batches queued or running now, over every replica.",
+                    ),
+                    &["model", "state"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            batch_lines_finished: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_batch_lines_finished_total",
+                        "Lines of Batch API batches this replica ran to an end, by state.",
+                    ),
+                    &["model", "state"],
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
             },
             ledger_pending: {
                 let g = IntGauge::new(

@@ -107,6 +107,12 @@ pub async fn run_split(
         max_connections: state.config.server.max_connections,
     };
     let refused = state.metrics.connections_refused.clone();
+    // The batch runner: claims lines until the shutdown signal (its lines in flight are
+    // `tasks`, drained in phase 4).
+    let batches_stop = tokio_util::sync::CancellationToken::new();
+    background
+        .tasks
+        .spawn(crate::batches::run(state.clone(), batches_stop.clone()));
     if state.admin_token.is_none() {
         tracing::info!(
             "admin API and console disabled (TOLLGATE_ADMIN_TOKEN is not set): /admin and /console answer 404"
@@ -147,6 +153,7 @@ pub async fn run_split(
         move || refused.inc(),
         async move {
             shutdown.await;
+            batches_stop.cancel();
             let _ = stop_tx.send(true);
             let _ = signalled_tx.send(());
         },

@@ -1,7 +1,8 @@
 //! The `batches` and `batch_lines` tables: the Batch API's batches (owner, endpoint, input
 //! file, lifecycle and its times, counts, validation errors) and their lines once validated.
 //! A batch moves `validating` → `in_progress` (its lines written) or `failed`; `cancel` moves
-//! it to `cancelling`, its queued lines to `cancelled`, and to `cancelled` once no line runs.
+//! its queued lines to `cancelled` and it to `cancelling` (a validating one to `cancelled`);
+//! running and ending it is `batch_runs`'.
 //! Times are Unix seconds.
 
 use sqlx::any::AnyRow;
@@ -16,6 +17,9 @@ pub struct BatchRow {
     /// `batch_…`: time-ordered, so the id is also the list order.
     pub id: String,
     pub customer_id: String,
+    /// The key that created it: its lines run as that key (`None` on batches older than the
+    /// runner).
+    pub key_id: Option<String>,
     /// Where each line goes.
     pub endpoint: Endpoint,
     pub input_file_id: String,
@@ -33,6 +37,17 @@ pub struct BatchRow {
     pub created_at: i64,
     pub expires_at: i64,
     pub times: BatchTimes,
+    /// Its lines' tokens, totalled when it is final.
+    pub usage: BatchUsage,
+}
+
+/// A batch's tokens (its lines' totals), as its `usage` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchUsage {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// Of `input_tokens`, those served from a prefix cache.
+    pub cached_tokens: i64,
 }
 
 /// When a batch reached each step of its lifecycle (Unix seconds; `None` until it does), as
@@ -53,7 +68,7 @@ impl BatchRow {
     /// [`BatchRow::window`]).
     pub fn validating(
         id: String,
-        customer_id: &str,
+        (customer_id, key_id): (&str, &str),
         endpoint: Endpoint,
         input_file_id: String,
         metadata: Option<String>,
@@ -61,6 +76,7 @@ impl BatchRow {
         Self {
             id,
             customer_id: customer_id.into(),
+            key_id: Some(key_id.into()),
             endpoint,
             input_file_id,
             completion_window: String::new(),
@@ -75,6 +91,7 @@ impl BatchRow {
             created_at: 0,
             expires_at: 0,
             times: BatchTimes::default(),
+            usage: BatchUsage::default(),
         }
     }
 
@@ -95,22 +112,26 @@ pub struct BatchLine {
     pub custom_id: String,
     /// The request body, as JSON.
     pub body: String,
+    /// The body's `model`.
+    pub model: String,
 }
 
-const COLUMNS: &str = "id, customer_id, endpoint, input_file_id, completion_window, status, \
+pub(super) const COLUMNS: &str =
+    "id, customer_id, key_id, endpoint, input_file_id, completion_window, status, \
     metadata, errors, output_file_id, error_file_id, total, completed, failed, created_at, \
     expires_at, in_progress_at, finalizing_at, completed_at, failed_at, expired_at, \
-    cancelling_at, cancelled_at";
+    cancelling_at, cancelled_at, input_tokens, output_tokens, cached_tokens";
 
-/// Lines per INSERT: 4 parameters each, well within SQLite's limit on parameters.
+/// Lines per INSERT: 5 parameters each, well within SQLite's limit on parameters.
 const LINE_CHUNK: usize = 500;
 
-fn row(r: &AnyRow) -> StoreResult<BatchRow> {
+pub(super) fn row(r: &AnyRow) -> StoreResult<BatchRow> {
     let status: String = r.try_get("status")?;
     let endpoint: String = r.try_get("endpoint")?;
     Ok(BatchRow {
         id: r.try_get("id")?,
         customer_id: r.try_get("customer_id")?,
+        key_id: r.try_get("key_id")?,
         endpoint: endpoint
             .parse()
             .map_err(|_| StoreError::Invalid(format!("unknown batch endpoint {endpoint}")))?,
@@ -137,6 +158,11 @@ fn row(r: &AnyRow) -> StoreResult<BatchRow> {
             cancelling_at: r.try_get("cancelling_at")?,
             cancelled_at: r.try_get("cancelled_at")?,
         },
+        usage: BatchUsage {
+            input_tokens: r.try_get("input_tokens")?,
+            output_tokens: r.try_get("output_tokens")?,
+            cached_tokens: r.try_get("cached_tokens")?,
+        },
     })
 }
 
@@ -145,7 +171,8 @@ impl Store {
     pub async fn insert_batch(&self, b: &BatchRow) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO batches (id, customer_id, endpoint, input_file_id, completion_window, \
-             status, metadata, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             status, metadata, created_at, expires_at, key_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&b.id)
         .bind(&b.customer_id)
@@ -156,6 +183,7 @@ impl Store {
         .bind(&b.metadata)
         .bind(b.created_at)
         .bind(b.expires_at)
+        .bind(&b.key_id)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -234,17 +262,29 @@ impl Store {
         for chunk in lines.chunks(LINE_CHUNK) {
             let values: Vec<String> = (0..chunk.len())
                 .map(|i| {
-                    let n = i * 4;
-                    format!("(${}, ${}, ${}, ${}, 'queued')", n + 1, n + 2, n + 3, n + 4)
+                    let n = i * 5;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${}, 'queued')",
+                        n + 1,
+                        n + 2,
+                        n + 3,
+                        n + 4,
+                        n + 5
+                    )
                 })
                 .collect();
             let sql = format!(
-                "INSERT INTO batch_lines (batch_id, line, custom_id, body, state) VALUES {}",
+                "INSERT INTO batch_lines (batch_id, line, custom_id, body, model, state) VALUES {}",
                 values.join(", ")
             );
             let mut query = sqlx::query(&sql);
             for l in chunk {
-                query = query.bind(id).bind(l.line).bind(&l.custom_id).bind(&l.body);
+                query = query
+                    .bind(id)
+                    .bind(l.line)
+                    .bind(&l.custom_id)
+                    .bind(&l.body)
+                    .bind(&l.model);
             }
             query.execute(&mut *tx).await?;
         }
@@ -268,8 +308,9 @@ impl Store {
         Ok(())
     }
 
-    /// Cancels the customer's batch `id`: `cancelling`, its queued lines `cancelled`, and
-    /// `cancelled` at once when none of its lines is running. `None` when there is no such
+    /// Cancels the customer's batch `id`: its queued lines `cancelled`; a batch still
+    /// validating is `cancelled` at once, one in progress `cancelling` until the runner has
+    /// finished its running lines and written its files (`cancelled` then). `None` when there is no such
     /// batch; a batch already done is a conflict.
     pub async fn cancel_batch(
         &self,
@@ -298,13 +339,7 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-                let running: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM batch_lines WHERE batch_id = $1 AND state = 'running'",
-                )
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-                let (to, cancelled_at) = if running == 0 {
+                let (to, cancelled_at) = if status == BatchStatus::Validating {
                     (BatchStatus::Cancelled, Some(now))
                 } else {
                     (BatchStatus::Cancelling, None)
@@ -333,7 +368,7 @@ impl Store {
     /// Batch `id`'s lines, in order (for tests and the runner).
     pub async fn batch_lines(&self, id: &str) -> StoreResult<Vec<(BatchLine, String)>> {
         let rows = sqlx::query(
-            "SELECT line, custom_id, body, state FROM batch_lines WHERE batch_id = $1 ORDER BY line",
+            "SELECT line, custom_id, body, model, state FROM batch_lines WHERE batch_id = $1 ORDER BY line",
         )
         .bind(id)
         .fetch_all(self.pool())
@@ -345,6 +380,7 @@ impl Store {
                         line: r.try_get("line")?,
                         custom_id: r.try_get("custom_id")?,
                         body: r.try_get("body")?,
+                        model: r.try_get("model")?,
                     },
                     r.try_get("state")?,
                 ))

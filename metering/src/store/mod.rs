@@ -1,7 +1,7 @@
 //! The store's queries, by table: `customers`, `keys`, `admin_tokens`, `usage` (the ledger),
 //! `records` (the ledger read page by page), `sla` (the ledger's service levels),
-//! `reservations` (reserved capacity), `files` (the Files API's files) and `batches` (the Batch
-//! API's batches and their lines). The connection they run on, the error type and
+//! `reservations` (reserved capacity), `files` (the Files API's files), `batches` (the Batch
+//! API's batches and their lines) and `batch_runs` (claiming, running and ending those lines). The connection they run on, the error type and
 //! the column helpers are `crate::db`'s, re-exported here so that callers name one place.
 //!
 //! Ledger order: records get an increasing `seq` that export cursors follow. On PostgreSQL
@@ -14,6 +14,7 @@ use sqlx::Row;
 use crate::tags::{self, Tags};
 
 pub mod admin_tokens;
+mod batch_runs;
 mod batches;
 mod customers;
 mod files;
@@ -27,7 +28,8 @@ mod usage;
 pub use crate::accounts::{ApiKey, Customer};
 pub(crate) use crate::db::{is_unique_violation, kind_column, optional_kind_column};
 pub use crate::db::{normalize_url, now_micros, DbKind, Store, StoreError, StoreResult};
-pub use batches::{BatchLine, BatchRow, BatchTimes};
+pub use batch_runs::{ClaimedLine, LineOutcome, LineResult};
+pub use batches::{BatchLine, BatchRow, BatchTimes, BatchUsage};
 pub use customers::{valid_id, CustomerFields, MAX_SCHEDULING_WEIGHT};
 pub use files::{FileQuery, FileRow, ListOrder, OverQuota};
 pub use keys::{KeyFields, NewKey};

@@ -75,6 +75,9 @@ pub struct UsageRecord {
     /// Its `prediction`'s tokens (OpenAI's Predicted Outputs); zero without one.
     #[serde(default, skip_serializing_if = "PredictionTokens::is_none")]
     pub prediction: PredictionTokens,
+    /// The batch (Batch API) its request was a line of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 /// Columns usage can be grouped by.
@@ -136,10 +139,10 @@ pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stre
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
     cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key, \
     service_tier, accepted_prediction_tokens, rejected_prediction_tokens, \
-    rejected_prediction_price_per_mtok, rejected_prediction_cost_nano_usd";
+    rejected_prediction_price_per_mtok, rejected_prediction_cost_nano_usd, batch_id";
 
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 27;
+const RECORD_PARAMS: usize = 28;
 
 pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
@@ -167,6 +170,7 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         idempotency_key: row.try_get("idempotency_key")?,
         service_tier: kind_column(row, "service_tier")?,
         prediction: PredictionTokens::read(row, None)?,
+        batch_id: row.try_get("batch_id")?,
     })
 }
 
@@ -529,7 +533,8 @@ async fn insert_chunk(
             .bind(r.prediction.accepted)
             .bind(r.prediction.rejected)
             .bind(r.prediction.price_per_mtok.map(|p| p.to_string()))
-            .bind(r.prediction.cost_nano_usd);
+            .bind(r.prediction.cost_nano_usd)
+            .bind(&r.batch_id);
     }
     let mut inserted = 0;
     for row in q.fetch_all(&mut **tx).await? {

@@ -78,8 +78,14 @@ pub(crate) async fn create(
         .as_ref()
         .map(|m| serde_json::Value::Object(m.clone()).to_string());
     let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
-    let row = BatchRow::validating(id, &caller.customer_id, request.endpoint, file.id, metadata)
-        .window(WINDOW, now, WINDOW_SECONDS);
+    let row = BatchRow::validating(
+        id,
+        (&caller.customer_id, &caller.key_id),
+        request.endpoint,
+        file.id,
+        metadata,
+    )
+    .window(WINDOW, now, WINDOW_SECONDS);
     store.insert_batch(&row).await?;
     let (task_state, task_row) = (state.clone(), row.clone());
     state.tasks.spawn(async move {

@@ -7,10 +7,10 @@
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
-use tollgate_metering::kinds::Endpoint;
+use tollgate_metering::kinds::{Endpoint, ServiceTier};
 use tollgate_metering::store::BatchLine;
 
-use crate::api::admission::backend_for;
+use crate::api::admission::{backend_for, price_of};
 use crate::api::openai::{ChatRequest, CompletionRequest};
 use crate::api::responses::request::CreateResponse;
 use crate::error::{parse_json, ApiError};
@@ -103,7 +103,7 @@ impl<'a> Checker<'a> {
             ));
         }
         let body = parsed.body.to_string();
-        self.body(&parsed.custom_id, body.as_bytes()).map_err(|e| {
+        let model = self.body(&parsed.custom_id, body.as_bytes()).map_err(|e| {
             let err = e.body().error;
             LineError::new(
                 line,
@@ -127,11 +127,12 @@ impl<'a> Checker<'a> {
             line,
             custom_id: parsed.custom_id,
             body,
+            model,
         })
     }
 
-    /// The body, checked as the direct request's.
-    fn body(&self, custom_id: &str, body: &[u8]) -> Result<(), ApiError> {
+    /// The body, checked as the direct request's, and sold at the batch tier; its model.
+    fn body(&self, custom_id: &str, body: &[u8]) -> Result<String, ApiError> {
         let max_n = self.state.config.server.max_n;
         let (stream, model) = match self.endpoint {
             Endpoint::ChatCompletions => {
@@ -167,6 +168,8 @@ impl<'a> Checker<'a> {
                 "stream",
             ));
         }
-        backend_for(self.state, &model).map(|_| ())
+        backend_for(self.state, &model)?;
+        price_of(self.state, &model, ServiceTier::Batch)?;
+        Ok(model)
     }
 }

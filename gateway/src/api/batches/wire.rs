@@ -42,6 +42,28 @@ pub struct RequestCounts {
     pub failed: i64,
 }
 
+/// Cached prompt tokens.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct InputTokensDetails {
+    pub cached_tokens: i64,
+}
+
+/// Reasoning tokens (none here).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OutputTokensDetails {
+    pub reasoning_tokens: i64,
+}
+
+/// The tokens of a batch's lines (totalled when it ends).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Usage {
+    pub input_tokens: i64,
+    pub input_tokens_details: InputTokensDetails,
+    pub output_tokens: i64,
+    pub output_tokens_details: OutputTokensDetails,
+    pub total_tokens: i64,
+}
+
 /// A batch (`object: "batch"`). Times are Unix seconds, null until the batch gets there.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Batch {
@@ -67,6 +89,7 @@ pub struct Batch {
     #[serde(flatten)]
     pub times: BatchTimes,
     pub request_counts: RequestCounts,
+    pub usage: Usage,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -97,6 +120,17 @@ impl From<&BatchRow> for Batch {
                 total: b.total,
                 completed: b.completed,
                 failed: b.failed,
+            },
+            usage: Usage {
+                input_tokens: b.usage.input_tokens,
+                input_tokens_details: InputTokensDetails {
+                    cached_tokens: b.usage.cached_tokens,
+                },
+                output_tokens: b.usage.output_tokens,
+                output_tokens_details: OutputTokensDetails {
+                    reasoning_tokens: 0,
+                },
+                total_tokens: b.usage.input_tokens + b.usage.output_tokens,
             },
             metadata: b
                 .metadata
