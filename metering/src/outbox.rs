@@ -1,14 +1,14 @@
 //! The customer's webhook outboxes and their delivery queue. Two tables hold events to POST to
 //! the webhook of the customer's alert settings: `budget_alerts` (migration 0012, written by
 //! the ledger's insert transaction, see [`crate::alerts`]) and `webhook_events` (migration
-//! 0036: the ends of batches and of background responses, added by [`Store::add_event`]). Both
+//! 0036: the ends of batches and of background responses, added by [`add_event`]). Both
 //! are drained alike by the gateway's deliverer: due rows are claimed for one attempt, then
 //! marked delivered, failed (retried later or given up) or without a webhook.
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use crate::db::{now_micros, Store, StoreResult};
 use crate::kinds::AlertStatus;
@@ -96,49 +96,50 @@ pub fn event_payload(id: &str, event_type: &str, object_id: &str, created_at: i6
     })
 }
 
-impl Store {
-    /// Adds the event `<object>.<end>` (e.g. `batch.completed`) about `object_id` to
-    /// `customer_id`'s outbox, once: a second call for the same object and end adds nothing.
-    /// Returns whether it was added. A customer without a webhook gets it as `no_webhook`
-    /// (kept for the record, never sent).
-    pub async fn add_event(
-        &self,
-        customer_id: &str,
-        object: EventObject,
-        end: &str,
-        object_id: &str,
-    ) -> StoreResult<bool> {
-        let event_type = format!("{}.{end}", object.prefix());
-        let id = event_id(object, end, object_id);
-        let now = now_micros();
-        let payload = event_payload(&id, &event_type, object_id, now).to_string();
-        let has_webhook = self
-            .alert_settings(customer_id)
-            .await?
-            .webhook_url
-            .is_some();
-        let status = if has_webhook {
-            AlertStatus::Pending
-        } else {
-            AlertStatus::NoWebhook
-        };
-        let done = sqlx::query(
-            "INSERT INTO webhook_events (id, customer_id, type, object_id, created_at, payload, \
-             status, attempts, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $5) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&id)
-        .bind(customer_id)
-        .bind(&event_type)
-        .bind(object_id)
-        .bind(now)
-        .bind(&payload)
-        .bind(status.as_str())
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
+/// Adds the event `<object>.<end>` (e.g. `batch.completed`) about `object_id` to
+/// `customer_id`'s outbox, once: a second call for the same object and end adds nothing.
+/// Called in the transaction that ends the object, so the event exists exactly when the end
+/// does. Returns whether it was added. A customer without a webhook gets it as `no_webhook`
+/// (kept for the record, never sent).
+pub async fn add_event(
+    conn: &mut AnyConnection,
+    customer_id: &str,
+    object: EventObject,
+    end: &str,
+    object_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let event_type = format!("{}.{end}", object.prefix());
+    let id = event_id(object, end, object_id);
+    let now = now_micros();
+    let payload = event_payload(&id, &event_type, object_id, now).to_string();
+    let webhook: Option<Option<String>> =
+        sqlx::query_scalar("SELECT webhook_url FROM alert_settings WHERE customer_id = $1")
+            .bind(customer_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let status = if webhook.flatten().is_some() {
+        AlertStatus::Pending
+    } else {
+        AlertStatus::NoWebhook
+    };
+    let done = sqlx::query(
+        "INSERT INTO webhook_events (id, customer_id, type, object_id, created_at, payload, \
+         status, attempts, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $5) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(customer_id)
+    .bind(&event_type)
+    .bind(object_id)
+    .bind(now)
+    .bind(&payload)
+    .bind(status.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
 
+impl Store {
     /// Pending rows of `outbox` whose next attempt is due, soonest first.
     pub async fn due_deliveries(
         &self,

@@ -15,6 +15,7 @@ use super::batches::{row, COLUMNS};
 use super::{BatchRow, BatchUsage, Store, StoreResult};
 use crate::db::{kind_column, DbKind};
 use crate::kinds::{BatchStatus, LineState};
+use crate::outbox::{add_event, EventObject};
 
 /// A line a runner claimed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,13 +282,14 @@ impl Store {
             usage.output_tokens += r.try_get::<Option<i64>, _>("o")?.unwrap_or(0);
             usage.cached_tokens += r.try_get::<Option<i64>, _>("c")?.unwrap_or(0);
         }
-        let cancelling: Option<String> = sqlx::query_scalar(
-            "SELECT status FROM batches WHERE id = $1 AND status IN ('finalizing', 'cancelling')",
+        let ending: Option<(String, String)> = sqlx::query_as(
+            "SELECT status, customer_id FROM batches WHERE id = $1 \
+             AND status IN ('finalizing', 'cancelling')",
         )
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(from) = cancelling else {
+        let Some((from, customer_id)) = ending else {
             return Ok(None);
         };
         let (status, at) = if from == BatchStatus::Cancelling.as_str() {
@@ -313,6 +315,14 @@ impl Store {
         .bind(usage.cached_tokens)
         .bind(id)
         .execute(&mut *tx)
+        .await?;
+        add_event(
+            &mut tx,
+            &customer_id,
+            EventObject::Batch,
+            status.as_str(),
+            id,
+        )
         .await?;
         tx.commit().await?;
         Ok(Some(status))

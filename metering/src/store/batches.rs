@@ -10,6 +10,7 @@ use sqlx::Row;
 
 use super::{ListOrder, Store, StoreError, StoreResult};
 use crate::kinds::{BatchStatus, Endpoint};
+use crate::outbox::{add_event, EventObject};
 
 /// One batch's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,7 +296,8 @@ impl Store {
     /// A batch whose validation failed: `failed`, with its errors (a JSON list), unless it
     /// left `validating` meanwhile.
     pub async fn fail_batch(&self, id: &str, errors: &str, now: i64) -> StoreResult<()> {
-        sqlx::query(
+        let mut tx = self.write_tx().await?;
+        let failed = sqlx::query(
             "UPDATE batches SET status = $1, failed_at = $2, errors = $3 WHERE id = $4 AND status = $5",
         )
         .bind(BatchStatus::Failed.as_str())
@@ -303,8 +305,17 @@ impl Store {
         .bind(errors)
         .bind(id)
         .bind(BatchStatus::Validating.as_str())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        if failed.rows_affected() == 1 {
+            let customer_id: String =
+                sqlx::query_scalar("SELECT customer_id FROM batches WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            add_event(&mut tx, &customer_id, EventObject::Batch, "failed", id).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -353,6 +364,9 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+                if to == BatchStatus::Cancelled {
+                    add_event(&mut tx, customer_id, EventObject::Batch, "cancelled", id).await?;
+                }
             }
             BatchStatus::Cancelling | BatchStatus::Cancelled => {}
             done => {

@@ -152,6 +152,16 @@ pub async fn exercise(store: &Store) {
             .unwrap(),
         None
     );
+    // The end is one webhook event, added with it (no webhook: kept, never sent).
+    let events: Vec<_> = store
+        .webhook_events("acme", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, _, object, _)| object == "batch_r1")
+        .map(|(_, kind, _, status)| (kind, status.as_str()))
+        .collect();
+    assert_eq!(events, [("batch.completed".to_string(), "no_webhook")]);
     let done = store.batch("batch_r1", "acme").await.unwrap().unwrap();
     assert_eq!(
         (

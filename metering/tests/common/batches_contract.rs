@@ -93,6 +93,13 @@ pub async fn exercise(store: &Store) {
         .await
         .unwrap();
     let failed = store.batch("batch_2", "acme").await.unwrap().unwrap();
+    // Only the batch that did fail has its `batch.failed` event.
+    let events = store.webhook_events("acme", 100).await.unwrap();
+    let ended: Vec<(&str, &str)> = events
+        .iter()
+        .map(|(_, kind, object, _)| (kind.as_str(), object.as_str()))
+        .collect();
+    assert_eq!(ended, [("batch.failed", "batch_2")]);
     assert_eq!(
         (
             failed.status,
