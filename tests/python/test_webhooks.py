@@ -1,7 +1,7 @@
 """The ends of batches as webhook events, against the real server and model with a real HTTP
 receiver: `batch.failed`, `batch.completed` and `batch.cancelled` reach the customer's webhook
 once each, signed with the Standard Webhooks headers (verified with the `standardwebhooks`
-library, as a receiver using OpenAI's or Svix's SDK would), retried until the receiver answers
+library and with OpenAI's SDK, as receivers do), retried until the receiver answers
 2xx with the same `webhook-id`, while budget alerts keep their own headers."""
 
 import io
@@ -54,7 +54,9 @@ def test_batch_ends_reach_the_webhook_signed_once_each():
         r = httpx.put(f"http://{srv.addr}/admin/v1/customers/hooked/alerts", json={"webhook_url": receiver.url},
                       headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
         assert r.status_code == 200, r.text
-        verifier = standardwebhooks.Webhook(r.json()["webhook_secret"])
+        secret = r.json()["webhook_secret"]
+        verifier = standardwebhooks.Webhook(secret)
+        openai_receiver = OpenAI(api_key="unused", webhook_secret=secret).webhooks
         client = OpenAI(base_url=srv.base_url, api_key=key, max_retries=0, timeout=60)
 
         def batch_of(lines):
@@ -84,7 +86,9 @@ def test_batch_ends_reach_the_webhook_signed_once_each():
             body = json.dumps(event)  # only for the shape; the signature is checked on the bytes
             assert event["object"] == "event" and event["data"] == {"id": batch_id}, body
             raw = next(b for h, b in receiver.accepted() if h["webhook-id"] == headers["webhook-id"])
-            verifier.verify(raw, {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")})
+            signed = {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
+            verifier.verify(raw, signed)
+            assert openai_receiver.unwrap(raw, signed).type == event["type"], "OpenAI's SDK verifies it too"
             assert headers["webhook-id"] == event["id"]
             assert "tollgate-signature" not in headers, "budget alerts keep their own headers"
             # The first attempt failed: the retry carried the same id.
