@@ -6,14 +6,13 @@ library and with OpenAI's SDK, as receivers do), retried until the receiver answ
 
 import io
 import json
-import time
 
 import httpx
 import standardwebhooks
 from openai import OpenAI
 
 from conftest import customer_keys, start_server, stop_server
-from test_alerts import Receiver
+from test_alerts import Receiver, wait
 
 ADMIN = "webhooks-admin"
 MODEL = "smollm2-135m"
@@ -34,16 +33,6 @@ def line(custom_id, max_tokens=2):
 def events_of(receiver, batch_id):
     """The accepted deliveries about `batch_id`: (headers, event)."""
     return [(h, json.loads(b)) for h, b in receiver.accepted() if json.loads(b)["data"]["id"] == batch_id]
-
-
-def wait_for(what, fn, seconds=300):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} within {seconds}s")
 
 
 def test_batch_ends_reach_the_webhook_signed_once_each():
@@ -67,7 +56,7 @@ def test_batch_ends_reach_the_webhook_signed_once_each():
         done = batch_of([line("x"), line("y")])
         ended = {}
         for batch_id, end in [(refused, "batch.failed"), (done, "batch.completed")]:
-            got = wait_for(end, lambda b=batch_id: events_of(receiver, b))
+            got = wait(lambda b=batch_id: events_of(receiver, b), timeout=300, what=end)
             ended[batch_id] = got
             assert [e["type"] for _, e in got] == [end], got
         assert client.batches.retrieve(refused).status == "failed"
@@ -77,7 +66,7 @@ def test_batch_ends_reach_the_webhook_signed_once_each():
         long_one = batch_of([line(f"l{i}", max_tokens=200) for i in range(4)])
         cancelled = client.batches.cancel(long_one)
         assert cancelled.status in ("cancelling", "cancelled")
-        got = wait_for("batch.cancelled", lambda: events_of(receiver, long_one))
+        got = wait(lambda: events_of(receiver, long_one), timeout=300, what="batch.cancelled")
         assert [e["type"] for _, e in got] == ["batch.cancelled"], got
         ended[long_one] = got
 
