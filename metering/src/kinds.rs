@@ -298,6 +298,30 @@ kind! {
     }
 }
 
+kind! {
+    /// Where a background response is (OpenAI's `status`): `queued` until a runner claims it,
+    /// `in_progress` under the claim's lease, then one of the ends.
+    #[serde(rename_all = "snake_case")]
+    #[strum(serialize_all = "snake_case")]
+    pub enum RunStatus {
+        #[default]
+        Queued,
+        InProgress,
+        Completed,
+        /// `max_output_tokens` (or the context) ran out.
+        Incomplete,
+        Failed,
+        Cancelled,
+    }
+}
+
+impl RunStatus {
+    /// Whether it has ended (nothing more will happen to it).
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::InProgress)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +446,17 @@ mod tests {
         ] {
             assert_eq!(l.as_str(), s);
             assert_eq!(s.parse::<LineState>().ok(), Some(l));
+        }
+        for (r, s) in [
+            (RunStatus::Queued, "queued"),
+            (RunStatus::InProgress, "in_progress"),
+            (RunStatus::Completed, "completed"),
+            (RunStatus::Incomplete, "incomplete"),
+            (RunStatus::Failed, "failed"),
+            (RunStatus::Cancelled, "cancelled"),
+        ] {
+            assert_eq!(r.as_str(), s);
+            assert_eq!(s.parse::<RunStatus>().ok(), Some(r));
         }
     }
 

@@ -222,7 +222,6 @@ def test_one_usage_record_per_response(srv, client):
 def test_unsupported_fields_are_refused(client):
     for kwargs, param in [
         (dict(tools=[{"type": "web_search"}]), "tools.[0].type"),
-        (dict(background=True), "background"),
         (dict(reasoning={"effort": "high"}), "reasoning.effort"),
         (dict(input=[{"type": "function_call_output", "call_id": "nope", "output": "x"}]), "input.[0].call_id"),
         (dict(tools=[WEATHER], tool_choice={"type": "function", "name": "missing"}), "tool_choice.name"),

@@ -18,6 +18,7 @@
 mod end;
 mod line;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,21 +142,45 @@ impl Runner {
     }
 }
 
-/// Runs one claimed line, renewing its lease while it runs, and stores its result.
-async fn run_claimed(state: &AppState, store: &Store, claimed: &ClaimedLine, lease: i64) {
-    let renew_every = Duration::from_secs(u64::try_from(lease / 3).unwrap_or(1).max(1));
-    let run = line::run(state, store, claimed);
+/// Runs `run` to its end, calling `renew` with the new end of the lease (`lease` seconds from
+/// now) every `every`; `None` (and `run` dropped, which stops its generation) as soon as
+/// `renew` says the claim is lost.
+pub(crate) async fn under_lease<T, R: Future<Output = bool>>(
+    run: impl Future<Output = T>,
+    lease: i64,
+    every: Duration,
+    mut renew: impl FnMut(i64) -> R,
+) -> Option<T> {
     tokio::pin!(run);
-    let ran = loop {
+    loop {
         tokio::select! {
-            ran = &mut run => break ran,
-            () = tokio::time::sleep(renew_every) => {
-                let until = unix_now() + lease;
-                if let Err(e) = store.renew_batch_line(&claimed.batch_id, claimed.line, until).await {
-                    tracing::warn!(batch = %claimed.batch_id, line = claimed.line, "cannot renew the line's lease: {e}");
+            ran = &mut run => return Some(ran),
+            () = tokio::time::sleep(every) => {
+                if !renew(unix_now() + lease).await {
+                    return None;
                 }
             }
         }
+    }
+}
+
+/// Runs one claimed line, renewing its lease while it runs, and stores its result.
+async fn run_claimed(state: &AppState, store: &Store, claimed: &ClaimedLine, lease: i64) {
+    let renew_every = Duration::from_secs(u64::try_from(lease / 3).unwrap_or(1).max(1));
+    let renew = |until| async move {
+        if let Err(e) = store
+            .renew_batch_line(&claimed.batch_id, claimed.line, until)
+            .await
+        {
+            tracing::warn!(batch = %claimed.batch_id, line = claimed.line, "cannot renew the line's lease: {e}");
+        }
+        // A line keeps running whatever the renewal says: only a line still `running` takes
+        // its result.
+        true
+    };
+    let Some(ran) = under_lease(line::run(state, store, claimed), lease, renew_every, renew).await
+    else {
+        return;
     };
     let result = match ran {
         line::Ran::Done(result) => result,

@@ -145,6 +145,7 @@ impl Modify for Security {
         api::responses::get,
         api::responses::delete,
         api::responses::input_items,
+        api::responses::background::cancel,
         api::files::upload::create,
         api::files::list,
         api::files::retrieve,

@@ -70,6 +70,10 @@ fn v1(state: &AppState) -> Router<AppState> {
             get(responses::input_items),
         )
         .route(
+            "/v1/responses/{id}/cancel",
+            post(responses::background::cancel),
+        )
+        .route(
             "/v1/files",
             // The upload streams its body (oversize.rs lets it through) within its own limits.
             post(files::upload::create)

@@ -107,12 +107,18 @@ pub async fn run_split(
         max_connections: state.config.server.max_connections,
     };
     let refused = state.metrics.connections_refused.clone();
-    // The batch runner: claims lines until the shutdown signal (its lines in flight are
-    // `tasks`, drained in phase 4).
+    // The batch runner and the background responses' runner: claim work until the shutdown
+    // signal (what they have in flight is `tasks`, drained in phase 4).
     let batches_stop = tokio_util::sync::CancellationToken::new();
     background
         .tasks
         .spawn(crate::batches::run(state.clone(), batches_stop.clone()));
+    background
+        .tasks
+        .spawn(crate::api::responses::background::run(
+            state.clone(),
+            batches_stop.clone(),
+        ));
     if state.admin_token.is_none() {
         tracing::info!(
             "admin API and console disabled (TOLLGATE_ADMIN_TOKEN is not set): /admin and /console answer 404"

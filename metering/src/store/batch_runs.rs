@@ -69,6 +69,33 @@ fn claimed(r: &AnyRow) -> StoreResult<ClaimedLine> {
 }
 
 impl Store {
+    /// The row lock of a claim's inner `SELECT` (`of`: which table's rows): on PostgreSQL,
+    /// rows another replica holds are skipped; on SQLite there is none, one writer at a time
+    /// (the claim's transaction) is the lock.
+    pub(super) fn claim_lock(&self, of: &str) -> String {
+        match self.kind() {
+            DbKind::Postgres => format!("FOR UPDATE {of} SKIP LOCKED"),
+            DbKind::Sqlite => String::new(),
+        }
+    }
+
+    /// Runs claim `sql` (bound: now, then the lease's end) in a writer transaction, left open
+    /// for the caller to finish; the rows it returned.
+    pub(super) async fn claim(
+        &self,
+        sql: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> StoreResult<(sqlx::Transaction<'static, sqlx::Any>, Vec<AnyRow>)> {
+        let mut tx = self.write_tx().await?;
+        let rows = sqlx::query(sql)
+            .bind(now)
+            .bind(lease_until)
+            .fetch_all(&mut *tx)
+            .await?;
+        Ok((tx, rows))
+    }
+
     /// Claims up to `limit` lines of batches in progress (or cancelling: a line whose runner
     /// died finishes) and within their window, oldest batch first, each `running` until
     /// `lease_until`.
@@ -78,11 +105,7 @@ impl Store {
         lease_until: i64,
         limit: u32,
     ) -> StoreResult<Vec<ClaimedLine>> {
-        let lock = match self.kind() {
-            DbKind::Postgres => "FOR UPDATE OF l SKIP LOCKED",
-            // One writer at a time: the transaction below is the claim's lock.
-            DbKind::Sqlite => "",
-        };
+        let lock = self.claim_lock("OF l");
         let sql = format!(
             "UPDATE batch_lines SET state = 'running', lease_until = $2, attempts = attempts + 1 \
              WHERE (batch_id, line) IN (SELECT l.batch_id, l.line FROM batch_lines l \
@@ -91,12 +114,7 @@ impl Store {
              ORDER BY l.batch_id, l.line LIMIT {limit} {lock}) \
              RETURNING batch_id, line, custom_id, body, model, attempts"
         );
-        let mut tx = self.write_tx().await?;
-        let rows = sqlx::query(&sql)
-            .bind(now)
-            .bind(lease_until)
-            .fetch_all(&mut *tx)
-            .await?;
+        let (tx, rows) = self.claim(&sql, now, lease_until).await?;
         tx.commit().await?;
         let mut lines = rows.iter().map(claimed).collect::<StoreResult<Vec<_>>>()?;
         lines.sort_by(|a, b| (&a.batch_id, a.line).cmp(&(&b.batch_id, b.line)));

@@ -14,6 +14,7 @@ use sqlx::Row;
 use crate::tags::{self, Tags};
 
 pub mod admin_tokens;
+mod background;
 mod batch_runs;
 mod batches;
 mod customers;
@@ -28,6 +29,7 @@ mod usage;
 pub use crate::accounts::{ApiKey, Customer};
 pub(crate) use crate::db::{is_unique_violation, kind_column, optional_kind_column};
 pub use crate::db::{normalize_url, now_micros, DbKind, Store, StoreError, StoreResult};
+pub use background::{ClaimedRun, NewBackground, RunEnd};
 pub use batch_runs::{ClaimedLine, LineOutcome, LineResult};
 pub use batches::{BatchLine, BatchRow, BatchTimes, BatchUsage};
 pub use customers::{valid_id, CustomerFields, MAX_SCHEDULING_WEIGHT};

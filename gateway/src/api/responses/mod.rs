@@ -17,6 +17,7 @@
 //! (the fold that builds the response object and its events), `passthrough` (upstreams with
 //! their own Responses API).
 
+pub(crate) mod background;
 mod output;
 mod passthrough;
 pub(crate) mod request;
@@ -71,6 +72,9 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     crate::error::ApiJsonValue(body, raw): crate::error::ApiJsonValue<CreateResponse>,
 ) -> Result<Response, ApiError> {
+    if body.background == Some(true) {
+        return background::accept(state, id, caller, body, &raw).await;
+    }
     let store = store_flag(&state, &body)?;
     let history = history(&state, &body, &caller).await?;
     let tags = tags_of(&body)?;
@@ -184,6 +188,7 @@ fn echo(body: &CreateResponse, plan: &Plan, id: &RequestId, store: bool) -> Echo
         metadata: body.metadata.clone().unwrap_or_default(),
         user: body.user.clone(),
         service_tier: crate::backend::ServiceTier::Default,
+        background: body.background == Some(true),
     }
 }
 
@@ -401,21 +406,50 @@ fn database(state: &AppState, id: &str) -> Result<tollgate_metering::store::Stor
     state.store.clone().ok_or_else(|| not_found(id))
 }
 
-/// A stored response of the caller's customer.
+/// A stored response of the caller's customer (a background one as it is now), or with
+/// `stream=true` the events of a background response.
 #[utoipa::path(get, operation_id = "get_response", path = "/v1/responses/{id}", tag = "public",
-    params(("id" = String, Path, description = "The response id (`resp_...`)")),
-    responses((status = 200, body = wire::Response), crate::openapi::PublicErrors),
+    params(
+        ("id" = String, Path, description = "The response id (`resp_...`)"),
+        ("stream" = Option<bool>, Query, description = "Stream the events of a background response, following it until it ends"),
+        ("starting_after" = Option<i64>, Query, minimum = 0, description = "With `stream`: the events after this `sequence_number` only"),
+    ),
+    responses(
+        (status = 200, description = "The response, or its event stream",
+         content((wire::Response = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))),
+        crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let flag = |name: &'static str, value: Option<&String>| match value.map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::invalid(
+            format!("{name} must be true or false, not {other} - '{name}'"),
+            name,
+        )),
+    };
+    if flag("stream", query.get("stream"))? {
+        let after = match query.get("starting_after") {
+            None => None,
+            Some(n) => Some(n.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("starting_after must be a sequence number, not {n} - 'starting_after'"),
+                    "starting_after",
+                )
+            })?),
+        };
+        return background::stream(&state, &caller, id, after).await;
+    }
     let stored = database(&state, &id)?
         .get_response::<Item>(&id, &caller.customer_id, now_micros())
         .await?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(stored.response))
+    Ok(Json(stored.response).into_response())
 }
 
 /// Deletes a stored response of the caller's customer.

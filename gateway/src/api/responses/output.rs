@@ -32,6 +32,8 @@ pub struct Echo {
     pub user: Option<String>,
     /// The tier the request was admitted at.
     pub service_tier: ServiceTier,
+    /// Whether it runs in the background (`background: true`).
+    pub background: bool,
 }
 
 /// How the response ended.
@@ -378,6 +380,14 @@ impl Builder {
         events
     }
 
+    /// The response object of a background response not started yet.
+    pub fn queued(&self) -> Response {
+        Response {
+            status: ResponseStatus::Queued,
+            ..self.response()
+        }
+    }
+
     /// The response object in its current state.
     pub fn response(&self) -> Response {
         let e = &self.echo;
@@ -414,7 +424,7 @@ impl Builder {
             object: "response",
             created_at: e.created_at,
             status: self.status.wire(),
-            background: false,
+            background: e.background,
             error,
             incomplete_details,
             instructions: e.instructions.clone(),
@@ -465,6 +475,7 @@ mod tests {
             metadata: Map::new(),
             user: None,
             service_tier: ServiceTier::Default,
+            background: false,
         }
     }
 

@@ -58,10 +58,19 @@ pub enum OutputItem {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseStatus {
+    /// A background response not started yet.
+    Queued,
     InProgress,
     Completed,
     Incomplete,
     Failed,
+    /// A background response cancelled before it ended (set in the stored object by the
+    /// ledger's cancel, in the same transaction that stops its run).
+    #[expect(
+        dead_code,
+        reason = "written by metering's cancel; typed here for the document"
+    )]
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -1,0 +1,202 @@
+"""Background responses (`background: true` on /v1/responses), with the official OpenAI SDK, on a
+SQLite ledger and on PostgreSQL: accepted at once `queued`, run at the tier asked and billed once
+(one usage record, whose id is the response's), polled, cancelled, streamed again from any event,
+and completed (billed once) by a restarted gateway after the one running it was SIGKILLed."""
+
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+
+import openai
+import pytest
+from openai import OpenAI
+
+from conftest import ledger_args, start_server, stop_server
+from test_batch_runs import ADMIN, client_of, records
+from test_batch_runs import config as batch_config
+
+MODEL = "smollm2-135m"
+FINAL = ("completed", "failed", "cancelled", "incomplete")
+
+
+def config(lease_secs=60) -> str:
+    """test_batch_runs' models.toml (a few runs at once here) with the runners' lease set."""
+    path = batch_config()
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("[server]\n", f"[server]\nbatch_lease_secs = {lease_secs}\n", 1))
+    return path
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def srv(request):
+    """A server on a SQLite ledger, then on PostgreSQL (TOLLGATE_TEST_POSTGRES=1)."""
+    args = ["--config", config()] + ledger_args(request.param, "tollgate-background-")
+    s = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    yield s
+    assert stop_server(s) == 0, "".join(s.log[-40:])
+
+
+def ended(client, response_id, deadline=900):
+    """The response once it has ended (polled; the deadline only guards against a hang)."""
+    end = time.time() + deadline
+    while time.time() < end:
+        r = client.responses.retrieve(response_id)
+        if r.status in FINAL:
+            return r
+        time.sleep(0.2)
+    raise AssertionError(f"response {response_id} still {r.status}")
+
+
+def record_id(response_id) -> str:
+    """The id of the usage record of response `resp_<hex>`: the UUID of its hex."""
+    h = response_id.removeprefix("resp_")
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def first_output(client, response_id):
+    """Streams the response's events until its first output text; returns those events."""
+    seen = []
+    with client.responses.retrieve(response_id, stream=True) as events:
+        for e in events:
+            seen.append(e)
+            if e.type == "response.output_text.delta":
+                return seen
+    raise AssertionError(f"the response ended without output: {[e.type for e in seen]}")
+
+
+def long_response(client, tokens=400, **extra):
+    """A background response that runs `tokens` tokens by construction: its format asks for far
+    more numbers than `tokens` can write (the grammar allows no end before them)."""
+    numbers = {"type": "array", "minItems": 60, "maxItems": 60,
+               "items": {"type": "integer", "minimum": 10, "maximum": 99}}
+    schema = {"type": "object", "properties": {"rows": {**numbers, "items": numbers}},
+              "required": ["rows"], "additionalProperties": False}
+    return client.responses.create(
+        model=MODEL, input="Write numbers.", background=True, max_output_tokens=tokens,
+        text={"format": {"type": "json_schema", "name": "numbers", "schema": schema, "strict": True}}, **extra)
+
+
+def test_a_background_response_runs_at_its_tier_and_is_billed_once(srv):
+    client = client_of(srv, "bg-run")
+    r = client.responses.create(model=MODEL, input="Say hello.", background=True, service_tier="flex",
+                                max_output_tokens=8, temperature=0)
+    assert (r.status, r.background, r.service_tier) == ("queued", True, "flex"), r
+    assert r.output == [] and r.usage is None
+    done = ended(client, r.id)
+    assert done.status in ("completed", "incomplete"), done
+    assert done.background and done.service_tier == "flex" and done.output_text
+    assert done.usage.output_tokens > 0
+    (rec,) = records(srv, "bg-run", 1)
+    assert rec["id"] == record_id(r.id)
+    assert (rec["endpoint"], rec["service_tier"]) == ("/v1/responses", "flex"), rec
+    assert (rec["input_tokens"], rec["output_tokens"]) == (done.usage.input_tokens, done.usage.output_tokens)
+    # A stored response like any other: it continues a conversation.
+    again = client.responses.create(model=MODEL, input="Again.", previous_response_id=r.id, max_output_tokens=4)
+    assert again.status in ("completed", "incomplete")
+
+
+def test_refusals_are_openai_shaped_and_name_the_field(srv):
+    client = client_of(srv, "bg-refused")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", background=True, store=False)
+    assert e.value.body["param"] == "store", e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", background=True, service_tier="scale")
+    assert e.value.body["param"] == "service_tier", e.value.body
+    plain = client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.cancel(plain.id)
+    assert "background" in e.value.body["message"], e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        list(client.responses.retrieve(plain.id, stream=True))
+    assert e.value.body["param"] == "stream", e.value.body
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_0123456789abcdef0123456789abcdef")
+
+
+def test_a_cancelled_response_stops_and_is_billed_for_what_it_produced(srv):
+    client = client_of(srv, "bg-cancel")
+    r = long_response(client, tokens=2000)
+    first_output(client, r.id)  # running, by construction: 2000 tokens, the first one out
+    cancelled = client.responses.cancel(r.id)
+    assert (cancelled.id, cancelled.status) == (r.id, "cancelled"), cancelled
+    assert client.responses.retrieve(r.id).status == "cancelled"
+    # Cancelling it again returns it as it is.
+    assert client.responses.cancel(r.id).status == "cancelled"
+    (rec,) = records(srv, "bg-cancel", 1)
+    assert rec["id"] == record_id(r.id) and rec["status"] == "cancelled", rec
+    assert 0 < rec["output_tokens"] < 2000, rec
+    # Its stream ends (with the events it stored before it stopped).
+    events = list(client.responses.retrieve(r.id, stream=True))
+    assert events and events[-1].type not in ("response.completed", "response.incomplete")
+
+
+def test_its_events_stream_again_from_any_sequence_number(srv):
+    client = client_of(srv, "bg-stream")
+    with client.responses.create(model=MODEL, input="Say hello.", background=True, stream=True,
+                                 max_output_tokens=12, temperature=0) as live:
+        seen = list(live)
+    kinds = [e.type for e in seen]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    r = seen[-1].response
+    assert r.background and r.usage.output_tokens > 0
+    everything = list(client.responses.retrieve(r.id, stream=True))
+    assert [e.model_dump() for e in everything] == [e.model_dump() for e in seen]
+    n = 3
+    resumed = list(client.responses.retrieve(r.id, stream=True, starting_after=n))
+    assert [e.model_dump() for e in resumed] == [e.model_dump() for e in seen[n + 1:]]
+    assert "".join(e.delta for e in seen if e.type == "response.output_text.delta") == r.output_text
+    records(srv, "bg-stream", 1)
+
+
+def query(kind, database, sql):
+    """One value of `sql` in the ledger (`database`: the SQLite path or the PostgreSQL URL)."""
+    if kind == "sqlite":
+        with sqlite3.connect(database) as conn:
+            return conn.execute(sql).fetchone()[0]
+    out = subprocess.run(["psql", database, "-tAc", sql], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_gateway_killed_mid_response_is_completed_by_the_next_and_billed_once(kind):
+    args = ["--config", config(lease_secs=3)] + ledger_args(kind, "tollgate-background-kill-")
+    if kind == "sqlite":
+        args += ["--database", os.path.join(tempfile.mkdtemp(prefix="tollgate-background-kill-"), "ledger.db")]
+    else:
+        # A database of its own: no other test's server (the module's) may run its response.
+        at = args.index("--database") + 1
+        query(kind, args[at], "DROP DATABASE IF EXISTS tollgate_bg_kill")
+        query(kind, args[at], "CREATE DATABASE tollgate_bg_kill")
+        args[at] = args[at].rsplit("/", 1)[0] + "/tollgate_bg_kill"
+    database = args[args.index("--database") + 1]
+    first = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    try:
+        client = client_of(first, "bg-kill")
+        r = long_response(client)
+        first_output(client, r.id)
+    finally:
+        first.proc.kill()
+        first.proc.wait(timeout=60)
+    state = f"SELECT status FROM background_responses WHERE id = '{r.id}'"
+    assert query(kind, database, state) == "in_progress", "the response was not running when its gateway died"
+    second = start_server({"TOLLGATE_ADMIN_TOKEN": ADMIN}, args)
+    try:
+        client = OpenAI(base_url=second.base_url, api_key=client.api_key, max_retries=0, timeout=120)
+        done = ended(client, r.id)
+        # The end tokens are banned: it runs to max_output_tokens.
+        assert done.status == "incomplete" and done.usage.output_tokens == 400, done
+        (rec,) = records(second, "bg-kill", 1)
+        assert rec["id"] == record_id(r.id) and rec["output_tokens"] == 400, rec
+        attempts = f"SELECT attempts FROM background_responses WHERE id = '{r.id}'"
+        assert int(query(kind, database, attempts)) == 2
+        events = list(client.responses.retrieve(r.id, stream=True))
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[-1].type == "response.incomplete"
+    finally:
+        assert stop_server(second) == 0, "".join(second.log[-40:])
