@@ -1,7 +1,8 @@
 """Background responses (`background: true` on /v1/responses), with the official OpenAI SDK, on a
 SQLite ledger and on PostgreSQL: accepted at once `queued`, run at the tier asked and billed once
 (one usage record, whose id is the response's), polled, cancelled, streamed again from any event,
-and completed (billed once) by a restarted gateway after the one running it was SIGKILLed."""
+and completed (billed once) by a restarted gateway after the one running it was SIGKILLed; each end is a
+webhook event."""
 
 import os
 import sqlite3
@@ -9,13 +10,17 @@ import subprocess
 import tempfile
 import time
 
+import httpx
 import openai
 import pytest
+import standardwebhooks
 from openai import OpenAI
 
 from conftest import ledger_args, start_server, stop_server
 from test_batch_runs import ADMIN, client_of, records
 from test_batch_runs import config as batch_config
+from test_alerts import Receiver, wait
+from test_webhooks import events_of
 
 MODEL = "smollm2-135m"
 FINAL = ("completed", "failed", "cancelled", "incomplete")
@@ -152,6 +157,35 @@ def test_its_events_stream_again_from_any_sequence_number(srv):
     assert [e.model_dump() for e in resumed] == [e.model_dump() for e in seen[n + 1:]]
     assert "".join(e.delta for e in seen if e.type == "response.output_text.delta") == r.output_text
     records(srv, "bg-stream", 1)
+
+
+def test_ends_reach_the_webhook_signed_once_each(srv):
+    """`response.completed` and `response.cancelled`, each once, signed with the Standard
+    Webhooks headers (the batch events' test checks their retries and OpenAI's SDK)."""
+    receiver = Receiver()
+    try:
+        client = client_of(srv, "bg-hooked")
+        r = httpx.put(f"http://{srv.addr}/admin/v1/customers/bg-hooked/alerts", json={"webhook_url": receiver.url},
+                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        verifier = standardwebhooks.Webhook(r.json()["webhook_secret"])
+        done = client.responses.create(model=MODEL, input="Say hi.", background=True, max_output_tokens=4)
+        assert ended(client, done.id).status in ("completed", "incomplete")
+        stopped = long_response(client, tokens=2000)
+        first_output(client, stopped.id)
+        client.responses.cancel(stopped.id)
+        end = {"completed": "response.completed", "incomplete": "response.incomplete"}
+        for rid, kind in [(done.id, end[client.responses.retrieve(done.id).status]),
+                          (stopped.id, "response.cancelled")]:
+            (headers, event), = wait(lambda rid=rid: events_of(receiver, rid), timeout=120, what=kind)
+            assert (event["type"], event["data"]) == (kind, {"id": rid}), event
+            raw = next(b for h, b in receiver.accepted() if h["webhook-id"] == event["id"])
+            verifier.verify(raw, {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")})
+        # Ending again adds nothing: a second cancel returns the response as it is.
+        assert client.responses.cancel(stopped.id).status == "cancelled"
+        assert client.responses.cancel(done.id).status == client.responses.retrieve(done.id).status
+    finally:
+        receiver.close()
 
 
 def query(kind, database, sql):

@@ -6,6 +6,8 @@
 //! on SQLite), each claim numbered by `attempts`: a run stores its events and its end only
 //! while it is `in_progress` under its own claim, so a run that lost its claim (cancelled, or
 //! claimed again after its lease lapsed) changes nothing. A new claim starts the events over.
+//! The end of a run (`completed`, `incomplete`, `failed`, or a cancel) adds its webhook event
+//! (`response.completed`, ...) to the customer's outbox in the transaction that ends it.
 //! Times are Unix seconds.
 
 use serde::Serialize;
@@ -16,6 +18,7 @@ use sqlx::Row;
 use super::{Store, StoreError, StoreResult};
 use crate::db::kind_column;
 use crate::kinds::RunStatus;
+use crate::outbox::{add_event, EventObject};
 
 /// A background response as accepted.
 #[derive(Debug, Clone)]
@@ -240,6 +243,19 @@ impl Store {
             .bind(encode(&end.response)?)
             .execute(&mut *tx)
             .await?;
+        let customer_id: String =
+            sqlx::query_scalar("SELECT customer_id FROM background_responses WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        add_event(
+            &mut tx,
+            &customer_id,
+            EventObject::Response,
+            end.status.as_str(),
+            id,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -283,6 +299,8 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        let end = RunStatus::Cancelled.as_str();
+        add_event(&mut tx, customer_id, EventObject::Response, end, id).await?;
         tx.commit().await?;
         Ok(Some(RunStatus::Cancelled))
     }
