@@ -5,10 +5,12 @@ and completed (billed once) by a restarted gateway after the one running it was 
 webhook event."""
 
 import os
+import re
 import sqlite3
 import subprocess
 import tempfile
 import time
+from decimal import Decimal
 
 import httpx
 import openai
@@ -17,7 +19,8 @@ import standardwebhooks
 from openai import OpenAI
 
 from conftest import ledger_args, start_server, stop_server
-from test_batch_runs import ADMIN, client_of, records
+from test_batch_runs import ADMIN, chat, client_of, records, run_batch
+from test_batch_runs import ended as batch_ended
 from test_batch_runs import config as batch_config
 from test_alerts import Receiver, wait
 from test_webhooks import events_of
@@ -186,6 +189,38 @@ def test_ends_reach_the_webhook_signed_once_each(srv):
         assert client.responses.cancel(done.id).status == client.responses.retrieve(done.id).status
     finally:
         receiver.close()
+
+
+def console_row(html, object_id):
+    """The cells of the console table row that names `object_id`."""
+    row = next(r for r in re.findall(r"<tr>(.*?)</tr>", html, re.S) if object_id in r)
+    return re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+
+
+def usd(records):
+    """What `records` cost, as the console shows money (six decimals)."""
+    nano = sum(int(Decimal(x["cost_usd"]) * 10**9) for x in records)
+    return f"${nano // 10**9}.{nano % 10**9:09d}"[:-3]
+
+
+def test_the_console_lists_a_customers_batches_and_background_responses(srv):
+    client = client_of(srv, "bg-console")
+    r = client.responses.create(model=MODEL, input="Say hi.", background=True, max_output_tokens=4)
+    done = ended(client, r.id)
+    batch = batch_ended(client, run_batch(client, [chat("c1"), chat("c2"), chat("c3")]).id)
+    assert batch.status == "completed", batch
+    recs = records(srv, "bg-console", 4)
+    login = httpx.post(f"http://{srv.addr}/console/login", data={"token": ADMIN}, timeout=30)
+    assert login.status_code == 303, login.text
+    cookie = login.headers["set-cookie"].split(";")[0]
+    page = httpx.get(f"http://{srv.addr}/console/customers/bg-console", headers={"cookie": cookie}, timeout=30)
+    assert page.status_code == 200
+    lines = [x for x in recs if x["batch_id"] == batch.id]
+    assert console_row(page.text, batch.id)[2:6] == [
+        "completed", "3 completed, 0 failed", "3", usd(lines)]
+    (mine,) = [x for x in recs if x["id"] == record_id(r.id)]
+    cells = console_row(page.text, r.id)
+    assert [cells[2], cells[3], cells[4]] == [done.status, str(done.usage.output_tokens), usd([mine])]
 
 
 def query(kind, database, sql):

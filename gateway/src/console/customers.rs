@@ -1,6 +1,7 @@
 //! The console's customers and keys: the list, a new customer, one customer's page (its limits,
-//! budget and keys), a new key (the one page that shows its secret) and revoking one. Changes
-//! go through the store's audited methods as the signed-in session.
+//! budget and keys; its batches and background responses from `work`), a new key (the one page
+//! that shows its secret) and revoking one. Changes go through the store's audited methods as
+//! the signed-in session.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -171,6 +172,7 @@ async fn customer_page(
     let held = store.reservations(Some(id), None).await?;
     let (period_start, _) = month_bounds(now_micros());
     let spent = store.spent_since(id, period_start).await?;
+    let work = super::work::section(store, id).await?;
     let field = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
     let content = html! {
         @if let Some((key_id, secret)) = &issued {
@@ -197,6 +199,7 @@ async fn customer_page(
         (keys_table(signed, &keys))
         (new_key_form(state, signed, &c.id))
         (super::reservations::section(state, signed, &c.id, &held))
+        (work)
         p { a href={"/console/requests?customer_id=" (c.id)} { "This customer's requests" } " · "
             a href={"/console/invoices?customer_id=" (c.id)} { "Invoice" } }
     };

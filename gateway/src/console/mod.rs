@@ -14,6 +14,7 @@ mod customers;
 mod pages;
 mod reports;
 mod reservations;
+mod work;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
