@@ -170,7 +170,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::E
 }
 
 /// Columns of an exported record, in order (the usage-record contract in the README).
-pub const RECORD_COLUMNS: [&str; 27] = [
+pub const RECORD_COLUMNS: [&str; 28] = [
     "id",
     "customer_id",
     "key_id",
@@ -198,6 +198,7 @@ pub const RECORD_COLUMNS: [&str; 27] = [
     "rejected_prediction_tokens",
     "rejected_prediction_price_per_mtok",
     "rejected_prediction_cost_usd",
+    "batch_id",
 ];
 
 /// A record as exported: times in RFC 3339, money as a decimal string.
@@ -279,6 +280,7 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         r.prediction.rejected.to_string(),
         rejected_price(r).to_string(),
         format_usd(r.prediction.cost_nano_usd),
+        r.batch_id.clone().unwrap_or_default(),
     ]
 }
 
@@ -495,12 +497,29 @@ mod tests {
         };
         let (j, cells) = (record_json(&r), record_cells(&r));
         let expected = ["7", "3", "1.250", "0.000003750"];
-        for (i, name) in RECORD_COLUMNS.iter().enumerate().skip(23) {
+        for (i, name) in RECORD_COLUMNS.iter().enumerate().skip(23).take(4) {
             let json = j[name].as_str().map_or(j[name].to_string(), str::to_string);
             assert_eq!([json.as_str(), &cells[i]], [expected[i - 23]; 2], "{name}");
         }
         let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// A record of a batch's line names its batch in JSONL and CSV alike (the CSV's last
+    /// column, empty for other records).
+    #[test]
+    fn exported_records_carry_their_batch_id() {
+        let mut r = UsageRecord::default();
+        assert_eq!(RECORD_COLUMNS.last(), Some(&"batch_id"));
+        assert_eq!(record_json(&r)["batch_id"], Value::Null);
+        assert_eq!(record_cells(&r).last().map(String::as_str), Some(""));
+        r.batch_id = Some("batch_0123".into());
+        assert_eq!(record_json(&r)["batch_id"], "batch_0123");
+        assert_eq!(
+            record_cells(&r).last().map(String::as_str),
+            Some("batch_0123")
+        );
+        assert_eq!(record_cells(&r).len(), RECORD_COLUMNS.len());
     }
 
     /// Every record export names the tier the record was served at: JSONL and CSV alike.
