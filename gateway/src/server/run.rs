@@ -107,18 +107,7 @@ pub async fn run_split(
         max_connections: state.config.server.max_connections,
     };
     let refused = state.metrics.connections_refused.clone();
-    // The batch runner and the background responses' runner: claim work until the shutdown
-    // signal (what they have in flight is `tasks`, drained in phase 4).
-    let batches_stop = tokio_util::sync::CancellationToken::new();
-    background
-        .tasks
-        .spawn(crate::batches::run(state.clone(), batches_stop.clone()));
-    background
-        .tasks
-        .spawn(crate::api::responses::background::run(
-            state.clone(),
-            batches_stop.clone(),
-        ));
+    let batches_stop = start_runners(&state);
     if state.admin_token.is_none() {
         tracing::info!(
             "admin API and console disabled (TOLLGATE_ADMIN_TOKEN is not set): /admin and /console answer 404"
@@ -192,6 +181,20 @@ pub async fn run_split(
         }
     }
     result
+}
+
+/// Starts the batch runner and the background responses' runner: they claim work until the
+/// token they return is cancelled at the shutdown signal (what they have in flight is
+/// `state.tasks`, drained in phase 4).
+fn start_runners(state: &AppState) -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks = &state.background.tasks;
+    tasks.spawn(crate::batches::run(state.clone(), stop.clone()));
+    tasks.spawn(crate::api::responses::background::run(
+        state.clone(),
+        stop.clone(),
+    ));
+    stop
 }
 
 /// How long stopped background work may take to finish at shutdown.
