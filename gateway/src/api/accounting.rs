@@ -549,14 +549,15 @@ impl Drop for Completion {
 /// tier at another tier's price, and a backend that reports nothing is billed what it was asked.
 /// Only this gateway grants a reservation: a request it admitted within one stays `reserved`
 /// whatever its backend says, and a backend's report of `reserved` (not billed per token) is
-/// never believed.
+/// never believed. A batch line is billed at the batch price, the Batch API's contract,
+/// whatever tier its upstream served it at (it was asked for `flex`, OpenAI's nearest).
 fn billed(
     asked: (ServiceTier, Price),
     reported: Option<ServiceTier>,
     prices: Option<TierPrices>,
 ) -> (ServiceTier, Price) {
     match (reported, prices) {
-        _ if asked.0 == ServiceTier::Reserved => asked,
+        _ if matches!(asked.0, ServiceTier::Reserved | ServiceTier::Batch) => asked,
         (Some(ServiceTier::Reserved), _) => asked,
         (Some(tier), Some(prices)) => prices.get(tier).map_or(asked, |price| (tier, price)),
         _ => asked,

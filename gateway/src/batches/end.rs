@@ -76,7 +76,7 @@ impl Output {
 
 /// The error file line of a line that never ran.
 fn not_run(batch_id: &str, o: &LineOutcome, code: &str, message: &str) -> String {
-    let id = request_id(batch_id, &o.custom_id);
+    let id = request_id(batch_id, &o.custom_id, 0);
     json!({
         "id": format!("batch_req_{}", id.replace('-', "")),
         "custom_id": o.custom_id,

@@ -20,11 +20,17 @@ use crate::{AppState, RequestId};
 /// The most bytes of an answer kept as a line's result.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 
-/// The request id of line `custom_id` of batch `batch_id`: the same on every run of the line,
-/// so that its usage record (whose id it is) is written once however often it runs. A UUID
-/// (version 8) from the SHA-256 of both.
-pub fn request_id(batch_id: &str, custom_id: &str) -> String {
-    let d = tollgate_metering::secrets::digest(&format!("{batch_id}\n{custom_id}"));
+/// The request id of line `custom_id` of batch `batch_id` on its `retries`-th retry: the same
+/// on every run of the line that is not a retry, so that its usage record (whose id it is) is
+/// written once however often a runner that died ran it. A retry (the engine failed the line:
+/// its record is uncharged) gets an id of its own. A UUID (version 8) from the SHA-256 of them.
+pub fn request_id(batch_id: &str, custom_id: &str, retries: i64) -> String {
+    let seed = if retries == 0 {
+        format!("{batch_id}\n{custom_id}")
+    } else {
+        format!("{batch_id}\n{custom_id}\n{retries}")
+    };
+    let d = tollgate_metering::secrets::digest(&seed);
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&d[..16]);
     uuid::Builder::from_custom_bytes(bytes)
@@ -38,7 +44,13 @@ pub enum Ran {
     /// Refused for now (the engines' queues full, a rate limit or a concurrency cap): nothing
     /// ran and nothing was billed; it runs again later.
     Later,
+    /// The engine failed it (a worker died under it, a backend error): its record is
+    /// uncharged, and it runs again as its next retry.
+    Again,
 }
+
+/// How often a line the engines failed runs again before its failure is its result.
+pub const MAX_RETRIES: i64 = 3;
 
 /// Whether a refusal is for now only: a 503, or a 429 other than the budget's.
 fn refused_for_now(status: StatusCode, code: Option<&str>) -> bool {
@@ -47,9 +59,16 @@ fn refused_for_now(status: StatusCode, code: Option<&str>) -> bool {
             && matches!(code, Some("rate_limit_exceeded" | "resource_unavailable")))
 }
 
+/// Whether the engine (ours or an upstream) failed the request, not the request itself: a
+/// 500 or a 502 other than an upstream's refusal of our credentials. Its record is uncharged.
+fn failed_on_our_side(status: StatusCode, code: Option<&str>) -> bool {
+    (status == StatusCode::INTERNAL_SERVER_ERROR || status == StatusCode::BAD_GATEWAY)
+        && code != Some("upstream_credentials")
+}
+
 /// Runs `line` to its result.
 pub async fn run(state: &AppState, store: &Store, line: &ClaimedLine) -> Ran {
-    let request_id = request_id(&line.batch_id, &line.custom_id);
+    let request_id = request_id(&line.batch_id, &line.custom_id, line.retries);
     let response = match answer(state, store, line, &request_id).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -66,6 +85,10 @@ pub async fn run(state: &AppState, store: &Store, line: &ClaimedLine) -> Ran {
     let code = body.pointer("/error/code").and_then(Value::as_str);
     if refused_for_now(status, code) {
         return Ran::Later;
+    }
+    if failed_on_our_side(status, code) && line.retries < MAX_RETRIES {
+        tracing::warn!(batch = %line.batch_id, line = line.line, retries = line.retries, "the engine failed the line ({status}); it runs again");
+        return Ran::Again;
     }
     let ok = status.is_success() && body.get("error").is_none();
     let error = (!ok).then(|| {
@@ -160,11 +183,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lines_request_id_is_its_batch_and_custom_id_and_nothing_else() {
-        let a = request_id("batch_1", "req-1");
-        assert_eq!(a, request_id("batch_1", "req-1"));
-        assert_ne!(a, request_id("batch_1", "req-2"));
-        assert_ne!(a, request_id("batch_2", "req-1"));
+    fn a_lines_request_id_is_its_batch_custom_id_and_retry_and_nothing_else() {
+        let a = request_id("batch_1", "req-1", 0);
+        assert_eq!(a, request_id("batch_1", "req-1", 0));
+        assert_ne!(a, request_id("batch_1", "req-2", 0));
+        assert_ne!(a, request_id("batch_2", "req-1", 0));
+        let retried = request_id("batch_1", "req-1", 1);
+        assert_ne!(a, retried);
+        assert_eq!(retried, request_id("batch_1", "req-1", 1));
+        assert_ne!(retried, request_id("batch_1", "req-1", 2));
         assert_eq!(
             uuid::Uuid::parse_str(&a).map(|u| u.get_version_num()),
             Ok(8)
@@ -183,6 +210,17 @@ mod tests {
         assert!(!refused_for_now(limited, Some("insufficient_quota")));
         assert!(!refused_for_now(StatusCode::BAD_REQUEST, None));
         assert!(!refused_for_now(StatusCode::OK, None));
+    }
+
+    #[test]
+    fn only_the_engines_failures_run_again_as_retries() {
+        let (internal, gateway) = (StatusCode::INTERNAL_SERVER_ERROR, StatusCode::BAD_GATEWAY);
+        assert!(failed_on_our_side(internal, None));
+        assert!(failed_on_our_side(gateway, None));
+        assert!(!failed_on_our_side(gateway, Some("upstream_credentials")));
+        assert!(!failed_on_our_side(StatusCode::BAD_REQUEST, None));
+        assert!(!failed_on_our_side(StatusCode::SERVICE_UNAVAILABLE, None));
+        assert!(!failed_on_our_side(StatusCode::OK, None));
     }
 
     #[test]

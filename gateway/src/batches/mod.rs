@@ -8,7 +8,9 @@
 //! from its batch and `custom_id`, so a line run again after its replica died is billed once
 //! (the ledger ignores a second record of an id), and its result is stored once (only a line
 //! still `running` takes one). A line refused for now (the engines' queues full, a rate
-//! limit) ran nowhere and is billed nothing: it runs again a little later. A batch whose lines
+//! limit) ran nowhere and is billed nothing: it runs again a little later. A line the engine
+//! failed (a worker died under it) has an uncharged record and runs again, up to
+//! [`line::MAX_RETRIES`] times, each retry under a request id of its own. A batch whose lines
 //! are all done is ended: its output and error
 //! files are written and it is `completed`, `expired` or `cancelled` ([`end`]).
 //!
@@ -189,6 +191,16 @@ async fn run_claimed(state: &AppState, store: &Store, claimed: &ClaimedLine, lea
             let until = unix_now() + RETRY_AFTER_SECS;
             if let Err(e) = store
                 .renew_batch_line(&claimed.batch_id, claimed.line, until)
+                .await
+            {
+                tracing::warn!(batch = %claimed.batch_id, line = claimed.line, "cannot put the line back: {e}");
+            }
+            return;
+        }
+        line::Ran::Again => {
+            let until = unix_now() + RETRY_AFTER_SECS;
+            if let Err(e) = store
+                .retry_batch_line(&claimed.batch_id, claimed.line, until)
                 .await
             {
                 tracing::warn!(batch = %claimed.batch_id, line = claimed.line, "cannot put the line back: {e}");

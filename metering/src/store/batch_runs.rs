@@ -29,6 +29,9 @@ pub struct ClaimedLine {
     pub model: String,
     /// Claims of it so far, this one included.
     pub attempts: i64,
+    /// Runs of it that its engine failed, each run again under a new request id
+    /// ([`Store::retry_batch_line`]).
+    pub retries: i64,
 }
 
 /// What a line ended as: its state (`completed` or `failed`), its output or error file line
@@ -65,6 +68,7 @@ fn claimed(r: &AnyRow) -> StoreResult<ClaimedLine> {
         body: r.try_get("body")?,
         model: r.try_get("model")?,
         attempts: r.try_get("attempts")?,
+        retries: r.try_get("retries")?,
     })
 }
 
@@ -112,7 +116,7 @@ impl Store {
              JOIN batches b ON b.id = l.batch_id \
              WHERE b.status IN ('in_progress', 'cancelling') AND b.expires_at > $1 AND {CLAIMABLE} \
              ORDER BY l.batch_id, l.line LIMIT {limit} {lock}) \
-             RETURNING batch_id, line, custom_id, body, model, attempts"
+             RETURNING batch_id, line, custom_id, body, model, attempts, retries"
         );
         let (tx, rows) = self.claim(&sql, now, lease_until).await?;
         tx.commit().await?;
@@ -130,6 +134,26 @@ impl Store {
     ) -> StoreResult<bool> {
         let r = sqlx::query(
             "UPDATE batch_lines SET lease_until = $1 \
+             WHERE batch_id = $2 AND line = $3 AND state = 'running'",
+        )
+        .bind(lease_until)
+        .bind(batch_id)
+        .bind(line)
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Puts back a running line that its engine failed, to be claimed again after
+    /// `lease_until` as its next retry; whether it was still running.
+    pub async fn retry_batch_line(
+        &self,
+        batch_id: &str,
+        line: i64,
+        lease_until: i64,
+    ) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE batch_lines SET lease_until = $1, retries = retries + 1 \
              WHERE batch_id = $2 AND line = $3 AND state = 'running'",
         )
         .bind(lease_until)

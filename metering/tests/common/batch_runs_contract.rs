@@ -87,6 +87,24 @@ pub async fn exercise(store: &Store) {
             .collect::<Vec<_>>(),
         vec![(3, 2), (4, 2), (5, 2)]
     );
+    // Line 3's engine failed it: put back as its first retry, claimed again (under a new
+    // request id, the runner's business) once its short lease lapses, and not before.
+    assert!(again.iter().all(|l| l.retries == 0));
+    assert!(store.retry_batch_line("batch_r1", 3, 330).await.unwrap());
+    assert!(!store.retry_batch_line("batch_r1", 1, 330).await.unwrap());
+    assert!(store
+        .claim_batch_lines(320, 380, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let retried = store.claim_batch_lines(340, 400, 10).await.unwrap();
+    assert_eq!(
+        retried
+            .iter()
+            .map(|l| (l.line, l.attempts, l.retries))
+            .collect::<Vec<_>>(),
+        vec![(3, 3, 1)]
+    );
     // Not done while lines run: nothing to end.
     assert!(store.batches_to_end(300).await.unwrap().is_empty());
     assert!(store

@@ -54,6 +54,15 @@ fn the_tier_billed_is_the_one_reported_when_priced_else_the_one_asked() {
         billed(reserved, Some(ServiceTier::Priority), Some(prices)),
         reserved
     );
+    // A batch line keeps the batch price whatever its upstream served it at.
+    let batch = (ServiceTier::Batch, price(1));
+    for served in [
+        ServiceTier::Flex,
+        ServiceTier::Default,
+        ServiceTier::Priority,
+    ] {
+        assert_eq!(billed(batch, Some(served), Some(prices)), batch);
+    }
 }
 
 #[test]

@@ -122,7 +122,9 @@ fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
 }
 
 /// The OpenAI request body for one sequence; with `send_tier`, its `service_tier` unless that
-/// is `default` (what an upstream serves when not told).
+/// is `default` (what an upstream serves when not told), as one of OpenAI's tiers: a
+/// reservation's request asks for `priority`, a batch line for `flex` (OpenAI's chat API has
+/// no `batch`; flex is its tier for work that can wait).
 pub(super) fn request_body(
     model: &str,
     request: &GenerateRequest,
@@ -163,9 +165,9 @@ pub(super) fn request_body(
         body["response_format"] = format;
     }
     if send_tier && request.service_tier != ServiceTier::Default {
-        // A reservation's requests run at priority: `reserved` is no OpenAI tier.
         let tier = match request.service_tier {
             ServiceTier::Reserved => ServiceTier::Priority,
+            ServiceTier::Batch => ServiceTier::Flex,
             tier => tier,
         };
         body["service_tier"] = json!(tier);

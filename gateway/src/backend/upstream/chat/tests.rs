@@ -26,6 +26,8 @@ fn the_tier_goes_in_the_body_unless_default_or_not_forwarded() {
     assert!(off.get("service_tier").is_none());
     let (_, reserved) = request_body("up", &request(ServiceTier::Reserved), true);
     assert_eq!(reserved["service_tier"], "priority");
+    let (_, batch) = request_body("up", &request(ServiceTier::Batch), true);
+    assert_eq!(batch["service_tier"], "flex");
 }
 
 /// The usage the fold's end finishes with.
