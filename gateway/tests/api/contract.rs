@@ -28,17 +28,6 @@ async fn non_streamed_chat_has_openai_shape() {
     );
 }
 
-/// Splits an SSE body into its `data:` payloads.
-fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|event| {
-            event
-                .lines()
-                .find_map(|l| l.strip_prefix("data: ").map(str::to_string))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn stream_is_role_deltas_finish_usage_done() {
     let s = default_server().await;

@@ -18,7 +18,7 @@ use tollgate_gateway::AppState;
 use tollgate_metering::store::Store;
 
 use super::scripted::*;
-use super::serve::wait_records_where;
+use super::serve::{wait_records_where, FAKE_MODEL};
 
 #[tokio::test]
 async fn client_disconnect_cancels_the_sequence() {

@@ -50,7 +50,7 @@ pub fn last_text(prompt: &Prompt) -> String {
     }
 }
 
-pub struct Shared(Arc<FakeBackend>);
+pub struct Shared(pub Arc<FakeBackend>);
 
 #[async_trait::async_trait]
 impl Backend for Shared {
@@ -221,4 +221,15 @@ pub async fn expect_error(response: reqwest::Response, status: u16) -> Value {
     assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
     assert!(error["type"].is_string());
     error
+}
+
+/// Splits an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        })
+        .collect()
 }

@@ -13,7 +13,7 @@ use tollgate_metering::alerts;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::parse_usd;
-use tollgate_metering::store::admin_tokens::{parse_scopes, AdminToken};
+use tollgate_metering::store::admin_tokens::{parse_scopes, AdminTokenList, CreatedAdminTokenView};
 use tollgate_metering::store::{
     now_micros, valid_id, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
 };
@@ -174,7 +174,10 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             };
             let (settings, secret) =
                 alerts::update_settings(&store, &id, change, &Actor::cli_os_user()).await?;
-            print(&alerts::settings_json(&settings, secret.as_deref()))
+            print(&alerts::AlertSettingsView::new(
+                &settings,
+                secret.as_deref(),
+            ))
         }
     }
 }
@@ -279,17 +282,20 @@ pub async fn admin_tokens(cmd: AdminTokensCommand) -> anyhow::Result<()> {
                 .await?
                 .issue_admin_token(&name, &scopes, &Actor::cli_os_user())
                 .await?;
-            print(&token.created_json(&secret))
+            print(&CreatedAdminTokenView {
+                token: token.view(),
+                secret,
+            })
         }
-        AdminTokensCommand::List { db } => print(&AdminToken::list_json(
-            &db.open().await?.admin_tokens().await?,
-        )),
+        AdminTokensCommand::List { db } => {
+            print(&AdminTokenList::of(&db.open().await?.admin_tokens().await?))
+        }
         AdminTokensCommand::Revoke { id, db } => print(
             &db.open()
                 .await?
                 .revoke_admin_token(&id, &Actor::cli_os_user())
                 .await?
-                .json(),
+                .view(),
         ),
     }
 }
