@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from conftest import NO_END
-from structured_common import ASK, MODEL, SYSTEM, WEATHER, api, bad_request
+from structured_common import ASK, MODEL, SYSTEM, WEATHER, api, bad_request, routed  # noqa: F401 (the `routed` fixture `api` asks for)
 
 
 # ---- response_format ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import API_KEY, ROOT, start_server, stop_server, write_config
-from structured_common import ASK, MODEL, SYSTEM, TIME, WEATHER, api
+from structured_common import ASK, MODEL, SYSTEM, TIME, WEATHER, api, routed  # noqa: F401 (the `routed` fixture `api` asks for)
 
 
 # ---- tools -----------------------------------------------------------------------------------------
