@@ -67,8 +67,8 @@ macro_rules! customer_body {
                 #[schema(value_type = Option<UsdAmount>)]
                 pub budget_usd: Option<Option<UsdAmount>>,
                 pub budget_period: Option<BudgetPeriod>,
-                /// The customer's share of each model's engine when customers compete (weighted
-                /// fair queueing; 1, the default, is an equal share).
+                /// The customer's share of each model's engine when customers compete (weighted fair
+                /// queueing; 1, the default, is an equal share).
                 #[serde(default, deserialize_with = "patch")]
                 #[schema(value_type = Option<i64>, minimum = 1, maximum = 100)]
                 pub scheduling_weight: Option<Option<i64>>,
