@@ -175,7 +175,7 @@ pub(super) struct SlaQuery {
     model: Option<String>,
 }
 
-/// One customer's requests at one tier in the month (the console shows the same rows).
+/// One customer's requests at one tier in the month.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = SlaRow)]
 pub struct SlaRowView {
