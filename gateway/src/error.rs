@@ -438,6 +438,11 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
     ApiBytes::from_request(req, state).await.map(|b| b.0)
 }
 
+/// The body limit in force, in every request's extensions (the router puts it there), for
+/// the 413 message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimit(pub usize);
+
 /// The raw body, within the body limit, its rejections OpenAI-shaped (413 past the limit).
 pub struct ApiBytes(pub Bytes);
 
@@ -445,10 +450,7 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req
-            .extensions()
-            .get::<crate::server::middleware::BodyLimit>()
-            .map_or(0, |l| l.0);
+        let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
         Bytes::from_request(req, state)
             .await
             .map(Self)
@@ -500,6 +502,17 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApiError> {
     q.map(|axum::extract::Query(q)| q)
         .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text()), None))
+}
+
+/// A JSON object already read (the admin API's bodies) as a `T`, with `param` naming the field
+/// that does not fit.
+pub(crate) fn from_object<T: DeserializeOwned>(
+    object: serde_json::Map<String, serde_json::Value>,
+) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|e| {
+        let (message, param) = describe(e);
+        ApiError::InvalidRequest { message, param }
+    })
 }
 
 /// `bytes` as a `T`, with `param` naming the field that does not fit.

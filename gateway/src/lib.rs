@@ -22,6 +22,7 @@ pub mod files;
 pub mod idempotency;
 pub mod openapi;
 pub mod server;
+pub mod sessions;
 mod state;
 
 pub use server::middleware::{ModelLabel, RequestId};

@@ -4,14 +4,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::api::admin_tokens;
+use crate::api::admin_tokens::failures::FailedAuth;
 use crate::auth::AuthConfig;
 use crate::backend::Backend;
 use crate::catalogue::Catalogue;
 use crate::config::Config;
 use crate::files::FileStorage;
 use crate::server::metrics::Metrics;
-use crate::{alerts, concurrency, console};
+use crate::sessions::Sessions;
+use crate::{alerts, concurrency};
 use tollgate_metering::ledger::{Ledger, LedgerGauges};
 use tollgate_metering::limits::{Limiter, ReservationMeter};
 use tollgate_metering::store::Store;
@@ -38,14 +39,14 @@ pub struct AppState {
     /// Sequences and requests in flight, for the concurrency caps.
     pub inflight: InFlightCounts,
     /// Signed-in console sessions.
-    pub console: Arc<console::Sessions>,
+    pub console: Arc<Sessions>,
     /// Work that outlives its request (idempotent requests run to completion without their
     /// client); drained at shutdown.
     pub tasks: tokio_util::task::TaskTracker,
     /// Background work (alert delivery), stopped at the end of shutdown.
     pub background: Background,
     /// Failed admin authentications per client address.
-    pub admin_failures: Arc<admin_tokens::FailedAuth>,
+    pub admin_failures: Arc<FailedAuth>,
     /// Where the Files API keeps file bytes; `None` without a ledger database.
     pub files: Option<FileStorage>,
     /// The customers' reserved capacity and this minute's use of it (per process).

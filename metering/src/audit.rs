@@ -9,9 +9,11 @@
 //! and the console read the same pages. It does not own authentication (the gateway's admin
 //! API and console) or the mutations (store/).
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
+use utoipa::ToSchema;
 
 use crate::db::{now_micros, DbKind, Store, StoreResult};
 use crate::periods::rfc3339;
@@ -259,19 +261,66 @@ impl Entry {
         })
     }
 
-    pub fn json(&self) -> Value {
-        json!({
-            "object": "audit_entry",
-            "id": self.id,
-            "time": rfc3339(self.at),
-            "actor": {"type": self.actor_kind, "name": self.actor},
-            "remote_addr": self.remote_addr,
-            "request_id": self.request_id,
-            "action": self.action,
-            "target": {"type": self.target_type, "id": self.target_id},
-            "changes": self.changes,
-        })
+    /// The entry as `GET /admin/v1/audit` shows it.
+    pub fn view(&self) -> EntryView {
+        EntryView {
+            object: "audit_entry",
+            id: self.id.clone(),
+            time: rfc3339(self.at),
+            actor: ActorView {
+                kind: self.actor_kind.clone(),
+                name: self.actor.clone(),
+            },
+            remote_addr: self.remote_addr.clone(),
+            request_id: self.request_id.clone(),
+            action: self.action.clone(),
+            target: TargetView {
+                kind: self.target_type.clone(),
+                id: self.target_id.clone(),
+            },
+            changes: self.changes.clone(),
+        }
     }
+}
+
+/// Who made a change: `admin_api`, `console` or `cli`, and a name (never a secret).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = AuditActor)]
+pub struct ActorView {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+}
+
+/// What a change was made to.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = AuditTarget)]
+pub struct TargetView {
+    /// `customer`, `key` or `admin_token`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: String,
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = AuditEntry)]
+pub struct EntryView {
+    #[schema(value_type = String, pattern = "^audit_entry$")]
+    pub object: &'static str,
+    pub id: String,
+    pub time: String,
+    pub actor: ActorView,
+    #[schema(required)]
+    pub remote_addr: Option<String>,
+    #[schema(required)]
+    pub request_id: Option<String>,
+    /// `customer.created`, `customer.updated`, `key.created`, `key.updated`, `key.revoked`,
+    /// `alert_settings.updated`, `admin_token.created`, `admin_token.revoked`.
+    pub action: String,
+    pub target: TargetView,
+    /// For a creation the fields set; for an update `{"field": {"from", "to"}}`.
+    pub changes: Value,
 }
 
 impl Store {

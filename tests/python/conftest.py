@@ -105,7 +105,7 @@ def ledger_args(kind: str, prefix: str) -> list:
         return []
     if not os.environ.get("TOLLGATE_TEST_POSTGRES"):
         pytest.skip("needs TOLLGATE_TEST_POSTGRES=1 and root for scripts/postgres.sh (scripts/test.sh sets it)")
-    from test_billing import pg
+    from billing_common import pg
 
     tmp = tempfile.mkdtemp(prefix=prefix)
     return ["--database", pg("reset"), "--spool", os.path.join(tmp, "ledger.spool"),

@@ -17,7 +17,9 @@ from openai import OpenAI
 from conftest import NO_END
 from test_batch_runs import ended, file_lines
 from test_batches import CHAT, MODEL, jsonl, line, validated
-from test_scale import SYSTEM, cluster, pg, pytestmark, wait_until  # noqa: F401 (the fixture, the skip)
+from billing_common import SYSTEM, pg
+from scale_cluster import cluster, wait_until  # noqa: F401 (`cluster` is the fixture)
+from test_scale import pytestmark  # noqa: F401 (skipped without PostgreSQL, as test_scale)
 
 LINES = 500
 CUSTOMER = "batch-kill"

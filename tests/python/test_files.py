@@ -19,7 +19,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import ROOT, customer_keys, free_port, start_server, stop_server, write_config
-from test_billing import pg
+from billing_common import pg
 
 ADMIN = "files-admin"
 # Small enough that a test can fill it: 3 files of LINES' size fit, a fourth does not.

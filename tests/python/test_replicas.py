@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from conftest import NO_END, run_concurrently, start_server, stop_server, uncached_keys_config
-from test_billing import ADMIN, IN_NANO, OUT_NANO, Admin, chat, nano, pg, sdk
+from billing_common import ADMIN, IN_NANO, OUT_NANO, Admin, chat, nano, pg, sdk
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TOLLGATE_TEST_POSTGRES"),

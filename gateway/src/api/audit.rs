@@ -3,9 +3,9 @@
 
 use axum::extract::{Query, State};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
-use tollgate_metering::audit::Entry;
+use serde::{Deserialize, Serialize};
+use tollgate_metering::audit::{Entry, EntryView};
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -13,6 +13,18 @@ use crate::AppState;
 /// Entries per page of `/admin/v1/audit` unless `limit` says otherwise.
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1_000;
+
+/// `GET /admin/v1/audit`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    #[schema(value_type = String, pattern = "^list$")]
+    pub object: &'static str,
+    pub data: Vec<EntryView>,
+    /// Pass as `after` for the next page; `null` on an empty page.
+    #[schema(required)]
+    pub next_cursor: Option<String>,
+    pub has_more: bool,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,12 +42,12 @@ pub(crate) struct AuditQuery {
         ("after" = Option<String>, Query, description = "A `next_cursor`"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000),
     ),
-    responses((status = 200, body = crate::openapi::admin_schemas::AuditPage), crate::openapi::AdminErrors),
+    responses((status = 200, body = AuditPage), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditPage>, ApiError> {
     let q = crate::error::query(q)?;
     let param = |field: &str, message: String| ApiError::InvalidRequest {
         message,
@@ -60,10 +72,10 @@ pub(crate) async fn list(
     let mut entries = store.audit_after(after, limit + 1).await?;
     let has_more = i64::try_from(entries.len()).is_ok_and(|n| n > limit);
     entries.truncate(usize::try_from(limit).unwrap_or(0));
-    Ok(Json(json!({
-        "object": "list",
-        "data": entries.iter().map(Entry::json).collect::<Vec<_>>(),
-        "next_cursor": entries.last().map(|e| e.seq.to_string()),
-        "has_more": has_more,
-    })))
+    Ok(Json(AuditPage {
+        object: "list",
+        data: entries.iter().map(Entry::view).collect(),
+        next_cursor: entries.last().map(|e| e.seq.to_string()),
+        has_more,
+    }))
 }

@@ -13,24 +13,21 @@
 //!   the database is unreachable, a key seen before is served from its last successful lookup
 //!   (the gateway keeps serving during an outage).
 //!
-//! The middleware also puts the `x-ratelimit-*` headers on every authenticated response.
+//! The middleware (`middleware.rs`) also puts the `x-ratelimit-*` headers on every
+//! authenticated response.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap};
 use subtle::ConstantTimeEq;
 
 use crate::clock::Clock;
 use crate::error::ApiError;
-use crate::AppState;
 use tollgate_metering::kinds::ServiceTier;
-use tollgate_metering::limits::{BucketStatus, Limits};
+use tollgate_metering::limits::Limits;
 use tollgate_metering::store::{
     now_micros, ApiKey, Customer, Store, StoreError, MAX_SCHEDULING_WEIGHT,
 };
@@ -188,6 +185,7 @@ impl Caller {
 }
 
 mod by_id;
+pub mod middleware;
 
 use tollgate_metering::secrets::{digest, hex};
 
@@ -495,71 +493,6 @@ fn reset_text(d: Duration) -> String {
     } else {
         format!("{}m{}s", secs / 60, secs % 60)
     }
-}
-
-fn put_rate_headers(headers: &mut HeaderMap, kind: &str, status: &BucketStatus) {
-    let mut put = |name: String, value: String| {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            headers.insert(n, v);
-        }
-    };
-    put(
-        format!("x-ratelimit-limit-{kind}"),
-        status.limit.to_string(),
-    );
-    put(
-        format!("x-ratelimit-remaining-{kind}"),
-        status.remaining.to_string(),
-    );
-    put(
-        format!("x-ratelimit-reset-{kind}"),
-        reset_text(status.reset),
-    );
-}
-
-/// Middleware for the `/v1` routes: resolves the caller, then adds the rate-limit headers.
-pub async fn require_key(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let Some(key) = bearer(request.headers()) else {
-        return ApiError::InvalidApiKey(
-            "you didn't provide an API key: send `Authorization: Bearer <key>`".into(),
-        )
-        .into_response();
-    };
-    let t = std::time::Instant::now();
-    let span = crate::server::telemetry::span(|| tracing::info_span!("gateway.auth"));
-    let caller =
-        tracing::Instrument::instrument(state.auth.resolve(state.store.as_ref(), key), span).await;
-    state
-        .metrics
-        .metering_duration
-        .with_label_values(&["auth"])
-        .observe(t.elapsed().as_secs_f64());
-    let mut caller = match caller {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    if state.auth.trusts_forwarded_customer {
-        if let Err(e) = forwarded_customer(&mut caller, request.headers()) {
-            return e.into_response();
-        }
-    }
-    request.extensions_mut().insert(caller.clone());
-    let mut response = next.run(request).await;
-    let status = state.limiter.status(&caller.limits);
-    if let Some(s) = status.requests {
-        put_rate_headers(response.headers_mut(), "requests", &s);
-    }
-    if let Some(s) = status.tokens {
-        put_rate_headers(response.headers_mut(), "tokens", &s);
-    }
-    response
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@
 //!
 //! This module owns signing in and out and the guard in front of every screen: a session
 //! cookie (`HttpOnly`, `SameSite=Strict`, `Secure` behind a proxy that says it serves HTTPS,
-//! expiring), sessions kept in this process (logging out ends one at once), and a CSRF token per
-//! session checked on every form that changes state. The screens are in `pages.rs` (overview),
+//! expiring), sessions kept in this process (logging out ends one at once; the sessions
+//! themselves are [`crate::sessions`], which the state holds), and a CSRF token per session
+//! checked on every form that changes state. The screens are in `pages.rs` (overview),
 //! `customers.rs` and `reports.rs`, the charts in `chart.rs`. It changes customers and keys only through the store's audited methods,
 //! as a console actor.
 
@@ -16,9 +17,7 @@ mod reports;
 mod reservations;
 mod work;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -28,102 +27,22 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
-use rand::RngCore;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::api::admin_tokens::{self, AdminIdentity, Scope};
+use crate::api::admin_tokens::{self, Scope};
 use crate::error::ApiError;
+use crate::sessions::{Session, SESSION_TTL};
 use crate::{AppState, RequestId};
 use tollgate_metering::audit::Actor;
-use tollgate_metering::secrets::{digest, hex};
 
 /// The session cookie's name.
 const COOKIE: &str = "tollgate_console";
-/// How long a session lasts after signing in.
-pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Largest form body the console reads.
 const MAX_FORM_BYTES: usize = 64 * 1024;
 
 const CSS: &str = include_str!("console.css");
 const JS: &str = include_str!("console.js");
-
-/// One signed-in browser.
-#[derive(Debug, Clone)]
-pub struct Session {
-    /// Names the session in the audit log (the cookie itself is never written anywhere).
-    pub public_id: String,
-    /// Sent back by every state-changing form.
-    pub csrf: String,
-    /// The admin credential it signed in with: `bootstrap` or an issued token's id (a revoked
-    /// token's sessions end at their next request).
-    pub token_id: String,
-    /// What that credential may do (shown on every screen).
-    pub scopes: Vec<Scope>,
-    expires: Instant,
-}
-
-/// The sessions of this process, by the SHA-256 of their cookie (a leaked memory dump or log
-/// line of this map does not give a usable cookie).
-pub struct Sessions {
-    ttl: Duration,
-    /// Held for a lookup or an insert, never across an `.await`.
-    by_digest: Mutex<HashMap<String, Session>>,
-}
-
-impl Default for Sessions {
-    fn default() -> Self {
-        Self::with_ttl(SESSION_TTL)
-    }
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut b);
-    hex(&b)
-}
-
-impl Sessions {
-    pub fn with_ttl(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            by_digest: Mutex::default(),
-        }
-    }
-
-    /// Starts a session for `identity`; returns its cookie value and the session.
-    pub fn create(&self, identity: AdminIdentity) -> (String, Session) {
-        let cookie = random_hex(32);
-        let session = Session {
-            public_id: format!("sess_{}", random_hex(6)),
-            csrf: random_hex(32),
-            token_id: identity.token_id,
-            scopes: identity.scopes,
-            expires: Instant::now() + self.ttl,
-        };
-        if let Ok(mut map) = self.by_digest.lock() {
-            let now = Instant::now();
-            map.retain(|_, s| s.expires > now);
-            map.insert(hex(&digest(&cookie)), session.clone());
-        }
-        (cookie, session)
-    }
-
-    /// The live session of this cookie value.
-    pub fn get(&self, cookie: &str) -> Option<Session> {
-        let map = self.by_digest.lock().ok()?;
-        map.get(&hex(&digest(cookie)))
-            .filter(|s| s.expires > Instant::now())
-            .cloned()
-    }
-
-    /// Ends the session of this cookie value.
-    pub fn end(&self, cookie: &str) {
-        if let Ok(mut map) = self.by_digest.lock() {
-            map.remove(&hex(&digest(cookie)));
-        }
-    }
-}
 
 /// The console's routes (the caller mounts them only when an admin token is set).
 pub fn router(state: AppState) -> Router<AppState> {
@@ -515,30 +434,6 @@ pub(crate) fn raw(text: String) -> PreEscaped<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bootstrap() -> AdminIdentity {
-        AdminIdentity {
-            token_id: admin_tokens::BOOTSTRAP_ID.into(),
-            scopes: vec![Scope::Admin],
-        }
-    }
-
-    #[test]
-    fn sessions_expire_and_end() {
-        let sessions = Sessions::with_ttl(Duration::from_secs(60));
-        let (cookie, s) = sessions.create(bootstrap());
-        assert_eq!(sessions.get(&cookie).unwrap().public_id, s.public_id);
-        assert!(sessions.get("forged").is_none());
-        sessions.end(&cookie);
-        assert!(sessions.get(&cookie).is_none());
-
-        let expired = Sessions::with_ttl(Duration::ZERO);
-        let (cookie, _) = expired.create(bootstrap());
-        assert!(
-            expired.get(&cookie).is_none(),
-            "a session past its time is refused"
-        );
-    }
 
     #[test]
     fn cookie_flags() {

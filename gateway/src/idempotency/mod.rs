@@ -250,17 +250,7 @@ impl Running {
         let Some(lease) = self.ticket.lease.clone() else {
             return;
         };
-        let renew = {
-            let lease = lease.clone();
-            AbortOnDrop(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(lease.renew_every()).await;
-                    if !lease.renew().await {
-                        break;
-                    }
-                }
-            }))
-        };
+        let renew = renewing(lease.clone());
         let response = tokio::select! {
             r = response => Some(r),
             () = lease.lost() => None,
@@ -285,69 +275,53 @@ impl Running {
             Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(frames_rx)),
         );
         let mut client = head_tx.send(to_client).ok().map(|()| frames_tx);
-        let mut kept = Vec::new();
-        let mut body = body.into_data_stream();
-        let mut broken = false;
-        // The last frame is held back until the result is kept, so a client that repeats the
-        // request as soon as it has the answer finds it stored, not still running.
-        let mut held: Option<Bytes> = None;
-        loop {
-            let frame = tokio::select! {
-                frame = body.next() => frame,
-                () = lease.lost() => break,
-            };
-            let Some(frame) = frame else { break };
-            match frame {
-                Ok(bytes) => {
-                    kept.extend_from_slice(&bytes);
-                    if let Some(previous) = held.replace(bytes) {
-                        send(&mut client, previous).await;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "an idempotent response's body failed");
-                    broken = true;
-                    break;
-                }
-            }
-        }
-        // Stops generating when the lease was lost (the guard then records the tokens so far).
-        drop(body);
+        let relayed = relay(body, &lease, &mut client).await;
         drop(renew);
-        let mut kept_it = false;
-        if !self.ticket.lost() && status.is_success() && !broken && self.ticket.completed() {
+        let kept_it = if !self.ticket.lost()
+            && status.is_success()
+            && !relayed.broken
+            && self.ticket.completed()
+        {
             let stored = Stored {
                 status: status.as_u16(),
                 content_type: content_type.clone(),
-                body: String::from_utf8_lossy(&kept).into_owned(),
+                body: String::from_utf8_lossy(&relayed.kept).into_owned(),
                 request_id: self.request_id.clone(),
             };
-            match self
-                .db
-                .finish_idempotency(&self.customer_id, &self.key, &self.request_id, &stored)
-                .await
-            {
-                Ok(true) => kept_it = true,
-                Ok(false) => {
-                    tracing::warn!(request_id = %self.request_id, "an idempotent request finished after another took its key over")
-                }
-                // The key stays `running` until its lease runs out; a repeat then runs anew.
-                Err(e) => {
-                    tracing::error!(request_id = %self.request_id, error = %e, "cannot keep an idempotent result");
-                    kept_it = true;
-                }
-            }
+            self.keep(&stored).await
         } else {
             self.release().await;
-        }
+            false
+        };
         let lost = self.ticket.lost() || (!kept_it && self.ticket.completed());
         if lost {
             let is_sse = content_type
                 .as_deref()
                 .is_some_and(|c| c.starts_with("text/event-stream"));
             send(&mut client, self.superseded_frame(is_sse)).await;
-        } else if let Some(last) = held {
+        } else if let Some(last) = relayed.held {
             send(&mut client, last).await;
+        }
+    }
+
+    /// Keeps the completed response for repeats; whether the client may have its last frame
+    /// (false when another request took the key over meanwhile).
+    async fn keep(&self, stored: &Stored) -> bool {
+        match self
+            .db
+            .finish_idempotency(&self.customer_id, &self.key, &self.request_id, stored)
+            .await
+        {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(request_id = %self.request_id, "an idempotent request finished after another took its key over");
+                false
+            }
+            // The key stays `running` until its lease runs out; a repeat then runs anew.
+            Err(e) => {
+                tracing::error!(request_id = %self.request_id, error = %e, "cannot keep an idempotent result");
+                true
+            }
         }
     }
 
@@ -387,6 +361,61 @@ impl Running {
             Bytes::from(body.to_string())
         }
     }
+}
+
+/// Renews `lease` until it is lost or the returned guard is dropped.
+fn renewing(lease: Arc<lease::Lease>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(lease.renew_every()).await;
+            if !lease.renew().await {
+                break;
+            }
+        }
+    }))
+}
+
+/// What [`relay`] passed on: the whole body as kept, the last frame held back, and whether
+/// the body failed.
+struct Relayed {
+    kept: Vec<u8>,
+    held: Option<Bytes>,
+    broken: bool,
+}
+
+/// Passes the body's frames to the client while keeping them, until its end, an error or the
+/// lease's loss. The last frame is held back until the result is kept, so a client that
+/// repeats the request as soon as it has the answer finds it stored, not still running.
+/// Dropping the body at the end stops generating when the lease was lost (the guard then
+/// records the tokens so far).
+async fn relay(body: Body, lease: &lease::Lease, client: &mut Option<FrameSender>) -> Relayed {
+    let mut relayed = Relayed {
+        kept: Vec::new(),
+        held: None,
+        broken: false,
+    };
+    let mut body = body.into_data_stream();
+    loop {
+        let frame = tokio::select! {
+            frame = body.next() => frame,
+            () = lease.lost() => break,
+        };
+        let Some(frame) = frame else { break };
+        match frame {
+            Ok(bytes) => {
+                relayed.kept.extend_from_slice(&bytes);
+                if let Some(previous) = relayed.held.replace(bytes) {
+                    send(client, previous).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "an idempotent response's body failed");
+                relayed.broken = true;
+                break;
+            }
+        }
+    }
+    relayed
 }
 
 /// Hands a frame to the client, forgetting a client that went away (the request still runs

@@ -22,10 +22,6 @@ pub struct RequestId(pub String, pub Instant);
 #[derive(Debug, Clone)]
 pub struct ModelLabel(pub String);
 
-/// The body limit in force, in every request's extensions, for the 413 message.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct BodyLimit(pub usize);
-
 /// Gives every request a UUID v7 and every response its `x-request-id`.
 pub(super) async fn request_id(mut request: Request, next: Next) -> Response {
     let id = uuid::Uuid::now_v7().to_string();

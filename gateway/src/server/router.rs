@@ -9,11 +9,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::api::{admin, batches, completions, files, health, models, responses, usage_api};
-use crate::error::ApiError;
-use crate::server::middleware::{observe, request_id, BodyLimit};
+use crate::api::{
+    admin, batches, completions, document, files, health, models, responses, usage_api,
+};
+use crate::error::{ApiError, BodyLimit};
+use crate::server::middleware::{observe, request_id};
 use crate::server::shed::{self, Shed};
-use crate::{auth, console, idempotency, openapi, AppState};
+use crate::{auth, console, idempotency, AppState};
 
 /// The router: `/v1` (authenticated), `/health`, `/metrics`, and `/admin` with an admin token.
 pub fn app(state: AppState) -> Router {
@@ -26,7 +28,7 @@ pub fn app(state: AppState) -> Router {
 pub fn public_app(state: AppState) -> Router {
     let router = v1(&state)
         .route("/health", get(health::health))
-        .route("/openapi.json", get(openapi::openapi_json));
+        .route("/openapi.json", get(document::openapi_json));
     finish(router, state)
 }
 
@@ -41,7 +43,7 @@ fn operator_routes(state: &AppState) -> Router<AppState> {
     let mut router = Router::new()
         .route("/health", get(health::health))
         .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi::openapi_json));
+        .route("/openapi.json", get(document::openapi_json));
     if state.admin_token.is_some() {
         router = router
             .merge(admin::router(state.clone()))
@@ -94,7 +96,7 @@ fn v1(state: &AppState) -> Router<AppState> {
         .route("/v1/organization/costs", get(usage_api::costs))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            auth::require_key,
+            auth::middleware::require_key,
         ))
         // Outside the key check: a shed request costs no lookup.
         .route_layer(middleware::from_fn_with_state(

@@ -2,7 +2,10 @@
 //! waits for the test's word: for the idempotency lease tests (one gateway on SQLite; two
 //! replicas on PostgreSQL, one of them behind a proxy the test can cut).
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test crate includes this module and uses only some of it"
+)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -18,7 +18,8 @@ use crate::periods::month_bounds;
 mod settings;
 
 pub use settings::{
-    alert_json, check_webhook_url, parse_thresholds, settings_json, update_settings, SettingsChange,
+    check_webhook_url, parse_thresholds, update_settings, AlertSettingsView, BudgetAlertView,
+    SettingsChange,
 };
 
 /// Thresholds when a customer has not chosen any.

@@ -1,11 +1,14 @@
 //! A customer's alert settings as operators change them (through the admin API or the CLI):
 //! the thresholds' rule, the webhook URL's check, the secret made when a webhook is first set
-//! (or rotated), and the JSON the admin API and the CLI show of settings and alerts.
+//! (or rotated), and the views the admin API and the CLI show of settings and alerts
+//! (described by the same types in the OpenAPI document).
 
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::{Alert, AlertSettings};
 use crate::audit::Actor;
@@ -101,39 +104,85 @@ pub async fn update_settings(
     Ok((settings, fresh))
 }
 
-/// Settings as the admin API and CLI show them: the secret only when just made.
-pub fn settings_json(s: &AlertSettings, new_secret: Option<&str>) -> Value {
-    let mut v = json!({
-        "object": "alert_settings",
-        "customer_id": s.customer_id,
-        "webhook_url": s.webhook_url,
-        "thresholds": s.thresholds,
-        "webhook_secret_set": s.webhook_secret.is_some(),
-    });
-    if let Some(secret) = new_secret {
-        v["webhook_secret"] = json!(secret);
-    }
-    v
+/// A customer's budget-alert settings (`GET`/`PUT /admin/v1/customers/{id}/alerts`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = AlertSettings)]
+pub struct AlertSettingsView {
+    #[schema(value_type = String, pattern = "^alert_settings$")]
+    pub object: &'static str,
+    pub customer_id: String,
+    #[schema(required)]
+    pub webhook_url: Option<String>,
+    /// Fractions of the budget, as decimal strings (`"0.5"`).
+    pub thresholds: Vec<String>,
+    pub webhook_secret_set: bool,
+    /// The signing secret, only in the answer that made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
 }
 
-/// An alert as the admin API lists it: the event and its delivery.
-pub fn alert_json(a: &Alert) -> Value {
-    json!({
-        "object": "budget_alert",
-        "id": a.id,
-        "customer_id": a.customer_id,
-        "period_start": rfc3339(a.period_start),
-        "threshold": a.threshold,
-        "budget_usd": format_usd(a.budget_nano_usd),
-        "spent_usd": format_usd(a.spent_nano_usd),
-        "created_at": rfc3339(a.created_at),
-        "status": a.status,
-        "attempts": a.attempts,
-        "next_attempt_at": (a.status == AlertStatus::Pending).then(|| rfc3339(a.next_attempt_at)),
-        "delivered_at": a.delivered_at.map(rfc3339),
-        "last_error": a.last_error,
-        "event": serde_json::from_str::<Value>(&a.payload).unwrap_or(Value::Null),
-    })
+impl AlertSettingsView {
+    /// The settings as the admin API and the CLI show them; a secret just made is shown this
+    /// once.
+    pub fn new(s: &AlertSettings, new_secret: Option<&str>) -> Self {
+        Self {
+            object: "alert_settings",
+            customer_id: s.customer_id.clone(),
+            webhook_url: s.webhook_url.clone(),
+            thresholds: s.thresholds.clone(),
+            webhook_secret_set: s.webhook_secret.is_some(),
+            webhook_secret: new_secret.map(str::to_string),
+        }
+    }
+}
+
+/// A budget threshold crossed, and its webhook delivery.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = BudgetAlert)]
+pub struct BudgetAlertView {
+    #[schema(value_type = String, pattern = "^budget_alert$")]
+    pub object: &'static str,
+    pub id: String,
+    pub customer_id: String,
+    pub period_start: String,
+    pub threshold: String,
+    pub budget_usd: String,
+    pub spent_usd: String,
+    pub created_at: String,
+    /// `pending`, `delivered`, `failed` or `no_webhook`.
+    #[schema(value_type = String)]
+    pub status: AlertStatus,
+    pub attempts: i64,
+    #[schema(required)]
+    pub next_attempt_at: Option<String>,
+    #[schema(required)]
+    pub delivered_at: Option<String>,
+    #[schema(required)]
+    pub last_error: Option<String>,
+    /// The webhook's JSON payload.
+    pub event: Value,
+}
+
+impl From<&Alert> for BudgetAlertView {
+    /// An alert as the admin API lists it: the event and its delivery.
+    fn from(a: &Alert) -> Self {
+        Self {
+            object: "budget_alert",
+            id: a.id.clone(),
+            customer_id: a.customer_id.clone(),
+            period_start: rfc3339(a.period_start),
+            threshold: a.threshold.clone(),
+            budget_usd: format_usd(a.budget_nano_usd),
+            spent_usd: format_usd(a.spent_nano_usd),
+            created_at: rfc3339(a.created_at),
+            status: a.status,
+            attempts: a.attempts,
+            next_attempt_at: (a.status == AlertStatus::Pending).then(|| rfc3339(a.next_attempt_at)),
+            delivered_at: a.delivered_at.map(rfc3339),
+            last_error: a.last_error.clone(),
+            event: serde_json::from_str::<Value>(&a.payload).unwrap_or(Value::Null),
+        }
+    }
 }
 
 #[cfg(test)]

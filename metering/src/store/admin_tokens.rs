@@ -10,21 +10,30 @@
 //! `customers:read`), `keys:write` (client keys), `admin` (everything, including admin tokens
 //! and the console).
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use sqlx::Row;
+use utoipa::ToSchema;
 
 use super::{now_micros, Store, StoreError, StoreResult};
 use crate::audit::{self, Action, Actor, Change};
 use crate::periods::rfc3339;
 use crate::secrets::{new_admin_token, stored_digest};
 
-/// What an admin credential may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// What an admin token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
+#[schema(as = AdminScope)]
 pub enum Scope {
+    #[serde(rename = "usage:read")]
     UsageRead,
+    /// Listing and reading customers (`customers:write` implies it).
+    #[serde(rename = "customers:read")]
     CustomersRead,
+    #[serde(rename = "customers:write")]
     CustomersWrite,
+    #[serde(rename = "keys:write")]
     KeysWrite,
+    #[serde(rename = "admin")]
     Admin,
 }
 
@@ -95,31 +104,59 @@ pub struct AdminToken {
 
 impl AdminToken {
     /// The token as the admin API and the CLI show it.
-    pub fn json(&self) -> Value {
-        json!({
-            "object": "admin_token",
-            "id": self.id,
-            "name": self.name,
-            "token_prefix": self.token_prefix,
-            "scopes": self.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            "created_at": rfc3339(self.created_at),
-            "revoked_at": self.revoked_at.map(rfc3339),
-        })
+    pub fn view(&self) -> AdminTokenView {
+        AdminTokenView {
+            object: "admin_token",
+            id: self.id.clone(),
+            name: self.name.clone(),
+            token_prefix: self.token_prefix.clone(),
+            scopes: self.scopes.clone(),
+            created_at: rfc3339(self.created_at),
+            revoked_at: self.revoked_at.map(rfc3339),
+        }
     }
+}
 
-    /// A list of tokens as the admin API and the CLI show it.
-    pub fn list_json(tokens: &[AdminToken]) -> Value {
-        json!({
-            "object": "list",
-            "data": tokens.iter().map(AdminToken::json).collect::<Vec<_>>(),
-        })
-    }
+/// An admin token as the admin API and the CLI show it (never its secret).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = AdminToken)]
+pub struct AdminTokenView {
+    #[schema(value_type = String, pattern = "^admin_token$")]
+    pub object: &'static str,
+    pub id: String,
+    pub name: String,
+    pub token_prefix: String,
+    pub scopes: Vec<Scope>,
+    pub created_at: String,
+    #[schema(required)]
+    pub revoked_at: Option<String>,
+}
 
-    /// A token just issued, with its secret (shown this once).
-    pub fn created_json(&self, secret: &str) -> Value {
-        let mut body = self.json();
-        body["token"] = json!(secret);
-        body
+/// A new admin token: the secret is shown this once.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = CreatedAdminToken)]
+pub struct CreatedAdminTokenView {
+    #[serde(flatten)]
+    pub token: AdminTokenView,
+    /// The secret to send as `Authorization: Bearer`.
+    #[serde(rename = "token")]
+    pub secret: String,
+}
+
+/// Admin tokens, as `GET /admin/v1/admin_tokens` and `tollgate admin-tokens list` show them.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdminTokenList {
+    #[schema(value_type = String, pattern = "^list$")]
+    pub object: &'static str,
+    pub data: Vec<AdminTokenView>,
+}
+
+impl AdminTokenList {
+    pub fn of(tokens: &[AdminToken]) -> Self {
+        Self {
+            object: "list",
+            data: tokens.iter().map(AdminToken::view).collect(),
+        }
     }
 }
 

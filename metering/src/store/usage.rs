@@ -413,18 +413,32 @@ impl Store {
         group: &[GroupBy],
         buckets: Option<(i64, i64)>,
     ) -> StoreResult<Vec<UsageRow>> {
-        let (cols, tag_group, mut next) = self.group_columns(group, buckets)?;
-        let group_exprs: Vec<String> = cols
-            .iter()
-            .map(|c| match c.rsplit_once(" AS ") {
-                // By its alias: the expression holds a parameter.
-                Some((_, "tag_value")) => "tag_value".to_string(),
-                Some((expr, _)) => expr.to_string(),
-                None => c.clone(),
-            })
-            .collect();
+        let (cols, tag_group, next) = self.group_columns(group, buckets)?;
+        let sql = self.aggregate_sql(filter, &cols, next);
+        let mut q = sqlx::query(&sql).bind(filter.start).bind(filter.end);
+        if let Some(path) = tag_group {
+            q = q.bind(path);
+        }
+        if let Some(c) = &filter.customer_id {
+            q = q.bind(c);
+        }
+        if let Some(m) = &filter.model {
+            q = q.bind(m);
+        }
+        if let Some((key, value)) = &filter.tag {
+            q = q.bind(key.clone()).bind(value);
+        }
+        let rows = q.fetch_all(self.pool()).await?;
+        rows.iter()
+            .map(|row| usage_row(row, group, buckets.is_some()))
+            .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))
+            .collect()
+    }
+
+    /// [`Store::aggregate`]'s statement: columns `cols` and the sums under `filter` (from `$next`).
+    fn aggregate_sql(&self, filter: &UsageFilter, cols: &[String], mut next: usize) -> String {
         let mut sql = String::from("SELECT ");
-        for c in &cols {
+        for c in cols {
             sql.push_str(c);
             sql.push_str(", ");
         }
@@ -456,29 +470,24 @@ impl Store {
                 next + 1
             ));
         }
+        let group_exprs = group_exprs(cols);
         if !group_exprs.is_empty() {
             let list = group_exprs.join(", ");
             sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
         }
-        let mut q = sqlx::query(&sql).bind(filter.start).bind(filter.end);
-        if let Some(path) = tag_group {
-            q = q.bind(path);
-        }
-        if let Some(c) = &filter.customer_id {
-            q = q.bind(c);
-        }
-        if let Some(m) = &filter.model {
-            q = q.bind(m);
-        }
-        if let Some((key, value)) = &filter.tag {
-            q = q.bind(key.clone()).bind(value);
-        }
-        let rows = q.fetch_all(self.pool()).await?;
-        rows.iter()
-            .map(|row| usage_row(row, group, buckets.is_some()))
-            .filter(|r: &StoreResult<UsageRow>| r.as_ref().map_or(true, |r| r.requests > 0))
-            .collect()
+        sql
     }
+}
+
+/// The GROUP BY expressions of `cols`: each one's expression, its alias where that has a parameter.
+fn group_exprs(cols: &[String]) -> Vec<String> {
+    cols.iter()
+        .map(|c| match c.rsplit_once(" AS ") {
+            Some((_, "tag_value")) => "tag_value".to_string(),
+            Some((expr, _)) => expr.to_string(),
+            None => c.clone(),
+        })
+        .collect()
 }
 
 /// Inserts `chunk` in one statement, skipping ids already present; for each new row pushes

@@ -63,15 +63,8 @@ pub struct UpdateKey {
     /// Models the key may use (comma-separated), or `none` for all.
     #[arg(long)]
     models: Option<String>,
-    /// Requests per minute with this key, or `none`.
-    #[arg(long)]
-    rpm: Option<String>,
-    /// Tokens per minute with this key, or `none`.
-    #[arg(long)]
-    tpm: Option<String>,
-    /// Requests in flight at once with this key, or `none`.
-    #[arg(long)]
-    max_concurrent_requests: Option<String>,
+    #[command(flatten)]
+    limits: LimitChanges,
     /// RFC 3339 time or date after which the key stops working, or `none`.
     #[arg(long)]
     expires_at: Option<String>,
@@ -91,15 +84,8 @@ pub struct CreateKey {
     /// Models the key may use (comma-separated); all when absent.
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
-    /// Requests per minute with this key.
-    #[arg(long)]
-    rpm: Option<i64>,
-    /// Tokens per minute with this key.
-    #[arg(long)]
-    tpm: Option<i64>,
-    /// Requests in flight at once with this key.
-    #[arg(long)]
-    max_concurrent_requests: Option<i64>,
+    #[command(flatten)]
+    limits: NewLimits,
     /// RFC 3339 time or date after which the key stops working.
     #[arg(long)]
     expires_at: Option<String>,
@@ -164,12 +150,10 @@ async fn create_key(args: CreateKey) -> anyhow::Result<()> {
         customer_id,
         name,
         models,
-        rpm,
-        tpm,
+        limits,
         expires_at,
         tags,
         budget_usd,
-        max_concurrent_requests,
         tiers,
         db,
     } = args;
@@ -185,21 +169,16 @@ async fn create_key(args: CreateKey) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if [rpm, tpm, max_concurrent_requests]
-        .iter()
-        .any(|v| v.is_some_and(|v| v <= 0))
-    {
-        bail!("--rpm, --tpm and --max-concurrent-requests must be positive");
-    }
+    let limits = limits.checked()?;
     let new = NewKey {
         name,
         models,
-        rpm,
-        tpm,
+        rpm: limits.rpm,
+        tpm: limits.tpm,
         expires_at,
         tags,
         budget_nano_usd,
-        max_concurrent_requests,
+        max_concurrent_requests: limits.max_concurrent_requests,
         default_service_tier: tiers.default_tier()?.flatten(),
         allow_priority: tiers.allow_priority(),
     };
@@ -218,25 +197,21 @@ async fn update_key(args: UpdateKey) -> anyhow::Result<()> {
         key_id,
         name,
         models,
-        rpm,
-        tpm,
-        max_concurrent_requests,
+        limits,
         expires_at,
         tiers,
         db,
     } = args;
+    let limits = limits.parsed()?;
     let fields = KeyFields {
         name,
         models: models.map(|m| match m.as_str() {
             "none" | "null" => None,
             list => Some(list.split(',').map(|s| s.trim().to_string()).collect()),
         }),
-        rpm: limit_arg(rpm.as_deref(), "rpm")?,
-        tpm: limit_arg(tpm.as_deref(), "tpm")?,
-        max_concurrent_requests: limit_arg(
-            max_concurrent_requests.as_deref(),
-            "max-concurrent-requests",
-        )?,
+        rpm: limits.rpm,
+        tpm: limits.tpm,
+        max_concurrent_requests: limits.max_concurrent_requests,
         expires_at: expiry_arg(expires_at.as_deref())?,
         default_service_tier: tiers.default_tier()?,
         allow_priority: tiers.allow_priority(),

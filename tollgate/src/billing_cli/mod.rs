@@ -6,13 +6,14 @@ use std::io::Write;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use limits::{LimitChanges, NewLimits};
 use serde_json::json;
 use tiers::TierArgs;
 use tollgate_metering::alerts;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
 use tollgate_metering::money::parse_usd;
-use tollgate_metering::store::admin_tokens::{parse_scopes, AdminToken};
+use tollgate_metering::store::admin_tokens::{parse_scopes, AdminTokenList, CreatedAdminTokenView};
 use tollgate_metering::store::{
     now_micros, valid_id, CustomerFields, KeyFields, NewKey, Store, MAX_SCHEDULING_WEIGHT,
 };
@@ -20,6 +21,7 @@ use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
 mod export;
 mod keys;
+mod limits;
 mod reservations;
 mod tiers;
 mod usage;
@@ -90,15 +92,8 @@ pub struct UpdateCustomer {
     /// Monthly budget in USD (decimal), or `none`.
     #[arg(long)]
     budget_usd: Option<String>,
-    /// Requests per minute for the whole customer, or `none`.
-    #[arg(long)]
-    rpm: Option<String>,
-    /// Tokens per minute for the whole customer, or `none`.
-    #[arg(long)]
-    tpm: Option<String>,
-    /// Requests in flight at once across the customer's keys, or `none`.
-    #[arg(long)]
-    max_concurrent_requests: Option<String>,
+    #[command(flatten)]
+    limits: LimitChanges,
     /// Share of each model's engine when customers compete (1 to 100).
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
     scheduling_weight: Option<i64>,
@@ -118,15 +113,8 @@ pub struct CreateCustomer {
     /// Monthly budget in USD (decimal), e.g. 25.00.
     #[arg(long)]
     budget_usd: Option<String>,
-    /// Requests per minute for the whole customer.
-    #[arg(long)]
-    rpm: Option<i64>,
-    /// Tokens per minute for the whole customer.
-    #[arg(long)]
-    tpm: Option<i64>,
-    /// Requests in flight at once across the customer's keys.
-    #[arg(long)]
-    max_concurrent_requests: Option<i64>,
+    #[command(flatten)]
+    limits: NewLimits,
     /// Share of each model's engine when customers compete (1 to 100; default 1).
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=MAX_SCHEDULING_WEIGHT))]
     scheduling_weight: Option<i64>,
@@ -141,17 +129,6 @@ fn print(value: &impl serde::Serialize) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
     Ok(())
-}
-
-fn limit_arg(text: Option<&str>, name: &str) -> anyhow::Result<Option<Option<i64>>> {
-    match text {
-        None => Ok(None),
-        Some("none" | "null") => Ok(Some(None)),
-        Some(t) => match t.parse::<i64>() {
-            Ok(n) if n > 0 => Ok(Some(Some(n))),
-            _ => bail!("--{name} must be a positive integer or `none`, got `{t}`"),
-        },
-    }
 }
 
 fn budget_arg(text: Option<&str>) -> anyhow::Result<Option<Option<i64>>> {
@@ -197,7 +174,10 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             };
             let (settings, secret) =
                 alerts::update_settings(&store, &id, change, &Actor::cli_os_user()).await?;
-            print(&alerts::settings_json(&settings, secret.as_deref()))
+            print(&alerts::AlertSettingsView::new(
+                &settings,
+                secret.as_deref(),
+            ))
         }
     }
 }
@@ -207,9 +187,7 @@ async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
         id,
         name,
         budget_usd,
-        rpm,
-        tpm,
-        max_concurrent_requests,
+        limits,
         scheduling_weight,
         tiers,
         db,
@@ -217,20 +195,14 @@ async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
     if !valid_id(&id) {
         bail!("`{id}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`");
     }
-    let positive = |v: Option<i64>, n: &str| match v {
-        Some(x) if x <= 0 => bail!("--{n} must be positive"),
-        _ => Ok(v),
-    };
+    let limits = limits.checked()?;
     let fields = CustomerFields {
         name: Some(name.unwrap_or_else(|| id.clone())),
         budget_nano_usd: budget_arg(budget_usd.as_deref())?,
         budget_period: None,
-        rpm: Some(positive(rpm, "rpm")?),
-        tpm: Some(positive(tpm, "tpm")?),
-        max_concurrent_requests: Some(positive(
-            max_concurrent_requests,
-            "max-concurrent-requests",
-        )?),
+        rpm: Some(limits.rpm),
+        tpm: Some(limits.tpm),
+        max_concurrent_requests: Some(limits.max_concurrent_requests),
         scheduling_weight,
         default_service_tier: tiers.default_tier()?,
         allow_priority: tiers.allow_priority(),
@@ -248,23 +220,19 @@ async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
         id,
         name,
         budget_usd,
-        rpm,
-        tpm,
-        max_concurrent_requests,
+        limits,
         scheduling_weight,
         tiers,
         db,
     } = args;
+    let limits = limits.parsed()?;
     let fields = CustomerFields {
         name,
         budget_nano_usd: budget_arg(budget_usd.as_deref())?,
         budget_period: None,
-        rpm: limit_arg(rpm.as_deref(), "rpm")?,
-        tpm: limit_arg(tpm.as_deref(), "tpm")?,
-        max_concurrent_requests: limit_arg(
-            max_concurrent_requests.as_deref(),
-            "max-concurrent-requests",
-        )?,
+        rpm: limits.rpm,
+        tpm: limits.tpm,
+        max_concurrent_requests: limits.max_concurrent_requests,
         scheduling_weight,
         default_service_tier: tiers.default_tier()?,
         allow_priority: tiers.allow_priority(),
@@ -314,17 +282,20 @@ pub async fn admin_tokens(cmd: AdminTokensCommand) -> anyhow::Result<()> {
                 .await?
                 .issue_admin_token(&name, &scopes, &Actor::cli_os_user())
                 .await?;
-            print(&token.created_json(&secret))
+            print(&CreatedAdminTokenView {
+                token: token.view(),
+                secret,
+            })
         }
-        AdminTokensCommand::List { db } => print(&AdminToken::list_json(
-            &db.open().await?.admin_tokens().await?,
-        )),
+        AdminTokensCommand::List { db } => {
+            print(&AdminTokenList::of(&db.open().await?.admin_tokens().await?))
+        }
         AdminTokensCommand::Revoke { id, db } => print(
             &db.open()
                 .await?
                 .revoke_admin_token(&id, &Actor::cli_os_user())
                 .await?
-                .json(),
+                .view(),
         ),
     }
 }

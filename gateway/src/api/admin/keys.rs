@@ -1,116 +1,109 @@
 //! `/admin/v1/customers/{id}/keys` (issue, list) and `/admin/v1/keys/{key_id}` (read, update,
 //! revoke). A key's secret is shown once, when it is issued; only its digest is stored.
 
+use std::collections::BTreeMap;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{Map, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::tiers::{allow_priority_field, default_tier_field, TIER_FIELDS};
-use super::{invalid_field, limit_field, list, object, reject_unknown, store, string_field};
-use crate::error::{ApiBytes, ApiError, ApiPath};
+use super::tiers::{allow_priority, default_tier, DefaultServiceTier, TIER_FIELDS};
+use super::{invalid_field, limit, limits_body, object, patch, reject_unknown, store, UsdAmount};
+use crate::error::{from_object, ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::parse_time;
-use tollgate_metering::money::parse_usd;
 use tollgate_metering::periods::rfc3339;
 use tollgate_metering::store::{now_micros, KeyFields, NewKey};
 use tollgate_metering::tags::Tags;
 use tollgate_metering::views::{CreatedKeyView, KeyView};
 
-/// `budget_usd`: a decimal USD string or number (`null` clears it); `None` when absent.
-fn key_budget_field(map: &Map<String, Value>) -> Result<Option<Option<i64>>, ApiError> {
-    let parsed = |t: &str| {
-        parse_usd(t)
-            .map(|n| Some(Some(n)))
-            .map_err(|e| invalid_field("budget_usd", format!("budget_usd: {e}")))
-    };
-    match map.get("budget_usd") {
-        None => Ok(None),
-        Some(Value::Null) => Ok(Some(None)),
-        Some(Value::String(t)) => parsed(t),
-        Some(Value::Number(n)) => parsed(&n.to_string()),
-        Some(v) => Err(invalid_field(
-            "budget_usd",
-            format!("budget_usd must be a decimal amount of USD, got {v}"),
-        )),
-    }
+/// RFC 3339 or Unix seconds.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Expiry {
+    Rfc3339(String),
+    UnixSeconds(i64),
 }
 
-/// `tags`: a JSON object of string pairs within the limits of request `metadata`.
-fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, ApiError> {
-    let tags: Tags = match map.get("tags") {
-        None => return Ok(None),
-        Some(Value::Null) => Tags::new(),
-        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
-            invalid_field(
-                "tags",
-                format!("`tags` must be an object of string values, got {v}"),
-            )
-        })?,
-    };
-    tollgate_metering::tags::check(&tags, "tags")
-        .map_err(|e| invalid_field(&e.param, e.message))?;
-    Ok(Some(tags))
-}
-
-/// `expires_at`: RFC 3339 or Unix seconds; must be in the future.
-fn expiry_field(map: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
-    let micros = match map.get("expires_at") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => {
-            parse_time(s).map_err(|e| invalid_field("expires_at", format!("expires_at: {e}")))?
-        }
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(secs) => secs.saturating_mul(1_000_000),
-            None => {
-                return Err(invalid_field(
-                    "expires_at",
-                    format!("expires_at {n} is not whole Unix seconds"),
-                ))
-            }
-        },
-        Some(v) => {
+impl Expiry {
+    /// In microseconds; it must be in the future.
+    fn micros(&self) -> Result<i64, ApiError> {
+        let micros = match self {
+            Self::Rfc3339(s) => parse_time(s)
+                .map_err(|e| invalid_field("expires_at", format!("expires_at: {e}")))?,
+            Self::UnixSeconds(secs) => secs.saturating_mul(1_000_000),
+        };
+        if micros <= now_micros() {
             return Err(invalid_field(
                 "expires_at",
-                format!("expires_at must be an RFC 3339 time or Unix seconds, got {v}"),
-            ))
+                format!("expires_at {} is in the past", rfc3339(micros)),
+            ));
         }
-    };
-    if micros <= now_micros() {
-        return Err(invalid_field(
-            "expires_at",
-            format!("expires_at {} is in the past", rfc3339(micros)),
-        ));
+        Ok(micros)
     }
-    Ok(Some(micros))
 }
 
-fn models_field(
-    state: &AppState,
-    map: &Map<String, Value>,
-) -> Result<Option<Vec<String>>, ApiError> {
-    let models = match map.get("models") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                v.as_str().map(str::to_string).ok_or_else(|| {
-                    invalid_field(
-                        "models",
-                        format!("`models` must be a list of model ids, got {v}"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(v) => {
-            return Err(invalid_field(
-                "models",
-                format!("`models` must be a list of model ids, got {v}"),
-            ))
-        }
-    };
+limits_body! {
+    /// `POST /admin/v1/customers/{id}/keys`.
+    pub struct CreateKey {
+        pub name: Option<String>,
+        /// The models this key may use (all when absent).
+        pub models: Option<Vec<String>>,
+        /// In the future.
+        pub expires_at: Option<Expiry>,
+        /// Default cost-allocation tags of the key's requests (at most 16 pairs).
+        pub tags: Option<BTreeMap<String, String>>,
+        pub budget_usd: Option<UsdAmount>,
+    }
+    concurrency = "Requests in flight at once with this key; beyond it, 429 with `Retry-After`.",
+    tier = "The tier of requests that ask for `service_tier: \"auto\"` (or none) (else the customer's); `null`\nclears it.",
+    priority = "Whether requests may ask for `service_tier: \"priority\"` (the key narrows its customer's permission, never widens it; true when created without it).",
+}
+
+limits_body! {
+    /// `PATCH /admin/v1/keys/{key_id}`: at least one field; `null` clears a limit, the model list
+    /// (all models), the expiry or the budget.
+    pub struct UpdateKey {
+        #[schema(min_length = 1)]
+        pub name: Option<String>,
+        #[serde(default, deserialize_with = "patch")]
+        #[schema(value_type = Option<Vec<String>>)]
+        pub models: Option<Option<Vec<String>>>,
+        #[serde(default, deserialize_with = "patch")]
+        #[schema(value_type = Option<Expiry>)]
+        pub expires_at: Option<Option<Expiry>>,
+        #[serde(default, deserialize_with = "patch")]
+        #[schema(value_type = Option<BTreeMap<String, String>>)]
+        pub tags: Option<Option<BTreeMap<String, String>>>,
+        #[serde(default, deserialize_with = "patch")]
+        #[schema(value_type = Option<UsdAmount>)]
+        pub budget_usd: Option<Option<UsdAmount>>,
+    }
+    concurrency = "Requests in flight at once with this key; beyond it, 429 with `Retry-After`.",
+    tier = "The tier of requests that ask for `service_tier: \"auto\"` (or none) (else the customer's); `null`\nclears it.",
+    priority = "Whether requests may ask for `service_tier: \"priority\"` (the key narrows its customer's permission, never widens it; true when created without it).",
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyList {
+    #[schema(value_type = String, pattern = "^list$")]
+    pub object: &'static str,
+    pub data: Vec<KeyView>,
+}
+
+/// `tags`, checked within the limits of request `metadata`.
+fn checked_tags(tags: Tags) -> Result<Tags, ApiError> {
+    tollgate_metering::tags::check(&tags, "tags")
+        .map_err(|e| invalid_field(&e.param, e.message))?;
+    Ok(tags)
+}
+
+/// `models`: each a model of the catalogue.
+fn known_models(state: &AppState, models: Vec<String>) -> Result<Vec<String>, ApiError> {
     if let Some(unknown) = models
         .iter()
         .find(|m| !state.catalogue.current().models.contains_key(*m))
@@ -120,13 +113,13 @@ fn models_field(
             format!("unknown model `{unknown}` in `models`"),
         ));
     }
-    Ok(Some(models))
+    Ok(models)
 }
 
 /// Issues a key; its secret is in this answer only.
 #[utoipa::path(post, path = "/admin/v1/customers/{id}/keys", tag = "admin",
     params(("id" = String, Path)),
-    request_body = crate::openapi::admin_schemas::CreateKey,
+    request_body = CreateKey,
     responses((status = 201, body = tollgate_metering::views::CreatedKeyView), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn create_key(
@@ -153,17 +146,22 @@ pub(super) async fn create_key(
         ]
         .concat(),
     )?;
+    let body: CreateKey = from_object(map)?;
     let new = NewKey {
-        name: string_field(&map, "name")?.unwrap_or_default(),
-        models: models_field(&state, &map)?,
-        rpm: limit_field(&map, "rpm")?.flatten(),
-        tpm: limit_field(&map, "tpm")?.flatten(),
-        expires_at: expiry_field(&map)?,
-        tags: tags_field(&map)?.unwrap_or_default(),
-        budget_nano_usd: key_budget_field(&map)?.flatten(),
-        max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?.flatten(),
-        default_service_tier: default_tier_field(&map)?.flatten(),
-        allow_priority: allow_priority_field(&map)?,
+        name: body.name.unwrap_or_default(),
+        models: body.models.map(|m| known_models(&state, m)).transpose()?,
+        rpm: limit(body.rpm, "rpm")?.flatten(),
+        tpm: limit(body.tpm, "tpm")?.flatten(),
+        expires_at: body.expires_at.as_ref().map(Expiry::micros).transpose()?,
+        tags: body.tags.map(checked_tags).transpose()?.unwrap_or_default(),
+        budget_nano_usd: body
+            .budget_usd
+            .map(|b| b.nano_usd("budget_usd"))
+            .transpose()?,
+        max_concurrent_requests: limit(body.max_concurrent_requests, "max_concurrent_requests")?
+            .flatten(),
+        default_service_tier: default_tier(body.default_service_tier).flatten(),
+        allow_priority: allow_priority(body.allow_priority)?,
     };
     let (created, secret) = store(&state)?.issue_key(&customer_id, new, &actor).await?;
     let body = CreatedKeyView {
@@ -176,14 +174,17 @@ pub(super) async fn create_key(
 /// A customer's keys, without their secrets.
 #[utoipa::path(get, path = "/admin/v1/customers/{id}/keys", tag = "admin",
     params(("id" = String, Path)),
-    responses((status = 200, body = crate::openapi::admin_schemas::ApiKeyList), crate::openapi::AdminErrors),
+    responses((status = 200, body = ApiKeyList), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn list_keys(
     State(state): State<AppState>,
     ApiPath(customer_id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ApiKeyList>, ApiError> {
     let keys = store(&state)?.list_keys(&customer_id).await?;
-    Ok(list(keys.iter().map(KeyView::from).collect()))
+    Ok(Json(ApiKeyList {
+        object: "list",
+        data: keys.iter().map(KeyView::from).collect(),
+    }))
 }
 
 /// A key (without its secret), with the customer it belongs to.
@@ -218,7 +219,7 @@ const KEY_CHANGES: &[&str] = &[
 /// Changes a key's limits, models, expiry, default tags or budget (`null` clears one).
 #[utoipa::path(patch, path = "/admin/v1/keys/{key_id}", tag = "admin",
     params(("key_id" = String, Path)),
-    request_body = crate::openapi::admin_schemas::UpdateKey,
+    request_body = UpdateKey,
     responses((status = 200, body = tollgate_metering::views::KeyView), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn update_key(
@@ -229,28 +230,34 @@ pub(super) async fn update_key(
 ) -> Result<Json<KeyView>, ApiError> {
     let map = object(&body)?;
     reject_unknown(&map, KEY_CHANGES)?;
-    let name = string_field(&map, "name")?;
-    if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+    let body: UpdateKey = from_object(map)?;
+    if body.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
         return Err(invalid_field("name", "`name` must not be empty".into()));
     }
     let fields = KeyFields {
-        name,
-        models: match map.get("models") {
-            None => None,
-            Some(Value::Null) => Some(None),
-            Some(_) => Some(models_field(&state, &map)?),
-        },
-        rpm: limit_field(&map, "rpm")?,
-        tpm: limit_field(&map, "tpm")?,
-        max_concurrent_requests: limit_field(&map, "max_concurrent_requests")?,
-        expires_at: match map.get("expires_at") {
-            None => None,
-            Some(_) => Some(expiry_field(&map)?),
-        },
-        tags: tags_field(&map)?,
-        budget_nano_usd: key_budget_field(&map)?,
-        default_service_tier: default_tier_field(&map)?,
-        allow_priority: allow_priority_field(&map)?,
+        name: body.name,
+        models: body
+            .models
+            .map(|m| m.map(|m| known_models(&state, m)).transpose())
+            .transpose()?,
+        rpm: limit(body.rpm, "rpm")?,
+        tpm: limit(body.tpm, "tpm")?,
+        max_concurrent_requests: limit(body.max_concurrent_requests, "max_concurrent_requests")?,
+        expires_at: body
+            .expires_at
+            .map(|e| e.as_ref().map(Expiry::micros).transpose())
+            .transpose()?,
+        // `null` clears the tags, as `{}` does.
+        tags: body
+            .tags
+            .map(|t| checked_tags(t.unwrap_or_default()))
+            .transpose()?,
+        budget_nano_usd: body
+            .budget_usd
+            .map(|b| b.map(|b| b.nano_usd("budget_usd")).transpose())
+            .transpose()?,
+        default_service_tier: default_tier(body.default_service_tier),
+        allow_priority: allow_priority(body.allow_priority)?,
     };
     if fields.is_empty() {
         return Err(invalid_field(

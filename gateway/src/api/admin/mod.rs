@@ -3,8 +3,12 @@
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
 //!
 //! Its contract is written once: [`operations`] routes each operation with the scope it needs,
-//! the handler's `#[utoipa::path]` documents it, and customers and keys are shown through
-//! `tollgate_metering::views`, which the CLI and the audit log use too.
+//! the handler's `#[utoipa::path]` documents it, and its bodies are the types the handlers read
+//! (each file's request types, read after `reject_unknown` so an unknown field is named) and
+//! write (customers and keys through `tollgate_metering::views`, alerts, admin tokens and audit
+//! entries through metering's views, which the CLI and the audit log use too). The usage
+//! reports' bodies are still written by metering's `billing` by hand and described in
+//! `crate::openapi::admin_schemas`.
 
 use std::sync::Arc;
 
@@ -14,8 +18,8 @@ use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
-use axum::{Json, Router};
-use serde_json::{json, Map, Value};
+use axum::Router;
+use serde_json::{Map, Value};
 use utoipa::OpenApi;
 
 use crate::api::admin_tokens::{self, Scope};
@@ -364,34 +368,103 @@ fn invalid_field(field: &str, message: String) -> ApiError {
     }
 }
 
-fn string_field(map: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(invalid_field(
-            field,
-            format!("`{field}` must be a string, got {v}"),
-        )),
-    }
-}
-
-/// Absent → `None`; `null` → `Some(None)`; a positive integer → `Some(Some(n))`.
-fn limit_field(map: &Map<String, Value>, field: &str) -> Result<Option<Option<i64>>, ApiError> {
-    match map.get(field) {
-        None => Ok(None),
-        Some(Value::Null) => Ok(Some(None)),
-        Some(v) => match v.as_i64() {
-            Some(n) if n > 0 => Ok(Some(Some(n))),
-            _ => Err(invalid_field(
-                field,
-                format!("`{field}` must be a positive integer or null, got {v}"),
-            )),
-        },
-    }
-}
-
 use crate::error::query;
 use tollgate_metering::store::valid_id;
+
+/// Defines an admin body with its own fields followed by the limit and service-tier fields that
+/// customers and keys share (`null` clears a limit or the tier): one definition for the four
+/// bodies that take them. The docs of the shared fields differ between customers and keys.
+macro_rules! limits_body {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident { $($own:tt)* }
+        concurrency = $concurrency_doc:literal,
+        tier = $tier_doc:literal,
+        priority = $priority_doc:literal $(,)?
+    ) => {
+        $(#[$attr])*
+        #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($own)*
+            #[serde(default, deserialize_with = "patch")]
+            #[schema(value_type = Option<i64>, minimum = 1)]
+            pub rpm: Option<Option<i64>>,
+            #[serde(default, deserialize_with = "patch")]
+            #[schema(value_type = Option<i64>, minimum = 1)]
+            pub tpm: Option<Option<i64>>,
+            #[doc = $concurrency_doc]
+            #[serde(default, deserialize_with = "patch")]
+            #[schema(value_type = Option<i64>, minimum = 1)]
+            pub max_concurrent_requests: Option<Option<i64>>,
+            #[doc = $tier_doc]
+            #[serde(default, deserialize_with = "patch")]
+            #[schema(value_type = Option<DefaultServiceTier>)]
+            pub default_service_tier: Option<Option<DefaultServiceTier>>,
+            #[doc = $priority_doc]
+            #[serde(default, deserialize_with = "patch")]
+            #[schema(value_type = Option<bool>)]
+            pub allow_priority: Option<Option<bool>>,
+        }
+    };
+}
+use limits_body;
+
+/// A field that `null` clears: absent → `None`, `null` → `Some(None)`, a value → `Some(Some(v))`.
+fn patch<'de, T, D>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
+}
+
+/// A limit that `null` clears: a positive integer.
+fn limit(value: Option<Option<i64>>, field: &str) -> Result<Option<Option<i64>>, ApiError> {
+    match value {
+        Some(Some(n)) if n <= 0 => Err(invalid_field(
+            field,
+            format!("`{field}` must be a positive integer or null, got {n}"),
+        )),
+        v => Ok(v),
+    }
+}
+
+/// An amount of USD: a decimal string (`"25.50"`) or a number (`25.5`).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum UsdAmount {
+    Text(String),
+    Number(#[schema(inline)] JsonNumber),
+}
+
+/// A JSON number kept as written (`25.5` stays `25.5` on its way to a decimal).
+#[derive(Debug, serde::Deserialize)]
+pub struct JsonNumber(serde_json::Number);
+
+impl utoipa::PartialSchema for JsonNumber {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <f64 as utoipa::PartialSchema>::schema()
+    }
+}
+
+impl utoipa::ToSchema for JsonNumber {}
+
+impl UsdAmount {
+    /// As written (a number as JSON writes it).
+    fn text(&self) -> String {
+        match self {
+            Self::Text(t) => t.clone(),
+            Self::Number(n) => n.0.to_string(),
+        }
+    }
+
+    /// In nano-USD; an error names `field`.
+    fn nano_usd(&self, field: &str) -> Result<i64, ApiError> {
+        tollgate_metering::money::parse_usd(&self.text())
+            .map_err(|e| invalid_field(field, format!("{field}: {e}")))
+    }
+}
 
 /// A value quoted back in an error, cut to a readable length (a 3 MB id is not echoed).
 fn shown(value: &str) -> String {
@@ -400,10 +473,6 @@ fn shown(value: &str) -> String {
         Some((end, _)) => format!("{}…", &value[..end]),
         None => value.to_string(),
     }
-}
-
-fn list(data: Vec<impl serde::Serialize>) -> Json<Value> {
-    Json(json!({"object": "list", "data": data}))
 }
 
 #[cfg(test)]

@@ -8,15 +8,15 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{invalid_field, list, store};
+use super::{invalid_field, store};
 use crate::error::{query, ApiError, ApiJson, ApiPath, RequestBody};
 use crate::AppState;
 use tollgate_metering::audit::Actor;
 use tollgate_metering::billing::{current_period, parse_period, parse_time};
+use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::periods::rfc3339;
 use tollgate_metering::store::{now_micros, Reservation, SlaFilter, SlaRow};
 use tollgate_metering::views::ReservationView;
@@ -113,16 +113,27 @@ pub(super) async fn create_reservation(
 /// A customer's reservations, past, current and future.
 #[utoipa::path(get, path = "/admin/v1/customers/{id}/reservations", tag = "admin",
     params(("id" = String, Path)),
-    responses((status = 200, body = crate::openapi::admin_schemas::ReservationList), crate::openapi::AdminErrors),
+    responses((status = 200, body = ReservationList), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn list_reservations(
     State(state): State<AppState>,
     ApiPath(customer_id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReservationList>, ApiError> {
     let store = store(&state)?;
     store.customer(&customer_id).await?;
     let held = store.reservations(Some(&customer_id), None).await?;
-    Ok(list(held.iter().map(ReservationView::from).collect()))
+    Ok(Json(ReservationList {
+        object: "list",
+        data: held.iter().map(ReservationView::from).collect(),
+    }))
+}
+
+/// `GET /admin/v1/customers/{id}/reservations`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReservationList {
+    #[schema(value_type = String, pattern = "^list$")]
+    pub object: &'static str,
+    pub data: Vec<ReservationView>,
 }
 
 /// One reservation.
@@ -164,21 +175,60 @@ pub(super) struct SlaQuery {
     model: Option<String>,
 }
 
-/// One row of the SLA report as JSON (shared with the console).
-pub(crate) fn sla_row_json(r: &SlaRow) -> Value {
-    json!({
-        "customer_id": r.customer_id,
-        "service_tier": r.service_tier,
-        "requests": r.requests,
-        "failed": r.failed,
-        "availability": r.availability(),
-        "ttft_measured": r.ttft_measured,
-        "ttft_within_target": r.ttft_within_target,
-        "ttft_within_target_share": r.within_target(),
-        "ttft_p50_ms": r.ttft_quantile_ms(0.50),
-        "ttft_p99_ms": r.ttft_quantile_ms(0.99),
-        "ttft_max_ms": r.ttft_max_ms,
-    })
+/// One customer's requests at one tier in the month.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = SlaRow)]
+pub struct SlaRowView {
+    pub customer_id: String,
+    #[schema(value_type = String)]
+    pub service_tier: ServiceTier,
+    pub requests: i64,
+    pub failed: i64,
+    /// Share of requests not `failed`.
+    pub availability: f64,
+    /// Requests whose first token reached the client.
+    pub ttft_measured: i64,
+    /// Of those, the ones at or under `priority_ttft_target_ms`.
+    pub ttft_within_target: i64,
+    pub ttft_within_target_share: f64,
+    /// Upper bound of the histogram bucket holding the median TTFT.
+    #[schema(required)]
+    pub ttft_p50_ms: Option<i64>,
+    #[schema(required)]
+    pub ttft_p99_ms: Option<i64>,
+    #[schema(required)]
+    pub ttft_max_ms: Option<i64>,
+}
+
+impl From<&SlaRow> for SlaRowView {
+    fn from(r: &SlaRow) -> Self {
+        Self {
+            customer_id: r.customer_id.clone(),
+            service_tier: r.service_tier,
+            requests: r.requests,
+            failed: r.failed,
+            availability: r.availability(),
+            ttft_measured: r.ttft_measured,
+            ttft_within_target: r.ttft_within_target,
+            ttft_within_target_share: r.within_target(),
+            ttft_p50_ms: r.ttft_quantile_ms(0.50),
+            ttft_p99_ms: r.ttft_quantile_ms(0.99),
+            ttft_max_ms: r.ttft_max_ms,
+        }
+    }
+}
+
+/// `GET /admin/v1/sla`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SlaReport {
+    #[schema(value_type = String, pattern = "^sla_report$")]
+    pub object: &'static str,
+    pub month: String,
+    pub start: String,
+    pub end: String,
+    pub priority_ttft_target_ms: u64,
+    pub ttft_percentiles: &'static str,
+    pub data: Vec<SlaRowView>,
 }
 
 /// The month's service levels per customer and tier: requests, availability (the share not
@@ -190,12 +240,12 @@ pub(crate) fn sla_row_json(r: &SlaRow) -> Value {
         ("customer_id" = Option<String>, Query),
         ("model" = Option<String>, Query),
     ),
-    responses((status = 200, body = crate::openapi::admin_schemas::SlaReport), crate::openapi::AdminErrors),
+    responses((status = 200, body = SlaReport), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn sla(
     State(state): State<AppState>,
     q: Result<Query<SlaQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SlaReport>, ApiError> {
     let q = query(q)?;
     let month = q.month.unwrap_or_else(current_period);
     let (start, end) = parse_period(&month).map_err(|e| invalid_field("month", e))?;
@@ -208,13 +258,14 @@ pub(super) async fn sla(
         ttft_target_ms: i64::try_from(target).unwrap_or(i64::MAX),
     };
     let rows = store(&state)?.sla(&filter).await?;
-    Ok(Json(json!({
-        "object": "sla_report",
-        "month": month.trim(),
-        "start": rfc3339(start),
-        "end": rfc3339(end),
-        "priority_ttft_target_ms": target,
-        "ttft_percentiles": "upper bounds of fixed histogram buckets (ms), capped by the largest TTFT seen",
-        "data": rows.iter().map(sla_row_json).collect::<Vec<_>>(),
-    })))
+    Ok(Json(SlaReport {
+        object: "sla_report",
+        month: month.trim().to_string(),
+        start: rfc3339(start),
+        end: rfc3339(end),
+        priority_ttft_target_ms: target,
+        ttft_percentiles:
+            "upper bounds of fixed histogram buckets (ms), capped by the largest TTFT seen",
+        data: rows.iter().map(SlaRowView::from).collect(),
+    }))
 }

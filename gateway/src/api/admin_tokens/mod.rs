@@ -20,37 +20,27 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use serde::Deserialize;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
 
 use crate::auth::bearer;
 
-mod failures;
+pub mod failures;
+pub mod identity;
 
-use crate::error::{ApiBytes, ApiError, ApiPath};
+use crate::error::{from_object, ApiBytes, ApiError, ApiPath};
 use crate::AppState;
 pub use failures::{FailedAuth, FAILURE_WINDOW, MAX_FAILURES};
+pub use identity::Scope;
+pub use identity::{AdminIdentity, BOOTSTRAP_ID};
 use tollgate_metering::audit::Actor;
 use tollgate_metering::secrets::digest;
-pub use tollgate_metering::store::admin_tokens::{parse_scopes, AdminToken, Scope};
+pub use tollgate_metering::store::admin_tokens::{
+    parse_scopes, AdminToken, AdminTokenList, AdminTokenView, CreatedAdminTokenView,
+};
 use tollgate_metering::store::Store;
-
-/// Who made an admin request: in the request's extensions for the handlers (and the audit).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminIdentity {
-    /// The token's id, or `bootstrap` for `TOLLGATE_ADMIN_TOKEN`.
-    pub token_id: String,
-    pub scopes: Vec<Scope>,
-}
-
-/// The id the bootstrap token is known by.
-pub const BOOTSTRAP_ID: &str = "bootstrap";
-
-impl AdminIdentity {
-    pub fn allows(&self, needed: Scope) -> bool {
-        self.scopes.iter().any(|s| s.implies(needed))
-    }
-}
 
 /// What the admin middleware decides on, taken from the request.
 #[derive(Debug, Clone)]
@@ -205,11 +195,20 @@ fn store(state: &AppState) -> Result<&Store, ApiError> {
         .ok_or_else(|| ApiError::Unavailable("this gateway runs without a database".into()))
 }
 
-// `{"name", "scopes": [...]}` → 201 with the secret, once.
+/// `POST /admin/v1/admin_tokens`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAdminToken {
+    pub name: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Vec<Scope>, required, min_items = 1)]
+    pub scopes: Option<Vec<String>>,
+}
+
 /// Issues a scoped admin token; its secret is in this answer only.
 #[utoipa::path(post, operation_id = "create_admin_token", path = "/admin/v1/admin_tokens", tag = "admin",
-    request_body = crate::openapi::admin_schemas::CreateAdminToken,
-    responses((status = 201, body = crate::openapi::admin_schemas::CreatedAdminToken), crate::openapi::AdminErrors),
+    request_body = CreateAdminToken,
+    responses((status = 201, body = CreatedAdminTokenView), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -238,56 +237,48 @@ pub async fn create(
             format!("unknown field `{k}`; expected one of name, scopes"),
         ));
     }
-    let name = match map.get("name") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => return Err(invalid("name", format!("`name` must be a string, got {v}"))),
+    let body: CreateAdminToken = from_object(map)?;
+    let Some(scopes) = body.scopes else {
+        return Err(invalid(
+            "scopes",
+            format!(
+                "`scopes` is required: a list of {}",
+                Scope::ALL.map(Scope::as_str).join(", ")
+            ),
+        ));
     };
-    let scopes: Vec<&str> = match map.get("scopes") {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| invalid("scopes", format!("`scopes` must be strings, got {v}")))
-            })
-            .collect::<Result<_, _>>()?,
-        _ => {
-            return Err(invalid(
-                "scopes",
-                format!(
-                    "`scopes` is required: a list of {}",
-                    Scope::ALL.map(Scope::as_str).join(", ")
-                ),
-            ))
-        }
-    };
-    let scopes = parse_scopes(scopes).map_err(|e| invalid("scopes", e))?;
+    let scopes =
+        parse_scopes(scopes.iter().map(String::as_str)).map_err(|e| invalid("scopes", e))?;
     let (token, secret) = store(&state)?
-        .issue_admin_token(&name, &scopes, &actor)
+        .issue_admin_token(&body.name.unwrap_or_default(), &scopes, &actor)
         .await?;
-    Ok((StatusCode::CREATED, Json(token.created_json(&secret))).into_response())
+    let created = CreatedAdminTokenView {
+        token: token.view(),
+        secret,
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 /// Admin tokens (scope `admin`), without their secrets.
 #[utoipa::path(get, operation_id = "list_admin_tokens", path = "/admin/v1/admin_tokens", tag = "admin",
-    responses((status = 200, body = crate::openapi::admin_schemas::AdminTokenList), crate::openapi::AdminErrors),
+    responses((status = 200, body = AdminTokenList), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
-pub async fn list_handler(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_handler(State(state): State<AppState>) -> Result<Json<AdminTokenList>, ApiError> {
     let tokens = store(&state)?.admin_tokens().await?;
-    Ok(Json(AdminToken::list_json(&tokens)))
+    Ok(Json(AdminTokenList::of(&tokens)))
 }
 
 /// Revokes an admin token at once.
 #[utoipa::path(delete, operation_id = "revoke_admin_token", path = "/admin/v1/admin_tokens/{id}", tag = "admin",
     params(("id" = String, Path)),
-    responses((status = 200, body = crate::openapi::admin_schemas::AdminToken), crate::openapi::AdminErrors),
+    responses((status = 200, body = AdminTokenView), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub async fn revoke_handler(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AdminTokenView>, ApiError> {
     Ok(Json(
-        store(&state)?.revoke_admin_token(&id, &actor).await?.json(),
+        store(&state)?.revoke_admin_token(&id, &actor).await?.view(),
     ))
 }
