@@ -38,6 +38,12 @@ impl ServiceClass {
         }
     }
 
+    /// Whether it is sold with a first-token goal (`priority`, `default`), unlike work that
+    /// can wait (`flex`, `batch`).
+    pub fn interactive(self) -> bool {
+        self <= Self::Default
+    }
+
     fn index(self) -> usize {
         self as usize
     }

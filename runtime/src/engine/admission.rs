@@ -109,6 +109,22 @@ pub(super) fn step_members(running: &[(&Tenant, u32, u64, ServiceClass)], cap: u
     chosen
 }
 
+/// How many of a step's prompt chunks (prompts, and the tokens a preemption took out of a
+/// cache), given by class in the order the step feeds them (highest class first), the step
+/// takes: only those of the interactive classes when it has any, so newcomers sold with a
+/// first-token goal (`priority`, `default`) do not wait for the prompts of work that can wait
+/// (`flex`, `batch`) beside their own, which take the step after; but never two steps in a
+/// row (`yielded`: the step before left some out), so work that can wait still prefills while
+/// interactive newcomers keep coming.
+pub(super) fn chunks_taken(classes: &[ServiceClass], yielded: bool) -> usize {
+    let interactive = classes.iter().take_while(|c| c.interactive()).count();
+    if interactive == 0 || yielded {
+        classes.len()
+    } else {
+        interactive
+    }
+}
+
 /// `(tenant, weight, running sequences)` of `entries`, in first-seen order.
 pub(super) fn tenant_demand<'a>(
     entries: impl Iterator<Item = (&'a Tenant, u32)>,
@@ -302,6 +318,22 @@ mod tests {
         assert_eq!(picked(1), vec![1]);
         let flex_only = [(&f, 1, 1, Flex), (&g, 1, 2, Flex), (&f, 1, 0, Flex)];
         assert_eq!(step_members(&flex_only, 2), vec![false, true, true]);
+    }
+
+    /// A wave of priority prompts and one of flex prompts come due together (their streams
+    /// ended in the same step): the step prefills priority (and default) alone, flex the step
+    /// after; a step after one that left flex out takes everything.
+    #[test]
+    fn work_that_can_wait_leaves_one_step_to_interactive_prompts() {
+        assert_eq!(
+            chunks_taken(&[Priority, Priority, Default, Flex, Flex, Batch], false),
+            3
+        );
+        assert_eq!(chunks_taken(&[Priority, Default, Flex, Batch], true), 4);
+        // With no interactive prompt, nothing is left out.
+        assert_eq!(chunks_taken(&[Flex, Flex, Batch], false), 3);
+        assert_eq!(chunks_taken(&[Default], false), 1);
+        assert_eq!(chunks_taken(&[], false), 0);
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub(super) fn starts_apart(
     prefill: usize,
     budget: usize,
 ) -> bool {
-    let interactive = class <= ServiceClass::Default;
+    let interactive = class.interactive();
     prefill <= budget
         && !running
             .iter()

@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::admission::{step_members, Member};
+use super::admission::{chunks_taken, step_members, Member};
 use super::desk::{tenancy, Desk, Place};
 use super::intake::{pass_budget, starts_apart, Intake};
 use super::preempt;
@@ -26,6 +26,9 @@ pub(super) struct Worker {
     running: Vec<Sequence>,
     /// Steps run so far.
     steps: u64,
+    /// Whether the last step left prompt chunks of work that can wait out
+    /// ([`chunks_taken`]).
+    yielded: bool,
 }
 
 impl Worker {
@@ -41,6 +44,7 @@ impl Worker {
             desk: Desk::new(tokenizer, config, incoming, stats),
             running: Vec::new(),
             steps: 0,
+            yielded: false,
         }
     }
 
@@ -200,7 +204,8 @@ impl Worker {
     /// What each running sequence feeds this step, `(index, feed)` in index order: decode
     /// tokens first (one each), then chunks of prompts (and of sampled tokens a preemption
     /// took out of a cache), the highest class first and in admission order within a class,
-    /// up to the step's token budget. Marks them as run in this step.
+    /// up to the step's token budget; those of work that can wait sit out a step where an
+    /// interactive class prefills ([`chunks_taken`]). Marks them as run in this step.
     fn plan(&mut self) -> Vec<(usize, Feed)> {
         let mut budget = self.desk.config.max_batch_tokens.max(1);
         let chosen = self.choose();
@@ -219,7 +224,10 @@ impl Worker {
         }
         budget -= self.drafts(&mut plan, budget);
         chunks.sort_by_key(|&i| self.running[i].class);
-        for i in chunks {
+        let classes: Vec<ServiceClass> = chunks.iter().map(|&i| self.running[i].class).collect();
+        let taken = chunks_taken(&classes, self.yielded);
+        self.yielded = taken < chunks.len();
+        for &i in &chunks[..taken] {
             if budget == 0 {
                 break;
             }
@@ -270,6 +278,7 @@ impl Worker {
             desk,
             running,
             steps: step_number,
+            ..
         } = self;
         let tenants = running.iter().map(Sequence::member).collect();
         let layers = model.config().n_layers;
