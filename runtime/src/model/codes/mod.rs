@@ -364,30 +364,24 @@ impl CodeMatrix {
                 sums: &xq.sums[r * nb..(r + tile) * nb],
             };
             let out = &mut dst[r * PANEL..(r + tile) * PANEL];
+            // Every path's tiles of 1 to 8 rows are instantiated; only AVX-512 gets more than 4.
             macro_rules! run {
                 ($kernel:ident, $small:expr) => {
                     match tile {
                         1 => $kernel::<1, $small>(&panel, &x, out),
                         2 => $kernel::<2, $small>(&panel, &x, out),
                         3 => $kernel::<3, $small>(&panel, &x, out),
-                        _ => $kernel::<ROW_TILE, $small>(&panel, &x, out),
-                    }
-                };
-            }
-            macro_rules! run_wide {
-                ($kernel:ident, $small:expr) => {
-                    match tile {
+                        4 => $kernel::<ROW_TILE, $small>(&panel, &x, out),
                         5 => $kernel::<5, $small>(&panel, &x, out),
                         6 => $kernel::<6, $small>(&panel, &x, out),
                         7 => $kernel::<7, $small>(&panel, &x, out),
-                        8 => $kernel::<ROW_TILE_AVX512, $small>(&panel, &x, out),
-                        _ => run!($kernel, $small),
+                        _ => $kernel::<ROW_TILE_AVX512, $small>(&panel, &x, out),
                     }
                 };
             }
             match (kernels, self.small) {
-                (CpuKernels::Avx512, true) => run_wide!(tile_avx512, true),
-                (CpuKernels::Avx512, false) => run_wide!(tile_avx512, false),
+                (CpuKernels::Avx512, true) => run!(tile_avx512, true),
+                (CpuKernels::Avx512, false) => run!(tile_avx512, false),
                 (CpuKernels::Avx2, true) => run!(tile_avx2, true),
                 (CpuKernels::Avx2, false) => run!(tile_avx2, false),
                 (CpuKernels::Scalar, true) => run!(tile_portable, true),
