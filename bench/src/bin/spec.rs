@@ -3,12 +3,14 @@
 //! prose (nothing to copy), and on the copy with the output as its prediction.
 //!
 //!     cargo run --release -p tollgate-bench --bin spec -- [--rounds 3] [--max-tokens 256] [--draft N]
+//!         [--json PATH]
 //!
 //! Two engines (speculation on, with the engine's default draft length, and off) run each
 //! workload in alternate order, `--rounds` times, one request at a time, greedy. Printed per
 //! workload: tokens/s on and off (medians over the rounds, the request's whole time from
 //! submission to its last token), their ratio, and the forward passes and accepted draft
 //! tokens of one request. Outputs are checked equal (the exactness speculation promises).
+//! `--json PATH` writes every round's figures with their provenance (commit, CPU, command).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail};
 use clap::Parser;
+use serde_json::{json, Value};
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
 use tollgate_runtime::loader::load_dev_model;
 use tollgate_runtime::sampling::SamplingParams;
@@ -34,6 +37,9 @@ struct Args {
     /// Longest draft (the engine's default when not given)
     #[arg(long)]
     draft: Option<usize>,
+    /// Write the raw figures here, with their provenance
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// The file the copy workload asks for again (this benchmark's own source).
@@ -95,14 +101,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs `request` on both engines, alternating which goes first; prints the figures.
+/// Runs `request` on both engines, alternating which goes first; prints the figures and
+/// returns the last run with drafts and the figures as JSON.
 fn compare(
     name: &str,
     on: &Engine,
     off: &Engine,
     request: &GenRequest,
     rounds: usize,
-) -> anyhow::Result<Run> {
+) -> anyhow::Result<(Run, Value)> {
     let (mut rate_on, mut rate_off) = (Vec::new(), Vec::new());
     let mut last = None;
     for round in 0..rounds {
@@ -130,6 +137,14 @@ fn compare(
         }
     }
     let last = last.ok_or_else(|| anyhow!("no rounds"))?;
+    let figures = json!({
+        "workload": name,
+        "tok_s_on": rate_on,
+        "tok_s_off": rate_off,
+        "tokens": last.tokens,
+        "passes_on": last.steps,
+        "accepted_draft_tokens": last.accepted,
+    });
     let (a, b) = (median(rate_on), median(rate_off));
     println!(
         "{name:<22} on {a:>7.1} tok/s   off {b:>7.1} tok/s   ratio {:.2}   ({} tokens in {} passes, {} drafted tokens accepted)",
@@ -138,7 +153,9 @@ fn compare(
         last.steps,
         last.accepted
     );
-    Ok(last)
+    let mut figures = figures;
+    figures["ratio_of_medians"] = json!(a / b);
+    Ok((last, figures))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -170,18 +187,34 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|&t| (t, -100.0))
         .collect();
-    println!(
-        "speculative decoding, one stream, draft up to {} tokens, {} rounds, load average {}",
-        draft,
-        args.rounds,
+    let load = || {
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()
+            .to_string()
+    };
+    let load_before = load();
+    println!(
+        "speculative decoding, one stream, draft up to {draft} tokens, {} rounds, load average {load_before}",
+        args.rounds,
     );
-    let copied = compare("code copy", &on, &off, &copy, args.rounds)?;
-    compare("prose", &on, &off, &prose, args.rounds)?;
+    let (copied, copy_figures) = compare("code copy", &on, &off, &copy, args.rounds)?;
+    let (_, prose_figures) = compare("prose", &on, &off, &prose, args.rounds)?;
     let mut predicted = copy.clone();
     predicted.prediction = Some(tokenizer.encode(&copied.text, false)?);
-    compare("code copy, predicted", &on, &off, &predicted, args.rounds)?;
+    let (_, predicted_figures) =
+        compare("code copy, predicted", &on, &off, &predicted, args.rounds)?;
+    if let Some(path) = args.json {
+        let result = json!({
+            "provenance": tollgate_bench::provenance::provenance(),
+            "draft": draft,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "load_average_before": load_before,
+            "load_average_after": load(),
+            "workloads": [copy_figures, prose_figures, predicted_figures],
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+    }
     Ok(())
 }

@@ -38,6 +38,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::cpu::CpuKernels;
+use super::q8::round_to_i8;
 
 /// Inputs per quantization block.
 pub(crate) const BLOCK: usize = 32;
@@ -53,8 +54,11 @@ const PANEL_BLOCK: usize = PANEL * BLOCK;
 const PACKED_BLOCK: usize = PANEL_BLOCK / 2;
 /// Code bytes of one group of one panel.
 const PANEL_GROUP: usize = PANEL * GROUP;
-/// Activation rows computed together against each code load.
+/// Activation rows computed together against each code load: AVX-512 has the registers for
+/// 8 rows' accumulators (a verify pass of a draft is often 5 to 9 rows), the other paths for 4.
+/// A row's arithmetic is the same whatever tile it falls in.
 const ROW_TILE: usize = 4;
+const ROW_TILE_AVX512: usize = 8;
 /// Panels per parallel work item.
 const PANELS_PER_TASK: usize = 4;
 /// Largest code of re-quantized weights (7 bits: pair sums of `vpmaddubsw` cannot saturate).
@@ -105,7 +109,7 @@ fn quantize_rows(x: &[f32]) -> Q8Rows {
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in qb.iter_mut().zip(xb) {
-            *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            *q = round_to_i8(v * inv);
             sum += i32::from(*q);
         }
         rows.d[b] = d;
@@ -346,22 +350,32 @@ impl CodeMatrix {
             offsets: self.offsets,
             blocks: nb,
         };
+        let most = if kernels == CpuKernels::Avx512 {
+            ROW_TILE_AVX512
+        } else {
+            ROW_TILE
+        };
         let mut r = 0;
         while r < rows {
-            let tile = (rows - r).min(ROW_TILE);
+            let tile = (rows - r).min(most);
             let x = Tile {
                 qs: &xq.qs[r * inp..(r + tile) * inp],
                 d: &xq.d[r * nb..(r + tile) * nb],
                 sums: &xq.sums[r * nb..(r + tile) * nb],
             };
             let out = &mut dst[r * PANEL..(r + tile) * PANEL];
+            // Every path's tiles of 1 to 8 rows are instantiated; only AVX-512 gets more than 4.
             macro_rules! run {
                 ($kernel:ident, $small:expr) => {
                     match tile {
                         1 => $kernel::<1, $small>(&panel, &x, out),
                         2 => $kernel::<2, $small>(&panel, &x, out),
                         3 => $kernel::<3, $small>(&panel, &x, out),
-                        _ => $kernel::<ROW_TILE, $small>(&panel, &x, out),
+                        4 => $kernel::<ROW_TILE, $small>(&panel, &x, out),
+                        5 => $kernel::<5, $small>(&panel, &x, out),
+                        6 => $kernel::<6, $small>(&panel, &x, out),
+                        7 => $kernel::<7, $small>(&panel, &x, out),
+                        _ => $kernel::<ROW_TILE_AVX512, $small>(&panel, &x, out),
                     }
                 };
             }

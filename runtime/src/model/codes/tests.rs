@@ -33,12 +33,14 @@ fn check(m: &CodeMatrix, w: &[f32], tolerance: f32) {
 
 fn check_on(kernels: CpuKernels, m: &CodeMatrix, w: &[f32], tolerance: f32) {
     let (out, inp) = (m.out, m.inp);
-    let x9 = pseudo_random(9 * inp, 7);
-    let alone: Vec<Vec<f32>> = (0..9)
-        .map(|r| matmul_many_on(kernels, &[m], &x9[r * inp..(r + 1) * inp], 1).remove(0))
+    // Up to 17 rows: every tile width of every path, full tiles and a partial last one.
+    let most = 17;
+    let xs = pseudo_random(most * inp, 7);
+    let alone: Vec<Vec<f32>> = (0..most)
+        .map(|r| matmul_many_on(kernels, &[m], &xs[r * inp..(r + 1) * inp], 1).remove(0))
         .collect();
-    for rows in [1, 3, 4, 5, 9] {
-        let x = &x9[..rows * inp];
+    for rows in [1, 3, 4, 5, 6, 7, 8, 9, most] {
+        let x = &xs[..rows * inp];
         let y = matmul_many_on(kernels, &[m], x, rows).remove(0);
         let xq = quantize_rows(x);
         for p in 0..m.panels() {
