@@ -5,7 +5,10 @@
 //! highest class with work waiting; a lower class uses whatever the higher ones leave, so with
 //! nothing of a higher class the engine is a lower class's whole (work-conserving). A
 //! lower-class sequence that a higher class crowds out of the steps keeps its KV and its place
-//! in the running set, and goes on where it stopped when slots are free again.
+//! in the running set, and goes on where it stopped when slots are free again. `batch` alone
+//! waits for idle capacity: its sequences sit the steps out while any other class runs
+//! ([`crate::engine`]'s step members), so a batch costs interactive traffic nothing but its
+//! admission.
 
 use crate::fair::{FairQueue, Found, Tenant, Visit};
 

@@ -76,16 +76,23 @@ pub(super) fn admission<'a>(
 /// highest class first, as many of it as fit, then the next class in what is left, and so on;
 /// within a class each tenant's weighted fair share of the class's slots, its least recently
 /// run sequences first (ties by position). A sequence left out keeps its KV and runs again
-/// when slots are free.
+/// when slots are free. The `batch` class runs on idle capacity only: while a sequence of
+/// any other class runs, batch sequences sit the steps out (each one more in a step slows
+/// every other on a CPU), and they go on where they stopped when the others are done.
 pub(super) fn step_members(running: &[(&Tenant, u32, u64, ServiceClass)], cap: usize) -> Vec<bool> {
     let n = running.len();
     let cap = cap.max(1);
-    if n <= cap {
-        return vec![true; n];
+    let others = running.iter().any(|r| r.3 != ServiceClass::Batch);
+    let eligible = |i: usize| !others || running[i].3 != ServiceClass::Batch;
+    if (0..n).filter(|&i| eligible(i)).count() <= cap {
+        return (0..n).map(eligible).collect();
     }
     let mut chosen = vec![false; n];
     let mut left = cap;
     for class in ServiceClass::ALL {
+        if others && class == ServiceClass::Batch {
+            continue;
+        }
         let members: Vec<usize> = (0..n).filter(|&i| running[i].3 == class).collect();
         let take = members.len().min(left);
         if take == 0 {
@@ -334,6 +341,19 @@ mod tests {
         assert_eq!(chunks_taken(&[Flex, Flex, Batch], false), 3);
         assert_eq!(chunks_taken(&[Default], false), 1);
         assert_eq!(chunks_taken(&[], false), 0);
+    }
+
+    /// Batch sequences run only when nothing else does, however many slots are free.
+    #[test]
+    fn the_batch_class_runs_on_idle_capacity_only() {
+        let (d, b) = (t("d"), t("b"));
+        let mixed = [(&b, 1, 1, Batch), (&d, 1, 9, Default), (&b, 1, 2, Batch)];
+        assert_eq!(step_members(&mixed, 8), vec![false, true, false]);
+        assert_eq!(step_members(&mixed, 1), vec![false, true, false]);
+        let g = t("g");
+        let batch_only = [(&b, 1, 1, Batch), (&g, 1, 2, Batch), (&b, 1, 0, Batch)];
+        assert_eq!(step_members(&batch_only, 8), vec![true; 3]);
+        assert_eq!(step_members(&batch_only, 2), vec![false, true, true]);
     }
 
     #[test]
