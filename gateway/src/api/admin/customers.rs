@@ -69,9 +69,11 @@ macro_rules! customer_body {
                 pub budget_period: Option<BudgetPeriod>,
                 /// The customer's share of each model's engine when customers compete (weighted fair
                 /// queueing; 1, the default, is an equal share).
+                // Read as any JSON value, so that a value of the wrong type gets the same
+                // message as one out of range.
                 #[serde(default, deserialize_with = "patch")]
                 #[schema(value_type = Option<i64>, minimum = 1, maximum = 100)]
-                pub scheduling_weight: Option<Option<i64>>,
+                pub scheduling_weight: Option<Option<serde_json::Value>>,
             }
             concurrency = "Requests in flight at once; beyond it, 429 with `Retry-After`.",
             tier = "The tier of requests that ask for `service_tier: \"auto\"` (or none); `null`\nclears it.",
@@ -127,16 +129,19 @@ customer_body! {
     }
 }
 
-/// `scheduling_weight`: an integer from 1 to [`MAX_SCHEDULING_WEIGHT`].
-fn weight(value: Option<Option<i64>>) -> Result<Option<i64>, ApiError> {
-    match value {
-        None => Ok(None),
-        Some(Some(w)) if (1..=MAX_SCHEDULING_WEIGHT).contains(&w) => Ok(Some(w)),
-        Some(w) => Err(invalid_field(
+/// `scheduling_weight`: an integer from 1 to [`MAX_SCHEDULING_WEIGHT`]; anything else (a
+/// fraction, a string, `null`, a boolean) is refused with the same message.
+fn weight(value: Option<Option<serde_json::Value>>) -> Result<Option<i64>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.as_ref().and_then(serde_json::Value::as_i64) {
+        Some(w) if (1..=MAX_SCHEDULING_WEIGHT).contains(&w) => Ok(Some(w)),
+        _ => Err(invalid_field(
             "scheduling_weight",
             format!(
                 "`scheduling_weight` must be an integer from 1 to {MAX_SCHEDULING_WEIGHT}, got {}",
-                w.map_or_else(|| "null".to_string(), |w| w.to_string())
+                value.map_or_else(|| "null".to_string(), |w| w.to_string())
             ),
         )),
     }
