@@ -132,16 +132,8 @@ impl Store {
         line: i64,
         lease_until: i64,
     ) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE batch_lines SET lease_until = $1 \
-             WHERE batch_id = $2 AND line = $3 AND state = 'running'",
-        )
-        .bind(lease_until)
-        .bind(batch_id)
-        .bind(line)
-        .execute(self.pool())
-        .await?;
-        Ok(r.rows_affected() == 1)
+        self.hold_running_line("", batch_id, line, lease_until)
+            .await
     }
 
     /// Puts back a running line that its engine failed, to be claimed again after
@@ -152,10 +144,23 @@ impl Store {
         line: i64,
         lease_until: i64,
     ) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE batch_lines SET lease_until = $1, retries = retries + 1 \
-             WHERE batch_id = $2 AND line = $3 AND state = 'running'",
-        )
+        self.hold_running_line(", retries = retries + 1", batch_id, line, lease_until)
+            .await
+    }
+
+    /// Sets a running line's lease to `lease_until` (and `also`, more assignments);
+    /// whether it was still running.
+    async fn hold_running_line(
+        &self,
+        also: &str,
+        batch_id: &str,
+        line: i64,
+        lease_until: i64,
+    ) -> StoreResult<bool> {
+        let r = sqlx::query(&format!(
+            "UPDATE batch_lines SET lease_until = $1{also} \
+             WHERE batch_id = $2 AND line = $3 AND state = 'running'"
+        ))
         .bind(lease_until)
         .bind(batch_id)
         .bind(line)
