@@ -356,19 +356,27 @@ fn each_sequence_reports_the_prompt_tokens_it_took_from_the_prefix_cache() {
 /// before.
 #[test]
 fn a_newcomer_starts_between_the_layers_of_another_customers_step() {
-    newcomers_beside_another_customers_steps(1, 6);
+    newcomers_beside_another_customers_steps(ServiceClass::Default, 1, 6);
 }
 
 /// As above with passes rationed to one every 1,000 steps: B's first request starts in a pass,
 /// the others join A's steps, and every output is the same.
 #[test]
 fn rationed_passes_leave_later_newcomers_to_join_the_step() {
-    newcomers_beside_another_customers_steps(1_000, 1);
+    newcomers_beside_another_customers_steps(ServiceClass::Default, 1_000, 1);
 }
 
-/// A holds eight long streams while B sends six requests one at a time, with a pass at most
-/// every `every` steps: `passes` of B's requests start in a pass of their own.
-fn newcomers_beside_another_customers_steps(every: u64, passes: u64) {
+/// Beside A's work that can wait (`batch`, `flex`), the ration does not hold: each of B's
+/// (`default`) requests starts in a pass of its own, and A's outputs are the same.
+#[test]
+fn beside_work_that_can_wait_every_newcomer_starts_in_a_pass_whatever_the_ration() {
+    newcomers_beside_another_customers_steps(ServiceClass::Batch, 1_000, 6);
+    newcomers_beside_another_customers_steps(ServiceClass::Flex, 1_000, 6);
+}
+
+/// A holds eight long streams of `a_class` while B sends six requests one at a time, with a
+/// pass at most every `every` steps: `passes` of B's requests start in a pass of their own.
+fn newcomers_beside_another_customers_steps(a_class: ServiceClass, every: u64, passes: u64) {
     let (engine, tokenizer) = engine_with(EngineConfig {
         prefix_cache_bytes: 0,
         interleave_every: every,
@@ -389,7 +397,10 @@ fn newcomers_beside_another_customers_steps(every: u64, passes: u64) {
     // B's requests arrive.
     let submit = |tenant: &str, prompt: &[u32], max_tokens: usize| {
         let long = tenant == "a" && max_tokens == 400;
-        let r = tenant_request(&tokenizer, tenant, prompt, max_tokens, long);
+        let mut r = tenant_request(&tokenizer, tenant, prompt, max_tokens, long);
+        if let (Some(tenancy), "a") = (r.tenant.as_mut(), tenant) {
+            tenancy.class = a_class;
+        }
         engine.submit(r).unwrap()
     };
     let interleaved = || {

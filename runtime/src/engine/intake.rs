@@ -21,6 +21,12 @@
 //! where their prompts cost only their own tokens. A newcomer that does not fit, or finds no
 //! pass, waits for the next step.
 //!
+//! Beside a step of work that can wait only (`flex`, `batch`: sold as served from what higher
+//! classes leave), none of these bounds holds for a newcomer of a class above every one in the
+//! step: it starts at the next layer, in a pass of up to `max_batch_tokens`, however many
+//! passes the step has run already ([`Intake::yielding`]). The step's sequences wait for it; an
+//! interactive customer's first token does not wait for their step.
+//!
 //! A newcomer's failure (its pass, its first token) fails that newcomer only: the step in
 //! flight and the other newcomers go on.
 
@@ -49,6 +55,8 @@ pub(super) struct Intake<'a> {
     /// Layers of the step already reached, and of the model.
     layer: usize,
     layers: usize,
+    /// The highest class of the step in flight ([`Intake::yielding`]); `None` for none.
+    step_class: Option<ServiceClass>,
 }
 
 /// Whether a waiting request of `tenant` in `class` starts in a forward pass beside a step
@@ -99,13 +107,13 @@ pub(super) fn pass_due(last: Option<u64>, step: u64, every: u64) -> bool {
 
 impl<'a> Intake<'a> {
     /// The intake of step number `step`, of `layers` layers, which feeds `own_tokens` tokens
-    /// of its own sequences.
+    /// of its own sequences, the highest of them of `step_class`.
     pub(super) fn new(
         desk: &'a mut Desk,
         tenants: Vec<Member>,
         step: u64,
-        layers: usize,
-        own_tokens: usize,
+        (layers, own_tokens): (usize, usize),
+        step_class: Option<ServiceClass>,
     ) -> Self {
         let budget = pass_budget(desk.config.max_batch_tokens, own_tokens);
         Self {
@@ -116,7 +124,18 @@ impl<'a> Intake<'a> {
             budget,
             layer: 0,
             layers,
+            step_class,
         }
+    }
+
+    /// The step's class when it holds work that can wait only (`flex`, `batch`) and a higher
+    /// class waits: such a newcomer starts now, unrationed, at any layer, in a pass of up to
+    /// `max_batch_tokens`, since the step's sequences are sold as served from what higher
+    /// classes leave.
+    fn yielding(&self) -> Option<ServiceClass> {
+        let step = self.step_class.filter(|class| !class.interactive())?;
+        let top = self.desk.waiting.top_class()?;
+        (top < step).then_some(step)
     }
 
     /// The desk back, and the sequences started during the step.
@@ -131,14 +150,23 @@ impl<'a> Intake<'a> {
         self.layer += 1;
         self.desk.receive_ready();
         // The common case, before every layer of every step: nothing waits.
-        if self.desk.waiting.is_empty()
-            || self.budget == 0
+        if self.desk.waiting.is_empty() {
+            return Ok(());
+        }
+        if let Some(step_class) = self.yielding() {
+            let fresh = self.admit(model, Some(step_class));
+            if !fresh.is_empty() {
+                self.start(model, fresh);
+            }
+            return Ok(());
+        }
+        if self.budget == 0
             || !intake_point(layer, self.layers, self.desk.config.interleave_passes)
             || !self.desk.pass_ready(self.step)
         {
             return Ok(());
         }
-        let fresh = self.admit(model);
+        let fresh = self.admit(model, None);
         if !fresh.is_empty() {
             self.desk.last_pass = Some(self.step);
             self.start(model, fresh);
@@ -146,17 +174,31 @@ impl<'a> Intake<'a> {
         Ok(())
     }
 
-    /// Admits the newcomers that fit what is left of the step's budget, in fair order.
-    fn admit(&mut self, model: &LlamaModel) -> Vec<Sequence> {
+    /// Admits the newcomers that fit what is left of the step's budget, in fair order; when
+    /// yielding a step of `yielding`'s class ([`Intake::yielding`]), those of a higher class
+    /// that fit `max_batch_tokens`, whatever their tenants run of the step's class or lower.
+    fn admit(&mut self, model: &LlamaModel, yielding: Option<ServiceClass>) -> Vec<Sequence> {
         let mut counted = self.tenants.clone();
         let mut fresh: Vec<Sequence> = Vec::new();
+        let above = |class: ServiceClass| yielding.is_none_or(|step| class < step);
+        let mut budget = match yielding {
+            Some(_) => self.desk.config.max_batch_tokens,
+            None => self.budget,
+        };
+        let running: Vec<Member> = self
+            .tenants
+            .iter()
+            .filter(|m| above(m.2))
+            .cloned()
+            .collect();
         loop {
-            let (running, budget) = (&self.tenants, self.budget);
             let place = |tenant: &Tenant, sub: &Submission, prefill: usize| {
                 let class = tenancy(&sub.request).2;
                 // A closed one is dropped at the next step boundary.
-                if !sub.reply.is_closed() && starts_apart(running, (tenant, class), prefill, budget)
-                {
+                let here = !sub.reply.is_closed()
+                    && above(class)
+                    && starts_apart(&running, (tenant, class), prefill, budget);
+                if here {
                     Place::Here
                 } else {
                     Place::Later
@@ -165,9 +207,12 @@ impl<'a> Intake<'a> {
             let Some(seq) = self.desk.admit_next(model, &counted, place) else {
                 break;
             };
-            self.budget = self.budget.saturating_sub(seq.prompt.len() - seq.prefilled);
+            budget = budget.saturating_sub(seq.prompt.len() - seq.prefilled);
             counted.push(seq.member());
             fresh.push(seq);
+        }
+        if yielding.is_none() {
+            self.budget = budget;
         }
         fresh
     }

@@ -283,7 +283,14 @@ impl Worker {
         let tenants = running.iter().map(Sequence::member).collect();
         let layers = model.config().n_layers;
         let own_tokens = plan.iter().map(|p| p.1.tokens()).sum();
-        let mut intake = Intake::new(desk, tenants, *step_number, layers, own_tokens);
+        let step_class = plan.iter().map(|p| running[p.0].class).min();
+        let mut intake = Intake::new(
+            desk,
+            tenants,
+            *step_number,
+            (layers, own_tokens),
+            step_class,
+        );
         // `(index, logit rows, what it fed)` of each sequence in the pass.
         let mut wants = Vec::with_capacity(plan.len());
         let (mut prefill_tokens, mut decode_tokens, mut draft_tokens) = (0usize, 0usize, 0usize);
