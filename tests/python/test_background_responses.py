@@ -18,8 +18,8 @@ import pytest
 import standardwebhooks
 from openai import OpenAI
 
-from conftest import ledger_args, start_server, stop_server
-from test_batch_runs import ADMIN, chat, client_of, records, run_batch
+from conftest import admin_call, ledger_args, start_server, stop_server
+from test_batch_runs import ADMIN, CONCURRENCY, chat, client_of, records, run_batch
 from test_batch_runs import ended as batch_ended
 from test_batch_runs import config as batch_config
 from test_alerts import Receiver, wait
@@ -188,6 +188,49 @@ def test_ends_reach_the_webhook_signed_once_each(srv):
         assert client.responses.cancel(stopped.id).status == "cancelled"
         assert client.responses.cancel(done.id).status == client.responses.retrieve(done.id).status
     finally:
+        receiver.close()
+
+
+def test_a_run_that_cannot_start_fails_once_with_its_reason_and_the_webhook_is_told(srv):
+    """A queued response whose API key was revoked before its turn ends `failed`, with the
+    refusal's code, unbilled; `response.failed` reaches the webhook once, signed."""
+    receiver = Receiver()
+    busy = client_of(srv, "bg-busy")
+    holders = []
+    try:
+        admin_call(srv, ADMIN, "POST", "/customers", {"id": "bg-broke", "name": "bg-broke"})
+        key = admin_call(srv, ADMIN, "POST", "/customers/bg-broke/keys", {"name": "k"})
+        client = OpenAI(base_url=srv.base_url, api_key=key["key"], max_retries=0, timeout=120)
+        r = httpx.put(f"http://{srv.addr}/admin/v1/customers/bg-broke/alerts", json={"webhook_url": receiver.url},
+                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        verifier = standardwebhooks.Webhook(r.json()["webhook_secret"])
+        # Every run slot taken by long responses (running, by construction): the next one waits.
+        holders = [long_response(busy, tokens=2000) for _ in range(CONCURRENCY)]
+        for h in holders:
+            first_output(busy, h.id)
+        victim = client.responses.create(model=MODEL, input="Say hi.", background=True, max_output_tokens=16)
+        assert client.responses.retrieve(victim.id).status == "queued"
+        # The key that asked is revoked before its turn.
+        admin_call(srv, ADMIN, "DELETE", f"/keys/{key['id']}")
+        for h in holders:
+            busy.responses.cancel(h.id)
+        # Read back with another key of the customer's: the revoked one reads nothing.
+        again = admin_call(srv, ADMIN, "POST", "/customers/bg-broke/keys", {"name": "k2"})
+        client = OpenAI(base_url=srv.base_url, api_key=again["key"], max_retries=0, timeout=120)
+        done = ended(client, victim.id)
+        assert done.status == "failed", done
+        assert done.error.code == "invalid_api_key" and "revoked" in done.error.message, done.error
+        assert done.output == []
+        (headers, event), = wait(lambda: events_of(receiver, victim.id), timeout=120, what="response.failed")
+        assert (event["type"], event["data"]) == ("response.failed", {"id": victim.id}), event
+        raw = next(b for h, b in receiver.accepted() if h["webhook-id"] == event["id"])
+        verifier.verify(raw, {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")})
+        assert client.responses.retrieve(victim.id).status == "failed"
+        records(srv, "bg-broke", 0)
+    finally:
+        for h in holders:
+            busy.responses.cancel(h.id)
         receiver.close()
 
 

@@ -181,8 +181,11 @@ async fn failed(store: &Store, claimed: &ClaimedRun, e: &ApiError) -> Ran {
             return Ran::Later;
         }
     };
+    // The refusal's own code (`insufficient_quota`, `invalid_api_key`...) and message, as the
+    // direct request would have had them.
+    let error = e.body().error;
     response["status"] = json!(RunStatus::Failed.as_str());
-    response["error"] = json!({"code": "server_error", "message": e.to_string()});
+    response["error"] = json!({"code": error.code.unwrap_or(error.kind), "message": error.message});
     Ran::Ended(RunEnd {
         status: RunStatus::Failed,
         response,
