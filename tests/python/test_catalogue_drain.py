@@ -6,7 +6,10 @@ requests wait for it (`max_queue = 2`); the ones beyond get 503 `model_loading` 
 `Retry-After` at once, and the ones that waited are answered once it has loaded.
 
 The stream is long by construction (end tokens banned with `NO_END`, 1000 tokens), so it is
-still in flight while the requests for `beta` arrive and are counted."""
+still in flight while the requests for `beta` arrive and are counted.
+
+And an unloaded model's memory leaves the process: after loads and unloads, the RSS with
+nothing loaded comes back near what it was before any load (polled, with a deadline)."""
 
 import threading
 import time
@@ -86,6 +89,54 @@ def test_a_busy_model_drains_before_it_makes_room_and_loads_wait_within_max_queu
         after = residency(srv)
         assert after["alpha"]["state"] == "unloaded" and after["beta"]["state"] == "loaded", after
         assert after["alpha"]["unloads_total"] == 1 and after["beta"]["loads_total"] == 1, after
+    finally:
+        code = stop_server(srv)
+    assert code == 0, "".join(srv.log[-40:])
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_an_unloaded_model_gives_its_memory_back():
+    size = GGUF.stat().st_size
+    # A budget smaller than the model: nothing loads at start, so the process's RSS before
+    # any load is the baseline; a request loads it alone, and it unloads 1 s after.
+    path = write_config("tollgate-reclaim-", "[server]\nmodel_memory_bytes = 1\n\n" + entry("alpha", 64).replace(
+        "max_queue = 64 }\n", "max_queue = 64 }\nkeep_alive_secs = 1\n"))
+    srv = start_server(extra_env={"TOLLGATE_ADMIN_TOKEN": ADMIN},
+                       extra_args=["--config", path, "--no-database"])
+
+    def unloaded(loads: int) -> None:
+        deadline = time.time() + 60
+        while (m := residency(srv)["alpha"])["state"] != "unloaded" or m["loads_total"] != loads:
+            assert time.time() < deadline, m
+            time.sleep(0.05)
+
+    def settled_rss(limit: int) -> int:
+        """The RSS once it is below `limit` (the engine's thread ends, then the memory is
+        returned: polled, never assumed), or the last one read after 30 s."""
+        deadline = time.time() + 30
+        while (rss := rss_bytes(srv.proc.pid)) >= limit and time.time() < deadline:
+            time.sleep(0.1)
+        return rss
+
+    try:
+        client = OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=300)
+        unloaded(0)
+        before = rss_bytes(srv.proc.pid)
+        limit = before + size // 2
+        # Loaded and unloaded again and again: after the first, the allocator serves loads
+        # from memory it kept, unless what an unload frees is handed back.
+        after = []
+        for loads in range(1, 4):
+            r = client.chat.completions.create(
+                model="alpha", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4)
+            assert r.usage.completion_tokens > 0
+            unloaded(loads)
+            after.append(settled_rss(limit))
+        assert max(after) < limit, f"RSS {after} with nothing loaded, {before} before any load"
     finally:
         code = stop_server(srv)
     assert code == 0, "".join(srv.log[-40:])
