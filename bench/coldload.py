@@ -30,18 +30,12 @@ import time
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interleave import free_port  # noqa: E402
 from provenance import ROOT, provenance  # noqa: E402
 
 ADMIN = "adm-coldload"
 KEY = "sk-coldload"
 KV = 256 << 20
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def catalogue(gguf, size, extra=""):
