@@ -158,13 +158,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(port: int, token: str, model: str = "smollm2-135m", rust_log: str = "info"):
-    """A `tollgate worker` serving `model` on `port` for gateways that present `token`, once it
-    listens; returns the process and its log lines (kept up to date)."""
+def start_worker(port: int, token: str, model: str = "smollm2-135m", rust_log: str = "info",
+                 config=None, extra_env=None):
+    """A `tollgate worker` serving `model` of `config` (the repository's models.toml by
+    default) on `port` for gateways that present `token`, once it listens; returns the process
+    and its log lines (kept up to date)."""
     binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "release" / "tollgate"))
-    env = dict(os.environ, TOLLGATE_WORKER_TOKEN=token, RUST_LOG=rust_log)
+    env = dict(os.environ, TOLLGATE_WORKER_TOKEN=token, RUST_LOG=rust_log, **(extra_env or {}))
     worker = subprocess.Popen(
-        [binary, "worker", "--model", model, "--config", str(ROOT / "models.toml"),
+        [binary, "worker", "--model", model, "--config", str(config or ROOT / "models.toml"),
          "--listen", f"127.0.0.1:{port}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )

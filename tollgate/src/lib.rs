@@ -94,6 +94,7 @@ pub async fn serve_split(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = shutdown.shared();
+    let hangups = reload::listen_for_hangups();
     // The port answers 503 while the database is reached and the models load.
     let loading = async {
         let store = match &metering.database {
@@ -126,6 +127,7 @@ pub async fn serve_split(
         let reload = reload::FileReload {
             path: path.clone(),
             residents,
+            worker: None,
         };
         state.catalogue = state.catalogue.clone().with_reloader(Arc::new(reload));
     }
@@ -141,7 +143,7 @@ pub async fn serve_split(
     } else {
         tracing::warn!("no --database: requests are served but not metered");
     }
-    reload_on_sighup(&state);
+    reload::reload_on_sighup(&state, hangups);
     let ledger = state.ledger.clone();
     let store = state.store.clone();
     let result = tollgate_gateway::run_split(listener, operator, state, shutdown).await;
@@ -152,40 +154,6 @@ pub async fn serve_split(
         store.close().await;
     }
     result
-}
-
-/// Reloads the catalogue at each `SIGHUP` until shutdown (an invalid file is logged and the
-/// catalogue in force stays).
-fn reload_on_sighup(state: &tollgate_gateway::AppState) {
-    #[cfg(unix)]
-    {
-        let mut hangups =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!("cannot listen for SIGHUP: {e}");
-                    return;
-                }
-            };
-        let (state, stop) = (state.clone(), state.background.stop.clone());
-        state.background.tasks.clone().spawn(async move {
-            let actor = tollgate_metering::audit::Actor {
-                name: "SIGHUP".into(),
-                ..tollgate_metering::audit::Actor::system()
-            };
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    got = hangups.recv() => if got.is_none() { return },
-                }
-                if let Err(e) = tollgate_gateway::api::admin::models::reload(&state, &actor).await {
-                    tracing::error!(
-                        "SIGHUP: the catalogue is not reloaded, the one in force stays: {e}"
-                    );
-                }
-            }
-        });
-    }
 }
 
 /// Opens the ledger database. A database that cannot be reached (PostgreSQL down, or not up
@@ -214,33 +182,23 @@ async fn connect(url: &str) -> anyhow::Result<Store> {
 
 /// `tollgate worker`: one local model's engine behind the OpenAI API, for gateways to route
 /// to. Clients (gateways) authenticate with the shared internal `token`; nothing is metered
-/// here (the gateway meters what the worker reports).
+/// here (the gateway meters what the worker reports). With the file it came from
+/// (`catalogue`), `SIGHUP` reads it again and puts the model's new serving in force (the old
+/// engine finishes its requests, then unloads); with `admin_token`, `GET /admin/v1/models` and
+/// `POST /admin/v1/models/reload` answer too.
 pub async fn worker(
     listener: tokio::net::TcpListener,
-    mut config: Config,
-    model: &str,
-    device: Option<tollgate_gateway::config::DeviceSpec>,
+    config: Config,
+    model: reload::WorkerModel,
     token: &str,
+    operator: WorkerOperator,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let Some(mut entry) = config.models.remove(model) else {
-        let known: Vec<&String> = config.models.keys().collect();
-        anyhow::bail!("no model `{model}` in the catalogue (it has {known:?})");
-    };
-    match &mut entry.backend {
-        tollgate_gateway::config::BackendConfig::Local(local) => {
-            if let Some(d) = device {
-                local.device = d;
-            }
-        }
-        tollgate_gateway::config::BackendConfig::Http(_) => {
-            anyhow::bail!("model `{model}` is an http backend; a worker serves a local model")
-        }
-    }
+    let config = model.narrow(config)?;
     if token.is_empty() {
         anyhow::bail!("set TOLLGATE_WORKER_TOKEN: the token gateways present to this worker");
     }
-    config.models = std::iter::once((model.to_string(), entry)).collect();
+    let hangups = reload::listen_for_hangups();
     let shutdown = shutdown.shared();
     let loading = models::start_backends(&config);
     let Some((listener, backends)) =
@@ -251,8 +209,25 @@ pub async fn worker(
     };
     // Gateways hold the token, and forward each request's customer (`forward_customer`).
     let auth = tollgate_gateway::auth::AuthConfig::from_keys([token]).trusting_forwarded_customer();
-    let state = tollgate_gateway::AppState::new(config, backends.backends, auth)?;
+    let mut state = tollgate_gateway::AppState::new(config, backends.backends, auth)?
+        .with_admin_token(operator.admin_token);
+    if let Some(path) = operator.catalogue {
+        let reload = reload::FileReload {
+            path,
+            residents: backends.residents,
+            worker: Some(model),
+        };
+        state.catalogue = state.catalogue.clone().with_reloader(Arc::new(reload));
+    }
+    reload::reload_on_sighup(&state, hangups);
     tollgate_gateway::run(listener, state, shutdown).await
+}
+
+/// A worker's operator side: the file `SIGHUP` reloads from, and the admin API's token.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOperator {
+    pub catalogue: Option<PathBuf>,
+    pub admin_token: Option<String>,
 }
 
 /// A database URL without its password, for logs.

@@ -146,13 +146,19 @@ fn main() -> anyhow::Result<()> {
             config,
             listen,
         } => async_runtime()?.block_on(async move {
-            let config = tollgate_gateway::config::Config::load(&config)
-                .with_context(|| format!("cannot load {}", config.display()))?;
+            let path = config;
+            let config = tollgate_gateway::config::Config::load(&path)
+                .with_context(|| format!("cannot load {}", path.display()))?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let token = std::env::var("TOLLGATE_WORKER_TOKEN").unwrap_or_default();
-            tollgate::worker(listener, config, &model, device, &token, shutdown_signal()).await
+            let operator = tollgate::WorkerOperator {
+                catalogue: Some(path),
+                admin_token: std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
+            };
+            let model = tollgate::reload::WorkerModel { model, device };
+            tollgate::worker(listener, config, model, &token, operator, shutdown_signal()).await
         }),
         Command::Customers(cmd) => async_runtime()?.block_on(tollgate::billing_cli::customers(cmd)),
         Command::Keys(cmd) => async_runtime()?.block_on(tollgate::billing_cli::keys(cmd)),

@@ -48,7 +48,7 @@ mod speculate;
 mod tests;
 mod worker;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 
@@ -299,6 +299,9 @@ pub struct EngineStats {
     /// output.
     pub draft_tokens_total: AtomicU64,
     pub accepted_draft_tokens_total: AtomicU64,
+    /// The engine thread has ended (every handle was gone) and dropped its model: the
+    /// weights' memory is freed.
+    pub stopped: AtomicBool,
 }
 
 struct Submission {
@@ -328,9 +331,14 @@ impl Engine {
         let context_length = model.config().context_length;
         let kv_bytes_per_token = model.kv_bytes_per_token();
         let worker = Worker::new(model, tokenizer, config.clone(), incoming, stats.clone());
+        let ended = stats.clone();
         std::thread::Builder::new()
             .name("tollgate-engine".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // `run` consumes the worker: the model is dropped when it returns.
+                worker.run();
+                ended.stopped.store(true, Ordering::Release);
+            })
             .map_err(|e| Error::Config(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             queue,
@@ -386,6 +394,11 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// The counters, kept after the engine is gone (to see `stopped`).
+    pub fn stats_handle(&self) -> Arc<EngineStats> {
+        self.stats.clone()
     }
 
     pub fn config(&self) -> &EngineConfig {

@@ -6,6 +6,7 @@
 //! the model (by its own template, or the fallback prompt of [`tollgate_runtime::tools`]),
 //! constrained while written, and parsed back into OpenAI-shaped call events.
 
+mod grammars;
 mod prompt;
 mod shaper;
 
@@ -20,10 +21,11 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tollgate_gateway::backend::{
     Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, LoadReport,
-    LogprobEntry, ModelInfo, Prepared, Prompt, ServiceTier, TokenLogprob, ToolChoice, Usage,
+    LogprobEntry, ModelInfo, Prepared, Prompt, ResponseFormat, ServiceTier, TokenLogprob,
+    ToolChoice, Usage,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
-use tollgate_runtime::constraint::ConstraintCompiler;
+
 use tollgate_runtime::engine::{Engine, GenEvent, GenRequest, ServiceClass, StopReason, Tenancy};
 use tollgate_runtime::loader::LoadedModel;
 use tollgate_runtime::sampling::SamplingParams;
@@ -36,7 +38,7 @@ pub struct LocalBackend {
     engine: Engine,
     tokenizer: Arc<ModelTokenizer>,
     template: Arc<ChatTemplate>,
-    compiler: Arc<ConstraintCompiler>,
+    grammars: Arc<grammars::Grammars>,
     vocab_size: usize,
 }
 
@@ -54,10 +56,7 @@ impl LocalBackend {
         } = loaded;
         let context_length = model.config().context_length;
         let vocab_size = model.config().vocab_size;
-        let compiler = Arc::new(ConstraintCompiler::new(
-            tokenizer.clone(),
-            model.config().vocab_size,
-        )?);
+        let grammars = grammars::Grammars::start(tokenizer.clone(), vocab_size);
         let engine = Engine::start(model, tokenizer.clone(), config)?;
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -73,7 +72,7 @@ impl LocalBackend {
             engine,
             tokenizer,
             template: Arc::new(template),
-            compiler,
+            grammars,
             vocab_size,
         })
     }
@@ -233,7 +232,20 @@ impl Backend for LocalBackend {
         .await
         .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
         .map_err(backend_error)?;
-        let constraint = self.constraint(&request).map_err(backend_error)?;
+        let compiler = if request.response_format != ResponseFormat::Text || request.tools.is_some()
+        {
+            let grammars = self.grammars.clone();
+            let compiler = tokio::task::spawn_blocking(move || grammars.compiler())
+                .await
+                .map_err(|e| BackendError::Internal(format!("grammar task failed: {e}")))?
+                .map_err(backend_error)?;
+            Some(compiler)
+        } else {
+            None
+        };
+        let constraint = self
+            .constraint(compiler.as_ref(), &request)
+            .map_err(backend_error)?;
         // Customers share the engine fairly (weighted fair queueing between them).
         let tenant = request.customer.as_ref().map(|c| Tenancy {
             name: Arc::from(c.as_str()),

@@ -9,7 +9,7 @@ use tollgate_gateway::backend::{
     ChatMessage, GenerateRequest, Prompt, ResponseFormat, ToolChoice, ToolsRequest,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
-use tollgate_runtime::constraint::{check_schema, Grammar};
+use tollgate_runtime::constraint::{check_schema, ConstraintCompiler, Grammar};
 use tollgate_runtime::engine::GenConstraint;
 use tollgate_runtime::tokenizer::ModelTokenizer;
 use tollgate_runtime::tools::{self, CallMode, ToolSpec};
@@ -74,13 +74,17 @@ impl LocalBackend {
         }
     }
 
-    /// The grammar a request's output must follow, compiled for this model; schema and
-    /// grammar errors are 400s naming the field.
+    /// The grammar a request's output must follow, compiled for this model with `compiler`
+    /// (`None` for a request with neither `response_format` nor `tools`); schema and grammar
+    /// errors are 400s naming the field.
     pub(super) fn constraint(
         &self,
+        compiler: Option<&Arc<ConstraintCompiler>>,
         request: &GenerateRequest,
     ) -> Result<Option<GenConstraint>, RuntimeError> {
-        let compiler = &self.compiler;
+        let Some(compiler) = compiler else {
+            return Ok(None);
+        };
         match (&request.response_format, &request.tools) {
             (ResponseFormat::JsonObject, _) => Ok(Some(GenConstraint::Now(Box::new(
                 compiler.compile(&Grammar::JsonObject)?,

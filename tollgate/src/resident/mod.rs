@@ -9,6 +9,7 @@
 //! it, at most `max_queue` of them; beyond, 503 `model_loading` with `Retry-After`.
 
 pub mod budget;
+mod reclaim;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -170,7 +171,7 @@ impl Residents {
             }
             dropped
         };
-        drop(dropped);
+        reclaim::give_back(dropped);
         self.changed.notify_waiters();
     }
 
@@ -263,8 +264,8 @@ impl Residents {
             .filter_map(|id| inner.engines.remove(id))
             .collect();
         drop(inner);
-        // Dropped outside the lock (each engine's thread ends once its work is done).
-        drop(engines);
+        // Let go of outside the lock (each engine's thread ends once its work is done).
+        reclaim::give_back(engines);
         Ok(step)
     }
 
@@ -296,7 +297,7 @@ impl Residents {
                 models = dropped.len(),
                 "unloaded models idle past their keep_alive_secs"
             );
-            drop(dropped);
+            reclaim::give_back(dropped);
             self.changed.notify_waiters();
         }
     }
@@ -310,7 +311,7 @@ impl Residents {
                 None
             }
         };
-        drop(dropped);
+        reclaim::give_back(dropped);
         self.changed.notify_waiters();
     }
 
@@ -324,7 +325,7 @@ impl Residents {
                 None
             }
         };
-        drop(dropped);
+        reclaim::give_back(dropped);
         self.changed.notify_waiters();
     }
 
