@@ -278,7 +278,12 @@ pub(super) async fn measure_binary(
     let points = b.sweep().await?;
     let load_after = loadavg();
     let metering = if opts.metering() {
-        Some(b.metering_check().await?)
+        // A ledger that cannot be read is a failed check, reported with the rates measured.
+        Some(b.metering_check().await.unwrap_or_else(|e| MeteringCheck {
+            ok: false,
+            line: format!("metering: the ledger could not be read: {e:#}"),
+            json: json!({"ok": false, "error": format!("{e:#}")}),
+        }))
     } else {
         None
     };
