@@ -144,27 +144,13 @@ impl Gateway {
 
     /// The gateway's Prometheus text.
     pub async fn metrics(&self, client: &reqwest::Client) -> anyhow::Result<String> {
-        Ok(client
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await?
-            .text()
-            .await?)
+        metrics_at(client, &self.base).await
     }
 
     /// Waits until the ledger has written every record it accepted to the database, so a run
     /// does not pay for the previous run's backlog.
     pub async fn wait_ledger(&self, client: &reqwest::Client) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let text = self.metrics(client).await?;
-            match metric(&text, "tollgate_ledger_pending_records") {
-                Some(p) if p > 0.0 && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                _ => return Ok(()),
-            }
-        }
+        wait_ledger_at(client, &self.base, LEDGER_WAIT).await
     }
 
     /// Usage records in the ledger: (all, completed). Reads every record page by page.
@@ -193,6 +179,46 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+/// How long the ledger may take to catch up (and a gateway past its capacity to answer its
+/// `/metrics` again).
+const LEDGER_WAIT: Duration = Duration::from_secs(120);
+
+/// The Prometheus text of the gateway at `base`.
+async fn metrics_at(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    Ok(client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
+/// Waits, for at most `within`, until the gateway at `base` has no ledger record pending. A
+/// scrape that fails is tried again: after a run past its capacity the gateway may refuse or
+/// reset connections for a while (its connection cap is full of the load's connections), and
+/// the benchmark must still read its ledger and report where it broke.
+async fn wait_ledger_at(
+    client: &reqwest::Client,
+    base: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        match metrics_at(client, base).await {
+            Ok(text) => match metric(&text, "tollgate_ledger_pending_records") {
+                Some(p) if p > 0.0 && Instant::now() < deadline => {}
+                _ => return Ok(()),
+            },
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context("the gateway's /metrics did not answer"))
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -303,6 +329,39 @@ tollgate_metering_duration_seconds_bucket{phase=\"record\",le=\"+Inf\"} 100
 tollgate_metering_duration_seconds_sum{phase=\"record\"} 0.05
 tollgate_metering_duration_seconds_count{phase=\"record\"} 100
 ";
+
+    /// A gateway that resets its first two scrapes (as one past its connection cap does),
+    /// then answers: the ledger wait tries again instead of failing the benchmark.
+    #[tokio::test]
+    async fn the_ledger_wait_outlasts_refused_scrapes() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let mut conn = conn.unwrap();
+                if n < 2 {
+                    // Closed at once, as a connection over the cap is.
+                    drop(conn);
+                    continue;
+                }
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let body = "tollgate_ledger_pending_records 0\n";
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                return;
+            }
+        });
+        let client = reqwest::Client::new();
+        wait_ledger_at(&client, &base, Duration::from_secs(30))
+            .await
+            .unwrap();
+        server.join().unwrap();
+    }
 
     #[test]
     fn reads_a_metric_and_a_phase_histogram() {

@@ -39,6 +39,12 @@
 //! machine the direct baseline is measured under the same conditions, but the gateway's own CPU
 //! competes with the load generator's, so the added latency includes some of that contention.
 //!
+//! With `--baseline OLDER`, the whole benchmark (the listed rates, no search) runs `--rounds`
+//! times for each binary, alternating which goes first, and the medians of the gateway's CPU
+//! per request and added latency are printed with their ratio, today's over the older one's
+//! ([`compare`]): the way to tell a change in the gateway's cost on a machine whose speed
+//! drifts.
+//!
 //! The code: [`options`] (the command line), [`gateway`] (the child process and its metrics),
 //! [`cpu`] (CPU accounting from /proc), [`load`] (the open-loop load generator), [`report`] (the
 //! table), [`run`] (the benchmark itself).
@@ -47,6 +53,7 @@ use std::time::Duration;
 
 use tollgate_testkit::Reply;
 
+pub mod compare;
 pub mod cpu;
 pub mod gateway;
 pub mod load;

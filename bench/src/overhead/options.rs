@@ -46,6 +46,13 @@ pub struct Options {
     /// The tollgate binary (default: the `tollgate` next to this benchmark's executable)
     #[arg(long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
+    /// An older tollgate binary: run it and --binary alternately, --rounds times each, at the
+    /// listed rates (no search), and print the ratios of their figures
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<PathBuf>,
+    /// With --baseline: how many times each binary runs (the order alternates)
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Where the temporary ledger and config go (default: the system temp dir)
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,

@@ -214,42 +214,18 @@ fn token_counts(usage: &Value) -> [&Value; 3] {
 }
 
 /// Runs the benchmark and prints its results; an error when the ledger does not hold one record
-/// per request the gateway answered.
+/// per request the gateway answered. With `--baseline`, runs the two binaries alternately
+/// instead ([`super::compare`]).
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let binary = match &opts.binary {
         Some(b) => b.clone(),
         None => default_binary()?,
     };
-    // Dropped in reverse order: the gateway, then the upstream, then the directory.
-    let tmp = match &opts.dir {
-        Some(d) => tempfile::Builder::new()
-            .prefix("overhead-bench-")
-            .tempdir_in(d)?,
-        None => tempfile::Builder::new()
-            .prefix("overhead-bench-")
-            .tempdir()?,
-    };
-    let upstream = FakeUpstream::new(Behaviour::Answers(reply()))
-        .with_api_key(UPSTREAM_KEY)
-        .spawn_thread()
-        .context("cannot start the upstream")?;
-    let mut b = Bench::start(&opts, &binary, tmp.path(), &upstream).await?;
-    b.check().await?;
-    b.gateway_sent += 1;
-    b.gateway_ok += 1;
-    b.upstream_via_gateway += 1;
-
+    if let Some(baseline) = opts.baseline.clone() {
+        return super::compare::compare(&opts, &binary, &baseline).await;
+    }
     let header = header(&opts);
-    eprintln!("{header}");
-    let load_before = loadavg();
-    eprintln!("load average before: {load_before}");
-    let points = b.sweep().await?;
-    let load_after = loadavg();
-    let metering = if opts.metering() {
-        Some(b.metering_check().await?)
-    } else {
-        None
-    };
+    let (points, metering, (load_before, load_after)) = measure_binary(&opts, &binary).await?;
     let results = Results {
         header,
         load_before,
@@ -269,6 +245,49 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bail!("the ledger does not hold one record per gateway request");
     }
     Ok(())
+}
+
+/// The rates of `opts` through a gateway started from `binary`, with the ledger check and the
+/// load averages before and after.
+pub(super) async fn measure_binary(
+    opts: &Options,
+    binary: &Path,
+) -> anyhow::Result<(Vec<RatePoint>, Option<MeteringCheck>, (String, String))> {
+    // Dropped in reverse order: the gateway, then the upstream, then the directory.
+    let tmp = match &opts.dir {
+        Some(d) => tempfile::Builder::new()
+            .prefix("overhead-bench-")
+            .tempdir_in(d)?,
+        None => tempfile::Builder::new()
+            .prefix("overhead-bench-")
+            .tempdir()?,
+    };
+    let upstream = FakeUpstream::new(Behaviour::Answers(reply()))
+        .with_api_key(UPSTREAM_KEY)
+        .spawn_thread()
+        .context("cannot start the upstream")?;
+    let mut b = Bench::start(opts, binary, tmp.path(), &upstream).await?;
+    b.check().await?;
+    b.gateway_sent += 1;
+    b.gateway_ok += 1;
+    b.upstream_via_gateway += 1;
+    eprintln!("{}", header(opts));
+    eprintln!("binary: {}", binary.display());
+    let load_before = loadavg();
+    eprintln!("load average before: {load_before}");
+    let points = b.sweep().await?;
+    let load_after = loadavg();
+    let metering = if opts.metering() {
+        // A ledger that cannot be read is a failed check, reported with the rates measured.
+        Some(b.metering_check().await.unwrap_or_else(|e| MeteringCheck {
+            ok: false,
+            line: format!("metering: the ledger could not be read: {e:#}"),
+            json: json!({"ok": false, "error": format!("{e:#}")}),
+        }))
+    } else {
+        None
+    };
+    Ok((points, metering, (load_before, load_after)))
 }
 
 impl Bench {
@@ -411,10 +430,10 @@ impl Bench {
 
 /// Whether the ledger holds one record per request the gateway answered, as a line and as
 /// JSON.
-struct MeteringCheck {
-    ok: bool,
-    line: String,
-    json: Value,
+pub(super) struct MeteringCheck {
+    pub(super) ok: bool,
+    pub(super) line: String,
+    pub(super) json: Value,
 }
 
 /// What the benchmark prints and writes.
@@ -430,7 +449,7 @@ struct Results {
 }
 
 /// `streamed` or `non-streamed`.
-fn mode(opts: &Options) -> &'static str {
+pub(super) fn mode(opts: &Options) -> &'static str {
     if opts.stream {
         "streamed"
     } else {
@@ -439,7 +458,7 @@ fn mode(opts: &Options) -> &'static str {
 }
 
 /// The line that says what was measured, and how.
-fn header(opts: &Options) -> String {
+pub(super) fn header(opts: &Options) -> String {
     let metering = if opts.metering() {
         "metering on (SQLite ledger, database key lookups)"
     } else {

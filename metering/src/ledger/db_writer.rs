@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use super::inbox::Inbox;
 use super::spool::{lock, read_lines, Pending, Spool};
 use super::{gauge, LedgerGauges, MAX_BATCH, RETRY_MAX, RETRY_MIN, WRITE_EVERY};
 use crate::store::{Store, UsageRecord};
@@ -28,6 +29,8 @@ struct FromFile {
 pub(super) struct DbWriter {
     store: Store,
     spool: Arc<Mutex<Spool>>,
+    /// Records the requests appended to the spool themselves, taken when a write is due.
+    inbox: Arc<Inbox>,
     /// Records not yet known to be in the database, in arrival order. In file mode, only
     /// those the spool does not hold.
     pending: Vec<Pending>,
@@ -48,15 +51,17 @@ impl DbWriter {
     /// them back.
     pub(super) fn new(
         store: Store,
-        spool: Arc<Mutex<Spool>>,
+        (spool, inbox): (Arc<Mutex<Spool>>, Arc<Inbox>),
         replay: bool,
         max_in_memory: usize,
         in_memory: Arc<AtomicUsize>,
         gauges: LedgerGauges,
     ) -> Self {
+        inbox.set_eager(replay);
         Self {
             store,
             spool,
+            inbox,
             pending: Vec::new(),
             from_file: replay.then(FromFile::default),
             max_in_memory,
@@ -84,6 +89,7 @@ impl DbWriter {
                 // its end before it was replaced); the current file's are read back.
                 self.pending.retain(|(_, g)| g.is_none());
                 self.from_file = Some(FromFile::default());
+                self.inbox.set_eager(true);
                 tracing::warn!(
                     max_in_memory = self.max_in_memory,
                     "usage ledger: backlog past its bound in memory; reading it back from the spool when the database takes writes"
@@ -95,7 +101,7 @@ impl DbWriter {
 
     fn update_gauges(&self) {
         self.in_memory.store(self.pending.len(), Ordering::Relaxed);
-        let mut pending = self.pending.len();
+        let mut pending = self.pending.len() + self.inbox.len();
         if let Some(f) = &self.from_file {
             pending += lock(&self.spool).lines.saturating_sub(f.lines);
         }
@@ -109,8 +115,15 @@ impl DbWriter {
         // tried again then (new records do not postpone it).
         let mut next_write: Option<tokio::time::Instant> = None;
         self.update_gauges();
+        let inbox = self.inbox.clone();
         loop {
             let due = next_write.is_none_or(|t| tokio::time::Instant::now() >= t);
+            if due || stopping {
+                let appended = self.inbox.take();
+                if !appended.is_empty() {
+                    self.accept(appended);
+                }
+            }
             if (due || stopping) && self.has_work() {
                 if self.flush().await {
                     next_write = Some(tokio::time::Instant::now() + WRITE_EVERY);
@@ -127,11 +140,22 @@ impl DbWriter {
                 break;
             }
             let received = match next_write {
+                // Records arriving in the inbox meanwhile wait for the write that is due,
+                // unless holding them would pass the bound on memory.
                 Some(t) => tokio::select! {
                     r = rx.recv() => r,
                     () = tokio::time::sleep_until(t) => continue,
+                    () = inbox.rung() => {
+                        if self.inbox.urgent() {
+                            self.accept(self.inbox.take());
+                        }
+                        continue;
+                    }
                 },
-                None => rx.recv().await,
+                None => tokio::select! {
+                    r = rx.recv() => r,
+                    () = inbox.rung() => continue,
+                },
             };
             match received {
                 Some(Some(records)) => self.accept(records),
@@ -221,6 +245,7 @@ impl DbWriter {
                 match s.restart_if_read_to(offset) {
                     Ok(Some(old)) => {
                         self.from_file = None;
+                        self.inbox.set_eager(false);
                         self.gauges.spooled.set(gauge(s.lines));
                         drop(s);
                         drop(old);

@@ -11,7 +11,9 @@
 //!    - [`SpoolSync::Every`]: the request appends its record itself (a `write` to the file, which
 //!      the kernel then holds: it survives a crash of the gateway process) and a syncer thread
 //!      `fdatasync`s the spool at that interval, so only a crash of the whole machine can lose
-//!      the records of the last interval. This keeps the disk's flush latency off responses;
+//!      the records of the last interval. This keeps the disk's flush latency off responses.
+//!      The record then waits in the [`inbox`] for the database task, which is woken once per
+//!      batch rather than once per record;
 //! 2. the database task inserts spooled records in batches (idempotent on the record id), at
 //!    most every [`WRITE_EVERY`]; once every spooled line is in the database, an empty spool
 //!    file replaces the full one;
@@ -39,9 +41,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::{Store, UsageRecord};
 
 mod db_writer;
+mod inbox;
 mod spool;
 
 use db_writer::DbWriter;
+use inbox::Inbox;
 use spool::{lock, lock_spool, spool_loop, Spool, Syncer};
 
 /// Largest batch written at once.
@@ -97,12 +101,6 @@ enum Msg {
         record: Box<UsageRecord>,
         durable: Option<oneshot::Sender<()>>,
     },
-    /// Appended to the spool by the request itself ([`SpoolSync::Every`]); `spooled` is the
-    /// generation of the spool file that holds it, `None` when the append failed.
-    Appended {
-        record: Box<UsageRecord>,
-        spooled: Option<u64>,
-    },
     /// Shutdown: write what is pending, then stop.
     Stop,
 }
@@ -134,6 +132,9 @@ pub struct Ledger {
     _lock: Arc<File>,
     /// With [`SpoolSync::Every`]: what the syncer thread flushes.
     syncer: Option<Arc<Syncer>>,
+    /// With [`SpoolSync::Every`]: the appended records, for the database task.
+    inbox: Arc<Inbox>,
+    gauges: LedgerGauges,
     writer: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -191,13 +192,14 @@ impl Ledger {
                 .spawn(move || spool_loop(rx, &spool, &db_tx, &gauges))?
         };
         let in_memory = Arc::new(AtomicUsize::new(0));
+        let inbox = Arc::new(Inbox::new(max_in_memory));
         let writer = DbWriter::new(
             store,
-            spool.clone(),
+            (spool.clone(), inbox.clone()),
             replay > 0,
             max_in_memory,
             in_memory.clone(),
-            gauges,
+            gauges.clone(),
         );
         let handle = tokio::spawn(async move {
             writer.run(db_rx).await;
@@ -209,6 +211,8 @@ impl Ledger {
             in_memory,
             _lock: Arc::new(lock),
             syncer,
+            inbox,
+            gauges,
             writer: Arc::new(tokio::sync::Mutex::new(Some(handle))),
         })
     }
@@ -246,7 +250,7 @@ impl Ledger {
     }
 
     /// [`SpoolSync::Every`]: appends the record to the spool here (the kernel holds it once
-    /// `write` returns) and hands it on to the database writer.
+    /// `write` returns) and leaves it in the inbox of the database writer.
     fn append_now(&self, record: UsageRecord, syncer: &Syncer) {
         let mut line = Vec::with_capacity(512);
         let encoded = serde_json::to_writer(&mut line, &record);
@@ -254,7 +258,9 @@ impl Ledger {
         // A short section (one `write` of one line), never held across an `.await`.
         let spooled = encoded.map_err(std::io::Error::from).and_then(|()| {
             let mut s = lock(&self.spool);
-            s.append_bytes(&line, 1, false)
+            let generation = s.append_bytes(&line, 1, false)?;
+            self.gauges.spooled.set(gauge(s.lines));
+            Ok(generation)
         });
         let spooled = match spooled {
             Ok(generation) => {
@@ -267,18 +273,17 @@ impl Ledger {
                 None
             }
         };
-        let msg = Msg::Appended {
-            record: Box::new(record),
-            spooled,
-        };
-        if let Err(mpsc::error::SendError(Msg::Appended { record, spooled })) = self.tx.send(msg) {
+        if self.tx.is_closed() {
             // Closed: the spool already holds it for the next start.
             if spooled.is_some() {
                 tracing::warn!(id = %record.id, "usage record arrived after the ledger closed: spooled for the next start");
             } else {
                 tracing::error!(id = %record.id, "usage ledger is closed and the spool failed: record lost");
             }
+            return;
         }
+        self.gauges.pending.inc();
+        self.inbox.push((record, spooled));
     }
 
     /// Hands a record to the ledger without waiting (for paths that cannot wait, such as a

@@ -25,6 +25,9 @@ pub(super) struct Spool {
     pub(super) file: Arc<File>,
     /// Lines in the file.
     pub(super) lines: usize,
+    /// Bytes in the file: only this process appends to it (it holds the spool's lock), so
+    /// an append needs no `fstat` to know where a torn line would start.
+    len: u64,
     /// How many of them the database task has written (the file is truncated when all are).
     pub(super) written: usize,
     /// Counts the files this spool has started: a record is tagged with the generation whose
@@ -164,9 +167,11 @@ impl Spool {
         }
         fs_ops::rename(&tmp, path)?;
         fs_ops::sync_dir(path)?;
+        let file = OpenOptions::new().append(true).open(path)?;
         Ok(Self {
             path: path.to_path_buf(),
-            file: Arc::new(OpenOptions::new().append(true).open(path)?),
+            len: file.metadata()?.len(),
+            file: Arc::new(file),
             lines,
             written: 0,
             generation: 0,
@@ -195,7 +200,7 @@ impl Spool {
             // The records below are acknowledged as on disk: so must be the file's name.
             self.sync_dir_if_needed()?;
         }
-        let before = self.file.metadata()?.len();
+        let before = self.len;
         let written = (&*self.file).write_all(buf).and_then(|()| {
             if sync {
                 fs_ops::sync_data(&self.file, &name_of(&self.path))
@@ -208,6 +213,7 @@ impl Spool {
             let _ = self.file.set_len(before);
             return Err(e);
         }
+        self.len = before + buf.len() as u64;
         self.lines += lines;
         Ok(self.generation)
     }
@@ -239,6 +245,7 @@ impl Spool {
     fn restart(&mut self) -> std::io::Result<Option<Arc<File>>> {
         self.lines = 0;
         self.written = 0;
+        self.len = 0;
         self.generation += 1;
         // A fresh empty file renamed over the spool: two quick directory operations, where
         // truncating in place took milliseconds with every append waiting on the lock. The old
@@ -372,20 +379,14 @@ pub(super) fn spool_loop(
         }
         let mut records = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
-        let mut appended = Vec::new();
         for m in batch {
             match m {
                 Msg::Record { record, durable } => {
                     records.push(*record);
                     waiters.extend(durable);
                 }
-                Msg::Appended { record, spooled } => appended.push((*record, spooled)),
                 Msg::Stop => {}
             }
-        }
-        if !appended.is_empty() {
-            gauges.spooled.set(gauge(lock(spool).lines));
-            let _ = db.send(Some(appended));
         }
         if !records.is_empty() {
             let mut s = lock(spool);

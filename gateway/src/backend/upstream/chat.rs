@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::failover::{failover, Credentials, Read};
+use super::sse;
 use super::Member;
 use crate::backend::{
     ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest, LogprobEntry, Prompt,
@@ -516,16 +516,28 @@ pub(super) fn run(
         let base = member.base.clone();
         async_stream::stream! {
             let count = |text: &str| tokens_of(counter.as_deref(), text);
-            let mut events = response.bytes_stream().eventsource();
+            let mut body = response.bytes_stream();
+            let mut events = sse::Decoder::default();
             let mut fold = ChunkFold::new(prompt_estimate);
             let mut failure = None;
-            while let Some(event) = events.next().await {
-                let data = match event {
-                    Ok(e) => e.data,
-                    Err(e) => {
+            loop {
+                let data = match events.next_data() {
+                    Some(Ok(data)) => data,
+                    Some(Err(e)) => {
                         failure = Some(format!("{base}: stream broken: {e}"));
                         break;
                     }
+                    None => match body.next().await {
+                        Some(Ok(bytes)) => {
+                            events.feed(&bytes);
+                            continue;
+                        }
+                        Some(Err(e)) => {
+                            failure = Some(format!("{base}: stream broken: {e}"));
+                            break;
+                        }
+                        None => break,
+                    },
                 };
                 if data.trim() == "[DONE]" {
                     break;

@@ -64,8 +64,8 @@ async fn attempt(
     body: &Value,
     call: &tracing::Span,
 ) -> Attempt {
-    let mut req = client
-        .post(format!("{}{path}", member.base))
+    let mut req = member
+        .post(client, path)
         .json(body)
         .headers(crate::server::telemetry::propagation_headers(call));
     if let Some(k) = &credentials.api_key {

@@ -36,6 +36,7 @@ mod chat;
 mod failover;
 mod health;
 mod responses;
+mod sse;
 
 use crate::backend::{
     Backend, BackendError, GenerateRequest, ModelInfo, PassthroughStream, Prepared, Start,
@@ -67,16 +68,34 @@ struct Member {
     origin: usize,
     in_flight: AtomicU32,
     healthy: AtomicBool,
+    /// The URLs of the paths every request goes to, parsed once rather than per request.
+    parsed: Vec<(&'static str, reqwest::Url)>,
 }
+
+/// The paths of the completions APIs, whose URLs each member parses once.
+const PARSED_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
 impl Member {
     fn new(base: String, origin: usize, healthy: bool) -> Arc<Self> {
+        let parsed = PARSED_PATHS
+            .iter()
+            .filter_map(|&path| Some((path, reqwest::Url::parse(&format!("{base}{path}")).ok()?)))
+            .collect();
         Arc::new(Self {
             base,
             origin,
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(healthy),
+            parsed,
         })
+    }
+
+    /// A POST of `path` on this member.
+    fn post(&self, client: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        match self.parsed.iter().find(|(p, _)| *p == path) {
+            Some((_, url)) => client.post(url.clone()),
+            None => client.post(format!("{}{path}", self.base)),
+        }
     }
 }
 
