@@ -1,4 +1,5 @@
-//! Tollgate's own Llama forward pass: one call runs a ragged batch of sequences, each with its
+//! Tollgate's own Llama forward pass (also Qwen 2's and Phi-3's, [`Architecture`], and
+//! Mistral's sliding window): one call runs a ragged batch of sequences, each with its
 //! own KV cache and position, some prefilling many tokens and others decoding one. Every
 //! matmul runs once over all the step's tokens (that is what makes batching pay); attention runs
 //! per sequence over its own cache.
