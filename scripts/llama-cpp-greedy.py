@@ -12,8 +12,11 @@ Kept out of CI (it builds llama.cpp). Steps:
      banned (`ignore_eos`; the fixture lists them, the test bans them too), no prompt cache.
   4. The tokens go to runtime/tests/fixtures/llama_cpp_greedy.json with each file's
      fingerprint, which the test checks before comparing.
+  With --http, also: `tollgate serve` with a models.toml entry per file (f32 weights) answers
+  /v1/completions for a text prompt with the text llama.cpp's server gives (both tokenize it
+  themselves); a difference is an error.
 
-Usage: scripts/llama-cpp-greedy.py [--jobs N]   (CARGO_TARGET_DIR is honoured)
+Usage: scripts/llama-cpp-greedy.py [--jobs N] [--http]   (CARGO_TARGET_DIR is honoured)
 """
 
 import argparse
@@ -99,28 +102,37 @@ def post(port: int, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def greedy(binary: pathlib.Path, gguf: pathlib.Path, prompts, steps: int):
-    """llama.cpp's greedy tokens after each prompt, and the end-of-generation tokens it banned
-    (`ignore_eos` puts them in the request's logit bias, which the response reports)."""
+def start_llama_server(binary: pathlib.Path, gguf: pathlib.Path):
+    """llama-server on `gguf` (f32 KV cache, one slot), once healthy: (process, port)."""
     port = free_port()
     log = open(MODELS / f"{gguf.stem}.server.log", "w")
     proc = subprocess.Popen(
         [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", "4096",
          "-np", "1", "-t", "2", "-ctk", "f32", "-ctv", "f32", "--no-warmup"],
         stdout=log, stderr=subprocess.STDOUT)
+    wait_healthy(proc, port, log.name)
+    return proc, port
+
+
+def wait_healthy(proc, port: int, log: str):
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            sys.exit(f"server exited: see {log}")
+        time.sleep(0.5)
+    sys.exit(f"server did not become healthy: see {log}")
+
+
+def greedy(binary: pathlib.Path, gguf: pathlib.Path, prompts, steps: int):
+    """llama.cpp's greedy tokens after each prompt, and the end-of-generation tokens it banned
+    (`ignore_eos` puts them in the request's logit bias, which the response reports)."""
+    proc, port = start_llama_server(binary, gguf)
     try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                sys.exit(f"llama-server exited: see {log.name}")
-            time.sleep(0.5)
-        else:
-            sys.exit(f"llama-server did not become healthy: see {log.name}")
         out, banned = [], set()
         for prompt in prompts:
             r = post(port, "/completion", {
@@ -142,9 +154,63 @@ def greedy(binary: pathlib.Path, gguf: pathlib.Path, prompts, steps: int):
         proc.wait(timeout=30)
 
 
+def http_check(binary: pathlib.Path, manifest: dict, steps: int):
+    """`tollgate serve` and llama-server give the same text for a text prompt, per model."""
+    run(["nice", "-n", "19", "cargo", "build", "--release", "-q", "-p", "tollgate", "--bin",
+         "tollgate"], cwd=REPO)
+    meta = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"],
+                                     cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    tollgate = pathlib.Path(meta["target_directory"]) / "release" / "tollgate"
+    toml = "".join(
+        f'[models."{name}"]\nsource = {{ path = "{MODELS / m["file"]}" }}\n'
+        f'backend = {{ type = "local", device = "cpu", weights = "f32" }}\n\n'
+        for name, m in manifest["models"].items())
+    (MODELS / "models.toml").write_text(toml)
+    port = free_port()
+    log = MODELS / "tollgate.log"
+    proc = subprocess.Popen(
+        [str(tollgate), "serve", "--config", str(MODELS / "models.toml"), "--listen",
+         f"127.0.0.1:{port}", "--database", str(MODELS / "ledger.db")],
+        env=dict(os.environ, TOLLGATE_API_KEYS="k"), stdout=open(log, "w"),
+        stderr=subprocess.STDOUT)
+    prompt = "The capital of France is"
+    differ = []
+    try:
+        wait_healthy(proc, port, str(log))
+        for name, m in manifest["models"].items():
+            cpp, cpp_port = start_llama_server(binary, MODELS / m["file"])
+            try:
+                want = post(cpp_port, "/completion", {
+                    "prompt": prompt, "n_predict": steps, "temperature": 0, "top_k": 1,
+                    "samplers": ["top_k"], "cache_prompt": False, "ignore_eos": True,
+                })["content"]
+            finally:
+                cpp.terminate()
+                cpp.wait(timeout=30)
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json.dumps({"model": name, "prompt": prompt, "max_tokens": steps,
+                            "temperature": 0}).encode(),
+                {"Content-Type": "application/json", "Authorization": "Bearer k"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                got = json.loads(r.read())["choices"][0]["text"]
+            print(f"{name}: llama.cpp {want!r}\n{' ' * len(name)}  tollgate  {got!r}",
+                  file=sys.stderr)
+            if got != want:
+                differ.append(name)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    if differ:
+        sys.exit(f"HTTP answers differ from llama.cpp's: {differ}")
+    print("HTTP: tollgate serve answers as llama.cpp for every model", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--http", action="store_true",
+                    help="also compare `tollgate serve`'s /v1/completions with llama.cpp's")
     args = ap.parse_args()
     binary = server(args.jobs)
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
@@ -175,6 +241,8 @@ def main():
     text = re.sub(r"\[[\d,\s]+\]", lambda m: json.dumps(json.loads(m.group(0))), text)
     FIXTURE.write_text(text + "\n")
     print(FIXTURE)
+    if args.http:
+        http_check(binary, manifest, steps)
 
 
 if __name__ == "__main__":
