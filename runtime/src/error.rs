@@ -18,7 +18,7 @@ pub enum Error {
     Gguf { path: PathBuf, message: String },
     #[error("GGUF metadata key `{key}` is missing or has the wrong type")]
     Metadata { key: String },
-    #[error("unsupported model architecture `{0}` (supported: llama)")]
+    #[error("unsupported model architecture `{0}` (supported: llama, qwen2, phi3)")]
     UnsupportedArchitecture(String),
     #[error("weights: {0}")]
     Weights(String),

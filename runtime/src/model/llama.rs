@@ -26,11 +26,36 @@ pub(crate) struct Block {
     pub wq: Linear,
     pub wk: Linear,
     pub wv: Linear,
+    /// Biases added to the Q, K and V projections (Qwen 2's), f32 vectors.
+    pub qkv_bias: QkvBias,
     pub wo: Linear,
     pub ffn_norm: Tensor,
     pub w_gate: Linear,
     pub w_up: Linear,
     pub w_down: Linear,
+}
+
+/// The optional biases of a block's Q, K and V projections.
+#[derive(Debug, Default)]
+pub(crate) struct QkvBias {
+    pub q: Option<Tensor>,
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl QkvBias {
+    pub(crate) fn all(&self) -> [Option<&Tensor>; 3] {
+        [self.q.as_ref(), self.k.as_ref(), self.v.as_ref()]
+    }
+}
+
+/// `linear · x (+ bias)`.
+fn project(linear: &Linear, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    let y = linear.forward(x)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+        None => y,
+    })
 }
 
 /// A loaded Llama-architecture model.
@@ -285,11 +310,10 @@ impl LlamaModel {
             };
             Ok(r.squeeze(0)?)
         };
-        let q = rotate(block.wq.forward(h)?, nh)?;
-        let k = rotate(block.wk.forward(h)?, nkv)?;
-        let v = block
-            .wv
-            .forward(h)?
+        let [bq, bk, bv] = block.qkv_bias.all();
+        let q = rotate(project(&block.wq, bq, h)?, nh)?;
+        let k = rotate(project(&block.wk, bk, h)?, nkv)?;
+        let v = project(&block.wv, bv, h)?
             .reshape((total, nkv, hd))?
             .transpose(0, 1)?
             .contiguous()?;
@@ -309,11 +333,15 @@ impl LlamaModel {
                 // sequence's tokens fed again, speculative drafts verified in one pass).
                 for i in 0..len {
                     let seen = past + i + 1;
+                    let first = first_visible(seen, cfg.sliding_window);
                     let qs = q
                         .narrow(1, start + i, 1)?
                         .contiguous()?
                         .reshape((nkv, group, hd))?;
-                    let (keys, values) = (keys.narrow(1, 0, seen)?, values.narrow(1, 0, seen)?);
+                    let (keys, values) = (
+                        keys.narrow(1, first, seen - first)?,
+                        values.narrow(1, first, seen - first)?,
+                    );
                     let att = softmax_last_dim(&(qs.matmul(&keys.t()?)? * scale)?)?;
                     outputs.push(att.matmul(&values)?.reshape((nh, 1, hd))?);
                 }
@@ -325,8 +353,9 @@ impl LlamaModel {
                 .contiguous()?
                 .reshape((nkv, group * len, hd))?;
             let mut att = (qs.matmul(&keys.t()?)? * scale)?;
-            if len > 1 {
-                att = att.broadcast_add(&causal_mask(group, len, past, &self.device)?)?;
+            if len > 1 || first_visible(past + 1, cfg.sliding_window) > 0 {
+                let mask = causal_mask(group, len, past, cfg.sliding_window, &self.device)?;
+                att = att.broadcast_add(&mask)?;
             }
             let att = softmax_last_dim(&att)?;
             let y = att.matmul(&values)?.reshape((nh, len, hd))?;
@@ -349,15 +378,28 @@ pub(crate) fn logit_rows<'a>(
         .flat_map(|(step, &(start, len))| start + len - step.logits..start + len)
 }
 
+/// The first key a query sees when it sees `seen` keys (itself the last): 0, or the start of
+/// its sliding window.
+pub(crate) fn first_visible(seen: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| seen.saturating_sub(w))
+}
+
 /// `(group*len, past+len)` additive mask: row `g*len + i` is query `i`, which sees keys up to
-/// `past + i`.
-fn causal_mask(group: usize, len: usize, past: usize, device: &Device) -> Result<Tensor> {
+/// `past + i` (from the start of its window, when there is one).
+fn causal_mask(
+    group: usize,
+    len: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let width = past + len;
     let mut mask = Vec::with_capacity(group * len * width);
     for _ in 0..group {
         for i in 0..len {
+            let first = first_visible(past + i + 1, window);
             mask.extend((0..width).map(|j| {
-                if j <= past + i {
+                if j <= past + i && j >= first {
                     0f32
                 } else {
                     f32::NEG_INFINITY

@@ -1,4 +1,5 @@
-//! Tollgate's own Llama forward pass: one call runs a ragged batch of sequences, each with its
+//! Tollgate's own Llama forward pass (also Qwen 2's and Phi-3's, [`Architecture`], and
+//! Mistral's sliding window): one call runs a ragged batch of sequences, each with its
 //! own KV cache and position, some prefilling many tokens and others decoding one. Every
 //! matmul runs once over all the step's tokens (that is what makes batching pay); attention runs
 //! per sequence over its own cache.
@@ -87,9 +88,56 @@ impl std::fmt::Display for WeightForm {
     }
 }
 
-/// Hyper-parameters of a Llama-architecture model.
+/// The GGUF architectures the forward pass serves: Llama's block with at most these
+/// differences, each taken from the file (`general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `llama` (Llama 1–3, SmolLM, Mistral): interleaved RoPE pairs (GGUF permutes Q/K rows).
+    Llama,
+    /// `qwen2` (Qwen 2 and 2.5): biases on Q, K and V; half-split RoPE.
+    Qwen2,
+    /// `phi3` (Phi-3, Phi-4): Q/K/V fused in one matrix, gate and up fused in `ffn_up`;
+    /// half-split RoPE.
+    Phi3,
+}
+
+impl Architecture {
+    /// The architecture named `name` in a GGUF file (also its metadata keys' prefix).
+    pub fn from_gguf(name: &str) -> Result<Self, Error> {
+        Ok(match name {
+            "llama" => Self::Llama,
+            "qwen2" => Self::Qwen2,
+            "phi3" => Self::Phi3,
+            other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+        })
+    }
+
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Phi3 => "phi3",
+        }
+    }
+
+    /// Whether RoPE rotates interleaved pairs `(2i, 2i+1)` (llama.cpp's `NORM` type: `llama`
+    /// GGUFs store Q/K rows permuted for it) rather than halves `(i, i + d/2)` (`NEOX`).
+    pub fn gguf_rope_interleaved(self) -> bool {
+        matches!(self, Self::Llama)
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.gguf_name())
+    }
+}
+
+/// Hyper-parameters of a Llama-architecture model (and of the architectures next to it,
+/// [`Architecture`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    pub architecture: Architecture,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub n_layers: usize,
@@ -104,4 +152,7 @@ pub struct LlamaConfig {
     pub rope_interleaved: bool,
     /// Context-extension scaling of the RoPE frequencies (Llama 3.1's, linear).
     pub rope_scaling: RopeScaling,
+    /// Mistral-style sliding-window attention: a query at position `p` sees the keys at
+    /// positions `p - window + 1 ..= p` only (`None`: every earlier key).
+    pub sliding_window: Option<usize>,
 }

@@ -210,6 +210,7 @@ mod tests {
 
     fn config(scaling: RopeScaling) -> LlamaConfig {
         LlamaConfig {
+            architecture: crate::model::Architecture::Llama,
             vocab_size: 10,
             hidden_size: 128,
             n_layers: 1,
@@ -222,6 +223,7 @@ mod tests {
             context_length: 64,
             rope_interleaved: true,
             rope_scaling: scaling,
+            sliding_window: None,
         }
     }
 

@@ -18,7 +18,7 @@ use tollgate_runtime::model::{KvCache, LlamaModel, SeqStep, WeightForm};
 use tollgate_runtime::synth::pseudo_random;
 use tollgate_runtime::tokenizer::ModelTokenizer;
 
-use super::common::{argmax, max_abs_diff, transpose_head_rows, TempDir};
+use super::common::{argmax, max_abs_diff, random, transpose_head_rows, TempDir};
 
 pub const HIDDEN: usize = 64;
 pub const HEADS: usize = 4;
@@ -53,14 +53,6 @@ pub const GREEDY_STEPS: usize = 8;
 /// the same weights without the scaling differ by 13.3 and pick other greedy tokens. The bound
 /// sits about 40x above the noise and four orders of magnitude below the defect.
 pub const LOGIT_TOL: f32 = 1e-3;
-
-pub fn random(rows: usize, cols: usize, scale: f32, seed: u32) -> Tensor {
-    let v: Vec<f32> = pseudo_random(rows * cols, seed)
-        .into_iter()
-        .map(|x| x * scale)
-        .collect();
-    Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-}
 
 /// RMS-norm weights around 1.
 pub fn norm_weight(seed: u32) -> Tensor {

@@ -95,6 +95,15 @@ pub fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32>
     logits
 }
 
+/// A `(rows, cols)` matrix of pseudo-random values in `[-scale, scale)`.
+pub fn random(rows: usize, cols: usize, scale: f32, seed: u32) -> Tensor {
+    let v: Vec<f32> = tollgate_runtime::synth::pseudo_random(rows * cols, seed)
+        .into_iter()
+        .map(|x| x * scale)
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+}
+
 /// `w (rows, cols)` with each of the `heads` heads' rows seen as a grid of `a` rows of
 /// `rows / heads / a` and the grid transposed. With `a = 2` that is llama.cpp's permutation of
 /// Hugging Face's Q/K rows (per head: the first halves, then the second halves) into GGUF's

@@ -178,7 +178,7 @@ impl<'a> HostPass<'a> {
                 batch[s].cache.len() + (t - spans[s].0) + 1
             })
             .collect();
-        let plan = shape.plan(&visible);
+        let plan = shape.plan(&visible, cfg.sliding_window);
         let partials = vec![0f32; plan.splits.len() * plan.part_len];
         Self {
             rope,
@@ -214,8 +214,17 @@ impl<'a> HostPass<'a> {
         let group_dim = q_dim / nkv;
         let attn_norm = HostView::new(&block.attn_norm)?;
         rms_norm(x, attn_norm.slice()?, self.eps, &mut self.h);
-        let [mut q, mut k, v] =
+        let [mut q, mut k, mut v] =
             Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &self.h, self.total)?;
+        for (y, bias) in [&mut q, &mut k, &mut v]
+            .into_iter()
+            .zip(block.qkv_bias.all())
+        {
+            if let Some(bias) = bias {
+                let bias = HostView::new(bias)?;
+                add_bias(y, bias.slice()?);
+            }
+        }
         self.rope.apply(&mut q, nh, hd, self.positions);
         self.rope.apply(&mut k, nkv, hd, self.positions);
         for (step, &(start, len)) in batch.iter_mut().zip(self.spans) {
@@ -272,6 +281,13 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * inv * g;
         }
+    }
+}
+
+/// Adds `bias` to every row of `y (rows, bias.len())`.
+fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        add_assign(row, bias);
     }
 }
 
@@ -365,13 +381,17 @@ impl AttnShape {
         self.n_heads / self.n_kv_heads
     }
 
-    /// The tasks for tokens that see `visible[t]` keys each: per token and KV head, one split
-    /// per [`SPLIT_KEYS`] keys, in token, head, key order.
-    pub(crate) fn plan(&self, visible: &[usize]) -> AttnPlan {
+    /// The tasks for tokens that see `visible[t]` keys each (the last `window` of them, when
+    /// attention slides): per token and KV head, one split per [`SPLIT_KEYS`] keys, in token,
+    /// head, key order.
+    pub(crate) fn plan(&self, visible: &[usize], window: Option<usize>) -> AttnPlan {
         let mut splits = Vec::new();
+        let mut work = 0;
         for (token, &n) in visible.iter().enumerate() {
+            let first = super::llama::first_visible(n, window);
+            work += n - first;
             for kv_head in 0..self.n_kv_heads {
-                let mut from = 0;
+                let mut from = first;
                 while from < n {
                     let to = (from + SPLIT_KEYS).min(n);
                     splits.push(Split {
@@ -386,7 +406,7 @@ impl AttnShape {
         AttnPlan {
             splits,
             part_len: self.group() * (self.head_dim + 2),
-            work: visible.iter().sum::<usize>() * self.n_heads * self.head_dim,
+            work: work * self.n_heads * self.head_dim,
         }
     }
 

@@ -283,6 +283,17 @@ fn small_ops_match_candle() -> candle_core::Result<()> {
 /// Grouped-query attention against a plain softmax(q·K/√d)·V, for contexts within one chunk, across chunks, and across splits (merged).
 #[test]
 fn attention_matches_plain_softmax() {
+    attention_matches_plain_softmax_in(None);
+}
+
+/// The same over a sliding window of 100 keys: splits start inside a key block, and tokens
+/// with fewer keys than the window see them all.
+#[test]
+fn windowed_attention_matches_plain_softmax() {
+    attention_matches_plain_softmax_in(Some(100));
+}
+
+fn attention_matches_plain_softmax_in(window: Option<usize>) {
     let shape = AttnShape {
         n_heads: 6,
         n_kv_heads: 2,
@@ -311,10 +322,11 @@ fn attention_matches_plain_softmax() {
     // splits); their queries for all heads.
     let visible = [1, 20, CHUNK_KEYS * 3 + 5, tokens];
     let q_all = pseudo_random(visible.len() * 6 * 16, 8);
-    let plan = shape.plan(&visible);
+    let plan = shape.plan(&visible, window);
+    let splits_of_last = if window.is_some() { 1 } else { 3 };
     assert_eq!(
         plan.splits.len(),
-        2 * (1 + 1 + 1 + 3),
+        2 * (1 + 1 + 1 + splits_of_last),
         "splits per token and head"
     );
     let mut partials = vec![0f32; plan.splits.len() * plan.part_len];
@@ -338,7 +350,8 @@ fn attention_matches_plain_softmax() {
         for head in 0..6 {
             let kvh = head / 3;
             let q = &q_all[t * 96 + head * 16..][..16];
-            let scores: Vec<f32> = (0..n)
+            let first = window.map_or(0, |w| n.saturating_sub(w));
+            let scores: Vec<f32> = (first..n)
                 .map(|j| {
                     (0..16)
                         .map(|i| q[i] * kf[j * stride + kvh * 16 + i])
@@ -351,8 +364,8 @@ fn attention_matches_plain_softmax() {
             let sum: f32 = e.iter().sum();
             let got = &out[t * 96 + head * 16..][..16];
             for (i, o) in got.iter().enumerate() {
-                let want: f32 = (0..n)
-                    .map(|j| e[j] / sum * vf[j * stride + kvh * 16 + i])
+                let want: f32 = (first..n)
+                    .map(|j| e[j - first] / sum * vf[j * stride + kvh * 16 + i])
                     .sum();
                 assert!(
                     (o - want).abs() < 1e-5,

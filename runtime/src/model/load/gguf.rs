@@ -17,8 +17,8 @@ use super::source::{MapSource, ReadSource, TensorBytes, TensorSource};
 use super::{check_cpu_kernels, kv_dtype, resolve_form, validate};
 use crate::model::embed::{packs, Embedding};
 use crate::model::linear::{qtensor_from_bytes, Linear};
-use crate::model::llama::{Block, LlamaModel};
-use crate::model::{LlamaConfig, RopeScaling, WeightForm};
+use crate::model::llama::{Block, LlamaModel, QkvBias};
+use crate::model::{Architecture, LlamaConfig, RopeScaling, WeightForm};
 use crate::{gguf, Error, Result};
 
 /// The tensors of a GGUF file, each checked against the shape the model expects before any
@@ -74,12 +74,29 @@ impl<S: TensorSource> GgufTensors<'_, S> {
         form: WeightForm,
         device: &Device,
     ) -> Result<Linear> {
-        let (dtype, range) = self.range(name, &[shape.0, shape.1])?;
+        self.linear_rows(name, shape, 0..shape.0, form, device)
+    }
+
+    /// Rows `rows` of the projection `name` of shape `(out, inp)`, as a projection of their
+    /// own in the chosen form (one part of a fused matrix: GGUF rows are whole quantization
+    /// blocks, so a row range is a byte range).
+    fn linear_rows(
+        &self,
+        name: &str,
+        shape: (usize, usize),
+        rows: Range<usize>,
+        form: WeightForm,
+        device: &Device,
+    ) -> Result<Linear> {
+        let (dtype, full) = self.range(name, &[shape.0, shape.1])?;
         let context = |e: Error| Error::Weights(format!("tensor `{name}`: {e}"));
+        let row_bytes = (full.end - full.start) / shape.0.max(1) as u64;
+        let range =
+            full.start + rows.start as u64 * row_bytes..full.start + rows.end as u64 * row_bytes;
+        let shape = (rows.len(), shape.1);
         // Rows straight from the file into the kernel's layout where the form allows.
         let len = usize::try_from(range.end - range.start)
             .map_err(|_| Error::Weights(format!("tensor `{name}` is larger than memory")))?;
-        let row_bytes = len as u64 / shape.0.max(1) as u64;
         let read = |first_row: usize, buf: &mut [u8]| {
             self.source
                 .read_at(range.start + first_row as u64 * row_bytes, buf)
@@ -91,6 +108,10 @@ impl<S: TensorSource> GgufTensors<'_, S> {
         }
         let bytes = self.source.bytes(range)?;
         Linear::from_gguf_bytes(dtype, shape, &bytes, form, device).map_err(context)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
     }
 }
 
@@ -137,16 +158,18 @@ impl LlamaModel {
             file_size,
         };
         validate(&config)?;
-        // Each block has 9 tensors: a count the file cannot back is refused before anything
-        // is sized by it.
-        if config.n_layers.saturating_mul(9) > content.tensor_infos.len() {
+        // Each block has at least 6 tensors (Phi-3's fused ones): a count the file cannot back
+        // is refused before anything is sized by it.
+        if config.n_layers.saturating_mul(6) > content.tensor_infos.len() {
             return Err(Error::Weights(format!(
-                "llama.block_count is {}, but the file has only {} tensors",
+                "{}.block_count is {}, but the file has only {} tensors",
+                config.architecture,
                 config.n_layers,
                 content.tensor_infos.len()
             )));
         }
-        let rope_scaling = gguf_rope_scaling(content, &tensors, config.head_dim)?;
+        tensors.refuse_unsupported(config.architecture)?;
+        let rope_scaling = gguf_rope_scaling(content, &tensors, &config)?;
         let config = LlamaConfig {
             rope_scaling,
             ..config
@@ -201,30 +224,29 @@ impl Metadata<'_> {
     }
 
     /// The model's configuration (before validation, without RoPE scaling); the context is
-    /// `context_override` when that is smaller than the model's.
+    /// `context_override` when that is smaller than the model's. Keys are read under the
+    /// architecture's prefix (`llama.`, `qwen2.`, `phi3.`).
     fn config(&self, context_override: Option<usize>) -> Result<LlamaConfig> {
-        let arch = self
+        let name = self
             .get("general.architecture")?
             .to_string()
             .map_err(|_| Error::Metadata {
                 key: "general.architecture".into(),
-            })?
-            .clone();
-        if arch != "llama" {
-            return Err(Error::UnsupportedArchitecture(arch));
-        }
-        let hidden_size = self.num("llama.embedding_length")?;
-        let n_heads = self.num("llama.attention.head_count")?;
-        let n_kv_heads = self.num("llama.attention.head_count_kv").unwrap_or(n_heads);
+            })?;
+        let architecture = Architecture::from_gguf(name)?;
+        let key = |k: &str| format!("{architecture}.{k}");
+        let hidden_size = self.num(&key("embedding_length"))?;
+        let n_heads = self.num(&key("attention.head_count"))?;
+        let n_kv_heads = self.num(&key("attention.head_count_kv")).unwrap_or(n_heads);
         let head_dim = self
-            .num("llama.rope.dimension_count")
+            .num(&key("rope.dimension_count"))
             .unwrap_or(hidden_size / n_heads.max(1));
         let embd_info = self
             .0
             .tensor_infos
             .get("token_embd.weight")
             .ok_or_else(|| Error::Weights("tensor `token_embd.weight` is missing".into()))?;
-        let vocab_size = match self.num("llama.vocab_size") {
+        let vocab_size = match self.num(&key("vocab_size")) {
             Ok(v) => v,
             Err(_) => match embd_info.shape.dims() {
                 [vocab, _] => *vocab,
@@ -235,24 +257,36 @@ impl Metadata<'_> {
                 }
             },
         };
-        let model_context = self.num("llama.context_length")?;
+        let model_context = self.num(&key("context_length"))?;
         Ok(LlamaConfig {
+            architecture,
             vocab_size,
             hidden_size,
-            n_layers: self.num("llama.block_count")?,
+            n_layers: self.num(&key("block_count"))?,
             n_heads,
             n_kv_heads,
             head_dim,
-            ffn_size: self.num("llama.feed_forward_length")?,
-            rope_theta: self.float("llama.rope.freq_base").unwrap_or(10_000.0),
+            ffn_size: self.num(&key("feed_forward_length"))?,
+            rope_theta: self.float(&key("rope.freq_base")).unwrap_or(10_000.0),
             rms_eps: f64::from(
-                self.float("llama.attention.layer_norm_rms_epsilon")
+                self.float(&key("attention.layer_norm_rms_epsilon"))
                     .unwrap_or(1e-5),
             ),
             context_length: context_override.map_or(model_context, |c| c.min(model_context)),
-            rope_interleaved: true,
+            rope_interleaved: architecture.gguf_rope_interleaved(),
             rope_scaling: RopeScaling::default(),
+            sliding_window: self.sliding_window(architecture)?,
         })
+    }
+
+    /// `<arch>.attention.sliding_window` when the file declares a window (0 means none, as
+    /// llama.cpp's converter writes for Phi-4).
+    fn sliding_window(&self, architecture: Architecture) -> Result<Option<usize>> {
+        let key = format!("{architecture}.attention.sliding_window");
+        if !self.0.metadata.contains_key(&key) {
+            return Ok(None);
+        }
+        Ok(Some(self.num(&key)?).filter(|&w| w > 0))
     }
 }
 
@@ -286,7 +320,8 @@ impl<S: TensorSource> GgufTensors<'_, S> {
         Ok((head, embed))
     }
 
-    /// Block `i`: its two norms and seven projections.
+    /// Block `i`: its two norms and seven projections (split out of the fused matrices
+    /// `attn_qkv` and, for `phi3`, `ffn_up`), and the Q/K/V biases the file has.
     fn block(
         &self,
         i: usize,
@@ -297,54 +332,160 @@ impl<S: TensorSource> GgufTensors<'_, S> {
         let (hidden, ffn) = (config.hidden_size, config.ffn_size);
         let q_dim = config.n_heads * config.head_dim;
         let kv_dim = config.n_kv_heads * config.head_dim;
-        let linear = |name: &str, shape: (usize, usize)| -> Result<Linear> {
-            self.linear(&format!("blk.{i}.{name}.weight"), shape, form, device)
+        let name = |t: &str, kind: &str| format!("blk.{i}.{t}.{kind}");
+        let linear = |t: &str, shape: (usize, usize)| -> Result<Linear> {
+            self.linear(&name(t, "weight"), shape, form, device)
+        };
+        let bias = |t: &str, len: usize| -> Result<Option<Tensor>> {
+            let n = name(t, "bias");
+            self.has(&n)
+                .then(|| self.vector(&n, len, device))
+                .transpose()
+        };
+        // Q, K and V: rows `[0, q)`, `[q, q + kv)` and `[q + kv, q + 2kv)` of a fused matrix
+        // (and of its bias), as llama.cpp reads them.
+        let parts = [
+            0..q_dim,
+            q_dim..q_dim + kv_dim,
+            q_dim + kv_dim..q_dim + 2 * kv_dim,
+        ];
+        let ((wq, wk, wv), qkv_bias) = if self.has(&name("attn_qkv", "weight")) {
+            let fused = name("attn_qkv", "weight");
+            let shape = (q_dim + 2 * kv_dim, hidden);
+            let [q, k, v] = parts
+                .clone()
+                .map(|rows| self.linear_rows(&fused, shape, rows, form, device));
+            let qkv_bias = match bias("attn_qkv", shape.0)? {
+                Some(b) => {
+                    let [q, k, v] = parts.map(|r| b.narrow(0, r.start, r.len()));
+                    QkvBias {
+                        q: Some(q?),
+                        k: Some(k?),
+                        v: Some(v?),
+                    }
+                }
+                None => self.qkv_bias(i, [q_dim, kv_dim, kv_dim], device)?,
+            };
+            ((q?, k?, v?), qkv_bias)
+        } else {
+            let weights = (
+                linear("attn_q", (q_dim, hidden))?,
+                linear("attn_k", (kv_dim, hidden))?,
+                linear("attn_v", (kv_dim, hidden))?,
+            );
+            (weights, self.qkv_bias(i, [q_dim, kv_dim, kv_dim], device)?)
+        };
+        // Phi-3 keeps gate and up in one matrix: the gate's rows first, then up's (llama.cpp's
+        // `LLM_FFN_SWIGLU` takes silu of the first half times the second).
+        let (w_gate, w_up) = if config.architecture == Architecture::Phi3 {
+            let fused = name("ffn_up", "weight");
+            let shape = (2 * ffn, hidden);
+            (
+                self.linear_rows(&fused, shape, 0..ffn, form, device)?,
+                self.linear_rows(&fused, shape, ffn..2 * ffn, form, device)?,
+            )
+        } else {
+            (
+                linear("ffn_gate", (ffn, hidden))?,
+                linear("ffn_up", (ffn, hidden))?,
+            )
         };
         Ok(Block {
-            attn_norm: self.vector(&format!("blk.{i}.attn_norm.weight"), hidden, device)?,
-            ffn_norm: self.vector(&format!("blk.{i}.ffn_norm.weight"), hidden, device)?,
-            wq: linear("attn_q", (q_dim, hidden))?,
-            wk: linear("attn_k", (kv_dim, hidden))?,
-            wv: linear("attn_v", (kv_dim, hidden))?,
+            attn_norm: self.vector(&name("attn_norm", "weight"), hidden, device)?,
+            ffn_norm: self.vector(&name("ffn_norm", "weight"), hidden, device)?,
+            wq,
+            wk,
+            wv,
+            qkv_bias,
             wo: linear("attn_output", (hidden, q_dim))?,
-            w_gate: linear("ffn_gate", (ffn, hidden))?,
-            w_up: linear("ffn_up", (ffn, hidden))?,
+            w_gate,
+            w_up,
             w_down: linear("ffn_down", (hidden, ffn))?,
         })
     }
+
+    /// The separate biases `blk.{i}.attn_q.bias`, `attn_k.bias`, `attn_v.bias` the file has.
+    fn qkv_bias(&self, i: usize, lens: [usize; 3], device: &Device) -> Result<QkvBias> {
+        let [q, k, v] = [
+            ("attn_q", lens[0]),
+            ("attn_k", lens[1]),
+            ("attn_v", lens[2]),
+        ]
+        .map(|(t, len)| {
+            let n = format!("blk.{i}.{t}.bias");
+            self.has(&n)
+                .then(|| self.vector(&n, len, device))
+                .transpose()
+        });
+        Ok(QkvBias {
+            q: q?,
+            k: k?,
+            v: v?,
+        })
+    }
+
+    /// Refuses tensors the forward pass would otherwise ignore though they change its
+    /// result: biases other than Q/K/V's, and Phi-3's LongRoPE factors (its 128k variants).
+    fn refuse_unsupported(&self, architecture: Architecture) -> Result<()> {
+        for name in self.content.tensor_infos.keys() {
+            let supported_bias = [
+                ".attn_q.bias",
+                ".attn_k.bias",
+                ".attn_v.bias",
+                ".attn_qkv.bias",
+            ]
+            .iter()
+            .any(|s| name.starts_with("blk.") && name.ends_with(s));
+            if name.ends_with(".bias") && !supported_bias {
+                return Err(Error::Weights(format!(
+                    "tensor `{name}`: only Q/K/V biases are supported ({architecture} model)"
+                )));
+            }
+            if name.starts_with("rope_factors_") || name.contains(".rope_factors_") {
+                return Err(Error::Weights(format!(
+                    "tensor `{name}`: LongRoPE scaling (Phi-3's 128k variants) is not supported"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
-/// The RoPE scaling a GGUF file declares: `llama.rope.scaling.type` (`none` or `linear`, with
-/// `llama.rope.scaling.factor`; older files: `llama.rope.scale_linear`) and the per-pair
+/// The RoPE scaling a GGUF file declares: `<arch>.rope.scaling.type` (`none` or `linear`, with
+/// `<arch>.rope.scaling.factor`; older files: `<arch>.rope.scale_linear`) and the per-pair
 /// frequency divisors of the tensor `rope_freqs.weight` (Llama 3.1+ conversions).
 fn gguf_rope_scaling<S: TensorSource>(
     content: &Content,
     tensors: &GgufTensors<'_, S>,
-    head_dim: usize,
+    config: &LlamaConfig,
 ) -> Result<RopeScaling> {
-    let md = |key: &str| content.metadata.get(key);
-    let scaling_type = match md("llama.rope.scaling.type") {
+    let head_dim = config.head_dim;
+    let arch = config.architecture;
+    let md = |key: &str| content.metadata.get(&format!("{arch}.{key}"));
+    let scaling_type = match md("rope.scaling.type") {
         Some(v) => Some(v.to_string().map_err(|_| Error::Metadata {
-            key: "llama.rope.scaling.type".into(),
+            key: format!("{arch}.rope.scaling.type"),
         })?),
         None => None,
     };
-    let factor = md("llama.rope.scaling.factor")
-        .or_else(|| md("llama.rope.scale_linear"))
+    let factor = md("rope.scaling.factor")
+        .or_else(|| md("rope.scale_linear"))
         .map(|v| {
             v.to_f32().map_err(|_| Error::Metadata {
-                key: "llama.rope.scaling.factor".into(),
+                key: format!("{arch}.rope.scaling.factor"),
             })
         })
         .transpose()?;
-    let divisors = if content.tensor_infos.contains_key("rope_freqs.weight") {
-        Some(
-            tensors
-                .vector("rope_freqs.weight", head_dim / 2, &Device::Cpu)?
-                .to_vec1::<f32>()?,
-        )
-    } else {
-        None
-    };
+    // llama.cpp applies `rope_freqs.weight` to `llama` models only.
+    let divisors =
+        if arch == Architecture::Llama && content.tensor_infos.contains_key("rope_freqs.weight") {
+            Some(
+                tensors
+                    .vector("rope_freqs.weight", head_dim / 2, &Device::Cpu)?
+                    .to_vec1::<f32>()?,
+            )
+        } else {
+            None
+        };
     RopeScaling::from_gguf(scaling_type.map(String::as_str), factor, divisors, head_dim)
 }

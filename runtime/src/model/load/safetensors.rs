@@ -1,4 +1,4 @@
-//! Loading a Hugging Face Llama directory: `config.json` read into a [`LlamaConfig`] and the
+//! Loading a Hugging Face Llama (or Mistral, Qwen 2, Phi-3) directory: `config.json` read into a [`LlamaConfig`] and the
 //! `*.safetensors` files (sharded ones through `model.safetensors.index.json`) mapped and
 //! converted into the chosen weight form.
 //!
@@ -14,8 +14,8 @@ use serde::Deserialize;
 use super::{check_cpu_kernels, kv_dtype, resolve_form, validate};
 use crate::model::embed::Embedding;
 use crate::model::linear::Linear;
-use crate::model::llama::{Block, LlamaModel};
-use crate::model::{LlamaConfig, RopeScaling, WeightForm};
+use crate::model::llama::{Block, LlamaModel, QkvBias};
+use crate::model::{Architecture, LlamaConfig, RopeScaling, WeightForm};
 use crate::{Error, Result};
 
 impl LlamaModel {
@@ -48,7 +48,7 @@ impl LlamaModel {
         };
         let lm_head = Linear::from_dense(lm_head_weight, resolved, device)?;
         let blocks = (0..config.n_layers)
-            .map(|i| tensors.block(i, resolved))
+            .map(|i| tensors.block(i, &config, resolved))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed: Embedding::Dense(embed.to_dtype(DType::F32)?),
@@ -81,21 +81,63 @@ impl Tensors<'_> {
         Ok(self.load(name)?.to_dtype(DType::F32)?)
     }
 
-    /// Layer `i`: its two norms and seven projections, in the chosen form.
-    fn block(&self, i: usize, form: WeightForm) -> Result<Block> {
+    /// Layer `i`: its two norms and seven projections (split out of Phi-3's fused
+    /// `qkv_proj` and `gate_up_proj`), and the Q/K/V biases it has (Qwen 2's), in the chosen
+    /// form.
+    fn block(&self, i: usize, config: &LlamaConfig, form: WeightForm) -> Result<Block> {
         let p = format!("model.layers.{i}");
-        let linear = |name: &str| -> Result<Linear> {
-            Linear::from_dense(self.load(&format!("{p}.{name}.weight"))?, form, self.device)
+        let dense = |w: Tensor| Linear::from_dense(w, form, self.device);
+        let linear = |name: &str| dense(self.load(&format!("{p}.{name}.weight"))?);
+        let q_dim = config.n_heads * config.head_dim;
+        let kv_dim = config.n_kv_heads * config.head_dim;
+        let (wq, wk, wv, qkv_bias) = if config.architecture == Architecture::Phi3 {
+            let qkv = self.load(&format!("{p}.self_attn.qkv_proj.weight"))?;
+            (
+                dense(qkv.narrow(0, 0, q_dim)?)?,
+                dense(qkv.narrow(0, q_dim, kv_dim)?)?,
+                dense(qkv.narrow(0, q_dim + kv_dim, kv_dim)?)?,
+                QkvBias::default(),
+            )
+        } else {
+            let bias = |t: &str| {
+                let name = format!("{p}.self_attn.{t}_proj.bias");
+                self.st
+                    .get(&name)
+                    .is_ok()
+                    .then(|| self.f32_of(&name))
+                    .transpose()
+            };
+            (
+                linear("self_attn.q_proj")?,
+                linear("self_attn.k_proj")?,
+                linear("self_attn.v_proj")?,
+                QkvBias {
+                    q: bias("q")?,
+                    k: bias("k")?,
+                    v: bias("v")?,
+                },
+            )
+        };
+        let (w_gate, w_up) = if config.architecture == Architecture::Phi3 {
+            let gate_up = self.load(&format!("{p}.mlp.gate_up_proj.weight"))?;
+            let ffn = config.ffn_size;
+            (
+                dense(gate_up.narrow(0, 0, ffn)?)?,
+                dense(gate_up.narrow(0, ffn, ffn)?)?,
+            )
+        } else {
+            (linear("mlp.gate_proj")?, linear("mlp.up_proj")?)
         };
         Ok(Block {
             attn_norm: self.f32_of(&format!("{p}.input_layernorm.weight"))?,
-            wq: linear("self_attn.q_proj")?,
-            wk: linear("self_attn.k_proj")?,
-            wv: linear("self_attn.v_proj")?,
+            wq,
+            wk,
+            wv,
+            qkv_bias,
             wo: linear("self_attn.o_proj")?,
             ffn_norm: self.f32_of(&format!("{p}.post_attention_layernorm.weight"))?,
-            w_gate: linear("mlp.gate_proj")?,
-            w_up: linear("mlp.up_proj")?,
+            w_gate,
+            w_up,
             w_down: linear("mlp.down_proj")?,
         })
     }
@@ -118,6 +160,8 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     head_dim: Option<usize>,
     rope_scaling: Option<serde_json::Value>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
 }
 
 impl HfConfig {
@@ -130,20 +174,21 @@ impl HfConfig {
     }
 
     /// The model's configuration (before validation), read from `path`; the context is
-    /// `context_override` when that is smaller than the model's. A model that is not a Llama
-    /// is refused.
+    /// `context_override` when that is smaller than the model's. A model that is not a Llama,
+    /// Mistral, Qwen 2 or Phi-3 is refused.
     fn llama_config(&self, path: &Path, context_override: Option<usize>) -> Result<LlamaConfig> {
-        let is_llama = self.model_type.as_deref() == Some("llama")
-            || self.architectures.iter().any(|a| a == "LlamaForCausalLM");
-        if !is_llama {
-            let name = self
-                .architectures
-                .first()
-                .cloned()
-                .or(self.model_type.clone())
-                .unwrap_or_else(|| "unknown".into());
-            return Err(Error::UnsupportedArchitecture(name));
+        let architecture = self.architecture()?;
+        // Qwen 2 slides its window over the layers from `max_window_layers` on only.
+        if architecture == Architecture::Qwen2 && self.use_sliding_window == Some(true) {
+            return Err(Error::Config(format!(
+                "{}: Qwen 2's per-layer sliding window (`use_sliding_window`) is not supported",
+                path.display()
+            )));
         }
+        let sliding_window = match architecture {
+            Architecture::Qwen2 => None,
+            Architecture::Llama | Architecture::Phi3 => self.sliding_window.filter(|&w| w > 0),
+        };
         let n_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         let head_dim = self
             .head_dim
@@ -152,6 +197,7 @@ impl HfConfig {
         let rope_scaling = RopeScaling::from_hf(self.rope_scaling.as_ref(), head_dim, rope_theta)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(LlamaConfig {
+            architecture,
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
             n_layers: self.num_hidden_layers,
@@ -166,7 +212,32 @@ impl HfConfig {
             }),
             rope_interleaved: false,
             rope_scaling,
+            sliding_window,
         })
+    }
+
+    /// `model_type` (or `architectures`): Llama and Mistral run as `llama`.
+    fn architecture(&self) -> Result<Architecture> {
+        let known = [
+            ("llama", "LlamaForCausalLM", Architecture::Llama),
+            ("mistral", "MistralForCausalLM", Architecture::Llama),
+            ("qwen2", "Qwen2ForCausalLM", Architecture::Qwen2),
+            ("phi3", "Phi3ForCausalLM", Architecture::Phi3),
+        ];
+        for (model_type, class, architecture) in known {
+            if self.model_type.as_deref() == Some(model_type)
+                || self.architectures.iter().any(|a| a == class)
+            {
+                return Ok(architecture);
+            }
+        }
+        let name = self
+            .architectures
+            .first()
+            .cloned()
+            .or(self.model_type.clone())
+            .unwrap_or_else(|| "unknown".into());
+        Err(Error::UnsupportedArchitecture(name))
     }
 }
 
