@@ -30,7 +30,7 @@ import time
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleave import free_port  # noqa: E402
+from interleave import free_port, wait_healthy  # noqa: E402
 from provenance import ROOT, provenance  # noqa: E402
 
 ADMIN = "adm-coldload"
@@ -95,15 +95,7 @@ def main():
                                  "--listen", f"127.0.0.1:{port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(1200):
-                if proc.poll() is not None:
-                    sys.exit(f"tollgate exited with {proc.returncode}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
+            wait_healthy(proc, base, tries=1200, pause=0.1)
             out["rss_one_loaded_at_start"] = rss_bytes(proc.pid)
             admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=600)
             with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=600) as http:

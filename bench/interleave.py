@@ -63,6 +63,20 @@ def config_with_passes(passes, workdir, every=None):
     return out
 
 
+def wait_healthy(proc, url, hint="", tries=600, pause=0.2):
+    """Returns once the server `proc` at `url` answers /health; raises if it exits or never does."""
+    for _ in range(tries):
+        if proc.poll() is not None:
+            raise RuntimeError(f"tollgate exited with {proc.returncode}; {hint}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(pause)
+    raise RuntimeError(f"tollgate did not answer /health; {hint}")
+
+
 class Server:
     """`tollgate serve` on a free port with a throwaway database."""
 
@@ -75,16 +89,7 @@ class Server:
             [binary, "serve", "--config", config_with_passes(passes, workdir, every),
              "--listen", f"127.0.0.1:{self.port}", "--database", os.path.join(workdir, f"db-{passes}-{self.port}.sqlite")],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        for _ in range(600):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tollgate exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("tollgate did not answer /health")
+        wait_healthy(self.proc, self.url, f"see {self.log.name}")
 
     def key(self, customer):
         h = {"Authorization": f"Bearer {ADMIN}"}
