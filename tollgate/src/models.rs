@@ -119,6 +119,12 @@ pub fn engine_config(local: &LocalBackendConfig) -> EngineConfig {
         interleave_every: local
             .interleave_every
             .unwrap_or(EngineConfig::default().interleave_every),
+        speculative_draft: local
+            .speculative_draft
+            .unwrap_or(EngineConfig::default().speculative_draft),
+        speculative_max_batch: local
+            .speculative_max_batch
+            .unwrap_or(EngineConfig::default().speculative_max_batch),
         kv_cache_bytes: local.kv_cache_bytes,
         // Finished prompts' KV kept for reuse: an eighth of the KV budget.
         prefix_cache_bytes: local.kv_cache_bytes / 8,
@@ -228,4 +234,38 @@ pub async fn build_backend(
             Arc::new(pool)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// The engine settings of the catalogue's one local model, `backend` its extra fields.
+    fn engine_of(backend: &str) -> EngineConfig {
+        let toml = format!(
+            r#"
+            [models.m]
+            source = {{ path = "m.gguf" }}
+            backend = {{ type = "local"{backend} }}
+            price = {{ input_per_mtok = "0.05", output_per_mtok = "0.10" }}
+            "#
+        );
+        let config = Config::from_toml_str(&toml, Path::new(".")).unwrap();
+        let BackendConfig::Local(local) = &config.models["m"].backend else {
+            panic!("a local backend");
+        };
+        engine_config(local)
+    }
+
+    #[test]
+    fn speculation_reaches_the_engine_from_the_catalogue() {
+        let default = EngineConfig::default();
+        let unset = engine_of("");
+        assert_eq!(unset.speculative_draft, default.speculative_draft);
+        assert_eq!(unset.speculative_max_batch, default.speculative_max_batch);
+        let off = engine_of(", speculative_draft = 0, speculative_max_batch = 1");
+        assert_eq!((off.speculative_draft, off.speculative_max_batch), (0, 1));
+    }
 }

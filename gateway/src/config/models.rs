@@ -56,6 +56,8 @@ enum RawBackend {
         max_step_sequences: Option<usize>,
         interleave_passes: Option<usize>,
         interleave_every: Option<u64>,
+        speculative_draft: Option<usize>,
+        speculative_max_batch: Option<usize>,
         kv_cache_bytes: Option<usize>,
         kv_cache_dtype: Option<KvCacheDtype>,
         /// A Jinja file that replaces the model's own chat template.
@@ -264,6 +266,11 @@ pub struct LocalBackendConfig {
     /// A step runs a pass for newcomers only when none of the `interleave_every - 1` steps
     /// before it did; `None`: the engine's default.
     pub interleave_every: Option<u64>,
+    /// Longest draft a decoding sequence verifies in one pass (speculative decoding from the
+    /// request's prediction or its own prompt and output; 0: off); `None`: the engine's default.
+    pub speculative_draft: Option<usize>,
+    /// Decoding sequences in a step beyond which none drafts; `None`: the engine's default.
+    pub speculative_max_batch: Option<usize>,
     pub kv_cache_bytes: usize,
     /// The KV cache's element type; `None` = the device's default (f32 on the CPU).
     pub kv_cache_dtype: Option<KvCacheDtype>,
@@ -442,6 +449,8 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
             max_step_sequences,
             interleave_passes,
             interleave_every,
+            speculative_draft,
+            speculative_max_batch,
             kv_cache_bytes,
             kv_cache_dtype,
             chat_template,
@@ -457,6 +466,8 @@ fn validate_backend(backend: RawBackend, base_dir: &Path) -> Result<BackendConfi
             max_step_sequences: max_step_sequences.map(|n| n.max(1)),
             interleave_passes,
             interleave_every: interleave_every.map(|n| n.max(1)),
+            speculative_draft,
+            speculative_max_batch,
             kv_cache_bytes: kv_cache_bytes.unwrap_or(4 << 30),
             kv_cache_dtype,
             chat_template: chat_template.map(|p| base_dir.join(p)),

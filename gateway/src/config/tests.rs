@@ -201,6 +201,25 @@ fn kv_cache_dtype_is_typed_at_validation() {
 }
 
 #[test]
+fn speculation_is_a_setting_per_model() {
+    let local_of = |toml: &str| {
+        let c = Config::from_toml_str(toml, Path::new(".")).unwrap();
+        let BackendConfig::Local(local) = &c.models["smollm2-135m"].backend else {
+            panic!("local backend expected");
+        };
+        (local.speculative_draft, local.speculative_max_batch)
+    };
+    assert_eq!(local_of(GOOD), (None, None), "the engine's defaults");
+    let off = GOOD.replace(
+        "weights = \"q8_0\"",
+        "weights = \"q8_0\", speculative_draft = 0, speculative_max_batch = 2",
+    );
+    assert_eq!(local_of(&off), (Some(0), Some(2)));
+    let e = refused(&GOOD.replace("weights = \"q8_0\"", "speculative_draft = -1"));
+    assert!(e.contains("speculative_draft"), "{e}");
+}
+
+#[test]
 fn unknown_keys_are_named() {
     let bad = GOOD.replace("max_n = 4", "max_m = 4");
     let e = refused(&bad);
