@@ -6,10 +6,11 @@ between layers (`backend.interleave_passes`, `--on-passes`, 4 by default) and on
 the next step), each with a throwaway database and customers made through the admin API. On
 each: 16 customers, each with its own 300-token system prompt, send one request at a time
 (16 tokens) while customer A holds 8 streams of 128 tokens (end tokens banned), for
-`--duration` seconds (bench/load.py's many-customer workload). Reported: A's inter-token p99,
+`--duration` seconds (bench/load.py's many-customer workload), after `--warmup` seconds of the
+16 customers alone (their system prompts cached, as in a server that has been running). Reported: A's inter-token p99,
 the total tok/s, the 16 customers' TTFT p50, each on against off. With `--two-tenants`, the
 two-tenant workload runs on the interleaving server as well (A 32 streams, B `--b-tokens`
-tokens one at a time; B alone, A alone, both), B's requests counted.
+(16) tokens one at a time; B alone, A alone, both), B's requests counted.
 
 Raw results, the command, the commit and the CPU's flags go to `--json`:
 
@@ -118,9 +119,14 @@ def load_args(server, **over):
     return argparse.Namespace(**base)
 
 
-def many_customers(server, duration):
+def many_customers(server, duration, warmup):
     keys = [server.key(f"c{n:02}") for n in range(16)]
     a_key = server.key("a")
+    if warmup > 0:
+        # The 16 customers alone first: their system prompts reach the prefix cache before A's
+        # streams and the measured period start, so both servers are measured warm.
+        asyncio.run(load.customers(load_args(server, duration=warmup, ban_tokens="0,2", max_tokens=16,
+                                             system_tokens=300), keys))
     args = load_args(server, duration=duration, api_key_a=a_key, a_streams=8, a_tokens=128,
                      ban_tokens="0,2", max_tokens=16, system_tokens=300)
     # The end tokens are banned for everyone: every request runs to its length, so both
@@ -156,11 +162,15 @@ def main():
     p.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "tollgate"))
     p.add_argument("--json", required=True)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of the many-customer phase")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="seconds the 16 customers send alone before A starts and the measured period "
+                        "(0: measured from a cold start, every system prompt prefilled at once)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the servers this many times, alternating (medians compared)")
     p.add_argument("--two-tenants", action="store_true")
     p.add_argument("--two-tenants-duration", type=float, default=35.0)
-    p.add_argument("--b-tokens", type=int, default=4)
+    p.add_argument("--b-tokens", type=int, default=16,
+                   help="tokens of each of B's requests (bench/load.py's two-tenant default)")
     p.add_argument("--on-passes", type=int, default=4,
                    help="interleave_passes of the `on` server (the engine's default is 4; "
                         "negative: models.toml as it is, for a binary that predates the setting)")
@@ -182,7 +192,8 @@ def main():
                 try:
                     run = {"round": rnd + 1, "interleave_passes": passes,
                            "interleave_every": args.on_every if passes else None,
-                           "many_customers": many_customers(server, args.duration)}
+                           "warmup_s": args.warmup,
+                           "many_customers": many_customers(server, args.duration, args.warmup)}
                     if args.two_tenants and passes and rnd == 0:
                         run["two_tenants"] = two_tenants(server, args.two_tenants_duration, args.b_tokens)
                 finally:
