@@ -127,6 +127,11 @@ impl<T> ClassQueues<T> {
         None
     }
 
+    /// Every waiting item, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.queues.iter().flat_map(FairQueue::iter)
+    }
+
     /// Keeps the items `keep` approves; returns how many were dropped.
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) -> usize {
         self.queues.iter_mut().map(|q| q.retain(&mut keep)).sum()

@@ -143,6 +143,13 @@ impl<T> FairQueue<T> {
         Found::Taken(tenant, item)
     }
 
+    /// Every waiting item, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.tenants
+            .values()
+            .flat_map(|q| q.items.iter().map(|(_, item)| item))
+    }
+
     /// Keeps the items `keep` approves; returns how many were dropped.
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) -> usize {
         let mut dropped = 0;

@@ -146,6 +146,19 @@ impl Desk {
         Some(self.start(sub, tenant, need, model))
     }
 
+    /// Prompt tokens, after the prefix cache, of the waiting requests that `apart` picks
+    /// (from each one and the tokens it would prefill).
+    pub(super) fn waiting_prefill(&self, apart: impl Fn(&Submission, usize) -> bool) -> usize {
+        self.waiting
+            .iter()
+            .filter_map(|sub| {
+                let prompt = &sub.request.prompt_ids;
+                let prefill = prompt.len() - self.prefixes.matched(prompt);
+                apart(sub, prefill).then_some(prefill)
+            })
+            .sum()
+    }
+
     /// Forgets customers that have nothing waiting, but for the `max_running` most recently
     /// served, so the queue's state follows the active customers only.
     pub(super) fn forget_idle(&mut self) {

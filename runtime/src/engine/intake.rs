@@ -19,7 +19,9 @@
 //! reads the weights a second time, which the running sequences pay for. A customer who comes
 //! while another's streams run gets a pass; when newcomers are many, most join the next step,
 //! where their prompts cost only their own tokens. A newcomer that does not fit, or finds no
-//! pass, waits for the next step.
+//! pass, waits for the next step. At a step's boundary the newcomers waiting are left to a
+//! pass before the step's first layer only when it takes them all ([`pass_takes_all`]); else
+//! they join the step, as they would with interleaving off.
 //!
 //! Beside a step of work that can wait only (`flex`, `batch`: sold as served from what higher
 //! classes leave), none of these bounds holds for a newcomer of a class above every one in the
@@ -93,6 +95,15 @@ pub(super) fn pass_budget(max_batch_tokens: usize, own_tokens: usize) -> usize {
     max_batch_tokens
         .saturating_sub(own_tokens)
         .min(own_tokens.max(PASS_FLOOR_TOKENS))
+}
+
+/// Whether the newcomers waiting at a step's boundary, `prefill` prompt tokens together, are
+/// left to a pass before the step's first layer rather than joining the step: only when the
+/// pass's `budget` takes them all. A newcomer left to a pass that has no room for it would
+/// wait a whole step longer than if it had joined the step (with many customers arriving,
+/// every few steps), so when they do not all fit, they all join the step.
+pub(super) fn pass_takes_all(prefill: usize, budget: usize) -> bool {
+    prefill <= budget
 }
 
 /// The tokens a pass may prefill beside however short a step: a short question in a chat
@@ -353,6 +364,15 @@ mod tests {
         assert_eq!(pass_budget(512, 200), 200);
         assert_eq!(pass_budget(512, 400), 112);
         assert_eq!(pass_budget(512, 600), 0);
+    }
+
+    #[test]
+    fn newcomers_are_left_to_a_pass_only_when_it_takes_them_all() {
+        let budget = pass_budget(512, 8);
+        assert!(pass_takes_all(30, budget));
+        assert!(pass_takes_all(64, budget));
+        // Three short questions of 30 tokens: two would fit, the third would wait a step.
+        assert!(!pass_takes_all(90, budget));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::admission::{chunks_taken, step_members, Member};
 use super::desk::{tenancy, Desk, Place};
-use super::intake::{pass_budget, starts_apart, Intake};
+use super::intake::{pass_budget, pass_takes_all, starts_apart, Intake};
 use super::preempt;
 use super::sequence::{Feed, Outcome, Sequence};
 use super::{EngineConfig, EngineStats, GenEvent, Submission};
@@ -138,8 +138,6 @@ impl Worker {
         }
         let mut tenants: Vec<Member> = self.running.iter().map(Sequence::member).collect();
         let config = &self.desk.config;
-        // The next step may run a pass for newcomers (else they join it).
-        let interleave = self.desk.pass_ready(self.steps + 1);
         // What a step's intake has at least once the step's decode tokens are counted (when
         // the step's prompt chunks take more, a newcomer left to it waits a step or more).
         let decoders = tenants
@@ -147,16 +145,20 @@ impl Worker {
             .min(config.max_running.min(config.max_step_sequences));
         let budget = pass_budget(config.max_batch_tokens, decoders);
         let before = tenants.clone();
-        // While sequences run, a request whose customer has none of them is left to the step
-        // about to run, which starts it before one of its layers ([`Intake`]); it keeps its
-        // place, so those behind it cannot take the KV it waits for, nor join in its stead. With
-        // nothing running there is no step to wait for, and every request joins the first.
-        let place = |tenant: &Tenant, sub: &Submission, prefill: usize| {
-            let class = tenancy(&sub.request).2;
-            if interleave
-                && !before.is_empty()
-                && starts_apart(&before, (tenant, class), prefill, budget)
-            {
+        // While sequences run, a request whose customer has none of them may start before one
+        // of the next step's layers ([`Intake`]) instead of joining it.
+        let apart = |sub: &Submission, prefill: usize| {
+            let (tenant, _, class) = tenancy(&sub.request);
+            !before.is_empty() && starts_apart(&before, (&tenant, class), prefill, budget)
+        };
+        // Such requests are left to the step when it may run a pass and the pass takes them
+        // all ([`pass_takes_all`]); they keep their place, so those behind them cannot take the
+        // KV they wait for, nor join in their stead. Else they join the step. With nothing
+        // running there is no step to wait for, and every request joins the first.
+        let interleave = self.desk.pass_ready(self.steps + 1)
+            && pass_takes_all(self.desk.waiting_prefill(apart), budget);
+        let place = |_: &Tenant, sub: &Submission, prefill: usize| {
+            if interleave && apart(sub, prefill) {
                 Place::Elsewhere
             } else {
                 Place::Here
