@@ -20,20 +20,12 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
 use tollgate_runtime::loader::load_dev_model;
-use tollgate_runtime::model::{AdapterBase, LlamaConfig, LoraAdapter};
+use tollgate_runtime::model::{AdapterBase, LlamaConfig, LoraAdapter, LoraTarget};
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::synth::pseudo_random;
 
 const STREAMS: usize = 8;
-const MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const MODULES: [&str; 7] = LoraTarget::PEFT_NAMES;
 
 fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
     let args: Vec<String> = std::env::args().collect();

@@ -24,7 +24,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
-use tollgate_runtime::model::{LlamaModel, LoraAdapter, SeqStep, WeightForm};
+use tollgate_runtime::model::{LlamaModel, LoraAdapter, LoraTarget, SeqStep, WeightForm};
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::tokenizer::ModelTokenizer;
 
@@ -50,15 +50,7 @@ const MERGE_TOL: f32 = 1e-3;
 /// batching.rs`'s tolerance; the host path, the engine's default, is held to identity.
 const CANDLE_BATCH_TOL: f32 = 1e-4;
 
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const ALL: [&str; 7] = LoraTarget::PEFT_NAMES;
 
 fn prompt(text: &str) -> Vec<u32> {
     text.bytes().map(u32::from).collect()

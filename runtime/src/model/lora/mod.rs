@@ -43,17 +43,20 @@ impl Target {
         Self::Down,
     ];
 
+    /// PEFT's module names of [`Target::ALL`], in order.
+    pub const PEFT_NAMES: [&'static str; 7] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+
     /// The module's name in PEFT's `target_modules` and tensor names.
     pub fn peft_name(self) -> &'static str {
-        match self {
-            Self::Q => "q_proj",
-            Self::K => "k_proj",
-            Self::V => "v_proj",
-            Self::O => "o_proj",
-            Self::Gate => "gate_proj",
-            Self::Up => "up_proj",
-            Self::Down => "down_proj",
-        }
+        Self::PEFT_NAMES[self as usize]
     }
 
     /// The block's submodule holding it (`self_attn` or `mlp`).
