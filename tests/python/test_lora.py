@@ -4,7 +4,8 @@ metadata: `noisy` (random A and B on every projection, its own price) and `zero`
 price: the base model's). Each is a model id `smollm2:<name>` listed in /v1/models; `zero`
 answers exactly what the base model answers, `noisy` something else; the three run together
 (one engine, the same batches) and each answers as alone; each usage record names the model
-id it was billed as, at that id's prices."""
+id it was billed as, at that id's prices. A reload that adds an adapter adds its model id and
+keeps the base model's engine."""
 
 import json
 import time
@@ -68,14 +69,8 @@ def write_adapter(directory, s: dict, r: int, zero_b: bool, seed: int):
         "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lora")
-    s = shape()
-    assert (s["layers"], s["hidden"], s["q"], s["kv"], s["ffn"]) == (30, 576, 576, 192, 1536), s
-    write_adapter(tmp / "noisy", s, 8, zero_b=False, seed=1)
-    write_adapter(tmp / "zero", s, 4, zero_b=True, seed=2)
-    config = write_config("tollgate-lora-", (
+def catalogue(tmp, extra: str = "") -> str:
+    return (
         '[models."smollm2"]\n'
         f'source = {{ path = "{GGUF}" }}\n'
         f'backend = {{ type = "local", kv_cache_bytes = {64 << 20} }}\n'
@@ -86,8 +81,19 @@ def srv(tmp_path_factory):
         'price = { input_per_mtok = "0.50", output_per_mtok = "1.00" }\n'
         '[[models."smollm2".adapters]]\n'
         'name = "zero"\n'
-        f'source = {{ path = "{tmp / "zero"}" }}\n'))
+        f'source = {{ path = "{tmp / "zero"}" }}\n' + extra)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    s = shape()
+    assert (s["layers"], s["hidden"], s["q"], s["kv"], s["ffn"]) == (30, 576, 576, 192, 1536), s
+    write_adapter(tmp / "noisy", s, 8, zero_b=False, seed=1)
+    write_adapter(tmp / "zero", s, 4, zero_b=True, seed=2)
+    config = write_config("tollgate-lora-", catalogue(tmp))
     server = start_server(extra_env={"TOLLGATE_ADMIN_TOKEN": ADMIN}, extra_args=["--config", config])
+    server.tmp, server.config = tmp, config
     yield server
     code = stop_server(server)
     assert code == 0, "".join(server.log[-40:])
@@ -155,3 +161,17 @@ def test_adapters_are_model_ids_and_answer_as_their_weights_say(srv, client):
         assert rec["model"] == models[request_id], rec
         assert Decimal(str(rec["input_price_per_mtok"])) == Decimal(input_price), rec
         assert Decimal(str(rec["output_price_per_mtok"])) == Decimal(output_price), rec
+
+
+def test_a_reload_adds_an_adapter_and_keeps_the_base_models_engine(srv, client):
+    base = ask(client, "smollm2")[0]
+    with open(srv.config, "w") as f:
+        f.write(catalogue(srv.tmp, '[[models."smollm2".adapters]]\nname = "zero2"\n'
+                                   f'source = {{ path = "{srv.tmp / "zero"}" }}\n'))
+    r = httpx.post(f"http://{srv.addr}/admin/v1/models/reload",
+                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300)
+    assert r.status_code == 200, r.text
+    outcome = r.json()
+    assert outcome["added"] == ["smollm2:zero2"] and outcome["replaced"] == [], outcome
+    assert ask(client, "smollm2:zero2")[0] == base
+    assert ask(client, "smollm2:noisy")[0] != base
