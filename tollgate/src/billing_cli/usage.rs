@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use serde_json::json;
+use tollgate_metering::billing::views::UsageReport;
 use tollgate_metering::billing::{self, parse_time};
 use tollgate_metering::export_formats::StripeMapping;
 use tollgate_metering::kinds::Outcome;
@@ -243,12 +243,7 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             let rows = db.open().await?.aggregate(&filter, &groups, None).await?;
             let columns = billing::usage_columns(&groups);
             match format {
-                ReportFormat::Json => print(&json!({
-                    "object": "list",
-                    "start": tollgate_metering::periods::rfc3339(start),
-                    "end": tollgate_metering::periods::rfc3339(end),
-                    "data": rows.iter().map(|r| billing::usage_row_json(r, &columns)).collect::<Vec<_>>(),
-                })),
+                ReportFormat::Json => print(&UsageReport::new(start, end, &rows, &columns)),
                 ReportFormat::Csv => {
                     print!("{}", billing::usage_csv(&rows, &columns)?);
                     Ok(())
