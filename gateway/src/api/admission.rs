@@ -333,7 +333,6 @@ pub(crate) async fn start(
     }
 }
 
-/// Prepares every choice of `plan` on `backend` for `caller`, at `tier`.
 /// A request's choices prepared at the tier it runs at, with their token counts.
 struct AtTier {
     prepared: Vec<Prepared>,
@@ -393,6 +392,7 @@ async fn prepare_at_tier(
     })
 }
 
+/// Prepares every choice of `plan` on `backend` for `caller`, at `tier`.
 async fn prepare(
     state: &AppState,
     backend: &Arc<dyn Backend>,
