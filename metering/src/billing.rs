@@ -82,6 +82,15 @@ pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
     Ok(groups)
 }
 
+/// An invoice's `group_by`: `tag:KEY` → the tag's key (invoices are split by nothing else).
+/// Errors name the text.
+pub fn parse_invoice_group(text: &str) -> Result<String, String> {
+    match text.strip_prefix("tag:") {
+        Some(key) if !key.is_empty() => Ok(key.to_string()),
+        _ => Err(format!("invoices group by `tag:KEY` only, not `{text}`")),
+    }
+}
+
 /// `key:value` (or `key=value`) → a tag filter. Errors name the text.
 pub fn parse_tag_filter(text: &str) -> Result<(String, String), String> {
     crate::tags::parse_pair(text)

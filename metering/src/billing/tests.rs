@@ -264,3 +264,13 @@ fn invoice_lines_keep_their_fields_and_order() {
         r#"{"kind":"reservation","reservation_id":"rsv_1","model":"m","service_tier":"reserved","reserved_tokens_per_minute":1000,"price_per_ktpm_month":"3.00","active_from":"2026-11-16T00:00:00.000000Z","active_until":"2026-12-01T00:00:00.000000Z","days_active":"15","days_in_month":"30","amount_usd":"1.500000000"}"#
     );
 }
+
+/// Invoices split by one tag's value and nothing else; the error names what was asked.
+#[test]
+fn invoices_group_by_a_tag_only() {
+    assert_eq!(parse_invoice_group("tag:project").unwrap(), "project");
+    assert!(parse_invoice_group("tag:").unwrap_err().contains("`tag:`"));
+    assert!(parse_invoice_group("model")
+        .unwrap_err()
+        .contains("`model`"));
+}

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Subcommand;
 use tollgate_metering::billing::views::UsageReport;
 use tollgate_metering::billing::{self, parse_time};
@@ -258,13 +258,11 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             db,
         } => {
             let period = period.unwrap_or_else(billing::current_period);
-            let group_tag = match group_by.as_deref() {
-                None => None,
-                Some(g) => match g.strip_prefix("tag:") {
-                    Some(k) if !k.is_empty() => Some(k.to_string()),
-                    _ => bail!("--group-by: invoices group by `tag:KEY` only, not `{g}`"),
-                },
-            };
+            let group_tag = group_by
+                .as_deref()
+                .map(billing::parse_invoice_group)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?;
             let tag = tag_arg(tag.as_deref())?;
             print(
                 &billing::invoice_for(&db.open().await?, &customer_id, &period, tag, group_tag)

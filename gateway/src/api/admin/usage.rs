@@ -226,15 +226,7 @@ pub(super) async fn invoice(
     billing::parse_period(&period).map_err(|e| invalid_field("period", e))?;
     let group_tag = match q.group_by.as_deref() {
         None | Some("") => None,
-        Some(g) => match g.strip_prefix("tag:") {
-            Some(key) if !key.is_empty() => Some(key.to_string()),
-            _ => {
-                return Err(invalid_field(
-                    "group_by",
-                    format!("invoices group by `tag:KEY` only, not `{g}`"),
-                ))
-            }
-        },
+        Some(g) => Some(billing::parse_invoice_group(g).map_err(|e| invalid_field("group_by", e))?),
     };
     let tag = tag_filter(q.tag.as_deref())?;
     Ok(Json(
