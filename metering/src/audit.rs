@@ -340,24 +340,26 @@ const ENTRY_COLUMNS: &str = "seq, id, at, actor_kind, actor, remote_addr, reques
 impl Store {
     /// Entries after `cursor` (a `seq`), oldest first, for export jobs.
     pub async fn audit_after(&self, cursor: i64, limit: i64) -> StoreResult<Vec<Entry>> {
-        sqlx::query(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
-        ))
-        .bind(cursor)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?
-        .iter()
-        .map(Entry::from_row)
-        .collect()
+        self.audit_page("seq > $1 ORDER BY seq", cursor, limit)
+            .await
     }
 
     /// Entries before `cursor` (a `seq`; `None`: the newest), newest first, for the console.
     pub async fn audit_before(&self, cursor: Option<i64>, limit: i64) -> StoreResult<Vec<Entry>> {
+        self.audit_page(
+            "seq < $1 ORDER BY seq DESC",
+            cursor.unwrap_or(i64::MAX),
+            limit,
+        )
+        .await
+    }
+
+    /// `limit` entries in `order`, a condition on `seq` against `cursor` (`$1`) and an order.
+    async fn audit_page(&self, order: &str, cursor: i64, limit: i64) -> StoreResult<Vec<Entry>> {
         sqlx::query(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq < $1 ORDER BY seq DESC LIMIT $2"
+            "SELECT {ENTRY_COLUMNS} FROM audit_log WHERE {order} LIMIT $2"
         ))
-        .bind(cursor.unwrap_or(i64::MAX))
+        .bind(cursor)
         .bind(limit)
         .fetch_all(self.pool())
         .await?

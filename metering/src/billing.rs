@@ -1,5 +1,8 @@
 //! Reading the ledger for billing: aggregates, invoices and record exports, shaped once here and
-//! shared by the admin API and the CLI (`tollgate usage ...`), so both print the same columns.
+//! shared by the admin API and the CLI (`tollgate usage ...`), so both print the same columns;
+//! the shapes themselves are the types of [`views`].
+
+pub mod views;
 
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
@@ -11,6 +14,7 @@ use crate::periods::{month_bounds, rfc3339};
 use crate::store::{
     GroupBy, Reservation, Store, StoreError, StoreResult, UsageFilter, UsageRecord, UsageRow,
 };
+use views::{Invoice, InvoiceLine, TagPair};
 
 /// RFC 3339 (or a bare `YYYY-MM-DD`, meaning its UTC midnight) → microseconds.
 pub fn parse_time(text: &str) -> Result<i64, String> {
@@ -76,6 +80,15 @@ pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
         }
     }
     Ok(groups)
+}
+
+/// An invoice's `group_by`: `tag:KEY` → the tag's key (invoices are split by nothing else).
+/// Errors name the text.
+pub fn parse_invoice_group(text: &str) -> Result<String, String> {
+    match text.strip_prefix("tag:") {
+        Some(key) if !key.is_empty() => Ok(key.to_string()),
+        _ => Err(format!("invoices group by `tag:KEY` only, not `{text}`")),
+    }
 }
 
 /// `key:value` (or `key=value`) → a tag filter. Errors name the text.
@@ -201,40 +214,6 @@ pub const RECORD_COLUMNS: [&str; 28] = [
     "batch_id",
 ];
 
-/// A record as exported: times in RFC 3339, money as a decimal string.
-pub fn record_json(r: &UsageRecord) -> Value {
-    json!({
-        "id": r.id,
-        "customer_id": r.customer_id,
-        "key_id": r.key_id,
-        "model": r.model,
-        "endpoint": r.endpoint,
-        "stream": r.stream,
-        "status": r.status,
-        "finish_reason": r.finish_reason,
-        "input_tokens": r.input_tokens,
-        "output_tokens": r.output_tokens,
-        "started_at": rfc3339(r.started_at),
-        "finished_at": rfc3339(r.finished_at),
-        "ttft_ms": r.ttft_ms,
-        "input_price_per_mtok": r.input_price_per_mtok,
-        "output_price_per_mtok": r.output_price_per_mtok,
-        "cost_usd": format_usd(r.cost_nano_usd),
-        "cached_input_tokens": r.cached_input_tokens,
-        "cached_input_price_per_mtok": cached_price(r),
-        "cached_input_cost_usd": format_usd(r.cached_cost_nano_usd),
-        "usage_source": r.usage_source,
-        "tags": r.tags,
-        "idempotency_key": r.idempotency_key,
-        "service_tier": r.service_tier,
-        "accepted_prediction_tokens": r.prediction.accepted,
-        "rejected_prediction_tokens": r.prediction.rejected,
-        "rejected_prediction_price_per_mtok": rejected_price(r),
-        "rejected_prediction_cost_usd": format_usd(r.prediction.cost_nano_usd),
-        "batch_id": r.batch_id,
-    })
-}
-
 /// The unit price a record's rejected prediction tokens were charged (the output price on
 /// records older than predictions, which have none).
 fn rejected_price(r: &UsageRecord) -> Decimal {
@@ -291,7 +270,7 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
 /// its records' parts: each record's cached part (`cached_input_cost_usd`, rounded alone) on
 /// the cached line, its rejected prediction part (`rejected_prediction_cost_usd`) on that
 /// line, the rest of its cost on the tokens line, so the lines add up to the records.
-pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreResult<Value> {
+pub async fn invoice(store: &Store, customer_id: &str, period: &str) -> StoreResult<Invoice> {
     invoice_for(store, customer_id, period, None, None).await
 }
 
@@ -303,7 +282,7 @@ pub async fn invoice_for(
     period: &str,
     tag: Option<(String, String)>,
     group_tag: Option<String>,
-) -> StoreResult<Value> {
+) -> StoreResult<Invoice> {
     let (start, end) = parse_period(period).map_err(StoreError::Invalid)?;
     let customer = store.customer(customer_id).await?;
     let filter = UsageFilter {
@@ -319,42 +298,15 @@ pub async fn invoice_for(
     }
     let rows = store.aggregate(&filter, &groups, None).await?;
     let mut total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
-    let mut lines: Vec<Value> = Vec::new();
+    let mut lines = Vec::new();
     for r in &rows {
-        let tag_line = |mut line: Value| {
-            if let Some(key) = &group_tag {
-                line["tag"] = json!({"key": key, "value": r.tag_value});
-            }
-            line
-        };
-        lines.push(tag_line(json!({
-            "kind": "tokens",
-            "model": r.model,
-            "service_tier": r.service_tier,
-            "requests": r.requests,
-            "input_tokens": r.input_tokens - r.cached_input_tokens,
-            "output_tokens": r.output_tokens,
-            "input_price_per_mtok": r.input_price_per_mtok,
-            "output_price_per_mtok": r.output_price_per_mtok,
-            "amount_usd": format_usd(
-                r.cost_nano_usd - r.cached_cost_nano_usd - r.prediction.cost_nano_usd
-            ),
-        })));
-        if r.cached_input_tokens > 0 {
-            lines.push(tag_line(json!({
-                "kind": "cached_input",
-                "model": r.model,
-                "service_tier": r.service_tier,
-                "requests": r.requests,
-                "cached_input_tokens": r.cached_input_tokens,
-                "cached_input_price_per_mtok": r
-                    .cached_input_price_per_mtok
-                    .as_ref()
-                    .or(r.input_price_per_mtok.as_ref()),
-                "amount_usd": format_usd(r.cached_cost_nano_usd),
-            })));
-        }
-        lines.extend(rejected_prediction_line(r).map(tag_line));
+        let row_lines = std::iter::once(InvoiceLine::tokens(r))
+            .chain(InvoiceLine::cached_input(r))
+            .chain(InvoiceLine::rejected_prediction(r));
+        lines.extend(row_lines.map(|line| match &group_tag {
+            Some(key) => line.tagged(key, r),
+            None => line,
+        }));
     }
     // Reservations are the customer's, not a tag's: on the invoice unless it is one tag's.
     if tag.is_none() {
@@ -365,37 +317,25 @@ pub async fn invoice_for(
             lines.push(line);
         }
     }
-    Ok(json!({
-        "object": "invoice",
-        "customer_id": customer.id,
-        "period": period.trim(),
-        "period_start": rfc3339(start),
-        "period_end": rfc3339(end),
-        "currency": "usd",
-        "line_items": lines,
-        "total_usd": format_usd(total),
-        "tag_filter": tag.map(|(k, v)| json!({"key": k, "value": v})),
-    }))
-}
-
-/// The invoice line of an aggregate row's rejected prediction tokens (none without them).
-fn rejected_prediction_line(r: &UsageRow) -> Option<Value> {
-    (r.prediction.rejected > 0).then(|| {
-        json!({
-            "kind": "rejected_prediction",
-            "model": r.model,
-            "service_tier": r.service_tier,
-            "requests": r.requests,
-            "rejected_prediction_tokens": r.prediction.rejected,
-            "rejected_prediction_price_per_mtok": r.prediction.price_per_mtok,
-            "amount_usd": format_usd(r.prediction.cost_nano_usd),
-        })
+    Ok(Invoice {
+        object: "invoice",
+        customer_id: customer.id,
+        period: period.trim().to_string(),
+        period_start: rfc3339(start),
+        period_end: rfc3339(end),
+        currency: "usd",
+        line_items: lines,
+        total_usd: format_usd(total),
+        tag_filter: tag.map(|(key, value)| TagPair {
+            key,
+            value: Some(value),
+        }),
     })
 }
 
 /// A reservation's line on the invoice of the month `[start, end)`: the share of the month it
 /// was active × its TPM / 1000 × its price per 1,000 TPM per month, and that amount.
-pub fn reservation_line(r: &Reservation, start: i64, end: i64) -> (Value, i64) {
+pub fn reservation_line(r: &Reservation, start: i64, end: i64) -> (InvoiceLine, i64) {
     const DAY: i64 = 86_400_000_000;
     let from = r.starts_at.max(start);
     let to = r.ends_at.map_or(end, |e| e.min(end));
@@ -407,19 +347,20 @@ pub fn reservation_line(r: &Reservation, start: i64, end: i64) -> (Value, i64) {
         end - start,
     );
     let days = |micros: i64| (Decimal::from(micros) / Decimal::from(DAY)).normalize();
-    let line = json!({
-        "kind": "reservation",
-        "reservation_id": r.id,
-        "model": r.model,
-        "service_tier": ServiceTier::Reserved,
-        "reserved_tokens_per_minute": r.reserved_tokens_per_minute,
-        "price_per_ktpm_month": r.price_per_ktpm_month,
-        "active_from": rfc3339(from),
-        "active_until": rfc3339(to.max(from)),
-        "days_active": days(active).to_string(),
-        "days_in_month": days(end - start).to_string(),
-        "amount_usd": format_usd(amount),
-    });
+    let line = InvoiceLine {
+        kind: "reservation",
+        reservation_id: Some(r.id.clone()),
+        model: r.model.clone(),
+        service_tier: ServiceTier::Reserved,
+        reserved_tokens_per_minute: Some(r.reserved_tokens_per_minute),
+        price_per_ktpm_month: Some(r.price_per_ktpm_month),
+        active_from: Some(rfc3339(from)),
+        active_until: Some(rfc3339(to.max(from))),
+        days_active: Some(days(active).to_string()),
+        days_in_month: Some(days(end - start).to_string()),
+        amount_usd: format_usd(amount),
+        ..InvoiceLine::default()
+    };
     (line, amount)
 }
 

@@ -76,6 +76,56 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 pub async fn compare(opts: &Options, today: &Path, older: &Path) -> anyhow::Result<()> {
     let mut opts = opts.clone();
     opts.no_search = true;
+    let rounds = run_rounds(&opts, today, older).await?;
+    let mut out = String::new();
+    out.push_str(&format!("{}\n", header(&opts)));
+    out.push_str(&format!(
+        "today's binary: {}\nolder binary:   {}\n{} rounds, alternating (odd rounds today's first)\n\n",
+        today.display(),
+        older.display(),
+        opts.rounds
+    ));
+    let summary = summarize(&opts, &rounds, &mut out);
+    let ledger_ok = rounds.iter().all(|r| r.metering_ok != Some(false));
+    out.push_str(&format!(
+        "\nledger check (one record per request answered) in every run: {}\n",
+        if ledger_ok { "OK" } else { "MISMATCH" }
+    ));
+    for r in &rounds {
+        out.push_str(&format!(
+            "round {} {}: load average before {}, after {}\n",
+            r.round,
+            if r.today { "today's" } else { "older" },
+            r.load.0,
+            r.load.1
+        ));
+    }
+    print!("{out}");
+    if let Some(path) = &opts.json {
+        let doc = json!({
+            "mode": mode(&opts),
+            "metering": opts.metering(),
+            "gateway_log": opts.gateway_log,
+            "duration_secs": opts.duration.as_secs_f64(),
+            "warmup_secs": opts.warmup.as_secs_f64(),
+            "today": today.display().to_string(),
+            "older": older.display().to_string(),
+            "rounds": opts.rounds,
+            "summary": summary,
+            "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
+            "provenance": crate::provenance::provenance(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if !ledger_ok {
+        bail!("a ledger does not hold one record per gateway request");
+    }
+    Ok(())
+}
+
+/// The rounds, each a whole benchmark of both binaries: odd rounds today's first.
+async fn run_rounds(opts: &Options, today: &Path, older: &Path) -> anyhow::Result<Vec<Round>> {
     let mut rounds = Vec::new();
     for round in 1..=opts.rounds {
         let order = if round % 2 == 1 {
@@ -85,7 +135,7 @@ pub async fn compare(opts: &Options, today: &Path, older: &Path) -> anyhow::Resu
         };
         for is_today in order {
             let binary = if is_today { today } else { older };
-            let (points, metering, load) = measure_binary(&opts, binary)
+            let (points, metering, load) = measure_binary(opts, binary)
                 .await
                 .with_context(|| format!("round {round}, {}", binary.display()))?;
             rounds.push(Round {
@@ -97,14 +147,12 @@ pub async fn compare(opts: &Options, today: &Path, older: &Path) -> anyhow::Resu
             });
         }
     }
-    let mut out = String::new();
-    out.push_str(&format!("{}\n", header(&opts)));
-    out.push_str(&format!(
-        "today's binary: {}\nolder binary:   {}\n{} rounds, alternating (odd rounds today's first)\n\n",
-        today.display(),
-        older.display(),
-        opts.rounds
-    ));
+    Ok(rounds)
+}
+
+/// The table of each rate's figures, each round's and the ratio of their medians, written to
+/// `out`; returns its rows as JSON.
+fn summarize(opts: &Options, rounds: &[Round], out: &mut String) -> Vec<Value> {
     out.push_str(
         " rate/s  figure                      today (each round)         older (each round)         \
          today ÷ older (medians)\n",
@@ -123,8 +171,8 @@ pub async fn compare(opts: &Options, today: &Path, older: &Path) -> anyhow::Resu
             ("gateway_errors", errors, 0),
         ] {
             let (a, b) = (
-                figure(&rounds, true, rate, f),
-                figure(&rounds, false, rate, f),
+                figure(rounds, true, rate, f),
+                figure(rounds, false, rate, f),
             );
             let r = ratio(median(a.clone()), median(b.clone()));
             out.push_str(&format!(
@@ -137,61 +185,25 @@ pub async fn compare(opts: &Options, today: &Path, older: &Path) -> anyhow::Resu
         }
         summary.push(row);
     }
-    let ledger_ok = rounds.iter().all(|r| r.metering_ok != Some(false));
-    out.push_str(&format!(
-        "\nledger check (one record per request answered) in every run: {}\n",
-        if ledger_ok { "OK" } else { "MISMATCH" }
-    ));
-    for r in &rounds {
-        out.push_str(&format!(
-            "round {} {}: load average before {}, after {}\n",
-            r.round,
-            if r.today { "today's" } else { "older" },
-            r.load.0,
-            r.load.1
-        ));
-    }
-    print!("{out}");
-    if let Some(path) = &opts.json {
-        let runs: Vec<Value> = rounds
-            .iter()
-            .map(|r| {
-                json!({
-                    "binary": if r.today { "today" } else { "older" },
-                    "round": r.round,
-                    "load_average_before": r.load.0,
-                    "load_average_after": r.load.1,
-                    "ledger_check_ok": r.metering_ok,
-                    "rates": r.points.iter().map(|p| json!({
-                        "rate": p.gateway.rate,
-                        "direct": p.direct.to_json(),
-                        "gateway": p.gateway.to_json(),
-                        "added_p50_ms": added_p50(p),
-                        "added_p99_ms": added_p99(p),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let doc = json!({
-            "mode": mode(&opts),
-            "metering": opts.metering(),
-            "gateway_log": opts.gateway_log,
-            "duration_secs": opts.duration.as_secs_f64(),
-            "warmup_secs": opts.warmup.as_secs_f64(),
-            "today": today.display().to_string(),
-            "older": older.display().to_string(),
-            "rounds": opts.rounds,
-            "summary": summary,
-            "runs": runs,
-            "provenance": crate::provenance::provenance(),
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    if !ledger_ok {
-        bail!("a ledger does not hold one record per gateway request");
-    }
-    Ok(())
+    summary
+}
+
+/// One round of one binary, as the `--json` file's `runs` hold it.
+fn round_json(r: &Round) -> Value {
+    json!({
+        "binary": if r.today { "today" } else { "older" },
+        "round": r.round,
+        "load_average_before": r.load.0,
+        "load_average_after": r.load.1,
+        "ledger_check_ok": r.metering_ok,
+        "rates": r.points.iter().map(|p| json!({
+            "rate": p.gateway.rate,
+            "direct": p.direct.to_json(),
+            "gateway": p.gateway.to_json(),
+            "added_p50_ms": added_p50(p),
+            "added_p99_ms": added_p99(p),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 #[cfg(test)]

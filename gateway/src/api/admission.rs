@@ -15,7 +15,7 @@ use crate::concurrency::{RequestSlot, Slots};
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::kinds::{Endpoint, ServiceTier};
-use tollgate_metering::limits::{BudgetError, BudgetHold, TokenHold};
+use tollgate_metering::limits::{BudgetError, BudgetHold, Claim, TokenHold};
 use tollgate_metering::money::{max_cost_nano_usd, Price, TierPrices};
 use tollgate_metering::store::now_micros;
 use tollgate_metering::tags::Tags;
@@ -90,6 +90,25 @@ struct Entry {
     backend: Arc<dyn Backend>,
     slots: Option<Slots>,
     request_slot: RequestSlot,
+}
+
+impl Entry {
+    /// What the request holds until it is settled: these slots, and the token rate and budget
+    /// reserved for it.
+    fn into_holds(
+        self,
+        tokens: Option<TokenHold>,
+        budget: Option<BudgetHold>,
+        server_span: tracing::Span,
+    ) -> Holds {
+        Holds {
+            tokens,
+            budget,
+            server_span,
+            _slots: self.slots,
+            _request_slot: self.request_slot,
+        }
+    }
 }
 
 /// The checks every billed request passes first, in order: the model is served, the key may
@@ -257,37 +276,17 @@ pub(crate) async fn start(
     let mut admit_time = t.elapsed();
     // The backend's own work (tokenizing, templating), left out of the gateway's overhead.
     let t = Instant::now();
-    let first_tier = if reservable {
-        ServiceTier::Reserved
-    } else {
-        asked_tier
-    };
-    let mut prepared = prepare(state, &entry.backend, &caller, plan, first_tier).await?;
-    // The prompt is billed once per distinct prompt (the `n` choices of one prompt share it).
     let n = plan.n.max(1) as usize;
-    let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
-    let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
-    let most =
-        i64::from(prompt_tokens).saturating_add(i64::try_from(max_output).unwrap_or(i64::MAX));
-    let reserved_tokens = if reservable {
-        state
-            .reservations
-            .claim(&caller.customer_id, &plan.model, most, now_micros())
-            .await
-    } else {
-        None
-    };
-    let (service_tier, price) = match reserved_tokens {
-        Some(_) => (
-            ServiceTier::Reserved,
-            price_of(state, &plan.model, ServiceTier::Reserved)?,
-        ),
-        None if reservable => {
-            // Beyond the reservation: run and bill at the tier asked.
-            prepared = prepare(state, &entry.backend, &caller, plan, asked_tier).await?;
-            (asked_tier, asked_price)
-        }
-        None => (asked_tier, asked_price),
+    let AtTier {
+        prepared,
+        service_tier,
+        reserved_tokens,
+        prompt_tokens,
+        max_output,
+    } = prepare_at_tier(state, &entry.backend, &caller, plan, reservable, asked_tier).await?;
+    let price = match reserved_tokens {
+        Some(_) => price_of(state, &plan.model, ServiceTier::Reserved)?,
+        None => asked_price,
     };
     let backend_time = t.elapsed();
     let t = Instant::now();
@@ -317,13 +316,7 @@ pub(crate) async fn start(
         prices: tier_prices(state, &plan.model),
         tags,
     };
-    let holds = Holds {
-        tokens: tokens_hold,
-        budget: budget_hold,
-        server_span,
-        _slots: entry.slots,
-        _request_slot: entry.request_slot,
-    };
+    let holds = entry.into_holds(tokens_hold, budget_hold, server_span);
     let mut completion = Completion::new(state, caller, charge, holds, choices, n);
     completion.add_overhead(id.1.elapsed().saturating_sub(backend_time));
     match start_streams(prepared, service_tier).await {
@@ -338,6 +331,65 @@ pub(crate) async fn start(
             Err(e.into())
         }
     }
+}
+
+/// A request's choices prepared at the tier it runs at, with their token counts.
+struct AtTier {
+    prepared: Vec<Prepared>,
+    service_tier: ServiceTier,
+    /// What it took of this minute's reservation (`None`: it runs unreserved).
+    reserved_tokens: Option<Claim>,
+    /// The prompts' tokens, once per distinct prompt (the `n` choices of one prompt share it).
+    prompt_tokens: u32,
+    max_output: u64,
+}
+
+/// Prepares `plan`'s choices: at the reserved tier when the customer has a reservation on the
+/// model (`reservable`) and it has room this minute for the request's most tokens, else at
+/// `asked_tier` (prepared again when the reservation had no room).
+async fn prepare_at_tier(
+    state: &AppState,
+    backend: &Arc<dyn Backend>,
+    caller: &Caller,
+    plan: &Plan,
+    reservable: bool,
+    asked_tier: ServiceTier,
+) -> Result<AtTier, ApiError> {
+    let first_tier = if reservable {
+        ServiceTier::Reserved
+    } else {
+        asked_tier
+    };
+    let mut prepared = prepare(state, backend, caller, plan, first_tier).await?;
+    let n = plan.n.max(1) as usize;
+    let prompt_tokens: u32 = prepared.iter().step_by(n).map(|p| p.prompt_tokens).sum();
+    let max_output: u64 = prepared.iter().map(|p| u64::from(p.max_tokens)).sum();
+    let most =
+        i64::from(prompt_tokens).saturating_add(i64::try_from(max_output).unwrap_or(i64::MAX));
+    let reserved_tokens = if reservable {
+        state
+            .reservations
+            .claim(&caller.customer_id, &plan.model, most, now_micros())
+            .await
+    } else {
+        None
+    };
+    let service_tier = match reserved_tokens {
+        Some(_) => ServiceTier::Reserved,
+        None if reservable => {
+            // Beyond the reservation: run and bill at the tier asked.
+            prepared = prepare(state, backend, caller, plan, asked_tier).await?;
+            asked_tier
+        }
+        None => asked_tier,
+    };
+    Ok(AtTier {
+        prepared,
+        service_tier,
+        reserved_tokens,
+        prompt_tokens,
+        max_output,
+    })
 }
 
 /// Prepares every choice of `plan` on `backend` for `caller`, at `tier`.
@@ -424,13 +476,7 @@ pub(crate) async fn start_passthrough(
         prices: tier_prices(state, model),
         tags,
     };
-    let holds = Holds {
-        tokens: tokens_hold,
-        budget: budget_hold,
-        server_span,
-        _slots: entry.slots,
-        _request_slot: entry.request_slot,
-    };
+    let holds = entry.into_holds(tokens_hold, budget_hold, server_span);
     // One sequence, whose progress the relay feeds the guard itself.
     let choices = vec![ChoiceTally::new(prompt_tokens, None, None)];
     Ok(Completion::new(state, caller, charge, holds, choices, 1))

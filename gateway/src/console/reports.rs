@@ -7,13 +7,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use maud::{html, Markup};
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::pages::{bad, health, store, time, usd, PageResult, PAGE};
 use super::{layout, PageError, Signed};
 use crate::config::BackendConfig;
 use crate::error::ApiError;
 use crate::AppState;
+use tollgate_metering::billing::views::Invoice;
 use tollgate_metering::billing::{self, parse_time};
 use tollgate_metering::console_queries::LogFilter;
 use tollgate_metering::periods::{month_bounds, rfc3339};
@@ -227,40 +227,37 @@ pub(crate) async fn invoices(
     Ok(layout(&signed, "Invoices & exports", content))
 }
 
-fn invoice_table(inv: &Value) -> Markup {
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        v => v.to_string(),
-    };
-    let empty = Vec::new();
-    let lines = inv["line_items"].as_array().unwrap_or(&empty);
+fn invoice_table(inv: &Invoice) -> Markup {
+    // A field a line of another kind leaves out: an empty cell.
+    fn opt(v: Option<&impl ToString>) -> String {
+        v.map(ToString::to_string).unwrap_or_default()
+    }
     html! {
         table #invoice {
             thead { tr { th { "Kind" } th { "Model" } th { "Tier" } th { "Requests" } th { "Tokens" } th { "Price" } th { "Amount (USD)" } } }
             tbody {
-                @for l in lines {
-                    @let cached = l["kind"] == "cached_input";
-                    @let reserved = l["kind"] == "reservation";
-                    @let rejected = l["kind"] == "rejected_prediction";
+                @for l in &inv.line_items {
+                    @let cached = l.kind == "cached_input";
+                    @let reserved = l.kind == "reservation";
+                    @let rejected = l.kind == "rejected_prediction";
                     tr {
-                        td { (text(&l["kind"])) }
-                        td { (text(&l["model"])) }
-                        td.tier { (text(&l["service_tier"])) }
-                        td { (text(&l["requests"])) }
-                        td { @if cached { (text(&l["cached_input_tokens"])) " cached" }
-                             @else if reserved { (text(&l["reserved_tokens_per_minute"])) " TPM, " (text(&l["days_active"])) " of " (text(&l["days_in_month"])) " days" }
-                             @else if rejected { (text(&l["rejected_prediction_tokens"])) " rejected prediction" }
-                             @else { (text(&l["input_tokens"])) " in / " (text(&l["output_tokens"])) " out" } }
-                        td { @if cached { (text(&l["cached_input_price_per_mtok"])) " / Mtok" }
-                             @else if reserved { (text(&l["price_per_ktpm_month"])) " / kTPM-month" }
-                             @else if rejected { (text(&l["rejected_prediction_price_per_mtok"])) " / Mtok" }
-                             @else { (text(&l["input_price_per_mtok"])) " / " (text(&l["output_price_per_mtok"])) " / Mtok" } }
-                        td { (text(&l["amount_usd"])) }
+                        td { (l.kind) }
+                        td { (l.model) }
+                        td.tier { (l.service_tier.as_str()) }
+                        td { (opt(l.requests.as_ref())) }
+                        td { @if cached { (opt(l.cached_input_tokens.as_ref())) " cached" }
+                             @else if reserved { (opt(l.reserved_tokens_per_minute.as_ref())) " TPM, " (opt(l.days_active.as_ref())) " of " (opt(l.days_in_month.as_ref())) " days" }
+                             @else if rejected { (opt(l.rejected_prediction_tokens.as_ref())) " rejected prediction" }
+                             @else { (opt(l.input_tokens.as_ref())) " in / " (opt(l.output_tokens.as_ref())) " out" } }
+                        td { @if cached { (opt(l.cached_input_price_per_mtok.as_ref())) " / Mtok" }
+                             @else if reserved { (opt(l.price_per_ktpm_month.as_ref())) " / kTPM-month" }
+                             @else if rejected { (opt(l.rejected_prediction_price_per_mtok.as_ref())) " / Mtok" }
+                             @else { (opt(l.input_price_per_mtok.as_ref())) " / " (opt(l.output_price_per_mtok.as_ref())) " / Mtok" } }
+                        td { (l.amount_usd) }
                     }
                 }
             }
-            tfoot { tr { th colspan="6" { "Total " (text(&inv["period"])) } th #invoice-total { (text(&inv["total_usd"])) } } }
+            tfoot { tr { th colspan="6" { "Total " (inv.period) } th #invoice-total { (inv.total_usd) } } }
         }
     }
 }

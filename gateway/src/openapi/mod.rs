@@ -1,14 +1,11 @@
 //! What the OpenAPI 3.1 document of the public and admin APIs is made of besides the
 //! handlers' own types: the error sets ([`PublicErrors`], [`AdminErrors`]), a streamed answer's
-//! event ([`ServerSentEvent`]), the bearer schemes, and the usage reports' bodies that metering
-//! still writes by hand ([`admin_schemas`]). A leaf: the handlers name these in their
+//! event ([`ServerSentEvent`]) and the bearer schemes. A leaf: the handlers name these in their
 //! `#[utoipa::path]`s, and [`crate::api::document`] gathers the operations into the document
 //! served at `GET /openapi.json`.
 //!
 //! Component names follow OpenAI's (`CreateChatCompletionRequest`, `CompletionUsage`,
 //! `Response`, ...), and only the fields the server implements are described.
-
-pub mod admin_schemas;
 
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};

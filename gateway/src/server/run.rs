@@ -108,21 +108,7 @@ pub async fn run_split(
     };
     let refused = state.metrics.connections_refused.clone();
     let batches_stop = start_runners(&state);
-    if state.admin_token.is_none() {
-        tracing::info!(
-            "admin API and console disabled (TOLLGATE_ADMIN_TOKEN is not set): /admin and /console answer 404"
-        );
-    }
-    if operator.is_none() {
-        tracing::warn!(
-            "/metrics{} on the public listener {addr}: use --admin-listen to keep them off the public network",
-            if state.admin_token.is_some() {
-                ", the admin API and the console are"
-            } else {
-                " is"
-            }
-        );
-    }
+    log_exposure(&state, operator.is_some(), addr);
     let (public, operator_server) = match operator {
         Some(operator) => {
             tracing::info!("admin API and metrics on {}", operator.local_addr()?);
@@ -155,6 +141,44 @@ pub async fn run_split(
     );
     let mut server = tokio::spawn(server);
     let result = drain(&mut server, signalled_rx, timeout).await;
+    finish(&tasks, &background, timeout).await;
+    if let Some(operator_server) = operator_server {
+        // Its requests are short; whatever is left when the public side is done is dropped.
+        if tokio::time::timeout(Duration::from_secs(1), operator_server)
+            .await
+            .is_err()
+        {
+            tracing::debug!("operator endpoints: requests dropped at shutdown");
+        }
+    }
+    result
+}
+
+/// Says at start which operator endpoints are off, and which share the public listener.
+fn log_exposure(state: &AppState, operator_listener: bool, addr: std::net::SocketAddr) {
+    if state.admin_token.is_none() {
+        tracing::info!(
+            "admin API and console disabled (TOLLGATE_ADMIN_TOKEN is not set): /admin and /console answer 404"
+        );
+    }
+    if !operator_listener {
+        tracing::warn!(
+            "/metrics{} on the public listener {addr}: use --admin-listen to keep them off the public network",
+            if state.admin_token.is_some() {
+                ", the admin API and the console are"
+            } else {
+                " is"
+            }
+        );
+    }
+}
+
+/// Shutdown phases (4) and (5), once the listener has drained.
+async fn finish(
+    tasks: &tokio_util::task::TaskTracker,
+    background: &crate::state::Background,
+    timeout: Duration,
+) {
     // (4) Requests detached from their clients (idempotent ones) finish, within the timeout.
     tasks.close();
     if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
@@ -171,16 +195,6 @@ pub async fn run_split(
     {
         tracing::warn!("shutdown: background work did not stop in time; dropped");
     }
-    if let Some(operator_server) = operator_server {
-        // Its requests are short; whatever is left when the public side is done is dropped.
-        if tokio::time::timeout(Duration::from_secs(1), operator_server)
-            .await
-            .is_err()
-        {
-            tracing::debug!("operator endpoints: requests dropped at shutdown");
-        }
-    }
-    result
 }
 
 /// Starts the batch runner and the background responses' runner: they claim work until the

@@ -1,5 +1,10 @@
 use super::*;
 
+/// A record's JSON, as the admin API and the CLI's JSONL export write it.
+fn record_json(r: &UsageRecord) -> Value {
+    serde_json::to_value(views::RecordView::from(r)).unwrap()
+}
+
 /// Prices are exact decimals that keep the scale they were written with: a record exports
 /// the strings it was stored as, in JSON and CSV alike (the cached price falling back to the
 /// input price on records older than it), and a stored row parses back to the same.
@@ -185,4 +190,87 @@ fn csv_has_header_and_exact_money() {
     let json = usage_row_json(&row, &cols);
     assert_eq!(json["cached_input_tokens"], 4);
     assert_eq!(json["input_cached_tokens"], 4);
+}
+
+/// A record's JSON has the export's columns, in their order (the CSV's header).
+#[test]
+fn a_records_json_has_the_export_columns_in_order() {
+    let json = record_json(&UsageRecord::default());
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, RECORD_COLUMNS);
+}
+
+/// Each kind of invoice line carries its own fields only, in the order invoices have always
+/// had them; a line split by a tag names it last.
+#[test]
+fn invoice_lines_keep_their_fields_and_order() {
+    use views::InvoiceLine;
+    let row = UsageRow {
+        model: Some("m".into()),
+        service_tier: Some(crate::kinds::ServiceTier::Flex),
+        input_price_per_mtok: Some("0.10".into()),
+        output_price_per_mtok: Some("0.20".into()),
+        requests: 2,
+        input_tokens: 10,
+        cached_input_tokens: 4,
+        output_tokens: 5,
+        cost_nano_usd: 1_000,
+        cached_cost_nano_usd: 100,
+        prediction: crate::store::PredictionTokens {
+            accepted: 0,
+            rejected: 3,
+            price_per_mtok: Some("0.20".parse().unwrap()),
+            cost_nano_usd: 50,
+        },
+        ..UsageRow::default()
+    };
+    let json = |l: InvoiceLine| serde_json::to_string(&l).unwrap();
+    assert_eq!(
+        json(InvoiceLine::tokens(&row)),
+        r#"{"kind":"tokens","model":"m","service_tier":"flex","requests":2,"input_tokens":6,"output_tokens":5,"input_price_per_mtok":"0.10","output_price_per_mtok":"0.20","amount_usd":"0.000000850"}"#
+    );
+    assert_eq!(
+        json(
+            InvoiceLine::cached_input(&row)
+                .unwrap()
+                .tagged("project", &row)
+        ),
+        r#"{"kind":"cached_input","model":"m","service_tier":"flex","requests":2,"cached_input_tokens":4,"cached_input_price_per_mtok":"0.10","amount_usd":"0.000000100","tag":{"key":"project","value":null}}"#
+    );
+    assert_eq!(
+        json(InvoiceLine::rejected_prediction(&row).unwrap()),
+        r#"{"kind":"rejected_prediction","model":"m","service_tier":"flex","requests":2,"rejected_prediction_tokens":3,"rejected_prediction_price_per_mtok":"0.20","amount_usd":"0.000000050"}"#
+    );
+    let (start, end) = parse_period("2026-11").unwrap();
+    let reservation = Reservation {
+        id: "rsv_1".into(),
+        customer_id: "acme".into(),
+        model: "m".into(),
+        reserved_tokens_per_minute: 1_000,
+        price_per_ktpm_month: "3.00".parse().unwrap(),
+        starts_at: start + 15 * 86_400_000_000,
+        ends_at: None,
+        created_at: 0,
+    };
+    let (line, amount) = reservation_line(&reservation, start, end);
+    assert_eq!(amount, 1_500_000_000);
+    assert_eq!(
+        json(line),
+        r#"{"kind":"reservation","reservation_id":"rsv_1","model":"m","service_tier":"reserved","reserved_tokens_per_minute":1000,"price_per_ktpm_month":"3.00","active_from":"2026-11-16T00:00:00.000000Z","active_until":"2026-12-01T00:00:00.000000Z","days_active":"15","days_in_month":"30","amount_usd":"1.500000000"}"#
+    );
+}
+
+/// Invoices split by one tag's value and nothing else; the error names what was asked.
+#[test]
+fn invoices_group_by_a_tag_only() {
+    assert_eq!(parse_invoice_group("tag:project").unwrap(), "project");
+    assert!(parse_invoice_group("tag:").unwrap_err().contains("`tag:`"));
+    assert!(parse_invoice_group("model")
+        .unwrap_err()
+        .contains("`model`"));
 }

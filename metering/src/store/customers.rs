@@ -43,6 +43,58 @@ pub struct CustomerFields {
     pub allow_priority: Option<bool>,
 }
 
+impl CustomerFields {
+    /// `c` with these changes (each `None` leaves its field as it is).
+    fn applied_to(self, c: &Customer) -> Customer {
+        let Self {
+            name,
+            budget_nano_usd,
+            budget_period,
+            rpm,
+            tpm,
+            max_concurrent_requests,
+            scheduling_weight,
+            default_service_tier,
+            allow_priority,
+        } = self;
+        Customer {
+            id: c.id.clone(),
+            name: name.unwrap_or_else(|| c.name.clone()),
+            budget_nano_usd: budget_nano_usd.unwrap_or(c.budget_nano_usd),
+            budget_period: budget_period.unwrap_or(c.budget_period),
+            rpm: rpm.unwrap_or(c.rpm),
+            tpm: tpm.unwrap_or(c.tpm),
+            created_at: c.created_at,
+            max_concurrent_requests: max_concurrent_requests.unwrap_or(c.max_concurrent_requests),
+            scheduling_weight: scheduling_weight.unwrap_or(c.scheduling_weight),
+            default_service_tier: default_service_tier.unwrap_or(c.default_service_tier),
+            allow_priority: allow_priority.unwrap_or(c.allow_priority),
+        }
+    }
+}
+
+/// A customer's settings: every column but its id and creation time, in the order
+/// [`bind_settings`] binds them.
+const SETTINGS_COLUMNS: &str = "name, budget_nano_usd, budget_period, rpm, tpm, \
+     max_concurrent_requests, scheduling_weight, default_service_tier, allow_priority";
+
+/// `query` with `c`'s settings bound after the parameters it has ([`SETTINGS_COLUMNS`]).
+fn bind_settings<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    c: &'q Customer,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    query
+        .bind(&c.name)
+        .bind(c.budget_nano_usd)
+        .bind(c.budget_period.as_str())
+        .bind(c.rpm)
+        .bind(c.tpm)
+        .bind(c.max_concurrent_requests)
+        .bind(c.scheduling_weight)
+        .bind(c.default_service_tier.map(ServiceTier::as_str))
+        .bind(i64::from(c.allow_priority))
+}
+
 const CUSTOMER_COLUMNS: &str =
     "id, name, budget_nano_usd, budget_period, rpm, tpm, created_at, max_concurrent_requests, \
      scheduling_weight, default_service_tier, allow_priority";
@@ -75,36 +127,29 @@ impl Store {
         fields: CustomerFields,
         actor: &Actor,
     ) -> StoreResult<Customer> {
-        let c = Customer {
+        // What a customer is given unless `fields` say otherwise: no budget or limits, the
+        // id as its name, weight 1, the default tier.
+        let new = Customer {
             id: id.to_string(),
-            name: fields.name.unwrap_or_else(|| id.to_string()),
-            budget_nano_usd: fields.budget_nano_usd.flatten(),
-            budget_period: fields.budget_period.unwrap_or_default(),
-            rpm: fields.rpm.flatten(),
-            tpm: fields.tpm.flatten(),
+            name: id.to_string(),
+            budget_nano_usd: None,
+            budget_period: BudgetPeriod::default(),
+            rpm: None,
+            tpm: None,
             created_at: now_micros(),
-            max_concurrent_requests: fields.max_concurrent_requests.flatten(),
-            scheduling_weight: fields.scheduling_weight.unwrap_or(1),
-            default_service_tier: fields.default_service_tier.flatten(),
-            allow_priority: fields.allow_priority.unwrap_or(false),
+            max_concurrent_requests: None,
+            scheduling_weight: 1,
+            default_service_tier: None,
+            allow_priority: false,
         };
+        let c = fields.applied_to(&new);
         let mut tx = self.write_tx().await?;
-        let result = sqlx::query(&format!(
-            "INSERT INTO customers ({CUSTOMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        ))
-        .bind(&c.id)
-        .bind(&c.name)
-        .bind(c.budget_nano_usd)
-        .bind(c.budget_period.as_str())
-        .bind(c.rpm)
-        .bind(c.tpm)
-        .bind(c.created_at)
-        .bind(c.max_concurrent_requests)
-        .bind(c.scheduling_weight)
-        .bind(c.default_service_tier.map(ServiceTier::as_str))
-        .bind(i64::from(c.allow_priority))
-        .execute(&mut *tx)
-        .await;
+        let sql = format!(
+            "INSERT INTO customers (id, created_at, {SETTINGS_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        );
+        let insert = sqlx::query(&sql).bind(&c.id).bind(c.created_at);
+        let result = bind_settings(insert, &c).execute(&mut *tx).await;
         match result {
             Ok(_) => {}
             Err(e) if is_unique_violation(&e) => {
@@ -184,51 +229,14 @@ impl Store {
             return Err(StoreError::NotFound(format!("no customer `{id}`")));
         };
         let before = customer(&row)?;
-        let mut c = before.clone();
-        if let Some(name) = fields.name {
-            c.name = name;
-        }
-        if let Some(budget) = fields.budget_nano_usd {
-            c.budget_nano_usd = budget;
-        }
-        if let Some(period) = fields.budget_period {
-            c.budget_period = period;
-        }
-        if let Some(rpm) = fields.rpm {
-            c.rpm = rpm;
-        }
-        if let Some(tpm) = fields.tpm {
-            c.tpm = tpm;
-        }
-        if let Some(cap) = fields.max_concurrent_requests {
-            c.max_concurrent_requests = cap;
-        }
-        if let Some(weight) = fields.scheduling_weight {
-            c.scheduling_weight = weight;
-        }
-        if let Some(tier) = fields.default_service_tier {
-            c.default_service_tier = tier;
-        }
-        if let Some(allow) = fields.allow_priority {
-            c.allow_priority = allow;
-        }
-        sqlx::query(
+        let c = fields.applied_to(&before);
+        let update = sqlx::query(
             "UPDATE customers SET name = $2, budget_nano_usd = $3, budget_period = $4, \
              rpm = $5, tpm = $6, max_concurrent_requests = $7, scheduling_weight = $8, \
              default_service_tier = $9, allow_priority = $10 WHERE id = $1",
         )
-        .bind(&c.id)
-        .bind(&c.name)
-        .bind(c.budget_nano_usd)
-        .bind(c.budget_period.as_str())
-        .bind(c.rpm)
-        .bind(c.tpm)
-        .bind(c.max_concurrent_requests)
-        .bind(c.scheduling_weight)
-        .bind(c.default_service_tier.map(ServiceTier::as_str))
-        .bind(i64::from(c.allow_priority))
-        .execute(&mut *tx)
-        .await?;
+        .bind(&c.id);
+        bind_settings(update, &c).execute(&mut *tx).await?;
         if let Some(changes) = audit::diff(&audited_customer(&before), &audited_customer(&c)) {
             let change = Change {
                 action: Action::CustomerUpdated,

@@ -29,7 +29,7 @@ async fn customer(store: &Store, id: &str) {
 
 /// An invoice's line items and its total, in nano-USD; every line's amount sums to the total.
 async fn invoice_lines(store: &Store, customer: &str, period: &str) -> Vec<serde_json::Value> {
-    let inv = invoice(store, customer, period).await.unwrap();
+    let inv = serde_json::to_value(invoice(store, customer, period).await.unwrap()).unwrap();
     let lines = inv["line_items"].as_array().unwrap().clone();
     let sum: i64 = lines
         .iter()

@@ -12,7 +12,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use tollgate_metering::billing::{record_cells, record_json, RECORD_COLUMNS};
+use tollgate_metering::billing::views::RecordView;
+use tollgate_metering::billing::{record_cells, RECORD_COLUMNS};
 use tollgate_metering::export_formats::{self, StripeMapping};
 use tollgate_metering::store::{RecordFilter, Store, UsageRecord};
 
@@ -56,7 +57,7 @@ impl Export {
             ExportFormat::Cloudevents => export_formats::cloudevent(r),
             ExportFormat::Stripe => export_formats::stripe_meter_event(r, &self.stripe)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
-            ExportFormat::Csv | ExportFormat::Jsonl => record_json(r),
+            ExportFormat::Csv | ExportFormat::Jsonl => serde_json::to_value(RecordView::from(r))?,
         })
     }
 

@@ -159,16 +159,7 @@ async fn create_key(args: CreateKey) -> anyhow::Result<()> {
     } = args;
     let tags = tags_arg(&tags)?;
     let budget_nano_usd = budget_arg(budget_usd.as_deref())?.flatten();
-    let expires_at = match expires_at {
-        Some(t) => {
-            let at = parse_time(&t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
-            if at <= tollgate_metering::store::now_micros() {
-                bail!("--expires-at {t} is in the past");
-            }
-            Some(at)
-        }
-        None => None,
-    };
+    let expires_at = expires_at.as_deref().map(future_time).transpose()?;
     let limits = limits.checked()?;
     let new = NewKey {
         name,
@@ -232,14 +223,17 @@ fn expiry_arg(text: Option<&str>) -> anyhow::Result<Option<Option<i64>>> {
     match text {
         None => Ok(None),
         Some("none" | "null") => Ok(Some(None)),
-        Some(t) => {
-            let at = parse_time(t).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
-            if at <= now_micros() {
-                bail!("--expires-at {t} is in the past");
-            }
-            Ok(Some(Some(at)))
-        }
+        Some(t) => Ok(Some(Some(future_time(t)?))),
     }
+}
+
+/// `--expires-at TIME`: a time (RFC 3339 or a date) that has not passed.
+fn future_time(text: &str) -> anyhow::Result<i64> {
+    let at = parse_time(text).map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
+    if at <= now_micros() {
+        bail!("--expires-at {text} is in the past");
+    }
+    Ok(at)
 }
 
 /// `--tag key=value` arguments → tags within the limits of request `metadata`.

@@ -39,6 +39,17 @@ pub struct Limits<T> {
     pub max_concurrent_requests: T,
 }
 
+impl<T> Limits<T> {
+    /// Each limit through `f` (`map(Some)`: a new customer's limits as changes that set them).
+    pub fn map<U>(self, f: impl Fn(T) -> U) -> Limits<U> {
+        Limits {
+            rpm: f(self.rpm),
+            tpm: f(self.tpm),
+            max_concurrent_requests: f(self.max_concurrent_requests),
+        }
+    }
+}
+
 impl NewLimits {
     /// The limits, each checked positive.
     pub fn checked(self) -> anyhow::Result<Limits<Option<i64>>> {

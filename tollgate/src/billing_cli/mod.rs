@@ -6,7 +6,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use limits::{LimitChanges, NewLimits};
+use limits::{LimitChanges, Limits, NewLimits};
 use serde_json::json;
 use tiers::TierArgs;
 use tollgate_metering::alerts;
@@ -183,50 +183,42 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
 }
 
 async fn create_customer(args: CreateCustomer) -> anyhow::Result<()> {
-    let CreateCustomer {
-        id,
-        name,
-        budget_usd,
-        limits,
-        scheduling_weight,
-        tiers,
-        db,
-    } = args;
+    let id = args.id;
     if !valid_id(&id) {
         bail!("`{id}` is not a valid id: 1-64 characters of letters, digits, `-`, `_`, `.`");
     }
-    let limits = limits.checked()?;
-    let fields = CustomerFields {
-        name: Some(name.unwrap_or_else(|| id.clone())),
-        budget_nano_usd: budget_arg(budget_usd.as_deref())?,
-        budget_period: None,
-        rpm: Some(limits.rpm),
-        tpm: Some(limits.tpm),
-        max_concurrent_requests: Some(limits.max_concurrent_requests),
-        scheduling_weight,
-        default_service_tier: tiers.default_tier()?,
-        allow_priority: tiers.allow_priority(),
-    };
-    let c = db
-        .open()
-        .await?
+    let limits = args.limits.checked()?.map(Some);
+    let name = Some(args.name.unwrap_or_else(|| id.clone()));
+    let weight = args.scheduling_weight;
+    let fields = customer_fields(name, args.budget_usd, limits, weight, &args.tiers)?;
+    let store = args.db.open().await?;
+    let c = store
         .create_customer(&id, fields, &Actor::cli_os_user())
         .await?;
     print(&CustomerView::from(&c))
 }
 
 async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
-    let UpdateCustomer {
-        id,
-        name,
-        budget_usd,
-        limits,
-        scheduling_weight,
-        tiers,
-        db,
-    } = args;
-    let limits = limits.parsed()?;
-    let fields = CustomerFields {
+    let limits = args.limits.parsed()?;
+    let weight = args.scheduling_weight;
+    let fields = customer_fields(args.name, args.budget_usd, limits, weight, &args.tiers)?;
+    let store = args.db.open().await?;
+    let c = store
+        .update_customer(&args.id, fields, &Actor::cli_os_user())
+        .await?;
+    print(&CustomerView::from(&c))
+}
+
+/// What `customers create` and `customers update` set, as the store takes it (`None`:
+/// unchanged, `Some(None)`: cleared).
+fn customer_fields(
+    name: Option<String>,
+    budget_usd: Option<String>,
+    limits: Limits<Option<Option<i64>>>,
+    scheduling_weight: Option<i64>,
+    tiers: &TierArgs,
+) -> anyhow::Result<CustomerFields> {
+    Ok(CustomerFields {
         name,
         budget_nano_usd: budget_arg(budget_usd.as_deref())?,
         budget_period: None,
@@ -236,13 +228,7 @@ async fn update_customer(args: UpdateCustomer) -> anyhow::Result<()> {
         scheduling_weight,
         default_service_tier: tiers.default_tier()?,
         allow_priority: tiers.allow_priority(),
-    };
-    let c = db
-        .open()
-        .await?
-        .update_customer(&id, fields, &Actor::cli_os_user())
-        .await?;
-    print(&CustomerView::from(&c))
+    })
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Subcommand;
-use serde_json::json;
+use tollgate_metering::billing::views::UsageReport;
 use tollgate_metering::billing::{self, parse_time};
 use tollgate_metering::export_formats::StripeMapping;
 use tollgate_metering::kinds::Outcome;
@@ -243,12 +243,7 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             let rows = db.open().await?.aggregate(&filter, &groups, None).await?;
             let columns = billing::usage_columns(&groups);
             match format {
-                ReportFormat::Json => print(&json!({
-                    "object": "list",
-                    "start": tollgate_metering::periods::rfc3339(start),
-                    "end": tollgate_metering::periods::rfc3339(end),
-                    "data": rows.iter().map(|r| billing::usage_row_json(r, &columns)).collect::<Vec<_>>(),
-                })),
+                ReportFormat::Json => print(&UsageReport::new(start, end, &rows, &columns)),
                 ReportFormat::Csv => {
                     print!("{}", billing::usage_csv(&rows, &columns)?);
                     Ok(())
@@ -263,13 +258,11 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             db,
         } => {
             let period = period.unwrap_or_else(billing::current_period);
-            let group_tag = match group_by.as_deref() {
-                None => None,
-                Some(g) => match g.strip_prefix("tag:") {
-                    Some(k) if !k.is_empty() => Some(k.to_string()),
-                    _ => bail!("--group-by: invoices group by `tag:KEY` only, not `{g}`"),
-                },
-            };
+            let group_tag = group_by
+                .as_deref()
+                .map(billing::parse_invoice_group)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?;
             let tag = tag_arg(tag.as_deref())?;
             print(
                 &billing::invoice_for(&db.open().await?, &customer_id, &period, tag, group_tag)

@@ -6,9 +6,8 @@
 //! the handler's `#[utoipa::path]` documents it, and its bodies are the types the handlers read
 //! (each file's request types, read after `reject_unknown` so an unknown field is named) and
 //! write (customers and keys through `tollgate_metering::views`, alerts, admin tokens and audit
-//! entries through metering's views, which the CLI and the audit log use too). The usage
-//! reports' bodies are still written by metering's `billing` by hand and described in
-//! `crate::openapi::admin_schemas`.
+//! entries through metering's views, which the CLI and the audit log use too; the usage report,
+//! the records page and the invoice through `tollgate_metering::billing::views`).
 
 use std::sync::Arc;
 

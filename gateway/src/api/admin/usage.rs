@@ -6,11 +6,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::{invalid_field, query, store, DEFAULT_PAGE, MAX_PAGE};
 use crate::error::{ApiError, ApiPath};
 use crate::AppState;
+use tollgate_metering::billing::views::{Invoice, UsageRecordPage, UsageReport};
 use tollgate_metering::billing::{self, parse_time};
 use tollgate_metering::kinds::Outcome;
 use tollgate_metering::periods::{month_bounds, rfc3339};
@@ -68,7 +68,7 @@ fn time_range(start: Option<&str>, end: Option<&str>) -> Result<(i64, i64), ApiE
     ),
     responses(
         (status = 200, description = "One row per group",
-         content((crate::openapi::admin_schemas::UsageReport = "application/json"), (String = "text/csv"))),
+         content((UsageReport = "application/json"), (String = "text/csv"))),
         crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn usage(
@@ -89,13 +89,7 @@ pub(super) async fn usage(
     let rows = store(&state)?.aggregate(&filter, &groups, None).await?;
     let columns = billing::usage_columns(&groups);
     match q.format.as_deref().unwrap_or("json") {
-        "json" => Ok(Json(json!({
-            "object": "list",
-            "start": rfc3339(start),
-            "end": rfc3339(end),
-            "data": rows.iter().map(|r| billing::usage_row_json(r, &columns)).collect::<Vec<_>>(),
-        }))
-        .into_response()),
+        "json" => Ok(Json(UsageReport::new(start, end, &rows, &columns)).into_response()),
         "csv" => {
             let text = billing::usage_csv(&rows, &columns)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -179,12 +173,12 @@ fn record_filter(q: &RecordsQuery) -> Result<RecordFilter, ApiError> {
         ("start" = Option<String>, Query, description = "Records started at or after this time (RFC 3339 or a date)"),
         ("end" = Option<String>, Query, description = "Records started before this time (RFC 3339 or a date)"),
     ),
-    responses((status = 200, body = crate::openapi::admin_schemas::UsageRecordPage), crate::openapi::AdminErrors),
+    responses((status = 200, body = UsageRecordPage), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn usage_records(
     State(state): State<AppState>,
     q: Result<Query<RecordsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UsageRecordPage>, ApiError> {
     let q = query(q)?;
     let after = match q.after.as_deref() {
         None | Some("") => 0,
@@ -199,12 +193,7 @@ pub(super) async fn usage_records(
     }
     let filter = record_filter(&q)?;
     let page = store(&state)?.records_page(&filter, after, limit).await?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": page.records.iter().map(billing::record_json).collect::<Vec<_>>(),
-        "next_cursor": page.last.map(|c| c.to_string()),
-        "has_more": page.has_more,
-    })))
+    Ok(Json(UsageRecordPage::from(&page)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,27 +214,19 @@ pub(super) struct InvoiceQuery {
         ("tag" = Option<String>, Query, description = "`key:value`"),
         ("group_by" = Option<String>, Query, description = "`tag:KEY`"),
     ),
-    responses((status = 200, body = crate::openapi::admin_schemas::Invoice), crate::openapi::AdminErrors),
+    responses((status = 200, body = Invoice), crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn invoice(
     State(state): State<AppState>,
     ApiPath(customer_id): ApiPath<String>,
     q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Invoice>, ApiError> {
     let q = query(q)?;
     let period = q.period.unwrap_or_else(billing::current_period);
     billing::parse_period(&period).map_err(|e| invalid_field("period", e))?;
     let group_tag = match q.group_by.as_deref() {
         None | Some("") => None,
-        Some(g) => match g.strip_prefix("tag:") {
-            Some(key) if !key.is_empty() => Some(key.to_string()),
-            _ => {
-                return Err(invalid_field(
-                    "group_by",
-                    format!("invoices group by `tag:KEY` only, not `{g}`"),
-                ))
-            }
-        },
+        Some(g) => Some(billing::parse_invoice_group(g).map_err(|e| invalid_field("group_by", e))?),
     };
     let tag = tag_filter(q.tag.as_deref())?;
     Ok(Json(

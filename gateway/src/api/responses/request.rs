@@ -396,53 +396,16 @@ impl CreateResponse {
             }
         }
         if let Some(tools) = &self.tools {
-            let mut out = Vec::with_capacity(tools.len());
-            for (i, t) in tools.iter().enumerate() {
-                match t["type"].as_str() {
-                    Some("function") => {}
-                    Some(other) => {
-                        return Err(invalid(
-                            format!("tools.[{i}].type"),
-                            format!("tools of type `{other}` are not supported; only `function`"),
-                        ))
-                    }
-                    None => {
-                        return Err(invalid(format!("tools.[{i}].type"), "a tool needs a type"))
-                    }
-                }
-                let mut f = json!({"name": t["name"], "parameters": t["parameters"]});
-                if !t["description"].is_null() {
-                    f["description"] = t["description"].clone();
-                }
-                if !t["strict"].is_null() {
-                    f["strict"] = t["strict"].clone();
-                }
-                if t["parameters"].is_null() {
-                    f.as_object_mut().map(|o| o.remove("parameters"));
-                }
-                out.push(json!({"type": "function", "function": f}));
-            }
-            chat["tools"] = json!(out);
+            chat["tools"] = json!(chat_tools(tools)?);
         }
         if let Some(choice) = &self.tool_choice {
-            chat["tool_choice"] = match choice {
-                Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-                    json!({"type": "function", "function": {"name": o.get("name").cloned().unwrap_or(Value::Null)}})
-                }
-                other => other.clone(),
-            };
+            chat["tool_choice"] = chat_tool_choice(choice);
         }
         if let Some(p) = self.parallel_tool_calls {
             chat["parallel_tool_calls"] = json!(p);
         }
         if let Some(format) = self.text.as_ref().and_then(|t| t.format.as_ref()) {
-            chat["response_format"] = match format["type"].as_str() {
-                Some("json_schema") => json!({
-                    "type": "json_schema",
-                    "json_schema": {"name": format["name"], "schema": format["schema"], "strict": format["strict"]},
-                }),
-                _ => format.clone(),
-            };
+            chat["response_format"] = chat_response_format(format);
         }
         if let Some(user) = &self.user {
             chat["user"] = json!(user);
@@ -451,6 +414,59 @@ impl CreateResponse {
             .map_err(|e| invalid("input".into(), format!("invalid request: {e}")))?;
         let plan = request.plan(request_id, max_n).map_err(in_response_terms)?;
         Ok((plan, input))
+    }
+}
+
+/// The Responses API's flat function tools (`{"type": "function", "name", "parameters", ...}`)
+/// as chat tools (`{"type": "function", "function": {...}}`); other tool types are refused.
+fn chat_tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        match t["type"].as_str() {
+            Some("function") => {}
+            Some(other) => {
+                return Err(invalid(
+                    format!("tools.[{i}].type"),
+                    format!("tools of type `{other}` are not supported; only `function`"),
+                ))
+            }
+            None => return Err(invalid(format!("tools.[{i}].type"), "a tool needs a type")),
+        }
+        let mut f = json!({"name": t["name"], "parameters": t["parameters"]});
+        if !t["description"].is_null() {
+            f["description"] = t["description"].clone();
+        }
+        if !t["strict"].is_null() {
+            f["strict"] = t["strict"].clone();
+        }
+        if t["parameters"].is_null() {
+            f.as_object_mut().map(|o| o.remove("parameters"));
+        }
+        out.push(json!({"type": "function", "function": f}));
+    }
+    Ok(out)
+}
+
+/// A Responses `tool_choice` in chat terms: a named function (`{"type": "function", "name"}`)
+/// becomes `{"type": "function", "function": {"name"}}`; the modes pass as they are.
+fn chat_tool_choice(choice: &Value) -> Value {
+    match choice {
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            json!({"type": "function", "function": {"name": o.get("name").cloned().unwrap_or(Value::Null)}})
+        }
+        other => other.clone(),
+    }
+}
+
+/// `text.format` as a chat `response_format`: a flat `json_schema` format gains chat's
+/// `json_schema` wrapper; the others pass as they are.
+fn chat_response_format(format: &Value) -> Value {
+    match format["type"].as_str() {
+        Some("json_schema") => json!({
+            "type": "json_schema",
+            "json_schema": {"name": format["name"], "schema": format["schema"], "strict": format["strict"]},
+        }),
+        _ => format.clone(),
     }
 }
 
