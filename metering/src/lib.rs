@@ -3,7 +3,8 @@
 //! with the migrations), exact money ([`money`]), billing months ([`periods`]), the spooled
 //! ledger that writes records ([`ledger`]), the webhook outboxes ([`outbox`]), rate limits and
 //! budgets ([`limits`], [`shared_limits`]), and the reports the admin API and CLI print
-//! ([`billing`], [`export_formats`]).
+//! ([`billing`], [`export_formats`]). Request state that is not money (stored responses,
+//! idempotency keys) lives apart, in [`requests`].
 //!
 //! It depends on no HTTP crate, so billing cannot reach for a request or a status code: its
 //! errors ([`store::StoreError`], [`limits::Refusal`]) are mapped to responses by the gateway.
@@ -16,14 +17,13 @@ pub mod clock;
 pub mod console_queries;
 pub mod db;
 pub mod export_formats;
-pub mod idempotency;
 pub mod kinds;
 pub mod ledger;
 pub mod limits;
 pub mod money;
 pub mod outbox;
 pub mod periods;
-pub mod responses;
+pub mod requests;
 pub mod secrets;
 pub mod shared_limits;
 pub mod store;

@@ -8,7 +8,7 @@
 //! `superseded`, never charged: the request holding the key is the one charged. The ledger's
 //! unique index on charged records per key is the last word when both reach it anyway.
 //!
-//! It owns the lease's state; the table is `tollgate_metering::idempotency`.
+//! It owns the lease's state; the table is `tollgate_metering::requests::idempotency`.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;

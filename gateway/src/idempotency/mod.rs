@@ -18,7 +18,7 @@
 //!   that error as the stream's last event), whose retry gets the other request's answer (see
 //!   [`lease`]).
 //!
-//! It owns the layer (the table is `tollgate_metering::idempotency`); what a request costs is
+//! It owns the layer (the table is `tollgate_metering::requests::idempotency`); what a request costs is
 //! still settled by the [`crate::api::accounting::Completion`] guard, which reports its outcome through
 //! the [`Ticket`].
 
@@ -41,7 +41,7 @@ use sha2::{Digest, Sha256};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
-use tollgate_metering::idempotency::{Claim, ClaimArgs, Stored};
+use tollgate_metering::requests::idempotency::{Claim, ClaimArgs, Stored};
 use tollgate_metering::store::now_micros;
 
 /// How long a key is remembered after its first request.

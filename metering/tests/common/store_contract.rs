@@ -370,7 +370,7 @@ pub async fn exercise(store: &Store) {
 /// (`gateway/tests/common/alert_settings.rs`).
 pub async fn alerts_and_idempotency(store: &Store) {
     use tollgate_metering::alerts::AlertSettings;
-    use tollgate_metering::idempotency::{Claim, ClaimArgs, Stored};
+    use tollgate_metering::requests::idempotency::{Claim, ClaimArgs, Stored};
 
     let fields = CustomerFields {
         budget_nano_usd: Some(Some(1_000)),

@@ -6,7 +6,7 @@
 //! usage record per response (`endpoint = "/v1/responses"`), the same exactness and
 //! cancellation rules. Its output and events come from one fold (`output`); with `store` (the
 //! default when the server has a database) the response and the conversation it answered are
-//! kept for the customer (`tollgate_metering::responses`), so `previous_response_id` can
+//! kept for the customer (`tollgate_metering::requests::responses`), so `previous_response_id` can
 //! continue it.
 //!
 //! Models whose upstream speaks the Responses API (`backend.responses = "passthrough"`) are
