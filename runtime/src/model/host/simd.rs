@@ -19,7 +19,7 @@ macro_rules! dispatch {
     ($(#[$m:meta])* fn $name:ident / $on:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident / $simd:ident;) => {
         dispatch! { $(#[$m])* fn $name / $on($($arg: $ty),*) -> $ret = $imp / $simd / $simd; }
     };
-    ($(#[$m:meta])* fn $name:ident / $on:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident / $simd:ident / $wide:ident;) => {
+    ($(#[$m:meta])* fn $name:ident / $on:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident / $simd:ident / $wide:expr;) => {
         $(#[$m])*
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
             $on(CpuKernels::selected(), $($arg),*)
@@ -32,7 +32,7 @@ macro_rules! dispatch {
                 /// `$run` compiled with `$features`, run when `$when`; the kernel path
                 /// needs every one of them, so `is_available` asserts the CPU has them.
                 macro_rules! path {
-                    ($when:expr, $features:literal, $run:ident) => {
+                    ($when:expr, $features:literal, $run:expr) => {
                         if $when {
                             assert!(kernels.is_available(), "{kernels} kernels on a CPU without them");
                             $(#[$m])*

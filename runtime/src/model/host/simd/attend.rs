@@ -6,10 +6,11 @@
 use super::{exp, exp_sub_sum_imp, CpuKernels, KvElem};
 
 dispatch! {
-    /// See [`super::super::AttnShape::attend`]: the query heads of one KV head at `ends.len()` rows
-    /// of a sequence (row `r`'s heads at `q[r * q_stride..]`, `head_dim` apart) over that KV
-    /// head's keys (in blocks) and values (token-major) in `f32`, row `r` over keys
-    /// `from..ends[r]`; `scores` holds a chunk's scores (`rows * group * CHUNK_KEYS`).
+    /// See [`super::super::AttnShape::attend`]: the query heads of one KV head at
+    /// `ends.len()` rows of a sequence (row `r`'s heads at `q[r * q_stride..]`, `head_dim`
+    /// apart) over that KV head's keys (in blocks) and values (token-major) in `f32`, row `r`
+    /// over keys `from..ends[r]`; `scores` holds a chunk's scores (`rows * group *
+    /// CHUNK_KEYS`). AVX-512 runs the wider tiles.
     #[allow(
     clippy::too_many_arguments,
     reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
@@ -24,12 +25,13 @@ dispatch! {
         ends: &[usize],
         scores: &mut [f32],
         part: &mut [f32]
-    ) -> () = attend_rows_imp / attend_rows_imp / attend_rows_wide;
+    ) -> () = attend_rows_imp / attend_rows_imp / attend_rows_tiled::<_, true>;
 }
 dispatch! {
     /// [`attend_rows`] over half-precision keys and values (IEEE bits), widened exactly as
-    /// they are read (with F16C's conversion on both SIMD paths, else [`f16_to_f32`](super::f16_to_f32)): the
-    /// result is what `f32` rows holding the same values give, on every path.
+    /// they are read (with F16C's conversion on both SIMD paths, else
+    /// [`f16_to_f32`](super::f16_to_f32)): the result is what `f32` rows holding the same
+    /// values give, on every path.
     #[allow(
     clippy::too_many_arguments,
     reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
@@ -44,7 +46,7 @@ dispatch! {
         ends: &[usize],
         scores: &mut [f32],
         part: &mut [f32]
-    ) -> () = attend_rows_imp / attend_rows_f16c / attend_rows_f16c_wide;
+    ) -> () = attend_rows_imp / attend_rows_f16c / attend_rows_f16c_tiled::<true>;
 }
 
 /// One token's attention over keys `range` as a task of its own: [`attend_rows_on`] with one
@@ -101,18 +103,18 @@ fn attend_rows_f16c(
     scores: &mut [f32],
     part: &mut [f32],
 ) {
-    let (keys, values) = (super::x86::F16c::cast(keys), super::x86::F16c::cast(values));
-    attend_rows_tiled::<_, false>(shape, q, q_stride, keys, values, from, ends, scores, part)
+    attend_rows_f16c_tiled::<false>(shape, q, q_stride, keys, values, from, ends, scores, part)
 }
 
-/// [`attend_rows_f16c`] in AVX-512's wider tiles.
+/// [`attend_rows_imp`]'s tiles (`WIDE` on AVX-512) over half-precision rows widened with
+/// F16C.
 #[cfg(target_arch = "x86_64")]
 #[allow(
     clippy::too_many_arguments,
     reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
 )]
 #[inline(always)]
-fn attend_rows_f16c_wide(
+fn attend_rows_f16c_tiled<const WIDE: bool>(
     shape: super::super::AttnShape,
     q: &[f32],
     q_stride: usize,
@@ -124,7 +126,7 @@ fn attend_rows_f16c_wide(
     part: &mut [f32],
 ) {
     let (keys, values) = (super::x86::F16c::cast(keys), super::x86::F16c::cast(values));
-    attend_rows_tiled::<_, true>(shape, q, q_stride, keys, values, from, ends, scores, part)
+    attend_rows_tiled::<_, WIDE>(shape, q, q_stride, keys, values, from, ends, scores, part)
 }
 
 /// An empty partial result: per query head max `-inf`, sum 0, output 0.
@@ -160,27 +162,6 @@ fn attend_rows_imp<E: KvElem>(
     part: &mut [f32],
 ) {
     attend_rows_tiled::<E, false>(shape, q, q_stride, keys, values, from, ends, scores, part)
-}
-
-/// [`attend_rows_imp`] in AVX-512's wider tiles (twice the independent sums in flight; on
-/// AVX2 their accumulators would not fit in the 16 registers).
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a kernel's operands, passed as scalars and slices so it inlines into each target feature"
-)]
-#[inline(always)]
-fn attend_rows_wide<E: KvElem>(
-    shape: super::super::AttnShape,
-    q: &[f32],
-    q_stride: usize,
-    keys: &[E],
-    values: &[E],
-    from: usize,
-    ends: &[usize],
-    scores: &mut [f32],
-    part: &mut [f32],
-) {
-    attend_rows_tiled::<E, true>(shape, q, q_stride, keys, values, from, ends, scores, part)
 }
 
 /// The attention of [`attend_rows_imp`], its values summed 16 elements of four heads at a time
