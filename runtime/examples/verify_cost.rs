@@ -47,7 +47,6 @@ fn pass_cost(
             tokens: &tokens,
             cache: &mut *cache,
             logits,
-            adapter: None,
         }])?;
         times.push(started.elapsed().as_secs_f64());
         cache.truncate(context);
@@ -69,7 +68,6 @@ fn main() -> anyhow::Result<()> {
             tokens: chunk,
             cache: &mut cache,
             logits: 1,
-            adapter: None,
         }])?;
     }
     println!(

@@ -86,7 +86,6 @@ pub fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32>
             tokens,
             cache,
             logits: 1,
-            adapter: None,
         }])
         .unwrap();
     assert_eq!(out.len(), 1);

@@ -13,7 +13,6 @@ fn request(tier: ServiceTier) -> GenerateRequest {
         service_tier: tier,
         max_queue_wait: None,
         prediction: None,
-        adapter: None,
     }
 }
 
