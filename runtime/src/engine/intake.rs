@@ -21,7 +21,9 @@
 //! where their prompts cost only their own tokens. A newcomer that does not fit, or finds no
 //! pass, waits for the next step. At a step's boundary the newcomers waiting are left to a
 //! pass before the step's first layer only when it takes them all ([`pass_takes_all`]); else
-//! they join the step, as they would with interleaving off.
+//! they join the step, as they would with interleaving off. A step that prefills prompts
+//! (newcomers that joined it, a long prompt's chunk) runs no other pass
+//! ([`step_pass_budget`]): it is already among the running sequences' longest waits.
 //!
 //! Beside a step of work that can wait only (`flex`, `batch`: sold as served from what higher
 //! classes leave), none of these bounds holds for a newcomer of a class above every one in the
@@ -97,6 +99,23 @@ pub(super) fn pass_budget(max_batch_tokens: usize, own_tokens: usize) -> usize {
         .min(own_tokens.max(PASS_FLOOR_TOKENS))
 }
 
+/// [`pass_budget`] for a step whose `own_tokens` include `prompt_tokens` of prompts: none when
+/// it prefills any. Such a step is already longer than a decode step (newcomers that joined
+/// it, a long prompt's chunk), and a pass beside it would add to the longest waits of the
+/// running sequences, those that set their inter-token p99; newcomers that arrive during it
+/// join the next step, as they would with interleaving off. (A newcomer of a class above a
+/// step of work that can wait only is not bound by this: [`Intake::yielding`].)
+pub(super) fn step_pass_budget(
+    max_batch_tokens: usize,
+    own_tokens: usize,
+    prompt_tokens: usize,
+) -> usize {
+    if prompt_tokens > 0 {
+        return 0;
+    }
+    pass_budget(max_batch_tokens, own_tokens)
+}
+
 /// Whether the newcomers waiting at a step's boundary, `prefill` prompt tokens together, are
 /// left to a pass before the step's first layer rather than joining the step: only when the
 /// pass's `budget` takes them all. A newcomer left to a pass that has no room for it would
@@ -118,15 +137,16 @@ pub(super) fn pass_due(last: Option<u64>, step: u64, every: u64) -> bool {
 
 impl<'a> Intake<'a> {
     /// The intake of step number `step`, of `layers` layers, which feeds `own_tokens` tokens
-    /// of its own sequences, the highest of them of `step_class`.
+    /// of its own sequences, `prompt_tokens` of them prompts (or replays), the highest of them
+    /// of `step_class`. A step that prefills prompts runs no pass ([`step_pass_budget`]).
     pub(super) fn new(
         desk: &'a mut Desk,
         tenants: Vec<Member>,
         step: u64,
-        (layers, own_tokens): (usize, usize),
+        (layers, own_tokens, prompt_tokens): (usize, usize, usize),
         step_class: Option<ServiceClass>,
     ) -> Self {
-        let budget = pass_budget(desk.config.max_batch_tokens, own_tokens);
+        let budget = step_pass_budget(desk.config.max_batch_tokens, own_tokens, prompt_tokens);
         Self {
             desk,
             tenants,
@@ -364,6 +384,14 @@ mod tests {
         assert_eq!(pass_budget(512, 200), 200);
         assert_eq!(pass_budget(512, 400), 112);
         assert_eq!(pass_budget(512, 600), 0);
+    }
+
+    #[test]
+    fn a_step_that_prefills_prompts_runs_no_pass() {
+        assert_eq!(step_pass_budget(512, 8, 0), 64);
+        assert_eq!(step_pass_budget(512, 40, 0), 64);
+        assert_eq!(step_pass_budget(512, 40, 32), 0);
+        assert_eq!(step_pass_budget(512, 600, 0), 0);
     }
 
     #[test]

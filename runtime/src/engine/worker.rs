@@ -29,6 +29,9 @@ pub(super) struct Worker {
     /// Whether the last step left prompt chunks of work that can wait out
     /// ([`chunks_taken`]).
     yielded: bool,
+    /// Whether the last admission left newcomers to a pass before the next step's first
+    /// layer ([`pass_takes_all`]): that pass runs even when the step prefills prompts.
+    pass_promised: bool,
 }
 
 impl Worker {
@@ -45,6 +48,7 @@ impl Worker {
             running: Vec::new(),
             steps: 0,
             yielded: false,
+            pass_promised: false,
         }
     }
 
@@ -155,8 +159,9 @@ impl Worker {
         // all ([`pass_takes_all`]); they keep their place, so those behind them cannot take the
         // KV they wait for, nor join in their stead. Else they join the step. With nothing
         // running there is no step to wait for, and every request joins the first.
-        let interleave = self.desk.pass_ready(self.steps + 1)
-            && pass_takes_all(self.desk.waiting_prefill(apart), budget);
+        let left = self.desk.waiting_prefill(apart);
+        let interleave = self.desk.pass_ready(self.steps + 1) && pass_takes_all(left, budget);
+        self.pass_promised = interleave && left > 0;
         let place = |_: &Tenant, sub: &Submission, prefill: usize| {
             if interleave && apart(sub, prefill) {
                 Place::Elsewhere
@@ -275,6 +280,16 @@ impl Worker {
     fn step(&mut self) -> Result<()> {
         self.steps += 1;
         let plan = self.plan();
+        // A step that prefills prompts runs no pass ([`step_pass_budget`]), unless newcomers
+        // were left to it at the boundary.
+        let prompt_tokens = if std::mem::take(&mut self.pass_promised) {
+            0
+        } else {
+            plan.iter()
+                .filter(|p| matches!(p.1, Feed::Prompt(_) | Feed::Replay(_)))
+                .map(|p| p.1.tokens())
+                .sum()
+        };
         let Worker {
             model,
             desk,
@@ -290,7 +305,7 @@ impl Worker {
             desk,
             tenants,
             *step_number,
-            (layers, own_tokens),
+            (layers, own_tokens, prompt_tokens),
             step_class,
         );
         // `(index, logit rows, what it fed)` of each sequence in the pass.
