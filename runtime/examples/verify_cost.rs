@@ -47,6 +47,7 @@ fn pass_cost(
             tokens: &tokens,
             cache: &mut *cache,
             logits,
+            adapter: None,
         }])?;
         times.push(started.elapsed().as_secs_f64());
         cache.truncate(context);
@@ -68,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             tokens: chunk,
             cache: &mut cache,
             logits: 1,
+            adapter: None,
         }])?;
     }
     println!(

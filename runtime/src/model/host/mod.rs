@@ -20,6 +20,7 @@ use super::kv_cache::HeadKv;
 use super::kv_cache::{HostLayer, KEY_BLOCK};
 use super::linear::Linear;
 use super::llama::{BetweenLayers, Block, LlamaModel, SeqStep};
+use super::lora::{StepLora, Target};
 use super::LlamaConfig;
 use crate::{Error, Result};
 
@@ -53,9 +54,9 @@ impl<'a> HostView<'a> {
 const PARALLEL_ATTENTION_WORK: usize = 1 << 15;
 
 impl LlamaModel {
-    /// Whether this model runs [`LlamaModel::forward_host`]: CPU, and every projection takes
-    /// host buffers.
-    pub(crate) fn uses_host_path(&self) -> bool {
+    /// Whether this model runs the host path (`forward_host`): CPU, and every projection
+    /// takes host buffers; else candle's ops.
+    pub fn uses_host_path(&self) -> bool {
         self.device.is_cpu()
             && matches!(self.form, super::WeightForm::Q8_0 | super::WeightForm::Auto)
             && self.lm_head.is_host()
@@ -86,11 +87,12 @@ impl LlamaModel {
             half: cfg.head_dim / 2,
             interleaved: cfg.rope_interleaved,
         };
+        let lora = StepLora::new(batch, spans, cfg, None)?;
         let mut pass = HostPass::new(cfg, batch, ids.len(), positions, spans, rope);
         for (layer, block) in self.blocks.iter().enumerate() {
             between_layers(self)?;
-            pass.attention(layer, block, batch, &mut x)?;
-            pass.feed_forward(block, &mut x)?;
+            pass.attention((layer, block), batch, &mut x, &lora)?;
+            pass.feed_forward((layer, block), &mut x, &lora)?;
         }
         for (step, &(_, len)) in batch.iter_mut().zip(spans) {
             step.cache.advance(len);
@@ -196,13 +198,14 @@ impl<'a> HostPass<'a> {
     }
 
     /// `x += wo · attention(rope(q), rope(k), v)` of layer `layer`, the step's keys and
-    /// values appended to each sequence's cache first.
+    /// values appended to each sequence's cache first; each projection with its sequences'
+    /// LoRA updates.
     fn attention(
         &mut self,
-        layer: usize,
-        block: &Block,
+        (layer, block): (usize, &Block),
         batch: &mut [SeqStep<'_>],
         x: &mut [f32],
+        lora: &StepLora<'_>,
     ) -> Result<()> {
         let AttnShape {
             n_heads: nh,
@@ -216,6 +219,13 @@ impl<'a> HostPass<'a> {
         rms_norm(x, attn_norm.slice()?, self.eps, &mut self.h);
         let [mut q, mut k, mut v] =
             Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &self.h, self.total)?;
+        for (y, target) in [
+            (&mut q, Target::Q),
+            (&mut k, Target::K),
+            (&mut v, Target::V),
+        ] {
+            lora.apply_host(layer, target, &self.h, y)?;
+        }
         for (y, bias) in [&mut q, &mut k, &mut v]
             .into_iter()
             .zip(block.qkv_bias.all())
@@ -254,19 +264,29 @@ impl<'a> HostPass<'a> {
                 .for_each(task);
         }
         shape.merge(plan, &self.partials, &mut self.att);
-        let o = block.wo.forward_host(&self.att, self.total)?;
+        let mut o = block.wo.forward_host(&self.att, self.total)?;
+        lora.apply_host(layer, Target::O, &self.att, &mut o)?;
         add_assign(x, &o);
         Ok(())
     }
 
-    /// `x += w_down · (silu(w_gate · norm(x)) * w_up · norm(x))`.
-    fn feed_forward(&mut self, block: &Block, x: &mut [f32]) -> Result<()> {
+    /// `x += w_down · (silu(w_gate · norm(x)) * w_up · norm(x))`, each projection with its
+    /// sequences' LoRA updates.
+    fn feed_forward(
+        &mut self,
+        (layer, block): (usize, &Block),
+        x: &mut [f32],
+        lora: &StepLora<'_>,
+    ) -> Result<()> {
         let ffn_norm = HostView::new(&block.ffn_norm)?;
         rms_norm(x, ffn_norm.slice()?, self.eps, &mut self.h);
-        let [mut gate, up] =
+        let [mut gate, mut up] =
             Linear::forward_host_many([&block.w_gate, &block.w_up], &self.h, self.total)?;
+        lora.apply_host(layer, Target::Gate, &self.h, &mut gate)?;
+        lora.apply_host(layer, Target::Up, &self.h, &mut up)?;
         silu_mul(&mut gate, &up);
-        let down = block.w_down.forward_host(&gate, self.total)?;
+        let mut down = block.w_down.forward_host(&gate, self.total)?;
+        lora.apply_host(layer, Target::Down, &gate, &mut down)?;
         add_assign(x, &down);
         Ok(())
     }
@@ -484,6 +504,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+mod lora;
 mod simd;
 
 #[cfg(test)]

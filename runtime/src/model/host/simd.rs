@@ -100,6 +100,19 @@ dispatch! {
     ) -> () = attend_partial_imp / attend_partial_f16c;
 }
 
+dispatch! {
+    /// One row's LoRA update: `t = A·x` (`a (rank, x.len())`), then `y += Σ_j t_j · bt_j`
+    /// (`bt (rank, y.len())`, scaled), summed in `delta` first. `t.len()` is the rank.
+    fn lora_row / lora_row_on(
+        x: &[f32],
+        a: &[f32],
+        bt: &[f32],
+        t: &mut [f32],
+        delta: &mut [f32],
+        y: &mut [f32]
+    ) -> () = lora_row_imp;
+}
+
 /// [`attend_partial_imp`] over half-precision rows widened with F16C: only called from code
 /// compiled with it (the SIMD paths of [`attend_partial_f16_on`]).
 #[cfg(target_arch = "x86_64")]
@@ -393,6 +406,23 @@ fn dot_imp(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn lora_row_imp(x: &[f32], a: &[f32], bt: &[f32], t: &mut [f32], delta: &mut [f32], y: &mut [f32]) {
+    let (inp, out) = (x.len(), y.len());
+    for (tj, aj) in t.iter_mut().zip(a.chunks_exact(inp)) {
+        *tj = dot_imp(x, aj);
+    }
+    delta.fill(0.0);
+    for (&tj, bj) in t.iter().zip(bt.chunks_exact(out)) {
+        for (d, &b) in delta.iter_mut().zip(bj) {
+            *d += tj * b;
+        }
+    }
+    for (v, &d) in y.iter_mut().zip(delta.iter()) {
+        *v += d;
+    }
 }
 
 #[inline(always)]
