@@ -74,6 +74,14 @@ pub(super) fn tenancy(request: &GenRequest) -> Member {
     }
 }
 
+/// Prompt tokens a waiting request would prefill: its prompt after the longest prefix the
+/// cache holds for its adapter (or none).
+fn prefill(prefixes: &PrefixCache, sub: &Submission) -> usize {
+    let prompt = &sub.request.prompt_ids;
+    let key = sub.request.adapter.as_ref().map(|a| a.id());
+    prompt.len() - prefixes.matched(key, prompt)
+}
+
 impl Desk {
     pub(super) fn new(
         tokenizer: Arc<ModelTokenizer>,
@@ -128,9 +136,7 @@ impl Desk {
         let per_token = model.kv_bytes_per_token();
         let (config, reserved, prefixes) = (&self.config, self.reserved_bytes, &self.prefixes);
         let (_, tenant, sub) = self.waiting.pop_first(|class, tenant, sub| {
-            let prompt = &sub.request.prompt_ids;
-            let key = sub.request.adapter.as_ref().map(|a| a.id());
-            let at = place(tenant, sub, prompt.len() - prefixes.matched(key, prompt));
+            let at = place(tenant, sub, prefill(prefixes, sub));
             if at == Place::Later {
                 return Visit::Pass;
             }
@@ -153,8 +159,7 @@ impl Desk {
         self.waiting
             .iter()
             .filter_map(|sub| {
-                let prompt = &sub.request.prompt_ids;
-                let prefill = prompt.len() - self.prefixes.matched(prompt);
+                let prefill = prefill(&self.prefixes, sub);
                 apart(sub, prefill).then_some(prefill)
             })
             .sum()
