@@ -38,6 +38,7 @@ fn prefill(model: &LlamaModel, prompt: &[u32], cache: &mut KvCache) -> anyhow::R
             tokens: chunk,
             cache: &mut *cache,
             logits: 1,
+            adapter: None,
         }])?;
     }
     Ok(())
@@ -185,6 +186,7 @@ fn decode_at_contexts(model: &LlamaModel, form: WeightForm) -> anyhow::Result<()
                 tokens: &[200 + i as u32],
                 cache: &mut cache,
                 logits: 1,
+                adapter: None,
             }])?;
         }
         let tps = DECODE_STEPS as f64 / started.elapsed().as_secs_f64();
@@ -214,6 +216,7 @@ fn batched_decode(model: &LlamaModel, form: WeightForm) -> anyhow::Result<()> {
                     tokens: t,
                     cache,
                     logits: 1,
+                    adapter: None,
                 })
                 .collect();
             model.forward(&mut steps)?;

@@ -30,6 +30,10 @@ pub enum Error {
     Device(String),
     #[error("Hugging Face Hub, repo `{repo}`: {message}")]
     Hub { repo: String, message: String },
+    /// A LoRA adapter that cannot be applied to its base model (the message names the key or
+    /// tensor at fault).
+    #[error("LoRA adapter {0}")]
+    Adapter(String),
     #[error("invalid model configuration: {0}")]
     Config(String),
     #[error(

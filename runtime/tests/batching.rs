@@ -60,16 +60,19 @@ fn ragged_batch_matches_sequences_alone_in(form: WeightForm) {
                 tokens: &a_prompt,
                 cache: &mut a_cache,
                 logits: 1,
+                adapter: None,
             },
             SeqStep {
                 tokens: &[b_next],
                 cache: &mut b_cache,
                 logits: 1,
+                adapter: None,
             },
             SeqStep {
                 tokens: &[c_next],
                 cache: &mut c_cache,
                 logits: 1,
+                adapter: None,
             },
         ])
         .unwrap();
@@ -116,6 +119,7 @@ fn chunked_prefill_matches_single_prefill_in(form: WeightForm) {
                 tokens: &tokens[range.clone()],
                 cache: &mut cache,
                 logits: usize::from(last),
+                adapter: None,
             }])
             .unwrap();
         assert_eq!(cache.len(), range.end);

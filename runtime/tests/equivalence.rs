@@ -241,11 +241,13 @@ fn host_path_matches(form: WeightForm, reference: fn() -> ModelWeights) -> f64 {
                         tokens: c,
                         cache: &mut other,
                         logits: 1,
+                        adapter: None,
                     },
                     SeqStep {
                         tokens: chunk,
                         cache: &mut cache,
                         logits: 1,
+                        adapter: None,
                     },
                 ])
                 .unwrap();

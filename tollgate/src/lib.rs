@@ -3,6 +3,7 @@
 //!
 //! `main.rs` only parses the command line; tests call [`serve`] on an ephemeral port.
 
+pub mod adapters;
 pub mod billing_cli;
 pub mod generate;
 pub mod local;

@@ -91,7 +91,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    limit_malloc_arenas();
+    tollgate::resident::reclaim::limit_arenas();
     // candle's CPU thread pool spins at its barrier by default; on a small shared machine a
     // spinning pool collapses as soon as another process wants the cores (measured here), so park
     // instead unless the operator asked otherwise. Set before any thread exists.
@@ -232,11 +232,6 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received; draining in-flight requests");
 }
 
-/// glibc gives each thread that allocates under contention an arena of its own and keeps
-/// what they free: a soak saw the gateway's RSS step up by several MB at each burst (a worker
-/// dying, a thousand fast refusals) and stay there. Two arenas (what container images often
-/// set with `MALLOC_ARENA_MAX=2`) keep that flat for a server of a few threads; the variable,
-/// when set, still wins.
 /// Every connection is a file descriptor, and distributions start processes with a soft limit
 /// of 1,024 (a gateway under load once failed with "too many open files"): the soft limit is
 /// raised to the hard one where the OS allows, and the log says what it is.
@@ -248,16 +243,6 @@ fn raise_open_file_limit() {
         }
         Ok(limit) => tracing::info!("open-file limit: {limit}"),
         Err(e) => tracing::warn!("cannot raise the open-file limit (now {before}): {e}"),
-    }
-}
-
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only changes an allocator setting; called first thing in main.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tollgate_gateway::backend::upstream::UpstreamPool;
-use tollgate_gateway::backend::{Backend, ModelInfo};
+use tollgate_gateway::backend::{AdapterRef, Backend, ModelInfo};
 use tollgate_gateway::config::{
     self, BackendConfig, Config, KvCacheDtype, LocalBackendConfig, ModelConfig, ModelSource,
 };
@@ -17,6 +17,7 @@ use tollgate_runtime::engine::EngineConfig;
 use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};
 use tollgate_runtime::model::WeightForm;
 
+use crate::adapters::AdapterBackend;
 use crate::local::LocalBackend;
 use crate::resident::Residents;
 
@@ -170,10 +171,11 @@ pub async fn start_backends(config: &Config) -> anyhow::Result<Backends> {
     );
     let residents = Residents::start(capacity, Arc::new(start_local));
     let mut order: Vec<&ModelConfig> = config.models.values().collect();
-    order.sort_by_key(|m| !m.pinned);
+    // Pinned models first, adapters last (on their base models' backends).
+    order.sort_by_key(|m| (m.adapter.is_some(), !m.pinned));
     let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
     for model in order {
-        let backend = build_backend(&residents, model, true).await?;
+        let backend = build_backend(&residents, model, true, &backends).await?;
         backends.insert(model.id.clone(), backend);
     }
     Ok(Backends {
@@ -189,12 +191,32 @@ fn start_local(model: &ModelConfig, local: &LocalBackendConfig) -> anyhow::Resul
 }
 
 /// One model's backend: a local model in the budget of `residents` (loaded now when pinned,
-/// or at `start` when it fits), or a pool of upstreams.
+/// or at `start` when it fits), a pool of upstreams, or an adapter's model id on its base
+/// model's backend (in `built`).
 pub async fn build_backend(
     residents: &Arc<Residents>,
     model: &ModelConfig,
     start: bool,
+    built: &HashMap<String, Arc<dyn Backend>>,
 ) -> anyhow::Result<Arc<dyn Backend>> {
+    if let Some(adapter) = &model.adapter {
+        let base = built.get(&adapter.base).cloned().with_context(|| {
+            format!(
+                "adapter `{}`: base model `{}` has no backend",
+                model.id, adapter.base
+            )
+        })?;
+        let reference = AdapterRef {
+            name: adapter.name.clone(),
+            path: adapter.path.clone(),
+        };
+        return Ok(Arc::new(AdapterBackend::new(
+            base,
+            reference,
+            model.id.clone(),
+            model.owned_by.clone(),
+        )));
+    }
     let info = ModelInfo {
         id: model.id.clone(),
         context_length: model.context_length.unwrap_or(DEFAULT_UPSTREAM_CONTEXT),

@@ -42,6 +42,12 @@ impl WorkerModel {
             let known: Vec<&String> = config.models.keys().collect();
             anyhow::bail!("no model `{model}` in the catalogue (it has {known:?})");
         };
+        if let Some(adapter) = &entry.adapter {
+            anyhow::bail!(
+                "model `{model}` is a LoRA adapter of `{}`: workers serve base models, not adapters (yet)",
+                adapter.base
+            );
+        }
         match &mut entry.backend {
             BackendConfig::Local(local) => {
                 if let Some(d) = self.device {
@@ -70,8 +76,13 @@ impl Reload for FileReload {
         let mut outcome = ReloadOutcome::default();
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         for (id, model) in &config.models {
+            // An adapter stays on its base model's backend only while that one is kept (a
+            // base sorts before its adapters, `<base>:<name>`, so it is decided first).
+            let base_rebuilt = model.adapter.as_ref().is_some_and(|a| {
+                outcome.added.contains(&a.base) || outcome.replaced.contains(&a.base)
+            });
             let kept = match (old.models.get(id), old.backends.get(id)) {
-                (Some(before), Some(backend)) if before.same_serving(model) => {
+                (Some(before), Some(backend)) if before.same_serving(model) && !base_rebuilt => {
                     if before != model {
                         outcome.updated.push(id.clone());
                     }
@@ -90,7 +101,7 @@ impl Reload for FileReload {
                 Some(backend) => backend,
                 // Built anew; on an error the ones built so far are dropped (and leave the
                 // budget) and the catalogue in force stays.
-                None => build_backend(&self.residents, model, false)
+                None => build_backend(&self.residents, model, false, &backends)
                     .await
                     .map_err(|e| ReloadError::Backend(format!("{e:#}")))?,
             };

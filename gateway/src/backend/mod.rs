@@ -190,6 +190,18 @@ pub struct GenerateRequest {
     /// take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction: Option<String>,
+    /// The LoRA adapter the model runs with: set by the backend of an adapter's model id
+    /// (`<base>:<name>`) before it hands the request to its base model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterRef>,
+}
+
+/// A LoRA adapter a request runs with: its name (in its model id) and its files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterRef {
+    pub name: String,
+    /// The PEFT adapter directory.
+    pub path: std::path::PathBuf,
 }
 
 /// Log probability of one token, with its text and bytes as OpenAI reports them.

@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod adapters;
 mod models;
 mod prices;
 #[cfg(test)]
 mod tests;
 
+pub use adapters::AdapterConfig;
 use models::{validate_model, RawModel};
 pub use models::{
     BackendConfig, DeviceSpec, Discovery, HttpBackendConfig, KvCacheDtype, LocalBackendConfig,
@@ -179,6 +181,29 @@ impl Default for ServerConfig {
     }
 }
 
+/// Each model of the file and its adapters' model ids (`<id>:<name>`), by id.
+fn validate_models(
+    raw: BTreeMap<String, RawModel>,
+    base_dir: &Path,
+) -> Result<BTreeMap<String, ModelConfig>, ConfigError> {
+    let mut models: BTreeMap<String, ModelConfig> = BTreeMap::new();
+    for (id, mut m) in raw {
+        let raw_adapters = m.adapters.take().unwrap_or_default();
+        let model = validate_model(&id, m, base_dir)?;
+        let adapters = adapters::validate_adapters(&model, raw_adapters, base_dir)?;
+        for model in std::iter::once(model).chain(adapters) {
+            if models.contains_key(&model.id) {
+                return Err(ConfigError::Model {
+                    message: "the id is both a model's and an adapter's (`<base>:<name>`)".into(),
+                    model: model.id,
+                });
+            }
+            models.insert(model.id.clone(), model);
+        }
+    }
+    Ok(models)
+}
+
 impl Config {
     /// Reads and validates a catalogue file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -267,11 +292,7 @@ impl Config {
                 server.key_max_age.as_millis()
             )));
         }
-        let mut models = BTreeMap::new();
-        for (id, m) in raw.models {
-            let model = validate_model(&id, m, base_dir)?;
-            models.insert(id, model);
-        }
+        let models = validate_models(raw.models, base_dir)?;
         Ok(Self { server, models })
     }
 }

@@ -11,6 +11,7 @@ use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::money::{Price, TierPrices};
 use tollgate_metering::store::NewReservation;
 
+use super::adapters::{AdapterConfig, RawAdapter};
 use super::prices::{only_tiers, price_decimal, validate_prices, RawPrice};
 use super::ConfigError;
 
@@ -34,11 +35,13 @@ pub(super) struct RawModel {
     pinned: Option<bool>,
     /// A local model idle this long is unloaded (absent: only to make room).
     keep_alive_secs: Option<u64>,
+    /// LoRA adapters on this (local) model, each served as the model id `<id>:<name>`.
+    pub(super) adapters: Option<Vec<RawAdapter>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawSource {
+pub(super) struct RawSource {
     path: Option<PathBuf>,
     hf_repo: Option<String>,
     revision: Option<String>,
@@ -86,6 +89,9 @@ enum RawBackend {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// A LoRA adapter's model id (`<base>:<name>`): the base model's engine runs it with the
+    /// adapter; `None` for a model of its own.
+    pub adapter: Option<AdapterConfig>,
     pub id: String,
     /// Where the weights come from; `None` only for http backends (the upstream has them).
     pub source: Option<ModelSource>,
@@ -115,7 +121,8 @@ impl ModelConfig {
     /// reload from one to the other keeps the running backend; they may differ in price,
     /// tiers, limits and residency settings.
     pub fn same_serving(&self, other: &Self) -> bool {
-        self.source == other.source
+        self.adapter == other.adapter
+            && self.source == other.source
             && self.backend == other.backend
             && self.context_length == other.context_length
             && self.owned_by == other.owned_by
@@ -333,7 +340,7 @@ pub enum ResponsesMode {
     Passthrough,
 }
 
-fn validate_source(source: RawSource, base_dir: &Path) -> Result<ModelSource, String> {
+pub(super) fn validate_source(source: RawSource, base_dir: &Path) -> Result<ModelSource, String> {
     match (source.path, source.hf_repo) {
         (Some(path), None) => {
             if source.revision.is_some() || source.file.is_some() {
@@ -419,6 +426,7 @@ pub(super) fn validate_model(
         None => prices,
     };
     Ok(ModelConfig {
+        adapter: None,
         id: id.to_string(),
         source,
         backend,

@@ -474,3 +474,82 @@ fn memory_budget_pinning_and_keep_alive() {
         refused(&http)
     );
 }
+
+const ADAPTERS: &str = r#"
+    [models.base]
+    source = { path = "models/x.gguf" }
+    backend = { type = "local" }
+    price = { input_per_mtok = "0.05", output_per_mtok = "0.10" }
+    service_tiers = ["default", "batch"]
+    [[models.base.adapters]]
+    name = "pirate"
+    source = { path = "adapters/pirate" }
+    [[models.base.adapters]]
+    name = "legal-v2"
+    source = { path = "/srv/legal" }
+    price = { input_per_mtok = "0.08", output_per_mtok = "0.20" }
+"#;
+
+/// Each adapter is a model id `<base>:<name>` on the base's backend, at the base's price
+/// unless it sets its own (sold at the base's tiers only).
+#[test]
+fn adapters_become_model_ids_of_their_own() {
+    let c = Config::from_toml_str(ADAPTERS, Path::new("/etc/tollgate")).unwrap();
+    let ids: Vec<&String> = c.models.keys().collect();
+    assert_eq!(ids, ["base", "base:legal-v2", "base:pirate"]);
+    let base = &c.models["base"];
+    assert_eq!(base.adapter, None);
+    let pirate = &c.models["base:pirate"];
+    assert_eq!(
+        pirate.adapter,
+        Some(AdapterConfig {
+            base: "base".into(),
+            name: "pirate".into(),
+            path: "/etc/tollgate/adapters/pirate".into(),
+        })
+    );
+    assert_eq!(pirate.source, base.source);
+    assert_eq!(pirate.backend, base.backend);
+    assert_eq!(pirate.prices, base.prices);
+    assert!(!pirate.same_serving(base));
+    let legal = &c.models["base:legal-v2"];
+    let price = legal.prices.get(ServiceTier::Default).unwrap();
+    assert_eq!(price.output_per_mtok, Decimal::from_str("0.20").unwrap());
+    assert!(legal.prices.get(ServiceTier::Batch).is_some());
+    assert!(legal.prices.get(ServiceTier::Flex).is_none());
+}
+
+#[test]
+fn bad_adapters_are_refused() {
+    let http = r#"
+        [models.up]
+        backend = { type = "http", urls = ["http://w1:8081"] }
+        [[models.up.adapters]]
+        name = "a"
+        source = { path = "a" }
+    "#;
+    assert!(refused(http).contains("adapters need a local backend"));
+    let with = |adapters: &str| {
+        format!(
+            "[models.base]\nsource = {{ path = \"x.gguf\" }}\nbackend = {{ type = \"local\" }}\n{adapters}"
+        )
+    };
+    let twice = with("[[models.base.adapters]]\nname = \"a\"\nsource = { path = \"a\" }\n[[models.base.adapters]]\nname = \"a\"\nsource = { path = \"b\" }\n");
+    assert!(refused(&twice).contains("adapter `a` is listed twice"));
+    let name = with("[[models.base.adapters]]\nname = \"a:b\"\nsource = { path = \"a\" }\n");
+    assert!(refused(&name).contains("adapter name `a:b`"));
+    let hub = with("[[models.base.adapters]]\nname = \"a\"\nsource = { hf_repo = \"o/r\" }\n");
+    assert!(refused(&hub).contains("adapter `a`: source must be a local directory"));
+    let typo =
+        with("[[models.base.adapters]]\nname = \"a\"\nsource = { path = \"a\" }\nrank = 8\n");
+    assert!(refused(&typo).contains("rank"));
+    let clash = format!(
+        "{}\n[models.\"base:a\"]\nsource = {{ path = \"y.gguf\" }}\nbackend = {{ type = \"local\" }}\n",
+        with("[[models.base.adapters]]\nname = \"a\"\nsource = { path = \"a\" }\n")
+    );
+    let err = refused(&clash);
+    assert!(
+        err.contains("model `base:a`") && err.contains("both a model's and an adapter's"),
+        "{err}"
+    );
+}

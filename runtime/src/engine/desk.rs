@@ -74,6 +74,14 @@ pub(super) fn tenancy(request: &GenRequest) -> Member {
     }
 }
 
+/// Prompt tokens a waiting request would prefill: its prompt after the longest prefix the
+/// cache holds for its adapter (or none).
+fn prefill(prefixes: &PrefixCache, sub: &Submission) -> usize {
+    let prompt = &sub.request.prompt_ids;
+    let key = sub.request.adapter.as_ref().map(|a| a.id());
+    prompt.len() - prefixes.matched(key, prompt)
+}
+
 impl Desk {
     pub(super) fn new(
         tokenizer: Arc<ModelTokenizer>,
@@ -128,8 +136,7 @@ impl Desk {
         let per_token = model.kv_bytes_per_token();
         let (config, reserved, prefixes) = (&self.config, self.reserved_bytes, &self.prefixes);
         let (_, tenant, sub) = self.waiting.pop_first(|class, tenant, sub| {
-            let prompt = &sub.request.prompt_ids;
-            let at = place(tenant, sub, prompt.len() - prefixes.matched(prompt));
+            let at = place(tenant, sub, prefill(prefixes, sub));
             if at == Place::Later {
                 return Visit::Pass;
             }
@@ -152,8 +159,7 @@ impl Desk {
         self.waiting
             .iter()
             .filter_map(|sub| {
-                let prompt = &sub.request.prompt_ids;
-                let prefill = prompt.len() - self.prefixes.matched(prompt);
+                let prefill = prefill(&self.prefixes, sub);
                 apart(sub, prefill).then_some(prefill)
             })
             .sum()
@@ -199,10 +205,11 @@ impl Desk {
             tenant: _,
             cached,
             prediction,
+            adapter,
         } = sub.request;
         let logprobs = sampling.logprobs.is_some();
         let sampler = Sampler::new(sampling, &prompt_ids);
-        let cache = match prefixes.lookup(&prompt_ids) {
+        let cache = match prefixes.lookup(adapter.as_ref().map(|a| a.id()), &prompt_ids) {
             Ok(Some(cache)) => {
                 stats
                     .prefix_hit_tokens_total
@@ -243,6 +250,7 @@ impl Desk {
             last_step: 0,
             spec: Speculation::new(prediction),
             verify: Vec::new(),
+            adapter,
         }
     }
 
@@ -255,7 +263,7 @@ impl Desk {
         let cache = std::mem::replace(&mut seq.cache, model.new_cache());
         if self.prefixes.is_enabled() && !cache.is_empty() {
             let held = seq.context(cache.len()).to_vec();
-            self.prefixes.insert(held, cache);
+            self.prefixes.insert(seq.adapter_key(), held, cache);
         }
         seq.prefilled = 0;
         seq.kv_generated = 0;
@@ -274,7 +282,7 @@ impl Desk {
         // token.
         let needed = seq.prompt.len() + seq.generated.len().saturating_sub(1);
         let context = seq.context(needed).to_vec();
-        let cache = match self.prefixes.lookup(&context) {
+        let cache = match self.prefixes.lookup(seq.adapter_key(), &context) {
             Ok(Some(cache)) => cache,
             Ok(None) => model.new_cache(),
             Err(e) => {
@@ -302,7 +310,7 @@ impl Desk {
                 if prefixes.is_enabled() {
                     match seq.cache.copy_prefix(seq.prompt.len()) {
                         Ok(cache) => {
-                            prefixes.insert(seq.prompt.clone(), cache);
+                            prefixes.insert(seq.adapter_key(), seq.prompt.clone(), cache);
                             // Before `Finished` goes out, so a caller sees it at once.
                             stats
                                 .prefix_cache_bytes

@@ -324,6 +324,7 @@ fn prefill(model: &LlamaModel, fresh: &mut [Sequence]) -> Result<Vec<Vec<f32>>> 
             tokens: &s.prompt[s.prefilled..],
             cache: &mut s.cache,
             logits: 1,
+            adapter: s.adapter.as_deref(),
         })
         .collect();
     let rows = model.forward(&mut steps)?;

@@ -59,7 +59,7 @@ use self::worker::Worker;
 pub use crate::classes::ServiceClass;
 use crate::constraint::Constraint;
 use crate::fair::Tenant;
-use crate::model::LlamaModel;
+use crate::model::{LlamaConfig, LlamaModel, LoraAdapter};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::ModelTokenizer;
 use crate::{Error, Result};
@@ -152,6 +152,9 @@ pub struct GenRequest {
     /// the output follows it (found again where it leaves it). It never changes the output,
     /// only how many steps it takes; `Finished` counts its tokens accepted and rejected.
     pub prediction: Option<Vec<u32>>,
+    /// The LoRA adapter the sequence runs with (loaded for this engine's model), batched with
+    /// sequences using other adapters or none; `None`: the base model.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl GenRequest {
@@ -168,6 +171,7 @@ impl GenRequest {
             tenant: None,
             cached: None,
             prediction: None,
+            adapter: None,
         }
     }
 }
@@ -317,6 +321,8 @@ pub struct Engine {
     config: EngineConfig,
     context_length: usize,
     kv_bytes_per_token: usize,
+    /// The model's shape, which a request's adapter must fit.
+    model_config: LlamaConfig,
 }
 
 impl Engine {
@@ -330,6 +336,7 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let context_length = model.config().context_length;
         let kv_bytes_per_token = model.kv_bytes_per_token();
+        let model_config = model.config().clone();
         let worker = Worker::new(model, tokenizer, config.clone(), incoming, stats.clone());
         let ended = stats.clone();
         std::thread::Builder::new()
@@ -346,6 +353,7 @@ impl Engine {
             config,
             context_length,
             kv_bytes_per_token,
+            model_config,
         })
     }
 
@@ -379,6 +387,10 @@ impl Engine {
             });
         }
         request.sampling.validate()?;
+        // An adapter of another model would fail the whole step it joined.
+        if let Some(adapter) = &request.adapter {
+            adapter.check_fits(&self.model_config)?;
+        }
         let (reply, events) = unbounded_channel();
         match self.queue.try_send(Submission { request, reply }) {
             Ok(()) => {

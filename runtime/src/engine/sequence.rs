@@ -13,7 +13,7 @@ use super::{GenConstraint, GenEvent, LogprobInfo, StopReason, TokenLogprob};
 use crate::classes::ServiceClass;
 use crate::detokenize::StreamDecoder;
 use crate::fair::Tenant;
-use crate::model::{KvCache, SeqStep};
+use crate::model::{KvCache, LoraAdapter, SeqStep};
 use crate::sampling::{Sampled, Sampler};
 use crate::stop::StopMatcher;
 use crate::tokenizer::ModelTokenizer;
@@ -57,6 +57,8 @@ pub(super) struct Sequence {
     pub(super) spec: Speculation,
     /// What a [`Feed::Draft`] step feeds: the last sampled token, then the draft.
     pub(super) verify: Vec<u32>,
+    /// The LoRA adapter its tokens run with.
+    pub(super) adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// What a running sequence feeds a step.
@@ -96,6 +98,11 @@ impl Sequence {
     /// The sequence as admission sees it ([`super::admission::Member`]).
     pub(super) fn member(&self) -> super::admission::Member {
         (self.tenant.clone(), self.weight, self.class)
+    }
+
+    /// The prefix cache's key of its KV: its adapter.
+    pub(super) fn adapter_key(&self) -> Option<u64> {
+        self.adapter.as_ref().map(|a| a.id())
     }
 
     /// The first `len` tokens of its prompt followed by its sampled tokens (all of them when
@@ -152,6 +159,7 @@ impl Sequence {
             tokens,
             cache: &mut self.cache,
             logits,
+            adapter: self.adapter.as_deref(),
         }
     }
 

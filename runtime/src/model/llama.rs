@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use super::embed::Embedding;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
+use super::lora::{LoraAdapter, StepLora, Target};
 use super::rope::rope_tables;
 use super::{LlamaConfig, WeightForm};
 use crate::{Error, Result};
@@ -49,15 +50,6 @@ impl QkvBias {
     }
 }
 
-/// `linear · x (+ bias)`.
-fn project(linear: &Linear, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
-    let y = linear.forward(x)?;
-    Ok(match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-        None => y,
-    })
-}
-
 /// A loaded Llama-architecture model.
 #[derive(Debug)]
 pub struct LlamaModel {
@@ -75,6 +67,9 @@ pub struct LlamaModel {
     pub(crate) kv_dtype: DType,
 }
 
+/// A step's token ids, their positions, and each entry's `(first row, rows)`.
+type StepLayout = (Vec<u32>, Vec<u32>, Vec<(usize, usize)>);
+
 /// What [`LlamaModel::forward_between`] calls before each layer of a step.
 pub type BetweenLayers<'a> = dyn FnMut(&LlamaModel) -> Result<()> + Send + 'a;
 
@@ -86,6 +81,8 @@ pub struct SeqStep<'a> {
     /// Return logits for the last `logits` of `tokens` (0: none; 1: the next token's, as in
     /// decode; more: also those of earlier positions, to verify a draft).
     pub logits: usize,
+    /// The LoRA adapter its tokens run with (`None`: the base model alone).
+    pub adapter: Option<&'a LoraAdapter>,
 }
 
 impl LlamaModel {
@@ -200,6 +197,60 @@ impl LlamaModel {
         between_layers: &mut BetweenLayers<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
+        let (ids, positions, spans) = self.layout(batch)?;
+        let total = ids.len();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        if self.uses_host_path() {
+            let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+            // Run the whole step on a worker of rayon's pool: its parallel matmuls then start
+            // on the current worker and wake at most the others, instead of every matmul
+            // waking the whole pool and then this thread (≈ 150 matmuls per step).
+            return rayon::scope(|_| {
+                self.forward_host(batch, &ids, &positions, &spans, between_layers)
+            });
+        }
+        let positions = Tensor::from_vec(positions, total, &self.device)?;
+        let (cos, sin) = self.rope_tables()?;
+        let cos = cos.index_select(&positions, 0)?;
+        let sin = sin.index_select(&positions, 0)?;
+        let mut x = self
+            .embed
+            .rows(&ids, cfg.hidden_size, &self.lm_head, &self.device)?;
+        let lora = StepLora::new(batch, &spans, cfg, Some(&self.device))?;
+        // A projection and its sequences' LoRA updates.
+        let linear = |layer: usize, target: Target, w: &Linear, x: &Tensor| -> Result<Tensor> {
+            lora.apply(layer, target, x, w.forward(x)?)
+        };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            between_layers(self)?;
+            let h = rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
+            let attn = self.attention((layer, block), (&h, &cos, &sin), batch, &spans, &lora)?;
+            x = (x + linear(layer, Target::O, &block.wo, &attn)?)?;
+            let h = rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?;
+            let gate = silu(&linear(layer, Target::Gate, &block.w_gate, &h)?)?;
+            let up = linear(layer, Target::Up, &block.w_up, &h)?;
+            x = (x + linear(layer, Target::Down, &block.w_down, &(gate * up)?)?)?;
+        }
+        for (step, &(_, len)) in batch.iter_mut().zip(&spans) {
+            step.cache.advance(len);
+        }
+        let rows: Vec<u32> = logit_rows(batch, &spans).map(|t| t as u32).collect();
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = rows.len();
+        let last = x.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
+        let last = rms_norm(&last, &self.norm, cfg.rms_eps as f32)?;
+        let logits = self.lm_head.forward(&last)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
+    /// The step's token ids, their positions and each entry's `(first row, rows)`, every
+    /// entry checked (tokens, logits asked, context, vocabulary) and its cache given room.
+    fn layout(&self, batch: &mut [SeqStep<'_>]) -> Result<StepLayout> {
+        let cfg = &self.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
@@ -233,69 +284,20 @@ impl LlamaModel {
             ids.extend_from_slice(step.tokens);
             positions.extend((start..start + step.tokens.len()).map(|p| p as u32));
         }
-        let total = ids.len();
-        if total == 0 {
-            return Ok(Vec::new());
-        }
-        if self.uses_host_path() {
-            let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
-            // Run the whole step on a worker of rayon's pool: its parallel matmuls then start
-            // on the current worker and wake at most the others, instead of every matmul
-            // waking the whole pool and then this thread (≈ 150 matmuls per step).
-            return rayon::scope(|_| {
-                self.forward_host(batch, &ids, &positions, &spans, between_layers)
-            });
-        }
-        let positions = Tensor::from_vec(positions, total, &self.device)?;
-        let (cos, sin) = self.rope_tables()?;
-        let cos = cos.index_select(&positions, 0)?;
-        let sin = sin.index_select(&positions, 0)?;
-        let mut x = self
-            .embed
-            .rows(&ids, cfg.hidden_size, &self.lm_head, &self.device)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            between_layers(self)?;
-            let h = rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
-            let attn = self.attention(layer, block, &h, &cos, &sin, batch, &spans)?;
-            x = (x + block.wo.forward(&attn)?)?;
-            let h = rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?;
-            let gate = silu(&block.w_gate.forward(&h)?)?;
-            let up = block.w_up.forward(&h)?;
-            x = (x + block.w_down.forward(&(gate * up)?)?)?;
-        }
-        for (step, &(_, len)) in batch.iter_mut().zip(&spans) {
-            step.cache.advance(len);
-        }
-        let rows: Vec<u32> = logit_rows(batch, &spans).map(|t| t as u32).collect();
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = rows.len();
-        let last = x.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
-        let last = rms_norm(&last, &self.norm, cfg.rms_eps as f32)?;
-        let logits = self.lm_head.forward(&last)?;
-        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        Ok((ids, positions, spans))
     }
 
-    /// Self-attention of one layer for every sequence of the step; returns `(tokens, hidden)`.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the step's pieces a layer's attention reads; a struct would exist for this call only"
-    )]
-    fn attention(
+    /// The step's Q, K (rotated, `(heads, tokens, head_dim)`) and V (`(kv_heads, tokens,
+    /// head_dim)`) of layer `layer`, each projection with its sequences' LoRA updates.
+    fn qkv(
         &self,
-        layer: usize,
-        block: &Block,
-        h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        batch: &mut [SeqStep<'_>],
-        spans: &[(usize, usize)],
-    ) -> Result<Tensor> {
+        (layer, block): (usize, &Block),
+        (h, cos, sin): (&Tensor, &Tensor, &Tensor),
+        lora: &StepLora<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = &self.config;
         let total = h.dim(0)?;
-        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let group = nh / nkv;
+        let hd = cfg.head_dim;
         let rotate = |t: Tensor, heads: usize| -> Result<Tensor> {
             // (tokens, heads*hd) -> (1, heads, tokens, hd), rotated at each token's position.
             let t = t
@@ -311,12 +313,37 @@ impl LlamaModel {
             Ok(r.squeeze(0)?)
         };
         let [bq, bk, bv] = block.qkv_bias.all();
-        let q = rotate(project(&block.wq, bq, h)?, nh)?;
-        let k = rotate(project(&block.wk, bk, h)?, nkv)?;
-        let v = project(&block.wv, bv, h)?
-            .reshape((total, nkv, hd))?
+        let project = |w: &Linear, target: Target, bias: Option<&Tensor>| -> Result<Tensor> {
+            let y = lora.apply(layer, target, h, w.forward(h)?)?;
+            Ok(match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                None => y,
+            })
+        };
+        let q = rotate(project(&block.wq, Target::Q, bq)?, cfg.n_heads)?;
+        let k = rotate(project(&block.wk, Target::K, bk)?, cfg.n_kv_heads)?;
+        let v = project(&block.wv, Target::V, bv)?
+            .reshape((total, cfg.n_kv_heads, hd))?
             .transpose(0, 1)?
             .contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// Self-attention of one layer for every sequence of the step (`h` normed, RoPE's `cos`
+    /// and `sin` at each token's position); returns `(tokens, hidden)`.
+    fn attention(
+        &self,
+        (layer, block): (usize, &Block),
+        (h, cos, sin): (&Tensor, &Tensor, &Tensor),
+        batch: &mut [SeqStep<'_>],
+        spans: &[(usize, usize)],
+        lora: &StepLora<'_>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let total = h.dim(0)?;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let group = nh / nkv;
+        let (q, k, v) = self.qkv((layer, block), (h, cos, sin), lora)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outputs = Vec::with_capacity(batch.len());
         for (step, &(start, len)) in batch.iter_mut().zip(spans) {

@@ -6,7 +6,8 @@
 //!
 //! Submodules: `cpu` (which SIMD path the kernels run), `linear` (weight forms and their matmuls), `q8` (the int8 kernel), `codes` (the block-code kernel of `auto`), `kv_cache`,
 //! `llama` (the forward pass, candle ops), `host` (the CPU forward pass on plain buffers),
-//! `load` (GGUF and safetensors), `rope` (RoPE frequencies, their scaling and tables).
+//! `load` (GGUF and safetensors), `rope` (RoPE frequencies, their scaling and tables),
+//! `lora` (LoRA adapters, applied per sequence in a batch).
 
 mod codes;
 pub mod cpu;
@@ -16,6 +17,7 @@ mod kv_cache;
 mod linear;
 mod llama;
 mod load;
+mod lora;
 mod q8;
 mod rope;
 
@@ -24,6 +26,7 @@ use std::str::FromStr;
 pub use cpu::CpuKernels;
 pub use kv_cache::KvCache;
 pub use llama::{BetweenLayers, LlamaModel, SeqStep};
+pub use lora::{AdapterBase, LoraAdapter, Target as LoraTarget};
 pub use rope::{Llama3Scaling, RopeScaling};
 
 use crate::Error;

@@ -138,6 +138,7 @@ pub fn forced(model: &LlamaModel, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32
                 tokens,
                 cache: &mut cache,
                 logits: 1,
+                adapter: None,
             }])
             .unwrap()
             .remove(0)
@@ -161,6 +162,7 @@ pub fn greedy(model: &LlamaModel, prompt: &[u32], steps: usize, banned: &[u32]) 
                 tokens: &tokens[tokens.len() - new..],
                 cache: &mut cache,
                 logits: 1,
+                adapter: None,
             }])
             .unwrap()
             .remove(0);

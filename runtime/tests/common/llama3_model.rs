@@ -386,6 +386,7 @@ pub fn run(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f
                 tokens: chunk,
                 cache: &mut *cache,
                 logits: 1,
+                adapter: None,
             }];
             model.forward(&mut batch).unwrap().remove(0)
         })

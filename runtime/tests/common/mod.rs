@@ -86,6 +86,7 @@ pub fn step(model: &LlamaModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32>
             tokens,
             cache,
             logits: 1,
+            adapter: None,
         }])
         .unwrap();
     assert_eq!(out.len(), 1);

@@ -6,6 +6,7 @@
 //! the model (by its own template, or the fallback prompt of [`tollgate_runtime::tools`]),
 //! constrained while written, and parsed back into OpenAI-shaped call events.
 
+pub mod adapters;
 mod grammars;
 mod prompt;
 mod shaper;
@@ -40,6 +41,7 @@ pub struct LocalBackend {
     template: Arc<ChatTemplate>,
     grammars: Arc<grammars::Grammars>,
     vocab_size: usize,
+    adapters: adapters::Adapters,
 }
 
 impl LocalBackend {
@@ -57,6 +59,7 @@ impl LocalBackend {
         let context_length = model.config().context_length;
         let vocab_size = model.config().vocab_size;
         let grammars = grammars::Grammars::start(tokenizer.clone(), vocab_size);
+        let adapters = adapters::Adapters::new(model.adapter_base());
         let engine = Engine::start(model, tokenizer.clone(), config)?;
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -74,6 +77,7 @@ impl LocalBackend {
             template: Arc::new(template),
             grammars,
             vocab_size,
+            adapters,
         })
     }
 
@@ -153,6 +157,29 @@ fn logprob(t: tollgate_runtime::engine::TokenLogprob) -> TokenLogprob {
 }
 
 impl LocalBackend {
+    /// The request's prompt (tools shown) and prediction (OpenAI's Predicted Outputs: a draft)
+    /// in the model's tokens, on the blocking pool.
+    async fn tokenized(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<u32>, Option<Vec<u32>>), BackendError> {
+        let tokenizer = self.tokenizer.clone();
+        let template = self.template.clone();
+        let prompt = request.prompt.clone();
+        let tools = request.tools.clone();
+        let predicted = request.prediction.clone();
+        tokio::task::spawn_blocking(move || {
+            let ids = Self::tokenize_with_tools(&tokenizer, &template, &prompt, tools.as_ref())?;
+            let prediction = predicted
+                .map(|text| tokenizer.encode(&text, false))
+                .transpose()?;
+            Ok::<_, RuntimeError>((ids, prediction))
+        })
+        .await
+        .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
+        .map_err(backend_error)
+    }
+
     /// How the output is read back: tool calls parsed unless `tool_choice` is `none`, in the
     /// template's call syntax.
     fn shape(&self, request: &GenerateRequest) -> Shape {
@@ -216,22 +243,7 @@ impl Backend for LocalBackend {
     }
 
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
-        let tokenizer = self.tokenizer.clone();
-        let template = self.template.clone();
-        let prompt = request.prompt.clone();
-        let tools = request.tools.clone();
-        let predicted = request.prediction.clone();
-        // The prediction (OpenAI's Predicted Outputs) is a draft in the model's tokens.
-        let (prompt_ids, prediction) = tokio::task::spawn_blocking(move || {
-            let ids = Self::tokenize_with_tools(&tokenizer, &template, &prompt, tools.as_ref())?;
-            let prediction = predicted
-                .map(|text| tokenizer.encode(&text, false))
-                .transpose()?;
-            Ok::<_, RuntimeError>((ids, prediction))
-        })
-        .await
-        .map_err(|e| BackendError::Internal(format!("tokenizer task failed: {e}")))?
-        .map_err(backend_error)?;
+        let (prompt_ids, prediction) = self.tokenized(&request).await?;
         let compiler = if request.response_format != ResponseFormat::Text || request.tools.is_some()
         {
             let grammars = self.grammars.clone();
@@ -246,6 +258,10 @@ impl Backend for LocalBackend {
         let constraint = self
             .constraint(compiler.as_ref(), &request)
             .map_err(backend_error)?;
+        let adapter = match &request.adapter {
+            Some(r) => Some(self.adapters.get(r).await?),
+            None => None,
+        };
         // Customers share the engine fairly (weighted fair queueing between them).
         let tenant = request.customer.as_ref().map(|c| Tenancy {
             name: Arc::from(c.as_str()),
@@ -279,6 +295,7 @@ impl Backend for LocalBackend {
                     tenant,
                     cached: Some(engine_cached),
                     prediction,
+                    adapter,
                 })
                 .map_err(backend_error)?;
             Ok(events(

@@ -9,7 +9,7 @@
 //! it, at most `max_queue` of them; beyond, 503 `model_loading` with `Retry-After`.
 
 pub mod budget;
-mod reclaim;
+pub mod reclaim;
 
 use std::collections::HashMap;
 use std::path::Path;

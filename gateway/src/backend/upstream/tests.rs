@@ -214,6 +214,7 @@ async fn a_prediction_is_refused_unless_the_upstream_takes_it() {
         service_tier: crate::backend::ServiceTier::Default,
         max_queue_wait: None,
         prediction: Some("hello".into()),
+        adapter: None,
     };
     let refused = routed_pool(1).prepare(request.clone()).await.err();
     assert!(

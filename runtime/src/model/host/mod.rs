@@ -13,15 +13,18 @@
 //! ([`super::llama`]) used on other devices and for other weight forms.
 
 use candle_core::{Storage, StorageRef, Tensor};
-use rayon::prelude::*;
 
 #[cfg(test)]
 use super::kv_cache::HeadKv;
 use super::kv_cache::{HostLayer, KEY_BLOCK};
 use super::linear::Linear;
 use super::llama::{BetweenLayers, Block, LlamaModel, SeqStep};
+use super::lora::{StepLora, Target};
 use super::LlamaConfig;
 use crate::{Error, Result};
+#[cfg(test)]
+use attention::SPLIT_KEYS;
+use attention::{AttnPlan, AttnShape, CHUNK_KEYS};
 
 /// The `f32` contents of a contiguous CPU tensor, borrowed.
 struct HostView<'a> {
@@ -49,13 +52,10 @@ impl<'a> HostView<'a> {
     }
 }
 
-/// Attention work (query-key products) below which one thread does a layer's attention.
-const PARALLEL_ATTENTION_WORK: usize = 1 << 15;
-
 impl LlamaModel {
-    /// Whether this model runs [`LlamaModel::forward_host`]: CPU, and every projection takes
-    /// host buffers.
-    pub(crate) fn uses_host_path(&self) -> bool {
+    /// Whether this model runs the host path (`forward_host`): CPU, and every projection
+    /// takes host buffers; else candle's ops.
+    pub fn uses_host_path(&self) -> bool {
         self.device.is_cpu()
             && matches!(self.form, super::WeightForm::Q8_0 | super::WeightForm::Auto)
             && self.lm_head.is_host()
@@ -86,11 +86,12 @@ impl LlamaModel {
             half: cfg.head_dim / 2,
             interleaved: cfg.rope_interleaved,
         };
+        let lora = StepLora::new(batch, spans, cfg, None)?;
         let mut pass = HostPass::new(cfg, batch, ids.len(), positions, spans, rope);
         for (layer, block) in self.blocks.iter().enumerate() {
             between_layers(self)?;
-            pass.attention(layer, block, batch, &mut x)?;
-            pass.feed_forward(block, &mut x)?;
+            pass.attention((layer, block), batch, &mut x, &lora)?;
+            pass.feed_forward((layer, block), &mut x, &lora)?;
         }
         for (step, &(_, len)) in batch.iter_mut().zip(spans) {
             step.cache.advance(len);
@@ -178,8 +179,10 @@ impl<'a> HostPass<'a> {
                 batch[s].cache.len() + (t - spans[s].0) + 1
             })
             .collect();
-        let plan = shape.plan(&visible, cfg.sliding_window);
-        let partials = vec![0f32; plan.splits.len() * plan.part_len];
+        let window = cfg.sliding_window;
+        let rows = shape.task_rows(&visible, window, rayon::current_num_threads());
+        let plan = shape.plan(spans, &visible, window, rows);
+        let partials = vec![0f32; plan.len];
         Self {
             rope,
             positions,
@@ -196,26 +199,32 @@ impl<'a> HostPass<'a> {
     }
 
     /// `x += wo · attention(rope(q), rope(k), v)` of layer `layer`, the step's keys and
-    /// values appended to each sequence's cache first.
+    /// values appended to each sequence's cache first; each projection with its sequences'
+    /// LoRA updates.
     fn attention(
         &mut self,
-        layer: usize,
-        block: &Block,
+        (layer, block): (usize, &Block),
         batch: &mut [SeqStep<'_>],
         x: &mut [f32],
+        lora: &StepLora<'_>,
     ) -> Result<()> {
         let AttnShape {
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,
         } = self.shape;
-        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
-        // The query heads sharing a KV head are adjacent: `group_dim` values per KV head.
-        let group_dim = q_dim / nkv;
+        let kv_dim = nkv * hd;
         let attn_norm = HostView::new(&block.attn_norm)?;
         rms_norm(x, attn_norm.slice()?, self.eps, &mut self.h);
         let [mut q, mut k, mut v] =
             Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &self.h, self.total)?;
+        for (y, target) in [
+            (&mut q, Target::Q),
+            (&mut k, Target::K),
+            (&mut v, Target::V),
+        ] {
+            lora.apply_host(layer, target, &self.h, y)?;
+        }
         for (y, bias) in [&mut q, &mut k, &mut v]
             .into_iter()
             .zip(block.qkv_bias.all())
@@ -235,38 +244,34 @@ impl<'a> HostPass<'a> {
             .iter()
             .map(|s| s.cache.host_layer(layer))
             .collect::<Result<_>>()?;
-        let (plan, shape, seq_of) = (&self.plan, self.shape, &self.seq_of);
-        let task = |(i, part): (usize, &mut [f32])| {
-            let split = &plan.splits[i];
-            let q = &q[split.token * q_dim + split.kv_head * group_dim..][..group_dim];
-            let kv = kv[seq_of[split.token]];
-            shape.attend_partial(q, kv, split.kv_head, split.keys.clone(), part);
-        };
-        if plan.work < PARALLEL_ATTENTION_WORK {
-            self.partials
-                .chunks_exact_mut(plan.part_len)
-                .enumerate()
-                .for_each(task);
-        } else {
-            self.partials
-                .par_chunks_exact_mut(plan.part_len)
-                .enumerate()
-                .for_each(task);
-        }
+        let seq_of = &self.seq_of;
+        let kv_of = |t: usize| kv[seq_of[t]];
+        let (plan, shape) = (&self.plan, self.shape);
+        shape.attend_all(plan, &q, kv_of, &mut self.partials);
         shape.merge(plan, &self.partials, &mut self.att);
-        let o = block.wo.forward_host(&self.att, self.total)?;
+        let mut o = block.wo.forward_host(&self.att, self.total)?;
+        lora.apply_host(layer, Target::O, &self.att, &mut o)?;
         add_assign(x, &o);
         Ok(())
     }
 
-    /// `x += w_down · (silu(w_gate · norm(x)) * w_up · norm(x))`.
-    fn feed_forward(&mut self, block: &Block, x: &mut [f32]) -> Result<()> {
+    /// `x += w_down · (silu(w_gate · norm(x)) * w_up · norm(x))`, each projection with its
+    /// sequences' LoRA updates.
+    fn feed_forward(
+        &mut self,
+        (layer, block): (usize, &Block),
+        x: &mut [f32],
+        lora: &StepLora<'_>,
+    ) -> Result<()> {
         let ffn_norm = HostView::new(&block.ffn_norm)?;
         rms_norm(x, ffn_norm.slice()?, self.eps, &mut self.h);
-        let [mut gate, up] =
+        let [mut gate, mut up] =
             Linear::forward_host_many([&block.w_gate, &block.w_up], &self.h, self.total)?;
+        lora.apply_host(layer, Target::Gate, &self.h, &mut gate)?;
+        lora.apply_host(layer, Target::Up, &self.h, &mut up)?;
         silu_mul(&mut gate, &up);
-        let down = block.w_down.forward_host(&gate, self.total)?;
+        let mut down = block.w_down.forward_host(&gate, self.total)?;
+        lora.apply_host(layer, Target::Down, &gate, &mut down)?;
         add_assign(x, &down);
         Ok(())
     }
@@ -340,150 +345,8 @@ impl Rope<'_> {
     }
 }
 
-/// Head counts of grouped-query attention.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AttnShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-/// Keys a split covers at most: a token's attention over a longer context is cut into splits
-/// that run as separate tasks (their partial softmaxes merged afterwards), so a long context
-/// spreads over the threads even for one sequence. It depends on the token's own number of
-/// visible keys only, never on what else shares the step, so batching does not change a
-/// sequence's arithmetic.
-const SPLIT_KEYS: usize = 512;
-
-/// Keys scored at a time inside a split (the chunk's scores stay in L1 and its keys are
-/// still there when their values are summed).
-const CHUNK_KEYS: usize = 64;
-
-/// One attention task: the query heads of `kv_head` at token `token` over keys `keys`.
-pub(crate) struct Split {
-    pub token: usize,
-    pub kv_head: usize,
-    pub keys: std::ops::Range<usize>,
-}
-
-/// The attention tasks of one step, the same in every layer.
-pub(crate) struct AttnPlan {
-    pub splits: Vec<Split>,
-    /// `f32`s of one split's partial result: per query head of the group its running max,
-    /// its sum of exponentials, and its unnormalized output.
-    pub part_len: usize,
-    /// Query-key products per layer (decides whether to use the thread pool).
-    pub work: usize,
-}
-
-impl AttnShape {
-    fn group(&self) -> usize {
-        self.n_heads / self.n_kv_heads
-    }
-
-    /// The tasks for tokens that see `visible[t]` keys each (the last `window` of them, when
-    /// attention slides): per token and KV head, one split per [`SPLIT_KEYS`] keys, in token,
-    /// head, key order.
-    pub(crate) fn plan(&self, visible: &[usize], window: Option<usize>) -> AttnPlan {
-        let mut splits = Vec::new();
-        let mut work = 0;
-        for (token, &n) in visible.iter().enumerate() {
-            let first = super::llama::first_visible(n, window);
-            work += n - first;
-            for kv_head in 0..self.n_kv_heads {
-                let mut from = first;
-                while from < n {
-                    let to = (from + SPLIT_KEYS).min(n);
-                    splits.push(Split {
-                        token,
-                        kv_head,
-                        keys: from..to,
-                    });
-                    from = to;
-                }
-            }
-        }
-        AttnPlan {
-            splits,
-            part_len: self.group() * (self.head_dim + 2),
-            work: work * self.n_heads * self.head_dim,
-        }
-    }
-
-    /// Partial softmax attention of the query heads that share KV head `kv_head`, `q (group *
-    /// head_dim)`, over keys `range` of a layer's cache (keys in blocks of [`KEY_BLOCK`],
-    /// values token-major `(tokens, n_kv_heads * head_dim)`), into `part`
-    /// ([`AttnPlan::part_len`]). Each key block is read once for the whole group, one lane per
-    /// key; the group's outputs sum each chunk of value rows in registers.
-    /// Half-precision rows are widened exactly, so they give what `f32` rows holding the same
-    /// values give.
-    pub(crate) fn attend_partial(
-        &self,
-        q: &[f32],
-        kv: HostLayer<'_>,
-        kv_head: usize,
-        range: std::ops::Range<usize>,
-        part: &mut [f32],
-    ) {
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            scratch.resize(CHUNK_KEYS * self.group(), 0.0);
-            let s = &mut scratch[..];
-            match kv {
-                HostLayer::F32(heads) => {
-                    let h = &heads[kv_head];
-                    simd::attend_partial(*self, q, &h.keys, &h.values, range, s, part)
-                }
-                HostLayer::F16(heads) => {
-                    let h = &heads[kv_head];
-                    simd::attend_partial_f16(*self, q, &h.keys, &h.values, range, s, part)
-                }
-            }
-        });
-    }
-
-    /// Merges each token and KV head's splits into `out (tokens, n_heads * head_dim)`, in
-    /// split order.
-    pub(crate) fn merge(&self, plan: &AttnPlan, partials: &[f32], out: &mut [f32]) {
-        let (group, hd) = (self.group(), self.head_dim);
-        let mut i = 0;
-        for (c, out) in out.chunks_exact_mut(group * hd).enumerate() {
-            let (token, kv_head) = (c / self.n_kv_heads, c % self.n_kv_heads);
-            let first = i;
-            while i < plan.splits.len()
-                && plan.splits[i].token == token
-                && plan.splits[i].kv_head == kv_head
-            {
-                i += 1;
-            }
-            let parts = &partials[first * plan.part_len..i * plan.part_len];
-            for g in 0..group {
-                let max = parts
-                    .chunks_exact(plan.part_len)
-                    .fold(f32::NEG_INFINITY, |m, p| m.max(p[g]));
-                let o = &mut out[g * hd..(g + 1) * hd];
-                o.fill(0.0);
-                let mut sum = 0.0;
-                for p in parts.chunks_exact(plan.part_len) {
-                    let w = simd::exp(p[g] - max);
-                    sum += w * p[group + g];
-                    let po = &p[2 * group + g * hd..2 * group + (g + 1) * hd];
-                    for (o, &v) in o.iter_mut().zip(po) {
-                        *o += w * v;
-                    }
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|v| *v *= inv);
-            }
-        }
-    }
-}
-
-thread_local! {
-    /// The scores of one chunk of keys: per attention thread.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
+mod attention;
+mod lora;
 mod simd;
 
 #[cfg(test)]

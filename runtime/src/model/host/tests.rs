@@ -293,6 +293,24 @@ fn windowed_attention_matches_plain_softmax() {
     attention_matches_plain_softmax_in(Some(100));
 }
 
+/// A layer's cache for token-major keys and values `(tokens, n_kv * hd)`: per KV head, keys
+/// in blocks and values token-major.
+fn cache_heads(keys: &[f32], values: &[f32], n_kv: usize, hd: usize) -> Vec<HeadKv<f32>> {
+    (0..n_kv)
+        .map(|h| {
+            let of_head = |x: &[f32]| -> Vec<f32> {
+                x.chunks_exact(n_kv * hd)
+                    .flat_map(|row| row[h * hd..][..hd].to_vec())
+                    .collect()
+            };
+            HeadKv {
+                keys: blocked(&of_head(keys), hd),
+                values: of_head(values),
+            }
+        })
+        .collect()
+}
+
 fn attention_matches_plain_softmax_in(window: Option<usize>) {
     let shape = AttnShape {
         n_heads: 6,
@@ -304,46 +322,33 @@ fn attention_matches_plain_softmax_in(window: Option<usize>) {
     let keys = pseudo_random(tokens * stride, 6);
     let values = pseudo_random(tokens * stride, 7);
     let (kf, vf) = (&keys, &values);
-    // The cache's layout: per KV head, keys in blocks and values token-major.
-    let heads: Vec<HeadKv<f32>> = (0..2)
-        .map(|h| {
-            let of_head = |x: &[f32]| -> Vec<f32> {
-                x.chunks_exact(stride)
-                    .flat_map(|row| row[h * 16..][..16].to_vec())
-                    .collect()
-            };
-            HeadKv {
-                keys: blocked(&of_head(&keys), 16),
-                values: of_head(&values),
-            }
-        })
-        .collect();
-    // Four tokens, each seeing its own number of keys (one chunk, several, several
-    // splits); their queries for all heads.
-    let visible = [1, 20, CHUNK_KEYS * 3 + 5, tokens];
+    let heads = cache_heads(&keys, &values, 2, 16);
+    // Four sequences of one token, each seeing its own number of keys (one chunk, several,
+    // several splits), then two of nine tokens (a draft being verified): one across the
+    // second split's start, one within a chunk; their queries for all heads.
+    let mut visible = vec![1, 20, CHUNK_KEYS * 3 + 5, tokens];
+    visible.extend(SPLIT_KEYS * 2 - 4..SPLIT_KEYS * 2 + 5);
+    visible.extend(5..14);
+    let spans = [(0, 1), (1, 1), (2, 1), (3, 1), (4, 9), (13, 9)];
     let q_all = pseudo_random(visible.len() * 6 * 16, 8);
-    let plan = shape.plan(&visible, window);
-    let splits_of_last = if window.is_some() { 1 } else { 3 };
+    let plan = shape.plan(&spans, &visible, window, 16);
+    // Without a window, the nine rows share each split's task (the last split has the four
+    // rows that reach it); with one, the rows past the window start at different keys and
+    // run alone.
+    let (tasks, parts) = match window {
+        None => (
+            2 * (1 + 1 + 1 + 3 + 3 + 1),
+            2 * (1 + 1 + 1 + 3 + (5 * 2 + 4 * 3) + 9),
+        ),
+        Some(_) => (2 * (4 + 9 + 1), 2 * (4 + 9 + 9)),
+    };
     assert_eq!(
-        plan.splits.len(),
-        2 * (1 + 1 + 1 + splits_of_last),
-        "splits per token and head"
+        (plan.tasks.len(), plan.parts.len()),
+        (tasks, parts),
+        "tasks and splits per token and head"
     );
-    let mut partials = vec![0f32; plan.splits.len() * plan.part_len];
-    for (split, part) in plan
-        .splits
-        .iter()
-        .zip(partials.chunks_exact_mut(plan.part_len))
-    {
-        let q = &q_all[split.token * 96 + split.kv_head * 48..][..48];
-        shape.attend_partial(
-            q,
-            HostLayer::F32(&heads),
-            split.kv_head,
-            split.keys.clone(),
-            part,
-        );
-    }
+    let mut partials = vec![0f32; plan.len];
+    shape.attend_all(&plan, &q_all, |_| HostLayer::F32(&heads), &mut partials);
     let mut out = vec![1f32; visible.len() * 96];
     shape.merge(&plan, &partials, &mut out);
     for (t, &n) in visible.iter().enumerate() {
@@ -374,4 +379,193 @@ fn attention_matches_plain_softmax_in(window: Option<usize>) {
             }
         }
     }
+}
+
+/// A task of several rows gives each row, bit for bit, what a task of that row alone gives,
+/// on every kernel path, in `f32` and half precision: for row counts below, at and past a
+/// register group of heads, contexts that end inside a key block or a chunk and on their
+/// edges, splits that start at 0, inside a block (a sliding window) and at a split's start,
+/// rows whose ends rise (a sequence's rows) or fall, and groups of one to eight heads.
+#[test]
+fn grouped_rows_match_rows_alone_exactly() {
+    use super::super::cpu::CpuKernels;
+    for (n_heads, n_kv_heads, head_dim) in [(9, 3, 64), (6, 2, 40), (16, 2, 24), (2, 2, 16)] {
+        let shape = AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        };
+        let (group, hd) = (shape.group(), head_dim);
+        let total = SPLIT_KEYS + 200;
+        let keys = pseudo_random(total * hd, 21);
+        let values = pseudo_random(total * hd, 22);
+        let (kb, kb16, v16) = (
+            blocked(&keys, hd),
+            to_half(&blocked(&keys, hd)),
+            to_half(&values),
+        );
+        for rows in [1, 2, 3, 5, 9, 16] {
+            // Rows `q_stride` apart, as in a step's queries (KV head 1's slice of each).
+            let q_stride = n_heads * hd + 8;
+            let q_all = pseudo_random(rows * q_stride, 23);
+            let q = &q_all[group * hd..];
+            for (from, context) in [
+                (0, 0),
+                (0, 15),
+                (0, 16),
+                (0, 63),
+                (0, 100),
+                (7, 170),
+                (SPLIT_KEYS, 180),
+            ] {
+                for rising in [true, false] {
+                    let ends: Vec<usize> = (0..rows)
+                        .map(|r| from + context + 1 + if rising { r } else { rows - 1 - r })
+                        .collect();
+                    let heads = rows * group;
+                    let mut scores = vec![0f32; CHUNK_KEYS * heads];
+                    for kernels in CpuKernels::available() {
+                        let mut grouped = vec![0f32; heads * (hd + 2)];
+                        let mut grouped16 = grouped.clone();
+                        simd::attend_rows_on(
+                            kernels,
+                            shape,
+                            q,
+                            q_stride,
+                            &kb,
+                            &values,
+                            from,
+                            &ends,
+                            &mut scores,
+                            &mut grouped,
+                        );
+                        simd::attend_rows_f16_on(
+                            kernels,
+                            shape,
+                            q,
+                            q_stride,
+                            &kb16,
+                            &v16,
+                            from,
+                            &ends,
+                            &mut scores,
+                            &mut grouped16,
+                        );
+                        for (r, &end) in ends.iter().enumerate() {
+                            let qr = &q[r * q_stride..];
+                            let mut alone = vec![0f32; group * (hd + 2)];
+                            let mut alone16 = alone.clone();
+                            simd::attend_rows_on(
+                                kernels,
+                                shape,
+                                qr,
+                                0,
+                                &kb,
+                                &values,
+                                from,
+                                &[end],
+                                &mut scores,
+                                &mut alone,
+                            );
+                            simd::attend_rows_f16_on(
+                                kernels,
+                                shape,
+                                qr,
+                                0,
+                                &kb16,
+                                &v16,
+                                from,
+                                &[end],
+                                &mut scores,
+                                &mut alone16,
+                            );
+                            let of_row = |p: &[f32]| -> Vec<f32> {
+                                let at = |base: usize, w: usize| {
+                                    p[base + r * group * w..][..group * w].to_vec()
+                                };
+                                [at(0, 1), at(heads, 1), at(2 * heads, hd)].concat()
+                            };
+                            let what = format!(
+                                "{kernels}: {shape:?}, row {r} of {rows}, keys {from}..{end}"
+                            );
+                            assert_eq!(of_row(&grouped), alone, "{what}");
+                            assert_eq!(of_row(&grouped16), alone16, "f16 {what}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A step's attention with the rows of each sequence sharing tasks gives, bit for bit, what
+/// it gives with every row a task of its own: sequences of one to seventeen rows (past a
+/// task's rows), after contexts that are and are not multiples of a key block, a chunk and
+/// a split, with and without a sliding window.
+#[test]
+fn grouped_attention_is_the_per_row_attention_bit_for_bit() {
+    let shape = AttnShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let (n_kv, hd) = (3, 64);
+    let tokens = SPLIT_KEYS * 2 + 100;
+    let keys = pseudo_random(tokens * n_kv * hd, 31);
+    let values = pseudo_random(tokens * n_kv * hd, 32);
+    let heads = cache_heads(&keys, &values, n_kv, hd);
+    // (rows, keys before the step) per sequence; the step's rows follow each other.
+    let seqs = [
+        (9, 700),
+        (1, 33),
+        (4, 16),
+        (17, 500),
+        (9, 1020),
+        (2, 0),
+        (9, tokens - 13),
+    ];
+    let mut visible = Vec::new();
+    let mut spans = Vec::new();
+    for &(rows, context) in &seqs {
+        spans.push((visible.len(), rows));
+        visible.extend((1..=rows).map(|r| context + r));
+    }
+    let q = pseudo_random(visible.len() * 9 * hd, 33);
+    for window in [None, Some(100), Some(600)] {
+        let run = |task_rows: usize| {
+            let plan = shape.plan(&spans, &visible, window, task_rows);
+            let mut partials = vec![0f32; plan.len];
+            shape.attend_all(&plan, &q, |_| HostLayer::F32(&heads), &mut partials);
+            let mut out = vec![0f32; visible.len() * 9 * hd];
+            shape.merge(&plan, &partials, &mut out);
+            (plan.tasks.len(), out)
+        };
+        let (alone_tasks, alone) = run(1);
+        for task_rows in [2, 4, 16] {
+            let (tasks, grouped) = run(task_rows);
+            assert!(window.is_some() || tasks < alone_tasks, "rows share tasks");
+            assert_eq!(
+                grouped, alone,
+                "{task_rows} rows per task, window {window:?}"
+            );
+        }
+    }
+}
+
+/// Tasks take every row of a sequence when one thread does the attention, and fewer when
+/// they must spread over the threads.
+#[test]
+fn task_rows_follow_the_threads() {
+    let shape = AttnShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let small: Vec<usize> = (1..=9).collect();
+    assert_eq!(shape.task_rows(&small, None, 16), 16, "one thread's work");
+    // Nine rows after 700 keys: two splits per row and KV head, 54 in all.
+    let verify: Vec<usize> = (701..=709).collect();
+    assert_eq!(shape.task_rows(&verify, None, 2), 16);
+    assert_eq!(shape.task_rows(&verify, None, 16), 3);
+    assert_eq!(shape.task_rows(&verify, None, 64), 1);
 }

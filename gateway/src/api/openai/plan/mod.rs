@@ -213,6 +213,7 @@ fn fan_out(
                 service_tier: Default::default(),
                 max_queue_wait: None,
                 prediction: output.prediction.clone(),
+                adapter: None,
             });
         }
     }

@@ -13,6 +13,7 @@ fn request(tier: ServiceTier) -> GenerateRequest {
         service_tier: tier,
         max_queue_wait: None,
         prediction: None,
+        adapter: None,
     }
 }
 

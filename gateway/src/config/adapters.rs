@@ -1,0 +1,106 @@
+//! LoRA adapters an operator registers on a local model (`[[models."<id>".adapters]]`): each
+//! becomes a model id of its own, `<id>:<name>`, served by the base model's engine with the
+//! adapter applied, at the adapter's price (the base model's when it sets none).
+//!
+//! It validates the table only; the adapter's files are read by the runtime when the adapter
+//! is first used.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tollgate_metering::kinds::ServiceTier;
+
+use super::models::{validate_source, BackendConfig, ModelConfig, ModelSource, RawSource};
+use super::prices::{only_tiers, validate_prices, RawPrice};
+use super::ConfigError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdapter {
+    name: String,
+    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+    source: RawSource,
+    price: Option<RawPrice>,
+    owned_by: Option<String>,
+}
+
+/// What makes a model id an adapter's: its base model and the adapter's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterConfig {
+    /// The base model's id.
+    pub base: String,
+    /// The adapter's name (the part of the model id after `<base>:`).
+    pub name: String,
+    /// The PEFT adapter directory.
+    pub path: PathBuf,
+}
+
+/// The model ids of `base`'s adapters: each runs on the base's backend, with the base's
+/// context, limits and tiers, at its own price or the base's.
+pub(super) fn validate_adapters(
+    base: &ModelConfig,
+    raw: Vec<RawAdapter>,
+    base_dir: &Path,
+) -> Result<Vec<ModelConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    let err = |message: String| ConfigError::Model {
+        model: base.id.clone(),
+        message,
+    };
+    if !matches!(base.backend, BackendConfig::Local(_)) {
+        return Err(err(
+            "adapters need a local backend (the base model's engine applies them)".into(),
+        ));
+    }
+    let mut out: Vec<ModelConfig> = Vec::with_capacity(raw.len());
+    for a in raw {
+        let name = a.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(err(format!(
+                "adapter name `{name}`: use letters, digits, `-`, `_` and `.` only"
+            )));
+        }
+        let id = format!("{}:{name}", base.id);
+        if out.iter().any(|m| m.id == id) {
+            return Err(err(format!("adapter `{name}` is listed twice")));
+        }
+        let adapter_err = |m: String| err(format!("adapter `{name}`: {m}"));
+        let path = match validate_source(a.source, base_dir).map_err(adapter_err)? {
+            ModelSource::Path(path) => path,
+            ModelSource::Hub { .. } => {
+                return Err(adapter_err(
+                    "source must be a local directory (`source = { path = ... }`)".into(),
+                ))
+            }
+        };
+        let prices = match a.price {
+            Some(p) => {
+                let sold: Vec<ServiceTier> = base.prices.offered().map(|(t, _)| t).collect();
+                only_tiers(validate_prices(p).map_err(adapter_err)?, &sold).map_err(adapter_err)?
+            }
+            None => base.prices,
+        };
+        out.push(ModelConfig {
+            adapter: Some(AdapterConfig {
+                base: base.id.clone(),
+                name: name.clone(),
+                path,
+            }),
+            id,
+            owned_by: a.owned_by.unwrap_or_else(|| base.owned_by.clone()),
+            prices,
+            // Reservations are of a model's capacity, which its adapters share.
+            reserved: None,
+            // The base model's slot in the memory budget is what is loaded and pinned.
+            pinned: false,
+            ..base.clone()
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,83 @@
+//! The LoRA adapters resident beside one local engine: read from their PEFT files on first use
+//! (on the blocking pool), kept for the next requests, the least recently used let go beyond
+//! [`MAX_LORAS`]. A sequence holds its adapter for as long as it runs, so letting go of one
+//! never affects a request in flight.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tollgate_gateway::backend::{AdapterRef, BackendError};
+use tollgate_runtime::model::{AdapterBase, LoraAdapter};
+
+/// Adapters kept loaded per engine (vLLM's and the issue's `max_loras` default).
+pub const MAX_LORAS: usize = 64;
+
+/// The adapters of one engine's model.
+pub struct Adapters {
+    base: AdapterBase,
+    /// By directory: the adapter and when it was last used. A `std` lock: held for map
+    /// bookkeeping only, never while an adapter loads nor across an `.await`.
+    loaded: Mutex<HashMap<PathBuf, (Arc<LoraAdapter>, Instant)>>,
+}
+
+impl Adapters {
+    pub fn new(base: AdapterBase) -> Self {
+        Self {
+            base,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The adapter `r` names, loaded on first use. A file that cannot be applied to the base
+    /// model is a server error (the operator's catalogue), logged with its cause.
+    pub async fn get(&self, r: &AdapterRef) -> Result<Arc<LoraAdapter>, BackendError> {
+        let hit = self.lock().get_mut(&r.path).map(|(adapter, used)| {
+            *used = Instant::now();
+            adapter.clone()
+        });
+        if let Some(adapter) = hit {
+            return Ok(adapter);
+        }
+        let (name, path) = (r.name.clone(), r.path.clone());
+        let base = self.base.clone();
+        let started = Instant::now();
+        let adapter = tokio::task::spawn_blocking(move || base.load(&name, &path))
+            .await
+            .map_err(|e| BackendError::Internal(format!("adapter loading task failed: {e}")))?
+            .map_err(|e| {
+                tracing::error!(adapter = %r.name, "cannot load a LoRA adapter: {e}");
+                BackendError::Internal(format!("LoRA adapter `{}` cannot be loaded: {e}", r.name))
+            })?;
+        tracing::info!(
+            adapter = %r.name,
+            rank = adapter.rank(),
+            bytes = adapter.bytes(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "LoRA adapter loaded"
+        );
+        let adapter = Arc::new(adapter);
+        let mut loaded = self.lock();
+        if loaded.len() >= MAX_LORAS && !loaded.contains_key(&r.path) {
+            let oldest = loaded
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(p, _)| p.clone());
+            if let Some(p) = oldest {
+                loaded.remove(&p);
+            }
+        }
+        // Two first requests may both load it: the first one kept wins, so every later
+        // request shares one adapter (and its prefix-cache entries).
+        let entry = loaded
+            .entry(r.path.clone())
+            .or_insert((adapter, Instant::now()));
+        Ok(entry.0.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Arc<LoraAdapter>, Instant)>> {
+        // Map bookkeeping never panics while holding the lock.
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
