@@ -30,8 +30,9 @@ impl Adapters {
         }
     }
 
-    /// The adapter `r` names, loaded on first use. A file that cannot be applied to the base
-    /// model is a server error (the operator's catalogue), logged with its cause.
+    /// The adapter `r` names, loaded on first use. Files that cannot be applied to the base
+    /// model are [`BackendError::Adapter`]: a server error on a request, logged with its cause;
+    /// the admin API's 400 when a customer's adapter is registered.
     pub async fn get(&self, r: &AdapterRef) -> Result<Arc<LoraAdapter>, BackendError> {
         let hit = self.lock().get_mut(&r.path).map(|(adapter, used)| {
             *used = Instant::now();
@@ -48,7 +49,7 @@ impl Adapters {
             .map_err(|e| BackendError::Internal(format!("adapter loading task failed: {e}")))?
             .map_err(|e| {
                 tracing::error!(adapter = %r.name, "cannot load a LoRA adapter: {e}");
-                BackendError::Internal(format!("LoRA adapter `{}` cannot be loaded: {e}", r.name))
+                BackendError::Adapter(format!("LoRA adapter `{}` cannot be loaded: {e}", r.name))
             })?;
         tracing::info!(
             adapter = %r.name,
