@@ -10,6 +10,7 @@ running server follows within seconds. On SQLite, and on PostgreSQL (the replica
 ledger) with TOLLGATE_TEST_POSTGRES=1."""
 
 import os
+import shutil
 import subprocess
 import time
 from decimal import Decimal
@@ -142,6 +143,15 @@ def test_a_customers_adapter_is_its_own_and_survives_a_restart(setup):
         assert status == 200
         with pytest.raises(openai.NotFoundError):
             ask(acme, "smollm2:pirate")
+
+        # Other files in the same directory are read anew, not the copy the engine holds:
+        # another model's shapes there are refused.
+        shutil.rmtree(tmp / "pirate")
+        shutil.copytree(tmp / "wide", tmp / "pirate")
+        status, error = admin(srv, "POST", "/customers/acme/adapters",
+                              {"base_model": "smollm2", "name": "pirate", "path": str(tmp / "pirate")})
+        assert status == 400, error
+        assert "cannot be loaded" in error["error"]["message"], error
     finally:
         assert stop_server(srv) == 0, "".join(srv.log[-40:])
 
