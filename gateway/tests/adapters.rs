@@ -49,12 +49,7 @@ struct Echo(&'static str);
 #[async_trait::async_trait]
 impl Backend for Echo {
     fn info(&self) -> ModelInfo {
-        ModelInfo {
-            id: self.0.into(),
-            context_length: 64,
-            created: 1_700_000_000,
-            owned_by: "tests".into(),
-        }
+        serve::model_info(self.0)
     }
 
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {

@@ -44,12 +44,7 @@ struct Hello(&'static str);
 #[async_trait::async_trait]
 impl Backend for Hello {
     fn info(&self) -> ModelInfo {
-        ModelInfo {
-            id: self.0.into(),
-            context_length: 64,
-            created: 1_700_000_000,
-            owned_by: "tests".into(),
-        }
+        super::serve::model_info(self.0)
     }
 
     async fn prepare(&self, _request: GenerateRequest) -> Result<Prepared, BackendError> {

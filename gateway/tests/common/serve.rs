@@ -49,8 +49,13 @@ pub fn answering(text: String) -> tollgate_gateway::backend::Prepared {
 
 /// What the fake model's backends say of it.
 pub fn fake_model_info() -> ModelInfo {
+    model_info("fake")
+}
+
+/// What a scripted model `id` says of itself.
+pub fn model_info(id: &str) -> ModelInfo {
     ModelInfo {
-        id: "fake".into(),
+        id: id.into(),
         context_length: 64,
         created: 1_700_000_000,
         owned_by: "tests".into(),
