@@ -3,6 +3,11 @@
 //! `POST /admin/v1/models/reload`) replaces it whole, so a request admitted after the reload
 //! sees the new models and prices and one admitted before keeps the backend it holds.
 //!
+//! Beside the file's models it holds the customers' LoRA adapters (the ledger's
+//! `customer_adapters`, read again every few seconds and after each change made here): each
+//! is the model id `<base>:<name>` for its owner's requests only, served by its base model's
+//! backend at the base model's prices. To anyone else the id does not exist.
+//!
 //! Owns the snapshot and the [`Reload`] seam; it does not build backends (the binary does, it
 //! has the runtime) nor decide which local models are loaded (the binary's residency).
 
@@ -11,8 +16,9 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::backend::Backend;
-use crate::config::ModelConfig;
+use crate::backend::{AdapterBackend, AdapterRef, Backend, ModelInfo};
+use crate::config::{adapter_model, check_adapter_base, ModelConfig};
+use tollgate_metering::accounts::CustomerAdapter;
 
 /// The catalogue at one moment: each model's configuration and its backend.
 pub struct Snapshot {
@@ -28,6 +34,32 @@ pub struct Catalogue {
     /// Serializes reloads (two at once would diff against the same old catalogue).
     reloading: Arc<tokio::sync::Mutex<()>>,
     reloader: Option<Arc<dyn Reload>>,
+    /// The customers' adapters. A `std` lock: held only to clone or swap the `Arc`.
+    owned: Arc<RwLock<Arc<OwnedAdapters>>>,
+}
+
+/// Customers' adapters: by customer, then by model id (`<base>:<name>`).
+#[derive(Debug, Default)]
+pub struct OwnedAdapters(HashMap<String, BTreeMap<String, CustomerAdapter>>);
+
+impl OwnedAdapters {
+    pub fn new(all: Vec<CustomerAdapter>) -> Self {
+        let mut by_customer: HashMap<String, BTreeMap<String, CustomerAdapter>> = HashMap::new();
+        for a in all {
+            by_customer
+                .entry(a.customer_id.clone())
+                .or_default()
+                .insert(a.model_id(), a);
+        }
+        Self(by_customer)
+    }
+}
+
+/// A model id as one customer's request sees it: its configuration (`None` only for a
+/// backend given without one, as tests do) and its backend.
+pub struct Served {
+    pub config: Option<ModelConfig>,
+    pub backend: Arc<dyn Backend>,
 }
 
 impl Catalogue {
@@ -39,6 +71,7 @@ impl Catalogue {
             current: Arc::new(RwLock::new(Arc::new(Snapshot { models, backends }))),
             reloading: Arc::default(),
             reloader: None,
+            owned: Arc::default(),
         }
     }
 
@@ -65,6 +98,88 @@ impl Catalogue {
     /// A model's configuration, if the catalogue has it.
     pub fn model(&self, model: &str) -> Option<ModelConfig> {
         self.current().models.get(model).cloned()
+    }
+
+    /// The customers' adapters from now on (all of them, as the ledger holds them).
+    pub fn set_owned(&self, all: Vec<CustomerAdapter>) {
+        let next = Arc::new(OwnedAdapters::new(all));
+        match self.owned.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    fn owned(&self) -> Arc<OwnedAdapters> {
+        match self.owned.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The model `id` for `customer`'s requests: a model of the catalogue (an operator's
+    /// adapter among them), else one of the customer's own adapters whose base model is a
+    /// local model of the catalogue. `None` for anything else, another customer's adapters
+    /// included.
+    pub fn served(&self, customer: &str, id: &str) -> Option<Served> {
+        let snapshot = self.current();
+        if let Some(backend) = snapshot.backends.get(id) {
+            return Some(Served {
+                config: snapshot.models.get(id).cloned(),
+                backend: backend.clone(),
+            });
+        }
+        let owned = self.owned();
+        let adapter = owned.0.get(customer)?.get(id)?;
+        Self::owned_served(&snapshot, adapter)
+    }
+
+    /// A customer's adapter as its model id, while its base model is a local model of
+    /// `snapshot` (base price, the customer as owner).
+    fn owned_served(snapshot: &Snapshot, a: &CustomerAdapter) -> Option<Served> {
+        let base = snapshot.models.get(&a.base_model)?;
+        check_adapter_base(&a.base_model, Some(base)).ok()?;
+        let base_backend = snapshot.backends.get(&a.base_model)?.clone();
+        let path = std::path::PathBuf::from(&a.path);
+        let config = adapter_model(
+            base,
+            &a.name,
+            path.clone(),
+            base.prices,
+            a.customer_id.clone(),
+        );
+        let reference = AdapterRef {
+            name: a.name.clone(),
+            path,
+        };
+        let backend = AdapterBackend::new(
+            base_backend,
+            reference,
+            config.id.clone(),
+            a.customer_id.clone(),
+        );
+        Some(Served {
+            config: Some(config),
+            backend: Arc::new(backend),
+        })
+    }
+
+    /// The models `customer`'s keys see, by id: the catalogue's and the customer's own
+    /// adapters (one of those whose id the catalogue also has is the catalogue's).
+    pub fn models_of(&self, customer: &str) -> Vec<ModelInfo> {
+        let snapshot = self.current();
+        let mut out: BTreeMap<String, ModelInfo> = snapshot
+            .backends
+            .iter()
+            .map(|(id, b)| (id.clone(), b.info()))
+            .collect();
+        if let Some(own) = self.owned().0.get(customer) {
+            for a in own.values() {
+                if let Some(s) = Self::owned_served(&snapshot, a) {
+                    out.entry(a.model_id()).or_insert_with(|| s.backend.info());
+                }
+            }
+        }
+        out.into_values().collect()
     }
 
     fn replace(&self, next: Snapshot) {

@@ -298,7 +298,9 @@ impl From<BackendError> for ApiError {
             BackendError::NoCapacity { retry_after_secs } => {
                 Self::ResourceUnavailable { retry_after_secs }
             }
-            BackendError::Internal(detail) => Self::Internal(detail),
+            BackendError::Internal(detail) | BackendError::Adapter(detail) => {
+                Self::Internal(detail)
+            }
             BackendError::Broken(detail) => {
                 tracing::error!("{detail}");
                 Self::BadGateway(detail)

@@ -53,8 +53,9 @@ pub struct AppState {
     pub reservations: Arc<ReservationMeter>,
 }
 
-/// How often the reservations are read again from the database: a reservation made or ended
-/// through another replica or the CLI, or one that starts or ends, counts within this.
+/// How often the reservations and the customers' adapters are read again from the database: a
+/// reservation made or ended, or an adapter added or removed, through another replica or the
+/// CLI, or a reservation that starts or ends, counts within this.
 pub const RESERVATIONS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What is in flight, for the concurrency caps.
@@ -130,6 +131,11 @@ impl AppState {
             self.reservations.clone(),
             self.background.stop.clone(),
         ));
+        self.background.tasks.spawn(refresh_adapters(
+            store.clone(),
+            self.catalogue.clone(),
+            self.background.stop.clone(),
+        ));
         self.store = Some(store);
         Ok(self)
     }
@@ -138,6 +144,14 @@ impl AppState {
     pub async fn reload_reservations(&self) {
         if let Some(store) = &self.store {
             load_reservations(store, &self.reservations).await;
+        }
+    }
+
+    /// Reads the customers' adapters again now (at start, and after one was added or removed
+    /// here).
+    pub async fn reload_adapters(&self) {
+        if let Some(store) = &self.store {
+            load_adapters(store, &self.catalogue).await;
         }
     }
 
@@ -175,6 +189,31 @@ async fn refresh_reservations(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(RESERVATIONS_REFRESH) => {}
         }
+    }
+}
+
+/// The customers' adapters from `store` into `catalogue`, every [`RESERVATIONS_REFRESH`]
+/// until `stop`: one added or removed through another replica or the CLI counts within it.
+async fn refresh_adapters(
+    store: Store,
+    catalogue: crate::catalogue::Catalogue,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        load_adapters(&store, &catalogue).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RESERVATIONS_REFRESH) => {}
+        }
+    }
+}
+
+/// One read of the customers' adapters into `catalogue`; a failed read keeps the last ones
+/// (logged).
+async fn load_adapters(store: &Store, catalogue: &crate::catalogue::Catalogue) {
+    match store.adapters(None).await {
+        Ok(all) => catalogue.set_owned(all),
+        Err(e) => tracing::warn!("cannot read the customers' adapters: {e}"),
     }
 }
 

@@ -130,6 +130,27 @@ impl Reservation {
     }
 }
 
+/// A LoRA adapter a customer registered on a base model: the model id
+/// [`CustomerAdapter::model_id`], which only the customer's keys see. `created_at` in Unix
+/// microseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerAdapter {
+    pub customer_id: String,
+    /// Unique among the customer's adapters.
+    pub name: String,
+    pub base_model: String,
+    /// The PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+    pub path: String,
+    pub created_at: i64,
+}
+
+impl CustomerAdapter {
+    /// `<base_model>:<name>`, the id its owner's requests name.
+    pub fn model_id(&self) -> String {
+        format!("{}:{}", self.base_model, self.name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -134,6 +134,9 @@ pub enum Action {
     AdminTokenRevoked,
     ReservationCreated,
     ReservationEnded,
+    /// A customer's LoRA adapter registered or removed.
+    AdapterAdded,
+    AdapterRemoved,
     /// The model catalogue (models.toml) read again by a running server.
     CatalogueReloaded,
 }
@@ -151,6 +154,8 @@ impl Action {
             Self::AdminTokenRevoked => "admin_token.revoked",
             Self::ReservationCreated => "reservation.created",
             Self::ReservationEnded => "reservation.ended",
+            Self::AdapterAdded => "adapter.added",
+            Self::AdapterRemoved => "adapter.removed",
             Self::CatalogueReloaded => "catalogue.reloaded",
         }
     }
@@ -163,6 +168,7 @@ impl Action {
             Self::KeyCreated | Self::KeyUpdated | Self::KeyRevoked => "key",
             Self::AdminTokenCreated | Self::AdminTokenRevoked => "admin_token",
             Self::ReservationCreated | Self::ReservationEnded => "reservation",
+            Self::AdapterAdded | Self::AdapterRemoved => "adapter",
             Self::CatalogueReloaded => "catalogue",
         }
     }
@@ -296,7 +302,7 @@ pub struct ActorView {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(as = AuditTarget)]
 pub struct TargetView {
-    /// `customer`, `key` or `admin_token`.
+    /// `customer`, `key`, `admin_token`, `reservation`, `adapter` or `catalogue`.
     #[serde(rename = "type")]
     pub kind: String,
     pub id: String,
@@ -316,7 +322,9 @@ pub struct EntryView {
     #[schema(required)]
     pub request_id: Option<String>,
     /// `customer.created`, `customer.updated`, `key.created`, `key.updated`, `key.revoked`,
-    /// `alert_settings.updated`, `admin_token.created`, `admin_token.revoked`.
+    /// `alert_settings.updated`, `admin_token.created`, `admin_token.revoked`,
+    /// `reservation.created`, `reservation.ended`, `adapter.added`, `adapter.removed`,
+    /// `catalogue.reloaded`.
     pub action: String,
     pub target: TargetView,
     /// For a creation the fields set; for an update `{"field": {"from", "to"}}`.

@@ -183,7 +183,7 @@ pub fn usage_csv(rows: &[UsageRow], columns: &[String]) -> Result<String, csv::E
 }
 
 /// Columns of an exported record, in order (the usage-record contract in the README).
-pub const RECORD_COLUMNS: [&str; 28] = [
+pub const RECORD_COLUMNS: [&str; 30] = [
     "id",
     "customer_id",
     "key_id",
@@ -212,6 +212,8 @@ pub const RECORD_COLUMNS: [&str; 28] = [
     "rejected_prediction_price_per_mtok",
     "rejected_prediction_cost_usd",
     "batch_id",
+    "base_model",
+    "adapter",
 ];
 
 /// The unit price a record's rejected prediction tokens were charged (the output price on
@@ -260,6 +262,8 @@ pub fn record_cells(r: &UsageRecord) -> Vec<String> {
         rejected_price(r).to_string(),
         format_usd(r.prediction.cost_nano_usd),
         r.batch_id.clone().unwrap_or_default(),
+        r.base_model.clone().unwrap_or_default(),
+        r.adapter.clone().unwrap_or_default(),
     ]
 }
 

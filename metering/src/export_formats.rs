@@ -45,6 +45,8 @@ pub fn cloudevent(r: &UsageRecord) -> Value {
             "customer_id": r.customer_id,
             "key_id": r.key_id,
             "model": r.model,
+            "base_model": r.base_model,
+            "adapter": r.adapter,
             "service_tier": r.service_tier,
             "endpoint": r.endpoint,
             "status": r.status,
@@ -112,6 +114,10 @@ pub fn stripe_meter_event(r: &UsageRecord, mapping: &StripeMapping) -> Result<Va
         payload.insert(key.into(), json!(value.to_string()));
     }
     payload.insert("model".into(), json!(r.model));
+    if let (Some(base), Some(adapter)) = (&r.base_model, &r.adapter) {
+        payload.insert("base_model".into(), json!(base));
+        payload.insert("adapter".into(), json!(adapter));
+    }
     payload.insert("service_tier".into(), json!(r.service_tier));
     Ok(json!({
         "event_name": mapping.event_name,

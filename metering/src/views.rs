@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::accounts::{ApiKey, Customer, Reservation};
+use crate::accounts::{ApiKey, Customer, CustomerAdapter, Reservation};
 use crate::kinds::{BudgetPeriod, ServiceTier};
 use crate::money::format_usd;
 use crate::periods::rfc3339;
@@ -285,5 +285,42 @@ impl ReservationView {
     /// The fields the audit log records of a new reservation.
     pub fn audited(&self) -> Value {
         without(self, &["object", "id", "created_at"])
+    }
+}
+
+/// A customer's LoRA adapter: its model id and where its files are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[schema(as = Adapter)]
+pub struct AdapterView {
+    #[schema(value_type = String, pattern = "^adapter$")]
+    pub object: &'static str,
+    /// The model id its owner's requests name: `<base_model>:<name>`.
+    pub id: String,
+    pub customer_id: String,
+    pub base_model: String,
+    pub name: String,
+    /// The PEFT adapter directory on the servers' disk.
+    pub path: String,
+    pub created_at: String,
+}
+
+impl From<&CustomerAdapter> for AdapterView {
+    fn from(a: &CustomerAdapter) -> Self {
+        Self {
+            object: "adapter",
+            id: a.model_id(),
+            customer_id: a.customer_id.clone(),
+            base_model: a.base_model.clone(),
+            name: a.name.clone(),
+            path: a.path.clone(),
+            created_at: rfc3339(a.created_at),
+        }
+    }
+}
+
+impl AdapterView {
+    /// The fields the audit log records of an adapter added or removed.
+    pub fn audited(&self) -> Value {
+        without(self, &["object", "created_at"])
     }
 }

@@ -14,6 +14,8 @@ use prometheus::IntGauge;
 use tollgate_metering::ledger::{Ledger, LedgerGauges, SpoolSync};
 use tollgate_metering::store::Store;
 
+#[path = "common/adapters_contract.rs"]
+mod adapters_contract;
 #[path = "common/batch_runs_contract.rs"]
 mod batch_runs_contract;
 #[path = "common/batches_contract.rs"]
@@ -95,6 +97,12 @@ async fn sqlite_batch_runs() {
 async fn sqlite_files() {
     let (_dir, store) = sqlite().await;
     files_contract::exercise(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_customer_adapters() {
+    let (_dir, store) = sqlite().await;
+    adapters_contract::exercise(&store).await;
 }
 
 #[tokio::test]

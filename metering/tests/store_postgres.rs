@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use tollgate_metering::limits::{BudgetError, Limiter, Limits, Refusal};
 use tollgate_metering::store::Store;
 
+#[path = "common/adapters_contract.rs"]
+mod adapters_contract;
 #[path = "common/batch_runs_contract.rs"]
 mod batch_runs_contract;
 #[path = "common/batches_contract.rs"]
@@ -47,6 +49,12 @@ async fn postgres_batch_runs() {
 async fn postgres_files() {
     let store = fresh_database("tollgate_files_contract").await;
     files_contract::exercise(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_customer_adapters() {
+    let store = fresh_database("tollgate_adapters_contract").await;
+    adapters_contract::exercise(&store).await;
 }
 
 #[tokio::test]

@@ -3,7 +3,6 @@
 //!
 //! `main.rs` only parses the command line; tests call [`serve`] on an ephemeral port.
 
-pub mod adapters;
 pub mod billing_cli;
 pub mod generate;
 pub mod local;
@@ -136,6 +135,8 @@ pub async fn serve_split(
         let spool = metering.spool.clone().unwrap_or_else(|| default_spool(url));
         tracing::info!(database = %redact(url), spool = %spool.display(), sync = ?metering.spool_sync, "metering usage");
         state = state.with_billing(store, &spool, metering.spool_sync)?;
+        // The customers' adapters are served from the first request on.
+        state.reload_adapters().await;
         let files = match &metering.files_url {
             Some(files_url) => tollgate_gateway::files::FileStorage::from_url(files_url)?,
             None => tollgate_gateway::files::FileStorage::local(&default_files_dir(url))?,

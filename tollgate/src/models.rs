@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tollgate_gateway::backend::upstream::UpstreamPool;
-use tollgate_gateway::backend::{AdapterRef, Backend, ModelInfo};
+use tollgate_gateway::backend::{AdapterBackend, AdapterRef, Backend, ModelInfo};
 use tollgate_gateway::config::{
     self, BackendConfig, Config, KvCacheDtype, LocalBackendConfig, ModelConfig, ModelSource,
 };
@@ -17,7 +17,6 @@ use tollgate_runtime::engine::EngineConfig;
 use tollgate_runtime::loader::{self, LoadOptions, LoadedModel};
 use tollgate_runtime::model::WeightForm;
 
-use crate::adapters::AdapterBackend;
 use crate::local::LocalBackend;
 use crate::resident::Residents;
 

@@ -38,6 +38,8 @@ pub(super) struct Charge {
     pub prices: Option<TierPrices>,
     /// Cost-allocation tags for the record (request and key, merged).
     pub tags: Tags,
+    /// A LoRA adapter's model id: its base model and the adapter's name.
+    pub adapter: Option<(String, String)>,
 }
 
 /// What an admitted request holds until it ends (a stream outlives its handler); the slots
@@ -375,6 +377,8 @@ impl Completion {
                 cost_nano_usd: rejected_cost,
             },
             batch_id: self.caller.batch_id.clone(),
+            base_model: self.charge.adapter.as_ref().map(|(base, _)| base.clone()),
+            adapter: self.charge.adapter.as_ref().map(|(_, name)| name.clone()),
         })
     }
 

@@ -11,7 +11,9 @@ use crate::api::accounting::{Charge, ChoiceTally, Completion, Holds};
 use crate::api::openai::{Plan, RequestedTier};
 use crate::auth::Caller;
 use crate::backend::{Backend, BackendError, EventStream, GenerateRequest, Prepared};
+use crate::catalogue::Served;
 use crate::concurrency::{RequestSlot, Slots};
+use crate::config::ModelConfig;
 use crate::error::ApiError;
 use crate::{AppState, RequestId};
 use tollgate_metering::kinds::{Endpoint, ServiceTier};
@@ -20,11 +22,31 @@ use tollgate_metering::money::{max_cost_nano_usd, Price, TierPrices};
 use tollgate_metering::store::now_micros;
 use tollgate_metering::tags::Tags;
 
-pub(crate) fn backend_for(state: &AppState, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
+/// The model `model` as `customer`'s requests see it (the catalogue's, or one of the
+/// customer's own adapters); 404 `model_not_found` for anything else, another customer's
+/// adapters included (never said to exist).
+pub(crate) fn served(state: &AppState, customer: &str, model: &str) -> Result<Served, ApiError> {
     state
         .catalogue
-        .backend(model)
+        .served(customer, model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))
+}
+
+/// The backend of [`served`].
+pub(crate) fn backend_for(
+    state: &AppState,
+    customer: &str,
+    model: &str,
+) -> Result<Arc<dyn Backend>, ApiError> {
+    served(state, customer, model).map(|s| s.backend)
+}
+
+/// The configuration of `model` as `customer`'s requests see it, if it is served to them.
+fn config_for(state: &AppState, customer: &str, model: &str) -> Option<ModelConfig> {
+    state
+        .catalogue
+        .served(customer, model)
+        .and_then(|s| s.config)
 }
 
 /// Admission: key may use the model, request rate, then (with real token counts) the token
@@ -88,6 +110,8 @@ pub(crate) struct Started {
 /// What a request may hold before its prompts are counted.
 struct Entry {
     backend: Arc<dyn Backend>,
+    /// A LoRA adapter's model id: its base model and the adapter's name (for the record).
+    adapter: Option<(String, String)>,
     slots: Option<Slots>,
     request_slot: RequestSlot,
 }
@@ -120,15 +144,17 @@ fn enter(
     model: &str,
     sequences: usize,
 ) -> Result<Entry, ApiError> {
-    let backend = backend_for(state, model)?;
+    let Served { config, backend } = served(state, &caller.customer_id, model)?;
     if !caller.may_use(model) {
         return Err(ApiError::ModelNotAllowed(model.to_string()));
     }
     let request_slot = state.inflight.requests.acquire(caller.request_caps())?;
+    // The cap read at start for the catalogue's models; a customer's adapter has its base's.
     let cap = state
         .config
         .models
         .get(model)
+        .or(config.as_ref())
         .and_then(|m| m.max_sequences_per_customer);
     let slots = match cap {
         Some(limit) => Some(state.inflight.sequences.acquire(
@@ -141,6 +167,7 @@ fn enter(
     };
     Ok(Entry {
         backend,
+        adapter: config.and_then(|c| c.adapter).map(|a| (a.base, a.name)),
         slots,
         request_slot,
     })
@@ -150,10 +177,11 @@ fn enter(
 /// is refused (400 naming `service_tier`), never billed at another tier's price.
 pub(crate) fn price_of(
     state: &AppState,
+    customer: &str,
     model: &str,
     tier: ServiceTier,
 ) -> Result<Price, ApiError> {
-    let Some(m) = state.catalogue.model(model) else {
+    let Some(m) = config_for(state, customer, model) else {
         return Ok(Price::default());
     };
     m.prices.get(tier).ok_or_else(|| {
@@ -183,9 +211,7 @@ pub(crate) fn resolve_tier(
         RequestedTier::Auto => {
             let tier = caller.auto_tier;
             let allowed = tier != ServiceTier::Priority || caller.allow_priority;
-            let sold = state
-                .catalogue
-                .model(model)
+            let sold = config_for(state, &caller.customer_id, model)
                 .is_none_or(|m| m.prices.get(tier).is_some());
             if allowed && sold {
                 tier
@@ -209,9 +235,14 @@ pub(crate) fn resolve_tier(
 
 /// How long a request at `tier` may wait for the engine to admit it: `flex` for the model's
 /// `flex_max_wait_secs`, the others as long as it takes.
-fn max_queue_wait(state: &AppState, model: &str, tier: ServiceTier) -> Option<std::time::Duration> {
+fn max_queue_wait(
+    state: &AppState,
+    customer: &str,
+    model: &str,
+    tier: ServiceTier,
+) -> Option<std::time::Duration> {
     (tier == ServiceTier::Flex).then(|| {
-        state.catalogue.model(model).map_or(
+        config_for(state, customer, model).map_or(
             std::time::Duration::from_secs(crate::config::DEFAULT_FLEX_MAX_WAIT_SECS),
             |m| m.flex_max_wait,
         )
@@ -236,8 +267,8 @@ async fn admitted(streams: &mut [EventStream]) -> Result<(), BackendError> {
 }
 
 /// The model's prices per tier, for billing the tier an upstream reports.
-fn tier_prices(state: &AppState, model: &str) -> Option<TierPrices> {
-    state.catalogue.model(model).map(|m| m.prices)
+fn tier_prices(state: &AppState, customer: &str, model: &str) -> Option<TierPrices> {
+    config_for(state, customer, model).map(|m| m.prices)
 }
 
 /// Checks the key may use the model, admits the request against its rate limits and budgets
@@ -255,7 +286,7 @@ pub(crate) async fn start(
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let entry = enter(state, &caller, &plan.model, plan.choices.len())?;
     let asked_tier = resolve_tier(state, &caller, &plan.model, plan.service_tier)?;
-    let asked_price = price_of(state, &plan.model, asked_tier)?;
+    let asked_price = price_of(state, &caller.customer_id, &plan.model, asked_tier)?;
     // A customer with a reservation on the model is prepared at it (priority in the engine);
     // whether this request fits the minute's reserved tokens is known once its prompts are
     // counted.
@@ -285,7 +316,12 @@ pub(crate) async fn start(
         max_output,
     } = prepare_at_tier(state, &entry.backend, &caller, plan, reservable, asked_tier).await?;
     let price = match reserved_tokens {
-        Some(_) => price_of(state, &plan.model, ServiceTier::Reserved)?,
+        Some(_) => price_of(
+            state,
+            &caller.customer_id,
+            &plan.model,
+            ServiceTier::Reserved,
+        )?,
         None => asked_price,
     };
     let backend_time = t.elapsed();
@@ -313,8 +349,9 @@ pub(crate) async fn start(
         price,
         service_tier,
         reserved_tokens,
-        prices: tier_prices(state, &plan.model),
+        prices: tier_prices(state, &caller.customer_id, &plan.model),
         tags,
+        adapter: entry.adapter.clone(),
     };
     let holds = entry.into_holds(tokens_hold, budget_hold, server_span);
     let mut completion = Completion::new(state, caller, charge, holds, choices, n);
@@ -400,7 +437,7 @@ async fn prepare(
     plan: &Plan,
     tier: ServiceTier,
 ) -> Result<Vec<Prepared>, BackendError> {
-    let max_wait = max_queue_wait(state, &plan.model, tier);
+    let max_wait = max_queue_wait(state, &caller.customer_id, &plan.model, tier);
     let mut prepared = Vec::with_capacity(plan.choices.len());
     for request in &plan.choices {
         let request = GenerateRequest {
@@ -454,7 +491,7 @@ pub(crate) async fn start_passthrough(
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let entry = enter(state, &caller, model, 1)?;
     state.limiter.admit_request(&caller.limits).await?;
-    let price = price_of(state, model, service_tier)?;
+    let price = price_of(state, &caller.customer_id, model, service_tier)?;
     let (tokens_hold, budget_hold) = admit(
         state,
         &id.0,
@@ -473,8 +510,9 @@ pub(crate) async fn start_passthrough(
         price,
         service_tier,
         reserved_tokens: None,
-        prices: tier_prices(state, model),
+        prices: tier_prices(state, &caller.customer_id, model),
         tags,
+        adapter: entry.adapter.clone(),
     };
     let holds = entry.into_holds(tokens_hold, budget_hold, server_span);
     // One sequence, whose progress the relay feeds the guard itself.

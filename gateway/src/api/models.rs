@@ -1,11 +1,12 @@
 //! `GET /v1/models` and `GET /v1/models/{id}`: the models this gateway serves.
 
 use axum::extract::State;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::api::admission::backend_for;
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiPath};
 use crate::AppState;
 
@@ -36,33 +37,37 @@ impl From<crate::backend::ModelInfo> for Model {
     }
 }
 
-/// The models this gateway serves.
+/// The models this gateway serves to the caller: the catalogue's and its customer's own LoRA
+/// adapters (never another customer's).
 #[utoipa::path(get, path = "/v1/models", tag = "public",
     responses((status = 200, body = ListModelsResponse), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
-pub async fn list_models(State(state): State<AppState>) -> Json<ListModelsResponse> {
-    let catalogue = state.catalogue.current();
-    let mut data: Vec<Model> = catalogue
-        .backends
-        .values()
-        .map(|b| b.info().into())
+pub async fn list_models(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<ListModelsResponse> {
+    let data: Vec<Model> = state
+        .catalogue
+        .models_of(&caller.customer_id)
+        .into_iter()
+        .map(Model::from)
         .collect();
-    data.sort_by(|a, b| a.id.cmp(&b.id));
     Json(ListModelsResponse {
         object: "list",
         data,
     })
 }
 
-/// One model.
+/// One model (404 for another customer's adapter, as for an unknown id).
 #[utoipa::path(get, path = "/v1/models/{id}", tag = "public",
     params(("id" = String, Path)),
     responses((status = 200, body = Model), crate::openapi::PublicErrors),
     security(("api_key" = [])))]
 pub async fn get_model(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Model>, ApiError> {
-    let backend = backend_for(&state, &id)?;
+    let backend = backend_for(&state, &caller.customer_id, &id)?;
     Ok(Json(backend.info().into()))
 }

@@ -5,7 +5,10 @@
 //! workers and other OpenAI-compatible servers. A backend validates what only it can know
 //! (token counts against the context) and reports real token usage.
 
+mod adapter;
 pub mod upstream;
+
+pub use adapter::{check_adapter, AdapterBackend};
 
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
@@ -307,6 +310,11 @@ pub enum BackendError {
     /// The backend is down or failed; the detail goes to logs only.
     #[error("backend failure: {0}")]
     Internal(String),
+    /// The request's LoRA adapter cannot be applied to its base model (its files are missing,
+    /// malformed, or shaped for another model): a server error on a request (the detail goes
+    /// to logs only), a 400 naming the problem when the adapter is being registered.
+    #[error("{0}")]
+    Adapter(String),
     /// The server behind the backend failed after it had begun answering (its connection
     /// broke mid-stream), so the request could not move to another; the detail goes to logs
     /// only.

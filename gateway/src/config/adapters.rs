@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tollgate_metering::kinds::ServiceTier;
+use tollgate_metering::money::TierPrices;
 
 use super::models::{validate_source, BackendConfig, ModelConfig, ModelSource, RawSource};
 use super::prices::{only_tiers, validate_prices, RawPrice};
@@ -86,21 +87,94 @@ pub(super) fn validate_adapters(
             }
             None => base.prices,
         };
-        out.push(ModelConfig {
-            adapter: Some(AdapterConfig {
-                base: base.id.clone(),
-                name: name.clone(),
-                path,
-            }),
-            id,
-            owned_by: a.owned_by.unwrap_or_else(|| base.owned_by.clone()),
-            prices,
-            // Reservations are of a model's capacity, which its adapters share.
-            reserved: None,
-            // The base model's slot in the memory budget is what is loaded and pinned.
-            pinned: false,
-            ..base.clone()
-        });
+        let owned_by = a.owned_by.unwrap_or_else(|| base.owned_by.clone());
+        out.push(adapter_model(base, &name, path, prices, owned_by));
     }
     Ok(out)
+}
+
+/// The model id `<base>:<name>` of an adapter on `base` (a local model of its own): served by
+/// the base's backend with the adapter applied, with the base's context, limits and tiers, at
+/// `prices`. The operator's adapters (above) and customers' (`crate::catalogue`) alike.
+pub fn adapter_model(
+    base: &ModelConfig,
+    name: &str,
+    path: PathBuf,
+    prices: TierPrices,
+    owned_by: String,
+) -> ModelConfig {
+    ModelConfig {
+        adapter: Some(AdapterConfig {
+            base: base.id.clone(),
+            name: name.to_string(),
+            path,
+        }),
+        id: format!("{}:{name}", base.id),
+        owned_by,
+        prices,
+        // Reservations are of a model's capacity, which its adapters share.
+        reserved: None,
+        // The base model's slot in the memory budget is what is loaded and pinned.
+        pinned: false,
+        ..base.clone()
+    }
+}
+
+/// Whether `base` (its configuration, `None` when the catalogue has no such model) can carry
+/// a customer's adapter: a local model of its own. The message names what is wrong.
+pub fn check_adapter_base(base: &str, config: Option<&ModelConfig>) -> Result<(), String> {
+    let Some(config) = config else {
+        return Err(format!("unknown base_model `{base}`"));
+    };
+    if config.adapter.is_some() {
+        return Err(format!(
+            "base_model `{base}` is an adapter itself; name the model it is on"
+        ));
+    }
+    if !matches!(config.backend, BackendConfig::Local(_)) {
+        return Err(format!(
+            "base_model `{base}` is not a local model (adapters run in this server's engine)"
+        ));
+    }
+    Ok(())
+}
+
+/// `path` as a local directory holding a PEFT adapter's two files, or why not. Only local
+/// paths are supported: this deployment reaches neither S3 nor the Hugging Face Hub, and
+/// says so rather than pretend.
+pub fn local_adapter_dir(path: &str) -> Result<PathBuf, String> {
+    let only_local = "only local paths are supported on this deployment: copy the adapter to a \
+                      directory on the servers and give its absolute path";
+    if path.starts_with("s3://") {
+        return Err(format!(
+            "path `{path}`: this server cannot reach S3; {only_local}"
+        ));
+    }
+    if path.starts_with("hf://") || path.contains("huggingface.co") {
+        return Err(format!(
+            "path `{path}`: this server cannot reach the Hugging Face Hub; {only_local}"
+        ));
+    }
+    if path.contains("://") {
+        return Err(format!("path `{path}` is a URL; {only_local}"));
+    }
+    let dir = Path::new(path);
+    if !dir.is_absolute() {
+        return Err(format!(
+            "path `{path}` is not an absolute path (Hugging Face repo ids are not supported \
+             here); {only_local}"
+        ));
+    }
+    if !dir.is_dir() {
+        return Err(format!("path `{path}` is not a directory on this server"));
+    }
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        if !dir.join(file).is_file() {
+            return Err(format!(
+                "path `{path}` holds no {file} (a PEFT adapter directory holds \
+                 adapter_config.json and adapter_model.safetensors)"
+            ));
+        }
+    }
+    Ok(dir.to_path_buf())
 }

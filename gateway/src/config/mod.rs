@@ -17,7 +17,7 @@ mod prices;
 #[cfg(test)]
 mod tests;
 
-pub use adapters::AdapterConfig;
+pub use adapters::{adapter_model, check_adapter_base, local_adapter_dir, AdapterConfig};
 use models::{validate_model, RawModel};
 pub use models::{
     BackendConfig, DeviceSpec, Discovery, HttpBackendConfig, KvCacheDtype, LocalBackendConfig,

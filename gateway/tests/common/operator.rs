@@ -15,10 +15,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tollgate_gateway::auth::AuthConfig;
-use tollgate_gateway::backend::{
-    Backend, BackendError, FinishReason, GenerateEvent, GenerateRequest, ModelInfo, Prepared,
-    Start, Usage,
-};
+use tollgate_gateway::backend::{Backend, BackendError, GenerateRequest, ModelInfo, Prepared};
 use tollgate_gateway::config::Config;
 use tollgate_gateway::AppState;
 use tollgate_metering::kinds::Outcome;
@@ -47,32 +44,11 @@ struct Hello(&'static str);
 #[async_trait::async_trait]
 impl Backend for Hello {
     fn info(&self) -> ModelInfo {
-        ModelInfo {
-            id: self.0.into(),
-            context_length: 64,
-            created: 1_700_000_000,
-            owned_by: "tests".into(),
-        }
+        super::serve::model_info(self.0)
     }
 
     async fn prepare(&self, _request: GenerateRequest) -> Result<Prepared, BackendError> {
-        let start: Start = Box::new(|| {
-            Ok(Box::pin(async_stream::stream! {
-                yield Ok(GenerateEvent::Started { prompt_tokens: 3 });
-                yield Ok(GenerateEvent::Delta { text: "Hello".into(), logprobs: vec![], completion_tokens: 1 });
-                yield Ok(GenerateEvent::Finished {
-                    reason: FinishReason::Stop,
-                    usage: Usage { prompt_tokens: 3, completion_tokens: 1, ..Default::default() },
-                });
-            }))
-        });
-        Ok(Prepared {
-            prompt_tokens: 3,
-            max_tokens: 8,
-            start,
-            progress: None,
-            cached: None,
-        })
+        Ok(super::serve::answering("Hello".into()))
     }
 }
 
@@ -86,15 +62,21 @@ pub struct Server {
 }
 
 impl Server {
+    /// [`MODELS`], each answering "Hello".
     pub async fn start() -> Self {
+        let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+        backends.insert("fake".into(), Arc::new(Hello("fake")));
+        backends.insert("fake2".into(), Arc::new(Hello("fake2")));
+        Self::start_with(MODELS, backends).await
+    }
+
+    /// The catalogue `models` served by `backends`.
+    pub async fn start_with(models: &str, backends: HashMap<String, Arc<dyn Backend>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::connect(dir.path().join("l.db").to_str().unwrap())
             .await
             .unwrap();
-        let config = Config::from_toml_str(MODELS, Path::new(".")).unwrap();
-        let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
-        backends.insert("fake".into(), Arc::new(Hello("fake")));
-        backends.insert("fake2".into(), Arc::new(Hello("fake2")));
+        let config = Config::from_toml_str(models, Path::new(".")).unwrap();
         let state = AppState::new(config, backends, AuthConfig::from_keys(["static-key"]))
             .unwrap()
             .with_billing(

@@ -25,10 +25,37 @@ backend = { type = "http", urls = ["http://127.0.0.1:9"] }
 price = { input_per_mtok = "1", output_per_mtok = "2" }
 "#;
 
+/// A scripted answer: 3 prompt tokens, then `text` as one token, then the end.
+pub fn answering(text: String) -> tollgate_gateway::backend::Prepared {
+    use tollgate_gateway::backend::{FinishReason, GenerateEvent, Start, Usage};
+    let start: Start = Box::new(move || {
+        Ok(Box::pin(async_stream::stream! {
+            yield Ok(GenerateEvent::Started { prompt_tokens: 3 });
+            yield Ok(GenerateEvent::Delta { text, logprobs: vec![], completion_tokens: 1 });
+            yield Ok(GenerateEvent::Finished {
+                reason: FinishReason::Stop,
+                usage: Usage { prompt_tokens: 3, completion_tokens: 1, ..Default::default() },
+            });
+        }))
+    });
+    tollgate_gateway::backend::Prepared {
+        prompt_tokens: 3,
+        max_tokens: 8,
+        start,
+        progress: None,
+        cached: None,
+    }
+}
+
 /// What the fake model's backends say of it.
 pub fn fake_model_info() -> ModelInfo {
+    model_info("fake")
+}
+
+/// What a scripted model `id` says of itself.
+pub fn model_info(id: &str) -> ModelInfo {
     ModelInfo {
-        id: "fake".into(),
+        id: id.into(),
         context_length: 64,
         created: 1_700_000_000,
         owned_by: "tests".into(),

@@ -83,21 +83,47 @@ fn exported_records_carry_their_prediction_tokens() {
     assert_eq!(back, r);
 }
 
-/// A record of a batch's line names its batch in JSONL and CSV alike (the CSV's last
-/// column, empty for other records).
+/// A record of a batch's line names its batch in JSONL and CSV alike (empty for other
+/// records).
 #[test]
 fn exported_records_carry_their_batch_id() {
     let mut r = UsageRecord::default();
-    assert_eq!(RECORD_COLUMNS.last(), Some(&"batch_id"));
+    let i = RECORD_COLUMNS
+        .iter()
+        .position(|c| *c == "batch_id")
+        .unwrap();
     assert_eq!(record_json(&r)["batch_id"], Value::Null);
-    assert_eq!(record_cells(&r).last().map(String::as_str), Some(""));
+    assert_eq!(record_cells(&r)[i], "");
     r.batch_id = Some("batch_0123".into());
     assert_eq!(record_json(&r)["batch_id"], "batch_0123");
-    assert_eq!(
-        record_cells(&r).last().map(String::as_str),
-        Some("batch_0123")
-    );
+    assert_eq!(record_cells(&r)[i], "batch_0123");
     assert_eq!(record_cells(&r).len(), RECORD_COLUMNS.len());
+}
+
+/// A request to an adapter's model id exports its base model and adapter (the CSV's last
+/// two columns, empty for other records) beside the model id requested.
+#[test]
+fn exported_records_carry_their_adapter() {
+    let mut r = UsageRecord::default();
+    assert_eq!(
+        RECORD_COLUMNS[RECORD_COLUMNS.len() - 2..],
+        ["base_model", "adapter"]
+    );
+    assert_eq!(record_json(&r)["adapter"], Value::Null);
+    assert_eq!(record_json(&r)["base_model"], Value::Null);
+    assert_eq!(record_cells(&r)[RECORD_COLUMNS.len() - 2..], ["", ""]);
+    r.model = "base:pirate".into();
+    r.base_model = Some("base".into());
+    r.adapter = Some("pirate".into());
+    assert_eq!(record_json(&r)["model"], "base:pirate");
+    assert_eq!(record_json(&r)["base_model"], "base");
+    assert_eq!(record_json(&r)["adapter"], "pirate");
+    assert_eq!(
+        record_cells(&r)[RECORD_COLUMNS.len() - 2..],
+        ["base", "pirate"]
+    );
+    let back: UsageRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(back, r);
 }
 
 /// Every record export names the tier the record was served at: JSONL and CSV alike.

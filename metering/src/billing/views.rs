@@ -100,6 +100,11 @@ pub struct RecordView {
     pub rejected_prediction_cost_usd: String,
     /// The batch (Batch API) its request was a line of; `null` otherwise.
     pub batch_id: Option<String>,
+    /// A request to a LoRA adapter's model id: its base model (`model` is the id requested,
+    /// `<base_model>:<adapter>`); `null` otherwise.
+    pub base_model: Option<String>,
+    /// That adapter's name; `null` otherwise.
+    pub adapter: Option<String>,
 }
 
 impl From<&UsageRecord> for RecordView {
@@ -133,6 +138,8 @@ impl From<&UsageRecord> for RecordView {
             rejected_prediction_price_per_mtok: super::rejected_price(r),
             rejected_prediction_cost_usd: format_usd(r.prediction.cost_nano_usd),
             batch_id: r.batch_id.clone(),
+            base_model: r.base_model.clone(),
+            adapter: r.adapter.clone(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The store's queries, by table: `customers`, `keys`, `admin_tokens`, `usage` (the ledger),
+//! The store's queries, by table: `customers`, `adapters` (customers' LoRA adapters), `keys`, `admin_tokens`, `usage` (the ledger),
 //! `records` (the ledger read page by page), `sla` (the ledger's service levels),
 //! `reservations` (reserved capacity), `files` (the Files API's files), `batches` (the Batch
 //! API's batches and their lines) and `batch_runs` (claiming, running and ending those lines). The connection they run on, the error type and
@@ -13,6 +13,7 @@ use sqlx::Row;
 
 use crate::tags::{self, Tags};
 
+mod adapters;
 pub mod admin_tokens;
 mod background;
 mod batch_runs;
@@ -25,8 +26,9 @@ mod records;
 mod reservations;
 mod sla;
 mod usage;
+mod usage_row;
 
-pub use crate::accounts::{ApiKey, Customer};
+pub use crate::accounts::{ApiKey, Customer, CustomerAdapter};
 pub(crate) use crate::db::{is_unique_violation, kind_column, optional_kind_column};
 pub use crate::db::{normalize_url, now_micros, DbKind, Store, StoreError, StoreResult};
 pub use background::{ClaimedRun, NewBackground, RunEnd};

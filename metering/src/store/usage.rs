@@ -14,11 +14,13 @@ use crate::kinds::{BudgetScope, Endpoint, FinishReason, Outcome, ServiceTier, Us
 use crate::tags::{self, Tags};
 
 pub use super::prediction::PredictionTokens;
+use super::usage_row::usage_row;
+pub use super::usage_row::UsageRow;
 
 /// Advisory lock id serializing ledger inserts on PostgreSQL.
 const LEDGER_LOCK: i64 = 0x746f_6c6c_6761_7465;
 
-/// Rows per multi-row insert on PostgreSQL (27 parameters each; well under its limit).
+/// Rows per multi-row insert on PostgreSQL (30 parameters each; well under its limit).
 const INSERT_CHUNK: usize = 200;
 
 /// Rows per multi-row insert on SQLite: binding a parameter looks its name up by a linear
@@ -78,6 +80,12 @@ pub struct UsageRecord {
     /// The batch (Batch API) its request was a line of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// A request to a LoRA adapter's model id: its base model and the adapter's name (`model`
+    /// stays the id requested, `<base_model>:<adapter>`); `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 /// Columns usage can be grouped by.
@@ -107,42 +115,16 @@ pub struct UsageFilter {
     pub tag: Option<(String, String)>,
 }
 
-/// One row of an aggregate; group columns not asked for are `None`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UsageRow {
-    pub customer_id: Option<String>,
-    pub model: Option<String>,
-    pub key_id: Option<String>,
-    /// With `GroupBy::Day`: the day's start; with buckets: the bucket's start (micros).
-    pub bucket_start: Option<i64>,
-    /// With `GroupBy::Tag`: the tag's value (`None`: records without the tag).
-    pub tag_value: Option<String>,
-    /// With `GroupBy::ServiceTier`: the tier.
-    pub service_tier: Option<ServiceTier>,
-    pub input_price_per_mtok: Option<String>,
-    pub output_price_per_mtok: Option<String>,
-    pub cached_input_price_per_mtok: Option<String>,
-    pub requests: i64,
-    pub input_tokens: i64,
-    /// Of `input_tokens`, those served from a prefix cache.
-    pub cached_input_tokens: i64,
-    pub output_tokens: i64,
-    pub cost_nano_usd: i64,
-    /// Of `cost_nano_usd`, the cached prompt tokens' part.
-    pub cached_cost_nano_usd: i64,
-    /// The records' prediction tokens (with `GroupBy::Prices`, the rejected ones' price).
-    pub prediction: PredictionTokens,
-}
-
 pub const RECORD_COLUMNS: &str = "id, customer_id, key_id, model, endpoint, stream, status, \
     finish_reason, input_tokens, output_tokens, started_at, finished_at, ttft_ms, \
     input_price_per_mtok, output_price_per_mtok, cost_nano_usd, cached_input_tokens, \
     cached_input_price_per_mtok, cached_cost_nano_usd, usage_source, tags, idempotency_key, \
     service_tier, accepted_prediction_tokens, rejected_prediction_tokens, \
-    rejected_prediction_price_per_mtok, rejected_prediction_cost_nano_usd, batch_id";
+    rejected_prediction_price_per_mtok, rejected_prediction_cost_nano_usd, batch_id, base_model, \
+    adapter";
 
 /// Columns of [`RECORD_COLUMNS`], one bound parameter each.
-const RECORD_PARAMS: usize = 28;
+const RECORD_PARAMS: usize = 30;
 
 pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
     Ok(UsageRecord {
@@ -171,6 +153,8 @@ pub fn record(row: &AnyRow) -> StoreResult<UsageRecord> {
         service_tier: kind_column(row, "service_tier")?,
         prediction: PredictionTokens::read(row, None)?,
         batch_id: row.try_get("batch_id")?,
+        base_model: row.try_get("base_model")?,
+        adapter: row.try_get("adapter")?,
     })
 }
 
@@ -543,7 +527,9 @@ async fn insert_chunk(
             .bind(r.prediction.rejected)
             .bind(r.prediction.price_per_mtok.map(|p| p.to_string()))
             .bind(r.prediction.cost_nano_usd)
-            .bind(&r.batch_id);
+            .bind(&r.batch_id)
+            .bind(&r.base_model)
+            .bind(&r.adapter);
     }
     let mut inserted = 0;
     for row in q.fetch_all(&mut **tx).await? {
@@ -556,45 +542,4 @@ async fn insert_chunk(
         inserted += 1;
     }
     Ok(inserted)
-}
-
-/// One row of [`Store::aggregate`]: the grouped columns that `group` (and time `buckets`)
-/// asked for, and the sums (0 where SUM saw no rows).
-fn usage_row(row: &sqlx::any::AnyRow, group: &[GroupBy], buckets: bool) -> StoreResult<UsageRow> {
-    let has = |g: GroupBy| group.contains(&g);
-    let has_tag = group.iter().any(|g| matches!(g, GroupBy::Tag(_)));
-    // A grouped column when `grouped`, else none.
-    let column = |grouped: bool, name: &str| -> StoreResult<Option<String>> {
-        Ok(if grouped { row.try_get(name)? } else { None })
-    };
-    let sum =
-        |name: &str| -> StoreResult<i64> { Ok(row.try_get::<Option<i64>, _>(name)?.unwrap_or(0)) };
-    let prices = has(GroupBy::Prices);
-    Ok(UsageRow {
-        customer_id: column(has(GroupBy::Customer), "customer_id")?,
-        model: column(has(GroupBy::Model), "model")?,
-        key_id: column(has(GroupBy::Key), "key_id")?,
-        bucket_start: if has(GroupBy::Day) || buckets {
-            row.try_get("bucket_start")?
-        } else {
-            None
-        },
-        tag_value: column(has_tag, "tag_value")?,
-        service_tier: if has(GroupBy::ServiceTier) {
-            Some(kind_column(row, "service_tier")?)
-        } else {
-            None
-        },
-        input_price_per_mtok: column(prices, "input_price_per_mtok")?,
-        output_price_per_mtok: column(prices, "output_price_per_mtok")?,
-        cached_input_price_per_mtok: column(prices, "cached_input_price_per_mtok")?,
-        requests: row.try_get("requests")?,
-        // SUM over no rows is NULL.
-        input_tokens: sum("input_tokens")?,
-        output_tokens: sum("output_tokens")?,
-        cost_nano_usd: sum("cost_nano_usd")?,
-        cached_input_tokens: sum("cached_input_tokens")?,
-        cached_cost_nano_usd: sum("cached_cost_nano_usd")?,
-        prediction: PredictionTokens::read(row, Some(prices))?,
-    })
 }

@@ -1,4 +1,4 @@
-//! `tollgate customers|keys|reservations|usage`: the admin API's operations against the database directly,
+//! `tollgate customers|keys|reservations|usage` (and `customers adapters`, in `adapters`): the admin API's operations against the database directly,
 //! for operators and billing jobs (cron). Output is JSON (or CSV/JSONL for exports) on stdout.
 //! `usage` is in its own file, its exports in `export`.
 
@@ -19,6 +19,7 @@ use tollgate_metering::store::{
 };
 use tollgate_metering::views::{CreatedKeyView, CustomerView, KeyView};
 
+mod adapters;
 mod export;
 mod keys;
 mod limits;
@@ -26,6 +27,7 @@ mod reservations;
 mod tiers;
 mod usage;
 
+pub use adapters::AdaptersCommand;
 pub use keys::{keys, KeysCommand};
 pub use reservations::{reservations, ReservationsCommand};
 pub use usage::{usage, UsageCommand};
@@ -63,6 +65,9 @@ pub enum CustomersCommand {
     },
     /// Change a customer; `none` clears a budget or limit.
     Update(UpdateCustomer),
+    /// A customer's LoRA adapters: model ids `<base>:<name>` only its keys see.
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
     /// Show or change a customer's budget alerts: the webhook they are delivered to (its
     /// signing secret is printed once, when made) and the thresholds.
     Alerts {
@@ -159,6 +164,7 @@ pub async fn customers(cmd: CustomersCommand) -> anyhow::Result<()> {
             print(&CustomerView::from(&customer).with_spend(spent))
         }
         CustomersCommand::Update(args) => update_customer(args).await,
+        CustomersCommand::Adapters(cmd) => adapters::adapters(cmd).await,
         CustomersCommand::Alerts {
             id,
             webhook_url,

@@ -1,12 +1,14 @@
 //! The LoRA adapters resident beside one local engine: read from their PEFT files on first use
 //! (on the blocking pool), kept for the next requests, the least recently used let go beyond
 //! [`MAX_LORAS`]. A sequence holds its adapter for as long as it runs, so letting go of one
-//! never affects a request in flight.
+//! never affects a request in flight. An adapter is kept with the size and modification time
+//! of its two files: other files in the same directory (a customer's adapter removed and
+//! registered again) are read anew, never served from the copy held.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tollgate_gateway::backend::{AdapterRef, BackendError};
 use tollgate_runtime::model::{AdapterBase, LoraAdapter};
@@ -14,12 +16,30 @@ use tollgate_runtime::model::{AdapterBase, LoraAdapter};
 /// Adapters kept loaded per engine (vLLM's and the issue's `max_loras` default).
 pub const MAX_LORAS: usize = 64;
 
+/// Size and modification time of an adapter's `adapter_config.json` and
+/// `adapter_model.safetensors` (`None`: one cannot be read).
+type Stamp = Option<[(u64, SystemTime); 2]>;
+
+fn stamp(dir: &Path) -> Stamp {
+    let one = |file: &str| {
+        let m = std::fs::metadata(dir.join(file)).ok()?;
+        Some((m.len(), m.modified().ok()?))
+    };
+    Some([
+        one("adapter_config.json")?,
+        one("adapter_model.safetensors")?,
+    ])
+}
+
+/// A loaded adapter, the stamp of the files it was read from, and when it was last used.
+type Entry = (Arc<LoraAdapter>, Stamp, Instant);
+
 /// The adapters of one engine's model.
 pub struct Adapters {
     base: AdapterBase,
-    /// By directory: the adapter and when it was last used. A `std` lock: held for map
-    /// bookkeeping only, never while an adapter loads nor across an `.await`.
-    loaded: Mutex<HashMap<PathBuf, (Arc<LoraAdapter>, Instant)>>,
+    /// By directory. A `std` lock: held for map bookkeeping only, never while an adapter
+    /// loads nor across an `.await`.
+    loaded: Mutex<HashMap<PathBuf, Entry>>,
 }
 
 impl Adapters {
@@ -30,13 +50,20 @@ impl Adapters {
         }
     }
 
-    /// The adapter `r` names, loaded on first use. A file that cannot be applied to the base
-    /// model is a server error (the operator's catalogue), logged with its cause.
+    /// The adapter `r` names, loaded on first use. Files that cannot be applied to the base
+    /// model are [`BackendError::Adapter`]: a server error on a request, logged with its cause;
+    /// the admin API's 400 when a customer's adapter is registered.
     pub async fn get(&self, r: &AdapterRef) -> Result<Arc<LoraAdapter>, BackendError> {
-        let hit = self.lock().get_mut(&r.path).map(|(adapter, used)| {
-            *used = Instant::now();
-            adapter.clone()
-        });
+        // Two `stat`s: cheap enough for the async thread.
+        let files = stamp(&r.path);
+        let hit = self
+            .lock()
+            .get_mut(&r.path)
+            .filter(|(_, held, _)| files.is_some() && *held == files)
+            .map(|(adapter, _, used)| {
+                *used = Instant::now();
+                adapter.clone()
+            });
         if let Some(adapter) = hit {
             return Ok(adapter);
         }
@@ -48,7 +75,7 @@ impl Adapters {
             .map_err(|e| BackendError::Internal(format!("adapter loading task failed: {e}")))?
             .map_err(|e| {
                 tracing::error!(adapter = %r.name, "cannot load a LoRA adapter: {e}");
-                BackendError::Internal(format!("LoRA adapter `{}` cannot be loaded: {e}", r.name))
+                BackendError::Adapter(format!("LoRA adapter `{}` cannot be loaded: {e}", r.name))
             })?;
         tracing::info!(
             adapter = %r.name,
@@ -62,21 +89,27 @@ impl Adapters {
         if loaded.len() >= MAX_LORAS && !loaded.contains_key(&r.path) {
             let oldest = loaded
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, (_, _, used))| *used)
                 .map(|(p, _)| p.clone());
             if let Some(p) = oldest {
                 loaded.remove(&p);
             }
         }
-        // Two first requests may both load it: the first one kept wins, so every later
-        // request shares one adapter (and its prefix-cache entries).
+        // Two first requests may both load the same files: the first one kept wins, so every
+        // later request shares one adapter (and its prefix-cache entries). Other files
+        // replace what was kept.
         let entry = loaded
             .entry(r.path.clone())
-            .or_insert((adapter, Instant::now()));
+            .and_modify(|held| {
+                if held.1 != files {
+                    *held = (adapter.clone(), files, Instant::now());
+                }
+            })
+            .or_insert((adapter, files, Instant::now()));
         Ok(entry.0.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Arc<LoraAdapter>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Entry>> {
         // Map bookkeeping never panics while holding the lock.
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
     }

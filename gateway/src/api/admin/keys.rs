@@ -102,11 +102,15 @@ fn checked_tags(tags: Tags) -> Result<Tags, ApiError> {
     Ok(tags)
 }
 
-/// `models`: each a model of the catalogue.
-fn known_models(state: &AppState, models: Vec<String>) -> Result<Vec<String>, ApiError> {
+/// `models`: each a model of the catalogue or one of `customer`'s own adapters.
+fn known_models(
+    state: &AppState,
+    customer: &str,
+    models: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
     if let Some(unknown) = models
         .iter()
-        .find(|m| !state.catalogue.current().models.contains_key(*m))
+        .find(|m| state.catalogue.served(customer, m).is_none())
     {
         return Err(invalid_field(
             "models",
@@ -149,7 +153,10 @@ pub(super) async fn create_key(
     let body: CreateKey = from_object(map)?;
     let new = NewKey {
         name: body.name.unwrap_or_default(),
-        models: body.models.map(|m| known_models(&state, m)).transpose()?,
+        models: body
+            .models
+            .map(|m| known_models(&state, &customer_id, m))
+            .transpose()?,
         rpm: limit(body.rpm, "rpm")?.flatten(),
         tpm: limit(body.tpm, "tpm")?.flatten(),
         expires_at: body.expires_at.as_ref().map(Expiry::micros).transpose()?,
@@ -234,12 +241,16 @@ pub(super) async fn update_key(
     if body.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
         return Err(invalid_field("name", "`name` must not be empty".into()));
     }
+    let models = match body.models {
+        Some(Some(m)) => {
+            let owner = store(&state)?.key(&key_id).await?.customer_id;
+            Some(Some(known_models(&state, &owner, m)?))
+        }
+        other => other,
+    };
     let fields = KeyFields {
         name: body.name,
-        models: body
-            .models
-            .map(|m| m.map(|m| known_models(&state, m)).transpose())
-            .transpose()?,
+        models,
         rpm: limit(body.rpm, "rpm")?,
         tpm: limit(body.tpm, "tpm")?,
         max_concurrent_requests: limit(body.max_concurrent_requests, "max_concurrent_requests")?,

@@ -1,4 +1,4 @@
-//! The operators' API: customers, keys, reservations, usage aggregates, the record cursor,
+//! The operators' API: customers, keys, customers' LoRA adapters, reservations, usage aggregates, the record cursor,
 //! invoices and the SLA report, behind `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`. Mounted only when the token
 //! is set. JSON in and out, OpenAI's error shape, money as decimal strings.
 //!
@@ -32,6 +32,7 @@ use tollgate_metering::store::Store;
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 10_000;
 
+mod adapters;
 mod customers;
 mod keys;
 pub mod models;
@@ -39,6 +40,7 @@ mod reservations;
 mod tiers;
 mod usage;
 
+use adapters::{create_adapter, list_adapters, remove_adapter};
 use customers::{
     create_customer, get_alert_settings, get_customer, list_alerts, list_customers,
     put_alert_settings, update_customer,
@@ -58,6 +60,7 @@ fn operations() -> Operations {
     let key = "/admin/v1/keys/{key_id}";
     let reservations = "/admin/v1/customers/{id}/reservations";
     let reservation = "/admin/v1/reservations/{reservation_id}";
+    let adapters = "/admin/v1/customers/{id}/adapters";
     Operations::default()
         .op(Get, "/admin/v1/customers", list_customers, CustomersRead)
         .op(Post, "/admin/v1/customers", create_customer, CustomersWrite)
@@ -85,6 +88,14 @@ fn operations() -> Operations {
         .op(Post, reservations, create_reservation, CustomersWrite)
         .op(Get, reservation, get_reservation, CustomersRead)
         .op(Delete, reservation, end_reservation, CustomersWrite)
+        .op(Get, adapters, list_adapters, CustomersRead)
+        .op(Post, adapters, create_adapter, CustomersWrite)
+        .op(
+            Delete,
+            "/admin/v1/customers/{id}/adapters/{name}",
+            remove_adapter,
+            CustomersWrite,
+        )
         .op(Get, "/admin/v1/sla", sla, UsageRead)
         .op(Get, "/admin/v1/usage", usage, UsageRead)
         .op(Get, "/admin/v1/usage/records", usage_records, UsageRead)
@@ -139,6 +150,9 @@ fn operations() -> Operations {
     reservations::get_reservation,
     reservations::end_reservation,
     reservations::sla,
+    adapters::create_adapter,
+    adapters::list_adapters,
+    adapters::remove_adapter,
     models::list_models,
     models::reload_models,
 ))]
@@ -575,6 +589,6 @@ mod tests {
             })
             .collect();
         assert_eq!(routed, documented);
-        assert_eq!(routed.len(), 26);
+        assert_eq!(routed.len(), 29);
     }
 }

@@ -113,7 +113,7 @@ async fn validate_batch(
     files: &FileStorage,
     batch: &BatchRow,
 ) -> anyhow::Result<()> {
-    let mut checker = Checker::new(state, batch.endpoint);
+    let mut checker = Checker::new(state, &batch.customer_id, batch.endpoint);
     let mut stream = files.read(&batch.input_file_id).await?;
     let mut partial: Vec<u8> = Vec::new();
     let mut line = 0i64;

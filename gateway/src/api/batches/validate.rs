@@ -53,6 +53,8 @@ struct Line {
 /// The lines of one input file, checked one by one.
 pub struct Checker<'a> {
     state: &'a AppState,
+    /// The batch's owner: its lines may name its own adapters.
+    customer: &'a str,
     endpoint: Endpoint,
     seen: HashSet<String>,
     pub lines: Vec<BatchLine>,
@@ -60,9 +62,10 @@ pub struct Checker<'a> {
 }
 
 impl<'a> Checker<'a> {
-    pub fn new(state: &'a AppState, endpoint: Endpoint) -> Self {
+    pub fn new(state: &'a AppState, customer: &'a str, endpoint: Endpoint) -> Self {
         Self {
             state,
+            customer,
             endpoint,
             seen: HashSet::new(),
             lines: Vec::new(),
@@ -168,8 +171,8 @@ impl<'a> Checker<'a> {
                 "stream",
             ));
         }
-        backend_for(self.state, &model)?;
-        price_of(self.state, &model, ServiceTier::Batch)?;
+        backend_for(self.state, self.customer, &model)?;
+        price_of(self.state, self.customer, &model, ServiceTier::Batch)?;
         Ok(model)
     }
 }

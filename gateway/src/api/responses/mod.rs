@@ -78,7 +78,7 @@ pub async fn create(
     let store = store_flag(&state, &body)?;
     let history = history(&state, &body, &caller).await?;
     let tags = tags_of(&body)?;
-    let backend = crate::api::admission::backend_for(&state, &body.model)?;
+    let backend = crate::api::admission::backend_for(&state, &caller.customer_id, &body.model)?;
     if backend.passes_responses_through() {
         return passthrough::create(
             state, id, caller, backend, &body, &raw, history, store, tags,

@@ -76,7 +76,7 @@ pub(super) async fn accept(
             "store",
         ));
     }
-    if backend_for(&state, &body.model)?.passes_responses_through() {
+    if backend_for(&state, &caller.customer_id, &body.model)?.passes_responses_through() {
         return Err(ApiError::invalid(
             "background responses are not supported for a model whose upstream serves the \
              Responses API itself - 'background'",
@@ -87,7 +87,7 @@ pub(super) async fn accept(
     tags_of(&body)?;
     let (plan, input) = runnable(&body).plan(&history, &id.0, state.config.server.max_n)?;
     let tier = resolve_tier(&state, &caller, &plan.model, plan.service_tier)
-        .and_then(|tier| price_of(&state, &plan.model, tier).map(|_| tier))
+        .and_then(|tier| price_of(&state, &caller.customer_id, &plan.model, tier).map(|_| tier))
         .map_err(in_response_terms)?;
     let mut echo = echo(&body, &plan, &id, true);
     echo.service_tier = tier;
