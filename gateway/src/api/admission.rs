@@ -286,7 +286,8 @@ pub(crate) async fn start(
     let tags = tollgate_metering::tags::merged(tags, &caller.key_tags);
     let entry = enter(state, &caller, &plan.model, plan.choices.len())?;
     let asked_tier = resolve_tier(state, &caller, &plan.model, plan.service_tier)?;
-    let asked_price = price_of(state, &caller.customer_id, &plan.model, asked_tier)?;
+    // Refused before any work when the tier asked for has no price.
+    price_of(state, &caller.customer_id, &plan.model, asked_tier)?;
     // A customer with a reservation on the model is prepared at it (priority in the engine);
     // whether this request fits the minute's reserved tokens is known once its prompts are
     // counted.
@@ -315,15 +316,8 @@ pub(crate) async fn start(
         prompt_tokens,
         max_output,
     } = prepare_at_tier(state, &entry.backend, &caller, plan, reservable, asked_tier).await?;
-    let price = match reserved_tokens {
-        Some(_) => price_of(
-            state,
-            &caller.customer_id,
-            &plan.model,
-            ServiceTier::Reserved,
-        )?,
-        None => asked_price,
-    };
+    let tier = reserved_tokens.map_or(asked_tier, |_| ServiceTier::Reserved);
+    let price = price_of(state, &caller.customer_id, &plan.model, tier)?;
     let backend_time = t.elapsed();
     let t = Instant::now();
     let (tokens_hold, budget_hold) = tracing::Instrument::instrument(
