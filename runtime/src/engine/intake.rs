@@ -22,8 +22,8 @@
 //! pass, waits for the next step. At a step's boundary the newcomers waiting are left to a
 //! pass before the step's first layer only when it takes them all ([`pass_takes_all`]); else
 //! they join the step, as they would with interleaving off. A step that prefills prompts
-//! (newcomers that joined it, a long prompt's chunk) runs no other pass
-//! ([`step_pass_budget`]): it is already among the running sequences' longest waits.
+//! (newcomers that joined it, a long prompt's chunk) runs a pass only for what they leave of
+//! 64 tokens ([`step_pass_budget`]): it is already among the running sequences' longest waits.
 //!
 //! Beside a step of work that can wait only (`flex`, `batch`: sold as served from what higher
 //! classes leave), none of these bounds holds for a newcomer of a class above every one in the
@@ -99,21 +99,25 @@ pub(super) fn pass_budget(max_batch_tokens: usize, own_tokens: usize) -> usize {
         .min(own_tokens.max(PASS_FLOOR_TOKENS))
 }
 
-/// [`pass_budget`] for a step whose `own_tokens` include `prompt_tokens` of prompts: none when
-/// it prefills any. Such a step is already longer than a decode step (newcomers that joined
-/// it, a long prompt's chunk), and a pass beside it would add to the longest waits of the
-/// running sequences, those that set their inter-token p99; newcomers that arrive during it
-/// join the next step, as they would with interleaving off. (A newcomer of a class above a
-/// step of work that can wait only is not bound by this: [`Intake::yielding`].)
+/// [`pass_budget`] for a step whose `own_tokens` include `prompt_tokens` of prompts: what its
+/// prompts leave of [`PASS_FLOOR_TOKENS`], so none beside a step that prefills a short question
+/// or more (newcomers that joined it, a long prompt's chunk). Such a step is already longer
+/// than a decode step, and a pass beside it would add to the longest waits of the running
+/// sequences, those that set their inter-token p99; newcomers that arrive during it join the
+/// next step, as they would with interleaving off. A step whose prompts are a few tokens (a
+/// returning customer's prompt found in the prefix cache but its last token) is a decode step
+/// in all but name, and a lone customer arriving during it still gets its pass. (A newcomer of
+/// a class above a step of work that can wait only is not bound by this: [`Intake::yielding`].)
 pub(super) fn step_pass_budget(
     max_batch_tokens: usize,
     own_tokens: usize,
     prompt_tokens: usize,
 ) -> usize {
-    if prompt_tokens > 0 {
-        return 0;
+    let budget = pass_budget(max_batch_tokens, own_tokens);
+    if prompt_tokens == 0 {
+        return budget;
     }
-    pass_budget(max_batch_tokens, own_tokens)
+    budget.min(PASS_FLOOR_TOKENS.saturating_sub(prompt_tokens))
 }
 
 /// Whether the newcomers waiting at a step's boundary, `prefill` prompt tokens together, are
@@ -138,7 +142,8 @@ pub(super) fn pass_due(last: Option<u64>, step: u64, every: u64) -> bool {
 impl<'a> Intake<'a> {
     /// The intake of step number `step`, of `layers` layers, which feeds `own_tokens` tokens
     /// of its own sequences, `prompt_tokens` of them prompts (or replays), the highest of them
-    /// of `step_class`. A step that prefills prompts runs no pass ([`step_pass_budget`]).
+    /// of `step_class`. A step that prefills prompts runs a smaller pass, or none
+    /// ([`step_pass_budget`]).
     pub(super) fn new(
         desk: &'a mut Desk,
         tenants: Vec<Member>,
@@ -391,8 +396,21 @@ mod tests {
     fn a_step_that_prefills_prompts_runs_no_pass() {
         assert_eq!(step_pass_budget(512, 8, 0), 64);
         assert_eq!(step_pass_budget(512, 40, 0), 64);
-        assert_eq!(step_pass_budget(512, 40, 32), 0);
+        assert_eq!(step_pass_budget(512, 100, 0), 100);
         assert_eq!(step_pass_budget(512, 600, 0), 0);
+        // Prefilling a short question or more: no pass.
+        assert_eq!(step_pass_budget(512, 100, 64), 0);
+        assert_eq!(step_pass_budget(512, 400, 300), 0);
+        // Some prompt tokens: the pass gets what they leave of the floor.
+        assert_eq!(step_pass_budget(512, 40, 32), 32);
+    }
+
+    /// 32 streams of one customer, one of them back with a prompt the prefix cache holds but
+    /// its last token: that token must not cost a lone customer arriving meanwhile its pass
+    /// (the two-tenant workload's B).
+    #[test]
+    fn a_cached_prompts_last_token_leaves_a_newcomer_its_pass() {
+        assert_eq!(step_pass_budget(512, 33, 1), 63);
     }
 
     #[test]

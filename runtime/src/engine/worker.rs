@@ -280,7 +280,7 @@ impl Worker {
     fn step(&mut self) -> Result<()> {
         self.steps += 1;
         let plan = self.plan();
-        // A step that prefills prompts runs no pass ([`step_pass_budget`]), unless newcomers
+        // A step that prefills prompts runs a smaller pass or none ([`step_pass_budget`]), unless newcomers
         // were left to it at the boundary.
         let prompt_tokens = if std::mem::take(&mut self.pass_promised) {
             0
