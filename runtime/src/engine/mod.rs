@@ -93,7 +93,7 @@ pub struct EngineConfig {
     /// the running sequences pay for; rationed, a newcomer who comes while others run alone
     /// (one customer's streams) still starts at the next intake point, while when many
     /// arrive most join the next step, the cheapest place for their prompts. Set per model in
-    /// models.toml (`backend.interleave_every`); the default is 16. Figures:
+    /// models.toml (`backend.interleave_every`); the default is 8. Figures:
     /// bench/results/interleave-*.json (`bench/interleave.py`).
     pub interleave_every: u64,
     /// A test and benchmark setting: at every `preempt_every`-th step's boundary the
@@ -121,7 +121,7 @@ impl Default for EngineConfig {
             max_step_sequences: 32,
             prefix_cache_bytes: 128 << 20,
             interleave_passes: 4,
-            interleave_every: 16,
+            interleave_every: 8,
             preempt_every: 0,
             speculative_draft: 8,
             speculative_max_batch: 4,
