@@ -7,6 +7,7 @@ a result file alone redraws the chart (`--replot`). Fast: no model, no server.""
 import asyncio
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 import compare  # noqa: E402
 import load  # noqa: E402
+import servers as bench_servers  # noqa: E402
 import workloads  # noqa: E402
 
 KEYS = list(itertools.product((0, 1), (1, 2), (1, 4), range(5)))  # server, round, level, index
@@ -187,11 +189,11 @@ def test_servers_take_turns_going_first():
 
 
 def test_slots_read_told_or_unknown():
-    assert load.slots_of(32, None, "--slots")[:2] == (32, "--slots")
-    assert load.slots_of(None, {"total_slots": 8}) == (8, "/props total_slots", None)
-    slots, _, warning = load.slots_of(32, {"total_slots": 8})
+    assert bench_servers.slots_of(32, None, "--slots")[:2] == (32, "--slots")
+    assert bench_servers.slots_of(None, {"total_slots": 8}) == (8, "/props total_slots", None)
+    slots, _, warning = bench_servers.slots_of(32, {"total_slots": 8})
     assert slots == 8 and "told 32" in warning
-    assert load.slots_of(None, None)[0] is None and load.slots_of(None, None)[2]
+    assert bench_servers.slots_of(None, None)[0] is None and bench_servers.slots_of(None, None)[2]
 
 
 def test_replot_redraws_from_the_result_file_alone(tmp_path):
@@ -219,3 +221,117 @@ def test_the_command_line_recorded_leaves_the_keys_out():
     line = provenance.command_line(["load.py", "--api-key", "sk-1", "--model", "m", "--peer-api-key=sk-2",
                                     "--customer-keys", "k1,k2", "--label", "x"])
     assert line == "load.py --api-key KEY --model m --peer-api-key=KEY --customer-keys KEY --label x"
+
+
+def test_prompts_stay_unique_with_more_than_two_servers():
+    # bench/spec.py compares eight servers; a tag had a letter for two.
+    keys = list(itertools.product(range(8), (1, 2), (1, 16), range(3)))
+    prompts = [user_text(workloads.request("prose", key)[0]) for key in keys]
+    assert len(set(prompts)) == len(keys)
+
+
+def test_the_system_message_the_dev_model_needs_is_sent_when_asked():
+    msgs = workloads.request("code-edit", (0, 1, 1, 0), file_lines=60, system=True)[0]
+    assert msgs[0] == {"role": "system", "content": workloads.SYSTEM}
+    assert workloads.request("code-edit", (0, 1, 1, 0), file_lines=60)[0][0]["role"] == "user"
+    sent = []
+
+    def answer(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, text=sse({"choices": [{"delta": {"content": "a"}, "finish_reason": "stop"}]}))
+
+    async def go():
+        async with mock_client(answer) as client:
+            return await load.timed_request(client, SERVER, args_for(system=True), (0, 1, 1, 0))
+
+    assert asyncio.run(go())["error"] is None
+    assert sent[0]["messages"][0]["content"] == workloads.SYSTEM
+
+
+def test_servers_take_turns_within_a_round_too():
+    # A one-round run used to put the first server first at every level.
+    two = ["tollgate", "peer"]
+    assert [load.turns(two, 1, p)[0] for p in range(4)] == ["tollgate", "peer", "tollgate", "peer"]
+    assert [load.turns(two, 2, p)[0] for p in range(2)] == ["peer", "tollgate"]
+    many = list("abcde")
+    # Over as many rounds as servers, each goes first once at a level; each order has them all.
+    assert sorted(load.turns(many, r, 3)[0] for r in range(1, 6)) == many
+    assert all(sorted(load.turns(many, r, p)) == many for r in (1, 2) for p in range(3))
+
+
+def test_a_stream_cut_short_is_an_error():
+    def cut(request):
+        # Content, then the connection ends: no finish_reason, no [DONE].
+        return httpx.Response(200, text="data: " + json.dumps({"choices": [{"delta": {"content": "a"}}]}) + "\n\n")
+
+    def no_done(request):
+        return httpx.Response(200, text="data: " + json.dumps(
+            {"choices": [{"delta": {"content": "a"}, "finish_reason": "length"}]}) + "\n\n")
+
+    async def go(handler):
+        async with mock_client(handler) as client:
+            return await load.timed_request(client, SERVER, args_for(), (0, 1, 1, 0))
+
+    assert "finish_reason" in asyncio.run(go(cut))["error"]
+    assert "[DONE]" in asyncio.run(go(no_done))["error"]
+
+
+def test_a_stream_records_llama_cpp_drafts_and_the_output_digest():
+    import hashlib
+
+    def answer(request):
+        return httpx.Response(200, text=sse(
+            {"choices": [{"delta": {"content": "ab"}, "finish_reason": None}]},
+            {"choices": [{"delta": {"content": "c"}, "finish_reason": "length"}],
+             "timings": {"draft_n": 12, "draft_n_accepted": 9}},
+            {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3}}))
+
+    async def go():
+        async with mock_client(answer) as client:
+            return await load.timed_request(client, SERVER, args_for(), (0, 1, 1, 0))
+
+    r = asyncio.run(go())
+    assert (r["draft_n"], r["draft_n_accepted"]) == (12, 9)
+    assert r["output_sha1"] == hashlib.sha1(b"abc").hexdigest()
+
+
+def test_every_request_opens_a_new_connection():
+    """No keep-alive (llama.cpp's server closes idle ones: the client would see errors that
+    are not the server's): a real socket server counts the connections of 3 requests."""
+    body = sse({"choices": [{"delta": {"content": "a"}, "finish_reason": "stop"}]},
+               {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}).encode()
+    connections = []
+
+    async def serve(reader, writer):
+        connections.append(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+        writer.close()
+
+    async def go():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        peer = {"base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "api_key": "", "index": 0}
+        try:
+            records, _ = await load.run_level(peer, args_for(requests=3), 1, 1)
+            # Requests read to their end too (a stream left at [DONE] is closed anyway).
+            async with load.level_client(peer, 1) as client:
+                for _ in range(2):
+                    assert (await client.post("/chat/completions", json={})).status_code == 200
+            return records
+        finally:
+            server.close()
+
+    records = asyncio.run(go())
+    assert [r["error"] for r in records] == [None] * 3
+    assert len(connections) == 5
+
