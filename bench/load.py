@@ -16,7 +16,10 @@ Workloads (`--workload`): `chat` (short questions, 128 tokens), `prose` (an orig
 512 tokens: nothing in the prompt to copy) and `code-edit` (a ~300-line Python module made
 from templates, to be returned whole with one function renamed; greedy, `max_tokens` enough for
 the whole file, end tokens not banned; `--prediction` sends the file as OpenAI's
-`prediction: {"type": "content", ...}`, and a server that refuses it is reported as errors).
+`prediction: {"type": "content", ...}`, and a server that refuses it is reported as errors;
+`--prefill` sends the chat as one ChatML prompt to /v1/completions with the answer begun with
+the file's first line: the development model describes the file in a chat answer, and copies
+it only so).
 Every prompt is unique across levels, rounds and servers (its first line is a tag naming them);
 what a request asks (its question, file or words) depends on its round, level and index only, so
 both servers do the same work. `--share-prompts servers` gives both servers the very same
@@ -83,7 +86,7 @@ import httpx
 from compare import MIN_P99_REQUESTS, level_row, pct, report, row_line, summarize, svg_plot
 from provenance import provenance
 from servers import TOLLGATE_SLOTS, RssSampler, describe_servers
-from workloads import PROMPTS, SHARES, SYSTEM, WORKLOADS, filler, request
+from workloads import PROMPTS, SHARES, SYSTEM, WORKLOADS, chatml, filler, request
 
 DEFAULT_MAX_TOKENS = {"chat": 128, "prose": 512}
 
@@ -121,12 +124,13 @@ def chat_body(args, model, msgs, max_tokens):
 
 
 async def stream_chat(client, body):
-    """Sends one streamed chat request and returns its raw figures; raises on an HTTP error or
-    an error event in the stream."""
+    """Sends one streamed chat request (a completion where `body` has a `prompt`) and returns
+    its raw figures; raises on an HTTP error or an error event in the stream."""
     start = time.perf_counter()
     token_times, usage, finish, timings, done = [], None, None, None, False
     text = hashlib.sha1()
-    async with client.stream("POST", "/chat/completions", json=body) as r:
+    path = "/completions" if "prompt" in body else "/chat/completions"
+    async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             await r.aread()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
@@ -144,7 +148,7 @@ async def stream_chat(client, body):
                 usage = chunk["usage"]
             timings = chunk.get("timings") or timings  # llama.cpp's server
             for choice in chunk.get("choices") or []:
-                content = (choice.get("delta") or {}).get("content")
+                content = (choice.get("delta") or {}).get("content") or choice.get("text")
                 if content:
                     token_times.append(time.perf_counter())
                     text.update(content.encode())
@@ -191,6 +195,10 @@ async def timed_request(client, server, args, key):
                          args.file_lines, args.run_id, getattr(args, "system", False))
     max_tokens = args.max_tokens or (len(file) // 3 + 128 if file else DEFAULT_MAX_TOKENS[args.workload])
     body = chat_body(args, server["model"], msgs, max_tokens)
+    if getattr(args, "prefill", False) and file:
+        # The answer begun with the file's first line, on /v1/completions (no `prediction` there).
+        del body["messages"]
+        body["prompt"] = chatml(msgs, file.split("\n", 1)[0] + "\n")
     if args.prediction:
         body["prediction"] = {"type": "content", "content": file}
     record = {"server": key[0], "round": key[1], "level": key[2], "index": key[3], "error": None}
@@ -470,6 +478,9 @@ def parser():
     p.add_argument("--file-lines", type=int, default=300, help="code-edit: lines of the file to edit")
     p.add_argument("--prediction", action="store_true",
                    help="code-edit: send the file as OpenAI's prediction (Predicted Outputs)")
+    p.add_argument("--prefill", action="store_true",
+                   help="code-edit: send the chat as one ChatML prompt to /v1/completions with the answer "
+                        "begun with the file's first line (the development model copies the file only then)")
     p.add_argument("--unique-prompts", action="store_true",
                    help="the tenant workloads: make every prompt unique (the levels' prompts always are)")
     p.add_argument("--pid", type=int, help="server process to sample peak RSS from")
@@ -525,8 +536,10 @@ def main():
         return
     if not (args.base_url and args.model):
         p.error("--base-url and --model are required (or --replot RESULT_JSON)")
-    if args.prediction and args.workload != "code-edit":
-        p.error("--prediction sends the file of --workload code-edit")
+    if (args.prediction or args.prefill) and args.workload != "code-edit":
+        p.error("--prediction and --prefill are for --workload code-edit")
+    if args.prediction and args.prefill:
+        p.error("--prediction is for chat completions, --prefill sends a completion")
     if args.workload == "code-edit" and (args.ban_tokens or args.ignore_eos):
         p.error("--workload code-edit lets the model end the file: no --ban-tokens or --ignore-eos")
     if args.customer_keys or args.two_tenants:

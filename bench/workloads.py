@@ -188,6 +188,15 @@ def code_edit(seed, lines=300):
     return instruction, text
 
 
+def chatml(messages, answer_start=""):
+    """`messages` as the development model's chat template (ChatML) renders them, the
+    assistant's turn opened and begun with `answer_start`: a prompt for /v1/completions that
+    starts the answer itself. SmolLM2 describes a long file it is asked to repeat in a chat
+    request, and copies it once its answer has begun with the file's first line."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return f"{turns}<|im_start|>assistant\n{answer_start}"
+
+
 def prose(seed, words=400):
     rng = random.Random(seed)
     topic = f"the {rng.choice(('quiet', 'hidden', 'early', 'long', 'strange'))} {rng.choice(WORDS)} " \
