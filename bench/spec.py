@@ -253,7 +253,8 @@ def run(args):
     # Each server's command line is added to it when it is first started.
     doc = {**provenance(), "run_id": args.run_id, "rounds": args.rounds, "file_lines": args.file_lines,
            "system": SYSTEM, "ban_tokens": END_TOKENS, "servers": servers, "phases": [p[0] for p in phases],
-           "tollgate": {"bin": args.bin, "version": version_of(args.bin)},
+           "tollgate": {"bin": args.bin, "version": version_of(args.bin), "speculative_draft_on": args.tollgate_draft,
+                        "speculative_max_batch": args.tollgate_max_batch or "the engine's default (4)"},
            "llama_server_version": version_of(args.llama_server), "threads": args.threads,
            "note": args.note, "runs": [], "requests": []}
     print(f"slots: Tollgate {TOLLGATE_SLOTS} (its engine's max_running), llama.cpp {TOLLGATE_SLOTS} "
