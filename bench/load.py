@@ -16,24 +16,29 @@ Workloads (`--workload`): `chat` (short questions, 128 tokens), `prose` (an orig
 512 tokens: nothing in the prompt to copy) and `code-edit` (a ~300-line Python module made
 from templates, to be returned whole with one function renamed; greedy, `max_tokens` enough for
 the whole file, end tokens not banned; `--prediction` sends the file as OpenAI's
-`prediction: {"type": "content", ...}`, and a server that refuses it is reported as errors).
+`prediction: {"type": "content", ...}`, and a server that refuses it is reported as errors;
+`--prefill` sends the chat as one ChatML prompt to /v1/completions with the answer begun with
+the file's first line: the development model describes the file in a chat answer, and copies
+it only so).
 Every prompt is unique across levels, rounds and servers (its first line is a tag naming them);
 what a request asks (its question, file or words) depends on its round, level and index only, so
 both servers do the same work. `--share-prompts servers` gives both servers the very same
 prompts, `--share-prompts all` repeats the same prompts at every level and round (a warm prefix
-cache, on purpose). `--system-tokens N` puts one shared system prompt of about N tokens before
-every request (what a prefix cache serves), `--prompt-tokens N` makes each request's own prompt
-about N tokens long (a long context). Per level the decode speed after the first token is
-reported as well (p50 over requests).
+cache, on purpose). `--system` puts the system message the development model needs before
+every request, `--system-tokens N` one shared system prompt of about N tokens (what a prefix
+cache serves), `--prompt-tokens N` makes each request's own prompt about N tokens long (a long
+context). Per level the decode speed after the first token is reported as well (p50 over
+requests). Every request opens a new connection (no keep-alive). A stream that ends without a
+finish_reason and `data: [DONE]` is counted as an error.
 
 A second server (`--peer-url`, `--peer-model`, `--peer-api-key`, `--peer-label`) runs the same
-levels; in each round, level by level, the two take turns: round 1 (3, 5, ...) the first server
-goes first, round 2 (4, ...) the peer. Per level the ratios of the medians are printed, none
-where either side had errors, and the requests whose finish_reason or completion_tokens differ
-between the two are reported. Tollgate may run `--slots` sequences at once (its engine's
-`max_running`, 32); the peer's slots are read from its /props (llama.cpp's `total_slots`) or
-given with `--peer-slots` (start llama.cpp's server with `--parallel` as many), and a warning is
-printed when the two differ:
+levels; the two take turns going first, from level to level and from round to round (round 1:
+the first server first at the first level, the peer at the second, ...; round 2 the other way
+round). Per level the ratios of the medians are printed, none where either side had errors,
+and the requests whose finish_reason or completion_tokens differ between the two are reported.
+Tollgate may run `--slots` sequences at once (its engine's `max_running`, 32); the peer's slots
+are read from its /props (llama.cpp's `total_slots`) or given with `--peer-slots` (start
+llama.cpp's server with `--parallel` as many), and a warning is printed when the two differ:
 
     bench/load.py --base-url http://127.0.0.1:8080/v1 --model smollm2-135m --label tollgate \
         --peer-url http://127.0.0.1:8081/v1 --peer-model smollm2 --peer-label llama.cpp \
@@ -70,42 +75,20 @@ a gateway with and without newcomers started between layers):
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import sys
-import threading
 import time
 
 import httpx
 
 from compare import MIN_P99_REQUESTS, level_row, pct, report, row_line, summarize, svg_plot
 from provenance import provenance
-from workloads import PROMPTS, SHARES, WORKLOADS, filler, request
+from servers import TOLLGATE_SLOTS, RssSampler, describe_servers
+from workloads import PROMPTS, SHARES, SYSTEM, WORKLOADS, chatml, filler, request
 
-# What Tollgate's engine runs at once (EngineConfig::max_running; not a setting, not reported).
-TOLLGATE_SLOTS = 32
 DEFAULT_MAX_TOKENS = {"chat": 128, "prose": 512}
-
-
-class RssSampler(threading.Thread):
-    """Samples VmRSS of a process (and its children are ignored) every 50 ms."""
-
-    def __init__(self, pid):
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
-
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            except OSError:
-                return
-            time.sleep(0.05)
-
-
 
 
 def messages(args, i, unique):
@@ -141,11 +124,13 @@ def chat_body(args, model, msgs, max_tokens):
 
 
 async def stream_chat(client, body):
-    """Sends one streamed chat request and returns its raw figures; raises on an HTTP error or
-    an error event in the stream."""
+    """Sends one streamed chat request (a completion where `body` has a `prompt`) and returns
+    its raw figures; raises on an HTTP error or an error event in the stream."""
     start = time.perf_counter()
-    token_times, usage, finish = [], None, None
-    async with client.stream("POST", "/chat/completions", json=body) as r:
+    token_times, usage, finish, timings, done = [], None, None, None, False
+    text = hashlib.sha1()
+    path = "/completions" if "prompt" in body else "/chat/completions"
+    async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             await r.aread()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
@@ -154,17 +139,25 @@ async def stream_chat(client, body):
                 continue
             data = line[6:]
             if data == "[DONE]":
+                done = True
                 break
             chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(chunk["error"].get("message"))
             if chunk.get("usage"):
                 usage = chunk["usage"]
+            timings = chunk.get("timings") or timings  # llama.cpp's server
             for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
+                content = (choice.get("delta") or {}).get("content") or choice.get("text")
+                if content:
                     token_times.append(time.perf_counter())
+                    text.update(content.encode())
                 finish = choice.get("finish_reason") or finish
     end = time.perf_counter()
+    if not (done and finish):
+        # A stream cut short is a failed request, not a short answer.
+        raise RuntimeError(f"the stream ended without {'data: [DONE]' if finish else 'a finish_reason'} "
+                           f"after {len(token_times)} content chunks")
     tokens = usage["completion_tokens"] if usage else len(token_times)
     details = (usage or {}).get("prompt_tokens_details") or {}
     first = token_times[0] if token_times else end
@@ -175,6 +168,11 @@ async def stream_chat(client, body):
         # None where the server does not report it.
         "cached_tokens": details.get("cached_tokens"),
         "completion_tokens_details": (usage or {}).get("completion_tokens_details"),
+        # llama.cpp's server: draft tokens of its speculation, and those of them kept.
+        "draft_n": (timings or {}).get("draft_n"),
+        "draft_n_accepted": (timings or {}).get("draft_n_accepted"),
+        # The answer's text (its SHA-1), to compare two servers' outputs without keeping them.
+        "output_sha1": text.hexdigest(),
         "ttft_s": first - start,
         "latency_s": end - start,
         "decode_tok_per_s": (tokens - 1) / (end - first) if len(token_times) > 1 and end > first else None,
@@ -194,9 +192,13 @@ async def timed_request(client, server, args, key):
     """One request of the levels' workloads, by its key (server, round, level, index): its raw
     figures, or the error that ended it."""
     msgs, file = request(args.workload, key, args.share_prompts, args.prompt_tokens, args.system_tokens,
-                         args.file_lines, args.run_id)
+                         args.file_lines, args.run_id, getattr(args, "system", False))
     max_tokens = args.max_tokens or (len(file) // 3 + 128 if file else DEFAULT_MAX_TOKENS[args.workload])
     body = chat_body(args, server["model"], msgs, max_tokens)
+    if getattr(args, "prefill", False) and file:
+        # The answer begun with the file's first line, on /v1/completions (no `prediction` there).
+        del body["messages"]
+        body["prompt"] = chatml(msgs, file.split("\n", 1)[0] + "\n")
     if args.prediction:
         body["prediction"] = {"type": "content", "content": file}
     record = {"server": key[0], "round": key[1], "level": key[2], "index": key[3], "error": None}
@@ -208,11 +210,18 @@ async def timed_request(client, server, args, key):
     return record
 
 
+def level_client(server, level):
+    """The client of one server's level: a new connection per request (no keep-alive), as a
+    new client would open it; llama.cpp's server closes idle keep-alive connections, and a
+    client reusing one sees errors that are not the server's capacity."""
+    headers = {"Authorization": f"Bearer {server['api_key']}"} if server["api_key"] else {}
+    limits = httpx.Limits(max_connections=level + 4, max_keepalive_connections=0)
+    return httpx.AsyncClient(base_url=server["base_url"], headers=headers, timeout=1800, limits=limits)
+
+
 async def run_level(server, args, rnd, level):
     """`--requests` requests at `level` concurrency against one server: (records, wall seconds)."""
-    headers = {"Authorization": f"Bearer {server['api_key']}"} if server["api_key"] else {}
-    limits = httpx.Limits(max_connections=level + 4)
-    async with httpx.AsyncClient(base_url=server["base_url"], headers=headers, timeout=1800, limits=limits) as client:
+    async with level_client(server, level) as client:
         queue, records = list(range(args.requests)), []
 
         async def worker():
@@ -224,37 +233,6 @@ async def run_level(server, args, rnd, level):
         await asyncio.gather(*(worker() for _ in range(level)))
         wall = time.perf_counter() - start
     return sorted(records, key=lambda r: r["index"]), wall
-
-
-def slots_of(told, props, told_from="told"):
-    """(slots, where from, warning or None): what a server may run at once, as read from its
-    /props (llama.cpp's `total_slots`) or as told (`told_from` says by what)."""
-    read = (props or {}).get("total_slots")
-    if read is not None and told is not None and read != told:
-        return read, "/props total_slots", f"told {told} slots, but its /props says {read}"
-    if read is not None:
-        return read, "/props total_slots", None
-    if told is not None:
-        return told, told_from, None
-    return None, "unknown", "slots unknown: pass --peer-slots (llama.cpp's --parallel)"
-
-
-def probe(server):
-    """What a server says about itself: its /models and, for llama.cpp's server, /props."""
-    headers = {"Authorization": f"Bearer {server['api_key']}"} if server["api_key"] else {}
-    out = {}
-    root = server["base_url"].rstrip("/").removesuffix("/v1")
-    for name, url in (("models", server["base_url"].rstrip("/") + "/models"), ("props", root + "/props")):
-        try:
-            r = httpx.get(url, headers=headers, timeout=10)
-            out[name] = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            out[name] = None
-    props = out["props"] or {}
-    out["props"] = {k: props[k] for k in ("total_slots", "build_info", "model_path") if k in props} or None
-    if "default_generation_settings" in props:
-        out["props"]["n_ctx"] = (props["default_generation_settings"] or {}).get("n_ctx")
-    return out
 
 
 async def two_tenants(args, with_a, with_b):
@@ -407,49 +385,22 @@ def run_two_tenants(args):
             json.dump({**provenance(), "label": args.label, "b_alone": b_alone, "a_alone": a_alone, "both": both}, f, indent=2)
 
 
-
-
-def describe_servers(args):
-    """The servers of a levels run, with what they say about themselves and their slots; prints
-    the slots and a warning where the two servers may not run as many sequences at once."""
-    servers = [{"label": args.label, "base_url": args.base_url, "model": args.model, "api_key": args.api_key,
-                "pid": args.pid, "version": args.version, "settings": args.settings,
-                "slots_told": (args.slots, "--slots; Tollgate's engine: max_running")}]
-    if args.peer_base_url:
-        servers.append({"label": args.peer_label, "base_url": args.peer_base_url,
-                        "model": args.peer_model or args.model,
-                        "api_key": args.peer_api_key if args.peer_api_key is not None else args.api_key,
-                        "pid": args.peer_pid, "version": args.peer_version, "settings": args.peer_settings,
-                        "slots_told": (args.peer_slots, "--peer-slots")})
-    for i, s in enumerate(servers):
-        s["index"] = i
-        s.update(probe(s))
-        told, source = s.pop("slots_told")
-        s["slots"], s["slots_from"], warning = slots_of(told, s["props"], source)
-        if not s["version"] and s["props"]:
-            s["version"] = s["props"].get("build_info")
-        print(f"{s['label']}: {s['slots'] or 'unknown'} slots ({s['slots_from']}), version {s['version'] or 'not given'}, "
-              f"settings: {s['settings'] or 'not given'}", flush=True)
-        if warning:
-            print(f"warning: {s['label']}: {warning}", file=sys.stderr, flush=True)
-    if len(servers) == 2 and servers[0]["slots"] != servers[1]["slots"]:
-        print(f"warning: {servers[0]['label']} may run {servers[0]['slots']} sequences at once, "
-              f"{servers[1]['label']} {servers[1]['slots'] or 'unknown'}: give the peer as many (llama.cpp: --parallel "
-              f"{servers[0]['slots']})", file=sys.stderr, flush=True)
-    return servers
-
-
-def turns(servers, rnd):
-    """The order the servers run a round's levels in: round 1, 3, ... (the 0-based index even)
-    the first server first; round 2, 4, ... the peer first."""
-    return list(servers) if rnd % 2 else list(servers)[::-1]
+def turns(servers, rnd, position=0):
+    """The order the servers run the `position`-th (0-based) level of round `rnd` (1-based) in:
+    rotated by one from level to level and from round to round, so that even a run of one round
+    alternates which goes first, and a level run in as many rounds as servers has each of them
+    first once (two servers: round 1's first level the first server first, its second level the
+    peer first, round 2 the other way round)."""
+    servers = list(servers)
+    k = (rnd - 1 + position) % len(servers) if servers else 0
+    return servers[k:] + servers[:k]
 
 
 def run_levels(args):
     levels = [int(x) for x in args.levels.split(",")]
-    if args.requests < MIN_P99_REQUESTS:
-        print(f"note: {args.requests} requests per level: the p99s need {MIN_P99_REQUESTS} "
-              "(over the rounds) and are reported as n/a below that", file=sys.stderr, flush=True)
+    if args.requests * args.rounds < MIN_P99_REQUESTS:
+        print(f"note: {args.requests} requests per level in {args.rounds} round(s): the p99s need "
+              f"{MIN_P99_REQUESTS} (over the rounds) and are reported as n/a below that", file=sys.stderr, flush=True)
     servers = describe_servers(args)
     doc = {**provenance(), "run_id": args.run_id, "workload": args.workload, "share_prompts": args.share_prompts,
            "prediction": args.prediction, "levels": levels, "requests_per_level": args.requests,
@@ -457,11 +408,11 @@ def run_levels(args):
            "servers": [{k: v for k, v in s.items() if k != "api_key"} for s in servers],
            "runs": [], "requests": []}
     for rnd in range(1, args.rounds + 1):
-        order = turns(servers, rnd)
-        if len(servers) == 2:
-            print(f"round {rnd} of {args.rounds}: {order[0]['label']} first, then {order[1]['label']}, "
-                  "level by level", flush=True)
-        for level in levels:
+        for level_position, level in enumerate(levels):
+            order = turns(servers, rnd, level_position)
+            if len(servers) == 2:
+                print(f"round {rnd} of {args.rounds}, c={level}: {order[0]['label']} first, then {order[1]['label']}",
+                      flush=True)
             for position, server in enumerate(order):
                 sampler = RssSampler(server["pid"]) if server["pid"] else None
                 if sampler:
@@ -527,6 +478,9 @@ def parser():
     p.add_argument("--file-lines", type=int, default=300, help="code-edit: lines of the file to edit")
     p.add_argument("--prediction", action="store_true",
                    help="code-edit: send the file as OpenAI's prediction (Predicted Outputs)")
+    p.add_argument("--prefill", action="store_true",
+                   help="code-edit: send the chat as one ChatML prompt to /v1/completions with the answer "
+                        "begun with the file's first line (the development model copies the file only then)")
     p.add_argument("--unique-prompts", action="store_true",
                    help="the tenant workloads: make every prompt unique (the levels' prompts always are)")
     p.add_argument("--pid", type=int, help="server process to sample peak RSS from")
@@ -540,6 +494,9 @@ def parser():
     p.add_argument("--replot", metavar="RESULT_JSON",
                    help="print the table and draw --svg from a result file, without a server")
     p.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of about N tokens")
+    p.add_argument("--system", action="store_true",
+                   help=f"a system message ({SYSTEM!r}) before every request, shared on purpose: the "
+                        "development model needs one (without it, its template's own makes it babble)")
     p.add_argument("--prompt-tokens", type=int, default=0, help="each request's own prompt about N tokens long")
     p.add_argument("--rounds", type=int, default=1,
                    help="run all levels this many times (medians reported; the servers alternate going first)")
@@ -579,8 +536,10 @@ def main():
         return
     if not (args.base_url and args.model):
         p.error("--base-url and --model are required (or --replot RESULT_JSON)")
-    if args.prediction and args.workload != "code-edit":
-        p.error("--prediction sends the file of --workload code-edit")
+    if (args.prediction or args.prefill) and args.workload != "code-edit":
+        p.error("--prediction and --prefill are for --workload code-edit")
+    if args.prediction and args.prefill:
+        p.error("--prediction is for chat completions, --prefill sends a completion")
     if args.workload == "code-edit" and (args.ban_tokens or args.ignore_eos):
         p.error("--workload code-edit lets the model end the file: no --ban-tokens or --ignore-eos")
     if args.customer_keys or args.two_tenants:

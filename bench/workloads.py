@@ -21,6 +21,11 @@ import random
 
 WORKLOADS = ("chat", "prose", "code-edit")
 SHARES = ("none", "servers", "all")
+# A server's letter in a tag: bench/spec.py compares more than two.
+SERVER_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# The system message the development model needs (without one, its template inserts its own and
+# SmolLM2 answers in French babble: see the README).
+SYSTEM = "You are a helpful assistant."
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -59,7 +64,7 @@ def tag(server, rnd, level, index, share="none", run_id="0000"):
     index, less what `share` shares. Fixed width, so every tag is about as many tokens long."""
     if share == "all":
         return f"[{run_id} {index:05d}]"
-    who = "" if share == "servers" else "ab"[server]
+    who = "" if share == "servers" else SERVER_LETTERS[server]
     return f"[{run_id} {who}{rnd:02d}-{level:03d}-{index:05d}]"
 
 
@@ -183,6 +188,15 @@ def code_edit(seed, lines=300):
     return instruction, text
 
 
+def chatml(messages, answer_start=""):
+    """`messages` as the development model's chat template (ChatML) renders them, the
+    assistant's turn opened and begun with `answer_start`: a prompt for /v1/completions that
+    starts the answer itself. SmolLM2 describes a long file it is asked to repeat in a chat
+    request, and copies it once its answer has begun with the file's first line."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return f"{turns}<|im_start|>assistant\n{answer_start}"
+
+
 def prose(seed, words=400):
     rng = random.Random(seed)
     topic = f"the {rng.choice(('quiet', 'hidden', 'early', 'long', 'strange'))} {rng.choice(WORDS)} " \
@@ -191,9 +205,11 @@ def prose(seed, words=400):
             "do not repeat these instructions.")
 
 
-def request(workload, key, share="none", prompt_tokens=0, system_tokens=0, file_lines=300, run_id="0000"):
+def request(workload, key, share="none", prompt_tokens=0, system_tokens=0, file_lines=300, run_id="0000",
+            system=False):
     """(messages, prediction): what one request sends. `key` is (server, round, level, index);
-    `prediction` is the file of a code-edit request (None for the others)."""
+    `prediction` is the file of a code-edit request (None for the others). `system` puts SYSTEM
+    first (shared on purpose, like `system_tokens`' background, which follows it)."""
     server, rnd, level, index = key
     seed = content_seed(rnd, level, index, share)
     prediction = None
@@ -207,6 +223,7 @@ def request(workload, key, share="none", prompt_tokens=0, system_tokens=0, file_
         body = f"{filler(prompt_tokens, seed)}\n\n{body}"
     out = [{"role": "user", "content": f"{tag(server, rnd, level, index, share, run_id)} {body}"}]
     if system_tokens:
-        out.insert(0, {"role": "system", "content": "You are a helpful assistant. Background: "
-                       + filler(system_tokens, 0)})
+        out.insert(0, {"role": "system", "content": f"{SYSTEM} Background: " + filler(system_tokens, 0)})
+    elif system:
+        out.insert(0, {"role": "system", "content": SYSTEM})
     return out, prediction
