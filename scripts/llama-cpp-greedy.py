@@ -16,7 +16,14 @@ Kept out of CI (it builds llama.cpp). Steps:
   /v1/completions for a text prompt with the text llama.cpp's server gives (both tokenize it
   themselves); a difference is an error.
 
-Usage: scripts/llama-cpp-greedy.py [--jobs N] [--http]   (CARGO_TARGET_DIR is honoured)
+With --lora, instead: `cargo run --example lora_gguf` writes the tiny `llama` model and the
+random GGUF LoRA adapters of runtime/tests/lora_gguf.rs into ~/.cache/tollgate/lora-models;
+llama-server serves the model with `--lora <adapter>` (one server per adapter, scale 1, and
+each request names it with `"lora": [{"id": 0, "scale": 1}]`), the same prompts as above are
+run, and the tokens go to runtime/tests/fixtures/llama_cpp_lora_greedy.json with the base's
+and each adapter's fingerprint.
+
+Usage: scripts/llama-cpp-greedy.py [--jobs N] [--http | --lora]   (CARGO_TARGET_DIR is honoured)
 """
 
 import argparse
@@ -41,6 +48,9 @@ CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".ca
 BUILD = CACHE / "llama-build"
 MODELS = CACHE / "arch-models"
 FIXTURE = REPO / "runtime" / "tests" / "fixtures" / "llama_cpp_greedy.json"
+LORA_MODELS = CACHE / "lora-models"
+LORA_FIXTURE = REPO / "runtime" / "tests" / "fixtures" / "llama_cpp_lora_greedy.json"
+SERVER_ARGS = ["-c", "4096", "-np", "1", "-t", "2", "-ctk", "f32", "-ctv", "f32"]
 
 
 def run(cmd, **kw):
@@ -82,11 +92,11 @@ def server(jobs: int) -> pathlib.Path:
     return binary
 
 
-def write_models() -> dict:
-    shutil.rmtree(MODELS, ignore_errors=True)
+def write_models(example: str = "arch_models", into: pathlib.Path = MODELS) -> dict:
+    shutil.rmtree(into, ignore_errors=True)
     run(["nice", "-n", "19", "cargo", "run", "--release", "-q", "-p", "tollgate-runtime",
-         "--example", "arch_models", "--", str(MODELS)], cwd=REPO)
-    return json.loads((MODELS / "manifest.json").read_text())
+         "--example", example, "--", str(into)], cwd=REPO)
+    return json.loads((into / "manifest.json").read_text())
 
 
 def free_port() -> int:
@@ -102,13 +112,15 @@ def post(port: int, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def start_llama_server(binary: pathlib.Path, gguf: pathlib.Path):
-    """llama-server on `gguf` (f32 KV cache, one slot), once healthy: (process, port)."""
+def start_llama_server(binary: pathlib.Path, gguf: pathlib.Path, lora: pathlib.Path = None):
+    """llama-server on `gguf` (f32 KV cache, one slot; with `lora`, that adapter at scale 1),
+    once healthy: (process, port)."""
     port = free_port()
-    log = open(MODELS / f"{gguf.stem}.server.log", "w")
+    extra = ["--lora", str(lora)] if lora else []
+    log = open(gguf.parent / f"{(lora or gguf).stem}.server.log", "w")
     proc = subprocess.Popen(
-        [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", "4096",
-         "-np", "1", "-t", "2", "-ctk", "f32", "-ctv", "f32", "--no-warmup"],
+        [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS,
+         "--no-warmup", *extra],
         stdout=log, stderr=subprocess.STDOUT)
     wait_healthy(proc, port, log.name)
     return proc, port
@@ -128,18 +140,28 @@ def wait_healthy(proc, port: int, log: str):
     sys.exit(f"server did not become healthy: see {log}")
 
 
-def greedy(binary: pathlib.Path, gguf: pathlib.Path, prompts, steps: int):
-    """llama.cpp's greedy tokens after each prompt, and the end-of-generation tokens it banned
-    (`ignore_eos` puts them in the request's logit bias, which the response reports)."""
-    proc, port = start_llama_server(binary, gguf)
+def greedy(binary: pathlib.Path, gguf: pathlib.Path, prompts, steps: int,
+           lora: pathlib.Path = None):
+    """llama.cpp's greedy tokens after each prompt (with `lora` applied), and the
+    end-of-generation tokens it banned (`ignore_eos` puts them in the request's logit bias,
+    which the response reports)."""
+    proc, port = start_llama_server(binary, gguf, lora)
     try:
+        if lora:
+            adapters = json.loads(urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/lora-adapters", timeout=30).read())
+            if [(a["id"], a["scale"]) for a in adapters] != [(0, 1.0)]:
+                sys.exit(f"{lora.name}: llama-server's adapters are {adapters}")
         out, banned = [], set()
         for prompt in prompts:
-            r = post(port, "/completion", {
+            body = {
                 "prompt": prompt, "n_predict": steps, "temperature": 0, "top_k": 1,
                 "samplers": ["top_k"], "cache_prompt": False, "ignore_eos": True,
                 "return_tokens": True,
-            })
+            }
+            if lora:
+                body["lora"] = [{"id": 0, "scale": 1.0}]
+            r = post(port, "/completion", body)
             tokens = r["tokens"]
             if len(tokens) != steps:
                 sys.exit(f"{gguf.name}: {len(tokens)} tokens, expected {steps}: {r}")
@@ -206,27 +228,65 @@ def http_check(binary: pathlib.Path, manifest: dict, steps: int):
     print("HTTP: tollgate serve answers as llama.cpp for every model", file=sys.stderr)
 
 
+def write_fixture(path: pathlib.Path, fixture: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(fixture, indent=1)
+    # Lists of token ids on one line each.
+    text = re.sub(r"\[[\d,\s]+\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+    path.write_text(text + "\n")
+    print(path)
+
+
+def record_lora(binary: pathlib.Path, header: dict):
+    """llama.cpp's greedy tokens with each GGUF LoRA adapter of runtime/tests/lora_gguf.rs."""
+    manifest = write_models("lora_gguf", LORA_MODELS)
+    base = LORA_MODELS / manifest["base"]["file"]
+    fixture = dict(header, recorded_by="scripts/llama-cpp-greedy.py --lora",
+                   server_args=header["server_args"] + " --lora <adapter>",
+                   request=header["request"] + ", lora [{id 0, scale 1}]",
+                   greedy_steps=manifest["greedy_steps"],
+                   base={"file": manifest["base"]["file"],
+                         "fingerprint": manifest["base"]["fingerprint"]},
+                   adapters={})
+    banned = set()
+    for name, a in manifest["adapters"].items():
+        tokens, b = greedy(binary, base, manifest["prompts"], manifest["greedy_steps"],
+                           LORA_MODELS / a["file"])
+        banned |= set(b)
+        fixture["adapters"][name] = {
+            "fingerprint": a["fingerprint"],
+            "runs": [{"prompt": p, "tokens": t} for p, t in zip(manifest["prompts"], tokens)],
+        }
+        print(f"{name}: {tokens}", file=sys.stderr)
+    fixture["banned_end_tokens"] = sorted(banned)
+    write_fixture(LORA_FIXTURE, fixture)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--http", action="store_true",
                     help="also compare `tollgate serve`'s /v1/completions with llama.cpp's")
+    ap.add_argument("--lora", action="store_true",
+                    help="record llama.cpp's `--lora` tokens (the LoRA fixture) instead")
     args = ap.parse_args()
     binary = server(args.jobs)
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
     version = (version.stdout + version.stderr).strip().splitlines()
-    manifest = write_models()
-    steps = manifest["greedy_steps"]
-    fixture = {
+    header = {
         "recorded_by": "scripts/llama-cpp-greedy.py",
         "llama_cpp": f"llama-cpp-python {VERSION} sdist (vendored llama.cpp): "
                      + " ".join(v for v in version if v.startswith("version")),
-        "server_args": "-c 4096 -np 1 -t 2 -ctk f32 -ctv f32",
+        "server_args": " ".join(SERVER_ARGS),
         "request": "prompt as token ids, temperature 0, samplers [top_k], top_k 1, "
                    "ignore_eos, cache_prompt false",
-        "greedy_steps": steps,
-        "models": {},
     }
+    if args.lora:
+        record_lora(binary, header)
+        return
+    manifest = write_models()
+    steps = manifest["greedy_steps"]
+    fixture = dict(header, greedy_steps=steps, models={})
     for name, m in manifest["models"].items():
         tokens, banned = greedy(binary, MODELS / m["file"], m["prompts"], steps)
         fixture["models"][name] = {
@@ -235,12 +295,7 @@ def main():
             "runs": [{"prompt": p, "tokens": t} for p, t in zip(m["prompts"], tokens)],
         }
         print(f"{name}: {tokens}", file=sys.stderr)
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(fixture, indent=1)
-    # Lists of token ids on one line each.
-    text = re.sub(r"\[[\d,\s]+\]", lambda m: json.dumps(json.loads(m.group(0))), text)
-    FIXTURE.write_text(text + "\n")
-    print(FIXTURE)
+    write_fixture(FIXTURE, fixture)
     if args.http:
         http_check(binary, manifest, steps)
 

@@ -34,8 +34,8 @@ mod lora_models;
 
 use common::{argmax, max_abs_diff, random, TempDir};
 use lora_models::{
-    load, merged_file, model_file, peft_config, random_adapter, shape, tensor_name, write_adapter,
-    Adapter,
+    greedy, load, max_diff, merged_file, model_file, peft_config, random_adapter, shape,
+    tensor_name, write_adapter, Adapter,
 };
 
 /// Max abs logit difference between a model with an adapter and the same model with the
@@ -63,41 +63,6 @@ fn loaded(tmp: &TempDir, name: &str, adapter: &Adapter, model: &LlamaModel) -> L
     LoraAdapter::load(name, &dir, model.config(), &Device::Cpu).unwrap()
 }
 
-/// `steps` greedy tokens after `prompt` and the logits each was picked from.
-fn greedy(
-    model: &LlamaModel,
-    adapter: Option<&LoraAdapter>,
-    prompt: &[u32],
-    steps: usize,
-) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut cache = model.new_cache();
-    let (mut tokens, mut rows) = (Vec::new(), Vec::new());
-    let mut feed = prompt.to_vec();
-    for _ in 0..steps {
-        let mut out = model
-            .forward(&mut [SeqStep {
-                tokens: &feed,
-                cache: &mut cache,
-                logits: 1,
-                adapter,
-            }])
-            .unwrap();
-        let row = out.pop().unwrap();
-        let token = argmax(&row);
-        tokens.push(token);
-        rows.push(row);
-        feed = vec![token];
-    }
-    (tokens, rows)
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn an_adapter_gives_what_its_merged_weights_give() {
     // 48 and 80 are not multiples of 32: no kernel takes them, so `auto` keeps f32 weights on
@@ -113,17 +78,17 @@ fn an_adapter_gives_what_its_merged_weights_give() {
         let model = load(&base, form);
         assert_eq!(model.uses_host_path(), host, "{form}: the path under test");
         let lora = loaded(&tmp, &format!("all-{form}"), &adapter, &model);
-        let (with, with_rows) = greedy(&model, Some(&lora), &p, 24);
-        let (want, want_rows) = greedy(&load(&merged, form), None, &p, 24);
+        let (with, with_rows) = greedy(&model, Some(&lora), &p, 24, &[]);
+        let (want, want_rows) = greedy(&load(&merged, form), None, &p, 24, &[]);
         let diff = max_diff(&with_rows, &want_rows);
         println!("{form}: adapter vs merged weights: max logit diff {diff:e}");
         assert!(diff < MERGE_TOL, "{form}: {diff}");
         assert_eq!(with, want, "{form}: greedy tokens");
         // Controls: the adapter changes the output, and so does B's row order in Q and K.
-        let (plain, plain_rows) = greedy(&model, None, &p, 24);
+        let (plain, plain_rows) = greedy(&model, None, &p, 24, &[]);
         assert_ne!(plain, with, "{form}: the adapter changed nothing");
         assert!(max_diff(&plain_rows, &with_rows) > 0.5);
-        let (_, wrong_rows) = greedy(&load(&unpermuted, form), None, &p, 24);
+        let (_, wrong_rows) = greedy(&load(&unpermuted, form), None, &p, 24, &[]);
         let wrong = max_diff(&wrong_rows, &with_rows);
         println!("{form}: against Q/K rows merged unpermuted: max logit diff {wrong}");
         assert!(wrong > 100.0 * MERGE_TOL, "{form}: {wrong}");
@@ -170,7 +135,7 @@ fn adapters_mixed_in_one_batch_give_what_each_gives_alone() {
         let seqs = mixed();
         let alone: Vec<Vec<Vec<f32>>> = seqs
             .iter()
-            .map(|(a, p)| greedy(&model, a.map(|i| &adapters[i]), p, steps).1)
+            .map(|(a, p)| greedy(&model, a.map(|i| &adapters[i]), p, steps, &[]).1)
             .collect();
         assert!(
             max_diff(&alone[1], &alone[3]) > 0.5,

@@ -19,7 +19,8 @@ use super::ConfigError;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdapter {
     name: String,
-    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) or a
+    /// GGUF LoRA file.
     source: RawSource,
     price: Option<RawPrice>,
     owned_by: Option<String>,
@@ -139,9 +140,9 @@ pub fn check_adapter_base(base: &str, config: Option<&ModelConfig>) -> Result<()
     Ok(())
 }
 
-/// `path` as a local directory holding a PEFT adapter's two files, or why not. Only local
-/// paths are supported: this deployment reaches neither S3 nor the Hugging Face Hub, and
-/// says so rather than pretend.
+/// `path` as a local directory holding a PEFT adapter's two files (or a `.gguf` file: a GGUF
+/// LoRA adapter), or why not. Only local paths are supported: this deployment reaches
+/// neither S3 nor the Hugging Face Hub, and says so rather than pretend.
 pub fn local_adapter_dir(path: &str) -> Result<PathBuf, String> {
     let only_local = "only local paths are supported on this deployment: copy the adapter to a \
                       directory on the servers and give its absolute path";
@@ -165,8 +166,14 @@ pub fn local_adapter_dir(path: &str) -> Result<PathBuf, String> {
              here); {only_local}"
         ));
     }
+    // A GGUF LoRA adapter (llama.cpp's layout) is one file; the runtime reads and checks it.
+    if dir.is_file() && path.ends_with(".gguf") {
+        return Ok(dir.to_path_buf());
+    }
     if !dir.is_dir() {
-        return Err(format!("path `{path}` is not a directory on this server"));
+        return Err(format!(
+            "path `{path}` is not a directory (nor a `.gguf` file) on this server"
+        ));
     }
     for file in ["adapter_config.json", "adapter_model.safetensors"] {
         if !dir.join(file).is_file() {

@@ -2,7 +2,13 @@
 //! GGUF file of f32 weights (synthetic, with a byte vocabulary), PEFT adapter directories
 //! (`adapter_config.json` + `adapter_model.safetensors`) of random low-rank pairs, and the
 //! base file with an adapter merged into its weights (`W' = W + scale · B·A`, B's Q/K rows in
-//! GGUF's interleaved order as the runtime applies them).
+//! GGUF's interleaved order as the runtime applies them), and the same adapters as GGUF LoRA
+//! files in llama.cpp's layout (`lora_gguf.rs`, and `examples/lora_gguf.rs` for the script
+//! that runs llama.cpp on them).
+#![allow(
+    dead_code,
+    reason = "each test crate includes this module and uses only some helpers"
+)]
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -12,10 +18,10 @@ use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::json;
-use tollgate_runtime::model::{LlamaModel, WeightForm};
+use tollgate_runtime::model::{LlamaModel, LoraAdapter, LoraTarget as Target, SeqStep, WeightForm};
 use tollgate_runtime::synth::{byte_vocab, gguf_bytes, LlamaShape};
 
-use super::common::{random, transpose_head_rows};
+use super::common::{argmax, max_abs_diff, random, transpose_head_rows};
 
 pub const TEMPLATE: &str = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
 pub const HEADS: usize = 4;
@@ -49,6 +55,46 @@ pub fn model_file(shape: &LlamaShape) -> Vec<u8> {
 pub fn load(bytes: &[u8], form: WeightForm) -> LlamaModel {
     let content = Content::read(&mut Cursor::new(bytes)).unwrap();
     LlamaModel::from_gguf(&content, &mut Cursor::new(bytes), &Device::Cpu, form, None).unwrap()
+}
+
+/// `steps` greedy tokens after `prompt` with `adapter` (never one of `banned`), and the
+/// logits each was picked from.
+pub fn greedy(
+    model: &LlamaModel,
+    adapter: Option<&LoraAdapter>,
+    prompt: &[u32],
+    steps: usize,
+    banned: &[u32],
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut cache = model.new_cache();
+    let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+    let mut feed = prompt.to_vec();
+    for _ in 0..steps {
+        let mut row = model
+            .forward(&mut [SeqStep {
+                tokens: &feed,
+                cache: &mut cache,
+                logits: 1,
+                adapter,
+            }])
+            .unwrap()
+            .remove(0);
+        for &b in banned {
+            row[b as usize] = f32::NEG_INFINITY;
+        }
+        let token = argmax(&row);
+        tokens.push(token);
+        rows.push(row);
+        feed = vec![token];
+    }
+    (tokens, rows)
+}
+
+pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0.0, f32::max)
 }
 
 /// A PEFT module, its GGUF tensor name and `(inputs, outputs)` in a model of `shape`.
@@ -192,4 +238,103 @@ pub fn merged_file(base: &[u8], shape: &LlamaShape, adapter: &Adapter, permute: 
     let mut buf = Cursor::new(Vec::new());
     gguf_file::write(&mut buf, &md, &ts).unwrap();
     buf.into_inner()
+}
+
+/// `adapter` as the GGUF LoRA file llama.cpp's `convert_lora_to_gguf.py` writes for a `llama`
+/// base of `shape` (`alpha` as `adapter.lora.alpha`): tensors `blk.N.<tensor>.weight.lora_a`
+/// `[r, in]` and `.lora_b` `[out, r]` in `dtype`, B's Q/K rows permuted as the converter
+/// permutes the base model's; `extra_metadata` and `extra_tensors` are added or replace
+/// theirs (`None`: the tensor is left out), to make bad files.
+pub fn gguf_adapter(
+    shape: &LlamaShape,
+    adapter: &Adapter,
+    alpha: f32,
+    dtype: GgmlDType,
+    extra_metadata: &[(&str, gguf_file::Value)],
+    extra_tensors: &[(&str, Option<&Tensor>)],
+) -> Vec<u8> {
+    use gguf_file::Value;
+    let mut md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.type", Value::String("adapter".into())),
+        ("general.name", Value::String("tollgate tiny lora".into())),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(alpha)),
+    ];
+    for (k, v) in extra_metadata {
+        md.retain(|(key, _)| key != k);
+        md.push((*k, v.clone()));
+    }
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for layer in 0..shape.layers {
+        for &t in &adapter.targets {
+            let (gguf, _, _) = module(shape, t);
+            let a = &adapter.tensors[&tensor_name(layer, t, "A")];
+            let mut b = adapter.tensors[&tensor_name(layer, t, "B")].clone();
+            match t {
+                "q_proj" => b = transpose_head_rows(&b, shape.heads, 2),
+                "k_proj" => b = transpose_head_rows(&b, shape.kv_heads, 2),
+                _ => {}
+            }
+            for (half, m) in [("a", a), ("b", &b)] {
+                let name = format!("blk.{layer}.{gguf}.weight.lora_{half}");
+                tensors.push((name, QTensor::quantize(m, dtype).unwrap()));
+            }
+        }
+    }
+    for (name, t) in extra_tensors {
+        tensors.retain(|(n, _)| n.as_str() != *name);
+        if let Some(t) = t {
+            tensors.push((name.to_string(), QTensor::quantize(t, dtype).unwrap()));
+        }
+    }
+    let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut buf = Cursor::new(Vec::new());
+    gguf_file::write(&mut buf, &md, &ts).unwrap();
+    buf.into_inner()
+}
+
+/// `adapter` with its matrices rounded to `dtype` and back to f32: what a file of that type
+/// holds.
+pub fn rounded(adapter: &Adapter, dtype: candle_core::DType) -> Adapter {
+    Adapter {
+        r: adapter.r,
+        alpha: adapter.alpha,
+        targets: adapter.targets.clone(),
+        tensors: adapter
+            .tensors
+            .iter()
+            .map(|(k, t)| {
+                let t = t.to_dtype(dtype).unwrap();
+                (k.clone(), t.to_dtype(candle_core::DType::F32).unwrap())
+            })
+            .collect(),
+    }
+}
+
+/// The random adapters llama.cpp's `--lora` runs in `scripts/llama-cpp-greedy.py --lora` (on
+/// the `llama` model of `arch_models.rs`, whose sizes are `shape(64, 128)`'s): name, adapter,
+/// the GGUF file's alpha. Different ranks, alphas and targets.
+pub fn llama_cpp_adapters() -> Vec<(&'static str, Adapter, f32)> {
+    let shape = shape(64, 128);
+    vec![
+        (
+            "all-r4",
+            random_adapter(&shape, 4, 8.0, &Target::PEFT_NAMES, 0.2, 3100),
+            8.0,
+        ),
+        (
+            "qkd-r8",
+            random_adapter(
+                &shape,
+                8,
+                4.0,
+                &["q_proj", "k_proj", "down_proj"],
+                0.3,
+                3300,
+            ),
+            4.0,
+        ),
+    ]
 }

@@ -21,13 +21,17 @@ pub const MAX_LORAS: usize = 64;
 type Stamp = Option<[(u64, SystemTime); 2]>;
 
 fn stamp(dir: &Path) -> Stamp {
-    let one = |file: &str| {
-        let m = std::fs::metadata(dir.join(file)).ok()?;
+    let one = |file: &Path| {
+        let m = std::fs::metadata(file).ok()?;
         Some((m.len(), m.modified().ok()?))
     };
+    if dir.is_file() {
+        // A GGUF LoRA adapter: one file.
+        return one(dir).map(|s| [s, s]);
+    }
     Some([
-        one("adapter_config.json")?,
-        one("adapter_model.safetensors")?,
+        one(&dir.join("adapter_config.json"))?,
+        one(&dir.join("adapter_model.safetensors"))?,
     ])
 }
 

@@ -6,14 +6,16 @@
 //! PEFT writes Hugging Face's layout; a GGUF `llama` file stores Q and K rows permuted for
 //! interleaved RoPE, so B's rows of `q_proj` and `k_proj` are permuted the same way here
 //! (as llama.cpp's adapter converter does).
+//!
+//! [`LoraAdapter::load`] also takes a GGUF LoRA file (`super::gguf`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use super::{next_id, AdapterShape, LoraAdapter, LowRank, Target};
+use super::{next_id, reorder_head_rows, AdapterShape, LoraAdapter, LowRank, Target};
 use crate::model::LlamaConfig;
 use crate::{Error, Result};
 
@@ -166,8 +168,13 @@ fn parse_name(name: &str) -> Result<(usize, Target, Half)> {
 }
 
 impl LoraAdapter {
-    /// Reads the PEFT adapter in `dir` for a base model of `config` on `device`, named `name`.
-    pub fn load(name: &str, dir: &Path, config: &LlamaConfig, device: &Device) -> Result<Self> {
+    /// Reads the adapter at `path` for a base model of `config` on `device`, named `name`: a
+    /// PEFT adapter directory, or a GGUF LoRA file as llama.cpp's converter writes it.
+    pub fn load(name: &str, path: &Path, config: &LlamaConfig, device: &Device) -> Result<Self> {
+        if path.is_file() {
+            return Self::load_gguf(name, path, config, device);
+        }
+        let dir = path;
         let peft = PeftConfig::read(&dir.join("adapter_config.json"))?;
         let file = dir.join("adapter_model.safetensors");
         if !file.is_file() {
@@ -234,7 +241,7 @@ impl LoraAdapter {
                 b.ok_or_else(|| missing("B"))?,
             );
             let pair = low_rank(a, b, target, peft, &shape, device)?;
-            bytes += (pair.a.elem_count() + pair.bt.elem_count()) * 4;
+            bytes += pair.bytes();
             layers[layer][target as usize] = Some(pair);
         }
         Ok(Self {
@@ -293,32 +300,16 @@ fn low_rank(
     if br != outputs {
         return Err(wrong(&b_name, (br, bc), (outputs, peft.r)));
     }
-    let a = a.to_dtype(DType::F32)?;
-    let mut b = b.to_dtype(DType::F32)?;
+    let mut b = b;
     let heads = match target {
         Target::Q => Some(shape.n_heads),
         Target::K => Some(shape.n_kv_heads),
         _ => None,
     };
     if let (true, Some(heads)) = (shape.rope_interleaved, heads) {
-        b = interleave_head_rows(&b, heads)?;
+        b = reorder_head_rows(&b, heads, true)?;
     }
-    let bt = (b.t()? * f64::from(peft.scale()))?;
-    Ok(LowRank {
-        a: a.contiguous()?.to_device(device)?,
-        bt: bt.contiguous()?.to_device(device)?,
-    })
-}
-
-/// Hugging Face's Q/K rows in GGUF's order: per head, row `a·d/2 + i` (halves) becomes row
-/// `2i + a` (interleaved pairs), as llama.cpp's converter permutes the weights.
-fn interleave_head_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    let half = rows / heads / 2;
-    Ok(w.reshape((heads, 2, half, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    LowRank::new(&a, &b, peft.scale(), device)
 }
 
 #[cfg(test)]
@@ -352,10 +343,20 @@ mod tests {
         // One head of 4 rows (d/2 = 2): Hugging Face's halves [0 1 | 2 3] interleave as
         // [0 2 1 3].
         let w = Tensor::from_vec(vec![0f32, 1., 2., 3.], (4, 1), &Device::Cpu).unwrap();
-        let p = interleave_head_rows(&w, 1).unwrap();
+        let p = reorder_head_rows(&w, 1, true).unwrap();
         assert_eq!(
             p.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             [0., 2., 1., 3.]
         );
+        // Two heads of 6 rows (d/2 = 3): [0 1 2 | 3 4 5] interleaves as [0 3 1 4 2 5], and
+        // back (a GGUF adapter's rows on a base of Hugging Face's order).
+        let w = Tensor::arange(0f32, 12., &Device::Cpu)
+            .unwrap()
+            .reshape((12, 1))
+            .unwrap();
+        let p = reorder_head_rows(&w, 2, true).unwrap();
+        let rows = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(rows(&p), [0., 3., 1., 4., 2., 5., 6., 9., 7., 10., 8., 11.]);
+        assert_eq!(rows(&reorder_head_rows(&p, 2, false).unwrap()), rows(&w));
     }
 }

@@ -5,10 +5,12 @@
 //! sequence's rows get the same arithmetic whatever else shares the step (each row's low-rank
 //! product is computed on its own), so mixing adapters in a batch never changes an output.
 //!
-//! Adapters are read from PEFT's files (`load`); the low-rank products run in f32, on the host
+//! Adapters are read from PEFT's files (`load`) or from a GGUF LoRA file as llama.cpp writes it
+//! (`gguf`); the low-rank products run in f32, on the host
 //! buffers of the CPU path (`super::host`) or as candle ops (`super::llama`, any device). It
 //! does not own the base model's projections, nor which adapters are resident (its caller's).
 
+mod gguf;
 mod load;
 
 use std::ops::Range;
@@ -57,6 +59,23 @@ impl Target {
     /// The module's name in PEFT's `target_modules` and tensor names.
     pub fn peft_name(self) -> &'static str {
         Self::PEFT_NAMES[self as usize]
+    }
+
+    /// The base model's GGUF tensor (`blk.N.<name>.weight`) it changes.
+    pub fn gguf_name(self) -> &'static str {
+        [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ][self as usize]
+    }
+
+    fn from_gguf(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.gguf_name() == name)
     }
 
     /// The block's submodule holding it (`self_attn` or `mlp`).
@@ -123,6 +142,42 @@ pub(crate) struct LowRank {
     pub bt: Tensor,
 }
 
+impl LowRank {
+    /// The pair of `a (rank, inputs)` and `b (outputs, rank)` (any float dtype, on the CPU;
+    /// B's rows already in the base model's order) scaled by `scale`, f32 on `device`.
+    fn new(a: &Tensor, b: &Tensor, scale: f32, device: &Device) -> Result<Self> {
+        let a = a.to_dtype(candle_core::DType::F32)?;
+        let bt = (b.to_dtype(candle_core::DType::F32)?.t()? * f64::from(scale))?;
+        Ok(Self {
+            a: a.contiguous()?.to_device(device)?,
+            bt: bt.contiguous()?.to_device(device)?,
+        })
+    }
+
+    /// Memory its two matrices take.
+    fn bytes(&self) -> usize {
+        (self.a.elem_count() + self.bt.elem_count()) * 4
+    }
+}
+
+/// `w`'s rows (Q or K of `heads` heads) moved between Hugging Face's order (per head, the
+/// first elements of the RoPE pairs, then the second ones) and GGUF `llama`'s interleaved
+/// pairs: with `interleave`, row `a·d/2 + i` of a head becomes row `2i + a`, as llama.cpp's
+/// converters permute Q/K weights and LoRA B matrices; without, the reverse.
+fn reorder_head_rows(w: &Tensor, heads: usize, interleave: bool) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let half = rows / heads / 2;
+    let grid = if interleave {
+        (heads, 2, half, cols)
+    } else {
+        (heads, half, 2, cols)
+    };
+    Ok(w.reshape(grid)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
 /// A LoRA adapter loaded onto a base model's shape.
 pub struct LoraAdapter {
     /// Unique in the process (a reload of the same files gets a new one): what the prefix
@@ -166,7 +221,8 @@ impl LoraAdapter {
         self.rank
     }
 
-    /// `lora_alpha / r` (or `/ √r` with rsLoRA).
+    /// `lora_alpha / r` (or `/ √r` with rsLoRA; for a GGUF adapter whose pairs differ in rank,
+    /// its largest rank's: each pair is scaled by its own rank).
     pub fn scale(&self) -> f32 {
         self.scale
     }
@@ -212,8 +268,8 @@ pub struct AdapterBase {
 
 impl AdapterBase {
     /// [`LoraAdapter::load`] for this base model.
-    pub fn load(&self, name: &str, dir: &std::path::Path) -> Result<LoraAdapter> {
-        LoraAdapter::load(name, dir, &self.config, &self.device)
+    pub fn load(&self, name: &str, path: &std::path::Path) -> Result<LoraAdapter> {
+        LoraAdapter::load(name, path, &self.config, &self.device)
     }
 }
 
