@@ -118,8 +118,8 @@ impl Catalogue {
 
     /// The model `id` for `customer`'s requests: a model of the catalogue (an operator's
     /// adapter among them), else one of the customer's own adapters whose base model is a
-    /// local model of the catalogue. `None` for anything else, another customer's adapters
-    /// included.
+    /// model of the catalogue that runs adapters. `None` for anything else, another
+    /// customer's adapters included.
     pub fn served(&self, customer: &str, id: &str) -> Option<Served> {
         let snapshot = self.current();
         if let Some(backend) = snapshot.backends.get(id) {
@@ -133,13 +133,13 @@ impl Catalogue {
         Self::owned_served(&snapshot, adapter)
     }
 
-    /// A customer's adapter as its model id, while its base model is a local model of
-    /// `snapshot` (base price, the customer as owner).
+    /// A customer's adapter as its model id, while its base model is a model of `snapshot`
+    /// that runs adapters (base price, the customer as owner).
     fn owned_served(snapshot: &Snapshot, a: &CustomerAdapter) -> Option<Served> {
         let base = snapshot.models.get(&a.base_model)?;
         check_adapter_base(&a.base_model, Some(base)).ok()?;
         let base_backend = snapshot.backends.get(&a.base_model)?.clone();
-        let path = std::path::PathBuf::from(&a.path);
+        let path = Some(std::path::PathBuf::from(&a.path));
         let config = adapter_model(
             base,
             &a.name,
@@ -161,6 +161,57 @@ impl Catalogue {
             config: Some(config),
             backend: Arc::new(backend),
         })
+    }
+
+    /// On a `tollgate worker`: the model `model` with the adapter a gateway named for the
+    /// request: the files at its path when the gateway sent one, else this server's own adapter
+    /// of that name on `model` (`[[models."<model>".adapters]]` in its models.toml). `Ok(None)`
+    /// when there is no such model; `Err` says what is missing.
+    pub fn forwarded(&self, model: &str, adapter: &AdapterRef) -> Result<Option<Served>, String> {
+        let snapshot = self.current();
+        let (Some(base), Some(base_backend)) =
+            (snapshot.models.get(model), snapshot.backends.get(model))
+        else {
+            return Ok(None);
+        };
+        if base.adapter.is_some() {
+            return Err(format!(
+                "model `{model}` is an adapter itself; a LoRA adapter goes on its base model"
+            ));
+        }
+        let name = &adapter.name;
+        let config = match &adapter.path {
+            Some(path) => adapter_model(
+                base,
+                name,
+                Some(path.clone()),
+                base.prices,
+                base.owned_by.clone(),
+            ),
+            None => {
+                let id = format!("{model}:{name}");
+                return match (snapshot.models.get(&id), snapshot.backends.get(&id)) {
+                    (Some(own), Some(backend)) if own.adapter.is_some() => Ok(Some(Served {
+                        config: Some(own.clone()),
+                        backend: backend.clone(),
+                    })),
+                    _ => Err(format!(
+                        "this worker declares no LoRA adapter `{name}` on model `{model}` (and \
+                         the gateway sent no path for it)"
+                    )),
+                };
+            }
+        };
+        let backend = AdapterBackend::new(
+            base_backend.clone(),
+            adapter.clone(),
+            config.id.clone(),
+            config.owned_by.clone(),
+        );
+        Ok(Some(Served {
+            config: Some(config),
+            backend: Arc::new(backend),
+        }))
     }
 
     /// The models `customer`'s keys see, by id: the catalogue's and the customer's own

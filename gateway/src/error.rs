@@ -122,6 +122,12 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
+    /// A LoRA adapter of the model cannot be loaded (its files are missing, malformed, or
+    /// shaped for another model); the detail goes to logs.
+    #[error(
+        "the model's LoRA adapter cannot be loaded; the operator has been alerted in the logs"
+    )]
+    AdapterUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -151,7 +157,7 @@ impl ApiError {
             Self::Overloaded { .. } | Self::AtCapacity { .. } | Self::ModelLoading { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::AdapterUnavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamCredentials(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamRefused { status, .. } => StatusCode::from_u16(*status)
@@ -186,6 +192,7 @@ impl ApiError {
             }
             Self::ModelLoading { .. } => ("server_error", Some("model_loading")),
             Self::Internal(_) => ("server_error", None),
+            Self::AdapterUnavailable(_) => ("server_error", Some("adapter_unavailable")),
             Self::BadGateway(_) => ("server_error", None),
             Self::UpstreamCredentials(_) => ("server_error", Some("upstream_credentials")),
             Self::UpstreamRefused { .. } => ("invalid_request_error", None),
@@ -226,6 +233,10 @@ impl ApiError {
                     "the server had an error while processing your request".to_string(),
                     None,
                 )
+            }
+            Self::AdapterUnavailable(detail) => {
+                tracing::error!(detail = %detail, "a LoRA adapter cannot be loaded");
+                (self.to_string(), Some("model".to_string()))
             }
             other => (other.to_string(), None),
         };
@@ -298,9 +309,8 @@ impl From<BackendError> for ApiError {
             BackendError::NoCapacity { retry_after_secs } => {
                 Self::ResourceUnavailable { retry_after_secs }
             }
-            BackendError::Internal(detail) | BackendError::Adapter(detail) => {
-                Self::Internal(detail)
-            }
+            BackendError::Internal(detail) => Self::Internal(detail),
+            BackendError::Adapter(detail) => Self::AdapterUnavailable(detail),
             BackendError::Broken(detail) => {
                 tracing::error!("{detail}");
                 Self::BadGateway(detail)

@@ -54,7 +54,7 @@ impl Backend for Echo {
 
     async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, BackendError> {
         let text = match &request.adapter {
-            Some(a) if a.path.ends_with("broken") => {
+            Some(a) if a.path.as_ref().is_some_and(|p| p.ends_with("broken")) => {
                 return Err(BackendError::Adapter(format!(
                 "LoRA adapter `{}` cannot be loaded: lora_A of q_proj has 7 columns, the model 64",
                 a.name
@@ -87,7 +87,7 @@ impl Server {
         let base: Arc<dyn Backend> = Arc::new(Echo("base"));
         let op = AdapterRef {
             name: "op".into(),
-            path: "/nonexistent/op".into(),
+            path: Some("/nonexistent/op".into()),
         };
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         let adapter = AdapterBackend::new(base.clone(), op, "base:op".into(), "ops".into());
@@ -292,7 +292,11 @@ async fn a_bad_adapter_is_refused_with_the_reason() {
             "base_model",
             "unknown base_model `nope`",
         ),
-        (with("up", "x", &pirate), "base_model", "not a local model"),
+        (
+            with("up", "x", &pirate),
+            "base_model",
+            "a plain OpenAI-compatible server",
+        ),
         (
             with("base:op", "x", &pirate),
             "base_model",

@@ -34,7 +34,8 @@ pub struct WorkerModel {
 }
 
 impl WorkerModel {
-    /// `config` with this model only (on the device given on the command line, if any).
+    /// `config` with this model and its LoRA adapters only (on the device given on the
+    /// command line, if any): gateways name the adapters, which its engine loads on demand.
     /// Errors name the model: it is not in the file, or it is not a local model.
     pub fn narrow(&self, mut config: Config) -> anyhow::Result<Config> {
         let model = &self.model;
@@ -44,7 +45,7 @@ impl WorkerModel {
         };
         if let Some(adapter) = &entry.adapter {
             anyhow::bail!(
-                "model `{model}` is a LoRA adapter of `{}`: workers serve base models, not adapters (yet)",
+                "model `{model}` is a LoRA adapter of `{}`: a worker serves a base model (and loads its adapters on demand)",
                 adapter.base
             );
         }
@@ -58,7 +59,13 @@ impl WorkerModel {
                 anyhow::bail!("model `{model}` is an http backend; a worker serves a local model")
             }
         }
-        config.models = std::iter::once((model.clone(), entry)).collect();
+        let adapters: Vec<_> = std::mem::take(&mut config.models)
+            .into_iter()
+            .filter(|(_, m)| m.adapter.as_ref().is_some_and(|a| a.base == *model))
+            .collect();
+        config.models = std::iter::once((model.clone(), entry))
+            .chain(adapters)
+            .collect();
         Ok(config)
     }
 }

@@ -144,7 +144,15 @@ fn enter(
     model: &str,
     sequences: usize,
 ) -> Result<Entry, ApiError> {
-    let Served { config, backend } = served(state, &caller.customer_id, model)?;
+    let Served { config, backend } = match &caller.forwarded_adapter {
+        None => served(state, &caller.customer_id, model)?,
+        // A worker's request with the adapter its gateway named.
+        Some(adapter) => state
+            .catalogue
+            .forwarded(model, adapter)
+            .map_err(ApiError::AdapterUnavailable)?
+            .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?,
+    };
     if !caller.may_use(model) {
         return Err(ApiError::ModelNotAllowed(model.to_string()));
     }

@@ -6,6 +6,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::backend::adapter_keys;
 use crate::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -15,6 +16,11 @@ pub struct ModelLoad {
     pub waiting: u64,
     pub kv_cache_used_bytes: u64,
     pub kv_cache_capacity_bytes: u64,
+    /// The LoRA adapters loaded beside the model's engine, as keys (`path:` and 16 hex digits
+    /// of the SHA-256 of the adapter's directory; `name:<name>` too for the server's own
+    /// adapters): gateways prefer a worker that holds a request's adapter.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<String>,
 }
 
 /// `GET /health`.
@@ -31,19 +37,24 @@ pub struct Health {
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, body = Health)))]
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
-    let mut models: Vec<ModelLoad> = state
-        .catalogue
-        .current()
+    let snapshot = state.catalogue.current();
+    let mut models: Vec<ModelLoad> = snapshot
         .backends
         .iter()
         .map(|(id, b)| {
             let l = b.load();
+            // The server's own adapters of this model, which gateways may name without files.
+            let declared = snapshot.models.values().filter_map(|m| {
+                let a = m.adapter.as_ref().filter(|a| a.base == *id)?;
+                Some((a.name.as_str(), a.path.as_deref()?))
+            });
             ModelLoad {
                 id: id.clone(),
                 running: l.running.into(),
                 waiting: l.waiting.into(),
                 kv_cache_used_bytes: l.kv_cache_used_bytes,
                 kv_cache_capacity_bytes: l.kv_cache_capacity_bytes,
+                adapters: adapter_keys(&b.loaded_adapters(), declared),
             }
         })
         .collect();

@@ -67,6 +67,7 @@ impl AuthConfig {
             // Without a database the static keys are the operator's own: every tier.
             allow_priority: customer.as_ref().is_none_or(|c| c.allow_priority),
             batch_id: None,
+            forwarded_adapter: None,
         }
     }
 }

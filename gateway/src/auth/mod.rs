@@ -132,6 +132,9 @@ pub struct Caller {
     /// Set by the batch runner when the request is a line of this batch: it runs and is billed
     /// at the `batch` tier, and its record names the batch.
     pub batch_id: Option<String>,
+    /// On a `tollgate worker`: the LoRA adapter the gateway names for the request (the
+    /// gateway resolved the model id and its owner; the worker runs the model with it).
+    pub forwarded_adapter: Option<crate::backend::AdapterRef>,
 }
 
 /// A customer's scheduling weight as the engine takes it (the store keeps it in range).
@@ -164,6 +167,7 @@ impl Caller {
             auto_tier: key.auto_tier(customer),
             allow_priority: key.may_ask_priority(customer),
             batch_id: None,
+            forwarded_adapter: None,
         }
     }
 
@@ -422,13 +426,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The bearer token of a request, if any.
-/// A gateway's forwarded customer, weight and service tier, for the caller of a worker: the
-/// gateway resolved and checked the tier, so the worker serves its requests at it (and at any
-/// tier the gateway asks for, `priority` included).
+/// A gateway's forwarded customer, weight, service tier and LoRA adapter, for the caller of a
+/// worker: the gateway resolved and checked the tier, so the worker serves its requests at it
+/// (and at any tier the gateway asks for, `priority` included), and the adapter (whose path the
+/// worker reads).
 fn forwarded_customer(caller: &mut Caller, headers: &HeaderMap) -> Result<(), ApiError> {
-    use crate::backend::upstream::{CUSTOMER_HEADER, TIER_HEADER, WEIGHT_HEADER};
+    use crate::backend::upstream::{
+        forwarded_adapter, CUSTOMER_HEADER, TIER_HEADER, WEIGHT_HEADER,
+    };
     caller.allow_priority = true;
+    caller.forwarded_adapter = forwarded_adapter(headers)
+        .map_err(|header| ApiError::invalid(format!("`{header}` is malformed"), header))?;
     if let Some(v) = headers.get(TIER_HEADER) {
         caller.auto_tier = v
             .to_str()
@@ -473,6 +481,7 @@ fn forwarded_customer(caller: &mut Caller, headers: &HeaderMap) -> Result<(), Ap
     Ok(())
 }
 
+/// The bearer token of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let h = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     h.strip_prefix("Bearer ")

@@ -8,7 +8,7 @@
 mod adapter;
 pub mod upstream;
 
-pub use adapter::{check_adapter, AdapterBackend};
+pub use adapter::{adapter_key, adapter_keys, check_adapter, AdapterBackend};
 
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
@@ -203,8 +203,10 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdapterRef {
     pub name: String,
-    /// The PEFT adapter directory.
-    pub path: std::path::PathBuf,
+    /// The PEFT adapter directory. `None` only for an operator's adapter on a pool of
+    /// `tollgate worker`s declared without `source`: the workers' own adapter of that name
+    /// (declared in their models.toml) is used.
+    pub path: Option<std::path::PathBuf>,
 }
 
 /// Log probability of one token, with its text and bytes as OpenAI reports them.
@@ -483,6 +485,18 @@ pub trait Backend: Send + Sync + 'static {
 
     /// For backends that route to other servers: each server and whether it is in rotation.
     fn members(&self) -> Vec<(String, bool)> {
+        Vec::new()
+    }
+
+    /// Whether the backend reads a LoRA adapter's files only when a request runs (a pool of
+    /// workers), not in `prepare` (a local engine): [`check_adapter`] then runs its probe.
+    fn reads_adapters_when_run(&self) -> bool {
+        false
+    }
+
+    /// The LoRA adapters loaded beside the model's engine now (name and directory), for a
+    /// worker's `/health` ([`adapter_keys`]); none for backends without an engine here.
+    fn loaded_adapters(&self) -> Vec<AdapterRef> {
         Vec::new()
     }
 

@@ -1,9 +1,10 @@
-//! LoRA adapters an operator registers on a local model (`[[models."<id>".adapters]]`): each
-//! becomes a model id of its own, `<id>:<name>`, served by the base model's engine with the
-//! adapter applied, at the adapter's price (the base model's when it sets none).
+//! LoRA adapters an operator registers on a local model or a pool of `tollgate worker`s
+//! (`[[models."<id>".adapters]]`): each becomes a model id of its own, `<id>:<name>`, served by
+//! the base model's engine (or a worker's) with the adapter applied, at the adapter's price
+//! (the base model's when it sets none).
 //!
-//! It validates the table only; the adapter's files are read by the runtime when the adapter
-//! is first used.
+//! It validates the table only; the adapter's files are read by the runtime (the worker's)
+//! when the adapter is first used.
 
 use std::path::{Path, PathBuf};
 
@@ -15,13 +16,19 @@ use super::models::{validate_source, BackendConfig, ModelConfig, ModelSource, Ra
 use super::prices::{only_tiers, validate_prices, RawPrice};
 use super::ConfigError;
 
+/// Why an http model cannot carry adapters.
+const NOT_WORKERS: &str = "adapters need a local backend or a pool of `tollgate worker`s \
+     (an http backend with forward_customer = true): a plain OpenAI-compatible server cannot \
+     be told which adapter to apply";
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdapter {
     name: String,
     /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) or a
-    /// GGUF LoRA file.
-    source: RawSource,
+    /// GGUF LoRA file; on a pool of workers it may be left out: the workers' own adapter of
+    /// that name.
+    source: Option<RawSource>,
     price: Option<RawPrice>,
     owned_by: Option<String>,
 }
@@ -33,8 +40,9 @@ pub struct AdapterConfig {
     pub base: String,
     /// The adapter's name (the part of the model id after `<base>:`).
     pub name: String,
-    /// The PEFT adapter directory.
-    pub path: PathBuf,
+    /// The PEFT adapter directory; `None` on a pool of workers: the workers' own adapter of
+    /// this name (declared in their models.toml).
+    pub path: Option<PathBuf>,
 }
 
 /// The model ids of `base`'s adapters: each runs on the base's backend, with the base's
@@ -51,11 +59,10 @@ pub(super) fn validate_adapters(
         model: base.id.clone(),
         message,
     };
-    if !matches!(base.backend, BackendConfig::Local(_)) {
-        return Err(err(
-            "adapters need a local backend (the base model's engine applies them)".into(),
-        ));
+    if !base.backend.runs_adapters() {
+        return Err(err(NOT_WORKERS.into()));
     }
+    let local = matches!(base.backend, BackendConfig::Local(_));
     let mut out: Vec<ModelConfig> = Vec::with_capacity(raw.len());
     for a in raw {
         let name = a.name;
@@ -73,13 +80,16 @@ pub(super) fn validate_adapters(
             return Err(err(format!("adapter `{name}` is listed twice")));
         }
         let adapter_err = |m: String| err(format!("adapter `{name}`: {m}"));
-        let path = match validate_source(a.source, base_dir).map_err(adapter_err)? {
-            ModelSource::Path(path) => path,
-            ModelSource::Hub { .. } => {
+        let path = match a.source.map(|s| validate_source(s, base_dir)) {
+            Some(Ok(ModelSource::Path(path))) => Some(path),
+            Some(Ok(ModelSource::Hub { .. })) => {
                 return Err(adapter_err(
                     "source must be a local directory (`source = { path = ... }`)".into(),
                 ))
             }
+            Some(Err(e)) => return Err(adapter_err(e)),
+            None if local => return Err(adapter_err("needs a `source`".into())),
+            None => None,
         };
         let prices = match a.price {
             Some(p) => {
@@ -94,13 +104,13 @@ pub(super) fn validate_adapters(
     Ok(out)
 }
 
-/// The model id `<base>:<name>` of an adapter on `base` (a local model of its own): served by
-/// the base's backend with the adapter applied, with the base's context, limits and tiers, at
+/// The model id `<base>:<name>` of an adapter on `base` (a local model or a pool of workers):
+/// served by the base's backend with the adapter applied, with the base's context, limits and tiers, at
 /// `prices`. The operator's adapters (above) and customers' (`crate::catalogue`) alike.
 pub fn adapter_model(
     base: &ModelConfig,
     name: &str,
-    path: PathBuf,
+    path: Option<PathBuf>,
     prices: TierPrices,
     owned_by: String,
 ) -> ModelConfig {
@@ -122,7 +132,8 @@ pub fn adapter_model(
 }
 
 /// Whether `base` (its configuration, `None` when the catalogue has no such model) can carry
-/// a customer's adapter: a local model of its own. The message names what is wrong.
+/// a customer's adapter: a local model of its own, or a pool of workers (which must be able
+/// to read the adapter's path). The message names what is wrong.
 pub fn check_adapter_base(base: &str, config: Option<&ModelConfig>) -> Result<(), String> {
     let Some(config) = config else {
         return Err(format!("unknown base_model `{base}`"));
@@ -132,10 +143,8 @@ pub fn check_adapter_base(base: &str, config: Option<&ModelConfig>) -> Result<()
             "base_model `{base}` is an adapter itself; name the model it is on"
         ));
     }
-    if !matches!(config.backend, BackendConfig::Local(_)) {
-        return Err(format!(
-            "base_model `{base}` is not a local model (adapters run in this server's engine)"
-        ));
+    if !config.backend.runs_adapters() {
+        return Err(format!("base_model `{base}`: {NOT_WORKERS}"));
     }
     Ok(())
 }

@@ -35,7 +35,8 @@ pub(super) struct RawModel {
     pinned: Option<bool>,
     /// A local model idle this long is unloaded (absent: only to make room).
     keep_alive_secs: Option<u64>,
-    /// LoRA adapters on this (local) model, each served as the model id `<id>:<name>`.
+    /// LoRA adapters on this model (local, or a pool of workers), each served as the model id
+    /// `<id>:<name>`.
     pub(super) adapters: Option<Vec<RawAdapter>>,
 }
 
@@ -198,6 +199,18 @@ pub enum ModelSource {
 pub enum BackendConfig {
     Local(LocalBackendConfig),
     Http(HttpBackendConfig),
+}
+
+impl BackendConfig {
+    /// Whether LoRA adapters can run on this backend: a local engine, or a pool of
+    /// `tollgate worker`s (`forward_customer = true`), which load them on their engines. A
+    /// plain OpenAI-compatible server cannot be told which adapter to apply.
+    pub fn runs_adapters(&self) -> bool {
+        match self {
+            Self::Local(_) => true,
+            Self::Http(http) => http.forward_customer,
+        }
+    }
 }
 
 /// What a local model's KV cache holds keys and values as.

@@ -505,7 +505,7 @@ fn adapters_become_model_ids_of_their_own() {
         Some(AdapterConfig {
             base: "base".into(),
             name: "pirate".into(),
-            path: "/etc/tollgate/adapters/pirate".into(),
+            path: Some("/etc/tollgate/adapters/pirate".into()),
         })
     );
     assert_eq!(pirate.source, base.source);
@@ -528,7 +528,9 @@ fn bad_adapters_are_refused() {
         name = "a"
         source = { path = "a" }
     "#;
-    assert!(refused(http).contains("adapters need a local backend"));
+    assert!(refused(http).contains("a plain OpenAI-compatible server"));
+    let local_without_source = "[models.base]\nsource = { path = \"x.gguf\" }\nbackend = { type = \"local\" }\n[[models.base.adapters]]\nname = \"a\"\n";
+    assert!(refused(local_without_source).contains("adapter `a`: needs a `source`"));
     let with = |adapters: &str| {
         format!(
             "[models.base]\nsource = {{ path = \"x.gguf\" }}\nbackend = {{ type = \"local\" }}\n{adapters}"
@@ -552,4 +554,28 @@ fn bad_adapters_are_refused() {
         err.contains("model `base:a`") && err.contains("both a model's and an adapter's"),
         "{err}"
     );
+}
+
+#[test]
+fn a_pool_of_workers_carries_adapters_by_name_or_by_path() {
+    let c = Config::from_toml_str(
+        r#"
+        [models.pool]
+        backend = { type = "http", urls = ["http://w1:8081"], forward_customer = true }
+        [[models.pool.adapters]]
+        name = "own"
+        [[models.pool.adapters]]
+        name = "shared"
+        source = { path = "/mnt/adapters/shared" }
+        "#,
+        Path::new("/etc/tollgate"),
+    )
+    .unwrap();
+    let ids: Vec<&String> = c.models.keys().collect();
+    assert_eq!(ids, ["pool", "pool:own", "pool:shared"]);
+    let own = c.models["pool:own"].adapter.clone().unwrap();
+    assert_eq!((own.base.as_str(), own.path), ("pool", None));
+    let shared = c.models["pool:shared"].adapter.clone().unwrap();
+    assert_eq!(shared.path, Some("/mnt/adapters/shared".into()));
+    assert!(check_adapter_base("pool", Some(&c.models["pool"])).is_ok());
 }

@@ -3,7 +3,8 @@
 //! [`MAX_LORAS`]. A sequence holds its adapter for as long as it runs, so letting go of one
 //! never affects a request in flight. An adapter is kept with the size and modification time
 //! of its two files: other files in the same directory (a customer's adapter removed and
-//! registered again) are read anew, never served from the copy held.
+//! registered again) are read anew, never served from the copy held. What is held is listed
+//! for the server's `/health` (a worker's gateways prefer it for those adapters' requests).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,11 +59,19 @@ impl Adapters {
     /// model are [`BackendError::Adapter`]: a server error on a request, logged with its cause;
     /// the admin API's 400 when a customer's adapter is registered.
     pub async fn get(&self, r: &AdapterRef) -> Result<Arc<LoraAdapter>, BackendError> {
+        let Some(dir) = &r.path else {
+            // Only an adapter on a pool of workers is named without files (the workers
+            // resolve it to their own before it reaches an engine).
+            return Err(BackendError::Adapter(format!(
+                "LoRA adapter `{}` names no files",
+                r.name
+            )));
+        };
         // Two `stat`s: cheap enough for the async thread.
-        let files = stamp(&r.path);
+        let files = stamp(dir);
         let hit = self
             .lock()
-            .get_mut(&r.path)
+            .get_mut(dir)
             .filter(|(_, held, _)| files.is_some() && *held == files)
             .map(|(adapter, _, used)| {
                 *used = Instant::now();
@@ -71,7 +80,7 @@ impl Adapters {
         if let Some(adapter) = hit {
             return Ok(adapter);
         }
-        let (name, path) = (r.name.clone(), r.path.clone());
+        let (name, path) = (r.name.clone(), dir.clone());
         let base = self.base.clone();
         let started = Instant::now();
         let adapter = tokio::task::spawn_blocking(move || base.load(&name, &path))
@@ -90,7 +99,7 @@ impl Adapters {
         );
         let adapter = Arc::new(adapter);
         let mut loaded = self.lock();
-        if loaded.len() >= MAX_LORAS && !loaded.contains_key(&r.path) {
+        if loaded.len() >= MAX_LORAS && !loaded.contains_key(dir) {
             let oldest = loaded
                 .iter()
                 .min_by_key(|(_, (_, _, used))| *used)
@@ -103,7 +112,7 @@ impl Adapters {
         // later request shares one adapter (and its prefix-cache entries). Other files
         // replace what was kept.
         let entry = loaded
-            .entry(r.path.clone())
+            .entry(dir.clone())
             .and_modify(|held| {
                 if held.1 != files {
                     *held = (adapter.clone(), files, Instant::now());
@@ -111,6 +120,17 @@ impl Adapters {
             })
             .or_insert((adapter, files, Instant::now()));
         Ok(entry.0.clone())
+    }
+
+    /// The adapters held now: each one's name (as first loaded) and directory.
+    pub fn loaded(&self) -> Vec<AdapterRef> {
+        self.lock()
+            .iter()
+            .map(|(dir, (adapter, _, _))| AdapterRef {
+                name: adapter.name().to_string(),
+                path: Some(dir.clone()),
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Entry>> {

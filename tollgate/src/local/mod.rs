@@ -21,9 +21,9 @@ use futures::StreamExt;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tollgate_gateway::backend::{
-    Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest, LoadReport,
-    LogprobEntry, ModelInfo, Prepared, Prompt, ResponseFormat, ServiceTier, TokenLogprob,
-    ToolChoice, Usage,
+    AdapterRef, Backend, BackendError, EventStream, FinishReason, GenerateEvent, GenerateRequest,
+    LoadReport, LogprobEntry, ModelInfo, Prepared, Prompt, ResponseFormat, ServiceTier,
+    TokenLogprob, ToolChoice, Usage,
 };
 use tollgate_runtime::chat_template::ChatTemplate;
 
@@ -313,6 +313,10 @@ impl Backend for LocalBackend {
             progress: Some(progress),
             cached: Some(cached),
         })
+    }
+
+    fn loaded_adapters(&self) -> Vec<AdapterRef> {
+        self.adapters.loaded()
     }
 
     fn load(&self) -> LoadReport {

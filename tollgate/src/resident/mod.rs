@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tollgate_gateway::backend::{
-    Backend, BackendError, GenerateRequest, LoadReport, ModelInfo, Prepared, Residency,
+    AdapterRef, Backend, BackendError, GenerateRequest, LoadReport, ModelInfo, Prepared, Residency,
     ResidencyState,
 };
 use tollgate_gateway::config::{LocalBackendConfig, ModelConfig, ModelSource};
@@ -436,6 +436,12 @@ impl Backend for ResidentBackend {
     fn load(&self) -> LoadReport {
         let engine = self.residents.lock().engines.get(&self.slot).cloned();
         engine.map(|e| e.load()).unwrap_or_default()
+    }
+
+    /// The loaded engine's (none while unloaded: they went with it).
+    fn loaded_adapters(&self) -> Vec<AdapterRef> {
+        let engine = self.residents.lock().engines.get(&self.slot).cloned();
+        engine.map(|e| e.loaded_adapters()).unwrap_or_default()
     }
 
     fn residency(&self) -> Option<Residency> {

@@ -101,7 +101,7 @@ pub(super) async fn create_adapter(
     let dir = local_adapter_dir(&path).map_err(|m| invalid_field("path", m))?;
     let reference = AdapterRef {
         name: name.clone(),
-        path: dir,
+        path: Some(dir),
     };
     check_adapter(&*base, reference)
         .await

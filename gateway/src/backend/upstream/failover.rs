@@ -1,7 +1,8 @@
 //! Failover, shared by chat streams and Responses passthrough: the members are tried best
 //! first; one that refuses with a 5xx or 429, cannot be reached, or breaks off before its first
 //! output is skipped (and, but for a 503 or 429, marked down) and the next one tried. Once
-//! output has streamed, a failure ends the stream with [`BackendError::Broken`].
+//! output has streamed, a failure ends the stream with [`BackendError::Broken`]. A worker that
+//! cannot load the request's LoRA adapter (`adapter_unavailable`) ends it at once.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,10 +39,12 @@ enum Attempt {
 }
 
 /// What every attempt presents: the operator's key for the upstream, and the headers
-/// forwarded to it (a `tollgate worker`'s customer and weight).
+/// forwarded to it (a `tollgate worker`'s customer and weight, the request's adapter).
 pub(super) struct Credentials {
     pub api_key: Option<String>,
     pub forwarded: Vec<(&'static str, String)>,
+    /// The key of the request's LoRA adapter: the member that accepts the request holds it.
+    pub adapter: Option<String>,
 }
 
 /// Why an attempt is retried on another member.
@@ -103,6 +106,9 @@ async fn attempt(
         .as_ref()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or(text);
+    if let Some(refused) = adapter_refusal(member, error.as_ref(), &message) {
+        return refused;
+    }
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         let busy = matches!(
             status,
@@ -136,6 +142,19 @@ async fn attempt(
         message: format!("the upstream refused the request ({status}): {message}"),
         param,
     })
+}
+
+/// A worker that cannot load the request's LoRA adapter (`adapter_unavailable`): the adapter
+/// is at fault, not the member (the others read the same files), so no ejection and no retry.
+fn adapter_refusal(member: &Member, error: Option<&Value>, message: &str) -> Option<Attempt> {
+    if !error.is_some_and(|v| v["error"]["code"] == "adapter_unavailable") {
+        return None;
+    }
+    tracing::warn!(upstream = %member.base, "the worker cannot load the request's LoRA adapter: {message}");
+    Some(Attempt::Refused(BackendError::Adapter(format!(
+        "the LoRA adapter cannot be loaded on the worker {} (its log says why)",
+        member.base
+    ))))
 }
 
 /// What reading one member's answer yields: its events as they come, then how it ended.
@@ -184,7 +203,12 @@ where
             // Open while the answer is read.
             let call = call_span(&member);
             let response = match attempt(&client, &member, &credentials, &path, &body, &call).await {
-                Attempt::Stream(r) => r,
+                Attempt::Stream(r) => {
+                    if let Some(key) = &credentials.adapter {
+                        member.note_adapter(key);
+                    }
+                    r
+                }
                 Attempt::Retry(Failed { busy, no_capacity: wait, message }) => {
                     tracing::warn!("upstream attempt failed, trying another: {message}");
                     overloaded += usize::from(busy);

@@ -1,12 +1,15 @@
 //! The pool's members over time: resolving the configured host names again before each probe
 //! round ([`super::Discovery::Dns`]), and probing every member's `/health`, ejecting the ones
-//! that fail and readmitting them when they answer again.
+//! that fail and readmitting them when they answer again; a worker's answer also says which
+//! LoRA adapters it holds.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use serde_json::Value;
 
 use super::{base_url, Member, MemberSet, PROBE_EVERY, PROBE_TIMEOUT};
 
@@ -89,13 +92,15 @@ pub(super) async fn discover<F, Fut>(
     }
 }
 
-/// Probes every member's `/health` forever, ejecting and readmitting them; with DNS
-/// discovery (`urls` not empty), resolves the members again before each round.
+/// Probes every member's `/health` forever, ejecting and readmitting them and noting the
+/// adapters of `model` each holds; with DNS discovery (`urls` not empty), resolves the members
+/// again before each round.
 pub(super) async fn probe(
     client: reqwest::Client,
     members: Arc<MemberSet>,
     urls: Vec<reqwest::Url>,
     api_key: Option<String>,
+    model: String,
 ) {
     let mut failing = vec![false; urls.len()];
     loop {
@@ -109,7 +114,18 @@ pub(super) async fn probe(
             if let Some(k) = &api_key {
                 req = req.bearer_auth(k);
             }
-            let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
+            let answer = match req.send().await {
+                Ok(r) if r.status().is_success() => Some(r.json::<Value>().await.ok()),
+                _ => None,
+            };
+            let ok = answer.is_some();
+            if let Some(health) = answer {
+                m.set_adapters(
+                    health
+                        .map(|h| super::adapters::listed(&h, &model))
+                        .unwrap_or_default(),
+                );
+            }
             let was = m.healthy.swap(ok, Ordering::Relaxed);
             if was != ok {
                 if ok {

@@ -22,16 +22,22 @@
 //! is counted with the model's tokenizer when the catalogue gives the model a `source` (each
 //! chunk's text and call arguments, at least one token per chunk), else one token per chunk.
 //!
+//! A request with a LoRA adapter (pools of `tollgate worker`s only) goes to a member that holds
+//! the adapter when one is healthy and under the load bound, else as any other request; the
+//! member picked is told the adapter and loads it (`adapters`).
+//!
 //! This file is the pool and its members; `health` discovers and probes them, `failover` tries
 //! them in turn, `chat` speaks the chat and completions API to them, `responses` relays the
-//! Responses API.
+//! Responses API, `adapters` names adapters to workers and prefers the members holding them.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+mod adapters;
 mod chat;
 mod failover;
 mod health;
@@ -39,11 +45,12 @@ mod responses;
 mod sse;
 
 use crate::backend::{
-    Backend, BackendError, GenerateRequest, ModelInfo, PassthroughStream, Prepared, Start,
-    TokenCounter,
+    adapter_key, Backend, BackendError, GenerateRequest, ModelInfo, PassthroughStream, Prepared,
+    Start, TokenCounter,
 };
 use crate::config::ResponsesMode;
 pub use crate::config::{Discovery, Routing};
+pub use adapters::{forwarded as forwarded_adapter, ADAPTER_HEADER, ADAPTER_PATH_HEADER};
 
 /// How often members are probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -70,6 +77,9 @@ struct Member {
     healthy: AtomicBool,
     /// The URLs of the paths every request goes to, parsed once rather than per request.
     parsed: Vec<(&'static str, reqwest::Url)>,
+    /// The LoRA adapters it holds (their keys, `crate::backend::adapter_key`), as its
+    /// `/health` last said and as requests it accepted since showed.
+    adapters: Mutex<HashSet<String>>,
 }
 
 /// The paths of the completions APIs, whose URLs each member parses once.
@@ -87,6 +97,7 @@ impl Member {
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(healthy),
             parsed,
+            adapters: Mutex::default(),
         })
     }
 
@@ -232,6 +243,7 @@ impl UpstreamPool {
             members.clone(),
             parsed,
             api_key.clone(),
+            upstream_model.clone(),
         ));
         Ok(Self {
             info,
@@ -292,8 +304,10 @@ impl UpstreamPool {
 
     /// Members to try, best first: healthy ones by requests in flight (ties rotate), then
     /// the ejected ones as a last resort. With [`Routing::Customer`], the healthy members
-    /// under the load bound come first, in the customer's own order.
-    fn candidates(&self, customer: Option<&str>) -> Vec<Arc<Member>> {
+    /// under the load bound come first, in the customer's own order. With the key of a LoRA
+    /// adapter, the healthy members under the load bound that hold it come before all others
+    /// (in that order among themselves).
+    fn candidates(&self, customer: Option<&str>, adapter: Option<&str>) -> Vec<Arc<Member>> {
         let members = self.members.current();
         let n = members.len();
         if n == 0 {
@@ -306,13 +320,7 @@ impl UpstreamPool {
         let healthy = |m: &Member| m.healthy.load(Ordering::Relaxed);
         match (self.routing, customer) {
             (Routing::Customer, Some(customer)) => {
-                let up: Vec<&Arc<Member>> = order.iter().filter(|m| healthy(m)).collect();
-                let total: u64 = up.iter().map(|m| u64::from(load(m))).sum();
-                // Room for this request included, so an idle pool always has room. (Counts of
-                // requests in flight and of members are far below 2^53: exact as f64.)
-                let bound = ((total + 1) as f64 * LOAD_BOUND / up.len().max(1) as f64)
-                    .ceil()
-                    .max(f64::from(LOAD_FLOOR));
+                let bound = load_bound(&order);
                 order.sort_by_cached_key(|m| {
                     let under = healthy(m) && f64::from(load(m)) < bound;
                     let rank = if under {
@@ -325,8 +333,69 @@ impl UpstreamPool {
             }
             _ => order.sort_by_key(|m| (!healthy(m), load(m))),
         }
+        if let Some(key) = adapter {
+            adapters::prefer_holders(&mut order, key);
+        }
         order
     }
+}
+
+/// Headers a request forwards to every member it tries.
+type Headers = Vec<(&'static str, String)>;
+
+impl UpstreamPool {
+    /// The headers a request forwards to a worker (its customer, weight and tier, its LoRA
+    /// adapter), and its adapter's key.
+    fn forwarded(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(Headers, Option<String>), BackendError> {
+        let mut forwarded = match (&request.customer, self.forward_customer) {
+            (Some(customer), true) => vec![
+                (CUSTOMER_HEADER, customer.clone()),
+                (
+                    WEIGHT_HEADER,
+                    request.scheduling_weight.unwrap_or(1).to_string(),
+                ),
+                (TIER_HEADER, request.service_tier.as_str().to_string()),
+            ],
+            _ => Vec::new(),
+        };
+        let adapter = match &request.adapter {
+            // Config refuses adapters on other upstreams; this is the last guard.
+            Some(_) if !self.forward_customer => {
+                return Err(BackendError::Internal(format!(
+                    "model `{}`: its upstream is not a pool of `tollgate worker`s, which alone \
+                     apply LoRA adapters",
+                    self.info.id
+                )))
+            }
+            Some(a) => {
+                forwarded.extend(adapters::headers(a));
+                Some(adapter_key(a))
+            }
+            None => None,
+        };
+        Ok((forwarded, adapter))
+    }
+}
+
+/// The requests in flight a healthy member of `members` may carry before a request it is
+/// preferred for goes elsewhere: `LOAD_BOUND` times the healthy members' average (this request
+/// included, so an idle pool always has room), and at least `LOAD_FLOOR`.
+fn load_bound(members: &[Arc<Member>]) -> f64 {
+    let up: Vec<&Arc<Member>> = members
+        .iter()
+        .filter(|m| m.healthy.load(Ordering::Relaxed))
+        .collect();
+    let total: u64 = up
+        .iter()
+        .map(|m| u64::from(m.in_flight.load(Ordering::Relaxed)))
+        .sum();
+    // Counts of requests in flight and of members are far below 2^53: exact as f64.
+    ((total + 1) as f64 * LOAD_BOUND / up.len().max(1) as f64)
+        .ceil()
+        .max(f64::from(LOAD_FLOOR))
 }
 
 #[async_trait::async_trait]
@@ -341,6 +410,11 @@ impl Backend for UpstreamPool {
             .iter()
             .map(|m| (m.base.clone(), m.healthy.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// A pool of workers: the worker a request goes to reads its adapter's files.
+    fn reads_adapters_when_run(&self) -> bool {
+        self.forward_customer
     }
 
     fn passes_responses_through(&self) -> bool {
@@ -361,10 +435,11 @@ impl Backend for UpstreamPool {
         }
         Ok(responses::run(
             self.client.clone(),
-            self.candidates(None),
+            self.candidates(None, None),
             failover::Credentials {
                 api_key: self.api_key.clone(),
                 forwarded: Vec::new(),
+                adapter: None,
             },
             body,
             prompt_estimate,
@@ -393,19 +468,9 @@ impl Backend for UpstreamPool {
         // it); other upstreams in the body, as OpenAI's `service_tier`.
         let send_tier = self.forward_service_tier && !self.forward_customer;
         let (path, body) = chat::request_body(&self.upstream_model, &request, send_tier);
-        let forwarded = match (&request.customer, self.forward_customer) {
-            (Some(customer), true) => vec![
-                (CUSTOMER_HEADER, customer.clone()),
-                (
-                    WEIGHT_HEADER,
-                    request.scheduling_weight.unwrap_or(1).to_string(),
-                ),
-                (TIER_HEADER, request.service_tier.as_str().to_string()),
-            ],
-            _ => Vec::new(),
-        };
+        let (forwarded, adapter) = self.forwarded(&request)?;
         let client = self.client.clone();
-        let candidates = self.candidates(request.customer.as_deref());
+        let candidates = self.candidates(request.customer.as_deref(), adapter.as_deref());
         let api_key = self.api_key.clone();
         // The request's span: the streams run after its handler has returned.
         let parent = tracing::Span::current();
@@ -414,7 +479,11 @@ impl Backend for UpstreamPool {
             Ok(chat::run(
                 client,
                 candidates,
-                failover::Credentials { api_key, forwarded },
+                failover::Credentials {
+                    api_key,
+                    forwarded,
+                    adapter,
+                },
                 path,
                 body,
                 estimate,

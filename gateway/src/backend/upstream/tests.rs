@@ -22,7 +22,7 @@ fn routed_pool(n: usize) -> UpstreamPool {
 }
 
 fn first(pool: &UpstreamPool, customer: &str) -> String {
-    pool.candidates(Some(customer))[0].base.clone()
+    pool.candidates(Some(customer), None)[0].base.clone()
 }
 
 #[tokio::test]
@@ -72,7 +72,7 @@ async fn customers_keep_their_member_until_it_is_loaded_or_gone() {
     // Ejected: the next member in the customer's order; back: home again.
     own.healthy.store(false, Ordering::Relaxed);
     assert_ne!(first(&pool, c), home[0]);
-    assert_eq!(pool.candidates(Some(c)).last().unwrap().base, home[0]);
+    assert_eq!(pool.candidates(Some(c), None).last().unwrap().base, home[0]);
     own.healthy.store(true, Ordering::Relaxed);
     assert_eq!(first(&pool, c), home[0]);
     // A member that leaves moves only its own customers.
@@ -87,7 +87,7 @@ async fn customers_keep_their_member_until_it_is_loaded_or_gone() {
     // Without a customer: the least busy member.
     let members = pool.members.current();
     members[0].in_flight.store(3, Ordering::Relaxed);
-    assert_eq!(pool.candidates(None)[0].base, members[1].base);
+    assert_eq!(pool.candidates(None, None)[0].base, members[1].base);
 }
 
 #[test]
@@ -223,4 +223,137 @@ async fn a_prediction_is_refused_unless_the_upstream_takes_it() {
     );
     let pool = routed_pool(1).with_forwarded_prediction(true);
     assert!(pool.prepare(request).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_adapters_requests_prefer_the_members_that_hold_it() {
+    use std::collections::HashSet;
+    let key = "path:0123456789abcdef";
+    let held = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<HashSet<_>>();
+    for routing in [Routing::LeastBusy, Routing::Customer] {
+        let pool = routed_pool(3).with_routing(routing);
+        let members = pool.members.current();
+        let pick = |customer: Option<&str>| pool.candidates(customer, Some(key))[0].base.clone();
+        let usual = |customer: Option<&str>| pool.candidates(customer, None)[0].base.clone();
+        let idle = || {
+            members
+                .iter()
+                .for_each(|m| m.in_flight.store(0, Ordering::Relaxed))
+        };
+        // Distinct loads, so that the usual order does not rotate between calls.
+        for (i, m) in members.iter().enumerate() {
+            m.in_flight.store(i as u32 + 1, Ordering::Relaxed);
+        }
+        // Nobody holds it: the usual order.
+        assert_eq!(pick(Some("cus_1")), usual(Some("cus_1")));
+        assert_eq!(pick(None), usual(None));
+        // One holds it: first for every customer, whatever their own member.
+        let holder = members
+            .iter()
+            .find(|m| m.base != usual(Some("cus_1")))
+            .unwrap();
+        holder.set_adapters(held(&[key, "name:other"]));
+        for c in ["cus_1", "cus_2", "cus_3"] {
+            assert_eq!(pick(Some(c)), holder.base, "{routing:?} {c}");
+        }
+        assert_eq!(pick(None), holder.base);
+        // The others follow in the usual order.
+        let rest: Vec<String> = pool
+            .candidates(Some("cus_1"), Some(key))
+            .iter()
+            .skip(1)
+            .map(|m| m.base.clone())
+            .collect();
+        let usual_rest: Vec<String> = pool
+            .candidates(Some("cus_1"), None)
+            .iter()
+            .filter(|m| m.base != holder.base)
+            .map(|m| m.base.clone())
+            .collect();
+        assert_eq!(rest, usual_rest);
+        // At the load bound (4 requests with the others idle): no longer preferred.
+        idle();
+        holder.in_flight.store(3, Ordering::Relaxed);
+        assert_eq!(pick(Some("cus_1")), holder.base);
+        holder.in_flight.store(4, Ordering::Relaxed);
+        assert_ne!(pick(Some("cus_1")), holder.base);
+        holder.in_flight.store(0, Ordering::Relaxed);
+        // Ejected: not preferred; back: preferred again.
+        holder.healthy.store(false, Ordering::Relaxed);
+        assert_ne!(pick(None), holder.base);
+        holder.healthy.store(true, Ordering::Relaxed);
+        assert_eq!(pick(None), holder.base);
+        // Two hold it: the less busy of them (without a customer).
+        let second = members.iter().find(|m| m.base != holder.base).unwrap();
+        second.note_adapter(key);
+        holder.in_flight.store(2, Ordering::Relaxed);
+        assert_eq!(pick(None), second.base);
+        // Its `/health` no longer lists it (unloaded): not preferred.
+        second.set_adapters(HashSet::new());
+        assert_eq!(pick(None), holder.base);
+    }
+}
+
+#[test]
+fn a_workers_health_lists_the_adapters_of_its_model() {
+    let health = serde_json::json!({"status": "ok", "models": [
+        {"id": "m", "running": 0, "adapters": ["path:1", "name:a"]},
+        {"id": "m:a", "running": 0},
+        {"id": "other", "adapters": ["path:2"]},
+    ]});
+    let listed = super::adapters::listed(&health, "m");
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains("path:1") && listed.contains("name:a"));
+    assert!(super::adapters::listed(&serde_json::json!("ok"), "m").is_empty());
+}
+
+#[test]
+fn adapters_reach_workers_as_headers_and_back() {
+    use crate::backend::AdapterRef;
+    let to_map = |headers: Vec<(&'static str, String)>| {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(name, value.parse().unwrap());
+        }
+        map
+    };
+    let plain = AdapterRef {
+        name: "pirate".into(),
+        path: Some("/srv/adapters/acme/pirate v2".into()),
+    };
+    let named = AdapterRef {
+        name: "noisy".into(),
+        path: None,
+    };
+    for a in [plain, named] {
+        let back = forwarded_adapter(&to_map(super::adapters::headers(&a))).unwrap();
+        assert_eq!(back, Some(a));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = AdapterRef {
+            name: "odd".into(),
+            path: Some(std::ffi::OsStr::from_bytes(b"/srv/\xff\xfe").into()),
+        };
+        let back = forwarded_adapter(&to_map(super::adapters::headers(&odd))).unwrap();
+        assert_eq!(back, Some(odd));
+    }
+    assert_eq!(forwarded_adapter(&http::HeaderMap::new()), Ok(None));
+    let bad = |pairs: &[(&'static str, &str)]| {
+        forwarded_adapter(&to_map(
+            pairs.iter().map(|(n, v)| (*n, v.to_string())).collect(),
+        ))
+    };
+    assert_eq!(bad(&[(ADAPTER_HEADER, "a:b")]), Err(ADAPTER_HEADER));
+    assert_eq!(bad(&[(ADAPTER_PATH_HEADER, "L3Q")]), Err(ADAPTER_HEADER));
+    // Not base64, and a relative path ("rel").
+    assert_eq!(
+        bad(&[(ADAPTER_HEADER, "a"), (ADAPTER_PATH_HEADER, "*")]),
+        Err(ADAPTER_PATH_HEADER)
+    );
+    assert_eq!(
+        bad(&[(ADAPTER_HEADER, "a"), (ADAPTER_PATH_HEADER, "cmVs")]),
+        Err(ADAPTER_PATH_HEADER)
+    );
 }
