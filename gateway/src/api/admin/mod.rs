@@ -588,6 +588,6 @@ mod tests {
             })
             .collect();
         assert_eq!(routed, documented);
-        assert_eq!(routed.len(), 29);
+        assert_eq!(routed.len(), 30);
     }
 }
