@@ -6,7 +6,9 @@
 //! Beside the file's models it holds the customers' LoRA adapters (the ledger's
 //! `customer_adapters`, read again every few seconds and after each change made here): each
 //! is the model id `<base>:<name>` for its owner's requests only, served by its base model's
-//! backend at the base model's prices. To anyone else the id does not exist.
+//! backend at its own prices (a price table validated as a model's, sold at the base model's
+//! tiers) or the base model's. A price changed in the ledger applies to requests resolved
+//! after this process has read it again. To anyone else the id does not exist.
 //!
 //! Owns the snapshot and the [`Reload`] seam; it does not build backends (the binary does, it
 //! has the runtime) nor decide which local models are loaded (the binary's residency).
@@ -17,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 
 use crate::backend::{AdapterBackend, AdapterRef, Backend, ModelInfo};
-use crate::config::{adapter_model, check_adapter_base, ModelConfig};
+use crate::config::{adapter_model, adapter_prices, check_adapter_base, ModelConfig};
 use tollgate_metering::accounts::CustomerAdapter;
 
 /// The catalogue at one moment: each model's configuration and its backend.
@@ -134,19 +136,23 @@ impl Catalogue {
     }
 
     /// A customer's adapter as its model id, while its base model is a model of `snapshot`
-    /// that runs adapters (base price, the customer as owner).
+    /// that runs adapters (its own price or the base model's, the customer as owner). A price
+    /// the ledger holds that no longer validates (the file's tiers changed, say) leaves the id
+    /// unserved rather than billed at another price.
     fn owned_served(snapshot: &Snapshot, a: &CustomerAdapter) -> Option<Served> {
         let base = snapshot.models.get(&a.base_model)?;
         check_adapter_base(&a.base_model, Some(base)).ok()?;
+        let prices = match adapter_prices(base, a.price.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(customer = %a.customer_id, adapter = %a.model_id(),
+                    "adapter not served: its price is refused: {e}");
+                return None;
+            }
+        };
         let base_backend = snapshot.backends.get(&a.base_model)?.clone();
         let path = Some(std::path::PathBuf::from(&a.path));
-        let config = adapter_model(
-            base,
-            &a.name,
-            path.clone(),
-            base.prices,
-            a.customer_id.clone(),
-        );
+        let config = adapter_model(base, &a.name, path.clone(), prices, a.customer_id.clone());
         let reference = AdapterRef {
             name: a.name.clone(),
             path,

@@ -1,8 +1,9 @@
 //! Customers' LoRA adapters over real sockets (issue 34, item 3): registered through the admin
 //! API (checked first: a bad adapter is a 400 naming the problem, remote sources are refused),
-//! listed, scoped, audited and removed; usable and listed only by the owner's keys (anyone
-//! else gets the 404 of an unknown model); the operator's adapters stay everyone's; the
-//! record names the base model and the adapter. The base model's backend is scripted: it
+//! listed, scoped, audited, repriced and removed; usable and listed only by the owner's keys
+//! (anyone else gets the 404 of an unknown model); the operator's adapters stay everyone's;
+//! the record names the base model and the adapter, and is billed at the adapter's own price
+//! (the one in force when it was admitted) or the base model's; invoice lines carry both. The base model's backend is scripted: it
 //! answers with the name of the adapter a request carries, and refuses adapter files whose
 //! directory is named `broken` as the engine would.
 
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 use tollgate_gateway::backend::{
     AdapterBackend, AdapterRef, Backend, BackendError, GenerateRequest, ModelInfo, Prepared,
 };
+use tollgate_metering::store::UsageRecord;
 
 #[path = "common/operator.rs"]
 mod operator;
@@ -357,8 +359,202 @@ async fn adapters_are_scoped() {
     let (status, list) = s.call_as(&reader, "GET", path, None).await;
     assert_eq!((status, list["data"].as_array().unwrap().len()), (200, 1));
     let one = format!("{path}/pirate");
+    let price = json!({"price": {"input_per_mtok": "3", "output_per_mtok": "4"}});
+    let (status, _) = s.call_as(&reader, "PATCH", &one, Some(price.clone())).await;
+    assert_eq!(status, 403);
+    let (status, _) = s.call_as(&writer, "PATCH", &one, Some(price)).await;
+    assert_eq!(status, 200);
     let (status, _) = s.call_as(&reader, "DELETE", &one, None).await;
     assert_eq!(status, 403);
     let (status, _) = s.call_as(&writer, "DELETE", &one, None).await;
     assert_eq!(status, 200);
+}
+
+/// One chat request of `key` to `model`; the record it left (the `n`th of the customer's).
+async fn billed(s: &Server, key: &str, customer: &str, model: &str, n: usize) -> UsageRecord {
+    let (status, answer) = s.chat(key, model).await;
+    assert_eq!(status, 200, "{answer}");
+    let records = serve::wait_records_where(&s.store, n, |r| r.customer_id == customer).await;
+    records[n - 1].clone()
+}
+
+/// A customer's adapter with a price of its own is billed at it; a PATCH changes it for the
+/// requests admitted after (the records before keep theirs), `null` puts the base model's
+/// back; each change is audited; the invoice's lines name the base model and the adapter, in
+/// JSON and CSV.
+#[tokio::test]
+async fn a_customers_adapter_is_billed_at_its_own_price() {
+    let s = Server::start().await;
+    let acme = s.customer_with_key("acme").await;
+    let own = json!({"input_per_mtok": "10", "output_per_mtok": "20",
+                     "flex": {"input_per_mtok": "5", "output_per_mtok": "6"}});
+    let body =
+        json!({"base_model": "base", "name": "pirate", "path": s.dir("pirate"), "price": own});
+    let (status, added) = s.add("acme", body).await;
+    assert_eq!(status, 201, "{added}");
+    assert_eq!(added["price"], own);
+    let (_, list) = s
+        .call("GET", "/admin/v1/customers/acme/adapters", None)
+        .await;
+    assert_eq!(list["data"][0]["price"], own);
+
+    let dec = |v: &str| v.parse::<rust_decimal::Decimal>().unwrap();
+    let prices = |r: &UsageRecord| (r.input_price_per_mtok, r.output_price_per_mtok);
+    let first = billed(&s, &acme, "acme", "base:pirate", 1).await;
+    assert_eq!(prices(&first), (dec("10"), dec("20")));
+    let expected = (first.input_tokens * 10 + first.output_tokens * 20) * 1000;
+    assert_eq!(first.cost_nano_usd, expected, "{first:?}");
+
+    let one = "/admin/v1/customers/acme/adapters/pirate";
+    let cheaper = json!({"input_per_mtok": "3", "output_per_mtok": "4"});
+    let (status, patched) = s.call("PATCH", one, Some(json!({"price": cheaper}))).await;
+    assert_eq!((status, &patched["price"]), (200, &cheaper), "{patched}");
+    let second = billed(&s, &acme, "acme", "base:pirate", 2).await;
+    assert_eq!(prices(&second), (dec("3"), dec("4")));
+    let (status, patched) = s.call("PATCH", one, Some(json!({"price": null}))).await;
+    assert_eq!(
+        (status, &patched["price"]),
+        (200, &Value::Null),
+        "{patched}"
+    );
+    let third = billed(&s, &acme, "acme", "base:pirate", 3).await;
+    assert_eq!(prices(&third), (dec("1"), dec("2")));
+    let base = billed(&s, &acme, "acme", "base", 4).await;
+    // The records already written keep the price they were billed at.
+    let kept = serve::records_where(&s.store, |r| r.id == first.id).await;
+    assert_eq!(prices(&kept[0]), (dec("10"), dec("20")));
+
+    let (_, audit) = s.call("GET", "/admin/v1/audit?limit=100", None).await;
+    let updates: Vec<&Value> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "adapter.updated")
+        .collect();
+    assert_eq!(updates.len(), 2, "{audit}");
+    assert_eq!(updates[0]["changes"]["price"]["from"], own, "{audit}");
+    assert_eq!(updates[0]["changes"]["price"]["to"], cheaper, "{audit}");
+
+    let (status, invoice) = s.call("GET", "/admin/v1/invoices/acme", None).await;
+    assert_eq!(status, 200, "{invoice}");
+    let lines = invoice["line_items"].as_array().unwrap();
+    assert_eq!(lines.len(), 4, "{invoice}");
+    for line in lines {
+        let adapter = line["model"] == "base:pirate";
+        assert_eq!(
+            line["base_model"],
+            if adapter { json!("base") } else { Value::Null }
+        );
+        assert_eq!(
+            line["adapter"],
+            if adapter {
+                json!("pirate")
+            } else {
+                Value::Null
+            }
+        );
+    }
+    let total: i64 = [&first, &second, &third, &base]
+        .iter()
+        .map(|r| r.cost_nano_usd)
+        .sum();
+    assert_eq!(
+        invoice["total_usd"],
+        tollgate_metering::money::format_usd(total)
+    );
+    let csv = s
+        .http
+        .get(s.url("/admin/v1/invoices/acme?format=csv"))
+        .bearer_auth(operator::ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    let text = csv.text().await.unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert!(
+        rows[0].ends_with(",amount_usd,base_model,adapter"),
+        "{text}"
+    );
+    assert_eq!(rows.len(), 5, "{text}");
+    for row in &rows[1..] {
+        let adapter = row.contains("base:pirate");
+        assert_eq!(row.ends_with(",base,pirate"), adapter, "{text}");
+        assert_eq!(row.ends_with(",,"), !adapter, "{text}");
+    }
+}
+
+/// A bad price is a 400 naming the key at fault, at registration and on a PATCH; nothing is
+/// stored or changed.
+#[tokio::test]
+async fn a_bad_adapter_price_is_refused_naming_the_field() {
+    let s = Server::start().await;
+    s.customer_with_key("acme").await;
+    let good = json!({"input_per_mtok": "1", "output_per_mtok": "2"});
+    let cases = [
+        (
+            json!({"input_per_mtok": "x", "output_per_mtok": "2"}),
+            "price.input_per_mtok",
+        ),
+        (
+            json!({"input_per_mtok": "1", "output_per_mtok": "-2"}),
+            "price.output_per_mtok",
+        ),
+        (
+            json!({"input_per_mtok": "1", "output_per_mtok": "2", "flex": {"input_per_mtok": "1", "output_per_mtok": "y"}}),
+            "price.flex.output_per_mtok",
+        ),
+        (
+            json!({"input_per_mtok": "1", "output_per_mtok": "2", "priority_multiplier": "z"}),
+            "price.priority_multiplier",
+        ),
+        (
+            json!({"input_per_mtok": "1", "output_per_mtok": "2", "reserved_per_ktpm_month": "5"}),
+            "price.reserved_per_ktpm_month",
+        ),
+        (
+            json!({"input_per_mtok": "1", "output_per_mtok": "2", "typo": "1"}),
+            "price.typo",
+        ),
+        (json!({"input_per_mtok": "1"}), "price"),
+    ];
+    for (price, field) in &cases {
+        let body =
+            json!({"base_model": "base", "name": "p", "path": s.dir("pirate"), "price": price});
+        let (status, error) = s.add("acme", body).await;
+        assert_eq!(status, 400, "{price}: {error}");
+        assert_eq!(error["error"]["param"], *field, "{price}: {error}");
+    }
+    assert!(s.store.adapters(None).await.unwrap().is_empty());
+
+    let body = json!({"base_model": "base", "name": "p", "path": s.dir("pirate"), "price": good});
+    assert_eq!(s.add("acme", body).await.0, 201);
+    let one = "/admin/v1/customers/acme/adapters/p";
+    for (price, field) in &cases {
+        let (status, error) = s.call("PATCH", one, Some(json!({"price": price}))).await;
+        assert_eq!(status, 400, "{price}: {error}");
+        assert_eq!(error["error"]["param"], *field, "{price}: {error}");
+    }
+    let (status, error) = s.call("PATCH", one, Some(json!({}))).await;
+    assert_eq!(
+        (status, &error["error"]["param"]),
+        (400, &json!("price")),
+        "{error}"
+    );
+    let (status, _) = s
+        .call(
+            "PATCH",
+            "/admin/v1/customers/acme/adapters/none",
+            Some(json!({"price": null})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        s.store.adapters(None).await.unwrap()[0]
+            .price
+            .as_ref()
+            .unwrap()
+            .input_per_mtok,
+        "1"
+    );
 }

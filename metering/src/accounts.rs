@@ -6,6 +6,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::{BudgetPeriod, ServiceTier};
+use crate::money::PriceTable;
 use crate::tags::Tags;
 
 /// A customer: who pays. Limits are optional (`None` = unlimited).
@@ -141,6 +142,9 @@ pub struct CustomerAdapter {
     pub base_model: String,
     /// The PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
     pub path: String,
+    /// Its own price table (checked by the gateway before it is stored); `None`: the base
+    /// model's prices.
+    pub price: Option<PriceTable>,
     pub created_at: i64,
 }
 

@@ -134,8 +134,9 @@ pub enum Action {
     AdminTokenRevoked,
     ReservationCreated,
     ReservationEnded,
-    /// A customer's LoRA adapter registered or removed.
+    /// A customer's LoRA adapter registered, repriced or removed.
     AdapterAdded,
+    AdapterUpdated,
     AdapterRemoved,
     /// The model catalogue (models.toml) read again by a running server.
     CatalogueReloaded,
@@ -155,6 +156,7 @@ impl Action {
             Self::ReservationCreated => "reservation.created",
             Self::ReservationEnded => "reservation.ended",
             Self::AdapterAdded => "adapter.added",
+            Self::AdapterUpdated => "adapter.updated",
             Self::AdapterRemoved => "adapter.removed",
             Self::CatalogueReloaded => "catalogue.reloaded",
         }
@@ -168,7 +170,7 @@ impl Action {
             Self::KeyCreated | Self::KeyUpdated | Self::KeyRevoked => "key",
             Self::AdminTokenCreated | Self::AdminTokenRevoked => "admin_token",
             Self::ReservationCreated | Self::ReservationEnded => "reservation",
-            Self::AdapterAdded | Self::AdapterRemoved => "adapter",
+            Self::AdapterAdded | Self::AdapterUpdated | Self::AdapterRemoved => "adapter",
             Self::CatalogueReloaded => "catalogue",
         }
     }

@@ -109,7 +109,7 @@ pub fn usage_columns(groups: &[GroupBy]) -> Vec<String> {
             GroupBy::Day => Some("day".to_string()),
             GroupBy::ServiceTier => Some("service_tier".to_string()),
             GroupBy::Tag(key) => Some(format!("tag:{key}")),
-            GroupBy::Prices => None,
+            GroupBy::Prices | GroupBy::Adapter => None,
         })
         .collect();
     cols.extend(
@@ -296,7 +296,12 @@ pub async fn invoice_for(
         model: None,
         tag: tag.clone(),
     };
-    let mut groups = vec![GroupBy::Model, GroupBy::ServiceTier, GroupBy::Prices];
+    let mut groups = vec![
+        GroupBy::Model,
+        GroupBy::Adapter,
+        GroupBy::ServiceTier,
+        GroupBy::Prices,
+    ];
     if let Some(key) = &group_tag {
         groups.insert(0, GroupBy::Tag(key.clone()));
     }

@@ -6,6 +6,8 @@
 
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::kinds::ServiceTier;
 
@@ -35,6 +37,51 @@ impl Price {
             rejected_prediction_per_mtok: (self.rejected_prediction_per_mtok * factor).normalize(),
         }
     }
+}
+
+/// A price table as written, before it is validated into [`TierPrices`]: the keys of a
+/// model's `price` in models.toml (decimal strings, USD per million tokens), which a
+/// customer's adapter takes too (`POST /admin/v1/customers/{id}/adapters`). The gateway's
+/// configuration validates it; the ledger keeps a customer adapter's as given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTable {
+    pub input_per_mtok: String,
+    pub output_per_mtok: String,
+    /// Prompt tokens served from a prefix cache; the input price when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_per_mtok: Option<String>,
+    /// Tokens of a `prediction` computed and thrown away; the output price when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_prediction_per_mtok: Option<String>,
+    /// `flex`'s prices; half the default ones when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flex: Option<TierPriceTable>,
+    /// `batch`'s prices; half the default ones when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<TierPriceTable>,
+    /// `priority`'s prices; the default ones × `priority_multiplier` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<TierPriceTable>,
+    /// 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_multiplier: Option<String>,
+    /// USD per 1,000 reserved tokens per minute per month; absent: not sold reserved (a
+    /// model's only: an adapter shares its base model's reservations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_per_ktpm_month: Option<String>,
+}
+
+/// One tier's unit prices in a [`PriceTable`] (the same keys as the default ones).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierPriceTable {
+    pub input_per_mtok: String,
+    pub output_per_mtok: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_per_mtok: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_prediction_per_mtok: Option<String>,
 }
 
 /// A model's prices per class of service: `None` where the model is not sold at that tier (a

@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use crate::accounts::{ApiKey, Customer, CustomerAdapter, Reservation};
 use crate::kinds::{BudgetPeriod, ServiceTier};
-use crate::money::format_usd;
+use crate::money::{format_usd, PriceTable};
 use crate::periods::rfc3339;
 
 /// A customer, its limits and budget.
@@ -301,6 +301,10 @@ pub struct AdapterView {
     pub name: String,
     /// The PEFT adapter directory on the servers' disk.
     pub path: String,
+    /// Its own prices, as given (a model's `price` keys in models.toml); `null`: its base
+    /// model's prices.
+    #[schema(required)]
+    pub price: Option<PriceTable>,
     pub created_at: String,
 }
 
@@ -313,13 +317,14 @@ impl From<&CustomerAdapter> for AdapterView {
             base_model: a.base_model.clone(),
             name: a.name.clone(),
             path: a.path.clone(),
+            price: a.price.clone(),
             created_at: rfc3339(a.created_at),
         }
     }
 }
 
 impl AdapterView {
-    /// The fields the audit log records of an adapter added or removed.
+    /// The fields the audit log records of an adapter added, repriced or removed.
     pub fn audited(&self) -> Value {
         without(self, &["object", "created_at"])
     }

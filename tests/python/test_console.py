@@ -2,7 +2,9 @@
 `chromium-driver`, installed by scripts/chromium.sh) driven with Selenium against the real
 server and model. Signs in, creates a customer and a key, uses the key with the official
 OpenAI SDK, finds the request in the log and the overview's counters moved, revokes the key
-(the next SDK call is a 401), and signs out (the console then refuses the old session).
+(the next SDK call is a 401), and signs out (the console then refuses the old session). On a
+customer's page it registers a LoRA adapter with its own price (the SDK's request to it is
+billed at that price) and removes it (the next request is a 404), as keys are managed there.
 
 Screenshots of each screen go to $TOLLGATE_ARTIFACTS/console (default: a directory under the
 system's temporary directory), never into the repository."""
@@ -18,7 +20,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import start_server, stop_server
+from conftest import customer_keys, start_server, stop_server
 
 ADMIN = "admin-console-token-7d41"
 MODEL = "smollm2-135m"
@@ -198,6 +200,66 @@ def test_console_end_to_end(server, browser):
     log = "".join(server.log)
     for s in [secret, ADMIN, cookie["value"]]:
         assert s not in log
+
+
+def sign_in(browser, base):
+    browser.get(f"{base}/console/login")
+    fill(browser, "form", token=ADMIN).submit()
+    wait_url(browser, "/console")
+
+
+def test_console_manages_a_customers_adapters(server, browser, tmp_path):
+    from lora_common import record, shape, write_adapter
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    base = f"http://{server.addr}"
+    write_adapter(tmp_path / "pirate", shape(), 4, zero_b=False, seed=11)
+    key = customer_keys(server, ADMIN, ["ad-co"])["ad-co"]
+    sign_in(browser, base)
+    browser.get(f"{base}/console/customers/ad-co")
+    form = fill(browser, "form.grid[action$='/adapters']", name="pirate", path=str(tmp_path / "pirate"),
+                input_per_mtok="2", output_per_mtok="3")
+    Select(form.find_element(By.NAME, "base_model")).select_by_value(MODEL)
+    browser.find_element(By.ID, "create-adapter").click()
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#adapter-pirate"), "the adapter never showed")
+    cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#adapter-pirate td")]
+    assert cells[:4] == [f"{MODEL}:pirate", MODEL, "in 2 / out 3 per Mtok", str(tmp_path / "pirate")], cells
+    assert cells[4], "no creation time"
+    shot(browser, "07-customer-adapters")
+
+    # Its owner's key uses it, billed at its own price.
+    client = OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
+    raw = client.chat.completions.with_raw_response.create(
+        model=f"{MODEL}:pirate", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4)
+    raw.parse()
+    rec = record(server, raw.headers["x-request-id"], ADMIN)
+    assert (rec["adapter"], str(rec["input_price_per_mtok"]), str(rec["output_price_per_mtok"])) == (
+        "pirate", "2", "3"), rec
+
+    # A bad price is refused with its key named; nothing is registered.
+    form = fill(browser, "form.grid[action$='/adapters']", name="bad", path=str(tmp_path / "pirate"),
+                input_per_mtok="abc", output_per_mtok="3")
+    browser.find_element(By.ID, "create-adapter").click()
+    wait(browser, lambda b: "price.input_per_mtok" in b.page_source, "no refusal naming the price")
+    browser.get(f"{base}/console/customers/ad-co")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#adapter-bad")
+
+    # Removing it without the session's CSRF token is refused; with the button it is gone.
+    jar = {"tollgate_console": browser.get_cookie("tollgate_console")["value"]}
+    forged = httpx.post(f"{base}/console/customers/ad-co/adapters/pirate/remove", cookies=jar,
+                        data={"csrf": "guess"})
+    assert forged.status_code == 403
+    browser.find_element(By.CSS_SELECTOR, "#adapter-pirate button[name=remove]").click()
+    wait(browser, lambda b: not b.find_elements(By.CSS_SELECTOR, "#adapter-pirate"), "never removed")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=f"{MODEL}:pirate", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=2)
+
+    browser.get(f"{base}/console/audit")
+    rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr")]
+    for action in ["adapter.added", "adapter.removed"]:
+        assert any(action in r and "ad-co/pirate" in r and "console session" in r for r in rows), rows
 
 
 def test_console_is_off_without_an_admin_token():

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tollgate_metering::kinds::ServiceTier;
-use tollgate_metering::money::TierPrices;
+use tollgate_metering::money::{PriceTable, TierPrices};
 
 use super::models::{validate_source, BackendConfig, ModelConfig, ModelSource, RawSource};
-use super::prices::{only_tiers, validate_prices, RawPrice};
+use super::prices::{field_of, only_tiers, validate_prices, RawPrice};
 use super::ConfigError;
 
 /// Why an http model cannot carry adapters.
@@ -91,13 +91,7 @@ pub(super) fn validate_adapters(
             None if local => return Err(adapter_err("needs a `source`".into())),
             None => None,
         };
-        let prices = match a.price {
-            Some(p) => {
-                let sold: Vec<ServiceTier> = base.prices.offered().map(|(t, _)| t).collect();
-                only_tiers(validate_prices(p).map_err(adapter_err)?, &sold).map_err(adapter_err)?
-            }
-            None => base.prices,
-        };
+        let prices = adapter_prices(base, a.price.as_ref()).map_err(|e| adapter_err(e.message))?;
         let owned_by = a.owned_by.unwrap_or_else(|| base.owned_by.clone());
         out.push(adapter_model(base, &name, path, prices, owned_by));
     }
@@ -129,6 +123,44 @@ pub fn adapter_model(
         pinned: false,
         ..base.clone()
     }
+}
+
+/// A price table refused: the key at fault (`price.flex.input_per_mtok`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PriceError {
+    pub field: String,
+    pub message: String,
+}
+
+/// An adapter's prices on `base`: `price` validated as a model's `price` in models.toml
+/// (the same keys and defaults), sold at the tiers the base model is sold at; the base
+/// model's prices when `price` is `None`. Reserved capacity is a model's, which its adapters
+/// share, so `reserved_per_ktpm_month` is refused. The operator's adapters and customers'.
+pub fn adapter_prices(
+    base: &ModelConfig,
+    price: Option<&PriceTable>,
+) -> Result<TierPrices, PriceError> {
+    let Some(p) = price else {
+        return Ok(base.prices);
+    };
+    if p.reserved_per_ktpm_month.is_some() {
+        return Err(PriceError {
+            field: "price.reserved_per_ktpm_month".into(),
+            message: "price.reserved_per_ktpm_month: an adapter shares its base model's \
+                      reserved capacity; reservations are sold on the base model"
+                .into(),
+        });
+    }
+    let refused = |message: String| PriceError {
+        field: field_of(&message),
+        message,
+    };
+    let sold: Vec<ServiceTier> = base.prices.offered().map(|(t, _)| t).collect();
+    only_tiers(validate_prices(p.clone()).map_err(refused)?, &sold).map_err(|message| PriceError {
+        field: "price".into(),
+        message,
+    })
 }
 
 /// Whether `base` (its configuration, `None` when the catalogue has no such model) can carry

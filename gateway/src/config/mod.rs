@@ -17,7 +17,9 @@ mod prices;
 #[cfg(test)]
 mod tests;
 
-pub use adapters::{adapter_model, check_adapter_base, local_adapter_dir, AdapterConfig};
+pub use adapters::{
+    adapter_model, adapter_prices, check_adapter_base, local_adapter_dir, AdapterConfig, PriceError,
+};
 use models::{validate_model, RawModel};
 pub use models::{
     BackendConfig, DeviceSpec, Discovery, HttpBackendConfig, KvCacheDtype, LocalBackendConfig,

@@ -4,40 +4,11 @@
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
-use serde::Deserialize;
 use tollgate_metering::kinds::ServiceTier;
 use tollgate_metering::money::{Price, TierPrices};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawPrice {
-    pub(super) input_per_mtok: String,
-    pub(super) output_per_mtok: String,
-    /// Prompt tokens served from a prefix cache; the input price when absent.
-    pub(super) cached_input_per_mtok: Option<String>,
-    /// Tokens of a `prediction` computed and thrown away; the output price when absent.
-    pub(super) rejected_prediction_per_mtok: Option<String>,
-    /// `flex`'s prices; half the default ones when absent.
-    pub(super) flex: Option<RawTierPrice>,
-    /// `batch`'s prices; half the default ones when absent.
-    pub(super) batch: Option<RawTierPrice>,
-    /// `priority`'s prices; the default ones × `priority_multiplier` when absent.
-    pub(super) priority: Option<RawTierPrice>,
-    /// 1 when absent.
-    pub(super) priority_multiplier: Option<String>,
-    /// USD per 1,000 reserved tokens per minute per month; absent: not sold reserved.
-    pub(super) reserved_per_ktpm_month: Option<String>,
-}
-
-/// One tier's unit prices (the same keys as the default ones).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawTierPrice {
-    pub(super) input_per_mtok: String,
-    pub(super) output_per_mtok: String,
-    pub(super) cached_input_per_mtok: Option<String>,
-    pub(super) rejected_prediction_per_mtok: Option<String>,
-}
+/// A `price` table as written (the ledger keeps a customer adapter's in this form too).
+pub(super) use tollgate_metering::money::{PriceTable as RawPrice, TierPriceTable as RawTierPrice};
 
 /// A model's `price` table: decimal strings, none negative; the cached input price is the
 /// input price and the rejected prediction price the output price unless set; `flex` and `batch` cost half the default prices and `priority` the
@@ -94,6 +65,15 @@ pub(super) fn only_tiers(prices: TierPrices, tiers: &[ServiceTier]) -> Result<Ti
         flex: keep(ServiceTier::Flex),
         batch: keep(ServiceTier::Batch),
     })
+}
+
+/// The key a message of [`validate_prices`] names (`price.flex.input_per_mtok`): each starts
+/// with it.
+pub(super) fn field_of(message: &str) -> String {
+    message
+        .split_once(' ')
+        .map_or(message, |(field, _)| field)
+        .to_string()
 }
 
 /// `price.{prefix}{key}` as a decimal, not negative.

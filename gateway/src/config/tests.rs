@@ -3,7 +3,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 use tollgate_metering::kinds::ServiceTier;
-use tollgate_metering::money::TierPrices;
+use tollgate_metering::money::{PriceTable, TierPrices};
 
 use super::*;
 
@@ -578,4 +578,51 @@ fn a_pool_of_workers_carries_adapters_by_name_or_by_path() {
     let shared = c.models["pool:shared"].adapter.clone().unwrap();
     assert_eq!(shared.path, Some("/mnt/adapters/shared".into()));
     assert!(check_adapter_base("pool", Some(&c.models["pool"])).is_ok());
+}
+
+/// An adapter's price table is a model's, checked the same way: a refusal names the key at
+/// fault; no table is the base model's prices; reserved capacity is the base model's alone.
+#[test]
+fn an_adapters_price_is_checked_naming_the_key() {
+    let c = Config::from_toml_str(ADAPTERS, Path::new("/etc/tollgate")).unwrap();
+    let base = &c.models["base"];
+    let table = |json: &str| serde_json::from_str::<PriceTable>(json).unwrap();
+    assert_eq!(adapter_prices(base, None).unwrap(), base.prices);
+    let own = adapter_prices(
+        base,
+        Some(&table(r#"{"input_per_mtok":"1","output_per_mtok":"2"}"#)),
+    )
+    .unwrap();
+    assert_eq!(
+        own.get(ServiceTier::Default).unwrap().input_per_mtok,
+        Decimal::ONE
+    );
+    // Sold at the base model's tiers only; `batch` at half by default.
+    assert!(own.get(ServiceTier::Flex).is_none());
+    assert_eq!(
+        own.get(ServiceTier::Batch).unwrap().output_per_mtok,
+        Decimal::ONE
+    );
+    for (json, field) in [
+        (
+            r#"{"input_per_mtok":"x","output_per_mtok":"2"}"#,
+            "price.input_per_mtok",
+        ),
+        (
+            r#"{"input_per_mtok":"1","output_per_mtok":"-2"}"#,
+            "price.output_per_mtok",
+        ),
+        (
+            r#"{"input_per_mtok":"1","output_per_mtok":"2","batch":{"input_per_mtok":"1","output_per_mtok":"2","cached_input_per_mtok":"c"}}"#,
+            "price.batch.cached_input_per_mtok",
+        ),
+        (
+            r#"{"input_per_mtok":"1","output_per_mtok":"2","reserved_per_ktpm_month":"3"}"#,
+            "price.reserved_per_ktpm_month",
+        ),
+    ] {
+        let err = adapter_prices(base, Some(&table(json))).unwrap_err();
+        assert_eq!(err.field, field, "{json}: {err}");
+        assert!(err.message.starts_with(field), "{json}: {err}");
+    }
 }

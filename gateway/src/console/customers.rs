@@ -1,5 +1,6 @@
 //! The console's customers and keys: the list, a new customer, one customer's page (its limits,
-//! budget and keys; its batches and background responses from `work`), a new key (the one page
+//! budget and keys; its reservations and LoRA adapters from `reservations` and `adapters`, its
+//! batches and background responses from `work`), a new key (the one page
 //! that shows its secret) and revoking one. Changes go through the store's audited methods as
 //! the signed-in session.
 
@@ -170,6 +171,7 @@ async fn customer_page(
     let c = store.customer(id).await?;
     let keys = store.list_keys(id).await?;
     let held = store.reservations(Some(id), None).await?;
+    let adapters = store.adapters(Some(id)).await?;
     let (period_start, _) = month_bounds(now_micros());
     let spent = store.spent_since(id, period_start).await?;
     let work = super::work::section(store, id).await?;
@@ -199,6 +201,7 @@ async fn customer_page(
         (keys_table(signed, &keys))
         (new_key_form(state, signed, &c.id))
         (super::reservations::section(state, signed, &c.id, &held))
+        (super::adapters::section(state, signed, &c.id, &adapters))
         (work)
         p { a href={"/console/requests?customer_id=" (c.id)} { "This customer's requests" } " · "
             a href={"/console/invoices?customer_id=" (c.id)} { "Invoice" } }

@@ -7,9 +7,11 @@
 //! expiring), sessions kept in this process (logging out ends one at once; the sessions
 //! themselves are [`crate::sessions`], which the state holds), and a CSRF token per session
 //! checked on every form that changes state. The screens are in `pages.rs` (overview),
-//! `customers.rs` and `reports.rs`, the charts in `chart.rs`. It changes customers and keys only through the store's audited methods,
-//! as a console actor.
+//! `customers.rs` (with `adapters.rs`, a customer's LoRA adapters) and `reports.rs`, the charts
+//! in `chart.rs`. It changes customers, keys and adapters only through the store's audited
+//! methods (adapters through the admin API's rules), as a console actor.
 
+mod adapters;
 mod chart;
 mod customers;
 mod pages;
@@ -58,6 +60,14 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route("/console/customers/{id}/keys", post(customers::create_key))
         .route("/console/keys/{key_id}/revoke", post(customers::revoke_key))
+        .route(
+            "/console/customers/{id}/adapters",
+            post(adapters::create_adapter),
+        )
+        .route(
+            "/console/customers/{id}/adapters/{name}/remove",
+            post(adapters::remove_adapter),
+        )
         .route(
             "/console/customers/{id}/reservations",
             post(reservations::create_reservation),

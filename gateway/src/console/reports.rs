@@ -242,7 +242,9 @@ fn invoice_table(inv: &Invoice) -> Markup {
                     @let rejected = l.kind == "rejected_prediction";
                     tr {
                         td { (l.kind) }
-                        td { (l.model) }
+                        td { (l.model)
+                             @if let (Some(base), Some(adapter)) = (&l.base_model, &l.adapter) {
+                                 br; small { "adapter " (adapter) " on " (base) } } }
                         td.tier { (l.service_tier.as_str()) }
                         td { (opt(l.requests.as_ref())) }
                         td { @if cached { (opt(l.cached_input_tokens.as_ref())) " cached" }

@@ -258,7 +258,7 @@ fn invoice_lines_keep_their_fields_and_order() {
     let json = |l: InvoiceLine| serde_json::to_string(&l).unwrap();
     assert_eq!(
         json(InvoiceLine::tokens(&row)),
-        r#"{"kind":"tokens","model":"m","service_tier":"flex","requests":2,"input_tokens":6,"output_tokens":5,"input_price_per_mtok":"0.10","output_price_per_mtok":"0.20","amount_usd":"0.000000850"}"#
+        r#"{"kind":"tokens","model":"m","base_model":null,"adapter":null,"service_tier":"flex","requests":2,"input_tokens":6,"output_tokens":5,"input_price_per_mtok":"0.10","output_price_per_mtok":"0.20","amount_usd":"0.000000850"}"#
     );
     assert_eq!(
         json(
@@ -266,11 +266,11 @@ fn invoice_lines_keep_their_fields_and_order() {
                 .unwrap()
                 .tagged("project", &row)
         ),
-        r#"{"kind":"cached_input","model":"m","service_tier":"flex","requests":2,"cached_input_tokens":4,"cached_input_price_per_mtok":"0.10","amount_usd":"0.000000100","tag":{"key":"project","value":null}}"#
+        r#"{"kind":"cached_input","model":"m","base_model":null,"adapter":null,"service_tier":"flex","requests":2,"cached_input_tokens":4,"cached_input_price_per_mtok":"0.10","amount_usd":"0.000000100","tag":{"key":"project","value":null}}"#
     );
     assert_eq!(
         json(InvoiceLine::rejected_prediction(&row).unwrap()),
-        r#"{"kind":"rejected_prediction","model":"m","service_tier":"flex","requests":2,"rejected_prediction_tokens":3,"rejected_prediction_price_per_mtok":"0.20","amount_usd":"0.000000050"}"#
+        r#"{"kind":"rejected_prediction","model":"m","base_model":null,"adapter":null,"service_tier":"flex","requests":2,"rejected_prediction_tokens":3,"rejected_prediction_price_per_mtok":"0.20","amount_usd":"0.000000050"}"#
     );
     let (start, end) = parse_period("2026-11").unwrap();
     let reservation = Reservation {
@@ -287,7 +287,7 @@ fn invoice_lines_keep_their_fields_and_order() {
     assert_eq!(amount, 1_500_000_000);
     assert_eq!(
         json(line),
-        r#"{"kind":"reservation","reservation_id":"rsv_1","model":"m","service_tier":"reserved","reserved_tokens_per_minute":1000,"price_per_ktpm_month":"3.00","active_from":"2026-11-16T00:00:00.000000Z","active_until":"2026-12-01T00:00:00.000000Z","days_active":"15","days_in_month":"30","amount_usd":"1.500000000"}"#
+        r#"{"kind":"reservation","reservation_id":"rsv_1","model":"m","base_model":null,"adapter":null,"service_tier":"reserved","reserved_tokens_per_minute":1000,"price_per_ktpm_month":"3.00","active_from":"2026-11-16T00:00:00.000000Z","active_until":"2026-12-01T00:00:00.000000Z","days_active":"15","days_in_month":"30","amount_usd":"1.500000000"}"#
     );
 }
 

@@ -177,7 +177,8 @@ pub struct TagPair {
 /// An invoice line: `kind` `tokens` (input and output tokens), `cached_input`,
 /// `rejected_prediction` (tokens of predictions computed and thrown away), or `reservation`
 /// (a month's share of reserved capacity).
-// A line carries the fields of its kind only: the others are left out, not `null`.
+// A line carries the fields of its kind only: the others are left out, not `null` (but
+// `base_model` and `adapter`, on every line).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct InvoiceLine {
     #[schema(value_type = String)]
@@ -186,6 +187,13 @@ pub struct InvoiceLine {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reservation_id: Option<String>,
     pub model: String,
+    /// The base model of an adapter's model id (`<base_model>:<adapter>`, an operator's or a
+    /// customer's adapter); `null` on other lines.
+    #[schema(required)]
+    pub base_model: Option<String>,
+    /// The adapter's name of an adapter's model id; `null` on other lines.
+    #[schema(required)]
+    pub adapter: Option<String>,
     /// The tier the line's requests were served at (`reserved` on reservation lines).
     #[schema(value_type = String)]
     pub service_tier: ServiceTier,
@@ -267,11 +275,13 @@ impl InvoiceLine {
         })
     }
 
-    /// What the lines of an aggregate row share: its model, tier and requests.
+    /// What the lines of an aggregate row share: its model (and adapter), tier and requests.
     fn of_row(kind: &'static str, r: &UsageRow, amount_nano_usd: i64) -> Self {
         Self {
             kind,
             model: r.model.clone().unwrap_or_default(),
+            base_model: r.base_model.clone(),
+            adapter: r.adapter.clone(),
             service_tier: r.service_tier.unwrap_or_default(),
             requests: Some(r.requests),
             amount_usd: format_usd(amount_nano_usd),
@@ -306,4 +316,62 @@ pub struct Invoice {
     pub total_usd: String,
     #[schema(required)]
     pub tag_filter: Option<TagPair>,
+}
+
+/// The columns of an invoice as CSV (`format=csv`, `tollgate usage invoice --format csv`):
+/// one row per line, a line's fields by name (empty where its kind has none), the tag it is
+/// split by as `tag_key`/`tag_value`, and last `base_model` and `adapter`.
+pub const INVOICE_COLUMNS: [&str; 24] = [
+    "kind",
+    "model",
+    "service_tier",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "input_price_per_mtok",
+    "output_price_per_mtok",
+    "cached_input_tokens",
+    "cached_input_price_per_mtok",
+    "rejected_prediction_tokens",
+    "rejected_prediction_price_per_mtok",
+    "reservation_id",
+    "reserved_tokens_per_minute",
+    "price_per_ktpm_month",
+    "active_from",
+    "active_until",
+    "days_active",
+    "days_in_month",
+    "tag_key",
+    "tag_value",
+    "amount_usd",
+    "base_model",
+    "adapter",
+];
+
+impl Invoice {
+    /// The invoice's lines as CSV with a header line ([`INVOICE_COLUMNS`]); the total is the
+    /// sum of `amount_usd`.
+    pub fn csv(&self) -> Result<String, csv::Error> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record(INVOICE_COLUMNS)?;
+        for line in &self.line_items {
+            let mut fields = match serde_json::to_value(line) {
+                Ok(Value::Object(map)) => map,
+                _ => serde_json::Map::new(),
+            };
+            if let Some(tag) = &line.tag {
+                fields.insert("tag_key".into(), Value::String(tag.key.clone()));
+                let value = tag.value.clone().map_or(Value::Null, Value::String);
+                fields.insert("tag_value".into(), value);
+            }
+            let cell = |name: &str| match fields.get(name) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+            };
+            w.write_record(INVOICE_COLUMNS.map(cell))?;
+        }
+        let bytes = w.into_inner().map_err(|e| e.into_error())?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
 }

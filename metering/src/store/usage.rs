@@ -102,6 +102,9 @@ pub enum GroupBy {
     Prices,
     /// The class of service records were served and priced at.
     ServiceTier,
+    /// The base model and adapter of an adapter's model id (`NULL` both for a model's own
+    /// requests), for invoice lines.
+    Adapter,
 }
 
 /// Which records an aggregate covers: `started_at` in `[start, end)`.
@@ -370,6 +373,10 @@ impl Store {
                 GroupBy::Key => cols.push("key_id".into()),
                 GroupBy::Day => cols.push(format!("(started_at / {DAY}) * {DAY} AS bucket_start")),
                 GroupBy::ServiceTier => cols.push("service_tier".into()),
+                GroupBy::Adapter => {
+                    cols.push("base_model".into());
+                    cols.push("adapter".into());
+                }
                 GroupBy::Prices => {
                     cols.push("input_price_per_mtok".into());
                     cols.push("output_price_per_mtok".into());

@@ -21,6 +21,9 @@ pub struct UsageRow {
     pub tag_value: Option<String>,
     /// With `GroupBy::ServiceTier`: the tier.
     pub service_tier: Option<ServiceTier>,
+    /// With `GroupBy::Adapter`: an adapter's model id's base model and adapter name.
+    pub base_model: Option<String>,
+    pub adapter: Option<String>,
     pub input_price_per_mtok: Option<String>,
     pub output_price_per_mtok: Option<String>,
     pub cached_input_price_per_mtok: Option<String>,
@@ -67,6 +70,8 @@ pub(super) fn usage_row(
         } else {
             None
         },
+        base_model: column(has(GroupBy::Adapter), "base_model")?,
+        adapter: column(has(GroupBy::Adapter), "adapter")?,
         input_price_per_mtok: column(prices, "input_price_per_mtok")?,
         output_price_per_mtok: column(prices, "output_price_per_mtok")?,
         cached_input_price_per_mtok: column(prices, "cached_input_price_per_mtok")?,

@@ -70,6 +70,9 @@ pub enum UsageCommand {
         /// `tag:KEY`: lines split by the value of this tag.
         #[arg(long)]
         group_by: Option<String>,
+        /// Output format (csv: one row per line, `base_model` and `adapter` last).
+        #[arg(long, value_enum, default_value = "json")]
+        format: ReportFormat,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -255,6 +258,7 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
             period,
             tag,
             group_by,
+            format,
             db,
         } => {
             let period = period.unwrap_or_else(billing::current_period);
@@ -264,10 +268,16 @@ pub async fn usage(cmd: UsageCommand) -> anyhow::Result<()> {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?;
             let tag = tag_arg(tag.as_deref())?;
-            print(
-                &billing::invoice_for(&db.open().await?, &customer_id, &period, tag, group_tag)
-                    .await?,
-            )
+            let invoice =
+                billing::invoice_for(&db.open().await?, &customer_id, &period, tag, group_tag)
+                    .await?;
+            match format {
+                ReportFormat::Json => print(&invoice),
+                ReportFormat::Csv => {
+                    print!("{}", invoice.csv()?);
+                    Ok(())
+                }
+            }
         }
     }
 }

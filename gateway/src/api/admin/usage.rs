@@ -204,24 +204,40 @@ pub(super) struct InvoiceQuery {
     tag: Option<String>,
     /// `tag:KEY`: lines split by the value of this tag.
     group_by: Option<String>,
+    /// `json` (default) or `csv` (one row per line, `base_model` and `adapter` last).
+    format: Option<String>,
 }
 
-/// A customer's invoice for a month.
+/// A customer's invoice for a month, as JSON or as CSV (`format=csv`: a header line and one
+/// row per line item, the columns of `InvoiceLine` with `base_model` and `adapter` last).
 #[utoipa::path(get, path = "/admin/v1/invoices/{customer_id}", tag = "admin",
     params(
         ("customer_id" = String, Path),
         ("period" = Option<String>, Query, pattern = "^[0-9]{4}-[0-9]{2}$", description = "YYYY-MM; default: this month"),
         ("tag" = Option<String>, Query, description = "`key:value`"),
         ("group_by" = Option<String>, Query, description = "`tag:KEY`"),
+        ("format" = Option<String>, Query, pattern = "^(json|csv)$"),
     ),
-    responses((status = 200, body = Invoice), crate::openapi::AdminErrors),
+    responses((status = 200, description = "The invoice",
+         content((Invoice = "application/json"), (String = "text/csv"))),
+         crate::openapi::AdminErrors),
     security(("admin_token" = [])))]
 pub(super) async fn invoice(
     State(state): State<AppState>,
     ApiPath(customer_id): ApiPath<String>,
     q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Invoice>, ApiError> {
+) -> Result<Response, ApiError> {
     let q = query(q)?;
+    let csv = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Err(invalid_field(
+                "format",
+                format!("format `{other}` is not supported; use json or csv"),
+            ))
+        }
+    };
     let period = q.period.unwrap_or_else(billing::current_period);
     billing::parse_period(&period).map_err(|e| invalid_field("period", e))?;
     let group_tag = match q.group_by.as_deref() {
@@ -229,7 +245,13 @@ pub(super) async fn invoice(
         Some(g) => Some(billing::parse_invoice_group(g).map_err(|e| invalid_field("group_by", e))?),
     };
     let tag = tag_filter(q.tag.as_deref())?;
-    Ok(Json(
-        billing::invoice_for(store(&state)?, &customer_id, &period, tag, group_tag).await?,
-    ))
+    let invoice =
+        billing::invoice_for(store(&state)?, &customer_id, &period, tag, group_tag).await?;
+    if !csv {
+        return Ok(Json(invoice).into_response());
+    }
+    let text = invoice
+        .csv()
+        .map_err(|e| ApiError::Internal(format!("invoice CSV: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response())
 }
