@@ -28,4 +28,4 @@ mod state;
 pub use server::middleware::{ModelLabel, RequestId};
 pub use server::router::{app, operator_app, public_app};
 pub use server::run::{answer_while_loading, run, run_split};
-pub use state::{AppState, Background, InFlightCounts};
+pub use state::{AppState, Background, InFlightCounts, SharedState};

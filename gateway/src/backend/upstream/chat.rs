@@ -8,13 +8,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use super::chunk::{self, Chunk};
 use super::failover::{failover, Credentials, Read};
 use super::sse;
 use super::Member;
 use crate::backend::{
-    ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest, LogprobEntry, Prompt,
-    ResponseFormat, SamplingParams, ServiceTier, TokenCounter, TokenLogprob, ToolChoice,
-    ToolsRequest, Usage, UsageSource,
+    ChatMessage, EventStream, FinishReason, GenerateEvent, GenerateRequest, Prompt, ResponseFormat,
+    SamplingParams, ServiceTier, TokenCounter, ToolChoice, ToolsRequest, Usage, UsageSource,
 };
 
 /// An upper bound of the prompt's tokens without the upstream's tokenizer: every token of a
@@ -50,75 +50,6 @@ fn message_json(m: &ChatMessage) -> Value {
         v["tool_call_id"] = json!(id);
     }
     v
-}
-
-/// A logprob as the gateway keeps it (`f32`, as the engine computes them); anything but a
-/// number is minus infinity.
-fn logprob(v: &Value) -> f32 {
-    // `as` from f64 to f32 rounds to the nearest f32 (beyond its range, ±inf): the precision a
-    // logprob has anyway. No integer is involved, nothing wraps; std has no checked form.
-    v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32
-}
-
-/// Logprob entries of one chunk, from the chat (`logprobs.content`) or the legacy
-/// (`logprobs.tokens` / `token_logprobs` / `top_logprobs`) shape.
-fn chunk_logprobs(choice: &Value) -> Vec<LogprobEntry> {
-    let lp = &choice["logprobs"];
-    let token = |v: &Value| TokenLogprob {
-        token: v["token"].as_str().unwrap_or_default().to_string(),
-        logprob: logprob(&v["logprob"]),
-        bytes: v["bytes"]
-            .as_array()
-            .map(|b| {
-                b.iter()
-                    .filter_map(|x| x.as_u64().and_then(|x| u8::try_from(x).ok()))
-                    .collect()
-            })
-            .unwrap_or_else(|| v["token"].as_str().unwrap_or_default().as_bytes().to_vec()),
-    };
-    if let Some(content) = lp["content"].as_array() {
-        return content
-            .iter()
-            .map(|e| LogprobEntry {
-                chosen: token(e),
-                top: e["top_logprobs"]
-                    .as_array()
-                    .map(|t| t.iter().map(token).collect())
-                    .unwrap_or_default(),
-            })
-            .collect();
-    }
-    let (Some(tokens), Some(values)) = (lp["tokens"].as_array(), lp["token_logprobs"].as_array())
-    else {
-        return Vec::new();
-    };
-    tokens
-        .iter()
-        .zip(values)
-        .enumerate()
-        .map(|(i, (t, v))| {
-            let text = t.as_str().unwrap_or_default();
-            LogprobEntry {
-                chosen: TokenLogprob {
-                    token: text.to_string(),
-                    logprob: logprob(v),
-                    bytes: text.as_bytes().to_vec(),
-                },
-                top: lp["top_logprobs"][i]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| TokenLogprob {
-                                token: k.clone(),
-                                logprob: logprob(v),
-                                bytes: k.as_bytes().to_vec(),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }
-        })
-        .collect()
 }
 
 /// The OpenAI request body for one sequence; with `send_tier`, its `service_tier` unless that
@@ -390,54 +321,48 @@ impl ChunkFold {
     }
 
     /// The events one chunk adds.
-    fn on_chunk(&mut self, chunk: &Value, count: &dyn Fn(&str) -> u32) -> Vec<GenerateEvent> {
+    fn on_chunk(&mut self, chunk: Chunk<'_>, count: &dyn Fn(&str) -> u32) -> Vec<GenerateEvent> {
         let mut events = Vec::new();
         // Started once the upstream produced something (a role-only first chunk does
         // not count: until text arrives the request can still move elsewhere).
-        let choice = chunk["choices"].get(0);
-        let text = choice
-            .and_then(|c| {
-                c["delta"]["content"]
-                    .as_str()
-                    .or_else(|| c["text"].as_str())
-            })
-            .unwrap_or("");
-        let finished_here = choice.is_some_and(|c| c["finish_reason"].is_string());
-        let calls = choice
-            .and_then(|c| c["delta"]["tool_calls"].as_array())
-            .cloned()
-            .unwrap_or_default();
-        if !self.started && (!text.is_empty() || finished_here || !calls.is_empty()) {
+        let choice = chunk.choice;
+        let text = choice.as_ref().map_or("", |c| &c.text);
+        let finished_here = choice.as_ref().is_some_and(|c| c.finish_reason.is_some());
+        let has_calls = choice.as_ref().is_some_and(|c| !c.calls.is_empty());
+        if !self.started && (!text.is_empty() || finished_here || has_calls) {
             self.started = true;
             events.push(GenerateEvent::Started {
                 prompt_tokens: self.prompt_estimate,
             });
         }
-        if let Some(u) = chunk.get("usage").and_then(UpstreamUsage::read) {
+        if let Some(u) = chunk.usage {
             self.usage = Some(u);
         }
-        if let Some(tier) = chunk["service_tier"].as_str().and_then(|t| t.parse().ok()) {
+        if let Some(tier) = chunk.service_tier {
             self.service_tier = Some(tier);
         }
         let Some(choice) = choice else {
             return events;
         };
-        let logprobs = chunk_logprobs(choice);
-        if !text.is_empty() || !logprobs.is_empty() || !calls.is_empty() {
+        let calls = &choice.calls;
+        if !choice.text.is_empty() || !choice.logprobs.is_empty() || !calls.is_empty() {
             let arguments: String = calls
                 .iter()
                 .filter_map(|c| c["function"]["arguments"].as_str())
                 .collect();
-            self.observed = self
-                .observed
-                .saturating_add(count(&format!("{text}{arguments}")));
+            let added = if arguments.is_empty() {
+                count(&choice.text)
+            } else {
+                count(&format!("{}{arguments}", choice.text))
+            };
+            self.observed = self.observed.saturating_add(added);
             events.push(GenerateEvent::Delta {
-                text: text.to_string(),
-                logprobs,
+                text: choice.text.into_owned(),
+                logprobs: choice.logprobs,
                 completion_tokens: self.observed,
             });
         }
-        for call in &calls {
+        for call in calls {
             events.push(GenerateEvent::ToolCallDelta {
                 index: call["index"]
                     .as_u64()
@@ -451,7 +376,7 @@ impl ChunkFold {
                     .to_string(),
             });
         }
-        if let Some(f) = choice["finish_reason"].as_str() {
+        if let Some(f) = &choice.finish_reason {
             self.finish = Some(finish_reason(f));
         }
         events
@@ -542,15 +467,15 @@ pub(super) fn run(
                 if data.trim() == "[DONE]" {
                     break;
                 }
-                let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+                let Some(mut chunk) = chunk::parse(&data) else {
                     failure = Some(format!("{base}: unreadable event `{data}`"));
                     break;
                 };
-                if let Some(message) = chunk["error"]["message"].as_str() {
+                if let Some(message) = chunk.error.take() {
                     failure = Some(format!("{base}: {message}"));
                     break;
                 }
-                for e in fold.on_chunk(&chunk, &count) {
+                for e in fold.on_chunk(chunk, &count) {
                     yield Read::Event(e);
                 }
             }

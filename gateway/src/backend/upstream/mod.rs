@@ -39,6 +39,7 @@ use serde_json::{json, Value};
 
 mod adapters;
 mod chat;
+mod chunk;
 mod failover;
 mod health;
 mod responses;

@@ -6,8 +6,9 @@
 //! byte order mark are dropped; an event not ended by an empty line when the body ends is not
 //! dispatched.
 //!
-//! It scans each byte once and copies only the data: the general-purpose parser it replaced
-//! took a measured 7% of the gateway's instructions per proxied request.
+//! It scans each byte once (for line ends with `memchr`, many bytes at a time) and copies only
+//! the data: the general-purpose parser it replaced took a measured 7% of the gateway's
+//! instructions per proxied request.
 
 use std::fmt;
 
@@ -65,7 +66,7 @@ impl Decoder {
         }
         loop {
             let rest = &self.buf[self.start..];
-            let end = rest.iter().position(|&b| b == b'\n' || b == b'\r')?;
+            let end = memchr::memchr2(b'\n', b'\r', rest)?;
             let after = match rest[end] {
                 // A CR at the end of what arrived may be the first half of CR LF.
                 b'\r' if end + 1 == rest.len() => return None,

@@ -31,6 +31,12 @@ fn the_tier_goes_in_the_body_unless_default_or_not_forwarded() {
     assert_eq!(batch["service_tier"], "flex");
 }
 
+/// An event's data as it arrives.
+fn read(chunk: &Value) -> Chunk<'static> {
+    let data = chunk.to_string();
+    chunk::parse(&data).expect("JSON is read").into_owned()
+}
+
 /// The usage the fold's end finishes with.
 fn finish_usage(fold: ChunkFold) -> Option<Usage> {
     fold.end(None, "up").into_iter().find_map(|r| match r {
@@ -44,9 +50,9 @@ fn the_tier_an_upstream_reports_is_on_the_finish() {
     let count = |t: &str| u32::try_from(t.len()).unwrap_or(u32::MAX);
     let mut fold = ChunkFold::new(3);
     let chunk = json!({"service_tier": "default", "choices": [{"delta": {"content": "hi"}}]});
-    fold.on_chunk(&chunk, &count);
+    fold.on_chunk(read(&chunk), &count);
     let last = json!({"service_tier": "flex", "choices": [{"delta": {}, "finish_reason": "stop"}]});
-    fold.on_chunk(&last, &count);
+    fold.on_chunk(read(&last), &count);
     let finished = finish_usage(fold);
     assert_eq!(
         finished.and_then(|u| u.service_tier),
@@ -55,7 +61,7 @@ fn the_tier_an_upstream_reports_is_on_the_finish() {
     // An unknown or absent tier reports nothing.
     let mut fold = ChunkFold::new(3);
     let odd = json!({"service_tier": "scale", "choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]});
-    fold.on_chunk(&odd, &count);
+    fold.on_chunk(read(&odd), &count);
     let finished = finish_usage(fold);
     assert_eq!(finished.map(|u| u.service_tier), Some(None));
 }
