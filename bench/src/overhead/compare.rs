@@ -135,7 +135,7 @@ async fn run_rounds(opts: &Options, today: &Path, older: &Path) -> anyhow::Resul
         };
         for is_today in order {
             let binary = if is_today { today } else { older };
-            let (points, metering, load) = measure_binary(opts, binary)
+            let (points, metering, load, _) = measure_binary(opts, binary)
                 .await
                 .with_context(|| format!("round {round}, {}", binary.display()))?;
             rounds.push(Round {

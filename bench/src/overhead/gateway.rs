@@ -30,12 +30,13 @@ impl Drop for Gateway {
 
 impl Gateway {
     /// Starts `binary` serving the upstream at `upstream` as the model [`MODEL`], its files in
-    /// `dir`.
+    /// `dir`; `extra_config` is appended to its `models.toml`.
     pub fn start(
         opts: &Options,
         binary: &Path,
         dir: &Path,
         upstream: SocketAddr,
+        extra_config: &str,
     ) -> anyhow::Result<Self> {
         ensure!(
             binary.exists(),
@@ -51,7 +52,8 @@ impl Gateway {
             format!(
                 "[models.\"{MODEL}\"]\n\
                  backend = {{ type = \"http\", urls = [\"http://{upstream}\"], api_key_env = \"{UPSTREAM_KEY_ENV}\" }}\n\
-                 price = {{ input_per_mtok = \"0.15\", output_per_mtok = \"0.60\" }}\n"
+                 price = {{ input_per_mtok = \"0.15\", output_per_mtok = \"0.60\" }}\n\
+                 {extra_config}"
             ),
         )?;
         // A free port for the gateway (released just before it binds it).

@@ -11,27 +11,28 @@ use reqwest::header;
 use serde_json::{json, Value};
 use tollgate_testkit::{Behaviour, FakeUpstream, Running};
 
+use super::conns::{self, Held};
 use super::cpu::{cpu_between, CpuSnapshot};
 use super::gateway::{phases, Gateway, PhaseHistogram};
 use super::load::{request_body, run_load, Run, Target};
 use super::report::{diff, loadavg, ms, table, write_raw};
 use super::{reply, Options, REQUEST_TIMEOUT, SETTLE, STATIC_KEY, SUSTAIN_SHARE, UPSTREAM_KEY};
 
-struct Bench {
-    opts: Options,
-    client: reqwest::Client,
-    gateway: Gateway,
+pub(super) struct Bench {
+    pub(super) opts: Options,
+    pub(super) client: reqwest::Client,
+    pub(super) gateway: Gateway,
     direct: Arc<Target>,
-    via: Arc<Target>,
+    pub(super) via: Arc<Target>,
     /// Chat requests the upstream received, to check the gateway makes one attempt per
     /// request.
-    upstream_hits: Arc<AtomicU64>,
+    pub(super) upstream_hits: Arc<AtomicU64>,
     /// Requests sent through the gateway, answered 200, and failed, warm-ups included.
-    gateway_sent: u64,
-    gateway_ok: u64,
-    gateway_errors: u64,
+    pub(super) gateway_sent: u64,
+    pub(super) gateway_ok: u64,
+    pub(super) gateway_errors: u64,
     /// Upstream requests made by the gateway.
-    upstream_via_gateway: u64,
+    pub(super) upstream_via_gateway: u64,
 }
 
 /// One rate: both paths.
@@ -100,7 +101,7 @@ impl Bench {
         }
     }
 
-    async fn rate_point(&mut self, rate: f64) -> anyhow::Result<RatePoint> {
+    pub(super) async fn rate_point(&mut self, rate: f64) -> anyhow::Result<RatePoint> {
         let direct = self.measure(rate, false).await?;
         let gateway = self.measure(rate, true).await?;
         eprintln!(
@@ -225,7 +226,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         return super::compare::compare(&opts, &binary, &baseline).await;
     }
     let header = header(&opts);
-    let (points, metering, (load_before, load_after)) = measure_binary(&opts, &binary).await?;
+    let (points, metering, (load_before, load_after), held) =
+        measure_binary(&opts, &binary).await?;
     let results = Results {
         header,
         load_before,
@@ -234,6 +236,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         best_direct: best(&points, |p| &p.direct),
         points,
         metering,
+        held,
     };
     results.print();
     if let Some(path) = &opts.json {
@@ -244,15 +247,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if results.metering.as_ref().is_some_and(|m| !m.ok) {
         bail!("the ledger does not hold one record per gateway request");
     }
+    if let Some(n) = results
+        .held
+        .as_ref()
+        .map(Held::error_count)
+        .filter(|&n| n > 0)
+    {
+        bail!("{n} held connections or streams failed");
+    }
     Ok(())
 }
 
-/// The rates of `opts` through a gateway started from `binary`, with the ledger check and the
-/// load averages before and after.
-pub(super) async fn measure_binary(
-    opts: &Options,
-    binary: &Path,
-) -> anyhow::Result<(Vec<RatePoint>, Option<MeteringCheck>, (String, String))> {
+/// The rates of `opts` through a gateway started from `binary`, with the ledger check, the
+/// load averages before and after, and (`--idle-connections`, `--slow-streams`) the held phase.
+pub(super) async fn measure_binary(opts: &Options, binary: &Path) -> anyhow::Result<Measured> {
     // Dropped in reverse order: the gateway, then the upstream, then the directory.
     let tmp = match &opts.dir {
         Some(d) => tempfile::Builder::new()
@@ -266,7 +274,9 @@ pub(super) async fn measure_binary(
         .with_api_key(UPSTREAM_KEY)
         .spawn_thread()
         .context("cannot start the upstream")?;
-    let mut b = Bench::start(opts, binary, tmp.path(), &upstream).await?;
+    let slow = conns::slow_upstream(opts)?;
+    let extra = conns::gateway_config(opts, slow.as_ref().map(|s| s.addr));
+    let mut b = Bench::start(opts, binary, tmp.path(), &upstream, &extra).await?;
     b.check().await?;
     b.gateway_sent += 1;
     b.gateway_ok += 1;
@@ -276,6 +286,11 @@ pub(super) async fn measure_binary(
     let load_before = loadavg();
     eprintln!("load average before: {load_before}");
     let points = b.sweep().await?;
+    let held = if conns::enabled(opts) {
+        Some(b.held(slow.as_ref()).await?)
+    } else {
+        None
+    };
     let load_after = loadavg();
     let metering = if opts.metering() {
         // A ledger that cannot be read is a failed check, reported with the rates measured.
@@ -287,8 +302,16 @@ pub(super) async fn measure_binary(
     } else {
         None
     };
-    Ok((points, metering, (load_before, load_after)))
+    Ok((points, metering, (load_before, load_after), held))
 }
+
+/// The points, the ledger check, the load averages before and after, and the held phase.
+type Measured = (
+    Vec<RatePoint>,
+    Option<MeteringCheck>,
+    (String, String),
+    Option<Held>,
+);
 
 impl Bench {
     /// Starts `binary` in front of `upstream` (its files in `dir`), waits until it is ready
@@ -298,8 +321,9 @@ impl Bench {
         binary: &Path,
         dir: &Path,
         upstream: &Running,
+        extra_config: &str,
     ) -> anyhow::Result<Self> {
-        let mut gateway = Gateway::start(opts, binary, dir, upstream.addr)?;
+        let mut gateway = Gateway::start(opts, binary, dir, upstream.addr, extra_config)?;
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(usize::MAX)
             .pool_idle_timeout(Duration::from_secs(300))
@@ -446,6 +470,8 @@ struct Results {
     best_direct: Option<f64>,
     /// `None` with metering off.
     metering: Option<MeteringCheck>,
+    /// With `--idle-connections` or `--slow-streams`.
+    held: Option<Held>,
 }
 
 /// `streamed` or `non-streamed`.
@@ -528,6 +554,9 @@ impl Results {
             Some(m) => println!("{}", m.line),
             None => println!("metering: off"),
         }
+        if let Some(h) = &self.held {
+            print!("{}", h.text(points));
+        }
     }
 
     fn to_json(&self, opts: &Options) -> Value {
@@ -551,6 +580,7 @@ impl Results {
             "highest_sustained_direct": self.best_direct,
             "broke": self.points.iter().find(|p| !p.gateway.sustained()).map(|p| broke_line(&p.gateway)),
             "metering_check": self.metering.as_ref().map_or(Value::Null, |m| m.json.clone()),
+            "held": self.held.as_ref().map_or(Value::Null, Held::to_json),
             "provenance": crate::provenance::provenance(),
         })
     }
