@@ -65,3 +65,7 @@ TOLLGATE_RENDER_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 
 TOLLGATE_REQUIRE_ALL=1 TOLLGATE_TEST_POSTGRES=1 TOLLGATE_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tollgate" \
     "${TOLLGATE_VENV:-$ROOT/.venv}/bin/python" -m pytest tests/python -q -p no:cacheprovider \
         -W error::pytest.PytestUnhandledThreadExceptionWarning
+step "benchmark smoke run on PostgreSQL: one gateway, then two sharing the ledger and limits"
+PG_URL="$(scripts/postgres.sh reset)"
+cargo run --release -q -p tollgate-bench --bin overhead -- --rates 50 --duration 1 --warmup 0 --no-search \
+    --postgres "$PG_URL" --replicas 2 >/dev/null

@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 
 use super::held::{open_idle, recheck_idle, slow_stream, Endpoint, Errors, Side, StreamEnd};
 use super::load::request_body;
+use super::replicas::point_json;
 use super::report::{cell, diff, table};
 use super::run::{Bench, RatePoint};
 use super::trickle::{SlowUpstream, PIECE_EVERY};
@@ -129,9 +130,20 @@ pub struct Held {
 }
 
 impl Bench {
+    /// With `--idle-connections` or `--slow-streams`: the held phase.
+    pub(super) async fn held(
+        &mut self,
+        slow: Option<&SlowUpstream>,
+    ) -> anyhow::Result<Option<Held>> {
+        if !enabled(&self.opts) {
+            return Ok(None);
+        }
+        self.hold(slow).await.map(Some)
+    }
+
     /// Opens the held connections and streams, measures the listed rates with them open,
     /// checks and closes them, and measures the rates again.
-    pub(super) async fn held(&mut self, slow: Option<&SlowUpstream>) -> anyhow::Result<Held> {
+    async fn hold(&mut self, slow: Option<&SlowUpstream>) -> anyhow::Result<Held> {
         let opts = self.opts.clone();
         let open_file_limit = raise_own_limit(&opts)?;
         let side = Side::start("held-connections")?;
@@ -218,9 +230,7 @@ impl Bench {
 
     /// Until the ledger has caught up, and a moment more.
     async fn settle(&self) -> anyhow::Result<()> {
-        if self.opts.metering() {
-            self.gateway.wait_ledger(&self.client).await?;
-        }
+        self.wait_ledgers().await?;
         tokio::time::sleep(SETTLE).await;
         Ok(())
     }
@@ -357,15 +367,6 @@ impl Held {
 
     pub fn to_json(&self) -> Value {
         let (per_conn, per_stream) = self.per_item();
-        let point = |p: &RatePoint| {
-            json!({
-                "rate": p.gateway.rate,
-                "direct": p.direct.to_json(),
-                "gateway": p.gateway.to_json(),
-                "added_p50_ms": diff(p.gateway.quantile_ms(0.50), p.direct.quantile_ms(0.50)),
-                "added_p99_ms": diff(p.gateway.quantile_ms(0.99), p.direct.quantile_ms(0.99)),
-            })
-        };
         json!({
             "idle_connections": self.idle,
             "slow_streams": self.streams,
@@ -387,8 +388,8 @@ impl Held {
             "longest_gap_between_pieces_ms": self.longest_gap.as_secs_f64() * 1e3,
             "errors": self.error_count(),
             "error_kinds": self.errors.sorted().iter().map(|(m, n)| json!({"message": m, "count": n})).collect::<Vec<_>>(),
-            "with_them_open": self.with.iter().map(point).collect::<Vec<_>>(),
-            "after_closing_them": self.after.iter().map(point).collect::<Vec<_>>(),
+            "with_them_open": self.with.iter().map(point_json).collect::<Vec<_>>(),
+            "after_closing_them": self.after.iter().map(point_json).collect::<Vec<_>>(),
         })
     }
 }

@@ -50,6 +50,9 @@
 //! memory per connection and per stream, and runs the rates again with them open and after
 //! closing them ([`conns`]).
 //!
+//! With `--postgres URL`, the ledger and the limits are on PostgreSQL; `--replicas N` then
+//! runs the benchmark with one gateway and again with N sharing the database ([`replicas`]).
+//!
 //! The code: [`options`] (the command line), [`gateway`] (the child process and its metrics),
 //! [`cpu`] (CPU accounting from /proc), [`load`] (the open-loop load generator), [`report`] (the
 //! table), [`run`] (the benchmark itself), [`conns`], [`held`] and [`trickle`] (held
@@ -66,6 +69,7 @@ pub mod gateway;
 pub mod held;
 pub mod load;
 pub mod options;
+pub mod replicas;
 pub mod report;
 pub mod run;
 pub mod trickle;

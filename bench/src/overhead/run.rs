@@ -22,6 +22,8 @@ pub(super) struct Bench {
     pub(super) opts: Options,
     pub(super) client: reqwest::Client,
     pub(super) gateway: Gateway,
+    /// More gateways sharing its PostgreSQL ledger (`--replicas`).
+    pub(super) replicas: Vec<Gateway>,
     direct: Arc<Target>,
     pub(super) via: Arc<Target>,
     /// Chat requests the upstream received, to check the gateway makes one attempt per
@@ -49,9 +51,7 @@ impl Bench {
         } else {
             self.direct.clone()
         };
-        if self.opts.metering() {
-            self.gateway.wait_ledger(&self.client).await?;
-        }
+        self.wait_ledgers().await?;
         tokio::time::sleep(SETTLE).await;
         let upstream_before = self.upstream_hits.load(Ordering::Relaxed);
         if !self.opts.warmup.is_zero() {
@@ -65,9 +65,9 @@ impl Bench {
         // A scrape the gateway refuses (past its capacity) is an error of the run, which then
         // is not sustained: the report says where the gateway broke and why.
         let phases_before = self.scrape().await;
-        let before = CpuSnapshot::take(self.gateway.pid());
+        let before = CpuSnapshot::take(&self.pids());
         let mut run = run_load(&self.client, &target, rate, self.opts.duration).await?;
-        let after = CpuSnapshot::take(self.gateway.pid());
+        let after = CpuSnapshot::take(&self.pids());
         run.cpu = cpu_between(before, after);
         if through_gateway {
             self.gateway_sent += run.sent;
@@ -190,7 +190,7 @@ impl Bench {
 /// Where and why the gateway broke: the first rate it did not sustain, what it achieved there
 /// and its most frequent errors (503s it shed past its capacity, refused connections, timeouts,
 /// a refused scrape).
-fn broke_line(run: &Run) -> String {
+pub(super) fn broke_line(run: &Run) -> String {
     let mut errors = run.errors.clone();
     errors.sort_by_key(|e| std::cmp::Reverse(e.1));
     let why: Vec<String> = errors
@@ -224,6 +224,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     if let Some(baseline) = opts.baseline.clone() {
         return super::compare::compare(&opts, &binary, &baseline).await;
+    }
+    if opts.replicas > 1 {
+        return super::replicas::run(&opts, &binary).await;
     }
     let header = header(&opts);
     let (points, metering, (load_before, load_after), held) =
@@ -277,6 +280,8 @@ pub(super) async fn measure_binary(opts: &Options, binary: &Path) -> anyhow::Res
     let slow = conns::slow_upstream(opts)?;
     let extra = conns::gateway_config(opts, slow.as_ref().map(|s| s.addr));
     let mut b = Bench::start(opts, binary, tmp.path(), &upstream, &extra).await?;
+    b.add_replicas(binary, tmp.path(), &upstream, &extra)
+        .await?;
     b.check().await?;
     b.gateway_sent += 1;
     b.gateway_ok += 1;
@@ -286,11 +291,7 @@ pub(super) async fn measure_binary(opts: &Options, binary: &Path) -> anyhow::Res
     let load_before = loadavg();
     eprintln!("load average before: {load_before}");
     let points = b.sweep().await?;
-    let held = if conns::enabled(opts) {
-        Some(b.held(slow.as_ref()).await?)
-    } else {
-        None
-    };
+    let held = b.held(slow.as_ref()).await?;
     let load_after = loadavg();
     let metering = if opts.metering() {
         // A ledger that cannot be read is a failed check, reported with the rates measured.
@@ -332,7 +333,7 @@ impl Bench {
             .build()?;
         gateway.wait_ready(&client).await?;
         let key = if opts.metering() {
-            gateway.issue_key(&client).await?
+            gateway.issue_key(&client, opts.postgres.is_some()).await?
         } else {
             STATIC_KEY.to_string()
         };
@@ -342,17 +343,20 @@ impl Bench {
             auth: format!("Bearer {UPSTREAM_KEY}"),
             body: body.clone(),
             stream: opts.stream,
+            others: Vec::new(),
         });
         let via = Arc::new(Target {
             url: format!("{}/v1/chat/completions", gateway.base),
             auth: format!("Bearer {key}"),
             body,
             stream: opts.stream,
+            others: Vec::new(),
         });
         Ok(Self {
             opts: opts.clone(),
             client,
             gateway,
+            replicas: Vec::new(),
             direct,
             via,
             upstream_hits: upstream.hit_counter(),
@@ -420,7 +424,7 @@ impl Bench {
 
     /// Metering: one record per request the gateway answered.
     async fn metering_check(&mut self) -> anyhow::Result<MeteringCheck> {
-        self.gateway.wait_ledger(&self.client).await?;
+        self.wait_ledgers().await?;
         let (records, completed) = self.gateway.count_records(&self.client).await?;
         // Without errors: one completed record per request. A request that failed or timed out
         // may have a record of another status, or none (refused before reaching the model).
@@ -486,9 +490,9 @@ pub(super) fn mode(opts: &Options) -> &'static str {
 /// The line that says what was measured, and how.
 pub(super) fn header(opts: &Options) -> String {
     let metering = if opts.metering() {
-        "metering on (SQLite ledger, database key lookups)"
+        super::replicas::metering_text(opts)
     } else {
-        "metering off (--no-database, static key)"
+        "metering off (--no-database, static key)".into()
     };
     format!(
         "gateway overhead: {} chat completions ({} tokens), {metering}, gateway RUST_LOG={}, \
@@ -503,7 +507,7 @@ pub(super) fn header(opts: &Options) -> String {
 }
 
 /// The highest rate of the sustained run of points from the lowest rate up.
-fn best(points: &[RatePoint], f: fn(&RatePoint) -> &Run) -> Option<f64> {
+pub(super) fn best(points: &[RatePoint], f: fn(&RatePoint) -> &Run) -> Option<f64> {
     points
         .iter()
         .map(f)
