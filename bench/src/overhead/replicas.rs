@@ -23,7 +23,7 @@ use tollgate_testkit::Running;
 
 use super::gateway::Gateway;
 use super::load::Target;
-use super::report::{diff, table};
+use super::report::{diff, table, write_json};
 use super::run::{best, broke_line, header, measure_binary, Bench, RatePoint};
 use super::Options;
 
@@ -163,8 +163,7 @@ pub async fn run(opts: &Options, binary: &Path) -> anyhow::Result<()> {
             "ratio_of_highest_sustained": ratio,
             "provenance": crate::provenance::provenance(),
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(path, &doc)?;
     }
     if !ledger_ok {
         bail!("a ledger does not hold one record per gateway request");
