@@ -32,6 +32,10 @@ step "benchmark smoke run: the overhead bench, a few seconds, no assertion on sp
 # Keeps the benchmark from rotting: it must run, and its ledger check (one record per request
 # the gateway answered) must hold.
 cargo run --release -q -p tollgate-bench --bin overhead -- --rates 50 --duration 1 --warmup 0 --no-search >/dev/null
+# The same with held connections: a few idle keep-alive connections and slow streams, which must
+# all survive the run (each idle one answers a second request, each stream ends with [DONE]).
+cargo run --release -q -p tollgate-bench --bin overhead -- --rates 50 --duration 1 --warmup 0 --no-search \
+    --idle-connections 20 --slow-streams 5 >/dev/null
 
 # The kernel unit tests run every SIMD path this CPU has against the portable loops whatever
 # is selected; the model-level checks above ran the widest path. Run them again on each
@@ -61,3 +65,7 @@ TOLLGATE_RENDER_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 
 TOLLGATE_REQUIRE_ALL=1 TOLLGATE_TEST_POSTGRES=1 TOLLGATE_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tollgate" \
     "${TOLLGATE_VENV:-$ROOT/.venv}/bin/python" -m pytest tests/python -q -p no:cacheprovider \
         -W error::pytest.PytestUnhandledThreadExceptionWarning
+step "benchmark smoke run on PostgreSQL: one gateway, then two sharing the ledger and limits"
+PG_URL="$(scripts/postgres.sh reset)"
+cargo run --release -q -p tollgate-bench --bin overhead -- --rates 50 --duration 1 --warmup 0 --no-search \
+    --postgres "$PG_URL" --replicas 2 >/dev/null

@@ -5,7 +5,8 @@
 //!     cargo run --release -p tollgate-bench --bin overhead -- \
 //!         [--rates 250,500,1000,2000] [--duration 10] [--warmup 2] [--no-search] \
 //!         [--stream] [--metering on|off] [--gateway-log info] [--json FILE] \
-//!         [--binary PATH] [--baseline OLDER_PATH [--rounds N]] [--dir DIR] [--raw DIR]
+//!         [--binary PATH] [--baseline OLDER_PATH [--rounds N]] [--dir DIR] [--raw DIR] \
+//!         [--idle-connections N] [--slow-streams M]
 
 use tollgate_bench::overhead::{run, Options};
 

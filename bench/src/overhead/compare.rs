@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::report::diff;
+use super::report::{diff, write_json};
 use super::run::{header, measure_binary, mode, RatePoint};
 use super::Options;
 
@@ -115,8 +115,7 @@ pub async fn compare(opts: &Options, today: &Path, older: &Path) -> anyhow::Resu
             "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
             "provenance": crate::provenance::provenance(),
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(path, &doc)?;
     }
     if !ledger_ok {
         bail!("a ledger does not hold one record per gateway request");
@@ -135,7 +134,7 @@ async fn run_rounds(opts: &Options, today: &Path, older: &Path) -> anyhow::Resul
         };
         for is_today in order {
             let binary = if is_today { today } else { older };
-            let (points, metering, load) = measure_binary(opts, binary)
+            let (points, metering, load, _) = measure_binary(opts, binary)
                 .await
                 .with_context(|| format!("round {round}, {}", binary.display()))?;
             rounds.push(Round {

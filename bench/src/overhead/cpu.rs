@@ -42,10 +42,14 @@ pub struct CpuSnapshot {
 }
 
 impl CpuSnapshot {
-    pub fn take(gateway_pid: u32) -> Self {
+    /// Now, the gateway's CPU being that of every process in `gateway_pids` (its replicas).
+    pub fn take(gateway_pids: &[u32]) -> Self {
         Self {
             at: Instant::now(),
-            gateway: process_cpu(&gateway_pid.to_string()),
+            gateway: gateway_pids
+                .iter()
+                .map(|p| process_cpu(&p.to_string()))
+                .sum(),
             own: process_cpu("self"),
             machine: machine_busy(),
         }

@@ -19,6 +19,9 @@ pub struct Gateway {
     /// `http://ADDR`.
     pub base: String,
     log: PathBuf,
+    /// The customer of the issued key: unique on a shared PostgreSQL ledger, whose records the
+    /// ledger check counts.
+    customer: String,
 }
 
 impl Drop for Gateway {
@@ -30,12 +33,13 @@ impl Drop for Gateway {
 
 impl Gateway {
     /// Starts `binary` serving the upstream at `upstream` as the model [`MODEL`], its files in
-    /// `dir`.
+    /// `dir`; `extra_config` is appended to its `models.toml`.
     pub fn start(
         opts: &Options,
         binary: &Path,
         dir: &Path,
         upstream: SocketAddr,
+        extra_config: &str,
     ) -> anyhow::Result<Self> {
         ensure!(
             binary.exists(),
@@ -51,7 +55,8 @@ impl Gateway {
             format!(
                 "[models.\"{MODEL}\"]\n\
                  backend = {{ type = \"http\", urls = [\"http://{upstream}\"], api_key_env = \"{UPSTREAM_KEY_ENV}\" }}\n\
-                 price = {{ input_per_mtok = \"0.15\", output_per_mtok = \"0.60\" }}\n"
+                 price = {{ input_per_mtok = \"0.15\", output_per_mtok = \"0.60\" }}\n\
+                 {extra_config}"
             ),
         )?;
         // A free port for the gateway (released just before it binds it).
@@ -63,8 +68,13 @@ impl Gateway {
             .arg(&config)
             .arg("--listen")
             .arg(addr.to_string());
+        if let Some(url) = opts.postgres.as_ref().filter(|_| opts.metering()) {
+            cmd.arg("--database").arg(url);
+        }
         if opts.metering() {
-            cmd.arg("--database").arg(dir.join("ledger.db"));
+            if opts.postgres.is_none() {
+                cmd.arg("--database").arg(dir.join("ledger.db"));
+            }
             cmd.env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN);
             cmd.env_remove("TOLLGATE_API_KEYS");
         } else {
@@ -84,10 +94,15 @@ impl Gateway {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
+        let customer = match &opts.postgres {
+            Some(_) => format!("{CUSTOMER}-{}", chrono::Utc::now().timestamp_micros()),
+            None => CUSTOMER.to_string(),
+        };
         Ok(Self {
             child,
             base: format!("http://{addr}"),
             log,
+            customer,
         })
     }
 
@@ -116,7 +131,11 @@ impl Gateway {
 
     /// A customer and a key issued through the admin API: requests with it are looked up in
     /// the database and metered.
-    pub async fn issue_key(&self, client: &reqwest::Client) -> anyhow::Result<String> {
+    pub async fn issue_key(
+        &self,
+        client: &reqwest::Client,
+        shared_limits: bool,
+    ) -> anyhow::Result<String> {
         // POST `body` to the admin API's `path`, for `what`: the successful response.
         let admin_post = |path: String, body: Value, what: &'static str| async move {
             let r = client
@@ -128,10 +147,16 @@ impl Gateway {
             ensure!(r.status().is_success(), "{what}: {}", r.text().await?);
             anyhow::Ok(r)
         };
-        let customer = json!({"id": CUSTOMER, "name": "Overhead benchmark"});
+        let customer = json!({"id": self.customer, "name": "Overhead benchmark"});
         admin_post("/customers".into(), customer, "creating the customer").await?;
-        let key = json!({"name": "overhead-bench"});
-        let path = format!("/customers/{CUSTOMER}/keys");
+        // On PostgreSQL, limits the load never reaches, so each request takes its share of the
+        // limits shared by the replicas.
+        let key = if shared_limits {
+            json!({"name": "overhead-bench", "rpm": 100_000_000, "tpm": 100_000_000_000u64})
+        } else {
+            json!({"name": "overhead-bench"})
+        };
+        let path = format!("/customers/{}/keys", self.customer);
         let body: Value = admin_post(path, key, "creating the key")
             .await?
             .json()
@@ -160,7 +185,11 @@ impl Gateway {
         loop {
             let page: Value = client
                 .get(format!("{}/admin/v1/usage/records", self.base))
-                .query(&[("limit", "10000"), ("after", after.as_str())])
+                .query(&[
+                    ("limit", "10000"),
+                    ("after", after.as_str()),
+                    ("customer_id", self.customer.as_str()),
+                ])
                 .header(header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}"))
                 .send()
                 .await?

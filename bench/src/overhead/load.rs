@@ -18,10 +18,22 @@ use super::{MODEL, SUSTAIN_SHARE};
 /// Where one path's requests go.
 pub struct Target {
     pub url: String,
+    /// The same URL on other replicas: requests go to `url` and these in turn.
+    pub others: Vec<String>,
     /// The `Authorization` header.
     pub auth: String,
     pub body: Bytes,
     pub stream: bool,
+}
+
+impl Target {
+    /// The URL of the `n`th request: `url` and `others` in turn.
+    pub fn url_for(&self, n: u64) -> &str {
+        let turn = (n % (self.others.len() as u64 + 1)) as usize;
+        turn.checked_sub(1)
+            .and_then(|i| self.others.get(i))
+            .unwrap_or(&self.url)
+    }
 }
 
 /// A small chat completion: non-streamed, or streamed with a final usage chunk.
@@ -42,10 +54,11 @@ pub fn request_body(stream: bool) -> Bytes {
 async fn one_request(
     client: &reqwest::Client,
     target: &Target,
+    n: u64,
     scheduled: Instant,
 ) -> Result<Duration, String> {
     let response = client
-        .post(&target.url)
+        .post(target.url_for(n))
         .header(header::AUTHORIZATION, &target.auth)
         .header(header::CONTENT_TYPE, "application/json")
         .body(target.body.clone())
@@ -198,7 +211,7 @@ pub async fn run_load(
                 late_max = late_max.max(at.elapsed());
                 let (client, target, tx) = (client.clone(), target.clone(), tx.clone());
                 handle.spawn(async move {
-                    let outcome = one_request(&client, &target, at).await;
+                    let outcome = one_request(&client, &target, i, at).await;
                     let _ = tx.send((at, Instant::now(), outcome));
                 });
             }

@@ -45,21 +45,34 @@
 //! ([`compare`]): the way to tell a change in the gateway's cost on a machine whose speed
 //! drifts.
 //!
+//! With `--idle-connections N` and `--slow-streams M`, after the listed rates the benchmark
+//! holds N idle keep-alive connections and M slow streams open to the gateway, reports its
+//! memory per connection and per stream, and runs the rates again with them open and after
+//! closing them ([`conns`]).
+//!
+//! With `--postgres URL`, the ledger and the limits are on PostgreSQL; `--replicas N` then
+//! runs the benchmark with one gateway and again with N sharing the database ([`replicas`]).
+//!
 //! The code: [`options`] (the command line), [`gateway`] (the child process and its metrics),
 //! [`cpu`] (CPU accounting from /proc), [`load`] (the open-loop load generator), [`report`] (the
-//! table), [`run`] (the benchmark itself).
+//! table), [`run`] (the benchmark itself), [`conns`], [`held`] and [`trickle`] (held
+//! connections, their client side and the slow upstream).
 
 use std::time::Duration;
 
 use tollgate_testkit::Reply;
 
 pub mod compare;
+pub mod conns;
 pub mod cpu;
 pub mod gateway;
+pub mod held;
 pub mod load;
 pub mod options;
+pub mod replicas;
 pub mod report;
 pub mod run;
+pub mod trickle;
 
 pub use options::Options;
 pub use run::run;

@@ -56,6 +56,34 @@ pub struct Options {
     /// Where the temporary ledger and config go (default: the system temp dir)
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// After the listed rates: open N keep-alive connections to the gateway (one request each),
+    /// hold them idle, run the listed rates again and report the gateway's memory per connection
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        conflicts_with = "baseline"
+    )]
+    pub idle_connections: usize,
+    /// Likewise M streamed requests that an upstream answers one piece every 100 ms, held open
+    /// for the whole measurement (memory per stream)
+    #[arg(
+        long,
+        value_name = "M",
+        default_value_t = 0,
+        conflicts_with = "baseline"
+    )]
+    pub slow_streams: usize,
+    /// The ledger (and the limits) on this PostgreSQL database instead of a temporary SQLite
+    /// file; the key then has limits, so every request takes its share of them
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+    /// With --postgres: the whole benchmark with one gateway, then again with N gateways
+    /// sharing the database, the load split evenly between them
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "postgres",
+          conflicts_with_all = ["baseline", "idle_connections", "slow_streams"],
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub replicas: u32,
     /// Also write every measured request as CSV, one file per run: scheduled send (ms from the
     /// run's start), latency (ms), ok
     #[arg(long, value_name = "DIR")]
@@ -149,6 +177,8 @@ mod tests {
             &["overhead", "--step", "1"],
             &["overhead", "--duration", "-1"],
             &["overhead", "--metering", "maybe"],
+            &["overhead", "--idle-connections", "5", "--baseline", "old"],
+            &["overhead", "--replicas", "2"],
         ] {
             assert!(Options::try_parse_from(bad).is_err(), "{bad:?}");
         }

@@ -25,6 +25,13 @@ pub fn write_raw(path: &Path, run: &Run) -> std::io::Result<()> {
     std::fs::write(path, out)
 }
 
+/// Writes a JSON result file.
+pub fn write_json(path: &Path, doc: &serde_json::Value) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::write(path, serde_json::to_string_pretty(doc)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 pub fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.3} ms"))
 }

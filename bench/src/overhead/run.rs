@@ -11,27 +11,30 @@ use reqwest::header;
 use serde_json::{json, Value};
 use tollgate_testkit::{Behaviour, FakeUpstream, Running};
 
+use super::conns::{self, Held};
 use super::cpu::{cpu_between, CpuSnapshot};
 use super::gateway::{phases, Gateway, PhaseHistogram};
 use super::load::{request_body, run_load, Run, Target};
 use super::report::{diff, loadavg, ms, table, write_raw};
 use super::{reply, Options, REQUEST_TIMEOUT, SETTLE, STATIC_KEY, SUSTAIN_SHARE, UPSTREAM_KEY};
 
-struct Bench {
-    opts: Options,
-    client: reqwest::Client,
-    gateway: Gateway,
+pub(super) struct Bench {
+    pub(super) opts: Options,
+    pub(super) client: reqwest::Client,
+    pub(super) gateway: Gateway,
+    /// More gateways sharing its PostgreSQL ledger (`--replicas`).
+    pub(super) replicas: Vec<Gateway>,
     direct: Arc<Target>,
-    via: Arc<Target>,
+    pub(super) via: Arc<Target>,
     /// Chat requests the upstream received, to check the gateway makes one attempt per
     /// request.
-    upstream_hits: Arc<AtomicU64>,
+    pub(super) upstream_hits: Arc<AtomicU64>,
     /// Requests sent through the gateway, answered 200, and failed, warm-ups included.
-    gateway_sent: u64,
-    gateway_ok: u64,
-    gateway_errors: u64,
+    pub(super) gateway_sent: u64,
+    pub(super) gateway_ok: u64,
+    pub(super) gateway_errors: u64,
     /// Upstream requests made by the gateway.
-    upstream_via_gateway: u64,
+    pub(super) upstream_via_gateway: u64,
 }
 
 /// One rate: both paths.
@@ -48,9 +51,7 @@ impl Bench {
         } else {
             self.direct.clone()
         };
-        if self.opts.metering() {
-            self.gateway.wait_ledger(&self.client).await?;
-        }
+        self.wait_ledgers().await?;
         tokio::time::sleep(SETTLE).await;
         let upstream_before = self.upstream_hits.load(Ordering::Relaxed);
         if !self.opts.warmup.is_zero() {
@@ -64,9 +65,9 @@ impl Bench {
         // A scrape the gateway refuses (past its capacity) is an error of the run, which then
         // is not sustained: the report says where the gateway broke and why.
         let phases_before = self.scrape().await;
-        let before = CpuSnapshot::take(self.gateway.pid());
+        let before = CpuSnapshot::take(&self.pids());
         let mut run = run_load(&self.client, &target, rate, self.opts.duration).await?;
-        let after = CpuSnapshot::take(self.gateway.pid());
+        let after = CpuSnapshot::take(&self.pids());
         run.cpu = cpu_between(before, after);
         if through_gateway {
             self.gateway_sent += run.sent;
@@ -100,7 +101,7 @@ impl Bench {
         }
     }
 
-    async fn rate_point(&mut self, rate: f64) -> anyhow::Result<RatePoint> {
+    pub(super) async fn rate_point(&mut self, rate: f64) -> anyhow::Result<RatePoint> {
         let direct = self.measure(rate, false).await?;
         let gateway = self.measure(rate, true).await?;
         eprintln!(
@@ -189,7 +190,7 @@ impl Bench {
 /// Where and why the gateway broke: the first rate it did not sustain, what it achieved there
 /// and its most frequent errors (503s it shed past its capacity, refused connections, timeouts,
 /// a refused scrape).
-fn broke_line(run: &Run) -> String {
+pub(super) fn broke_line(run: &Run) -> String {
     let mut errors = run.errors.clone();
     errors.sort_by_key(|e| std::cmp::Reverse(e.1));
     let why: Vec<String> = errors
@@ -224,8 +225,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(baseline) = opts.baseline.clone() {
         return super::compare::compare(&opts, &binary, &baseline).await;
     }
+    if opts.replicas > 1 {
+        return super::replicas::run(&opts, &binary).await;
+    }
     let header = header(&opts);
-    let (points, metering, (load_before, load_after)) = measure_binary(&opts, &binary).await?;
+    let (points, metering, (load_before, load_after), held) =
+        measure_binary(&opts, &binary).await?;
     let results = Results {
         header,
         load_before,
@@ -234,6 +239,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         best_direct: best(&points, |p| &p.direct),
         points,
         metering,
+        held,
     };
     results.print();
     if let Some(path) = &opts.json {
@@ -244,15 +250,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if results.metering.as_ref().is_some_and(|m| !m.ok) {
         bail!("the ledger does not hold one record per gateway request");
     }
+    if let Some(n) = results
+        .held
+        .as_ref()
+        .map(Held::error_count)
+        .filter(|&n| n > 0)
+    {
+        bail!("{n} held connections or streams failed");
+    }
     Ok(())
 }
 
-/// The rates of `opts` through a gateway started from `binary`, with the ledger check and the
-/// load averages before and after.
-pub(super) async fn measure_binary(
-    opts: &Options,
-    binary: &Path,
-) -> anyhow::Result<(Vec<RatePoint>, Option<MeteringCheck>, (String, String))> {
+/// The rates of `opts` through a gateway started from `binary`, with the ledger check, the
+/// load averages before and after, and (`--idle-connections`, `--slow-streams`) the held phase.
+pub(super) async fn measure_binary(opts: &Options, binary: &Path) -> anyhow::Result<Measured> {
     // Dropped in reverse order: the gateway, then the upstream, then the directory.
     let tmp = match &opts.dir {
         Some(d) => tempfile::Builder::new()
@@ -266,7 +277,11 @@ pub(super) async fn measure_binary(
         .with_api_key(UPSTREAM_KEY)
         .spawn_thread()
         .context("cannot start the upstream")?;
-    let mut b = Bench::start(opts, binary, tmp.path(), &upstream).await?;
+    let slow = conns::slow_upstream(opts)?;
+    let extra = conns::gateway_config(opts, slow.as_ref().map(|s| s.addr));
+    let mut b = Bench::start(opts, binary, tmp.path(), &upstream, &extra).await?;
+    b.add_replicas(binary, tmp.path(), &upstream, &extra)
+        .await?;
     b.check().await?;
     b.gateway_sent += 1;
     b.gateway_ok += 1;
@@ -276,6 +291,7 @@ pub(super) async fn measure_binary(
     let load_before = loadavg();
     eprintln!("load average before: {load_before}");
     let points = b.sweep().await?;
+    let held = b.held(slow.as_ref()).await?;
     let load_after = loadavg();
     let metering = if opts.metering() {
         // A ledger that cannot be read is a failed check, reported with the rates measured.
@@ -287,8 +303,16 @@ pub(super) async fn measure_binary(
     } else {
         None
     };
-    Ok((points, metering, (load_before, load_after)))
+    Ok((points, metering, (load_before, load_after), held))
 }
+
+/// The points, the ledger check, the load averages before and after, and the held phase.
+type Measured = (
+    Vec<RatePoint>,
+    Option<MeteringCheck>,
+    (String, String),
+    Option<Held>,
+);
 
 impl Bench {
     /// Starts `binary` in front of `upstream` (its files in `dir`), waits until it is ready
@@ -298,8 +322,9 @@ impl Bench {
         binary: &Path,
         dir: &Path,
         upstream: &Running,
+        extra_config: &str,
     ) -> anyhow::Result<Self> {
-        let mut gateway = Gateway::start(opts, binary, dir, upstream.addr)?;
+        let mut gateway = Gateway::start(opts, binary, dir, upstream.addr, extra_config)?;
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(usize::MAX)
             .pool_idle_timeout(Duration::from_secs(300))
@@ -308,7 +333,7 @@ impl Bench {
             .build()?;
         gateway.wait_ready(&client).await?;
         let key = if opts.metering() {
-            gateway.issue_key(&client).await?
+            gateway.issue_key(&client, opts.postgres.is_some()).await?
         } else {
             STATIC_KEY.to_string()
         };
@@ -318,17 +343,20 @@ impl Bench {
             auth: format!("Bearer {UPSTREAM_KEY}"),
             body: body.clone(),
             stream: opts.stream,
+            others: Vec::new(),
         });
         let via = Arc::new(Target {
             url: format!("{}/v1/chat/completions", gateway.base),
             auth: format!("Bearer {key}"),
             body,
             stream: opts.stream,
+            others: Vec::new(),
         });
         Ok(Self {
             opts: opts.clone(),
             client,
             gateway,
+            replicas: Vec::new(),
             direct,
             via,
             upstream_hits: upstream.hit_counter(),
@@ -396,7 +424,7 @@ impl Bench {
 
     /// Metering: one record per request the gateway answered.
     async fn metering_check(&mut self) -> anyhow::Result<MeteringCheck> {
-        self.gateway.wait_ledger(&self.client).await?;
+        self.wait_ledgers().await?;
         let (records, completed) = self.gateway.count_records(&self.client).await?;
         // Without errors: one completed record per request. A request that failed or timed out
         // may have a record of another status, or none (refused before reaching the model).
@@ -446,6 +474,8 @@ struct Results {
     best_direct: Option<f64>,
     /// `None` with metering off.
     metering: Option<MeteringCheck>,
+    /// With `--idle-connections` or `--slow-streams`.
+    held: Option<Held>,
 }
 
 /// `streamed` or `non-streamed`.
@@ -460,9 +490,9 @@ pub(super) fn mode(opts: &Options) -> &'static str {
 /// The line that says what was measured, and how.
 pub(super) fn header(opts: &Options) -> String {
     let metering = if opts.metering() {
-        "metering on (SQLite ledger, database key lookups)"
+        super::replicas::metering_text(opts)
     } else {
-        "metering off (--no-database, static key)"
+        "metering off (--no-database, static key)".into()
     };
     format!(
         "gateway overhead: {} chat completions ({} tokens), {metering}, gateway RUST_LOG={}, \
@@ -477,7 +507,7 @@ pub(super) fn header(opts: &Options) -> String {
 }
 
 /// The highest rate of the sustained run of points from the lowest rate up.
-fn best(points: &[RatePoint], f: fn(&RatePoint) -> &Run) -> Option<f64> {
+pub(super) fn best(points: &[RatePoint], f: fn(&RatePoint) -> &Run) -> Option<f64> {
     points
         .iter()
         .map(f)
@@ -528,6 +558,9 @@ impl Results {
             Some(m) => println!("{}", m.line),
             None => println!("metering: off"),
         }
+        if let Some(h) = &self.held {
+            print!("{}", h.text(points));
+        }
     }
 
     fn to_json(&self, opts: &Options) -> Value {
@@ -551,6 +584,7 @@ impl Results {
             "highest_sustained_direct": self.best_direct,
             "broke": self.points.iter().find(|p| !p.gateway.sustained()).map(|p| broke_line(&p.gateway)),
             "metering_check": self.metering.as_ref().map_or(Value::Null, |m| m.json.clone()),
+            "held": self.held.as_ref().map_or(Value::Null, Held::to_json),
             "provenance": crate::provenance::provenance(),
         })
     }
