@@ -3,21 +3,22 @@
 //! alternated round by round; and how long an adapter takes to load.
 //!
 //! Adapters of rank `--rank` (16) on all seven projections of every layer, random, written as
-//! PEFT directories under the system's temporary directory. Each run submits 8 greedy requests
+//! PEFT directories under the system's temporary directory, their matrices saved as `--dtype`
+//! (`f32`; or `bf16`, `f16`: held so in memory too, half the bytes each step reads). Each run submits 8 greedy requests
 //! at once (prompts unique to the run, so the prefix cache gives nothing) of `--tokens` (128)
 //! tokens each with the end tokens banned, and times them from submission to the last token.
 //! Prints one JSON object: each round's tok/s of both runs, their medians and ratio, and the
 //! adapters' load times.
 //!
 //! `cargo run --release -p tollgate-runtime --example lora_bench [-- --rounds 3 --rank 16
-//! --tokens 128]` (run under `flock /tmp/tollgate-bench.lock`).
+//! --tokens 128 --dtype f32]` (run under `flock /tmp/tollgate-bench.lock`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
 use tollgate_runtime::loader::load_dev_model;
 use tollgate_runtime::model::{AdapterBase, LlamaConfig, LoraAdapter, LoraTarget};
@@ -38,8 +39,14 @@ fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
     }
 }
 
-/// A random PEFT adapter of rank `r` on every projection of a model of `c`, in `dir`.
-fn write_adapter(dir: &Path, c: &LlamaConfig, r: usize, seed: u32) -> anyhow::Result<()> {
+/// A random PEFT adapter of rank `r` on every projection of a model of `c`, in `dir`, its
+/// matrices saved as `dtype`.
+fn write_adapter(
+    dir: &Path,
+    c: &LlamaConfig,
+    (r, dtype): (usize, DType),
+    seed: u32,
+) -> anyhow::Result<()> {
     let (h, q, kv, f) = (
         c.hidden_size,
         c.n_heads * c.head_dim,
@@ -71,7 +78,7 @@ fn write_adapter(dir: &Path, c: &LlamaConfig, r: usize, seed: u32) -> anyhow::Re
                     .collect();
                 tensors.insert(
                     format!("{name}{half}.weight"),
-                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?,
+                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?,
                 );
             }
         }
@@ -159,13 +166,23 @@ fn main() -> anyhow::Result<()> {
         arg("--rank", 16)?,
         arg("--tokens", 128)?,
     );
+    let dtype = match std::env::args()
+        .skip_while(|a| a != "--dtype")
+        .nth(1)
+        .as_deref()
+    {
+        None | Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(other) => anyhow::bail!("--dtype {other}: f32, bf16 or f16"),
+    };
     let loaded = load_dev_model(4096)?;
     let base = loaded.model.adapter_base();
     let config = loaded.model.config().clone();
     let root = std::env::temp_dir().join(format!("tollgate-lora-bench-{}", std::process::id()));
     let dirs: Vec<PathBuf> = (0..STREAMS).map(|i| root.join(format!("a{i}"))).collect();
     for (i, dir) in dirs.iter().enumerate() {
-        write_adapter(dir, &config, rank, 1000 * (i as u32 + 1))?;
+        write_adapter(dir, &config, (rank, dtype), 1000 * (i as u32 + 1))?;
     }
     let file_bytes = std::fs::metadata(dirs[0].join("adapter_model.safetensors"))?.len();
     let (adapters, load_ms) = load_all(&base, &dirs)?;
@@ -187,6 +204,7 @@ fn main() -> anyhow::Result<()> {
         "streams": STREAMS,
         "tokens_per_stream": tokens,
         "rank": rank,
+        "adapter_dtype": format!("{dtype:?}").to_lowercase(),
         "targets": MODULES,
         "adapter_file_bytes": file_bytes,
         "adapter_memory_bytes": adapters[0].bytes(),
