@@ -14,8 +14,6 @@ const W: usize = 16;
 const A_ROWS: usize = 4;
 /// Chunks of `W` outputs summed at once.
 const B_CHUNKS: usize = 4;
-/// How many blocks of `B_CHUNKS·W` outputs ahead `Bᵀ`'s rows are prefetched.
-const B_AHEAD: usize = 2;
 
 dispatch! {
     /// `t = scale·(A·x)` (`a (t.len(), x.len())`), then `delta = Σ_j t_j·bt_j`
@@ -74,15 +72,14 @@ fn lora_delta_imp<E: KvElem>(
     debug_assert_eq!((a.len(), bt.len()), (rank * inp, rank * out));
     let mut j = 0;
     while j + A_ROWS <= rank {
-        let ahead = a.get((j + A_ROWS) * inp..).unwrap_or(bt);
-        let sums = dot_rows::<E, A_ROWS>(x, &a[j * inp..(j + A_ROWS) * inp], ahead);
+        let sums = dot_rows::<E, A_ROWS>(x, &a[j * inp..(j + A_ROWS) * inp]);
         for (tj, s) in t[j..j + A_ROWS].iter_mut().zip(sums) {
             *tj = s * scale;
         }
         j += A_ROWS;
     }
     for (tj, row) in t[j..].iter_mut().zip(a[j * inp..].chunks_exact(inp)) {
-        *tj = dot_rows::<E, 1>(x, row, bt)[0] * scale;
+        *tj = dot_rows::<E, 1>(x, row)[0] * scale;
     }
     let mut o = 0;
     while o + B_CHUNKS * W <= out {
@@ -102,18 +99,16 @@ fn lora_delta_imp<E: KvElem>(
     }
 }
 
-/// The dots of `x` with the `R` rows of `a (R, x.len())` (`ahead`, what is read next, is
-/// prefetched meanwhile at the same offsets): per row, `W` lane sums over the
+/// The dots of `x` with the `R` rows of `a (R, x.len())`: per row, `W` lane sums over the
 /// whole chunks, added up in lane order, then the tail in order. (No `array::from_fn` in the
 /// loop: LLVM may leave it a call, and a call spills every accumulator to the stack.)
 #[inline(always)]
-fn dot_rows<E: KvElem, const R: usize>(x: &[f32], a: &[E], ahead: &[E]) -> [f32; R] {
+fn dot_rows<E: KvElem, const R: usize>(x: &[f32], a: &[E]) -> [f32; R] {
     let inp = x.len();
     let whole = inp / W * W;
     let mut acc = [[0f32; W]; R];
     for (c, xv) in x[..whole].chunks_exact(W).enumerate() {
         for (r, acc) in acc.iter_mut().enumerate() {
-            prefetch(ahead, r * inp + c * W);
             let av = E::widen_n::<W>(&a[r * inp + c * W..]);
             for l in 0..W {
                 acc[l] += av[l] * xv[l];
@@ -136,7 +131,6 @@ fn expand<E: KvElem, const C: usize>(t: &[f32], bt: &[E], out: usize, o: usize, 
     for (j, &tj) in t.iter().enumerate() {
         let row = &bt[j * out + o..];
         for (c, acc) in acc.iter_mut().enumerate() {
-            prefetch(row, (c + B_AHEAD * C) * W);
             let b = E::widen_n::<W>(&row[c * W..]);
             for l in 0..W {
                 acc[l] += tj * b[l];
@@ -146,19 +140,4 @@ fn expand<E: KvElem, const C: usize>(t: &[f32], bt: &[E], out: usize, o: usize, 
     for (c, acc) in acc.iter().enumerate() {
         delta[o + c * W..o + (c + 1) * W].copy_from_slice(acc);
     }
-}
-
-/// Asks for the cache line holding `s[i]` when `i` is in bounds: a hint, which never faults
-/// and never changes a result (the products are memory-bound, and a row's pairs are short
-/// strided streams that the hardware's prefetchers barely start on).
-#[inline(always)]
-fn prefetch<E>(s: &[E], i: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if i < s.len() {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: `i` is in bounds; a prefetch reads nothing the program sees.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(i).cast()) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (s, i);
 }
