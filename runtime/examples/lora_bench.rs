@@ -3,24 +3,30 @@
 //! alternated round by round; and how long an adapter takes to load.
 //!
 //! Adapters of rank `--rank` (16) on all seven projections of every layer, random, written as
-//! PEFT directories under the system's temporary directory. Each run submits 8 greedy requests
+//! PEFT directories under the system's temporary directory, their matrices saved as `--dtype`
+//! (`f32`; or `bf16`, `f16`: held so in memory too, half the bytes each step reads). Each run submits 8 greedy requests
 //! at once (prompts unique to the run, so the prefix cache gives nothing) of `--tokens` (128)
 //! tokens each with the end tokens banned, and times them from submission to the last token.
 //! Prints one JSON object: each round's tok/s of both runs, their medians and ratio, and the
-//! adapters' load times.
+//! adapters' load times; and `step`: the model's own decode step of the 8 sequences (no
+//! engine, no scheduling), base and adapters alternating step by step for `--steps` (60)
+//! steps, its median wall and CPU milliseconds and their ratios (on a shared machine the CPU
+//! time is the steadier figure).
 //!
 //! `cargo run --release -p tollgate-runtime --example lora_bench [-- --rounds 3 --rank 16
-//! --tokens 128]` (run under `flock /tmp/tollgate-bench.lock`).
+//! --tokens 128 --dtype f32 --steps 60]` (run under `flock /tmp/tollgate-bench.lock`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tollgate_runtime::engine::{Engine, EngineConfig, GenEvent, GenRequest};
 use tollgate_runtime::loader::load_dev_model;
-use tollgate_runtime::model::{AdapterBase, LlamaConfig, LoraAdapter, LoraTarget};
+use tollgate_runtime::model::{
+    AdapterBase, KvCache, LlamaConfig, LlamaModel, LoraAdapter, LoraTarget, SeqStep,
+};
 use tollgate_runtime::sampling::SamplingParams;
 use tollgate_runtime::synth::pseudo_random;
 
@@ -38,8 +44,14 @@ fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
     }
 }
 
-/// A random PEFT adapter of rank `r` on every projection of a model of `c`, in `dir`.
-fn write_adapter(dir: &Path, c: &LlamaConfig, r: usize, seed: u32) -> anyhow::Result<()> {
+/// A random PEFT adapter of rank `r` on every projection of a model of `c`, in `dir`, its
+/// matrices saved as `dtype`.
+fn write_adapter(
+    dir: &Path,
+    c: &LlamaConfig,
+    (r, dtype): (usize, DType),
+    seed: u32,
+) -> anyhow::Result<()> {
     let (h, q, kv, f) = (
         c.hidden_size,
         c.n_heads * c.head_dim,
@@ -71,7 +83,7 @@ fn write_adapter(dir: &Path, c: &LlamaConfig, r: usize, seed: u32) -> anyhow::Re
                     .collect();
                 tensors.insert(
                     format!("{name}{half}.weight"),
-                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?,
+                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?,
                 );
             }
         }
@@ -132,6 +144,57 @@ fn run(
     Ok(generated as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Milliseconds of wall and of CPU time (the process's, both threads) per decode step of
+/// `STREAMS` sequences on `model` itself (no engine), base and adapters alternating step by
+/// step over `steps` steps after a 20-token prompt each: medians `[base, adapters]` of each.
+fn step_times(
+    model: &LlamaModel,
+    adapters: &[Arc<LoraAdapter>],
+    steps: usize,
+) -> anyhow::Result<([f64; 2], [f64; 2])> {
+    let mut caches: [Vec<KvCache>; 2] =
+        std::array::from_fn(|_| (0..STREAMS).map(|_| model.new_cache()).collect());
+    let prompts: Vec<Vec<u32>> = (0..STREAMS)
+        .map(|i| (0..20).map(|t| (100 + i * 37 + t * 3) as u32).collect())
+        .collect();
+    let next = vec![vec![300u32]; STREAMS];
+    let (mut wall, mut cpu): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
+    for step in 0..=steps {
+        for (k, caches) in caches.iter_mut().enumerate() {
+            let feed = if step == 0 { &prompts } else { &next };
+            let mut batch: Vec<SeqStep<'_>> = caches
+                .iter_mut()
+                .zip(feed)
+                .zip(adapters)
+                .map(|((cache, tokens), a)| SeqStep {
+                    tokens,
+                    cache,
+                    logits: 1,
+                    adapter: (k == 1).then_some(&**a),
+                })
+                .collect();
+            let (t, c) = (Instant::now(), cpu_seconds());
+            model.forward(&mut batch)?;
+            if step > 0 {
+                wall[k].push(t.elapsed().as_secs_f64() * 1e3);
+                cpu[k].push((cpu_seconds() - c) * 1e3);
+            }
+        }
+    }
+    let medians = |v: &[Vec<f64>; 2]| [median(&v[0]), median(&v[1])];
+    Ok((medians(&wall), medians(&cpu)))
+}
+
+/// User and system CPU seconds of the process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `rusage` is plain data (all zeroes is a valid value) that `getrusage` fills.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a `rusage` of our own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -159,16 +222,27 @@ fn main() -> anyhow::Result<()> {
         arg("--rank", 16)?,
         arg("--tokens", 128)?,
     );
+    let dtype = match std::env::args()
+        .skip_while(|a| a != "--dtype")
+        .nth(1)
+        .as_deref()
+    {
+        None | Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(other) => anyhow::bail!("--dtype {other}: f32, bf16 or f16"),
+    };
     let loaded = load_dev_model(4096)?;
     let base = loaded.model.adapter_base();
     let config = loaded.model.config().clone();
     let root = std::env::temp_dir().join(format!("tollgate-lora-bench-{}", std::process::id()));
     let dirs: Vec<PathBuf> = (0..STREAMS).map(|i| root.join(format!("a{i}"))).collect();
     for (i, dir) in dirs.iter().enumerate() {
-        write_adapter(dir, &config, rank, 1000 * (i as u32 + 1))?;
+        write_adapter(dir, &config, (rank, dtype), 1000 * (i as u32 + 1))?;
     }
     let file_bytes = std::fs::metadata(dirs[0].join("adapter_model.safetensors"))?.len();
     let (adapters, load_ms) = load_all(&base, &dirs)?;
+    let (step_ms, step_cpu_ms) = step_times(&loaded.model, &adapters, arg("--steps", 60)?)?;
     let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default())?;
     // Warm-up of both kinds.
     run(&engine, &[], 16, "warm-base")?;
@@ -187,6 +261,7 @@ fn main() -> anyhow::Result<()> {
         "streams": STREAMS,
         "tokens_per_stream": tokens,
         "rank": rank,
+        "adapter_dtype": format!("{dtype:?}").to_lowercase(),
         "targets": MODULES,
         "adapter_file_bytes": file_bytes,
         "adapter_memory_bytes": adapters[0].bytes(),
@@ -198,6 +273,15 @@ fn main() -> anyhow::Result<()> {
         "load_ms": load_ms,
         "load_ms_median": median(&load_ms),
         "kernels": tollgate_runtime::model::CpuKernels::selected().to_string(),
+        "step": {
+            "steps": arg("--steps", 60)?,
+            "base_ms": step_ms[0],
+            "adapters_ms": step_ms[1],
+            "ratio": step_ms[0] / step_ms[1],
+            "base_cpu_ms": step_cpu_ms[0],
+            "adapters_cpu_ms": step_cpu_ms[1],
+            "cpu_ratio": step_cpu_ms[0] / step_cpu_ms[1],
+        },
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

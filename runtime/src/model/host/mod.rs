@@ -26,7 +26,7 @@ use crate::{Error, Result};
 use attention::SPLIT_KEYS;
 use attention::{AttnPlan, AttnShape, CHUNK_KEYS};
 
-/// The `f32` contents of a contiguous CPU tensor, borrowed.
+/// The contents of a contiguous CPU tensor, borrowed.
 struct HostView<'a> {
     guard: StorageRef<'a>,
     start: usize,
@@ -43,8 +43,13 @@ impl<'a> HostView<'a> {
     }
 
     fn slice(&self) -> Result<&[f32]> {
+        self.typed()
+    }
+
+    /// The contents as `T` (the tensor's dtype).
+    fn typed<T: candle_core::WithDType>(&self) -> Result<&[T]> {
         match &*self.guard {
-            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.start..self.end]),
+            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<T>()?[self.start..self.end]),
             _ => Err(Error::Weights(
                 "host path: a weight tensor is not on the CPU".into(),
             )),
@@ -216,14 +221,13 @@ impl<'a> HostPass<'a> {
         let kv_dim = nkv * hd;
         let attn_norm = HostView::new(&block.attn_norm)?;
         rms_norm(x, attn_norm.slice()?, self.eps, &mut self.h);
-        let [mut q, mut k, mut v] =
-            Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &self.h, self.total)?;
-        for (y, target) in [
-            (&mut q, Target::Q),
-            (&mut k, Target::K),
-            (&mut v, Target::V),
-        ] {
-            lora.apply_host(layer, target, &self.h, y)?;
+        let (qkv, deltas) = rayon::join(
+            || Linear::forward_host_many([&block.wq, &block.wk, &block.wv], &self.h, self.total),
+            || lora.deltas_host(layer, &[Target::Q, Target::K, Target::V], &self.h),
+        );
+        let [mut q, mut k, mut v] = qkv?;
+        for (y, d) in [&mut q, &mut k, &mut v].into_iter().zip(deltas?) {
+            d.add_to(y);
         }
         for (y, bias) in [&mut q, &mut k, &mut v]
             .into_iter()
@@ -249,8 +253,12 @@ impl<'a> HostPass<'a> {
         let (plan, shape) = (&self.plan, self.shape);
         shape.attend_all(plan, &q, kv_of, &mut self.partials);
         shape.merge(plan, &self.partials, &mut self.att);
-        let mut o = block.wo.forward_host(&self.att, self.total)?;
-        lora.apply_host(layer, Target::O, &self.att, &mut o)?;
+        let (o, deltas) = rayon::join(
+            || block.wo.forward_host(&self.att, self.total),
+            || lora.deltas_host(layer, &[Target::O], &self.att),
+        );
+        let mut o = o?;
+        deltas?.iter().for_each(|d| d.add_to(&mut o));
         add_assign(x, &o);
         Ok(())
     }
@@ -265,13 +273,21 @@ impl<'a> HostPass<'a> {
     ) -> Result<()> {
         let ffn_norm = HostView::new(&block.ffn_norm)?;
         rms_norm(x, ffn_norm.slice()?, self.eps, &mut self.h);
-        let [mut gate, mut up] =
-            Linear::forward_host_many([&block.w_gate, &block.w_up], &self.h, self.total)?;
-        lora.apply_host(layer, Target::Gate, &self.h, &mut gate)?;
-        lora.apply_host(layer, Target::Up, &self.h, &mut up)?;
+        let (gate_up, deltas) = rayon::join(
+            || Linear::forward_host_many([&block.w_gate, &block.w_up], &self.h, self.total),
+            || lora.deltas_host(layer, &[Target::Gate, Target::Up], &self.h),
+        );
+        let [mut gate, mut up] = gate_up?;
+        for (y, d) in [&mut gate, &mut up].into_iter().zip(deltas?) {
+            d.add_to(y);
+        }
         silu_mul(&mut gate, &up);
-        let mut down = block.w_down.forward_host(&gate, self.total)?;
-        lora.apply_host(layer, Target::Down, &gate, &mut down)?;
+        let (down, deltas) = rayon::join(
+            || block.w_down.forward_host(&gate, self.total),
+            || lora.deltas_host(layer, &[Target::Down], &gate),
+        );
+        let mut down = down?;
+        deltas?.iter().for_each(|d| d.add_to(&mut down));
         add_assign(x, &down);
         Ok(())
     }

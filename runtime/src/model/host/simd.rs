@@ -68,21 +68,10 @@ dispatch! {
     #[cfg(test)]
     fn exp_sub_sum / exp_sub_sum_on(x: &mut [f32], max: f32) -> f32 = exp_sub_sum_imp;
 }
-dispatch! {
-    /// One row's LoRA update: `t = A·x` (`a (rank, x.len())`), then `y += Σ_j t_j · bt_j`
-    /// (`bt (rank, y.len())`, scaled), summed in `delta` first. `t.len()` is the rank.
-    fn lora_row / lora_row_on(
-        x: &[f32],
-        a: &[f32],
-        bt: &[f32],
-        t: &mut [f32],
-        delta: &mut [f32],
-        y: &mut [f32]
-    ) -> () = lora_row_imp;
-}
-
 mod attend;
 pub(crate) use attend::*;
+mod lora;
+pub(crate) use lora::*;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -130,7 +119,7 @@ mod x86 {
     }
 }
 
-/// An element of the host KV cache, widened to `f32` exactly.
+/// An element of the host KV cache or of a LoRA pair, widened to `f32` exactly.
 pub(crate) trait KvElem: Copy {
     fn widen(self) -> f32;
 
@@ -146,6 +135,24 @@ impl KvElem for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+}
+
+/// bfloat16 is the top half of an `f32`: widened by a shift (what `half` does, written so
+/// that it vectorizes).
+impl KvElem for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    #[inline(always)]
+    fn widen_n<const N: usize>(src: &[Self]) -> [f32; N] {
+        let mut out = [0f32; N];
+        for (o, s) in out.iter_mut().zip(&src[..N]) {
+            *o = s.widen();
+        }
+        out
     }
 }
 
@@ -194,23 +201,6 @@ fn dot_imp(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn lora_row_imp(x: &[f32], a: &[f32], bt: &[f32], t: &mut [f32], delta: &mut [f32], y: &mut [f32]) {
-    let (inp, out) = (x.len(), y.len());
-    for (tj, aj) in t.iter_mut().zip(a.chunks_exact(inp)) {
-        *tj = dot_imp(x, aj);
-    }
-    delta.fill(0.0);
-    for (&tj, bj) in t.iter().zip(bt.chunks_exact(out)) {
-        for (d, &b) in delta.iter_mut().zip(bj) {
-            *d += tj * b;
-        }
-    }
-    for (v, &d) in y.iter_mut().zip(delta.iter()) {
-        *v += d;
-    }
 }
 
 #[inline(always)]

@@ -6,7 +6,8 @@
 //! product is computed on its own), so mixing adapters in a batch never changes an output.
 //!
 //! Adapters are read from PEFT's files (`load`) or from a GGUF LoRA file as llama.cpp writes it
-//! (`gguf`); the low-rank products run in f32, on the host
+//! (`gguf`); the low-rank products run in f32 (from pairs held in f32, or in bf16/f16 when
+//! that holds their values exactly), on the host
 //! buffers of the CPU path (`super::host`) or as candle ops (`super::llama`, any device). It
 //! does not own the base model's projections, nor which adapters are resident (its caller's).
 
@@ -16,7 +17,7 @@ mod load;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::llama::SeqStep;
 use super::LlamaConfig;
@@ -133,31 +134,59 @@ impl AdapterShape {
     }
 }
 
-/// One targeted projection's low-rank pair, f32 on the model's device.
+/// One targeted projection's low-rank pair on the model's device. On the CPU a pair whose
+/// values all fit bfloat16 (or else f16) exactly, as those of a half-precision file do, is held
+/// in that type: half the memory the host kernels read every step, and the same values.
+/// Elsewhere, and for values only `f32` holds, `f32`.
 #[derive(Debug)]
 pub(crate) struct LowRank {
     /// `A`, `(rank, inputs)`.
     pub a: Tensor,
-    /// `scale · Bᵀ`, `(rank, outputs)`: a row's update is `Σ_j (A_j·x) · bt_j`.
+    /// `Bᵀ`, `(rank, outputs)`: a row's update is `Σ_j scale·(A_j·x) · bt_j`.
     pub bt: Tensor,
+    /// `lora_alpha / r` (or llama.cpp's rule for a GGUF file).
+    pub scale: f32,
 }
 
 impl LowRank {
     /// The pair of `a (rank, inputs)` and `b (outputs, rank)` (any float dtype, on the CPU;
-    /// B's rows already in the base model's order) scaled by `scale`, f32 on `device`.
+    /// B's rows already in the base model's order) scaled by `scale`, on `device`.
     fn new(a: &Tensor, b: &Tensor, scale: f32, device: &Device) -> Result<Self> {
-        let a = a.to_dtype(candle_core::DType::F32)?;
-        let bt = (b.to_dtype(candle_core::DType::F32)?.t()? * f64::from(scale))?;
+        let a = a.to_dtype(DType::F32)?.contiguous()?;
+        let bt = b.to_dtype(DType::F32)?.t()?.contiguous()?;
+        let dtype = if device.is_cpu() {
+            held_as(&[&a, &bt])?
+        } else {
+            DType::F32
+        };
         Ok(Self {
-            a: a.contiguous()?.to_device(device)?,
-            bt: bt.contiguous()?.to_device(device)?,
+            a: a.to_dtype(dtype)?.to_device(device)?,
+            bt: bt.to_dtype(dtype)?.to_device(device)?,
+            scale,
         })
     }
 
     /// Memory its two matrices take.
     fn bytes(&self) -> usize {
-        (self.a.elem_count() + self.bt.elem_count()) * 4
+        (self.a.elem_count() + self.bt.elem_count()) * self.a.dtype().size_in_bytes()
     }
+}
+
+/// The narrowest of bfloat16, f16 and f32 that holds every value of `ts` (f32 CPU tensors)
+/// exactly.
+fn held_as(ts: &[&Tensor]) -> Result<DType> {
+    let mut values = Vec::new();
+    for t in ts {
+        values.push(t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let all = |fits: fn(f32) -> bool| values.iter().all(|v| v.iter().all(|&x| fits(x)));
+    Ok(if all(|x| half::bf16::from_f32(x).to_f32() == x) {
+        DType::BF16
+    } else if all(|x| half::f16::from_f32(x).to_f32() == x) {
+        DType::F16
+    } else {
+        DType::F32
+    })
 }
 
 /// `w`'s rows (Q or K of `heads` heads) moved between Hugging Face's order (per head, the
@@ -364,9 +393,52 @@ impl<'a> StepLora<'a> {
                 continue;
             };
             let xs = x.index_select(index, 0)?;
-            let delta = xs.matmul(&pair.a.t()?)?.matmul(&pair.bt)?;
+            let (a, bt) = (pair.a.to_dtype(DType::F32)?, pair.bt.to_dtype(DType::F32)?);
+            let delta = (xs.matmul(&a.t()?)? * f64::from(pair.scale))?.matmul(&bt)?;
             y = y.index_add(index, &delta.to_dtype(y.dtype())?, 0)?;
         }
         Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pair is held narrower only when that keeps every value: bf16 first, then f16; any
+    /// value only f32 holds keeps the pair in f32 (never rounded), and the scale stays apart.
+    #[test]
+    fn pairs_are_held_narrow_only_when_exact() {
+        let cpu = &Device::Cpu;
+        let t = |v: &[f32]| Tensor::from_slice(v, (1, v.len()), cpu).unwrap();
+        let both = t(&[1.0, -0.5, 0.0]);
+        let wide = t(&[2f32.powi(-100), 2f32.powi(100)]);
+        let fine = t(&[1.0 + 2f32.powi(-10), 2f32.powi(-20)]);
+        let f32 = t(&[1.0, 1.0 + 2f32.powi(-12)]);
+        assert_eq!(held_as(&[&both]).unwrap(), DType::BF16);
+        assert_eq!(held_as(&[&both, &wide]).unwrap(), DType::BF16);
+        assert_eq!(held_as(&[&both, &fine]).unwrap(), DType::F16);
+        assert_eq!(held_as(&[&wide, &fine]).unwrap(), DType::F32);
+        assert_eq!(held_as(&[&both, &f32]).unwrap(), DType::F32);
+        assert_eq!(held_as(&[&t(&[f32::NAN])]).unwrap(), DType::F32);
+        // `a (1, 2)`, `b (3, 1)`: held as bf16 with the scale beside, Bᵀ `(1, 3)`.
+        let pair = LowRank::new(
+            &t(&[0.25, -2.0]),
+            &Tensor::from_slice(&[1.0f32, 0.5, 4.0], (3, 1), cpu).unwrap(),
+            0.3,
+            cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            (pair.a.dtype(), pair.bt.dims2().unwrap()),
+            (DType::BF16, (1, 3))
+        );
+        assert_eq!((pair.scale, pair.bytes()), (0.3, 10));
+        let kept = LowRank::new(&f32, &t(&[1.0]).t().unwrap(), 1.0, cpu).unwrap();
+        assert_eq!(kept.a.dtype(), DType::F32);
+        assert_eq!(
+            kept.a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1.0, 1.0 + 2f32.powi(-12)]
+        );
     }
 }
